@@ -1,0 +1,47 @@
+"""``memory_footprint``: bytes a model occupies, broken down by what holds them."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .protocol import CausalLM
+
+CATEGORIES = ("linear", "embedding", "adapters", "other")
+
+
+def _tensors(module: nn.Module):
+    yield from module.parameters(recurse=False)
+    yield from module.buffers(recurse=False)
+
+
+def memory_footprint(model: CausalLM) -> dict[str, int]:
+    """Bytes of every parameter and buffer of ``model``, each storage counted once.
+
+    Returns:
+        ``{"total", "linear", "embedding", "adapters", "other"}`` in bytes. ``linear`` is
+        everything at the model's linear positions (packed weights, scales and zero points of
+        quantized layers included), except LoRA adapter matrices, which are ``adapters``.
+        A weight tied between the embedding and the output head counts once, as ``embedding``.
+    """
+    root = model.module
+    linear_prefixes = tuple(name + "." for name in model.linear_names())
+    linear_names = set(model.linear_names())
+    seen: set[tuple[str, int]] = set()
+    out = dict.fromkeys(CATEGORIES, 0)
+    for name, module in root.named_modules():
+        if name.split(".")[-1].startswith("lora_") or ".lora_" in name:
+            category = "adapters"
+        elif isinstance(module, nn.Embedding):
+            category = "embedding"
+        elif name in linear_names or name.startswith(linear_prefixes):
+            category = "linear"
+        else:
+            category = "other"
+        for tensor in _tensors(module):
+            key = (str(tensor.device), tensor.untyped_storage().data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            out[category] += tensor.untyped_storage().nbytes()
+    out["total"] = sum(out[c] for c in CATEGORIES)
+    return out

@@ -1,0 +1,223 @@
+"""``llmspeed.Model``: the :class:`~llmspeed.protocol.CausalLM` wrapper for transformers models.
+
+The wrapper owns no weights: ``model.hf`` is the transformers module itself, and the
+other llmspeed modules replace its linear layers in place through
+:meth:`Model.replace_linear`. The ragged forward pass plugs an external KV cache into
+transformers' attention interface (``AttentionInterface``), so every decoder-only family
+that routes attention through that interface runs unmodified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .protocol import AttentionBackend, ModelSpec
+
+if TYPE_CHECKING:
+    from .generation import GenerationOutput, SamplingParams
+
+ATTN_IMPLEMENTATION = "llmspeed"
+_BACKEND_KWARG = "llmspeed_attention"
+
+
+def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function registered with transformers: hands the layer to the llmspeed backend."""
+    backend: AttentionBackend | None = kwargs.get(_BACKEND_KWARG)
+    if backend is None:
+        raise RuntimeError(
+            "the 'llmspeed' attention implementation only runs inside Model.forward_batch; "
+            "use model.hf(...) for ordinary forward passes"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return backend(module.layer_idx, query, key, value, scaling), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_forward)
+
+
+def _check_supported(hf: Any) -> None:
+    """Raise ``TypeError`` naming the class when ``hf`` is not a supported decoder-only causal LM."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(hf).__name__
+    if not isinstance(hf, PreTrainedModel):
+        raise TypeError(
+            f"hf_model must be a transformers PreTrainedModel causal LM; got {type(hf).__module__}.{name}"
+        )
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if getattr(hf.config, "is_encoder_decoder", False) or name not in causal_classes:
+        raise TypeError(
+            f"hf_model must be a decoder-only causal LM (an AutoModelForCausalLM class such as "
+            f"LlamaForCausalLM); got {name}"
+        )
+    if not getattr(type(hf), "_supports_attention_backend", False):
+        raise TypeError(
+            f"{name} does not route attention through transformers' AttentionInterface, which llmspeed "
+            f"needs to plug in its KV cache; supported: decoder-only models with "
+            f"_supports_attention_backend=True (Llama, Qwen2, Qwen3, Mistral, Phi3, Gemma, OLMo, ...)"
+        )
+
+
+def _check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    if tokenizer is None:
+        return
+    if not callable(getattr(tokenizer, "encode", None)) or not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer; got {type(tokenizer).__name__}")
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise ValueError(
+            f"tokenizer does not match the model: it has {n} tokens but the model's vocabulary has "
+            f"{vocab_size} rows; pass the tokenizer that was saved with this model"
+        )
+
+
+class Model:
+    """A transformers causal LM wrapped for llmspeed (implements :class:`~llmspeed.protocol.CausalLM`).
+
+    Args:
+        hf: A decoder-only ``transformers`` causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...).
+        tokenizer: Its tokenizer, or ``None`` when only token ids are used.
+
+    Attributes:
+        hf: The transformers module; llmspeed modules replace its layers in place.
+        tokenizer: The tokenizer given.
+    """
+
+    def __init__(self, hf: nn.Module, tokenizer: Any = None):
+        _check_supported(hf)
+        _check_tokenizer(tokenizer, hf.config.get_text_config().vocab_size)
+        _register_attention()
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self._linear_names = [n for n, m in hf.named_modules() if isinstance(m, nn.Linear)]
+        self._linear_set = frozenset(self._linear_names)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"llmspeed.Model({s.architecture}, layers={s.num_layers}, hidden={s.hidden_size}, "
+            f"dtype={str(s.dtype).removeprefix('torch.')}, device={s.device})"
+        )
+
+    # --- protocol: spec and module ------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The root ``nn.Module``: the same object as :attr:`hf`."""
+        return self.hf
+
+    @property
+    def spec(self) -> ModelSpec:
+        """Shapes from the config; dtype and device from the input embedding as it is now."""
+        cfg = self.hf.config.get_text_config()
+        heads = cfg.num_attention_heads
+        emb = self.hf.get_input_embeddings().weight
+        return ModelSpec(
+            architecture=type(self.hf).__name__,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            max_positions=getattr(cfg, "max_position_embeddings", None) or 2048,
+            dtype=emb.dtype,
+            device=emb.device,
+        )
+
+    # --- protocol: linear layers --------------------------------------------------------------
+    def linear_names(self) -> list[str]:
+        """Qualified names of the linear positions found at wrap time (output head included)."""
+        return list(self._linear_names)
+
+    def linear_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, module)`` for each linear position, whatever module sits there now."""
+        for name in self._linear_names:
+            yield name, self.hf.get_submodule(name)
+
+    def replace_linear(self, name: str, module: nn.Module) -> nn.Module:
+        """Swap the module at linear position ``name`` for ``module``; return the old one."""
+        if name not in self._linear_set:
+            raise ValueError(
+                f"name must be a linear position of this model; got {name!r}. "
+                f"Known positions include: {', '.join(self._linear_names[:6])}, ..."
+            )
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module; got {type(module).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        parent = self.hf.get_submodule(parent_name) if parent_name else self.hf
+        old = getattr(parent, child)
+        setattr(parent, child, module)
+        return old
+
+    # --- protocol: ragged forward -------------------------------------------------------------
+    @contextmanager
+    def _attention_implementation(self, name: str):
+        cfg = self.hf.config
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = name
+        try:
+            yield
+        finally:
+            cfg._attn_implementation = previous
+
+    def forward_batch(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        attention: AttentionBackend,
+        logits_indices: torch.Tensor,  # [N]
+    ) -> torch.Tensor:  # [N, vocab]
+        """Run a flat ragged batch against ``attention``'s KV cache; return logits at ``logits_indices``."""
+        with self._attention_implementation(ATTN_IMPLEMENTATION):
+            out = self.hf(
+                input_ids=input_ids[None],  # [1, T]
+                position_ids=positions[None],  # [1, T]
+                use_cache=False,
+                logits_to_keep=logits_indices,
+                **{_BACKEND_KWARG: attention},
+            )
+        return out.logits[0]  # [N, vocab]
+
+    # --- generation (the batching generator lives in llmspeed.generation) ----------------------
+    def generate_batched(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        **generator_kwargs: Any,
+    ) -> list[GenerationOutput]:
+        """Generate for every prompt with continuous batching; results in prompt order.
+
+        ``generator_kwargs`` go to :class:`llmspeed.Generator` (KV budget, token budget, progress).
+        """
+        from .generation import Generator
+
+        return Generator(self, **generator_kwargs).generate_batched(prompts, sampling)
+
+    def stream(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        **generator_kwargs: Any,
+    ) -> Iterator[Any]:
+        """Yield per-token events as the continuous-batching generator produces them."""
+        from .generation import Generator
+
+        yield from Generator(self, **generator_kwargs).stream(prompts, sampling)
+
+
+def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:
+    """Wrap a transformers causal LM (and its tokenizer) as an :class:`llmspeed.Model`."""
+    if isinstance(hf_model, Model):
+        return hf_model
+    return Model(hf_model, tokenizer)

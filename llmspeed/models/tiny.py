@@ -1,0 +1,74 @@
+"""Tiny random decoder-only models built from a config and a seed (no downloads), for tests and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..model import Model
+
+# Small enough to run a forward pass in milliseconds; shapes exercise grouped-query attention.
+_TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+}
+
+
+def tiny(architecture: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Model:
+    """A randomly initialised tiny model of one supported family, reproducible from ``seed``.
+
+    Args:
+        architecture: One of :data:`ARCHITECTURES` (``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``).
+        seed: Seed for the weights.
+        dtype: Weight dtype.
+        overrides: Config fields to change (e.g. ``num_hidden_layers=4``).
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}; got {architecture!r}")
+    import transformers
+
+    config_name, extra = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_name)(**{**_TINY, **extra, **overrides})
+    config.tie_word_embeddings = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf.eval()
+    return Model(hf, None)
+
+
+def llama_1b_random(seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", **overrides: Any) -> Model:
+    """A 1B-class Llama (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 128256) with random weights."""
+    import transformers
+
+    cfg = dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    )
+    config = transformers.LlamaConfig(**{**cfg, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf.eval()
+    return Model(hf, None)

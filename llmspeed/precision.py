@@ -1,0 +1,134 @@
+"""Precision: cast a model to fp16/bf16 with fp32 where it matters, and autocast (mixed precision).
+
+What stays in fp32 after :func:`cast` to a 16-bit dtype, and why:
+
+* normalisation weights (RMSNorm/LayerNorm): the statistics are computed in fp32 by the models
+  already; keeping the weight in fp32 avoids rounding it, and a hook rounds the norm's output
+  once to the compute dtype so the next matmul sees 16-bit inputs;
+* rotary frequency tables (``inv_freq``): positions of several thousand times a bf16-rounded
+  frequency drift by whole radians, so the tables are restored in fp32;
+* logits: callers in llmspeed (perplexity, sampling) upcast logits to fp32 before softmax.
+
+fp16 has a small range (max 65504). Activations that overflow turn into inf/NaN and a model
+would silently produce garbage text; after a cast to fp16 a check on the final hidden states
+raises :class:`Fp16OverflowError`, which suggests bf16 (same range as fp32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .protocol import CausalLM, is_quantized
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+_HOOKS = "_llmspeed_precision_hooks"
+
+
+class Fp16OverflowError(FloatingPointError):
+    """Raised when fp16 activations overflow to inf/NaN."""
+
+
+def resolve_dtype(dtype: str | torch.dtype, arg: str = "dtype") -> torch.dtype:
+    """Map ``"bf16"``, ``"fp16"``, ``"fp32"`` (and aliases or torch dtypes) to a torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"{arg} must be one of {sorted(DTYPES)} or the matching torch dtype; got {dtype!r}")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _remove_hooks(root: nn.Module) -> None:
+    for handle in getattr(root, _HOOKS, []):
+        handle.remove()
+    setattr(root, _HOOKS, [])
+
+
+def _round_output(dtype: torch.dtype):
+    def hook(module, args, output):
+        return output.to(dtype) if torch.is_tensor(output) and output.is_floating_point() else output
+
+    return hook
+
+
+def _check_finite(module, args, output) -> None:
+    hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+    if torch.is_tensor(hidden) and not torch.isfinite(hidden).all():
+        raise Fp16OverflowError(
+            "fp16 activations overflowed to inf/NaN in this forward pass (fp16 tops out at 65504); "
+            "cast with llmspeed.cast(model, 'bf16') instead: bf16 has the range of fp32"
+        )
+
+
+def _base_model(root: nn.Module) -> nn.Module:
+    base = getattr(root, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not root else root
+
+
+def cast(model: CausalLM, dtype: str | torch.dtype) -> CausalLM:
+    """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
+
+    Norm weights and rotary tables stay in fp32 (see the module docstring). Casting back to
+    fp32 undoes everything. A quantized model cannot be cast: cast first, then quantize.
+    """
+    target = resolve_dtype(dtype)
+    quantized = [name for name, module in model.linear_layers() if is_quantized(module)]
+    if quantized:
+        raise TypeError(
+            f"model must not be quantized to be cast; {len(quantized)} layers are (e.g. {quantized[0]}). "
+            f"Cast before quantizing: llmspeed.cast(model, {str(target).removeprefix('torch.')!r}) "
+            f"then llmspeed.quantize(...)"
+        )
+    root = model.module
+    rotary = {
+        (name, buf_name): buf.detach().to(torch.float32).clone()
+        for name, module in root.named_modules()
+        for buf_name, buf in module.named_buffers(recurse=False)
+        if "inv_freq" in buf_name
+    }
+    _remove_hooks(root)
+    root.to(target)
+    for (name, buf_name), saved in rotary.items():
+        setattr(root.get_submodule(name), buf_name, saved.to(getattr(root.get_submodule(name), buf_name).device))
+    hooks = []
+    if target != torch.float32:
+        for module in root.modules():
+            if _is_norm(module):
+                module.to(torch.float32)
+                hooks.append(module.register_forward_hook(_round_output(target)))
+    if target == torch.float16:
+        hooks.append(_base_model(root).register_forward_hook(_check_finite))
+    setattr(root, _HOOKS, hooks)
+    if getattr(root, "config", None) is not None:
+        root.config.dtype = target
+    return model
+
+
+@contextmanager
+def autocast(model: CausalLM, dtype: str | torch.dtype = "bf16") -> Iterator[CausalLM]:
+    """Mixed precision for the forward passes inside the block; weights stay as they are.
+
+    Matmuls run in ``dtype`` (``"bf16"`` or ``"fp16"``) through ``torch.autocast`` on the
+    model's device type (CPU or CUDA); reductions and softmax stay in fp32.
+    """
+    target = resolve_dtype(dtype)
+    if target == torch.float32:
+        raise ValueError("dtype must be a 16-bit type for autocast ('bf16' or 'fp16'); got fp32")
+    device_type = model.spec.device.type
+    with torch.autocast(device_type=device_type, dtype=target):
+        yield model

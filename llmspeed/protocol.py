@@ -1,0 +1,152 @@
+"""The one model-wrapper protocol every llmspeed module programs against.
+
+Precision casting, quantization, LoRA and the batching generator never touch a
+transformers class directly: they read a model's :class:`ModelSpec`, walk and
+replace its linear layers by qualified name, and run the ragged forward pass
+below. :class:`llmspeed.Model` implements this for Hugging Face causal LMs; a
+tiny pure-torch model can implement it too, without inheriting anything.
+
+Forward contract (what the generator needs)
+-------------------------------------------
+``forward_batch(input_ids, positions, attention, logits_indices)`` runs several
+sequences packed into one flat token axis ("ragged batch"): ``input_ids[t]`` is
+a token of some sequence at absolute position ``positions[t]``. The model does
+not know which sequence a token belongs to; ``attention`` does. For every
+attention layer the model calls ``attention(layer_idx, query, key, value,
+scaling)`` with the new tokens' rotated queries/keys and values; the backend
+stores keys/values in its (external, e.g. paged) KV cache and returns the
+attention output. The model returns logits only at ``logits_indices`` (usually
+the last token of each sequence), which saves the vocabulary projection for all
+other tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape facts about a decoder-only model that the modules need.
+
+    Attributes:
+        architecture: Name of the wrapped class, e.g. ``"LlamaForCausalLM"``.
+        num_layers: Number of decoder layers (= attention layers = KV cache layers).
+        num_heads: Query heads per attention layer.
+        num_kv_heads: Key/value heads per layer (``< num_heads`` for grouped-query attention).
+        head_dim: Channels per head.
+        hidden_size: Width of the residual stream.
+        vocab_size: Rows of the output projection.
+        max_positions: Longest sequence the model's positions support.
+        dtype: Dtype of the floating-point weights right now (changes with :func:`llmspeed.cast`).
+        device: Device of the weights.
+    """
+
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V that one token occupies across all layers at ``dtype``."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    """Attention over an external KV cache, called once per layer by ``forward_batch``."""
+
+    def __call__(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,  # [1, num_heads, T, head_dim], rotary already applied
+        key: torch.Tensor,  # [1, num_kv_heads, T, head_dim], rotary already applied
+        value: torch.Tensor,  # [1, num_kv_heads, T, head_dim]
+        scaling: float,
+    ) -> torch.Tensor:  # [1, T, num_heads, head_dim]
+        """Store ``key``/``value`` for the batch's tokens and return their attention output."""
+        ...
+
+
+@runtime_checkable
+class QuantizedLinear(Protocol):
+    """What a quantized linear module exposes so that other modules (LoRA, casting, memory) can handle it.
+
+    Quantized modules hold packed integer buffers instead of a float ``weight``; ``dequantize``
+    rebuilds the float weight and is the test oracle for every kernel.
+    """
+
+    in_features: int
+    out_features: int
+    quant_format: str  # e.g. "int8", "int4", "nf4"
+
+    def dequantize(self) -> torch.Tensor:  # [out_features, in_features]
+        """The float weight this module represents."""
+        ...
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The innermost linear under wrappers that keep their wrapped layer in ``base_layer`` (LoRA)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True when ``module`` (or the layer it wraps) stores a quantized weight."""
+    return isinstance(getattr(base_linear(module), "quant_format", None), str)
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """What llmspeed's modules need from a model. :class:`llmspeed.Model` implements it."""
+
+    @property
+    def spec(self) -> ModelSpec:
+        """Shapes, dtype and device of the model as it is now."""
+        ...
+
+    @property
+    def module(self) -> nn.Module:
+        """The root ``nn.Module`` (to cast, save, train, count bytes)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """A Hugging Face tokenizer (or ``None`` for token-id-only models)."""
+        ...
+
+    def linear_names(self) -> list[str]:
+        """Qualified names of every linear position (including the output head), in module order."""
+        ...
+
+    def linear_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(qualified name, module)`` for every linear position, whatever now sits there."""
+        ...
+
+    def replace_linear(self, name: str, module: nn.Module) -> nn.Module:
+        """Put ``module`` at linear position ``name``; return the module it replaced."""
+        ...
+
+    def forward_batch(
+        self,
+        input_ids: torch.Tensor,  # [T] int64, a ragged batch flattened
+        positions: torch.Tensor,  # [T] int64, absolute position of each token in its sequence
+        attention: AttentionBackend,
+        logits_indices: torch.Tensor,  # [N] int64, rows of the flat batch whose logits are wanted
+    ) -> torch.Tensor:  # [N, vocab_size]
+        """Run the ragged batch against the backend's KV cache; see the module docstring."""
+        ...

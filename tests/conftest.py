@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models per architecture, the embedded SmolLM2, and the ``gpu`` marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmspeed
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=sorted(llmspeed.models.ARCHITECTURES))
+def tiny_model(request):
+    """A fresh tiny random model of each supported architecture (fp32, seed 0)."""
+    return llmspeed.models.tiny(request.param, seed=0)
+
+
+@pytest.fixture
+def llama():
+    """A fresh tiny random Llama (fp32, seed 0)."""
+    return llmspeed.models.tiny("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cached():
+    """SmolLM2 loaded once per session. Do not modify it: use ``smollm2`` for a fresh copy."""
+    return llmspeed.models.smollm2()
+
+
+@pytest.fixture
+def smollm2(smollm2_cached):
+    """A fresh SmolLM2 (loads from the safetensors cache in well under a second)."""
+    return llmspeed.models.smollm2()
