@@ -1,0 +1,67 @@
+"""Many adapters in one batch: each token (or row) names its adapter, one forward pass runs them all.
+
+The generator calls :func:`per_token_adapters` around ``model.forward_batch`` with one name per
+token of the flat ragged batch; :func:`per_row_adapters` does the same for ordinary ``[B, S]``
+batches through ``model.hf(...)``. Inside, every :class:`LoraLinear` computes the deltas of all
+adapters in the batch together (see :mod:`llmspeed.lora.routing`), the way Punica and S-LoRA batch
+adapters, instead of PEFT's Python loop with one sub-batch per adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from ..protocol import CausalLM
+from .inject import lora_layers, registry
+from .routing import AXES, METHODS, Routing
+
+
+def _validate(model: CausalLM, names: Sequence[str | None], method: str) -> list[str | None]:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
+        raise ValueError(f"names must be a non-empty list of adapter names or None; got {names!r}")
+    known = registry(model)
+    unknown = sorted({n for n in names if n is not None and n not in known}, key=str)
+    if unknown:
+        raise ValueError(f"names {unknown} are not adapters on this model; adapters: {list(known) or 'none'}")
+    merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the base; unmerge them before mixed-adapter batches")
+    return list(names)
+
+
+@contextmanager
+def _routed(model: CausalLM, names: Sequence[str | None], axis: str, method: str) -> Iterator[Routing]:
+    assert axis in AXES
+    names = _validate(model, names, method)
+    routing = Routing.from_names(names, axis, method, model.spec.device)
+    layers = [layer for _, layer in lora_layers(model)]
+    previous = [layer.routing for layer in layers]
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield routing
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.routing = old
+
+
+@contextmanager
+def per_token_adapters(model: CausalLM, names: Sequence[str | None], method: str = "auto") -> Iterator[Routing]:
+    """Inside the block, token ``t`` of the flat batch uses adapter ``names[t]`` (``None``: base only).
+
+    For ``model.forward_batch(input_ids[T], ...)``: ``len(names)`` must equal ``T``. The active
+    adapter set by :func:`set_adapter` is ignored inside; ``method`` picks ``"concat"`` (one pass),
+    ``"segment"`` (a loop over adapters) or ``"auto"``.
+    """
+    with _routed(model, names, "token", method) as routing:
+        yield routing
+
+
+@contextmanager
+def per_row_adapters(model: CausalLM, names: Sequence[str | None], method: str = "auto") -> Iterator[Routing]:
+    """Inside the block, row ``b`` of a ``[B, S]`` batch uses adapter ``names[b]`` (``None``: base only)."""
+    with _routed(model, names, "row", method) as routing:
+        yield routing

@@ -1,0 +1,64 @@
+"""``LoraConfig``: the frozen description of one adapter (rank, scaling, targets, init).
+
+The field names follow PEFT's ``LoraConfig`` (``r``, ``lora_alpha`` is ``alpha`` here,
+``lora_dropout`` is ``dropout``, ``use_rslora``) so that :mod:`llmspeed.lora.io` can write
+and read PEFT's ``adapter_config.json`` without a translation table beyond three names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+INITS = ("zeros", "random")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """One LoRA adapter: ``W x + scale * B (A (dropout(x)))`` at every targeted linear.
+
+    Attributes:
+        r: Rank of ``A`` (``[r, in]``) and ``B`` (``[out, r]``); positive.
+        alpha: Scaling numerator: ``scale = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+        targets: ``"all-linear"`` (every linear but the output head), a regex matched against the
+            full module name, or a tuple of module-name suffixes (``("q_proj", "v_proj")``).
+        dropout: Dropout probability on the adapter's input while training, in ``[0, 1)``.
+        init: ``"zeros"`` (``B = 0``: the model is unchanged until trained) or ``"random"``
+            (both matrices random, for tests and merge checks).
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023), which keeps
+            the update's size independent of the rank.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    targets: str | tuple[str, ...] = ALL_LINEAR
+    dropout: float = 0.0
+    init: str = "zeros"
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer (the adapter rank); got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number; got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
+        targets = self.targets
+        if isinstance(targets, list):
+            object.__setattr__(self, "targets", tuple(targets))
+            targets = self.targets
+        if isinstance(targets, tuple):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(f"targets must be a non-empty list of module-name suffixes; got {targets!r}")
+        elif not isinstance(targets, str) or not targets:
+            raise ValueError(
+                f"targets must be 'all-linear', a regex string or a list of module-name suffixes; got {targets!r}"
+            )
+
+    @property
+    def scale(self) -> float:
+        """The factor on ``B A x``: ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -1,0 +1,232 @@
+"""Verbs that put adapters on a model and choose which one runs.
+
+``add_adapter`` wraps each targeted linear position in a :class:`LoraLinear` (once; later adapters
+reuse the wrapper) through ``model.replace_linear``, freezes every non-adapter parameter and makes
+the new adapter active. The model keeps a small registry (adapter name -> :class:`LoraConfig` and
+the positions it covers) on its root module, which saving and merging read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..protocol import CausalLM
+from .config import ALL_LINEAR, LoraConfig
+from .layer import LoraLinear, check_adapter_name
+
+_REGISTRY = "_llmspeed_lora"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the model remembers about one adapter: its config and the linear positions it covers."""
+
+    config: LoraConfig
+    positions: tuple[str, ...]
+
+
+def registry(model: CausalLM) -> dict[str, AdapterInfo]:
+    """The model's adapter registry (created empty on first use), in the order adapters were added."""
+    root = model.module
+    if not isinstance(getattr(root, _REGISTRY, None), dict):
+        root.__dict__[_REGISTRY] = {}
+    return root.__dict__[_REGISTRY]
+
+
+def adapter_names(model: CausalLM) -> list[str]:
+    """Names of the adapters on ``model``, in the order they were added."""
+    return list(registry(model))
+
+
+def lora_layers(model: CausalLM) -> Iterator[tuple[str, LoraLinear]]:
+    """``(position, LoraLinear)`` for every linear position that carries adapters."""
+    for name, module in model.linear_layers():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def require_adapter(model: CausalLM, name: object, arg: str = "name") -> AdapterInfo:
+    """The registry entry of adapter ``name``, or ``ValueError`` listing the adapters that exist."""
+    known = registry(model)
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"{arg} must name an adapter on this model; got {name!r}; adapters: {list(known) or 'none'}")
+    return known[name]
+
+
+def _head_names(model: CausalLM) -> set[str]:
+    """Linear positions that are the output head (excluded from ``"all-linear"``, as PEFT does)."""
+    root = model.module
+    get_head = getattr(root, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    vocab = model.spec.vocab_size
+    return {
+        name
+        for name, module in model.linear_layers()
+        if module is head or getattr(module, "out_features", None) == vocab
+    }
+
+
+def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> list[str]:
+    """Linear positions selected by ``targets`` (``"all-linear"``, a regex, or name suffixes).
+
+    A string is a regex matched against the whole position name (PEFT's rule); a string that is
+    a plain identifier and matches nothing as a regex is taken as a suffix, so ``"q_proj"`` works.
+    Raises ``ValueError`` listing the module names that exist when nothing matches.
+    """
+    names = model.linear_names()
+    if isinstance(targets, str) and targets == ALL_LINEAR:
+        heads = _head_names(model)
+        chosen = [n for n in names if n not in heads]
+    elif isinstance(targets, str):
+        chosen = [n for n in names if re.fullmatch(targets, n)]
+        if not chosen and re.fullmatch(r"[\w\-]+", targets):
+            chosen = [n for n in names if n == targets or n.endswith("." + targets)]
+    else:
+        suffixes = tuple(targets)
+        chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"targets {targets!r} match no linear layer of this model; module name suffixes here: {leaves} "
+            f"(full names look like {names[0]!r}); pass 'all-linear', a list of suffixes or a regex"
+        )
+    return chosen
+
+
+def add_adapter(
+    model: CausalLM,
+    name: str,
+    r: int = 8,
+    alpha: float = 16.0,
+    targets: str | Sequence[str] = ALL_LINEAR,
+    dropout: float = 0.0,
+    init: str = "zeros",
+    use_rslora: bool = False,
+    dtype: torch.dtype = torch.float32,
+    config: LoraConfig | None = None,
+) -> LoraConfig:
+    """Add LoRA adapter ``name`` to ``model`` and make it the active one.
+
+    Args:
+        model: Any :class:`~llmspeed.protocol.CausalLM`; the base may be float or quantized.
+        name: A new adapter name (identifier-like).
+        r, alpha, targets, dropout, init, use_rslora: See :class:`LoraConfig`; ignored when
+            ``config`` is given.
+        dtype: Dtype of the adapter matrices (fp32 by default, also on a bf16 or quantized base).
+        config: A ready :class:`LoraConfig` instead of the keyword arguments.
+
+    Returns:
+        The adapter's config. Every non-adapter parameter of the model is frozen; the adapter's
+        matrices are plain trainable ``nn.Parameter``s (see :func:`trainable_parameters`).
+
+    Raises:
+        ValueError: bad name, an existing name, bad hyper-parameters, or targets that match
+            nothing; the model is unchanged.
+    """
+    check_adapter_name(name)
+    if name in registry(model):
+        raise ValueError(
+            f"adapter {name!r} already exists on this model (adapters: {adapter_names(model)}); "
+            f"pick another name or call lora.delete_adapter(model, {name!r}) first"
+        )
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
+    if config is None:
+        config = LoraConfig(r=r, alpha=alpha, targets=targets, dropout=dropout, init=init, use_rslora=use_rslora)
+    elif not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a LoraConfig; got {type(config).__name__}")
+    positions = resolve_targets(model, config.targets)
+    modules = dict(model.linear_layers())
+    for pos in positions:  # validate every target before changing anything
+        if not isinstance(modules[pos], LoraLinear):
+            base = modules[pos]
+            if not all(isinstance(getattr(base, a, None), int) for a in ("in_features", "out_features")):
+                raise TypeError(f"linear position {pos!r} holds {type(base).__name__}, which LoRA cannot wrap")
+    attach(model, name, config, {pos: (config.r, config.scale) for pos in positions}, dtype)
+    return config
+
+
+def attach(
+    model: CausalLM, name: str, config: LoraConfig, shapes: dict[str, tuple[int, float]], dtype: torch.dtype
+) -> None:
+    """Create adapter ``name`` at each position in ``shapes`` (position -> (rank, scale)); register it."""
+    for pos, (rank, scale) in shapes.items():
+        module = model.module.get_submodule(pos)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            model.replace_linear(pos, module)
+        module.add(name, rank, scale, dropout=config.dropout, init=config.init, dtype=dtype)
+    freeze_base(model)
+    registry(model)[name] = AdapterInfo(config, tuple(shapes))
+    set_adapter(model, name)
+
+
+def freeze_base(model: CausalLM) -> None:
+    """Set ``requires_grad=False`` on every parameter that is not a LoRA matrix."""
+    for pname, param in model.module.named_parameters():
+        if ".lora_A." not in pname and ".lora_B." not in pname:
+            param.requires_grad_(False)
+
+
+def trainable_parameters(model: CausalLM, name: str) -> list[nn.Parameter]:
+    """The ``A`` and ``B`` matrices of adapter ``name`` across all layers (for your own training loop)."""
+    require_adapter(model, name)
+    params = []
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+    return params
+
+
+def set_adapter(model: CausalLM, name: str | None) -> None:
+    """Make ``name`` the adapter every forward pass applies (``None``: no adapter, base only)."""
+    if name is not None:
+        require_adapter(model, name)
+    for _, layer in lora_layers(model):
+        layer.active = name if name in layer.lora_A else None
+
+
+def active_adapter(model: CausalLM) -> str | None:
+    """The adapter set by :func:`set_adapter` (``None`` when none is)."""
+    for _, layer in lora_layers(model):
+        if layer.active is not None:
+            return layer.active
+    return None
+
+
+@contextmanager
+def disabled(model: CausalLM) -> Iterator[CausalLM]:
+    """Run the base model alone inside the block (adapters stay attached and active afterwards)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = sorted({n for layer in layers for n in layer.merged})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them to disable them")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.disabled = flag
+
+
+def delete_adapter(model: CausalLM, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters get their base layer back."""
+    require_adapter(model, name)
+    layers = dict(lora_layers(model))
+    merged = [pos for pos, layer in layers.items() if name in layer.merged]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into {len(merged)} layers (e.g. {merged[0]}); unmerge it first")
+    for pos, layer in layers.items():
+        if name in layer.lora_A:
+            layer.remove(name)
+            if not len(layer.lora_A):
+                model.replace_linear(pos, layer.base_layer)
+    del registry(model)[name]

@@ -1,0 +1,165 @@
+"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are PEFT's: ``base_model.model.<position>.lora_A.weight`` (``[r, in]``) and
+``...lora_B.weight`` (``[out, r]``), where ``<position>`` is the module path inside the
+transformers model; the adapter name is not part of the key. The config carries PEFT's field
+names (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``, ``rank_pattern``, ...), so
+``peft.PeftModel.from_pretrained(hf_model, path)`` loads what :func:`save_adapter` writes and
+:func:`load_adapter` reads what PEFT saved (plain LoRA on linear layers; DoRA, biases, embeddings
+and ``modules_to_save`` are refused with an error naming the field).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..protocol import CausalLM
+from .config import LoraConfig
+from .inject import adapter_names, attach, registry, require_adapter, resolve_targets
+from .layer import check_adapter_name
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"(?P<pos>.+)\.(?P<mat>lora_A|lora_B)\.weight")
+
+
+def _target_modules(model: CausalLM, positions: tuple[str, ...]) -> list[str]:
+    """Leaf names (``["q_proj", ...]``) when they select exactly ``positions``, else the full names."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in positions})
+    if set(resolve_targets(model, leaves)) == set(positions):
+        return leaves
+    return sorted(positions)
+
+
+def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
+    """Write adapter ``name`` to folder ``path`` (created if needed) in PEFT's format; return the folder."""
+    from safetensors.torch import save_file
+
+    info = require_adapter(model, name)
+    root = model.module
+    config = info.config
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for pos in info.positions:
+        layer = root.get_submodule(pos)
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # [r, in], [out, r]
+        tensors[f"{PREFIX}{pos}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{pos}.lora_B.weight"] = b.detach().cpu().contiguous()
+        rank = a.shape[0]
+        alpha = layer.scaling[name] * (math.sqrt(rank) if config.use_rslora else rank)
+        if rank != config.r:
+            rank_pattern[pos] = rank
+        if not math.isclose(alpha, config.alpha, rel_tol=1e-6):
+            alpha_pattern[pos] = alpha
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(getattr(root, "config", None), "name_or_path", None) or None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _target_modules(model, info.positions),
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+    }
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return folder
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"path must be a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}; got {str(folder)!r}")
+    cfg = json.loads(path.read_text())
+    checks = {
+        "peft_type": (cfg.get("peft_type", "LORA"), "LORA"),
+        "use_dora": (bool(cfg.get("use_dora")), False),
+        "bias": (cfg.get("bias", "none"), "none"),
+        "fan_in_fan_out": (bool(cfg.get("fan_in_fan_out")), False),
+        "modules_to_save": (bool(cfg.get("modules_to_save")), False),
+        "lora_bias": (bool(cfg.get("lora_bias")), False),
+    }
+    for field, (got, supported) in checks.items():
+        if got != supported:
+            raise ValueError(f"{CONFIG_FILE} field {field}={cfg.get(field)!r} is not supported; llmspeed loads plain LoRA")
+    return cfg
+
+
+def _pattern_value(pattern: dict, pos: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", pos):
+            return value
+    return default
+
+
+def load_adapter(model: CausalLM, path: str | Path, name: str, dtype: torch.dtype = torch.float32) -> LoraConfig:
+    """Load the adapter in folder ``path`` (ours or PEFT's) onto ``model`` as ``name`` and activate it.
+
+    Raises:
+        FileNotFoundError: the folder lacks the two files.
+        ValueError: ``name`` exists already, the file uses unsupported PEFT features, or its
+            tensors name positions this model lacks or have shapes that do not fit (model unchanged).
+    """
+    from safetensors.torch import load_file
+
+    check_adapter_name(name)
+    if name in registry(model):
+        raise ValueError(f"adapter {name!r} already exists on this model (adapters: {adapter_names(model)})")
+    folder = Path(path)
+    cfg = _read_config(folder)
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    layers = dict(model.linear_layers())
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key.removeprefix(PREFIX))
+        if not key.startswith(PREFIX) or match is None:
+            raise ValueError(f"{WEIGHTS_FILE} holds {key!r}, which is not a LoRA matrix of a linear layer")
+        found.setdefault(match["pos"], {})[match["mat"]] = tensor
+    r, alpha, rslora = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
+    shapes: dict[str, tuple[int, float]] = {}
+    for pos, mats in found.items():
+        if pos not in layers:
+            raise ValueError(f"the adapter was saved for module {pos!r}, which this model does not have")
+        if set(mats) != {"lora_A", "lora_B"}:
+            raise ValueError(f"module {pos!r} has {sorted(mats)} in {WEIGHTS_FILE}; both lora_A and lora_B are needed")
+        layer = layers[pos]
+        a, b = mats["lora_A"], mats["lora_B"]
+        rank = a.shape[0]
+        want_a, want_b = (rank, layer.in_features), (layer.out_features, rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ValueError(
+                f"adapter shapes do not fit this model at {pos!r}: lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}, but the layer needs {want_a} and {want_b} (in={layer.in_features}, "
+                f"out={layer.out_features}); was it trained for another model?"
+            )
+        layer_alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, pos, alpha))
+        shapes[pos] = (rank, layer_alpha / (math.sqrt(rank) if rslora else rank))
+    if not shapes:
+        raise ValueError(f"{WEIGHTS_FILE} in {str(folder)!r} holds no LoRA matrices")
+    targets = cfg.get("target_modules") or tuple(shapes)
+    config = LoraConfig(r=r, alpha=alpha, targets=targets, dropout=float(cfg.get("lora_dropout", 0.0)),
+                        use_rslora=rslora)
+    attach(model, name, config, shapes, dtype)
+    with torch.no_grad():
+        for pos, mats in found.items():
+            layer = model.module.get_submodule(pos)
+            layer.lora_A[name].weight.copy_(mats["lora_A"])
+            layer.lora_B[name].weight.copy_(mats["lora_B"])
+    return config

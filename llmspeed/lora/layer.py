@@ -1,0 +1,146 @@
+"""``LoraLinear``: one wrapper that adds named low-rank adapters to any base linear.
+
+The base may be an ``nn.Linear`` or any quantized module that follows
+:class:`llmspeed.protocol.QuantizedLinear` (int8, int4, NF4, ...): the wrapper only calls
+``base_layer(x)`` and, for merging, ``dequantize()`` and ``type(base).from_linear``. The base is
+frozen; the adapters are plain ``nn.Linear`` modules (``lora_A[name]``: ``[r, in]``,
+``lora_B[name]``: ``[out, r]``) kept in their own dtype (fp32 by default): the input is cast to
+the adapter dtype and the delta cast back to the base's output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from .routing import Routing, routed_delta
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if it can name an adapter (a ModuleDict key), else raise ``ValueError``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or hasattr(nn.ModuleDict(), name):
+        raise ValueError(
+            f"adapter name must be an identifier-like string (letters, digits, '_' or '-', not a "
+            f"ModuleDict method name); got {name!r}"
+        )
+    return name
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for an empty module)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class LoraLinear(nn.Module):
+    """A base linear plus named LoRA adapters; forward is ``base(x) + scale * B(A(dropout(x)))``.
+
+    Attributes:
+        base_layer: The wrapped (frozen) linear, float or quantized.
+        lora_A, lora_B: ``ModuleDict`` of adapter matrices keyed by adapter name (PEFT's layout).
+        lora_dropout: ``ModuleDict`` of dropout modules keyed by adapter name.
+        scaling: Adapter name -> scale (``alpha / r`` or ``alpha / sqrt(r)``).
+        active: Name of the adapter applied in forward, or ``None``.
+        disabled: When true, forward is the base alone.
+        merged: Names of adapters folded into the base weight, in merge order.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if isinstance(base_layer, LoraLinear):
+            raise TypeError("base_layer is already a LoraLinear; add adapters to it instead of wrapping it twice")
+        for attr in ("in_features", "out_features"):
+            if not isinstance(getattr(base_layer, attr, None), int):
+                raise TypeError(
+                    f"base_layer must be nn.Linear or a quantized linear exposing in_features/out_features; "
+                    f"got {type(base_layer).__name__}"
+                )
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+        self.disabled = False
+        self.merged: list[str] = []
+        self.routing: Routing | None = None  # set by llmspeed.lora.per_token_adapters / per_row_adapters
+        self.premerge: dict[str, nn.Module] = {}  # base replaced by a merge, restored by unmerge
+
+    @property
+    def in_features(self) -> int:
+        """Input width of the base layer."""
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        """Output width of the base layer."""
+        return self.base_layer.out_features
+
+    def extra_repr(self) -> str:
+        ranks = {name: a.out_features for name, a in self.lora_A.items()}
+        return f"adapters={ranks}, active={self.active!r}, merged={self.merged}"
+
+    # --- adapters ------------------------------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        r: int,
+        scale: float,
+        dropout: float = 0.0,
+        init: str = "zeros",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Create adapter ``name`` of rank ``r``: ``A`` Kaiming-uniform, ``B`` zero (or random)."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        device = module_device(self.base_layer)
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # weight [r, in]
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # weight [out, r]
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        if init == "zeros":
+            nn.init.zeros_(b.weight)
+        else:
+            nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = float(scale)
+
+    def remove(self, name: str) -> None:
+        """Delete adapter ``name`` (it must not be merged)."""
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        del self.scaling[name]
+        if self.active == name:
+            self.active = None
+
+    def delta_weight(self, name: str) -> torch.Tensor:  # [out, in]
+        """``scale * B @ A`` of adapter ``name`` in the adapter dtype."""
+        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)  # [out, in]
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        result = self.base_layer(x)  # [..., out]
+        if self.routing is not None:
+            if self.merged:
+                raise RuntimeError(
+                    f"adapters {self.merged} are merged into the base; unmerge them before running a "
+                    f"mixed-adapter batch"
+                )
+            delta = routed_delta(self, x)  # [..., out] in the adapter dtype
+            return result + delta.to(result.dtype)
+        name = self.active
+        if self.disabled or name is None or name in self.merged:
+            return result
+        a = self.lora_A[name]
+        x = x.to(a.weight.dtype)
+        delta = self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]  # [..., out]
+        return result + delta.to(result.dtype)

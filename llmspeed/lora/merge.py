@@ -1,0 +1,148 @@
+"""Fold an adapter into its base weights (``merge``) and take it out again (``unmerge``).
+
+On a float base the update ``W += scale * B @ A`` is exact up to float rounding, and unmerge
+subtracts it again. On a quantized base there is no float weight to add to: merge dequantizes,
+adds, and re-quantizes with ``type(base).from_linear(linear, base.config)``; that rounding
+changes the weight, so merge warns and reports the error it introduced next to the size of the
+update it was meant to add (when the error is comparable to the update, the merged model has
+lost much of what the adapter learned: keep it unmerged, or merge with ``requantize=False`` into a
+float copy of the layer). The quantized module that was replaced is kept, so unmerge restores it
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..protocol import CausalLM, is_quantized
+from .inject import lora_layers, require_adapter
+from .layer import LoraLinear
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did.
+
+    Attributes:
+        adapter: The adapter merged.
+        layers: Number of layers changed.
+        requantized: Layers whose quantized base was re-quantized (error below applies to them).
+        max_abs_error: Largest ``|W_merged - (W + delta)|`` over all re-quantized weights (0 on float).
+        error_vs_update: Worst layer's ``||W_merged - (W + delta)|| / ||delta||`` (0 on float); near
+            or above 1 means the rounding is as large as the adapter's whole update.
+    """
+
+    adapter: str
+    layers: int
+    requantized: int
+    max_abs_error: float
+    error_vs_update: float
+
+
+def _float_weight(base: nn.Module) -> nn.Parameter:
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"cannot merge into {type(base).__name__}: it has neither a float weight nor dequantize()")
+    return weight
+
+
+def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[float, float]:
+    base = layer.base_layer
+    weight = base.dequantize()  # [out, in]
+    delta = layer.delta_weight(name).detach().to(weight.dtype)  # [out, in]
+    target = weight + delta  # [out, in]
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(target)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    if requantize:
+        from_linear = getattr(type(base), "from_linear", None)
+        if from_linear is None:
+            raise TypeError(f"{type(base).__name__} has no from_linear(); merge with requantize=False")
+        new_base = from_linear(linear, base.config)
+        err = new_base.dequantize().to(target.dtype) - target  # [out, in]
+        errors = (err.abs().max().item(), (err.norm() / delta.norm().clamp_min(1e-30)).item())
+    else:
+        new_base = linear.requires_grad_(False)
+        errors = (0.0, 0.0)
+    layer.premerge[name] = base
+    layer.base_layer = new_base
+    return errors
+
+
+@torch.no_grad()
+def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
+    """Fold adapter ``name`` into the base weights of every layer it covers.
+
+    Args:
+        model: The model carrying the adapter.
+        name: The adapter to merge.
+        requantize: On quantized layers, re-quantize the merged weight into the same format (the
+            default; warns with the error) or replace the layer by a float ``nn.Linear``.
+
+    Returns:
+        A :class:`MergeReport`. While merged, forward skips the adapter's delta.
+
+    Raises:
+        ValueError: the adapter does not exist or is already merged (model unchanged).
+    """
+    require_adapter(model, name)
+    layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+    if any(name in layer.merged for layer in layers):
+        raise ValueError(f"adapter {name!r} is already merged; unmerge it first")
+    for layer in layers:  # check every layer can be merged before changing any
+        if not is_quantized(layer.base_layer):
+            _float_weight(layer.base_layer)
+    max_abs, worst, requantized = 0.0, 0.0, 0
+    for layer in layers:
+        if is_quantized(layer.base_layer):
+            abs_err, rel_err = _merge_quantized(layer, name, requantize)
+            max_abs, worst = max(max_abs, abs_err), max(worst, rel_err)
+            requantized += int(requantize)
+        else:
+            weight = _float_weight(layer.base_layer)
+            weight += layer.delta_weight(name).to(weight.dtype)
+        layer.merged.append(name)
+    report = MergeReport(name, len(layers), requantized, max_abs, worst)
+    if requantized:
+        warnings.warn(
+            f"merging adapter {name!r} re-quantized {requantized} layers: max abs weight error {max_abs:.3g}, "
+            f"worst error/update norm ratio {worst:.3g}; unmerge restores the original bit for bit, or merge "
+            f"with requantize=False to keep the merged layers in float",
+            stacklevel=2,
+        )
+    return report
+
+
+@torch.no_grad()
+def unmerge(model: CausalLM, name: str) -> None:
+    """Take adapter ``name`` out of the base weights again (quantized layers: bit-exact restore).
+
+    Raises:
+        ValueError: the adapter does not exist, is not merged, or another adapter was merged into
+            the same quantized layers after it (unmerge that one first); model unchanged.
+    """
+    require_adapter(model, name)
+    layers = [layer for _, layer in lora_layers(model) if name in layer.merged]
+    if not layers:
+        raise ValueError(f"adapter {name!r} is not merged; nothing to unmerge")
+    for layer in layers:
+        if name in layer.premerge and layer.merged[-1] != name:
+            raise ValueError(
+                f"adapter {layer.merged[-1]!r} was merged into the same re-quantized layers after {name!r}; "
+                f"unmerge {layer.merged[-1]!r} first"
+            )
+    for layer in layers:
+        if name in layer.premerge:
+            layer.base_layer = layer.premerge.pop(name)
+        else:
+            weight = _float_weight(layer.base_layer)
+            weight -= layer.delta_weight(name).to(weight.dtype)
+        layer.merged.remove(name)

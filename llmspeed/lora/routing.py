@@ -1,0 +1,127 @@
+"""Per-token adapter routing: the LoRA delta of a batch whose tokens use different adapters.
+
+Two ways to compute it, both exact:
+
+* ``"concat"`` (one pass, the default for few adapters): concatenate the adapters' ``A`` along the
+  rank axis and their ``B`` along the input axis; ``x @ A_cat.T`` gives every adapter's rank
+  features for every token (``[T, R]``, ``R`` = sum of ranks), a mask keeps each token's own
+  columns (times its scale; zero for tokens with no adapter) and one matmul with ``B_cat``
+  finishes. Two GEMMs whatever the number of adapters, at the cost of ``R / r`` times the LoRA
+  FLOPs, which stay small while ``R`` is small next to the hidden size.
+* ``"segment"`` (the loop PEFT runs): for each adapter in the batch, gather its tokens, apply
+  ``B(A(x))`` and scatter-add the result. Cheaper in FLOPs when many adapters share a batch.
+
+``"auto"`` picks ``concat`` while ``R`` is at most a quarter of ``min(in, out)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .layer import LoraLinear
+
+METHODS = ("auto", "concat", "segment")
+AXES = ("token", "row")
+
+
+@dataclass
+class Routing:
+    """Which adapter each token (``axis="token"``) or each batch row (``axis="row"``) uses.
+
+    Attributes:
+        adapters: Distinct adapter names present, in order of first appearance.
+        ids: ``[N]`` int64 index into ``adapters`` per token/row, ``-1`` for no adapter.
+        axis: ``"token"``: ``N`` equals the number of tokens in the flattened input (the ragged
+            batch of ``forward_batch``); ``"row"``: ``N`` equals the input's first dimension.
+        method: ``"auto"``, ``"concat"`` or ``"segment"`` (see the module docstring).
+        cache: Concatenated weights per layer, built on first use inside the context.
+    """
+
+    adapters: tuple[str, ...]
+    ids: torch.Tensor  # [N]
+    axis: str = "token"
+    method: str = "auto"
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def from_names(cls, names: list[str | None], axis: str, method: str, device: torch.device) -> Routing:
+        """Build a routing from one adapter name (or ``None``) per token or row."""
+        adapters = tuple(dict.fromkeys(n for n in names if n is not None))
+        index = {name: i for i, name in enumerate(adapters)}
+        ids = torch.tensor([-1 if n is None else index[n] for n in names], dtype=torch.long, device=device)
+        return cls(adapters, ids, axis, method)
+
+
+def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
+    """Adapter index per row of ``x.reshape(-1, in)``; checks the routing fits ``x``."""
+    n = routing.ids.shape[0]
+    tokens = x.numel() // x.shape[-1]
+    if routing.axis == "token":
+        if tokens != n:
+            raise ValueError(
+                f"per-token adapters were given for {n} tokens but this layer received {tokens} "
+                f"(input shape {tuple(x.shape)}); a LoRA output head under forward_batch's logits_indices "
+                f"is not supported"
+            )
+        return routing.ids
+    if x.dim() < 2 or x.shape[0] != n:
+        raise ValueError(f"per-row adapters were given for {n} rows but this layer received input {tuple(x.shape)}")
+    return routing.ids.repeat_interleave(tokens // n)  # [T]
+
+
+def _concat_weights(layer: LoraLinear, routing: Routing):
+    key = id(layer)
+    if key not in routing.cache:
+        names = routing.adapters
+        a_cat = torch.cat([layer.lora_A[n].weight for n in names], dim=0)  # [R, in]
+        b_cat = torch.cat([layer.lora_B[n].weight for n in names], dim=1)  # [out, R]
+        ranks = torch.tensor([layer.lora_A[n].out_features for n in names], device=a_cat.device)
+        scales = torch.tensor([layer.scaling[n] for n in names], dtype=a_cat.dtype, device=a_cat.device)
+        owner = torch.repeat_interleave(torch.arange(len(names), device=a_cat.device), ranks)  # [R]
+        routing.cache[key] = (a_cat, b_cat, owner, scales)
+    return routing.cache[key]
+
+
+def concat_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [T, out]
+    """One-pass delta: ``((x A_cat^T) * mask) B_cat^T`` with the mask selecting each token's adapter."""
+    a_cat, b_cat, owner, scales = _concat_weights(layer, routing=layer.routing)
+    token_scale = torch.where(ids >= 0, scales[ids.clamp(min=0)], torch.zeros((), dtype=scales.dtype))  # [T]
+    mask = (ids[:, None] == owner[None, :]).to(x2.dtype) * token_scale[:, None]  # [T, R]
+    return ((x2 @ a_cat.T) * mask) @ b_cat.T  # [T, out]
+
+
+def segment_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [T, out]
+    """Loop over the adapters in the batch: gather their tokens, apply ``B(A(x))``, scatter-add."""
+    out = x2.new_zeros(x2.shape[0], layer.out_features)  # [T, out]
+    for i, name in enumerate(layer.routing.adapters):
+        rows = (ids == i).nonzero().squeeze(1)  # [t_i]
+        if rows.numel():
+            sub = layer.lora_B[name](layer.lora_A[name](x2.index_select(0, rows)))  # [t_i, out]
+            out.index_add_(0, rows, sub * layer.scaling[name])
+    return out
+
+
+def routed_delta(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:  # [..., out]
+    """The LoRA delta of ``layer`` for input ``x`` under ``layer.routing`` (adapter dtype)."""
+    routing = layer.routing
+    if layer.training and any(p.p > 0 for p in layer.lora_dropout.values() if hasattr(p, "p")):
+        raise RuntimeError("mixed-adapter batches are for inference: call model.module.eval() (dropout is on)")
+    missing = [n for n in routing.adapters if n not in layer.lora_A]
+    if missing:
+        raise KeyError(f"adapters {missing} do not exist on this layer; known: {list(layer.lora_A)}")
+    ids = _flat_ids(routing, x)  # [T]
+    if not routing.adapters:
+        return x.new_zeros(*x.shape[:-1], layer.out_features)
+    dtype = layer.lora_A[routing.adapters[0]].weight.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [T, in]
+    method = routing.method
+    if method == "auto":
+        total_rank = sum(layer.lora_A[n].out_features for n in routing.adapters)
+        small = total_rank * 4 <= min(layer.in_features, layer.out_features)
+        method = "concat" if small or len(routing.adapters) == 1 else "segment"
+    delta = concat_delta(layer, x2, ids) if method == "concat" else segment_delta(layer, x2, ids)  # [T, out]
+    return delta.reshape(*x.shape[:-1], layer.out_features)
