@@ -1,0 +1,157 @@
+"""``quantize``: swap a model's linear layers for quantized ones, in place, all or nothing."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..protocol import CausalLM, base_linear, is_quantized
+from .config import DEFAULT_GROUP_SIZE, QuantConfig
+from .kernels import check_kernel
+from .methods import get_method
+from .modules import QuantizedLinearBase, module_class
+
+_DEFAULT = object()
+
+
+def _output_head(model: CausalLM) -> list[str]:
+    """Names of the output head (``lm_head``): skipped by default."""
+    get = getattr(model.module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    names = [name for name, module in model.linear_layers() if head is not None and module is head]
+    return names or [n for n in model.linear_names() if n.split(".")[-1] == "lm_head"]
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
+
+
+def _check_patterns(model: CausalLM, arg: str, patterns: Sequence[str]) -> None:
+    names = model.linear_names()
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"{arg} must hold qualified-name strings or patterns; got {p!r}")
+        if any(fnmatch.fnmatchcase(n, p) for n in names):
+            continue
+        try:
+            found = model.module.get_submodule(p)
+        except AttributeError:
+            found = None
+        if found is not None:
+            raise ValueError(
+                f"{arg} names {p!r}, which is a {type(found).__name__}, not a linear layer; "
+                f"only linear positions can be quantized (e.g. {names[0]!r})"
+            )
+        raise ValueError(f"{arg} pattern {p!r} matches no linear layer; linear positions look like {names[:3]}")
+
+
+def plan_layers(
+    model: CausalLM,
+    config: QuantConfig,
+    skip: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+) -> dict[str, QuantConfig]:
+    """Which linear positions ``quantize`` would change, each with its config; raises before anything changes."""
+    if isinstance(skip, str) or isinstance(include, str):
+        raise ValueError("skip and include must be lists of names or patterns, not a single string")
+    if skip is None:
+        skip = _output_head(model)
+    else:
+        _check_patterns(model, "skip", skip)
+    if include is not None:
+        _check_patterns(model, "include", include)
+    already = [name for name, m in model.linear_layers() if is_quantized(m)]
+    if already:
+        raise ValueError(
+            f"model is already quantized ({len(already)} layers, e.g. {already[0]!r}); quantizing twice would "
+            f"compound the error: load or build the float model again and quantize it once"
+        )
+    plan = {}
+    for name, module in model.linear_layers():
+        if _matches(name, skip) or (include is not None and not _matches(name, include)):
+            continue
+        if base_linear(module) is not module:
+            raise ValueError(f"layer {name!r} is wrapped ({type(module).__name__}); quantize before adding adapters")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"layer {name!r} is a {type(module).__name__}, not an nn.Linear; add it to skip")
+        g = config.group_size
+        if g is not None and g > module.in_features:
+            raise ValueError(
+                f"group_size={g} is larger than in_features={module.in_features} of {name!r}; "
+                f"use group_size <= {module.in_features} or None"
+            )
+        plan[name] = config
+    if not plan:
+        raise ValueError("skip/include leave no linear layer to quantize")
+    return plan
+
+
+def quantize(
+    model: CausalLM,
+    fmt: str,
+    group_size: int | None | Any = _DEFAULT,
+    skip: Sequence[str] | None = None,
+    method: str = "rtn",
+    kernel: str = "auto",
+    double_quant: bool = False,
+    calibration: Any = None,
+    include: Sequence[str] | None = None,
+    method_options: dict[str, Any] | None = None,
+) -> CausalLM:
+    """Quantize ``model``'s linear layers in place and return the model.
+
+    Args:
+        model: Any :class:`~llmspeed.protocol.CausalLM` (only ``linear_layers``/``replace_linear`` are used).
+        fmt: ``"int8"`` (per output channel), ``"int4"`` (group-wise asymmetric) or ``"nf4"``.
+        group_size: Input channels per scale; default 64 for int4/nf4, per channel (``None``) for int8.
+        skip: Qualified names or ``fnmatch`` patterns left in float. Default: the output head (``lm_head``);
+            pass ``[]`` to quantize it too. Embeddings are never linear positions.
+        method: ``"rtn"`` or a registered calibrated method (see :mod:`llmspeed.quant.methods`).
+        kernel: ``"auto"`` or a kernel name from :func:`llmspeed.kernels` available on the model's device.
+        double_quant: NF4 only: 8-bit quantization of the scales.
+        calibration: Data for calibrated methods, passed through to them unchanged.
+        include: Only quantize layers matching these names/patterns (default: all).
+        method_options: Extra keyword arguments for the method.
+
+    Raises:
+        ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
+            kernel missing on this device: before any layer changes. If quantizing fails midway, every layer
+            is restored.
+    """
+    if group_size is _DEFAULT:
+        group_size = DEFAULT_GROUP_SIZE.get(fmt)
+    config = QuantConfig(fmt, group_size, double_quant, method, kernel)
+    check_kernel(kernel, fmt, model.spec.device)
+    entry = get_method(method)
+    if entry.needs_calibration and calibration is None:
+        raise ValueError(f"method={method!r} needs calibration data: pass calibration=... (see its documentation)")
+    plan = plan_layers(model, config, skip, include)
+    options = dict(method_options or {})
+    snapshot = dict(model.linear_layers())
+    try:
+        if entry.weight is not None:
+            cls = module_class(fmt)
+            for name in plan:
+                linear = snapshot[name]
+                qw = entry.weight(linear.weight, config, **options)
+                bias = None if linear.bias is None else linear.bias.detach()
+                new = cls.from_codes(qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features)
+                model.replace_linear(name, new.to(linear.weight.device))
+        else:
+            built = entry.model(model, plan, calibration, **options)
+            missing = set(plan) - set(built)
+            if missing or not all(isinstance(m, QuantizedLinearBase) for m in built.values()):
+                raise RuntimeError(
+                    f"method {method!r} must return a quantized module for every planned layer; "
+                    f"missing {sorted(missing)[:3]}"
+                )
+            for name, module in built.items():
+                model.replace_linear(name, module)
+    except BaseException:
+        for name, module in snapshot.items():
+            model.replace_linear(name, module)
+        raise
+    return model

@@ -1,0 +1,87 @@
+"""``QuantConfig``: the frozen, validated, JSON-serializable description of how one linear layer is quantized."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMATS = ("int8", "int4", "nf4")
+# group_size used when the caller does not pass one; None means one group per output row.
+DEFAULT_GROUP_SIZE: dict[str, int | None] = {"int8": None, "int4": 64, "nf4": 64}
+DQ_BLOCK = 256  # NF4 double quantization: scales per block of second-level quantization
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a linear layer's weight is quantized. Validated on construction; ``to_dict``/``from_dict`` round-trip.
+
+    Attributes:
+        format: ``"int8"`` (per-output-channel symmetric), ``"int4"`` (group-wise asymmetric) or
+            ``"nf4"`` (group-wise absmax over the NormalFloat-4 codebook).
+        group_size: Input channels sharing one scale (and zero point). ``None`` means one group per
+            output row (the only choice for int8). Must be even; ``in_features`` is zero-padded up to a
+            multiple of it (see docs/quantization.md).
+        double_quant: NF4 only: quantize the per-group scales again to 8 bits (QLoRA's double quantization).
+        method: How codes are chosen: ``"rtn"`` (round to nearest) or a registered calibrated method.
+        kernel: Matmul path: ``"auto"`` or a kernel name from :func:`llmspeed.kernels`.
+    """
+
+    format: str
+    group_size: int | None = field(default=-1)  # -1: the format's default, resolved in __post_init__
+    double_quant: bool = False
+    method: str = "rtn"
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {list(FORMATS)}; got {self.format!r}")
+        if self.group_size == -1:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.format])
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
+            raise ValueError(f"group_size must be a positive even integer or None; got {g!r}")
+        if g is not None and g % 2:
+            raise ValueError(f"group_size must be even (two 4-bit codes share a byte); got {g}")
+        if self.format == "int8" and g is not None:
+            raise ValueError(
+                f"group_size must be None for int8, which is quantized per output channel; got {g}"
+            )
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be a bool; got {self.double_quant!r}")
+        if self.double_quant and self.format != "nf4":
+            raise ValueError(f"double_quant is only defined for nf4; got format={self.format!r}")
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}; got {self.method!r}")
+        from .kernels import KERNELS
+
+        names = ["auto", *(k for k, v in KERNELS.items() if self.format in v.formats)]
+        if self.kernel not in names:
+            raise ValueError(f"kernel for {self.format} must be one of {names}; got {self.kernel!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (what safetensors metadata stores)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Rebuild a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"quantization config must be a dict; got {type(data).__name__}")
+        known = {"format", "group_size", "double_quant", "method", "kernel"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"quantization config has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def padded_in_features(self, in_features: int) -> int:
+        """``in_features`` rounded up to a multiple of the group size (even for per-row groups)."""
+        g = self.group_size if self.group_size is not None else (2 if self.format != "int8" else 1)
+        return -(-in_features // g) * g
+
+    def num_groups(self, in_features: int) -> int:
+        """Scale groups per output row."""
+        if self.group_size is None:
+            return 1
+        return self.padded_in_features(in_features) // self.group_size

@@ -1,0 +1,142 @@
+"""Matmul kernels for quantized linears, and ``kernel="auto"``: the fastest correct path per shape.
+
+``select(module, x)`` returns the kernel a module uses for activations like ``x``: the one named in
+``module.config.kernel``, or for ``"auto"`` the first usable entry of :data:`AUTO_RULES` for the
+device type and format whose row limit covers ``M = x.shape[0]``. The rules are a table backed by the
+measurements in docs/kernels.md (``python benchmarks/quant.py`` re-measures them on any machine);
+``reference`` is the last resort everywhere. :func:`kernels` reports what exists here and what is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import aten, reference  # noqa: F401  (register the kernels)
+from .registry import FLOAT_DTYPES, KERNELS, Kernel, register_kernel
+
+# (device type, format) -> ordered [(max rows M or None for any, activation dtypes or None for any, kernel)].
+# The first rule whose kernel is usable wins. CPU numbers (2-core AVX2 Zen 1): the fused C++ kernel beats
+# fp32 F.linear for decode-sized M; for prefill, dequantizing once and using MKL's fp32 GEMM wins, and bf16
+# activations are computed in fp32 because this CPU has no native bf16 matmul.
+AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...] | None, str]]] = {
+    ("cpu", "int8"): [(16, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "int4"): [(16, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "nf4"): [(16, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cuda", "int8"): [(None, None, "aten_int8")],
+    ("cuda", "int4"): [(None, (torch.bfloat16,), "tinygemm"), (None, None, "reference")],
+    ("cuda", "nf4"): [(None, None, "reference")],
+}
+
+
+def get_kernel(name: str) -> Kernel:
+    """The registered kernel ``name``; ``ValueError`` listing the registered names otherwise."""
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}; got {name!r}")
+    return KERNELS[name]
+
+
+def auto_kernel(module, x: torch.Tensor) -> Kernel:
+    """The kernel ``kernel="auto"`` picks for ``module`` and activations ``x`` [M, in]."""
+    m = x.shape[0]
+    for max_rows, dtypes, name in AUTO_RULES.get((x.device.type, module.quant_format), []):
+        if (max_rows is not None and m > max_rows) or (dtypes is not None and x.dtype not in dtypes):
+            continue
+        kernel = KERNELS.get(name)
+        if kernel is not None and kernel.why_not(module, x) is None:
+            return kernel
+    return KERNELS["reference"]
+
+
+def select(module, x: torch.Tensor) -> Kernel:
+    """The kernel ``module`` uses for ``x`` [M, in]: its configured one (checked) or the auto choice."""
+    name = module.config.kernel
+    if name == "auto":
+        return auto_kernel(module, x)
+    kernel = get_kernel(name)
+    reason = kernel.why_not(module, x)
+    if reason is not None:
+        raise ValueError(f"kernel={name!r} cannot run here: {reason}; use kernel='auto' or one of {usable_kernels(module, x)}")
+    return kernel
+
+
+def usable_kernels(module, x: torch.Tensor) -> list[str]:
+    """Names of the kernels that can multiply ``x`` by ``module``'s weight on this machine."""
+    return [k.name for k in KERNELS.values() if k.why_not(module, x) is None]
+
+
+def check_kernel(name: str, fmt: str, device: torch.device | str) -> None:
+    """``ValueError`` when kernel ``name`` does not exist for ``fmt`` on ``device`` (before anything changes)."""
+    if name == "auto":
+        return
+    kernel = get_kernel(name)
+    dev = torch.device(device).type
+    if fmt not in kernel.formats or dev not in kernel.devices:
+        raise ValueError(
+            f"kernel={name!r} does not handle {fmt} on {dev} (it handles {list(kernel.formats)} on "
+            f"{list(kernel.devices)}); use kernel='auto' or one of "
+            f"{[k.name for k in KERNELS.values() if fmt in k.formats and dev in k.devices and k.unavailable() is None]}"
+        )
+    reason = kernel.unavailable()
+    if reason is not None:
+        raise ValueError(f"kernel={name!r} is not available on this machine: {reason}; use kernel='auto'")
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """What :func:`llmspeed.kernels` returns: every kernel's availability here, and the auto choices.
+
+    Attributes:
+        kernels: One dict per registered kernel: name, formats, devices, dtypes, available, reason, description.
+        choices: ``{(device, format, dtype, M): kernel name}`` that ``kernel="auto"`` picks for a
+            576 -> 1536 layer (SmolLM2's MLP) at the format's default group size.
+    """
+
+    kernels: tuple[dict, ...]
+    choices: dict
+
+    def __str__(self) -> str:
+        from ...bench.timing import markdown_table
+
+        avail = markdown_table([{k: v for k, v in row.items() if k != "description"} for row in self.kernels])
+        rows = {}
+        for (dev, fmt, dtype, m), name in self.choices.items():
+            rows.setdefault((dev, fmt, dtype), {"device": dev, "format": fmt, "dtype": dtype})[f"M={m}"] = name
+        return f"Kernels on this machine:\n{avail}\n\nkernel='auto' picks:\n{markdown_table(list(rows.values()))}"
+
+    __repr__ = __str__
+
+
+def kernels(rows: tuple[int, ...] = (1, 4, 16, 64, 512)) -> KernelReport:
+    """Which matmul paths exist on this machine, and which ``kernel="auto"`` chooses per format, dtype and M."""
+    from ..config import QuantConfig
+    from ..modules import MODULES
+
+    table = []
+    for k in KERNELS.values():
+        reason = k.unavailable()
+        table.append(
+            {
+                "kernel": k.name,
+                "formats": ",".join(k.formats),
+                "devices": ",".join(k.devices),
+                "dtypes": ",".join(str(d).removeprefix("torch.") for d in k.dtypes),
+                "available": reason is None,
+                "reason": reason or "",
+                "description": k.description,
+            }
+        )
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    choices = {}
+    for dev in devices:
+        for fmt, cls in MODULES.items():
+            module = cls(576, 1536, QuantConfig(fmt), device="meta")
+            for dtype in FLOAT_DTYPES:
+                for m in rows:
+                    x = torch.empty(m, 576, dtype=dtype, device=dev)
+                    choices[(dev, fmt, str(dtype).removeprefix("torch."), m)] = auto_kernel(module, x).name
+    return KernelReport(tuple(table), choices)
+
+
+__all__ = ["KERNELS", "Kernel", "register_kernel", "get_kernel", "select", "auto_kernel", "check_kernel", "kernels", "AUTO_RULES", "KernelReport"]

@@ -1,0 +1,70 @@
+"""The kernel registry: each entry multiplies activations by one quantized module's weight.
+
+A kernel is a function ``run(module, x [M, in]) -> y [M, out]`` (same dtype as ``x``, no bias) plus
+what it supports: formats, device types, activation dtypes, a check of whether it exists on this
+machine (a compiler, a CUDA build, an aten op) and a check of the module's shape constraints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _always() -> str | None:
+    return None
+
+
+def _any_shape(module, x) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One matmul path for quantized weights.
+
+    Attributes:
+        name: Registry key, what ``kernel=`` accepts.
+        formats: Quantization formats it handles.
+        devices: Device types (``"cpu"``, ``"cuda"``).
+        dtypes: Activation dtypes.
+        run: ``run(module, x [M, in]) -> [M, out]`` in ``x.dtype``.
+        description: One line for :func:`llmspeed.kernels`.
+        unavailable: Returns why the kernel cannot run on this machine, or ``None`` when it can.
+        unsupported: ``unsupported(module, x)`` returns why it cannot run this module/input, or ``None``.
+        exact: False for kernels that also quantize activations (looser tolerance, never chosen by ``auto``).
+    """
+
+    name: str
+    formats: tuple[str, ...]
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    run: Callable[..., torch.Tensor]
+    description: str
+    unavailable: Callable[[], str | None] = field(default=_always)
+    unsupported: Callable[..., str | None] = field(default=_any_shape)
+    exact: bool = True
+
+    def why_not(self, module, x: torch.Tensor) -> str | None:
+        """``None`` when this kernel can multiply ``x`` by ``module``'s weight, else the reason."""
+        if module.quant_format not in self.formats:
+            return f"kernel {self.name!r} handles {list(self.formats)}, not {module.quant_format}"
+        if x.device.type not in self.devices:
+            return f"kernel {self.name!r} runs on {list(self.devices)}, not {x.device.type}"
+        if x.dtype not in self.dtypes:
+            names = [str(d).removeprefix("torch.") for d in self.dtypes]
+            return f"kernel {self.name!r} takes {names} activations, not {str(x.dtype).removeprefix('torch.')}"
+        return self.unavailable() or self.unsupported(module, x)
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Add ``kernel`` to the registry (replacing one of the same name) and return it."""
+    KERNELS[kernel.name] = kernel
+    return kernel

@@ -1,0 +1,279 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding
+error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+The layer objective is ``||W X - Q X||^2`` over calibration activations ``X`` (``[in, N]``); its
+Hessian w.r.t. a weight row is ``H = 2 X X^T`` (``[in, in]``), the same for every row, so one
+Cholesky factor serves the whole matrix. The pure functions here work on tensors only; the
+model-level driver (sequential over decoder layers) is :func:`quantize_model` at the bottom.
+
+Layout contract (same as round-to-nearest)
+-------------------------------------------
+Codes come back as ``[out, in]`` integers in the format's code domain, scales and zeros as
+``[out, num_groups]``; the group of a column is always ``column // group_size`` **by its original
+index**, even with ``act_order=True``. Act-order only changes the order in which columns are
+*visited* (largest Hessian diagonal first); a group's scale and zero are fitted at the moment its
+first column is visited, on the current (error-updated) values of all its columns, and stay fixed
+after that. So the packed module needs no permutation index and runs the same kernels.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Grid(Protocol):
+    """A format's code grid as GPTQ needs it: fit a group's qparams, round a column, decode it."""
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [out, k] -> scale [out], zero [out]
+        """Scale and zero point of one group of columns (zero is all-zero for symmetric formats)."""
+        ...
+
+    def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:  # [out]
+        """The nearest grid value of each element of one column ``w`` [out] (the GPTQ hot path)."""
+        ...
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """What :func:`gptq_quantize` returns: everything the packed module needs, plus the oracle.
+
+    Attributes:
+        scales: ``[out, num_groups]`` float32.
+        zeros: ``[out, num_groups]`` float32 zero points in the code domain (all zero for symmetric grids).
+        dequantized: ``[out, in]`` float32: every value lies on its group's grid, so the format's own
+            ``quantize`` recovers the integer codes exactly (:meth:`Grid.encode`).
+    """
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    dequantized: torch.Tensor
+
+
+def accumulate_hessian(hessian: torch.Tensor, x: torch.Tensor) -> int:
+    """Add ``x^T x`` of a batch of activations ``x`` (``[..., in]``) to ``hessian`` in place; return rows added.
+
+    The caller scales by ``2 / N`` at the end (:func:`finalize_hessian`); summing unscaled avoids
+    re-weighting on every batch.
+    """
+    x2 = x.reshape(-1, x.shape[-1]).to(hessian.dtype)  # [N, in]
+    hessian.addmm_(x2.T, x2)
+    return x2.shape[0]
+
+
+def finalize_hessian(hessian_sum: torch.Tensor, rows: int) -> torch.Tensor:
+    """``2 / N * sum(x^T x)``: the Hessian of ``||W X - Q X||^2 / N`` for one weight row."""
+    if rows <= 0:
+        raise ValueError(f"rows must be positive (no calibration activations reached this layer); got {rows}")
+    return hessian_sum * (2.0 / rows)
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, retrying with more damping if needed."""
+    n = hessian.shape[0]
+    mean_diag = hessian.diagonal().mean().clamp_min(1e-8)
+    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(6):
+        h = hessian + (damp * 10**attempt) * mean_diag * eye  # [in, in]
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)  # [in, in]
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper
+    raise ValueError(f"Hessian is not positive definite even with damp={damp * 10**5}; check the calibration data")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,  # [out, in]
+    hessian: torch.Tensor,  # [in, in]
+    grid: Grid,
+    group_size: int | None,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> GPTQResult:
+    """Quantize ``weight`` with GPTQ given the layer Hessian; see the module docstring for the layout.
+
+    Args:
+        weight: Float weight ``[out, in]`` (not modified).
+        hessian: ``2 X X^T / N`` from :func:`finalize_hessian`, ``[in, in]``.
+        grid: The format's qparam fitting and rounding (:mod:`llmspeed.quant.methods.grids`).
+        group_size: Columns per scale group (by original index); ``None`` for one group per row.
+        damp: Added to the diagonal as a fraction of its mean (the paper's lambda, 1%).
+        block_size: Columns per lazy batch: errors inside a block are applied at once, outside it
+            as one matrix product per block.
+        act_order: Visit columns by decreasing Hessian diagonal (groups stay by original index).
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"hessian must be [in, in] for weight [out, in]; got weight {tuple(weight.shape)}, "
+            f"hessian {tuple(hessian.shape)}"
+        )
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"group_size must be positive or None; got {group_size}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive; got {block_size}")
+    out_f, in_f = weight.shape
+    G = in_f if group_size is None else group_size
+    n_groups = -(-in_f // G)
+    H = hessian.detach().to(torch.float32).clone()  # [in, in]
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0  # inputs that never fire: any value works, no error is pushed from them
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_f)
+    inv_perm = torch.argsort(perm)
+    # Work on W^T so that a column of W is a contiguous row: [in, out] in visiting order.
+    Wt = weight.detach().to(torch.float32).T[perm].contiguous()  # [in, out], becomes the error-updated weight
+    H = H[perm][:, perm]
+    with _single_thread():  # thousands of tiny ops: thread hand-offs cost more than they save
+        Hinv = _inverse_cholesky(H, damp)  # [in, in] upper
+        Qt = torch.zeros_like(Wt)  # [in, out] dequantized, visiting order
+        group_scale: list[torch.Tensor | None] = [None] * n_groups  # [out] each, fitted when first visited
+        group_zero: list[torch.Tensor | None] = [None] * n_groups
+        group_of_pos = (perm // G).tolist()  # group of the column visited at each position
+
+        for i1 in range(0, in_f, block_size):
+            i2 = min(i1 + block_size, in_f)
+            W1 = Wt[i1:i2]  # [b, out] view: updates land in Wt
+            Err1 = torch.zeros(i2 - i1, out_f)  # [b, out]
+            Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
+            for i in range(i2 - i1):
+                g = group_of_pos[i1 + i]
+                if group_scale[g] is None:
+                    pos = inv_perm[g * G : min((g + 1) * G, in_f)]  # positions of the group's columns
+                    current = Wt[pos]  # [G, out] copy
+                    late = pos >= i2  # columns past this block still miss this block's updates
+                    if i > 0 and bool(late.any()):
+                        current[late] -= Hinv[i1 : i1 + i, pos[late]].T @ Err1[:i]
+                    group_scale[g], group_zero[g] = grid.fit(current.T)
+                w = W1[i]  # [out]
+                q = grid.fake_quantize(w, group_scale[g], group_zero[g])  # [out]
+                Qt[i1 + i] = q
+                err = (w - q).div_(Hinv1[i, i])  # [out]
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+                Err1[i] = err
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)
+
+    return GPTQResult(
+        scales=torch.stack(group_scale, dim=1),  # [out, groups]
+        zeros=torch.stack(group_zero, dim=1),  # [out, groups]
+        dequantized=Qt[inv_perm].T.contiguous(),  # [out, in]
+    )
+
+
+@contextmanager
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def layer_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    """``||W X - Q X||_F`` over activations ``x`` (``[..., in]``): the quantity GPTQ minimizes."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [N, in]
+    return torch.linalg.matrix_norm(x2 @ (weight.float() - approx.float()).T).item()
+
+
+# --- the formats' grids, built on llmspeed.quant.primitives ---------------------------------------
+class Int4Grid:
+    """Asymmetric 4-bit codes ``[0, 15]``, zero point in the code domain (the int4 layout).
+
+    Args:
+        clip_search: Shrink factors of the group's ``[min, max]`` range tried by :meth:`fit`; the one
+            with the smallest ``sum |w - deq(q(w))|^2.4`` per row wins (the GPTQ reference's ``mse``
+            option). ``(1.0,)`` is plain min/max, exactly round-to-nearest's choice.
+    """
+
+    def __init__(self, clip_search: tuple[float, ...] = (1.0,)):
+        if not clip_search or any(not 0 < c <= 1 for c in clip_search):
+            raise ValueError(f"clip_search must be shrink factors in (0, 1]; got {clip_search!r}")
+        self.clip_search = tuple(clip_search)
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row scale and zero ``[out]`` of the group ``w`` [out, k]."""
+        from ..primitives import choose_qparams_int4
+
+        best_s = best_z = best_err = None
+        for shrink in self.clip_search:
+            s, z = choose_qparams_int4(w * shrink, None)  # [out, 1] each
+            s, z = s[:, 0], z[:, 0]
+            if len(self.clip_search) == 1:
+                return s, z
+            err = (self.fake_quantize(w, s[:, None], z[:, None]) - w).abs_().pow_(2.4).sum(1)  # [out]
+            if best_err is None:
+                best_s, best_z, best_err = s, z, err
+            else:
+                better = err < best_err
+                best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+                best_err = torch.where(better, err, best_err)
+        return best_s, best_z
+
+    def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """``(clamp(round(w / s) + z, 0, 15) - z) * s`` elementwise."""
+        return torch.round(w / scale).add_(zero).clamp_(0, 15).sub_(zero).mul_(scale)
+
+    def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
+        """Integer codes ``[out, in_pad]`` of on-grid ``w`` (padded) with ``[out, groups]`` qparams."""
+        from ..primitives import quantize_int4
+
+        return quantize_int4(w, scales, zeros, group_size)
+
+
+class NF4Grid:
+    """NormalFloat-4 codebook times the group absmax (symmetric; zero is unused and returned as 0)."""
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group absmax ``[out]`` and a zero vector."""
+        from ..primitives import choose_qparams_nf4
+
+        s = choose_qparams_nf4(w, None)[:, 0]  # [out]
+        return s, torch.zeros_like(s)
+
+    def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Nearest codebook value of ``w / s``, times ``s``."""
+        from ..primitives import _NF4_MIDPOINTS, NF4_CODEBOOK
+
+        return NF4_CODEBOOK[torch.bucketize(w / scale, _NF4_MIDPOINTS)].mul_(scale)
+
+    def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
+        """Codebook indices ``[out, in_pad]`` of on-grid ``w``."""
+        from ..primitives import quantize_nf4
+
+        return quantize_nf4(w, scales, group_size)
+
+
+class Int8Grid:
+    """Symmetric 8-bit codes ``[-127, 127]`` with one scale per output row (use ``group_size=None``)."""
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row scale ``absmax / 127`` ``[out]`` and a zero vector."""
+        from ..primitives import choose_qparams_int8
+
+        s = choose_qparams_int8(w)  # [out]
+        return s, torch.zeros_like(s)
+
+    def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """``clamp(round(w / s), -127, 127) * s``."""
+        return torch.round(w / scale).clamp_(-127, 127).mul_(scale)
+
+    def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
+        """int8 codes ``[out, in]`` of on-grid ``w`` (``scales`` ``[out, 1]``)."""
+        from ..primitives import quantize_int8
+
+        return quantize_int8(w, scales.reshape(-1))
+
+
+def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,)) -> Grid:
+    """The :class:`Grid` of a format name (``"int4"``, ``"nf4"``, ``"int8"``)."""
+    grids = {"int4": lambda: Int4Grid(clip_search), "nf4": NF4Grid, "int8": Int8Grid}
+    if fmt not in grids:
+        raise ValueError(f"format must be one of {sorted(grids)} for GPTQ; got {fmt!r}")
+    return grids[fmt]()

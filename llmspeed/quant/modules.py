@@ -1,0 +1,296 @@
+"""Quantized linear modules: packed integer buffers + scales, a ``dequantize()`` oracle, kernel dispatch.
+
+Every module has ``in_features``, ``out_features``, ``quant_format``, ``config`` (a
+:class:`~llmspeed.quant.config.QuantConfig`) and ``bias`` (float ``nn.Parameter`` or ``None``), and is
+built either from a float ``nn.Linear`` (:meth:`from_linear`, using ``config.method``) or from codes a
+calibrated method computed (:meth:`from_codes`). Forward accepts fp32/bf16/fp16 activations, returns the
+same dtype, runs the kernel that :mod:`llmspeed.quant.kernels` picks for the format, device, dtype and
+number of rows, and is differentiable with respect to its input (the packed buffers never are): the
+backward pass multiplies by the dequantized weight, rebuilt on the fly and freed right after.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import primitives as P
+from .config import QuantConfig
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """``y = x @ W.T`` for a quantized ``W``; gradient only for ``x``, from the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinearBase) -> torch.Tensor:
+        ctx.module = module
+        return module._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.module.dequantize(grad.dtype)  # [out, in], freed when backward returns
+        return grad @ w, None
+
+
+class QuantizedLinearBase(nn.Module):
+    """Shared plumbing of the quantized linears: bias, kernel choice and caching, autograd, repr."""
+
+    quant_format: str = ""
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: torch.Tensor | None):
+        super().__init__()
+        if config.format != self.quant_format:
+            raise ValueError(f"config.format must be {self.quant_format!r} for {type(self).__name__}; got {config.format!r}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.config = config
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._kernels: dict[tuple, object] = {}  # (device, dtype, rows bucket) -> Kernel
+        self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
+
+    # --- to implement per format ---------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
+        """The float weight this module represents (the test oracle of every kernel)."""
+        raise NotImplementedError
+
+    # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Module, config: QuantConfig | None = None) -> QuantizedLinearBase:
+        """Quantize ``linear`` (an ``nn.Linear``) with ``config.method``, which must be a per-weight method."""
+        from .methods import get_method
+
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
+        config = config if config is not None else QuantConfig(cls.quant_format)
+        method = get_method(config.method)
+        if method.weight is None:
+            raise ValueError(
+                f"method {config.method!r} quantizes whole models; call llmspeed.quantize(model, ..., "
+                f"method={config.method!r}, calibration=...) instead of from_linear"
+            )
+        qw = method.weight(linear.weight, config)
+        bias = None if linear.bias is None else linear.bias.detach()
+        module = cls.from_codes(qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features)
+        return module.to(linear.weight.device)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None = None,
+        *,
+        config: QuantConfig,
+        bias: torch.Tensor | None = None,
+        in_features: int | None = None,
+    ) -> QuantizedLinearBase:
+        """Build the module from unpacked codes/scales/zeros in the layouts of :mod:`~llmspeed.quant.primitives`."""
+        raise NotImplementedError
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have {self.in_features} features in its last axis; got {tuple(x.shape)}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _QuantMatmul.apply(x, self)
+        else:
+            y = self._matmul(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        m = x2.shape[0]
+        bucket = m if m <= 64 else 65
+        key = (x2.device, x2.dtype, bucket)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            from .kernels import select
+
+            kernel = self._kernels[key] = select(self, x2)
+        return kernel.run(self, x2).view(*x.shape[:-1], self.out_features)
+
+    def kernel_state(self, name: str, build) -> object:
+        """Tensors kernel ``name`` prepared from this module's buffers (built once per device, then cached)."""
+        key = (name, self.qweight.device, self.qweight.data_ptr())
+        state = self._kernel_state.get(key)
+        if state is None:
+            self._kernel_state = {key: build(self)}  # drop states of other devices/buffers
+            state = self._kernel_state[key]
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self._kernels, self._kernel_state = {}, {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernels, self._kernel_state = {}, {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        g = "" if c.group_size is None else f", group_size={c.group_size}"
+        dq = ", double_quant=True" if c.double_quant else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={c.format}{g}{dq}, "
+            f"method={c.method}, kernel={c.kernel}, bias={self.bias is not None}"
+        )
+
+    @property
+    def in_padded(self) -> int:
+        """Input channels including the zero padding up to a multiple of the group size."""
+        return self.config.padded_in_features(self.in_features)
+
+
+def _check_codes(codes: torch.Tensor, dtype: torch.dtype, out: int | None, cols: tuple[int, ...]) -> None:
+    if codes.dtype != dtype or codes.dim() != 2 or (out is not None and codes.shape[0] != out) or codes.shape[1] not in cols:
+        raise ValueError(f"codes must be {dtype} of shape [out, {' or '.join(map(str, cols))}]; got {codes.dtype} {tuple(codes.shape)}")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
+
+
+class Int8Linear(QuantizedLinearBase):
+    """Weight-only int8, per output channel, symmetric. Buffers: ``qweight`` int8 [out, in], ``scales`` fp32 [out]."""
+
+    quant_format = "int8"
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None):
+        super().__init__(in_features, out_features, config or QuantConfig("int8"), bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros=None, *, config, bias=None, in_features=None):
+        """``codes`` int8 [out, in], ``scales`` [out]; ``zeros`` must be ``None`` (symmetric)."""
+        if zeros is not None:
+            raise ValueError("zeros must be None for int8, which is symmetric")
+        out, k = codes.shape if codes.dim() == 2 else (0, 0)
+        in_features = k if in_features is None else in_features
+        _check_codes(codes, torch.int8, None, (in_features,))
+        _check_shape("scales", scales, (out,))
+        m = cls(in_features, out, config, bias, device=codes.device)
+        m.qweight.copy_(codes)
+        m.scales.copy_(scales.float())
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
+        return P.dequantize_int8(self.qweight, self.scales).to(dtype)
+
+
+class _Packed4Bit(QuantizedLinearBase):
+    """4-bit formats: ``qweight`` uint8 [out, in_pad / 2] (two codes per byte, even element low) + fp32 ``scales``."""
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias=None, device=None):
+        super().__init__(in_features, out_features, config, bias)
+        kp, groups = config.padded_in_features(in_features), config.num_groups(in_features)
+        self.register_buffer("qweight", torch.zeros(out_features, kp // 2, dtype=torch.uint8, device=device))
+        self._register_scales(out_features, groups, device)
+
+    def _register_scales(self, out: int, groups: int, device) -> None:
+        self.register_buffer("scales", torch.ones(out, groups, dtype=torch.float32, device=device))
+
+    def codes(self) -> torch.Tensor:  # [out, in_pad] uint8
+        """The unpacked 4-bit codes, padding columns included."""
+        return P.unpack_nibbles(self.qweight)
+
+    @classmethod
+    def _build(cls, codes, scales, config, bias, in_features):
+        out = codes.shape[0] if codes.dim() == 2 else 0
+        in_features = codes.shape[1] if in_features is None and codes.dim() == 2 else in_features
+        kp = config.padded_in_features(in_features)
+        _check_codes(codes, torch.uint8, None, (in_features, kp))
+        _check_shape("scales", scales, (out, config.num_groups(in_features)))
+        m = cls(in_features, out, config, bias, device=codes.device)
+        m.qweight.copy_(P.pack_nibbles(P.pad_columns(codes, kp)))
+        return m
+
+
+class Int4Linear(_Packed4Bit):
+    """Weight-only int4, group-wise asymmetric: ``w = (code - zero) * scale``; adds ``zeros`` fp32 [out, groups]."""
+
+    quant_format = "int4"
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None):
+        super().__init__(in_features, out_features, config or QuantConfig("int4"), bias, device)
+        self.register_buffer("zeros", torch.zeros_like(self.scales))
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros=None, *, config, bias=None, in_features=None):
+        """``codes`` uint8 [out, in or in_pad] in [0, 15]; ``scales``, ``zeros`` [out, groups] (zeros in the code domain)."""
+        if zeros is None:
+            raise ValueError("zeros must be given for int4 (asymmetric): [out, groups] in the code domain")
+        m = cls._build(codes, scales, config, bias, in_features)
+        _check_shape("zeros", zeros, tuple(m.zeros.shape))
+        m.scales.copy_(scales.float())
+        m.zeros.copy_(zeros.float())
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
+        w = P.dequantize_int4(self.codes(), self.scales, self.zeros, self.config.group_size)
+        return w[:, : self.in_features].to(dtype)
+
+
+class NF4Linear(_Packed4Bit):
+    """NF4, group-wise absmax: ``w = NF4_CODEBOOK[code] * scale``.
+
+    With ``config.double_quant`` the scales are stored as ``scales_q`` int8 [out, groups],
+    ``scales_scale`` fp32 [ceil(out * groups / 256)] and ``scales_offset`` fp32 [1] instead of ``scales``.
+    """
+
+    quant_format = "nf4"
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None):
+        super().__init__(in_features, out_features, config or QuantConfig("nf4"), bias, device)
+
+    def _register_scales(self, out: int, groups: int, device) -> None:
+        if not self.config.double_quant:
+            return super()._register_scales(out, groups, device)
+        blocks = -(-out * groups // 256)
+        self.register_buffer("scales_q", torch.zeros(out, groups, dtype=torch.int8, device=device))
+        self.register_buffer("scales_scale", torch.ones(blocks, dtype=torch.float32, device=device))
+        self.register_buffer("scales_offset", torch.zeros(1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros=None, *, config, bias=None, in_features=None):
+        """``codes`` uint8 [out, in or in_pad] (codebook indices), ``scales`` fp32 [out, groups] raw absmax.
+
+        With ``config.double_quant`` the scales are double-quantized here; choose codes against
+        ``llmspeed.quant.methods.rtn.nf4_effective_scales(scales, config)`` so they stay nearest.
+        """
+        if zeros is not None:
+            raise ValueError("zeros must be None for nf4, which is symmetric (absmax)")
+        m = cls._build(codes, scales, config, bias, in_features)
+        if config.double_quant:
+            q, block, offset = P.double_quantize(scales)
+            m.scales_q.copy_(q)
+            m.scales_scale.copy_(block)
+            m.scales_offset.copy_(offset)
+        else:
+            m.scales.copy_(scales.float())
+        return m
+
+    def group_scales(self) -> torch.Tensor:  # [out, groups] fp32
+        """Per-group absmax, double-dequantized when needed."""
+        if self.config.double_quant:
+            return P.double_dequantize(self.scales_q, self.scales_scale, self.scales_offset)
+        return self.scales
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
+        w = P.dequantize_nf4(self.codes(), self.group_scales(), self.config.group_size)
+        return w[:, : self.in_features].to(dtype)
+
+
+MODULES: dict[str, type[QuantizedLinearBase]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
+
+
+def module_class(fmt: str) -> type[QuantizedLinearBase]:
+    """The module class of format ``fmt``."""
+    if fmt not in MODULES:
+        raise ValueError(f"format must be one of {sorted(MODULES)}; got {fmt!r}")
+    return MODULES[fmt]

@@ -1,0 +1,157 @@
+"""Pure quantization primitives: choose parameters, quantize, dequantize, pack nibbles, NF4 codebook.
+
+Layouts (the contract every module, kernel, method and file relies on)
+---------------------------------------------------------------------
+Weights are ``[out, in]`` like ``nn.Linear.weight``. Group-wise formats split each row into groups of
+``group_size`` consecutive input channels; ``in`` is first zero-padded on the right up to
+``in_pad = ceil(in / group_size) * group_size`` (SmolLM2's 576 becomes 640 at group 128). Padded columns
+are never read by the kernels (activations have only ``in`` columns) and ``dequantize`` drops them.
+
+* int8 (per output channel, symmetric): ``codes`` int8 ``[out, in]`` in ``[-127, 127]``,
+  ``scales`` fp32 ``[out]``; ``w = codes * scales[:, None]``.
+* int4 (group-wise, asymmetric): ``codes`` uint8 ``[out, in_pad]`` in ``[0, 15]``, ``scales`` and
+  ``zeros`` fp32 ``[out, in_pad / group]``; ``w = (codes - zeros) * scales`` per group. The zero point
+  lives in the integer (code) domain; round-to-nearest gives whole numbers in ``[0, 15]``, calibrated
+  methods (HQQ) may store fractional ones.
+* nf4 (group-wise, absmax): ``codes`` uint8 ``[out, in_pad]`` index :data:`NF4_CODEBOOK`;
+  ``scales`` fp32 ``[out, groups]`` are the group absmax; ``w = NF4_CODEBOOK[codes] * scales``.
+* packing: ``pack_nibbles`` stores element ``2j`` in the LOW nibble and ``2j + 1`` in the HIGH nibble of
+  byte ``j`` along the last axis: ``packed = codes[..., 0::2] | codes[..., 1::2] << 4``.
+* double quantization (nf4): the fp32 scales, flattened row-major, minus their mean ``offset``, are
+  quantized symmetric int8 in blocks of 256 with one fp32 scale per block:
+  ``scales = q * block_scale[i // 256] + offset``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import DQ_BLOCK
+
+# NormalFloat-4 (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0.
+NF4_CODEBOOK = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+_NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2  # [15]
+_EPS = 1e-12  # smallest scale: an all-zero row or group still quantizes (to zeros) without dividing by 0
+
+
+def pad_columns(w: torch.Tensor, in_pad: int) -> torch.Tensor:  # [out, in_pad]
+    """Zero-pad the last axis of ``w`` [out, in] to ``in_pad`` columns."""
+    return F.pad(w, (0, in_pad - w.shape[-1])) if in_pad > w.shape[-1] else w
+
+
+def _groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, groups, group]
+    if group_size is None:
+        return w.unsqueeze(1)  # [out, 1, in]
+    if w.shape[-1] % group_size:
+        raise ValueError(f"the padded row length {w.shape[-1]} must be a multiple of group_size={group_size}")
+    return w.reshape(w.shape[0], -1, group_size)
+
+
+# --- int8: per output channel, symmetric ------------------------------------------------------
+def choose_qparams_int8(w: torch.Tensor) -> torch.Tensor:  # [out] fp32
+    """Per-row scale ``absmax / 127`` of ``w`` [out, in]."""
+    return (w.detach().float().abs().amax(dim=1) / 127).clamp_min(_EPS)
+
+
+def quantize_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # [out, in] int8
+    """Round ``w / scales`` to the nearest integer in [-127, 127]."""
+    return torch.round(w.float() / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # [out, in] fp32
+    """``codes * scales[:, None]`` in fp32."""
+    return codes.float() * scales[:, None]
+
+
+# --- int4: group-wise, asymmetric, zero point in the integer domain ------------------------------
+def choose_qparams_int4(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points ``[out, groups]`` of padded ``w`` [out, in_pad]; the range always holds 0."""
+    g = _groups(w.detach().float(), group_size)  # [out, groups, group]
+    lo = g.amin(dim=2).clamp_max(0.0)  # [out, groups]
+    hi = g.amax(dim=2).clamp_min(0.0)  # [out, groups]
+    scales = ((hi - lo) / 15).clamp_min(_EPS)
+    zeros = torch.round(-lo / scales).clamp_(0, 15)
+    return scales, zeros
+
+
+def quantize_int4(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None
+) -> torch.Tensor:  # [out, in_pad] uint8
+    """Codes ``clamp(round(w / scale) + zero, 0, 15)`` per group of padded ``w`` [out, in_pad]."""
+    g = _groups(w.float(), group_size)  # [out, groups, group]
+    q = torch.round(g / scales[..., None]) + zeros[..., None]
+    return q.clamp_(0, 15).to(torch.uint8).reshape(w.shape)
+
+
+def dequantize_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None
+) -> torch.Tensor:  # [out, in_pad] fp32
+    """``(codes - zeros) * scales`` per group, fp32."""
+    g = _groups(codes.float(), group_size)  # [out, groups, group]
+    return ((g - zeros[..., None]) * scales[..., None]).reshape(codes.shape)
+
+
+# --- nf4: group-wise absmax over the NormalFloat codebook ---------------------------------------
+def choose_qparams_nf4(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, groups] fp32
+    """Group absmax of padded ``w`` [out, in_pad]."""
+    return _groups(w.detach().float(), group_size).abs().amax(dim=2).clamp_min(_EPS)
+
+
+def quantize_nf4(w: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Index of the nearest NF4 code to ``w / scale`` per element: uint8 ``[out, in_pad]``."""
+    g = _groups(w.float(), group_size) / scales[..., None]  # [out, groups, group]
+    idx = torch.bucketize(g, _NF4_MIDPOINTS.to(g.device))
+    return idx.to(torch.uint8).reshape(w.shape)
+
+
+def dequantize_nf4(codes: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``NF4_CODEBOOK[codes] * scales`` per group, fp32 ``[out, in_pad]``."""
+    values = NF4_CODEBOOK.to(codes.device)[codes.long()]  # [out, in_pad]
+    return (_groups(values, group_size) * scales[..., None]).reshape(codes.shape)
+
+
+# --- double quantization of scales (nf4) -------------------------------------------------------
+def double_quantize(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize fp32 ``scales`` (any shape) to ``(q int8 [same shape], block_scale fp32 [blocks], offset fp32 [1])``."""
+    flat = scales.detach().float().reshape(-1)  # [n]
+    offset = flat.mean().reshape(1)  # [1]
+    centred = flat - offset
+    n_blocks = -(-flat.numel() // DQ_BLOCK)
+    padded = F.pad(centred, (0, n_blocks * DQ_BLOCK - flat.numel())).view(n_blocks, DQ_BLOCK)
+    block_scale = (padded.abs().amax(dim=1) / 127).clamp_min(_EPS)  # [blocks]
+    q = torch.round(padded / block_scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(-1)[: flat.numel()].reshape(scales.shape), block_scale, offset
+
+
+def double_dequantize(q: torch.Tensor, block_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """fp32 scales (shape of ``q``) from :func:`double_quantize` output."""
+    flat = q.reshape(-1).float()  # [n]
+    block = torch.arange(flat.numel(), device=q.device) // DQ_BLOCK
+    return (flat * block_scale[block] + offset).reshape(q.shape)
+
+
+# --- nibble packing ----------------------------------------------------------------------------
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:  # [..., n / 2] uint8
+    """Pack 4-bit codes (uint8 in [0, 15], even last axis): element 2j low nibble, 2j+1 high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"codes must have an even last axis to pack two per byte; got {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"codes must lie in [0, 15] to pack as nibbles; got max {int(codes.max())}")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:  # [..., 2n] uint8
+    """Inverse of :func:`pack_nibbles`."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
