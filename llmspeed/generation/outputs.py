@@ -1,0 +1,89 @@
+"""What the generator hands back: per-request outputs and metrics, stream events, run statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Timing and token counts of one request (seconds; ``None`` when no token was produced).
+
+    Attributes:
+        prompt_tokens: Tokens in the prompt.
+        output_tokens: Tokens generated.
+        time_to_first_token: From ``add_request`` to the first generated token.
+        inter_token_latency: Mean time between consecutive generated tokens.
+        latency: From ``add_request`` to the end of the request.
+        num_preemptions: Times the request was preempted (and recomputed).
+    """
+
+    prompt_tokens: int
+    output_tokens: int
+    time_to_first_token: float | None
+    inter_token_latency: float | None
+    latency: float | None
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """The result of one request.
+
+    Attributes:
+        index: Position of the prompt in the list given to ``generate_batched`` / ``stream``.
+        request_id: Id returned by ``Generator.add_request``.
+        prompt_token_ids: The tokenized prompt.
+        token_ids: Generated tokens (a stop token id is kept; text after a stop string is not).
+        text: Decoded generated text, cut before a stop string (``""`` without a tokenizer).
+        finish_reason: ``"stop"``, ``"length"``, ``"abort"`` or ``"error"``.
+        error: The message when ``finish_reason == "error"``.
+        metrics: Timings and counts.
+    """
+
+    index: int
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    error: str | None
+    metrics: RequestMetrics
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One generated token of one request, or the end of a request.
+
+    Attributes:
+        index: Position of the prompt in the caller's list.
+        request_id: Id of the request.
+        token_id: The new token (``None`` for an event that only reports an end, e.g. an error).
+        text: Text added by this token (filled by ``stream``; ``""`` from ``step``).
+        finished: True on the request's last event.
+        output: The complete :class:`GenerationOutput` on the last event, else ``None``.
+    """
+
+    index: int
+    request_id: int
+    token_id: int | None
+    text: str = ""
+    finished: bool = False
+    output: GenerationOutput | None = None
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Aggregate numbers of one ``generate_batched`` / ``stream`` run."""
+
+    requests: int
+    prompt_tokens: int
+    output_tokens: int
+    elapsed: float
+    steps: int
+    preemptions: int
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens per second."""
+        return self.output_tokens / self.elapsed if self.elapsed > 0 else 0.0

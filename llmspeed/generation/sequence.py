@@ -1,0 +1,75 @@
+"""One request's token state as the scheduler and the engine see it (pure Python)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    """Where a sequence is: waiting for admission, running (holds blocks), or finished."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request: its prompt, generated tokens, KV blocks and timing.
+
+    ``num_computed`` counts the leading tokens whose keys/values are in the cache; the tokens
+    after it still have to go through the model (the prompt during prefill, the last sampled
+    token during decode). Preemption drops the cache and resets ``num_computed`` to 0; the
+    prompt and the generated tokens are kept and recomputed later.
+    """
+
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    index: int = 0  # position in the caller's prompt list
+    generator: Any = None  # torch.Generator of a sampled request
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    text_end: int | None = None  # where a stop string starts in the output text
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)
+    finish_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        """True when only the last sampled token is missing from the cache (one-token step)."""
+        return bool(self.output_ids) and self.num_pending == 1
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the sequence has a finish reason."""
+        return self.status is Status.FINISHED
+
+    def token_at(self, i: int) -> int:
+        """Token ``i`` of prompt + output."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens ``start:stop`` of prompt + output."""
+        return (self.prompt_ids + self.output_ids)[start:stop] if stop > len(self.prompt_ids) else self.prompt_ids[start:stop]
