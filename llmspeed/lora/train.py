@@ -50,8 +50,18 @@ class FinetuneResult:
         return self.steps / self.seconds if self.seconds > 0 else float("inf")
 
 
-def token_stream(model: CausalLM, texts: str | Sequence[str] | None) -> torch.Tensor:  # [N]
-    """Token ids of ``texts`` joined with the end-of-sequence token (default: the pydoc train half)."""
+def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | None) -> torch.Tensor:  # [N]
+    """Token ids of ``texts`` joined with the end-of-sequence token (default: the pydoc train half).
+
+    A 1-D integer tensor is taken as token ids already (for models without a tokenizer).
+    """
+    if isinstance(texts, torch.Tensor):
+        vocab = model.spec.vocab_size
+        if texts.dim() != 1 or texts.is_floating_point() or texts.numel() == 0:
+            raise ValueError(f"texts as a tensor must be 1-D integer token ids; got {texts.dtype} {tuple(texts.shape)}")
+        if texts.min() < 0 or texts.max() >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}); got range [{texts.min()}, {texts.max()}]")
+        return texts.long().cpu()
     if model.tokenizer is None:
         raise ValueError("model has no tokenizer; wrap it with llmspeed.wrap(hf_model, tokenizer)")
     if texts is None:
@@ -103,7 +113,7 @@ def _eval_loss(model: CausalLM, windows: int, seq_len: int) -> float | None:
 
 def finetune(
     model: CausalLM,
-    texts: str | Sequence[str] | None = None,
+    texts: str | Sequence[str] | torch.Tensor | None = None,
     steps: int = 200,
     lr: float = 2e-4,
     seq_len: int = 256,
@@ -122,7 +132,7 @@ def finetune(
 
     Args:
         model: A model carrying at least one adapter (``full=True``: a plain float model).
-        texts: Training text(s); default ``llmspeed.eval.pydoc_text("train")``.
+        texts: Training text(s), or a 1-D tensor of token ids; default ``llmspeed.eval.pydoc_text("train")``.
         steps, lr, seq_len, batch_size: Optimizer steps, peak learning rate, tokens per window,
             windows per step.
         adapter: The adapter to train (default: the active one); it is made active.

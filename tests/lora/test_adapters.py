@@ -1,0 +1,116 @@
+"""Adding, activating, disabling and deleting adapters on float and quantized bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import lora
+from llmspeed.lora import LoraLinear
+
+from .helpers import FakeInt8Linear, fake_quantize
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model.hf(input_ids=ids).logits
+
+
+def test_zero_init_gives_identical_logits(tiny_model):
+    before = logits(tiny_model)
+    lora.add_adapter(tiny_model, "a", r=4, alpha=8)
+    assert torch.equal(logits(tiny_model), before)
+
+
+def test_zero_init_identical_on_quantized_base(llama):
+    fake_quantize(llama)
+    before = logits(llama)
+    lora.add_adapter(llama, "a", r=4)
+    assert torch.equal(logits(llama), before)
+    layer = llama.hf.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraLinear) and isinstance(layer.base_layer, FakeInt8Linear)
+    assert llmspeed.protocol.is_quantized(layer)
+
+
+def test_random_init_changes_output_and_disabled_restores(llama):
+    before = logits(llama)
+    lora.add_adapter(llama, "a", r=4, init="random")
+    assert not torch.allclose(logits(llama), before)
+    with lora.disabled(llama):
+        assert torch.equal(logits(llama), before)
+    assert not torch.allclose(logits(llama), before)
+    lora.set_adapter(llama, None)
+    assert torch.equal(logits(llama), before)
+
+
+def test_forward_matches_formula(llama):
+    lora.add_adapter(llama, "a", r=3, alpha=6, targets=["q_proj"], init="random", use_rslora=True)
+    layer = llama.hf.model.layers[1].self_attn.q_proj
+    x = torch.randn(5, 64)
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    want = x @ layer.base_layer.weight.T + (6 / 3**0.5) * (x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x), want)
+
+
+def test_targets_all_linear_suffix_regex(llama):
+    lora.add_adapter(llama, "all", r=2)
+    positions = [n for n, _ in lora.lora_layers(llama)]
+    assert "lm_head" not in positions and len(positions) == 14
+    assert lora.resolve_targets(llama, ["q_proj", "v_proj"]) == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
+    assert lora.resolve_targets(llama, r".*\.0\..*_proj") == [n for n in positions if ".0." in n]
+    assert lora.resolve_targets(llama, "down_proj") == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_several_adapters_and_switching(llama):
+    lora.add_adapter(llama, "a", r=2, init="random")
+    out_a = logits(llama)
+    lora.add_adapter(llama, "b", r=4, init="random", targets=["v_proj"])
+    assert lora.active_adapter(llama) == "b" and lora.adapter_names(llama) == ["a", "b"]
+    out_b = logits(llama)
+    assert not torch.allclose(out_a, out_b)
+    lora.set_adapter(llama, "a")
+    assert torch.equal(logits(llama), out_a)
+
+
+def test_only_adapters_are_trainable(llama):
+    lora.add_adapter(llama, "a", r=2)
+    trainable = {n for n, p in llama.hf.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A.a." in n or ".lora_B.a." in n for n in trainable)
+    assert len(lora.trainable_parameters(llama, "a")) == 28
+    footprint = llmspeed.memory_footprint(llama)
+    assert footprint["adapters"] == sum(p.numel() * 4 for p in lora.trainable_parameters(llama, "a"))
+
+
+def test_fp32_adapter_on_bf16_base():
+    model = llmspeed.models.tiny("llama", seed=0)
+    llmspeed.cast(model, "bf16")
+    lora.add_adapter(model, "a", r=4, init="random")
+    layer = model.hf.model.layers[0].mlp.up_proj
+    assert layer.lora_A["a"].weight.dtype == torch.float32
+    out = model.hf(input_ids=IDS).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert layer.lora_B["a"].weight.grad is not None and layer.lora_B["a"].weight.grad.dtype == torch.float32
+
+
+def test_gradients_reach_adapters_and_input_not_packed_weights(llama):
+    fake_quantize(llama)
+    lora.add_adapter(llama, "a", r=4, init="random")
+    layer = llama.hf.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.lora_A["a"].weight.grad is not None
+    assert layer.base_layer.qweight.grad is None and not layer.base_layer.qweight.requires_grad
+
+
+def test_delete_adapter_restores_base_modules(llama):
+    originals = dict(llama.linear_layers())
+    lora.add_adapter(llama, "a", r=2)
+    lora.delete_adapter(llama, "a")
+    assert lora.adapter_names(llama) == []
+    assert all(m is originals[n] for n, m in llama.linear_layers())

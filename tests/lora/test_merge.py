@@ -1,0 +1,101 @@
+"""merge / unmerge on float bases (exact) and quantized bases (re-quantized, restored bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmspeed import lora
+
+from .helpers import FakeInt8Linear, assert_same_tensors, base_tensors, fake_quantize, quantize_real
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.hf(input_ids=IDS).logits
+
+
+def test_float_merge_close_and_unmerge_round_trip(tiny_model):
+    lora.add_adapter(tiny_model, "a", r=4, init="random")
+    before = base_tensors(tiny_model)
+    unmerged = logits(tiny_model)
+    report = lora.merge(tiny_model, "a")
+    assert report.layers > 0 and report.requantized == 0
+    torch.testing.assert_close(logits(tiny_model), unmerged, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(base_tensors(tiny_model)["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+    lora.unmerge(tiny_model, "a")
+    torch.testing.assert_close(logits(tiny_model), unmerged, atol=1e-5, rtol=1e-5)
+    for key, value in base_tensors(tiny_model).items():
+        torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0)
+
+
+def test_merged_adapter_is_not_applied_twice(llama):
+    lora.add_adapter(llama, "a", r=4, init="random")
+    with_adapter = logits(llama)
+    lora.merge(llama, "a")
+    lora.set_adapter(llama, "a")  # active but merged: forward must skip the delta
+    torch.testing.assert_close(logits(llama), with_adapter, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="merged"):
+        with lora.disabled(llama):
+            pass
+
+
+def _check_quantized_merge(model):
+    lora.add_adapter(model, "a", r=8, init="random")
+    before = base_tensors(model)
+    unmerged = logits(model)
+    with lora.disabled(model):
+        base_only = logits(model)
+    with pytest.warns(UserWarning, match="re-quantized"):
+        report = lora.merge(model, "a")
+    assert report.requantized == report.layers > 0
+    assert report.max_abs_error > 0 and report.error_vs_update > 0
+    merged = logits(model)
+    # re-quantizing rounds the weights again: not equal to the unmerged result, but the adapter's
+    # effect survives (merged is much closer to base + adapter than to the base alone)
+    assert 0 < (merged - unmerged).abs().mean() < 0.5 * (base_only - unmerged).abs().mean()
+    layer = model.hf.model.layers[0].mlp.down_proj
+    assert type(layer.base_layer) is type(layer.premerge["a"])
+    lora.unmerge(model, "a")
+    assert_same_tensors(base_tensors(model), before)
+    assert torch.equal(logits(model), unmerged)
+
+
+def test_quantized_merge_warns_and_unmerge_is_bit_exact(llama):
+    _check_quantized_merge(fake_quantize(llama))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
+def test_real_quantized_merge(llama, method):
+    _check_quantized_merge(quantize_real(llama, method))
+
+
+def test_merge_into_float_copy(llama):
+    fake_quantize(llama)
+    lora.add_adapter(llama, "a", r=4, init="random")
+    unmerged = logits(llama)
+    report = lora.merge(llama, "a", requantize=False)
+    layer = llama.hf.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, torch.nn.Linear) and report.max_abs_error == 0
+    torch.testing.assert_close(logits(llama), unmerged, atol=1e-5, rtol=1e-5)
+    lora.unmerge(llama, "a")
+    assert isinstance(layer.base_layer, FakeInt8Linear)
+    assert torch.equal(logits(llama), unmerged)
+
+
+def test_quantized_unmerge_order_enforced(llama):
+    fake_quantize(llama)
+    lora.add_adapter(llama, "a", r=2, init="random")
+    lora.add_adapter(llama, "b", r=2, init="random")
+    before = base_tensors(llama)
+    with pytest.warns(UserWarning):
+        lora.merge(llama, "a")
+        lora.merge(llama, "b")
+    with pytest.raises(ValueError, match="unmerge 'b' first"):
+        lora.unmerge(llama, "a")
+    lora.unmerge(llama, "b")
+    lora.unmerge(llama, "a")
+    assert_same_tensors(base_tensors(llama), before)
