@@ -45,7 +45,7 @@ class Routing:
     ids: torch.Tensor  # [N]
     axis: str = "token"
     method: str = "auto"
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    cache: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_names(cls, names: list[str | None], axis: str, method: str, device: torch.device) -> Routing:
@@ -73,24 +73,35 @@ def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
     return routing.ids.repeat_interleave(tokens // n)  # [T]
 
 
+def _local(layer: LoraLinear, routing: Routing) -> tuple[list[str], torch.Tensor]:
+    """The batch's adapters that exist on ``layer`` and a map from batch index to local index (-1: absent)."""
+    names = [n for n in routing.adapters if n in layer.lora_A]
+    local = {n: i for i, n in enumerate(names)}
+    remap = torch.tensor([local.get(n, -1) for n in routing.adapters] + [-1], dtype=torch.long,
+                         device=routing.ids.device)  # [n_adapters + 1]; the last entry serves id -1
+    return names, remap
+
+
 def _concat_weights(layer: LoraLinear, routing: Routing):
     key = id(layer)
     if key not in routing.cache:
-        names = routing.adapters
+        names, remap = _local(layer, routing)
         a_cat = torch.cat([layer.lora_A[n].weight for n in names], dim=0)  # [R, in]
         b_cat = torch.cat([layer.lora_B[n].weight for n in names], dim=1)  # [out, R]
         ranks = torch.tensor([layer.lora_A[n].out_features for n in names], device=a_cat.device)
-        scales = torch.tensor([layer.scaling[n] for n in names], dtype=a_cat.dtype, device=a_cat.device)
+        scales = torch.tensor([layer.scaling[n] for n in names] + [0.0], dtype=a_cat.dtype, device=a_cat.device)
         owner = torch.repeat_interleave(torch.arange(len(names), device=a_cat.device), ranks)  # [R]
-        routing.cache[key] = (a_cat, b_cat, owner, scales)
+        routing.cache[key] = (a_cat, b_cat, owner, scales, remap)
     return routing.cache[key]
 
 
 def concat_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [T, out]
     """One-pass delta: ``((x A_cat^T) * mask) B_cat^T`` with the mask selecting each token's adapter."""
-    a_cat, b_cat, owner, scales = _concat_weights(layer, routing=layer.routing)
-    token_scale = torch.where(ids >= 0, scales[ids.clamp(min=0)], torch.zeros((), dtype=scales.dtype))  # [T]
-    mask = (ids[:, None] == owner[None, :]).to(x2.dtype) * token_scale[:, None]  # [T, R]
+    if not any(n in layer.lora_A for n in layer.routing.adapters):
+        return x2.new_zeros(x2.shape[0], layer.out_features)
+    a_cat, b_cat, owner, scales, remap = _concat_weights(layer, layer.routing)
+    local = remap[ids]  # [T], -1 where the token has no adapter on this layer (ids=-1 reads the last entry)
+    mask = (local[:, None] == owner[None, :]).to(x2.dtype) * scales[local][:, None]  # [T, R]
     return ((x2 @ a_cat.T) * mask) @ b_cat.T  # [T, out]
 
 
@@ -99,7 +110,7 @@ def segment_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> tor
     out = x2.new_zeros(x2.shape[0], layer.out_features)  # [T, out]
     for i, name in enumerate(layer.routing.adapters):
         rows = (ids == i).nonzero().squeeze(1)  # [t_i]
-        if rows.numel():
+        if rows.numel() and name in layer.lora_A:
             sub = layer.lora_B[name](layer.lora_A[name](x2.index_select(0, rows)))  # [t_i, out]
             out.index_add_(0, rows, sub * layer.scaling[name])
     return out
@@ -110,18 +121,16 @@ def routed_delta(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:  # [..., o
     routing = layer.routing
     if layer.training and any(p.p > 0 for p in layer.lora_dropout.values() if hasattr(p, "p")):
         raise RuntimeError("mixed-adapter batches are for inference: call model.module.eval() (dropout is on)")
-    missing = [n for n in routing.adapters if n not in layer.lora_A]
-    if missing:
-        raise KeyError(f"adapters {missing} do not exist on this layer; known: {list(layer.lora_A)}")
     ids = _flat_ids(routing, x)  # [T]
-    if not routing.adapters:
+    present = [n for n in routing.adapters if n in layer.lora_A]
+    if not present:
         return x.new_zeros(*x.shape[:-1], layer.out_features)
-    dtype = layer.lora_A[routing.adapters[0]].weight.dtype
+    dtype = layer.lora_A[present[0]].weight.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [T, in]
     method = routing.method
     if method == "auto":
-        total_rank = sum(layer.lora_A[n].out_features for n in routing.adapters)
+        total_rank = sum(layer.lora_A[n].out_features for n in present)
         small = total_rank * 4 <= min(layer.in_features, layer.out_features)
-        method = "concat" if small or len(routing.adapters) == 1 else "segment"
+        method = "concat" if small or len(present) == 1 else "segment"
     delta = concat_delta(layer, x2, ids) if method == "concat" else segment_delta(layer, x2, ids)  # [T, out]
     return delta.reshape(*x.shape[:-1], layer.out_features)

@@ -1,0 +1,111 @@
+"""Mixed-adapter batches: every row/token equals a run with its adapter alone, in one pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmspeed import lora
+from llmspeed.lora import LoraLinear
+from llmspeed.lora.routing import Routing, concat_delta, segment_delta
+
+from .helpers import DenseAttention, fake_quantize, packed_batch
+
+NAMES = ["a", "b", None, "c"]
+
+
+def three_adapters(model):
+    lora.add_adapter(model, "a", r=2, init="random")
+    lora.add_adapter(model, "b", r=4, alpha=4, init="random", targets=["q_proj", "v_proj", "down_proj"])
+    lora.add_adapter(model, "c", r=8, init="random", use_rslora=True)
+    return model
+
+
+def alone(model, name, **kwargs):
+    """Logits with only ``name`` active (``None``: base)."""
+    lora.set_adapter(model, name)
+    with torch.no_grad():
+        return model.hf(**kwargs).logits
+
+
+@pytest.mark.parametrize("method", ["concat", "segment", "auto"])
+def test_per_row_equals_single_adapter_runs(llama, method):
+    three_adapters(llama)
+    ids = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(0))
+    with lora.per_row_adapters(llama, NAMES, method=method), torch.no_grad():
+        mixed = llama.hf(input_ids=ids).logits  # [4, 9, V]
+    for row, name in enumerate(NAMES):
+        torch.testing.assert_close(mixed[row], alone(llama, name, input_ids=ids[row : row + 1])[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_per_token_forward_batch_equals_single_adapter_runs(llama, quantized):
+    if quantized:
+        fake_quantize(llama)
+    three_adapters(llama)
+    gen = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 256, (n,), generator=gen) for n in (5, 3, 7, 4)]
+    ids, positions, seq_ids, last = packed_batch(sequences)
+    token_names = [NAMES[i] for i in seq_ids.tolist()]
+    with lora.per_token_adapters(llama, token_names), torch.no_grad():
+        mixed = llama.forward_batch(ids, positions, DenseAttention(seq_ids, positions), last)  # [4, V]
+    for i, (seq, name) in enumerate(zip(sequences, NAMES)):
+        want = alone(llama, name, input_ids=seq[None])[0, -1]
+        torch.testing.assert_close(mixed[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_routing_is_removed_after_the_block(llama):
+    three_adapters(llama)
+    lora.set_adapter(llama, "a")
+    ids = torch.randint(0, 256, (2, 5))
+    before = alone(llama, "a", input_ids=ids)
+    with lora.per_row_adapters(llama, ["b", "c"]):
+        pass
+    assert all(layer.routing is None for _, layer in lora.lora_layers(llama))
+    assert torch.equal(alone(llama, "a", input_ids=ids), before)
+
+
+def test_mismatched_token_count_is_a_clear_error(llama):
+    three_adapters(llama)
+    with lora.per_token_adapters(llama, ["a", "b"]), pytest.raises(ValueError, match="2 tokens"):
+        llama.hf(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_unknown_or_merged_adapter_rejected(llama):
+    three_adapters(llama)
+    with pytest.raises(ValueError, match="not adapters"):
+        with lora.per_row_adapters(llama, ["a", "zzz"]):
+            pass
+    lora.merge(llama, "a")
+    with pytest.raises(ValueError, match="merged"):
+        with lora.per_row_adapters(llama, ["b"]):
+            pass
+
+
+def _layer(ranks: list[int]) -> LoraLinear:
+    layer = LoraLinear(torch.nn.Linear(16, 12, bias=False))
+    for i, r in enumerate(ranks):
+        layer.add(f"n{i}", r, scale=0.5 + i, init="random")
+    return layer
+
+
+@settings(max_examples=25, deadline=None)
+@given(ranks=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data())
+def test_concat_and_segment_match_a_per_token_loop(ranks, data):
+    layer = _layer(ranks)
+    n_tokens = data.draw(st.integers(1, 12))
+    choice = data.draw(st.lists(st.integers(-1, len(ranks) - 1), min_size=n_tokens, max_size=n_tokens))
+    names = [None if c < 0 else f"n{c}" for c in choice]
+    layer.routing = Routing.from_names(names, "token", "auto", torch.device("cpu"))
+    x = torch.randn(n_tokens, 16)
+    ids = layer.routing.ids
+    want = torch.stack([
+        torch.zeros(12) if n is None else layer.scaling[n] * layer.lora_B[n](layer.lora_A[n](x[t]))
+        for t, n in enumerate(names)
+    ])
+    with torch.no_grad():
+        torch.testing.assert_close(concat_delta(layer, x, ids), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(segment_delta(layer, x, ids), want, atol=1e-5, rtol=1e-5)
