@@ -86,8 +86,15 @@ def smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cp
     if not (target / _DONE_MARKER).is_file():
         _convert(gguf_path(), target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=None).to(device)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a sub-second load is noise
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=None).to(device)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     hf.eval()
     return Model(hf, tokenizer)

