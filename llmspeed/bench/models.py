@@ -1,0 +1,55 @@
+"""Model names the benchmark suites accept (``--model``), resolved to a fresh :class:`llmspeed.Model`.
+
+Names:
+
+* ``"smollm2"``: the embedded SmolLM2-135M-Instruct (real weights, a tokenizer: perplexity works);
+* ``"llama-1b-random"``: a 1B-class Llama config with random weights (no tokenizer; for GPU timing);
+* ``"tiny-<arch>"`` (``tiny-llama``, ``tiny-qwen2``, ...): tiny random models, for harness tests;
+* any other string: a folder holding a transformers checkpoint and its tokenizer.
+
+Every call builds a fresh model, so a suite can cast or quantize it without affecting the next row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..model import Model
+
+NAMES = ("smollm2", "llama-1b-random", "tiny-<arch>", "PATH")
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+    """Load the model called ``name`` (see the module docstring) on ``device`` in ``dtype``."""
+    from .. import models
+
+    if name == "smollm2":
+        return models.smollm2(dtype=dtype, device=device)
+    if name == "llama-1b-random":
+        return models.llama_1b_random(dtype=dtype, device=device)
+    if name.startswith("tiny-"):
+        arch = name.removeprefix("tiny-")
+        if arch not in models.ARCHITECTURES:
+            raise ValueError(
+                f"model must be tiny-<arch> with arch in {sorted(models.ARCHITECTURES)}; got {name!r}"
+            )
+        return Model(models.tiny(arch, seed=0, dtype=dtype).hf.to(device), None)
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(
+            f"model must be one of {', '.join(NAMES)} (PATH: a folder with a transformers checkpoint); got {name!r}"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path) if any(path.glob("tokenizer*")) else None
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    hf.eval()
+    return Model(hf, tokenizer)
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work (no-op on CPU), so timings and memory readings are complete."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,86 @@
+"""The bench harness: suites run in one process, tables are printed, results.json and PNGs are written."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from llmspeed.bench import cli
+
+
+def test_precision_suite_writes_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "out"
+    status = cli.main(["precision", "--model", "tiny-llama", "--quick", "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "python -m llmspeed bench precision --model tiny-llama --quick" in printed
+    assert "| variant | baseline |" in printed and "| fp32 | fp32 |" in printed
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["suites"]["precision"]["status"] == "ok"
+    rows = payload["suites"]["precision"]["rows"]
+    model_rows = {r["variant"]: r for r in rows if r["table"] == "precision/model"}
+    assert set(model_rows) == {"fp32", "bf16", "fp16", "autocast-bf16"}
+    assert model_rows["fp32"]["decode_speedup"] == 1.0
+    # casting to 16 bits halves the bytes of the weights (norms stay fp32, a tiny share)
+    assert 0.49 < model_rows["bf16"]["memory_vs_base"] < 0.52
+    assert model_rows["autocast-bf16"]["memory_vs_base"] == 1.0
+    assert all(r["decode_step_ms"] > 0 for r in model_rows.values())
+    matmul = [r for r in rows if r["table"] == "precision/matmul"]
+    assert {r["dtype"] for r in matmul} == {"fp32", "bf16", "fp16"} and all(r["GFLOP/s"] > 0 for r in matmul)
+    assert sorted(payload["plots"]["precision"]) == ["precision_matmul.png", "precision_model.png"]
+    for name in payload["plots"]["precision"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### precision/model" in (out / "results.md").read_text()
+    assert payload["machine"]["torch"]
+
+
+@pytest.fixture
+def fake_suites(monkeypatch):
+    """Two suites plugged in: one that works, one that raises."""
+    good = types.ModuleType("llmspeed.bench.fake_good")
+    good.run = lambda *, device, model, quick, progress: [
+        {"table": "fake", "x": "a", "tok/s": 2.0},
+        {"table": "fake", "x": "b", "tok/s": 3.0},
+    ]
+    bad = types.ModuleType("llmspeed.bench.fake_bad")
+
+    def boom(**kwargs):
+        raise RuntimeError("kernel exploded")
+
+    bad.run = boom
+    monkeypatch.setitem(sys.modules, good.__name__, good)
+    monkeypatch.setitem(sys.modules, bad.__name__, bad)
+    monkeypatch.setattr(cli, "SUITES", ("fake_good", "fake_missing", "fake_bad"))
+
+
+def test_missing_and_failing_suites_are_reported_not_dropped(fake_suites, tmp_path, capsys):
+    status = cli.main(["all", "--quick", "--no-progress", "--out", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert status == 1
+    suites = json.loads((tmp_path / "results.json").read_text())["suites"]
+    assert suites["fake_good"]["status"] == "ok" and suites["fake_good"]["rows"][0]["tok/s"] == 2.0
+    assert suites["fake_missing"]["status"] == "missing"
+    assert suites["fake_bad"]["status"] == "failed"
+    assert "kernel exploded" in suites["fake_bad"]["error"]
+    assert "**missing**" in printed.out and "**failed**: RuntimeError: kernel exploded" in printed.out
+    assert "fake_missing (missing)" in printed.err
+    assert (tmp_path / "fake.png").exists()
+
+
+def test_unknown_suite_and_model_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["nope"])
+    assert "invalid choice" in capsys.readouterr().err
+    result = cli.run_suite("precision", "cpu", "no/such/folder", True, False)
+    assert result["status"] == "failed" and "model must be one of" in result["error"]
+
+
+def test_jsonable_turns_tensors_and_nan_into_json_values():
+    import torch
+
+    row = cli._jsonable({"a": torch.tensor(1.5), "b": float("nan"), "c": torch.float16, "d": (1, 2)})
+    assert row == {"a": 1.5, "b": None, "c": "torch.float16", "d": [1, 2]}
+    json.dumps(row)
