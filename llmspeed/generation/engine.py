@@ -208,11 +208,12 @@ class Generator:
     def _adapters(self, batch: Batch):
         if all(c.seq.params.adapter is None for c in batch.chunks):
             return nullcontext()
-        from ..lora import per_token_adapters
+        from ..lora import active_adapter, per_token_adapters
 
+        default = active_adapter(self.model)  # requests without an adapter run the model as it is set
         names: list[str | None] = []
         for chunk in batch.chunks:
-            names += [chunk.seq.params.adapter] * chunk.length
+            names += [chunk.seq.params.adapter or default] * chunk.length
         return per_token_adapters(self.model, names)
 
     def _finish_reason(self, seq: Seq, token: int) -> str | None:

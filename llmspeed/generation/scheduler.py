@@ -102,7 +102,7 @@ class Scheduler:
         """Mark ``seq`` finished with ``reason`` and free its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.seq_id, seq.block_table)
         seq.status = Status.FINISHED

@@ -1,0 +1,258 @@
+"""Benchmark suite ``batching``: llmspeed's continuous batching against transformers, in one run.
+
+Workload (the issue's): ``n`` requests, prompts of 16-256 tokens cut from the pydoc text,
+output lengths capped-exponential (mean 48, cap 128), EOS ignored. Useful tokens are the
+requested output tokens. Systems, all timed in the same process on the same model:
+
+* transformers ``generate`` one request at a time (on a subset of the requests: it is slow),
+* transformers ``generate`` in static batches (left-padded; a batch runs to its longest request),
+* transformers ``generate_batch``-style continuous batching (its manager, per-request lengths),
+* llmspeed ``Generator`` in fp32, bf16, int8 and int4.
+
+Also the batch-1 decode step (llmspeed and transformers eager) against the time to read the
+weights once at the memory bandwidth measured here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import torch
+
+from .timing import timeit
+
+GENERATE_BATCH = "transformers generate_batch"
+
+
+def make_workload(
+    tokenizer: Any, n: int, seed: int = 0, prompt_range: tuple[int, int] = (16, 256), mean: int = 48, cap: int = 128
+) -> tuple[list[list[int]], list[int]]:
+    """``n`` prompts (token ids cut from the pydoc eval text) and their capped-exponential output lengths."""
+    from ..eval import pydoc_text
+
+    rng = random.Random(seed)
+    ids = tokenizer.encode(pydoc_text("eval")[:400_000]) if tokenizer is not None else None
+    prompts, lengths = [], []
+    for _ in range(n):
+        length = rng.randint(*prompt_range)
+        if ids is None:
+            prompts.append([rng.randrange(256) for _ in range(length)])
+        else:
+            start = rng.randrange(len(ids) - length)
+            prompts.append(ids[start : start + length])
+        lengths.append(max(1, min(cap, round(rng.expovariate(1 / mean)))))
+    return prompts, lengths
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _hf_generate(hf: Any, prompts: list[list[int]], lengths: list[int], batch: int, pad_id: int) -> float:
+    """Seconds for transformers ``generate`` over the prompts in static batches of ``batch`` (left padding)."""
+    device = next(hf.parameters()).device
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        group, n_new = prompts[i : i + batch], max(lengths[i : i + batch])
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in group], device=device)  # [B, S]
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)  # [B, S]
+        with torch.inference_mode():
+            hf.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                do_sample=False, pad_token_id=pad_id,
+            )
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _hf_generate_batch(hf: Any, prompts: list[list[int]], lengths: list[int]) -> float:
+    """Seconds for transformers' continuous batching manager (per-request lengths, EOS ignored)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1, pad_token_id=0)
+    device = next(hf.parameters()).device
+    _sync(device)
+    start = time.perf_counter()
+    with hf.continuous_batching_context_manager(generation_config=config, block=True, timeout=60) as manager:
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
+        done = 0
+        while done < len(prompts):
+            result = manager.get_result(timeout=5)
+            if result is not None and result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"generate_batch failed: {result.error}")
+                done += 1
+            elif result is None and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching thread stopped")
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _llmspeed(model: Any, prompts: list[list[int]], lengths: list[int], progress: bool, **kwargs: Any) -> float:
+    from ..generation import Generator, SamplingParams
+
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    gen = Generator(model, progress=progress, **kwargs)
+    gen.generate_batched(prompts[:2], params[:2])  # warm-up
+    _sync(model.spec.device)
+    start = time.perf_counter()
+    outs = gen.generate_batched(prompts, params)
+    _sync(model.spec.device)
+    elapsed = time.perf_counter() - start
+    bad = [o for o in outs if o.finish_reason != "length" or len(o.token_ids) != lengths[o.index]]
+    if bad:
+        raise RuntimeError(f"llmspeed run lost tokens: {bad[0].finish_reason} {bad[0].error}")
+    return elapsed
+
+
+def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a full read of a large fp32 tensor (``sum``), median of a few runs."""
+    x = torch.ones(nbytes // 4, device=device)
+    t = timeit(lambda: x.sum().item(), repeats=5, warmup=1, device=device)
+    return nbytes / t.median
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of parameters and buffers (what a decode step must read at least once)."""
+    module = model.module
+    seen = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total
+
+
+def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16) -> float:
+    """Median seconds of one llmspeed decode step of a single request with ``context`` cached tokens."""
+    from ..generation import Generator, SamplingParams
+
+    gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=context)
+    gen.add_request(list(range(1, context + 1)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+    gen.step()  # prefill
+    gen.step()  # first decode (warm-up)
+    times = []
+    for _ in range(steps):
+        _sync(model.spec.device)
+        t0 = time.perf_counter()
+        gen.step()
+        _sync(model.spec.device)
+        times.append(time.perf_counter() - t0)
+    while gen.has_unfinished():
+        gen.step()
+    return sorted(times)[len(times) // 2]
+
+
+def decode_step_hf(hf: Any, context: int = 128, steps: int = 16) -> float:
+    """Median seconds per new token of transformers' eager ``generate`` at batch 1 (prefill subtracted)."""
+    device = next(hf.parameters()).device
+    ids = torch.arange(1, context + 1, device=device)[None]  # [1, context]
+
+    def run(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    run(2)
+    short = sorted(run(1) for _ in range(3))[1]
+    long = sorted(run(steps + 1) for _ in range(3))[1]
+    return (long - short) / steps
+
+
+def _load(name: str, device: str, dtype: torch.dtype) -> Any:
+    from .. import models
+
+    if name == "smollm2":
+        return models.smollm2(dtype=dtype, device=device)
+    if name == "llama-1b-random":
+        return models.llama_1b_random(dtype=dtype, device=device)
+    raise ValueError(f"model must be 'smollm2' or 'llama-1b-random'; got {name!r}")
+
+
+def _row(system: str, dtype: str, n: int, tokens: int, seconds: float, base: float | None, note: str = "") -> dict:
+    tok_s = tokens / seconds
+    return {
+        "system": system,
+        "dtype": dtype,
+        "requests": n,
+        "useful_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tok_s": round(tok_s, 2),
+        "vs_generate_batch": round(tok_s / base, 2) if base else "",
+        "note": note,
+    }
+
+
+def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict]:
+    """Run the batching suite; rows compare every system with ``generate_batch`` measured in this run."""
+    from .. import precision
+
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    n = (32 if quick else 256) if gpu else (12 if quick else 48)
+    static_batch = 32 if gpu else 8
+    n_seq = 2 if quick else (8 if not gpu else 16)
+    float_dtype = torch.bfloat16 if gpu else torch.float32
+    m = _load(model, device, float_dtype)
+    fname = "bf16" if gpu else "fp32"
+    mean, cap = (16, 32) if quick else (48, 128)
+    prompts, lengths = make_workload(m.tokenizer, n, prompt_range=(16, 128 if quick else 256), mean=mean, cap=cap)
+    useful = sum(lengths)
+    gen_kwargs: dict[str, Any] = dict(kv_cache_tokens=65536 if gpu else 16384, max_batch_tokens=2048 if gpu else 512,
+                                      max_seqs=256 if gpu else 64)
+
+    rows = []
+    t_cb = _hf_generate_batch(m.hf, prompts, lengths)
+    pad = 0
+    t_seq = _hf_generate(m.hf, prompts[:n_seq], lengths[:n_seq], 1, pad)
+    t_static = _hf_generate(m.hf, prompts, lengths, static_batch, pad)
+    base = useful / t_cb
+    rows.append(_row("transformers generate, one at a time", fname, n_seq, sum(lengths[:n_seq]), t_seq, base,
+                     f"first {n_seq} requests only"))
+    rows.append(_row(f"transformers generate, static batches of {static_batch}", fname, n, useful, t_static, base))
+    rows.append(_row(GENERATE_BATCH, fname, n, useful, t_cb, base, "baseline, same run"))
+    rows.append(_row("llmspeed Generator", fname, n, useful, _llmspeed(m, prompts, lengths, progress, **gen_kwargs),
+                     base))
+
+    variants = [] if gpu else [("bf16", "cast")]
+    variants += [("int8", "quantize"), ("int4", "quantize")]
+    for name, how in variants:
+        try:
+            v = _load(model, device, float_dtype)
+            if how == "cast":
+                precision.cast(v, name)
+            else:
+                from ..quant import quantize
+
+                quantize(v, name)
+        except ImportError as exc:
+            rows.append({**_row(f"llmspeed Generator", name, n, useful, float("inf"), base), "note": f"skipped: {exc}"})
+            continue
+        t = _llmspeed(v, prompts, lengths, progress, **gen_kwargs)
+        note = "bf16 matmul is emulated on this AVX2 CPU (~6x slower than fp32)" if name == "bf16" and not gpu else ""
+        rows.append(_row("llmspeed Generator", name, n, useful, t, base, note))
+        del v
+
+    bw = memory_bandwidth(dev)
+    w = weight_bytes(m)
+    read = w / bw
+    step = decode_step_llmspeed(m)
+    hf_step = decode_step_hf(m.hf)
+    for system, t in (("batch-1 decode step: llmspeed", step), ("batch-1 decode step: transformers generate", hf_step)):
+        rows.append({
+            "system": system, "dtype": fname, "requests": 1, "useful_tokens": 1, "seconds": round(t, 4),
+            "tok_s": round(1 / t, 2), "vs_generate_batch": "",
+            "note": f"{t / read:.2f}x the {read * 1e3:.1f} ms to read {w / 1e6:.0f} MB of weights at {bw / 1e9:.1f} GB/s",
+        })
+    return rows

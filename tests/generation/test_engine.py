@@ -1,0 +1,229 @@
+"""The Generator end to end on tiny models: golden tokens vs transformers, budgets, errors, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import GenerationOutput, Generator, SamplingParams
+
+
+def _prompts(n: int, lo: int = 3, hi: int = 60, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, 256, (k,), generator=g).tolist() for k in lengths]
+
+
+def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.hf.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _ids(outs: list[GenerationOutput]) -> list[list[int]]:
+    return [o.token_ids for o in outs]
+
+
+class CharTokenizer:
+    """A byte-level stand-in tokenizer (256 ids), enough for stop strings and streaming text."""
+
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        return [b for b in text.encode("latin-1")]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if not (skip_special_tokens and i == 0)).decode("latin-1")
+
+
+def test_greedy_matches_transformers_generate_on_every_architecture(tiny_model):
+    prompts = _prompts(6, seed=1)
+    lengths = [12, 1, 20, 7, 16, 9]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    outs = tiny_model.generate_batched(prompts, params, progress=False, max_batch_tokens=40, kv_cache_tokens=1024)
+    for prompt, n, out in zip(prompts, lengths, outs):
+        assert out.finish_reason == "length"
+        assert out.token_ids == _hf_greedy(tiny_model, prompt, n)
+
+
+def test_same_tokens_whatever_the_kv_budget_and_batch_composition(llama):
+    prompts = _prompts(24, lo=8, hi=80, seed=2)
+    params = [SamplingParams(max_new_tokens=8 + (i * 7) % 25, ignore_eos=True) for i in range(24)]
+    big = Generator(llama, progress=False, kv_cache_tokens=8192, max_batch_tokens=2048)
+    reference = _ids(big.generate_batched(prompts, params))
+    assert big.stats.preemptions == 0
+    small = Generator(llama, progress=False, kv_cache_tokens=512, block_size=16, max_batch_tokens=64)
+    outs = small.generate_batched(prompts, params)
+    assert small.stats.preemptions > 0
+    assert [o.finish_reason for o in outs] == ["length"] * 24
+    assert _ids(outs) == reference
+    assert small.blocks.num_free == small.blocks.num_blocks
+    one_by_one = [Generator(llama, progress=False).generate_batched([p], s)[0].token_ids for p, s in zip(prompts[:5], params)]
+    assert one_by_one == reference[:5]
+    chunked = Generator(llama, progress=False, max_batch_tokens=5, block_size=4).generate_batched(prompts[:6], params[:6])
+    assert _ids(chunked) == reference[:6]
+
+
+def test_bad_request_fails_alone(llama):
+    ok = _prompts(3, seed=3)
+    too_long = list(range(1, 200)) * 3  # 597 tokens > max_position_embeddings 512
+    over_budget = list(range(1, 101))  # fits the model but not a 64-token KV budget
+    gen = Generator(llama, progress=False, kv_cache_tokens=96, block_size=16)
+    outs = gen.generate_batched([ok[0], too_long, ok[1], over_budget, ok[2]], SamplingParams(max_new_tokens=5))
+    assert [o.index for o in outs] == [0, 1, 2, 3, 4]
+    assert outs[1].finish_reason == "error" and "context" in outs[1].error
+    assert outs[3].finish_reason == "error" and "KV cache" in outs[3].error
+    alone = Generator(llama, progress=False).generate_batched([ok[0], ok[1], ok[2]], SamplingParams(max_new_tokens=5))
+    assert [outs[i].token_ids for i in (0, 2, 4)] == _ids(alone)
+    assert all(outs[i].error is None for i in (0, 2, 4))
+
+
+def test_empty_list_and_argument_errors(llama):
+    gen = Generator(llama, progress=False)
+    assert gen.generate_batched([]) == []
+    assert list(gen.stream([])) == []
+    with pytest.raises(ValueError, match="one per prompt"):
+        gen.generate_batched([[1, 2]], [SamplingParams(), SamplingParams()])
+    with pytest.raises(TypeError, match="single string"):
+        gen.generate_batched("hello")
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        Generator(llama, kv_cache_tokens=4, block_size=16)
+    out = gen.generate_batched([[1, 300]])[0]
+    assert out.finish_reason == "error" and "[0, 256)" in out.error
+
+
+def test_abort_frees_blocks_mid_generation(llama):
+    gen = Generator(llama, progress=False, kv_cache_tokens=512)
+    a = gen.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=50, ignore_eos=True))
+    b = gen.add_request(list(range(1, 20)), SamplingParams(max_new_tokens=5, ignore_eos=True))
+    for _ in range(3):
+        gen.step()
+    held = gen.blocks.num_blocks - gen.blocks.num_free
+    gen.abort(a)
+    assert gen.blocks.num_blocks - gen.blocks.num_free < held
+    events = []
+    while gen.has_unfinished():
+        events += gen.step()
+    ends = {e.request_id: e.output for e in events if e.finished}
+    assert ends[a].finish_reason == "abort" and 0 < len(ends[a].token_ids) < 50
+    assert ends[b].finish_reason == "length" and len(ends[b].token_ids) == 5
+    assert gen.blocks.num_free == gen.blocks.num_blocks
+    with pytest.raises(ValueError, match="request_id"):
+        gen.abort(999)
+
+
+def test_many_short_requests_nothing_lost(llama):
+    prompts = [[1 + i % 200, 2 + i % 50, 3] for i in range(1000)]
+    gen = Generator(llama, progress=False, kv_cache_tokens=2048, max_seqs=128, max_batch_tokens=256)
+    outs = gen.generate_batched(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert len(outs) == 1000 and [o.index for o in outs] == list(range(1000))
+    assert all(len(o.token_ids) == 2 and o.finish_reason == "length" for o in outs)
+    assert gen.stats.output_tokens == 2000 and gen.stats.throughput > 0
+
+
+def test_stop_conditions_and_stream_text(llama):
+    llama.tokenizer = CharTokenizer()
+    gen = Generator(llama, progress=False)
+    base = gen.generate_batched([[65, 66, 67]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    full = base.token_ids
+    stop_id = full[4]
+    first = full.index(stop_id)
+    out = gen.generate_batched([[65, 66, 67]], SamplingParams(max_new_tokens=12, stop_token_ids=[stop_id], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full[: first + 1]
+    text = CharTokenizer().decode(full)
+    stop = text[6:8]
+    cut = text.find(stop)
+    out = gen.generate_batched([[65, 66, 67]], SamplingParams(max_new_tokens=12, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.text == text[:cut]
+    events = list(gen.stream(["ABC"], SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    assert [e.token_id for e in events] == full and events[-1].finished and not any(e.finished for e in events[:-1])
+    assert "".join(e.text for e in events) == CharTokenizer().decode(full, skip_special_tokens=True)
+    m = events[-1].output.metrics
+    assert m.output_tokens == 12 and m.prompt_tokens == 3
+    assert 0 < m.time_to_first_token <= m.latency and m.inter_token_latency > 0
+
+
+def test_eos_stops_unless_ignored(llama):
+    ref = Generator(llama, progress=False).generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    gen = Generator(llama, progress=False, eos_token_ids=[ref.token_ids[2]])
+    out = gen.generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6))[0]
+    assert out.finish_reason == "stop" and out.token_ids == ref.token_ids[: ref.token_ids.index(ref.token_ids[2]) + 1]
+
+
+def test_seeded_sampling_is_reproducible_regardless_of_batch(llama):
+    p = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=11, ignore_eos=True)
+    alone = Generator(llama, progress=False).generate_batched([[9, 8, 7]], p)[0].token_ids
+    others = [SamplingParams(max_new_tokens=7, temperature=1.0, seed=i) for i in range(4)]
+    outs = Generator(llama, progress=False, max_batch_tokens=16).generate_batched(
+        _prompts(4, seed=5)[:2] + [[9, 8, 7]] + _prompts(2, seed=6), others[:2] + [p] + others[2:]
+    )
+    assert outs[2].token_ids == alone
+    unseeded = SamplingParams(max_new_tokens=10, temperature=1.0)
+    draws = {tuple(o.token_ids) for o in Generator(llama, progress=False).generate_batched([[9, 8, 7]] * 4, unseeded)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
+def test_cast_and_quantized_models_run(variant):
+    model = llmspeed.models.tiny("llama", seed=0)
+    if variant == "bf16":
+        llmspeed.cast(model, "bf16")
+    else:
+        llmspeed.quantize(model, variant)
+    prompts = _prompts(5, seed=7)
+    outs = Generator(model, progress=False, kv_cache_tokens=256, max_batch_tokens=32).generate_batched(
+        prompts, SamplingParams(max_new_tokens=6, ignore_eos=True)
+    )
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 6 for o in outs)
+    again = Generator(model, progress=False).generate_batched(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert _ids(again) == _ids(outs)
+
+
+def test_per_request_lora_adapters(llama):
+    from llmspeed import lora
+
+    lora.add_adapter(llama, "a", r=4)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(llama):
+            for name, param in layer.named_parameters():
+                if "lora" in name:
+                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    prompts = _prompts(4, seed=8)
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    adapted = _ids(Generator(llama, progress=False).generate_batched(prompts, sp))  # "a" is active
+    lora.set_adapter(llama, None)  # requests without an adapter now run the base model
+    base = _ids(Generator(llama, progress=False).generate_batched(prompts, sp))
+    assert adapted != base
+    mixed = [SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=n) for n in (None, "a", None, "a")]
+    outs = Generator(llama, progress=False).generate_batched(prompts, mixed)
+    assert _ids(outs) == [base[0], adapted[1], base[2], adapted[3]]
+    bad = Generator(llama, progress=False).generate_batched(prompts[:2], [sp, SamplingParams(adapter="nope")])
+    assert bad[0].token_ids == base[0]
+    assert bad[1].finish_reason == "error" and "nope" in bad[1].error
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers(smollm2_cached):
+    from llmspeed.eval import pydoc_text
+
+    model = smollm2_cached
+    ids = model.tokenizer.encode(pydoc_text("eval")[:20000])
+    g = torch.Generator().manual_seed(0)
+    prompts = []
+    for _ in range(32):
+        n = int(torch.randint(8, 96, (), generator=g))
+        s = int(torch.randint(0, len(ids) - n, (), generator=g))
+        prompts.append(ids[s : s + n])
+    n_new = 12
+    outs = Generator(model, progress=False, max_batch_tokens=256).generate_batched(
+        prompts, SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+    )
+    same = sum(o.token_ids == _hf_greedy(model, p, n_new) for p, o in zip(prompts, outs))
+    assert same >= 31, f"only {same}/32 requests identical to transformers generate"
+    assert outs[0].text == model.tokenizer.decode(outs[0].token_ids, skip_special_tokens=True)

@@ -1,0 +1,78 @@
+"""SamplingParams validation and the per-request sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmspeed.generation.sampling import SamplingParams, filter_logits, request_generator, sample
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(seed=-3), "seed"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+        (dict(adapter=""), "adapter"),
+    ],
+)
+def test_invalid_params_raise_naming_the_argument(kwargs, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        SamplingParams(**kwargs)
+
+
+def test_stop_string_and_lists_are_normalised_to_tuples():
+    p = SamplingParams(stop="###", stop_token_ids=[3, 4])
+    assert p.stop == ("###",) and p.stop_token_ids == (3, 4)
+    hash(p)  # frozen and hashable
+
+
+def test_greedy_rows_are_argmax():
+    logits = torch.randn(4, 50)
+    tokens = sample(logits, [SamplingParams()] * 4, [None] * 4)
+    assert tokens == logits.argmax(-1).tolist()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(3, 100)
+    for p in (SamplingParams(temperature=1.0, top_k=1, seed=0), SamplingParams(temperature=1.0, top_p=1e-6, seed=0)):
+        gens = [request_generator(p, torch.device("cpu")) for _ in range(3)]
+        assert sample(logits, [p] * 3, gens) == logits.argmax(-1).tolist()
+
+
+def test_filter_logits_keeps_exactly_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = filter_logits(logits, 0, 0.7).isfinite().tolist()
+    assert kept == [True, True, False, False]
+    assert filter_logits(logits, 3, 1.0).isfinite().tolist() == [True, True, True, False]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    p = SamplingParams(temperature=0.8, top_p=0.9, seed=123)
+    row = torch.randn(1, 64)
+    alone = sample(row, [p], [request_generator(p, torch.device("cpu"))])
+    others = torch.randn(5, 64)
+    batch = torch.cat([others[:2], row, others[2:]])  # [6, 64]
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(2)] + [p] + [SamplingParams()] * 3
+    gens = [request_generator(q, torch.device("cpu")) for q in params]
+    assert sample(batch, params, gens)[2] == alone[0]
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    p = SamplingParams(temperature=1.0, seed=7)
+    gen = request_generator(p, torch.device("cpu"))
+    counts = torch.zeros(3)
+    for _ in range(2000):
+        counts[sample(probs.log()[None], [p], [gen])[0]] += 1
+    assert torch.allclose(counts / 2000, probs, atol=0.04)

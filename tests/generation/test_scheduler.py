@@ -1,0 +1,145 @@
+"""The scheduler without a model: policy unit tests and a hypothesis state machine."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from llmspeed.generation.block_manager import BlockManager
+from llmspeed.generation.sampling import SamplingParams
+from llmspeed.generation.scheduler import Scheduler
+from llmspeed.generation.sequence import Sequence, Status
+
+
+def _seq(i: int, n: int, max_new: int = 4) -> Sequence:
+    return Sequence(i, list(range(1, n + 1)), SamplingParams(max_new_tokens=max_new))
+
+
+def _run_step(sched: Scheduler, rng: random.Random | None = None) -> list[Sequence]:
+    """Play the engine: commit the batch, append a token to sampled sequences, finish the done ones."""
+    batch = sched.schedule()
+    sched.commit(batch)
+    finished = []
+    for chunk in batch.chunks:
+        if chunk.samples:
+            seq = chunk.seq
+            seq.output_ids.append(7)
+            if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= sched.max_tokens_per_seq:
+                sched.finish(seq, "length")
+                finished.append(seq)
+    return finished
+
+
+def test_decode_first_then_chunked_prefill_within_budget():
+    sched = Scheduler(BlockManager(64, 4), max_batch_tokens=8, max_seqs=8, max_seq_len=1000)
+    a, b = _seq(0, 3), _seq(1, 20)
+    sched.add(a)
+    _run_step(sched)  # a prefilled, has its first token
+    sched.add(b)
+    batch = sched.schedule()
+    assert [(c.seq.seq_id, c.length) for c in batch.chunks] == [(0, 1), (1, 7)]
+    assert not batch.chunks[1].samples
+    sched.commit(batch)
+    assert b.num_computed == 7 and len(b.block_table) == 5  # blocks for the whole prompt at admission
+
+
+def test_admission_waits_for_blocks_and_preemption_recomputes():
+    sched = Scheduler(BlockManager(4, 4), max_batch_tokens=64, max_seqs=8, max_seq_len=1000)
+    a, b = _seq(0, 7, max_new=6), _seq(1, 7, max_new=6)
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched)
+    assert a.status is Status.RUNNING and b.status is Status.RUNNING
+    _run_step(sched)  # 8 tokens each: 2 blocks each, the cache is full
+    batch = sched.schedule()  # both need a third block: the newest (b) is preempted by recompute
+    assert batch.preempted == [b] and b.status is Status.WAITING and b.num_computed == 0
+    assert [c.seq for c in batch.chunks] == [a] and not b.block_table
+    sched.commit(batch)
+    a.output_ids.append(7)
+    while sched.has_unfinished():
+        _run_step(sched)
+    assert a.finish_reason == b.finish_reason == "length"
+    assert len(a.output_ids) == len(b.output_ids) == 6
+    assert sched.blocks.num_free == 4
+
+
+def test_requests_that_can_never_fit_are_rejected():
+    sched = Scheduler(BlockManager(4, 4), max_batch_tokens=64, max_seqs=8, max_seq_len=10)
+    assert "context" in sched.add(_seq(0, 10))
+    sched2 = Scheduler(BlockManager(2, 4), max_batch_tokens=64, max_seqs=8, max_seq_len=100)
+    assert "KV cache" in sched2.add(_seq(0, 8))
+    assert "empty" in sched2.add(_seq(1, 0))
+    assert not sched.has_unfinished() and not sched2.has_unfinished()
+
+
+def test_a_lone_sequence_that_fills_the_cache_ends_with_length():
+    sched = Scheduler(BlockManager(2, 4), max_batch_tokens=64, max_seqs=8, max_seq_len=100)
+    seq = _seq(0, 3, max_new=50)
+    sched.add(seq)
+    while sched.has_unfinished():
+        _run_step(sched)
+    assert seq.num_tokens == 8 and seq.finish_reason == "length"
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random arrivals, aborts and steps: blocks are never leaked or shared; every request ends once."""
+
+    def __init__(self):
+        super().__init__()
+        self.sched = Scheduler(BlockManager(10, 4), max_batch_tokens=12, max_seqs=4, max_seq_len=64)
+        self.seqs: list[Sequence] = []
+        self.finished: list[int] = []
+        self.rejected: set[int] = set()
+
+    @rule(prompt=st.integers(0, 45), max_new=st.integers(1, 12))
+    def add(self, prompt, max_new):
+        seq = _seq(len(self.seqs), prompt, max_new)
+        self.seqs.append(seq)
+        if self.sched.add(seq) is not None:
+            self.rejected.add(seq.seq_id)
+
+    @rule()
+    def step(self):
+        self.finished += [s.seq_id for s in _run_step(self.sched)]
+
+    @precondition(lambda self: any(s.status is not Status.FINISHED and s.seq_id not in self.rejected for s in self.seqs))
+    @rule(data=st.data())
+    def abort(self, data):
+        live = [s for s in self.seqs if s.status is not Status.FINISHED and s.seq_id not in self.rejected]
+        seq = data.draw(st.sampled_from(live))
+        self.sched.finish(seq, "abort")
+        self.finished.append(seq.seq_id)
+
+    @invariant()
+    def blocks_partitioned(self):
+        bm = self.sched.blocks
+        held = [b for s in self.sched.running for b in s.block_table]
+        assert len(held) == len(set(held))
+        assert len(held) + bm.num_free == bm.num_blocks
+        assert all(not s.block_table for s in self.sched.waiting)
+        assert all(bm.owner(b) == s.seq_id for s in self.sched.running for b in s.block_table)
+        assert len(self.sched.running) <= self.sched.max_seqs
+
+    @invariant()
+    def each_request_in_exactly_one_place(self):
+        assert len(self.finished) == len(set(self.finished))
+        places = [s.seq_id for s in self.sched.running] + [s.seq_id for s in self.sched.waiting] + self.finished
+        assert sorted(places + sorted(self.rejected)) == list(range(len(self.seqs)))
+
+    def teardown(self):
+        for _ in range(2000):
+            if not self.sched.has_unfinished():
+                break
+            self.step()
+        assert not self.sched.has_unfinished(), "requests left behind"
+        assert self.sched.blocks.num_free == self.sched.blocks.num_blocks
+        for s in self.seqs:
+            if s.seq_id not in self.rejected and s.finish_reason == "length":
+                assert len(s.output_ids) == s.params.max_new_tokens or s.num_tokens >= self.sched.max_tokens_per_seq
+
+
+TestScheduler = SchedulerMachine.TestCase
+TestScheduler.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
