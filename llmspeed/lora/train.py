@@ -103,6 +103,25 @@ def _parameters(model: CausalLM, adapter: str | None, full: bool) -> list[torch.
     return trainable_parameters(model, adapter)
 
 
+def _set_checkpointing(hf: torch.nn.Module, on: bool) -> bool:
+    """Turn transformers' non-reentrant activation checkpointing on or off; False if unsupported."""
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        if on:
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.activation_checkpointing_disable()
+        return True
+    if hasattr(hf, "gradient_checkpointing_enable"):
+        if on:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_disable()
+        return True
+    if on:
+        raise ValueError(f"gradient_checkpointing=True needs a transformers model; got {type(hf).__name__}")
+    return False
+
+
 def _eval_loss(model: CausalLM, windows: int, seq_len: int) -> float | None:
     if windows <= 0:
         return None
@@ -171,9 +190,7 @@ def finetune(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
     generator = torch.Generator().manual_seed(seed)
-    checkpointing = gradient_checkpointing and hasattr(hf, "gradient_checkpointing_enable")
-    if checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = gradient_checkpointing and _set_checkpointing(hf, True)
     losses: list[float] = []
     hf.train()
     start = time.perf_counter()
@@ -195,7 +212,7 @@ def finetune(
         seconds = time.perf_counter() - start
     finally:
         if checkpointing:
-            hf.gradient_checkpointing_disable()
+            _set_checkpointing(hf, False)
         hf.train(was_training)
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -1,0 +1,107 @@
+"""Bad input gives a clear error naming the problem, and leaves the model unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import lora
+
+from .helpers import assert_same_tensors, base_tensors
+
+
+def snapshot(model):
+    return base_tensors(model), {n: type(m) for n, m in model.linear_layers()}, lora.adapter_names(model), {
+        n: t.detach().clone() for n, t in model.hf.state_dict().items()
+    }
+
+
+def assert_unchanged(model, snap):
+    tensors, types, names, state = snap
+    assert_same_tensors(base_tensors(model), tensors)
+    assert {n: type(m) for n, m in model.linear_layers()} == types
+    assert lora.adapter_names(model) == names
+    assert_same_tensors({n: t for n, t in model.hf.state_dict().items()}, state)
+
+
+@pytest.mark.parametrize("r", [0, -3, 2.5, True])
+def test_bad_rank(llama, r):
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match=f"r must be a positive integer.*got {r!r}"):
+        lora.add_adapter(llama, "a", r=r)
+    assert_unchanged(llama, snap)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(init="gaussian"), "init must be one of"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(targets=[]), "targets must be a non-empty list"),
+])
+def test_bad_hyper_parameters(llama, kwargs, message):
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match=message):
+        lora.add_adapter(llama, "a", **kwargs)
+    assert_unchanged(llama, snap)
+
+
+@pytest.mark.parametrize("targets", [["qq_proj"], "attn.*", "nothing"])
+def test_targets_matching_nothing_lists_module_names(llama, targets):
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match=r"match no linear layer.*'down_proj'.*'q_proj'"):
+        lora.add_adapter(llama, "a", targets=targets)
+    assert_unchanged(llama, snap)
+
+
+def test_name_used_twice(llama):
+    lora.add_adapter(llama, "a", r=2, init="random")
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match="adapter 'a' already exists"):
+        lora.add_adapter(llama, "a", r=4)
+    assert_unchanged(llama, snap)
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "keys", 3])
+def test_bad_adapter_name(llama, name):
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match="adapter name must be"):
+        lora.add_adapter(llama, name)
+    assert_unchanged(llama, snap)
+
+
+def test_loading_adapter_of_another_shape(tmp_path, llama):
+    other = llmspeed.models.tiny("llama", seed=0, hidden_size=32, intermediate_size=64)
+    lora.add_adapter(other, "x", r=2, init="random")
+    lora.save_adapter(other, tmp_path, "x")
+    lora.add_adapter(llama, "a", r=2, init="random")
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match=r"shapes do not fit this model at 'model.layers.0.mlp.down_proj': lora_A \(2, 64\).*needs \(2, 128\)"):
+        lora.load_adapter(llama, tmp_path, "x")
+    assert_unchanged(llama, snap)
+
+
+def test_loading_adapter_for_missing_module(tmp_path, llama):
+    deeper = llmspeed.models.tiny("llama", seed=0, num_hidden_layers=3)
+    lora.add_adapter(deeper, "x", r=2, targets=r"model\.layers\.2\..*")
+    lora.save_adapter(deeper, tmp_path, "x")
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match="saved for module 'model.layers.2"):
+        lora.load_adapter(llama, tmp_path, "x")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_adapter(llama, tmp_path / "nope", "x")
+    assert_unchanged(llama, snap)
+
+
+def test_merge_unmerge_set_of_missing_adapter(llama):
+    lora.add_adapter(llama, "a", r=2, init="random")
+    snap = snapshot(llama)
+    for verb in (lora.merge, lora.unmerge, lora.set_adapter, lora.delete_adapter):
+        with pytest.raises(ValueError, match=r"must name an adapter on this model; got 'b'; adapters: \['a'\]"):
+            verb(llama, "b")
+    with pytest.raises(ValueError, match="not merged"):
+        lora.unmerge(llama, "a")
+    assert_unchanged(llama, snap)
+    lora.merge(llama, "a")
+    with pytest.raises(ValueError, match="already merged"):
+        lora.merge(llama, "a")

@@ -1,0 +1,61 @@
+"""Adapter files: our round trip, PEFT loads ours, we load PEFT's (fp32 logits within 1e-4)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import lora
+
+IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+def logits(hf):
+    with torch.no_grad():
+        return hf(input_ids=IDS).logits
+
+
+def test_save_load_round_trip(tmp_path, llama):
+    lora.add_adapter(llama, "a", r=4, alpha=8, init="random", targets=["q_proj", "o_proj", "up_proj"])
+    want = logits(llama.hf)
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert sorted(cfg["target_modules"]) == ["o_proj", "q_proj", "up_proj"]
+    fresh = llmspeed.models.tiny("llama", seed=0)
+    lora.load_adapter(fresh, folder, "a")
+    assert torch.equal(logits(fresh.hf), want)
+    lora.load_adapter(llama, folder, "copy")
+    assert torch.equal(logits(llama.hf), want)
+
+
+def test_peft_loads_ours(tmp_path, tiny_model):
+    peft = pytest.importorskip("peft")
+    lora.add_adapter(tiny_model, "ours", r=4, alpha=16, init="random", use_rslora=True)
+    want = logits(tiny_model.hf)
+    lora.save_adapter(tiny_model, tmp_path, "ours")
+    arch = tiny_model.spec.architecture.removesuffix("ForCausalLM").lower()
+    hf = llmspeed.models.tiny(arch, seed=0).hf
+    got = logits(peft.PeftModel.from_pretrained(hf, tmp_path))
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_we_load_peft(tmp_path, llama):
+    peft = pytest.importorskip("peft")
+    hf = llmspeed.models.tiny("llama", seed=0).hf
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "gate_proj"],
+                             init_lora_weights=False, rank_pattern={"gate_proj": 2}, alpha_pattern={"v_proj": 3})
+    peft_model = peft.get_peft_model(hf, config)
+    want = logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    lora.load_adapter(llama, tmp_path, "theirs")
+    assert (logits(llama.hf) - want).abs().max() < 1e-4
+    gate = llama.hf.model.layers[0].mlp.gate_proj
+    assert gate.lora_A["theirs"].out_features == 2 and gate.scaling["theirs"] == 12 / 2
+    # and the round trip through our writer keeps the per-layer ranks and alphas
+    lora.save_adapter(llama, tmp_path / "again", "theirs")
+    again = peft.PeftModel.from_pretrained(llmspeed.models.tiny("llama", seed=0).hf, tmp_path / "again")
+    assert (logits(again) - want).abs().max() < 1e-4

@@ -1,0 +1,81 @@
+"""finetune: loss falls, only adapters change, packed base tensors stay bit-identical, checkpointing works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmspeed import lora
+
+from .helpers import assert_same_tensors, base_tensors, fake_quantize, quantize_real
+
+# a learnable token stream: 5 random tokens repeated (a tiny random model's output head, behind an
+# RMSNorm, bounds the logits, so the loss plateaus near 4.4 nats from 5.6)
+TOKENS = torch.randint(0, 256, (5,), generator=torch.Generator().manual_seed(0)).repeat(200)
+
+
+def fell(losses) -> bool:
+    return sum(losses[-3:]) < 0.85 * sum(losses[:3])
+
+
+def _train(model, **kwargs):
+    lora.add_adapter(model, "a", r=8, alpha=16)
+    before = base_tensors(model)
+    result = lora.finetune(model, TOKENS, steps=15, lr=1e-2, seq_len=16, batch_size=4, progress=False, **kwargs)
+    assert_same_tensors(base_tensors(model), before)
+    return result
+
+
+def test_finetune_float_base_loss_falls_base_untouched(llama):
+    result = _train(llama)
+    assert result.steps == 15 and len(result.losses) == 15
+    assert fell(result.losses)
+    assert result.trainable_params == sum(p.numel() for p in lora.trainable_parameters(llama, "a"))
+    assert not llama.hf.training and all(not p.requires_grad for n, p in llama.hf.named_parameters()
+                                         if ".lora_" not in n)
+
+
+def test_finetune_quantized_base_packed_tensors_bit_identical(llama):
+    fake_quantize(llama)
+    result = _train(llama)
+    assert fell(result.losses)
+
+
+@pytest.mark.parametrize("method", ["int4"])
+def test_finetune_real_quantized_base(llama, method):
+    quantize_real(llama, method)
+    result = _train(llama)
+    assert fell(result.losses)
+
+
+def test_gradient_checkpointing_gives_the_same_losses():
+    import llmspeed
+
+    losses = []
+    for checkpointing in (False, True):
+        model = llmspeed.models.tiny("llama", seed=0)
+        torch.manual_seed(0)  # same adapter init for both runs
+        result = _train(model, gradient_checkpointing=checkpointing)
+        assert not model.hf.is_activation_checkpointing
+        losses.append(torch.tensor(result.losses))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
+
+
+def test_full_finetune_changes_base(llama):
+    before = base_tensors(llama)
+    result = lora.finetune(llama, TOKENS, steps=3, lr=1e-3, seq_len=16, batch_size=2, full=True, progress=False)
+    assert result.adapter is None and result.trainable_params == sum(p.numel() for p in llama.hf.parameters())
+    assert not torch.equal(base_tensors(llama)["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_finetune_bad_input(llama):
+    with pytest.raises(ValueError, match="no active adapter"):
+        lora.finetune(llama, TOKENS, steps=2, progress=False)
+    lora.add_adapter(llama, "a", r=2)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        lora.finetune(llama, TOKENS, steps=0, progress=False)
+    with pytest.raises(ValueError, match="seq_len=2000"):
+        lora.finetune(llama, TOKENS, steps=2, seq_len=2000, progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        lora.finetune(llama, "some text", steps=2, progress=False)
