@@ -3,7 +3,7 @@
 All suites named run in this one process, one after the other, so their rows share a machine
 state. For each suite the command prints the command line and Markdown tables; with ``--out``
 it writes ``results.json`` (rows, machine, command, status per suite), ``results.md`` (the
-tables as printed) and one PNG per table. A suite whose module is missing or raises is
+tables as printed), ``<suite>.md`` (one suite's tables, for docs pages) and one PNG per table. A suite whose module is missing or raises is
 reported with its status and error, never silently dropped; the exit status is 1 then.
 """
 
@@ -196,6 +196,8 @@ def _write(out: Path, command: str, args: argparse.Namespace, results: dict, blo
         f"# llmspeed bench\n\n`{command}` on {payload['machine']['processor']}, {payload['time_utc']}\n\n"
     )
     (out / "results.md").write_text(header + "\n".join(blocks))
+    for name, block in zip(results, blocks):  # one file per suite, for docs pages to include
+        (out / f"{name}.md").write_text(block.replace(f"## {name}\n\n", "", 1))
 
 
 def _plot(name: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
