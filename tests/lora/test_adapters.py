@@ -114,3 +114,19 @@ def test_delete_adapter_restores_base_modules(llama):
     lora.delete_adapter(llama, "a")
     assert lora.adapter_names(llama) == []
     assert all(m is originals[n] for n, m in llama.linear_layers())
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
+def test_real_quantized_base_zero_init_and_gradients(llama, method):
+    from .helpers import quantize_real
+
+    quantize_real(llama, method)
+    before = logits(llama)
+    lora.add_adapter(llama, "a", r=4)
+    assert torch.equal(logits(llama), before)
+    layer = llama.hf.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.quant_format == method
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.lora_B["a"].weight.grad is not None
+    assert all(not t.requires_grad for t in (*layer.base_layer.parameters(), *layer.base_layer.buffers()))

@@ -11,7 +11,7 @@ from llmspeed import lora
 from llmspeed.lora import LoraLinear
 from llmspeed.lora.routing import Routing, concat_delta, segment_delta
 
-from .helpers import DenseAttention, fake_quantize, packed_batch
+from .helpers import DenseAttention, fake_quantize, packed_batch, quantize_real
 
 NAMES = ["a", "b", None, "c"]
 
@@ -41,10 +41,12 @@ def test_per_row_equals_single_adapter_runs(llama, method):
                                    atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [None, "fake", "int4"])
 def test_per_token_forward_batch_equals_single_adapter_runs(llama, quantized):
-    if quantized:
+    if quantized == "fake":
         fake_quantize(llama)
+    elif quantized:
+        quantize_real(llama, quantized)
     three_adapters(llama)
     gen = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, 256, (n,), generator=gen) for n in (5, 3, 7, 4)]
