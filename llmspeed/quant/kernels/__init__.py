@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import aten, reference  # noqa: F401  (register the kernels)
+from . import aten, cpp, reference  # noqa: F401  (register the kernels)
 from .registry import FLOAT_DTYPES, KERNELS, Kernel, register_kernel
 
 # (device type, format) -> ordered [(max rows M or None for any, activation dtypes or None for any, kernel)].

@@ -132,7 +132,6 @@ def gptq_quantize(
     H = H[perm][:, perm]
     with _single_thread():  # thousands of tiny ops: thread hand-offs cost more than they save
         Hinv = _inverse_cholesky(H, damp)  # [in, in] upper
-        Qt = torch.zeros_like(Wt)  # [in, out] dequantized, visiting order
         group_scale: list[torch.Tensor | None] = [None] * n_groups  # [out] each, fitted when first visited
         group_zero: list[torch.Tensor | None] = [None] * n_groups
         group_of_pos = (perm // G).tolist()  # group of the column visited at each position
@@ -140,8 +139,9 @@ def gptq_quantize(
         for i1 in range(0, in_f, block_size):
             i2 = min(i1 + block_size, in_f)
             W1 = Wt[i1:i2]  # [b, out] view: updates land in Wt
-            Err1 = torch.zeros(i2 - i1, out_f)  # [b, out]
             Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
+            diag = Hinv1.diagonal().tolist()
+            errs: list[torch.Tensor] = []
             for i in range(i2 - i1):
                 g = group_of_pos[i1 + i]
                 if group_scale[g] is None:
@@ -149,20 +149,22 @@ def gptq_quantize(
                     current = Wt[pos]  # [G, out] copy
                     late = pos >= i2  # columns past this block still miss this block's updates
                     if i > 0 and bool(late.any()):
-                        current[late] -= Hinv[i1 : i1 + i, pos[late]].T @ Err1[:i]
+                        current[late] -= Hinv[i1 : i1 + i, pos[late]].T @ torch.stack(errs)
                     group_scale[g], group_zero[g] = grid.fit(current.T)
                 w = W1[i]  # [out]
                 q = grid.fake_quantize(w, group_scale[g], group_zero[g])  # [out]
-                Qt[i1 + i] = q
-                err = (w - q).div_(Hinv1[i, i])  # [out]
-                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
-                Err1[i] = err
-            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)
+                err = (w - q).div_(diag[i])  # [out]
+                if i + 1 < i2 - i1:
+                    W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1.0)
+                errs.append(err)
+                w.copy_(q)  # row i is final: Wt ends up holding Q
+            if i2 < in_f:
+                Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, torch.stack(errs), alpha=-1.0)
 
     return GPTQResult(
         scales=torch.stack(group_scale, dim=1),  # [out, groups]
         zeros=torch.stack(group_zero, dim=1),  # [out, groups]
-        dequantized=Qt[inv_perm].T.contiguous(),  # [out, in]
+        dequantized=Wt[inv_perm].T.contiguous(),  # [out, in]
     )
 
 
@@ -277,3 +279,105 @@ def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,)) -> Grid:
     if fmt not in grids:
         raise ValueError(f"format must be one of {sorted(grids)} for GPTQ; got {fmt!r}")
     return grids[fmt]()
+
+
+# --- packing into the quant package's modules -------------------------------------------------------
+def pack_result(result: GPTQResult, config, bias: torch.Tensor | None):
+    """The quantized module (``Int4Linear``/``NF4Linear``/``Int8Linear``) holding a :class:`GPTQResult`.
+
+    The dequantized weight is on its groups' grids, so the format's own ``quantize`` primitive
+    recovers the codes exactly; padding columns (``in`` rounded up to the group size) get the code
+    of 0.0. NF4 with double quantization encodes against the double-quantized scales the module
+    will store (the scales GPTQ saw differ from those by at most half an 8-bit step).
+    """
+    from .. import primitives as P
+    from ..modules import module_class
+    from .rtn import nf4_effective_scales
+
+    w = result.dequantized  # [out, in]
+    in_f = w.shape[1]
+    cls = module_class(config.format)
+    if config.format == "int8":
+        scales = result.scales.reshape(-1)  # [out]
+        return cls.from_codes(P.quantize_int8(w, scales), scales, None, config=config, bias=bias, in_features=in_f)
+    wp = P.pad_columns(w, config.padded_in_features(in_f))  # [out, in_pad]
+    if config.format == "int4":
+        codes = P.quantize_int4(wp, result.scales, result.zeros, config.group_size)
+        return cls.from_codes(codes, result.scales, result.zeros, config=config, bias=bias, in_features=in_f)
+    codes = P.quantize_nf4(wp, nf4_effective_scales(result.scales, config), config.group_size)
+    return cls.from_codes(codes, result.scales, None, config=config, bias=bias, in_features=in_f)
+
+
+# --- the model-level method: llmspeed.quantize(model, fmt, method="gptq", calibration=...) ---------
+def gptq_model(
+    model,
+    plan: dict,
+    calibration=None,
+    *,
+    n_sequences: int = 128,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    clip_search: tuple[float, ...] = (1.0,),
+    progress: bool = True,
+) -> dict:
+    """GPTQ over a whole model, layer by layer (see :func:`~llmspeed.quant.calibration.quantize_sequentially`).
+
+    Args:
+        model: The float :class:`~llmspeed.protocol.CausalLM` (not modified; ``quantize`` installs the result).
+        plan: ``{qualified name: QuantConfig}`` from :func:`llmspeed.quant.plan_layers`.
+        calibration: ``None`` (the pydoc "train" half), a string, a list of strings, or token ids.
+        n_sequences, seq_len, batch_size: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
+        damp, block_size, act_order: See :func:`gptq_quantize`.
+        clip_search: int4 only: shrink factors of the group range tried when fitting a group.
+        progress: Show a progress bar over decoder layers.
+
+    Linear layers outside the decoder stack (an output head that was not skipped) are rounded to
+    nearest: their inputs are not captured.
+    """
+    from ..calibration import CalibrationConfig, calibration_tokens, quantize_sequentially, split_plan
+    from .rtn import rtn_weight
+
+    cal = CalibrationConfig(n_sequences, seq_len, batch_size)
+    if damp <= 0:
+        raise ValueError(f"damp must be positive; got {damp}")
+    tokens = calibration_tokens(model, calibration, cal)  # [n, seq_len]; raises on bad input first
+    for config in set(plan.values()):
+        grid_for(config.format, clip_search)  # validates clip_search before any work
+
+    def quantize_group(linears, hessian, config):
+        weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum out, in]: rows are independent
+        grid = grid_for(config.format, clip_search)
+        result = gptq_quantize(weight, hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order)
+        modules, row = [], 0
+        for lin in linears:
+            rows = slice(row, row + lin.out_features)
+            part = GPTQResult(result.scales[rows], result.zeros[rows], result.dequantized[rows])
+            bias = None if lin.bias is None else lin.bias.detach()
+            modules.append(pack_result(part, config, bias).to(lin.weight.device))
+            row += lin.out_features
+        return modules
+
+    built = quantize_sequentially(model, plan, tokens, cal.batch_size, quantize_group, "gptq", progress)
+    _, outside = split_plan(model, plan)
+    for name in outside:
+        from ..modules import module_class
+
+        linear = model.module.get_submodule(name)
+        qw = rtn_weight(linear.weight, plan[name])
+        bias = None if linear.bias is None else linear.bias.detach()
+        built[name] = module_class(plan[name].format).from_codes(
+            qw.codes, qw.scales, qw.zeros, config=plan[name], bias=bias, in_features=linear.in_features
+        ).to(linear.weight.device)
+    return built
+
+
+def _register() -> None:
+    from . import register_method
+
+    register_method("gptq", model=gptq_model)
+
+
+_register()

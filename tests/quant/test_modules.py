@@ -1,0 +1,127 @@
+"""Quantized linear modules: oracle, construction from codes, dtypes, autograd, SNR vs float."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llmspeed.quant import Int4Linear, Int8Linear, NF4Linear, QuantConfig, module_class
+from llmspeed.quant import primitives as P
+from llmspeed.quant.methods.rtn import rtn_weight
+
+# Minimum signal-to-noise ratio (dB) of a quantized layer's output vs the float layer on Gaussian weights.
+SNR_DB = {"int8": 38.0, "int4": 17.0, "nf4": 18.0}
+CONFIGS = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", None), QuantConfig("nf4", 64),
+           QuantConfig("nf4", 32, double_quant=True)]  # fmt: skip
+
+
+def snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
+
+
+def _linear(k=100, n=24, bias=True, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_from_linear_matches_float_layer(config):
+    lin = _linear()
+    q = module_class(config.format).from_linear(lin, config)
+    assert (q.in_features, q.out_features, q.quant_format, q.config) == (100, 24, config.format, config)
+    w = q.dequantize()
+    assert w.shape == (24, 100) and w.dtype == torch.float32
+    x = torch.randn(8, 100)
+    with torch.no_grad():
+        assert snr_db(lin(x), q(x)) > SNR_DB[config.format]
+        assert torch.allclose(q(x), x @ w.T + lin.bias, atol=1e-4, rtol=1e-4)
+    assert not any(t.requires_grad for t in q.buffers())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_from_codes_equals_from_linear(config):
+    lin = _linear(bias=False)
+    qw = rtn_weight(lin.weight, config)
+    a = module_class(config.format).from_codes(qw.codes, qw.scales, qw.zeros, config=config, in_features=100)
+    b = module_class(config.format).from_linear(lin, config)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_codes_without_padding_are_padded():
+    config = QuantConfig("int4", 64)
+    codes = torch.randint(0, 16, (4, 100), dtype=torch.uint8)
+    scales, zeros = torch.rand(4, 2), torch.full((4, 2), 8.0)
+    m = Int4Linear.from_codes(codes, scales, zeros, config=config)
+    assert m.qweight.shape == (4, 64) and m.in_padded == 128
+    assert torch.equal(m.codes()[:, :100], codes)
+    expected = (codes.float() - 8) * scales.repeat_interleave(64, 1)[:, :100]
+    assert torch.allclose(m.dequantize(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_forward_keeps_activation_dtype(fmt, dtype):
+    q = module_class(fmt).from_linear(_linear(k=64), QuantConfig(fmt))
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    y = q(x)
+    assert y.dtype == dtype and y.shape == (3, 5, 24)
+    ref = x.float() @ q.dequantize().T + q.bias
+    assert snr_db(ref, y.float()) > 30
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_backward_reaches_input_not_buffers(fmt):
+    q = module_class(fmt).from_linear(_linear(k=64), QuantConfig(fmt))
+    x = torch.randn(4, 64, requires_grad=True)
+    q(x).pow(2).sum().backward()
+    w = q.dequantize()
+    expected = (2 * (x.detach() @ w.T + q.bias)) @ w
+    assert torch.allclose(x.grad, expected, atol=1e-4)
+    assert all(b.grad is None for b in q.buffers()) and q.bias.grad is None
+
+
+def test_wrong_config_or_shapes_raise():
+    with pytest.raises(ValueError, match="config.format"):
+        Int8Linear(8, 4, QuantConfig("int4"))
+    with pytest.raises(ValueError, match="scales must have shape"):
+        Int8Linear.from_codes(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), config=QuantConfig("int8"))
+    with pytest.raises(ValueError, match="zeros must be given"):
+        Int4Linear.from_codes(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 1), config=QuantConfig("int4", 8))
+    with pytest.raises(ValueError, match="codes must be"):
+        NF4Linear.from_codes(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), config=QuantConfig("nf4", 8))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        Int8Linear.from_linear(nn.Conv1d(2, 2, 1))
+    q = Int8Linear.from_linear(_linear(k=8))
+    with pytest.raises(ValueError, match="8 features"):
+        q(torch.randn(2, 9))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"format": "int3"}, "format must be one of"), ({"format": "int4", "group_size": 0}, "group_size must be"),
+     ({"format": "int4", "group_size": -8}, "group_size must be"), ({"format": "int4", "group_size": 33}, "even"),
+     ({"format": "int8", "group_size": 64}, "None for int8"), ({"format": "int4", "double_quant": True}, "only defined for nf4"),
+     ({"format": "int4", "method": "magic"}, "method must be one of"), ({"format": "nf4", "kernel": "aten_int8"}, "kernel for nf4")],
+)  # fmt: skip
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_config_round_trips_through_dict():
+    c = QuantConfig("nf4", 128, double_quant=True)
+    assert QuantConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown keys"):
+        QuantConfig.from_dict({**c.to_dict(), "bits": 4})
+
+
+def test_nf4_double_quant_codes_are_nearest_for_stored_scales():
+    config = QuantConfig("nf4", 32, double_quant=True)
+    q = NF4Linear.from_linear(_linear(k=64, n=40), config)
+    w = _linear(k=64, n=40).weight.detach()
+    s = q.group_scales()  # [out, groups]
+    normalized = (w.view(40, 2, 32) / s[..., None]).reshape(40, -1, 1)
+    dist = (normalized - P.NF4_CODEBOOK).abs()
+    chosen = dist.gather(2, q.codes().long().reshape(40, -1, 1))
+    assert (chosen <= dist.min(dim=2, keepdim=True).values + 1e-6).all()

@@ -1,0 +1,86 @@
+"""Properties of the pure primitives: packing round trip, error bounds, nearest NF4 code, double quantization."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmspeed.quant import primitives as P
+
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def _weight(seed: int, out: int, cols: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, cols, generator=g) * scale  # [out, cols]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=SEEDS, rows=st.integers(1, 5), half=st.integers(1, 40))
+def test_pack_unpack_round_trip(seed, rows, half):
+    codes = torch.randint(0, 16, (rows, 2 * half), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    packed = P.pack_nibbles(codes)
+    assert packed.shape == (rows, half)
+    assert torch.equal(P.unpack_nibbles(packed), codes)
+    # documented layout: element 2j in the low nibble, 2j+1 in the high nibble
+    assert torch.equal(packed & 0xF, codes[:, 0::2]) and torch.equal(packed >> 4, codes[:, 1::2])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=SEEDS, out=st.integers(1, 6), cols=st.integers(1, 70), scale=st.floats(1e-4, 1e3))
+def test_int8_error_at_most_half_a_step(seed, out, cols, scale):
+    w = _weight(seed, out, cols, scale)
+    s = P.choose_qparams_int8(w)
+    err = (w - P.dequantize_int8(P.quantize_int8(w, s), s)).abs()  # [out, cols]
+    assert (err <= s[:, None] / 2 * (1 + 1e-5) + 1e-30).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=SEEDS, out=st.integers(1, 6), groups=st.integers(1, 4), g=st.sampled_from([2, 16, 32, 64]),
+       scale=st.floats(1e-4, 1e3), shift=st.floats(-2, 2))  # fmt: skip
+def test_int4_error_at_most_half_a_step(seed, out, groups, g, scale, shift):
+    w = _weight(seed, out, groups * g, scale) + shift * scale
+    s, z = P.choose_qparams_int4(w, g)
+    q = P.quantize_int4(w, s, z, g)
+    assert int(q.max()) <= 15 and torch.equal(z, z.round()) and (z >= 0).all() and (z <= 15).all()
+    err = (w - P.dequantize_int4(q, s, z, g)).abs().view(out, groups, g)
+    assert (err <= s[..., None] / 2 * (1 + 1e-4) + 1e-30).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=SEEDS, out=st.integers(1, 6), groups=st.integers(1, 3), g=st.sampled_from([2, 16, 64]))
+def test_nf4_picks_the_nearest_code(seed, out, groups, g):
+    w = _weight(seed, out, groups * g, 1.0)
+    s = P.choose_qparams_nf4(w, g)
+    q = P.quantize_nf4(w, s, g)
+    normalized = (w.view(out, groups, g) / s[..., None]).reshape(out, -1, 1)  # [out, cols, 1]
+    dist = (normalized - P.NF4_CODEBOOK).abs()  # [out, cols, 16]
+    chosen = dist.gather(2, q.long().reshape(out, -1, 1))
+    assert (chosen <= dist.min(dim=2, keepdim=True).values + 1e-6).all()
+
+
+def test_all_zero_rows_quantize_to_exact_zeros():
+    w = torch.zeros(3, 64)
+    assert torch.equal(P.dequantize_int8(P.quantize_int8(w, s := P.choose_qparams_int8(w)), s), w)
+    s, z = P.choose_qparams_int4(w, 32)
+    assert torch.equal(P.dequantize_int4(P.quantize_int4(w, s, z, 32), s, z, 32), w)
+    s = P.choose_qparams_nf4(w, 32)
+    assert torch.equal(P.dequantize_nf4(P.quantize_nf4(w, s, 32), s, 32), w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 700))
+def test_double_quantization_error_is_small(seed, n):
+    scales = torch.rand(n, generator=torch.Generator().manual_seed(seed)) + 0.01
+    q, block, offset = P.double_quantize(scales)
+    assert q.dtype == torch.int8 and block.shape == (-(-n // 256),) and offset.shape == (1,)
+    back = P.double_dequantize(q, block, offset)
+    bound = block[torch.arange(n) // 256] / 2 * (1 + 1e-5) + 1e-7
+    assert ((back - scales).abs() <= bound).all()
+
+
+def test_pad_columns_adds_zeros_on_the_right():
+    w = torch.ones(2, 5)
+    p = P.pad_columns(w, 8)
+    assert p.shape == (2, 8) and torch.equal(p[:, :5], w) and not p[:, 5:].any()
