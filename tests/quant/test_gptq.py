@@ -1,0 +1,301 @@
+"""GPTQ: the per-layer algorithm on tensors, the calibration machinery, and the model-level method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmspeed
+from llmspeed.quant import QuantConfig
+from llmspeed.quant.calibration import (
+    CalibrationConfig,
+    calibration_tokens,
+    capture_layer_inputs,
+    decoder_layers,
+    layer_hessians,
+    run_layer,
+)
+from llmspeed.quant.methods import gptq as G
+
+FORMATS = [("int4", 16), ("int4", 32), ("nf4", 16), ("int8", None)]
+OPTS = dict(seq_len=32, n_sequences=16, batch_size=8, progress=False)
+
+
+def _tokens(n: int = 16, t: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, t), generator=g)  # [n, t]
+
+
+def _rtn(weight: torch.Tensor, grid, group_size: int | None) -> torch.Tensor:
+    """Round-to-nearest with the same grid: the baseline GPTQ must beat."""
+    out = torch.empty_like(weight)
+    step = weight.shape[1] if group_size is None else group_size
+    for j in range(0, weight.shape[1], step):
+        s, z = grid.fit(weight[:, j : j + step])
+        out[:, j : j + step] = grid.fake_quantize(weight[:, j : j + step], s[:, None], z[:, None])
+    return out
+
+
+def _layer0_activations(model):
+    """Inputs of every linear of decoder layer 0 of ``model`` on random calibration tokens."""
+    inputs = capture_layer_inputs(model, _tokens(), batch_size=8)
+    _, layers = decoder_layers(model)
+    acts: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: acts.setdefault(n, []).append(a[0].detach()))
+        for n, m in layers[0].named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    run_layer(layers[0], inputs)
+    for h in hooks:
+        h.remove()
+    return layers[0], inputs, {n: torch.cat(x).reshape(-1, x[0].shape[-1]) for n, x in acts.items()}
+
+
+# --- the algorithm on tensors -----------------------------------------------------------------------
+def test_hessian_is_two_xtx_over_n():
+    x = torch.randn(3, 5, 8)
+    h = torch.zeros(8, 8)
+    rows = G.accumulate_hessian(h, x[:2]) + G.accumulate_hessian(h, x[2:])
+    x2 = x.reshape(-1, 8)
+    torch.testing.assert_close(G.finalize_hessian(h, rows), 2 * x2.T @ x2 / 15)
+
+
+@pytest.mark.parametrize("fmt,group_size", FORMATS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_layer_error_below_rtn_on_calibration_activations(fmt, group_size, act_order):
+    model = llmspeed.models.tiny("llama", seed=0)
+    layer, _, acts = _layer0_activations(model)
+    grid = G.grid_for(fmt)
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        w = layer.get_submodule(name).weight.detach()
+        h = torch.zeros(w.shape[1], w.shape[1])
+        h = G.finalize_hessian(h, G.accumulate_hessian(h, acts[name]))
+        q = G.gptq_quantize(w, h, grid, group_size, act_order=act_order).dequantized
+        e_gptq, e_rtn = G.layer_error(w, q, acts[name]), G.layer_error(w, _rtn(w, grid, group_size), acts[name])
+        assert e_gptq < 0.97 * e_rtn, f"{name}: gptq {e_gptq:.4f} vs rtn {e_rtn:.4f}"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out=st.integers(1, 12),
+    groups=st.integers(1, 4),
+    group_size=st.sampled_from([2, 4, 8]),
+    seed=st.integers(0, 2**16),
+    act_order=st.booleans(),
+)
+def test_diagonal_hessian_reduces_to_round_to_nearest(out, groups, group_size, seed, act_order):
+    """With uncorrelated inputs no error is worth pushing to other columns: GPTQ is exactly RTN."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, groups * group_size, generator=g)
+    h = torch.diag(torch.rand(groups * group_size, generator=g) + 0.5)
+    grid = G.grid_for("int4")
+    q = G.gptq_quantize(w, h, grid, group_size, act_order=act_order).dequantized
+    torch.testing.assert_close(q, _rtn(w, grid, group_size), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt,group_size", [("int4", 16), ("int4", 24), ("nf4", 16), ("int8", None)])
+def test_packed_module_reproduces_gptq_values_with_act_order(fmt, group_size):
+    """Groups stay by original column index under act-order, so the packed module decodes the same weight."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 40)  # 40 columns: g16 and g24 pad the last group
+    x = torch.randn(200, 40) * torch.linspace(0.1, 3, 40)  # act-order visits columns out of order
+    h = torch.zeros(40, 40)
+    h = G.finalize_hessian(h, G.accumulate_hessian(h, x))
+    res = G.gptq_quantize(w, h, G.grid_for(fmt), group_size, act_order=True, block_size=8)
+    config = QuantConfig(fmt, group_size, method="gptq")
+    module = G.pack_result(res, config, bias=None)
+    assert res.scales.shape == (12, config.num_groups(40))
+    torch.testing.assert_close(module.dequantize(), res.dequantized, rtol=0, atol=1e-6)
+
+
+def test_gptq_rejects_bad_arguments():
+    w, h = torch.randn(4, 8), torch.eye(8)
+    with pytest.raises(ValueError, match="hessian must be"):
+        G.gptq_quantize(w, torch.eye(7), G.grid_for("int4"), 4)
+    with pytest.raises(ValueError, match="group_size"):
+        G.gptq_quantize(w, h, G.grid_for("int4"), 0)
+    with pytest.raises(ValueError, match="block_size"):
+        G.gptq_quantize(w, h, G.grid_for("int4"), 4, block_size=0)
+    with pytest.raises(ValueError, match="format"):
+        G.grid_for("fp8")
+    with pytest.raises(ValueError, match="clip_search"):
+        G.grid_for("int4", clip_search=(1.5,))
+
+
+def test_clip_search_never_fits_worse_than_min_max():
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))  # long Gaussian tails: clipping pays
+    plain, searched = G.grid_for("int4"), G.grid_for("int4", clip_search=(1.0, 0.9, 0.8, 0.7))
+    err = {}
+    for name, grid in (("plain", plain), ("searched", searched)):
+        s, z = grid.fit(w)
+        err[name] = (grid.fake_quantize(w, s[:, None], z[:, None]) - w).abs().pow(2.4).sum(1)
+    assert (err["searched"] <= err["plain"] + 1e-6).all()
+    assert err["searched"].sum() < err["plain"].sum()
+
+
+# --- calibration machinery -----------------------------------------------------------------------
+def test_shared_inputs_share_one_hessian(llama):
+    _, layers = decoder_layers(llama)
+    inputs = capture_layer_inputs(llama, _tokens(), batch_size=8)
+    names = [n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    hessians, groups = layer_hessians(layers[0], inputs, names)
+    assert sorted(map(sorted, groups.values())) == sorted(
+        [
+            ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+            ["self_attn.o_proj"],
+            ["mlp.gate_proj", "mlp.up_proj"],
+            ["mlp.down_proj"],
+        ]
+    )
+    _, _, acts = _layer0_activations(llama)
+    x = acts["mlp.down_proj"]
+    torch.testing.assert_close(hessians["mlp.down_proj"], 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+
+
+def test_run_layer_with_swapped_weights_matches_installed_weights(llama):
+    _, layers = decoder_layers(llama)
+    inputs = capture_layer_inputs(llama, _tokens(4), batch_size=2)
+    new = torch.randn_like(layers[0].mlp.up_proj.weight)
+    swapped = run_layer(layers[0], inputs, {"mlp.up_proj.weight": new})
+    before = layers[0].mlp.up_proj.weight.detach().clone()
+    with torch.no_grad():
+        layers[0].mlp.up_proj.weight.copy_(new)
+    installed = run_layer(layers[0], inputs)
+    with torch.no_grad():
+        layers[0].mlp.up_proj.weight.copy_(before)
+    for a, b in zip(swapped.hidden, installed.hidden):
+        torch.testing.assert_close(a, b)
+
+
+def test_calibration_tokens_windows_and_errors(smollm2_cached):
+    cfg = CalibrationConfig(n_sequences=4, seq_len=16)
+    tokens = calibration_tokens(smollm2_cached, None, cfg)
+    assert tokens.shape == (4, 16) and tokens.dtype == torch.long
+    text = llmspeed.eval.pydoc_text("train")
+    expected = smollm2_cached.tokenizer.encode(text[:2000], add_special_tokens=False)[:64]
+    assert tokens.reshape(-1).tolist() == expected
+    assert calibration_tokens(smollm2_cached, ["a b c " * 20], cfg).shape[1] == 16
+    for bad, match in (([], "empty"), ("", "empty"), (["  "], "empty"), ("hi", "shorter than one window"), (3, "must be")):
+        with pytest.raises(ValueError, match=match):
+            calibration_tokens(smollm2_cached, bad, cfg)
+    with pytest.raises(ValueError, match="seq_len"):
+        CalibrationConfig(seq_len=0)
+
+
+# --- the model-level method ---------------------------------------------------------------------
+def _linears(model):
+    return {n: m for n, m in model.linear_layers()}
+
+
+@pytest.mark.parametrize("fmt,group_size", [("int4", 32), ("nf4", 32), ("int8", None)])
+def test_quantize_gptq_builds_packed_modules_and_beats_rtn(fmt, group_size):
+    ref = llmspeed.models.tiny("llama", seed=1)
+    tokens = _tokens(16, 32, seed=1)
+    x = _tokens(2, 32, seed=2)
+    with torch.no_grad():
+        want = ref.hf(input_ids=x).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = llmspeed.models.tiny("llama", seed=1)
+        opts = OPTS if method == "gptq" else None
+        llmspeed.quantize(model, fmt, group_size, method=method, calibration=tokens if opts else None, method_options=opts)
+        with torch.no_grad():
+            errors[method] = (model.hf(input_ids=tokens).logits - ref.hf(input_ids=tokens).logits).norm().item()
+            got = model.hf(input_ids=x).logits
+        assert torch.isfinite(got).all() and got.shape == want.shape
+    q = dict(model.linear_layers())["model.layers.1.mlp.down_proj"]
+    assert q.quant_format == fmt and q.config.method == "gptq"
+    assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_gptq_is_deterministic():
+    tokens = _tokens()
+    states = []
+    for _ in range(2):
+        model = llmspeed.models.tiny("qwen2", seed=3)  # qwen2: q/k/v carry biases
+        llmspeed.quantize(model, "int4", 16, method="gptq", calibration=tokens, method_options=OPTS)
+        states.append(model.hf.state_dict())
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_gptq_model_survives_save_load(tmp_path):
+    model = llmspeed.models.tiny("llama", seed=0)
+    llmspeed.quantize(model, "int4", 32, method="gptq", calibration=_tokens(), method_options=OPTS)
+    llmspeed.save(model, tmp_path / "m")
+    loaded = llmspeed.load(tmp_path / "m")
+    x = _tokens(2, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.hf(input_ids=x).logits, model.hf(input_ids=x).logits)
+
+
+def test_failure_midway_leaves_model_unchanged(monkeypatch):
+    model = llmspeed.models.tiny("llama", seed=0)
+    before = _linears(model)
+    weights = {n: m.weight.detach().clone() for n, m in before.items()}
+    calls = []
+    real = G.gptq_quantize
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # layer 1's first group: layer 0 is already done
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(G, "gptq_quantize", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        llmspeed.quantize(model, "int4", 16, method="gptq", calibration=_tokens(), method_options=OPTS)
+    assert len(calls) == 6
+    after = _linears(model)
+    for name, module in before.items():
+        assert after[name] is module, name
+        assert torch.equal(module.weight, weights[name]), name
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(calibration=[]), "empty"),
+        (dict(calibration=""), "empty"),
+        (dict(calibration=torch.arange(10)), "shorter than one window"),
+        (dict(method="gptqq"), "method must be one of"),
+        (dict(method_options=dict(seq_len=-1)), "seq_len"),
+        (dict(method_options=dict(damp=0.0)), "damp"),
+    ],
+)
+def test_bad_input_raises_before_any_layer_changes(kwargs, match):
+    model = llmspeed.models.tiny("llama", seed=0)
+    before = _linears(model)
+    args = dict(method="gptq", calibration=_tokens(), method_options=dict(OPTS))
+    if "method_options" in kwargs:
+        args["method_options"].update(kwargs.pop("method_options"))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        llmspeed.quantize(model, "int4", 16, **args)
+    assert _linears(model) == before
+
+
+def test_text_calibration_needs_a_tokenizer():
+    model = llmspeed.models.tiny("llama", seed=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        llmspeed.quantize(model, "int4", 16, method="gptq", calibration=["some text"], method_options=OPTS)
+
+
+@pytest.mark.slow
+def test_gptq_on_smollm2_first_layer_beats_rtn(smollm2):
+    """On real activations, quantizing only decoder layer 0 with GPTQ leaves a smaller output error than RTN."""
+    text = llmspeed.eval.pydoc_text("train")[:20000]
+    errs = {}
+    for method in ("rtn", "gptq"):
+        model = llmspeed.models.smollm2()
+        opts = dict(n_sequences=8, seq_len=64, progress=False) if method == "gptq" else None
+        llmspeed.quantize(model, "int4", 64, method=method, include=["model.layers.0.*"], calibration=text if opts else None, method_options=opts)
+        ids = calibration_tokens(model, text, CalibrationConfig(8, 64))
+        _, layers = decoder_layers(model)
+        out_q = run_layer(layers[0], capture_layer_inputs(model, ids, 8)).hidden
+        out_f = run_layer(decoder_layers(smollm2)[1][0], capture_layer_inputs(smollm2, ids, 8)).hidden
+        errs[method] = sum((a - b).norm().item() for a, b in zip(out_q, out_f))
+    assert errs["gptq"] < 0.8 * errs["rtn"], errs
