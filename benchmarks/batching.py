@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmspeed.bench.batching import run
+from llmspeed.bench.batching import attention_variants, run
 from llmspeed.bench.timing import markdown_table
 
 
@@ -17,7 +17,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama-1b-random"])
     parser.add_argument("--quick", action="store_true", help="12 short requests instead of 48")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--attention", action="store_true", help="only the decode-attention layout comparison")
     args = parser.parse_args()
+    if args.attention:
+        print(markdown_table(attention_variants(device=args.device)))
+        return
     rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress)
     print(markdown_table(rows))
 

@@ -256,3 +256,56 @@ def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, pro
             "note": f"{t / read:.2f}x the {read * 1e3:.1f} ms to read {w / 1e6:.0f} MB of weights at {bw / 1e9:.1f} GB/s",
         })
     return rows
+
+
+def attention_variants(num_seqs: int = 32, context: int = 256, block_size: int = 16, device: str = "cpu") -> list[dict]:
+    """Time one layer's decode attention for ``num_seqs`` sequences of ``context`` tokens, several ways.
+
+    SmolLM2 shapes (9 query heads, 3 KV heads, head dim 64). ``paged gather + SDPA`` is what
+    :class:`~llmspeed.generation.PagedAttention` does; ``dense cache + SDPA`` is the lower bound a
+    contiguous per-sequence layout would reach (no gather); the loop is one SDPA call per sequence.
+    """
+    import torch.nn.functional as F
+
+    dev = torch.device(device)
+    heads, kv_heads, dim = 9, 3, 64
+    group = heads // kv_heads
+    width = -(-context // block_size)
+    num_blocks = num_seqs * width + 8
+    cache = torch.randn(num_blocks, block_size, kv_heads, dim, device=dev)  # [NB, BS, Hkv, D]
+    perm = torch.randperm(num_blocks - 8, device=dev)[: num_seqs * width]  # scattered blocks
+    q = torch.randn(num_seqs, kv_heads, group, dim, device=dev)  # [n, Hkv, G, D]
+    mask = torch.ones(num_seqs, 1, 1, width * block_size, dtype=torch.bool, device=dev)
+    dense = torch.randn(num_seqs, kv_heads, width * block_size, dim, device=dev)  # [n, Hkv, L, D]
+    tables = perm.view(num_seqs, width)
+
+    def paged():
+        k = cache.index_select(0, perm).view(num_seqs, -1, kv_heads, dim).transpose(1, 2)  # [n, Hkv, L, D]
+        v = cache.index_select(0, perm).view(num_seqs, -1, kv_heads, dim).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def paged_gqa():
+        k = cache.index_select(0, perm).view(num_seqs, -1, kv_heads, dim).transpose(1, 2)
+        v = cache.index_select(0, perm).view(num_seqs, -1, kv_heads, dim).transpose(1, 2)
+        qh = q.reshape(num_seqs, heads, 1, dim)  # [n, H, 1, D]
+        return F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
+
+    def dense_sdpa():
+        return F.scaled_dot_product_attention(q, dense, dense, attn_mask=mask)
+
+    def loop():
+        outs = []
+        for i in range(num_seqs):
+            k = cache.index_select(0, tables[i]).view(-1, kv_heads, dim).transpose(0, 1)[None]  # [1, Hkv, L, D]
+            outs.append(F.scaled_dot_product_attention(q[i : i + 1], k, k))
+        return torch.cat(outs)
+
+    rows = []
+    for name, fn in (("paged gather + SDPA (GQA folded into query axis)", paged),
+                     ("paged gather + SDPA (enable_gqa)", paged_gqa),
+                     ("dense per-sequence cache + SDPA (no gather)", dense_sdpa),
+                     ("paged, one SDPA per sequence", loop)):
+        t = timeit(fn, repeats=7, warmup=2, device=dev)
+        rows.append({"variant": name, "seqs": num_seqs, "context": context, "ms_per_layer": round(t.median * 1e3, 3),
+                     "spread": f"±{t.spread * 50:.0f}%"})
+    return rows

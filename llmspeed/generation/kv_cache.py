@@ -118,27 +118,26 @@ class PagedAttention:
         k_layer.view(-1, kv_heads, dim).index_copy_(0, self.slots, k_new)
         v_layer.view(-1, kv_heads, dim).index_copy_(0, self.slots, v_new)
 
-        parts = []
+        out = query.new_empty(tokens, heads, dim)  # [T, H, D]
         if self.num_decode:
             n = self.num_decode
             q = query[0, :, :n].reshape(kv_heads, group, n, dim).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
             k = k_layer.index_select(0, self.dec_blocks).view(n, -1, kv_heads, dim).transpose(1, 2)  # [n, Hkv, L, D]
             v = v_layer.index_select(0, self.dec_blocks).view(n, -1, kv_heads, dim).transpose(1, 2)  # [n, Hkv, L, D]
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=self.dec_mask, scale=scaling)
-            parts.append(out.reshape(n, heads, dim))  # [n, H, D]
+            att = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=self.dec_mask, scale=scaling)
+            out[:n] = att.reshape(n, heads, dim)  # [n, H, D]
         for row, length, start, blocks, mask in self.prefills:
             q = query[:, :, row : row + length]  # [1, H, t, D]
             if blocks is None:
                 k = key[:, :, row : row + length]  # [1, Hkv, t, D]
                 v = value[:, :, row : row + length]  # [1, Hkv, t, D]
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+                att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
             else:
                 ctx = mask.shape[1]
                 k = k_layer.index_select(0, blocks).view(-1, kv_heads, dim)[:ctx].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
                 v = v_layer.index_select(0, blocks).view(-1, kv_heads, dim)[:ctx].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-                out = F.scaled_dot_product_attention(
+                att = F.scaled_dot_product_attention(
                     q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling, enable_gqa=True
                 )
-            parts.append(out[0].transpose(0, 1))  # [t, H, D]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # [T, H, D]
+            out[row : row + length] = att[0].transpose(0, 1)  # [t, H, D]
         return out[None]  # [1, T, H, D]

@@ -1,0 +1,45 @@
+"""PagedAttention against plain causal attention over each sequence's full context."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache
+from llmspeed.protocol import ModelSpec
+
+SPEC = ModelSpec("Test", 1, 4, 2, 8, 32, 10, 64, torch.float32, torch.device("cpu"))
+
+
+def _reference(q, k, v):  # q [H, t, D] for the last t positions of k/v [Hkv, L, D]
+    length, t = k.shape[1], q.shape[1]
+    mask = torch.arange(length)[None, :] <= torch.arange(length - t, length)[:, None]  # [t, L]
+    k = k.repeat_interleave(2, dim=0)  # [H, L, D]
+    v = v.repeat_interleave(2, dim=0)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0].transpose(0, 1)  # [t, H, D]
+
+
+def test_paged_attention_matches_dense_causal_attention():
+    torch.manual_seed(0)
+    cache = PagedKVCache(SPEC, num_blocks=16, block_size=4)
+    tables = {0: [5, 1, 9], 1: [2, 7], 2: [3, 0, 11, 4]}
+    lengths = {0: 10, 1: 6, 2: 13}
+    k_all = {s: torch.randn(2, n, 8) for s, n in lengths.items()}  # [Hkv, L, D]
+    v_all = {s: torch.randn(2, n, 8) for s, n in lengths.items()}
+    q_all = {s: torch.randn(4, n, 8) for s, n in lengths.items()}  # [H, L, D]
+    done = {0: 0, 1: 0, 2: 0}
+    # step 1: prefill seq 0 fully, seq 2 partly (chunked); step 2: decode 0, prefill 1, rest of 2
+    for plan in ({0: 9, 2: 7}, {0: 1, 1: 6, 2: 6}):
+        order = sorted(plan, key=lambda s: plan[s] != 1)
+        chunks = [(tables[s], done[s], plan[s]) for s in order]
+        q = torch.cat([q_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]  # [1, H, T, D]
+        k = torch.cat([k_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]  # [1, Hkv, T, D]
+        v = torch.cat([v_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]
+        out = PagedAttention(cache, chunks)(0, q, k, v, 8**-0.5)[0]  # [T, H, D]
+        row = 0
+        for s in order:
+            end = done[s] + plan[s]
+            ref = _reference(q_all[s][:, done[s] : end], k_all[s][:, :end], v_all[s][:, :end])
+            torch.testing.assert_close(out[row : row + plan[s]], ref, rtol=1e-5, atol=1e-5)
+            row += plan[s]
+            done[s] = end
