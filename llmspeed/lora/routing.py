@@ -38,14 +38,14 @@ class Routing:
         axis: ``"token"``: ``N`` equals the number of tokens in the flattened input (the ragged
             batch of ``forward_batch``); ``"row"``: ``N`` equals the input's first dimension.
         method: ``"auto"``, ``"concat"`` or ``"segment"`` (see the module docstring).
-        cache: Concatenated weights per layer, built on first use inside the context.
+        cache: Concatenated weights per layer, masks and index lists, built on first use inside the context.
     """
 
     adapters: tuple[str, ...]
     ids: torch.Tensor  # [N]
     axis: str = "token"
     method: str = "auto"
-    cache: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    cache: dict[object, object] = field(default_factory=dict)
 
     @classmethod
     def from_names(cls, names: list[str | None], axis: str, method: str, device: torch.device) -> Routing:
@@ -70,7 +70,10 @@ def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
         return routing.ids
     if x.dim() < 2 or x.shape[0] != n:
         raise ValueError(f"per-row adapters were given for {n} rows but this layer received input {tuple(x.shape)}")
-    return routing.ids.repeat_interleave(tokens // n)  # [T]
+    key = ("ids", tokens)
+    if key not in routing.cache:
+        routing.cache[key] = routing.ids.repeat_interleave(tokens // n)  # [T]
+    return routing.cache[key]
 
 
 def _local(layer: LoraLinear, routing: Routing) -> tuple[list[str], torch.Tensor]:
@@ -91,7 +94,8 @@ def _concat_weights(layer: LoraLinear, routing: Routing):
         ranks = torch.tensor([layer.lora_A[n].out_features for n in names], device=a_cat.device)
         scales = torch.tensor([layer.scaling[n] for n in names] + [0.0], dtype=a_cat.dtype, device=a_cat.device)
         owner = torch.repeat_interleave(torch.arange(len(names), device=a_cat.device), ranks)  # [R]
-        routing.cache[key] = (a_cat, b_cat, owner, scales, remap)
+        layout = (tuple(names), tuple(ranks.tolist()), tuple(scales.tolist()))  # layers sharing it share masks
+        routing.cache[key] = (a_cat, b_cat, owner, scales, remap, layout)
     return routing.cache[key]
 
 
@@ -99,17 +103,23 @@ def concat_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torc
     """One-pass delta: ``((x A_cat^T) * mask) B_cat^T`` with the mask selecting each token's adapter."""
     if not any(n in layer.lora_A for n in layer.routing.adapters):
         return x2.new_zeros(x2.shape[0], layer.out_features)
-    a_cat, b_cat, owner, scales, remap = _concat_weights(layer, layer.routing)
-    local = remap[ids]  # [T], -1 where the token has no adapter on this layer (ids=-1 reads the last entry)
-    mask = (local[:, None] == owner[None, :]).to(x2.dtype) * scales[local][:, None]  # [T, R]
+    a_cat, b_cat, owner, scales, remap, layout = _concat_weights(layer, layer.routing)
+    key = ("mask", layout, ids.shape[0])
+    mask = layer.routing.cache.get(key)
+    if mask is None:
+        local = remap[ids]  # [T], -1 where the token has no adapter on this layer (ids=-1 reads the last entry)
+        mask = (local[:, None] == owner[None, :]).to(x2.dtype) * scales[local][:, None]  # [T, R]
+        layer.routing.cache[key] = mask
     return ((x2 @ a_cat.T) * mask) @ b_cat.T  # [T, out]
 
 
 def segment_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [T, out]
     """Loop over the adapters in the batch: gather their tokens, apply ``B(A(x))``, scatter-add."""
     out = x2.new_zeros(x2.shape[0], layer.out_features)  # [T, out]
-    for i, name in enumerate(layer.routing.adapters):
-        rows = (ids == i).nonzero().squeeze(1)  # [t_i]
+    key = ("rows", ids.shape[0])
+    if key not in layer.routing.cache:
+        layer.routing.cache[key] = [(ids == i).nonzero().squeeze(1) for i in range(len(layer.routing.adapters))]
+    for name, rows in zip(layer.routing.adapters, layer.routing.cache[key]):  # rows: [t_i]
         if rows.numel() and name in layer.lora_A:
             sub = layer.lora_B[name](layer.lora_A[name](x2.index_select(0, rows)))  # [t_i, out]
             out.index_add_(0, rows, sub * layer.scaling[name])
