@@ -246,7 +246,8 @@ def quantize_sequentially(
 
     For layer ``i``: one pass with forward hooks sums the Hessians of its planned linear layers'
     inputs (:func:`layer_hessians`); ``quantize_group(linears, hessian, config)`` turns each set of
-    linears that share an input (q/k/v, gate/up) into quantized modules; a second pass with the
+    linears that share an input (q/k/v, gate/up) into ``(quantized module, its float weight)``
+    pairs (the weight must equal ``module.dequantize()``); a second pass with the
     dequantized weights swapped in produces the inputs of layer ``i + 1``. The model is never
     modified: the caller installs the returned ``{qualified name: module}`` all at once.
     Planned linears outside the decoder layers (an output head not skipped) are not handled here.
@@ -265,10 +266,10 @@ def quantize_sequentially(
             hessians, groups = layer_hessians(layer, inputs, list(names))
             for owner, members in groups.items():
                 linears = [layer.get_submodule(n) for n in members]
-                modules = quantize_group(linears, hessians[owner], plan[names[owner]])
-                for rel, linear, module in zip(members, linears, modules):
+                pairs = quantize_group(linears, hessians[owner], plan[names[owner]])
+                for rel, linear, (module, weight) in zip(members, linears, pairs):
                     built[names[rel]] = module
-                    swapped[f"{rel}.weight"] = module.dequantize(linear.weight.dtype).to(linear.weight.device)
+                    swapped[f"{rel}.weight"] = weight.to(linear.weight.device, linear.weight.dtype)
             del hessians
         if i < last:
             inputs = run_layer(layer, inputs, swapped)

@@ -27,8 +27,8 @@ def _int4_shape(module, x) -> str | None:
     g = module.config.group_size
     if g not in _INT4_GROUPS:
         return f"aten int4 kernels need group_size in {list(_INT4_GROUPS)}; got {g}"
-    if module.in_padded % 32 or module.out_features % 8:
-        return f"aten int4 kernels need in_pad % 32 == 0 and out % 8 == 0; got {module.in_padded}, {module.out_features}"
+    if module.in_padded % 32 or module.out_features % 16:
+        return f"aten int4 kernels need in_pad % 32 == 0 and out % 16 == 0; got {module.in_padded}, {module.out_features}"
     return None
 
 

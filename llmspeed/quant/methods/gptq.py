@@ -125,10 +125,10 @@ def gptq_quantize(
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0  # inputs that never fire: any value works, no error is pushed from them
 
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_f)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_f, device=H.device)
     inv_perm = torch.argsort(perm)
     # Work on W^T so that a column of W is a contiguous row: [in, out] in visiting order.
-    Wt = weight.detach().to(torch.float32).T[perm].contiguous()  # [in, out], becomes the error-updated weight
+    Wt = weight.detach().to(H.device, torch.float32).T[perm].contiguous()  # [in, out], becomes the error-updated weight
     H = H[perm][:, perm]
     with _single_thread():  # thousands of tiny ops: thread hand-offs cost more than they save
         Hinv = _inverse_cholesky(H, damp)  # [in, in] upper
@@ -243,7 +243,7 @@ class NF4Grid:
         """Nearest codebook value of ``w / s``, times ``s``."""
         from ..primitives import _NF4_MIDPOINTS, NF4_CODEBOOK
 
-        return NF4_CODEBOOK[torch.bucketize(w / scale, _NF4_MIDPOINTS)].mul_(scale)
+        return NF4_CODEBOOK.to(w.device)[torch.bucketize(w / scale, _NF4_MIDPOINTS.to(w.device))].mul_(scale)
 
     def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
         """Codebook indices ``[out, in_pad]`` of on-grid ``w``."""
@@ -356,7 +356,9 @@ def gptq_model(
             rows = slice(row, row + lin.out_features)
             part = GPTQResult(result.scales[rows], result.zeros[rows], result.dequantized[rows])
             bias = None if lin.bias is None else lin.bias.detach()
-            modules.append(pack_result(part, config, bias).to(lin.weight.device))
+            module = pack_result(part, config, bias).to(lin.weight.device)
+            exact = config.format != "nf4" or not config.double_quant  # else the stored scales moved
+            modules.append((module, part.dequantized if exact else module.dequantize()))
             row += lin.out_features
         return modules
 

@@ -1,0 +1,145 @@
+"""``llmspeed.quantize`` on tiny models: what changes, what is skipped, bad input leaves the model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import llmspeed
+from llmspeed.protocol import is_quantized
+from llmspeed.quant import Int4Linear, NF4Linear, plan_layers
+from llmspeed.quant.methods import METHODS, register_method
+
+
+def _snapshot(model):
+    return {name: module for name, module in model.linear_layers()}
+
+
+def _assert_untouched(model, before):
+    assert _snapshot(model) == before
+    assert not any(is_quantized(m) for _, m in model.linear_layers())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_quantize_every_arch_keeps_logits_close(tiny_model, fmt):
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_model.hf(ids).logits
+        out = llmspeed.quantize(tiny_model, fmt, group_size=None if fmt == "int8" else 32)
+        assert out is tiny_model
+        got = tiny_model.hf(ids).logits
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < {"int8": 0.02, "int4": 0.25, "nf4": 0.25}[fmt]
+    names = [n for n, m in tiny_model.linear_layers() if is_quantized(m)]
+    assert "lm_head" not in names and len(names) == len(tiny_model.linear_names()) - 1
+
+
+def test_skip_include_and_lm_head(llama):
+    llmspeed.quantize(llama, "nf4", skip=[], include=["lm_head", "*.mlp.*"], double_quant=True)
+    q = {n for n, m in llama.linear_layers() if is_quantized(m)}
+    assert "lm_head" in q and all(".mlp." in n or n == "lm_head" for n in q)
+    assert isinstance(llama.hf.lm_head, NF4Linear) and llama.hf.lm_head.config.double_quant
+
+
+def test_memory_shrinks(llama):
+    before = llmspeed.memory_footprint(llama)["linear"]
+    llmspeed.quantize(llama, "int4", group_size=64)
+    after = llmspeed.memory_footprint(llama)["linear"]
+    head = llama.hf.lm_head.weight.numel() * 4
+    assert (after - head) / (before - head) < 0.16
+
+
+def test_generate_with_transformers_after_quantize(llama):
+    llmspeed.quantize(llama, "int4", group_size=32)
+    out = llama.hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_bf16_model_quantizes_and_runs():
+    model = llmspeed.models.tiny("llama", dtype=torch.bfloat16)
+    llmspeed.quantize(model, "int8")
+    with torch.no_grad():
+        logits = model.hf(torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"fmt": "int5"}, "format must be one of"), ({"fmt": "int4", "group_size": 0}, "group_size must be"),
+     ({"fmt": "int4", "group_size": 256}, "larger than in_features"), ({"fmt": "int8", "group_size": 32}, "None for int8"),
+     ({"fmt": "int4", "skip": ["model.norm"]}, "not a linear layer"), ({"fmt": "int4", "include": ["model.embed_tokens"]}, "not a linear layer"),
+     ({"fmt": "int4", "skip": ["nothing.here"]}, "matches no linear layer"), ({"fmt": "int4", "kernel": "tinygemm"}, "tinygemm"),
+     ({"fmt": "int4", "kernel": "nope"}, "kernel for int4 must be one of"), ({"fmt": "int4", "method": "nope"}, "method must be one of"),
+     ({"fmt": "int4", "skip": "lm_head"}, "lists of names")],
+)  # fmt: skip
+def test_bad_input_raises_and_leaves_model_untouched(llama, kwargs, match):
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=match):
+        llmspeed.quantize(llama, **kwargs)
+    _assert_untouched(llama, before)
+
+
+def test_quantizing_twice_raises(llama):
+    llmspeed.quantize(llama, "int8")
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match="already quantized"):
+        llmspeed.quantize(llama, "int4")
+    assert _snapshot(llama) == before
+
+
+def test_failure_midway_restores_every_layer(llama):
+    calls = []
+
+    def flaky(weight, config):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return METHODS["rtn"].weight(weight, config)
+
+    register_method("flaky_test", weight=flaky)
+    try:
+        before = _snapshot(llama)
+        with pytest.raises(RuntimeError, match="boom"):
+            llmspeed.quantize(llama, "int4", method="flaky_test")
+        _assert_untouched(llama, before)
+    finally:
+        METHODS.pop("flaky_test")
+
+
+def test_model_level_method_takes_over_the_loop(llama):
+    seen = {}
+
+    def whole_model(model, plan, calibration, scale=1.0):
+        seen.update(calibration=calibration, scale=scale, names=list(plan))
+        out = {}
+        for name, config in plan.items():
+            lin = model.module.get_submodule(name)
+            qw = METHODS["rtn"].weight(lin.weight * scale, config)
+            out[name] = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=config, in_features=lin.in_features)
+            model.replace_linear(name, out[name])  # allowed: quantize re-installs / restores
+        return out
+
+    register_method("whole_test", model=whole_model, needs_calibration=True)
+    try:
+        with pytest.raises(ValueError, match="needs calibration"):
+            llmspeed.quantize(llama, "int4", method="whole_test")
+        llmspeed.quantize(llama, "int4", method="whole_test", calibration="text", method_options={"scale": 1.0})
+        assert seen["calibration"] == "text" and "lm_head" not in seen["names"]
+        assert isinstance(llama.hf.model.layers[0].mlp.up_proj, Int4Linear)
+        assert llama.hf.model.layers[0].mlp.up_proj.config.method == "whole_test"
+    finally:
+        METHODS.pop("whole_test")
+
+
+def test_plan_lists_layers_without_changing_anything(llama):
+    from llmspeed.quant import QuantConfig
+
+    before = _snapshot(llama)
+    plan = plan_layers(llama, QuantConfig("int4"))
+    assert set(plan) == set(llama.linear_names()) - {"lm_head"}
+    assert _snapshot(llama) == before
+
+
+def test_top_level_names_resolve():
+    assert llmspeed.quantize is llmspeed.quant.quantize
+    assert llmspeed.save is llmspeed.quant.save and llmspeed.load is llmspeed.quant.load
+    assert llmspeed.kernels is llmspeed.quant.kernels

@@ -1,0 +1,128 @@
+"""Every kernel agrees with the reference within a dtype tolerance; ``auto`` choices; the C++ fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import llmspeed
+from llmspeed.quant import QuantConfig, module_class
+from llmspeed.quant.kernels import KERNELS, auto_kernel, cpp, select
+
+# max |kernel - reference| / max |reference| per activation dtype (reference computes in that dtype)
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+APPROX_SNR_DB = 25.0  # kernels that also quantize activations (int8_dynamic)
+CASES = [("int8", None, 96), ("int4", 32, 100), ("int4", 64, 128), ("int4", 128, 576), ("nf4", 64, 100),
+         ("nf4", 32, 64), ("int4", None, 48)]  # fmt: skip
+
+
+def _module(fmt, group, k, n=48, double_quant=False):
+    torch.manual_seed(k + n)
+    lin = nn.Linear(k, n, bias=False)
+    return module_class(fmt).from_linear(lin, QuantConfig(fmt, group, double_quant=double_quant))
+
+
+def _kernels_for(fmt):
+    return [name for name, k in KERNELS.items() if fmt in k.formats and "cpu" in k.devices]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("fmt, group, k", CASES)
+def test_every_cpu_kernel_matches_reference(fmt, group, k, dtype):
+    modules = [_module(fmt, group, k)] + ([_module(fmt, group, k, double_quant=True)] if fmt == "nf4" else [])
+    checked = 0
+    for module in modules:
+        for m in (1, 3, 4, 17):
+            x = torch.randn(m, k).to(dtype)
+            ref = KERNELS["reference"].run(module, x).float()
+            for name in _kernels_for(fmt):
+                kernel = KERNELS[name]
+                if kernel.why_not(module, x) is not None:
+                    continue
+                out = kernel.run(module, x)
+                assert out.dtype == dtype and out.shape == (m, 48), name
+                if kernel.exact:
+                    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                    assert err <= TOLERANCE[dtype], (name, m, err)
+                else:
+                    snr = 10 * torch.log10(ref.pow(2).sum() / (out.float() - ref).pow(2).sum())
+                    assert snr > APPROX_SNR_DB, (name, m, snr)
+                checked += 1
+    assert checked >= 8  # reference + dequant_fp32 at least, for 4 row counts
+
+
+def test_cpp_kernel_is_built_and_cached_on_disk():
+    if cpp.compiler() is None:
+        pytest.skip("no C++ compiler on this machine: the fallback test below covers it")
+    assert cpp.unavailable() is None, cpp.unavailable()
+    assert list(cpp.build_dir().glob("llmspeed_fused_cpu_*/*.so"))
+    module = _module("int4", 64, 128)
+    assert auto_kernel(module, torch.randn(1, 128)).name == "cpp"
+
+
+@pytest.fixture
+def no_cpp(monkeypatch):
+    cpp._build.cache_clear()
+    monkeypatch.setenv(cpp.DISABLE_ENV, "1")
+    yield
+    monkeypatch.delenv(cpp.DISABLE_ENV, raising=False)
+    cpp._build.cache_clear()
+
+
+def test_without_compiler_auto_falls_back_to_torch(no_cpp, monkeypatch):
+    monkeypatch.delenv(cpp.DISABLE_ENV)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    cpp._build.cache_clear()
+    assert "no C++ compiler" in cpp.unavailable()
+    model = llmspeed.models.tiny("llama")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref = model.hf(ids).logits
+        llmspeed.quantize(model, "nf4", group_size=32)
+        out = model.hf(ids).logits
+    assert ((out - ref).norm() / ref.norm()) < 0.25
+    layer = model.hf.model.layers[0].mlp.up_proj
+    assert auto_kernel(layer, torch.randn(1, 64)).name == "dequant_fp32"
+    report = llmspeed.kernels()
+    assert not next(r for r in report.kernels if r["kernel"] == "cpp")["available"]
+
+
+def test_disabled_cpp_named_explicitly_raises(no_cpp):
+    assert "disabled" in cpp.unavailable()
+    with pytest.raises(ValueError, match="not available on this machine"):
+        llmspeed.quantize(llmspeed.models.tiny("llama"), "int8", kernel="cpp")
+
+
+def test_named_kernel_is_used_and_checked_per_input():
+    module = _module("int4", 32, 100)
+    object.__setattr__(module, "config", QuantConfig("int4", 32, kernel="aten_int4_cpu"))
+    module._kernels.clear()
+    assert select(module, torch.randn(2, 100)).name == "aten_int4_cpu"
+    module_g16 = _module("int4", 16, 64)
+    object.__setattr__(module_g16, "config", QuantConfig("int4", 16, kernel="aten_int4_cpu"))
+    with pytest.raises(ValueError, match="group_size in"):
+        select(module_g16, torch.randn(2, 64))
+
+
+def test_report_lists_kernels_and_choices():
+    report = llmspeed.kernels()
+    names = {r["kernel"] for r in report.kernels}
+    assert {"reference", "dequant_fp32", "aten_int8", "aten_int4_cpu", "cpp", "tinygemm", "int8_dynamic"} <= names
+    assert not next(r for r in report.kernels if r["kernel"] == "tinygemm")["available"] or torch.cuda.is_available()
+    assert report.choices[("cpu", "int8", "float32", 512)] == "dequant_fp32"
+    assert "kernel='auto' picks" in str(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, group, k", [("int8", None, 256), ("int4", 64, 512), ("nf4", 64, 256)])
+def test_cuda_kernels_match_reference(fmt, group, k):
+    module = _module(fmt, group, k, n=64).cuda()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for m in (1, 4, 33):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = KERNELS["reference"].run(module, x).float()
+            for name in [n for n, kk in KERNELS.items() if fmt in kk.formats and kk.exact]:
+                if KERNELS[name].why_not(module, x) is None:
+                    out = KERNELS[name].run(module, x).float()
+                    assert ((out - ref).abs().max() / ref.abs().max()) <= TOLERANCE[dtype], name

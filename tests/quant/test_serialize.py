@@ -1,0 +1,99 @@
+"""``save``/``load``: bit-exact round trips, tied heads, and clear errors on foreign or damaged folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import llmspeed
+from llmspeed.quant import NF4Linear
+from llmspeed.quant.serialize import WEIGHTS
+
+
+def _state(model):
+    return {k: v for k, v in model.module.state_dict().items()}
+
+
+def _assert_bit_exact(a, b):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("int8", {}), ("int4", {"group_size": 32}), ("nf4", {"double_quant": True}),
+                                         ("nf4", {"group_size": 48, "skip": []})])  # fmt: skip
+def test_round_trip_is_bit_exact(tmp_path, llama, fmt, kwargs):
+    llmspeed.quantize(llama, fmt, **kwargs)
+    llmspeed.save(llama, tmp_path)
+    loaded = llmspeed.load(tmp_path)
+    _assert_bit_exact(llama, loaded)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(llama.hf(ids).logits, loaded.hf(ids).logits)
+    q = {n: type(m) for n, m in llama.linear_layers()}
+    assert q == {n: type(m) for n, m in loaded.linear_layers()}
+
+
+def test_tied_head_stays_tied_and_float_model_works(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = llmspeed.wrap(transformers.AutoModelForCausalLM.from_config(config).eval())
+    llmspeed.save(model, tmp_path / "float")
+    llmspeed.quantize(model, "int4", group_size=32)
+    llmspeed.save(model, tmp_path / "q")
+    for sub in ("float", "q"):
+        loaded = llmspeed.load(tmp_path / sub)
+        assert loaded.hf.lm_head.weight is loaded.hf.model.embed_tokens.weight
+    _assert_bit_exact(model, loaded)
+
+
+def test_tokenizer_and_quant_config_are_saved(tmp_path, llama):
+    llmspeed.quantize(llama, "nf4", group_size=32)
+    llmspeed.save(llama, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        meta = f.metadata()
+    quant = json.loads(meta["quantization"])
+    assert quant["model.layers.0.mlp.up_proj"]["group_size"] == 32 and meta["format"] == "llmspeed"
+    assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.up_proj, NF4Linear)
+
+
+def test_plain_transformers_folder_is_rejected(tmp_path, llama):
+    llama.hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not an llmspeed checkpoint"):
+        llmspeed.load(tmp_path)
+    with pytest.raises(ValueError, match="not an llmspeed checkpoint"):
+        llmspeed.load(tmp_path / "missing")
+
+
+def test_truncated_or_corrupt_file_raises(tmp_path, llama):
+    llmspeed.quantize(llama, "int8")
+    llmspeed.save(llama, tmp_path)
+    path = tmp_path / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        llmspeed.load(tmp_path)
+    path.write_bytes(b"\xff" * 8 + data[8:])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        llmspeed.load(tmp_path)
+
+
+def test_config_not_matching_tensors_raises(tmp_path, llama):
+    llmspeed.quantize(llama, "int4", group_size=32)
+    llmspeed.save(llama, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match its config"):
+        llmspeed.load(tmp_path)
+    cfg["num_hidden_layers"], cfg["intermediate_size"] = 2, 96
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="wrong shape"):
+        llmspeed.load(tmp_path)
