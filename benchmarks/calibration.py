@@ -1,0 +1,28 @@
+"""Calibrated int4: fp32 vs round-to-nearest vs HQQ vs GPTQ perplexity on SmolLM2, with calibration time.
+
+    flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--device cuda]
+
+The same suite is ``llmspeed.bench.calibration.run``; see docs/calibration.md for the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from llmspeed.bench.calibration import run
+from llmspeed.bench.timing import markdown_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2"])
+    parser.add_argument("--quick", action="store_true", help="fp32 and int4 g64 only, 32 calibration sequences, 4 windows")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress)
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

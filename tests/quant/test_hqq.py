@@ -1,0 +1,146 @@
+"""HQQ: calibration-free int4 with optimized fractional zero points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmspeed
+from llmspeed.quant import Int4Linear, QuantConfig
+from llmspeed.quant.methods.hqq import hqq_int4, hqq_weight, shrink_lp
+from llmspeed.quant.methods.rtn import rtn_weight
+
+
+def _weight(out: int = 64, inp: int = 96, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.02
+    outliers = torch.rand(out, inp, generator=g) < 0.01
+    return torch.where(outliers, w * 8, w)  # heavy tails, like trained weights
+
+
+def _dequant(qw, config, in_features):
+    module = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=config, in_features=in_features)
+    return module.dequantize()
+
+
+def test_shrink_lp_is_a_shrinkage():
+    x = torch.linspace(-3, 3, 101)
+    y = shrink_lp(x, beta=10.0, p=0.7)
+    assert (y.abs() <= x.abs()).all()
+    assert (torch.sign(y) * torch.sign(x) >= 0).all()
+    assert y[50] == 0  # zero stays zero
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])  # 128 pads 96 columns up to one group of 128
+def test_hqq_beats_rtn_in_its_objective_and_in_l2(group_size):
+    w = _weight()
+    config = QuantConfig("int4", group_size, method="hqq")
+    d_hqq = _dequant(hqq_weight(w, config), config, 96)
+    d_rtn = _dequant(rtn_weight(w, config), config, 96)
+    lp = lambda d: (d - w).abs().pow(0.7).sum().item()  # noqa: E731
+    assert lp(d_hqq) < lp(d_rtn)
+    assert (d_hqq - w).norm() < (d_rtn - w).norm()
+
+
+def test_hqq_stores_fractional_zero_points_in_the_int4_layout():
+    w = _weight()
+    config = QuantConfig("int4", 32, method="hqq")
+    qw = hqq_weight(w, config)
+    assert qw.codes.dtype == torch.uint8 and qw.codes.shape == (64, 96) and int(qw.codes.max()) <= 15
+    assert qw.scales.shape == qw.zeros.shape == (64, 3)
+    assert not torch.equal(qw.zeros, qw.zeros.round())
+    # codes are the nearest levels for the fractional zero: re-rounding changes nothing
+    g = w.reshape(64, 3, 32)
+    again = torch.round(g / qw.scales[..., None] + qw.zeros[..., None]).clamp(0, 15)
+    assert torch.equal(again.reshape(64, 96).to(torch.uint8), qw.codes)
+
+
+@settings(max_examples=20, deadline=None)
+@given(out=st.integers(1, 8), groups=st.integers(1, 3), group_size=st.sampled_from([2, 8, 16]), seed=st.integers(0, 2**16))
+def test_hqq_never_worse_than_its_start_in_lp(out, groups, group_size, seed):
+    """The best iterate is kept, so the l_p error never exceeds that of the initial min/max zero point."""
+    w = torch.randn(out, groups * group_size, generator=torch.Generator().manual_seed(seed))
+    codes0, s0, z0 = hqq_int4(w, group_size, iters=0)
+    codes, s, z = hqq_int4(w, group_size, iters=20)
+    torch.testing.assert_close(s, s0)
+
+    def lp(c, zz):
+        d = (c.float().reshape(out, groups, group_size) - zz[..., None]) * s[..., None]
+        return (d.reshape(out, -1) - w).abs().pow(0.7).reshape(out, groups, group_size).sum(-1)
+
+    assert (lp(codes, z) <= lp(codes0, z0) + 1e-5).all()
+
+
+def test_quantize_with_hqq_runs_the_int4_kernels_and_saves(tmp_path):
+    model = llmspeed.models.tiny("llama", seed=0)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = model.hf(input_ids=x).logits
+    llmspeed.quantize(model, "int4", 32, method="hqq")
+    layer = dict(model.linear_layers())["model.layers.0.mlp.down_proj"]
+    assert isinstance(layer, Int4Linear) and layer.config.method == "hqq"
+    with torch.no_grad():
+        got = model.hf(input_ids=x).logits
+    snr = 10 * torch.log10(ref.pow(2).mean() / (got - ref).pow(2).mean())
+    assert snr > 15, f"SNR {snr:.1f} dB"
+    llmspeed.save(model, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(llmspeed.load(tmp_path / "m").hf(input_ids=x).logits, got)
+
+
+def test_hqq_is_deterministic():
+    w = _weight(seed=3)
+    config = QuantConfig("int4", 32, method="hqq")
+    a, b = hqq_weight(w, config), hqq_weight(w, config)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.zeros, b.zeros) and torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_hqq_rejects_formats_without_zero_point_before_any_change(fmt):
+    model = llmspeed.models.tiny("llama", seed=0)
+    before = dict(model.linear_layers())
+    with pytest.raises(ValueError, match="hqq.*supports formats"):
+        llmspeed.quantize(model, fmt, method="hqq")
+    assert dict(model.linear_layers()) == before
+
+
+def test_hqq_rejects_bad_options():
+    config = QuantConfig("int4", 32, method="hqq")
+    with pytest.raises(ValueError, match="p must be"):
+        hqq_weight(_weight(), config, p=0.0)
+    with pytest.raises(ValueError, match="kappa"):
+        hqq_weight(_weight(), config, kappa=0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64, 200])  # kernel="auto" picks per number of rows
+def test_every_int4_kernel_honours_fractional_zero_points(rows):
+    w = _weight(64, 128)
+    config = QuantConfig("int4", 32, method="hqq")
+    qw = hqq_weight(w, config)
+    module = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=config, in_features=128)
+    x = torch.randn(rows, 128)
+    want = x @ module.dequantize().T  # [rows, 64]
+    torch.testing.assert_close(module(x), want, rtol=1e-3, atol=1e-4)
+
+
+def _int4_kernels() -> list[str]:
+    from llmspeed.quant.kernels import KERNELS
+
+    return sorted(n for n, k in KERNELS.items() if "int4" in k.formats and "cpu" in k.devices)
+
+
+@pytest.mark.parametrize("kernel", _int4_kernels())
+def test_each_int4_kernel_by_name_honours_fractional_zero_points(kernel):
+    from llmspeed.quant.kernels import KERNELS
+
+    w = _weight(64, 128)
+    config = QuantConfig("int4", 32, method="hqq")
+    qw = hqq_weight(w, config)
+    module = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=config, in_features=128)
+    x = torch.randn(8, 128)
+    reason = KERNELS[kernel].why_not(module, x)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.testing.assert_close(KERNELS[kernel].run(module, x), x @ module.dequantize().T, rtol=1e-3, atol=1e-4)
