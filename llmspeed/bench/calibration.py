@@ -48,11 +48,11 @@ def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, pro
     from ..eval import perplexity
 
     calib_text, heldout_text = _texts()
-    n_eval, n_side = (4, 2) if quick else (16, 8)
+    n_eval, n_side = (4, 2) if quick else (16, 4)
     gptq_opts = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
     configs: list[tuple[str, int | None, str]] = [("fp32", None, "-")]
     for g in (64,) if quick else (64, 128):
-        configs += [("int4", g, "rtn"), ("int4", g, "hqq"), ("int4", g, "gptq")]
+        configs += [("int4", g, "rtn"), ("int4", g, "gptq"), ("int4", g, "hqq")]
     if not quick:
         configs += [("nf4", 64, "rtn"), ("nf4", 64, "gptq"), ("int8", None, "rtn"), ("int8", None, "gptq")]
 

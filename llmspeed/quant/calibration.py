@@ -185,25 +185,29 @@ def layer_hessians(
     seen: list[tuple[torch.Tensor, str]] = []  # strong refs: ids cannot be reused within a batch
 
     def make_hook(name: str):
-        def hook(module, args, output):
+        def hook(module, args):
             x = args[0]
             if name not in owner_of:
                 owner_of[name] = next((o for t, o in seen if t is x), name)
             seen.append((x, name))
-            if owner_of[name] != name:
-                return
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-                rows[name] = 0
-            rows[name] += accumulate_hessian(sums[name], x.detach())
+            if owner_of[name] == name:
+                if name not in sums:
+                    sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+                    rows[name] = 0
+                rows[name] += accumulate_hessian(sums[name], x.detach())
+            if len({n for _, n in seen}) == len(names):
+                raise _Stop  # every input is summed: the rest of the layer (at least the last matmul) is skipped
 
         return hook
 
-    handles = [layer.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
+    handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs):
             seen.clear()
-            layer(h, **kw)
+            try:
+                layer(h, **kw)
+            except _Stop:
+                pass
         seen.clear()
     finally:
         for handle in handles:

@@ -141,6 +141,7 @@ def gptq_quantize(
             W1 = Wt[i1:i2]  # [b, out] view: updates land in Wt
             Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
             diag = Hinv1.diagonal().tolist()
+            w_rows, h_rows = W1.unbind(0), Hinv1.unbind(0)  # views, made once per block
             errs: list[torch.Tensor] = []
             for i in range(i2 - i1):
                 g = group_of_pos[i1 + i]
@@ -151,11 +152,11 @@ def gptq_quantize(
                     if i > 0 and bool(late.any()):
                         current[late] -= Hinv[i1 : i1 + i, pos[late]].T @ torch.stack(errs)
                     group_scale[g], group_zero[g] = grid.fit(current.T)
-                w = W1[i]  # [out]
+                w = w_rows[i]  # [out]
                 q = grid.fake_quantize(w, group_scale[g], group_zero[g])  # [out]
                 err = (w - q).div_(diag[i])  # [out]
                 if i + 1 < i2 - i1:
-                    W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1.0)
+                    W1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1.0)
                 errs.append(err)
                 w.copy_(q)  # row i is final: Wt ends up holding Q
             if i2 < in_f:
@@ -319,7 +320,7 @@ def gptq_model(
     batch_size: int = 16,
     damp: float = 0.01,
     block_size: int = 128,
-    act_order: bool = False,
+    act_order: bool = True,
     clip_search: tuple[float, ...] = (1.0,),
     progress: bool = True,
 ) -> dict:
