@@ -40,8 +40,12 @@ def _settings(quick: bool, tiny: bool) -> dict[str, Any]:
     if tiny:  # harness tests: seconds
         return dict(steps=3, seq_len=32, batch_size=2, eval_windows=2, r=4, repeats=3, context=16, prefill=16)
     if quick:
-        return dict(steps=30, seq_len=128, batch_size=2, eval_windows=6, r=16, repeats=7, context=64, prefill=64)
-    return dict(steps=100, seq_len=256, batch_size=4, eval_windows=16, r=16, repeats=15, context=256, prefill=256)
+        return dict(
+            steps=30, seq_len=128, batch_size=2, eval_windows=6, r=16, repeats=7, context=64, prefill=64
+        )
+    return dict(
+        steps=100, seq_len=256, batch_size=4, eval_windows=16, r=16, repeats=15, context=256, prefill=256
+    )
 
 
 LR = {"full-fp32": 2e-5, "lora-fp32": 1e-3, "qlora-int4-g64": 1e-3}
@@ -99,8 +103,14 @@ def train_config(config: str, model: str, device: str, settings: dict[str, Any])
     before_mb = _current_mb(device)
     _reset_peak(device)
     result = lora.finetune(
-        m, texts, steps=settings["steps"], lr=LR[config], seq_len=settings["seq_len"],
-        batch_size=settings["batch_size"], full=config == "full-fp32", eval_windows=eval_windows,
+        m,
+        texts,
+        steps=settings["steps"],
+        lr=LR[config],
+        seq_len=settings["seq_len"],
+        batch_size=settings["batch_size"],
+        full=config == "full-fp32",
+        eval_windows=eval_windows,
         progress=False,
     )
     sync(device)
@@ -136,6 +146,10 @@ def _train_in_subprocess(config: str, model: str, device: str, settings: dict[st
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def _ppl(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(loss)
+
+
 def train_rows(model: str, device: str, settings: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
     """The ``lora/train`` table: one row per configuration, baseline full fine-tuning of the fp32 model."""
     results = {}
@@ -146,26 +160,27 @@ def train_rows(model: str, device: str, settings: dict[str, Any], progress: bool
     base = results["full-fp32"]
     rows = []
     for config, r in results.items():
-        ppl = (lambda x: math.exp(x) if x is not None else None)
-        rows.append({
-            "table": "lora/train",
-            "config": config,
-            "baseline": "full-fp32",
-            "steps": settings["steps"],
-            "tokens/step": settings["seq_len"] * settings["batch_size"],
-            "trainable_params": r["trainable"],
-            "lr": LR[config],
-            "eval_loss_before": r["before"],
-            "eval_loss_after": r["after"],
-            "ppl_before": ppl(r["before"]),
-            "ppl_after": ppl(r["after"]),
-            "steps/s": r["steps_per_s"],
-            "speed_vs_base": r["steps_per_s"] / base["steps_per_s"],
-            "weights_MiB": r["weights_mb"],
-            "peak_MiB": r["peak_mb"],
-            "peak_vs_base": r["peak_mb"] / base["peak_mb"],
-            "peak_over_start_MiB": r["peak_mb"] - r["rss_before_mb"],
-        })
+        rows.append(
+            {
+                "table": "lora/train",
+                "config": config,
+                "baseline": "full-fp32",
+                "steps": settings["steps"],
+                "tokens/step": settings["seq_len"] * settings["batch_size"],
+                "trainable_params": r["trainable"],
+                "lr": LR[config],
+                "eval_loss_before": r["before"],
+                "eval_loss_after": r["after"],
+                "ppl_before": _ppl(r["before"]),
+                "ppl_after": _ppl(r["after"]),
+                "steps/s": r["steps_per_s"],
+                "speed_vs_base": r["steps_per_s"] / base["steps_per_s"],
+                "weights_MiB": r["weights_mb"],
+                "peak_MiB": r["peak_mb"],
+                "peak_vs_base": r["peak_mb"] / base["peak_mb"],
+                "peak_over_start_MiB": r["peak_mb"] - r["rss_before_mb"],
+            }
+        )
     return rows
 
 
@@ -181,7 +196,9 @@ def _decode_fn(m, batch: int, context: int, device: str, ctx=None):
     from contextlib import nullcontext
 
     ctx = ctx or nullcontext
-    ids = torch.randint(0, m.spec.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, m.spec.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(1)
+    )
     ids = ids.to(device)  # [B, context + 1]
     kwarg = _cache_kwarg(m.hf)
     with torch.no_grad(), ctx():
@@ -232,8 +249,17 @@ def inference_rows(model: str, device: str, settings: dict[str, Any], progress: 
 
     def add(phase, batch, variant, baseline, fn):
         t = timeit(fn, rep, 2, device=device)
-        rows.append({"table": "lora/inference", "phase": phase, "batch": batch, "variant": variant,
-                     "baseline": baseline, "ms": t.median * 1e3, "spread_%": 100 * t.spread})
+        rows.append(
+            {
+                "table": "lora/inference",
+                "phase": phase,
+                "batch": batch,
+                "variant": variant,
+                "baseline": baseline,
+                "ms": t.median * 1e3,
+                "spread_%": 100 * t.spread,
+            }
+        )
 
     if progress:
         print("[lora] timing adapter overhead ...", file=sys.stderr, flush=True)
@@ -245,10 +271,12 @@ def inference_rows(model: str, device: str, settings: dict[str, Any], progress: 
     lora.merge(m, "a0")
     add("decode", 1, "merged", one, _decode_fn(m, 1, ctx_len, device))
     lora.unmerge(m, "a0")
-    mixed = lambda method: (lambda: lora.per_row_adapters(m, names, method=method))  # noqa: E731
+    mixed = lambda method: lambda: lora.per_row_adapters(m, names, method=method)  # noqa: E731
     same = lambda: lora.per_row_adapters(m, ["a0"] * 4)  # noqa: E731
-    for phase, make in (("decode", lambda c: _decode_fn(m, 4, ctx_len, device, c)),
-                        ("prefill", lambda c: _prefill_fn(m, 4, prefill, device, c))):
+    for phase, make in (
+        ("decode", lambda c: _decode_fn(m, 4, ctx_len, device, c)),
+        ("prefill", lambda c: _prefill_fn(m, 4, prefill, device, c)),
+    ):
         base = "4 rows, 1 adapter"
         add(phase, 4, base, base, make(None))
         add(phase, 4, "4 rows, 1 adapter via per_row_adapters", base, make(same))
@@ -268,10 +296,22 @@ def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict
     try:
         import peft
     except ImportError:
-        return [{"table": "lora/interop", "direction": "peft not installed", "baseline": "-",
-                 "max_abs_logit_diff": None, "max_abs_logit": None, "within_1e-4": None}]
-    ids = torch.randint(0, load_model(model, device=device).spec.vocab_size, (2, 48),
-                        generator=torch.Generator().manual_seed(3)).to(device)
+        return [
+            {
+                "table": "lora/interop",
+                "direction": "peft not installed",
+                "baseline": "-",
+                "max_abs_logit_diff": None,
+                "max_abs_logit": None,
+                "within_1e-4": None,
+            }
+        ]
+    ids = torch.randint(
+        0,
+        load_model(model, device=device).spec.vocab_size,
+        (2, 48),
+        generator=torch.Generator().manual_seed(3),
+    ).to(device)
 
     def logits(hf):
         with torch.no_grad():
@@ -287,8 +327,9 @@ def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict
         want, got = logits(ours.hf), logits(theirs)
         rows.append(("llmspeed saves, PEFT loads", want, got))
         hf = load_model(model, device=device).hf
-        pm = peft.get_peft_model(hf, peft.LoraConfig(r=settings["r"], lora_alpha=2 * settings["r"],
-                                                       target_modules="all-linear"))
+        pm = peft.get_peft_model(
+            hf, peft.LoraConfig(r=settings["r"], lora_alpha=2 * settings["r"], target_modules="all-linear")
+        )
         gen = torch.Generator().manual_seed(4)
         with torch.no_grad():
             for name, p in pm.named_parameters():
@@ -302,12 +343,22 @@ def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict
     out = []
     for direction, want, got in rows:
         diff = (want - got).abs().max().item()
-        out.append({"table": "lora/interop", "direction": direction, "baseline": "the saving library's logits",
-                    "max_abs_logit_diff": diff, "max_abs_logit": want.abs().max().item(), "within_1e-4": diff <= 1e-4})
+        out.append(
+            {
+                "table": "lora/interop",
+                "direction": direction,
+                "baseline": "the saving library's logits",
+                "max_abs_logit_diff": diff,
+                "max_abs_logit": want.abs().max().item(),
+                "within_1e-4": diff <= 1e-4,
+            }
+        )
     return out
 
 
-def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict]:
+def run(
+    *, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True
+) -> list[dict]:
     """Run the LoRA suite: ``lora/train``, ``lora/inference`` and ``lora/interop`` rows."""
     settings = _settings(quick, model.startswith("tiny-"))
     rows = train_rows(model, device, settings, progress)

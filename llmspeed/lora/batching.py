@@ -28,7 +28,9 @@ def _validate(model: CausalLM, names: Sequence[str | None], method: str) -> list
         raise ValueError(f"names {unknown} are not adapters on this model; adapters: {list(known) or 'none'}")
     merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
     if merged:
-        raise ValueError(f"adapters {merged} are merged into the base; unmerge them before mixed-adapter batches")
+        raise ValueError(
+            f"adapters {merged} are merged into the base; unmerge them before mixed-adapter batches"
+        )
     return list(names)
 
 
@@ -49,7 +51,9 @@ def _routed(model: CausalLM, names: Sequence[str | None], axis: str, method: str
 
 
 @contextmanager
-def per_token_adapters(model: CausalLM, names: Sequence[str | None], method: str = "auto") -> Iterator[Routing]:
+def per_token_adapters(
+    model: CausalLM, names: Sequence[str | None], method: str = "auto"
+) -> Iterator[Routing]:
     """Inside the block, token ``t`` of the flat batch uses adapter ``names[t]`` (``None``: base only).
 
     For ``model.forward_batch(input_ids[T], ...)``: ``len(names)`` must equal ``T``. The active

@@ -55,7 +55,9 @@ def require_adapter(model: CausalLM, name: object, arg: str = "name") -> Adapter
     """The registry entry of adapter ``name``, or ``ValueError`` listing the adapters that exist."""
     known = registry(model)
     if not isinstance(name, str) or name not in known:
-        raise ValueError(f"{arg} must name an adapter on this model; got {name!r}; adapters: {list(known) or 'none'}")
+        raise ValueError(
+            f"{arg} must name an adapter on this model; got {name!r}; adapters: {list(known) or 'none'}"
+        )
     return known[name]
 
 
@@ -138,7 +140,9 @@ def add_adapter(
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
     if config is None:
-        config = LoraConfig(r=r, alpha=alpha, targets=targets, dropout=dropout, init=init, use_rslora=use_rslora)
+        config = LoraConfig(
+            r=r, alpha=alpha, targets=targets, dropout=dropout, init=init, use_rslora=use_rslora
+        )
     elif not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig; got {type(config).__name__}")
     positions = resolve_targets(model, config.targets)
@@ -147,7 +151,9 @@ def add_adapter(
         if not isinstance(modules[pos], LoraLinear):
             base = modules[pos]
             if not all(isinstance(getattr(base, a, None), int) for a in ("in_features", "out_features")):
-                raise TypeError(f"linear position {pos!r} holds {type(base).__name__}, which LoRA cannot wrap")
+                raise TypeError(
+                    f"linear position {pos!r} holds {type(base).__name__}, which LoRA cannot wrap"
+                )
     attach(model, name, config, {pos: (config.r, config.scale) for pos in positions}, dtype)
     return config
 
@@ -223,7 +229,9 @@ def delete_adapter(model: CausalLM, name: str) -> None:
     layers = dict(lora_layers(model))
     merged = [pos for pos, layer in layers.items() if name in layer.merged]
     if merged:
-        raise ValueError(f"adapter {name!r} is merged into {len(merged)} layers (e.g. {merged[0]}); unmerge it first")
+        raise ValueError(
+            f"adapter {name!r} is merged into {len(merged)} layers (e.g. {merged[0]}); unmerge it first"
+        )
     for pos, layer in layers.items():
         if name in layer.lora_A:
             layer.remove(name)

@@ -86,7 +86,9 @@ def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
 def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"path must be a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}; got {str(folder)!r}")
+        raise FileNotFoundError(
+            f"path must be a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}; got {str(folder)!r}"
+        )
     cfg = json.loads(path.read_text())
     checks = {
         "peft_type": (cfg.get("peft_type", "LORA"), "LORA"),
@@ -98,7 +100,9 @@ def _read_config(folder: Path) -> dict:
     }
     for field, (got, supported) in checks.items():
         if got != supported:
-            raise ValueError(f"{CONFIG_FILE} field {field}={cfg.get(field)!r} is not supported; llmspeed loads plain LoRA")
+            raise ValueError(
+                f"{CONFIG_FILE} field {field}={cfg.get(field)!r} is not supported; llmspeed loads plain LoRA"
+            )
     return cfg
 
 
@@ -109,7 +113,9 @@ def _pattern_value(pattern: dict, pos: str, default):
     return default
 
 
-def load_adapter(model: CausalLM, path: str | Path, name: str, dtype: torch.dtype = torch.float32) -> LoraConfig:
+def load_adapter(
+    model: CausalLM, path: str | Path, name: str, dtype: torch.dtype = torch.float32
+) -> LoraConfig:
     """Load the adapter in folder ``path`` (ours or PEFT's) onto ``model`` as ``name`` and activate it.
 
     Raises:
@@ -132,13 +138,19 @@ def load_adapter(model: CausalLM, path: str | Path, name: str, dtype: torch.dtyp
         if not key.startswith(PREFIX) or match is None:
             raise ValueError(f"{WEIGHTS_FILE} holds {key!r}, which is not a LoRA matrix of a linear layer")
         found.setdefault(match["pos"], {})[match["mat"]] = tensor
-    r, alpha, rslora = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
+    r, alpha, rslora = (
+        int(cfg.get("r", 8)),
+        float(cfg.get("lora_alpha", 8)),
+        bool(cfg.get("use_rslora", False)),
+    )
     shapes: dict[str, tuple[int, float]] = {}
     for pos, mats in found.items():
         if pos not in layers:
             raise ValueError(f"the adapter was saved for module {pos!r}, which this model does not have")
         if set(mats) != {"lora_A", "lora_B"}:
-            raise ValueError(f"module {pos!r} has {sorted(mats)} in {WEIGHTS_FILE}; both lora_A and lora_B are needed")
+            raise ValueError(
+                f"module {pos!r} has {sorted(mats)} in {WEIGHTS_FILE}; both lora_A and lora_B are needed"
+            )
         layer = layers[pos]
         a, b = mats["lora_A"], mats["lora_B"]
         rank = a.shape[0]
@@ -154,8 +166,9 @@ def load_adapter(model: CausalLM, path: str | Path, name: str, dtype: torch.dtyp
     if not shapes:
         raise ValueError(f"{WEIGHTS_FILE} in {str(folder)!r} holds no LoRA matrices")
     targets = cfg.get("target_modules") or tuple(shapes)
-    config = LoraConfig(r=r, alpha=alpha, targets=targets, dropout=float(cfg.get("lora_dropout", 0.0)),
-                        use_rslora=rslora)
+    config = LoraConfig(
+        r=r, alpha=alpha, targets=targets, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora
+    )
     attach(model, name, config, shapes, dtype)
     with torch.no_grad():
         for pos, mats in found.items():

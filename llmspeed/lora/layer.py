@@ -54,7 +54,9 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         if isinstance(base_layer, LoraLinear):
-            raise TypeError("base_layer is already a LoraLinear; add adapters to it instead of wrapping it twice")
+            raise TypeError(
+                "base_layer is already a LoraLinear; add adapters to it instead of wrapping it twice"
+            )
         for attr in ("in_features", "out_features"):
             if not isinstance(getattr(base_layer, attr, None), int):
                 raise TypeError(

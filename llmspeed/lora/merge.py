@@ -46,7 +46,9 @@ class MergeReport:
 def _float_weight(base: nn.Module) -> nn.Parameter:
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"cannot merge into {type(base).__name__}: it has neither a float weight nor dequantize()")
+        raise TypeError(
+            f"cannot merge into {type(base).__name__}: it has neither a float weight nor dequantize()"
+        )
     return weight
 
 
@@ -56,8 +58,9 @@ def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[fl
     delta = layer.delta_weight(name).detach().to(weight.dtype)  # [out, in]
     target = weight + delta  # [out, in]
     bias = getattr(base, "bias", None)
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
+    linear = nn.Linear(
+        layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         linear.weight.copy_(target)
         if bias is not None:

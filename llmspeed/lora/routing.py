@@ -69,7 +69,9 @@ def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
             )
         return routing.ids
     if x.dim() < 2 or x.shape[0] != n:
-        raise ValueError(f"per-row adapters were given for {n} rows but this layer received input {tuple(x.shape)}")
+        raise ValueError(
+            f"per-row adapters were given for {n} rows but this layer received input {tuple(x.shape)}"
+        )
     key = ("ids", tokens)
     if key not in routing.cache:
         routing.cache[key] = routing.ids.repeat_interleave(tokens // n)  # [T]
@@ -80,8 +82,9 @@ def _local(layer: LoraLinear, routing: Routing) -> tuple[list[str], torch.Tensor
     """The batch's adapters that exist on ``layer`` and a map from batch index to local index (-1: absent)."""
     names = [n for n in routing.adapters if n in layer.lora_A]
     local = {n: i for i, n in enumerate(names)}
-    remap = torch.tensor([local.get(n, -1) for n in routing.adapters] + [-1], dtype=torch.long,
-                         device=routing.ids.device)  # [n_adapters + 1]; the last entry serves id -1
+    remap = torch.tensor(
+        [local.get(n, -1) for n in routing.adapters] + [-1], dtype=torch.long, device=routing.ids.device
+    )  # [n_adapters + 1]; the last entry serves id -1
     return names, remap
 
 
@@ -92,9 +95,15 @@ def _concat_weights(layer: LoraLinear, routing: Routing):
         a_cat = torch.cat([layer.lora_A[n].weight for n in names], dim=0)  # [R, in]
         b_cat = torch.cat([layer.lora_B[n].weight for n in names], dim=1)  # [out, R]
         ranks = torch.tensor([layer.lora_A[n].out_features for n in names], device=a_cat.device)
-        scales = torch.tensor([layer.scaling[n] for n in names] + [0.0], dtype=a_cat.dtype, device=a_cat.device)
+        scales = torch.tensor(
+            [layer.scaling[n] for n in names] + [0.0], dtype=a_cat.dtype, device=a_cat.device
+        )
         owner = torch.repeat_interleave(torch.arange(len(names), device=a_cat.device), ranks)  # [R]
-        layout = (tuple(names), tuple(ranks.tolist()), tuple(scales.tolist()))  # layers sharing it share masks
+        layout = (
+            tuple(names),
+            tuple(ranks.tolist()),
+            tuple(scales.tolist()),
+        )  # layers sharing it share masks
         routing.cache[key] = (a_cat, b_cat, owner, scales, remap, layout)
     return routing.cache[key]
 
@@ -107,7 +116,9 @@ def concat_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torc
     key = ("mask", layout, ids.shape[0])
     mask = layer.routing.cache.get(key)
     if mask is None:
-        local = remap[ids]  # [T], -1 where the token has no adapter on this layer (ids=-1 reads the last entry)
+        local = remap[
+            ids
+        ]  # [T], -1 where the token has no adapter on this layer (ids=-1 reads the last entry)
         mask = (local[:, None] == owner[None, :]).to(x2.dtype) * scales[local][:, None]  # [T, R]
         layer.routing.cache[key] = mask
     return ((x2 @ a_cat.T) * mask) @ b_cat.T  # [T, out]
@@ -118,7 +129,9 @@ def segment_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> tor
     out = x2.new_zeros(x2.shape[0], layer.out_features)  # [T, out]
     key = ("rows", ids.shape[0])
     if key not in layer.routing.cache:
-        layer.routing.cache[key] = [(ids == i).nonzero().squeeze(1) for i in range(len(layer.routing.adapters))]
+        layer.routing.cache[key] = [
+            (ids == i).nonzero().squeeze(1) for i in range(len(layer.routing.adapters))
+        ]
     for name, rows in zip(layer.routing.adapters, layer.routing.cache[key]):  # rows: [t_i]
         if rows.numel() and name in layer.lora_A:
             sub = layer.lora_B[name](layer.lora_A[name](x2.index_select(0, rows)))  # [t_i, out]
@@ -130,7 +143,9 @@ def routed_delta(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:  # [..., o
     """The LoRA delta of ``layer`` for input ``x`` under ``layer.routing`` (adapter dtype)."""
     routing = layer.routing
     if layer.training and any(p.p > 0 for p in layer.lora_dropout.values() if hasattr(p, "p")):
-        raise RuntimeError("mixed-adapter batches are for inference: call model.module.eval() (dropout is on)")
+        raise RuntimeError(
+            "mixed-adapter batches are for inference: call model.module.eval() (dropout is on)"
+        )
     ids = _flat_ids(routing, x)  # [T]
     present = [n for n in routing.adapters if n in layer.lora_A]
     if not present:

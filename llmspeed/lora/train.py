@@ -58,7 +58,9 @@ def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | No
     if isinstance(texts, torch.Tensor):
         vocab = model.spec.vocab_size
         if texts.dim() != 1 or texts.is_floating_point() or texts.numel() == 0:
-            raise ValueError(f"texts as a tensor must be 1-D integer token ids; got {texts.dtype} {tuple(texts.shape)}")
+            raise ValueError(
+                f"texts as a tensor must be 1-D integer token ids; got {texts.dtype} {tuple(texts.shape)}"
+            )
         if texts.min() < 0 or texts.max() >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}); got range [{texts.min()}, {texts.max()}]")
         return texts.long().cpu()
@@ -95,7 +97,9 @@ def _parameters(model: CausalLM, adapter: str | None, full: bool) -> list[torch.
     if full:
         quantized = [n for n, m in model.linear_layers() if is_quantized(m)]
         if quantized or any(True for _ in lora_layers(model)):
-            raise ValueError("full=True trains a plain float model; this one is quantized or carries adapters")
+            raise ValueError(
+                "full=True trains a plain float model; this one is quantized or carries adapters"
+            )
         return [p for p in model.module.parameters() if p.is_floating_point()]
     require_adapter(model, adapter, arg="adapter")
     if any(adapter in layer.merged for _, layer in lora_layers(model)):
@@ -168,7 +172,9 @@ def finetune(
     _check(steps, lr, seq_len, batch_size)
     adapter = None if full else (adapter or active_adapter(model))
     if not full and adapter is None:
-        raise ValueError("model has no active adapter; call lora.add_adapter(model, name, ...) first or pass full=True")
+        raise ValueError(
+            "model has no active adapter; call lora.add_adapter(model, name, ...) first or pass full=True"
+        )
     params = _parameters(model, adapter, full)
     data = token_stream(model, texts)
     if data.numel() < seq_len + 1:
@@ -200,7 +206,9 @@ def finetune(
             bar = tqdm(range(steps), disable=not progress, desc=f"finetune {adapter or 'full'}")
             for _ in bar:
                 starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)  # [B]
-                batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()]).to(device)  # [B, seq_len]
+                batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()]).to(
+                    device
+                )  # [B, seq_len]
                 loss = hf(input_ids=batch, labels=batch, use_cache=False).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -217,4 +225,6 @@ def finetune(
         for p, flag in flags.items():
             p.requires_grad_(flag)
     after = _eval_loss(model, eval_windows, seq_len)
-    return FinetuneResult(adapter, steps, tuple(losses), seconds, sum(p.numel() for p in params), before, after)
+    return FinetuneResult(
+        adapter, steps, tuple(losses), seconds, sum(p.numel() for p in params), before, after
+    )

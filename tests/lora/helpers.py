@@ -44,7 +44,9 @@ class FakeInt8Linear(nn.Module):
         return self.qweight.float() * self.scale
 
     def forward(self, x):
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(
+            x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
 
 
 def fake_quantize(model, skip_head=True):
@@ -92,7 +94,9 @@ class DenseAttention:
         groups = query.shape[1] // key.shape[1]
         key = key.repeat_interleave(groups, dim=1)  # [1, H, T, D]
         value = value.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.mask, scale=scaling)  # [1, H, T, D]
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=self.mask, scale=scaling
+        )  # [1, H, T, D]
         return out.transpose(1, 2)  # [1, T, H, D]
 
 

@@ -63,7 +63,10 @@ def test_targets_all_linear_suffix_regex(llama):
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
     ]
     assert lora.resolve_targets(llama, r".*\.0\..*_proj") == [n for n in positions if ".0." in n]
-    assert lora.resolve_targets(llama, "down_proj") == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert lora.resolve_targets(llama, "down_proj") == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
 
 
 def test_several_adapters_and_switching(llama):

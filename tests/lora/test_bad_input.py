@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import llmspeed
 from llmspeed import lora
@@ -12,9 +11,12 @@ from .helpers import assert_same_tensors, base_tensors
 
 
 def snapshot(model):
-    return base_tensors(model), {n: type(m) for n, m in model.linear_layers()}, lora.adapter_names(model), {
-        n: t.detach().clone() for n, t in model.hf.state_dict().items()
-    }
+    return (
+        base_tensors(model),
+        {n: type(m) for n, m in model.linear_layers()},
+        lora.adapter_names(model),
+        {n: t.detach().clone() for n, t in model.hf.state_dict().items()},
+    )
 
 
 def assert_unchanged(model, snap):
@@ -33,12 +35,15 @@ def test_bad_rank(llama, r):
     assert_unchanged(llama, snap)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(dropout=1.0), "dropout must be in"),
-    (dict(init="gaussian"), "init must be one of"),
-    (dict(alpha=float("nan")), "alpha must be a finite number"),
-    (dict(targets=[]), "targets must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(init="gaussian"), "init must be one of"),
+        (dict(alpha=float("nan")), "alpha must be a finite number"),
+        (dict(targets=[]), "targets must be a non-empty list"),
+    ],
+)
 def test_bad_hyper_parameters(llama, kwargs, message):
     snap = snapshot(llama)
     with pytest.raises(ValueError, match=message):
@@ -76,7 +81,10 @@ def test_loading_adapter_of_another_shape(tmp_path, llama):
     lora.save_adapter(other, tmp_path, "x")
     lora.add_adapter(llama, "a", r=2, init="random")
     snap = snapshot(llama)
-    with pytest.raises(ValueError, match=r"shapes do not fit this model at 'model.layers.0.mlp.down_proj': lora_A \(2, 64\).*needs \(2, 128\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shapes do not fit this model at 'model.layers.0.mlp.down_proj': lora_A \(2, 64\).*needs \(2, 128\)",
+    ):
         lora.load_adapter(llama, tmp_path, "x")
     assert_unchanged(llama, snap)
 
@@ -97,7 +105,9 @@ def test_merge_unmerge_set_of_missing_adapter(llama):
     lora.add_adapter(llama, "a", r=2, init="random")
     snap = snapshot(llama)
     for verb in (lora.merge, lora.unmerge, lora.set_adapter, lora.delete_adapter):
-        with pytest.raises(ValueError, match=r"must name an adapter on this model; got 'b'; adapters: \['a'\]"):
+        with pytest.raises(
+            ValueError, match=r"must name an adapter on this model; got 'b'; adapters: \['a'\]"
+        ):
             verb(llama, "b")
     with pytest.raises(ValueError, match="not merged"):
         lora.unmerge(llama, "a")

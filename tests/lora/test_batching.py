@@ -37,8 +37,9 @@ def test_per_row_equals_single_adapter_runs(llama, method):
     with lora.per_row_adapters(llama, NAMES, method=method), torch.no_grad():
         mixed = llama.hf(input_ids=ids).logits  # [4, 9, V]
     for row, name in enumerate(NAMES):
-        torch.testing.assert_close(mixed[row], alone(llama, name, input_ids=ids[row : row + 1])[0],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            mixed[row], alone(llama, name, input_ids=ids[row : row + 1])[0], atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("quantized", [None, "fake", "int4"])
@@ -104,10 +105,12 @@ def test_concat_and_segment_match_a_per_token_loop(ranks, data):
     layer.routing = Routing.from_names(names, "token", "auto", torch.device("cpu"))
     x = torch.randn(n_tokens, 16)
     ids = layer.routing.ids
-    want = torch.stack([
-        torch.zeros(12) if n is None else layer.scaling[n] * layer.lora_B[n](layer.lora_A[n](x[t]))
-        for t, n in enumerate(names)
-    ])
+    want = torch.stack(
+        [
+            torch.zeros(12) if n is None else layer.scaling[n] * layer.lora_B[n](layer.lora_A[n](x[t]))
+            for t, n in enumerate(names)
+        ]
+    )
     with torch.no_grad():
         torch.testing.assert_close(concat_delta(layer, x, ids), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(segment_delta(layer, x, ids), want, atol=1e-5, rtol=1e-5)

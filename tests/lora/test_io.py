@@ -46,8 +46,14 @@ def test_peft_loads_ours(tmp_path, tiny_model):
 def test_we_load_peft(tmp_path, llama):
     peft = pytest.importorskip("peft")
     hf = llmspeed.models.tiny("llama", seed=0).hf
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "gate_proj"],
-                             init_lora_weights=False, rank_pattern={"gate_proj": 2}, alpha_pattern={"v_proj": 3})
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj", "gate_proj"],
+        init_lora_weights=False,
+        rank_pattern={"gate_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
     peft_model = peft.get_peft_model(hf, config)
     want = logits(peft_model)
     peft_model.save_pretrained(tmp_path)

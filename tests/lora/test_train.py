@@ -21,7 +21,9 @@ def fell(losses) -> bool:
 def _train(model, **kwargs):
     lora.add_adapter(model, "a", r=8, alpha=16)
     before = base_tensors(model)
-    result = lora.finetune(model, TOKENS, steps=15, lr=1e-2, seq_len=16, batch_size=4, progress=False, **kwargs)
+    result = lora.finetune(
+        model, TOKENS, steps=15, lr=1e-2, seq_len=16, batch_size=4, progress=False, **kwargs
+    )
     assert_same_tensors(base_tensors(model), before)
     return result
 
@@ -31,8 +33,9 @@ def test_finetune_float_base_loss_falls_base_untouched(llama):
     assert result.steps == 15 and len(result.losses) == 15
     assert fell(result.losses)
     assert result.trainable_params == sum(p.numel() for p in lora.trainable_parameters(llama, "a"))
-    assert not llama.hf.training and all(not p.requires_grad for n, p in llama.hf.named_parameters()
-                                         if ".lora_" not in n)
+    assert not llama.hf.training and all(
+        not p.requires_grad for n, p in llama.hf.named_parameters() if ".lora_" not in n
+    )
 
 
 def test_finetune_quantized_base_packed_tensors_bit_identical(llama):
@@ -63,10 +66,14 @@ def test_gradient_checkpointing_gives_the_same_losses():
 
 def test_full_finetune_changes_base(llama):
     before = base_tensors(llama)
-    result = lora.finetune(llama, TOKENS, steps=3, lr=1e-3, seq_len=16, batch_size=2, full=True, progress=False)
+    result = lora.finetune(
+        llama, TOKENS, steps=3, lr=1e-3, seq_len=16, batch_size=2, full=True, progress=False
+    )
     assert result.adapter is None and result.trainable_params == sum(p.numel() for p in llama.hf.parameters())
-    assert not torch.equal(base_tensors(llama)["model.layers.0.self_attn.q_proj.weight"],
-                           before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        base_tensors(llama)["model.layers.0.self_attn.q_proj.weight"],
+        before["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_finetune_bad_input(llama):
