@@ -39,11 +39,22 @@ def _texts() -> tuple[str, str]:
     return train[:cut], train[cut:]
 
 
-def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+def run(
+    *,
+    device: str = "cpu",
+    model: str = "smollm2",
+    quick: bool = False,
+    progress: bool = True,
+    formats: tuple[str, ...] = ("int4", "nf4", "int8"),
+) -> list[dict[str, Any]]:
     """Quantize ``model`` with each method and measure perplexity; returns one row per configuration.
 
     ``quick`` keeps fp32 and the int4 g64 rows, calibrates on 32 sequences and scores 4 windows.
+    ``formats`` limits the quantized rows (the fp32 baseline row is always measured).
     """
+    unknown = set(formats) - {"int4", "nf4", "int8"}
+    if unknown:
+        raise ValueError(f"formats must be among ['int4', 'nf4', 'int8']; got {sorted(unknown)}")
     import llmspeed
     from ..eval import perplexity
 
@@ -55,6 +66,7 @@ def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, pro
         configs += [("int4", g, "rtn"), ("int4", g, "gptq"), ("int4", g, "hqq")]
     if not quick:
         configs += [("nf4", 64, "rtn"), ("nf4", 64, "gptq"), ("int8", None, "rtn"), ("int8", None, "gptq")]
+    configs = [c for c in configs if c[0] == "fp32" or c[0] in formats]
 
     rows: list[dict[str, Any]] = []
     fp32_ppl = None
