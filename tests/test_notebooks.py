@@ -1,0 +1,60 @@
+"""The example notebooks execute top to bottom (small sizes) and match their generator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat, nbclient and ipykernel")
+nbclient = pytest.importorskip("nbclient")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb"))
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_notebooks", EXAMPLES / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sources(path: Path) -> list[str]:
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"]]
+
+
+def test_notebooks_match_their_generator(tmp_path):
+    built = _generator().build(tmp_path)
+    assert sorted(p.name for p in built) == NOTEBOOKS, "run: python examples/make_notebooks.py"
+    for path in built:
+        assert _sources(path) == _sources(EXAMPLES / path.name), (
+            f"{path.name} is stale: run examples/make_notebooks.py"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMSPEED_NOTEBOOK_QUICK", "1")
+    # the kernel is a new process: make this checkout importable even when llmspeed is not installed
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
+    )
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+    ]
+    assert not errors
+    assert any(
+        o.get("output_type") in ("display_data", "execute_result", "stream")
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )
