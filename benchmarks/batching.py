@@ -22,7 +22,10 @@ def main() -> None:
     if args.attention:
         print(markdown_table(attention_variants(device=args.device)))
         return
-    rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress)
+    rows = run(
+        device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress,
+        on_row=lambda row: print("row:", row, flush=True),
+    )
     print(markdown_table(rows))
 
 

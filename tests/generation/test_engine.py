@@ -227,3 +227,15 @@ def test_smollm2_greedy_matches_transformers(smollm2_cached):
     same = sum(o.token_ids == _hf_greedy(model, p, n_new) for p, o in zip(prompts, outs))
     assert same >= 31, f"only {same}/32 requests identical to transformers generate"
     assert outs[0].text == model.tokenizer.decode(outs[0].token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    prompts = _prompts(6, seed=9)
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    cpu = _ids(Generator(llmspeed.models.tiny("llama", seed=0), progress=False).generate_batched(prompts, sp))
+    model = llmspeed.models.tiny("llama", seed=0)
+    model.hf.to("cuda")
+    gpu = Generator(model, progress=False, kv_cache_tokens=1024, max_batch_tokens=16)
+    assert gpu.cache.key.is_cuda
+    assert _ids(gpu.generate_batched(prompts, sp)) == cpu
