@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..protocol import CausalLM
 from .config import ALL_LINEAR, LoraConfig
@@ -141,7 +140,12 @@ def add_adapter(
         raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
     if config is None:
         config = LoraConfig(
-            r=r, alpha=alpha, targets=targets, dropout=dropout, init=init, use_rslora=use_rslora
+            r=r,
+            alpha=alpha,
+            targets=targets if isinstance(targets, str) else tuple(targets),
+            dropout=dropout,
+            init=init,
+            use_rslora=use_rslora,
         )
     elif not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig; got {type(config).__name__}")
@@ -180,13 +184,13 @@ def freeze_base(model: CausalLM) -> None:
             param.requires_grad_(False)
 
 
-def trainable_parameters(model: CausalLM, name: str) -> list[nn.Parameter]:
+def trainable_parameters(model: CausalLM, name: str) -> list[torch.Tensor]:
     """The ``A`` and ``B`` matrices of adapter ``name`` across all layers (for your own training loop)."""
     require_adapter(model, name)
     params = []
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
-            params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+            params += [layer.weight_a(name), layer.weight_b(name)]
     return params
 
 
@@ -195,7 +199,7 @@ def set_adapter(model: CausalLM, name: str | None) -> None:
     if name is not None:
         require_adapter(model, name)
     for _, layer in lora_layers(model):
-        layer.active = name if name in layer.lora_A else None
+        layer.active = name if name is not None and name in layer.lora_A else None
 
 
 def active_adapter(model: CausalLM) -> str | None:

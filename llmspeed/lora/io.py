@@ -15,13 +15,14 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from ..protocol import CausalLM
 from .config import LoraConfig
 from .inject import adapter_names, attach, registry, require_adapter, resolve_targets
-from .layer import check_adapter_name
+from .layer import LoraLinear, check_adapter_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -44,10 +45,12 @@ def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
     info = require_adapter(model, name)
     root = model.module
     config = info.config
-    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
     for pos in info.positions:
-        layer = root.get_submodule(pos)
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # [r, in], [out, r]
+        layer = cast(LoraLinear, root.get_submodule(pos))
+        a, b = layer.weight_a(name), layer.weight_b(name)  # [r, in], [out, r]
         tensors[f"{PREFIX}{pos}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"{PREFIX}{pos}.lora_B.weight"] = b.detach().cpu().contiguous()
         rank = a.shape[0]
@@ -172,7 +175,7 @@ def load_adapter(
     attach(model, name, config, shapes, dtype)
     with torch.no_grad():
         for pos, mats in found.items():
-            layer = model.module.get_submodule(pos)
-            layer.lora_A[name].weight.copy_(mats["lora_A"])
-            layer.lora_B[name].weight.copy_(mats["lora_B"])
+            layer = cast(LoraLinear, model.module.get_submodule(pos))
+            layer.weight_a(name).copy_(mats["lora_A"])
+            layer.weight_b(name).copy_(mats["lora_B"])
     return config

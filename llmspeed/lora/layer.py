@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import cast
 
 import torch
 from torch import nn
@@ -77,15 +78,15 @@ class LoraLinear(nn.Module):
     @property
     def in_features(self) -> int:
         """Input width of the base layer."""
-        return self.base_layer.in_features
+        return cast(int, self.base_layer.in_features)
 
     @property
     def out_features(self) -> int:
         """Output width of the base layer."""
-        return self.base_layer.out_features
+        return cast(int, self.base_layer.out_features)
 
     def extra_repr(self) -> str:
-        ranks = {name: a.out_features for name, a in self.lora_A.items()}
+        ranks = {name: self.rank(name) for name in self.lora_A}
         return f"adapters={ranks}, active={self.active!r}, merged={self.merged}"
 
     # --- adapters ------------------------------------------------------------------------------
@@ -124,9 +125,21 @@ class LoraLinear(nn.Module):
         if self.active == name:
             self.active = None
 
+    def weight_a(self, name: str) -> torch.Tensor:  # [r, in]
+        """``A`` of adapter ``name``."""
+        return cast(nn.Linear, self.lora_A[name]).weight
+
+    def weight_b(self, name: str) -> torch.Tensor:  # [out, r]
+        """``B`` of adapter ``name``."""
+        return cast(nn.Linear, self.lora_B[name]).weight
+
+    def rank(self, name: str) -> int:
+        """Rank of adapter ``name`` on this layer."""
+        return self.weight_a(name).shape[0]
+
     def delta_weight(self, name: str) -> torch.Tensor:  # [out, in]
         """``scale * B @ A`` of adapter ``name`` in the adapter dtype."""
-        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)  # [out, in]
+        return self.scaling[name] * (self.weight_b(name) @ self.weight_a(name))  # [out, in]
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
@@ -137,12 +150,13 @@ class LoraLinear(nn.Module):
                     f"adapters {self.merged} are merged into the base; unmerge them before running a "
                     f"mixed-adapter batch"
                 )
-            delta = routed_delta(self, x)  # [..., out] in the adapter dtype
+            delta = routed_delta(self, self.routing, x)  # [..., out] in the adapter dtype
             return result + delta.to(result.dtype)
         name = self.active
         if self.disabled or name is None or name in self.merged:
             return result
-        a = self.lora_A[name]
-        x = x.to(a.weight.dtype)
-        delta = self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]  # [..., out]
+        x = x.to(self.weight_a(name).dtype)
+        delta = (
+            self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        )  # [..., out]
         return result + delta.to(result.dtype)

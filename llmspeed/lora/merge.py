@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class MergeReport:
     error_vs_update: float
 
 
-def _float_weight(base: nn.Module) -> nn.Parameter:
+def _float_weight(base: nn.Module) -> torch.Tensor:
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(
@@ -53,8 +54,8 @@ def _float_weight(base: nn.Module) -> nn.Parameter:
 
 
 def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[float, float]:
-    base = layer.base_layer
-    weight = base.dequantize()  # [out, in]
+    base: Any = layer.base_layer
+    weight = cast(torch.Tensor, base.dequantize())  # [out, in]
     delta = layer.delta_weight(name).detach().to(weight.dtype)  # [out, in]
     target = weight + delta  # [out, in]
     bias = getattr(base, "bias", None)
@@ -111,7 +112,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
             requantized += int(requantize)
         else:
             weight = _float_weight(layer.base_layer)
-            weight += layer.delta_weight(name).to(weight.dtype)
+            weight.add_(layer.delta_weight(name).to(weight.dtype))
         layer.merged.append(name)
     report = MergeReport(name, len(layers), requantized, max_abs, worst)
     if requantized:
@@ -147,5 +148,5 @@ def unmerge(model: CausalLM, name: str) -> None:
             layer.base_layer = layer.premerge.pop(name)
         else:
             weight = _float_weight(layer.base_layer)
-            weight -= layer.delta_weight(name).to(weight.dtype)
+            weight.sub_(layer.delta_weight(name).to(weight.dtype))
         layer.merged.remove(name)

@@ -17,7 +17,7 @@ Two ways to compute it, both exact:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -75,7 +75,7 @@ def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
     key = ("ids", tokens)
     if key not in routing.cache:
         routing.cache[key] = routing.ids.repeat_interleave(tokens // n)  # [T]
-    return routing.cache[key]
+    return cast(torch.Tensor, routing.cache[key])
 
 
 def _local(layer: LoraLinear, routing: Routing) -> tuple[list[str], torch.Tensor]:
@@ -88,61 +88,53 @@ def _local(layer: LoraLinear, routing: Routing) -> tuple[list[str], torch.Tensor
     return names, remap
 
 
-def _concat_weights(layer: LoraLinear, routing: Routing):
+def _concat_weights(layer: LoraLinear, routing: Routing) -> tuple:
     key = id(layer)
     if key not in routing.cache:
         names, remap = _local(layer, routing)
-        a_cat = torch.cat([layer.lora_A[n].weight for n in names], dim=0)  # [R, in]
-        b_cat = torch.cat([layer.lora_B[n].weight for n in names], dim=1)  # [out, R]
-        ranks = torch.tensor([layer.lora_A[n].out_features for n in names], device=a_cat.device)
-        scales = torch.tensor(
-            [layer.scaling[n] for n in names] + [0.0], dtype=a_cat.dtype, device=a_cat.device
-        )
-        owner = torch.repeat_interleave(torch.arange(len(names), device=a_cat.device), ranks)  # [R]
-        layout = (
-            tuple(names),
-            tuple(ranks.tolist()),
-            tuple(scales.tolist()),
-        )  # layers sharing it share masks
-        routing.cache[key] = (a_cat, b_cat, owner, scales, remap, layout)
-    return routing.cache[key]
+        a_cat = torch.cat([layer.weight_a(n) for n in names], dim=0)  # [R, in]
+        b_cat = torch.cat([layer.weight_b(n) for n in names], dim=1)  # [out, R]
+        ranks = [layer.rank(n) for n in names]
+        scales = [layer.scaling[n] for n in names]
+        owner = torch.repeat_interleave(
+            torch.arange(len(names), device=a_cat.device), torch.tensor(ranks, device=a_cat.device)
+        )  # [R]
+        scale_table = torch.tensor(scales + [0.0], dtype=a_cat.dtype, device=a_cat.device)  # [n + 1]
+        layout = (tuple(names), tuple(ranks), tuple(scales))  # layers with one layout share masks
+        routing.cache[key] = (a_cat, b_cat, owner, scale_table, remap, layout)
+    return cast(tuple, routing.cache[key])
 
 
-def concat_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [T, out]
-    """One-pass delta: ``((x A_cat^T) * mask) B_cat^T`` with the mask selecting each token's adapter."""
-    if not any(n in layer.lora_A for n in layer.routing.adapters):
+def concat_delta(layer: LoraLinear, routing: Routing, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """One-pass delta ``((x A_cat^T) * mask) B_cat^T``, the mask selecting each token's adapter: ``[T, out]``."""
+    if not any(n in layer.lora_A for n in routing.adapters):
         return x2.new_zeros(x2.shape[0], layer.out_features)
-    a_cat, b_cat, owner, scales, remap, layout = _concat_weights(layer, layer.routing)
+    a_cat, b_cat, owner, scales, remap, layout = _concat_weights(layer, routing)
     key = ("mask", layout, ids.shape[0])
-    mask = layer.routing.cache.get(key)
+    mask = routing.cache.get(key)
     if mask is None:
-        local = remap[
-            ids
-        ]  # [T], -1 where the token has no adapter on this layer (ids=-1 reads the last entry)
+        local = remap[ids]  # [T], -1: no adapter on this layer (id -1 reads remap's last entry)
         mask = (local[:, None] == owner[None, :]).to(x2.dtype) * scales[local][:, None]  # [T, R]
-        layer.routing.cache[key] = mask
-    return ((x2 @ a_cat.T) * mask) @ b_cat.T  # [T, out]
+        routing.cache[key] = mask
+    return ((x2 @ a_cat.T) * cast(torch.Tensor, mask)) @ b_cat.T  # [T, out]
 
 
-def segment_delta(layer: LoraLinear, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [T, out]
-    """Loop over the adapters in the batch: gather their tokens, apply ``B(A(x))``, scatter-add."""
+def segment_delta(layer: LoraLinear, routing: Routing, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Loop over the adapters in the batch: gather their tokens, ``B(A(x))``, scatter-add: ``[T, out]``."""
     out = x2.new_zeros(x2.shape[0], layer.out_features)  # [T, out]
     key = ("rows", ids.shape[0])
-    if key not in layer.routing.cache:
-        layer.routing.cache[key] = [
-            (ids == i).nonzero().squeeze(1) for i in range(len(layer.routing.adapters))
-        ]
-    for name, rows in zip(layer.routing.adapters, layer.routing.cache[key]):  # rows: [t_i]
+    if key not in routing.cache:
+        routing.cache[key] = [(ids == i).nonzero().squeeze(1) for i in range(len(routing.adapters))]
+    for name, rows in zip(routing.adapters, cast(list, routing.cache[key])):  # rows: [t_i]
         if rows.numel() and name in layer.lora_A:
             sub = layer.lora_B[name](layer.lora_A[name](x2.index_select(0, rows)))  # [t_i, out]
             out.index_add_(0, rows, sub * layer.scaling[name])
     return out
 
 
-def routed_delta(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:  # [..., out]
-    """The LoRA delta of ``layer`` for input ``x`` under ``layer.routing`` (adapter dtype)."""
-    routing = layer.routing
-    if layer.training and any(p.p > 0 for p in layer.lora_dropout.values() if hasattr(p, "p")):
+def routed_delta(layer: LoraLinear, routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [..., out]
+    """The LoRA delta of ``layer`` for input ``x`` under ``routing``, in the adapter dtype."""
+    if layer.training and any(getattr(d, "p", 0) > 0 for d in layer.lora_dropout.values()):
         raise RuntimeError(
             "mixed-adapter batches are for inference: call model.module.eval() (dropout is on)"
         )
@@ -150,12 +142,12 @@ def routed_delta(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:  # [..., o
     present = [n for n in routing.adapters if n in layer.lora_A]
     if not present:
         return x.new_zeros(*x.shape[:-1], layer.out_features)
-    dtype = layer.lora_A[present[0]].weight.dtype
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [T, in]
+    x2 = x.reshape(-1, x.shape[-1]).to(layer.weight_a(present[0]).dtype)  # [T, in]
     method = routing.method
     if method == "auto":
-        total_rank = sum(layer.lora_A[n].out_features for n in present)
+        total_rank = sum(layer.rank(n) for n in present)
         small = total_rank * 4 <= min(layer.in_features, layer.out_features)
         method = "concat" if small or len(present) == 1 else "segment"
-    delta = concat_delta(layer, x2, ids) if method == "concat" else segment_delta(layer, x2, ids)  # [T, out]
+    compute = concat_delta if method == "concat" else segment_delta
+    delta = compute(layer, routing, x2, ids)  # [T, out]
     return delta.reshape(*x.shape[:-1], layer.out_features)

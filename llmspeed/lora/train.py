@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -93,7 +94,7 @@ def _check(steps: int, lr: float, seq_len: int, batch_size: int) -> None:
         raise ValueError(f"lr must be a positive number; got {lr!r}")
 
 
-def _parameters(model: CausalLM, adapter: str | None, full: bool) -> list[torch.nn.Parameter]:
+def _parameters(model: CausalLM, adapter: str | None, full: bool) -> list[torch.Tensor]:
     if full:
         quantized = [n for n, m in model.linear_layers() if is_quantized(m)]
         if quantized or any(True for _ in lora_layers(model)):
@@ -102,12 +103,13 @@ def _parameters(model: CausalLM, adapter: str | None, full: bool) -> list[torch.
             )
         return [p for p in model.module.parameters() if p.is_floating_point()]
     require_adapter(model, adapter, arg="adapter")
+    assert adapter is not None  # checked just above
     if any(adapter in layer.merged for _, layer in lora_layers(model)):
         raise ValueError(f"adapter {adapter!r} is merged into the base; unmerge it before training")
     return trainable_parameters(model, adapter)
 
 
-def _set_checkpointing(hf: torch.nn.Module, on: bool) -> bool:
+def _set_checkpointing(hf: Any, on: bool) -> bool:
     """Turn transformers' non-reentrant activation checkpointing on or off; False if unsupported."""
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
         if on:
@@ -186,8 +188,8 @@ def finetune(
     flags = {p: p.requires_grad for p in hf.parameters()}
     for p in hf.parameters():
         p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    for param in params:
+        param.requires_grad_(True)
     was_training = hf.training
     before = _eval_loss(model, eval_windows, seq_len)
     warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps

@@ -112,5 +112,5 @@ def test_concat_and_segment_match_a_per_token_loop(ranks, data):
         ]
     )
     with torch.no_grad():
-        torch.testing.assert_close(concat_delta(layer, x, ids), want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(segment_delta(layer, x, ids), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(concat_delta(layer, layer.routing, x, ids), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(segment_delta(layer, layer.routing, x, ids), want, atol=1e-5, rtol=1e-5)
