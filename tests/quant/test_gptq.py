@@ -298,4 +298,4 @@ def test_gptq_on_smollm2_first_layer_beats_rtn(smollm2):
         out_q = run_layer(layers[0], capture_layer_inputs(model, ids, 8)).hidden
         out_f = run_layer(decoder_layers(smollm2)[1][0], capture_layer_inputs(smollm2, ids, 8)).hidden
         errs[method] = sum((a - b).norm().item() for a, b in zip(out_q, out_f))
-    assert errs["gptq"] < 0.8 * errs["rtn"], errs
+    assert errs["gptq"] < 0.5 * errs["rtn"], errs  # measured: 19.8 vs 97.2
