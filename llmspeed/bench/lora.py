@@ -233,7 +233,7 @@ def _small_random_b(m, name: str, std: float = 0.01) -> None:
     gen = torch.Generator().manual_seed(hash(name) % 2**31)
     with torch.no_grad():
         for _, layer in lora.lora_layers(m):
-            w = layer.lora_B[name].weight
+            w = layer.weight_b(name)
             w.copy_(torch.randn(w.shape, generator=gen) * std)
 
 
@@ -335,7 +335,7 @@ def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict
             for name, p in pm.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-        pm.save_pretrained(Path(tmp) / "peft")
+        pm.save_pretrained(str(Path(tmp) / "peft"))
         want = logits(pm)
         mine = load_model(model, device=device)
         lora.load_adapter(mine, Path(tmp) / "peft", "p")
