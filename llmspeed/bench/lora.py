@@ -23,6 +23,7 @@ import math
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +231,7 @@ def _prefill_fn(m, batch: int, tokens: int, device: str, ctx=None):
 
 def _small_random_b(m, name: str, std: float = 0.01) -> None:
     """Give adapter ``name`` a non-zero ``B`` of realistic size (what a few hundred steps produce)."""
-    gen = torch.Generator().manual_seed(hash(name) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     with torch.no_grad():
         for _, layer in lora.lora_layers(m):
             w = layer.weight_b(name)
