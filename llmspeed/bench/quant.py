@@ -1,0 +1,173 @@
+"""Quantization benchmark suite: perplexity, memory, kernel microbenchmarks and batch-1 greedy decode.
+
+Every row has the keys ``table, case, value, unit, baseline, vs_baseline``; ``vs_baseline`` is the
+ratio to the named baseline measured in the same run (perplexity and memory: value / baseline; times:
+baseline time / time, i.e. a speedup).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import llmspeed
+
+from ..quant import QuantConfig, module_class
+from ..quant.kernels import KERNELS, auto_kernel
+from .timing import timeit
+
+FORMATS = [("int8", {}), ("int4 g64", {"fmt": "int4", "group_size": 64}), ("int4 g128", {"fmt": "int4", "group_size": 128}),
+           ("nf4 g64", {"fmt": "nf4", "group_size": 64}), ("nf4 g128", {"fmt": "nf4", "group_size": 128}),
+           ("nf4 g64 dq", {"fmt": "nf4", "group_size": 64, "double_quant": True})]  # fmt: skip
+DECODE_FORMATS = ["int8", "int4 g64", "nf4 g64"]
+
+
+def _row(table: str, case: str, value: float, unit: str, baseline: str, base_value: float, speed: bool = False) -> dict:
+    ratio = (base_value / value if speed else value / base_value) if value and base_value else float("nan")
+    return {"table": table, "case": case, "value": value, "unit": unit, "baseline": baseline, "vs_baseline": ratio}
+
+
+def _load(model: str, device: str, dtype: torch.dtype = torch.float32):
+    if model == "smollm2":
+        return llmspeed.models.smollm2(dtype=dtype, device=device)
+    if model in ("llama-1b-random", "llama1b"):
+        return llmspeed.models.llama_1b_random(dtype=dtype, device=device)
+    if model.startswith("tiny"):
+        tiny = llmspeed.models.tiny(model.partition("-")[2] or "llama", dtype=dtype)
+        tiny.hf.to(device)
+        return tiny
+    raise ValueError(f"model must be one of ['smollm2', 'llama-1b-random', 'tiny-<arch>']; got {model!r}")
+
+
+def _quantized(base, name: str):
+    model = llmspeed.wrap(copy.deepcopy(base.hf), base.tokenizer)
+    kwargs = dict(FORMATS)[name]
+    return llmspeed.quantize(model, **({"fmt": "int8"} | kwargs))
+
+
+# --- perplexity and memory ------------------------------------------------------------------------
+def perplexity_rows(base, quick: bool, progress: bool) -> list[dict]:
+    """Perplexity on the pydoc evaluation windows: fp32 and every format."""
+    n = 4 if quick else 16
+    ref = llmspeed.eval.perplexity(base, n_windows=n)
+    rows = [_row("perplexity", f"fp32 ({n} x 512 tokens)", ref, "ppl", "fp32", ref)]
+    for name, _ in tqdm(FORMATS, disable=not progress, desc="perplexity"):
+        ppl = llmspeed.eval.perplexity(_quantized(base, name), n_windows=n)
+        rows.append(_row("perplexity", name, ppl, "ppl", "fp32", ref))
+    return rows
+
+
+def memory_rows(base) -> list[dict]:
+    """Whole-model and linear-only bytes vs fp32 (lm_head stays float by default: it is tied to the embedding)."""
+    ref = llmspeed.memory_footprint(base)
+    head = base.hf.get_output_embeddings()
+    tied = head is not None and head.weight is base.hf.get_input_embeddings().weight
+    head_bytes = 0 if tied or head is None else head.weight.numel() * head.weight.element_size()
+    rows = [_row("memory", "fp32 whole model", ref["total"] / 2**20, "MiB", "fp32", ref["total"] / 2**20)]
+    for name, _ in FORMATS:
+        fp = llmspeed.memory_footprint(_quantized(base, name))
+        rows.append(_row("memory", f"{name} whole model", fp["total"] / 2**20, "MiB", "fp32", ref["total"] / 2**20))
+        lin, ref_lin = fp["linear"] - head_bytes, ref["linear"] - head_bytes
+        rows.append(_row("memory", f"{name} linear layers", lin / 2**20, "MiB", "fp32 linear", ref_lin / 2**20))
+    return rows
+
+
+# --- kernel microbenchmark ------------------------------------------------------------------------
+def _time(fn: Callable, device: str, quick: bool) -> float:
+    with torch.no_grad():
+        t = timeit(fn, repeats=3, warmup=1, inner=1, device=device)
+        inner = max(1, min(200, int(0.02 / max(t.median, 1e-7))))
+        return timeit(fn, repeats=5 if quick else 9, warmup=0, inner=inner, device=device).median
+
+
+def kernel_rows(device: str, shapes: list[tuple[int, int]], rows_m: list[int], quick: bool, progress: bool) -> list[dict]:
+    """Each format x kernel path vs fp32 and bf16 ``F.linear`` at each M (same weights, same run)."""
+    out = []
+    jobs = [(k, n, m) for (k, n) in shapes for m in rows_m]
+    for k, n, m in tqdm(jobs, disable=not progress, desc="kernels"):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n, bias=False, device=device)
+        x = torch.randn(m, k, device=device)
+        shape = f"{k}x{n} M={m}"
+        fp32 = _time(lambda: F.linear(x, lin.weight), device, quick)
+        wb, xb = lin.weight.bfloat16(), x.bfloat16()
+        bf16 = _time(lambda: F.linear(xb, wb), device, quick)
+        out.append(_row("kernels", f"{shape} fp32 F.linear", fp32 * 1e6, "us", "fp32", fp32 * 1e6, speed=True))
+        out.append(_row("kernels", f"{shape} bf16 F.linear", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True))
+        for fmt in ("int8", "int4", "nf4"):
+            module = module_class(fmt).from_linear(lin, QuantConfig(fmt))
+            for xin, dname in ((x, "fp32"), (xb, "bf16")):
+                auto = auto_kernel(module, xin).name
+                for name, kernel in KERNELS.items():
+                    if name == "reference" or kernel.why_not(module, xin) is not None:
+                        continue
+                    t = _time(lambda kernel=kernel, xin=xin: kernel.run(module, xin), device, quick)
+                    mark = " (auto)" if name == auto else ""
+                    base, bt = ("fp32", fp32) if dname == "fp32" else ("bf16", bf16)
+                    out.append(_row("kernels", f"{shape} {fmt} {dname} {name}{mark}", t * 1e6, "us", f"{base} F.linear", bt * 1e6, speed=True))
+    return out
+
+
+# --- end-to-end decode ----------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    """Batch-1 greedy decoding with transformers' KV cache; returns (decode tokens/s, tokens)."""
+    hf = model.hf
+    out = hf(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+    tokens = [int(token)]
+    cache = out.cache
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = hf(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.cache
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(token))
+    elapsed = time.perf_counter() - start
+    return (new_tokens - 1) / elapsed, tokens
+
+
+def decode_rows(base, device: str, quick: bool, progress: bool, dtype_name: str) -> list[dict]:
+    """Tokens/s of the same greedy loop for the float model and each decode format (median of runs)."""
+    prompt = torch.arange(100, 132, device=device)  # [32]
+    new, runs = (24, 3) if quick else (64, 5)
+
+    def measure(model):
+        greedy_decode(model, prompt, 4)  # warm-up (kernel choice, caches)
+        results = [greedy_decode(model, prompt, new) for _ in range(runs)]
+        return sorted(r[0] for r in results)[runs // 2], results[0][1]
+
+    ref, ref_tokens = measure(base)
+    rows = [_row("decode", f"{dtype_name} batch-1 greedy", ref, "tok/s", dtype_name, ref, speed=False)]
+    for name in tqdm(DECODE_FORMATS, disable=not progress, desc="decode"):
+        tps, tokens = measure(_quantized(base, name))
+        same = sum(a == b for a, b in zip(tokens, ref_tokens))
+        rows.append(_row("decode", f"{name} ({same}/{len(tokens)} tokens as {dtype_name})", tps, "tok/s", dtype_name, ref))
+    return rows
+
+
+def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict]:
+    """All four tables. On CUDA the float baseline is bf16 and the microbenchmark adds 4096x14336."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
+    base = _load(model, device, dtype)
+    rows = []
+    if model == "smollm2" and device == "cpu":
+        rows += perplexity_rows(base, quick, progress)
+        rows += memory_rows(base)
+    spec = base.spec
+    shapes = [(spec.hidden_size, 1536 if model == "smollm2" else spec.hidden_size * 4)]
+    shapes += [(4096, 4096)] if device == "cpu" else [(4096, 14336)]
+    if not quick:
+        shapes.insert(1, (1536 if model == "smollm2" else spec.hidden_size * 4, spec.hidden_size))
+    prefill = 256 if quick and device == "cpu" else 512
+    rows += kernel_rows(device, shapes, [1, 4, 16, 64, prefill], quick, progress)
+    rows += decode_rows(base, device, quick, progress, dtype_name)
+    return rows
