@@ -42,14 +42,14 @@ def _settings(quick: bool, tiny: bool) -> dict[str, Any]:
         return dict(steps=3, seq_len=32, batch_size=2, eval_windows=2, r=4, repeats=3, context=16, prefill=16)
     if quick:
         return dict(
-            steps=30, seq_len=128, batch_size=2, eval_windows=6, r=16, repeats=7, context=64, prefill=64
+            steps=24, seq_len=128, batch_size=2, eval_windows=6, r=16, repeats=7, context=64, prefill=64
         )
     return dict(
         steps=100, seq_len=256, batch_size=4, eval_windows=16, r=16, repeats=15, context=256, prefill=256
     )
 
 
-LR = {"full-fp32": 2e-5, "lora-fp32": 1e-3, "qlora-int4-g64": 1e-3}
+LR = {"full-fp32": 5e-5, "lora-fp32": 1e-3, "qlora-int4-g64": 1e-3}  # each a usual choice for its method
 
 
 # --- peak memory -----------------------------------------------------------------------------------
