@@ -155,7 +155,7 @@ QUANTIZATION = [
     ),
     new_code_cell(
         "import tempfile\n"
-        "model = llmspeed.quantize(llmspeed.models.smollm2(), 'int4', group_size=64)\n"
+        "# the last model of the table above\n"
         "with tempfile.TemporaryDirectory() as folder:\n"
         "    llmspeed.save(model, folder)\n"
         "    again = llmspeed.load(folder)\n"
@@ -175,7 +175,7 @@ QLORA = [
     new_code_cell(SETUP),
     new_code_cell(
         "from llmspeed import lora\n"
-        "STEPS, SEQ, BATCH, EVAL = (4, 64, 2, 2) if QUICK else (60, 256, 4, 8)\n"
+        "STEPS, SEQ, BATCH, EVAL = (2, 32, 1, 1) if QUICK else (60, 256, 4, 8)\n"
         "model = llmspeed.quantize(llmspeed.models.smollm2(), 'int4', group_size=64)\n"
         "packed_before = {n: b.clone() for n, b in model.hf.named_buffers() if b.dtype == torch.uint8}\n"
         "lora.add_adapter(model, 'pydoc', r=16, alpha=32, targets='all-linear')\n"
@@ -193,20 +193,25 @@ QLORA = [
         "unchanged = all(torch.equal(packed_before[n], b) for n, b in model.hf.named_buffers() if n in packed_before)\n"
         "print('packed int4 weights untouched by training:', unchanged)"
     ),
-    new_markdown_cell("Adapters save in PEFT's file format and load back onto any copy of the base:"),
+    new_markdown_cell(
+        "Adapters save in PEFT's file format and load back (here onto the same base, under a second name):"
+    ),
     new_code_cell(
         "import tempfile\n"
         "ids = model.tokenizer('A generator function', return_tensors='pt').input_ids\n"
         "with tempfile.TemporaryDirectory() as folder:\n"
         "    lora.save_adapter(model, folder, 'pydoc')\n"
         "    print(sorted(os.listdir(folder)))\n"
-        "    other = llmspeed.quantize(llmspeed.models.smollm2(), 'int4', group_size=64)\n"
-        "    lora.load_adapter(other, folder, 'pydoc')\n"
+        "    lora.load_adapter(model, folder, 'reloaded')   # a second copy of the adapter, on the same base\n"
         "with torch.no_grad():\n"
-        "    diff = (model.hf(input_ids=ids).logits - other.hf(input_ids=ids).logits).abs().max().item()\n"
+        "    reloaded = model.hf(input_ids=ids).logits      # load_adapter made 'reloaded' active\n"
+        "    lora.set_adapter(model, 'pydoc')\n"
+        "    trained = model.hf(input_ids=ids).logits\n"
         "    with lora.disabled(model):\n"
-        "        base_diff = (model.hf(input_ids=ids).logits - other.hf(input_ids=ids).logits).abs().max().item()\n"
-        "print(f'reloaded adapter: max logit difference {diff:.2e}; adapter off vs on: {base_diff:.2e}')"
+        "        base = model.hf(input_ids=ids).logits\n"
+        "diff = (reloaded - trained).abs().max().item()\n"
+        "base_diff = (base - trained).abs().max().item()\n"
+        "print(f'reloaded vs trained: max logit difference {diff:.2e}; adapter off vs on: {base_diff:.2e}')"
     ),
 ]
 
@@ -222,9 +227,9 @@ BATCHING = [
     new_code_cell(
         "from llmspeed import SamplingParams\n"
         "from llmspeed.bench.batching import make_workload\n"
-        "N, MEAN, CAP, SINGLE = (6, 8, 16, 2) if QUICK else (24, 48, 128, 4)\n"
+        "N, MEAN, CAP, SINGLE, PROMPTS = (4, 4, 8, 1, (16, 48)) if QUICK else (24, 48, 128, 4, (16, 128))\n"
         "model = llmspeed.models.smollm2()\n"
-        "prompts, lengths = make_workload(model.tokenizer, N, seed=0, prompt_range=(16, 128), mean=MEAN, cap=CAP)\n"
+        "prompts, lengths = make_workload(model.tokenizer, N, seed=0, prompt_range=PROMPTS, mean=MEAN, cap=CAP)\n"
         "useful = sum(lengths)\n"
         "print(f'{N} requests, {sum(map(len, prompts))} prompt tokens, {useful} output tokens')"
     ),
@@ -284,12 +289,12 @@ ALL_TOGETHER = [
     new_code_cell(SETUP),
     new_code_cell(
         "from llmspeed import SamplingParams, lora\n"
-        "STEPS, SEQ, NEW = (2, 64, 8) if QUICK else (30, 256, 32)\n"
+        "STEPS, SEQ, BATCH, NEW = (1, 32, 1, 6) if QUICK else (30, 256, 2, 32)\n"
         "model = llmspeed.quantize(llmspeed.models.smollm2(), 'int4', group_size=64)\n"
         "train = llmspeed.eval.pydoc_text('train')\n"
         "for name, text in [('first', train[: len(train) // 2]), ('second', train[len(train) // 2:])]:\n"
         "    lora.add_adapter(model, name, r=8, alpha=16)\n"
-        "    lora.finetune(model, text, steps=STEPS, seq_len=SEQ, batch_size=2, progress=False)\n"
+        "    lora.finetune(model, text, steps=STEPS, seq_len=SEQ, batch_size=BATCH, progress=False)\n"
         "mem = llmspeed.memory_footprint(model)\n"
         "show([{k: v / 1e6 for k, v in mem.items()}])   # MB by category: adapters are small"
     ),

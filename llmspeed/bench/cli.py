@@ -146,7 +146,8 @@ def suite_markdown(name: str, result: dict[str, Any], command: str) -> str:
         return "\n".join(lines)
     for table, rows in group_rows(result["rows"], name).items():
         columns = list(dict.fromkeys(k for r in rows for k in r if k != "table"))
-        lines += [f"### {table}", "", markdown_table(rows, columns), ""]
+        shown = [{k: ("n/a" if v is None else v) for k, v in r.items()} for r in rows]
+        lines += [f"### {table}", "", markdown_table(shown, columns), ""]
     return "\n".join(lines)
 
 
