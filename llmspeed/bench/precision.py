@@ -106,19 +106,29 @@ def _model_row(model: str, device: str, variant: str, cfg: dict[str, Any]) -> di
                 ppl = perplexity(m, cfg["ppl_text"], cfg["ppl_window"], cfg["ppl_windows"], batch_size=1)
             except FloatingPointError as err:  # fp16 overflow: report it, keep timing the rest
                 note = f"overflow: {str(err)[:60]}"
-        prefill = timeit(_prefill_fn(m, cfg["prefill_tokens"], device), cfg["repeats"], 1, device=device)
-        decode = timeit(_decode_fn(m, cfg["decode_context"], device), cfg["decode_repeats"], 2, device=device)
+        try:
+            prefill = timeit(_prefill_fn(m, cfg["prefill_tokens"], device), cfg["repeats"], 1, device=device)
+            decode = timeit(
+                _decode_fn(m, cfg["decode_context"], device), cfg["decode_repeats"], 2, device=device
+            )
+        except FloatingPointError as err:  # fp16 overflow on this model: a row that says so
+            prefill = decode = None
+            note = f"overflow: {str(err)[:60]}"
     return {
         "variant": variant,
         "ppl": ppl,
         "weights_MB": mem["total"] / 1e6,
         "linear_MB": mem["linear"] / 1e6,
-        "prefill_ms": prefill.median * 1e3,
-        "prefill_spread": prefill.spread,
-        "decode_step_ms": decode.median * 1e3,
-        "decode_spread": decode.spread,
+        "prefill_ms": prefill.median * 1e3 if prefill else None,
+        "prefill_spread": prefill.spread if prefill else 0.0,
+        "decode_step_ms": decode.median * 1e3 if decode else None,
+        "decode_spread": decode.spread if decode else 0.0,
         "note": note,
     }
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
 
 
 def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -139,9 +149,9 @@ def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "weights_MB": r["weights_MB"],
                 "memory_vs_base": r["weights_MB"] / base["weights_MB"],
                 "prefill_ms": r["prefill_ms"],
-                "prefill_speedup": base["prefill_ms"] / r["prefill_ms"],
+                "prefill_speedup": _ratio(base["prefill_ms"], r["prefill_ms"]),
                 "decode_step_ms": r["decode_step_ms"],
-                "decode_speedup": base["decode_step_ms"] / r["decode_step_ms"],
+                "decode_speedup": _ratio(base["decode_step_ms"], r["decode_step_ms"]),
                 "spread_%": 100 * max(r["prefill_spread"], r["decode_spread"]),
                 "note": r["note"],
             }

@@ -1,0 +1,47 @@
+"""Precision suite pieces: ratios against fp32, overflow rows, the matmul microbenchmark."""
+
+from __future__ import annotations
+
+from llmspeed.bench.precision import _relative, matmul_rows
+
+
+def _row(variant, ppl, prefill, decode, note=""):
+    return {
+        "variant": variant,
+        "ppl": ppl,
+        "weights_MB": 100.0 if variant == "fp32" else 50.0,
+        "linear_MB": 80.0,
+        "prefill_ms": prefill,
+        "prefill_spread": 0.1,
+        "decode_step_ms": decode,
+        "decode_spread": 0.2,
+        "note": note,
+    }
+
+
+def test_ratios_are_against_fp32_and_tolerate_missing_values():
+    rows = _relative(
+        [
+            _row("fp32", 10.0, 8.0, 4.0),
+            _row("bf16", 10.1, 16.0, 2.0),
+            _row("fp16", None, None, None, "overflow"),
+        ]
+    )
+    fp32, bf16, fp16 = rows
+    assert all(r["baseline"] == "fp32" and r["table"] == "precision/model" for r in rows)
+    assert fp32["prefill_speedup"] == 1.0 and fp32["ppl_vs_base_%"] == 0.0
+    assert bf16["memory_vs_base"] == 0.5 and bf16["prefill_speedup"] == 0.5 and bf16["decode_speedup"] == 2.0
+    assert abs(bf16["ppl_vs_base_%"] - 1.0) < 1e-9
+    assert fp16["ppl_vs_base_%"] is None and fp16["decode_speedup"] is None and fp16["note"] == "overflow"
+    assert bf16["spread_%"] == 20.0
+
+
+def test_matmul_rows_cover_each_dtype_with_fp32_baseline():
+    rows = matmul_rows([(1, 32, 48), (8, 32, 48)], repeats=2)
+    assert [(r["M"], r["dtype"]) for r in rows] == [(m, d) for m in (1, 8) for d in ("fp32", "bf16", "fp16")]
+    assert all(r["speedup_vs_base"] == 1.0 for r in rows if r["dtype"] == "fp32")
+    for r in rows:
+        assert (
+            r["GFLOP/s"] > 0
+            and abs(r["GFLOP/s"] * r["ms"] * 1e6 - 2 * r["M"] * 32 * 48) < 1e-6 * 2 * r["M"] * 32 * 48 * 1e3
+        )
