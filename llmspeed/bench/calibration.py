@@ -3,7 +3,7 @@
 Rows: fp32 (the baseline of every row), then round-to-nearest / HQQ / GPTQ at int4 g64 and g128,
 NF4 g64 and int8 with and without GPTQ. Columns: perplexity on the pydoc evaluation windows (text
 no method ever sees), its change vs fp32, the calibration time (wall and CPU seconds; the machine
-may be shared, CPU seconds are the steadier number) and, for the int4 g64 rows, perplexity on the
+may be shared, CPU seconds are the steadier number) and, for fp32 and int4 g64 RTN/GPTQ, perplexity on the
 calibration text itself ("seen") and on a held-out slice of the same half ("held-out") that
 calibration never saw: a method that overfits its calibration text gains on "seen" only.
 
@@ -100,7 +100,7 @@ def run(
             "ppl_heldout": "",
             "baseline": "fp32 (same run)",
         }
-        if fmt in ("fp32", "int4") and group in (None, 64):
+        if fmt == "fp32" or (fmt == "int4" and group == 64 and method in ("rtn", "gptq")):
             row["ppl_seen"] = perplexity(m, calib_text, n_windows=n_side)
             row["ppl_heldout"] = perplexity(m, heldout_text, n_windows=n_side)
         rows.append(row)
