@@ -126,7 +126,7 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, 
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = hf(input_ids=token, past_key_values=cache, use_cache=True)
+        out = hf(input_ids=token, cache=cache, use_cache=True)
         cache = out.cache
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
