@@ -44,7 +44,7 @@ def test_finetune_quantized_base_packed_tensors_bit_identical(llama):
     assert fell(result.losses)
 
 
-@pytest.mark.parametrize("method", ["int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
 def test_finetune_real_quantized_base(llama, method):
     quantize_real(llama, method)
     result = _train(llama)
