@@ -68,13 +68,14 @@ def run(
         configs += [("nf4", 64, "rtn"), ("nf4", 64, "gptq"), ("int8", None, "rtn"), ("int8", None, "gptq")]
     configs = [c for c in configs if c[0] == "fp32" or c[0] in formats]
 
+    # GPTQ g64 first: on a busy machine the headline number arrives first. vs_fp32 is filled in at the end.
+    configs.sort(key=lambda c: 0 if c == ("int4", 64, "gptq") else 1)
     rows: list[dict[str, Any]] = []
-    fp32_ppl = None
     for fmt, group, method in configs:
         m = _load(model, device)
         wall = cpu = 0.0
+        load1 = os.getloadavg()[0]
         if fmt != "fp32":
-            load1 = os.getloadavg()[0]
             t0, c0 = time.perf_counter(), time.process_time()
             llmspeed.quantize(
                 m,
@@ -86,16 +87,15 @@ def run(
             )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         ppl = perplexity(m, n_windows=n_eval)
-        fp32_ppl = ppl if fp32_ppl is None else fp32_ppl
         row: dict[str, Any] = {
             "format": fmt,
             "group": "-" if group is None else group,
             "method": method,
             "ppl_eval": ppl,
-            "vs_fp32": f"{(ppl / fp32_ppl - 1) * 100:+.1f}%",
+            "vs_fp32": "",
             "calib_wall_s": round(wall, 1),
             "calib_cpu_s": round(cpu, 1),
-            "load_avg": round(load1, 1) if fmt != "fp32" else "-",
+            "load_avg": round(load1, 1),
             "ppl_seen": "",
             "ppl_heldout": "",
             "baseline": "fp32 (same run)",
@@ -109,4 +109,8 @@ def run(
         del m
         if device == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    fp32_ppl = next(r["ppl_eval"] for r in rows if r["format"] == "fp32")
+    for r in rows:
+        r["vs_fp32"] = f"{(r['ppl_eval'] / fp32_ppl - 1) * 100:+.1f}%"
+    order = {c: i for i, c in enumerate(sorted(configs, key=lambda c: (c[0] != "fp32", ["fp32", "int4", "nf4", "int8"].index(c[0]), c[1] or 0, c[2] != "rtn", c[2])))}
+    return sorted(rows, key=lambda r: order[(r["format"], None if r["group"] == "-" else r["group"], r["method"])])
