@@ -39,6 +39,7 @@ class Generator:
         chat_template: Wrap string prompts in the tokenizer's chat template as a user turn.
         progress: Show a tqdm bar (requests done, tokens/s) in ``generate_batched``.
         eos_token_ids: End-of-sequence ids (default: the tokenizer's ``eos_token_id``).
+        cuda_graphs: On a CUDA device, replay captured CUDA graphs for decode-only steps.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class Generator:
         chat_template: bool = False,
         progress: bool = True,
         eos_token_ids: Sequence[int] | None = None,
+        cuda_graphs: bool = True,
     ):
         spec = model.spec
         if kv_cache_tokens is not None and kv_cache_bytes is not None:
@@ -76,8 +78,15 @@ class Generator:
         num_blocks = kv_cache_tokens // block_size
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, spec.max_positions)
-        self.cache = PagedKVCache(spec, num_blocks, block_size)
         self.device = spec.device
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
+        self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size)
+        self.graphs = None
+        if use_graphs:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256))
         if eos_token_ids is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -194,6 +203,12 @@ class Generator:
             if chunk.samples:
                 rows.append(len(ids) - 1)
                 sampled.append(chunk.seq)
+        decode_only = len(ids) == len(sampled) == len(batch.chunks)
+        if self.graphs is not None and decode_only and not any(s.params.adapter for s in sampled):
+            decode = [(c.seq.block_table, c.start, 1, tok) for c, tok in zip(batch.chunks, ids)]
+            logits = self.graphs.run(decode)
+            if logits is not None:
+                return logits, sampled
         attention = PagedAttention(self.cache, [(c.seq.block_table, c.start, c.length) for c in batch.chunks])
         dev = self.device
         with torch.inference_mode(), self._adapters(batch):

@@ -99,6 +99,24 @@ class PagedAttention:
             self.prefills.append((row, length, start, blocks, mask))
             row += length
 
+    @classmethod
+    def static_decode(
+        cls,
+        cache: PagedKVCache,
+        slots: torch.Tensor,  # [n]
+        blocks: torch.Tensor,  # [n * W]
+        mask: torch.Tensor,  # [n, 1, 1, W * BS]
+    ) -> PagedAttention:
+        """A decode-only backend over caller-owned index tensors (updated in place between CUDA graph replays)."""
+        self = cls.__new__(cls)
+        self.cache = cache
+        self.slots = slots
+        self.num_tokens = self.num_decode = slots.shape[0]
+        self.dec_blocks = blocks
+        self.dec_mask = mask
+        self.prefills = []
+        return self
+
     def __call__(
         self,
         layer_idx: int,

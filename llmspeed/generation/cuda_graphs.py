@@ -1,0 +1,125 @@
+"""CUDA graphs for decode-only steps (GPU only; the CPU path never imports torch.cuda graph APIs).
+
+A decode step of ``n`` sequences runs the same kernels every time, only the data changes, so it can
+be captured once and replayed: this removes the per-kernel launch overhead that dominates a batch-1
+decode step of a 1B model on a GPU. Graphs are captured lazily per bucket (batch size rounded up to a
+power of two, context width in blocks rounded up to a power of two); padded rows write their keys and
+values into a reserved scratch block and attend only to it, so they never touch a live sequence.
+If capture fails (a model whose forward syncs with the host, say), the generator warns once and
+falls back to eager steps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .kv_cache import PagedAttention, PagedKVCache
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= ``max(n, minimum)``."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+class _Graph:
+    """One captured decode step with its static input buffers."""
+
+    def __init__(self, model: Any, cache: PagedKVCache, rows: int, width: int, pad_block: int, pool: Any):
+        dev = cache.key.device
+        bs = self.block_size = cache.block_size
+        self.ids = torch.zeros(rows, dtype=torch.long, device=dev)  # [n]
+        self.pos = torch.zeros(rows, dtype=torch.long, device=dev)  # [n]
+        self.slots = torch.full((rows,), pad_block * bs, dtype=torch.long, device=dev)  # [n]
+        self.blocks = torch.full((rows * width,), pad_block, dtype=torch.long, device=dev)  # [n * W]
+        self.lens = torch.ones(rows, dtype=torch.long, device=dev)  # [n]
+        self.arange = torch.arange(width * bs, device=dev)  # [W * BS]
+        self.mask = torch.ones(rows, 1, 1, width * bs, dtype=torch.bool, device=dev)  # [n, 1, 1, W * BS]
+        self.rows = torch.arange(rows, device=dev)  # [n]
+        attention = PagedAttention.static_decode(cache, self.slots, self.blocks, self.mask)
+
+        def body() -> torch.Tensor:
+            self.mask.copy_((self.arange[None, :] < self.lens[:, None])[:, None, None, :])
+            return model.forward_batch(self.ids, self.pos, attention, self.rows)  # [n, V]
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
+            self.logits = body()
+
+    def replay(self, ids, pos, slots, tables: Sequence[Sequence[int]], lens, width: int, pad_block: int) -> torch.Tensor:
+        n = len(ids)
+        rows = self.ids.shape[0]
+        pad = rows - n
+        pad_slot = pad_block * self.block_size
+        host = torch.tensor(
+            [list(ids) + [0] * pad, list(pos) + [0] * pad, list(slots) + [pad_slot] * pad, list(lens) + [1] * pad],
+            dtype=torch.long,
+        )  # [4, rows]
+        blocks = torch.full((rows, width), pad_block, dtype=torch.long)  # [rows, W]
+        for i, table in enumerate(tables):
+            blocks[i, : len(table)] = torch.tensor(table[:width])
+        host = host.to(self.ids.device, non_blocking=True)
+        self.ids.copy_(host[0])
+        self.pos.copy_(host[1])
+        self.slots.copy_(host[2])
+        self.lens.copy_(host[3])
+        self.blocks.copy_(blocks.flatten().to(self.ids.device, non_blocking=True))
+        self.graph.replay()
+        return self.logits[:n]
+
+
+class DecodeGraphs:
+    """Captures and replays decode-only steps.
+
+    Args:
+        model: The model (its ``forward_batch`` is captured).
+        cache: The paged cache; block ``pad_block`` must never be handed to a sequence.
+        pad_block: The scratch block for padded rows.
+        max_batch: Largest decode batch to capture (bigger batches run eagerly).
+        max_width: Largest context, in blocks, to capture.
+    """
+
+    def __init__(self, model: Any, cache: PagedKVCache, pad_block: int, max_batch: int = 256, max_width: int = 512):
+        self.model = model
+        self.cache = cache
+        self.pad_block = pad_block
+        self.max_batch = max_batch
+        self.max_width = max_width
+        self.enabled = True
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+
+    def run(self, chunks: Sequence[tuple[Sequence[int], int, int, int]]) -> torch.Tensor | None:
+        """Logits ``[n, V]`` for decode chunks ``(block_table, position, length=1, token)``; ``None`` = run eagerly."""
+        bs = self.cache.block_size
+        n = len(chunks)
+        width = bucket(max(-(-(pos + 1) // bs) for _, pos, _, _ in chunks), 4)
+        if not self.enabled or n > self.max_batch or width > self.max_width:
+            return None
+        key = (bucket(n), width)
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = _Graph(self.model, self.cache, key[0], width, self.pad_block, self._pool)
+            except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+                warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: {exc}", stacklevel=2)
+                self.enabled = False
+                return None
+            self._graphs[key] = graph
+        slots = [t[pos // bs] * bs + pos % bs for t, pos, _, _ in chunks]
+        return graph.replay(
+            [tok for *_, tok in chunks], [pos for _, pos, _, _ in chunks], slots,
+            [t for t, _, _, _ in chunks], [pos + 1 for _, pos, _, _ in chunks], width, self.pad_block,
+        )
