@@ -27,24 +27,32 @@ static inline float hsum(__m256 v) {
 #endif
 
 // ---------------------------------------------------------------- int8, per-row scale
+// C independent FMA chains per row of x hide the FMA latency (C = 4 for one row, 2 for a tile of 4).
 template <int MT>
 static void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, float s, float* y, int64_t ldy) {
+  constexpr int C = MT == 1 ? 4 : 2;
   int64_t k = 0;
   float acc_tail[MT];
   for (int i = 0; i < MT; ++i) acc_tail[i] = 0.f;
 #ifdef __AVX2__
-  __m256 a0[MT], a1[MT];
-  for (int i = 0; i < MT; ++i) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); }
-  for (; k + 16 <= K; k += 16) {
-    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-    for (int i = 0; i < MT; ++i) {
-      a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * ldx + k), a0[i]);
-      a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * ldx + k + 8), a1[i]);
+  __m256 a[MT][C];
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < C; ++c) a[i][c] = _mm256_setzero_ps();
+  for (; k + 8 * C <= K; k += 8 * C) {
+    __m256 wv[C];
+    for (int c = 0; c < C; c += 2) {
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * c));
+      wv[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+      wv[c + 1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
     }
+    for (int i = 0; i < MT; ++i)
+      for (int c = 0; c < C; ++c) a[i][c] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + i * ldx + k + 8 * c), a[i][c]);
   }
-  for (int i = 0; i < MT; ++i) acc_tail[i] = hsum(_mm256_add_ps(a0[i], a1[i]));
+  for (int i = 0; i < MT; ++i) {
+    __m256 t = a[i][0];
+    for (int c = 1; c < C; ++c) t = _mm256_add_ps(t, a[i][c]);
+    acc_tail[i] = hsum(t);
+  }
 #endif
   for (; k < K; ++k)
     for (int i = 0; i < MT; ++i) acc_tail[i] += x[i * ldx + k] * static_cast<float>(w[k]);
@@ -73,13 +81,31 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 // the low nibbles (even elements) and high nibbles (odd elements) of 8 bytes meet contiguous x.
 static torch::Tensor deinterleave(const torch::Tensor& x, int64_t Kp) {
   const int64_t M = x.size(0), K = x.size(1);
-  auto out = torch::zeros({M, Kp}, x.options());
+  auto out = torch::empty({M, Kp}, x.options());
   const float* s = x.data_ptr<float>();
   float* d = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* sr = s + m * K;
+    float* dr = d + m * Kp;
+    for (int64_t b = 0; b < Kp; b += 16)
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t k = b + j;
+        dr[b + (j >> 1) + ((j & 1) << 3)] = k < K ? sr[k] : 0.f;
+      }
+  }
+  return out;
+}
+
+static torch::Tensor group_sums(const torch::Tensor& xd, int64_t G) {  // [M, Kp / G]
+  const int64_t M = xd.size(0), Kp = xd.size(1), groups = Kp / G;
+  auto out = torch::empty({M, groups}, xd.options());
+  const float* s = xd.data_ptr<float>();
+  float* d = out.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      int64_t b = k & ~int64_t(15), j = k & 15;
-      d[m * Kp + b + (j >> 1) + ((j & 1) << 3)] = s[m * K + k];
+    for (int64_t g = 0; g < groups; ++g) {
+      float t = 0.f;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) t += s[m * Kp + k];
+      d[m * groups + g] = t;
     }
   return out;
 }
@@ -97,8 +123,8 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
   __m256 tot[MT];
   for (int i = 0; i < MT; ++i) tot[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 acc[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+    __m256 acc[MT], acc2[MT];  // two FMA chains per row (even / odd elements)
+    for (int i = 0; i < MT; ++i) acc[i] = acc2[i] = _mm256_setzero_ps();
     for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
       __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2));
       __m128i lo8 = _mm_and_si128(b, lowmask), hi8 = _mm_and_si128(_mm_srli_epi16(b, 4), lowmask);
@@ -115,12 +141,12 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
       }
       for (int i = 0; i < MT; ++i) {
         acc[i] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x + i * ldx + k), acc[i]);
-        acc[i] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x + i * ldx + k + 8), acc[i]);
+        acc2[i] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x + i * ldx + k + 8), acc2[i]);
       }
     }
     const __m256 sv = _mm256_set1_ps(scale[g]);
     for (int i = 0; i < MT; ++i) {
-      tot[i] = _mm256_fmadd_ps(sv, acc[i], tot[i]);
+      tot[i] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[i], acc2[i]), tot[i]);
       if (!NF) res[i] -= scale[g] * zero[g] * xsum[i * ldxs + g];
     }
   }
@@ -150,7 +176,7 @@ static torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Te
   const int64_t M = x.size(0), N = qweight.size(0), Kp = qweight.size(1) * 2, groups = Kp / G;
   auto xd = deinterleave(x, Kp);  // [M, Kp]
   torch::Tensor xs;  // [M, groups] sums of x per group (for the zero-point term)
-  if (!NF) xs = xd.view({M, groups, G}).sum(2).contiguous();
+  if (!NF) xs = group_sums(xd, G);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = xd.data_ptr<float>();
   const float* xsp = NF ? nullptr : xs.data_ptr<float>();
