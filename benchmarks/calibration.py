@@ -17,12 +17,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2", choices=["smollm2"])
-    parser.add_argument("--quick", action="store_true", help="fp32 and int4 g64 only, 32 calibration sequences, 4 windows")
-    parser.add_argument("--formats", default="int4,nf4,int8", help="comma-separated quantized formats to measure")
+    parser.add_argument(
+        "--quick", action="store_true", help="fp32 and int4 g64 only, 32 calibration sequences, 4 windows"
+    )
+    parser.add_argument(
+        "--formats", default="int4,nf4,int8", help="comma-separated quantized formats to measure"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     formats = tuple(f for f in args.formats.split(",") if f)
-    rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress, formats=formats)
+    rows = run(
+        device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress, formats=formats
+    )
     print(markdown_table(rows))
 
 

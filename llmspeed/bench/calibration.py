@@ -56,6 +56,7 @@ def run(
     if unknown:
         raise ValueError(f"formats must be among ['int4', 'nf4', 'int8']; got {sorted(unknown)}")
     import llmspeed
+
     from ..eval import perplexity
 
     calib_text, heldout_text = _texts()
@@ -112,5 +113,21 @@ def run(
     fp32_ppl = next(r["ppl_eval"] for r in rows if r["format"] == "fp32")
     for r in rows:
         r["vs_fp32"] = f"{(r['ppl_eval'] / fp32_ppl - 1) * 100:+.1f}%"
-    order = {c: i for i, c in enumerate(sorted(configs, key=lambda c: (c[0] != "fp32", ["fp32", "int4", "nf4", "int8"].index(c[0]), c[1] or 0, c[2] != "rtn", c[2])))}
-    return sorted(rows, key=lambda r: order[(r["format"], None if r["group"] == "-" else r["group"], r["method"])])
+    order = {
+        c: i
+        for i, c in enumerate(
+            sorted(
+                configs,
+                key=lambda c: (
+                    c[0] != "fp32",
+                    ["fp32", "int4", "nf4", "int8"].index(c[0]),
+                    c[1] or 0,
+                    c[2] != "rtn",
+                    c[2],
+                ),
+            )
+        )
+    }
+    return sorted(
+        rows, key=lambda r: order[(r["format"], None if r["group"] == "-" else r["group"], r["method"])]
+    )

@@ -84,7 +84,9 @@ def calibration_tokens(model: CausalLM, calibration: Any, config: CalibrationCon
             )
         text = "\n\n".join(t for t in calibration if t)
         if not text.strip():
-            raise ValueError("calibration text is empty: pass non-empty strings, or None for the default text")
+            raise ValueError(
+                "calibration text is empty: pass non-empty strings, or None for the default text"
+            )
         if model.tokenizer is None:
             raise ValueError("calibration text needs a tokenizer: wrap the model with one, or pass token ids")
         ids = torch.tensor(model.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
@@ -96,7 +98,9 @@ def calibration_tokens(model: CausalLM, calibration: Any, config: CalibrationCon
         )
     vocab = model.spec.vocab_size
     if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise ValueError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+        raise ValueError(
+            f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]"
+        )
     return ids[: n * config.seq_len].view(n, config.seq_len)  # [n, seq_len]
 
 
@@ -155,7 +159,9 @@ def _output(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, weights: dict[str, torch.Tensor] | None = None) -> LayerInputs:
+def run_layer(
+    layer: nn.Module, inputs: LayerInputs, weights: dict[str, torch.Tensor] | None = None
+) -> LayerInputs:
     """Outputs of ``layer`` for every batch (the next layer's inputs), with ``weights`` (name -> tensor) swapped in."""
     hidden = []
     for h, kw in zip(inputs.hidden, inputs.kwargs):

@@ -74,7 +74,10 @@ def test_gptq_layer_error_below_rtn_on_calibration_activations(fmt, group_size, 
         h = torch.zeros(w.shape[1], w.shape[1])
         h = G.finalize_hessian(h, G.accumulate_hessian(h, acts[name]))
         q = G.gptq_quantize(w, h, grid, group_size, act_order=act_order).dequantized
-        e_gptq, e_rtn = G.layer_error(w, q, acts[name]), G.layer_error(w, _rtn(w, grid, group_size), acts[name])
+        e_gptq, e_rtn = (
+            G.layer_error(w, q, acts[name]),
+            G.layer_error(w, _rtn(w, grid, group_size), acts[name]),
+        )
         assert e_gptq < 0.97 * e_rtn, f"{name}: gptq {e_gptq:.4f} vs rtn {e_rtn:.4f}"
 
 
@@ -178,7 +181,13 @@ def test_calibration_tokens_windows_and_errors(smollm2_cached):
     expected = smollm2_cached.tokenizer.encode(text[:2000], add_special_tokens=False)[:64]
     assert tokens.reshape(-1).tolist() == expected
     assert calibration_tokens(smollm2_cached, ["a b c " * 20], cfg).shape[1] == 16
-    for bad, match in (([], "empty"), ("", "empty"), (["  "], "empty"), ("hi", "shorter than one window"), (3, "must be")):
+    for bad, match in (
+        ([], "empty"),
+        ("", "empty"),
+        (["  "], "empty"),
+        ("hi", "shorter than one window"),
+        (3, "must be"),
+    ):
         with pytest.raises(ValueError, match=match):
             calibration_tokens(smollm2_cached, bad, cfg)
     with pytest.raises(ValueError, match="seq_len"):
@@ -201,9 +210,13 @@ def test_quantize_gptq_builds_packed_modules_and_beats_rtn(fmt, group_size):
     for method in ("rtn", "gptq"):
         model = llmspeed.models.tiny("llama", seed=1)
         opts = OPTS if method == "gptq" else None
-        llmspeed.quantize(model, fmt, group_size, method=method, calibration=tokens if opts else None, method_options=opts)
+        llmspeed.quantize(
+            model, fmt, group_size, method=method, calibration=tokens if opts else None, method_options=opts
+        )
         with torch.no_grad():
-            errors[method] = (model.hf(input_ids=tokens).logits - ref.hf(input_ids=tokens).logits).norm().item()
+            errors[method] = (
+                (model.hf(input_ids=tokens).logits - ref.hf(input_ids=tokens).logits).norm().item()
+            )
             got = model.hf(input_ids=x).logits
         assert torch.isfinite(got).all() and got.shape == want.shape
     q = dict(model.linear_layers())["model.layers.1.mlp.down_proj"]
@@ -292,7 +305,15 @@ def test_gptq_on_smollm2_first_layer_beats_rtn(smollm2):
     for method in ("rtn", "gptq"):
         model = llmspeed.models.smollm2()
         opts = dict(n_sequences=8, seq_len=64, progress=False) if method == "gptq" else None
-        llmspeed.quantize(model, "int4", 64, method=method, include=["model.layers.0.*"], calibration=text if opts else None, method_options=opts)
+        llmspeed.quantize(
+            model,
+            "int4",
+            64,
+            method=method,
+            include=["model.layers.0.*"],
+            calibration=text if opts else None,
+            method_options=opts,
+        )
         ids = calibration_tokens(model, text, CalibrationConfig(8, 64))
         _, layers = decoder_layers(model)
         out_q = run_layer(layers[0], capture_layer_inputs(model, ids, 8)).hidden

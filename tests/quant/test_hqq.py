@@ -58,7 +58,12 @@ def test_hqq_stores_fractional_zero_points_in_the_int4_layout():
 
 
 @settings(max_examples=20, deadline=None)
-@given(out=st.integers(1, 8), groups=st.integers(1, 3), group_size=st.sampled_from([2, 8, 16]), seed=st.integers(0, 2**16))
+@given(
+    out=st.integers(1, 8),
+    groups=st.integers(1, 3),
+    group_size=st.sampled_from([2, 8, 16]),
+    seed=st.integers(0, 2**16),
+)
 def test_hqq_never_worse_than_its_start_in_lp(out, groups, group_size, seed):
     """The best iterate is kept, so the l_p error never exceeds that of the initial min/max zero point."""
     w = torch.randn(out, groups * group_size, generator=torch.Generator().manual_seed(seed))
@@ -143,4 +148,6 @@ def test_each_int4_kernel_by_name_honours_fractional_zero_points(kernel):
     reason = KERNELS[kernel].why_not(module, x)
     if reason is not None:
         pytest.skip(reason)
-    torch.testing.assert_close(KERNELS[kernel].run(module, x), x @ module.dequantize().T, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        KERNELS[kernel].run(module, x), x @ module.dequantize().T, rtol=1e-3, atol=1e-4
+    )

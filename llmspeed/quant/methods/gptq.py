@@ -28,11 +28,15 @@ import torch
 class Grid(Protocol):
     """A format's code grid as GPTQ needs it: fit a group's qparams, round a column, decode it."""
 
-    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [out, k] -> scale [out], zero [out]
+    def fit(
+        self, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [out, k] -> scale [out], zero [out]
         """Scale and zero point of one group of columns (zero is all-zero for symmetric formats)."""
         ...
 
-    def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:  # [out]
+    def fake_quantize(
+        self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+    ) -> torch.Tensor:  # [out]
         """The nearest grid value of each element of one column ``w`` [out] (the GPTQ hot path)."""
         ...
 
@@ -84,7 +88,9 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return upper
-    raise ValueError(f"Hessian is not positive definite even with damp={damp * 10**5}; check the calibration data")
+    raise ValueError(
+        f"Hessian is not positive definite even with damp={damp * 10**5}; check the calibration data"
+    )
 
 
 def gptq_quantize(
@@ -125,10 +131,16 @@ def gptq_quantize(
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0  # inputs that never fire: any value works, no error is pushed from them
 
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_f, device=H.device)
+    perm = (
+        torch.argsort(H.diagonal(), descending=True, stable=True)
+        if act_order
+        else torch.arange(in_f, device=H.device)
+    )
     inv_perm = torch.argsort(perm)
     # Work on W^T so that a column of W is a contiguous row: [in, out] in visiting order.
-    Wt = weight.detach().to(H.device, torch.float32).T[perm].contiguous()  # [in, out], becomes the error-updated weight
+    Wt = (
+        weight.detach().to(H.device, torch.float32).T[perm].contiguous()
+    )  # [in, out], becomes the error-updated weight
     H = H[perm][:, perm]
     with _single_thread():  # thousands of tiny ops: thread hand-offs cost more than they save
         Hinv = _inverse_cholesky(H, damp)  # [in, in] upper
@@ -300,7 +312,9 @@ def pack_result(result: GPTQResult, config, bias: torch.Tensor | None):
     cls = module_class(config.format)
     if config.format == "int8":
         scales = result.scales.reshape(-1)  # [out]
-        return cls.from_codes(P.quantize_int8(w, scales), scales, None, config=config, bias=bias, in_features=in_f)
+        return cls.from_codes(
+            P.quantize_int8(w, scales), scales, None, config=config, bias=bias, in_features=in_f
+        )
     wp = P.pad_columns(w, config.padded_in_features(in_f))  # [out, in_pad]
     if config.format == "int4":
         codes = P.quantize_int4(wp, result.scales, result.zeros, config.group_size)
@@ -351,7 +365,9 @@ def gptq_model(
     def quantize_group(linears, hessian, config):
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum out, in]: rows are independent
         grid = grid_for(config.format, clip_search)
-        result = gptq_quantize(weight, hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order)
+        result = gptq_quantize(
+            weight, hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order
+        )
         modules, row = [], 0
         for lin in linears:
             rows = slice(row, row + lin.out_features)
@@ -371,9 +387,13 @@ def gptq_model(
         linear = model.module.get_submodule(name)
         qw = rtn_weight(linear.weight, plan[name])
         bias = None if linear.bias is None else linear.bias.detach()
-        built[name] = module_class(plan[name].format).from_codes(
-            qw.codes, qw.scales, qw.zeros, config=plan[name], bias=bias, in_features=linear.in_features
-        ).to(linear.weight.device)
+        built[name] = (
+            module_class(plan[name].format)
+            .from_codes(
+                qw.codes, qw.scales, qw.zeros, config=plan[name], bias=bias, in_features=linear.in_features
+            )
+            .to(linear.weight.device)
+        )
     return built
 
 

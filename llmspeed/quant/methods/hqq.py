@@ -100,12 +100,16 @@ def hqq_weight(
     if not 0 < p <= 1:
         raise ValueError(f"p must be in (0, 1]; got {p}")
     if beta <= 0 or kappa < 1 or iters < 0:
-        raise ValueError(f"need beta > 0, kappa >= 1, iters >= 0; got beta={beta}, kappa={kappa}, iters={iters}")
+        raise ValueError(
+            f"need beta > 0, kappa >= 1, iters >= 0; got beta={beta}, kappa={kappa}, iters={iters}"
+        )
     in_f = weight.shape[1]
     in_pad = config.padded_in_features(in_f)
     w = P.pad_columns(weight.detach().float(), in_pad)  # [out, in_pad]
     valid = torch.arange(in_pad) < in_f
-    codes, scales, zeros = hqq_int4(w, config.group_size, valid=valid, p=p, beta=beta, kappa=kappa, iters=iters)
+    codes, scales, zeros = hqq_int4(
+        w, config.group_size, valid=valid, p=p, beta=beta, kappa=kappa, iters=iters
+    )
     return QuantizedWeight(codes, scales, zeros)
 
 
