@@ -44,7 +44,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path) if any(path.glob("tokenizer*")) else None
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    hf.to(device)  # type: ignore[arg-type]  # transformers' stubs type .to()'s first argument oddly
     hf.eval()
     return Model(hf, tokenizer)
 

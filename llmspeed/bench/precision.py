@@ -20,6 +20,7 @@ import inspect
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from ..eval import perplexity, pydoc_text
 from ..memory import memory_footprint
 from ..precision import autocast, cast
 from .models import load_model, sync
-from .timing import timeit
+from .timing import Timing, timeit
 
 VARIANTS = ("fp32", "bf16", "fp16", "autocast-bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +107,8 @@ def _model_row(model: str, device: str, variant: str, cfg: dict[str, Any]) -> di
                 ppl = perplexity(m, cfg["ppl_text"], cfg["ppl_window"], cfg["ppl_windows"], batch_size=1)
             except FloatingPointError as err:  # fp16 overflow: report it, keep timing the rest
                 note = f"overflow: {str(err)[:60]}"
+        prefill: Timing | None
+        decode: Timing | None
         try:
             prefill = timeit(_prefill_fn(m, cfg["prefill_tokens"], device), cfg["repeats"], 1, device=device)
             decode = timeit(
@@ -174,7 +177,7 @@ def matmul_rows(
         flops = 2 * m * k * n
         # enough inner calls that one sample lasts a few milliseconds
         inner = max(1, min(200, int(2e8 / flops))) if torch.device(device).type == "cpu" else 20
-        t = timeit(lambda x=x, w=w: F.linear(x, w), repeats, 1, inner, device=device)
+        t = timeit(partial(F.linear, x, w), repeats, 1, inner, device=device)
         base_ms.setdefault((m, k, n), t.median * 1e3)
         rows.append(
             {
