@@ -47,7 +47,7 @@ class QuantizedLinearBase(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._kernels: dict[tuple, object] = {}  # (device, dtype, rows bucket) -> Kernel
+        self._kernels: dict[tuple, object] = {}  # (dtype, device index, rows bucket) -> bound kernel
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
 
     # --- to implement per format ---------------------------------------------------------------
@@ -93,7 +93,7 @@ class QuantizedLinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input must have {self.in_features} features in its last axis; got {tuple(x.shape)}")
-        if torch.is_grad_enabled() and x.requires_grad:
+        if x.requires_grad and torch.is_grad_enabled():
             y = _QuantMatmul.apply(x, self)
         else:
             y = self._matmul(x)
@@ -102,16 +102,19 @@ class QuantizedLinearBase(nn.Module):
         return y
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
-        x2 = x.reshape(-1, self.in_features)  # [M, in]
-        m = x2.shape[0]
-        bucket = m if m <= 64 else 65
-        key = (x2.device, x2.dtype, bucket)
-        kernel = self._kernels.get(key)
-        if kernel is None:
+        # Decode calls this ~200 times per token on small layers: keep the Python work minimal.
+        m = x.numel() // self.in_features
+        key = (x.dtype, x.get_device(), m if m <= 64 else 65)
+        entry = self._kernels.get(key)
+        if entry is None:
             from .kernels import select
 
-            kernel = self._kernels[key] = select(self, x2)
-        return kernel.run(self, x2).view(*x.shape[:-1], self.out_features)
+            kernel = select(self, x.reshape(-1, self.in_features))
+            entry = self._kernels[key] = (kernel.bind(self), kernel.any_leading_dims)
+        fn, any_dims = entry
+        if any_dims or x.dim() == 2:
+            return fn(x)
+        return fn(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def kernel_state(self, name: str, build) -> object:
         """Tensors kernel ``name`` prepared from this module's buffers (built once per device, then cached)."""

@@ -91,7 +91,7 @@ def _nf4_scales(module) -> torch.Tensor:  # [out, groups] fp32, contiguous
 def fused_cpu(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
     """Fused dequantize-matmul on the module's own packed buffers (no weight copy)."""
     ext = extension()
-    xf = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    xf = x if x.dtype == torch.float32 else x.float()
     fmt = module.quant_format
     if fmt == "int8":
         y = ext.int8_matmul(xf, module.qweight, module.scales)
@@ -105,7 +105,28 @@ def fused_cpu(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def bind_fused_cpu(module):
+    """``fn(x) -> y`` with the extension function and the module's tensors looked up once."""
+    ext, fmt = extension(), module.quant_format
+    if fmt == "int8":
+        f, args = ext.int8_matmul, (module.qweight, module.scales)
+    elif fmt == "int4":
+        f, args = ext.int4_matmul, (module.qweight, module.scales, module.zeros, module.config.group_size or module.in_padded)
+    else:
+        scales = module.kernel_state("cpp", _nf4_scales) if module.config.double_quant else module.scales
+        f, args = ext.nf4_matmul, (module.qweight, scales, module.config.group_size or module.in_padded)
+    fp32 = torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]: any leading dims
+        if x.dtype == fp32:
+            return f(x, *args)
+        return f(x.float(), *args).to(x.dtype)
+
+    return run
+
+
 register_kernel(
     Kernel("cpp", ("int8", "int4", "nf4"), ("cpu",), FLOAT_DTYPES, fused_cpu,
-           "fused dequant-matmul C++ (AVX2/FMA, built on first use with load_inline)", unavailable, _shape)
+           "fused dequant-matmul C++ (AVX2/FMA, built on first use with load_inline)", unavailable, _shape,
+           binder=bind_fused_cpu, any_leading_dims=True)
 )  # fmt: skip

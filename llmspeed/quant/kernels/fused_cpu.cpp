@@ -59,9 +59,17 @@ static void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, f
   for (int i = 0; i < MT; ++i) y[i * ldy] = acc_tail[i] * s;
 }
 
+// x may have any leading dims ([..., K], fp32); y is [..., N]. Saves Python-side reshapes per call.
+static torch::Tensor output_like(const torch::Tensor& x, int64_t N) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return torch::empty(sizes, x.options());
+}
+
 torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales) {
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  x = x.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, N = qweight.size(0);
+  auto y = output_like(x, N);
   const float* xp = x.data_ptr<float>();
   const int8_t* wp = qweight.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
@@ -80,7 +88,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 // x is first rearranged per 16-element block into [x0 x2 .. x14 | x1 x3 .. x15] (zero-padded to Kp), so
 // the low nibbles (even elements) and high nibbles (odd elements) of 8 bytes meet contiguous x.
 static torch::Tensor deinterleave(const torch::Tensor& x, int64_t Kp) {
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(-1), M = x.numel() / K;
   auto out = torch::empty({M, Kp}, x.options());
   const float* s = x.data_ptr<float>();
   float* d = out.data_ptr<float>();
@@ -173,11 +181,12 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
 template <bool NF>
 static torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                                torch::Tensor zeros, int64_t G) {
-  const int64_t M = x.size(0), N = qweight.size(0), Kp = qweight.size(1) * 2, groups = Kp / G;
+  x = x.contiguous();
+  const int64_t M = x.numel() / x.size(-1), N = qweight.size(0), Kp = qweight.size(1) * 2, groups = Kp / G;
   auto xd = deinterleave(x, Kp);  // [M, Kp]
   torch::Tensor xs;  // [M, groups] sums of x per group (for the zero-point term)
   if (!NF) xs = group_sums(xd, G);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output_like(x, N);
   const float* xp = xd.data_ptr<float>();
   const float* xsp = NF ? nullptr : xs.data_ptr<float>();
   const uint8_t* wp = qweight.data_ptr<uint8_t>();

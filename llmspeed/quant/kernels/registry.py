@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -37,6 +38,9 @@ class Kernel:
         unavailable: Returns why the kernel cannot run on this machine, or ``None`` when it can.
         unsupported: ``unsupported(module, x)`` returns why it cannot run this module/input, or ``None``.
         exact: False for kernels that also quantize activations (looser tolerance, never chosen by ``auto``).
+        binder: Optional ``binder(module) -> fn(x) -> y``, a fast path with the module's tensors bound
+            once (modules cache it per dtype/device/M bucket); default ``partial(run, module)``.
+        any_leading_dims: The bound function also takes ``x [..., in]`` and returns ``[..., out]``.
     """
 
     name: str
@@ -48,6 +52,12 @@ class Kernel:
     unavailable: Callable[[], str | None] = field(default=_always)
     unsupported: Callable[..., str | None] = field(default=_any_shape)
     exact: bool = True
+    binder: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None
+    any_leading_dims: bool = False
+
+    def bind(self, module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``fn(x [M, in]) -> [M, out]`` for ``module``, valid until its buffers move or are reloaded."""
+        return self.binder(module) if self.binder is not None else partial(self.run, module)
 
     def why_not(self, module, x: torch.Tensor) -> str | None:
         """``None`` when this kernel can multiply ``x`` by ``module``'s weight, else the reason."""
