@@ -9,8 +9,9 @@ layer with the new tokens' rotated q/k/v. It writes the new keys/values into the
   padded to the longest context and masked; grouped-query attention is handled without copying
   keys by folding the query heads of a KV group into the query-length axis
   (``q[n, Hkv, G, D]`` against ``k[n, Hkv, L, D]``);
-* runs each longer chunk (prefill) with its own SDPA call: causal over its new tokens when it
-  starts at position 0, otherwise over its gathered cached context with an offset causal mask.
+* runs all longer chunks (prefill) as one more SDPA call: queries padded to the longest chunk,
+  keys gathered to the longest context, an offset causal mask per chunk (a lone chunk starting at
+  position 0 attends causally to its own new keys, with no gather).
 
 All index tensors are built once per step, not per layer. See ``docs/batching.md`` for the
 measurements behind this layout (block gather + SDPA vs. alternatives on this CPU).
@@ -86,18 +87,26 @@ class PagedAttention:
             lens = torch.tensor(ctx, device=device)  # [n]
             self.dec_mask = (pos[None, :] < lens[:, None])[:, None, None, :]  # [n, 1, 1, W * BS]
 
-        self.prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = []
-        row = self.num_decode
-        for table, start, length in chunks[self.num_decode :]:
-            blocks = mask = None
-            if start > 0:
-                ctx = start + length
-                blocks = _block_index([table], -(-ctx // bs), device)  # [W]
-                q_pos = torch.arange(start, ctx, device=device)  # [length]
-                k_pos = torch.arange(ctx, device=device)  # [ctx]
-                mask = k_pos[None, :] <= q_pos[:, None]  # [length, ctx]
-            self.prefills.append((row, length, start, blocks, mask))
-            row += length
+        prefills = list(chunks[self.num_decode :])
+        self.num_prefill = len(prefills)
+        self.causal_only = self.num_prefill == 1 and prefills[0][1] == 0  # one chunk from position 0: no gather
+        if prefills and not self.causal_only:
+            lens = torch.tensor([n for _, _, n in prefills], device=device)  # [m]
+            starts = torch.tensor([s for _, s, _ in prefills], device=device)  # [m]
+            tq = int(max(n for _, _, n in prefills))
+            width = -(-max(s + n for _, s, n in prefills) // bs)
+            self.pre_blocks = _block_index([t for t, _, _ in prefills], width, device)  # [m * W]
+            i = torch.arange(tq, device=device)  # [tq]
+            # padded query rows repeat the chunk's last token (valid mask, output discarded)
+            last = torch.minimum(i[None, :], lens[:, None] - 1)  # [m, tq]
+            q_pos = starts[:, None] + last  # [m, tq]
+            k_pos = torch.arange(width * bs, device=device)  # [W * BS]
+            self.pre_mask = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [m, 1, tq, W * BS]
+            first_row = torch.cumsum(lens, 0) - lens + self.num_decode  # [m]
+            self.pre_rows = (first_row[:, None] + last).flatten()  # [m * tq] rows of the flat batch
+            keep = (i[None, :] < lens[:, None]).flatten()  # [m * tq]
+            self.pre_keep = keep.nonzero().flatten()  # [sum(lens)]
+            self.pre_shape = (len(prefills), tq)
 
     @classmethod
     def static_decode(
@@ -114,7 +123,8 @@ class PagedAttention:
         self.num_tokens = self.num_decode = slots.shape[0]
         self.dec_blocks = blocks
         self.dec_mask = mask
-        self.prefills = []
+        self.num_prefill = 0
+        self.causal_only = False
         return self
 
     def __call__(
@@ -144,18 +154,20 @@ class PagedAttention:
             v = v_layer.index_select(0, self.dec_blocks).view(n, -1, kv_heads, dim).transpose(1, 2)  # [n, Hkv, L, D]
             att = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=self.dec_mask, scale=scaling)
             out[:n] = att.reshape(n, heads, dim)  # [n, H, D]
-        for row, length, start, blocks, mask in self.prefills:
-            q = query[:, :, row : row + length]  # [1, H, t, D]
-            if blocks is None:
-                k = key[:, :, row : row + length]  # [1, Hkv, t, D]
-                v = value[:, :, row : row + length]  # [1, Hkv, t, D]
-                att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-            else:
-                ctx = mask.shape[1]
-                k = k_layer.index_select(0, blocks).view(-1, kv_heads, dim)[:ctx].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-                v = v_layer.index_select(0, blocks).view(-1, kv_heads, dim)[:ctx].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-                att = F.scaled_dot_product_attention(
-                    q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling, enable_gqa=True
-                )
-            out[row : row + length] = att[0].transpose(0, 1)  # [t, H, D]
+        if self.causal_only:
+            row = self.num_decode
+            att = F.scaled_dot_product_attention(
+                query[:, :, row:], key[:, :, row:], value[:, :, row:], is_causal=True, scale=scaling, enable_gqa=True
+            )  # [1, H, t, D]
+            out[row:] = att[0].transpose(0, 1)  # [t, H, D]
+        elif self.num_prefill:
+            m, tq = self.pre_shape
+            q = query[0].index_select(1, self.pre_rows).view(heads, m, tq, dim).transpose(0, 1)  # [m, H, tq, D]
+            k = k_layer.index_select(0, self.pre_blocks).view(m, -1, kv_heads, dim).transpose(1, 2)  # [m, Hkv, L, D]
+            v = v_layer.index_select(0, self.pre_blocks).view(m, -1, kv_heads, dim).transpose(1, 2)  # [m, Hkv, L, D]
+            att = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=self.pre_mask, scale=scaling, enable_gqa=True
+            )  # [m, H, tq, D]
+            att = att.transpose(1, 2).reshape(m * tq, heads, dim)  # [m * tq, H, D]
+            out[self.num_decode :] = att.index_select(0, self.pre_keep)  # [sum(lens), H, D]
         return out[None]  # [1, T, H, D]
