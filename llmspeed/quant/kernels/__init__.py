@@ -17,13 +17,15 @@ from . import aten, cpp, reference  # noqa: F401  (register the kernels)
 from .registry import FLOAT_DTYPES, KERNELS, Kernel, register_kernel
 
 # (device type, format) -> ordered [(max rows M or None for any, activation dtypes or None for any, kernel)].
-# The first rule whose kernel is usable wins. CPU numbers (2-core AVX2 Zen 1): the fused C++ kernel beats
-# fp32 F.linear for decode-sized M; for prefill, dequantizing once and using MKL's fp32 GEMM wins, and bf16
-# activations are computed in fp32 because this CPU has no native bf16 matmul.
+# The first rule whose kernel is usable wins. CPU (2-core AVX2 Zen 1, docs/kernels.md): the fused C++ kernel
+# beats dequantize + MKL up to M = 32 (at 64 they are within 10%); for prefill, dequantizing once and using
+# MKL's fp32 GEMM wins; bf16 activations are computed in fp32 since this CPU has no native bf16 matmul. The
+# aten int8/int4 CPU kernels lose to fp32 F.linear at every M measured here (13x-80x slower), so auto never
+# picks them on CPU.
 AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...] | None, str]]] = {
-    ("cpu", "int8"): [(16, None, "cpp"), (None, None, "dequant_fp32")],
-    ("cpu", "int4"): [(16, None, "cpp"), (None, None, "dequant_fp32")],
-    ("cpu", "nf4"): [(16, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "int8"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "int4"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "nf4"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
     ("cuda", "int8"): [(None, None, "aten_int8")],
     ("cuda", "int4"): [(None, (torch.bfloat16,), "tinygemm"), (None, None, "reference")],
     ("cuda", "nf4"): [(None, None, "reference")],
