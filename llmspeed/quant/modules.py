@@ -129,6 +129,11 @@ class QuantizedLinearBase(nn.Module):
         self._kernels, self._kernel_state = {}, {}
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):
+        # bound kernels close over this module's tensors: never carry them into a copy or a pickle
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_kernels": {}, "_kernel_state": {}}
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernels, self._kernel_state = {}, {}
         return super()._load_from_state_dict(*args, **kwargs)

@@ -125,3 +125,16 @@ def test_nf4_double_quant_codes_are_nearest_for_stored_scales():
     dist = (normalized - P.NF4_CODEBOOK).abs()
     chosen = dist.gather(2, q.codes().long().reshape(40, -1, 1))
     assert (chosen <= dist.min(dim=2, keepdim=True).values + 1e-6).all()
+
+
+def test_copies_do_not_share_bound_kernels():
+    import copy
+
+    q = Int8Linear.from_linear(_linear(k=64, bias=False))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = q(x)
+        twin = copy.deepcopy(q)
+        assert twin._kernels == {} and torch.equal(twin(x), ref)
+        twin.qweight.zero_()
+        assert torch.equal(q(x), ref) and not twin(x).any()
