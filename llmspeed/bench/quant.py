@@ -94,9 +94,9 @@ def kernel_rows(device: str, shapes: list[tuple[int, int]], rows_m: list[int], q
         lin = torch.nn.Linear(k, n, bias=False, device=device)
         x = torch.randn(m, k, device=device)
         shape = f"{k}x{n} M={m}"
-        fp32 = _time(lambda: F.linear(x, lin.weight), device, quick)
+        fp32 = _time(lambda x=x, w=lin.weight: F.linear(x, w), device, quick)
         wb, xb = lin.weight.bfloat16(), x.bfloat16()
-        bf16 = _time(lambda: F.linear(xb, wb), device, quick)
+        bf16 = _time(lambda xb=xb, wb=wb: F.linear(xb, wb), device, quick)
         out.append(_row("kernels", f"{shape} fp32 F.linear", fp32 * 1e6, "us", "fp32", fp32 * 1e6, speed=True))
         out.append(_row("kernels", f"{shape} bf16 F.linear", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True))
         for fmt in ("int8", "int4", "nf4"):
@@ -106,7 +106,7 @@ def kernel_rows(device: str, shapes: list[tuple[int, int]], rows_m: list[int], q
                 for name, kernel in KERNELS.items():
                     if name == "reference" or kernel.why_not(module, xin) is not None:
                         continue
-                    t = _time(lambda kernel=kernel, xin=xin: kernel.run(module, xin), device, quick)
+                    t = _time(lambda kernel=kernel, xin=xin, module=module: kernel.run(module, xin), device, quick)
                     mark = " (auto)" if name == auto else ""
                     base, bt = ("fp32", fp32) if dname == "fp32" else ("bf16", bf16)
                     out.append(_row("kernels", f"{shape} {fmt} {dname} {name}{mark}", t * 1e6, "us", f"{base} F.linear", bt * 1e6, speed=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 import llmspeed
 from llmspeed.protocol import is_quantized
 from llmspeed.quant import Int4Linear, NF4Linear, plan_layers
