@@ -1,6 +1,6 @@
 """Quantization benchmark: perplexity, memory, kernel microbenchmark and decode speed tables.
 
-    flock /tmp/llmspeed-cpu.lock python benchmarks/quant.py [--quick] [--device cuda --model llama-1b-random]
+flock /tmp/llmspeed-cpu.lock python benchmarks/quant.py [--quick] [--device cuda --model llama-1b-random]
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2", help="smollm2, llama-1b-random or tiny-<arch>")
-    parser.add_argument("--quick", action="store_true", help="fewer windows, shapes and tokens (a few minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer windows, shapes and tokens (a few minutes)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress)

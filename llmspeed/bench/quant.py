@@ -27,9 +27,18 @@ FORMATS = [("int8", {}), ("int4 g64", {"fmt": "int4", "group_size": 64}), ("int4
 DECODE_FORMATS = ["int8", "int4 g64", "nf4 g64"]
 
 
-def _row(table: str, case: str, value: float, unit: str, baseline: str, base_value: float, speed: bool = False) -> dict:
+def _row(
+    table: str, case: str, value: float, unit: str, baseline: str, base_value: float, speed: bool = False
+) -> dict:
     ratio = (base_value / value if speed else value / base_value) if value and base_value else float("nan")
-    return {"table": table, "case": case, "value": value, "unit": unit, "baseline": baseline, "vs_baseline": ratio}
+    return {
+        "table": table,
+        "case": case,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "vs_baseline": ratio,
+    }
 
 
 def _load(model: str, device: str, dtype: torch.dtype = torch.float32):
@@ -71,9 +80,13 @@ def memory_rows(base) -> list[dict]:
     rows = [_row("memory", "fp32 whole model", ref["total"] / 2**20, "MiB", "fp32", ref["total"] / 2**20)]
     for name, _ in FORMATS:
         fp = llmspeed.memory_footprint(_quantized(base, name))
-        rows.append(_row("memory", f"{name} whole model", fp["total"] / 2**20, "MiB", "fp32", ref["total"] / 2**20))
+        rows.append(
+            _row("memory", f"{name} whole model", fp["total"] / 2**20, "MiB", "fp32", ref["total"] / 2**20)
+        )
         lin, ref_lin = fp["linear"] - head_bytes, ref["linear"] - head_bytes
-        rows.append(_row("memory", f"{name} linear layers", lin / 2**20, "MiB", "fp32 linear", ref_lin / 2**20))
+        rows.append(
+            _row("memory", f"{name} linear layers", lin / 2**20, "MiB", "fp32 linear", ref_lin / 2**20)
+        )
     return rows
 
 
@@ -85,7 +98,9 @@ def _time(fn: Callable, device: str, quick: bool) -> float:
         return timeit(fn, repeats=5 if quick else 9, warmup=0, inner=inner, device=device).median
 
 
-def kernel_rows(device: str, shapes: list[tuple[int, int]], rows_m: list[int], quick: bool, progress: bool) -> list[dict]:
+def kernel_rows(
+    device: str, shapes: list[tuple[int, int]], rows_m: list[int], quick: bool, progress: bool
+) -> list[dict]:
     """Each format x kernel path vs fp32 and bf16 ``F.linear`` at each M (same weights, same run)."""
     out = []
     jobs = [(k, n, m) for (k, n) in shapes for m in rows_m]
@@ -97,8 +112,12 @@ def kernel_rows(device: str, shapes: list[tuple[int, int]], rows_m: list[int], q
         fp32 = _time(lambda x=x, w=lin.weight: F.linear(x, w), device, quick)
         wb, xb = lin.weight.bfloat16(), x.bfloat16()
         bf16 = _time(lambda xb=xb, wb=wb: F.linear(xb, wb), device, quick)
-        out.append(_row("kernels", f"{shape} fp32 F.linear", fp32 * 1e6, "us", "fp32", fp32 * 1e6, speed=True))
-        out.append(_row("kernels", f"{shape} bf16 F.linear", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True))
+        out.append(
+            _row("kernels", f"{shape} fp32 F.linear", fp32 * 1e6, "us", "fp32", fp32 * 1e6, speed=True)
+        )
+        out.append(
+            _row("kernels", f"{shape} bf16 F.linear", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True)
+        )
         for fmt in ("int8", "int4", "nf4"):
             module = module_class(fmt).from_linear(lin, QuantConfig(fmt))
             for xin, dname in ((x, "fp32"), (xb, "bf16")):
@@ -106,10 +125,22 @@ def kernel_rows(device: str, shapes: list[tuple[int, int]], rows_m: list[int], q
                 for name, kernel in KERNELS.items():
                     if name == "reference" or kernel.why_not(module, xin) is not None:
                         continue
-                    t = _time(lambda kernel=kernel, xin=xin, module=module: kernel.run(module, xin), device, quick)
+                    t = _time(
+                        lambda kernel=kernel, xin=xin, module=module: kernel.run(module, xin), device, quick
+                    )
                     mark = " (auto)" if name == auto else ""
                     base, bt = ("fp32", fp32) if dname == "fp32" else ("bf16", bf16)
-                    out.append(_row("kernels", f"{shape} {fmt} {dname} {name}{mark}", t * 1e6, "us", f"{base} F.linear", bt * 1e6, speed=True))
+                    out.append(
+                        _row(
+                            "kernels",
+                            f"{shape} {fmt} {dname} {name}{mark}",
+                            t * 1e6,
+                            "us",
+                            f"{base} F.linear",
+                            bt * 1e6,
+                            speed=True,
+                        )
+                    )
     return out
 
 
@@ -149,11 +180,22 @@ def decode_rows(base, device: str, quick: bool, progress: bool, dtype_name: str)
     for name in tqdm(DECODE_FORMATS, disable=not progress, desc="decode"):
         tps, tokens = measure(_quantized(base, name))
         same = sum(a == b for a, b in zip(tokens, ref_tokens))
-        rows.append(_row("decode", f"{name} ({same}/{len(tokens)} tokens as {dtype_name})", tps, "tok/s", dtype_name, ref))
+        rows.append(
+            _row(
+                "decode",
+                f"{name} ({same}/{len(tokens)} tokens as {dtype_name})",
+                tps,
+                "tok/s",
+                dtype_name,
+                ref,
+            )
+        )
     return rows
 
 
-def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict]:
+def run(
+    *, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True
+) -> list[dict]:
     """All four tables. On CUDA the float baseline is bf16 and the microbenchmark adds 4096x14336."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     dtype_name = "fp32" if dtype == torch.float32 else "bf16"

@@ -45,7 +45,9 @@ def _check_patterns(model: CausalLM, arg: str, patterns: Sequence[str]) -> None:
                 f"{arg} names {p!r}, which is a {type(found).__name__}, not a linear layer; "
                 f"only linear positions can be quantized (e.g. {names[0]!r})"
             )
-        raise ValueError(f"{arg} pattern {p!r} matches no linear layer; linear positions look like {names[:3]}")
+        raise ValueError(
+            f"{arg} pattern {p!r} matches no linear layer; linear positions look like {names[:3]}"
+        )
 
 
 def plan_layers(
@@ -74,7 +76,9 @@ def plan_layers(
         if _matches(name, skip) or (include is not None and not _matches(name, include)):
             continue
         if base_linear(module) is not module:
-            raise ValueError(f"layer {name!r} is wrapped ({type(module).__name__}); quantize before adding adapters")
+            raise ValueError(
+                f"layer {name!r} is wrapped ({type(module).__name__}); quantize before adding adapters"
+            )
         if not isinstance(module, nn.Linear):
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, not an nn.Linear; add it to skip")
         g = config.group_size
@@ -127,7 +131,9 @@ def quantize(
     check_kernel(kernel, fmt, model.spec.device)
     entry = get_method(method)
     if entry.needs_calibration and calibration is None:
-        raise ValueError(f"method={method!r} needs calibration data: pass calibration=... (see its documentation)")
+        raise ValueError(
+            f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"
+        )
     plan = plan_layers(model, config, skip, include)
     options = dict(method_options or {})
     snapshot = dict(model.linear_layers())
@@ -138,7 +144,9 @@ def quantize(
                 linear = snapshot[name]
                 qw = entry.weight(linear.weight, config, **options)
                 bias = None if linear.bias is None else linear.bias.detach()
-                new = cls.from_codes(qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features)
+                new = cls.from_codes(
+                    qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features
+                )
                 model.replace_linear(name, new.to(linear.weight.device))
         else:
             built = entry.model(model, plan, calibration, **options)

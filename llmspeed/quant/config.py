@@ -72,7 +72,9 @@ class QuantConfig:
         known = {"format", "group_size", "double_quant", "method", "kernel"}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"quantization config has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"quantization config has unknown keys {sorted(unknown)}; known: {sorted(known)}"
+            )
         return cls(**data)
 
     def padded_in_features(self, in_features: int) -> int:

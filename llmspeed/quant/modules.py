@@ -40,7 +40,9 @@ class QuantizedLinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: torch.Tensor | None):
         super().__init__()
         if config.format != self.quant_format:
-            raise ValueError(f"config.format must be {self.quant_format!r} for {type(self).__name__}; got {config.format!r}")
+            raise ValueError(
+                f"config.format must be {self.quant_format!r} for {type(self).__name__}; got {config.format!r}"
+            )
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.config = config
@@ -72,7 +74,9 @@ class QuantizedLinearBase(nn.Module):
             )
         qw = method.weight(linear.weight, config)
         bias = None if linear.bias is None else linear.bias.detach()
-        module = cls.from_codes(qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features)
+        module = cls.from_codes(
+            qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features
+        )
         return module.to(linear.weight.device)
 
     @classmethod
@@ -92,7 +96,9 @@ class QuantizedLinearBase(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have {self.in_features} features in its last axis; got {tuple(x.shape)}")
+            raise ValueError(
+                f"input must have {self.in_features} features in its last axis; got {tuple(x.shape)}"
+            )
         if x.requires_grad and torch.is_grad_enabled():
             y = _QuantMatmul.apply(x, self)
         else:
@@ -154,8 +160,15 @@ class QuantizedLinearBase(nn.Module):
 
 
 def _check_codes(codes: torch.Tensor, dtype: torch.dtype, out: int | None, cols: tuple[int, ...]) -> None:
-    if codes.dtype != dtype or codes.dim() != 2 or (out is not None and codes.shape[0] != out) or codes.shape[1] not in cols:
-        raise ValueError(f"codes must be {dtype} of shape [out, {' or '.join(map(str, cols))}]; got {codes.dtype} {tuple(codes.shape)}")
+    if (
+        codes.dtype != dtype
+        or codes.dim() != 2
+        or (out is not None and codes.shape[0] != out)
+        or codes.shape[1] not in cols
+    ):
+        raise ValueError(
+            f"codes must be {dtype} of shape [out, {' or '.join(map(str, cols))}]; got {codes.dtype} {tuple(codes.shape)}"
+        )
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -168,9 +181,13 @@ class Int8Linear(QuantizedLinearBase):
 
     quant_format = "int8"
 
-    def __init__(self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None
+    ):
         super().__init__(in_features, out_features, config or QuantConfig("int8"), bias)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
 
     @classmethod
@@ -224,7 +241,9 @@ class Int4Linear(_Packed4Bit):
 
     quant_format = "int4"
 
-    def __init__(self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None
+    ):
         super().__init__(in_features, out_features, config or QuantConfig("int4"), bias, device)
         self.register_buffer("zeros", torch.zeros_like(self.scales))
 
@@ -253,7 +272,9 @@ class NF4Linear(_Packed4Bit):
 
     quant_format = "nf4"
 
-    def __init__(self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None
+    ):
         super().__init__(in_features, out_features, config or QuantConfig("nf4"), bias, device)
 
     def _register_scales(self, out: int, groups: int, device) -> None:

@@ -44,13 +44,20 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     aliases: dict[str, str] = {}
     first_by_storage: dict[tuple, str] = {}
     for name, tensor in root.state_dict().items():
-        key = (str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = (
+            str(tensor.device),
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+        )
         if key in first_by_storage:
             aliases[name] = first_by_storage[key]
             continue
         first_by_storage[key] = name
         tensors[name] = tensor.detach().to("cpu").contiguous()
-    quant = {name: m.config.to_dict() for name, m in model.linear_layers() if isinstance(m, QuantizedLinearBase)}
+    quant = {
+        name: m.config.to_dict() for name, m in model.linear_layers() if isinstance(m, QuantizedLinearBase)
+    }
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -90,7 +97,9 @@ def _read_metadata(directory: Path) -> dict[str, str]:
     if metadata.get("format") != FORMAT:
         raise _not_checkpoint(directory, f"{WEIGHTS} has no llmspeed metadata")
     if metadata.get("version") != VERSION:
-        raise ValueError(f"{path} has llmspeed format version {metadata.get('version')!r}; this llmspeed reads {VERSION!r}")
+        raise ValueError(
+            f"{path} has llmspeed format version {metadata.get('version')!r}; this llmspeed reads {VERSION!r}"
+        )
     return metadata
 
 
@@ -132,11 +141,15 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     directory = Path(directory)
     metadata = _read_metadata(directory)
     try:
-        quant = {name: QuantConfig.from_dict(cfg) for name, cfg in json.loads(metadata["quantization"]).items()}
+        quant = {
+            name: QuantConfig.from_dict(cfg) for name, cfg in json.loads(metadata["quantization"]).items()
+        }
         aliases: dict[str, str] = json.loads(metadata["aliases"])
         dtype = getattr(torch, metadata["dtype"])
     except (KeyError, ValueError, AttributeError, TypeError) as err:
-        raise ValueError(f"{directory / WEIGHTS} has unreadable llmspeed metadata ({err}); save the model again") from err
+        raise ValueError(
+            f"{directory / WEIGHTS} has unreadable llmspeed metadata ({err}); save the model again"
+        ) from err
     tensors = _read_tensors(directory / WEIGHTS)
     config = AutoConfig.from_pretrained(directory)
     with _parameters_on_meta():
@@ -148,7 +161,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     for name, cfg in quant.items():
         old = hf.get_submodule(name)
         bias = torch.empty(old.out_features, device="meta") if f"{name}.bias" in tensors else None
-        model.replace_linear(name, module_class(cfg.format)(old.in_features, old.out_features, cfg, bias, device="meta"))
+        model.replace_linear(
+            name, module_class(cfg.format)(old.in_features, old.out_features, cfg, bias, device="meta")
+        )
     expected = set(hf.state_dict()) - set(aliases)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -159,7 +174,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     try:
         hf.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as err:
-        raise ValueError(f"{directory / WEIGHTS} has tensors of the wrong shape ({err}); save the model again") from err
+        raise ValueError(
+            f"{directory / WEIGHTS} has tensors of the wrong shape ({err}); save the model again"
+        ) from err
     for alias, stored in aliases.items():
         owner, _, attr = alias.rpartition(".")
         src_owner, _, src_attr = stored.rpartition(".")

@@ -115,7 +115,9 @@ def test_model_level_method_takes_over_the_loop(llama):
         for name, config in plan.items():
             lin = model.module.get_submodule(name)
             qw = METHODS["rtn"].weight(lin.weight * scale, config)
-            out[name] = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=config, in_features=lin.in_features)
+            out[name] = Int4Linear.from_codes(
+                qw.codes, qw.scales, qw.zeros, config=config, in_features=lin.in_features
+            )
             model.replace_linear(name, out[name])  # allowed: quantize re-installs / restores
         return out
 
@@ -123,7 +125,9 @@ def test_model_level_method_takes_over_the_loop(llama):
     try:
         with pytest.raises(ValueError, match="needs calibration"):
             llmspeed.quantize(llama, "int4", method="whole_test")
-        llmspeed.quantize(llama, "int4", method="whole_test", calibration="text", method_options={"scale": 1.0})
+        llmspeed.quantize(
+            llama, "int4", method="whole_test", calibration="text", method_options={"scale": 1.0}
+        )
         assert seen["calibration"] == "text" and "lm_head" not in seen["names"]
         assert isinstance(llama.hf.model.layers[0].mlp.up_proj, Int4Linear)
         assert llama.hf.model.layers[0].mlp.up_proj.config.method == "whole_test"

@@ -108,8 +108,19 @@ def test_named_kernel_is_used_and_checked_per_input():
 def test_report_lists_kernels_and_choices():
     report = llmspeed.kernels()
     names = {r["kernel"] for r in report.kernels}
-    assert {"reference", "dequant_fp32", "aten_int8", "aten_int4_cpu", "cpp", "tinygemm", "int8_dynamic"} <= names
-    assert not next(r for r in report.kernels if r["kernel"] == "tinygemm")["available"] or torch.cuda.is_available()
+    assert {
+        "reference",
+        "dequant_fp32",
+        "aten_int8",
+        "aten_int4_cpu",
+        "cpp",
+        "tinygemm",
+        "int8_dynamic",
+    } <= names
+    assert (
+        not next(r for r in report.kernels if r["kernel"] == "tinygemm")["available"]
+        or torch.cuda.is_available()
+    )
     assert report.choices[("cpu", "int8", "float32", 512)] == "dequant_fp32"
     assert "kernel='auto' picks" in str(report)
 

@@ -87,9 +87,13 @@ def test_wrong_config_or_shapes_raise():
     with pytest.raises(ValueError, match="scales must have shape"):
         Int8Linear.from_codes(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), config=QuantConfig("int8"))
     with pytest.raises(ValueError, match="zeros must be given"):
-        Int4Linear.from_codes(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 1), config=QuantConfig("int4", 8))
+        Int4Linear.from_codes(
+            torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 1), config=QuantConfig("int4", 8)
+        )
     with pytest.raises(ValueError, match="codes must be"):
-        NF4Linear.from_codes(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), config=QuantConfig("nf4", 8))
+        NF4Linear.from_codes(
+            torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), config=QuantConfig("nf4", 8)
+        )
     with pytest.raises(TypeError, match="nn.Linear"):
         Int8Linear.from_linear(nn.Conv1d(2, 2, 1))
     q = Int8Linear.from_linear(_linear(k=8))

@@ -19,7 +19,9 @@ def _weight(seed: int, out: int, cols: int, scale: float) -> torch.Tensor:
 @settings(max_examples=40, deadline=None)
 @given(seed=SEEDS, rows=st.integers(1, 5), half=st.integers(1, 40))
 def test_pack_unpack_round_trip(seed, rows, half):
-    codes = torch.randint(0, 16, (rows, 2 * half), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    codes = torch.randint(
+        0, 16, (rows, 2 * half), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
     packed = P.pack_nibbles(codes)
     assert packed.shape == (rows, half)
     assert torch.equal(P.unpack_nibbles(packed), codes)

@@ -59,7 +59,9 @@ def select(module, x: torch.Tensor) -> Kernel:
     kernel = get_kernel(name)
     reason = kernel.why_not(module, x)
     if reason is not None:
-        raise ValueError(f"kernel={name!r} cannot run here: {reason}; use kernel='auto' or one of {usable_kernels(module, x)}")
+        raise ValueError(
+            f"kernel={name!r} cannot run here: {reason}; use kernel='auto' or one of {usable_kernels(module, x)}"
+        )
     return kernel
 
 
@@ -104,7 +106,9 @@ class KernelReport:
         avail = markdown_table([{k: v for k, v in row.items() if k != "description"} for row in self.kernels])
         rows = {}
         for (dev, fmt, dtype, m), name in self.choices.items():
-            rows.setdefault((dev, fmt, dtype), {"device": dev, "format": fmt, "dtype": dtype})[f"M={m}"] = name
+            rows.setdefault((dev, fmt, dtype), {"device": dev, "format": fmt, "dtype": dtype})[f"M={m}"] = (
+                name
+            )
         return f"Kernels on this machine:\n{avail}\n\nkernel='auto' picks:\n{markdown_table(list(rows.values()))}"
 
     __repr__ = __str__
@@ -141,4 +145,15 @@ def kernels(rows: tuple[int, ...] = (1, 4, 16, 64, 512)) -> KernelReport:
     return KernelReport(tuple(table), choices)
 
 
-__all__ = ["KERNELS", "Kernel", "register_kernel", "get_kernel", "select", "auto_kernel", "check_kernel", "kernels", "AUTO_RULES", "KernelReport"]
+__all__ = [
+    "KERNELS",
+    "Kernel",
+    "register_kernel",
+    "get_kernel",
+    "select",
+    "auto_kernel",
+    "check_kernel",
+    "kernels",
+    "AUTO_RULES",
+    "KernelReport",
+]

@@ -61,7 +61,10 @@ def _build() -> tuple[ModuleType | None, str | None]:
             build_directory=str(folder), verbose=False,
         )  # fmt: skip
     except Exception as err:  # a failed build must leave the pure-torch paths working
-        return None, f"build failed: {str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__}"
+        return (
+            None,
+            f"build failed: {str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__}",
+        )
     return module, None
 
 
@@ -111,7 +114,10 @@ def bind_fused_cpu(module):
     if fmt == "int8":
         f, args = ext.int8_matmul, (module.qweight, module.scales)
     elif fmt == "int4":
-        f, args = ext.int4_matmul, (module.qweight, module.scales, module.zeros, module.config.group_size or module.in_padded)
+        f, args = (
+            ext.int4_matmul,
+            (module.qweight, module.scales, module.zeros, module.config.group_size or module.in_padded),
+        )
     else:
         scales = module.kernel_state("cpp", _nf4_scales) if module.config.double_quant else module.scales
         f, args = ext.nf4_matmul, (module.qweight, scales, module.config.group_size or module.in_padded)

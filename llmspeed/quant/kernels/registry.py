@@ -67,7 +67,9 @@ class Kernel:
             return f"kernel {self.name!r} runs on {list(self.devices)}, not {x.device.type}"
         if x.dtype not in self.dtypes:
             names = [str(d).removeprefix("torch.") for d in self.dtypes]
-            return f"kernel {self.name!r} takes {names} activations, not {str(x.dtype).removeprefix('torch.')}"
+            return (
+                f"kernel {self.name!r} takes {names} activations, not {str(x.dtype).removeprefix('torch.')}"
+            )
         return self.unavailable() or self.unsupported(module, x)
 
 
