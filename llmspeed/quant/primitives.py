@@ -113,9 +113,20 @@ def quantize_nf4(w: torch.Tensor, scales: torch.Tensor, group_size: int | None) 
     return idx.to(torch.uint8).reshape(w.shape)
 
 
+_CODEBOOKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _codebook(device: torch.device) -> torch.Tensor:  # [16] fp32 on device, copied once per device
+    if device.type == "cpu":
+        return NF4_CODEBOOK
+    if device not in _CODEBOOKS:
+        _CODEBOOKS[device] = NF4_CODEBOOK.to(device)
+    return _CODEBOOKS[device]
+
+
 def dequantize_nf4(codes: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """``NF4_CODEBOOK[codes] * scales`` per group, fp32 ``[out, in_pad]``."""
-    values = NF4_CODEBOOK.to(codes.device)[codes.long()]  # [out, in_pad]
+    values = _codebook(codes.device)[codes.long()]  # [out, in_pad]
     return (_groups(values, group_size) * scales[..., None]).reshape(codes.shape)
 
 

@@ -39,14 +39,39 @@ def get_kernel(name: str) -> Kernel:
     return KERNELS[name]
 
 
-def auto_kernel(module, x: torch.Tensor) -> Kernel:
-    """The kernel ``kernel="auto"`` picks for ``module`` and activations ``x`` [M, in]."""
+_PROBES: dict[tuple, bool] = {}
+
+
+def _works(kernel: Kernel, module, x: torch.Tensor) -> bool:
+    """Whether ``kernel`` really runs here: an aten op may exist but lack this device's implementation.
+
+    Probed once per (kernel, device type, dtype, format) with one row of ``x`` on accelerators; CPU kernels
+    are covered by the test suite, so they are trusted without a call.
+    """
+    if x.device.type == "cpu" or x.device.type == "meta":
+        return True
+    key = (kernel.name, x.device.type, x.dtype, module.quant_format)
+    if key not in _PROBES:
+        try:
+            kernel.run(module, x[:1])
+            _PROBES[key] = True
+        except (RuntimeError, NotImplementedError):
+            _PROBES[key] = False
+    return _PROBES[key]
+
+
+def auto_kernel(module, x: torch.Tensor, probe: bool = True) -> Kernel:
+    """The kernel ``kernel="auto"`` picks for ``module`` and activations ``x`` [M, in] (``probe``: try accelerator kernels once)."""
     m = x.shape[0]
     for max_rows, dtypes, name in AUTO_RULES.get((x.device.type, module.quant_format), []):
         if (max_rows is not None and m > max_rows) or (dtypes is not None and x.dtype not in dtypes):
             continue
         kernel = KERNELS.get(name)
-        if kernel is not None and kernel.why_not(module, x) is None:
+        if (
+            kernel is not None
+            and kernel.why_not(module, x) is None
+            and (not probe or _works(kernel, module, x))
+        ):
             return kernel
     return KERNELS["reference"]
 
@@ -141,7 +166,9 @@ def kernels(rows: tuple[int, ...] = (1, 4, 16, 64, 512)) -> KernelReport:
             for dtype in FLOAT_DTYPES:
                 for m in rows:
                     x = torch.empty(m, 576, dtype=dtype, device=dev)
-                    choices[(dev, fmt, str(dtype).removeprefix("torch."), m)] = auto_kernel(module, x).name
+                    choices[(dev, fmt, str(dtype).removeprefix("torch."), m)] = auto_kernel(
+                        module, x, probe=False
+                    ).name
     return KernelReport(tuple(table), choices)
 
 
