@@ -125,10 +125,18 @@ def kernel_rows(
                 for name, kernel in KERNELS.items():
                     if name == "reference" or kernel.why_not(module, xin) is not None:
                         continue
-                    t = _time(
-                        lambda kernel=kernel, xin=xin, module=module: kernel.run(module, xin), device, quick
-                    )
                     mark = " (auto)" if name == auto else ""
+                    try:
+                        t = _time(
+                            lambda kernel=kernel, xin=xin, module=module: kernel.run(module, xin),
+                            device,
+                            quick,
+                        )
+                    except (
+                        RuntimeError,
+                        NotImplementedError,
+                    ) as err:  # an aten op without this device's code
+                        mark, t = f" failed: {str(err).splitlines()[0][:60]}", float("nan")
                     base, bt = ("fp32", fp32) if dname == "fp32" else ("bf16", bf16)
                     out.append(
                         _row(
