@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..protocol import CausalLM, base_linear, is_quantized
@@ -93,6 +94,20 @@ def plan_layers(
     return plan
 
 
+def _check_named_kernel(module: QuantizedLinearBase, weight) -> None:
+    """A kernel named explicitly must handle this layer's shape (group size, padding) with the model's dtype."""
+    if module.config.kernel == "auto":
+        return
+    from .kernels import get_kernel
+
+    x = torch.empty(1, module.in_features, dtype=weight.dtype, device=weight.device)
+    reason = get_kernel(module.config.kernel).why_not(module, x)
+    if reason is not None:
+        raise ValueError(
+            f"kernel={module.config.kernel!r} cannot run this model: {reason}; use kernel='auto'"
+        )
+
+
 def quantize(
     model: CausalLM,
     fmt: str,
@@ -147,7 +162,9 @@ def quantize(
                 new = cls.from_codes(
                     qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features
                 )
-                model.replace_linear(name, new.to(linear.weight.device))
+                new = new.to(linear.weight.device)
+                _check_named_kernel(new, linear.weight)
+                model.replace_linear(name, new)
         else:
             built = entry.model(model, plan, calibration, **options)
             missing = set(plan) - set(built)

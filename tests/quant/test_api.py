@@ -79,6 +79,13 @@ def test_bad_input_raises_and_leaves_model_untouched(llama, kwargs, match):
     _assert_untouched(llama, before)
 
 
+def test_named_kernel_that_cannot_handle_a_layer_rolls_back(llama):
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match="group_size in"):
+        llmspeed.quantize(llama, "int4", group_size=16, kernel="aten_int4_cpu")
+    _assert_untouched(llama, before)
+
+
 def test_quantizing_twice_raises(llama):
     llmspeed.quantize(llama, "int8")
     before = _snapshot(llama)
