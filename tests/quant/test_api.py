@@ -155,3 +155,13 @@ def test_top_level_names_resolve():
     assert llmspeed.quantize is llmspeed.quant.quantize
     assert llmspeed.save is llmspeed.quant.save and llmspeed.load is llmspeed.quant.load
     assert llmspeed.kernels is llmspeed.quant.kernels
+
+
+def test_quantized_model_runs_under_bf16_autocast(llama):
+    llmspeed.quantize(llama, "int4", group_size=32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref = llama.hf(ids).logits
+        with llmspeed.autocast(llama, "bf16"):
+            out = llama.hf(ids).logits
+    assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()) < 0.05
