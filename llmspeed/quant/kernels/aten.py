@@ -91,6 +91,16 @@ def _cuda_available() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA device"
 
 
+def _int_mm_shape(module, x) -> str | None:
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    if x.is_cuda and (m <= 16 or module.in_features % 8 or module.out_features % 8):
+        return (
+            f"torch._int_mm on CUDA needs M > 16 and in/out features % 8 == 0; "
+            f"got M={m}, in={module.in_features}, out={module.out_features}"
+        )
+    return None
+
+
 def _tinygemm_shape(module, x) -> str | None:
     reason = _int4_shape(module, x)
     if reason is None and module.in_padded % 256:
@@ -115,5 +125,5 @@ register_kernel(
 register_kernel(
     Kernel("int8_dynamic", ("int8",), ("cpu", "cuda"), FLOAT_DTYPES, int8_dynamic,
            "int8 activations x int8 weights via torch._int_mm (approximate: quantizes activations)",
-           lambda: _has_op("_int_mm"), exact=False)
+           lambda: _has_op("_int_mm"), _int_mm_shape, exact=False)
 )  # fmt: skip
