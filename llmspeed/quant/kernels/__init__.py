@@ -26,10 +26,13 @@ AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...]
     ("cpu", "int8"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
     ("cpu", "int4"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
     ("cpu", "nf4"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
-    ("cuda", "int8"): [(None, None, "aten_int8")],
+    ("cuda", "int8"): [(None, None, "aten_int8"), (None, None, "reference")],
     ("cuda", "int4"): [(None, (torch.bfloat16,), "tinygemm"), (None, None, "reference")],
     ("cuda", "nf4"): [(None, None, "reference")],
 }
+# On accelerators every usable rule is a candidate and the fastest, timed once per shape bucket, wins
+# (no table measured on one GPU fits every GPU); on CPU the first usable rule wins.
+_TIMED: dict[tuple, str] = {}
 
 
 def get_kernel(name: str) -> Kernel:
@@ -60,9 +63,32 @@ def _works(kernel: Kernel, module, x: torch.Tensor) -> bool:
     return _PROBES[key]
 
 
+def _fastest(candidates: list[Kernel], module, x: torch.Tensor) -> Kernel:
+    """The fastest of ``candidates`` on ``x``'s accelerator, timed once per (format, dtype, M bucket, shape)."""
+    m = x.shape[0]
+    key = (x.device.type, module.quant_format, x.dtype, 1 << max(0, m - 1).bit_length(),
+           module.in_features, module.out_features, tuple(k.name for k in candidates))
+    if key not in _TIMED:
+        times = {}
+        for kernel in candidates:
+            kernel.run(module, x)  # warm-up (and lazy weight conversion)
+            torch.cuda.synchronize(x.device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                kernel.run(module, x)
+            end.record()
+            end.synchronize()
+            times[kernel.name] = start.elapsed_time(end)
+        _TIMED[key] = min(times, key=times.__getitem__)
+    return KERNELS[_TIMED[key]]
+
+
 def auto_kernel(module, x: torch.Tensor, probe: bool = True) -> Kernel:
     """The kernel ``kernel="auto"`` picks for ``module`` and activations ``x`` [M, in] (``probe``: try accelerator kernels once)."""
     m = x.shape[0]
+    candidates: list[Kernel] = []
     for max_rows, dtypes, name in AUTO_RULES.get((x.device.type, module.quant_format), []):
         if (max_rows is not None and m > max_rows) or (dtypes is not None and x.dtype not in dtypes):
             continue
@@ -72,8 +98,14 @@ def auto_kernel(module, x: torch.Tensor, probe: bool = True) -> Kernel:
             and kernel.why_not(module, x) is None
             and (not probe or _works(kernel, module, x))
         ):
-            return kernel
-    return KERNELS["reference"]
+            candidates.append(kernel)
+            if x.device.type != "cuda" or not probe:
+                break
+    if not candidates:
+        return KERNELS["reference"]
+    if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    return _fastest(candidates, module, x)
 
 
 def select(module, x: torch.Tensor) -> Kernel:
