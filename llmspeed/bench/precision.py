@@ -197,6 +197,16 @@ def matmul_rows(
     return rows
 
 
+def load_rows(device: str) -> list[dict]:
+    """Time of ``llmspeed.models.smollm2()`` once the safetensors cache exists (the first call converts it)."""
+    from ..models import smollm2
+
+    smollm2(device=device)  # make sure the cache exists; this call may be the slow first conversion
+    t = timeit(lambda: smollm2(device=device), repeats=5, warmup=1)
+    return [{"table": "precision/load", "what": "llmspeed.models.smollm2(), cached", "median_s": t.median,
+             "spread_%": t.spread * 100, "goal_s": 1.0}]
+
+
 def run(
     *, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True
 ) -> list[dict]:
@@ -212,6 +222,8 @@ def run(
             torch.cuda.empty_cache()
     rows = _relative(model_rows)
     rows += matmul_rows(cfg["matmul_shapes"], device, cfg["repeats"], progress)
+    if model == "smollm2":
+        rows += load_rows(device)
     for r in rows:
         for key, value in r.items():
             if isinstance(value, float) and not math.isfinite(value):
