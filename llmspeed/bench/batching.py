@@ -15,7 +15,6 @@ weights once at the memory bandwidth measured here.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from typing import Any
@@ -248,7 +247,7 @@ def run(
 
                 quantize(v, name)
         except ImportError as exc:
-            rows.append({**_row(f"llmspeed Generator", name, n, useful, float("inf"), base), "note": f"skipped: {exc}"})
+            rows.append({**_row("llmspeed Generator", name, n, useful, float("inf"), base), "note": f"skipped: {exc}"})
             continue
         k = n if name != "bf16" or quick else n // 3  # emulated bf16 is slow on this CPU: a third of the requests
         if gpu and name == "int8" and not quick:
