@@ -98,7 +98,10 @@ def _batched(args) -> dict[str, Any]:
     ] * 2
     start = time.perf_counter()
     outs = model.generate_batched(
-        prompts, sampling=SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0), progress=False
+        prompts,
+        sampling=SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0),
+        progress=False,
+        chat_template=True,
     )
     seconds = time.perf_counter() - start
     row = _row("generate_batched x8", model, args, sample=False)
