@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..protocol import CausalLM
-from .inject import lora_layers, registry
+from .inject import layers_set, lora_layers, registry
 from .routing import AXES, METHODS, Routing
 
 
@@ -40,14 +40,8 @@ def _routed(model: CausalLM, names: Sequence[str | None], axis: str, method: str
     names = _validate(model, names, method)
     routing = Routing.from_names(names, axis, method, model.spec.device)
     layers = [layer for _, layer in lora_layers(model)]
-    previous = [layer.routing for layer in layers]
-    for layer in layers:
-        layer.routing = routing
-    try:
+    with layers_set(layers, "routing", routing):
         yield routing
-    finally:
-        for layer, old in zip(layers, previous):
-            layer.routing = old
 
 
 @contextmanager

@@ -211,20 +211,27 @@ def active_adapter(model: CausalLM) -> str | None:
 
 
 @contextmanager
+def layers_set(layers: Sequence[LoraLinear], attr: str, value: object) -> Iterator[None]:
+    """Set ``attr`` to ``value`` on every layer inside the block; restore each layer's own value after."""
+    previous = [getattr(layer, attr) for layer in layers]
+    for layer in layers:
+        setattr(layer, attr, value)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, previous):
+            setattr(layer, attr, old)
+
+
+@contextmanager
 def disabled(model: CausalLM) -> Iterator[CausalLM]:
     """Run the base model alone inside the block (adapters stay attached and active afterwards)."""
     layers = [layer for _, layer in lora_layers(model)]
     merged = sorted({n for layer in layers for n in layer.merged})
     if merged:
         raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them to disable them")
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
+    with layers_set(layers, "disabled", True):
         yield model
-    finally:
-        for layer, flag in zip(layers, previous):
-            layer.disabled = flag
 
 
 def delete_adapter(model: CausalLM, name: str) -> None:
