@@ -11,9 +11,12 @@ Three jobs, each a small function:
   summing ``X^T X`` of the inputs of chosen linear layers (forward hooks), or producing the inputs of
   the next layer, optionally with some weights replaced (``torch.func.functional_call``: the model
   itself is never modified).
+* :func:`quantize_layer` / :func:`quantize_sequentially`: quantize each decoder layer in one
+  forward pass over every calibration window, its linears in the order the pass reaches them.
 
-Memory stays bounded by one layer's activations: ``n_sequences * seq_len * hidden`` floats for the
-inputs and as many for the outputs (128 x 128 tokens x 576 channels x 4 bytes = 38 MB for SmolLM2).
+Memory stays bounded by one layer's activations over the calibration set: ``n_sequences * seq_len``
+tokens times the layer's widest activation (128 x 128 tokens x 1536 MLP channels x 4 bytes = 100 MB
+per tensor for SmolLM2), plus one Hessian at a time.
 """
 
 from __future__ import annotations
@@ -30,21 +33,20 @@ from ..protocol import CausalLM
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """How much calibration data to use and how to batch it.
+    """How much calibration data to use.
 
     Attributes:
         n_sequences: Token windows to use (at most; fewer if the text is shorter, at least one).
         seq_len: Tokens per window. Short windows keep calibration fast on a CPU: cost grows with
-            ``n_sequences * seq_len``.
-        batch_size: Windows per forward pass.
+            ``n_sequences * seq_len``, and so does memory (each decoder layer runs over all windows
+            in one pass, see :func:`quantize_sequentially`).
     """
 
     n_sequences: int = 128
     seq_len: int = 128
-    batch_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("n_sequences", "seq_len", "batch_size"):
+        for name in ("n_sequences", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -242,45 +244,105 @@ def split_plan(model: CausalLM, plan: dict[str, Any]) -> tuple[list[dict[str, st
     return per_layer, outside
 
 
+PROBE_TOKENS = 16  # tokens of the one window that finds which linears share an input
+
+
+@torch.no_grad()
+def quantize_layer(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    names: dict[str, str],
+    groups: dict[str, list[str]],
+    quantize_group: Any,
+    plan: dict[str, Any],
+    need_output: bool = True,
+) -> tuple[LayerInputs | None, dict[str, nn.Module]]:
+    """Quantize one decoder layer in a single forward pass over all calibration windows ("true sequential").
+
+    ``inputs`` must be one batch (every window at once). The layer runs through
+    ``torch.func.functional_call`` on clones of its planned weights; a forward pre-hook on each
+    group owner (``groups``: owner -> the relative names fed the same tensor) computes the Hessian of
+    the tensor it receives, calls ``quantize_group(linears, hessian, config)`` and copies the
+    quantized weights into the clones before the matmul reads them. So each linear's Hessian sees
+    the quantization error of the linears before it in the same layer, and the pass's output is
+    the next layer's input with the whole layer quantized. ``names`` maps relative to qualified
+    names. Returns ``(outputs or None, {qualified name: module})``; the layer is never modified.
+    """
+    from .methods.gptq import accumulate_hessian, finalize_hessian
+
+    if len(inputs.hidden) != 1:
+        raise ValueError(f"inputs must be one batch of every calibration window; got {len(inputs.hidden)} batches")
+    params = {f"{rel}.weight": layer.get_submodule(rel).weight.detach().clone() for rel in names}
+    built: dict[str, nn.Module] = {}
+
+    def make_hook(owner: str):
+        def hook(module, args):
+            x = args[0].detach()
+            hessian = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            hessian = finalize_hessian(hessian, accumulate_hessian(hessian, x))
+            members = groups[owner]
+            linears = [layer.get_submodule(n) for n in members]  # their .weight is the float clone here
+            for rel, (module, weight) in zip(members, quantize_group(linears, hessian, plan[names[owner]])):
+                built[names[rel]] = module
+                target = params[f"{rel}.weight"]
+                target.copy_(weight.to(target.device, target.dtype))
+            if not need_output and len(built) == len(names):
+                raise _Stop  # the last layer: its output is not needed
+
+        return hook
+
+    handles = [layer.get_submodule(owner).register_forward_pre_hook(make_hook(owner)) for owner in groups]
+    out = None
+    try:
+        out = torch.func.functional_call(
+            layer, params, args=(inputs.hidden[0],), kwargs=inputs.kwargs[0], strict=False
+        )
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(names.values()) - set(built))
+    if missing:
+        raise RuntimeError(f"linear layers {missing} were not called in the layer's forward pass")
+    return (None if out is None else LayerInputs([_output(out)], inputs.kwargs)), built
+
+
 @torch.no_grad()
 def quantize_sequentially(
     model: CausalLM,
     plan: dict[str, Any],
     tokens: torch.Tensor,
-    batch_size: int,
     quantize_group: Any,
     desc: str = "calibrate",
     progress: bool = True,
 ) -> dict[str, nn.Module]:
     """Quantize the decoder layers in order, each on the outputs of the already-quantized ones.
 
-    For layer ``i``: one pass with forward hooks sums the Hessians of its planned linear layers'
-    inputs (:func:`layer_hessians`); ``quantize_group(linears, hessian, config)`` turns each set of
-    linears that share an input (q/k/v, gate/up) into ``(quantized module, its float weight)``
-    pairs (the weight must equal ``module.dequantize()``); a second pass with the
-    dequantized weights swapped in produces the inputs of layer ``i + 1``. The model is never
-    modified: the caller installs the returned ``{qualified name: module}`` all at once.
-    Planned linears outside the decoder layers (an output head not skipped) are not handled here.
+    Decoder layer 0's inputs are captured for all ``tokens`` [n, T] at once; then each layer runs
+    once (:func:`quantize_layer`), quantizing its planned linears as the forward pass reaches them
+    and producing the next layer's inputs. Which linears share an input (q/k/v, gate/up: one
+    Hessian and one ``quantize_group`` call on their concatenated rows) is found first on a probe
+    of one short window (:func:`layer_hessians`, a negligible cost). The model is never modified:
+    the caller installs the returned ``{qualified name: module}`` all at once. Planned linears
+    outside the decoder layers (an output head not skipped) are not handled here.
     """
     from tqdm.auto import tqdm
 
     _, layers = decoder_layers(model)
     per_layer, _ = split_plan(model, plan)
-    inputs = capture_layer_inputs(model, tokens, batch_size)
+    inputs = capture_layer_inputs(model, tokens, tokens.shape[0])
+    probe = capture_layer_inputs(model, tokens[:1, :PROBE_TOKENS], 1)
     built: dict[str, nn.Module] = {}
     last = max((i for i, names in enumerate(per_layer) if names), default=-1)
     for i in tqdm(range(last + 1), desc=desc, disable=not progress, unit="layer"):
         layer, names = layers[i], per_layer[i]
-        swapped: dict[str, torch.Tensor] = {}
-        if names:
-            hessians, groups = layer_hessians(layer, inputs, list(names))
-            for owner, members in groups.items():
-                linears = [layer.get_submodule(n) for n in members]
-                pairs = quantize_group(linears, hessians[owner], plan[names[owner]])
-                for rel, linear, (module, weight) in zip(members, linears, pairs):
-                    built[names[rel]] = module
-                    swapped[f"{rel}.weight"] = weight.to(linear.weight.device, linear.weight.dtype)
-            del hessians
+        if not names:
+            inputs, probe = run_layer(layer, inputs), run_layer(layer, probe)
+            continue
+        _, groups = layer_hessians(layer, probe, list(names))
+        out, modules = quantize_layer(layer, inputs, names, groups, quantize_group, plan, need_output=i < last)
+        built.update(modules)
         if i < last:
-            inputs = run_layer(layer, inputs, swapped)
+            inputs, probe = out, run_layer(layer, probe)  # the probe only needs the float layer's structure
     return built

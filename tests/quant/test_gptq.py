@@ -15,12 +15,13 @@ from llmspeed.quant.calibration import (
     capture_layer_inputs,
     decoder_layers,
     layer_hessians,
+    quantize_layer,
     run_layer,
 )
 from llmspeed.quant.methods import gptq as G
 
 FORMATS = [("int4", 16), ("int4", 32), ("nf4", 16), ("int8", None)]
-OPTS = dict(seq_len=32, n_sequences=16, batch_size=8, progress=False)
+OPTS = dict(seq_len=32, n_sequences=16, progress=False)
 
 
 def _tokens(n: int = 16, t: int = 32, seed: int = 0) -> torch.Tensor:
@@ -171,6 +172,36 @@ def test_run_layer_with_swapped_weights_matches_installed_weights(llama):
         layers[0].mlp.up_proj.weight.copy_(before)
     for a, b in zip(swapped.hidden, installed.hidden):
         torch.testing.assert_close(a, b)
+
+
+def test_quantize_layer_in_one_pass_is_true_sequential(llama):
+    """One pass: its output is the layer with every weight quantized, and each group's Hessian sees
+    the quantized groups before it (the first group sees the float inputs)."""
+    _, layers = decoder_layers(llama)
+    layer = layers[0]
+    inputs = capture_layer_inputs(llama, _tokens(), batch_size=16)
+    names = {n: f"model.layers.0.{n}" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    float_h, groups = layer_hessians(layer, inputs, list(names))
+    before = {n: layer.get_submodule(n).weight.detach().clone() for n in names}
+    coarse = {n: (w * 4).round() / 4 for n, w in before.items()}  # a visible "quantization"
+    seen = {}
+
+    def fake_group(linears, hessian, config):
+        rels = [n for lin in linears for n in names if layer.get_submodule(n) is lin]
+        seen[rels[0]] = hessian
+        return [(torch.nn.Identity(), coarse[n]) for n in rels]
+
+    plan = {q: None for q in names.values()}
+    out, built = quantize_layer(layer, inputs, names, groups, fake_group, plan)
+    assert sorted(built) == sorted(names.values())
+    want = run_layer(layer, inputs, {f"{n}.weight": w for n, w in coarse.items()})
+    torch.testing.assert_close(out.hidden[0], want.hidden[0])
+    torch.testing.assert_close(seen["self_attn.q_proj"], float_h["self_attn.q_proj"])
+    assert not torch.allclose(seen["mlp.down_proj"], float_h["mlp.down_proj"])
+    for n, w in before.items():
+        assert torch.equal(layer.get_submodule(n).weight, w), n
+    with pytest.raises(ValueError, match="one batch"):
+        quantize_layer(layer, capture_layer_inputs(llama, _tokens(), batch_size=8), names, groups, fake_group, plan)
 
 
 def test_calibration_tokens_windows_and_errors(smollm2_cached):

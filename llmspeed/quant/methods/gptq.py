@@ -60,11 +60,18 @@ class GPTQResult:
 def accumulate_hessian(hessian: torch.Tensor, x: torch.Tensor) -> int:
     """Add ``x^T x`` of a batch of activations ``x`` (``[..., in]``) to ``hessian`` in place; return rows added.
 
-    The caller scales by ``2 / N`` at the end (:func:`finalize_hessian`); summing unscaled avoids
-    re-weighting on every batch.
+    Only the upper triangle is multiplied, in column blocks, and mirrored: about 0.65x the work of
+    ``x.T @ x`` for ``in >= 512`` (the result is the same symmetric matrix). The caller scales by
+    ``2 / N`` at the end (:func:`finalize_hessian`); summing unscaled avoids re-weighting on every batch.
     """
     x2 = x.reshape(-1, x.shape[-1]).to(hessian.dtype)  # [N, in]
-    hessian.addmm_(x2.T, x2)
+    n = x2.shape[1]
+    b = max(128, -(-n // 4))  # columns per block
+    for i in range(0, n, b):
+        blk = x2[:, i : i + b].T @ x2[:, i:]  # [b, in - i]: the diagonal block, then the blocks right of it
+        hessian[i : i + b, i:] += blk
+        if i + b < n:
+            hessian[i + b :, i : i + b] += blk[:, b:].T
     return x2.shape[0]
 
 
@@ -142,8 +149,8 @@ def gptq_quantize(
         weight.detach().to(H.device, torch.float32).T[perm].contiguous()
     )  # [in, out], becomes the error-updated weight
     H = H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, damp)  # [in, in] upper
     with _single_thread():  # thousands of tiny ops: thread hand-offs cost more than they save
-        Hinv = _inverse_cholesky(H, damp)  # [in, in] upper
         group_scale: list[torch.Tensor | None] = [None] * n_groups  # [out] each, fitted when first visited
         group_zero: list[torch.Tensor | None] = [None] * n_groups
         group_of_pos = (perm // G).tolist()  # group of the column visited at each position
@@ -331,7 +338,6 @@ def gptq_model(
     *,
     n_sequences: int = 128,
     seq_len: int = 128,
-    batch_size: int = 16,
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
@@ -344,7 +350,7 @@ def gptq_model(
         model: The float :class:`~llmspeed.protocol.CausalLM` (not modified; ``quantize`` installs the result).
         plan: ``{qualified name: QuantConfig}`` from :func:`llmspeed.quant.plan_layers`.
         calibration: ``None`` (the pydoc "train" half), a string, a list of strings, or token ids.
-        n_sequences, seq_len, batch_size: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
+        n_sequences, seq_len: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
         damp, block_size, act_order: See :func:`gptq_quantize`.
         clip_search: int4 only: shrink factors of the group range tried when fitting a group.
         progress: Show a progress bar over decoder layers.
@@ -355,7 +361,7 @@ def gptq_model(
     from ..calibration import CalibrationConfig, calibration_tokens, quantize_sequentially, split_plan
     from .rtn import rtn_weight
 
-    cal = CalibrationConfig(n_sequences, seq_len, batch_size)
+    cal = CalibrationConfig(n_sequences, seq_len)
     if damp <= 0:
         raise ValueError(f"damp must be positive; got {damp}")
     tokens = calibration_tokens(model, calibration, cal)  # [n, seq_len]; raises on bad input first
@@ -379,7 +385,7 @@ def gptq_model(
             row += lin.out_features
         return modules
 
-    built = quantize_sequentially(model, plan, tokens, cal.batch_size, quantize_group, "gptq", progress)
+    built = quantize_sequentially(model, plan, tokens, quantize_group, "gptq", progress)
     _, outside = split_plan(model, plan)
     for name in outside:
         from ..modules import module_class
