@@ -271,7 +271,9 @@ def quantize_layer(
     from .methods.gptq import accumulate_hessian, finalize_hessian
 
     if len(inputs.hidden) != 1:
-        raise ValueError(f"inputs must be one batch of every calibration window; got {len(inputs.hidden)} batches")
+        raise ValueError(
+            f"inputs must be one batch of every calibration window; got {len(inputs.hidden)} batches"
+        )
     params = {f"{rel}.weight": layer.get_submodule(rel).weight.detach().clone() for rel in names}
     built: dict[str, nn.Module] = {}
 
@@ -341,7 +343,9 @@ def quantize_sequentially(
             inputs, probe = run_layer(layer, inputs), run_layer(layer, probe)
             continue
         _, groups = layer_hessians(layer, probe, list(names))
-        out, modules = quantize_layer(layer, inputs, names, groups, quantize_group, plan, need_output=i < last)
+        out, modules = quantize_layer(
+            layer, inputs, names, groups, quantize_group, plan, need_output=i < last
+        )
         built.update(modules)
         if i < last:
             inputs, probe = out, run_layer(layer, probe)  # the probe only needs the float layer's structure

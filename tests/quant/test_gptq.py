@@ -201,7 +201,9 @@ def test_quantize_layer_in_one_pass_is_true_sequential(llama):
     for n, w in before.items():
         assert torch.equal(layer.get_submodule(n).weight, w), n
     with pytest.raises(ValueError, match="one batch"):
-        quantize_layer(layer, capture_layer_inputs(llama, _tokens(), batch_size=8), names, groups, fake_group, plan)
+        quantize_layer(
+            layer, capture_layer_inputs(llama, _tokens(), batch_size=8), names, groups, fake_group, plan
+        )
 
 
 def test_calibration_tokens_windows_and_errors(smollm2_cached):
