@@ -137,3 +137,12 @@ def test_cuda_kernels_match_reference(fmt, group, k):
                 if KERNELS[name].why_not(module, x) is None:
                     out = KERNELS[name].run(module, x).float()
                     assert ((out - ref).abs().max() / ref.abs().max()) <= TOLERANCE[dtype], name
+
+
+def test_auto_on_cpu_picks_aten_int8_for_bf16_decode_rows_only():
+    """The rule table: bf16 activations at M <= 16 go to _weight_int8pack_mm, fp32 ones never do."""
+    module = _module("int8", None, 128)
+    assert auto_kernel(module, torch.randn(1, 128, dtype=torch.bfloat16)).name == "aten_int8"
+    assert auto_kernel(module, torch.randn(16, 128, dtype=torch.bfloat16)).name == "aten_int8"
+    assert auto_kernel(module, torch.randn(17, 128, dtype=torch.bfloat16)).name != "aten_int8"
+    assert auto_kernel(module, torch.randn(1, 128)).name != "aten_int8"
