@@ -57,9 +57,26 @@ def _reset_peak(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return
+    _release_freed_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
     except OSError:
+        pass
+
+
+def _release_freed_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``) so RSS counts live memory only.
+
+    Without it the fp32 weights that quantization freed stay in the process's resident set, and
+    QLoRA's peak would include a model it no longer holds.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS keeps the freed pages
         pass
 
 
@@ -101,6 +118,7 @@ def train_config(config: str, model: str, device: str, settings: dict[str, Any])
     eval_windows = settings["eval_windows"] if m.tokenizer is not None else 0
     weights_mb = memory_footprint(m)["total"] / 2**20
     sync(device)
+    _release_freed_heap()
     before_mb = _current_mb(device)
     _reset_peak(device)
     result = lora.finetune(
