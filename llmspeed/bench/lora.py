@@ -80,6 +80,20 @@ def _release_freed_heap() -> None:
         pass
 
 
+def _own_storage(m) -> None:
+    """Copy every parameter and buffer out of the memory-mapped weights file.
+
+    The embedded model's tensors are views of an ``mmap`` of its safetensors file; one live view
+    (the embedding, which quantization leaves float) keeps the whole mapping, and every page
+    quantization read stays in the resident set. Copying makes RSS measure what each
+    configuration really holds (the same bytes for a float model, far fewer for a quantized one).
+    """
+    with torch.no_grad():
+        for t in [*m.module.parameters(), *m.module.buffers()]:
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
+
+
 def _peak_mb(device: str) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -114,6 +128,7 @@ def train_config(config: str, model: str, device: str, settings: dict[str, Any])
         quantize(m, "int4", group_size=64)
     if config != "full-fp32":
         lora.add_adapter(m, "tuned", r=settings["r"], alpha=2 * settings["r"], targets="all-linear")
+    _own_storage(m)
     texts = None if m.tokenizer is not None else torch.randint(0, m.spec.vocab_size, (4096,))
     eval_windows = settings["eval_windows"] if m.tokenizer is not None else 0
     weights_mb = memory_footprint(m)["total"] / 2**20
