@@ -48,8 +48,8 @@ def main(argv: list[str]) -> None:
         "",
         f"on {machine['processor']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads), "
         f"Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, "
-        f"{payload['time_utc']}. The machine was shared with other jobs: compare rows within a table "
-        "(same run), read the spread column, and rerun on your own machine ([reproduce](reproduce.md)). "
+        f"{payload['time_utc']}. Compare rows within a table "
+        "(same run, same load), read the spread column, and rerun on your own machine ([reproduce](reproduce.md)). "
         "`--quick` sizes are small: fewer perplexity windows, fewer requests, fewer training steps.",
         "",
         "Raw rows: [results.json](bench/results.json).",
