@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -274,7 +274,9 @@ def quantize_layer(
         raise ValueError(
             f"inputs must be one batch of every calibration window; got {len(inputs.hidden)} batches"
         )
-    params = {f"{rel}.weight": layer.get_submodule(rel).weight.detach().clone() for rel in names}
+    params = {
+        f"{rel}.weight": cast(torch.Tensor, layer.get_submodule(rel).weight).detach().clone() for rel in names
+    }
     built: dict[str, nn.Module] = {}
 
     def make_hook(owner: str):
@@ -347,6 +349,6 @@ def quantize_sequentially(
             layer, inputs, names, groups, quantize_group, plan, need_output=i < last
         )
         built.update(modules)
-        if i < last:
+        if out is not None:  # every layer but the last
             inputs, probe = out, run_layer(layer, probe)  # the probe only needs the float layer's structure
     return built
