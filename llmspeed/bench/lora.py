@@ -57,7 +57,6 @@ def _reset_peak(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return
-    _release_freed_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
     except OSError:
