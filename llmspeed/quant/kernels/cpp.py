@@ -2,70 +2,34 @@
 
 The source (``fused_cpu.cpp`` next to this file) decodes int8/int4/NF4 codes in registers with
 AVX2/FMA intrinsics (portable loops when the compiler does not target AVX2) and splits output rows over
-torch's intra-op threads. It is built with ``torch.utils.cpp_extension.load_inline`` and
-``-O3 -march=native`` into ``$LLMSPEED_CACHE/kernels`` (else ``~/.cache/llmspeed/kernels``); the
-folder name carries a hash of the source and flags, so later processes load the built library in
-milliseconds and a changed source rebuilds. Without a compiler (or with ``LLMSPEED_DISABLE_CPP=1``)
-the kernel reports itself unavailable and ``kernel="auto"`` falls back to the pure-torch paths.
+torch's intra-op threads. It is built on first use by :func:`llmspeed.cpp_build.build` (``load_inline``,
+``-O3 -march=native -fopenmp``, cached on disk under ``$LLMSPEED_CACHE/kernels``). Without a compiler
+(or with ``LLMSPEED_DISABLE_CPP=1``) the kernel reports itself unavailable and ``kernel="auto"`` falls
+back to the pure-torch paths.
 Activations are computed in fp32 (bf16/fp16 inputs are converted on the way in and out).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from ... import cpp_build
 from .registry import FLOAT_DTYPES, Kernel, register_kernel
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-std=c++17"]
-DISABLE_ENV = "LLMSPEED_DISABLE_CPP"
+DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2"]
-
-
-def build_dir() -> Path:
-    """Where the compiled kernel lives: ``$LLMSPEED_CACHE/kernels`` or ``~/.cache/llmspeed/kernels``."""
-    root = Path(os.environ.get("LLMSPEED_CACHE") or Path.home() / ".cache" / "llmspeed")
-    return root / "kernels"
-
-
-def compiler() -> str | None:
-    """Path of the C++ compiler torch would use (``$CXX`` or ``c++``), or ``None``."""
-    return shutil.which(os.environ.get("CXX", "c++"))
+build_dir = cpp_build.build_dir
+compiler = cpp_build.compiler
 
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return None, f"disabled by {DISABLE_ENV}"
-    if compiler() is None:
-        return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
-    if shutil.which("ninja") is None:
-        return None, "ninja is not installed (pip install ninja)"
-    from torch.utils.cpp_extension import load_inline
-
-    source = SOURCE.read_text()
-    digest = hashlib.sha1((source + " ".join(FLAGS) + torch.__version__).encode()).hexdigest()[:12]
-    name = f"llmspeed_fused_cpu_{digest}"
-    folder = build_dir() / name
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        module = load_inline(
-            name=name, cpp_sources=[source], functions=_FUNCTIONS, extra_cflags=FLAGS,
-            build_directory=str(folder), verbose=False,
-        )  # fmt: skip
-    except Exception as err:  # a failed build must leave the pure-torch paths working
-        return (
-            None,
-            f"build failed: {str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__}",
-        )
-    return module, None
+    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS)
 
 
 def extension() -> ModuleType | None:
