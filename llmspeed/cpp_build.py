@@ -61,6 +61,8 @@ def build(prefix: str, source: Path, functions: list[str]) -> tuple[ModuleType |
         return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
     if shutil.which("ninja") is None:
         return None, "ninja is not installed (pip install ninja)"
+    if not source.is_file():
+        return None, f"the kernel source {source.name} is missing from this installation"
     from torch.utils.cpp_extension import load_inline
 
     text = source.read_text()

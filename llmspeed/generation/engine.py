@@ -40,6 +40,12 @@ class Generator:
         progress: Show a tqdm bar (requests done, tokens/s) in ``generate_batched``.
         eos_token_ids: End-of-sequence ids (default: the tokenizer's ``eos_token_id``).
         cuda_graphs: On a CUDA device, replay captured CUDA graphs for decode-only steps.
+        fused_decode: On the CPU, run decode-only steps of Llama-family models in one fused C++ call
+            (:mod:`.fused_decode`). ``None`` (default) uses it when the model supports it and the kernel
+            builds; ``True`` raises ``ValueError`` with the reason when it cannot; ``False`` never uses it.
+
+    Attributes:
+        fused_decode_status: ``"on"``, or why decode steps take the generic path.
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class Generator:
         progress: bool = True,
         eos_token_ids: Sequence[int] | None = None,
         cuda_graphs: bool = True,
+        fused_decode: bool | None = None,
     ):
         spec = model.spec
         if kv_cache_tokens is not None and kv_cache_bytes is not None:
@@ -87,6 +94,8 @@ class Generator:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256))
+        self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
+        self.fused_decode_status = self._setup_fused(model, fused_decode)
         if eos_token_ids is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -97,6 +106,23 @@ class Generator:
         self._adapter_names: list[str] | None = None
         self.stats: RunStats | None = None
         self.num_steps = 0
+
+    def _setup_fused(self, model: CausalLM, wanted: bool | None) -> str:
+        if wanted not in (None, True, False):
+            raise ValueError(f"fused_decode must be None, True or False; got {wanted!r}")
+        if wanted is False:
+            return "off (fused_decode=False)"
+        from . import fused_decode
+
+        reason = fused_decode.unsupported(model)
+        if reason is None and fused_decode.extension() is None:
+            reason = f"the C++ decode kernel is unavailable: {fused_decode._build()[1]}"
+        if reason is not None:
+            if wanted:
+                raise ValueError(f"fused_decode=True, but this model cannot use it: {reason}")
+            return f"off ({reason})"
+        self.fused = fused_decode.FusedDecode(model, self.cache)
+        return "on"
 
     # --- requests -------------------------------------------------------------------------------
     def _tokenize(self, prompt: Prompt) -> list[int]:
@@ -207,6 +233,10 @@ class Generator:
         if self.graphs is not None and decode_only and not any(s.params.adapter for s in sampled):
             decode = [(c.seq.block_table, c.start, 1, tok) for c, tok in zip(batch.chunks, ids)]
             logits = self.graphs.run(decode)
+            if logits is not None:
+                return logits, sampled
+        if self.fused is not None and decode_only and not any(s.params.adapter for s in sampled):
+            logits = self.fused.run([(c.seq.block_table, c.start, tok) for c, tok in zip(batch.chunks, ids)])
             if logits is not None:
                 return logits, sampled
         attention = PagedAttention(self.cache, [(c.seq.block_table, c.start, c.length) for c in batch.chunks])

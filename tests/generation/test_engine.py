@@ -7,6 +7,7 @@ import torch
 
 import llmspeed
 from llmspeed import GenerationOutput, Generator, SamplingParams
+from llmspeed.generation import fused_decode
 
 
 def _prompts(n: int, lo: int = 3, hi: int = 60, seed: int = 0) -> list[list[int]]:
@@ -42,11 +43,14 @@ class CharTokenizer:
         return bytes(i for i in ids if not (skip_special_tokens and i == 0)).decode("latin-1")
 
 
-def test_greedy_matches_transformers_generate_on_every_architecture(tiny_model):
+@pytest.mark.parametrize("fused_decode", [None, False], ids=["fused-decode-auto", "generic-path"])
+def test_greedy_matches_transformers_generate_on_every_architecture(tiny_model, fused_decode):
     prompts = _prompts(6, seed=1)
     lengths = [12, 1, 20, 7, 16, 9]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
-    outs = tiny_model.generate_batched(prompts, params, progress=False, max_batch_tokens=40, kv_cache_tokens=1024)
+    outs = tiny_model.generate_batched(
+        prompts, params, progress=False, max_batch_tokens=40, kv_cache_tokens=1024, fused_decode=fused_decode
+    )
     for prompt, n, out in zip(prompts, lengths, outs):
         assert out.finish_reason == "length"
         assert out.token_ids == _hf_greedy(tiny_model, prompt, n)
@@ -221,9 +225,9 @@ def test_smollm2_greedy_matches_transformers(smollm2_cached):
         s = int(torch.randint(0, len(ids) - n, (), generator=g))
         prompts.append(ids[s : s + n])
     n_new = 12
-    outs = Generator(model, progress=False, max_batch_tokens=256).generate_batched(
-        prompts, SamplingParams(max_new_tokens=n_new, ignore_eos=True)
-    )
+    gen = Generator(model, progress=False, max_batch_tokens=256)
+    assert gen.fused_decode_status == "on" or fused_decode.extension() is None
+    outs = gen.generate_batched(prompts, SamplingParams(max_new_tokens=n_new, ignore_eos=True))
     same = sum(o.token_ids == _hf_greedy(model, p, n_new) for p, o in zip(prompts, outs))
     assert same >= 31, f"only {same}/32 requests identical to transformers generate"
     assert outs[0].text == model.tokenizer.decode(outs[0].token_ids, skip_special_tokens=True)

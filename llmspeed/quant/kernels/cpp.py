@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ def _build() -> tuple[ModuleType | None, str | None]:
     return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS)
 
 
-def extension() -> ModuleType | None:
+def extension() -> Any:
     """The compiled extension (building it on first call), or ``None`` when unavailable."""
     return _build()[0]
 

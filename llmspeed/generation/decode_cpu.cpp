@@ -1,0 +1,295 @@
+// Fused decode step for Llama-family decoder stacks on CPU (driven by fused_decode.py).
+//
+// One call runs every layer for n sequences that each add one token: RMSNorm, the q/k/v GEMVs
+// (one parallel region over all their rows), rotary embedding, the paged-KV write, attention over
+// each sequence's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up, down_proj +
+// residual, then the final norm and the vocabulary projection. The residual stream stays in fp32;
+// weights are fp32 or bf16 (bf16 rows are widened in registers), the KV cache fp32 or bf16.
+//
+// Decode at small batch is bound by reading the weights once, so the GEMV streams each weight row
+// from memory once (software prefetch 4 KiB ahead) and reuses it from L1 for the n rows of x.
+// Rows of all matrices of one GEMV group are split over torch's intra-op threads with
+// at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bf16 = c10::BFloat16;
+constexpr int64_t PREFETCH_BYTES = 4096;
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) { return static_cast<float>(v); }
+inline void from_float(float v, float* out) { *out = v; }
+inline void from_float(float v, bf16* out) { *out = bf16(v); }
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift into the high half
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// sum_k x[k] * w[k]; x fp32, w fp32 or bf16
+template <typename W>
+inline float dot(const float* x, const W* w, int64_t K, bool prefetch) {
+  int64_t k = 0;
+  float s = 0.f;
+#ifdef __AVX2__
+  constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead), _MM_HINT_T0);
+    a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+  }
+  s = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; k < K; ++k) s += x[k] * to_float(w[k]);
+  return s;
+}
+
+// y[r] = sum_k x[r * K + k] * w[k] for 4 rows of x: each weight vector is loaded once for the 4 rows
+template <typename W>
+inline void dot4(const float* x, const W* w, int64_t K, bool prefetch, float* y) {
+  int64_t k = 0;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef __AVX2__
+  constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (; k + 8 <= K; k += 8) {
+    if (prefetch && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead), _MM_HINT_T0);
+    __m256 wv = load8(w + k);
+    for (int r = 0; r < 4; ++r) a[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), a[r]);
+  }
+  for (int r = 0; r < 4; ++r) s[r] = hsum(a[r]);
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < 4; ++r) s[r] += x[r * K + k] * to_float(w[k]);
+  for (int r = 0; r < 4; ++r) y[r] = s[r];
+}
+
+// out[k] += a * v[k]
+template <typename V>
+inline void axpy(float a, const V* v, float* out, int64_t K) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256 av = _mm256_set1_ps(a);
+  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, _mm256_fmadd_ps(av, load8(v + k), _mm256_loadu_ps(out + k)));
+#endif
+  for (; k < K; ++k) out[k] += a * to_float(v[k]);
+}
+
+// One linear layer of a GEMV group: y[m, n] = x[m, :] . w[n, :] (+ bias[n]), m < M.
+struct Linear {
+  const void* w;
+  bool is_bf16;
+  const float* bias;  // fp32 or nullptr
+  int64_t N;
+  float* y;  // [M, N]
+};
+
+Linear linear(const at::Tensor& w, const at::Tensor& bias, float* y) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "fused decode: weights must be contiguous 2-D tensors");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "fused decode: weights must be float32 or bfloat16, got ", w.scalar_type());
+  const float* b = nullptr;
+  if (bias.defined() && bias.numel() > 0) {
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == w.size(0), "fused decode: bias must be fp32 [N]");
+    b = bias.data_ptr<float>();
+  }
+  return {w.data_ptr(), w.scalar_type() == at::kBFloat16, b, w.size(0), y};
+}
+
+// Every matrix of the group reads the same x [M, K]; all their rows form one parallel range.
+void gemv_group(const float* x, int64_t M, int64_t K, const std::vector<Linear>& group) {
+  int64_t total = 0;
+  for (const auto& l : group) total += l.N;
+  at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
+    int64_t base = 0;
+    for (const auto& l : group) {
+      int64_t lo = std::max(begin, base) - base, hi = std::min(end, base + l.N) - base;
+      for (int64_t n = lo; n < hi; ++n) {
+        const float* wf = static_cast<const float*>(l.w) + n * K;
+        const bf16* wb = static_cast<const bf16*>(l.w) + n * K;
+        float bias = l.bias ? l.bias[n] : 0.f, r4[4];
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+          if (l.is_bf16) dot4(x + m * K, wb, K, m == 0, r4);
+          else dot4(x + m * K, wf, K, m == 0, r4);
+          for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = r4[r] + bias;
+        }
+        for (; m < M; ++m)
+          l.y[m * l.N + n] = (l.is_bf16 ? dot(x + m * K, wb, K, m == 0) : dot(x + m * K, wf, K, m == 0)) + bias;
+      }
+      base += l.N;
+    }
+  });
+}
+
+// out[m, :] = x[m, :] / sqrt(mean(x[m, :]^2) + eps) * weight   (weight fp32 [E])
+void rms_norm(const float* x, const float* weight, int64_t M, int64_t E, double eps, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * E;
+    double ss = 0.0;
+    for (int64_t e = 0; e < E; ++e) ss += static_cast<double>(r[e]) * r[e];
+    float inv = static_cast<float>(1.0 / std::sqrt(ss / E + eps));
+    for (int64_t e = 0; e < E; ++e) out[m * E + e] = r[e] * inv * weight[e];
+  }
+}
+
+// rotate-half rotary embedding on `heads` heads of each row; cos/sin [M, D]
+void rope(float* x, int64_t M, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  int64_t half = D / 2;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (m * heads + h) * D;
+      const float* c = cos + m * D;
+      const float* s = sin + m * D;
+      for (int64_t j = 0; j < half; ++j) {
+        float a = v[j], b = v[j + half];
+        v[j] = a * c[j] - b * s[j];
+        v[j + half] = b * c[j + half] + a * s[j + half];
+      }
+    }
+}
+
+struct Step {
+  int64_t n, H, Hkv, D, BS, W;
+  const int64_t* slots;    // [n]
+  const int64_t* blocks;   // [n, W]
+  const int64_t* context;  // [n]
+  float scale;
+};
+
+// Write the new keys/values, then out[i, h, :] = softmax(q . K^T * scale) V over sequence i's blocks.
+template <typename C>
+void attend(const Step& st, const float* q, const float* k, const float* v, C* kc, C* vc, float* out) {
+  const int64_t row = st.Hkv * st.D;
+  for (int64_t i = 0; i < st.n; ++i)
+    for (int64_t e = 0; e < row; ++e) {
+      from_float(k[i * row + e], kc + st.slots[i] * row + e);
+      from_float(v[i * row + e], vc + st.slots[i] * row + e);
+    }
+  const int64_t group = st.H / st.Hkv;
+  at::parallel_for(0, st.n * st.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t i = t / st.H, h = t % st.H, g = h / group, L = st.context[i];
+      const float* qh = q + (i * st.H + h) * st.D;
+      const int64_t* table = st.blocks + i * st.W;
+      scores.resize(L);
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < L; ++p) {
+        int64_t r = table[p / st.BS] * st.BS + p % st.BS;
+        scores[p] = dot(qh, kc + r * row + g * st.D, st.D, false) * st.scale;
+        mx = std::max(mx, scores[p]);
+      }
+      float sum = 0.f;
+      for (int64_t p = 0; p < L; ++p) sum += (scores[p] = std::exp(scores[p] - mx));
+      float* o = out + (i * st.H + h) * st.D;
+      std::memset(o, 0, st.D * sizeof(float));
+      for (int64_t p = 0; p < L; ++p) {
+        int64_t r = table[p / st.BS] * st.BS + p % st.BS;
+        axpy(scores[p] / sum, vc + r * row + g * st.D, o, st.D);
+      }
+    }
+  });
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "fused decode: ", name, " must be contiguous fp32");
+}
+
+}  // namespace
+
+constexpr int64_t PER_LAYER = 12;  // ln1, q, k, v, o, ln2, gate, up, down, q bias, k bias, v bias
+
+// hidden [n, E] fp32 embeddings -> logits [n, V] fp32. weights: PER_LAYER tensors per layer (fp32 norms,
+// fp32/bf16 matrices, fp32 biases or empty). key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
+at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::Tensor key_cache,
+                       at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
+                       at::Tensor cos, at::Tensor sin, at::Tensor norm, at::Tensor lm_head, int64_t num_heads,
+                       double eps, double scale) {
+  check_f32(hidden, "hidden");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  check_f32(norm, "norm");
+  TORCH_CHECK(weights.size() % PER_LAYER == 0, "fused decode: ", PER_LAYER, " weight tensors per layer");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 5,
+              "fused decode: caches must be contiguous [L, NB, BS, Hkv, D]");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "fused decode: key/value cache dtypes differ");
+  for (const auto* t : {&slots, &blocks, &context})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "fused decode: index tensors must be int64");
+  const int64_t layers = weights.size() / PER_LAYER, n = hidden.size(0), E = hidden.size(1);
+  TORCH_CHECK(key_cache.size(0) == layers, "fused decode: cache has ", key_cache.size(0), " layers, weights ", layers);
+  Step st{n, num_heads, key_cache.size(3), key_cache.size(4), key_cache.size(2), blocks.size(1),
+          slots.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), context.data_ptr<int64_t>(),
+          static_cast<float>(scale)};
+  TORCH_CHECK(cos.size(0) == n && cos.size(1) == st.D, "fused decode: cos/sin must be [n, head_dim]");
+  const int64_t I = weights[6].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
+  const int64_t layer_stride = key_cache[0].numel();
+
+  at::Tensor h = hidden.clone();  // residual stream [n, E]
+  std::vector<float> x(n * E), q(n * qw), k(n * kvw), v(n * kvw), att(n * qw), tmp(n * E), gate(n * I), up(n * I);
+  float* hp = h.data_ptr<float>();
+  auto add_into_h = [&]() { for (int64_t e = 0; e < n * E; ++e) hp[e] += tmp[e]; };
+
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = &weights[l * PER_LAYER];
+    check_f32(w[0], "input norm");
+    check_f32(w[5], "post-attention norm");
+    TORCH_CHECK(w[1].size(1) == E && w[1].size(0) == qw && w[2].size(0) == kvw && w[3].size(0) == kvw &&
+                    w[4].size(0) == E && w[4].size(1) == qw && w[6].size(1) == E && w[7].size(0) == I &&
+                    w[8].size(0) == E && w[8].size(1) == I,
+                "fused decode: layer ", l, " has unexpected weight shapes");
+    rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
+    gemv_group(x.data(), n, E, {linear(w[1], w[9], q.data()), linear(w[2], w[10], k.data()), linear(w[3], w[11], v.data())});
+    rope(q.data(), n, st.H, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
+    rope(k.data(), n, st.Hkv, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
+    if (key_cache.scalar_type() == at::kBFloat16) {
+      attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<bf16>() + l * layer_stride,
+             value_cache.data_ptr<bf16>() + l * layer_stride, att.data());
+    } else {
+      TORCH_CHECK(key_cache.scalar_type() == at::kFloat, "fused decode: cache must be fp32 or bf16");
+      attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
+             value_cache.data_ptr<float>() + l * layer_stride, att.data());
+    }
+    gemv_group(att.data(), n, qw, {linear(w[4], at::Tensor(), tmp.data())});
+    add_into_h();
+    rms_norm(hp, w[5].data_ptr<float>(), n, E, eps, x.data());
+    gemv_group(x.data(), n, E, {linear(w[6], at::Tensor(), gate.data()), linear(w[7], at::Tensor(), up.data())});
+    for (int64_t e = 0; e < n * I; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
+    gemv_group(gate.data(), n, I, {linear(w[8], at::Tensor(), tmp.data())});
+    add_into_h();
+  }
+  rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());
+  TORCH_CHECK(lm_head.size(1) == E, "fused decode: lm_head must be [V, hidden]");
+  at::Tensor logits = at::empty({n, lm_head.size(0)}, hidden.options());
+  gemv_group(x.data(), n, E, {linear(lm_head, at::Tensor(), logits.data_ptr<float>())});
+  return logits;
+}
+
+// y [M, N] = x [M, K] @ w[N, K]^T: the decode GEMV alone (tests and benchmarks).
+at::Tensor gemv(at::Tensor x, at::Tensor w) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "gemv: x must be [M, K] with K = w.size(1)");
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, at::Tensor(), y.data_ptr<float>())});
+  return y;
+}

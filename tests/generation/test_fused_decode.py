@@ -1,0 +1,145 @@
+"""The fused CPU decode step: its GEMV, its logits against the generic path, and when it steps aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import llmspeed
+from llmspeed import Generator, SamplingParams
+from llmspeed.generation import fused_decode
+from llmspeed.generation.kv_cache import PagedAttention
+
+# max |difference| / max |reference logit| allowed between the fused step and the generic path
+LOGIT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+pytestmark = pytest.mark.skipif(fused_decode.extension() is None, reason="no C++ compiler: the generic path runs")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    n=st.integers(1, 70),
+    k=st.integers(1, 80),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_matches_f_linear(m, n, k, bf16, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16 if bf16 else torch.float32)
+    y = fused_decode.extension().gemv(x, w)
+    ref = torch.nn.functional.linear(x, w.float())
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+def _prefilled(model, lengths, block_size=4, seed=0):
+    """A generator (generic path) whose requests have finished prefill; returns it and the decode list."""
+    gen = Generator(model, progress=False, block_size=block_size, kv_cache_tokens=1024, fused_decode=False)
+    g = torch.Generator().manual_seed(seed)
+    for n in lengths:
+        gen.add_request(torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    gen.step()  # prefill everything (default token budget covers it) and sample each first token
+    seqs = list(gen.scheduler.running)
+    assert all(s.output_ids for s in seqs)
+    for s in seqs:  # the scheduler's job, done by hand: room for the token each decodes next
+        gen.blocks.grow(s.seq_id, s.block_table, s.num_tokens)
+    return gen, [(s.block_table, s.num_tokens - 1, s.output_ids[-1]) for s in seqs]
+
+
+def _generic_logits(model, gen, decode):
+    attention = PagedAttention(gen.cache, [(t, p, 1) for t, p, _ in decode])
+    with torch.inference_mode():
+        return model.forward_batch(
+            torch.tensor([tok for _, _, tok in decode]),
+            torch.tensor([p for _, p, _ in decode]),
+            attention,
+            torch.arange(len(decode)),
+        ).float()
+
+
+@pytest.mark.parametrize("architecture", fused_decode.ARCHITECTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_match_the_generic_path(architecture, dtype):
+    model = llmspeed.models.tiny(architecture, seed=3, dtype=dtype)
+    # 9 sequences (two 4-row tiles and a tail), contexts crossing block boundaries
+    gen, decode = _prefilled(model, [1, 3, 4, 5, 9, 16, 17, 30, 2])
+    fused = fused_decode.FusedDecode(model, gen.cache).run(decode)
+    ref = _generic_logits(model, gen, decode)
+    assert fused is not None and fused.shape == ref.shape == (9, model.spec.vocab_size)
+    err = (fused - ref).abs().max() / ref.abs().max()
+    assert err < LOGIT_TOLERANCE[dtype], err
+    if dtype == torch.float32:
+        assert torch.equal(fused.argmax(-1), ref.argmax(-1))
+
+
+def test_qwen2_biases_are_used():
+    model = llmspeed.models.tiny("qwen2", seed=1)
+    assert model.hf.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        for layer in model.hf.model.layers:
+            layer.self_attn.k_proj.bias.normal_(0, 2.0)
+    gen, decode = _prefilled(model, [6, 11])
+    fused = fused_decode.FusedDecode(model, gen.cache).run(decode)
+    ref = _generic_logits(model, gen, decode)
+    assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
+def test_generator_uses_it_and_gives_the_same_tokens():
+    model = llmspeed.models.tiny("llama", seed=0)
+    prompts = [[1, 2, 3], list(range(40, 90)), [7] * 17]
+    sp = SamplingParams(max_new_tokens=15, ignore_eos=True)
+    on = Generator(model, progress=False, block_size=8)
+    off = Generator(model, progress=False, block_size=8, fused_decode=False)
+    assert on.fused_decode_status == "on" and off.fused_decode_status.startswith("off")
+    assert [o.token_ids for o in on.generate_batched(prompts, sp)] == [o.token_ids for o in off.generate_batched(prompts, sp)]
+
+
+def test_steps_aside_for_models_it_does_not_support():
+    qwen3 = llmspeed.models.tiny("qwen3", seed=0)
+    assert "qwen3" in fused_decode.unsupported(qwen3)
+    assert Generator(qwen3, progress=False).fused_decode_status.startswith("off (model_type 'qwen3'")
+    with pytest.raises(ValueError, match="fused_decode=True, but this model cannot use it: model_type 'qwen3'"):
+        Generator(qwen3, fused_decode=True)
+    with pytest.raises(ValueError, match="fused_decode must be None, True or False; got 'yes'"):
+        Generator(qwen3, fused_decode="yes")
+    quantized = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8")
+    assert "not a plain nn.Linear" in fused_decode.unsupported(quantized)
+
+
+def test_a_model_changed_after_the_generator_was_built_is_followed():
+    model = llmspeed.models.tiny("llama", seed=0)
+    gen, decode = _prefilled(model, [5, 12])
+    fused = fused_decode.FusedDecode(model, gen.cache)
+    before = fused.run(decode)
+    # a new linear at one position: the cached weight list must not be reused
+    old = model.hf.model.layers[1].mlp.down_proj
+    new = nn.Linear(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(old.weight * 3)
+    model.replace_linear("model.layers.1.mlp.down_proj", new)
+    after = fused.run(decode)
+    ref = _generic_logits(model, gen, decode)
+    assert not torch.allclose(before, after)
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    # a wrapped linear (LoRA, quantized) makes it step aside instead of ignoring the wrapper
+    from llmspeed import lora
+
+    lora.add_adapter(model, "a", r=2)
+    assert fused.run(decode) is None
+
+
+def test_without_the_kernel_generation_still_works(monkeypatch):
+    fused_decode._build.cache_clear()
+    monkeypatch.setenv("LLMSPEED_DISABLE_CPP", "1")
+    try:
+        gen = Generator(llmspeed.models.tiny("llama", seed=0), progress=False)
+        assert "unavailable: disabled by LLMSPEED_DISABLE_CPP" in gen.fused_decode_status
+        out = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+        assert len(out.token_ids) == 4
+    finally:
+        monkeypatch.delenv("LLMSPEED_DISABLE_CPP")
+        fused_decode._build.cache_clear()
