@@ -4,7 +4,8 @@
 // (one parallel region over all their rows), rotary embedding, the paged-KV write, attention over
 // each sequence's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up, down_proj +
 // residual, then the final norm and the vocabulary projection. The residual stream stays in fp32;
-// weights are fp32 or bf16 (bf16 rows are widened in registers), the KV cache fp32 or bf16.
+// weights are fp32, bf16 or weight-only int8 with one scale per output row (llmspeed's Int8Linear),
+// widened to fp32 in registers; the KV cache is fp32 or bf16.
 //
 // Decode at small batch is bound by reading the weights once, so the GEMV streams each weight row
 // from memory once (software prefetch 4 KiB ahead) and reuses it from L1 for the n rows of x.
@@ -28,6 +29,7 @@ constexpr int64_t PREFETCH_BYTES = 4096;
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
 inline void from_float(float v, float* out) { *out = v; }
 inline void from_float(float v, bf16* out) { *out = bf16(v); }
 
@@ -42,6 +44,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift into the high half
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 #endif
 
@@ -95,25 +100,55 @@ inline void axpy(float a, const V* v, float* out, int64_t K) {
   for (; k < K; ++k) out[k] += a * to_float(v[k]);
 }
 
-// One linear layer of a GEMV group: y[m, n] = x[m, :] . w[n, :] (+ bias[n]), m < M.
+// One linear layer of a GEMV group: y[m, n] = (x[m, :] . w[n, :]) * scale[n] + bias[n], m < M.
+enum class Kind { F32, BF16, I8 };
+
 struct Linear {
   const void* w;
-  bool is_bf16;
-  const float* bias;  // fp32 or nullptr
+  Kind kind;
+  const float* scale;  // int8: fp32 [N]; else nullptr
+  const float* bias;   // fp32 [N] or nullptr
   int64_t N;
   float* y;  // [M, N]
 };
 
-Linear linear(const at::Tensor& w, const at::Tensor& bias, float* y) {
+// scale: per-row fp32 scales of an int8 weight, or an empty tensor for float weights
+Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, float* y) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "fused decode: weights must be contiguous 2-D tensors");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
-              "fused decode: weights must be float32 or bfloat16, got ", w.scalar_type());
+  Kind kind;
+  switch (w.scalar_type()) {
+    case at::kFloat: kind = Kind::F32; break;
+    case at::kBFloat16: kind = Kind::BF16; break;
+    case at::kChar: kind = Kind::I8; break;
+    default: TORCH_CHECK(false, "fused decode: weights must be float32, bfloat16 or int8, got ", w.scalar_type());
+  }
+  const float* s = nullptr;
+  if (kind == Kind::I8) {
+    TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat && scale.numel() == w.size(0),
+                "fused decode: an int8 weight needs fp32 scales [N]");
+    s = scale.data_ptr<float>();
+  }
   const float* b = nullptr;
   if (bias.defined() && bias.numel() > 0) {
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == w.size(0), "fused decode: bias must be fp32 [N]");
     b = bias.data_ptr<float>();
   }
-  return {w.data_ptr(), w.scalar_type() == at::kBFloat16, b, w.size(0), y};
+  return {w.data_ptr(), kind, s, b, w.size(0), y};
+}
+
+template <typename W>
+void gemv_rows(const float* x, int64_t M, int64_t K, const Linear& l, const W* w, int64_t lo, int64_t hi) {
+  for (int64_t n = lo; n < hi; ++n) {
+    const W* wr = w + n * K;
+    const float s = l.scale ? l.scale[n] : 1.f, bias = l.bias ? l.bias[n] : 0.f;
+    float r4[4];
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      dot4(x + m * K, wr, K, m == 0, r4);
+      for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = r4[r] * s + bias;
+    }
+    for (; m < M; ++m) l.y[m * l.N + n] = dot(x + m * K, wr, K, m == 0) * s + bias;
+  }
 }
 
 // Every matrix of the group reads the same x [M, K]; all their rows form one parallel range.
@@ -124,19 +159,9 @@ void gemv_group(const float* x, int64_t M, int64_t K, const std::vector<Linear>&
     int64_t base = 0;
     for (const auto& l : group) {
       int64_t lo = std::max(begin, base) - base, hi = std::min(end, base + l.N) - base;
-      for (int64_t n = lo; n < hi; ++n) {
-        const float* wf = static_cast<const float*>(l.w) + n * K;
-        const bf16* wb = static_cast<const bf16*>(l.w) + n * K;
-        float bias = l.bias ? l.bias[n] : 0.f, r4[4];
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) {
-          if (l.is_bf16) dot4(x + m * K, wb, K, m == 0, r4);
-          else dot4(x + m * K, wf, K, m == 0, r4);
-          for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = r4[r] + bias;
-        }
-        for (; m < M; ++m)
-          l.y[m * l.N + n] = (l.is_bf16 ? dot(x + m * K, wb, K, m == 0) : dot(x + m * K, wf, K, m == 0)) + bias;
-      }
+      if (l.kind == Kind::F32) gemv_rows(x, M, K, l, static_cast<const float*>(l.w), lo, hi);
+      else if (l.kind == Kind::BF16) gemv_rows(x, M, K, l, static_cast<const bf16*>(l.w), lo, hi);
+      else gemv_rows(x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi);
       base += l.N;
     }
   });
@@ -218,13 +243,15 @@ void check_f32(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-constexpr int64_t PER_LAYER = 12;  // ln1, q, k, v, o, ln2, gate, up, down, q bias, k bias, v bias
+// ln1, q, k, v, o, ln2, gate, up, down, q bias, k bias, v bias, then the int8 scales of q, k, v, o, gate, up,
+// down (empty tensors for float weights)
+constexpr int64_t PER_LAYER = 19;
 
 // hidden [n, E] fp32 embeddings -> logits [n, V] fp32. weights: PER_LAYER tensors per layer (fp32 norms,
-// fp32/bf16 matrices, fp32 biases or empty). key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
+// fp32/bf16/int8 matrices, fp32 biases and scales or empty). key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
 at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::Tensor key_cache,
                        at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
-                       at::Tensor cos, at::Tensor sin, at::Tensor norm, at::Tensor lm_head, int64_t num_heads,
+                       at::Tensor cos, at::Tensor sin, at::Tensor norm, at::Tensor lm_head, at::Tensor lm_head_scale, int64_t num_heads,
                        double eps, double scale) {
   check_f32(hidden, "hidden");
   check_f32(cos, "cos");
@@ -259,7 +286,8 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
                     w[8].size(0) == E && w[8].size(1) == I,
                 "fused decode: layer ", l, " has unexpected weight shapes");
     rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {linear(w[1], w[9], q.data()), linear(w[2], w[10], k.data()), linear(w[3], w[11], v.data())});
+    gemv_group(x.data(), n, E, {linear(w[1], w[12], w[9], q.data()), linear(w[2], w[13], w[10], k.data()),
+                                  linear(w[3], w[14], w[11], v.data())});
     rope(q.data(), n, st.H, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
     rope(k.data(), n, st.Hkv, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
     if (key_cache.scalar_type() == at::kBFloat16) {
@@ -270,26 +298,26 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
       attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
              value_cache.data_ptr<float>() + l * layer_stride, att.data());
     }
-    gemv_group(att.data(), n, qw, {linear(w[4], at::Tensor(), tmp.data())});
+    gemv_group(att.data(), n, qw, {linear(w[4], w[15], at::Tensor(), tmp.data())});
     add_into_h();
     rms_norm(hp, w[5].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {linear(w[6], at::Tensor(), gate.data()), linear(w[7], at::Tensor(), up.data())});
+    gemv_group(x.data(), n, E, {linear(w[6], w[16], at::Tensor(), gate.data()), linear(w[7], w[17], at::Tensor(), up.data())});
     for (int64_t e = 0; e < n * I; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
-    gemv_group(gate.data(), n, I, {linear(w[8], at::Tensor(), tmp.data())});
+    gemv_group(gate.data(), n, I, {linear(w[8], w[18], at::Tensor(), tmp.data())});
     add_into_h();
   }
   rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());
   TORCH_CHECK(lm_head.size(1) == E, "fused decode: lm_head must be [V, hidden]");
   at::Tensor logits = at::empty({n, lm_head.size(0)}, hidden.options());
-  gemv_group(x.data(), n, E, {linear(lm_head, at::Tensor(), logits.data_ptr<float>())});
+  gemv_group(x.data(), n, E, {linear(lm_head, lm_head_scale, at::Tensor(), logits.data_ptr<float>())});
   return logits;
 }
 
-// y [M, N] = x [M, K] @ w[N, K]^T: the decode GEMV alone (tests and benchmarks).
-at::Tensor gemv(at::Tensor x, at::Tensor w) {
+// y [M, N] = x [M, K] @ w[N, K]^T (* scale[N] for int8 w): the decode GEMV alone (tests and benchmarks).
+at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "gemv: x must be [M, K] with K = w.size(1)");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, at::Tensor(), y.data_ptr<float>())});
+  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, at::Tensor(), y.data_ptr<float>())});
   return y;
 }

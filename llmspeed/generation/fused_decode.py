@@ -9,9 +9,9 @@ speed. The model's own modules provide the weights (no copy), the embedding and 
 so what runs is the model as it is at that step.
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
-``mistral`` or ``qwen2`` with SiLU MLPs, plain ``nn.Linear`` projections in fp32 or bf16 (q/k/v
-biases allowed), RMSNorm, on CPU. Quantized or LoRA-wrapped linears, other architectures and
-other devices use the generic path.
+``mistral`` or ``qwen2`` with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
+``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only ``int8`` linears (q/k/v biases allowed).
+4-bit (int4/NF4) or LoRA-wrapped linears, other architectures and other devices use the generic path.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .kv_cache import PagedKVCache
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @lru_cache(maxsize=1)
@@ -43,11 +44,21 @@ def extension() -> ModuleType | None:
     return _build()[0]
 
 
-def _plain_linear(module: nn.Module, name: str, bias_ok: bool) -> str | None:
-    if type(module) is not nn.Linear:
-        return f"{name} is {type(module).__name__}, not a plain nn.Linear"
-    if module.weight.dtype not in _WEIGHT_DTYPES:
-        return f"{name} weight is {module.weight.dtype}"
+def _parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, int8 scales or None)`` the C++ step reads for a linear it supports, else ``None``."""
+    if type(module) is nn.Linear:
+        return (module.weight, None) if module.weight.dtype in _WEIGHT_DTYPES else None
+    if getattr(module, "quant_format", None) == "int8" and type(module).__name__ == "Int8Linear":
+        q, s = module.qweight, module.scales
+        if q.dtype == torch.int8 and q.is_contiguous() and s.dtype == torch.float32 and s.dim() == 1:
+            return q, s
+    return None
+
+
+def _check_linear(module: nn.Module, name: str, bias_ok: bool) -> str | None:
+    if _parts(module) is None:
+        what = getattr(module, "quant_format", None) or getattr(getattr(module, "weight", None), "dtype", "")
+        return f"{name} is {type(module).__name__} ({what}), not an fp32/bf16 nn.Linear or an int8 Int8Linear"
     if module.bias is not None and not bias_ok:
         return f"{name} has a bias"
     return None
@@ -68,19 +79,19 @@ def unsupported(model) -> str | None:
     body = getattr(hf, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
         return "no model.layers / model.rotary_emb"
-    reason = _plain_linear(hf.lm_head, "lm_head", bias_ok=False)
+    reason = _check_linear(hf.lm_head, "lm_head", bias_ok=False)
     if reason:
         return reason
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            reason = _plain_linear(
+            reason = _check_linear(
                 getattr(attn, name), f"layers.{i}.self_attn.{name}", bias_ok=name != "o_proj"
             )
             if reason:
                 return reason
         for name in ("gate_proj", "up_proj", "down_proj"):
-            reason = _plain_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False)
+            reason = _check_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False)
             if reason:
                 return reason
     return None
@@ -90,55 +101,57 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor:
     return torch.empty(0) if t is None else t.detach().float().contiguous()
 
 
-class _Snapshot:
-    """The weight list handed to C++, with what must stay the same for it to be valid.
+def _opt(t: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0) if t is None else t
 
-    Checking a model from scratch (:func:`unsupported`) and gathering its weights cost about 4 ms a step
-    for SmolLM2; re-validating a snapshot costs a few hundred microseconds: every linear is still the
-    same object at the same place, and every tensor still has the same storage and dtype (``nn.Module.to``
-    and :func:`llmspeed.cast` change a parameter's data in place).
+
+class _Snapshot:
+    """The tensor list handed to C++, with what must stay the same for it to be valid.
+
+    Checking a model from scratch (:func:`unsupported`) and gathering its tensors cost about 4 ms a step
+    for SmolLM2; re-validating a snapshot costs about 1 ms: every module is still the same object at the
+    same place, and every tensor read still has the same storage and dtype (``nn.Module.to`` and
+    :func:`llmspeed.cast` change a parameter's data in place).
     """
 
     def __init__(self, hf: Any):
         body = hf.model
-        self.checks: list[tuple[object, str, object]] = [
-            (hf, "lm_head", hf.lm_head),
-            (body, "norm", body.norm),
-        ]
-        self.tensors: list[torch.Tensor] = [hf.lm_head.weight, body.norm.weight]
+        self.checks: list[tuple[object, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
+        self.checks.append((body, "norm", body.norm))
+        self.sources: list[torch.Tensor] = [body.norm.weight]
         self.weights: list[torch.Tensor] = []
         for layer in body.layers:
-            a, m = layer.self_attn, layer.mlp
-            owned = [(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
-                (m, n) for n in ("gate_proj", "up_proj", "down_proj")
-            ]
-            owned += [
-                (layer, "input_layernorm"),
-                (layer, "post_attention_layernorm"),
-                (layer, "self_attn"),
-                (layer, "mlp"),
-            ]
-            for owner, name in owned:
+            attn, mlp = layer.self_attn, layer.mlp
+            owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
+            owners.update(gate_proj=mlp, up_proj=mlp, down_proj=mlp)
+            for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+                self.checks.append((layer, name, getattr(layer, name)))
+            parts = {}
+            for name, owner in owners.items():
                 module = getattr(owner, name)
                 self.checks.append((owner, name, module))
-                if hasattr(module, "weight"):
-                    self.tensors.append(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    self.tensors.append(module.bias)
-            self.weights += [
-                _f32(layer.input_layernorm.weight),
-                a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-                _f32(layer.post_attention_layernorm.weight),
-                m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
-                _f32(a.q_proj.bias), _f32(a.k_proj.bias), _f32(a.v_proj.bias),
-            ]  # fmt: skip
-        self.checks.append((hf, "model", body))
-        self.layout = [(t.data_ptr(), t.dtype) for t in self.tensors]
+                parts[name] = self._read(module)
+            ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            biases = [getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")]
+            self.sources += [ln1, ln2] + [b for b in biases if b is not None]
+            self.weights += [_f32(ln1), parts["q_proj"][0], parts["k_proj"][0], parts["v_proj"][0],
+                             parts["o_proj"][0], _f32(ln2), parts["gate_proj"][0], parts["up_proj"][0],
+                             parts["down_proj"][0]]  # fmt: skip
+            self.weights += [_f32(b) for b in biases] + [_opt(parts[n][1]) for n in _MATRICES]
+        self.lm_head, self.lm_head_scale = self._read(hf.lm_head)
+        self.lm_head_scale = _opt(self.lm_head_scale)
+        self.layout = [(t.data_ptr(), t.dtype) for t in self.sources]
         self.norm = _f32(body.norm.weight)
+
+    def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = _parts(module)
+        assert parts is not None  # unsupported() ran first
+        self.sources += [t for t in parts if t is not None]
+        return parts
 
     def valid(self) -> bool:
         return all(getattr(o, n) is x for o, n, x in self.checks) and all(
-            t.data_ptr() == p and t.dtype == d for t, (p, d) in zip(self.tensors, self.layout)
+            t.data_ptr() == p and t.dtype == d for t, (p, d) in zip(self.sources, self.layout)
         )
 
 
@@ -188,7 +201,7 @@ class FusedDecode:
                 self.cache.key, self.cache.value,
                 slots, torch.tensor(tables), positions + 1,
                 cos[0].float().contiguous(), sin[0].float().contiguous(),
-                snap.norm, hf.lm_head.weight,
+                snap.norm, snap.lm_head, snap.lm_head_scale,
                 self.model.spec.num_heads,
                 float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
                 float(body.layers[0].self_attn.scaling),

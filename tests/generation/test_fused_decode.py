@@ -24,16 +24,21 @@ pytestmark = pytest.mark.skipif(fused_decode.extension() is None, reason="no C++
     m=st.integers(1, 9),
     n=st.integers(1, 70),
     k=st.integers(1, 80),
-    bf16=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]),
     seed=st.integers(0, 2**16),
 )
-def test_gemv_matches_f_linear(m, n, k, bf16, seed):
+def test_gemv_matches_f_linear(m, n, k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16 if bf16 else torch.float32)
-    y = fused_decode.extension().gemv(x, w)
-    ref = torch.nn.functional.linear(x, w.float())
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * k**0.5)
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) / 64
+        ref = torch.nn.functional.linear(x, w.float() * scale[:, None])
+    else:
+        w, scale = torch.randn(n, k, generator=g).to(dtype), torch.empty(0)
+        ref = torch.nn.functional.linear(x, w.float())
+    y = fused_decode.extension().gemv(x, w, scale)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * k**0.5 * (ref.abs().max().item() + 1e-3))
 
 
 def _prefilled(model, lengths, block_size=4, seed=0):
@@ -76,6 +81,17 @@ def test_logits_match_the_generic_path(architecture, dtype):
         assert torch.equal(fused.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_int8_models_match_the_generic_path(architecture):
+    model = llmspeed.quantize(llmspeed.models.tiny(architecture, seed=2), "int8", skip=[])
+    assert type(model.hf.lm_head).__name__ == "Int8Linear"
+    assert fused_decode.unsupported(model) is None
+    gen, decode = _prefilled(model, [2, 7, 13, 4, 21])
+    fused = fused_decode.FusedDecode(model, gen.cache).run(decode)
+    ref = _generic_logits(model, gen, decode)
+    assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 def test_qwen2_biases_are_used():
     model = llmspeed.models.tiny("qwen2", seed=1)
     assert model.hf.model.layers[0].self_attn.q_proj.bias is not None
@@ -106,8 +122,8 @@ def test_steps_aside_for_models_it_does_not_support():
         Generator(qwen3, fused_decode=True)
     with pytest.raises(ValueError, match="fused_decode must be None, True or False; got 'yes'"):
         Generator(qwen3, fused_decode="yes")
-    quantized = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8")
-    assert "not a plain nn.Linear" in fused_decode.unsupported(quantized)
+    quantized = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=32)
+    assert "Int4Linear (int4), not an fp32/bf16 nn.Linear" in fused_decode.unsupported(quantized)
 
 
 def test_a_model_changed_after_the_generator_was_built_is_followed():
