@@ -44,7 +44,7 @@ def extension() -> ModuleType | None:
     return _build()[0]
 
 
-def _parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight, int8 scales or None)`` the C++ step reads for a linear it supports, else ``None``."""
     if type(module) is nn.Linear:
         return (module.weight, None) if module.weight.dtype in _WEIGHT_DTYPES else None
