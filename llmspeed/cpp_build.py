@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -47,13 +48,17 @@ def _last_line(err: Exception) -> str:
     return text.splitlines()[-1][:200] if text else type(err).__name__
 
 
-def build(prefix: str, source: Path, functions: list[str]) -> tuple[ModuleType | None, str | None]:
+def build(
+    prefix: str, source: Path, functions: list[str], includes: Sequence[Path] = ()
+) -> tuple[ModuleType | None, str | None]:
     """Compile ``source`` exposing ``functions``; return ``(module, None)`` or ``(None, reason)``.
 
     Args:
         prefix: Start of the extension's name (the folder under :func:`build_dir`).
         source: The C++ file.
         functions: Names of the functions pybind exposes.
+        includes: Files ``source`` includes by name: their folders go on the include path and their
+            text into the cache key, so changing them rebuilds.
     """
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None, f"disabled by {DISABLE_ENV}"
@@ -61,22 +66,25 @@ def build(prefix: str, source: Path, functions: list[str]) -> tuple[ModuleType |
         return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
     if shutil.which("ninja") is None:
         return None, "ninja is not installed (pip install ninja)"
-    if not source.is_file():
-        return None, f"the kernel source {source.name} is missing from this installation"
+    missing = [p.name for p in (source, *includes) if not p.is_file()]
+    if missing:
+        return None, f"the kernel source {', '.join(missing)} is missing from this installation"
     from torch.utils.cpp_extension import load_inline
 
     text = source.read_text()
+    key = text + "".join(p.read_text() for p in includes)
     error = "no build attempted"
     for extra in (OPENMP_FLAGS, []):
         flags = BASE_FLAGS + extra
-        digest = hashlib.sha1((text + " ".join(flags) + torch.__version__).encode()).hexdigest()[:12]
+        digest = hashlib.sha1((key + " ".join(flags) + torch.__version__).encode()).hexdigest()[:12]
         name = f"{prefix}_{digest}"
         folder = build_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
         try:
             module = load_inline(
                 name=name, cpp_sources=[text], functions=functions, extra_cflags=flags,
-                extra_ldflags=extra, build_directory=str(folder), verbose=False,
+                extra_ldflags=extra, extra_include_paths=sorted({str(p.parent) for p in includes}),
+                build_directory=str(folder), verbose=False,
             )  # fmt: skip
         except Exception as err:  # a failed build must leave the pure-torch paths working
             error = f"build failed: {_last_line(err)}"

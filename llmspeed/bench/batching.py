@@ -9,8 +9,9 @@ requested output tokens. Systems, all timed in the same process on the same mode
 * transformers ``generate_batch``-style continuous batching (its manager, per-request lengths),
 * llmspeed ``Generator`` in fp32, bf16, int8 and int4.
 
-Also the batch-1 decode step (llmspeed and transformers eager) against the time to read the
-weights once at the memory bandwidth measured here.
+Also the batch-1 decode step against the time to read the weights once at the memory bandwidth
+measured here: llmspeed (on CPU: the fused C++ step and the generic path, and the bf16/int8/int4
+models) and transformers' eager ``generate``.
 """
 
 from __future__ import annotations
@@ -130,11 +131,11 @@ def weight_bytes(model: Any) -> int:
     return total
 
 
-def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16) -> float:
+def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16, **generator_kwargs: Any) -> float:
     """Median seconds of one llmspeed decode step of a single request with ``context`` cached tokens."""
     from ..generation import Generator, SamplingParams
 
-    gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=context)
+    gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=context, **generator_kwargs)
     gen.add_request(list(range(1, context + 1)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
     gen.step()  # prefill
     gen.step()  # first decode (warm-up)
@@ -148,6 +149,16 @@ def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16) -> flo
     while gen.has_unfinished():
         gen.step()
     return sorted(times)[len(times) // 2]
+
+
+def _decode_path(model: Any, generator_kwargs: dict) -> str:
+    """Which path a Generator's decode steps take for ``model``: ``fused CPU step`` or ``generic path``."""
+    from ..generation import Generator
+
+    if model.spec.device.type != "cpu":
+        return "CUDA graphs" if generator_kwargs.get("cuda_graphs", True) else "eager"
+    gen = Generator(model, progress=False, kv_cache_tokens=16, block_size=16, **generator_kwargs)
+    return "fused CPU step" if gen.fused_decode_status == "on" else "generic path"
 
 
 def decode_step_hf(hf: Any, context: int = 128, steps: int = 16) -> float:
@@ -235,6 +246,7 @@ def run(
     rows.append(_row("llmspeed Generator", fname, n, useful, _llmspeed(m, prompts, lengths, progress, **gen_kwargs),
                      base))
 
+    steps: list[tuple[str, str, Any, dict]] = []  # batch-1 decode steps to time at the end
     variants = [] if gpu else [("bf16", "cast")]
     variants += [("int8", "quantize"), ("int4", "quantize")]
     for name, how in variants:
@@ -253,20 +265,27 @@ def run(
         if gpu and name == "int8" and not quick:
             k = n // 4  # weight-only int8 has no fused CUDA kernel here: a quarter of the requests bounds the run
         t = _llmspeed(v, prompts[:k], lengths[:k], progress, **gen_kwargs)
-        note = "bf16 matmul is emulated on this AVX2 CPU (~6x slower than fp32)" if name == "bf16" and not gpu else ""
+        note = "bf16 prefill matmuls are emulated on this AVX2 CPU (~6x slower than fp32)" if name == "bf16" and not gpu else ""
         if k < n:
             note += f"; first {k} requests only"
         rows.append(_row("llmspeed Generator", name, k, sum(lengths[:k]), t, base, note))
-        del v
+        if not gpu:
+            steps.append((f"batch-1 decode step: llmspeed ({name})", name, v, {}))
+        else:
+            del v
 
     bw = memory_bandwidth(dev)
-    w = weight_bytes(m)
-    read = w / bw
-    step = decode_step_llmspeed(m)
-    hf_step = decode_step_hf(m.hf)
-    for system, t in (("batch-1 decode step: llmspeed", step), ("batch-1 decode step: transformers generate", hf_step)):
+    steps.insert(0, ("batch-1 decode step: llmspeed", fname, m, {}))
+    if not gpu:
+        steps.insert(1, ("batch-1 decode step: llmspeed", fname, m, {"fused_decode": False}))
+    timed = [(f"{system}, {_decode_path(model_, kw)}", dtype, model_, decode_step_llmspeed(model_, **kw))
+             for system, dtype, model_, kw in steps]  # fmt: skip
+    timed.append(("batch-1 decode step: transformers generate", fname, m, decode_step_hf(m.hf)))
+    for system, dtype, model_, t in timed:
+        w = weight_bytes(model_)
+        read = w / bw
         rows.append({
-            "system": system, "dtype": fname, "requests": 1, "useful_tokens": 1, "seconds": round(t, 4),
+            "system": system, "dtype": dtype, "requests": 1, "useful_tokens": 1, "seconds": round(t, 4),
             "tok_s": round(1 / t, 2), "vs_generate_batch": "",
             "note": f"{t / read:.2f}x the {read * 1e3:.1f} ms to read {w / 1e6:.0f} MB of weights at {bw / 1e9:.1f} GB/s",
         })

@@ -4,13 +4,16 @@
 // (one parallel region over all their rows), rotary embedding, the paged-KV write, attention over
 // each sequence's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up, down_proj +
 // residual, then the final norm and the vocabulary projection. The residual stream stays in fp32;
-// weights are fp32, bf16 or weight-only int8 with one scale per output row (llmspeed's Int8Linear),
-// widened to fp32 in registers; the KV cache is fp32 or bf16.
+// weights are fp32, bf16, weight-only int8 with one scale per output row (llmspeed's Int8Linear) or
+// packed 4-bit int4/NF4 (Int4Linear/NF4Linear: the quantization kernel's q4_tile, included from
+// llmspeed/quant/kernels/fused_cpu.cpp), widened to fp32 in registers; the KV cache is fp32 or bf16.
 //
 // Decode at small batch is bound by reading the weights once, so the GEMV streams each weight row
 // from memory once (software prefetch 4 KiB ahead) and reuses it from L1 for the n rows of x.
 // Rows of all matrices of one GEMV group are split over torch's intra-op threads with
 // at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py).
+#include "fused_cpu.cpp"  // hsum, q4_tile, deinterleave, group_sums (quant kernels; same build)
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -34,12 +37,6 @@ inline void from_float(float v, float* out) { *out = v; }
 inline void from_float(float v, bf16* out) { *out = bf16(v); }
 
 #ifdef __AVX2__
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift into the high half
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -100,40 +97,55 @@ inline void axpy(float a, const V* v, float* out, int64_t K) {
   for (; k < K; ++k) out[k] += a * to_float(v[k]);
 }
 
-// One linear layer of a GEMV group: y[m, n] = (x[m, :] . w[n, :]) * scale[n] + bias[n], m < M.
-enum class Kind { F32, BF16, I8 };
+// One linear layer of a GEMV group: y[m, n] = x[m, :] . dequantized w[n, :] + bias[n], m < M.
+enum class Kind { F32, BF16, I8, INT4, NF4 };
 
 struct Linear {
   const void* w;
   Kind kind;
-  const float* scale;  // int8: fp32 [N]; else nullptr
+  const float* scale;  // int8: [N]; 4-bit: [N, groups]; float: nullptr
+  const float* zero;   // int4: [N, groups] in the code domain; else nullptr
   const float* bias;   // fp32 [N] or nullptr
-  int64_t N;
-  float* y;  // [M, N]
+  int64_t N, Kp, G;    // Kp: input width (4-bit: padded to whole groups); G: 4-bit group size
+  float* y;            // [M, N]
+  at::Tensor xd, xs;   // 4-bit: x deinterleaved [M, Kp], its group sums [M, groups] (set per call)
 };
 
-// scale: per-row fp32 scales of an int8 weight, or an empty tensor for float weights
-Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, float* y) {
+// w with its quantization state: float (scale, zero empty), int8 (scale [N]), int4 (uint8 [N, Kp/2],
+// scale and zero [N, groups]) or NF4 (uint8 [N, Kp/2], scale [N, groups], zero empty)
+Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& bias, float* y) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "fused decode: weights must be contiguous 2-D tensors");
-  Kind kind;
+  Linear l{w.data_ptr(), Kind::F32, nullptr, nullptr, nullptr, w.size(0), w.size(1), 0, y, {}, {}};
   switch (w.scalar_type()) {
-    case at::kFloat: kind = Kind::F32; break;
-    case at::kBFloat16: kind = Kind::BF16; break;
-    case at::kChar: kind = Kind::I8; break;
-    default: TORCH_CHECK(false, "fused decode: weights must be float32, bfloat16 or int8, got ", w.scalar_type());
+    case at::kFloat: break;
+    case at::kBFloat16: l.kind = Kind::BF16; break;
+    case at::kChar: l.kind = Kind::I8; break;
+    case at::kByte: l.kind = zero.defined() && zero.numel() > 0 ? Kind::INT4 : Kind::NF4; break;
+    default: TORCH_CHECK(false, "fused decode: weights must be float32, bfloat16, int8 or packed uint8, got ", w.scalar_type());
   }
-  const float* s = nullptr;
-  if (kind == Kind::I8) {
+  if (l.kind == Kind::I8) {
     TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat && scale.numel() == w.size(0),
                 "fused decode: an int8 weight needs fp32 scales [N]");
-    s = scale.data_ptr<float>();
+    l.scale = scale.data_ptr<float>();
   }
-  const float* b = nullptr;
+  if (l.kind == Kind::INT4 || l.kind == Kind::NF4) {
+    TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                    scale.size(0) == w.size(0), "fused decode: a 4-bit weight needs contiguous fp32 scales [N, groups]");
+    l.Kp = w.size(1) * 2;
+    l.G = l.Kp / scale.size(1);
+    TORCH_CHECK(l.G * scale.size(1) == l.Kp && l.G % 16 == 0, "fused decode: 4-bit groups must be multiples of 16");
+    l.scale = scale.data_ptr<float>();
+    if (l.kind == Kind::INT4) {
+      TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.sizes() == scale.sizes(),
+                  "fused decode: int4 zeros must be contiguous fp32 like the scales");
+      l.zero = zero.data_ptr<float>();
+    }
+  }
   if (bias.defined() && bias.numel() > 0) {
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == w.size(0), "fused decode: bias must be fp32 [N]");
-    b = bias.data_ptr<float>();
+    l.bias = bias.data_ptr<float>();
   }
-  return {w.data_ptr(), kind, s, b, w.size(0), y};
+  return l;
 }
 
 template <typename W>
@@ -151,17 +163,51 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const Linear& l, const W* w
   }
 }
 
+template <bool NF>
+void gemv_rows_q4(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
+  const int64_t groups = l.Kp / l.G;
+  const float* xd = l.xd.data_ptr<float>();
+  const float* xs = NF ? nullptr : l.xs.data_ptr<float>();
+  const uint8_t* w = static_cast<const uint8_t*>(l.w);
+  for (int64_t n = lo; n < hi; ++n) {
+    const uint8_t* wr = w + n * (l.Kp / 2);
+    const float* sr = l.scale + n * groups;
+    const float* zr = NF ? nullptr : l.zero + n * groups;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      q4_tile<4, NF>(xd + m * l.Kp, l.Kp, wr, l.Kp, l.G, sr, zr, NF ? nullptr : xs + m * groups, groups, l.y + m * l.N + n, l.N);
+    for (; m < M; ++m)
+      q4_tile<1, NF>(xd + m * l.Kp, l.Kp, wr, l.Kp, l.G, sr, zr, NF ? nullptr : xs + m * groups, groups, l.y + m * l.N + n, l.N);
+    if (l.bias)
+      for (int64_t i = 0; i < M; ++i) l.y[i * l.N + n] += l.bias[n];
+  }
+}
+
 // Every matrix of the group reads the same x [M, K]; all their rows form one parallel range.
-void gemv_group(const float* x, int64_t M, int64_t K, const std::vector<Linear>& group) {
+void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group) {
   int64_t total = 0;
-  for (const auto& l : group) total += l.N;
+  for (auto& l : group) {
+    total += l.N;
+    if (l.kind != Kind::INT4 && l.kind != Kind::NF4) {
+      TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
+    } else {
+      TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
+      at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, torch::kFloat);
+      l.xd = deinterleave(xt, l.Kp);
+      if (l.kind == Kind::INT4) l.xs = group_sums(l.xd, l.G);
+    }
+  }
   at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
     int64_t base = 0;
     for (const auto& l : group) {
       int64_t lo = std::max(begin, base) - base, hi = std::min(end, base + l.N) - base;
-      if (l.kind == Kind::F32) gemv_rows(x, M, K, l, static_cast<const float*>(l.w), lo, hi);
-      else if (l.kind == Kind::BF16) gemv_rows(x, M, K, l, static_cast<const bf16*>(l.w), lo, hi);
-      else gemv_rows(x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi);
+      switch (l.kind) {
+        case Kind::F32: gemv_rows(x, M, K, l, static_cast<const float*>(l.w), lo, hi); break;
+        case Kind::BF16: gemv_rows(x, M, K, l, static_cast<const bf16*>(l.w), lo, hi); break;
+        case Kind::I8: gemv_rows(x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi); break;
+        case Kind::INT4: gemv_rows_q4<false>(M, l, lo, hi); break;
+        case Kind::NF4: gemv_rows_q4<true>(M, l, lo, hi); break;
+      }
       base += l.N;
     }
   });
@@ -243,15 +289,17 @@ void check_f32(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// ln1, q, k, v, o, ln2, gate, up, down, q bias, k bias, v bias, then the int8 scales of q, k, v, o, gate, up,
-// down (empty tensors for float weights)
-constexpr int64_t PER_LAYER = 19;
+// ln1, ln2, q bias, k bias, v bias, then (weight, scale, zero) for q, k, v, o, gate, up, down
+// (see linear(); empty tensors where a format has no scale or zero, and for absent biases)
+constexpr int64_t PER_LAYER = 5 + 3 * 7;
+enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 
-// hidden [n, E] fp32 embeddings -> logits [n, V] fp32. weights: PER_LAYER tensors per layer (fp32 norms,
-// fp32/bf16/int8 matrices, fp32 biases and scales or empty). key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
+// hidden [n, E] fp32 embeddings -> logits [n, V] fp32. weights: PER_LAYER tensors per layer (fp32 norms and
+// biases, matrices as in linear()). lm_head: (weight, scale, zero) likewise.
+// key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
 at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::Tensor key_cache,
                        at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
-                       at::Tensor cos, at::Tensor sin, at::Tensor norm, at::Tensor lm_head, at::Tensor lm_head_scale, int64_t num_heads,
+                       at::Tensor cos, at::Tensor sin, at::Tensor norm, std::vector<at::Tensor> lm_head, int64_t num_heads,
                        double eps, double scale) {
   check_f32(hidden, "hidden");
   check_f32(cos, "cos");
@@ -269,25 +317,27 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
           slots.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), context.data_ptr<int64_t>(),
           static_cast<float>(scale)};
   TORCH_CHECK(cos.size(0) == n && cos.size(1) == st.D, "fused decode: cos/sin must be [n, head_dim]");
-  const int64_t I = weights[6].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
+  const int64_t I = weights[5 + 3 * GATE].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
   const int64_t layer_stride = key_cache[0].numel();
 
   at::Tensor h = hidden.clone();  // residual stream [n, E]
   std::vector<float> x(n * E), q(n * qw), k(n * kvw), v(n * kvw), att(n * qw), tmp(n * E), gate(n * I), up(n * I);
   float* hp = h.data_ptr<float>();
   auto add_into_h = [&]() { for (int64_t e = 0; e < n * E; ++e) hp[e] += tmp[e]; };
+  const int64_t rows[7] = {qw, kvw, kvw, E, I, I, E};
 
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = &weights[l * PER_LAYER];
     check_f32(w[0], "input norm");
-    check_f32(w[5], "post-attention norm");
-    TORCH_CHECK(w[1].size(1) == E && w[1].size(0) == qw && w[2].size(0) == kvw && w[3].size(0) == kvw &&
-                    w[4].size(0) == E && w[4].size(1) == qw && w[6].size(1) == E && w[7].size(0) == I &&
-                    w[8].size(0) == E && w[8].size(1) == I,
-                "fused decode: layer ", l, " has unexpected weight shapes");
+    check_f32(w[1], "post-attention norm");
+    for (int j = 0; j < 7; ++j)
+      TORCH_CHECK(w[5 + 3 * j].dim() == 2 && w[5 + 3 * j].size(0) == rows[j], "fused decode: layer ", l, " matrix ", j,
+                  " has ", w[5 + 3 * j].size(0), " rows, expected ", rows[j]);
+    auto mat = [&](Matrix j, const at::Tensor& bias, float* y) {
+      return linear(w[5 + 3 * j], w[6 + 3 * j], w[7 + 3 * j], bias, y);
+    };
     rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {linear(w[1], w[12], w[9], q.data()), linear(w[2], w[13], w[10], k.data()),
-                                  linear(w[3], w[14], w[11], v.data())});
+    gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())});
     rope(q.data(), n, st.H, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
     rope(k.data(), n, st.Hkv, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
     if (key_cache.scalar_type() == at::kBFloat16) {
@@ -298,26 +348,26 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
       attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
              value_cache.data_ptr<float>() + l * layer_stride, att.data());
     }
-    gemv_group(att.data(), n, qw, {linear(w[4], w[15], at::Tensor(), tmp.data())});
+    gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())});
     add_into_h();
-    rms_norm(hp, w[5].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {linear(w[6], w[16], at::Tensor(), gate.data()), linear(w[7], w[17], at::Tensor(), up.data())});
+    rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
+    gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())});
     for (int64_t e = 0; e < n * I; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
-    gemv_group(gate.data(), n, I, {linear(w[8], w[18], at::Tensor(), tmp.data())});
+    gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())});
     add_into_h();
   }
   rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());
-  TORCH_CHECK(lm_head.size(1) == E, "fused decode: lm_head must be [V, hidden]");
-  at::Tensor logits = at::empty({n, lm_head.size(0)}, hidden.options());
-  gemv_group(x.data(), n, E, {linear(lm_head, lm_head_scale, at::Tensor(), logits.data_ptr<float>())});
+  TORCH_CHECK(lm_head.size() == 3, "fused decode: lm_head is (weight, scale, zero)");
+  at::Tensor logits = at::empty({n, lm_head[0].size(0)}, hidden.options());
+  gemv_group(x.data(), n, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>())});
   return logits;
 }
 
-// y [M, N] = x [M, K] @ w[N, K]^T (* scale[N] for int8 w): the decode GEMV alone (tests and benchmarks).
-at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale) {
+// y [M, N] = x [M, K] @ dequantized w [N, K]^T, w as in linear(): the decode GEMV alone (tests, benchmarks).
+at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero) {
   check_f32(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "gemv: x must be [M, K] with K = w.size(1)");
+  TORCH_CHECK(x.dim() == 2, "gemv: x must be [M, K]");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, at::Tensor(), y.data_ptr<float>())});
+  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, zero, at::Tensor(), y.data_ptr<float>())});
   return y;
 }

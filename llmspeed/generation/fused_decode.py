@@ -10,8 +10,9 @@ so what runs is the model as it is at that step.
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
 ``mistral`` or ``qwen2`` with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
-``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only ``int8`` linears (q/k/v biases allowed).
-4-bit (int4/NF4) or LoRA-wrapped linears, other architectures and other devices use the generic path.
+``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only int8, int4 and NF4 linears (4-bit groups a
+multiple of 16; q/k/v biases allowed). LoRA-wrapped linears, other architectures and other devices
+use the generic path.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .. import cpp_build
 from .kv_cache import PagedKVCache
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
+QUANT_SOURCE = Path(__file__).parent.parent / "quant" / "kernels" / "fused_cpu.cpp"  # its 4-bit tiles
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -36,7 +38,7 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv"])
+    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv"], includes=[QUANT_SOURCE])
 
 
 def extension() -> ModuleType | None:
@@ -44,21 +46,35 @@ def extension() -> ModuleType | None:
     return _build()[0]
 
 
-def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight, int8 scales or None)`` the C++ step reads for a linear it supports, else ``None``."""
+def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """``(weight, scale, zero)`` the C++ step reads for a linear it supports, else ``None``.
+
+    fp32/bf16 ``nn.Linear``: ``(weight, None, None)``; llmspeed's ``Int8Linear``: ``(qweight, scales,
+    None)``; ``Int4Linear``: ``(qweight, scales, zeros)``; ``NF4Linear``: ``(qweight, group scales, None)``
+    (double-quantized scales are expanded once, per snapshot).
+    """
     if type(module) is nn.Linear:
-        return (module.weight, None) if module.weight.dtype in _WEIGHT_DTYPES else None
-    if getattr(module, "quant_format", None) == "int8" and type(module).__name__ == "Int8Linear":
-        q, s = module.qweight, module.scales
-        if q.dtype == torch.int8 and q.is_contiguous() and s.dtype == torch.float32 and s.dim() == 1:
-            return q, s
-    return None
+        return (module.weight, None, None) if module.weight.dtype in _WEIGHT_DTYPES else None
+    fmt = str(getattr(module, "quant_format", ""))
+    if type(module).__name__ != {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}.get(fmt):
+        return None
+    q = module.qweight
+    if not q.is_contiguous():
+        return None
+    if fmt == "int8":
+        return (q, module.scales, None) if q.dtype == torch.int8 else None
+    groups = module.config.num_groups(module.in_features)
+    if (q.shape[1] * 2) % groups or (q.shape[1] * 2 // groups) % 16:
+        return None  # the 4-bit tile decodes 16 codes at a time
+    if fmt == "int4":
+        return q, module.scales.contiguous(), module.zeros.contiguous()
+    return q, module.group_scales().float().contiguous(), None
 
 
 def _check_linear(module: nn.Module, name: str, bias_ok: bool) -> str | None:
     if _parts(module) is None:
         what = getattr(module, "quant_format", None) or getattr(getattr(module, "weight", None), "dtype", "")
-        return f"{name} is {type(module).__name__} ({what}), not an fp32/bf16 nn.Linear or an int8 Int8Linear"
+        return f"{name} is {type(module).__name__} ({what}): not an fp32/bf16 nn.Linear or an llmspeed int8/int4/nf4 linear"
     if module.bias is not None and not bias_ok:
         return f"{name} has a bias"
     return None
@@ -134,16 +150,14 @@ class _Snapshot:
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             biases = [getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")]
             self.sources += [ln1, ln2] + [b for b in biases if b is not None]
-            self.weights += [_f32(ln1), parts["q_proj"][0], parts["k_proj"][0], parts["v_proj"][0],
-                             parts["o_proj"][0], _f32(ln2), parts["gate_proj"][0], parts["up_proj"][0],
-                             parts["down_proj"][0]]  # fmt: skip
-            self.weights += [_f32(b) for b in biases] + [_opt(parts[n][1]) for n in _MATRICES]
-        self.lm_head, self.lm_head_scale = self._read(hf.lm_head)
-        self.lm_head_scale = _opt(self.lm_head_scale)
+            # the layout decode_cpu.cpp expects (PER_LAYER tensors)
+            self.weights += [_f32(ln1), _f32(ln2)] + [_f32(b) for b in biases]
+            self.weights += [_opt(t) for n in _MATRICES for t in parts[n]]
+        self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
         self.layout = [(t.data_ptr(), t.dtype) for t in self.sources]
         self.norm = _f32(body.norm.weight)
 
-    def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         parts = _parts(module)
         assert parts is not None  # unsupported() ran first
         self.sources += [t for t in parts if t is not None]
@@ -201,7 +215,7 @@ class FusedDecode:
                 self.cache.key, self.cache.value,
                 slots, torch.tensor(tables), positions + 1,
                 cos[0].float().contiguous(), sin[0].float().contiguous(),
-                snap.norm, snap.lm_head, snap.lm_head_scale,
+                snap.norm, snap.lm_head,
                 self.model.spec.num_heads,
                 float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
                 float(body.layers[0].self_attn.scaling),

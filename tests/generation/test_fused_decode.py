@@ -37,8 +37,30 @@ def test_gemv_matches_f_linear(m, n, k, dtype, seed):
     else:
         w, scale = torch.randn(n, k, generator=g).to(dtype), torch.empty(0)
         ref = torch.nn.functional.linear(x, w.float())
-    y = fused_decode.extension().gemv(x, w, scale)
+    y = fused_decode.extension().gemv(x, w, scale, torch.empty(0))
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * k**0.5 * (ref.abs().max().item() + 1e-3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    n=st.integers(1, 40),
+    k=st.integers(1, 100),
+    fmt=st.sampled_from(["int4", "nf4"]),
+    group=st.sampled_from([16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_4bit_gemv_matches_the_dequantized_weight(m, n, k, fmt, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+    module = llmspeed.quant.modules.MODULES[fmt].from_linear(linear, llmspeed.quant.QuantConfig(fmt, group_size=group))
+    w, scale, zero = fused_decode._parts(module)
+    x = torch.randn(m, k, generator=g)
+    y = fused_decode.extension().gemv(x, w, scale, torch.empty(0) if zero is None else zero)
+    ref = x @ module.dequantize().T
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * k**0.5 * (ref.abs().max().item() + 1e-3))
 
 
 def _prefilled(model, lengths, block_size=4, seed=0):
@@ -81,10 +103,20 @@ def test_logits_match_the_generic_path(architecture, dtype):
         assert torch.equal(fused.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_int8_models_match_the_generic_path(architecture):
-    model = llmspeed.quantize(llmspeed.models.tiny(architecture, seed=2), "int8", skip=[])
-    assert type(model.hf.lm_head).__name__ == "Int8Linear"
+@pytest.mark.parametrize(
+    "architecture, fmt, options",
+    [
+        ("llama", "int8", {}),
+        ("qwen2", "int8", {}),
+        ("llama", "int4", {"group_size": 32}),
+        ("qwen2", "int4", {"group_size": 16}),
+        ("llama", "nf4", {"group_size": 32}),
+        ("llama", "nf4", {"group_size": 16, "double_quant": True}),
+    ],
+)
+def test_quantized_models_match_the_generic_path(architecture, fmt, options):
+    model = llmspeed.quantize(llmspeed.models.tiny(architecture, seed=2), fmt, skip=[], **options)
+    assert type(model.hf.lm_head).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}[fmt]
     assert fused_decode.unsupported(model) is None
     gen, decode = _prefilled(model, [2, 7, 13, 4, 21])
     fused = fused_decode.FusedDecode(model, gen.cache).run(decode)
@@ -122,8 +154,8 @@ def test_steps_aside_for_models_it_does_not_support():
         Generator(qwen3, fused_decode=True)
     with pytest.raises(ValueError, match="fused_decode must be None, True or False; got 'yes'"):
         Generator(qwen3, fused_decode="yes")
-    quantized = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=32)
-    assert "Int4Linear (int4), not an fp32/bf16 nn.Linear" in fused_decode.unsupported(quantized)
+    odd_groups = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=8)
+    assert "Int4Linear (int4): not an fp32/bf16 nn.Linear" in fused_decode.unsupported(odd_groups)
 
 
 def test_a_model_changed_after_the_generator_was_built_is_followed():
