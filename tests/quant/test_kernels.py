@@ -139,10 +139,13 @@ def test_cuda_kernels_match_reference(fmt, group, k):
                     assert ((out - ref).abs().max() / ref.abs().max()) <= TOLERANCE[dtype], name
 
 
-def test_auto_on_cpu_picks_aten_int8_for_bf16_decode_rows_only():
-    """The rule table: bf16 activations at M <= 16 go to _weight_int8pack_mm, fp32 ones never do."""
-    module = _module("int8", None, 128)
-    assert auto_kernel(module, torch.randn(1, 128, dtype=torch.bfloat16)).name == "aten_int8"
-    assert auto_kernel(module, torch.randn(16, 128, dtype=torch.bfloat16)).name == "aten_int8"
-    assert auto_kernel(module, torch.randn(17, 128, dtype=torch.bfloat16)).name != "aten_int8"
-    assert auto_kernel(module, torch.randn(1, 128)).name != "aten_int8"
+@pytest.mark.parametrize("fmt, group", [("int8", None), ("int4", 64), ("nf4", 64)])
+def test_auto_on_cpu_picks_the_fused_kernel_up_to_128_rows_then_dequantize(fmt, group):
+    """The rule table: cpp for M <= 128 (fp32 and bf16 activations), dequantize + MKL above."""
+    if cpp.unavailable() is not None:
+        pytest.skip(cpp.unavailable())
+    module = _module(fmt, group, 128)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert auto_kernel(module, torch.randn(1, 128, dtype=dtype)).name == "cpp"
+        assert auto_kernel(module, torch.randn(128, 128, dtype=dtype)).name == "cpp"
+        assert auto_kernel(module, torch.randn(129, 128, dtype=dtype)).name == "dequant_fp32"

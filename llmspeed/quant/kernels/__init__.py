@@ -18,16 +18,17 @@ from .registry import FLOAT_DTYPES, KERNELS, Kernel, register_kernel
 
 # (device type, format) -> ordered [(max rows M or None for any, activation dtypes or None for any, kernel)].
 # The first rule whose kernel is usable wins. CPU (2-core AVX2 Zen 1, docs/kernels.md, `python benchmarks/quant.py`
-# on a quiet machine): the fused C++ kernel beats dequantize + MKL up to M = 32 (at 64 they are within 10%); for
-# prefill, dequantizing once and using MKL's fp32 GEMM wins. The aten int8/int4 CPU kernels are 4x-80x slower
-# than fp32 F.linear with fp32 activations, but with bf16 activations aten::_weight_int8pack_mm beats the C++
-# kernel up to M = 16 (1.3x-1.4x at M = 1) and reads the module's own int8 weight: it goes first for bf16.
-# (_weight_int4pack_mm_for_cpu is also faster with bf16 activations, but needs a second converted copy of the
-# weight, which would undo part of int4's memory saving: auto leaves it to those who name it.)
+# on a quiet machine): the fused C++ kernel, multi-threaded since it is built with -fopenmp, beats dequantize + MKL
+# up to M = 128 on the 4096x4096 layer (at M = 128 on SmolLM2's 576x1536 layer they are within 7%); for prefill,
+# dequantizing once and using MKL's fp32 GEMM wins. It also beats aten::_weight_int8pack_mm with bf16 activations
+# at M = 4-64 (1.4x) and on SmolLM2's shapes at M = 1 (that op wins only on 4096x4096 at M = 1, by 1.2x), so
+# bf16 activations go to it too. The aten int8/int4 CPU kernels are 4x-80x slower than fp32 F.linear with fp32
+# activations. (_weight_int4pack_mm_for_cpu needs a second converted copy of the weight, which would undo part
+# of int4's memory saving: auto leaves it to those who name it.)
 AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...] | None, str]]] = {
-    ("cpu", "int8"): [(16, (torch.bfloat16,), "aten_int8"), (32, None, "cpp"), (None, None, "dequant_fp32")],
-    ("cpu", "int4"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
-    ("cpu", "nf4"): [(32, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "int8"): [(128, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "int4"): [(128, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "nf4"): [(128, None, "cpp"), (None, None, "dequant_fp32")],
     ("cuda", "int8"): [(None, None, "aten_int8"), (None, None, "reference")],
     ("cuda", "int4"): [(None, (torch.bfloat16,), "tinygemm"), (None, None, "reference")],
     ("cuda", "nf4"): [(None, None, "reference")],
