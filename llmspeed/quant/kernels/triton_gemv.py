@@ -1,0 +1,155 @@
+"""``triton``: a weight-only dequantize-GEMV for CUDA decode rows (int8, int4, NF4), written in Triton.
+
+On CUDA the aten paths leave gaps: ``_weight_int8pack_mm`` measured 0.11x bf16 ``F.linear`` on an H200,
+NF4 had only the dequantize-then-matmul reference, and tinygemm (int4) needs its own weight copy and
+bf16 activations. This kernel reads llmspeed's packed buffers as they are (no converted copy):
+
+* each program owns ``BLOCK_N`` output rows and one activation row; it walks ``K`` in steps of
+  ``BLOCK_K`` codes, decodes them in registers (int8: widen; int4: ``(q - zero) * scale``; NF4: a
+  16-entry codebook lookup times the group's absmax), multiplies by the activations and accumulates in
+  fp32, so the weight is read once per activation row;
+* 4-bit rows hold element ``2j`` in the low nibble of byte ``j`` and ``2j + 1`` in the high nibble, so
+  a tile of bytes meets the even and the odd activations of its span; ``BLOCK_K`` divides the group
+  size, so a tile needs one scale (and zero) per row.
+
+It is a candidate for small ``M`` (decode) only: on accelerators ``kernel="auto"`` times every usable
+candidate once per shape bucket and keeps the fastest (see :mod:`llmspeed.quant.kernels`), so it is
+picked only where it measures faster. Triton ships with CUDA builds of torch; without it (or without a
+CUDA device) the kernel reports itself unavailable. The tests run it on the CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from ..primitives import NF4_CODEBOOK
+from .registry import Kernel, register_kernel
+
+MAX_ROWS = 16  # above this, a tensor-core GEMM (tinygemm, dequantize + F.linear) is the better candidate
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def unavailable() -> str | None:
+    """Why the Triton kernel cannot run here, or ``None``."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (it ships with CUDA builds of torch)"
+    if not torch.cuda.is_available() and not interpreted():
+        return "no CUDA device"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(
+        x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, y_ptr,
+        N, K, KP, GROUPS,
+        FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # FMT 0: int8 [N, K] with scales [N]; 1: int4 and 2: NF4, bytes [N, KP // 2] with scales (zeros) [N, GROUPS]
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if FMT == 0:
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+                col_ok = cols < K
+                x = tl.load(x_ptr + m * K + cols, mask=col_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            HALF: tl.constexpr = BLOCK_K // 2
+            for k0 in range(0, KP, BLOCK_K):
+                j = k0 // 2 + tl.arange(0, HALF)  # byte columns [HALF]
+                even = 2 * j
+                x_even = tl.load(x_ptr + m * K + even, mask=even < K, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + m * K + even + 1, mask=even + 1 < K, other=0.0).to(tl.float32)
+                b = tl.load(w_ptr + rows[:, None] * (KP // 2) + j[None, :], mask=row_ok[:, None], other=0).to(tl.int32)
+                lo = b & 15
+                hi = (b >> 4) & 15
+                g = k0 // GROUP
+                s = tl.load(s_ptr + rows * GROUPS + g, mask=row_ok, other=0.0)  # [BLOCK_N]
+                if FMT == 1:
+                    z = tl.load(z_ptr + rows * GROUPS + g, mask=row_ok, other=0.0)
+                    part = tl.sum(lo.to(tl.float32) * x_even[None, :] + hi.to(tl.float32) * x_odd[None, :], axis=1)
+                    xsum = tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0)
+                    acc += s * (part - z * xsum)
+                else:
+                    wl = tl.load(lut_ptr + lo)
+                    wh = tl.load(lut_ptr + hi)
+                    acc += s * tl.sum(wl * x_even[None, :] + wh * x_odd[None, :], axis=1)
+        tl.store(y_ptr + m * N + rows, acc, mask=row_ok)
+
+    return gemv
+
+
+def _tiles(module) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_K)``: 64 rows; for 4-bit, K tiles that divide the group (at most 128 codes)."""
+    if module.quant_format == "int8":
+        return 64, 256
+    g = module.config.group_size or module.in_padded
+    block_k = 128
+    while g % block_k:
+        block_k //= 2
+    return 64, block_k
+
+
+def _shape(module, x) -> str | None:
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    if m > MAX_ROWS:
+        return f"the triton GEMV is for decode rows (M <= {MAX_ROWS}); got M={m}"
+    if module.quant_format != "int8" and _tiles(module)[1] < 16:
+        return f"the triton 4-bit GEMV needs a group size divisible by 16; got {module.config.group_size}"
+    return None
+
+
+def _nf4_state(module) -> tuple[torch.Tensor, torch.Tensor]:
+    scales = module.group_scales().float().contiguous()
+    return scales, NF4_CODEBOOK.to(device=scales.device, dtype=torch.float32)
+
+
+def triton_gemv(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out] in x.dtype
+    """Dequantize-GEMV on the module's packed buffers, one program per (64 rows, activation row)."""
+    kernel = _kernel()
+    x2 = x.reshape(-1, module.in_features).contiguous()
+    m, n = x2.shape[0], module.out_features
+    y = torch.empty(m, n, device=x.device, dtype=torch.float32)
+    block_n, block_k = _tiles(module)
+    fmt = module.quant_format
+    dummy = module.qweight
+    if fmt == "int8":
+        code, s, z, lut, kp, groups = 0, module.scales, dummy, dummy, module.in_features, 1
+    elif fmt == "int4":
+        code, s, z, lut = 1, module.scales, module.zeros, dummy
+        kp, groups = module.in_padded, module.scales.shape[1]
+    else:
+        s, lut = module.kernel_state("triton", _nf4_state)
+        code, z, kp, groups = 2, dummy, module.in_padded, s.shape[1]
+    group = module.in_padded // groups if fmt != "int8" else 1
+    grid = ((n + block_n - 1) // block_n, m)
+    kernel[grid](x2, module.qweight, s, z, lut, y, n, module.in_features, kp, groups,
+                 FMT=code, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+register_kernel(
+    Kernel("triton", ("int8", "int4", "nf4"), ("cuda",), DTYPES, triton_gemv,
+           "Triton dequantize-GEMV on the packed buffers (CUDA, M <= 16)", unavailable, _shape)
+)  # fmt: skip
