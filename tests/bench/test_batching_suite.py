@@ -1,0 +1,27 @@
+"""The batching suite's helpers on tiny models: decode-step timing per path, path labels, weight bytes."""
+
+from __future__ import annotations
+
+import llmspeed
+from llmspeed.bench import batching as suite
+from llmspeed.generation import fused_decode
+
+
+def test_decode_path_labels_follow_the_generator():
+    llama = llmspeed.models.tiny("llama", seed=0)
+    expected = "fused CPU step" if fused_decode.extension() is not None else "generic path"
+    assert suite._decode_path(llama, {}) == expected
+    assert suite._decode_path(llama, {"fused_decode": False}) == "generic path"
+    assert suite._decode_path(llmspeed.models.tiny("qwen3", seed=0), {}) == "generic path"
+
+
+def test_decode_step_is_timed_on_both_paths_and_weights_are_counted_once():
+    llama = llmspeed.models.tiny("llama", seed=0)
+    fused = suite.decode_step_llmspeed(llama, context=16, steps=4)
+    generic = suite.decode_step_llmspeed(llama, context=16, steps=4, fused_decode=False)
+    assert 0 < fused < 5 and 0 < generic < 5
+    params = {p.data_ptr(): p.nbytes for p in llama.hf.parameters()}
+    buffers = {b.data_ptr(): b.nbytes for b in llama.hf.buffers()}
+    assert suite.weight_bytes(llama) == sum({**params, **buffers}.values())
+    quantized = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8")
+    assert suite.weight_bytes(quantized) < suite.weight_bytes(llama)
