@@ -149,3 +149,29 @@ def test_auto_on_cpu_picks_the_fused_kernel_up_to_128_rows_then_dequantize(fmt, 
         assert auto_kernel(module, torch.randn(1, 128, dtype=dtype)).name == "cpp"
         assert auto_kernel(module, torch.randn(128, 128, dtype=dtype)).name == "cpp"
         assert auto_kernel(module, torch.randn(129, 128, dtype=dtype)).name == "dequant_fp32"
+
+
+def test_probe_rejects_kernels_that_fail_or_disagree_with_the_reference():
+    """What auto does before trusting an accelerator kernel, checked with stand-in kernels on the CPU."""
+    from dataclasses import replace
+
+    from llmspeed.quant.kernels import probe
+
+    module = _module("int4", 64, 128)
+    x = torch.randn(3, 128)
+    assert probe(KERNELS["reference"], module, x) is None
+    assert probe(KERNELS["dequant_fp32"], module, x) is None
+
+    def wrong(module, x):
+        return KERNELS["reference"].run(module, x) * 1.5
+
+    def broken(module, x):
+        raise ValueError("no kernel image is available for execution on the device")
+
+    def nan(module, x):
+        return torch.full((x.shape[0], module.out_features), float("nan"))
+
+    base = KERNELS["reference"]
+    assert "relative error 0.5" in probe(replace(base, name="wrong", run=wrong), module, x)
+    assert probe(replace(base, name="broken", run=broken), module, x).startswith("ValueError: no kernel image")
+    assert "relative error nan" in probe(replace(base, name="nan", run=nan), module, x)

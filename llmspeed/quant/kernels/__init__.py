@@ -9,6 +9,7 @@ measurements in docs/kernels.md (``python benchmarks/quant.py`` re-measures them
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,21 +49,48 @@ def get_kernel(name: str) -> Kernel:
 _PROBES: dict[tuple, bool] = {}
 
 
-def _works(kernel: Kernel, module, x: torch.Tensor) -> bool:
-    """Whether ``kernel`` really runs here: an aten op may exist but lack this device's implementation.
+# Largest relative error a probe accepts (gross errors only: a wrong layout or a broken build, not rounding).
+_PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
-    Probed once per (kernel, device type, dtype, format) with one row of ``x`` on accelerators; CPU kernels
-    are covered by the test suite, so they are trusted without a call.
+
+def probe(kernel: Kernel, module, x: torch.Tensor) -> str | None:
+    """Run ``kernel`` on one row of ``x`` and compare it with the ``reference`` path.
+
+    Returns ``None`` when it runs and agrees, else why not: an op may exist but lack this device's code,
+    a Triton kernel may fail to compile for this GPU, or a kernel may run and be wrong.
+    """
+    row = x[:1]
+    try:
+        out = kernel.run(module, row).float()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+    ref = KERNELS["reference"].run(module, row).float()
+    rel = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    tol = _PROBE_TOLERANCE.get(x.dtype, 5e-2)
+    if not rel <= tol:  # also catches NaN
+        return f"relative error {rel:.3g} against the reference path (tolerance {tol:g})"
+    return None
+
+
+def _works(kernel: Kernel, module, x: torch.Tensor) -> bool:
+    """Whether ``kernel`` really runs here, probed once per (kernel, device type, dtype, format) on accelerators.
+
+    CPU kernels are covered by the test suite, so they are trusted without a call. A failed probe warns
+    once and leaves the kernel out of ``auto``'s candidates.
     """
     if x.device.type == "cpu" or x.device.type == "meta":
         return True
     key = (kernel.name, x.device.type, x.dtype, module.quant_format)
     if key not in _PROBES:
-        try:
-            kernel.run(module, x[:1])
-            _PROBES[key] = True
-        except (RuntimeError, NotImplementedError):
-            _PROBES[key] = False
+        reason = probe(kernel, module, x)
+        if reason is not None:
+            warnings.warn(
+                f"llmspeed: kernel {kernel.name!r} is left out of kernel='auto' for {module.quant_format} "
+                f"{str(x.dtype).removeprefix('torch.')} on {x.device.type}: {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _PROBES[key] = reason is None
     return _PROBES[key]
 
 
