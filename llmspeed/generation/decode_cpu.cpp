@@ -289,9 +289,11 @@ void check_f32(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// ln1, ln2, q bias, k bias, v bias, then (weight, scale, zero) for q, k, v, o, gate, up, down
-// (see linear(); empty tensors where a format has no scale or zero, and for absent biases)
-constexpr int64_t PER_LAYER = 5 + 3 * 7;
+// ln1, ln2, q bias, k bias, v bias, q norm, k norm (Qwen3's per-head RMSNorm, fp32 [head_dim]), then
+// (weight, scale, zero) for q, k, v, o, gate, up, down (see linear(); empty tensors where a format has no
+// scale or zero, and for absent biases and norms)
+constexpr int64_t FIRST_MATRIX = 7;
+constexpr int64_t PER_LAYER = FIRST_MATRIX + 3 * 7;
 enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 
 // hidden [n, E] fp32 embeddings -> logits [n, V] fp32. weights: PER_LAYER tensors per layer (fp32 norms and
@@ -317,7 +319,7 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
           slots.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), context.data_ptr<int64_t>(),
           static_cast<float>(scale)};
   TORCH_CHECK(cos.size(0) == n && cos.size(1) == st.D, "fused decode: cos/sin must be [n, head_dim]");
-  const int64_t I = weights[5 + 3 * GATE].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
+  const int64_t I = weights[FIRST_MATRIX + 3 * GATE].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
   const int64_t layer_stride = key_cache[0].numel();
 
   at::Tensor h = hidden.clone();  // residual stream [n, E]
@@ -331,13 +333,21 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
     check_f32(w[0], "input norm");
     check_f32(w[1], "post-attention norm");
     for (int j = 0; j < 7; ++j)
-      TORCH_CHECK(w[5 + 3 * j].dim() == 2 && w[5 + 3 * j].size(0) == rows[j], "fused decode: layer ", l, " matrix ", j,
-                  " has ", w[5 + 3 * j].size(0), " rows, expected ", rows[j]);
+      TORCH_CHECK(w[FIRST_MATRIX + 3 * j].dim() == 2 && w[FIRST_MATRIX + 3 * j].size(0) == rows[j], "fused decode: layer ",
+                  l, " matrix ", j, " has ", w[FIRST_MATRIX + 3 * j].size(0), " rows, expected ", rows[j]);
     auto mat = [&](Matrix j, const at::Tensor& bias, float* y) {
-      return linear(w[5 + 3 * j], w[6 + 3 * j], w[7 + 3 * j], bias, y);
+      const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
+      return linear(m[0], m[1], m[2], bias, y);
     };
     rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
     gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())});
+    if (w[5].numel() > 0) {  // per-head q/k norms (Qwen3), before the rotary embedding
+      check_f32(w[5], "q norm");
+      check_f32(w[6], "k norm");
+      TORCH_CHECK(w[5].numel() == st.D && w[6].numel() == st.D, "fused decode: q/k norms must be [head_dim]");
+      rms_norm(q.data(), w[5].data_ptr<float>(), n * st.H, st.D, eps, q.data());
+      rms_norm(k.data(), w[6].data_ptr<float>(), n * st.Hkv, st.D, eps, k.data());
+    }
     rope(q.data(), n, st.H, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
     rope(k.data(), n, st.Hkv, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
     if (key_cache.scalar_type() == at::kBFloat16) {

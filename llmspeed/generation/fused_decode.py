@@ -9,7 +9,7 @@ speed. The model's own modules provide the weights (no copy), the embedding and 
 so what runs is the model as it is at that step.
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
-``mistral`` or ``qwen2`` with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
+``mistral``, ``qwen2`` or ``qwen3`` (per-head q/k RMSNorm) with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
 ``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only int8, int4 and NF4 linears (4-bit groups a
 multiple of 16; q/k/v biases allowed). LoRA-wrapped linears, other architectures and other devices
 use the generic path.
@@ -31,7 +31,7 @@ from .kv_cache import PagedKVCache
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 QUANT_SOURCE = Path(__file__).parent.parent / "quant" / "kernels" / "fused_cpu.cpp"  # its 4-bit tiles
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -80,6 +80,25 @@ def _check_linear(module: nn.Module, name: str, bias_ok: bool) -> str | None:
     return None
 
 
+def _eps(norm: nn.Module) -> float | None:
+    value = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return None if value is None else float(value)
+
+
+def _check_norms(body: Any) -> str | None:
+    """Every RMSNorm must share the final norm's epsilon (the C++ step takes one)."""
+    eps = _eps(body.norm)
+    for i, layer in enumerate(body.layers):
+        norms = {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
+        for name in ("q_norm", "k_norm"):
+            if hasattr(layer.self_attn, name):
+                norms[f"self_attn.{name}"] = getattr(layer.self_attn, name)
+        for name, norm in norms.items():
+            if getattr(norm, "weight", None) is None or _eps(norm) != eps:
+                return f"layers.{i}.{name} is not an RMSNorm with the final norm's epsilon {eps}"
+    return None
+
+
 def unsupported(model) -> str | None:
     """Why ``model`` cannot use the fused decode step as it is now, or ``None`` when it can."""
     hf = getattr(model, "hf", None)
@@ -95,7 +114,7 @@ def unsupported(model) -> str | None:
     body = getattr(hf, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
         return "no model.layers / model.rotary_emb"
-    reason = _check_linear(hf.lm_head, "lm_head", bias_ok=False)
+    reason = _check_linear(hf.lm_head, "lm_head", bias_ok=False) or _check_norms(body)
     if reason:
         return reason
     for i, layer in enumerate(body.layers):
@@ -149,9 +168,14 @@ class _Snapshot:
                 parts[name] = self._read(module)
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             biases = [getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")]
-            self.sources += [ln1, ln2] + [b for b in biases if b is not None]
+            qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
+            for name in ("q_norm", "k_norm"):
+                if hasattr(attn, name):
+                    self.checks.append((attn, name, getattr(attn, name)))
+            extra = [t for t in biases + qk_norms if t is not None]
+            self.sources += [ln1, ln2] + extra
             # the layout decode_cpu.cpp expects (PER_LAYER tensors)
-            self.weights += [_f32(ln1), _f32(ln2)] + [_f32(b) for b in biases]
+            self.weights += [_f32(ln1), _f32(ln2)] + [_f32(b) for b in biases] + [_f32(t) for t in qk_norms]
             self.weights += [_opt(t) for n in _MATRICES for t in parts[n]]
         self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
         self.layout = [(t.data_ptr(), t.dtype) for t in self.sources]
@@ -217,6 +241,6 @@ class FusedDecode:
                 cos[0].float().contiguous(), sin[0].float().contiguous(),
                 snap.norm, snap.lm_head,
                 self.model.spec.num_heads,
-                float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
+                _eps(norm),
                 float(body.layers[0].self_attn.scaling),
             )  # fmt: skip

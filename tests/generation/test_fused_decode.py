@@ -147,13 +147,18 @@ def test_generator_uses_it_and_gives_the_same_tokens():
 
 
 def test_steps_aside_for_models_it_does_not_support():
-    qwen3 = llmspeed.models.tiny("qwen3", seed=0)
-    assert "qwen3" in fused_decode.unsupported(qwen3)
-    assert Generator(qwen3, progress=False).fused_decode_status.startswith("off (model_type 'qwen3'")
-    with pytest.raises(ValueError, match="fused_decode=True, but this model cannot use it: model_type 'qwen3'"):
-        Generator(qwen3, fused_decode=True)
+    gelu = llmspeed.models.tiny("llama", seed=0, hidden_act="gelu")
+    assert fused_decode.unsupported(gelu) == "hidden_act 'gelu' is not 'silu'"
+    assert Generator(gelu, progress=False).fused_decode_status == "off (hidden_act 'gelu' is not 'silu')"
+    with pytest.raises(ValueError, match="fused_decode=True, but this model cannot use it: hidden_act 'gelu'"):
+        Generator(gelu, fused_decode=True)
     with pytest.raises(ValueError, match="fused_decode must be None, True or False; got 'yes'"):
-        Generator(qwen3, fused_decode="yes")
+        Generator(gelu, fused_decode="yes")
+    odd_eps = llmspeed.models.tiny("llama", seed=0)
+    odd_eps.hf.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-3
+    assert "layers.1.post_attention_layernorm is not an RMSNorm with the final norm's epsilon" in (
+        fused_decode.unsupported(odd_eps)
+    )
     odd_groups = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=8)
     assert "Int4Linear (int4): not an fp32/bf16 nn.Linear" in fused_decode.unsupported(odd_groups)
 
