@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import cpp_build
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, _block_index
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 QUANT_SOURCE = Path(__file__).parent.parent / "quant" / "kernels" / "fused_cpu.cpp"  # its 4-bit tiles
@@ -225,7 +225,7 @@ class FusedDecode:
         body = hf.model
         bs = self.cache.block_size
         width = max(-(-(pos + 1) // bs) for _, pos, _ in decode)
-        tables = [list(t[:width]) + [0] * (width - min(len(t), width)) for t, _, _ in decode]
+        tables = _block_index([t for t, _, _ in decode], width, torch.device("cpu")).view(len(decode), width)
         positions = torch.tensor([p for _, p, _ in decode])  # [n]
         ids = torch.tensor([tok for _, _, tok in decode])  # [n]
         slots = torch.tensor([t[p // bs] * bs + p % bs for t, p, _ in decode])  # [n]
@@ -237,7 +237,7 @@ class FusedDecode:
                 emb.float().contiguous(),
                 snap.weights,
                 self.cache.key, self.cache.value,
-                slots, torch.tensor(tables), positions + 1,
+                slots, tables, positions + 1,
                 cos[0].float().contiguous(), sin[0].float().contiguous(),
                 snap.norm, snap.lm_head,
                 self.model.spec.num_heads,
