@@ -46,33 +46,44 @@ def extension() -> ModuleType | None:
     return _build()[0]
 
 
-def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-    """``(weight, scale, zero)`` the C++ step reads for a linear it supports, else ``None``.
+_QUANT_CLASSES = {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}
+
+
+def _fusable(module: Any) -> bool:
+    """Whether the C++ step reads this linear: fp32/bf16 ``nn.Linear`` or llmspeed's int8/int4/NF4 linears.
+
+    4-bit groups must be multiples of 16 (the 4-bit tile decodes 16 codes at a time).
+    """
+    if type(module) is nn.Linear:
+        return module.weight.dtype in _WEIGHT_DTYPES
+    fmt = str(getattr(module, "quant_format", ""))
+    if type(module).__name__ != _QUANT_CLASSES.get(fmt) or not module.qweight.is_contiguous():
+        return False
+    if fmt == "int8":
+        return module.qweight.dtype == torch.int8
+    kp, groups = module.qweight.shape[1] * 2, module.config.num_groups(module.in_features)
+    return kp % groups == 0 and (kp // groups) % 16 == 0
+
+
+def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(weight, scale, zero)`` the C++ step reads for a linear that :func:`_fusable` accepts.
 
     fp32/bf16 ``nn.Linear``: ``(weight, None, None)``; llmspeed's ``Int8Linear``: ``(qweight, scales,
     None)``; ``Int4Linear``: ``(qweight, scales, zeros)``; ``NF4Linear``: ``(qweight, group scales, None)``
     (double-quantized scales are expanded once, per snapshot).
     """
     if type(module) is nn.Linear:
-        return (module.weight, None, None) if module.weight.dtype in _WEIGHT_DTYPES else None
-    fmt = str(getattr(module, "quant_format", ""))
-    if type(module).__name__ != {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}.get(fmt):
-        return None
-    q = module.qweight
-    if not q.is_contiguous():
-        return None
+        return module.weight, None, None
+    fmt, q = module.quant_format, module.qweight
     if fmt == "int8":
-        return (q, module.scales, None) if q.dtype == torch.int8 else None
-    groups = module.config.num_groups(module.in_features)
-    if (q.shape[1] * 2) % groups or (q.shape[1] * 2 // groups) % 16:
-        return None  # the 4-bit tile decodes 16 codes at a time
+        return q, module.scales, None
     if fmt == "int4":
         return q, module.scales.contiguous(), module.zeros.contiguous()
     return q, module.group_scales().float().contiguous(), None
 
 
 def _check_linear(module: nn.Module, name: str, bias_ok: bool) -> str | None:
-    if _parts(module) is None:
+    if not _fusable(module):
         what = getattr(module, "quant_format", None) or getattr(getattr(module, "weight", None), "dtype", "")
         return f"{name} is {type(module).__name__} ({what}): not an fp32/bf16 nn.Linear or an llmspeed int8/int4/nf4 linear"
     if module.bias is not None and not bias_ok:
@@ -182,8 +193,7 @@ class _Snapshot:
         self.norm = _f32(body.norm.weight)
 
     def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        parts = _parts(module)
-        assert parts is not None  # unsupported() ran first
+        parts = _parts(module)  # unsupported() ran first: the module is fusable
         self.sources += [t for t in parts if t is not None]
         return parts
 
