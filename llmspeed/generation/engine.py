@@ -115,8 +115,8 @@ class Generator:
         from . import fused_decode
 
         reason = fused_decode.unsupported(model)
-        if reason is None and fused_decode.extension() is None:
-            reason = f"the C++ decode kernel is unavailable: {fused_decode._build()[1]}"
+        if reason is None and fused_decode.unavailable() is not None:
+            reason = f"the C++ decode kernel is unavailable: {fused_decode.unavailable()}"
         if reason is not None:
             if wanted:
                 raise ValueError(f"fused_decode=True, but this model cannot use it: {reason}")

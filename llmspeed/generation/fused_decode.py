@@ -46,6 +46,11 @@ def extension() -> ModuleType | None:
     return _build()[0]
 
 
+def unavailable() -> str | None:
+    """Why the C++ decode kernel cannot run here, or ``None`` (builds it on first call)."""
+    return _build()[1]
+
+
 _QUANT_CLASSES = {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}
 
 
