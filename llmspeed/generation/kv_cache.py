@@ -11,15 +11,18 @@ layer with the new tokens' rotated q/k/v. It writes the new keys/values into the
   (``q[n, Hkv, G, D]`` against ``k[n, Hkv, L, D]``);
 * runs all longer chunks (prefill) as one more SDPA call: queries padded to the longest chunk,
   keys gathered to the longest context, an offset causal mask per chunk (a lone chunk starting at
-  position 0 attends causally to its own new keys, with no gather).
+  position 0 attends causally to its own new keys, with no gather). On CUDA the gathered keys are
+  expanded to every query head first: SDPA there runs masked grouped-query attention only on its
+  unfused math backend.
 
-All index tensors are built once per step, not per layer. See ``docs/batching.md`` for the
+All index tensors are built once per step, not per layer. On CUDA a ``decode_kernel``
+(:mod:`.triton_attention`) can replace the decode gather + SDPA, reading each sequence's blocks in place. See ``docs/batching.md`` for the
 measurements behind this layout (block gather + SDPA vs. alternatives on this CPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +60,11 @@ def _block_index(tables: Sequence[Sequence[int]], width: int, device: torch.devi
     return torch.tensor(rows, dtype=torch.long, device=device).flatten()
 
 
+DecodeKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]  # (q [n, H, D], key [NB, BS, Hkv, D], value [NB, BS, Hkv, D], tables [n, W], lens [n], scale) -> [n, H, D]
+
+
 class PagedAttention:
     """One step's :class:`~llmspeed.protocol.AttentionBackend` over a :class:`PagedKVCache`.
 
@@ -64,10 +72,18 @@ class PagedAttention:
         cache: The cache to write to and read from.
         chunks: ``(block_table, start, length)`` per sequence, in flat-batch order, all
             single-token chunks first; block tables must already cover ``start + length`` tokens.
+        decode_kernel: Runs the single-token chunks instead of gather + SDPA, reading the blocks in
+            place (e.g. :func:`.triton_attention.paged_decode` on CUDA).
     """
 
-    def __init__(self, cache: PagedKVCache, chunks: Sequence[tuple[Sequence[int], int, int]]):
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        chunks: Sequence[tuple[Sequence[int], int, int]],
+        decode_kernel: DecodeKernel | None = None,
+    ):
         self.cache = cache
+        self.decode_kernel = decode_kernel
         device = cache.key.device
         bs = cache.block_size
         slots: list[int] = []
@@ -83,12 +99,16 @@ class PagedAttention:
             ctx = [start + 1 for _, start, _ in decodes]
             width = -(-max(ctx) // bs)
             self.dec_blocks = _block_index([t for t, _, _ in decodes], width, device)  # [n * W]
-            pos = torch.arange(width * bs, device=device)  # [W * BS]
-            lens = torch.tensor(ctx, device=device)  # [n]
-            self.dec_mask = (pos[None, :] < lens[:, None])[:, None, None, :]  # [n, 1, 1, W * BS]
+            self.dec_lens = torch.tensor(ctx, device=device)  # [n]
+            if decode_kernel is None:
+                pos = torch.arange(width * bs, device=device)  # [W * BS]
+                self.dec_mask = (pos[None, :] < self.dec_lens[:, None])[:, None, None, :]  # [n, 1, 1, W * BS]
 
         prefills = list(chunks[self.num_decode :])
         self.num_prefill = len(prefills)
+        # CUDA's SDPA runs grouped-query attention with a mask only on its unfused math backend (fp32
+        # scores of [m, H, tq, L]); with keys expanded to every query head, its memory-efficient kernel runs
+        self.expand_gqa = device.type == "cuda"
         self.causal_only = self.num_prefill == 1 and prefills[0][1] == 0  # one chunk from position 0: no gather
         if prefills and not self.causal_only:
             lens = torch.tensor([n for _, _, n in prefills], device=device)  # [m]
@@ -114,17 +134,22 @@ class PagedAttention:
         cache: PagedKVCache,
         slots: torch.Tensor,  # [n]
         blocks: torch.Tensor,  # [n * W]
-        mask: torch.Tensor,  # [n, 1, 1, W * BS]
+        lens: torch.Tensor,  # [n]
+        mask: torch.Tensor | None,  # [n, 1, 1, W * BS]; None with a decode kernel
+        decode_kernel: DecodeKernel | None = None,
     ) -> PagedAttention:
         """A decode-only backend over caller-owned index tensors (updated in place between CUDA graph replays)."""
         self = cls.__new__(cls)
         self.cache = cache
+        self.decode_kernel = decode_kernel
         self.slots = slots
         self.num_tokens = self.num_decode = slots.shape[0]
         self.dec_blocks = blocks
+        self.dec_lens = lens
         self.dec_mask = mask
         self.num_prefill = 0
         self.causal_only = False
+        self.expand_gqa = False
         return self
 
     def __call__(
@@ -147,7 +172,12 @@ class PagedAttention:
         v_layer.view(-1, kv_heads, dim).index_copy_(0, self.slots, v_new)
 
         out = query.new_empty(tokens, heads, dim)  # [T, H, D]
-        if self.num_decode:
+        if self.num_decode and self.decode_kernel is not None:
+            n = self.num_decode
+            tables = self.dec_blocks.view(n, -1)  # [n, W]
+            q = query[0, :, :n].transpose(0, 1)  # [n, H, D]
+            out[:n] = self.decode_kernel(q, k_layer, v_layer, tables, self.dec_lens, scaling)  # [n, H, D]
+        elif self.num_decode:
             n = self.num_decode
             q = query[0, :, :n].reshape(kv_heads, group, n, dim).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
             k = k_layer.index_select(0, self.dec_blocks).view(n, -1, kv_heads, dim).transpose(1, 2)  # [n, Hkv, L, D]
@@ -165,8 +195,12 @@ class PagedAttention:
             q = query[0].index_select(1, self.pre_rows).view(heads, m, tq, dim).transpose(0, 1)  # [m, H, tq, D]
             k = k_layer.index_select(0, self.pre_blocks).view(m, -1, kv_heads, dim).transpose(1, 2)  # [m, Hkv, L, D]
             v = v_layer.index_select(0, self.pre_blocks).view(m, -1, kv_heads, dim).transpose(1, 2)  # [m, Hkv, L, D]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            if self.expand_gqa and group > 1:
+                k = k.repeat_interleave(group, dim=1)  # [m, H, L, D]
+                v = v.repeat_interleave(group, dim=1)  # [m, H, L, D]
             att = F.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype), attn_mask=self.pre_mask, scale=scaling, enable_gqa=True
+                q, k, v, attn_mask=self.pre_mask, scale=scaling, enable_gqa=not self.expand_gqa
             )  # [m, H, tq, D]
             att = att.transpose(1, 2).reshape(m * tq, heads, dim)  # [m * tq, H, D]
             out[self.num_decode :] = att.index_select(0, self.pre_keep)  # [sum(lens), H, D]

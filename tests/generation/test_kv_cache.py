@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from llmspeed.generation import triton_attention
 from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache
 from llmspeed.protocol import ModelSpec
 
@@ -19,7 +21,12 @@ def _reference(q, k, v):  # q [H, t, D] for the last t positions of k/v [Hkv, L,
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0].transpose(0, 1)  # [t, H, D]
 
 
-def test_paged_attention_matches_dense_causal_attention():
+@pytest.mark.parametrize(
+    "expand_gqa, decode_kernel",
+    [(False, None), (True, None), (False, triton_attention.reference)],
+    ids=["gqa-sdpa", "expanded-keys (the CUDA prefill path)", "decode-kernel"],
+)
+def test_paged_attention_matches_dense_causal_attention(expand_gqa, decode_kernel):
     torch.manual_seed(0)
     cache = PagedKVCache(SPEC, num_blocks=16, block_size=4)
     tables = {0: [5, 1, 9], 1: [2, 7], 2: [3, 0, 11, 4]}
@@ -35,7 +42,10 @@ def test_paged_attention_matches_dense_causal_attention():
         q = torch.cat([q_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]  # [1, H, T, D]
         k = torch.cat([k_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]  # [1, Hkv, T, D]
         v = torch.cat([v_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]
-        out = PagedAttention(cache, chunks)(0, q, k, v, 8**-0.5)[0]  # [T, H, D]
+        attention = PagedAttention(cache, chunks, decode_kernel)
+        assert attention.expand_gqa is False  # on the CPU, masked GQA runs fused
+        attention.expand_gqa = expand_gqa
+        out = attention(0, q, k, v, 8**-0.5)[0]  # [T, H, D]
         row = 0
         for s in order:
             end = done[s] + plan[s]
