@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .kv_cache import PagedAttention, PagedKVCache
+from .kv_cache import DecodeKernel, PagedAttention, PagedKVCache
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -29,7 +29,10 @@ def bucket(n: int, minimum: int = 1) -> int:
 class _Graph:
     """One captured decode step with its static input buffers."""
 
-    def __init__(self, model: Any, cache: PagedKVCache, rows: int, width: int, pad_block: int, pool: Any):
+    def __init__(
+        self, model: Any, cache: PagedKVCache, rows: int, width: int, pad_block: int, pool: Any,
+        decode_kernel: DecodeKernel | None = None,
+    ):  # fmt: skip
         dev = cache.key.device
         bs = self.block_size = cache.block_size
         self.ids = torch.zeros(rows, dtype=torch.long, device=dev)  # [n]
@@ -38,12 +41,15 @@ class _Graph:
         self.blocks = torch.full((rows * width,), pad_block, dtype=torch.long, device=dev)  # [n * W]
         self.lens = torch.ones(rows, dtype=torch.long, device=dev)  # [n]
         self.arange = torch.arange(width * bs, device=dev)  # [W * BS]
-        self.mask = torch.ones(rows, 1, 1, width * bs, dtype=torch.bool, device=dev)  # [n, 1, 1, W * BS]
+        mask = None
+        if decode_kernel is None:  # the kernel reads lens itself; gather + SDPA needs the mask
+            mask = torch.ones(rows, 1, 1, width * bs, dtype=torch.bool, device=dev)  # [n, 1, 1, W * BS]
         self.rows = torch.arange(rows, device=dev)  # [n]
-        attention = PagedAttention.static_decode(cache, self.slots, self.blocks, self.mask)
+        attention = PagedAttention.static_decode(cache, self.slots, self.blocks, self.lens, mask, decode_kernel)
 
         def body() -> torch.Tensor:
-            self.mask.copy_((self.arange[None, :] < self.lens[:, None])[:, None, None, :])
+            if mask is not None:
+                mask.copy_((self.arange[None, :] < self.lens[:, None])[:, None, None, :])
             return model.forward_batch(self.ids, self.pos, attention, self.rows)  # [n, V]
 
         stream = torch.cuda.Stream()
@@ -65,9 +71,8 @@ class _Graph:
             [list(ids) + [0] * pad, list(pos) + [0] * pad, list(slots) + [pad_slot] * pad, list(lens) + [1] * pad],
             dtype=torch.long,
         )  # [4, rows]
-        blocks = torch.full((rows, width), pad_block, dtype=torch.long)  # [rows, W]
-        for i, table in enumerate(tables):
-            blocks[i, : len(table)] = torch.tensor(table[:width])
+        table_rows = [list(t[:width]) + [pad_block] * (width - min(len(t), width)) for t in tables]
+        blocks = torch.tensor(table_rows + [[pad_block] * width] * pad, dtype=torch.long)  # [rows, W]
         host = host.to(self.ids.device, non_blocking=True)
         self.ids.copy_(host[0])
         self.pos.copy_(host[1])
@@ -87,37 +92,62 @@ class DecodeGraphs:
         pad_block: The scratch block for padded rows.
         max_batch: Largest decode batch to capture (bigger batches run eagerly).
         max_width: Largest context, in blocks, to capture.
+        decode_kernel: The attention kernel for the decode rows (see :class:`~.kv_cache.PagedAttention`).
     """
 
-    def __init__(self, model: Any, cache: PagedKVCache, pad_block: int, max_batch: int = 256, max_width: int = 512):
+    def __init__(
+        self, model: Any, cache: PagedKVCache, pad_block: int, max_batch: int = 256, max_width: int = 512,
+        decode_kernel: DecodeKernel | None = None,
+    ):  # fmt: skip
         self.model = model
         self.cache = cache
         self.pad_block = pad_block
         self.max_batch = max_batch
         self.max_width = max_width
+        self.decode_kernel = decode_kernel
+        # gather + SDPA pays for every padded block, so widths are bucketed from 4 blocks; the kernel
+        # stops at each sequence's length, so one wide graph per batch size serves all shorter contexts
+        self.min_width = 4 if decode_kernel is None else min(32, max_width)
         self.enabled = True
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
+
+    def key(self, rows: int, context: int) -> tuple[int, int]:
+        """The ``(rows, width in blocks)`` of the graph that runs ``rows`` sequences of up to ``context`` tokens."""
+        return bucket(rows), bucket(-(-context // self.cache.block_size), self.min_width)
+
+    def capture(self, rows: int, context: int) -> bool:
+        """Capture (if not yet captured) the graph for ``rows`` sequences of up to ``context`` tokens; False if off."""
+        key = self.key(rows, context)
+        if not self.enabled or key[0] > bucket(self.max_batch) or key[1] > self.max_width:
+            return False
+        if key in self._graphs:
+            return True
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = _Graph(self.model, self.cache, key[0], key[1], self.pad_block, self._pool, self.decode_kernel)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+            warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: {exc}", stacklevel=2)
+            self.enabled = False
+            return False
+        self._graphs[key] = graph
+        return True
+
+    @property
+    def num_graphs(self) -> int:
+        """How many decode graphs are captured."""
+        return len(self._graphs)
 
     def run(self, chunks: Sequence[tuple[Sequence[int], int, int, int]]) -> torch.Tensor | None:
         """Logits ``[n, V]`` for decode chunks ``(block_table, position, length=1, token)``; ``None`` = run eagerly."""
         bs = self.cache.block_size
         n = len(chunks)
-        width = bucket(max(-(-(pos + 1) // bs) for _, pos, _, _ in chunks), 4)
-        if not self.enabled or n > self.max_batch or width > self.max_width:
+        context = max(pos + 1 for _, pos, _, _ in chunks)
+        if n > self.max_batch or not self.capture(n, context):
             return None
-        key = (bucket(n), width)
-        graph = self._graphs.get(key)
-        if graph is None:
-            try:
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = _Graph(self.model, self.cache, key[0], width, self.pad_block, self._pool)
-            except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
-                warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: {exc}", stacklevel=2)
-                self.enabled = False
-                return None
-            self._graphs[key] = graph
+        key = self.key(n, context)
+        graph, width = self._graphs[key], key[1]
         slots = [t[pos // bs] * bs + pos % bs for t, pos, _, _ in chunks]
         return graph.replay(
             [tok for *_, tok in chunks], [pos for _, pos, _, _ in chunks], slots,

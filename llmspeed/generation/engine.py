@@ -43,9 +43,14 @@ class Generator:
         fused_decode: On the CPU, run decode-only steps of Llama-family models in one fused C++ call
             (:mod:`.fused_decode`). ``None`` (default) uses it when the model supports it and the kernel
             builds; ``True`` raises ``ValueError`` with the reason when it cannot; ``False`` never uses it.
+        decode_attention: How the decode rows attend over the paged cache: ``"sdpa"`` gathers their
+            blocks and runs one masked SDPA; ``"triton"`` reads the blocks in place
+            (:mod:`.triton_attention`, CUDA; ``ValueError`` when it cannot run); ``"auto"`` (default)
+            uses Triton on CUDA when it passes a check against SDPA, else SDPA.
 
     Attributes:
         fused_decode_status: ``"on"``, or why decode steps take the generic path.
+        decode_attention_status: ``"triton"``, ``"sdpa"``, or ``"sdpa (why not triton)"``.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class Generator:
         eos_token_ids: Sequence[int] | None = None,
         cuda_graphs: bool = True,
         fused_decode: bool | None = None,
+        decode_attention: str = "auto",
     ):
         spec = model.spec
         if kv_cache_tokens is not None and kv_cache_bytes is not None:
@@ -89,11 +95,14 @@ class Generator:
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
         self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size)
+        self.decode_kernel, self.decode_attention_status = self._setup_attention(spec, decode_attention)
         self.graphs = None
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256))
+            self.graphs = DecodeGraphs(
+                model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
+            )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
         self.fused_decode_status = self._setup_fused(model, fused_decode)
         if eos_token_ids is None:
@@ -106,6 +115,21 @@ class Generator:
         self._adapter_names: list[str] | None = None
         self.stats: RunStats | None = None
         self.num_steps = 0
+        self.step_paths: dict[str, tuple[int, float]] = {}  # how steps ran: path -> (steps, seconds)
+
+    def _setup_attention(self, spec: Any, wanted: str) -> tuple[Any, str]:
+        if wanted not in ("auto", "sdpa", "triton"):
+            raise ValueError(f"decode_attention must be 'auto', 'sdpa' or 'triton'; got {wanted!r}")
+        if wanted == "sdpa" or (wanted == "auto" and self.device.type != "cuda"):
+            return None, "sdpa"
+        from . import triton_attention
+
+        why = triton_attention.probe(self.device, spec.dtype, spec.num_kv_heads, spec.num_heads, spec.head_dim)
+        if why is None:
+            return triton_attention.paged_decode, "triton"
+        if wanted == "triton":
+            raise ValueError(f"decode_attention='triton' cannot run here: {why}")
+        return None, f"sdpa ({why})"
 
     def _setup_fused(self, model: CausalLM, wanted: bool | None) -> str:
         if wanted not in (None, True, False):
@@ -123,6 +147,23 @@ class Generator:
             return f"off ({reason})"
         self.fused = fused_decode.FusedDecode(model, self.cache)
         return "on"
+
+    def warmup(self, context: int = 512) -> int:
+        """Capture the CUDA graphs of decode steps for every batch size up to ``max_seqs`` now.
+
+        Without this, each graph is captured the first time a step of its size runs, inside the user's
+        run. ``context`` is the longest context (in tokens) the graphs should cover; with the Triton
+        decode attention one graph per batch size covers every shorter one. Returns the number of
+        graphs held (0 without CUDA graphs, e.g. on the CPU).
+        """
+        if self.graphs is None:
+            return 0
+        from .cuda_graphs import bucket
+
+        rows = 1
+        while rows <= bucket(self.graphs.max_batch) and self.graphs.capture(rows, context):
+            rows *= 2
+        return self.graphs.num_graphs
 
     # --- requests -------------------------------------------------------------------------------
     def _tokenize(self, prompt: Prompt) -> list[int]:
@@ -201,13 +242,14 @@ class Generator:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return events
-        logits, sampled = self._forward(batch)
+        start = time.perf_counter()
+        path, logits, sampled = self._forward(batch)
         self.scheduler.commit(batch)
         self.num_steps += 1
-        if not sampled:
-            return events
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled]) if sampled else []
         now = time.perf_counter()
+        steps, seconds = self.step_paths.get(path, (0, 0.0))
+        self.step_paths[path] = (steps + 1, seconds + now - start)
         for seq, token in zip(sampled, tokens):
             seq.output_ids.append(token)
             seq.token_times.append(now)
@@ -218,7 +260,7 @@ class Generator:
                 events.append(self._end(seq, reason, token, report=False))
         return events
 
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, list[Seq]]:
+    def _forward(self, batch: Batch) -> tuple[str, torch.Tensor, list[Seq]]:
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
@@ -234,12 +276,13 @@ class Generator:
             decode = [(c.seq.block_table, c.start, 1, tok) for c, tok in zip(batch.chunks, ids)]
             logits = self.graphs.run(decode)
             if logits is not None:
-                return logits, sampled
+                return "cuda graph", logits, sampled
         if self.fused is not None and decode_only and not any(s.params.adapter for s in sampled):
             logits = self.fused.run([(c.seq.block_table, c.start, tok) for c, tok in zip(batch.chunks, ids)])
             if logits is not None:
-                return logits, sampled
-        attention = PagedAttention(self.cache, [(c.seq.block_table, c.start, c.length) for c in batch.chunks])
+                return "fused cpu", logits, sampled
+        chunks = [(c.seq.block_table, c.start, c.length) for c in batch.chunks]
+        attention = PagedAttention(self.cache, chunks, self.decode_kernel)
         dev = self.device
         with torch.inference_mode(), self._adapters(batch):
             logits = self.model.forward_batch(
@@ -248,7 +291,7 @@ class Generator:
                 attention,
                 torch.tensor(rows, dtype=torch.long, device=dev),  # [N]
             )  # [N, V]
-        return logits, sampled
+        return ("decode" if decode_only else "mixed"), logits, sampled
 
     def _adapters(self, batch: Batch):
         if all(c.seq.params.adapter is None for c in batch.chunks):
@@ -327,7 +370,7 @@ class Generator:
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
-        steps0, preempt0 = self.num_steps, self.scheduler.num_preemptions
+        steps0, preempt0, paths0 = self.num_steps, self.scheduler.num_preemptions, dict(self.step_paths)
         rids = self._add_all(prompts, sampling)
         seqs = [self._seqs[r] for r in rids]
         done, out_tokens = 0, 0
@@ -350,6 +393,11 @@ class Generator:
                 elapsed=time.perf_counter() - start,
                 steps=self.num_steps - steps0,
                 preemptions=self.scheduler.num_preemptions - preempt0,
+                step_paths={
+                    path: (n - paths0.get(path, (0, 0.0))[0], t - paths0.get(path, (0, 0.0))[1])
+                    for path, (n, t) in self.step_paths.items()
+                    if n > paths0.get(path, (0, 0.0))[0]
+                },
             )
 
     def generate_batched(

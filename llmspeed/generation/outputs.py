@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,12 @@ class StreamEvent:
 
 @dataclass(frozen=True)
 class RunStats:
-    """Aggregate numbers of one ``generate_batched`` / ``stream`` run."""
+    """Aggregate numbers of one ``generate_batched`` / ``stream`` run.
+
+    ``step_paths`` maps each way a step ran to ``(steps, seconds)``, the seconds from the forward pass
+    through sampling (which waits for the device): ``"cuda graph"`` and ``"fused cpu"`` (decode-only
+    steps), ``"decode"`` (decode-only steps run eagerly) and ``"mixed"`` (steps with a prefill chunk).
+    """
 
     requests: int
     prompt_tokens: int
@@ -82,6 +87,7 @@ class RunStats:
     elapsed: float
     steps: int
     preemptions: int
+    step_paths: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:

@@ -1,0 +1,131 @@
+"""The Triton paged decode attention (a CUDA kernel), checked on the CPU through Triton's interpreter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import Generator, SamplingParams
+from llmspeed.generation import triton_attention
+
+pytest.importorskip("triton", reason="triton is part of the test extra (and ships with CUDA builds of torch)")
+
+# Runs in a fresh interpreter: TRITON_INTERPRET must be set before the kernel is compiled.
+_KERNEL = textwrap.dedent(
+    """
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from llmspeed.generation import triton_attention as ta
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    # (kv heads, query heads, head dim, block size): GQA groups of 1, 2, 3 and 8; blocks of 16 and 8 tokens
+    for kvh, h, d, bs in ((2, 4, 16, 16), (3, 9, 64, 16), (1, 8, 32, 8), (4, 4, 16, 8)):
+        for dtype in (torch.float32, torch.bfloat16):
+            blocks = 40
+            kc = torch.randn(blocks, bs, kvh, d, generator=g).to(dtype)
+            vc = torch.randn(blocks, bs, kvh, d, generator=g).to(dtype)
+            lens = torch.tensor([1, 2, bs, bs + 1, 64, 65, 127, 150])  # across blocks and the kernel's 64-token tiles
+            width = -(-int(lens.max()) // bs)
+            tables = torch.stack([torch.randperm(blocks, generator=g)[:width] for _ in lens])  # [n, W], scattered
+            q = torch.randn(len(lens), h, d, generator=g).to(dtype)
+            got = ta.paged_decode(q, kc, vc, tables.int(), lens.int(), 0.3)
+            want = ta.reference(q, kc, vc, tables, lens, 0.3)
+            assert got.dtype == dtype and got.shape == (len(lens), h, d)
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (kvh, h, d, bs, dtype, err)
+            # a row reads only its own context: garbage past a row's length changes nothing
+            kc2, vc2 = kc.clone(), vc.clone()
+            t0 = tables[0, 0]
+            kc2[t0, 1:], vc2[t0, 1:] = 1e4, -1e4
+            again = ta.paged_decode(q[:1], kc2, vc2, tables[:1], lens[:1], 0.3)
+            assert torch.equal(again, got[:1])
+            checked += 1
+    print("checked", checked)
+    """
+)
+
+_GENERATOR = textwrap.dedent(
+    """
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import llmspeed
+    from llmspeed import Generator, SamplingParams
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (3, 17, 40, 70)]
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    for arch in ("llama", "qwen3"):
+        model = llmspeed.models.tiny(arch, seed=1)
+        kw = dict(progress=False, fused_decode=False, block_size=8, max_batch_tokens=48)
+        triton = Generator(model, decode_attention="triton", **kw)
+        assert triton.decode_attention_status == "triton"
+        sdpa = Generator(model, decode_attention="sdpa", **kw)
+        a = [o.token_ids for o in triton.generate_batched(prompts, sp)]
+        b = [o.token_ids for o in sdpa.generate_batched(prompts, sp)]
+        assert a == b, (arch, a, b)
+        assert triton.stats.step_paths["decode"][0] > 0, triton.stats.step_paths
+    print("same tokens")
+    """
+)
+
+
+def _run(script: str) -> str:
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_paged_decode_matches_gather_sdpa_in_the_interpreter():
+    assert "checked 8" in _run(_KERNEL)
+
+
+def test_generator_with_triton_attention_matches_sdpa_in_the_interpreter():
+    assert "same tokens" in _run(_GENERATOR)
+
+
+def test_decode_attention_choice_and_errors():
+    model = llmspeed.models.tiny("llama")
+    assert Generator(model, progress=False).decode_attention_status == "sdpa"  # auto on the CPU
+    with pytest.raises(ValueError, match="decode_attention must be 'auto', 'sdpa' or 'triton'; got 'flash'"):
+        Generator(model, progress=False, decode_attention="flash")
+    if not triton_attention.interpreted():
+        with pytest.raises(ValueError, match="decode_attention='triton' cannot run here: .*CUDA"):
+            Generator(model, progress=False, decode_attention="triton")
+    assert triton_attention.probe(torch.device("cpu"), torch.float32, 2, 4, 16) is not None or (
+        triton_attention.interpreted()
+    )
+
+
+def test_warmup_without_cuda_graphs_is_a_no_op():
+    gen = Generator(llmspeed.models.tiny("llama"), progress=False)
+    assert gen.graphs is None and gen.warmup() == 0
+    out = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert len(out[0].token_ids) == 3
+    paths = gen.stats.step_paths
+    assert sum(n for n, _ in paths.values()) == gen.stats.steps and all(t >= 0 for _, t in paths.values())
+    assert set(paths) <= {"mixed", "decode", "fused cpu"} and "mixed" in paths
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_with_triton_attention_match_sdpa():
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (3, 30, 90, 200, 5, 64)]
+    sp = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    model = llmspeed.models.tiny("llama", seed=0)
+    model.hf.to("cuda")
+    outs = {}
+    for attention in ("sdpa", "triton"):
+        gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=128, decode_attention=attention)
+        assert gen.decode_attention_status == attention
+        assert gen.warmup(context=512) >= 4  # batch sizes 1, 2, 4, 8, ... up to max_seqs
+        outs[attention] = [o.token_ids for o in gen.generate_batched(prompts, sp)]
+        assert gen.stats.step_paths["cuda graph"][0] > 0, gen.stats.step_paths
+    assert outs["triton"] == outs["sdpa"]
