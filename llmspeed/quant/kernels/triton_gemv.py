@@ -4,7 +4,7 @@ On CUDA the aten paths leave gaps: ``_weight_int8pack_mm`` measured 0.11x bf16 `
 NF4 had only the dequantize-then-matmul reference, and tinygemm (int4) needs its own weight copy and
 bf16 activations. This kernel reads llmspeed's packed buffers as they are (no converted copy):
 
-* each program owns ``BLOCK_N`` output rows and one activation row; it walks ``K`` in steps of
+* each program owns ``BLOCK_N`` output rows (16, 32 or 64, autotuned per shape) and one activation row; it walks ``K`` in steps of
   ``BLOCK_K`` codes, decodes them in registers (int8: widen; int4: ``(q - zero) * scale``; NF4: a
   16-entry codebook lookup times the group's absmax), multiplies by the activations and accumulates in
   fp32, so the weight is read once per activation row;
@@ -49,15 +49,27 @@ def unavailable() -> str | None:
     return None
 
 
+BLOCK_NS = (16, 32, 64)  # rows per program tried by the autotuner (one fixed size in the interpreter)
+
+
 @lru_cache(maxsize=1)
 def _kernel() -> Any:
     import triton
     import triton.language as tl
 
+    # Few rows per program mean many programs (a 14336-row layer at 64 rows is 224 programs for 132 SMs,
+    # under two unbalanced waves); more rows mean fewer activation reloads. The autotuner times each
+    # configuration once per (N, K, format, M) on first use, outside any CUDA graph capture (the
+    # generator and the benchmarks run a kernel before capturing it).
+    configs = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in BLOCK_NS for w in (2, 4)]
+    if interpreted():
+        configs = configs[-1:]
+
+    @triton.autotune(configs=configs, key=["N", "K", "FMT", "M_ROWS"])
     @triton.jit
     def gemv(
         x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, y_ptr,
-        N, K, KP, GROUPS,
+        N, K, KP, GROUPS, M_ROWS,
         FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         # FMT 0: int8 [N, K] with scales [N]; 1: int4 and 2: NF4, bytes [N, KP // 2] with scales (zeros) [N, GROUPS]
@@ -100,22 +112,22 @@ def _kernel() -> Any:
     return gemv
 
 
-def _tiles(module) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_K)``: 64 rows; for 4-bit, K tiles that divide the group (at most 128 codes)."""
+def _block_k(module) -> int:
+    """Codes per K tile: 256 for int8; for 4-bit, a tile that divides the group (at most 128 codes)."""
     if module.quant_format == "int8":
-        return 64, 256
+        return 256
     g = module.config.group_size or module.in_padded
     block_k = 128
     while g % block_k:
         block_k //= 2
-    return 64, block_k
+    return block_k
 
 
 def _shape(module, x) -> str | None:
     m = x.reshape(-1, x.shape[-1]).shape[0]
     if m > MAX_ROWS:
         return f"the triton GEMV is for decode rows (M <= {MAX_ROWS}); got M={m}"
-    if module.quant_format != "int8" and _tiles(module)[1] < 16:
+    if module.quant_format != "int8" and _block_k(module) < 16:
         return f"the triton 4-bit GEMV needs a group size divisible by 16; got {module.config.group_size}"
     return None
 
@@ -126,12 +138,12 @@ def _nf4_state(module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_gemv(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out] in x.dtype
-    """Dequantize-GEMV on the module's packed buffers, one program per (64 rows, activation row)."""
+    """Dequantize-GEMV on the module's packed buffers, one program per (``BLOCK_N`` rows, activation row)."""
     kernel = _kernel()
     x2 = x.reshape(-1, module.in_features).contiguous()
     m, n = x2.shape[0], module.out_features
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
-    block_n, block_k = _tiles(module)
+    block_k = _block_k(module)
     fmt = module.quant_format
     dummy = module.qweight
     if fmt == "int8":
@@ -143,9 +155,11 @@ def triton_gemv(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
         s, lut = module.kernel_state("triton", _nf4_state)
         code, z, kp, groups = 2, dummy, module.in_padded, s.shape[1]
     group = module.in_padded // groups if fmt != "int8" else 1
-    grid = ((n + block_n - 1) // block_n, m)
-    kernel[grid](x2, module.qweight, s, z, lut, y, n, module.in_features, kp, groups,
-                 FMT=code, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+    def grid(meta: dict) -> tuple[int, int]:
+        return (n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], m
+
+    kernel[grid](x2, module.qweight, s, z, lut, y, n, module.in_features, kp, groups, m,
+                 FMT=code, GROUP=group, BLOCK_K=block_k)  # fmt: skip
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
