@@ -95,13 +95,23 @@ def _hf_generate_batch(hf: Any, prompts: list[list[int]], lengths: list[int]) ->
     return time.perf_counter() - start
 
 
-def _llmspeed(model: Any, prompts: list[list[int]], lengths: list[int], progress: bool, **kwargs: Any) -> float:
+def _llmspeed(
+    model: Any, prompts: list[list[int]], lengths: list[int], progress: bool, **kwargs: Any
+) -> tuple[float, str]:
+    """Seconds of one ``generate_batched`` run after a warm-up, and a note on how its steps ran.
+
+    The warm-up is a two-request run plus :meth:`Generator.warmup` (CUDA graph capture, as a serving
+    engine does at start-up); its time is in the note, not in the seconds.
+    """
     from ..generation import Generator, SamplingParams
 
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
     gen = Generator(model, progress=progress, **kwargs)
-    gen.generate_batched(prompts[:2], params[:2])  # warm-up
+    t0 = time.perf_counter()
+    graphs = gen.warmup(context=max(len(p) for p in prompts) + max(lengths))
+    gen.generate_batched(prompts[:2], params[:2])
     _sync(model.spec.device)
+    warm = time.perf_counter() - t0
     start = time.perf_counter()
     outs = gen.generate_batched(prompts, params)
     _sync(model.spec.device)
@@ -109,7 +119,12 @@ def _llmspeed(model: Any, prompts: list[list[int]], lengths: list[int], progress
     bad = [o for o in outs if o.finish_reason != "length" or len(o.token_ids) != lengths[o.index]]
     if bad:
         raise RuntimeError(f"llmspeed run lost tokens: {bad[0].finish_reason} {bad[0].error}")
-    return elapsed
+    assert gen.stats is not None
+    paths = ", ".join(f"{n} {path} steps {t:.2f} s" for path, (n, t) in sorted(gen.stats.step_paths.items()))
+    note = f"{paths}; decode attention {gen.decode_attention_status}"
+    if graphs:
+        note += f"; warm-up {warm:.1f} s ({graphs} CUDA graphs), not timed"
+    return elapsed, note
 
 
 def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -234,6 +249,7 @@ def run(
                 on_row(row)
 
     rows: list[dict] = _Rows()
+    _hf_generate_batch(m.hf, prompts[:4], lengths[:4])  # warm-up, as llmspeed gets one
     t_cb = _hf_generate_batch(m.hf, prompts, lengths)
     pad = 0
     t_seq = _hf_generate(m.hf, prompts[:n_seq], lengths[:n_seq], 1, pad)
@@ -243,8 +259,11 @@ def run(
                      f"first {n_seq} requests only"))
     rows.append(_row(f"transformers generate, static batches of {static_batch}", fname, n, useful, t_static, base))
     rows.append(_row(GENERATE_BATCH, fname, n, useful, t_cb, base, "baseline, same run"))
-    rows.append(_row("llmspeed Generator", fname, n, useful, _llmspeed(m, prompts, lengths, progress, **gen_kwargs),
-                     base))
+    t, note = _llmspeed(m, prompts, lengths, progress, **gen_kwargs)
+    rows.append(_row("llmspeed Generator", fname, n, useful, t, base, note))
+    if gpu:  # the same run with the decode rows on gather + SDPA instead of the Triton kernel
+        t, note = _llmspeed(m, prompts, lengths, progress, decode_attention="sdpa", **gen_kwargs)
+        rows.append(_row("llmspeed Generator, SDPA decode attention", fname, n, useful, t, base, note))
 
     steps: list[tuple[str, str, Any, dict]] = []  # batch-1 decode steps to time at the end
     variants = [] if gpu else [("bf16", "cast")]
@@ -264,8 +283,9 @@ def run(
         k = n if name != "bf16" or quick else n // 3  # emulated bf16 is slow on this CPU: a third of the requests
         if gpu and name == "int8" and not quick:
             k = n // 4  # weight-only int8 has no fused CUDA kernel here: a quarter of the requests bounds the run
-        t = _llmspeed(v, prompts[:k], lengths[:k], progress, **gen_kwargs)
-        note = "bf16 prefill matmuls are emulated on this AVX2 CPU (~6x slower than fp32)" if name == "bf16" and not gpu else ""
+        t, note = _llmspeed(v, prompts[:k], lengths[:k], progress, **gen_kwargs)
+        if name == "bf16" and not gpu:
+            note = f"bf16 prefill matmuls are emulated on this AVX2 CPU (~6x slower than fp32); {note}"
         if k < n:
             note += f"; first {k} requests only"
         rows.append(_row("llmspeed Generator", name, k, sum(lengths[:k]), t, base, note))

@@ -57,6 +57,47 @@ def timeit(
     return Timing(tuple(samples))
 
 
+def copies_to_defeat_cache(nbytes: int, cache_bytes: int, most: int = 8) -> int:
+    """How many distinct copies of ``nbytes`` of operands to rotate so that, together, they are at least
+    twice ``cache_bytes`` (a GPU's L2): each call then reads its operands from memory, as in a real
+    forward pass, not from the cache the previous call filled."""
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be > 0; got {nbytes}")
+    return max(1, min(most, -(-2 * cache_bytes // nbytes)))
+
+
+def timeit_cuda_graph(fns: Sequence[Callable[[], Any]], calls: int = 24, repeats: int = 9) -> Timing:
+    """Seconds per call of device time: ``calls`` calls, cycling through ``fns``, captured in one CUDA graph.
+
+    Replaying a graph launches every kernel with no Python or dispatcher work in between, which is how
+    the generator's decode steps run; timing eager calls instead measures the host's dispatch when
+    kernels are shorter than it (tens of microseconds at batch 1). Pass several ``fns`` over distinct
+    copies of the operands (:func:`copies_to_defeat_cache`) so that no call finds them in L2.
+    """
+    if not fns:
+        raise ValueError("fns must hold at least one callable")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:  # warm-up off the capture (allocations, autotuning, lazy kernel state)
+            fn()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / calls)
+    return Timing(tuple(samples))
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

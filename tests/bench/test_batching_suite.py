@@ -25,3 +25,12 @@ def test_decode_step_is_timed_on_both_paths_and_weights_are_counted_once():
     assert suite.weight_bytes(llama) == sum({**params, **buffers}.values())
     quantized = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8")
     assert suite.weight_bytes(quantized) < suite.weight_bytes(llama)
+
+
+def test_llmspeed_run_is_checked_and_reports_how_its_steps_ran():
+    llama = llmspeed.models.tiny("llama", seed=0)
+    prompts, lengths = suite.make_workload(None, 4, prompt_range=(4, 12), mean=4, cap=6)
+    seconds, note = suite._llmspeed(llama, prompts, lengths, False, fused_decode=False)
+    assert seconds > 0
+    assert "mixed steps" in note and " decode steps " in note, note
+    assert note.endswith("decode attention sdpa"), note  # no CUDA graphs on the CPU, so no warm-up clause

@@ -1,0 +1,38 @@
+"""Timing helpers: L2-defeating operand copies, and CUDA-graph timing (GPU only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmspeed.bench import quant as quant_suite
+from llmspeed.bench.timing import copies_to_defeat_cache, timeit_cuda_graph
+
+
+def test_copies_cover_twice_the_cache_within_bounds():
+    l2 = 50 << 20
+    assert copies_to_defeat_cache(117 << 20, l2) == 1  # a bf16 4096x14336 weight alone is > 2x L2
+    assert copies_to_defeat_cache(29 << 20, l2) == 4  # its int4 copy: 4 x 29 MB >= 100 MB
+    assert copies_to_defeat_cache(1 << 10, l2) == 8  # capped
+    for nbytes in (1, 3 << 20, 33 << 20, 100 << 20):
+        c = copies_to_defeat_cache(nbytes, l2, most=64)
+        assert c * nbytes >= 2 * l2 or c == 64
+        assert c == 1 or (c - 1) * nbytes < 2 * l2  # no more copies than needed
+    with pytest.raises(ValueError, match="nbytes must be > 0; got 0"):
+        copies_to_defeat_cache(0, l2)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_timing_and_graph_kernel_rows():
+    x = torch.randn(256, 256, device="cuda")
+    small = timeit_cuda_graph([lambda: x @ x], calls=8, repeats=3)
+    big_x = torch.randn(2048, 2048, device="cuda")
+    big = timeit_cuda_graph([lambda: big_x @ big_x], calls=8, repeats=3)
+    assert 0 < small.median < big.median  # 512x more work takes longer per call
+    rows = quant_suite.graph_kernel_rows("cuda", k=512, n=1024, rows_m=(1,))
+    cases = [r["case"] for r in rows]
+    assert cases[0] == "512x1024 M=1 bf16 F.linear (CUDA graph)"
+    assert any(" int4 bf16 " in c for c in cases) and any(" int8 bf16 " in c for c in cases)
+    assert all(math.isfinite(r["value"]) and r["value"] > 0 for r in rows if "failed" not in r["case"])
