@@ -95,6 +95,9 @@ bench() {
 bench precision 45 --model llama-1b-random
 bench quant 80 --model llama-1b-random --quick
 bench batching 200 --model llama-1b-random
+# where the batching run's time goes: step paths and the top CUDA kernels (torch.profiler)
+step profile-batching 90 "$PY" benchmarks/profile_batching.py --device cuda --model llama-1b-random \
+  --requests 128 --no-trace --out "$WORK/profile"
 bench lora 100 --model "$REAL_MODEL" --quick
 # calibration reports perplexity, which means nothing on random weights: only with the real model
 if [ "$HAVE_SMOLLM2" = 1 ]; then bench calibration 60 --model smollm2 --quick; fi
@@ -117,6 +120,10 @@ if [ "$HAVE_SMOLLM2" = 1 ]; then bench calibration 60 --model smollm2 --quick; f
       sed '1,/^$/d' "$WORK/$suite/results.md"
     fi
   done
+  if [ -f "$WORK/profile/profile.md" ]; then
+    echo
+    sed 's/^# /### /; s/^## /#### /' "$WORK/profile/profile.md"
+  fi
 } >"$SUMMARY"
 cp "$SUMMARY" "$LOG" "$OUT_DIR/"
 tar -czf "$OUT_DIR/gpu-results.tar.gz" -C "$WORK" .
