@@ -68,7 +68,7 @@ def _kernel() -> Any:
         # q and out [n, HKV * G, D]; k and v [NB * BS, HKV, D]; table [n, WIDTH]; lens [n]
         n = tl.program_id(0)
         h = tl.program_id(1)
-        length = tl.load(lens_ptr + n)
+        length = tl.load(lens_ptr + n).to(tl.int32)
         g = tl.arange(0, G_PAD)  # [G_PAD]
         d = tl.arange(0, D)  # [D]
         heads = h * G + g

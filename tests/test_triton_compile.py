@@ -1,0 +1,98 @@
+"""Both Triton kernels compile to H100 (sm_90) and A100 (sm_80) machine code, on a machine with no GPU.
+
+The interpreter tests check what the kernels compute, but the interpreter is not the compiler: a type
+error in a loop bound, an unsupported ``tl.dot`` shape or a register-hungry tile only shows up when
+Triton lowers the kernel for a real GPU. Triton compiles ahead of time for a named target with the
+``ptxas`` it ships, so this runs here. Each kernel's launch is recorded from a real call (arguments as
+the library passes them), then compiled with those argument types and constants.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmspeed.generation import triton_attention
+from llmspeed.quant import QuantConfig
+from llmspeed.quant.kernels import triton_gemv
+from llmspeed.quant.modules import MODULES
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is part of the test extra (and ships with CUDA builds of torch)", allow_module_level=True)
+
+import triton  # noqa: E402
+
+_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+pytestmark = pytest.mark.skipif(not _PTXAS.exists(), reason="this triton build ships no ptxas")
+
+_TYPES = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+    torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64",
+}  # fmt: skip
+
+
+class _Recorder:
+    """Stands in for a compiled kernel: ``kernel[grid](*args, **constexprs)`` records the call."""
+
+    def __init__(self):
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _signature(fn, args: tuple, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name, value in zip(fn.arg_names, args):
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp32"
+    for name in constexprs:
+        sig[name] = "constexpr"
+    return sig
+
+
+def _compile(fn, args: tuple, constexprs: dict, arch: int, num_warps: int = 4) -> int:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=_signature(fn, args, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return len(compiled.asm["cubin"])
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_decode_attention_compiles(monkeypatch, arch, dtype):
+    recorder, kernel = _Recorder(), triton_attention._kernel()
+    monkeypatch.setattr(triton_attention, "_kernel", lambda: recorder)
+    monkeypatch.setattr(triton_attention, "interpreted", lambda: False)  # compile what a GPU would run
+    cache = torch.zeros(8, 16, 8, 64, dtype=dtype)  # [NB, BS, Hkv, D] of the 1B Llama config
+    triton_attention.paged_decode(
+        torch.zeros(2, 32, 64, dtype=dtype), cache, cache, torch.zeros(2, 4, dtype=torch.long),
+        torch.ones(2, dtype=torch.long), 0.125,
+    )  # fmt: skip
+    (args, constexprs), = recorder.calls
+    assert constexprs["UPCAST"] is False and constexprs["IEEE"] is (dtype == torch.float32)
+    assert _compile(kernel, args, constexprs, arch) > 0
+
+
+@pytest.mark.parametrize("fmt, extra", [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {"group_size": 64})])
+def test_triton_gemv_compiles_for_every_autotune_config(monkeypatch, fmt, extra):
+    recorder, autotuner = _Recorder(), triton_gemv._kernel()
+    monkeypatch.setattr(triton_gemv, "_kernel", lambda: recorder)
+    module = MODULES[fmt].from_linear(torch.nn.Linear(256, 128, bias=False), QuantConfig(fmt, **extra))
+    triton_gemv.triton_gemv(module, torch.zeros(1, 256, dtype=torch.bfloat16))
+    (args, constexprs), = recorder.calls
+    assert len(autotuner.configs) == 2 * len(triton_gemv.BLOCK_NS)
+    for config in autotuner.configs:
+        size = _compile(autotuner.fn, args, {**constexprs, **config.kwargs}, 90, config.num_warps)
+        assert size > 0, config
