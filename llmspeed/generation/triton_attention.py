@@ -14,12 +14,13 @@ reads the cache where it lies:
   materialised per sequence;
 * the loop stops at the sequence's length, so a short sequence costs what its context costs, however
   long the longest one is, and the kernel's launch shape depends only on ``n``: a CUDA graph
-  captured once per batch size serves every context length.
+  captured for a batch size and a block-table width serves every shorter context.
 
 ``unavailable()`` says why it cannot run (no Triton, no CUDA device); :func:`probe` checks it once
 per device against the gather + SDPA path before a :class:`~.engine.Generator` uses it. The tests run
 it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``), where the operands of ``tl.dot``
-are widened to fp32 first (Triton 3.9's interpreter returns garbage for a bf16 ``tl.dot``).
+are widened to fp32 first (Triton 3.9's interpreter returns garbage for a bf16 ``tl.dot``), and
+compile it to sm_90 and sm_80 machine code with Triton's own ``ptxas`` (``tests/test_triton_compile.py``).
 """
 
 from __future__ import annotations
