@@ -71,18 +71,23 @@ def _compile(fn, args: tuple, constexprs: dict, arch: int, num_warps: int = 4) -
 
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_paged_decode_attention_compiles(monkeypatch, arch, dtype):
-    recorder, kernel = _Recorder(), triton_attention._kernel()
-    monkeypatch.setattr(triton_attention, "_kernel", lambda: recorder)
+def test_paged_attention_kernels_compile(monkeypatch, arch, dtype):
+    kernels = triton_attention._kernels()
+    recorders = type("Recorders", (), {"paged_decode": _Recorder(), "paged_prefill": _Recorder()})
+    monkeypatch.setattr(triton_attention, "_kernels", lambda: recorders)
     monkeypatch.setattr(triton_attention, "interpreted", lambda: False)  # compile what a GPU would run
     cache = torch.zeros(8, 16, 8, 64, dtype=dtype)  # [NB, BS, Hkv, D] of the 1B Llama config
     triton_attention.paged_decode(
         torch.zeros(2, 32, 64, dtype=dtype), cache, cache, torch.zeros(2, 4, dtype=torch.long),
         torch.ones(2, dtype=torch.long), 0.125,
     )  # fmt: skip
-    (args, constexprs), = recorder.calls
-    assert constexprs["UPCAST"] is False and constexprs["IEEE"] is (dtype == torch.float32)
-    assert _compile(kernel, args, constexprs, arch) > 0
+    plan = triton_attention.prefill_plan([([0, 1], 0, 20, 0), ([2, 3, 4], 16, 30, 20)], 16, torch.device("cpu"))
+    query = torch.zeros(50, 32, 64, dtype=dtype)
+    triton_attention.paged_prefill(query, cache, cache, plan, 0.125, query.clone())
+    for name in ("paged_decode", "paged_prefill"):
+        (args, constexprs), = getattr(recorders, name).calls
+        assert constexprs["UPCAST"] is False and constexprs["IEEE"] is (dtype == torch.float32)
+        assert _compile(getattr(kernels, name), args, constexprs, arch) > 0, name
 
 
 @pytest.mark.parametrize("fmt, extra", [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {"group_size": 64})])

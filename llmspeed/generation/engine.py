@@ -43,14 +43,15 @@ class Generator:
         fused_decode: On the CPU, run decode-only steps of Llama-family models in one fused C++ call
             (:mod:`.fused_decode`). ``None`` (default) uses it when the model supports it and the kernel
             builds; ``True`` raises ``ValueError`` with the reason when it cannot; ``False`` never uses it.
-        decode_attention: How the decode rows attend over the paged cache: ``"sdpa"`` gathers their
-            blocks and runs one masked SDPA; ``"triton"`` reads the blocks in place
-            (:mod:`.triton_attention`, CUDA; ``ValueError`` when it cannot run); ``"auto"`` (default)
-            uses Triton on CUDA when it passes a check against SDPA, else SDPA.
+        attention: How steps attend over the paged cache: ``"sdpa"`` gathers the blocks and runs
+            masked SDPA (one call for the decode rows, one for the prefill chunks); ``"triton"`` reads
+            the blocks in place with the kernels of :mod:`.triton_attention` (CUDA; ``ValueError`` when
+            they cannot run); ``"auto"`` (default) uses Triton on CUDA when its kernels pass a check
+            against SDPA, else SDPA.
 
     Attributes:
         fused_decode_status: ``"on"``, or why decode steps take the generic path.
-        decode_attention_status: ``"triton"``, ``"sdpa"``, or ``"sdpa (why not triton)"``.
+        attention_status: ``"triton"``, ``"sdpa"``, or ``"sdpa (why not triton)"``.
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class Generator:
         eos_token_ids: Sequence[int] | None = None,
         cuda_graphs: bool = True,
         fused_decode: bool | None = None,
-        decode_attention: str = "auto",
+        attention: str = "auto",
     ):
         spec = model.spec
         if kv_cache_tokens is not None and kv_cache_bytes is not None:
@@ -95,7 +96,7 @@ class Generator:
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
         self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size)
-        self.decode_kernel, self.decode_attention_status = self._setup_attention(spec, decode_attention)
+        self.attention_status = self._setup_attention(spec, attention)
         self.graphs = None
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
@@ -117,19 +118,22 @@ class Generator:
         self.num_steps = 0
         self.step_paths: dict[str, tuple[int, float]] = {}  # how steps ran: path -> (steps, seconds)
 
-    def _setup_attention(self, spec: Any, wanted: str) -> tuple[Any, str]:
+    def _setup_attention(self, spec: Any, wanted: str) -> str:
+        self.decode_kernel: Any = None
+        self.prefill_kernel: Any = None
         if wanted not in ("auto", "sdpa", "triton"):
-            raise ValueError(f"decode_attention must be 'auto', 'sdpa' or 'triton'; got {wanted!r}")
+            raise ValueError(f"attention must be 'auto', 'sdpa' or 'triton'; got {wanted!r}")
         if wanted == "sdpa" or (wanted == "auto" and self.device.type != "cuda"):
-            return None, "sdpa"
+            return "sdpa"
         from . import triton_attention
 
         why = triton_attention.probe(self.device, spec.dtype, spec.num_kv_heads, spec.num_heads, spec.head_dim)
         if why is None:
-            return triton_attention.paged_decode, "triton"
+            self.decode_kernel, self.prefill_kernel = triton_attention.paged_decode, triton_attention.TRITON_PREFILL
+            return "triton"
         if wanted == "triton":
-            raise ValueError(f"decode_attention='triton' cannot run here: {why}")
-        return None, f"sdpa ({why})"
+            raise ValueError(f"attention='triton' cannot run here: {why}")
+        return f"sdpa ({why})"
 
     def _setup_fused(self, model: CausalLM, wanted: bool | None) -> str:
         if wanted not in (None, True, False):
@@ -282,7 +286,7 @@ class Generator:
             if logits is not None:
                 return "fused cpu", logits, sampled
         chunks = [(c.seq.block_table, c.start, c.length) for c in batch.chunks]
-        attention = PagedAttention(self.cache, chunks, self.decode_kernel)
+        attention = PagedAttention(self.cache, chunks, self.decode_kernel, self.prefill_kernel)
         dev = self.device
         with torch.inference_mode(), self._adapters(batch):
             logits = self.model.forward_batch(

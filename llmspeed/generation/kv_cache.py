@@ -15,14 +15,18 @@ layer with the new tokens' rotated q/k/v. It writes the new keys/values into the
   expanded to every query head first: SDPA there runs masked grouped-query attention only on its
   unfused math backend.
 
-All index tensors are built once per step, not per layer. On CUDA a ``decode_kernel``
-(:mod:`.triton_attention`) can replace the decode gather + SDPA, reading each sequence's blocks in place. See ``docs/batching.md`` for the
+All index tensors are built once per step, not per layer. On CUDA a ``decode_kernel`` and a
+``prefill_kernel`` (:mod:`.triton_attention`) can replace the gathers + SDPA, reading each sequence's
+blocks in place. See ``docs/batching.md`` for the
 measurements behind this layout (block gather + SDPA vs. alternatives on this CPU).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,21 @@ def _block_index(tables: Sequence[Sequence[int]], width: int, device: torch.devi
     return torch.tensor(rows, dtype=torch.long, device=device).flatten()
 
 
+@dataclass(frozen=True)
+class PrefillKernel:
+    """A prefill attention that reads the paged cache in place (e.g. :data:`.triton_attention.TRITON_PREFILL`).
+
+    Attributes:
+        plan: ``plan(chunks, block_size, device)`` with chunks ``(block_table, start, length, first_row)``;
+            built once per step.
+        run: ``run(query [T, H, D], key [NB, BS, Hkv, D], value [NB, BS, Hkv, D], plan, scale, out [T, H, D])``
+            writes the chunks' rows of ``out``; called once per layer.
+    """
+
+    plan: Callable[[Sequence[tuple[Sequence[int], int, int, int]], int, torch.device], Any]
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, float, torch.Tensor], None]
+
+
 DecodeKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
 ]  # (q [n, H, D], key [NB, BS, Hkv, D], value [NB, BS, Hkv, D], tables [n, W], lens [n], scale) -> [n, H, D]
@@ -74,6 +93,8 @@ class PagedAttention:
             single-token chunks first; block tables must already cover ``start + length`` tokens.
         decode_kernel: Runs the single-token chunks instead of gather + SDPA, reading the blocks in
             place (e.g. :func:`.triton_attention.paged_decode` on CUDA).
+        prefill_kernel: Runs the longer chunks instead of gather + masked SDPA (a lone chunk from
+            position 0 still uses SDPA's causal kernel, which needs no cache read).
     """
 
     def __init__(
@@ -81,9 +102,11 @@ class PagedAttention:
         cache: PagedKVCache,
         chunks: Sequence[tuple[Sequence[int], int, int]],
         decode_kernel: DecodeKernel | None = None,
+        prefill_kernel: PrefillKernel | None = None,
     ):
         self.cache = cache
         self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
         device = cache.key.device
         bs = cache.block_size
         slots: list[int] = []
@@ -110,7 +133,10 @@ class PagedAttention:
         # scores of [m, H, tq, L]); with keys expanded to every query head, its memory-efficient kernel runs
         self.expand_gqa = device.type == "cuda"
         self.causal_only = self.num_prefill == 1 and prefills[0][1] == 0  # one chunk from position 0: no gather
-        if prefills and not self.causal_only:
+        if prefills and not self.causal_only and prefill_kernel is not None:
+            rows = accumulate([n for _, _, n in prefills], initial=self.num_decode)  # each chunk's first row
+            self.pre_plan = prefill_kernel.plan([(t, s, n, r) for (t, s, n), r in zip(prefills, rows)], bs, device)
+        elif prefills and not self.causal_only:
             lens = torch.tensor([n for _, _, n in prefills], device=device)  # [m]
             starts = torch.tensor([s for _, s, _ in prefills], device=device)  # [m]
             tq = int(max(n for _, _, n in prefills))
@@ -142,6 +168,7 @@ class PagedAttention:
         self = cls.__new__(cls)
         self.cache = cache
         self.decode_kernel = decode_kernel
+        self.prefill_kernel = None
         self.slots = slots
         self.num_tokens = self.num_decode = slots.shape[0]
         self.dec_blocks = blocks
@@ -190,6 +217,8 @@ class PagedAttention:
                 query[:, :, row:], key[:, :, row:], value[:, :, row:], is_causal=True, scale=scaling, enable_gqa=True
             )  # [1, H, t, D]
             out[row:] = att[0].transpose(0, 1)  # [t, H, D]
+        elif self.num_prefill and self.prefill_kernel is not None:
+            self.prefill_kernel.run(query[0].transpose(0, 1), k_layer, v_layer, self.pre_plan, scaling, out)
         elif self.num_prefill:
             m, tq = self.pre_shape
             q = query[0].index_select(1, self.pre_rows).view(heads, m, tq, dim).transpose(0, 1)  # [m, H, tq, D]

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .kv_cache import PrefillKernel
 
 BLOCK_T = 64  # context tokens per loop iteration
 
@@ -55,60 +59,16 @@ def unavailable(device: torch.device | str = "cuda") -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _kernel() -> Any:
-    import triton
-    import triton.language as tl
+def _kernels() -> Any:
+    """The kernels module (:mod:`.triton_kernels`: ``paged_decode``, ``paged_prefill``), imported on first use."""
+    from . import triton_kernels
 
-    @triton.jit
-    def paged_decode(
-        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr,
-        WIDTH, scale,
-        HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-        BLOCK_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    ):  # fmt: skip
-        # q and out [n, HKV * G, D]; k and v [NB * BS, HKV, D]; table [n, WIDTH]; lens [n]
-        n = tl.program_id(0)
-        h = tl.program_id(1)
-        length = tl.load(lens_ptr + n).to(tl.int32)
-        g = tl.arange(0, G_PAD)  # [G_PAD]
-        d = tl.arange(0, D)  # [D]
-        heads = h * G + g
-        q = tl.load(q_ptr + (n * HKV * G + heads)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
-        q = q.to(tl.float32) * scale
-        if not UPCAST:
-            q = q.to(k_ptr.dtype.element_ty)  # [G_PAD, D]
-        m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
-        l_i = tl.zeros((G_PAD,), tl.float32)
-        acc = tl.zeros((G_PAD, D), tl.float32)
-        for t0 in range(0, length, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T] positions
-            ok = t < length
-            block = tl.load(table_ptr + n * WIDTH + t // BS, mask=ok, other=0).to(tl.int64)
-            offset = ((block * BS + t % BS) * HKV + h) * D  # [BLOCK_T]
-            k = tl.load(k_ptr + offset[:, None] + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_T, D]
-            v = tl.load(v_ptr + offset[:, None] + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_T, D]
-            if UPCAST:  # the interpreter's tl.dot mishandles bf16 operands
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [G_PAD, BLOCK_T]
-            else:
-                s = tl.dot(q, tl.trans(k))  # [G_PAD, BLOCK_T]
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [G_PAD]
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])  # [G_PAD, BLOCK_T]
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")  # [G_PAD, D]
-            else:
-                pv = tl.dot(p.to(v.dtype), v)  # [G_PAD, D]
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + (n * HKV * G + heads)[:, None] * D + d[None, :], out, mask=(g < G)[:, None])
+    return triton_kernels
 
-    return paged_decode
+
+def _check_dim(dim: int) -> None:
+    if dim & (dim - 1) or dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton paged attention; got {dim}")
 
 
 def paged_decode(
@@ -123,17 +83,104 @@ def paged_decode(
     n, heads, dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     group = heads // kv_heads
-    if dim & (dim - 1) or dim < 16:
-        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton paged attention; got {dim}")
+    _check_dim(dim)
     out = torch.empty(n, heads, dim, device=query.device, dtype=torch.float32)  # [n, H, D]
     q = query.to(key_cache.dtype).contiguous()
     g_pad = max(16, 1 << (group - 1).bit_length())
-    _kernel()[(n, kv_heads)](
+    _kernels().paged_decode[(n, kv_heads)](
         q, key_cache, value_cache, tables.contiguous(), lens.contiguous(), out, tables.shape[1], float(scale),
         HKV=kv_heads, G=group, G_PAD=g_pad, D=dim, BS=block_size, BLOCK_T=BLOCK_T,
         IEEE=key_cache.dtype == torch.float32 or interpreted(), UPCAST=interpreted(),
     )  # fmt: skip
     return out.to(query.dtype)
+
+
+
+BLOCK_Q = 64  # queries of one chunk per prefill program
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """One step's prefill chunks as the prefill kernel reads them (built once per step, used by every layer).
+
+    Attributes:
+        tables: Block table of each chunk's sequence, padded: ``[m, W]``.
+        rows: Row of each chunk's first query in the step's flat batch: ``[m]``.
+        starts: Position of each chunk's first query: ``[m]``.
+        lens: Queries per chunk: ``[m]``.
+        tile_chunk: Chunk of each work tile (``BLOCK_Q`` queries): ``[tiles]``.
+        tile_first: First query of each tile within its chunk: ``[tiles]``.
+    """
+
+    tables: torch.Tensor
+    rows: torch.Tensor
+    starts: torch.Tensor
+    lens: torch.Tensor
+    tile_chunk: torch.Tensor
+    tile_first: torch.Tensor
+
+
+def prefill_plan(chunks: Sequence[tuple[Sequence[int], int, int, int]], block_size: int, device: torch.device) -> PrefillPlan:
+    """Plan for chunks ``(block_table, start, length, first_row)``; tables must cover ``start + length``."""
+    width = max(-(-(start + length) // block_size) for _, start, length, _ in chunks)
+    tables = [list(t[:width]) + [0] * (width - min(len(t), width)) for t, _, _, _ in chunks]
+    tiles = [(c, first) for c, (_, _, length, _) in enumerate(chunks) for first in range(0, length, BLOCK_Q)]
+    host = torch.tensor(
+        [[row for *_, row in chunks], [s for _, s, _, _ in chunks], [n for _, _, n, _ in chunks]], dtype=torch.int32
+    )  # [3, m]
+    tile = torch.tensor([[c for c, _ in tiles], [first for _, first in tiles]], dtype=torch.int32)  # [2, tiles]
+    return PrefillPlan(
+        torch.tensor(tables, dtype=torch.int32, device=device), *host.to(device), *tile.to(device)
+    )
+
+
+def paged_prefill(
+    query: torch.Tensor,  # [T, H, D], the step's flat batch
+    key_cache: torch.Tensor,  # [NB, BS, Hkv, D], the chunks' own keys already written
+    value_cache: torch.Tensor,  # [NB, BS, Hkv, D]
+    plan: PrefillPlan,
+    scale: float,
+    out: torch.Tensor,  # [T, H, D]: the chunks' rows are written, other rows left as they are
+) -> None:
+    """Causal attention of every prefill chunk's queries over its sequence's paged context, in place in ``out``."""
+    _, heads, dim = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    _check_dim(dim)
+    q = query.to(key_cache.dtype).contiguous()
+    grid = (plan.tile_chunk.shape[0], heads)
+    _kernels().paged_prefill[grid](
+        q, key_cache, value_cache, plan.tables, out, plan.tile_chunk, plan.tile_first, plan.rows, plan.starts,
+        plan.lens, plan.tables.shape[1], float(scale),
+        H=heads, HKV=kv_heads, D=dim, BS=block_size, BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T,
+        IEEE=key_cache.dtype == torch.float32 or interpreted(), UPCAST=interpreted(),
+    )  # fmt: skip
+
+
+def prefill_reference(
+    query: torch.Tensor,  # [T, H, D]
+    key_cache: torch.Tensor,  # [NB, BS, Hkv, D]
+    value_cache: torch.Tensor,  # [NB, BS, Hkv, D]
+    plan: PrefillPlan,
+    scale: float,
+    out: torch.Tensor,  # [T, H, D]
+) -> None:
+    """:func:`paged_prefill` in plain torch, one SDPA per chunk over its gathered context (tests and probe)."""
+    _, heads, dim = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    for table, row, start, length in zip(plan.tables, plan.rows.tolist(), plan.starts.tolist(), plan.lens.tolist()):
+        end = start + length
+        k = key_cache[table.long()].reshape(-1, kv_heads, dim)[:end].transpose(0, 1)  # [Hkv, end, D]
+        v = value_cache[table.long()].reshape(-1, kv_heads, dim)[:end].transpose(0, 1)  # [Hkv, end, D]
+        q = query[row : row + length].transpose(0, 1)  # [H, length, D]
+        mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+        att = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+        )  # [H, length, D]
+        out[row : row + length] = att.transpose(0, 1)
+
+
+TRITON_PREFILL = PrefillKernel(prefill_plan, paged_prefill)  # the kernel, for PagedAttention
+REFERENCE_PREFILL = PrefillKernel(prefill_plan, prefill_reference)  # the same in plain torch (tests)
 
 
 def reference(
@@ -159,15 +206,22 @@ def reference(
 _PROBED: dict[str, str | None] = {}
 
 
-def probe(device: torch.device, dtype: torch.dtype, kv_heads: int, heads: int, dim: int) -> str | None:
-    """Run the kernel once on random data of these shapes; ``None`` if it matches :func:`reference`, else why not.
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
-    The answer is cached per device, dtype and shape, so a :class:`~.engine.Generator` pays it once.
+
+def probe(device: torch.device, dtype: torch.dtype, kv_heads: int, heads: int, dim: int) -> str | None:
+    """Run both kernels once on random data of these shapes; ``None`` if they match the references, else why not.
+
+    Decode rows are compared with :func:`reference` (gather + SDPA), prefill chunks (one from position
+    0, one continuing a cached prefix, one longer than a tile) with :func:`prefill_reference`. The
+    answer is cached per device, dtype and shape, so a :class:`~.engine.Generator` pays it once.
     """
     key = f"{device}|{dtype}|{kv_heads}|{heads}|{dim}"
     if key in _PROBED:
         return _PROBED[key]
     why = unavailable(device)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     if why is None:
         try:
             gen = torch.Generator().manual_seed(0)
@@ -176,18 +230,40 @@ def probe(device: torch.device, dtype: torch.dtype, kv_heads: int, heads: int, d
             kc = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)  # [NB, BS, Hkv, D]
             vc = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)  # [NB, BS, Hkv, D]
             q = torch.randn(n, heads, dim, generator=gen).to(device=device, dtype=dtype)  # [n, H, D]
-            tables = torch.randperm(blocks, generator=gen)[: n * 8].view(n, 8).to(device)  # [n, 8]
+            order = torch.randperm(blocks, generator=gen)  # [NB]
+            tables = order[: n * 8].view(n, 8).to(device)  # [n, 8]
             lens = torch.tensor([1, 70, 128], device=device)  # [n]
-            got = paged_decode(q, kc, vc, tables, lens, dim**-0.5).float()
-            want = reference(q, kc, vc, tables, lens, dim**-0.5).float()
-            err = ((got - want).abs().max() / want.abs().max()).item()
-            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            err = _relative_error(paged_decode(q, kc, vc, tables, lens, dim**-0.5), reference(q, kc, vc, tables, lens, dim**-0.5))
             if not err <= tol:
-                why = f"the Triton paged attention disagrees with SDPA: relative error {err:.2e} > {tol:.0e}"
+                why = f"the Triton paged decode attention disagrees with SDPA: relative error {err:.2e} > {tol:.0e}"
+            else:
+                spans = [(0, 20), (40, 30), (0, 100)]  # (start, length) per chunk, after 2 decode rows
+                chunks = [(order[8 * i : 8 * i + 8].tolist(), s, m, 2 + sum(x for _, x in spans[:i])) for i, (s, m) in enumerate(spans)]
+                plan = prefill_plan(chunks, block_size, torch.device(device))
+                q = torch.randn(152, heads, dim, generator=gen).to(device=device, dtype=dtype)  # [T, H, D]
+                got, want = torch.zeros_like(q), torch.zeros_like(q)
+                paged_prefill(q, kc, vc, plan, dim**-0.5, got)
+                prefill_reference(q, kc, vc, plan, dim**-0.5, want)
+                err = _relative_error(got, want)
+                if not err <= tol:
+                    why = f"the Triton paged prefill attention disagrees with SDPA: relative error {err:.2e} > {tol:.0e}"
         except Exception as exc:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
             why = f"the Triton paged attention failed to run: {type(exc).__name__}: {exc}"
     _PROBED[key] = why
     return why
 
 
-__all__ = ["BLOCK_T", "paged_decode", "probe", "reference", "unavailable"]
+__all__ = [
+    "BLOCK_Q",
+    "BLOCK_T",
+    "PrefillPlan",
+    "REFERENCE_PREFILL",
+    "TRITON_PREFILL",
+    "paged_decode",
+    "paged_prefill",
+    "prefill_plan",
+    "prefill_reference",
+    "probe",
+    "reference",
+    "unavailable",
+]

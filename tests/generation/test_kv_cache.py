@@ -22,11 +22,15 @@ def _reference(q, k, v):  # q [H, t, D] for the last t positions of k/v [Hkv, L,
 
 
 @pytest.mark.parametrize(
-    "expand_gqa, decode_kernel",
-    [(False, None), (True, None), (False, triton_attention.reference)],
-    ids=["gqa-sdpa", "expanded-keys (the CUDA prefill path)", "decode-kernel"],
+    "expand_gqa, decode_kernel, prefill_kernel",
+    [
+        (False, None, None),
+        (True, None, None),
+        (False, triton_attention.reference, triton_attention.REFERENCE_PREFILL),
+    ],
+    ids=["gqa-sdpa", "expanded-keys (the CUDA prefill path)", "kernels (the plumbing, with the torch references)"],
 )
-def test_paged_attention_matches_dense_causal_attention(expand_gqa, decode_kernel):
+def test_paged_attention_matches_dense_causal_attention(expand_gqa, decode_kernel, prefill_kernel):
     torch.manual_seed(0)
     cache = PagedKVCache(SPEC, num_blocks=16, block_size=4)
     tables = {0: [5, 1, 9], 1: [2, 7], 2: [3, 0, 11, 4]}
@@ -42,7 +46,7 @@ def test_paged_attention_matches_dense_causal_attention(expand_gqa, decode_kerne
         q = torch.cat([q_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]  # [1, H, T, D]
         k = torch.cat([k_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]  # [1, Hkv, T, D]
         v = torch.cat([v_all[s][:, done[s] : done[s] + plan[s]] for s in order], dim=1)[None]
-        attention = PagedAttention(cache, chunks, decode_kernel)
+        attention = PagedAttention(cache, chunks, decode_kernel, prefill_kernel)
         assert attention.expand_gqa is False  # on the CPU, masked GQA runs fused
         attention.expand_gqa = expand_gqa
         out = attention(0, q, k, v, 8**-0.5)[0]  # [T, H, D]

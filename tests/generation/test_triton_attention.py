@@ -51,6 +51,53 @@ _KERNEL = textwrap.dedent(
     """
 )
 
+_PREFILL = textwrap.dedent(
+    """
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from llmspeed.generation import triton_attention as ta
+
+    g = torch.Generator().manual_seed(1)
+    checked = 0
+    for kvh, h, d, bs in ((2, 4, 16, 16), (3, 9, 64, 8), (1, 8, 32, 16)):
+        for dtype in (torch.float32, torch.bfloat16):
+            blocks = 64
+            kc = torch.randn(blocks, bs, kvh, d, generator=g).to(dtype)
+            vc = torch.randn(blocks, bs, kvh, d, generator=g).to(dtype)
+            # (start, length): from position 0, continuing mid-block, longer than a 64-query tile
+            spans = [(0, 5), (7, 70), (30, 65), (0, 130)]
+            free = torch.randperm(blocks, generator=g).tolist()
+            chunks, row = [], 3  # three decode rows come first in the flat batch
+            for start, n in spans:
+                need = -(-(start + n) // bs)
+                chunks.append((free[:need], start, n, row))
+                free, row = free[need:], row + n
+            q = torch.randn(row, h, d, generator=g).to(dtype)
+            plan = ta.prefill_plan(chunks, bs, torch.device("cpu"))
+            assert plan.tile_chunk.tolist() == [0, 1, 1, 2, 2, 3, 3, 3]
+            got = torch.full((row, h, d), 7.0, dtype=dtype)
+            want = got.clone()
+            ta.paged_prefill(q, kc, vc, plan, 0.2, got)
+            ta.prefill_reference(q, kc, vc, plan, 0.2, want)
+            assert (got[:3] == 7).all(), "rows that are not prefill rows must be left alone"
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (kvh, h, d, bs, dtype, err)
+            # causal: changing the key and value at position p changes the rows of queries at p and after only
+            table, start, n, first = chunks[1]
+            p = start + 10
+            kc2, vc2 = kc.clone(), vc.clone()
+            kc2[table[p // bs], p % bs] = 3.0
+            vc2[table[p // bs], p % bs] = 1e3
+            again = got.clone()
+            ta.paged_prefill(q, kc2, vc2, plan, 0.2, again)
+            assert torch.equal(again[first : first + 10], got[first : first + 10])
+            assert not torch.equal(again[first + 10], got[first + 10])
+            checked += 1
+    print("checked", checked)
+    """
+)
+
 _GENERATOR = textwrap.dedent(
     """
     import os
@@ -65,13 +112,13 @@ _GENERATOR = textwrap.dedent(
     for arch in ("llama", "qwen3"):
         model = llmspeed.models.tiny(arch, seed=1)
         kw = dict(progress=False, fused_decode=False, block_size=8, max_batch_tokens=48)
-        triton = Generator(model, decode_attention="triton", **kw)
-        assert triton.decode_attention_status == "triton"
-        sdpa = Generator(model, decode_attention="sdpa", **kw)
+        triton = Generator(model, attention="triton", **kw)
+        assert triton.attention_status == "triton"
+        sdpa = Generator(model, attention="sdpa", **kw)
         a = [o.token_ids for o in triton.generate_batched(prompts, sp)]
         b = [o.token_ids for o in sdpa.generate_batched(prompts, sp)]
         assert a == b, (arch, a, b)
-        assert triton.stats.step_paths["decode"][0] > 0, triton.stats.step_paths
+        assert triton.stats.step_paths["decode"][0] > 0 and triton.stats.step_paths["mixed"][0] > 1
     print("same tokens")
     """
 )
@@ -87,18 +134,22 @@ def test_paged_decode_matches_gather_sdpa_in_the_interpreter():
     assert "checked 8" in _run(_KERNEL)
 
 
+def test_paged_prefill_matches_per_chunk_sdpa_in_the_interpreter():
+    assert "checked 6" in _run(_PREFILL)
+
+
 def test_generator_with_triton_attention_matches_sdpa_in_the_interpreter():
     assert "same tokens" in _run(_GENERATOR)
 
 
-def test_decode_attention_choice_and_errors():
+def test_attention_choice_and_errors():
     model = llmspeed.models.tiny("llama")
-    assert Generator(model, progress=False).decode_attention_status == "sdpa"  # auto on the CPU
-    with pytest.raises(ValueError, match="decode_attention must be 'auto', 'sdpa' or 'triton'; got 'flash'"):
-        Generator(model, progress=False, decode_attention="flash")
+    assert Generator(model, progress=False).attention_status == "sdpa"  # auto on the CPU
+    with pytest.raises(ValueError, match="attention must be 'auto', 'sdpa' or 'triton'; got 'flash'"):
+        Generator(model, progress=False, attention="flash")
     if not triton_attention.interpreted():
-        with pytest.raises(ValueError, match="decode_attention='triton' cannot run here: .*CUDA"):
-            Generator(model, progress=False, decode_attention="triton")
+        with pytest.raises(ValueError, match="attention='triton' cannot run here: .*CUDA"):
+            Generator(model, progress=False, attention="triton")
     assert triton_attention.probe(torch.device("cpu"), torch.float32, 2, 4, 16) is not None or (
         triton_attention.interpreted()
     )
@@ -123,8 +174,8 @@ def test_cuda_graphs_with_triton_attention_match_sdpa():
     model.hf.to("cuda")
     outs = {}
     for attention in ("sdpa", "triton"):
-        gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=128, decode_attention=attention)
-        assert gen.decode_attention_status == attention
+        gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=128, attention=attention)
+        assert gen.attention_status == attention
         assert gen.warmup(context=512) >= 4  # batch sizes 1, 2, 4, 8, ... up to max_seqs
         outs[attention] = [o.token_ids for o in gen.generate_batched(prompts, sp)]
         assert gen.stats.step_paths["cuda graph"][0] > 0, gen.stats.step_paths
