@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama-1b-random"])
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--decode-attention", default="auto", choices=["auto", "sdpa", "triton"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton"])
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default="bench-out/profile")
     parser.add_argument("--no-trace", action="store_true")
@@ -51,7 +51,7 @@ def main() -> None:
     prompts, lengths = make_workload(model.tokenizer, args.requests)
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
     gen = Generator(
-        model, progress=False, decode_attention=args.decode_attention,
+        model, progress=False, attention=args.attention,
         kv_cache_tokens=65536 if gpu else 16384, max_batch_tokens=2048 if gpu else 512, max_seqs=256 if gpu else 64,
     )  # fmt: skip
     gen.warmup(context=max(len(p) for p in prompts) + max(lengths))
@@ -73,7 +73,7 @@ def main() -> None:
         f"# Profile of one generate_batched run ({args.model}, {args.device}, {args.requests} requests)",
         "",
         f"{stats.output_tokens} tokens in {elapsed:.2f} s under the profiler ({stats.output_tokens / elapsed:.1f} tok/s), "
-        f"{stats.steps} steps; decode attention {gen.decode_attention_status}, fused CPU decode "
+        f"{stats.steps} steps; attention {gen.attention_status}, fused CPU decode "
         f"{gen.fused_decode_status}.",
         "",
         "| step path | steps | seconds | ms per step |",

@@ -121,7 +121,7 @@ def _llmspeed(
         raise RuntimeError(f"llmspeed run lost tokens: {bad[0].finish_reason} {bad[0].error}")
     assert gen.stats is not None
     paths = ", ".join(f"{n} {path} steps {t:.2f} s" for path, (n, t) in sorted(gen.stats.step_paths.items()))
-    note = f"{paths}; decode attention {gen.decode_attention_status}"
+    note = f"{paths}; attention {gen.attention_status}"
     if graphs:
         note += f"; warm-up {warm:.1f} s ({graphs} CUDA graphs), not timed"
     return elapsed, note
@@ -261,9 +261,9 @@ def run(
     rows.append(_row(GENERATE_BATCH, fname, n, useful, t_cb, base, "baseline, same run"))
     t, note = _llmspeed(m, prompts, lengths, progress, **gen_kwargs)
     rows.append(_row("llmspeed Generator", fname, n, useful, t, base, note))
-    if gpu:  # the same run with the decode rows on gather + SDPA instead of the Triton kernel
-        t, note = _llmspeed(m, prompts, lengths, progress, decode_attention="sdpa", **gen_kwargs)
-        rows.append(_row("llmspeed Generator, SDPA decode attention", fname, n, useful, t, base, note))
+    if gpu:  # the same run with gather + SDPA attention instead of the Triton kernels
+        t, note = _llmspeed(m, prompts, lengths, progress, attention="sdpa", **gen_kwargs)
+        rows.append(_row("llmspeed Generator, attention='sdpa'", fname, n, useful, t, base, note))
 
     steps: list[tuple[str, str, Any, dict]] = []  # batch-1 decode steps to time at the end
     variants = [] if gpu else [("bf16", "cast")]
