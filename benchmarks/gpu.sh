@@ -93,8 +93,8 @@ bench() {
   step "bench-$suite" "$max" "$PY" -m llmspeed bench "$suite" --device cuda --no-progress --out "$WORK/$suite" "$@"
 }
 bench precision 45 --model llama-1b-random
-bench quant 80 --model llama-1b-random --quick
-bench batching 200 --model llama-1b-random
+bench quant 150 --model llama-1b-random --quick
+bench batching 240 --model llama-1b-random
 # where the batching run's time goes: step paths and the top CUDA kernels (torch.profiler)
 step profile-batching 90 "$PY" benchmarks/profile_batching.py --device cuda --model llama-1b-random \
   --requests 128 --no-trace --out "$WORK/profile"
