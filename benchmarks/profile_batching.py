@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llmspeed.bench.batching import _load, _sync, make_workload
+from llmspeed.bench.batching import _load, _sync, generator_config, make_workload
 from llmspeed.generation import Generator, SamplingParams
 
 
@@ -50,10 +50,7 @@ def main() -> None:
     model = _load(args.model, args.device, torch.bfloat16 if gpu else torch.float32)
     prompts, lengths = make_workload(model.tokenizer, args.requests)
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
-    gen = Generator(
-        model, progress=False, attention=args.attention,
-        kv_cache_tokens=65536 if gpu else 16384, max_batch_tokens=2048 if gpu else 512, max_seqs=256 if gpu else 64,
-    )  # fmt: skip
+    gen = Generator(model, progress=False, attention=args.attention, **generator_config(gpu))
     gen.warmup(context=max(len(p) for p in prompts) + max(lengths))
     gen.generate_batched(prompts[:2], params[:2])
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
