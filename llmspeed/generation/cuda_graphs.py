@@ -144,9 +144,14 @@ class DecodeGraphs:
         bs = self.cache.block_size
         n = len(chunks)
         context = max(pos + 1 for _, pos, _, _ in chunks)
-        if n > self.max_batch or not self.capture(n, context):
+        if n > self.max_batch:
             return None
         key = self.key(n, context)
+        wider = [k for k in self._graphs if k[0] == key[0] and k[1] > key[1]]
+        if key not in self._graphs and wider:
+            key = min(wider)  # a captured graph with more blocks also serves: padding is cheaper than a capture
+        elif not self.capture(n, context):
+            return None
         graph, width = self._graphs[key], key[1]
         slots = [t[pos // bs] * bs + pos % bs for t, pos, _, _ in chunks]
         return graph.replay(

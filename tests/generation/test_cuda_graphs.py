@@ -1,0 +1,67 @@
+"""DecodeGraphs' bookkeeping on the CPU: which captured graph a decode step replays, with what inputs.
+
+Capturing needs a GPU (``pytest -m gpu`` runs the real thing in test_engine and test_triton_attention);
+here the graphs are stand-ins that record their replays.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmspeed.generation.cuda_graphs import DecodeGraphs, bucket
+from llmspeed.generation.kv_cache import PagedKVCache
+from llmspeed.protocol import ModelSpec
+
+SPEC = ModelSpec("Test", 1, 4, 2, 8, 32, 10, 64, torch.float32, torch.device("cpu"))
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.replays: list[tuple[list[int], list[int], list[int], int]] = []
+
+    def replay(self, ids, pos, slots, tables, lens, width, pad_block):
+        self.replays.append((list(ids), list(slots), list(lens), width))
+        return torch.zeros(len(ids), 10)
+
+
+def _graphs(monkeypatch) -> tuple[DecodeGraphs, list[tuple[int, int]]]:
+    graphs = DecodeGraphs(model=None, cache=PagedKVCache(SPEC, num_blocks=40, block_size=4), pad_block=39, max_batch=8)
+    captured: list[tuple[int, int]] = []
+
+    def capture(rows: int, context: int) -> bool:
+        key = graphs.key(rows, context)
+        if key not in graphs._graphs:
+            captured.append(key)
+            graphs._graphs[key] = _FakeGraph()
+        return True
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    return graphs, captured
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 17)] == [1, 2, 4, 4, 8, 32]
+    assert bucket(3, minimum=8) == 8
+
+
+def test_steps_replay_the_graph_of_their_bucket_with_their_slots(monkeypatch):
+    graphs, captured = _graphs(monkeypatch)
+    chunks = [([0, 1], 5, 1, 11), ([2], 2, 1, 12), ([3, 4, 5], 9, 1, 13)]  # (block table, position, 1, token)
+    logits = graphs.run(chunks)
+    assert logits.shape == (3, 10)
+    assert captured == [(4, 4)]  # 3 rows -> 4; 10 tokens of context -> 3 blocks -> at least 4
+    ids, slots, lens, width = graphs._graphs[(4, 4)].replays[0]
+    assert ids == [11, 12, 13] and lens == [6, 3, 10] and width == 4
+    assert slots == [1 * 4 + 1, 2 * 4 + 2, 5 * 4 + 1]  # block of the position * block size + offset
+
+
+def test_a_wider_captured_graph_serves_shorter_contexts_without_a_new_capture(monkeypatch):
+    graphs, captured = _graphs(monkeypatch)
+    long_table = list(range(20))
+    graphs.run([(long_table, 70, 1, 1), ([21], 0, 1, 2)])  # 71 tokens -> 18 blocks -> width 32
+    assert captured == [(2, 32)]
+    graphs.run([([22], 3, 1, 3), ([23], 1, 1, 4)])  # needs width 4: the (2, 32) graph serves it
+    assert captured == [(2, 32)] and len(graphs._graphs[(2, 32)].replays) == 2
+    graphs.run([([24], 3, 1, 5)] * 3)  # 3 rows: another batch bucket, captured
+    assert captured == [(2, 32), (4, 4)]
+    assert graphs.run([([25], 0, 1, 6)] * 9) is None  # more rows than max_batch: the step runs eagerly
