@@ -1,8 +1,9 @@
 """The Triton kernels behind :mod:`.triton_attention` (imported only when Triton is there and a kernel runs).
 
-``attend`` is one tile of context for a block of query rows (online softmax); ``paged_decode`` runs
-the query heads of one KV group of one decoding sequence, ``paged_prefill`` one head of up to
-``BLOCK_Q`` queries of one prefill chunk. Shapes and layouts are in the comments of each kernel.
+``attend`` is one tile of context for a block of query rows (online softmax); ``attend_rows`` loads
+the rows and runs the whole loop over their context. ``paged_decode`` runs the query heads of one KV
+group of one decoding sequence, ``paged_prefill`` one head of up to ``BLOCK_Q`` queries of one prefill
+chunk. Shapes and layouts are in the comments of each kernel.
 """
 
 import triton
@@ -45,6 +46,28 @@ def attend(
         pv = tl.dot(p.to(v.dtype), v)  # [R, D]
     return acc * alpha[:, None] + pv, m_new, l_i
 
+
+@triton.jit
+def attend_rows(
+    q_ptrs, rows_ok, k_ptr, v_ptr, table_ptr, end, pos, h, scale,
+    ROWS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    # the queries at q_ptrs [ROWS, D] (rows_ok [ROWS] masks padding) over context positions < end of KV head h
+    q = tl.load(q_ptrs, mask=rows_ok[:, None], other=0.0)
+    q = q.to(tl.float32) * scale
+    if not UPCAST:
+        q = q.to(k_ptr.dtype.element_ty)  # [ROWS, D]
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for t0 in range(0, end, BLOCK_T):
+        acc, m_i, l_i = attend(
+            q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, t0, end, pos, h, HKV, D, BS, BLOCK_T, IEEE, UPCAST, CAUSAL
+        )
+    return acc / l_i[:, None]  # [ROWS, D]
+
+
 @triton.jit
 def paged_decode(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr,
@@ -57,22 +80,13 @@ def paged_decode(
     h = tl.program_id(1)
     length = tl.load(lens_ptr + n).to(tl.int32)
     g = tl.arange(0, G_PAD)  # [G_PAD] the query heads of KV head h
-    d = tl.arange(0, D)  # [D]
-    heads = h * G + g
-    q = tl.load(q_ptr + (n * HKV * G + heads)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
-    if not UPCAST:
-        q = q.to(k_ptr.dtype.element_ty)  # [G_PAD, D]
-    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
-    l_i = tl.zeros((G_PAD,), tl.float32)
-    acc = tl.zeros((G_PAD, D), tl.float32)
-    for t0 in range(0, length, BLOCK_T):
-        acc, m_i, l_i = attend(
-            q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr + n * WIDTH, t0, length, g, h,
-            HKV, D, BS, BLOCK_T, IEEE, UPCAST, False,
-        )  # fmt: skip
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + (n * HKV * G + heads)[:, None] * D + d[None, :], out, mask=(g < G)[:, None])
+    offsets = (n * HKV * G + h * G + g)[:, None] * D + tl.arange(0, D)[None, :]  # [G_PAD, D]
+    out = attend_rows(
+        q_ptr + offsets, g < G, k_ptr, v_ptr, table_ptr + n * WIDTH, length, g, h, scale,
+        G_PAD, HKV, D, BS, BLOCK_T, IEEE, UPCAST, False,
+    )  # fmt: skip
+    tl.store(out_ptr + offsets, out, mask=(g < G)[:, None])
+
 
 @triton.jit
 def paged_prefill(
@@ -92,20 +106,10 @@ def paged_prefill(
     length = tl.load(len_ptr + c).to(tl.int32)
     i = first + tl.arange(0, BLOCK_Q)  # [BLOCK_Q] queries of the chunk
     valid = i < length
-    pos = start + i  # [BLOCK_Q] their positions
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + ((row + i) * H + head)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
-    if not UPCAST:
-        q = q.to(k_ptr.dtype.element_ty)  # [BLOCK_Q, D]
-    m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), tl.float32)
-    acc = tl.zeros((BLOCK_Q, D), tl.float32)
+    offsets = ((row + i) * H + head)[:, None] * D + tl.arange(0, D)[None, :]  # [BLOCK_Q, D]
     end = start + tl.minimum(first + BLOCK_Q, length)  # the tile's last query sees positions < end
-    for t0 in range(0, end, BLOCK_T):
-        acc, m_i, l_i = attend(
-            q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr + c * WIDTH, t0, end, pos, head // (H // HKV),
-            HKV, D, BS, BLOCK_T, IEEE, UPCAST, True,
-        )  # fmt: skip
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + ((row + i) * H + head)[:, None] * D + d[None, :], out, mask=valid[:, None])
+    out = attend_rows(
+        q_ptr + offsets, valid, k_ptr, v_ptr, table_ptr + c * WIDTH, end, start + i, head // (H // HKV), scale,
+        BLOCK_Q, HKV, D, BS, BLOCK_T, IEEE, UPCAST, True,
+    )  # fmt: skip
+    tl.store(out_ptr + offsets, out, mask=valid[:, None])
