@@ -119,14 +119,7 @@ class PagedAttention:
         decodes = [c for c in chunks if c[2] == 1]
         self.num_decode = len(decodes)
         if decodes:
-            ctx = [start + 1 for _, start, _ in decodes]
-            width = -(-max(ctx) // bs)
-            self.dec_blocks = _block_index([t for t, _, _ in decodes], width, device)  # [n * W]
-            self.dec_lens = torch.tensor(ctx, device=device)  # [n]
-            if decode_kernel is None:
-                pos = torch.arange(width * bs, device=device)  # [W * BS]
-                self.dec_mask = (pos[None, :] < self.dec_lens[:, None])[:, None, None, :]  # [n, 1, 1, W * BS]
-
+            self._plan_decodes(decodes, device)
         prefills = list(chunks[self.num_decode :])
         self.num_prefill = len(prefills)
         # CUDA's SDPA runs grouped-query attention with a mask only on its unfused math backend (fp32
@@ -137,22 +130,38 @@ class PagedAttention:
             rows = accumulate([n for _, _, n in prefills], initial=self.num_decode)  # each chunk's first row
             self.pre_plan = prefill_kernel.plan([(t, s, n, r) for (t, s, n), r in zip(prefills, rows)], bs, device)
         elif prefills and not self.causal_only:
-            lens = torch.tensor([n for _, _, n in prefills], device=device)  # [m]
-            starts = torch.tensor([s for _, s, _ in prefills], device=device)  # [m]
-            tq = int(max(n for _, _, n in prefills))
-            width = -(-max(s + n for _, s, n in prefills) // bs)
-            self.pre_blocks = _block_index([t for t, _, _ in prefills], width, device)  # [m * W]
-            i = torch.arange(tq, device=device)  # [tq]
-            # padded query rows repeat the chunk's last token (valid mask, output discarded)
-            last = torch.minimum(i[None, :], lens[:, None] - 1)  # [m, tq]
-            q_pos = starts[:, None] + last  # [m, tq]
-            k_pos = torch.arange(width * bs, device=device)  # [W * BS]
-            self.pre_mask = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [m, 1, tq, W * BS]
-            first_row = torch.cumsum(lens, 0) - lens + self.num_decode  # [m]
-            self.pre_rows = (first_row[:, None] + last).flatten()  # [m * tq] rows of the flat batch
-            keep = (i[None, :] < lens[:, None]).flatten()  # [m * tq]
-            self.pre_keep = keep.nonzero().flatten()  # [sum(lens)]
-            self.pre_shape = (len(prefills), tq)
+            self._plan_prefills(prefills, device)
+
+    def _plan_decodes(self, decodes: Sequence[tuple[Sequence[int], int, int]], device: torch.device) -> None:
+        """Block index and lengths of the single-token chunks (and their padding mask, without a kernel)."""
+        bs = self.cache.block_size
+        ctx = [start + 1 for _, start, _ in decodes]
+        width = -(-max(ctx) // bs)
+        self.dec_blocks = _block_index([t for t, _, _ in decodes], width, device)  # [n * W]
+        self.dec_lens = torch.tensor(ctx, device=device)  # [n]
+        if self.decode_kernel is None:
+            pos = torch.arange(width * bs, device=device)  # [W * BS]
+            self.dec_mask = (pos[None, :] < self.dec_lens[:, None])[:, None, None, :]  # [n, 1, 1, W * BS]
+
+    def _plan_prefills(self, prefills: Sequence[tuple[Sequence[int], int, int]], device: torch.device) -> None:
+        """Gather index, padded query rows and offset causal mask of the longer chunks, for one masked SDPA."""
+        bs = self.cache.block_size
+        lens = torch.tensor([n for _, _, n in prefills], device=device)  # [m]
+        starts = torch.tensor([s for _, s, _ in prefills], device=device)  # [m]
+        tq = int(max(n for _, _, n in prefills))
+        width = -(-max(s + n for _, s, n in prefills) // bs)
+        self.pre_blocks = _block_index([t for t, _, _ in prefills], width, device)  # [m * W]
+        i = torch.arange(tq, device=device)  # [tq]
+        # padded query rows repeat the chunk's last token (valid mask, output discarded)
+        last = torch.minimum(i[None, :], lens[:, None] - 1)  # [m, tq]
+        q_pos = starts[:, None] + last  # [m, tq]
+        k_pos = torch.arange(width * bs, device=device)  # [W * BS]
+        self.pre_mask = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [m, 1, tq, W * BS]
+        first_row = torch.cumsum(lens, 0) - lens + self.num_decode  # [m]
+        self.pre_rows = (first_row[:, None] + last).flatten()  # [m * tq] rows of the flat batch
+        keep = (i[None, :] < lens[:, None]).flatten()  # [m * tq]
+        self.pre_keep = keep.nonzero().flatten()  # [sum(lens)]
+        self.pre_shape = (len(prefills), tq)
 
     @classmethod
     def static_decode(
