@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .kv_cache import DecodeKernel, PagedAttention, PagedKVCache
+from .kv_cache import DecodeKernel, PagedAttention, PagedKVCache, block_tables
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -71,8 +71,7 @@ class _Graph:
             [list(ids) + [0] * pad, list(pos) + [0] * pad, list(slots) + [pad_slot] * pad, list(lens) + [1] * pad],
             dtype=torch.long,
         )  # [4, rows]
-        table_rows = [list(t[:width]) + [pad_block] * (width - min(len(t), width)) for t in tables]
-        blocks = torch.tensor(table_rows + [[pad_block] * width] * pad, dtype=torch.long)  # [rows, W]
+        blocks = block_tables([*tables, *[()] * pad], width, torch.device("cpu"), pad=pad_block)  # [rows, W]
         host = host.to(self.ids.device, non_blocking=True)
         self.ids.copy_(host[0])
         self.pos.copy_(host[1])

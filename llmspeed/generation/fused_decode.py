@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import cpp_build
-from .kv_cache import PagedKVCache, _block_index
+from .kv_cache import PagedKVCache, block_tables
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 QUANT_SOURCE = Path(__file__).parent.parent / "quant" / "kernels" / "fused_cpu.cpp"  # its 4-bit tiles
@@ -240,7 +240,7 @@ class FusedDecode:
         body = hf.model
         bs = self.cache.block_size
         width = max(-(-(pos + 1) // bs) for _, pos, _ in decode)
-        tables = _block_index([t for t, _, _ in decode], width, torch.device("cpu")).view(len(decode), width)
+        tables = block_tables([t for t, _, _ in decode], width, torch.device("cpu"))
         positions = torch.tensor([p for _, p, _ in decode])  # [n]
         ids = torch.tensor([tok for _, _, tok in decode])  # [n]
         slots = torch.tensor([t[p // bs] * bs + p % bs for t, p, _ in decode])  # [n]

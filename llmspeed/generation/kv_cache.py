@@ -58,10 +58,12 @@ class PagedKVCache:
         return self.key.nbytes + self.value.nbytes
 
 
-def _block_index(tables: Sequence[Sequence[int]], width: int, device: torch.device) -> torch.Tensor:
-    """Block tables padded with block 0 to ``width`` columns, flattened: ``[len(tables) * width]``."""
-    rows = [list(t[:width]) + [0] * (width - min(len(t), width)) for t in tables]
-    return torch.tensor(rows, dtype=torch.long, device=device).flatten()
+def block_tables(
+    tables: Sequence[Sequence[int]], width: int, device: torch.device, pad: int = 0, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """Block tables cut or padded with block ``pad`` to ``width`` columns: ``[len(tables), width]``."""
+    rows = [list(t[:width]) + [pad] * (width - min(len(t), width)) for t in tables]
+    return torch.tensor(rows, dtype=dtype, device=device).reshape(len(tables), width)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class PagedAttention:
         bs = self.cache.block_size
         ctx = [start + 1 for _, start, _ in decodes]
         width = -(-max(ctx) // bs)
-        self.dec_blocks = _block_index([t for t, _, _ in decodes], width, device)  # [n * W]
+        self.dec_blocks = block_tables([t for t, _, _ in decodes], width, device).flatten()  # [n * W]
         self.dec_lens = torch.tensor(ctx, device=device)  # [n]
         if self.decode_kernel is None:
             pos = torch.arange(width * bs, device=device)  # [W * BS]
@@ -150,7 +152,7 @@ class PagedAttention:
         starts = torch.tensor([s for _, s, _ in prefills], device=device)  # [m]
         tq = int(max(n for _, _, n in prefills))
         width = -(-max(s + n for _, s, n in prefills) // bs)
-        self.pre_blocks = _block_index([t for t, _, _ in prefills], width, device)  # [m * W]
+        self.pre_blocks = block_tables([t for t, _, _ in prefills], width, device).flatten()  # [m * W]
         i = torch.arange(tq, device=device)  # [tq]
         # padded query rows repeat the chunk's last token (valid mask, output discarded)
         last = torch.minimum(i[None, :], lens[:, None] - 1)  # [m, tq]

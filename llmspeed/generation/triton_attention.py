@@ -35,9 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import PrefillKernel
+from .kv_cache import PrefillKernel, block_tables
 
 BLOCK_T = 64  # context tokens per loop iteration
+BLOCK_Q = 64  # queries of one chunk per prefill program
 
 
 def interpreted() -> bool:
@@ -95,10 +96,6 @@ def paged_decode(
     return out.to(query.dtype)
 
 
-
-BLOCK_Q = 64  # queries of one chunk per prefill program
-
-
 @dataclass(frozen=True)
 class PrefillPlan:
     """One step's prefill chunks as the prefill kernel reads them (built once per step, used by every layer).
@@ -123,15 +120,13 @@ class PrefillPlan:
 def prefill_plan(chunks: Sequence[tuple[Sequence[int], int, int, int]], block_size: int, device: torch.device) -> PrefillPlan:
     """Plan for chunks ``(block_table, start, length, first_row)``; tables must cover ``start + length``."""
     width = max(-(-(start + length) // block_size) for _, start, length, _ in chunks)
-    tables = [list(t[:width]) + [0] * (width - min(len(t), width)) for t, _, _, _ in chunks]
     tiles = [(c, first) for c, (_, _, length, _) in enumerate(chunks) for first in range(0, length, BLOCK_Q)]
     host = torch.tensor(
         [[row for *_, row in chunks], [s for _, s, _, _ in chunks], [n for _, _, n, _ in chunks]], dtype=torch.int32
     )  # [3, m]
     tile = torch.tensor([[c for c, _ in tiles], [first for _, first in tiles]], dtype=torch.int32)  # [2, tiles]
-    return PrefillPlan(
-        torch.tensor(tables, dtype=torch.int32, device=device), *host.to(device), *tile.to(device)
-    )
+    tables = block_tables([t for t, *_ in chunks], width, device, dtype=torch.int32)  # [m, W]
+    return PrefillPlan(tables, *host.to(device), *tile.to(device))
 
 
 def paged_prefill(

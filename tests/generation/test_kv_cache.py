@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmspeed.generation import triton_attention
-from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache
+from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache, block_tables
 from llmspeed.protocol import ModelSpec
 
 SPEC = ModelSpec("Test", 1, 4, 2, 8, 32, 10, 64, torch.float32, torch.device("cpu"))
@@ -57,3 +57,9 @@ def test_paged_attention_matches_dense_causal_attention(expand_gqa, decode_kerne
             torch.testing.assert_close(out[row : row + plan[s]], ref, rtol=1e-5, atol=1e-5)
             row += plan[s]
             done[s] = end
+
+
+def test_block_tables_cut_and_pad_to_a_width():
+    tables = block_tables([[5, 1, 9], [2], ()], 2, torch.device("cpu"), pad=7)  # [3, 2]
+    assert tables.tolist() == [[5, 1], [2, 7], [7, 7]] and tables.dtype == torch.long
+    assert block_tables([[4]], 3, torch.device("cpu"), dtype=torch.int32).tolist() == [[4, 0, 0]]
