@@ -25,8 +25,6 @@ compile it to sm_90 and sm_80 machine code with Triton's own ``ptxas`` (``tests/
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,28 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..triton_env import interpreted, unavailable
 from .kv_cache import PrefillKernel, block_tables
 
 BLOCK_T = 64  # context tokens per loop iteration
 BLOCK_Q = 64  # queries of one chunk per prefill program
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-def unavailable(device: torch.device | str = "cuda") -> str | None:
-    """Why the kernel cannot run on ``device``, or ``None``."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (it ships with CUDA builds of torch)"
-    if interpreted():
-        return None
-    if torch.device(device).type != "cuda":
-        return f"the Triton paged attention runs on CUDA devices; got {torch.device(device).type}"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
 
 
 @lru_cache(maxsize=1)

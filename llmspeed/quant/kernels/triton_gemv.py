@@ -21,32 +21,17 @@ interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from functools import lru_cache
 from typing import Any
 
 import torch
 
+from ...triton_env import interpreted, unavailable
 from ..primitives import NF4_CODEBOOK
 from .registry import Kernel, register_kernel
 
 MAX_ROWS = 16  # above this, a tensor-core GEMM (tinygemm, dequantize + F.linear) is the better candidate
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-def unavailable() -> str | None:
-    """Why the Triton kernel cannot run here, or ``None``."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (it ships with CUDA builds of torch)"
-    if not torch.cuda.is_available() and not interpreted():
-        return "no CUDA device"
-    return None
 
 
 BLOCK_NS = (16, 32, 64)  # rows per program tried by the autotuner (one fixed size in the interpreter)
