@@ -146,11 +146,12 @@ class DecodeGraphs:
         if n > self.max_batch:
             return None
         key = self.key(n, context)
-        wider = [k for k in self._graphs if k[0] == key[0] and k[1] > key[1]]
-        if key not in self._graphs and wider:
-            key = min(wider)  # a captured graph with more blocks also serves: padding is cheaper than a capture
-        elif not self.capture(n, context):
-            return None
+        if key not in self._graphs:
+            wider = [k for k in self._graphs if k[0] == key[0] and k[1] > key[1]]
+            if wider:
+                key = min(wider)  # a captured graph with more blocks also serves: padding is cheaper than a capture
+            elif not self.capture(n, context):
+                return None
         graph, width = self._graphs[key], key[1]
         slots = [t[pos // bs] * bs + pos % bs for t, pos, _, _ in chunks]
         return graph.replay(

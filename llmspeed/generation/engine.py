@@ -397,11 +397,7 @@ class Generator:
                 elapsed=time.perf_counter() - start,
                 steps=self.num_steps - steps0,
                 preemptions=self.scheduler.num_preemptions - preempt0,
-                step_paths={
-                    path: (n - paths0.get(path, (0, 0.0))[0], t - paths0.get(path, (0, 0.0))[1])
-                    for path, (n, t) in self.step_paths.items()
-                    if n > paths0.get(path, (0, 0.0))[0]
-                },
+                step_paths=_paths_since(self.step_paths, paths0),
             )
 
     def generate_batched(
@@ -438,6 +434,16 @@ class Generator:
             if event.finished:
                 self._seqs.pop(event.request_id, None)
             yield StreamEvent(event.index, event.request_id, event.token_id, text, event.finished, event.output)
+
+
+def _paths_since(now: dict[str, tuple[int, float]], before: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:
+    """Steps and seconds per path added between two snapshots of ``Generator.step_paths``."""
+    added = {}
+    for path, (steps, seconds) in now.items():
+        steps0, seconds0 = before.get(path, (0, 0.0))
+        if steps > steps0:
+            added[path] = (steps - steps0, seconds - seconds0)
+    return added
 
 
 __all__ = ["Generator"]
