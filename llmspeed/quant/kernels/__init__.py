@@ -23,8 +23,8 @@ from .registry import FLOAT_DTYPES, KERNELS, Kernel, register_kernel
 # up to M = 128 on the 4096x4096 layer (at M = 128 on SmolLM2's 576x1536 layer they are within 7%); for prefill,
 # dequantizing once and using MKL's fp32 GEMM wins. It also beats aten::_weight_int8pack_mm with bf16 activations
 # at M = 4-64 (1.4x) and on SmolLM2's shapes at M = 1; at 4096x4096 M = 1 the two trade places between runs
-# (2.5 vs 2.1 ms in one sweep, 1.94 vs 2.17 ms in the full run), so bf16 activations go to it too. The aten int8/int4 CPU kernels are 4x-80x slower than fp32 F.linear with fp32
-# activations. (_weight_int4pack_mm_for_cpu needs a second converted copy of the weight, which would undo part
+# (2.5 vs 2.1 ms in one sweep, 1.94 vs 2.17 ms in the full run), so bf16 activations go to it too. The aten
+# int8/int4 CPU kernels are 4x-80x slower than fp32 F.linear with fp32 activations. (_weight_int4pack_mm_for_cpu needs a second converted copy of the weight, which would undo part
 # of int4's memory saving: auto leaves it to those who name it.)
 AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...] | None, str]]] = {
     ("cpu", "int8"): [(128, None, "cpp"), (None, None, "dequant_fp32")],
