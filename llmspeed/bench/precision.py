@@ -4,9 +4,11 @@ Two tables, every row against fp32 measured in the same run:
 
 * ``precision/model``: perplexity, weight memory, prefill time and batch-1 decode step time of the
   model cast with :func:`llmspeed.cast` (norms and rotary stay fp32), and of the fp32 model run
-  under :func:`llmspeed.autocast` (weights fp32, matmuls bf16);
+  under :func:`llmspeed.autocast` (weights fp32, matmuls bf16). On the CPU, ``bf16-native`` is the
+  bf16 cast with ``cpu_matmul="native"``, to show what the per-call matmul choice gains;
 * ``precision/matmul``: ``F.linear`` at a few shapes ``[M, K] x [N, K]^T`` in each dtype, as
-  GFLOP/s and as weight GB/s, to show what the hardware does with each dtype.
+  GFLOP/s and as weight GB/s, to show what the hardware does with each dtype. On the CPU a
+  ``bf16-upcast`` row times :func:`llmspeed.precision.cpu_matmul.upcast_linear` on the same bf16 tensors.
 
 Why the matmul table matters: a CPU without native bf16 (AVX2 only, no AVX512-BF16/AMX) emulates
 bf16 and fp16 arithmetic, so a large-M matmul (prefill, perplexity) is several times slower
@@ -30,10 +32,12 @@ from tqdm.auto import tqdm
 from ..eval import perplexity, pydoc_text
 from ..memory import memory_footprint
 from ..precision import autocast, cast
+from ..precision.cpu_matmul import upcast_linear
 from .models import load_model, sync
 from .timing import Timing, timeit
 
 VARIANTS = ("fp32", "bf16", "fp16", "autocast-bf16")
+CPU_VARIANTS = ("bf16-native",)  # the bf16 cast without the per-call CPU matmul choice
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -63,6 +67,9 @@ def _variant_model(model: str, device: str, variant: str):
     m = load_model(model, device=device)
     if variant == "autocast-bf16":
         return m, lambda: autocast(m, "bf16")
+    if variant == "bf16-native":
+        cast(m, "bf16", cpu_matmul="native")
+        return m, nullcontext
     cast(m, variant)
     return m, nullcontext
 
@@ -165,19 +172,25 @@ def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def matmul_rows(
     shapes: list[tuple[int, int, int]], device: str = "cpu", repeats: int = 5, progress: bool = False
 ) -> list[dict[str, Any]]:
-    """Time ``F.linear(x[M, K], w[N, K])`` in fp32, bf16 and fp16 at each ``(M, K, N)``; fp32 is the baseline."""
+    """Time ``F.linear(x[M, K], w[N, K])`` in fp32, bf16 and fp16 at each ``(M, K, N)``; fp32 is the baseline.
+
+    On the CPU, ``bf16-upcast`` rows time :func:`~llmspeed.precision.cpu_matmul.upcast_linear` on bf16 tensors.
+    """
     rows = []
     gen = torch.Generator().manual_seed(0)
-    todo = [(shape, name) for shape in shapes for name in DTYPES]
+    cpu = torch.device(device).type == "cpu"
+    names = [*DTYPES, *(["bf16-upcast"] if cpu else [])]
+    todo = [(shape, name) for shape in shapes for name in names]
     base_ms: dict[tuple[int, int, int], float] = {}
     for (m, k, n), name in tqdm(todo, disable=not progress, desc="matmul", leave=False):
-        dtype = DTYPES[name]
+        dtype = DTYPES[name.removesuffix("-upcast")]
         x = torch.randn(m, k, generator=gen).to(device, dtype)  # [M, K]
         w = torch.randn(n, k, generator=gen).to(device, dtype)  # [N, K]
         flops = 2 * m * k * n
         # enough inner calls that one sample lasts a few milliseconds
-        inner = max(1, min(200, int(2e8 / flops))) if torch.device(device).type == "cpu" else 20
-        t = timeit(partial(F.linear, x, w), repeats, 1, inner, device=device)
+        inner = max(1, min(200, int(2e8 / flops))) if cpu else 20
+        fn = partial(upcast_linear, x, w) if name.endswith("-upcast") else partial(F.linear, x, w)
+        t = timeit(fn, repeats, 1, inner, device=device)
         base_ms.setdefault((m, k, n), t.median * 1e3)
         rows.append(
             {
@@ -215,7 +228,8 @@ def run(
     if model.startswith("tiny-"):  # harness tests: a microbenchmark at the tiny model's own shapes
         cfg["matmul_shapes"] = [(1, 64, 128), (16, 64, 128)]
     model_rows = []
-    for variant in tqdm(VARIANTS, disable=not progress, desc="precision"):
+    variants = VARIANTS + (CPU_VARIANTS if torch.device(device).type == "cpu" else ())
+    for variant in tqdm(variants, disable=not progress, desc="precision"):
         model_rows.append(_model_row(model, device, variant, cfg))
         sync(device)
         if torch.device(device).type == "cuda":

@@ -22,14 +22,14 @@ def test_precision_suite_writes_results_and_plots(tmp_path, capsys):
     assert payload["suites"]["precision"]["status"] == "ok"
     rows = payload["suites"]["precision"]["rows"]
     model_rows = {r["variant"]: r for r in rows if r["table"] == "precision/model"}
-    assert set(model_rows) == {"fp32", "bf16", "fp16", "autocast-bf16"}
+    assert set(model_rows) == {"fp32", "bf16", "fp16", "autocast-bf16", "bf16-native"}  # the last: CPU only
     assert model_rows["fp32"]["decode_speedup"] == 1.0
     # casting to 16 bits halves the bytes of the weights (norms stay fp32, a tiny share)
     assert 0.49 < model_rows["bf16"]["memory_vs_base"] < 0.52
     assert model_rows["autocast-bf16"]["memory_vs_base"] == 1.0
     assert all(r["decode_step_ms"] > 0 for r in model_rows.values())
     matmul = [r for r in rows if r["table"] == "precision/matmul"]
-    assert {r["dtype"] for r in matmul} == {"fp32", "bf16", "fp16"} and all(r["GFLOP/s"] > 0 for r in matmul)
+    assert {r["dtype"] for r in matmul} == {"fp32", "bf16", "fp16", "bf16-upcast"} and all(r["GFLOP/s"] > 0 for r in matmul)
     assert sorted(payload["plots"]["precision"]) == ["precision_matmul.png", "precision_model.png"]
     for name in payload["plots"]["precision"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Precision: cast a model to fp16/bf16 with fp32 where it matters, and autocast (mixed precision).
+"""Cast a model to fp16/bf16 with fp32 where it matters, and autocast (mixed precision).
 
 What stays in fp32 after :func:`cast` to a 16-bit dtype, and why:
 
@@ -12,6 +12,10 @@ What stays in fp32 after :func:`cast` to a 16-bit dtype, and why:
 fp16 has a small range (max 65504). Activations that overflow turn into inf/NaN and a model
 would silently produce garbage text; after a cast to fp16 a check on the final hidden states
 raises :class:`Fp16OverflowError`, which suggests bf16 (same range as fp32).
+
+On a CPU, the cast also lets the linear layers choose per call between the native 16-bit matmul and
+an fp32 matmul over weight blocks converted on the fly, whichever :mod:`.cpu_matmul` measured to be
+faster for that many rows here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .protocol import CausalLM, is_quantized
+from ..protocol import CausalLM, is_quantized
+from . import cpu_matmul as cpu_matmul_module
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -80,13 +85,26 @@ def _base_model(root: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) and base is not root else root
 
 
-def cast(model: CausalLM, dtype: str | torch.dtype) -> CausalLM:
+CPU_MATMUL = ("auto", "native")
+
+
+def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto") -> CausalLM:
     """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
 
     Norm weights and rotary tables stay in fp32 (see the module docstring). Casting back to
     fp32 undoes everything. A quantized model cannot be cast: cast first, then quantize.
+
+    Args:
+        model: The model to cast.
+        dtype: The target dtype.
+        cpu_matmul: For a 16-bit cast of a model on the CPU. ``"auto"`` (default) lets each
+            ``nn.Linear`` call use the native 16-bit matmul or :func:`~.cpu_matmul.upcast_linear`,
+            whichever is faster for its number of rows on this CPU (:func:`~.cpu_matmul.crossover`).
+            ``"native"`` always uses the native kernel.
     """
     target = resolve_dtype(dtype)
+    if cpu_matmul not in CPU_MATMUL:
+        raise ValueError(f"cpu_matmul must be one of {list(CPU_MATMUL)}; got {cpu_matmul!r}")
     quantized = [name for name, module in model.linear_layers() if is_quantized(module)]
     if quantized:
         raise TypeError(
@@ -114,6 +132,9 @@ def cast(model: CausalLM, dtype: str | torch.dtype) -> CausalLM:
     if target == torch.float16:
         hooks.append(_base_model(root).register_forward_hook(_check_finite))
     setattr(root, _HOOKS, hooks)
+    cpu_matmul_module.remove(root)
+    if target != torch.float32 and cpu_matmul == "auto" and model.spec.device.type == "cpu":
+        cpu_matmul_module.install(root)
     if getattr(root, "config", None) is not None:
         root.config.dtype = target
     return model

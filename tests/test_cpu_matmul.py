@@ -1,0 +1,145 @@
+"""16-bit linear layers on the CPU: the blocked fp32 path, the measured crossover, and cast()'s per-call choice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import llmspeed
+from llmspeed.precision import cpu_matmul
+
+IDS = torch.arange(1, 17)[None]  # [1, 16]
+HALF = [torch.bfloat16, torch.float16]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 130),
+    k=st.integers(1, 96),
+    n=st.integers(1, 200),
+    lead=st.sampled_from([(), (2,), (1, 3)]),
+    with_bias=st.booleans(),
+    dtype=st.sampled_from(HALF),
+    block_bytes=st.sampled_from([4, 256, 4096, 1 << 20]),
+    seed=st.integers(0, 2**16),
+)
+def test_upcast_linear_is_the_fp32_product_rounded_once(m, k, n, lead, with_bias, dtype, block_bytes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, m, k, generator=gen).to(dtype)  # [..., M, K]
+    w = torch.randn(n, k, generator=gen).to(dtype)  # [N, K]
+    b = torch.randn(n, generator=gen).to(dtype) if with_bias else None  # [N]
+    x0, w0 = x.clone(), w.clone()
+    out = cpu_matmul.upcast_linear(x, w, b, block_bytes=block_bytes)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())  # [..., M, N]
+    assert out.shape == (*lead, m, n) and out.dtype == dtype and out.is_contiguous()
+    # one rounding to 16 bits (half an ulp) plus fp32 summation error
+    ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    bound = ulp * exact.abs() + 1e-5 * k * (x.double().abs() @ w.double().abs().T).max()
+    assert ((out.double() - exact).abs() <= bound + 1e-6).all()
+    assert torch.equal(x, x0) and torch.equal(w, w0)  # inputs untouched
+
+
+def test_crossover_is_the_smallest_m_from_which_upcast_always_wins(monkeypatch):
+    def fake(times):
+        return lambda dtype: times
+
+    cases = [
+        ({2: (1, 2), 4: (2, 1), 8: (4, 1), 16: (8, 2), 64: (32, 4)}, 4),
+        ({2: (1, 0.5), 4: (2, 1), 8: (4, 1), 16: (8, 2), 64: (32, 4)}, 2),
+        ({2: (1, 2), 4: (2, 1), 8: (4, 5), 16: (8, 2), 64: (32, 4)}, 16),  # a loss at 8 moves it up
+        ({2: (1, 2), 4: (2, 3), 8: (4, 5), 16: (8, 9), 64: (32, 40)}, None),  # native bf16 CPU
+    ]
+    for times, expected in cases:
+        monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {})
+        monkeypatch.setattr(cpu_matmul, "measure", fake(times))
+        assert cpu_matmul.crossover(torch.bfloat16) == expected
+
+
+def test_crossover_is_measured_once_and_rejects_other_dtypes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {})
+    monkeypatch.setattr(cpu_matmul, "measure", lambda dtype: calls.append(dtype) or {2: (1.0, 0.5)})
+    assert cpu_matmul.crossover(torch.float16) == cpu_matmul.crossover(torch.float16) == 2
+    assert calls == [torch.float16]
+    with pytest.raises(ValueError, match="dtype must be torch.bfloat16 or torch.float16; got torch.float32"):
+        cpu_matmul.crossover(torch.float32)
+
+
+def test_measure_times_both_paths_at_each_m():
+    times = cpu_matmul.measure(torch.bfloat16, rows=(1, 8), size=64)
+    assert set(times) == {1, 8}
+    assert all(native > 0 and upcast > 0 for native, upcast in times.values())
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = cpu_matmul.upcast_linear
+
+    def spy(x, weight, bias=None, block_bytes=cpu_matmul.BLOCK_BYTES):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, weight, bias, block_bytes)
+
+    monkeypatch.setattr(cpu_matmul, "upcast_linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cast_layers_take_the_upcast_path_from_the_crossover_on(llama, monkeypatch, dtype):
+    target = llmspeed.precision.resolve_dtype(dtype)
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {target: 4})
+    calls = _spy(monkeypatch)
+    llmspeed.cast(llama, dtype)
+    linears = [m for m in llama.hf.modules() if type(m) is nn.Linear]
+    assert cpu_matmul.installed(llama.hf) == len(linears) > 0
+    with torch.no_grad():
+        llama.hf(IDS[:, :3])  # M = 3: native everywhere
+        assert calls == []
+        auto = llama.hf(IDS).logits  # M = 16: every linear upcasts
+        assert calls == [16] * len(linears)
+    llmspeed.cast(llama, dtype, cpu_matmul="native")
+    assert cpu_matmul.installed(llama.hf) == 0
+    with torch.no_grad():
+        native = llama.hf(IDS).logits
+    assert len(calls) == len(linears)
+    # both accumulate in fp32 and round once per layer: same logits up to 16-bit rounding
+    assert (auto.float() - native.float()).abs().max().item() < 5e-2
+
+
+def test_cast_back_to_fp32_and_quantize_drop_the_choice(llama):
+    state = {k: v.clone() for k, v in llmspeed.cast(llama, "bf16").hf.state_dict().items()}
+    assert cpu_matmul.installed(llama.hf) > 0
+    assert llama.hf.state_dict().keys() == state.keys()  # weights and state dict unchanged
+    twin = copy.deepcopy(llama)
+    assert cpu_matmul.installed(twin.hf) == cpu_matmul.installed(llama.hf)
+    with torch.no_grad():
+        assert torch.equal(twin.hf(IDS).logits, llama.hf(IDS).logits)
+    llmspeed.quantize(twin, "int8")
+    assert cpu_matmul.installed(twin.hf) == 1  # lm_head stays float (skipped by default)
+    llmspeed.cast(llama, "fp32")
+    assert cpu_matmul.installed(llama.hf) == 0
+
+
+def test_gradients_take_the_native_path(llama, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 1})
+    calls = _spy(monkeypatch)
+    llmspeed.cast(llama, "bf16")
+    layer = llama.hf.model.layers[0].mlp.up_proj
+    x = torch.randn(8, layer.in_features, dtype=torch.bfloat16, requires_grad=True)  # [8, in]
+    layer(x).sum().backward()
+    assert x.grad is not None and calls == []
+    with torch.no_grad():
+        layer(x)
+    assert calls == [8]
+
+
+def test_bad_cpu_matmul_is_a_clear_error_and_changes_nothing(llama):
+    with pytest.raises(ValueError, match=r"cpu_matmul must be one of \['auto', 'native'\]; got 'fast'"):
+        llmspeed.cast(llama, "bf16", cpu_matmul="fast")
+    assert all(p.dtype == torch.float32 for p in llama.hf.parameters())
+    assert cpu_matmul.installed(llama.hf) == 0
