@@ -63,11 +63,13 @@ PRECISION = [
         "show(rows)"
     ),
     new_markdown_cell(
-        "Memory halves and perplexity moves by well under 1%. The evaluation time is another story: on a "
-        "CPU without native bf16 (this project's CI machine is AVX2-only) 16-bit matmuls are *emulated*, "
-        "so the 16-bit models evaluate more slowly than fp32. The microbenchmark below shows where: "
-        "large M (prefill, perplexity) is compute bound and pays the emulation; M=1 (decoding) is bound by "
-        "reading the weights, where half the bytes can win."
+        "Memory halves and perplexity moves by well under 1%. Speed depends on the CPU. Without native bf16 "
+        "(this project's CI machine is AVX2-only), PyTorch's 16-bit matmuls cost about the same per row at "
+        "any M, so prefill and perplexity would run several times slower than in fp32. So on the CPU, "
+        "`llmspeed.cast` lets each linear layer choose per call. From a row count it measures once (M=4 on "
+        "that machine), it converts the weight to fp32 in cache-sized blocks and runs the fp32 GEMM: the "
+        "`bf16-upcast` rows below. At M=1 (decoding) a matmul is bound by reading the weights, and the native "
+        "kernel, reading half the bytes, can win."
     ),
     new_code_cell(
         "from llmspeed.bench.precision import matmul_rows\n"
@@ -78,7 +80,7 @@ PRECISION = [
     new_code_cell(
         "import matplotlib.pyplot as plt\n"
         "fig, ax = plt.subplots(figsize=(5, 3))\n"
-        "for dtype in ('fp32', 'bf16', 'fp16'):\n"
+        "for dtype in sorted({r['dtype'] for r in mm}):\n"
         "    pts = [(r['M'], r['GFLOP/s']) for r in mm if r['dtype'] == dtype]\n"
         "    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=dtype)\n"
         "ax.set_xscale('log', base=2); ax.set_xlabel('M (tokens)'); ax.set_ylabel('GFLOP/s'); ax.legend()\n"

@@ -291,12 +291,14 @@ def run(
         except ImportError as exc:
             rows.append({**_row("llmspeed Generator", name, n, useful, float("inf"), base), "note": f"skipped: {exc}"})
             continue
-        k = n if name != "bf16" or quick else n // 3  # emulated bf16 is slow on this CPU: a third of the requests
+        k = n
         if gpu and name == "int8" and not quick:
             k = n // 4  # weight-only int8 has no fused CUDA kernel here: a quarter of the requests bounds the run
         t, note = _llmspeed(v, prompts[:k], lengths[:k], progress, **gen_kwargs)
         if name == "bf16" and not gpu:
-            note = f"bf16 prefill matmuls are emulated on this AVX2 CPU (~6x slower than fp32); {note}"
+            m_min = precision.cpu_matmul.crossover(torch.bfloat16)
+            how_16 = "native bf16 matmul" if m_min is None else f"linears of M >= {m_min} rows in fp32 over bf16 weight blocks"
+            note = f"{how_16}; {note}"
         if k < n:
             note += f"; first {k} requests only"
         rows.append(_row("llmspeed Generator", name, k, sum(lengths[:k]), t, base, note))
