@@ -53,8 +53,8 @@ class QuantizedLinearBase(nn.Module):
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
 
     # --- to implement per format ---------------------------------------------------------------
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
-        """The float weight this module represents (the test oracle of every kernel)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
+        """The float weight this module represents (the test oracle of every kernel); ``rows``: only those output rows."""
         raise NotImplementedError
 
     # --- construction --------------------------------------------------------------------------
@@ -204,8 +204,9 @@ class Int8Linear(QuantizedLinearBase):
         m.scales.copy_(scales.float())
         return m
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
-        return P.dequantize_int8(self.qweight, self.scales).to(dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
+        rows = slice(None) if rows is None else rows
+        return P.dequantize_int8(self.qweight[rows], self.scales[rows]).to(dtype)
 
 
 class _Packed4Bit(QuantizedLinearBase):
@@ -220,9 +221,9 @@ class _Packed4Bit(QuantizedLinearBase):
     def _register_scales(self, out: int, groups: int, device) -> None:
         self.register_buffer("scales", torch.ones(out, groups, dtype=torch.float32, device=device))
 
-    def codes(self) -> torch.Tensor:  # [out, in_pad] uint8
-        """The unpacked 4-bit codes, padding columns included."""
-        return P.unpack_nibbles(self.qweight)
+    def codes(self, rows: slice | None = None) -> torch.Tensor:  # [r, in_pad] uint8
+        """The unpacked 4-bit codes (of ``rows`` only, if given), padding columns included."""
+        return P.unpack_nibbles(self.qweight if rows is None else self.qweight[rows])
 
     @classmethod
     def _build(cls, codes, scales, config, bias, in_features):
@@ -258,8 +259,9 @@ class Int4Linear(_Packed4Bit):
         m.zeros.copy_(zeros.float())
         return m
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
-        w = P.dequantize_int4(self.codes(), self.scales, self.zeros, self.config.group_size)
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
+        rows = slice(None) if rows is None else rows
+        w = P.dequantize_int4(self.codes(rows), self.scales[rows], self.zeros[rows], self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 
 
@@ -304,14 +306,16 @@ class NF4Linear(_Packed4Bit):
             m.scales.copy_(scales.float())
         return m
 
-    def group_scales(self) -> torch.Tensor:  # [out, groups] fp32
-        """Per-group absmax, double-dequantized when needed."""
+    def group_scales(self, rows: slice | None = None) -> torch.Tensor:  # [r, groups] fp32
+        """Per-group absmax (of ``rows`` only, if given), double-dequantized when needed."""
+        rows = slice(None) if rows is None else rows
         if self.config.double_quant:
-            return P.double_dequantize(self.scales_q, self.scales_scale, self.scales_offset)
-        return self.scales
+            first = rows.indices(self.out_features)[0] * self.scales_q.shape[1]  # flat index of the first scale
+            return P.double_dequantize(self.scales_q[rows], self.scales_scale, self.scales_offset, first)
+        return self.scales[rows]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
-        w = P.dequantize_nf4(self.codes(), self.group_scales(), self.config.group_size)
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
+        w = P.dequantize_nf4(self.codes(rows), self.group_scales(rows), self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 
 

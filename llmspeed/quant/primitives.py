@@ -53,7 +53,7 @@ def _groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, g
         return w.unsqueeze(1)  # [out, 1, in]
     if w.shape[-1] % group_size:
         raise ValueError(f"the padded row length {w.shape[-1]} must be a multiple of group_size={group_size}")
-    return w.reshape(w.shape[0], -1, group_size)
+    return w.reshape(w.shape[0], w.shape[-1] // group_size, group_size)  # explicit: also for 0 rows
 
 
 # --- int8: per output channel, symmetric ------------------------------------------------------
@@ -143,10 +143,14 @@ def double_quantize(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q.reshape(-1)[: flat.numel()].reshape(scales.shape), block_scale, offset
 
 
-def double_dequantize(q: torch.Tensor, block_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """fp32 scales (shape of ``q``) from :func:`double_quantize` output."""
+def double_dequantize(q: torch.Tensor, block_scale: torch.Tensor, offset: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """fp32 scales (shape of ``q``) from :func:`double_quantize` output.
+
+    ``q`` may be a contiguous run of the quantized scales whose first element has flat index ``first``
+    (a block of rows), so that each scale meets its own block's ``block_scale``.
+    """
     flat = q.reshape(-1).float()  # [n]
-    block = torch.arange(flat.numel(), device=q.device) // DQ_BLOCK
+    block = torch.arange(first, first + flat.numel(), device=q.device) // DQ_BLOCK
     return (flat * block_scale[block] + offset).reshape(q.shape)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import llmspeed
@@ -175,3 +177,39 @@ def test_probe_rejects_kernels_that_fail_or_disagree_with_the_reference():
     assert "relative error 0.5" in probe(replace(base, name="wrong", run=wrong), module, x)
     assert probe(replace(base, name="broken", run=broken), module, x).startswith("ValueError: no kernel image")
     assert "relative error nan" in probe(replace(base, name="nan", run=nan), module, x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=st.sampled_from([("int8", None, False), ("int4", 32, False), ("nf4", 32, False), ("nf4", 32, True)]),
+    n=st.integers(1, 160),
+    bounds=st.tuples(st.integers(0, 160), st.integers(0, 170)),
+)
+def test_dequantize_rows_is_those_rows_of_the_whole_weight(case, n, bounds):
+    fmt, group, double_quant = case
+    torch.manual_seed(n)
+    # 100 inputs at group 32: 4 groups a row, so double-quant blocks of 256 scales start mid-weight
+    module = module_class(fmt).from_linear(nn.Linear(100, n, bias=False), QuantConfig(fmt, group, double_quant=double_quant))
+    rows = slice(min(bounds), max(bounds))
+    assert torch.equal(module.dequantize(torch.float32, rows), module.dequantize(torch.float32)[rows])
+
+
+@pytest.mark.parametrize("fmt, group, k", [("int8", None, 96), ("int4", 32, 100), ("nf4", 64, 100)])
+def test_dequant_fp32_in_row_blocks_matches_reference(fmt, group, k, monkeypatch):
+    from llmspeed.quant.kernels import reference
+
+    monkeypatch.setattr(reference, "BLOCK_BYTES", 4 * k * 5)  # 5 rows a block: 9 full blocks and a partial one
+    module = _module(fmt, group, k, double_quant=fmt == "nf4")
+    kernel = KERNELS["dequant_fp32"]
+    for dtype in TOLERANCE:
+        for m in (1, 17, 130):
+            x = torch.randn(m, k).to(dtype)
+            ref = KERNELS["reference"].run(module, x).float()
+            out = kernel.run(module, x)
+            assert out.dtype == dtype and out.shape == (m, 48)
+            assert ((out.float() - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE[dtype]
+    # inside the autograd function the blocks are written with out=, which grad mode would refuse
+    module.config = QuantConfig(fmt, group, kernel="dequant_fp32", double_quant=fmt == "nf4")
+    x = torch.randn(130, k, requires_grad=True)
+    module(x).sum().backward()
+    assert torch.allclose(x.grad, module.dequantize().sum(0).expand(130, k), atol=1e-5)

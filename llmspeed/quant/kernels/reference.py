@@ -13,9 +13,28 @@ def reference(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
     return F.linear(x, module.dequantize(x.dtype))
 
 
+BLOCK_BYTES = 1 << 22  # fp32 bytes of weight dequantized at a time by dequant_fp32 (4 MB: fastest of 1/4/whole here)
+
+
 def dequant_fp32(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
-    """Dequantize to fp32 and multiply in fp32 (faster than bf16/fp16 matmul on CPUs without native bf16)."""
-    return F.linear(x.float(), module.dequantize(torch.float32)).to(x.dtype)
+    """Dequantize to fp32 and multiply in fp32 (faster than bf16/fp16 matmul on CPUs without native bf16).
+
+    The weight is dequantized ``BLOCK_BYTES`` of fp32 at a time, a block of output rows, and each block
+    is multiplied at once. The blocks reuse allocator memory. A whole 4096x4096 weight would be a 67 MB
+    temporary, and more for its intermediate steps, each allocation faulting in fresh pages. Measured on
+    that layer at M = 256 (2 cores): int8 155 ms against 199 ms whole, int4 174 against 236, NF4 236
+    against 290; fp32 ``F.linear`` 155 ms. SmolLM2's layers (3.5 MB in fp32) fit in one block.
+    """
+    xf = x.float()  # [M, in]
+    n, k = module.out_features, module.in_features
+    rows = max(1, BLOCK_BYTES // (4 * k))
+    if rows >= n or (torch.is_grad_enabled() and xf.requires_grad):
+        return F.linear(xf, module.dequantize(torch.float32)).to(x.dtype)
+    out = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)  # [M, out]
+    for i in range(0, n, rows):
+        block = module.dequantize(torch.float32, slice(i, i + rows))  # [r, in]
+        torch.mm(xf, block.t(), out=out[:, i : i + rows])  # [M, r]
+    return out.to(x.dtype)
 
 
 register_kernel(
