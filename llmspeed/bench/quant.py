@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import llmspeed
 
+from ..precision import cpu_matmul
 from ..quant import QuantConfig, module_class
 from ..quant.kernels import KERNELS, auto_kernel
 from .timing import copies_to_defeat_cache, timeit, timeit_cuda_graph
@@ -104,12 +105,17 @@ def _time(fn: Callable, device: str, quick: bool) -> float:
 def kernel_rows(
     device: str, shapes: list[tuple[int, int]], rows_m: list[int], quick: bool, progress: bool
 ) -> list[dict]:
-    """Each format x kernel path vs fp32 and bf16 ``F.linear`` at each M (same weights, same run)."""
+    """Each format x kernel path vs fp32 and bf16 at each M (same weights, same run).
+
+    The bf16 baseline is what a layer of a bf16-cast model runs: on a CPU from the measured crossover
+    on (:func:`llmspeed.precision.cpu_matmul.crossover`), fp32 GEMMs over converted weight blocks, timed
+    in a row of its own next to the native ``F.linear``.
+    """
     out = []
     jobs = [(k, n, m) for (k, n) in shapes for m in rows_m]
     for k, n, m in tqdm(jobs, disable=not progress, desc="kernels"):
         torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device=device)
+        lin = torch.nn.Linear(k, n, bias=False, device=device).requires_grad_(False)
         x = torch.randn(m, k, device=device)
         shape = f"{k}x{n} M={m}"
         fp32 = _time(lambda x=x, w=lin.weight: F.linear(x, w), device, quick)
@@ -121,6 +127,13 @@ def kernel_rows(
         out.append(
             _row("kernels", f"{shape} bf16 F.linear", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True)
         )
+        bf16_base = "bf16 F.linear"
+        if cpu_matmul.uses_upcast(xb, wb):  # a layer of a bf16-cast model runs this path instead
+            bf16 = _time(lambda xb=xb, wb=wb: cpu_matmul.upcast_linear(xb, wb), device, quick)
+            bf16_base = "bf16 cast layer"
+            out.append(
+                _row("kernels", f"{shape} {bf16_base} (fp32 blocks)", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True)
+            )
         for fmt in ("int8", "int4", "nf4"):
             module = module_class(fmt).from_linear(lin, QuantConfig(fmt))
             for xin, dname in ((x, "fp32"), (xb, "bf16")):
@@ -140,14 +153,14 @@ def kernel_rows(
                         NotImplementedError,
                     ) as err:  # an aten op without this device's code
                         mark, t = f" failed: {str(err).splitlines()[0][:60]}", float("nan")
-                    base, bt = ("fp32", fp32) if dname == "fp32" else ("bf16", bf16)
+                    base, bt = ("fp32 F.linear", fp32) if dname == "fp32" else (bf16_base, bf16)
                     out.append(
                         _row(
                             "kernels",
                             f"{shape} {fmt} {dname} {name}{mark}",
                             t * 1e6,
                             "us",
-                            f"{base} F.linear",
+                            base,
                             bt * 1e6,
                             speed=True,
                         )

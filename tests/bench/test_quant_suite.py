@@ -1,0 +1,22 @@
+"""Quant suite pieces: the kernel microbenchmark's rows and baselines."""
+
+from __future__ import annotations
+
+import torch
+
+from llmspeed.bench.quant import kernel_rows
+from llmspeed.precision import cpu_matmul
+
+
+def test_kernel_rows_compare_bf16_paths_with_what_a_cast_layer_runs(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4})
+    rows = kernel_rows("cpu", [(64, 96)], [1, 8], quick=True, progress=False)
+    cases = [r["case"] for r in rows]
+    # below the crossover a cast layer runs the native kernel; from it on, the fp32-block path, timed too
+    assert "64x96 M=1 bf16 F.linear" in cases and not any(c.startswith("64x96 M=1 bf16 cast layer") for c in cases)
+    assert "64x96 M=8 bf16 cast layer (fp32 blocks)" in cases
+    for r in rows:
+        if " bf16 " in r["case"] and r["case"].split()[2] in ("int8", "int4", "nf4"):
+            expected = "bf16 cast layer" if "M=8" in r["case"] else "bf16 F.linear"
+            assert r["baseline"] == expected, r
+        assert r["value"] > 0 or r["value"] != r["value"]  # a time, or NaN for a failed aten op
