@@ -36,6 +36,8 @@ class QuantizedLinearBase(nn.Module):
     """Shared plumbing of the quantized linears: bias, kernel choice and caching, autograd, repr."""
 
     quant_format: str = ""
+    qweight: torch.Tensor  # buffers, registered per format (annotated for type checkers)
+    scales: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: torch.Tensor | None):
         super().__init__()
@@ -241,6 +243,7 @@ class Int4Linear(_Packed4Bit):
     """Weight-only int4, group-wise asymmetric: ``w = (code - zero) * scale``; adds ``zeros`` fp32 [out, groups]."""
 
     quant_format = "int4"
+    zeros: torch.Tensor
 
     def __init__(
         self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None
@@ -273,6 +276,9 @@ class NF4Linear(_Packed4Bit):
     """
 
     quant_format = "nf4"
+    scales_q: torch.Tensor
+    scales_scale: torch.Tensor
+    scales_offset: torch.Tensor
 
     def __init__(
         self, in_features: int, out_features: int, config: QuantConfig | None = None, bias=None, device=None
