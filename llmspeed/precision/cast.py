@@ -123,20 +123,38 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
     root.to(target)
     for (name, buf_name), saved in rotary.items():
         setattr(root.get_submodule(name), buf_name, saved.to(getattr(root.get_submodule(name), buf_name).device))
-    hooks = []
     if target != torch.float32:
         for module in root.modules():
             if _is_norm(module):
                 module.to(torch.float32)
-                hooks.append(module.register_forward_hook(_round_output(target)))
+    attach(model, target, cpu_matmul=cpu_matmul)
+    if getattr(root, "config", None) is not None:
+        root.config.dtype = target
+    return model
+
+
+def attach(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto") -> CausalLM:
+    """Register what a model cast to ``dtype`` needs at run time, changing no tensor; return the model.
+
+    That is the rounding of the norms' fp32 outputs to ``dtype``, the fp16 overflow check and, on the
+    CPU, the per-call 16-bit matmul choice (see :func:`cast` for ``cpu_matmul``). Hooks from an earlier
+    call are replaced. :func:`cast` ends with it; :func:`llmspeed.load` calls it for a model saved in
+    16 bits, whose tensors come back as they were saved (norms in fp32) but whose hooks do not.
+    """
+    target = resolve_dtype(dtype)
+    if cpu_matmul not in CPU_MATMUL:
+        raise ValueError(f"cpu_matmul must be one of {list(CPU_MATMUL)}; got {cpu_matmul!r}")
+    root = model.module
+    _remove_hooks(root)
+    hooks = []
+    if target != torch.float32:
+        hooks = [m.register_forward_hook(_round_output(target)) for m in root.modules() if _is_norm(m)]
     if target == torch.float16:
         hooks.append(_base_model(root).register_forward_hook(_check_finite))
     setattr(root, _HOOKS, hooks)
     cpu_matmul_module.remove(root)
     if target != torch.float32 and cpu_matmul == "auto" and model.spec.device.type == "cpu":
         cpu_matmul_module.install(root)
-    if getattr(root, "config", None) is not None:
-        root.config.dtype = target
     return model
 
 

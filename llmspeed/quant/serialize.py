@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model import Model
+from ..precision import attach
 from ..protocol import CausalLM
 from .config import QuantConfig
 from .modules import QuantizedLinearBase, module_class
@@ -186,4 +187,6 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
         raise ValueError(f"{directory / WEIGHTS} lacks parameters {left[:3]}; save the model again")
     hf.to(device)
     hf.eval()
+    if dtype in (torch.bfloat16, torch.float16):  # the tensors are back; a cast's run-time hooks are not
+        attach(model, dtype)
     return model

@@ -38,6 +38,29 @@ def test_round_trip_is_bit_exact(tmp_path, llama, fmt, kwargs):
     assert q == {n: type(m) for n, m in loaded.linear_layers()}
 
 
+@pytest.mark.parametrize("dtype, fmt", [("bf16", None), ("bf16", "int8"), ("fp16", "int4"), ("bf16", "nf4")])
+def test_16_bit_models_load_with_their_cast_hooks(tmp_path, llama, dtype, fmt):
+    from llmspeed.precision import Fp16OverflowError, cpu_matmul
+
+    llmspeed.cast(llama, dtype)
+    if fmt is not None:
+        llmspeed.quantize(llama, fmt)
+    llmspeed.save(llama, tmp_path)
+    loaded = llmspeed.load(tmp_path)
+    _assert_bit_exact(llama, loaded)  # norms come back in fp32, the rest in 16 bits
+    ids = torch.arange(1, 17)[None]  # [1, 16]: past the CPU matmul crossover on most machines
+    with torch.no_grad():  # without the norms' rounding hooks the next 16-bit matmul gets fp32 inputs and fails
+        assert torch.equal(llama.hf(ids).logits, loaded.hf(ids).logits)
+    assert cpu_matmul.installed(loaded.hf) == cpu_matmul.installed(llama.hf) > 0
+    if dtype == "fp16":  # the overflow check comes back too
+        with torch.no_grad():
+            mlp = loaded.hf.model.layers[0].mlp  # int4: scales 6e4 make activations past 65504
+            mlp.up_proj.scales.fill_(6e4)
+            mlp.down_proj.scales.fill_(6e4)
+            with pytest.raises(Fp16OverflowError):
+                loaded.hf(ids)
+
+
 def test_tied_head_stays_tied_and_float_model_works(tmp_path):
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
