@@ -88,6 +88,11 @@ def _base_model(root: nn.Module) -> nn.Module:
 CPU_MATMUL = ("auto", "native")
 
 
+def _check_cpu_matmul(value: str) -> None:
+    if value not in CPU_MATMUL:
+        raise ValueError(f"cpu_matmul must be one of {list(CPU_MATMUL)}; got {value!r}")
+
+
 def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto") -> CausalLM:
     """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
 
@@ -103,8 +108,7 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
             ``"native"`` always uses the native kernel.
     """
     target = resolve_dtype(dtype)
-    if cpu_matmul not in CPU_MATMUL:
-        raise ValueError(f"cpu_matmul must be one of {list(CPU_MATMUL)}; got {cpu_matmul!r}")
+    _check_cpu_matmul(cpu_matmul)
     quantized = [name for name, module in model.linear_layers() if is_quantized(module)]
     if quantized:
         raise TypeError(
@@ -119,7 +123,6 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
         for buf_name, buf in module.named_buffers(recurse=False)
         if "inv_freq" in buf_name
     }
-    _remove_hooks(root)
     root.to(target)
     for (name, buf_name), saved in rotary.items():
         setattr(root.get_submodule(name), buf_name, saved.to(getattr(root.get_submodule(name), buf_name).device))
@@ -142,8 +145,7 @@ def attach(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto
     16 bits, whose tensors come back as they were saved (norms in fp32) but whose hooks do not.
     """
     target = resolve_dtype(dtype)
-    if cpu_matmul not in CPU_MATMUL:
-        raise ValueError(f"cpu_matmul must be one of {list(CPU_MATMUL)}; got {cpu_matmul!r}")
+    _check_cpu_matmul(cpu_matmul)
     root = model.module
     _remove_hooks(root)
     hooks = []

@@ -55,7 +55,7 @@ class QuantizedLinearBase(nn.Module):
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
 
     # --- to implement per format ---------------------------------------------------------------
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
         """The float weight this module represents (the test oracle of every kernel); ``rows``: only those output rows."""
         raise NotImplementedError
 
@@ -206,8 +206,7 @@ class Int8Linear(QuantizedLinearBase):
         m.scales.copy_(scales.float())
         return m
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
-        rows = slice(None) if rows is None else rows
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
         return P.dequantize_int8(self.qweight[rows], self.scales[rows]).to(dtype)
 
 
@@ -223,9 +222,9 @@ class _Packed4Bit(QuantizedLinearBase):
     def _register_scales(self, out: int, groups: int, device) -> None:
         self.register_buffer("scales", torch.ones(out, groups, dtype=torch.float32, device=device))
 
-    def codes(self, rows: slice | None = None) -> torch.Tensor:  # [r, in_pad] uint8
-        """The unpacked 4-bit codes (of ``rows`` only, if given), padding columns included."""
-        return P.unpack_nibbles(self.qweight if rows is None else self.qweight[rows])
+    def codes(self, rows: slice = slice(None)) -> torch.Tensor:  # [r, in_pad] uint8
+        """The unpacked 4-bit codes of ``rows`` (default: all), padding columns included."""
+        return P.unpack_nibbles(self.qweight[rows])
 
     @classmethod
     def _build(cls, codes, scales, config, bias, in_features):
@@ -262,8 +261,7 @@ class Int4Linear(_Packed4Bit):
         m.zeros.copy_(zeros.float())
         return m
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
-        rows = slice(None) if rows is None else rows
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
         w = P.dequantize_int4(self.codes(rows), self.scales[rows], self.zeros[rows], self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 
@@ -312,15 +310,14 @@ class NF4Linear(_Packed4Bit):
             m.scales.copy_(scales.float())
         return m
 
-    def group_scales(self, rows: slice | None = None) -> torch.Tensor:  # [r, groups] fp32
-        """Per-group absmax (of ``rows`` only, if given), double-dequantized when needed."""
-        rows = slice(None) if rows is None else rows
+    def group_scales(self, rows: slice = slice(None)) -> torch.Tensor:  # [r, groups] fp32
+        """Per-group absmax of ``rows`` (default: all), double-dequantized when needed."""
         if self.config.double_quant:
             first = rows.indices(self.out_features)[0] * self.scales_q.shape[1]  # flat index of the first scale
             return P.double_dequantize(self.scales_q[rows], self.scales_scale, self.scales_offset, first)
         return self.scales[rows]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:  # [r, in]
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
         w = P.dequantize_nf4(self.codes(rows), self.group_scales(rows), self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 
