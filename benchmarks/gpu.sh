@@ -11,6 +11,7 @@
 #   summary.md            status of each step and every suite's Markdown tables
 #   gpu.log               the whole log
 #   gpu-results.tar.gz    everything: per-suite results.json, tables and PNG plots, pytest output
+# LLMSPEED_GPU_ONLY (step names) and LLMSPEED_GPU_TESTS (test paths) narrow a rerun.
 set -u -o pipefail
 
 OUT_DIR=${1:?usage: benchmarks/gpu.sh OUT_DIR}
@@ -27,10 +28,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZER
 log() { echo "[gpu.sh $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
-# step NAME MAX_SECONDS CMD...: run CMD under timeout min(MAX_SECONDS, budget left); never fatal
+# step NAME MAX_SECONDS CMD...: run CMD under timeout min(MAX_SECONDS, budget left); never fatal.
+# LLMSPEED_GPU_ONLY="pytest-gpu bench-quant ..." runs only the named steps (install and environment always run).
 step() {
   local name=$1 max=$2 rest
   shift 2
+  if [ -n "${LLMSPEED_GPU_ONLY:-}" ] && [[ " install-wheels environment $LLMSPEED_GPU_ONLY " != *" $name "* ]]; then
+    return 0
+  fi
   rest=$(left)
   if ((rest < 15)); then
     log "SKIP $name: budget of ${BUDGET}s spent"
@@ -84,7 +89,10 @@ REAL_MODEL=$([ "$HAVE_SMOLLM2" = 1 ] && echo smollm2 || echo llama-1b-random)
 # 2. GPU tests (tests that need SmolLM2 are deselected when it is not there)
 MARK="gpu"
 [ "$HAVE_SMOLLM2" = 1 ] || MARK="gpu and not slow"
-step pytest-gpu 150 "$PY" -m pytest -q -m "$MARK" -p no:cacheprovider --junitxml="$WORK/pytest-gpu.xml"
+# LLMSPEED_GPU_TESTS: the test paths to run (default: all of tests/)
+# shellcheck disable=SC2086  # the paths are meant to split
+step pytest-gpu 120 "$PY" -m pytest -q -m "$MARK" -p no:cacheprovider --junitxml="$WORK/pytest-gpu.xml" \
+  ${LLMSPEED_GPU_TESTS:-tests}
 
 # 3. suites, each in its own process so a crash or hang costs only that suite
 bench() {
@@ -92,12 +100,13 @@ bench() {
   shift 2
   step "bench-$suite" "$max" "$PY" -m llmspeed bench "$suite" --device cuda --no-progress --out "$WORK/$suite" "$@"
 }
-bench precision 45 --model llama-1b-random
-bench quant 150 --model llama-1b-random --quick
-bench batching 240 --model llama-1b-random
+# the open GPU goals first (quant: int4 GEMV; batching: throughput), the suites already measured last
+bench quant 120 --model llama-1b-random --quick
+bench batching 180 --model llama-1b-random
 # where the batching run's time goes: step paths and the top CUDA kernels (torch.profiler)
-step profile-batching 90 "$PY" benchmarks/profile_batching.py --device cuda --model llama-1b-random \
+step profile-batching 75 "$PY" benchmarks/profile_batching.py --device cuda --model llama-1b-random \
   --requests 128 --no-trace --out "$WORK/profile"
+bench precision 45 --model llama-1b-random
 bench lora 100 --model "$REAL_MODEL" --quick
 # calibration reports perplexity, which means nothing on random weights: only with the real model
 if [ "$HAVE_SMOLLM2" = 1 ]; then bench calibration 60 --model smollm2 --quick; fi
