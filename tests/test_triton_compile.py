@@ -17,7 +17,7 @@ import torch
 
 from llmspeed.generation import triton_attention
 from llmspeed.quant import QuantConfig
-from llmspeed.quant.kernels import triton_gemv
+from llmspeed.quant.kernels import triton_dequant, triton_gemv
 from llmspeed.quant.modules import MODULES
 
 if importlib.util.find_spec("triton") is None:
@@ -101,3 +101,15 @@ def test_triton_gemv_compiles_for_every_autotune_config(monkeypatch, fmt, extra)
     for config in autotuner.configs:
         size = _compile(autotuner.fn, args, {**constexprs, **config.kwargs}, 90, config.num_warps)
         assert size > 0, config
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("fmt, extra", [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {"group_size": 64})])
+def test_triton_dequantize_compiles(monkeypatch, arch, fmt, extra):
+    recorder, kernel = _Recorder(), triton_dequant._kernel()
+    monkeypatch.setattr(triton_dequant, "_kernel", lambda: recorder)
+    module = MODULES[fmt].from_linear(torch.nn.Linear(256, 128, bias=False), QuantConfig(fmt, **extra))
+    for dtype in (torch.bfloat16, torch.float32):
+        triton_dequant.dequantize(module, dtype)
+    for args, constexprs in recorder.calls:
+        assert _compile(kernel, args, constexprs, arch) > 0, (fmt, args[4].dtype)

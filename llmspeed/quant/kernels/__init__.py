@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import aten, cpp, reference, triton_gemv  # noqa: F401  (register the kernels)
+from . import aten, cpp, reference, triton_dequant, triton_gemv  # noqa: F401  (register the kernels)
 from .registry import FLOAT_DTYPES, KERNELS, Kernel, register_kernel
 
 # (device type, format) -> ordered [(max rows M or None for any, activation dtypes or None for any, kernel)].
@@ -30,9 +30,11 @@ AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...]
     ("cpu", "int8"): [(128, None, "cpp"), (None, None, "dequant_fp32")],
     ("cpu", "int4"): [(128, None, "cpp"), (None, None, "dequant_fp32")],
     ("cpu", "nf4"): [(128, None, "cpp"), (None, None, "dequant_fp32")],
-    ("cuda", "int8"): [(None, None, "aten_int8"), (16, None, "triton"), (None, None, "reference")],
-    ("cuda", "int4"): [(None, (torch.bfloat16,), "tinygemm"), (16, None, "triton"), (None, None, "reference")],
-    ("cuda", "nf4"): [(16, None, "triton"), (None, None, "reference")],
+    ("cuda", "int8"): [(None, None, "aten_int8"), (16, None, "triton"), (None, None, "triton_dequant"),
+                       (None, None, "reference")],
+    ("cuda", "int4"): [(None, (torch.bfloat16,), "tinygemm"), (16, None, "triton"), (None, None, "triton_dequant"),
+                       (None, None, "reference")],
+    ("cuda", "nf4"): [(16, None, "triton"), (None, None, "triton_dequant"), (None, None, "reference")],
 }
 # On accelerators every usable rule is a candidate and the fastest, timed once per shape bucket, wins
 # (no table measured on one GPU fits every GPU); on CPU the first usable rule wins.

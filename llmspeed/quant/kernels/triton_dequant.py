@@ -1,0 +1,117 @@
+"""``triton_dequant``: one Triton pass from packed codes to a float weight, then cuBLAS (CUDA, any M).
+
+For prefill rows and large decode batches a tensor-core GEMM on a dequantized weight beats every GEMV,
+so the ``reference`` path (dequantize, then ``F.linear``) is what ``auto`` used to pick on CUDA above
+``M = 16``. Its dequantization is a chain of elementwise torch ops (unpack, subtract, multiply, slice,
+cast), each a pass over the whole weight in fp32: on an H100 it cost more than the matmul it fed (a
+4096x14336 int4 layer at M = 512: about 7 ms against 0.1 ms for the bf16 ``F.linear``).
+
+This kernel reads each packed byte once and writes the weight once, in the activation dtype:
+
+* a program owns ``BLOCK_N`` output rows and ``BLOCK_J`` byte columns of the packed buffer;
+* int8: ``code * scale[row]``; int4: ``(code - zero) * scale`` per group; NF4: ``codebook[code] * scale``
+  per group, the scales double-dequantized once per module beforehand (cached like the GEMV's);
+* 4-bit bytes hold element ``2j`` in the low nibble and ``2j + 1`` in the high nibble: the two halves
+  are joined and flattened, so the store is contiguous; padding columns (``in_features`` not a multiple
+  of the group) are masked out.
+
+The arithmetic is the reference's (fp32, then one rounding to the output dtype), so the weight is
+bit-identical to ``module.dequantize(dtype)``; the tests check that on the CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...triton_env import unavailable
+from .registry import Kernel, register_kernel
+from .triton_gemv import DTYPES, _nf4_state
+
+BLOCK_N = 32  # output rows per program
+BLOCK_J = 128  # packed columns (int8: codes; 4-bit: bytes, i.e. 256 codes) per program
+
+_OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@lru_cache(maxsize=1)
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequant(
+        w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr,
+        N, K, KB, GROUPS,
+        FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):  # fmt: skip
+        # FMT 0: int8 [N, K] with scales [N]; 1: int4 and 2: NF4, bytes [N, KB] with scales (zeros) [N, GROUPS]
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # packed columns [BLOCK_J]
+        row_ok = rows < N
+        ok = row_ok[:, None] & (j < KB)[None, :]  # [BLOCK_N, BLOCK_J]
+        q = tl.load(w_ptr + rows[:, None] * KB + j[None, :], mask=ok, other=0)
+        if FMT == 0:
+            s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)  # [BLOCK_N]
+            w = q.to(tl.float32) * s[:, None]
+            tl.store(out_ptr + rows[:, None] * K + j[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            b = q.to(tl.int32)
+            lo = b & 15
+            hi = (b >> 4) & 15
+            at = rows[:, None] * GROUPS + (2 * j[None, :]) // GROUP  # both nibbles share a group (GROUP even)
+            s = tl.load(s_ptr + at, mask=ok, other=0.0)
+            if FMT == 1:
+                z = tl.load(z_ptr + at, mask=ok, other=0.0)
+                w_lo = (lo.to(tl.float32) - z) * s
+                w_hi = (hi.to(tl.float32) - z) * s
+            else:
+                w_lo = tl.load(lut_ptr + lo) * s
+                w_hi = tl.load(lut_ptr + hi) * s
+            w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, 2 * BLOCK_J))  # element 2j, then 2j + 1
+            cols = tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J)  # [2 * BLOCK_J]
+            mask = row_ok[:, None] & (cols < K)[None, :]
+            tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return dequant
+
+
+def dequantize(module, dtype: torch.dtype) -> torch.Tensor:  # [out, in] in dtype
+    """``module.dequantize(dtype)`` in one Triton pass over the packed buffers (bit-identical)."""
+    if dtype not in _OUT_TYPES:
+        raise ValueError(f"dtype must be one of {list(_OUT_TYPES)}; got {dtype}")
+    n, k = module.out_features, module.in_features
+    out = torch.empty(n, k, device=module.qweight.device, dtype=dtype)
+    if n == 0 or k == 0:
+        return out
+    fmt = module.quant_format
+    dummy = module.qweight
+    if fmt == "int8":
+        code, s, z, lut, kb, groups, group = 0, module.scales, dummy, dummy, k, 1, 2
+    elif fmt == "int4":
+        code, s, z, lut = 1, module.scales, module.zeros, dummy
+        kb, groups = module.qweight.shape[1], module.scales.shape[1]
+        group = module.in_padded // groups
+    else:
+        s, lut = module.kernel_state("triton", _nf4_state)
+        code, z, kb, groups = 2, dummy, module.qweight.shape[1], s.shape[1]
+        group = module.in_padded // groups
+    grid = ((n + BLOCK_N - 1) // BLOCK_N, (kb + BLOCK_J - 1) // BLOCK_J)
+    _kernel()[grid](module.qweight, s, z, lut, out, n, k, kb, groups,
+                    FMT=code, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J)  # fmt: skip
+    return out
+
+
+def triton_dequant(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out] in x.dtype
+    """Dequantize in one Triton pass to ``x.dtype``, then ``F.linear`` (cuBLAS on CUDA)."""
+    return F.linear(x, dequantize(module, x.dtype))
+
+
+register_kernel(
+    Kernel("triton_dequant", ("int8", "int4", "nf4"), ("cuda",), DTYPES, triton_dequant,
+           "one Triton pass to a float weight in the activation dtype, then F.linear (CUDA, any M)", unavailable)
+)  # fmt: skip
