@@ -141,6 +141,21 @@ def test_cuda_kernels_match_reference(fmt, group, k):
                     assert ((out - ref).abs().max() / ref.abs().max()) <= TOLERANCE[dtype], name
 
 
+@pytest.mark.gpu
+def test_auto_times_kernels_in_cuda_graphs_and_eagerly_when_they_cannot_be_captured():
+    from llmspeed.quant.kernels import _device_ms
+
+    x = torch.randn(1024, 1024, device="cuda")
+    graphed = _device_ms(lambda: x @ x)
+    uncapturable = _device_ms(lambda: (x @ x).sum().item())  # a host sync cannot be captured
+    assert 0 < graphed < 1e3 and 0 < uncapturable < 1e3
+    module = _module("int8", None, 512, n=256).cuda()
+    xb = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    chosen = auto_kernel(module, xb)
+    out = module(xb)  # the module still runs eagerly after the timing captures
+    assert chosen.why_not(module, xb) is None and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("fmt, group", [("int8", None), ("int4", 64), ("nf4", 64)])
 def test_auto_on_cpu_picks_the_fused_kernel_up_to_128_rows_then_dequantize(fmt, group):
     """The rule table: cpp for M <= 128 (fp32 and bf16 activations), dequantize + MKL above."""
