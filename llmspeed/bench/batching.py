@@ -272,9 +272,10 @@ def run(
     rows.append(_row(GENERATE_BATCH, fname, n, useful, t_cb, base, "baseline, same run"))
     t, note = _llmspeed(m, prompts, lengths, progress, **gen_kwargs)
     rows.append(_row("llmspeed Generator", fname, n, useful, t, base, note))
-    if gpu:  # the same run with gather + SDPA attention instead of the Triton kernels
-        t, note = _llmspeed(m, prompts, lengths, progress, attention="sdpa", **gen_kwargs)
-        rows.append(_row("llmspeed Generator, attention='sdpa'", fname, n, useful, t, base, note))
+    if gpu:  # the same run with each attention path: all gather + SDPA, all Triton (auto mixes them)
+        for attention in ("sdpa", "triton"):
+            t, note = _llmspeed(m, prompts, lengths, progress, attention=attention, **gen_kwargs)
+            rows.append(_row(f"llmspeed Generator, attention='{attention}'", fname, n, useful, t, base, note))
 
     steps: list[tuple[str, str, Any, dict]] = []  # batch-1 decode steps to time at the end
     variants = [] if gpu else [("bf16", "cast")]
@@ -291,21 +292,13 @@ def run(
         except ImportError as exc:
             rows.append({**_row("llmspeed Generator", name, n, useful, float("inf"), base), "note": f"skipped: {exc}"})
             continue
-        k = n
-        if gpu and name == "int8" and not quick:
-            k = n // 4  # weight-only int8 has no fused CUDA kernel here: a quarter of the requests bounds the run
-        t, note = _llmspeed(v, prompts[:k], lengths[:k], progress, **gen_kwargs)
+        t, note = _llmspeed(v, prompts, lengths, progress, **gen_kwargs)
         if name == "bf16" and not gpu:
             m_min = precision.cpu_matmul.crossover(torch.bfloat16)
             how_16 = "native bf16 matmul" if m_min is None else f"linears of M >= {m_min} rows in fp32 over bf16 weight blocks"
             note = f"{how_16}; {note}"
-        if k < n:
-            note += f"; first {k} requests only"
-        rows.append(_row("llmspeed Generator", name, k, sum(lengths[:k]), t, base, note))
-        if not gpu:
-            steps.append((f"batch-1 decode step: llmspeed ({name})", name, v, {}))
-        else:
-            del v
+        rows.append(_row("llmspeed Generator", name, n, useful, t, base, note))
+        steps.append((f"batch-1 decode step: llmspeed ({name})", name, v, {}))
 
     bw = memory_bandwidth(dev)
     steps.insert(0, ("batch-1 decode step: llmspeed", fname, m, {}))

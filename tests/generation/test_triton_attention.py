@@ -115,9 +115,12 @@ _GENERATOR = textwrap.dedent(
         triton = Generator(model, attention="triton", **kw)
         assert triton.attention_status == "triton"
         sdpa = Generator(model, attention="sdpa", **kw)
+        hybrid = Generator(model, attention="triton", **kw)
+        hybrid.prefill_kernel = None  # what attention="auto" runs on CUDA: Triton decode, SDPA prefill
         a = [o.token_ids for o in triton.generate_batched(prompts, sp)]
         b = [o.token_ids for o in sdpa.generate_batched(prompts, sp)]
-        assert a == b, (arch, a, b)
+        c = [o.token_ids for o in hybrid.generate_batched(prompts, sp)]
+        assert a == b == c, (arch, a, b, c)
         assert triton.stats.step_paths["decode"][0] > 0 and triton.stats.step_paths["mixed"][0] > 1
     print("same tokens")
     """
@@ -173,10 +176,11 @@ def test_cuda_graphs_with_triton_attention_match_sdpa():
     model = llmspeed.models.tiny("llama", seed=0)
     model.hf.to("cuda")
     outs = {}
-    for attention in ("sdpa", "triton"):
+    status = {"sdpa": "sdpa", "triton": "triton", "auto": "triton decode, sdpa prefill"}
+    for attention in ("sdpa", "triton", "auto"):
         gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=128, attention=attention)
-        assert gen.attention_status == attention
+        assert gen.attention_status == status[attention]
         assert gen.warmup(context=512) >= 4  # batch sizes 1, 2, 4, 8, ... up to max_seqs
         outs[attention] = [o.token_ids for o in gen.generate_batched(prompts, sp)]
         assert gen.stats.step_paths["cuda graph"][0] > 0, gen.stats.step_paths
-    assert outs["triton"] == outs["sdpa"]
+    assert outs["triton"] == outs["sdpa"] == outs["auto"]
