@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny random models per architecture, the embedded SmolLM2, and the ``gpu`` marker."""
+"""Shared fixtures: tiny random models per architecture, the embedded SmolLM2, a fresh-interpreter runner, and the ``gpu`` marker."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def run_script():
+    """``run(script) -> stdout`` of ``script`` in a fresh interpreter (e.g. Triton's, set before any kernel compiles); fails on a non-zero exit."""
+
+    def run(script: str) -> str:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    return run
 
 
 @pytest.fixture(params=sorted(llmspeed.models.ARCHITECTURES))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -127,22 +125,16 @@ _GENERATOR = textwrap.dedent(
 )
 
 
-def _run(script: str) -> str:
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+def test_paged_decode_matches_gather_sdpa_in_the_interpreter(run_script):
+    assert "checked 8" in run_script(_KERNEL)
 
 
-def test_paged_decode_matches_gather_sdpa_in_the_interpreter():
-    assert "checked 8" in _run(_KERNEL)
+def test_paged_prefill_matches_per_chunk_sdpa_in_the_interpreter(run_script):
+    assert "checked 6" in run_script(_PREFILL)
 
 
-def test_paged_prefill_matches_per_chunk_sdpa_in_the_interpreter():
-    assert "checked 6" in _run(_PREFILL)
-
-
-def test_generator_with_triton_attention_matches_sdpa_in_the_interpreter():
-    assert "same tokens" in _run(_GENERATOR)
+def test_generator_with_triton_attention_matches_sdpa_in_the_interpreter(run_script):
+    assert "same tokens" in run_script(_GENERATOR)
 
 
 def test_attention_choice_and_errors():
