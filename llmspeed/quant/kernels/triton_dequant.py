@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ...triton_env import unavailable
 from .registry import Kernel, register_kernel
-from .triton_gemv import DTYPES, _nf4_state
+from .triton_gemv import DTYPES, operands
 
 BLOCK_N = 32  # output rows per program
 BLOCK_J = 128  # packed columns (int8: codes; 4-bit: bytes, i.e. 256 codes) per program
@@ -88,18 +88,8 @@ def dequantize(module, dtype: torch.dtype) -> torch.Tensor:  # [out, in] in dtyp
     out = torch.empty(n, k, device=module.qweight.device, dtype=dtype)
     if n == 0 or k == 0:
         return out
-    fmt = module.quant_format
-    dummy = module.qweight
-    if fmt == "int8":
-        code, s, z, lut, kb, groups, group = 0, module.scales, dummy, dummy, k, 1, 2
-    elif fmt == "int4":
-        code, s, z, lut = 1, module.scales, module.zeros, dummy
-        kb, groups = module.qweight.shape[1], module.scales.shape[1]
-        group = module.in_padded // groups
-    else:
-        s, lut = module.kernel_state("triton", _nf4_state)
-        code, z, kb, groups = 2, dummy, module.qweight.shape[1], s.shape[1]
-        group = module.in_padded // groups
+    code, s, z, lut, _, groups, group = operands(module)
+    kb = module.qweight.shape[1]  # packed columns: codes (int8) or bytes of two codes (4-bit)
     grid = ((n + BLOCK_N - 1) // BLOCK_N, (kb + BLOCK_J - 1) // BLOCK_J)
     _kernel()[grid](module.qweight, s, z, lut, out, n, k, kb, groups,
                     FMT=code, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J)  # fmt: skip

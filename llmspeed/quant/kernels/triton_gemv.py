@@ -122,6 +122,22 @@ def _nf4_state(module) -> tuple[torch.Tensor, torch.Tensor]:
     return scales, NF4_CODEBOOK.to(device=scales.device, dtype=torch.float32)
 
 
+def operands(module) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
+    """What the Triton kernels take from ``module``: ``(FMT, scales, zeros, codebook, codes per row, groups, GROUP)``.
+
+    ``FMT`` is 0 (int8), 1 (int4) or 2 (NF4); codes per row include the 4-bit padding; NF4 scales are
+    double-dequantized once and cached. Tensors a format does not use are ``qweight`` (a valid pointer).
+    """
+    fmt, dummy = module.quant_format, module.qweight
+    if fmt == "int8":
+        return 0, module.scales, dummy, dummy, module.in_features, 1, 1
+    if fmt == "int4":
+        groups = module.scales.shape[1]
+        return 1, module.scales, module.zeros, dummy, module.in_padded, groups, module.in_padded // groups
+    s, lut = module.kernel_state("triton", _nf4_state)
+    return 2, s, dummy, lut, module.in_padded, s.shape[1], module.in_padded // s.shape[1]
+
+
 def triton_gemv(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out] in x.dtype
     """Dequantize-GEMV on the module's packed buffers, one program per (``BLOCK_N`` rows, activation row)."""
     kernel = _kernel()
@@ -129,17 +145,8 @@ def triton_gemv(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
     m, n = x2.shape[0], module.out_features
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
     block_k = _block_k(module)
-    fmt = module.quant_format
-    dummy = module.qweight
-    if fmt == "int8":
-        code, s, z, lut, kp, groups = 0, module.scales, dummy, dummy, module.in_features, 1
-    elif fmt == "int4":
-        code, s, z, lut = 1, module.scales, module.zeros, dummy
-        kp, groups = module.in_padded, module.scales.shape[1]
-    else:
-        s, lut = module.kernel_state("triton", _nf4_state)
-        code, z, kp, groups = 2, dummy, module.in_padded, s.shape[1]
-    group = module.in_padded // groups if fmt != "int8" else 1
+    code, s, z, lut, kp, groups, group = operands(module)
+
     def grid(meta: dict) -> tuple[int, int]:
         return (n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], m
 
