@@ -1,12 +1,26 @@
-"""Paged KV cache allocator: fixed-size blocks handed out from a free list (pure Python).
+"""Paged KV cache allocator: reference-counted blocks and an optional prefix cache (pure Python).
 
 A sequence's KV cache lives in a list of block ids (its *block table*); token ``i`` of the
 sequence sits in slot ``block_table[i // block_size] * block_size + i % block_size`` of the
-cache tensors. Blocks are returned to the free list when the sequence ends, is aborted or is
-preempted, so a finished request never holds memory.
+cache tensors (:func:`slot`).
+
+With ``prefix_caching=True`` (vLLM's automatic prefix caching), every *full* block whose keys and
+values are computed is registered under a hash chain of its tokens: the key of block ``i`` is
+``(key of block i - 1, tokens of block i, adapter)``, so two blocks share a key only when every
+token before them is the same too. A new sequence whose leading full blocks are registered takes
+them read-only (one more reference each) and computes only the rest. A block whose last reference
+goes stays registered and *evictable*: it is handed out again, least recently used first, only
+when no never-used block is left. New tokens are always written into a sequence's own blocks: a
+shared block is full, and the block holding a prompt's last token is never taken from the cache.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+BlockKey = tuple[Any, tuple[int, ...], Any]
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -14,46 +28,90 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def slot(block_table: Sequence[int], position: int, block_size: int) -> int:
+    """The flat cache slot of token ``position`` of a sequence with ``block_table``."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
 class BlockManager:
-    """Hands out KV-cache blocks; every block is either free or owned by exactly one sequence.
+    """Hands out KV-cache blocks; a block is free, evictable (cached, unused) or held by its owners.
 
     Args:
         num_blocks: Blocks in the cache (the KV budget in tokens is ``num_blocks * block_size``).
         block_size: Tokens per block.
+        prefix_caching: Share computed full blocks between sequences with the same prefix.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1; got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1; got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         # Pop from the end: low block ids first, so small runs touch little memory.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._owner: dict[int, int] = {}  # block id -> owning sequence id
+        self._owners: dict[int, set[int]] = {}  # block id -> sequences holding it
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, oldest first
+        self._key_of: dict[int, BlockKey] = {}  # registered block -> its key
+        self._block_of: dict[BlockKey, int] = {}  # key -> registered block
+        self.hit_tokens = 0  # prompt tokens found in the prefix cache
+        self.query_tokens = 0  # prompt tokens looked up
 
+    # --- counts ---------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        """Blocks not owned by any sequence."""
-        return len(self._free)
+        """Blocks that can be handed out now: never used, or cached and held by nobody."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache (held or evictable)."""
+        return len(self._key_of)
 
     @property
     def capacity_tokens(self) -> int:
         """Tokens the whole cache can hold."""
         return self.num_blocks * self.block_size
 
+    @property
+    def hit_rate(self) -> float:
+        """Share of looked-up prompt tokens served from the prefix cache."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    def owners(self, block: int) -> frozenset[int]:
+        """The sequences holding ``block`` (empty when it is free or evictable)."""
+        return frozenset(self._owners.get(block, ()))
+
     def owner(self, block: int) -> int | None:
-        """The sequence that owns ``block``, or ``None`` when it is free."""
-        return self._owner.get(block)
+        """The one sequence holding ``block``, ``None`` when nobody does.
+
+        Raises:
+            ValueError: The block is shared by several sequences (use :meth:`owners`).
+        """
+        held = self._owners.get(block)
+        if not held:
+            return None
+        if len(held) > 1:
+            raise ValueError(f"block {block} is shared by sequences {sorted(held)}; use owners()")
+        return next(iter(held))
 
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
         """Extra blocks a sequence holding ``block_table`` needs to store ``num_tokens`` tokens in total."""
         return max(0, blocks_for(num_tokens, self.block_size) - len(block_table))
 
     def can_grow(self, block_table: list[int], num_tokens: int) -> bool:
-        """Whether the free list can cover growing ``block_table`` to ``num_tokens`` tokens."""
-        return self.blocks_needed(block_table, num_tokens) <= len(self._free)
+        """Whether free blocks can cover growing ``block_table`` to ``num_tokens`` tokens."""
+        return self.blocks_needed(block_table, num_tokens) <= self.num_free
+
+    # --- allocation -----------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        if self._free:
+            return self._free.pop()
+        block, _ = self._evictable.popitem(last=False)  # least recently used cached block
+        del self._block_of[self._key_of.pop(block)]
+        return block
 
     def grow(self, seq_id: int, block_table: list[int], num_tokens: int) -> None:
         """Append blocks to ``block_table`` (in place) so it holds ``num_tokens`` tokens.
@@ -62,18 +120,93 @@ class BlockManager:
             RuntimeError: Not enough free blocks (check :meth:`can_grow` first); nothing is allocated.
         """
         need = self.blocks_needed(block_table, num_tokens)
-        if need > len(self._free):
-            raise RuntimeError(f"out of KV blocks: need {need}, {len(self._free)} free")
+        if need > self.num_free:
+            raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free} free")
         for _ in range(need):
-            block = self._free.pop()
-            self._owner[block] = seq_id
+            block = self._take_free()
+            self._owners[block] = {seq_id}
             block_table.append(block)
 
     def release(self, seq_id: int, block_table: list[int]) -> None:
-        """Return every block of ``block_table`` to the free list and empty the table."""
+        """Drop ``seq_id``'s hold on every block of ``block_table`` and empty the table.
+
+        A block nobody holds any more becomes evictable when it is registered, else free.
+        """
         for block in block_table:
-            if self._owner.get(block) != seq_id:
-                raise RuntimeError(f"block {block} is not owned by sequence {seq_id}")
-            del self._owner[block]
-            self._free.append(block)
+            held = self._owners.get(block)
+            if held is None or seq_id not in held:
+                raise RuntimeError(f"block {block} is not held by sequence {seq_id}")
+            held.discard(seq_id)
+            if not held:
+                del self._owners[block]
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
         block_table.clear()
+
+    # --- prefix cache ---------------------------------------------------------------------------
+    def _keys(self, tokens: Sequence[int], num_blocks: int, adapter: Any, start: int = 0, prev: Any = None):
+        bs = self.block_size
+        for i in range(start, num_blocks):
+            key = (prev, tuple(tokens[i * bs : (i + 1) * bs]), adapter)
+            yield i, key
+            prev = hash(key)
+
+    def match(self, tokens: Sequence[int], adapter: Any = None) -> list[int]:
+        """Registered blocks holding the longest cached prefix of ``tokens`` (at most all but the last token)."""
+        if not self.prefix_caching:
+            return []
+        hits = []
+        for _, key in self._keys(tokens, (len(tokens) - 1) // self.block_size, adapter):
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_admit(self, hits: Sequence[int], num_tokens: int) -> bool:
+        """Whether a new sequence taking ``hits`` can get blocks for ``num_tokens`` tokens."""
+        fresh = blocks_for(num_tokens, self.block_size) - len(hits)
+        reused_idle = sum(1 for b in hits if b in self._evictable)
+        return fresh + reused_idle <= self.num_free
+
+    def admit(self, seq_id: int, block_table: list[int], hits: Sequence[int], num_tokens: int) -> None:
+        """Give an empty ``block_table`` the cached ``hits`` (shared) plus fresh blocks for ``num_tokens``."""
+        if block_table:
+            raise RuntimeError(f"sequence {seq_id} already holds blocks {block_table}")
+        self.query_tokens += num_tokens
+        self.hit_tokens += len(hits) * self.block_size
+        for block in hits:
+            self._evictable.pop(block, None)
+            self._owners.setdefault(block, set()).add(seq_id)
+            block_table.append(block)
+        self.grow(seq_id, block_table, num_tokens)
+
+    def register(self, block_table: Sequence[int], tokens: Sequence[int], num_computed: int,
+                 adapter: Any, keys: list[int]) -> None:
+        """Register the full computed blocks of a sequence that are not registered yet.
+
+        ``keys`` is the sequence's own list of chain hashes (extended in place), so each block is hashed once.
+        """
+        if not self.prefix_caching:
+            return
+        full = num_computed // self.block_size
+        if len(keys) >= full:
+            return
+        prev = keys[-1] if keys else None
+        for i, key in self._keys(tokens, full, adapter, start=len(keys), prev=prev):
+            keys.append(hash(key))
+            block = block_table[i]
+            if key not in self._block_of and block not in self._key_of:
+                self._block_of[key] = block
+                self._key_of[block] = key
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every evictable cached block (e.g. after the weights change); return how many."""
+        n = len(self._evictable)
+        for block in self._evictable:
+            del self._block_of[self._key_of.pop(block)]
+            self._free.append(block)
+        self._evictable.clear()
+        return n

@@ -138,11 +138,10 @@ class DecodeGraphs:
         """How many decode graphs are captured."""
         return len(self._graphs)
 
-    def run(self, chunks: Sequence[tuple[Sequence[int], int, int, int]]) -> torch.Tensor | None:
-        """Logits ``[n, V]`` for decode chunks ``(block_table, position, length=1, token)``; ``None`` = run eagerly."""
-        bs = self.cache.block_size
-        n = len(chunks)
-        context = max(pos + 1 for _, pos, _, _ in chunks)
+    def run(self, step: Any) -> torch.Tensor | None:
+        """Logits ``[n, V]`` of a decode-only :class:`~.runner.StepInput`; ``None`` = run it eagerly."""
+        n = len(step.ids)
+        context = max(step.positions) + 1
         if n > self.max_batch:
             return None
         key = self.key(n, context)
@@ -153,8 +152,7 @@ class DecodeGraphs:
             elif not self.capture(n, context):
                 return None
         graph, width = self._graphs[key], key[1]
-        slots = [t[pos // bs] * bs + pos % bs for t, pos, _, _ in chunks]
         return graph.replay(
-            [tok for *_, tok in chunks], [pos for _, pos, _, _ in chunks], slots,
-            [t for t, _, _, _ in chunks], [pos + 1 for _, pos, _, _ in chunks], width, self.pad_block,
+            step.ids, step.positions, step.slots,
+            [t for t, _, _ in step.chunks], [pos + 1 for pos in step.positions], width, self.pad_block,
         )

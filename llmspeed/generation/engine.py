@@ -1,29 +1,36 @@
 """The continuous-batching :class:`Generator`: requests in, one ragged forward per step, tokens out.
 
-``step()`` is short: ask the scheduler for a batch, flatten it, run ``model.forward_batch`` with a
-:class:`~.kv_cache.PagedAttention` over the paged cache, sample one token for every sequence whose
-chunk reached its end, and finish the sequences that hit a stop condition. The generator only
-uses the :class:`~llmspeed.protocol.CausalLM` protocol, so cast, quantized and LoRA models run too.
+``step()`` is short: ask the scheduler for a batch, hand it to the :class:`~.runner.ModelRunner` as
+one :class:`~.runner.StepInput`, sample one token for every sequence whose chunk reached its end,
+and turn tokens into events (text deltas, stop conditions) through each request's
+:class:`~.detokenizer.Detokenizer`. The generator only uses the :class:`~llmspeed.protocol.CausalLM`
+protocol, so cast, quantized and LoRA models run too.
+
+It is single-threaded by design: one thread steps it. Entering it from a second thread while a
+step runs raises ``RuntimeError`` (use :class:`llmspeed.Engine` to share a model between threads).
+A step that raises fails only the requests in its batch (finish reason ``"error"``), and the
+generator stays usable.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager
 from typing import Any
-
-import torch
 
 from ..protocol import CausalLM
 from .block_manager import BlockManager
-from .kv_cache import PagedAttention, PagedKVCache
+from .detokenizer import Detokenizer
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent
-from .sampling import SamplingParams, request_generator, sample
+from .runner import ModelRunner, StepInput
+from .sampling import RowContext, SamplingParams, request_generator, sample_batch
 from .scheduler import Batch, Scheduler
 from .sequence import Sequence as Seq
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | Sequence[dict]
 
 
 class Generator:
@@ -36,9 +43,13 @@ class Generator:
         block_size: Tokens per KV block.
         max_batch_tokens: Most tokens (decodes + prefill chunks) in one forward pass.
         max_seqs: Most requests running at once.
-        chat_template: Wrap string prompts in the tokenizer's chat template as a user turn.
+        chat_template: Wrap string prompts in the tokenizer's chat template as a user turn. A prompt
+            given as a list of chat messages (``[{"role": ..., "content": ...}]``) always uses it.
         progress: Show a tqdm bar (requests done, tokens/s) in ``generate_batched``.
-        eos_token_ids: End-of-sequence ids (default: the tokenizer's ``eos_token_id``).
+        eos_token_ids: End-of-sequence ids (default: the tokenizer's ``eos_token_id`` and every id of
+            the model's ``generation_config.eos_token_id``).
+        prefix_caching: Share the KV blocks of common prompt prefixes between requests
+            (:mod:`.block_manager`).
         cuda_graphs: On a CUDA device, replay captured CUDA graphs for decode-only steps.
         fused_decode: On the CPU, run decode-only steps of Llama-family models in one fused C++ call
             (:mod:`.fused_decode`). ``None`` (default) uses it when the model supports it and the kernel
@@ -68,6 +79,7 @@ class Generator:
         chat_template: bool = False,
         progress: bool = True,
         eos_token_ids: Sequence[int] | None = None,
+        prefix_caching: bool = False,
         cuda_graphs: bool = True,
         fused_decode: bool | None = None,
         attention: str = "auto",
@@ -87,75 +99,53 @@ class Generator:
             raise ValueError(f"block_size must be >= 1; got {block_size}")
         if kv_cache_tokens < block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size={block_size}; got {kv_cache_tokens}")
+        if not isinstance(prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be True or False; got {prefix_caching!r}")
         self.model = model
         self.tokenizer = model.tokenizer
         self.chat_template = chat_template
         self.progress = progress
         num_blocks = kv_cache_tokens // block_size
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, spec.max_positions)
         self.device = spec.device
-        use_graphs = cuda_graphs and self.device.type == "cuda"
-        # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
-        self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size)
-        self.attention_status = self._setup_attention(spec, attention)
-        self.graphs = None
-        if use_graphs:
-            from .cuda_graphs import DecodeGraphs
-
-            self.graphs = DecodeGraphs(
-                model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
-            )
-        self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
-        self.fused_decode_status = self._setup_fused(model, fused_decode)
-        if eos_token_ids is None:
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-            eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self._seqs: dict[int, Seq] = {}
+        self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
+                                  fused_decode=fused_decode, attention=attention)
+        self.eos_token_ids = frozenset(_eos_ids(model) if eos_token_ids is None else eos_token_ids)
+        self._seqs: dict[int, Seq] = {}  # live requests; released after their final event
         self._next_id = 0
-        self._pending: list[StreamEvent] = []  # ends decided outside step() (errors, aborts)
-        self._adapter_names: list[str] | None = None
+        self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')
+        self._lock = threading.Lock()
+        self._with_adapter: set[int] = set()  # live requests that name an adapter
         self.stats: RunStats | None = None
         self.num_steps = 0
         self.step_paths: dict[str, tuple[int, float]] = {}  # how steps ran: path -> (steps, seconds)
 
-    def _setup_attention(self, spec: Any, wanted: str) -> str:
-        self.decode_kernel: Any = None
-        self.prefill_kernel: Any = None
-        if wanted not in ("auto", "sdpa", "triton"):
-            raise ValueError(f"attention must be 'auto', 'sdpa' or 'triton'; got {wanted!r}")
-        if wanted == "sdpa" or (wanted == "auto" and self.device.type != "cuda"):
-            return "sdpa"
-        from . import triton_attention
+    # --- what the runner owns -------------------------------------------------------------------
+    @property
+    def cache(self) -> Any:
+        """The paged KV cache tensors."""
+        return self.runner.cache
 
-        why = triton_attention.probe(self.device, spec.dtype, spec.num_kv_heads, spec.num_heads, spec.head_dim)
-        if why is None:
-            self.decode_kernel = triton_attention.paged_decode
-            if wanted == "auto":  # H100, 256 requests: prefill chunks 0.85 s in SDPA against 1.45 s in Triton
-                return "triton decode, sdpa prefill"
-            self.prefill_kernel = triton_attention.TRITON_PREFILL
-            return "triton"
-        if wanted == "triton":
-            raise ValueError(f"attention='triton' cannot run here: {why}")
-        return f"sdpa ({why})"
+    @property
+    def graphs(self) -> Any:
+        """The CUDA decode graphs (``None`` off CUDA)."""
+        return self.runner.graphs
 
-    def _setup_fused(self, model: CausalLM, wanted: bool | None) -> str:
-        if wanted not in (None, True, False):
-            raise ValueError(f"fused_decode must be None, True or False; got {wanted!r}")
-        if wanted is False:
-            return "off (fused_decode=False)"
-        from . import fused_decode
+    @property
+    def fused(self) -> Any:
+        """The fused CPU decode step (``None`` when decode steps take the generic path)."""
+        return self.runner.fused
 
-        reason = fused_decode.unsupported(model)
-        if reason is None and fused_decode.unavailable() is not None:
-            reason = f"the C++ decode kernel is unavailable: {fused_decode.unavailable()}"
-        if reason is not None:
-            if wanted:
-                raise ValueError(f"fused_decode=True, but this model cannot use it: {reason}")
-            return f"off ({reason})"
-        self.fused = fused_decode.FusedDecode(model, self.cache)
-        return "on"
+    @property
+    def fused_decode_status(self) -> str:
+        """``"on"``, or why decode steps take the generic path."""
+        return self.runner.fused_decode_status
+
+    @property
+    def attention_status(self) -> str:
+        """Which attention kernels steps use."""
+        return self.runner.attention_status
 
     def warmup(self, context: int = 512) -> int:
         """Capture the CUDA graphs of decode steps for every batch size up to ``max_seqs`` now.
@@ -165,42 +155,51 @@ class Generator:
         decode attention one graph per batch size covers every shorter one. Returns the number of
         graphs held (0 without CUDA graphs, e.g. on the CPU).
         """
-        if self.graphs is None:
-            return 0
-        from .cuda_graphs import bucket
+        return self.runner.warmup(self.scheduler.max_seqs, context)
 
-        rows = 1
-        while rows <= bucket(self.graphs.max_batch) and self.graphs.capture(rows, context):
-            rows *= 2
-        return self.graphs.num_graphs
+    @contextmanager
+    def _exclusive(self, what: str):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"Generator.{what}() was called from thread {threading.current_thread().name!r} while another "
+                f"thread is inside this Generator; a Generator is single-threaded: use llmspeed.Engine to share "
+                f"one model between threads"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     # --- requests -------------------------------------------------------------------------------
     def _tokenize(self, prompt: Prompt) -> list[int]:
-        if not isinstance(prompt, str):
-            ids = [int(t) for t in prompt]
-            vocab = self.model.spec.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt token ids must be in [0, {vocab}); got {ids[:8]}...")
-            return ids
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
-        if self.chat_template:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
+        if isinstance(prompt, str) or _is_chat(prompt):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
+            if isinstance(prompt, str) and not self.chat_template:
+                return list(self.tokenizer.encode(prompt))
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError("prompt is a chat message list, but this model's tokenizer has no chat template")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             ids = ids["input_ids"] if not isinstance(ids, list) else ids
-            return list(ids)
-        return list(self.tokenizer.encode(prompt))
+            return [int(t) for t in ids]
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"prompt must be a string, a list of token ids or a list of chat messages; got {type(prompt).__name__}"
+            ) from None
+        vocab = self.model.spec.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {ids[:8]}...")
+        return ids
 
     def _check_adapter(self, name: str) -> str | None:
         try:
             from .. import lora
         except ImportError:
             return f"adapter {name!r} requested, but LoRA support (llmspeed.lora) is not available"
-        try:
-            known = lora.adapter_names(self.model)
-        except AttributeError:
-            return f"adapter {name!r} requested, but llmspeed.lora has no adapter_names(); update llmspeed"
+        known = lora.adapter_names(self.model)
         if name not in known:
             return f"adapter must be one of the model's adapters {sorted(known)}; got {name!r}"
         return None
@@ -208,140 +207,186 @@ class Generator:
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
         """Queue one request; return its id. A request that can never run ends with ``"error"``.
 
+        ``prompt`` is a string, a list of token ids, or a list of chat messages.
+
         Raises:
             TypeError: ``sampling`` is not a :class:`SamplingParams`.
+            RuntimeError: Another thread is inside this generator.
         """
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams; got {type(sampling).__name__}")
-        rid = self._next_id
-        self._next_id += 1
-        error = None
-        try:
-            ids = self._tokenize(prompt)
-        except ValueError as exc:
-            ids, error = [], str(exc)
-        seq = Seq(rid, ids, sampling, index=index, generator=request_generator(sampling, self.device))
-        self._seqs[rid] = seq
-        if error is None and sampling.adapter is not None:
-            error = self._check_adapter(sampling.adapter)
-        if error is None:
-            error = self.scheduler.add(seq)
-        if error is not None:
-            seq.error = error
-            self._end(seq, "error")
-        return rid
+        with self._exclusive("add_request"):
+            rid = self._next_id
+            self._next_id += 1
+            error = None
+            try:
+                ids = self._tokenize(prompt)
+            except ValueError as exc:
+                ids, error = [], str(exc)
+            seq = Seq(rid, ids, sampling, index=index, generator=request_generator(sampling, self.device))
+            seq.detok = Detokenizer(self.tokenizer, ids, sampling.stop)
+            self._seqs[rid] = seq
+            if error is None and sampling.adapter is not None:
+                error = self._check_adapter(sampling.adapter)
+                self._with_adapter.add(rid)
+            if error is None:
+                error = self.scheduler.add(seq)
+            if error is not None:
+                seq.error = error
+                self._end(seq, "error")
+            return rid
 
     def abort(self, request_id: int) -> None:
-        """Stop a request now (finish reason ``"abort"``) and free its KV blocks."""
-        seq = self._seqs.get(request_id)
-        if seq is None:
-            raise ValueError(f"request_id must be a live request of this generator; got {request_id}")
-        if not seq.is_finished:
-            self._end(seq, "abort")
+        """Stop a request now (finish reason ``"abort"``) and free its KV blocks.
+
+        Aborting a request that already ended does nothing.
+
+        Raises:
+            ValueError: ``request_id`` was never returned by this generator.
+        """
+        if not isinstance(request_id, int) or not 0 <= request_id < self._next_id:
+            raise ValueError(f"request_id must be an id returned by add_request (0 to {self._next_id - 1}); got {request_id!r}")
+        with self._exclusive("abort"):
+            seq = self._seqs.get(request_id)
+            if seq is not None and not seq.is_finished:
+                self._end(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        """True while some request is queued or running, or some end is not yet reported."""
+        """True while some request is queued or running, or some event is not yet handed out."""
         return self.scheduler.has_unfinished() or bool(self._pending)
+
+    @property
+    def num_live(self) -> int:
+        """Requests whose final event has not been produced yet."""
+        return len(self._seqs)
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> list[StreamEvent]:
-        """Run one forward pass over the scheduled batch; return the events it produced."""
-        events, self._pending = self._pending, []
-        batch = self.scheduler.schedule()
-        if not batch.chunks:
+        """Run one forward pass over the scheduled batch; return the events it produced.
+
+        Events decided between steps (errors at admission, aborts) come first. If the step raises, the
+        requests of its batch end with ``"error"`` (their events are returned, or kept for the next
+        call when the exception is a ``KeyboardInterrupt`` or similar, which is re-raised).
+        """
+        with self._exclusive("step"):
+            events = self._take_pending()
+            if self._with_adapter:
+                self._fail_deleted_adapters()
+                events += self._take_pending()
+            batch = self.scheduler.schedule()
+            if not batch.chunks:
+                return events
+            try:
+                events += self._run(batch)
+            except Exception as exc:
+                events += self._fail(batch, exc)
+            except BaseException as exc:
+                self._pending.extendleft(reversed(events + self._fail(batch, exc)))
+                raise
             return events
+
+    def _take_pending(self) -> list[StreamEvent]:
+        out = []
+        while self._pending:
+            out.append(self._pending.popleft())
+        return out
+
+    def _fail_deleted_adapters(self) -> None:
+        from .. import lora
+
+        known = set(lora.adapter_names(self.model))
+        for rid in list(self._with_adapter):
+            seq = self._seqs.get(rid)
+            if seq is None or seq.is_finished:
+                self._with_adapter.discard(rid)
+            elif seq.params.adapter not in known:
+                seq.error = f"adapter {seq.params.adapter!r} was deleted while this request was running"
+                self._end(seq, "error")
+
+    def _fail(self, batch: Batch, exc: BaseException) -> list[StreamEvent]:
+        message = f"the step running this request raised {type(exc).__name__}: {exc}"
+        events = []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if not seq.is_finished:
+                seq.error = message
+                events.append(self._end(seq, "error", report=False))
+        return events
+
+    def _run(self, batch: Batch) -> list[StreamEvent]:
         start = time.perf_counter()
-        path, logits, sampled = self._forward(batch)
+        step = StepInput.build(
+            [(c.seq.block_table, c.start, c.length, c.seq.tokens(c.start, c.start + c.length), c.samples,
+              c.seq.params.adapter) for c in batch.chunks],
+            self.blocks.block_size,
+        )
+        path, logits = self.runner.run(step)
         self.scheduler.commit(batch)
         self.num_steps += 1
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled]) if sampled else []
+        sampled = [c.seq for c in batch.chunks if c.samples]
+        if not sampled:
+            self._record(path, start)
+            return []
+        tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
+                                        [self._row(s) for s in sampled])
+        now = self._record(path, start)
+        events = []
+        for seq, token, lp in zip(sampled, tokens, logprobs):
+            seq.output_ids.append(token)
+            seq.token_times.append(now)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            reason, text = self._advance(seq, token)
+            if reason is None:
+                events.append(StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp))
+            else:
+                events.append(self._end(seq, reason, token, text, report=False, logprobs=lp))
+        return events
+
+    def _record(self, path: str, start: float) -> float:
         now = time.perf_counter()
         steps, seconds = self.step_paths.get(path, (0, 0.0))
         self.step_paths[path] = (steps + 1, seconds + now - start)
-        for seq, token in zip(sampled, tokens):
-            seq.output_ids.append(token)
-            seq.token_times.append(now)
-            reason = self._finish_reason(seq, token)
-            if reason is None:
-                events.append(StreamEvent(seq.index, seq.seq_id, token))
-            else:
-                events.append(self._end(seq, reason, token, report=False))
-        return events
+        return now
 
-    def _forward(self, batch: Batch) -> tuple[str, torch.Tensor, list[Seq]]:
-        ids: list[int] = []
-        positions: list[int] = []
-        rows: list[int] = []
-        sampled: list[Seq] = []
-        for chunk in batch.chunks:
-            ids += chunk.seq.tokens(chunk.start, chunk.start + chunk.length)
-            positions += range(chunk.start, chunk.start + chunk.length)
-            if chunk.samples:
-                rows.append(len(ids) - 1)
-                sampled.append(chunk.seq)
-        decode_only = len(ids) == len(sampled) == len(batch.chunks)
-        if self.graphs is not None and decode_only and not any(s.params.adapter for s in sampled):
-            decode = [(c.seq.block_table, c.start, 1, tok) for c, tok in zip(batch.chunks, ids)]
-            logits = self.graphs.run(decode)
-            if logits is not None:
-                return "cuda graph", logits, sampled
-        if self.fused is not None and decode_only and not any(s.params.adapter for s in sampled):
-            logits = self.fused.run([(c.seq.block_table, c.start, tok) for c, tok in zip(batch.chunks, ids)])
-            if logits is not None:
-                return "fused cpu", logits, sampled
-        chunks = [(c.seq.block_table, c.start, c.length) for c in batch.chunks]
-        attention = PagedAttention(self.cache, chunks, self.decode_kernel, self.prefill_kernel)
-        dev = self.device
-        with torch.inference_mode(), self._adapters(batch):
-            logits = self.model.forward_batch(
-                torch.tensor(ids, dtype=torch.long, device=dev),  # [T]
-                torch.tensor(positions, dtype=torch.long, device=dev),  # [T]
-                attention,
-                torch.tensor(rows, dtype=torch.long, device=dev),  # [N]
-            )  # [N, V]
-        return ("decode" if decode_only else "mixed"), logits, sampled
+    def _row(self, seq: Seq) -> RowContext:
+        p = seq.params
+        banned: tuple[int, ...] = ()
+        if len(seq.output_ids) < p.min_tokens:
+            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+        if not p.penalized and not banned:
+            return RowContext()
+        return RowContext(seq.prompt_ids, seq.output_ids, banned)
 
-    def _adapters(self, batch: Batch):
-        if all(c.seq.params.adapter is None for c in batch.chunks):
-            return nullcontext()
-        from ..lora import active_adapter, per_token_adapters
-
-        default = active_adapter(self.model)  # requests without an adapter run the model as it is set
-        names: list[str | None] = []
-        for chunk in batch.chunks:
-            names += [chunk.seq.params.adapter or default] * chunk.length
-        return per_token_adapters(self.model, names)
-
-    def _finish_reason(self, seq: Seq, token: int) -> str | None:
+    def _advance(self, seq: Seq, token: int) -> tuple[str | None, str]:
+        """Take a sampled token: why the request ends now (``None`` = it goes on) and the text it releases."""
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids)
-            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
-            if hits:
-                seq.text_end = min(hits)
-                return "stop"
+            return "stop", ""
+        text = seq.detok.add(token, check_stop=len(seq.output_ids) >= p.min_tokens)
+        if seq.detok.stopped:
+            return "stop", text
         if len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.scheduler.max_tokens_per_seq:
-            return "length"
-        return None
+            return "length", text
+        return None, text
 
-    def _end(self, seq: Seq, reason: str, token: int | None = None, report: bool = True) -> StreamEvent:
+    def _end(self, seq: Seq, reason: str, token: int | None = None, text: str = "", report: bool = True,
+             logprobs: Any = None) -> StreamEvent:
+        """Finish ``seq`` and release it; its final event (with the rest of its text) is returned or queued."""
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
-        event = StreamEvent(seq.index, seq.seq_id, token, finished=True, output=self._output(seq))
+        text += seq.detok.finish()
+        event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=self._output(seq),
+                            logprobs=logprobs)
+        self._seqs.pop(seq.seq_id, None)
+        self._with_adapter.discard(seq.seq_id)
         if report:
             self._pending.append(event)
         return event
 
     def _output(self, seq: Seq) -> GenerationOutput:
         times = seq.token_times
-        text = ""
-        if self.tokenizer is not None and seq.output_ids:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            if seq.text_end is not None:
-                text = self.tokenizer.decode(seq.output_ids)[: seq.text_end]
         metrics = RequestMetrics(
             prompt_tokens=len(seq.prompt_ids),
             output_tokens=len(seq.output_ids),
@@ -349,22 +394,24 @@ class Generator:
             inter_token_latency=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
             latency=(seq.finish_time - seq.arrival_time) if seq.finish_time is not None else None,
             num_preemptions=seq.num_preemptions,
+            cached_tokens=seq.num_cached,
         )
         return GenerationOutput(
             index=seq.index,
             request_id=seq.seq_id,
             prompt_token_ids=list(seq.prompt_ids),
             token_ids=list(seq.output_ids),
-            text=text,
+            text=seq.detok.text,
             finish_reason=seq.finish_reason or "error",
             error=seq.error,
             metrics=metrics,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
     # --- whole runs -----------------------------------------------------------------------------
     def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of prompts; got a single string (wrap it in a list)")
+        if isinstance(prompts, str) or _is_chat(prompts):
+            raise TypeError("prompts must be a list of prompts; got a single string or chat (wrap it in a list)")
         if sampling is None or isinstance(sampling, SamplingParams):
             params = [sampling] * len(prompts)
         else:
@@ -373,28 +420,45 @@ class Generator:
                 raise ValueError(
                     f"sampling must be one SamplingParams or one per prompt ({len(prompts)}); got {len(params)}"
                 )
+            for p in params:
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling must be a SamplingParams or a list of them; got a {type(p).__name__}")
         return [self.add_request(p, s, index=i) for i, (p, s) in enumerate(zip(prompts, params))]
 
     def _events(self, prompts: Sequence[Prompt], sampling: Any) -> Iterator[StreamEvent]:
+        """Step until this run's own requests end, yielding only their events.
+
+        Events of other requests (added with ``add_request``, or another run's) are kept for whoever
+        steps next. If the consumer stops early, this run's unfinished requests are aborted and dropped.
+        """
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
         steps0, preempt0, paths0 = self.num_steps, self.scheduler.num_preemptions, dict(self.step_paths)
         rids = self._add_all(prompts, sampling)
-        seqs = [self._seqs[r] for r in rids]
-        done, out_tokens = 0, 0
+        mine = set(rids)
+        seqs = [self._seqs[r] for r in rids if r in self._seqs]
+        open_ = set(rids)
+        out_tokens = 0
         bar = tqdm(total=len(rids), unit="req", disable=not self.progress, desc="generate", leave=False)
         try:
-            while self.has_unfinished():
+            while open_:
+                others = []
                 for event in self.step():
+                    if event.request_id not in mine:
+                        others.append(event)
+                        continue
                     out_tokens += event.token_id is not None
                     if event.finished:
-                        done += 1
+                        open_.discard(event.request_id)
                         bar.update(1)
                     yield event
+                self._pending.extend(others)
                 bar.set_postfix(tok_s=f"{out_tokens / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
         finally:
             bar.close()
+            if open_:
+                self._drop(open_)
             self.stats = RunStats(
                 requests=len(rids),
                 prompt_tokens=sum(len(s.prompt_ids) for s in seqs),
@@ -405,40 +469,56 @@ class Generator:
                 step_paths=_paths_since(self.step_paths, paths0),
             )
 
+    def _drop(self, rids: set[int]) -> None:
+        """Abort ``rids`` and discard their events (their consumer is gone)."""
+        with self._exclusive("abort"):
+            for rid in rids:
+                seq = self._seqs.get(rid)
+                if seq is not None:
+                    self._end(seq, "abort", report=False)
+            kept = [e for e in self._take_pending() if e.request_id not in rids]
+            self._pending.extend(kept)
+
     def generate_batched(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[GenerationOutput]:
-        """Run every prompt to completion with continuous batching; results in prompt order."""
+        """Run every prompt to completion with continuous batching; results in prompt order.
+
+        Only these prompts' outputs are returned; other requests of the generator are left as they are.
+        """
         if len(prompts) == 0:
             return []
-        outputs: list[GenerationOutput | None] = [None] * len(prompts)
+        outputs: dict[int, GenerationOutput] = {}
         for event in self._events(prompts, sampling):
-            if event.finished:
-                outputs[event.index] = event.output
-                self._seqs.pop(event.request_id, None)
-        return outputs  # type: ignore[return-value]
+            if event.finished and event.output is not None:
+                outputs[event.request_id] = event.output
+        return [o for _, o in sorted(outputs.items())]
 
     def stream(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> Iterator[StreamEvent]:
-        """Yield a :class:`StreamEvent` per generated token (with its text) as steps produce them."""
+        """Yield a :class:`StreamEvent` per generated token (with its new text) as steps produce them.
+
+        Closing the iterator early (``break``, an exception in the loop) aborts the prompts still running.
+        """
         if len(prompts) == 0:
             return
-        sent: dict[int, str] = {}
-        for event in self._events(prompts, sampling):
-            seq = self._seqs[event.request_id]
-            text = ""
-            if self.tokenizer is not None and event.token_id is not None:
-                full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-                if event.finished and event.output is not None:
-                    full = event.output.text
-                prev = sent.get(event.request_id, "")
-                if not full.endswith("\ufffd"):  # wait for complete UTF-8 characters
-                    text = full[len(prev) :] if full.startswith(prev) else ""
-                    sent[event.request_id] = full
-            if event.finished:
-                self._seqs.pop(event.request_id, None)
-            yield StreamEvent(event.index, event.request_id, event.token_id, text, event.finished, event.output)
+        yield from self._events(prompts, sampling)
+
+
+def _is_chat(prompt: Any) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
+
+
+def _eos_ids(model: CausalLM) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and every one of the model's generation config."""
+    ids: set[int] = set()
+    for source in (getattr(model.tokenizer, "eos_token_id", None),
+                   getattr(getattr(getattr(model, "hf", None), "generation_config", None), "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else [int(t) for t in source])
+    return ids
 
 
 def _paths_since(now: dict[str, tuple[int, float]], before: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:

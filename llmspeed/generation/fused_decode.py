@@ -17,7 +17,6 @@ use the generic path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -231,19 +230,19 @@ class FusedDecode:
             self._snapshot = _Snapshot(self.model.hf)
         return self._snapshot
 
-    def run(self, decode: Sequence[tuple[Sequence[int], int, int]]) -> torch.Tensor | None:  # [n, vocab]
-        """Logits for ``(block_table, position, token)`` per sequence, or ``None`` when the model is unsupported."""
+    def run(self, step: Any) -> torch.Tensor | None:  # [n, vocab]
+        """Logits of a decode-only :class:`~.runner.StepInput`, or ``None`` when the model is unsupported."""
         snap = None if self.ext is None else self._current()
         if snap is None:
             return None
         hf = self.model.hf
         body = hf.model
         bs = self.cache.block_size
-        width = max(-(-(pos + 1) // bs) for _, pos, _ in decode)
-        tables = block_tables([t for t, _, _ in decode], width, torch.device("cpu"))
-        positions = torch.tensor([p for _, p, _ in decode])  # [n]
-        ids = torch.tensor([tok for _, _, tok in decode])  # [n]
-        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p, _ in decode])  # [n]
+        width = -(-(max(step.positions) + 1) // bs)
+        tables = block_tables([t for t, _, _ in step.chunks], width, torch.device("cpu"))
+        positions = torch.tensor(step.positions)  # [n]
+        ids = torch.tensor(step.ids)  # [n]
+        slots = torch.tensor(step.slots)  # [n]
         with torch.inference_mode():
             emb = body.embed_tokens(ids)  # [n, E]
             cos, sin = body.rotary_emb(emb[None], positions[None])  # [1, n, D] each

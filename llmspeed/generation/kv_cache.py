@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..protocol import ModelSpec
+from .block_manager import slot
 
 
 class PagedKVCache:
@@ -93,6 +94,7 @@ class PagedAttention:
         cache: The cache to write to and read from.
         chunks: ``(block_table, start, length)`` per sequence, in flat-batch order, all
             single-token chunks first; block tables must already cover ``start + length`` tokens.
+        slots: The cache slot of every token, when the caller has them (else computed from ``chunks``).
         decode_kernel: Runs the single-token chunks instead of gather + SDPA, reading the blocks in
             place (e.g. :func:`.triton_attention.paged_decode` on CUDA).
         prefill_kernel: Runs the longer chunks instead of gather + masked SDPA (a lone chunk from
@@ -105,17 +107,16 @@ class PagedAttention:
         chunks: Sequence[tuple[Sequence[int], int, int]],
         decode_kernel: DecodeKernel | None = None,
         prefill_kernel: PrefillKernel | None = None,
+        slots: Sequence[int] | None = None,
     ):
         self.cache = cache
         self.decode_kernel = decode_kernel
         self.prefill_kernel = prefill_kernel
         device = cache.key.device
         bs = cache.block_size
-        slots: list[int] = []
-        for table, start, length in chunks:
-            for pos in range(start, start + length):
-                slots.append(table[pos // bs] * bs + pos % bs)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # [T]
+        if slots is None:
+            slots = [slot(table, pos, bs) for table, start, length in chunks for pos in range(start, start + length)]
+        self.slots = torch.tensor(list(slots), dtype=torch.long, device=device)  # [T]
         self.num_tokens = len(slots)
 
         decodes = [c for c in chunks if c[2] == 1]

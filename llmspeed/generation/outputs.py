@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class RequestMetrics:
         inter_token_latency: Mean time between consecutive generated tokens.
         latency: From ``add_request`` to the end of the request.
         num_preemptions: Times the request was preempted (and recomputed).
+        cached_tokens: Prompt tokens whose KV came from the prefix cache (at the last admission).
     """
 
     prompt_tokens: int
@@ -24,6 +26,7 @@ class RequestMetrics:
     inter_token_latency: float | None
     latency: float | None
     num_preemptions: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class GenerationOutput:
         finish_reason: ``"stop"``, ``"length"``, ``"abort"`` or ``"error"``.
         error: The message when ``finish_reason == "error"``.
         metrics: Timings and counts.
+        logprobs: One :class:`~.sampling.TokenLogprobs` per generated token when the request asked
+            for ``logprobs``, else ``None``.
     """
 
     index: int
@@ -49,6 +54,7 @@ class GenerationOutput:
     finish_reason: str
     error: str | None
     metrics: RequestMetrics
+    logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,11 @@ class StreamEvent:
         index: Position of the prompt in the caller's list.
         request_id: Id of the request.
         token_id: The new token (``None`` for an event that only reports an end, e.g. an error).
-        text: Text added by this token (filled by ``stream``; ``""`` from ``step``).
+        text: Text this token releases: UTF-8 safe, never text a stop string later removes; the
+            texts of a request's events add up to its final ``output.text``.
         finished: True on the request's last event.
         output: The complete :class:`GenerationOutput` on the last event, else ``None``.
+        logprobs: The token's :class:`~.sampling.TokenLogprobs` when the request asked for them.
     """
 
     index: int
@@ -70,6 +78,7 @@ class StreamEvent:
     text: str = ""
     finished: bool = False
     output: GenerationOutput | None = None
+    logprobs: Any = None
 
 
 @dataclass(frozen=True)

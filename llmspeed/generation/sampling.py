@@ -2,7 +2,8 @@
 
 Every request carries its own parameters and its own ``torch.Generator``; the sampler draws a
 request's randomness only from that generator, so a seeded request produces the same tokens
-whatever else shares the batch.
+whatever else shares the batch. Everything else runs on the whole batch at once: penalties,
+temperature, top-k and top-p as per-row tensors, one ``argmax`` and one host transfer per step.
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this temperature sampling is greedy: dividing by it would overflow to inf / NaN (vLLM uses the same bound).
+GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -19,15 +32,25 @@ class SamplingParams:
 
     Attributes:
         max_new_tokens: Most tokens to generate (finish reason ``"length"`` when reached).
-        temperature: Softmax temperature; ``0`` means greedy (argmax).
+        temperature: Softmax temperature; ``0`` (or anything below 1e-5) means greedy (argmax).
         top_k: Keep only the ``top_k`` most likely tokens (``0`` keeps all).
         top_p: Keep the smallest set of tokens whose probability reaches ``top_p`` (``1.0`` keeps all).
-        seed: Seed of this request's own random generator; the same seed gives the same tokens
-            whatever the batch composition. ``None`` draws a seed from torch's global RNG.
-        stop: Strings that end generation when they appear in the output text (they are cut off).
+        seed: Seed of this request's own random generator (0 to 2**64 - 1); the same seed gives the same
+            tokens whatever the batch composition. ``None`` draws a seed from torch's global RNG.
+        stop: Strings that end generation when they appear in the output text (they are cut off, and a
+            stream never shows text that a stop string later removes).
         stop_token_ids: Token ids that end generation (kept in ``token_ids``).
-        ignore_eos: Keep generating after the tokenizer's end-of-sequence token.
+        ignore_eos: Keep generating after the model's end-of-sequence tokens.
         adapter: Name of a LoRA adapter to run this request with (``None`` = base model).
+        logprobs: Also return the log-probability of each sampled token and the ``logprobs`` most
+            likely alternatives (0 to 20; ``None`` = none). They are the model's own distribution
+            (raw logits, before penalties, temperature and filtering), as vLLM returns by default.
+        min_tokens: Generate at least this many tokens: end-of-sequence and ``stop_token_ids`` cannot be
+            sampled before (stop strings are not checked either).
+        repetition_penalty: Divide positive logits (multiply negative ones) of every token already in the
+            prompt or output by this (transformers' / CTRL's penalty; ``1.0`` = off).
+        presence_penalty: Subtract this from the logit of every token already generated (OpenAI; -2 to 2).
+        frequency_penalty: Subtract this times its count from every generated token's logit (OpenAI; -2 to 2).
     """
 
     max_new_tokens: int = 64
@@ -39,35 +62,58 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     adapter: str | None = None
+    logprobs: int | None = None
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be an integer >= 1; got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0 or self.temperature == float("inf"):
+        if not _is_number(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
             raise ValueError(f"`temperature` must be a finite number >= 0 (0 = greedy); got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"`top_k` must be an integer >= 0 (0 = no top-k filter); got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` must be in (0, 1]; got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"`seed` must be None or an integer >= 0; got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"`seed` must be None or an integer in [0, 2**64); got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"`stop` must be non-empty strings; got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
-        ids = tuple(self.stop_token_ids)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else tuple(self.stop_token_ids)
+        if not all(_is_int(t) and t >= 0 for t in ids):
             raise ValueError(f"`stop_token_ids` must be integers >= 0; got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"`ignore_eos` must be a bool; got {self.ignore_eos!r}")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
             raise ValueError(f"`adapter` must be None or a non-empty adapter name; got {self.adapter!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"`logprobs` must be None or an integer from 0 to {MAX_LOGPROBS}; got {self.logprobs!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"`min_tokens` must be an integer from 0 to max_new_tokens={self.max_new_tokens}; got {self.min_tokens!r}"
+            )
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0 < rp < float("inf"):
+            raise ValueError(f"`repetition_penalty` must be a finite number > 0 (1.0 = off); got {rp!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"`{name}` must be a number from -2 to 2 (0 = off); got {value!r}")
 
     @property
     def greedy(self) -> bool:
-        """True when tokens are picked by argmax (temperature 0)."""
-        return self.temperature == 0
+        """True when tokens are picked by argmax (temperature 0, or below 1e-5)."""
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """True when a repetition, presence or frequency penalty applies."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def request_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -80,37 +126,138 @@ def request_generator(params: SamplingParams, device: torch.device) -> torch.Gen
     return gen
 
 
+@dataclass(frozen=True)
+class RowContext:
+    """What the sampler needs to know of one row's request beyond its parameters.
+
+    Attributes:
+        prompt_ids: The prompt (for the repetition penalty).
+        output_ids: Tokens generated so far (penalties, ``min_tokens``).
+        banned: Token ids that may not be sampled now (end-of-sequence before ``min_tokens``).
+    """
+
+    prompt_ids: Sequence[int] = ()
+    output_ids: Sequence[int] = ()
+    banned: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities around one sampled token.
+
+    Attributes:
+        token_id: The sampled token.
+        logprob: Its log-probability under the model.
+        top: The most likely tokens, ``(token_id, logprob)``, most likely first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:  # [V] -> [V]
-    """Set logits outside the top-k / top-p (nucleus) set to ``-inf``."""
+    """Set logits outside the top-k / top-p (nucleus) set to ``-inf`` (one row)."""
+    row = logits[None]  # [1, V]
+    k = torch.tensor([top_k], device=logits.device)
+    p = torch.tensor([float(top_p)], device=logits.device)
+    return _filter_rows(row, k, p)[0]
+
+
+def _filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k / top-p filtering: logits ``[N, V]``, top_k ``[N]`` (0 = off), top_p ``[N]`` (1 = off)."""
     vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k).values[-1]  # []
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # [V], [V]
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)  # [V]
-        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already enough
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)  # [V]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.zeros_like(top_k))  # [N]
+    if bool((k > 0).any()):
+        kmax = int(k.max())
+        kth = torch.topk(logits, kmax, dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [N, 1]
+        drop = (logits < kth) & (k > 0)[:, None]  # [N, V]
+        logits = logits.masked_fill(drop, float("-inf"))
+    if bool((top_p < 1.0).any()):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [N, V], [N, V]
+        probs = torch.softmax(sorted_logits, dim=-1)  # [N, V]
+        before = probs.cumsum(-1) - probs  # [N, V] mass of the more likely tokens
+        drop_sorted = (before >= top_p[:, None]) & (top_p < 1.0)[:, None]  # [N, V]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # [N, V]
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def sample(
+def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequence[RowContext]) -> torch.Tensor:
+    """Apply repetition / presence / frequency penalties and bans to the rows that have them (``[N, V]``)."""
+    if not any(p.penalized for p in params) and not any(r.banned for r in rows):
+        return logits
+    logits = logits.clone()
+    dev = logits.device
+    for i, (p, ctx) in enumerate(zip(params, rows)):
+        row = logits[i]  # [V]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*ctx.prompt_ids, *ctx.output_ids}), dtype=torch.long, device=dev)  # [S]
+            vals = row.index_select(0, seen)  # [S]
+            row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
+        if (p.presence_penalty or p.frequency_penalty) and ctx.output_ids:
+            out = torch.tensor(list(ctx.output_ids), dtype=torch.long, device=dev)  # [O]
+            counts = torch.zeros_like(row).index_add_(0, out, torch.ones_like(out, dtype=row.dtype))  # [V]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if ctx.banned:
+            row[torch.tensor(list(ctx.banned), dtype=torch.long, device=dev)] = float("-inf")
+    return logits
+
+
+def sample_batch(
     logits: torch.Tensor,  # [N, V], one row per request that needs a token
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-) -> list[int]:
-    """Pick one token per row: argmax for greedy rows, seeded Gumbel-max sampling otherwise.
+    rows: Sequence[RowContext] | None = None,
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Pick one token per row; return the tokens and, for rows that asked, their log-probabilities.
 
-    Greedy rows are handled together in one ``argmax``; each random row draws its noise from its
-    own generator, so the result of a row never depends on the other rows.
+    Greedy rows take the argmax; random rows add Gumbel noise drawn from their own generator to the
+    filtered, temperature-scaled logits and take the argmax (exactly a sample of the softmax), so a
+    row's result never depends on the other rows. One host transfer for the whole batch.
     """
-    tokens = logits.argmax(dim=-1).tolist()  # [N] (greedy rows keep these)
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
+    n = logits.shape[0]
+    rows = rows if rows is not None else [RowContext()] * n
+    raw = logits.float()  # [N, V]
+    scores = _penalize(raw, params, rows)  # [N, V]
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        dev = scores.device
+        idx = torch.tensor(random_rows, device=dev)  # [R]
+        sub = [params[i] for i in random_rows]
+        temps = torch.tensor([p.temperature for p in sub], device=dev)  # [R]
+        top_k = torch.tensor([p.top_k for p in sub], device=dev)  # [R]
+        top_p = torch.tensor([float(p.top_p) for p in sub], device=dev)  # [R]
+        scaled = _filter_rows(scores.index_select(0, idx) / temps[:, None], top_k, top_p)  # [R, V]
+        uniform = torch.stack(
+            [torch.rand(scaled.shape[1], generator=generators[i], device=dev) for i in random_rows]
+        )  # [R, V]
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))  # [R, V]
+        scores = scores.index_copy(0, idx, scaled + gumbel)  # [N, V]
+    tokens = scores.argmax(dim=-1)  # [N]
+    token_list = tokens.tolist()
+    wanted = [p.logprobs for p in params]
+    if all(w is None for w in wanted):
+        return token_list, [None] * n
+    logp = torch.log_softmax(raw, dim=-1)  # [N, V]
+    chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()  # [N]
+    kmax = max(w or 0 for w in wanted)
+    top_vals, top_ids = (logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], logp[:, :0].long()))  # [N, K]
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    out: list[TokenLogprobs | None] = []
+    for i, w in enumerate(wanted):
+        if w is None:
+            out.append(None)
             continue
-        scaled = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)  # [V]
-        uniform = torch.rand(scaled.shape, generator=gen, device=scaled.device)  # [V]
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))  # [V]
-        tokens[row] = int((scaled + gumbel).argmax())
-    return tokens
+        top = tuple((int(t), float(v)) for t, v in zip(top_ids[i][:w], top_vals[i][:w]))
+        out.append(TokenLogprobs(token_list[i], float(chosen[i]), top))
+    return token_list, out
+
+
+def sample(
+    logits: torch.Tensor,  # [N, V]
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """Pick one token per row (see :func:`sample_batch`, which also returns log-probabilities)."""
+    return sample_batch(logits, params, generators)[0]

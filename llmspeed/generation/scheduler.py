@@ -8,7 +8,9 @@ Every step it builds one ragged batch under a token budget:
    recomputes prompt + generated tokens when readmitted);
 2. **then prefill**: running sequences in the middle of a long prompt continue (chunked prefill),
    then waiting sequences are admitted first-come first-served, only when the free list holds
-   blocks for all their tokens, as long as token budget and sequence slots remain.
+   blocks for all their tokens, as long as token budget and sequence slots remain. With prefix
+   caching a sequence is admitted with the cached blocks of its longest cached prefix and starts
+   computing after them.
 
 Nothing is ever dropped: a request leaves only through :meth:`Scheduler.finish` or
 :meth:`Scheduler.abort`, and requests that can never fit are rejected at :meth:`Scheduler.add`.
@@ -98,6 +100,16 @@ class Scheduler:
         self.waiting.append(seq)
         return None
 
+    def _admit(self, seq: Sequence) -> bool:
+        tokens = seq.all_tokens()
+        hits = self.blocks.match(tokens, seq.params.adapter)
+        if not self.blocks.can_admit(hits, len(tokens)):
+            return False
+        self.blocks.admit(seq.seq_id, seq.block_table, hits, len(tokens))
+        seq.num_computed = seq.num_cached = len(hits) * self.blocks.block_size
+        del seq.block_keys[len(hits) :]
+        return True
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark ``seq`` finished with ``reason`` and free its blocks."""
         if seq.status is Status.RUNNING:
@@ -152,10 +164,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and not batch.preempted:
             seq = self.waiting[0]
-            if not self.blocks.can_grow(seq.block_table, seq.num_tokens):
+            if not self._admit(seq):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             length = min(seq.num_pending, budget)
@@ -166,14 +177,17 @@ class Scheduler:
         return batch
 
     def commit(self, batch: Batch) -> None:
-        """Record that the batch's tokens are now in the cache."""
+        """Record that the batch's tokens are now in the cache (and register full blocks for prefix caching)."""
         for chunk in batch.chunks:
-            chunk.seq.num_computed = chunk.start + chunk.length
+            seq = chunk.seq
+            seq.num_computed = chunk.start + chunk.length
+            if self.blocks.prefix_caching:
+                self.blocks.register(seq.block_table, seq.all_tokens(), seq.num_computed, seq.params.adapter, seq.block_keys)
 
 
 def blocks_held(scheduler: Scheduler) -> int:
-    """Blocks owned by running sequences (for invariants in tests)."""
-    return sum(len(s.block_table) for s in scheduler.running)
+    """Distinct blocks held by running sequences (for invariants in tests)."""
+    return len({b for s in scheduler.running for b in s.block_table})
 
 
 __all__ = ["Batch", "Chunk", "Scheduler", "blocks_for", "blocks_held"]

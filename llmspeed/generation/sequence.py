@@ -39,8 +39,11 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
-    text_end: int | None = None  # where a stop string starts in the output text
+    detok: Any = None  # the request's Detokenizer (text deltas, stop strings)
+    logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs per output token, when asked for
+    block_keys: list[int] = field(default_factory=list)  # prefix-cache chain hashes of its full blocks
     num_preemptions: int = 0
+    num_cached: int = 0  # prompt tokens taken from the prefix cache at the last admission
     arrival_time: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None
@@ -69,6 +72,10 @@ class Sequence:
         """Token ``i`` of prompt + output."""
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def all_tokens(self) -> list[int]:
+        """Prompt + output tokens."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     def tokens(self, start: int, stop: int) -> list[int]:
         """Tokens ``start:stop`` of prompt + output."""

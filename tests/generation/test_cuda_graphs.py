@@ -10,6 +10,7 @@ import torch
 
 from llmspeed.generation.cuda_graphs import DecodeGraphs, bucket
 from llmspeed.generation.kv_cache import PagedKVCache
+from llmspeed.generation.runner import StepInput
 from llmspeed.protocol import ModelSpec
 
 SPEC = ModelSpec("Test", 1, 4, 2, 8, 32, 10, 64, torch.float32, torch.device("cpu"))
@@ -39,6 +40,11 @@ def _graphs(monkeypatch) -> tuple[DecodeGraphs, list[tuple[int, int]]]:
     return graphs, captured
 
 
+def _step(chunks):
+    """A decode-only StepInput from ``(block_table, position, 1, token)`` rows (block size 4)."""
+    return StepInput.decode([(t, pos, tok) for t, pos, _, tok in chunks], 4)
+
+
 def test_bucket_is_the_next_power_of_two():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 17)] == [1, 2, 4, 4, 8, 32]
     assert bucket(3, minimum=8) == 8
@@ -47,7 +53,7 @@ def test_bucket_is_the_next_power_of_two():
 def test_steps_replay_the_graph_of_their_bucket_with_their_slots(monkeypatch):
     graphs, captured = _graphs(monkeypatch)
     chunks = [([0, 1], 5, 1, 11), ([2], 2, 1, 12), ([3, 4, 5], 9, 1, 13)]  # (block table, position, 1, token)
-    logits = graphs.run(chunks)
+    logits = graphs.run(_step(chunks))
     assert logits.shape == (3, 10)
     assert captured == [(4, 4)]  # 3 rows -> 4; 10 tokens of context -> 3 blocks -> at least 4
     ids, slots, lens, width = graphs._graphs[(4, 4)].replays[0]
@@ -58,10 +64,10 @@ def test_steps_replay_the_graph_of_their_bucket_with_their_slots(monkeypatch):
 def test_a_wider_captured_graph_serves_shorter_contexts_without_a_new_capture(monkeypatch):
     graphs, captured = _graphs(monkeypatch)
     long_table = list(range(20))
-    graphs.run([(long_table, 70, 1, 1), ([21], 0, 1, 2)])  # 71 tokens -> 18 blocks -> width 32
+    graphs.run(_step([(long_table, 70, 1, 1), ([21], 0, 1, 2)]))  # 71 tokens -> 18 blocks -> width 32
     assert captured == [(2, 32)]
-    graphs.run([([22], 3, 1, 3), ([23], 1, 1, 4)])  # needs width 4: the (2, 32) graph serves it
+    graphs.run(_step([([22], 3, 1, 3), ([23], 1, 1, 4)]))  # needs width 4: the (2, 32) graph serves it
     assert captured == [(2, 32)] and len(graphs._graphs[(2, 32)].replays) == 2
-    graphs.run([([24], 3, 1, 5)] * 3)  # 3 rows: another batch bucket, captured
+    graphs.run(_step([([24], 3, 1, 5)] * 3))  # 3 rows: another batch bucket, captured
     assert captured == [(2, 32), (4, 4)]
-    assert graphs.run([([25], 0, 1, 6)] * 9) is None  # more rows than max_batch: the step runs eagerly
+    assert graphs.run(_step([([25], 0, 1, 6)] * 9)) is None  # more rows than max_batch: the step runs eagerly

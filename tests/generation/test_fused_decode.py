@@ -12,6 +12,7 @@ import llmspeed
 from llmspeed import Generator, SamplingParams
 from llmspeed.generation import fused_decode
 from llmspeed.generation.kv_cache import PagedAttention
+from llmspeed.generation.runner import StepInput
 
 # max |difference| / max |reference logit| allowed between the fused step and the generic path
 LOGIT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -94,7 +95,7 @@ def test_logits_match_the_generic_path(architecture, dtype):
     model = llmspeed.models.tiny(architecture, seed=3, dtype=dtype)
     # 9 sequences (two 4-row tiles and a tail), contexts crossing block boundaries
     gen, decode = _prefilled(model, [1, 3, 4, 5, 9, 16, 17, 30, 2])
-    fused = fused_decode.FusedDecode(model, gen.cache).run(decode)
+    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size))
     ref = _generic_logits(model, gen, decode)
     assert fused is not None and fused.shape == ref.shape == (9, model.spec.vocab_size)
     err = (fused - ref).abs().max() / ref.abs().max()
@@ -119,7 +120,7 @@ def test_quantized_models_match_the_generic_path(architecture, fmt, options):
     assert type(model.hf.lm_head).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}[fmt]
     assert fused_decode.unsupported(model) is None
     gen, decode = _prefilled(model, [2, 7, 13, 4, 21])
-    fused = fused_decode.FusedDecode(model, gen.cache).run(decode)
+    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size))
     ref = _generic_logits(model, gen, decode)
     assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
@@ -131,7 +132,7 @@ def test_qwen2_biases_are_used():
         for layer in model.hf.model.layers:
             layer.self_attn.k_proj.bias.normal_(0, 2.0)
     gen, decode = _prefilled(model, [6, 11])
-    fused = fused_decode.FusedDecode(model, gen.cache).run(decode)
+    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size))
     ref = _generic_logits(model, gen, decode)
     assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
@@ -167,14 +168,14 @@ def test_a_model_changed_after_the_generator_was_built_is_followed():
     model = llmspeed.models.tiny("llama", seed=0)
     gen, decode = _prefilled(model, [5, 12])
     fused = fused_decode.FusedDecode(model, gen.cache)
-    before = fused.run(decode)
+    before = fused.run(StepInput.decode(decode, gen.blocks.block_size))
     # a new linear at one position: the cached weight list must not be reused
     old = model.hf.model.layers[1].mlp.down_proj
     new = nn.Linear(old.in_features, old.out_features, bias=False)
     with torch.no_grad():
         new.weight.copy_(old.weight * 3)
     model.replace_linear("model.layers.1.mlp.down_proj", new)
-    after = fused.run(decode)
+    after = fused.run(StepInput.decode(decode, gen.blocks.block_size))
     ref = _generic_logits(model, gen, decode)
     assert not torch.allclose(before, after)
     assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
@@ -182,7 +183,7 @@ def test_a_model_changed_after_the_generator_was_built_is_followed():
     from llmspeed import lora
 
     lora.add_adapter(model, "a", r=2)
-    assert fused.run(decode) is None
+    assert fused.run(StepInput.decode(decode, gen.blocks.block_size)) is None
 
 
 def test_without_the_kernel_generation_still_works(monkeypatch):

@@ -1,0 +1,88 @@
+"""Incremental detokenization with stop strings: each new token's text, UTF-8 safe, in constant time.
+
+Decoding the whole output on every token is quadratic in its length. :class:`Detokenizer` keeps two
+offsets into the token list, as vLLM does: the text of ``ids[prefix:read]`` is already emitted, so a
+new token costs two decodes of a short window; a window that ends inside a multi-byte character
+(``"\\ufffd"``) waits for the next token. A few prompt tokens seed the window, so tokenizers that
+drop a word's leading space at the start of a decode (SentencePiece) still give it here.
+
+Stop strings are searched only in the new text plus the ``len(stop) - 1`` characters before it, and
+the last ``len(longest stop) - 1`` characters are held back until the request ends or a stop string
+is ruled out: text a stop string later removes is never handed out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+PROMPT_CONTEXT = 4  # prompt tokens that seed the window
+
+
+class Detokenizer:
+    """Turns one request's generated tokens into text deltas and finds its stop strings.
+
+    Args:
+        tokenizer: A tokenizer with ``decode(ids, skip_special_tokens=...)``; ``None`` gives no text.
+        prompt_ids: The request's prompt (its last tokens give the first output token its context).
+        stop: Stop strings.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])
+        self.prefix = 0
+        self.read = len(self.ids)
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""  # all decoded output text so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of ``text`` already handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int, check_stop: bool = True) -> str:
+        """Take one generated token; return the text it releases (``""`` while held back).
+
+        ``check_stop=False`` skips the stop-string search (before ``min_tokens``). After a stop string is
+        found, :attr:`stopped` is True and :attr:`text` ends before it.
+        """
+        if self.tokenizer is None or self.stopped:
+            return ""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            start = len(self.text)
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            if check_stop and self.stop:
+                self._find_stop(start)
+        return self._release(final=self.stopped)
+
+    def _find_stop(self, new_from: int) -> None:
+        hits = []
+        for s in self.stop:
+            i = self.text.find(s, max(0, new_from - len(s) + 1))
+            if i >= 0:
+                hits.append(i)
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return delta
+
+    def finish(self) -> str:
+        """The request ended: flush held-back text and any undecoded tail; return what is released."""
+        if self.tokenizer is None:
+            return ""
+        if not self.stopped and self.read < len(self.ids):
+            before = self._decode(self.ids[self.prefix : self.read])
+            self.text += self._decode(self.ids[self.prefix :])[len(before) :]
+            self.prefix = self.read = len(self.ids)
+        return self._release(final=True)
