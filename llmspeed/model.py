@@ -190,6 +190,30 @@ class Model:
         return out.logits[0]  # [N, vocab]
 
     # --- generation (the batching generator lives in llmspeed.generation) ----------------------
+    def _generator(self, generator_kwargs: dict[str, Any]) -> Any:
+        """The model's reusable Generator: rebuilt only when the arguments or the model's modules change.
+
+        A fresh generator zero-fills a new KV cache (and recaptures CUDA graphs), so repeated small calls
+        would pay that every time. ``progress`` is applied per call.
+        """
+        from .generation import Generator
+
+        kwargs = dict(generator_kwargs)
+        progress = kwargs.pop("progress", True)
+        key = (repr(sorted(kwargs.items())), self._fingerprint())
+        cached = getattr(self, "_cached_generator", None)
+        if cached is None or cached[0] != key:
+            cached = (key, Generator(self, progress=progress, **kwargs))
+            self._cached_generator = cached
+        cached[1].progress = progress
+        return cached[1]
+
+    def _fingerprint(self) -> tuple:
+        """Identity of what a generator depends on: every module and every tensor's storage and dtype."""
+        modules = tuple(id(m) for m in self.hf.modules())
+        tensors = tuple((t.data_ptr(), t.dtype, t.device) for t in (*self.hf.parameters(), *self.hf.buffers()))
+        return modules, tensors
+
     def generate_batched(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -198,11 +222,10 @@ class Model:
     ) -> list[GenerationOutput]:
         """Generate for every prompt with continuous batching; results in prompt order.
 
-        ``generator_kwargs`` go to :class:`llmspeed.Generator` (KV budget, token budget, progress).
+        ``generator_kwargs`` go to :class:`llmspeed.Generator` (KV budget, token budget, progress). One
+        generator is kept per model and reused while the arguments and the model's modules stay the same.
         """
-        from .generation import Generator
-
-        return Generator(self, **generator_kwargs).generate_batched(prompts, sampling)
+        return self._generator(generator_kwargs).generate_batched(prompts, sampling)
 
     def stream(
         self,
@@ -210,10 +233,8 @@ class Model:
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         **generator_kwargs: Any,
     ) -> Iterator[Any]:
-        """Yield per-token events as the continuous-batching generator produces them."""
-        from .generation import Generator
-
-        yield from Generator(self, **generator_kwargs).stream(prompts, sampling)
+        """Yield per-token events (with their new text) as the continuous-batching generator produces them."""
+        yield from self._generator(generator_kwargs).stream(prompts, sampling)
 
 
 def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:

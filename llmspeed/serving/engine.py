@@ -1,0 +1,197 @@
+"""The serving engine: one background thread steps a :class:`~llmspeed.generation.Generator` for many callers.
+
+Callers never touch the generator. :meth:`Engine.submit` (any thread) and :meth:`Engine.generate` /
+:meth:`Engine.stream` (asyncio) put commands in an inbox and return at once; the engine thread takes
+the inbox at the top of every iteration (new requests, aborts), runs one step, and hands each event
+to the handle of the request it belongs to. With nothing to do it sleeps until a command arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ..generation import GenerationOutput, Generator, SamplingParams, StreamEvent
+from ..protocol import CausalLM
+from .handle import RequestHandle
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+class Engine:
+    """A long-lived, thread-safe, asyncio-friendly continuous-batching engine over one model.
+
+    Args:
+        model: The model (``llmspeed.Model`` or anything implementing the protocol).
+        kv_cache_tokens: KV budget in tokens.
+        max_batch_tokens: Most tokens in one forward pass.
+        prefix_caching: Share the KV blocks of common prompt prefixes (system prompts) between requests.
+        **generator_kwargs: The other :class:`~llmspeed.generation.Generator` arguments (``max_seqs``,
+            ``block_size``, ``chat_template``, ``eos_token_ids``, ...).
+
+    Use it as a context manager, or call :meth:`close`; requests still running then end with ``"abort"``.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        kv_cache_tokens: int | None = None,
+        max_batch_tokens: int = 512,
+        prefix_caching: bool = True,
+        **generator_kwargs: Any,
+    ):
+        generator_kwargs.setdefault("progress", False)
+        self.generator = Generator(
+            model, kv_cache_tokens=kv_cache_tokens, max_batch_tokens=max_batch_tokens,
+            prefix_caching=prefix_caching, **generator_kwargs,
+        )
+        self.model = model
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[str, RequestHandle, Any, Any]] = []
+        self._handles: dict[int, RequestHandle] = {}
+        self._closing = False
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self.loop_errors = 0  # exceptions outside a step (a bug if ever non-zero); the loop survives them
+        self._thread = threading.Thread(target=self._loop, name="llmspeed-engine", daemon=True)
+        self._thread.start()
+
+    # --- submitting -----------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, sampling: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request from any thread; return its :class:`RequestHandle` at once.
+
+        A prompt is a string, a list of token ids or a list of chat messages. A request that cannot run
+        (bad token ids, too long, unknown adapter) ends with finish reason ``"error"`` and its message.
+
+        Raises:
+            TypeError: ``sampling`` is not a :class:`~llmspeed.generation.SamplingParams`.
+            RuntimeError: The engine is closed.
+        """
+        return self._submit(prompt, sampling, None)
+
+    def _submit(self, prompt: Prompt, sampling: Any, loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams; got {type(sampling).__name__}")
+        handle = RequestHandle(self._request_abort, loop)
+        self._command("add", handle, prompt, sampling)
+        return handle
+
+    def _request_abort(self, handle: RequestHandle) -> None:
+        self._command("abort", handle, None, None)
+
+    def _command(self, kind: str, handle: RequestHandle, prompt: Any, sampling: Any) -> None:
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            self._inbox.append((kind, handle, prompt, sampling))
+            self._cv.notify()
+
+    async def generate(self, prompt: Prompt, sampling: SamplingParams | None = None) -> GenerationOutput:
+        """Run one request to completion from asyncio; cancelling the awaiting task aborts it."""
+        handle = self._submit(prompt, sampling, asyncio.get_running_loop())
+        try:
+            async for _ in handle.events():
+                pass
+        finally:
+            if not handle.done():
+                handle.abort()
+        return handle.result(timeout=0)
+
+    async def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
+        """Yield the request's events from asyncio; leaving the loop early (or a disconnect) aborts it."""
+        handle = self._submit(prompt, sampling, asyncio.get_running_loop())
+        try:
+            async for event in handle.events():
+                yield event
+        finally:
+            if not handle.done():
+                handle.abort()
+
+    # --- the engine thread ----------------------------------------------------------------------
+    def _apply(self, commands: list[tuple[str, RequestHandle, Any, Any]]) -> None:
+        gen = self.generator
+        for kind, handle, prompt, sampling in commands:
+            if kind == "add":
+                rid = gen.add_request(prompt, sampling)
+                handle.request_id = rid
+                self._handles[rid] = handle
+            elif handle.request_id is not None and not handle.done():
+                gen.abort(handle.request_id)
+
+    def _dispatch(self, events: list[StreamEvent]) -> None:
+        for event in events:
+            handle = self._handles.get(event.request_id)
+            if handle is None:
+                continue
+            self.tokens_generated += event.token_id is not None
+            if event.finished:
+                del self._handles[event.request_id]
+                self.requests_finished += 1
+            handle._deliver(event)
+
+    def _loop(self) -> None:
+        gen = self.generator
+        while True:
+            with self._cv:
+                while not self._inbox and not self._closing and not gen.has_unfinished():
+                    self._cv.wait()
+                commands, self._inbox = self._inbox, []
+                closing = self._closing
+            try:
+                self._apply(commands)
+                if closing:
+                    for handle in list(self._handles.values()):
+                        if not handle.done() and handle.request_id is not None:
+                            gen.abort(handle.request_id)
+                    while gen.has_unfinished() and self._handles:
+                        self._dispatch(gen.step())
+                    return
+                self._dispatch(gen.step())
+            except Exception:  # never lose the thread: the generator already failed what its step touched
+                self.loop_errors += 1
+
+    # --- state ----------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """A snapshot of the engine's state (what ``/metrics`` serves): requests, KV blocks, prefix cache."""
+        gen = self.generator
+        blocks = gen.blocks
+        return {
+            "requests_running": len(gen.scheduler.running),
+            "requests_waiting": len(gen.scheduler.waiting),
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_free": blocks.num_free,
+            "kv_blocks_used": blocks.num_blocks - blocks.num_free,
+            "prefix_cache_hit_rate": blocks.hit_rate,
+            "prefix_cache_blocks": blocks.num_cached,
+            "tokens_generated": self.tokens_generated,
+            "requests_finished": self.requests_finished,
+        }
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closing
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Abort what is still running, stop the engine thread and wait for it (idempotent)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close(timeout=0)
+        except Exception:
+            pass

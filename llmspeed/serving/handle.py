@@ -1,0 +1,81 @@
+"""A handle on one submitted request: wait for its result, iterate its events, abort it."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..generation import GenerationOutput, StreamEvent
+
+
+class RequestHandle:
+    """What :meth:`llmspeed.Engine.submit` returns; every method is safe to call from any thread.
+
+    Iterating yields the request's :class:`~llmspeed.generation.StreamEvent` objects (each with its new
+    text) until the final one; :meth:`result` waits for the :class:`~llmspeed.generation.GenerationOutput`.
+    """
+
+    def __init__(self, abort: Callable[[RequestHandle], None], loop: asyncio.AbstractEventLoop | None = None):
+        self._abort = abort
+        self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._output: GenerationOutput | None = None
+        self._loop = loop
+        self._async: asyncio.Queue[StreamEvent] | None = asyncio.Queue() if loop is not None else None
+        self.request_id: int | None = None  # the generator's id, once the engine thread has queued it
+
+    # --- called by the engine thread ------------------------------------------------------------
+    def _deliver(self, event: StreamEvent) -> None:
+        if event.finished:  # before the event is visible: whoever sees the last event finds the result
+            self._output = event.output
+            self._done.set()
+        if self._async is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                pass
+        else:
+            self._events.put(event)
+
+    # --- the caller's side ----------------------------------------------------------------------
+    def done(self) -> bool:
+        """True once the request has ended (finished, stopped, aborted or failed)."""
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> GenerationOutput:
+        """Wait for the request to end and return its output.
+
+        Raises:
+            TimeoutError: It did not end within ``timeout`` seconds (it keeps running).
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request did not finish within timeout={timeout} s")
+        assert self._output is not None
+        return self._output
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        if self._async is not None:
+            raise TypeError("this request was submitted from asyncio: iterate it with `async for`")
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finished:
+                return
+
+    async def events(self) -> Any:
+        """Async iterator over the events of a request submitted with an event loop."""
+        if self._async is None:
+            raise TypeError("this request was not submitted from asyncio: iterate it with `for`")
+        while True:
+            event = await self._async.get()
+            yield event
+            if event.finished:
+                return
+
+    def abort(self) -> None:
+        """Stop the request (finish reason ``"abort"``); its final event still arrives. No-op once done."""
+        if not self.done():
+            self._abort(self)

@@ -1,0 +1,193 @@
+"""Request lifecycle of the Generator: each run gets exactly its own results, faults fail only what they touch.
+
+Every test here is a regression test for a defect reported in issue #15.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import Generator, SamplingParams
+from llmspeed.generation import engine as engine_module
+
+SP = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+
+def _prompts(n, seed=0, lo=3, hi=30):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(lo, hi, (n,), generator=g)]
+
+
+def _alone(model, prompts, sp=SP):
+    return [Generator(model, progress=False).generate_batched([p], sp)[0].token_ids for p in prompts]
+
+
+def _drain(gen):
+    events = []
+    while gen.has_unfinished():
+        events += gen.step()
+    return events
+
+
+def test_generate_batched_returns_its_own_prompts_and_leaves_other_requests_alone(llama):
+    gen = Generator(llama, progress=False)
+    other = gen.add_request([7, 7, 7], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    batch = _prompts(3, seed=1)
+    outs = gen.generate_batched(batch, SP)
+    assert [o.prompt_token_ids for o in outs] == batch
+    assert [o.token_ids for o in outs] == _alone(llama, batch)
+    ends = [e for e in _drain(gen) if e.finished]  # the other request is still there, whole
+    assert [e.request_id for e in ends] == [other]
+    assert ends[0].output.prompt_token_ids == [7, 7, 7] and len(ends[0].output.token_ids) == 40
+    assert ends[0].output.token_ids == _alone(llama, [[7, 7, 7]], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
+
+
+def test_a_stream_whose_consumer_raised_does_not_leak_into_the_next_run(llama):
+    gen = Generator(llama, progress=False)
+    old = _prompts(8, seed=2)
+    with pytest.raises(RuntimeError, match="consumer"):
+        for i, _ in enumerate(gen.stream(old, SamplingParams(max_new_tokens=30, ignore_eos=True))):
+            if i == 5:
+                raise RuntimeError("consumer failed")
+    assert gen.num_live == 0 and gen.blocks.num_free == gen.blocks.num_blocks and not gen.has_unfinished()
+    batch = _prompts(8, seed=3)
+    outs = gen.generate_batched(batch, SP)
+    assert [o.prompt_token_ids for o in outs] == batch
+    assert [o.token_ids for o in outs] == _alone(llama, batch)
+
+
+def _faulty(monkeypatch, target, name, exc, times=1):
+    """Make ``target.name`` raise ``exc`` on its next ``times`` calls, then behave."""
+    real = getattr(target, name)
+    left = [times]
+
+    def wrapper(*args, **kwargs):
+        if left[0] > 0:
+            left[0] -= 1
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+
+
+@pytest.mark.parametrize("where", ["sampler", "forward"])
+def test_a_step_that_raises_fails_only_its_batch_and_the_generator_goes_on(llama, monkeypatch, where):
+    gen = Generator(llama, progress=False, max_seqs=4)  # 4 run at once: the rest wait outside the batch
+    prompts = _prompts(10, seed=4)
+    rids = [gen.add_request(p, SP) for p in prompts]
+    gen.step()  # the first four are admitted and prefilled
+    if where == "sampler":
+        _faulty(monkeypatch, engine_module, "sample_batch", ValueError("boom in the sampler"))
+    else:
+        _faulty(monkeypatch, gen.runner, "run", RuntimeError("boom in the forward"))
+    events = _drain(gen)
+    ends = {e.request_id: e.output for e in events if e.finished}
+    assert sorted(ends) == rids  # nobody is lost or wedged
+    failed = [r for r in rids if ends[r].finish_reason == "error"]
+    assert failed == rids[:4] and all("boom" in ends[r].error for r in failed)
+    expected = _alone(llama, prompts[4:])
+    assert [ends[r].token_ids for r in rids[4:]] == expected
+    assert gen.blocks.num_free == gen.blocks.num_blocks and gen.num_live == 0
+
+
+def test_keyboard_interrupt_mid_step_keeps_events_and_fails_the_batch(llama, monkeypatch):
+    gen = Generator(llama, progress=False, max_seqs=2)
+    rids = [gen.add_request(p, SP) for p in _prompts(4, seed=5)]
+    gen.step()
+    gen.abort(rids[3])  # an end decided between steps: its event must survive the interrupted step
+    _faulty(monkeypatch, engine_module, "sample_batch", KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        gen.step()
+    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
+    assert sorted(ends) == rids
+    assert ends[rids[3]].finish_reason == "abort"
+    assert [ends[r].finish_reason for r in rids[:2]] == ["error", "error"]
+    assert ends[rids[2]].finish_reason == "length"
+
+
+def test_a_second_thread_inside_a_step_gets_a_clear_error(llama, monkeypatch):
+    gen = Generator(llama, progress=False)
+    entered, release = threading.Event(), threading.Event()
+    real = gen.runner.run
+
+    def slow(step):
+        entered.set()
+        release.wait(10)
+        return real(step)
+
+    monkeypatch.setattr(gen.runner, "run", slow)
+    rid = gen.add_request([1, 2, 3], SP)
+    stepper = threading.Thread(target=gen.step)
+    stepper.start()
+    assert entered.wait(10)
+    errors = []
+    for call in (lambda: gen.add_request([4, 5], SP), gen.step, lambda: gen.abort(rid)):
+        with pytest.raises(RuntimeError, match="single-threaded.*llmspeed.Engine") as info:
+            call()
+        errors.append(info.value)
+    release.set()
+    stepper.join(10)
+    monkeypatch.setattr(gen.runner, "run", real)
+    out = [e.output for e in _drain(gen) if e.finished]
+    assert len(errors) == 3 and len(out) == 1 and out[0].token_ids == _alone(llama, [[1, 2, 3]])[0]
+
+
+def test_finished_requests_are_released_on_the_add_request_step_path(llama):
+    gen = Generator(llama, progress=False, max_seqs=128, max_batch_tokens=1024)
+    for p in _prompts(300, seed=6, hi=8):
+        gen.add_request(p, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    ends = [e for e in _drain(gen) if e.finished]
+    assert len(ends) == 300 and gen.num_live == 0 and not gen._seqs
+    gen.abort(ends[0].request_id)  # aborting a finished request is a no-op, not an error
+
+
+def test_model_generate_batched_reuses_one_generator_until_something_changes(llama):
+    a = llama.generate_batched([[1, 2, 3]], SP, progress=False)
+    first = llama._cached_generator[1]
+    b = llama.generate_batched([[1, 2, 3]], SP, progress=False)
+    assert llama._cached_generator[1] is first and a[0].token_ids == b[0].token_ids
+    list(llama.stream([[4, 5]], SP, progress=False))
+    assert llama._cached_generator[1] is first
+    llama.generate_batched([[1, 2, 3]], SP, progress=False, max_seqs=8)  # other arguments: another generator
+    second = llama._cached_generator[1]
+    assert second is not first
+    llmspeed.quantize(llama, "int8")  # other modules: rebuilt
+    c = llama.generate_batched([[1, 2, 3]], SP, progress=False, max_seqs=8)
+    assert llama._cached_generator[1] is not second and len(c[0].token_ids) == 6
+
+
+def test_tiny_temperature_is_greedy_and_huge_seeds_are_refused(llama):
+    greedy = llama.generate_batched([[1, 2, 3]], SP, progress=False)[0].token_ids
+    tiny = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1e-320, seed=1)
+    assert tiny.greedy and llama.generate_batched([[1, 2, 3]], tiny, progress=False)[0].token_ids == greedy
+    SamplingParams(seed=2**64 - 1)
+    with pytest.raises(ValueError, match="`seed`.*2\\*\\*64"):
+        SamplingParams(seed=2**64)
+
+
+def test_deleting_an_adapter_fails_only_the_requests_that_use_it(llama):
+    from llmspeed import lora
+
+    lora.add_adapter(llama, "a", r=4)
+    lora.add_adapter(llama, "b", r=4)
+    lora.set_adapter(llama, None)
+    gen = Generator(llama, progress=False)
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    rids = [gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=n)) for n in ("a", "b", None)]
+    gen.step()
+    lora.delete_adapter(llama, "a")
+    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
+    assert ends[rids[0]].finish_reason == "error" and "'a' was deleted" in ends[rids[0]].error
+    assert ends[rids[1]].finish_reason == ends[rids[2]].finish_reason == "length"
+    assert ends[rids[2]].token_ids == Generator(llama, progress=False).generate_batched([[1, 2, 3]], sp)[0].token_ids
+
+
+def test_generation_config_eos_ids_all_stop(llama):
+    ref = llama.generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True), progress=False)[0]
+    llama.hf.generation_config.eos_token_id = [255, ref.token_ids[3]]
+    out = Generator(llama, progress=False).generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == ref.token_ids[3]

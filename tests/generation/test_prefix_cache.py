@@ -1,0 +1,119 @@
+"""Prefix caching: a stateful model of the block manager, and the generator's outputs with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from llmspeed import Generator, SamplingParams
+from llmspeed.generation.block_manager import BlockManager, blocks_for
+
+BS = 2
+
+
+class PrefixCacheMachine(RuleBasedStateMachine):
+    """Sequences over a two-token alphabet share prefixes often; slots record which prefix they hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(10, BS, prefix_caching=True)
+        self.live: dict[int, dict] = {}  # seq -> {"tokens", "table", "computed", "keys"}
+        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}  # (block, offset) -> prefix whose KV is there
+        self.next = 0
+
+    @rule(tokens=st.lists(st.integers(1, 2), min_size=1, max_size=9))
+    def admit(self, tokens):
+        hits = self.bm.match(tokens)
+        assert len(hits) <= (len(tokens) - 1) // BS  # the block of the last token is never shared
+        for i, block in enumerate(hits):  # a hit holds exactly this prefix's keys and values
+            for j in range(BS):
+                assert self.slots[(block, j)] == tuple(tokens[: i * BS + j + 1])
+        if not self.bm.can_admit(hits, len(tokens)):
+            return
+        seq, table = self.next, []
+        self.next += 1
+        self.bm.admit(seq, table, hits, len(tokens))
+        assert len(table) == blocks_for(len(tokens), BS) and table[: len(hits)] == hits
+        self.live[seq] = {"tokens": tokens, "table": table, "computed": len(hits) * BS, "keys": []}
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def compute(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.live)))
+        s = self.live[seq]
+        end = data.draw(st.integers(s["computed"], len(s["tokens"])))
+        for pos in range(s["computed"], end):  # a step writes these tokens' keys and values
+            block = s["table"][pos // BS]
+            assert self.bm.owners(block) == {seq}, "a shared block was written"
+            assert block not in self.bm._key_of, "a registered block was written"
+            self.slots[(block, pos % BS)] = tuple(s["tokens"][: pos + 1])
+        s["computed"] = end
+        self.bm.register(s["table"], s["tokens"], end, None, s["keys"])
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def release(self, data):  # finish, abort or preemption alike
+        seq = data.draw(st.sampled_from(sorted(self.live)))
+        self.bm.release(seq, self.live.pop(seq)["table"])
+
+    @invariant()
+    def every_block_is_free_evictable_or_held_by_exactly_its_tables(self):
+        bm = self.bm
+        refs: dict[int, set[int]] = {}
+        for seq, s in self.live.items():
+            for b in s["table"]:
+                refs.setdefault(b, set()).add(seq)
+        assert {b: set(bm.owners(b)) for b in refs} == refs
+        free, evictable = set(bm._free), set(bm._evictable)
+        assert not (free & evictable) and not (free & refs.keys()) and not (evictable & refs.keys())
+        assert len(free) + len(evictable) + len(refs) == bm.num_blocks
+        assert evictable <= set(bm._key_of) and not (free & set(bm._key_of))
+        assert {bm._block_of[k] for k in bm._key_of.values()} == set(bm._key_of)
+
+
+TestPrefixCache = PrefixCacheMachine.TestCase
+TestPrefixCache.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+
+
+def _shared_prompts(n, prefix_len=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(1, 256, (prefix_len,), generator=g).tolist()
+    return [system + torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(2, 12, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("kv_cache_tokens", [4096, 160], ids=["roomy", "preempting"])
+def test_same_greedy_tokens_with_and_without_prefix_caching(llama, kv_cache_tokens):
+    prompts = _shared_prompts(12)
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    kw = dict(progress=False, block_size=8, max_batch_tokens=64, kv_cache_tokens=kv_cache_tokens)
+    plain = Generator(llama, **kw).generate_batched(prompts, sp)
+    gen = Generator(llama, prefix_caching=True, **kw)
+    cached = gen.generate_batched(prompts, sp)
+    assert [o.token_ids for o in cached] == [o.token_ids for o in plain]
+    assert gen.blocks.hit_tokens > 0 and sum(o.metrics.cached_tokens for o in cached) > 0
+    assert gen.blocks.num_free == gen.blocks.num_blocks  # every block is free or evictable again
+    if kv_cache_tokens == 160:
+        assert gen.stats.preemptions > 0
+
+
+def test_prefix_cache_saves_prefill_and_keys_on_the_adapter(llama):
+    from llmspeed import lora
+
+    prompts = _shared_prompts(6, prefix_len=64, seed=1)
+    gen = Generator(llama, progress=False, prefix_caching=True, block_size=16)
+    gen.generate_batched(prompts[:1], SamplingParams(max_new_tokens=2))  # warms the cache with the system prompt
+    calls = []
+    real = gen.runner.run
+    gen.runner.run = lambda step: calls.append(len(step.ids)) or real(step)
+    gen.generate_batched(prompts[1:], SamplingParams(max_new_tokens=2))
+    computed = sum(calls)
+    assert computed < sum(len(p) for p in prompts[1:]) - 4 * 64  # the 64 shared tokens are not recomputed
+    lora.add_adapter(llama, "a", r=2)
+    lora.set_adapter(llama, None)
+    gen = Generator(llama, progress=False, prefix_caching=True, block_size=16)
+    gen.generate_batched(prompts[:1], SamplingParams(max_new_tokens=2))
+    out = gen.generate_batched(prompts[1:2], SamplingParams(max_new_tokens=2, adapter="a"))[0]
+    assert out.metrics.cached_tokens == 0  # blocks computed without the adapter are not reused with it

@@ -1,0 +1,100 @@
+"""logprobs, min_tokens and penalties, checked against transformers' own generate and logits processors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from llmspeed import Generator, SamplingParams
+from llmspeed.generation.sampling import RowContext, sample_batch
+
+
+def _hf(model, prompt, n, **kwargs):
+    with torch.inference_mode():
+        out = model.hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                                output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[0, len(prompt):].tolist(), out
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers(llama, penalty):
+    prompt = [5, 9, 5, 9, 5, 9, 12]
+    ref, _ = _hf(llama, prompt, 12, repetition_penalty=penalty, eos_token_id=None)
+    out = Generator(llama, progress=False).generate_batched(
+        [prompt], SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=penalty))[0]
+    plain = Generator(llama, progress=False).generate_batched([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert out.token_ids == ref and out.token_ids != plain.token_ids
+
+
+def test_penalized_rows_equal_the_transformers_processor():
+    logits = torch.randn(2, 40)
+    prompt, output = [1, 2, 3], [3, 4, 4]
+    rows = [RowContext(prompt, output), RowContext()]
+    params = [SamplingParams(repetition_penalty=1.5), SamplingParams()]
+    tokens, _ = sample_batch(logits, params, [None, None], rows)
+    expected = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([prompt + output]), logits[:1].clone())
+    assert tokens == [int(expected.argmax()), int(logits[1].argmax())]
+    # presence / frequency (OpenAI): logit - count * frequency - (count > 0) * presence
+    sp = SamplingParams(presence_penalty=0.5, frequency_penalty=1.0)
+    boosted = logits[:1].clone()
+    boosted[0, 4] = boosted.max() + 1.2  # token 4 leads by 1.2; two uses cost it 2.5
+    tokens, _ = sample_batch(boosted, [sp], [None], [RowContext((), [4, 4])])
+    manual = boosted[0].clone()
+    manual[4] -= 2 * 1.0 + 0.5
+    assert tokens == [int(manual.argmax())] and tokens != [4]
+
+
+def test_min_tokens_matches_transformers_min_new_tokens(llama):
+    prompt = [5, 6, 7]
+    free = Generator(llama, progress=False).generate_batched([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    eos = free.token_ids[1]  # make the second greedy token an end-of-sequence token
+    gen = Generator(llama, progress=False, eos_token_ids=[eos])
+    early = gen.generate_batched([prompt], SamplingParams(max_new_tokens=8))[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) == 2
+    held = gen.generate_batched([prompt], SamplingParams(max_new_tokens=8, min_tokens=5))[0]
+    ref, _ = _hf(llama, prompt, 8, min_new_tokens=5, eos_token_id=eos)
+    assert held.token_ids == ref[: len(held.token_ids)] and len(held.token_ids) >= 5
+    assert eos not in held.token_ids[:5]
+
+
+def test_logprobs_are_the_models_log_softmax(llama):
+    prompt = [3, 1, 4, 1, 5]
+    ref, hf = _hf(llama, prompt, 5, eos_token_id=None)
+    out = Generator(llama, progress=False).generate_batched(
+        [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=3))[0]
+    assert out.token_ids == ref and len(out.logprobs) == 5
+    for lp, scores in zip(out.logprobs, hf.scores):
+        want = torch.log_softmax(scores[0].float(), -1)
+        top = want.topk(3)
+        assert lp.logprob == pytest.approx(float(want[lp.token_id]), abs=1e-4)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    events = list(Generator(llama, progress=False).stream([prompt], SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=0)))
+    assert all(e.logprobs is not None and e.logprobs.top == () for e in events)
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [(dict(logprobs=21), "logprobs"), (dict(min_tokens=9, max_new_tokens=8), "min_tokens"),
+     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=2.5), "presence_penalty"),
+     (dict(frequency_penalty="1"), "frequency_penalty")],
+)
+def test_new_params_are_validated(kwargs, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        SamplingParams(**kwargs)
+
+
+def test_batched_top_k_top_p_rows_match_one_row_at_a_time():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300)
+    params = [SamplingParams(temperature=0.7, top_k=k, top_p=p, seed=i)
+              for i, (k, p) in enumerate([(0, 1.0), (5, 1.0), (0, 0.5), (20, 0.9), (1, 1.0)])]
+
+    def gens():
+        return [torch.Generator().manual_seed(p.seed) for p in params]
+
+    batch, _ = sample_batch(logits, params, gens())
+    single = [sample_batch(logits[i : i + 1], [p], [g])[0][0] for i, (p, g) in enumerate(zip(params, gens()))]
+    assert batch == single
+    assert batch[4] == int(logits[4].argmax())  # top_k=1 is greedy
