@@ -1,0 +1,151 @@
+"""The serving Engine: many threads and asyncio tasks on one model, exact results, aborts, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import Generator, SamplingParams
+from llmspeed.generation import engine as engine_module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(3, 24, (n,), generator=g)]
+
+
+def _alone(model, prompts, sp):
+    return [Generator(model, progress=False).generate_batched([p], sp)[0].token_ids for p in prompts]
+
+
+def test_threads_get_exactly_their_own_results_with_aborts_and_bad_requests(llama):
+    prompts = _prompts(12, seed=1)
+    sps = [SamplingParams(max_new_tokens=4 + i % 5, ignore_eos=True) for i in range(12)]
+    expected = [_alone(llama, [p], sp)[0] for p, sp in zip(prompts, sps)]
+    results: list[tuple] = []
+    lock = threading.Lock()
+
+    def worker(w):
+        rng = random.Random(w)
+        for k in range(10):
+            i = rng.randrange(12)
+            bad = k == 7 and w % 2 == 0
+            h = engine.submit([999999] if bad else prompts[i], sps[i])
+            if not bad and rng.random() < 0.2:
+                time.sleep(rng.random() * 0.01)
+                h.abort()
+            out = h.result(timeout=60)
+            with lock:
+                results.append((i, bad, out))
+
+    with llmspeed.Engine(llama, kv_cache_tokens=2048, max_seqs=16) as engine:
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        metrics = engine.metrics()
+    assert len(results) == 60
+    for i, bad, out in results:
+        if bad:
+            assert out.finish_reason == "error" and "token ids" in out.error
+        elif out.finish_reason == "abort":
+            assert out.token_ids == expected[i][: len(out.token_ids)]
+        else:
+            assert out.finish_reason == "length" and out.token_ids == expected[i] and out.prompt_token_ids == prompts[i]
+    assert metrics["requests_running"] == metrics["requests_waiting"] == 0
+    assert metrics["kv_blocks_used"] == 0 and engine.generator.num_live == 0
+
+
+def test_iterating_a_handle_streams_text_that_adds_up(llama):
+    from tests.generation.test_engine import CharTokenizer
+
+    llama.tokenizer = CharTokenizer()
+    with llmspeed.Engine(llama) as engine:
+        h = engine.submit("ABC", SamplingParams(max_new_tokens=10, ignore_eos=True))
+        events = list(h)
+        out = h.result(timeout=0)
+    assert events[-1].finished and len(events) == 10
+    assert "".join(e.text for e in events) == out.text
+    assert [e.token_id for e in events] == out.token_ids
+
+
+def test_asyncio_generate_stream_and_cancel(llama):
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = _alone(llama, [[1, 2, 3]], sp)[0]
+
+    async def main(engine):
+        outs = await asyncio.gather(*[engine.generate([1, 2, 3], sp) for _ in range(5)])
+        tokens = [ev.token_id async for ev in engine.stream([1, 2, 3], sp)]
+        long = SamplingParams(max_new_tokens=10_000, ignore_eos=True)
+        task = asyncio.ensure_future(engine.generate([4, 5], long))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        agen = engine.stream([4, 5], long)
+        async for _ in agen:  # a consumer that leaves early
+            break
+        await agen.aclose()
+        return outs, tokens
+
+    with llmspeed.Engine(llama, kv_cache_tokens=20_000) as engine:
+        outs, tokens = asyncio.run(main(engine))
+        deadline = time.time() + 10
+        while engine.generator.num_live and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.generator.num_live == 0  # the cancelled and the abandoned requests were aborted
+    assert all(o.token_ids == expected for o in outs) and tokens == expected
+
+
+def test_a_fault_in_a_step_fails_its_batch_and_the_engine_keeps_serving(llama, monkeypatch):
+    real = engine_module.sample_batch
+    calls = [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected sampler fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_batch", flaky)
+    sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    prompts = _prompts(6, seed=3)
+    with llmspeed.Engine(llama) as engine:
+        handles = [engine.submit(p, sp) for p in prompts]
+        outs = [h.result(timeout=60) for h in handles]
+        after = engine.submit(prompts[0], sp).result(timeout=60)
+    monkeypatch.setattr(engine_module, "sample_batch", real)
+    expected = _alone(llama, prompts, sp)
+    assert any(o.finish_reason == "error" and "injected" in o.error for o in outs)
+    assert all(o.token_ids == e for o, e in zip(outs, expected) if o.finish_reason != "error")
+    assert after.token_ids == expected[0]
+
+
+def test_close_aborts_running_requests_and_refuses_new_ones(llama):
+    engine = llmspeed.Engine(llama, kv_cache_tokens=20_000)
+    h = engine.submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+    time.sleep(0.05)
+    engine.close()
+    assert h.result(timeout=10).finish_reason == "abort"
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([1, 2])
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llmspeed.Engine(llama).submit([1], {"max_tokens": 3})
+    with pytest.raises(TimeoutError):
+        with llmspeed.Engine(llama, kv_cache_tokens=20_000) as e2:
+            e2.submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True)).result(timeout=0.01)
