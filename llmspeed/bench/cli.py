@@ -26,7 +26,7 @@ import torch
 from .plots import group_rows
 from .timing import markdown_table
 
-SUITES = ("precision", "quant", "calibration", "lora", "batching")
+SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving")
 
 
 def build_parser() -> argparse.ArgumentParser:
