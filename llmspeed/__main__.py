@@ -1,4 +1,4 @@
-"""Command line: ``python -m llmspeed demo`` and ``python -m llmspeed bench ...``."""
+"""Command line: ``python -m llmspeed demo``, ``python -m llmspeed bench ...`` and ``python -m llmspeed serve ...``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,19 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to the demo or the benchmark suites."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m llmspeed", description=__doc__)
-    parser.add_argument("command", choices=["demo", "bench"], help="demo: the main job on SmolLM2; bench: suites")
+    parser.add_argument(
+        "command", choices=["demo", "bench", "serve"],
+        help="demo: the main job on SmolLM2; bench: suites; serve: an OpenAI-compatible server",
+    )
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "demo":
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if args.command == "serve":
+        from .serving.cli import main as serve_main
+
+        return serve_main(argv[1:])
     from .bench.cli import main as bench_main
 
     return bench_main(argv[1:])

@@ -150,18 +150,16 @@ def prefix_rows(model: Any, n: int, system_tokens: int, question_tokens: int, ne
     rows, outs = [], {}
     for caching in (False, True):
         gen = Generator(model, progress=False, prefix_caching=caching, kv_cache_tokens=16384, max_batch_tokens=512)
-        computed = [0]
-        run = gen.runner.run
-        gen.runner.run = lambda step, run=run: computed.__setitem__(0, computed[0] + len(step.ids)) or run(step)
         gen.generate_batched(prompts[:1], SamplingParams(max_new_tokens=1))  # warm-up (and, cached, the system prompt)
-        computed[0] = 0
+        before = gen.num_tokens_computed
         start = time.perf_counter()
         outs[caching] = gen.generate_batched(prompts, sp)
         elapsed = time.perf_counter() - start
+        computed = gen.num_tokens_computed - before
         decode = sum(len(o.token_ids) - 1 for o in outs[caching])
         rows.append({
             "table": "prefix caching", "prefix_caching": caching, "requests": n,
-            "prompt_tokens": sum(len(p) for p in prompts), "prefill_tokens_computed": computed[0] - decode,
+            "prompt_tokens": sum(len(p) for p in prompts), "prefill_tokens_computed": computed - decode,
             "seconds": round(elapsed, 2), "req_s": round(n / elapsed, 2),
             "hit_rate": round(gen.blocks.hit_rate, 3),
         })
@@ -249,7 +247,7 @@ def soak_rows(model: Any, requests: int, threads: int = 8, distinct: int = 48, s
     gc.collect()
     rss1 = _rss_mb()
     done = correct = misrouted = aborted = invalid_ok = other = 0
-    for (i, abort, invalid), out in zip(plan, results):
+    for (i, _, invalid), out in zip(plan, results):
         if out is None:
             other += 1
         elif invalid:

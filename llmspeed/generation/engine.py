@@ -119,6 +119,7 @@ class Generator:
         self._with_adapter: set[int] = set()  # live requests that name an adapter
         self.stats: RunStats | None = None
         self.num_steps = 0
+        self.num_tokens_computed = 0  # tokens run through the model (prefill chunks and decodes)
         self.step_paths: dict[str, tuple[int, float]] = {}  # how steps ran: path -> (steps, seconds)
 
     # --- what the runner owns -------------------------------------------------------------------
@@ -324,6 +325,7 @@ class Generator:
         path, logits = self.runner.run(step)
         self.scheduler.commit(batch)
         self.num_steps += 1
+        self.num_tokens_computed += len(step.ids)
         sampled = [c.seq for c in batch.chunks if c.samples]
         if not sampled:
             self._record(path, start)

@@ -1,0 +1,84 @@
+"""``python -m llmspeed serve``: load a model (quantize it, add adapters) and serve it over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``serve`` argument parser."""
+    p = argparse.ArgumentParser(prog="python -m llmspeed serve", description="An OpenAI-compatible server over llmspeed's engine.")
+    p.add_argument("--model", default="smollm2", help="smollm2 (the embedded model), or a folder: llmspeed.save's or a transformers checkpoint")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model's name)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"], help="quantize the weights after loading")
+    p.add_argument("--group-size", type=int, default=None, help="group size for int4 / nf4")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (ours or PEFT's); repeat for more")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--max-seqs", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prompt prefixes")
+    p.add_argument("--log-level", default="warning")
+    return p
+
+
+def load_model(name: str) -> Any:
+    """``smollm2``, an llmspeed folder (``llmspeed.save``) or a transformers checkpoint folder."""
+    from .. import models, quant, wrap
+
+    if name == "smollm2":
+        return models.smollm2()
+    path = Path(name)
+    if not path.is_dir():
+        raise SystemExit(f"--model must be 'smollm2' or a folder; {name!r} is neither")
+    try:
+        return quant.load(path)
+    except ValueError as err:
+        if "is not an llmspeed checkpoint" not in str(err):
+            raise
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path) if any(path.glob("tokenizer*")) else None
+    return wrap(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer)
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The engine and the server for parsed ``args``."""
+    from .. import lora, quant
+    from .engine import Engine
+    from .server import OpenAIServer
+
+    model = load_model(args.model)
+    if args.quantize:
+        kwargs = {} if args.group_size is None else {"group_size": args.group_size}
+        quant.quantize(model, args.quantize, **kwargs)
+    names = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--adapter takes NAME=PATH; got {spec!r}")
+        lora.load_adapter(model, path, name)
+        names.append(name)
+    if names:
+        lora.set_adapter(model, None)  # requests for the base model run without any adapter
+    engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
+                    max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching)
+    served = args.served_model_name or (args.model if args.model == "smollm2" else Path(args.model).name)
+    return engine, OpenAIServer(engine, served, names, api_key=args.api_key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, build the server and run it until interrupted."""
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    engine, server = build(args)
+    try:
+        uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+    return 0

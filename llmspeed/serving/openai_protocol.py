@@ -1,0 +1,228 @@
+"""The OpenAI API's request and response shapes, and their mapping to :class:`~llmspeed.SamplingParams`.
+
+Requests are validated here (pydantic); a bad value or a field this server does not implement becomes an
+:class:`APIError` with the HTTP status and OpenAI-style body that :mod:`.server` sends. Responses are
+plain dicts in the shapes the official ``openai`` client parses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..generation import GenerationOutput, SamplingParams
+
+
+class APIError(Exception):
+    """An error answered with ``status`` and ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error body."""
+        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(
+            self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share; unknown fields are refused rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # an extension (vLLM's): -1 or 0 keep every token
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)  # an extension (vLLM's)
+    min_tokens: int = Field(default=0, ge=0)  # an extension (vLLM's)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+        """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds)."""
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must be non-empty", "stop")
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                top_k=max(self.top_k, 0), seed=None if self.seed is None else (self.seed + seed_offset) % 2**64,
+                stop=tuple(stop), logprobs=logprobs, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                min_tokens=min(self.min_tokens, max_tokens),
+            )
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk (``stream_options.include_usage``)."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt (a list of one prompt is accepted; several are a 400)."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, f"give one prompt per request; got {len(p)} (use n for several choices)", "prompt")
+            p = p[0]
+        if not p:
+            raise APIError(400, "prompt is empty", "prompt")
+        return p  # type: ignore[return-value]
+
+
+class ChatMessage(BaseModel):
+    """One chat message (text content, or a list of text parts)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text."""
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise APIError(400, f"only text content parts are supported; got {part.get('type')!r}", "messages")
+                parts.append(str(part.get("text", "")))
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        """The messages as the tokenizer's chat template takes them (developer -> system)."""
+        if self.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def wanted_logprobs(self) -> int | None:
+        """Top alternatives to return per token (``None`` = no logprobs)."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+
+def parse(kind: type[_Request], payload: Any) -> Any:
+    """Validate a decoded JSON body as ``kind``; a bad body is a 400 naming the field."""
+    if not isinstance(payload, dict):
+        raise APIError(400, f"the request body must be a JSON object; got {type(payload).__name__}")
+    try:
+        return kind.model_validate(payload)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ()))
+        raise APIError(400, f"{param}: {first.get('msg')} (got {first.get('input')!r})", param or None) from None
+
+
+# --- responses -------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    """A response id like OpenAI's."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(outputs: list[GenerationOutput]) -> dict[str, int]:
+    """Token counts of a response (the prompt counted once)."""
+    prompt = outputs[0].metrics.prompt_tokens if outputs else 0
+    completion = sum(o.metrics.output_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(output: GenerationOutput) -> str:
+    """OpenAI's finish reason (``"abort"`` is reported as ``"stop"``: the client asked for it)."""
+    return "length" if output.finish_reason == "length" else "stop"
+
+
+def _piece(tokenizer: Any, token: int) -> str:
+    return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+
+def completion_logprobs(tokenizer: Any, output: GenerationOutput, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions ``logprobs`` object."""
+    if output.logprobs is None:
+        return None
+    tokens, values, tops, offsets = [], [], [], []
+    pos = offset
+    for lp in output.logprobs:
+        piece = _piece(tokenizer, lp.token_id)
+        tokens.append(piece)
+        values.append(lp.logprob)
+        tops.append({_piece(tokenizer, t): v for t, v in lp.top})
+        offsets.append(pos)
+        pos += len(piece)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, items: list[Any] | None) -> dict[str, Any] | None:
+    """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if items is None:
+        return None
+
+    def entry(token: int, value: float) -> dict[str, Any]:
+        piece = _piece(tokenizer, token)
+        return {"token": piece, "logprob": value, "bytes": list(piece.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in items]}
+
+
+def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput]) -> dict[str, Any]:
+    """A whole ``text_completion`` response."""
+    return {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(tokenizer, o),
+                     "finish_reason": finish_reason(o)} for i, o in enumerate(outputs)],
+        "usage": usage(outputs),
+    }
+
+
+def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput]) -> dict[str, Any]:
+    """A whole ``chat.completion`` response."""
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
+                     "logprobs": chat_logprobs(tokenizer, o.logprobs), "finish_reason": finish_reason(o)}
+                    for i, o in enumerate(outputs)],
+        "usage": usage(outputs),
+    }

@@ -1,0 +1,266 @@
+"""An OpenAI-compatible HTTP server over the :class:`~.engine.Engine` (FastAPI + uvicorn).
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream as
+server-sent events ending in ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+The request's ``model`` picks the base model or one of the served LoRA adapters; requests for
+different adapters share one batch. A client that disconnects aborts its request. Every bad request
+is answered 4xx with an OpenAI-style error body; nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.sse import format_sse_event
+
+from ..generation import GenerationOutput, SamplingParams, StreamEvent
+from .engine import Engine
+from .handle import RequestHandle
+from .openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    chat_response,
+    completion_response,
+    finish_reason,
+    new_id,
+    parse,
+    usage,
+)
+
+_POLL = 0.2  # seconds between disconnect checks of a non-streaming request
+
+
+def _sse(payload: Any) -> bytes:
+    return format_sse_event(data_str=payload if isinstance(payload, str) else json.dumps(payload))
+
+
+class OpenAIServer:
+    """The endpoints' logic over one engine; :meth:`app` builds the FastAPI application.
+
+    Args:
+        engine: The engine that runs every request.
+        model_name: The name clients use for the base model.
+        adapters: LoRA adapter names loaded on the model, each also a model name.
+        api_key: When given, every request must carry ``Authorization: Bearer <api_key>``.
+    """
+
+    def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None):
+        self.engine = engine
+        self.model_name = model_name
+        self.adapters = tuple(adapters)
+        self.api_key = api_key
+        self.tokenizer = engine.model.tokenizer
+        self.context = engine.model.spec.max_positions
+        self.created = int(time.time())
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _adapter(self, model: str) -> str | None:
+        if model == self.model_name:
+            return None
+        if model in self.adapters:
+            return model
+        known = [self.model_name, *self.adapters]
+        raise APIError(404, f"model {model!r} does not exist; this server has {known}", "model", "model_not_found")
+
+    def _submit(self, prompt: Any, sp: SamplingParams) -> RequestHandle:
+        try:
+            return self.engine._submit(prompt, sp, asyncio.get_running_loop())
+        except RuntimeError as err:  # closed engine
+            raise APIError(503, str(err)) from None
+
+    @staticmethod
+    def _check(output: GenerationOutput) -> None:
+        if output.finish_reason == "error":
+            # an error before any token is the request's fault (too long, bad ids); later, the server's
+            raise APIError(400 if not output.token_ids else 500, output.error or "generation failed")
+
+    async def _results(self, request: Request, handles: list[RequestHandle]) -> list[GenerationOutput]:
+        """Wait for every handle; abort them all if the client goes away."""
+
+        async def final(h: RequestHandle) -> GenerationOutput:
+            async for _ in h.events():
+                pass
+            return h.result(timeout=0)
+
+        waiter = asyncio.ensure_future(asyncio.gather(*[final(h) for h in handles]))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=_POLL)
+                if done:
+                    return waiter.result()
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError
+        finally:
+            for h in handles:
+                h.abort()
+            if not waiter.done():
+                waiter.cancel()
+
+    # --- endpoints ------------------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the base model and each adapter."""
+        data = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmspeed", "root": self.model_name, "parent": None}]
+        data += [{"id": a, "object": "model", "created": self.created, "owned_by": "llmspeed", "root": a,
+                  "parent": self.model_name} for a in self.adapters]
+        return {"object": "list", "data": data}
+
+    def metrics(self) -> str:
+        """``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics`."""
+        m = self.engine.metrics()
+        lines = []
+        for name, kind, help_, value in [
+            ("requests_running", "gauge", "Requests in the running batch", m["requests_running"]),
+            ("requests_waiting", "gauge", "Requests waiting for admission", m["requests_waiting"]),
+            ("kv_blocks_used", "gauge", "KV-cache blocks held by requests", m["kv_blocks_used"]),
+            ("kv_blocks_free", "gauge", "KV-cache blocks free or evictable", m["kv_blocks_free"]),
+            ("prefix_cache_hit_rate", "gauge", "Share of prompt tokens served from the prefix cache", m["prefix_cache_hit_rate"]),
+            ("generation_tokens_total", "counter", "Tokens generated", m["tokens_generated"]),
+            ("requests_finished_total", "counter", "Requests that ended", m["requests_finished"]),
+        ]:
+            lines += [f"# HELP llmspeed_{name} {help_}", f"# TYPE llmspeed_{name} {kind}", f"llmspeed_{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+    async def completions(self, request: Request, payload: Any) -> Response:
+        """``POST /v1/completions``."""
+        req = parse(CompletionRequest, payload)
+        adapter = self._adapter(req.model)
+        prompt = req.single_prompt()
+        max_tokens = req.max_tokens or 16
+        sps = [_with_adapter(req.sampling(max_tokens, req.logprobs, i), adapter) for i in range(req.n)]
+        if req.stream:
+            return await self._stream(request, req, prompt, sps, chat=False)
+        outputs = await self._results(request, [self._submit(prompt, sp) for sp in sps])
+        for o in outputs:
+            self._check(o)
+        return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs))
+
+    async def chat(self, request: Request, payload: Any) -> Response:
+        """``POST /v1/chat/completions``."""
+        req = parse(ChatCompletionRequest, payload)
+        adapter = self._adapter(req.model)
+        messages = req.chat()
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.context
+        sps = [_with_adapter(req.sampling(max_tokens, req.wanted_logprobs(), i), adapter) for i in range(req.n)]
+        if req.stream:
+            return await self._stream(request, req, messages, sps, chat=True)
+        outputs = await self._results(request, [self._submit(messages, sp) for sp in sps])
+        for o in outputs:
+            self._check(o)
+        return JSONResponse(chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs))
+
+    async def _stream(self, request: Request, req: Any, prompt: Any, sps: list[SamplingParams], chat: bool) -> Response:
+        if len(sps) != 1:
+            raise APIError(400, "n > 1 is not supported with stream: true; send n requests", "n")
+        handle = self._submit(prompt, sps[0])
+        events = handle.events()
+        try:
+            first = await events.__anext__()
+        except BaseException:
+            handle.abort()
+            raise
+        if first.finished and first.output is not None:
+            self._check(first.output)  # refused before any token: a plain 4xx, not a stream
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": req.model}
+
+        def chunk(event: StreamEvent) -> dict[str, Any] | None:
+            done = finish_reason(event.output) if event.finished and event.output is not None else None
+            if not event.text and done is None and event.logprobs is None:
+                return None
+            if chat:
+                choice = {"index": 0, "delta": {"content": event.text} if event.text else {}, "finish_reason": done,
+                          "logprobs": chat_logprobs(self.tokenizer, [event.logprobs]) if event.logprobs else None}
+            else:
+                choice = {"index": 0, "text": event.text, "finish_reason": done, "logprobs": None}
+            return {**head, "choices": [choice]}
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                if chat:
+                    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                     "finish_reason": None, "logprobs": None}]})
+                event = first
+                while True:
+                    piece = chunk(event)
+                    if piece is not None:
+                        yield _sse(piece)
+                    if event.finished:
+                        break
+                    event = await events.__anext__()
+                if req.include_usage and event.output is not None:
+                    yield _sse({**head, "choices": [], "usage": usage([event.output])})
+                yield _sse("[DONE]")
+            finally:
+                handle.abort()  # a no-op once finished; a disconnect lands here
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    # --- the application ------------------------------------------------------------------------
+    def app(self) -> FastAPI:
+        """The FastAPI application."""
+        app = FastAPI(title="llmspeed", version="0.1.0", docs_url=None, redoc_url=None)
+        server = self
+
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next):
+            if server.api_key is not None:
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                    err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+                    return JSONResponse(err.body(), status_code=401)
+            return await call_next(request)
+
+        @app.exception_handler(APIError)
+        async def api_error(_: Request, err: APIError) -> JSONResponse:
+            return JSONResponse(err.body(), status_code=err.status)
+
+        @app.exception_handler(Exception)
+        async def unexpected(_: Request, err: Exception) -> JSONResponse:
+            return JSONResponse(APIError(500, f"{type(err).__name__}: {err}").body(), status_code=500)
+
+        async def body(request: Request) -> Any:
+            raw = await request.body()
+            try:
+                return json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise APIError(400, f"the request body is not valid JSON: {err}") from None
+
+        @app.get("/health")
+        async def health() -> Response:
+            if server.engine.closed:
+                return JSONResponse({"status": "closed"}, status_code=503)
+            return JSONResponse({"status": "ok"})
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return server.models()
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await server.completions(request, await body(request))
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await server.chat(request, await body(request))
+
+        return app
+
+
+def _with_adapter(sp: SamplingParams, adapter: str | None) -> SamplingParams:
+    from dataclasses import replace
+
+    return sp if adapter is None else replace(sp, adapter=adapter)

@@ -1,0 +1,41 @@
+"""A live OpenAI-compatible server on a free 127.0.0.1 port, stopped when the test ends."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+
+@contextmanager
+def serve(server, timeout: float = 30.0):
+    """Run ``server`` (an OpenAIServer) with uvicorn in a thread; yield its base URL; stop it and its engine."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="error", lifespan="off")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + timeout
+    while not uv.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout)
+        server.engine.close()
+
+
+@pytest.fixture
+def live_server():
+    """``live_server(openai_server) -> context manager yielding the base URL``."""
+    return serve

@@ -1,0 +1,200 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client on SmolLM2 (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import Generator, SamplingParams, lora
+from llmspeed.serving import Engine
+from llmspeed.serving.server import OpenAIServer
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "What is a Python list?"}]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _server(model, adapters=(), api_key=None, **kw):
+    return OpenAIServer(Engine(model, kv_cache_tokens=kw.pop("kv_cache_tokens", 8192), **kw), "smollm2", adapters, api_key)
+
+
+def _client(url, key="none", **kw):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+
+def test_completions_and_chat_match_the_generator(smollm2, live_server):
+    ref_gen = Generator(smollm2, progress=False)
+    ref_chat = ref_gen.generate_batched([CHAT], SamplingParams(max_new_tokens=12))[0]
+    ref_text = ref_gen.generate_batched(["The capital of France is"], SamplingParams(max_new_tokens=8))[0]
+    with live_server(_server(smollm2)) as url:
+        client = _client(url)
+        assert [m.id for m in client.models.list().data] == ["smollm2"]
+        chat = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=12, temperature=0)
+        assert chat.choices[0].message.content == ref_chat.text
+        assert chat.usage.prompt_tokens == len(ref_chat.prompt_token_ids)
+        assert chat.usage.completion_tokens == len(ref_chat.token_ids)
+        comp = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert comp.choices[0].text == ref_text.text and comp.choices[0].finish_reason == "length"
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smollm2", messages=CHAT, max_tokens=12, temperature=0, stream=True) if c.choices]
+        assert "".join(pieces) == ref_chat.text
+        stream = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8,
+                                           temperature=0, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == ref_text.text
+        assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_seeds_stops_logprobs_and_n(smollm2, live_server):
+    with live_server(_server(smollm2)) as url:
+        client = _client(url)
+        kw = dict(model="smollm2", messages=CHAT, max_tokens=10, temperature=0.9, top_p=0.9)
+        a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+        b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+        assert a == b
+        two = client.chat.completions.create(seed=7, n=2, **kw)
+        assert len(two.choices) == 2 and two.choices[0].message.content == a
+        full = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0).choices[0].text
+        stop = full.strip()[2:5]
+        cut = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
+        assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+        lp = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+        content = lp.choices[0].logprobs.content
+        assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+        assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+        legacy = client.completions.create(model="smollm2", prompt="Hi", max_tokens=3, temperature=0, logprobs=2)
+        assert len(legacy.choices[0].logprobs.token_logprobs) == 3
+
+
+def _noisy_adapter(model, name, seed):
+    lora.add_adapter(model, name, r=4)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            for pname, param in layer.named_parameters():
+                if name in pname and "lora_B" in pname:
+                    param.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_two_adapters_in_one_concurrent_batch(smollm2, live_server, tmp_path):
+    for name, seed in (("docs", 1), ("sql", 2)):
+        _noisy_adapter(smollm2, name, seed)
+    lora.set_adapter(smollm2, None)
+    alone = {}
+    for name in ("smollm2", "docs", "sql"):
+        sp = SamplingParams(max_new_tokens=8, adapter=None if name == "smollm2" else name)
+        alone[name] = Generator(smollm2, progress=False).generate_batched([CHAT], sp)[0].text
+    assert len(set(alone.values())) == 3  # the adapters change the text
+    with live_server(_server(smollm2, adapters=("docs", "sql"))) as url:
+        assert {m.id for m in _client(url).models.list().data} == {"smollm2", "docs", "sql"}
+
+        async def main():
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+            names = ["docs", "sql", "smollm2"] * 3
+            outs = await asyncio.gather(*[client.chat.completions.create(model=n, messages=CHAT, max_tokens=8, temperature=0)
+                                          for n in names])
+            return names, [o.choices[0].message.content for o in outs]
+
+        names, texts = asyncio.run(main())
+        assert texts == [alone[n] for n in names]
+
+
+def test_64_streaming_clients_with_10_disconnecting(smollm2, live_server):
+    prompts = [f"Count to {i}:" for i in range(64)]
+    expected = Generator(smollm2, progress=False).generate_batched(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    server = _server(smollm2, max_seqs=64)
+    with live_server(server) as url:
+
+        async def client_run(i, http):
+            # min_tokens (an extension) keeps EOS away, so every complete stream has exactly 6 tokens
+            body = {"model": "smollm2", "prompt": prompts[i], "max_tokens": 6 if i >= 10 else 500, "temperature": 0,
+                    "stream": True, "min_tokens": 6 if i >= 10 else 0}
+            text = ""
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    if i < 10 and text:
+                        return None  # disconnect midway
+            return text
+
+        async def main():
+            async with httpx.AsyncClient(timeout=300) as http:
+                return await asyncio.gather(*[client_run(i, http) for i in range(64)])
+
+        texts = asyncio.run(main())
+        for i in range(10, 64):
+            assert texts[i] == expected[i].text, i
+        engine = server.engine
+        for _ in range(200):
+            if engine.generator.num_live == 0:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert engine.generator.num_live == 0
+        assert engine.metrics()["kv_blocks_used"] == 0
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "llmspeed_kv_blocks_used 0" in metrics and "llmspeed_generation_tokens_total" in metrics
+
+
+def test_bad_requests_get_4xx_and_the_server_stays_up(smollm2, live_server):
+    with live_server(_server(smollm2, api_key="sekret", kv_cache_tokens=2048)) as url:
+        h = {"Authorization": "Bearer sekret"}
+        post = lambda path, **kw: httpx.post(f"{url}{path}", headers=h, timeout=60, **kw)  # noqa: E731
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = post("/v1/completions", content=b"{not json")
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = post("/v1/completions", json={"model": "smollm2", "prompt": "hi", "temperature": -1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+        r = post("/v1/completions", json={"model": "smollm2", "prompt": "hi", "frobnicate": 1})
+        assert r.status_code == 400 and "frobnicate" in r.json()["error"]["message"]
+        r = post("/v1/completions", json={"model": "smollm2", "prompt": "word " * 3000, "max_tokens": 2})
+        assert r.status_code == 400 and "KV cache" in r.json()["error"]["message"]
+        r = post("/v1/completions", json={"model": "smollm2", "prompt": "word " * 3000, "max_tokens": 2, "stream": True})
+        assert r.status_code == 400
+        r = post("/v1/chat/completions", json={"model": "smollm2", "messages": [], "max_tokens": 2})
+        assert r.status_code == 400
+        r = post("/v1/chat/completions", json={"model": "smollm2", "messages": CHAT, "n": 2, "stream": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        client = _client(url, key="sekret")
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="smollm2", prompt="hi", max_tokens=0)
+        ok = client.completions.create(model="smollm2", prompt="hi", max_tokens=2)
+        assert ok.usage.completion_tokens == 2
+        assert httpx.get(f"{url}/health", headers=h).json() == {"status": "ok"}
+
+
+def test_serve_cli_builds_a_quantized_server_with_an_adapter(tmp_path):
+    from llmspeed.serving.cli import build, build_parser
+
+    model = llmspeed.models.smollm2()
+    lora.add_adapter(model, "docs", r=2)
+    lora.save_adapter(model, tmp_path / "docs", "docs")
+    args = build_parser().parse_args(["--quantize", "int8", "--adapter", f"docs={tmp_path / 'docs'}", "--port", "0"])
+    engine, server = build(args)
+    try:
+        assert server.adapters == ("docs",) and server.model_name == "smollm2"
+        assert type(engine.model.hf.model.layers[0].mlp.down_proj.base_layer).__name__ == "Int8Linear"
+        assert args.host == "127.0.0.1"
+    finally:
+        engine.close()
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        build(build_parser().parse_args(["--adapter", "nopath"]))
