@@ -1,0 +1,170 @@
+"""Benchmark suite ``http_serving``: ``llmspeed serve`` against ``transformers serve --continuous-batching`` over HTTP.
+
+One load generator (asyncio + httpx, 127.0.0.1 only, every request bounded in time) sends the same
+Poisson schedule of streaming chat requests to each server in turn: SmolLM2 in fp32 from the same
+local folder for both, then llmspeed with ``--quantize int8``. Per offered rate: throughput, time to
+first token and inter-token latency (p50 / p99), errors. A server *sustains* a rate while its p99
+time to first token stays under 2 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .batching import make_workload
+from .serving import SUSTAIN_TTFT, _arrivals, _pct
+
+REQUEST_TIMEOUT = 300.0  # seconds: a request still open then counts as an error
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(command: list[str], port: int, log: Path, ready_timeout: float = 600.0):
+    """Start a server process, wait until ``/health`` answers, yield the base URL; always stop it."""
+    import httpx
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[:4]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"{command[:4]} did not become healthy in {ready_timeout} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _one(http: Any, url: str, model: str, prompt: str, max_tokens: int, arrival: float) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    stamps: list[float] = []
+    try:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT) as resp:
+            if resp.status_code != 200:
+                return {"error": f"HTTP {resp.status_code}"}
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or []
+                if choices and (choices[0].get("delta") or {}).get("content"):
+                    stamps.append(time.perf_counter())
+    except Exception as err:  # a failed request is counted, never hidden
+        return {"error": f"{type(err).__name__}: {err}"}
+    if not stamps:
+        return {"error": "no content"}
+    return {"ttft": stamps[0] - arrival, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "chunks": len(stamps),
+            "end": stamps[-1]}
+
+
+async def _drive(url: str, model: str, prompts: list[str], lengths: list[int], times: list[float]) -> tuple[list, float]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT) as http:
+        start = time.perf_counter()
+        tasks = []
+        for prompt, n, t in zip(prompts, lengths, times):
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(_one(http, url, model, prompt, n, time.perf_counter())))
+        results = await asyncio.gather(*tasks)
+    return results, start
+
+
+def _row(system: str, rate: float, results: list[dict], start: float) -> dict[str, Any]:
+    ok = [r for r in results if "error" not in r]
+    ttft = [r["ttft"] for r in ok]
+    itl = [x for r in ok for x in r["itl"]]
+    elapsed = max((r["end"] for r in ok), default=start) - start
+    p99 = _pct(ttft, 99)
+    return {
+        "table": "http load", "server": system, "offered_req_s": rate, "requests": len(results),
+        "errors": len(results) - len(ok), "chunks_s": round(sum(r["chunks"] for r in ok) / elapsed, 1) if elapsed > 0 else 0,
+        "ttft_p50_s": round(_pct(ttft, 50), 3), "ttft_p99_s": round(p99, 3),
+        "itl_p50_ms": round(_pct(itl, 50) * 1e3, 1), "itl_p99_ms": round(_pct(itl, 99) * 1e3, 1),
+        "sustained": bool(ok) and len(ok) == len(results) and p99 <= SUSTAIN_TTFT,
+    }
+
+
+def _export_smollm2(folder: Path) -> None:
+    """SmolLM2's weights and tokenizer as a plain transformers folder (both servers load the same one)."""
+    from .. import models
+
+    m = models.smollm2()
+    m.hf.save_pretrained(folder)
+    m.tokenizer.save_pretrained(folder)
+
+
+def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = False,
+        rates: tuple[float, ...] | None = None, servers: tuple[str, ...] = ("transformers", "llmspeed", "llmspeed int8")) -> list[dict]:
+    """Run every server on the same schedules; rows per (server, rate), then a summary per server."""
+    if device != "cpu" or model != "smollm2":
+        raise ValueError(f"http_serving runs SmolLM2 on the CPU only; got device={device!r}, model={model!r}")
+    n = 10 if quick else 24
+    rates = rates or ((0.5, 2.0) if quick else (0.25, 0.5, 1.0, 2.0, 4.0))
+    tmp = Path(tempfile.mkdtemp(prefix="llmspeed-http-"))
+    folder = tmp / "smollm2"
+    _export_smollm2(folder)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids, lengths = make_workload(tok, n, prompt_range=(16, 256), mean=16 if quick else 48, cap=32 if quick else 128)
+    prompts = [tok.decode(p) for p in ids]
+    rows: list[dict] = []
+    commands = {
+        "transformers": lambda port: [str(Path(sys.executable).with_name("transformers")), "serve", str(folder),
+                                      "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+                                      "--host", "127.0.0.1", "--port", str(port)],
+        "llmspeed": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder),
+                                  "--served-model-name", str(folder), "--port", str(port)],
+        "llmspeed int8": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder), "--quantize",
+                                       "int8", "--served-model-name", str(folder), "--port", str(port)],
+    }
+    for system in servers:
+        port = _free_port()
+        with server_process(commands[system](port), port, tmp / f"{system.replace(' ', '_')}.log") as url:
+            asyncio.run(_drive(url, str(folder), prompts[:2], [4, 4], [0.0, 0.0]))  # warm-up
+            for k, rate in enumerate(rates):
+                results, start = asyncio.run(_drive(url, str(folder), prompts, lengths, _arrivals(n, rate, seed=k)))
+                rows.append(_row(system, rate, results, start))
+    best = {}
+    for system in servers:
+        ok = [r["offered_req_s"] for r in rows if r["server"] == system and r["sustained"]]
+        best[system] = max(ok) if ok else 0.0
+    base = best.get("transformers") or 0.0
+    for system in servers:
+        rows.append({"table": "http load, summary", "server": system, "highest_rate_with_p99_ttft_under_2s": best[system],
+                     "vs_transformers_serve": round(best[system] / base, 2) if base else ""})
+    return rows
