@@ -222,9 +222,12 @@ class Model:
     ) -> list[GenerationOutput]:
         """Generate for every prompt with continuous batching; results in prompt order.
 
-        ``generator_kwargs`` go to :class:`llmspeed.Generator` (KV budget, token budget, progress). One
-        generator is kept per model and reused while the arguments and the model's modules stay the same.
+        ``generator_kwargs`` go to :class:`llmspeed.Generator` (KV budget, token budget, progress), except
+        :class:`SamplingParams` fields (``max_new_tokens=8``, ``temperature=...``), which build ``sampling``
+        as transformers and vLLM users expect. One generator is kept per model and reused while the
+        arguments and the model's modules stay the same.
         """
+        sampling = _sampling_from_kwargs(sampling, generator_kwargs)
         return self._generator(generator_kwargs).generate_batched(prompts, sampling)
 
     def stream(
@@ -234,7 +237,25 @@ class Model:
         **generator_kwargs: Any,
     ) -> Iterator[Any]:
         """Yield per-token events (with their new text) as the continuous-batching generator produces them."""
+        sampling = _sampling_from_kwargs(sampling, generator_kwargs)
         yield from self._generator(generator_kwargs).stream(prompts, sampling)
+
+
+def _sampling_from_kwargs(sampling: Any, kwargs: dict[str, Any]) -> Any:
+    """Move ``SamplingParams`` fields out of ``kwargs`` (in place) into ``sampling``."""
+    from .generation.sampling import split_sampling_kwargs
+
+    fields = split_sampling_kwargs(kwargs)
+    if not fields:
+        return sampling
+    if sampling is not None:
+        raise ValueError(
+            f"give sampling settings either as sampling=SamplingParams(...) or as keyword arguments, not both; "
+            f"got sampling and {sorted(fields)}"
+        )
+    from .generation import SamplingParams
+
+    return SamplingParams(**fields)
 
 
 def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:

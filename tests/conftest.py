@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on a shared 2-core machine, OpenMP barriers cost more than tiny ops."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def run_script():
     """``run(script) -> stdout`` of ``script`` in a fresh interpreter (e.g. Triton's, set before any kernel compiles); fails on a non-zero exit."""
 

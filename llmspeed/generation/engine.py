@@ -26,7 +26,7 @@ from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent
 from .runner import ModelRunner, StepInput
-from .sampling import RowContext, SamplingParams, request_generator, sample_batch
+from .sampling import RowContext, SamplingParams, coerce, request_generator, sample_batch
 from .scheduler import Batch, Scheduler
 from .sequence import Sequence as Seq
 
@@ -211,12 +211,10 @@ class Generator:
         ``prompt`` is a string, a list of token ids, or a list of chat messages.
 
         Raises:
-            TypeError: ``sampling`` is not a :class:`SamplingParams`.
+            TypeError: ``sampling`` is neither a :class:`SamplingParams` nor a dict of its fields.
             RuntimeError: Another thread is inside this generator.
         """
-        sampling = SamplingParams() if sampling is None else sampling
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams; got {type(sampling).__name__}")
+        sampling = coerce(sampling)
         with self._exclusive("add_request"):
             rid = self._next_id
             self._next_id += 1
@@ -414,17 +412,14 @@ class Generator:
     def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
         if isinstance(prompts, str) or _is_chat(prompts):
             raise TypeError("prompts must be a list of prompts; got a single string or chat (wrap it in a list)")
-        if sampling is None or isinstance(sampling, SamplingParams):
-            params = [sampling] * len(prompts)
+        if sampling is None or isinstance(sampling, (SamplingParams, dict)):
+            params = [coerce(sampling)] * len(prompts)
         else:
-            params = list(sampling)
+            params = [coerce(p) for p in sampling]
             if len(params) != len(prompts):
                 raise ValueError(
                     f"sampling must be one SamplingParams or one per prompt ({len(prompts)}); got {len(params)}"
                 )
-            for p in params:
-                if not isinstance(p, SamplingParams):
-                    raise TypeError(f"sampling must be a SamplingParams or a list of them; got a {type(p).__name__}")
         return [self.add_request(p, s, index=i) for i, (p, s) in enumerate(zip(prompts, params))]
 
     def _events(self, prompts: Sequence[Prompt], sampling: Any) -> Iterator[StreamEvent]:

@@ -116,6 +116,32 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+def coerce(sampling: object) -> SamplingParams:
+    """``sampling`` as :class:`SamplingParams`: ``None`` gives the defaults, a dict its fields.
+
+    Raises:
+        TypeError: anything else, naming what is accepted.
+        ValueError: a dict with unknown keys or bad values (naming them).
+    """
+    if sampling is None:
+        return SamplingParams()
+    if isinstance(sampling, SamplingParams):
+        return sampling
+    if isinstance(sampling, dict):
+        unknown = sorted(set(sampling) - set(SamplingParams.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"sampling has unknown keys {unknown}; SamplingParams takes {sorted(SamplingParams.__dataclass_fields__)}"
+            )
+        return SamplingParams(**sampling)
+    raise TypeError(f"sampling must be a SamplingParams (or a dict of its fields); got {type(sampling).__name__}")
+
+
+def split_sampling_kwargs(kwargs: dict) -> dict:
+    """Pop the :class:`SamplingParams` fields (``max_new_tokens=...``) out of ``kwargs``; return them."""
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in SamplingParams.__dataclass_fields__}
+
+
 def request_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The request's own RNG (``None`` for greedy requests, which need none)."""
     if params.greedy:

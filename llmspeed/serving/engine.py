@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..generation import GenerationOutput, Generator, SamplingParams, StreamEvent
+from ..generation.sampling import coerce
 from ..protocol import CausalLM
 from .handle import RequestHandle
 
@@ -67,15 +68,13 @@ class Engine:
         (bad token ids, too long, unknown adapter) ends with finish reason ``"error"`` and its message.
 
         Raises:
-            TypeError: ``sampling`` is not a :class:`~llmspeed.generation.SamplingParams`.
+            TypeError: ``sampling`` is neither a :class:`~llmspeed.generation.SamplingParams` nor a dict of its fields.
             RuntimeError: The engine is closed.
         """
         return self._submit(prompt, sampling, None)
 
     def _submit(self, prompt: Prompt, sampling: Any, loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
-        sampling = SamplingParams() if sampling is None else sampling
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams; got {type(sampling).__name__}")
+        sampling = coerce(sampling)
         handle = RequestHandle(self._request_abort, loop)
         self._command("add", handle, prompt, sampling)
         return handle

@@ -130,32 +130,27 @@ class OpenAIServer:
         return "\n".join(lines) + "\n"
 
     async def completions(self, request: Request, payload: Any) -> Response:
-        """``POST /v1/completions``."""
+        """``POST /v1/completions`` (``max_tokens`` defaults to 16, as OpenAI's)."""
         req = parse(CompletionRequest, payload)
+        return await self._answer(request, req, req.single_prompt(), req.max_tokens or 16, req.logprobs, chat=False)
+
+    async def chat(self, request: Request, payload: Any) -> Response:
+        """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
+        req = parse(ChatCompletionRequest, payload)
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.context
+        return await self._answer(request, req, req.chat(), max_tokens, req.wanted_logprobs(), chat=True)
+
+    async def _answer(self, request: Request, req: Any, prompt: Any, max_tokens: int, logprobs: int | None,
+                      chat: bool) -> Response:
         adapter = self._adapter(req.model)
-        prompt = req.single_prompt()
-        max_tokens = req.max_tokens or 16
-        sps = [_with_adapter(req.sampling(max_tokens, req.logprobs, i), adapter) for i in range(req.n)]
+        sps = [_with_adapter(req.sampling(max_tokens, logprobs, i), adapter) for i in range(req.n)]
         if req.stream:
-            return await self._stream(request, req, prompt, sps, chat=False)
+            return await self._stream(request, req, prompt, sps, chat)
         outputs = await self._results(request, [self._submit(prompt, sp) for sp in sps])
         for o in outputs:
             self._check(o)
-        return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs))
-
-    async def chat(self, request: Request, payload: Any) -> Response:
-        """``POST /v1/chat/completions``."""
-        req = parse(ChatCompletionRequest, payload)
-        adapter = self._adapter(req.model)
-        messages = req.chat()
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.context
-        sps = [_with_adapter(req.sampling(max_tokens, req.wanted_logprobs(), i), adapter) for i in range(req.n)]
-        if req.stream:
-            return await self._stream(request, req, messages, sps, chat=True)
-        outputs = await self._results(request, [self._submit(messages, sp) for sp in sps])
-        for o in outputs:
-            self._check(o)
-        return JSONResponse(chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs))
+        build = chat_response if chat else completion_response
+        return JSONResponse(build(new_id("chatcmpl" if chat else "cmpl"), req.model, self.tokenizer, outputs))
 
     async def _stream(self, request: Request, req: Any, prompt: Any, sps: list[SamplingParams], chat: bool) -> Response:
         if len(sps) != 1:

@@ -191,3 +191,18 @@ def test_generation_config_eos_ids_all_stop(llama):
     llama.hf.generation_config.eos_token_id = [255, ref.token_ids[3]]
     out = Generator(llama, progress=False).generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6))[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == ref.token_ids[3]
+
+
+def test_sampling_fields_as_keywords_or_a_dict(llama):
+    """Regression (issue #20): the habits transformers and vLLM users bring work, or say what to do."""
+    ref = llama.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True), progress=False)
+    kw = llama.generate_batched([[1, 2, 3]], max_new_tokens=4, ignore_eos=True, progress=False)
+    as_dict = Generator(llama, progress=False).generate_batched([[1, 2, 3]], {"max_new_tokens": 4, "ignore_eos": True})
+    assert kw[0].token_ids == as_dict[0].token_ids == ref[0].token_ids
+    assert len(list(llama.stream([[1, 2]], max_new_tokens=3, ignore_eos=True, progress=False))) == 3
+    with pytest.raises(ValueError, match="either as sampling=SamplingParams"):
+        llama.generate_batched([[1]], SamplingParams(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="unknown keys \\['max_tokens'\\]"):
+        Generator(llama, progress=False).generate_batched([[1]], {"max_tokens": 4})
+    with pytest.raises(TypeError, match="SamplingParams \\(or a dict"):
+        Generator(llama, progress=False).generate_batched([[1]], "greedy")

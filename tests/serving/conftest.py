@@ -1,4 +1,4 @@
-"""A live OpenAI-compatible server on a free 127.0.0.1 port, stopped when the test ends."""
+"""Serving tests: one intra-op thread, and a live OpenAI-compatible server on a free 127.0.0.1 port, stopped when the test ends."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def serve(server, timeout: float = 30.0):
         uv.should_exit = True
         thread.join(timeout)
         server.engine.close()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every serving test runs with one intra-op thread (see ``one_thread``)."""
 
 
 @pytest.fixture

@@ -20,14 +20,6 @@ pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "What is a Python list?"}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _server(model, adapters=(), api_key=None, **kw):
     return OpenAIServer(Engine(model, kv_cache_tokens=kw.pop("kv_cache_tokens", 8192), **kw), "smollm2", adapters, api_key)
 
