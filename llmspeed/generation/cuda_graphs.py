@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .kv_cache import DecodeKernel, PagedAttention, PagedKVCache, block_tables
+
+if TYPE_CHECKING:
+    from .runner import StepInput
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -138,7 +141,7 @@ class DecodeGraphs:
         """How many decode graphs are captured."""
         return len(self._graphs)
 
-    def run(self, step: Any) -> torch.Tensor | None:
+    def run(self, step: StepInput) -> torch.Tensor | None:
         """Logits ``[n, V]`` of a decode-only :class:`~.runner.StepInput`; ``None`` = run it eagerly."""
         n = len(step.ids)
         context = max(step.positions) + 1

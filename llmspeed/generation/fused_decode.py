@@ -20,13 +20,16 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .. import cpp_build
 from .kv_cache import PagedKVCache, block_tables
+
+if TYPE_CHECKING:
+    from .runner import StepInput
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 QUANT_SOURCE = Path(__file__).parent.parent / "quant" / "kernels" / "fused_cpu.cpp"  # its 4-bit tiles
@@ -230,7 +233,7 @@ class FusedDecode:
             self._snapshot = _Snapshot(self.model.hf)
         return self._snapshot
 
-    def run(self, step: Any) -> torch.Tensor | None:  # [n, vocab]
+    def run(self, step: StepInput) -> torch.Tensor | None:  # [n, vocab]
         """Logits of a decode-only :class:`~.runner.StepInput`, or ``None`` when the model is unsupported."""
         snap = None if self.ext is None else self._current()
         if snap is None:

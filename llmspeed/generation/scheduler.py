@@ -181,7 +181,7 @@ class Scheduler:
         for chunk in batch.chunks:
             seq = chunk.seq
             seq.num_computed = chunk.start + chunk.length
-            if self.blocks.prefix_caching:
+            if self.blocks.prefix_caching and seq.num_computed // self.blocks.block_size > len(seq.block_keys):
                 self.blocks.register(seq.block_table, seq.all_tokens(), seq.num_computed, seq.params.adapter, seq.block_keys)
 
 
