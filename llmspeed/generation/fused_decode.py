@@ -66,6 +66,8 @@ def _fusable(module: Any) -> bool:
     fmt = str(getattr(module, "quant_format", ""))
     if type(module).__name__ != _QUANT_CLASSES.get(fmt) or not module.qweight.is_contiguous():
         return False
+    if module.config.act_order:  # the C++ step does not gather the input through ``perm``
+        return False
     if fmt == "int8":
         return module.qweight.dtype == torch.int8
     kp, groups = module.qweight.shape[1] * 2, module.config.num_groups(module.in_features)

@@ -16,6 +16,7 @@ from .methods import get_method
 from .modules import QuantizedLinearBase, module_class
 
 _DEFAULT = object()
+SYMMETRIC_METHODS = ("rtn", "gptq")  # methods that honour QuantConfig.symmetric for int4
 
 
 def _output_head(model: CausalLM) -> list[str]:
@@ -119,12 +120,13 @@ def quantize(
     calibration: Any = None,
     include: Sequence[str] | None = None,
     method_options: dict[str, Any] | None = None,
+    symmetric: bool | None = None,
 ) -> CausalLM:
     """Quantize ``model``'s linear layers in place and return the model.
 
     Args:
         model: Any :class:`~llmspeed.protocol.CausalLM` (only ``linear_layers``/``replace_linear`` are used).
-        fmt: ``"int8"`` (per output channel), ``"int4"`` (group-wise asymmetric) or ``"nf4"``.
+        fmt: ``"int8"`` (per output channel), ``"int4"`` (group-wise, asymmetric unless ``symmetric``) or ``"nf4"``.
         group_size: Input channels per scale; default 64 for int4/nf4, per channel (``None``) for int8.
         skip: Qualified names or ``fnmatch`` patterns left in float. Default: the output head (``lm_head``);
             pass ``[]`` to quantize it too. Embeddings are never linear positions.
@@ -134,6 +136,8 @@ def quantize(
         calibration: Data for calibrated methods, passed through to them unchanged.
         include: Only quantize layers matching these names/patterns (default: all).
         method_options: Extra keyword arguments for the method.
+        symmetric: int4 only: zero points fixed at 8 and scales ``absmax / 7.5`` (methods ``"rtn"`` and
+            ``"gptq"``): the signed 4-bit grid vLLM's fastest kernels take. Default: asymmetric.
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
@@ -142,7 +146,12 @@ def quantize(
     """
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE.get(fmt)
-    config = QuantConfig(fmt, group_size, double_quant, method, kernel)
+    config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric)
+    if fmt == "int4" and config.symmetric and method not in SYMMETRIC_METHODS:
+        raise ValueError(
+            f"symmetric=True is available with method in {list(SYMMETRIC_METHODS)}; got method={method!r}, "
+            f"which fits its own zero points"
+        )
     check_kernel(kernel, fmt, model.spec.device)
     entry = get_method(method)
     if entry.needs_calibration and calibration is None:

@@ -16,14 +16,21 @@ class QuantConfig:
     """How a linear layer's weight is quantized. Validated on construction; ``to_dict``/``from_dict`` round-trip.
 
     Attributes:
-        format: ``"int8"`` (per-output-channel symmetric), ``"int4"`` (group-wise asymmetric) or
-            ``"nf4"`` (group-wise absmax over the NormalFloat-4 codebook).
+        format: ``"int8"`` (per-output-channel symmetric), ``"int4"`` (group-wise, asymmetric unless
+            ``symmetric``) or ``"nf4"`` (group-wise absmax over the NormalFloat-4 codebook).
         group_size: Input channels sharing one scale (and zero point). ``None`` means one group per
             output row (the only choice for int8). Must be even; ``in_features`` is zero-padded up to a
             multiple of it (see docs/quantization.md).
         double_quant: NF4 only: quantize the per-group scales again to 8 bits (QLoRA's double quantization).
         method: How codes are chosen: ``"rtn"`` (round to nearest) or a registered calibrated method.
         kernel: Matmul path: ``"auto"`` or a kernel name from :func:`llmspeed.kernels`.
+        symmetric: int4 only: ``True`` stores every zero point as 8 and the scale as ``absmax / 7.5``
+            (the signed ``[-8, 7]`` grid of GPTQ's ``sym=True`` and compressed-tensors'
+            ``symmetric: true``, which vLLM's fastest 4-bit kernels take). ``None``: the format's
+            default (``False`` for int4; int8 and nf4 are always symmetric).
+        act_order: int4 only: the packed input columns are a permutation of the layer's (a GPTQ
+            ``desc_act`` checkpoint whose ``g_idx`` groups columns out of order); the module holds
+            ``perm`` int64 ``[in]`` and gathers its input through it before the kernel.
     """
 
     format: str
@@ -31,6 +38,8 @@ class QuantConfig:
     double_quant: bool = False
     method: str = "rtn"
     kernel: str = "auto"
+    symmetric: bool | None = None
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -50,6 +59,20 @@ class QuantConfig:
             raise ValueError(f"double_quant must be a bool; got {self.double_quant!r}")
         if self.double_quant and self.format != "nf4":
             raise ValueError(f"double_quant is only defined for nf4; got format={self.format!r}")
+        fixed = {"int8": True, "nf4": True}.get(self.format)
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", fixed if fixed is not None else False)
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be a bool or None; got {self.symmetric!r}")
+        if fixed is not None and self.symmetric != fixed:
+            raise ValueError(
+                f"symmetric=False is not available for {self.format}, which is always symmetric; "
+                f"use format='int4' for asymmetric zero points"
+            )
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"act_order must be a bool; got {self.act_order!r}")
+        if self.act_order and self.format != "int4":
+            raise ValueError(f"act_order (permuted input columns) is only defined for int4; got {self.format!r}")
         from .methods import METHODS
 
         if self.method not in METHODS:
@@ -69,7 +92,7 @@ class QuantConfig:
         """Rebuild a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
         if not isinstance(data, dict):
             raise ValueError(f"quantization config must be a dict; got {type(data).__name__}")
-        known = {"format", "group_size", "double_quant", "method", "kernel"}
+        known = {"format", "group_size", "double_quant", "method", "kernel", "symmetric", "act_order"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(

@@ -19,7 +19,11 @@ from .config import QuantConfig
 
 
 class _QuantMatmul(torch.autograd.Function):
-    """``y = x @ W.T`` for a quantized ``W``; gradient only for ``x``, from the dequantized weight."""
+    """``y = x @ W.T`` for a quantized ``W``; gradient only for ``x``, from the dequantized weight.
+
+    ``x`` arrives already gathered through ``perm`` for act-order modules, so the backward pass uses the
+    weight in packed column order (:meth:`QuantizedLinearBase.packed_dequantize`).
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: QuantizedLinearBase) -> torch.Tensor:
@@ -28,7 +32,7 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = ctx.module.dequantize(grad.dtype)  # [out, in], freed when backward returns
+        w = ctx.module.packed_dequantize(grad.dtype)  # [out, in], freed when backward returns
         return grad @ w, None
 
 
@@ -51,6 +55,7 @@ class QuantizedLinearBase(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._permuted = config.act_order  # Int4Linear registers ``perm`` [in] when set
         self._kernels: dict[tuple, object] = {}  # (dtype, device index, rows bucket) -> bound kernel
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
 
@@ -58,6 +63,13 @@ class QuantizedLinearBase(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
         """The float weight this module represents (the test oracle of every kernel); ``rows``: only those output rows."""
         raise NotImplementedError
+
+    def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+        """The float weight with its columns in packed order (differs from :meth:`dequantize` only with act_order).
+
+        Kernels see the input already gathered through ``perm``, so reference kernels multiply by this one.
+        """
+        return self.dequantize(dtype, rows)
 
     # --- construction --------------------------------------------------------------------------
     @classmethod
@@ -101,6 +113,8 @@ class QuantizedLinearBase(nn.Module):
             raise ValueError(
                 f"input must have {self.in_features} features in its last axis; got {tuple(x.shape)}"
             )
+        if self._permuted:  # GPTQ act-order: packed column j holds input column perm[j]
+            x = x.index_select(-1, self.perm)  # [..., in]
         if x.requires_grad and torch.is_grad_enabled():
             y = _QuantMatmul.apply(x, self)
         else:
@@ -150,6 +164,8 @@ class QuantizedLinearBase(nn.Module):
         c = self.config
         g = "" if c.group_size is None else f", group_size={c.group_size}"
         dq = ", double_quant=True" if c.double_quant else ""
+        dq += ", symmetric=True" if c.symmetric and c.format == "int4" else ""
+        dq += ", act_order=True" if c.act_order else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={c.format}{g}{dq}, "
             f"method={c.method}, kernel={c.kernel}, bias={self.bias is not None}"
@@ -239,7 +255,11 @@ class _Packed4Bit(QuantizedLinearBase):
 
 
 class Int4Linear(_Packed4Bit):
-    """Weight-only int4, group-wise asymmetric: ``w = (code - zero) * scale``; adds ``zeros`` fp32 [out, groups]."""
+    """Weight-only int4, group-wise: ``w = (code - zero) * scale``; adds ``zeros`` fp32 [out, groups].
+
+    With ``config.act_order`` it also holds ``perm`` int64 ``[in]``: packed column ``j`` is input column
+    ``perm[j]`` (a GPTQ ``desc_act`` checkpoint), and forward gathers ``x[..., perm]`` first.
+    """
 
     quant_format = "int4"
     zeros: torch.Tensor
@@ -249,6 +269,8 @@ class Int4Linear(_Packed4Bit):
     ):
         super().__init__(in_features, out_features, config or QuantConfig("int4"), bias, device)
         self.register_buffer("zeros", torch.zeros_like(self.scales))
+        if self.config.act_order:
+            self.register_buffer("perm", torch.arange(in_features, device=device))  # [in] int64
 
     @classmethod
     def from_codes(cls, codes, scales, zeros=None, *, config, bias=None, in_features=None):
@@ -261,9 +283,16 @@ class Int4Linear(_Packed4Bit):
         m.zeros.copy_(zeros.float())
         return m
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+    def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """``[r, in]``: the weight with its columns in packed order (``perm`` not undone)."""
         w = P.dequantize_int4(self.codes(rows), self.scales[rows], self.zeros[rows], self.config.group_size)
         return w[:, : self.in_features].to(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+        w = self.packed_dequantize(dtype, rows)  # [r, in] packed column order
+        if not self._permuted:
+            return w
+        return torch.empty_like(w).index_copy_(1, self.perm, w)  # column perm[j] <- packed column j
 
 
 class NF4Linear(_Packed4Bit):

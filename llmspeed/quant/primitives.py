@@ -12,7 +12,9 @@ are never read by the kernels (activations have only ``in`` columns) and ``dequa
 * int4 (group-wise, asymmetric): ``codes`` uint8 ``[out, in_pad]`` in ``[0, 15]``, ``scales`` and
   ``zeros`` fp32 ``[out, in_pad / group]``; ``w = (codes - zeros) * scales`` per group. The zero point
   lives in the integer (code) domain; round-to-nearest gives whole numbers in ``[0, 15]``, calibrated
-  methods (HQQ) may store fractional ones.
+  methods (HQQ) may store fractional ones. Symmetric int4 (``QuantConfig.symmetric``) is the same
+  layout with every zero equal to 8 and ``scales = absmax / 7.5``: codes minus 8 are the signed
+  ``[-8, 7]`` values GPTQ (``sym=True``) and compressed-tensors store.
 * nf4 (group-wise, absmax): ``codes`` uint8 ``[out, in_pad]`` index :data:`NF4_CODEBOOK`;
   ``scales`` fp32 ``[out, groups]`` are the group absmax; ``w = NF4_CODEBOOK[codes] * scales``.
 * packing: ``pack_nibbles`` stores element ``2j`` in the LOW nibble and ``2j + 1`` in the HIGH nibble of
@@ -81,6 +83,18 @@ def choose_qparams_int4(w: torch.Tensor, group_size: int | None) -> tuple[torch.
     scales = ((hi - lo) / 15).clamp_min(_EPS)
     zeros = torch.round(-lo / scales).clamp_(0, 15)
     return scales, zeros
+
+
+SYMMETRIC_ZERO = 8.0  # symmetric int4: the code of 0.0, so codes - 8 lie in [-8, 7]
+
+
+def choose_qparams_int4_symmetric(
+    w: torch.Tensor, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4: scales ``absmax / 7.5`` and zeros all 8, ``[out, groups]``, of padded ``w`` [out, in_pad]."""
+    absmax = _groups(w.detach().float(), group_size).abs().amax(dim=2)  # [out, groups]
+    scales = (absmax / 7.5).clamp_min(_EPS)
+    return scales, torch.full_like(scales, SYMMETRIC_ZERO)
 
 
 def quantize_int4(

@@ -10,7 +10,7 @@ from .registry import FLOAT_DTYPES, Kernel, register_kernel
 
 def reference(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
     """Dequantize the whole weight in ``x.dtype`` and multiply: the oracle every kernel is tested against."""
-    return F.linear(x, module.dequantize(x.dtype))
+    return F.linear(x, module.packed_dequantize(x.dtype))
 
 
 BLOCK_BYTES = 1 << 22  # fp32 bytes of weight dequantized at a time by dequant_fp32 (4 MB: fastest of 1/4/whole here)
@@ -31,10 +31,10 @@ def dequant_fp32(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out
     n, k = module.out_features, module.in_features
     rows = max(1, BLOCK_BYTES // (4 * k))
     if rows >= n or x.device.type != "cpu" or (torch.is_grad_enabled() and xf.requires_grad):
-        return F.linear(xf, module.dequantize(torch.float32)).to(x.dtype)
+        return F.linear(xf, module.packed_dequantize(torch.float32)).to(x.dtype)
     out = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)  # [M, out]
     for i in range(0, n, rows):
-        block = module.dequantize(torch.float32, slice(i, i + rows))  # [r, in]
+        block = module.packed_dequantize(torch.float32, slice(i, i + rows))  # [r, in]
         torch.mm(xf, block.t(), out=out[:, i : i + rows])  # [M, r]
     return out.to(x.dtype)
 

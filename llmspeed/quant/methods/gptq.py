@@ -212,20 +212,23 @@ class Int4Grid:
         clip_search: Shrink factors of the group's ``[min, max]`` range tried by :meth:`fit`; the one
             with the smallest ``sum |w - deq(q(w))|^2.4`` per row wins (the GPTQ reference's ``mse``
             option). ``(1.0,)`` is plain min/max, exactly round-to-nearest's choice.
+        symmetric: Zero point 8 and scale ``absmax / 7.5`` (``QuantConfig.symmetric``).
     """
 
-    def __init__(self, clip_search: tuple[float, ...] = (1.0,)):
+    def __init__(self, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False):
         if not clip_search or any(not 0 < c <= 1 for c in clip_search):
             raise ValueError(f"clip_search must be shrink factors in (0, 1]; got {clip_search!r}")
         self.clip_search = tuple(clip_search)
+        self.symmetric = symmetric
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row scale and zero ``[out]`` of the group ``w`` [out, k]."""
-        from ..primitives import choose_qparams_int4
+        from ..primitives import choose_qparams_int4, choose_qparams_int4_symmetric
 
+        choose = choose_qparams_int4_symmetric if self.symmetric else choose_qparams_int4
         best_s = best_z = best_err = None
         for shrink in self.clip_search:
-            s, z = choose_qparams_int4(w * shrink, None)  # [out, 1] each
+            s, z = choose(w * shrink, None)  # [out, 1] each
             s, z = s[:, 0], z[:, 0]
             if len(self.clip_search) == 1:
                 return s, z
@@ -293,9 +296,9 @@ class Int8Grid:
         return quantize_int8(w, scales.reshape(-1))
 
 
-def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,)) -> Grid:
-    """The :class:`Grid` of a format name (``"int4"``, ``"nf4"``, ``"int8"``)."""
-    grids = {"int4": lambda: Int4Grid(clip_search), "nf4": NF4Grid, "int8": Int8Grid}
+def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False) -> Grid:
+    """The :class:`Grid` of a format name (``"int4"``, ``"nf4"``, ``"int8"``); ``symmetric``: int4's zero fixed at 8."""
+    grids = {"int4": lambda: Int4Grid(clip_search, symmetric), "nf4": NF4Grid, "int8": Int8Grid}
     if fmt not in grids:
         raise ValueError(f"format must be one of {sorted(grids)} for GPTQ; got {fmt!r}")
     return grids[fmt]()
@@ -370,7 +373,7 @@ def gptq_model(
 
     def quantize_group(linears, hessian, config):
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum out, in]: rows are independent
-        grid = grid_for(config.format, clip_search)
+        grid = grid_for(config.format, clip_search, bool(config.symmetric and config.format == "int4"))
         result = gptq_quantize(
             weight, hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order
         )

@@ -18,7 +18,8 @@ def rtn_weight(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     w = P.pad_columns(w, config.padded_in_features(w.shape[1]))  # [out, in_pad]
     g = config.group_size
     if config.format == "int4":
-        scales, zeros = P.choose_qparams_int4(w, g)  # [out, groups] x2
+        choose = P.choose_qparams_int4_symmetric if config.symmetric else P.choose_qparams_int4
+        scales, zeros = choose(w, g)  # [out, groups] x2
         return QuantizedWeight(P.quantize_int4(w, scales, zeros, g), scales, zeros)
     scales = P.choose_qparams_nf4(w, g)  # [out, groups]
     effective = nf4_effective_scales(scales, config)
