@@ -1,41 +1,71 @@
-"""``save``/``load``: a quantized (or float) model as one safetensors file + its config and tokenizer.
+"""``save``/``load``: llmspeed's own folder format, and the dispatch to the standard formats.
+
+``save(model, path, format="compressed-tensors")`` writes what transformers and vLLM load
+(:mod:`.formats.compressed_tensors`); ``load`` reads llmspeed, compressed-tensors and GPTQ folders
+(:func:`.formats.detect` tells which).
 
 Folder layout written by :func:`save`::
 
     model.safetensors   every parameter and persistent buffer (packed codes, scales, zeros, float weights);
                         metadata: {"format": "llmspeed", "version": "1", "dtype", "quantization": JSON
                         {layer name: QuantConfig.to_dict()}, "aliases": JSON {tied name: stored name}}
-    config.json         the transformers config (the architecture to rebuild)
+    config.json         the transformers config (the architecture to rebuild), with a ``quantization_config``
+                        that transformers refuses with a message naming llmspeed (see :data:`NATIVE_MARKER`)
     tokenizer files     when the model has a tokenizer
 
 :func:`load` builds the architecture with its parameters on the ``meta`` device (no float weight is
 allocated or initialised), puts empty quantized skeletons at the quantized positions, then assigns the
-stored tensors: the result is bit-exact.
+stored tensors after checking each one's dtype and shape (and each alias's target) against the module
+that receives it: the result is bit-exact, and a modified file raises a ``ValueError`` naming the tensor.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..model import Model
-from ..precision import attach
 from ..protocol import CausalLM
 from .config import QuantConfig
-from .modules import QuantizedLinearBase, module_class
+from .formats import compressed_tensors, gptq, skeleton
+from .formats.files import detect
+from .modules import QuantizedLinearBase
 
 WEIGHTS = "model.safetensors"
 FORMAT = "llmspeed"
 VERSION = "1"
+SAVE_FORMATS = ("llmspeed", "compressed-tensors")
+# config.json's quantization_config in a native folder. transformers knows quant_method "gptq", builds its
+# config and rejects ``bits`` with "Only support quantization to [2,3,4,8] bits but found <bits>", so
+# from_pretrained fails with this text instead of loading random linears (an unknown quant_method is only
+# a warning there). vLLM rejects it in the same way. llmspeed.load ignores it.
+NATIVE_MARKER = {
+    "quant_method": "gptq",
+    "bits": "llmspeed-native: this folder is llmspeed's own format; load it with llmspeed.load(path), or write "
+    "one transformers and vLLM read with llmspeed.save(model, path, format='compressed-tensors')",
+    "llmspeed_format": FORMAT,
+}
 
 
-def save(model: CausalLM, directory: str | Path) -> Path:
-    """Write ``model`` (quantized or not) to ``directory``; return the folder path."""
+def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Path:
+    """Write ``model`` to folder ``directory``; return the folder path.
+
+    Args:
+        model: The model, quantized or not.
+        directory: The folder (created if needed).
+        format: ``"llmspeed"`` (every llmspeed format, adapters included; read back by :func:`load`) or
+            ``"compressed-tensors"`` (int8 per channel and int4 group-wise, symmetric or asymmetric: the
+            folder ``transformers.AutoModelForCausalLM.from_pretrained`` and ``vllm serve`` load).
+
+    Raises:
+        ValueError: an unknown ``format``, or a model the format cannot hold (named in the message).
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {list(SAVE_FORMATS)}; got {format!r}")
+    if format == "compressed-tensors":
+        return compressed_tensors.save(model, directory)
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -70,9 +100,16 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     config = getattr(root, "config", None)
     if config is not None:
         config.save_pretrained(directory)
+        _mark_native(directory / "config.json")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(directory)
     return directory
+
+
+def _mark_native(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["quantization_config"] = NATIVE_MARKER
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _not_checkpoint(directory: Path, why: str) -> ValueError:
@@ -85,8 +122,6 @@ def _not_checkpoint(directory: Path, why: str) -> ValueError:
 def _read_metadata(directory: Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    if not directory.is_dir():
-        raise _not_checkpoint(directory, "no such folder")
     path = directory / WEIGHTS
     if not path.is_file() or not (directory / "config.json").is_file():
         raise _not_checkpoint(directory, f"it needs {WEIGHTS} and config.json")
@@ -113,80 +148,59 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupt or truncated ({err}); save the model again") from err
 
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block lives on ``meta``; buffers (rotary tables) stay real."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Rebuild the model :func:`save` wrote to ``directory``, bit-exact, on ``device``.
+    """Load an llmspeed, compressed-tensors (pack-quantized) or GPTQ folder as llmspeed packed modules.
+
+    The architecture is built on ``meta`` and every stored tensor lands in its packed module
+    without a float copy of a quantized weight; llmspeed folders come back bit-exact.
 
     Raises:
-        ValueError: the folder is not an llmspeed checkpoint, or its tensors are corrupt, truncated,
-            missing or of the wrong shape.
+        ValueError: the folder is none of these formats, or a tensor is corrupt, truncated, missing,
+            of the wrong dtype or shape, or an alias names a parameter that does not match (the message
+            names the tensor).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     directory = Path(directory)
+    if not directory.is_dir():
+        raise _not_checkpoint(directory, "no such folder")
+    kind = detect(directory)
+    if kind == "compressed-tensors":
+        return compressed_tensors.load(directory, device)
+    if kind == "gptq":
+        return gptq.load(directory, device)
+    return _load_native(directory, device)
+
+
+def _load_native(directory: Path, device: str | torch.device) -> Model:
     metadata = _read_metadata(directory)
+    source = directory / WEIGHTS
     try:
         quant = {
             name: QuantConfig.from_dict(cfg) for name, cfg in json.loads(metadata["quantization"]).items()
         }
         aliases: dict[str, str] = json.loads(metadata["aliases"])
         dtype = getattr(torch, metadata["dtype"])
+        if not isinstance(dtype, torch.dtype) or not isinstance(aliases, dict):
+            raise TypeError(f"dtype {metadata['dtype']!r} or aliases {type(aliases).__name__}")
     except (KeyError, ValueError, AttributeError, TypeError) as err:
-        raise ValueError(
-            f"{directory / WEIGHTS} has unreadable llmspeed metadata ({err}); save the model again"
-        ) from err
-    tensors = _read_tensors(directory / WEIGHTS)
-    config = AutoConfig.from_pretrained(directory)
-    with _parameters_on_meta():
-        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tokenizer = None
-    if (directory / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = Model(hf, tokenizer)
+        raise ValueError(f"{source} has unreadable llmspeed metadata ({err}); save the model again") from err
+    tensors = _read_tensors(source)
+    model = skeleton.skeleton(directory, dtype)
     for name, cfg in quant.items():
-        old = hf.get_submodule(name)
-        bias = torch.empty(old.out_features, device="meta") if f"{name}.bias" in tensors else None
-        model.replace_linear(
-            name, module_class(cfg.format)(old.in_features, old.out_features, cfg, bias, device="meta")
-        )
-    expected = set(hf.state_dict()) - set(aliases)
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if name not in model.linear_names():
+            raise ValueError(f"{source}: quantized layer {name!r} is not a linear position of this architecture")
+        skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
+    want = skeleton.expected(model)
+    needed = set(want) - set(aliases)
+    missing, unexpected = sorted(needed - set(tensors)), sorted(set(tensors) - needed)
     if missing or unexpected:
         raise ValueError(
-            f"{directory / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+            f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             f"the folder was modified after llmspeed.save"
         )
-    try:
-        hf.load_state_dict(tensors, strict=False, assign=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{directory / WEIGHTS} has tensors of the wrong shape ({err}); save the model again"
-        ) from err
-    for alias, stored in aliases.items():
-        owner, _, attr = alias.rpartition(".")
-        src_owner, _, src_attr = stored.rpartition(".")
-        setattr(hf.get_submodule(owner), attr, getattr(hf.get_submodule(src_owner), src_attr))
-    left = [n for n, p in hf.named_parameters() if p.device.type == "meta"]
-    if left:
-        raise ValueError(f"{directory / WEIGHTS} lacks parameters {left[:3]}; save the model again")
-    hf.to(device)
-    hf.eval()
-    if dtype in (torch.bfloat16, torch.float16):  # the tensors are back; a cast's run-time hooks are not
-        attach(model, dtype)
-    return model
+    for name, tensor in tensors.items():
+        skeleton.assign(model, name, tensor, source, want)
+    for name, stored in aliases.items():
+        if stored not in tensors:
+            raise ValueError(f"{source}: alias {name!r} -> {stored!r} points to no stored tensor")
+        skeleton.alias(model, name, stored, source, want)
+    return skeleton.finish(model, dtype, device, source)

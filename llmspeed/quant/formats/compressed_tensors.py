@@ -1,0 +1,329 @@
+"""compressed-tensors ``pack-quantized`` folders: what transformers and vLLM load, written and read here.
+
+Layout of one quantized linear ``<name>`` (compressed-tensors 0.20, ``format: "pack-quantized"``):
+
+* ``<name>.weight_packed`` int32 ``[out, ceil(in * bits / 32)]``: signed codes ``q`` plus ``2^(bits-1)``,
+  element ``i`` of a row at bits ``i * bits`` of the little-endian row (4 bits: eight per word,
+  8 bits: four per word). For int4 the bytes of a row are exactly llmspeed's nibble packing of
+  ``code = q + 8`` (even element in the low nibble), so ``qweight`` is a byte view of it.
+* ``<name>.weight_scale`` float ``[out, groups]`` (group strategy) or ``[out, 1]`` (channel).
+* ``<name>.weight_zero_point`` int32 ``[ceil(out * bits / 32), groups]``, asymmetric only: signed zero
+  points plus 8, packed along the *output* axis.
+* ``<name>.weight_shape`` int64 ``[2]``: ``[out, in]``.
+
+Dequantization is ``(q - zp) * scale``; with llmspeed's ``code = q + 8`` and ``zero = zp + 8`` that is
+``(code - zero) * scale``, llmspeed's int4 formula, and symmetric folders have ``zero = 8``. int8
+per-channel ``Int8Linear`` codes are ``q`` with ``zp = 0``. Scales are written in fp32, llmspeed's own
+precision, so the folder decodes to exactly llmspeed's dequantized weights; engines cast them to the
+model dtype. ``config.json`` gets a ``quantization_config`` with ``quant_method: "compressed-tensors"``,
+one config group per distinct layer config (targets ``["Linear"]`` when there is one) and every float
+linear (the output head) in ``ignore``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...model import Model
+from ...protocol import CausalLM, base_linear
+from .. import primitives as P
+from ..config import QuantConfig
+from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
+from . import skeleton
+from .files import read_all, read_config
+
+QUANT_METHOD = "compressed-tensors"
+PACK_FORMAT = "pack-quantized"
+WEIGHTS = "model.safetensors"
+
+
+# --- packing (pure functions on tensors) -------------------------------------------------------------
+def _little_endian_bytes(words: torch.Tensor) -> torch.Tensor:  # [r, 4 * w] uint8
+    """The bytes of int32 ``words`` [r, w] in little-endian order (whatever the host's order)."""
+    b = words.contiguous().view(torch.uint8).view(words.shape[0], -1, 4)  # [r, w, 4]
+    if sys.byteorder == "big":
+        b = b.flip(-1)
+    return b.reshape(words.shape[0], -1)
+
+
+def _words(data: torch.Tensor) -> torch.Tensor:  # [r, n / 4] int32
+    """int32 words whose little-endian bytes are ``data`` uint8 [r, n], ``n`` a multiple of 4."""
+    b = data.contiguous().view(data.shape[0], -1, 4)  # [r, w, 4]
+    if sys.byteorder == "big":
+        b = b.flip(-1).contiguous()
+    return b.view(torch.int32).reshape(data.shape[0], -1)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:  # [r, ceil(n / 8)] int32
+    """``weight_packed`` of unsigned 4-bit ``codes`` uint8 [r, n] in [0, 15] (``q + 8``); pads with code 0."""
+    n = codes.shape[1]
+    padded = P.pad_columns(codes, -(-n // 8) * 8)  # [r, 8 * words]
+    return _words(P.pack_nibbles(padded))
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:  # [r, n] uint8
+    """Unsigned 4-bit codes ``q + 8`` of the first ``n`` elements of each row of ``packed`` int32."""
+    return P.unpack_nibbles(_little_endian_bytes(packed))[:, :n]
+
+
+def pack_int8(codes: torch.Tensor) -> torch.Tensor:  # [r, ceil(n / 4)] int32
+    """``weight_packed`` of signed int8 ``codes`` [r, n]: bytes ``q + 128``, four per word."""
+    n = codes.shape[1]
+    unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)  # [r, n]
+    return _words(P.pad_columns(unsigned, -(-n // 4) * 4))
+
+
+def unpack_int8(packed: torch.Tensor, n: int) -> torch.Tensor:  # [r, n] int8
+    """Signed int8 codes of the first ``n`` elements of each row of ``packed`` int32."""
+    return (_little_endian_bytes(packed)[:, :n].to(torch.int16) - 128).to(torch.int8)
+
+
+# --- export ------------------------------------------------------------------------------------------
+def _refusal(name: str, module: nn.Module) -> str | None:
+    """Why the layer at ``name`` cannot be written in this format, or ``None``."""
+    if base_linear(module) is not module:
+        return (
+            f"layer {name!r} carries LoRA adapters, which compressed-tensors cannot hold: save them as PEFT "
+            f"files with lora.save_adapter (vLLM serves those next to the base, --enable-lora) and export the "
+            f"base without them (lora.delete_adapter), or merge them first (lora.merge)"
+        )
+    if not isinstance(module, QuantizedLinearBase):
+        return None
+    cfg = module.config
+    if cfg.format == "nf4":
+        return (
+            f"layer {name!r} is NF4, which compressed-tensors has no format for: quantize with "
+            f"format='int4' (symmetric=True for vLLM's fastest kernels), or keep format='llmspeed'"
+        )
+    if cfg.act_order:
+        return f"layer {name!r} has permuted input columns (a GPTQ desc_act checkpoint); keep format='llmspeed'"
+    if cfg.format == "int4" and not bool(torch.all(module.zeros == module.zeros.round())):
+        return (
+            f"layer {name!r} has fractional zero points (method {cfg.method!r}, e.g. HQQ), which compressed-tensors "
+            f"stores as integers: quantize with method='rtn' or 'gptq', or keep format='llmspeed'"
+        )
+    return None
+
+
+def _scheme(cfg: QuantConfig) -> dict[str, Any]:
+    bits = 8 if cfg.format == "int8" else 4
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": bool(cfg.symmetric),
+        "strategy": "channel" if cfg.group_size is None else "group",
+        "group_size": cfg.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
+    return {"targets": [], "weights": weights, "input_activations": None, "output_activations": None,
+            "format": PACK_FORMAT}  # fmt: skip
+
+
+def _module_tensors(name: str, module: QuantizedLinearBase) -> dict[str, torch.Tensor]:
+    out, k = module.out_features, module.in_features
+    tensors = {f"{name}.weight_shape": torch.tensor([out, k], dtype=torch.int64)}
+    if isinstance(module, Int8Linear):
+        tensors[f"{name}.weight_packed"] = pack_int8(module.qweight.cpu())
+        tensors[f"{name}.weight_scale"] = module.scales.detach().float().cpu().reshape(out, 1).contiguous()
+    else:
+        assert isinstance(module, Int4Linear)
+        codes = module.codes().cpu()[:, :k]  # [out, in] uint8
+        tensors[f"{name}.weight_packed"] = pack_int4(codes)
+        tensors[f"{name}.weight_scale"] = module.scales.detach().float().cpu().contiguous()  # [out, groups]
+        if not module.config.symmetric:
+            zeros = module.zeros.detach().cpu().to(torch.uint8)  # [out, groups] in [0, 15]
+            tensors[f"{name}.weight_zero_point"] = pack_int4(zeros.T.contiguous()).T.contiguous()
+    if module.bias is not None:
+        tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
+    return tensors
+
+
+def save(model: CausalLM, directory: str | Path) -> Path:
+    """Write ``model`` as a compressed-tensors ``pack-quantized`` folder (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    root = model.module
+    layers = dict(model.linear_layers())
+    for name, module in layers.items():
+        reason = _refusal(name, module)
+        if reason is not None:
+            raise ValueError(f"cannot save format='compressed-tensors': {reason}")
+    quantized = {n: m for n, m in layers.items() if isinstance(m, QuantizedLinearBase)}
+    if not quantized:
+        raise ValueError(
+            "cannot save format='compressed-tensors': the model has no quantized layer; quantize it first "
+            "(llmspeed.quantize(model, 'int4', symmetric=True)) or save a float model with format='llmspeed'"
+        )
+    config = getattr(root, "config", None)
+    if config is None:
+        raise ValueError("cannot save format='compressed-tensors': the model has no transformers config")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    prefixes = tuple(f"{n}." for n in quantized)
+    for name, tensor in root.state_dict().items():
+        if name.startswith(prefixes):
+            continue
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:  # tied weights: transformers stores the first and re-ties from the config
+            continue
+        seen[ptr] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    for name, module in quantized.items():
+        tensors.update(_module_tensors(name, module))
+    groups: dict[QuantConfig, list[str]] = {}
+    for name, module in quantized.items():
+        key = QuantConfig(module.config.format, module.config.group_size, symmetric=module.config.symmetric)
+        groups.setdefault(key, []).append(name)
+    config_groups = {}
+    for i, (cfg, names) in enumerate(groups.items()):
+        scheme = _scheme(cfg)
+        scheme["targets"] = ["Linear"] if len(groups) == 1 else sorted(names)
+        config_groups[f"group_{i}"] = scheme
+    head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+    tied = isinstance(head, nn.Linear) and emb is not None and head.weight is emb.weight
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    data = json.loads((directory / "config.json").read_text())
+    data["tie_word_embeddings"] = bool(tied)
+    data["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format": PACK_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": sorted(set(layers) - set(quantized)),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "global_compression_ratio": None,
+        "version": "0.20.1",
+    }
+    (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --- import ------------------------------------------------------------------------------------------
+def _matches(name: str, targets: list[str]) -> bool:
+    import re
+
+    for t in targets:
+        if t == "Linear" or t == name or (t.startswith("re:") and re.match(t[3:], name)):
+            return True
+    return False
+
+
+def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
+    """The llmspeed :class:`QuantConfig` of quantized layer ``name`` under ``quantization_config`` ``quant``."""
+    groups = quant.get("config_groups") or {}
+    chosen = [g for g in groups.values() if len(groups) == 1 or _matches(name, list(g.get("targets") or []))]
+    if not chosen:
+        raise ValueError(f"{source}: layer {name!r} has packed weights but no config group targets it")
+    group = chosen[0]
+    fmt = group.get("format") or quant.get("format")
+    if fmt != PACK_FORMAT:
+        raise ValueError(
+            f"{source}: layer {name!r} is in compressed-tensors format {fmt!r}; llmspeed reads {PACK_FORMAT!r}"
+        )
+    if group.get("input_activations") is not None:
+        raise ValueError(f"{source}: layer {name!r} quantizes activations too; llmspeed loads weight-only schemes")
+    w = group.get("weights") or {}
+    bits, strategy, sym = w.get("num_bits"), w.get("strategy"), w.get("symmetric", True)
+    if w.get("type", "int") != "int" or w.get("actorder") not in (None, "static"):
+        raise ValueError(
+            f"{source}: layer {name!r} has weights type={w.get('type')!r}, actorder={w.get('actorder')!r}; "
+            f"llmspeed reads integer weights without activation ordering"
+        )
+    if bits == 4 and strategy in ("group", "channel"):
+        return QuantConfig("int4", w.get("group_size") if strategy == "group" else None, symmetric=bool(sym))
+    if bits == 8 and strategy == "channel" and sym:
+        return QuantConfig("int8", None)
+    raise ValueError(
+        f"{source}: layer {name!r} has num_bits={bits}, strategy={strategy!r}, symmetric={sym}; llmspeed reads "
+        f"4-bit group or channel and symmetric 8-bit channel schemes"
+    )
+
+
+def _expect(source: Path, key: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, ...], shape) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"{source}: tensor {key!r} is missing")
+    if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; "
+            f"it must be {names} {list(shape)}"
+        )
+    return t
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def module_buffers(name: str, module: QuantizedLinearBase, tensors: dict[str, torch.Tensor], source: Path) -> dict:
+    """``{buffer name: tensor}`` of ``module`` from its compressed-tensors tensors (popped from ``tensors``)."""
+    cfg, out, k = module.config, module.out_features, module.in_features
+    get = tensors.pop
+    shape = _expect(source, f"{name}.weight_shape", get(f"{name}.weight_shape", None), (torch.int64, torch.int32), (2,))
+    if shape.tolist() != [out, k]:
+        raise ValueError(f"{source}: tensor {name!r}.weight_shape is {shape.tolist()}; the layer is [{out}, {k}]")
+    if cfg.format == "int8":
+        packed = _expect(source, f"{name}.weight_packed", get(f"{name}.weight_packed", None), (torch.int32,),
+                         (out, -(-k // 4)))  # fmt: skip
+        scale = _expect(source, f"{name}.weight_scale", get(f"{name}.weight_scale", None), _FLOATS, (out, 1))
+        return {"qweight": unpack_int8(packed, k), "scales": scale.float().reshape(out)}
+    groups = cfg.num_groups(k)
+    packed = _expect(source, f"{name}.weight_packed", get(f"{name}.weight_packed", None), (torch.int32,),
+                     (out, -(-k // 8)))  # fmt: skip
+    scale = _expect(source, f"{name}.weight_scale", get(f"{name}.weight_scale", None), _FLOATS, (out, groups))
+    if cfg.symmetric:
+        zeros = torch.full((out, groups), P.SYMMETRIC_ZERO)  # [out, groups]
+    else:
+        zp = _expect(source, f"{name}.weight_zero_point", get(f"{name}.weight_zero_point", None), (torch.int32,),
+                     (-(-out // 8), groups))  # fmt: skip
+        zeros = unpack_int4(zp.T, out).T.float()  # [out, groups]
+    kp = cfg.padded_in_features(k)
+    if kp == k and k % 8 == 0:
+        qweight = _little_endian_bytes(packed)  # [out, in / 2]: already llmspeed's nibble order
+    else:
+        codes = unpack_int4(packed, k)  # [out, in]
+        pad = zeros[:, -1:].to(torch.uint8).expand(out, kp - k)  # padding columns hold the code of 0.0
+        qweight = P.pack_nibbles(torch.cat([codes, pad], dim=1))  # [out, in_pad / 2]
+    return {"qweight": qweight, "scales": scale.float(), "zeros": zeros}
+
+
+def load(directory: Path, device: str | torch.device = "cpu") -> Model:
+    """Read a compressed-tensors ``pack-quantized`` folder into llmspeed's packed modules (no float weights)."""
+    config = read_config(directory)
+    quant = config["quantization_config"]
+    from .files import config_dtype
+
+    dtype = config_dtype(config)
+    tensors = read_all(directory)
+    source = directory
+    model = skeleton.skeleton(directory, dtype)
+    linears = set(model.linear_names())
+    quantized = sorted(k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed"))
+    for name in quantized:
+        if name not in linears:
+            raise ValueError(f"{source}: tensor {name + '.weight_packed'!r} names no linear layer of the model")
+        cfg = layer_config(name, quant, source)
+        module = skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
+        want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
+        for buf, t in module_buffers(name, module, tensors, source).items():
+            skeleton.assign(model, f"{name}.{buf}", t.contiguous(), source, want)
+    want = skeleton.expected(model)
+    for name, tensor in tensors.items():
+        skeleton.assign(model, name, tensor, source, want)
+    skeleton.tie_embeddings(model)
+    return skeleton.finish(model, dtype, device, source)

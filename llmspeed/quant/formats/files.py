@@ -1,0 +1,139 @@
+"""Safetensors files of a checkpoint folder: which ones, what format the folder is, and reading them.
+
+A folder holds either ``model.safetensors`` or ``model.safetensors.index.json`` naming shards. Reading
+goes through ``safetensors.safe_open`` (memory-mapped) for checkpoints llmspeed loads whole, or
+:func:`stream_tensors` (plain reads of one tensor at a time, so the file's pages do not stay resident)
+for quantize-while-loading.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+NATIVE = "llmspeed"  # the "format" metadata of llmspeed's own model.safetensors
+
+# safetensors dtype names -> torch dtypes (the ones checkpoints of causal LMs use)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The safetensors files of ``directory`` (one, or the shards its index names), in index order."""
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
+    if (directory / INDEX).is_file():
+        try:
+            weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{directory / INDEX} is unreadable ({err}); it needs a 'weight_map'") from err
+        names = list(dict.fromkeys(weight_map.values()))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise ValueError(f"{directory / INDEX} names shards that are missing: {missing[:3]}")
+        return [directory / n for n in names]
+    raise ValueError(f"{directory} holds neither {SINGLE} nor {INDEX}")
+
+
+def read_config(directory: Path) -> dict:
+    """``config.json`` of ``directory`` as a dict (``ValueError`` when missing or not JSON)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} has no config.json; a checkpoint folder needs one")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+
+
+def detect(directory: str | Path) -> str:
+    """``"llmspeed"``, ``"compressed-tensors"``, ``"gptq"`` or ``"float"`` (a plain transformers folder).
+
+    Raises:
+        ValueError: no such folder, no safetensors files, or a quantization method llmspeed cannot read
+            (AWQ, bitsandbytes, ...), named in the message.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a folder; pass the folder llmspeed.save or save_pretrained wrote")
+    files = shard_files(directory)
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{files[0]} is corrupt or truncated ({err}); save the model again") from err
+    if metadata.get("format") == NATIVE:
+        return NATIVE
+    quant = read_config(directory).get("quantization_config")
+    if quant is None and (directory / "quantize_config.json").is_file():  # AutoGPTQ's older layout
+        quant = json.loads((directory / "quantize_config.json").read_text())
+        quant.setdefault("quant_method", "gptq")
+    if quant is None:
+        return "float"
+    method = quant.get("quant_method")
+    if method in ("compressed-tensors", "gptq"):
+        return method
+    raise ValueError(
+        f"{directory} is quantized with quant_method={method!r}; llmspeed.load reads llmspeed, "
+        f"compressed-tensors (pack-quantized) and GPTQ folders; load a float checkpoint and call "
+        f"llmspeed.quantize instead"
+    )
+
+
+def stream_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of one safetensors file, each read into its own buffer, in file order.
+
+    Unlike ``safe_open`` nothing is memory-mapped, so a tensor's pages are freed once the caller drops it.
+    """
+    with open(path, "rb") as f:
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        except (struct.error, ValueError) as err:
+            raise ValueError(f"{path} is corrupt or truncated ({err})") from err
+        header.pop("__metadata__", None)
+        base = 8 + length
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which llmspeed does not read")
+            start, end = info["data_offsets"]
+            out = torch.empty(info["shape"], dtype=dtype)
+            f.seek(base + start)
+            view = out.view(-1).view(torch.uint8) if out.numel() else out
+            if f.readinto(memoryview(view.numpy())) != end - start:
+                raise ValueError(f"{path}: tensor {name!r} is truncated")
+            yield name, out
+
+
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file of ``directory`` (memory-mapped reads)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in shard_files(directory):
+        try:
+            tensors.update(load_file(str(path)))
+        except Exception as err:  # safetensors raises its own error type for bad files
+            raise ValueError(f"{path} is corrupt or truncated ({err})") from err
+    return tensors
+
+
+def config_dtype(config: dict) -> torch.dtype:
+    """The weight dtype ``config.json`` names (``dtype`` or the older ``torch_dtype``; fp32 when absent)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config.json names dtype {name!r}, which is not a floating-point torch dtype")
+    return dtype

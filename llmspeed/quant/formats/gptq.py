@@ -1,0 +1,159 @@
+"""GPTQ folders (AutoGPTQ / GPTQModel / optimum): 4-bit ``qweight``/``qzeros``/``scales``/``g_idx``, read here.
+
+Layout of one quantized linear ``<name>`` (``in`` input, ``out`` output features, ``G`` groups):
+
+* ``<name>.qweight`` int32 ``[in / 8, out]``: eight unsigned 4-bit codes per word along the *input*
+  axis, input ``8 w + i`` at bits ``4 i``. Transposed to ``[out, in / 8]``, the little-endian bytes of a
+  row are llmspeed's nibble packing (even input in the low nibble).
+* ``<name>.qzeros`` int32 ``[G, out / 8]``: zero points packed the same way along the *output* axis.
+  Checkpoint format v1 (``checkpoint_format: "gptq"``, AutoGPTQ) stores ``zero - 1``; v2
+  (``"gptq_v2"``, GPTQModel) stores ``zero``.
+* ``<name>.scales`` float16 ``[G, out]``; ``<name>.g_idx`` int32 ``[in]``: the group of each input column;
+  ``<name>.bias`` optional.
+
+``w[:, c] = (code[:, c] - zero[g_idx[c]]) * scale[g_idx[c]]``. Without ``desc_act`` ``g_idx[c] = c // group``
+(llmspeed's layout). With ``desc_act`` the groups are runs of the columns sorted by ``g_idx``: the
+reader stores the codes in that order and the module's ``perm`` (``QuantConfig.act_order``) gathers
+the input to match, so the kernels run unchanged and no float weight is ever built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...model import Model
+from .. import primitives as P
+from ..config import QuantConfig
+from ..modules import Int4Linear
+from . import skeleton
+from .files import config_dtype, read_all, read_config
+
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quantize_config(directory: Path) -> dict[str, Any]:
+    """The GPTQ settings: ``config.json``'s ``quantization_config``, else ``quantize_config.json``."""
+    quant = read_config(directory).get("quantization_config")
+    if quant is None and (directory / "quantize_config.json").is_file():
+        quant = json.loads((directory / "quantize_config.json").read_text())
+    if not isinstance(quant, dict):
+        raise ValueError(f"{directory} has no GPTQ quantization_config")
+    return quant
+
+
+def _settings(quant: dict[str, Any], source: Path) -> tuple[int | None, bool, int]:
+    """``(group_size, symmetric, zero offset)`` of the folder, validated."""
+    bits = quant.get("bits")
+    if bits != 4:
+        raise ValueError(f"{source}: GPTQ bits={bits!r}; llmspeed reads 4-bit GPTQ checkpoints")
+    g = quant.get("group_size", 128)
+    if not isinstance(g, int) or (g != -1 and g <= 0):
+        raise ValueError(f"{source}: GPTQ group_size={g!r}; it must be a positive integer or -1")
+    fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"{source}: GPTQ checkpoint_format={fmt!r}; llmspeed reads 'gptq' (v1) and 'gptq_v2'")
+    return (None if g == -1 else g), bool(quant.get("sym", True)), (1 if fmt == "gptq" else 0)
+
+
+def _unpack_rows(words: torch.Tensor, n: int) -> torch.Tensor:  # [r, n] uint8
+    """4-bit codes of int32 ``words`` [r, n / 8], eight per word, low bits first."""
+    from .compressed_tensors import unpack_int4
+
+    return unpack_int4(words, n)
+
+
+def _take(tensors: dict, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], source: Path):
+    t = tensors.pop(key, None)
+    if t is None:
+        raise ValueError(f"{source}: tensor {key!r} is missing")
+    if t.dtype not in dtypes or tuple(t.shape) != shape:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; "
+            f"GPTQ needs {names} {list(shape)}"
+        )
+    return t
+
+
+def layer_buffers(
+    name: str, in_f: int, out_f: int, group: int | None, sym: bool, offset: int, tensors: dict, source: Path
+) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
+    """The module config and buffers of GPTQ layer ``name`` (its tensors are popped from ``tensors``)."""
+    g = in_f if group is None else group
+    if in_f % 8 or out_f % 8 or in_f % g:
+        raise ValueError(
+            f"{source}: layer {name!r} is [{out_f}, {in_f}]; GPTQ needs both multiples of 8 and in divisible "
+            f"by group_size={g}"
+        )
+    n_groups = in_f // g
+    qweight = _take(tensors, f"{name}.qweight", (torch.int32,), (in_f // 8, out_f), source)
+    qzeros = _take(tensors, f"{name}.qzeros", (torch.int32,), (n_groups, out_f // 8), source)
+    scales = _take(tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32), (n_groups, out_f), source)
+    g_idx = tensors.pop(f"{name}.g_idx", None)
+    plain = torch.arange(in_f, dtype=torch.int64) // g  # [in]
+    if g_idx is None:
+        g_idx = plain
+    elif g_idx.dtype not in (torch.int32, torch.int64) or tuple(g_idx.shape) != (in_f,):
+        raise ValueError(f"{source}: tensor {name + '.g_idx'!r} is {g_idx.dtype} {list(g_idx.shape)}; GPTQ needs int32 [{in_f}]")
+    g_idx = g_idx.long()
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        raise ValueError(f"{source}: tensor {name + '.g_idx'!r} holds groups outside [0, {n_groups})")
+    zeros = (_unpack_rows(qzeros, out_f).T.float() + offset)  # [out, groups]
+    if offset and bool((zeros > 15).any()):
+        raise ValueError(f"{source}: {name + '.qzeros'!r} holds a v1 zero of 15 (16 after the +1); is it gptq_v2?")
+    packed = qweight.T.contiguous()  # [out, in / 8] int32
+    act_order = not torch.equal(g_idx, plain)
+    perm = None
+    if act_order:
+        perm = torch.argsort(g_idx, stable=True)  # [in]: packed column j is input column perm[j]
+        if not torch.equal(g_idx[perm], plain):
+            raise ValueError(
+                f"{source}: tensor {name + '.g_idx'!r} gives groups of unequal sizes; llmspeed needs {g} columns per group"
+            )
+        codes = _unpack_rows(packed, in_f)[:, perm]  # [out, in] uint8, groups now contiguous
+        qbytes = P.pack_nibbles(codes)  # [out, in / 2]
+    else:
+        from .compressed_tensors import _little_endian_bytes
+
+        qbytes = _little_endian_bytes(packed)  # [out, in / 2]
+    symmetric = sym and bool((zeros == P.SYMMETRIC_ZERO).all())
+    cfg = QuantConfig("int4", group, symmetric=symmetric, act_order=act_order, method="gptq")
+    buffers = {"qweight": qbytes, "scales": scales.T.float().contiguous(), "zeros": zeros.contiguous()}
+    if perm is not None:
+        buffers["perm"] = perm
+    return cfg, buffers
+
+
+def load(directory: Path, device: str | torch.device = "cpu") -> Model:
+    """Read a 4-bit GPTQ folder into llmspeed's ``Int4Linear`` modules (act-order ones with ``perm``)."""
+    source = directory
+    group, sym, offset = _settings(quantize_config(directory), source)
+    dtype = config_dtype(read_config(directory))
+    tensors = read_all(directory)
+    model = skeleton.skeleton(directory, dtype)
+    layers = dict(model.linear_layers())
+    names = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
+    if not names:
+        raise ValueError(f"{source} is marked GPTQ but holds no '.qweight' tensor")
+    for name in names:
+        if name not in layers:
+            raise ValueError(f"{source}: tensor {name + '.qweight'!r} names no linear layer of the model")
+        lin = layers[name]
+        cfg, buffers = layer_buffers(name, lin.in_features, lin.out_features, group, sym, offset, tensors, source)
+        bias = tensors.get(f"{name}.bias")
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.to(dtype)
+        module = skeleton.install(model, name, cfg, bias=bias is not None)
+        assert isinstance(module, Int4Linear)
+        want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
+        for buf, t in buffers.items():
+            skeleton.assign(model, f"{name}.{buf}", t.contiguous(), source, want)
+    want = skeleton.expected(model)
+    for name, tensor in tensors.items():
+        skeleton.assign(model, name, tensor, source, want)
+    skeleton.tie_embeddings(model)
+    return skeleton.finish(model, dtype, device, source)

@@ -1,0 +1,136 @@
+"""Build a model from a checkpoint without allocating its float weights, then fill it checked.
+
+:func:`skeleton` builds the architecture of ``config.json`` with every parameter on ``meta``;
+:func:`install` puts an empty quantized module (also on ``meta``) at a linear position; :func:`assign`
+sets one stored tensor after checking its dtype and shape against the module's own, raising a
+``ValueError`` that names the tensor; :func:`finish` ties aliases, checks that nothing is left on
+``meta`` and moves the model to its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...model import Model
+from ...precision import attach
+from ..config import QuantConfig
+from ..modules import module_class
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block lives on ``meta``; buffers (rotary tables) stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def skeleton(directory: Path, dtype: torch.dtype, config_overrides: dict[str, Any] | None = None) -> Model:
+    """The architecture of ``directory/config.json`` with parameters on ``meta`` and its tokenizer, if any.
+
+    The config's ``quantization_config`` is dropped: the caller installs the quantized modules itself.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    with parameters_on_meta():
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return Model(hf, tokenizer)
+
+
+def install(model: Model, name: str, config: QuantConfig, bias: bool) -> nn.Module:
+    """Put an empty quantized module of ``config`` (on ``meta``) at linear position ``name``; return it."""
+    old = model.module.get_submodule(name)
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"{name!r} is a {type(old).__name__}, not a linear layer; it cannot hold quantized weights")
+    b = torch.empty(old.out_features, device="meta") if bias else None
+    new = module_class(config.format)(old.in_features, old.out_features, config, b, device="meta")
+    model.replace_linear(name, new)
+    return new
+
+
+def expected(model: Model) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer the model needs, by qualified name (meta tensors: dtype and shape)."""
+    return dict(model.module.state_dict(keep_vars=True))
+
+
+def check(name: str, tensor: torch.Tensor, want: torch.Tensor, source: Path) -> None:
+    """``ValueError`` naming ``name`` when ``tensor``'s dtype or shape differs from ``want``'s."""
+    if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
+        raise ValueError(
+            f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
+            f"but the module needs {str(want.dtype).removeprefix('torch.')} {list(want.shape)}; "
+            f"the file was modified or written for another model"
+        )
+
+
+def assign(model: Model, name: str, tensor: torch.Tensor, source: Path, want: dict[str, torch.Tensor]) -> None:
+    """Set parameter or buffer ``name`` to ``tensor`` (no copy) after checking it against ``want[name]``."""
+    if name not in want:
+        raise ValueError(f"{source}: tensor {name!r} matches no parameter or buffer of the model")
+    check(name, tensor, want[name], source)
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.module.get_submodule(owner_name)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
+    else:
+        owner._buffers[attr] = tensor
+    if hasattr(owner, "_kernels"):  # a quantized module drops kernels bound to its old buffers
+        owner._kernels, owner._kernel_state = {}, {}
+
+
+def alias(model: Model, name: str, stored: str, source: Path, want: dict[str, torch.Tensor]) -> None:
+    """Make parameter ``name`` the same tensor as ``stored`` (tied weights), after checking both exist and match."""
+    if name not in want or stored not in want:
+        missing = name if name not in want else stored
+        raise ValueError(f"{source}: alias {name!r} -> {stored!r} names {missing!r}, which the model does not have")
+    check(f"{name} (alias of {stored})", want[stored], want[name], source)
+    owner, _, attr = name.rpartition(".")
+    src_owner, _, src_attr = stored.rpartition(".")
+    setattr(model.module.get_submodule(owner), attr, getattr(model.module.get_submodule(src_owner), src_attr))
+
+
+def tie_embeddings(model: Model) -> None:
+    """Point a float output head at the input embedding when the config ties them and the file stores one."""
+    hf = model.module
+    if not getattr(hf.config, "tie_word_embeddings", False):
+        return
+    head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if isinstance(head, nn.Linear) and head.weight.device.type == "meta" and emb.weight.device.type != "meta":
+        head.weight = emb.weight
+
+
+def finish(model: Model, dtype: torch.dtype, device: str | torch.device, source: Path) -> Model:
+    """Check that no parameter or buffer is left on ``meta``, move to ``device``, attach 16-bit hooks."""
+    hf = model.module
+    left = [n for n, t in hf.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"{source} lacks tensors {left[:3]} ({len(left)} in all); the folder is incomplete")
+    hf.to(device)
+    hf.eval()
+    if dtype in (torch.bfloat16, torch.float16):  # the tensors are back; a cast's run-time hooks are not
+        attach(model, dtype)
+    return model
