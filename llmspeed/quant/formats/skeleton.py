@@ -76,9 +76,14 @@ def expected(model: Model) -> dict[str, torch.Tensor]:
     return dict(model.module.state_dict(keep_vars=True))
 
 
-def check(name: str, tensor: torch.Tensor, want: torch.Tensor, source: Path) -> None:
-    """``ValueError`` naming ``name`` when ``tensor``'s dtype or shape differs from ``want``'s."""
-    if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
+def check(name: str, tensor: torch.Tensor, want: torch.Tensor, source: Path, exact: bool = True) -> None:
+    """``ValueError`` naming ``name`` when ``tensor``'s dtype or shape differs from ``want``'s.
+
+    ``exact=False`` accepts any floating dtype for a floating ``want`` (``llmspeed.cast`` keeps norms in
+    fp32 inside a bf16 model); integer buffers and a quantized module's scales always match exactly.
+    """
+    loose = not exact and want.dtype.is_floating_point and tensor.dtype.is_floating_point
+    if (tensor.dtype != want.dtype and not loose) or tuple(tensor.shape) != tuple(want.shape):
         raise ValueError(
             f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
             f"but the module needs {str(want.dtype).removeprefix('torch.')} {list(want.shape)}; "
@@ -90,9 +95,9 @@ def assign(model: Model, name: str, tensor: torch.Tensor, source: Path, want: di
     """Set parameter or buffer ``name`` to ``tensor`` (no copy) after checking it against ``want[name]``."""
     if name not in want:
         raise ValueError(f"{source}: tensor {name!r} matches no parameter or buffer of the model")
-    check(name, tensor, want[name], source)
     owner_name, _, attr = name.rpartition(".")
     owner = model.module.get_submodule(owner_name)
+    check(name, tensor, want[name], source, exact=hasattr(owner, "quant_format") and attr != "bias")
     if attr in owner._parameters:
         old = owner._parameters[attr]
         owner._parameters[attr] = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
