@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -165,13 +166,28 @@ def add_adapter(
 def attach(
     model: CausalLM, name: str, config: LoraConfig, shapes: dict[str, tuple[int, float]], dtype: torch.dtype
 ) -> None:
-    """Create adapter ``name`` at each position in ``shapes`` (position -> (rank, scale)); register it."""
-    for pos, (rank, scale) in shapes.items():
-        module = model.module.get_submodule(pos)
-        if not isinstance(module, LoraLinear):
-            module = LoraLinear(module)
-            model.replace_linear(pos, module)
-        module.add(name, rank, scale, dropout=config.dropout, init=config.init, dtype=dtype)
+    """Create adapter ``name`` at each position in ``shapes`` (position -> (rank, scale)); register it.
+
+    All or nothing: when a position fails, the adapter is removed from the positions done so far and
+    the wrappers created for it are taken off again before the error propagates.
+    """
+    wrapped: list[str] = []  # positions wrapped here
+    added: list[LoraLinear] = []  # layers that got the adapter
+    try:
+        for pos, (rank, scale) in shapes.items():
+            module = model.module.get_submodule(pos)
+            if not isinstance(module, LoraLinear):
+                module = LoraLinear(module)
+                model.replace_linear(pos, module)
+                wrapped.append(pos)
+            module.add(name, rank, scale, dropout=config.dropout, init=config.init, dtype=dtype)
+            added.append(module)
+    except BaseException:
+        for layer in added:
+            layer.remove(name)
+        for pos in wrapped:
+            model.replace_linear(pos, cast(LoraLinear, model.module.get_submodule(pos)).base_layer)
+        raise
     freeze_base(model)
     registry(model)[name] = AdapterInfo(config, tuple(shapes))
     set_adapter(model, name)

@@ -21,7 +21,16 @@ import torch
 
 from ..protocol import CausalLM
 from .config import LoraConfig
-from .inject import adapter_names, attach, registry, require_adapter, resolve_targets
+from .inject import (
+    active_adapter,
+    adapter_names,
+    attach,
+    delete_adapter,
+    registry,
+    require_adapter,
+    resolve_targets,
+    set_adapter,
+)
 from .layer import LoraLinear, check_adapter_name
 
 CONFIG_FILE = "adapter_config.json"
@@ -121,14 +130,24 @@ def load_adapter(
 ) -> LoraConfig:
     """Load the adapter in folder ``path`` (ours or PEFT's) onto ``model`` as ``name`` and activate it.
 
+    Args:
+        model: The model to add the adapter to (float or quantized base).
+        path: The adapter folder.
+        name: A new adapter name.
+        dtype: Floating-point dtype of the adapter matrices.
+
     Raises:
         FileNotFoundError: the folder lacks the two files.
-        ValueError: ``name`` exists already, the file uses unsupported PEFT features, or its
-            tensors name positions this model lacks or have shapes that do not fit (model unchanged).
+        ValueError: ``name`` exists already, ``dtype`` is not a floating-point dtype, the file uses
+            unsupported PEFT features, or its tensors name positions this model lacks or have shapes
+            that do not fit. All or nothing: on any error the model is left as it was (no wrapped
+            layer, registry entry, active adapter or frozen flag changes).
     """
     from safetensors.torch import load_file
 
     check_adapter_name(name)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.float32); got {dtype!r}")
     if name in registry(model):
         raise ValueError(f"adapter {name!r} already exists on this model (adapters: {adapter_names(model)})")
     folder = Path(path)
@@ -172,10 +191,20 @@ def load_adapter(
     config = LoraConfig(
         r=r, alpha=alpha, targets=targets, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora
     )
-    attach(model, name, config, shapes, dtype)
-    with torch.no_grad():
-        for pos, mats in found.items():
-            layer = cast(LoraLinear, model.module.get_submodule(pos))
-            layer.weight_a(name).copy_(mats["lora_A"])
-            layer.weight_b(name).copy_(mats["lora_B"])
+    previous = active_adapter(model)
+    grads = {p: p.requires_grad for p in model.module.parameters()}
+    try:
+        attach(model, name, config, shapes, dtype)
+        with torch.no_grad():
+            for pos, mats in found.items():
+                layer = cast(LoraLinear, model.module.get_submodule(pos))
+                layer.weight_a(name).copy_(mats["lora_A"])
+                layer.weight_b(name).copy_(mats["lora_B"])
+    except BaseException:
+        if name in registry(model):
+            delete_adapter(model, name)
+        set_adapter(model, previous)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        raise
     return config

@@ -65,3 +65,51 @@ def test_we_load_peft(tmp_path, llama):
     lora.save_adapter(llama, tmp_path / "again", "theirs")
     again = peft.PeftModel.from_pretrained(llmspeed.models.tiny("llama", seed=0).hf, tmp_path / "again")
     assert (logits(again) - want).abs().max() < 1e-4
+
+
+def _state(model):
+    layers = [(n, type(m).__name__) for n, m in model.linear_layers()]
+    grads = [p.requires_grad for p in model.module.parameters()]
+    return layers, grads, lora.adapter_names(model), lora.active_adapter(model)
+
+
+def test_load_adapter_refuses_integer_dtype_and_leaves_model_usable(tmp_path, llama):
+    # regression: dtype=torch.int8 left an empty wrapped layer behind, and a later quantize/save broke
+    lora.add_adapter(llama, "a", r=4, init="random")
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    fresh = llmspeed.models.tiny("llama", seed=0)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=r"dtype must be a floating-point torch dtype.*torch.int8"):
+        lora.load_adapter(fresh, folder, "b", dtype=torch.int8)
+    assert _state(fresh) == before
+    llmspeed.quantize(fresh, "int4", group_size=32)
+    llmspeed.save(fresh, tmp_path / "q")
+    lora.load_adapter(fresh, folder, "b", dtype=torch.bfloat16)  # a float dtype still works afterwards
+    assert lora.adapter_names(fresh) == ["b"]
+
+
+def test_load_adapter_is_all_or_nothing_when_a_layer_fails(tmp_path, llama, monkeypatch):
+    from llmspeed.lora.layer import LoraLinear
+
+    lora.add_adapter(llama, "a", r=4, init="random")
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    fresh = llmspeed.models.tiny("llama", seed=0)
+    lora.add_adapter(fresh, "keep", r=2, targets=["q_proj"])
+    before = _state(fresh)
+    want = logits(fresh.hf)
+    calls = {"n": 0}
+    original = LoraLinear.add
+
+    def failing_add(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # some positions already carry the new adapter
+            raise RuntimeError("out of memory (simulated)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "add", failing_add)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lora.load_adapter(fresh, folder, "b")
+    assert calls["n"] == 5
+    assert _state(fresh) == before
+    assert all("b" not in layer.lora_A for _, layer in lora.lora_layers(fresh))
+    assert torch.equal(logits(fresh.hf), want)
