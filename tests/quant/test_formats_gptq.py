@@ -1,0 +1,112 @@
+"""GPTQ folders (published layout, v1/v2, desc_act, sym/asym) -> llmspeed: the stored weights exactly, and tampering named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmspeed
+from llmspeed.bench.gptq_folder import dequantize_layer, write_gptq_folder
+from llmspeed.quant import Int4Linear
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+WIDE = dict(hidden_size=128, intermediate_size=256)
+
+
+def nll(hf) -> float:
+    with torch.no_grad():
+        logits = hf(input_ids=IDS).logits[:, :-1]  # [B, S-1, V]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1)).item()
+
+
+def reference(folder, version):
+    """The float model holding exactly the weights the GPTQ tensors stand for (decoded with explicit shifts)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    ref = llmspeed.models.tiny("qwen2", **WIDE)
+    for name, module in ref.linear_layers():
+        if f"{name}.qweight" in tensors:
+            module.weight.data.copy_(dequantize_layer(tensors, name, version))
+    return ref
+
+
+@pytest.mark.parametrize("act_order, sym, version", [(True, False, 1), (True, True, 2), (False, False, 2), (False, True, 1)])
+def test_gptq_folder_loads_to_its_exact_weights(tmp_path, act_order, sym, version):
+    model = llmspeed.models.tiny("qwen2", **WIDE)  # qwen2: biases on q/k/v
+    write_gptq_folder(model, tmp_path, group=32, act_order=act_order, sym=sym, version=version, seed=1)
+    ref = reference(tmp_path, version)
+    loaded = llmspeed.load(tmp_path)
+    for name, module in loaded.linear_layers():
+        if name == "lm_head":
+            continue
+        assert isinstance(module, Int4Linear) and module.config.act_order == act_order, name
+        assert module.config.symmetric == sym
+        assert torch.equal(module.dequantize(), ref.hf.get_submodule(name).weight), name
+    assert loaded.hf.model.layers[0].self_attn.q_proj.bias is not None
+    want = nll(ref.hf)
+    assert abs(nll(loaded.hf) - want) <= 1e-5 * abs(want)  # perplexity of the dequantized reference
+    if act_order:  # kernels run in the packed (permuted) order; dequantize() gives the original order back
+        q = loaded.hf.model.layers[0].mlp.down_proj
+        assert not torch.equal(q.perm, torch.arange(q.in_features))
+
+
+def test_act_order_model_saves_natively_and_serves_adapters(tmp_path):
+    from llmspeed import lora
+
+    write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path / "g", group=64, act_order=True)
+    loaded = llmspeed.load(tmp_path / "g")
+    with torch.no_grad():
+        want = loaded.hf(input_ids=IDS).logits
+    llmspeed.save(loaded, tmp_path / "n")
+    again = llmspeed.load(tmp_path / "n")
+    with torch.no_grad():
+        assert torch.equal(again.hf(input_ids=IDS).logits, want)
+    with pytest.raises(ValueError, match="permuted input columns.*format='llmspeed'"):
+        llmspeed.save(loaded, tmp_path / "ct", format="compressed-tensors")
+    lora.add_adapter(again, "a", r=2, init="random")
+    x = IDS.clone()
+    out = again.hf(input_ids=x).logits  # gradients flow through the gathered input
+    out.sum().backward()
+    assert again.hf.model.layers[0].mlp.down_proj.lora_A["a"].weight.grad is not None
+
+
+def _rewrite(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+Q = "model.layers.0.self_attn.o_proj"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: t.update({f"{Q}.qweight": t[f"{Q}.qweight"].float()}), rf"'{Q}.qweight' is float32 \[16, 128\]; GPTQ needs int32"),
+        (lambda t: t.update({f"{Q}.scales": t[f"{Q}.scales"][:2].contiguous()}), rf"'{Q}.scales' is float16 \[2, 128\]"),
+        (lambda t: t.pop(f"{Q}.qzeros"), rf"'{Q}.qzeros' is missing"),
+        (lambda t: t.update({f"{Q}.g_idx": torch.zeros(128, dtype=torch.int32)}), rf"'{Q}.g_idx' gives groups of unequal sizes"),
+        (lambda t: t.update({f"{Q}.g_idx": torch.full((128,), 9, dtype=torch.int32)}), rf"'{Q}.g_idx' holds groups outside"),
+    ],
+)  # fmt: skip
+def test_tampered_gptq_folder_names_the_tensor(tmp_path, change, match):
+    write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path, group=32, act_order=True)
+    _rewrite(tmp_path / "model.safetensors", change)
+    with pytest.raises(ValueError, match=match):
+        llmspeed.load(tmp_path)
+
+
+def test_unsupported_quantization_configs_are_named(tmp_path):
+    write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path, group=32)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for change, match in [({"bits": 8}, "bits=8"), ({"checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
+                          ({"quant_method": "awq"}, "quant_method='awq'.*llmspeed.quantize")]:  # fmt: skip
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **change}}))
+        with pytest.raises(ValueError, match=match):
+            llmspeed.load(tmp_path)
