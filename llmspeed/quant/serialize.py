@@ -190,6 +190,8 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
             raise ValueError(f"{source}: quantized layer {name!r} is not a linear position of this architecture")
         skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
     want = skeleton.expected(model)
+    for name, stored in aliases.items():  # before the key check, so a bad alias is named as such
+        skeleton.alias_target(name, stored, source, want, stored_names=tensors.keys())
     needed = set(want) - set(aliases)
     missing, unexpected = sorted(needed - set(tensors)), sorted(set(tensors) - needed)
     if missing or unexpected:
@@ -200,7 +202,5 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
     for name, tensor in tensors.items():
         skeleton.assign(model, name, tensor, source, want)
     for name, stored in aliases.items():
-        if stored not in tensors:
-            raise ValueError(f"{source}: alias {name!r} -> {stored!r} points to no stored tensor")
         skeleton.alias(model, name, stored, source, want)
     return skeleton.finish(model, dtype, device, source)

@@ -165,3 +165,56 @@ def test_quantized_model_runs_under_bf16_autocast(llama):
         with llmspeed.autocast(llama, "bf16"):
             out = llama.hf(ids).logits
     assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()) < 0.05
+
+
+# --- symmetric int4 (rtn and gptq) ------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_symmetric_int4_zero_is_8_and_grid_is_signed(llama, group_size):
+    ref = llmspeed.models.tiny("llama", seed=0)
+    llmspeed.quantize(llama, "int4", group_size=group_size, symmetric=True)
+    q = llama.hf.model.layers[0].mlp.down_proj
+    assert q.config.symmetric and "symmetric=True" in repr(q)
+    assert torch.equal(q.zeros, torch.full_like(q.zeros, 8.0))
+    w = ref.hf.model.layers[0].mlp.down_proj.weight.detach()  # [out, in]
+    absmax = w.reshape(w.shape[0], -1, group_size).abs().amax(-1)  # [out, groups]
+    assert torch.allclose(q.scales, absmax / 7.5)
+    err = (q.dequantize() - w).abs().reshape(w.shape[0], -1, group_size)  # within half a step, +absmax clamps at 7
+    assert bool((err <= q.scales[..., None] * 0.5 + 1e-6).all())
+
+
+def test_symmetric_option_is_validated(llama):
+    with pytest.raises(ValueError, match="symmetric=False is not available for int8"):
+        llmspeed.quantize(llama, "int8", symmetric=False)
+    with pytest.raises(ValueError, match=r"symmetric=True is available with method in \['rtn', 'gptq'\]; got method='hqq'"):
+        llmspeed.quantize(llama, "int4", method="hqq", symmetric=True)
+    with pytest.raises(ValueError, match="symmetric must be a bool"):
+        llmspeed.quantize(llama, "int4", symmetric="yes")
+    assert not any(is_quantized(m) for _, m in llama.linear_layers())
+
+
+def test_symmetric_gptq_keeps_zero_at_8_and_beats_symmetric_rtn():
+    tokens = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(1))
+    ref = llmspeed.models.tiny("llama", seed=1)
+    with torch.no_grad():
+        want = ref.hf(input_ids=tokens).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = llmspeed.models.tiny("llama", seed=1)
+        opts = {"n_sequences": 16, "seq_len": 32, "progress": False} if method == "gptq" else None
+        llmspeed.quantize(model, "int4", 32, method=method, calibration=tokens if opts else None,
+                          method_options=opts, symmetric=True)  # fmt: skip
+        q = model.hf.model.layers[1].mlp.down_proj
+        assert q.config.symmetric and torch.equal(q.zeros, torch.full_like(q.zeros, 8.0))
+        with torch.no_grad():
+            errors[method] = (model.hf(input_ids=tokens).logits - want).norm().item()
+    assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_old_native_configs_without_the_new_keys_still_read():
+    from llmspeed.quant import QuantConfig
+
+    old = {"format": "int4", "group_size": 64, "double_quant": False, "method": "rtn", "kernel": "auto"}
+    cfg = QuantConfig.from_dict(old)
+    assert cfg.symmetric is False and cfg.act_order is False
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    assert QuantConfig("int8").symmetric is True

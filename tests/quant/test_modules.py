@@ -142,3 +142,28 @@ def test_copies_do_not_share_bound_kernels():
         assert twin._kernels == {} and torch.equal(twin(x), ref)
         twin.qweight.zero_()
         assert torch.equal(q(x), ref) and not twin(x).any()
+
+
+def test_act_order_int4_gathers_its_input_through_perm():
+    """A GPTQ desc_act layer: packed column j is input column perm[j]; forward, backward and dequantize agree."""
+    from llmspeed.quant import QuantConfig
+    from llmspeed.quant.methods.rtn import rtn_weight
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 24, bias=True)
+    perm = torch.randperm(64)
+    cfg = QuantConfig("int4", 16, act_order=True)
+    packed_weight = linear.weight.detach()[:, perm]  # [out, in] in packed order
+    qw = rtn_weight(packed_weight, cfg)
+    m = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=cfg, bias=linear.bias.detach())
+    m.perm.copy_(perm)
+    plain = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=QuantConfig("int4", 16))
+    w = m.dequantize()  # [out, in], original order
+    assert torch.equal(w[:, perm], plain.dequantize())
+    x = torch.randn(3, 64, requires_grad=True)
+    y = m(x)
+    assert torch.allclose(y, x @ w.T + linear.bias, atol=1e-5)
+    y.sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(3, -1), atol=1e-5)
+    with pytest.raises(ValueError, match="act_order .* only defined for int4"):
+        QuantConfig("nf4", 16, act_order=True)

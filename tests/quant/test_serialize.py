@@ -120,3 +120,78 @@ def test_config_not_matching_tensors_raises(tmp_path, llama):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"down_proj.scales.* but the module needs float32 \[64, 3\]"):
         llmspeed.load(tmp_path)
+
+
+def _tamper(path, change_tensors=None, change_meta=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    if change_tensors:
+        change_tensors(tensors)
+    if change_meta:
+        change_meta(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+UP = "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [  # regressions: each of these loaded and failed, or silently changed numbers, later
+        (lambda t: t.update({f"{UP}.qweight": t[f"{UP}.qweight"].float()}),
+         rf"tensor '{UP}.qweight' is float32 \[128, 32\], but the module needs uint8 \[128, 32\]"),
+        (lambda t: t.update({f"{UP}.scales": t[f"{UP}.scales"].half()}),
+         rf"tensor '{UP}.scales' is float16 \[128, 2\], but the module needs float32"),
+        (lambda t: t.update({f"{UP}.zeros": t[f"{UP}.zeros"][:, :1].contiguous()}), rf"tensor '{UP}.zeros' is float32 \[128, 1\]"),
+        (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}), r"'model.norm.weight' is int32"),
+    ],
+)  # fmt: skip
+def test_tampered_tensor_is_named(tmp_path, llama, change, match):
+    llmspeed.quantize(llama, "int4", group_size=32)
+    llmspeed.save(llama, tmp_path)
+    _tamper(tmp_path / WEIGHTS, change)
+    with pytest.raises(ValueError, match=match):
+        llmspeed.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "aliases, match",
+    [
+        ({"lm_head.weight": "model.norm.weight"}, r"'lm_head.weight \(alias of model.norm.weight\)' is float32 \[64\].*\[128, 64\]"),
+        ({"lm_head.weight": "model.missing.weight"}, r"alias 'lm_head.weight' -> 'model.missing.weight' names 'model.missing.weight'"),
+        ({"model.ghost.weight": "model.embed_tokens.weight"}, r"names 'model.ghost.weight'"),
+    ],
+)  # fmt: skip
+def test_tampered_alias_is_named(tmp_path, aliases, match):
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    model = llmspeed.wrap(transformers.AutoModelForCausalLM.from_config(config).eval())
+    llmspeed.quantize(model, "int8")
+    llmspeed.save(model, tmp_path)
+    assert json.loads(_meta(tmp_path)["aliases"]) == {"lm_head.weight": "model.embed_tokens.weight"}
+    _tamper(tmp_path / WEIGHTS, change_meta=lambda m: m.update({"aliases": json.dumps(aliases)}))
+    with pytest.raises(ValueError, match=match):
+        llmspeed.load(tmp_path)
+
+
+def _meta(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        return f.metadata()
+
+
+def test_transformers_refuses_native_folder_naming_llmspeed(tmp_path, llama):
+    # regression: from_pretrained "succeeded" with every quantized linear missing and randomly initialised
+    llmspeed.quantize(llama, "int4", group_size=32)
+    llmspeed.save(llama, tmp_path)
+    with pytest.raises(ValueError, match=r"llmspeed-native.*llmspeed.load\(path\).*format='compressed-tensors'"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded = llmspeed.load(tmp_path)  # llmspeed still loads it, and saving again keeps the marker
+    llmspeed.save(loaded, tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert cfg["quantization_config"]["llmspeed_format"] == "llmspeed"

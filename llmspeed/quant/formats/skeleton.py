@@ -107,12 +107,22 @@ def assign(model: Model, name: str, tensor: torch.Tensor, source: Path, want: di
         owner._kernels, owner._kernel_state = {}, {}
 
 
-def alias(model: Model, name: str, stored: str, source: Path, want: dict[str, torch.Tensor]) -> None:
-    """Make parameter ``name`` the same tensor as ``stored`` (tied weights), after checking both exist and match."""
-    if name not in want or stored not in want:
-        missing = name if name not in want else stored
-        raise ValueError(f"{source}: alias {name!r} -> {stored!r} names {missing!r}, which the model does not have")
+def alias_target(
+    name: str, stored: str, source: Path, want: dict[str, torch.Tensor], stored_names=None
+) -> None:
+    """``ValueError`` unless alias ``name -> stored`` names two tensors of the model with the same dtype and
+    shape (and, given ``stored_names``, ``stored`` is one of the stored tensors)."""
+    for n in (name, stored):
+        if n not in want:
+            raise ValueError(f"{source}: alias {name!r} -> {stored!r} names {n!r}, which the model does not have")
+    if stored_names is not None and stored not in stored_names:
+        raise ValueError(f"{source}: alias {name!r} -> {stored!r} points to no stored tensor")
     check(f"{name} (alias of {stored})", want[stored], want[name], source)
+
+
+def alias(model: Model, name: str, stored: str, source: Path, want: dict[str, torch.Tensor]) -> None:
+    """Make parameter ``name`` the same tensor as ``stored`` (tied weights), after :func:`alias_target`'s checks."""
+    alias_target(name, stored, source, want)
     owner, _, attr = name.rpartition(".")
     src_owner, _, src_attr = stored.rpartition(".")
     setattr(model.module.get_submodule(owner), attr, getattr(model.module.get_submodule(src_owner), src_attr))
