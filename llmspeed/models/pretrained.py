@@ -1,0 +1,138 @@
+"""``from_pretrained``: a local transformers folder, optionally quantized while it is read.
+
+With ``quantize=...`` each linear weight is quantized (round to nearest) the moment it is read and
+dropped right after: tensors are read one at a time with plain file reads (no memory map), into a model
+whose parameters start on ``meta``. Peak memory is then the packed model, the float embeddings and
+norms, and one float weight, instead of the whole float model plus its quantized copy. The packed
+tensors are bit for bit those of loading the float model and calling :func:`llmspeed.quantize`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model import Model
+
+QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include")
+
+
+def _quant_plan(model: Model, options: dict[str, Any]):
+    """``{layer name: QuantConfig}`` from the ``quantize`` dict (the keys of :data:`QUANTIZE_KEYS`)."""
+    from ..quant.api import plan_layers
+    from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig
+    from ..quant.kernels import check_kernel
+
+    if not isinstance(options, dict) or "format" not in options:
+        raise ValueError(f"quantize must be a dict with at least 'format' (keys: {list(QUANTIZE_KEYS)}); got {options!r}")
+    unknown = sorted(set(options) - set(QUANTIZE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"quantize has unknown keys {unknown}; accepted: {list(QUANTIZE_KEYS)} (calibrated methods such as "
+            f"gptq need the whole model: load it, then call llmspeed.quantize)"
+        )
+    fmt = options["format"]
+    if fmt not in DEFAULT_GROUP_SIZE:
+        raise ValueError(f"quantize['format'] must be one of {sorted(DEFAULT_GROUP_SIZE)}; got {fmt!r}")
+    config = QuantConfig(
+        fmt,
+        options.get("group_size", DEFAULT_GROUP_SIZE[fmt]),
+        options.get("double_quant", False),
+        "rtn",
+        options.get("kernel", "auto"),
+        options.get("symmetric"),
+    )
+    check_kernel(config.kernel, fmt, "cpu")
+    return plan_layers(model, config, options.get("skip"), options.get("include"))
+
+
+def _keys(files: list[Path]) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def from_pretrained(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: dict[str, Any] | None = None,
+) -> Model:
+    """Load the float transformers checkpoint in folder ``path`` (safetensors, one file or shards).
+
+    Args:
+        path: A folder ``save_pretrained`` wrote (``config.json``, ``*.safetensors``, tokenizer files).
+        dtype: Weight dtype, as in ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)``.
+        device: Where the model ends up (quantization runs on the CPU as tensors are read).
+        quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
+            double_quant=..., kernel=...)``: the arguments of :func:`llmspeed.quantize` with method ``"rtn"``,
+            applied to each linear layer as its weight is read, one shard and one layer at a time.
+
+    Raises:
+        ValueError: not a float transformers folder (quantized folders load with :func:`llmspeed.load`),
+            bad ``quantize`` options, or tensors that do not fit the architecture (named).
+    """
+    from ..quant.formats import detect, skeleton
+    from ..quant.formats.files import shard_files, stream_tensors
+    from ..quant.methods.rtn import rtn_weight
+    from ..quant.modules import module_class
+
+    folder = Path(path)
+    kind = detect(folder)
+    if kind != "float":
+        raise ValueError(f"{folder} is a {kind} checkpoint; load it with llmspeed.load(path)")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
+    files = shard_files(folder)
+    model = skeleton.skeleton(folder, dtype)
+    plan = _quant_plan(model, quantize) if quantize is not None else {}
+    keys = _keys(files)
+    for name, config in plan.items():
+        skeleton.install(model, name, config, bias=f"{name}.bias" in keys)
+    want = skeleton.expected(model)
+    weights = {f"{name}.weight": name for name in plan}
+    for file in files:
+        for key, tensor in stream_tensors(file):
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            layer = weights.get(key)
+            if layer is None:
+                skeleton.assign(model, key, tensor, file, want)
+                continue
+            _quantize_into(model, layer, plan[layer], tensor, file, want, rtn_weight, module_class)
+            del tensor  # the float weight is gone before the next one is read
+    _quantize_tied_head(model, plan, want, rtn_weight, module_class, folder)
+    skeleton.tie_embeddings(model)
+    return skeleton.finish(model, dtype, device, folder)
+
+
+def _quantize_into(model, layer, config, weight, source, want, rtn_weight, module_class) -> None:
+    """Quantize ``weight`` [out, in] with round-to-nearest and assign the packed buffers to ``layer``'s skeleton."""
+    from ..quant.formats import skeleton  # quant is imported on first use, not with llmspeed.models
+
+    target = model.module.get_submodule(layer)
+    skeleton.check(f"{layer}.weight", weight, torch.empty(target.out_features, target.in_features, dtype=weight.dtype,
+                                                          device="meta"), source)  # fmt: skip
+    qw = rtn_weight(weight, config)
+    built = module_class(config.format).from_codes(
+        qw.codes, qw.scales, qw.zeros, config=config, bias=None, in_features=target.in_features
+    )
+    for buf, value in built.state_dict().items():
+        skeleton.assign(model, f"{layer}.{buf}", value, source, want)
+
+
+def _quantize_tied_head(model, plan, want, rtn_weight, module_class, source) -> None:
+    """A quantized output head whose weight the file leaves to the tied input embedding."""
+    hf = model.module
+    for layer in plan:
+        module = hf.get_submodule(layer)
+        if module.qweight.device.type == "meta" and getattr(hf.config, "tie_word_embeddings", False):
+            emb = hf.get_input_embeddings().weight
+            if module is hf.get_output_embeddings() and emb.device.type != "meta":
+                _quantize_into(model, layer, plan[layer], emb.detach(), source, want, rtn_weight, module_class)

@@ -1,0 +1,85 @@
+"""``llmspeed.models.from_pretrained``: local transformers folders, quantized while read, bit for bit as quantize()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llmspeed
+from llmspeed.models import from_pretrained
+
+IDS = torch.tensor([[1, 5, 9, 33, 2]])
+
+
+def _folder(tmp_path, arch="llama", tie=False, shard="60KB"):
+    model = llmspeed.models.tiny(arch, hidden_size=128, intermediate_size=256)
+    if tie:
+        model.hf.config.tie_word_embeddings = True
+        model.hf.lm_head.weight = model.hf.model.embed_tokens.weight
+    model.hf.save_pretrained(tmp_path, max_shard_size=shard)
+    return model
+
+
+def _same_state(a, b):
+    sa, sb = a.hf.state_dict(), b.hf.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+CASES = [
+    ("llama", False, torch.float32, dict(format="int4", group_size=64)),
+    ("qwen2", True, torch.float32, dict(format="int4", group_size=32, symmetric=True)),
+    ("qwen2", True, torch.bfloat16, dict(format="int4", group_size=64)),
+    ("llama", False, torch.bfloat16, dict(format="int8")),
+    ("qwen2", True, torch.float32, dict(format="nf4", skip=[])),  # the tied head quantized from the embedding
+]
+
+
+@pytest.mark.parametrize("arch, tie, dtype, quant", CASES)
+def test_quantize_while_loading_matches_load_then_quantize(tmp_path, arch, tie, dtype, quant):
+    _folder(tmp_path, arch, tie)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1  # sharded: one shard at a time
+    got = from_pretrained(tmp_path, dtype=dtype, quantize=quant)
+    want = llmspeed.wrap(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype))
+    options = {k: v for k, v in quant.items() if k != "format"}
+    llmspeed.quantize(want, quant["format"], **options)
+    _same_state(got, want)
+    if "skip" not in quant:  # a float head stays tied; a quantized one (skip=[]) came from the embedding
+        assert (got.hf.lm_head.weight is got.hf.model.embed_tokens.weight) == tie
+    with torch.no_grad():
+        assert torch.equal(got.hf(IDS).logits, want.hf(IDS).logits)
+
+
+def test_float_load_equals_transformers(tmp_path):
+    model = _folder(tmp_path, shard="10MB")
+    got = from_pretrained(tmp_path)
+    _same_state(got, model)
+    with torch.no_grad():
+        assert torch.equal(got.hf(IDS).logits, model.hf(IDS).logits)
+
+
+def test_bad_arguments_and_quantized_folders_are_refused(tmp_path):
+    model = _folder(tmp_path)
+    for quant, match in [({"group_size": 64}, "at least 'format'"), ({"format": "int3"}, "must be one of"),
+                         ({"format": "int4", "method": "gptq"}, r"unknown keys \['method'\].*llmspeed.quantize"),
+                         ({"format": "int8", "group_size": 64}, "group_size must be None for int8")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            from_pretrained(tmp_path, quantize=quant)
+    with pytest.raises(ValueError, match="floating-point"):
+        from_pretrained(tmp_path, dtype=torch.int8)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True)
+    llmspeed.save(model, tmp_path / "ct", format="compressed-tensors")
+    with pytest.raises(ValueError, match=r"compressed-tensors checkpoint; load it with llmspeed.load"):
+        from_pretrained(tmp_path / "ct")
+
+
+@pytest.mark.slow
+def test_smollm2_quantized_while_loading_is_bit_identical(smollm2):
+    from llmspeed.models.embedded import _CACHE_NAME, cache_dir
+
+    got = from_pretrained(cache_dir() / _CACHE_NAME, quantize=dict(format="int4", group_size=64))
+    llmspeed.quantize(smollm2, "int4", group_size=64)
+    _same_state(got, smollm2)
+    assert got.tokenizer is not None
