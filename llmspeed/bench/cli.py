@@ -26,7 +26,7 @@ import torch
 from .plots import group_rows
 from .timing import markdown_table
 
-SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving")
+SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats")
 
 
 def build_parser() -> argparse.ArgumentParser:

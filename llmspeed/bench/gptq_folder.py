@@ -90,7 +90,11 @@ def write_gptq_folder(
     tensors: dict[str, torch.Tensor] = {}
     quantized = [n for n, m in model.linear_layers() if m is not head]
     prefixes = tuple(f"{n}." for n in quantized)
+    seen: set[int] = set()
     for name, t in root.state_dict().items():
+        if t.untyped_storage().data_ptr() in seen:  # a tied head: transformers re-ties it from the config
+            continue
+        seen.add(t.untyped_storage().data_ptr())
         if not name.startswith(prefixes) or name.endswith(".bias"):
             tensors[name] = t.detach().contiguous()
     for name in quantized:

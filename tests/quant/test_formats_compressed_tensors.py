@@ -199,6 +199,13 @@ def test_what_the_format_cannot_hold_is_refused(tmp_path, llama, prepare, match)
         llmspeed.save(llama, tmp_path / "x", format="gguf")
 
 
+def test_partial_groups_are_refused_with_a_group_size_that_fits(tmp_path):
+    model = llmspeed.models.tiny("llama", hidden_size=96, intermediate_size=192)  # 96 = 1.5 groups of 64
+    llmspeed.quantize(model, "int4", group_size=64)
+    with pytest.raises(ValueError, match="in_features=96, not a multiple of group_size=64"):
+        llmspeed.save(model, tmp_path, format="compressed-tensors")
+
+
 def _rewrite(path, change):
     from safetensors.torch import load_file, save_file
 

@@ -103,6 +103,13 @@ def _refusal(name: str, module: nn.Module) -> str | None:
         )
     if cfg.act_order:
         return f"layer {name!r} has permuted input columns (a GPTQ desc_act checkpoint); keep format='llmspeed'"
+    g = cfg.group_size
+    if g is not None and module.in_features % g:
+        return (
+            f"layer {name!r} has in_features={module.in_features}, not a multiple of group_size={g}; "
+            f"compressed-tensors and vLLM need whole groups: quantize with a group size that divides it, "
+            f"or keep format='llmspeed'"
+        )
     if cfg.format == "int4" and not bool(torch.all(module.zeros == module.zeros.round())):
         return (
             f"layer {name!r} has fractional zero points (method {cfg.method!r}, e.g. HQQ), which compressed-tensors "
