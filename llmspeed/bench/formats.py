@@ -35,14 +35,23 @@ ROUND_TRIPS = [("int8", None, None), ("int4", 32, True), ("int4", 32, False), ("
 
 def _row(table: str, case: str, value: float, unit: str, baseline: str, base: float | None) -> dict:
     ratio = value / base if base else float("nan")
-    return {"table": table, "case": case, "value": value, "unit": unit, "baseline": baseline, "vs_baseline": ratio}
+    return {
+        "table": table,
+        "case": case,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "vs_baseline": ratio,
+    }
 
 
 def _load_base(model: str):
     if model == "smollm2":
         return llmspeed.models.smollm2()
     if model.startswith("tiny"):
-        return llmspeed.models.tiny(model.partition("-")[2] or "llama", hidden_size=128, intermediate_size=256)
+        return llmspeed.models.tiny(
+            model.partition("-")[2] or "llama", hidden_size=128, intermediate_size=256
+        )
     raise ValueError(f"model must be 'smollm2' or 'tiny-<arch>'; got {model!r}")
 
 
@@ -73,17 +82,34 @@ def round_trips(model: str, quick: bool, work: Path) -> list[dict]:
         try:
             llmspeed.save(base, folder, format="compressed-tensors")
         except ValueError as err:
-            rows.append(_row("round trip", f"{case}: refused ({str(err)[:60]}...)", float("nan"), "-", "-", None))
+            rows.append(
+                _row("round trip", f"{case}: refused ({str(err)[:60]}...)", float("nan"), "-", "-", None)
+            )
             continue
-        dense = AutoModelForCausalLM.from_pretrained(folder, quantization_config=CompressedTensorsConfig(dequantize=True))
+        dense = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
         with torch.no_grad():
             got = dense(input_ids=ids).logits
         rel = ((got - want).abs().max() / want.abs().max()).item()
-        rows.append(_row("round trip", f"{case} -> transformers", rel, "max |dlogit| / max |logit|", "goal 1e-4", 1e-4))
+        rows.append(
+            _row(
+                "round trip", f"{case} -> transformers", rel, "max |dlogit| / max |logit|", "goal 1e-4", 1e-4
+            )
+        )
         back = llmspeed.load(folder)
         layers = [(n, m) for n, m in back.linear_layers() if isinstance(m, QuantizedLinearBase)]
         same = sum(torch.equal(m.dequantize(), dense.get_submodule(n).weight) for n, m in layers)
-        rows.append(_row("round trip", f"{case} -> llmspeed", same, f"of {len(layers)} layers bit-identical", "all", len(layers)))
+        rows.append(
+            _row(
+                "round trip",
+                f"{case} -> llmspeed",
+                same,
+                f"of {len(layers)} layers bit-identical",
+                "all",
+                len(layers),
+            )
+        )
     return rows
 
 
@@ -119,7 +145,14 @@ def gptq(model: str, quick: bool, work: Path) -> list[dict]:
     acts = sum(bool(getattr(m, "config", None) and m.config.act_order) for _, m in loaded.linear_layers())
     return [
         _row("gptq", "dequantized reference (float)", ref, "perplexity", "-", None),
-        _row("gptq", f"GPTQ v1 act-order g64 -> llmspeed ({acts} permuted layers)", got, "perplexity", "reference", ref),
+        _row(
+            "gptq",
+            f"GPTQ v1 act-order g64 -> llmspeed ({acts} permuted layers)",
+            got,
+            "perplexity",
+            "reference",
+            ref,
+        ),
     ]
 
 
@@ -140,7 +173,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 def _peak_mib(mode: str, folder: Path) -> tuple[float, float]:
     """``(peak RSS, peak RSS above the interpreter with its imports)`` in MiB, measured in a fresh interpreter."""
-    done = subprocess.run([sys.executable, "-c", _PEAK, mode, str(folder)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, mode, str(folder)], capture_output=True, text=True, timeout=600
+    )
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
     imports, peak = (float(v) for v in done.stdout.strip().splitlines()[-2:])
@@ -161,18 +196,43 @@ def _float_folder(model: str, work: Path) -> Path:
 def quantize_while_loading(model: str, work: Path) -> list[dict]:
     """Peak RSS of each way to an int4 g64 model (fresh interpreters) and whether the packed tensors agree."""
     folder = _float_folder(model, work)
-    (base, base_w), (streamed, streamed_w) = _peak_mib("fp32-then-quantize", folder), _peak_mib("while-loading", folder)
+    (base, base_w), (streamed, streamed_w) = (
+        _peak_mib("fp32-then-quantize", folder),
+        _peak_mib("while-loading", folder),
+    )
     a = llmspeed.models.from_pretrained(folder, quantize=dict(format="int4", group_size=64))
-    b = llmspeed.wrap(__import__("transformers").AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    b = llmspeed.wrap(
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    )
     llmspeed.quantize(b, "int4", group_size=64)
     sa, sb = a.hf.state_dict(), b.hf.state_dict()
     same = sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     return [
         _row("quantize while loading", "load fp32, then quantize int4 g64", base, "MiB peak RSS", "-", None),
-        _row("quantize while loading", "from_pretrained(quantize=int4 g64)", streamed, "MiB peak RSS", "fp32 then quantize", base),
-        _row("quantize while loading", "load fp32, then quantize: above imports", base_w, "MiB peak RSS - imports", "-", None),
-        _row("quantize while loading", "from_pretrained(quantize): above imports", streamed_w, "MiB peak RSS - imports",
-             "fp32 then quantize", base_w),  # fmt: skip
+        _row(
+            "quantize while loading",
+            "from_pretrained(quantize=int4 g64)",
+            streamed,
+            "MiB peak RSS",
+            "fp32 then quantize",
+            base,
+        ),
+        _row(
+            "quantize while loading",
+            "load fp32, then quantize: above imports",
+            base_w,
+            "MiB peak RSS - imports",
+            "-",
+            None,
+        ),
+        _row(
+            "quantize while loading",
+            "from_pretrained(quantize): above imports",
+            streamed_w,
+            "MiB peak RSS - imports",
+            "fp32 then quantize",
+            base_w,
+        ),  # fmt: skip
         _row("quantize while loading", "packed tensors bit for bit equal", float(same), "1 = yes", "-", None),
     ]
 
@@ -191,11 +251,22 @@ def load_times(model: str, quick: bool, work: Path) -> list[dict]:
             start = time.perf_counter()
             llmspeed.load(folder)
             times.append(time.perf_counter() - start)
-        rows.append(_row("load time", f"llmspeed.load, {fmt} folder", sorted(times)[len(times) // 2], "s (median)", "goal 2 s", 2.0))
+        rows.append(
+            _row(
+                "load time",
+                f"llmspeed.load, {fmt} folder",
+                sorted(times)[len(times) // 2],
+                "s (median)",
+                "goal 2 s",
+                2.0,
+            )
+        )
     return rows
 
 
-def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict]:
+def run(
+    device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True
+) -> list[dict]:
     """Every table of this suite (CPU only: the formats are device-independent files)."""
     if device != "cpu":
         raise ValueError(f"the formats suite runs on the CPU; got device={device!r}")

@@ -26,7 +26,9 @@ def _quant_plan(model: Model, options: dict[str, Any]):
     from ..quant.kernels import check_kernel
 
     if not isinstance(options, dict) or "format" not in options:
-        raise ValueError(f"quantize must be a dict with at least 'format' (keys: {list(QUANTIZE_KEYS)}); got {options!r}")
+        raise ValueError(
+            f"quantize must be a dict with at least 'format' (keys: {list(QUANTIZE_KEYS)}); got {options!r}"
+        )
     unknown = sorted(set(options) - set(QUANTIZE_KEYS))
     if unknown:
         raise ValueError(
@@ -135,4 +137,6 @@ def _quantize_tied_head(model, plan, want, rtn_weight, module_class, source) -> 
         if module.qweight.device.type == "meta" and getattr(hf.config, "tie_word_embeddings", False):
             emb = hf.get_input_embeddings().weight
             if module is hf.get_output_embeddings() and emb.device.type != "meta":
-                _quantize_into(model, layer, plan[layer], emb.detach(), source, want, rtn_weight, module_class)
+                _quantize_into(
+                    model, layer, plan[layer], emb.detach(), source, want, rtn_weight, module_class
+                )

@@ -149,7 +149,7 @@ def _write_with_package(path, sym: bool, bits: int, group: int | None):
                              ignore=["lm_head"])  # fmt: skip
     apply_quantization_config(hf, cfg, show_progress=False)
     with torch.no_grad():
-        for name, module in hf.named_modules():
+        for module in hf.modules():
             if not hasattr(module, "weight_scale"):
                 continue
             w = module.weight  # [out, in]

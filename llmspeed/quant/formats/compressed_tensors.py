@@ -102,7 +102,9 @@ def _refusal(name: str, module: nn.Module) -> str | None:
             f"format='int4' (symmetric=True for vLLM's fastest kernels), or keep format='llmspeed'"
         )
     if cfg.act_order:
-        return f"layer {name!r} has permuted input columns (a GPTQ desc_act checkpoint); keep format='llmspeed'"
+        return (
+            f"layer {name!r} has permuted input columns (a GPTQ desc_act checkpoint); keep format='llmspeed'"
+        )
     g = cfg.group_size
     if g is not None and module.in_features % g:
         return (
@@ -244,7 +246,9 @@ def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
             f"{source}: layer {name!r} is in compressed-tensors format {fmt!r}; llmspeed reads {PACK_FORMAT!r}"
         )
     if group.get("input_activations") is not None:
-        raise ValueError(f"{source}: layer {name!r} quantizes activations too; llmspeed loads weight-only schemes")
+        raise ValueError(
+            f"{source}: layer {name!r} quantizes activations too; llmspeed loads weight-only schemes"
+        )
     w = group.get("weights") or {}
     bits, strategy, sym = w.get("num_bits"), w.get("strategy"), w.get("symmetric", True)
     if w.get("type", "int") != "int" or w.get("actorder") not in (None, "static"):
@@ -262,7 +266,9 @@ def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
     )
 
 
-def _expect(source: Path, key: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, ...], shape) -> torch.Tensor:
+def _expect(
+    source: Path, key: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, ...], shape
+) -> torch.Tensor:
     if t is None:
         raise ValueError(f"{source}: tensor {key!r} is missing")
     if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
@@ -277,13 +283,19 @@ def _expect(source: Path, key: str, t: torch.Tensor | None, dtypes: tuple[torch.
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def module_buffers(name: str, module: QuantizedLinearBase, tensors: dict[str, torch.Tensor], source: Path) -> dict:
+def module_buffers(
+    name: str, module: QuantizedLinearBase, tensors: dict[str, torch.Tensor], source: Path
+) -> dict:
     """``{buffer name: tensor}`` of ``module`` from its compressed-tensors tensors (popped from ``tensors``)."""
     cfg, out, k = module.config, module.out_features, module.in_features
     get = tensors.pop
-    shape = _expect(source, f"{name}.weight_shape", get(f"{name}.weight_shape", None), (torch.int64, torch.int32), (2,))
+    shape = _expect(
+        source, f"{name}.weight_shape", get(f"{name}.weight_shape", None), (torch.int64, torch.int32), (2,)
+    )
     if shape.tolist() != [out, k]:
-        raise ValueError(f"{source}: tensor {name!r}.weight_shape is {shape.tolist()}; the layer is [{out}, {k}]")
+        raise ValueError(
+            f"{source}: tensor {name!r}.weight_shape is {shape.tolist()}; the layer is [{out}, {k}]"
+        )
     if cfg.format == "int8":
         packed = _expect(source, f"{name}.weight_packed", get(f"{name}.weight_packed", None), (torch.int32,),
                          (out, -(-k // 4)))  # fmt: skip
@@ -323,7 +335,9 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     quantized = sorted(k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed"))
     for name in quantized:
         if name not in linears:
-            raise ValueError(f"{source}: tensor {name + '.weight_packed'!r} names no linear layer of the model")
+            raise ValueError(
+                f"{source}: tensor {name + '.weight_packed'!r} names no linear layer of the model"
+            )
         cfg = layer_config(name, quant, source)
         module = skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
         want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}

@@ -66,7 +66,9 @@ def detect(directory: str | Path) -> str:
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise ValueError(f"{directory} is not a folder; pass the folder llmspeed.save or save_pretrained wrote")
+        raise ValueError(
+            f"{directory} is not a folder; pass the folder llmspeed.save or save_pretrained wrote"
+        )
     files = shard_files(directory)
     try:
         with safe_open(str(files[0]), framework="pt") as f:
@@ -107,7 +109,9 @@ def stream_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = _DTYPES.get(info["dtype"])
             if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which llmspeed does not read")
+                raise ValueError(
+                    f"{path}: tensor {name!r} has dtype {info['dtype']}, which llmspeed does not read"
+                )
             start, end = info["data_offsets"]
             out = torch.empty(info["shape"], dtype=dtype)
             f.seek(base + start)

@@ -55,7 +55,9 @@ def _settings(quant: dict[str, Any], source: Path) -> tuple[int | None, bool, in
         raise ValueError(f"{source}: GPTQ group_size={g!r}; it must be a positive integer or -1")
     fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
-        raise ValueError(f"{source}: GPTQ checkpoint_format={fmt!r}; llmspeed reads 'gptq' (v1) and 'gptq_v2'")
+        raise ValueError(
+            f"{source}: GPTQ checkpoint_format={fmt!r}; llmspeed reads 'gptq' (v1) and 'gptq_v2'"
+        )
     return (None if g == -1 else g), bool(quant.get("sym", True)), (1 if fmt == "gptq" else 0)
 
 
@@ -92,19 +94,25 @@ def layer_buffers(
     n_groups = in_f // g
     qweight = _take(tensors, f"{name}.qweight", (torch.int32,), (in_f // 8, out_f), source)
     qzeros = _take(tensors, f"{name}.qzeros", (torch.int32,), (n_groups, out_f // 8), source)
-    scales = _take(tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32), (n_groups, out_f), source)
+    scales = _take(
+        tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32), (n_groups, out_f), source
+    )
     g_idx = tensors.pop(f"{name}.g_idx", None)
     plain = torch.arange(in_f, dtype=torch.int64) // g  # [in]
     if g_idx is None:
         g_idx = plain
     elif g_idx.dtype not in (torch.int32, torch.int64) or tuple(g_idx.shape) != (in_f,):
-        raise ValueError(f"{source}: tensor {name + '.g_idx'!r} is {g_idx.dtype} {list(g_idx.shape)}; GPTQ needs int32 [{in_f}]")
+        raise ValueError(
+            f"{source}: tensor {name + '.g_idx'!r} is {g_idx.dtype} {list(g_idx.shape)}; GPTQ needs int32 [{in_f}]"
+        )
     g_idx = g_idx.long()
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
         raise ValueError(f"{source}: tensor {name + '.g_idx'!r} holds groups outside [0, {n_groups})")
-    zeros = (_unpack_rows(qzeros, out_f).T.float() + offset)  # [out, groups]
+    zeros = _unpack_rows(qzeros, out_f).T.float() + offset  # [out, groups]
     if offset and bool((zeros > 15).any()):
-        raise ValueError(f"{source}: {name + '.qzeros'!r} holds a v1 zero of 15 (16 after the +1); is it gptq_v2?")
+        raise ValueError(
+            f"{source}: {name + '.qzeros'!r} holds a v1 zero of 15 (16 after the +1); is it gptq_v2?"
+        )
     packed = qweight.T.contiguous()  # [out, in / 8] int32
     act_order = not torch.equal(g_idx, plain)
     perm = None
@@ -143,7 +151,9 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
         if name not in layers:
             raise ValueError(f"{source}: tensor {name + '.qweight'!r} names no linear layer of the model")
         lin = layers[name]
-        cfg, buffers = layer_buffers(name, lin.in_features, lin.out_features, group, sym, offset, tensors, source)
+        cfg, buffers = layer_buffers(
+            name, lin.in_features, lin.out_features, group, sym, offset, tensors, source
+        )
         bias = tensors.get(f"{name}.bias")
         if bias is not None:
             tensors[f"{name}.bias"] = bias.to(dtype)

@@ -64,7 +64,9 @@ def install(model: Model, name: str, config: QuantConfig, bias: bool) -> nn.Modu
     """Put an empty quantized module of ``config`` (on ``meta``) at linear position ``name``; return it."""
     old = model.module.get_submodule(name)
     if not isinstance(old, nn.Linear):
-        raise ValueError(f"{name!r} is a {type(old).__name__}, not a linear layer; it cannot hold quantized weights")
+        raise ValueError(
+            f"{name!r} is a {type(old).__name__}, not a linear layer; it cannot hold quantized weights"
+        )
     b = torch.empty(old.out_features, device="meta") if bias else None
     new = module_class(config.format)(old.in_features, old.out_features, config, b, device="meta")
     model.replace_linear(name, new)
@@ -91,7 +93,9 @@ def check(name: str, tensor: torch.Tensor, want: torch.Tensor, source: Path, exa
         )
 
 
-def assign(model: Model, name: str, tensor: torch.Tensor, source: Path, want: dict[str, torch.Tensor]) -> None:
+def assign(
+    model: Model, name: str, tensor: torch.Tensor, source: Path, want: dict[str, torch.Tensor]
+) -> None:
     """Set parameter or buffer ``name`` to ``tensor`` (no copy) after checking it against ``want[name]``."""
     if name not in want:
         raise ValueError(f"{source}: tensor {name!r} matches no parameter or buffer of the model")
@@ -100,7 +104,9 @@ def assign(model: Model, name: str, tensor: torch.Tensor, source: Path, want: di
     check(name, tensor, want[name], source, exact=hasattr(owner, "quant_format") and attr != "bias")
     if attr in owner._parameters:
         old = owner._parameters[attr]
-        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
+        owner._parameters[attr] = nn.Parameter(
+            tensor, requires_grad=bool(old is not None and old.requires_grad)
+        )
     else:
         owner._buffers[attr] = tensor
     if hasattr(owner, "_kernels"):  # a quantized module drops kernels bound to its old buffers
@@ -114,7 +120,9 @@ def alias_target(
     shape (and, given ``stored_names``, ``stored`` is one of the stored tensors)."""
     for n in (name, stored):
         if n not in want:
-            raise ValueError(f"{source}: alias {name!r} -> {stored!r} names {n!r}, which the model does not have")
+            raise ValueError(
+                f"{source}: alias {name!r} -> {stored!r} names {n!r}, which the model does not have"
+            )
     if stored_names is not None and stored not in stored_names:
         raise ValueError(f"{source}: alias {name!r} -> {stored!r} points to no stored tensor")
     check(f"{name} (alias of {stored})", want[stored], want[name], source)
