@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,7 +85,7 @@ def write_gptq_folder(
     """Write the float ``model``'s linears (all but the output head) as a 4-bit GPTQ folder at ``path``."""
     from safetensors.torch import save_file
 
-    root = model.module
+    root: Any = model.module
     head = root.get_output_embeddings()
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}

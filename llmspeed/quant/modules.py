@@ -42,6 +42,7 @@ class QuantizedLinearBase(nn.Module):
     quant_format: str = ""
     qweight: torch.Tensor  # buffers, registered per format (annotated for type checkers)
     scales: torch.Tensor
+    perm: torch.Tensor  # Int4Linear with config.act_order only
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: torch.Tensor | None):
         super().__init__()

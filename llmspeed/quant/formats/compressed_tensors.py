@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -112,7 +112,8 @@ def _refusal(name: str, module: nn.Module) -> str | None:
             f"compressed-tensors and vLLM need whole groups: quantize with a group size that divides it, "
             f"or keep format='llmspeed'"
         )
-    if cfg.format == "int4" and not bool(torch.all(module.zeros == module.zeros.round())):
+    zeros = getattr(module, "zeros", None)
+    if isinstance(zeros, torch.Tensor) and not bool(torch.all(zeros == zeros.round())):
         return (
             f"layer {name!r} has fractional zero points (method {cfg.method!r}, e.g. HQQ), which compressed-tensors "
             f"stores as integers: quantize with method='rtn' or 'gptq', or keep format='llmspeed'"
@@ -196,8 +197,12 @@ def save(model: CausalLM, directory: str | Path) -> Path:
         scheme = _scheme(cfg)
         scheme["targets"] = ["Linear"] if len(groups) == 1 else sorted(names)
         config_groups[f"group_{i}"] = scheme
-    head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
-    emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+    get_head, get_emb = (
+        getattr(root, "get_output_embeddings", None),
+        getattr(root, "get_input_embeddings", None),
+    )
+    head = get_head() if callable(get_head) else None
+    emb = get_emb() if callable(get_emb) else None
     tied = isinstance(head, nn.Linear) and emb is not None and head.weight is emb.weight
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -341,7 +346,7 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
         cfg = layer_config(name, quant, source)
         module = skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
         want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
-        for buf, t in module_buffers(name, module, tensors, source).items():
+        for buf, t in module_buffers(name, cast(QuantizedLinearBase, module), tensors, source).items():
             skeleton.assign(model, f"{name}.{buf}", t.contiguous(), source, want)
     want = skeleton.expected(model)
     for name, tensor in tensors.items():

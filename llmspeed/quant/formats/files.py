@@ -116,7 +116,7 @@ def stream_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             out = torch.empty(info["shape"], dtype=dtype)
             f.seek(base + start)
             view = out.view(-1).view(torch.uint8) if out.numel() else out
-            if f.readinto(memoryview(view.numpy())) != end - start:
+            if f.readinto(view.numpy().data) != end - start:
                 raise ValueError(f"{path}: tensor {name!r} is truncated")
             yield name, out
 

@@ -150,7 +150,7 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     for name in names:
         if name not in layers:
             raise ValueError(f"{source}: tensor {name + '.qweight'!r} names no linear layer of the model")
-        lin = layers[name]
+        lin: Any = layers[name]
         cfg, buffers = layer_buffers(
             name, lin.in_features, lin.out_features, group, sym, offset, tensors, source
         )

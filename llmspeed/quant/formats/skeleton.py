@@ -33,11 +33,11 @@ def parameters_on_meta() -> Iterator[None]:
             param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
-    nn.Module.register_parameter = register
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        nn.Module.register_parameter = original
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def skeleton(directory: Path, dtype: torch.dtype, config_overrides: dict[str, Any] | None = None) -> Model:
@@ -68,7 +68,8 @@ def install(model: Model, name: str, config: QuantConfig, bias: bool) -> nn.Modu
             f"{name!r} is a {type(old).__name__}, not a linear layer; it cannot hold quantized weights"
         )
     b = torch.empty(old.out_features, device="meta") if bias else None
-    new = module_class(config.format)(old.in_features, old.out_features, config, b, device="meta")
+    cls: Any = module_class(config.format)  # every concrete class takes device=
+    new = cls(old.in_features, old.out_features, config, b, device="meta")
     model.replace_linear(name, new)
     return new
 
@@ -110,7 +111,7 @@ def assign(
     else:
         owner._buffers[attr] = tensor
     if hasattr(owner, "_kernels"):  # a quantized module drops kernels bound to its old buffers
-        owner._kernels, owner._kernel_state = {}, {}
+        owner.__dict__["_kernels"], owner.__dict__["_kernel_state"] = {}, {}
 
 
 def alias_target(
@@ -138,7 +139,7 @@ def alias(model: Model, name: str, stored: str, source: Path, want: dict[str, to
 
 def tie_embeddings(model: Model) -> None:
     """Point a float output head at the input embedding when the config ties them and the file stores one."""
-    hf = model.module
+    hf: Any = model.module
     if not getattr(hf.config, "tie_word_embeddings", False):
         return
     head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
