@@ -60,6 +60,30 @@ def test_int8_packing_matches_compressed_tensors(rows, cols, seed):
     assert torch.equal(ct.unpack_int8(pack_to_int32(q, 8), cols), q)
 
 
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 20), groups=st.integers(1, 4), half_group=st.sampled_from([4, 8, 16, 32, 64]),
+       sym=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_layer_export_import_is_lossless_over_shapes_and_group_sizes(tmp_path_factory, out, groups, half_group, sym, seed):
+    from llmspeed.quant import QuantConfig
+
+    g = torch.Generator().manual_seed(seed)
+    group = 2 * half_group
+    k = groups * group
+    codes = torch.randint(0, 16, (out, k), generator=g, dtype=torch.uint8)
+    scales = torch.rand(out, groups, generator=g) + 0.01
+    zeros = torch.full((out, groups), 8.0) if sym else torch.randint(0, 16, (out, groups), generator=g).float()
+    cfg = QuantConfig("int4", group, symmetric=sym)
+    module = Int4Linear.from_codes(codes, scales, zeros, config=cfg)
+    tensors = ct._module_tensors("layer", module)
+    assert ("layer.weight_zero_point" in tensors) == (not sym)
+    theirs = unpack_from_int32(tensors["layer.weight_packed"], 4, torch.Size([out, k]))  # the package reads our bytes
+    assert torch.equal(theirs.to(torch.int16) + 8, codes.to(torch.int16))
+    skeleton = Int4Linear(k, out, cfg)
+    buffers = ct.module_buffers("layer", skeleton, dict(tensors), tmp_path_factory.getbasetemp())
+    for name, value in buffers.items():
+        assert torch.equal(value, getattr(module, name)), name
+
+
 # --- llmspeed -> compressed-tensors -> transformers --------------------------------------------------
 CASES = [("int8", None, None), ("int4", 32, True), ("int4", 32, False), ("int4", 64, True), ("int4", 64, False),
          ("int4", 128, True), ("int4", 128, False)]  # fmt: skip
