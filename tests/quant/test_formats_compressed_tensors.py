@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import llmspeed
 from llmspeed import lora
+from llmspeed.bench.formats import dequantized
 from llmspeed.quant import Int4Linear, Int8Linear
 from llmspeed.quant.formats import compressed_tensors as ct
 
@@ -93,7 +94,8 @@ CASES = [("int8", None, None), ("int4", 32, True), ("int4", 32, False), ("int4",
 def test_transformers_loads_export_with_llmspeed_logits(tmp_path, fmt, group, sym):
     model = llmspeed.models.tiny("llama", **WIDE)
     llmspeed.quantize(model, fmt, group_size=group, symmetric=sym)
-    want = logits(model.hf)
+    want = logits(model.hf)  # llmspeed's kernels
+    reference = logits(dequantized(model).hf)  # llmspeed's dequantized model
     llmspeed.save(model, tmp_path, format="compressed-tensors")
     cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["ignore"] == ["lm_head"]
@@ -101,6 +103,7 @@ def test_transformers_loads_export_with_llmspeed_logits(tmp_path, fmt, group, sy
     kwargs = {} if sym is not False else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs)
     got = logits(hf)
+    assert (got - reference).abs().max() <= 1e-4 * reference.abs().max()
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     back = llmspeed.load(tmp_path)  # and llmspeed reads its own export back bit for bit
     a, b = model.hf.state_dict(), back.hf.state_dict()
