@@ -110,3 +110,21 @@ def test_unsupported_quantization_configs_are_named(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **change}}))
         with pytest.raises(ValueError, match=match):
             llmspeed.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_loaded_gptq_and_compressed_tensors_models_generate_like_their_source(tmp_path):
+    """Loaded folders run llmspeed's generator (continuous batching over the packed kernels) greedily like the source."""
+    from llmspeed import SamplingParams
+
+    source = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(source, "int4", group_size=64, symmetric=True)
+    llmspeed.save(source, tmp_path / "ct", format="compressed-tensors")
+    sampling = SamplingParams(max_new_tokens=8, temperature=0.0)
+    prompts = [[1, 2, 3, 4], [9, 8, 7]]
+    want = [o.token_ids for o in source.generate_batched(prompts, sampling)]
+    loaded = llmspeed.load(tmp_path / "ct")
+    assert [o.token_ids for o in loaded.generate_batched(prompts, sampling)] == want
+    write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path / "g", group=32, act_order=True)
+    outs = llmspeed.load(tmp_path / "g").generate_batched(prompts, sampling)
+    assert all(len(o.token_ids) == 8 for o in outs)
