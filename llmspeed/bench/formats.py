@@ -74,15 +74,19 @@ def dequantized(model):
 
     from torch import nn
 
-    copy_ = llmspeed.wrap(copy.deepcopy(model.hf), model.tokenizer)
-    for name, module in list(copy_.linear_layers()):
+    hf = copy.deepcopy(model.hf)
+    for (
+        name,
+        module,
+    ) in model.linear_layers():  # positions from the original: wrap() finds only nn.Linear ones
         if isinstance(module, QuantizedLinearBase):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             linear.weight.data = module.dequantize()
             if module.bias is not None:
                 linear.bias.data = module.bias.detach().clone()
-            copy_.replace_linear(name, linear)
-    return copy_
+            parent, _, child = name.rpartition(".")
+            setattr(hf.get_submodule(parent) if parent else hf, child, linear)
+    return llmspeed.wrap(hf, model.tokenizer)
 
 
 def round_trips(model: str, quick: bool, work: Path) -> list[dict]:
