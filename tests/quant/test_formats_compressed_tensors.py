@@ -20,6 +20,7 @@ from llmspeed import lora
 from llmspeed.bench.formats import dequantized
 from llmspeed.quant import Int4Linear, Int8Linear
 from llmspeed.quant.formats import compressed_tensors as ct
+from llmspeed.quant.formats import packing
 
 ctp = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
@@ -43,11 +44,11 @@ def test_int4_packing_matches_compressed_tensors(rows, cols, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-8, 8, (rows, cols), generator=g, dtype=torch.int8)  # signed values the package packs
     theirs = pack_to_int32(q, 4)
-    ours = ct.pack_int4((q.to(torch.int16) + 8).to(torch.uint8))
+    ours = packing.pack_int4((q.to(torch.int16) + 8).to(torch.uint8))
     assert ours.dtype == torch.int32 and torch.equal(ours, theirs)
-    assert torch.equal(ct.unpack_int4(theirs, cols).to(torch.int16) - 8, q.to(torch.int16))
+    assert torch.equal(packing.unpack_int4(theirs, cols).to(torch.int16) - 8, q.to(torch.int16))
     zp_theirs = pack_to_int32(q, 4, packed_dim=0)  # zero points are packed along the output axis
-    zp_ours = ct.pack_int4((q.T.to(torch.int16) + 8).to(torch.uint8)).T
+    zp_ours = packing.pack_int4((q.T.to(torch.int16) + 8).to(torch.uint8)).T
     assert torch.equal(zp_ours, zp_theirs)
     back = unpack_from_int32(zp_ours.contiguous(), 4, torch.Size([rows, cols]), packed_dim=0)
     assert torch.equal(back, q)
@@ -57,8 +58,8 @@ def test_int4_packing_matches_compressed_tensors(rows, cols, seed):
 @given(rows=st.integers(1, 9), cols=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_int8_packing_matches_compressed_tensors(rows, cols, seed):
     q = torch.randint(-128, 128, (rows, cols), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
-    assert torch.equal(ct.pack_int8(q), pack_to_int32(q, 8))
-    assert torch.equal(ct.unpack_int8(pack_to_int32(q, 8), cols), q)
+    assert torch.equal(packing.pack_int8(q), pack_to_int32(q, 8))
+    assert torch.equal(packing.unpack_int8(pack_to_int32(q, 8), cols), q)
 
 
 @settings(max_examples=40, deadline=None)

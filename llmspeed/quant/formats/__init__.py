@@ -1,5 +1,6 @@
 """Checkpoint folders other than llmspeed's own, both ways.
 
+* :mod:`.packing`: int32 words of 4- and 8-bit codes as both formats store them;
 * :mod:`.files`: which safetensors files a folder holds (one file or an index of shards) and reading
   them, with or without memory-mapping;
 * :mod:`.skeleton`: an architecture built on ``meta`` with quantized skeletons at the quantized

@@ -23,7 +23,6 @@ linear (the output head) in ``ignore``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,51 +36,11 @@ from ..config import QuantConfig
 from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
 from . import skeleton
 from .files import read_all, read_config
+from .packing import little_endian_bytes, pack_int4, pack_int8, unpack_int4, unpack_int8
 
 QUANT_METHOD = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
 WEIGHTS = "model.safetensors"
-
-
-# --- packing (pure functions on tensors) -------------------------------------------------------------
-def _little_endian_bytes(words: torch.Tensor) -> torch.Tensor:  # [r, 4 * w] uint8
-    """The bytes of int32 ``words`` [r, w] in little-endian order (whatever the host's order)."""
-    b = words.contiguous().view(torch.uint8).view(words.shape[0], -1, 4)  # [r, w, 4]
-    if sys.byteorder == "big":
-        b = b.flip(-1)
-    return b.reshape(words.shape[0], -1)
-
-
-def _words(data: torch.Tensor) -> torch.Tensor:  # [r, n / 4] int32
-    """int32 words whose little-endian bytes are ``data`` uint8 [r, n], ``n`` a multiple of 4."""
-    b = data.contiguous().view(data.shape[0], -1, 4)  # [r, w, 4]
-    if sys.byteorder == "big":
-        b = b.flip(-1).contiguous()
-    return b.view(torch.int32).reshape(data.shape[0], -1)
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:  # [r, ceil(n / 8)] int32
-    """``weight_packed`` of unsigned 4-bit ``codes`` uint8 [r, n] in [0, 15] (``q + 8``); pads with code 0."""
-    n = codes.shape[1]
-    padded = P.pad_columns(codes, -(-n // 8) * 8)  # [r, 8 * words]
-    return _words(P.pack_nibbles(padded))
-
-
-def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:  # [r, n] uint8
-    """Unsigned 4-bit codes ``q + 8`` of the first ``n`` elements of each row of ``packed`` int32."""
-    return P.unpack_nibbles(_little_endian_bytes(packed))[:, :n]
-
-
-def pack_int8(codes: torch.Tensor) -> torch.Tensor:  # [r, ceil(n / 4)] int32
-    """``weight_packed`` of signed int8 ``codes`` [r, n]: bytes ``q + 128``, four per word."""
-    n = codes.shape[1]
-    unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)  # [r, n]
-    return _words(P.pad_columns(unsigned, -(-n // 4) * 4))
-
-
-def unpack_int8(packed: torch.Tensor, n: int) -> torch.Tensor:  # [r, n] int8
-    """Signed int8 codes of the first ``n`` elements of each row of ``packed`` int32."""
-    return (_little_endian_bytes(packed)[:, :n].to(torch.int16) - 128).to(torch.int8)
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -318,7 +277,7 @@ def module_buffers(
         zeros = unpack_int4(zp.T, out).T.float()  # [out, groups]
     kp = cfg.padded_in_features(k)
     if kp == k and k % 8 == 0:
-        qweight = _little_endian_bytes(packed)  # [out, in / 2]: already llmspeed's nibble order
+        qweight = little_endian_bytes(packed)  # [out, in / 2]: already llmspeed's nibble order
     else:
         codes = unpack_int4(packed, k)  # [out, in]
         pad = zeros[:, -1:].to(torch.uint8).expand(out, kp - k)  # padding columns hold the code of 0.0

@@ -31,6 +31,7 @@ from ..config import QuantConfig
 from ..modules import Int4Linear
 from . import skeleton
 from .files import config_dtype, read_all, read_config
+from .packing import little_endian_bytes, unpack_int4
 
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -59,13 +60,6 @@ def _settings(quant: dict[str, Any], source: Path) -> tuple[int | None, bool, in
             f"{source}: GPTQ checkpoint_format={fmt!r}; llmspeed reads 'gptq' (v1) and 'gptq_v2'"
         )
     return (None if g == -1 else g), bool(quant.get("sym", True)), (1 if fmt == "gptq" else 0)
-
-
-def _unpack_rows(words: torch.Tensor, n: int) -> torch.Tensor:  # [r, n] uint8
-    """4-bit codes of int32 ``words`` [r, n / 8], eight per word, low bits first."""
-    from .compressed_tensors import unpack_int4
-
-    return unpack_int4(words, n)
 
 
 def _take(tensors: dict, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], source: Path):
@@ -108,7 +102,7 @@ def layer_buffers(
     g_idx = g_idx.long()
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
         raise ValueError(f"{source}: tensor {name + '.g_idx'!r} holds groups outside [0, {n_groups})")
-    zeros = _unpack_rows(qzeros, out_f).T.float() + offset  # [out, groups]
+    zeros = unpack_int4(qzeros, out_f).T.float() + offset  # [out, groups]
     if offset and bool((zeros > 15).any()):
         raise ValueError(
             f"{source}: {name + '.qzeros'!r} holds a v1 zero of 15 (16 after the +1); is it gptq_v2?"
@@ -122,12 +116,10 @@ def layer_buffers(
             raise ValueError(
                 f"{source}: tensor {name + '.g_idx'!r} gives groups of unequal sizes; llmspeed needs {g} columns per group"
             )
-        codes = _unpack_rows(packed, in_f)[:, perm]  # [out, in] uint8, groups now contiguous
+        codes = unpack_int4(packed, in_f)[:, perm]  # [out, in] uint8, groups now contiguous
         qbytes = P.pack_nibbles(codes)  # [out, in / 2]
     else:
-        from .compressed_tensors import _little_endian_bytes
-
-        qbytes = _little_endian_bytes(packed)  # [out, in / 2]
+        qbytes = little_endian_bytes(packed)  # [out, in / 2]
     symmetric = sym and bool((zeros == P.SYMMETRIC_ZERO).all())
     cfg = QuantConfig("int4", group, symmetric=symmetric, act_order=act_order, method="gptq")
     buffers = {"qweight": qbytes, "scales": scales.T.float().contiguous(), "zeros": zeros.contiguous()}
