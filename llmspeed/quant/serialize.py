@@ -40,7 +40,7 @@ SAVE_FORMATS = ("llmspeed", "compressed-tensors")
 # config.json's quantization_config in a native folder. transformers knows quant_method "gptq", builds its
 # config and rejects ``bits`` with "Only support quantization to [2,3,4,8] bits but found <bits>", so
 # from_pretrained fails with this text instead of loading random linears (an unknown quant_method is only
-# a warning there). vLLM rejects it in the same way. llmspeed.load ignores it.
+# a warning there). vLLM's GPTQ config checks ``bits`` the same way (not run here). llmspeed.load ignores it.
 NATIVE_MARKER = {
     "quant_method": "gptq",
     "bits": "llmspeed-native: this folder is llmspeed's own format; load it with llmspeed.load(path), or write "
@@ -55,7 +55,7 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
     Args:
         model: The model, quantized or not.
         directory: The folder (created if needed).
-        format: ``"llmspeed"`` (every llmspeed format, adapters included; read back by :func:`load`) or
+        format: ``"llmspeed"`` (int8, int4, NF4, HQQ, act-order; read back bit-exact by :func:`load`) or
             ``"compressed-tensors"`` (int8 per channel and int4 group-wise, symmetric or asymmetric: the
             folder ``transformers.AutoModelForCausalLM.from_pretrained`` and ``vllm serve`` load).
 
