@@ -131,7 +131,7 @@ def round_trips(model: str, quick: bool, work: Path) -> list[dict]:
                     "round trip",
                     f"{model} {case} -> transformers vs {ref}",
                     rel,
-                    "max |dlogit| / max |logit|",
+                    "max abs dlogit / max abs logit",
                     "goal 1e-4",
                     1e-4,
                 )  # fmt: skip
