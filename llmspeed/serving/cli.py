@@ -26,36 +26,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(name: str) -> Any:
-    """``smollm2``, an llmspeed folder (``llmspeed.save``) or a transformers checkpoint folder."""
-    from .. import models, quant, wrap
+def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
+    """``smollm2``, or a folder: llmspeed's, compressed-tensors, GPTQ, or a float transformers checkpoint.
+
+    A float checkpoint with ``quantize`` is quantized while it is read (one tensor at a time); a model that
+    is already quantized is returned as it is, and ``quantize`` then is an error.
+    """
+    from .. import models, quant
+    from ..quant.formats.files import detect
 
     if name == "smollm2":
-        return models.smollm2()
+        model = models.smollm2()
+        if quantize:
+            rest = {k: v for k, v in quantize.items() if k != "format"}
+            quant.quantize(model, quantize["format"], **rest)
+        return model
     path = Path(name)
     if not path.is_dir():
         raise SystemExit(f"--model must be 'smollm2' or a folder; {name!r} is neither")
-    try:
-        return quant.load(path)
-    except ValueError as err:
-        if "is not an llmspeed checkpoint" not in str(err):
-            raise
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path) if any(path.glob("tokenizer*")) else None
-    return wrap(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer)
+    if detect(path) == "float":
+        return models.from_pretrained(path, quantize=quantize)
+    if quantize:
+        raise SystemExit(f"{name} is already quantized; drop --quantize")
+    return quant.load(path)
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """The engine and the server for parsed ``args``."""
-    from .. import lora, quant
+    from .. import lora
     from .engine import Engine
     from .server import OpenAIServer
 
-    model = load_model(args.model)
+    recipe = None
     if args.quantize:
-        kwargs = {} if args.group_size is None else {"group_size": args.group_size}
-        quant.quantize(model, args.quantize, **kwargs)
+        recipe = {"format": args.quantize, **({} if args.group_size is None else {"group_size": args.group_size})}
+    model = load_model(args.model, recipe)
     names = []
     for spec in args.adapter:
         name, sep, path = spec.partition("=")

@@ -190,3 +190,19 @@ def test_serve_cli_builds_a_quantized_server_with_an_adapter(tmp_path):
         engine.close()
     with pytest.raises(SystemExit, match="NAME=PATH"):
         build(build_parser().parse_args(["--adapter", "nopath"]))
+
+
+def test_serve_loads_transformers_and_llmspeed_folders(tmp_path):
+    from llmspeed.serving.cli import load_model
+
+    tiny = llmspeed.models.tiny("llama", seed=0)
+    tiny.hf.save_pretrained(tmp_path / "hf")
+    quantized = load_model(str(tmp_path / "hf"), {"format": "int8"})  # quantized while read
+    assert type(quantized.hf.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
+    llmspeed.save(quantized, tmp_path / "native")
+    again = load_model(str(tmp_path / "native"))
+    ids = [[1, 2, 3]]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    assert again.generate_batched(ids, sp, progress=False)[0].token_ids == quantized.generate_batched(ids, sp, progress=False)[0].token_ids
+    with pytest.raises(SystemExit, match="already quantized"):
+        load_model(str(tmp_path / "native"), {"format": "int4"})
