@@ -1,0 +1,102 @@
+"""Mixed-precision training: autocast over fp32 master weights, dynamic loss scaling for fp16.
+
+``precision="bf16"`` or ``"fp16"`` runs the forward pass (and so the backward matmuls) under
+``torch.autocast`` on the model's device type, while the parameters, their gradients and the optimizer
+state stay fp32 (the "master weights" of Micikevicius et al. 2018). fp16 has a small range, so its loss
+is multiplied by a dynamic scale (``torch.amp.GradScaler``): a step whose gradients overflow is skipped
+and the scale halved; after 2000 clean steps it doubles. bf16 has fp32's range and needs no scaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why autocast to ``dtype`` cannot train on ``device`` here, or ``None`` when it can."""
+    if dtype == torch.float32:
+        return None
+    if not torch.amp.is_autocast_available(device.type):
+        return f"torch {torch.__version__} has no autocast for device type {device.type!r}"
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return f"this GPU ({torch.cuda.get_device_name(device)}) does not support bf16"
+    if device.type not in ("cpu", "cuda") and dtype == torch.float16:
+        return f"fp16 loss scaling (GradScaler) is only wired for cpu and cuda, not {device.type!r}"
+    return None
+
+
+def check_precision(precision: object, device: torch.device, params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The compute dtype of ``precision``; ``ValueError`` for an unknown name, an unsupported device or
+    trainable parameters that are not fp32 master weights."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
+    dtype = PRECISIONS[precision]
+    reason = unsupported_reason(device, dtype)
+    if reason is not None:
+        raise ValueError(f"precision={precision!r} is not supported on {device}: {reason}; use 'fp32'")
+    if dtype != torch.float32:
+        other = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+        if other:
+            raise ValueError(
+                f"precision={precision!r} keeps fp32 master weights, but trainable parameters are {other}; "
+                f"train an fp32 model (or fp32 adapters) and let autocast do the 16-bit compute"
+            )
+    return dtype
+
+
+@dataclass
+class MixedPrecision:
+    """One training run's autocast and loss scaling: ``with mp.autocast(): loss = ...``,
+    ``mp.backward(loss)``, ``took = mp.step(optimizer, params, max_grad_norm)``.
+
+    Attributes:
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        device_type: ``"cpu"`` or ``"cuda"`` (the model's device type).
+        init_scale: fp16 only: the first loss scale (GradScaler's default, 2**16).
+        skipped_steps: Steps whose gradients overflowed (fp16), so the optimizer did not update.
+    """
+
+    precision: str
+    device_type: str
+    init_scale: float = 2.0**16
+    skipped_steps: int = 0
+    scaler: torch.amp.GradScaler | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.dtype = PRECISIONS[self.precision]
+        if self.dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device_type, init_scale=self.init_scale)
+
+    def autocast(self) -> AbstractContextManager:
+        """The forward-pass context: autocast to the compute dtype (a no-op for fp32)."""
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (scaled first for fp16)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_grad_norm: float) -> bool:
+        """Unscale, clip and apply the gradients; False (and counted) when fp16 gradients overflowed."""
+        if self.scaler is None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            return True
+        self.scaler.unscale_(optimizer)  # records inf/NaN before clipping touches them
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)  # skips optimizer.step() on inf/NaN gradients
+        self.scaler.update()
+        took = self.scaler.get_scale() >= before  # the scale only falls after an overflow
+        self.skipped_steps += not took
+        return took
+
+    @property
+    def loss_scale(self) -> float:
+        """The current fp16 loss scale (1.0 without scaling)."""
+        return 1.0 if self.scaler is None else float(self.scaler.get_scale())

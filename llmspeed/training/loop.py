@@ -1,0 +1,215 @@
+"""The training loop every fine-tuning verb shares: random windows, AdamW, warm-up and decay, mixed precision.
+
+Random windows of ``seq_len`` tokens are cut from the training text (default: the ``"train"`` half of
+the pydoc text, which never overlaps the evaluation windows). AdamW updates exactly the parameters it is
+given (the caller chooses them: an adapter, a whole model, the latent weights of a QAT model), with linear
+warm-up and linear decay, gradient clipping, optional gradient checkpointing and mixed precision
+(:mod:`.amp`). Held-out loss on ``pydoc_text("eval")`` windows is measured before and after when
+``eval_windows > 0``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..protocol import CausalLM
+from .amp import MixedPrecision, check_precision
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a fine-tuning run did.
+
+    Attributes:
+        adapter: The adapter trained (``None`` when model parameters were trained).
+        steps: Optimizer steps attempted.
+        losses: Training loss of every step (nats per token).
+        seconds: Wall time of the training steps (evaluation excluded).
+        trainable_params: Number of parameters updated.
+        eval_loss_before, eval_loss_after: Mean held-out loss (nats per token), ``None`` when
+            ``eval_windows == 0``; ``math.exp`` of them is the perplexity.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast compute; the weights stay fp32).
+        skipped_steps: fp16 steps whose gradients overflowed and were not applied (loss scaling).
+        trained: What was trained: ``"adapter"``, ``"full"``, ``"linears"`` or ``"qat"``.
+    """
+
+    adapter: str | None
+    steps: int
+    losses: tuple[float, ...]
+    seconds: float
+    trainable_params: int
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    precision: str = "fp32"
+    skipped_steps: int = 0
+    trained: str = "adapter"
+
+    @property
+    def steps_per_second(self) -> float:
+        """Optimizer steps per second of training time."""
+        return self.steps / self.seconds if self.seconds > 0 else float("inf")
+
+
+def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | None) -> torch.Tensor:  # [N]
+    """Token ids of ``texts`` joined with the end-of-sequence token (default: the pydoc train half).
+
+    A 1-D integer tensor is taken as token ids already (for models without a tokenizer).
+    """
+    if isinstance(texts, torch.Tensor):
+        vocab = model.spec.vocab_size
+        if texts.dim() != 1 or texts.is_floating_point() or texts.numel() == 0:
+            raise ValueError(
+                f"texts as a tensor must be 1-D integer token ids; got {texts.dtype} {tuple(texts.shape)}"
+            )
+        if texts.min() < 0 or texts.max() >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}); got range [{texts.min()}, {texts.max()}]")
+        return texts.long().cpu()
+    if model.tokenizer is None:
+        raise ValueError("model has no tokenizer; wrap it with llmspeed.wrap(hf_model, tokenizer)")
+    if texts is None:
+        from ..eval import pydoc_text
+
+        texts = [pydoc_text("train")]
+    elif isinstance(texts, str):
+        texts = [texts]
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError("texts must be a non-empty string or a list of non-empty strings")
+    eos = model.tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids += model.tokenizer.encode(text, add_special_tokens=False)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_arguments(steps: int, lr: float, seq_len: int, batch_size: int) -> None:
+    """``ValueError`` naming the first of ``steps``, ``lr``, ``seq_len``, ``batch_size`` that is invalid."""
+    for arg, value in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{arg} must be a positive integer; got {value!r}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2; got {seq_len}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number; got {lr!r}")
+
+
+def set_checkpointing(hf: Any, on: bool) -> bool:
+    """Turn transformers' non-reentrant activation checkpointing on or off; False if unsupported."""
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        if on:
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.activation_checkpointing_disable()
+        return True
+    if hasattr(hf, "gradient_checkpointing_enable"):
+        if on:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_disable()
+        return True
+    if on:
+        raise ValueError(f"gradient_checkpointing=True needs a transformers model; got {type(hf).__name__}")
+    return False
+
+
+def _eval_loss(model: CausalLM, windows: int, seq_len: int) -> float | None:
+    if windows <= 0:
+        return None
+    from ..eval import window_losses
+
+    return window_losses(model, window=seq_len, n_windows=windows, batch_size=4).mean().item()
+
+
+def train(
+    model: CausalLM,
+    params: Sequence[torch.Tensor],
+    data: torch.Tensor,  # [N] token ids
+    *,
+    steps: int,
+    lr: float,
+    seq_len: int,
+    batch_size: int,
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    eval_windows: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    label: str = "finetune",
+    adapter: str | None = None,
+    trained: str = "adapter",
+) -> FinetuneResult:
+    """Train exactly ``params`` of ``model`` on windows of ``data``; every other parameter is frozen meanwhile.
+
+    The arguments are those of :func:`llmspeed.finetune` (validated there); ``requires_grad`` flags and
+    the train/eval mode are restored afterwards, also when a step raises.
+    """
+    check_arguments(steps, lr, seq_len, batch_size)
+    if data.numel() < seq_len + 1:
+        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
+    device = model.spec.device
+    check_precision(precision, device, params)
+    hf = model.module
+    flags = {p: p.requires_grad for p in hf.parameters()}
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    was_training = hf.training
+    mp = MixedPrecision(precision, device.type)
+    before = _eval_loss(model, eval_windows, seq_len)
+    warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    checkpointing = gradient_checkpointing and set_checkpointing(hf, True)
+    losses: list[float] = []
+    hf.train()
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({precision})")
+            for _ in bar:
+                starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)  # [B]
+                batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()]).to(device)  # [B, seq_len]
+                with mp.autocast():
+                    loss = hf(input_ids=batch, labels=batch, use_cache=False).loss
+                mp.backward(loss)
+                mp.step(optimizer, params, max_grad_norm)
+                schedule.step()  # a skipped fp16 step still advances the schedule (as in HF's Trainer)
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        seconds = time.perf_counter() - start
+    finally:
+        if checkpointing:
+            set_checkpointing(hf, False)
+        hf.train(was_training)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    after = _eval_loss(model, eval_windows, seq_len)
+    return FinetuneResult(
+        adapter,
+        steps,
+        tuple(losses),
+        seconds,
+        sum(p.numel() for p in params),
+        before,
+        after,
+        precision,
+        mp.skipped_steps,
+        trained,
+    )
