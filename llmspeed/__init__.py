@@ -42,6 +42,9 @@ _LAZY = {
     "GenerationOutput": "llmspeed.generation",
     "serving": "llmspeed.serving",
     "Engine": "llmspeed.serving",
+    "qat": "llmspeed.qat",
+    "training": "llmspeed.training",
+    "finetune": "llmspeed.trainer",
 }
 
 

@@ -1,0 +1,198 @@
+"""``prepare`` and ``convert``: quantization-aware training in two verbs around any fine-tuning run.
+
+::
+
+    qat.prepare(model, "int4", group_size=64)    # linears -> FakeQuantLinear (scales chosen by init)
+    llmspeed.finetune(model, texts, steps=..., precision="bf16")
+    qat.convert(model)                           # FakeQuantLinear -> Int4Linear, what quantize() makes
+
+``prepare`` plans the layers exactly as :func:`llmspeed.quantize` does (same ``skip``/``include``,
+output head skipped by default, the same errors), so the converted model is indistinguishable from a
+post-training quantized one: same modules, kernels, files, adapters and generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..protocol import CausalLM, is_quantized
+from ..quant import primitives as P
+from ..quant.api import plan_layers
+from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig
+from ..quant.methods import get_method
+from ..quant.modules import QuantizedLinearBase, module_class
+from .fake_quant import CODE_RANGE, FakeQuantLinear, init_qparams
+
+FORMATS = tuple(CODE_RANGE)  # ("int4", "int8")
+INITS = ("rtn", "gptq")
+_DEFAULT = object()
+
+
+def _fake_layer(module: nn.Module) -> FakeQuantLinear | None:
+    """The FakeQuantLinear at a linear position, directly or as a LoRA wrapper's base layer."""
+    while not isinstance(module, FakeQuantLinear) and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module if isinstance(module, FakeQuantLinear) else None
+
+
+def fake_quant_layers(model: CausalLM) -> Iterator[tuple[str, FakeQuantLinear]]:
+    """``(qualified name, FakeQuantLinear)`` of every prepared linear position."""
+    for name, module in model.linear_layers():
+        layer = _fake_layer(module)
+        if layer is not None:
+            yield name, layer
+
+
+def is_prepared(model: CausalLM) -> bool:
+    """True when :func:`prepare` has put fake-quantized layers into ``model``."""
+    return any(True for _ in fake_quant_layers(model))
+
+
+def _check_args(fmt: object, symmetric: object, init: object, learn_scales: object) -> bool:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {list(FORMATS)} for quantization-aware training; got {fmt!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {list(INITS)}; got {init!r}")
+    if not isinstance(learn_scales, bool):
+        raise ValueError(f"learn_scales must be a bool; got {learn_scales!r}")
+    if symmetric is None:
+        return fmt == "int8"
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"symmetric must be a bool or None (the format's default); got {symmetric!r}")
+    if fmt == "int8" and not symmetric:
+        raise ValueError("symmetric=False is not available for int8, which is symmetric per output channel")
+    if init == "gptq" and fmt == "int4" and symmetric:
+        raise ValueError("init='gptq' fits asymmetric int4 grids; use symmetric=False or init='rtn'")
+    return symmetric
+
+
+def _gptq_start(model: CausalLM, plan: dict[str, QuantConfig], calibration: Any, options: dict) -> dict[str, Any]:
+    """GPTQ's modules for ``plan`` (the model is not modified): their grids and on-grid weights are the start."""
+    built = get_method("gptq").model(model, plan, calibration, **options)
+    missing = set(plan) - set(built)
+    if missing or not all(isinstance(m, QuantizedLinearBase) for m in built.values()):
+        raise RuntimeError(f"GPTQ returned no quantized module for {sorted(missing)[:3]}")
+    return built
+
+
+def prepare(
+    model: CausalLM,
+    fmt: str,
+    group_size: int | None | Any = _DEFAULT,
+    symmetric: bool | None = None,
+    init: str = "rtn",
+    *,
+    learn_scales: bool = False,
+    skip: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    calibration: Any = None,
+    init_options: dict[str, Any] | None = None,
+) -> CausalLM:
+    """Swap ``model``'s linear layers for :class:`FakeQuantLinear` in place, ready to fine-tune; return the model.
+
+    Args:
+        model: A float :class:`~llmspeed.protocol.CausalLM` (not quantized, not prepared, no adapters yet).
+        fmt: ``"int4"`` (group-wise) or ``"int8"`` (per output channel, symmetric).
+        group_size: Input channels per scale: default 64 for int4, ``None`` for int8 (as ``quantize``).
+        symmetric: int4 only: zero point fixed at code 8 (``scale = absmax / 7``) instead of the
+            asymmetric min/max grid ``quantize`` uses. Default: asymmetric int4, symmetric int8.
+        init: Where the grids (and, for ``"gptq"``, the weights) start: ``"rtn"`` takes round-to-nearest's
+            scales and zeros of the float weight (converting at once gives exactly ``quantize(model, fmt)``);
+            ``"gptq"`` runs GPTQ on ``calibration`` and starts from its on-grid weights and grids
+            (converting at once gives exactly ``quantize(model, fmt, method="gptq")``).
+        learn_scales: Scales become parameters trained with the weights (LSQ gradients); zero points stay.
+        skip, include: As :func:`llmspeed.quantize`: names or patterns left in float (default: the output
+            head), or the only ones prepared.
+        calibration: ``init="gptq"``: calibration text or token ids (default: the pydoc train half).
+        init_options: ``init="gptq"``: options of the GPTQ method (``n_sequences``, ``seq_len``, ...).
+
+    Raises:
+        ValueError: unknown format or init, a model already quantized or already prepared, bad
+            ``group_size``/``skip``/``include``: before any layer changes. If preparing fails midway,
+            every layer is restored.
+    """
+    symmetric = _check_args(fmt, symmetric, init, learn_scales)
+    if is_prepared(model):
+        raise ValueError("model is already prepared for quantization-aware training; call qat.convert(model) first")
+    quantized = [name for name, m in model.linear_layers() if is_quantized(m)]
+    if quantized:
+        raise ValueError(
+            f"model is already quantized ({len(quantized)} layers, e.g. {quantized[0]!r}); "
+            f"prepare the float model for quantization-aware training instead"
+        )
+    if init_options is not None and init != "gptq":
+        raise ValueError(f"init_options are options of init='gptq'; got init={init!r}")
+    if calibration is not None and init != "gptq":
+        raise ValueError(f"calibration is only used by init='gptq'; got init={init!r}")
+    if group_size is _DEFAULT:
+        group_size = DEFAULT_GROUP_SIZE[fmt]
+    config = QuantConfig(fmt, group_size, method=init)
+    plan = plan_layers(model, config, skip, include)
+    snapshot = dict(model.linear_layers())
+    try:
+        built = _gptq_start(model, plan, calibration, dict(init_options or {})) if init == "gptq" else {}
+        for name in plan:
+            linear = snapshot[name]
+            start = built.get(name)
+            if start is None:
+                w = P.pad_columns(linear.weight.detach().float(), config.padded_in_features(linear.in_features))
+                scales, zeros = init_qparams(w, config, symmetric)  # [out, groups] x2
+                layer = FakeQuantLinear(linear, config, scales, zeros, symmetric, learn_scales)
+            else:
+                scales = start.scales.reshape(linear.out_features, -1)  # int8: [out] -> [out, 1]
+                zeros = start.zeros if fmt == "int4" else torch.zeros_like(scales)
+                layer = FakeQuantLinear(linear, config, scales, zeros, symmetric, learn_scales)
+                # a new parameter: the float model's own weight tensor is never written
+                layer.weight = nn.Parameter(start.dequantize(linear.weight.dtype), linear.weight.requires_grad)
+            model.replace_linear(name, layer.to(linear.weight.device))
+    except BaseException:
+        for name, module in snapshot.items():
+            model.replace_linear(name, module)
+        raise
+    return model
+
+
+def convert_layer(layer: FakeQuantLinear) -> QuantizedLinearBase:
+    """The packed module holding ``layer``'s fake-quantized weight: codes from its scales and zeros."""
+    config = layer.config
+    w = layer.weight.detach().float()  # [out, in]
+    scales = layer.scales.detach().float()
+    if config.format == "int8":
+        codes = P.quantize_int8(w, scales[:, 0])  # [out, in] int8
+        zeros = None
+        scales = scales[:, 0]  # [out]
+    else:
+        w = P.pad_columns(w, layer.in_padded)  # [out, in_pad]
+        codes = P.quantize_int4(w, scales, layer.zeros, config.group_size)  # [out, in_pad] uint8
+        zeros = layer.zeros
+    bias = None if layer.bias is None else layer.bias.detach()
+    module = module_class(config.format).from_codes(
+        codes, scales, zeros, config=config, bias=bias, in_features=layer.in_features
+    )
+    return module.to(layer.weight.device)
+
+
+def convert(model: CausalLM) -> CausalLM:
+    """Replace every :class:`FakeQuantLinear` with the packed ``Int4Linear``/``Int8Linear`` it trained for.
+
+    The converted module's ``dequantize()`` equals the fake-quantized weight bit for bit. A LoRA
+    adapter added after :func:`prepare` keeps wrapping its layer (now the packed base). Raises
+    ``ValueError`` when ``model`` was never prepared; all or nothing.
+    """
+    layers = list(fake_quant_layers(model))
+    if not layers:
+        raise ValueError("model has no fake-quantized layers; call llmspeed.qat.prepare(model, ...) first")
+    built = [(name, layer, convert_layer(layer)) for name, layer in layers]  # may raise: nothing changed yet
+    for name, layer, packed in built:
+        holder = dict(model.linear_layers())[name]
+        if holder is layer:
+            model.replace_linear(name, packed)
+            continue
+        while holder.base_layer is not layer:  # a LoRA wrapper: swap its base in place
+            holder = holder.base_layer
+        holder.base_layer = packed
+    return model

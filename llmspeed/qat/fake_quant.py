@@ -1,0 +1,142 @@
+"""Fake quantization with straight-through gradients, and ``FakeQuantLinear``, the layer QAT trains.
+
+The forward pass of :func:`fake_quantize` is, operation for operation, the math of
+:mod:`llmspeed.quant.primitives` (``quantize_int4`` then ``dequantize_int4``; ``quantize_int8`` then
+``dequantize_int8``), so a fake-quantized weight is bit-identical to ``dequantize(quantize(w))``
+with the same scales and zero points, and :func:`llmspeed.qat.convert` packs exactly the weight the
+model was trained through.
+
+Backward (one autograd function, so the straight-through gradient is exact, not ``s * (1 / s)``):
+
+* weight: the incoming gradient unchanged where ``round(w / s) + z`` lies inside the code range,
+  zero where the code was clamped (the clipped straight-through estimator);
+* scale (when it learns, as in LSQ, Esser et al. 2020): ``sum over the group of grad * (q - z - w / s)``
+  inside the range and ``grad * (q - z)`` where clamped; ``q`` is the clamped code. Zero points stay
+  fixed integers, so the converted module holds the codes and zeros ``quantize()`` would store.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import primitives as P
+from ..quant.config import QuantConfig
+
+# (lowest code, highest code) of each format's integer grid
+CODE_RANGE: dict[str, tuple[int, int]] = {"int4": (0, 15), "int8": (-127, 127)}
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, groups, group]
+    return w.unsqueeze(1) if group_size is None else w.reshape(w.shape[0], -1, group_size)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``(clamp(round(w / s) + z, lo, hi) - z) * s`` per group; see the module docstring for backward."""
+
+    @staticmethod
+    def forward(ctx, w, scales, zeros, group_size, lo, hi):  # w: [out, in_pad]; scales, zeros: [out, groups]
+        g = _grouped(w.float(), group_size)  # [out, groups, group]
+        s, z = scales[..., None], zeros[..., None]  # [out, groups, 1]
+        v = g / s  # the same division quantize_int4 / quantize_int8 do
+        unclamped = torch.round(v) + z
+        q = unclamped.clamp(lo, hi)
+        out = ((q - z) * s).reshape(w.shape)  # the same product dequantize_int4 / dequantize_int8 do
+        inside = unclamped == q  # [out, groups, group]
+        ctx.save_for_backward(inside, q, v, z)
+        ctx.shape, ctx.scales_need_grad = w.shape, ctx.needs_input_grad[1]
+        return out.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [out, in_pad]
+        inside, q, v, z = ctx.saved_tensors
+        g = grad.float().reshape(v.shape)  # [out, groups, group]
+        grad_w = torch.where(inside, g, torch.zeros_like(g)).reshape(ctx.shape).to(grad.dtype)
+        grad_s = None
+        if ctx.scales_need_grad:
+            dq_ds = torch.where(inside, q - z - v, q - z)  # d((q - z) * s) / ds with round() passed through
+            grad_s = (g * dq_ds).sum(dim=2)  # [out, groups]
+        return grad_w, grad_s, None, None, None, None
+
+
+def fake_quantize(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None, fmt: str
+) -> torch.Tensor:  # [out, in_pad] fp32
+    """Quantize-dequantize padded ``w`` [out, in_pad] on ``fmt``'s grid, differentiable (straight-through).
+
+    ``scales``, ``zeros`` are ``[out, groups]`` (int8: ``[out, 1]`` with zeros 0); ``group_size`` is
+    ``None`` for one group per row.
+    """
+    lo, hi = CODE_RANGE[fmt]
+    return _FakeQuantize.apply(w, scales, zeros, group_size, lo, hi)
+
+
+def init_qparams(
+    w: torch.Tensor, config: QuantConfig, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:  # [out, groups] x2 fp32
+    """Scales and zero points of padded ``w`` [out, in_pad] as round-to-nearest chooses them.
+
+    int4 asymmetric uses :func:`~llmspeed.quant.primitives.choose_qparams_int4` (so an unchanged weight
+    converts to exactly what ``quantize(model, "int4")`` stores); int4 symmetric puts the zero point at
+    code 8 with ``scale = absmax / 7``; int8 uses the per-row ``absmax / 127`` of ``Int8Linear``.
+    """
+    if config.format == "int8":
+        scales = P.choose_qparams_int8(w)[:, None]  # [out, 1]
+        return scales, torch.zeros_like(scales)
+    if not symmetric:
+        return P.choose_qparams_int4(w, config.group_size)
+    absmax = _grouped(w.detach().float(), config.group_size).abs().amax(dim=2)  # [out, groups]
+    scales = (absmax / 7).clamp_min(1e-12)
+    return scales, torch.full_like(scales, 8.0)
+
+
+class FakeQuantLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward multiplies by its fake-quantized weight (quantization-aware training).
+
+    ``weight`` stays the float latent weight the optimizer updates (fp32 master copy); forward uses
+    :meth:`quantized_weight`, the values the converted ``Int4Linear``/``Int8Linear`` will hold.
+
+    Attributes:
+        config: The :class:`~llmspeed.quant.config.QuantConfig` :func:`llmspeed.qat.convert` packs with.
+        symmetric: Whether the int4 zero point is fixed at code 8 (int8 is always symmetric).
+        scales: fp32 ``[out, groups]`` (int8: ``[out, 1]``): a buffer, or a parameter when scales learn.
+        zeros: fp32 ``[out, groups]`` integer zero points in the code domain (int8: zeros); a buffer.
+    """
+
+    fake_format: str  # "int4" or "int8": marks a prepared layer (is_quantized() stays False: it trains)
+
+    def __init__(self, linear: nn.Linear, config: QuantConfig, scales, zeros, symmetric: bool, learn_scales: bool):
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight  # the same Parameter: its optimizer state and ties carry over
+        self.bias = linear.bias
+        self.config = config
+        self.fake_format = config.format
+        self.symmetric = symmetric
+        if learn_scales:
+            self.scales = nn.Parameter(scales.detach().float().clone())
+        else:
+            self.register_buffer("scales", scales.detach().float().clone())
+        self.register_buffer("zeros", zeros.detach().float().clone())
+
+    @property
+    def in_padded(self) -> int:
+        """Input channels including the zero padding up to a multiple of the group size."""
+        return self.config.padded_in_features(self.in_features)
+
+    def quantized_weight(self) -> torch.Tensor:  # [out, in] fp32, on the grid
+        """The weight forward uses: ``dequantize(quantize(weight))`` with this layer's scales and zeros."""
+        w = P.pad_columns(self.weight, self.in_padded)  # [out, in_pad]
+        wq = fake_quantize(w, self.scales, self.zeros, self.config.group_size, self.fake_format)
+        return wq[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return F.linear(x, self.quantized_weight().to(self.weight.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        g = "" if self.config.group_size is None else f", group_size={self.config.group_size}"
+        learn = isinstance(self.scales, nn.Parameter)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.fake_format}{g}, "
+            f"symmetric={self.symmetric}, learn_scales={learn}, bias={self.bias is not None}"
+        )
