@@ -77,6 +77,10 @@ def plan_layers(
     for name, module in model.linear_layers():
         if _matches(name, skip) or (include is not None and not _matches(name, include)):
             continue
+        if isinstance(getattr(base_linear(module), "fake_format", None), str):
+            raise ValueError(
+                f"layer {name!r} is prepared for quantization-aware training; use llmspeed.qat.convert(model)"
+            )
         if base_linear(module) is not module:
             raise ValueError(
                 f"layer {name!r} is wrapped ({type(module).__name__}); quantize before adding adapters"

@@ -114,6 +114,8 @@ class QuantizedLinearBase(nn.Module):
             raise ValueError(
                 f"input must have {self.in_features} features in its last axis; got {tuple(x.shape)}"
             )
+        if torch.is_autocast_enabled(x.device.type):  # autocast skips custom kernels: use its dtype, as nn.Linear
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # (QLoRA: bf16 compute over the 4-bit base)
         if self._permuted:  # GPTQ act-order: packed column j holds input column perm[j]
             x = x.index_select(-1, self.perm)  # [..., in]
         if x.requires_grad and torch.is_grad_enabled():

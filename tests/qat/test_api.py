@@ -1,0 +1,154 @@
+"""qat.prepare / qat.convert: the converted model is exactly what quantize() makes, and bad input changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import lora, qat
+from llmspeed.qat import FakeQuantLinear
+from llmspeed.quant import Int4Linear, Int8Linear
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+TOKENS = torch.randint(0, 256, (5,), generator=torch.Generator().manual_seed(0)).repeat(200)
+GPTQ = dict(seq_len=32, n_sequences=8, progress=False)
+
+
+def _calibration() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(5))  # [n, t]
+
+
+def _packed(model) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        n: {k: v for k, v in m.state_dict().items()} for n, m in model.linear_layers() if hasattr(m, "qweight")
+    }
+
+
+def _assert_same_packed(a, b):
+    pa, pb = _packed(a), _packed(b)
+    assert pa.keys() == pb.keys() and pa
+    for name in pa:
+        assert pa[name].keys() == pb[name].keys()
+        for key in pa[name]:
+            assert torch.equal(pa[name][key], pb[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("fmt, group", [("int4", 16), ("int4", 48), ("int8", None)])
+def test_convert_right_after_prepare_is_bit_identical_to_quantize(llama, fmt, group):
+    reference = copy.deepcopy(llama)
+    llmspeed.quantize(reference, fmt, group_size=group)
+    qat.prepare(llama, fmt, group_size=group)
+    assert all(isinstance(m, FakeQuantLinear) for n, m in llama.linear_layers() if "lm_head" not in n)
+    qat.convert(llama)
+    _assert_same_packed(llama, reference)
+    cls = Int4Linear if fmt == "int4" else Int8Linear
+    assert {type(m) for n, m in llama.linear_layers() if "lm_head" not in n} == {cls}
+
+
+def test_gptq_start_converts_to_exactly_quantize_gptq(llama):
+    reference = copy.deepcopy(llama)
+    llmspeed.quantize(reference, "int4", 16, method="gptq", calibration=_calibration(), method_options=GPTQ)
+    original = {n: m.weight.detach().clone() for n, m in llama.linear_layers()}
+    qat.prepare(llama, "int4", 16, init="gptq", calibration=_calibration(), init_options=GPTQ)
+    layer = dict(llama.linear_layers())["model.layers.0.mlp.up_proj"]
+    assert not torch.equal(layer.weight, original["model.layers.0.mlp.up_proj"])  # starts on GPTQ's grid
+    qat.convert(llama)
+    _assert_same_packed(llama, reference)
+
+
+def test_trained_fake_quant_forward_equals_the_converted_model(llama):
+    qat.prepare(llama, "int4", 16, learn_scales=True)
+    scales_before = dict(llama.linear_layers())["model.layers.0.self_attn.q_proj"].scales.detach().clone()
+    llmspeed.finetune(llama, TOKENS, steps=5, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+    layers = dict(qat.fake_quant_layers(llama))
+    assert not torch.equal(layers["model.layers.0.self_attn.q_proj"].scales, scales_before)  # scales learned
+    fake = {n: layer.quantized_weight().detach() for n, layer in layers.items()}
+    with torch.no_grad():
+        before = llama.hf(IDS).logits
+    qat.convert(llama)
+    for name, module in llama.linear_layers():
+        if name in fake:
+            assert torch.equal(module.dequantize(), fake[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(llama.hf(IDS).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_converted_model_saves_loads_generates_and_takes_adapters(llama, tmp_path):
+    qat.prepare(llama, "int4", 16)
+    llmspeed.finetune(llama, TOKENS, steps=3, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+    qat.convert(llama)
+    llmspeed.save(llama, tmp_path)
+    loaded = llmspeed.load(tmp_path)
+    _assert_same_packed(llama, loaded)
+    params = llmspeed.SamplingParams(max_new_tokens=5, ignore_eos=True)
+    a = llama.generate_batched([[1, 2, 3]], params, progress=False)[0].token_ids
+    b = loaded.generate_batched([[1, 2, 3]], params, progress=False)[0].token_ids
+    assert a == b and len(a) == 5
+    lora.add_adapter(loaded, "a", r=4, alpha=8)
+    result = llmspeed.finetune(loaded, TOKENS, steps=3, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+    assert result.trained == "adapter" and result.adapter == "a"
+
+
+def test_adapter_added_after_prepare_keeps_wrapping_the_converted_base(llama):
+    qat.prepare(llama, "int4", 16)
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    qat.convert(llama)
+    wrapped = dict(llama.linear_layers())["model.layers.0.self_attn.q_proj"]
+    assert isinstance(wrapped, lora.LoraLinear) and isinstance(wrapped.base_layer, Int4Linear)
+    assert not qat.is_prepared(llama)
+
+
+def _snapshot(model):
+    return {n: (m, m.weight if hasattr(m, "weight") else None) for n, m in model.linear_layers()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fmt="nf4"), "fmt must be one of"),
+        (dict(fmt="int3"), "fmt must be one of"),
+        (dict(fmt="int4", init="hqq"), "init must be one of"),
+        (dict(fmt="int4", group_size=7), "group_size must be"),
+        (dict(fmt="int4", group_size=512), "larger than in_features"),
+        (dict(fmt="int8", group_size=32), "group_size must be None for int8"),
+        (dict(fmt="int8", symmetric=False), "symmetric=False is not available for int8"),
+        (dict(fmt="int4", symmetric="yes"), "symmetric must be a bool"),
+        (dict(fmt="int4", learn_scales=1), "learn_scales must be a bool"),
+        (dict(fmt="int4", init="gptq", symmetric=True), "asymmetric int4"),
+        (dict(fmt="int4", calibration=TOKENS), "calibration is only used by init='gptq'"),
+        (dict(fmt="int4", skip=["nope.*"]), "matches no linear layer"),
+    ],
+)
+def test_bad_prepare_arguments_raise_before_anything_changes(llama, kwargs, match):
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=match):
+        qat.prepare(llama, **kwargs)
+    assert _snapshot(llama) == before
+
+
+def test_prepare_rejects_quantized_and_prepared_models_and_convert_needs_prepare(llama):
+    with pytest.raises(ValueError, match="call llmspeed.qat.prepare"):
+        qat.convert(llama)
+    quantized = copy.deepcopy(llama)
+    llmspeed.quantize(quantized, "int4", 16)
+    before = _snapshot(quantized)
+    with pytest.raises(ValueError, match="already quantized"):
+        qat.prepare(quantized, "int4", 16)
+    assert _snapshot(quantized) == before
+    qat.prepare(llama, "int4", 16)
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match="already prepared"):
+        qat.prepare(llama, "int8")
+    with pytest.raises(ValueError, match="prepared for quantization-aware training"):
+        llmspeed.quantize(llama, "int4", 16)
+    assert _snapshot(llama) == before
+
+
+def test_failed_gptq_start_restores_every_layer(llama):
+    before = _snapshot(llama)
+    with pytest.raises(ValueError):
+        qat.prepare(llama, "int4", 16, init="gptq", calibration=[], init_options=GPTQ)
+    assert _snapshot(llama) == before

@@ -1,0 +1,103 @@
+"""The fake quantizer: forward bit-identical to dequantize(quantize(w)), straight-through gradients exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmspeed.qat import FakeQuantLinear, fake_quantize, init_qparams
+from llmspeed.quant import QuantConfig
+from llmspeed.quant import primitives as P
+
+
+def _weight(out: int, cols: int, seed: int) -> torch.Tensor:
+    return torch.randn(out, cols, generator=torch.Generator().manual_seed(seed)) * 0.05  # [out, cols]
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 9), groups=st.integers(1, 4), group=st.sampled_from([2, 8, 16]), seed=st.integers(0, 999))
+def test_int4_forward_is_dequantize_of_quantize_bit_for_bit(out, groups, group, seed):
+    w = _weight(out, groups * group, seed)  # [out, in_pad]
+    scales, zeros = P.choose_qparams_int4(w, group)
+    want = P.dequantize_int4(P.quantize_int4(w, scales, zeros, group), scales, zeros, group)
+    assert torch.equal(fake_quantize(w, scales, zeros, group, "int4"), want)
+    narrow = scales * 0.6  # some codes clamp: the clamped values must match too
+    want = P.dequantize_int4(P.quantize_int4(w, narrow, zeros, group), narrow, zeros, group)
+    assert torch.equal(fake_quantize(w, narrow, zeros, group, "int4"), want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(out=st.integers(1, 9), cols=st.integers(1, 40), seed=st.integers(0, 999))
+def test_int8_forward_is_dequantize_of_quantize_bit_for_bit(out, cols, seed):
+    w = _weight(out, cols, seed)
+    scales = P.choose_qparams_int8(w)  # [out]
+    want = P.dequantize_int8(P.quantize_int8(w, scales), scales)
+    got = fake_quantize(w, scales[:, None], torch.zeros(out, 1), None, "int8")
+    assert torch.equal(got, want)
+
+
+def test_straight_through_gradient_is_the_float_gradient_inside_the_grid_and_zero_outside():
+    w = _weight(6, 32, 0).requires_grad_(True)
+    scales, zeros = P.choose_qparams_int4(w, 16)
+    scales = scales * 0.7  # the extreme values of each group fall outside the grid
+    wq = fake_quantize(w, scales, zeros, 16, "int4")
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    # the float gradient: of the same loss with the quantized weight as a plain leaf
+    leaf = wq.detach().clone().requires_grad_(True)
+    ((x @ leaf.T) ** 2).sum().backward()
+    ((x @ wq.T) ** 2).sum().backward()
+    v = (w.detach().reshape(6, 2, 16) / scales[..., None]).round() + zeros[..., None]
+    inside = ((v >= 0) & (v <= 15)).reshape(6, 32)
+    assert 0 < int((~inside).sum()) < inside.numel()  # both cases are exercised
+    assert torch.equal(w.grad[inside], leaf.grad[inside])
+    assert torch.all(w.grad[~inside] == 0)
+
+
+def test_learnable_scale_gradient_is_lsq():
+    w = _weight(4, 16, 2).double()
+    scales, zeros = P.choose_qparams_int4(w, 8)
+    scales = (scales.double() * 0.8).requires_grad_(True)
+    g = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (fake_quantize(w, scales, zeros.double(), 8, "int4") * g).sum().backward()
+    # reference: LSQ written with the detach trick (round passes gradients straight through)
+    s = scales.detach().clone().requires_grad_(True)
+    v = w.reshape(4, 2, 8) / s[..., None]
+    q = (v + (v.round() - v).detach() + zeros[..., None]).clamp(0, 15)
+    ((q - zeros[..., None]) * s[..., None]).reshape(4, 16).mul(g).sum().backward()
+    torch.testing.assert_close(scales.grad, s.grad, rtol=1e-5, atol=1e-6)  # the quantizer computes in fp32
+    assert scales.grad.abs().sum() > 0
+
+
+def test_symmetric_int4_grid_is_zero_point_8():
+    w = _weight(3, 16, 4)
+    scales, zeros = init_qparams(w, QuantConfig("int4", 16), symmetric=True)
+    assert torch.all(zeros == 8)
+    torch.testing.assert_close(scales[:, 0], w.abs().amax(1) / 7)
+    codes = P.quantize_int4(w, scales, zeros, 16)
+    assert int(codes.min()) >= 1 and int(codes.max()) <= 15  # +-absmax maps to 1 and 15
+
+
+def test_fake_quant_linear_shares_the_weight_and_pads_odd_widths():
+    lin = torch.nn.Linear(20, 5, bias=True)
+    config = QuantConfig("int4", 8)
+    w = P.pad_columns(lin.weight.detach(), config.padded_in_features(20))  # [5, 24]
+    scales, zeros = init_qparams(w, config, symmetric=False)
+    layer = FakeQuantLinear(lin, config, scales, zeros, False, learn_scales=True)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert isinstance(layer.scales, torch.nn.Parameter) and "zeros" in dict(layer.named_buffers())
+    want = P.dequantize_int4(P.quantize_int4(w, scales, zeros, 8), scales, zeros, 8)[:, :20]
+    assert torch.equal(layer.quantized_weight(), want)
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, want, lin.bias))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_gradients_reach_the_latent_weight(fmt):
+    lin = torch.nn.Linear(16, 4)
+    config = QuantConfig(fmt, 8 if fmt == "int4" else None)
+    scales, zeros = init_qparams(lin.weight.detach(), config, symmetric=fmt == "int8")
+    layer = FakeQuantLinear(lin, config, scales, zeros, fmt == "int8", learn_scales=False)
+    layer(torch.randn(2, 16)).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0

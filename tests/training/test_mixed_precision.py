@@ -1,0 +1,161 @@
+"""Mixed-precision training: bf16/fp16 lower the loss for every kind of run, fp16 loss scaling skips an
+overflowed step and recovers, and unsupported precisions are refused before anything changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import lora, qat
+from llmspeed.training import amp
+
+TOKENS = torch.randint(0, 256, (5,), generator=torch.Generator().manual_seed(0)).repeat(200)
+RUN = dict(steps=12, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+
+
+def fell(losses) -> bool:
+    return sum(losses[-3:]) < 0.85 * sum(losses[:3])
+
+
+def _prepare(model, kind: str) -> dict:
+    if kind == "qlora":
+        llmspeed.quantize(model, "int4", group_size=16)
+    if kind in ("lora", "qlora"):
+        lora.add_adapter(model, "a", r=8, alpha=16)
+    if kind == "qat":
+        qat.prepare(model, "int4", group_size=16, learn_scales=True)
+    return {"train": "linears"} if kind == "linears" else {}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["full", "linears", "lora", "qlora", "qat"])
+def test_16_bit_training_lowers_the_loss_with_fp32_master_weights(llama, kind, precision):
+    options = _prepare(llama, kind)
+    result = llmspeed.finetune(llama, TOKENS, precision=precision, **RUN, **options)
+    assert result.precision == precision and len(result.losses) == RUN["steps"]
+    assert fell(result.losses), result.losses
+    assert all(p.dtype == torch.float32 for p in llama.hf.parameters() if p.is_floating_point())
+
+
+def test_bf16_loss_curve_tracks_fp32():
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        model = llmspeed.models.tiny("llama", seed=0)
+        curves[precision] = llmspeed.finetune(model, TOKENS, precision=precision, **RUN).losses
+    last = {p: sum(c[-4:]) / 4 for p, c in curves.items()}
+    assert abs(last["bf16"] / last["fp32"] - 1) < 0.05, last
+
+
+def test_qlora_computes_the_4_bit_base_in_bf16_under_autocast(llama):
+    llmspeed.quantize(llama, "int4", group_size=16)
+    seen = []
+    layer = dict(llama.linear_layers())["model.layers.0.self_attn.q_proj"]
+    layer.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        llama.hf(torch.tensor([[1, 2, 3]]))
+    assert seen == [torch.bfloat16]
+
+
+def test_fp16_overflow_skips_that_step_and_recovers(llama):
+    param = llama.hf.model.layers[0].mlp.up_proj.weight
+    calls = {"n": 0}
+    snapshots = []
+
+    def poison(grad):  # the third backward pass overflows, as an fp16 activation gradient would
+        calls["n"] += 1
+        snapshots.append(param.detach().clone())
+        return grad * float("inf") if calls["n"] == 3 else grad
+
+    param.register_hook(poison)
+    result = llmspeed.finetune(llama, TOKENS, precision="fp16", **RUN)
+    assert result.skipped_steps == 1
+    assert torch.equal(snapshots[2], snapshots[3])  # the overflowed step changed nothing
+    assert not torch.equal(snapshots[3], snapshots[4])  # the next step trained again
+    assert fell(result.losses) and all(torch.isfinite(p).all() for p in llama.hf.parameters())
+
+
+def test_fp16_scaler_halves_the_scale_on_overflow():
+    mp = amp.MixedPrecision("fp16", "cpu", init_scale=1024.0)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    mp.backward((p * torch.tensor([1.0, float("inf"), 1.0])).sum())
+    assert mp.step(opt, [p], 1.0) is False and mp.skipped_steps == 1 and mp.loss_scale == 512.0
+    assert torch.equal(p.detach(), torch.ones(3))
+    opt.zero_grad()
+    mp.backward(p.sum())
+    assert mp.step(opt, [p], 1.0) is True and not torch.equal(p.detach(), torch.ones(3))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.hf.state_dict().items()}
+
+
+def test_unknown_precision_and_16_bit_master_weights_are_refused_before_anything_changes(llama):
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    lora.add_adapter(llama, "b", r=4, alpha=8)
+    lora.set_adapter(llama, "a")
+    before = _state(llama)
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\]; got 'fp8'"):
+        lora.finetune(llama, TOKENS, adapter="b", precision="fp8", **RUN)
+    assert lora.active_adapter(llama) == "a"
+    assert all(torch.equal(v, before[k]) for k, v in llama.hf.state_dict().items())
+    for p in lora.trainable_parameters(llama, "b"):
+        p.data = p.data.to(torch.bfloat16)
+    before = _state(llama)
+    with pytest.raises(ValueError, match="keeps fp32 master weights"):
+        lora.finetune(llama, TOKENS, adapter="b", precision="bf16", **RUN)
+    assert lora.active_adapter(llama) == "a"
+    assert all(torch.equal(v, before[k]) for k, v in llama.hf.state_dict().items())
+
+
+def test_precision_unsupported_on_the_device_is_refused(llama, monkeypatch):
+    monkeypatch.setattr(amp, "unsupported_reason", lambda device, dtype: "no fp16 here" if dtype == torch.float16 else None)
+    before = _state(llama)
+    with pytest.raises(ValueError, match="precision='fp16' is not supported on cpu: no fp16 here"):
+        llmspeed.finetune(llama, TOKENS, precision="fp16", **RUN)
+    assert all(torch.equal(v, before[k]) for k, v in llama.hf.state_dict().items())
+    assert all(p.requires_grad for p in llama.hf.parameters())
+
+
+def test_cuda_bf16_support_is_checked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "old GPU")
+    assert "does not support bf16" in amp.unsupported_reason(torch.device("cuda"), torch.bfloat16)
+    assert amp.unsupported_reason(torch.device("cpu"), torch.float16) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(train="some"), "train must be one of"),
+        (dict(adapter="a"), "adapter is only used with train='adapter'"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(lr=-1.0), "lr must be a positive number"),
+    ],
+)
+def test_finetune_bad_arguments(llama, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        llmspeed.finetune(llama, TOKENS, **{**RUN, **kwargs})
+
+
+def test_full_training_refuses_quantized_or_adapted_models(llama):
+    quantized = copy.deepcopy(llama)
+    llmspeed.quantize(quantized, "int4", group_size=16)
+    with pytest.raises(ValueError, match="layers are quantized"):
+        llmspeed.finetune(quantized, TOKENS, train="full", **RUN)
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    with pytest.raises(ValueError, match="carries LoRA adapters"):
+        llmspeed.finetune(llama, TOKENS, train="linears", **RUN)
+
+
+def test_linears_trains_only_linear_weights(llama):
+    embed = llama.hf.model.embed_tokens.weight.detach().clone()
+    norm = llama.hf.model.norm.weight.detach().clone()
+    q = llama.hf.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    result = llmspeed.finetune(llama, TOKENS, train="linears", **RUN)
+    assert result.trained == "linears"
+    assert torch.equal(llama.hf.model.embed_tokens.weight, embed) and torch.equal(llama.hf.model.norm.weight, norm)
+    assert not torch.equal(llama.hf.model.layers[0].self_attn.q_proj.weight, q)
