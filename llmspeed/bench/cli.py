@@ -1,4 +1,4 @@
-"""``python -m llmspeed bench {precision,quant,calibration,lora,batching,all}``: run suites side by side.
+"""``python -m llmspeed bench {precision,quant,calibration,lora,batching,training,qat,all}``: run suites side by side.
 
 All suites named run in this one process, one after the other, so their rows share a machine
 state. For each suite the command prints the command line and Markdown tables; with ``--out``
@@ -26,7 +26,7 @@ import torch
 from .plots import group_rows
 from .timing import markdown_table
 
-SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats")
+SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats", "training", "qat")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,8 +120,29 @@ def _matmul_lines(name: str, rows: list[Row], path: Path) -> Path | None:
     return path
 
 
+def _loss_lines(name: str, rows: list[Row], path: Path) -> Path | None:
+    """Training loss against step (the ``loss@<step>`` columns), one line per precision, one panel per config."""
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig = _figure(4.5 * len(configs), 3.4)
+    axes = fig.subplots(1, len(configs), squeeze=False)
+    for ax, config in zip(axes[0], configs):
+        for row in (r for r in rows if r["config"] == config):
+            pts = [(int(k.split("@")[1]), v) for k, v in row.items() if k.startswith("loss@") and _is_number(v)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row["precision"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.set_title(config, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(name, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 PLOTTERS: dict[str, Callable[[str, list[Row], Path], Path | None]] = {
     "precision/matmul": _matmul_lines,
+    "training/loss": _loss_lines,
 }
 
 

@@ -37,7 +37,8 @@ class FinetuneResult:
             ``eval_windows == 0``; ``math.exp`` of them is the perplexity.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast compute; the weights stay fp32).
         skipped_steps: fp16 steps whose gradients overflowed and were not applied (loss scaling).
-        trained: What was trained: ``"adapter"``, ``"full"``, ``"linears"`` or ``"qat"``.
+        trained: What was trained: ``"adapter"``, ``"full"`` or ``"linears"``.
+        step_seconds: Wall time of every step (batch, forward, backward, optimizer), for medians.
     """
 
     adapter: str | None
@@ -50,6 +51,7 @@ class FinetuneResult:
     precision: str = "fp32"
     skipped_steps: int = 0
     trained: str = "adapter"
+    step_seconds: tuple[float, ...] = ()
 
     @property
     def steps_per_second(self) -> float:
@@ -176,6 +178,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     checkpointing = gradient_checkpointing and set_checkpointing(hf, True)
     losses: list[float] = []
+    times: list[float] = []
     hf.train()
     start = time.perf_counter()
     try:
@@ -183,6 +186,7 @@ def train(
             torch.manual_seed(seed)
             bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({precision})")
             for _ in bar:
+                tick = time.perf_counter()
                 starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)  # [B]
                 batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()]).to(device)  # [B, seq_len]
                 with mp.autocast():
@@ -191,7 +195,8 @@ def train(
                 mp.step(optimizer, params, max_grad_norm)
                 schedule.step()  # a skipped fp16 step still advances the schedule (as in HF's Trainer)
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(loss.item())  # .item() waits for the device: the step is complete
+                times.append(time.perf_counter() - tick)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - start
     finally:
@@ -212,4 +217,5 @@ def train(
         precision,
         mp.skipped_steps,
         trained,
+        tuple(times),
     )
