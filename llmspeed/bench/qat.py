@@ -30,7 +30,7 @@ TABLE = "qat/perplexity"
 
 def settings(quick: bool, tiny: bool) -> dict[str, Any]:
     """The recipe: steps, tokens per step, learning rate, what trains, evaluation and calibration sizes."""
-    common = dict(train="linears", precision="bf16", lr=2e-5, learn_scales=True, group_size=64, seed=0)
+    common = dict(train="linears", precision="bf16", lr=5e-5, learn_scales=True, group_size=64, seed=0)
     if tiny:  # harness tests: seconds
         return {**common, "steps": 3, "seq_len": 32, "batch_size": 2, "window": 32, "domain_windows": 2,
                 "license_windows": 2, "calib_sequences": 4, "calib_len": 32}  # fmt: skip

@@ -39,24 +39,28 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, w, scales, zeros, group_size, lo, hi):  # w: [out, in_pad]; scales, zeros: [out, groups]
         g = _grouped(w.float(), group_size)  # [out, groups, group]
         s, z = scales[..., None], zeros[..., None]  # [out, groups, 1]
-        v = g / s  # the same division quantize_int4 / quantize_int8 do
-        unclamped = torch.round(v) + z
-        q = unclamped.clamp(lo, hi)
-        out = ((q - z) * s).reshape(w.shape)  # the same product dequantize_int4 / dequantize_int8 do
-        inside = unclamped == q  # [out, groups, group]
-        ctx.save_for_backward(inside, q, v, z)
-        ctx.shape, ctx.scales_need_grad = w.shape, ctx.needs_input_grad[1]
+        q = (torch.round(g / s) + z).clamp_(lo, hi)  # the same ops as quantize_int4 / quantize_int8
+        out = ((q - z) * s).reshape(w.shape)  # the same product as dequantize_int4 / dequantize_int8
+        # backward recomputes the codes from these (no copies): the whole model's weights fit only once
+        ctx.save_for_backward(w, scales, zeros)
+        ctx.group_size, ctx.lo, ctx.hi = group_size, lo, hi
         return out.to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # grad: [out, in_pad]
-        inside, q, v, z = ctx.saved_tensors
-        g = grad.float().reshape(v.shape)  # [out, groups, group]
-        grad_w = torch.where(inside, g, torch.zeros_like(g)).reshape(ctx.shape).to(grad.dtype)
+        w, scales, zeros = ctx.saved_tensors
+        g = _grouped(w.detach().float(), ctx.group_size)  # [out, groups, group]
+        s, z = scales.detach()[..., None], zeros[..., None]
+        v = g / s
+        unclamped = torch.round(v) + z
+        inside = (unclamped >= ctx.lo) & (unclamped <= ctx.hi)  # [out, groups, group]
+        grad_g = grad.float().reshape(g.shape)
+        grad_w = torch.where(inside, grad_g, 0.0).reshape(w.shape).to(grad.dtype)
         grad_s = None
-        if ctx.scales_need_grad:
-            dq_ds = torch.where(inside, q - z - v, q - z)  # d((q - z) * s) / ds with round() passed through
-            grad_s = (g * dq_ds).sum(dim=2)  # [out, groups]
+        if ctx.needs_input_grad[1]:
+            # d((q - z) * s) / ds with round() passed straight through: round(v) - v inside, q - z clamped
+            dq_ds = torch.where(inside, unclamped - z - v, unclamped.clamp(ctx.lo, ctx.hi) - z)
+            grad_s = (grad_g * dq_ds).sum(dim=2)  # [out, groups]
         return grad_w, grad_s, None, None, None, None
 
 

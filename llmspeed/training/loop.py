@@ -171,7 +171,9 @@ def train(
     mp = MixedPrecision(precision, device.type)
     before = _eval_loss(model, eval_windows, seq_len)
     warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # fused: one kernel over all tensors (CPU and CUDA); the per-tensor loop costs a third of a CPU step
+    fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
