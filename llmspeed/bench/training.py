@@ -39,8 +39,8 @@ def settings(quick: bool, tiny: bool) -> dict[str, Any]:
     if tiny:
         return dict(steps=4, seq_len=32, batch_size=2, r=4, points=2)
     if quick:
-        return dict(steps=6, seq_len=128, batch_size=4, r=16, points=3)
-    return dict(steps=30, seq_len=128, batch_size=4, r=16, points=6)
+        return dict(steps=4, seq_len=64, batch_size=2, r=16, points=2)
+    return dict(steps=12, seq_len=128, batch_size=2, r=16, points=4)
 
 
 def train_one(config: str, precision: str, model: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
