@@ -76,6 +76,7 @@ def test_trained_fake_quant_forward_equals_the_converted_model(llama):
         torch.testing.assert_close(llama.hf(IDS).logits, before, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the first generate_batched may build the fused C++ decode step (minutes, cached)
 def test_converted_model_saves_loads_generates_and_takes_adapters(llama, tmp_path):
     qat.prepare(llama, "int4", 16)
     llmspeed.finetune(llama, TOKENS, steps=3, lr=1e-2, seq_len=16, batch_size=4, progress=False)
