@@ -16,6 +16,7 @@ The loop is :func:`llmspeed.training.train`; mixed precision is :mod:`llmspeed.t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +107,7 @@ def finetune(
     if mode == "auto":
         mode = "adapter" if active_adapter(model) is not None else "full"
     lr = DEFAULT_LR[mode] if lr is None else lr
-    options = dict(
+    options: dict[str, Any] = dict(
         gradient_checkpointing=gradient_checkpointing,
         warmup_steps=warmup_steps,
         weight_decay=weight_decay,

@@ -14,7 +14,7 @@ post-training quantized one: same modules, kernels, files, adapters and generato
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ _DEFAULT = object()
 def _fake_layer(module: nn.Module) -> FakeQuantLinear | None:
     """The FakeQuantLinear at a linear position, directly or as a LoRA wrapper's base layer."""
     while not isinstance(module, FakeQuantLinear) and hasattr(module, "base_layer"):
-        module = module.base_layer
+        module = cast(nn.Module, module.base_layer)
     return module if isinstance(module, FakeQuantLinear) else None
 
 
@@ -72,7 +72,9 @@ def _check_args(fmt: object, symmetric: object, init: object, learn_scales: obje
 
 def _gptq_start(model: CausalLM, plan: dict[str, QuantConfig], calibration: Any, options: dict) -> dict[str, Any]:
     """GPTQ's modules for ``plan`` (the model is not modified): their grids and on-grid weights are the start."""
-    built = get_method("gptq").model(model, plan, calibration, **options)
+    build = get_method("gptq").model
+    assert build is not None  # GPTQ registers a model-level function
+    built = build(model, plan, calibration, **options)
     missing = set(plan) - set(built)
     if missing or not all(isinstance(m, QuantizedLinearBase) for m in built.values()):
         raise RuntimeError(f"GPTQ returned no quantized module for {sorted(missing)[:3]}")
@@ -136,7 +138,7 @@ def prepare(
     try:
         built = _gptq_start(model, plan, calibration, dict(init_options or {})) if init == "gptq" else {}
         for name in plan:
-            linear = snapshot[name]
+            linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
             start = built.get(name)
             if start is None:
                 w = P.pad_columns(linear.weight.detach().float(), config.padded_in_features(linear.in_features))
@@ -160,7 +162,7 @@ def convert_layer(layer: FakeQuantLinear) -> QuantizedLinearBase:
     """The packed module holding ``layer``'s fake-quantized weight: codes from its scales and zeros."""
     config = layer.config
     w = layer.weight.detach().float()  # [out, in]
-    scales = layer.scales.detach().float()
+    scales = layer.effective_scales().detach().float()
     if config.format == "int8":
         codes = P.quantize_int8(w, scales[:, 0])  # [out, in] int8
         zeros = None
@@ -192,7 +194,8 @@ def convert(model: CausalLM) -> CausalLM:
         if holder is layer:
             model.replace_linear(name, packed)
             continue
-        while holder.base_layer is not layer:  # a LoRA wrapper: swap its base in place
-            holder = holder.base_layer
-        holder.base_layer = packed
+        wrapper: Any = holder  # a LoRA wrapper (or a chain of them): swap the innermost base in place
+        while wrapper.base_layer is not layer:
+            wrapper = wrapper.base_layer
+        wrapper.base_layer = packed
     return model

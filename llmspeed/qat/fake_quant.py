@@ -26,6 +26,11 @@ from ..quant.config import QuantConfig
 
 # (lowest code, highest code) of each format's integer grid
 CODE_RANGE: dict[str, tuple[int, int]] = {"int4": (0, 15), "int8": (-127, 127)}
+# Learnable scales are ``scales * (1 + SCALE_GAIN_RATE * scale_gain)`` with ``scale_gain`` starting at 0:
+# Adam moves a parameter by about ``lr`` per step whatever its size, so a raw scale (1e-3..1e-2) would
+# change sign within a few dozen steps at lr 1e-4; a gain moves each scale by about 50 * lr relative.
+SCALE_GAIN_RATE = 50.0
+MIN_GAIN = 0.05  # a scale never shrinks below 5% of its start (never zero, never negative)
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, groups, group]
@@ -104,11 +109,16 @@ class FakeQuantLinear(nn.Linear):
     Attributes:
         config: The :class:`~llmspeed.quant.config.QuantConfig` :func:`llmspeed.qat.convert` packs with.
         symmetric: Whether the int4 zero point is fixed at code 8 (int8 is always symmetric).
-        scales: fp32 ``[out, groups]`` (int8: ``[out, 1]``): a buffer, or a parameter when scales learn.
+        scales: fp32 ``[out, groups]`` (int8: ``[out, 1]``): the starting scales, a buffer.
+        scale_gain: With ``learn_scales``: fp32 parameter ``[out, groups]`` starting at 0; the scales in
+            use are :meth:`effective_scales` (equal to ``scales`` bit for bit while the gain is 0).
         zeros: fp32 ``[out, groups]`` integer zero points in the code domain (int8: zeros); a buffer.
     """
 
     fake_format: str  # "int4" or "int8": marks a prepared layer (is_quantized() stays False: it trains)
+    scales: torch.Tensor  # buffers (annotated for type checkers)
+    zeros: torch.Tensor
+    scale_gain: nn.Parameter | None
 
     def __init__(self, linear: nn.Linear, config: QuantConfig, scales, zeros, symmetric: bool, learn_scales: bool):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
@@ -117,21 +127,25 @@ class FakeQuantLinear(nn.Linear):
         self.config = config
         self.fake_format = config.format
         self.symmetric = symmetric
-        if learn_scales:
-            self.scales = nn.Parameter(scales.detach().float().clone())
-        else:
-            self.register_buffer("scales", scales.detach().float().clone())
+        self.register_buffer("scales", scales.detach().float().clone())
         self.register_buffer("zeros", zeros.detach().float().clone())
+        self.scale_gain = nn.Parameter(torch.zeros_like(self.scales)) if learn_scales else None
 
     @property
     def in_padded(self) -> int:
         """Input channels including the zero padding up to a multiple of the group size."""
         return self.config.padded_in_features(self.in_features)
 
+    def effective_scales(self) -> torch.Tensor:  # [out, groups] fp32
+        """The scales in use: ``scales`` times the learned gain (``scales`` itself when scales do not learn)."""
+        if self.scale_gain is None:
+            return self.scales
+        return self.scales * (1 + SCALE_GAIN_RATE * self.scale_gain).clamp_min(MIN_GAIN)
+
     def quantized_weight(self) -> torch.Tensor:  # [out, in] fp32, on the grid
         """The weight forward uses: ``dequantize(quantize(weight))`` with this layer's scales and zeros."""
         w = P.pad_columns(self.weight, self.in_padded)  # [out, in_pad]
-        wq = fake_quantize(w, self.scales, self.zeros, self.config.group_size, self.fake_format)
+        wq = fake_quantize(w, self.effective_scales(), self.zeros, self.config.group_size, self.fake_format)
         return wq[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -139,7 +153,7 @@ class FakeQuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         g = "" if self.config.group_size is None else f", group_size={self.config.group_size}"
-        learn = isinstance(self.scales, nn.Parameter)
+        learn = self.scale_gain is not None
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.fake_format}{g}, "
             f"symmetric={self.symmetric}, learn_scales={learn}, bias={self.bias is not None}"

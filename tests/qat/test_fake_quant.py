@@ -86,7 +86,8 @@ def test_fake_quant_linear_shares_the_weight_and_pads_odd_widths():
     scales, zeros = init_qparams(w, config, symmetric=False)
     layer = FakeQuantLinear(lin, config, scales, zeros, False, learn_scales=True)
     assert layer.weight is lin.weight and layer.bias is lin.bias
-    assert isinstance(layer.scales, torch.nn.Parameter) and "zeros" in dict(layer.named_buffers())
+    assert isinstance(layer.scale_gain, torch.nn.Parameter) and {"scales", "zeros"} <= dict(layer.named_buffers()).keys()
+    assert torch.equal(layer.effective_scales(), layer.scales)  # bit-exact while the gain is 0
     want = P.dequantize_int4(P.quantize_int4(w, scales, zeros, 8), scales, zeros, 8)[:, :20]
     assert torch.equal(layer.quantized_weight(), want)
     x = torch.randn(3, 20)
@@ -101,3 +102,15 @@ def test_gradients_reach_the_latent_weight(fmt):
     layer = FakeQuantLinear(lin, config, scales, zeros, fmt == "int8", learn_scales=False)
     layer(torch.randn(2, 16)).sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_learned_scales_stay_positive_under_large_steps():
+    lin = torch.nn.Linear(16, 4)
+    config = QuantConfig("int4", 8)
+    scales, zeros = init_qparams(lin.weight.detach(), config, symmetric=False)
+    layer = FakeQuantLinear(lin, config, scales, zeros, False, learn_scales=True)
+    with torch.no_grad():
+        layer.scale_gain.fill_(-1.0)  # far past -1 / SCALE_GAIN_RATE
+    assert torch.all(layer.effective_scales() > 0)
+    layer(torch.randn(2, 16)).sum().backward()
+    assert layer.scale_gain.grad is not None
