@@ -9,7 +9,8 @@ steps, seed and recipe, and scored on two texts:
 Rows: the original fp32 model (context); the fp32 model fine-tuned in float (the baseline); RTN and GPTQ
 int4 g64 of that fine-tuned model; QAT int4 g64, prepared from the *original* model (GPTQ start on the
 same calibration windows), fine-tuned with the same recipe, then converted to the same packed
-``Int4Linear`` modules. ``seconds`` is each row's own cost (training, calibration, or both).
+``Int4Linear`` modules: once with fixed scales (the recipe) and once with learned scales.
+``seconds`` is each row's own cost (training, calibration, or both).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ TABLE = "qat/perplexity"
 
 def settings(quick: bool, tiny: bool) -> dict[str, Any]:
     """The recipe: steps, tokens per step, learning rate, what trains, evaluation and calibration sizes."""
-    common = dict(train="linears", precision="bf16", lr=1e-4, learn_scales=True, group_size=64, seed=0)
+    common = dict(train="linears", precision="bf16", lr=1e-4, group_size=64, seed=0)
     if tiny:  # harness tests: seconds
         return {**common, "steps": 3, "seq_len": 32, "batch_size": 2, "window": 32, "domain_windows": 2,
                 "license_windows": 2, "calib_sequences": 4, "calib_len": 32}  # fmt: skip
@@ -105,29 +106,33 @@ def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, pro
     add(f"GPTQ int4 g{s['group_size']} of fine-tuned", tuned, time.perf_counter() - start)
     del tuned
 
-    if progress:
-        print("[qat] preparing (GPTQ start) and fine-tuning through fake quantization ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    qat.prepare(original, "int4", group_size=s["group_size"], init="gptq", learn_scales=s["learn_scales"],
-                calibration=calibration, init_options=_gptq_options(s, progress))  # fmt: skip
-    prepared = time.perf_counter() - start
-    result = _finetune(original, s, progress)
-    qat.convert(original)
-    seconds = time.perf_counter() - start
-    add(f"QAT int4 g{s['group_size']} (gptq start, converted)", original, seconds,
-        sum(result.losses[-10:]) / len(result.losses[-10:]))  # fmt: skip
-    rows[-1]["prepare_seconds"] = prepared
+    for learn in (False, True):  # the recipe's QAT row (fixed scales), then LSQ-style learned scales
+        m = copy.deepcopy(original) if not learn else original
+        if progress:
+            print(f"[qat] preparing (GPTQ start, learn_scales={learn}) and fine-tuning ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        qat.prepare(m, "int4", group_size=s["group_size"], init="gptq", learn_scales=learn,
+                    calibration=calibration, init_options=_gptq_options(s, progress))  # fmt: skip
+        prepared = time.perf_counter() - start
+        result = _finetune(m, s, progress)
+        qat.convert(m)
+        seconds = time.perf_counter() - start
+        scales = "learned scales" if learn else "fixed scales"
+        add(f"QAT int4 g{s['group_size']} (gptq start, {scales}, converted)", m, seconds,
+            sum(result.losses[-10:]) / len(result.losses[-10:]))  # fmt: skip
+        rows[-1]["prepare_seconds"] = prepared
+        del m
 
-    base = rows[1]
+    base, gptq_row = rows[1], rows[3]
     for row in rows:
         for key in ("ppl_domain", "ppl_license"):
             if row[key] is not None and base[key]:
                 row[f"{key}_vs_tuned_%"] = 100 * (row[key] / base[key] - 1)
-    gptq_row, qat_row = rows[3], rows[4]
-    for key in ("ppl_domain", "ppl_license"):
-        gap = None if gptq_row[key] is None else gptq_row[key] - base[key]
-        if gap:
-            qat_row[f"{key}_gap_closed_%"] = 100 * (1 - (qat_row[key] - base[key]) / gap)
+    for row in rows[4:]:
+        for key in ("ppl_domain", "ppl_license"):
+            gap = None if gptq_row[key] is None else gptq_row[key] - base[key]
+            if gap:
+                row[f"{key}_gap_closed_%"] = 100 * (1 - (row[key] - base[key]) / gap)
     for row in rows:
         row.update({k: s[k] for k in ("steps", "seq_len", "batch_size", "lr", "train", "precision")})
     return rows

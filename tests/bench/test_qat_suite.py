@@ -12,7 +12,8 @@ from llmspeed.bench import training as training_suite
 def test_qat_suite_rows_and_gap_columns():
     rows = qat_suite.run(model="tiny-llama", progress=False)
     variants = [r["variant"] for r in rows]
-    assert variants[1] == "fp32 fine-tuned" and any("GPTQ" in v for v in variants) and "QAT" in variants[-1]
+    assert variants[1] == "fp32 fine-tuned" and any("GPTQ" in v for v in variants)
+    assert "fixed scales" in variants[-2] and "learned scales" in variants[-1]
     assert all(r["table"] == "qat/perplexity" and r["steps"] == 3 for r in rows)
     assert rows[-1]["seconds"] >= rows[-1]["prepare_seconds"] > 0
     assert rows[1]["final_train_loss"] > 0 and rows[-1]["final_train_loss"] > 0
@@ -21,7 +22,7 @@ def test_qat_suite_rows_and_gap_columns():
 def test_qat_settings_fit_the_cpu_budget():
     full = qat_suite.settings(quick=False, tiny=False)
     quick = qat_suite.settings(quick=True, tiny=False)
-    assert full["precision"] == quick["precision"] == "bf16" and full["train"] == "linears"
+    assert full["precision"] == quick["precision"] == "bf16" and full["train"] == "linears" and full["steps"] == 40
     assert quick["steps"] * quick["batch_size"] < full["steps"] * full["batch_size"]
 
 
