@@ -106,7 +106,8 @@ def prepare(
             scales and zeros of the float weight (converting at once gives exactly ``quantize(model, fmt)``);
             ``"gptq"`` runs GPTQ on ``calibration`` and starts from its on-grid weights and grids
             (converting at once gives exactly ``quantize(model, fmt, method="gptq")``).
-        learn_scales: Scales become parameters trained with the weights (LSQ gradients); zero points stay.
+        learn_scales: Experimental: each scale learns through a gain (LSQ gradients; diverged in the QAT
+            benchmark at lr 1e-4, see docs/qat.md); zero points stay.
         skip, include: As :func:`llmspeed.quantize`: names or patterns left in float (default: the output
             head), or the only ones prepared.
         calibration: ``init="gptq"``: calibration text or token ids (default: the pydoc train half).
