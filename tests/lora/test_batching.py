@@ -37,8 +37,10 @@ def test_per_row_equals_single_adapter_runs(llama, method):
     with lora.per_row_adapters(llama, NAMES, method=method), torch.no_grad():
         mixed = llama.hf(input_ids=ids).logits  # [4, 9, V]
     for row, name in enumerate(NAMES):
+        # fp32 GEMMs of 36 and 9 rows may take different MKL kernels: the full suite saw 1.9e-5 once logits'
+        # accumulation order changed with the allocator's state, so the bound is a few float32 ulps of the sums
         torch.testing.assert_close(
-            mixed[row], alone(llama, name, input_ids=ids[row : row + 1])[0], atol=1e-5, rtol=1e-5
+            mixed[row], alone(llama, name, input_ids=ids[row : row + 1])[0], atol=1e-4, rtol=1e-5
         )
 
 
