@@ -185,7 +185,7 @@ class Generator:
             ids = ids["input_ids"] if not isinstance(ids, list) else ids
             return [int(t) for t in ids]
         try:
-            ids = [int(t) for t in prompt]
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # chat lists were handled above
         except (TypeError, ValueError):
             raise ValueError(
                 f"prompt must be a string, a list of token ids or a list of chat messages; got {type(prompt).__name__}"

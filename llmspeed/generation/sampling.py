@@ -83,7 +83,8 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"`stop` must be non-empty strings; got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
-        ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else tuple(self.stop_token_ids)
+        given: object = self.stop_token_ids
+        ids: tuple = (given,) if _is_int(given) else tuple(given)  # type: ignore[arg-type]
         if not all(_is_int(t) and t >= 0 for t in ids):
             raise ValueError(f"`stop_token_ids` must be integers >= 0; got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
@@ -268,8 +269,8 @@ def sample_batch(
     logp = torch.log_softmax(raw, dim=-1)  # [N, V]
     chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()  # [N]
     kmax = max(w or 0 for w in wanted)
-    top_vals, top_ids = (logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], logp[:, :0].long()))  # [N, K]
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    best = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], logp[:, :0].long())  # [N, K] each
+    top_vals, top_ids = best[0].tolist(), best[1].tolist()
     out: list[TokenLogprobs | None] = []
     for i, w in enumerate(wanted):
         if w is None:
