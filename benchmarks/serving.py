@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from llmspeed.bench.serving import run
-from llmspeed.bench.timing import markdown_table
+from llmspeed.timing import markdown_table
 
 
 def main() -> None:

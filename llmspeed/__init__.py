@@ -36,7 +36,7 @@ _LAZY = {
     "quantize": "llmspeed.quant",
     "save": "llmspeed.quant",
     "load": "llmspeed.quant",
-    "kernels": "llmspeed.quant",
+    "kernels": "llmspeed.quant.report",
     "Generator": "llmspeed.generation",
     "SamplingParams": "llmspeed.generation",
     "GenerationOutput": "llmspeed.generation",

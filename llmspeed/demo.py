@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from . import models
-from .bench.timing import markdown_table
 from .eval import perplexity
 from .memory import memory_footprint
 from .precision import cast
+from .timing import markdown_table
 
 PROMPT = "What is a Python decorator?"
 

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .quant.config import QuantConfig
+    from .quant.layout import QuantLayout
 
 
 @dataclass(frozen=True)
@@ -83,18 +87,39 @@ class AttentionBackend(Protocol):
 
 @runtime_checkable
 class QuantizedLinear(Protocol):
-    """What a quantized linear module exposes so that other modules (LoRA, casting, memory) can handle it.
+    """What a quantized linear module exposes so that other modules (LoRA, casting, memory, kernels) can handle it.
 
     Quantized modules hold packed integer buffers instead of a float ``weight``; ``dequantize``
-    rebuilds the float weight and is the test oracle for every kernel.
+    rebuilds the float weight and is the test oracle for every kernel. Kernels and the fused CPU
+    decode step read the packed buffers through ``layout`` (group, groups, padded width) and never
+    name a module class.
     """
 
     in_features: int
     out_features: int
     quant_format: str  # e.g. "int8", "int4", "nf4"
+    config: QuantConfig
+    layout: QuantLayout
+    qweight: torch.Tensor  # int8 [out, in] or uint8 [out, in_pad / 2] (two 4-bit codes a byte)
+    scales: torch.Tensor  # fp32 [out] (int8) or [out, groups]
+    zeros: torch.Tensor  # fp32 [out, groups] (int4 only)
+    perm: torch.Tensor  # int64 [in] (int4 with config.act_order only)
+    bias: torch.Tensor | None
 
-    def dequantize(self) -> torch.Tensor:  # [out_features, in_features]
-        """The float weight this module represents."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+        """The float weight this module represents (``rows``: only those output rows)."""
+        ...
+
+    def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """The float weight with its columns in packed order (differs from ``dequantize`` only with act_order)."""
+        ...
+
+    def group_scales(self, rows: slice = slice(None)) -> torch.Tensor:  # [r, groups] fp32
+        """Per-group scales, double-dequantized when stored that way (NF4)."""
+        ...
+
+    def kernel_state(self, name: str, build: Any) -> Any:
+        """Tensors kernel ``name`` prepared from the packed buffers, built once per device and cached."""
         ...
 
 

@@ -4,6 +4,6 @@ Each suite is a module ``llmspeed.bench.<suite>`` with a ``run(...)`` function r
 (dicts with the same keys); every row names its baseline, measured in the same run.
 """
 
-from .timing import Timing, markdown_table, timeit
+from ..timing import Timing, markdown_table, timeit
 
 __all__ = ["Timing", "timeit", "markdown_table"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .timing import timeit
+from ..timing import timeit
 
 GENERATE_BATCH = "transformers generate_batch"
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from ..timing import markdown_table
 from .plots import group_rows
-from .timing import markdown_table
 
 SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats", "training", "qat")
 

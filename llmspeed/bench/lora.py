@@ -31,8 +31,8 @@ import torch
 
 from .. import lora
 from ..memory import memory_footprint
+from ..timing import timeit
 from .models import load_model, sync
-from .timing import timeit
 
 CONFIGS = ("full-fp32", "lora-fp32", "qlora-int4-g64")
 

@@ -33,8 +33,8 @@ from ..eval import perplexity, pydoc_text
 from ..memory import memory_footprint
 from ..precision import autocast, cast
 from ..precision.cpu_matmul import upcast_linear
+from ..timing import Timing, timeit
 from .models import load_model, sync
-from .timing import Timing, timeit
 
 VARIANTS = ("fp32", "bf16", "fp16", "autocast-bf16")
 CPU_VARIANTS = ("bf16-native",)  # the bf16 cast without the per-call CPU matmul choice

@@ -21,7 +21,7 @@ import llmspeed
 from ..precision import cpu_matmul
 from ..quant import QuantConfig, module_class
 from ..quant.kernels import KERNELS, auto_kernel
-from .timing import copies_to_defeat_cache, timeit, timeit_cuda_graph
+from ..timing import copies_to_defeat_cache, timeit, timeit_cuda_graph
 
 FORMATS = [("int8", {}), ("int4 g64", {"fmt": "int4", "group_size": 64}), ("int4 g128", {"fmt": "int4", "group_size": 128}),
            ("nf4 g64", {"fmt": "nf4", "group_size": 64}), ("nf4 g128", {"fmt": "nf4", "group_size": 128}),

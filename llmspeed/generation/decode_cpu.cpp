@@ -5,14 +5,14 @@
 // each sequence's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up, down_proj +
 // residual, then the final norm and the vocabulary projection. The residual stream stays in fp32;
 // weights are fp32, bf16, weight-only int8 with one scale per output row (llmspeed's Int8Linear) or
-// packed 4-bit int4/NF4 (Int4Linear/NF4Linear: the quantization kernel's q4_tile, included from
-// llmspeed/quant/kernels/fused_cpu.cpp), widened to fp32 in registers; the KV cache is fp32 or bf16.
+// packed 4-bit int4/NF4 (Int4Linear/NF4Linear: q4_tile from the header shared with the quantized matmul,
+// llmspeed/quant/kernels/q4_tiles.h), widened to fp32 in registers; the KV cache is fp32 or bf16.
 //
 // Decode at small batch is bound by reading the weights once, so the GEMV streams each weight row
 // from memory once (software prefetch 4 KiB ahead) and reuses it from L1 for the n rows of x.
 // Rows of all matrices of one GEMV group are split over torch's intra-op threads with
 // at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py).
-#include "fused_cpu.cpp"  // hsum, q4_tile, deinterleave, group_sums (quant kernels; same build)
+#include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

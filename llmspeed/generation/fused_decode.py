@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .runner import StepInput
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
-QUANT_SOURCE = Path(__file__).parent.parent / "quant" / "kernels" / "fused_cpu.cpp"  # its 4-bit tiles
+Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -40,7 +40,7 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv"], includes=[QUANT_SOURCE])
+    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv"], includes=[Q4_HEADER])
 
 
 def extension() -> ModuleType | None:
@@ -53,25 +53,27 @@ def unavailable() -> str | None:
     return _build()[1]
 
 
-_QUANT_CLASSES = {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}
+QUANT_FORMATS = ("int8", "int4", "nf4")
+TILE = 16  # 4-bit codes the C++ tile decodes at once (the quantization kernel's q4_tile)
 
 
 def _fusable(module: Any) -> bool:
-    """Whether the C++ step reads this linear: fp32/bf16 ``nn.Linear`` or llmspeed's int8/int4/NF4 linears.
+    """Whether the C++ step reads this linear: an fp32/bf16 ``nn.Linear`` or a quantized linear (the protocol's
+    ``QuantizedLinear``: int8, int4 or NF4 packed buffers described by its ``layout``).
 
-    4-bit groups must be multiples of 16 (the 4-bit tile decodes 16 codes at a time).
+    4-bit groups must split into whole 16-code tiles, and act-order modules (whose input is gathered
+    through ``perm`` first) stay on the generic path.
     """
     if type(module) is nn.Linear:
         return module.weight.dtype in _WEIGHT_DTYPES
-    fmt = str(getattr(module, "quant_format", ""))
-    if type(module).__name__ != _QUANT_CLASSES.get(fmt) or not module.qweight.is_contiguous():
+    layout = getattr(module, "layout", None)
+    if getattr(module, "quant_format", None) not in QUANT_FORMATS or layout is None:
         return False
-    if module.config.act_order:  # the C++ step does not gather the input through ``perm``
+    if not module.qweight.is_contiguous() or module.config.act_order:
         return False
-    if fmt == "int8":
+    if not layout.four_bit:
         return module.qweight.dtype == torch.int8
-    kp, groups = module.qweight.shape[1] * 2, module.config.num_groups(module.in_features)
-    return kp % groups == 0 and (kp // groups) % 16 == 0
+    return module.qweight.dtype == torch.uint8 and layout.tiles_of(TILE)
 
 
 def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

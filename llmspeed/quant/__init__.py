@@ -1,10 +1,16 @@
 """Post-training weight quantization: int8, int4 and NF4 with packed storage and fast matmul kernels.
 
-Layers, bottom up: :mod:`~llmspeed.quant.primitives` (pure functions; the layouts are documented there
-and in docs/quantization.md), :mod:`~llmspeed.quant.modules` (``Int8Linear``, ``Int4Linear``,
-``NF4Linear``), :mod:`~llmspeed.quant.kernels` (matmul paths and ``kernel="auto"``),
-:mod:`~llmspeed.quant.methods` (how codes are chosen: ``"rtn"`` and registered calibrated methods), and
-the verbs :func:`quantize`, :func:`save`, :func:`load`, :func:`kernels`.
+Layers, bottom up (each imports only those below it; a test checks the import graph has no cycle):
+
+* :mod:`~llmspeed.quant.config` (plain data), :mod:`~llmspeed.quant.layout` (a packed weight's
+  geometry), :mod:`~llmspeed.quant.primitives` (pure functions; the layouts are documented there and
+  in docs/quantization.md);
+* :mod:`~llmspeed.quant.methods` (the method registry and the per-weight methods ``"rtn"``, ``"hqq"``)
+  and :mod:`~llmspeed.quant.kernels` (matmul paths and ``kernel="auto"``, typed against the protocol);
+* :mod:`~llmspeed.quant.modules` (``Int8Linear``, ``Int4Linear``, ``NF4Linear``);
+* :mod:`~llmspeed.quant.calibration` and the model-level method ``"gptq"`` (registered here);
+* the verbs :func:`quantize`, :func:`save`, :func:`load` and the report :func:`llmspeed.kernels`
+  (:mod:`~llmspeed.quant.report`).
 """
 
 from __future__ import annotations
@@ -12,18 +18,20 @@ from __future__ import annotations
 from . import primitives
 from .api import plan_layers, quantize
 from .config import FORMATS, QuantConfig
-from .kernels import KERNELS, Kernel, KernelReport, kernels, register_kernel
-from .methods import METHODS, QuantizedWeight, register_method
+from .kernels import KERNELS, Kernel, register_kernel
+from .layout import QuantLayout
+from .methods import METHODS, QuantizedWeight, gptq, register_method  # noqa: F401  (gptq registers "gptq")
 from .modules import Int4Linear, Int8Linear, NF4Linear, QuantizedLinearBase, module_class
+from .report import KernelReport
 from .serialize import load, save
 
 __all__ = [
     "quantize",
     "save",
     "load",
-    "kernels",
     "plan_layers",
     "QuantConfig",
+    "QuantLayout",
     "FORMATS",
     "Int8Linear",
     "Int4Linear",

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..protocol import CausalLM, base_linear, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig
-from .kernels import check_kernel
+from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import get_method
 from .modules import QuantizedLinearBase, module_class
 
@@ -103,8 +103,6 @@ def _check_named_kernel(module: QuantizedLinearBase, weight) -> None:
     """A kernel named explicitly must handle this layer's shape (group size, padding) with the model's dtype."""
     if module.config.kernel == "auto":
         return
-    from .kernels import get_kernel
-
     x = torch.empty(1, module.in_features, dtype=weight.dtype, device=weight.device)
     reason = get_kernel(module.config.kernel).why_not(module, x)
     if reason is not None:
@@ -151,13 +149,14 @@ def quantize(
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE.get(fmt)
     config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric)
+    check_kernel_name(kernel, fmt)
+    entry = get_method(method)
     if fmt == "int4" and config.symmetric and method not in SYMMETRIC_METHODS:
         raise ValueError(
             f"symmetric=True is available with method in {list(SYMMETRIC_METHODS)}; got method={method!r}, "
             f"which fits its own zero points"
         )
     check_kernel(kernel, fmt, model.spec.device)
-    entry = get_method(method)
     if entry.needs_calibration and calibration is None:
         raise ValueError(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"

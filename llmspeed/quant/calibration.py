@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..protocol import CausalLM
+from .hessian import accumulate_hessian, finalize_hessian
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,6 @@ def layer_hessians(
     ``(hessians, groups)``: ``hessians[owner]`` is ``[in, in]`` fp32 and ``groups[owner]`` lists the
     names sharing it, owner first, in the order the forward pass reached them.
     """
-    from .methods.gptq import accumulate_hessian, finalize_hessian
-
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     owner_of: dict[str, str] = {}
@@ -268,8 +267,6 @@ def quantize_layer(
     the next layer's input with the whole layer quantized. ``names`` maps relative to qualified
     names. Returns ``(outputs or None, {qualified name: module})``; the layer is never modified.
     """
-    from .methods.gptq import accumulate_hessian, finalize_hessian
-
     if len(inputs.hidden) != 1:
         raise ValueError(
             f"inputs must be one batch of every calibration window; got {len(inputs.hidden)} batches"

@@ -16,6 +16,10 @@ from torch import nn
 
 from . import primitives as P
 from .config import QuantConfig
+from .kernels import check_kernel_name, select
+from .kernels.tuning import rows_bucket
+from .layout import QuantLayout
+from .methods.registry import get_method
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -40,6 +44,7 @@ class QuantizedLinearBase(nn.Module):
     """Shared plumbing of the quantized linears: bias, kernel choice and caching, autograd, repr."""
 
     quant_format: str = ""
+    layout: QuantLayout  # the packed weight's geometry (group, groups, padded width): what every kernel reads
     qweight: torch.Tensor  # buffers, registered per format (annotated for type checkers)
     scales: torch.Tensor
     perm: torch.Tensor  # Int4Linear with config.act_order only
@@ -50,6 +55,7 @@ class QuantizedLinearBase(nn.Module):
             raise ValueError(
                 f"config.format must be {self.quant_format!r} for {type(self).__name__}; got {config.format!r}"
             )
+        check_kernel_name(config.kernel, config.format)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.config = config
@@ -72,12 +78,14 @@ class QuantizedLinearBase(nn.Module):
         """
         return self.dequantize(dtype, rows)
 
+    def group_scales(self, rows: slice = slice(None)) -> torch.Tensor:  # [r] int8 or [r, groups]
+        """The scales of ``rows`` as fp32 (NF4 overrides this to undo double quantization)."""
+        return self.scales[rows]
+
     # --- construction --------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Module, config: QuantConfig | None = None) -> QuantizedLinearBase:
         """Quantize ``linear`` (an ``nn.Linear``) with ``config.method``, which must be a per-weight method."""
-        from .methods import get_method
-
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
         config = config if config is not None else QuantConfig(cls.quant_format)
@@ -129,11 +137,9 @@ class QuantizedLinearBase(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
         # Decode calls this ~200 times per token on small layers: keep the Python work minimal.
         m = x.numel() // self.in_features
-        key = (x.dtype, x.get_device(), m if m <= 64 else 65)
+        key = (x.dtype, x.get_device(), rows_bucket(m))
         entry = self._kernels.get(key)
         if entry is None:
-            from .kernels import select
-
             kernel = select(self, x.reshape(-1, self.in_features))
             entry = self._kernels[key] = (kernel.bind(self), kernel.any_leading_dims)
         fn, any_dims = entry
@@ -175,9 +181,19 @@ class QuantizedLinearBase(nn.Module):
         )
 
     @property
+    def config(self) -> QuantConfig:
+        """How the weight is quantized; replacing it recomputes :attr:`layout`."""
+        return self._config
+
+    @config.setter
+    def config(self, config: QuantConfig) -> None:
+        self._config = config
+        self.layout = QuantLayout.of(config, self.in_features, self.out_features)
+
+    @property
     def in_padded(self) -> int:
         """Input channels including the zero padding up to a multiple of the group size."""
-        return self.config.padded_in_features(self.in_features)
+        return self.layout.in_padded
 
 
 def _check_codes(codes: torch.Tensor, dtype: torch.dtype, out: int | None, cols: tuple[int, ...]) -> None:
@@ -234,9 +250,9 @@ class _Packed4Bit(QuantizedLinearBase):
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias=None, device=None):
         super().__init__(in_features, out_features, config, bias)
-        kp, groups = config.padded_in_features(in_features), config.num_groups(in_features)
-        self.register_buffer("qweight", torch.zeros(out_features, kp // 2, dtype=torch.uint8, device=device))
-        self._register_scales(out_features, groups, device)
+        layout = self.layout
+        self.register_buffer("qweight", torch.zeros(out_features, layout.row_bytes, dtype=torch.uint8, device=device))
+        self._register_scales(out_features, layout.groups, device)
 
     def _register_scales(self, out: int, groups: int, device) -> None:
         self.register_buffer("scales", torch.ones(out, groups, dtype=torch.float32, device=device))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import llmspeed
 from llmspeed.quant import QuantConfig
+from llmspeed.quant import hessian as H
 from llmspeed.quant.calibration import (
     CalibrationConfig,
     calibration_tokens,
@@ -59,9 +60,9 @@ def _layer0_activations(model):
 def test_hessian_is_two_xtx_over_n():
     x = torch.randn(3, 5, 8)
     h = torch.zeros(8, 8)
-    rows = G.accumulate_hessian(h, x[:2]) + G.accumulate_hessian(h, x[2:])
+    rows = H.accumulate_hessian(h, x[:2]) + H.accumulate_hessian(h, x[2:])
     x2 = x.reshape(-1, 8)
-    torch.testing.assert_close(G.finalize_hessian(h, rows), 2 * x2.T @ x2 / 15)
+    torch.testing.assert_close(H.finalize_hessian(h, rows), 2 * x2.T @ x2 / 15)
 
 
 @pytest.mark.parametrize("fmt,group_size", FORMATS)
@@ -73,7 +74,7 @@ def test_gptq_layer_error_below_rtn_on_calibration_activations(fmt, group_size, 
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
         w = layer.get_submodule(name).weight.detach()
         h = torch.zeros(w.shape[1], w.shape[1])
-        h = G.finalize_hessian(h, G.accumulate_hessian(h, acts[name]))
+        h = H.finalize_hessian(h, H.accumulate_hessian(h, acts[name]))
         q = G.gptq_quantize(w, h, grid, group_size, act_order=act_order).dequantized
         e_gptq, e_rtn = (
             G.layer_error(w, q, acts[name]),
@@ -107,7 +108,7 @@ def test_packed_module_reproduces_gptq_values_with_act_order(fmt, group_size):
     w = torch.randn(12, 40)  # 40 columns: g16 and g24 pad the last group
     x = torch.randn(200, 40) * torch.linspace(0.1, 3, 40)  # act-order visits columns out of order
     h = torch.zeros(40, 40)
-    h = G.finalize_hessian(h, G.accumulate_hessian(h, x))
+    h = H.finalize_hessian(h, H.accumulate_hessian(h, x))
     res = G.gptq_quantize(w, h, G.grid_for(fmt), group_size, act_order=True, block_size=8)
     config = QuantConfig(fmt, group_size, method="gptq")
     module = G.pack_result(res, config, bias=None)

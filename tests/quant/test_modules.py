@@ -106,11 +106,22 @@ def test_wrong_config_or_shapes_raise():
     [({"format": "int3"}, "format must be one of"), ({"format": "int4", "group_size": 0}, "group_size must be"),
      ({"format": "int4", "group_size": -8}, "group_size must be"), ({"format": "int4", "group_size": 33}, "even"),
      ({"format": "int8", "group_size": 64}, "None for int8"), ({"format": "int4", "double_quant": True}, "only defined for nf4"),
-     ({"format": "int4", "method": "magic"}, "method must be one of"), ({"format": "nf4", "kernel": "aten_int8"}, "kernel for nf4")],
+     ({"format": "int4", "method": 3}, "method must be a name")],
 )  # fmt: skip
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [(QuantConfig("int4", method="magic"), "method must be one of"), (QuantConfig("nf4", kernel="aten_int8"), "kernel for nf4"),
+     (QuantConfig("int8", kernel="nope"), "kernel for int8")],
+)  # fmt: skip
+def test_modules_reject_names_missing_from_the_registries(config, match):
+    # QuantConfig is plain data (it imports no registry); the modules check its names when built
+    with pytest.raises(ValueError, match=match):
+        module_class(config.format).from_linear(_linear(k=64), config)
 
 
 def test_config_round_trips_through_dict():

@@ -27,13 +27,13 @@ def _int4_shape(module, x) -> str | None:
     g = module.config.group_size
     if g not in _INT4_GROUPS:
         return f"aten int4 kernels need group_size in {list(_INT4_GROUPS)}; got {g}"
-    if module.in_padded % 32 or module.out_features % 16:
-        return f"aten int4 kernels need in_pad % 32 == 0 and out % 16 == 0; got {module.in_padded}, {module.out_features}"
+    if module.layout.in_padded % 32 or module.out_features % 16:
+        return f"aten int4 kernels need in_pad % 32 == 0 and out % 16 == 0; got {module.layout.in_padded}, {module.out_features}"
     return None
 
 
 def _pad_x(module, x: torch.Tensor) -> torch.Tensor:  # [M, in_pad]
-    pad = module.in_padded - module.in_features
+    pad = module.layout.in_padded - module.in_features
     return F.pad(x, (0, pad)) if pad else x
 
 
@@ -103,8 +103,8 @@ def _int_mm_shape(module, x) -> str | None:
 
 def _tinygemm_shape(module, x) -> str | None:
     reason = _int4_shape(module, x)
-    if reason is None and module.in_padded % 256:
-        return f"tinygemm (innerKTiles=8) needs in_pad % 256 == 0; got {module.in_padded}"
+    if reason is None and module.layout.in_padded % 256:
+        return f"tinygemm (innerKTiles=8) needs in_pad % 256 == 0; got {module.layout.in_padded}"
     return reason
 
 
@@ -115,7 +115,7 @@ register_kernel(
 register_kernel(
     Kernel("aten_int4_cpu", ("int4",), ("cpu",), FLOAT_DTYPES, aten_int4_cpu,
            "torch._weight_int4pack_mm_for_cpu on a converted weight copy",
-           lambda: _has_op("_weight_int4pack_mm_for_cpu"), _int4_shape)
+           lambda: _has_op("_weight_int4pack_mm_for_cpu"), _int4_shape, auto=False)
 )  # fmt: skip
 register_kernel(
     Kernel("tinygemm", ("int4",), ("cuda",), (torch.bfloat16,), tinygemm,

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from ... import cpp_build
+from ...protocol import QuantizedLinear
 from .registry import FLOAT_DTYPES, Kernel, register_kernel
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
+HEADER = Path(__file__).with_name("q4_tiles.h")  # shared with the fused decode step
 DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2"]
 build_dir = cpp_build.build_dir
@@ -30,7 +32,7 @@ compiler = cpp_build.compiler
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS)
+    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER])
 
 
 def extension() -> Any:
@@ -43,20 +45,18 @@ def unavailable() -> str | None:
     return _build()[1]
 
 
-def _shape(module, x) -> str | None:
-    if module.quant_format == "int8":
-        return None
-    g = module.config.group_size or module.in_padded
-    if g % 16:
-        return f"the cpp 4-bit kernel needs group_size % 16 == 0; got {g}"
-    return None
+TILE = 16  # 4-bit codes the C++ tile decodes at once: groups must split into whole tiles
 
 
-def _nf4_scales(module) -> torch.Tensor:  # [out, groups] fp32, contiguous
+def _shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
+    return module.layout.tile_reason(TILE, "the cpp 4-bit kernel")
+
+
+def _nf4_scales(module: QuantizedLinear) -> torch.Tensor:  # [out, groups] fp32, contiguous
     return module.group_scales().contiguous()
 
 
-def fused_cpu(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
+def fused_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
     """Fused dequantize-matmul on the module's own packed buffers (no weight copy)."""
     ext = extension()
     xf = x if x.dtype == torch.float32 else x.float()
@@ -64,16 +64,15 @@ def fused_cpu(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
     if fmt == "int8":
         y = ext.int8_matmul(xf, module.qweight, module.scales)
     elif fmt == "int4":
-        g = module.config.group_size or module.in_padded
-        y = ext.int4_matmul(xf, module.qweight, module.scales, module.zeros, g)
+        y = ext.int4_matmul(xf, module.qweight, module.scales, module.zeros, module.layout.group)
     else:
-        g = module.config.group_size or module.in_padded
+        g = module.layout.group
         scales = module.kernel_state("cpp", _nf4_scales) if module.config.double_quant else module.scales
         y = ext.nf4_matmul(xf, module.qweight, scales, g)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def bind_fused_cpu(module):
+def bind_fused_cpu(module: QuantizedLinear):
     """``fn(x) -> y`` with the extension function and the module's tensors looked up once."""
     ext, fmt = extension(), module.quant_format
     if fmt == "int8":
@@ -81,11 +80,11 @@ def bind_fused_cpu(module):
     elif fmt == "int4":
         f, args = (
             ext.int4_matmul,
-            (module.qweight, module.scales, module.zeros, module.config.group_size or module.in_padded),
+            (module.qweight, module.scales, module.zeros, module.layout.group),
         )
     else:
         scales = module.kernel_state("cpp", _nf4_scales) if module.config.double_quant else module.scales
-        f, args = ext.nf4_matmul, (module.qweight, scales, module.config.group_size or module.in_padded)
+        f, args = ext.nf4_matmul, (module.qweight, scales, module.layout.group)
     fp32 = torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]: any leading dims

@@ -2,29 +2,8 @@
 // y[m, n] = sum_k x[m, k] * w[n, k], with w rebuilt from codes in registers, never in memory.
 // Rows n are split across torch's intra-op threads; M rows of x are processed in tiles of MT so
 // each weight chunk is decoded once per tile. AVX2/FMA when compiled for it, portable loops otherwise.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "q4_tiles.h"  // NF4, hsum, deinterleave, group_sums, q4_tile (shared with the fused decode step)
 
-static const float NF4[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-#ifdef __AVX2__
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 // ---------------------------------------------------------------- int8, per-row scale
 // C independent FMA chains per row of x hide the FMA latency (C = 4 for one row, 2 for a tile of 4).
@@ -84,99 +63,6 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   return y;
 }
 
-// ---------------------------------------------------------------- 4-bit (int4 / nf4), group-wise
-// x is first rearranged per 16-element block into [x0 x2 .. x14 | x1 x3 .. x15] (zero-padded to Kp), so
-// the low nibbles (even elements) and high nibbles (odd elements) of 8 bytes meet contiguous x.
-static torch::Tensor deinterleave(const torch::Tensor& x, int64_t Kp) {
-  const int64_t K = x.size(-1), M = x.numel() / K;
-  auto out = torch::empty({M, Kp}, x.options());
-  const float* s = x.data_ptr<float>();
-  float* d = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* sr = s + m * K;
-    float* dr = d + m * Kp;
-    for (int64_t b = 0; b < Kp; b += 16)
-      for (int64_t j = 0; j < 16; ++j) {
-        const int64_t k = b + j;
-        dr[b + (j >> 1) + ((j & 1) << 3)] = k < K ? sr[k] : 0.f;
-      }
-  }
-  return out;
-}
-
-static torch::Tensor group_sums(const torch::Tensor& xd, int64_t G) {  // [M, Kp / G]
-  const int64_t M = xd.size(0), Kp = xd.size(1), groups = Kp / G;
-  auto out = torch::empty({M, groups}, xd.options());
-  const float* s = xd.data_ptr<float>();
-  float* d = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float t = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) t += s[m * Kp + k];
-      d[m * groups + g] = t;
-    }
-  return out;
-}
-
-template <int MT, bool NF>
-static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G,
-                    const float* scale, const float* zero, const float* xsum, int64_t ldxs,
-                    float* y, int64_t ldy) {
-  const int64_t groups = Kp / G;
-  float res[MT];
-  for (int i = 0; i < MT; ++i) res[i] = 0.f;
-#ifdef __AVX2__
-  const __m128i lowmask = _mm_set1_epi8(0x0F);
-  const __m256 tab_lo = _mm256_loadu_ps(NF4), tab_hi = _mm256_loadu_ps(NF4 + 8);
-  __m256 tot[MT];
-  for (int i = 0; i < MT; ++i) tot[i] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 acc[MT], acc2[MT];  // two FMA chains per row (even / odd elements)
-    for (int i = 0; i < MT; ++i) acc[i] = acc2[i] = _mm256_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
-      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2));
-      __m128i lo8 = _mm_and_si128(b, lowmask), hi8 = _mm_and_si128(_mm_srli_epi16(b, 4), lowmask);
-      __m256i lo = _mm256_cvtepu8_epi32(lo8), hi = _mm256_cvtepu8_epi32(hi8);
-      __m256 wl, wh;
-      if (NF) {
-        wl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab_lo, lo), _mm256_permutevar8x32_ps(tab_hi, lo),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28)));
-        wh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab_lo, hi), _mm256_permutevar8x32_ps(tab_hi, hi),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(hi, 28)));
-      } else {
-        wl = _mm256_cvtepi32_ps(lo);
-        wh = _mm256_cvtepi32_ps(hi);
-      }
-      for (int i = 0; i < MT; ++i) {
-        acc[i] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x + i * ldx + k), acc[i]);
-        acc2[i] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x + i * ldx + k + 8), acc2[i]);
-      }
-    }
-    const __m256 sv = _mm256_set1_ps(scale[g]);
-    for (int i = 0; i < MT; ++i) {
-      tot[i] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[i], acc2[i]), tot[i]);
-      if (!NF) res[i] -= scale[g] * zero[g] * xsum[i * ldxs + g];
-    }
-  }
-  for (int i = 0; i < MT; ++i) res[i] += hsum(tot[i]);
-#else
-  for (int64_t g = 0; g < groups; ++g) {
-    float acc[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = 0.f;
-    for (int64_t k = g * G; k < (g + 1) * G; k += 16)
-      for (int j = 0; j < 8; ++j) {
-        uint8_t byte = w[k / 2 + j];
-        float wl = NF ? NF4[byte & 15] : float(byte & 15), wh = NF ? NF4[byte >> 4] : float(byte >> 4);
-        for (int i = 0; i < MT; ++i) acc[i] += wl * x[i * ldx + k + j] + wh * x[i * ldx + k + 8 + j];
-      }
-    for (int i = 0; i < MT; ++i) {
-      res[i] += scale[g] * acc[i];
-      if (!NF) res[i] -= scale[g] * zero[g] * xsum[i * ldxs + g];
-    }
-  }
-#endif
-  for (int i = 0; i < MT; ++i) y[i * ldy] = res[i];
-}
 
 template <bool NF>
 static torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,

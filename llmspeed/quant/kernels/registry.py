@@ -41,6 +41,8 @@ class Kernel:
         binder: Optional ``binder(module) -> fn(x) -> y``, a fast path with the module's tensors bound
             once (modules cache it per dtype/device/M bucket); default ``partial(run, module)``.
         any_leading_dims: The bound function also takes ``x [..., in]`` and returns ``[..., out]``.
+        auto: Whether ``kernel="auto"`` may pick it (False for a kernel that keeps a second copy of the
+            weight, which would undo part of the memory saving: it runs only when named).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Kernel:
     exact: bool = True
     binder: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None
     any_leading_dims: bool = False
+    auto: bool = True
 
     def bind(self, module) -> Callable[[torch.Tensor], torch.Tensor]:
         """``fn(x [M, in]) -> [M, out]`` for ``module``, valid until its buffers move or are reloaded."""
@@ -80,3 +83,44 @@ def register_kernel(kernel: Kernel) -> Kernel:
     """Add ``kernel`` to the registry (replacing one of the same name) and return it."""
     KERNELS[kernel.name] = kernel
     return kernel
+
+
+def get_kernel(name: str) -> Kernel:
+    """The registered kernel ``name``; ``ValueError`` listing the registered names otherwise."""
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}; got {name!r}")
+    return KERNELS[name]
+
+
+def kernel_names(fmt: str) -> list[str]:
+    """What ``kernel=`` accepts for format ``fmt``: ``"auto"`` and the registered kernels handling it."""
+    return ["auto", *(k for k, v in KERNELS.items() if fmt in v.formats)]
+
+
+def check_kernel_name(name: str, fmt: str) -> None:
+    """``ValueError`` unless ``name`` is ``"auto"`` or a registered kernel handling ``fmt``."""
+    names = kernel_names(fmt)
+    if name not in names:
+        raise ValueError(f"kernel for {fmt} must be one of {names}; got {name!r}")
+
+
+def usable_kernels(module, x: torch.Tensor) -> list[str]:
+    """Names of the kernels that can multiply ``x`` by ``module``'s weight on this machine."""
+    return [k.name for k in KERNELS.values() if k.why_not(module, x) is None]
+
+
+def check_kernel(name: str, fmt: str, device: torch.device | str) -> None:
+    """``ValueError`` when kernel ``name`` does not exist for ``fmt`` on ``device`` (before anything changes)."""
+    if name == "auto":
+        return
+    kernel = get_kernel(name)
+    dev = torch.device(device).type
+    if fmt not in kernel.formats or dev not in kernel.devices:
+        raise ValueError(
+            f"kernel={name!r} does not handle {fmt} on {dev} (it handles {list(kernel.formats)} on "
+            f"{list(kernel.devices)}); use kernel='auto' or one of "
+            f"{[k.name for k in KERNELS.values() if fmt in k.formats and dev in k.devices and k.unavailable() is None]}"
+        )
+    reason = kernel.unavailable()
+    if reason is not None:
+        raise ValueError(f"kernel={name!r} is not available on this machine: {reason}; use kernel='auto'")

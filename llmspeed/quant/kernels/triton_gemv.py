@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ...protocol import QuantizedLinear
 from ...triton_env import interpreted, unavailable
 from ..primitives import NF4_CODEBOOK
 from .registry import Kernel, register_kernel
@@ -97,48 +98,45 @@ def _kernel() -> Any:
     return gemv
 
 
-def _block_k(module) -> int:
+def _block_k(module: QuantizedLinear) -> int:
     """Codes per K tile: 256 for int8; for 4-bit, a tile that divides the group (at most 128 codes)."""
-    if module.quant_format == "int8":
+    layout = module.layout
+    if not layout.four_bit:
         return 256
-    g = module.config.group_size or module.in_padded
     block_k = 128
-    while g % block_k:
+    while not layout.tiles_of(block_k):
         block_k //= 2
     return block_k
 
 
-def _shape(module, x) -> str | None:
+def _shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
     m = x.reshape(-1, x.shape[-1]).shape[0]
     if m > MAX_ROWS:
         return f"the triton GEMV is for decode rows (M <= {MAX_ROWS}); got M={m}"
-    if module.quant_format != "int8" and _block_k(module) < 16:
-        return f"the triton 4-bit GEMV needs a group size divisible by 16; got {module.config.group_size}"
-    return None
+    return module.layout.tile_reason(16, "the triton 4-bit GEMV")
 
 
-def _nf4_state(module) -> tuple[torch.Tensor, torch.Tensor]:
+def _nf4_state(module: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor]:
     scales = module.group_scales().float().contiguous()
     return scales, NF4_CODEBOOK.to(device=scales.device, dtype=torch.float32)
 
 
-def operands(module) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
+def operands(module: QuantizedLinear) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
     """What the Triton kernels take from ``module``: ``(FMT, scales, zeros, codebook, codes per row, groups, GROUP)``.
 
     ``FMT`` is 0 (int8), 1 (int4) or 2 (NF4); codes per row include the 4-bit padding; NF4 scales are
     double-dequantized once and cached. Tensors a format does not use are ``qweight`` (a valid pointer).
     """
-    fmt, dummy = module.quant_format, module.qweight
-    if fmt == "int8":
-        return 0, module.scales, dummy, dummy, module.in_features, 1, 1
-    if fmt == "int4":
-        groups = module.scales.shape[1]
-        return 1, module.scales, module.zeros, dummy, module.in_padded, groups, module.in_padded // groups
+    layout, dummy = module.layout, module.qweight
+    if not layout.four_bit:
+        return 0, module.scales, dummy, dummy, layout.in_features, 1, 1
+    if layout.format == "int4":
+        return 1, module.scales, module.zeros, dummy, layout.in_padded, layout.groups, layout.group
     s, lut = module.kernel_state("triton", _nf4_state)
-    return 2, s, dummy, lut, module.in_padded, s.shape[1], module.in_padded // s.shape[1]
+    return 2, s, dummy, lut, layout.in_padded, layout.groups, layout.group
 
 
-def triton_gemv(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out] in x.dtype
+def triton_gemv(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out] in x.dtype
     """Dequantize-GEMV on the module's packed buffers, one program per (``BLOCK_N`` rows, activation row)."""
     kernel = _kernel()
     x2 = x.reshape(-1, module.in_features).contiguous()

@@ -26,73 +26,10 @@ arguments (``method_options``). Methods with ``needs_calibration=True`` get a ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from . import hqq, rtn  # noqa: F401  (register the per-weight methods "rtn" and "hqq")
+from .registry import METHODS, Method, QuantizedWeight, get_method, register_method
 
-import torch
+# "gptq" needs the quantized modules and the calibration machinery, which sit above this package's
+# registry: llmspeed.quant registers it after importing both (see llmspeed/quant/__init__.py).
 
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """Output of a per-weight method, in the layouts of :mod:`llmspeed.quant.primitives`.
-
-    Attributes:
-        codes: int8 ``[out, in]`` (int8) or uint8 ``[out, in_pad]`` in [0, 15] (int4, nf4), unpacked.
-        scales: fp32 ``[out]`` (int8) or ``[out, groups]``; for nf4 the raw (not double-quantized) absmax.
-        zeros: fp32 ``[out, groups]`` zero points in the code domain (int4 only), else ``None``.
-    """
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered method: exactly one of ``weight`` and ``model`` is set (see the module docstring)."""
-
-    name: str
-    weight: Callable[..., QuantizedWeight] | None = None
-    model: Callable[..., dict[str, Any]] | None = None
-    needs_calibration: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.weight is None) == (self.model is None):
-            raise ValueError(f"method {self.name!r} must give exactly one of weight= and model=")
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(
-    name: str,
-    *,
-    weight: Callable[..., QuantizedWeight] | None = None,
-    model: Callable[..., dict[str, Any]] | None = None,
-    needs_calibration: bool = False,
-) -> Method:
-    """Register (or replace) method ``name``; see the module docstring for the two function kinds."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name must be an identifier-like string; got {name!r}")
-    method = Method(name, weight, model, needs_calibration)
-    METHODS[name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    """The registered method ``name``; ``ValueError`` listing the registered ones otherwise."""
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}; got {name!r}")
-    return METHODS[name]
-
-
-from . import rtn  # noqa: E402,F401  (registers "rtn")
-
-# Calibrated methods register themselves on import; missing modules are simply not offered.
-for _name in ("gptq", "hqq", "awq"):
-    try:
-        __import__(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"{__name__}.{_name}":
-            raise
+__all__ = ["METHODS", "Method", "QuantizedWeight", "get_method", "register_method"]

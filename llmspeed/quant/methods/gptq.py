@@ -24,6 +24,12 @@ from typing import Protocol
 
 import torch
 
+from .. import primitives as P
+from ..calibration import CalibrationConfig, calibration_tokens, quantize_sequentially, split_plan
+from ..modules import module_class
+from .registry import register_method
+from .rtn import nf4_effective_scales, rtn_weight
+
 
 class Grid(Protocol):
     """A format's code grid as GPTQ needs it: fit a group's qparams, round a column, decode it."""
@@ -55,31 +61,6 @@ class GPTQResult:
     scales: torch.Tensor
     zeros: torch.Tensor
     dequantized: torch.Tensor
-
-
-def accumulate_hessian(hessian: torch.Tensor, x: torch.Tensor) -> int:
-    """Add ``x^T x`` of a batch of activations ``x`` (``[..., in]``) to ``hessian`` in place; return rows added.
-
-    Only the upper triangle is multiplied, in column blocks, and mirrored: about 0.65x the work of
-    ``x.T @ x`` for ``in >= 512`` (the result is the same symmetric matrix). The caller scales by
-    ``2 / N`` at the end (:func:`finalize_hessian`); summing unscaled avoids re-weighting on every batch.
-    """
-    x2 = x.reshape(-1, x.shape[-1]).to(hessian.dtype)  # [N, in]
-    n = x2.shape[1]
-    b = max(128, -(-n // 4))  # columns per block
-    for i in range(0, n, b):
-        blk = x2[:, i : i + b].T @ x2[:, i:]  # [b, in - i]: the diagonal block, then the blocks right of it
-        hessian[i : i + b, i:] += blk
-        if i + b < n:
-            hessian[i + b :, i : i + b] += blk[:, b:].T
-    return x2.shape[0]
-
-
-def finalize_hessian(hessian_sum: torch.Tensor, rows: int) -> torch.Tensor:
-    """``2 / N * sum(x^T x)``: the Hessian of ``||W X - Q X||^2 / N`` for one weight row."""
-    if rows <= 0:
-        raise ValueError(f"rows must be positive (no calibration activations reached this layer); got {rows}")
-    return hessian_sum * (2.0 / rows)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -223,9 +204,7 @@ class Int4Grid:
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row scale and zero ``[out]`` of the group ``w`` [out, k]."""
-        from ..primitives import choose_qparams_int4, choose_qparams_int4_symmetric
-
-        choose = choose_qparams_int4_symmetric if self.symmetric else choose_qparams_int4
+        choose = P.choose_qparams_int4_symmetric if self.symmetric else P.choose_qparams_int4
         best_s = best_z = best_err = None
         for shrink in self.clip_search:
             s, z = choose(w * shrink, None)  # [out, 1] each
@@ -247,9 +226,7 @@ class Int4Grid:
 
     def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
         """Integer codes ``[out, in_pad]`` of on-grid ``w`` (padded) with ``[out, groups]`` qparams."""
-        from ..primitives import quantize_int4
-
-        return quantize_int4(w, scales, zeros, group_size)
+        return P.quantize_int4(w, scales, zeros, group_size)
 
 
 class NF4Grid:
@@ -257,22 +234,16 @@ class NF4Grid:
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Group absmax ``[out]`` and a zero vector."""
-        from ..primitives import choose_qparams_nf4
-
-        s = choose_qparams_nf4(w, None)[:, 0]  # [out]
+        s = P.choose_qparams_nf4(w, None)[:, 0]  # [out]
         return s, torch.zeros_like(s)
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Nearest codebook value of ``w / s``, times ``s``."""
-        from ..primitives import _NF4_MIDPOINTS, NF4_CODEBOOK
-
-        return NF4_CODEBOOK.to(w.device)[torch.bucketize(w / scale, _NF4_MIDPOINTS.to(w.device))].mul_(scale)
+        return P.NF4_CODEBOOK.to(w.device)[torch.bucketize(w / scale, P._NF4_MIDPOINTS.to(w.device))].mul_(scale)
 
     def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
         """Codebook indices ``[out, in_pad]`` of on-grid ``w``."""
-        from ..primitives import quantize_nf4
-
-        return quantize_nf4(w, scales, group_size)
+        return P.quantize_nf4(w, scales, group_size)
 
 
 class Int8Grid:
@@ -280,9 +251,7 @@ class Int8Grid:
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row scale ``absmax / 127`` ``[out]`` and a zero vector."""
-        from ..primitives import choose_qparams_int8
-
-        s = choose_qparams_int8(w)  # [out]
+        s = P.choose_qparams_int8(w)  # [out]
         return s, torch.zeros_like(s)
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -291,9 +260,7 @@ class Int8Grid:
 
     def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
         """int8 codes ``[out, in]`` of on-grid ``w`` (``scales`` ``[out, 1]``)."""
-        from ..primitives import quantize_int8
-
-        return quantize_int8(w, scales.reshape(-1))
+        return P.quantize_int8(w, scales.reshape(-1))
 
 
 def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False) -> Grid:
@@ -313,10 +280,6 @@ def pack_result(result: GPTQResult, config, bias: torch.Tensor | None):
     of 0.0. NF4 with double quantization encodes against the double-quantized scales the module
     will store (the scales GPTQ saw differ from those by at most half an 8-bit step).
     """
-    from .. import primitives as P
-    from ..modules import module_class
-    from .rtn import nf4_effective_scales
-
     w = result.dequantized  # [out, in]
     in_f = w.shape[1]
     cls = module_class(config.format)
@@ -361,9 +324,6 @@ def gptq_model(
     Linear layers outside the decoder stack (an output head that was not skipped) are rounded to
     nearest: their inputs are not captured.
     """
-    from ..calibration import CalibrationConfig, calibration_tokens, quantize_sequentially, split_plan
-    from .rtn import rtn_weight
-
     cal = CalibrationConfig(n_sequences, seq_len)
     if damp <= 0:
         raise ValueError(f"damp must be positive; got {damp}")
@@ -391,7 +351,6 @@ def gptq_model(
     built = quantize_sequentially(model, plan, tokens, quantize_group, "gptq", progress)
     _, outside = split_plan(model, plan)
     for name in outside:
-        from ..modules import module_class
 
         linear = model.module.get_submodule(name)
         qw = rtn_weight(linear.weight, plan[name])
@@ -406,10 +365,4 @@ def gptq_model(
     return built
 
 
-def _register() -> None:
-    from . import register_method
-
-    register_method("gptq", model=gptq_model)
-
-
-_register()
+register_method("gptq", model=gptq_model)

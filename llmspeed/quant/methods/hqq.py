@@ -23,7 +23,7 @@ import torch
 
 from .. import primitives as P
 from ..config import QuantConfig
-from . import QuantizedWeight, register_method
+from .registry import QuantizedWeight, register_method
 
 SUPPORTED_FORMATS = ("int4",)
 

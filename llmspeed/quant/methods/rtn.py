@@ -6,7 +6,7 @@ import torch
 
 from .. import primitives as P
 from ..config import QuantConfig
-from . import QuantizedWeight, register_method
+from .registry import QuantizedWeight, register_method
 
 
 def rtn_weight(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:

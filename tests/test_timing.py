@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmspeed.bench import quant as quant_suite
-from llmspeed.bench.timing import copies_to_defeat_cache, timeit_cuda_graph
+from llmspeed.timing import copies_to_defeat_cache, timeit_cuda_graph
 
 
 def test_copies_cover_twice_the_cache_within_bounds():

@@ -1,4 +1,7 @@
-"""Timing with medians and spread (shared machines are noisy), and Markdown tables."""
+"""Timing with medians and spread (shared machines are noisy), device time from CUDA graphs, and Markdown tables.
+
+Below both the kernels (whose `kernel="auto"` times candidates) and the benchmark suites.
+"""
 
 from __future__ import annotations
 
@@ -113,3 +116,50 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def device_ms(fn: Callable[[], Any], calls: int = 5) -> float:
+    """Milliseconds of CUDA device time for ``calls`` calls of ``fn``, replayed from one CUDA graph.
+
+    Timing eager calls would measure the host's dispatch whenever a kernel is shorter than it (tens of
+    microseconds at batch 1); replaying a graph is how decode steps run. A function that cannot be
+    captured (a host sync, say) is timed eagerly.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up off the capture: autotuning, lazy weight conversion, kernel state
+    torch.cuda.current_stream().wait_stream(side)
+    run, per_run = fn, 1
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        run, per_run = graph.replay, calls
+    except RuntimeError:
+        torch.cuda.synchronize()
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls // per_run):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def cpu_ms(fn: Callable[[], Any], budget_ms: float = 4.0, most: int = 25) -> float:
+    """Median milliseconds of one call of ``fn`` on the CPU: one warm-up call, then as many timed calls
+    as fit in about ``budget_ms`` (at least 3, at most ``most``). The median keeps one preempted call
+    on a shared machine from deciding the result."""
+    start = time.perf_counter()
+    fn()
+    first = (time.perf_counter() - start) * 1e3
+    samples = []
+    for _ in range(max(3, min(most, int(budget_ms / max(first, 1e-3))))):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)

@@ -1,0 +1,96 @@
+"""What machine this is, for cache keys, and the private on-disk cache that llmspeed writes.
+
+Two caches live under :func:`cache_root`: compiled kernels (:mod:`llmspeed.cpp_build`) and the
+kernel choices timed by ``kernel="auto"`` (:mod:`llmspeed.quant.kernels.auto`). Both hold results
+that are valid for one kind of CPU only (``-march=native`` code, timings), so both are keyed by
+:func:`cpu_identity`; and both hold code or choices that llmspeed runs, so both live in folders only
+their owner can write (:func:`private_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import stat
+from functools import lru_cache
+from pathlib import Path
+
+CACHE_ENV = "LLMSPEED_CACHE"
+
+
+def cache_root() -> Path:
+    """``$LLMSPEED_CACHE``, else ``~/.cache/llmspeed``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llmspeed")
+
+
+class UnsafeCacheError(RuntimeError):
+    """A cache folder that another user could write: llmspeed will not load code or choices from it."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) with mode 0700 and check that only this user can write it.
+
+    Raises :class:`UnsafeCacheError` naming the folder when it belongs to another user or when its
+    group or others may write it (say, a folder made under ``umask 000``): code loaded from there
+    could have been replaced by anyone.
+    """
+    path = Path(path)
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it in between
+            pass
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
+    info = path.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeCacheError(f"cache path {path} is not a folder")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise UnsafeCacheError(
+            f"cache folder {path} belongs to user id {info.st_uid}, not to you ({os.getuid()}); "
+            f"set {CACHE_ENV} to a folder of your own"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(
+            f"cache folder {path} can be written by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run `chmod 700 {path}` or set {CACHE_ENV} to a private folder"
+        )
+    return path
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor string."""
+    info = _cpuinfo()
+    return info.get("model name") or info.get("cpu model") or platform.processor() or platform.machine()
+
+
+def isa_flags() -> tuple[str, ...]:
+    """The CPU's instruction-set flags, sorted (``/proc/cpuinfo`` ``flags``/``Features``), else ``()``."""
+    info = _cpuinfo()
+    return tuple(sorted((info.get("flags") or info.get("Features") or "").split()))
+
+
+def cpu_identity() -> str:
+    """One line naming what ``-march=native`` code and timings depend on: architecture, model and ISA flags."""
+    flags = hashlib.sha1(" ".join(isa_flags()).encode()).hexdigest()[:12]
+    return f"{platform.machine()}|{cpu_model()}|isa:{flags}"

@@ -1,0 +1,150 @@
+"""Kernel choices timed on the machine at hand, remembered in memory and on disk.
+
+``kernel="auto"`` times its correct candidates once per (device, format, group, layer shape, rows
+bucket, activation dtype) and keeps the fastest. On the CPU the choice is also written to
+``$LLMSPEED_CACHE/autotune/<machine>.json``, where ``<machine>`` hashes the CPU model, its
+instruction-set flags, torch's thread count and torch's version: a later process on the same kind of
+machine starts from the measured choices, and a different CPU, thread count or torch never reads
+them. ``LLMSPEED_AUTOTUNE=0`` turns timing off (the rule table decides alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...machine import UnsafeCacheError, cache_root, cpu_identity, private_dir
+
+AUTOTUNE_ENV = "LLMSPEED_AUTOTUNE"
+MARGIN = 0.03  # another kernel replaces the rule table's guess only when it is faster by more than this
+TIMED_ROWS = 256  # rows timed at most: larger inputs share the choice made at this many (GEMM-bound anyway)
+
+
+def enabled() -> bool:
+    """Whether ``kernel="auto"`` may time candidates (``LLMSPEED_AUTOTUNE`` unset or not ``"0"``)."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def rows_bucket(m: int) -> int:
+    """The rows bucket of ``m`` activation rows: the next power of two, all above ``TIMED_ROWS`` in one."""
+    return min(1 << max(0, m - 1).bit_length(), 2 * TIMED_ROWS)
+
+
+def machine_key() -> str:
+    """What CPU timings depend on besides the layer: CPU model and ISA flags, threads, torch version."""
+    return f"{cpu_identity()}|threads:{torch.get_num_threads()}|torch:{torch.__version__}"
+
+
+def choice_key(module: Any, x: torch.Tensor) -> str:
+    """The key of one timed choice: device, format, group, double quantization, shape, rows bucket, dtype."""
+    layout, config = module.layout, module.config
+    dtype = str(x.dtype).removeprefix("torch.")
+    return (f"{x.device.type}|{layout.format}|g{layout.group}|dq{int(config.double_quant)}|"
+            f"{layout.in_features}x{layout.out_features}|m{rows_bucket(x.shape[0])}|{dtype}")  # fmt: skip
+
+
+def pick(times: dict[str, float], guess: str) -> str:
+    """The fastest of ``times`` (ms per call), or ``guess`` when it is within :data:`MARGIN` of the fastest."""
+    best = min(times, key=times.__getitem__)
+    if guess in times and times[guess] <= times[best] * (1 + MARGIN):
+        return guess
+    return best
+
+
+class ChoiceStore:
+    """Timed choices for one machine key: ``{choice key: {"kernel": name, "ms": {name: ms}}}``.
+
+    Loaded from disk on first use and written back (atomically, merged with what other processes
+    wrote) after every new choice. An unreadable file is ignored; a cache folder others could write is
+    refused with one warning, and choices then live in memory only.
+    """
+
+    def __init__(self, machine: str):
+        self.machine = machine
+        digest = hashlib.sha1(machine.encode()).hexdigest()[:16]
+        self.name = f"{digest}.json"
+        self.choices: dict[str, dict[str, Any]] = {}
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def _folder(self) -> Path | None:
+        try:
+            return private_dir(cache_root() / "autotune")
+        except (UnsafeCacheError, OSError) as err:
+            _warn_once(f"llmspeed: kernel choices are not cached on disk: {err}")
+            return None
+
+    def _read(self, folder: Path) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads((folder / self.name).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("machine") != self.machine:
+            return {}
+        choices = data.get("choices")
+        return choices if isinstance(choices, dict) else {}
+
+    def get(self, key: str) -> str | None:
+        """The kernel name chosen for ``key``, or ``None`` when it was never timed here."""
+        with self._lock:
+            if not self._loaded:
+                folder = self._folder()
+                if folder is not None:
+                    self.choices.update(self._read(folder))
+                self._loaded = True
+            entry = self.choices.get(key)
+        return entry.get("kernel") if isinstance(entry, dict) else None
+
+    def put(self, key: str, kernel: str, times: dict[str, float]) -> None:
+        """Record a choice in memory and on disk."""
+        entry = {"kernel": kernel, "ms": {k: round(v, 4) for k, v in times.items()}}
+        with self._lock:
+            self.choices[key] = entry
+            folder = self._folder()
+            if folder is None:
+                return
+            merged = {**self._read(folder), **self.choices}
+            tmp = folder / f"{self.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                tmp.write_text(json.dumps({"machine": self.machine, "choices": merged}, indent=0, sort_keys=True))
+                os.replace(tmp, folder / self.name)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                _warn_once(f"llmspeed: could not write the kernel choices cache: {err}")
+
+
+_STORES: dict[str, ChoiceStore] = {}
+_WARNED: set[str] = set()
+
+
+def store() -> ChoiceStore:
+    """The :class:`ChoiceStore` of the current machine key (thread count included)."""
+    key = machine_key()
+    if key not in _STORES:
+        _STORES[key] = ChoiceStore(key)
+    return _STORES[key]
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def time_candidates(candidates: dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float]) -> dict[str, float]:
+    """Milliseconds per call of each candidate; one that raises is left out with a warning."""
+    times = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = timer(fn)
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is simply not chosen
+            _warn_once(f"llmspeed: kernel {name!r} failed while being timed and is not chosen: {exc}")
+    return times

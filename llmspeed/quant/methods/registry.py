@@ -1,0 +1,67 @@
+"""The method registry: names -> how a float weight (or a whole model) becomes codes, scales and zeros.
+
+A leaf module: methods import it to register themselves, and the quantized modules look names up in it.
+See :mod:`llmspeed.quant.methods` for the two kinds of entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Output of a per-weight method, in the layouts of :mod:`llmspeed.quant.primitives`.
+
+    Attributes:
+        codes: int8 ``[out, in]`` (int8) or uint8 ``[out, in_pad]`` in [0, 15] (int4, nf4), unpacked.
+        scales: fp32 ``[out]`` (int8) or ``[out, groups]``; for nf4 the raw (not double-quantized) absmax.
+        zeros: fp32 ``[out, groups]`` zero points in the code domain (int4 only), else ``None``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: exactly one of ``weight`` and ``model`` is set (see the module docstring)."""
+
+    name: str
+    weight: Callable[..., QuantizedWeight] | None = None
+    model: Callable[..., dict[str, Any]] | None = None
+    needs_calibration: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.weight is None) == (self.model is None):
+            raise ValueError(f"method {self.name!r} must give exactly one of weight= and model=")
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    weight: Callable[..., QuantizedWeight] | None = None,
+    model: Callable[..., dict[str, Any]] | None = None,
+    needs_calibration: bool = False,
+) -> Method:
+    """Register (or replace) method ``name``; see the module docstring for the two function kinds."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be an identifier-like string; got {name!r}")
+    method = Method(name, weight, model, needs_calibration)
+    METHODS[name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ``ValueError`` listing the registered ones otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}; got {name!r}")
+    return METHODS[name]
