@@ -1,0 +1,23 @@
+"""``python -m llmspeed build``: compile every C++ kernel now, not on first use (for container images and CI)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .cpp_build import build_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build (or verify and load) the quantized-matmul and fused-decode extensions; 1 if any is unavailable."""
+    parser = argparse.ArgumentParser(prog="python -m llmspeed build", description=__doc__)
+    parser.parse_args(argv)
+    from .generation import fused_decode
+    from .quant.kernels import cpp
+
+    failed = 0
+    for name, unavailable in (("quantized matmul (cpp)", cpp.unavailable), ("fused decode step", fused_decode.unavailable)):
+        reason = unavailable()
+        print(f"{name}: {'ready' if reason is None else 'unavailable: ' + reason}")
+        failed += reason is not None
+    print(f"kernel cache: {build_dir()}")
+    return 1 if failed else 0
