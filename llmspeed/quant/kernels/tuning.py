@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,11 @@ def enabled() -> bool:
 def rows_bucket(m: int) -> int:
     """The rows bucket of ``m`` activation rows: the next power of two, all above ``TIMED_ROWS`` in one."""
     return min(1 << max(0, m - 1).bit_length(), 2 * TIMED_ROWS)
+
+
+def default_folder() -> Path:
+    """Where timed choices are kept: ``$LLMSPEED_CACHE/autotune`` (else ``~/.cache/llmspeed/autotune``)."""
+    return cache_root() / "autotune"
 
 
 def machine_key() -> str:
@@ -67,17 +73,19 @@ class ChoiceStore:
     refused with one warning, and choices then live in memory only.
     """
 
-    def __init__(self, machine: str):
+    def __init__(self, machine: str, folder: Path | None = None):
         self.machine = machine
         digest = hashlib.sha1(machine.encode()).hexdigest()[:16]
         self.name = f"{digest}.json"
+        self.folder = folder  # None: default_folder(), looked up at each use
         self.choices: dict[str, dict[str, Any]] = {}
+        self.seconds = 0.0  # time spent timing candidates for this store, in this process
         self._loaded = False
         self._lock = threading.Lock()
 
     def _folder(self) -> Path | None:
         try:
-            return private_dir(cache_root() / "autotune")
+            return private_dir(self.folder if self.folder is not None else default_folder())
         except (UnsafeCacheError, OSError) as err:
             _warn_once(f"llmspeed: kernel choices are not cached on disk: {err}")
             return None
@@ -133,6 +141,18 @@ def store() -> ChoiceStore:
     return _STORES[key]
 
 
+def reset(folder: Path | None = None) -> ChoiceStore:
+    """Forget this machine key's choices in memory and start a new store (in ``folder``, else the cache).
+
+    The next ``kernel="auto"`` choice reads the store's file again, or times the candidates when the
+    file has none: benchmarks use it to measure tuning on first use, tests to isolate their cache.
+    Modules keep the kernels they already bound: clear ``module._kernels`` to make them choose again.
+    """
+    key = machine_key()
+    _STORES[key] = ChoiceStore(key, folder)
+    return _STORES[key]
+
+
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
@@ -140,11 +160,16 @@ def _warn_once(message: str) -> None:
 
 
 def time_candidates(candidates: dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float]) -> dict[str, float]:
-    """Milliseconds per call of each candidate; one that raises is left out with a warning."""
+    """Milliseconds per call of each candidate; one that raises is left out with a warning.
+
+    The wall time spent is added to the current store's ``seconds``.
+    """
+    start = time.perf_counter()
     times = {}
     for name, fn in candidates.items():
         try:
             times[name] = timer(fn)
         except Exception as exc:  # noqa: BLE001 - a candidate that fails is simply not chosen
             _warn_once(f"llmspeed: kernel {name!r} failed while being timed and is not chosen: {exc}")
+    store().seconds += time.perf_counter() - start
     return times

@@ -1,0 +1,146 @@
+"""``kernel="auto"`` on the CPU: candidates timed once per key, choices cached on disk per machine, rules when off."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+
+import llmspeed
+from llmspeed.quant import Int4Linear, Int8Linear, NF4Linear, QuantConfig
+from llmspeed.quant.kernels import KERNELS, auto, tuning
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Timing on, choices in a fresh private cache under ``tmp_path``; the machine's store restored afterwards."""
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(tuning, "default_folder", lambda: tmp_path / "autotune")  # the kernels' cache stays put
+    tuning.reset()
+    yield tmp_path
+    tuning.reset()
+
+
+def _module(cls, k=128, n=96, group=32):
+    torch.manual_seed(0)
+    config = QuantConfig(cls.quant_format, None if cls is Int8Linear else group)
+    return cls.from_linear(nn.Linear(k, n), config)
+
+
+def _fake_times(monkeypatch, times: dict[str, float], calls: list):
+    def fake(candidates, timer):
+        calls.append(sorted(candidates))
+        return {name: times.get(name, 50.0) for name in candidates}
+
+    monkeypatch.setattr(tuning, "time_candidates", fake)
+
+
+def test_pick_keeps_the_guess_unless_beaten_by_more_than_the_margin():
+    assert tuning.pick({"cpp": 1.02, "dequant_fp32": 1.0}, "cpp") == "cpp"
+    assert tuning.pick({"cpp": 1.05, "dequant_fp32": 1.0}, "cpp") == "dequant_fp32"
+    assert tuning.pick({"cpp": 1.0, "dequant_fp32": 2.0}, "dequant_fp32") == "cpp"
+
+
+def test_rows_buckets_are_powers_of_two_and_cap_at_the_timed_rows():
+    assert [tuning.rows_bucket(m) for m in (1, 2, 3, 5, 64, 65, 256, 257, 4096)] == [1, 2, 4, 8, 64, 128, 256, 512, 512]
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, NF4Linear])
+def test_auto_times_cpu_candidates_once_and_caches_the_choice_on_disk(tuned, monkeypatch, cls):
+    module = _module(cls)
+    x = torch.randn(3, 128)
+    calls: list = []
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0, "reference": 5.0}, calls)
+    assert auto.auto_kernel(module, x).name == "dequant_fp32"  # the rule table guesses cpp at M = 3
+    assert auto.auto_kernel(module, x[:1].repeat(4, 1)).name == "dequant_fp32"  # M = 4: same bucket
+    assert len(calls) == 1 and {"cpp", "dequant_fp32"} <= set(calls[0])
+    assert "aten_int4_cpu" not in calls[0]  # keeps a second copy of the weight: only when named
+    files = list((tuned / "autotune").glob("*.json"))
+    assert len(files) == 1 and stat.S_IMODE((tuned / "autotune").stat().st_mode) == 0o700
+    data = json.loads(files[0].read_text())
+    assert data["machine"] == tuning.machine_key()
+    (entry,) = data["choices"].values()
+    assert entry["kernel"] == "dequant_fp32" and entry["ms"]["cpp"] == 9.0
+    # a new process (a fresh store) reads the choice instead of timing again
+    tuning.reset()
+    assert auto.auto_kernel(module, x).name == "dequant_fp32" and len(calls) == 1
+
+
+def test_choices_depend_on_threads_shape_bucket_and_dtype(tuned, monkeypatch):
+    module = _module(Int4Linear)
+    calls: list = []
+    _fake_times(monkeypatch, {"cpp": 1.0}, calls)
+    auto.auto_kernel(module, torch.randn(1, 128))
+    auto.auto_kernel(module, torch.randn(100, 128))  # another rows bucket
+    auto.auto_kernel(module, torch.randn(1, 128, dtype=torch.bfloat16))  # another dtype
+    auto.auto_kernel(_module(Int4Linear, n=64), torch.randn(1, 128))  # another shape
+    assert len(calls) == 4
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before != 1 else 2)
+        auto.auto_kernel(module, torch.randn(1, 128))  # another thread count: another store and file
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 5 and len(list((tuned / "autotune").glob("*.json"))) == 2
+
+
+def test_timing_off_follows_the_rule_table_and_writes_nothing(tuned, monkeypatch):
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    calls: list = []
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0}, calls)
+    module = _module(Int4Linear)
+    assert auto.auto_kernel(module, torch.randn(2, 128)).name == "cpp"
+    assert auto.auto_kernel(module, torch.randn(300, 128)).name == "dequant_fp32"
+    assert calls == [] and not (tuned / "autotune").exists()
+
+
+def test_the_tuned_module_computes_what_the_reference_does(tuned):
+    # real timing: whichever kernel wins, the output is the oracle's
+    for cls in (Int8Linear, Int4Linear, NF4Linear):
+        module = _module(cls)
+        for m in (1, 5, 300):
+            x = torch.randn(m, 128)
+            ref = KERNELS["reference"].run(module, x) + module.bias
+            torch.testing.assert_close(module(x), ref, rtol=1e-4, atol=1e-4)
+    assert tuning.store().seconds > 0 and len(tuning.store().choices) == 9
+
+
+def test_a_cache_file_from_another_machine_or_garbage_is_ignored(tuned, monkeypatch):
+    module = _module(Int4Linear)
+    x = torch.randn(1, 128)
+    key = tuning.choice_key(module, x)
+    folder = tuned / "autotune"
+    folder.mkdir(mode=0o700)
+    path = folder / tuning.store().name
+    path.write_text(json.dumps({"machine": "another CPU", "choices": {key: {"kernel": "reference"}}}))
+    calls: list = []
+    _fake_times(monkeypatch, {"cpp": 1.0}, calls)
+    assert auto.auto_kernel(module, x).name == "cpp" and len(calls) == 1
+    path.write_text("{not json")
+    tuning.reset()
+    assert auto.auto_kernel(module, x).name == "cpp" and len(calls) == 2
+
+
+def test_a_cache_folder_others_can_write_is_not_used(tuned, monkeypatch):
+    folder = tuned / "autotune"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    calls: list = []
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0}, calls)
+    with pytest.warns(RuntimeWarning, match="can be written by other users"):
+        assert auto.auto_kernel(_module(Int4Linear), torch.randn(1, 128)).name == "dequant_fp32"
+    assert list(folder.iterdir()) == []  # the choice lives in memory only
+
+
+def test_the_report_lists_the_timed_choices(tuned, monkeypatch):
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0}, [])
+    auto.auto_kernel(_module(Int4Linear), torch.randn(1, 128))
+    report = llmspeed.kernels()
+    assert report.autotune is True
+    (entry,) = report.tuned.values()
+    assert entry["kernel"] == "dequant_fp32"
+    assert "dequant_fp32" in str(report) and "autotune on" in str(report)
