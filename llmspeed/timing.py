@@ -150,16 +150,29 @@ def device_ms(fn: Callable[[], Any], calls: int = 5) -> float:
     return start.elapsed_time(end)
 
 
-def cpu_ms(fn: Callable[[], Any], budget_ms: float = 4.0, most: int = 25) -> float:
-    """Median milliseconds of one call of ``fn`` on the CPU: one warm-up call, then as many timed calls
-    as fit in about ``budget_ms`` (at least 3, at most ``most``). The median keeps one preempted call
-    on a shared machine from deciding the result."""
-    start = time.perf_counter()
-    fn()
-    first = (time.perf_counter() - start) * 1e3
-    samples = []
-    for _ in range(max(3, min(most, int(budget_ms / max(first, 1e-3))))):
+def cpu_ms(fns: dict[str, Callable[[], Any]], budget_ms: float = 20.0, most: int = 25, drop: float = 4.0) -> dict[str, float]:
+    """Median milliseconds per call of each of ``fns`` on the CPU, timed round-robin.
+
+    One warm-up round first; a function whose warm-up call is more than ``drop`` times the fastest
+    warm-up cannot win and keeps that single time. The others are timed in rounds, one call each
+    per round, for about ``budget_ms`` each (at least 3 rounds, at most ``most``): on a shared machine
+    a burst of contention then slows every candidate alike instead of deciding the race.
+    """
+    first = {}
+    for name, fn in fns.items():
         start = time.perf_counter()
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        first[name] = (time.perf_counter() - start) * 1e3
+    if not first:
+        return {}
+    best = min(first.values())
+    alive = [name for name, ms in first.items() if ms <= drop * max(best, 1e-6)]
+    per_round = sum(first[name] for name in alive)
+    rounds = max(3, min(most, int(budget_ms * len(alive) / max(per_round, 1e-6))))
+    samples: dict[str, list[float]] = {name: [] for name in alive}
+    for _ in range(rounds):
+        for name in alive:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {**first, **{name: statistics.median(values) for name, values in samples.items()}}

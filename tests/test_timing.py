@@ -36,3 +36,28 @@ def test_cuda_graph_timing_and_graph_kernel_rows():
     assert cases[0] == "512x1024 M=1 bf16 F.linear (CUDA graph)"
     assert any(" int4 bf16 " in c for c in cases) and any(" int8 bf16 " in c for c in cases)
     assert all(math.isfinite(r["value"]) and r["value"] > 0 for r in rows if "failed" not in r["case"])
+
+
+def test_cpu_ms_times_round_robin_and_drops_candidates_that_cannot_win():
+    import time
+
+    from llmspeed.timing import cpu_ms
+
+    calls = {"fast": 0, "slow": 0, "medium": 0}
+
+    def fast():
+        calls["fast"] += 1
+        sum(range(2000))
+
+    def medium():  # about twice as slow: within reach, so timed every round
+        calls["medium"] += 1
+        sum(range(4000))
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.02)
+
+    times = cpu_ms({"fast": fast, "medium": medium, "slow": slow}, budget_ms=2, most=7)
+    assert calls["slow"] == 1  # its warm-up was >4x the fastest: never timed again
+    assert calls["fast"] == calls["medium"] and 4 <= calls["fast"] <= 8  # warm-up + 3..7 rounds, one call each
+    assert times["slow"] >= 20 > times["fast"]

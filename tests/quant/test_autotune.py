@@ -32,7 +32,7 @@ def _module(cls, k=128, n=96, group=32):
 
 
 def _fake_times(monkeypatch, times: dict[str, float], calls: list):
-    def fake(candidates, timer):
+    def fake(candidates, timer=None):
         calls.append(sorted(candidates))
         return {name: times.get(name, 50.0) for name in candidates}
 

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from ...protocol import QuantizedLinear
-from ...timing import cpu_ms, device_ms
+from ...timing import device_ms
 from . import tuning
 from .registry import KERNELS, Kernel, get_kernel, usable_kernels
 
@@ -120,7 +120,7 @@ def _timed(module: QuantizedLinear, x: torch.Tensor, guess: Kernel, candidates: 
     calls = {k.name: partial(k.run, module, xt) for k in candidates}
     with torch.no_grad():
         if on_cpu:
-            times = tuning.time_candidates(calls, cpu_ms)
+            times = tuning.time_candidates(calls)
         else:
             with torch.cuda.device(x.device):
                 times = tuning.time_candidates(calls, device_ms)

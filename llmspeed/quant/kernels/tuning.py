@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ...machine import UnsafeCacheError, cache_root, cpu_identity, private_dir
+from ...timing import cpu_ms
 
 AUTOTUNE_ENV = "LLMSPEED_AUTOTUNE"
 MARGIN = 0.03  # another kernel replaces the rule table's guess only when it is faster by more than this
@@ -159,17 +160,26 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def time_candidates(candidates: dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float]) -> dict[str, float]:
+def time_candidates(
+    candidates: dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float] | None = None
+) -> dict[str, float]:
     """Milliseconds per call of each candidate; one that raises is left out with a warning.
 
-    The wall time spent is added to the current store's ``seconds``.
+    ``timer`` times one function (CUDA: :func:`llmspeed.timing.device_ms`); without it the candidates
+    are timed together, round-robin, on the CPU (:func:`llmspeed.timing.cpu_ms`). The wall time spent
+    is added to the current store's ``seconds``.
     """
     start = time.perf_counter()
-    times = {}
-    for name, fn in candidates.items():
+    working = {}
+    for name, fn in candidates.items():  # one call each first: a candidate that raises is not timed
         try:
-            times[name] = timer(fn)
+            fn()
+            working[name] = fn
         except Exception as exc:  # noqa: BLE001 - a candidate that fails is simply not chosen
             _warn_once(f"llmspeed: kernel {name!r} failed while being timed and is not chosen: {exc}")
+    if timer is None:
+        times = cpu_ms(working)
+    else:
+        times = {name: timer(fn) for name, fn in working.items()}
     store().seconds += time.perf_counter() - start
     return times
