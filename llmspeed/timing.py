@@ -150,18 +150,32 @@ def device_ms(fn: Callable[[], Any], calls: int = 5) -> float:
     return start.elapsed_time(end)
 
 
-def cpu_ms(fns: dict[str, Callable[[], Any]], budget_ms: float = 20.0, most: int = 25, drop: float = 4.0) -> dict[str, float]:
+def cpu_ms(
+    fns: dict[str, Callable[[], Any]],
+    budget_ms: float = 20.0,
+    most: int = 25,
+    drop: float = 4.0,
+    errors: dict[str, BaseException] | None = None,
+) -> dict[str, float]:
     """Median milliseconds per call of each of ``fns`` on the CPU, timed round-robin.
 
     One warm-up round first; a function whose warm-up call is more than ``drop`` times the fastest
     warm-up cannot win and keeps that single time. The others are timed in rounds, one call each
     per round, for about ``budget_ms`` each (at least 3 rounds, at most ``most``): on a shared machine
-    a burst of contention then slows every candidate alike instead of deciding the race.
+    a burst of contention then slows every candidate alike instead of deciding the race. A function
+    that raises in its warm-up is left out (its exception goes into ``errors`` when given; else it
+    propagates).
     """
     first = {}
     for name, fn in fns.items():
         start = time.perf_counter()
-        fn()
+        try:
+            fn()
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors[name] = exc
+            continue
         first[name] = (time.perf_counter() - start) * 1e3
     if not first:
         return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -144,3 +145,13 @@ def test_the_report_lists_the_timed_choices(tuned, monkeypatch):
     (entry,) = report.tuned.values()
     assert entry["kernel"] == "dequant_fp32"
     assert "dequant_fp32" in str(report) and "autotune on" in str(report)
+
+
+def test_a_candidate_that_raises_is_left_out_with_a_warning(tuned, monkeypatch):
+    def boom(module, x):
+        raise RuntimeError("no code for this CPU")
+
+    monkeypatch.setitem(KERNELS, "dequant_fp32", dataclasses.replace(KERNELS["dequant_fp32"], run=boom))
+    with pytest.warns(RuntimeWarning, match="'dequant_fp32' failed while being timed"):
+        chosen = auto.auto_kernel(_module(Int4Linear), torch.randn(300, 128))  # the rule table's guess at M=300
+    assert chosen.name in ("cpp", "reference")

@@ -170,16 +170,17 @@ def time_candidates(
     is added to the current store's ``seconds``.
     """
     start = time.perf_counter()
-    working = {}
-    for name, fn in candidates.items():  # one call each first: a candidate that raises is not timed
-        try:
-            fn()
-            working[name] = fn
-        except Exception as exc:  # noqa: BLE001 - a candidate that fails is simply not chosen
-            _warn_once(f"llmspeed: kernel {name!r} failed while being timed and is not chosen: {exc}")
+    errors: dict[str, BaseException] = {}
     if timer is None:
-        times = cpu_ms(working)
+        times = cpu_ms(candidates, errors=errors)
     else:
-        times = {name: timer(fn) for name, fn in working.items()}
+        times = {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = timer(fn)
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails is simply not chosen
+                errors[name] = exc
+    for name, exc in errors.items():
+        _warn_once(f"llmspeed: kernel {name!r} failed while being timed and is not chosen: {exc}")
     store().seconds += time.perf_counter() - start
     return times
