@@ -104,7 +104,11 @@ class QuantizedLinear(Protocol):
     scales: torch.Tensor  # fp32 [out] (int8) or [out, groups]
     zeros: torch.Tensor  # fp32 [out, groups] (int4 only)
     perm: torch.Tensor  # int64 [in] (int4 with config.act_order only)
-    bias: torch.Tensor | None
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # [out] or None
+        """The float bias added after the matmul."""
+        ...
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
         """The float weight this module represents (``rows``: only those output rows)."""

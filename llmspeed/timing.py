@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,7 +151,7 @@ def device_ms(fn: Callable[[], Any], calls: int = 5) -> float:
 
 
 def cpu_ms(
-    fns: dict[str, Callable[[], Any]],
+    fns: Mapping[str, Callable[[], Any]],
     budget_ms: float = 20.0,
     most: int = 25,
     drop: float = 4.0,

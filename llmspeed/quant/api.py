@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -168,7 +168,7 @@ def quantize(
         if entry.weight is not None:
             cls = module_class(fmt)
             for name in plan:
-                linear = snapshot[name]
+                linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
                 qw = entry.weight(linear.weight, config, **options)
                 bias = None if linear.bias is None else linear.bias.detach()
                 new = cls.from_codes(
@@ -178,6 +178,7 @@ def quantize(
                 _check_named_kernel(new, linear.weight)
                 model.replace_linear(name, new)
         else:
+            assert entry.model is not None  # a Method has exactly one of weight and model
             built = entry.model(model, plan, calibration, **options)
             missing = set(plan) - set(built)
             if missing or not all(isinstance(m, QuantizedLinearBase) for m in built.values()):

@@ -11,6 +11,8 @@ backward pass multiplies by the dequantized weight, rebuilt on the fly and freed
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -47,6 +49,7 @@ class QuantizedLinearBase(nn.Module):
     layout: QuantLayout  # the packed weight's geometry (group, groups, padded width): what every kernel reads
     qweight: torch.Tensor  # buffers, registered per format (annotated for type checkers)
     scales: torch.Tensor
+    zeros: torch.Tensor  # Int4Linear only
     perm: torch.Tensor  # Int4Linear with config.act_order only
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: torch.Tensor | None):
@@ -63,7 +66,7 @@ class QuantizedLinearBase(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._permuted = config.act_order  # Int4Linear registers ``perm`` [in] when set
-        self._kernels: dict[tuple, object] = {}  # (dtype, device index, rows bucket) -> bound kernel
+        self._kernels: dict[tuple, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {}  # (dtype, device, rows bucket) -> (bound kernel, any leading dims)
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
 
     # --- to implement per format ---------------------------------------------------------------

@@ -75,6 +75,7 @@ def fused_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, 
 def bind_fused_cpu(module: QuantizedLinear):
     """``fn(x) -> y`` with the extension function and the module's tensors looked up once."""
     ext, fmt = extension(), module.quant_format
+    args: tuple[Any, ...]
     if fmt == "int8":
         f, args = ext.int8_matmul, (module.qweight, module.scales)
     elif fmt == "int4":

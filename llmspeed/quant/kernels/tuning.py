@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ def _warn_once(message: str) -> None:
 
 
 def time_candidates(
-    candidates: dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float] | None = None
+    candidates: Mapping[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float] | None = None
 ) -> dict[str, float]:
     """Milliseconds per call of each candidate; one that raises is left out with a warning.
 
@@ -180,7 +180,7 @@ def time_candidates(
                 times[name] = timer(fn)
             except Exception as exc:  # noqa: BLE001 - a candidate that fails is simply not chosen
                 errors[name] = exc
-    for name, exc in errors.items():
-        _warn_once(f"llmspeed: kernel {name!r} failed while being timed and is not chosen: {exc}")
+    for name, error in errors.items():
+        _warn_once(f"llmspeed: kernel {name!r} failed while being timed and is not chosen: {error}")
     store().seconds += time.perf_counter() - start
     return times
