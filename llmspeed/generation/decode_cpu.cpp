@@ -287,6 +287,32 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "fused decode: ", name, " must be contiguous fp32");
 }
 
+// LoRA deltas of one matrix, each row with its own adapter: y[i, :] += B[s] (A[s] x[i, :]) for s = slot[i] >= 0.
+// A fp32 [S, R, K], B fp32 [S, N, R] with the adapter's scale folded in (zero-padded to the largest rank R;
+// zeros for an adapter that does not touch this matrix). Empty A: no adapter touches it.
+void lora_add(const float* x, int64_t M, int64_t K, const at::Tensor& A, const at::Tensor& B, const int64_t* slot,
+              float* y, int64_t N) {
+  if (A.numel() == 0) return;
+  check_f32(A, "LoRA A");
+  check_f32(B, "LoRA B");
+  const int64_t S = A.size(0), R = A.size(1);
+  TORCH_CHECK(A.dim() == 3 && A.size(2) == K && B.dim() == 3 && B.size(0) == S && B.size(1) == N && B.size(2) == R,
+              "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, ", N, ", R]");
+  std::vector<float> t(R);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t s = slot[i];
+    if (s < 0) continue;
+    TORCH_CHECK(s < S, "fused decode: adapter slot ", s, " out of ", S);
+    const float* a = A.data_ptr<float>() + s * R * K;
+    for (int64_t r = 0; r < R; ++r) t[r] = dot(x + i * K, a + r * K, K, false);
+    const float* b = B.data_ptr<float>() + s * N * R;
+    float* yi = y + i * N;
+    at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n) yi[n] += dot(t.data(), b + n * R, R, false);
+    });
+  }
+}
+
 }  // namespace
 
 // ln1, ln2, q bias, k bias, v bias, q norm, k norm (Qwen3's per-head RMSNorm, fp32 [head_dim]), then
@@ -299,10 +325,12 @@ enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 // hidden [n, E] fp32 embeddings -> logits [n, V] fp32. weights: PER_LAYER tensors per layer (fp32 norms and
 // biases, matrices as in linear()). lm_head: (weight, scale, zero) likewise.
 // key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
+// lora: empty, or (A, B) stacks (see lora_add) for q, k, v, o, gate, up, down of every layer (14 per layer);
+// adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::Tensor key_cache,
                        at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
                        at::Tensor cos, at::Tensor sin, at::Tensor norm, std::vector<at::Tensor> lm_head, int64_t num_heads,
-                       double eps, double scale) {
+                       double eps, double scale, std::vector<at::Tensor> lora, at::Tensor adapter_slot) {
   check_f32(hidden, "hidden");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
@@ -321,6 +349,11 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
   TORCH_CHECK(cos.size(0) == n && cos.size(1) == st.D, "fused decode: cos/sin must be [n, head_dim]");
   const int64_t I = weights[FIRST_MATRIX + 3 * GATE].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
   const int64_t layer_stride = key_cache[0].numel();
+  const bool has_lora = !lora.empty();
+  TORCH_CHECK(!has_lora || (int64_t)lora.size() == layers * 14, "fused decode: lora needs 14 tensors per layer");
+  TORCH_CHECK(!has_lora || (adapter_slot.scalar_type() == at::kLong && adapter_slot.is_contiguous() &&
+                            adapter_slot.numel() == n), "fused decode: adapter_slot must be int64 [n]");
+  const int64_t* slot_of = has_lora ? adapter_slot.data_ptr<int64_t>() : nullptr;
 
   at::Tensor h = hidden.clone();  // residual stream [n, E]
   std::vector<float> x(n * E), q(n * qw), k(n * kvw), v(n * kvw), att(n * qw), tmp(n * E), gate(n * I), up(n * I);
@@ -339,8 +372,14 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
       const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
       return linear(m[0], m[1], m[2], bias, y);
     };
+    auto adapt = [&](Matrix j, const float* in, int64_t K, float* y) {  // + this layer's LoRA deltas of matrix j
+      if (has_lora) lora_add(in, n, K, lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], slot_of, y, rows[j]);
+    };
     rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
     gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())});
+    adapt(Q, x.data(), E, q.data());
+    adapt(K_, x.data(), E, k.data());
+    adapt(V, x.data(), E, v.data());
     if (w[5].numel() > 0) {  // per-head q/k norms (Qwen3), before the rotary embedding
       check_f32(w[5], "q norm");
       check_f32(w[6], "k norm");
@@ -359,11 +398,15 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
              value_cache.data_ptr<float>() + l * layer_stride, att.data());
     }
     gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())});
+    adapt(O, att.data(), qw, tmp.data());
     add_into_h();
     rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
     gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())});
+    adapt(GATE, x.data(), E, gate.data());
+    adapt(UP, x.data(), E, up.data());
     for (int64_t e = 0; e < n * I; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
     gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())});
+    adapt(DOWN, gate.data(), I, tmp.data());
     add_into_h();
   }
   rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());

@@ -11,8 +11,9 @@ so what runs is the model as it is at that step.
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
 ``mistral``, ``qwen2`` or ``qwen3`` (per-head q/k RMSNorm) with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
 ``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only int8, int4 and NF4 linears (4-bit groups a
-multiple of 16; q/k/v biases allowed). LoRA-wrapped linears, other architectures and other devices
-use the generic path.
+multiple of 16; q/k/v biases allowed), optionally wrapped with unmerged LoRA adapters (each row of
+the batch with its own adapter: :mod:`.fused_lora`). Other architectures and devices, a LoRA-wrapped
+``lm_head``, merged adapters and adapters with dropout in training mode use the generic path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import cpp_build
+from . import fused_lora
 from .kv_cache import PagedKVCache, block_tables
 
 if TYPE_CHECKING:
@@ -93,7 +95,12 @@ def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
     return q, module.group_scales().float().contiguous(), None
 
 
-def _check_linear(module: nn.Module, name: str, bias_ok: bool) -> str | None:
+def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = True) -> str | None:
+    if lora_ok and fused_lora.is_lora(module):
+        why = fused_lora.unfusable_reason(module)
+        if why is not None:
+            return f"{name} has LoRA adapters the fused step cannot apply: {why}"
+        module = module.base_layer
     if not _fusable(module):
         what = getattr(module, "quant_format", None) or getattr(getattr(module, "weight", None), "dtype", "")
         return f"{name} is {type(module).__name__} ({what}): not an fp32/bf16 nn.Linear or an llmspeed int8/int4/nf4 linear"
@@ -136,7 +143,7 @@ def unsupported(model) -> str | None:
     body = getattr(hf, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
         return "no model.layers / model.rotary_emb"
-    reason = _check_linear(hf.lm_head, "lm_head", bias_ok=False) or _check_norms(body)
+    reason = _check_linear(hf.lm_head, "lm_head", bias_ok=False, lora_ok=False) or _check_norms(body)
     if reason:
         return reason
     for i, layer in enumerate(body.layers):
@@ -152,6 +159,11 @@ def unsupported(model) -> str | None:
             if reason:
                 return reason
     return None
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The linear a LoRA wrapper wraps, else the module itself."""
+    return module.base_layer if fused_lora.is_lora(module) else module
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor:
@@ -173,7 +185,9 @@ class _Snapshot:
 
     def __init__(self, hf: Any):
         body = hf.model
-        self.checks: list[tuple[object, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
+        self.wrappers: list[Any] = []  # LoRA wrappers, in the C++ layout's order
+        self.lora: list[torch.Tensor] = []  # (A, B) stacks per matrix per layer, or [] without LoRA
+        self.checks: list[tuple[nn.Module, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
         self.checks.append((body, "norm", body.norm))
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.weights: list[torch.Tensor] = []
@@ -187,9 +201,12 @@ class _Snapshot:
             for name, owner in owners.items():
                 module = getattr(owner, name)
                 self.checks.append((owner, name, module))
+                if fused_lora.is_lora(module):
+                    self.checks.append((module, "base_layer", module.base_layer))
+                    module = module.base_layer
                 parts[name] = self._read(module)
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-            biases = [getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")]
+            biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
             for name in ("q_norm", "k_norm"):
                 if hasattr(attn, name):
@@ -202,6 +219,25 @@ class _Snapshot:
         self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
         self.layout = [(t.data_ptr(), t.dtype) for t in self.sources]
         self.norm = _f32(body.norm.weight)
+        self._stack_adapters(body)
+
+    def _stack_adapters(self, body: Any) -> None:
+        """The LoRA stacks of every projection, one slot per adapter name (sorted), when any projection has one."""
+        matrices = [getattr(layer.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, n)
+                    for layer in body.layers for n in _MATRICES]  # fmt: skip
+        self.wrappers = [m for m in matrices if fused_lora.is_lora(m)]
+        self.slots = sorted({n for m in self.wrappers for n in m.lora_A})
+        # set_adapter(name) leaves layers without ``name`` at None: one name must explain every layer
+        named = {m.active for m in self.wrappers if m.active is not None}
+        self.active = next(iter(named)) if len(named) == 1 else None
+        self.one_active = len(named) <= 1 and all(
+            m.active == (self.active if self.active in m.lora_A else None) for m in self.wrappers
+        )
+        if self.slots:
+            for m in matrices:
+                self.lora += fused_lora.stacks(m, self.slots) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
+        self.lora_state = [fused_lora.state(m) for m in self.wrappers]
+        self.lora_weights = [(t, t._version) for m in self.wrappers for t in fused_lora.weights(m)]
 
     def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         parts = _parts(module)  # unsupported() ran first: the module is fusable
@@ -209,9 +245,18 @@ class _Snapshot:
         return parts
 
     def valid(self) -> bool:
-        return all(getattr(o, n) is x for o, n, x in self.checks) and all(
-            t.data_ptr() == p and t.dtype == d for t, (p, d) in zip(self.sources, self.layout)
+        return (
+            all(o._modules.get(n) is x for o, n, x in self.checks)  # every check is (parent, child name, child)
+            and all(t.data_ptr() == p and t.dtype == d for t, (p, d) in zip(self.sources, self.layout))
+            and all(fused_lora.state(m) == s for m, s in zip(self.wrappers, self.lora_state))
+            and all(t._version == v for t, v in self.lora_weights)  # adapters trained in place restack
         )
+
+    def adapter_slots(self, names: list[str | None]) -> torch.Tensor:  # [n] int64
+        """Each row's stack slot (``-1``: none); ``names`` as resolved by :meth:`FusedDecode.run`."""
+        if not self.slots:
+            return torch.empty(0, dtype=torch.long)
+        return fused_lora.slot_ids(names, self.slots)
 
 
 class FusedDecode:
@@ -237,11 +282,19 @@ class FusedDecode:
             self._snapshot = _Snapshot(self.model.hf)
         return self._snapshot
 
-    def run(self, step: StepInput) -> torch.Tensor | None:  # [n, vocab]
-        """Logits of a decode-only :class:`~.runner.StepInput`, or ``None`` when the model is unsupported."""
+    def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [n, vocab]
+        """Logits of a decode-only :class:`~.runner.StepInput`, or ``None`` when the model is unsupported.
+
+        ``adapters``: each row's LoRA adapter name; a row without one (``None``, or ``adapters=None`` for
+        all rows) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic
+        path does.
+        """
         snap = None if self.ext is None else self._current()
         if snap is None:
             return None
+        names = [a if a is not None else snap.active for a in (adapters or [None] * len(step.ids))]
+        if not snap.one_active or not set(names) <= {None, *snap.slots}:
+            return None  # layers set to different adapters, or an adapter the snapshot lacks: the generic path
         hf = self.model.hf
         body = hf.model
         bs = self.cache.block_size
@@ -264,4 +317,5 @@ class FusedDecode:
                 self.model.spec.num_heads,
                 _eps(norm),
                 float(body.layers[0].self_attn.scaling),
+                snap.lora, snap.adapter_slots(names),
             )  # fmt: skip

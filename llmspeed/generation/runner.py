@@ -157,8 +157,8 @@ class ModelRunner:
             logits = self.graphs.run(step)
             if logits is not None:
                 return "cuda graph", logits
-        if self.fused is not None and plain:
-            logits = self.fused.run(step)
+        if self.fused is not None and step.decode_only:
+            logits = self.fused.run(step, step.adapters)  # rows without one: the active adapter
             if logits is not None:
                 return "fused cpu", logits
         attention = PagedAttention(self.cache, step.chunks, self.decode_kernel, self.prefill_kernel, slots=step.slots)

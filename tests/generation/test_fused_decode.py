@@ -179,10 +179,11 @@ def test_a_model_changed_after_the_generator_was_built_is_followed():
     ref = _generic_logits(model, gen, decode)
     assert not torch.allclose(before, after)
     assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
-    # a wrapped linear (LoRA, quantized) makes it step aside instead of ignoring the wrapper
+    # a wrapper the step cannot read (a LoRA-wrapped lm_head) makes it step aside instead of ignoring it
     from llmspeed import lora
 
-    lora.add_adapter(model, "a", r=2)
+    lora.add_adapter(model, "a", r=2, targets=["lm_head"])
+    assert "lm_head" in fused_decode.unsupported(model)
     assert fused.run(StepInput.decode(decode, gen.blocks.block_size)) is None
 
 

@@ -1,0 +1,83 @@
+"""LoRA adapters on the fused CPU decode step: the cost of one adapter, and of a different adapter per row.
+
+A decode step of the quantized model with no adapter, with one r=16 adapter on every projection,
+and at batch 8 with four adapters spread over the rows (one row without), each configuration measured
+in every repetition in turn so that a shared machine's drift hits all alike. The ``path`` column says
+which way the steps ran (``fused cpu`` is the C++ step; before adapters joined it, any adapter sent
+decode to the generic per-layer path).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from .. import lora
+from ..generation import Generator, SamplingParams
+from ..quant import quantize
+from .models import load_model
+
+ADAPTERS = ("a", "b", "c", "d")
+CONFIGS = {  # label -> adapter per row
+    "batch 1, no adapter": [None],
+    "batch 1, one adapter": ["a"],
+    "batch 8, no adapter": [None] * 8,
+    "batch 8, 4 adapters over the rows": ["a", "b", "c", "d", None, "a", "b", "c"],
+}
+
+
+def _steps_ms(model, names: list[str | None], steps: int, fused: bool) -> tuple[float, str]:
+    """Median ms of decode steps with one row per entry of ``names``, and the path they took."""
+    g = Generator(model, kv_cache_tokens=4096, progress=False, fused_decode=None if fused else False)
+    rids = {g.add_request(list(range(100, 140 + i)), SamplingParams(max_new_tokens=steps + 4, ignore_eos=True, adapter=a))
+            for i, a in enumerate(names)}  # fmt: skip
+    started: set[int] = set()
+    while started != rids:  # prefill
+        started |= {e.request_id for e in g.step() if e.token_id is not None}
+    before = dict(g.step_paths)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        g.step()
+        times.append((time.perf_counter() - start) * 1e3)
+    paths = sorted(p for p, (n, _) in g.step_paths.items() if n > before.get(p, (0, 0.0))[0])
+    return statistics.median(times), ",".join(paths)
+
+
+def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
+        fmt: str = "int4", rank: int = 16) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows ``{table, config, path, ms, vs no adapter}``: the fused step with and without adapters, and the
+    generic path for the same configurations (what adapters cost before they joined the fused step)."""
+    if device != "cpu":
+        raise ValueError(f"the fused decode step runs on the CPU; got device={device!r}")
+    reps, steps = (3, 8) if quick else (7, 16)
+    m = load_model(model, "cpu")
+    quantize(m, fmt)
+    g = torch.Generator().manual_seed(0)
+    for name in ADAPTERS:
+        lora.add_adapter(m, name, r=rank, alpha=2 * rank)
+        with torch.no_grad():
+            for _, layer in lora.lora_layers(m):
+                layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.01)
+    lora.set_adapter(m, None)
+    samples: dict[tuple[str, bool], list[float]] = {}
+    paths: dict[tuple[str, bool], str] = {}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for fused in (True, False):
+                for label, names in CONFIGS.items():
+                    ms, path = _steps_ms(m, names, steps, fused)
+                    samples.setdefault((label, fused), []).append(ms)
+                    paths[(label, fused)] = path
+    rows = []
+    for fused in (True, False):
+        for label in CONFIGS:
+            base = "batch 1, no adapter" if label.startswith("batch 1") else "batch 8, no adapter"
+            ms = statistics.median(samples[(label, fused)])
+            rows.append({"table": f"{fmt} decode step, r={rank} adapters", "step": "fused" if fused else "generic",
+                         "config": label, "path": paths[(label, fused)], "ms": round(ms, 2),
+                         "vs no adapter": round(ms / statistics.median(samples[(base, fused)]), 3)})  # fmt: skip
+    return rows

@@ -1,0 +1,1 @@
+"""Tests of llmspeed.generation."""
