@@ -86,8 +86,13 @@ def _compiler_version(path: str) -> str:
 
 
 def _last_line(err: BaseException) -> str:
+    """The compiler's first ``error:`` line if the message has one (ninja's last line only says it stopped)."""
     text = str(err).strip()
-    return text.splitlines()[-1][:200] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    errors = [line.strip() for line in lines if "error:" in line]
+    return (errors[0] if errors else lines[-1])[:300]
 
 
 _WARNED: set[str] = set()

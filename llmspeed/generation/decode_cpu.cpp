@@ -298,19 +298,30 @@ void lora_add(const float* x, int64_t M, int64_t K, const at::Tensor& A, const a
   const int64_t S = A.size(0), R = A.size(1);
   TORCH_CHECK(A.dim() == 3 && A.size(2) == K && B.dim() == 3 && B.size(0) == S && B.size(1) == N && B.size(2) == R,
               "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, ", N, ", R]");
-  std::vector<float> t(R);
+  bool any = false;
   for (int64_t i = 0; i < M; ++i) {
-    const int64_t s = slot[i];
-    if (s < 0) continue;
-    TORCH_CHECK(s < S, "fused decode: adapter slot ", s, " out of ", S);
-    const float* a = A.data_ptr<float>() + s * R * K;
-    for (int64_t r = 0; r < R; ++r) t[r] = dot(x + i * K, a + r * K, K, false);
-    const float* b = B.data_ptr<float>() + s * N * R;
-    float* yi = y + i * N;
-    at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t n = lo; n < hi; ++n) yi[n] += dot(t.data(), b + n * R, R, false);
-    });
+    TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
+    any = any || slot[i] >= 0;
   }
+  if (!any) return;
+  std::vector<float> t(M * R);  // t[i] = A[slot[i]] x[i], for the rows that have an adapter
+  const float* a0 = A.data_ptr<float>();
+  // (row, rank) pairs in parallel once there is enough work (~32k multiply-adds a chunk); inline at batch 1
+  at::parallel_for(0, M * R, std::max<int64_t>(1, 32768 / K), [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t i = j / R, r = j % R;
+      if (slot[i] >= 0) t[j] = dot(x + i * K, a0 + (slot[i] * R + r) * K, K, false);
+    }
+  });
+  const float* b0 = B.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {  // one parallel region for all rows
+    for (int64_t i = 0; i < M; ++i) {
+      if (slot[i] < 0) continue;
+      const float* b = b0 + slot[i] * N * R;
+      float* yi = y + i * N;
+      for (int64_t n = lo; n < hi; ++n) yi[n] += dot(t.data() + i * R, b + n * R, R, false);
+    }
+  });
 }
 
 }  // namespace

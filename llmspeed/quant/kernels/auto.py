@@ -128,7 +128,7 @@ def _timed(module: QuantizedLinear, x: torch.Tensor, guess: Kernel, candidates: 
         return guess
     name = tuning.pick(times, guess.name)
     if on_cpu:
-        tuning.store().put(key, name, times)
+        tuning.store().put(key, name, times, guess.name)
     else:
         _CUDA_TIMED[key] = name
     return KERNELS[name]

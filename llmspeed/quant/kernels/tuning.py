@@ -67,7 +67,7 @@ def pick(times: dict[str, float], guess: str) -> str:
 
 
 class ChoiceStore:
-    """Timed choices for one machine key: ``{choice key: {"kernel": name, "ms": {name: ms}}}``.
+    """Timed choices for one machine key: ``{choice key: {"kernel": name, "guess": rule's name, "ms": {name: ms}}}``.
 
     Loaded from disk on first use and written back (atomically, merged with what other processes
     wrote) after every new choice. An unreadable file is ignored; a cache folder others could write is
@@ -112,9 +112,9 @@ class ChoiceStore:
             entry = self.choices.get(key)
         return entry.get("kernel") if isinstance(entry, dict) else None
 
-    def put(self, key: str, kernel: str, times: dict[str, float]) -> None:
-        """Record a choice in memory and on disk."""
-        entry = {"kernel": kernel, "ms": {k: round(v, 4) for k, v in times.items()}}
+    def put(self, key: str, kernel: str, times: dict[str, float], guess: str | None = None) -> None:
+        """Record a choice (and the rule table's ``guess`` it was raced against) in memory and on disk."""
+        entry = {"kernel": kernel, "guess": guess, "ms": {k: round(v, 4) for k, v in times.items()}}
         with self._lock:
             self.choices[key] = entry
             folder = self._folder()
