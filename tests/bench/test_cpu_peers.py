@@ -1,0 +1,27 @@
+"""The llama.cpp comparison reports, instead of failing, when its anchor is missing."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from llmspeed.bench import cpu_peers
+
+
+def test_a_missing_anchor_is_reported_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    reason = cpu_peers.llama_cpp_missing()
+    assert reason is not None and "llama-cpp-python is not installed" in reason
+    assert "-DGGML_NATIVE=ON" in reason
+
+
+def test_it_compares_the_embedded_model_on_the_cpu_only():
+    with pytest.raises(ValueError, match="device='cuda'"):
+        cpu_peers.run(device="cuda")
+    with pytest.raises(ValueError, match="model='tiny-llama'"):
+        cpu_peers.run(model="tiny-llama")
+
+
+def test_every_format_maps_to_the_llama_cpp_type_of_the_same_width():
+    assert {k: v[0] for k, v in cpu_peers.FORMATS.items()} == {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
