@@ -1,6 +1,6 @@
 """CPU inference against llama.cpp (llama-cpp-python), format by format, on the same SmolLM2 weights.
 
-flock /tmp/llmspeed-cpu.lock python benchmarks/cpu_peers.py [--quick] 
+flock /tmp/llmspeed-cpu.lock python benchmarks/cpu_peers.py [--quick]
 """
 
 from __future__ import annotations
