@@ -24,6 +24,7 @@ from ..generation import Generator, SamplingParams
 from ..quant import quantize
 from ..quant.kernels import tuning
 from .models import load_model
+from .steps import decode_step_ms
 
 FORMATS = ("int8", "int4", "nf4")
 
@@ -50,18 +51,7 @@ def _prompt(model, n: int) -> list[int]:
 
 def _decode_step_ms(model, batch: int, steps: int) -> float:
     """Median ms of decode-only steps with ``batch`` running sequences on the per-layer path."""
-    g = Generator(model, kv_cache_tokens=4096, fused_decode=False, progress=False)
-    rids = {g.add_request(_prompt(model, 32 + i), SamplingParams(max_new_tokens=steps + 4, ignore_eos=True))
-            for i in range(batch)}  # fmt: skip
-    started: set[int] = set()
-    while started != rids:  # prefill until every sequence has its first token
-        started |= {e.request_id for e in g.step() if e.token_id is not None}
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        g.step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return decode_step_ms(model, [_prompt(model, 32 + i) for i in range(batch)], steps, fused_decode=False)[0]
 
 
 def _prefill_ms(model, tokens: int) -> float:

@@ -30,6 +30,7 @@ from ..memory import memory_footprint
 from ..models.embedded import gguf_path, smollm2
 from ..precision import cast
 from ..quant import quantize
+from .steps import decode_step_ms
 
 # llmspeed format -> (llama.cpp type name, llama_ftype value of llama.h); None: an llmspeed-only row
 FORMATS: dict[str, tuple[str, int] | None] = {"fp32": ("F32", 0), "bf16": ("F16", 1), "int8": ("Q8_0", 7),
@@ -118,20 +119,6 @@ def _llmspeed_model(fmt: str):
     return model
 
 
-def _step_ms(model, prompts: list[list[int]], steps: int) -> float:
-    g = Generator(model, kv_cache_tokens=4096, progress=False)
-    rids = {g.add_request(p, SamplingParams(max_new_tokens=steps + 4, ignore_eos=True)) for p in prompts}
-    started: set[int] = set()
-    while started != rids:
-        started |= {e.request_id for e in g.step() if e.token_id is not None}
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        g.step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int) -> dict[str, Any]:
     from ..eval.perplexity import window_losses
 
@@ -144,9 +131,9 @@ def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int) 
         prefill.append(256 / (time.perf_counter() - start))
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
-    return {"decode ms": _step_ms(model, [prompt[:128]], steps), "prefill tok/s": statistics.median(prefill),
+    return {"decode ms": decode_step_ms(model, [prompt[:128]], steps)[0], "prefill tok/s": statistics.median(prefill),
             "MB": memory_footprint(model)["total"] / 1e6, "perplexity": math.exp(losses.mean().item()),
-            "decode ms, 8 sequences": _step_ms(model, [prompt[i : i + 128] for i in range(8)], steps)}  # fmt: skip
+            "decode ms, 8 sequences": decode_step_ms(model, [prompt[i : i + 128] for i in range(8)], steps)[0]}  # fmt: skip
 
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:

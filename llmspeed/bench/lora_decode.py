@@ -10,41 +10,22 @@ decode to the generic per-layer path).
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
 
 from .. import lora
-from ..generation import Generator, SamplingParams
 from ..quant import quantize
 from .models import load_model
+from .steps import decode_step_ms
 
 ADAPTERS = ("a", "b", "c", "d")
-CONFIGS = {  # label -> adapter per row
+CONFIGS: dict[str, list[str | None]] = {  # label -> adapter per row
     "batch 1, no adapter": [None],
     "batch 1, one adapter": ["a"],
     "batch 8, no adapter": [None] * 8,
     "batch 8, 4 adapters over the rows": ["a", "b", "c", "d", None, "a", "b", "c"],
 }
-
-
-def _steps_ms(model, names: list[str | None], steps: int, fused: bool) -> tuple[float, str]:
-    """Median ms of decode steps with one row per entry of ``names``, and the path they took."""
-    g = Generator(model, kv_cache_tokens=4096, progress=False, fused_decode=None if fused else False)
-    rids = {g.add_request(list(range(100, 140 + i)), SamplingParams(max_new_tokens=steps + 4, ignore_eos=True, adapter=a))
-            for i, a in enumerate(names)}  # fmt: skip
-    started: set[int] = set()
-    while started != rids:  # prefill
-        started |= {e.request_id for e in g.step() if e.token_id is not None}
-    before = dict(g.step_paths)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        g.step()
-        times.append((time.perf_counter() - start) * 1e3)
-    paths = sorted(p for p, (n, _) in g.step_paths.items() if n > before.get(p, (0, 0.0))[0])
-    return statistics.median(times), ",".join(paths)
 
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
@@ -69,7 +50,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         for _ in range(reps):
             for fused in (True, False):
                 for label, names in CONFIGS.items():
-                    ms, path = _steps_ms(m, names, steps, fused)
+                    ms, path = decode_step_ms(m, [list(range(100, 140 + i)) for i in range(len(names))], steps, names, None if fused else False)
                     samples.setdefault((label, fused), []).append(ms)
                     paths[(label, fused)] = path
     rows = []

@@ -1,0 +1,42 @@
+"""Decode steps timed one by one on a generator whose requests have all finished prefill."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+from ..generation import Generator, SamplingParams
+
+
+def decode_step_ms(
+    model,
+    prompts: Sequence[list[int]],
+    steps: int,
+    adapters: Sequence[str | None] | None = None,
+    fused_decode: bool | None = None,
+) -> tuple[float, str]:
+    """Median ms of ``steps`` decode steps with one running sequence per prompt, and the paths they took.
+
+    Args:
+        model: The model to run.
+        prompts: Token ids, one sequence each (prefilled before any step is timed).
+        steps: Decode steps to time.
+        adapters: Each sequence's LoRA adapter name (default: none).
+        fused_decode: Passed to :class:`~llmspeed.generation.Generator` (``False``: the per-layer path).
+    """
+    g = Generator(model, kv_cache_tokens=4096, progress=False, fused_decode=fused_decode)
+    names = list(adapters) if adapters is not None else [None] * len(prompts)
+    rids = {g.add_request(list(p), SamplingParams(max_new_tokens=steps + 4, ignore_eos=True, adapter=a))
+            for p, a in zip(prompts, names)}  # fmt: skip
+    started: set[int] = set()
+    while started != rids:  # prefill until every sequence has its first token
+        started |= {e.request_id for e in g.step() if e.token_id is not None}
+    before = dict(g.step_paths)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        g.step()
+        times.append((time.perf_counter() - start) * 1e3)
+    paths = sorted(p for p, (n, _) in g.step_paths.items() if n > before.get(p, (0, 0.0))[0])
+    return statistics.median(times), ",".join(paths)
