@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,34 @@ class DenseBackend:
         return out.transpose(1, 2)  # [1, T, H, D]
 
 
+def _parameters(fn) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
 def test_model_satisfies_protocol(tiny_model):
     assert isinstance(tiny_model, CausalLM)
+    # runtime_checkable only checks that the names exist: compare the signatures too
+    for name in ("linear_names", "linear_layers", "replace_linear", "forward_batch"):
+        assert _parameters(getattr(tiny_model, name)) == _parameters(getattr(CausalLM, name)), name
+
+
+def test_protocol_check_rejects_incomplete_models(llama):
+    class NoForward:
+        spec = llama.spec
+        module = llama.hf
+        tokenizer = None
+        linear_names = llama.linear_names
+        linear_layers = llama.linear_layers
+        replace_linear = llama.replace_linear
+
+    assert not isinstance(NoForward(), CausalLM)
+    assert not isinstance(llama.hf, CausalLM)  # a bare transformers model is not a CausalLM: llmspeed.wrap it
+
+
+def test_dense_backend_has_the_protocol_call_signature():
     assert isinstance(DenseBackend(), AttentionBackend)
+    assert _parameters(DenseBackend.__call__) == _parameters(AttentionBackend.__call__)
+    assert not isinstance(object(), AttentionBackend)
 
 
 def test_spec_matches_config(tiny_model):
@@ -40,10 +67,18 @@ def test_spec_matches_config(tiny_model):
     cfg = tiny_model.hf.config
     assert spec.architecture == type(tiny_model.hf).__name__
     assert (spec.num_layers, spec.num_heads, spec.num_kv_heads) == (2, 4, 2)
-    assert spec.head_dim == getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert spec.head_dim == 16  # hidden 64 over 4 heads; qwen3's config states 16 explicitly
+    assert tiny_model.hf.get_submodule("model.layers.0.self_attn.q_proj").out_features == spec.num_heads * spec.head_dim
     assert (spec.vocab_size, spec.max_positions, spec.hidden_size) == (256, 512, 64)
     assert spec.dtype == torch.float32 and spec.device.type == "cpu"
     assert spec.kv_bytes_per_token == 2 * 2 * 2 * spec.head_dim * 4
+
+
+def test_spec_reads_an_explicit_head_dim():
+    # qwen3 states head_dim in its config; it need not equal hidden_size // num_attention_heads (64 // 4)
+    spec = llmspeed.models.tiny("qwen3", seed=0, head_dim=32).spec
+    assert spec.head_dim == 32
+    assert spec.kv_bytes_per_token == 2 * 2 * 2 * 32 * 4
 
 
 def test_linear_positions_and_replace(tiny_model):

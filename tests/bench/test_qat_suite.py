@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
+import torch.nn.functional as F
 
 from llmspeed.bench import qat as qat_suite
 from llmspeed.bench import training as training_suite
 
 
+def _random_token_ppl(m, text, s, windows):
+    """Perplexity on fixed random tokens: the tiny model has no tokenizer, so the suite would report None."""
+    ids = torch.randint(0, m.spec.vocab_size, (windows, 32), generator=torch.Generator().manual_seed(windows))
+    with torch.no_grad():
+        logits = m.hf(input_ids=ids).logits.float()  # [windows, 32, vocab]
+    return math.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item())
+
+
 @pytest.mark.slow
-def test_qat_suite_rows_and_gap_columns():
+def test_qat_suite_rows_and_gap_columns(monkeypatch):
+    monkeypatch.setattr(qat_suite, "_ppl", _random_token_ppl)
     rows = qat_suite.run(model="tiny-llama", progress=False)
     variants = [r["variant"] for r in rows]
     assert variants[1] == "fp32 fine-tuned" and any("GPTQ" in v for v in variants)
@@ -17,6 +30,15 @@ def test_qat_suite_rows_and_gap_columns():
     assert all(r["table"] == "qat/perplexity" and r["steps"] == 3 for r in rows)
     assert rows[-1]["seconds"] >= rows[-1]["prepare_seconds"] > 0
     assert rows[1]["final_train_loss"] > 0 and rows[-1]["final_train_loss"] > 0
+    tuned, gptq = rows[1], rows[3]
+    for row in rows:  # every ratio column is computed against the fp32 fine-tuned row
+        for key in ("ppl_domain", "ppl_license"):
+            assert row[f"{key}_vs_tuned_%"] == pytest.approx(100 * (row[key] / tuned[key] - 1)), (row, key)
+    assert tuned["ppl_domain_vs_tuned_%"] == 0
+    for row in rows[4:]:  # QAT rows: the share of the GPTQ gap they close
+        gap = gptq["ppl_domain"] - tuned["ppl_domain"]
+        expected = 100 * (1 - (row["ppl_domain"] - tuned["ppl_domain"]) / gap)
+        assert row["ppl_domain_gap_closed_%"] == pytest.approx(expected), row
 
 
 def test_qat_settings_fit_the_cpu_budget():
