@@ -64,7 +64,6 @@ def test_dense_backend_has_the_protocol_call_signature():
 
 def test_spec_matches_config(tiny_model):
     spec = tiny_model.spec
-    cfg = tiny_model.hf.config
     assert spec.architecture == type(tiny_model.hf).__name__
     assert (spec.num_layers, spec.num_heads, spec.num_kv_heads) == (2, 4, 2)
     assert spec.head_dim == 16  # hidden 64 over 4 heads; qwen3's config states 16 explicitly
