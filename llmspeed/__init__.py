@@ -45,6 +45,7 @@ _LAZY = {
     "qat": "llmspeed.qat",
     "training": "llmspeed.training",
     "finetune": "llmspeed.trainer",
+    "names": "llmspeed.names",
 }
 
 

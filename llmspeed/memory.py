@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .model import as_model
 from .protocol import CausalLM
 
 CATEGORIES = ("linear", "embedding", "adapters", "other")
@@ -23,6 +24,7 @@ def memory_footprint(model: CausalLM) -> dict[str, int]:
         quantized layers included), except LoRA adapter matrices, which are ``adapters``.
         A weight tied between the embedding and the output head counts once, as ``embedding``.
     """
+    model = as_model(model)
     root = model.module
     linear_prefixes = tuple(name + "." for name in model.linear_names())
     linear_names = set(model.linear_names())

@@ -246,6 +246,7 @@ def _sampling_from_kwargs(sampling: Any, kwargs: dict[str, Any]) -> Any:
     from .generation.sampling import split_sampling_kwargs
 
     fields = split_sampling_kwargs(kwargs)
+    _check_generator_kwargs(kwargs)
     if not fields:
         return sampling
     if sampling is not None:
@@ -258,8 +259,71 @@ def _sampling_from_kwargs(sampling: Any, kwargs: dict[str, Any]) -> Any:
     return SamplingParams(**fields)
 
 
+# names users bring from other libraries, and what llmspeed calls them
+_RENAMED = {"max_tokens": "use max_new_tokens", "max_length": "use max_new_tokens (it counts new tokens only)",
+            "do_sample": "use temperature (0 is greedy)", "num_beams": "beam search is not implemented"}
+
+
+def _check_generator_kwargs(kwargs: dict[str, Any]) -> None:
+    """``TypeError`` naming each keyword that is neither a Generator argument nor a SamplingParams field."""
+    import inspect
+
+    from .generation import Generator, SamplingParams
+
+    known = set(inspect.signature(Generator.__init__).parameters) - {"self", "model"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        hints = "; ".join(f"{k}: {_RENAMED[k]}" for k in unknown if k in _RENAMED)
+        raise TypeError(
+            f"unknown keyword arguments {unknown}{' (' + hints + ')' if hints else ''}; generate_batched takes "
+            f"SamplingParams fields {sorted(SamplingParams.__dataclass_fields__)} and Generator arguments {sorted(known)}"
+        )
+
+
+_WRAPPER = "_llmspeed_model"  # attribute of a transformers module: the Model a verb wrapped it in
+
+
 def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:
-    """Wrap a transformers causal LM (and its tokenizer) as an :class:`llmspeed.Model`."""
+    """Wrap a transformers causal LM (and its tokenizer) as an :class:`llmspeed.Model`.
+
+    A transformers model that a verb already wrapped and changed (``llmspeed.quantize(hf_model, ...)``)
+    gets that same wrapper back, which knows where its quantized layers sit.
+    """
     if isinstance(hf_model, Model):
         return hf_model
+    earlier = getattr(hf_model, _WRAPPER, None)
+    if isinstance(earlier, Model):
+        if tokenizer is not None:
+            _check_tokenizer(tokenizer, hf_model.config.get_text_config().vocab_size)
+            earlier.tokenizer = tokenizer
+        return earlier
     return Model(hf_model, tokenizer)
+
+
+def as_model(model: Any) -> Any:
+    """``model`` when it implements :class:`~llmspeed.protocol.CausalLM`; a transformers causal LM wrapped.
+
+    The verbs (``quantize``, ``cast``, ``qat.prepare``, ``lora.add_adapter``, ``memory_footprint``) take
+    the transformers model users already hold: it is wrapped once (no tokenizer), changed in place, and the
+    wrapper is remembered on it, so ``llmspeed.wrap(hf_model, tokenizer)`` afterwards returns the same
+    wrapper.
+
+    Raises:
+        TypeError: ``model`` is neither (the message says what to pass).
+    """
+    from .protocol import CausalLM
+
+    if isinstance(model, CausalLM):
+        return model
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()  # type: ignore[assignment,misc]
+    if isinstance(model, PreTrainedModel):
+        wrapped = wrap(model)
+        object.__setattr__(model, _WRAPPER, wrapped)
+        return wrapped
+    raise TypeError(
+        f"model must be an llmspeed.Model (llmspeed.wrap(hf_model, tokenizer) or llmspeed.models.smollm2()) "
+        f"or a transformers causal LM; got {type(model).__module__}.{type(model).__name__}"
+    )

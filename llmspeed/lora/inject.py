@@ -16,6 +16,7 @@ from typing import cast
 
 import torch
 
+from ..model import as_model
 from ..protocol import CausalLM
 from .config import ALL_LINEAR, LoraConfig
 from .layer import LoraLinear, check_adapter_name
@@ -86,7 +87,14 @@ def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> list[str]:
         heads = _head_names(model)
         chosen = [n for n in names if n not in heads]
     elif isinstance(targets, str):
-        chosen = [n for n in names if re.fullmatch(targets, n)]
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(
+                f"targets {targets!r} is not a regular expression ({err}); pass 'all-linear', a list of "
+                f"module name suffixes such as ['q_proj', 'v_proj'], or a valid regex"
+            ) from err
+        chosen = [n for n in names if pattern.fullmatch(n)]
         if not chosen and re.fullmatch(r"[\w\-]+", targets):
             chosen = [n for n in names if n == targets or n.endswith("." + targets)]
     else:
@@ -131,6 +139,7 @@ def add_adapter(
         ValueError: bad name, an existing name, bad hyper-parameters, or targets that match
             nothing; the model is unchanged.
     """
+    model = as_model(model)  # a transformers model is wrapped (llmspeed.wrap) and changed in place
     check_adapter_name(name)
     if name in registry(model):
         raise ValueError(

@@ -101,7 +101,21 @@ def _read_config(folder: Path) -> dict:
         raise FileNotFoundError(
             f"path must be a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}; got {str(folder)!r}"
         )
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); save the adapter again") from err
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object (PEFT's LoraConfig fields); got a {type(cfg).__name__}")
+    for field in ("alpha_pattern", "rank_pattern"):
+        pattern = cfg.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{path} field {field} must be an object of module patterns; got {pattern!r}")
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"{path} field {field} has {key!r}, which is not a regular expression ({err})") from err
     checks = {
         "peft_type": (cfg.get("peft_type", "LORA"), "LORA"),
         "use_dora": (bool(cfg.get("use_dora")), False),
@@ -116,6 +130,17 @@ def _read_config(folder: Path) -> dict:
                 f"{CONFIG_FILE} field {field}={cfg.get(field)!r} is not supported; llmspeed loads plain LoRA"
             )
     return cfg
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``; ``ValueError`` naming the file when it is not a readable safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); save the adapter again") from err
 
 
 def _pattern_value(pattern: dict, pos: str, default):
@@ -143,8 +168,6 @@ def load_adapter(
             that do not fit. All or nothing: on any error the model is left as it was (no wrapped
             layer, registry entry, active adapter or frozen flag changes).
     """
-    from safetensors.torch import load_file
-
     check_adapter_name(name)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.float32); got {dtype!r}")
@@ -152,7 +175,7 @@ def load_adapter(
         raise ValueError(f"adapter {name!r} already exists on this model (adapters: {adapter_names(model)})")
     folder = Path(path)
     cfg = _read_config(folder)
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors = _read_weights(folder / WEIGHTS_FILE)
     layers = dict(model.linear_layers())
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -160,11 +183,17 @@ def load_adapter(
         if not key.startswith(PREFIX) or match is None:
             raise ValueError(f"{WEIGHTS_FILE} holds {key!r}, which is not a LoRA matrix of a linear layer")
         found.setdefault(match["pos"], {})[match["mat"]] = tensor
-    r, alpha, rslora = (
-        int(cfg.get("r", 8)),
-        float(cfg.get("lora_alpha", 8)),
-        bool(cfg.get("use_rslora", False)),
-    )
+    try:
+        r, alpha, rslora = (
+            int(cfg.get("r", 8)),
+            float(cfg.get("lora_alpha", 8)),
+            bool(cfg.get("use_rslora", False)),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{folder / CONFIG_FILE} fields r and lora_alpha must be numbers; got r={cfg.get('r')!r}, "
+            f"lora_alpha={cfg.get('lora_alpha')!r}"
+        ) from err
     shapes: dict[str, tuple[int, float]] = {}
     for pos, mats in found.items():
         if pos not in layers:
@@ -176,6 +205,8 @@ def load_adapter(
         layer = layers[pos]
         a, b = mats["lora_A"], mats["lora_B"]
         rank = a.shape[0]
+        if rank == 0:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: lora_A of {pos!r} has rank 0; an adapter needs rank >= 1")
         want_a, want_b = (rank, layer.in_features), (layer.out_features, rank)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise ValueError(

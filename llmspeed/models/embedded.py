@@ -72,16 +72,23 @@ def _convert(gguf: Path, target: Path) -> None:
         raise
 
 
-def smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Model:
+def smollm2(dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> Model:
     """Load SmolLM2-135M-Instruct (30 layers, hidden 576, 9 heads, 3 KV heads, vocab 49152).
 
     Args:
-        dtype: Dtype to load the weights in (use :func:`llmspeed.cast` afterwards to keep norms in fp32).
-        device: Where to put the model.
+        dtype: Dtype to load the weights in, or its name (``"bf16"``, ``"bfloat16"``, ...); prefer
+            :func:`llmspeed.cast` afterwards, which keeps norms and rotary tables in fp32.
+        device: Where to put the model (``ValueError`` for ``"cuda"`` where CUDA is not available).
 
     Returns:
         The wrapped model with its tokenizer (which carries the chat template).
     """
+    from ..names import check_device
+    from ..precision.cast import resolve_dtype
+
+    check_device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
     target = cache_dir() / _CACHE_NAME
     if not (target / _DONE_MARKER).is_file():
         _convert(gguf_path(), target)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from ..model import Model
+from ..names import check_device, format_name
+from ..precision.cast import resolve_dtype
 
 QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include")
 
@@ -35,7 +37,7 @@ def _quant_plan(model: Model, options: dict[str, Any]):
             f"quantize has unknown keys {unknown}; accepted: {list(QUANTIZE_KEYS)} (calibrated methods such as "
             f"gptq need the whole model: load it, then call llmspeed.quantize)"
         )
-    fmt = options["format"]
+    fmt = format_name(options["format"])
     if fmt not in DEFAULT_GROUP_SIZE:
         raise ValueError(f"quantize['format'] must be one of {sorted(DEFAULT_GROUP_SIZE)}; got {fmt!r}")
     config = QuantConfig(
@@ -62,7 +64,7 @@ def _keys(files: list[Path]) -> set[str]:
 
 def from_pretrained(
     path: str | Path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     quantize: dict[str, Any] | None = None,
 ) -> Model:
@@ -70,7 +72,8 @@ def from_pretrained(
 
     Args:
         path: A folder ``save_pretrained`` wrote (``config.json``, ``*.safetensors``, tokenizer files).
-        dtype: Weight dtype, as in ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)``.
+        dtype: Weight dtype, as in ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)``, or its name
+            (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
         device: Where the model ends up (quantization runs on the CPU as tensors are read).
         quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
             double_quant=..., kernel=...)``: the arguments of :func:`llmspeed.quantize` with method ``"rtn"``,
@@ -86,6 +89,9 @@ def from_pretrained(
     from ..quant.modules import module_class
 
     folder = Path(path)
+    check_device(device)
+    if isinstance(dtype, str):  # "bfloat16", "bf16", "half": the spellings cast accepts
+        dtype = resolve_dtype(dtype)
     kind = detect(folder)
     if kind != "float":
         raise ValueError(f"{folder} is a {kind} checkpoint; load it with llmspeed.load(path)")

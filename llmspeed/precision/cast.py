@@ -26,18 +26,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..model import as_model
+from ..names import CANONICAL_DTYPES, DTYPE_ALIASES, dtype_name
 from ..protocol import CausalLM, is_quantized
 from . import cpu_matmul as cpu_matmul_module
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
+# every spelling cast accepts (llmspeed.names normalises them for every verb)
+DTYPES: dict[str, torch.dtype] = {alias: CANONICAL_DTYPES[name] for alias, name in DTYPE_ALIASES.items()}
 _HOOKS = "_llmspeed_precision_hooks"
 
 
@@ -46,11 +41,10 @@ class Fp16OverflowError(FloatingPointError):
 
 
 def resolve_dtype(dtype: str | torch.dtype, arg: str = "dtype") -> torch.dtype:
-    """Map ``"bf16"``, ``"fp16"``, ``"fp32"`` (and aliases or torch dtypes) to a torch dtype."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
+    """Map ``"bf16"``, ``"fp16"``, ``"fp32"`` (any spelling :func:`llmspeed.names.dtype_name` knows, or a torch dtype) to a torch dtype."""
+    name = dtype_name(dtype)
+    if isinstance(name, str) and name in CANONICAL_DTYPES:
+        return CANONICAL_DTYPES[name]
     raise ValueError(f"{arg} must be one of {sorted(DTYPES)} or the matching torch dtype; got {dtype!r}")
 
 
@@ -107,6 +101,7 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
             whichever is faster for its number of rows on this CPU (:func:`~.cpu_matmul.crossover`).
             ``"native"`` always uses the native kernel.
     """
+    model = as_model(model)  # a transformers model is wrapped (llmspeed.wrap) and cast in place
     target = resolve_dtype(dtype)
     _check_cpu_matmul(cpu_matmul)
     quantized = [name for name, module in model.linear_layers() if is_quantized(module)]

@@ -19,6 +19,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..model import as_model
+from ..names import format_name
 from ..protocol import CausalLM, is_quantized
 from ..quant import primitives as P
 from ..quant.api import plan_layers
@@ -118,6 +120,7 @@ def prepare(
             ``group_size``/``skip``/``include``: before any layer changes. If preparing fails midway,
             every layer is restored.
     """
+    model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
     symmetric = _check_args(fmt, symmetric, init, learn_scales)
     if is_prepared(model):
         raise ValueError("model is already prepared for quantization-aware training; call qat.convert(model) first")

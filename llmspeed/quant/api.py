@@ -9,6 +9,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..model import as_model
+from ..names import format_name
 from ..protocol import CausalLM, base_linear, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig
 from .kernels import check_kernel, check_kernel_name, get_kernel
@@ -146,6 +148,7 @@ def quantize(
             kernel missing on this device: before any layer changes. If quantizing fails midway, every layer
             is restored.
     """
+    model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE.get(fmt)
     config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..model import Model
+from ..names import check_device
 from ..protocol import CausalLM
 from .config import QuantConfig
 from .formats import compressed_tensors, gptq, skeleton
@@ -155,11 +156,15 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     without a float copy of a quantized weight; llmspeed folders come back bit-exact.
 
     Raises:
-        ValueError: the folder is none of these formats, or a tensor is corrupt, truncated, missing,
+        ValueError: ``device`` is not usable here (``"cuda"`` without CUDA), the path is a file or missing,
+            the folder is none of these formats, or a tensor is corrupt, truncated, missing,
             of the wrong dtype or shape, or an alias names a parameter that does not match (the message
             names the tensor).
     """
     directory = Path(directory)
+    check_device(device)
+    if directory.is_file():
+        raise _not_checkpoint(directory, "a file, not a folder: pass the folder llmspeed.save wrote")
     if not directory.is_dir():
         raise _not_checkpoint(directory, "no such folder")
     kind = detect(directory)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..names import dtype_name
+
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -34,8 +36,9 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 def check_precision(precision: object, device: torch.device, params: Sequence[torch.Tensor]) -> torch.dtype:
     """The compute dtype of ``precision``; ``ValueError`` for an unknown name, an unsupported device or
     trainable parameters that are not fp32 master weights."""
+    given, precision = precision, dtype_name(precision)  # "bfloat16", "half", torch.bfloat16, ...
     if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {given!r}")
     dtype = PRECISIONS[precision]
     reason = unsupported_reason(device, dtype)
     if reason is not None:
@@ -69,6 +72,7 @@ class MixedPrecision:
     scaler: torch.amp.GradScaler | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        self.precision = str(dtype_name(self.precision))
         self.dtype = PRECISIONS[self.precision]
         if self.dtype == torch.float16:
             self.scaler = torch.amp.GradScaler(self.device_type, init_scale=self.init_scale)

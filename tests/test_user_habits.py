@@ -1,0 +1,186 @@
+"""Regressions (issue #20): the habits users bring from transformers, vLLM, PEFT and torchao either work
+(where the intent is unambiguous) or raise an error that says what to do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import SamplingParams, lora, names
+from llmspeed.protocol import is_quantized
+from llmspeed.training import check_precision
+
+
+def _quantized_positions(model) -> list[str]:
+    return [n for n, m in model.linear_layers() if is_quantized(m)]
+
+
+# --- a raw transformers model given to a verb -------------------------------------------------------------
+def test_quantize_wraps_a_transformers_model_in_place():
+    hf = llmspeed.models.tiny("llama", seed=0).hf
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = hf(ids).logits
+    model = llmspeed.quantize(hf, "int8")
+    assert isinstance(model, llmspeed.Model) and model.hf is hf
+    assert type(hf.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"  # changed in place
+    with torch.no_grad():
+        after = hf(ids).logits  # the transformers model the user holds runs the int8 layers
+    assert not torch.equal(before, after) and torch.allclose(before, after, atol=0.05)
+    # wrapping it again (to add the tokenizer) finds the quantized layers through the same wrapper
+    again = llmspeed.wrap(hf)
+    assert again is model and len(_quantized_positions(again)) == 14
+
+
+def test_other_verbs_take_a_transformers_model_too():
+    hf = llmspeed.models.tiny("llama", seed=0).hf
+    assert llmspeed.memory_footprint(hf)["total"] == llmspeed.memory_footprint(llmspeed.wrap(hf))["total"]
+    llmspeed.cast(hf, "bf16")
+    assert hf.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert hf.model.norm.weight.dtype == torch.float32  # cast's fp32 norms, so it went through llmspeed.cast
+    lora.add_adapter(hf, "mine", r=2)
+    assert lora.adapter_names(llmspeed.wrap(hf)) == ["mine"]
+    qat_hf = llmspeed.models.tiny("llama", seed=0).hf
+    assert type(llmspeed.qat.prepare(qat_hf, "int4", group_size=32)).__name__ == "Model"
+
+
+def test_verbs_name_what_to_pass_for_anything_else():
+    with pytest.raises(TypeError, match=r"model must be an llmspeed\.Model \(llmspeed\.wrap\(hf_model, tokenizer\)"):
+        llmspeed.quantize(torch.nn.Linear(4, 4), "int8")
+    with pytest.raises(TypeError, match="or a transformers causal LM; got builtins.str"):
+        llmspeed.cast("smollm2", "bf16")
+
+
+# --- one normaliser for dtype and format spellings --------------------------------------------------------
+@pytest.mark.parametrize("spelling", ["bf16", "BF16", "bfloat16", "BFloat16", " bfloat16 ", "torch.bfloat16", torch.bfloat16])
+def test_bf16_spellings(spelling):
+    assert names.dtype_name(spelling) == "bf16"
+    model = llmspeed.cast(llmspeed.models.tiny("llama", seed=0), spelling)
+    assert model.spec.dtype == torch.bfloat16
+    assert check_precision(spelling, torch.device("cpu"), []) == torch.bfloat16
+
+
+@pytest.mark.parametrize("spelling,dtype", [("half", torch.float16), ("FP16", torch.float16), ("float", torch.float32),
+                                            ("Float32", torch.float32), (torch.half, torch.float16)])
+def test_other_dtype_spellings(spelling, dtype):
+    assert llmspeed.cast(llmspeed.models.tiny("llama", seed=0), spelling).spec.dtype == dtype
+    assert check_precision(spelling, torch.device("cpu"), []) == dtype
+
+
+def test_unknown_dtype_lists_the_accepted_spellings():
+    with pytest.raises(ValueError, match=r"dtype must be one of \['bf16', 'bfloat16', 'float'.*got 'int8'"):
+        llmspeed.cast(llmspeed.models.tiny("llama", seed=0), "int8")
+    with pytest.raises(ValueError, match="precision must be one of .*got 'fp8'"):
+        check_precision("fp8", torch.device("cpu"), [])
+    assert names.dtype_name("fp8") == "fp8" and names.dtype_name(torch.int8) is torch.int8
+
+
+@pytest.mark.parametrize("spelling,fmt,group", [("INT4", "int4", 32), ("Int8", "int8", None), ("NF4", "nf4", 32),
+                                                ("int4 ", "int4", 32)])
+def test_format_spellings_in_quantize_and_qat(spelling, fmt, group):
+    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), spelling, group_size=group)
+    assert {m.quant_format for _, m in model.linear_layers() if is_quantized(m)} == {fmt}
+    reference = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), fmt, group_size=group)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model.hf(ids).logits, reference.hf(ids).logits)
+    if fmt != "nf4":  # QAT has int4 and int8
+        prepared = llmspeed.qat.prepare(llmspeed.models.tiny("llama", seed=0), spelling, group_size=group)
+        assert {m.quant_format for _, m in llmspeed.qat.convert(prepared).linear_layers() if is_quantized(m)} == {fmt}
+
+
+def test_unknown_format_still_lists_the_formats():
+    with pytest.raises(ValueError, match=r"format must be one of \['int8', 'int4', 'nf4'\]; got 'int3'"):
+        llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "INT3")
+
+
+def test_from_pretrained_takes_the_same_spellings(tmp_path):
+    source = llmspeed.models.tiny("llama", seed=0)
+    source.hf.save_pretrained(tmp_path)
+    model = llmspeed.models.from_pretrained(tmp_path, dtype="bfloat16", quantize=dict(format="INT4", group_size=32))
+    assert {m.quant_format for _, m in model.linear_layers() if is_quantized(m)} == {"int4"}
+    assert model.spec.dtype == torch.bfloat16
+
+
+# --- load ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_load_on_cuda_without_cuda_says_so(tmp_path):
+    llmspeed.save(llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8"), tmp_path)
+    with pytest.raises(ValueError, match="device='cuda', but CUDA is not available here .*use device='cpu'"):
+        llmspeed.load(tmp_path, device="cuda")
+    with pytest.raises(ValueError, match="device='cuda', but CUDA is not available"):
+        llmspeed.models.from_pretrained(tmp_path, device="cuda")
+
+
+def test_load_of_a_file_names_the_folder_to_pass(tmp_path):
+    llmspeed.save(llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8"), tmp_path)
+    weights = next(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="a file, not a folder: pass the folder llmspeed.save wrote"):
+        llmspeed.load(weights)
+    assert llmspeed.load(tmp_path).spec.num_layers == 2  # the folder itself loads
+
+
+# --- generation keywords -----------------------------------------------------------------------------------
+def test_generate_batched_takes_transformers_and_vllm_habits(llama):
+    ref = llama.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=8, ignore_eos=True), progress=False)
+    kw = llama.generate_batched([[1, 2, 3]], max_new_tokens=8, ignore_eos=True, progress=False)
+    as_dict = llama.generate_batched([[1, 2, 3]], sampling={"max_new_tokens": 8, "ignore_eos": True}, progress=False)
+    assert kw[0].token_ids == as_dict[0].token_ids == ref[0].token_ids and len(ref[0].token_ids) == 8
+    with pytest.raises(TypeError, match=r"unknown keyword arguments \['max_tokens'\] \(max_tokens: use max_new_tokens\)"):
+        llama.generate_batched([[1, 2, 3]], max_tokens=8)
+    with pytest.raises(TypeError, match=r"\['num_beams'\] \(num_beams: beam search is not implemented\)"):
+        llama.generate_batched([[1, 2, 3]], num_beams=2)
+
+
+# --- adapter files -----------------------------------------------------------------------------------------
+@pytest.fixture
+def adapter_folder(tmp_path):
+    model = llmspeed.models.tiny("llama", seed=0)
+    lora.add_adapter(model, "a", r=4)
+    lora.save_adapter(model, tmp_path, "a")
+    return tmp_path
+
+
+def _load(folder):
+    lora.load_adapter(llmspeed.models.tiny("llama", seed=0), folder, "b")
+
+
+def test_adapter_rank_zero_tensors(adapter_folder):
+    from safetensors.torch import load_file, save_file
+
+    path = adapter_folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: (v[:0] if "lora_A" in k else v[:, :0]).contiguous() for k, v in tensors.items()}, path)
+    with pytest.raises(ValueError, match="adapter_model.safetensors: lora_A of .* has rank 0"):
+        _load(adapter_folder)
+
+
+def test_adapter_corrupt_weights(adapter_folder):
+    (adapter_folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        _load(adapter_folder)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ([1, 2], "adapter_config.json must hold a JSON object .* got a list"),
+        ("{", "adapter_config.json is not valid JSON"),
+        ({"r": [4], "lora_alpha": 8}, "adapter_config.json fields r and lora_alpha must be numbers; got r=\\[4\\]"),
+        ({"r": 4, "alpha_pattern": {"([": 2}}, "adapter_config.json field alpha_pattern has '\\(\\[', which is not a regular"),
+    ],
+)
+def test_adapter_bad_config(adapter_folder, config, message):
+    text = config if isinstance(config, str) else json.dumps(config)
+    (adapter_folder / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        _load(adapter_folder)
+
+
+def test_adapter_targets_bad_regex(llama):
+    with pytest.raises(ValueError, match=r"targets '\(\[' is not a regular expression .* pass 'all-linear'"):
+        lora.add_adapter(llama, "x", targets="([")
+    assert lora.adapter_names(llama) == []
