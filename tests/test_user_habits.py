@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -184,3 +185,17 @@ def test_adapter_targets_bad_regex(llama):
     with pytest.raises(ValueError, match=r"targets '\(\[' is not a regular expression .* pass 'all-linear'"):
         lora.add_adapter(llama, "x", targets="([")
     assert lora.adapter_names(llama) == []
+
+
+# --- plain text to an instruct model -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_plain_text_to_a_chat_model_that_ends_at_once_warns(smollm2):
+    question = "What is a decorator?"
+    with pytest.warns(UserWarning, match="model has a chat template, so pass chat messages"):
+        raw = smollm2.generate_batched([question], max_new_tokens=8, progress=False)
+    assert raw[0].text == ""  # SmolLM2-Instruct ends a raw-text turn at once: why the examples use chat lists
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chat = smollm2.generate_batched([[{"role": "user", "content": question}]], max_new_tokens=8, progress=False)
+        templated = smollm2.generate_batched([question], max_new_tokens=8, chat_template=True, progress=False)
+    assert chat[0].text and chat[0].token_ids == templated[0].token_ids

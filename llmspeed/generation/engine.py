@@ -14,8 +14,11 @@ generator stays usable.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -489,7 +492,28 @@ class Generator:
         for event in self._events(prompts, sampling):
             if event.finished and event.output is not None:
                 outputs[event.request_id] = event.output
-        return [o for _, o in sorted(outputs.items())]
+        result = [o for _, o in sorted(outputs.items())]
+        self._hint_chat_template(prompts, result)
+        return result
+
+    def _hint_chat_template(self, prompts: Sequence[Prompt], outputs: list[GenerationOutput]) -> None:
+        """Warn when a plain-text prompt to a chat model stopped before writing anything.
+
+        As in transformers' pipelines and vLLM's ``LLM.generate``, a string is continued as raw text;
+        an instruct model such as SmolLM2-Instruct often answers raw text with end-of-turn at once.
+        """
+        if self.chat_template or getattr(self.tokenizer, "chat_template", None) is None:
+            return
+        empty = [o.index for o in outputs if o.finish_reason == "stop" and not o.text.strip()
+                 and isinstance(prompts[o.index], str)]
+        if empty:
+            warnings.warn(
+                f"prompt {empty[0]} ({len(empty)} of {len(outputs)} empty) is plain text and the model ended its "
+                f"turn at once: this model has a chat template, so pass chat messages "
+                f"([{{'role': 'user', 'content': ...}}]) or chat_template=True to apply it to strings",
+                UserWarning,
+                stacklevel=_caller_level(),
+            )
 
     def stream(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
@@ -501,6 +525,15 @@ class Generator:
         if len(prompts) == 0:
             return
         yield from self._events(prompts, sampling)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside llmspeed, so a warning names the user's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_chat(prompt: Any) -> bool:
