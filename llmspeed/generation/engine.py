@@ -3,8 +3,10 @@
 ``step()`` is short: ask the scheduler for a batch, hand it to the :class:`~.runner.ModelRunner` as
 one :class:`~.runner.StepInput`, sample one token for every sequence whose chunk reached its end,
 and turn tokens into events (text deltas, stop conditions) through each request's
-:class:`~.detokenizer.Detokenizer`. The generator only uses the :class:`~llmspeed.protocol.CausalLM`
-protocol, so cast, quantized and LoRA models run too.
+:class:`~.detokenizer.Detokenizer`. The generic step path uses only the :class:`~llmspeed.protocol.CausalLM`
+protocol (CUDA graphs capture ``forward_batch`` too), so cast, quantized and LoRA models run; one fast
+path reaches past it: the fused CPU decode step (:mod:`.fused_decode`) walks ``model.hf.model.layers`` of
+Llama-family ``llmspeed.Model``s, checks what it needs, and otherwise leaves decode steps to the generic path.
 
 It is single-threaded by design: one thread steps it. Entering it from a second thread while a
 step runs raises ``RuntimeError`` (use :class:`llmspeed.Engine` to share a model between threads).

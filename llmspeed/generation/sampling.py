@@ -1,9 +1,11 @@
-"""Per-request sampling: :class:`SamplingParams` and the batched sampler.
+"""Per-request sampling: :class:`SamplingParams` and the sampler of a step's rows.
 
 Every request carries its own parameters and its own ``torch.Generator``; the sampler draws a
 request's randomness only from that generator, so a seeded request produces the same tokens
-whatever else shares the batch. Everything else runs on the whole batch at once: penalties,
-temperature, top-k and top-p as per-row tensors, one ``argmax`` and one host transfer per step.
+whatever else shares the batch. Two things loop over rows in Python: the noise draw (one
+``torch.rand`` per random row, from its own generator) and the penalties and token bans (per row
+that has them; none when no request asks). Temperature, top-k and top-p run on the whole batch as
+per-row tensors, with one ``argmax`` and one host transfer per step.
 """
 
 from __future__ import annotations
