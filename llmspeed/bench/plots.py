@@ -140,9 +140,21 @@ def _loss_lines(name: str, rows: list[Row], path: Path) -> Path | None:
     return path
 
 
-PLOTTERS: dict[str, Callable[[str, list[Row], Path], Path | None]] = {
+def _charts(kind: str) -> Callable[[str, list[Row], Path], list[Path]]:
+    def plot(name: str, rows: list[Row], path: Path) -> list[Path]:
+        from . import charts
+
+        return getattr(charts, kind)(name, rows, path)
+
+    return plot
+
+
+# a plotter returns the path it wrote (or None), or a list of paths when it draws one chart per question
+PLOTTERS: dict[str, Callable[[str, list[Row], Path], Any]] = {
     "precision/matmul": _matmul_lines,
     "training/loss": _loss_lines,
+    "batching": _charts("batching"),
+    "kernels": _charts("kernels"),
 }
 
 
@@ -153,7 +165,6 @@ def plot_rows(suite: str, rows: Sequence[Row], out_dir: str | Path) -> list[Path
     written = []
     for name, table in group_rows(rows, suite).items():
         plotter = PLOTTERS.get(name, _bars)
-        path = plotter(name, table, out_dir / f"{_safe_name(name)}.png")
-        if path is not None:
-            written.append(path)
+        made = plotter(name, table, out_dir / f"{_safe_name(name)}.png")
+        written += [] if made is None else made if isinstance(made, list) else [made]
     return written

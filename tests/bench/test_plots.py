@@ -24,3 +24,38 @@ def test_generic_rows_are_grouped_and_plotted(tmp_path):
 
 def test_table_without_varying_numbers_has_no_plot(tmp_path):
     assert plot_rows("s", [{"name": "x", "value": 1.0}, {"name": "y", "value": 1.0}], tmp_path) == []
+
+
+def test_batching_chart_answers_two_questions(tmp_path):
+    from llmspeed.bench.charts import batching
+
+    rows = [
+        {"system": "transformers generate_batch", "dtype": "fp32", "tok_s": 9.0, "vs_generate_batch": 1.0, "seconds": 10.0},
+        {"system": "llmspeed Generator", "dtype": "fp32", "tok_s": 27.0, "vs_generate_batch": 3.0, "seconds": 3.3},
+        {"system": "batch-1 decode step: llmspeed, fused CPU step", "dtype": "fp32", "tok_s": 30.0,
+         "vs_generate_batch": "", "seconds": 0.033, "note": "1.23x the 26.9 ms to read 538 MB of weights at 20.0 GB/s"},
+    ]
+    paths = batching("batching", rows, tmp_path / "batching.png")
+    assert [p.name for p in paths] == ["batching.png", "batching_decode.png"]
+    # only the throughput rows carry a ratio: the decode rows do not appear in the ratio chart and vice versa
+    assert batching("batching", rows[2:], tmp_path / "b.png") == [tmp_path / "b_decode.png"]
+
+
+def test_kernel_chart_groups_paths_per_shape_and_format(tmp_path):
+    from llmspeed.bench.charts import _kernel_points, kernels
+
+    rows = [
+        {"table": "kernels", "case": "64x96 M=1 fp32 F.linear", "value": 10.0, "unit": "us"},
+        {"table": "kernels", "case": "64x96 M=4 fp32 F.linear", "value": 20.0, "unit": "us"},
+        {"table": "kernels", "case": "64x96 M=1 int8 fp32 cpp (auto)", "value": 5.0, "unit": "us"},
+        {"table": "kernels", "case": "64x96 M=4 int8 fp32 cpp", "value": 9.0, "unit": "us"},
+        {"table": "kernels", "case": "64x96 M=1 int8 bf16 cpp", "value": 6.0, "unit": "us"},  # bf16 activations: not drawn
+        {"table": "kernels", "case": "64x96 M=1 int4 fp32 aten_int4_cpu", "value": float("nan"), "unit": "us"},
+    ]
+    panels = _kernel_points(rows)
+    assert panels == {("64x96", "int8"): {"cpp": [(1, 5.0), (4, 9.0)], "fp32 F.linear": [(1, 10.0), (4, 20.0)]}}
+    (path,) = kernels("kernels", rows, tmp_path / "kernels.png")
+    from matplotlib.image import imread
+
+    height, width = imread(path).shape[:2]
+    assert width <= 1100 and height <= 1000  # one readable panel, not a tower of bars
