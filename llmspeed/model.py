@@ -216,11 +216,16 @@ class Model:
 
     def generate_batched(
         self,
-        prompts: Sequence[str | Sequence[int]],
-        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompts: Sequence[str | Sequence[int] | Sequence[dict]],
+        sampling: SamplingParams | Sequence[SamplingParams] | dict | None = None,
         **generator_kwargs: Any,
     ) -> list[GenerationOutput]:
         """Generate for every prompt with continuous batching; results in prompt order.
+
+        A prompt is a list of chat messages (``[{"role": "user", "content": ...}]``: the tokenizer's chat
+        template is applied, as in transformers' pipelines and vLLM's ``LLM.chat``), a string (continued as
+        raw text, as vLLM's ``LLM.generate`` does, unless ``chat_template=True``) or a list of token ids.
+        Instruct models such as SmolLM2-Instruct want chat messages.
 
         ``generator_kwargs`` go to :class:`llmspeed.Generator` (KV budget, token budget, progress), except
         :class:`SamplingParams` fields (``max_new_tokens=8``, ``temperature=...``), which build ``sampling``
