@@ -1,13 +1,18 @@
 """Write the example notebooks (``examples/*.ipynb``) from the cells below: ``python examples/make_notebooks.py``.
 
-The notebooks are generated, not edited by hand, so they stay reviewable as Python. Each reads
-``LLMSPEED_NOTEBOOK_QUICK`` (set by ``tests/test_notebooks.py``): when it is ``1`` the sizes
-shrink so that all notebooks run in a few minutes on 2 CPU cores; the default sizes give the
-numbers worth reading.
+The notebooks are generated, not edited by hand, so they stay reviewable as Python. They use only
+llmspeed's public API (plus torch, transformers and matplotlib). Each reads ``LLMSPEED_EXAMPLES_QUICK``
+(set by ``tests/test_notebooks.py``, and by ``tests/test_docs_examples.py`` for the docs' code blocks):
+when it is ``1`` the sizes shrink so that all notebooks run in a few minutes on 2 CPU cores; the
+default sizes give the numbers worth reading.
+
+``python examples/make_notebooks.py --execute`` also runs each notebook at its default sizes and writes
+it with its outputs (the committed notebooks are executed; their first cell prints the machine).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import nbformat
@@ -18,20 +23,38 @@ HERE = Path(__file__).parent
 SETUP = """\
 import math
 import os
+import platform
 import time
 
 import torch
 from IPython.display import Markdown, display
 
 import llmspeed
-from llmspeed.bench import markdown_table
 
-QUICK = os.environ.get("LLMSPEED_NOTEBOOK_QUICK") == "1"  # set by the test suite: small sizes
+QUICK = os.environ.get("LLMSPEED_EXAMPLES_QUICK") == "1"  # set by the test suite: small sizes
 torch.manual_seed(0)
 
 
 def show(rows):
-    display(Markdown(markdown_table(rows)))
+    \"\"\"A list of dicts as a markdown table (floats to 4 significant digits).\"\"\"
+    keys = list(rows[0])
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    display(Markdown("\\n".join(lines)))
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+# the machine these outputs come from
+print(f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+      f"llmspeed {llmspeed.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; quick={QUICK}")
 
 
 # perplexity text: the evaluation half of Python's docs (a prefix in quick mode: tokenizing all of it takes seconds)
@@ -69,13 +92,38 @@ PRECISION = [
         "`llmspeed.cast` lets each linear layer choose per call. From a row count it measures once (M=4 on "
         "that machine), it converts the weight to fp32 in cache-sized blocks and runs the fp32 GEMM: the "
         "`bf16-upcast` rows below. At M=1 (decoding) a matmul is bound by reading the weights, and the native "
-        "kernel, reading half the bytes, can win."
+        "kernel, reading half the bytes, can win. On a CPU with native bf16 (AVX512-BF16 or AMX, such as a "
+        "recent Xeon: see the machine line of the first cell) the native bf16 rows win at every M instead, "
+        "and `llmspeed.cast` measures that and keeps the native kernel."
     ),
     new_code_cell(
-        "from llmspeed.bench.precision import matmul_rows\n"
+        "import torch.nn.functional as F\n"
+        "from llmspeed.precision.cpu_matmul import upcast_linear   # what a cast layer runs from its crossover M on\n"
+        "\n"
+        "def median_ms(fn, repeats=5):\n"
+        "    fn()  # warm-up\n"
+        "    times = []\n"
+        "    for _ in range(repeats):\n"
+        "        start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)\n"
+        "    return 1e3 * sorted(times)[len(times) // 2]\n"
+        "\n"
         "shapes = [(1, 1024, 1024), (64, 1024, 1024)] if QUICK else [(m, 4096, 4096) for m in (1, 16, 256)]\n"
-        "mm = matmul_rows(shapes, repeats=3)\n"
-        "show([{k: r[k] for k in ('M', 'K', 'N', 'dtype', 'ms', 'GFLOP/s', 'speedup_vs_base')} for r in mm])"
+        "mm = []\n"
+        "with torch.no_grad():\n"
+        "    for m, k, n in shapes:\n"
+        "        x32, w32 = torch.randn(m, k), torch.randn(n, k) / k**0.5\n"
+        "        paths = {'fp32': lambda: F.linear(x32, w32)}\n"
+        "        for name, dtype in [('bf16', torch.bfloat16), ('fp16', torch.float16)]:\n"
+        "            x, w = x32.to(dtype), w32.to(dtype)\n"
+        "            paths[name] = lambda x=x, w=w: F.linear(x, w)\n"
+        "        xb, wb = x32.bfloat16(), w32.bfloat16()\n"
+        "        paths['bf16-upcast'] = lambda: upcast_linear(xb, wb)\n"
+        "        base = median_ms(paths['fp32'])\n"
+        "        for name, fn in paths.items():\n"
+        "            ms = base if name == 'fp32' else median_ms(fn)\n"
+        "            mm.append({'M': m, 'K': k, 'N': n, 'dtype': name, 'ms': ms,\n"
+        "                       'GFLOP/s': 2 * m * k * n / ms / 1e6, 'speedup_vs_fp32': base / ms})\n"
+        "show(mm)"
     ),
     new_code_cell(
         "import matplotlib.pyplot as plt\n"
@@ -177,7 +225,7 @@ QLORA = [
     new_code_cell(SETUP),
     new_code_cell(
         "from llmspeed import lora\n"
-        "STEPS, SEQ, BATCH, EVAL = (2, 32, 1, 1) if QUICK else (60, 256, 4, 8)\n"
+        "STEPS, SEQ, BATCH, EVAL = (2, 32, 1, 1) if QUICK else (30, 128, 2, 4)   # full: a few minutes on 2 cores\n"
         "model = llmspeed.quantize(llmspeed.models.smollm2(), 'int4', group_size=64)\n"
         "packed_before = {n: b.clone() for n, b in model.hf.named_buffers() if b.dtype == torch.uint8}\n"
         "lora.add_adapter(model, 'pydoc', r=16, alpha=32, targets='all-linear')\n"
@@ -228,10 +276,18 @@ BATCHING = [
     new_code_cell(SETUP),
     new_code_cell(
         "from llmspeed import SamplingParams\n"
-        "from llmspeed.bench.batching import make_workload\n"
         "N, MEAN, CAP, SINGLE, PROMPTS = (4, 4, 8, 1, (16, 48)) if QUICK else (24, 48, 128, 4, (16, 128))\n"
         "model = llmspeed.models.smollm2()\n"
-        "prompts, lengths = make_workload(model.tokenizer, N, seed=0, prompt_range=PROMPTS, mean=MEAN, cap=CAP)\n"
+        "# the workload: prompts cut from the pydoc text, output lengths from a capped exponential (seeded)\n"
+        "rng = torch.Generator().manual_seed(0)\n"
+        "ids = model.tokenizer(llmspeed.eval.pydoc_text('eval')[:200_000]).input_ids\n"
+        "prompts, lengths = [], []\n"
+        "for _ in range(N):\n"
+        "    size = int(torch.randint(PROMPTS[0], PROMPTS[1] + 1, (1,), generator=rng))\n"
+        "    start = int(torch.randint(0, len(ids) - size, (1,), generator=rng))\n"
+        "    prompts.append(ids[start:start + size])\n"
+        "    draw = torch.empty(1).exponential_(1 / MEAN, generator=rng)\n"
+        "    lengths.append(max(1, min(CAP, int(draw))))\n"
         "useful = sum(lengths)\n"
         "print(f'{N} requests, {sum(map(len, prompts))} prompt tokens, {useful} output tokens')"
     ),
@@ -291,7 +347,7 @@ ALL_TOGETHER = [
     new_code_cell(SETUP),
     new_code_cell(
         "from llmspeed import SamplingParams, lora\n"
-        "STEPS, SEQ, BATCH, NEW = (1, 32, 1, 6) if QUICK else (30, 256, 2, 32)\n"
+        "STEPS, SEQ, BATCH, NEW = (1, 32, 1, 6) if QUICK else (15, 128, 2, 32)\n"
         "model = llmspeed.quantize(llmspeed.models.smollm2(), 'int4', group_size=64)\n"
         "train = llmspeed.eval.pydoc_text('train')\n"
         "for name, text in [('first', train[: len(train) // 2]), ('second', train[len(train) // 2 :])]:\n"
@@ -304,15 +360,16 @@ ALL_TOGETHER = [
         "show([{k: v / 1e6 for k, v in mem.items()}])   # MB by category: adapters are small"
     ),
     new_code_cell(
-        "prompts = ['What does the with statement do?', 'Explain list comprehensions.',\n"
-        "           'How are exceptions raised?', 'What is a module?']\n"
+        "questions = ['What does the with statement do?', 'Explain list comprehensions.',\n"
+        "             'How are exceptions raised?', 'What is a module?']\n"
+        "prompts = [[{'role': 'user', 'content': q}] for q in questions]   # chat messages: SmolLM2 is an instruct model\n"
         "adapters = ['first', 'second', None, 'first']\n"
         "sampling = [SamplingParams(max_new_tokens=NEW, adapter=a) for a in adapters]\n"
         "start = time.perf_counter()\n"
         "outs = model.generate_batched(prompts, sampling, progress=False)\n"
         "elapsed = time.perf_counter() - start\n"
-        "show([{'adapter': a or '(base)', 'prompt': p, 'tokens': len(o.token_ids), 'text': o.text[:60].replace('\\n', ' ')}\n"
-        "      for a, p, o in zip(adapters, prompts, outs)])\n"
+        "show([{'adapter': a or '(base)', 'prompt': q, 'tokens': len(o.token_ids), 'text': o.text[:60].replace('\\n', ' ')}\n"
+        "      for a, q, o in zip(adapters, questions, outs)])\n"
         "print(f'{sum(len(o.token_ids) for o in outs) / elapsed:.1f} tokens/s for the mixed batch')"
     ),
     new_markdown_cell(
@@ -335,10 +392,12 @@ NOTEBOOKS = {
 }
 
 
-def build(folder: Path = HERE) -> list[Path]:
-    """Write every notebook into ``folder``; return the paths."""
+def build(folder: Path = HERE, names: list[str] | None = None) -> list[Path]:
+    """Write every notebook (or those in ``names``) into ``folder``; return the paths."""
     paths = []
     for name, cells in NOTEBOOKS.items():
+        if names and name not in names:
+            continue
         nb = new_notebook(cells=cells)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
@@ -350,6 +409,26 @@ def build(folder: Path = HERE) -> list[Path]:
     return paths
 
 
+def execute(path: Path, timeout: int = 3600) -> None:
+    """Run the notebook at ``path`` at its default sizes and write it back with its outputs."""
+    import nbclient
+
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbformat.write(nb, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the notebooks; with ``--execute``, also run them and keep their outputs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true", help="run each notebook and write its outputs")
+    parser.add_argument("names", nargs="*", help="only these notebooks (default: all)")
+    args = parser.parse_args(argv)
+    for path in build(HERE, args.names):
+        if args.execute:
+            execute(path)
+        print(path)
+
+
 if __name__ == "__main__":
-    for p in build():
-        print(p)
+    main()

@@ -36,10 +36,21 @@ def test_notebooks_match_their_generator(tmp_path):
         )
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebooks_are_executed_on_the_public_api(name):
+    cells = [c for c in json.loads((EXAMPLES / name).read_text())["cells"] if c["cell_type"] == "code"]
+    source = "\n".join("".join(c["source"]) for c in cells)
+    assert "llmspeed.bench" not in source, "notebooks use the public API, not benchmark internals"
+    unrun = [i for i, c in enumerate(cells) if c.get("execution_count") is None]
+    assert not unrun, f"{name}: code cells {unrun} have no outputs: run python examples/make_notebooks.py --execute"
+    machine = "".join(o.get("text", "") for o in cells[0]["outputs"] if o.get("output_type") == "stream")
+    assert " cores, " in machine and "torch " in machine and "quick=False" in machine, machine
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, monkeypatch, tmp_path):
-    monkeypatch.setenv("LLMSPEED_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("LLMSPEED_EXAMPLES_QUICK", "1")
     # the kernel is a new process: make this checkout importable even when llmspeed is not installed
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
