@@ -43,7 +43,7 @@ def test_committed_notebooks_are_executed_on_the_public_api(name):
     assert "llmspeed.bench" not in source, "notebooks use the public API, not benchmark internals"
     unrun = [i for i, c in enumerate(cells) if c.get("execution_count") is None]
     assert not unrun, f"{name}: code cells {unrun} have no outputs: run python examples/make_notebooks.py --execute"
-    machine = "".join(o.get("text", "") for o in cells[0]["outputs"] if o.get("output_type") == "stream")
+    machine = "".join("".join(o.get("text", "")) for o in cells[0]["outputs"] if o.get("output_type") == "stream")
     assert " cores, " in machine and "torch " in machine and "quick=False" in machine, machine
 
 
