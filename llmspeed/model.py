@@ -299,7 +299,7 @@ def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:
     earlier = getattr(hf_model, _WRAPPER, None)
     if isinstance(earlier, Model):
         if tokenizer is not None:
-            _check_tokenizer(tokenizer, hf_model.config.get_text_config().vocab_size)
+            _check_tokenizer(tokenizer, earlier.spec.vocab_size)
             earlier.tokenizer = tokenizer
         return earlier
     return Model(hf_model, tokenizer)

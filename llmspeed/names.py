@@ -61,7 +61,7 @@ def check_device(device: object, arg: str = "device") -> torch.device:
     ``.to()`` call; this says so before anything is read.
     """
     try:
-        dev = torch.device(device)  # type: ignore[arg-type]
+        dev = torch.device(device)  # type: ignore[call-overload]  # anything else is refused below
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{arg} must be a torch device such as 'cpu' or 'cuda'; got {device!r}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():

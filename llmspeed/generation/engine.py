@@ -532,7 +532,8 @@ class Generator:
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside llmspeed, so a warning names the user's line."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
+    frame: Any = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
