@@ -1,8 +1,8 @@
 """A fused CPU decode step for Llama-family models: one C++ call per step instead of ~2000 op dispatches.
 
 At batch 1 a decode step of a small model is two things: reading every weight once, and dispatching
-about 65 small torch ops per layer. On a 2-core CPU the eager step of SmolLM2-135M spends about
-45 ms on the second. :class:`FusedDecode` runs decode-only steps (every sequence adds one token) of
+about 65 small torch ops per layer; on a 2-core CPU the second dominates the eager step of
+SmolLM2-135M (docs/batching.md has the measurements). :class:`FusedDecode` runs decode-only steps (every sequence adds one token) of
 a supported model through ``decode_cpu.cpp``: every layer, the paged-KV write and attention, the
 final norm and the output projection in one call, with GEMVs that stream the weights at memory
 speed. The model's own modules provide the weights (no copy), the embedding and the rotary tables,
@@ -177,10 +177,11 @@ def _opt(t: torch.Tensor | None) -> torch.Tensor:
 class _Snapshot:
     """The tensor list handed to C++, with what must stay the same for it to be valid.
 
-    Checking a model from scratch (:func:`unsupported`) and gathering its tensors cost about 4 ms a step
-    for SmolLM2; re-validating a snapshot costs about 1 ms: every module is still the same object at the
-    same place, and every tensor read still has the same storage and dtype (``nn.Module.to`` and
-    :func:`llmspeed.cast` change a parameter's data in place).
+    Checking a model from scratch (:func:`unsupported`) and gathering its tensors costs several times
+    more than re-validating a snapshot: every module is still the same object at the same place (read
+    from ``_modules``, not through ``nn.Module.__getattr__``), every tensor read still has the same
+    storage and dtype (``nn.Module.to`` and :func:`llmspeed.cast` change a parameter's data in place),
+    and every LoRA adapter has the same names, scales and tensor versions.
     """
 
     def __init__(self, hf: Any):

@@ -21,11 +21,10 @@ def dequant_fp32(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out
 
     The weight is dequantized ``BLOCK_BYTES`` of fp32 at a time, a block of output rows, and each block
     is multiplied at once. The blocks reuse allocator memory. A whole 4096x4096 weight would be a 67 MB
-    temporary, and more for its intermediate steps, each allocation faulting in fresh pages. Measured on
-    that layer at M = 256 (2 cores): int8 155 ms against 199 ms whole, int4 174 against 236, NF4 236
-    against 290; fp32 ``F.linear`` 155 ms. SmolLM2's layers (3.5 MB in fp32) fit in one block.
-    On accelerators the blocks only multiply kernel launches (a 4096x14336 int4 layer took 56 blocks and
-    1.3 ms at M = 1 on an H100), so there the whole weight is dequantized at once.
+    temporary, and more for its intermediate steps, each allocation faulting in fresh pages: on a 2-core
+    CPU the blocked path was faster for every format (docs/kernels.md). SmolLM2's layers (3.5 MB in
+    fp32) fit in one block. On accelerators the blocks only multiply kernel launches, so there the whole
+    weight is dequantized at once.
     """
     xf = x.float()  # [M, in]
     n, k = module.out_features, module.in_features
