@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 from .. import primitives as P
-from ..calibration import CalibrationConfig, calibration_tokens, quantize_sequentially, split_plan
+from ..calibration import CalibrationConfig, LinearGroup, calibration_tokens, quantize_sequentially, split_plan
 from ..modules import module_class
 from .registry import register_method
 from .rtn import nf4_effective_scales, rtn_weight
@@ -35,7 +35,7 @@ class Grid(Protocol):
     """A format's code grid as GPTQ needs it: fit a group's qparams, round a column, decode it."""
 
     def fit(
-        self, w: torch.Tensor
+        self, w: torch.Tensor, error=...
     ) -> tuple[torch.Tensor, torch.Tensor]:  # [out, k] -> scale [out], zero [out]
         """Scale and zero point of one group of columns (zero is all-zero for symmetric formats)."""
         ...
@@ -186,39 +186,69 @@ def layer_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> 
 
 
 # --- the formats' grids, built on llmspeed.quant.primitives ---------------------------------------
+def weight_error(diff: torch.Tensor) -> torch.Tensor:  # [rows, k] -> [rows]
+    """``sum |w - q|^2.4`` per row: the GPTQ reference's ``mse`` criterion for a group's range."""
+    return diff.abs().pow(2.4).sum(1)
+
+
+def search_clip(
+    w: torch.Tensor,  # [rows, k]
+    shrinks: tuple[float, ...],
+    choose,
+    fake_quantize,
+    error=weight_error,
+) -> tuple[torch.Tensor, torch.Tensor]:  # scale [rows], zero [rows]
+    """The clip (range shrink) search shared by the grids: per row, the shrink of ``shrinks`` whose grid
+    gives the smallest ``error(q - w)`` (``[rows, k] -> [rows]``; default :func:`weight_error`).
+
+    ``choose(w) -> (scale [rows], zero [rows])`` fits a grid to the shrunk values; each shrink is
+    evaluated on the original ``w``. A single shrink of ``1.0`` is the plain fit, without evaluating.
+    """
+    best_s = best_z = best_err = None
+    for shrink in shrinks:
+        s, z = choose(w * shrink)
+        if len(shrinks) == 1:
+            return s, z
+        err = error(fake_quantize(w, s[:, None], z[:, None]) - w)  # [rows]
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+        else:
+            better = err < best_err
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best_err = torch.where(better, err, best_err)
+    return best_s, best_z
+
+
+def _check_shrinks(clip_search: tuple[float, ...]) -> tuple[float, ...]:
+    if not clip_search or any(not 0 < c <= 1 for c in clip_search):
+        raise ValueError(f"clip_search must be shrink factors in (0, 1]; got {clip_search!r}")
+    return tuple(clip_search)
+
+
 class Int4Grid:
     """Asymmetric 4-bit codes ``[0, 15]``, zero point in the code domain (the int4 layout).
 
     Args:
         clip_search: Shrink factors of the group's ``[min, max]`` range tried by :meth:`fit`; the one
-            with the smallest ``sum |w - deq(q(w))|^2.4`` per row wins (the GPTQ reference's ``mse``
-            option). ``(1.0,)`` is plain min/max, exactly round-to-nearest's choice.
+            with the smallest error wins (:func:`search_clip`; by default ``sum |w - deq(q(w))|^2.4``
+            per row, the GPTQ reference's ``mse`` option). ``(1.0,)`` is plain min/max, exactly
+            round-to-nearest's choice.
         symmetric: Zero point 8 and scale ``absmax / 7.5`` (``QuantConfig.symmetric``).
     """
 
     def __init__(self, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False):
-        if not clip_search or any(not 0 < c <= 1 for c in clip_search):
-            raise ValueError(f"clip_search must be shrink factors in (0, 1]; got {clip_search!r}")
-        self.clip_search = tuple(clip_search)
+        self.clip_search = _check_shrinks(clip_search)
         self.symmetric = symmetric
 
-    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row scale and zero ``[out]`` of the group ``w`` [out, k]."""
+    def fit(self, w: torch.Tensor, error=weight_error) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row scale and zero ``[out]`` of the group ``w`` [out, k]; ``error`` scores a clip (see :func:`search_clip`)."""
         choose = P.choose_qparams_int4_symmetric if self.symmetric else P.choose_qparams_int4
-        best_s = best_z = best_err = None
-        for shrink in self.clip_search:
-            s, z = choose(w * shrink, None)  # [out, 1] each
-            s, z = s[:, 0], z[:, 0]
-            if len(self.clip_search) == 1:
-                return s, z
-            err = (self.fake_quantize(w, s[:, None], z[:, None]) - w).abs_().pow_(2.4).sum(1)  # [out]
-            if best_err is None:
-                best_s, best_z, best_err = s, z, err
-            else:
-                better = err < best_err
-                best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-                best_err = torch.where(better, err, best_err)
-        return best_s, best_z
+
+        def fit_one(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s, z = choose(v, None)  # [out, 1] each
+            return s[:, 0], z[:, 0]
+
+        return search_clip(w, self.clip_search, fit_one, self.fake_quantize, error)
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``(clamp(round(w / s) + z, 0, 15) - z) * s`` elementwise."""
@@ -230,12 +260,24 @@ class Int4Grid:
 
 
 class NF4Grid:
-    """NormalFloat-4 codebook times the group absmax (symmetric; zero is unused and returned as 0)."""
+    """NormalFloat-4 codebook times the group absmax (symmetric; zero is unused and returned as 0).
 
-    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Group absmax ``[out]`` and a zero vector."""
-        s = P.choose_qparams_nf4(w, None)[:, 0]  # [out]
-        return s, torch.zeros_like(s)
+    Args:
+        clip_search: Shrink factors of the group absmax tried by :meth:`fit` (values beyond the shrunk
+            absmax round to the codebook's end); see :func:`search_clip`. ``(1.0,)``: plain absmax.
+    """
+
+    def __init__(self, clip_search: tuple[float, ...] = (1.0,)):
+        self.clip_search = _check_shrinks(clip_search)
+
+    def fit(self, w: torch.Tensor, error=weight_error) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group absmax ``[out]`` (shrunk by the best clip) and a zero vector."""
+
+        def fit_one(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = P.choose_qparams_nf4(v, None)[:, 0]  # [out]
+            return s, torch.zeros_like(s)
+
+        return search_clip(w, self.clip_search, fit_one, self.fake_quantize, error)
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Nearest codebook value of ``w / s``, times ``s``."""
@@ -249,7 +291,7 @@ class NF4Grid:
 class Int8Grid:
     """Symmetric 8-bit codes ``[-127, 127]`` with one scale per output row (use ``group_size=None``)."""
 
-    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit(self, w: torch.Tensor, error=weight_error) -> tuple[torch.Tensor, torch.Tensor]:
         """Row scale ``absmax / 127`` ``[out]`` and a zero vector."""
         s = P.choose_qparams_int8(w)  # [out]
         return s, torch.zeros_like(s)
@@ -264,8 +306,11 @@ class Int8Grid:
 
 
 def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False) -> Grid:
-    """The :class:`Grid` of a format name (``"int4"``, ``"nf4"``, ``"int8"``); ``symmetric``: int4's zero fixed at 8."""
-    grids = {"int4": lambda: Int4Grid(clip_search, symmetric), "nf4": NF4Grid, "int8": Int8Grid}
+    """The :class:`Grid` of a format name (``"int4"``, ``"nf4"``, ``"int8"``); ``symmetric``: int4's zero fixed at 8.
+
+    ``clip_search`` applies to int4 and NF4 (int8 keeps the row absmax: 255 levels need no clipping).
+    """
+    grids = {"int4": lambda: Int4Grid(clip_search, symmetric), "nf4": lambda: NF4Grid(clip_search), "int8": Int8Grid}
     if fmt not in grids:
         raise ValueError(f"format must be one of {sorted(grids)} for GPTQ; got {fmt!r}")
     return grids[fmt]()
@@ -318,7 +363,7 @@ def gptq_model(
         calibration: ``None`` (the pydoc "train" half), a string, a list of strings, or token ids.
         n_sequences, seq_len: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
         damp, block_size, act_order: See :func:`gptq_quantize`.
-        clip_search: int4 only: shrink factors of the group range tried when fitting a group.
+        clip_search: int4 and NF4: shrink factors of the group range tried when fitting a group.
         progress: Show a progress bar over decoder layers.
 
     Linear layers outside the decoder stack (an output head that was not skipped) are rounded to
@@ -331,11 +376,12 @@ def gptq_model(
     for config in set(plan.values()):
         grid_for(config.format, clip_search)  # validates clip_search before any work
 
-    def quantize_group(linears, hessian, config):
+    def quantize_group(group: LinearGroup, config):
+        linears = group.linears
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum out, in]: rows are independent
         grid = grid_for(config.format, clip_search, bool(config.symmetric and config.format == "int4"))
         result = gptq_quantize(
-            weight, hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order
+            weight, group.hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order
         )
         modules, row = [], 0
         for lin in linears:
@@ -365,4 +411,4 @@ def gptq_model(
     return built
 
 
-register_method("gptq", model=gptq_model)
+register_method("gptq", model=gptq_model, symmetric=True)
