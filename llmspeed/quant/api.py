@@ -15,10 +15,10 @@ from ..protocol import CausalLM, base_linear, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig
 from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import get_method
+from .methods.registry import symmetric_methods
 from .modules import QuantizedLinearBase, module_class
 
 _DEFAULT = object()
-SYMMETRIC_METHODS = ("rtn", "gptq")  # methods that honour QuantConfig.symmetric for int4
 
 
 def _output_head(model: CausalLM) -> list[str]:
@@ -154,9 +154,9 @@ def quantize(
     config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric)
     check_kernel_name(kernel, fmt)
     entry = get_method(method)
-    if fmt == "int4" and config.symmetric and method not in SYMMETRIC_METHODS:
+    if fmt == "int4" and config.symmetric and not entry.symmetric:
         raise ValueError(
-            f"symmetric=True is available with method in {list(SYMMETRIC_METHODS)}; got method={method!r}, "
+            f"symmetric=True is available with method in {symmetric_methods()}; got method={method!r}, "
             f"which fits its own zero points"
         )
     check_kernel(kernel, fmt, model.spec.device)
@@ -167,6 +167,7 @@ def quantize(
     plan = plan_layers(model, config, skip, include)
     options = dict(method_options or {})
     snapshot = dict(model.linear_layers())
+    saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
     try:
         if entry.weight is not None:
             cls = module_class(fmt)
@@ -183,16 +184,38 @@ def quantize(
         else:
             assert entry.model is not None  # a Method has exactly one of weight and model
             built = entry.model(model, plan, calibration, **options)
-            missing = set(plan) - set(built)
-            if missing or not all(isinstance(m, QuantizedLinearBase) for m in built.values()):
+            modules = {n: m for n, m in built.items() if not isinstance(m, torch.Tensor)}
+            missing = set(plan) - set(modules)
+            if missing or not all(isinstance(m, QuantizedLinearBase) for m in modules.values()):
                 raise RuntimeError(
                     f"method {method!r} must return a quantized module for every planned layer; "
                     f"missing {sorted(missing)[:3]}"
                 )
-            for name, module in built.items():
+            folded = _folded_parameters(model, plan, built)
+            for name, value in folded.items():
+                param = model.module.get_parameter(name)
+                saved[name] = param.detach().clone()
+                param.data.copy_(value)
+            for name, module in modules.items():
                 model.replace_linear(name, module)
     except BaseException:
         for name, module in snapshot.items():
             model.replace_linear(name, module)
+        for name, value in saved.items():
+            model.module.get_parameter(name).data.copy_(value)
         raise
     return model
+
+
+def _folded_parameters(model: CausalLM, plan: dict[str, QuantConfig], built: dict[str, Any]) -> dict[str, Any]:
+    """The float tensors a model method returned for parameters outside the planned layers, checked."""
+    params = dict(model.module.named_parameters())
+    folded = {n: t for n, t in built.items() if isinstance(t, torch.Tensor)}
+    for name, value in folded.items():
+        if name not in params or any(name.startswith(layer + ".") for layer in plan):
+            raise RuntimeError(f"a model method returned a tensor for {name!r}, which is no parameter outside the plan")
+        if value.shape != params[name].shape:
+            raise RuntimeError(
+                f"a model method returned shape {tuple(value.shape)} for {name!r} of shape {tuple(params[name].shape)}"
+            )
+    return folded

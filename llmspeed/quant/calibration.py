@@ -246,6 +246,26 @@ def split_plan(model: CausalLM, plan: dict[str, Any]) -> tuple[list[dict[str, st
 PROBE_TOKENS = 16  # tokens of the one window that finds which linears share an input
 
 
+@dataclass
+class LinearGroup:
+    """What ``quantize_group`` receives for linears fed one tensor ``X`` (q/k/v, gate/up, or one linear).
+
+    Attributes:
+        names: Relative names in the decoder layer, owner (the first one called) first.
+        qualified: The same, as qualified names in the model.
+        linears: The modules; inside :func:`quantize_layer` their ``.weight`` is the float clone being
+            quantized (earlier groups of the layer already hold their quantized values).
+        hessian: ``2 X^T X / N`` ``[in, in]`` fp32 over every calibration token.
+        abs_mean: ``mean |X|`` per input channel ``[in]`` fp32 (AWQ's activation statistic).
+    """
+
+    names: list[str]
+    qualified: list[str]
+    linears: list[nn.Module]
+    hessian: torch.Tensor
+    abs_mean: torch.Tensor
+
+
 @torch.no_grad()
 def quantize_layer(
     layer: nn.Module,
@@ -261,8 +281,9 @@ def quantize_layer(
     ``inputs`` must be one batch (every window at once). The layer runs through
     ``torch.func.functional_call`` on clones of its planned weights; a forward pre-hook on each
     group owner (``groups``: owner -> the relative names fed the same tensor) computes the Hessian of
-    the tensor it receives, calls ``quantize_group(linears, hessian, config)`` and copies the
-    quantized weights into the clones before the matmul reads them. So each linear's Hessian sees
+    the tensor it receives, calls ``quantize_group(group: LinearGroup, config)``, which returns
+    ``[(module, float weight the pass should use)]`` per member, and copies those weights into the
+    clones before the matmul reads them. So each linear's Hessian sees
     the quantization error of the linears before it in the same layer, and the pass's output is
     the next layer's input with the whole layer quantized. ``names`` maps relative to qualified
     names. Returns ``(outputs or None, {qualified name: module})``; the layer is never modified.
@@ -278,12 +299,14 @@ def quantize_layer(
 
     def make_hook(owner: str):
         def hook(module, args):
-            x = args[0].detach()
+            x = args[0].detach()  # [b, T, in]
             hessian = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
             hessian = finalize_hessian(hessian, accumulate_hessian(hessian, x))
+            abs_mean = x.reshape(-1, x.shape[-1]).abs().float().mean(0)  # [in]
             members = groups[owner]
             linears = [layer.get_submodule(n) for n in members]  # their .weight is the float clone here
-            for rel, (module, weight) in zip(members, quantize_group(linears, hessian, plan[names[owner]])):
+            group = LinearGroup(list(members), [names[n] for n in members], linears, hessian, abs_mean)
+            for rel, (module, weight) in zip(members, quantize_group(group, plan[names[owner]])):
                 built[names[rel]] = module
                 target = params[f"{rel}.weight"]
                 target.copy_(weight.to(target.device, target.dtype))

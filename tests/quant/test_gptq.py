@@ -187,9 +187,9 @@ def test_quantize_layer_in_one_pass_is_true_sequential(llama):
     coarse = {n: (w * 4).round() / 4 for n, w in before.items()}  # a visible "quantization"
     seen = {}
 
-    def fake_group(linears, hessian, config):
-        rels = [n for lin in linears for n in names if layer.get_submodule(n) is lin]
-        seen[rels[0]] = hessian
+    def fake_group(group, config):
+        rels = group.names
+        seen[rels[0]] = group.hessian
         return [(torch.nn.Identity(), coarse[n]) for n in rels]
 
     plan = {q: None for q in names.values()}

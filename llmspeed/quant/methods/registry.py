@@ -36,6 +36,7 @@ class Method:
     weight: Callable[..., QuantizedWeight] | None = None
     model: Callable[..., dict[str, Any]] | None = None
     needs_calibration: bool = False
+    symmetric: bool = False  # honours QuantConfig.symmetric for int4 (fits no zero points of its own)
 
     def __post_init__(self) -> None:
         if (self.weight is None) == (self.model is None):
@@ -51,13 +52,24 @@ def register_method(
     weight: Callable[..., QuantizedWeight] | None = None,
     model: Callable[..., dict[str, Any]] | None = None,
     needs_calibration: bool = False,
+    symmetric: bool = False,
 ) -> Method:
-    """Register (or replace) method ``name``; see the module docstring for the two function kinds."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name must be an identifier-like string; got {name!r}")
-    method = Method(name, weight, model, needs_calibration)
+    """Register (or replace) method ``name``; see the module docstring for the two function kinds.
+
+    ``name`` is identifier-like, or such names joined by ``+`` for a composition (``"awq+gptq"``).
+    ``symmetric``: the method honours ``QuantConfig.symmetric`` for int4 (``quantize`` refuses
+    ``symmetric=True`` with the others).
+    """
+    if not isinstance(name, str) or not all(part.isidentifier() for part in name.split("+")):
+        raise ValueError(f"name must be identifier-like (parts joined by '+' allowed); got {name!r}")
+    method = Method(name, weight, model, needs_calibration, symmetric)
     METHODS[name] = method
     return method
+
+
+def symmetric_methods() -> list[str]:
+    """Names of the registered methods that honour ``symmetric=True`` for int4."""
+    return sorted(name for name, method in METHODS.items() if method.symmetric)
 
 
 def get_method(name: str) -> Method:

@@ -36,4 +36,4 @@ def nf4_effective_scales(scales: torch.Tensor, config: QuantConfig) -> torch.Ten
     return P.double_dequantize(*P.double_quantize(scales))
 
 
-register_method("rtn", weight=rtn_weight)
+register_method("rtn", weight=rtn_weight, symmetric=True)
