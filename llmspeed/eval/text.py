@@ -1,5 +1,6 @@
 """Evaluation texts: Python's documentation topics (``pydoc_data.topics``), shipped with every CPython,
-and CPython's license as a second text in another register (:func:`license_text`).
+CPython's license (:func:`license_text`) and IDLE's change log (:func:`news_text`), two more texts in
+registers of their own that no llmspeed calibration or training run reads.
 
 The text (about 460k characters of English) is joined in sorted topic order so it is the same on
 every machine running the same CPython minor version. It is split in two halves by characters:
@@ -13,6 +14,7 @@ from functools import lru_cache
 
 SPLITS = ("all", "eval", "train")
 _LICENSE = "LICENSE.txt"
+_NEWS = ("idlelib", "NEWS.txt")
 
 
 @lru_cache(maxsize=1)
@@ -39,11 +41,26 @@ def license_text() -> str:
     training or calibration run reads. It is the same on every machine with the same CPython version.
     ``ValueError`` if this Python was installed without it (some distributions strip it).
     """
+    return _stdlib_file(_LICENSE)
+
+
+@lru_cache(maxsize=1)
+def news_text() -> str:
+    """IDLE's change log (``idlelib/NEWS.txt``, about 55k characters): terse release notes with issue numbers.
+
+    A register neither the pydoc text nor the default calibration mix contains (the mix reads no
+    ``idlelib`` file): an evaluation text for "text the calibration never saw". ``ValueError`` if this
+    Python was installed without IDLE.
+    """
+    return _stdlib_file(*_NEWS)
+
+
+def _stdlib_file(*parts: str) -> str:
     import os
     import sysconfig
 
-    path = os.path.join(sysconfig.get_paths()["stdlib"], _LICENSE)
+    path = os.path.join(sysconfig.get_paths()["stdlib"], *parts)
     if not os.path.isfile(path):
-        raise ValueError(f"this Python ships no {_LICENSE} in its standard library folder ({path})")
+        raise ValueError(f"this Python ships no {'/'.join(parts)} in its standard library folder ({path})")
     with open(path, encoding="utf-8") as f:
         return f.read()

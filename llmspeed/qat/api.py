@@ -112,7 +112,7 @@ def prepare(
             benchmark at lr 1e-4, see docs/qat.md); zero points stay.
         skip, include: As :func:`llmspeed.quantize`: names or patterns left in float (default: the output
             head), or the only ones prepared.
-        calibration: ``init="gptq"``: calibration text or token ids (default: the pydoc train half).
+        calibration: ``init="gptq"``: calibration text or token ids (default: the calibration mix, :func:`llmspeed.eval.calibration_mix`).
         init_options: ``init="gptq"``: options of the GPTQ method (``n_sequences``, ``seq_len``, ...).
 
     Raises:

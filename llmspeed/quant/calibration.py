@@ -3,8 +3,8 @@
 Three jobs, each a small function:
 
 * :func:`calibration_tokens`: text (or token ids) -> ``[n_sequences, seq_len]`` token windows.
-  The default text is the start of ``llmspeed.eval.pydoc_text("train")``, which never overlaps the
-  perplexity windows (cut from the ``"eval"`` half).
+  The default text is :func:`llmspeed.eval.calibration_mix` (pydoc's ``"train"`` half, stdlib
+  docstrings, comments and code, interleaved), which never overlaps the evaluation texts.
 * :func:`capture_layer_inputs`: run the model up to its first decoder layer once per batch and keep
   what that layer receives (hidden states and the keyword arguments: rotary embeddings, masks).
 * :func:`layer_hessians` / :func:`run_layer`: run one decoder layer over all captured batches,
@@ -54,10 +54,12 @@ class CalibrationConfig:
 
 
 def default_calibration_text() -> str:
-    """The calibration text used when none is given: the ``"train"`` half of the pydoc text."""
-    from ..eval import pydoc_text
+    """The calibration text used when none is given: four registers of text Python ships, interleaved
+    (:func:`llmspeed.eval.calibration_mix`: pydoc prose, docstrings, comments, code), never the
+    evaluation texts."""
+    from ..eval.registers import calibration_mix
 
-    return pydoc_text("train")
+    return calibration_mix()
 
 
 def calibration_tokens(model: CausalLM, calibration: Any, config: CalibrationConfig) -> torch.Tensor:

@@ -211,7 +211,7 @@ def test_calibration_tokens_windows_and_errors(smollm2_cached):
     cfg = CalibrationConfig(n_sequences=4, seq_len=16)
     tokens = calibration_tokens(smollm2_cached, None, cfg)
     assert tokens.shape == (4, 16) and tokens.dtype == torch.long
-    text = llmspeed.eval.pydoc_text("train")
+    text = llmspeed.eval.calibration_mix()  # the default: registers of text Python ships, interleaved
     expected = smollm2_cached.tokenizer.encode(text[:2000], add_special_tokens=False)[:64]
     assert tokens.reshape(-1).tolist() == expected
     assert calibration_tokens(smollm2_cached, ["a b c " * 20], cfg).shape[1] == 16
