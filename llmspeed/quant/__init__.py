@@ -8,7 +8,8 @@ Layers, bottom up (each imports only those below it; a test checks the import gr
 * :mod:`~llmspeed.quant.methods` (the method registry and the per-weight methods ``"rtn"``, ``"hqq"``)
   and :mod:`~llmspeed.quant.kernels` (matmul paths and ``kernel="auto"``, typed against the protocol);
 * :mod:`~llmspeed.quant.modules` (``Int8Linear``, ``Int4Linear``, ``NF4Linear``);
-* :mod:`~llmspeed.quant.calibration` and the model-level method ``"gptq"`` (registered here);
+* :mod:`~llmspeed.quant.calibration` and the model-level methods ``"gptq"``, ``"awq"`` and
+  ``"awq+gptq"`` (registered here);
 * the verbs :func:`quantize`, :func:`save`, :func:`load` and the report :func:`llmspeed.kernels`
   (:mod:`~llmspeed.quant.report`).
 """
@@ -21,6 +22,7 @@ from .config import FORMATS, QuantConfig
 from .kernels import KERNELS, Kernel, register_kernel
 from .layout import QuantLayout
 from .methods import METHODS, QuantizedWeight, gptq, register_method  # noqa: F401  (gptq registers "gptq")
+from .methods import awq  # noqa: F401,E402  (registers "awq" and "awq+gptq")
 from .modules import Int4Linear, Int8Linear, NF4Linear, QuantizedLinearBase, module_class
 from .report import KernelReport
 from .serialize import load, save

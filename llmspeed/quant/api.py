@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -166,6 +167,7 @@ def quantize(
         )
     plan = plan_layers(model, config, skip, include)
     options = dict(method_options or {})
+    _check_options(method, entry.weight or entry.model, options)
     snapshot = dict(model.linear_layers())
     saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
     try:
@@ -205,6 +207,17 @@ def quantize(
             model.module.get_parameter(name).data.copy_(value)
         raise
     return model
+
+
+def _check_options(method: str, fn: Any, options: dict[str, Any]) -> None:
+    """``ValueError`` naming any ``method_options`` key the method does not take, with the ones it does."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"method_options {unknown} are not options of method={method!r}; it takes {accepted}")
 
 
 def _folded_parameters(model: CausalLM, plan: dict[str, QuantConfig], built: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from . import hqq, rtn  # noqa: F401  (register the per-weight methods "rtn" and "hqq")
 from .registry import METHODS, Method, QuantizedWeight, get_method, register_method
 
-# "gptq" needs the quantized modules and the calibration machinery, which sit above this package's
-# registry: llmspeed.quant registers it after importing both (see llmspeed/quant/__init__.py).
+# "gptq", "awq" and "awq+gptq" need the quantized modules and the calibration machinery, which sit above
+# this package's registry: llmspeed.quant registers them after importing both (see llmspeed/quant/__init__.py).
 
 __all__ = ["METHODS", "Method", "QuantizedWeight", "get_method", "register_method"]

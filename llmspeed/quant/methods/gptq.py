@@ -281,7 +281,7 @@ class NF4Grid:
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Nearest codebook value of ``w / s``, times ``s``."""
-        return P.NF4_CODEBOOK.to(w.device)[torch.bucketize(w / scale, P._NF4_MIDPOINTS.to(w.device))].mul_(scale)
+        return P.NF4_CODEBOOK.to(w.device)[torch.bucketize((w / scale).contiguous(), P._NF4_MIDPOINTS.to(w.device))].mul_(scale)
 
     def encode(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None):
         """Codebook indices ``[out, in_pad]`` of on-grid ``w``."""
@@ -360,7 +360,7 @@ def gptq_model(
     Args:
         model: The float :class:`~llmspeed.protocol.CausalLM` (not modified; ``quantize`` installs the result).
         plan: ``{qualified name: QuantConfig}`` from :func:`llmspeed.quant.plan_layers`.
-        calibration: ``None`` (the pydoc "train" half), a string, a list of strings, or token ids.
+        calibration: ``None`` (the default mix of registers, :func:`llmspeed.eval.calibration_mix`), a string, a list of strings, or token ids.
         n_sequences, seq_len: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
         damp, block_size, act_order: See :func:`gptq_quantize`.
         clip_search: int4 and NF4: shrink factors of the group range tried when fitting a group.
