@@ -1,4 +1,4 @@
-"""Calibrated int4: fp32 vs round-to-nearest vs HQQ vs GPTQ perplexity on SmolLM2, with calibration time.
+"""Calibrated 4-bit: fp32 vs RTN / HQQ / GPTQ / AWQ / AWQ+GPTQ perplexity on three text domains (two never calibrated on), with calibration time.
 
     flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--device cuda]
 
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2", choices=["smollm2"])
     parser.add_argument(
-        "--quick", action="store_true", help="fp32 and int4 g64 only, 32 calibration sequences, 4 windows"
+        "--quick", action="store_true", help="fp32 and int4 g64 only, 32 calibration sequences, 4 windows per domain"
     )
     parser.add_argument(
         "--formats", default="int4,nf4,int8", help="comma-separated quantized formats to measure"

@@ -1,15 +1,23 @@
-"""Benchmark suite ``calibration``: how much of the int4 accuracy gap GPTQ and HQQ close, and at what cost.
+"""Benchmark suite ``calibration``: how much of the 4-bit accuracy gap each method closes, on text the
+calibration saw the like of and on text of kinds it never saw, and at what calibration cost.
 
-Rows: fp32 (the baseline of every row), then round-to-nearest / HQQ / GPTQ at int4 g64 and g128,
-NF4 g64 and int8 with and without GPTQ. Columns: perplexity on the pydoc evaluation windows (text
-no method ever sees), its change vs fp32, the calibration time (wall and CPU seconds; the machine
-may be shared, CPU seconds are the steadier number) and, for fp32 and int4 g64 RTN/GPTQ, perplexity on the
-calibration text itself ("seen") and on a held-out slice of the same half ("held-out") that
-calibration never saw: a method that overfits its calibration text gains on "seen" only.
+Rows: fp32 (the baseline of every row), then round-to-nearest, HQQ, GPTQ, AWQ and AWQ+GPTQ at int4
+g64 and g128, the calibrated methods at NF4 g64, int8 round-to-nearest, and GPTQ int4 g64 calibrated
+on the pydoc text alone (the default before the calibration mix) for comparison. Every calibrated
+row uses the method's default options and the default calibration text
+(:func:`llmspeed.eval.calibration_mix`) unless its ``calibration`` column says otherwise.
 
-Text split: the pydoc ``"train"`` half is cut by characters at :data:`CALIB_FRACTION`; GPTQ
-calibrates on the first part, the held-out windows come from the second. The evaluation windows
-come from the ``"eval"`` half, as everywhere in llmspeed.
+Perplexity domains (:data:`DOMAINS`):
+
+* ``pydoc``: the ``"eval"`` half of Python's documentation topics. The calibration domain: the mix
+  holds pydoc prose from the ``"train"`` half (without the paragraphs the two halves share).
+* ``license``: CPython's ``LICENSE.txt``, legal English. Never used for calibration or tuning.
+* ``news``: IDLE's ``NEWS.txt``, a change log. Never used for calibration or tuning.
+
+Columns: perplexity per domain, its change vs fp32, ``spread`` (the largest minus the smallest of the
+three changes: a method whose cost does not depend on the text has a small spread), the calibration
+time (wall and CPU seconds; the machine may be shared, CPU seconds are the steadier number) and the
+1-minute load average when the row started.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ from typing import Any
 
 import torch
 
-CALIB_FRACTION = 0.6  # of the pydoc "train" half's characters used for calibration
+CALIBRATED = ("gptq", "awq", "awq+gptq")
+DOMAINS = ("pydoc", "license", "news")
+UNSEEN = ("license", "news")  # never used for calibration or tuning
+WINDOWS = {"pydoc": 16, "license": 6, "news": 16}  # 512-token windows; LICENSE.txt holds about 6
 
 
 def _load(model: str, device: str):
@@ -31,12 +42,24 @@ def _load(model: str, device: str):
     raise ValueError(f"model must be 'smollm2' (calibration needs a real model and tokenizer); got {model!r}")
 
 
-def _texts() -> tuple[str, str]:
-    from ..eval import pydoc_text
+def domain_texts() -> dict[str, str]:
+    """``{domain: text}`` of :data:`DOMAINS`."""
+    from ..eval import license_text, news_text, pydoc_text
 
-    train = pydoc_text("train")
-    cut = int(len(train) * CALIB_FRACTION)
-    return train[:cut], train[cut:]
+    return {"pydoc": pydoc_text("eval"), "license": license_text(), "news": news_text()}
+
+
+def configurations(quick: bool, formats: tuple[str, ...]) -> list[tuple[str, int | None, str, str]]:
+    """``(format, group, method, calibration)`` rows, the headline (AWQ+GPTQ int4 g64) first."""
+    rows: list[tuple[str, int | None, str, str]] = [("fp32", None, "-", "-")]
+    for g in (64,) if quick else (64, 128):
+        rows += [("int4", g, m, "-") for m in ("rtn", "hqq")] + [("int4", g, m, "mix") for m in CALIBRATED]
+    if not quick:
+        rows += [("nf4", 64, "rtn", "-")] + [("nf4", 64, m, "mix") for m in CALIBRATED]
+        rows += [("int8", None, "rtn", "-"), ("int4", 64, "gptq", "pydoc")]
+    rows = [r for r in rows if r[0] == "fp32" or r[0] in formats]
+    rows.sort(key=lambda r: (r != ("int4", 64, "awq+gptq", "mix"), r[0] != "fp32"))
+    return rows
 
 
 def run(
@@ -47,87 +70,79 @@ def run(
     progress: bool = True,
     formats: tuple[str, ...] = ("int4", "nf4", "int8"),
 ) -> list[dict[str, Any]]:
-    """Quantize ``model`` with each method and measure perplexity; returns one row per configuration.
+    """Quantize ``model`` with each method and measure perplexity on every domain; one row per configuration.
 
-    ``quick`` keeps fp32 and the int4 g64 rows, calibrates on 32 sequences and scores 4 windows.
-    ``formats`` limits the quantized rows (the fp32 baseline row is always measured).
+    ``quick`` keeps fp32 and the int4 g64 rows, calibrates on 32 sequences and scores 4 windows
+    per domain. ``formats`` limits the quantized rows (the fp32 baseline row is always measured).
     """
     unknown = set(formats) - {"int4", "nf4", "int8"}
     if unknown:
         raise ValueError(f"formats must be among ['int4', 'nf4', 'int8']; got {sorted(unknown)}")
     import llmspeed
 
-    from ..eval import perplexity
+    from ..eval import perplexity, pydoc_text
 
-    calib_text, heldout_text = _texts()
-    n_eval, n_side = (4, 2) if quick else (16, 4)
-    gptq_opts = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
-    configs: list[tuple[str, int | None, str]] = [("fp32", None, "-")]
-    for g in (64,) if quick else (64, 128):
-        configs += [("int4", g, "rtn"), ("int4", g, "gptq"), ("int4", g, "hqq")]
-    if not quick:
-        configs += [("nf4", 64, "rtn"), ("nf4", 64, "gptq"), ("int8", None, "rtn"), ("int8", None, "gptq")]
-    configs = [c for c in configs if c[0] == "fp32" or c[0] in formats]
-
-    # GPTQ g64 first: on a busy machine the headline number arrives first. vs_fp32 is filled in at the end.
-    configs.sort(key=lambda c: 0 if c == ("int4", 64, "gptq") else 1)
+    texts = domain_texts()
+    windows = {d: 4 if quick else n for d, n in WINDOWS.items()}
+    options = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
+    configs = configurations(quick, formats)
     rows: list[dict[str, Any]] = []
-    for fmt, group, method in configs:
+    for fmt, group, method, calibration in configs:
         m = _load(model, device)
         wall = cpu = 0.0
         load1 = os.getloadavg()[0]
         if fmt != "fp32":
+            calibrated = method in CALIBRATED
             t0, c0 = time.perf_counter(), time.process_time()
             llmspeed.quantize(
                 m,
                 fmt,
                 group,
                 method=method,
-                calibration=calib_text if method == "gptq" else None,
-                method_options=gptq_opts if method == "gptq" else None,
+                calibration=pydoc_text("train") if calibration == "pydoc" else None,
+                method_options=options if calibrated else None,
             )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        ppl = perplexity(m, n_windows=n_eval)
         row: dict[str, Any] = {
             "format": fmt,
             "group": "-" if group is None else group,
             "method": method,
-            "ppl_eval": ppl,
-            "vs_fp32": "",
-            "calib_wall_s": round(wall, 1),
-            "calib_cpu_s": round(cpu, 1),
-            "load_avg": round(load1, 1),
-            "ppl_seen": "",
-            "ppl_heldout": "",
-            "baseline": "fp32 (same run)",
+            "calibration": calibration,
         }
-        if fmt == "fp32" or (fmt == "int4" and group == 64 and method in ("rtn", "gptq")):
-            row["ppl_seen"] = perplexity(m, calib_text, n_windows=n_side)
-            row["ppl_heldout"] = perplexity(m, heldout_text, n_windows=n_side)
+        for d in DOMAINS:
+            row[f"ppl_{d}"] = perplexity(m, texts[d], n_windows=windows[d])
+        row.update(calib_wall_s=round(wall, 1), calib_cpu_s=round(cpu, 1), load_avg=round(load1, 1))
         rows.append(row)
         if progress:
             print(row, flush=True)
         del m
         if device == "cuda":
             torch.cuda.empty_cache()
-    fp32_ppl = next(r["ppl_eval"] for r in rows if r["format"] == "fp32")
+    return _with_changes(rows, configs)
+
+
+def _with_changes(rows: list[dict[str, Any]], configs: list) -> list[dict[str, Any]]:
+    """Add each domain's change vs fp32 and the spread between domains; sort rows by format, group, method."""
+    base = next(r for r in rows if r["format"] == "fp32")
+    out = []
     for r in rows:
-        r["vs_fp32"] = f"{(r['ppl_eval'] / fp32_ppl - 1) * 100:+.1f}%"
-    order = {
-        c: i
-        for i, c in enumerate(
-            sorted(
-                configs,
-                key=lambda c: (
-                    c[0] != "fp32",
-                    ["fp32", "int4", "nf4", "int8"].index(c[0]),
-                    c[1] or 0,
-                    c[2] != "rtn",
-                    c[2],
-                ),
-            )
-        )
-    }
+        change = {d: (r[f"ppl_{d}"] / base[f"ppl_{d}"] - 1) * 100 for d in DOMAINS}
+        new: dict[str, Any] = {k: r[k] for k in ("format", "group", "method", "calibration")}
+        for d in DOMAINS:
+            new[f"ppl_{d}"] = r[f"ppl_{d}"]
+            new[f"{d}_vs_fp32"] = f"{change[d]:+.1f}%"
+        new["spread"] = f"{max(change.values()) - min(change.values()):.1f} pt"
+        new.update({k: r[k] for k in ("calib_wall_s", "calib_cpu_s", "load_avg")})
+        new["baseline"] = "fp32 (same run)"
+        out.append(new)
+    fmt_order = ["fp32", "int4", "nf4", "int8"]
+    method_order = ["-", "rtn", "hqq", "gptq", "awq", "awq+gptq"]
     return sorted(
-        rows, key=lambda r: order[(r["format"], None if r["group"] == "-" else r["group"], r["method"])]
+        out,
+        key=lambda r: (
+            fmt_order.index(r["format"]),
+            0 if r["group"] == "-" else r["group"],
+            r["calibration"] == "pydoc",
+            method_order.index(r["method"]),
+        ),
     )

@@ -62,7 +62,9 @@ def _sources() -> list[str]:
 def docstrings(source: str) -> list[str]:
     """The docstrings of a module's source (module, classes, functions), in source order."""
     tree = ast.parse(source)
-    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    nodes = [tree] + [
+        n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
     nodes.sort(key=lambda n: getattr(n, "lineno", 0))
     return [d for n in nodes if (d := ast.get_docstring(n, clean=True))]
 
@@ -119,7 +121,7 @@ def calibration_mix() -> str:
     """The default calibration text: the four registers' chunks interleaved round-robin (see the module docstring)."""
     texts = register_texts()
     chunks = [_chunks(texts[r], REGISTER_CHARS) for r in REGISTERS]
-    out = []
+    out: list[str] = []
     for i in range(max(len(c) for c in chunks)):
         out.extend(c[i] for c in chunks if i < len(c))
     return "\n\n".join(out)

@@ -21,8 +21,13 @@ from .api import plan_layers, quantize
 from .config import FORMATS, QuantConfig
 from .kernels import KERNELS, Kernel, register_kernel
 from .layout import QuantLayout
-from .methods import METHODS, QuantizedWeight, gptq, register_method  # noqa: F401  (gptq registers "gptq")
-from .methods import awq  # noqa: F401,E402  (registers "awq" and "awq+gptq")
+from .methods import (  # noqa: F401  (gptq registers "gptq")
+    METHODS,
+    QuantizedWeight,
+    awq,  # noqa: F401,E402  (registers "awq" and "awq+gptq")
+    gptq,
+    register_method,
+)
 from .modules import Int4Linear, Int8Linear, NF4Linear, QuantizedLinearBase, module_class
 from .report import KernelReport
 from .serialize import load, save

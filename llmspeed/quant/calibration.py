@@ -263,7 +263,7 @@ class LinearGroup:
 
     names: list[str]
     qualified: list[str]
-    linears: list[nn.Module]
+    linears: list[nn.Linear]
     hessian: torch.Tensor
     abs_mean: torch.Tensor
 
@@ -306,7 +306,7 @@ def quantize_layer(
             hessian = finalize_hessian(hessian, accumulate_hessian(hessian, x))
             abs_mean = x.reshape(-1, x.shape[-1]).abs().float().mean(0)  # [in]
             members = groups[owner]
-            linears = [layer.get_submodule(n) for n in members]  # their .weight is the float clone here
+            linears = [cast(nn.Linear, layer.get_submodule(n)) for n in members]  # .weight: the float clone
             group = LinearGroup(list(members), [names[n] for n in members], linears, hessian, abs_mean)
             for rel, (module, weight) in zip(members, quantize_group(group, plan[names[owner]])):
                 built[names[rel]] = module

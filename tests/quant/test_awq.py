@@ -69,7 +69,9 @@ def test_int8_awq_model_stays_close_to_float():
     norms_before = _norm_weights(model)
     llmspeed.quantize(model, "int8", method="awq", calibration=_tokens(), method_options=OPTS)
     changed = [n for n, w in _norm_weights(model).items() if not torch.equal(w, norms_before[n])]
-    assert any("input_layernorm" in n for n in changed) and any("post_attention_layernorm" in n for n in changed)
+    assert any("input_layernorm" in n for n in changed) and any(
+        "post_attention_layernorm" in n for n in changed
+    )
     err = (_logits(model, _tokens(2, 32, seed=3)) - ref).norm() / ref.norm()
     assert err < 0.02
 
@@ -159,7 +161,15 @@ def test_awq_builds_packed_modules_that_beat_rtn_and_survive_save_load(method, f
     for m in ("rtn", method):
         model = _skewed(llmspeed.models.tiny("llama", seed=0))
         opts = None if m == "rtn" else dict(OPTS, clip_search=(1.0, 0.9, 0.8))
-        llmspeed.quantize(model, fmt, 16, method=m, calibration=None if m == "rtn" else _tokens(), method_options=opts, **kwargs)
+        llmspeed.quantize(
+            model,
+            fmt,
+            16,
+            method=m,
+            calibration=None if m == "rtn" else _tokens(),
+            method_options=opts,
+            **kwargs,
+        )
         errs[m] = float((_logits(model, x) - ref).norm() / ref.norm())
     cls = llmspeed.quant.module_class(fmt)
     assert all(isinstance(mod, cls) for n, mod in model.linear_layers() if n != "lm_head")
@@ -240,5 +250,7 @@ def test_method_errors_list_the_registry():
         llmspeed.quantize(model, "int4", 16, method="awk")
     assert str(sorted(llmspeed.quant.METHODS)) in str(err.value)
     assert "'awq'" in str(err.value) and "'awq+gptq'" in str(err.value)
-    with pytest.raises(ValueError, match=r"symmetric=True is available with method in \['awq', 'awq\+gptq', 'gptq', 'rtn'\]"):
+    with pytest.raises(
+        ValueError, match=r"symmetric=True is available with method in \['awq', 'awq\+gptq', 'gptq', 'rtn'\]"
+    ):
         llmspeed.quantize(model, "int4", 16, method="hqq", symmetric=True)

@@ -35,7 +35,7 @@ def test_mix_interleaves_all_four_registers_from_its_start():
     head = registers.calibration_mix()[: 4 * registers.CHUNK_CHARS + 400]  # about the first round of chunks
     norm = " ".join(head.split())
     for register in registers.REGISTERS:
-        first = " ".join(texts[register][:registers.CHUNK_CHARS].split())[:200]
+        first = " ".join(texts[register][: registers.CHUNK_CHARS].split())[:200]
         assert first in norm, register
     assert len(registers.calibration_mix()) >= 3 * registers.REGISTER_CHARS
 
@@ -50,4 +50,6 @@ def test_mix_contains_its_own_training_half_but_not_the_pydoc_eval_half():
 def test_comment_and_docstring_extraction():
     source = '#!/usr/bin/env python\n"""Module doc."""\n# first line of a note\n# second line here\nx = 1  # a trailing comment here\n\ndef f():\n    """Function doc."""\n'
     assert registers.docstrings(source) == ["Module doc.", "Function doc."]
-    assert registers.comment_blocks(source) == ["first line of a note second line here a trailing comment here"]
+    assert registers.comment_blocks(source) == [
+        "first line of a note second line here a trailing comment here"
+    ]

@@ -51,7 +51,7 @@ from ..calibration import (
 from ..config import QuantConfig
 from ..modules import module_class
 from .awq_fold import SUPPORTED, Fold, candidate_folds, check_fold
-from .gptq import GPTQResult, Grid, grid_for, gptq_quantize, pack_result, weight_error
+from .gptq import GPTQResult, Grid, gptq_quantize, grid_for, pack_result, weight_error
 from .registry import register_method
 from .rtn import rtn_weight
 
@@ -76,7 +76,9 @@ def grid_quantize(
     n = in_pad // g
     error = weight_error
     if hessian is not None:
-        hp = torch.nn.functional.pad(hessian.float(), (0, in_pad - in_f, 0, in_pad - in_f))  # [in_pad, in_pad]
+        hp = torch.nn.functional.pad(
+            hessian.float(), (0, in_pad - in_f, 0, in_pad - in_f)
+        )  # [in_pad, in_pad]
         blocks = torch.stack([hp[i * g : (i + 1) * g, i * g : (i + 1) * g] for i in range(n)])  # [n, g, g]
 
         def error(diff: torch.Tensor) -> torch.Tensor:  # [out * n, g] -> [out * n]
@@ -238,14 +240,22 @@ def awq_model(
         scaled_h = group.hessian / (s[:, None] * s[None, :])  # [in, in]: Hessian of the input x / s
         if gptq:
             result = gptq_quantize(
-                weight * s, scaled_h, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order
+                weight * s,
+                scaled_h,
+                grid,
+                config.group_size,
+                damp=damp,
+                block_size=block_size,
+                act_order=act_order,
             )
         else:
             result = grid_quantize(weight * s, grid, config, scaled_h if len(clip_search) > 1 else None)
         prefix = group.qualified[0][: -len(group.names[0]) - 1]
         if fold is not None and fold.kind == "norm":
             norm = model.module.get_parameter(f"{prefix}.{fold.producer}.weight")
-            params[f"{prefix}.{fold.producer}.weight"] = (norm.detach().float() / s.to(norm.device)).to(norm.dtype)
+            params[f"{prefix}.{fold.producer}.weight"] = (norm.detach().float() / s.to(norm.device)).to(
+                norm.dtype
+            )
         elif fold is not None:
             row_scales[f"{prefix}.{fold.producer}"] = fold.producer_scale(s)
         modules, row = [], 0
@@ -289,9 +299,11 @@ def awq_gptq_model(model, plan: dict, calibration: Any = None, **options: Any) -
     return awq_model(model, plan, calibration, gptq=True, **options)
 
 
-_sig = inspect.signature(awq_model)
-awq_gptq_model.__signature__ = _sig.replace(  # type: ignore[attr-defined]  (the options quantize checks)
-    parameters=[p for name, p in _sig.parameters.items() if name != "gptq"]
+_sig = inspect.signature(awq_model)  # quantize checks method_options against this signature
+setattr(
+    awq_gptq_model,
+    "__signature__",
+    _sig.replace(parameters=[p for n, p in _sig.parameters.items() if n != "gptq"]),
 )
 
 

@@ -30,7 +30,7 @@ linear in its weight fails the check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -100,11 +100,17 @@ def candidate_folds(layer: nn.Module, groups: dict[str, list[str]]) -> tuple[lis
         rows.append(Fold(frozenset({f"{MLP}.down_proj"}), f"{MLP}.up_proj", "rows"))
     head_dim = getattr(_get(layer, ATTN), "head_dim", None)
     if frozenset({f"{ATTN}.o_proj"}) in members and f"{ATTN}.v_proj" in planned and isinstance(head_dim, int):
-        o_in = layer.get_submodule(f"{ATTN}.o_proj").in_features
-        v_out = layer.get_submodule(f"{ATTN}.v_proj").out_features
+        o_in = _linear(layer, f"{ATTN}.o_proj").in_features
+        v_out = _linear(layer, f"{ATTN}.v_proj").out_features
         if o_in % v_out == 0 and v_out % head_dim == 0:
-            rows.append(Fold(frozenset({f"{ATTN}.o_proj"}), f"{ATTN}.v_proj", "rows", o_in // v_out, head_dim))
+            rows.append(
+                Fold(frozenset({f"{ATTN}.o_proj"}), f"{ATTN}.v_proj", "rows", o_in // v_out, head_dim)
+            )
     return norms, rows
+
+
+def _linear(layer: nn.Module, name: str) -> nn.Linear:
+    return cast(nn.Linear, layer.get_submodule(name))
 
 
 def _get(layer: nn.Module, name: str) -> nn.Module | None:
@@ -122,7 +128,7 @@ def _has(layer: nn.Module, name: str) -> bool:
 
 def scaled_params(layer: nn.Module, fold: Fold, r: torch.Tensor) -> dict[str, torch.Tensor]:
     """The producer's parameters with its output channels divided by ``r`` [producer out]."""
-    producer = layer.get_submodule(fold.producer)
+    producer = _linear(layer, fold.producer)  # or a norm: both have .weight (and maybe .bias)
     weight = producer.weight.detach()
     if fold.kind == "norm":
         return {f"{fold.producer}.weight": weight / r.to(weight.dtype)}
@@ -137,7 +143,7 @@ def fold_params(layer: nn.Module, fold: Fold, s: torch.Tensor) -> dict[str, torc
     producer's output channels ``/ s``. The layer's function is unchanged (the float oracle of AWQ)."""
     params = scaled_params(layer, fold, fold.producer_scale(s))
     for name in sorted(fold.consumers):
-        weight = layer.get_submodule(name).weight.detach()  # [out, in]
+        weight = _linear(layer, name).weight.detach()  # [out, in]
         params[f"{name}.weight"] = weight * s.to(weight.dtype)
     return params
 
@@ -149,7 +155,7 @@ def check_fold(layer: nn.Module, probe: LayerInputs, fold: Fold, seed: int = 0) 
     Runs the float layer on ``probe`` (one short window) twice: as is, and with the producer scaled
     by a random ``r`` in [0.5, 2]; compares the first consumer's inputs.
     """
-    consumer = layer.get_submodule(sorted(fold.consumers)[0])
+    consumer = _linear(layer, sorted(fold.consumers)[0])
     in_f = consumer.in_features
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(in_f, generator=g) * 1.5 + 0.5  # [in]
@@ -164,7 +170,9 @@ def check_fold(layer: nn.Module, probe: LayerInputs, fold: Fold, seed: int = 0) 
     try:
         h, kw = probe.hidden[0], probe.kwargs[0]
         layer(h, **kw)
-        torch.func.functional_call(layer, scaled_params(layer, fold, r.to(h.device)), args=(h,), kwargs=kw, strict=False)
+        torch.func.functional_call(
+            layer, scaled_params(layer, fold, r.to(h.device)), args=(h,), kwargs=kw, strict=False
+        )
     except Exception:
         return False
     finally:

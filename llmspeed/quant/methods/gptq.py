@@ -25,7 +25,13 @@ from typing import Protocol
 import torch
 
 from .. import primitives as P
-from ..calibration import CalibrationConfig, LinearGroup, calibration_tokens, quantize_sequentially, split_plan
+from ..calibration import (
+    CalibrationConfig,
+    LinearGroup,
+    calibration_tokens,
+    quantize_sequentially,
+    split_plan,
+)
 from ..modules import module_class
 from .registry import register_method
 from .rtn import nf4_effective_scales, rtn_weight
