@@ -49,11 +49,9 @@ from ..calibration import (
     split_plan,
 )
 from ..config import QuantConfig
-from ..modules import module_class
 from .awq_fold import SUPPORTED, Fold, candidate_folds, check_fold
-from .gptq import GPTQResult, Grid, gptq_quantize, grid_for, pack_result, weight_error
+from .gptq import GPTQResult, Grid, gptq_quantize, grid_for, pack_result, round_outside, weight_error
 from .registry import register_method
-from .rtn import rtn_weight
 
 
 def grid_quantize(
@@ -279,15 +277,7 @@ def awq_model(
         folded = GPTQResult(part.scales / r, part.zeros, part.dequantized / r)
         new_bias = None if bias is None else bias / r[:, 0].to(bias.dtype)
         built[name] = pack_result(folded, config, new_bias).to(built[name].qweight.device)
-    _, outside = split_plan(model, plan)
-    for name in outside:
-        linear = model.module.get_submodule(name)
-        qw = rtn_weight(linear.weight, plan[name])
-        bias = None if linear.bias is None else linear.bias.detach()
-        cls = module_class(plan[name].format)
-        built[name] = cls.from_codes(
-            qw.codes, qw.scales, qw.zeros, config=plan[name], bias=bias, in_features=linear.in_features
-        ).to(linear.weight.device)
+    built.update(round_outside(model, plan))
     built.update(params)
     return built
 
@@ -300,11 +290,7 @@ def awq_gptq_model(model, plan: dict, calibration: Any = None, **options: Any) -
 
 
 _sig = inspect.signature(awq_model)  # quantize checks method_options against this signature
-setattr(
-    awq_gptq_model,
-    "__signature__",
-    _sig.replace(parameters=[p for n, p in _sig.parameters.items() if n != "gptq"]),
-)
+awq_gptq_model.__signature__ = _sig.replace(parameters=[p for n, p in _sig.parameters.items() if n != "gptq"])
 
 
 register_method("awq", model=awq_model, symmetric=True)

@@ -401,19 +401,23 @@ def gptq_model(
         return modules
 
     built = quantize_sequentially(model, plan, tokens, quantize_group, "gptq", progress)
-    _, outside = split_plan(model, plan)
-    for name in outside:
+    built.update(round_outside(model, plan))
+    return built
 
+
+def round_outside(model, plan: dict) -> dict:
+    """Round-to-nearest modules for the planned linears outside the decoder stack (their inputs are not captured)."""
+    _, outside = split_plan(model, plan)
+    built = {}
+    for name in outside:
         linear = model.module.get_submodule(name)
         qw = rtn_weight(linear.weight, plan[name])
         bias = None if linear.bias is None else linear.bias.detach()
-        built[name] = (
-            module_class(plan[name].format)
-            .from_codes(
-                qw.codes, qw.scales, qw.zeros, config=plan[name], bias=bias, in_features=linear.in_features
-            )
-            .to(linear.weight.device)
+        cls = module_class(plan[name].format)
+        module = cls.from_codes(
+            qw.codes, qw.scales, qw.zeros, config=plan[name], bias=bias, in_features=linear.in_features
         )
+        built[name] = module.to(linear.weight.device)
     return built
 
 
