@@ -17,8 +17,8 @@ with the modules (and ``llmspeed.save`` stores with the model).
 
 Per group, after the search:
 
-* ``method="awq"``: round ``W diag(s)`` to the grid group by group; with ``clip_search`` each group's
-  range shrink is chosen by the group's own output error ``d H_gg d^T`` (AWQ's clip search, on the
+* ``method="awq"``: round ``W diag(s)`` to the grid group by group; with ``clip_search`` (by default
+  :data:`AWQ_CLIP`) each group's range shrink is chosen by the group's own output error ``d H_gg d^T`` (AWQ's clip search, on the
   Hessian's diagonal block instead of sampled tokens).
 * ``method="awq+gptq"``: GPTQ on ``W diag(s)`` with the Hessian of the scaled input,
   ``H / (s s^T)``: the scales decide which channels get fine steps, GPTQ then compensates each
@@ -52,6 +52,8 @@ from ..config import QuantConfig
 from .awq_fold import SUPPORTED, Fold, candidate_folds, check_fold
 from .gptq import GPTQResult, Grid, gptq_quantize, grid_for, pack_result, round_outside, weight_error
 from .registry import register_method
+
+AWQ_CLIP = (1.0, 0.95, 0.9, 0.85, 0.8)  # method="awq"'s default range shrinks (searched per group)
 
 
 def grid_quantize(
@@ -108,9 +110,12 @@ def search_scales(
     """AWQ's grid search: the input scale ``s`` minimizing :func:`output_error` of ``quantize(W s) / s``.
 
     Candidates: ``s = 1`` and ``s = x^alpha`` (``duo_scaling``: ``x^alpha / w^(1 - alpha)``, ``w`` the
-    mean of ``|W|`` relative to its group's absmax, AutoAWQ's default) for ``alpha = i / n_grid``,
-    each normalized by ``sqrt(max(s) min(s))``. ``fold.tie`` ties channels that share one producer
-    channel (grouped-query attention). ``quantize(w [out, in]) -> [out, in]`` rounds to the grid.
+    mean of ``|W|`` relative to its row's absmax, after AutoAWQ's ``duo_scaling``) for
+    ``alpha = i / n_grid``, each normalized by ``sqrt(max(s) min(s))``. The grid is searched coarse to
+    fine: every ``n_grid // 5``-th point, then every point between the best one's coarse neighbours
+    (12 evaluations instead of 21 for ``n_grid=20``; the error is smooth in ``alpha``). ``fold.tie``
+    ties channels that share one producer channel (grouped-query attention).
+    ``quantize(w [out, in]) -> [out, in]`` rounds to the grid.
     """
     w = weight.float()
     x = abs_mean.float().clamp_min(1e-8)  # [in]
@@ -121,17 +126,28 @@ def search_scales(
         w_stat = (w.abs() / w.abs().amax(1, keepdim=True).clamp_min(1e-8)).mean(0).clamp_min(1e-8)  # [in]
         if fold is not None:
             w_stat = fold.tie_stat(w_stat)
-    best_s = torch.ones_like(x)
-    best = output_error(w, quantize(w), hessian)
-    for i in range(n_grid):
+
+    def scale(i: int) -> torch.Tensor:  # [in]
         alpha = i / n_grid
         s = x.pow(alpha) if w_stat is None else x.pow(alpha) / w_stat.pow(1 - alpha)
         s = s.clamp_min(1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        err = output_error(w, quantize(w * s) / s, hessian)
-        if err < best:
-            best, best_s = err, s
-    return best_s, best
+        return s / (s.max() * s.min()).sqrt()
+
+    errors: dict[int, float] = {}
+
+    def score(i: int) -> float:
+        if i not in errors:
+            s = scale(i)
+            errors[i] = output_error(w, quantize(w * s) / s, hessian)
+        return errors[i]
+
+    step = max(1, n_grid // 5)
+    coarse = min(range(0, n_grid, step), key=score)
+    fine = min(range(max(0, coarse - step + 1), min(n_grid, coarse + step)), key=score)
+    identity = output_error(w, quantize(w), hessian)
+    if identity <= errors[fine]:
+        return torch.ones_like(x), identity
+    return scale(fine), errors[fine]
 
 
 def _check_options(n_grid: int, damp: float, clip_search: tuple[float, ...]) -> None:
@@ -184,7 +200,7 @@ def awq_model(
     seq_len: int = 128,
     n_grid: int = 20,
     duo_scaling: bool = False,
-    clip_search: tuple[float, ...] = (1.0,),
+    clip_search: tuple[float, ...] | None = None,
     gptq: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
@@ -201,7 +217,8 @@ def awq_model(
         n_grid: Points of the ``alpha`` grid in ``[0, 1)``.
         duo_scaling: Divide the scales by a weight statistic too (AutoAWQ's ``duo_scaling``).
         clip_search: int4 / NF4: shrink factors of each group's range; with ``method="awq"`` scored by
-            the group's output error, with ``"awq+gptq"`` as GPTQ scores them.
+            the group's output error, with ``"awq+gptq"`` as GPTQ scores them. ``None``:
+            :data:`AWQ_CLIP` for ``"awq"`` (AWQ clips by default), ``(1.0,)`` (no clipping) with GPTQ.
         gptq: Quantize the scaled weights with GPTQ instead of rounding them.
         damp, block_size, act_order: GPTQ's options (``gptq=True`` only).
         progress: Show a progress bar over decoder layers.
@@ -210,7 +227,8 @@ def awq_model(
     weight that absorbed scales. Planned linears outside the decoder stack are rounded to nearest.
     """
     cal = CalibrationConfig(n_sequences, seq_len)
-    _check_options(n_grid, damp, clip_search)
+    shrinks = ((1.0,) if gptq else AWQ_CLIP) if clip_search is None else tuple(clip_search)
+    _check_options(n_grid, damp, shrinks)
     tokens = calibration_tokens(model, calibration, cal)  # [n, seq_len]; raises on bad input first
     norm_folds, row_folds = plan_folds(model, plan, tokens)
     fold_of = {f.consumers: f for f in norm_folds + row_folds}
@@ -220,7 +238,7 @@ def awq_model(
     params: dict[str, torch.Tensor] = {}  # qualified norm weight -> folded value
 
     def quantize_group(group: LinearGroup, config: QuantConfig):
-        grid = grid_for(config.format, clip_search, bool(config.symmetric and config.format == "int4"))
+        grid = grid_for(config.format, shrinks, bool(config.symmetric and config.format == "int4"))
         plain = grid_for(config.format, (1.0,), bool(config.symmetric and config.format == "int4"))
         weight = torch.cat([lin.weight.detach().float() for lin in group.linears])  # [sum out, in]
         fold = fold_of.get(frozenset(group.names))
@@ -247,7 +265,7 @@ def awq_model(
                 act_order=act_order,
             )
         else:
-            result = grid_quantize(weight * s, grid, config, scaled_h if len(clip_search) > 1 else None)
+            result = grid_quantize(weight * s, grid, config, scaled_h if len(shrinks) > 1 else None)
         prefix = group.qualified[0][: -len(group.names[0]) - 1]
         if fold is not None and fold.kind == "norm":
             norm = model.module.get_parameter(f"{prefix}.{fold.producer}.weight")
@@ -290,7 +308,8 @@ def awq_gptq_model(model, plan: dict, calibration: Any = None, **options: Any) -
 
 
 _sig = inspect.signature(awq_model)  # quantize checks method_options against this signature
-awq_gptq_model.__signature__ = _sig.replace(parameters=[p for n, p in _sig.parameters.items() if n != "gptq"])
+_options = [p for n, p in _sig.parameters.items() if n != "gptq"]
+awq_gptq_model.__signature__ = _sig.replace(parameters=_options)  # type: ignore[attr-defined]
 
 
 register_method("awq", model=awq_model, symmetric=True)
