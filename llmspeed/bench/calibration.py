@@ -2,8 +2,9 @@
 calibration saw the like of and on text of kinds it never saw, and at what calibration cost.
 
 Rows: fp32 (the baseline of every row), then round-to-nearest, HQQ, GPTQ, AWQ and AWQ+GPTQ at int4
-g64 and g128, the calibrated methods at NF4 g64, int8 round-to-nearest, and GPTQ int4 g64 calibrated
-on the pydoc text alone (the default before the calibration mix) for comparison. Every calibrated
+g64 and g128, the calibrated methods at NF4 g64, int8 round-to-nearest, GPTQ int4 g64 calibrated
+on the pydoc text alone (the default before the calibration mix) and AWQ+GPTQ int4 g64 with
+:data:`EXTRA_OPTIONS`, for comparison. Every calibrated
 row uses the method's default options and the default calibration text
 (:func:`llmspeed.eval.calibration_mix`) unless its ``calibration`` column says otherwise.
 
@@ -49,16 +50,22 @@ def domain_texts() -> dict[str, str]:
     return {"pydoc": pydoc_text("eval"), "license": license_text(), "news": news_text()}
 
 
-def configurations(quick: bool, formats: tuple[str, ...]) -> list[tuple[str, int | None, str, str]]:
-    """``(format, group, method, calibration)`` rows, the headline (AWQ+GPTQ int4 g64) first."""
-    rows: list[tuple[str, int | None, str, str]] = [("fp32", None, "-", "-")]
+Config = tuple[str, int | None, str, str, str]  # format, group, method, calibration, non-default options
+EXTRA_OPTIONS = {"damp": 0.1}  # one int4 g64 AWQ+GPTQ row with these, to compare against the default
+
+
+def configurations(quick: bool, formats: tuple[str, ...]) -> list[Config]:
+    """``(format, group, method, calibration, options)`` rows, the headline (AWQ+GPTQ int4 g64) first."""
+    rows: list[Config] = [("fp32", None, "-", "-", "-")]
     for g in (64,) if quick else (64, 128):
-        rows += [("int4", g, m, "-") for m in ("rtn", "hqq")] + [("int4", g, m, "mix") for m in CALIBRATED]
+        rows += [("int4", g, m, "-", "-") for m in ("rtn", "hqq")]
+        rows += [("int4", g, m, "mix", "-") for m in CALIBRATED]
     if not quick:
-        rows += [("nf4", 64, "rtn", "-")] + [("nf4", 64, m, "mix") for m in CALIBRATED]
-        rows += [("int8", None, "rtn", "-"), ("int4", 64, "gptq", "pydoc")]
+        rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
+        rows += [("int8", None, "rtn", "-", "-"), ("int4", 64, "gptq", "pydoc", "-")]
+        rows += [("int4", 64, "awq+gptq", "mix", str(EXTRA_OPTIONS))]
     rows = [r for r in rows if r[0] == "fp32" or r[0] in formats]
-    rows.sort(key=lambda r: (r != ("int4", 64, "awq+gptq", "mix"), r[0] != "fp32"))
+    rows.sort(key=lambda r: (r != ("int4", 64, "awq+gptq", "mix", "-"), r[0] != "fp32"))
     return rows
 
 
@@ -87,7 +94,7 @@ def run(
     options = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
     configs = configurations(quick, formats)
     rows: list[dict[str, Any]] = []
-    for fmt, group, method, calibration in configs:
+    for fmt, group, method, calibration, extra in configs:
         m = _load(model, device)
         wall = cpu = 0.0
         load1 = os.getloadavg()[0]
@@ -100,7 +107,7 @@ def run(
                 group,
                 method=method,
                 calibration=pydoc_text("train") if calibration == "pydoc" else None,
-                method_options=options if calibrated else None,
+                method_options={**options, **(EXTRA_OPTIONS if extra != "-" else {})} if calibrated else None,
             )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row: dict[str, Any] = {
@@ -108,6 +115,7 @@ def run(
             "group": "-" if group is None else group,
             "method": method,
             "calibration": calibration,
+            "options": extra,
         }
         for d in DOMAINS:
             row[f"ppl_{d}"] = perplexity(m, texts[d], n_windows=windows[d])
@@ -118,16 +126,16 @@ def run(
         del m
         if device == "cuda":
             torch.cuda.empty_cache()
-    return _with_changes(rows, configs)
+    return _with_changes(rows)
 
 
-def _with_changes(rows: list[dict[str, Any]], configs: list) -> list[dict[str, Any]]:
+def _with_changes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add each domain's change vs fp32 and the spread between domains; sort rows by format, group, method."""
     base = next(r for r in rows if r["format"] == "fp32")
     out = []
     for r in rows:
         change = {d: (r[f"ppl_{d}"] / base[f"ppl_{d}"] - 1) * 100 for d in DOMAINS}
-        new: dict[str, Any] = {k: r[k] for k in ("format", "group", "method", "calibration")}
+        new: dict[str, Any] = {k: r[k] for k in ("format", "group", "method", "calibration", "options")}
         for d in DOMAINS:
             new[f"ppl_{d}"] = r[f"ppl_{d}"]
             new[f"{d}_vs_fp32"] = f"{change[d]:+.1f}%"
@@ -142,7 +150,7 @@ def _with_changes(rows: list[dict[str, Any]], configs: list) -> list[dict[str, A
         key=lambda r: (
             fmt_order.index(r["format"]),
             0 if r["group"] == "-" else r["group"],
-            r["calibration"] == "pydoc",
+            r["calibration"] == "pydoc" or r["options"] != "-",
             method_order.index(r["method"]),
         ),
     )
