@@ -135,14 +135,16 @@ def quantize(
         group_size: Input channels per scale; default 64 for int4/nf4, per channel (``None``) for int8.
         skip: Qualified names or ``fnmatch`` patterns left in float. Default: the output head (``lm_head``);
             pass ``[]`` to quantize it too. Embeddings are never linear positions.
-        method: ``"rtn"`` or a registered calibrated method (see :mod:`llmspeed.quant.methods`).
+        method: ``"rtn"``, ``"hqq"`` or a calibrated method (``"gptq"``, ``"awq"``, ``"awq+gptq"``; the
+            registry, :data:`llmspeed.quant.METHODS`, lists them; docs/calibration.md compares them).
         kernel: ``"auto"`` or a kernel name from :func:`llmspeed.kernels` available on the model's device.
         double_quant: NF4 only: 8-bit quantization of the scales.
         calibration: Data for calibrated methods, passed through to them unchanged.
         include: Only quantize layers matching these names/patterns (default: all).
-        method_options: Extra keyword arguments for the method.
-        symmetric: int4 only: zero points fixed at 8 and scales ``absmax / 7.5`` (methods ``"rtn"`` and
-            ``"gptq"``): the signed 4-bit grid vLLM's fastest kernels take. Default: asymmetric.
+        method_options: Extra keyword arguments for the method; a key it does not take is a ``ValueError``.
+        symmetric: int4 only: zero points fixed at 8 and scales ``absmax / 7.5`` (methods registered with
+            ``symmetric=True``: rtn, gptq, awq, awq+gptq): the signed 4-bit grid vLLM's fastest kernels
+            take. Default: asymmetric.
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
