@@ -230,14 +230,19 @@ def test_bad_input_raises_before_anything_changes(make, kwargs, match):
 
 
 def test_failure_midway_restores_linears_and_norms(monkeypatch):
+    """The folded norm weights land first, then the modules: a failure after both started restores both."""
     model = llmspeed.models.tiny("llama", seed=0)
     layers, norms = dict(model.linear_layers()), _norm_weights(model)
-    from llmspeed.quant import api
+    install = model.replace_linear
+    calls = []
 
-    def boom(model, plan, built):
-        raise RuntimeError("boom")  # after the method built everything, before the last parameters land
+    def flaky(name, module):
+        calls.append(name)
+        if len(calls) == 3:  # the third module installed (the norms are in by now)
+            raise RuntimeError("boom")
+        install(name, module)
 
-    monkeypatch.setattr(api, "_folded_parameters", boom)
+    monkeypatch.setattr(model, "replace_linear", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         llmspeed.quantize(model, "int4", 16, method="awq", calibration=_tokens(), method_options=OPTS)
     assert all(m is layers[n] for n, m in model.linear_layers())
