@@ -1,0 +1,30 @@
+"""Calibration suite pieces: which rows it measures, and how it turns perplexities into changes and spread."""
+
+from __future__ import annotations
+
+from llmspeed.bench import calibration as C
+
+
+def test_full_run_measures_every_method_the_issue_names():
+    rows = C.configurations(quick=False, formats=("int4", "nf4", "int8"))
+    assert rows[0] == ("int4", 64, "awq+gptq", "mix", "-")  # the headline first
+    have = {(f, g, m) for f, g, m, _, _ in rows}
+    for g in (64, 128):
+        assert {("int4", g, m) for m in ("rtn", "hqq", "gptq", "awq", "awq+gptq")} <= have
+    assert {("nf4", 64, m) for m in ("rtn", "gptq", "awq", "awq+gptq")} <= have
+    assert ("fp32", None, "-") in have
+    assert set(C.UNSEEN) < set(C.DOMAINS) and "pydoc" not in C.UNSEEN
+
+
+def test_changes_and_spread_are_against_the_fp32_row():
+    base = dict(format="fp32", group="-", method="-", calibration="-", options="-")
+    timing = dict(calib_wall_s=0, calib_cpu_s=0, load_avg=0)
+    rows = [
+        {**base, "ppl_pydoc": 10.0, "ppl_license": 20.0, "ppl_news": 40.0, **timing},
+        {**base, "format": "int4", "group": 64, "method": "rtn", "ppl_pydoc": 11.0, "ppl_license": 25.0,
+         "ppl_news": 40.0, **timing},
+    ]  # fmt: skip
+    out = C._with_changes(rows)
+    assert [r["format"] for r in out] == ["fp32", "int4"]
+    assert (out[1]["pydoc_vs_fp32"], out[1]["license_vs_fp32"], out[1]["news_vs_fp32"]) == ("+10.0%", "+25.0%", "+0.0%")
+    assert out[1]["spread"] == "25.0 pt" and out[0]["spread"] == "0.0 pt"
