@@ -75,7 +75,7 @@ def _refusal(name: str, module: nn.Module) -> str | None:
     if isinstance(zeros, torch.Tensor) and not bool(torch.all(zeros == zeros.round())):
         return (
             f"layer {name!r} has fractional zero points (method {cfg.method!r}, e.g. HQQ), which compressed-tensors "
-            f"stores as integers: quantize with method='rtn' or 'gptq', or keep format='llmspeed'"
+            f"stores as integers: quantize with method='rtn', 'gptq', 'awq' or 'awq+gptq', or keep format='llmspeed'"
         )
     return None
 
