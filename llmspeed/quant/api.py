@@ -169,7 +169,7 @@ def quantize(
         )
     plan = plan_layers(model, config, skip, include)
     options = dict(method_options or {})
-    _check_options(method, entry.weight or entry.model, options)
+    _check_options(method, entry.weight or entry.model, 2 if entry.weight else 3, options)
     snapshot = dict(model.linear_layers())
     saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
     try:
@@ -211,12 +211,16 @@ def quantize(
     return model
 
 
-def _check_options(method: str, fn: Any, options: dict[str, Any]) -> None:
-    """``ValueError`` naming any ``method_options`` key the method does not take, with the ones it does."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+def _check_options(method: str, fn: Any, fixed: int, options: dict[str, Any]) -> None:
+    """``ValueError`` naming any ``method_options`` key ``fn`` does not take, with the ones it does.
+
+    ``fixed``: leading arguments ``quantize`` passes itself (``weight, config`` or ``model, plan, calibration``).
+    """
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
-    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [p.name for p in params[fixed:] if p.kind in named]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"method_options {unknown} are not options of method={method!r}; it takes {accepted}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import llmspeed
 from llmspeed.protocol import is_quantized
 from llmspeed.quant import Int4Linear, NF4Linear, plan_layers
 from llmspeed.quant.methods import METHODS, register_method
+from llmspeed.quant.methods.registry import symmetric_methods
 
 
 def _snapshot(model):
@@ -188,7 +190,8 @@ def test_symmetric_int4_zero_is_8_and_grid_is_signed(llama, group_size):
 def test_symmetric_option_is_validated(llama):
     with pytest.raises(ValueError, match="symmetric=False is not available for int8"):
         llmspeed.quantize(llama, "int8", symmetric=False)
-    with pytest.raises(ValueError, match=r"symmetric=True is available with method in \['rtn', 'gptq'\]; got method='hqq'"):
+    listed = re.escape(str(symmetric_methods()))  # from the registry: ['awq', 'awq+gptq', 'gptq', 'rtn']
+    with pytest.raises(ValueError, match=rf"symmetric=True is available with method in {listed}; got method='hqq'"):
         llmspeed.quantize(llama, "int4", method="hqq", symmetric=True)
     with pytest.raises(ValueError, match="symmetric must be a bool"):
         llmspeed.quantize(llama, "int4", symmetric="yes")
