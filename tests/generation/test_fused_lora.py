@@ -28,6 +28,13 @@ def _with_adapters(model, seed=0):
     return model
 
 
+def _fused_step(seed, lengths):
+    """A model with adapters "a" and "b", its prefilled generator, the decode list, a FusedDecode and the step."""
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=seed))
+    gen, decode = _prefilled(model, lengths)
+    return model, gen, decode, fused_decode.FusedDecode(model, gen.cache), StepInput.decode(decode, gen.blocks.block_size)
+
+
 def _routed_logits(model, gen, decode, names):
     with lora.per_token_adapters(model, names):
         return _generic_logits(model, gen, decode)
@@ -61,10 +68,7 @@ def test_the_active_adapter_applies_when_no_row_names_one():
 
 
 def test_adapters_changed_in_place_are_restacked():
-    model = _with_adapters(llmspeed.models.tiny("llama", seed=2))
-    gen, decode = _prefilled(model, [4, 7])
-    runner = fused_decode.FusedDecode(model, gen.cache)
-    step = StepInput.decode(decode, gen.blocks.block_size)
+    model, gen, decode, runner, step = _fused_step(2, [4, 7])
     before = runner.run(step, ["a", "a"])
     with torch.no_grad():  # what an optimizer step does: same tensors, new values
         for _, layer in lora.lora_layers(model):
@@ -76,10 +80,7 @@ def test_adapters_changed_in_place_are_restacked():
 
 
 def test_it_steps_aside_for_merged_adapters_and_live_dropout():
-    model = _with_adapters(llmspeed.models.tiny("llama", seed=0))
-    gen, decode = _prefilled(model, [4, 6])
-    runner = fused_decode.FusedDecode(model, gen.cache)
-    step = StepInput.decode(decode, gen.blocks.block_size)
+    model, _, _, runner, step = _fused_step(0, [4, 6])
     assert runner.run(step, ["a", None]) is not None
     assert runner.run(step, ["nope", None]) is None  # an unknown name: the generic path reports it
     lora.add_adapter(model, "c", r=2, dropout=0.1)
