@@ -104,6 +104,23 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
             "MB": path.stat().st_size / 1e6, "perplexity": math.exp(statistics.fmean(losses))}  # fmt: skip
 
 
+def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int) -> dict[str, Any]:
+    """:func:`_llama_rows` in a child process: a crash inside llama.cpp becomes a reported row, not the end of the run."""
+    import json
+    import subprocess
+    import sys
+
+    job = json.dumps({"path": str(path), "prompt": prompt, "windows": windows.tolist(), "threads": threads, "steps": steps})
+    script = ("import json, sys, torch; from llmspeed.bench.cpu_peers import _llama_rows; a = json.load(sys.stdin); "
+              "print(json.dumps(_llama_rows(__import__('pathlib').Path(a['path']), a['prompt'], "
+              "torch.tensor(a['windows']), a['threads'], a['steps'])))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], input=job, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        raise RuntimeError(f"llama.cpp crashed ({how}) on {path.name}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _llmspeed_model(fmt: str):
     model = smollm2()
     if fmt == "bf16":
@@ -158,7 +175,12 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         if anchor is None:
             row["llama.cpp"] = "(no row: llmspeed only)"
         elif missing is None:
-            theirs = _llama_rows(requantized(*anchor, threads), prompt, windows, threads, steps)
+            try:
+                theirs = _llama_rows_isolated(requantized(*anchor, threads), prompt, windows, threads, steps)
+            except RuntimeError as err:
+                row["llama.cpp"] = str(err)
+                rows.append(row)
+                continue
             row.update({"llama.cpp decode ms": round(theirs["decode ms"], 2),
                         "llama.cpp prefill tok/s": round(theirs["prefill tok/s"]),
                         "llama.cpp MB": round(theirs["MB"]), "llama.cpp ppl": round(theirs["perplexity"], 3),
