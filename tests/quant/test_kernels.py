@@ -10,7 +10,7 @@ from torch import nn
 
 import llmspeed
 from llmspeed.quant import QuantConfig, module_class
-from llmspeed.quant.kernels import KERNELS, auto_kernel, cpp, select
+from llmspeed.quant.kernels import KERNELS, amx, auto_kernel, cpp, select
 
 # max |kernel - reference| / max |reference| per activation dtype (reference computes in that dtype)
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
@@ -123,7 +123,9 @@ def test_report_lists_kernels_and_choices():
         not next(r for r in report.kernels if r["kernel"] == "tinygemm")["available"]
         or torch.cuda.is_available()
     )
-    assert report.choices[("cpu", "int8", "float32", 512)] == "dequant_fp32"
+    tiles = amx.unavailable() is None
+    assert report.choices[("cpu", "int8", "float32", 512)] == ("amx" if tiles else "dequant_fp32")
+    assert "amx" in names and next(r for r in report.kernels if r["kernel"] == "amx")["available"] == tiles
     assert "The rule table's guesses" in str(report) and "Timed choices on this machine" in str(report)
 
 
@@ -158,14 +160,59 @@ def test_auto_times_kernels_in_cuda_graphs_and_eagerly_when_they_cannot_be_captu
 
 @pytest.mark.parametrize("fmt, group", [("int8", None), ("int4", 64), ("nf4", 64)])
 def test_auto_on_cpu_picks_the_fused_kernel_up_to_128_rows_then_dequantize(fmt, group):
-    """The rule table: cpp for M <= 128 (fp32 and bf16 activations), dequantize + MKL above."""
+    """The rule table: cpp for M <= 128 (fp32 and bf16 activations), dequantize + MKL above; for int8
+    on a CPU with AMX, cpp up to 8 rows and amx above."""
     if cpp.unavailable() is not None:
         pytest.skip(cpp.unavailable())
     module = _module(fmt, group, 128)
+    tiles = fmt == "int8" and amx.unavailable() is None
     for dtype in (torch.float32, torch.bfloat16):
         assert auto_kernel(module, torch.randn(1, 128, dtype=dtype)).name == "cpp"
-        assert auto_kernel(module, torch.randn(128, 128, dtype=dtype)).name == "cpp"
-        assert auto_kernel(module, torch.randn(129, 128, dtype=dtype)).name == "dequant_fp32"
+        assert auto_kernel(module, torch.randn(8, 128, dtype=dtype)).name == "cpp"
+        assert auto_kernel(module, torch.randn(9, 128, dtype=dtype)).name == ("amx" if tiles else "cpp")
+        assert auto_kernel(module, torch.randn(128, 128, dtype=dtype)).name == ("amx" if tiles else "cpp")
+        assert auto_kernel(module, torch.randn(129, 128, dtype=dtype)).name == ("amx" if tiles else "dequant_fp32")
+
+
+def _amx_or_skip():
+    if cpp.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    if amx.unavailable() is not None:
+        pytest.skip(f"amx kernel unavailable here (a CPU without AMX-BF16 tiles): {amx.unavailable()}")
+
+
+@pytest.mark.parametrize("k, n, shape", [(100, 37, (70,)), (576, 96, (2, 33)), (64, 32, (32,)), (1536, 64, (5,))])
+def test_amx_kernel_is_fp32_grade_for_any_shape(k, n, shape):
+    """Ragged K (padding to 32), N and M not multiples of 32, leading dims, non-contiguous input: the
+    split hi + lo bf16 products stay within the fp32 tolerance; bf16 input takes one product."""
+    _amx_or_skip()
+    module = _module("int8", None, k, n=n)
+    x = torch.randn(*shape, k * 2)[..., ::2]  # non-contiguous
+    ref = x.reshape(-1, k) @ module.dequantize().t()  # [M, n] fp32
+    out = KERNELS["amx"].run(module, x)
+    assert out.shape == (*shape, n) and out.dtype == torch.float32
+    assert ((out.reshape(-1, n) - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE[torch.float32]
+    xb = x.to(torch.bfloat16)
+    ref_b = xb.float().reshape(-1, k) @ module.dequantize().t()  # exact bf16 inputs, fp32 products
+    out_b = KERNELS["amx"].run(module, xb).float().reshape(-1, n)
+    assert ((out_b - ref_b).abs().max() / ref_b.abs().max()).item() <= 2 ** -8  # only the output rounding
+
+
+def test_amx_model_forward_matches_cpp():
+    """A whole int8 model through amx (prompt rows) gives the cpp kernel's logits to fp32 noise."""
+    _amx_or_skip()
+    import copy
+
+    torch.manual_seed(0)
+    base = llmspeed.models.tiny("llama")
+    ids = torch.randint(0, 200, (2, 40))
+    logits = {}
+    for kernel in ("amx", "cpp"):
+        model = llmspeed.quantize(copy.deepcopy(base), "int8", kernel=kernel)
+        with torch.no_grad():
+            logits[kernel] = model.hf(ids).logits  # [2, 40, vocab]
+    err = (logits["amx"] - logits["cpp"]).abs().max() / logits["cpp"].abs().max()
+    assert err.item() <= 1e-4
 
 
 def test_probe_rejects_kernels_that_fail_or_disagree_with_the_reference():
