@@ -155,3 +155,43 @@ def test_a_candidate_that_raises_is_left_out_with_a_warning(tuned, monkeypatch):
     with pytest.warns(RuntimeWarning, match="'dequant_fp32' failed while being timed"):
         chosen = auto.auto_kernel(_module(Int4Linear), torch.randn(300, 128))  # the rule table's guess at M=300
     assert chosen.name in ("cpp", "reference")
+
+
+def test_a_choice_is_timed_again_when_the_candidates_change(tuned, monkeypatch):
+    """A kernel added since the choice was timed (or one that now builds) races again; a cached choice
+    from before candidates were recorded is not trusted."""
+    module = _module(Int8Linear)
+    x = torch.randn(3, 128)
+    calls: list = []
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0, "reference": 5.0, "newcomer": 0.1}, calls)
+    assert auto.auto_kernel(module, x).name == "dequant_fp32"
+    key = tuning.choice_key(module, x)
+    assert set(tuning.store().choices[key]["candidates"]) == set(calls[0])
+    newcomer = dataclasses.replace(KERNELS["dequant_fp32"], name="newcomer")
+    monkeypatch.setitem(KERNELS, "newcomer", newcomer)
+    tuning.reset()  # a new process: the file holds the old choice, raced without the newcomer
+    assert auto.auto_kernel(module, x).name == "newcomer" and len(calls) == 2 and "newcomer" in calls[1]
+    entry = tuning.store().choices[key]
+    del entry["candidates"]  # a file written before candidates were recorded
+    assert tuning.store().get(key, set(calls[1])) is None and tuning.store().get(key) == "newcomer"
+
+
+def test_cpu_timing_keeps_the_fastest_call_so_preempted_calls_do_not_decide():
+    """A kernel whose calls sometimes lose the core (here: every other call sleeps 10 ms) is timed by its
+    fast calls, and still beats a steadily slower one."""
+    import time
+
+    from llmspeed.timing import cpu_ms
+
+    n = {"bursty": 0}
+
+    def bursty():
+        n["bursty"] += 1
+        if n["bursty"] % 2 == 0:
+            time.sleep(0.01)
+
+    def steady():
+        time.sleep(0.002)
+
+    times = cpu_ms({"bursty": bursty, "steady": steady}, budget_ms=20, most=9)
+    assert times["bursty"] < 1.0 < 2.0 <= times["steady"]

@@ -110,8 +110,8 @@ def _timed(module: QuantizedLinear, x: torch.Tensor, guess: Kernel, candidates: 
     """The fastest of ``candidates`` (``guess`` unless beaten by more than the margin), timed once per key."""
     key = tuning.choice_key(module, x)
     on_cpu = x.device.type == "cpu"
-    known = tuning.store().get(key) if on_cpu else _CUDA_TIMED.get(key)
     names = {k.name for k in candidates}
+    known = tuning.store().get(key, names) if on_cpu else _CUDA_TIMED.get(key)
     if known in names:
         return KERNELS[known]
     if not on_cpu and torch.cuda.is_current_stream_capturing():  # nothing can be timed inside a capture
@@ -128,7 +128,7 @@ def _timed(module: QuantizedLinear, x: torch.Tensor, guess: Kernel, candidates: 
         return guess
     name = tuning.pick(times, guess.name)
     if on_cpu:
-        tuning.store().put(key, name, times, guess.name)
+        tuning.store().put(key, name, times, guess.name, names)
     else:
         _CUDA_TIMED[key] = name
     return KERNELS[name]

@@ -101,8 +101,12 @@ class ChoiceStore:
         choices = data.get("choices")
         return choices if isinstance(choices, dict) else {}
 
-    def get(self, key: str) -> str | None:
-        """The kernel name chosen for ``key``, or ``None`` when it was never timed here."""
+    def get(self, key: str, candidates: set[str] | None = None) -> str | None:
+        """The kernel name chosen for ``key``, or ``None`` when it was never timed here.
+
+        With ``candidates``, a choice counts only when it was raced against exactly those kernels: a
+        kernel added since (a new release, a build that now succeeds) or one gone makes it time again.
+        """
         with self._lock:
             if not self._loaded:
                 folder = self._folder()
@@ -110,11 +114,18 @@ class ChoiceStore:
                     self.choices.update(self._read(folder))
                 self._loaded = True
             entry = self.choices.get(key)
-        return entry.get("kernel") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            return None
+        if candidates is not None and set(entry.get("candidates") or ()) != candidates:
+            return None
+        return entry.get("kernel")
 
-    def put(self, key: str, kernel: str, times: dict[str, float], guess: str | None = None) -> None:
-        """Record a choice (and the rule table's ``guess`` it was raced against) in memory and on disk."""
-        entry = {"kernel": kernel, "guess": guess, "ms": {k: round(v, 4) for k, v in times.items()}}
+    def put(self, key: str, kernel: str, times: dict[str, float], guess: str | None = None,
+            candidates: set[str] | None = None) -> None:
+        """Record a choice, the rule table's ``guess`` and the ``candidates`` it was raced against (default:
+        the timed ones), in memory and on disk."""
+        entry = {"kernel": kernel, "guess": guess, "ms": {k: round(v, 4) for k, v in times.items()},
+                 "candidates": sorted(candidates if candidates is not None else times)}
         with self._lock:
             self.choices[key] = entry
             folder = self._folder()
