@@ -260,17 +260,25 @@ class _Snapshot:
         return fused_lora.slot_ids(names, self.slots)
 
 
+MAX_ROWS = 12
+"""Most decode rows a fused step takes. Its matmuls are GEMVs whose cost grows with every row, while the
+generic path's GEMMs (MKL, the ``amx`` kernel) share each weight read across rows: past about a dozen
+rows the generic path is faster (docs/batching.md has the measurement), so larger steps take it."""
+
+
 class FusedDecode:
     """Decode-only steps of a supported model through the fused C++ step.
 
     Args:
         model: An :class:`llmspeed.Model` (checked with :func:`unsupported` whenever its modules change).
         cache: The generator's paged KV cache.
+        max_rows: Steps with more rows than this return ``None`` (the generic path runs them).
     """
 
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, max_rows: int = MAX_ROWS):
         self.model = model
         self.cache = cache
+        self.max_rows = max_rows
         self.ext: Any = extension()
         self._snapshot: _Snapshot | None = None
 
@@ -284,12 +292,15 @@ class FusedDecode:
         return self._snapshot
 
     def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [n, vocab]
-        """Logits of a decode-only :class:`~.runner.StepInput`, or ``None`` when the model is unsupported.
+        """Logits of a decode-only :class:`~.runner.StepInput`, or ``None`` when the model is unsupported
+        or the step has more than :attr:`max_rows` rows.
 
         ``adapters``: each row's LoRA adapter name; a row without one (``None``, or ``adapters=None`` for
         all rows) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic
         path does.
         """
+        if len(step.ids) > self.max_rows:
+            return None
         snap = None if self.ext is None else self._current()
         if snap is None:
             return None

@@ -147,6 +147,23 @@ def test_generator_uses_it_and_gives_the_same_tokens():
     assert [o.token_ids for o in on.generate_batched(prompts, sp)] == [o.token_ids for o in off.generate_batched(prompts, sp)]
 
 
+def test_decode_steps_with_more_rows_than_max_rows_take_the_generic_path():
+    """The fused step's GEMVs cost grows per row; above ``max_rows`` the generic GEMM path runs, same tokens."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    prompts = [[i + 1, i + 2, i + 3] for i in range(fused_decode.MAX_ROWS + 2)]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    many = Generator(model, progress=False, block_size=8)
+    few = Generator(model, progress=False, block_size=8)
+    many_out = [o.token_ids for o in many.generate_batched(prompts, sp)]
+    few_out = [o.token_ids for o in few.generate_batched(prompts[: fused_decode.MAX_ROWS], sp)]
+    assert "fused cpu" not in many.step_paths and many.step_paths["decode"][0] == 3
+    assert few.step_paths["fused cpu"][0] == 3 and "decode" not in few.step_paths
+    assert many_out[: fused_decode.MAX_ROWS] == few_out
+    many.runner.fused.max_rows = len(prompts)  # raised: the fused step takes them all again
+    assert [o.token_ids for o in many.generate_batched(prompts, sp)] == many_out
+    assert many.step_paths["fused cpu"][0] == 3
+
+
 def test_steps_aside_for_models_it_does_not_support():
     gelu = llmspeed.models.tiny("llama", seed=0, hidden_act="gelu")
     assert fused_decode.unsupported(gelu) == "hidden_act 'gelu' is not 'silu'"
