@@ -28,7 +28,8 @@ def decode_step_ms(
         fused_max_rows: Most rows the fused step takes (default
             :data:`~llmspeed.generation.fused_decode.MAX_ROWS`; larger steps take the per-layer path).
     """
-    g = Generator(model, kv_cache_tokens=4096, progress=False, fused_decode=fused_decode)
+    tokens = sum(len(p) + steps + 8 for p in prompts)  # every sequence stays resident: no preemption
+    g = Generator(model, kv_cache_tokens=max(4096, tokens), progress=False, fused_decode=fused_decode)
     if fused_max_rows is not None and g.runner.fused is not None:
         g.runner.fused.max_rows = fused_max_rows
     names = list(adapters) if adapters is not None else [None] * len(prompts)

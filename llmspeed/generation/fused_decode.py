@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import cpp_build
+from ..machine import isa_flags
 from . import fused_lora
 from .kv_cache import PagedKVCache, block_tables
 
@@ -260,10 +261,19 @@ class _Snapshot:
         return fused_lora.slot_ids(names, self.slots)
 
 
-MAX_ROWS = 12
-"""Most decode rows a fused step takes. Its matmuls are GEMVs whose cost grows with every row, while the
-generic path's GEMMs (MKL, the ``amx`` kernel) share each weight read across rows: past about a dozen
-rows the generic path is faster (docs/batching.md has the measurement), so larger steps take it."""
+def default_max_rows() -> int:
+    """Most decode rows a fused step takes on this CPU: 12 where the CPU has AVX-512, else no limit.
+
+    The fused step's matmuls are GEMVs whose cost grows with every row; the generic path's GEMMs share
+    each weight read across rows. On a 2-core AVX2 Zen 1 the fused step was faster at every row count
+    up to 64; on a 2-core AVX-512/AMX Xeon, whose MKL GEMMs (and the ``amx`` int8 kernel) are wider,
+    the generic path wins from about 16 rows (docs/batching.md has both measurements).
+    """
+    return 12 if "avx512f" in isa_flags() else 1 << 30
+
+
+MAX_ROWS = default_max_rows()
+"""The default of :attr:`FusedDecode.max_rows` on this machine (:func:`default_max_rows`)."""
 
 
 class FusedDecode:

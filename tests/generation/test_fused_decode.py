@@ -150,18 +150,26 @@ def test_generator_uses_it_and_gives_the_same_tokens():
 def test_decode_steps_with_more_rows_than_max_rows_take_the_generic_path():
     """The fused step's GEMVs cost grows per row; above ``max_rows`` the generic GEMM path runs, same tokens."""
     model = llmspeed.models.tiny("llama", seed=0)
-    prompts = [[i + 1, i + 2, i + 3] for i in range(fused_decode.MAX_ROWS + 2)]
+    prompts = [[i + 1, i + 2, i + 3] for i in range(6)]
     sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    many = Generator(model, progress=False, block_size=8)
-    few = Generator(model, progress=False, block_size=8)
+    many, few = (Generator(model, progress=False, block_size=8) for _ in range(2))
+    many.runner.fused.max_rows = few.runner.fused.max_rows = 4
     many_out = [o.token_ids for o in many.generate_batched(prompts, sp)]
-    few_out = [o.token_ids for o in few.generate_batched(prompts[: fused_decode.MAX_ROWS], sp)]
+    few_out = [o.token_ids for o in few.generate_batched(prompts[:4], sp)]
     assert "fused cpu" not in many.step_paths and many.step_paths["decode"][0] == 3
     assert few.step_paths["fused cpu"][0] == 3 and "decode" not in few.step_paths
-    assert many_out[: fused_decode.MAX_ROWS] == few_out
-    many.runner.fused.max_rows = len(prompts)  # raised: the fused step takes them all again
+    assert many_out[:4] == few_out
+    many.runner.fused.max_rows = 6  # raised: the fused step takes them all again
     assert [o.token_ids for o in many.generate_batched(prompts, sp)] == many_out
     assert many.step_paths["fused cpu"][0] == 3
+
+
+def test_the_row_limit_follows_the_measured_machines(monkeypatch):
+    """12 rows on AVX-512 CPUs (where the generic GEMMs win above it), no limit on AVX2-only ones."""
+    monkeypatch.setattr(fused_decode, "isa_flags", lambda: ("avx2", "avx512f", "fma"))
+    assert fused_decode.default_max_rows() == 12
+    monkeypatch.setattr(fused_decode, "isa_flags", lambda: ("avx2", "fma"))
+    assert fused_decode.default_max_rows() > 10_000
 
 
 def test_steps_aside_for_models_it_does_not_support():
