@@ -248,15 +248,10 @@ struct Step {
   float scale;
 };
 
-// Write the new keys/values, then out[i, h, :] = softmax(q . K^T * scale) V over sequence i's blocks.
+// out[i, h, :] = softmax(q . K^T * scale) V over sequence i's blocks (keys already in the cache).
 template <typename C>
-void attend(const Step& st, const float* q, const float* k, const float* v, C* kc, C* vc, float* out) {
+void attend_cached(const Step& st, const float* q, const C* kc, const C* vc, float* out) {
   const int64_t row = st.Hkv * st.D;
-  for (int64_t i = 0; i < st.n; ++i)
-    for (int64_t e = 0; e < row; ++e) {
-      from_float(k[i * row + e], kc + st.slots[i] * row + e);
-      from_float(v[i * row + e], vc + st.slots[i] * row + e);
-    }
   const int64_t group = st.H / st.Hkv;
   at::parallel_for(0, st.n * st.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -281,6 +276,18 @@ void attend(const Step& st, const float* q, const float* k, const float* v, C* k
       }
     }
   });
+}
+
+// Write the new keys/values, then attend over sequence i's blocks.
+template <typename C>
+void attend(const Step& st, const float* q, const float* k, const float* v, C* kc, C* vc, float* out) {
+  const int64_t row = st.Hkv * st.D;
+  for (int64_t i = 0; i < st.n; ++i)
+    for (int64_t e = 0; e < row; ++e) {
+      from_float(k[i * row + e], kc + st.slots[i] * row + e);
+      from_float(v[i * row + e], vc + st.slots[i] * row + e);
+    }
+  attend_cached(st, q, kc, vc, out);
 }
 
 void check_f32(const at::Tensor& t, const char* name) {
@@ -428,6 +435,29 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
 }
 
 // y [M, N] = x [M, K] @ dequantized w [N, K]^T, w as in linear(): the decode GEMV alone (tests, benchmarks).
+// Decode attention read in place from one layer's paged cache (the generic path's decode kernel):
+// q [n, H, D] fp32, key/value [NB, BS, Hkv, D] fp32 or bf16, tables [n, W] int64, lens [n] int64 -> [n, H, D].
+at::Tensor paged_decode(at::Tensor q, at::Tensor key, at::Tensor value, at::Tensor tables, at::Tensor lens, double scale) {
+  check_f32(q, "query");
+  TORCH_CHECK(key.is_contiguous() && value.is_contiguous() && key.dim() == 4 && key.sizes() == value.sizes(),
+              "paged decode: key/value must be contiguous [NB, BS, Hkv, D] of one shape");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "paged decode: key/value cache dtypes differ");
+  for (const auto* t : {&tables, &lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "paged decode: tables and lens must be int64");
+  const int64_t n = q.size(0);
+  TORCH_CHECK(tables.size(0) == n && lens.size(0) == n && q.size(2) == key.size(3), "paged decode: shapes disagree");
+  Step st{n, q.size(1), key.size(2), key.size(3), key.size(1), tables.size(1), nullptr, tables.data_ptr<int64_t>(),
+          lens.data_ptr<int64_t>(), static_cast<float>(scale)};
+  auto out = at::empty_like(q);
+  if (key.scalar_type() == at::kBFloat16)
+    attend_cached(st, q.data_ptr<float>(), key.data_ptr<bf16>(), value.data_ptr<bf16>(), out.data_ptr<float>());
+  else {
+    TORCH_CHECK(key.scalar_type() == at::kFloat, "paged decode: the cache must be fp32 or bf16");
+    attend_cached(st, q.data_ptr<float>(), key.data_ptr<float>(), value.data_ptr<float>(), out.data_ptr<float>());
+  }
+  return out;
+}
+
 at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2, "gemv: x must be [M, K]");

@@ -43,7 +43,7 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv"], includes=[Q4_HEADER])
+    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv", "paged_decode"], includes=[Q4_HEADER])
 
 
 def extension() -> ModuleType | None:
@@ -259,6 +259,18 @@ class _Snapshot:
         if not self.slots:
             return torch.empty(0, dtype=torch.long)
         return fused_lora.slot_ids(names, self.slots)
+
+
+def paged_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                 scale: float) -> torch.Tensor:  # fmt: skip
+    """The generic path's decode attention on the CPU, read in place from the paged cache (a ``DecodeKernel``).
+
+    ``q [n, H, D]``, ``key``/``value [NB, BS, Hkv, D]`` (fp32 or bf16), ``tables [n, W]``, ``lens [n]`` ->
+    ``[n, H, D]`` in ``q``'s dtype: the fused step's own attention loop, so no block is gathered or copied
+    (gather + SDPA spent about as long copying the blocks as attending over them).
+    """
+    out = extension().paged_decode(q.float().contiguous(), key, value, tables.contiguous(), lens.contiguous(), scale)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def default_max_rows() -> int:

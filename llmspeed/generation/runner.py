@@ -107,6 +107,13 @@ class ModelRunner:
         self.prefill_kernel: Any = None
         if wanted not in ("auto", "sdpa", "triton"):
             raise ValueError(f"attention must be 'auto', 'sdpa' or 'triton'; got {wanted!r}")
+        if wanted == "auto" and self.device.type == "cpu":
+            from . import fused_decode
+
+            if fused_decode.unavailable() is None:
+                self.decode_kernel = fused_decode.paged_decode
+                return "C++ paged decode, sdpa prefill"
+            return f"sdpa (the C++ decode kernel is unavailable: {fused_decode.unavailable()})"
         if wanted == "sdpa" or (wanted == "auto" and self.device.type != "cuda"):
             return "sdpa"
         from . import triton_attention

@@ -172,6 +172,35 @@ def test_the_row_limit_follows_the_measured_machines(monkeypatch):
     assert fused_decode.default_max_rows() > 10_000
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paged_decode_kernel_equals_gather_and_sdpa(dtype):
+    """The generic path's CPU decode attention reads the blocks in place and agrees with gather + SDPA."""
+    torch.manual_seed(0)
+    n, heads, kv_heads, dim, num_blocks, bs = 5, 9, 3, 64, 20, 16
+    q = torch.randn(n, heads, dim).to(dtype)
+    k, v = (torch.randn(num_blocks, bs, kv_heads, dim).to(dtype) for _ in range(2))
+    tables = torch.randperm(num_blocks)[: n * 4].view(n, 4)  # [n, W]
+    lens = torch.tensor([1, 17, 33, 64, 40])
+    out = fused_decode.paged_decode(q, k, v, tables, lens, 0.125)  # [n, H, D]
+    assert out.dtype == dtype and out.shape == (n, heads, dim)
+    for i in range(n):
+        ctx = int(lens[i])
+        kk, vv = (c[tables[i]].reshape(-1, kv_heads, dim)[:ctx].float().repeat_interleave(3, 1).transpose(0, 1)
+                  for c in (k, v))  # [H, L, D]  # fmt: skip
+        ref = torch.nn.functional.scaled_dot_product_attention(q[i].float()[:, None], kk, vv, scale=0.125)[:, 0]
+        assert (out[i].float() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_generic_decode_with_the_cpp_attention_gives_the_sdpa_tokens():
+    model = llmspeed.models.tiny("llama", seed=0)
+    prompts = [[1, 2, 3], list(range(40, 90)), [7] * 17]
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    auto = Generator(model, progress=False, block_size=8, fused_decode=False)
+    sdpa = Generator(model, progress=False, block_size=8, fused_decode=False, attention="sdpa")
+    assert auto.attention_status.startswith("C++ paged decode") and auto.runner.decode_kernel is not None
+    assert [o.token_ids for o in auto.generate_batched(prompts, sp)] == [o.token_ids for o in sdpa.generate_batched(prompts, sp)]
+
+
 def test_steps_aside_for_models_it_does_not_support():
     gelu = llmspeed.models.tiny("llama", seed=0, hidden_act="gelu")
     assert fused_decode.unsupported(gelu) == "hidden_act 'gelu' is not 'silu'"

@@ -139,7 +139,11 @@ def test_generator_with_triton_attention_matches_sdpa_in_the_interpreter(run_scr
 
 def test_attention_choice_and_errors():
     model = llmspeed.models.tiny("llama")
-    assert Generator(model, progress=False).attention_status == "sdpa"  # auto on the CPU
+    from llmspeed.generation import fused_decode
+
+    cpu_auto = "C++ paged decode, sdpa prefill" if fused_decode.unavailable() is None else "sdpa ("
+    assert Generator(model, progress=False).attention_status.startswith(cpu_auto)  # auto on the CPU
+    assert Generator(model, progress=False, attention="sdpa").attention_status == "sdpa"
     with pytest.raises(ValueError, match="attention must be 'auto', 'sdpa' or 'triton'; got 'flash'"):
         Generator(model, progress=False, attention="flash")
     if not triton_attention.interpreted():
