@@ -269,7 +269,10 @@ def paged_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables
     ``[n, H, D]`` in ``q``'s dtype: the fused step's own attention loop, so no block is gathered or copied
     (gather + SDPA spent about as long copying the blocks as attending over them).
     """
-    out = extension().paged_decode(q.float().contiguous(), key, value, tables.contiguous(), lens.contiguous(), scale)
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"the C++ decode kernel is unavailable: {unavailable()}")
+    out = ext.paged_decode(q.float().contiguous(), key, value, tables.contiguous(), lens.contiguous(), scale)
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
