@@ -165,16 +165,12 @@ def prepare(
 def convert_layer(layer: FakeQuantLinear) -> QuantizedLinearBase:
     """The packed module holding ``layer``'s fake-quantized weight: codes from its scales and zeros."""
     config = layer.config
-    w = layer.weight.detach().float()  # [out, in]
-    scales = layer.effective_scales().detach().float()
+    codes = layer.codes()  # [out, in_pad] on the starting grid, as forward chooses them
+    scales = layer.effective_scales().detach().float()  # [out, groups]
     if config.format == "int8":
-        codes = P.quantize_int8(w, scales[:, 0])  # [out, in] int8
-        zeros = None
-        scales = scales[:, 0]  # [out]
+        codes, zeros, scales = codes[:, : layer.in_features], None, scales[:, 0]  # [out, in], [out]
     else:
-        w = P.pad_columns(w, layer.in_padded)  # [out, in_pad]
-        codes = P.quantize_int4(w, scales, layer.zeros, config.group_size)  # [out, in_pad] uint8
-        zeros = layer.zeros
+        zeros = layer.effective_zeros().detach().float()  # [out, groups]
     bias = None if layer.bias is None else layer.bias.detach()
     module = module_class(config.format).from_codes(
         codes, scales, zeros, config=config, bias=bias, in_features=layer.in_features

@@ -31,6 +31,9 @@ CODE_RANGE: dict[str, tuple[int, int]] = {"int4": (0, 15), "int8": (-127, 127)}
 # change sign within a few dozen steps at lr 1e-4; a gain moves each scale by about 50 * lr relative.
 SCALE_GAIN_RATE = 50.0
 MIN_GAIN = 0.05  # a scale never shrinks below 5% of its start (never zero, never negative)
+# Learnable asymmetric int4 zero points are ``zeros + ZERO_SHIFT_RATE * zero_shift`` (code units; fractional
+# zeros are Int4Linear's layout too, as HQQ stores them): about ZERO_SHIFT_RATE * lr codes per Adam step.
+ZERO_SHIFT_RATE = 50.0
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, groups, group]
@@ -38,47 +41,56 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, 
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """``(clamp(round(w / s) + z, lo, hi) - z) * s`` per group; see the module docstring for backward."""
+    """Codes ``clamp(round(w / s0) + z0, lo, hi)`` on the grid, values ``(q - z) * s``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, w, scales, zeros, group_size, lo, hi):  # w: [out, in_pad]; scales, zeros: [out, groups]
+    def forward(ctx, w, grid_scales, grid_zeros, scales, zeros, group_size, lo, hi):  # w: [out, in_pad]; the rest: [out, groups]
         g = _grouped(w.float(), group_size)  # [out, groups, group]
-        s, z = scales[..., None], zeros[..., None]  # [out, groups, 1]
-        q = (torch.round(g / s) + z).clamp_(lo, hi)  # the same ops as quantize_int4 / quantize_int8
-        out = ((q - z) * s).reshape(w.shape)  # the same product as dequantize_int4 / dequantize_int8
+        q = (torch.round(g / grid_scales[..., None]) + grid_zeros[..., None]).clamp_(lo, hi)  # as quantize_int4/8
+        out = ((q - zeros[..., None]) * scales[..., None]).reshape(w.shape)  # as dequantize_int4 / dequantize_int8
         # backward recomputes the codes from these (no copies): the whole model's weights fit only once
-        ctx.save_for_backward(w, scales, zeros)
+        ctx.save_for_backward(w, grid_scales, grid_zeros, scales, zeros)
         ctx.group_size, ctx.lo, ctx.hi = group_size, lo, hi
         return out.to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # grad: [out, in_pad]
-        w, scales, zeros = ctx.saved_tensors
+        w, grid_scales, grid_zeros, scales, zeros = ctx.saved_tensors
         g = _grouped(w.detach().float(), ctx.group_size)  # [out, groups, group]
-        s, z = scales.detach()[..., None], zeros[..., None]
-        v = g / s
-        unclamped = torch.round(v) + z
+        unclamped = torch.round(g / grid_scales[..., None]) + grid_zeros[..., None]
         inside = (unclamped >= ctx.lo) & (unclamped <= ctx.hi)  # [out, groups, group]
         grad_g = grad.float().reshape(g.shape)
         grad_w = torch.where(inside, grad_g, 0.0).reshape(w.shape).to(grad.dtype)
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            # d((q - z) * s) / ds with round() passed straight through: round(v) - v inside, q - z clamped
-            dq_ds = torch.where(inside, unclamped - z - v, unclamped.clamp(ctx.lo, ctx.hi) - z)
-            grad_s = (grad_g * dq_ds).sum(dim=2)  # [out, groups]
-        return grad_w, grad_s, None, None, None, None
+        grad_s = grad_z = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            q = unclamped.clamp_(ctx.lo, ctx.hi)
+            if ctx.needs_input_grad[3]:  # d((q - z) * s) / ds with the codes fixed
+                grad_s = (grad_g * (q - zeros.detach()[..., None])).sum(dim=2)  # [out, groups]
+            if ctx.needs_input_grad[4]:  # d((q - z) * s) / dz = -s
+                grad_z = -grad_g.sum(dim=2) * scales.detach()  # [out, groups]
+        return grad_w, None, None, grad_s, grad_z, None, None, None
 
 
 def fake_quantize(
-    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None, fmt: str
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int | None,
+    fmt: str,
+    grid_scales: torch.Tensor | None = None,
+    grid_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [out, in_pad] fp32
     """Quantize-dequantize padded ``w`` [out, in_pad] on ``fmt``'s grid, differentiable (straight-through).
 
     ``scales``, ``zeros`` are ``[out, groups]`` (int8: ``[out, 1]`` with zeros 0); ``group_size`` is
-    ``None`` for one group per row.
+    ``None`` for one group per row. The codes are chosen on the grid ``grid_scales``, ``grid_zeros``
+    (default: ``scales``, ``zeros`` themselves, which is ``dequantize(quantize(w))``); the values are
+    ``(codes - zeros) * scales``, so learned scales and zeros move whole groups without flipping codes.
     """
     lo, hi = CODE_RANGE[fmt]
-    return _FakeQuantize.apply(w, scales, zeros, group_size, lo, hi)
+    grid_scales = scales.detach() if grid_scales is None else grid_scales
+    grid_zeros = zeros.detach() if grid_zeros is None else grid_zeros
+    return _FakeQuantize.apply(w, grid_scales, grid_zeros, scales, zeros, group_size, lo, hi)
 
 
 def init_qparams(
@@ -113,12 +125,20 @@ class FakeQuantLinear(nn.Linear):
         scale_gain: With ``learn_scales``: fp32 parameter ``[out, groups]`` starting at 0; the scales in
             use are :meth:`effective_scales` (equal to ``scales`` bit for bit while the gain is 0).
         zeros: fp32 ``[out, groups]`` integer zero points in the code domain (int8: zeros); a buffer.
+        zero_shift: With ``learn_scales`` on asymmetric int4: fp32 parameter ``[out, groups]`` starting
+            at 0; the zero points in use are :meth:`effective_zeros` (fractional once it moves).
+
+    The codes always come from the starting grid (``scales``, ``zeros``): ``clamp(round(w / scales) +
+    zeros)``; the values are ``(codes - effective_zeros) * effective_scales``. A learned scale or zero
+    therefore moves its whole group smoothly and never flips a code; codes flip only when the latent
+    weight itself crosses half a grid step.
     """
 
     fake_format: str  # "int4" or "int8": marks a prepared layer (is_quantized() stays False: it trains)
     scales: torch.Tensor  # buffers (annotated for type checkers)
     zeros: torch.Tensor
     scale_gain: nn.Parameter | None
+    zero_shift: nn.Parameter | None
 
     def __init__(self, linear: nn.Linear, config: QuantConfig, scales, zeros, symmetric: bool, learn_scales: bool):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
@@ -130,6 +150,8 @@ class FakeQuantLinear(nn.Linear):
         self.register_buffer("scales", scales.detach().float().clone())
         self.register_buffer("zeros", zeros.detach().float().clone())
         self.scale_gain = nn.Parameter(torch.zeros_like(self.scales)) if learn_scales else None
+        learn_zeros = learn_scales and config.format == "int4" and not symmetric
+        self.zero_shift = nn.Parameter(torch.zeros_like(self.zeros)) if learn_zeros else None
 
     @property
     def in_padded(self) -> int:
@@ -142,10 +164,26 @@ class FakeQuantLinear(nn.Linear):
             return self.scales
         return self.scales * (1 + SCALE_GAIN_RATE * self.scale_gain).clamp_min(MIN_GAIN)
 
+    def effective_zeros(self) -> torch.Tensor:  # [out, groups] fp32
+        """The zero points in use: ``zeros`` plus the learned shift (``zeros`` itself when they do not learn)."""
+        if self.zero_shift is None:
+            return self.zeros
+        return self.zeros + ZERO_SHIFT_RATE * self.zero_shift
+
+    def codes(self) -> torch.Tensor:  # [out, in_pad] (int4 uint8, int8 int8)
+        """The integer codes of the latent weight on the starting grid: what :func:`~llmspeed.qat.convert` packs."""
+        w = P.pad_columns(self.weight.detach().float(), self.in_padded)  # [out, in_pad]
+        if self.fake_format == "int8":
+            return P.quantize_int8(w, self.scales[:, 0])
+        return P.quantize_int4(w, self.scales, self.zeros, self.config.group_size)
+
     def quantized_weight(self) -> torch.Tensor:  # [out, in] fp32, on the grid
-        """The weight forward uses: ``dequantize(quantize(weight))`` with this layer's scales and zeros."""
+        """The weight forward uses: ``(codes - effective_zeros) * effective_scales``, the converted module's."""
         w = P.pad_columns(self.weight, self.in_padded)  # [out, in_pad]
-        wq = fake_quantize(w, self.effective_scales(), self.zeros, self.config.group_size, self.fake_format)
+        wq = fake_quantize(
+            w, self.effective_scales(), self.effective_zeros(), self.config.group_size, self.fake_format,
+            grid_scales=self.scales, grid_zeros=self.zeros,
+        )  # fmt: skip
         return wq[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]

@@ -55,19 +55,52 @@ def test_straight_through_gradient_is_the_float_gradient_inside_the_grid_and_zer
     assert torch.all(w.grad[~inside] == 0)
 
 
-def test_learnable_scale_gradient_is_lsq():
+def test_learned_scale_and_zero_gradients_treat_the_codes_as_fixed():
     w = _weight(4, 16, 2).double()
-    scales, zeros = P.choose_qparams_int4(w, 8)
-    scales = (scales.double() * 0.8).requires_grad_(True)
+    grid_s, grid_z = P.choose_qparams_int4(w, 8)  # [4, 2] x2
+    scales = (grid_s.double() * 1.1).requires_grad_(True)
+    zeros = (grid_z.double() + 0.3).requires_grad_(True)
     g = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    (fake_quantize(w, scales, zeros.double(), 8, "int4") * g).sum().backward()
-    # reference: LSQ written with the detach trick (round passes gradients straight through)
-    s = scales.detach().clone().requires_grad_(True)
-    v = w.reshape(4, 2, 8) / s[..., None]
-    q = (v + (v.round() - v).detach() + zeros[..., None]).clamp(0, 15)
-    ((q - zeros[..., None]) * s[..., None]).reshape(4, 16).mul(g).sum().backward()
+    out = fake_quantize(w, scales, zeros, 8, "int4", grid_scales=grid_s, grid_zeros=grid_z)
+    (out * g).sum().backward()
+    # reference: the codes of the starting grid as constants, (q - z) * s differentiated by autograd
+    q = P.quantize_int4(w, grid_s, grid_z, 8).double().reshape(4, 2, 8)
+    s, z = scales.detach().clone().requires_grad_(True), zeros.detach().clone().requires_grad_(True)
+    want = ((q - z[..., None]) * s[..., None]).reshape(4, 16)
+    torch.testing.assert_close(out.float(), want.float())
+    (want * g).sum().backward()
     torch.testing.assert_close(scales.grad, s.grad, rtol=1e-5, atol=1e-6)  # the quantizer computes in fp32
-    assert scales.grad.abs().sum() > 0
+    torch.testing.assert_close(zeros.grad, z.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_scales_get_a_gradient_on_an_on_grid_start():
+    # regression: LSQ's scale gradient, sum(grad * (round(w/s) - w/s)), is exactly zero when every
+    # weight sits on its grid point (a GPTQ start); Adam then amplified noise into coherent rescaling
+    w = _weight(4, 16, 5)
+    s0, z0 = P.choose_qparams_int4(w, 8)
+    on_grid = P.dequantize_int4(P.quantize_int4(w, s0, z0, 8), s0, z0, 8)  # [4, 16]
+    scales = s0.clone().requires_grad_(True)
+    g = torch.randn(4, 16, generator=torch.Generator().manual_seed(6))
+    (fake_quantize(on_grid, scales, z0, 8, "int4", grid_scales=s0, grid_zeros=z0) * g).sum().backward()
+    q = P.quantize_int4(on_grid, s0, z0, 8).float().reshape(4, 2, 8)
+    torch.testing.assert_close(scales.grad, (g.reshape(4, 2, 8) * (q - z0[..., None])).sum(2))
+    assert scales.grad.abs().min() > 0
+
+
+def test_learned_scale_and_zero_move_values_without_flipping_codes():
+    lin = torch.nn.Linear(16, 4)
+    config = QuantConfig("int4", 8)
+    scales, zeros = init_qparams(lin.weight.detach(), config, symmetric=False)
+    layer = FakeQuantLinear(lin, config, scales, zeros, False, learn_scales=True)
+    codes = layer.codes()
+    with torch.no_grad():
+        layer.scale_gain.fill_(0.004)  # +20% at SCALE_GAIN_RATE 50
+        layer.zero_shift.fill_(0.01)  # +0.5 codes at ZERO_SHIFT_RATE 50
+    assert torch.equal(layer.codes(), codes)
+    s, z = layer.effective_scales(), layer.effective_zeros()
+    assert not torch.equal(s, scales) and not torch.equal(z, zeros)
+    want = P.dequantize_int4(codes, s, z, 8)
+    assert torch.equal(layer.quantized_weight(), want)
 
 
 def test_symmetric_int4_grid_is_zero_point_8():
