@@ -108,8 +108,10 @@ def prepare(
             scales and zeros of the float weight (converting at once gives exactly ``quantize(model, fmt)``);
             ``"gptq"`` runs GPTQ on ``calibration`` and starts from its on-grid weights and grids
             (converting at once gives exactly ``quantize(model, fmt, method="gptq")``).
-        learn_scales: Experimental: each scale learns through a gain (LSQ gradients; diverged in the QAT
-            benchmark at lr 1e-4, see docs/qat.md); zero points stay.
+        learn_scales: Each group's scale (and, for asymmetric int4, its zero point) learns, with the codes
+            fixed on the starting grid: the group moves smoothly while the latent weights flip codes
+            only after drifting half a step. The converted module stores the learned values (fractional
+            zero points, as HQQ's). Recommended with ``init="gptq"``: see docs/qat.md.
         skip, include: As :func:`llmspeed.quantize`: names or patterns left in float (default: the output
             head), or the only ones prepared.
         calibration: ``init="gptq"``: calibration text or token ids (default: the calibration mix, :func:`llmspeed.eval.calibration_mix`).

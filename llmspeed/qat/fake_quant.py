@@ -6,13 +6,20 @@ The forward pass of :func:`fake_quantize` is, operation for operation, the math 
 with the same scales and zero points, and :func:`llmspeed.qat.convert` packs exactly the weight the
 model was trained through.
 
+Codes and values have separate quantization parameters: the codes are chosen on the *starting* grid
+(``clamp(round(w / s0) + z0)``), the values are ``(codes - z) * s`` with the scales and zero points in
+use (learned ones with ``learn_scales``; ``s0``, ``z0`` themselves otherwise). A learned scale or zero
+thus moves its whole group smoothly without flipping codes; only the latent weight flips codes.
+
 Backward (one autograd function, so the straight-through gradient is exact, not ``s * (1 / s)``):
 
-* weight: the incoming gradient unchanged where ``round(w / s) + z`` lies inside the code range,
+* weight: the incoming gradient unchanged where ``round(w / s0) + z0`` lies inside the code range,
   zero where the code was clamped (the clipped straight-through estimator);
-* scale (when it learns, as in LSQ, Esser et al. 2020): ``sum over the group of grad * (q - z - w / s)``
-  inside the range and ``grad * (q - z)`` where clamped; ``q`` is the clamped code. Zero points stay
-  fixed integers, so the converted module holds the codes and zeros ``quantize()`` would store.
+* scale: ``sum over the group of grad * (q - z)`` with ``q`` the clamped code held fixed (as PEQA and
+  EfficientQAT's end-to-end step-size training). Not LSQ's ``grad * (round(w/s) - w/s)``: that is
+  exactly zero when every weight sits on its grid point (a GPTQ start), and Adam turned the noise
+  around zero into coherent rescaling that diverged (measured, docs/qat.md);
+* zero point: ``-s * sum over the group of grad``.
 """
 
 from __future__ import annotations

@@ -59,6 +59,21 @@ def test_gptq_start_converts_to_exactly_quantize_gptq(llama):
     _assert_same_packed(llama, reference)
 
 
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_a_gptq_start_learns_only_through_its_scales_at_a_small_lr(llama, learn_scales):
+    # regression (docs/qat.md): on GPTQ's on-grid start a small lr flips no code, so with a fixed grid
+    # the quantized model does not change at all; learned scales and zeros move it from the first step
+    qat.prepare(llama, "int4", 16, init="gptq", calibration=_calibration(), init_options=GPTQ, learn_scales=learn_scales)
+    before = {n: layer.quantized_weight().detach().clone() for n, layer in qat.fake_quant_layers(llama)}
+    result = llmspeed.finetune(llama, TOKENS, steps=6, lr=1e-4, seq_len=16, batch_size=4, progress=False)
+    after = {n: layer.quantized_weight().detach() for n, layer in qat.fake_quant_layers(llama)}
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    if learn_scales:
+        assert len(changed) == len(before) and result.losses[-1] < result.losses[0]
+    else:
+        assert changed == []
+
+
 def test_trained_fake_quant_forward_equals_the_converted_model(llama):
     qat.prepare(llama, "int4", 16, learn_scales=True)
     scales_before = dict(llama.linear_layers())["model.layers.0.self_attn.q_proj"].effective_scales().detach().clone()
