@@ -211,3 +211,4 @@ def test_llmspeed_build_compiles_ahead_of_time(tmp_path):
     assert done.returncode == 1
     assert "quantized matmul (cpp): unavailable: disabled by LLMSPEED_DISABLE_CPP" in done.stdout
     assert "fused decode step: unavailable" in done.stdout
+    assert "(amx, optional): unavailable: disabled by LLMSPEED_DISABLE_CPP" in done.stdout
