@@ -15,7 +15,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define LLMSPEED_AMX 1
@@ -124,22 +124,23 @@ torch::Tensor int8_matmul_amx(torch::Tensor x, torch::Tensor qweight, torch::Ten
   const int64_t Mp = round_up(std::max<int64_t>(M, 1), TB), Kp = round_up(K, TK), Np = round_up(N, TB);
   const float* xp = x.data_ptr<float>();
   const bool need_lo = split;
-  std::vector<uint16_t> hi(Mp * Kp), lo(need_lo ? Mp * Kp : 0);
-  split_activations(xp, M, K, Mp, Kp, need_lo, hi.data(), lo.data());
+  // every element is written by split_activations (padding included): no zero-fill on this hot path
+  std::unique_ptr<uint16_t[]> hi(new uint16_t[Mp * Kp]), lo(need_lo ? new uint16_t[Mp * Kp] : nullptr);
+  split_activations(xp, M, K, Mp, Kp, need_lo, hi.get(), lo.get());
   const int8_t* wp = qweight.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t pairs = Kp / 2, xblock = pairs * 32;  // bf16 elements per 16 rows of x
   at::parallel_for(0, Np / TB, 1, [&](int64_t nb0, int64_t nb1) {
     load_tiles();
-    std::vector<uint16_t> w(TB * Kp);  // 32 weight rows in bf16, row-major, zero padded
+    std::unique_ptr<uint16_t[]> w(new uint16_t[TB * Kp]);  // 32 weight rows in bf16, row-major, zero padded below
     alignas(64) float c[16 * 16];
     const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                               _mm512_set1_epi32(16));
     for (int64_t nb = nb0; nb < nb1; ++nb) {
       const int64_t n0 = nb * TB;
       for (int64_t r = 0; r < TB; ++r) {
-        uint16_t* wr = w.data() + r * Kp;
+        uint16_t* wr = w.get() + r * Kp;
         const int64_t n = n0 + r;
         int64_t k = 0;
         if (n < N) {
@@ -153,14 +154,14 @@ torch::Tensor int8_matmul_amx(torch::Tensor x, torch::Tensor qweight, torch::Ten
         for (; k < Kp; ++k) wr[k] = 0;
       }
       for (int64_t mb = 0; mb < Mp / TB; ++mb) {
-        const uint16_t* h0 = hi.data() + (2 * mb) * xblock;
+        const uint16_t* h0 = hi.get() + (2 * mb) * xblock;
         const uint16_t* h1 = h0 + xblock;
-        const uint16_t* l0 = need_lo ? lo.data() + (2 * mb) * xblock : nullptr;
+        const uint16_t* l0 = need_lo ? lo.get() + (2 * mb) * xblock : nullptr;
         const uint16_t* l1 = need_lo ? l0 + xblock : nullptr;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t k = 0; k < Kp; k += TK) {
-          _tile_loadd(4, w.data() + k, Kp * 2);            // weight rows n0..n0+15
-          _tile_loadd(5, w.data() + 16 * Kp + k, Kp * 2);  // weight rows n0+16..n0+31
+          _tile_loadd(4, w.get() + k, Kp * 2);            // weight rows n0..n0+15
+          _tile_loadd(5, w.get() + 16 * Kp + k, Kp * 2);  // weight rows n0+16..n0+31
           _tile_loadd(6, h0 + (k / 2) * 32, 64);           // x rows 0..15 of the block, pairs of k
           _tile_loadd(7, h1 + (k / 2) * 32, 64);
           _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
