@@ -244,6 +244,9 @@ def build(
         functions: Names of the functions pybind exposes.
         includes: Files ``source`` includes by name: their folders go on the include path and their
             text into the cache key, so changing them rebuilds.
+
+    The cache key also holds ``functions``: an extension built with other bindings is never loaded for
+    this list (a process with an older list could otherwise cache a library that lacks a new function).
     """
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None, f"disabled by {DISABLE_ENV}"
@@ -261,7 +264,7 @@ def build(
         _warn_once(f"llmspeed: {prefix} is not loaded and the pure-torch path runs: {reason}")
         return None, reason
     text = source.read_text()
-    key_text = text + "".join(p.read_text() for p in includes)
+    key_text = text + "".join(p.read_text() for p in includes) + "\n// bindings: " + ",".join(functions)
     include_dirs = sorted({str(p.parent) for p in includes})
     errors: list[str] = []
     for extra in (OPENMP_FLAGS, []):  # without -fopenmp only when the build with it fails

@@ -50,7 +50,8 @@ SCRIPT = textwrap.dedent(
         cpp_build._compile = fake
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module, reason = cpp_build.build("llmspeed_test", Path(sys.argv[1]), ["answer"])
+        functions = os.environ.get("FUNCTIONS", "answer").split(",")
+        module, reason = cpp_build.build("llmspeed_test", Path(sys.argv[1]), functions)
     print(json.dumps({
         "answer": module.answer() if module is not None else None,
         "reason": reason,
@@ -61,8 +62,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(source: Path, cache: Path, fake: Path | None = None, timeout: float = 600, umask: int | None = None) -> dict:
-    env = {**os.environ, "LLMSPEED_CACHE": str(cache)}
+def _run(source: Path, cache: Path, fake: Path | None = None, timeout: float = 600, umask: int | None = None,
+         functions: str = "answer") -> dict:  # fmt: skip
+    env = {**os.environ, "LLMSPEED_CACHE": str(cache), "FUNCTIONS": functions}
     env.pop("LLMSPEED_DISABLE_CPP", None)
     if fake is not None:
         env["FAKE_COMPILE"] = str(fake)
@@ -193,6 +195,16 @@ def test_a_failed_build_warns_once_and_leaves_the_pure_torch_path(cache_copy, tm
     result = _run(broken, cache_copy["cache"])  # the real compiler, twice (with and without -fopenmp)
     assert result["answer"] is None and "build with OpenMP failed" in result["reason"]
     assert sum("could not be built or loaded" in w for w in result["warnings"]) == 1
+
+
+def test_a_library_built_with_other_bindings_is_not_loaded(cache_copy):
+    """Regression: a process with an older function list cached a library under the new source's key, and
+    the next process, asking for a new binding, loaded it and failed with AttributeError."""
+    same = _run(cache_copy["source"], cache_copy["cache"], fake=cache_copy["pristine"])
+    assert same["compiles"] == [] and same["answer"] == 42
+    more = _run(cache_copy["source"], cache_copy["cache"], fake=cache_copy["pristine"], functions="answer,other")
+    assert len(more["compiles"]) == 1  # another key: built, not loaded from the "answer"-only folder
+    assert len(list((cache_copy["cache"] / "kernels").iterdir())) == 2
 
 
 def test_the_cache_key_covers_the_cpu_and_the_flags(monkeypatch):
