@@ -65,18 +65,19 @@ def test_cpp_kernel_is_built_and_cached_on_disk():
 
 @pytest.fixture
 def no_cpp(monkeypatch):
-    cpp._build.cache_clear()
+    """No C++ kernel builds (cpp nor amx) while the test runs."""
+    cpp._build.cache_clear(), amx._build.cache_clear()
     monkeypatch.setenv(cpp.DISABLE_ENV, "1")
     yield
     monkeypatch.delenv(cpp.DISABLE_ENV, raising=False)
-    cpp._build.cache_clear()
+    cpp._build.cache_clear(), amx._build.cache_clear()
 
 
 def test_without_compiler_auto_falls_back_to_torch(no_cpp, monkeypatch):
     monkeypatch.delenv(cpp.DISABLE_ENV)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    cpp._build.cache_clear()
-    assert "no C++ compiler" in cpp.unavailable()
+    cpp._build.cache_clear(), amx._build.cache_clear()
+    assert "no C++ compiler" in cpp.unavailable() and "no C++ compiler" in amx.unavailable()
     model = llmspeed.models.tiny("llama")
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
@@ -160,12 +161,12 @@ def test_auto_times_kernels_in_cuda_graphs_and_eagerly_when_they_cannot_be_captu
 
 @pytest.mark.parametrize("fmt, group", [("int8", None), ("int4", 64), ("nf4", 64)])
 def test_auto_on_cpu_picks_the_fused_kernel_up_to_128_rows_then_dequantize(fmt, group):
-    """The rule table: cpp for M <= 128 (fp32 and bf16 activations), dequantize + MKL above; for int8
-    on a CPU with AMX, cpp up to 8 rows and amx above."""
+    """The rule table: cpp for M <= 128 (fp32 and bf16 activations), dequantize + MKL above; on a CPU
+    with AMX, cpp up to 8 rows and amx above."""
     if cpp.unavailable() is not None:
         pytest.skip(cpp.unavailable())
     module = _module(fmt, group, 128)
-    tiles = fmt == "int8" and amx.unavailable() is None
+    tiles = amx.unavailable() is None
     for dtype in (torch.float32, torch.bfloat16):
         assert auto_kernel(module, torch.randn(1, 128, dtype=dtype)).name == "cpp"
         assert auto_kernel(module, torch.randn(8, 128, dtype=dtype)).name == "cpp"
@@ -181,12 +182,19 @@ def _amx_or_skip():
         pytest.skip(f"amx kernel unavailable here (a CPU without AMX-BF16 tiles): {amx.unavailable()}")
 
 
-@pytest.mark.parametrize("k, n, shape", [(100, 37, (70,)), (576, 96, (2, 33)), (64, 32, (32,)), (1536, 64, (5,))])
-def test_amx_kernel_is_fp32_grade_for_any_shape(k, n, shape):
-    """Ragged K (padding to 32), N and M not multiples of 32, leading dims, non-contiguous input: the
-    split hi + lo bf16 products stay within the fp32 tolerance; bf16 input takes one product."""
+_AMX_CASES = [(fmt, group, k, n, shape)
+              for fmt, group in [("int8", None), ("int4", 64), ("int4", 32), ("nf4", 128)]
+              for k, n, shape in [(100, 37, (70,)), (576, 96, (2, 33)), (64, 32, (32,)), (1536, 64, (5,))]
+              if group is None or group <= k]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt, group, k, n, shape", _AMX_CASES)
+def test_amx_kernel_is_fp32_grade_for_any_shape(fmt, group, k, n, shape):
+    """Ragged K (padding to 32, or to the 4-bit group), N and M not multiples of 32, leading dims,
+    non-contiguous input: the split hi + lo bf16 products stay within the fp32 tolerance for every
+    format; bf16 input takes one product fewer."""
     _amx_or_skip()
-    module = _module("int8", None, k, n=n)
+    module = _module(fmt, group, k, n=n)
     x = torch.randn(*shape, k * 2)[..., ::2]  # non-contiguous
     ref = x.reshape(-1, k) @ module.dequantize().t()  # [M, n] fp32
     out = KERNELS["amx"].run(module, x)
@@ -198,8 +206,16 @@ def test_amx_kernel_is_fp32_grade_for_any_shape(k, n, shape):
     assert ((out_b - ref_b).abs().max() / ref_b.abs().max()).item() <= 2 ** -8  # only the output rounding
 
 
-def test_amx_model_forward_matches_cpp():
-    """A whole int8 model through amx (prompt rows) gives the cpp kernel's logits to fp32 noise."""
+def test_amx_rejects_4bit_groups_that_are_not_whole_tile_steps():
+    _amx_or_skip()
+    module = _module("int4", 16, 64)
+    assert "divisible by 32" in (KERNELS["amx"].why_not(module, torch.randn(2, 64)) or "")
+    assert KERNELS["amx"].why_not(_module("nf4", 64, 128), torch.randn(2, 128)) is None
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_amx_model_forward_matches_cpp(fmt):
+    """A whole quantized model through amx (prompt rows) gives the cpp kernel's logits to fp32 noise."""
     _amx_or_skip()
     import copy
 
@@ -208,7 +224,7 @@ def test_amx_model_forward_matches_cpp():
     ids = torch.randint(0, 200, (2, 40))
     logits = {}
     for kernel in ("amx", "cpp"):
-        model = llmspeed.quantize(copy.deepcopy(base), "int8", kernel=kernel)
+        model = llmspeed.quantize(copy.deepcopy(base), fmt, kernel=kernel)
         with torch.no_grad():
             logits[kernel] = model.hf(ids).logits  # [2, 40, vocab]
     err = (logits["amx"] - logits["cpp"]).abs().max() / logits["cpp"].abs().max()

@@ -52,8 +52,11 @@ def _shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
     return module.layout.tile_reason(TILE, "the cpp 4-bit kernel")
 
 
-def _nf4_scales(module: QuantizedLinear) -> torch.Tensor:  # [out, groups] fp32, contiguous
-    return module.group_scales().contiguous()
+def group_scales_fp32(module: QuantizedLinear) -> torch.Tensor:  # [out, groups] fp32, contiguous
+    """The module's fp32 group scales (NF4 double quantization undone once, then cached on the module)."""
+    if not getattr(module.config, "double_quant", False):
+        return module.scales
+    return module.kernel_state("group_scales", lambda m: m.group_scales().contiguous())
 
 
 def fused_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
@@ -66,9 +69,7 @@ def fused_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, 
     elif fmt == "int4":
         y = ext.int4_matmul(xf, module.qweight, module.scales, module.zeros, module.layout.group)
     else:
-        g = module.layout.group
-        scales = module.kernel_state("cpp", _nf4_scales) if module.config.double_quant else module.scales
-        y = ext.nf4_matmul(xf, module.qweight, scales, g)
+        y = ext.nf4_matmul(xf, module.qweight, group_scales_fp32(module), module.layout.group)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -84,8 +85,7 @@ def bind_fused_cpu(module: QuantizedLinear):
             (module.qweight, module.scales, module.zeros, module.layout.group),
         )
     else:
-        scales = module.kernel_state("cpp", _nf4_scales) if module.config.double_quant else module.scales
-        f, args = ext.nf4_matmul, (module.qweight, scales, module.layout.group)
+        f, args = ext.nf4_matmul, (module.qweight, group_scales_fp32(module), module.layout.group)
     fp32 = torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]: any leading dims
