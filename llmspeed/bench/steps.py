@@ -16,6 +16,7 @@ def decode_step_ms(
     adapters: Sequence[str | None] | None = None,
     fused_decode: bool | None = None,
     fused_max_rows: int | None = None,
+    fused_amx_rows: int | None = None,
 ) -> tuple[float, str]:
     """Median ms of ``steps`` decode steps with one running sequence per prompt, and the paths they took.
 
@@ -26,12 +27,16 @@ def decode_step_ms(
         adapters: Each sequence's LoRA adapter name (default: none).
         fused_decode: Passed to :class:`~llmspeed.generation.Generator` (``False``: the per-layer path).
         fused_max_rows: Most rows the fused step takes (default
-            :data:`~llmspeed.generation.fused_decode.MAX_ROWS`; larger steps take the per-layer path).
+            :func:`~llmspeed.generation.fused_decode.default_max_rows`; larger steps take the per-layer path).
+        fused_amx_rows: Rows from which the fused step runs its matrices on AMX tiles (0: never; default
+            :data:`~llmspeed.generation.fused_decode.AMX_ROWS`).
     """
     tokens = sum(len(p) + steps + 8 for p in prompts)  # every sequence stays resident: no preemption
     g = Generator(model, kv_cache_tokens=max(4096, tokens), progress=False, fused_decode=fused_decode)
     if fused_max_rows is not None and g.runner.fused is not None:
         g.runner.fused.max_rows = fused_max_rows
+    if fused_amx_rows is not None and g.runner.fused is not None:
+        g.runner.fused.amx_rows = fused_amx_rows
     names = list(adapters) if adapters is not None else [None] * len(prompts)
     rids = {g.add_request(list(p), SamplingParams(max_new_tokens=steps + 4, ignore_eos=True, adapter=a))
             for p, a in zip(prompts, names)}  # fmt: skip

@@ -13,6 +13,7 @@
 // Rows of all matrices of one GEMV group are split over torch's intra-op threads with
 // at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py).
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
+#include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -183,8 +184,53 @@ void gemv_rows_q4(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
   }
 }
 
-// Every matrix of the group reads the same x [M, K]; all their rows form one parallel range.
-void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group) {
+// y = x . w^T (+ bias) of one linear on AMX tiles (see amx_tiles.h); false when this build or layout has
+// no tile path (no AMX, or 4-bit groups that are not whole 32-code tile steps).
+bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
+#ifdef LLMSPEED_AMX
+  using namespace llmspeed_amx;
+  const int64_t Kp = round_up(K, TK);
+  switch (l.kind) {
+    case Kind::F32: amx_matmul(x, M, K, Kp, l.N, true, true, F32Rows{static_cast<const float*>(l.w), l.N, K}, nullptr, l.y); break;
+    case Kind::BF16: amx_matmul(x, M, K, Kp, l.N, true, false, BF16Rows{static_cast<const uint16_t*>(l.w), l.N, K}, nullptr, l.y); break;
+    case Kind::I8: amx_matmul(x, M, K, Kp, l.N, true, false, Int8Rows{static_cast<const int8_t*>(l.w), l.N, K}, l.scale, l.y); break;
+    case Kind::INT4:
+    case Kind::NF4: {
+      if (l.G % TK != 0) return false;
+      const auto* q = static_cast<const uint8_t*>(l.w);
+      if (l.kind == Kind::NF4)
+        amx_matmul(x, M, K, l.Kp, l.N, true, true, Q4Rows<true>{q, l.scale, nullptr, l.N, l.G}, nullptr, l.y);
+      else
+        amx_matmul(x, M, K, l.Kp, l.N, true, true, Q4Rows<false>{q, l.scale, l.zero, l.N, l.G}, nullptr, l.y);
+      break;
+    }
+  }
+  if (l.bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < l.N; ++n) l.y[m * l.N + n] += l.bias[n];
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Every matrix of the group reads the same x [M, K]; all their rows form one parallel range. From
+// ``amx_rows`` rows up (0: never; fp32 weights, which take a split and three tile products, from twice as
+// many) each matrix is one AMX tile matmul instead, where the CPU has tiles.
+void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
+  if (amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable()) {
+    bool tiles = true;
+    for (const auto& l : group)
+      tiles = tiles && (l.kind != Kind::INT4 && l.kind != Kind::NF4 || l.G % 32 == 0) &&
+              (l.kind != Kind::F32 || M >= 2 * amx_rows);
+    if (tiles) {
+      for (const auto& l : group) {
+        TORCH_CHECK(l.Kp >= K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
+        amx_linear(x, M, K, l);
+      }
+      return;
+    }
+  }
   int64_t total = 0;
   for (auto& l : group) {
     total += l.N;
@@ -345,10 +391,11 @@ enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 // key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
 // lora: empty, or (A, B) stacks (see lora_add) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
+// amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
 at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::Tensor key_cache,
                        at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
                        at::Tensor cos, at::Tensor sin, at::Tensor norm, std::vector<at::Tensor> lm_head, int64_t num_heads,
-                       double eps, double scale, std::vector<at::Tensor> lora, at::Tensor adapter_slot) {
+                       double eps, double scale, std::vector<at::Tensor> lora, at::Tensor adapter_slot, int64_t amx_rows) {
   check_f32(hidden, "hidden");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
@@ -394,7 +441,7 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
       if (has_lora) lora_add(in, n, K, lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], slot_of, y, rows[j]);
     };
     rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())});
+    gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())}, amx_rows);
     adapt(Q, x.data(), E, q.data());
     adapt(K_, x.data(), E, k.data());
     adapt(V, x.data(), E, v.data());
@@ -415,26 +462,26 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
       attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
              value_cache.data_ptr<float>() + l * layer_stride, att.data());
     }
-    gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())});
+    gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())}, amx_rows);
     adapt(O, att.data(), qw, tmp.data());
     add_into_h();
     rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())});
+    gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())}, amx_rows);
     adapt(GATE, x.data(), E, gate.data());
     adapt(UP, x.data(), E, up.data());
     for (int64_t e = 0; e < n * I; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
-    gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())});
+    gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())}, amx_rows);
     adapt(DOWN, gate.data(), I, tmp.data());
     add_into_h();
   }
   rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());
   TORCH_CHECK(lm_head.size() == 3, "fused decode: lm_head is (weight, scale, zero)");
   at::Tensor logits = at::empty({n, lm_head[0].size(0)}, hidden.options());
-  gemv_group(x.data(), n, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>())});
+  gemv_group(x.data(), n, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>())},
+             amx_rows);
   return logits;
 }
 
-// y [M, N] = x [M, K] @ dequantized w [N, K]^T, w as in linear(): the decode GEMV alone (tests, benchmarks).
 // Decode attention read in place from one layer's paged cache (the generic path's decode kernel):
 // q [n, H, D] fp32, key/value [NB, BS, Hkv, D] fp32 or bf16, tables [n, W] int64, lens [n] int64 -> [n, H, D].
 at::Tensor paged_decode(at::Tensor q, at::Tensor key, at::Tensor value, at::Tensor tables, at::Tensor lens, double scale) {
@@ -458,10 +505,16 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor key, at::Tensor value, at::Tens
   return out;
 }
 
-at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero) {
+// y [M, N] = x [M, K] @ dequantized w [N, K]^T, w as in linear(): the decode GEMV alone (tests, benchmarks),
+// on AMX tiles from amx_rows rows up (0: never).
+at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero, int64_t amx_rows) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2, "gemv: x must be [M, K]");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, zero, at::Tensor(), y.data_ptr<float>())});
+  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, zero, at::Tensor(), y.data_ptr<float>())},
+             amx_rows);
   return y;
 }
+
+// Whether the GEMV groups can run on AMX tiles in this process (a CPU and build with AMX-BF16, granted by the OS).
+bool amx_usable() { return llmspeed_amx::usable(); }

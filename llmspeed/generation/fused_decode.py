@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
+AMX_HEADER = Q4_HEADER.with_name("amx_tiles.h")  # the shared AMX tile matmul
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -43,7 +44,8 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv", "paged_decode"], includes=[Q4_HEADER])
+    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv", "paged_decode", "amx_usable"],
+                           includes=[Q4_HEADER, AMX_HEADER])
 
 
 def extension() -> ModuleType | None:
@@ -54,6 +56,12 @@ def extension() -> ModuleType | None:
 def unavailable() -> str | None:
     """Why the C++ decode kernel cannot run here, or ``None`` (builds it on first call)."""
     return _build()[1]
+
+
+def amx_available() -> bool:
+    """Whether the fused step can run its matrices on AMX tiles here (see :attr:`FusedDecode.amx_rows`)."""
+    ext = extension()
+    return ext is not None and bool(ext.amx_usable())
 
 
 QUANT_FORMATS = ("int8", "int4", "nf4")
@@ -276,19 +284,24 @@ def paged_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
-def default_max_rows() -> int:
-    """Most decode rows a fused step takes on this CPU: 12 where the CPU has AVX-512, else no limit.
+def default_max_rows(amx: bool | None = None) -> int:
+    """Most decode rows a fused step takes on this CPU: no limit, or 12 on AVX-512 CPUs without AMX.
 
-    The fused step's matmuls are GEMVs whose cost grows with every row; the generic path's GEMMs share
-    each weight read across rows. On a 2-core AVX2 Zen 1 the fused step was faster at every row count
-    up to 64; on a 2-core AVX-512/AMX Xeon, whose MKL GEMMs (and the ``amx`` int8 kernel) are wider,
-    the generic path wins from about 16 rows (docs/batching.md has both measurements).
+    The fused step's row-loop GEMVs cost grows with every row; the generic path's GEMMs share each
+    weight read across rows. On a 2-core AVX2 Zen 1 the fused step was faster at every row count up to
+    64; on a 2-core AVX-512 Xeon, whose MKL GEMMs are wider, the generic path wins from about 16 rows
+    unless the fused step runs its matrices on AMX tiles (:data:`AMX_ROWS`), which beat it at every row
+    count measured (docs/batching.md has the three measurements). ``amx``: whether the tiles are usable
+    (default: ask the built extension, :func:`amx_available`).
     """
-    return 12 if "avx512f" in isa_flags() else 1 << 30
+    if "avx512f" not in isa_flags():
+        return 1 << 30
+    return 1 << 30 if (amx_available() if amx is None else amx) else 12
 
 
-MAX_ROWS = default_max_rows()
-"""The default of :attr:`FusedDecode.max_rows` on this machine (:func:`default_max_rows`)."""
+AMX_ROWS = 8
+"""Default of :attr:`FusedDecode.amx_rows`: from 8 rows the fused step runs int8, 4-bit and bf16 matrices on
+AMX tiles, fp32 matrices (three tile products and a split per call) from twice as many."""
 
 
 class FusedDecode:
@@ -297,14 +310,18 @@ class FusedDecode:
     Args:
         model: An :class:`llmspeed.Model` (checked with :func:`unsupported` whenever its modules change).
         cache: The generator's paged KV cache.
-        max_rows: Steps with more rows than this return ``None`` (the generic path runs them).
+        max_rows: Steps with more rows than this return ``None`` (the generic path runs them); default
+            :func:`default_max_rows`.
+        amx_rows: Steps with at least this many rows run their matrices on AMX tiles where the CPU has
+            them (0: never; fp32 matrices from twice as many).
     """
 
-    def __init__(self, model, cache: PagedKVCache, max_rows: int = MAX_ROWS):
+    def __init__(self, model, cache: PagedKVCache, max_rows: int | None = None, amx_rows: int = AMX_ROWS):
         self.model = model
         self.cache = cache
-        self.max_rows = max_rows
         self.ext: Any = extension()
+        self.max_rows = default_max_rows() if max_rows is None else max_rows
+        self.amx_rows = amx_rows
         self._snapshot: _Snapshot | None = None
 
     def _current(self) -> _Snapshot | None:
@@ -355,4 +372,5 @@ class FusedDecode:
                 _eps(norm),
                 float(body.layers[0].self_attn.scaling),
                 snap.lora, snap.adapter_slots(names),
+                self.amx_rows,
             )  # fmt: skip

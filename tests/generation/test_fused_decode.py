@@ -20,15 +20,17 @@ LOGIT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 pytestmark = pytest.mark.skipif(fused_decode.extension() is None, reason="no C++ compiler: the generic path runs")
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     m=st.integers(1, 9),
     n=st.integers(1, 70),
     k=st.integers(1, 80),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]),
     seed=st.integers(0, 2**16),
+    amx_rows=st.sampled_from([0, 1]),
 )
-def test_gemv_matches_f_linear(m, n, k, dtype, seed):
+def test_gemv_matches_f_linear(m, n, k, dtype, seed, amx_rows):
+    """Both GEMV paths: the row loop (amx_rows=0) and AMX tiles (amx_rows=1; the row loop without AMX)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     if dtype == torch.int8:
@@ -38,20 +40,22 @@ def test_gemv_matches_f_linear(m, n, k, dtype, seed):
     else:
         w, scale = torch.randn(n, k, generator=g).to(dtype), torch.empty(0)
         ref = torch.nn.functional.linear(x, w.float())
-    y = fused_decode.extension().gemv(x, w, scale, torch.empty(0))
+    y = fused_decode.extension().gemv(x, w, scale, torch.empty(0), amx_rows)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * k**0.5 * (ref.abs().max().item() + 1e-3))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     m=st.integers(1, 9),
     n=st.integers(1, 40),
     k=st.integers(1, 100),
     fmt=st.sampled_from(["int4", "nf4"]),
-    group=st.sampled_from([16, 32]),
+    group=st.sampled_from([16, 32, 64]),
     seed=st.integers(0, 2**16),
+    amx_rows=st.sampled_from([0, 1]),
 )
-def test_4bit_gemv_matches_the_dequantized_weight(m, n, k, fmt, group, seed):
+def test_4bit_gemv_matches_the_dequantized_weight(m, n, k, fmt, group, seed, amx_rows):
+    """Group 16 keeps the row loop even with amx_rows=1 (a tile step is 32 codes)."""
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(k, n, bias=False)
     with torch.no_grad():
@@ -59,7 +63,7 @@ def test_4bit_gemv_matches_the_dequantized_weight(m, n, k, fmt, group, seed):
     module = llmspeed.quant.modules.MODULES[fmt].from_linear(linear, llmspeed.quant.QuantConfig(fmt, group_size=group))
     w, scale, zero = fused_decode._parts(module)
     x = torch.randn(m, k, generator=g)
-    y = fused_decode.extension().gemv(x, w, scale, torch.empty(0) if zero is None else zero)
+    y = fused_decode.extension().gemv(x, w, scale, torch.empty(0) if zero is None else zero, amx_rows)
     ref = x @ module.dequantize().T
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * k**0.5 * (ref.abs().max().item() + 1e-3))
 
@@ -89,13 +93,15 @@ def _generic_logits(model, gen, decode):
         ).float()
 
 
+@pytest.mark.parametrize("amx_rows", [0, 1], ids=["row-loop", "amx-tiles"])
 @pytest.mark.parametrize("architecture", fused_decode.ARCHITECTURES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logits_match_the_generic_path(architecture, dtype):
+def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
+    """Both GEMV paths of the fused step (AMX tiles only where the CPU has them; the row loop otherwise)."""
     model = llmspeed.models.tiny(architecture, seed=3, dtype=dtype)
     # 9 sequences (two 4-row tiles and a tail), contexts crossing block boundaries
     gen, decode = _prefilled(model, [1, 3, 4, 5, 9, 16, 17, 30, 2])
-    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size))
+    fused = fused_decode.FusedDecode(model, gen.cache, amx_rows=amx_rows).run(StepInput.decode(decode, gen.blocks.block_size))
     ref = _generic_logits(model, gen, decode)
     assert fused is not None and fused.shape == ref.shape == (9, model.spec.vocab_size)
     err = (fused - ref).abs().max() / ref.abs().max()
@@ -115,12 +121,15 @@ def test_logits_match_the_generic_path(architecture, dtype):
         ("llama", "nf4", {"group_size": 16, "double_quant": True}),
     ],
 )
-def test_quantized_models_match_the_generic_path(architecture, fmt, options):
+@pytest.mark.parametrize("amx_rows", [0, 1], ids=["row-loop", "amx-tiles"])
+def test_quantized_models_match_the_generic_path(architecture, fmt, options, amx_rows):
+    """Group 16 keeps the row loop on the tile path too (a tile step is 32 codes)."""
     model = llmspeed.quantize(llmspeed.models.tiny(architecture, seed=2), fmt, skip=[], **options)
     assert type(model.hf.lm_head).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}[fmt]
     assert fused_decode.unsupported(model) is None
     gen, decode = _prefilled(model, [2, 7, 13, 4, 21])
-    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size))
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    fused = fused_decode.FusedDecode(model, gen.cache, amx_rows=amx_rows).run(step)
     ref = _generic_logits(model, gen, decode)
     assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
@@ -165,9 +174,12 @@ def test_decode_steps_with_more_rows_than_max_rows_take_the_generic_path():
 
 
 def test_the_row_limit_follows_the_measured_machines(monkeypatch):
-    """12 rows on AVX-512 CPUs (where the generic GEMMs win above it), no limit on AVX2-only ones."""
+    """12 rows on AVX-512 CPUs without AMX (where the generic GEMMs win above it), no limit with AMX tiles
+    or on AVX2-only CPUs."""
     monkeypatch.setattr(fused_decode, "isa_flags", lambda: ("avx2", "avx512f", "fma"))
-    assert fused_decode.default_max_rows() == 12
+    assert fused_decode.default_max_rows(amx=False) == 12
+    assert fused_decode.default_max_rows(amx=True) > 10_000
+    assert fused_decode.default_max_rows() == fused_decode.default_max_rows(amx=fused_decode.amx_available())
     monkeypatch.setattr(fused_decode, "isa_flags", lambda: ("avx2", "fma"))
     assert fused_decode.default_max_rows() > 10_000
 
