@@ -108,10 +108,11 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Render rows (dicts) as a Markdown table; columns default to the first row's keys in order."""
+    """Render rows (dicts) as a Markdown table; columns default to every row's keys, in order of first use
+    (a key only later rows carry, such as a note on one row, is a column too; other rows leave it empty)."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmspeed.bench import quant as quant_suite
-from llmspeed.timing import copies_to_defeat_cache, timeit_cuda_graph
+from llmspeed.timing import copies_to_defeat_cache, markdown_table, timeit_cuda_graph
 
 
 def test_copies_cover_twice_the_cache_within_bounds():
@@ -61,3 +61,11 @@ def test_cpu_ms_times_round_robin_and_drops_candidates_that_cannot_win():
     assert calls["slow"] == 2  # its warm-up rounds were >4x the fastest: never timed again
     assert calls["fast"] == calls["medium"] and 5 <= calls["fast"] <= 9  # 2 warm-up + 3..7 rounds, one call each
     assert times["slow"] >= 20 > times["fast"]
+
+
+def test_markdown_table_keeps_a_column_only_later_rows_carry():
+    """Regression: columns came from the first row only, so a note on a later row (cpu_peers' "llama.cpp"
+    crash note) vanished from the printed table."""
+    table = markdown_table([{"a": 1}, {"a": 2, "note": "crashed"}]).splitlines()
+    assert table[0] == "| a | note |"
+    assert table[2] == "| 1 |  |" and table[3] == "| 2 | crashed |"
