@@ -11,7 +11,8 @@ Per format: the batch-1 decode step at a 128-token context (median of ``steps``)
 evaluation of 256 tokens from a fresh state (tok/s, median of 3), the bytes of the weights, and the
 perplexity of both on the same pydoc evaluation windows (llama.cpp scores them with ``logits_all``).
 llmspeed also reports the decode step with 8 sequences running; llama-cpp-python's high-level API
-decodes one sequence, so that row has no anchor.
+decodes one sequence, so that row has no anchor. A llama.cpp format that crashes (a native build's AMX
+weight layout does on some CPUs) is run again without llama.cpp's extra buffer types, and its row says so.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .steps import decode_step_ms
 
 # llmspeed format -> (llama.cpp type name, llama_ftype value of llama.h); None: an llmspeed-only row
 FORMATS: dict[str, tuple[str, int] | None] = {"fp32": ("F32", 0), "bf16": ("F16", 1), "int8": ("Q8_0", 7),
-                                              "int4": ("Q4_0", 2), "int4, int8 lm_head": None}
+                                              "int4": ("Q4_0", 2), "int8, int8 lm_head": None,
+                                              "int4, int8 lm_head": None}
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
 
 
@@ -72,9 +74,24 @@ def _ids(model, n: int) -> list[int]:
     return model.tokenizer.encode(pydoc_text("eval"), add_special_tokens=False)[:n]
 
 
-def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int) -> dict[str, Any]:
+def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
+                extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
+    """llama.cpp's decode, prefill, file size and perplexity. ``extra_bufts=False`` loads the weights without
+    llama.cpp's extra buffer types (its AMX and repacked-tile weight layouts), for builds whose AMX path crashes."""
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
+
+    if not extra_bufts:  # Llama() takes no such argument: patch the defaults it starts from (a child process)
+        defaults = llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_model_default_params = without_extra_bufts
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
 
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)  # fmt: skip
@@ -104,16 +121,18 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
             "MB": path.stat().st_size / 1e6, "perplexity": math.exp(statistics.fmean(losses))}  # fmt: skip
 
 
-def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int) -> dict[str, Any]:
+def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
+                         extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
     """:func:`_llama_rows` in a child process: a crash inside llama.cpp becomes a reported row, not the end of the run."""
     import json
     import subprocess
     import sys
 
-    job = json.dumps({"path": str(path), "prompt": prompt, "windows": windows.tolist(), "threads": threads, "steps": steps})
+    job = json.dumps({"path": str(path), "prompt": prompt, "windows": windows.tolist(), "threads": threads,
+                      "steps": steps, "extra_bufts": extra_bufts})  # fmt: skip
     script = ("import json, sys, torch; from llmspeed.bench.cpu_peers import _llama_rows; a = json.load(sys.stdin); "
               "print(json.dumps(_llama_rows(__import__('pathlib').Path(a['path']), a['prompt'], "
-              "torch.tensor(a['windows']), a['threads'], a['steps'])))")  # fmt: skip
+              "torch.tensor(a['windows']), a['threads'], a['steps'], a['extra_bufts'])))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script], input=job, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
@@ -125,7 +144,7 @@ def _llmspeed_model(fmt: str):
     model = smollm2()
     if fmt == "bf16":
         cast(model, "bf16")
-    elif fmt == "int8":
+    elif fmt.startswith("int8"):
         quantize(model, "int8")
     elif fmt.startswith("int4"):
         quantize(model, "int4", group_size=64)
@@ -175,12 +194,17 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         if anchor is None:
             row["llama.cpp"] = "(no row: llmspeed only)"
         elif missing is None:
+            path = requantized(*anchor, threads)
             try:
-                theirs = _llama_rows_isolated(requantized(*anchor, threads), prompt, windows, threads, steps)
-            except RuntimeError as err:
-                row["llama.cpp"] = str(err)
-                rows.append(row)
-                continue
+                theirs = _llama_rows_isolated(path, prompt, windows, threads, steps)
+            except RuntimeError as err:  # a native build's AMX weight layout crashes on some CPUs: retry without it
+                try:
+                    theirs = _llama_rows_isolated(path, prompt, windows, threads, steps, extra_bufts=False)
+                    row["llama.cpp"] = f"{err}; this row without its extra buffer types (AMX / repacked weights)"
+                except RuntimeError as again:
+                    row["llama.cpp"] = f"{err}; without extra buffer types too ({again})"
+                    rows.append(row)
+                    continue
             row.update({"llama.cpp decode ms": round(theirs["decode ms"], 2),
                         "llama.cpp prefill tok/s": round(theirs["prefill tok/s"]),
                         "llama.cpp MB": round(theirs["MB"]), "llama.cpp ppl": round(theirs["perplexity"], 3),
