@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model's name)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"], help="quantize the weights after loading")
     p.add_argument("--group-size", type=int, default=None, help="group size for int4 / nf4")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="with --quantize: the output head too (llama.cpp's formats do; docs/serving.md has its cost)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (ours or PEFT's); repeat for more")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -58,8 +60,12 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     from .server import OpenAIServer
 
     recipe = None
+    if args.quantize_lm_head and not args.quantize:
+        raise SystemExit("--quantize-lm-head needs --quantize FORMAT")
     if args.quantize:
         recipe = {"format": args.quantize, **({} if args.group_size is None else {"group_size": args.group_size})}
+        if args.quantize_lm_head:
+            recipe["skip"] = []  # quantize's default skips the output head
     model = load_model(args.model, recipe)
     names = []
     for spec in args.adapter:

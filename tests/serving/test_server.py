@@ -192,6 +192,20 @@ def test_serve_cli_builds_a_quantized_server_with_an_adapter(tmp_path):
         build(build_parser().parse_args(["--adapter", "nopath"]))
 
 
+def test_serve_cli_quantizes_the_output_head_only_when_asked():
+    from llmspeed.serving.cli import build, build_parser
+
+    engine, _ = build(build_parser().parse_args(["--quantize", "int8", "--quantize-lm-head", "--port", "0"]))
+    try:
+        assert type(engine.model.hf.lm_head).__name__ == "Int8Linear"
+        out = engine.model.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=2), progress=False)
+        assert len(out[0].token_ids) == 2
+    finally:
+        engine.close()
+    with pytest.raises(SystemExit, match="needs --quantize"):
+        build(build_parser().parse_args(["--quantize-lm-head"]))
+
+
 def test_serve_loads_transformers_and_llmspeed_folders(tmp_path):
     from llmspeed.serving.cli import load_model
 
