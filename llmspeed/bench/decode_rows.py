@@ -49,7 +49,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             out.append({"table": "decode step by rows", "format": fmt, "rows": rows, "fused ms": round(f, 1),
                         "fused AMX ms": round(t, 1), "per-layer ms": round(p, 1),
                         "fused / per-layer": round(f / p, 2), "fused AMX / per-layer": round(t / p, 2),
-                        "default path": default, "max rows": fused_decode.default_max_rows(),
+                        "default path": default, "max rows": fused_decode.default_max_rows() if fused_decode.default_max_rows() < 1 << 30 else "no limit",
                         "AMX_ROWS": fused_decode.AMX_ROWS if tiles else "(no AMX)"})  # fmt: skip
         del m
     return out
