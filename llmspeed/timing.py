@@ -162,7 +162,9 @@ def cpu_ms(
 
     One warm-up round first (lazy builds, first-touch pages), then a second round whose time, the
     faster of the two, decides which functions are in reach: one more than ``drop`` times the fastest
-    cannot win and keeps that time. The others are timed in rounds, one call each per round, for about
+    cannot win and keeps that time. A function whose warm-up call already took more than ``2 * drop``
+    times the fastest warm-up skips the second round too (a slow candidate on a large layer can take
+    seconds a call). The others are timed in rounds, one call each per round, for about
     ``budget_ms`` each (at least 3 rounds, at most ``most``). Each keeps its fastest call: on a shared
     machine a call that lost its core (a scheduler quantum is 4-8 ms, longer than many kernels) is
     noise, not the kernel's speed, and a median of a few rounds can still be decided by it. A function
@@ -182,7 +184,10 @@ def cpu_ms(
         first[name] = (time.perf_counter() - start) * 1e3
     if not first:
         return {}
+    fastest_warmup = min(first.values())
     for name in first:
+        if first[name] > 2 * drop * max(fastest_warmup, 1e-6):
+            continue  # cannot win even if its warm-up was twice its speed
         start = time.perf_counter()
         fns[name]()
         first[name] = min(first[name], (time.perf_counter() - start) * 1e3)

@@ -53,6 +53,24 @@ def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
     return quant.load(path)
 
 
+def tune_kernels(model: Any, max_rows: int) -> int:
+    """Time the quantized layers' ``kernel="auto"`` choices for every step size before serving.
+
+    Otherwise each (shape, rows bucket) is timed inside the first request whose step has that size: a
+    stall of up to seconds (the output head's candidates include dequantizing it). Choices are kept on
+    disk per machine, so only a first start pays. Returns the number of choices known.
+    """
+    from ..protocol import base_linear, is_quantized
+    from ..quant.kernels import tune_model
+
+    layers = [base_linear(m) for _, m in model.linear_layers()]
+    if not any(is_quantized(m) for m in layers):
+        return 0
+    print("llmspeed serve: timing the quantized kernels for each step size (first start on this machine only)",
+          flush=True)  # fmt: skip
+    return tune_model(layers, max_rows)
+
+
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """The engine and the server for parsed ``args``."""
     from .. import lora
@@ -76,6 +94,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         names.append(name)
     if names:
         lora.set_adapter(model, None)  # requests for the base model run without any adapter
+    tune_kernels(model, args.max_batch_tokens)
     engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching)
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(args.model).name)

@@ -196,3 +196,15 @@ def test_cpu_timing_keeps_the_fastest_call_so_preempted_calls_do_not_decide():
 
     times = cpu_ms({"bursty": bursty, "steady": steady}, budget_ms=20, most=9)
     assert times["bursty"] < 1.0 < 2.0 <= times["steady"]
+
+
+def test_tune_model_times_every_rows_bucket_once_per_shape_before_any_step(tuned, monkeypatch):
+    """A server tunes before it listens (a 3 s stall inside a request was seen): each (shape, bucket) up
+    to max_rows is timed once, shapes shared by layers are timed once, later steps only look up."""
+    calls: list = []
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0}, calls)
+    same_a, same_b, other = _module(Int4Linear), _module(Int4Linear), _module(Int4Linear, n=64)
+    known = auto.tune_model([same_a, same_b, other, nn.Linear(4, 4)], max_rows=20)
+    assert known == len(calls) == 2 * 6  # buckets 1, 2, 4, 8, 16, 32 (20 rows) for two shapes
+    assert auto.auto_kernel(same_b, torch.randn(3, 128)).name == "dequant_fp32" and len(calls) == 12
+    assert auto.auto_kernel(other, torch.randn(64, 128)) is not None and len(calls) == 13  # beyond max_rows

@@ -9,7 +9,7 @@ its :class:`~llmspeed.quant.layout.QuantLayout`), never through the module class
 from __future__ import annotations
 
 from . import amx, aten, cpp, reference, triton_dequant, triton_gemv  # noqa: F401  (register the kernels)
-from .auto import AUTO_RULES, auto_kernel, probe, select
+from .auto import AUTO_RULES, auto_kernel, probe, select, tune_model
 from .registry import (
     FLOAT_DTYPES,
     KERNELS,
@@ -36,4 +36,5 @@ __all__ = [
     "probe",
     "check_kernel",
     "AUTO_RULES",
+    "tune_model",
 ]

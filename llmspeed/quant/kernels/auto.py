@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from ...protocol import QuantizedLinear
+from ...protocol import QuantizedLinear, is_quantized
 from ...timing import device_ms
 from . import tuning
 from .registry import KERNELS, Kernel, get_kernel, usable_kernels
@@ -163,3 +163,28 @@ def select(module: QuantizedLinear, x: torch.Tensor) -> Kernel:
             f"kernel={name!r} cannot run here: {reason}; use kernel='auto' or one of {usable_kernels(module, x)}"
         )
     return kernel
+
+
+def tune_model(layers, max_rows: int = 512, dtype: torch.dtype | None = None) -> int:
+    """Time ``kernel="auto"``'s choices now for every rows bucket up to ``max_rows``; return how many are known.
+
+    ``layers``: the model's quantized linears (any iterable of modules; others are skipped). Without this,
+    each (shape, rows bucket) is timed the first time a step of that size runs, inside the caller's
+    request: tens to hundreds of milliseconds per choice, seconds for a large output head. A server
+    calls it before it listens. ``dtype``: the activation dtype (default: each layer's scales' float
+    dtype, fp32). Choices already on disk are only looked up.
+    """
+    seen: set[str] = set()
+    top = max(1, max_rows)
+    buckets = sorted({tuning.rows_bucket(min(1 << i, top)) for i in range(top.bit_length() + 1)})
+    for module in layers:
+        if not is_quantized(module) or module.config.kernel != "auto":
+            continue
+        device = module.qweight.device
+        for m in buckets:
+            x = torch.randn(m, module.in_features, dtype=dtype or torch.float32, device=device)  # [bucket, in]
+            key = tuning.choice_key(module, x)
+            if key not in seen:
+                seen.add(key)
+                auto_kernel(module, x)
+    return len(seen)
