@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -20,6 +21,7 @@ from .methods.registry import symmetric_methods
 from .modules import QuantizedLinearBase, module_class
 
 _DEFAULT = object()
+SENSITIVE = ("*.mlp.down_proj",)  # int8_layers for a 4-bit model that holds up off its calibration text
 
 
 def _output_head(model: CausalLM) -> list[str]:
@@ -60,16 +62,24 @@ def plan_layers(
     config: QuantConfig,
     skip: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
+    int8_layers: Sequence[str] | None = None,
 ) -> dict[str, QuantConfig]:
-    """Which linear positions ``quantize`` would change, each with its config; raises before anything changes."""
-    if isinstance(skip, str) or isinstance(include, str):
-        raise ValueError("skip and include must be lists of names or patterns, not a single string")
+    """Which linear positions ``quantize`` would change, each with its config; raises before anything changes.
+
+    Layers matching ``int8_layers`` get :func:`int8_config` of ``config`` instead of ``config``.
+    """
+    if isinstance(skip, str) or isinstance(include, str) or isinstance(int8_layers, str):
+        raise ValueError("skip, include and int8_layers must be lists of names or patterns, not a single string")
     if skip is None:
         skip = _output_head(model)
     else:
         _check_patterns(model, "skip", skip)
     if include is not None:
         _check_patterns(model, "include", include)
+    if int8_layers:
+        if config.format == "int8":
+            raise ValueError("int8_layers keeps some layers of a 4-bit model at int8; the format is int8 already")
+        _check_patterns(model, "int8_layers", int8_layers)
     already = [name for name, m in model.linear_layers() if is_quantized(m)]
     if already:
         raise ValueError(
@@ -96,10 +106,15 @@ def plan_layers(
                 f"group_size={g} is larger than in_features={module.in_features} of {name!r}; "
                 f"use group_size <= {module.in_features} or None"
             )
-        plan[name] = config
+        plan[name] = int8_config(config) if int8_layers and _matches(name, int8_layers) else config
     if not plan:
         raise ValueError("skip/include leave no linear layer to quantize")
     return plan
+
+
+def int8_config(config: QuantConfig) -> QuantConfig:
+    """``config`` for a layer kept at int8 in a 4-bit model: per output channel, same method and kernel."""
+    return replace(config, format="int8", group_size=None, double_quant=False, symmetric=None)
 
 
 def _check_named_kernel(module: QuantizedLinearBase, weight) -> None:
@@ -126,6 +141,7 @@ def quantize(
     include: Sequence[str] | None = None,
     method_options: dict[str, Any] | None = None,
     symmetric: bool | None = None,
+    int8_layers: Sequence[str] | None = None,
 ) -> CausalLM:
     """Quantize ``model``'s linear layers in place and return the model.
 
@@ -145,6 +161,10 @@ def quantize(
         symmetric: int4 only: zero points fixed at 8 and scales ``absmax / 7.5`` (methods registered with
             ``symmetric=True``: rtn, gptq, awq, awq+gptq): the signed 4-bit grid vLLM's fastest kernels
             take. Default: asymmetric.
+        int8_layers: int4 / nf4 only: qualified names or ``fnmatch`` patterns of layers quantized to int8
+            (per output channel, same method) instead, as llama.cpp's ``Q4_K_M`` keeps some tensors at
+            more bits. :data:`SENSITIVE` names the layers docs/calibration.md measured as costing the most
+            at 4 bits. They cost more bytes (``llmspeed.memory_footprint(model)["linear"]``).
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
@@ -163,24 +183,25 @@ def quantize(
             f"which fits its own zero points"
         )
     check_kernel(kernel, fmt, model.spec.device)
+    if int8_layers:
+        check_kernel(kernel, "int8", model.spec.device)
     if entry.needs_calibration and calibration is None:
         raise ValueError(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"
         )
-    plan = plan_layers(model, config, skip, include)
+    plan = plan_layers(model, config, skip, include, int8_layers)
     options = dict(method_options or {})
     _check_options(method, entry.weight or entry.model, 2 if entry.weight else 3, options)
     snapshot = dict(model.linear_layers())
     saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
     try:
         if entry.weight is not None:
-            cls = module_class(fmt)
-            for name in plan:
+            for name, layer_config in plan.items():
                 linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
-                qw = entry.weight(linear.weight, config, **options)
+                qw = entry.weight(linear.weight, layer_config, **options)
                 bias = None if linear.bias is None else linear.bias.detach()
-                new = cls.from_codes(
-                    qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features
+                new = module_class(layer_config.format).from_codes(
+                    qw.codes, qw.scales, qw.zeros, config=layer_config, bias=bias, in_features=linear.in_features
                 )
                 new = new.to(linear.weight.device)
                 _check_named_kernel(new, linear.weight)

@@ -294,6 +294,12 @@ def quantize_layer(
         raise ValueError(
             f"inputs must be one batch of every calibration window; got {len(inputs.hidden)} batches"
         )
+    for members in groups.values():
+        if len({plan[names[n]] for n in members}) > 1:
+            raise ValueError(
+                f"linears fed one input are quantized together, so they need one format; got "
+                f"{ {names[n]: plan[names[n]].format for n in members} }: list all of them in int8_layers or none"
+            )
     params = {
         f"{rel}.weight": cast(torch.Tensor, layer.get_submodule(rel).weight).detach().clone() for rel in names
     }
