@@ -1,6 +1,6 @@
 """Calibrated 4-bit: fp32 vs RTN / HQQ / GPTQ / AWQ / AWQ+GPTQ perplexity on three text domains (two never calibrated on), with calibration time.
 
-    flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--device cuda]
+    flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--groups 64] [--device cuda]
 
 The same suite is ``llmspeed.bench.calibration.run``; see docs/calibration.md for the numbers.
 """
@@ -23,11 +23,18 @@ def main() -> None:
     parser.add_argument(
         "--formats", default="int4,nf4,int8", help="comma-separated quantized formats to measure"
     )
+    parser.add_argument("--groups", default="64,128", help="comma-separated int4 group sizes to measure")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     formats = tuple(f for f in args.formats.split(",") if f)
+    groups = tuple(int(g) for g in args.groups.split(",") if g)
     rows = run(
-        device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress, formats=formats
+        device=args.device,
+        model=args.model,
+        quick=args.quick,
+        progress=not args.no_progress,
+        formats=formats,
+        groups=groups,
     )
     print(markdown_table(rows))
 

@@ -3,8 +3,9 @@ calibration saw the like of and on text of kinds it never saw, and at what calib
 
 Rows: fp32 (the baseline of every row), then round-to-nearest, HQQ, GPTQ, AWQ and AWQ+GPTQ at int4
 g64 and g128, the calibrated methods at NF4 g64, int8 round-to-nearest, GPTQ int4 g64 calibrated
-on the pydoc text alone (the default before the calibration mix) and AWQ+GPTQ int4 g64 with
-:data:`EXTRA_OPTIONS`, for comparison. Every calibrated
+on the pydoc text alone (the default before the calibration mix), AWQ+GPTQ int4 g64 with
+``damp=0.1``, and GPTQ and AWQ+GPTQ int4 g64 with the MLP down projections at int8
+(``int8_layers=SENSITIVE``, :data:`EXTRAS`). Every calibrated
 row uses the method's default options and the default calibration text
 (:func:`llmspeed.eval.calibration_mix`) unless its ``calibration`` column says otherwise.
 
@@ -16,8 +17,9 @@ Perplexity domains (:data:`DOMAINS`):
 * ``news``: IDLE's ``NEWS.txt``, a change log. Never used for calibration or tuning.
 
 Columns: perplexity per domain, its change vs fp32, ``spread`` (the largest minus the smallest of the
-three changes: a method whose cost does not depend on the text has a small spread), the calibration
-time (wall and CPU seconds; the machine may be shared, CPU seconds are the steadier number) and the
+three changes: a method whose cost does not depend on the text has a small spread), ``linear_MB``
+(bytes of the linear layers, packed weights, scales and zero points: what ``int8_layers`` costs), the
+calibration time (wall and CPU seconds; the machine may be shared, CPU seconds are the steadier number) and the
 1-minute load average when the row started.
 """
 
@@ -51,19 +53,31 @@ def domain_texts() -> dict[str, str]:
 
 
 Config = tuple[str, int | None, str, str, str]  # format, group, method, calibration, non-default options
-EXTRA_OPTIONS = {"damp": 0.1}  # one int4 g64 AWQ+GPTQ row with these, to compare against the default
+# The non-default settings a row may carry (its options column): quantize keyword arguments.
+EXTRAS: dict[str, dict[str, Any]] = {
+    "-": {},
+    "damp=0.1": {"method_options": {"damp": 0.1}},
+    "int8 down_proj": {"int8_layers": ["*.mlp.down_proj"]},
+}
 
 
-def configurations(quick: bool, formats: tuple[str, ...]) -> list[Config]:
-    """``(format, group, method, calibration, options)`` rows, the headline (AWQ+GPTQ int4 g64) first."""
+def configurations(
+    quick: bool, formats: tuple[str, ...], groups: tuple[int, ...] = (64, 128)
+) -> list[Config]:
+    """``(format, group, method, calibration, options)`` rows, the headline (AWQ+GPTQ int4 g64) first.
+
+    ``groups``: the int4 group sizes to measure (``quick``: 64 only); the comparison rows are g64 ones.
+    """
     rows: list[Config] = [("fp32", None, "-", "-", "-")]
-    for g in (64,) if quick else (64, 128):
+    for g in (64,) if quick else groups:
         rows += [("int4", g, m, "-", "-") for m in ("rtn", "hqq")]
         rows += [("int4", g, m, "mix", "-") for m in CALIBRATED]
+    rows += [("int4", 64, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
     if not quick:
         rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
-        rows += [("int8", None, "rtn", "-", "-"), ("int4", 64, "gptq", "pydoc", "-")]
-        rows += [("int4", 64, "awq+gptq", "mix", str(EXTRA_OPTIONS))]
+        rows += [("int8", None, "rtn", "-", "-")]
+        if 64 in groups:
+            rows += [("int4", 64, "gptq", "pydoc", "-"), ("int4", 64, "awq+gptq", "mix", "damp=0.1")]
     rows = [r for r in rows if r[0] == "fp32" or r[0] in formats]
     rows.sort(key=lambda r: (r != ("int4", 64, "awq+gptq", "mix", "-"), r[0] != "fp32"))
     return rows
@@ -76,11 +90,13 @@ def run(
     quick: bool = False,
     progress: bool = True,
     formats: tuple[str, ...] = ("int4", "nf4", "int8"),
+    groups: tuple[int, ...] = (64, 128),
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` with each method and measure perplexity on every domain; one row per configuration.
 
     ``quick`` keeps fp32 and the int4 g64 rows, calibrates on 32 sequences and scores 4 windows
-    per domain. ``formats`` limits the quantized rows (the fp32 baseline row is always measured).
+    per domain. ``formats`` limits the quantized rows (the fp32 baseline row is always measured);
+    ``groups`` the int4 group sizes.
     """
     unknown = set(formats) - {"int4", "nf4", "int8"}
     if unknown:
@@ -92,7 +108,7 @@ def run(
     texts = domain_texts()
     windows = {d: 4 if quick else n for d, n in WINDOWS.items()}
     options = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
-    configs = configurations(quick, formats)
+    configs = configurations(quick, formats, groups)
     rows: list[dict[str, Any]] = []
     for fmt, group, method, calibration, extra in configs:
         m = _load(model, device)
@@ -100,6 +116,8 @@ def run(
         load1 = os.getloadavg()[0]
         if fmt != "fp32":
             calibrated = method in CALIBRATED
+            settings = dict(EXTRAS[extra])
+            method_options = {**options, **settings.pop("method_options", {})} if calibrated else None
             t0, c0 = time.perf_counter(), time.process_time()
             llmspeed.quantize(
                 m,
@@ -107,7 +125,8 @@ def run(
                 group,
                 method=method,
                 calibration=pydoc_text("train") if calibration == "pydoc" else None,
-                method_options={**options, **(EXTRA_OPTIONS if extra != "-" else {})} if calibrated else None,
+                method_options=method_options,
+                **settings,
             )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row: dict[str, Any] = {
@@ -119,6 +138,7 @@ def run(
         }
         for d in DOMAINS:
             row[f"ppl_{d}"] = perplexity(m, texts[d], n_windows=windows[d])
+        row["linear_MB"] = round(llmspeed.memory_footprint(m)["linear"] / 1e6, 1)
         row.update(calib_wall_s=round(wall, 1), calib_cpu_s=round(cpu, 1), load_avg=round(load1, 1))
         rows.append(row)
         if progress:
@@ -140,7 +160,7 @@ def _with_changes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             new[f"ppl_{d}"] = r[f"ppl_{d}"]
             new[f"{d}_vs_fp32"] = f"{change[d]:+.1f}%"
         new["spread"] = f"{max(change.values()) - min(change.values()):.1f} pt"
-        new.update({k: r[k] for k in ("calib_wall_s", "calib_cpu_s", "load_avg")})
+        new.update({k: r[k] for k in ("linear_MB", "calib_wall_s", "calib_cpu_s", "load_avg") if k in r})
         new["baseline"] = "fp32 (same run)"
         out.append(new)
     fmt_order = ["fp32", "int4", "nf4", "int8"]

@@ -17,7 +17,7 @@ Layers, bottom up (each imports only those below it; a test checks the import gr
 from __future__ import annotations
 
 from . import primitives
-from .api import plan_layers, quantize
+from .api import SENSITIVE, plan_layers, quantize
 from .config import FORMATS, QuantConfig
 from .kernels import KERNELS, Kernel, register_kernel
 from .layout import QuantLayout
@@ -37,6 +37,7 @@ __all__ = [
     "save",
     "load",
     "plan_layers",
+    "SENSITIVE",
     "QuantConfig",
     "QuantLayout",
     "FORMATS",

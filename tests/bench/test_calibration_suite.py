@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import llmspeed
 from llmspeed.bench import calibration as C
 
 
@@ -14,6 +15,14 @@ def test_full_run_measures_every_method_the_issue_names():
     assert {("nf4", 64, m) for m in ("rtn", "gptq", "awq", "awq+gptq")} <= have
     assert ("fp32", None, "-") in have
     assert set(C.UNSEEN) < set(C.DOMAINS) and "pydoc" not in C.UNSEEN
+    assert {("int4", 64, m, "int8 down_proj") for m in ("gptq", "awq+gptq")} <= {(f, g, m, o) for f, g, m, _, o in rows}
+
+
+def test_the_int8_rows_use_the_documented_layers_and_groups_limit_the_rows():
+    assert C.EXTRAS["int8 down_proj"]["int8_layers"] == list(llmspeed.quant.SENSITIVE)
+    rows = C.configurations(quick=False, formats=("int4",), groups=(64,))
+    assert {g for f, g, *_ in rows if f == "int4"} == {64}
+    assert all(o in C.EXTRAS for *_, o in rows)
 
 
 def test_changes_and_spread_are_against_the_fp32_row():
