@@ -1,6 +1,6 @@
 """Calibrated 4-bit: fp32 vs RTN / HQQ / GPTQ / AWQ / AWQ+GPTQ perplexity on three text domains (two never calibrated on), with calibration time.
 
-    flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--groups 64] [--device cuda]
+    flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--groups 64] [--methods gptq,awq+gptq] [--device cuda]
 
 The same suite is ``llmspeed.bench.calibration.run``; see docs/calibration.md for the numbers.
 """
@@ -24,6 +24,7 @@ def main() -> None:
         "--formats", default="int4,nf4,int8", help="comma-separated quantized formats to measure"
     )
     parser.add_argument("--groups", default="64,128", help="comma-separated int4 group sizes to measure")
+    parser.add_argument("--methods", default="", help="comma-separated methods to measure (default: all)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     formats = tuple(f for f in args.formats.split(",") if f)
@@ -35,6 +36,7 @@ def main() -> None:
         progress=not args.no_progress,
         formats=formats,
         groups=groups,
+        methods=tuple(m for m in args.methods.split(",") if m) or None,
     )
     print(markdown_table(rows))
 

@@ -62,11 +62,15 @@ EXTRAS: dict[str, dict[str, Any]] = {
 
 
 def configurations(
-    quick: bool, formats: tuple[str, ...], groups: tuple[int, ...] = (64, 128)
+    quick: bool,
+    formats: tuple[str, ...],
+    groups: tuple[int, ...] = (64, 128),
+    methods: tuple[str, ...] | None = None,
 ) -> list[Config]:
     """``(format, group, method, calibration, options)`` rows, the headline (AWQ+GPTQ int4 g64) first.
 
     ``groups``: the int4 group sizes to measure (``quick``: 64 only); the comparison rows are g64 ones.
+    ``methods``: keep only the rows of these methods (and the fp32 baseline); ``None``: all.
     """
     rows: list[Config] = [("fp32", None, "-", "-", "-")]
     for g in (64,) if quick else groups:
@@ -78,7 +82,7 @@ def configurations(
         rows += [("int8", None, "rtn", "-", "-")]
         if 64 in groups:
             rows += [("int4", 64, "gptq", "pydoc", "-"), ("int4", 64, "awq+gptq", "mix", "damp=0.1")]
-    rows = [r for r in rows if r[0] == "fp32" or r[0] in formats]
+    rows = [r for r in rows if r[0] == "fp32" or (r[0] in formats and (methods is None or r[2] in methods))]
     rows.sort(key=lambda r: (r != ("int4", 64, "awq+gptq", "mix", "-"), r[0] != "fp32"))
     return rows
 
@@ -91,12 +95,13 @@ def run(
     progress: bool = True,
     formats: tuple[str, ...] = ("int4", "nf4", "int8"),
     groups: tuple[int, ...] = (64, 128),
+    methods: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` with each method and measure perplexity on every domain; one row per configuration.
 
     ``quick`` keeps fp32 and the int4 g64 rows, calibrates on 32 sequences and scores 4 windows
     per domain. ``formats`` limits the quantized rows (the fp32 baseline row is always measured);
-    ``groups`` the int4 group sizes.
+    ``groups`` the int4 group sizes, ``methods`` the methods (:func:`configurations`).
     """
     unknown = set(formats) - {"int4", "nf4", "int8"}
     if unknown:
@@ -108,7 +113,7 @@ def run(
     texts = domain_texts()
     windows = {d: 4 if quick else n for d, n in WINDOWS.items()}
     options = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
-    configs = configurations(quick, formats, groups)
+    configs = configurations(quick, formats, groups, methods)
     rows: list[dict[str, Any]] = []
     for fmt, group, method, calibration, extra in configs:
         m = _load(model, device)

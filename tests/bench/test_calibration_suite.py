@@ -23,6 +23,8 @@ def test_the_int8_rows_use_the_documented_layers_and_groups_limit_the_rows():
     rows = C.configurations(quick=False, formats=("int4",), groups=(64,))
     assert {g for f, g, *_ in rows if f == "int4"} == {64}
     assert all(o in C.EXTRAS for *_, o in rows)
+    only = C.configurations(quick=False, formats=("int4",), groups=(64,), methods=("gptq",))
+    assert {m for _, _, m, _, _ in only} == {"-", "gptq"} and ("fp32", None, "-", "-", "-") in only
 
 
 def test_changes_and_spread_are_against_the_fp32_row():
