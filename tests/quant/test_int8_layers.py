@@ -48,7 +48,9 @@ def test_int8_layers_are_int8_cost_bytes_and_lower_the_error(method, tmp_path):
             assert isinstance(module, expected), name
             assert module.config.method == method
     assert llmspeed.memory_footprint(mixed)["linear"] > llmspeed.memory_footprint(plain)["linear"]
-    err = {k: float((_logits(m, x) - ref).norm() / ref.norm()) for k, m in (("plain", plain), ("mixed", mixed))}
+    err = {
+        k: float((_logits(m, x) - ref).norm() / ref.norm()) for k, m in (("plain", plain), ("mixed", mixed))
+    }
     assert err["mixed"] < err["plain"], err
     llmspeed.save(mixed, tmp_path / "q")
     loaded = llmspeed.load(tmp_path / "q")
