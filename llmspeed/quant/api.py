@@ -185,6 +185,12 @@ def quantize(
     check_kernel(kernel, fmt, model.spec.device)
     if int8_layers:
         check_kernel(kernel, "int8", model.spec.device)
+        if entry.weight is not None:  # a per-weight method must quantize int8 too: find out before any change
+            try:
+                entry.weight(torch.zeros(1, 8), int8_config(config))
+            except ValueError as err:
+                raise ValueError(f"int8_layers needs a method that also quantizes int8; method={method!r} "
+                                 f"does not ({err})") from err  # fmt: skip
     if entry.needs_calibration and calibration is None:
         raise ValueError(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"

@@ -66,6 +66,7 @@ def test_int8_layers_are_int8_cost_bytes_and_lower_the_error(method, tmp_path):
         ("int4", "rtn", ["*.mlp.nothing"], "int8_layers pattern '\\*.mlp.nothing' matches no linear layer"),
         ("int4", "gptq", ["*.v_proj"], "linears fed one input are quantized together"),
         ("int4", "awq+gptq", ["*.up_proj"], "linears fed one input are quantized together"),
+        ("int4", "hqq", DOWN, "needs a method that also quantizes int8; method='hqq' does not"),
     ],
 )
 def test_bad_int8_layers_raise_before_anything_changes(fmt, method, int8_layers, match):
