@@ -182,9 +182,9 @@ def tune_model(layers, max_rows: int = 512, dtype: torch.dtype | None = None) ->
             continue
         device = module.qweight.device
         for m in buckets:
-            x = torch.randn(m, module.in_features, dtype=dtype or torch.float32, device=device)  # [bucket, in]
-            key = tuning.choice_key(module, x)
+            x = torch.empty(m, module.in_features, dtype=dtype or torch.float32, device=device)  # [bucket, in]
+            key = tuning.choice_key(module, x)  # shape and dtype only: filled below when it is timed
             if key not in seen:
                 seen.add(key)
-                auto_kernel(module, x)
+                auto_kernel(module, x.normal_())
     return len(seen)
