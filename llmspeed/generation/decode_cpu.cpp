@@ -14,6 +14,7 @@
 // at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py).
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 #include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
+#include "q4_int8.h"  // int8 activations (act_quant) and the int4 x int8 VNNI dot product
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -138,14 +140,20 @@ struct Linear {
   const float* bias;   // fp32 [N] or nullptr
   int64_t N, Kp, G;    // Kp: input width (4-bit: padded to whole groups); G: 4-bit group size
   float* y;            // [M, N]
-  at::Tensor xd, xs;   // 4-bit: x deinterleaved [M, Kp], its group sums [M, groups] (set per call)
+  bool act8 = false;   // int8 activations (QuantConfig.activations): the layer reads x as q * d
+  // set per call by gemv_group: the input this layer reads (x, or q * d), and for 4-bit weights x
+  // deinterleaved [M, Kp] with its group sums [M, groups], or, for int4 on VNNI, the chunked int8 codes
+  const float* x = nullptr;
+  at::Tensor xd, xs;
+  std::shared_ptr<ActChunks> chunks;
 };
 
 // w with its quantization state: float (scale, zero empty), int8 (scale [N]), int4 (uint8 [N, Kp/2],
 // scale and zero [N, groups]) or NF4 (uint8 [N, Kp/2], scale [N, groups], zero empty)
-Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& bias, float* y) {
+Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& bias, float* y,
+              bool act8 = false) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "fused decode: weights must be contiguous 2-D tensors");
-  Linear l{w.data_ptr(), Kind::F32, nullptr, nullptr, nullptr, w.size(0), w.size(1), 0, y, {}, {}};
+  Linear l{w.data_ptr(), Kind::F32, nullptr, nullptr, nullptr, w.size(0), w.size(1), 0, y, act8};
   switch (w.scalar_type()) {
     case at::kFloat: break;
     case at::kBFloat16: l.kind = Kind::BF16; break;
@@ -213,6 +221,26 @@ void gemv_rows_q4(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
   }
 }
 
+// int4 rows against int8 activation codes on VNNI (l.chunks, see q4_int8.h)
+void gemv_rows_q4_i8(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
+#ifdef LLMSPEED_VNNI
+  const int64_t groups = l.Kp / l.G, row_bytes = l.Kp / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(l.w);
+  float y4[4];
+  for (int64_t n = lo; n < hi;) {
+    const int64_t rows = hi - n >= 4 ? 4 : 1;  // 4 weight rows at once, read once from memory for every x row
+    for (int64_t m = 0; m < M; ++m) {
+      if (rows == 4) q4_rows_i8<4>(*l.chunks, m, w + n * row_bytes, row_bytes, l.G, l.scale + n * groups, l.zero + n * groups, y4);
+      else q4_rows_i8<1>(*l.chunks, m, w + n * row_bytes, row_bytes, l.G, l.scale + n * groups, l.zero + n * groups, y4);
+      for (int64_t r = 0; r < rows; ++r) l.y[m * l.N + n + r] = y4[r] + (l.bias ? l.bias[n + r] : 0.f);
+    }
+    n += rows;
+  }
+#else
+  TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
+#endif
+}
+
 // y = x . w^T (+ bias) of one linear on AMX tiles (see amx_tiles.h); false when this build or layout has
 // no tile path (no AMX, or 4-bit groups that are not whole 32-code tile steps).
 bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
@@ -243,10 +271,21 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
 #endif
 }
 
-// Every matrix of the group reads the same x [M, K]; all their rows form one parallel range. From
-// ``amx_rows`` rows up (0: never; fp32 weights, which take a split and three tile products, from twice as
-// many) each matrix is one AMX tile matmul instead, where the CPU has tiles.
+// Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
+// rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
+// three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
+// tiles. In the row loop, int4 weights with int8 activations and groups of whole 64-code chunks multiply
+// integer codes on VNNI (q4_int8.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
+  ActCodes codes;
+  std::vector<float> xq;  // q * d [M, K]
+  for (auto& l : group) {
+    if (l.act8 && xq.empty()) {
+      codes = act_quant(x, M, K);
+      xq = act_dequant(codes);
+    }
+    l.x = l.act8 ? xq.data() : x;
+  }
   if (amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable()) {
     bool tiles = true;
     for (const auto& l : group)
@@ -255,7 +294,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
     if (tiles) {
       for (const auto& l : group) {
         TORCH_CHECK(l.Kp >= K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
-        amx_linear(x, M, K, l);
+        amx_linear(l.x, M, K, l);
       }
       return;
     }
@@ -267,7 +306,11 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
     } else {
       TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
-      at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, torch::kFloat);
+      if (l.act8 && l.kind == Kind::INT4 && vnni_compiled() && l.G % 64 == 0) {
+        l.chunks = std::make_shared<ActChunks>(act_chunks(codes, l.Kp, l.G));
+        continue;
+      }
+      at::Tensor xt = torch::from_blob(const_cast<float*>(l.x), {M, K}, torch::kFloat);
       l.xd = deinterleave(xt, l.Kp);
       if (l.kind == Kind::INT4) l.xs = group_sums(l.xd, l.G);
     }
@@ -277,10 +320,13 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
     for (const auto& l : group) {
       int64_t lo = std::max(begin, base) - base, hi = std::min(end, base + l.N) - base;
       switch (l.kind) {
-        case Kind::F32: gemv_rows(x, M, K, l, static_cast<const float*>(l.w), lo, hi); break;
-        case Kind::BF16: gemv_rows(x, M, K, l, static_cast<const bf16*>(l.w), lo, hi); break;
-        case Kind::I8: gemv_rows(x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi); break;
-        case Kind::INT4: gemv_rows_q4<false>(M, l, lo, hi); break;
+        case Kind::F32: gemv_rows(l.x, M, K, l, static_cast<const float*>(l.w), lo, hi); break;
+        case Kind::BF16: gemv_rows(l.x, M, K, l, static_cast<const bf16*>(l.w), lo, hi); break;
+        case Kind::I8: gemv_rows(l.x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi); break;
+        case Kind::INT4:
+          if (l.chunks) gemv_rows_q4_i8(M, l, lo, hi);
+          else gemv_rows_q4<false>(M, l, lo, hi);
+          break;
         case Kind::NF4: gemv_rows_q4<true>(M, l, lo, hi); break;
       }
       base += l.N;
@@ -424,7 +470,8 @@ enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::Tensor key_cache,
                        at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
                        at::Tensor cos, at::Tensor sin, at::Tensor norm, std::vector<at::Tensor> lm_head, int64_t num_heads,
-                       double eps, double scale, std::vector<at::Tensor> lora, at::Tensor adapter_slot, int64_t amx_rows) {
+                       double eps, double scale, std::vector<at::Tensor> lora, at::Tensor adapter_slot, int64_t amx_rows,
+                       at::Tensor act8) {
   check_f32(hidden, "hidden");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
@@ -448,6 +495,9 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
   TORCH_CHECK(!has_lora || (adapter_slot.scalar_type() == at::kLong && adapter_slot.is_contiguous() &&
                             adapter_slot.numel() == n), "fused decode: adapter_slot must be int64 [n]");
   const int64_t* slot_of = has_lora ? adapter_slot.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(act8.numel() == 0 || (act8.scalar_type() == at::kBool && act8.is_contiguous() && act8.numel() == layers * 7 + 1),
+              "fused decode: act8 must be empty or bool [layers * 7 + 1]");
+  const bool* int8_acts = act8.numel() ? act8.data_ptr<bool>() : nullptr;
 
   at::Tensor h = hidden.clone();  // residual stream [n, E]
   std::vector<float> x(n * E), q(n * qw), k(n * kvw), v(n * kvw), att(n * qw), tmp(n * E), gate(n * I), up(n * I);
@@ -464,7 +514,7 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
                   l, " matrix ", j, " has ", w[FIRST_MATRIX + 3 * j].size(0), " rows, expected ", rows[j]);
     auto mat = [&](Matrix j, const at::Tensor& bias, float* y) {
       const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
-      return linear(m[0], m[1], m[2], bias, y);
+      return linear(m[0], m[1], m[2], bias, y, int8_acts && int8_acts[l * 7 + j]);
     };
     auto adapt = [&](Matrix j, const float* in, int64_t K, float* y) {  // + this layer's LoRA deltas of matrix j
       if (has_lora) lora_add(in, n, K, lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], slot_of, y, rows[j]);
@@ -506,8 +556,8 @@ at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::T
   rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());
   TORCH_CHECK(lm_head.size() == 3, "fused decode: lm_head is (weight, scale, zero)");
   at::Tensor logits = at::empty({n, lm_head[0].size(0)}, hidden.options());
-  gemv_group(x.data(), n, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>())},
-             amx_rows);
+  gemv_group(x.data(), n, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
+                                     int8_acts && int8_acts[layers * 7])}, amx_rows);
   return logits;
 }
 
@@ -535,15 +585,18 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor key, at::Tensor value, at::Tens
 }
 
 // y [M, N] = x [M, K] @ dequantized w [N, K]^T, w as in linear(): the decode GEMV alone (tests, benchmarks),
-// on AMX tiles from amx_rows rows up (0: never).
-at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero, int64_t amx_rows) {
+// on AMX tiles from amx_rows rows up (0: never), with int8 activations when act8.
+at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero, int64_t amx_rows, bool act8) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2, "gemv: x must be [M, K]");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, zero, at::Tensor(), y.data_ptr<float>())},
+  gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, zero, at::Tensor(), y.data_ptr<float>(), act8)},
              amx_rows);
   return y;
 }
 
 // Whether the GEMV groups can run on AMX tiles in this process (a CPU and build with AMX-BF16, granted by the OS).
 bool amx_usable() { return llmspeed_amx::usable(); }
+
+// Whether 4-bit rows with int8 activations multiply integer codes on VNNI in this build.
+bool vnni_usable() { return vnni_compiled(); }

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
 AMX_HEADER = Q4_HEADER.with_name("amx_tiles.h")  # the shared AMX tile matmul
+INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 x int8 VNNI dot product
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,8 +45,8 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv", "paged_decode", "amx_usable"],
-                           includes=[Q4_HEADER, AMX_HEADER])
+    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "gemv", "paged_decode", "amx_usable", "vnni_usable"],
+                           includes=[Q4_HEADER, AMX_HEADER, INT8_HEADER])
 
 
 def extension() -> ModuleType | None:
@@ -62,6 +63,13 @@ def amx_available() -> bool:
     """Whether the fused step can run its matrices on AMX tiles here (see :attr:`FusedDecode.amx_rows`)."""
     ext = extension()
     return ext is not None and bool(ext.amx_usable())
+
+
+def int8_dot_available() -> bool:
+    """Whether int4 layers with int8 activations (``quantize(..., activations="int8")``, groups of whole
+    64-code chunks) multiply integer codes on AVX-512 VNNI here; elsewhere they compute on ``q * d`` in fp32."""
+    ext = extension()
+    return ext is not None and bool(ext.vnni_usable())
 
 
 QUANT_FORMATS = ("int8", "int4", "nf4")
@@ -85,6 +93,11 @@ def _fusable(module: Any) -> bool:
     if not layout.four_bit:
         return module.qweight.dtype == torch.int8
     return module.qweight.dtype == torch.uint8 and layout.tiles_of(TILE)
+
+
+def _int8_activations(module: Any) -> bool:
+    """Whether a linear :func:`_fusable` accepts reads its input as int8 codes (``QuantConfig.activations``)."""
+    return getattr(getattr(module, "config", None), "activations", "float") == "int8"
 
 
 def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -201,6 +214,7 @@ class _Snapshot:
         self.checks.append((body, "norm", body.norm))
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.weights: list[torch.Tensor] = []
+        act8: list[bool] = []  # per matrix (layer by layer, _MATRICES order), then the head
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
@@ -215,6 +229,7 @@ class _Snapshot:
                     self.checks.append((module, "base_layer", module.base_layer))
                     module = module.base_layer
                 parts[name] = self._read(module)
+                act8.append(_int8_activations(module))
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
@@ -227,6 +242,8 @@ class _Snapshot:
             self.weights += [_f32(ln1), _f32(ln2)] + [_f32(b) for b in biases] + [_f32(t) for t in qk_norms]
             self.weights += [_opt(t) for n in _MATRICES for t in parts[n]]
         self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
+        act8.append(_int8_activations(hf.lm_head))
+        self.act8 = torch.tensor(act8) if any(act8) else torch.empty(0, dtype=torch.bool)  # [layers * 7 + 1]
         self.layout = [(t.data_ptr(), t.dtype) for t in self.sources]
         self.norm = _f32(body.norm.weight)
         self._stack_adapters(body)
@@ -373,4 +390,5 @@ class FusedDecode:
                 float(body.layers[0].self_attn.scaling),
                 snap.lora, snap.adapter_slots(names),
                 self.amx_rows,
+                snap.act8,
             )  # fmt: skip

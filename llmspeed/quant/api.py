@@ -142,6 +142,7 @@ def quantize(
     method_options: dict[str, Any] | None = None,
     symmetric: bool | None = None,
     int8_layers: Sequence[str] | None = None,
+    activations: str = "float",
 ) -> CausalLM:
     """Quantize ``model``'s linear layers in place and return the model.
 
@@ -165,6 +166,9 @@ def quantize(
             (per output channel, same method) instead, as llama.cpp's ``Q4_K_M`` keeps some tensors at
             more bits. :data:`SENSITIVE` names the layers docs/calibration.md measured as costing the most
             at 4 bits. They cost more bytes (``llmspeed.memory_footprint(model)["linear"]``).
+        activations: ``"float"`` (default) or ``"int8"``: dynamic int8 activations in blocks of 32 input
+            channels (:class:`~llmspeed.quant.QuantConfig`), which the fused CPU decode step multiplies as
+            integers against int4 codes (AVX-512 VNNI); docs/quantization.md gives the accuracy cost.
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
@@ -174,7 +178,7 @@ def quantize(
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE.get(fmt)
-    config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric)
+    config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric, activations=activations)
     check_kernel_name(kernel, fmt)
     entry = get_method(method)
     if fmt == "int4" and config.symmetric and not entry.symmetric:

@@ -14,6 +14,8 @@ FORMATS = ("int8", "int4", "nf4")
 # group_size used when the caller does not pass one; None means one group per output row.
 DEFAULT_GROUP_SIZE: dict[str, int | None] = {"int8": None, "int4": 64, "nf4": 64}
 DQ_BLOCK = 256  # NF4 double quantization: scales per block of second-level quantization
+ACTIVATIONS = ("float", "int8")
+ACT_BLOCK = 32  # int8 activations: input channels per activation scale
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class QuantConfig:
         act_order: int4 only: the packed input columns are a permutation of the layer's (a GPTQ
             ``desc_act`` checkpoint whose ``g_idx`` groups columns out of order); the module holds
             ``perm`` int64 ``[in]`` and gathers its input through it before the kernel.
+        activations: ``"float"`` (default): the layer multiplies its input as given. ``"int8"``: dynamic
+            int8 activations, as llama.cpp's Q8_0 activations and torchao's dynamic-activation configs:
+            every block of :data:`ACT_BLOCK` input channels of each row is rounded to 255 levels of its
+            absmax before the matmul (``primitives.quantize_activations``), so CPU kernels can multiply
+            integer codes (AVX-512 VNNI); accuracy cost in docs/quantization.md.
     """
 
     format: str
@@ -45,6 +52,7 @@ class QuantConfig:
     kernel: str = "auto"
     symmetric: bool | None = None
     act_order: bool = False
+    activations: str = "float"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -78,6 +86,8 @@ class QuantConfig:
             raise ValueError(f"act_order must be a bool; got {self.act_order!r}")
         if self.act_order and self.format != "int4":
             raise ValueError(f"act_order (permuted input columns) is only defined for int4; got {self.format!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {list(ACTIVATIONS)}; got {self.activations!r}")
         for name in ("method", "kernel"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a name (str); got {getattr(self, name)!r}")
@@ -91,7 +101,7 @@ class QuantConfig:
         """Rebuild a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
         if not isinstance(data, dict):
             raise ValueError(f"quantization config must be a dict; got {type(data).__name__}")
-        known = {"format", "group_size", "double_quant", "method", "kernel", "symmetric", "act_order"}
+        known = {"format", "group_size", "double_quant", "method", "kernel", "symmetric", "act_order", "activations"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(

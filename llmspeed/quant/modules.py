@@ -66,6 +66,7 @@ class QuantizedLinearBase(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._permuted = config.act_order  # Int4Linear registers ``perm`` [in] when set
+        self._int8_activations = config.activations == "int8"
         self._kernels: dict[tuple, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {}  # (dtype, device, rows bucket) -> (bound kernel, any leading dims)
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
 
@@ -129,6 +130,9 @@ class QuantizedLinearBase(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # (QLoRA: bf16 compute over the 4-bit base)
         if self._permuted:  # GPTQ act-order: packed column j holds input column perm[j]
             x = x.index_select(-1, self.perm)  # [..., in]
+        if self._int8_activations:  # dynamic int8 activations; straight-through gradient
+            q = P.quantize_activations(x)  # [..., in]
+            x = q if not x.requires_grad else x + (q - x).detach()
         if x.requires_grad and torch.is_grad_enabled():
             y = _QuantMatmul.apply(x, self)
         else:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import DQ_BLOCK
+from .config import ACT_BLOCK, DQ_BLOCK
 
 # NormalFloat-4 (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0.
 NF4_CODEBOOK = torch.tensor(
@@ -169,6 +169,20 @@ def double_dequantize(q: torch.Tensor, block_scale: torch.Tensor, offset: torch.
 
 
 # --- nibble packing ----------------------------------------------------------------------------
+def quantize_activations(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:  # [..., K], x's dtype
+    """Dynamic int8 activations (``QuantConfig(activations="int8")``), returned dequantized.
+
+    Each block of ``block`` consecutive channels of each row (the last one zero-padded) gets
+    ``d = absmax / 127`` and becomes ``round(x / d) * d`` (half to even; 0 where ``d == 0``): the values
+    a kernel multiplying int8 codes ``round(x / d)`` by the weight's codes and rescaling by ``d`` sees.
+    """
+    k = x.shape[-1]
+    xf = F.pad(x.float(), (0, -k % block)).unflatten(-1, (-1, block))  # [..., K / block, block]
+    d = xf.abs().amax(-1, keepdim=True) / 127  # [..., K / block, 1]
+    q = torch.round(xf / torch.where(d > 0, d, 1.0))  # [-127, 127]
+    return (q * d).flatten(-2)[..., :k].to(x.dtype)
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:  # [..., n / 2] uint8
     """Pack 4-bit codes (uint8 in [0, 15], even last axis): element 2j low nibble, 2j+1 high nibble."""
     if codes.shape[-1] % 2:

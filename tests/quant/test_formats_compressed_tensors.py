@@ -215,6 +215,7 @@ def test_package_written_folder_loads_bit_identical(tmp_path, bits, group, sym):
         (lambda m: llmspeed.quantize(m, "nf4"), "NF4.*format='int4'"),
         (lambda m: llmspeed.quantize(m, "int4", method="hqq"), "fractional zero points.*method='rtn'"),
         (lambda m: (llmspeed.quantize(m, "int4"), lora.add_adapter(m, "a", r=2)), "LoRA.*save_adapter"),
+        (lambda m: llmspeed.quantize(m, "int4", activations="int8"), "activations='int8'.*activations='float'"),
         (lambda m: None, "no quantized layer"),
     ],
 )

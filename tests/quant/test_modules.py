@@ -178,3 +178,26 @@ def test_act_order_int4_gathers_its_input_through_perm():
     assert torch.allclose(x.grad, w.sum(0).expand(3, -1), atol=1e-5)
     with pytest.raises(ValueError, match="act_order .* only defined for int4"):
         QuantConfig("nf4", 16, act_order=True)
+
+
+@pytest.mark.parametrize("config", [QuantConfig("int4", 64, activations="int8"), QuantConfig("int8", activations="int8"),
+                                    QuantConfig("nf4", 32, activations="int8")], ids=str)  # fmt: skip
+def test_int8_activations_multiply_the_rounded_input(config):
+    """activations="int8": the layer computes quantize_activations(x) @ dequantize().T, and gradients pass through."""
+    lin = _linear(k=100, n=24)
+    q = module_class(config.format).from_linear(lin, config)
+    plain = module_class(config.format).from_linear(lin, QuantConfig(config.format, config.group_size))
+    x = torch.randn(3, 5, 100, requires_grad=True)
+    y = q(x)
+    ref = P.quantize_activations(x.detach()) @ q.dequantize().T + lin.bias.detach()
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert not torch.allclose(y, plain(x), atol=1e-6)  # the rounding is there
+    y.sum().backward()  # straight-through: the float layer's gradient
+    assert torch.allclose(x.grad, q.dequantize().sum(0).expand(3, 5, -1), atol=1e-5)
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    assert QuantConfig.from_dict({"format": "int4"}).activations == "float"  # files written before the field
+
+
+def test_bad_activations_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"activations must be one of \['float', 'int8'\]; got 'int4'"):
+        QuantConfig("int4", activations="int4")

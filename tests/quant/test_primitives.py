@@ -86,3 +86,33 @@ def test_pad_columns_adds_zeros_on_the_right():
     w = torch.ones(2, 5)
     p = P.pad_columns(w, 8)
     assert p.shape == (2, 8) and torch.equal(p[:, :5], w) and not p[:, 5:].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 5),
+    k=st.integers(1, 130),
+    scale=st.floats(1e-3, 1e3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_int8_activations_round_each_block_of_32_to_its_absmax_grid(seed, rows, k, scale, dtype):
+    """quantize_activations: 255 levels of each 32-channel block's absmax, half a step of error at most."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, k, generator=g) * scale).to(dtype)
+    x[0, : min(k, 32)] = 0  # an all-zero block stays exactly zero
+    y = P.quantize_activations(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(P.quantize_activations(y), y)  # idempotent: already on the grid
+    xf, yf = x.float(), y.float()
+    assert not yf[0, : min(k, 32)].any()
+    for b in range(0, k, 32):
+        blk, out = xf[:, b : b + 32], yf[:, b : b + 32]
+        d = blk.abs().amax(-1, keepdim=True) / 127
+        codes = out / torch.where(d > 0, d, 1)
+        if dtype == torch.float32:
+            assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 127 + 1e-3
+            assert ((out - blk).abs() <= d / 2 * (1 + 1e-5) + 1e-30).all()
+        else:  # rounded to bf16 afterwards
+            assert ((out - blk).abs() <= d / 2 + blk.abs() / 128 + 1e-30).all()

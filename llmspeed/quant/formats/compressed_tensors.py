@@ -64,6 +64,11 @@ def _refusal(name: str, module: nn.Module) -> str | None:
         return (
             f"layer {name!r} has permuted input columns (a GPTQ desc_act checkpoint); keep format='llmspeed'"
         )
+    if cfg.activations != "float":
+        return (
+            f"layer {name!r} has activations={cfg.activations!r} (llmspeed's dynamic int8 activations in blocks of "
+            f"32), which this export does not describe to vLLM; quantize with activations='float' for export"
+        )
     g = cfg.group_size
     if g is not None and module.in_features % g:
         return (
