@@ -10,8 +10,9 @@ in fp32, bf16, int8 and int4 g64. Both use the same number of threads.
 Per format: the batch-1 decode step at a 128-token context (median of ``steps``), the prompt
 evaluation of 256 tokens from a fresh state (tok/s, median of 3), the bytes of the weights, and the
 perplexity of both on the same pydoc evaluation windows (llama.cpp scores them with ``logits_all``).
-llmspeed also reports the decode step with 8 sequences running; llama-cpp-python's high-level API
-decodes one sequence, so that row has no anchor. A llama.cpp format that crashes (a native build's AMX
+Both also report the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
+slot per prompt). Variants only llmspeed has (an int8 output head, int8 activations) are compared with
+the llama.cpp row of their base format. A llama.cpp format that crashes (a native build's AMX
 weight layout does on some CPUs) is run again without llama.cpp's extra buffer types, and its row says so.
 """
 
@@ -33,10 +34,14 @@ from ..precision import cast
 from ..quant import quantize
 from .steps import decode_step_ms
 
-# llmspeed format -> (llama.cpp type name, llama_ftype value of llama.h); None: an llmspeed-only row
-FORMATS: dict[str, tuple[str, int] | None] = {"fp32": ("F32", 0), "bf16": ("F16", 1), "int8": ("Q8_0", 7),
-                                              "int4": ("Q4_0", 2), "int8, int8 lm_head": None,
-                                              "int4, int8 lm_head": None}
+# llmspeed format -> (llama.cpp type name, llama_ftype value of llama.h), or, for an llmspeed-only variant,
+# the format whose llama.cpp row it is compared with
+FORMATS: dict[str, tuple[str, int] | str] = {
+    "fp32": ("F32", 0), "bf16": ("F16", 1), "int8": ("Q8_0", 7), "int4": ("Q4_0", 2),
+    "int8, int8 lm_head": "int8", "int4, int8 lm_head": "int4",
+    "int4, int8 activations, int8 lm_head": "int4",
+}  # fmt: skip
+SEQS = 8  # sequences of the batched decode rows
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
 
 
@@ -109,6 +114,7 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
         llm.eval([token])
         decode.append((time.perf_counter() - start) * 1e3)
     del llm
+    decode8 = _llama_decode_rows(path, [prompt[i : i + 128] for i in range(SEQS)], prompt[128:], threads, steps)
     scorer = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                    logits_all=True, verbose=False)  # fmt: skip
     losses = []
@@ -118,7 +124,47 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
         logits = torch.from_numpy(np.array(scorer.scores[: len(window)], dtype=np.float32))  # [W, V]
         losses.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:])).item())
     return {"decode ms": statistics.median(decode), "prefill tok/s": statistics.median(prefill),
-            "MB": path.stat().st_size / 1e6, "perplexity": math.exp(statistics.fmean(losses))}  # fmt: skip
+            "MB": path.stat().st_size / 1e6, "perplexity": math.exp(statistics.fmean(losses)),
+            "decode ms, 8 sequences": decode8}  # fmt: skip
+
+
+def _llama_decode_rows(path: Path, prompts: list[list[int]], tokens: list[int], threads: int, steps: int) -> float:
+    """Median ms of llama.cpp decode steps with ``len(prompts)`` sequences running, one token each per step.
+
+    llama-cpp-python's ``Llama`` decodes one sequence, so this drives llama.cpp's own batch API: one context
+    with a sequence slot per prompt, all prompts prefilled, then batches of one token per sequence (the
+    model defaults as patched by the caller, so a run without extra buffer types stays without them).
+    """
+    import llama_cpp
+
+    n = len(prompts)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_seq_max, params.n_batch, params.n_ubatch = 512 * n, n, 512 * n, 512
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(512 * n, 0, 1)
+    try:
+        def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, logits)
+            batch.n_tokens = len(entries)
+            for i, (token, pos, seq, logits) in enumerate(entries):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+                batch.seq_id[i][0] = seq
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            llama_cpp.llama_synchronize(ctx)
+
+        decode([(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)])
+        times = []
+        for step in range(steps):
+            start = time.perf_counter()
+            decode([(tokens[step + s], len(ids) + step, s, True) for s, ids in enumerate(prompts)])
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return statistics.median(times)
 
 
 def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
@@ -141,17 +187,16 @@ def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, t
 
 
 def _llmspeed_model(fmt: str):
+    """The embedded model in ``fmt``: a FORMATS key, whose parts after the first are options."""
     model = smollm2()
-    if fmt == "bf16":
+    base, *options = fmt.split(", ")
+    if base == "bf16":
         cast(model, "bf16")
-    elif fmt.startswith("int8"):
-        quantize(model, "int8")
-    elif fmt.startswith("int4"):
-        quantize(model, "int4", group_size=64)
-    if fmt.endswith("int8 lm_head"):  # the output head is 113 MB of fp32 by default: half of what int4 decode reads
-        from ..quant import Int8Linear
-
-        model.replace_linear("lm_head", Int8Linear.from_linear(model.module.get_submodule("lm_head")))
+    elif base in ("int8", "int4"):
+        # the output head is 113 MB of fp32 by default: half of what int4 decode reads
+        head = {"skip": [], "int8_layers": ["lm_head"] if base == "int4" else None} if "int8 lm_head" in options else {}
+        acts = "int8" if "int8 activations" in options else "float"
+        quantize(model, base, group_size=64 if base == "int4" else None, activations=acts, **head)
     return model
 
 
@@ -172,6 +217,15 @@ def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int) 
             "decode ms, 8 sequences": decode_step_ms(model, [prompt[i : i + 128] for i in range(8)], steps)[0]}  # fmt: skip
 
 
+def _ratios(ours: dict[str, Any], theirs: dict[str, Any], against: str) -> dict[str, Any]:
+    """llmspeed over llama.cpp: decode time at 1 and 8 sequences (lower is better) and prefill tok/s."""
+    return {"against": against,
+            "decode llmspeed / llama.cpp": round(ours["decode ms"] / theirs["decode ms"], 2),
+            "decode, 8 seqs, llmspeed / llama.cpp": round(ours["decode ms, 8 sequences"] / theirs["decode ms, 8 sequences"], 2),
+            "prefill llmspeed / llama.cpp": round(ours["prefill tok/s"] / theirs["prefill tok/s"], 2),
+            "ppl llmspeed / llama.cpp": round(ours["perplexity"] / theirs["perplexity"], 4)}  # fmt: skip
+
+
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """One row per format: llmspeed and llama.cpp side by side, with the ratios the issue asks for."""
     if device != "cpu" or model != "smollm2":
@@ -180,19 +234,25 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     steps, n_windows = (16, 2) if quick else (32, 8)
     missing = llama_cpp_missing()
     rows = []
+    measured: dict[str, dict[str, Any]] = {}  # llama.cpp's numbers by llmspeed format, for the variants
     for fmt, anchor in FORMATS.items():
         m = _llmspeed_model(fmt)
         prompt = _ids(m, 400)
         windows = torch.tensor(_ids(m, 256 * n_windows)).view(n_windows, 256)  # the same token windows for both
         with torch.inference_mode():
             ours = _llmspeed_rows(m, prompt, windows, steps)
-        row: dict[str, Any] = {"format": f"{fmt} / {anchor[0]}" if anchor else fmt, "threads": threads,
+        name = f"{fmt} / {anchor[0]}" if isinstance(anchor, tuple) else f"{fmt} (llmspeed only)"
+        row: dict[str, Any] = {"format": name, "threads": threads,
                                "llmspeed decode ms": round(ours["decode ms"], 2),
                                "llmspeed decode ms, 8 seqs": round(ours["decode ms, 8 sequences"], 2),
                                "llmspeed prefill tok/s": round(ours["prefill tok/s"]),
                                "llmspeed MB": round(ours["MB"]), "llmspeed ppl": round(ours["perplexity"], 3)}  # fmt: skip
-        if anchor is None:
-            row["llama.cpp"] = "(no row: llmspeed only)"
+        if isinstance(anchor, str):  # an llmspeed-only variant: its ratios against the base format's anchor
+            theirs = measured.get(anchor)
+            if theirs is not None:
+                row.update(_ratios(ours, theirs, f"{anchor} / {FORMATS[anchor][0]}"))  # type: ignore[index]
+            else:
+                row["llama.cpp"] = f"no {anchor} anchor in this run"
         elif missing is None:
             path = requantized(*anchor, threads)
             try:
@@ -205,11 +265,12 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
                     row["llama.cpp"] = f"{err}; without extra buffer types too ({again})"
                     rows.append(row)
                     continue
+            measured[fmt] = theirs
             row.update({"llama.cpp decode ms": round(theirs["decode ms"], 2),
+                        "llama.cpp decode ms, 8 seqs": round(theirs["decode ms, 8 sequences"], 2),
                         "llama.cpp prefill tok/s": round(theirs["prefill tok/s"]),
-                        "llama.cpp MB": round(theirs["MB"]), "llama.cpp ppl": round(theirs["perplexity"], 3),
-                        "decode llmspeed / llama.cpp": round(ours["decode ms"] / theirs["decode ms"], 2),
-                        "prefill llmspeed / llama.cpp": round(ours["prefill tok/s"] / theirs["prefill tok/s"], 2)})  # fmt: skip
+                        "llama.cpp MB": round(theirs["MB"]), "llama.cpp ppl": round(theirs["perplexity"], 3)})  # fmt: skip
+            row.update(_ratios(ours, theirs, "same row"))
         else:
             row["llama.cpp"] = f"skipped: {missing}"
         rows.append(row)

@@ -24,5 +24,20 @@ def test_it_compares_the_embedded_model_on_the_cpu_only():
 
 
 def test_every_format_maps_to_the_llama_cpp_type_of_the_same_width():
-    anchors = {k: v[0] for k, v in cpu_peers.FORMATS.items() if v is not None}
+    anchors = {k: v[0] for k, v in cpu_peers.FORMATS.items() if isinstance(v, tuple)}
     assert anchors == {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
+    variants = {k: v for k, v in cpu_peers.FORMATS.items() if isinstance(v, str)}
+    assert variants and all(k.split(", ")[0] == v and v in anchors for k, v in variants.items())
+
+
+def test_variants_build_what_their_names_say():
+    """Regression guard for the llmspeed-only rows: the head and the activations are what the row claims."""
+    from llmspeed.quant import Int4Linear, Int8Linear
+
+    model = cpu_peers._llmspeed_model("int4, int8 activations, int8 lm_head")
+    layers = dict(model.linear_layers())
+    assert isinstance(layers["lm_head"], Int8Linear)
+    assert all(isinstance(m, Int4Linear) and m.config.activations == "int8" and m.config.group_size == 64
+               for n, m in layers.items() if n != "lm_head")  # fmt: skip
+    plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())
+    assert type(plain["lm_head"]).__name__ == "Linear" and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
