@@ -226,13 +226,20 @@ void gemv_rows_q4_i8(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
 #ifdef LLMSPEED_VNNI
   const int64_t groups = l.Kp / l.G, row_bytes = l.Kp / 2;
   const uint8_t* w = static_cast<const uint8_t*>(l.w);
-  float y4[4];
+  float t[4 * 4];  // [x rows, weight rows]
   for (int64_t n = lo; n < hi;) {
-    const int64_t rows = hi - n >= 4 ? 4 : 1;  // 4 weight rows at once, read once from memory for every x row
-    for (int64_t m = 0; m < M; ++m) {
-      if (rows == 4) q4_rows_i8<4>(*l.chunks, m, w + n * row_bytes, row_bytes, l.G, l.scale + n * groups, l.zero + n * groups, y4);
-      else q4_rows_i8<1>(*l.chunks, m, w + n * row_bytes, row_bytes, l.G, l.scale + n * groups, l.zero + n * groups, y4);
-      for (int64_t r = 0; r < rows; ++r) l.y[m * l.N + n + r] = y4[r] + (l.bias ? l.bias[n + r] : 0.f);
+    const int64_t rows = hi - n >= 4 ? 4 : 1;  // weight rows at once: read once from memory for every x row
+    const uint8_t* wn = w + n * row_bytes;
+    const float *sn = l.scale + n * groups, *zn = l.zero + n * groups;
+    for (int64_t m = 0; m < M;) {
+      const int64_t xs = M - m >= 4 ? 4 : 1;
+      if (rows == 4 && xs == 4) q4_rows_i8<4, 4>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
+      else if (rows == 4) q4_rows_i8<4, 1>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
+      else if (xs == 4) q4_rows_i8<1, 4>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
+      else q4_rows_i8<1, 1>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
+      for (int64_t i = 0; i < xs; ++i)
+        for (int64_t r = 0; r < rows; ++r) l.y[(m + i) * l.N + n + r] = t[i * 4 + r] + (l.bias ? l.bias[n + r] : 0.f);
+      m += xs;
     }
     n += rows;
   }
@@ -271,22 +278,34 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
 #endif
 }
 
+// Whether the row loop multiplies this layer's int4 codes by int8 activation codes (q4_int8.h).
+bool vnni_rows(const Linear& l) { return l.act8 && l.kind == Kind::INT4 && vnni_compiled() && l.G % 64 == 0; }
+constexpr int64_t VNNI_TILE_ROWS = 16;
+
+ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
+#ifdef LLMSPEED_VNNI
+  return act_chunks(x, M, K, Kp, G);
+#else
+  TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
+#endif
+}  // from this many rows, such layers too run on AMX tiles
+
 // Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
 // rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
 // three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
 // tiles. In the row loop, int4 weights with int8 activations and groups of whole 64-code chunks multiply
 // integer codes on VNNI (q4_int8.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
-  ActCodes codes;
-  std::vector<float> xq;  // q * d [M, K]
+  bool int8_codes = true;  // every matrix multiplies int8 activation codes on VNNI in the row loop
+  for (const auto& l : group) int8_codes = int8_codes && vnni_rows(l);
+  // the VNNI row loop unpacks each chunk once for 4 rows: ahead of the tiles' bf16 decode up to 16 rows
+  const bool tiles_wanted = amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable() && !(int8_codes && M < VNNI_TILE_ROWS);
+  std::vector<float> xq;  // q * d [M, K], for the members with int8 activations that multiply floats
   for (auto& l : group) {
-    if (l.act8 && xq.empty()) {
-      codes = act_quant(x, M, K);
-      xq = act_dequant(codes);
-    }
-    l.x = l.act8 ? xq.data() : x;
+    if (l.act8 && xq.empty() && (tiles_wanted || !vnni_rows(l))) xq = act_dequant(act_quant(x, M, K));
+    l.x = l.act8 && !xq.empty() ? xq.data() : x;
   }
-  if (amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable()) {
+  if (tiles_wanted) {
     bool tiles = true;
     for (const auto& l : group)
       tiles = tiles && (l.kind != Kind::INT4 && l.kind != Kind::NF4 || l.G % 32 == 0) &&
@@ -306,8 +325,10 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
     } else {
       TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
-      if (l.act8 && l.kind == Kind::INT4 && vnni_compiled() && l.G % 64 == 0) {
-        l.chunks = std::make_shared<ActChunks>(act_chunks(codes, l.Kp, l.G));
+      if (vnni_rows(l)) {  // int8 codes chunked for this padded width and group, shared by the group's matrices
+        for (const auto& o : group)
+          if (o.chunks && o.Kp == l.Kp && o.G == l.G) l.chunks = o.chunks;
+        if (!l.chunks) l.chunks = std::make_shared<ActChunks>(vnni_chunks(x, M, K, l.Kp, l.G));
         continue;
       }
       at::Tensor xt = torch::from_blob(const_cast<float*>(l.x), {M, K}, torch::kFloat);

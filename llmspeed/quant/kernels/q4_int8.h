@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
 #define LLMSPEED_VNNI 1
 #endif
 
@@ -73,73 +73,110 @@ struct ActChunks {
   int64_t Kp = 0;
 };
 
-inline ActChunks act_chunks(const ActCodes& a, int64_t Kp, int64_t G) {
+#ifdef LLMSPEED_VNNI
+// The chunked codes of x [M, K] over Kp, 64 channels a step: the codes of act_quant (the same fp32
+// division, rounded half to even by the conversion).
+inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
   ActChunks c;
   c.Kp = Kp;
-  const int64_t chunks = Kp / 64, groups = Kp / G, width = a.Kb * ACT_BLOCK;
-  c.q.assign(a.M * Kp, 0);
-  c.dv.assign(a.M * chunks * 16, 0.f);
-  c.sum.assign(a.M * groups, 0.f);
-  for (int64_t m = 0; m < a.M; ++m) {
-    const int8_t* src = a.q.data() + m * width;
-    const float* d = a.d.data() + m * a.Kb;
+  const int64_t chunks = Kp / 64, groups = Kp / G;
+  c.q.resize(M * Kp);
+  c.dv.resize(M * chunks * 16);
+  c.sum.assign(M * groups, 0.f);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
     for (int64_t ch = 0; ch < chunks; ++ch) {
-      int8_t* dst = c.q.data() + m * Kp + ch * 64;
-      for (int64_t j = 0; j < 32; ++j) {
-        const int64_t e = ch * 64 + 2 * j;
-        dst[j] = e < width ? src[e] : 0;
-        dst[32 + j] = e + 1 < width ? src[e + 1] : 0;
+      __m512i q[4];
+      float d[2];
+      for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 32 channels
+        __m512 v[2];
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k = ch * 64 + b * 32 + h * 16;
+          const __mmask16 in = K - k >= 16 ? 0xFFFF : K > k ? static_cast<__mmask16>((1u << (K - k)) - 1) : 0;
+          v[h] = _mm512_maskz_loadu_ps(in, r + k);
+        }
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v[0], absmask), _mm512_and_ps(v[1], absmask)));
+        d[b] = amax / 127.f;
+        const __m512 div = _mm512_set1_ps(d[b] > 0.f ? d[b] : 1.f);
+        q[2 * b] = _mm512_cvtps_epi32(_mm512_div_ps(v[0], div));
+        q[2 * b + 1] = _mm512_cvtps_epi32(_mm512_div_ps(v[1], div));
+        c.sum[m * groups + (ch * 64 + b * 32) / G] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q[2 * b], q[2 * b + 1]))) * d[b];
       }
-      for (int64_t lane = 0; lane < 16; ++lane) {
-        const int64_t b = 2 * ch + ((lane >> 2) & 1);
-        c.dv[(m * chunks + ch) * 16 + lane] = b < a.Kb ? d[b] : 0.f;
-      }
-    }
-    for (int64_t b = 0; b < a.Kb; ++b) {
-      int32_t s = 0;
-      for (int64_t k = 0; k < ACT_BLOCK; ++k) s += src[b * ACT_BLOCK + k];
-      c.sum[m * groups + b * ACT_BLOCK / G] += static_cast<float>(s) * d[b];
+      auto* dst = reinterpret_cast<__m128i*>(c.q.data() + m * Kp + ch * 64);  // [evens b0 | evens b1 | odds b0 | odds b1]
+      _mm_storeu_si128(dst, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[0], even, q[1])));
+      _mm_storeu_si128(dst + 1, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[2], even, q[3])));
+      _mm_storeu_si128(dst + 2, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[0], odd, q[1])));
+      _mm_storeu_si128(dst + 3, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[2], odd, q[3])));
+      const __m512 lanes = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1]));
+      _mm512_storeu_ps(c.dv.data() + (m * chunks + ch) * 16, lanes);
     }
   }
   return c;
 }
 
-#ifdef LLMSPEED_VNNI
-// y[r] = sum_k (q * d)[m, k] * s[r, g] * (c[r, k] - z[r, g]) for NR consecutive packed int4 weight rows
-// (w: row_bytes apart; scale and zero [NR, groups] rows; groups of G channels, G % 64 == 0) and row m of the
-// chunked activations. The NR rows share each chunk's activation loads and run as independent chains.
-template <int NR>
-inline void q4_rows_i8(const ActChunks& a, int64_t m, const uint8_t* w, int64_t row_bytes, int64_t G,
-                       const float* scale, const float* zero, float* y) {
+// The sums of the 16 lanes of v0..v3, as [sum v0, sum v1, sum v2, sum v3].
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));  // per 128: v0 v1 v0 v1
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));  // per 128: v2 v3 v2 v3
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));  // per 128: v0 v1 v2 v3
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// y[i * ldy + r] = sum_k (q * d)[m0 + i, k] * s[r, g] * (c[r, k] - z[r, g]) for NR consecutive packed int4
+// weight rows (w: row_bytes apart; scale and zero [NR, groups] rows; groups of G channels, G % 64 == 0) and
+// MT rows of the chunked activations from m0. Each chunk's codes are unpacked once for the MT rows, and the
+// NR x MT sums run as independent chains.
+template <int NR, int MT>
+inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t row_bytes, int64_t G,
+                       const float* scale, const float* zero, float* y, int64_t ldy) {
   const int64_t Kp = a.Kp, groups = Kp / G, per = G / 64, chunks = Kp / 64;
-  const int8_t* xq = a.q.data() + m * Kp;
-  const float* dv = a.dv.data() + m * chunks * 16;
-  const float* xs = a.sum.data() + m * groups;
+  const int8_t* xq = a.q.data() + m0 * Kp;
+  const float* dv = a.dv.data() + m0 * chunks * 16;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
-  __m512 tot[NR];
-  for (int r = 0; r < NR; ++r) tot[r] = _mm512_setzero_ps();
+  __m512 tot[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MT; ++i) tot[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 sv[NR];
+    for (int r = 0; r < NR; ++r) sv[r] = _mm512_set1_ps(scale[r * groups + g]);
     for (int64_t ch = g * per; ch < (g + 1) * per; ++ch) {
-      const __m512i x = _mm512_loadu_si512(xq + ch * 64);
-      const __m512 d = _mm512_loadu_ps(dv + ch * 16);
+      __m512i codes[NR];
       for (int r = 0; r < NR; ++r) {
         const uint8_t* p = w + r * row_bytes + ch * 32;
         if ((ch & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD), _MM_HINT_T0);
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-        const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [low nibbles | high]
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x);  // 16 x (4 products)
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[r]);
+        codes[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [low nibbles | high]
+      }
+      for (int i = 0; i < MT; ++i) {
+        const __m512i x = _mm512_loadu_si512(xq + i * Kp + ch * 64);
+        const __m512 d = _mm512_loadu_ps(dv + (i * chunks + ch) * 16);
+        for (int r = 0; r < NR; ++r) {  // NR x MT accumulators, no per-group partials: fits the 32 registers
+          const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], x);  // 16 x (4 products)
+          tot[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, sv[r]), tot[r][i]);
+        }
       }
     }
-    for (int r = 0; r < NR; ++r) tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(scale[r * groups + g]), acc[r], tot[r]);
   }
-  for (int r = 0; r < NR; ++r) {
-    float zt = 0.f;  // the zero points' share: sum_g s * z * (group sum of q * d)
-    for (int64_t g = 0; g < groups; ++g) zt += scale[r * groups + g] * zero[r * groups + g] * xs[g];
-    y[r] = _mm512_reduce_add_ps(tot[r]) - zt;
+  // the zero points' share, sum_g s * z * (group sum of q * d), 16 groups a step into the same lanes
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 k = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scale + r * groups + g), _mm512_maskz_loadu_ps(k, zero + r * groups + g));
+      for (int i = 0; i < MT; ++i)
+        tot[r][i] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.sum.data() + (m0 + i) * groups + g), tot[r][i]);
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + i * ldy, reduce4(tot[0][i], tot[1][i], tot[2][i], tot[3][i]));
+    } else {
+      for (int r = 0; r < NR; ++r) y[i * ldy + r] = _mm512_reduce_add_ps(tot[r][i]);
+    }
   }
 }
 #endif
