@@ -176,11 +176,11 @@ def quantize_activations(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tenso
     ``d = absmax / 127`` and becomes ``round(x / d) * d`` (half to even; 0 where ``d == 0``): the values
     a kernel multiplying int8 codes ``round(x / d)`` by the weight's codes and rescaling by ``d`` sees.
     """
-    k = x.shape[-1]
-    xf = F.pad(x.float(), (0, -k % block)).unflatten(-1, (-1, block))  # [..., K / block, block]
-    d = xf.abs().amax(-1, keepdim=True) / 127  # [..., K / block, 1]
-    q = torch.round(xf / torch.where(d > 0, d, 1.0))  # [-127, 127]
-    return (q * d).flatten(-2)[..., :k].to(x.dtype)
+    k, pad = x.shape[-1], -x.shape[-1] % block
+    xf = (F.pad(x, (0, pad)) if pad else x).float().unflatten(-1, (-1, block))  # [..., K / block, block]
+    d = xf.abs().amax(-1, keepdim=True).div_(127)  # [..., K / block, 1]
+    y = xf.div(d.masked_fill(d == 0, 1.0)).round_().mul_(d).flatten(-2)  # codes in [-127, 127], times d
+    return (y[..., :k] if pad else y).to(x.dtype)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:  # [..., n / 2] uint8
