@@ -279,7 +279,7 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
 }
 
 // Whether the row loop multiplies this layer's int4 codes by int8 activation codes (q4_int8.h).
-bool vnni_rows(const Linear& l) { return l.act8 && l.kind == Kind::INT4 && vnni_compiled() && l.G % 64 == 0; }
+bool vnni_rows(const Linear& l) { return l.act8 && l.kind == Kind::INT4 && vnni_compiled() && l.G % 32 == 0; }
 constexpr int64_t VNNI_TILE_ROWS = 16;
 
 ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
@@ -293,7 +293,7 @@ ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t 
 // Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
 // rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
 // three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
-// tiles. In the row loop, int4 weights with int8 activations and groups of whole 64-code chunks multiply
+// tiles. In the row loop, int4 weights with int8 activations and groups of whole 32-code blocks multiply
 // integer codes on VNNI (q4_int8.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
   bool int8_codes = true;  // every matrix multiplies int8 activation codes on VNNI in the row loop

@@ -74,12 +74,13 @@ def test_4bit_gemv_matches_the_dequantized_weight(m, n, k, fmt, group, seed, amx
     m=st.integers(1, 9),
     n=st.integers(1, 40),
     k=st.integers(1, 300),
-    fmt_group=st.sampled_from([("int4", 64), ("int4", 128), ("int4", 32), ("nf4", 64), ("int8", None)]),
+    fmt_group=st.sampled_from([("int4", 64), ("int4", 128), ("int4", 32), ("int4", 96), ("int4", 16), ("nf4", 64),
+                               ("int8", None)]),
     seed=st.integers(0, 2**16),
     amx_rows=st.sampled_from([0, 1]),
 )
 def test_int8_activation_gemv_matches_the_rounded_input(m, n, k, fmt_group, seed, amx_rows):
-    """act8: every path (VNNI int4 x int8 codes for whole 64-code groups, q * d in fp32 otherwise) computes
+    """act8: every path (VNNI int4 x int8 codes for groups of whole 32-code blocks, q * d in fp32 otherwise) computes
     quantize_activations(x) @ dequantized w."""
     fmt, group = fmt_group
     g = torch.Generator().manual_seed(seed)
@@ -148,7 +149,8 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
         ("llama", "nf4", {"group_size": 32}),
         ("llama", "nf4", {"group_size": 16, "double_quant": True}),
         ("llama", "int4", {"group_size": 64, "activations": "int8"}),  # int8 codes on VNNI where it exists
-        ("qwen2", "int4", {"group_size": 32, "activations": "int8"}),  # q * d in fp32
+        ("qwen2", "int4", {"group_size": 32, "activations": "int8"}),
+        ("qwen2", "int4", {"group_size": 16, "activations": "int8"}),  # q * d in fp32
         ("llama", "int8", {"activations": "int8"}),
         ("llama", "nf4", {"group_size": 64, "activations": "int8"}),
     ],

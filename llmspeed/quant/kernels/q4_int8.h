@@ -4,7 +4,7 @@
 // act_quant(): each block of 32 input channels of each row gets d = absmax / 127 and codes
 // round_half_even(x / d) (0 where d == 0), as llmspeed.quant.primitives.quantize_activations; a layer with
 // int8 activations computes with q * d.
-// q4_rows_i8(): int4 weight rows (packed, group G % 64 == 0, asymmetric: w = s * (c - z)) against those
+// q4_rows_i8(): int4 weight rows (packed, group G % 32 == 0, asymmetric: w = s * (c - z)) against those
 // codes: per 64 input channels one VPDPBUSD multiplies the 64 unsigned 4-bit codes by 64 signed 8-bit
 // activation codes into 16 int32 lanes, which are converted and scaled by their block's d; the zero point
 // enters once per group through the group sum of q * d. Integer products are exact, so the result equals
@@ -62,15 +62,16 @@ inline std::vector<float> act_dequant(const ActCodes& a) {
   return out;
 }
 
-// The codes rearranged for q4_rows_i8 over a padded width Kp (a multiple of 64): per 64-channel chunk c,
+// The codes rearranged for q4_rows_i8 over a weight's padded width Kp (rounded up to Kc, whole 64-channel
+// chunks, with zero codes and scales): per 64-channel chunk c,
 // q [evens of the chunk | odds] (the order of [low nibbles | high nibbles] of its 32 weight bytes), the
 // 16 lane scales [d0 x4, d1 x4, d0 x4, d1 x4] (d0, d1: the chunk's two blocks), and per weight group of G
 // channels the sum of q * d.
 struct ActChunks {
-  std::vector<int8_t> q;   // [M, Kp]
-  std::vector<float> dv;   // [M, Kp / 64 * 16]
+  std::vector<int8_t> q;   // [M, Kc]
+  std::vector<float> dv;   // [M, Kc / 64 * 16]
   std::vector<float> sum;  // [M, Kp / G]
-  int64_t Kp = 0;
+  int64_t Kp = 0, Kc = 0;
 };
 
 #ifdef LLMSPEED_VNNI
@@ -78,9 +79,9 @@ struct ActChunks {
 // division, rounded half to even by the conversion).
 inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
   ActChunks c;
-  c.Kp = Kp;
-  const int64_t chunks = Kp / 64, groups = Kp / G;
-  c.q.resize(M * Kp);
+  c.Kp = Kp, c.Kc = (Kp + 63) / 64 * 64;
+  const int64_t chunks = c.Kc / 64, groups = Kp / G;
+  c.q.resize(M * c.Kc);
   c.dv.resize(M * chunks * 16);
   c.sum.assign(M * groups, 0.f);
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -103,9 +104,10 @@ inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, in
         const __m512 div = _mm512_set1_ps(d[b] > 0.f ? d[b] : 1.f);
         q[2 * b] = _mm512_cvtps_epi32(_mm512_div_ps(v[0], div));
         q[2 * b + 1] = _mm512_cvtps_epi32(_mm512_div_ps(v[1], div));
-        c.sum[m * groups + (ch * 64 + b * 32) / G] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q[2 * b], q[2 * b + 1]))) * d[b];
+        if (ch * 64 + b * 32 < Kp)  // (the padding of the last chunk holds zero codes)
+          c.sum[m * groups + (ch * 64 + b * 32) / G] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q[2 * b], q[2 * b + 1]))) * d[b];
       }
-      auto* dst = reinterpret_cast<__m128i*>(c.q.data() + m * Kp + ch * 64);  // [evens b0 | evens b1 | odds b0 | odds b1]
+      auto* dst = reinterpret_cast<__m128i*>(c.q.data() + m * c.Kc + ch * 64);  // [evens b0 | evens b1 | odds b0 | odds b1]
       _mm_storeu_si128(dst, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[0], even, q[1])));
       _mm_storeu_si128(dst + 1, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[2], even, q[3])));
       _mm_storeu_si128(dst + 2, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[0], odd, q[1])));
@@ -127,38 +129,40 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 }
 
 // y[i * ldy + r] = sum_k (q * d)[m0 + i, k] * s[r, g] * (c[r, k] - z[r, g]) for NR consecutive packed int4
-// weight rows (w: row_bytes apart; scale and zero [NR, groups] rows; groups of G channels, G % 64 == 0) and
+// weight rows (w: row_bytes apart; scale and zero [NR, groups] rows; groups of G channels, G % 32 == 0) and
 // MT rows of the chunked activations from m0. Each chunk's codes are unpacked once for the MT rows, and the
 // NR x MT sums run as independent chains.
 template <int NR, int MT>
 inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t row_bytes, int64_t G,
                        const float* scale, const float* zero, float* y, int64_t ldy) {
-  const int64_t Kp = a.Kp, groups = Kp / G, per = G / 64, chunks = Kp / 64;
-  const int8_t* xq = a.q.data() + m0 * Kp;
+  const int64_t Kp = a.Kp, Kc = a.Kc, groups = Kp / G, chunks = Kc / 64;
+  const int8_t* xq = a.q.data() + m0 * Kc;
   const float* dv = a.dv.data() + m0 * chunks * 16;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m512 tot[NR][MT];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MT; ++i) tot[r][i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    // the groups of the chunk's two 32-channel blocks (lanes 4-7 and 12-15 hold the second)
+    const int64_t g0 = ch * 64 / G, g1 = std::min(groups - 1, (ch * 64 + 32) / G);
+    const bool whole = ch * 64 + 64 <= Kp;  // else the last chunk of a width that is 32 past whole chunks
     __m512 sv[NR];
-    for (int r = 0; r < NR; ++r) sv[r] = _mm512_set1_ps(scale[r * groups + g]);
-    for (int64_t ch = g * per; ch < (g + 1) * per; ++ch) {
-      __m512i codes[NR];
-      for (int r = 0; r < NR; ++r) {
-        const uint8_t* p = w + r * row_bytes + ch * 32;
-        if ((ch & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-        codes[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [low nibbles | high]
-      }
-      for (int i = 0; i < MT; ++i) {
-        const __m512i x = _mm512_loadu_si512(xq + i * Kp + ch * 64);
-        const __m512 d = _mm512_loadu_ps(dv + (i * chunks + ch) * 16);
-        for (int r = 0; r < NR; ++r) {  // NR x MT accumulators, no per-group partials: fits the 32 registers
-          const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], x);  // 16 x (4 products)
-          tot[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, sv[r]), tot[r][i]);
-        }
+    __m512i codes[NR];
+    for (int r = 0; r < NR; ++r) {
+      const float* sr = scale + r * groups;
+      sv[r] = g0 == g1 ? _mm512_set1_ps(sr[g0]) : _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(sr[g0]), _mm512_set1_ps(sr[g1]));
+      const uint8_t* p = w + r * row_bytes + ch * 32;
+      if ((ch & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD), _MM_HINT_T0);
+      const __m256i b = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi8(0xFFFF, p);
+      const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+      codes[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [low nibbles | high]
+    }
+    for (int i = 0; i < MT; ++i) {
+      const __m512i x = _mm512_loadu_si512(xq + i * Kc + ch * 64);
+      const __m512 d = _mm512_loadu_ps(dv + (i * chunks + ch) * 16);
+      for (int r = 0; r < NR; ++r) {  // NR x MT accumulators, no per-group partials: fits the 32 registers
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], x);  // 16 x (4 products)
+        tot[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, sv[r]), tot[r][i]);
       }
     }
   }
