@@ -4,7 +4,8 @@ The fused step (:mod:`llmspeed.generation.fused_decode`) runs its matmuls either
 whose time grows with each row, or, on CPUs with AMX, as tile matmuls that read each weight once for
 all rows; the per-layer path multiplies all rows at once (MKL, or the ``amx`` kernel). The crossovers set
 :data:`~llmspeed.generation.fused_decode.AMX_ROWS` and :func:`~llmspeed.generation.fused_decode.default_max_rows`.
-Each row count runs the three paths in turn, ``reps`` times, for fp32, int8 and int4 g64.
+Each row count runs the three paths in turn, ``reps`` times, for fp32, int8, int4 g64, and int4 g64 with int8
+activations (whose fused row loop multiplies integer codes on VNNI up to 16 rows, tiles or not).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     g = torch.Generator().manual_seed(0)
     out = []
     tiles = fused_decode.amx_available()
-    for fmt in ("fp32", "int8", "int4"):
+    for fmt in ("fp32", "int8", "int4", "int4, int8 activations"):
         m = load_model(model, "cpu")
         if fmt != "fp32":
-            quantize(m, fmt)
+            base, *options = fmt.split(", ")
+            quantize(m, base, activations="int8" if "int8 activations" in options else "float")
         vocab = m.spec.vocab_size
         for rows in rows_list:
             prompts = [torch.randint(0, vocab, (32 + i,), generator=g).tolist() for i in range(rows)]

@@ -16,6 +16,9 @@ def test_full_run_measures_every_method_the_issue_names():
     assert ("fp32", None, "-") in have
     assert set(C.UNSEEN) < set(C.DOMAINS) and "pydoc" not in C.UNSEEN
     assert {("int4", 64, m, "int8 down_proj") for m in ("gptq", "awq+gptq")} <= {(f, g, m, o) for f, g, m, _, o in rows}
+    assert {("int4", g, "rtn", "int8 activations") for g in (64, 128)} | {("int4", 64, "awq+gptq", "int8 activations")} <= {
+        (f, g, m, o) for f, g, m, _, o in rows}  # fmt: skip
+    assert C.EXTRAS["int8 activations"] == {"activations": "int8"}
 
 
 def test_the_int8_rows_use_the_documented_layers_and_groups_limit_the_rows():
