@@ -122,6 +122,10 @@ inline void dot4(const float* x, const W* w, int64_t K, bool prefetch, float* y)
 template <typename V>
 inline void axpy(float a, const V* v, float* out, int64_t K) {
   int64_t k = 0;
+#ifdef __AVX512F__
+  const __m512 aw = _mm512_set1_ps(a);
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(out + k, _mm512_fmadd_ps(aw, load16(v + k), _mm512_loadu_ps(out + k)));
+#endif
 #ifdef __AVX2__
   __m256 av = _mm256_set1_ps(a);
   for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, _mm256_fmadd_ps(av, load8(v + k), _mm256_loadu_ps(out + k)));
@@ -403,19 +407,20 @@ void attend_cached(const Step& st, const float* q, const C* kc, const C* vc, flo
       const int64_t* table = st.blocks + i * st.W;
       scores.resize(L);
       float mx = -INFINITY;
-      for (int64_t p = 0; p < L; ++p) {
-        int64_t r = table[p / st.BS] * st.BS + p % st.BS;
-        scores[p] = dot(qh, kc + r * row + g * st.D, st.D, false) * st.scale;
-        mx = std::max(mx, scores[p]);
-      }
+      // positions block by block (no division per position): cache row base + j holds position p
+      for (int64_t b = 0, p = 0; p < L; ++b)
+        for (int64_t base = table[b] * st.BS, j = 0; j < st.BS && p < L; ++j, ++p) {
+          scores[p] = dot(qh, kc + (base + j) * row + g * st.D, st.D, false) * st.scale;
+          mx = std::max(mx, scores[p]);
+        }
       float sum = 0.f;
       for (int64_t p = 0; p < L; ++p) sum += (scores[p] = std::exp(scores[p] - mx));
+      const float inv = 1.f / sum;
       float* o = out + (i * st.H + h) * st.D;
       std::memset(o, 0, st.D * sizeof(float));
-      for (int64_t p = 0; p < L; ++p) {
-        int64_t r = table[p / st.BS] * st.BS + p % st.BS;
-        axpy(scores[p] / sum, vc + r * row + g * st.D, o, st.D);
-      }
+      for (int64_t b = 0, p = 0; p < L; ++b)
+        for (int64_t base = table[b] * st.BS, j = 0; j < st.BS && p < L; ++j, ++p)
+          axpy(scores[p] * inv, vc + (base + j) * row + g * st.D, o, st.D);
     }
   });
 }
