@@ -252,6 +252,30 @@ void gemv_rows_q4_i8(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
 #endif
 }
 
+// int8 rows against int8 activation codes on VNNI (l.chunks from act_chunks_int8)
+void gemv_rows_q8_i8(int64_t M, int64_t K, const Linear& l, int64_t lo, int64_t hi) {
+#ifdef LLMSPEED_VNNI
+  const int8_t* w = static_cast<const int8_t*>(l.w);
+  float t[4 * 4];  // [x rows, weight rows]
+  for (int64_t n = lo; n < hi;) {
+    const int64_t rows = hi - n >= 4 ? 4 : 1;
+    for (int64_t m = 0; m < M;) {
+      const int64_t xs = M - m >= 4 ? 4 : 1;
+      if (rows == 4 && xs == 4) q8_rows_i8<4, 4>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
+      else if (rows == 4) q8_rows_i8<4, 1>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
+      else if (xs == 4) q8_rows_i8<1, 4>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
+      else q8_rows_i8<1, 1>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
+      for (int64_t i = 0; i < xs; ++i)
+        for (int64_t r = 0; r < rows; ++r) l.y[(m + i) * l.N + n + r] = t[i * 4 + r] + (l.bias ? l.bias[n + r] : 0.f);
+      m += xs;
+    }
+    n += rows;
+  }
+#else
+  TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
+#endif
+}
+
 // y = x . w^T (+ bias) of one linear on AMX tiles (see amx_tiles.h); false when this build or layout has
 // no tile path (no AMX, or 4-bit groups that are not whole 32-code tile steps).
 bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
@@ -283,22 +307,25 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
 }
 
 // Whether the row loop multiplies this layer's int4 codes by int8 activation codes (q4_int8.h).
-bool vnni_rows(const Linear& l) { return l.act8 && l.kind == Kind::INT4 && vnni_compiled() && l.G % 32 == 0; }
-constexpr int64_t VNNI_TILE_ROWS = 16;
+bool vnni_rows(const Linear& l) {
+  return l.act8 && vnni_compiled() && (l.kind == Kind::I8 || (l.kind == Kind::INT4 && l.G % 32 == 0));
+}
+constexpr int64_t VNNI_TILE_ROWS = 16;  // from this many rows, such layers too run on AMX tiles
 
-ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
+// The int8 codes of x as the VNNI row loop of l reads them.
+ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, const Linear& l) {
 #ifdef LLMSPEED_VNNI
-  return act_chunks(x, M, K, Kp, G);
+  return l.kind == Kind::I8 ? act_chunks_int8(x, M, K) : act_chunks(x, M, K, l.Kp, l.G);
 #else
   TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
 #endif
-}  // from this many rows, such layers too run on AMX tiles
+}
 
 // Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
 // rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
 // three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
-// tiles. In the row loop, int4 weights with int8 activations and groups of whole 32-code blocks multiply
-// integer codes on VNNI (q4_int8.h).
+// tiles. In the row loop, int8 weights and int4 weights with groups of whole 32-code blocks multiply int8
+// activation codes on VNNI where the layer has int8 activations (q4_int8.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
   bool int8_codes = true;  // every matrix multiplies int8 activation codes on VNNI in the row loop
   for (const auto& l : group) int8_codes = int8_codes && vnni_rows(l);
@@ -329,12 +356,14 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
     } else {
       TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
-      if (vnni_rows(l)) {  // int8 codes chunked for this padded width and group, shared by the group's matrices
-        for (const auto& o : group)
-          if (o.chunks && o.Kp == l.Kp && o.G == l.G) l.chunks = o.chunks;
-        if (!l.chunks) l.chunks = std::make_shared<ActChunks>(vnni_chunks(x, M, K, l.Kp, l.G));
-        continue;
-      }
+    }
+    if (vnni_rows(l)) {  // int8 codes chunked for this layout, shared by the group's matrices of the same one
+      for (const auto& o : group)
+        if (o.chunks && (o.kind == Kind::I8) == (l.kind == Kind::I8) && o.Kp == l.Kp && o.G == l.G) l.chunks = o.chunks;
+      if (!l.chunks) l.chunks = std::make_shared<ActChunks>(vnni_chunks(x, M, K, l));
+      continue;
+    }
+    if (l.kind == Kind::INT4 || l.kind == Kind::NF4) {
       at::Tensor xt = torch::from_blob(const_cast<float*>(l.x), {M, K}, torch::kFloat);
       l.xd = deinterleave(xt, l.Kp);
       if (l.kind == Kind::INT4) l.xs = group_sums(l.xd, l.G);
@@ -347,7 +376,10 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       switch (l.kind) {
         case Kind::F32: gemv_rows(l.x, M, K, l, static_cast<const float*>(l.w), lo, hi); break;
         case Kind::BF16: gemv_rows(l.x, M, K, l, static_cast<const bf16*>(l.w), lo, hi); break;
-        case Kind::I8: gemv_rows(l.x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi); break;
+        case Kind::I8:
+          if (l.chunks) gemv_rows_q8_i8(M, K, l, lo, hi);
+          else gemv_rows(l.x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi);
+          break;
         case Kind::INT4:
           if (l.chunks) gemv_rows_q4_i8(M, l, lo, hi);
           else gemv_rows_q4<false>(M, l, lo, hi);

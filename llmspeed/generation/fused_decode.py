@@ -66,8 +66,9 @@ def amx_available() -> bool:
 
 
 def int8_dot_available() -> bool:
-    """Whether int4 layers with int8 activations (``quantize(..., activations="int8")``, groups of whole
-    32-code blocks) multiply integer codes on AVX-512 VNNI here; elsewhere they compute on ``q * d`` in fp32."""
+    """Whether layers with int8 activations (``quantize(..., activations="int8")``: int8 weights, and int4 with
+    groups of whole 32-code blocks) multiply integer codes on AVX-512 VNNI in the fused step here; elsewhere
+    they compute on ``q * d`` in fp32."""
     ext = extension()
     return ext is not None and bool(ext.vnni_usable())
 

@@ -67,16 +67,57 @@ inline std::vector<float> act_dequant(const ActCodes& a) {
 // q [evens of the chunk | odds] (the order of [low nibbles | high nibbles] of its 32 weight bytes), the
 // 16 lane scales [d0 x4, d1 x4, d0 x4, d1 x4] (d0, d1: the chunk's two blocks), and per weight group of G
 // channels the sum of q * d.
+// For int8 weights (act_chunks_int8) the codes keep their order, the lane scales are [d0 x8, d1 x8], and
+// off holds 128 x the codes' sum per lane (the weights enter VPDPBUSD offset by 128, as unsigned bytes).
 struct ActChunks {
-  std::vector<int8_t> q;   // [M, Kc]
-  std::vector<float> dv;   // [M, Kc / 64 * 16]
-  std::vector<float> sum;  // [M, Kp / G]
+  std::vector<int8_t> q;     // [M, Kc]
+  std::vector<float> dv;     // [M, Kc / 64 * 16]
+  std::vector<float> sum;    // [M, Kp / G] (4-bit weights)
+  std::vector<int32_t> off;  // [M, Kc / 64 * 16] (int8 weights)
   int64_t Kp = 0, Kc = 0;
 };
 
 #ifdef LLMSPEED_VNNI
 // The chunked codes of x [M, K] over Kp, 64 channels a step: the codes of act_quant (the same fp32
 // division, rounded half to even by the conversion).
+// The int32 codes of the 32 channels of x from k (zero past K) and their block scale d = absmax / 127.
+inline void act_block(const float* x, int64_t k, int64_t K, __m512i* q, float* d) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  __m512 v[2];
+  for (int h = 0; h < 2; ++h, k += 16) {
+    const __mmask16 in = K - k >= 16 ? 0xFFFF : K > k ? static_cast<__mmask16>((1u << (K - k)) - 1) : 0;
+    v[h] = _mm512_maskz_loadu_ps(in, x + k);
+  }
+  *d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v[0], absmask), _mm512_and_ps(v[1], absmask))) / 127.f;
+  const __m512 div = _mm512_set1_ps(*d > 0.f ? *d : 1.f);
+  q[0] = _mm512_cvtps_epi32(_mm512_div_ps(v[0], div));
+  q[1] = _mm512_cvtps_epi32(_mm512_div_ps(v[1], div));
+}
+
+// The chunked codes of x [M, K] for int8 weights [N, K]: natural order over Kc = K rounded up to 64.
+inline ActChunks act_chunks_int8(const float* x, int64_t M, int64_t K) {
+  ActChunks c;
+  c.Kp = K, c.Kc = (K + 63) / 64 * 64;
+  const int64_t chunks = c.Kc / 64;
+  c.q.resize(M * c.Kc);
+  c.dv.resize(M * chunks * 16);
+  c.off.resize(M * chunks * 16);
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      __m512i q[4];
+      float d[2];
+      act_block(x + m * K, ch * 64, K, q, d);
+      act_block(x + m * K, ch * 64 + 32, K, q + 2, d + 1);
+      int8_t* dst = c.q.data() + m * c.Kc + ch * 64;
+      for (int j = 0; j < 4; ++j) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * j), _mm512_cvtepi32_epi8(q[j]));
+      const __m512i codes = _mm512_loadu_si512(dst);
+      _mm512_storeu_si512(c.off.data() + (m * chunks + ch) * 16, _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, codes), 7));
+      _mm512_storeu_ps(c.dv.data() + (m * chunks + ch) * 16, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1])));
+    }
+  return c;
+}
+
 inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
   ActChunks c;
   c.Kp = Kp, c.Kc = (Kp + 63) / 64 * 64;
@@ -86,24 +127,13 @@ inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, in
   c.sum.assign(M * groups, 0.f);
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
     for (int64_t ch = 0; ch < chunks; ++ch) {
       __m512i q[4];
       float d[2];
       for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 32 channels
-        __m512 v[2];
-        for (int h = 0; h < 2; ++h) {
-          const int64_t k = ch * 64 + b * 32 + h * 16;
-          const __mmask16 in = K - k >= 16 ? 0xFFFF : K > k ? static_cast<__mmask16>((1u << (K - k)) - 1) : 0;
-          v[h] = _mm512_maskz_loadu_ps(in, r + k);
-        }
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v[0], absmask), _mm512_and_ps(v[1], absmask)));
-        d[b] = amax / 127.f;
-        const __m512 div = _mm512_set1_ps(d[b] > 0.f ? d[b] : 1.f);
-        q[2 * b] = _mm512_cvtps_epi32(_mm512_div_ps(v[0], div));
-        q[2 * b + 1] = _mm512_cvtps_epi32(_mm512_div_ps(v[1], div));
+        act_block(r, ch * 64 + b * 32, K, q + 2 * b, d + b);
         if (ch * 64 + b * 32 < Kp)  // (the padding of the last chunk holds zero codes)
           c.sum[m * groups + (ch * 64 + b * 32) / G] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q[2 * b], q[2 * b + 1]))) * d[b];
       }
@@ -180,6 +210,50 @@ inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t
       _mm_storeu_ps(y + i * ldy, reduce4(tot[0][i], tot[1][i], tot[2][i], tot[3][i]));
     } else {
       for (int r = 0; r < NR; ++r) y[i * ldy + r] = _mm512_reduce_add_ps(tot[r][i]);
+    }
+  }
+}
+#endif
+
+#ifdef LLMSPEED_VNNI
+// y[i * ldy + r] = s[r] * sum_k (q * d)[m0 + i, k] * w[r, k] for NR consecutive int8 weight rows (K codes,
+// K apart; per-row scales s) and MT rows of act_chunks_int8 from m0. The weights enter VPDPBUSD as unsigned
+// bytes w + 128 (an XOR of the sign bit); 128 x the codes' lane sums (off) is subtracted in int32, exactly.
+template <int NR, int MT>
+inline void q8_rows_i8(const ActChunks& a, int64_t m0, const int8_t* w, int64_t K, const float* scale, float* y,
+                       int64_t ldy) {
+  const int64_t Kc = a.Kc, chunks = Kc / 64;
+  const int8_t* xq = a.q.data() + m0 * Kc;
+  const float* dv = a.dv.data() + m0 * chunks * 16;
+  const int32_t* off = a.off.data() + m0 * chunks * 16;
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 tot[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MT; ++i) tot[r][i] = _mm512_setzero_ps();
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t left = K - ch * 64;
+    const __mmask64 in = left >= 64 ? ~0ULL : (1ULL << left) - 1;  // past K: bytes 0 (128 after the XOR) meet codes 0
+    __m512i wu[NR];
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* p = w + r * K + ch * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD), _MM_HINT_T0);
+      wu[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, p), sign);
+    }
+    for (int i = 0; i < MT; ++i) {
+      const __m512i x = _mm512_loadu_si512(xq + i * Kc + ch * 64);
+      const __m512i o = _mm512_loadu_si512(off + (i * chunks + ch) * 16);
+      const __m512 d = _mm512_loadu_ps(dv + (i * chunks + ch) * 16);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu[r], x), o);
+        tot[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, tot[r][i]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + i * ldy, _mm_mul_ps(reduce4(tot[0][i], tot[1][i], tot[2][i], tot[3][i]), _mm_loadu_ps(scale)));
+    } else {
+      for (int r = 0; r < NR; ++r) y[i * ldy + r] = _mm512_reduce_add_ps(tot[r][i]) * scale[r];
     }
   }
 }
