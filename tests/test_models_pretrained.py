@@ -33,6 +33,7 @@ CASES = [
     ("qwen2", True, torch.float32, dict(format="int4", group_size=32, symmetric=True)),
     ("qwen2", True, torch.bfloat16, dict(format="int4", group_size=64)),
     ("llama", False, torch.bfloat16, dict(format="int8")),
+    ("llama", False, torch.float32, dict(format="int4", group_size=32, activations="int8")),
     ("qwen2", True, torch.float32, dict(format="nf4", skip=[])),  # the tied head quantized from the embedding
 ]
 

@@ -168,6 +168,9 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         "llmspeed int8 head": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder),
                                             "--quantize", "int8", "--quantize-lm-head", "--served-model-name",
                                             str(folder), "--port", str(port)],
+        "llmspeed int8 act8": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder),
+                                            "--quantize", "int8", "--activations", "int8", "--served-model-name",
+                                            str(folder), "--port", str(port)],
     }
     for system in servers:
         port = _free_port()

@@ -18,7 +18,7 @@ from ..model import Model
 from ..names import check_device, format_name
 from ..precision.cast import resolve_dtype
 
-QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include")
+QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include", "activations")
 
 
 def _quant_plan(model: Model, options: dict[str, Any]):
@@ -47,6 +47,7 @@ def _quant_plan(model: Model, options: dict[str, Any]):
         "rtn",
         options.get("kernel", "auto"),
         options.get("symmetric"),
+        activations=options.get("activations", "float"),
     )
     check_kernel(config.kernel, fmt, "cpu")
     return plan_layers(model, config, options.get("skip"), options.get("include"))
@@ -76,7 +77,7 @@ def from_pretrained(
             (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
         device: Where the model ends up (quantization runs on the CPU as tensors are read).
         quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
-            double_quant=..., kernel=...)``: the arguments of :func:`llmspeed.quantize` with method ``"rtn"``,
+            double_quant=..., kernel=..., activations=...)``: the arguments of :func:`llmspeed.quantize` with method ``"rtn"``,
             applied to each linear layer as its weight is read, one shard and one layer at a time.
 
     Raises:

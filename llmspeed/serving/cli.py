@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="group size for int4 / nf4")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="with --quantize: the output head too (llama.cpp's formats do; docs/serving.md has its cost)")
+    p.add_argument("--activations", default="float", choices=["float", "int8"],
+                   help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI, their cost)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (ours or PEFT's); repeat for more")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -80,10 +82,14 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     recipe = None
     if args.quantize_lm_head and not args.quantize:
         raise SystemExit("--quantize-lm-head needs --quantize FORMAT")
+    if args.activations != "float" and not args.quantize:
+        raise SystemExit("--activations int8 needs --quantize FORMAT")
     if args.quantize:
         recipe = {"format": args.quantize, **({} if args.group_size is None else {"group_size": args.group_size})}
         if args.quantize_lm_head:
             recipe["skip"] = []  # quantize's default skips the output head
+        if args.activations != "float":
+            recipe["activations"] = args.activations
     model = load_model(args.model, recipe)
     names = []
     for spec in args.adapter:

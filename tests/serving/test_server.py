@@ -204,6 +204,21 @@ def test_serve_cli_quantizes_the_output_head_only_when_asked():
         engine.close()
     with pytest.raises(SystemExit, match="needs --quantize"):
         build(build_parser().parse_args(["--quantize-lm-head"]))
+    with pytest.raises(SystemExit, match="--activations int8 needs --quantize"):
+        build(build_parser().parse_args(["--activations", "int8"]))
+
+
+def test_serve_cli_int8_activations_reach_every_quantized_layer():
+    from llmspeed.serving.cli import build, build_parser
+
+    engine, _ = build(build_parser().parse_args(["--quantize", "int4", "--activations", "int8", "--port", "0"]))
+    try:
+        layers = [m for n, m in engine.model.linear_layers() if n != "lm_head"]
+        assert layers and all(m.config.activations == "int8" for m in layers)
+        out = engine.model.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=2), progress=False)
+        assert len(out[0].token_ids) == 2
+    finally:
+        engine.close()
 
 
 def test_serve_loads_transformers_and_llmspeed_folders(tmp_path):
