@@ -11,7 +11,8 @@ Per format: the batch-1 decode step at a 128-token context (median of ``steps``)
 evaluation of 256 tokens from a fresh state (tok/s, median of 3), the bytes of the weights, and the
 perplexity of both on the same pydoc evaluation windows (llama.cpp scores them with ``logits_all``).
 Both also report the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
-slot per prompt). Variants only llmspeed has (an int8 output head, int8 activations) are compared with
+slot per prompt). Variants only llmspeed has (an int8 output head, int8 activations, AWQ+GPTQ calibration with
+its default text) are compared with
 the llama.cpp row of their base format. A llama.cpp format that crashes (a native build's AMX
 weight layout does on some CPUs) is run again without llama.cpp's extra buffer types, and its row says so.
 """
@@ -39,7 +40,8 @@ from .steps import decode_step_ms
 FORMATS: dict[str, tuple[str, int] | str] = {
     "fp32": ("F32", 0), "bf16": ("F16", 1), "int8": ("Q8_0", 7), "int4": ("Q4_0", 2),
     "int8, int8 lm_head": "int8", "int4, int8 lm_head": "int4",
-    "int4, int8 activations, int8 lm_head": "int4",
+    "int8, int8 activations, int8 lm_head": "int8", "int4, int8 activations, int8 lm_head": "int4",
+    "int4, awq+gptq, int8 activations, int8 lm_head": "int4",
 }  # fmt: skip
 SEQS = 8  # sequences of the batched decode rows
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
@@ -196,7 +198,8 @@ def _llmspeed_model(fmt: str):
         # the output head is 113 MB of fp32 by default: half of what int4 decode reads
         head = {"skip": [], "int8_layers": ["lm_head"] if base == "int4" else None} if "int8 lm_head" in options else {}
         acts = "int8" if "int8 activations" in options else "float"
-        quantize(model, base, group_size=64 if base == "int4" else None, activations=acts, **head)
+        method = "awq+gptq" if "awq+gptq" in options else "rtn"  # its default calibration text
+        quantize(model, base, group_size=64 if base == "int4" else None, method=method, activations=acts, **head)
     return model
 
 

@@ -39,5 +39,7 @@ def test_variants_build_what_their_names_say():
     assert isinstance(layers["lm_head"], Int8Linear)
     assert all(isinstance(m, Int4Linear) and m.config.activations == "int8" and m.config.group_size == 64
                for n, m in layers.items() if n != "lm_head")  # fmt: skip
+    assert all(k.split(", ")[1:] and set(k.split(", ")[1:]) <= {"int8 lm_head", "int8 activations", "awq+gptq"}
+               for k, v in cpu_peers.FORMATS.items() if isinstance(v, str))  # fmt: skip
     plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())
     assert type(plain["lm_head"]).__name__ == "Linear" and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
