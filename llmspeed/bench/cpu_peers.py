@@ -11,10 +11,10 @@ Per format: the batch-1 decode step at a 128-token context (median of ``steps``)
 evaluation of 256 tokens from a fresh state (tok/s, median of 3), the bytes of the weights, and the
 perplexity of both on the same pydoc evaluation windows (llama.cpp scores them with ``logits_all``).
 Both also report the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
-slot per prompt). Variants only llmspeed has (an int8 output head, int8 activations, AWQ+GPTQ calibration with
-its default text) are compared with
-the llama.cpp row of their base format. A llama.cpp format that crashes (a native build's AMX
-weight layout does on some CPUs) is run again without llama.cpp's extra buffer types, and its row says so.
+slot per prompt). Variants only llmspeed has (an int8 output head, int8 activations, AWQ+GPTQ calibration
+with its default text) are compared with the llama.cpp row of their base format. A llama.cpp format that
+crashes (a native build's AMX weight layout does on some CPUs) is run again without llama.cpp's extra
+buffer types, and its row says so.
 """
 
 from __future__ import annotations
