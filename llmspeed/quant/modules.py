@@ -19,6 +19,7 @@ from torch import nn
 from . import primitives as P
 from .config import QuantConfig
 from .kernels import check_kernel_name, select
+from .kernels.cpp import quantize_activations as cpp_round
 from .kernels.tuning import rows_bucket
 from .layout import QuantLayout
 from .methods.registry import get_method
@@ -131,7 +132,8 @@ class QuantizedLinearBase(nn.Module):
         if self._permuted:  # GPTQ act-order: packed column j holds input column perm[j]
             x = x.index_select(-1, self.perm)  # [..., in]
         if self._int8_activations:  # dynamic int8 activations; straight-through gradient
-            q = P.quantize_activations(x)  # [..., in]
+            q = cpp_round(x) if x.device.type == "cpu" else None  # one C++ pass where it applies
+            q = P.quantize_activations(x) if q is None else q  # [..., in]
             x = q if not x.requires_grad else x + (q - x).detach()
         if x.requires_grad and torch.is_grad_enabled():
             y = _QuantMatmul.apply(x, self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,3 +117,21 @@ def test_int8_activations_round_each_block_of_32_to_its_absmax_grid(seed, rows, 
             assert ((out - blk).abs() <= d / 2 * (1 + 1e-5) + 1e-30).all()
         else:  # rounded to bf16 afterwards
             assert ((out - blk).abs() <= d / 2 + blk.abs() / 128 + 1e-30).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 40), k=st.integers(1, 200), scale=st.floats(1e-4, 1e4))
+def test_the_cpp_rounding_of_activations_equals_the_torch_one_bit_for_bit(seed, rows, k, scale):
+    """quant.kernels.cpp.quantize_activations (what a CPU layer with int8 activations uses) = the primitive."""
+    from llmspeed.quant.kernels import cpp
+
+    if cpp.extension() is None:
+        pytest.skip(f"the C++ kernel is unavailable: {cpp.unavailable()}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * scale
+    x[0, : min(k, 40)] = 0
+    got = cpp.quantize_activations(x)
+    assert got is not None and torch.equal(got, P.quantize_activations(x))
+    assert cpp.quantize_activations(x.to(torch.bfloat16)) is None  # the torch primitive handles the rest
+    if rows > 1 and k > 1:
+        assert cpp.quantize_activations(x.t()) is None  # not contiguous

@@ -24,15 +24,16 @@ from .registry import FLOAT_DTYPES, Kernel, register_kernel
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 HEADER = Path(__file__).with_name("q4_tiles.h")  # shared with the fused decode step
+INT8_HEADER = Path(__file__).with_name("q4_int8.h")  # int8 activations, shared with the fused decode step
 DISABLE_ENV = cpp_build.DISABLE_ENV
-_FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2"]
+_FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations"]
 build_dir = cpp_build.build_dir
 compiler = cpp_build.compiler
 
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER])
+    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER])
 
 
 def extension() -> Any:
@@ -46,6 +47,15 @@ def unavailable() -> str | None:
 
 
 TILE = 16  # 4-bit codes the C++ tile decodes at once: groups must split into whole tiles
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor | None:  # [..., K] fp32, or None
+    """:func:`llmspeed.quant.primitives.quantize_activations` of contiguous fp32 CPU ``x`` in one C++ pass (the
+    same values), or ``None`` where it does not apply or the extension is unavailable."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.requires_grad:
+        return None
+    ext = extension()
+    return None if ext is None else ext.quantize_activations(x)
 
 
 def _shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:

@@ -3,6 +3,7 @@
 // Rows n are split across torch's intra-op threads; M rows of x are processed in tiles of MT so
 // each weight chunk is decoded once per tile. AVX2/FMA when compiled for it, portable loops otherwise.
 #include "q4_tiles.h"  // NF4, hsum, deinterleave, group_sums, q4_tile (shared with the fused decode step)
+#include "q4_int8.h"   // int8 activations: act_round (shared with the fused decode step)
 
 
 // ---------------------------------------------------------------- int8, per-row scale
@@ -100,6 +101,16 @@ torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 
 torch::Tensor nf4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group) {
   return q4_matmul<true>(x, qweight, scales, scales, group);
+}
+
+// quantize_activations(x) for contiguous fp32 x [..., K]: see q4_int8.h (act_round).
+torch::Tensor quantize_activations(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() >= 1,
+              "quantize_activations: x must be contiguous fp32");
+  auto out = torch::empty_like(x);
+  const int64_t K = x.size(-1);
+  act_round(x.data_ptr<float>(), K ? x.numel() / K : 0, K, out.data_ptr<float>());
+  return out;
 }
 
 bool has_avx2() {

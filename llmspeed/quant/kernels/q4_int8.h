@@ -13,6 +13,8 @@
 #pragma once
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -258,6 +260,30 @@ inline void q8_rows_i8(const ActChunks& a, int64_t m0, const int8_t* w, int64_t 
   }
 }
 #endif
+
+// q * d of x [M, K] into out [M, K] (quantize_activations), rows split over torch's threads; 32 channels a
+// step with AVX-512 (act_block), else through act_quant.
+inline void act_round(const float* x, int64_t M, int64_t K, float* out) {
+  at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
+#ifdef LLMSPEED_VNNI
+    for (int64_t m = lo; m < hi; ++m)
+      for (int64_t k = 0; k < K; k += ACT_BLOCK) {
+        __m512i q[2];
+        float d;
+        act_block(x + m * K, k, K, q, &d);
+        const __m512 dv = _mm512_set1_ps(d);
+        for (int h = 0; h < 2; ++h) {
+          const int64_t at = k + 16 * h;
+          const __mmask16 in = K - at >= 16 ? 0xFFFF : K > at ? static_cast<__mmask16>((1u << (K - at)) - 1) : 0;
+          _mm512_mask_storeu_ps(out + m * K + at, in, _mm512_mul_ps(_mm512_cvtepi32_ps(q[h]), dv));
+        }
+      }
+#else
+    const std::vector<float> y = act_dequant(act_quant(x + lo * K, hi - lo, K));
+    std::copy(y.begin(), y.end(), out + lo * K);
+#endif
+  });
+}
 
 // Whether this build multiplies int4 codes by int8 activations with VNNI.
 inline bool vnni_compiled() {
