@@ -333,7 +333,10 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
   const bool tiles_wanted = amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable() && !(int8_codes && M < VNNI_TILE_ROWS);
   std::vector<float> xq;  // q * d [M, K], for the members with int8 activations that multiply floats
   for (auto& l : group) {
-    if (l.act8 && xq.empty() && (tiles_wanted || !vnni_rows(l))) xq = act_dequant(act_quant(x, M, K));
+    if (l.act8 && xq.empty() && (tiles_wanted || !vnni_rows(l))) {
+      xq.resize(M * K);
+      act_round(x, M, K, xq.data());
+    }
     l.x = l.act8 && !xq.empty() ? xq.data() : x;
   }
   if (tiles_wanted) {
