@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -225,51 +226,45 @@ void gemv_rows_q4(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
   }
 }
 
-// int4 rows against int8 activation codes on VNNI (l.chunks, see q4_int8.h)
-void gemv_rows_q4_i8(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
-#ifdef LLMSPEED_VNNI
-  const int64_t groups = l.Kp / l.G, row_bytes = l.Kp / 2;
-  const uint8_t* w = static_cast<const uint8_t*>(l.w);
+// The VNNI row loops' tiling: weight rows lo..hi in blocks of 4 (the tail one by one) against x rows in
+// blocks of 4 (likewise); tile(NR, MT, n, m, t) writes t [MT, 4] for NR weight rows from n and MT x rows
+// from m (NR, MT as std::integral_constant, so each pair is its own instantiation).
+template <typename Tile>
+void vnni_tiles(int64_t M, const Linear& l, int64_t lo, int64_t hi, Tile tile) {
+  using four = std::integral_constant<int, 4>;
+  using one = std::integral_constant<int, 1>;
   float t[4 * 4];  // [x rows, weight rows]
   for (int64_t n = lo; n < hi;) {
-    const int64_t rows = hi - n >= 4 ? 4 : 1;  // weight rows at once: read once from memory for every x row
-    const uint8_t* wn = w + n * row_bytes;
-    const float *sn = l.scale + n * groups, *zn = l.zero + n * groups;
+    const int64_t rows = hi - n >= 4 ? 4 : 1;
     for (int64_t m = 0; m < M;) {
       const int64_t xs = M - m >= 4 ? 4 : 1;
-      if (rows == 4 && xs == 4) q4_rows_i8<4, 4>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
-      else if (rows == 4) q4_rows_i8<4, 1>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
-      else if (xs == 4) q4_rows_i8<1, 4>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
-      else q4_rows_i8<1, 1>(*l.chunks, m, wn, row_bytes, l.G, sn, zn, t, 4);
+      if (rows == 4 && xs == 4) tile(four{}, four{}, n, m, t);
+      else if (rows == 4) tile(four{}, one{}, n, m, t);
+      else if (xs == 4) tile(one{}, four{}, n, m, t);
+      else tile(one{}, one{}, n, m, t);
       for (int64_t i = 0; i < xs; ++i)
         for (int64_t r = 0; r < rows; ++r) l.y[(m + i) * l.N + n + r] = t[i * 4 + r] + (l.bias ? l.bias[n + r] : 0.f);
       m += xs;
     }
     n += rows;
   }
-#else
-  TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
-#endif
 }
 
-// int8 rows against int8 activation codes on VNNI (l.chunks from act_chunks_int8)
-void gemv_rows_q8_i8(int64_t M, int64_t K, const Linear& l, int64_t lo, int64_t hi) {
+// int4 rows (l.chunks from act_chunks) or int8 rows (from act_chunks_int8) against int8 activation codes
+void gemv_rows_i8(int64_t M, int64_t K, const Linear& l, int64_t lo, int64_t hi) {
 #ifdef LLMSPEED_VNNI
-  const int8_t* w = static_cast<const int8_t*>(l.w);
-  float t[4 * 4];  // [x rows, weight rows]
-  for (int64_t n = lo; n < hi;) {
-    const int64_t rows = hi - n >= 4 ? 4 : 1;
-    for (int64_t m = 0; m < M;) {
-      const int64_t xs = M - m >= 4 ? 4 : 1;
-      if (rows == 4 && xs == 4) q8_rows_i8<4, 4>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
-      else if (rows == 4) q8_rows_i8<4, 1>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
-      else if (xs == 4) q8_rows_i8<1, 4>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
-      else q8_rows_i8<1, 1>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
-      for (int64_t i = 0; i < xs; ++i)
-        for (int64_t r = 0; r < rows; ++r) l.y[(m + i) * l.N + n + r] = t[i * 4 + r] + (l.bias ? l.bias[n + r] : 0.f);
-      m += xs;
-    }
-    n += rows;
+  if (l.kind == Kind::I8) {
+    const int8_t* w = static_cast<const int8_t*>(l.w);
+    vnni_tiles(M, l, lo, hi, [&](auto nr, auto mt, int64_t n, int64_t m, float* t) {
+      q8_rows_i8<decltype(nr)::value, decltype(mt)::value>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
+    });
+  } else {
+    const int64_t groups = l.Kp / l.G, row_bytes = l.Kp / 2;
+    const uint8_t* w = static_cast<const uint8_t*>(l.w);
+    vnni_tiles(M, l, lo, hi, [&](auto nr, auto mt, int64_t n, int64_t m, float* t) {
+      q4_rows_i8<decltype(nr)::value, decltype(mt)::value>(*l.chunks, m, w + n * row_bytes, row_bytes, l.G,
+                                                           l.scale + n * groups, l.zero + n * groups, t, 4);
+    });
   }
 #else
   TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
@@ -380,11 +375,11 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
         case Kind::F32: gemv_rows(l.x, M, K, l, static_cast<const float*>(l.w), lo, hi); break;
         case Kind::BF16: gemv_rows(l.x, M, K, l, static_cast<const bf16*>(l.w), lo, hi); break;
         case Kind::I8:
-          if (l.chunks) gemv_rows_q8_i8(M, K, l, lo, hi);
+          if (l.chunks) gemv_rows_i8(M, K, l, lo, hi);
           else gemv_rows(l.x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi);
           break;
         case Kind::INT4:
-          if (l.chunks) gemv_rows_q4_i8(M, l, lo, hi);
+          if (l.chunks) gemv_rows_i8(M, K, l, lo, hi);
           else gemv_rows_q4<false>(M, l, lo, hi);
           break;
         case Kind::NF4: gemv_rows_q4<true>(M, l, lo, hi); break;
