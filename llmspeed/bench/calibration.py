@@ -4,7 +4,7 @@ calibration saw the like of and on text of kinds it never saw, and at what calib
 Rows: fp32 (the baseline of every row), then round-to-nearest, HQQ, GPTQ, AWQ and AWQ+GPTQ at int4
 g64 and g128, the calibrated methods at NF4 g64, int8 round-to-nearest, GPTQ int4 g64 calibrated
 on the pydoc text alone (the default before the calibration mix), AWQ+GPTQ int4 g64 with
-``damp=0.1``, and GPTQ and AWQ+GPTQ int4 g64 with the MLP down projections at int8
+``damp=0.1``, and GPTQ and AWQ+GPTQ int4 at every group size with the MLP down projections at int8
 (``int8_layers=SENSITIVE``), and round-to-nearest (every group size) and AWQ+GPTQ int4 g64 with int8
 activations (``activations="int8"``; :data:`EXTRAS`). Every calibrated
 row uses the method's default options and the default calibration text
@@ -79,8 +79,8 @@ def configurations(
         rows += [("int4", g, m, "-", "-") for m in ("rtn", "hqq")]
         rows += [("int4", g, m, "mix", "-") for m in CALIBRATED]
         rows += [("int4", g, "rtn", "-", "int8 activations")]
+        rows += [("int4", g, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
     rows += [("int4", 64, "awq+gptq", "mix", "int8 activations")]
-    rows += [("int4", 64, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
     if not quick:
         rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
         rows += [("int8", None, "rtn", "-", "-")]
