@@ -1,15 +1,17 @@
-// Dynamic int8 activations (QuantConfig(activations="int8")) and the int4 x int8 dot product on
+// Dynamic int8 activations (QuantConfig(activations="int8")) and the int4 / int8 x int8 dot products on
 // AVX-512 VNNI integer multiply-adds.
 //
-// act_quant(): each block of 32 input channels of each row gets d = absmax / 127 and codes
+// act_quant() / act_block(): each block of 32 input channels of each row gets d = absmax / 127 and codes
 // round_half_even(x / d) (0 where d == 0), as llmspeed.quant.primitives.quantize_activations; a layer with
-// int8 activations computes with q * d.
+// int8 activations computes with q * d (act_round() writes it).
 // q4_rows_i8(): int4 weight rows (packed, group G % 32 == 0, asymmetric: w = s * (c - z)) against those
 // codes: per 64 input channels one VPDPBUSD multiplies the 64 unsigned 4-bit codes by 64 signed 8-bit
-// activation codes into 16 int32 lanes, which are converted and scaled by their block's d; the zero point
-// enters once per group through the group sum of q * d. Integer products are exact, so the result equals
-// q * d times the dequantized weight up to fp32 summation order.
-// Included by llmspeed/generation/decode_cpu.cpp (the fused decode step).
+// activation codes into 16 int32 lanes, which are converted and scaled by their block's d and group's s;
+// the zero point enters once per group through the group sum of q * d. q8_rows_i8(): int8 weight rows
+// likewise, offset to unsigned bytes. Integer products are exact, so the result equals q * d times the
+// dequantized weight up to fp32 summation order.
+// Included by llmspeed/generation/decode_cpu.cpp (the fused decode step) and
+// llmspeed/quant/kernels/fused_cpu.cpp (act_round, for the per-layer path).
 #pragma once
 
 #include <torch/extension.h>
