@@ -132,7 +132,7 @@ class QuantizedLinearBase(nn.Module):
         if self._permuted:  # GPTQ act-order: packed column j holds input column perm[j]
             x = x.index_select(-1, self.perm)  # [..., in]
         if self._int8_activations:  # dynamic int8 activations; straight-through gradient
-            q = cpp_round(x) if x.device.type == "cpu" else None  # one C++ pass where it applies
+            q = cpp_round(x)  # one C++ pass where it applies (contiguous fp32 on the CPU), else None
             q = P.quantize_activations(x) if q is None else q  # [..., in]
             x = q if not x.requires_grad else x + (q - x).detach()
         if x.requires_grad and torch.is_grad_enabled():

@@ -82,16 +82,17 @@ struct ActChunks {
 };
 
 #ifdef LLMSPEED_VNNI
-// The chunked codes of x [M, K] over Kp, 64 channels a step: the codes of act_quant (the same fp32
-// division, rounded half to even by the conversion).
-// The int32 codes of the 32 channels of x from k (zero past K) and their block scale d = absmax / 127.
+// The lanes of a 16-wide step from i that lie before n.
+inline __mmask16 lanes16(int64_t n, int64_t i) {
+  return n - i >= 16 ? 0xFFFF : n > i ? static_cast<__mmask16>((1u << (n - i)) - 1) : 0;
+}
+
+// The int32 codes of the 32 channels of x from k (zero past K) and their block scale d = absmax / 127:
+// the codes of act_quant (the same fp32 division, rounded half to even by the conversion).
 inline void act_block(const float* x, int64_t k, int64_t K, __m512i* q, float* d) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   __m512 v[2];
-  for (int h = 0; h < 2; ++h, k += 16) {
-    const __mmask16 in = K - k >= 16 ? 0xFFFF : K > k ? static_cast<__mmask16>((1u << (K - k)) - 1) : 0;
-    v[h] = _mm512_maskz_loadu_ps(in, x + k);
-  }
+  for (int h = 0; h < 2; ++h, k += 16) v[h] = _mm512_maskz_loadu_ps(lanes16(K, k), x + k);
   *d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v[0], absmask), _mm512_and_ps(v[1], absmask))) / 127.f;
   const __m512 div = _mm512_set1_ps(*d > 0.f ? *d : 1.f);
   q[0] = _mm512_cvtps_epi32(_mm512_div_ps(v[0], div));
@@ -122,6 +123,7 @@ inline ActChunks act_chunks_int8(const float* x, int64_t M, int64_t K) {
   return c;
 }
 
+// The chunked codes of x [M, K] for int4 weights of padded width Kp and groups of G, 64 channels a step.
 inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
   ActChunks c;
   c.Kp = Kp, c.Kc = (Kp + 63) / 64 * 64;
@@ -202,7 +204,7 @@ inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t
   }
   // the zero points' share, sum_g s * z * (group sum of q * d), 16 groups a step into the same lanes
   for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 k = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __mmask16 k = lanes16(groups, g);
     for (int r = 0; r < NR; ++r) {
       const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scale + r * groups + g), _mm512_maskz_loadu_ps(k, zero + r * groups + g));
       for (int i = 0; i < MT; ++i)
@@ -276,8 +278,7 @@ inline void act_round(const float* x, int64_t M, int64_t K, float* out) {
         const __m512 dv = _mm512_set1_ps(d);
         for (int h = 0; h < 2; ++h) {
           const int64_t at = k + 16 * h;
-          const __mmask16 in = K - at >= 16 ? 0xFFFF : K > at ? static_cast<__mmask16>((1u << (K - at)) - 1) : 0;
-          _mm512_mask_storeu_ps(out + m * K + at, in, _mm512_mul_ps(_mm512_cvtepi32_ps(q[h]), dv));
+          _mm512_mask_storeu_ps(out + m * K + at, lanes16(K, at), _mm512_mul_ps(_mm512_cvtepi32_ps(q[h]), dv));
         }
       }
 #else
