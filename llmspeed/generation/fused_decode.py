@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
 AMX_HEADER = Q4_HEADER.with_name("amx_tiles.h")  # the shared AMX tile matmul
-INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 x int8 VNNI dot product
+INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 / int8 x int8 VNNI dot products
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -168,7 +168,7 @@ def quantize(
             at 4 bits. They cost more bytes (``llmspeed.memory_footprint(model)["linear"]``).
         activations: ``"float"`` (default) or ``"int8"``: dynamic int8 activations in blocks of 32 input
             channels (:class:`~llmspeed.quant.QuantConfig`), which the fused CPU decode step multiplies as
-            integers against int4 codes (AVX-512 VNNI); docs/quantization.md gives the accuracy cost.
+            integers against int4 and int8 codes (AVX-512 VNNI); docs/quantization.md gives the accuracy cost.
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
