@@ -121,7 +121,9 @@ class Model:
         """Shapes from the config; dtype and device from the input embedding as it is now."""
         cfg = self.hf.config.get_text_config()
         heads = cfg.num_attention_heads
-        emb = self.hf.get_input_embeddings().weight
+        emb = self.hf.get_input_embeddings()
+        # a quantized tied embedding (llmspeed.quant.embedding) holds no float weight, only its dtype and device
+        emb = getattr(emb, "dtype_reference", None) if getattr(emb, "dtype_reference", None) is not None else emb.weight
         return ModelSpec(
             architecture=type(self.hf).__name__,
             num_layers=cfg.num_hidden_layers,

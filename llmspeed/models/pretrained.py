@@ -18,7 +18,8 @@ from ..model import Model
 from ..names import check_device, format_name
 from ..precision.cast import resolve_dtype
 
-QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include", "activations")
+QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include", "activations",
+                 "share_embedding")
 
 
 def _quant_plan(model: Model, options: dict[str, Any]):
@@ -50,7 +51,23 @@ def _quant_plan(model: Model, options: dict[str, Any]):
         activations=options.get("activations", "float"),
     )
     check_kernel(config.kernel, fmt, "cpu")
-    return plan_layers(model, config, options.get("skip"), options.get("include"))
+    plan = plan_layers(model, config, options.get("skip"), options.get("include"))
+    share = options.get("share_embedding")
+    if share not in (None, True, False):
+        raise ValueError(f"quantize['share_embedding'] must be None, True or False; got {share!r}")
+    if share and _tied_head_name(model) not in plan:
+        raise ValueError("quantize['share_embedding']=True needs an output head tied to the input embedding "
+                         "(tie_word_embeddings in config.json) and quantized (skip=[])")  # fmt: skip
+    return plan
+
+
+def _tied_head_name(model: Model) -> str | None:
+    """The output head's name when the config ties it to the input embedding."""
+    hf = model.module
+    if not getattr(hf.config, "tie_word_embeddings", False):
+        return None
+    head = hf.get_output_embeddings()
+    return next((n for n, m in hf.named_modules() if m is head), None)
 
 
 def _keys(files: list[Path]) -> set[str]:
@@ -77,7 +94,8 @@ def from_pretrained(
             (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
         device: Where the model ends up (quantization runs on the CPU as tensors are read).
         quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
-            double_quant=..., kernel=..., activations=...)``: the arguments of :func:`llmspeed.quantize` with method ``"rtn"``,
+            double_quant=..., kernel=..., activations=..., share_embedding=...)``: the arguments of
+            :func:`llmspeed.quantize` with method ``"rtn"``,
             applied to each linear layer as its weight is read, one shard and one layer at a time.
 
     Raises:
@@ -117,6 +135,11 @@ def from_pretrained(
             _quantize_into(model, layer, plan[layer], tensor, file, want, rtn_weight, module_class)
             del tensor  # the float weight is gone before the next one is read
     _quantize_tied_head(model, plan, want, rtn_weight, module_class, folder)
+    head = _tied_head_name(model)
+    if head in plan and (quantize or {}).get("share_embedding") is not False:
+        from ..quant.embedding import share_tied_embedding
+
+        share_tied_embedding(model, head)  # the float embedding is dropped: the packed head serves both
     skeleton.tie_embeddings(model)
     return skeleton.finish(model, dtype, device, folder)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from . import primitives
 from .api import SENSITIVE, plan_layers, quantize
 from .config import FORMATS, QuantConfig
+from .embedding import QuantizedEmbedding
 from .kernels import KERNELS, Kernel, register_kernel
 from .layout import QuantLayout
 from .methods import (  # noqa: F401  (gptq registers "gptq")
@@ -45,6 +46,7 @@ __all__ = [
     "Int4Linear",
     "NF4Linear",
     "QuantizedLinearBase",
+    "QuantizedEmbedding",
     "module_class",
     "QuantizedWeight",
     "METHODS",

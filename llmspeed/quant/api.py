@@ -15,6 +15,7 @@ from ..model import as_model
 from ..names import format_name
 from ..protocol import CausalLM, base_linear, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig
+from .embedding import share_tied_embedding, tied_head
 from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import get_method
 from .methods.registry import symmetric_methods
@@ -143,6 +144,7 @@ def quantize(
     symmetric: bool | None = None,
     int8_layers: Sequence[str] | None = None,
     activations: str = "float",
+    share_embedding: bool | None = None,
 ) -> CausalLM:
     """Quantize ``model``'s linear layers in place and return the model.
 
@@ -169,6 +171,11 @@ def quantize(
         activations: ``"float"`` (default) or ``"int8"``: dynamic int8 activations in blocks of 32 input
             channels (:class:`~llmspeed.quant.QuantConfig`), which the fused CPU decode step multiplies as
             integers against int4 and int8 codes (AVX-512 VNNI); docs/quantization.md gives the accuracy cost.
+        share_embedding: When the output head is quantized (``skip=[]``) and tied to the input embedding
+            (SmolLM2, Gemma, small Qwen2), the embedding becomes a lookup into the head's packed rows
+            (:class:`~llmspeed.quant.embedding.QuantizedEmbedding`) and the float matrix is freed.
+            ``None`` (default): do so whenever the head is quantized and tied; ``False``: keep the float
+            embedding; ``True``: require it (``ValueError`` when the head is not quantized or not tied).
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
@@ -200,9 +207,20 @@ def quantize(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"
         )
     plan = plan_layers(model, config, skip, include, int8_layers)
+    if share_embedding not in (None, True, False):
+        raise ValueError(f"share_embedding must be None, True or False; got {share_embedding!r}")
+    head = tied_head(model)
+    share = head is not None and head in plan and share_embedding is not False
+    if share_embedding and not share:
+        raise ValueError(
+            "share_embedding=True needs an output head that is tied to the input embedding and quantized "
+            f"(pass skip=[] to quantize it); this model's tied head: {head!r}, quantized layers include it: "
+            f"{head in plan if head else False}"
+        )
     options = dict(method_options or {})
     _check_options(method, entry.weight or entry.model, 2 if entry.weight else 3, options)
     snapshot = dict(model.linear_layers())
+    embedding = model.module.get_input_embeddings() if share else None
     saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
     try:
         if entry.weight is not None:
@@ -233,9 +251,13 @@ def quantize(
                 param.data.copy_(value)
             for name, module in modules.items():
                 model.replace_linear(name, module)
+        if share:
+            share_tied_embedding(model, cast(str, head))
     except BaseException:
         for name, module in snapshot.items():
             model.replace_linear(name, module)
+        if embedding is not None:
+            model.module.set_input_embeddings(embedding)
         for name, value in saved.items():
             model.module.get_parameter(name).data.copy_(value)
         raise

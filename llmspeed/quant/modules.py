@@ -72,18 +72,19 @@ class QuantizedLinearBase(nn.Module):
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
 
     # --- to implement per format ---------------------------------------------------------------
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
-        """The float weight this module represents (the test oracle of every kernel); ``rows``: only those output rows."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
+        """The float weight this module represents (the test oracle of every kernel); ``rows``: only those output
+        rows (a slice, or int64 row indices: the tied input embedding looks tokens up this way)."""
         raise NotImplementedError
 
-    def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+    def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
         """The float weight with its columns in packed order (differs from :meth:`dequantize` only with act_order).
 
         Kernels see the input already gathered through ``perm``, so reference kernels multiply by this one.
         """
         return self.dequantize(dtype, rows)
 
-    def group_scales(self, rows: slice = slice(None)) -> torch.Tensor:  # [r] int8 or [r, groups]
+    def group_scales(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r] int8 or [r, groups]
         """The scales of ``rows`` as fp32 (NF4 overrides this to undo double quantization)."""
         return self.scales[rows]
 
@@ -250,7 +251,7 @@ class Int8Linear(QuantizedLinearBase):
         m.scales.copy_(scales.float())
         return m
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
         return P.dequantize_int8(self.qweight[rows], self.scales[rows]).to(dtype)
 
 
@@ -266,7 +267,7 @@ class _Packed4Bit(QuantizedLinearBase):
     def _register_scales(self, out: int, groups: int, device) -> None:
         self.register_buffer("scales", torch.ones(out, groups, dtype=torch.float32, device=device))
 
-    def codes(self, rows: slice = slice(None)) -> torch.Tensor:  # [r, in_pad] uint8
+    def codes(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in_pad] uint8
         """The unpacked 4-bit codes of ``rows`` (default: all), padding columns included."""
         return P.unpack_nibbles(self.qweight[rows])
 
@@ -311,12 +312,12 @@ class Int4Linear(_Packed4Bit):
         m.zeros.copy_(zeros.float())
         return m
 
-    def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+    def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """``[r, in]``: the weight with its columns in packed order (``perm`` not undone)."""
         w = P.dequantize_int4(self.codes(rows), self.scales[rows], self.zeros[rows], self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
         w = self.packed_dequantize(dtype, rows)  # [r, in] packed column order
         if not self._permuted:
             return w
@@ -367,14 +368,14 @@ class NF4Linear(_Packed4Bit):
             m.scales.copy_(scales.float())
         return m
 
-    def group_scales(self, rows: slice = slice(None)) -> torch.Tensor:  # [r, groups] fp32
+    def group_scales(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, groups] fp32
         """Per-group absmax of ``rows`` (default: all), double-dequantized when needed."""
         if self.config.double_quant:
             first = rows.indices(self.out_features)[0] * self.scales_q.shape[1]  # flat index of the first scale
             return P.double_dequantize(self.scales_q[rows], self.scales_scale, self.scales_offset, first)
         return self.scales[rows]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:  # [r, in]
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
         w = P.dequantize_nf4(self.codes(rows), self.group_scales(rows), self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 

@@ -8,7 +8,9 @@ Folder layout written by :func:`save`::
 
     model.safetensors   every parameter and persistent buffer (packed codes, scales, zeros, float weights);
                         metadata: {"format": "llmspeed", "version": "1", "dtype", "quantization": JSON
-                        {layer name: QuantConfig.to_dict()}, "aliases": JSON {tied name: stored name}}
+                        {layer name: QuantConfig.to_dict()}, "aliases": JSON {tied name: stored name},
+                        "embeddings" (only when there are any): JSON {input embedding: quantized head it
+                        reads, :class:`~llmspeed.quant.embedding.QuantizedEmbedding`}}
     config.json         the transformers config (the architecture to rebuild), with a ``quantization_config``
                         that transformers refuses with a message naming llmspeed (see :data:`NATIVE_MARKER`)
     tokenizer files     when the model has a tokenizer
@@ -30,6 +32,7 @@ from ..model import Model
 from ..names import check_device
 from ..protocol import CausalLM
 from .config import QuantConfig
+from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
 from .formats.files import detect
 from .modules import QuantizedLinearBase
@@ -97,6 +100,9 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
         "quantization": json.dumps(quant),
         "aliases": json.dumps(aliases),
     }
+    shared = shared_embeddings(model)
+    if shared:  # absent otherwise: folders without a shared embedding stay readable by older llmspeed
+        metadata["embeddings"] = json.dumps(shared)
     save_file(tensors, str(directory / WEIGHTS), metadata=metadata)
     config = getattr(root, "config", None)
     if config is not None:
@@ -183,8 +189,9 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
             name: QuantConfig.from_dict(cfg) for name, cfg in json.loads(metadata["quantization"]).items()
         }
         aliases: dict[str, str] = json.loads(metadata["aliases"])
+        shared: dict[str, str] = json.loads(metadata.get("embeddings", "{}"))
         dtype = getattr(torch, metadata["dtype"])
-        if not isinstance(dtype, torch.dtype) or not isinstance(aliases, dict):
+        if not isinstance(dtype, torch.dtype) or not isinstance(aliases, dict) or not isinstance(shared, dict):
             raise TypeError(f"dtype {metadata['dtype']!r} or aliases {type(aliases).__name__}")
     except (KeyError, ValueError, AttributeError, TypeError) as err:
         raise ValueError(f"{source} has unreadable llmspeed metadata ({err}); save the model again") from err
@@ -194,6 +201,8 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
         if name not in model.linear_names():
             raise ValueError(f"{source}: quantized layer {name!r} is not a linear position of this architecture")
         skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
+    for embedding, head in shared.items():
+        _share(model, embedding, head, quant, source)
     want = skeleton.expected(model)
     for name, stored in aliases.items():  # before the key check, so a bad alias is named as such
         skeleton.alias_target(name, stored, source, want, stored_names=tensors.keys())
@@ -209,3 +218,16 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
     for name, stored in aliases.items():
         skeleton.alias(model, name, stored, source, want)
     return skeleton.finish(model, dtype, device, source)
+
+
+def _share(model: Model, embedding: str, head: str, quant: dict[str, QuantConfig], source: Path) -> None:
+    """Install the quantized tied embedding the file records, after checking both names."""
+    root = model.module
+    names = {id(m): n for n, m in root.named_modules()}
+    actual = names.get(id(root.get_input_embeddings()))
+    if embedding != actual or head not in quant:
+        raise ValueError(
+            f"{source}: the shared embedding {embedding!r} -> {head!r} does not match this architecture "
+            f"(input embedding {actual!r}, quantized layers {sorted(quant)[:3]}...); the folder was modified"
+        )
+    share_tied_embedding(model, head)

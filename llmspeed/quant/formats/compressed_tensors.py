@@ -33,6 +33,7 @@ from ...model import Model
 from ...protocol import CausalLM, base_linear
 from .. import primitives as P
 from ..config import QuantConfig
+from ..embedding import shared_embeddings
 from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
 from . import skeleton
 from .files import read_all, read_config
@@ -152,6 +153,9 @@ def save(model: CausalLM, directory: str | Path) -> Path:
         tensors[name] = tensor.detach().cpu().contiguous()
     for name, module in quantized.items():
         tensors.update(_module_tensors(name, module))
+    dtype = model.spec.dtype
+    for embedding, head in shared_embeddings(model).items():  # a dense embedding: the head's rows, as llmspeed reads them
+        tensors[f"{embedding}.weight"] = quantized[head].dequantize(dtype).cpu().contiguous()
     groups: dict[QuantConfig, list[str]] = {}
     for name, module in quantized.items():
         key = QuantConfig(module.config.format, module.config.group_size, symmetric=module.config.symmetric)
