@@ -23,7 +23,9 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -517,17 +519,74 @@ constexpr int64_t FIRST_MATRIX = 7;
 constexpr int64_t PER_LAYER = FIRST_MATRIX + 3 * 7;
 enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 
-// hidden [n, E] fp32 embeddings -> logits [n, V] fp32. weights: PER_LAYER tensors per layer (fp32 norms and
-// biases, matrices as in linear()). lm_head: (weight, scale, zero) likewise.
+namespace {
+
+// The tensors of one model snapshot (fused_decode.py's _Snapshot), held here so that a decode step does not
+// convert a list of some 900 Python tensors into C++ on every call, with the data pointers and dtypes of
+// the model tensors they were read from: a moved or cast parameter shows up as a changed pointer or dtype.
+struct Held {
+  std::vector<at::Tensor> weights, lm_head, lora, sources;
+  std::vector<std::pair<const void*, at::ScalarType>> layout;  // of sources, when held
+};
+
+std::mutex held_mutex;
+std::unordered_map<int64_t, std::shared_ptr<const Held>> held_sets;
+int64_t next_handle = 1;
+
+std::shared_ptr<const Held> held(int64_t handle) {
+  std::lock_guard<std::mutex> lock(held_mutex);
+  auto it = held_sets.find(handle);
+  TORCH_CHECK(it != held_sets.end(), "fused decode: no held weights with handle ", handle, " (released?)");
+  return it->second;
+}
+
+}  // namespace
+
+// Hold a snapshot's tensors (weights: PER_LAYER per layer; lm_head: weight, scale, zero; lora: empty or 14
+// per layer; sources: the model tensors to watch); returns the handle decode_step takes.
+int64_t hold(std::vector<at::Tensor> weights, std::vector<at::Tensor> lm_head, std::vector<at::Tensor> lora,
+             std::vector<at::Tensor> sources) {
+  auto set = std::make_shared<Held>();
+  for (const auto& t : sources) set->layout.emplace_back(t.data_ptr(), t.scalar_type());
+  set->weights = std::move(weights);
+  set->lm_head = std::move(lm_head);
+  set->lora = std::move(lora);
+  set->sources = std::move(sources);
+  std::lock_guard<std::mutex> lock(held_mutex);
+  held_sets.emplace(next_handle, std::move(set));
+  return next_handle++;
+}
+
+// Drop a held snapshot (a step already running keeps its own reference until it returns).
+void release(int64_t handle) {
+  std::lock_guard<std::mutex> lock(held_mutex);
+  held_sets.erase(handle);
+}
+
+// Whether every watched model tensor still has the data pointer and dtype it had when held.
+bool held_current(int64_t handle) {
+  const auto set = held(handle);
+  for (size_t i = 0; i < set->sources.size(); ++i) {
+    const at::Tensor& t = set->sources[i];
+    if (t.data_ptr() != set->layout[i].first || t.scalar_type() != set->layout[i].second) return false;
+  }
+  return true;
+}
+
+// hidden [n, E] fp32 embeddings -> logits [n, V] fp32. The held tensors (hold()): weights, PER_LAYER tensors
+// per layer (fp32 norms and biases, matrices as in linear()); lm_head, (weight, scale, zero) likewise.
 // key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
 // lora: empty, or (A, B) stacks (see lora_add) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 // amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
-at::Tensor decode_step(at::Tensor hidden, std::vector<at::Tensor> weights, at::Tensor key_cache,
+at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
                        at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
-                       at::Tensor cos, at::Tensor sin, at::Tensor norm, std::vector<at::Tensor> lm_head, int64_t num_heads,
-                       double eps, double scale, std::vector<at::Tensor> lora, at::Tensor adapter_slot, int64_t amx_rows,
-                       at::Tensor act8) {
+                       at::Tensor cos, at::Tensor sin, at::Tensor norm, int64_t num_heads,
+                       double eps, double scale, at::Tensor adapter_slot, int64_t amx_rows, at::Tensor act8) {
+  const auto set = held(handle);
+  const std::vector<at::Tensor>& weights = set->weights;
+  const std::vector<at::Tensor>& lm_head = set->lm_head;
+  const std::vector<at::Tensor>& lora = set->lora;
   check_f32(hidden, "hidden");
   check_f32(cos, "cos");
   check_f32(sin, "sin");

@@ -289,6 +289,32 @@ def test_a_model_changed_after_the_generator_was_built_is_followed():
     assert fused.run(StepInput.decode(decode, gen.blocks.block_size)) is None
 
 
+def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_hold():
+    import gc
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    gen, decode = _prefilled(model, [5, 12])
+    fused = fused_decode.FusedDecode(model, gen.cache)
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    before = fused.run(step)
+    snap = fused._snapshot
+    handle = snap.handle
+    assert fused.ext.held_current(handle)
+    # the same Parameter object with new data (what nn.Module.to and llmspeed.cast do): only the pointer changes
+    weight = model.hf.model.layers[0].self_attn.o_proj.weight
+    weight.data = weight.data * 2
+    assert not fused.ext.held_current(handle) and not snap.valid()
+    after = fused.run(step)
+    ref = _generic_logits(model, gen, decode)
+    assert not torch.allclose(before, after)
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    assert fused._snapshot is not snap and fused._snapshot.handle != handle
+    del snap
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no held weights with handle {handle}"):
+        fused.ext.held_current(handle)  # the replaced snapshot's tensors were released with it
+
+
 def test_without_the_kernel_generation_still_works(monkeypatch):
     fused_decode._build.cache_clear()
     monkeypatch.setenv("LLMSPEED_DISABLE_CPP", "1")
