@@ -11,7 +11,8 @@ Per format: the batch-1 decode step at a 128-token context (median of ``steps``)
 evaluation of 256 tokens from a fresh state (tok/s, median of 3), the bytes of the weights, and the
 perplexity of both on the same pydoc evaluation windows (llama.cpp scores them with ``logits_all``).
 Both also report the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
-slot per prompt). Variants only llmspeed has (an int8 output head, int8 activations, AWQ+GPTQ calibration
+slot per prompt). Variants only llmspeed has (an int8 output head, whose rows the tied input embedding then
+reads, so the fp32 matrix is gone from ``MB``; int8 activations; AWQ+GPTQ calibration
 with its default text) are compared with the llama.cpp row of their base format. A llama.cpp format that
 crashes (a native build's AMX weight layout does on some CPUs) is run again without llama.cpp's extra
 buffer types, and its row says so.
@@ -195,7 +196,8 @@ def _llmspeed_model(fmt: str):
     if base == "bf16":
         cast(model, "bf16")
     elif base in ("int8", "int4"):
-        # the output head is 113 MB of fp32 by default: half of what int4 decode reads
+        # the output head is 113 MB of fp32 by default: half of what int4 decode reads; quantized, it also
+        # serves as the tied input embedding (quantize's share_embedding default)
         head = {"skip": [], "int8_layers": ["lm_head"] if base == "int4" else None} if "int8 lm_head" in options else {}
         acts = "int8" if "int8 activations" in options else "float"
         method = "awq+gptq" if "awq+gptq" in options else "rtn"  # its default calibration text
