@@ -122,8 +122,8 @@ class Model:
         cfg = self.hf.config.get_text_config()
         heads = cfg.num_attention_heads
         emb = self.hf.get_input_embeddings()
-        # a quantized tied embedding (llmspeed.quant.embedding) holds no float weight, only its dtype and device
-        emb = getattr(emb, "dtype_reference", None) if getattr(emb, "dtype_reference", None) is not None else emb.weight
+        reference = getattr(emb, "dtype_reference", None)  # a quantized tied embedding has no float weight
+        emb = emb.weight if reference is None else reference
         return ModelSpec(
             architecture=type(self.hf).__name__,
             num_layers=cfg.num_hidden_layers,

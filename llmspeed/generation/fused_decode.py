@@ -43,13 +43,13 @@ INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MODULES = operator.attrgetter("_modules")  # a module's children dict, read without nn.Module.__getattr__
 
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_decode_cpu", SOURCE, ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode",
-                                                               "amx_usable", "vnni_usable"],
-                           includes=[Q4_HEADER, AMX_HEADER, INT8_HEADER])
+    functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable"]
+    return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=[Q4_HEADER, AMX_HEADER, INT8_HEADER])
 
 
 def extension() -> ModuleType | None:
@@ -260,7 +260,7 @@ class _Snapshot:
         self.eps = _eps(body.norm)
         self.scaling = float(body.layers[0].self_attn.scaling)
         owners, names, children = zip(*self.checks)
-        self._dicts, self._names, self._children = [o._modules for o in owners], list(names), list(children)
+        self._owners, self._names, self._children = list(owners), list(names), list(children)
         self.ext = ext
         self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources)
         weakref.finalize(self, ext.release, self.handle)
@@ -291,7 +291,7 @@ class _Snapshot:
     def valid(self) -> bool:
         return (
             # every check is (parent, child name, child): the parent's _modules[name] is still that child
-            all(map(operator.is_, map(dict.get, self._dicts, self._names), self._children))
+            all(map(operator.is_, map(dict.get, map(_MODULES, self._owners), self._names), self._children))
             and self.ext.held_current(self.handle)  # every source's data pointer and dtype
             and all(fused_lora.state(m) == s for m, s in zip(self.wrappers, self.lora_state))
             and all(t._version == v for t, v in self.lora_weights)  # adapters trained in place restack
