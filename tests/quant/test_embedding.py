@@ -42,6 +42,9 @@ def test_lookup_is_the_heads_dequantized_rows_and_logits_match(fmt, options):
     assert isinstance(emb, QuantizedEmbedding) and emb.head is model.hf.lm_head
     assert torch.equal(emb(IDS)[0], model.hf.lm_head.dequantize()[IDS[0]])
     assert emb(IDS).shape == (1, IDS.shape[1], 64)
+    grid, scalar = torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.tensor(9)  # any shape of ids, as nn.Embedding
+    assert emb(grid).shape == (2, 3, 64) and torch.equal(emb(grid)[1, 2], emb(torch.tensor([8]))[0])
+    assert emb(scalar).shape == (64,) and torch.equal(emb(scalar), model.hf.lm_head.dequantize()[9])
     with torch.no_grad():
         assert torch.equal(model.hf(IDS).logits, ref.hf(IDS).logits)
     after = llmspeed.memory_footprint(model)
