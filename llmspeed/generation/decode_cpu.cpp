@@ -473,17 +473,17 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "fused decode: ", name, " must be contiguous fp32");
 }
 
-// LoRA deltas of one matrix, each row with its own adapter: y[i, :] += B[s] (A[s] x[i, :]) for s = slot[i] >= 0.
-// A fp32 [S, R, K], B fp32 [S, N, R] with the adapter's scale folded in (zero-padded to the largest rank R;
-// zeros for an adapter that does not touch this matrix). Empty A: no adapter touches it.
+// LoRA deltas of one matrix, each row with its own adapter: y[i, :] += B[s]^T (A[s] x[i, :]) for s = slot[i] >= 0.
+// A fp32 [S, R, K], B fp32 [S, R, N] (stored transposed, the adapter's scale folded in; zero-padded to the
+// largest rank R; zeros for an adapter that does not touch this matrix). Empty A: no adapter touches it.
 void lora_add(const float* x, int64_t M, int64_t K, const at::Tensor& A, const at::Tensor& B, const int64_t* slot,
               float* y, int64_t N) {
   if (A.numel() == 0) return;
   check_f32(A, "LoRA A");
   check_f32(B, "LoRA B");
   const int64_t S = A.size(0), R = A.size(1);
-  TORCH_CHECK(A.dim() == 3 && A.size(2) == K && B.dim() == 3 && B.size(0) == S && B.size(1) == N && B.size(2) == R,
-              "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, ", N, ", R]");
+  TORCH_CHECK(A.dim() == 3 && A.size(2) == K && B.dim() == 3 && B.size(0) == S && B.size(1) == R && B.size(2) == N,
+              "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, R, ", N, "]");
   bool any = false;
   for (int64_t i = 0; i < M; ++i) {
     TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
@@ -500,12 +500,14 @@ void lora_add(const float* x, int64_t M, int64_t K, const at::Tensor& A, const a
     }
   });
   const float* b0 = B.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {  // one parallel region for all rows
+  // one parallel region for all rows, over 64-aligned column ranges: each rank adds t[i, r] B[s, r, cols]
+  // to row i's columns as one contiguous multiply-add (rows sharing an adapter re-read its B range from cache)
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * 64, hi = std::min(N, c1 * 64);
     for (int64_t i = 0; i < M; ++i) {
       if (slot[i] < 0) continue;
-      const float* b = b0 + slot[i] * N * R;
-      float* yi = y + i * N;
-      for (int64_t n = lo; n < hi; ++n) yi[n] += dot(t.data() + i * R, b + n * R, R, false);
+      const float* b = b0 + slot[i] * R * N;
+      for (int64_t r = 0; r < R; ++r) axpy(t[i * R + r], b + r * N + lo, y + i * N + lo, hi - lo);
     }
   });
 }

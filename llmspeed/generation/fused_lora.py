@@ -2,8 +2,8 @@
 
 A LoRA-wrapped projection (``llmspeed.lora.LoraLinear``, recognised by its ``base_layer`` and
 ``lora_A``/``lora_B``) joins the fused step when its adapters are unmerged and its dropout cannot
-fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, out, R]`` in fp32, one
-slot per adapter name on the model (sorted), zero-padded to the largest rank and with the adapter's
+fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, R, out]`` (B transposed) in
+fp32, one slot per adapter name on the model (sorted), zero-padded to the largest rank and with the adapter's
 scale folded into ``B``; an adapter that does not touch a projection is zeros there. The C++ step then
 adds ``B[s] (A[s] x)`` to each row's projection output for the slot ``s`` of that row's adapter
 (``decode_cpu.cpp``'s ``lora_add``), the way the generic path's routed deltas do.
@@ -51,19 +51,23 @@ def weights(module: Any) -> list[torch.Tensor]:
 
 
 def stacks(module: Any, slots: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [S, R, in], B [S, out, R])`` fp32 for ``slots`` (adapter names); empty tensors if none applies."""
+    """``(A [S, R, in], B [S, R, out])`` fp32 for ``slots`` (adapter names); empty tensors if none applies.
+
+    ``B`` is stored transposed so that the step adds each rank's contribution to a whole output row as one
+    contiguous multiply-add (no horizontal sum per output element).
+    """
     present = [n for n in slots if n in module.lora_A]
     if not present:
         return torch.empty(0), torch.empty(0)
     rank = max(module.rank(n) for n in present)
     a = torch.zeros(len(slots), rank, module.in_features)  # [S, R, in]
-    b = torch.zeros(len(slots), module.out_features, rank)  # [S, out, R]
+    b = torch.zeros(len(slots), rank, module.out_features)  # [S, R, out]
     with torch.no_grad():
         for s, name in enumerate(slots):
             if name in module.lora_A:
                 r = module.rank(name)
                 a[s, :r] = module.weight_a(name).float()  # [r, in]
-                b[s, :, :r] = module.weight_b(name).float() * module.scaling[name]  # [out, r]
+                b[s, :r] = module.weight_b(name).float().T * module.scaling[name]  # [r, out]
     return a, b
 
 
