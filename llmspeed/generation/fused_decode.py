@@ -219,8 +219,8 @@ class _Snapshot:
         body = hf.model
         self.wrappers: list[Any] = []  # LoRA wrappers, in the C++ layout's order
         self.lora: list[torch.Tensor] = []  # (A, B) stacks per matrix per layer, or [] without LoRA
-        self.checks: list[tuple[nn.Module, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
-        self.checks.append((body, "norm", body.norm))
+        checks: list[tuple[nn.Module, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
+        checks.append((body, "norm", body.norm))
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.weights: list[torch.Tensor] = []
         act8: list[bool] = []  # per matrix (layer by layer, _MATRICES order), then the head
@@ -229,13 +229,13 @@ class _Snapshot:
             owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
             owners.update(gate_proj=mlp, up_proj=mlp, down_proj=mlp)
             for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
-                self.checks.append((layer, name, getattr(layer, name)))
+                checks.append((layer, name, getattr(layer, name)))
             parts = {}
             for name, owner in owners.items():
                 module = getattr(owner, name)
-                self.checks.append((owner, name, module))
+                checks.append((owner, name, module))
                 if fused_lora.is_lora(module):
-                    self.checks.append((module, "base_layer", module.base_layer))
+                    checks.append((module, "base_layer", module.base_layer))
                     module = module.base_layer
                 parts[name] = self._read(module)
                 act8.append(_int8_activations(module))
@@ -244,7 +244,7 @@ class _Snapshot:
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
             for name in ("q_norm", "k_norm"):
                 if hasattr(attn, name):
-                    self.checks.append((attn, name, getattr(attn, name)))
+                    checks.append((attn, name, getattr(attn, name)))
             extra = [t for t in biases + qk_norms if t is not None]
             self.sources += [ln1, ln2] + extra
             # the layout decode_cpu.cpp expects (PER_LAYER tensors)
@@ -259,7 +259,7 @@ class _Snapshot:
         self.num_heads = hf.config.get_text_config().num_attention_heads
         self.eps = _eps(body.norm)
         self.scaling = float(body.layers[0].self_attn.scaling)
-        owners, names, children = zip(*self.checks)
+        owners, names, children = zip(*checks)
         self._owners, self._names, self._children = list(owners), list(names), list(children)
         self.ext = ext
         self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources)

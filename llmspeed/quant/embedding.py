@@ -85,9 +85,8 @@ def share_tied_embedding(model: Any, head_name: str) -> QuantizedEmbedding:
     """Replace ``model``'s input embedding with a :class:`QuantizedEmbedding` reading the quantized ``head_name``."""
     root = model.module
     head = root.get_submodule(head_name)
-    old = root.get_input_embeddings()
-    dtype = old.weight.dtype if isinstance(old, nn.Embedding) else old.dtype_reference.dtype
-    embedding = QuantizedEmbedding(head, dtype, getattr(old, "padding_idx", None))
+    old = root.get_input_embeddings()  # the float embedding (on meta while a folder loads)
+    embedding = QuantizedEmbedding(head, old.weight.dtype, getattr(old, "padding_idx", None))
     root.set_input_embeddings(embedding)
     return embedding
 
