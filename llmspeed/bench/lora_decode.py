@@ -2,9 +2,10 @@
 
 A decode step of the quantized model with no adapter, with one r=16 adapter on every projection,
 and at batch 8 with four adapters spread over the rows (one row without), each configuration measured
-in every repetition in turn so that a shared machine's drift hits all alike. The ``path`` column says
+in every repetition in turn so that a shared machine's drift hits all alike: the fused step with its
+adapter stacks in fp16 (the default) and in fp32, and the generic per-layer path. The ``path`` column says
 which way the steps ran (``fused cpu`` is the C++ step; before adapters joined it, any adapter sent
-decode to the generic per-layer path).
+decode to the generic path).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ CONFIGS: dict[str, list[str | None]] = {  # label -> adapter per row
     "batch 8, no adapter": [None] * 8,
     "batch 8, 4 adapters over the rows": ["a", "b", "c", "d", None, "a", "b", "c"],
 }
+STEPS: dict[str, tuple[bool | None, str]] = {  # label -> (Generator's fused_decode, lora_dtype)
+    "fused, fp16 stacks": (None, "float16"),
+    "fused, fp32 stacks": (None, "float32"),
+    "generic": (False, "float16"),
+}
 
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
@@ -44,21 +50,22 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             for _, layer in lora.lora_layers(m):
                 layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.01)
     lora.set_adapter(m, None)
-    samples: dict[tuple[str, bool], list[float]] = {}
-    paths: dict[tuple[str, bool], str] = {}
+    samples: dict[tuple[str, str], list[float]] = {}
+    paths: dict[tuple[str, str], str] = {}
     with torch.inference_mode():
         for _ in range(reps):
-            for fused in (True, False):
+            for step, (fused, dtype) in STEPS.items():
                 for label, names in CONFIGS.items():
-                    ms, path = decode_step_ms(m, [list(range(100, 140 + i)) for i in range(len(names))], steps, names, None if fused else False)
-                    samples.setdefault((label, fused), []).append(ms)
-                    paths[(label, fused)] = path
+                    prompts = [list(range(100, 140 + i)) for i in range(len(names))]
+                    ms, path = decode_step_ms(m, prompts, steps, names, fused, lora_dtype=dtype)
+                    samples.setdefault((label, step), []).append(ms)
+                    paths[(label, step)] = path
     rows = []
-    for fused in (True, False):
+    for step in STEPS:
         for label in CONFIGS:
             base = "batch 1, no adapter" if label.startswith("batch 1") else "batch 8, no adapter"
-            ms = statistics.median(samples[(label, fused)])
-            rows.append({"table": f"{fmt} decode step, r={rank} adapters", "step": "fused" if fused else "generic",
-                         "config": label, "path": paths[(label, fused)], "ms": round(ms, 2),
-                         "vs no adapter": round(ms / statistics.median(samples[(base, fused)]), 3)})  # fmt: skip
+            ms = statistics.median(samples[(label, step)])
+            rows.append({"table": f"{fmt} decode step, r={rank} adapters", "step": step,
+                         "config": label, "path": paths[(label, step)], "ms": round(ms, 2),
+                         "vs no adapter": round(ms / statistics.median(samples[(base, step)]), 3)})  # fmt: skip
     return rows

@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -34,10 +35,12 @@
 namespace {
 
 using bf16 = c10::BFloat16;
+using f16 = c10::Half;
 constexpr int64_t PREFETCH_BYTES = 4096;
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
+inline float to_float(f16 v) { return static_cast<float>(v); }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 inline void from_float(float v, float* out) { *out = v; }
 inline void from_float(float v, bf16* out) { *out = bf16(v); }
@@ -51,6 +54,15 @@ inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift into the
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline __m256 load8(const f16* p) {
+#ifdef __F16C__
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  alignas(32) float v[8];
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  return _mm256_load_ps(v);
+#endif
+}
 #endif
 
 #ifdef __AVX512F__
@@ -62,6 +74,7 @@ inline __m512 load16(const bf16* p) {
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #endif
 
 // sum_k x[k] * w[k]; x fp32, w fp32, bf16 or int8 (16-wide with AVX-512, else 8-wide with AVX2)
@@ -473,41 +486,81 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "fused decode: ", name, " must be contiguous fp32");
 }
 
-// LoRA deltas of one matrix, each row with its own adapter: y[i, :] += B[s]^T (A[s] x[i, :]) for s = slot[i] >= 0.
-// A fp32 [S, R, K], B fp32 [S, R, N] (stored transposed, the adapter's scale folded in; zero-padded to the
-// largest rank R; zeros for an adapter that does not touch this matrix). Empty A: no adapter touches it.
-void lora_add(const float* x, int64_t M, int64_t K, const at::Tensor& A, const at::Tensor& B, const int64_t* slot,
-              float* y, int64_t N) {
-  if (A.numel() == 0) return;
-  check_f32(A, "LoRA A");
-  check_f32(B, "LoRA B");
-  const int64_t S = A.size(0), R = A.size(1);
-  TORCH_CHECK(A.dim() == 3 && A.size(2) == K && B.dim() == 3 && B.size(0) == S && B.size(1) == R && B.size(2) == N,
-              "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, R, ", N, "]");
-  bool any = false;
-  for (int64_t i = 0; i < M; ++i) {
-    TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
-    any = any || slot[i] >= 0;
+// One matrix's LoRA stacks and the output its deltas go to. A [S, R, K], B [S, R, N] (stored transposed, the
+// adapter's scale folded in; zero-padded to the largest rank R; zeros for an adapter that does not touch this
+// matrix), both fp32 or both fp16 (widened in registers). Empty A: no adapter touches the matrix.
+struct LoraTerm {
+  const at::Tensor& A;
+  const at::Tensor& B;
+  float* y;  // [M, N]
+  int64_t N;
+};
+
+// The LoRA deltas of the matrices that read the same input x [M, K] (q/k/v, gate/up, or one matrix), each row with
+// its own adapter: y[i, :] += B[s]^T (A[s] x[i, :]) for s = slot[i] >= 0. Two parallel regions for the whole
+// group (the rank projections, then the output rows), each inline when its work is small: at batch 1 the
+// regions' start-up would cost more than the deltas.
+void lora_add(const float* x, int64_t M, int64_t K, std::initializer_list<LoraTerm> group, const int64_t* slot) {
+  struct Term {
+    const void* a;
+    const void* b;
+    bool half;
+    int64_t R, N, t0, c0;  // rank, outputs, offset in t, first column chunk
+    float* y;
+  };
+  std::vector<Term> terms;
+  int64_t adapted = 0, ts = 0, chunks = 0, work = 0;
+  for (int64_t i = 0; i < M; ++i) adapted += slot[i] >= 0;
+  if (adapted == 0) return;
+  for (const LoraTerm& g : group) {
+    if (g.A.numel() == 0) continue;
+    const auto dtype = g.A.scalar_type();
+    TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf) && g.B.scalar_type() == dtype && g.A.is_contiguous() &&
+                    g.B.is_contiguous(),
+                "fused decode: LoRA stacks must be contiguous, both fp32 or both fp16");
+    const int64_t S = g.A.size(0), R = g.A.size(1);
+    TORCH_CHECK(g.A.dim() == 3 && g.A.size(2) == K && g.B.dim() == 3 && g.B.size(0) == S && g.B.size(1) == R &&
+                    g.B.size(2) == g.N,
+                "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, R, ", g.N, "]");
+    for (int64_t i = 0; i < M; ++i) TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
+    terms.push_back({g.A.data_ptr(), g.B.data_ptr(), dtype == at::kHalf, R, g.N, ts, chunks, g.y});
+    ts += M * R;
+    chunks += (g.N + 63) / 64;
+    work = std::max(work, 64 * R * adapted);
   }
-  if (!any) return;
-  std::vector<float> t(M * R);  // t[i] = A[slot[i]] x[i], for the rows that have an adapter
-  const float* a0 = A.data_ptr<float>();
-  // (row, rank) pairs in parallel once there is enough work (~32k multiply-adds a chunk); inline at batch 1
-  at::parallel_for(0, M * R, std::max<int64_t>(1, 32768 / K), [&](int64_t lo, int64_t hi) {
+  if (terms.empty()) return;
+  auto term_of = [&](int64_t j, bool by_chunk) {  // the term that owns rank product j, or column chunk j
+    size_t g = 0;
+    while (g + 1 < terms.size() && (by_chunk ? terms[g + 1].c0 : terms[g + 1].t0) <= j) ++g;
+    return g;
+  };
+  std::vector<float> t(ts);  // t[t0 + i * R + r] = A[slot[i], r] x[i], for the rows that have an adapter
+  at::parallel_for(0, ts, std::max<int64_t>(1, 32768 / K), [&](int64_t lo, int64_t hi) {  // ~32k multiply-adds
     for (int64_t j = lo; j < hi; ++j) {
-      const int64_t i = j / R, r = j % R;
-      if (slot[i] >= 0) t[j] = dot(x + i * K, a0 + (slot[i] * R + r) * K, K, false);
+      const Term& g = terms[term_of(j, false)];
+      const int64_t i = (j - g.t0) / g.R, r = (j - g.t0) % g.R;
+      if (slot[i] < 0) continue;
+      const int64_t off = (slot[i] * g.R + r) * K;
+      t[j] = g.half ? dot(x + i * K, static_cast<const f16*>(g.a) + off, K, false)
+                    : dot(x + i * K, static_cast<const float*>(g.a) + off, K, false);
     }
   });
-  const float* b0 = B.data_ptr<float>();
-  // one parallel region for all rows, over 64-aligned column ranges: each rank adds t[i, r] B[s, r, cols]
-  // to row i's columns as one contiguous multiply-add (rows sharing an adapter re-read its B range from cache)
-  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t lo = c0 * 64, hi = std::min(N, c1 * 64);
-    for (int64_t i = 0; i < M; ++i) {
-      if (slot[i] < 0) continue;
-      const float* b = b0 + slot[i] * R * N;
-      for (int64_t r = 0; r < R; ++r) axpy(t[i * R + r], b + r * N + lo, y + i * N + lo, hi - lo);
+  // 64-column chunks of every term's output: each rank adds t[i, r] B[s, r, cols] to row i's columns as one
+  // contiguous multiply-add (rows sharing an adapter re-read its B range from cache)
+  at::parallel_for(0, chunks, std::max<int64_t>(1, 32768 / work), [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Term& g = terms[term_of(c, true)];
+      const int64_t from = (c - g.c0) * 64, to = std::min(g.N, from + 64);
+      for (int64_t i = 0; i < M; ++i) {
+        if (slot[i] < 0) continue;
+        float* y = g.y + i * g.N + from;
+        const float* ti = t.data() + g.t0 + i * g.R;
+        const int64_t off = slot[i] * g.R * g.N + from;
+        for (int64_t r = 0; r < g.R; ++r) {
+          if (g.half) axpy(ti[r], static_cast<const f16*>(g.b) + off + r * g.N, y, to - from);
+          else axpy(ti[r], static_cast<const float*>(g.b) + off + r * g.N, y, to - from);
+        }
+      }
     }
   });
 }
@@ -633,14 +686,10 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
       const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
       return linear(m[0], m[1], m[2], bias, y, int8_acts && int8_acts[l * 7 + j]);
     };
-    auto adapt = [&](Matrix j, const float* in, int64_t K, float* y) {  // + this layer's LoRA deltas of matrix j
-      if (has_lora) lora_add(in, n, K, lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], slot_of, y, rows[j]);
-    };
+    auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
     rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
     gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())}, amx_rows);
-    adapt(Q, x.data(), E, q.data());
-    adapt(K_, x.data(), E, k.data());
-    adapt(V, x.data(), E, v.data());
+    if (has_lora) lora_add(x.data(), n, E, {term(Q, q.data()), term(K_, k.data()), term(V, v.data())}, slot_of);
     if (w[5].numel() > 0) {  // per-head q/k norms (Qwen3), before the rotary embedding
       check_f32(w[5], "q norm");
       check_f32(w[6], "k norm");
@@ -659,15 +708,14 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
              value_cache.data_ptr<float>() + l * layer_stride, att.data());
     }
     gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())}, amx_rows);
-    adapt(O, att.data(), qw, tmp.data());
+    if (has_lora) lora_add(att.data(), n, qw, {term(O, tmp.data())}, slot_of);
     add_into_h();
     rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
     gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())}, amx_rows);
-    adapt(GATE, x.data(), E, gate.data());
-    adapt(UP, x.data(), E, up.data());
+    if (has_lora) lora_add(x.data(), n, E, {term(GATE, gate.data()), term(UP, up.data())}, slot_of);
     for (int64_t e = 0; e < n * I; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
     gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())}, amx_rows);
-    adapt(DOWN, gate.data(), I, tmp.data());
+    if (has_lora) lora_add(gate.data(), n, I, {term(DOWN, tmp.data())}, slot_of);
     add_into_h();
   }
   rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());

@@ -59,6 +59,10 @@ class Generator:
         fused_decode: On the CPU, run decode-only steps of Llama-family models in one fused C++ call
             (:mod:`.fused_decode`). ``None`` (default) uses it when the model supports it and the kernel
             builds; ``True`` raises ``ValueError`` with the reason when it cannot; ``False`` never uses it.
+        lora_dtype: Precision of the LoRA adapter stacks the fused CPU decode step reads: ``"float16"``
+            (default, as llama.cpp's adapter files: half the bytes a step with adapters reads, each weight
+            within fp16's rounding) or ``"float32"`` (the adapters' weights exactly). The generic path
+            always applies adapters in the model's precision.
         attention: How steps attend over the paged cache: ``"sdpa"`` gathers the blocks and runs
             masked SDPA (one call for the decode rows, one for the prefill chunks); ``"triton"`` reads
             the blocks in place with the kernels of :mod:`.triton_attention` (CUDA; ``ValueError`` when
@@ -87,6 +91,7 @@ class Generator:
         prefix_caching: bool = False,
         cuda_graphs: bool = True,
         fused_decode: bool | None = None,
+        lora_dtype: str = "float16",
         attention: str = "auto",
     ):
         spec = model.spec
@@ -115,7 +120,7 @@ class Generator:
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, spec.max_positions)
         self.device = spec.device
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
-                                  fused_decode=fused_decode, attention=attention)
+                                  fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention)
         self.eos_token_ids = frozenset(_eos_ids(model) if eos_token_ids is None else eos_token_ids)
         self._seqs: dict[int, Seq] = {}  # live requests; released after their final event
         self._next_id = 0

@@ -215,8 +215,9 @@ class _Snapshot:
     the pointers and dtypes itself (``held_current``). The hold is released when the snapshot is dropped.
     """
 
-    def __init__(self, hf: Any, ext: Any):
+    def __init__(self, hf: Any, ext: Any, lora_dtype: torch.dtype = torch.float16):
         body = hf.model
+        self.lora_dtype = lora_dtype
         self.wrappers: list[Any] = []  # LoRA wrappers, in the C++ layout's order
         self.lora: list[torch.Tensor] = []  # (A, B) stacks per matrix per layer, or [] without LoRA
         checks: list[tuple[nn.Module, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
@@ -279,7 +280,7 @@ class _Snapshot:
         )
         if self.slots:
             for m in matrices:
-                self.lora += fused_lora.stacks(m, self.slots) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
+                self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
         self.lora_state = [fused_lora.state(m) for m in self.wrappers]
         self.lora_weights = [(t, t._version) for m in self.wrappers for t in fused_lora.weights(m)]
 
@@ -349,9 +350,15 @@ class FusedDecode:
             :func:`default_max_rows`.
         amx_rows: Steps with at least this many rows run their matrices on AMX tiles where the CPU has
             them (0: never; fp32 matrices from twice as many).
+        lora_dtype: ``torch.float16`` (default) or ``torch.float32``: the precision of the LoRA stacks
+            the step reads (:mod:`.fused_lora`).
     """
 
-    def __init__(self, model, cache: PagedKVCache, max_rows: int | None = None, amx_rows: int = AMX_ROWS):
+    def __init__(self, model, cache: PagedKVCache, max_rows: int | None = None, amx_rows: int = AMX_ROWS,
+                 lora_dtype: torch.dtype = torch.float16):  # fmt: skip
+        if lora_dtype not in fused_lora.LORA_DTYPES:
+            raise ValueError(f"lora_dtype must be one of {list(fused_lora.LORA_DTYPES)}; got {lora_dtype!r}")
+        self.lora_dtype = lora_dtype
         self.model = model
         self.cache = cache
         self.ext: Any = extension()
@@ -365,7 +372,7 @@ class FusedDecode:
             return snap
         self._snapshot = None
         if unsupported(self.model) is None:
-            self._snapshot = _Snapshot(self.model.hf, self.ext)
+            self._snapshot = _Snapshot(self.model.hf, self.ext, self.lora_dtype)
         return self._snapshot
 
     def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [n, vocab]

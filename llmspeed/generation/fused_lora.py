@@ -2,9 +2,15 @@
 
 A LoRA-wrapped projection (``llmspeed.lora.LoraLinear``, recognised by its ``base_layer`` and
 ``lora_A``/``lora_B``) joins the fused step when its adapters are unmerged and its dropout cannot
-fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, R, out]`` (B transposed) in
-fp32, one slot per adapter name on the model (sorted), zero-padded to the largest rank and with the adapter's
-scale folded into ``B``; an adapter that does not touch a projection is zeros there. The C++ step then
+fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, R, out]`` (B transposed),
+one slot per adapter name on the model (sorted), zero-padded to the largest rank and with the adapter's
+scale folded into ``B``; an adapter that does not touch a projection is zeros there.
+
+The stacks are fp16 by default (``lora_dtype``), as llama.cpp's LoRA files are: the step reads every
+stacked adapter's bytes, and at r=16 on every projection four adapters are 83 MB in fp32, nearly what
+the int4 model itself reads. Each weight then carries fp16's relative rounding (at most 2^-11) and the
+products are summed in fp32; a projection whose stacked values do not fit fp16's range stays fp32.
+``lora_dtype=torch.float32`` stacks the adapters exactly. The C++ step then
 adds ``B[s] (A[s] x)`` to each row's projection output for the slot ``s`` of that row's adapter
 (``decode_cpu.cpp``'s ``lora_add``), the way the generic path's routed deltas do.
 """
@@ -50,11 +56,15 @@ def weights(module: Any) -> list[torch.Tensor]:
     return [t for n in module.lora_A for t in (module.weight_a(n), module.weight_b(n))]
 
 
-def stacks(module: Any, slots: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [S, R, in], B [S, R, out])`` fp32 for ``slots`` (adapter names); empty tensors if none applies.
+LORA_DTYPES = (torch.float16, torch.float32)
+
+
+def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [S, R, in], B [S, R, out])`` for ``slots`` (adapter names); empty tensors if none applies.
 
     ``B`` is stored transposed so that the step adds each rank's contribution to a whole output row as one
-    contiguous multiply-add (no horizontal sum per output element).
+    contiguous multiply-add (no horizontal sum per output element). ``dtype``: one of :data:`LORA_DTYPES`;
+    fp16 stacks whose values would overflow it are returned in fp32.
     """
     present = [n for n in slots if n in module.lora_A]
     if not present:
@@ -68,6 +78,9 @@ def stacks(module: Any, slots: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
                 r = module.rank(name)
                 a[s, :r] = module.weight_a(name).float()  # [r, in]
                 b[s, :r] = module.weight_b(name).float().T * module.scaling[name]  # [r, out]
+    limit = torch.finfo(dtype).max
+    if dtype != torch.float32 and max(a.abs().max(), b.abs().max()) <= limit:
+        return a.to(dtype), b.to(dtype)
     return a, b
 
 

@@ -23,6 +23,8 @@ from ..protocol import CausalLM
 from .block_manager import slot
 from .kv_cache import PagedAttention, PagedKVCache
 
+_LORA_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # Generator(lora_dtype=...) names
+
 
 @dataclass(frozen=True)
 class StepInput:
@@ -80,11 +82,14 @@ class ModelRunner:
         num_blocks: KV blocks the scheduler hands out.
         block_size: Tokens per block.
         max_seqs: Most sequences in a step (sizes the CUDA graphs).
-        cuda_graphs, fused_decode, attention: As in :class:`~llmspeed.generation.Generator`.
+        cuda_graphs, fused_decode, lora_dtype, attention: As in :class:`~llmspeed.generation.Generator`.
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_seqs: int, *,
-                 cuda_graphs: bool = True, fused_decode: bool | None = None, attention: str = "auto"):
+                 cuda_graphs: bool = True, fused_decode: bool | None = None, lora_dtype: str = "float16",
+                 attention: str = "auto"):  # fmt: skip
+        if lora_dtype not in _LORA_DTYPES:
+            raise ValueError(f"lora_dtype must be one of {list(_LORA_DTYPES)}; got {lora_dtype!r}")
         spec = model.spec
         self.model = model
         self.device = spec.device
@@ -100,7 +105,7 @@ class ModelRunner:
                 model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
             )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
-        self.fused_decode_status = self._setup_fused(model, fused_decode)
+        self.fused_decode_status = self._setup_fused(model, fused_decode, _LORA_DTYPES[lora_dtype])
 
     def _setup_attention(self, spec: Any, wanted: str) -> str:
         self.decode_kernel: Any = None
@@ -129,7 +134,7 @@ class ModelRunner:
             raise ValueError(f"attention='triton' cannot run here: {why}")
         return f"sdpa ({why})"
 
-    def _setup_fused(self, model: CausalLM, wanted: bool | None) -> str:
+    def _setup_fused(self, model: CausalLM, wanted: bool | None, lora_dtype: torch.dtype) -> str:
         if wanted not in (None, True, False):
             raise ValueError(f"fused_decode must be None, True or False; got {wanted!r}")
         if wanted is False:
@@ -143,7 +148,7 @@ class ModelRunner:
             if wanted:
                 raise ValueError(f"fused_decode=True, but this model cannot use it: {reason}")
             return f"off ({reason})"
-        self.fused = fused_decode.FusedDecode(model, self.cache)
+        self.fused = fused_decode.FusedDecode(model, self.cache, lora_dtype=lora_dtype)
         return "on"
 
     def warmup(self, max_seqs: int, context: int = 512) -> int:

@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI, their cost)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (ours or PEFT's); repeat for more")
+    p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
+                   help="precision of the adapters the fused CPU decode step reads (docs/lora.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
@@ -102,7 +104,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         lora.set_adapter(model, None)  # requests for the base model run without any adapter
     tune_kernels(model, args.max_batch_tokens)
     engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
-                    max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching)
+                    max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype)
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(args.model).name)
     return engine, OpenAIServer(engine, served, names, api_key=args.api_key)
 

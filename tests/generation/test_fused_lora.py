@@ -7,16 +7,22 @@ import torch
 
 import llmspeed
 from llmspeed import lora
-from llmspeed.generation import Generator, SamplingParams, fused_decode
+from llmspeed.generation import Generator, SamplingParams, fused_decode, fused_lora
 from llmspeed.generation.runner import StepInput
 
 from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled
 
+FP16_LORA_TOLERANCE = 2e-3  # logits, relative to their largest: adapters stacked in fp16 (docs/lora.md)
+
 pytestmark = pytest.mark.skipif(fused_decode.unavailable() is not None, reason="the C++ decode kernel cannot build here")
 
 
-def _with_adapters(model, seed=0):
-    """Adapters "a" (r=4, every projection) and "b" (r=8, q and v only) with random, non-zero B."""
+def _with_adapters(model, seed=0, fp16_exact=True):
+    """Adapters "a" (r=4, every projection) and "b" (r=8, q and v only) with random, non-zero B.
+
+    ``fp16_exact``: every A and B value is an fp16 value and the scales (2 and 0.5) are powers of two, so
+    the fused step's default fp16 stacks hold exactly the adapters the generic path applies in fp32.
+    """
     lora.add_adapter(model, "a", r=4, alpha=8)
     lora.add_adapter(model, "b", r=8, alpha=4, targets=["q_proj", "v_proj"])
     g = torch.Generator().manual_seed(seed)
@@ -24,6 +30,9 @@ def _with_adapters(model, seed=0):
         for _, layer in lora.lora_layers(model):
             for name in layer.lora_A:
                 layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.05)
+                if fp16_exact:
+                    for w in (layer.weight_a(name), layer.weight_b(name)):
+                        w.copy_(w.half().float())
     lora.set_adapter(model, None)
     return model
 
@@ -72,11 +81,39 @@ def test_adapters_changed_in_place_are_restacked():
     before = runner.run(step, ["a", "a"])
     with torch.no_grad():  # what an optimizer step does: same tensors, new values
         for _, layer in lora.lora_layers(model):
-            layer.weight_b("a").mul_(3.0)
+            layer.weight_b("a").mul_(2.0)
     after = runner.run(step, ["a", "a"])
     ref = _routed_logits(model, gen, decode, ["a", "a"])
     assert not torch.allclose(before, after)
     assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
+def test_fp16_stacks_round_each_weight_and_float32_stacks_are_exact():
+    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=6), "int4", group_size=32)
+    _with_adapters(model, fp16_exact=False)
+    gen, decode = _prefilled(model, [5, 9, 3])
+    names = ["a", "b", None]
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    ref = _routed_logits(model, gen, decode, names)
+    exact = fused_decode.FusedDecode(model, gen.cache, lora_dtype=torch.float32).run(step, names)
+    half = fused_decode.FusedDecode(model, gen.cache).run(step, names)
+    err = [(out - ref).abs().max() / ref.abs().max() for out in (exact, half)]
+    assert err[0] < LOGIT_TOLERANCE[torch.float32]
+    assert LOGIT_TOLERANCE[torch.float32] < err[1] < FP16_LORA_TOLERANCE  # fp16 rounding shows, and stays small
+    with pytest.raises(ValueError, match="lora_dtype must be one of .*got torch.bfloat16"):
+        fused_decode.FusedDecode(model, gen.cache, lora_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="lora_dtype must be one of \\['float16', 'float32'\\]; got 'half'"):
+        Generator(model, lora_dtype="half")
+
+
+def test_stacks_that_overflow_fp16_stay_fp32():
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=0))
+    layer = next(layer for _, layer in lora.lora_layers(model))
+    assert [t.dtype for t in fused_lora.stacks(layer, ["a", "b"])] == [torch.float16] * 2
+    with torch.no_grad():
+        layer.weight_b("a")[0, 0] = 1e5  # times the scale 2: past fp16's 65504
+    a, b = fused_lora.stacks(layer, ["a", "b"])
+    assert a.dtype == b.dtype == torch.float32 and b[0, 0, 0] == 2e5
 
 
 def test_it_steps_aside_for_merged_adapters_and_live_dropout():

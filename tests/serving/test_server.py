@@ -208,6 +208,21 @@ def test_serve_cli_quantizes_the_output_head_only_when_asked():
         build(build_parser().parse_args(["--activations", "int8"]))
 
 
+def test_serve_cli_passes_the_lora_dtype_to_the_fused_step():
+    from llmspeed.generation import fused_decode
+    from llmspeed.serving.cli import build, build_parser
+
+    if fused_decode.unavailable() is not None:
+        pytest.skip(f"the C++ decode kernel cannot build here: {fused_decode.unavailable()}")
+    engine, _ = build(build_parser().parse_args(["--lora-dtype", "float32", "--port", "0"]))
+    try:
+        assert engine.generator.runner.fused.lora_dtype == torch.float32
+    finally:
+        engine.close()
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["--lora-dtype", "bfloat16"])
+
+
 def test_serve_cli_int8_activations_reach_every_quantized_layer():
     from llmspeed.serving.cli import build, build_parser
 
