@@ -2,7 +2,8 @@
 
 One load generator (asyncio + httpx, 127.0.0.1 only, every request bounded in time) sends the same
 Poisson schedule of streaming chat requests to each server in turn: SmolLM2 in fp32 from the same
-local folder for both, then llmspeed with ``--quantize int8``. Per offered rate: throughput, time to
+local folder for both, then llmspeed with ``--quantize int8``; with ``rounds`` the servers run side by
+side and take turns, rate by rate. Per offered rate: throughput, time to
 first token and inter-token latency (p50 / p99), errors. A server *sustains* a rate while its p99
 time to first token stays under 2 s.
 """
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,18 +137,75 @@ async def _warm_up(url: str, model: str, prompts: list[str]) -> None:
     await _drive(url, model, prompts[:k], [16] * k, [0.1 * i for i in range(k)])
 
 
+def _commands(folder: Path) -> dict[str, Any]:
+    """Each server's command line for a port: the same local SmolLM2 folder, served under its path."""
+    tf = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
+          "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port"]
+    ours = [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder), "--served-model-name", str(folder)]
+    flags = {"llmspeed": [], "llmspeed int8": ["--quantize", "int8"],
+             "llmspeed int8 head": ["--quantize", "int8", "--quantize-lm-head"],
+             "llmspeed int8 act8": ["--quantize", "int8", "--activations", "int8"]}
+    commands: dict[str, Any] = {"transformers": lambda port: [*tf, str(port)]}
+    for name, extra in flags.items():
+        commands[name] = lambda port, extra=extra: [*ours, *extra, "--port", str(port)]
+    return commands
+
+
+def _summary(rows: list[dict], servers: tuple[str, ...], rates: tuple[float, ...]) -> list[dict]:
+    """Per server, the highest rate whose p99 TTFT stayed under 2 s (in every round), against transformers'."""
+    best = {}
+    for system in servers:
+        runs = {rate: [r["sustained"] for r in rows if r["server"] == system and r["offered_req_s"] == rate]
+                for rate in rates}  # fmt: skip
+        ok = [rate for rate, sustained in runs.items() if sustained and all(sustained)]
+        best[system] = max(ok) if ok else 0.0
+    base = best.get("transformers") or 0.0
+    return [{"table": "http load, summary", "server": system, "highest_rate_with_p99_ttft_under_2s": best[system],
+             "vs_transformers_serve": round(best[system] / base, 2) if base else ""} for system in servers]
+
+
+def _round_ratios(rows: list[dict], servers: tuple[str, ...], rates: tuple[float, ...], rounds: int) -> list[dict]:
+    """Completed requests per second against the first server's in the same round and rate; median and range."""
+    import statistics
+
+    out = []
+    first = servers[0]
+    for system in servers[1:]:
+        for rate in rates:
+            ratios = []
+            for k in range(1, rounds + 1):
+                got = {r["server"]: r["completed_req_s"] for r in rows
+                       if r.get("round") == k and r["offered_req_s"] == rate and r["server"] in (first, system)}
+                if got.get(first):
+                    ratios.append(got[system] / got[first])
+            if ratios:
+                out.append({"table": f"http load, completed req/s against {first}, per round", "server": system,
+                            "offered_req_s": rate, "rounds": len(ratios), "median": round(statistics.median(ratios), 3),
+                            "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+                            "each round": " ".join(f"{x:.2f}" for x in ratios)})  # fmt: skip
+    return out
+
+
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = False,
         rates: tuple[float, ...] | None = None, servers: tuple[str, ...] = ("transformers", "llmspeed", "llmspeed int8"),
-        requests: int | None = None) -> list[dict]:
+        requests: int | None = None, rounds: int = 1) -> list[dict]:
     """Run every server on the same schedules; rows per (server, rate), then a summary per server.
 
     ``requests``: requests per rate (default 24, 10 with ``quick``); a rate's queue builds only when the
     run is long enough, so finding a fast server's knee takes more.
+
+    ``rounds`` > 1 starts every server at once and runs the rates that many times, each rate on each
+    server in turn (the order reversed every other round), so that a host whose speed drifts over the
+    minutes a run takes slows every server alike; a table then gives each server's completed requests
+    per second against the first server's, round by round. With one round the servers run one after
+    the other, each alone on the machine.
     """
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"http_serving runs SmolLM2 on the CPU only; got device={device!r}, model={model!r}")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer; got {rounds!r}")
     n = requests or (10 if quick else 24)
-    rates = rates or ((0.5, 2.0) if quick else (0.25, 0.5, 1.0, 2.0, 4.0))
+    rates = tuple(rates or ((0.5, 2.0) if quick else (0.25, 0.5, 1.0, 2.0, 4.0)))
     tmp = Path(tempfile.mkdtemp(prefix="llmspeed-http-"))
     folder = tmp / "smollm2"
     _export_smollm2(folder)
@@ -156,35 +214,37 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     tok = AutoTokenizer.from_pretrained(folder)
     ids, lengths = make_workload(tok, n, prompt_range=(16, 256), mean=16 if quick else 48, cap=32 if quick else 128)
     prompts = [tok.decode(p) for p in ids]
+    commands = _commands(folder)
+    unknown = [s for s in servers if s not in commands]
+    if unknown:
+        raise ValueError(f"unknown servers {unknown}; known: {list(commands)}")
     rows: list[dict] = []
-    commands = {
-        "transformers": lambda port: [str(Path(sys.executable).with_name("transformers")), "serve", str(folder),
-                                      "--continuous-batching", "--device", "cpu", "--dtype", "float32",
-                                      "--host", "127.0.0.1", "--port", str(port)],
-        "llmspeed": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder),
-                                  "--served-model-name", str(folder), "--port", str(port)],
-        "llmspeed int8": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder), "--quantize",
-                                       "int8", "--served-model-name", str(folder), "--port", str(port)],
-        "llmspeed int8 head": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder),
-                                            "--quantize", "int8", "--quantize-lm-head", "--served-model-name",
-                                            str(folder), "--port", str(port)],
-        "llmspeed int8 act8": lambda port: [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder),
-                                            "--quantize", "int8", "--activations", "int8", "--served-model-name",
-                                            str(folder), "--port", str(port)],
-    }
-    for system in servers:
-        port = _free_port()
-        with server_process(commands[system](port), port, tmp / f"{system.replace(' ', '_')}.log") as url:
-            asyncio.run(_warm_up(url, str(folder), prompts))
+
+    def measure(system: str, url: str, k: int, rate: float, round_: int | None) -> None:
+        results, start = asyncio.run(_drive(url, str(folder), prompts, lengths, _arrivals(n, rate, seed=k)))
+        row = _row(system, rate, results, start)
+        if round_ is not None:
+            row["round"] = round_
+        rows.append(row)
+
+    if rounds == 1:
+        for system in servers:
+            port = _free_port()
+            with server_process(commands[system](port), port, tmp / f"{system.replace(' ', '_')}.log") as url:
+                asyncio.run(_warm_up(url, str(folder), prompts))
+                for k, rate in enumerate(rates):
+                    measure(system, url, k, rate, None)
+        return rows + _summary(rows, servers, rates)
+    with ExitStack() as stack:
+        urls = {}
+        for system in servers:
+            port = _free_port()
+            log = tmp / f"{system.replace(' ', '_')}.log"
+            urls[system] = stack.enter_context(server_process(commands[system](port), port, log))
+        for system in servers:
+            asyncio.run(_warm_up(urls[system], str(folder), prompts))
+        for r in range(1, rounds + 1):
             for k, rate in enumerate(rates):
-                results, start = asyncio.run(_drive(url, str(folder), prompts, lengths, _arrivals(n, rate, seed=k)))
-                rows.append(_row(system, rate, results, start))
-    best = {}
-    for system in servers:
-        ok = [r["offered_req_s"] for r in rows if r["server"] == system and r["sustained"]]
-        best[system] = max(ok) if ok else 0.0
-    base = best.get("transformers") or 0.0
-    for system in servers:
-        rows.append({"table": "http load, summary", "server": system, "highest_rate_with_p99_ttft_under_2s": best[system],
-                     "vs_transformers_serve": round(best[system] / base, 2) if base else ""})
-    return rows
+                for system in servers if r % 2 else servers[::-1]:
+                    measure(system, urls[system], k, rate, r)
+    return rows + _summary(rows, servers, rates) + _round_ratios(rows, servers, rates, rounds)
