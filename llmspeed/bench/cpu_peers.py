@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     "int8, int8 lm_head": "int8", "int4, int8 lm_head": "int4",
     "int8, int8 activations, int8 lm_head": "int8", "int4, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int8 lm_head": "int4",
+    "int4, awq+gptq, int8 activations, int4 lm_head": "int4",
 }  # fmt: skip
 SEQS = 8  # sequences of the batched decode rows
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
@@ -199,6 +201,8 @@ def _llmspeed_model(fmt: str):
         # the output head is 113 MB of fp32 by default: half of what int4 decode reads; quantized, it also
         # serves as the tied input embedding (quantize's share_embedding default)
         head = {"skip": [], "int8_layers": ["lm_head"] if base == "int4" else None} if "int8 lm_head" in options else {}
+        if "int4 lm_head" in options:
+            head = {"skip": []}  # the head in the model's own int4 format
         acts = "int8" if "int8 activations" in options else "float"
         method = "awq+gptq" if "awq+gptq" in options else "rtn"  # its default calibration text
         quantize(model, base, group_size=64 if base == "int4" else None, method=method, activations=acts, **head)
@@ -231,16 +235,29 @@ def _ratios(ours: dict[str, Any], theirs: dict[str, Any], against: str) -> dict[
             "ppl llmspeed / llama.cpp": round(ours["perplexity"] / theirs["perplexity"], 4)}  # fmt: skip
 
 
-def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """One row per format: llmspeed and llama.cpp side by side, with the ratios the issue asks for."""
+def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
+        formats: Sequence[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per format: llmspeed and llama.cpp side by side, with the ratios the issue asks for.
+
+    ``formats``: the :data:`FORMATS` keys to run (default all); a variant's anchor format runs with it.
+    """
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"cpu_peers compares the embedded SmolLM2 on the CPU; got device={device!r}, model={model!r}")
+    if formats is not None:
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"formats {unknown} are not cpu_peers rows; known: {list(FORMATS)}")
+        wanted = set(formats) | {FORMATS[f] for f in formats if isinstance(FORMATS[f], str)}
+    else:
+        wanted = set(FORMATS)
     threads = torch.get_num_threads()
     steps, n_windows = (16, 2) if quick else (32, 8)
     missing = llama_cpp_missing()
     rows = []
     measured: dict[str, dict[str, Any]] = {}  # llama.cpp's numbers by llmspeed format, for the variants
     for fmt, anchor in FORMATS.items():
+        if fmt not in wanted:
+            continue
         m = _llmspeed_model(fmt)
         prompt = _ids(m, 400)
         windows = torch.tensor(_ids(m, 256 * n_windows)).view(n_windows, 256)  # the same token windows for both

@@ -21,6 +21,8 @@ def test_it_compares_the_embedded_model_on_the_cpu_only():
         cpu_peers.run(device="cuda")
     with pytest.raises(ValueError, match="model='tiny-llama'"):
         cpu_peers.run(model="tiny-llama")
+    with pytest.raises(ValueError, match=r"formats \['int3'\] are not cpu_peers rows; known: \['fp32'"):
+        cpu_peers.run(formats=["int3"])
 
 
 def test_every_format_maps_to_the_llama_cpp_type_of_the_same_width():
@@ -39,7 +41,9 @@ def test_variants_build_what_their_names_say():
     assert isinstance(layers["lm_head"], Int8Linear)
     assert all(isinstance(m, Int4Linear) and m.config.activations == "int8" and m.config.group_size == 64
                for n, m in layers.items() if n != "lm_head")  # fmt: skip
-    assert all(k.split(", ")[1:] and set(k.split(", ")[1:]) <= {"int8 lm_head", "int8 activations", "awq+gptq"}
+    assert all(k.split(", ")[1:] and set(k.split(", ")[1:]) <= {"int8 lm_head", "int4 lm_head", "int8 activations", "awq+gptq"}
                for k, v in cpu_peers.FORMATS.items() if isinstance(v, str))  # fmt: skip
+    int4_head = dict(cpu_peers._llmspeed_model("int4, int8 activations, int4 lm_head").linear_layers())["lm_head"]
+    assert isinstance(int4_head, Int4Linear) and int4_head.config.group_size == 64
     plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())
     assert type(plain["lm_head"]).__name__ == "Linear" and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
