@@ -24,7 +24,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import CausalLM
 from .block_manager import BlockManager
@@ -34,6 +34,9 @@ from .runner import ModelRunner, StepInput
 from .sampling import RowContext, SamplingParams, coerce, request_generator, sample_batch
 from .scheduler import Batch, Scheduler
 from .sequence import Sequence as Seq
+
+if TYPE_CHECKING:
+    import torch
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -59,9 +62,10 @@ class Generator:
         fused_decode: On the CPU, run decode-only steps of Llama-family models in one fused C++ call
             (:mod:`.fused_decode`). ``None`` (default) uses it when the model supports it and the kernel
             builds; ``True`` raises ``ValueError`` with the reason when it cannot; ``False`` never uses it.
-        lora_dtype: Precision of the LoRA adapter stacks the fused CPU decode step reads: ``"float16"``
+        lora_dtype: Precision of the LoRA adapter stacks the fused CPU decode step reads: ``"fp16"``
             (default, as llama.cpp's adapter files: half the bytes a step with adapters reads, each weight
-            within fp16's rounding) or ``"float32"`` (the adapters' weights exactly). The generic path
+            within fp16's rounding) or ``"fp32"`` (the adapters' weights exactly); any spelling
+            :func:`llmspeed.cast` takes (``"float16"``, ``torch.float32``, ...). The generic path
             always applies adapters in the model's precision.
         attention: How steps attend over the paged cache: ``"sdpa"`` gathers the blocks and runs
             masked SDPA (one call for the decode rows, one for the prefill chunks); ``"triton"`` reads
@@ -91,7 +95,7 @@ class Generator:
         prefix_caching: bool = False,
         cuda_graphs: bool = True,
         fused_decode: bool | None = None,
-        lora_dtype: str = "float16",
+        lora_dtype: str | torch.dtype = "fp16",
         attention: str = "auto",
     ):
         spec = model.spec

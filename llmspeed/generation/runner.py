@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
+from ..names import CANONICAL_DTYPES, dtype_name
 from ..protocol import CausalLM
 from .block_manager import slot
 from .kv_cache import PagedAttention, PagedKVCache
-
-_LORA_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # Generator(lora_dtype=...) names
 
 
 @dataclass(frozen=True)
@@ -86,10 +85,11 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_seqs: int, *,
-                 cuda_graphs: bool = True, fused_decode: bool | None = None, lora_dtype: str = "float16",
+                 cuda_graphs: bool = True, fused_decode: bool | None = None, lora_dtype: str | torch.dtype = "fp16",
                  attention: str = "auto"):  # fmt: skip
-        if lora_dtype not in _LORA_DTYPES:
-            raise ValueError(f"lora_dtype must be one of {list(_LORA_DTYPES)}; got {lora_dtype!r}")
+        if dtype_name(lora_dtype) not in ("fp16", "fp32"):
+            raise ValueError(f"lora_dtype must be fp16 or fp32 (or another spelling: 'float16', 'half', "
+                             f"torch.float32, ...); got {lora_dtype!r}")  # fmt: skip
         spec = model.spec
         self.model = model
         self.device = spec.device
@@ -105,7 +105,7 @@ class ModelRunner:
                 model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
             )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
-        self.fused_decode_status = self._setup_fused(model, fused_decode, _LORA_DTYPES[lora_dtype])
+        self.fused_decode_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(dtype_name(lora_dtype))])
 
     def _setup_attention(self, spec: Any, wanted: str) -> str:
         self.decode_kernel: Any = None

@@ -102,8 +102,10 @@ def test_fp16_stacks_round_each_weight_and_float32_stacks_are_exact():
     assert LOGIT_TOLERANCE[torch.float32] < err[1] < FP16_LORA_TOLERANCE  # fp16 rounding shows, and stays small
     with pytest.raises(ValueError, match="lora_dtype must be one of .*got torch.bfloat16"):
         fused_decode.FusedDecode(model, gen.cache, lora_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="lora_dtype must be one of \\['float16', 'float32'\\]; got 'half'"):
-        Generator(model, lora_dtype="half")
+    with pytest.raises(ValueError, match="lora_dtype must be fp16 or fp32 .*; got 'bf16'"):
+        Generator(model, lora_dtype="bf16")
+    for spelling in ("float32", torch.float32, "FP32"):
+        assert Generator(model, lora_dtype=spelling, kv_cache_tokens=64).runner.fused.lora_dtype == torch.float32
 
 
 def test_stacks_that_overflow_fp16_stay_fp32():
