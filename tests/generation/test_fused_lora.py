@@ -118,6 +118,22 @@ def test_stacks_that_overflow_fp16_stay_fp32():
     assert a.dtype == b.dtype == torch.float32 and b[0, 0, 0] == 2e5
 
 
+def test_a_group_mixing_fp16_and_fp32_stacks_gives_the_generic_logits():
+    """q_proj of layer 0 overflows fp16 (its stacks stay fp32) while k and v, in the same C++ group, are fp16."""
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=7))
+    q = model.hf.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.weight_a("a")[0, 0] = 70000.0  # past fp16's 65504
+    gen, decode = _prefilled(model, [4, 6, 5])
+    fused = fused_decode.FusedDecode(model, gen.cache)
+    names = ["a", "b", "a"]
+    out = fused.run(StepInput.decode(decode, gen.blocks.block_size), names)
+    stacks = fused._snapshot.lora
+    assert stacks[0].dtype == torch.float32 and stacks[2].dtype == torch.float16  # layer 0: q, then k
+    ref = _routed_logits(model, gen, decode, names)
+    assert torch.isfinite(ref).all() and (out - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 def test_it_steps_aside_for_merged_adapters_and_live_dropout():
     model, _, _, runner, step = _fused_step(0, [4, 6])
     assert runner.run(step, ["a", None]) is not None
