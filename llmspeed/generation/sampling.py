@@ -233,6 +233,18 @@ def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequ
     return logits
 
 
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:  # [N] int64
+    """The index of each row's largest value: the first one on ties, the first NaN if a row has one.
+
+    On the CPU, fp32 rows go through NumPy's vectorized argmax, with the same rules: torch's CPU argmax
+    walks a 49k-token vocabulary at about 2.7 ns a value (130 us a row on the 2-core Xeon, 1% of a
+    quantized decode step), NumPy's in about 8 us.
+    """
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
+        return torch.from_numpy(scores.numpy().argmax(-1))
+    return scores.argmax(dim=-1)
+
+
 def sample_batch(
     logits: torch.Tensor,  # [N, V], one row per request that needs a token
     params: Sequence[SamplingParams],
@@ -263,7 +275,7 @@ def sample_batch(
         )  # [R, V]
         gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))  # [R, V]
         scores = scores.index_copy(0, idx, scaled + gumbel)  # [N, V]
-    tokens = scores.argmax(dim=-1)  # [N]
+    tokens = argmax_rows(scores)  # [N]
     token_list = tokens.tolist()
     wanted = [p.logprobs for p in params]
     if all(w is None for w in wanted):

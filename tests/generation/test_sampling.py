@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from llmspeed.generation.sampling import SamplingParams, filter_logits, request_generator, sample
+from llmspeed.generation.sampling import SamplingParams, argmax_rows, filter_logits, request_generator, sample
 
 
 @pytest.mark.parametrize(
@@ -76,3 +80,20 @@ def test_sampling_follows_the_distribution():
     for _ in range(2000):
         counts[sample(probs.log()[None], [p], [gen])[0]] += 1
     assert torch.allclose(counts / 2000, probs, atol=0.04)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+               elements=st.sampled_from([0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan"), -0.0]))
+)  # fmt: skip
+def test_argmax_rows_matches_torch_on_ties_infinities_and_nans(rows):
+    scores = torch.from_numpy(rows)
+    assert torch.equal(argmax_rows(scores), scores.argmax(dim=-1))
+    assert torch.equal(argmax_rows(scores.T.contiguous().T), scores.argmax(dim=-1))  # a strided view too
+    assert argmax_rows(scores).dtype == torch.long
+
+
+def test_argmax_rows_leaves_other_dtypes_to_torch():
+    scores = torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 0.0, 5.0]], dtype=torch.bfloat16)
+    assert argmax_rows(scores).tolist() == [1, 0]
