@@ -4,15 +4,15 @@ A LoRA-wrapped projection (``llmspeed.lora.LoraLinear``, recognised by its ``bas
 ``lora_A``/``lora_B``) joins the fused step when its adapters are unmerged and its dropout cannot
 fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, R, out]`` (B transposed),
 one slot per adapter name on the model (sorted), zero-padded to the largest rank and with the adapter's
-scale folded into ``B``; an adapter that does not touch a projection is zeros there.
-
-The stacks are fp16 by default (``lora_dtype``), as llama.cpp's LoRA files are: the step reads every
-stacked adapter's bytes, and at r=16 on every projection four adapters are 83 MB in fp32, nearly what
-the int4 model itself reads. Each weight then carries fp16's relative rounding (at most 2^-11) and the
-products are summed in fp32; a projection whose stacked values do not fit fp16's range stays fp32.
-``lora_dtype=torch.float32`` stacks the adapters exactly. The C++ step then
+scale folded into ``B``; an adapter that does not touch a projection is zeros there. The C++ step then
 adds ``B[s] (A[s] x)`` to each row's projection output for the slot ``s`` of that row's adapter
 (``decode_cpu.cpp``'s ``lora_add``), the way the generic path's routed deltas do.
+
+The stacks are fp16 by default (``lora_dtype``), as llama.cpp's LoRA files are: a step reads every
+stacked adapter's bytes, and a few r=16 adapters on every projection weigh, in fp32, about as much as
+a 4-bit model (docs/lora.md has the measurements). Each weight then carries fp16's relative rounding
+(at most 2^-11) and the products are summed in fp32; a projection whose stacked values do not fit fp16's
+range stays fp32. ``lora_dtype=torch.float32`` stacks the adapters exactly.
 """
 
 from __future__ import annotations
