@@ -77,7 +77,7 @@ inline __m512 load16(const int8_t* p) {
 inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #endif
 
-// sum_k x[k] * w[k]; x fp32, w fp32, bf16 or int8 (16-wide with AVX-512, else 8-wide with AVX2)
+// sum_k x[k] * w[k]; x fp32, w fp32, bf16, fp16 or int8 (16-wide with AVX-512, else 8-wide with AVX2)
 template <typename W>
 inline float dot(const float* x, const W* w, int64_t K, bool prefetch) {
   int64_t k = 0;
