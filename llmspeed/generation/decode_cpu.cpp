@@ -105,33 +105,36 @@ inline float dot(const float* x, const W* w, int64_t K, bool prefetch) {
   return s;
 }
 
-// y[r] = sum_k x[r * K + k] * w[k] for 4 rows of x: each weight vector is loaded once for the 4 rows
-template <typename W>
-inline void dot4(const float* x, const W* w, int64_t K, bool prefetch, float* y) {
+// y[r] = sum_k x[r * K + k] * w[k] for R rows of x (4 or 8): each weight vector is loaded (and widened) once
+// for the R rows
+template <int R, typename W>
+inline void dot_rows(const float* x, const W* w, int64_t K, bool prefetch, float* y) {
   int64_t k = 0;
-  float s[4] = {0.f, 0.f, 0.f, 0.f};
+  float s[R] = {};
 #if defined(__AVX512F__)
   constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) {
     if (prefetch && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead), _MM_HINT_T0);
     __m512 wv = load16(w + k);
-    for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * K + k), a[r]);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * K + k), a[r]);
   }
-  for (int r = 0; r < 4; ++r) s[r] = _mm512_reduce_add_ps(a[r]);
+  for (int r = 0; r < R; ++r) s[r] = _mm512_reduce_add_ps(a[r]);
 #elif defined(__AVX2__)
   constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
     if (prefetch && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead), _MM_HINT_T0);
     __m256 wv = load8(w + k);
-    for (int r = 0; r < 4; ++r) a[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), a[r]);
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), a[r]);
   }
-  for (int r = 0; r < 4; ++r) s[r] = hsum(a[r]);
+  for (int r = 0; r < R; ++r) s[r] = hsum(a[r]);
 #endif
   for (; k < K; ++k)
-    for (int r = 0; r < 4; ++r) s[r] += x[r * K + k] * to_float(w[k]);
-  for (int r = 0; r < 4; ++r) y[r] = s[r];
+    for (int r = 0; r < R; ++r) s[r] += x[r * K + k] * to_float(w[k]);
+  for (int r = 0; r < R; ++r) y[r] = s[r];
 }
 
 // out[k] += a * v[k]
@@ -211,11 +214,15 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const Linear& l, const W* w
   for (int64_t n = lo; n < hi; ++n) {
     const W* wr = w + n * K;
     const float s = l.scale ? l.scale[n] : 1.f, bias = l.bias ? l.bias[n] : 0.f;
-    float r4[4];
+    float r8[8];
     int64_t m = 0;
+    for (; m + 8 <= M; m += 8) {
+      dot_rows<8>(x + m * K, wr, K, m == 0, r8);
+      for (int r = 0; r < 8; ++r) l.y[(m + r) * l.N + n] = r8[r] * s + bias;
+    }
     for (; m + 4 <= M; m += 4) {
-      dot4(x + m * K, wr, K, m == 0, r4);
-      for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = r4[r] * s + bias;
+      dot_rows<4>(x + m * K, wr, K, m == 0, r8);
+      for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = r8[r] * s + bias;
     }
     for (; m < M; ++m) l.y[m * l.N + n] = dot(x + m * K, wr, K, m == 0) * s + bias;
   }

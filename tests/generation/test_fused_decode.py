@@ -128,11 +128,11 @@ def _generic_logits(model, gen, decode):
 def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
     """Both GEMV paths of the fused step (AMX tiles only where the CPU has them; the row loop otherwise)."""
     model = llmspeed.models.tiny(architecture, seed=3, dtype=dtype)
-    # 9 sequences (two 4-row tiles and a tail), contexts crossing block boundaries
-    gen, decode = _prefilled(model, [1, 3, 4, 5, 9, 16, 17, 30, 2])
+    # 13 sequences (the row loop's 8-row and 4-row blocks and a tail), contexts crossing block boundaries
+    gen, decode = _prefilled(model, [1, 3, 4, 5, 9, 16, 17, 30, 2, 6, 11, 7, 3])
     fused = fused_decode.FusedDecode(model, gen.cache, amx_rows=amx_rows).run(StepInput.decode(decode, gen.blocks.block_size))
     ref = _generic_logits(model, gen, decode)
-    assert fused is not None and fused.shape == ref.shape == (9, model.spec.vocab_size)
+    assert fused is not None and fused.shape == ref.shape == (13, model.spec.vocab_size)
     err = (fused - ref).abs().max() / ref.abs().max()
     assert err < LOGIT_TOLERANCE[dtype], err
     if dtype == torch.float32:
