@@ -87,7 +87,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_seqs: int, *,
                  cuda_graphs: bool = True, fused_decode: bool | None = None, lora_dtype: str | torch.dtype = "fp16",
                  attention: str = "auto"):  # fmt: skip
-        if dtype_name(lora_dtype) not in ("fp16", "fp32"):
+        lora_name = dtype_name(lora_dtype)
+        if lora_name not in ("fp16", "fp32"):
             raise ValueError(f"lora_dtype must be fp16 or fp32 (or another spelling: 'float16', 'half', "
                              f"torch.float32, ...); got {lora_dtype!r}")  # fmt: skip
         spec = model.spec
@@ -105,7 +106,7 @@ class ModelRunner:
                 model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
             )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
-        self.fused_decode_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(dtype_name(lora_dtype))])
+        self.fused_decode_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(lora_name)])
 
     def _setup_attention(self, spec: Any, wanted: str) -> str:
         self.decode_kernel: Any = None
