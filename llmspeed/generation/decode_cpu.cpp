@@ -15,6 +15,8 @@
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 #include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
 #include "q4_int8.h"  // int8 activations (act_quant) and the int4 x int8 VNNI dot product
+#include "cpu_vec.h"  // widening loads (fp32 / bf16 / fp16 / int8 to fp32 registers)
+#include "paged_attention.h"  // Step and attend_cached: attention over the paged KV cache
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -34,48 +36,7 @@
 
 namespace {
 
-using bf16 = c10::BFloat16;
-using f16 = c10::Half;
 constexpr int64_t PREFETCH_BYTES = 4096;
-
-inline float to_float(float v) { return v; }
-inline float to_float(bf16 v) { return static_cast<float>(v); }
-inline float to_float(f16 v) { return static_cast<float>(v); }
-inline float to_float(int8_t v) { return static_cast<float>(v); }
-inline void from_float(float v, float* out) { *out = v; }
-inline void from_float(float v, bf16* out) { *out = bf16(v); }
-
-#ifdef __AVX2__
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift into the high half
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 load8(const f16* p) {
-#ifdef __F16C__
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  alignas(32) float v[8];
-  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
-  return _mm256_load_ps(v);
-#endif
-}
-#endif
-
-#ifdef __AVX512F__
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-#endif
 
 // sum_k x[k] * w[k]; x fp32, w fp32, bf16, fp16 or int8 (16-wide with AVX-512, else 8-wide with AVX2)
 template <typename W>
@@ -436,45 +397,6 @@ void rope(float* x, int64_t M, int64_t heads, int64_t D, const float* cos, const
         v[j + half] = b * c[j + half] + a * s[j + half];
       }
     }
-}
-
-struct Step {
-  int64_t n, H, Hkv, D, BS, W;
-  const int64_t* slots;    // [n]
-  const int64_t* blocks;   // [n, W]
-  const int64_t* context;  // [n]
-  float scale;
-};
-
-// out[i, h, :] = softmax(q . K^T * scale) V over sequence i's blocks (keys already in the cache).
-template <typename C>
-void attend_cached(const Step& st, const float* q, const C* kc, const C* vc, float* out) {
-  const int64_t row = st.Hkv * st.D;
-  const int64_t group = st.H / st.Hkv;
-  at::parallel_for(0, st.n * st.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t i = t / st.H, h = t % st.H, g = h / group, L = st.context[i];
-      const float* qh = q + (i * st.H + h) * st.D;
-      const int64_t* table = st.blocks + i * st.W;
-      scores.resize(L);
-      float mx = -INFINITY;
-      // positions block by block (no division per position): cache row base + j holds position p
-      for (int64_t b = 0, p = 0; p < L; ++b)
-        for (int64_t base = table[b] * st.BS, j = 0; j < st.BS && p < L; ++j, ++p) {
-          scores[p] = dot(qh, kc + (base + j) * row + g * st.D, st.D, false) * st.scale;
-          mx = std::max(mx, scores[p]);
-        }
-      float sum = 0.f;
-      for (int64_t p = 0; p < L; ++p) sum += (scores[p] = std::exp(scores[p] - mx));
-      const float inv = 1.f / sum;
-      float* o = out + (i * st.H + h) * st.D;
-      std::memset(o, 0, st.D * sizeof(float));
-      for (int64_t b = 0, p = 0; p < L; ++b)
-        for (int64_t base = table[b] * st.BS, j = 0; j < st.BS && p < L; ++j, ++p)
-          axpy(scores[p] * inv, vc + (base + j) * row + g * st.D, o, st.D);
-    }
-  });
 }
 
 // Write the new keys/values, then attend over sequence i's blocks.

@@ -40,6 +40,8 @@ SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
 AMX_HEADER = Q4_HEADER.with_name("amx_tiles.h")  # the shared AMX tile matmul
 INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 / int8 x int8 VNNI dot products
+VEC_HEADER = SOURCE.with_name("cpu_vec.h")  # widening loads to fp32 registers
+ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention over the paged KV cache
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,7 +51,8 @@ _MODULES = operator.attrgetter("_modules")  # a module's children dict, read wit
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable"]
-    return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=[Q4_HEADER, AMX_HEADER, INT8_HEADER])
+    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, VEC_HEADER, ATTENTION_HEADER]
+    return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
 
 def extension() -> ModuleType | None:

@@ -239,6 +239,36 @@ def test_paged_decode_kernel_equals_gather_and_sdpa(dtype):
         assert (out[i].float() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, lens",
+    [
+        (9, 3, 64, [300]),  # one sequence: its positions split over the threads, partial softmaxes merged
+        (9, 3, 64, [1, 63, 64, 65, 130, 4, 17, 200, 9]),  # more sequences than twice the threads: one range each
+        (8, 2, 128, [129, 3]),  # head dim 128 (two heads' outputs in registers at once), group of 4
+        (7, 7, 64, [250]),  # no grouping
+        (14, 2, 64, [70, 190]),  # groups of 7: four heads, then three
+        (6, 3, 40, [150, 31]),  # a head dim that is no whole number of registers: the generic loops
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paged_decode_kernel_covers_every_layout(heads, kv_heads, dim, lens, dtype):
+    """Every code path of the CPU decode attention (head dims, group sizes, split and whole sequences) agrees
+    with gather + SDPA; positions come through shuffled block tables."""
+    torch.manual_seed(1)
+    n, bs = len(lens), 16
+    width = max(-(-ctx // bs) for ctx in lens)
+    q = torch.randn(n, heads, dim).to(dtype)
+    k, v = (torch.randn(n * width + 2, bs, kv_heads, dim).to(dtype) for _ in range(2))
+    tables = torch.randperm(n * width + 2)[: n * width].view(n, width)  # [n, W]
+    out = fused_decode.paged_decode(q, k, v, tables, torch.tensor(lens), dim**-0.5)  # [n, H, D]
+    group = heads // kv_heads
+    for i, ctx in enumerate(lens):
+        kk, vv = (c[tables[i]].reshape(-1, kv_heads, dim)[:ctx].float().repeat_interleave(group, 1).transpose(0, 1)
+                  for c in (k, v))  # [H, L, D]  # fmt: skip
+        ref = torch.nn.functional.scaled_dot_product_attention(q[i].float()[:, None], kk, vv, scale=dim**-0.5)[:, 0]
+        assert (out[i].float() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2), (i, ctx)
+
+
 def test_generic_decode_with_the_cpp_attention_gives_the_sdpa_tokens():
     model = llmspeed.models.tiny("llama", seed=0)
     prompts = [[1, 2, 3], list(range(40, 90)), [7] * 17]
