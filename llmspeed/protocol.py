@@ -65,8 +65,11 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V that one token occupies across all layers at ``dtype``."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return self.kv_bytes_per_token_at(self.dtype)
+
+    def kv_bytes_per_token_at(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V that one token occupies across all layers in a cache of ``dtype``."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
 @runtime_checkable

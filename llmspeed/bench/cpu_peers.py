@@ -45,6 +45,9 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     "int8, int8 activations, int8 lm_head": "int8", "int4, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int4 lm_head": "int4",
+    # llama.cpp caches keys and values in fp16 by default (type_k / type_v f16): the same cache on our side
+    "fp32, fp16 kv cache": "fp32", "int8, int8 activations, int8 lm_head, fp16 kv cache": "int8",
+    "int4, awq+gptq, int8 activations, int8 lm_head, fp16 kv cache": "int4",
 }  # fmt: skip
 SEQS = 8  # sequences of the batched decode rows
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
@@ -209,21 +212,28 @@ def _llmspeed_model(fmt: str):
     return model
 
 
-def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int) -> dict[str, Any]:
+def _kv_cache_dtype(fmt: str) -> str:
+    """The ``kv_cache_dtype`` a FORMATS key asks for (``"auto"``: the model's dtype)."""
+    return "fp16" if "fp16 kv cache" in fmt.split(", ")[1:] else "auto"
+
+
+def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, kv_cache_dtype: str = "auto") -> dict[str, Any]:
     from ..eval.perplexity import window_losses
 
     prefill = []
     for _ in range(3):
-        g = Generator(model, kv_cache_tokens=1024, progress=False)
+        g = Generator(model, kv_cache_tokens=1024, progress=False, kv_cache_dtype=kv_cache_dtype)
         g.add_request(prompt[:256], SamplingParams(max_new_tokens=1))
         start = time.perf_counter()
         g.step()
         prefill.append(256 / (time.perf_counter() - start))
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
-    return {"decode ms": decode_step_ms(model, [prompt[:128]], steps)[0], "prefill tok/s": statistics.median(prefill),
+    one, eight = [prompt[:128]], [prompt[i : i + 128] for i in range(8)]
+    return {"decode ms": decode_step_ms(model, one, steps, kv_cache_dtype=kv_cache_dtype)[0],
+            "prefill tok/s": statistics.median(prefill),
             "MB": memory_footprint(model)["total"] / 1e6, "perplexity": math.exp(losses.mean().item()),
-            "decode ms, 8 sequences": decode_step_ms(model, [prompt[i : i + 128] for i in range(8)], steps)[0]}  # fmt: skip
+            "decode ms, 8 sequences": decode_step_ms(model, eight, steps, kv_cache_dtype=kv_cache_dtype)[0]}  # fmt: skip
 
 
 def _ratios(ours: dict[str, Any], theirs: dict[str, Any], against: str) -> dict[str, Any]:
@@ -262,7 +272,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         prompt = _ids(m, 400)
         windows = torch.tensor(_ids(m, 256 * n_windows)).view(n_windows, 256)  # the same token windows for both
         with torch.inference_mode():
-            ours = _llmspeed_rows(m, prompt, windows, steps)
+            ours = _llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt))
         name = f"{fmt} / {anchor[0]}" if isinstance(anchor, tuple) else f"{fmt} (llmspeed only)"
         row: dict[str, Any] = {"format": name, "threads": threads,
                                "llmspeed decode ms": round(ours["decode ms"], 2),

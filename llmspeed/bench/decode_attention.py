@@ -23,6 +23,7 @@ from .models import load_model
 
 CASES = ((1, 128), (1, 1024), (8, 128), (8, 512), (32, 512))
 BLOCK = 16
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Generator(kv_cache_dtype=...)
 MAX_CACHE_BYTES = 512 << 20  # fewer layers than the model's when all of them would hold more
 
 
@@ -83,5 +84,5 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     spec = load_model(model, "cpu").spec
     cases, reps = (((1, 128), (8, 128)), 5) if quick else (CASES, 15)
     g = torch.Generator().manual_seed(0)
-    work = [(dtype, n, ctx) for dtype in (torch.float32, torch.bfloat16) for n, ctx in cases]
+    work = [(dtype, n, ctx) for dtype in CACHE_DTYPES for n, ctx in cases]
     return [_measure(spec, dtype, n, ctx, reps, g) for dtype, n, ctx in tqdm(work, desc="decode attention", disable=not progress)]

@@ -18,6 +18,7 @@ def decode_step_ms(
     fused_max_rows: int | None = None,
     fused_amx_rows: int | None = None,
     lora_dtype: str = "float16",
+    kv_cache_dtype: str = "auto",
 ) -> tuple[float, str]:
     """Median ms of ``steps`` decode steps with one running sequence per prompt, and the paths they took.
 
@@ -32,10 +33,11 @@ def decode_step_ms(
         fused_amx_rows: Rows from which the fused step runs its matrices on AMX tiles (0: never; default
             :data:`~llmspeed.generation.fused_decode.AMX_ROWS`).
         lora_dtype: Passed to :class:`~llmspeed.generation.Generator` (the fused step's adapter stacks).
+        kv_cache_dtype: Passed to :class:`~llmspeed.generation.Generator` (``"auto"``: the model's dtype).
     """
     tokens = sum(len(p) + steps + 8 for p in prompts)  # every sequence stays resident: no preemption
     g = Generator(model, kv_cache_tokens=max(4096, tokens), progress=False, fused_decode=fused_decode,
-                  lora_dtype=lora_dtype)
+                  lora_dtype=lora_dtype, kv_cache_dtype=kv_cache_dtype)
     if fused_max_rows is not None and g.runner.fused is not None:
         g.runner.fused.max_rows = fused_max_rows
     if fused_amx_rows is not None and g.runner.fused is not None:

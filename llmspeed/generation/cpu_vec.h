@@ -20,6 +20,7 @@ inline float to_float(f16 v) { return static_cast<float>(v); }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 inline void from_float(float v, float* out) { *out = v; }
 inline void from_float(float v, bf16* out) { *out = bf16(v); }
+inline void from_float(float v, f16* out) { *out = f16(v); }
 
 #ifdef __AVX2__
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }

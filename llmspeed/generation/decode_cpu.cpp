@@ -6,7 +6,7 @@
 // residual, then the final norm and the vocabulary projection. The residual stream stays in fp32;
 // weights are fp32, bf16, weight-only int8 with one scale per output row (llmspeed's Int8Linear) or
 // packed 4-bit int4/NF4 (Int4Linear/NF4Linear: q4_tile from the header shared with the quantized matmul,
-// llmspeed/quant/kernels/q4_tiles.h), widened to fp32 in registers; the KV cache is fp32 or bf16.
+// llmspeed/quant/kernels/q4_tiles.h), widened to fp32 in registers; the KV cache is fp32, bf16 or fp16.
 //
 // Decode at small batch is bound by reading the weights once, so the GEMV streams each weight row
 // from memory once (software prefetch 4 KiB ahead) and reuses it from L1 for the n rows of x.
@@ -631,8 +631,11 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
     if (key_cache.scalar_type() == at::kBFloat16) {
       attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<bf16>() + l * layer_stride,
              value_cache.data_ptr<bf16>() + l * layer_stride, att.data());
+    } else if (key_cache.scalar_type() == at::kHalf) {
+      attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<f16>() + l * layer_stride,
+             value_cache.data_ptr<f16>() + l * layer_stride, att.data());
     } else {
-      TORCH_CHECK(key_cache.scalar_type() == at::kFloat, "fused decode: cache must be fp32 or bf16");
+      TORCH_CHECK(key_cache.scalar_type() == at::kFloat, "fused decode: cache must be fp32, bf16 or fp16");
       attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
              value_cache.data_ptr<float>() + l * layer_stride, att.data());
     }
@@ -656,7 +659,7 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
 }
 
 // Decode attention read in place from one layer's paged cache (the generic path's decode kernel):
-// q [n, H, D] fp32, key/value [NB, BS, Hkv, D] fp32 or bf16, tables [n, W] int64, lens [n] int64 -> [n, H, D].
+// q [n, H, D] fp32, key/value [NB, BS, Hkv, D] fp32, bf16 or fp16, tables [n, W] int64, lens [n] int64 -> [n, H, D].
 at::Tensor paged_decode(at::Tensor q, at::Tensor key, at::Tensor value, at::Tensor tables, at::Tensor lens, double scale) {
   check_f32(q, "query");
   TORCH_CHECK(key.is_contiguous() && value.is_contiguous() && key.dim() == 4 && key.sizes() == value.sizes(),
@@ -671,8 +674,10 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor key, at::Tensor value, at::Tens
   auto out = at::empty_like(q);
   if (key.scalar_type() == at::kBFloat16)
     attend_cached(st, q.data_ptr<float>(), key.data_ptr<bf16>(), value.data_ptr<bf16>(), out.data_ptr<float>());
+  else if (key.scalar_type() == at::kHalf)
+    attend_cached(st, q.data_ptr<float>(), key.data_ptr<f16>(), value.data_ptr<f16>(), out.data_ptr<float>());
   else {
-    TORCH_CHECK(key.scalar_type() == at::kFloat, "paged decode: the cache must be fp32 or bf16");
+    TORCH_CHECK(key.scalar_type() == at::kFloat, "paged decode: the cache must be fp32, bf16 or fp16");
     attend_cached(st, q.data_ptr<float>(), key.data_ptr<float>(), value.data_ptr<float>(), out.data_ptr<float>());
   }
   return out;

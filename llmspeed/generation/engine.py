@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import CausalLM
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
+from .kv_cache import cache_dtype
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent
 from .runner import ModelRunner, StepInput
 from .sampling import RowContext, SamplingParams, coerce, request_generator, sample_batch
@@ -47,7 +48,12 @@ class Generator:
     Args:
         model: The model (``llmspeed.Model`` or anything implementing the protocol).
         kv_cache_tokens: KV budget in tokens (default 16384 unless ``kv_cache_bytes`` is given).
-        kv_cache_bytes: KV budget in bytes instead (converted with ``spec.kv_bytes_per_token``).
+        kv_cache_bytes: KV budget in bytes instead (converted at ``kv_cache_dtype``'s bytes per token).
+        kv_cache_dtype: Dtype of the cached keys and values: ``"auto"`` (default: the model's), or on the CPU
+            ``"bf16"`` / ``"fp16"`` (any spelling :func:`llmspeed.cast` takes) for a cache of half an fp32
+            model's bytes, which the decode attention reads in half the time at long contexts and many
+            sequences (llama.cpp's cache is fp16 by default); ``"fp32"``. Keys and values are rounded to it
+            once, when written (docs/batching.md).
         block_size: Tokens per KV block.
         max_batch_tokens: Most tokens (decodes + prefill chunks) in one forward pass.
         max_seqs: Most requests running at once.
@@ -97,17 +103,19 @@ class Generator:
         fused_decode: bool | None = None,
         lora_dtype: str | torch.dtype = "fp16",
         attention: str = "auto",
+        kv_cache_dtype: str | torch.dtype = "auto",
     ):
         spec = model.spec
+        cache_bytes_per_token = spec.kv_bytes_per_token_at(cache_dtype(spec, kv_cache_dtype))
         if kv_cache_tokens is not None and kv_cache_bytes is not None:
             raise ValueError("give kv_cache_tokens or kv_cache_bytes, not both")
         if kv_cache_bytes is not None:
-            if kv_cache_bytes < spec.kv_bytes_per_token * block_size:
+            if kv_cache_bytes < cache_bytes_per_token * block_size:
                 raise ValueError(
-                    f"kv_cache_bytes must hold at least one block ({spec.kv_bytes_per_token * block_size} bytes); "
+                    f"kv_cache_bytes must hold at least one block ({cache_bytes_per_token * block_size} bytes); "
                     f"got {kv_cache_bytes}"
                 )
-            kv_cache_tokens = kv_cache_bytes // spec.kv_bytes_per_token
+            kv_cache_tokens = kv_cache_bytes // cache_bytes_per_token
         kv_cache_tokens = 16384 if kv_cache_tokens is None else kv_cache_tokens
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1; got {block_size}")
@@ -124,7 +132,8 @@ class Generator:
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, spec.max_positions)
         self.device = spec.device
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
-                                  fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention)
+                                  fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,
+                                  kv_cache_dtype=kv_cache_dtype)
         self.eos_token_ids = frozenset(_eos_ids(model) if eos_token_ids is None else eos_token_ids)
         self._seqs: dict[int, Seq] = {}  # live requests; released after their final event
         self._next_id = 0

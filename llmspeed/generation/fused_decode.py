@@ -312,7 +312,7 @@ def paged_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables
                  scale: float) -> torch.Tensor:  # fmt: skip
     """The generic path's decode attention on the CPU, read in place from the paged cache (a ``DecodeKernel``).
 
-    ``q [n, H, D]``, ``key``/``value [NB, BS, Hkv, D]`` (fp32 or bf16), ``tables [n, W]``, ``lens [n]`` ->
+    ``q [n, H, D]``, ``key``/``value [NB, BS, Hkv, D]`` (fp32, bf16 or fp16), ``tables [n, W]``, ``lens [n]`` ->
     ``[n, H, D]`` in ``q``'s dtype: the fused step's own attention loop, so no block is gathered or copied
     (gather + SDPA spent about as long copying the blocks as attending over them).
     """

@@ -31,8 +31,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..names import CANONICAL_DTYPES, dtype_name
 from ..protocol import ModelSpec
 from .block_manager import slot
+
+KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def cache_dtype(spec: ModelSpec, wanted: str | torch.dtype) -> torch.dtype:
+    """The dtype of a KV cache for ``wanted`` (``"auto"``: the model's; else any spelling of fp32/bf16/fp16).
+
+    A dtype other than the model's is for the CPU, whose attention kernels widen bf16 and fp16 rows in
+    registers (half the bytes a decode step reads from the cache); ``ValueError`` elsewhere, and for a
+    value that names no dtype.
+    """
+    name = "auto" if isinstance(wanted, str) and wanted.strip().lower() == "auto" else dtype_name(wanted)
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)} (or another spelling: "
+                         f"'float16', torch.bfloat16, ...); got {wanted!r}")  # fmt: skip
+    dtype = spec.dtype if name == "auto" else CANONICAL_DTYPES[str(name)]
+    if dtype != spec.dtype and spec.device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype={wanted!r} differs from the model's {spec.dtype}; on {spec.device.type} the "
+                         f"attention kernels and CUDA graphs read the model's dtype: use 'auto'")  # fmt: skip
+    return dtype
 
 
 class PagedKVCache:
@@ -42,16 +63,18 @@ class PagedKVCache:
         spec: The model's shapes (layers, KV heads, head dim, dtype, device).
         num_blocks: Blocks per layer.
         block_size: Tokens per block.
+        dtype: Dtype of the cached keys and values (default: the model's).
     """
 
-    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int):
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
         shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.key = torch.zeros(shape, dtype=spec.dtype, device=spec.device)  # [L, NB, BS, Hkv, D]
-        self.value = torch.zeros(shape, dtype=spec.dtype, device=spec.device)  # [L, NB, BS, Hkv, D]
+        dtype = spec.dtype if dtype is None else dtype
+        self.key = torch.zeros(shape, dtype=dtype, device=spec.device)  # [L, NB, BS, Hkv, D]
+        self.value = torch.zeros(shape, dtype=dtype, device=spec.device)  # [L, NB, BS, Hkv, D]
 
     @property
     def nbytes(self) -> int:

@@ -22,7 +22,7 @@ import torch
 from ..names import CANONICAL_DTYPES, dtype_name
 from ..protocol import CausalLM
 from .block_manager import slot
-from .kv_cache import PagedAttention, PagedKVCache
+from .kv_cache import PagedAttention, PagedKVCache, cache_dtype
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,12 @@ class ModelRunner:
         block_size: Tokens per block.
         max_seqs: Most sequences in a step (sizes the CUDA graphs).
         cuda_graphs, fused_decode, lora_dtype, attention: As in :class:`~llmspeed.generation.Generator`.
+        kv_cache_dtype: As in :class:`~llmspeed.generation.Generator` (``"auto"``: the model's dtype).
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_seqs: int, *,
                  cuda_graphs: bool = True, fused_decode: bool | None = None, lora_dtype: str | torch.dtype = "fp16",
-                 attention: str = "auto"):  # fmt: skip
+                 attention: str = "auto", kv_cache_dtype: str | torch.dtype = "auto"):  # fmt: skip
         lora_name = dtype_name(lora_dtype)
         if lora_name not in ("fp16", "fp32"):
             raise ValueError(f"lora_dtype must be fp16 or fp32 (or another spelling: 'float16', 'half', "
@@ -96,7 +97,7 @@ class ModelRunner:
         self.device = spec.device
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
-        self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size)
+        self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size, cache_dtype(spec, kv_cache_dtype))
         self.attention_status = self._setup_attention(spec, attention)
         self.graphs: Any = None
         if use_graphs:

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the cached keys and values (auto: the model's; docs/batching.md)")
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--max-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prompt prefixes")
@@ -104,7 +106,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         lora.set_adapter(model, None)  # requests for the base model run without any adapter
     tune_kernels(model, args.max_batch_tokens)
     engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
-                    max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype)
+                    max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype,
+                    kv_cache_dtype=args.kv_cache_dtype)
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(args.model).name)
     return engine, OpenAIServer(engine, served, names, api_key=args.api_key)
 

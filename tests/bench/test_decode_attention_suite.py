@@ -7,16 +7,17 @@ import pytest
 from llmspeed.bench import decode_attention
 
 
-def test_quick_run_reports_every_case_for_both_cache_dtypes():
+def test_quick_run_reports_every_case_for_every_cache_dtype():
     rows = decode_attention.run(model="tiny-llama", quick=True, progress=False)
     assert [(r["dtype"], r["sequences"], r["context"]) for r in rows] == [
-        ("float32", 1, 128), ("float32", 8, 128), ("bfloat16", 1, 128), ("bfloat16", 8, 128)]  # fmt: skip
+        ("float32", 1, 128), ("float32", 8, 128), ("bfloat16", 1, 128), ("bfloat16", 8, 128),
+        ("float16", 1, 128), ("float16", 8, 128)]  # fmt: skip
     for r in rows:
         assert r["kernel us per layer"] > 0 and r["SDPA us (contiguous)"] > 0 and r["layers"] >= 1
         # the read rate is the cache bytes over the kernel's time, nothing else
         assert r["GB/s"] == pytest.approx(r["cache MB per layer"] * 1e-3 / (r["kernel us per layer"] * 1e-6), rel=0.05, abs=0.1)
-    fp32, bf16 = rows[1], rows[3]
-    assert bf16["cache MB per layer"] == pytest.approx(fp32["cache MB per layer"] / 2, abs=0.01)
+    fp32, bf16, fp16 = rows[1], rows[3], rows[5]
+    assert bf16["cache MB per layer"] == fp16["cache MB per layer"] == pytest.approx(fp32["cache MB per layer"] / 2, abs=0.01)
 
 
 def test_it_refuses_a_gpu():

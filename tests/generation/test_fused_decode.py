@@ -11,7 +11,7 @@ from torch import nn
 import llmspeed
 from llmspeed import Generator, SamplingParams
 from llmspeed.generation import fused_decode
-from llmspeed.generation.kv_cache import PagedAttention
+from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache
 from llmspeed.generation.runner import StepInput
 
 # max |difference| / max |reference logit| allowed between the fused step and the generic path
@@ -111,8 +111,8 @@ def _prefilled(model, lengths, block_size=4, seed=0):
     return gen, [(s.block_table, s.num_tokens - 1, s.output_ids[-1]) for s in seqs]
 
 
-def _generic_logits(model, gen, decode):
-    attention = PagedAttention(gen.cache, [(t, p, 1) for t, p, _ in decode])
+def _generic_logits(model, gen, decode, cache=None):
+    attention = PagedAttention(gen.cache if cache is None else cache, [(t, p, 1) for t, p, _ in decode])
     with torch.inference_mode():
         return model.forward_batch(
             torch.tensor([tok for _, _, tok in decode]),
@@ -168,6 +168,26 @@ def test_quantized_models_match_the_generic_path(architecture, fmt, options, amx
     # int8 activations: fp32 summation order upstream may move an activation code by one step
     tolerance = ACT8_LOGIT_TOLERANCE if options.get("activations") == "int8" else LOGIT_TOLERANCE[torch.float32]
     assert (fused - ref).abs().max() / ref.abs().max() < tolerance
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_caches_match_the_generic_path_and_stay_near_the_fp32_cache(cache_dtype):
+    """An fp32 model over a 16-bit cache (``kv_cache_dtype``): the fused step and the generic path read the same
+    rounded keys and values, so they agree as closely as over an fp32 cache; the logits move from the fp32
+    cache's by no more than the rounding of the cached values."""
+    model = llmspeed.models.tiny("llama", seed=3)
+    gen, decode = _prefilled(model, [1, 3, 17, 30, 6])
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    half = PagedKVCache(model.spec, gen.cache.num_blocks, gen.cache.block_size, cache_dtype)
+    half.key.copy_(gen.cache.key)  # the prefilled keys and values, rounded once
+    half.value.copy_(gen.cache.value)
+    fused_half = fused_decode.FusedDecode(model, half).run(step)
+    generic_half = _generic_logits(model, gen, decode, half)
+    fused_fp32 = fused_decode.FusedDecode(model, gen.cache).run(step)
+    scale = fused_fp32.abs().max()
+    assert (fused_half - generic_half).abs().max() / scale < LOGIT_TOLERANCE[torch.float32]
+    moved = (fused_half - fused_fp32).abs().max() / scale
+    assert 0 < moved < (2e-2 if cache_dtype == torch.bfloat16 else 2e-3), moved
 
 
 def test_qwen2_biases_are_used():

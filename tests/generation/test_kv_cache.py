@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import llmspeed
+from llmspeed import Generator, SamplingParams
 from llmspeed.generation import triton_attention
-from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache, block_tables
+from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache, block_tables, cache_dtype
 from llmspeed.protocol import ModelSpec
 
 SPEC = ModelSpec("Test", 1, 4, 2, 8, 32, 10, 64, torch.float32, torch.device("cpu"))
@@ -63,3 +67,22 @@ def test_block_tables_cut_and_pad_to_a_width():
     tables = block_tables([[5, 1, 9], [2], ()], 2, torch.device("cpu"), pad=7)  # [3, 2]
     assert tables.tolist() == [[5, 1], [2, 7], [7, 7]] and tables.dtype == torch.long
     assert block_tables([[4]], 3, torch.device("cpu"), dtype=torch.int32).tolist() == [[4, 0, 0]]
+
+
+def test_kv_cache_dtype_sets_the_cache_its_byte_budget_and_refuses_what_it_cannot_hold():
+    model = llmspeed.models.tiny("llama", seed=0)  # fp32
+    auto = Generator(model, progress=False, kv_cache_tokens=256)
+    half = Generator(model, progress=False, kv_cache_tokens=256, kv_cache_dtype="float16")
+    assert auto.cache.key.dtype == torch.float32 and half.cache.key.dtype == half.cache.value.dtype == torch.float16
+    assert 2 * half.cache.nbytes == auto.cache.nbytes
+    by_bytes = Generator(model, progress=False, kv_cache_bytes=auto.cache.nbytes, kv_cache_dtype=torch.bfloat16)
+    assert by_bytes.cache.key.dtype == torch.bfloat16 and by_bytes.blocks.num_blocks == 2 * auto.blocks.num_blocks
+    out = half.generate_batched([[1, 2, 3], list(range(5, 40))], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [6, 6]
+    for bad in ("int8", "fp8", torch.float64, 16):
+        with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \['auto', 'fp32', 'bf16', 'fp16'\]"):
+            Generator(model, progress=False, kv_cache_tokens=256, kv_cache_dtype=bad)
+    on_gpu = dataclasses.replace(model.spec, device=torch.device("cuda"))
+    assert cache_dtype(on_gpu, "auto") == cache_dtype(on_gpu, "float32") == torch.float32
+    with pytest.raises(ValueError, match="on cuda the attention kernels and CUDA graphs read the model's dtype"):
+        cache_dtype(on_gpu, "fp16")

@@ -223,6 +223,18 @@ def test_serve_cli_passes_the_lora_dtype_to_the_fused_step():
         build_parser().parse_args(["--lora-dtype", "bfloat16"])
 
 
+def test_serve_cli_passes_the_kv_cache_dtype_to_the_cache():
+    from llmspeed.serving.cli import build, build_parser
+
+    engine, _ = build(build_parser().parse_args(["--kv-cache-dtype", "float16", "--kv-cache-tokens", "512", "--port", "0"]))
+    try:
+        assert engine.generator.cache.key.dtype == torch.float16
+    finally:
+        engine.close()
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["--kv-cache-dtype", "int8"])
+
+
 def test_serve_cli_int8_activations_reach_every_quantized_layer():
     from llmspeed.serving.cli import build, build_parser
 
