@@ -11,30 +11,19 @@ laid out contiguously, per sequence (what the per-layer path ran before the kern
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..generation import fused_decode
+from ..timing import timeit
 from .models import load_model
 
 CASES = ((1, 128), (1, 1024), (8, 128), (8, 512), (32, 512))
 BLOCK = 16
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Generator(kv_cache_dtype=...)
 MAX_CACHE_BYTES = 512 << 20  # fewer layers than the model's when all of them would hold more
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def _measure(spec, dtype: torch.dtype, n: int, ctx: int, reps: int, g: torch.Generator) -> dict[str, Any]:
@@ -67,8 +56,8 @@ def _measure(spec, dtype: torch.dtype, n: int, ctx: int, reps: int, g: torch.Gen
         for qi, k, v in dense:
             torch.nn.functional.scaled_dot_product_attention(qi, k, v, scale=scale)
 
-    kernel_ms = _median_ms(kernel, reps) / layers
-    sdpa_ms = _median_ms(sdpa, reps)
+    kernel_ms = timeit(kernel, repeats=reps).median * 1e3 / layers
+    sdpa_ms = timeit(sdpa, repeats=reps).median * 1e3
     return {
         "dtype": str(dtype).removeprefix("torch."), "sequences": n, "context": ctx, "layers": layers,
         "cache MB per layer": round(per_layer / 1e6, 3), "kernel us per layer": round(kernel_ms * 1e3, 1),
