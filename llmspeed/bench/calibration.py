@@ -60,7 +60,16 @@ EXTRAS: dict[str, dict[str, Any]] = {
     "damp=0.1": {"method_options": {"damp": 0.1}},
     "int8 down_proj": {"int8_layers": ["*.mlp.down_proj"]},
     "int8 activations": {"activations": "int8"},
+    "int8 lm_head": {"skip": [], "int8_layers": ["lm_head"]},  # the output head (and tied embedding) at int8
 }
+
+
+def settings(fmt: str, extra: str) -> dict[str, Any]:
+    """The ``quantize`` keyword arguments of a row's options (an int8 model's head is int8 without ``int8_layers``)."""
+    out = dict(EXTRAS[extra])
+    if fmt == "int8":
+        out.pop("int8_layers", None)
+    return out
 
 
 def configurations(
@@ -80,10 +89,11 @@ def configurations(
         rows += [("int4", g, m, "mix", "-") for m in CALIBRATED]
         rows += [("int4", g, "rtn", "-", "int8 activations")]
         rows += [("int4", g, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
-    rows += [("int4", 64, "awq+gptq", "mix", "int8 activations")]
+        rows += [("int4", g, "rtn", "-", "int8 lm_head")]
+    rows += [("int4", 64, "awq+gptq", "mix", "int8 activations"), ("int4", 64, "awq+gptq", "mix", "int8 lm_head")]
     if not quick:
         rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
-        rows += [("int8", None, "rtn", "-", "-")]
+        rows += [("int8", None, "rtn", "-", "-"), ("int8", None, "rtn", "-", "int8 lm_head")]
         if 64 in groups:
             rows += [("int4", 64, "gptq", "pydoc", "-"), ("int4", 64, "awq+gptq", "mix", "damp=0.1")]
     rows = [r for r in rows if r[0] == "fp32" or (r[0] in formats and (methods is None or r[2] in methods))]
@@ -125,8 +135,8 @@ def run(
         load1 = os.getloadavg()[0]
         if fmt != "fp32":
             calibrated = method in CALIBRATED
-            settings = dict(EXTRAS[extra])
-            method_options = {**options, **settings.pop("method_options", {})} if calibrated else None
+            kwargs = settings(fmt, extra)
+            method_options = {**options, **kwargs.pop("method_options", {})} if calibrated else None
             t0, c0 = time.perf_counter(), time.process_time()
             llmspeed.quantize(
                 m,
@@ -135,7 +145,7 @@ def run(
                 method=method,
                 calibration=pydoc_text("train") if calibration == "pydoc" else None,
                 method_options=method_options,
-                **settings,
+                **kwargs,
             )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row: dict[str, Any] = {
