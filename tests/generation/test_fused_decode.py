@@ -289,6 +289,36 @@ def test_paged_decode_kernel_covers_every_layout(heads, kv_heads, dim, lens, dty
         assert (out[i].float() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2), (i, ctx)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    kv_heads=st.integers(1, 4),
+    group=st.integers(1, 5),
+    dim=st.sampled_from([8, 16, 24, 40, 64, 128]),
+    lens=st.lists(st.integers(0, 300), min_size=1, max_size=6),
+    block=st.sampled_from([1, 4, 16]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_decode_kernel_equals_softmax_attention(kv_heads, group, dim, lens, block, dtype, seed):
+    """Any head layout, context lengths from 0 (an empty sequence gives zeros) and block size against softmax
+    attention over the same cached values in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    n, heads = len(lens), kv_heads * group
+    width = max(1, max(-(-ctx // block) for ctx in lens))
+    q = torch.randn(n, heads, dim, generator=g)
+    k, v = (torch.randn(n * width + 1, block, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    tables = torch.randperm(n * width + 1, generator=g)[: n * width].view(n, width)  # [n, W]
+    out = fused_decode.paged_decode(q, k, v, tables, torch.tensor(lens), dim**-0.5)  # [n, H, D]
+    for i, ctx in enumerate(lens):
+        if ctx == 0:
+            assert torch.equal(out[i], torch.zeros(heads, dim))
+            continue
+        kk, vv = (c[tables[i]].reshape(-1, kv_heads, dim)[:ctx].float().repeat_interleave(group, 1) for c in (k, v))  # [L, H, D]
+        w = torch.einsum("hd,lhd->hl", q[i], kk).mul(dim**-0.5).softmax(-1)  # [H, L]
+        ref = torch.einsum("hl,lhd->hd", w, vv)  # [H, D]
+        assert (out[i] - ref).abs().max() < 1e-4, (i, ctx)
+
+
 def test_generic_decode_with_the_cpp_attention_gives_the_sdpa_tokens():
     model = llmspeed.models.tiny("llama", seed=0)
     prompts = [[1, 2, 3], list(range(40, 90)), [7] * 17]
