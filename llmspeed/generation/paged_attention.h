@@ -155,31 +155,71 @@ inline void reduce4(vec a0, vec a1, vec a2, vec a3, float* out) {
 // loops over D unroll and each head's query, and its output rows, stay in registers.
 template <int DV>
 struct Fixed {
-  static constexpr int HR = DV <= 4 ? 4 : DV <= 8 ? 2 : 1;  // heads whose outputs are summed in registers at once
+  static constexpr int REGS = VW == 16 ? 32 : 16;  // AVX-512's vector registers, or AVX2's
+  // heads whose outputs are summed in registers at once (with AVX2 two heads at D = 64 spill a little to L1,
+  // and measured no slower than one)
+  static constexpr int HR = DV <= 4 ? 4 : DV <= 8 ? 2 : 1;
 
-  // s[at] = q . k[at] for the positions' rows k = kc + rows[at] (rows: element offsets of the head's segment)
-  template <typename C>
-  static void scores(const float* __restrict q, const C* kc, const int64_t* rows, int64_t len, float* __restrict s) {
-    vec qv[DV];
-    for (int d = 0; d < DV; ++d) qv[d] = vloadf(q + d * VW);
+  // Query heads of one group scored together, so each key row is loaded (and widened) once for them: their
+  // queries and 4 positions' sums must fit the registers with one row of keys (3 heads with D = 64 on AVX-512;
+  // one with AVX2).
+  static constexpr int SR = (REGS - DV) / (DV + 4) >= 3 ? 3 : 1;
+
+  // s[r * ld + at] = q_r . k[at] for NR heads (queries q + r * DV * VW) and the positions' rows k = kc + rows[at]
+  // (rows: element offsets of the group's segment)
+  template <int NR, typename C>
+  static void scores(const float* __restrict q, const C* kc, const int64_t* rows, int64_t len, float* __restrict s,
+                     int64_t ld) {
+    vec qv[NR][DV];
+    for (int r = 0; r < NR; ++r)
+      for (int d = 0; d < DV; ++d) qv[r][d] = vloadf(q + r * DV * VW + d * VW);
     int64_t at = 0;
     for (; at + 4 <= len; at += 4) {
-      const C *k0 = kc + rows[at], *k1 = kc + rows[at + 1], *k2 = kc + rows[at + 2], *k3 = kc + rows[at + 3];
+      const C* k[4] = {kc + rows[at], kc + rows[at + 1], kc + rows[at + 2], kc + rows[at + 3]};
       if (at + AHEAD + 4 <= len)
-        for (int r = 0; r < 4; ++r) prefetch(kc + rows[at + AHEAD + r], DV * VW);
-      vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-      for (int d = 0; d < DV; ++d) {
-        a0 = vfma(qv[d], vload(k0 + d * VW), a0);
-        a1 = vfma(qv[d], vload(k1 + d * VW), a1);
-        a2 = vfma(qv[d], vload(k2 + d * VW), a2);
-        a3 = vfma(qv[d], vload(k3 + d * VW), a3);
-      }
-      reduce4(a0, a1, a2, a3, s + at);
+        for (int j = 0; j < 4; ++j) prefetch(kc + rows[at + AHEAD + j], DV * VW);
+      vec a[NR][4];
+      for (int r = 0; r < NR; ++r)
+        for (int j = 0; j < 4; ++j) a[r][j] = vzero();
+      for (int d = 0; d < DV; ++d)
+        for (int j = 0; j < 4; ++j) {
+          const vec kv = vload(k[j] + d * VW);
+          for (int r = 0; r < NR; ++r) a[r][j] = vfma(qv[r][d], kv, a[r][j]);
+        }
+      for (int r = 0; r < NR; ++r) reduce4(a[r][0], a[r][1], a[r][2], a[r][3], s + r * ld + at);
     }
     for (; at < len; ++at) {
-      vec a = vzero();
-      for (int d = 0; d < DV; ++d) a = vfma(qv[d], vload(kc + rows[at] + d * VW), a);
-      s[at] = vhsum(a);
+      vec a[NR];
+      for (int r = 0; r < NR; ++r) a[r] = vzero();
+      for (int d = 0; d < DV; ++d) {
+        const vec kv = vload(kc + rows[at] + d * VW);
+        for (int r = 0; r < NR; ++r) a[r] = vfma(qv[r][d], kv, a[r]);
+      }
+      for (int r = 0; r < NR; ++r) s[r * ld + at] = vhsum(a[r]);
+    }
+  }
+
+  // The heads [h0, h1) of one group, SR (else fewer) at a time
+  template <typename C>
+  static void scores_group(const float* q, int64_t h0, int64_t h1, const C* kc, const int64_t* rows, int64_t len,
+                           float* s) {
+    constexpr int64_t D = DV * VW;
+    for (int64_t h = h0; h < h1;) {
+      const int64_t nr = std::min<int64_t>(SR, h1 - h);
+      if constexpr (SR >= 3) {
+        if (nr == 3) {
+          scores<3>(q + h * D, kc, rows, len, s + h * len, len);
+          h += 3;
+          continue;
+        }
+        if (nr == 2) {
+          scores<2>(q + h * D, kc, rows, len, s + h * len, len);
+          h += 2;
+          continue;
+        }
+      }
+      scores<1>(q + h * D, kc, rows, len, s + h * len, len);
+      h += 1;
     }
   }
 
@@ -254,11 +294,12 @@ void attend_range(const Step& st, int64_t i, int64_t p0, int64_t p1, const float
   for (int64_t e = 0; e < H * D; ++e) qs[e] = q[i * H * D + e] * st.scale;
   each_position(st, i, p0, p1, [&](int64_t p, int64_t slot) { rows[p - p0] = slot * row; });
   const int64_t dv = D % VW == 0 ? D / VW : 0;
-  for (int64_t h = 0; h < H; ++h) {
-    const C* kh = kc + h / group * D;
-    if (dv == 4) Fixed<4>::scores(qs + h * D, kh, rows.data(), len, s + h * len);
-    else if (dv == 8) Fixed<8>::scores(qs + h * D, kh, rows.data(), len, s + h * len);
-    else scores_any(qs + h * D, D, kh, rows.data(), len, s + h * len);
+  for (int64_t g = 0; g < st.Hkv; ++g) {
+    const C* kg = kc + g * D;
+    if (dv == 4) Fixed<4>::scores_group(qs, g * group, (g + 1) * group, kg, rows.data(), len, s);
+    else if (dv == 8) Fixed<8>::scores_group(qs, g * group, (g + 1) * group, kg, rows.data(), len, s);
+    else
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) scores_any(qs + h * D, D, kg, rows.data(), len, s + h * len);
   }
   for (int64_t h = 0; h < H; ++h) {
     float* sh = s + h * len;
