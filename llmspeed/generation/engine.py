@@ -51,8 +51,8 @@ class Generator:
         kv_cache_bytes: KV budget in bytes instead (converted at ``kv_cache_dtype``'s bytes per token).
         kv_cache_dtype: Dtype of the cached keys and values: ``"auto"`` (default: the model's), or on the CPU
             ``"bf16"`` / ``"fp16"`` (any spelling :func:`llmspeed.cast` takes) for a cache of half an fp32
-            model's bytes, which the decode attention reads in half the time at long contexts and many
-            sequences (llama.cpp's cache is fp16 by default); ``"fp32"``. Keys and values are rounded to it
+            model's bytes, which the decode attention reads in about two thirds of the time (llama.cpp's
+            cache is fp16 by default); ``"fp32"``. Keys and values are rounded to it
             once, when written (docs/batching.md).
         block_size: Tokens per KV block.
         max_batch_tokens: Most tokens (decodes + prefill chunks) in one forward pass.
