@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -151,6 +152,26 @@ inline void reduce4(vec a0, vec a1, vec a2, vec a3, float* out) {
 #endif
 }
 
+// f(std::integral_constant<int, nr>{}, h) for the heads [h0, h1) in blocks of nr <= MAX heads (MAX <= 4): each block
+// size is its own instantiation, so a block's registers are fixed at compile time.
+template <int MAX, typename F>
+inline void head_blocks(int64_t h0, int64_t h1, F&& f) {
+  for (int64_t h = h0; h < h1;) {
+    const int64_t nr = std::min<int64_t>(MAX, h1 - h);
+    if constexpr (MAX >= 4) {
+      if (nr == 4) f(std::integral_constant<int, 4>{}, h);
+    }
+    if constexpr (MAX >= 3) {
+      if (nr == 3) f(std::integral_constant<int, 3>{}, h);
+    }
+    if constexpr (MAX >= 2) {
+      if (nr == 2) f(std::integral_constant<int, 2>{}, h);
+    }
+    if (nr == 1) f(std::integral_constant<int, 1>{}, h);
+    h += nr;
+  }
+}
+
 // The three passes over positions [0, len) of one range, for head dims of DV registers (D = DV * VW): the
 // loops over D unroll and each head's query, and its output rows, stay in registers.
 template <int DV>
@@ -199,33 +220,18 @@ struct Fixed {
     }
   }
 
-  // The heads [h0, h1) of one group, SR (else fewer) at a time
+  // The heads [h0, h1) of one group, SR (else fewer) at a time; s [H, len]
   template <typename C>
   static void scores_group(const float* q, int64_t h0, int64_t h1, const C* kc, const int64_t* rows, int64_t len,
                            float* s) {
-    constexpr int64_t D = DV * VW;
-    for (int64_t h = h0; h < h1;) {
-      const int64_t nr = std::min<int64_t>(SR, h1 - h);
-      if constexpr (SR >= 3) {
-        if (nr == 3) {
-          scores<3>(q + h * D, kc, rows, len, s + h * len, len);
-          h += 3;
-          continue;
-        }
-        if (nr == 2) {
-          scores<2>(q + h * D, kc, rows, len, s + h * len, len);
-          h += 2;
-          continue;
-        }
-      }
-      scores<1>(q + h * D, kc, rows, len, s + h * len, len);
-      h += 1;
-    }
+    head_blocks<SR>(h0, h1, [&](auto nr, int64_t h) {
+      scores<decltype(nr)::value>(q + h * DV * VW, kc, rows, len, s + h * len, len);
+    });
   }
 
-  // o[r] = sum_at w[r][at] v[at] for NR <= HR heads that read the same value segment
+  // o[r * D : (r + 1) * D] = sum_at w[r * len + at] v[at] for NR <= HR heads that read the same value segment
   template <int NR, typename C>
-  static void values(const float* const* w, const C* vc, const int64_t* rows, int64_t len, float* const* o) {
+  static void values(const float* w, const C* vc, const int64_t* rows, int64_t len, float* o) {
     vec acc[NR][DV];
     for (int r = 0; r < NR; ++r)
       for (int d = 0; d < DV; ++d) acc[r][d] = vzero();
@@ -235,24 +241,21 @@ struct Fixed {
       vec vv[DV];
       for (int d = 0; d < DV; ++d) vv[d] = vload(v + d * VW);
       for (int r = 0; r < NR; ++r) {
-        const vec wr = vset(w[r][at]);
+        const vec wr = vset(w[r * len + at]);
         for (int d = 0; d < DV; ++d) acc[r][d] = vfma(wr, vv[d], acc[r][d]);
       }
     }
     for (int r = 0; r < NR; ++r)
-      for (int d = 0; d < DV; ++d) vstore(o[r] + d * VW, acc[r][d]);
+      for (int d = 0; d < DV; ++d) vstore(o + r * DV * VW + d * VW, acc[r][d]);
   }
 
+  // The heads [h0, h1) of one group, HR (else fewer) at a time; w [H, len], o [H, D]
   template <typename C>
-  static void values_any(int nr, const float* const* w, const C* vc, const int64_t* rows, int64_t len, float* const* o) {
-    if constexpr (HR >= 4) {
-      if (nr == 4) return values<4>(w, vc, rows, len, o);
-      if (nr == 3) return values<3>(w, vc, rows, len, o);
-    }
-    if constexpr (HR >= 2) {
-      if (nr == 2) return values<2>(w, vc, rows, len, o);
-    }
-    values<1>(w, vc, rows, len, o);
+  static void values_group(const float* w, int64_t h0, int64_t h1, const C* vc, const int64_t* rows, int64_t len,
+                           float* o) {
+    head_blocks<HR>(h0, h1, [&](auto nr, int64_t h) {
+      values<decltype(nr)::value>(w + h * len, vc, rows, len, o + h * DV * VW);
+    });
   }
 };
 
@@ -321,17 +324,10 @@ void attend_range(const Step& st, int64_t i, int64_t p0, int64_t p1, const float
   }
   for (int64_t g = 0; g < st.Hkv; ++g) {
     const C* vg = vc + g * D;
-    for (int64_t h = g * group; h < (g + 1) * group;) {
-      const float* w[4];
-      float* out[4];
-      const int64_t hr = dv == 4 ? Fixed<4>::HR : dv == 8 ? Fixed<8>::HR : 1;
-      const int nr = static_cast<int>(std::min<int64_t>(hr, (g + 1) * group - h));
-      for (int r = 0; r < nr; ++r) w[r] = s + (h + r) * len, out[r] = o + (h + r) * D;
-      if (dv == 4) Fixed<4>::values_any(nr, w, vg, rows.data(), len, out);
-      else if (dv == 8) Fixed<8>::values_any(nr, w, vg, rows.data(), len, out);
-      else values_any_dim(w[0], D, vg, rows.data(), len, out[0]);
-      h += nr;
-    }
+    if (dv == 4) Fixed<4>::values_group(s, g * group, (g + 1) * group, vg, rows.data(), len, o);
+    else if (dv == 8) Fixed<8>::values_group(s, g * group, (g + 1) * group, vg, rows.data(), len, o);
+    else
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) values_any_dim(s + h * len, D, vg, rows.data(), len, o + h * D);
   }
 }
 
