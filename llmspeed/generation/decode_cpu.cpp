@@ -1,6 +1,7 @@
 // Fused decode step for Llama-family decoder stacks on CPU (driven by fused_decode.py).
 //
-// One call runs every layer for n sequences that each add one token: RMSNorm, the q/k/v GEMVs
+// One call runs every layer for n rows (tokens: one per sequence in a decode step, or whole prompt chunks in a
+// mixed step): RMSNorm, the q/k/v GEMVs
 // (one parallel region over all their rows), rotary embedding, the paged-KV write, attention over
 // each sequence's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up, down_proj +
 // residual, then the final norm and the vocabulary projection. The residual stream stays in fp32;
@@ -299,12 +300,36 @@ ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, const Linear& l) {
 #endif
 }
 
+// From this many rows (a step with prompt chunks) fp32 matrices run as torch's GEMM (MKL / oneDNN on x86),
+// which was as fast as the AMX tiles' three-product split up to 256 rows and faster beyond.
+constexpr int64_t F32_GEMM_ROWS = 64;
+
+// y [M, N] = x [M, K] @ w^T (+ bias) for an fp32 weight, through torch's GEMM.
+void f32_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
+  TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
+  auto opts = torch::TensorOptions().dtype(torch::kFloat);
+  at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, opts);
+  at::Tensor wt = torch::from_blob(const_cast<void*>(l.w), {l.N, K}, opts);
+  at::Tensor yt = torch::from_blob(l.y, {M, l.N}, opts);
+  if (l.bias) at::addmm_out(yt, torch::from_blob(const_cast<float*>(l.bias), {l.N}, opts), xt, wt.t());
+  else at::mm_out(yt, xt, wt.t());
+}
+
 // Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
 // rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
 // three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
 // tiles. In the row loop, int8 weights and int4 weights with groups of whole 32-code blocks multiply int8
 // activation codes on VNNI where the layer has int8 activations (q4_int8.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
+  if (M >= F32_GEMM_ROWS) {  // fp32 weights of prompt-sized steps: torch's GEMM
+    std::vector<Linear> rest;
+    for (const auto& l : group) {
+      if (l.kind == Kind::F32) f32_gemm(x, M, K, l);
+      else rest.push_back(l);
+    }
+    if (rest.empty()) return;
+    group = std::move(rest);
+  }
   bool int8_codes = true;  // every matrix multiplies int8 activation codes on VNNI in the row loop
   for (const auto& l : group) int8_codes = int8_codes && vnni_rows(l);
   // the VNNI row loop unpacks each chunk once for 4 rows: ahead of the tiles' bf16 decode up to 16 rows
@@ -372,42 +397,73 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
   });
 }
 
+// Rows per task when a per-row loop of `cost` elements is split over threads (small steps run inline).
+inline int64_t grain(int64_t cost) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cost)); }
+
 // out[m, :] = x[m, :] / sqrt(mean(x[m, :]^2) + eps) * weight   (weight fp32 [E])
 void rms_norm(const float* x, const float* weight, int64_t M, int64_t E, double eps, float* out) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* r = x + m * E;
-    double ss = 0.0;
-    for (int64_t e = 0; e < E; ++e) ss += static_cast<double>(r[e]) * r[e];
-    float inv = static_cast<float>(1.0 / std::sqrt(ss / E + eps));
-    for (int64_t e = 0; e < E; ++e) out[m * E + e] = r[e] * inv * weight[e];
-  }
+  at::parallel_for(0, M, grain(E), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      const float* r = x + m * E;
+      double ss = 0.0;
+      for (int64_t e = 0; e < E; ++e) ss += static_cast<double>(r[e]) * r[e];
+      float inv = static_cast<float>(1.0 / std::sqrt(ss / E + eps));
+      for (int64_t e = 0; e < E; ++e) out[m * E + e] = r[e] * inv * weight[e];
+    }
+  });
 }
 
 // rotate-half rotary embedding on `heads` heads of each row; cos/sin [M, D]
 void rope(float* x, int64_t M, int64_t heads, int64_t D, const float* cos, const float* sin) {
-  int64_t half = D / 2;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = x + (m * heads + h) * D;
-      const float* c = cos + m * D;
-      const float* s = sin + m * D;
-      for (int64_t j = 0; j < half; ++j) {
-        float a = v[j], b = v[j + half];
-        v[j] = a * c[j] - b * s[j];
-        v[j + half] = b * c[j + half] + a * s[j + half];
+  const int64_t half = D / 2;
+  at::parallel_for(0, M, grain(heads * D), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m)
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = x + (m * heads + h) * D;
+        const float* c = cos + m * D;
+        const float* s = sin + m * D;
+        for (int64_t j = 0; j < half; ++j) {
+          float a = v[j], b = v[j + half];
+          v[j] = a * c[j] - b * s[j];
+          v[j + half] = b * c[j + half] + a * s[j + half];
+        }
       }
+  });
+}
+
+// gate[e] = SiLU(gate[e]) * up[e]: x * sigmoid(x) with sigmoid(x) = e^min(x, 0) / (1 + e^-|x|), both
+// exponentials of non-positive arguments (paged_attention.h's exp_neg, vectorized).
+void silu_mul(float* gate, const float* up, int64_t count) {
+  using namespace attn;
+  at::parallel_for(0, count, 1 << 15, [&](int64_t lo, int64_t hi) {
+    int64_t e = lo;
+    for (; e + VW <= hi; e += VW) {
+      const vec x = vloadf(gate + e);
+      const vec sig = vdiv(exp_neg(vmin(x, vzero())), vadd(vset(1.f), exp_neg(vmin(x, vsub(vzero(), x)))));
+      vstore(gate + e, vmul(vmul(x, sig), vloadf(up + e)));
     }
+    for (; e < hi; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
+  });
+}
+
+// h += d over count elements
+void add_into(float* h, const float* d, int64_t count) {
+  at::parallel_for(0, count, 1 << 15, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) h[e] += d[e];
+  });
 }
 
 // Write the new keys/values, then attend over sequence i's blocks.
 template <typename C>
 void attend(const Step& st, const float* q, const float* k, const float* v, C* kc, C* vc, float* out) {
   const int64_t row = st.Hkv * st.D;
-  for (int64_t i = 0; i < st.n; ++i)
-    for (int64_t e = 0; e < row; ++e) {
-      from_float(k[i * row + e], kc + st.slots[i] * row + e);
-      from_float(v[i * row + e], vc + st.slots[i] * row + e);
-    }
+  at::parallel_for(0, st.n, grain(2 * row), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i)
+      for (int64_t e = 0; e < row; ++e) {
+        from_float(k[i * row + e], kc + st.slots[i] * row + e);
+        from_float(v[i * row + e], vc + st.slots[i] * row + e);
+      }
+  });
   attend_cached(st, q, kc, vc, out);
 }
 
@@ -557,16 +613,19 @@ bool held_current(int64_t handle) {
   return true;
 }
 
-// hidden [n, E] fp32 embeddings -> logits [n, V] fp32. The held tensors (hold()): weights, PER_LAYER tensors
-// per layer (fp32 norms and biases, matrices as in linear()); lm_head, (weight, scale, zero) likewise.
-// key/value cache [L, NB, BS, Hkv, D]; blocks [n, W].
+// hidden [n, E] fp32 embeddings -> logits [r, V] fp32 of the rows in logit_rows (int64 [r], increasing; empty:
+// every row). The held tensors (hold()): weights, PER_LAYER tensors per layer (fp32 norms and biases, matrices
+// as in linear()); lm_head, (weight, scale, zero) likewise. key/value cache [L, NB, BS, Hkv, D]; blocks [n, W]
+// and context [n] per row: a row attends over the first context[i] positions of its block table, after every
+// row's key and value are written (rows of one prompt chunk share a table, each seeing up to its own position).
 // lora: empty, or (A, B) stacks (see lora_add) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 // amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
 at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
                        at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
                        at::Tensor cos, at::Tensor sin, at::Tensor norm, int64_t num_heads,
-                       double eps, double scale, at::Tensor adapter_slot, int64_t amx_rows, at::Tensor act8) {
+                       double eps, double scale, at::Tensor adapter_slot, int64_t amx_rows, at::Tensor act8,
+                       at::Tensor logit_rows) {
   const auto set = held(handle);
   const std::vector<at::Tensor>& weights = set->weights;
   const std::vector<at::Tensor>& lm_head = set->lm_head;
@@ -597,11 +656,16 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
   TORCH_CHECK(act8.numel() == 0 || (act8.scalar_type() == at::kBool && act8.is_contiguous() && act8.numel() == layers * 7 + 1),
               "fused decode: act8 must be empty or bool [layers * 7 + 1]");
   const bool* int8_acts = act8.numel() ? act8.data_ptr<bool>() : nullptr;
+  TORCH_CHECK(logit_rows.numel() == 0 || (logit_rows.scalar_type() == at::kLong && logit_rows.is_contiguous()),
+              "fused decode: logit_rows must be empty or int64");
+  for (int64_t i = 1; i < logit_rows.numel(); ++i)
+    TORCH_CHECK(logit_rows.data_ptr<int64_t>()[i] > logit_rows.data_ptr<int64_t>()[i - 1],
+                "fused decode: logit_rows must be increasing");
 
   at::Tensor h = hidden.clone();  // residual stream [n, E]
   std::vector<float> x(n * E), q(n * qw), k(n * kvw), v(n * kvw), att(n * qw), tmp(n * E), gate(n * I), up(n * I);
   float* hp = h.data_ptr<float>();
-  auto add_into_h = [&]() { for (int64_t e = 0; e < n * E; ++e) hp[e] += tmp[e]; };
+  auto add_into_h = [&]() { add_into(hp, tmp.data(), n * E); };
   const int64_t rows[7] = {qw, kvw, kvw, E, I, I, E};
 
   for (int64_t l = 0; l < layers; ++l) {
@@ -645,15 +709,25 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
     rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
     gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())}, amx_rows);
     if (has_lora) lora_add(x.data(), n, E, {term(GATE, gate.data()), term(UP, up.data())}, slot_of);
-    for (int64_t e = 0; e < n * I; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
+    silu_mul(gate.data(), up.data(), n * I);
     gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())}, amx_rows);
     if (has_lora) lora_add(gate.data(), n, I, {term(DOWN, tmp.data())}, slot_of);
     add_into_h();
   }
-  rms_norm(hp, norm.data_ptr<float>(), n, E, eps, x.data());
+  // the final norm and the head, on the rows whose logits are wanted (every row when logit_rows is empty)
+  int64_t r = n;
+  if (logit_rows.numel() > 0) {
+    r = logit_rows.numel();
+    const int64_t* keep = logit_rows.data_ptr<int64_t>();
+    for (int64_t i = 0; i < r; ++i) {
+      TORCH_CHECK(keep[i] >= 0 && keep[i] < n, "fused decode: logit row ", keep[i], " is outside the ", n, " rows");
+      std::memmove(hp + i * E, hp + keep[i] * E, E * sizeof(float));  // keep is increasing: i <= keep[i]
+    }
+  }
+  rms_norm(hp, norm.data_ptr<float>(), r, E, eps, x.data());
   TORCH_CHECK(lm_head.size() == 3, "fused decode: lm_head is (weight, scale, zero)");
-  at::Tensor logits = at::empty({n, lm_head[0].size(0)}, hidden.options());
-  gemv_group(x.data(), n, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
+  at::Tensor logits = at::empty({r, lm_head[0].size(0)}, hidden.options());
+  gemv_group(x.data(), r, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
                                      int8_acts && int8_acts[layers * 7])}, amx_rows);
   return logits;
 }

@@ -6,7 +6,10 @@ SmolLM2-135M (docs/batching.md has the measurements). :class:`FusedDecode` runs 
 a supported model through ``decode_cpu.cpp``: every layer, the paged-KV write and attention, the
 final norm and the output projection in one call, with GEMVs that stream the weights at memory
 speed. The model's own modules provide the weights (no copy), the embedding and the rotary tables,
-so what runs is the model as it is at that step.
+so what runs is the model as it is at that step. Where the CPU has AMX tiles it also runs steps with
+prompt chunks (:attr:`FusedDecode.mixed`): each token is a row that attends over its sequence's cache up
+to its own position, the matrices run as tile matmuls (fp32 ones as torch's GEMM), and only the
+sampled rows reach the output head.
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
 ``mistral``, ``qwen2`` or ``qwen3`` (per-head q/k RMSNorm) with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
@@ -338,13 +341,16 @@ def default_max_rows(amx: bool | None = None) -> int:
     return 1 << 30 if (amx_available() if amx is None else amx) else 12
 
 
+_EMPTY_ROWS = torch.empty(0, dtype=torch.long)  # decode_step's logit_rows for "every row"
+
 AMX_ROWS = 8
 """Default of :attr:`FusedDecode.amx_rows`: from 8 rows the fused step runs int8, 4-bit and bf16 matrices on
 AMX tiles, fp32 matrices (three tile products and a split per call) from twice as many."""
 
 
 class FusedDecode:
-    """Decode-only steps of a supported model through the fused C++ step.
+    """Decode-only steps of a supported model, and where :attr:`mixed` steps with prompt chunks, through the
+    fused C++ step.
 
     Args:
         model: An :class:`llmspeed.Model` (checked with :func:`unsupported` whenever its modules change).
@@ -355,18 +361,24 @@ class FusedDecode:
             them (0: never; fp32 matrices from twice as many).
         lora_dtype: ``torch.float16`` (default) or ``torch.float32``: the precision of the LoRA stacks
             the step reads (:mod:`.fused_lora`).
+        mixed: Whether steps with prompt chunks run here too. Default: where the CPU has AMX tiles
+            (:func:`amx_available`), which make a prompt's matrices tile matmuls; without them the row
+            loop would read each weight once per few rows, and the generic path's GEMMs win.
     """
 
     def __init__(self, model, cache: PagedKVCache, max_rows: int | None = None, amx_rows: int = AMX_ROWS,
-                 lora_dtype: torch.dtype = torch.float16):  # fmt: skip
+                 lora_dtype: torch.dtype = torch.float16, mixed: bool | None = None):  # fmt: skip
         if lora_dtype not in fused_lora.LORA_DTYPES:
             raise ValueError(f"lora_dtype must be one of {list(fused_lora.LORA_DTYPES)}; got {lora_dtype!r}")
+        if mixed not in (None, True, False):
+            raise ValueError(f"mixed must be None, True or False; got {mixed!r}")
         self.lora_dtype = lora_dtype
         self.model = model
         self.cache = cache
         self.ext: Any = extension()
         self.max_rows = default_max_rows() if max_rows is None else max_rows
         self.amx_rows = amx_rows
+        self.mixed = amx_available() if mixed is None else mixed
         self._snapshot: _Snapshot | None = None
 
     def _current(self) -> _Snapshot | None:
@@ -378,27 +390,33 @@ class FusedDecode:
             self._snapshot = _Snapshot(self.model.hf, self.ext, self.lora_dtype)
         return self._snapshot
 
-    def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [n, vocab]
-        """Logits of a decode-only :class:`~.runner.StepInput`, or ``None`` when the model is unsupported
-        or the step has more than :attr:`max_rows` rows.
+    def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [r, vocab]
+        """Logits of the sampled rows (``step.rows``) of a :class:`~.runner.StepInput`, or ``None`` when the
+        generic path must run it: the model is unsupported, a decode-only step has more than :attr:`max_rows`
+        rows, or the step has prompt chunks and :attr:`mixed` is off.
 
-        ``adapters``: each row's LoRA adapter name; a row without one (``None``, or ``adapters=None`` for
-        all rows) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic
-        path does.
+        ``adapters``: each sequence's LoRA adapter name; a sequence without one (``None``, or ``adapters=None``
+        for all) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic path does.
         """
-        if len(step.ids) > self.max_rows:
+        decode = step.decode_only
+        if (decode and len(step.ids) > self.max_rows) or (not decode and not self.mixed):
             return None
         snap = None if self.ext is None else self._current()
         if snap is None:
             return None
-        names = [a if a is not None else snap.active for a in (adapters or [None] * len(step.ids))]
+        names = [a if a is not None else snap.active for a in (adapters or [None] * len(step.chunks))]
         if not snap.one_active or not set(names) <= {None, *snap.slots}:
             return None  # layers set to different adapters, or an adapter the snapshot lacks: the generic path
         hf = self.model.hf
         body = hf.model
         bs = self.cache.block_size
         width = -(-(max(step.positions) + 1) // bs)
-        tables = block_tables([t for t, _, _ in step.chunks], width, torch.device("cpu"))
+        tables = block_tables([t for t, _, _ in step.chunks], width, torch.device("cpu"))  # [chunks, W]
+        slot_names = names
+        if not decode:  # one row per token: each row reads its chunk's block table
+            lengths = torch.tensor([n for _, _, n in step.chunks])  # [chunks]
+            tables = tables.repeat_interleave(lengths, dim=0)  # [n, W]
+            slot_names = [name for name, (_, _, n) in zip(names, step.chunks) for _ in range(n)]
         positions = torch.tensor(step.positions)  # [n]
         ids = torch.tensor(step.ids)  # [n]
         slots = torch.tensor(step.slots)  # [n]
@@ -413,7 +431,8 @@ class FusedDecode:
                 cos[0].float().contiguous(), sin[0].float().contiguous(),
                 snap.norm,
                 snap.num_heads, snap.eps, snap.scaling,
-                snap.adapter_slots(names),
+                snap.adapter_slots(slot_names),
                 self.amx_rows,
                 snap.act8,
+                _EMPTY_ROWS if decode else torch.tensor(step.rows),  # [r]: the sampled rows' logits only
             )  # fmt: skip

@@ -87,7 +87,8 @@ class RunStats:
 
     ``step_paths`` maps each way a step ran to ``(steps, seconds)``, the seconds from the forward pass
     through sampling (which waits for the device): ``"cuda graph"`` and ``"fused cpu"`` (decode-only
-    steps), ``"decode"`` (decode-only steps run eagerly) and ``"mixed"`` (steps with a prefill chunk).
+    steps), ``"decode"`` (decode-only steps run eagerly), ``"fused cpu mixed"`` (steps with a prefill chunk
+    through the fused CPU step) and ``"mixed"`` (steps with a prefill chunk run eagerly).
     """
 
     requests: int

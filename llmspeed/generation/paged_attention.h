@@ -1,6 +1,7 @@
-// Decode attention over the paged KV cache on the CPU: one new query row per sequence against the keys and
-// values its block table points at. Used by the fused decode step (decode_cpu.cpp, after it writes the new
-// keys/values) and by the generic path's decode kernel (paged_decode).
+// Attention over the paged KV cache on the CPU: each query row against the keys and values its block table
+// points at, up to its own context length (one row per sequence in a decode step; one per token of a prompt
+// chunk, each seeing the positions up to its own, in a mixed step). Used by the fused step (decode_cpu.cpp,
+// after it writes the new keys/values) and by the generic path's decode kernel (paged_decode).
 //
 // Each task takes one sequence and a range of its positions, and reads each cache row (all KV heads of one
 // position, contiguous) once for every query head, so the cache streams from memory once per step:
@@ -35,6 +36,7 @@ namespace attn {
 
 constexpr int64_t MIN_RANGE = 64;  // positions per task when a sequence is split over threads
 constexpr int64_t AHEAD = 16;      // positions between a cache row's software prefetch and its use
+constexpr int64_t TASK_COST = 8;   // a task's fixed cost, in positions, when tasks are shared out by cost
 
 // Bring the cache lines of one head's segment (n elements of C) towards L1 ahead of use.
 template <typename C>
@@ -52,6 +54,10 @@ inline vec vset(float a) { return _mm512_set1_ps(a); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 inline vec vloadf(const float* p) { return _mm512_loadu_ps(p); }
 template <typename C>
 inline vec vload(const C* p) { return load16(p); }
@@ -69,6 +75,10 @@ inline vec vset(float a) { return _mm256_set1_ps(a); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 inline vec vloadf(const float* p) { return _mm256_loadu_ps(p); }
 template <typename C>
 inline vec vload(const C* p) { return load8(p); }
@@ -92,6 +102,10 @@ inline vec vset(float a) { return a; }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline vec vmax(vec a, vec b) { return std::max(a, b); }
 inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vmin(vec a, vec b) { return std::min(a, b); }
+inline vec vsub(vec a, vec b) { return a - b; }
+inline vec vmul(vec a, vec b) { return a * b; }
+inline vec vdiv(vec a, vec b) { return a / b; }
 inline vec vloadf(const float* p) { return *p; }
 template <typename C>
 inline vec vload(const C* p) { return to_float(*p); }
@@ -352,12 +366,21 @@ void attend_cached(const Step& st, const float* q, const C* kc, const C* vc, flo
   first[st.n] = ranges.size();
   const int64_t R = ranges.size();
   std::vector<float> m(R * H), l(R * H), o(R * H * D);
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  // each thread takes consecutive ranges holding an equal share of the positions: the rows of a prompt chunk
+  // (one per token, each over the positions up to its own) grow longer down the batch
+  std::vector<int64_t> cost(R + 1, 0);
+  for (int64_t r = 0; r < R; ++r) cost[r + 1] = cost[r] + (ranges[r].p1 - ranges[r].p0) + attn::TASK_COST;
+  const int64_t T = std::max<int64_t>(1, std::min(threads, R));
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf;
     std::vector<int64_t> rows;
-    for (int64_t r = begin; r < end; ++r)
-      attn::attend_range(st, ranges[r].i, ranges[r].p0, ranges[r].p1, q, kc, vc, &m[r * H], &l[r * H], &o[r * H * D],
-                         buf, rows);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = std::lower_bound(cost.begin(), cost.end() - 1, cost[R] * t / T) - cost.begin();
+      const int64_t hi = std::lower_bound(cost.begin(), cost.end() - 1, cost[R] * (t + 1) / T) - cost.begin();
+      for (int64_t r = lo; r < hi; ++r)
+        attn::attend_range(st, ranges[r].i, ranges[r].p0, ranges[r].p1, q, kc, vc, &m[r * H], &l[r * H],
+                           &o[r * H * D], buf, rows);
+    }
   });
   for (int64_t i = 0; i < st.n; ++i)
     for (int64_t h = 0; h < H; ++h) {

@@ -4,8 +4,9 @@ A step arrives as one :class:`StepInput` (token ids, positions, cache slots, chu
 adapters), built once by the generator; the runner picks how to run it:
 
 * ``"cuda graph"``: decode-only steps on CUDA replay a captured graph (:mod:`.cuda_graphs`);
-* ``"fused cpu"``: decode-only steps of Llama-family models on the CPU run as one C++ call
-  (:mod:`.fused_decode`);
+* ``"fused cpu"`` / ``"fused cpu mixed"``: decode-only steps of Llama-family models on the CPU run as one C++
+  call (:mod:`.fused_decode`), and so do steps with prompt chunks where the CPU has AMX tiles
+  (:attr:`.fused_decode.FusedDecode.mixed`);
 * ``"decode"`` / ``"mixed"``: ``model.forward_batch`` with a :class:`~.kv_cache.PagedAttention`
   (SDPA over gathered blocks, or the Triton kernels of :mod:`.triton_attention` on CUDA).
 """
@@ -171,10 +172,10 @@ class ModelRunner:
             logits = self.graphs.run(step)
             if logits is not None:
                 return "cuda graph", logits
-        if self.fused is not None and step.decode_only:
+        if self.fused is not None:
             logits = self.fused.run(step, step.adapters)  # rows without one: the active adapter
             if logits is not None:
-                return "fused cpu", logits
+                return ("fused cpu" if step.decode_only else "fused cpu mixed"), logits
         attention = PagedAttention(self.cache, step.chunks, self.decode_kernel, self.prefill_kernel, slots=step.slots)
         dev = self.device
         with torch.inference_mode(), self._adapters(step):

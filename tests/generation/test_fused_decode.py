@@ -190,6 +190,110 @@ def test_16_bit_caches_match_the_generic_path_and_stay_near_the_fp32_cache(cache
     assert 0 < moved < (2e-2 if cache_dtype == torch.bfloat16 else 2e-3), moved
 
 
+def _generic_step(model, cache, step):
+    """The generic path's logits of any step (prompt chunks too): ``forward_batch`` over ``PagedAttention``."""
+    with torch.inference_mode():
+        return model.forward_batch(
+            torch.tensor(step.ids), torch.tensor(step.positions), PagedAttention(cache, step.chunks), torch.tensor(step.rows)
+        ).float()
+
+
+def _mixed_steps(block_size, seed=0):
+    """Two steps over hand-made block tables: prompts from position 0 (one sampled, one not), then a decode row
+    and the rest of the unsampled prompt (a chunk from position 70, as chunked prefill and prefix caching make):
+    88 rows, enough for the fp32 GEMM path (``F32_GEMM_ROWS``)."""
+    ids = torch.randint(1, 250, (200,), generator=torch.Generator().manual_seed(seed)).tolist()
+    a, b = list(range(0, 40)), list(range(40, 48))  # block tables: a's blocks, then b's
+    first = StepInput.build([(a, 0, 70, ids[:70], False, None), (b, 0, 21, ids[70:91], True, None)], block_size)
+    second = StepInput.build([(b, 21, 1, ids[91:92], True, None), (a, 70, 87, ids[92:179], True, None)], block_size)
+    return first, second
+
+
+MIXED_MODELS = [
+    ("llama", None, {}),
+    ("qwen3", None, {}),  # per-head q/k norms
+    ("qwen2", "int8", {}),  # q/k/v biases
+    ("llama", "int4", {"group_size": 32}),
+    ("llama", "nf4", {"group_size": 32}),
+    ("llama", "int4", {"group_size": 32, "activations": "int8"}),
+]
+
+
+@pytest.mark.parametrize("architecture, fmt, options", MIXED_MODELS)
+@pytest.mark.parametrize("amx_rows", [0, 8], ids=["row-loop", "amx-tiles"])
+def test_mixed_steps_match_the_generic_path(architecture, fmt, options, amx_rows):
+    """Steps with prompt chunks (``FusedDecode(mixed=True)``): every row attends over its own sequence's positions
+    up to its own, after the whole step's keys are written; only the sampled rows get logits, in ``step.rows``
+    order; the cache afterwards holds what the generic path writes."""
+    model = llmspeed.models.tiny(architecture, seed=4)
+    if fmt is not None:
+        model = llmspeed.quantize(model, fmt, skip=[], **options)
+    spec, bs = model.spec, 4
+    fused_cache, generic_cache = (PagedKVCache(spec, 64, bs) for _ in range(2))
+    fused = fused_decode.FusedDecode(model, fused_cache, amx_rows=amx_rows, mixed=True)
+    tolerance = ACT8_LOGIT_TOLERANCE if options.get("activations") == "int8" else LOGIT_TOLERANCE[torch.float32]
+    for step in _mixed_steps(bs):
+        got = fused.run(step)
+        ref = _generic_step(model, generic_cache, step)
+        assert got is not None and got.shape == ref.shape == (len(step.rows), spec.vocab_size)
+        assert (got - ref).abs().max() / ref.abs().max() < tolerance
+    written = generic_cache.key.abs().amax(dim=(0, 2, 3, 4)) > 0  # [NB] blocks the steps wrote
+    assert written[:46].all() and not written[46:].any()  # a: 157 tokens in 40 blocks, b: 22 in 6
+    scale = generic_cache.key.abs().max()
+    assert (fused_cache.key - generic_cache.key).abs().max() / scale < tolerance
+    assert (fused_cache.value - generic_cache.value).abs().max() / generic_cache.value.abs().max() < tolerance
+
+
+def test_mixed_steps_stay_generic_unless_asked_and_bad_values_are_refused():
+    model = llmspeed.models.tiny("llama", seed=4)
+    cache = PagedKVCache(model.spec, 64, 4)
+    first, _ = _mixed_steps(4)
+    assert fused_decode.FusedDecode(model, cache, mixed=False).run(first) is None
+    assert fused_decode.FusedDecode(model, cache).mixed == fused_decode.amx_available()  # the measured default
+    with pytest.raises(ValueError, match="mixed must be None, True or False; got 'yes'"):
+        fused_decode.FusedDecode(model, cache, mixed="yes")
+
+
+def test_mixed_steps_split_rows_of_unequal_length_over_threads(monkeypatch):
+    """Two threads share out a prompt chunk's rows by their positions (rows further down the chunk see more):
+    the same logits as one thread."""
+    model = llmspeed.models.tiny("llama", seed=4)
+    out = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        cache = PagedKVCache(model.spec, 64, 4)
+        fused = fused_decode.FusedDecode(model, cache, mixed=True)
+        out.append([fused.run(step) for step in _mixed_steps(4, seed=1)])
+    for one, two in zip(*out):
+        assert torch.allclose(one, two, rtol=0, atol=1e-5 * one.abs().max())
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_generator_with_mixed_fused_steps_gives_the_generic_tokens(prefix_caching):
+    """Requests arriving while others decode (their prompts join decode rows in one step), a prompt longer than
+    the step's token budget (chunked prefill) and, with prefix caching, prompts that share a cached prefix."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    shared = list(range(30, 70))
+    prompts = [[1, 2, 3], shared + [5, 6], list(range(100, 230)), shared + [9], [7] * 17]
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    results, paths = [], []
+    for mixed in (True, False):
+        gen = Generator(model, progress=False, block_size=8, max_batch_tokens=64, prefix_caching=prefix_caching)
+        gen.runner.fused.mixed = mixed
+        ids, events = [], []
+        for p in prompts:
+            ids.append(gen.add_request(p, sp))
+            events += gen.step()
+        while gen.has_unfinished():
+            events += gen.step()
+        done = {e.request_id: e.output.token_ids for e in events if e.finished}
+        results.append([done.get(i) for i in ids])
+        paths.append(set(gen.step_paths))
+    assert results[0] == results[1] and all(r is not None and len(r) == 10 for r in results[0])
+    assert "fused cpu mixed" in paths[0] and "mixed" not in paths[0]
+    assert "mixed" in paths[1] and "fused cpu mixed" not in paths[1]
+
+
 def test_qwen2_biases_are_used():
     model = llmspeed.models.tiny("qwen2", seed=1)
     assert model.hf.model.layers[0].self_attn.q_proj.bias is not None
