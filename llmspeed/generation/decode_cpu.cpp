@@ -300,19 +300,25 @@ ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, const Linear& l) {
 #endif
 }
 
-// From this many rows (a step with prompt chunks) fp32 matrices run as torch's GEMM (MKL / oneDNN on x86),
-// which was as fast as the AMX tiles' three-product split up to 256 rows and faster beyond.
-constexpr int64_t F32_GEMM_ROWS = 64;
+// From this many rows (a step with prompt chunks) fp32 and bf16 matrices run as torch's GEMM (MKL / oneDNN on
+// x86). For fp32 that was as fast as the AMX tiles' three-product split up to 256 rows and faster beyond; for
+// bf16, oneDNN's single bf16 product took 0.6-0.75x the time of the tiles' two (hi + lo of x).
+constexpr int64_t TORCH_GEMM_ROWS = 64;
 
-// y [M, N] = x [M, K] @ w^T (+ bias) for an fp32 weight, through torch's GEMM.
-void f32_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
+// y [M, N] = x [M, K] @ w^T (+ bias) for an fp32 or bf16 weight, through torch's GEMM. A bf16 weight multiplies
+// x rounded to bf16, as the model's own bf16 forward does.
+void torch_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
   TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
-  auto opts = torch::TensorOptions().dtype(torch::kFloat);
-  at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, opts);
-  at::Tensor wt = torch::from_blob(const_cast<void*>(l.w), {l.N, K}, opts);
-  at::Tensor yt = torch::from_blob(l.y, {M, l.N}, opts);
-  if (l.bias) at::addmm_out(yt, torch::from_blob(const_cast<float*>(l.bias), {l.N}, opts), xt, wt.t());
-  else at::mm_out(yt, xt, wt.t());
+  auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, f32);
+  at::Tensor yt = torch::from_blob(l.y, {M, l.N}, f32);
+  if (l.kind == Kind::BF16) {
+    at::Tensor wt = torch::from_blob(const_cast<void*>(l.w), {l.N, K}, torch::TensorOptions().dtype(torch::kBFloat16));
+    yt.copy_(at::mm(xt.to(torch::kBFloat16), wt.t()));
+  } else {
+    at::mm_out(yt, xt, torch::from_blob(const_cast<void*>(l.w), {l.N, K}, f32).t());
+  }
+  if (l.bias) yt.add_(torch::from_blob(const_cast<float*>(l.bias), {l.N}, f32));
 }
 
 // Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
@@ -321,10 +327,10 @@ void f32_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
 // tiles. In the row loop, int8 weights and int4 weights with groups of whole 32-code blocks multiply int8
 // activation codes on VNNI where the layer has int8 activations (q4_int8.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
-  if (M >= F32_GEMM_ROWS) {  // fp32 weights of prompt-sized steps: torch's GEMM
+  if (M >= TORCH_GEMM_ROWS) {  // fp32 and bf16 weights of prompt-sized steps: torch's GEMM
     std::vector<Linear> rest;
     for (const auto& l : group) {
-      if (l.kind == Kind::F32) f32_gemm(x, M, K, l);
+      if (l.kind == Kind::F32 || l.kind == Kind::BF16) torch_gemm(x, M, K, l);
       else rest.push_back(l);
     }
     if (rest.empty()) return;
