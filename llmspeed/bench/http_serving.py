@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,20 +70,25 @@ async def _one(http: Any, url: str, model: str, prompt: str, max_tokens: int, ar
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     stamps: list[float] = []
+    done = False
     try:
         async with http.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT) as resp:
             if resp.status_code != 200:
                 return {"error": f"HTTP {resp.status_code}"}
             async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                if line.strip() == "data: [DONE]":
+                    done = True
+                if not line.startswith("data: ") or done:
                     continue
                 choices = json.loads(line[6:]).get("choices") or []
                 if choices and (choices[0].get("delta") or {}).get("content"):
                     stamps.append(time.perf_counter())
     except Exception as err:  # a failed request is counted, never hidden
         return {"error": f"{type(err).__name__}: {err}"}
-    if not stamps:
-        return {"error": "no content"}
+    if not done:
+        return {"error": "stream ended without data: [DONE]"}
+    if not stamps:  # a complete answer with no text (the model's first token ended it): no latency to count
+        return {"chunks": 0, "end": time.perf_counter(), "itl": []}
     return {"ttft": stamps[0] - arrival, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "chunks": len(stamps),
             "end": stamps[-1]}
 
@@ -105,7 +111,8 @@ async def _drive(url: str, model: str, prompts: list[str], lengths: list[int], t
 
 def _row(system: str, rate: float, results: list[dict], start: float) -> dict[str, Any]:
     ok = [r for r in results if "error" not in r]
-    ttft = [r["ttft"] for r in ok]
+    ttft = [r["ttft"] for r in ok if "ttft" in r]
+    kinds = Counter(r["error"] for r in results if "error" in r)
     itl = [x for r in ok for x in r["itl"]]
     elapsed = max((r["end"] for r in ok), default=start) - start
     p99 = _pct(ttft, 99)
@@ -116,6 +123,8 @@ def _row(system: str, rate: float, results: list[dict], start: float) -> dict[st
         "ttft_p50_s": round(_pct(ttft, 50), 3), "ttft_p99_s": round(p99, 3),
         "itl_p50_ms": round(_pct(itl, 50) * 1e3, 1), "itl_p99_ms": round(_pct(itl, 99) * 1e3, 1),
         "sustained": bool(ok) and len(ok) == len(results) and p99 <= SUSTAIN_TTFT,
+        "empty_answers": len(ok) - len(ttft),
+        "error_kinds": "; ".join(f"{kind} x{n}" for kind, n in kinds.most_common()),
     }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llmspeed.bench import http_serving
@@ -42,3 +44,50 @@ def test_every_server_has_a_command_and_bad_arguments_are_named(tmp_path):
         http_serving.run(rounds=0)
     with pytest.raises(ValueError, match="runs SmolLM2 on the CPU only"):
         http_serving.run(device="cuda")
+
+
+class _FakeStream:
+    """What ``httpx.AsyncClient.stream`` yields: a status and the response's lines."""
+
+    def __init__(self, lines, status=200):
+        self.lines, self.status_code = lines, status
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+    async def aiter_lines(self):
+        for line in self.lines:
+            yield line
+
+
+class _FakeClient:
+    def __init__(self, lines, status=200):
+        self.lines, self.status = lines, status
+
+    def stream(self, *args, **kwargs):
+        return _FakeStream(self.lines, self.status)
+
+
+def _chunk(text):
+    return "data: " + json.dumps({"choices": [{"delta": {"content": text}}]})
+
+
+def test_a_complete_empty_answer_is_not_an_error_and_errors_are_named():
+    """A stream that ends with ``[DONE]`` but no text (the first token ended the answer) completed; a stream cut
+    short, an HTTP error and an exception are errors, each counted by kind in its row."""
+    import asyncio
+
+    def one(lines, status=200):
+        return asyncio.run(http_serving._one(_FakeClient(lines, status), "u", "m", "p", 4, 0.0))
+
+    full, empty = one([_chunk("a"), _chunk("b"), "data: [DONE]"]), one(['data: {"choices": []}', "data: [DONE]"])
+    cut, refused = one([_chunk("a")]), one([], status=503)
+    assert full["chunks"] == 2 and "error" not in full and "ttft" in full
+    assert empty["chunks"] == 0 and "error" not in empty and "ttft" not in empty
+    assert cut == {"error": "stream ended without data: [DONE]"} and refused == {"error": "HTTP 503"}
+    row = http_serving._row("llmspeed", 4, [full, empty, cut, refused, refused], 0.0)
+    assert (row["requests"], row["errors"], row["empty_answers"]) == (5, 3, 1) and not row["sustained"]
+    assert row["error_kinds"] == "HTTP 503 x2; stream ended without data: [DONE] x1"
