@@ -1,0 +1,71 @@
+"""Steps with a prompt chunk: the fused C++ step against the per-layer path, format by format.
+
+Under load a serving step mixes decode rows with prompt chunks. :attr:`~llmspeed.generation.fused_decode.
+FusedDecode.mixed` runs such steps through the fused C++ step where the CPU has AMX tiles (one row per
+token; its matrices as tile matmuls, fp32 and bf16 ones of 64+ rows as torch's GEMM); elsewhere, and with
+``mixed`` off, they run per layer (``model.forward_batch``: SDPA over gathered blocks, one torch op at a
+time). Each case builds a generator with ``running`` sequences decoding, then times the one step that
+also takes a new ``prompt``-token request, both ways in turn, ``reps`` times (medians).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from ..generation import Generator, SamplingParams, fused_decode
+from ..precision import cast
+from ..quant import quantize
+from .models import load_model
+
+CASES = ((0, 256), (8, 64), (16, 480))  # (running sequences, prompt tokens)
+FORMATS = ("fp32", "bf16", "int8", "int4", "nf4")
+
+
+def step_ms(model, running: int, prompt: int, mixed: bool) -> tuple[float, str]:
+    """Milliseconds of the step that adds a ``prompt``-token request to ``running`` decoding ones, and its path."""
+    vocab = model.spec.vocab_size
+    gen = Generator(model, kv_cache_tokens=max(1024, 2 * (running * 160 + prompt)), progress=False)
+    if gen.runner.fused is not None:
+        gen.runner.fused.mixed = mixed
+    for i in range(running):
+        gen.add_request([(7 * i + j) % vocab for j in range(100)], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    for _ in range(2):  # their prompts, then a decode step
+        gen.step()
+    gen.add_request([(3 * j + 1) % vocab for j in range(prompt)], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    before = dict(gen.step_paths)
+    start = time.perf_counter()
+    gen.step()
+    elapsed = time.perf_counter() - start
+    (path,) = [p for p, (n, _) in gen.step_paths.items() if n != before.get(p, (0, 0.0))[0]]
+    return elapsed * 1e3, path
+
+
+def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Rows ``{table, format, running, prompt tokens, per-layer ms, fused ms, per-layer / fused, fused path}``."""
+    if device != "cpu":
+        raise ValueError(f"the fused step runs on the CPU; got device={device!r}")
+    reps, cases, formats = (1, CASES[:2], FORMATS[::2]) if quick else (5, CASES, FORMATS)
+    out = []
+    for fmt in formats:
+        m = load_model(model, "cpu")
+        if fmt == "bf16":
+            cast(m, "bf16")
+        elif fmt != "fp32":
+            quantize(m, fmt)
+        for running, prompt in cases:
+            step_ms(m, running, prompt, False)  # warm: kernel builds, allocator, timed kernel choices
+            step_ms(m, running, prompt, True)
+            generic, fused = [], []
+            for _ in range(reps):
+                generic.append(step_ms(m, running, prompt, False)[0])
+                ms, path = step_ms(m, running, prompt, True)
+                fused.append(ms)
+            g, f = statistics.median(generic), statistics.median(fused)
+            out.append({"table": "steps with a prompt chunk", "format": fmt, "running": running,
+                        "prompt tokens": prompt, "per-layer ms": round(g, 1), "fused ms": round(f, 1),
+                        "per-layer / fused": round(g / f, 2), "fused path": path,
+                        "default": "fused" if fused_decode.amx_available() else "per-layer"})  # fmt: skip
+        del m
+    return out

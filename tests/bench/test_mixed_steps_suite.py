@@ -1,0 +1,33 @@
+"""The mixed-steps suite: each format and case timed both ways, with the path the fused run took."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmspeed.bench import mixed_steps
+from llmspeed.generation import fused_decode
+
+needs_kernel = pytest.mark.skipif(fused_decode.extension() is None, reason="no C++ compiler: no fused step to time")
+
+
+@needs_kernel
+def test_quick_run_times_both_paths_for_every_case():
+    rows = mixed_steps.run(model="tiny-llama", quick=True, progress=False)
+    assert [(r["format"], r["running"], r["prompt tokens"]) for r in rows] == [
+        ("fp32", 0, 256), ("fp32", 8, 64), ("int8", 0, 256), ("int8", 8, 64), ("nf4", 0, 256), ("nf4", 8, 64)]  # fmt: skip
+    for r in rows:
+        assert r["per-layer ms"] > 0 and r["fused ms"] > 0
+        assert r["per-layer / fused"] == pytest.approx(r["per-layer ms"] / r["fused ms"], rel=0.05)
+        assert r["fused path"] == "fused cpu mixed"  # mixed=True forces the fused step: it must have run it
+
+
+@needs_kernel
+def test_the_timed_step_reports_its_own_path():
+    model = mixed_steps.load_model("tiny-llama", "cpu")
+    assert mixed_steps.step_ms(model, 2, 40, mixed=False)[1] == "mixed"
+    assert mixed_steps.step_ms(model, 2, 40, mixed=True)[1] == "fused cpu mixed"
+
+
+def test_it_refuses_a_gpu():
+    with pytest.raises(ValueError, match="device='cuda'"):
+        mixed_steps.run(device="cuda", model="tiny-llama", quick=True)
