@@ -1,10 +1,10 @@
 // Fused decode step for Llama-family decoder stacks on CPU (driven by fused_decode.py).
 //
 // One call runs every layer for n rows (tokens: one per sequence in a decode step, or whole prompt chunks in a
-// mixed step): RMSNorm, the q/k/v GEMVs
-// (one parallel region over all their rows), rotary embedding, the paged-KV write, attention over
-// each sequence's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up, down_proj +
-// residual, then the final norm and the vocabulary projection. The residual stream stays in fp32;
+// mixed step): RMSNorm, the q/k/v GEMVs (one parallel region over all their rows), rotary embedding, the
+// paged-KV write, attention over each row's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up,
+// down_proj + residual, then the final norm and the vocabulary projection of the sampled rows. The residual
+// stream stays in fp32;
 // weights are fp32, bf16, weight-only int8 with one scale per output row (llmspeed's Int8Linear) or
 // packed 4-bit int4/NF4 (Int4Linear/NF4Linear: q4_tile from the header shared with the quantized matmul,
 // llmspeed/quant/kernels/q4_tiles.h), widened to fp32 in registers; the KV cache is fp32, bf16 or fp16.
