@@ -35,6 +35,7 @@ CASES = [
     ("llama", False, torch.bfloat16, dict(format="int8")),
     ("llama", False, torch.float32, dict(format="int4", group_size=32, activations="int8")),
     ("qwen2", True, torch.float32, dict(format="nf4", skip=[])),  # the tied head quantized from the embedding
+    ("qwen2", True, torch.float32, dict(format="int4", skip=[], int8_layers=["lm_head"])),  # serve's int8 head
 ]
 
 

@@ -152,7 +152,7 @@ def _commands(folder: Path) -> dict[str, Any]:
           "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port"]
     ours = [sys.executable, "-m", "llmspeed", "serve", "--model", str(folder), "--served-model-name", str(folder)]
     flags = {"llmspeed": [], "llmspeed int8": ["--quantize", "int8"],
-             "llmspeed int8 head": ["--quantize", "int8", "--quantize-lm-head"],
+             "llmspeed int8 float head": ["--quantize", "int8", "--no-quantize-lm-head"],
              "llmspeed int8 act8": ["--quantize", "int8", "--activations", "int8"]}
     commands: dict[str, Any] = {"transformers": lambda port: [*tf, str(port)]}
     for name, extra in flags.items():

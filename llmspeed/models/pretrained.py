@@ -19,7 +19,7 @@ from ..names import check_device, format_name
 from ..precision.cast import resolve_dtype
 
 QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include", "activations",
-                 "share_embedding")
+                 "share_embedding", "int8_layers")
 
 
 def _quant_plan(model: Model, options: dict[str, Any]):
@@ -51,7 +51,7 @@ def _quant_plan(model: Model, options: dict[str, Any]):
         activations=options.get("activations", "float"),
     )
     check_kernel(config.kernel, fmt, "cpu")
-    plan = plan_layers(model, config, options.get("skip"), options.get("include"))
+    plan = plan_layers(model, config, options.get("skip"), options.get("include"), options.get("int8_layers"))
     share = options.get("share_embedding")
     if share not in (None, True, False):
         raise ValueError(f"quantize['share_embedding'] must be None, True or False; got {share!r}")
@@ -94,7 +94,7 @@ def from_pretrained(
             (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
         device: Where the model ends up (quantization runs on the CPU as tensors are read).
         quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
-            double_quant=..., kernel=..., activations=..., share_embedding=...)``: the arguments of
+            double_quant=..., kernel=..., activations=..., share_embedding=..., int8_layers=[...])``: the arguments of
             :func:`llmspeed.quantize` with method ``"rtn"``,
             applied to each linear layer as its weight is read, one shard and one layer at a time.
 

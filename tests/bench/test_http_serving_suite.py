@@ -38,7 +38,8 @@ def test_a_rate_is_sustained_only_if_every_round_sustained_it():
 
 def test_every_server_has_a_command_and_bad_arguments_are_named(tmp_path):
     commands = http_serving._commands(tmp_path)
-    assert commands["llmspeed int8"](8000)[-4:] == ["--quantize", "int8", "--port", "8000"]
+    assert commands["llmspeed int8"](8000)[-4:] == ["--quantize", "int8", "--port", "8000"]  # the head at int8 too
+    assert commands["llmspeed int8 float head"](8000)[-5:-2] == ["--quantize", "int8", "--no-quantize-lm-head"]
     assert commands["transformers"](8001)[-1] == "8001"
     with pytest.raises(ValueError, match="rounds must be a positive integer; got 0"):
         http_serving.run(rounds=0)

@@ -192,18 +192,27 @@ def test_serve_cli_builds_a_quantized_server_with_an_adapter(tmp_path):
         build(build_parser().parse_args(["--adapter", "nopath"]))
 
 
-def test_serve_cli_quantizes_the_output_head_only_when_asked():
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_serve_cli_quantizes_the_output_head_at_int8_unless_told_not_to(fmt):
+    """``--quantize`` puts the output head at int8 in every format (the tied embedding reads its rows), as
+    llama.cpp's files do; ``--no-quantize-lm-head`` keeps it float, as ``llmspeed.quantize`` does."""
     from llmspeed.serving.cli import build, build_parser
 
-    engine, _ = build(build_parser().parse_args(["--quantize", "int8", "--quantize-lm-head", "--port", "0"]))
-    try:
-        assert type(engine.model.hf.lm_head).__name__ == "Int8Linear"
-        out = engine.model.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=2), progress=False)
-        assert len(out[0].token_ids) == 2
-    finally:
-        engine.close()
-    with pytest.raises(SystemExit, match="needs --quantize"):
-        build(build_parser().parse_args(["--quantize-lm-head"]))
+    for flags, head in (([], "Int8Linear"), (["--quantize-lm-head"], "Int8Linear"), (["--no-quantize-lm-head"], "Linear")):
+        engine, _ = build(build_parser().parse_args(["--quantize", fmt, *flags, "--port", "0"]))
+        try:
+            hf = engine.model.hf
+            assert type(hf.lm_head).__name__ == head, flags
+            body = {"int8": "Int8Linear", "int4": "Int4Linear"}[fmt]
+            assert type(hf.model.layers[0].mlp.down_proj).__name__ == body
+            assert (type(hf.model.embed_tokens).__name__ == "QuantizedEmbedding") == (head == "Int8Linear")
+            out = engine.model.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=2), progress=False)
+            assert len(out[0].token_ids) == 2
+        finally:
+            engine.close()
+    for flag in ("--quantize-lm-head", "--no-quantize-lm-head"):
+        with pytest.raises(SystemExit, match=f"{flag} needs --quantize"):
+            build(build_parser().parse_args([flag]))
     with pytest.raises(SystemExit, match="--activations int8 needs --quantize"):
         build(build_parser().parse_args(["--activations", "int8"]))
 
