@@ -159,3 +159,26 @@ def test_the_generator_serves_many_adapters_on_the_fused_path():
     generic = off.generate_batched(prompts, params)
     assert [o.token_ids for o in batched] == [o.token_ids for o in generic] == fused_out
     assert on.step_paths["fused cpu"][0] > 0 and "fused cpu" not in off.step_paths
+
+
+def test_mixed_steps_route_each_chunk_to_its_adapter():
+    """Prompt chunks on the fused step (``mixed=True``): every token row of a chunk takes its request's adapter,
+    beside decode rows with other adapters; same tokens as the per-layer path."""
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=5))
+    prompts = [[1, 2, 3], list(range(40, 110)), [7] * 11, [9, 8, 7, 6]]
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=a) for a in ("a", None, "b", "a")]
+    out = []
+    for mixed in (True, False):
+        gen = Generator(model, progress=False, block_size=8, max_batch_tokens=48)
+        gen.runner.fused.mixed = mixed
+        ids, events = [], []
+        for p, sp in zip(prompts, params):  # each prompt arrives while the others decode
+            ids.append(gen.add_request(p, sp))
+            events += gen.step()
+        while gen.has_unfinished():
+            events += gen.step()
+        done = {e.request_id: e.output.token_ids for e in events if e.finished}
+        out.append(([done[i] for i in ids], set(gen.step_paths)))
+    (fused, fused_paths), (generic, generic_paths) = out
+    assert fused == generic
+    assert "fused cpu mixed" in fused_paths and "fused cpu mixed" not in generic_paths
