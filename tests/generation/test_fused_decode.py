@@ -269,6 +269,19 @@ def test_mixed_steps_split_rows_of_unequal_length_over_threads(monkeypatch):
         assert torch.allclose(one, two, rtol=0, atol=1e-5 * one.abs().max())
 
 
+def _staggered(gen, prompts, params):
+    """Each prompt added, then one step, so it arrives while the ones before it decode; then run to the end.
+    Returns each request's tokens in prompt order."""
+    ids, events = [], []
+    for prompt, sp in zip(prompts, params):
+        ids.append(gen.add_request(prompt, sp))
+        events += gen.step()
+    while gen.has_unfinished():
+        events += gen.step()
+    done = {e.request_id: e.output.token_ids for e in events if e.finished}
+    return [done.get(i) for i in ids]
+
+
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_generator_with_mixed_fused_steps_gives_the_generic_tokens(prefix_caching):
     """Requests arriving while others decode (their prompts join decode rows in one step), a prompt longer than
@@ -281,14 +294,7 @@ def test_generator_with_mixed_fused_steps_gives_the_generic_tokens(prefix_cachin
     for mixed in (True, False):
         gen = Generator(model, progress=False, block_size=8, max_batch_tokens=64, prefix_caching=prefix_caching)
         gen.runner.fused.mixed = mixed
-        ids, events = [], []
-        for p in prompts:
-            ids.append(gen.add_request(p, sp))
-            events += gen.step()
-        while gen.has_unfinished():
-            events += gen.step()
-        done = {e.request_id: e.output.token_ids for e in events if e.finished}
-        results.append([done.get(i) for i in ids])
+        results.append(_staggered(gen, prompts, [sp] * len(prompts)))
         paths.append(set(gen.step_paths))
     assert results[0] == results[1] and all(r is not None and len(r) == 10 for r in results[0])
     assert "fused cpu mixed" in paths[0] and "mixed" not in paths[0]

@@ -10,7 +10,7 @@ from llmspeed import lora
 from llmspeed.generation import Generator, SamplingParams, fused_decode, fused_lora
 from llmspeed.generation.runner import StepInput
 
-from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled
+from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled, _staggered
 
 FP16_LORA_TOLERANCE = 2e-3  # logits, relative to their largest: adapters stacked in fp16 (docs/lora.md)
 
@@ -171,14 +171,7 @@ def test_mixed_steps_route_each_chunk_to_its_adapter():
     for mixed in (True, False):
         gen = Generator(model, progress=False, block_size=8, max_batch_tokens=48)
         gen.runner.fused.mixed = mixed
-        ids, events = [], []
-        for p, sp in zip(prompts, params):  # each prompt arrives while the others decode
-            ids.append(gen.add_request(p, sp))
-            events += gen.step()
-        while gen.has_unfinished():
-            events += gen.step()
-        done = {e.request_id: e.output.token_ids for e in events if e.finished}
-        out.append(([done[i] for i in ids], set(gen.step_paths)))
+        out.append((_staggered(gen, prompts, params), set(gen.step_paths)))
     (fused, fused_paths), (generic, generic_paths) = out
-    assert fused == generic
+    assert fused == generic and all(len(t) == 8 for t in fused)
     assert "fused cpu mixed" in fused_paths and "fused cpu mixed" not in generic_paths
