@@ -1,6 +1,6 @@
 """Serving: the Engine under Poisson load vs transformers' continuous batching, prefix caching, repeated calls, soak.
 
-    python benchmarks/serving.py [--quick] [--parts online prefix repeated soak] [--rates 0.5 1 2]
+    python benchmarks/serving.py [--quick] [--parts online prefix repeated soak] [--rates 0.5 1 2] [--requests 40]
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["online", "prefix", "repeated", "soak"],
                         choices=["online", "prefix", "repeated", "soak"])
     parser.add_argument("--rates", nargs="+", type=float, default=None, help="offered request rates (req/s)")
+    parser.add_argument("--requests", type=int, default=None, help="online part: Poisson arrivals per rate (default 40)")
     args = parser.parse_args()
-    rows = run(quick=args.quick, parts=tuple(args.parts), rates=tuple(args.rates) if args.rates else None)
+    rows = run(quick=args.quick, parts=tuple(args.parts), rates=tuple(args.rates) if args.rates else None,
+               requests=args.requests)
     for table in dict.fromkeys(r["table"] for r in rows):
         print(f"\n### {table}\n")
         print(markdown_table([{k: v for k, v in r.items() if k != "table"} for r in rows if r["table"] == table]))

@@ -271,13 +271,20 @@ def soak_rows(model: Any, requests: int, threads: int = 8, distinct: int = 48, s
 
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = False,
-        parts: tuple[str, ...] = ("online", "prefix", "repeated", "soak"), rates: tuple[float, ...] | None = None) -> list[dict]:
-    """Run the serving suite (see the module docstring); ``quick`` shrinks every part."""
+        parts: tuple[str, ...] = ("online", "prefix", "repeated", "soak"), rates: tuple[float, ...] | None = None,
+        requests: int | None = None) -> list[dict]:
+    """Run the serving suite (see the module docstring); ``quick`` shrinks every part.
+
+    ``requests``: Poisson arrivals per offered rate in the online part (default 40, 12 with ``quick``). More
+    arrivals keep an overloaded system overloaded for longer, so its queue, and its p99, reach steady state.
+    """
+    if requests is not None and requests < 2:
+        raise ValueError(f"requests must be at least 2 (arrivals per offered rate); got {requests!r}")
     torch.manual_seed(0)
     m = load_model(model, device, torch.float32)
     rows: list[dict] = []
     if "online" in parts:
-        n = 12 if quick else 40
+        n = requests or (12 if quick else 40)
         prompts, lengths = make_workload(m.tokenizer, n, prompt_range=(16, 256), mean=16 if quick else 48,
                                          cap=32 if quick else 128)
         rates = rates or ((0.5, 2.0) if quick else (0.25, 0.5, 1.0, 2.0, 4.0))
