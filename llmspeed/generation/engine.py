@@ -82,8 +82,9 @@ class Generator:
 
     Attributes:
         fused_decode_status: ``"on"``, or why decode steps take the generic path.
-        attention_status: ``"triton"``, ``"triton decode, sdpa prefill"``, ``"sdpa"``, or
-            ``"sdpa (why not triton)"``.
+        attention_status: The per-layer path's kernels (``"triton"``, ``"triton decode, sdpa prefill"``,
+            ``"C++ paged decode, sdpa prefill"``, ``"sdpa"``, or ``"sdpa (why not triton)"``), followed by
+            what the fused CPU step attends with (decode rows; prompt chunks too where ``mixed``) when it runs.
     """
 
     def __init__(

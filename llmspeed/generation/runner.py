@@ -99,7 +99,7 @@ class ModelRunner:
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
         self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size, cache_dtype(spec, kv_cache_dtype))
-        self.attention_status = self._setup_attention(spec, attention)
+        self.per_layer_attention = self._setup_attention(spec, attention)  # the kernels of per-layer steps
         self.graphs: Any = None
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
@@ -109,6 +109,14 @@ class ModelRunner:
             )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
         self.fused_decode_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(lora_name)])
+
+    @property
+    def attention_status(self) -> str:
+        """Which attention kernels steps use: the per-layer path's, and the fused CPU step's where it runs."""
+        if self.fused is None:
+            return self.per_layer_attention
+        rows = "decode rows and prompt chunks" if self.fused.mixed else "decode rows"
+        return f"{self.per_layer_attention}; fused cpu steps: C++ paged attention for {rows}"
 
     def _setup_attention(self, spec: Any, wanted: str) -> str:
         self.decode_kernel: Any = None

@@ -517,3 +517,17 @@ def test_without_the_kernel_generation_still_works(monkeypatch):
     finally:
         monkeypatch.delenv("LLMSPEED_DISABLE_CPP")
         fused_decode._build.cache_clear()
+
+
+def test_attention_status_names_the_fused_steps_attention_and_follows_mixed():
+    model = llmspeed.models.tiny("llama", seed=0)
+    off = Generator(model, progress=False, block_size=8, fused_decode=False)
+    assert "fused" not in off.attention_status
+    gen = Generator(model, progress=False, block_size=8)
+    if gen.runner.fused is None:
+        pytest.skip(f"the fused step is off here: {gen.fused_decode_status}")
+    assert gen.attention_status.startswith(off.attention_status + "; fused cpu steps: C++ paged attention for ")
+    gen.runner.fused.mixed = True
+    assert gen.attention_status.endswith("decode rows and prompt chunks")
+    gen.runner.fused.mixed = False
+    assert gen.attention_status.endswith("for decode rows")

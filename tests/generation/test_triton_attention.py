@@ -143,7 +143,7 @@ def test_attention_choice_and_errors():
 
     cpu_auto = "C++ paged decode, sdpa prefill" if fused_decode.unavailable() is None else "sdpa ("
     assert Generator(model, progress=False).attention_status.startswith(cpu_auto)  # auto on the CPU
-    assert Generator(model, progress=False, attention="sdpa").attention_status == "sdpa"
+    assert Generator(model, progress=False, attention="sdpa").runner.per_layer_attention == "sdpa"
     with pytest.raises(ValueError, match="attention must be 'auto', 'sdpa' or 'triton'; got 'flash'"):
         Generator(model, progress=False, attention="flash")
     if not triton_attention.interpreted():
