@@ -132,7 +132,7 @@ def _llmspeed(
     if bad:
         raise RuntimeError(f"llmspeed run lost tokens: {bad[0].finish_reason} {bad[0].error}")
     assert gen.stats is not None
-    paths = ", ".join(f"{n} {path} steps {t:.2f} s" for path, (n, t) in sorted(gen.stats.step_paths.items()))
+    paths = ", ".join(f"{n} {path} steps {t:.3f} s" for path, (n, t) in sorted(gen.stats.step_paths.items()))
     note = f"{paths}; attention {gen.attention_status}"
     if graphs:
         note += f"; warm-up {warm:.1f} s ({graphs} CUDA graphs), not timed"

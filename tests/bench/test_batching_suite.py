@@ -34,7 +34,7 @@ def test_llmspeed_run_is_checked_and_reports_how_its_steps_ran():
     prompts, lengths = suite.make_workload(None, 4, prompt_range=(4, 12), mean=4, cap=6)
     seconds, note = suite._llmspeed(llama, prompts, lengths, False, fused_decode=False)
     assert "mixed steps" in note and " decode steps " in note, note
-    steps = re.findall(r"(\d+) [\w ]+? steps ([\d.]+) s", note)  # "12 decode steps 0.03 s, 2 mixed steps ..."
+    steps = re.findall(r"(\d+) [\w ]+? steps ([\d.]+) s", note)  # "12 decode steps 0.031 s, 2 mixed steps ..."
     # every request needs one step per output token; the step times are parts of the timed run
     assert sum(int(n) for n, _ in steps) >= max(lengths), note
     assert 0 < sum(float(t) for _, t in steps) <= seconds + 0.01, (note, seconds)
