@@ -15,7 +15,7 @@
 // at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py).
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 #include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
-#include "q4_int8.h"  // int8 activations (act_quant) and the int4 x int8 VNNI dot product
+#include "q4_int8.h"  // int8 activations (act_quant) and the int4 / int8 x int8 dot products (VNNI, AVX2)
 #include "cpu_vec.h"  // widening loads (fp32 / bf16 / fp16 / int8 to fp32 registers)
 #include "paged_attention.h"  // Step and attend_cached: attention over the paged KV cache
 
@@ -210,48 +210,61 @@ void gemv_rows_q4(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
   }
 }
 
-// The VNNI row loops' tiling: weight rows lo..hi in blocks of 4 (the tail one by one) against x rows in
-// blocks of 4 (likewise); tile(NR, MT, n, m, t) writes t [MT, 4] for NR weight rows from n and MT x rows
-// from m (NR, MT as std::integral_constant, so each pair is its own instantiation).
-template <typename Tile>
-void vnni_tiles(int64_t M, const Linear& l, int64_t lo, int64_t hi, Tile tile) {
-  using four = std::integral_constant<int, 4>;
+// The integer row loops' tiling: weight rows lo..hi in blocks of NR (the tail one by one) against x rows in
+// blocks of MT (likewise); tile(nr, mt, n, m, t, NR) writes t [mt, NR] (rows NR apart) for nr weight rows from
+// n and mt x rows from m (nr, mt as std::integral_constant, so each pair is its own instantiation).
+template <int NR, int MT, typename Tile>
+void dot_tiles(int64_t M, const Linear& l, int64_t lo, int64_t hi, Tile tile) {
+  using rows_t = std::integral_constant<int, NR>;
+  using xs_t = std::integral_constant<int, MT>;
   using one = std::integral_constant<int, 1>;
-  float t[4 * 4];  // [x rows, weight rows]
+  float t[MT * NR];  // [x rows, weight rows]
   for (int64_t n = lo; n < hi;) {
-    const int64_t rows = hi - n >= 4 ? 4 : 1;
+    const int64_t rows = hi - n >= NR ? NR : 1;
     for (int64_t m = 0; m < M;) {
-      const int64_t xs = M - m >= 4 ? 4 : 1;
-      if (rows == 4 && xs == 4) tile(four{}, four{}, n, m, t);
-      else if (rows == 4) tile(four{}, one{}, n, m, t);
-      else if (xs == 4) tile(one{}, four{}, n, m, t);
-      else tile(one{}, one{}, n, m, t);
+      const int64_t xs = M - m >= MT ? MT : 1;
+      if (rows == NR && xs == MT) tile(rows_t{}, xs_t{}, n, m, t, NR);
+      else if (rows == NR) tile(rows_t{}, one{}, n, m, t, NR);
+      else if (xs == MT) tile(one{}, xs_t{}, n, m, t, NR);
+      else tile(one{}, one{}, n, m, t, NR);
       for (int64_t i = 0; i < xs; ++i)
-        for (int64_t r = 0; r < rows; ++r) l.y[(m + i) * l.N + n + r] = t[i * 4 + r] + (l.bias ? l.bias[n + r] : 0.f);
+        for (int64_t r = 0; r < rows; ++r) l.y[(m + i) * l.N + n + r] = t[i * NR + r] + (l.bias ? l.bias[n + r] : 0.f);
       m += xs;
     }
     n += rows;
   }
 }
 
+#ifdef LLMSPEED_VNNI
+constexpr int DOT_ROWS = 4, DOT_XS = 4;  // 4 x 4 accumulators of 16 lanes in AVX-512's 32 registers
+constexpr bool I8_ROW_AT_A_TIME = false;
+#else
+// AVX2 has 16 registers: 4 weight rows x 2 x rows. A lone x row multiplies int8 weight rows one at a time: on
+// a 2-core Zen 1 the 49152 x 576 int8 head took about 1.4 ms so against 2.2 four rows at a time (ad hoc timings).
+constexpr int DOT_ROWS = 4, DOT_XS = 2;
+constexpr bool I8_ROW_AT_A_TIME = true;
+#endif
+
 // int4 rows (l.chunks from act_chunks) or int8 rows (from act_chunks_int8) against int8 activation codes
 void gemv_rows_i8(int64_t M, int64_t K, const Linear& l, int64_t lo, int64_t hi) {
-#ifdef LLMSPEED_VNNI
+#if defined(LLMSPEED_VNNI) || defined(LLMSPEED_AVX2_DOT)
   if (l.kind == Kind::I8) {
     const int8_t* w = static_cast<const int8_t*>(l.w);
-    vnni_tiles(M, l, lo, hi, [&](auto nr, auto mt, int64_t n, int64_t m, float* t) {
-      q8_rows_i8<decltype(nr)::value, decltype(mt)::value>(*l.chunks, m, w + n * K, K, l.scale + n, t, 4);
-    });
+    const auto tile = [&](auto nr, auto mt, int64_t n, int64_t m, float* t, int64_t ldt) {
+      q8_rows_i8<decltype(nr)::value, decltype(mt)::value>(*l.chunks, m, w + n * K, K, l.scale + n, t, ldt);
+    };
+    if (I8_ROW_AT_A_TIME && M == 1) dot_tiles<1, 1>(M, l, lo, hi, tile);
+    else dot_tiles<DOT_ROWS, DOT_XS>(M, l, lo, hi, tile);
   } else {
     const int64_t groups = l.Kp / l.G, row_bytes = l.Kp / 2;
     const uint8_t* w = static_cast<const uint8_t*>(l.w);
-    vnni_tiles(M, l, lo, hi, [&](auto nr, auto mt, int64_t n, int64_t m, float* t) {
+    dot_tiles<DOT_ROWS, DOT_XS>(M, l, lo, hi, [&](auto nr, auto mt, int64_t n, int64_t m, float* t, int64_t ldt) {
       q4_rows_i8<decltype(nr)::value, decltype(mt)::value>(*l.chunks, m, w + n * row_bytes, row_bytes, l.G,
-                                                           l.scale + n * groups, l.zero + n * groups, t, 4);
+                                                           l.scale + n * groups, l.zero + n * groups, t, ldt);
     });
   }
 #else
-  TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
+  TORCH_CHECK(false, "fused decode: this build has no int8 dot-product path (AVX-512 VNNI or AVX2)");
 #endif
 }
 
@@ -293,10 +306,10 @@ constexpr int64_t VNNI_TILE_ROWS = 16;  // from this many rows, such layers too 
 
 // The int8 codes of x as the VNNI row loop of l reads them.
 ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, const Linear& l) {
-#ifdef LLMSPEED_VNNI
+#if defined(LLMSPEED_VNNI) || defined(LLMSPEED_AVX2_DOT)
   return l.kind == Kind::I8 ? act_chunks_int8(x, M, K) : act_chunks(x, M, K, l.Kp, l.G);
 #else
-  TORCH_CHECK(false, "fused decode: this build has no VNNI int8 path");
+  TORCH_CHECK(false, "fused decode: this build has no int8 dot-product path (AVX-512 VNNI or AVX2)");
 #endif
 }
 
@@ -777,5 +790,5 @@ at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero, i
 // Whether the GEMV groups can run on AMX tiles in this process (a CPU and build with AMX-BF16, granted by the OS).
 bool amx_usable() { return llmspeed_amx::usable(); }
 
-// Whether 4-bit rows with int8 activations multiply integer codes on VNNI in this build.
+// Whether int4 / int8 rows with int8 activations multiply integer codes in this build (VNNI or AVX2).
 bool vnni_usable() { return vnni_compiled(); }

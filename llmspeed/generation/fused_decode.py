@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
 AMX_HEADER = Q4_HEADER.with_name("amx_tiles.h")  # the shared AMX tile matmul
-INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 / int8 x int8 VNNI dot products
+INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 / int8 x int8 dot products (VNNI, AVX2)
 VEC_HEADER = SOURCE.with_name("cpu_vec.h")  # widening loads to fp32 registers
 ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention over the paged KV cache
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -76,8 +76,8 @@ def amx_available() -> bool:
 
 def int8_dot_available() -> bool:
     """Whether layers with int8 activations (``quantize(..., activations="int8")``: int8 weights, and int4 with
-    groups of whole 32-code blocks) multiply integer codes on AVX-512 VNNI in the fused step here; elsewhere
-    they compute on ``q * d`` in fp32."""
+    groups of whole 32-code blocks) multiply integer codes in the fused step here (AVX-512 VNNI, or AVX2's
+    byte multiply-adds); elsewhere they compute on ``q * d`` in fp32."""
     ext = extension()
     return ext is not None and bool(ext.vnni_usable())
 

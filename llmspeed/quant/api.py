@@ -170,7 +170,7 @@ def quantize(
             at 4 bits. They cost more bytes (``llmspeed.memory_footprint(model)["linear"]``).
         activations: ``"float"`` (default) or ``"int8"``: dynamic int8 activations in blocks of 32 input
             channels (:class:`~llmspeed.quant.QuantConfig`), which the fused CPU decode step multiplies as
-            integers against int4 and int8 codes (AVX-512 VNNI); docs/quantization.md gives the accuracy cost.
+            integers against int4 and int8 codes (AVX-512 VNNI or AVX2); docs/quantization.md gives the accuracy cost.
         share_embedding: When the output head is quantized (``skip=[]``) and tied to the input embedding
             (SmolLM2, Gemma, small Qwen2), the embedding becomes a lookup into the head's packed rows
             (:class:`~llmspeed.quant.embedding.QuantizedEmbedding`) and the float matrix is freed.

@@ -42,7 +42,7 @@ class QuantConfig:
             int8 activations, as llama.cpp's Q8_0 activations and torchao's dynamic-activation configs:
             every block of :data:`ACT_BLOCK` input channels of each row is rounded to 255 levels of its
             absmax before the matmul (``primitives.quantize_activations``), so CPU kernels can multiply
-            integer codes (AVX-512 VNNI); accuracy cost in docs/quantization.md.
+            integer codes (AVX-512 VNNI, or AVX2's byte multiply-adds); accuracy cost in docs/quantization.md.
     """
 
     format: str

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every format, as llama.cpp's Q8_0 and Q4_0 files; a tied input embedding reads its rows. "
                         "--no-quantize-lm-head keeps it float, as llmspeed.quantize does (docs/serving.md: the cost)")
     p.add_argument("--activations", default="float", choices=["float", "int8"],
-                   help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI, their cost)")
+                   help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI or AVX2, their cost)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (ours or PEFT's); repeat for more")
     p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
                    help="precision of the adapters the fused CPU decode step reads (docs/lora.md)")

@@ -1,5 +1,5 @@
 // Dynamic int8 activations (QuantConfig(activations="int8")) and the int4 / int8 x int8 dot products on
-// AVX-512 VNNI integer multiply-adds.
+// AVX-512 VNNI integer multiply-adds, or on AVX2's byte multiply-adds (VPMADDUBSW, VPMADDWD) without VNNI.
 //
 // act_quant() / act_block(): each block of 32 input channels of each row gets d = absmax / 127 and codes
 // round_half_even(x / d) (0 where d == 0), as llmspeed.quant.primitives.quantize_activations; a layer with
@@ -9,7 +9,7 @@
 // activation codes into 16 int32 lanes, which are converted and scaled by their block's d and group's s;
 // the zero point enters once per group through the group sum of q * d. q8_rows_i8(): int8 weight rows
 // likewise, offset to unsigned bytes. Integer products are exact, so the result equals q * d times the
-// dequantized weight up to fp32 summation order.
+// dequantized weight up to fp32 summation order. The AVX2 versions keep the same contract (below).
 // Included by llmspeed/generation/decode_cpu.cpp (the fused decode step) and
 // llmspeed/quant/kernels/fused_cpu.cpp (act_round, for the per-layer path).
 #pragma once
@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -26,6 +27,8 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
 #define LLMSPEED_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LLMSPEED_AVX2_DOT 1  // the same dot products with AVX2's VPMADDUBSW / VPMADDWD (as llama.cpp's Q4_0 x Q8_0)
 #endif
 
 constexpr int64_t ACT_BLOCK = 32;
@@ -265,6 +268,227 @@ inline void q8_rows_i8(const ActChunks& a, int64_t m0, const int8_t* w, int64_t 
 }
 #endif
 
+#ifdef LLMSPEED_AVX2_DOT
+// AVX2 (no VNNI): the same ActChunks contract on 256-bit registers. VPMADDUBSW multiplies unsigned by signed
+// bytes into pairwise int16 sums, VPMADDWD widens them to int32: int4 codes (0..15) times activation codes
+// (-127..127) stay far below int16's range; for int8 weights the activations carry the weights' signs and
+// the weights enter as magnitudes (|w| <= 128, |x| <= 127: a pair sums to at most 32512). Chunks are 64
+// channels as with VNNI; lane scales are [d0 x4, d1 x4] per chunk for int4 and one d per block of 32 for
+// int8 (dv), and off is unused.
+
+// Lanes before n of an 8-wide step from i, as a VPMASKMOVD mask.
+inline __m256i lanes8(int64_t n, int64_t i) {
+  const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, n - i));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The int32 codes of the 32 channels of x from k (zero past K) in q[0..3] and d = absmax / 127: act_quant's
+// fp32 division, rounded half to even by the conversion.
+inline void act_block(const float* x, int64_t k, int64_t K, __m256i* q, float* d) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4];
+  __m256 mx = _mm256_setzero_ps();
+  for (int h = 0; h < 4; ++h) {
+    v[h] = _mm256_maskload_ps(x + k + 8 * h, lanes8(K, k + 8 * h));
+    mx = _mm256_max_ps(mx, _mm256_and_ps(v[h], absmask));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  *d = _mm_cvtss_f32(m4) / 127.f;
+  const __m256 div = _mm256_set1_ps(*d > 0.f ? *d : 1.f);
+  for (int h = 0; h < 4; ++h) q[h] = _mm256_cvtps_epi32(_mm256_div_ps(v[h], div));
+}
+
+// 32 int32 codes (a, b, c, d: 8 each, in -127..127) as 32 bytes in their order.
+inline __m256i pack_codes(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));  // per 128: a b c d quads
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// The chunked codes of x [M, K] for int8 weights [N, K]: natural order over Kc = K rounded up to 64, one d a block.
+inline ActChunks act_chunks_int8(const float* x, int64_t M, int64_t K) {
+  ActChunks c;
+  c.Kp = K, c.Kc = (K + 63) / 64 * 64;
+  const int64_t blocks = c.Kc / ACT_BLOCK;
+  c.q.resize(M * c.Kc);
+  c.dv.resize(M * blocks);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i q[4];
+      act_block(x + m * K, b * ACT_BLOCK, K, q, &c.dv[m * blocks + b]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.q.data() + m * c.Kc + b * ACT_BLOCK), pack_codes(q[0], q[1], q[2], q[3]));
+    }
+  return c;
+}
+
+// The chunked codes of x [M, K] for int4 weights of padded width Kp and groups of G: per 64-channel chunk
+// [evens | odds] (the low and high nibbles of its 32 weight bytes), as with VNNI.
+inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
+  ActChunks c;
+  c.Kp = Kp, c.Kc = (Kp + 63) / 64 * 64;
+  const int64_t chunks = c.Kc / 64, groups = Kp / G;
+  c.q.resize(M * c.Kc);
+  c.dv.resize(M * chunks * 8);
+  c.sum.assign(M * groups, 0.f);
+  const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // 8 channels as [evens | odds]
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      __m256i q[8];
+      float d[2];
+      for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 32 channels
+        act_block(r, ch * 64 + b * 32, K, q + 4 * b, d + b);
+        if (ch * 64 + b * 32 < Kp)  // (the padding of the last chunk holds zero codes)
+          c.sum[m * groups + (ch * 64 + b * 32) / G] +=
+              static_cast<float>(hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[4 * b], q[4 * b + 1]),
+                                                           _mm256_add_epi32(q[4 * b + 2], q[4 * b + 3])))) * d[b];
+      }
+      __m256i ev[4], od[4];
+      for (int j = 0; j < 4; ++j) {  // channels 16j..16j+15: their 8 evens and 8 odds
+        const __m256i p0 = _mm256_permutevar8x32_epi32(q[2 * j], split), p1 = _mm256_permutevar8x32_epi32(q[2 * j + 1], split);
+        ev[j] = _mm256_permute2x128_si256(p0, p1, 0x20);
+        od[j] = _mm256_permute2x128_si256(p0, p1, 0x31);
+      }
+      auto* dst = reinterpret_cast<__m256i*>(c.q.data() + m * c.Kc + ch * 64);
+      _mm256_storeu_si256(dst, pack_codes(ev[0], ev[1], ev[2], ev[3]));
+      _mm256_storeu_si256(dst + 1, pack_codes(od[0], od[1], od[2], od[3]));
+      _mm256_storeu_ps(c.dv.data() + (m * chunks + ch) * 8, _mm256_blend_ps(_mm256_set1_ps(d[0]), _mm256_set1_ps(d[1]), 0xF0));
+    }
+  }
+  return c;
+}
+
+// The sums of the 8 lanes of v0..v3, as [sum v0, sum v1, sum v2, sum v3].
+inline __m128 reduce4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  // per 128: v0 v1 v2 v3 partials
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// q4_rows_i8 of the VNNI build, on AVX2: per chunk and weight row the 32 bytes split into low and high
+// nibbles (the chunk's even and odd channels), two VPMADDUBSW against the codes' evens and odds, one
+// VPMADDWD to int32 lanes of 8 channels (lanes 0-3: the chunk's first block, 4-7: its second).
+template <int NR, int MT>
+inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t row_bytes, int64_t G,
+                       const float* scale, const float* zero, float* y, int64_t ldy) {
+  const int64_t Kp = a.Kp, Kc = a.Kc, groups = Kp / G, chunks = Kc / 64;
+  const int8_t* xq = a.q.data() + m0 * Kc;
+  const float* dv = a.dv.data() + m0 * chunks * 8;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 tot[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MT; ++i) tot[r][i] = _mm256_setzero_ps();
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t g0 = ch * 64 / G, g1 = std::min(groups - 1, (ch * 64 + 32) / G);
+    const bool whole = ch * 64 + 64 <= Kp;  // else the last chunk of a width that is 32 past whole chunks
+    __m256i lo[NR], hi[NR];
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* p = w + r * row_bytes + ch * 32;
+      if ((ch & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD), _MM_HINT_T0);
+      const __m256i b = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                              : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      lo[r] = _mm256_and_si256(b, nibble);
+      hi[r] = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    }
+    for (int i = 0; i < MT; ++i) {
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * Kc + ch * 64));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * Kc + ch * 64 + 32));
+      const __m256 d = _mm256_loadu_ps(dv + (i * chunks + ch) * 8);
+      for (int r = 0; r < NR; ++r) {
+        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
+        const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        const float* sr = scale + r * groups;
+        const __m256 sv = g0 == g1 ? _mm256_set1_ps(sr[g0]) : _mm256_blend_ps(_mm256_set1_ps(sr[g0]), _mm256_set1_ps(sr[g1]), 0xF0);
+        tot[r][i] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, sv), tot[r][i]);
+      }
+    }
+  }
+  // the zero points' share, sum_g s * z * (group sum of q * d), 8 groups a step into the same lanes
+  for (int64_t g = 0; g < groups; g += 8) {
+    const __m256i k = lanes8(groups, g);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sz = _mm256_mul_ps(_mm256_maskload_ps(scale + r * groups + g, k), _mm256_maskload_ps(zero + r * groups + g, k));
+      for (int i = 0; i < MT; ++i)
+        tot[r][i] = _mm256_fnmadd_ps(sz, _mm256_maskload_ps(a.sum.data() + (m0 + i) * groups + g, k), tot[r][i]);
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + i * ldy, reduce4(tot[0][i], tot[1][i], tot[2][i], tot[3][i]));
+    } else {
+      for (int r = 0; r < NR; ++r) {
+        alignas(32) float t[8];
+        _mm256_store_ps(t, tot[r][i]);
+        y[i * ldy + r] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+      }
+    }
+  }
+}
+
+// q8_rows_i8 of the VNNI build, on AVX2: per block of 32 channels, VPMADDUBSW of |w| by the codes with w's
+// signs (VPSIGNB), VPMADDWD to int32, scaled by the block's d; the row scale s at the end.
+template <int NR, int MT>
+inline void q8_block(const ActChunks& a, const int8_t* xq, const float* dv, int64_t b, const __m256i* wv,
+                     __m256 (&tot)[NR][MT]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t Kc = a.Kc, blocks = Kc / ACT_BLOCK;
+  for (int i = 0; i < MT; ++i) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * Kc + b * ACT_BLOCK));
+    const __m256 d = _mm256_broadcast_ss(dv + i * blocks + b);
+    for (int r = 0; r < NR; ++r) {
+      const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(x, wv[r]));
+      tot[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), d, tot[r][i]);
+    }
+  }
+}
+
+template <int NR, int MT>
+inline void q8_rows_i8(const ActChunks& a, int64_t m0, const int8_t* w, int64_t K, const float* scale, float* y,
+                       int64_t ldy) {
+  const int64_t Kc = a.Kc, blocks = Kc / ACT_BLOCK, whole = K / ACT_BLOCK;
+  const int8_t* xq = a.q.data() + m0 * Kc;
+  const float* dv = a.dv.data() + m0 * blocks;
+  __m256 tot[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MT; ++i) tot[r][i] = _mm256_setzero_ps();
+  __m256i wv[NR];
+  for (int64_t b = 0; b < whole; ++b) {
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* p = w + r * K + b * ACT_BLOCK;
+      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD), _MM_HINT_T0);
+      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    }
+    q8_block<NR, MT>(a, xq, dv, b, wv, tot);
+  }
+  if (K > whole * ACT_BLOCK) {  // the rows' last partial block: bytes past K are zero weights
+    alignas(32) int8_t t[NR][ACT_BLOCK] = {};
+    for (int r = 0; r < NR; ++r) {
+      std::memcpy(t[r], w + r * K + whole * ACT_BLOCK, K - whole * ACT_BLOCK);
+      wv[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(t[r]));
+    }
+    q8_block<NR, MT>(a, xq, dv, whole, wv, tot);
+  }
+  for (int i = 0; i < MT; ++i) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + i * ldy, _mm_mul_ps(reduce4(tot[0][i], tot[1][i], tot[2][i], tot[3][i]), _mm_loadu_ps(scale)));
+    } else {
+      for (int r = 0; r < NR; ++r) {
+        alignas(32) float t[8];
+        _mm256_store_ps(t, tot[r][i]);
+        y[i * ldy + r] = (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) * scale[r];
+      }
+    }
+  }
+}
+#endif
+
 // q * d of x [M, K] into out [M, K] (quantize_activations), rows split over torch's threads; 32 channels a
 // step with AVX-512 (act_block), else through act_quant.
 inline void act_round(const float* x, int64_t M, int64_t K, float* out) {
@@ -288,9 +512,9 @@ inline void act_round(const float* x, int64_t M, int64_t K, float* out) {
   });
 }
 
-// Whether this build multiplies int4 codes by int8 activations with VNNI.
+// Whether this build multiplies int4 / int8 codes by int8 activation codes (AVX-512 VNNI or AVX2).
 inline bool vnni_compiled() {
-#ifdef LLMSPEED_VNNI
+#if defined(LLMSPEED_VNNI) || defined(LLMSPEED_AVX2_DOT)
   return true;
 #else
   return false;
