@@ -291,3 +291,34 @@ def test_dequant_fp32_in_row_blocks_matches_reference(fmt, group, k, monkeypatch
     x = torch.randn(130, k, requires_grad=True)
     module(x).sum().backward()
     assert torch.allclose(x.grad, module.dequantize().sum(0).expand(130, k), atol=1e-5)
+
+
+@pytest.mark.skipif(cpp.extension() is None, reason="no C++ compiler: dequant_fp32 dequantizes in torch")
+@settings(max_examples=40, deadline=None)
+@given(
+    case=st.sampled_from([("int8", None, False), ("int4", 16, False), ("int4", 64, False), ("int4", 128, False),
+                          ("nf4", 32, False), ("nf4", 64, True)]),
+    k=st.integers(1, 200),
+    n=st.integers(1, 40),
+    bounds=st.tuples(st.integers(0, 40), st.integers(0, 45)),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_dequantize_rows_equals_the_torch_dequantize_bit_for_bit(case, k, n, bounds, seed):
+    """The C++ pass dequant_fp32 uses on CPUs: padded widths (k not a multiple of the group), fractional zero
+    points (as HQQ's), double-quantized NF4 scales, any row range."""
+    fmt, group, double_quant = case
+    group = None if group is None or group > k else group
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+    module = module_class(fmt).from_linear(linear, QuantConfig(fmt, group, double_quant=double_quant))
+    if fmt == "int4":
+        module.zeros.add_(torch.rand(module.zeros.shape, generator=g) - 0.5)  # HQQ moves zero points off the grid
+    rows = slice(min(bounds), max(bounds))
+    fast = cpp.dequantize_rows(module, rows)
+    if fmt != "int8" and not module.layout.tiles_of(cpp.TILE):
+        assert fast is None  # per-row groups of a width that is not whole 16-code tiles: torch dequantizes
+        return
+    assert fast is not None and fast.dtype == torch.float32
+    assert torch.equal(fast, module.packed_dequantize(torch.float32, rows))

@@ -26,7 +26,8 @@ SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 HEADER = Path(__file__).with_name("q4_tiles.h")  # shared with the fused decode step
 INT8_HEADER = Path(__file__).with_name("q4_int8.h")  # int8 activations, shared with the fused decode step
 DISABLE_ENV = cpp_build.DISABLE_ENV
-_FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations"]
+_FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations", "dequantize_4bit",
+              "dequantize_int8"]
 build_dir = cpp_build.build_dir
 compiler = cpp_build.compiler
 
@@ -56,6 +57,22 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor | None:  # [..., K] fp
         return None
     ext = extension()
     return None if ext is None else ext.quantize_activations(x)
+
+
+def dequantize_rows(module: QuantizedLinear, rows: slice) -> torch.Tensor | None:  # [r, in] fp32, or None
+    """``module.packed_dequantize(torch.float32, rows)`` in one C++ pass over the packed rows (the same values),
+    or ``None`` where it does not apply (not on the CPU, or a 4-bit group the C++ tile cannot split) or the extension is unavailable. For the fp32 GEMM of long prompts (``dequant_fp32``)."""
+    if module.qweight.device.type != "cpu" or not module.layout.tiles_of(TILE):
+        return None
+    fmt = module.quant_format
+    ext = extension()
+    if ext is None:
+        return None
+    if fmt == "int8":
+        return ext.dequantize_int8(module.qweight[rows], module.scales[rows])
+    zeros = module.zeros[rows] if fmt == "int4" else torch.empty(0)
+    w = ext.dequantize_4bit(module.qweight[rows], group_scales_fp32(module)[rows], zeros, module.layout.group)
+    return w[:, : module.in_features]  # [r, in]: the padding columns dropped (a view)
 
 
 def _shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
