@@ -490,7 +490,7 @@ inline void q8_rows_i8(const ActChunks& a, int64_t m0, const int8_t* w, int64_t 
 #endif
 
 // q * d of x [M, K] into out [M, K] (quantize_activations), rows split over torch's threads; 32 channels a
-// step with AVX-512 (act_block), else through act_quant.
+// step with AVX-512 or AVX2 (act_block), else through act_quant.
 inline void act_round(const float* x, int64_t M, int64_t K, float* out) {
   at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
 #ifdef LLMSPEED_VNNI
@@ -503,6 +503,18 @@ inline void act_round(const float* x, int64_t M, int64_t K, float* out) {
         for (int h = 0; h < 2; ++h) {
           const int64_t at = k + 16 * h;
           _mm512_mask_storeu_ps(out + m * K + at, lanes16(K, at), _mm512_mul_ps(_mm512_cvtepi32_ps(q[h]), dv));
+        }
+      }
+#elif defined(LLMSPEED_AVX2_DOT)
+    for (int64_t m = lo; m < hi; ++m)
+      for (int64_t k = 0; k < K; k += ACT_BLOCK) {
+        __m256i q[4];
+        float d;
+        act_block(x + m * K, k, K, q, &d);
+        const __m256 dv = _mm256_set1_ps(d);
+        for (int h = 0; h < 4; ++h) {
+          const int64_t at = k + 8 * h;
+          _mm256_maskstore_ps(out + m * K + at, lanes8(K, at), _mm256_mul_ps(_mm256_cvtepi32_ps(q[h]), dv));
         }
       }
 #else
