@@ -84,6 +84,17 @@ struct ActChunks {
   int64_t Kp = 0, Kc = 0;
 };
 
+// An ActChunks for M rows over width Kp (Kc: whole 64-channel chunks) with `scales` lane scales a row and
+// the group sums of `groups` groups a row (0: none), codes zero.
+inline ActChunks act_chunks_sized(int64_t M, int64_t Kp, int64_t scales, int64_t groups) {
+  ActChunks c;
+  c.Kp = Kp, c.Kc = (Kp + 63) / 64 * 64;
+  c.q.resize(M * c.Kc);
+  c.dv.resize(M * scales);
+  c.sum.assign(M * groups, 0.f);
+  return c;
+}
+
 #ifdef LLMSPEED_VNNI
 // The lanes of a 16-wide step from i that lie before n.
 inline __mmask16 lanes16(int64_t n, int64_t i) {
@@ -104,11 +115,8 @@ inline void act_block(const float* x, int64_t k, int64_t K, __m512i* q, float* d
 
 // The chunked codes of x [M, K] for int8 weights [N, K]: natural order over Kc = K rounded up to 64.
 inline ActChunks act_chunks_int8(const float* x, int64_t M, int64_t K) {
-  ActChunks c;
-  c.Kp = K, c.Kc = (K + 63) / 64 * 64;
-  const int64_t chunks = c.Kc / 64;
-  c.q.resize(M * c.Kc);
-  c.dv.resize(M * chunks * 16);
+  const int64_t chunks = (K + 63) / 64;
+  ActChunks c = act_chunks_sized(M, K, chunks * 16, 0);
   c.off.resize(M * chunks * 16);
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t m = 0; m < M; ++m)
@@ -128,12 +136,8 @@ inline ActChunks act_chunks_int8(const float* x, int64_t M, int64_t K) {
 
 // The chunked codes of x [M, K] for int4 weights of padded width Kp and groups of G, 64 channels a step.
 inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
-  ActChunks c;
-  c.Kp = Kp, c.Kc = (Kp + 63) / 64 * 64;
-  const int64_t chunks = c.Kc / 64, groups = Kp / G;
-  c.q.resize(M * c.Kc);
-  c.dv.resize(M * chunks * 16);
-  c.sum.assign(M * groups, 0.f);
+  const int64_t chunks = (Kp + 63) / 64, groups = Kp / G;
+  ActChunks c = act_chunks_sized(M, Kp, chunks * 16, groups);
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int64_t m = 0; m < M; ++m) {
@@ -315,11 +319,8 @@ inline int32_t hsum_i32(__m256i v) {
 
 // The chunked codes of x [M, K] for int8 weights [N, K]: natural order over Kc = K rounded up to 64, one d a block.
 inline ActChunks act_chunks_int8(const float* x, int64_t M, int64_t K) {
-  ActChunks c;
-  c.Kp = K, c.Kc = (K + 63) / 64 * 64;
-  const int64_t blocks = c.Kc / ACT_BLOCK;
-  c.q.resize(M * c.Kc);
-  c.dv.resize(M * blocks);
+  const int64_t blocks = (K + 63) / 64 * 2;
+  ActChunks c = act_chunks_sized(M, K, blocks, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < blocks; ++b) {
       __m256i q[4];
@@ -332,12 +333,8 @@ inline ActChunks act_chunks_int8(const float* x, int64_t M, int64_t K) {
 // The chunked codes of x [M, K] for int4 weights of padded width Kp and groups of G: per 64-channel chunk
 // [evens | odds] (the low and high nibbles of its 32 weight bytes), as with VNNI.
 inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
-  ActChunks c;
-  c.Kp = Kp, c.Kc = (Kp + 63) / 64 * 64;
-  const int64_t chunks = c.Kc / 64, groups = Kp / G;
-  c.q.resize(M * c.Kc);
-  c.dv.resize(M * chunks * 8);
-  c.sum.assign(M * groups, 0.f);
+  const int64_t chunks = (Kp + 63) / 64, groups = Kp / G;
+  ActChunks c = act_chunks_sized(M, Kp, chunks * 8, groups);
   const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // 8 channels as [evens | odds]
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
@@ -364,6 +361,13 @@ inline ActChunks act_chunks(const float* x, int64_t M, int64_t K, int64_t Kp, in
     }
   }
   return c;
+}
+
+// The sum of the 8 lanes of v.
+inline float lane_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // The sums of the 8 lanes of v0..v3, as [sum v0, sum v1, sum v2, sum v3].
@@ -423,11 +427,7 @@ inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t
     if constexpr (NR == 4) {
       _mm_storeu_ps(y + i * ldy, reduce4(tot[0][i], tot[1][i], tot[2][i], tot[3][i]));
     } else {
-      for (int r = 0; r < NR; ++r) {
-        alignas(32) float t[8];
-        _mm256_store_ps(t, tot[r][i]);
-        y[i * ldy + r] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-      }
+      for (int r = 0; r < NR; ++r) y[i * ldy + r] = lane_sum(tot[r][i]);
     }
   }
 }
@@ -479,11 +479,7 @@ inline void q8_rows_i8(const ActChunks& a, int64_t m0, const int8_t* w, int64_t 
     if constexpr (NR == 4) {
       _mm_storeu_ps(y + i * ldy, _mm_mul_ps(reduce4(tot[0][i], tot[1][i], tot[2][i], tot[3][i]), _mm_loadu_ps(scale)));
     } else {
-      for (int r = 0; r < NR; ++r) {
-        alignas(32) float t[8];
-        _mm256_store_ps(t, tot[r][i]);
-        y[i * ldy + r] = (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) * scale[r];
-      }
+      for (int r = 0; r < NR; ++r) y[i * ldy + r] = lane_sum(tot[r][i]) * scale[r];
     }
   }
 }
