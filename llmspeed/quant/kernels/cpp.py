@@ -60,8 +60,10 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor | None:  # [..., K] fp
 
 
 def dequantize_rows(module: QuantizedLinear, rows: slice) -> torch.Tensor | None:  # [r, in] fp32, or None
-    """``module.packed_dequantize(torch.float32, rows)`` in one C++ pass over the packed rows (the same values),
-    or ``None`` where it does not apply (not on the CPU, or a 4-bit group the C++ tile cannot split) or the extension is unavailable. For the fp32 GEMM of long prompts (``dequant_fp32``)."""
+    """``module.packed_dequantize(torch.float32, rows)`` in one C++ pass over the packed rows (the same values).
+
+    ``None`` where it does not apply (not on the CPU, or a 4-bit group the C++ tile cannot split) or the
+    extension is unavailable. Used for the fp32 GEMM of long prompts (``dequant_fp32``)."""
     if module.qweight.device.type != "cpu" or not module.layout.tiles_of(TILE):
         return None
     fmt = module.quant_format
