@@ -45,6 +45,7 @@ def test_quantize_while_loading_matches_load_then_quantize(tmp_path, arch, tie, 
     assert len(list(tmp_path.glob("*.safetensors"))) > 1  # sharded: one shard at a time
     got = from_pretrained(tmp_path, dtype=dtype, quantize=quant)
     want = llmspeed.wrap(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype))
+    llmspeed.precision.attach(want, dtype)  # what from_pretrained gives a 16-bit model: cast's run-time hooks
     options = {k: v for k, v in quant.items() if k != "format"}
     llmspeed.quantize(want, quant["format"], **options)
     _same_state(got, want)
@@ -52,6 +53,17 @@ def test_quantize_while_loading_matches_load_then_quantize(tmp_path, arch, tie, 
         assert (got.hf.lm_head.weight is got.hf.model.embed_tokens.weight) == tie
     with torch.no_grad():
         assert torch.equal(got.hf(IDS).logits, want.hf(IDS).logits)
+
+
+def test_16_bit_load_carries_the_run_time_hooks_of_cast(tmp_path):
+    # Regression: on an AVX2 CPU (no native bf16) the per-call matmul choice makes bf16 logits differ in the
+    # last bits from a bare transformers model, so the load-then-quantize test compared unlike models.
+    _folder(tmp_path)
+    got = from_pretrained(tmp_path, dtype="bf16")
+    assert llmspeed.precision.cpu_matmul.installed(got.hf) == len(
+        [m for m in got.hf.modules() if type(m) is torch.nn.Linear]
+    )
+    assert llmspeed.precision.cpu_matmul.installed(from_pretrained(tmp_path).hf) == 0  # fp32: nothing to choose
 
 
 def test_float_load_equals_transformers(tmp_path):

@@ -91,7 +91,9 @@ def from_pretrained(
     Args:
         path: A folder ``save_pretrained`` wrote (``config.json``, ``*.safetensors``, tokenizer files).
         dtype: Weight dtype, as in ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)``, or its name
-            (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
+            (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`). A 16-bit model comes back with the
+            run-time hooks :func:`llmspeed.cast` gives one (:func:`llmspeed.precision.attach`: norm outputs
+            rounded, and on the CPU each linear choosing per call between the native and the upcast matmul).
         device: Where the model ends up (quantization runs on the CPU as tensors are read).
         quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
             double_quant=..., kernel=..., activations=..., share_embedding=..., int8_layers=[...])``: the arguments of
