@@ -322,3 +322,57 @@ def test_cpp_dequantize_rows_equals_the_torch_dequantize_bit_for_bit(case, k, n,
         return
     assert fast is not None and fast.dtype == torch.float32
     assert torch.equal(fast, module.packed_dequantize(torch.float32, rows))
+
+
+def _panels_or_skip():
+    reason = KERNELS["cpp_panels"].unavailable()
+    if reason is not None:
+        pytest.skip(reason)  # built only for AVX2 CPUs without VNNI (and where a compiler exists)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    group=st.sampled_from([32, 64, 128, 48, None]),
+    k=st.integers(1, 300),
+    n=st.integers(1, 40),
+    m=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_panels_matches_the_reference_on_int8_activations(group, k, n, m, seed):
+    """int4 x int8 activations on 8-row panels: any width (padded groups), fractional zero points, rows that
+    are not whole panels, any M; the input already on its layer's int8 grid, as the module passes it."""
+    _panels_or_skip()
+    group = None if group is None or group > k else group
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+    module = module_class("int4").from_linear(linear, QuantConfig("int4", group, activations="int8"))
+    module.zeros.add_(torch.rand(module.zeros.shape, generator=g) - 0.5)
+    x = llmspeed.quant.primitives.quantize_activations(torch.randn(m, k, generator=g))  # [m, k] on the grid
+    kernel = KERNELS["cpp_panels"]
+    if module.layout.group % 32:
+        assert "divisible by 32" in kernel.why_not(module, x)
+        return
+    assert kernel.why_not(module, x) is None
+    out, ref = kernel.run(module, x), KERNELS["reference"].run(module, x)
+    assert out.shape == ref.shape == (m, n)
+    assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= TOLERANCE[torch.float32]
+
+
+def test_cpp_panels_serves_int8_activation_layers_only_and_auto_picks_it_from_9_rows():
+    _panels_or_skip()
+    float_acts, int8_acts = _module("int4", 64, 128), module_class("int4").from_linear(
+        nn.Linear(128, 48, bias=False), QuantConfig("int4", 64, activations="int8")
+    )
+    x = torch.randn(9, 128)
+    assert "activations='float'" in KERNELS["cpp_panels"].why_not(float_acts, x)
+    tiles = amx.unavailable() is None
+    for m, want in ((8, "cpp"), (9, "cpp_panels"), (512, "cpp_panels")):
+        assert auto_kernel(int8_acts, torch.randn(m, 128), probe=False).name == ("amx" if tiles and m > 8 else want)
+    x = torch.randn(3, 40, 128)
+    with torch.no_grad():  # the module's own forward (rounding, then the kernel auto picks) against the oracle
+        got = int8_acts(x)  # [3, 40, 48]
+        xq = llmspeed.quant.primitives.quantize_activations(x).reshape(-1, 128)  # [120, 128] on the grid
+        want = KERNELS["reference"].run(int8_acts, xq).reshape(3, 40, 48)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE[torch.float32]

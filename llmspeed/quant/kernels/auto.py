@@ -29,7 +29,8 @@ from .registry import KERNELS, Kernel, get_kernel, usable_kernels
 # The first usable rule is the guess; on CUDA every usable rule is also a timed candidate.
 AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...] | None, str]]] = {
     ("cpu", "int8"): [(8, None, "cpp"), (None, None, "amx"), (128, None, "cpp"), (None, None, "dequant_fp32")],
-    ("cpu", "int4"): [(8, None, "cpp"), (None, None, "amx"), (128, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "int4"): [(8, None, "cpp"), (None, None, "amx"), (None, None, "cpp_panels"), (128, None, "cpp"),
+                      (None, None, "dequant_fp32")],
     ("cpu", "nf4"): [(8, None, "cpp"), (None, None, "amx"), (128, None, "cpp"), (None, None, "dequant_fp32")],
     ("cuda", "int8"): [(None, None, "aten_int8"), (16, None, "triton"), (None, None, "triton_dequant"),
                        (None, None, "reference")],

@@ -25,16 +25,17 @@ from .registry import FLOAT_DTYPES, Kernel, register_kernel
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 HEADER = Path(__file__).with_name("q4_tiles.h")  # shared with the fused decode step
 INT8_HEADER = Path(__file__).with_name("q4_int8.h")  # int8 activations, shared with the fused decode step
+PANELS_HEADER = Path(__file__).with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized M (AVX2)
 DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations", "dequantize_4bit",
-              "dequantize_int8"]
+              "dequantize_int8", "int4_matmul_i8", "panel_gemm_built"]
 build_dir = cpp_build.build_dir
 compiler = cpp_build.compiler
 
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER])
+    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER])
 
 
 def extension() -> Any:
@@ -129,4 +130,32 @@ register_kernel(
     Kernel("cpp", ("int8", "int4", "nf4"), ("cpu",), FLOAT_DTYPES, fused_cpu,
            "fused dequant-matmul C++ (AVX2/FMA, built on first use with load_inline)", unavailable, _shape,
            binder=bind_fused_cpu, any_leading_dims=True)
+)  # fmt: skip
+
+
+def _panels_unavailable() -> str | None:
+    reason = unavailable()
+    if reason is None and not extension().panel_gemm_built():
+        return "kernel 'cpp_panels' is built for AVX2 CPUs without AVX-512 VNNI (the fused step's VNNI dot products serve those)"
+    return reason
+
+
+def _panels_shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
+    if getattr(module.config, "activations", "float") != "int8":
+        return "kernel 'cpp_panels' multiplies int8 activations; the module has activations='float'"
+    return module.layout.tile_reason(32, "kernel 'cpp_panels'")
+
+
+def panels_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+    """int4 weights x the int8 codes of ``x`` on AVX2 (``q4_panels.h``): for prompt-sized M, where the weights
+    are repacked into panels of 8 interleaved rows and each 4-channel step is one byte multiply-add for 8 rows."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = extension().int4_matmul_i8(xf, module.qweight, module.scales, module.zeros, module.layout.group)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+register_kernel(
+    Kernel("cpp_panels", ("int4",), ("cpu",), FLOAT_DTYPES, panels_cpu,
+           "int4 x int8 activations for prompts, 8-row panels of byte multiply-adds (AVX2 without VNNI)",
+           _panels_unavailable, _panels_shape, any_leading_dims=True)
 )  # fmt: skip
