@@ -1,13 +1,14 @@
 """Quantization benchmark: perplexity, memory, kernel microbenchmark and decode speed tables.
 
 flock /tmp/llmspeed-cpu.lock python benchmarks/quant.py [--quick] [--device cuda --model llama-1b-random]
+    [--tables perplexity memory kernels decode]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from llmspeed.bench.quant import run
+from llmspeed.bench.quant import TABLES, run
 from llmspeed.timing import markdown_table
 
 
@@ -19,8 +20,10 @@ def main() -> None:
         "--quick", action="store_true", help="fewer windows, shapes and tokens (a few minutes)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES, help="which tables (default all)")
     args = parser.parse_args()
-    rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress)
+    rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress,
+               tables=args.tables)
     for table in dict.fromkeys(r["table"] for r in rows):
         print(f"\n## {table}\n")
         print(markdown_table([r for r in rows if r["table"] == table]))

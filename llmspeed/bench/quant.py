@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -21,6 +21,7 @@ import llmspeed
 from ..precision import cpu_matmul
 from ..quant import QuantConfig, module_class
 from ..quant.kernels import KERNELS, auto_kernel
+from ..quant.primitives import quantize_activations
 from ..timing import copies_to_defeat_cache, timeit, timeit_cuda_graph
 
 FORMATS = [("int8", {}), ("int4 g64", {"fmt": "int4", "group_size": 64}), ("int4 g128", {"fmt": "int4", "group_size": 128}),
@@ -134,9 +135,13 @@ def kernel_rows(
             out.append(
                 _row("kernels", f"{shape} {bf16_base} (fp32 blocks)", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True)
             )
-        for fmt in ("int8", "int4", "nf4"):
-            module = module_class(fmt).from_linear(lin, QuantConfig(fmt))
-            for xin, dname in ((x, "fp32"), (xb, "bf16")):
+        for fmt, acts in (("int8", "float"), ("int4", "float"), ("int4", "int8"), ("nf4", "float")):
+            module = module_class(fmt).from_linear(lin, QuantConfig(fmt, activations=acts))
+            label = fmt if acts == "float" else f"{fmt} int8-activations"
+            inputs = ((x, "fp32"), (xb, "bf16"))
+            if acts == "int8":  # what such a layer passes its kernel: its input rounded to the int8 grid
+                inputs = ((quantize_activations(x), "fp32"), (quantize_activations(x.bfloat16()), "bf16"))
+            for xin, dname in inputs:
                 auto = auto_kernel(module, xin).name
                 for name, kernel in KERNELS.items():
                     if name == "reference" or kernel.why_not(module, xin) is not None:
@@ -157,7 +162,7 @@ def kernel_rows(
                     out.append(
                         _row(
                             "kernels",
-                            f"{shape} {fmt} {dname} {name}{mark}",
+                            f"{shape} {label} {dname} {name}{mark}",
                             t * 1e6,
                             "us",
                             base,
@@ -252,25 +257,34 @@ def decode_rows(base, device: str, quick: bool, progress: bool, dtype_name: str)
     return rows
 
 
+TABLES = ("perplexity", "memory", "kernels", "decode")
+
+
 def run(
-    *, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True
+    *, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
+    tables: Sequence[str] = TABLES,
 ) -> list[dict]:
-    """All four tables. On CUDA the float baseline is bf16 and the microbenchmark adds 4096x14336."""
+    """The ``tables`` (default all four). On CUDA the float baseline is bf16 and the microbenchmark adds 4096x14336."""
+    unknown = sorted(set(tables) - set(TABLES))
+    if unknown:
+        raise ValueError(f"tables must be among {list(TABLES)}; got {unknown}")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     dtype_name = "fp32" if dtype == torch.float32 else "bf16"
     base = _load(model, device, dtype)
     rows = []
     if model == "smollm2" and device == "cpu":
-        rows += perplexity_rows(base, quick, progress)
-        rows += memory_rows(base)
+        rows += perplexity_rows(base, quick, progress) if "perplexity" in tables else []
+        rows += memory_rows(base) if "memory" in tables else []
     spec = base.spec
     shapes = [(spec.hidden_size, 1536 if model == "smollm2" else spec.hidden_size * 4)]
     shapes += [(4096, 4096)] if device == "cpu" else [(4096, 14336)]
     if not quick:
         shapes.insert(1, (1536 if model == "smollm2" else spec.hidden_size * 4, spec.hidden_size))
     prefill = 256 if quick and device == "cpu" else 512
-    rows += kernel_rows(device, shapes, [1, 4, 16, 64, prefill], quick, progress)
-    if torch.device(device).type == "cuda":
-        rows += graph_kernel_rows(device)
-    rows += decode_rows(base, device, quick, progress, dtype_name)
+    if "kernels" in tables:
+        rows += kernel_rows(device, shapes, [1, 4, 16, 64, prefill], quick, progress)
+        if torch.device(device).type == "cuda":
+            rows += graph_kernel_rows(device)
+    if "decode" in tables:
+        rows += decode_rows(base, device, quick, progress, dtype_name)
     return rows

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from llmspeed.bench.quant import kernel_rows
+import pytest
+
+from llmspeed.bench.quant import kernel_rows, run
+from llmspeed.quant.kernels import KERNELS
 from llmspeed.precision import cpu_matmul
 
 
@@ -20,3 +23,14 @@ def test_kernel_rows_compare_bf16_paths_with_what_a_cast_layer_runs(monkeypatch)
             expected = "bf16 cast layer" if "M=8" in r["case"] else "bf16 F.linear"
             assert r["baseline"] == expected, r
         assert r["value"] > 0 or r["value"] != r["value"]  # a time, or NaN for a failed aten op
+    # int4 layers with int8 activations get rows of their own (their kernels see the input on its int8 grid)
+    acts = [c for c in cases if " int4 int8-activations fp32 " in c]
+    assert any(c.endswith("dequant_fp32") or "dequant_fp32 (auto)" in c for c in acts), acts
+    if KERNELS["cpp_panels"].unavailable() is None:
+        assert "64x96 M=8 int4 int8-activations fp32 cpp_panels" in cases  # timed (auto takes it from 9 rows)
+        assert not any("cpp_panels" in c for c in cases if " int4 fp32 " in c)  # float-activation layers: never
+
+
+def test_run_refuses_unknown_tables_before_loading_anything():
+    with pytest.raises(ValueError, match=r"tables must be among \['perplexity', 'memory', 'kernels', 'decode'\]"):
+        run(tables=["kernel"])
