@@ -38,6 +38,10 @@
 namespace {
 
 constexpr int64_t PREFETCH_BYTES = 4096;
+// Whether the float row loop (fp32 and bf16 weights, int8 widened to fp32) prefetches weight rows ahead. It
+// helps on some CPUs and costs 4-8% of a decode step on others (2-core Zen 3), so fused_decode.py measures
+// both once per machine and sets it (float_prefetch()).
+bool g_float_prefetch = true;
 
 // sum_k x[k] * w[k]; x fp32, w fp32, bf16, fp16 or int8 (16-wide with AVX-512, else 8-wide with AVX2)
 template <typename W>
@@ -173,20 +177,21 @@ Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& ze
 
 template <typename W>
 void gemv_rows(const float* x, int64_t M, int64_t K, const Linear& l, const W* w, int64_t lo, int64_t hi) {
+  const bool prefetch = g_float_prefetch;
   for (int64_t n = lo; n < hi; ++n) {
     const W* wr = w + n * K;
     const float s = l.scale ? l.scale[n] : 1.f, bias = l.bias ? l.bias[n] : 0.f;
     float r8[8];
     int64_t m = 0;
     for (; m + 8 <= M; m += 8) {
-      dot_rows<8>(x + m * K, wr, K, m == 0, r8);
+      dot_rows<8>(x + m * K, wr, K, prefetch && m == 0, r8);
       for (int r = 0; r < 8; ++r) l.y[(m + r) * l.N + n] = r8[r] * s + bias;
     }
     for (; m + 4 <= M; m += 4) {
-      dot_rows<4>(x + m * K, wr, K, m == 0, r8);
+      dot_rows<4>(x + m * K, wr, K, prefetch && m == 0, r8);
       for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = r8[r] * s + bias;
     }
-    for (; m < M; ++m) l.y[m * l.N + n] = dot(x + m * K, wr, K, m == 0) * s + bias;
+    for (; m < M; ++m) l.y[m * l.N + n] = dot(x + m * K, wr, K, prefetch && m == 0) * s + bias;
   }
 }
 
@@ -785,6 +790,13 @@ at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero, i
   gemv_group(x.data_ptr<float>(), x.size(0), x.size(1), {linear(w, scale, zero, at::Tensor(), y.data_ptr<float>(), act8)},
              amx_rows);
   return y;
+}
+
+// Set whether the float row loop prefetches weight rows ahead (g_float_prefetch); returns the previous setting.
+bool float_prefetch(bool on) {
+  const bool was = g_float_prefetch;
+  g_float_prefetch = on;
+  return was;
 }
 
 // Whether the GEMV groups can run on AMX tiles in this process (a CPU and build with AMX-BF16, granted by the OS).

@@ -53,7 +53,8 @@ _MODULES = operator.attrgetter("_modules")  # a module's children dict, read wit
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable"]
+    functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
+                 "float_prefetch"]
     headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, VEC_HEADER, ATTENTION_HEADER]
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
@@ -66,6 +67,55 @@ def extension() -> ModuleType | None:
 def unavailable() -> str | None:
     """Why the C++ decode kernel cannot run here, or ``None`` (builds it on first call)."""
     return _build()[1]
+
+
+PREFETCH_KEY = "cpu|fused step|float weight prefetch|k{k}"  # its entry in the kernel choices of this machine
+PREFETCH_PROBE_MB = 96  # fp32 weight the measurement streams: more than the last-level cache of the CPUs measured
+
+
+def float_prefetch(k: int = 1024) -> bool:
+    """Whether the fused step's float row loop (fp32, bf16, widened int8 weights) prefetches rows ahead here,
+    for weight rows of ``k`` inputs (the model's hidden size); sets it in the extension and returns it.
+
+    Prefetching 4 KiB ahead helped on the CPUs the step was written on and costs 4-8% of a decode step on
+    others (a 2-core Zen 3, where it costs 13% of a GEMV over rows of 576 and 0.5-7% at 1024-4096: docs/batching.md).
+    So it is measured once per machine and width, the first time a fused step is built: a GEMV over
+    ``PREFETCH_PROBE_MB`` of fp32 weight both ways, timed round-robin (about 0.2 s), the choice kept with the
+    kernel choices (:mod:`llmspeed.quant.kernels.tuning`, key :data:`PREFETCH_KEY`). With timing off
+    (``LLMSPEED_AUTOTUNE=0``) and nothing stored, it prefetches.
+    """
+    ext = extension()
+    if ext is None:
+        return True
+    on = _prefetch_choice(k)
+    ext.float_prefetch(on)
+    return on
+
+
+@lru_cache(maxsize=8)
+def _prefetch_choice(k: int) -> bool:
+    """:func:`float_prefetch`'s choice for rows of ``k`` inputs: stored, else measured (timing on), else on."""
+    from ..quant.kernels import tuning
+
+    ext = extension()
+    store, candidates, key = tuning.store(), {"prefetch", "stream"}, PREFETCH_KEY.format(k=k)
+    choice = store.get(key, candidates)
+    if choice is None and tuning.enabled():
+        w = torch.ones(PREFETCH_PROBE_MB * 2**20 // (4 * k), k)  # [n, k] fp32
+        x, none = torch.ones(1, k), torch.empty(0)  # [1, k]
+
+        def gemv(on: bool):
+            def run() -> None:
+                ext.float_prefetch(on)
+                ext.gemv(x, w, none, none, 0, False)
+
+            return run
+
+        times = tuning.time_candidates({"prefetch": gemv(True), "stream": gemv(False)})
+        if times:
+            choice = tuning.pick(times, "prefetch")
+            store.put(key, choice, times, "prefetch", candidates)
+    return choice != "stream"
 
 
 def amx_available() -> bool:
@@ -376,6 +426,8 @@ class FusedDecode:
         self.model = model
         self.cache = cache
         self.ext: Any = extension()
+        # measured once per machine and width (then read back); set again before each step of this model
+        self.prefetch = float_prefetch(model.spec.hidden_size) if self.ext is not None else True
         self.max_rows = default_max_rows() if max_rows is None else max_rows
         self.amx_rows = amx_rows
         self.mixed = amx_available() if mixed is None else mixed
@@ -423,6 +475,7 @@ class FusedDecode:
         with torch.inference_mode():
             emb = body.embed_tokens(ids)  # [n, E]
             cos, sin = body.rotary_emb(emb[None], positions[None])  # [1, n, D] each
+            self.ext.float_prefetch(self.prefetch)
             return self.ext.decode_step(
                 emb.float().contiguous(),
                 snap.handle,

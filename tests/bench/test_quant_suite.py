@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-import pytest
-
 from llmspeed.bench.quant import kernel_rows, run
-from llmspeed.quant.kernels import KERNELS
 from llmspeed.precision import cpu_matmul
+from llmspeed.quant.kernels import KERNELS
 
 
 def test_kernel_rows_compare_bf16_paths_with_what_a_cast_layer_runs(monkeypatch):

@@ -530,3 +530,53 @@ def test_attention_status_names_the_fused_steps_attention_and_follows_mixed():
     assert gen.attention_status.endswith("decode rows and prompt chunks")
     gen.runner.fused.mixed = False
     assert gen.attention_status.endswith("for decode rows")
+
+
+@pytest.fixture
+def prefetch_store(monkeypatch, tmp_path):
+    """Timing on, kernel choices in a fresh store under ``tmp_path``; the prefetch choice forgotten before and after."""
+    from llmspeed.quant.kernels import tuning
+
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(tuning, "default_folder", lambda: tmp_path / "autotune")
+    monkeypatch.setattr(fused_decode, "PREFETCH_PROBE_MB", 2)
+    tuning.reset()
+    fused_decode._prefetch_choice.cache_clear()
+    yield tuning
+    tuning.reset()
+    fused_decode._prefetch_choice.cache_clear()
+    fused_decode.extension().float_prefetch(True)
+
+
+def test_float_prefetch_is_measured_once_per_machine_and_width_and_read_back(prefetch_store, monkeypatch):
+    tuning, calls = prefetch_store, []
+
+    def fake(candidates, timer=None):
+        calls.append(sorted(candidates))
+        for run in candidates.values():
+            run()  # both GEMVs run over the probe weight
+        return {"prefetch": 2.0, "stream": 1.0}
+
+    monkeypatch.setattr(tuning, "time_candidates", fake)
+    assert fused_decode.float_prefetch(96) is False and fused_decode.float_prefetch(96) is False
+    assert calls == [["prefetch", "stream"]]  # once per process and width
+    entry = tuning.store().choices[fused_decode.PREFETCH_KEY.format(k=96)]
+    assert entry["kernel"] == "stream" and entry["candidates"] == ["prefetch", "stream"]
+    assert "float weight prefetch|k96" in str(llmspeed.kernels())  # reported with the kernel choices
+    tuning.reset()
+    fused_decode._prefetch_choice.cache_clear()  # a new process: read from disk, nothing timed
+    assert fused_decode.float_prefetch(96) is False and len(calls) == 1
+    assert fused_decode.float_prefetch(128) is False and len(calls) == 2  # another width is measured on its own
+
+
+def test_float_prefetch_stays_on_with_timing_off_and_changes_no_result(prefetch_store, monkeypatch):
+    tuning = prefetch_store
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    assert fused_decode.float_prefetch(64) is True and tuning.store().choices == {}
+    ext, none = fused_decode.extension(), torch.empty(0)
+    x, w = torch.randn(3, 600), torch.randn(70, 600)
+    for weight in (w, w.bfloat16()):
+        ext.float_prefetch(True)
+        on = ext.gemv(x, weight, none, none, 0, False)
+        ext.float_prefetch(False)
+        assert torch.equal(ext.gemv(x, weight, none, none, 0, False), on)
