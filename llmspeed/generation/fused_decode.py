@@ -80,7 +80,7 @@ def float_prefetch(k: int = 1024) -> bool:
     Prefetching 4 KiB ahead helped on the CPUs the step was written on and costs 4-8% of a decode step on
     others (a 2-core Zen 3, where it costs 13% of a GEMV over rows of 576 and 0.5-7% at 1024-4096: docs/kernels.md).
     So it is measured once per machine and width, the first time a fused step is built: a GEMV over
-    ``PREFETCH_PROBE_MB`` of fp32 weight both ways, timed round-robin (about 0.2 s), the choice kept with the
+    ``PREFETCH_PROBE_MB`` of fp32 weight both ways, timed round-robin (about 0.1 s), the choice kept with the
     kernel choices (:mod:`llmspeed.quant.kernels.tuning`, key :data:`PREFETCH_KEY`). With timing off
     (``LLMSPEED_AUTOTUNE=0``) and nothing stored, it prefetches.
     """
