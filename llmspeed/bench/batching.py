@@ -7,7 +7,7 @@ requested output tokens. Systems, all timed in the same process on the same mode
 * transformers ``generate`` one request at a time (on a subset of the requests: it is slow),
 * transformers ``generate`` in static batches (left-padded; a batch runs to its longest request),
 * transformers ``generate_batch``-style continuous batching (its manager, per-request lengths),
-* llmspeed ``Generator`` in fp32, bf16, int8 and int4.
+* llmspeed ``Generator`` in fp32, bf16, int8 and int4 (on the CPU also with int8 activations: :func:`variants`).
 
 Also the batch-1 decode step against the time to read the weights once at the memory bandwidth
 measured here: llmspeed (on CPU: the fused C++ step and the generic path, and the bf16/int8/int4
@@ -231,6 +231,20 @@ def _row(system: str, dtype: str, n: int, tokens: int, seconds: float, base: flo
     }
 
 
+def variants(gpu: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """The converted models the suite runs beside the float one: (dtype label, format, ``quantize`` options).
+
+    On the CPU: bf16, the default int8 and int4 (float activations), and both with ``activations="int8"``,
+    whose matrices multiply integer codes (AVX2 / VNNI byte products, and for int4 prompts the 8-row
+    panels of ``cpp_panels``): the configuration that makes quantized batching faster than fp32 on AVX2 CPUs.
+    """
+    quantized = [("int8", "int8", {}), ("int4", "int4", {})]
+    if gpu:
+        return quantized
+    acts = {"activations": "int8"}
+    return [("bf16", "bf16", {}), *quantized, ("int8, int8 activations", "int8", acts), ("int4, int8 activations", "int4", acts)]
+
+
 def run(
     *, device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True, on_row: Any = None
 ) -> list[dict]:
@@ -278,27 +292,31 @@ def run(
             rows.append(_row(f"llmspeed Generator, attention='{attention}'", fname, n, useful, t, base, note))
 
     steps: list[tuple[str, str, Any, dict]] = []  # batch-1 decode steps to time at the end
-    variants = [] if gpu else [("bf16", "cast")]
-    variants += [("int8", "quantize"), ("int4", "quantize")]
-    for name, how in variants:
+    for name, fmt, options in variants(gpu):
         try:
             v = _load(model, device, float_dtype)
-            if how == "cast":
-                precision.cast(v, name)
+            if fmt == "bf16":
+                precision.cast(v, fmt)
             else:
                 from ..quant import quantize
 
-                quantize(v, name)
+                quantize(v, fmt, **options)
         except ImportError as exc:
             rows.append({**_row("llmspeed Generator", name, n, useful, float("inf"), base), "note": f"skipped: {exc}"})
             continue
         t, note = _llmspeed(v, prompts, lengths, progress, **gen_kwargs)
-        if name == "bf16" and not gpu:
+        if fmt == "bf16" and not gpu:
             m_min = precision.cpu_matmul.crossover(torch.bfloat16)
             how_16 = "native bf16 matmul" if m_min is None else f"linears of M >= {m_min} rows in fp32 over bf16 weight blocks"
             note = f"{how_16}; {note}"
         rows.append(_row("llmspeed Generator", name, n, useful, t, base, note))
         steps.append((f"batch-1 decode step: llmspeed ({name})", name, v, {}))
+
+    float_rate = next(r["tok_s"] for r in rows if r["system"] == "llmspeed Generator")
+    for r in rows:  # the converted models against llmspeed's float one, same run (the last column stays the note)
+        note = r.pop("note")
+        r[f"vs_llmspeed_{fname}"] = round(r["tok_s"] / float_rate, 2) if r["system"] == "llmspeed Generator" else ""
+        r["note"] = note
 
     bw = memory_bandwidth(dev)
     steps.insert(0, ("batch-1 decode step: llmspeed", fname, m, {}))

@@ -40,3 +40,34 @@ def test_llmspeed_run_is_checked_and_reports_how_its_steps_ran():
     assert 0 < sum(float(t) for _, t in steps) <= seconds + 0.01, (note, seconds)
     # no CUDA graphs on the CPU, so no warm-up clause; decode attention is the C++ kernel where it builds
     assert re.search(r"; attention (C\+\+ paged decode, sdpa prefill|sdpa \(.*\))$", note), note
+
+
+def test_cpu_run_has_the_int8_activation_variants_against_the_float_generator(monkeypatch):
+    """Every converted model gets a throughput row and a decode-step row, and each llmspeed row its ratio to
+    llmspeed's own fp32 run (the issue's "quantized batching faster than fp32"), from the same run's numbers."""
+    quantized = {}
+
+    def fake_llmspeed(model, prompts, lengths, progress, **kwargs):
+        layers = [m for _, m in model.linear_layers() if hasattr(m, "config")]
+        label = layers[0].config.format + (", int8 activations" if layers and layers[0].config.activations == "int8" else "") if layers else "float"
+        quantized[label] = model
+        return {"float": 4.0, "int8": 4.0, "int4": 5.0, "int8, int8 activations": 2.0, "int4, int8 activations": 1.0}.get(label, 3.0), label
+
+    monkeypatch.setattr(suite, "_load", lambda name, device, dtype: llmspeed.models.tiny("llama", seed=0))
+    monkeypatch.setattr(suite, "_hf_generate_batch", lambda hf, prompts, lengths: 8.0)
+    monkeypatch.setattr(suite, "_hf_generate", lambda hf, prompts, lengths, batch, pad: 8.0)
+    monkeypatch.setattr(suite, "_llmspeed", fake_llmspeed)
+    monkeypatch.setattr(suite, "decode_step_llmspeed", lambda model, **kw: 0.01)
+    monkeypatch.setattr(suite, "decode_step_hf", lambda hf: 0.02)
+    monkeypatch.setattr(suite, "memory_bandwidth", lambda dev: 1e10)
+    monkeypatch.setattr(suite, "make_workload", lambda tok, n, **kw: ([[1, 2, 3]] * n, [4] * n))
+    rows = suite.run(quick=True, progress=False)
+    gen = {r["dtype"]: r for r in rows if r["system"] == "llmspeed Generator"}
+    assert list(gen) == ["fp32", "bf16", "int8", "int4", "int8, int8 activations", "int4, int8 activations"]
+    assert {"int8, int8 activations", "int4, int8 activations"} <= set(quantized)
+    for row in gen.values():
+        assert row["vs_llmspeed_fp32"] == round(row["tok_s"] / gen["fp32"]["tok_s"], 2), row
+    assert gen["int4, int8 activations"]["vs_llmspeed_fp32"] == 4.0  # 1 s against the float run's 4 s
+    assert all(r.get("vs_llmspeed_fp32", "") == "" for r in rows if r["system"] != "llmspeed Generator")
+    decode = [r["system"] for r in rows if r["system"].startswith("batch-1 decode step: llmspeed (")]
+    assert [d.split("(")[1].split(")")[0] for d in decode] == list(gen)[1:]
