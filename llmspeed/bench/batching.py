@@ -238,7 +238,7 @@ def variants(gpu: bool) -> list[tuple[str, str, dict[str, Any]]]:
     whose matrices multiply integer codes (AVX2 / VNNI byte products, and for int4 prompts the 8-row
     panels of ``cpp_panels``): the configuration that makes quantized batching faster than fp32 on AVX2 CPUs.
     """
-    quantized = [("int8", "int8", {}), ("int4", "int4", {})]
+    quantized: list[tuple[str, str, dict[str, Any]]] = [("int8", "int8", {}), ("int4", "int4", {})]
     if gpu:
         return quantized
     acts = {"activations": "int8"}

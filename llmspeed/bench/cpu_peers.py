@@ -203,7 +203,7 @@ def _llmspeed_model(fmt: str):
     elif base in ("int8", "int4"):
         # the output head is 113 MB of fp32 by default: half of what int4 decode reads; quantized, it also
         # serves as the tied input embedding (quantize's share_embedding default)
-        head = {"skip": [], "int8_layers": ["lm_head"] if base == "int4" else None} if "int8 lm_head" in options else {}
+        head: dict[str, Any] = {"skip": [], "int8_layers": ["lm_head"] if base == "int4" else None} if "int8 lm_head" in options else {}
         if "int4 lm_head" in options:
             head = {"skip": []}  # the head in the model's own int4 format
         acts = "int8" if "int8 activations" in options else "float"

@@ -100,7 +100,7 @@ def _prefetch_choice(k: int) -> bool:
     ext = extension()
     store, candidates, key = tuning.store(), {"prefetch", "stream"}, PREFETCH_KEY.format(k=k)
     choice = store.get(key, candidates)
-    if choice is None and tuning.enabled():
+    if choice is None and tuning.enabled() and ext is not None:
         w = torch.ones(PREFETCH_PROBE_MB * 2**20 // (4 * k), k)  # [n, k] fp32
         x, none = torch.ones(1, k), torch.empty(0)  # [1, k]
 
