@@ -222,7 +222,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids, lengths = make_workload(tok, n, prompt_range=(16, 256), mean=16 if quick else 48, cap=32 if quick else 128)
-    prompts = [tok.decode(p) for p in ids]
+    prompts: list[str] = [str(tok.decode(p)) for p in ids]
     commands = _commands(folder)
     unknown = [s for s in servers if s not in commands]
     if unknown:

@@ -108,7 +108,7 @@ def online_transformers(hf: Any, prompts, lengths, times, rate: float) -> dict:
 
     config = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1, pad_token_id=0)
     arrivals: dict[str, float] = {}
-    records = []
+    records: list[Any] = []
     with hf.continuous_batching_context_manager(generation_config=config, block=True, timeout=60) as manager:
 
         def submit(i: int) -> None:
@@ -144,10 +144,11 @@ def prefix_rows(model: Any, n: int, system_tokens: int, question_tokens: int, ne
     system = ids[:system_tokens]
     prompts = []
     for _ in range(n):
-        start = rng.randrange(system_tokens, len(ids) - question_tokens)
-        prompts.append(system + ids[start : start + question_tokens])
+        first = rng.randrange(system_tokens, len(ids) - question_tokens)
+        prompts.append(system + ids[first : first + question_tokens])
     sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    rows, outs = [], {}
+    rows: list[dict[str, Any]] = []
+    outs: dict[bool, Any] = {}
     for caching in (False, True):
         gen = Generator(model, progress=False, prefix_caching=caching, kv_cache_tokens=16384, max_batch_tokens=512)
         gen.generate_batched(prompts[:1], SamplingParams(max_new_tokens=1))  # warm-up (and, cached, the system prompt)
@@ -213,7 +214,7 @@ def soak_rows(model: Any, requests: int, threads: int = 8, distinct: int = 48, s
     rng = random.Random(seed)
     prompts, _ = make_workload(model.tokenizer, distinct, seed=seed, prompt_range=(8, 48))
     lengths = [rng.randint(2, 12) for _ in range(distinct)]
-    kw = dict(kv_cache_tokens=8192, max_batch_tokens=512, max_seqs=32)
+    kw: dict[str, Any] = dict(kv_cache_tokens=8192, max_batch_tokens=512, max_seqs=32)
     with Engine(model, **kw) as engine:  # reference: each prompt alone, on the same kind of engine
         expected = [engine.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True)).result().token_ids
                     for p, n in zip(prompts, lengths)]
