@@ -96,9 +96,10 @@ class Model:
 
     def __init__(self, hf: nn.Module, tokenizer: Any = None):
         _check_supported(hf)
-        _check_tokenizer(tokenizer, hf.config.get_text_config().vocab_size)
+        config: Any = hf.config  # a transformers PretrainedConfig (nn.Module types its attributes as tensors)
+        _check_tokenizer(tokenizer, config.get_text_config().vocab_size)
         _register_attention()
-        self.hf = hf
+        self.hf: Any = hf  # a transformers PreTrainedModel: typed loosely so its config and methods type-check
         self.tokenizer = tokenizer
         self._linear_names = [n for n, m in hf.named_modules() if isinstance(m, nn.Linear)]
         self._linear_set = frozenset(self._linear_names)
