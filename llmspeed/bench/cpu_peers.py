@@ -8,7 +8,7 @@ is requantized by llama.cpp's own ``llama_model_quantize`` to F32, F16, Q8_0 and
 in fp32, bf16, int8 and int4 g64. Both use the same number of threads.
 
 Per format: the batch-1 decode step at a 128-token context (median of ``steps``), the prompt
-evaluation of 256 tokens from a fresh state (tok/s, median of 3), the bytes of the weights, and the
+evaluation of 256 tokens from a fresh state (tok/s, median of ``PREFILL_RUNS`` after a warm-up), the bytes of the weights, and the
 perplexity of both on the same pydoc evaluation windows (llama.cpp scores them with ``logits_all``).
 Both also report the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
 slot per prompt). Variants only llmspeed has (an int8 output head, whose rows the tied input embedding then
@@ -50,6 +50,7 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     "int4, awq+gptq, int8 activations, int8 lm_head, fp16 kv cache": "int4",
 }  # fmt: skip
 SEQS = 8  # sequences of the batched decode rows
+PREFILL_RUNS = 5  # timed 256-token prompts per system, after one warm-up; the table takes their median
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
 
 
@@ -109,11 +110,12 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)  # fmt: skip
     prefill = []
-    for _ in range(3):
+    for i in range(PREFILL_RUNS + 1):  # the first is a warm-up
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt[:256])
-        prefill.append(256 / (time.perf_counter() - start))
+        if i:
+            prefill.append(256 / (time.perf_counter() - start))
     llm.reset()
     llm.eval(prompt[:128])
     decode = []
@@ -221,12 +223,13 @@ def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, 
     from ..eval.perplexity import window_losses
 
     prefill = []
-    for _ in range(3):
+    for i in range(PREFILL_RUNS + 1):  # the first is a warm-up (one-time kernel choices and allocations)
         g = Generator(model, kv_cache_tokens=1024, progress=False, kv_cache_dtype=kv_cache_dtype)
         g.add_request(prompt[:256], SamplingParams(max_new_tokens=1))
         start = time.perf_counter()
         g.step()
-        prefill.append(256 / (time.perf_counter() - start))
+        if i:
+            prefill.append(256 / (time.perf_counter() - start))
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
     one, eight = [prompt[:128]], [prompt[i : i + 128] for i in range(8)]
