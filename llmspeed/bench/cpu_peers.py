@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,19 @@ def _ids(model, n: int) -> list[int]:
     return model.tokenizer.encode(pydoc_text("eval"), add_special_tokens=False)[:n]
 
 
+def _prefill_rate(ready: Callable[[], Callable[[], Any]]) -> float:
+    """Median tok/s of ``PREFILL_RUNS`` 256-token prompts after one untimed warm-up (one-time kernel choices and
+    allocations); ``ready()`` sets up a fresh state untimed and returns the prompt evaluation to time."""
+    rates = []
+    for i in range(PREFILL_RUNS + 1):
+        run = ready()
+        start = time.perf_counter()
+        run()
+        if i:
+            rates.append(256 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
                 extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
     """llama.cpp's decode, prefill, file size and perplexity. ``extra_bufts=False`` loads the weights without
@@ -109,13 +122,12 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
 
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)  # fmt: skip
-    prefill = []
-    for i in range(PREFILL_RUNS + 1):  # the first is a warm-up
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt[:256])
-        if i:
-            prefill.append(256 / (time.perf_counter() - start))
+
+    def ready(model: Any = llm) -> Callable[[], Any]:  # a parameter: llm is deleted before the scorer loads
+        model.reset()
+        return lambda: model.eval(prompt[:256])
+
+    prefill = _prefill_rate(ready)
     llm.reset()
     llm.eval(prompt[:128])
     decode = []
@@ -133,7 +145,7 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
         scorer.eval(window)
         logits = torch.from_numpy(np.array(scorer.scores[: len(window)], dtype=np.float32))  # [W, V]
         losses.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:])).item())
-    return {"decode ms": statistics.median(decode), "prefill tok/s": statistics.median(prefill),
+    return {"decode ms": statistics.median(decode), "prefill tok/s": prefill,
             "MB": path.stat().st_size / 1e6, "perplexity": math.exp(statistics.fmean(losses)),
             "decode ms, 8 sequences": decode8}  # fmt: skip
 
@@ -222,19 +234,17 @@ def _kv_cache_dtype(fmt: str) -> str:
 def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, kv_cache_dtype: str = "auto") -> dict[str, Any]:
     from ..eval.perplexity import window_losses
 
-    prefill = []
-    for i in range(PREFILL_RUNS + 1):  # the first is a warm-up (one-time kernel choices and allocations)
+    def ready() -> Callable[[], Any]:
         g = Generator(model, kv_cache_tokens=1024, progress=False, kv_cache_dtype=kv_cache_dtype)
         g.add_request(prompt[:256], SamplingParams(max_new_tokens=1))
-        start = time.perf_counter()
-        g.step()
-        if i:
-            prefill.append(256 / (time.perf_counter() - start))
+        return g.step
+
+    prefill = _prefill_rate(ready)
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
     one, eight = [prompt[:128]], [prompt[i : i + 128] for i in range(8)]
     return {"decode ms": decode_step_ms(model, one, steps, kv_cache_dtype=kv_cache_dtype)[0],
-            "prefill tok/s": statistics.median(prefill),
+            "prefill tok/s": prefill,
             "MB": memory_footprint(model)["total"] / 1e6, "perplexity": math.exp(losses.mean().item()),
             "decode ms, 8 sequences": decode_step_ms(model, eight, steps, kv_cache_dtype=kv_cache_dtype)[0]}  # fmt: skip
 
