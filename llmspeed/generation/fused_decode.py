@@ -21,7 +21,6 @@ the batch with its own adapter: :mod:`.fused_lora`). Other architectures and dev
 
 from __future__ import annotations
 
-import operator
 import weakref
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +34,7 @@ from .. import cpp_build
 from ..machine import isa_flags
 from . import fused_lora
 from .kv_cache import PagedKVCache, block_tables
+from .rope_table import RopeTable, static
 
 if TYPE_CHECKING:
     from .runner import StepInput
@@ -48,7 +48,6 @@ ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention ove
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_MODULES = operator.attrgetter("_modules")  # a module's children dict, read without nn.Module.__getattr__
 
 
 @lru_cache(maxsize=1)
@@ -317,7 +316,8 @@ class _Snapshot:
         self.eps = _eps(body.norm)
         self.scaling = float(body.layers[0].self_attn.scaling)
         owners, names, children = zip(*checks)
-        self._owners, self._names, self._children = list(owners), list(names), list(children)
+        # nn.Module keeps its children dict for life (assigning, deleting or replacing a child edits it)
+        self._dicts, self._names, self._children = [o._modules for o in owners], list(names), list(children)
         self.ext = ext
         self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources)
         weakref.finalize(self, ext.release, self.handle)
@@ -348,7 +348,8 @@ class _Snapshot:
     def valid(self) -> bool:
         return (
             # every check is (parent, child name, child): the parent's _modules[name] is still that child
-            all(map(operator.is_, map(dict.get, map(_MODULES, self._owners), self._names), self._children))
+            # (list equality compares items by identity first, and modules do not define __eq__)
+            list(map(dict.get, self._dicts, self._names)) == self._children
             and self.ext.held_current(self.handle)  # every source's data pointer and dtype
             and all(fused_lora.state(m) == s for m, s in zip(self.wrappers, self.lora_state))
             and all(t._version == v for t, v in self.lora_weights)  # adapters trained in place restack
@@ -432,6 +433,16 @@ class FusedDecode:
         self.amx_rows = amx_rows
         self.mixed = amx_available() if mixed is None else mixed
         self._snapshot: _Snapshot | None = None
+        self._rope: RopeTable | None = None
+
+    def _rotary(self, rotary: nn.Module, positions: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin rows ``[n, D]`` of ``positions``: from a table where ``rotary`` allows one, else computed."""
+        if static(rotary):
+            if self._rope is None or self._rope.rotary is not rotary:
+                self._rope = RopeTable(rotary)
+            return self._rope.lookup(positions, emb.dtype)
+        cos, sin = rotary(emb[None], positions[None])  # [1, n, D] each
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
 
     def _current(self) -> _Snapshot | None:
         snap = self._snapshot
@@ -474,14 +485,14 @@ class FusedDecode:
         slots = torch.tensor(step.slots)  # [n]
         with torch.inference_mode():
             emb = body.embed_tokens(ids)  # [n, E]
-            cos, sin = body.rotary_emb(emb[None], positions[None])  # [1, n, D] each
+            cos, sin = self._rotary(body.rotary_emb, positions, emb)  # [n, D] each, fp32
             self.ext.float_prefetch(self.prefetch)
             return self.ext.decode_step(
                 emb.float().contiguous(),
                 snap.handle,
                 self.cache.key, self.cache.value,
                 slots, tables, positions + 1,
-                cos[0].float().contiguous(), sin[0].float().contiguous(),
+                cos, sin,
                 snap.norm,
                 snap.num_heads, snap.eps, snap.scaling,
                 snap.adapter_slots(slot_names),

@@ -1,0 +1,58 @@
+"""The fused step's rotary table: the model's own rows, rebuilt when the module changes, never for dynamic types."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmspeed.generation import Generator, SamplingParams
+from llmspeed.generation.rope_table import MIN_POSITIONS, RopeTable, static
+from llmspeed.models import tiny
+
+
+def _rows(rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.zeros(1, positions.numel(), 8, dtype=dtype)
+    cos, sin = rotary(x, positions[None])  # [1, n, D] each
+    return cos[0].float(), sin[0].float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope_parameters", [None, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}])
+def test_lookup_equals_the_rotary_module(dtype, rope_parameters):
+    extra = {} if rope_parameters is None else {"rope_parameters": rope_parameters}
+    rotary = tiny("llama", seed=0, **extra).hf.model.rotary_emb
+    assert static(rotary)
+    table = RopeTable(rotary)
+    positions = torch.tensor([0, 5, 17, 1023, 3000])  # the last is past the first table: it grows
+    cos, sin = table.lookup(positions, dtype)
+    want_cos, want_sin = _rows(rotary, positions, dtype)
+    torch.testing.assert_close(cos, want_cos, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    torch.testing.assert_close(sin, want_sin, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    assert cos.dtype == torch.float32 and cos.is_contiguous() and table._cos.shape[0] == 4 * MIN_POSITIONS
+
+
+def test_frequencies_changed_in_place_rebuild_the_table():
+    rotary = tiny("llama", seed=0).hf.model.rotary_emb
+    table = RopeTable(rotary)
+    positions = torch.tensor([3, 40])
+    before, _ = table.lookup(positions, torch.float32)
+    rotary.inv_freq.mul_(0.5)  # as a user rescaling the frequencies of a loaded model would
+    after, _ = table.lookup(positions, torch.float32)
+    torch.testing.assert_close(after, _rows(rotary, positions, torch.float32)[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(before, after)
+
+
+def test_dynamic_types_are_not_tabled():
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not static(tiny("llama", seed=0, rope_parameters=dynamic).hf.model.rotary_emb)
+
+
+def test_a_dynamic_rotary_model_decodes_as_the_generic_path():
+    """The fused step computes a dynamic type's rows from the module each step, as the generic path does."""
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model = tiny("llama", seed=0, rope_parameters=dynamic)
+    prompt = [3, 14, 15, 92, 65, 35]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    fused = Generator(model, kv_cache_tokens=256, progress=False).generate_batched([prompt], params)[0]
+    generic = Generator(model, kv_cache_tokens=256, progress=False, fused_decode=False).generate_batched([prompt], params)[0]
+    assert fused.token_ids == generic.token_ids
