@@ -16,6 +16,7 @@ from llmspeed.precision import cpu_matmul
 
 IDS = torch.arange(1, 17)[None]  # [1, 16]
 HALF = [torch.bfloat16, torch.float16]
+TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 5e-3}  # max |logit difference| of one 16-bit rounding more
 
 
 @settings(max_examples=40, deadline=None)
@@ -143,3 +144,61 @@ def test_bad_cpu_matmul_is_a_clear_error_and_changes_nothing(llama):
         llmspeed.cast(llama, "bf16", cpu_matmul="fast")
     assert all(p.dtype == torch.float32 for p in llama.hf.parameters())
     assert cpu_matmul.installed(llama.hf) == 0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_inference_computes_in_fp32_over_16_bit_weights(llama, monkeypatch, dtype):
+    """fp32 activations end to end, nearer the fp32 model; the crossover picks each matmul's kernel only."""
+    target = llmspeed.precision.resolve_dtype(dtype)
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {target: 4})
+    with torch.no_grad():
+        ref = llama.hf(IDS).logits  # the fp32 model
+    calls = _spy(monkeypatch)
+    llmspeed.cast(llama, dtype)
+    assert cpu_matmul.embedding_installed(llama.hf)
+    seen: list[torch.dtype] = []  # every norm's output dtype
+    handles = [m.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+               for m in llama.hf.modules() if type(m).__name__.endswith("RMSNorm")]  # fmt: skip
+    linears = [m for m in llama.hf.modules() if type(m) is nn.Linear]
+    with torch.no_grad():
+        prompt = llama.hf(IDS).logits  # M = 16
+        assert prompt.dtype == torch.float32 and set(seen) == {torch.float32}
+        assert calls == [16] * len(linears)  # every linear takes the fp32 input through the upcast product
+        short = llama.hf(IDS[:, :3]).logits  # M = 3: native kernels over rounded inputs, fp32 around them
+        assert short.dtype == torch.float32 and set(seen) == {torch.float32} and len(calls) == len(linears)
+        last_row = llama.hf(IDS, logits_to_keep=1).logits  # the head sees one fp32 row: rounded, native
+    assert last_row.dtype == torch.float32
+    torch.testing.assert_close(last_row[0, -1], prompt[0, -1], rtol=0, atol=TOLERANCE[target])
+    for h in handles:
+        h.remove()
+    cpu_matmul.keep_16_bit_activations(llama.hf)  # the linears still choose; activations 16-bit again
+    assert not cpu_matmul.embedding_installed(llama.hf) and cpu_matmul.installed(llama.hf) == len(linears)
+    with torch.no_grad():
+        assert llama.hf(IDS).logits.dtype == target
+    llmspeed.cast(llama, dtype, cpu_matmul="native")
+    assert not cpu_matmul.embedding_installed(llama.hf)
+    with torch.no_grad():
+        native = llama.hf(IDS).logits
+    assert native.dtype == target
+    # one rounding per layer output fewer: the fp32-activation logits are nearer the fp32 model's
+    assert (prompt - ref).abs().max() < (native.float() - ref).abs().max()
+
+
+def test_a_transformers_cache_filled_by_a_prompt_serves_the_next_steps(llama, monkeypatch):
+    """The prompt and the one-token steps after it run the same activation dtype: generate works."""
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4})
+    with torch.no_grad():
+        want = llama.hf.generate(IDS, max_new_tokens=6, do_sample=False)  # fp32
+    llmspeed.cast(llama, "bf16")
+    with torch.no_grad():
+        got = llama.hf.generate(IDS, max_new_tokens=6, do_sample=False)
+    assert got.shape == want.shape and torch.equal(got[:, : IDS.shape[1]], IDS)
+
+
+def test_gradients_and_cpus_with_fast_16_bit_gemm_keep_16_bit_activations(llama, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 1})
+    llmspeed.cast(llama, "bf16")
+    assert llama.hf(IDS).logits.dtype == torch.bfloat16  # grad mode: nothing upcasts
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: None})  # the native kernel wins everywhere
+    with torch.no_grad():
+        assert llama.hf(IDS).logits.dtype == torch.bfloat16

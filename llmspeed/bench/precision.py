@@ -5,7 +5,9 @@ Two tables, every row against fp32 measured in the same run:
 * ``precision/model``: perplexity, weight memory, prefill time and batch-1 decode step time of the
   model cast with :func:`llmspeed.cast` (norms and rotary stay fp32), and of the fp32 model run
   under :func:`llmspeed.autocast` (weights fp32, matmuls bf16). On the CPU, ``bf16-native`` is the
-  bf16 cast with ``cpu_matmul="native"``, to show what the per-call matmul choice gains;
+  bf16 cast with ``cpu_matmul="native"``, to show what the per-call matmul choice gains, and
+  ``bf16-16bit-activations`` the cast with that choice but 16-bit activations between the layers
+  (:func:`~llmspeed.precision.cpu_matmul.keep_16_bit_activations`), to show what fp32 activations gain;
 * ``precision/matmul``: ``F.linear`` at a few shapes ``[M, K] x [N, K]^T`` in each dtype, as
   GFLOP/s and as weight GB/s, to show what the hardware does with each dtype. On the CPU a
   ``bf16-upcast`` row times :func:`llmspeed.precision.cpu_matmul.upcast_linear` on the same bf16 tensors.
@@ -31,13 +33,14 @@ from tqdm.auto import tqdm
 
 from ..eval import perplexity, pydoc_text
 from ..memory import memory_footprint
-from ..precision import autocast, cast
+from ..precision import autocast, cast, cpu_matmul
 from ..precision.cpu_matmul import upcast_linear
 from ..timing import Timing, timeit
 from .models import load_model, sync
 
 VARIANTS = ("fp32", "bf16", "fp16", "autocast-bf16")
-CPU_VARIANTS = ("bf16-native",)  # the bf16 cast without the per-call CPU matmul choice
+# the bf16 cast without the per-call CPU matmul choice, and with it but 16-bit activations (before 2026-12-03)
+CPU_VARIANTS = ("bf16-native", "bf16-16bit-activations")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -69,6 +72,10 @@ def _variant_model(model: str, device: str, variant: str):
         return m, lambda: autocast(m, "bf16")
     if variant == "bf16-native":
         cast(m, "bf16", cpu_matmul="native")
+        return m, nullcontext
+    if variant == "bf16-16bit-activations":
+        cast(m, "bf16")
+        cpu_matmul.keep_16_bit_activations(m.module)
         return m, nullcontext
     cast(m, variant)
     return m, nullcontext

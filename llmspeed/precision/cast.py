@@ -4,7 +4,8 @@ What stays in fp32 after :func:`cast` to a 16-bit dtype, and why:
 
 * normalisation weights (RMSNorm/LayerNorm): the statistics are computed in fp32 by the models
   already; keeping the weight in fp32 avoids rounding it, and a hook rounds the norm's output
-  once to the compute dtype so the next matmul sees 16-bit inputs;
+  once to the compute dtype so the next matmul sees 16-bit inputs (unless the activations are
+  fp32, as in inference on CPUs without fast 16-bit GEMM: see below);
 * rotary frequency tables (``inv_freq``): positions of several thousand times a bf16-rounded
   frequency drift by whole radians, so the tables are restored in fp32;
 * logits: callers in llmspeed (perplexity, sampling) upcast logits to fp32 before softmax.
@@ -15,7 +16,10 @@ raises :class:`Fp16OverflowError`, which suggests bf16 (same range as fp32).
 
 On a CPU, the cast also lets the linear layers choose per call between the native 16-bit matmul and
 an fp32 matmul over weight blocks converted on the fly, whichever :mod:`.cpu_matmul` measured to be
-faster for that many rows here.
+faster for that many rows here. Where the fp32 matmul wins from some number of rows on (a CPU without
+fast 16-bit GEMM), inference computes in fp32 over the 16-bit weights and returns fp32 logits, as
+llama.cpp does with F16 weights; fp16 activations then cannot overflow, and the overflow check
+matters for training (gradient mode keeps 16-bit activations) and other devices.
 """
 
 from __future__ import annotations
@@ -60,7 +64,11 @@ def _remove_hooks(root: nn.Module) -> None:
 
 def _round_output(dtype: torch.dtype):
     def hook(module, args, output):
-        return output.to(dtype) if torch.is_tensor(output) and output.is_floating_point() else output
+        if not (torch.is_tensor(output) and output.is_floating_point()):
+            return output
+        if args and torch.is_tensor(args[0]) and args[0].dtype == torch.float32:
+            return output  # fp32 activations (inference on the CPU, see cpu_matmul) stay fp32
+        return output.to(dtype)
 
     return hook
 

@@ -16,6 +16,17 @@ at M=512. At M=1-2 the native kernel reads half the bytes of fp32 and wins.
 :func:`upcast_linear` wins on this machine. It is ``None`` where the native kernel wins everywhere,
 as on CPUs with native bf16. :func:`install` makes ``nn.Linear`` layers pick per call by their M.
 :func:`llmspeed.cast` installs it on CPU models unless ``cpu_matmul="native"``.
+
+Once the linear layers run in fp32 anyway, converting every activation to 16 bits after each layer
+and back before the next buys nothing: on SmolLM2-135M in bf16, 256-token prompts spent about as long
+converting activations as converting weights, and the norms, attention and MLP products ran in
+emulated bf16. So on such CPUs :func:`install` also makes the input embedding hand out fp32
+activations in inference: the whole forward pass computes in fp32 over 16-bit weights, as llama.cpp
+does with F16 weights. The cast's norms keep fp32 outputs for fp32 inputs, the linear layers return
+fp32 for fp32 inputs (:func:`upcast_linear` from the crossover on, else the native kernel over the
+input rounded to 16 bits), and the logits come out in fp32. Every call does it, not prompts alone, so
+the keys and values a prompt leaves in a transformers cache have the dtype of the decode steps that
+read them. Gradients, other devices and CPUs with fast 16-bit GEMM keep 16-bit activations.
 """
 
 from __future__ import annotations
@@ -109,20 +120,49 @@ def crossover(dtype: torch.dtype) -> int | None:
     return _CROSSOVER[dtype]
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
 def uses_upcast(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``nn.Linear`` layers with :func:`install` run ``x`` by ``weight`` through :func:`upcast_linear`."""
-    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in HALF_DTYPES:
+    """Whether ``nn.Linear`` layers with :func:`install` run ``x`` by ``weight`` through :func:`upcast_linear`.
+
+    ``x`` is in ``weight``'s 16-bit dtype, or in fp32 (the activations of a prompt, see the module
+    docstring); either way on the CPU, with no gradient to record and at least the crossover's rows.
+    """
+    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype not in HALF_DTYPES:
+        return False
+    if x.dtype not in (weight.dtype, torch.float32):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    threshold = crossover(x.dtype)
-    return threshold is not None and x.numel() // max(1, x.shape[-1]) >= threshold
+    threshold = crossover(weight.dtype)
+    return threshold is not None and _rows(x) >= threshold
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if uses_upcast(x, self.weight):
-        return upcast_linear(x, self.weight, self.bias)
-    return F.linear(x, self.weight, self.bias)
+    weight = self.weight
+    if uses_upcast(x, weight):
+        return upcast_linear(x, weight, self.bias)
+    if x.dtype == torch.float32 and weight.dtype in HALF_DTYPES and not torch.is_grad_enabled():
+        return F.linear(x.to(weight.dtype), weight, self.bias).float()  # fp32 activations below the crossover
+    return F.linear(x, weight, self.bias)
+
+
+def upcasts_activations(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an input embedding with :func:`install` hands out fp32 rows for ``tokens`` (ids) from ``weight``.
+
+    It does on the CPU, in inference (no gradient mode), for a 16-bit ``weight`` whose dtype has a
+    :func:`crossover` (the upcast product wins from some M on, so this CPU lacks fast 16-bit GEMM).
+    """
+    if tokens.device.type != "cpu" or weight.dtype not in HALF_DTYPES or torch.is_grad_enabled():
+        return False
+    return crossover(weight.dtype) is not None
+
+
+def _embed(self: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+    out = nn.Embedding.forward(self, tokens)  # [..., E] in the weight's dtype
+    return out.float() if upcasts_activations(tokens, self.weight) else out
 
 
 def install(root: nn.Module) -> int:
@@ -130,26 +170,50 @@ def install(root: nn.Module) -> int:
 
     The layers stay ``nn.Linear``: only their ``forward`` is replaced on the instance, and their weights
     and state dicts do not change. Calls other than 16-bit inference on the CPU run plain ``F.linear``:
-    fp32, CUDA, mixed dtypes and anything that needs gradients. Returns the number of layers.
+    CUDA, other dtypes and anything that needs gradients. The input embedding (``root``'s
+    ``get_input_embeddings()``, when it is an ``nn.Embedding``) gets a ``forward`` that hands out fp32
+    activations in inference (:func:`upcasts_activations`, the module docstring). Returns the number of
+    linear layers.
     """
     layers = [m for m in root.modules() if type(m) is nn.Linear]
     for layer in layers:
         layer.forward = types.MethodType(_forward, layer)  # type: ignore[method-assign]
+    get = getattr(root, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if type(embedding) is nn.Embedding:
+        embedding.forward = types.MethodType(_embed, embedding)  # type: ignore[method-assign]
     return len(layers)
 
 
-def _is_ours(layer: nn.Module) -> bool:
+def _is_ours(layer: nn.Module, function=_forward) -> bool:
     method = layer.__dict__.get("forward")
-    return isinstance(method, types.MethodType) and method.__func__ is _forward
+    return isinstance(method, types.MethodType) and method.__func__ is function
 
 
 def remove(root: nn.Module) -> None:
-    """Undo :func:`install`: the layers run ``nn.Linear.forward`` again."""
+    """Undo :func:`install`: the layers and the input embedding run their class's ``forward`` again."""
+    keep_16_bit_activations(root)
     for layer in root.modules():
         if _is_ours(layer):
             del layer.__dict__["forward"]
 
 
 def installed(root: nn.Module) -> int:
-    """How many layers under ``root`` carry :func:`install`'s forward."""
+    """How many linear layers under ``root`` carry :func:`install`'s forward."""
     return sum(_is_ours(layer) for layer in root.modules())
+
+
+def keep_16_bit_activations(root: nn.Module) -> None:
+    """Undo the embedding part of :func:`install`: 16-bit activations, each linear still choosing its kernel.
+
+    That is what a cast did before inference moved to fp32 activations; the precision benchmark keeps it
+    as a row to compare against.
+    """
+    for layer in root.modules():
+        if _is_ours(layer, _embed):
+            del layer.__dict__["forward"]
+
+
+def embedding_installed(root: nn.Module) -> bool:
+    """Whether an embedding under ``root`` carries :func:`install`'s fp32-activation forward."""
+    return any(_is_ours(layer, _embed) for layer in root.modules())

@@ -22,7 +22,8 @@ def test_precision_suite_writes_results_and_plots(tmp_path, capsys):
     assert payload["suites"]["precision"]["status"] == "ok"
     rows = payload["suites"]["precision"]["rows"]
     model_rows = {r["variant"]: r for r in rows if r["table"] == "precision/model"}
-    assert set(model_rows) == {"fp32", "bf16", "fp16", "autocast-bf16", "bf16-native"}  # the last: CPU only
+    # the last two: CPU only
+    assert set(model_rows) == {"fp32", "bf16", "fp16", "autocast-bf16", "bf16-native", "bf16-16bit-activations"}
     assert model_rows["fp32"]["decode_speedup"] == 1.0
     # casting to 16 bits halves the bytes of the weights (norms stay fp32, a tiny share)
     assert 0.49 < model_rows["bf16"]["memory_vs_base"] < 0.52

@@ -57,8 +57,8 @@ def test_16_bit_models_load_with_their_cast_hooks(tmp_path, llama, dtype, fmt):
             mlp = loaded.hf.model.layers[0].mlp  # int4: scales 6e4 make activations past 65504
             mlp.up_proj.scales.fill_(6e4)
             mlp.down_proj.scales.fill_(6e4)
-            with pytest.raises(Fp16OverflowError):
-                loaded.hf(ids)
+        with pytest.raises(Fp16OverflowError):  # gradient mode: fp16 activations (inference runs fp32 here)
+            loaded.hf(ids)
 
 
 def test_tied_head_stays_tied_and_float_model_works(tmp_path):
