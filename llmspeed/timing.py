@@ -60,6 +60,32 @@ def timeit(
     return Timing(tuple(samples))
 
 
+def timeit_round_robin(
+    fns: Mapping[str, Callable[[], Any]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | torch.device | None = None,
+) -> dict[str, Timing]:
+    """Time each of ``fns`` as :func:`timeit` does, but in rounds: one call of every function per round.
+
+    A benchmark comparing configurations one after the other on a shared machine gives each the noise
+    of its own minutes; timed in rounds, a slow minute lands on all of them, and their ratios hold.
+    ``warmup`` untimed rounds first.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(times)) for name, times in samples.items()}
+
+
 def copies_to_defeat_cache(nbytes: int, cache_bytes: int, most: int = 8) -> int:
     """How many distinct copies of ``nbytes`` of operands to rotate so that, together, they are at least
     twice ``cache_bytes`` (a GPU's L2): each call then reads its operands from memory, as in a real

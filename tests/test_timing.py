@@ -69,3 +69,23 @@ def test_markdown_table_keeps_a_column_only_later_rows_carry():
     table = markdown_table([{"a": 1}, {"a": 2, "note": "crashed"}]).splitlines()
     assert table[0] == "| a | note |"
     assert table[2] == "| 1 |  |" and table[3] == "| 2 | crashed |"
+
+
+def test_round_robin_timing_calls_one_of_each_per_round_after_the_warm_up():
+    import time
+
+    from llmspeed.timing import timeit_round_robin
+
+    order: list[str] = []
+
+    def call(name: str, seconds: float):
+        def run() -> None:
+            order.append(name)
+            time.sleep(seconds)
+
+        return run
+
+    times = timeit_round_robin({"a": call("a", 0.002), "b": call("b", 0.006)}, repeats=3, warmup=2)
+    assert order == ["a", "b"] * 5  # 2 warm-up rounds, then 3 timed ones, each in the same order
+    assert set(times) == {"a", "b"} and len(times["a"].samples) == len(times["b"].samples) == 3
+    assert times["b"].median > times["a"].median >= 0.002

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
 from typing import Any
@@ -35,7 +35,7 @@ from ..eval import perplexity, pydoc_text
 from ..memory import memory_footprint
 from ..precision import autocast, cast, cpu_matmul
 from ..precision.cpu_matmul import upcast_linear
-from ..timing import Timing, timeit
+from ..timing import timeit, timeit_round_robin
 from .models import load_model, sync
 
 VARIANTS = ("fp32", "bf16", "fp16", "autocast-bf16")
@@ -111,37 +111,50 @@ def _decode_fn(m, context: int, device: str) -> Callable[[], Any]:
     return run
 
 
-def _model_row(model: str, device: str, variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    m, ctx = _variant_model(model, device, variant)
-    mem = memory_footprint(m)
-    with ctx():
-        ppl, note = None, "" if m.tokenizer is not None else "no tokenizer: no perplexity"
-        if m.tokenizer is not None:
+def _in(ctx: Callable[[], Any], fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> None:
+        with ctx():
+            fn()
+
+    return run
+
+
+def model_rows(model: str, device: str, variants: Sequence[str], cfg: dict[str, Any], progress: bool = False) -> list[dict[str, Any]]:
+    """Perplexity, memory, prefill and decode-step time of ``model`` in each of ``variants``.
+
+    Every variant is built first and the timings run in rounds, one prefill (then one decode step) of
+    each variant per round (:func:`~llmspeed.timing.timeit_round_robin`): on a shared machine the
+    configurations see the same noise, so their ratios hold. A variant whose activations overflow
+    (fp16) gets a row saying so and is left out of the timing.
+    """
+    built = {v: _variant_model(model, device, v) for v in tqdm(variants, disable=not progress, desc="precision")}
+    rows: dict[str, dict[str, Any]] = {}
+    prefills, decodes = {}, {}
+    for variant, (m, ctx) in built.items():
+        mem = memory_footprint(m)
+        row = rows[variant] = {"variant": variant, "ppl": None, "weights_MB": mem["total"] / 1e6,
+                               "linear_MB": mem["linear"] / 1e6, "prefill_ms": None, "prefill_spread": 0.0,
+                               "decode_step_ms": None, "decode_spread": 0.0,
+                               "note": "" if m.tokenizer is not None else "no tokenizer: no perplexity"}  # fmt: skip
+        with ctx():
             try:
-                ppl = perplexity(m, cfg["ppl_text"], cfg["ppl_window"], cfg["ppl_windows"], batch_size=1)
-            except FloatingPointError as err:  # fp16 overflow: report it, keep timing the rest
-                note = f"overflow: {str(err)[:60]}"
-        prefill: Timing | None
-        decode: Timing | None
-        try:
-            prefill = timeit(_prefill_fn(m, cfg["prefill_tokens"], device), cfg["repeats"], 1, device=device)
-            decode = timeit(
-                _decode_fn(m, cfg["decode_context"], device), cfg["decode_repeats"], 2, device=device
-            )
-        except FloatingPointError as err:  # fp16 overflow on this model: a row that says so
-            prefill = decode = None
-            note = f"overflow: {str(err)[:60]}"
-    return {
-        "variant": variant,
-        "ppl": ppl,
-        "weights_MB": mem["total"] / 1e6,
-        "linear_MB": mem["linear"] / 1e6,
-        "prefill_ms": prefill.median * 1e3 if prefill else None,
-        "prefill_spread": prefill.spread if prefill else 0.0,
-        "decode_step_ms": decode.median * 1e3 if decode else None,
-        "decode_spread": decode.spread if decode else 0.0,
-        "note": note,
-    }
+                if m.tokenizer is not None:
+                    row["ppl"] = perplexity(m, cfg["ppl_text"], cfg["ppl_window"], cfg["ppl_windows"], batch_size=1)
+                prefill, decode = _prefill_fn(m, cfg["prefill_tokens"], device), _decode_fn(m, cfg["decode_context"], device)
+                prefill()  # an overflow shows here, before the timed rounds
+                decode()
+            except FloatingPointError as err:  # fp16 overflow on this model: a row that says so
+                row["note"] = f"overflow: {str(err)[:60]}"
+                continue
+        prefills[variant], decodes[variant] = _in(ctx, prefill), _in(ctx, decode)
+    # (what, calls, repeats, warm-up rounds, column of the median)
+    for what, fns, repeats, warmup, column in (("prefill", prefills, cfg["repeats"], 1, "prefill_ms"),
+                                               ("decode", decodes, cfg["decode_repeats"], 2, "decode_step_ms")):  # fmt: skip
+        for variant, t in timeit_round_robin(fns, repeats, warmup, device=device).items():
+            rows[variant][column] = t.median * 1e3
+            rows[variant][f"{what}_spread"] = t.spread
+    del built
+    return [rows[v] for v in variants]
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -234,14 +247,11 @@ def run(
     cfg = _settings(device, quick)
     if model.startswith("tiny-"):  # harness tests: a microbenchmark at the tiny model's own shapes
         cfg["matmul_shapes"] = [(1, 64, 128), (16, 64, 128)]
-    model_rows = []
     variants = VARIANTS + (CPU_VARIANTS if torch.device(device).type == "cpu" else ())
-    for variant in tqdm(variants, disable=not progress, desc="precision"):
-        model_rows.append(_model_row(model, device, variant, cfg))
-        sync(device)
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-    rows = _relative(model_rows)
+    rows = _relative(model_rows(model, device, variants, cfg, progress))
+    sync(device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     rows += matmul_rows(cfg["matmul_shapes"], device, cfg["repeats"], progress)
     if model == "smollm2":
         rows += load_rows(device)

@@ -46,3 +46,32 @@ def test_matmul_rows_cover_each_dtype_with_fp32_baseline():
             r["GFLOP/s"] > 0
             and abs(r["GFLOP/s"] * r["ms"] * 1e6 - 2 * r["M"] * 32 * 48) < 1e-6 * 2 * r["M"] * 32 * 48 * 1e3
         )
+
+
+def test_model_rows_time_every_variant_in_rounds_and_leave_an_overflow_out(monkeypatch):
+    """fp16 activations that overflow give a row with a note and no times; the others are timed together."""
+    import llmspeed
+    from llmspeed.bench import precision
+
+    real = precision._variant_model
+
+    def variant_model(model, device, variant):
+        m, ctx = real(model, device, variant)
+        if variant == "fp16":  # weights past fp16's range in gradient-free inference: activations overflow
+            def overflow(*args, **kwargs):
+                raise llmspeed.precision.Fp16OverflowError("fp16 activations overflowed")
+
+            monkeypatch.setattr(m.hf, "forward", overflow)
+        return m, ctx
+
+    calls: list[list[str]] = []
+    real_rr = precision.timeit_round_robin
+    monkeypatch.setattr(precision, "_variant_model", variant_model)
+    monkeypatch.setattr(precision, "timeit_round_robin", lambda fns, *a, **k: calls.append(list(fns)) or real_rr(fns, *a, **k))
+    cfg = dict(precision._settings("cpu", quick=True), ppl_text=None)
+    rows = precision.model_rows("tiny-llama", "cpu", ("fp32", "bf16", "fp16"), cfg)
+    assert [r["variant"] for r in rows] == ["fp32", "bf16", "fp16"]
+    assert calls == [["fp32", "bf16"], ["fp32", "bf16"]]  # prefill rounds, then decode rounds
+    fp32, bf16, fp16 = rows
+    assert fp32["prefill_ms"] > 0 and bf16["decode_step_ms"] > 0
+    assert fp16["prefill_ms"] is None and fp16["decode_step_ms"] is None and fp16["note"].startswith("overflow")
