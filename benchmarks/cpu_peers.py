@@ -1,6 +1,6 @@
 """CPU inference against llama.cpp (llama-cpp-python), format by format, on the same SmolLM2 weights.
 
-flock /tmp/llmspeed-cpu.lock python benchmarks/cpu_peers.py [--quick] [--formats int4 "int4, awq+gptq, ..."]
+flock /tmp/llmspeed-cpu.lock python benchmarks/cpu_peers.py [--quick] [--rounds N] [--formats int4 "int4, awq+gptq, ..."]
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 decode steps and 2 perplexity windows")
     parser.add_argument("--formats", nargs="+", default=None, choices=list(FORMATS), metavar="FORMAT",
                         help="rows to run (default all; a variant brings its anchor): " + "; ".join(FORMATS))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate each format's llmspeed and llama.cpp measurements this many times; "
+                             "report medians and the median of the rounds' ratios (a shared host's drift)")
     args = parser.parse_args()
-    rows = run(quick=args.quick, formats=args.formats)
+    rows = run(quick=args.quick, formats=args.formats, rounds=args.rounds)
     print(markdown_table([{k: v for k, v in r.items() if k != "table"} for r in rows]))
 
 

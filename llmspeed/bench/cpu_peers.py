@@ -208,6 +208,28 @@ def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, t
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _anchor_rows(anchor: tuple[str, int], prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
+                 failure: str | None) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
+    """One round of llama.cpp's rows for ``anchor``, and the note the row carries (``None``: none).
+
+    A crash (a native build's AMX weight layout does on some CPUs) is retried without llama.cpp's extra
+    buffer types; once a round needed that, the later rounds of the format start there.
+    """
+    path = requantized(*anchor, threads)
+    if failure is None:
+        try:
+            return _llama_rows_isolated(path, prompt, windows, threads, steps), None
+        except RuntimeError as err:
+            failure = str(err)
+    else:
+        failure = failure.split("; ")[0]
+    try:
+        rows = _llama_rows_isolated(path, prompt, windows, threads, steps, extra_bufts=False)
+        return rows, f"{failure}; this row without its extra buffer types (AMX / repacked weights)"
+    except RuntimeError as again:
+        return None, f"{failure}; without extra buffer types too ({again})"
+
+
 def _llmspeed_model(fmt: str):
     """The embedded model in ``fmt``: a FORMATS key, whose parts after the first are options."""
     model = smollm2()
@@ -258,12 +280,23 @@ def _ratios(ours: dict[str, Any], theirs: dict[str, Any], against: str) -> dict[
             "ppl llmspeed / llama.cpp": round(ours["perplexity"] / theirs["perplexity"], 4)}  # fmt: skip
 
 
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per key, the median of the rounds' values (numbers) or the first round's (anything else)."""
+    return {k: statistics.median(r[k] for r in runs) if isinstance(v, (int, float)) else v for k, v in runs[0].items()}
+
+
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
-        formats: Sequence[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        formats: Sequence[str] | None = None, rounds: int = 1) -> list[dict[str, Any]]:  # fmt: skip
     """One row per format: llmspeed and llama.cpp side by side, with the ratios the issue asks for.
 
     ``formats``: the :data:`FORMATS` keys to run (default all); a variant's anchor format runs with it.
+    ``rounds``: how many times each format's llmspeed and llama.cpp measurements alternate. On a shared
+    host whose speed drifts from minute to minute, one round times the two systems minutes apart;
+    with several, the numbers are the medians over rounds and each ratio the median of the rounds'
+    ratios, so a slow minute lands on both sides of some ratio and not on one side of all of them.
     """
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int; got {rounds!r}")
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"cpu_peers compares the embedded SmolLM2 on the CPU; got device={device!r}, model={model!r}")
     if formats is not None:
@@ -284,8 +317,17 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         m = _llmspeed_model(fmt)
         prompt = _ids(m, 400)
         windows = torch.tensor(_ids(m, 256 * n_windows)).view(n_windows, 256)  # the same token windows for both
-        with torch.inference_mode():
-            ours = _llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt))
+        ours_runs: list[dict[str, Any]] = []
+        theirs_runs: list[dict[str, Any]] = []
+        failure = None  # why llama.cpp gave no row, or a note on how it gave one
+        for _ in range(rounds):
+            with torch.inference_mode():
+                ours_runs.append(_llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt)))
+            if isinstance(anchor, tuple) and missing is None and (failure is None or theirs_runs):
+                theirs, failure = _anchor_rows(anchor, prompt, windows, threads, steps, failure)
+                if theirs is not None:
+                    theirs_runs.append(theirs)
+        ours = _medians(ours_runs)
         name = f"{fmt} / {anchor[0]}" if isinstance(anchor, tuple) else f"{fmt} (llmspeed only)"
         row: dict[str, Any] = {"format": name, "threads": threads,
                                "llmspeed decode ms": round(ours["decode ms"], 2),
@@ -299,23 +341,20 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             else:
                 row["llama.cpp"] = f"no {anchor} anchor in this run"
         elif missing is None:
-            path = requantized(*anchor, threads)
-            try:
-                theirs = _llama_rows_isolated(path, prompt, windows, threads, steps)
-            except RuntimeError as err:  # a native build's AMX weight layout crashes on some CPUs: retry without it
-                try:
-                    theirs = _llama_rows_isolated(path, prompt, windows, threads, steps, extra_bufts=False)
-                    row["llama.cpp"] = f"{err}; this row without its extra buffer types (AMX / repacked weights)"
-                except RuntimeError as again:
-                    row["llama.cpp"] = f"{err}; without extra buffer types too ({again})"
-                    rows.append(row)
-                    continue
-            measured[fmt] = theirs
+            if failure is not None:
+                row["llama.cpp"] = failure
+            if not theirs_runs:
+                rows.append(row)
+                continue
+            theirs = measured[fmt] = _medians(theirs_runs)
             row.update({"llama.cpp decode ms": round(theirs["decode ms"], 2),
                         "llama.cpp decode ms, 8 seqs": round(theirs["decode ms, 8 sequences"], 2),
                         "llama.cpp prefill tok/s": round(theirs["prefill tok/s"]),
                         "llama.cpp MB": round(theirs["MB"]), "llama.cpp ppl": round(theirs["perplexity"], 3)})  # fmt: skip
-            row.update(_ratios(ours, theirs, "same row"))
+            per_round = [_ratios(o, t, "same row") for o, t in zip(ours_runs, theirs_runs)]
+            row.update(_medians(per_round))
+            if rounds > 1:
+                row["rounds"] = len(per_round)
         else:
             row["llama.cpp"] = f"skipped: {missing}"
         rows.append(row)

@@ -49,3 +49,52 @@ def test_variants_build_what_their_names_say():
     assert cpu_peers._kv_cache_dtype("fp32, fp16 kv cache") == "fp16" and cpu_peers._kv_cache_dtype("int8") == "auto"
     plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())
     assert type(plain["lm_head"]).__name__ == "Linear" and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
+
+
+def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios(monkeypatch):
+    """A drifting host: each round's llmspeed and llama.cpp numbers move together; the ratio holds."""
+    events: list[str] = []
+    slow = iter([1.0, 3.0, 1.5])  # the host's speed in each round: slower, then in between
+
+    def ours(model, prompt, windows, steps, kv="auto"):
+        events.append("llmspeed")
+        k = next(slow)
+        shared["k"] = k
+        return {"decode ms": 10.0 * k, "decode ms, 8 sequences": 20.0 * k, "prefill tok/s": 600.0 / k,
+                "MB": 538.0, "perplexity": 18.2}  # fmt: skip
+
+    crashes = {"left": 1}
+
+    def theirs(path, prompt, windows, threads, steps, extra_bufts=True):
+        events.append(f"llama.cpp extra_bufts={extra_bufts}")
+        if extra_bufts and crashes["left"]:
+            crashes["left"] -= 1
+            raise RuntimeError("llama.cpp crashed (signal 11) on F32.gguf")
+        k = shared["k"]
+        return {"decode ms": 11.0 * k, "decode ms, 8 sequences": 25.0 * k, "prefill tok/s": 500.0 / k,
+                "MB": 540.0, "perplexity": 18.21}  # fmt: skip
+
+    shared: dict[str, float] = {}
+    monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
+    monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path(f"/x/{name}.gguf"))
+    monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt: _FakeModel())
+    monkeypatch.setattr(cpu_peers, "_ids", lambda model, n: list(range(n)))
+    monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
+    monkeypatch.setattr(cpu_peers, "_llama_rows_isolated", theirs)
+    (row,) = cpu_peers.run(formats=["fp32"], rounds=3, quick=True)
+    # the crash is retried without extra buffer types once, and the later rounds start there
+    assert events == ["llmspeed", "llama.cpp extra_bufts=True", "llama.cpp extra_bufts=False",
+                      "llmspeed", "llama.cpp extra_bufts=False", "llmspeed", "llama.cpp extra_bufts=False"]  # fmt: skip
+    assert row["rounds"] == 3 and "without its extra buffer types" in row["llama.cpp"]
+    assert row["llmspeed decode ms"] == 15.0 and row["llama.cpp decode ms"] == 16.5  # medians over rounds
+    assert row["decode llmspeed / llama.cpp"] == round(10 / 11, 2)  # every round's ratio: the drift cancels
+    assert row["prefill llmspeed / llama.cpp"] == 1.2
+    with pytest.raises(ValueError, match="rounds must be a positive int; got 0"):
+        cpu_peers.run(rounds=0)
+
+
+class _FakeModel:
+    """What run() reads of a model besides the faked measurements."""
+
+    def linear_layers(self):
+        return []
