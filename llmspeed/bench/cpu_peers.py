@@ -318,15 +318,15 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         prompt = _ids(m, 400)
         windows = torch.tensor(_ids(m, 256 * n_windows)).view(n_windows, 256)  # the same token windows for both
         ours_runs: list[dict[str, Any]] = []
-        theirs_runs: list[dict[str, Any]] = []
+        pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (llmspeed, llama.cpp) of the same round
         failure = None  # why llama.cpp gave no row, or a note on how it gave one
         for _ in range(rounds):
             with torch.inference_mode():
                 ours_runs.append(_llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt)))
-            if isinstance(anchor, tuple) and missing is None and (failure is None or theirs_runs):
+            if isinstance(anchor, tuple) and missing is None and (failure is None or pairs):
                 theirs, failure = _anchor_rows(anchor, prompt, windows, threads, steps, failure)
                 if theirs is not None:
-                    theirs_runs.append(theirs)
+                    pairs.append((ours_runs[-1], theirs))
         ours = _medians(ours_runs)
         name = f"{fmt} / {anchor[0]}" if isinstance(anchor, tuple) else f"{fmt} (llmspeed only)"
         row: dict[str, Any] = {"format": name, "threads": threads,
@@ -343,15 +343,15 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         elif missing is None:
             if failure is not None:
                 row["llama.cpp"] = failure
-            if not theirs_runs:
+            if not pairs:
                 rows.append(row)
                 continue
-            theirs = measured[fmt] = _medians(theirs_runs)
+            theirs = measured[fmt] = _medians([t for _, t in pairs])
             row.update({"llama.cpp decode ms": round(theirs["decode ms"], 2),
                         "llama.cpp decode ms, 8 seqs": round(theirs["decode ms, 8 sequences"], 2),
                         "llama.cpp prefill tok/s": round(theirs["prefill tok/s"]),
                         "llama.cpp MB": round(theirs["MB"]), "llama.cpp ppl": round(theirs["perplexity"], 3)})  # fmt: skip
-            per_round = [_ratios(o, t, "same row") for o, t in zip(ours_runs, theirs_runs)]
+            per_round = [_ratios(o, t, "same row") for o, t in pairs]
             row.update(_medians(per_round))
             if rounds > 1:
                 row["rounds"] = len(per_round)

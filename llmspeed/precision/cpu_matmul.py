@@ -127,7 +127,7 @@ def _rows(x: torch.Tensor) -> int:
 def uses_upcast(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``nn.Linear`` layers with :func:`install` run ``x`` by ``weight`` through :func:`upcast_linear`.
 
-    ``x`` is in ``weight``'s 16-bit dtype, or in fp32 (the activations of a prompt, see the module
+    ``x`` is in ``weight``'s 16-bit dtype, or in fp32 (activations in inference, see the module
     docstring); either way on the CPU, with no gradient to record and at least the crossover's rows.
     """
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype not in HALF_DTYPES:
