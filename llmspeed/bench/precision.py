@@ -111,7 +111,8 @@ def _decode_fn(m, context: int, device: str) -> Callable[[], Any]:
     return run
 
 
-def _in(ctx: Callable[[], Any], fn: Callable[[], Any]) -> Callable[[], Any]:
+def _inside(ctx: Callable[[], Any], fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` called inside a fresh ``ctx()`` (a variant's autocast or nothing) each time."""
     def run() -> None:
         with ctx():
             fn()
@@ -146,14 +147,13 @@ def model_rows(model: str, device: str, variants: Sequence[str], cfg: dict[str, 
             except FloatingPointError as err:  # fp16 overflow on this model: a row that says so
                 row["note"] = f"overflow: {str(err)[:60]}"
                 continue
-        prefills[variant], decodes[variant] = _in(ctx, prefill), _in(ctx, decode)
+        prefills[variant], decodes[variant] = _inside(ctx, prefill), _inside(ctx, decode)
     # (what, calls, repeats, warm-up rounds, column of the median)
     for what, fns, repeats, warmup, column in (("prefill", prefills, cfg["repeats"], 1, "prefill_ms"),
                                                ("decode", decodes, cfg["decode_repeats"], 2, "decode_step_ms")):  # fmt: skip
         for variant, t in timeit_round_robin(fns, repeats, warmup, device=device).items():
             rows[variant][column] = t.median * 1e3
             rows[variant][f"{what}_spread"] = t.spread
-    del built
     return [rows[v] for v in variants]
 
 
