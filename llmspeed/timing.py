@@ -47,17 +47,7 @@ def timeit(
     device: str | torch.device | None = None,
 ) -> Timing:
     """Time ``fn``: ``warmup`` untimed calls, then ``repeats`` samples of ``inner`` calls each."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        samples.append((time.perf_counter() - start) / inner)
-    return Timing(tuple(samples))
+    return timeit_round_robin({"fn": fn}, repeats, warmup, device, inner)["fn"]
 
 
 def timeit_round_robin(
@@ -65,12 +55,13 @@ def timeit_round_robin(
     repeats: int = 5,
     warmup: int = 1,
     device: str | torch.device | None = None,
+    inner: int = 1,
 ) -> dict[str, Timing]:
-    """Time each of ``fns`` as :func:`timeit` does, but in rounds: one call of every function per round.
+    """Time each of ``fns`` in rounds: one sample of every function per round, ``inner`` calls a sample.
 
     A benchmark comparing configurations one after the other on a shared machine gives each the noise
     of its own minutes; timed in rounds, a slow minute lands on all of them, and their ratios hold.
-    ``warmup`` untimed rounds first.
+    ``warmup`` untimed rounds (one call of each) first. :func:`timeit` is the one-function case.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -80,9 +71,10 @@ def timeit_round_robin(
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
+            for _ in range(inner):
+                fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append((time.perf_counter() - start) / inner)
     return {name: Timing(tuple(times)) for name, times in samples.items()}
 
 
