@@ -209,25 +209,24 @@ def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, t
 
 
 def _anchor_rows(anchor: tuple[str, int], prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
-                 failure: str | None) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
-    """One round of llama.cpp's rows for ``anchor``, and the note the row carries (``None``: none).
+                 crash: str | None) -> tuple[dict[str, Any] | None, str | None, str | None]:  # fmt: skip
+    """One round of llama.cpp's rows for ``anchor``: ``(rows or None, crash, note for the row or None)``.
 
-    A crash (a native build's AMX weight layout does on some CPUs) is retried without llama.cpp's extra
-    buffer types; once a round needed that, the later rounds of the format start there.
+    ``crash`` is how an earlier round with llama.cpp's extra buffer types failed (``None``: it did not);
+    a crash (a native build's AMX weight layout does on some CPUs) is retried without them, and once a
+    round needed that, the later rounds of the format start there.
     """
     path = requantized(*anchor, threads)
-    if failure is None:
+    if crash is None:
         try:
-            return _llama_rows_isolated(path, prompt, windows, threads, steps), None
+            return _llama_rows_isolated(path, prompt, windows, threads, steps), None, None
         except RuntimeError as err:
-            failure = str(err)
-    else:
-        failure = failure.split("; ")[0]
+            crash = str(err)
     try:
         rows = _llama_rows_isolated(path, prompt, windows, threads, steps, extra_bufts=False)
-        return rows, f"{failure}; this row without its extra buffer types (AMX / repacked weights)"
+        return rows, crash, f"{crash}; this row without its extra buffer types (AMX / repacked weights)"
     except RuntimeError as again:
-        return None, f"{failure}; without extra buffer types too ({again})"
+        return None, crash, f"{crash}; without extra buffer types too ({again})"
 
 
 def _llmspeed_model(fmt: str):
@@ -319,12 +318,12 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         windows = torch.tensor(_ids(m, 256 * n_windows)).view(n_windows, 256)  # the same token windows for both
         ours_runs: list[dict[str, Any]] = []
         pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (llmspeed, llama.cpp) of the same round
-        failure = None  # why llama.cpp gave no row, or a note on how it gave one
+        crash = note = None  # how llama.cpp crashed with its extra buffer types; the row's note on it
         for _ in range(rounds):
             with torch.inference_mode():
                 ours_runs.append(_llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt)))
-            if isinstance(anchor, tuple) and missing is None and (failure is None or pairs):
-                theirs, failure = _anchor_rows(anchor, prompt, windows, threads, steps, failure)
+            if isinstance(anchor, tuple) and missing is None and (crash is None or pairs):
+                theirs, crash, note = _anchor_rows(anchor, prompt, windows, threads, steps, crash)
                 if theirs is not None:
                     pairs.append((ours_runs[-1], theirs))
         ours = _medians(ours_runs)
@@ -341,8 +340,8 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             else:
                 row["llama.cpp"] = f"no {anchor} anchor in this run"
         elif missing is None:
-            if failure is not None:
-                row["llama.cpp"] = failure
+            if note is not None:
+                row["llama.cpp"] = note
             if not pairs:
                 rows.append(row)
                 continue
