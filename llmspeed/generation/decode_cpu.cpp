@@ -323,14 +323,34 @@ ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, const Linear& l) {
 // bf16, oneDNN's single bf16 product took 0.6-0.75x the time of the tiles' two (hi + lo of x).
 constexpr int64_t TORCH_GEMM_ROWS = 64;
 
-// y [M, N] = x [M, K] @ w^T (+ bias) for an fp32 or bf16 weight, through torch's GEMM. A bf16 weight multiplies
-// x rounded to bf16, as the model's own bf16 forward does.
+// Whether torch_gemm widens bf16 weights to fp32 and runs the fp32 GEMM (CPUs without fast bf16 GEMM, where
+// llmspeed.precision.cpu_matmul.crossover finds the widened product faster) instead of the native bf16 one.
+bool g_upcast_bf16 = false;
+
+// fp32 bytes of bf16 weight widened per block: as llmspeed.precision.cpu_matmul.BLOCK_BYTES, a block stays in
+// cache and the buffer is reused
+constexpr int64_t UPCAST_BLOCK_BYTES = 1 << 22;
+
+// y [M, N] = x [M, K] @ w^T (+ bias) for an fp32 or bf16 weight, through torch's GEMM. A bf16 weight either
+// multiplies x rounded to bf16 in torch's bf16 GEMM, or (g_upcast_bf16) is widened to fp32 a block of rows at
+// a time and multiplies fp32 x, as the cast model's own forward does on such CPUs.
 void torch_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
   TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
   auto f32 = torch::TensorOptions().dtype(torch::kFloat);
   at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, f32);
   at::Tensor yt = torch::from_blob(l.y, {M, l.N}, f32);
-  if (l.kind == Kind::BF16) {
+  if (l.kind == Kind::BF16 && g_upcast_bf16) {
+    at::Tensor wt = torch::from_blob(const_cast<void*>(l.w), {l.N, K}, torch::TensorOptions().dtype(torch::kBFloat16));
+    const int64_t rows = std::max<int64_t>(1, UPCAST_BLOCK_BYTES / (4 * K));
+    at::Tensor block = at::empty({std::min(rows, l.N), K}, f32);  // [r, K]
+    for (int64_t n0 = 0; n0 < l.N; n0 += rows) {
+      const int64_t r = std::min(rows, l.N - n0);
+      at::Tensor b = block.narrow(0, 0, r);  // [r, K]
+      b.copy_(wt.narrow(0, n0, r));
+      if (r == l.N) at::mm_out(yt, xt, b.t());
+      else yt.narrow(1, n0, r).copy_(at::mm(xt, b.t()));  // [M, r]
+    }
+  } else if (l.kind == Kind::BF16) {
     at::Tensor wt = torch::from_blob(const_cast<void*>(l.w), {l.N, K}, torch::TensorOptions().dtype(torch::kBFloat16));
     yt.copy_(at::mm(xt.to(torch::kBFloat16), wt.t()));
   } else {
@@ -796,6 +816,13 @@ at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero, i
 bool float_prefetch(bool on) {
   const bool was = g_float_prefetch;
   g_float_prefetch = on;
+  return was;
+}
+
+// Set whether torch_gemm widens bf16 weights to fp32 (g_upcast_bf16); returns the previous setting.
+bool upcast_bf16(bool on) {
+  const bool was = g_upcast_bf16;
+  g_upcast_bf16 = on;
   return was;
 }
 

@@ -6,10 +6,12 @@ SmolLM2-135M (docs/batching.md has the measurements). :class:`FusedDecode` runs 
 a supported model through ``decode_cpu.cpp``: every layer, the paged-KV write and attention, the
 final norm and the output projection in one call, with GEMVs that stream the weights at memory
 speed. The model's own modules provide the weights (no copy), the embedding and the rotary tables,
-so what runs is the model as it is at that step. Where the CPU has AMX tiles it also runs steps with
-prompt chunks (:attr:`FusedDecode.mixed`): each token is a row that attends over its sequence's cache up
-to its own position, the matrices run as tile matmuls (fp32 ones as torch's GEMM), and only the
-sampled rows reach the output head.
+so what runs is the model as it is at that step. It also runs steps with prompt chunks
+(:attr:`FusedDecode.mixed`): each token is a row that attends over its sequence's cache up to its own
+position, the matrices run as tile matmuls where the CPU has AMX, fp32 and bf16 ones as torch's GEMM
+from 64 rows (bf16 widened to fp32 where the native bf16 GEMM is slow), and only the sampled rows reach
+the output head. Without AMX, steps with prompt chunks take the fused path when the row loop was
+measured faster than the generic path's GEMMs (:func:`prompt_rows`).
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
 ``mistral``, ``qwen2`` or ``qwen3`` (per-head q/k RMSNorm) with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
@@ -32,6 +34,7 @@ from torch import nn
 
 from .. import cpp_build
 from ..machine import isa_flags
+from ..precision import cpu_matmul
 from . import fused_lora
 from .kv_cache import PagedKVCache, block_tables
 from .rope_table import RopeTable, static
@@ -53,7 +56,7 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
-                 "float_prefetch"]
+                 "float_prefetch", "upcast_bf16"]
     headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, VEC_HEADER, ATTENTION_HEADER]
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
@@ -157,6 +160,26 @@ def _fusable(module: Any) -> bool:
 def _int8_activations(module: Any) -> bool:
     """Whether a linear :func:`_fusable` accepts reads its input as int8 codes (``QuantConfig.activations``)."""
     return getattr(getattr(module, "config", None), "activations", "float") == "int8"
+
+
+NO_LIMIT = 1 << 30  # a row limit that never binds
+PROMPT_ROWS = 32
+"""Without AMX, the most rows of a step with prompt chunks that the fused step takes for a model with int4 / NF4
+matrices or int8 ones with float activations (:func:`prompt_rows`)."""
+
+
+def prompt_rows(modules: list[Any]) -> int:
+    """Most rows of a step with prompt chunks that the fused step takes without AMX, for these decoder matrices.
+
+    Matrices in fp32 or bf16 run as torch's GEMM from 64 rows and int8 ones with int8 activations as the integer
+    row loop; with only those, the fused step was faster than the generic path at every prompt length measured
+    (8 to 256 tokens of SmolLM2 on the 2-core Zen 3: 0.26-0.9x its time; no Python between layers, no
+    separate elementwise passes). 4-bit matrices and int8 ones with float activations run the row loop in
+    float, which reads each weight row for every few rows of x: faster up to 32 rows (0.6-0.8x), slower
+    from 64 (1.15x for int4) than the generic path's dequantize + GEMM (docs/kernels.md).
+    """
+    fast = all(type(m) is nn.Linear or (_int8_activations(m) and m.qweight.dtype == torch.int8) for m in modules)
+    return NO_LIMIT if fast else PROMPT_ROWS
 
 
 def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -280,6 +303,7 @@ class _Snapshot:
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.weights: list[torch.Tensor] = []
         act8: list[bool] = []  # per matrix (layer by layer, _MATRICES order), then the head
+        matrices: list[nn.Module] = []  # the decoder's matrices (LoRA wrappers unwrapped)
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
@@ -295,6 +319,7 @@ class _Snapshot:
                     module = module.base_layer
                 parts[name] = self._read(module)
                 act8.append(_int8_activations(module))
+                matrices.append(module)
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
@@ -310,6 +335,7 @@ class _Snapshot:
         act8.append(_int8_activations(hf.lm_head))
         self.act8 = torch.tensor(act8) if any(act8) else torch.empty(0, dtype=torch.bool)  # [layers * 7 + 1]
         self.norm = _f32(body.norm.weight)
+        self.prompt_rows = prompt_rows(matrices)
         self._stack_adapters(body)
         # read once: what the step needs from the model besides tensors (its structure is checked each step)
         self.num_heads = hf.config.get_text_config().num_attention_heads
@@ -412,9 +438,9 @@ class FusedDecode:
             them (0: never; fp32 matrices from twice as many).
         lora_dtype: ``torch.float16`` (default) or ``torch.float32``: the precision of the LoRA stacks
             the step reads (:mod:`.fused_lora`).
-        mixed: Whether steps with prompt chunks run here too. Default: where the CPU has AMX tiles
-            (:func:`amx_available`), which make a prompt's matrices tile matmuls; without them the row
-            loop would read each weight once per few rows, and the generic path's GEMMs win.
+        mixed: Whether steps with prompt chunks run here too. Default (``None``): every one where the CPU
+            has AMX tiles (:func:`amx_available`), which make a prompt's matrices tile matmuls; without them,
+            steps of up to :func:`prompt_rows` rows for the model's matrices (:meth:`prompt_limit`).
     """
 
     def __init__(self, model, cache: PagedKVCache, max_rows: int | None = None, amx_rows: int = AMX_ROWS,
@@ -431,7 +457,11 @@ class FusedDecode:
         self.prefetch = float_prefetch(model.spec.hidden_size) if self.ext is not None else True
         self.max_rows = default_max_rows() if max_rows is None else max_rows
         self.amx_rows = amx_rows
-        self.mixed = amx_available() if mixed is None else mixed
+        self.mixed = mixed
+        self.amx = amx_available()
+        # bf16 matrices of prompt-sized steps: widened to fp32 where the native bf16 GEMM is slow (no crossover:
+        # it is fast); asked only of bf16 models (the first time costs a 0.1 s measurement)
+        self.upcast_bf16 = model.spec.dtype == torch.bfloat16 and cpu_matmul.crossover(torch.bfloat16) is not None
         self._snapshot: _Snapshot | None = None
         self._rope: RopeTable | None = None
 
@@ -443,6 +473,14 @@ class FusedDecode:
             return self._rope.lookup(positions, emb.dtype)
         cos, sin = rotary(emb[None], positions[None])  # [1, n, D] each
         return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def prompt_limit(self) -> int:
+        """Most rows of a step with prompt chunks that runs here: :data:`NO_LIMIT` (``mixed=True``, or AMX),
+        0 (``mixed=False``, or an unsupported model), else the model's :func:`prompt_rows`."""
+        if self.mixed is not None or self.amx:
+            return 0 if self.mixed is False else NO_LIMIT
+        snap = None if self.ext is None else self._current()
+        return 0 if snap is None else snap.prompt_rows
 
     def _current(self) -> _Snapshot | None:
         snap = self._snapshot
@@ -456,13 +494,13 @@ class FusedDecode:
     def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [r, vocab]
         """Logits of the sampled rows (``step.rows``) of a :class:`~.runner.StepInput`, or ``None`` when the
         generic path must run it: the model is unsupported, a decode-only step has more than :attr:`max_rows`
-        rows, or the step has prompt chunks and :attr:`mixed` is off.
+        rows, or the step has prompt chunks and has more rows than :meth:`prompt_limit`.
 
         ``adapters``: each sequence's LoRA adapter name; a sequence without one (``None``, or ``adapters=None``
         for all) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic path does.
         """
         decode = step.decode_only
-        if (decode and len(step.ids) > self.max_rows) or (not decode and not self.mixed):
+        if (decode and len(step.ids) > self.max_rows) or (not decode and len(step.ids) > self.prompt_limit()):
             return None
         snap = None if self.ext is None else self._current()
         if snap is None:
@@ -487,6 +525,7 @@ class FusedDecode:
             emb = body.embed_tokens(ids)  # [n, E]
             cos, sin = self._rotary(body.rotary_emb, positions, emb)  # [n, D] each, fp32
             self.ext.float_prefetch(self.prefetch)
+            self.ext.upcast_bf16(self.upcast_bf16)
             return self.ext.decode_step(
                 emb.float().contiguous(),
                 snap.handle,

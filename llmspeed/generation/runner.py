@@ -5,8 +5,8 @@ adapters), built once by the generator; the runner picks how to run it:
 
 * ``"cuda graph"``: decode-only steps on CUDA replay a captured graph (:mod:`.cuda_graphs`);
 * ``"fused cpu"`` / ``"fused cpu mixed"``: decode-only steps of Llama-family models on the CPU run as one C++
-  call (:mod:`.fused_decode`), and so do steps with prompt chunks where the CPU has AMX tiles
-  (:attr:`.fused_decode.FusedDecode.mixed`);
+  call (:mod:`.fused_decode`), and so do steps with prompt chunks where it is the faster path
+  (:meth:`.fused_decode.FusedDecode.prompt_limit`);
 * ``"decode"`` / ``"mixed"``: ``model.forward_batch`` with a :class:`~.kv_cache.PagedAttention`
   (SDPA over gathered blocks, or the Triton kernels of :mod:`.triton_attention` on CUDA).
 """
@@ -115,7 +115,11 @@ class ModelRunner:
         """Which attention kernels steps use: the per-layer path's, and the fused CPU step's where it runs."""
         if self.fused is None:
             return self.per_layer_attention
-        rows = "decode rows and prompt chunks" if self.fused.mixed else "decode rows"
+        from .fused_decode import NO_LIMIT
+
+        limit = self.fused.prompt_limit()
+        rows = {0: "decode rows", NO_LIMIT: "decode rows and prompt chunks"}.get(
+            limit, f"decode rows, and prompt chunks in steps of up to {limit} rows")
         return f"{self.per_layer_attention}; fused cpu steps: C++ paged attention for {rows}"
 
     def _setup_attention(self, spec: Any, wanted: str) -> str:

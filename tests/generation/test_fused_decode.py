@@ -211,7 +211,7 @@ def _mixed_steps(block_size, seed=0):
 
 MIXED_MODELS = [
     ("llama", None, {}),
-    ("llama", "bf16", {}),  # x rounded to bf16 for torch's bf16 GEMM, as the model's own forward does
+    ("llama", "bf16", {}),  # x rounded to bf16 for torch's bf16 GEMM, or widened weights where that is slow
     ("qwen3", None, {}),  # per-head q/k norms
     ("qwen2", "int8", {}),  # q/k/v biases
     ("llama", "int4", {"group_size": 32}),
@@ -245,14 +245,57 @@ def test_mixed_steps_match_the_generic_path(architecture, fmt, options, amx_rows
         assert (fused_part - generic_part).float().abs().max() / generic_part.float().abs().max() < tolerance
 
 
-def test_mixed_steps_stay_generic_unless_asked_and_bad_values_are_refused():
+def test_mixed_steps_stay_generic_when_turned_off_and_bad_values_are_refused():
     model = llmspeed.models.tiny("llama", seed=4)
     cache = PagedKVCache(model.spec, 64, 4)
     first, _ = _mixed_steps(4)
     assert fused_decode.FusedDecode(model, cache, mixed=False).run(first) is None
-    assert fused_decode.FusedDecode(model, cache).mixed == fused_decode.amx_available()  # the measured default
+    assert fused_decode.FusedDecode(model, cache, mixed=False).prompt_limit() == 0
+    assert fused_decode.FusedDecode(model, cache, mixed=True).prompt_limit() == fused_decode.NO_LIMIT
     with pytest.raises(ValueError, match="mixed must be None, True or False; got 'yes'"):
         fused_decode.FusedDecode(model, cache, mixed="yes")
+
+
+@pytest.mark.parametrize("fmt, options, limit", [
+    (None, {}, fused_decode.NO_LIMIT),
+    ("bf16", {}, fused_decode.NO_LIMIT),
+    ("int8", {"activations": "int8"}, fused_decode.NO_LIMIT),
+    ("int8", {}, fused_decode.PROMPT_ROWS),
+    ("int4", {"group_size": 32}, fused_decode.PROMPT_ROWS),
+    ("int4", {"group_size": 32, "activations": "int8"}, fused_decode.PROMPT_ROWS),
+])  # fmt: skip
+def test_without_amx_the_default_takes_prompt_steps_where_the_row_loop_was_measured_faster(fmt, options, limit):
+    """``mixed=None`` on a CPU without AMX: any step of a model whose matrices are float or int8 with int8
+    activations; steps of up to ``PROMPT_ROWS`` rows otherwise (longer ones return None: the generic path)."""
+    model = llmspeed.models.tiny("llama", seed=4, dtype=torch.bfloat16 if fmt == "bf16" else torch.float32)
+    if fmt in llmspeed.quant.FORMATS:
+        model = llmspeed.quantize(model, fmt, **options)
+    fused = fused_decode.FusedDecode(model, PagedKVCache(model.spec, 64, 4))
+    fused.amx = False
+    assert fused.prompt_limit() == limit
+    ids = list(range(1, 200))
+    for rows in (fused_decode.PROMPT_ROWS, fused_decode.PROMPT_ROWS + 1, 150):
+        step = StepInput.build([(list(range(40)), 0, rows, ids[:rows], True, None)], 4)
+        assert (fused.run(step) is not None) == (rows <= limit), rows
+
+
+def test_bf16_prompt_matrices_widened_to_fp32_compute_the_fp32_product_of_the_bf16_weights():
+    """Where the native bf16 GEMM is slow (``upcast_bf16``), a prompt-sized step multiplies fp32 activations by
+    the bf16 weights widened: the fp32 model holding the same (bf16-representable) weights, to fp32 rounding
+    (and the rotary table's, kept in the model's dtype). Without it, torch's bf16 GEMM rounds x to bf16 and
+    lands further away."""
+    bf16 = llmspeed.models.tiny("llama", seed=4, dtype=torch.bfloat16)
+    widened = llmspeed.models.tiny("llama", seed=4, dtype=torch.bfloat16)
+    widened.hf.float()
+    first, _ = _mixed_steps(4)
+    ref = fused_decode.FusedDecode(widened, PagedKVCache(widened.spec, 64, 4), mixed=True, amx_rows=0).run(first)
+    err = {}
+    for upcast in (True, False):
+        cache = PagedKVCache(bf16.spec, 64, 4, torch.float32)  # keys and values as the fp32 model keeps them
+        fused = fused_decode.FusedDecode(bf16, cache, mixed=True, amx_rows=0)
+        fused.upcast_bf16 = upcast
+        err[upcast] = ((fused.run(first) - ref).abs().max() / ref.abs().max()).item()
+    assert err[True] < 1e-4 and err[False] > 10 * err[True], err  # rotary rows of a bf16 model are bf16 in both
 
 
 def test_mixed_steps_split_rows_of_unequal_length_over_threads(monkeypatch):
@@ -530,6 +573,11 @@ def test_attention_status_names_the_fused_steps_attention_and_follows_mixed():
     assert gen.attention_status.endswith("decode rows and prompt chunks")
     gen.runner.fused.mixed = False
     assert gen.attention_status.endswith("for decode rows")
+    gen.runner.fused.mixed, gen.runner.fused.amx = None, False
+    assert gen.attention_status.endswith("decode rows and prompt chunks")  # a float model: every prompt step
+    int4 = Generator(llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=32), progress=False)
+    int4.runner.fused.amx = False
+    assert int4.attention_status.endswith(f"prompt chunks in steps of up to {fused_decode.PROMPT_ROWS} rows")
 
 
 @pytest.fixture
