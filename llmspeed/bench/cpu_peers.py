@@ -13,7 +13,8 @@ perplexity of both on the same pydoc evaluation windows (llama.cpp scores them w
 Both also report the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
 slot per prompt). Variants only llmspeed has (an int8 output head, whose rows the tied input embedding then
 reads, so the fp32 matrix is gone from ``MB``; int8 activations; AWQ+GPTQ calibration
-with its default text) are compared with the llama.cpp row of their base format. A llama.cpp format that
+with its default text) are compared with the llama.cpp row of their base format, measured in the same
+rounds (each round times llmspeed's rows of a format, then llama.cpp's). A llama.cpp format that
 crashes (a native build's AMX weight layout does on some CPUs) is run again without llama.cpp's extra
 buffer types, and its row says so.
 """
@@ -289,10 +290,12 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     """One row per format: llmspeed and llama.cpp side by side, with the ratios the issue asks for.
 
     ``formats``: the :data:`FORMATS` keys to run (default all); a variant's anchor format runs with it.
-    ``rounds``: how many times each format's llmspeed and llama.cpp measurements alternate. On a shared
-    host whose speed drifts from minute to minute, one round times the two systems minutes apart;
-    with several, the numbers are the medians over rounds and each ratio the median of the rounds'
-    ratios, so a slow minute lands on both sides of some ratio and not on one side of all of them.
+    ``rounds``: how many times each anchor's measurements alternate with llmspeed's. A llama.cpp format and
+    the llmspeed rows compared with it (its own format and that format's variants) are timed in the same
+    round, each ratio against that round's llama.cpp numbers. On a shared host whose speed drifts from
+    minute to minute, one round times the two systems minutes apart; with several, the numbers are the
+    medians over rounds and each ratio the median of the rounds' ratios, so a slow minute lands on both
+    sides of some ratio and not on one side of all of them.
     """
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
@@ -305,57 +308,61 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         wanted = set(formats) | {FORMATS[f] for f in formats if isinstance(FORMATS[f], str)}
     else:
         wanted = set(FORMATS)
+    groups: dict[str, list[str]] = {}  # llmspeed base format -> the rows timed against its llama.cpp anchor
+    for fmt, anchor in FORMATS.items():
+        if fmt in wanted:
+            groups.setdefault(fmt if isinstance(anchor, tuple) else anchor, []).append(fmt)
+    rows = []
+    for base, members in groups.items():
+        rows += _group_rows(base, members, quick, rounds)
+    return rows
+
+
+def _group_rows(base: str, members: list[str], quick: bool, rounds: int) -> list[dict[str, Any]]:
+    """The rows of one llama.cpp anchor (``base``'s) and the llmspeed ``members`` timed against it, round by round."""
+    anchor = FORMATS[base]
+    assert isinstance(anchor, tuple)
     threads = torch.get_num_threads()
     steps, n_windows = (16, 2) if quick else (32, 8)
     missing = llama_cpp_missing()
-    rows = []
-    measured: dict[str, dict[str, Any]] = {}  # llama.cpp's numbers by llmspeed format, for the variants
-    for fmt, anchor in FORMATS.items():
-        if fmt not in wanted:
-            continue
-        m = _llmspeed_model(fmt)
-        prompt = _ids(m, 400)
-        windows = torch.tensor(_ids(m, 256 * n_windows)).view(n_windows, 256)  # the same token windows for both
-        ours_runs: list[dict[str, Any]] = []
-        pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (llmspeed, llama.cpp) of the same round
-        crash = note = None  # how llama.cpp crashed with its extra buffer types; the row's note on it
-        for _ in range(rounds):
+    models = {fmt: _llmspeed_model(fmt) for fmt in members}
+    prompt = _ids(models[base], 400)
+    windows = torch.tensor(_ids(models[base], 256 * n_windows)).view(n_windows, 256)  # the same windows for both
+    ours_runs: dict[str, list[dict[str, Any]]] = {fmt: [] for fmt in members}
+    theirs_runs: list[dict[str, Any] | None] = []  # llama.cpp's rows of each round (None: it failed)
+    crash = note = None  # how llama.cpp crashed with its extra buffer types; the row's note on it
+    for _ in range(rounds):
+        for fmt, m in models.items():
             with torch.inference_mode():
-                ours_runs.append(_llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt)))
-            if isinstance(anchor, tuple) and missing is None and (crash is None or pairs):
-                theirs, crash, note = _anchor_rows(anchor, prompt, windows, threads, steps, crash)
-                if theirs is not None:
-                    pairs.append((ours_runs[-1], theirs))
-        ours = _medians(ours_runs)
-        name = f"{fmt} / {anchor[0]}" if isinstance(anchor, tuple) else f"{fmt} (llmspeed only)"
+                ours_runs[fmt].append(_llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt)))
+        theirs = None
+        if missing is None and (crash is None or any(theirs_runs)):  # both ways failed in every round so far: stop
+            theirs, crash, note = _anchor_rows(anchor, prompt, windows, threads, steps, crash)
+        theirs_runs.append(theirs)
+    del models
+    rows = []
+    for fmt in members:
+        ours = _medians(ours_runs[fmt])
+        name = f"{fmt} / {anchor[0]}" if fmt == base else f"{fmt} (llmspeed only)"
         row: dict[str, Any] = {"format": name, "threads": threads,
                                "llmspeed decode ms": round(ours["decode ms"], 2),
                                "llmspeed decode ms, 8 seqs": round(ours["decode ms, 8 sequences"], 2),
                                "llmspeed prefill tok/s": round(ours["prefill tok/s"]),
                                "llmspeed MB": round(ours["MB"]), "llmspeed ppl": round(ours["perplexity"], 3)}  # fmt: skip
-        if isinstance(anchor, str):  # an llmspeed-only variant: its ratios against the base format's anchor
-            theirs = measured.get(anchor)
-            if theirs is not None:
-                row.update(_ratios(ours, theirs, f"{anchor} / {FORMATS[anchor][0]}"))  # type: ignore[index]
-            else:
-                row["llama.cpp"] = f"no {anchor} anchor in this run"
-        elif missing is None:
-            if note is not None:
-                row["llama.cpp"] = note
-            if not pairs:
-                rows.append(row)
-                continue
-            theirs = measured[fmt] = _medians([t for _, t in pairs])
+        pairs = [(o, t) for o, t in zip(ours_runs[fmt], theirs_runs) if t is not None]  # the same round's
+        if missing is not None:
+            row["llama.cpp"] = f"skipped: {missing}"
+        elif note is not None:
+            row["llama.cpp"] = note
+        if pairs and fmt == base:
+            theirs = _medians([t for _, t in pairs])
             row.update({"llama.cpp decode ms": round(theirs["decode ms"], 2),
                         "llama.cpp decode ms, 8 seqs": round(theirs["decode ms, 8 sequences"], 2),
                         "llama.cpp prefill tok/s": round(theirs["prefill tok/s"]),
                         "llama.cpp MB": round(theirs["MB"]), "llama.cpp ppl": round(theirs["perplexity"], 3)})  # fmt: skip
-            per_round = [_ratios(o, t, "same row") for o, t in pairs]
-            row.update(_medians(per_round))
+        if pairs:
+            row.update(_medians([_ratios(o, t, "same row" if fmt == base else f"{base} / {anchor[0]}") for o, t in pairs]))
             if rounds > 1:
-                row["rounds"] = len(per_round)
-        else:
-            row["llama.cpp"] = f"skipped: {missing}"
+                row["rounds"] = len(pairs)
         rows.append(row)
-        del m
     return rows

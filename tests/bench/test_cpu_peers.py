@@ -93,6 +93,44 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
         cpu_peers.run(rounds=0)
 
 
+def test_variants_are_paired_with_the_anchor_of_their_own_round(monkeypatch):
+    """A variant's ratios come from the llama.cpp numbers of the round it was timed in, not from the anchor's
+    medians: the host's drift cancels for it as for the base format."""
+    events: list[str] = []
+    speeds = iter([1.0, 3.0, 1.5, 1.0])  # round 1 quick, round 2 slow, round 3 in between; read per llama.cpp run
+    factors = iter([0.5, 0.5, 0.9])  # the variant against the base format, per round (its own noise)
+
+    def ours(model, prompt, windows, steps, kv="auto"):
+        events.append(f"llmspeed {kv}")
+        k = shared["k"]
+        factor = next(factors) if kv == "fp16" else 1.0
+        return {"decode ms": 10.0 * k * factor, "decode ms, 8 sequences": 20.0 * k * factor,
+                "prefill tok/s": 600.0 / k, "MB": 538.0, "perplexity": 18.2}  # fmt: skip
+
+    def theirs(path, prompt, windows, threads, steps, extra_bufts=True):
+        events.append("llama.cpp")
+        k = shared["k"]
+        shared["k"] = next(speeds)  # the host changes speed after each round
+        return {"decode ms": 11.0 * k, "decode ms, 8 sequences": 25.0 * k, "prefill tok/s": 500.0 / k,
+                "MB": 540.0, "perplexity": 18.21}  # fmt: skip
+
+    shared = {"k": next(speeds)}
+    monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
+    monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path(f"/x/{name}.gguf"))
+    monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt: _FakeModel())
+    monkeypatch.setattr(cpu_peers, "_ids", lambda model, n: list(range(n)))
+    monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
+    monkeypatch.setattr(cpu_peers, "_llama_rows_isolated", theirs)
+    base, variant = cpu_peers.run(formats=["fp32, fp16 kv cache"], rounds=3, quick=True)
+    assert events == ["llmspeed auto", "llmspeed fp16", "llama.cpp"] * 3
+    assert base["format"] == "fp32 / F32" and variant["format"] == "fp32, fp16 kv cache (llmspeed only)"
+    assert variant["against"] == "fp32 / F32" and variant["rounds"] == 3
+    # per-round ratios 5/11, 5/11, 9/11: their median; the medians' ratio would be 13.5 / 16.5
+    assert variant["decode llmspeed / llama.cpp"] == round(5 / 11, 2)
+    assert base["decode llmspeed / llama.cpp"] == round(10 / 11, 2)
+    assert "llama.cpp decode ms" not in variant  # the anchor's own numbers are on the base row only
+
+
 class _FakeModel:
     """What run() reads of a model besides the faked measurements."""
 
