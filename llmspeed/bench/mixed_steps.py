@@ -1,11 +1,12 @@
 """Steps with a prompt chunk: the fused C++ step against the per-layer path, format by format.
 
-Under load a serving step mixes decode rows with prompt chunks. :attr:`~llmspeed.generation.fused_decode.
-FusedDecode.mixed` runs such steps through the fused C++ step where the CPU has AMX tiles (one row per
-token; its matrices as tile matmuls, fp32 and bf16 ones of 64+ rows as torch's GEMM); elsewhere, and with
-``mixed`` off, they run per layer (``model.forward_batch``: SDPA over gathered blocks, one torch op at a
-time). Each case builds a generator with ``running`` sequences decoding, then times the one step that
-also takes a new ``prompt``-token request, both ways in turn, ``reps`` times (medians).
+Under load a serving step mixes decode rows with prompt chunks. The fused C++ step runs such steps (one row
+per token; its matrices as tile matmuls where the CPU has AMX, fp32 and bf16 ones of 64+ rows as torch's
+GEMM, the rest in its row loop) where :meth:`~llmspeed.generation.fused_decode.FusedDecode.prompt_limit`
+allows; otherwise, and with ``mixed`` off, they run per layer (``model.forward_batch``: SDPA over gathered
+blocks, one torch op at a time). Each case builds a generator with ``running`` sequences decoding, then
+times the one step that also takes a new ``prompt``-token request, both ways in turn, ``reps`` times
+(medians); ``default`` is the way a generator with default settings takes.
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ import statistics
 import time
 from typing import Any
 
-from ..generation import Generator, SamplingParams, fused_decode
+from ..generation import Generator, SamplingParams
 from ..precision import cast
 from ..quant import quantize
 from .models import load_model
 
-CASES = ((0, 256), (8, 64), (16, 480))  # (running sequences, prompt tokens)
-FORMATS = ("fp32", "bf16", "int8", "int4", "nf4")
+CASES = ((0, 256), (8, 16), (8, 64), (16, 480))  # (running sequences, prompt tokens)
+FORMATS = ("fp32", "bf16", "int8", "int8, int8 activations", "int4", "int4, int8 activations", "nf4")
+
+
+def default_path(model, rows: int) -> str:
+    """``"fused"`` or ``"per-layer"``: how a generator with default settings runs a ``rows``-row prompt step."""
+    fused = Generator(model, kv_cache_tokens=64, progress=False).runner.fused
+    return "fused" if fused is not None and rows <= fused.prompt_limit() else "per-layer"
 
 
 def step_ms(model, running: int, prompt: int, mixed: bool) -> tuple[float, str]:
@@ -53,7 +60,8 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         if fmt == "bf16":
             cast(m, "bf16")
         elif fmt != "fp32":
-            quantize(m, fmt)
+            base, *options = fmt.split(", ")
+            quantize(m, base, activations="int8" if "int8 activations" in options else "float")
         for running, prompt in cases:
             step_ms(m, running, prompt, False)  # warm: kernel builds, allocator, timed kernel choices
             step_ms(m, running, prompt, True)
@@ -66,6 +74,6 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             out.append({"table": "steps with a prompt chunk", "format": fmt, "running": running,
                         "prompt tokens": prompt, "per-layer ms": round(g, 1), "fused ms": round(f, 1),
                         "per-layer / fused": round(g / f, 2), "fused path": path,
-                        "default": "fused" if fused_decode.amx_available() else "per-layer"})  # fmt: skip
+                        "default": default_path(m, running + prompt)})  # fmt: skip
         del m
     return out

@@ -14,7 +14,11 @@ needs_kernel = pytest.mark.skipif(fused_decode.extension() is None, reason="no C
 def test_quick_run_times_both_paths_for_every_case():
     rows = mixed_steps.run(model="tiny-llama", quick=True, progress=False)
     assert [(r["format"], r["running"], r["prompt tokens"]) for r in rows] == [
-        ("fp32", 0, 256), ("fp32", 8, 64), ("int8", 0, 256), ("int8", 8, 64), ("nf4", 0, 256), ("nf4", 8, 64)]  # fmt: skip
+        (f, running, prompt) for f in ("fp32", "int8", "int4", "nf4") for running, prompt in ((0, 256), (8, 16))]
+    defaults = {(r["format"], r["prompt tokens"]): r["default"] for r in rows}
+    if not fused_decode.amx_available():  # what prompt_limit() takes without AMX: float models, short steps
+        assert defaults == {("fp32", 256): "fused", ("int8", 256): "per-layer", ("int4", 256): "per-layer",
+                            ("nf4", 256): "per-layer", **{(f, 16): "fused" for f in ("fp32", "int8", "int4", "nf4")}}  # fmt: skip
     for r in rows:
         assert r["per-layer ms"] > 0 and r["fused ms"] > 0
         # the ratio is of the unrounded medians; the ms columns are rounded to 0.1 ms (a tiny model's steps
