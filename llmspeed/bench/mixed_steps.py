@@ -2,8 +2,8 @@
 
 Under load a serving step mixes decode rows with prompt chunks. The fused C++ step runs such steps (one row
 per token; its matrices as tile matmuls where the CPU has AMX, fp32 and bf16 ones of 64+ rows as torch's
-GEMM, the rest in its row loop) where :meth:`~llmspeed.generation.fused_decode.FusedDecode.prompt_limit`
-allows; otherwise, and with ``mixed`` off, they run per layer (``model.forward_batch``: SDPA over gathered
+GEMM, quantized ones as the per-layer path runs them, short steps in its row loop) where
+:meth:`~llmspeed.generation.fused_decode.FusedDecode.takes_prompt` says; otherwise, and with ``mixed`` off, they run per layer (``model.forward_batch``: SDPA over gathered
 blocks, one torch op at a time). Each case builds a generator with ``running`` sequences decoding, then
 times the one step that also takes a new ``prompt``-token request, both ways in turn, ``reps`` times
 (medians); ``default`` is the way a generator with default settings takes.
@@ -20,14 +20,14 @@ from ..precision import cast
 from ..quant import quantize
 from .models import load_model
 
-CASES = ((0, 256), (8, 16), (8, 64), (16, 480))  # (running sequences, prompt tokens)
+CASES = ((0, 256), (8, 16), (8, 40), (8, 64), (16, 480))  # (running sequences, prompt tokens)
 FORMATS = ("fp32", "bf16", "int8", "int8, int8 activations", "int4", "int4, int8 activations", "nf4")
 
 
 def default_path(model, rows: int) -> str:
     """``"fused"`` or ``"per-layer"``: how a generator with default settings runs a ``rows``-row prompt step."""
     fused = Generator(model, kv_cache_tokens=64, progress=False).runner.fused
-    return "fused" if fused is not None and rows <= fused.prompt_limit() else "per-layer"
+    return "fused" if fused is not None and fused.takes_prompt(rows) else "per-layer"
 
 
 def step_ms(model, running: int, prompt: int, mixed: bool) -> tuple[float, str]:

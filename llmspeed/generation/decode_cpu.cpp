@@ -16,6 +16,8 @@
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 #include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
 #include "q4_int8.h"  // int8 activations (act_quant) and the int4 / int8 x int8 dot products (VNNI, AVX2)
+#include "q4_panels.h"  // int4 x int8 activations for prompt-sized steps (AVX2 without VNNI)
+#include "dequant_rows.h"  // packed rows widened to fp32 for the GEMM of prompt-sized steps
 #include "cpu_vec.h"  // widening loads (fp32 / bf16 / fp16 / int8 to fp32 registers)
 #include "paged_attention.h"  // Step and attend_cached: attention over the paged KV cache
 
@@ -319,7 +321,7 @@ ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, const Linear& l) {
 }
 
 // From this many rows (a step with prompt chunks) fp32 and bf16 matrices run as torch's GEMM (MKL / oneDNN on
-// x86). For fp32 that was as fast as the AMX tiles' three-product split up to 256 rows and faster beyond; for
+// x86), and quantized ones as quant_gemm where AMX tiles do not run them. For fp32 that was as fast as the AMX tiles' three-product split up to 256 rows and faster beyond; for
 // bf16, oneDNN's single bf16 product took 0.6-0.75x the time of the tiles' two (hi + lo of x).
 constexpr int64_t TORCH_GEMM_ROWS = 64;
 
@@ -331,6 +333,25 @@ bool g_upcast_bf16 = false;
 // cache and the buffer is reused
 constexpr int64_t UPCAST_BLOCK_BYTES = 1 << 22;
 
+// y [M, N] = x [M, K] @ w^T for a weight widened to fp32 a block of rows at a time: widen(n0, r, out) writes
+// rows n0..n0 + r as fp32 [r, width] (width >= K: 4-bit rows are padded to whole groups), then torch's GEMM.
+template <typename Widen>
+void block_gemm(const float* x, int64_t M, int64_t K, const Linear& l, int64_t width, Widen widen) {
+  auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, f32);
+  at::Tensor yt = torch::from_blob(l.y, {M, l.N}, f32);
+  const int64_t rows = std::max<int64_t>(1, UPCAST_BLOCK_BYTES / (4 * width));
+  at::Tensor block = at::empty({std::min(rows, l.N), width}, f32);  // [r, width]
+  for (int64_t n0 = 0; n0 < l.N; n0 += rows) {
+    const int64_t r = std::min(rows, l.N - n0);
+    widen(n0, r, block.data_ptr<float>());
+    at::Tensor b = block.narrow(0, 0, r).narrow(1, 0, K);  // [r, K]
+    if (r == l.N) at::mm_out(yt, xt, b.t());
+    else yt.narrow(1, n0, r).copy_(at::mm(xt, b.t()));  // [M, r]
+  }
+  if (l.bias) yt.add_(torch::from_blob(const_cast<float*>(l.bias), {l.N}, f32));
+}
+
 // y [M, N] = x [M, K] @ w^T (+ bias) for an fp32 or bf16 weight, through torch's GEMM. A bf16 weight either
 // multiplies x rounded to bf16 in torch's bf16 GEMM, or (g_upcast_bf16) is widened to fp32 a block of rows at
 // a time and multiplies fp32 x, as the cast model's own forward does on such CPUs.
@@ -341,16 +362,12 @@ void torch_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
   at::Tensor yt = torch::from_blob(l.y, {M, l.N}, f32);
   if (l.kind == Kind::BF16 && g_upcast_bf16) {
     at::Tensor wt = torch::from_blob(const_cast<void*>(l.w), {l.N, K}, torch::TensorOptions().dtype(torch::kBFloat16));
-    const int64_t rows = std::max<int64_t>(1, UPCAST_BLOCK_BYTES / (4 * K));
-    at::Tensor block = at::empty({std::min(rows, l.N), K}, f32);  // [r, K]
-    for (int64_t n0 = 0; n0 < l.N; n0 += rows) {
-      const int64_t r = std::min(rows, l.N - n0);
-      at::Tensor b = block.narrow(0, 0, r);  // [r, K]
-      b.copy_(wt.narrow(0, n0, r));
-      if (r == l.N) at::mm_out(yt, xt, b.t());
-      else yt.narrow(1, n0, r).copy_(at::mm(xt, b.t()));  // [M, r]
-    }
-  } else if (l.kind == Kind::BF16) {
+    block_gemm(x, M, K, l, K, [&](int64_t n0, int64_t r, float* out) {
+      torch::from_blob(out, {r, K}, f32).copy_(wt.narrow(0, n0, r));
+    });
+    return;
+  }
+  if (l.kind == Kind::BF16) {
     at::Tensor wt = torch::from_blob(const_cast<void*>(l.w), {l.N, K}, torch::TensorOptions().dtype(torch::kBFloat16));
     yt.copy_(at::mm(xt.to(torch::kBFloat16), wt.t()));
   } else {
@@ -359,17 +376,58 @@ void torch_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
   if (l.bias) yt.add_(torch::from_blob(const_cast<float*>(l.bias), {l.N}, f32));
 }
 
+// y [M, N] = x [M, K] @ dequantized w^T (+ bias) for a quantized weight of a prompt-sized step, as the per-layer
+// path runs it: int4 with int8 activations as 8-row panels of byte multiply-adds (q4_panels.h, AVX2 builds),
+// int4 / NF4 / int8 with float activations widened to fp32 a block at a time (dequant_rows.h) for torch's GEMM.
+// False for the rest (int8 with int8 activations: its integer row loop was faster at every prompt length),
+// which stay in the row loop.
+bool quant_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
+  if (l.act8) {
+#ifdef LLMSPEED_AVX2_DOT
+    if (l.kind == Kind::INT4 && l.G % ACT_BLOCK == 0) {
+      TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
+      q4_panel_gemm(x, M, K, static_cast<const uint8_t*>(l.w), l.N, l.Kp, l.G, l.scale, l.zero, l.y);
+      if (l.bias) {
+        auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+        torch::from_blob(l.y, {M, l.N}, f32).add_(torch::from_blob(const_cast<float*>(l.bias), {l.N}, f32));
+      }
+      return true;
+    }
+#endif
+    return false;
+  }
+  if (l.kind == Kind::I8) {
+    TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
+    const auto* codes = static_cast<const int8_t*>(l.w);
+    block_gemm(x, M, K, l, K, [&](int64_t n0, int64_t r, float* out) {
+      at::parallel_for(0, r, 8, [&](int64_t lo, int64_t hi) {
+        dequant_int8_rows(codes, l.scale, K, n0 + lo, n0 + hi, out + lo * K);
+      });
+    });
+    return true;
+  }
+  TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
+  const auto* codes = static_cast<const uint8_t*>(l.w);
+  block_gemm(x, M, K, l, l.Kp, [&](int64_t n0, int64_t r, float* out) {
+    at::parallel_for(0, r, 8, [&](int64_t lo, int64_t hi) {
+      dequant_4bit_rows(codes, l.scale, l.zero, l.Kp, l.G, n0 + lo, n0 + hi, out + lo * l.Kp);
+    });
+  });
+  return true;
+}
+
 // Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
 // rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
 // three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
 // tiles. In the row loop, int8 weights and int4 weights with groups of whole 32-code blocks multiply int8
 // activation codes on VNNI where the layer has int8 activations (q4_int8.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
-  if (M >= TORCH_GEMM_ROWS) {  // fp32 and bf16 weights of prompt-sized steps: torch's GEMM
+  if (M >= TORCH_GEMM_ROWS) {  // prompt-sized steps: torch's GEMM, or quant_gemm where AMX tiles will not run
+    const bool tiles = amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable();
     std::vector<Linear> rest;
     for (const auto& l : group) {
       if (l.kind == Kind::F32 || l.kind == Kind::BF16) torch_gemm(x, M, K, l);
-      else rest.push_back(l);
+      else if (tiles || !quant_gemm(x, M, K, l)) rest.push_back(l);
     }
     if (rest.empty()) return;
     group = std::move(rest);
@@ -825,6 +883,9 @@ bool upcast_bf16(bool on) {
   g_upcast_bf16 = on;
   return was;
 }
+
+// Rows from which prompt-sized steps run their matrices as GEMMs (TORCH_GEMM_ROWS), for fused_decode.py's policy.
+int64_t gemm_rows() { return TORCH_GEMM_ROWS; }
 
 // Whether the GEMV groups can run on AMX tiles in this process (a CPU and build with AMX-BF16, granted by the OS).
 bool amx_usable() { return llmspeed_amx::usable(); }

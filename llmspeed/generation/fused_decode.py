@@ -8,10 +8,9 @@ final norm and the output projection in one call, with GEMVs that stream the wei
 speed. The model's own modules provide the weights (no copy), the embedding and the rotary tables,
 so what runs is the model as it is at that step. It also runs steps with prompt chunks
 (:attr:`FusedDecode.mixed`): each token is a row that attends over its sequence's cache up to its own
-position, the matrices run as tile matmuls where the CPU has AMX, fp32 and bf16 ones as torch's GEMM
-from 64 rows (bf16 widened to fp32 where the native bf16 GEMM is slow), and only the sampled rows reach
-the output head. Without AMX, steps with prompt chunks take the fused path when the row loop was
-measured faster than the generic path's GEMMs (:func:`prompt_rows`).
+position, the matrices run as tile matmuls where the CPU has AMX, else from :func:`gemm_rows` rows as
+torch's GEMM (bf16 widened to fp32 where the native bf16 GEMM is slow), and only the sampled rows reach
+the output head; quantized matrices of prompt-sized steps run as the per-layer path runs them.
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
 ``mistral``, ``qwen2`` or ``qwen3`` (per-head q/k RMSNorm) with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
@@ -46,6 +45,8 @@ SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
 AMX_HEADER = Q4_HEADER.with_name("amx_tiles.h")  # the shared AMX tile matmul
 INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 / int8 x int8 dot products (VNNI, AVX2)
+PANELS_HEADER = Q4_HEADER.with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized steps (AVX2)
+DEQUANT_HEADER = Q4_HEADER.with_name("dequant_rows.h")  # packed rows widened to fp32 for prompt-sized GEMMs
 VEC_HEADER = SOURCE.with_name("cpu_vec.h")  # widening loads to fp32 registers
 ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention over the paged KV cache
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -56,8 +57,8 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
-                 "float_prefetch", "upcast_bf16"]
-    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, VEC_HEADER, ATTENTION_HEADER]
+                 "float_prefetch", "upcast_bf16", "gemm_rows"]
+    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER]
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
 
@@ -120,6 +121,13 @@ def _prefetch_choice(k: int) -> bool:
     return choice != "stream"
 
 
+def gemm_rows() -> int:
+    """Rows from which the fused step runs a matrix as a GEMM instead of its row loop (``TORCH_GEMM_ROWS`` of
+    ``decode_cpu.cpp``; 64), where AMX tiles do not run it; 0 without the extension."""
+    ext = extension()
+    return 0 if ext is None else int(ext.gemm_rows())
+
+
 def amx_available() -> bool:
     """Whether the fused step can run its matrices on AMX tiles here (see :attr:`FusedDecode.amx_rows`)."""
     ext = extension()
@@ -162,24 +170,6 @@ def _int8_activations(module: Any) -> bool:
     return getattr(getattr(module, "config", None), "activations", "float") == "int8"
 
 
-NO_LIMIT = 1 << 30  # a row limit that never binds
-PROMPT_ROWS = 32
-"""Without AMX, the most rows of a step with prompt chunks that the fused step takes for a model with int4 / NF4
-matrices or int8 ones with float activations (:func:`prompt_rows`)."""
-
-
-def prompt_rows(modules: list[Any]) -> int:
-    """Most rows of a step with prompt chunks that the fused step takes without AMX, for these decoder matrices.
-
-    Matrices in fp32 or bf16 run as torch's GEMM from 64 rows and int8 ones with int8 activations as the integer
-    row loop; with only those, the fused step was faster than the generic path at every prompt length measured
-    (8 to 256 tokens of SmolLM2 on the 2-core Zen 3: 0.26-0.9x its time; no Python between layers, no
-    separate elementwise passes). 4-bit matrices and int8 ones with float activations run the row loop in
-    float, which reads each weight row for every few rows of x: faster up to 32 rows (0.6-0.8x), slower
-    from 64 (1.15x for int4) than the generic path's dequantize + GEMM (docs/kernels.md).
-    """
-    fast = all(type(m) is nn.Linear or (_int8_activations(m) and m.qweight.dtype == torch.int8) for m in modules)
-    return NO_LIMIT if fast else PROMPT_ROWS
 
 
 def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -303,7 +293,6 @@ class _Snapshot:
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.weights: list[torch.Tensor] = []
         act8: list[bool] = []  # per matrix (layer by layer, _MATRICES order), then the head
-        matrices: list[nn.Module] = []  # the decoder's matrices (LoRA wrappers unwrapped)
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
@@ -319,7 +308,6 @@ class _Snapshot:
                     module = module.base_layer
                 parts[name] = self._read(module)
                 act8.append(_int8_activations(module))
-                matrices.append(module)
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
@@ -335,7 +323,6 @@ class _Snapshot:
         act8.append(_int8_activations(hf.lm_head))
         self.act8 = torch.tensor(act8) if any(act8) else torch.empty(0, dtype=torch.bool)  # [layers * 7 + 1]
         self.norm = _f32(body.norm.weight)
-        self.prompt_rows = prompt_rows(matrices)
         self._stack_adapters(body)
         # read once: what the step needs from the model besides tensors (its structure is checked each step)
         self.num_heads = hf.config.get_text_config().num_attention_heads
@@ -440,7 +427,7 @@ class FusedDecode:
             the step reads (:mod:`.fused_lora`).
         mixed: Whether steps with prompt chunks run here too. Default (``None``): every one where the CPU
             has AMX tiles (:func:`amx_available`), which make a prompt's matrices tile matmuls; without them,
-            steps of up to :func:`prompt_rows` rows for the model's matrices (:meth:`prompt_limit`).
+            the steps :meth:`takes_prompt` says.
     """
 
     def __init__(self, model, cache: PagedKVCache, max_rows: int | None = None, amx_rows: int = AMX_ROWS,
@@ -474,13 +461,19 @@ class FusedDecode:
         cos, sin = rotary(emb[None], positions[None])  # [1, n, D] each
         return cos[0].float().contiguous(), sin[0].float().contiguous()
 
-    def prompt_limit(self) -> int:
-        """Most rows of a step with prompt chunks that runs here: :data:`NO_LIMIT` (``mixed=True``, or AMX),
-        0 (``mixed=False``, or an unsupported model), else the model's :func:`prompt_rows`."""
-        if self.mixed is not None or self.amx:
-            return 0 if self.mixed is False else NO_LIMIT
-        snap = None if self.ext is None else self._current()
-        return 0 if snap is None else snap.prompt_rows
+    def takes_prompt(self, rows: int) -> bool:
+        """Whether a step with prompt chunks and ``rows`` rows runs here.
+
+        ``mixed`` decides when set. By default every such step runs here where the CPU has AMX tiles;
+        elsewhere the steps of up to :attr:`max_rows` rows (the row loop's limit, as for decode steps) and
+        those of at least :func:`gemm_rows` rows, whose matrices run as the per-layer path runs them (torch's
+        GEMM over fp32, widened bf16 or dequantized blocks; int4 with int8 activations in byte-product
+        panels) without the Python between layers. On the 2-core Zen 3 (AVX2, no AMX) the fused step took
+        0.26-0.92x the per-layer path's time for every format from 8 to 496 rows (docs/batching.md).
+        """
+        if self.mixed is not None:
+            return self.mixed
+        return self.amx or rows <= self.max_rows or rows >= gemm_rows()
 
     def _current(self) -> _Snapshot | None:
         snap = self._snapshot
@@ -494,13 +487,13 @@ class FusedDecode:
     def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [r, vocab]
         """Logits of the sampled rows (``step.rows``) of a :class:`~.runner.StepInput`, or ``None`` when the
         generic path must run it: the model is unsupported, a decode-only step has more than :attr:`max_rows`
-        rows, or the step has prompt chunks and has more rows than :meth:`prompt_limit`.
+        rows, or the step has prompt chunks and does not run here (:meth:`takes_prompt`).
 
         ``adapters``: each sequence's LoRA adapter name; a sequence without one (``None``, or ``adapters=None``
         for all) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic path does.
         """
         decode = step.decode_only
-        if (decode and len(step.ids) > self.max_rows) or (not decode and len(step.ids) > self.prompt_limit()):
+        if (decode and len(step.ids) > self.max_rows) or (not decode and not self.takes_prompt(len(step.ids))):
             return None
         snap = None if self.ext is None else self._current()
         if snap is None:

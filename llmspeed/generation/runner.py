@@ -6,7 +6,7 @@ adapters), built once by the generator; the runner picks how to run it:
 * ``"cuda graph"``: decode-only steps on CUDA replay a captured graph (:mod:`.cuda_graphs`);
 * ``"fused cpu"`` / ``"fused cpu mixed"``: decode-only steps of Llama-family models on the CPU run as one C++
   call (:mod:`.fused_decode`), and so do steps with prompt chunks where it is the faster path
-  (:meth:`.fused_decode.FusedDecode.prompt_limit`);
+  (:meth:`.fused_decode.FusedDecode.takes_prompt`);
 * ``"decode"`` / ``"mixed"``: ``model.forward_batch`` with a :class:`~.kv_cache.PagedAttention`
   (SDPA over gathered blocks, or the Triton kernels of :mod:`.triton_attention` on CUDA).
 """
@@ -115,11 +115,15 @@ class ModelRunner:
         """Which attention kernels steps use: the per-layer path's, and the fused CPU step's where it runs."""
         if self.fused is None:
             return self.per_layer_attention
-        from .fused_decode import NO_LIMIT
+        from .fused_decode import gemm_rows
 
-        limit = self.fused.prompt_limit()
-        rows = {0: "decode rows", NO_LIMIT: "decode rows and prompt chunks"}.get(
-            limit, f"decode rows, and prompt chunks in steps of up to {limit} rows")
+        fused = self.fused
+        if fused.mixed is False:
+            rows = "decode rows"
+        elif fused.mixed or fused.amx or fused.max_rows + 1 >= gemm_rows():
+            rows = "decode rows and prompt chunks"
+        else:
+            rows = f"decode rows, and prompt chunks in steps of up to {fused.max_rows} or from {gemm_rows()} rows"
         return f"{self.per_layer_attention}; fused cpu steps: C++ paged attention for {rows}"
 
     def _setup_attention(self, spec: Any, wanted: str) -> str:

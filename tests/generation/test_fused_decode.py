@@ -250,33 +250,38 @@ def test_mixed_steps_stay_generic_when_turned_off_and_bad_values_are_refused():
     cache = PagedKVCache(model.spec, 64, 4)
     first, _ = _mixed_steps(4)
     assert fused_decode.FusedDecode(model, cache, mixed=False).run(first) is None
-    assert fused_decode.FusedDecode(model, cache, mixed=False).prompt_limit() == 0
-    assert fused_decode.FusedDecode(model, cache, mixed=True).prompt_limit() == fused_decode.NO_LIMIT
+    assert not any(fused_decode.FusedDecode(model, cache, mixed=False).takes_prompt(n) for n in (1, 30, 500))
+    assert all(fused_decode.FusedDecode(model, cache, mixed=True, max_rows=4).takes_prompt(n) for n in (1, 30, 500))
     with pytest.raises(ValueError, match="mixed must be None, True or False; got 'yes'"):
         fused_decode.FusedDecode(model, cache, mixed="yes")
 
 
-@pytest.mark.parametrize("fmt, options, limit", [
-    (None, {}, fused_decode.NO_LIMIT),
-    ("bf16", {}, fused_decode.NO_LIMIT),
-    ("int8", {"activations": "int8"}, fused_decode.NO_LIMIT),
-    ("int8", {}, fused_decode.PROMPT_ROWS),
-    ("int4", {"group_size": 32}, fused_decode.PROMPT_ROWS),
-    ("int4", {"group_size": 32, "activations": "int8"}, fused_decode.PROMPT_ROWS),
+@pytest.mark.parametrize("fmt, options", [
+    (None, {}), ("bf16", {}), ("int8", {}), ("int8", {"activations": "int8"}), ("nf4", {"group_size": 32}),
+    ("int4", {"group_size": 32}), ("int4", {"group_size": 32, "activations": "int8"}),
 ])  # fmt: skip
-def test_without_amx_the_default_takes_prompt_steps_where_the_row_loop_was_measured_faster(fmt, options, limit):
-    """``mixed=None`` on a CPU without AMX: any step of a model whose matrices are float or int8 with int8
-    activations; steps of up to ``PROMPT_ROWS`` rows otherwise (longer ones return None: the generic path)."""
+def test_without_amx_prompt_steps_run_fused_up_to_the_row_loop_limit_and_from_the_gemm_rows(fmt, options):
+    """``mixed=None`` without AMX: steps of up to ``max_rows`` rows (the row loop's limit) and of at least
+    ``gemm_rows()`` rows (GEMMs, dequantized blocks or byte-product panels) run fused; the ones between and
+    any step with AMX tiles follow the rule too, and the logits of a GEMM-sized step match the generic path."""
     model = llmspeed.models.tiny("llama", seed=4, dtype=torch.bfloat16 if fmt == "bf16" else torch.float32)
     if fmt in llmspeed.quant.FORMATS:
-        model = llmspeed.quantize(model, fmt, **options)
-    fused = fused_decode.FusedDecode(model, PagedKVCache(model.spec, 64, 4))
-    fused.amx = False
-    assert fused.prompt_limit() == limit
+        model = llmspeed.quantize(model, fmt, skip=[], **options)
+    gemm = fused_decode.gemm_rows()
+    assert gemm == 64
     ids = list(range(1, 200))
-    for rows in (fused_decode.PROMPT_ROWS, fused_decode.PROMPT_ROWS + 1, 150):
-        step = StepInput.build([(list(range(40)), 0, rows, ids[:rows], True, None)], 4)
-        assert (fused.run(step) is not None) == (rows <= limit), rows
+    for max_rows, runs in ((1 << 30, {12: True, 40: True, 64: True, 150: True}),
+                           (12, {12: True, 13: False, 63: False, 64: True, 150: True})):  # fmt: skip
+        fused = fused_decode.FusedDecode(model, PagedKVCache(model.spec, 64, 4), max_rows=max_rows)
+        fused.amx = False
+        for rows, expected in runs.items():
+            step = StepInput.build([(list(range(40)), 0, rows, ids[:rows], True, None)], 4)
+            got = fused.run(step)
+            assert (got is not None) == expected == fused.takes_prompt(rows), (max_rows, rows)
+            if got is not None and rows == 150:
+                ref = _generic_step(model, PagedKVCache(model.spec, 64, 4), step)
+                tolerance = ACT8_LOGIT_TOLERANCE if options.get("activations") == "int8" else LOGIT_TOLERANCE[model.spec.dtype]
+                assert (got - ref).abs().max() / ref.abs().max() < tolerance
 
 
 def test_bf16_prompt_matrices_widened_to_fp32_compute_the_fp32_product_of_the_bf16_weights():
@@ -574,10 +579,9 @@ def test_attention_status_names_the_fused_steps_attention_and_follows_mixed():
     gen.runner.fused.mixed = False
     assert gen.attention_status.endswith("for decode rows")
     gen.runner.fused.mixed, gen.runner.fused.amx = None, False
-    assert gen.attention_status.endswith("decode rows and prompt chunks")  # a float model: every prompt step
-    int4 = Generator(llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=32), progress=False)
-    int4.runner.fused.amx = False
-    assert int4.attention_status.endswith(f"prompt chunks in steps of up to {fused_decode.PROMPT_ROWS} rows")
+    assert gen.attention_status.endswith("decode rows and prompt chunks")  # no row limit: every prompt step
+    gen.runner.fused.max_rows = 12  # as on AVX-512 CPUs without AMX
+    assert gen.attention_status.endswith("prompt chunks in steps of up to 12 or from 64 rows")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 HEADER = Path(__file__).with_name("q4_tiles.h")  # shared with the fused decode step
 INT8_HEADER = Path(__file__).with_name("q4_int8.h")  # int8 activations, shared with the fused decode step
 PANELS_HEADER = Path(__file__).with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized M (AVX2)
+DEQUANT_HEADER = Path(__file__).with_name("dequant_rows.h")  # packed rows widened to fp32, shared with the fused step
 DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations", "dequantize_4bit",
               "dequantize_int8", "int4_matmul_i8", "panel_gemm_built"]
@@ -35,7 +36,7 @@ compiler = cpp_build.compiler
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER])
+    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER, DEQUANT_HEADER])
 
 
 def extension() -> Any:

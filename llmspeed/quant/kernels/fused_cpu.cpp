@@ -5,6 +5,7 @@
 #include "q4_tiles.h"  // NF4, hsum, deinterleave, group_sums, q4_tile (shared with the fused decode step)
 #include "q4_int8.h"   // int8 activations: act_round (shared with the fused decode step)
 #include "q4_panels.h"  // int4 x int8 activations for prompt-sized M (AVX2 without VNNI)
+#include "dequant_rows.h"  // packed rows widened to fp32 (shared with the fused decode step)
 
 
 // ---------------------------------------------------------------- int8, per-row scale
@@ -141,9 +142,8 @@ torch::Tensor quantize_activations(torch::Tensor x) {
 }
 
 // ---------------------------------------------------------------- dequantize (for the fp32 GEMM of long prompts)
-// The rows of a packed 4-bit weight as fp32 [R, Kp] in one pass: int4 (c - z) * s, NF4 NF4[c] * s (zeros
-// empty), the same fp32 operations as primitives.dequantize_int4 / dequantize_nf4, so the same bits. Groups
-// of G % 16 == 0; each 8 bytes (16 codes, one group) widen to fp32 in registers with AVX2.
+// The rows of a packed 4-bit weight as fp32 [R, Kp] in one pass (dequant_rows.h): int4 (c - z) * s, NF4
+// NF4[c] * s (zeros empty), the same bits as primitives.dequantize_int4 / dequantize_nf4.
 torch::Tensor dequantize_4bit(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t G) {
   const bool nf = zeros.numel() == 0;
   TORCH_CHECK(qweight.scalar_type() == torch::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
@@ -160,40 +160,7 @@ torch::Tensor dequantize_4bit(torch::Tensor qweight, torch::Tensor scales, torch
   const float* sc = scales.data_ptr<float>();
   const float* ze = nf ? nullptr : zeros.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, R, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        const float s = sc[r * groups + g], z = nf ? 0.f : ze[r * groups + g];
-        const uint8_t* p = q + r * (Kp / 2) + g * (G / 2);
-        float* y = o + r * Kp + g * G;
-        int64_t j = 0;
-#ifdef __AVX2__
-        const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
-        const __m256 cb0 = _mm256_loadu_ps(NF4), cb1 = _mm256_loadu_ps(NF4 + 8);
-        const __m128i nib = _mm_set1_epi8(0x0F);
-        for (; j < G / 2; j += 8, y += 16) {
-          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j));
-          const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-          for (int h = 0; h < 2; ++h) {
-            const __m256i c = _mm256_cvtepu8_epi32(h == 0 ? codes : _mm_srli_si128(codes, 8));
-            __m256 v;
-            if (nf) {
-              const __m256 hi8 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // sign bit: code >= 8
-              v = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(cb0, c), _mm256_permutevar8x32_ps(cb1, c), hi8), sv);
-            } else {
-              v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zv), sv);
-            }
-            _mm256_storeu_ps(y + 8 * h, v);
-          }
-        }
-#endif
-        for (; j < G / 2; ++j, y += 2) {
-          const int c0 = p[j] & 0x0F, c1 = p[j] >> 4;
-          y[0] = nf ? NF4[c0] * s : (static_cast<float>(c0) - z) * s;
-          y[1] = nf ? NF4[c1] * s : (static_cast<float>(c1) - z) * s;
-        }
-      }
-  });
+  at::parallel_for(0, R, 8, [&](int64_t lo, int64_t hi) { dequant_4bit_rows(q, sc, ze, Kp, G, lo, hi, o + lo * Kp); });
   return out;
 }
 
@@ -208,10 +175,7 @@ torch::Tensor dequantize_int8(torch::Tensor codes, torch::Tensor scales) {
   const int8_t* c = codes.data_ptr<int8_t>();
   const float* sc = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, R, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r)
-      for (int64_t k = 0; k < K; ++k) o[r * K + k] = static_cast<float>(c[r * K + k]) * sc[r];
-  });
+  at::parallel_for(0, R, 8, [&](int64_t lo, int64_t hi) { dequant_int8_rows(c, sc, K, lo, hi, o + lo * K); });
   return out;
 }
 
