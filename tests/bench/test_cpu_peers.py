@@ -75,12 +75,7 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
                 "MB": 540.0, "perplexity": 18.21}  # fmt: skip
 
     shared: dict[str, float] = {}
-    monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
-    monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path(f"/x/{name}.gguf"))
-    monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt: _FakeModel())
-    monkeypatch.setattr(cpu_peers, "_ids", lambda model, n: list(range(n)))
-    monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
-    monkeypatch.setattr(cpu_peers, "_llama_rows_isolated", theirs)
+    _fake_systems(monkeypatch, ours, theirs)
     (row,) = cpu_peers.run(formats=["fp32"], rounds=3, quick=True)
     # the crash is retried without extra buffer types once, and the later rounds start there
     assert events == ["llmspeed", "llama.cpp extra_bufts=True", "llama.cpp extra_bufts=False",
@@ -115,12 +110,7 @@ def test_variants_are_paired_with_the_anchor_of_their_own_round(monkeypatch):
                 "MB": 540.0, "perplexity": 18.21}  # fmt: skip
 
     shared = {"k": next(speeds)}
-    monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
-    monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path(f"/x/{name}.gguf"))
-    monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt: _FakeModel())
-    monkeypatch.setattr(cpu_peers, "_ids", lambda model, n: list(range(n)))
-    monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
-    monkeypatch.setattr(cpu_peers, "_llama_rows_isolated", theirs)
+    _fake_systems(monkeypatch, ours, theirs)
     base, variant = cpu_peers.run(formats=["fp32, fp16 kv cache"], rounds=3, quick=True)
     assert events == ["llmspeed auto", "llmspeed fp16", "llama.cpp"] * 3
     assert base["format"] == "fp32 / F32" and variant["format"] == "fp32, fp16 kv cache (llmspeed only)"
@@ -129,6 +119,16 @@ def test_variants_are_paired_with_the_anchor_of_their_own_round(monkeypatch):
     assert variant["decode llmspeed / llama.cpp"] == round(5 / 11, 2)
     assert base["decode llmspeed / llama.cpp"] == round(10 / 11, 2)
     assert "llama.cpp decode ms" not in variant  # the anchor's own numbers are on the base row only
+
+
+def _fake_systems(monkeypatch, ours, theirs):
+    """run() with ``ours`` and ``theirs`` as the two systems' measurements, no model, GGUF or llama.cpp."""
+    monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
+    monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path(f"/x/{name}.gguf"))
+    monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt: _FakeModel())
+    monkeypatch.setattr(cpu_peers, "_ids", lambda model, n: list(range(n)))
+    monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
+    monkeypatch.setattr(cpu_peers, "_llama_rows_isolated", theirs)
 
 
 class _FakeModel:
