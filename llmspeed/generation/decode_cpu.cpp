@@ -321,17 +321,18 @@ ActChunks vnni_chunks(const float* x, int64_t M, int64_t K, const Linear& l) {
 }
 
 // From this many rows (a step with prompt chunks) fp32 and bf16 matrices run as torch's GEMM (MKL / oneDNN on
-// x86), and quantized ones as quant_gemm where AMX tiles do not run them. For fp32 that was as fast as the AMX tiles' three-product split up to 256 rows and faster beyond; for
-// bf16, oneDNN's single bf16 product took 0.6-0.75x the time of the tiles' two (hi + lo of x).
+// x86), and quantized ones as quant_gemm where AMX tiles do not run them. For fp32 that was as fast as the
+// AMX tiles' three-product split up to 256 rows and faster beyond; for bf16, oneDNN's single bf16 product took
+// 0.6-0.75x the time of the tiles' two (hi + lo of x).
 constexpr int64_t TORCH_GEMM_ROWS = 64;
 
 // Whether torch_gemm widens bf16 weights to fp32 and runs the fp32 GEMM (CPUs without fast bf16 GEMM, where
 // llmspeed.precision.cpu_matmul.crossover finds the widened product faster) instead of the native bf16 one.
 bool g_upcast_bf16 = false;
 
-// fp32 bytes of bf16 weight widened per block: as llmspeed.precision.cpu_matmul.BLOCK_BYTES, a block stays in
-// cache and the buffer is reused
-constexpr int64_t UPCAST_BLOCK_BYTES = 1 << 22;
+// fp32 bytes of weight widened (bf16) or dequantized per block: as llmspeed.precision.cpu_matmul.BLOCK_BYTES, a
+// block stays in cache and the buffer is reused
+constexpr int64_t WIDEN_BLOCK_BYTES = 1 << 22;
 
 // y [M, N] = x [M, K] @ w^T for a weight widened to fp32 a block of rows at a time: widen(n0, r, out) writes
 // rows n0..n0 + r as fp32 [r, width] (width >= K: 4-bit rows are padded to whole groups), then torch's GEMM.
@@ -340,7 +341,7 @@ void block_gemm(const float* x, int64_t M, int64_t K, const Linear& l, int64_t w
   auto f32 = torch::TensorOptions().dtype(torch::kFloat);
   at::Tensor xt = torch::from_blob(const_cast<float*>(x), {M, K}, f32);
   at::Tensor yt = torch::from_blob(l.y, {M, l.N}, f32);
-  const int64_t rows = std::max<int64_t>(1, UPCAST_BLOCK_BYTES / (4 * width));
+  const int64_t rows = std::max<int64_t>(1, WIDEN_BLOCK_BYTES / (4 * width));
   at::Tensor block = at::empty({std::min(rows, l.N), width}, f32);  // [r, width]
   for (int64_t n0 = 0; n0 < l.N; n0 += rows) {
     const int64_t r = std::min(rows, l.N - n0);

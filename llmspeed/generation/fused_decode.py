@@ -170,8 +170,6 @@ def _int8_activations(module: Any) -> bool:
     return getattr(getattr(module, "config", None), "activations", "float") == "int8"
 
 
-
-
 def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(weight, scale, zero)`` the C++ step reads for a linear that :func:`_fusable` accepts.
 
