@@ -473,6 +473,14 @@ class FusedDecode:
             return self.mixed
         return self.amx or rows <= self.max_rows or rows >= gemm_rows()
 
+    def rows_taken(self) -> str:
+        """Which rows the fused step takes, in words (:meth:`takes_prompt`'s rule, for status lines)."""
+        if self.mixed is False:
+            return "decode rows"
+        if self.mixed or self.amx or self.max_rows + 1 >= gemm_rows():
+            return "decode rows and prompt chunks"
+        return f"decode rows, and prompt chunks in steps of up to {self.max_rows} or from {gemm_rows()} rows"
+
     def _current(self) -> _Snapshot | None:
         snap = self._snapshot
         if snap is not None and snap.valid():

@@ -115,16 +115,7 @@ class ModelRunner:
         """Which attention kernels steps use: the per-layer path's, and the fused CPU step's where it runs."""
         if self.fused is None:
             return self.per_layer_attention
-        from .fused_decode import gemm_rows
-
-        fused = self.fused
-        if fused.mixed is False:
-            rows = "decode rows"
-        elif fused.mixed or fused.amx or fused.max_rows + 1 >= gemm_rows():
-            rows = "decode rows and prompt chunks"
-        else:
-            rows = f"decode rows, and prompt chunks in steps of up to {fused.max_rows} or from {gemm_rows()} rows"
-        return f"{self.per_layer_attention}; fused cpu steps: C++ paged attention for {rows}"
+        return f"{self.per_layer_attention}; fused cpu steps: C++ paged attention for {self.fused.rows_taken()}"
 
     def _setup_attention(self, spec: Any, wanted: str) -> str:
         self.decode_kernel: Any = None
