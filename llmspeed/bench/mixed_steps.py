@@ -3,16 +3,18 @@
 Under load a serving step mixes decode rows with prompt chunks. The fused C++ step runs such steps (one row
 per token; its matrices as tile matmuls where the CPU has AMX, fp32 and bf16 ones of 64+ rows as torch's
 GEMM, quantized ones as the per-layer path runs them, short steps in its row loop) where
-:meth:`~llmspeed.generation.fused_decode.FusedDecode.takes_prompt` says; otherwise, and with ``mixed`` off, they run per layer (``model.forward_batch``: SDPA over gathered
-blocks, one torch op at a time). Each case builds a generator with ``running`` sequences decoding, then
-times the one step that also takes a new ``prompt``-token request, both ways in turn, ``reps`` times
-(medians); ``default`` is the way a generator with default settings takes.
+:meth:`~llmspeed.generation.fused_decode.FusedDecode.takes_prompt` says; otherwise, and with ``mixed``
+off, they run per layer (``model.forward_batch``: SDPA over gathered blocks, one torch op at a time).
+Each case builds a generator with ``running`` sequences decoding, then times the one step that also takes
+a new ``prompt``-token request, both ways in turn, ``reps`` times (medians); ``default`` is the way a
+generator with default settings takes.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..generation import Generator, SamplingParams
@@ -24,10 +26,10 @@ CASES = ((0, 256), (8, 16), (8, 40), (8, 64), (16, 480))  # (running sequences, 
 FORMATS = ("fp32", "bf16", "int8", "int8, int8 activations", "int4", "int4, int8 activations", "nf4")
 
 
-def default_path(model, rows: int) -> str:
-    """``"fused"`` or ``"per-layer"``: how a generator with default settings runs a ``rows``-row prompt step."""
+def default_paths(model) -> Callable[[int], str]:
+    """``rows -> "fused" | "per-layer"``: how a generator with default settings runs a prompt step of ``rows`` rows."""
     fused = Generator(model, kv_cache_tokens=64, progress=False).runner.fused
-    return "fused" if fused is not None and fused.takes_prompt(rows) else "per-layer"
+    return lambda rows: "fused" if fused is not None and fused.takes_prompt(rows) else "per-layer"
 
 
 def step_ms(model, running: int, prompt: int, mixed: bool) -> tuple[float, str]:
@@ -62,6 +64,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         elif fmt != "fp32":
             base, *options = fmt.split(", ")
             quantize(m, base, activations="int8" if "int8 activations" in options else "float")
+        default = default_paths(m)  # one generator per format, not per case
         for running, prompt in cases:
             step_ms(m, running, prompt, False)  # warm: kernel builds, allocator, timed kernel choices
             step_ms(m, running, prompt, True)
@@ -74,6 +77,6 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             out.append({"table": "steps with a prompt chunk", "format": fmt, "running": running,
                         "prompt tokens": prompt, "per-layer ms": round(g, 1), "fused ms": round(f, 1),
                         "per-layer / fused": round(g / f, 2), "fused path": path,
-                        "default": default_path(m, running + prompt)})  # fmt: skip
+                        "default": default(running + prompt)})  # fmt: skip
         del m
     return out
