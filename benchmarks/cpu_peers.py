@@ -1,6 +1,6 @@
 """CPU inference against llama.cpp (llama-cpp-python), format by format, on the same SmolLM2 weights.
 
-flock /tmp/llmspeed-cpu.lock python benchmarks/cpu_peers.py [--quick] [--rounds N] [--formats int4 "int4, awq+gptq, ..."]
+flock /tmp/llmspeed-cpu.lock python benchmarks/cpu_peers.py [--quick] [--rounds N] [--interleave BLOCKS] [--formats int4 "int4, awq+gptq, ..."]
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate each format's llmspeed and llama.cpp measurements this many times; "
                              "report medians and the median of the rounds' ratios (a shared host's drift)")
+    parser.add_argument("--interleave", type=int, default=None,
+                        help="blocks of the one-sequence decode column timed between llama.cpp's blocks "
+                             "(default 12, 4 with --quick; 0: none)")
     args = parser.parse_args()
-    rows = run(quick=args.quick, formats=args.formats, rounds=args.rounds)
+    rows = run(quick=args.quick, formats=args.formats, rounds=args.rounds, interleave=args.interleave)
     print(markdown_table([{k: v for k, v in r.items() if k != "table"} for r in rows]))
 
 

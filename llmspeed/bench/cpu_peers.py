@@ -10,7 +10,9 @@ in fp32, bf16, int8 and int4 g64. Both use the same number of threads.
 Per format: the batch-1 decode step at a 128-token context (median of ``steps``), the prompt
 evaluation of 256 tokens from a fresh state (tok/s, median of ``PREFILL_RUNS`` after a warm-up), the bytes of the weights, and the
 perplexity of both on the same pydoc evaluation windows (llama.cpp scores them with ``logits_all``).
-Both also report the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
+A last column times the one-sequence decode steps of the two systems interleaved, blocks of a few
+steps at a time (:func:`paired_blocks`), for hosts whose speed changes within a round. Both also report
+the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
 slot per prompt). Variants only llmspeed has (an int8 output head, whose rows the tied input embedding then
 reads, so the fp32 matrix is gone from ``MB``; int8 activations; AWQ+GPTQ calibration
 with its default text) are compared with the llama.cpp row of their base format, measured in the same
@@ -21,10 +23,12 @@ buffer types, and its row says so.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,10 @@ FORMATS: dict[str, tuple[str, int] | str] = {
 }  # fmt: skip
 SEQS = 8  # sequences of the batched decode rows
 PREFILL_RUNS = 5  # timed 256-token prompts per system, after one warm-up; the table takes their median
+PREFIX = 128  # prompt tokens prefilled before the decode steps of both systems (the decode context)
+BLOCKS = 12  # default blocks of the interleaved one-sequence decode column (4 with quick)
+BLOCK_STEPS = 8  # decode steps a block; each block is summarized by its median step
+SETTLE_S = 0.02  # pause before each block of the interleaved column
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
 
 
@@ -102,25 +110,33 @@ def _prefill_rate(ready: Callable[[], Callable[[], Any]]) -> float:
     return statistics.median(rates)
 
 
+def _without_extra_bufts() -> None:
+    """Load llama.cpp models without its extra buffer types from now on, in this (child) process.
+
+    ``Llama()`` takes no such argument: this patches the model defaults it and the batch API start from.
+    """
+    import llama_cpp
+
+    defaults = llama_cpp.llama_model_default_params
+
+    def without_extra_bufts():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = without_extra_bufts
+    llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
+
+
 def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
                 extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
     """llama.cpp's decode, prefill, file size and perplexity. ``extra_bufts=False`` loads the weights without
     llama.cpp's extra buffer types (its AMX and repacked-tile weight layouts), for builds whose AMX path crashes."""
-    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
-    if not extra_bufts:  # Llama() takes no such argument: patch the defaults it starts from (a child process)
-        defaults = llama_cpp.llama_model_default_params
-
-        def without_extra_bufts():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama_model_default_params = without_extra_bufts
-        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
-
+    if not extra_bufts:
+        _without_extra_bufts()
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)  # fmt: skip
 
@@ -130,14 +146,14 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
 
     prefill = _prefill_rate(ready)
     llm.reset()
-    llm.eval(prompt[:128])
+    llm.eval(prompt[:PREFIX])
     decode = []
-    for token in prompt[128 : 128 + steps]:
+    for token in prompt[PREFIX : PREFIX + steps]:
         start = time.perf_counter()
         llm.eval([token])
         decode.append((time.perf_counter() - start) * 1e3)
     del llm
-    decode8 = _llama_decode_rows(path, [prompt[i : i + 128] for i in range(SEQS)], prompt[128:], threads, steps)
+    decode8 = _llama_decode_rows(path, [prompt[i : i + PREFIX] for i in range(SEQS)], prompt[PREFIX:], threads, steps)
     scorer = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                    logits_all=True, verbose=False)  # fmt: skip
     losses = []
@@ -154,9 +170,19 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
 def _llama_decode_rows(path: Path, prompts: list[list[int]], tokens: list[int], threads: int, steps: int) -> float:
     """Median ms of llama.cpp decode steps with ``len(prompts)`` sequences running, one token each per step.
 
-    llama-cpp-python's ``Llama`` decodes one sequence, so this drives llama.cpp's own batch API: one context
-    with a sequence slot per prompt, all prompts prefilled, then batches of one token per sequence (the
-    model defaults as patched by the caller, so a run without extra buffer types stays without them).
+    llama-cpp-python's ``Llama`` decodes one sequence, so this drives llama.cpp's own batch API
+    (:func:`_llama_steps`).
+    """
+    with closing(_llama_steps(path, prompts, tokens, threads)) as times:
+        return statistics.median(next(times) for _ in range(steps))
+
+
+def _llama_steps(path: Path, prompts: list[list[int]], tokens: list[int], threads: int) -> Iterator[float]:
+    """The ms of each llama.cpp decode step, one token per sequence, with ``len(prompts)`` sequences running.
+
+    One context with a sequence slot per prompt, all prompts prefilled before the first step; step ``i``
+    feeds ``tokens[i + s]`` to sequence ``s``. The model loads with the defaults as patched by the caller, so
+    a run without extra buffer types stays without them. Close the generator to free the context.
     """
     import llama_cpp
 
@@ -178,22 +204,19 @@ def _llama_decode_rows(path: Path, prompts: list[list[int]], tokens: list[int], 
             llama_cpp.llama_synchronize(ctx)
 
         decode([(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)])
-        times = []
-        for step in range(steps):
+        for step in range(len(tokens) - n + 1):
             start = time.perf_counter()
             decode([(tokens[step + s], len(ids) + step, s, True) for s, ids in enumerate(prompts)])
-            times.append((time.perf_counter() - start) * 1e3)
+            yield (time.perf_counter() - start) * 1e3
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
-    return statistics.median(times)
 
 
 def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
                          extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
     """:func:`_llama_rows` in a child process: a crash inside llama.cpp becomes a reported row, not the end of the run."""
-    import json
     import subprocess
     import sys
 
@@ -207,6 +230,148 @@ def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, t
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
         raise RuntimeError(f"llama.cpp crashed ({how}) on {path.name}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class _LlamaBlocks:
+    """llama.cpp decoding one sequence in a child process, a block of steps per call (the interleaved column).
+
+    The child (:func:`serve_llama_steps`, or ``command``) prefills ``prompt[:PREFIX]``, runs one untimed
+    step, and answers each request for ``n`` steps with their times in ms, so that the parent times its
+    own steps between two of llama.cpp's blocks. A crash inside llama.cpp ends the child, not the run:
+    :meth:`block` raises ``RuntimeError``; a child silent for ``timeout`` seconds is killed the same way.
+    llama.cpp's own log lines are dropped, as :func:`_llama_rows_isolated` drops them.
+    """
+
+    def __init__(self, path: Path, prompt: list[int], threads: int, extra_bufts: bool,
+                 command: list[str] | None = None, timeout: float = 600.0):  # fmt: skip
+        import subprocess
+        import sys
+
+        serve = "from llmspeed.bench.cpu_peers import serve_llama_steps; serve_llama_steps()"
+        self.timeout = timeout
+        self.child = subprocess.Popen(command or [sys.executable, "-c", serve], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        job = {"path": str(path), "prompt": prompt, "threads": threads, "extra_bufts": extra_bufts}
+        self._send(json.dumps(job))
+        self._read()  # ready: prefilled and warmed up
+
+    def block(self, n: int) -> list[float]:
+        """The ms of each of llama.cpp's next ``n`` decode steps."""
+        self._send(str(n))
+        return self._read()
+
+    def close(self) -> None:
+        """End the child (it exits when its input closes), killing it if it does not."""
+        import subprocess
+
+        if self.child.stdin is not None and not self.child.stdin.closed:
+            try:
+                self.child.stdin.close()
+            except BrokenPipeError:  # it had already died
+                pass
+        try:
+            self.child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+
+    def _send(self, line: str) -> None:
+        assert self.child.stdin is not None
+        try:
+            self.child.stdin.write(line + "\n")
+            self.child.stdin.flush()
+        except BrokenPipeError:
+            self._crashed()
+
+    def _read(self) -> list[float]:
+        import select
+
+        assert self.child.stdout is not None
+        ready, _, _ = select.select([self.child.stdout], [], [], self.timeout)
+        line = self.child.stdout.readline() if ready else ""
+        if not ready:
+            self.child.kill()
+        if not line:
+            self._crashed()
+        return json.loads(line)
+
+    def _crashed(self) -> None:
+        code = self.child.wait()
+        how = f"signal {-code}" if code < 0 else f"exit {code}"
+        raise RuntimeError(f"llama.cpp crashed ({how}) in the interleaved decode steps")
+
+
+def serve_llama_steps() -> None:
+    """The child side of :class:`_LlamaBlocks`: a JSON job on the first line of stdin, then one step count a line.
+
+    Prints ``[]`` once prefilled and warmed up, then a JSON list of step times for each count.
+    """
+    import sys
+
+    job = json.loads(sys.stdin.readline())
+    if not job["extra_bufts"]:
+        _without_extra_bufts()
+    prompt = job["prompt"]
+    with closing(_llama_steps(Path(job["path"]), [prompt[:PREFIX]], prompt[PREFIX:], job["threads"])) as times:
+        next(times)
+        print("[]", flush=True)
+        for line in sys.stdin:
+            print(json.dumps([next(times) for _ in range(int(line))]), flush=True)
+
+
+def _llmspeed_steps(model, prompt: list[int], kv_cache_dtype: str = "auto") -> Iterator[float]:
+    """The ms of each llmspeed decode step of one sequence, ``prompt[:PREFIX]`` prefilled first (untimed), as
+    :func:`_llama_steps` times llama.cpp's; the first step after the prefill is untimed too."""
+    g = Generator(model, kv_cache_tokens=1024, progress=False, kv_cache_dtype=kv_cache_dtype)
+    g.add_request(prompt[:PREFIX], SamplingParams(max_new_tokens=len(prompt), ignore_eos=True))
+    while not any(e.token_id is not None for e in g.step()):  # the prefill, until its first token
+        pass
+    g.step()
+    while True:
+        start = time.perf_counter()
+        g.step()
+        yield (time.perf_counter() - start) * 1e3
+
+
+def paired_blocks(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """Medians of interleaved blocks, and the median ratio of each of ``ours`` to the two ``theirs`` around it.
+
+    ``ours[k]`` (a block's median step) was timed between ``theirs[k]`` and ``theirs[k + 1]``, so ``theirs``
+    has one block more. On a host whose speed drifts, the mean of the blocks just before and after is the
+    other system's speed at that moment: the ratio holds where a ratio of the two medians would not.
+    """
+    if not ours or len(theirs) != len(ours) + 1:
+        raise ValueError(f"theirs must have one block more than ours; got {len(theirs)} and {len(ours)}")
+    ratios = [o / ((a + b) / 2) for o, a, b in zip(ours, theirs, theirs[1:])]
+    return {"llmspeed ms": statistics.median(ours), "llama.cpp ms": statistics.median(theirs),
+            "ratio": statistics.median(ratios)}  # fmt: skip
+
+
+def _interleaved(models: dict[str, Any], anchor: tuple[str, int], prompt: list[int], threads: int, blocks: int,
+                 extra_bufts: bool) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per llmspeed row: one-sequence decode steps timed in blocks of ``BLOCK_STEPS`` between llama.cpp's.
+
+    The order is llama.cpp's block 0, each row's block 0, llama.cpp's block 1, ..., llama.cpp's block
+    ``blocks``; each side pauses ``SETTLE_S`` before its block, so that the other's threads have stopped
+    spinning. :func:`paired_blocks` gives each row's numbers.
+    """
+    llama = _LlamaBlocks(requantized(*anchor, threads), prompt, threads, extra_bufts)
+    ours = {fmt: _llmspeed_steps(m, prompt, _kv_cache_dtype(fmt)) for fmt, m in models.items()}
+    mine: dict[str, list[float]] = {fmt: [] for fmt in models}
+    try:
+        with torch.inference_mode():
+            theirs = [statistics.median(llama.block(BLOCK_STEPS))]
+            for _ in range(blocks):
+                for fmt, steps in ours.items():
+                    time.sleep(SETTLE_S)
+                    mine[fmt].append(statistics.median(next(steps) for _ in range(BLOCK_STEPS)))
+                time.sleep(SETTLE_S)
+                theirs.append(statistics.median(llama.block(BLOCK_STEPS)))
+    finally:
+        llama.close()
+        for steps in ours.values():
+            steps.close()
+    return {fmt: paired_blocks(v, theirs) for fmt, v in mine.items()}
 
 
 def _anchor_rows(anchor: tuple[str, int], prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
@@ -264,7 +429,7 @@ def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, 
     prefill = _prefill_rate(ready)
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
-    one, eight = [prompt[:128]], [prompt[i : i + 128] for i in range(8)]
+    one, eight = [prompt[:PREFIX]], [prompt[i : i + PREFIX] for i in range(SEQS)]
     return {"decode ms": decode_step_ms(model, one, steps, kv_cache_dtype=kv_cache_dtype)[0],
             "prefill tok/s": prefill,
             "MB": memory_footprint(model)["total"] / 1e6, "perplexity": math.exp(losses.mean().item()),
@@ -286,7 +451,7 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
-        formats: Sequence[str] | None = None, rounds: int = 1) -> list[dict[str, Any]]:  # fmt: skip
+        formats: Sequence[str] | None = None, rounds: int = 1, interleave: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One row per format: llmspeed and llama.cpp side by side, with the ratios the issue asks for.
 
     ``formats``: the :data:`FORMATS` keys to run (default all); a variant's anchor format runs with it.
@@ -296,9 +461,19 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     minute to minute, one round times the two systems minutes apart; with several, the numbers are the
     medians over rounds and each ratio the median of the rounds' ratios, so a slow minute lands on both
     sides of some ratio and not on one side of all of them.
+
+    ``interleave``: blocks of the interleaved one-sequence decode column (default :data:`BLOCKS`, 4 with
+    ``quick``; 0: none). After the rounds, each anchor's llama.cpp decodes one sequence in a child process
+    block by block, and each llmspeed row of the anchor times a block of its own steps between two of
+    llama.cpp's (:func:`paired_blocks`): a host that changes speed within a round moves both sides of each
+    ratio, which the rounds' minutes-apart measurements cannot promise.
     """
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
+    if interleave is None:
+        interleave = 4 if quick else BLOCKS
+    if not isinstance(interleave, int) or interleave < 0:
+        raise ValueError(f"interleave must be a non-negative int (blocks); got {interleave!r}")
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"cpu_peers compares the embedded SmolLM2 on the CPU; got device={device!r}, model={model!r}")
     if formats is not None:
@@ -314,11 +489,11 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             groups.setdefault(fmt if isinstance(anchor, tuple) else anchor, []).append(fmt)
     rows = []
     for base, members in groups.items():
-        rows += _group_rows(base, members, quick, rounds)
+        rows += _group_rows(base, members, quick, rounds, interleave)
     return rows
 
 
-def _group_rows(base: str, members: list[str], quick: bool, rounds: int) -> list[dict[str, Any]]:
+def _group_rows(base: str, members: list[str], quick: bool, rounds: int, interleave: int = 0) -> list[dict[str, Any]]:
     """The rows of one llama.cpp anchor (``base``'s) and the llmspeed ``members`` timed against it, round by round."""
     anchor = FORMATS[base]
     assert isinstance(anchor, tuple)
@@ -339,6 +514,13 @@ def _group_rows(base: str, members: list[str], quick: bool, rounds: int) -> list
         if missing is None and (crash is None or any(theirs_runs)):  # both ways failed in every round so far: stop
             theirs, crash, note = _anchor_rows(anchor, prompt, windows, threads, steps, crash)
         theirs_runs.append(theirs)
+    blocks: dict[str, dict[str, float]] = {}
+    blocks_note = None
+    if interleave and any(theirs_runs):
+        try:
+            blocks = _interleaved(models, anchor, prompt, threads, interleave, extra_bufts=crash is None)
+        except RuntimeError as err:
+            blocks_note = str(err)
     del models
     rows = []
     for fmt in members:
@@ -364,5 +546,13 @@ def _group_rows(base: str, members: list[str], quick: bool, rounds: int) -> list
             row.update(_medians([_ratios(o, t, "same row" if fmt == base else f"{base} / {anchor[0]}") for o, t in pairs]))
             if rounds > 1:
                 row["rounds"] = len(pairs)
+        if fmt in blocks:
+            row["llmspeed decode ms, interleaved"] = round(blocks[fmt]["llmspeed ms"], 2)
+            if fmt == base:
+                row["llama.cpp decode ms, interleaved"] = round(blocks[fmt]["llama.cpp ms"], 2)
+            row["decode, interleaved, llmspeed / llama.cpp"] = round(blocks[fmt]["ratio"], 3)
+            row["blocks"] = interleave
+        elif blocks_note is not None:
+            row["interleaved"] = blocks_note
         rows.append(row)
     return rows

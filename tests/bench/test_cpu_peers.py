@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import pytest
@@ -54,7 +55,7 @@ def test_variants_build_what_their_names_say():
 def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios(monkeypatch):
     """A drifting host: each round's llmspeed and llama.cpp numbers move together; the ratio holds."""
     events: list[str] = []
-    slow = iter([1.0, 3.0, 1.5])  # the host's speed in each round: slower, then in between
+    slow = itertools.cycle([1.0, 3.0, 1.5])  # the host's speed in each round: slower, then in between
 
     def ours(model, prompt, windows, steps, kv="auto"):
         events.append("llmspeed")
@@ -75,7 +76,7 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
                 "MB": 540.0, "perplexity": 18.21}  # fmt: skip
 
     shared: dict[str, float] = {}
-    _fake_systems(monkeypatch, ours, theirs)
+    interleaved = _fake_systems(monkeypatch, ours, theirs)
     (row,) = cpu_peers.run(formats=["fp32"], rounds=3, quick=True)
     # the crash is retried without extra buffer types once, and the later rounds start there
     assert events == ["llmspeed", "llama.cpp extra_bufts=True", "llama.cpp extra_bufts=False",
@@ -86,6 +87,18 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     assert row["prefill llmspeed / llama.cpp"] == 1.2
     with pytest.raises(ValueError, match="rounds must be a positive int; got 0"):
         cpu_peers.run(rounds=0)
+    # after the rounds, the interleaved column, without the extra buffer types that crashed
+    assert interleaved.calls == [(["fp32"], "F32", 4, False)]
+    assert row["decode, interleaved, llmspeed / llama.cpp"] == 0.91 and row["blocks"] == 4
+    assert row["llmspeed decode ms, interleaved"] == 9.0 and row["llama.cpp decode ms, interleaved"] == 10.0
+    interleaved.fails, crashes["left"] = True, 0
+    (row,) = cpu_peers.run(formats=["fp32"], quick=True, interleave=2)
+    assert row["interleaved"].startswith("llama.cpp crashed (signal 11)") and "blocks" not in row
+    assert interleaved.calls[-1] == (["fp32"], "F32", 2, True)
+    (row,) = cpu_peers.run(formats=["fp32"], quick=True, interleave=0)
+    assert len(interleaved.calls) == 2 and "interleaved" not in row  # 0 blocks: no column, no child
+    with pytest.raises(ValueError, match="interleave must be a non-negative int"):
+        cpu_peers.run(interleave=-1)
 
 
 def test_variants_are_paired_with_the_anchor_of_their_own_round(monkeypatch):
@@ -121,6 +134,74 @@ def test_variants_are_paired_with_the_anchor_of_their_own_round(monkeypatch):
     assert "llama.cpp decode ms" not in variant  # the anchor's own numbers are on the base row only
 
 
+def test_interleaved_blocks_pair_each_block_with_the_anchor_blocks_around_it():
+    """A host whose speed changes between blocks: each llmspeed block meets llama.cpp's speed of its moment."""
+    theirs = [10.0, 30.0, 15.0, 20.0]  # llama.cpp's blocks; the host slows down, speeds up, slows a little
+    ours = [0.9 * (a + b) / 2 for a, b in zip(theirs, theirs[1:])]  # 0.9x llama.cpp at each moment
+    got = cpu_peers.paired_blocks(ours, theirs)
+    assert got["ratio"] == pytest.approx(0.9)
+    assert got["llmspeed ms"] / got["llama.cpp ms"] != pytest.approx(0.9)  # the medians' ratio is off: 18.9 / 17.5
+    with pytest.raises(ValueError, match="theirs must have one block more than ours; got 3 and 3"):
+        cpu_peers.paired_blocks(ours, theirs[:3])
+
+
+def test_interleaved_column_alternates_the_blocks_and_closes_both_sides(monkeypatch):
+    events: list[str] = []
+    speed = {"k": 1.0}
+
+    class Llama:
+        def __init__(self, path, prompt, threads, extra_bufts):
+            events.append(f"llama.cpp start extra_bufts={extra_bufts}")
+
+        def block(self, n):
+            events.append("llama.cpp")
+            speed["k"] *= 2  # the host halves its speed after every llama.cpp block
+            return [10.0 * speed["k"] / 2] * n
+
+        def close(self):
+            events.append("llama.cpp closed")
+
+    def steps(model, prompt, kv="auto"):
+        try:
+            while True:
+                yield 8.0 * speed["k"] * (0.5 if kv == "fp16" else 1.0)
+        finally:
+            events.append(f"llmspeed {kv} closed")
+
+    def counted(model, prompt, kv="auto"):
+        events.append(f"llmspeed {kv}")
+        return steps(model, prompt, kv)
+
+    monkeypatch.setattr(cpu_peers, "_LlamaBlocks", Llama)
+    monkeypatch.setattr(cpu_peers, "_llmspeed_steps", counted)
+    monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path("/x"))
+    monkeypatch.setattr(cpu_peers, "SETTLE_S", 0.0)
+    got = cpu_peers._interleaved({"fp32": None, "fp32, fp16 kv cache": None}, ("F32", 0), list(range(400)), 2,
+                                 blocks=2, extra_bufts=False)  # fmt: skip
+    assert [e for e in events if e.startswith("llama.cpp")] == ["llama.cpp start extra_bufts=False", "llama.cpp",
+                                                                "llama.cpp", "llama.cpp", "llama.cpp closed"]  # fmt: skip
+    assert {e for e in events if e.endswith("closed")} >= {"llmspeed auto closed", "llmspeed fp16 closed"}
+    # llama.cpp's blocks take 10, 20, 40 ms; llmspeed's between them 16 and 32 (8 and 16 with fp16): 16 / 15 each
+    assert got["fp32"]["ratio"] == pytest.approx(16 / 15) and got["fp32, fp16 kv cache"]["ratio"] == pytest.approx(8 / 15)
+
+
+def test_interleaved_llama_child_that_dies_is_a_reported_crash(tmp_path):
+    answer = "import sys, json; sys.stdin.readline(); print('[]', flush=True); n = int(sys.stdin.readline()); "
+    ok = cpu_peers._LlamaBlocks(tmp_path, [1, 2], 2, True, command=[sys.executable, "-c", answer + "print(json.dumps([1.5] * n), flush=True)"])
+    assert ok.block(3) == [1.5, 1.5, 1.5]
+    ok.close()
+    assert ok.child.returncode == 0
+    dies = cpu_peers._LlamaBlocks(tmp_path, [1, 2], 2, True, command=[sys.executable, "-c", answer + "sys.exit(3)"])
+    with pytest.raises(RuntimeError, match=r"llama.cpp crashed \(exit 3\) in the interleaved decode steps"):
+        dies.block(3)
+    dies.close()
+    silent = cpu_peers._LlamaBlocks(tmp_path, [1, 2], 2, True, timeout=0.5,
+                                    command=[sys.executable, "-c", answer + "import time; time.sleep(30)"])  # fmt: skip
+    with pytest.raises(RuntimeError, match="llama.cpp crashed"):
+        silent.block(3)  # killed after 0.5 s of silence, not 30 s
+    silent.close()
+
+
 def _fake_systems(monkeypatch, ours, theirs):
     """run() with ``ours`` and ``theirs`` as the two systems' measurements, no model, GGUF or llama.cpp."""
     monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
@@ -129,6 +210,16 @@ def _fake_systems(monkeypatch, ours, theirs):
     monkeypatch.setattr(cpu_peers, "_ids", lambda model, n: list(range(n)))
     monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
     monkeypatch.setattr(cpu_peers, "_llama_rows_isolated", theirs)
+
+    def interleaved(models, anchor, prompt, threads, blocks, extra_bufts):
+        interleaved.calls.append((sorted(models), anchor[0], blocks, extra_bufts))
+        if interleaved.fails:
+            raise RuntimeError("llama.cpp crashed (signal 11) in the interleaved decode steps")
+        return {fmt: {"llmspeed ms": 9.0, "llama.cpp ms": 10.0, "ratio": 0.91} for fmt in models}
+
+    interleaved.calls, interleaved.fails = [], False
+    monkeypatch.setattr(cpu_peers, "_interleaved", interleaved)
+    return interleaved
 
 
 class _FakeModel:
