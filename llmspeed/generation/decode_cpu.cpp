@@ -690,7 +690,7 @@ std::shared_ptr<const Held> held(int64_t handle) {
 int64_t hold(std::vector<at::Tensor> weights, std::vector<at::Tensor> lm_head, std::vector<at::Tensor> lora,
              std::vector<at::Tensor> sources) {
   auto set = std::make_shared<Held>();
-  for (const auto& t : sources) set->layout.emplace_back(t.data_ptr(), t.scalar_type());
+  for (const auto& t : sources) set->layout.emplace_back(t.const_data_ptr(), t.scalar_type());
   set->weights = std::move(weights);
   set->lm_head = std::move(lm_head);
   set->lora = std::move(lora);
@@ -709,9 +709,11 @@ void release(int64_t handle) {
 // Whether every watched model tensor still has the data pointer and dtype it had when held.
 bool held_current(int64_t handle) {
   const auto set = held(handle);
+  // const_data_ptr(): the pointer without data_ptr()'s mutable-access path (its copy-on-write checks); this runs
+  // before every step, over every source tensor
   for (size_t i = 0; i < set->sources.size(); ++i) {
     const at::Tensor& t = set->sources[i];
-    if (t.data_ptr() != set->layout[i].first || t.scalar_type() != set->layout[i].second) return false;
+    if (t.const_data_ptr() != set->layout[i].first || t.scalar_type() != set->layout[i].second) return false;
   }
   return true;
 }
