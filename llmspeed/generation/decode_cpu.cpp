@@ -20,6 +20,7 @@
 #include "dequant_rows.h"  // packed rows widened to fp32 for the GEMM of prompt-sized steps
 #include "cpu_vec.h"  // widening loads (fp32 / bf16 / fp16 / int8 to fp32 registers)
 #include "paged_attention.h"  // Step and attend_cached: attention over the paged KV cache
+#include "step_team.h"  // Team: the threads one decode step holds from start to end
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -44,6 +45,12 @@ constexpr int64_t PREFETCH_BYTES = 4096;
 // helps on some CPUs and costs 4-8% of a decode step on others (2-core Zen 3), so fused_decode.py measures
 // both once per machine and sets it (float_prefetch()).
 bool g_float_prefetch = true;
+// Whether one-row decode steps hold a team of threads for the whole step (step_team.h) instead of opening an
+// OpenMP region per parallel loop; the same results either way (step_team() sets it, for tests and A/B timing).
+bool g_step_team = true;
+// Below this many rows a step's elementwise loops (norms, rotary, SiLU, residual adds) run on one thread anyway
+// (their grains), so only its GEMV groups and attention are parallel: those steps hold a team.
+constexpr int64_t TEAM_ROWS = 16;
 
 // sum_k x[k] * w[k]; x fp32, w fp32, bf16, fp16 or int8 (16-wide with AVX-512, else 8-wide with AVX2)
 template <typename W>
@@ -478,7 +485,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       if (l.kind == Kind::INT4) l.xs = group_sums(l.xd, l.G);
     }
   }
-  at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
+  llmspeed_team::team_for(total, 16, [&](int64_t begin, int64_t end) {
     int64_t base = 0;
     for (const auto& l : group) {
       int64_t lo = std::max(begin, base) - base, hi = std::min(end, base + l.N) - base;
@@ -767,73 +774,84 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
     TORCH_CHECK(logit_rows.data_ptr<int64_t>()[i] > logit_rows.data_ptr<int64_t>()[i - 1],
                 "fused decode: logit_rows must be increasing");
 
-  at::Tensor h = hidden.clone();  // residual stream [n, E]
-  std::vector<float> x(n * E), q(n * qw), k(n * kvw), v(n * kvw), att(n * qw), tmp(n * E), gate(n * I), up(n * I);
-  float* hp = h.data_ptr<float>();
-  auto add_into_h = [&]() { add_into(hp, tmp.data(), n * E); };
-  const int64_t rows[7] = {qw, kvw, kvw, E, I, I, E};
+  at::Tensor logits;
+  auto run = [&]() {
+    at::Tensor h = hidden.clone();  // residual stream [n, E]
+    std::vector<float> x(n * E), q(n * qw), k(n * kvw), v(n * kvw), att(n * qw), tmp(n * E), gate(n * I), up(n * I);
+    float* hp = h.data_ptr<float>();
+    auto add_into_h = [&]() { add_into(hp, tmp.data(), n * E); };
+    const int64_t rows[7] = {qw, kvw, kvw, E, I, I, E};
 
-  for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* w = &weights[l * PER_LAYER];
-    check_f32(w[0], "input norm");
-    check_f32(w[1], "post-attention norm");
-    for (int j = 0; j < 7; ++j)
-      TORCH_CHECK(w[FIRST_MATRIX + 3 * j].dim() == 2 && w[FIRST_MATRIX + 3 * j].size(0) == rows[j], "fused decode: layer ",
-                  l, " matrix ", j, " has ", w[FIRST_MATRIX + 3 * j].size(0), " rows, expected ", rows[j]);
-    auto mat = [&](Matrix j, const at::Tensor& bias, float* y) {
-      const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
-      return linear(m[0], m[1], m[2], bias, y, int8_acts && int8_acts[l * 7 + j]);
-    };
-    auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
-    rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())}, amx_rows);
-    if (has_lora) lora_add(x.data(), n, E, {term(Q, q.data()), term(K_, k.data()), term(V, v.data())}, slot_of);
-    if (w[5].numel() > 0) {  // per-head q/k norms (Qwen3), before the rotary embedding
-      check_f32(w[5], "q norm");
-      check_f32(w[6], "k norm");
-      TORCH_CHECK(w[5].numel() == st.D && w[6].numel() == st.D, "fused decode: q/k norms must be [head_dim]");
-      rms_norm(q.data(), w[5].data_ptr<float>(), n * st.H, st.D, eps, q.data());
-      rms_norm(k.data(), w[6].data_ptr<float>(), n * st.Hkv, st.D, eps, k.data());
+    for (int64_t l = 0; l < layers; ++l) {
+      const at::Tensor* w = &weights[l * PER_LAYER];
+      check_f32(w[0], "input norm");
+      check_f32(w[1], "post-attention norm");
+      for (int j = 0; j < 7; ++j)
+        TORCH_CHECK(w[FIRST_MATRIX + 3 * j].dim() == 2 && w[FIRST_MATRIX + 3 * j].size(0) == rows[j], "fused decode: layer ",
+                    l, " matrix ", j, " has ", w[FIRST_MATRIX + 3 * j].size(0), " rows, expected ", rows[j]);
+      auto mat = [&](Matrix j, const at::Tensor& bias, float* y) {
+        const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
+        return linear(m[0], m[1], m[2], bias, y, int8_acts && int8_acts[l * 7 + j]);
+      };
+      auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
+      rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
+      gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())}, amx_rows);
+      if (has_lora) lora_add(x.data(), n, E, {term(Q, q.data()), term(K_, k.data()), term(V, v.data())}, slot_of);
+      if (w[5].numel() > 0) {  // per-head q/k norms (Qwen3), before the rotary embedding
+        check_f32(w[5], "q norm");
+        check_f32(w[6], "k norm");
+        TORCH_CHECK(w[5].numel() == st.D && w[6].numel() == st.D, "fused decode: q/k norms must be [head_dim]");
+        rms_norm(q.data(), w[5].data_ptr<float>(), n * st.H, st.D, eps, q.data());
+        rms_norm(k.data(), w[6].data_ptr<float>(), n * st.Hkv, st.D, eps, k.data());
+      }
+      rope(q.data(), n, st.H, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
+      rope(k.data(), n, st.Hkv, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
+      if (key_cache.scalar_type() == at::kBFloat16) {
+        attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<bf16>() + l * layer_stride,
+               value_cache.data_ptr<bf16>() + l * layer_stride, att.data());
+      } else if (key_cache.scalar_type() == at::kHalf) {
+        attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<f16>() + l * layer_stride,
+               value_cache.data_ptr<f16>() + l * layer_stride, att.data());
+      } else {
+        TORCH_CHECK(key_cache.scalar_type() == at::kFloat, "fused decode: cache must be fp32, bf16 or fp16");
+        attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
+               value_cache.data_ptr<float>() + l * layer_stride, att.data());
+      }
+      gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())}, amx_rows);
+      if (has_lora) lora_add(att.data(), n, qw, {term(O, tmp.data())}, slot_of);
+      add_into_h();
+      rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
+      gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())}, amx_rows);
+      if (has_lora) lora_add(x.data(), n, E, {term(GATE, gate.data()), term(UP, up.data())}, slot_of);
+      silu_mul(gate.data(), up.data(), n * I);
+      gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())}, amx_rows);
+      if (has_lora) lora_add(gate.data(), n, I, {term(DOWN, tmp.data())}, slot_of);
+      add_into_h();
     }
-    rope(q.data(), n, st.H, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
-    rope(k.data(), n, st.Hkv, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
-    if (key_cache.scalar_type() == at::kBFloat16) {
-      attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<bf16>() + l * layer_stride,
-             value_cache.data_ptr<bf16>() + l * layer_stride, att.data());
-    } else if (key_cache.scalar_type() == at::kHalf) {
-      attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<f16>() + l * layer_stride,
-             value_cache.data_ptr<f16>() + l * layer_stride, att.data());
-    } else {
-      TORCH_CHECK(key_cache.scalar_type() == at::kFloat, "fused decode: cache must be fp32, bf16 or fp16");
-      attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
-             value_cache.data_ptr<float>() + l * layer_stride, att.data());
+    // the final norm and the head, on the rows whose logits are wanted (every row when logit_rows is empty)
+    int64_t r = n;
+    if (logit_rows.numel() > 0) {
+      r = logit_rows.numel();
+      const int64_t* keep = logit_rows.data_ptr<int64_t>();
+      for (int64_t i = 0; i < r; ++i) {
+        TORCH_CHECK(keep[i] >= 0 && keep[i] < n, "fused decode: logit row ", keep[i], " is outside the ", n, " rows");
+        std::memmove(hp + i * E, hp + keep[i] * E, E * sizeof(float));  // keep is increasing: i <= keep[i]
+      }
     }
-    gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())}, amx_rows);
-    if (has_lora) lora_add(att.data(), n, qw, {term(O, tmp.data())}, slot_of);
-    add_into_h();
-    rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
-    gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())}, amx_rows);
-    if (has_lora) lora_add(x.data(), n, E, {term(GATE, gate.data()), term(UP, up.data())}, slot_of);
-    silu_mul(gate.data(), up.data(), n * I);
-    gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())}, amx_rows);
-    if (has_lora) lora_add(gate.data(), n, I, {term(DOWN, tmp.data())}, slot_of);
-    add_into_h();
+    rms_norm(hp, norm.data_ptr<float>(), r, E, eps, x.data());
+    TORCH_CHECK(lm_head.size() == 3, "fused decode: lm_head is (weight, scale, zero)");
+    logits = at::empty({r, lm_head[0].size(0)}, hidden.options());
+    gemv_group(x.data(), r, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
+                                       int8_acts && int8_acts[layers * 7])}, amx_rows);
+  };
+  // steps of a few rows without adapters or tiles keep their threads for the whole step (step_team.h)
+  const bool team = g_step_team && n < TEAM_ROWS && !has_lora && at::get_num_threads() > 1 &&
+                    !(amx_rows > 0 && n >= amx_rows && llmspeed_amx::usable());
+  if (team) {
+    llmspeed_team::Team::lead(at::get_num_threads(), run);
+  } else {
+    run();
   }
-  // the final norm and the head, on the rows whose logits are wanted (every row when logit_rows is empty)
-  int64_t r = n;
-  if (logit_rows.numel() > 0) {
-    r = logit_rows.numel();
-    const int64_t* keep = logit_rows.data_ptr<int64_t>();
-    for (int64_t i = 0; i < r; ++i) {
-      TORCH_CHECK(keep[i] >= 0 && keep[i] < n, "fused decode: logit row ", keep[i], " is outside the ", n, " rows");
-      std::memmove(hp + i * E, hp + keep[i] * E, E * sizeof(float));  // keep is increasing: i <= keep[i]
-    }
-  }
-  rms_norm(hp, norm.data_ptr<float>(), r, E, eps, x.data());
-  TORCH_CHECK(lm_head.size() == 3, "fused decode: lm_head is (weight, scale, zero)");
-  at::Tensor logits = at::empty({r, lm_head[0].size(0)}, hidden.options());
-  gemv_group(x.data(), r, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
-                                     int8_acts && int8_acts[layers * 7])}, amx_rows);
   return logits;
 }
 
@@ -877,6 +895,13 @@ at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor zero, i
 bool float_prefetch(bool on) {
   const bool was = g_float_prefetch;
   g_float_prefetch = on;
+  return was;
+}
+
+// Set whether one-row decode steps hold a team of threads (g_step_team); returns the previous setting.
+bool step_team(bool on) {
+  const bool was = g_step_team;
+  g_step_team = on;
   return was;
 }
 

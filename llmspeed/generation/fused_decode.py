@@ -49,6 +49,7 @@ PANELS_HEADER = Q4_HEADER.with_name("q4_panels.h")  # int4 x int8 activations fo
 DEQUANT_HEADER = Q4_HEADER.with_name("dequant_rows.h")  # packed rows widened to fp32 for prompt-sized GEMMs
 VEC_HEADER = SOURCE.with_name("cpu_vec.h")  # widening loads to fp32 registers
 ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention over the paged KV cache
+TEAM_HEADER = SOURCE.with_name("step_team.h")  # the threads held for one decode step
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,8 +58,8 @@ _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
-                 "float_prefetch", "upcast_bf16", "gemm_rows"]
-    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER]
+                 "float_prefetch", "upcast_bf16", "gemm_rows", "step_team"]
+    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER, TEAM_HEADER]
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
 

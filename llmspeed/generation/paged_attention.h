@@ -14,6 +14,7 @@
 #pragma once
 
 #include "cpu_vec.h"
+#include "step_team.h"  // team_for: the decode step's own threads when it holds a team
 
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -371,7 +372,7 @@ void attend_cached(const Step& st, const float* q, const C* kc, const C* vc, flo
   std::vector<int64_t> cost(R + 1, 0);
   for (int64_t r = 0; r < R; ++r) cost[r + 1] = cost[r] + (ranges[r].p1 - ranges[r].p0) + attn::TASK_COST;
   const int64_t T = std::max<int64_t>(1, std::min(threads, R));
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+  llmspeed_team::team_for(T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf;
     std::vector<int64_t> rows;
     for (int64_t t = t0; t < t1; ++t) {

@@ -170,6 +170,39 @@ def test_quantized_models_match_the_generic_path(architecture, fmt, options, amx
     assert (fused - ref).abs().max() / ref.abs().max() < tolerance
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int4-act8"])
+def test_a_step_that_holds_its_threads_is_bit_identical_and_survives_an_error(fmt, monkeypatch):
+    """Steps of a few rows hand their loops to a team of threads held for the whole step (step_team.h) instead
+    of an OpenMP region per loop; the static split computes every row as before. An error inside the step
+    (an int32 cache, refused layer by layer) ends the team and reaches the caller; the next step runs."""
+    model = llmspeed.models.tiny("llama", seed=4)
+    if fmt == "int4-act8":
+        llmspeed.quantize(model, "int4", group_size=32, activations="int8", skip=[])
+    gen, decode = _prefilled(model, [2, 7, 13, 5])
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    ext = fused_decode.extension()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused = fused_decode.FusedDecode(model, gen.cache, amx_rows=0)
+        was = ext.step_team(False)
+        regions = fused.run(step)
+        ext.step_team(True)
+        team = fused.run(step)
+        assert torch.equal(team, regions)
+        key, value = gen.cache.key, gen.cache.value
+        monkeypatch.setattr(gen.cache, "key", key.to(torch.int32))
+        monkeypatch.setattr(gen.cache, "value", value.to(torch.int32))
+        with pytest.raises(RuntimeError, match="cache must be fp32, bf16 or fp16"):
+            fused.run(step)
+        monkeypatch.setattr(gen.cache, "key", key)
+        monkeypatch.setattr(gen.cache, "value", value)
+        assert torch.equal(fused.run(step), regions)
+    finally:
+        ext.step_team(was)
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16_bit_caches_match_the_generic_path_and_stay_near_the_fp32_cache(cache_dtype):
     """An fp32 model over a 16-bit cache (``kv_cache_dtype``): the fused step and the generic path read the same
