@@ -1,8 +1,7 @@
 // A team of torch's intra-op threads held for the whole of one decode step.
 //
-// A one-row decode step opens about five parallel regions a layer (the GEMV groups and attention), each an
-// OpenMP fork and join: about 2 us empty on a 2-core Zen 3, plus each region's start of the weight stream.
-// In a team, one thread runs the step and hands each parallel loop to the others, which wait spinning
+// A decode step of a few rows opens about five parallel regions a layer (the GEMV groups and attention), each
+// an OpenMP fork and join (docs/kernels.md has their cost and what a team saves). In a team, one thread runs the step and hands each parallel loop to the others, which wait spinning
 // between loops, as llama.cpp's thread pool does; a loop is split statically, as at::parallel_for splits it,
 // so every row is computed by the same code and the results are bit for bit those of at::parallel_for.
 //
