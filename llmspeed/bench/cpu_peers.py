@@ -56,6 +56,7 @@ FORMATS: dict[str, tuple[str, int] | str] = {
 }  # fmt: skip
 SEQS = 8  # sequences of the batched decode rows
 PREFILL_RUNS = 5  # timed 256-token prompts per system, after one warm-up; the table takes their median
+PROMPT_TOKENS = 400  # pydoc tokens each format reads: prompts, then the tokens its decode steps feed
 PREFIX = 128  # prompt tokens prefilled before the decode steps of both systems (the decode context)
 BLOCKS = 12  # default blocks of the interleaved one-sequence decode column (4 with quick)
 BLOCK_STEPS = 8  # decode steps a block; each block is summarized by its median step
@@ -472,8 +473,9 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
     if interleave is None:
         interleave = 4 if quick else BLOCKS
-    if not isinstance(interleave, int) or interleave < 0:
-        raise ValueError(f"interleave must be a non-negative int (blocks); got {interleave!r}")
+    most = (PROMPT_TOKENS - PREFIX - 1) // BLOCK_STEPS  # the steps must stay within the prompt's tokens
+    if not isinstance(interleave, int) or not 0 <= interleave <= most:
+        raise ValueError(f"interleave must be an int of 0 to {most} blocks; got {interleave!r}")
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"cpu_peers compares the embedded SmolLM2 on the CPU; got device={device!r}, model={model!r}")
     if formats is not None:
@@ -501,7 +503,7 @@ def _group_rows(base: str, members: list[str], quick: bool, rounds: int, interle
     steps, n_windows = (16, 2) if quick else (32, 8)
     missing = llama_cpp_missing()
     models = {fmt: _llmspeed_model(fmt) for fmt in members}
-    prompt = _ids(models[base], 400)
+    prompt = _ids(models[base], PROMPT_TOKENS)
     windows = torch.tensor(_ids(models[base], 256 * n_windows)).view(n_windows, 256)  # the same windows for both
     ours_runs: dict[str, list[dict[str, Any]]] = {fmt: [] for fmt in members}
     theirs_runs: list[dict[str, Any] | None] = []  # llama.cpp's rows of each round (None: it failed)

@@ -97,8 +97,9 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     assert interleaved.calls[-1] == (["fp32"], "F32", 2, True)
     (row,) = cpu_peers.run(formats=["fp32"], quick=True, interleave=0)
     assert len(interleaved.calls) == 2 and "interleaved" not in row  # 0 blocks: no column, no child
-    with pytest.raises(ValueError, match="interleave must be a non-negative int"):
-        cpu_peers.run(interleave=-1)
+    for bad in (-1, 34, 2.5):  # 34 blocks of 8 steps would feed more tokens than the 400 read
+        with pytest.raises(ValueError, match=f"interleave must be an int of 0 to 33 blocks; got {bad}"):
+            cpu_peers.run(interleave=bad)
 
 
 def test_variants_are_paired_with_the_anchor_of_their_own_round(monkeypatch):
