@@ -845,8 +845,8 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
                                        int8_acts && int8_acts[layers * 7])}, amx_rows);
   };
   // steps of a few rows without adapters or tiles keep their threads for the whole step (step_team.h)
-  const bool team = g_step_team && n < TEAM_ROWS && !has_lora && at::get_num_threads() > 1 &&
-                    !(amx_rows > 0 && n >= amx_rows && llmspeed_amx::usable());
+  const bool team = llmspeed_team::available() && g_step_team && n < TEAM_ROWS && !has_lora &&
+                    at::get_num_threads() > 1 && !(amx_rows > 0 && n >= amx_rows && llmspeed_amx::usable());
   if (team) {
     llmspeed_team::Team::lead(at::get_num_threads(), run);
   } else {

@@ -10,6 +10,7 @@
 // decode_cpu.cpp (the GEMV groups, and Team::lead around the step).
 #pragma once
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <atomic>
 #include <cstdint>
@@ -26,6 +27,10 @@ inline void relax() {
   _mm_pause();
 #endif
 }
+
+// Whether torch runs at::parallel_for on OpenMP, whose team gives each of T indices its own thread when it has
+// T threads (a team relies on that; on other backends the step keeps a region per loop).
+constexpr bool available() { return AT_PARALLEL_OPENMP; }
 
 class Team {
  public:
