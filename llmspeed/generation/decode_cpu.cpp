@@ -12,7 +12,8 @@
 // Decode at small batch is bound by reading the weights once, so the GEMV streams each weight row
 // from memory once (software prefetch 4 KiB ahead) and reuses it from L1 for the n rows of x.
 // Rows of all matrices of one GEMV group are split over torch's intra-op threads with
-// at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py).
+// at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py), or, in steps of a few
+// rows, over the team of threads the step holds (step_team.h).
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 #include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
 #include "q4_int8.h"  // int8 activations (act_quant) and the int4 / int8 x int8 dot products (VNNI, AVX2)
@@ -45,8 +46,9 @@ constexpr int64_t PREFETCH_BYTES = 4096;
 // helps on some CPUs and costs 4-8% of a decode step on others (2-core Zen 3), so fused_decode.py measures
 // both once per machine and sets it (float_prefetch()).
 bool g_float_prefetch = true;
-// Whether one-row decode steps hold a team of threads for the whole step (step_team.h) instead of opening an
-// OpenMP region per parallel loop; the same results either way (step_team() sets it, for tests and A/B timing).
+// Whether steps of fewer than TEAM_ROWS rows hold a team of threads for the whole step (step_team.h) instead of
+// opening an OpenMP region per parallel loop; the same results either way (step_team() sets it, for tests and
+// A/B timing).
 bool g_step_team = true;
 // Below this many rows a step's elementwise loops (norms, rotary, SiLU, residual adds) run on one thread anyway
 // (their grains), so only its GEMV groups and attention are parallel: those steps hold a team.
@@ -898,7 +900,7 @@ bool float_prefetch(bool on) {
   return was;
 }
 
-// Set whether one-row decode steps hold a team of threads (g_step_team); returns the previous setting.
+// Set whether steps of a few rows hold a team of threads (g_step_team); returns the previous setting.
 bool step_team(bool on) {
   const bool was = g_step_team;
   g_step_team = on;
