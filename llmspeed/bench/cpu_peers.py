@@ -215,6 +215,11 @@ def _llama_steps(path: Path, prompts: list[list[int]], tokens: list[int], thread
         llama_cpp.llama_model_free(model)
 
 
+def _ended(code: int) -> str:
+    """How a child process ended, from its return code: ``"signal 11"`` or ``"exit 3"``."""
+    return f"signal {-code}" if code < 0 else f"exit {code}"
+
+
 def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
                          extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
     """:func:`_llama_rows` in a child process: a crash inside llama.cpp becomes a reported row, not the end of the run."""
@@ -228,8 +233,7 @@ def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, t
               "torch.tensor(a['windows']), a['threads'], a['steps'], a['extra_bufts'])))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script], input=job, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
-        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-        raise RuntimeError(f"llama.cpp crashed ({how}) on {path.name}")
+        raise RuntimeError(f"llama.cpp crashed ({_ended(done.returncode)}) on {path.name}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -297,9 +301,7 @@ class _LlamaBlocks:
         return json.loads(line)
 
     def _crashed(self) -> None:
-        code = self.child.wait()
-        how = f"signal {-code}" if code < 0 else f"exit {code}"
-        raise RuntimeError(f"llama.cpp crashed ({how}) in the interleaved decode steps")
+        raise RuntimeError(f"llama.cpp crashed ({_ended(self.child.wait())}) in the interleaved decode steps")
 
 
 def serve_llama_steps() -> None:
