@@ -1,9 +1,11 @@
 // A team of torch's intra-op threads held for the whole of one decode step.
 //
 // A decode step of a few rows opens about five parallel regions a layer (the GEMV groups and attention), each
-// an OpenMP fork and join (docs/kernels.md has their cost and what a team saves). In a team, one thread runs the step and hands each parallel loop to the others, which wait spinning
-// between loops, as llama.cpp's thread pool does; a loop is split statically, as at::parallel_for splits it,
-// so every row is computed by the same code and the results are bit for bit those of at::parallel_for.
+// an OpenMP fork and join (docs/kernels.md has their cost and what a team saves). In a team, one thread runs
+// the step and hands each parallel loop to the others, which wait spinning between loops, as llama.cpp's
+// thread pool does. A loop is split statically, one contiguous share a thread; each row (or attention range)
+// is computed by the same code whichever thread takes it, so the results are bit for bit those of
+// at::parallel_for.
 //
 // team_for(total, grain, f) runs f over [0, total) on the team of the calling thread, or through
 // at::parallel_for where there is none. Included by paged_attention.h (attention over the paged cache) and
