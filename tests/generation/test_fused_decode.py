@@ -561,6 +561,35 @@ def test_a_model_changed_after_the_generator_was_built_is_followed():
     assert fused.run(StepInput.decode(decode, gen.blocks.block_size)) is None
 
 
+def test_a_replaced_decoder_layer_is_followed_and_unrelated_assignments_keep_the_snapshot():
+    import copy
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    gen, decode = _prefilled(model, [5, 12])
+    fused = fused_decode.FusedDecode(model, gen.cache)
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    before = fused.run(step)
+    snap = fused._snapshot
+    # modules built anywhere else (here a throwaway one) leave the snapshot in use: its children were checked
+    nn.Sequential(nn.Linear(2, 2))
+    assert torch.equal(fused.run(step), before) and fused._snapshot is snap
+    # a whole layer replaced in the ModuleList (its tensors are all new): regression, the step kept the old one
+    config = model.hf.config  # shared, as the model's layers share it (attention runs through the paged cache)
+    layer = copy.deepcopy(model.hf.model.layers[1], {id(config): config})
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(3)
+    model.hf.model.layers[1] = layer
+    after = fused.run(step)
+    ref = _generic_logits(model, gen, decode)
+    assert not torch.allclose(before, after) and fused._snapshot is not snap
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    # a child deleted (no registration hook runs for del) still invalidates the snapshot
+    snap = fused._snapshot
+    assert snap.valid()
+    del model.hf.model.layers[0].mlp.down_proj
+    assert not snap.valid()
+
+
 def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_hold():
     import gc
 
