@@ -14,6 +14,9 @@
 // Rows of all matrices of one GEMV group are split over torch's intra-op threads with
 // at::parallel_for (this file is built with -fopenmp; see llmspeed/cpp_build.py), or, in steps of a few
 // rows, over the team of threads the step holds (step_team.h).
+//
+// greedy_steps runs several decode steps of the same rows back to back, each row's argmax token the next step's
+// input (its embedding row, rotary rows and cache slot made here), for the generator's greedy bursts.
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 #include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
 #include "q4_int8.h"  // int8 activations (act_quant) and the int4 / int8 x int8 dot products (VNNI, AVX2)
@@ -28,10 +31,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -855,6 +860,105 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
     run();
   }
   return logits;
+}
+
+namespace {
+
+// Rows ids [n] of the input embedding as fp32 out [n, E], with the operations of the embedding module's own
+// lookup, so the same bits: a float table [V, E] (fp32 or bf16, widened; scale and zero empty), int8 codes [V, E]
+// times row scales [V] (group 0), or 4-bit codes [V, Kp / 2] with group scales and, for int4, zeros (NF4: none)
+// [V, Kp / group] (dequant_rows.h), cut to E columns.
+void embed_rows(const at::Tensor& table, const at::Tensor& scale, const at::Tensor& zero, int64_t group,
+                const int64_t* ids, int64_t n, int64_t E, float* out) {
+  const int64_t V = table.size(0);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < V, "greedy steps: token ", ids[i], " is outside the vocabulary of ", V);
+  if (table.scalar_type() == at::kFloat) {
+    for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * E, table.data_ptr<float>() + ids[i] * E, E * sizeof(float));
+  } else if (table.scalar_type() == at::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) {
+      const bf16* row = table.data_ptr<bf16>() + ids[i] * E;
+      for (int64_t j = 0; j < E; ++j) out[i * E + j] = static_cast<float>(row[j]);
+    }
+  } else if (table.scalar_type() == at::kChar) {
+    for (int64_t i = 0; i < n; ++i)
+      dequant_int8_rows(table.data_ptr<int8_t>(), scale.data_ptr<float>(), E, ids[i], ids[i] + 1, out + i * E);
+  } else {
+    TORCH_CHECK(table.scalar_type() == at::kByte && group > 0 && group % 16 == 0,
+                "greedy steps: the embedding must be fp32, bf16, int8 or 4-bit codes in groups of 16");
+    const int64_t Kp = table.size(1) * 2;
+    std::vector<float> row(Kp);
+    for (int64_t i = 0; i < n; ++i) {
+      dequant_4bit_rows(table.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.numel() ? zero.data_ptr<float>() : nullptr,
+                        Kp, group, ids[i], ids[i] + 1, row.data());
+      std::memcpy(out + i * E, row.data(), E * sizeof(float));
+    }
+  }
+}
+
+// The index of the largest of x [V]: the first one on ties, the first NaN if there is one (NumPy's argmax, which
+// the sampler's greedy rows take).
+int64_t argmax(const float* x, int64_t V) {
+  int64_t best = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    if (std::isnan(x[j])) return j;
+    if (x[j] > x[best]) best = j;
+  }
+  return best;
+}
+
+}  // namespace
+
+// steps decode steps of n rows back to back, each row's argmax token the next step's input, with nothing but the
+// step's inputs made between them: ids and positions int64 [n] (the first step's tokens and their positions),
+// blocks [n, W] holding every position up to positions + steps - 1; rope_cos / rope_sin fp32 [P, D], the rows of
+// positions 0..P-1; the embedding as embed_rows reads it; the rest as in decode_step. Returns the tokens, int64
+// [steps, n], and the seconds from the call's start at which each step's tokens were known, fp64 [steps].
+std::tuple<at::Tensor, at::Tensor> greedy_steps(
+    at::Tensor ids, int64_t handle, at::Tensor key_cache, at::Tensor value_cache, at::Tensor blocks,
+    at::Tensor positions, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor embed, at::Tensor embed_scale,
+    at::Tensor embed_zero, int64_t embed_group, at::Tensor norm, int64_t num_heads, double eps, double scale,
+    at::Tensor adapter_slot, int64_t amx_rows, at::Tensor act8, int64_t steps) {
+  const auto start = std::chrono::steady_clock::now();
+  for (const auto* t : {&ids, &positions, &blocks})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "greedy steps: ids, positions and blocks must be int64");
+  check_f32(rope_cos, "rope_cos");
+  check_f32(rope_sin, "rope_sin");
+  check_f32(norm, "norm");
+  TORCH_CHECK(steps >= 1, "greedy steps: steps must be >= 1; got ", steps);
+  TORCH_CHECK(rope_cos.dim() == 2 && rope_sin.sizes() == rope_cos.sizes(), "greedy steps: rope tables must be [P, D]");
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "greedy steps: the embedding must be a contiguous [V, ...] table");
+  const int64_t n = ids.numel(), E = norm.numel(), D = rope_cos.size(1), W = blocks.size(1), BS = key_cache.size(2);
+  TORCH_CHECK(positions.numel() == n && blocks.dim() == 2 && blocks.size(0) == n, "greedy steps: ids, positions and blocks disagree on rows");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* table = blocks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t last = pos[i] + steps - 1;
+    TORCH_CHECK(pos[i] >= 0 && last < rope_cos.size(0), "greedy steps: position ", last, " is past the rope tables");
+    TORCH_CHECK(last / BS < W, "greedy steps: row ", i, "'s block table does not reach position ", last);
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor hidden = at::empty({n, E}, f32), cos = at::empty({n, D}, f32), sin = at::empty({n, D}, f32);
+  at::Tensor slots = at::empty({n}, i64), context = at::empty({n}, i64), every = at::empty({0}, i64);
+  at::Tensor tokens = at::empty({steps, n}, i64), known = at::empty({steps}, at::TensorOptions().dtype(at::kDouble));
+  std::vector<int64_t> cur(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + n);
+  for (int64_t s = 0; s < steps; ++s) {
+    embed_rows(embed, embed_scale, embed_zero, embed_group, cur.data(), n, E, hidden.data_ptr<float>());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = pos[i] + s;
+      std::memcpy(cos.data_ptr<float>() + i * D, rope_cos.data_ptr<float>() + p * D, D * sizeof(float));
+      std::memcpy(sin.data_ptr<float>() + i * D, rope_sin.data_ptr<float>() + p * D, D * sizeof(float));
+      slots.data_ptr<int64_t>()[i] = table[i * W + p / BS] * BS + p % BS;
+      context.data_ptr<int64_t>()[i] = p + 1;
+    }
+    const at::Tensor logits = decode_step(hidden, handle, key_cache, value_cache, slots, blocks, context, cos, sin,
+                                          norm, num_heads, eps, scale, adapter_slot, amx_rows, act8, every);  // [n, V]
+    const int64_t V = logits.size(1);
+    for (int64_t i = 0; i < n; ++i) cur[i] = tokens.data_ptr<int64_t>()[s * n + i] = argmax(logits.data_ptr<float>() + i * V, V);
+    known.data_ptr<double>()[s] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  return {tokens, known};
 }
 
 // Decode attention read in place from one layer's paged cache (the generic path's decode kernel):

@@ -33,7 +33,7 @@ from .kv_cache import cache_dtype
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent
 from .runner import ModelRunner, StepInput
 from .sampling import RowContext, SamplingParams, coerce, request_generator, sample_batch
-from .scheduler import Batch, Scheduler
+from .scheduler import Batch, Chunk, Scheduler
 from .sequence import Sequence as Seq
 
 if TYPE_CHECKING:
@@ -79,6 +79,13 @@ class Generator:
             they cannot run); ``"auto"`` (default) on CUDA, when the kernels pass a check against SDPA,
             runs decode rows through the Triton decode kernel and prefill chunks through SDPA (faster
             than the Triton prefill kernel on an H100: docs/gpu.md), else SDPA.
+        num_scheduler_steps: Most decode steps one :meth:`step` runs (vLLM's multi-step scheduling). With
+            more than 1 (say 8), a fused CPU decode step whose requests are all greedy (no logprobs,
+            penalties or pending ``min_tokens``), with no request waiting, goes on for up to that many
+            steps back to back (:meth:`.fused_decode.FusedDecode.greedy_steps`), without the scheduling,
+            sampling and detokenizing between them; the tokens are the same, and arrive as one step's
+            events. It saves the Python between steps, whose cost after each step's weight reads is in
+            docs/kernels.md; tokens stream in bursts.
 
     Attributes:
         fused_decode_status: ``"on"``, or why decode steps take the generic path.
@@ -105,7 +112,11 @@ class Generator:
         lora_dtype: str | torch.dtype = "fp16",
         attention: str = "auto",
         kv_cache_dtype: str | torch.dtype = "auto",
+        num_scheduler_steps: int = 1,
     ):
+        if isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int) or num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be an int >= 1; got {num_scheduler_steps!r}")
+        self.num_scheduler_steps = num_scheduler_steps
         spec = model.spec
         cache_bytes_per_token = spec.kv_bytes_per_token_at(cache_dtype(spec, kv_cache_dtype))
         if kv_cache_tokens is not None and kv_cache_bytes is not None:
@@ -301,7 +312,10 @@ class Generator:
             if not batch.chunks:
                 return events
             try:
-                events += self._run(batch)
+                ran, path = self._run(batch)
+                events += ran
+                if path == "fused cpu" and self.num_scheduler_steps > 1:
+                    events += self._greedy_burst(batch)
             except Exception as exc:
                 events += self._fail(batch, exc)
             except BaseException as exc:
@@ -337,7 +351,7 @@ class Generator:
                 events.append(self._end(seq, "error", report=False))
         return events
 
-    def _run(self, batch: Batch) -> list[StreamEvent]:
+    def _run(self, batch: Batch) -> tuple[list[StreamEvent], str]:
         start = time.perf_counter()
         step = StepInput.build(
             [(c.seq.block_table, c.start, c.length, c.seq.tokens(c.start, c.start + c.length), c.samples,
@@ -351,7 +365,7 @@ class Generator:
         sampled = [c.seq for c in batch.chunks if c.samples]
         if not sampled:
             self._record(path, start)
-            return []
+            return [], path
         tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
                                         [self._row(s) for s in sampled])
         now = self._record(path, start)
@@ -366,12 +380,64 @@ class Generator:
                 events.append(StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp))
             else:
                 events.append(self._end(seq, reason, token, text, report=False, logprobs=lp))
+        return events, path
+
+    def _greedy_burst(self, batch: Batch) -> list[StreamEvent]:
+        """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, run back to back by the fused step.
+
+        Only when every running request is in the batch, none is waiting, and each is greedy without
+        logprobs, penalties or a pending ``min_tokens``; as many steps as every request has tokens left
+        for and the free blocks cover (the blocks are taken first, so nothing is preempted). The tokens
+        then go through the same commit, stop checks and detokenizing as one step's; a request that ends
+        part way drops the tokens computed after its end.
+        """
+        seqs = [c.seq for c in batch.chunks]
+        if self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
+            return []
+        for seq in seqs:
+            p = seq.params
+            if seq.is_finished or not p.greedy or p.logprobs is not None or p.penalized or len(seq.output_ids) < p.min_tokens:
+                return []
+        steps = min(self.num_scheduler_steps - 1, *(self._tokens_left(seq) for seq in seqs))
+        while steps > 0 and sum(self.blocks.blocks_needed(s.block_table, s.num_tokens + steps - 1) for s in seqs) > self.blocks.num_free:
+            steps -= 1
+        if steps < 1:
+            return []
+        for seq in seqs:  # the cache slots of every position the burst writes
+            self.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens + steps - 1)
+        start = time.perf_counter()
+        adapters = [s.params.adapter for s in seqs]
+        rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
+        burst = self.runner.fused.greedy_steps(rows, steps, adapters if any(adapters) else None)
+        if burst is None:  # the model changed under the step: the next step() takes it from here
+            return []
+        tokens, known = burst
+        self._record("fused cpu, greedy burst", start, steps)
+        self.num_steps += steps
+        self.num_tokens_computed += steps * len(seqs)
+        events = []
+        for step_tokens, now in zip(tokens, known):
+            for seq, token in zip(seqs, step_tokens):
+                if seq.is_finished:
+                    continue
+                self.scheduler.commit(Batch([Chunk(seq, seq.num_computed, 1)]))
+                seq.output_ids.append(token)
+                seq.token_times.append(now)
+                reason, text = self._advance(seq, token)
+                if reason is None:
+                    events.append(StreamEvent(seq.index, seq.seq_id, token, text))
+                else:
+                    events.append(self._end(seq, reason, token, text, report=False))
         return events
 
-    def _record(self, path: str, start: float) -> float:
+    def _tokens_left(self, seq: Seq) -> int:
+        """Tokens ``seq`` may still take before it ends with ``"length"``."""
+        return min(seq.params.max_new_tokens - len(seq.output_ids), self.scheduler.max_tokens_per_seq - seq.num_tokens)
+
+    def _record(self, path: str, start: float, count: int = 1) -> float:
         now = time.perf_counter()
         steps, seconds = self.step_paths.get(path, (0, 0.0))
-        self.step_paths[path] = (steps + 1, seconds + now - start)
+        self.step_paths[path] = (steps + count, seconds + now - start)
         return now
 
     def _row(self, seq: Seq) -> RowContext:

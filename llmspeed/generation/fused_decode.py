@@ -11,6 +11,8 @@ so what runs is the model as it is at that step. It also runs steps with prompt 
 position, the matrices run as tile matmuls where the CPU has AMX, else from :func:`gemm_rows` rows as
 torch's GEMM (bf16 widened to fp32 where the native bf16 GEMM is slow), and only the sampled rows reach
 the output head; quantized matrices of prompt-sized steps run as the per-layer path runs them.
+:meth:`FusedDecode.greedy_steps` runs several greedy decode steps in one call (``Generator``'s
+``num_scheduler_steps``).
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
 ``mistral``, ``qwen2`` or ``qwen3`` (per-head q/k RMSNorm) with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
@@ -22,7 +24,9 @@ the batch with its own adapter: :mod:`.fused_lora`). Other architectures and dev
 
 from __future__ import annotations
 
+import time
 import weakref
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -70,7 +74,7 @@ def _watch_assignments() -> None:
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
-                 "float_prefetch", "upcast_bf16", "gemm_rows", "step_team"]
+                 "float_prefetch", "upcast_bf16", "gemm_rows", "step_team", "greedy_steps"]
     headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER, TEAM_HEADER]
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
@@ -200,6 +204,33 @@ def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
     return q, module.group_scales().float().contiguous(), None
 
 
+def _embedding_parts(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """``(table, scale, zero, group)`` from which the C++ greedy steps read the input embedding's rows, or ``None``.
+
+    An ``nn.Embedding`` (fp32 or bf16, without ``max_norm``): its weight, empty scale and zero, group 0. llmspeed's
+    ``QuantizedEmbedding`` of an fp32 model (the rows of a quantized tied head): the head's :func:`_parts`, with
+    its group size for 4-bit formats (0 for int8). Other embeddings run in Python (:meth:`FusedDecode.run`).
+    """
+    none = torch.empty(0)
+    if type(module) is nn.Embedding:
+        ok = module.max_norm is None and module.weight.dtype in _WEIGHT_DTYPES
+        return (module.weight.detach(), none, none, 0) if ok else None
+    head = getattr(module, "head", None)
+    if _embedding_dtype(module) != torch.float32 or type(head) is nn.Linear or head is None or not _fusable(head):
+        return None
+    q, scale, zero = _parts(head)
+    return q, scale, _opt(zero), head.layout.group if head.layout.four_bit else 0
+
+
+def _embedding_dtype(module: Any) -> torch.dtype | None:
+    """The dtype of the vectors an input embedding returns (``nn.Embedding``'s weight, ``QuantizedEmbedding``'s
+    ``dtype_reference``), or ``None`` for another module."""
+    if type(module) is nn.Embedding:
+        return module.weight.dtype
+    reference = getattr(module, "dtype_reference", None)
+    return reference.dtype if isinstance(reference, torch.Tensor) else None
+
+
 def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = True) -> str | None:
     if lora_ok and fused_lora.is_lora(module):
         why = fused_lora.unfusable_reason(module)
@@ -290,8 +321,9 @@ class _Snapshot:
     The modules are checked in place (each parent's ``_modules[name]`` is still the child read, the
     decoder layers' list included) only when a module was assigned somewhere in the process since the
     last check (a global registration hook counts them) or one of the parents gained or lost a child
-    (``del``, ``ModuleList.insert``): walking some 400 children after each step had pushed them out of the
-    cache cost about 0.2 ms of a 7 ms int4 step. Writing ``_modules`` directly, bypassing both, goes unseen.
+    (``del``, ``ModuleList.insert``): walking some 400 children that each step's weight reads had pushed out
+    of the cache was a visible part of a small model's step. Writing ``_modules`` directly, bypassing both,
+    goes unseen.
 
     The tensor lists are handed to the extension once (``hold``) and each step passes the handle: converting
     some 900 Python tensors per call cost about 0.3 ms of a 13 ms step, and checking every source's pointer
@@ -528,13 +560,9 @@ class FusedDecode:
         if (decode and len(step.ids) > self.max_rows) or (not decode and not self.takes_prompt(len(step.ids))):
             return None
         snap = None if self.ext is None else self._current()
-        if snap is None:
+        names = None if snap is None else self._names(snap, adapters, len(step.chunks))
+        if snap is None or names is None:
             return None
-        names = [a if a is not None else snap.active for a in (adapters or [None] * len(step.chunks))]
-        if not snap.one_active or not set(names) <= {None, *snap.slots}:
-            return None  # layers set to different adapters, or an adapter the snapshot lacks: the generic path
-        hf = self.model.hf
-        body = hf.model
         bs = self.cache.block_size
         width = -(-(max(step.positions) + 1) // bs)
         tables = block_tables([t for t, _, _ in step.chunks], width, torch.device("cpu"))  # [chunks, W]
@@ -543,24 +571,84 @@ class FusedDecode:
             lengths = torch.tensor([n for _, _, n in step.chunks])  # [chunks]
             tables = tables.repeat_interleave(lengths, dim=0)  # [n, W]
             slot_names = [name for name, (_, _, n) in zip(names, step.chunks) for _ in range(n)]
-        positions = torch.tensor(step.positions)  # [n]
-        ids = torch.tensor(step.ids)  # [n]
-        slots = torch.tensor(step.slots)  # [n]
+        rows = _EMPTY_ROWS if decode else torch.tensor(step.rows)  # [r]: the sampled rows' logits only
         with torch.inference_mode():
-            emb = body.embed_tokens(ids)  # [n, E]
-            cos, sin = self._rotary(body.rotary_emb, positions, emb)  # [n, D] each, fp32
+            return self._step(snap, torch.tensor(step.ids), torch.tensor(step.positions), torch.tensor(step.slots),
+                              tables, snap.adapter_slots(slot_names), rows)  # fmt: skip
+
+    def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
+                     adapters: list[str | None] | None = None) -> tuple[list[list[int]], list[float]] | None:  # fmt: skip
+        """``steps`` decode steps of the rows ``(block_table, position, token)`` back to back in one C++ call, each
+        row's argmax token the next step's input: the tokens (``[steps][rows]``) and the ``time.perf_counter()``
+        at which each step's tokens were known, or ``None`` where :meth:`run` would give ``None`` for a decode step
+        of these rows, or the input embedding or the rotary module is one the C++ loop cannot read
+        (:func:`_embedding_parts`, :func:`~.rope_table.static`).
+
+        What a greedy row samples is :func:`~.sampling.argmax_rows` of its logits, and the C++ loop takes the
+        same argmax of the same logits, so the tokens are those that ``steps`` calls of :meth:`run`, each
+        followed by sampling, would give. Between steps nothing runs in Python: once a step has streamed the
+        weights through the cache, each small torch op of the next step's inputs costs several times its
+        warm time (docs/kernels.md has the measurements).
+        The block tables must already hold ``position + steps`` tokens. ``adapters`` as in :meth:`run`.
+        """
+        if len(rows) > self.max_rows or steps < 1:
+            return None
+        snap = None if self.ext is None else self._current()
+        names = None if snap is None else self._names(snap, adapters, len(rows))
+        body = self.model.hf.model
+        embedding = _embedding_parts(body.embed_tokens)
+        if snap is None or names is None or embedding is None or not static(body.rotary_emb):
+            return None
+        if self._rope is None or self._rope.rotary is not body.rotary_emb:
+            self._rope = RopeTable(body.rotary_emb)
+        last = max(p for _, p, _ in rows) + steps  # positions 0..last-1 are read
+        cos, sin = self._rope.tables(last, _embedding_dtype(body.embed_tokens))  # [P, D] each, fp32
+        tables = block_tables([t for t, _, _ in rows], -(-last // self.cache.block_size), torch.device("cpu"))  # [n, W]
+        start = time.perf_counter()
+        with torch.inference_mode():
             self.ext.float_prefetch(self.prefetch)
             self.ext.upcast_bf16(self.upcast_bf16)
-            return self.ext.decode_step(
-                emb.float().contiguous(),
-                snap.handle,
+            tokens, known = self.ext.greedy_steps(
+                torch.tensor([t for _, _, t in rows]), snap.handle,
                 self.cache.key, self.cache.value,
-                slots, tables, positions + 1,
+                tables, torch.tensor([p for _, p, _ in rows]),
                 cos, sin,
+                *embedding,
                 snap.norm,
                 snap.num_heads, snap.eps, snap.scaling,
-                snap.adapter_slots(slot_names),
+                snap.adapter_slots(names),
                 self.amx_rows,
                 snap.act8,
-                _EMPTY_ROWS if decode else torch.tensor(step.rows),  # [r]: the sampled rows' logits only
-            )  # fmt: skip
+                steps,
+            )  # fmt: skip  # [steps, n] int64, [steps] seconds since start
+        return tokens.tolist(), [start + t for t in known.tolist()]
+
+    def _names(self, snap: _Snapshot, adapters: list[str | None] | None, n: int) -> list[str | None] | None:
+        """Each sequence's adapter (``None``: the model's active one), or ``None`` when the step cannot run them."""
+        names = [a if a is not None else snap.active for a in (adapters or [None] * n)]
+        if not snap.one_active or not set(names) <= {None, *snap.slots}:
+            return None  # layers set to different adapters, or an adapter the snapshot lacks: the generic path
+        return names
+
+    def _step(self, snap: _Snapshot, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+              tables: torch.Tensor, adapter_slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Logits ``[r, V]`` of one step: ``ids``, ``positions`` and ``slots`` ``[n]``, ``tables [n, W]``, ``adapter_slots``
+        (:meth:`_Snapshot.adapter_slots`), ``rows`` as ``decode_step``'s ``logit_rows``. Runs in inference mode."""
+        body = self.model.hf.model
+        emb = body.embed_tokens(ids)  # [n, E]
+        cos, sin = self._rotary(body.rotary_emb, positions, emb)  # [n, D] each, fp32
+        self.ext.float_prefetch(self.prefetch)
+        self.ext.upcast_bf16(self.upcast_bf16)
+        return self.ext.decode_step(
+            emb.float().contiguous(),
+            snap.handle,
+            self.cache.key, self.cache.value,
+            slots, tables, positions + 1,
+            cos, sin,
+            snap.norm,
+            snap.num_heads, snap.eps, snap.scaling,
+            adapter_slots,
+            self.amx_rows,
+            snap.act8,
+            rows,
+        )  # fmt: skip

@@ -45,16 +45,21 @@ class RopeTable:
         inv = self.rotary.inv_freq
         return dtype, inv.data_ptr(), inv._version, inv.dtype, float(getattr(self.rotary, "attention_scaling", 1.0))
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # [n, D] each
-        """fp32 cos and sin rows for ``positions`` (int64 ``[n]``) of activations in ``dtype``, contiguous."""
-        needed = int(positions.max()) + 1 if positions.numel() else 1
+    def tables(self, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # [P, D] each
+        """The whole fp32 cos and sin tables for activations in ``dtype``, covering at least positions
+        ``0..positions - 1`` (``P >= positions``), contiguous."""
         key = self._state(dtype)
-        if key != self._key or needed > self._cos.shape[0]:
+        if key != self._key or positions > self._cos.shape[0]:
             size = max(MIN_POSITIONS, self._cos.shape[0] if key == self._key else 0)
-            while size < needed:
+            while size < positions:
                 size *= 2
             probe = torch.empty(1, 1, 1, dtype=dtype, device=self.rotary.inv_freq.device)  # dtype, device only
             cos, sin = self.rotary(probe, torch.arange(size, device=probe.device)[None])  # [1, size, D] each
             self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
             self._key = key
-        return self._cos[positions], self._sin[positions]
+        return self._cos, self._sin
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # [n, D] each
+        """fp32 cos and sin rows for ``positions`` (int64 ``[n]``) of activations in ``dtype``, contiguous."""
+        cos, sin = self.tables(int(positions.max()) + 1 if positions.numel() else 1, dtype)
+        return cos[positions], sin[positions]

@@ -31,6 +31,18 @@ def test_lookup_equals_the_rotary_module(dtype, rope_parameters):
     assert cos.dtype == torch.float32 and cos.is_contiguous() and table._cos.shape[0] == 4 * MIN_POSITIONS
 
 
+def test_whole_tables_cover_the_positions_asked_and_hold_the_lookup_rows():
+    rotary = tiny("llama", seed=0).hf.model.rotary_emb
+    table = RopeTable(rotary)
+    cos, sin = table.tables(5000, torch.bfloat16)  # [P, D] each, grown by doubling
+    assert cos.shape[0] == 8 * MIN_POSITIONS and sin.shape == cos.shape and cos.is_contiguous()
+    positions = torch.tensor([0, 77, 4999])
+    looked = table.lookup(positions, torch.bfloat16)
+    assert torch.equal(looked[0], cos[positions]) and torch.equal(looked[1], sin[positions])
+    assert table.tables(10, torch.bfloat16)[0] is cos  # covered: not rebuilt
+    assert not torch.equal(table.tables(10, torch.float32)[0][:10], cos[:10])  # another dtype rounds otherwise
+
+
 def test_frequencies_changed_in_place_rebuild_the_table():
     rotary = tiny("llama", seed=0).hf.model.rotary_emb
     table = RopeTable(rotary)

@@ -1,0 +1,192 @@
+"""Greedy bursts (``Generator(num_scheduler_steps=k)``): several fused CPU decode steps in one C++ call.
+
+The tokens, texts and finish reasons must be those of single steps, whatever the model's embedding (float,
+bf16, or the rows of a quantized tied head), the requests' lengths and stop conditions, or the free blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmspeed
+from llmspeed import Generator, SamplingParams
+from llmspeed.generation import fused_decode
+from llmspeed.generation.rope_table import static
+
+from .test_engine import CharTokenizer
+
+BURST = "fused cpu, greedy burst"
+
+
+def _tied(fmt: str):
+    """A tiny llama whose head is tied to its embedding and quantized to ``fmt`` (a ``QuantizedEmbedding``)."""
+    model = llmspeed.models.tiny("llama", seed=3)
+    hf = model.hf
+    hf.lm_head.weight = hf.model.embed_tokens.weight
+    group = {"group_size": 32} if fmt != "int8" else {}
+    llmspeed.quantize(model, fmt, skip=[], **group)
+    assert type(hf.model.embed_tokens).__name__ == "QuantizedEmbedding"
+    return model
+
+
+MODELS = {
+    "llama fp32": lambda: llmspeed.models.tiny("llama", seed=0),
+    "qwen3 fp32": lambda: llmspeed.models.tiny("qwen3", seed=1),
+    "llama bf16": lambda: llmspeed.cast(llmspeed.models.tiny("llama", seed=2), "bf16"),
+    "int8 tied head": lambda: _tied("int8"),
+    "int4 tied head": lambda: _tied("int4"),
+    "nf4 tied head": lambda: _tied("nf4"),
+}
+
+
+def _run(model, prompts, params, steps: int, **kwargs):
+    gen = Generator(model, progress=False, num_scheduler_steps=steps, kv_cache_tokens=kwargs.pop("kv_cache_tokens", 2048),
+                    **kwargs)  # fmt: skip
+    assert gen.fused_decode_status == "on"
+    return gen, gen.generate_batched(prompts, params)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bursts_give_the_tokens_of_single_steps(name):
+    model = MODELS[name]()
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11] * 20, [200, 3]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 23, 40, 1)]
+    _, single = _run(model, prompts, params, 1)
+    gen, burst = _run(model, prompts, params, 8)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert [o.finish_reason for o in burst] == ["length"] * 4
+    steps, _ = gen.step_paths[BURST]
+    assert steps > 20  # most decode steps ran in bursts
+    assert gen.stats.output_tokens == 5 + 23 + 40 + 1
+
+
+def test_bursts_end_where_single_steps_end_on_stop_ids_and_strings(llama):
+    llama.tokenizer = CharTokenizer()
+    free = _run(llama, [[65, 66, 67]], SamplingParams(max_new_tokens=30, ignore_eos=True), 1)[1][0]
+    text = CharTokenizer().decode(free.token_ids)
+    cases = [
+        SamplingParams(max_new_tokens=30, stop_token_ids=[free.token_ids[9]], ignore_eos=True),
+        SamplingParams(max_new_tokens=30, stop=[text[11:13]], ignore_eos=True),
+        SamplingParams(max_new_tokens=30, min_tokens=12, stop_token_ids=[free.token_ids[3]], ignore_eos=True),
+        SamplingParams(max_new_tokens=30),  # the tokenizer's eos (0) ends it if it comes
+    ]
+    for params in cases:
+        single = _run(llama, [[65, 66, 67], [70, 71]], params, 1)[1]
+        burst = _run(llama, [[65, 66, 67], [70, 71]], params, 8)[1]
+        for a, b in zip(single, burst):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+    assert single[0].finish_reason in ("stop", "length")
+
+
+def test_streamed_events_of_a_burst_are_the_tokens_in_order(llama):
+    llama.tokenizer = CharTokenizer()
+    gen = Generator(llama, progress=False, num_scheduler_steps=6)
+    events = list(gen.stream(["ABC", "XY"], SamplingParams(max_new_tokens=17, ignore_eos=True)))
+    outs = _run(llama, ["ABC", "XY"], SamplingParams(max_new_tokens=17, ignore_eos=True), 1)[1]
+    for index, out in enumerate(outs):
+        mine = [e for e in events if e.index == index]
+        assert [e.token_id for e in mine] == out.token_ids
+        assert "".join(e.text for e in mine) == out.text and mine[-1].finished
+        assert sum(e.finished for e in mine) == 1
+    assert gen.step_paths[BURST][0] > 0
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=12, temperature=0.8, seed=1, ignore_eos=True),
+    SamplingParams(max_new_tokens=12, logprobs=2, ignore_eos=True),
+    SamplingParams(max_new_tokens=12, repetition_penalty=1.3, ignore_eos=True),
+], ids=["sampled", "logprobs", "penalty"])  # fmt: skip
+def test_requests_that_are_not_plain_greedy_never_burst(llama, params):
+    gen, outs = _run(llama, [[1, 2, 3]], params, 8)
+    single = _run(llama, [[1, 2, 3]], params, 1)[1]
+    assert BURST not in gen.step_paths and outs[0].token_ids == single[0].token_ids
+
+
+def test_no_burst_while_a_request_waits():
+    model = llmspeed.models.tiny("llama", seed=0)
+    gen = Generator(model, progress=False, num_scheduler_steps=8, max_seqs=1)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    for prompt in ([1, 2, 3], [4, 5]):
+        gen.add_request(prompt, params)
+    firsts = []
+    while gen.has_unfinished():
+        events = gen.step()
+        firsts += [e.request_id for e in events if e.finished]
+        if gen.scheduler.waiting:  # the second request waits for the first: every step is a single step
+            assert BURST not in gen.step_paths
+    assert firsts == [0, 1] and gen.step_paths[BURST][0] > 0
+
+
+def test_bursts_take_only_free_blocks_and_never_preempt():
+    model = llmspeed.models.tiny("llama", seed=0)
+    prompts = [[7] * 13, [9] * 14, [3] * 12]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    # 9 blocks of 16 tokens for three requests of up to 44 tokens: the bursts shrink as blocks run out
+    single = _run(model, prompts, params, 1, kv_cache_tokens=144)[1]
+    gen, burst = _run(model, prompts, params, 8, kv_cache_tokens=144)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert [o.metrics.num_preemptions for o in burst] == [o.metrics.num_preemptions for o in single]
+    assert gen.blocks.num_free == 9 and gen.step_paths[BURST][0] > 0
+
+
+def test_a_burst_that_raises_fails_its_requests_and_keeps_the_events_before_it(llama, monkeypatch):
+    gen = Generator(llama, progress=False, num_scheduler_steps=4)
+    gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    while not any(e.token_id is not None for e in gen.step()):  # the prefill's token
+        pass
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(gen.runner.fused, "greedy_steps", broken)
+    events = gen.step()
+    assert [e.token_id is not None for e in events] == [True, False]  # the step's own token, then the end
+    assert events[-1].finished and events[-1].output.finish_reason == "error"
+    assert "injected" in events[-1].output.error and gen.blocks.num_free == gen.blocks.num_blocks
+    monkeypatch.undo()
+    out = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    steps=st.integers(2, 9),
+    lengths=st.lists(st.integers(1, 25), min_size=1, max_size=4),
+    prompt_lengths=st.lists(st.integers(1, 20), min_size=4, max_size=4),
+)
+def test_any_burst_length_gives_the_same_tokens(steps, lengths, prompt_lengths):
+    model = _BASE[0]
+    prompts = [[(i * 31 + j) % 256 for j in range(prompt_lengths[i])] for i in range(len(lengths))]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    single = _run(model, prompts, params, 1)[1]
+    assert [o.token_ids for o in _run(model, prompts, params, steps)[1]] == [o.token_ids for o in single]
+
+
+_BASE = [llmspeed.models.tiny("llama", seed=5)]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "8", None])
+def test_num_scheduler_steps_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match=r"num_scheduler_steps must be an int >= 1; got"):
+        Generator(llmspeed.models.tiny("llama", seed=0), progress=False, num_scheduler_steps=bad)
+
+
+def test_the_c_loop_reads_only_embeddings_and_rotaries_it_can():
+    from torch import nn
+
+    emb = nn.Embedding(10, 4)
+    assert fused_decode._embedding_parts(emb)[0] is not None
+    assert fused_decode._embedding_parts(nn.Embedding(10, 4, max_norm=1.0)) is None
+    assert fused_decode._embedding_parts(nn.Embedding(10, 4).half()) is None
+    quantized = _tied("int8").hf.model.embed_tokens
+    table, scale, zero, group = fused_decode._embedding_parts(quantized)
+    assert table.dtype == torch.int8 and scale.numel() == 256 and zero.numel() == 0 and group == 0
+    # a model whose rotary frequencies are recomputed per call: no burst, the same tokens
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model = llmspeed.models.tiny("llama", seed=0, rope_parameters=dynamic)
+    assert not static(model.hf.model.rotary_emb)
+    gen, outs = _run(model, [[1, 2, 3]], SamplingParams(max_new_tokens=10, ignore_eos=True), 8)
+    assert BURST not in gen.step_paths and len(outs[0].token_ids) == 10
