@@ -53,6 +53,10 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     # llama.cpp caches keys and values in fp16 by default (type_k / type_v f16): the same cache on our side
     "fp32, fp16 kv cache": "fp32", "int8, int8 activations, int8 lm_head, fp16 kv cache": "int8",
     "int4, awq+gptq, int8 activations, int8 lm_head, fp16 kv cache": "int4",
+    # Generator(num_scheduler_steps=8): greedy decode steps run back to back in one C++ call
+    "fp32, 8 scheduler steps": "fp32", "bf16, 8 scheduler steps": "bf16", "int8, 8 scheduler steps": "int8",
+    "int8, int8 activations, int8 lm_head, 8 scheduler steps": "int8",
+    "int4, awq+gptq, int8 activations, int8 lm_head, 8 scheduler steps": "int4",
 }  # fmt: skip
 SEQS = 8  # sequences of the batched decode rows
 PREFILL_RUNS = 5  # timed 256-token prompts per system, after one warm-up; the table takes their median
@@ -322,18 +326,27 @@ def serve_llama_steps() -> None:
             print(json.dumps([next(times) for _ in range(int(line))]), flush=True)
 
 
-def _llmspeed_steps(model, prompt: list[int], kv_cache_dtype: str = "auto") -> Iterator[float]:
+def _llmspeed_steps(model, prompt: list[int], kv_cache_dtype: str = "auto", scheduler_steps: int = 1) -> Iterator[float]:
     """The ms of each llmspeed decode step of one sequence, ``prompt[:PREFIX]`` prefilled first (untimed), as
-    :func:`_llama_steps` times llama.cpp's; the first step after the prefill is untimed too."""
-    g = Generator(model, kv_cache_tokens=1024, progress=False, kv_cache_dtype=kv_cache_dtype)
+    :func:`_llama_steps` times llama.cpp's; the first step after the prefill is untimed too.
+
+    With ``scheduler_steps`` > 1 (the Generator's ``num_scheduler_steps``), a ``step()`` call that gives
+    several tokens counts as that many steps of its mean time.
+    """
+    g = Generator(model, kv_cache_tokens=1024, progress=False, kv_cache_dtype=kv_cache_dtype,
+                  num_scheduler_steps=scheduler_steps)  # fmt: skip
     g.add_request(prompt[:PREFIX], SamplingParams(max_new_tokens=len(prompt), ignore_eos=True))
     while not any(e.token_id is not None for e in g.step()):  # the prefill, until its first token
         pass
     g.step()
     while True:
         start = time.perf_counter()
-        g.step()
-        yield (time.perf_counter() - start) * 1e3
+        tokens = sum(e.token_id is not None for e in g.step())
+        ms = (time.perf_counter() - start) * 1e3
+        if not tokens:
+            raise RuntimeError(f"the timed sequence ended after {len(prompt)} tokens")
+        for _ in range(tokens):
+            yield ms / tokens
 
 
 def paired_blocks(ours: list[float], theirs: list[float]) -> dict[str, float]:
@@ -359,7 +372,7 @@ def _interleaved(models: dict[str, Any], anchor: tuple[str, int], prompt: list[i
     spinning. :func:`paired_blocks` gives each row's numbers.
     """
     llama = _LlamaBlocks(requantized(*anchor, threads), prompt, threads, extra_bufts)
-    ours = {fmt: _llmspeed_steps(m, prompt, _kv_cache_dtype(fmt)) for fmt, m in models.items()}
+    ours = {fmt: _llmspeed_steps(m, prompt, _kv_cache_dtype(fmt), _scheduler_steps(fmt)) for fmt, m in models.items()}
     mine: dict[str, list[float]] = {fmt: [] for fmt in models}
     try:
         with torch.inference_mode():
@@ -421,7 +434,14 @@ def _kv_cache_dtype(fmt: str) -> str:
     return "fp16" if "fp16 kv cache" in fmt.split(", ")[1:] else "auto"
 
 
-def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, kv_cache_dtype: str = "auto") -> dict[str, Any]:
+def _scheduler_steps(fmt: str) -> int:
+    """The Generator's ``num_scheduler_steps`` a FORMATS key asks for (1 unless it says ``N scheduler steps``)."""
+    wanted = [int(o.split()[0]) for o in fmt.split(", ")[1:] if o.endswith(" scheduler steps")]
+    return wanted[0] if wanted else 1
+
+
+def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, kv_cache_dtype: str = "auto",
+                   scheduler_steps: int = 1) -> dict[str, Any]:  # fmt: skip
     from ..eval.perplexity import window_losses
 
     def ready() -> Callable[[], Any]:
@@ -433,10 +453,11 @@ def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, 
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
     one, eight = [prompt[:PREFIX]], [prompt[i : i + PREFIX] for i in range(SEQS)]
-    return {"decode ms": decode_step_ms(model, one, steps, kv_cache_dtype=kv_cache_dtype)[0],
+    options = {"kv_cache_dtype": kv_cache_dtype, "scheduler_steps": scheduler_steps}
+    return {"decode ms": decode_step_ms(model, one, steps, **options)[0],
             "prefill tok/s": prefill,
             "MB": memory_footprint(model)["total"] / 1e6, "perplexity": math.exp(losses.mean().item()),
-            "decode ms, 8 sequences": decode_step_ms(model, eight, steps, kv_cache_dtype=kv_cache_dtype)[0]}  # fmt: skip
+            "decode ms, 8 sequences": decode_step_ms(model, eight, steps, **options)[0]}  # fmt: skip
 
 
 def _ratios(ours: dict[str, Any], theirs: dict[str, Any], against: str) -> dict[str, Any]:
@@ -513,7 +534,7 @@ def _group_rows(base: str, members: list[str], quick: bool, rounds: int, interle
     for _ in range(rounds):
         for fmt, m in models.items():
             with torch.inference_mode():
-                ours_runs[fmt].append(_llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt)))
+                ours_runs[fmt].append(_llmspeed_rows(m, prompt, windows, steps, _kv_cache_dtype(fmt), _scheduler_steps(fmt)))
         theirs = None
         if missing is None and (crash is None or any(theirs_runs)):  # both ways failed in every round so far: stop
             theirs, crash, note = _anchor_rows(anchor, prompt, windows, threads, steps, crash)

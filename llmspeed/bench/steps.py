@@ -19,6 +19,7 @@ def decode_step_ms(
     fused_amx_rows: int | None = None,
     lora_dtype: str = "float16",
     kv_cache_dtype: str = "auto",
+    scheduler_steps: int = 1,
 ) -> tuple[float, str]:
     """Median ms of ``steps`` decode steps with one running sequence per prompt, and the paths they took.
 
@@ -34,25 +35,30 @@ def decode_step_ms(
             :data:`~llmspeed.generation.fused_decode.AMX_ROWS`).
         lora_dtype: Passed to :class:`~llmspeed.generation.Generator` (the fused step's adapter stacks).
         kv_cache_dtype: Passed to :class:`~llmspeed.generation.Generator` (``"auto"``: the model's dtype).
+        scheduler_steps: The Generator's ``num_scheduler_steps``: a ``step()`` call that gives each sequence
+            several tokens counts as that many steps of its mean time.
     """
-    tokens = sum(len(p) + steps + 8 for p in prompts)  # every sequence stays resident: no preemption
+    tokens = sum(len(p) + steps + scheduler_steps + 8 for p in prompts)  # every sequence stays resident: no preemption
     g = Generator(model, kv_cache_tokens=max(4096, tokens), progress=False, fused_decode=fused_decode,
-                  lora_dtype=lora_dtype, kv_cache_dtype=kv_cache_dtype)
+                  lora_dtype=lora_dtype, kv_cache_dtype=kv_cache_dtype, num_scheduler_steps=scheduler_steps)
     if fused_max_rows is not None and g.runner.fused is not None:
         g.runner.fused.max_rows = fused_max_rows
     if fused_amx_rows is not None and g.runner.fused is not None:
         g.runner.fused.amx_rows = fused_amx_rows
     names = list(adapters) if adapters is not None else [None] * len(prompts)
-    rids = {g.add_request(list(p), SamplingParams(max_new_tokens=steps + 4, ignore_eos=True, adapter=a))
+    rids = {g.add_request(list(p), SamplingParams(max_new_tokens=steps + scheduler_steps + 4, ignore_eos=True, adapter=a))
             for p, a in zip(prompts, names)}  # fmt: skip
     started: set[int] = set()
     while started != rids:  # prefill until every sequence has its first token
         started |= {e.request_id for e in g.step() if e.token_id is not None}
     before = dict(g.step_paths)
-    times = []
-    for _ in range(steps):
+    times: list[float] = []
+    while len(times) < steps:
         start = time.perf_counter()
-        g.step()
-        times.append((time.perf_counter() - start) * 1e3)
+        tokens = sum(e.token_id is not None for e in g.step())
+        ms = (time.perf_counter() - start) * 1e3
+        count = max(1, round(tokens / len(prompts)))  # steps this call ran
+        times += [ms / count] * count
+    del times[steps:]
     paths = sorted(p for p, (n, _) in g.step_paths.items() if n > before.get(p, (0, 0.0))[0])
     return statistics.median(times), ",".join(paths)

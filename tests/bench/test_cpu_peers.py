@@ -42,12 +42,13 @@ def test_variants_build_what_their_names_say():
     assert isinstance(layers["lm_head"], Int8Linear)
     assert all(isinstance(m, Int4Linear) and m.config.activations == "int8" and m.config.group_size == 64
                for n, m in layers.items() if n != "lm_head")  # fmt: skip
-    options = {"int8 lm_head", "int4 lm_head", "int8 activations", "awq+gptq", "fp16 kv cache"}
+    options = {"int8 lm_head", "int4 lm_head", "int8 activations", "awq+gptq", "fp16 kv cache", "8 scheduler steps"}
     assert all(k.split(", ")[1:] and set(k.split(", ")[1:]) <= options
                for k, v in cpu_peers.FORMATS.items() if isinstance(v, str))  # fmt: skip
     int4_head = dict(cpu_peers._llmspeed_model("int4, int8 activations, int4 lm_head").linear_layers())["lm_head"]
     assert isinstance(int4_head, Int4Linear) and int4_head.config.group_size == 64
     assert cpu_peers._kv_cache_dtype("fp32, fp16 kv cache") == "fp16" and cpu_peers._kv_cache_dtype("int8") == "auto"
+    assert cpu_peers._scheduler_steps("int8, 8 scheduler steps") == 8 and cpu_peers._scheduler_steps("int8, int8 lm_head") == 1
     plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())
     assert type(plain["lm_head"]).__name__ == "Linear" and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
 
@@ -57,7 +58,7 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     events: list[str] = []
     slow = itertools.cycle([1.0, 3.0, 1.5])  # the host's speed in each round: slower, then in between
 
-    def ours(model, prompt, windows, steps, kv="auto"):
+    def ours(model, prompt, windows, steps, kv="auto", scheduler_steps=1):
         events.append("llmspeed")
         k = next(slow)
         shared["k"] = k
@@ -109,7 +110,7 @@ def test_variants_are_paired_with_the_anchor_of_their_own_round(monkeypatch):
     speeds = iter([1.0, 3.0, 1.5, 1.0])  # round 1 quick, round 2 slow, round 3 in between; read per llama.cpp run
     factors = iter([0.5, 0.5, 0.9])  # the variant against the base format, per round (its own noise)
 
-    def ours(model, prompt, windows, steps, kv="auto"):
+    def ours(model, prompt, windows, steps, kv="auto", scheduler_steps=1):
         events.append(f"llmspeed {kv}")
         k = shared["k"]
         factor = next(factors) if kv == "fp16" else 1.0
@@ -169,7 +170,7 @@ def test_interleaved_column_alternates_the_blocks_and_closes_both_sides(monkeypa
         finally:
             events.append(f"llmspeed {kv} closed")
 
-    def counted(model, prompt, kv="auto"):
+    def counted(model, prompt, kv="auto", scheduler_steps=1):
         events.append(f"llmspeed {kv}")
         return steps(model, prompt, kv)
 
