@@ -244,6 +244,25 @@ def test_serve_cli_passes_the_kv_cache_dtype_to_the_cache():
         build_parser().parse_args(["--kv-cache-dtype", "int8"])
 
 
+def test_serve_cli_passes_the_scheduler_steps_and_bursts_answer_as_single_steps():
+    from llmspeed.serving.cli import build, build_parser
+
+    outs = []
+    for steps in ("1", "6"):
+        engine, _ = build(build_parser().parse_args(["--num-scheduler-steps", steps, "--kv-cache-tokens", "1024", "--port", "0"]))
+        try:
+            assert engine.generator.num_scheduler_steps == int(steps)
+            handles = [engine.submit(p, SamplingParams(max_new_tokens=14, ignore_eos=True)) for p in ("Hi", "What is 2+2?")]
+            outs.append([h.result(timeout=120).token_ids for h in handles])
+            assert (engine.generator.step_paths.get("fused cpu, greedy burst", (0, 0))[0] > 0) == (steps == "6")
+        finally:
+            engine.close()
+    assert outs[0] == outs[1] and all(len(t) == 14 for t in outs[0])
+    for bad in ("0", "-3", "two"):
+        with pytest.raises(SystemExit):  # argparse names the option and the value
+            build_parser().parse_args(["--num-scheduler-steps", bad])
+
+
 def test_serve_cli_int8_activations_reach_every_quantized_layer():
     from llmspeed.serving.cli import build, build_parser
 
