@@ -17,8 +17,11 @@ from llmspeed.generation import fused_decode
 from llmspeed.generation.rope_table import static
 
 from .test_engine import CharTokenizer
+from .test_fused_lora import _with_adapters
 
 BURST = "fused cpu, greedy burst"
+
+pytestmark = pytest.mark.skipif(fused_decode.unavailable() is not None, reason="the C++ decode kernel cannot build here")
 
 
 def _tied(fmt: str):
@@ -92,6 +95,32 @@ def test_streamed_events_of_a_burst_are_the_tokens_in_order(llama):
         assert "".join(e.text for e in mine) == out.text and mine[-1].finished
         assert sum(e.finished for e in mine) == 1
     assert gen.step_paths[BURST][0] > 0
+
+
+def test_bursts_run_each_request_with_its_own_adapter():
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=4))
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    params = [SamplingParams(max_new_tokens=20, ignore_eos=True, adapter=a) for a in ("a", "b", None)]
+    single = _run(model, prompts, params, 1, lora_dtype="fp32")[1]
+    gen, burst = _run(model, prompts, params, 8, lora_dtype="fp32")
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert gen.step_paths[BURST][0] > 0
+    plain = _run(model, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True), 8)[1]
+    assert [o.token_ids for o in plain] != [o.token_ids for o in burst]  # the adapters change the tokens
+
+
+def test_blocks_a_burst_computed_serve_later_prompts_from_the_prefix_cache():
+    model = llmspeed.models.tiny("llama", seed=0)
+    cached = {}
+    for steps in (1, 8):
+        gen = Generator(model, progress=False, num_scheduler_steps=steps, prefix_caching=True, kv_cache_tokens=2048)
+        first = gen.generate_batched([[5] * 10], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
+        # the first request's prompt and 38 of its tokens: 48 tokens in three full blocks, the last recomputed
+        # (the prompt's last token needs logits); the second block holds tokens 6-21 of the output, most of
+        # them written by bursts
+        again = gen.generate_batched([[5] * 10 + first.token_ids[:38]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+        cached[steps] = (again.metrics.cached_tokens, again.token_ids, first.token_ids)
+    assert cached[8] == cached[1] and cached[8][0] == 32
 
 
 @pytest.mark.parametrize("params", [
