@@ -561,14 +561,19 @@ def test_a_model_changed_after_the_generator_was_built_is_followed():
     assert fused.run(StepInput.decode(decode, gen.blocks.block_size)) is None
 
 
-def test_a_replaced_decoder_layer_is_followed_and_unrelated_assignments_keep_the_snapshot():
-    import copy
-
+def _stepped_once():
+    """A tiny llama's fused step after one decode step: model, generator, decode rows, step, its logits."""
     model = llmspeed.models.tiny("llama", seed=0)
     gen, decode = _prefilled(model, [5, 12])
     fused = fused_decode.FusedDecode(model, gen.cache)
     step = StepInput.decode(decode, gen.blocks.block_size)
-    before = fused.run(step)
+    return model, gen, decode, fused, step, fused.run(step)
+
+
+def test_a_replaced_decoder_layer_is_followed_and_unrelated_assignments_keep_the_snapshot():
+    import copy
+
+    model, gen, decode, fused, step, before = _stepped_once()
     snap = fused._snapshot
     # modules built anywhere else (here a throwaway one) leave the snapshot in use: its children were checked
     nn.Sequential(nn.Linear(2, 2))
@@ -593,11 +598,7 @@ def test_a_replaced_decoder_layer_is_followed_and_unrelated_assignments_keep_the
 def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_hold():
     import gc
 
-    model = llmspeed.models.tiny("llama", seed=0)
-    gen, decode = _prefilled(model, [5, 12])
-    fused = fused_decode.FusedDecode(model, gen.cache)
-    step = StepInput.decode(decode, gen.blocks.block_size)
-    before = fused.run(step)
+    model, gen, decode, fused, step, before = _stepped_once()
     snap = fused._snapshot
     handle = snap.handle
     assert fused.ext.held_current(handle)
