@@ -740,11 +740,13 @@ bool held_current(int64_t handle) {
 // lora: empty, or (A, B) stacks (see lora_add) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 // amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
-at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
-                       at::Tensor value_cache, at::Tensor slots, at::Tensor blocks, at::Tensor context,
-                       at::Tensor cos, at::Tensor sin, at::Tensor norm, int64_t num_heads,
-                       double eps, double scale, at::Tensor adapter_slot, int64_t amx_rows, at::Tensor act8,
-                       at::Tensor logit_rows) {
+// Called with the GIL released (decode_step, greedy_steps).
+static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& slots, const at::Tensor& blocks,
+                            const at::Tensor& context, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& norm, int64_t num_heads, double eps, double scale,
+                            const at::Tensor& adapter_slot, int64_t amx_rows, const at::Tensor& act8,
+                            const at::Tensor& logit_rows) {
   const auto set = held(handle);
   const std::vector<at::Tensor>& weights = set->weights;
   const std::vector<at::Tensor>& lm_head = set->lm_head;
@@ -862,6 +864,16 @@ at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache,
   return logits;
 }
 
+// One step (step_rows) with the GIL released, so that other Python threads (a server's event loop) run meanwhile.
+at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache, at::Tensor value_cache,
+                       at::Tensor slots, at::Tensor blocks, at::Tensor context, at::Tensor cos, at::Tensor sin,
+                       at::Tensor norm, int64_t num_heads, double eps, double scale, at::Tensor adapter_slot,
+                       int64_t amx_rows, at::Tensor act8, at::Tensor logit_rows) {
+  pybind11::gil_scoped_release no_gil;
+  return step_rows(hidden, handle, key_cache, value_cache, slots, blocks, context, cos, sin, norm, num_heads, eps,
+                   scale, adapter_slot, amx_rows, act8, logit_rows);
+}
+
 namespace {
 
 // Rows ids [n] of the input embedding as fp32 out [n, E], with the operations of the embedding module's own
@@ -913,12 +925,14 @@ int64_t argmax(const float* x, int64_t V) {
 // step's inputs made between them: ids and positions int64 [n] (the first step's tokens and their positions),
 // blocks [n, W] holding every position up to positions + steps - 1; rope_cos / rope_sin fp32 [P, D], the rows of
 // positions 0..P-1; the embedding as embed_rows reads it; the rest as in decode_step. Returns the tokens, int64
-// [steps, n], and the seconds from the call's start at which each step's tokens were known, fp64 [steps].
+// [steps, n], and the seconds from the call's start at which each step's tokens were known, fp64 [steps]. Runs with
+// the GIL released.
 std::tuple<at::Tensor, at::Tensor> greedy_steps(
     at::Tensor ids, int64_t handle, at::Tensor key_cache, at::Tensor value_cache, at::Tensor blocks,
     at::Tensor positions, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor embed, at::Tensor embed_scale,
     at::Tensor embed_zero, int64_t embed_group, at::Tensor norm, int64_t num_heads, double eps, double scale,
     at::Tensor adapter_slot, int64_t amx_rows, at::Tensor act8, int64_t steps) {
+  pybind11::gil_scoped_release no_gil;
   const auto start = std::chrono::steady_clock::now();
   for (const auto* t : {&ids, &positions, &blocks})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "greedy steps: ids, positions and blocks must be int64");
@@ -952,8 +966,8 @@ std::tuple<at::Tensor, at::Tensor> greedy_steps(
       slots.data_ptr<int64_t>()[i] = table[i * W + p / BS] * BS + p % BS;
       context.data_ptr<int64_t>()[i] = p + 1;
     }
-    const at::Tensor logits = decode_step(hidden, handle, key_cache, value_cache, slots, blocks, context, cos, sin,
-                                          norm, num_heads, eps, scale, adapter_slot, amx_rows, act8, every);  // [n, V]
+    const at::Tensor logits = step_rows(hidden, handle, key_cache, value_cache, slots, blocks, context, cos, sin,
+                                        norm, num_heads, eps, scale, adapter_slot, amx_rows, act8, every);  // [n, V]
     const int64_t V = logits.size(1);
     for (int64_t i = 0; i < n; ++i) cur[i] = tokens.data_ptr<int64_t>()[s * n + i] = argmax(logits.data_ptr<float>() + i * V, V);
     known.data_ptr<double>()[s] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -219,3 +219,63 @@ def test_the_c_loop_reads_only_embeddings_and_rotaries_it_can():
     assert not static(model.hf.model.rotary_emb)
     gen, outs = _run(model, [[1, 2, 3]], SamplingParams(max_new_tokens=10, ignore_eos=True), 8)
     assert BURST not in gen.step_paths and len(outs[0].token_ids) == 10
+
+
+def test_the_c_steps_let_other_python_threads_run():
+    """A server's event loop keeps running during a step: decode_step and greedy_steps release the GIL."""
+    import sys
+    import threading
+    import time
+
+    from llmspeed.generation.runner import StepInput
+
+    # steps of a few ms: a waiting thread is woken in tens of us, but needs the GIL free for that long
+    model = llmspeed.models.tiny("llama", seed=0, num_hidden_layers=6, hidden_size=512, intermediate_size=2048)
+    gen = Generator(model, progress=False)
+    gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=200, ignore_eos=True))
+    gen.step()
+    (seq,) = gen.scheduler.running
+    gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens + 60)
+    fused, rows = gen.runner.fused, [(seq.block_table, seq.num_computed, seq.output_ids[-1])]
+    calls = {"decode_step": lambda: fused.run(StepInput.decode(rows, gen.blocks.block_size)),
+             "greedy_steps": lambda: fused.greedy_steps(rows, 40)}  # fmt: skip
+    count, stop, ran = [0], threading.Event(), {}
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    class Counting:  # the spinner's loops while each C++ call runs (torch ops around it release the GIL too)
+        def __init__(self, ext):
+            self.ext = ext
+
+        def __getattr__(self, name):
+            return getattr(self.ext, name)
+
+        def decode_step(self, *args):
+            return self._counted("decode_step", args)
+
+        def greedy_steps(self, *args):
+            return self._counted("greedy_steps", args)
+
+        def _counted(self, name, args):
+            before = count[0]
+            out = getattr(self.ext, name)(*args)
+            ran[name] = count[0] - before
+            return out
+
+    fused.ext = Counting(fused.ext)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)  # a thread holding the GIL keeps it this long unless it releases it
+    spinner = threading.Thread(target=spin)
+    try:
+        spinner.start()
+        for call in calls.values():
+            time.sleep(0.01)  # the spinner takes the GIL; the main thread gets it back fresh, for 0.5 s
+            call()
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        spinner.join()
+    assert set(ran) == set(calls) and all(n > 0 for n in ran.values()), ran
