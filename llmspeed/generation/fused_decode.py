@@ -213,12 +213,14 @@ def _embedding_parts(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """
     none = torch.empty(0)
     if type(module) is nn.Embedding:
-        ok = module.max_norm is None and module.weight.dtype in _WEIGHT_DTYPES
+        ok = module.max_norm is None and module.weight.dtype in _WEIGHT_DTYPES and module.weight.is_contiguous()
         return (module.weight.detach(), none, none, 0) if ok else None
     head = getattr(module, "head", None)
     if _embedding_dtype(module) != torch.float32 or type(head) is nn.Linear or head is None or not _fusable(head):
         return None
     q, scale, zero = _parts(head)
+    if not scale.is_contiguous():
+        return None
     return q, scale, _opt(zero), head.layout.group if head.layout.four_bit else 0
 
 
@@ -591,6 +593,11 @@ class FusedDecode:
         warm time (docs/kernels.md has the measurements).
         The block tables must already hold ``position + steps`` tokens. ``adapters`` as in :meth:`run`.
         """
+        bs = self.cache.block_size
+        short = [i for i, (table, p, _) in enumerate(rows) if len(table) * bs < p + steps]
+        if short:  # the padding block would take their keys and values: another sequence's cache
+            raise ValueError(f"rows {short}: each block table must hold position + steps tokens for steps={steps}; "
+                             f"grow them first")  # fmt: skip
         if len(rows) > self.max_rows or steps < 1:
             return None
         snap = None if self.ext is None else self._current()
@@ -603,7 +610,7 @@ class FusedDecode:
             self._rope = RopeTable(body.rotary_emb)
         last = max(p for _, p, _ in rows) + steps  # positions 0..last-1 are read
         cos, sin = self._rope.tables(last, _embedding_dtype(body.embed_tokens))  # [P, D] each, fp32
-        tables = block_tables([t for t, _, _ in rows], -(-last // self.cache.block_size), torch.device("cpu"))  # [n, W]
+        tables = block_tables([t for t, _, _ in rows], -(-last // bs), torch.device("cpu"))  # [n, W]
         start = time.perf_counter()
         with torch.inference_mode():
             self.ext.float_prefetch(self.prefetch)

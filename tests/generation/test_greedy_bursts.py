@@ -210,6 +210,9 @@ def test_the_c_loop_reads_only_embeddings_and_rotaries_it_can():
     assert fused_decode._embedding_parts(emb)[0] is not None
     assert fused_decode._embedding_parts(nn.Embedding(10, 4, max_norm=1.0)) is None
     assert fused_decode._embedding_parts(nn.Embedding(10, 4).half()) is None
+    strided = nn.Embedding(10, 4)
+    strided.weight = nn.Parameter(torch.randn(4, 10).t())  # [10, 4], not contiguous: read in Python instead
+    assert fused_decode._embedding_parts(strided) is None
     quantized = _tied("int8").hf.model.embed_tokens
     table, scale, zero, group = fused_decode._embedding_parts(quantized)
     assert table.dtype == torch.int8 and scale.numel() == 256 and zero.numel() == 0 and group == 0
@@ -219,6 +222,19 @@ def test_the_c_loop_reads_only_embeddings_and_rotaries_it_can():
     assert not static(model.hf.model.rotary_emb)
     gen, outs = _run(model, [[1, 2, 3]], SamplingParams(max_new_tokens=10, ignore_eos=True), 8)
     assert BURST not in gen.step_paths and len(outs[0].token_ids) == 10
+
+
+def test_greedy_steps_refuse_block_tables_too_short_for_the_burst():
+    model = llmspeed.models.tiny("llama", seed=0)
+    gen = Generator(model, progress=False, block_size=4)
+    gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    gen.step()
+    (seq,) = gen.scheduler.running
+    gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens)  # room for one step, not five
+    row = (seq.block_table, seq.num_computed, seq.output_ids[-1])
+    with pytest.raises(ValueError, match=r"rows \[0\]: each block table must hold position \+ steps tokens for steps=5"):
+        gen.runner.fused.greedy_steps([row], 5)
+    assert gen.runner.fused.greedy_steps([row], 1) is not None
 
 
 def test_the_c_steps_let_other_python_threads_run():
