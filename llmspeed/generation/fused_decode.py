@@ -573,10 +573,28 @@ class FusedDecode:
             lengths = torch.tensor([n for _, _, n in step.chunks])  # [chunks]
             tables = tables.repeat_interleave(lengths, dim=0)  # [n, W]
             slot_names = [name for name, (_, _, n) in zip(names, step.chunks) for _ in range(n)]
-        rows = _EMPTY_ROWS if decode else torch.tensor(step.rows)  # [r]: the sampled rows' logits only
+        body = self.model.hf.model
+        positions = torch.tensor(step.positions)  # [n]
+        ids = torch.tensor(step.ids)  # [n]
+        slots = torch.tensor(step.slots)  # [n]
         with torch.inference_mode():
-            return self._step(snap, torch.tensor(step.ids), torch.tensor(step.positions), torch.tensor(step.slots),
-                              tables, snap.adapter_slots(slot_names), rows)  # fmt: skip
+            emb = body.embed_tokens(ids)  # [n, E]
+            cos, sin = self._rotary(body.rotary_emb, positions, emb)  # [n, D] each, fp32
+            self.ext.float_prefetch(self.prefetch)
+            self.ext.upcast_bf16(self.upcast_bf16)
+            return self.ext.decode_step(
+                emb.float().contiguous(),
+                snap.handle,
+                self.cache.key, self.cache.value,
+                slots, tables, positions + 1,
+                cos, sin,
+                snap.norm,
+                snap.num_heads, snap.eps, snap.scaling,
+                snap.adapter_slots(slot_names),
+                self.amx_rows,
+                snap.act8,
+                _EMPTY_ROWS if decode else torch.tensor(step.rows),  # [r]: the sampled rows' logits only
+            )  # fmt: skip
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
                      adapters: list[str | None] | None = None) -> tuple[list[list[int]], list[float]] | None:  # fmt: skip
@@ -636,26 +654,3 @@ class FusedDecode:
         if not snap.one_active or not set(names) <= {None, *snap.slots}:
             return None  # layers set to different adapters, or an adapter the snapshot lacks: the generic path
         return names
-
-    def _step(self, snap: _Snapshot, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-              tables: torch.Tensor, adapter_slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """Logits ``[r, V]`` of one step: ``ids``, ``positions`` and ``slots`` ``[n]``, ``tables [n, W]``, ``adapter_slots``
-        (:meth:`_Snapshot.adapter_slots`), ``rows`` as ``decode_step``'s ``logit_rows``. Runs in inference mode."""
-        body = self.model.hf.model
-        emb = body.embed_tokens(ids)  # [n, E]
-        cos, sin = self._rotary(body.rotary_emb, positions, emb)  # [n, D] each, fp32
-        self.ext.float_prefetch(self.prefetch)
-        self.ext.upcast_bf16(self.upcast_bf16)
-        return self.ext.decode_step(
-            emb.float().contiguous(),
-            snap.handle,
-            self.cache.key, self.cache.value,
-            slots, tables, positions + 1,
-            cos, sin,
-            snap.norm,
-            snap.num_heads, snap.eps, snap.scaling,
-            adapter_slots,
-            self.amx_rows,
-            snap.act8,
-            rows,
-        )  # fmt: skip
