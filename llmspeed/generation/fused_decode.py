@@ -513,11 +513,15 @@ class FusedDecode:
     def _rotary(self, rotary: nn.Module, positions: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos/sin rows ``[n, D]`` of ``positions``: from a table where ``rotary`` allows one, else computed."""
         if static(rotary):
-            if self._rope is None or self._rope.rotary is not rotary:
-                self._rope = RopeTable(rotary)
-            return self._rope.lookup(positions, emb.dtype)
+            return self._rope_table(rotary).lookup(positions, emb.dtype)
         cos, sin = rotary(emb[None], positions[None])  # [1, n, D] each
         return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def _rope_table(self, rotary: nn.Module) -> RopeTable:
+        """The rotary table of ``rotary`` (a :func:`~.rope_table.static` module), kept while the model keeps it."""
+        if self._rope is None or self._rope.rotary is not rotary:
+            self._rope = RopeTable(rotary)
+        return self._rope
 
     def takes_prompt(self, rows: int) -> bool:
         """Whether a step with prompt chunks and ``rows`` rows runs here.
@@ -624,10 +628,8 @@ class FusedDecode:
         embedding = _embedding_parts(body.embed_tokens)
         if snap is None or names is None or embedding is None or not static(body.rotary_emb):
             return None
-        if self._rope is None or self._rope.rotary is not body.rotary_emb:
-            self._rope = RopeTable(body.rotary_emb)
         last = max(p for _, p, _ in rows) + steps  # positions 0..last-1 are read
-        cos, sin = self._rope.tables(last, _embedding_dtype(body.embed_tokens))  # [P, D] each, fp32
+        cos, sin = self._rope_table(body.rotary_emb).tables(last, _embedding_dtype(body.embed_tokens))  # [P, D] each
         tables = block_tables([t for t, _, _ in rows], -(-last // bs), torch.device("cpu"))  # [n, W]
         start = time.perf_counter()
         with torch.inference_mode():
