@@ -327,7 +327,7 @@ def test_cpp_dequantize_rows_equals_the_torch_dequantize_bit_for_bit(case, k, n,
 def _panels_or_skip():
     reason = KERNELS["cpp_panels"].unavailable()
     if reason is not None:
-        pytest.skip(reason)  # built only for AVX2 CPUs without VNNI (and where a compiler exists)
+        pytest.skip(reason)  # built for AVX2 and AVX-512 VNNI CPUs (where a compiler exists)
 
 
 @settings(max_examples=40, deadline=None)
@@ -339,7 +339,7 @@ def _panels_or_skip():
     seed=st.integers(0, 2**16),
 )
 def test_cpp_panels_matches_the_reference_on_int8_activations(group, k, n, m, seed):
-    """int4 x int8 activations on 8-row panels: any width (padded groups), fractional zero points, rows that
+    """int4 x int8 activations on panels (8 rows on AVX2, 16 on VNNI): any width (padded groups), fractional zero points, rows that
     are not whole panels, any M; the input already on its layer's int8 grid, as the module passes it."""
     _panels_or_skip()
     group = None if group is None or group > k else group

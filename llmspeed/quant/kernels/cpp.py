@@ -25,7 +25,7 @@ from .registry import FLOAT_DTYPES, Kernel, register_kernel
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 HEADER = Path(__file__).with_name("q4_tiles.h")  # shared with the fused decode step
 INT8_HEADER = Path(__file__).with_name("q4_int8.h")  # int8 activations, shared with the fused decode step
-PANELS_HEADER = Path(__file__).with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized M (AVX2)
+PANELS_HEADER = Path(__file__).with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized M (AVX2, VNNI)
 DEQUANT_HEADER = Path(__file__).with_name("dequant_rows.h")  # packed rows widened to fp32, shared with the fused step
 DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations", "dequantize_4bit",
@@ -137,7 +137,7 @@ register_kernel(
 def _panels_unavailable() -> str | None:
     reason = unavailable()
     if reason is None and not extension().panel_gemm_built():
-        return "kernel 'cpp_panels' is built for AVX2 CPUs without AVX-512 VNNI (the fused step's VNNI dot products serve those)"
+        return "kernel 'cpp_panels' is built for CPUs with AVX2 or AVX-512 VNNI integer dot products"
     return reason
 
 
@@ -148,8 +148,9 @@ def _panels_shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
 
 
 def panels_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-    """int4 weights x the int8 codes of ``x`` on AVX2 (``q4_panels.h``): for prompt-sized M, where the weights
-    are repacked into panels of 8 interleaved rows and each 4-channel step is one byte multiply-add for 8 rows."""
+    """int4 weights x the int8 codes of ``x`` (``q4_panels.h``): for prompt-sized M, where the weights are
+    repacked into panels of interleaved rows (8 on AVX2, 16 on AVX-512 VNNI) and each 4-channel step is one
+    byte multiply-add for the whole panel."""
     xf = x if x.dtype == torch.float32 else x.float()
     y = extension().int4_matmul_i8(xf, module.qweight, module.scales, module.zeros, module.layout.group)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -157,6 +158,6 @@ def panels_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [..
 
 register_kernel(
     Kernel("cpp_panels", ("int4",), ("cpu",), FLOAT_DTYPES, panels_cpu,
-           "int4 x int8 activations for prompts, 8-row panels of byte multiply-adds (AVX2 without VNNI)",
+           "int4 x int8 activations for prompts, panels of byte multiply-adds (AVX2 or AVX-512 VNNI)",
            _panels_unavailable, _panels_shape, any_leading_dims=True)
 )  # fmt: skip

@@ -4,7 +4,7 @@
 // each weight chunk is decoded once per tile. AVX2/FMA when compiled for it, portable loops otherwise.
 #include "q4_tiles.h"  // NF4, hsum, deinterleave, group_sums, q4_tile (shared with the fused decode step)
 #include "q4_int8.h"   // int8 activations: act_round (shared with the fused decode step)
-#include "q4_panels.h"  // int4 x int8 activations for prompt-sized M (AVX2 without VNNI)
+#include "q4_panels.h"  // int4 x int8 activations for prompt-sized M (AVX2, AVX-512 VNNI)
 #include "dequant_rows.h"  // packed rows widened to fp32 (shared with the fused decode step)
 
 
@@ -106,9 +106,9 @@ torch::Tensor nf4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 }
 
 // int4 weights x int8 activations (x already on the int8 grid of its layer, or any fp32: its codes are taken
-// again) for prompt-sized M: q4_panels.h. Built where the CPU has AVX2 and no VNNI (panel_gemm_built()).
+// again) for prompt-sized M: q4_panels.h. Built where the CPU has AVX2 or AVX-512 VNNI (panel_gemm_built()).
 torch::Tensor int4_matmul_i8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t G) {
-#ifdef LLMSPEED_AVX2_DOT
+#ifdef LLMSPEED_PANELS
   x = x.contiguous();
   TORCH_CHECK(x.scalar_type() == torch::kFloat, "int4_matmul_i8: x must be fp32");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = qweight.size(0), Kp = qweight.size(1) * 2;
@@ -118,13 +118,13 @@ torch::Tensor int4_matmul_i8(torch::Tensor x, torch::Tensor qweight, torch::Tens
                 zeros.data_ptr<float>(), y.data_ptr<float>());
   return y;
 #else
-  TORCH_CHECK(false, "int4_matmul_i8: not built for this CPU (needs AVX2 without VNNI)");
+  TORCH_CHECK(false, "int4_matmul_i8: not built for this CPU (needs AVX2 or AVX-512 VNNI)");
   return x;
 #endif
 }
 
 bool panel_gemm_built() {
-#ifdef LLMSPEED_AVX2_DOT
+#ifdef LLMSPEED_PANELS
   return true;
 #else
   return false;
