@@ -21,6 +21,7 @@
 #include "amx_tiles.h"  // the AMX tile matmul (shared with the amx kernel): GEMV groups of many rows
 #include "q4_int8.h"  // int8 activations (act_quant) and the int4 / int8 x int8 dot products (VNNI, AVX2)
 #include "q4_panels.h"  // int4 x int8 activations for prompt-sized steps (AVX2, AVX-512 VNNI)
+#include "q8_panels.h"  // int8 x int8 activations for prompt-sized steps (AVX-512 VNNI)
 #include "dequant_rows.h"  // packed rows widened to fp32 for the GEMM of prompt-sized steps
 #include "cpu_vec.h"  // widening loads (fp32 / bf16 / fp16 / int8 to fp32 registers)
 #include "paged_attention.h"  // Step and attend_cached: attention over the paged KV cache
@@ -393,23 +394,31 @@ void torch_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
 
 // y [M, N] = x [M, K] @ dequantized w^T (+ bias) for a quantized weight of a prompt-sized step, as the per-layer
 // path runs it: int4 with int8 activations as panels of byte multiply-adds (q4_panels.h, AVX2 and VNNI builds),
-// int4 / NF4 / int8 with float activations widened to fp32 a block at a time (dequant_rows.h) for torch's GEMM.
-// False for the rest (int8 with int8 activations: its integer row loop was faster at every prompt length),
-// which stay in the row loop.
+// int8 with int8 activations likewise on VNNI (q8_panels.h), int4 / NF4 / int8 with float activations widened
+// to fp32 a block at a time (dequant_rows.h) for torch's GEMM. False for the rest (int8 with int8 activations
+// on AVX2: its integer row loop was faster at every prompt length), which stay in the row loop.
 bool quant_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
   if (l.act8) {
+    bool done = false;
 #ifdef LLMSPEED_PANELS
     if (l.kind == Kind::INT4 && l.G % ACT_BLOCK == 0) {
       TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
       q4_panel_gemm(x, M, K, static_cast<const uint8_t*>(l.w), l.N, l.Kp, l.G, l.scale, l.zero, l.y);
-      if (l.bias) {
-        auto f32 = torch::TensorOptions().dtype(torch::kFloat);
-        torch::from_blob(l.y, {M, l.N}, f32).add_(torch::from_blob(const_cast<float*>(l.bias), {l.N}, f32));
-      }
-      return true;
+      done = true;
     }
 #endif
-    return false;
+#ifdef LLMSPEED_Q8_PANELS
+    if (l.kind == Kind::I8) {
+      TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
+      q8_panel_gemm(x, M, K, static_cast<const int8_t*>(l.w), l.N, l.scale, l.y);
+      done = true;
+    }
+#endif
+    if (done && l.bias) {
+      auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+      torch::from_blob(l.y, {M, l.N}, f32).add_(torch::from_blob(const_cast<float*>(l.bias), {l.N}, f32));
+    }
+    return done;
   }
   if (l.kind == Kind::I8) {
     TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);

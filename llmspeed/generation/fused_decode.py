@@ -50,6 +50,7 @@ Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  #
 AMX_HEADER = Q4_HEADER.with_name("amx_tiles.h")  # the shared AMX tile matmul
 INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 / int8 x int8 dot products (VNNI, AVX2)
 PANELS_HEADER = Q4_HEADER.with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized steps (AVX2, VNNI)
+Q8_PANELS_HEADER = Q4_HEADER.with_name("q8_panels.h")  # int8 x int8 activations for prompt-sized steps (VNNI)
 DEQUANT_HEADER = Q4_HEADER.with_name("dequant_rows.h")  # packed rows widened to fp32 for prompt-sized GEMMs
 VEC_HEADER = SOURCE.with_name("cpu_vec.h")  # widening loads to fp32 registers
 ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention over the paged KV cache
@@ -75,7 +76,7 @@ def _watch_assignments() -> None:
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
                  "float_prefetch", "upcast_bf16", "gemm_rows", "step_team", "greedy_steps"]
-    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER, TEAM_HEADER]
+    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER, TEAM_HEADER]
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
 

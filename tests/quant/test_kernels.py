@@ -360,6 +360,30 @@ def test_cpp_panels_matches_the_reference_on_int8_activations(group, k, n, m, se
     assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= TOLERANCE[torch.float32]
 
 
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 300), n=st.integers(1, 40), m=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_cpp_panels_int8_weights_match_the_reference_on_int8_activations(k, n, m, seed):
+    """int8 weights x int8 activations on 16-row VNNI panels: any width (a partial last block of 4 and of 32
+    channels), rows that are not whole panels, any M, weights at both ends of the int8 range."""
+    _panels_or_skip()
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+    module = module_class("int8").from_linear(linear, QuantConfig("int8", activations="int8"))
+    x = llmspeed.quant.primitives.quantize_activations(torch.randn(m, k, generator=g))  # [m, k] on the grid
+    kernel = KERNELS["cpp_panels"]
+    reason = kernel.why_not(module, x)
+    if not cpp.extension().int8_panels_built():
+        assert reason is not None and "VNNI" in reason  # AVX2 builds keep the integer row loop for int8
+        return
+    assert reason is None
+    assert int(module.qweight.min()) == -127 or int(module.qweight.max()) == 127  # a row's largest weight
+    out, ref = kernel.run(module, x), KERNELS["reference"].run(module, x)
+    assert out.shape == ref.shape == (m, n)
+    assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= TOLERANCE[torch.float32]
+
+
 def test_cpp_panels_serves_int8_activation_layers_only_and_auto_picks_it_from_9_rows():
     _panels_or_skip()
     float_acts, int8_acts = _module("int4", 64, 128), module_class("int4").from_linear(
@@ -375,4 +399,19 @@ def test_cpp_panels_serves_int8_activation_layers_only_and_auto_picks_it_from_9_
         got = int8_acts(x)  # [3, 40, 48]
         xq = llmspeed.quant.primitives.quantize_activations(x).reshape(-1, 128)  # [120, 128] on the grid
         want = KERNELS["reference"].run(int8_acts, xq).reshape(3, 40, 48)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE[torch.float32]
+
+
+def test_auto_takes_int8_panels_from_9_rows_where_they_are_built_and_the_row_loop_and_gemm_elsewhere():
+    _panels_or_skip()
+    int8_acts = module_class("int8").from_linear(nn.Linear(128, 48, bias=False), QuantConfig("int8", activations="int8"))
+    tiles, panels = amx.unavailable() is None, cpp.extension().int8_panels_built()
+    for m, without in ((8, "cpp"), (9, "cpp"), (512, "dequant_fp32")):
+        want = "cpp" if m <= 8 else "amx" if tiles else "cpp_panels" if panels else without
+        assert auto_kernel(int8_acts, torch.randn(m, 128), probe=False).name == want
+    x = torch.randn(2, 70, 128)
+    with torch.no_grad():  # the module's own forward against the oracle on the rounded input
+        got = int8_acts(x)  # [2, 70, 48]
+        xq = llmspeed.quant.primitives.quantize_activations(x).reshape(-1, 128)  # [140, 128] on the grid
+        want = KERNELS["reference"].run(int8_acts, xq).reshape(2, 70, 48)
     assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE[torch.float32]

@@ -28,7 +28,8 @@ from .registry import KERNELS, Kernel, get_kernel, usable_kernels
 # (device type, format) -> ordered [(max rows M or None for any, activation dtypes or None for any, kernel)].
 # The first usable rule is the guess; on CUDA every usable rule is also a timed candidate.
 AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...] | None, str]]] = {
-    ("cpu", "int8"): [(8, None, "cpp"), (None, None, "amx"), (128, None, "cpp"), (None, None, "dequant_fp32")],
+    ("cpu", "int8"): [(8, None, "cpp"), (None, None, "amx"), (None, None, "cpp_panels"), (128, None, "cpp"),
+                      (None, None, "dequant_fp32")],
     ("cpu", "int4"): [(8, None, "cpp"), (None, None, "amx"), (None, None, "cpp_panels"), (128, None, "cpp"),
                       (None, None, "dequant_fp32")],
     ("cpu", "nf4"): [(8, None, "cpp"), (None, None, "amx"), (128, None, "cpp"), (None, None, "dequant_fp32")],

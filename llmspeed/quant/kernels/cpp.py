@@ -26,17 +26,18 @@ SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 HEADER = Path(__file__).with_name("q4_tiles.h")  # shared with the fused decode step
 INT8_HEADER = Path(__file__).with_name("q4_int8.h")  # int8 activations, shared with the fused decode step
 PANELS_HEADER = Path(__file__).with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized M (AVX2, VNNI)
+Q8_PANELS_HEADER = Path(__file__).with_name("q8_panels.h")  # int8 x int8 activations for prompt-sized M (VNNI)
 DEQUANT_HEADER = Path(__file__).with_name("dequant_rows.h")  # packed rows widened to fp32, shared with the fused step
 DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations", "dequantize_4bit",
-              "dequantize_int8", "int4_matmul_i8", "panel_gemm_built"]
+              "dequantize_int8", "int4_matmul_i8", "panel_gemm_built", "int8_matmul_i8", "int8_panels_built"]
 build_dir = cpp_build.build_dir
 compiler = cpp_build.compiler
 
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER, DEQUANT_HEADER])
+    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER])
 
 
 def extension() -> Any:
@@ -144,20 +145,27 @@ def _panels_unavailable() -> str | None:
 def _panels_shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
     if getattr(module.config, "activations", "float") != "int8":
         return "kernel 'cpp_panels' multiplies int8 activations; the module has activations='float'"
+    if module.quant_format == "int8":
+        if not extension().int8_panels_built():
+            return "kernel 'cpp_panels' takes int8 weights on AVX-512 VNNI only (AVX2's integer row loop is faster)"
+        return None
     return module.layout.tile_reason(32, "kernel 'cpp_panels'")
 
 
 def panels_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-    """int4 weights x the int8 codes of ``x`` (``q4_panels.h``): for prompt-sized M, where the weights are
-    repacked into panels of interleaved rows (8 on AVX2, 16 on AVX-512 VNNI) and each 4-channel step is one
-    byte multiply-add for the whole panel."""
+    """int4 (``q4_panels.h``) or, on AVX-512 VNNI, int8 (``q8_panels.h``) weights x the int8 codes of ``x``:
+    for prompt-sized M, where the weights are repacked into panels of interleaved rows (8 on AVX2, 16 on
+    AVX-512 VNNI) and each 4-channel step is one byte multiply-add for the whole panel."""
     xf = x if x.dtype == torch.float32 else x.float()
-    y = extension().int4_matmul_i8(xf, module.qweight, module.scales, module.zeros, module.layout.group)
+    if module.quant_format == "int8":
+        y = extension().int8_matmul_i8(xf, module.qweight, module.scales)
+    else:
+        y = extension().int4_matmul_i8(xf, module.qweight, module.scales, module.zeros, module.layout.group)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 register_kernel(
-    Kernel("cpp_panels", ("int4",), ("cpu",), FLOAT_DTYPES, panels_cpu,
-           "int4 x int8 activations for prompts, panels of byte multiply-adds (AVX2 or AVX-512 VNNI)",
+    Kernel("cpp_panels", ("int4", "int8"), ("cpu",), FLOAT_DTYPES, panels_cpu,
+           "int4 (AVX2, AVX-512 VNNI) / int8 (VNNI) x int8 activations for prompts, panels of byte multiply-adds",
            _panels_unavailable, _panels_shape, any_leading_dims=True)
 )  # fmt: skip

@@ -5,6 +5,7 @@
 #include "q4_tiles.h"  // NF4, hsum, deinterleave, group_sums, q4_tile (shared with the fused decode step)
 #include "q4_int8.h"   // int8 activations: act_round (shared with the fused decode step)
 #include "q4_panels.h"  // int4 x int8 activations for prompt-sized M (AVX2, AVX-512 VNNI)
+#include "q8_panels.h"  // int8 x int8 activations for prompt-sized M (AVX-512 VNNI)
 #include "dequant_rows.h"  // packed rows widened to fp32 (shared with the fused decode step)
 
 
@@ -120,6 +121,31 @@ torch::Tensor int4_matmul_i8(torch::Tensor x, torch::Tensor qweight, torch::Tens
 #else
   TORCH_CHECK(false, "int4_matmul_i8: not built for this CPU (needs AVX2 or AVX-512 VNNI)");
   return x;
+#endif
+}
+
+// int8 weights [N, K] with row scales x int8 activations (x as above) for prompt-sized M: q8_panels.h. Built
+// where the CPU has AVX-512 VNNI (int8_panels_built()).
+torch::Tensor int8_matmul_i8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales) {
+#ifdef LLMSPEED_Q8_PANELS
+  x = x.contiguous();
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "int8_matmul_i8: x must be fp32");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == K && scales.numel() == N, "int8_matmul_i8: weights [N, K] and N scales");
+  auto y = output_like(x, N);
+  q8_panel_gemm(x.data_ptr<float>(), M, K, qweight.data_ptr<int8_t>(), N, scales.data_ptr<float>(), y.data_ptr<float>());
+  return y;
+#else
+  TORCH_CHECK(false, "int8_matmul_i8: not built for this CPU (needs AVX-512 VNNI)");
+  return x;
+#endif
+}
+
+bool int8_panels_built() {
+#ifdef LLMSPEED_Q8_PANELS
+  return true;
+#else
+  return false;
 #endif
 }
 

@@ -29,10 +29,12 @@ constexpr int PANEL_MT = 3;
 #endif
 
 // The int8 codes of x [M, K] over the padded width Kp in natural order (zero past K), their block scales d
-// [M, Kp / 32] and group sums A [M, Kp / G] of q * d. Rows split over torch's threads.
+// [M, Kp / 32], group sums A [M, Kp / G] of q * d and block sums xs [M, Kp / 32] of q. Rows split over
+// torch's threads.
 struct PanelActs {
   std::vector<int8_t> q;
   std::vector<float> d, A;
+  std::vector<int32_t> xs;
 };
 
 inline PanelActs panel_acts(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
@@ -41,6 +43,7 @@ inline PanelActs panel_acts(const float* x, int64_t M, int64_t K, int64_t Kp, in
   a.q.assign(M * Kp, 0);
   a.d.assign(M * Kb, 0.f);
   a.A.assign(M * groups, 0.f);
+  a.xs.assign(M * Kb, 0);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < live; ++b) {
@@ -59,6 +62,7 @@ inline PanelActs panel_acts(const float* x, int64_t M, int64_t K, int64_t Kp, in
         const int32_t sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
 #endif
         a.d[m * Kb + b] = d;
+        a.xs[m * Kb + b] = sum;
         a.A[m * groups + b * ACT_BLOCK / G] += d * static_cast<float>(sum);
       }
   });
