@@ -135,7 +135,7 @@ def kernel_rows(
             out.append(
                 _row("kernels", f"{shape} {bf16_base} (fp32 blocks)", bf16 * 1e6, "us", "fp32", fp32 * 1e6, speed=True)
             )
-        for fmt, acts in (("int8", "float"), ("int4", "float"), ("int4", "int8"), ("nf4", "float")):
+        for fmt, acts in (("int8", "float"), ("int8", "int8"), ("int4", "float"), ("int4", "int8"), ("nf4", "float")):
             module = module_class(fmt).from_linear(lin, QuantConfig(fmt, activations=acts))
             label = fmt if acts == "float" else f"{fmt} int8-activations"
             inputs = ((x, "fp32"), (xb, "bf16"))
