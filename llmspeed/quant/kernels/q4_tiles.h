@@ -77,11 +77,14 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
   const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   const __m512 table = _mm512_loadu_ps(NF4);
+  // Two FMA chains per row (the two 16-code halves of each step), the zero points' share summed apart: one
+  // chain per row held an M = 1 GEMV at FMA latency.
   __m512 tot[MT];
-  for (int i = 0; i < MT; ++i) tot[i] = _mm512_setzero_ps();
+  float corr[MT];
+  for (int i = 0; i < MT; ++i) tot[i] = _mm512_setzero_ps(), corr[i] = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+    __m512 acc[MT], acc2[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = acc2[i] = _mm512_setzero_ps();
     int64_t k = g * G;
     for (; k + 32 <= (g + 1) * G; k += 32) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
@@ -91,7 +94,7 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
       const __m512 w1 = NF ? _mm512_permutexvar_ps(c1, table) : _mm512_cvtepi32_ps(c1);
       for (int i = 0; i < MT; ++i) {
         acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * ldx + k), acc[i]);
-        acc[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * ldx + k + 16), acc[i]);
+        acc2[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * ldx + k + 16), acc2[i]);
       }
     }
     if (k < (g + 1) * G) {  // a group of 16 * odd codes: its last 16-code block alone
@@ -103,11 +106,11 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
     }
     const __m512 sv = _mm512_set1_ps(scale[g]);
     for (int i = 0; i < MT; ++i) {
-      tot[i] = _mm512_fmadd_ps(sv, acc[i], tot[i]);
-      if (!NF) res[i] -= scale[g] * zero[g] * xsum[i * ldxs + g];
+      tot[i] = _mm512_fmadd_ps(sv, _mm512_add_ps(acc[i], acc2[i]), tot[i]);
+      if (!NF) corr[i] += scale[g] * zero[g] * xsum[i * ldxs + g];
     }
   }
-  for (int i = 0; i < MT; ++i) res[i] += _mm512_reduce_add_ps(tot[i]);
+  for (int i = 0; i < MT; ++i) res[i] = _mm512_reduce_add_ps(tot[i]) - corr[i];
 #elif defined(__AVX2__)
   const __m128i lowmask = _mm_set1_epi8(0x0F);
   const __m256 tab_lo = _mm256_loadu_ps(NF4), tab_hi = _mm256_loadu_ps(NF4 + 8);
