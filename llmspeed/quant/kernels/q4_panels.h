@@ -95,9 +95,28 @@ inline void pack_panel(const uint8_t* w, int64_t row_bytes, const float* scale, 
 }
 
 #ifdef LLMSPEED_VNNI
+// The int32 sums of block b (32 channels) for NP panels (panel p's bytes at w + p * wstride) and MT activation
+// rows from m0: s32[p][i] lane j = sum of row j's bytes times row m0 + i's codes. VPDPBUSD takes the weight
+// bytes as its unsigned operand and the activation codes as its signed one.
+template <int NP, int MT>
+inline void panel_block_sums(const uint32_t* w, int64_t wstride, const PanelActs& a, int64_t m0, int64_t Kp,
+                             int64_t b, __m512i (&s32)[NP][MT]) {
+  for (int p = 0; p < NP; ++p)
+    for (int i = 0; i < MT; ++i) s32[p][i] = _mm512_setzero_si512();
+  for (int t = 0; t < ACT_BLOCK / 4; ++t) {
+    __m512i wv[NP];
+    for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(w + p * wstride + (b * 8 + t) * PANEL_ROWS);
+    for (int i = 0; i < MT; ++i) {
+      int32_t four;
+      std::memcpy(&four, a.q.data() + (m0 + i) * Kp + b * ACT_BLOCK + 4 * t, 4);
+      const __m512i xv = _mm512_set1_epi32(four);
+      for (int p = 0; p < NP; ++p) s32[p][i] = _mm512_dpbusd_epi32(s32[p][i], wv[p], xv);
+    }
+  }
+}
+
 // Outputs of NP consecutive panels (w4 / sv / szv of panel p at p * wstride / p * sstride) for MT activation
-// rows from m0: y[(m0 + i) * ldy + n0 + p * 16 + j], only columns before N written. VPDPBUSD takes the
-// weight codes as its unsigned bytes and the activation codes as its signed ones.
+// rows from m0: y[(m0 + i) * ldy + n0 + p * 16 + j], only columns before N written.
 template <int NP, int MT>
 inline void panel_tile(const uint32_t* w4, int64_t wstride, const float* sv, const float* szv, int64_t sstride,
                        const PanelActs& a, int64_t m0, int64_t Kp, int64_t G, float* y, int64_t ldy, int64_t n0, int64_t N) {
@@ -107,18 +126,7 @@ inline void panel_tile(const uint32_t* w4, int64_t wstride, const float* sv, con
     for (int i = 0; i < MT; ++i) acc[p][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < Kb; ++b) {
     __m512i s32[NP][MT];
-    for (int p = 0; p < NP; ++p)
-      for (int i = 0; i < MT; ++i) s32[p][i] = _mm512_setzero_si512();
-    for (int t = 0; t < ACT_BLOCK / 4; ++t) {
-      __m512i wv[NP];
-      for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(w4 + p * wstride + (b * 8 + t) * PANEL_ROWS);
-      for (int i = 0; i < MT; ++i) {
-        int32_t four;
-        std::memcpy(&four, a.q.data() + (m0 + i) * Kp + b * ACT_BLOCK + 4 * t, 4);
-        const __m512i xv = _mm512_set1_epi32(four);
-        for (int p = 0; p < NP; ++p) s32[p][i] = _mm512_dpbusd_epi32(s32[p][i], wv[p], xv);
-      }
-    }
+    panel_block_sums<NP, MT>(w4, wstride, a, m0, Kp, b, s32);
     const int64_t g = b / per_group;
     for (int p = 0; p < NP; ++p) {
       const __m512 s = _mm512_loadu_ps(sv + p * sstride + g * PANEL_ROWS);

@@ -47,18 +47,7 @@ inline void panel_tile_i8(const uint32_t* w8, int64_t wstride, const float* sv, 
     for (int i = 0; i < MT; ++i) acc[p][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < Kb; ++b) {
     __m512i s32[NP][MT];
-    for (int p = 0; p < NP; ++p)
-      for (int i = 0; i < MT; ++i) s32[p][i] = _mm512_setzero_si512();
-    for (int t = 0; t < ACT_BLOCK / 4; ++t) {
-      __m512i wv[NP];
-      for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(w8 + p * wstride + (b * 8 + t) * PANEL_ROWS);
-      for (int i = 0; i < MT; ++i) {
-        int32_t four;
-        std::memcpy(&four, a.q.data() + (m0 + i) * Kp + b * ACT_BLOCK + 4 * t, 4);
-        const __m512i xv = _mm512_set1_epi32(four);
-        for (int p = 0; p < NP; ++p) s32[p][i] = _mm512_dpbusd_epi32(s32[p][i], wv[p], xv);
-      }
-    }
+    panel_block_sums<NP, MT>(w8, wstride, a, m0, Kp, b, s32);
     for (int i = 0; i < MT; ++i) {
       const __m512i off = _mm512_set1_epi32(128 * a.xs[(m0 + i) * Kb + b]);
       const __m512 d = _mm512_set1_ps(a.d[(m0 + i) * Kb + b]);
