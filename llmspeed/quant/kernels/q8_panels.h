@@ -19,10 +19,18 @@
 // and the rows' scales sv[j].
 inline void pack_panel_i8(const int8_t* w, int64_t K, int64_t Kp, const float* scale, int64_t n0, int64_t N,
                           uint32_t* w8, float* sv) {
+  int64_t t0 = 0;  // steps before t0 packed 16 rows at a time: one gather of the rows' 4 bytes a step
+  if (n0 + PANEL_ROWS <= N && K < (int64_t{1} << 27)) {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(K)));
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80808080u));
+    for (; 4 * t0 + 4 <= K; ++t0)
+      _mm512_storeu_si512(w8 + t0 * PANEL_ROWS, _mm512_xor_si512(_mm512_i32gather_epi32(rows, w + n0 * K + 4 * t0, 1), sign));
+  }
   for (int64_t j = 0; j < PANEL_ROWS; ++j) {
     const int64_t n = n0 + j;
     sv[j] = n < N ? scale[n] : 0.f;
-    for (int64_t t = 0; t < Kp / 4; ++t) {
+    for (int64_t t = t0; t < Kp / 4; ++t) {
       uint32_t four = 0x80808080u;  // zero weights, offset
       if (n < N && 4 * t + 4 <= K) {
         std::memcpy(&four, w + n * K + 4 * t, 4);
