@@ -1,6 +1,6 @@
 """Calibrated 4-bit: fp32 vs RTN / HQQ / GPTQ / AWQ / AWQ+GPTQ perplexity on three text domains (two never calibrated on), with calibration time.
 
-    flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--groups 64] [--methods gptq,awq+gptq] [--device cuda]
+    flock /tmp/llmspeed-cpu.lock python benchmarks/calibration.py [--quick] [--groups 64] [--methods gptq,awq+gptq] [--options "-,no refit"] [--device cuda]
 
 The same suite is ``llmspeed.bench.calibration.run``; see docs/calibration.md for the numbers.
 """
@@ -25,6 +25,11 @@ def main() -> None:
     )
     parser.add_argument("--groups", default="64,128", help="comma-separated int4 group sizes to measure")
     parser.add_argument("--methods", default="", help="comma-separated methods to measure (default: all)")
+    parser.add_argument(
+        "--options",
+        default="",
+        help="comma-separated row options to measure, e.g. '-,no refit' (default: all)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     formats = tuple(f for f in args.formats.split(",") if f)
@@ -37,6 +42,7 @@ def main() -> None:
         formats=formats,
         groups=groups,
         methods=tuple(m for m in args.methods.split(",") if m) or None,
+        options=tuple(o for o in args.options.split(",") if o) or None,
     )
     print(markdown_table(rows))
 

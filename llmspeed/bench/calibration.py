@@ -6,7 +6,8 @@ g64 and g128, the calibrated methods at NF4 g64, int8 round-to-nearest, GPTQ int
 on the pydoc text alone (the default before the calibration mix), AWQ+GPTQ int4 g64 with
 ``damp=0.1``, and GPTQ and AWQ+GPTQ int4 at every group size with the MLP down projections at int8
 (``int8_layers=SENSITIVE``), and round-to-nearest (every group size) and AWQ+GPTQ int4 g64 with int8
-activations (``activations="int8"``; :data:`EXTRAS`). Every calibrated
+activations (``activations="int8"``), and the calibrated int4 rows without the least-squares scale
+refit (``"no refit"``, ``refit_scales=False``; :data:`EXTRAS`). Every calibrated
 row uses the method's default options and the default calibration text
 (:func:`llmspeed.eval.calibration_mix`) unless its ``calibration`` column says otherwise.
 
@@ -58,6 +59,7 @@ Config = tuple[str, int | None, str, str, str]  # format, group, method, calibra
 EXTRAS: dict[str, dict[str, Any]] = {
     "-": {},
     "damp=0.1": {"method_options": {"damp": 0.1}},
+    "no refit": {"method_options": {"refit_scales": False}},  # the scales as GPTQ / AWQ fitted them
     "int8 down_proj": {"int8_layers": ["*.mlp.down_proj"]},
     "int8 activations": {"activations": "int8"},
     "int8 lm_head": {"skip": [], "int8_layers": ["lm_head"]},  # the output head (and tied embedding) at int8
@@ -77,11 +79,13 @@ def configurations(
     formats: tuple[str, ...],
     groups: tuple[int, ...] = (64, 128),
     methods: tuple[str, ...] | None = None,
+    options: tuple[str, ...] | None = None,
 ) -> list[Config]:
     """``(format, group, method, calibration, options)`` rows, the headline (AWQ+GPTQ int4 g64) first.
 
     ``groups``: the int4 group sizes to measure (``quick``: 64 only); the comparison rows are g64 ones.
     ``methods``: keep only the rows of these methods (and the fp32 baseline); ``None``: all.
+    ``options``: keep only the rows with these options (keys of :data:`EXTRAS`); ``None``: all.
     """
     rows: list[Config] = [("fp32", None, "-", "-", "-")]
     for g in (64,) if quick else groups:
@@ -90,6 +94,7 @@ def configurations(
         rows += [("int4", g, "rtn", "-", "int8 activations")]
         rows += [("int4", g, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
         rows += [("int4", g, "rtn", "-", "int8 lm_head")]
+        rows += [("int4", g, m, "mix", "no refit") for m in CALIBRATED]
     rows += [("int4", 64, "awq+gptq", "mix", "int8 activations"), ("int4", 64, "awq+gptq", "mix", "int8 lm_head")]
     if not quick:
         rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
@@ -97,6 +102,7 @@ def configurations(
         if 64 in groups:
             rows += [("int4", 64, "gptq", "pydoc", "-"), ("int4", 64, "awq+gptq", "mix", "damp=0.1")]
     rows = [r for r in rows if r[0] == "fp32" or (r[0] in formats and (methods is None or r[2] in methods))]
+    rows = [r for r in rows if r[0] == "fp32" or options is None or r[4] in options]
     rows.sort(key=lambda r: (r != ("int4", 64, "awq+gptq", "mix", "-"), r[0] != "fp32"))
     return rows
 
@@ -110,12 +116,13 @@ def run(
     formats: tuple[str, ...] = ("int4", "nf4", "int8"),
     groups: tuple[int, ...] = (64, 128),
     methods: tuple[str, ...] | None = None,
+    options: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` with each method and measure perplexity on every domain; one row per configuration.
 
     ``quick`` keeps fp32 and the int4 g64 rows, calibrates on 32 sequences and scores 4 windows
     per domain. ``formats`` limits the quantized rows (the fp32 baseline row is always measured);
-    ``groups`` the int4 group sizes, ``methods`` the methods (:func:`configurations`).
+    ``groups`` the int4 group sizes, ``methods`` the methods, ``options`` the options (:func:`configurations`).
     """
     unknown = set(formats) - {"int4", "nf4", "int8"}
     if unknown:
@@ -126,8 +133,8 @@ def run(
 
     texts = domain_texts()
     windows = {d: 4 if quick else n for d, n in WINDOWS.items()}
-    options = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
-    configs = configurations(quick, formats, groups, methods)
+    calibration_options = dict(n_sequences=32 if quick else 128, seq_len=128, progress=progress)
+    configs = configurations(quick, formats, groups, methods, options)
     rows: list[dict[str, Any]] = []
     for fmt, group, method, calibration, extra in configs:
         m = _load(model, device)
@@ -136,7 +143,8 @@ def run(
         if fmt != "fp32":
             calibrated = method in CALIBRATED
             kwargs = settings(fmt, extra)
-            method_options = {**options, **kwargs.pop("method_options", {})} if calibrated else None
+            extra_options = kwargs.pop("method_options", {})
+            method_options = {**calibration_options, **extra_options} if calibrated else None
             t0, c0 = time.perf_counter(), time.process_time()
             llmspeed.quantize(
                 m,

@@ -50,7 +50,7 @@ from ..calibration import (
 )
 from ..config import QuantConfig
 from .awq_fold import SUPPORTED, Fold, candidate_folds, check_fold
-from .gptq import GPTQResult, Grid, gptq_quantize, grid_for, pack_result, round_outside, weight_error
+from .gptq import GPTQResult, Grid, gptq_quantize, grid_for, pack_result, refit, round_outside, weight_error
 from .registry import register_method
 
 AWQ_CLIP = (1.0, 0.95, 0.9, 0.85, 0.8)  # method="awq"'s default range shrinks (searched per group)
@@ -202,6 +202,7 @@ def awq_model(
     duo_scaling: bool = False,
     clip_search: tuple[float, ...] | None = None,
     gptq: bool = False,
+    refit_scales: bool = True,
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
@@ -220,6 +221,8 @@ def awq_model(
             the group's output error, with ``"awq+gptq"`` as GPTQ scores them. ``None``:
             :data:`AWQ_CLIP` for ``"awq"`` (AWQ clips by default), ``(1.0,)`` (no clipping) with GPTQ.
         gptq: Quantize the scaled weights with GPTQ instead of rounding them.
+        refit_scales: Then refit each row's scales by least squares for its codes, on the scaled
+            input's Hessian (:mod:`~llmspeed.quant.methods.refit`); codes and zero points stay.
         damp, block_size, act_order: GPTQ's options (``gptq=True`` only).
         progress: Show a progress bar over decoder layers.
 
@@ -266,6 +269,8 @@ def awq_model(
             )
         else:
             result = grid_quantize(weight * s, grid, config, scaled_h if len(shrinks) > 1 else None)
+        if refit_scales:
+            result = refit(result, weight * s, scaled_h, config)
         prefix = group.qualified[0][: -len(group.names[0]) - 1]
         if fold is not None and fold.kind == "norm":
             norm = model.module.get_parameter(f"{prefix}.{fold.producer}.weight")

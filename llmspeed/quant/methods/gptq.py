@@ -33,6 +33,7 @@ from ..calibration import (
     split_plan,
 )
 from ..modules import module_class
+from .refit import refit_scales
 from .registry import register_method
 from .rtn import nf4_effective_scales, rtn_weight
 
@@ -323,6 +324,19 @@ def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,), symmetric: bool 
 
 
 # --- packing into the quant package's modules -------------------------------------------------------
+def refit(result: GPTQResult, weight: torch.Tensor, hessian: torch.Tensor, config) -> GPTQResult:
+    """``result`` with least-squares scales for its codes (:func:`~.refit.refit_scales`); zeros unchanged.
+
+    NF4 with double quantization keeps its scales: the stored ones are re-quantized afterwards.
+    """
+    if config.format == "nf4" and config.double_quant:
+        return result
+    scales, deq, _ = refit_scales(
+        weight, hessian, config.format, result.scales, result.zeros, result.dequantized, config.group_size
+    )
+    return GPTQResult(scales, result.zeros, deq)
+
+
 def pack_result(result: GPTQResult, config, bias: torch.Tensor | None):
     """The quantized module (``Int4Linear``/``NF4Linear``/``Int8Linear``) holding a :class:`GPTQResult`.
 
@@ -359,6 +373,7 @@ def gptq_model(
     block_size: int = 128,
     act_order: bool = True,
     clip_search: tuple[float, ...] = (1.0,),
+    refit_scales: bool = True,
     progress: bool = True,
 ) -> dict:
     """GPTQ over a whole model, layer by layer (see :func:`~llmspeed.quant.calibration.quantize_sequentially`).
@@ -370,6 +385,8 @@ def gptq_model(
         n_sequences, seq_len: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
         damp, block_size, act_order: See :func:`gptq_quantize`.
         clip_search: int4 and NF4: shrink factors of the group range tried when fitting a group.
+        refit_scales: After GPTQ, refit each row's scales by least squares for its codes
+            (:mod:`~llmspeed.quant.methods.refit`); codes and zero points stay.
         progress: Show a progress bar over decoder layers.
 
     Linear layers outside the decoder stack (an output head that was not skipped) are rounded to
@@ -389,6 +406,8 @@ def gptq_model(
         result = gptq_quantize(
             weight, group.hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order
         )
+        if refit_scales:
+            result = refit(result, weight, group.hessian, config)
         modules, row = [], 0
         for lin in linears:
             rows = slice(row, row + lin.out_features)
