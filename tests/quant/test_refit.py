@@ -38,13 +38,14 @@ def _error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  
     ragged=st.booleans(),
     fmt=st.sampled_from(["int4", "nf4", "int8"]),
     seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([1, 5, 128]),
 )
-def test_refit_never_raises_a_rows_error_and_keeps_the_codes(out, groups, group_size, ragged, fmt, seed):
+def test_refit_never_raises_a_rows_error_and_keeps_the_codes(out, groups, group_size, ragged, fmt, seed, chunk):
     in_f = groups * group_size - (group_size // 2 if ragged else 0)  # ragged: the last group is padded
     gs = None if fmt == "int8" else group_size
     w, h = _problem(out, in_f, seed)
     res = G.gptq_quantize(w, h, G.grid_for(fmt), gs, act_order=True, block_size=8)
-    scales, deq, changed = refit_scales(w, h, fmt, res.scales, res.zeros, res.dequantized, gs)
+    scales, deq, changed = refit_scales(w, h, fmt, res.scales, res.zeros, res.dequantized, gs, rows_per_chunk=chunk)
     before, after = _error(w, res.dequantized, h), _error(w, deq, h)
     assert (after <= before * (1 + 1e-5) + 1e-6).all()
     assert torch.equal(scales[~changed], res.scales[~changed])

@@ -25,6 +25,8 @@ import torch
 
 from .. import primitives as P
 
+_CHUNK_ELEMENTS = 1 << 26  # fp32 elements of the largest temporary per chunk of rows (256 MB)
+
 
 def grid_values(
     fmt: str, scales: torch.Tensor, zeros: torch.Tensor, dequantized: torch.Tensor
@@ -42,8 +44,9 @@ def grid_values(
     elif fmt == "int8":
         p = torch.round(u).clamp_(-127, 127)
     elif fmt == "nf4":
-        book = P.NF4_CODEBOOK.to(u.device)
-        p = book[(u[..., None] - book).abs().argmin(-1)]
+        out_f, n, G = u.shape
+        idx = P.quantize_nf4(u.reshape(out_f, n * G), torch.ones(out_f, n, device=u.device), G)  # [out, n * G]
+        p = P.NF4_CODEBOOK.to(u.device)[idx.long()].view(out_f, n, G)
     else:
         raise ValueError(f"fmt must be 'int4', 'int8' or 'nf4'; got {fmt!r}")
     return torch.where(live, p, torch.zeros_like(p))
@@ -59,9 +62,7 @@ def refit_scales(
     group_size: int | None,
     *,
     rows_per_chunk: int = 128,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]:  # scales [out, groups], dequantized [out, in], rows kept [out] bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # scales [out, groups], deq [out, in], changed [out]
     """Scales minimizing each row's output error for the codes in ``dequantized``; see the module docstring.
 
     Returns the new scales, the dequantized weight they give (the same grid values times the new
@@ -87,18 +88,17 @@ def refit_scales(
     b = (p * WH.view(out_f, n, G)).sum(-1)  # [out, n]
     c = (WH * W).sum(-1)  # [out]
     new = s0.clone()
-    for a in range(0, out_f, rows_per_chunk):
-        rows = slice(a, a + rows_per_chunk)
+    chunk = max(1, min(rows_per_chunk, _CHUNK_ELEMENTS // (in_pad * n)))  # y below: [chunk, in_pad, n]
+    eye = torch.eye(n, device=W.device)
+    for a in range(0, out_f, chunk):
+        rows = slice(a, a + chunk)
         pc = p[rows]  # [R, n, G]
         y = torch.einsum("rhj,ihj->rih", pc, Hb)  # [R, in_pad, n]: H p_rh^T for every group h
         M = torch.einsum("rgi,rgih->rgh", pc, y.view(-1, n, G, n))  # [R, n, n]
         reg = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [R]: singular groups (all zero)
-        x = torch.linalg.solve(
-            M + reg[:, None, None] * torch.eye(n), b[rows] + reg[:, None] * s0[rows]
-        )  # [R, n]
-        keep = (x > 0).all(-1) & (
-            _row_error(x, M, b[rows], c[rows]) < _row_error(s0[rows], M, b[rows], c[rows])
-        )
+        x = torch.linalg.solve(M + reg[:, None, None] * eye, b[rows] + reg[:, None] * s0[rows])  # [R, n]
+        lower = _row_error(x, M, b[rows], c[rows]) < _row_error(s0[rows], M, b[rows], c[rows])  # [R]
+        keep = (x > 0).all(-1) & lower
         new[rows] = torch.where(keep[:, None], x, s0[rows])
     changed = (new != s0).any(-1)  # [out]
     out = (p * new[..., None]).view(out_f, in_pad)[:, :in_f].contiguous()  # [out, in]
