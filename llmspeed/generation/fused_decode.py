@@ -450,18 +450,23 @@ def paged_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables
 
 
 def default_max_rows(amx: bool | None = None) -> int:
-    """Most decode rows a fused step takes on this CPU: no limit, or 12 on AVX-512 CPUs without AMX.
+    """Most decode rows a fused step takes on this CPU: no limit, or :data:`AVX512_MAX_ROWS` on AVX-512 CPUs without AMX.
 
     The fused step's row-loop GEMVs cost grows with every row; the generic path's GEMMs share each
-    weight read across rows. On a 2-core AVX2 Zen 1 the fused step was faster at every row count up to
-    64; on a 2-core AVX-512 Xeon, whose MKL GEMMs are wider, the generic path wins from about 16 rows
-    unless the fused step runs its matrices on AMX tiles (:data:`AMX_ROWS`), which beat it at every row
-    count measured (docs/batching.md has the three measurements). ``amx``: whether the tiles are usable
-    (default: ask the built extension, :func:`amx_available`).
+    weight read across rows. On 2-core AVX2 CPUs (Zen 1, Zen 3) the fused step was faster at every row
+    count up to 64; on a 2-core AVX-512 Ice Lake Xeon without AMX it was faster up to 32 rows in every
+    format (0.44-0.82x the generic path's step at 16-32 rows) and from about 48 rows the generic path's
+    MKL GEMMs caught up in fp32. With AMX tiles usable (:data:`AMX_ROWS`) the fused step beat the generic
+    path at every row count measured. docs/batching.md has the measurements. ``amx``: whether the tiles
+    are usable (default: ask the built extension, :func:`amx_available`).
     """
     if "avx512f" not in isa_flags():
         return 1 << 30
-    return 1 << 30 if (amx_available() if amx is None else amx) else 12
+    return 1 << 30 if (amx_available() if amx is None else amx) else AVX512_MAX_ROWS
+
+
+AVX512_MAX_ROWS = 32
+""":func:`default_max_rows` on AVX-512 CPUs without AMX: decode steps of more rows take the generic path."""
 
 
 _EMPTY_ROWS = torch.empty(0, dtype=torch.long)  # decode_step's logit_rows for "every row"

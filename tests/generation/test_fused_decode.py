@@ -424,10 +424,10 @@ def test_decode_steps_with_more_rows_than_max_rows_take_the_generic_path():
 
 
 def test_the_row_limit_follows_the_measured_machines(monkeypatch):
-    """12 rows on AVX-512 CPUs without AMX (where the generic GEMMs win above it), no limit with AMX tiles
+    """32 rows on AVX-512 CPUs without AMX (where the generic GEMMs catch up above it), no limit with AMX tiles
     or on AVX2-only CPUs."""
     monkeypatch.setattr(fused_decode, "isa_flags", lambda: ("avx2", "avx512f", "fma"))
-    assert fused_decode.default_max_rows(amx=False) == 12
+    assert fused_decode.default_max_rows(amx=False) == fused_decode.AVX512_MAX_ROWS == 32
     assert fused_decode.default_max_rows(amx=True) > 10_000
     assert fused_decode.default_max_rows() == fused_decode.default_max_rows(amx=fused_decode.amx_available())
     monkeypatch.setattr(fused_decode, "isa_flags", lambda: ("avx2", "fma"))
