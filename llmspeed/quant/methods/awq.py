@@ -257,9 +257,10 @@ def awq_model(
                 fold=fold,
             )
         scaled_h = group.hessian / (s[:, None] * s[None, :])  # [in, in]: Hessian of the input x / s
+        scaled_w = weight * s  # [sum out, in]
         if gptq:
             result = gptq_quantize(
-                weight * s,
+                scaled_w,
                 scaled_h,
                 grid,
                 config.group_size,
@@ -268,9 +269,9 @@ def awq_model(
                 act_order=act_order,
             )
         else:
-            result = grid_quantize(weight * s, grid, config, scaled_h if len(shrinks) > 1 else None)
+            result = grid_quantize(scaled_w, grid, config, scaled_h if len(shrinks) > 1 else None)
         if refit_scales:
-            result = refit(result, weight * s, scaled_h, config)
+            result = refit(result, scaled_w, scaled_h, config)
         prefix = group.qualified[0][: -len(group.names[0]) - 1]
         if fold is not None and fold.kind == "norm":
             norm = model.module.get_parameter(f"{prefix}.{fold.producer}.weight")
