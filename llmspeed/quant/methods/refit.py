@@ -37,16 +37,17 @@ def grid_values(
     ``code``, NF4 ``NF4_CODEBOOK[code]``; 0 where a scale is not positive.
     """
     live = scales[..., None] > 0  # [out, n, 1]
-    u = dequantized / torch.where(live, scales[..., None], torch.ones_like(scales[..., None]))
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # [out, n]
+    out_f, n, G = dequantized.shape
+    flat = dequantized.reshape(out_f, n * G)  # [out, n * G]
+    # The format's own quantize primitives: the same codes pack_result will store.
     if fmt == "int4":
-        z = zeros[..., None]
-        p = torch.round(u + z).clamp_(0, 15) - z
+        p = P.quantize_int4(flat, safe, zeros, G).float().view(out_f, n, G) - zeros[..., None]
     elif fmt == "int8":
-        p = torch.round(u).clamp_(-127, 127)
+        p = P.quantize_int8(flat, safe[:, 0]).float().view(out_f, n, G)
     elif fmt == "nf4":
-        out_f, n, G = u.shape
-        idx = P.quantize_nf4(u.reshape(out_f, n * G), torch.ones(out_f, n, device=u.device), G)  # [out, n * G]
-        p = P.NF4_CODEBOOK.to(u.device)[idx.long()].view(out_f, n, G)
+        idx = P.quantize_nf4(flat, safe, G)  # [out, n * G]
+        p = P.NF4_CODEBOOK.to(flat.device)[idx.long()].view(out_f, n, G)
     else:
         raise ValueError(f"fmt must be 'int4', 'int8' or 'nf4'; got {fmt!r}")
     return torch.where(live, p, torch.zeros_like(p))
