@@ -7,7 +7,9 @@ on the pydoc text alone (the default before the calibration mix), AWQ+GPTQ int4 
 ``damp=0.1``, and GPTQ and AWQ+GPTQ int4 at every group size with the MLP down projections at int8
 (``int8_layers=SENSITIVE``), and round-to-nearest (every group size) and AWQ+GPTQ int4 g64 with int8
 activations (``activations="int8"``), and the calibrated int4 rows without the least-squares scale
-refit (``"no refit"``, ``refit_scales=False``; :data:`EXTRAS`). Every calibrated
+refit (``"no refit"``, ``refit_scales=False``), and GPTQ and AWQ+GPTQ int4 fitted to their own float
+weights instead of the float model's output (``"no float targets"``, ``float_targets=False``; GPTQ also
+with the down projections at int8; :data:`EXTRAS`). Every calibrated
 row uses the method's default options and the default calibration text
 (:func:`llmspeed.eval.calibration_mix`) unless its ``calibration`` column says otherwise.
 
@@ -60,6 +62,12 @@ EXTRAS: dict[str, dict[str, Any]] = {
     "-": {},
     "damp=0.1": {"method_options": {"damp": 0.1}},
     "no refit": {"method_options": {"refit_scales": False}},  # the scales as GPTQ / AWQ fitted them
+    # each layer fitted to its own float weights on the quantized inputs (GPTQ's original objective)
+    "no float targets": {"method_options": {"float_targets": False}},
+    "int8 down_proj (no float targets)": {
+        "int8_layers": ["*.mlp.down_proj"],
+        "method_options": {"float_targets": False},
+    },
     "int8 down_proj": {"int8_layers": ["*.mlp.down_proj"]},
     "int8 activations": {"activations": "int8"},
     "int8 lm_head": {"skip": [], "int8_layers": ["lm_head"]},  # the output head (and tied embedding) at int8
@@ -95,7 +103,12 @@ def configurations(
         rows += [("int4", g, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
         rows += [("int4", g, "rtn", "-", "int8 lm_head")]
         rows += [("int4", g, m, "mix", "no refit") for m in CALIBRATED]
-    rows += [("int4", 64, "awq+gptq", "mix", "int8 activations"), ("int4", 64, "awq+gptq", "mix", "int8 lm_head")]
+        rows += [("int4", g, m, "mix", "no float targets") for m in ("gptq", "awq+gptq")]
+        rows += [("int4", g, "gptq", "mix", "int8 down_proj (no float targets)")]
+    rows += [
+        ("int4", 64, "awq+gptq", "mix", "int8 activations"),
+        ("int4", 64, "awq+gptq", "mix", "int8 lm_head"),
+    ]
     if not quick:
         rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
         rows += [("int8", None, "rtn", "-", "-"), ("int8", None, "rtn", "-", "int8 lm_head")]

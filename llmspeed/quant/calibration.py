@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..protocol import CausalLM
-from .hessian import accumulate_hessian, finalize_hessian
+from .hessian import accumulate_hessian, finalize_hessian, float_target_map
 
 
 @dataclass(frozen=True)
@@ -277,10 +277,14 @@ def quantize_layer(
     quantize_group: Any,
     plan: dict[str, Any],
     need_output: bool = True,
+    float_inputs: dict[str, torch.Tensor] | None = None,
+    target_damp: float = 0.1,
 ) -> tuple[LayerInputs | None, dict[str, nn.Module]]:
     """Quantize one decoder layer in a single forward pass over all calibration windows ("true sequential").
 
-    ``inputs`` must be one batch (every window at once). The layer runs through
+    ``inputs`` must be one batch (every window at once). ``float_inputs`` (owner -> what it receives in
+    the float model, ``[b, T, in]``): fit each group's clones to the float output first (see
+    :func:`quantize_sequentially`). The layer runs through
     ``torch.func.functional_call`` on clones of its planned weights; a forward pre-hook on each
     group owner (``groups``: owner -> the relative names fed the same tensor) computes the Hessian of
     the tensor it receives, calls ``quantize_group(group: LinearGroup, config)``, which returns
@@ -313,6 +317,11 @@ def quantize_layer(
             abs_mean = x.reshape(-1, x.shape[-1]).abs().float().mean(0)  # [in]
             members = groups[owner]
             linears = [cast(nn.Linear, layer.get_submodule(n)) for n in members]  # .weight: the float clone
+            if float_inputs is not None:  # fit each clone to the float layer's output: W <- W T
+                t = float_target_map(float_inputs[owner], x, hessian, target_damp)  # [in, in]
+                for rel in members:
+                    clone = params[f"{rel}.weight"]  # [out, in]
+                    clone.copy_((clone.float() @ t).to(clone.dtype))
             group = LinearGroup(list(members), [names[n] for n in members], linears, hessian, abs_mean)
             for rel, (module, weight) in zip(members, quantize_group(group, plan[names[owner]])):
                 built[names[rel]] = module
@@ -341,6 +350,28 @@ def quantize_layer(
 
 
 @torch.no_grad()
+def capture_group_inputs(
+    layer: nn.Module, inputs: LayerInputs, owners: Sequence[str]
+) -> tuple[LayerInputs, dict[str, torch.Tensor]]:
+    """The float layer's outputs over ``inputs`` and the tensor each of ``owners`` receives (``[b, T, in]``)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(module, args):
+            seen[name] = args[0].detach()
+
+        return hook
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in owners]
+    try:
+        out = run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, seen
+
+
+@torch.no_grad()
 def quantize_sequentially(
     model: CausalLM,
     plan: dict[str, Any],
@@ -348,6 +379,8 @@ def quantize_sequentially(
     quantize_group: Any,
     desc: str = "calibrate",
     progress: bool = True,
+    float_targets: bool = False,
+    target_damp: float = 0.1,
 ) -> dict[str, nn.Module]:
     """Quantize the decoder layers in order, each on the outputs of the already-quantized ones.
 
@@ -358,12 +391,18 @@ def quantize_sequentially(
     of one short window (:func:`layer_hessians`, a negligible cost). The model is never modified:
     the caller installs the returned ``{qualified name: module}`` all at once. Planned linears
     outside the decoder layers (an output head not skipped) are not handled here.
+
+    ``float_targets``: also carry the float model's hidden states layer by layer, and before each group is
+    quantized replace its float clones ``W`` by ``W T`` (:func:`~llmspeed.quant.hessian.float_target_map`,
+    ridge ``target_damp``), the weights that best reproduce the float model's output from the quantized
+    model's inputs. One more float pass per layer, and that layer's linear inputs held at once.
     """
     from tqdm.auto import tqdm
 
     _, layers = decoder_layers(model)
     per_layer, _ = split_plan(model, plan)
     inputs = capture_layer_inputs(model, tokens, tokens.shape[0])
+    floats = inputs if float_targets else None
     probe = capture_layer_inputs(model, tokens[:1, :PROBE_TOKENS], 1)
     built: dict[str, nn.Module] = {}
     last = max((i for i, names in enumerate(per_layer) if names), default=-1)
@@ -371,11 +410,25 @@ def quantize_sequentially(
         layer, names = layers[i], per_layer[i]
         if not names:
             inputs, probe = run_layer(layer, inputs), run_layer(layer, probe)
+            if floats is not None:
+                floats = run_layer(layer, floats)
             continue
         _, groups = layer_hessians(layer, probe, list(names))
+        targets = None
+        if floats is not None:
+            floats, targets = capture_group_inputs(layer, floats, list(groups))
         out, modules = quantize_layer(
-            layer, inputs, names, groups, quantize_group, plan, need_output=i < last
+            layer,
+            inputs,
+            names,
+            groups,
+            quantize_group,
+            plan,
+            need_output=i < last,
+            float_inputs=targets,
+            target_damp=target_damp,
         )
+        del targets
         built.update(modules)
         if out is not None:  # every layer but the last
             inputs, probe = out, run_layer(layer, probe)  # the probe only needs the float layer's structure

@@ -65,6 +65,44 @@ def test_hessian_is_two_xtx_over_n():
     torch.testing.assert_close(H.finalize_hessian(h, rows), 2 * x2.T @ x2 / 15)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(16, 64),
+    width=st.integers(2, 12),
+    out=st.integers(1, 6),
+    noise=st.floats(0.0, 1.0),
+    damp=st.floats(1e-3, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_float_target_map_solves_its_ridge_problem(n, width, out, noise, damp, seed):
+    """``W T`` zeroes the gradient of ``||x V^T - x_float W^T||^2 / N + lam / 2 ||V - W||^2`` (float64), so it
+    never fits the float outputs worse than ``W`` (plus the ridge term); equal inputs give ``T = I``."""
+    g = torch.Generator().manual_seed(seed)
+    x_float = torch.randn(n, width, generator=g, dtype=torch.float64)  # [N, in]
+    x = x_float + noise * torch.randn(n, width, generator=g, dtype=torch.float64)  # [N, in]: quantized upstream
+    w = torch.randn(out, width, generator=g, dtype=torch.float64)  # [out, in]
+    hess = 2 * x.T @ x / n  # [in, in]
+    t = H.float_target_map(x_float, x, hess, damp)  # [in, in]
+    v = w @ t
+    lam = damp * hess.diagonal().mean()
+    eye = torch.eye(width, dtype=torch.float64)
+    torch.testing.assert_close(v @ (hess + lam * eye), w @ (2 * x_float.T @ x / n + lam * eye))
+
+    def objective(m: torch.Tensor) -> float:
+        return float(((x @ m.T - x_float @ w.T) ** 2).sum() / n + lam / 2 * ((m - w) ** 2).sum())
+
+    assert objective(v) <= objective(w) + 1e-9
+    torch.testing.assert_close(H.float_target_map(x, x, hess, damp), eye)
+
+
+def test_float_target_map_rejects_bad_arguments():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="one shape"):
+        H.float_target_map(torch.randn(4, 2), x, torch.eye(3), 0.1)
+    with pytest.raises(ValueError, match="damp must be positive"):
+        H.float_target_map(x, x, torch.eye(3), 0.0)
+
+
 @pytest.mark.parametrize("fmt,group_size", FORMATS)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_layer_error_below_rtn_on_calibration_activations(fmt, group_size, act_order):
@@ -258,6 +296,24 @@ def test_quantize_gptq_builds_packed_modules_and_beats_rtn(fmt, group_size):
     assert errors["gptq"] < errors["rtn"], errors
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_float_targets_bring_the_output_closer_to_the_float_model(method):
+    """With ``float_targets`` each layer is fitted to the float model's output, so later layers make up for
+    earlier ones' errors: the logits on the calibration windows end closer to the float model's."""
+    tokens = _tokens(32, 32, seed=4)
+    ref = llmspeed.models.tiny("llama", seed=2)
+    with torch.no_grad():
+        want = ref.hf(input_ids=tokens).logits  # [n, T, vocab]
+    errors = {}
+    for on in (False, True):
+        model = llmspeed.models.tiny("llama", seed=2)
+        opts = dict(OPTS, n_sequences=32, float_targets=on)
+        llmspeed.quantize(model, "int4", 16, method=method, calibration=tokens, method_options=opts)
+        with torch.no_grad():
+            errors[on] = (model.hf(input_ids=tokens).logits - want).norm().item()
+    assert errors[True] < errors[False], errors
+
+
 def test_gptq_is_deterministic():
     tokens = _tokens()
     states = []
@@ -311,6 +367,8 @@ def test_failure_midway_leaves_model_unchanged(monkeypatch):
         (dict(method="gptqq"), "method must be one of"),
         (dict(method_options=dict(seq_len=-1)), "seq_len"),
         (dict(method_options=dict(damp=0.0)), "damp"),
+        (dict(method_options=dict(target_damp=-1.0)), "target_damp must be positive"),
+        (dict(method="awq+gptq", method_options=dict(target_damp=0.0)), "target_damp must be positive"),
     ],
 )
 def test_bad_input_raises_before_any_layer_changes(kwargs, match):

@@ -150,11 +150,12 @@ def search_scales(
     return scale(fine), errors[fine]
 
 
-def _check_options(n_grid: int, damp: float, clip_search: tuple[float, ...]) -> None:
+def _check_options(n_grid: int, damp: float, target_damp: float, clip_search: tuple[float, ...]) -> None:
     if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
         raise ValueError(f"n_grid must be a positive integer; got {n_grid!r}")
-    if damp <= 0:
-        raise ValueError(f"damp must be positive; got {damp}")
+    for name, value in (("damp", damp), ("target_damp", target_damp)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive; got {value}")
     grid_for("int4", tuple(clip_search))  # validates the shrink factors
 
 
@@ -206,6 +207,8 @@ def awq_model(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
+    float_targets: bool = True,
+    target_damp: float = 0.1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """AWQ over a whole model (``method="awq"``; ``gptq=True`` is ``method="awq+gptq"``).
@@ -224,6 +227,9 @@ def awq_model(
         refit_scales: Then refit each row's scales by least squares for its codes, on the scaled
             input's Hessian (:mod:`~llmspeed.quant.methods.refit`); codes and zero points stay.
         damp, block_size, act_order: GPTQ's options (``gptq=True`` only).
+        float_targets, target_damp: Fit each layer to the float model's output first, as GPTQ's options
+            of those names (:func:`~llmspeed.quant.hessian.float_target_map`); the scale search then runs
+            on the fitted weights.
         progress: Show a progress bar over decoder layers.
 
     Returns ``{name: module}`` for every planned layer and ``{parameter name: tensor}`` for each RMSNorm
@@ -231,7 +237,7 @@ def awq_model(
     """
     cal = CalibrationConfig(n_sequences, seq_len)
     shrinks = ((1.0,) if gptq else AWQ_CLIP) if clip_search is None else tuple(clip_search)
-    _check_options(n_grid, damp, shrinks)
+    _check_options(n_grid, damp, target_damp, shrinks)
     tokens = calibration_tokens(model, calibration, cal)  # [n, seq_len]; raises on bad input first
     norm_folds, row_folds = plan_folds(model, plan, tokens)
     fold_of = {f.consumers: f for f in norm_folds + row_folds}
@@ -294,7 +300,16 @@ def awq_model(
             row += lin.out_features
         return modules
 
-    built: dict[str, Any] = quantize_sequentially(model, plan, tokens, quantize_group, "awq", progress)
+    built: dict[str, Any] = quantize_sequentially(
+        model,
+        plan,
+        tokens,
+        quantize_group,
+        "awq",
+        progress,
+        float_targets=float_targets,
+        target_damp=target_damp,
+    )
     for name, r in row_scales.items():  # fold o_proj's / down_proj's scales into v_proj / up_proj rows
         part, config, bias = results[name]
         r = r.to(part.scales.device)[:, None]  # [out, 1]

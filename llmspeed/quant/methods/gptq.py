@@ -374,6 +374,8 @@ def gptq_model(
     act_order: bool = True,
     clip_search: tuple[float, ...] = (1.0,),
     refit_scales: bool = True,
+    float_targets: bool = True,
+    target_damp: float = 0.1,
     progress: bool = True,
 ) -> dict:
     """GPTQ over a whole model, layer by layer (see :func:`~llmspeed.quant.calibration.quantize_sequentially`).
@@ -387,6 +389,10 @@ def gptq_model(
         clip_search: int4 and NF4: shrink factors of the group range tried when fitting a group.
         refit_scales: After GPTQ, refit each row's scales by least squares for its codes
             (:mod:`~llmspeed.quant.methods.refit`); codes and zero points stay.
+        float_targets: Fit each layer to the float model's output, ``||W X_float - Q X||^2``, instead of
+            its own float weights on the quantized model's inputs (:func:`~llmspeed.quant.hessian.float_target_map`):
+            later layers compensate the errors of earlier ones. Costs one more float forward pass per layer.
+        target_damp: The ridge ``lam`` of that fit, as a fraction of ``mean(diag H)``: how far ``W`` may move.
         progress: Show a progress bar over decoder layers.
 
     Linear layers outside the decoder stack (an output head that was not skipped) are rounded to
@@ -395,6 +401,8 @@ def gptq_model(
     cal = CalibrationConfig(n_sequences, seq_len)
     if damp <= 0:
         raise ValueError(f"damp must be positive; got {damp}")
+    if target_damp <= 0:
+        raise ValueError(f"target_damp must be positive; got {target_damp}")
     tokens = calibration_tokens(model, calibration, cal)  # [n, seq_len]; raises on bad input first
     for config in set(plan.values()):
         grid_for(config.format, clip_search)  # validates clip_search before any work
@@ -419,7 +427,16 @@ def gptq_model(
             row += lin.out_features
         return modules
 
-    built = quantize_sequentially(model, plan, tokens, quantize_group, "gptq", progress)
+    built = quantize_sequentially(
+        model,
+        plan,
+        tokens,
+        quantize_group,
+        "gptq",
+        progress,
+        float_targets=float_targets,
+        target_damp=target_damp,
+    )
     built.update(round_outside(model, plan))
     return built
 
