@@ -214,22 +214,8 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const Linear& l, const W* w
 
 template <bool NF>
 void gemv_rows_q4(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
-  const int64_t groups = l.Kp / l.G;
-  const float* xd = l.xd.data_ptr<float>();
-  const float* xs = NF ? nullptr : l.xs.data_ptr<float>();
-  const uint8_t* w = static_cast<const uint8_t*>(l.w);
-  for (int64_t n = lo; n < hi; ++n) {
-    const uint8_t* wr = w + n * (l.Kp / 2);
-    const float* sr = l.scale + n * groups;
-    const float* zr = NF ? nullptr : l.zero + n * groups;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      q4_tile<4, NF>(xd + m * l.Kp, l.Kp, wr, l.Kp, l.G, sr, zr, NF ? nullptr : xs + m * groups, groups, l.y + m * l.N + n, l.N);
-    for (; m < M; ++m)
-      q4_tile<1, NF>(xd + m * l.Kp, l.Kp, wr, l.Kp, l.G, sr, zr, NF ? nullptr : xs + m * groups, groups, l.y + m * l.N + n, l.N);
-    if (l.bias)
-      for (int64_t i = 0; i < M; ++i) l.y[i * l.N + n] += l.bias[n];
-  }
+  q4_row_range<NF>(l.xd.data_ptr<float>(), NF ? nullptr : l.xs.data_ptr<float>(), M, static_cast<const uint8_t*>(l.w),
+                   l.scale, l.zero, l.bias, l.Kp, l.G, l.y, l.N, lo, hi);
 }
 
 // The integer row loops' tiling: weight rows lo..hi in blocks of NR (the tail one by one) against x rows in
@@ -497,7 +483,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
     }
     if (l.kind == Kind::INT4 || l.kind == Kind::NF4) {
       at::Tensor xt = torch::from_blob(const_cast<float*>(l.x), {M, K}, torch::kFloat);
-      l.xd = deinterleave(xt, l.Kp);
+      l.xd = deinterleave(xt, l.Kp, l.G);
       if (l.kind == Kind::INT4) l.xs = group_sums(l.xd, l.G);
     }
   }

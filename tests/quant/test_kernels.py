@@ -324,6 +324,37 @@ def test_cpp_dequantize_rows_equals_the_torch_dequantize_bit_for_bit(case, k, n,
     assert torch.equal(fast, module.packed_dequantize(torch.float32, rows))
 
 
+@pytest.mark.skipif(cpp.extension() is None, reason="no C++ compiler: the cpp kernel is not built")
+@settings(max_examples=40, deadline=None)
+@given(
+    fmt=st.sampled_from(["int4", "nf4"]),
+    group=st.sampled_from([16, 32, 48, 64, 128, None]),
+    k=st.integers(1, 300),
+    n=st.integers(1, 23),
+    m=st.integers(1, 11),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_4bit_float_activations_match_the_reference(fmt, group, k, n, m, seed):
+    """The 4-bit row loop on float activations: groups of whole 32-code blocks (four weight rows at a time on
+    AVX-512) and of 16 * odd codes, weight-row counts that leave a tail of one to three, any M (tiles of four x
+    rows and the rows left over), fractional zero points."""
+    group = None if group is None or group > k else group
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+    module = module_class(fmt).from_linear(linear, QuantConfig(fmt, group))
+    if fmt == "int4":
+        module.zeros.add_(torch.rand(module.zeros.shape, generator=g) - 0.5)
+    x = torch.randn(m, k, generator=g)  # [m, k]
+    kernel = KERNELS["cpp"]
+    if kernel.why_not(module, x) is not None:
+        return
+    out, ref = kernel.run(module, x), KERNELS["reference"].run(module, x)
+    assert out.shape == ref.shape == (m, n)
+    assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= TOLERANCE[torch.float32]
+
+
 def _panels_or_skip():
     reason = KERNELS["cpp_panels"].unavailable()
     if reason is not None:

@@ -72,8 +72,8 @@ template <bool NF>
 static torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                                torch::Tensor zeros, int64_t G) {
   x = x.contiguous();
-  const int64_t M = x.numel() / x.size(-1), N = qweight.size(0), Kp = qweight.size(1) * 2, groups = Kp / G;
-  auto xd = deinterleave(x, Kp);  // [M, Kp]
+  const int64_t M = x.numel() / x.size(-1), N = qweight.size(0), Kp = qweight.size(1) * 2;
+  auto xd = deinterleave(x, Kp, G);  // [M, Kp]
   torch::Tensor xs;  // [M, groups] sums of x per group (for the zero-point term)
   if (!NF) xs = group_sums(xd, G);
   auto y = output_like(x, N);
@@ -84,16 +84,7 @@ static torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Te
   const float* zp = NF ? nullptr : zeros.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wr = wp + n * (Kp / 2);
-      const float* sr = sp + n * groups;
-      const float* zr = NF ? nullptr : zp + n * groups;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4)
-        q4_tile<4, NF>(xp + m * Kp, Kp, wr, Kp, G, sr, zr, NF ? nullptr : xsp + m * groups, groups, yp + m * N + n, N);
-      for (; m < M; ++m)
-        q4_tile<1, NF>(xp + m * Kp, Kp, wr, Kp, G, sr, zr, NF ? nullptr : xsp + m * groups, groups, yp + m * N + n, N);
-    }
+    q4_row_range<NF>(xp, xsp, M, wp, sp, zp, nullptr, Kp, G, yp, N, n0, n1);
   });
   return y;
 }

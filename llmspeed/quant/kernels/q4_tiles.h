@@ -1,6 +1,7 @@
 // Shared 4-bit decoding for llmspeed's CPU kernels: the NF4 codebook, hsum, the activation
-// deinterleave and group sums, and q4_tile (decode 32 codes at a time in AVX-512 registers, 16 with
-// AVX2, and multiply-add).
+// deinterleave and group sums, q4_tile (decode 32 codes at a time in AVX-512 registers, 16 with
+// AVX2, and multiply-add), q4_rows (one x row against four weight rows, AVX-512) and q4_row_range
+// (the loop over rows both kernels run).
 // Included by fused_cpu.cpp (the quantized matmul extension) and by
 // llmspeed/generation/decode_cpu.cpp (the fused decode step): each extension compiles it once.
 #pragma once
@@ -8,6 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 #ifdef __AVX2__
@@ -30,20 +32,32 @@ static inline float hsum(__m256 v) {
 #endif
 
 // ---------------------------------------------------------------- 4-bit (int4 / nf4), group-wise
-// x is first rearranged per 16-element block into [x0 x2 .. x14 | x1 x3 .. x15] (zero-padded to Kp), so
-// the low nibbles (even elements) and high nibbles (odd elements) of 8 bytes meet contiguous x.
-static torch::Tensor deinterleave(const torch::Tensor& x, int64_t Kp) {
-  const int64_t K = x.size(-1), M = x.numel() / K;
+// Codes per block of deinterleave()'s layout for groups of G codes: 32 with AVX-512 where the groups hold whole
+// 32-code blocks (the low and the high nibbles of 16 bytes each meet 16 contiguous x: no permutes), else 16.
+static inline int64_t q4_block(int64_t G) {
+#ifdef __AVX512F__
+  return G % 32 == 0 ? 32 : 16;
+#else
+  (void)G;
+  return 16;
+#endif
+}
+
+// x is first rearranged per B-element block (B = q4_block(G)) into [x0 x2 .. x(B-2) | x1 x3 .. x(B-1)]
+// (zero-padded to Kp), so the low nibbles (even elements) and high nibbles (odd elements) of B / 2 bytes meet
+// contiguous x.
+static torch::Tensor deinterleave(const torch::Tensor& x, int64_t Kp, int64_t G) {
+  const int64_t K = x.size(-1), M = x.numel() / K, B = q4_block(G), half = B / 2;
   auto out = torch::empty({M, Kp}, x.options());
   const float* s = x.data_ptr<float>();
   float* d = out.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* sr = s + m * K;
     float* dr = d + m * Kp;
-    for (int64_t b = 0; b < Kp; b += 16)
-      for (int64_t j = 0; j < 16; ++j) {
+    for (int64_t b = 0; b < Kp; b += B)
+      for (int64_t j = 0; j < B; ++j) {
         const int64_t k = b + j;
-        dr[b + (j >> 1) + ((j & 1) << 3)] = k < K ? sr[k] : 0.f;
+        dr[b + (j >> 1) + (j & 1) * half] = k < K ? sr[k] : 0.f;
       }
   }
   return out;
@@ -71,8 +85,10 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
   float res[MT];
   for (int i = 0; i < MT; ++i) res[i] = 0.f;
 #ifdef __AVX512F__
-  // 32 codes (16 bytes: two 16-code blocks) a step, 16-wide: block b's weights [low nibbles | high nibbles]
-  // meet x's block b as laid out by deinterleave(), [x0 x2 .. x14 | x1 x3 .. x15], contiguously.
+  // 32 codes (16 bytes) a step, 16-wide. With q4_block(G) = 32 the low nibbles meet x's first 16 of the block
+  // and the high nibbles the next 16 as they come; with 16-code blocks (groups of 16 * odd codes) two permutes
+  // put each block's weights [low nibbles | high nibbles] against x's [x0 x2 .. x14 | x1 x3 .. x15].
+  const bool wide = q4_block(G) == 32;
   const __m512i nibble = _mm512_set1_epi32(15);
   const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
@@ -88,8 +104,11 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
     int64_t k = g * G;
     for (; k + 32 <= (g + 1) * G; k += 32) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
-      const __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_srli_epi32(b, 4);  // bytes: hi <= 15
-      const __m512i c0 = _mm512_permutex2var_epi32(lo, first, hi), c1 = _mm512_permutex2var_epi32(lo, second, hi);
+      __m512i c0 = _mm512_and_si512(b, nibble), c1 = _mm512_srli_epi32(b, 4);  // bytes: c1 <= 15
+      if (!wide) {
+        const __m512i lo = c0;
+        c0 = _mm512_permutex2var_epi32(lo, first, c1), c1 = _mm512_permutex2var_epi32(lo, second, c1);
+      }
       const __m512 w0 = NF ? _mm512_permutexvar_ps(c0, table) : _mm512_cvtepi32_ps(c0);
       const __m512 w1 = NF ? _mm512_permutexvar_ps(c1, table) : _mm512_cvtepi32_ps(c1);
       for (int i = 0; i < MT; ++i) {
@@ -162,4 +181,80 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
   }
 #endif
   for (int i = 0; i < MT; ++i) y[i * ldy] = res[i];
+}
+
+#ifdef __AVX512F__
+// One row of x (deinterleaved in 32-code blocks: q4_block(G) == 32) against NR weight rows `ld` bytes apart, their
+// scales and zeros `groups` apart: each x load serves the NR rows, and each row prefetches 256 bytes ahead.
+// y[r] for r < NR; the same sums per row as q4_tile<1, NF>.
+template <int NR, bool NF>
+static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G, const float* scale,
+                    const float* zero, const float* xsum, float* y) {
+  const int64_t groups = Kp / G;
+  const __m512i nibble = _mm512_set1_epi32(15);
+  const __m512 table = _mm512_loadu_ps(NF4);
+  __m512 tot[NR];
+  float corr[NR];
+  for (int r = 0; r < NR; ++r) tot[r] = _mm512_setzero_ps(), corr[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[NR], acc2[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* p = w + r * ld + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(p + 256), _MM_HINT_T0);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m512i c0 = _mm512_and_si512(b, nibble), c1 = _mm512_srli_epi32(b, 4);
+        acc[r] = _mm512_fmadd_ps(NF ? _mm512_permutexvar_ps(c0, table) : _mm512_cvtepi32_ps(c0), x0, acc[r]);
+        acc2[r] = _mm512_fmadd_ps(NF ? _mm512_permutexvar_ps(c1, table) : _mm512_cvtepi32_ps(c1), x1, acc2[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const float s = scale[r * groups + g];
+      tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(acc[r], acc2[r]), tot[r]);
+      if (!NF) corr[r] += s * zero[r * groups + g] * xsum[g];
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(tot[r]) - corr[r];
+}
+#endif
+
+// y[m, n] (+ bias[n] where bias) for every row m < M of xd (deinterleave()d, [M, Kp]; xs its group sums
+// [M, groups], int4 only) and weight rows lo <= n < hi of w [N, Kp / 2] with scales (and zeros) [N, groups]; y is
+// [M, ldy]. Weight rows go four at a time where the layout allows (one otherwise), each block while it is in
+// cache: four x rows at a time share each decoded weight chunk (q4_tile<4>), and the x rows left over take the
+// block's four weight rows at once (q4_rows).
+template <bool NF>
+static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint8_t* w, const float* scale,
+                         const float* zero, const float* bias, int64_t Kp, int64_t G, float* y, int64_t ldy,
+                         int64_t lo, int64_t hi) {
+  const int64_t groups = Kp / G, M4 = M / 4 * 4;
+#ifdef __AVX512F__
+  const int64_t NB = q4_block(G) == 32 ? 4 : 1;
+#else
+  const int64_t NB = 1;
+#endif
+  for (int64_t n0 = lo; n0 < hi; n0 += NB) {
+    const int64_t n1 = std::min(hi, n0 + NB);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M4; m += 4)
+        q4_tile<4, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, scale + n * groups, NF ? nullptr : zero + n * groups,
+                       NF ? nullptr : xs + m * groups, groups, y + m * ldy + n, ldy);
+    for (int64_t m = M4; m < M; ++m) {
+#ifdef __AVX512F__
+      if (n1 - n0 == 4) {
+        q4_rows<4, NF>(xd + m * Kp, w + n0 * (Kp / 2), Kp / 2, Kp, G, scale + n0 * groups,
+                       NF ? nullptr : zero + n0 * groups, NF ? nullptr : xs + m * groups, y + m * ldy + n0);
+        continue;
+      }
+#endif
+      for (int64_t n = n0; n < n1; ++n)
+        q4_tile<1, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, scale + n * groups, NF ? nullptr : zero + n * groups,
+                       NF ? nullptr : xs + m * groups, groups, y + m * ldy + n, ldy);
+    }
+    if (bias)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * ldy + n] += bias[n];
+  }
 }
