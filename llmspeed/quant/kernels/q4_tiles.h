@@ -220,6 +220,38 @@ static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, in
 }
 #endif
 
+#ifdef __AVX512F__
+// R rows of x (deinterleaved in 32-code blocks, ldx apart) against one weight row: each 32-code chunk is decoded
+// and scaled once, (c - z) * s or NF4[c] * s as dequantize() computes it, then multiplied into the R rows (two
+// FMA chains a row). No per-group work per row, which q4_tile<4> pays (its scale and zero-point terms) and
+// which outweighed the FMAs at 64-code groups. y[i * ldy] for i < R.
+template <int R, bool NF>
+static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G, const float* scale,
+                        const float* zero, float* y, int64_t ldy) {
+  const int64_t groups = Kp / G;
+  const __m512i nibble = _mm512_set1_epi32(15);
+  const __m512 table = _mm512_loadu_ps(NF4);
+  __m512 acc[R], acc2[R];
+  for (int i = 0; i < R; ++i) acc[i] = acc2[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 sv = _mm512_set1_ps(scale[g]), zv = _mm512_set1_ps(NF ? 0.f : zero[g]);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
+      const __m512i c0 = _mm512_and_si512(b, nibble), c1 = _mm512_srli_epi32(b, 4);
+      const __m512 w0 = NF ? _mm512_mul_ps(_mm512_permutexvar_ps(c0, table), sv)
+                           : _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c0), zv), sv);
+      const __m512 w1 = NF ? _mm512_mul_ps(_mm512_permutexvar_ps(c1, table), sv)
+                           : _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c1), zv), sv);
+      for (int i = 0; i < R; ++i) {
+        acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * ldx + k), acc[i]);
+        acc2[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * ldx + k + 16), acc2[i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i]));
+}
+#endif
+
 // y[m, n] (+ bias[n] where bias) for every row m < M of xd (deinterleave()d, [M, Kp]; xs its group sums
 // [M, groups], int4 only) and weight rows lo <= n < hi of w [N, Kp / 2] with scales (and zeros) [N, groups]; y is
 // [M, ldy]. Weight rows go four at a time where the layout allows (one otherwise), each block while it is in
@@ -237,11 +269,29 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
 #endif
   for (int64_t n0 = lo; n0 < hi; n0 += NB) {
     const int64_t n1 = std::min(hi, n0 + NB);
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; ++n) {
+#ifdef __AVX512F__
+      if (NB == 4) {  // whole 32-code blocks: scaled weights into 8 or 4 rows at a time
+        const float *sr = scale + n * groups, *zr = NF ? nullptr : zero + n * groups;
+        int64_t m = 0;
+        for (; m + 8 <= M4; m += 8) q4_dot_rows<8, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, sr, zr, y + m * ldy + n, ldy);
+        for (; m < M4; m += 4) q4_dot_rows<4, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, sr, zr, y + m * ldy + n, ldy);
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < M4; m += 4)
         q4_tile<4, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, scale + n * groups, NF ? nullptr : zero + n * groups,
                        NF ? nullptr : xs + m * groups, groups, y + m * ldy + n, ldy);
-    for (int64_t m = M4; m < M; ++m) {
+    }
+    int64_t m = M4;
+#ifdef __AVX512F__
+    if (NB == 4)  // two or three rows left: two at a time the same way
+      for (; m + 2 <= M; m += 2)
+        for (int64_t n = n0; n < n1; ++n)
+          q4_dot_rows<2, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, scale + n * groups,
+                             NF ? nullptr : zero + n * groups, y + m * ldy + n, ldy);
+#endif
+    for (; m < M; ++m) {
 #ifdef __AVX512F__
       if (n1 - n0 == 4) {
         q4_rows<4, NF>(xd + m * Kp, w + n0 * (Kp / 2), Kp / 2, Kp, G, scale + n0 * groups,
