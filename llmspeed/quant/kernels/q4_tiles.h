@@ -29,6 +29,12 @@ static inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+// NF4[c] for 8 codes c (int32 lanes, 0..15) from the codebook's halves in two registers
+static inline __m256 nf4_lookup8(__m256i c, __m256 tab_lo, __m256 tab_hi) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab_lo, c), _mm256_permutevar8x32_ps(tab_hi, c),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));  // sign bit: code >= 8
+}
 #endif
 
 // ---------------------------------------------------------------- 4-bit (int4 / nf4), group-wise
@@ -144,10 +150,8 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
       __m256i lo = _mm256_cvtepu8_epi32(lo8), hi = _mm256_cvtepu8_epi32(hi8);
       __m256 wl, wh;
       if (NF) {
-        wl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab_lo, lo), _mm256_permutevar8x32_ps(tab_hi, lo),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28)));
-        wh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab_lo, hi), _mm256_permutevar8x32_ps(tab_hi, hi),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(hi, 28)));
+        wl = nf4_lookup8(lo, tab_lo, tab_hi);
+        wh = nf4_lookup8(hi, tab_lo, tab_hi);
       } else {
         wl = _mm256_cvtepi32_ps(lo);
         wh = _mm256_cvtepi32_ps(hi);
@@ -250,18 +254,64 @@ static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t K
   }
   for (int i = 0; i < R; ++i) y[i * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i]));
 }
+#elif defined(__AVX2__)
+// The same with AVX2 over 16-code blocks (8 bytes: low nibbles against x's first 8, high against the next 8);
+// two FMA chains a row up to 4 rows, one from 8 (16 registers).
+template <int R, bool NF>
+static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G, const float* scale,
+                        const float* zero, float* y, int64_t ldy) {
+  constexpr int C = R > 4 ? 1 : 2;
+  const int64_t groups = Kp / G;
+  const __m128i lowmask = _mm_set1_epi8(0x0F);
+  const __m256 tab_lo = _mm256_loadu_ps(NF4), tab_hi = _mm256_loadu_ps(NF4 + 8);
+  __m256 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < R; ++i) acc[c][i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 sv = _mm256_set1_ps(scale[g]), zv = _mm256_set1_ps(NF ? 0.f : zero[g]);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2));
+      const __m256i lo = _mm256_cvtepu8_epi32(_mm_and_si128(b, lowmask));
+      const __m256i hi = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lowmask));
+      const __m256 wl = NF ? _mm256_mul_ps(nf4_lookup8(lo, tab_lo, tab_hi), sv)
+                           : _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(lo), zv), sv);
+      const __m256 wh = NF ? _mm256_mul_ps(nf4_lookup8(hi, tab_lo, tab_hi), sv)
+                           : _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(hi), zv), sv);
+      for (int i = 0; i < R; ++i) {
+        acc[0][i] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x + i * ldx + k), acc[0][i]);
+        acc[C - 1][i] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x + i * ldx + k + 8), acc[C - 1][i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * ldy] = hsum(C == 1 ? acc[0][i] : _mm256_add_ps(acc[0][i], acc[C - 1][i]));
+}
 #endif
+
+// Whether q4_dot_rows reads deinterleave()'s layout for groups of G codes: AVX-512 with 32-code blocks, AVX2.
+static inline bool q4_dot_layout(int64_t G) {
+#if defined(__AVX512F__)
+  return q4_block(G) == 32;
+#elif defined(__AVX2__)
+  (void)G;
+  return true;
+#else
+  (void)G;
+  return false;
+#endif
+}
 
 // y[m, n] (+ bias[n] where bias) for every row m < M of xd (deinterleave()d, [M, Kp]; xs its group sums
 // [M, groups], int4 only) and weight rows lo <= n < hi of w [N, Kp / 2] with scales (and zeros) [N, groups]; y is
-// [M, ldy]. Weight rows go four at a time where the layout allows (one otherwise), each block while it is in
-// cache: four x rows at a time share each decoded weight chunk (q4_tile<4>), and the x rows left over take the
-// block's four weight rows at once (q4_rows).
+// [M, ldy]. Weight rows go four at a time where AVX-512 has whole 32-code blocks (one otherwise), each block
+// while it is in cache: x rows 8, 4 or 2 at a time take each weight row's decoded, scaled chunks
+// (q4_dot_rows; q4_tile<4> where its layout is not read), and a last single x row takes the block's four
+// weight rows at once (q4_rows) or one (q4_tile<1>).
 template <bool NF>
 static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint8_t* w, const float* scale,
                          const float* zero, const float* bias, int64_t Kp, int64_t G, float* y, int64_t ldy,
                          int64_t lo, int64_t hi) {
-  const int64_t groups = Kp / G, M4 = M / 4 * 4;
+  const int64_t groups = Kp / G, M4 = M / 4 * 4, ld = Kp / 2;
+  const bool dot = q4_dot_layout(G);
 #ifdef __AVX512F__
   const int64_t NB = q4_block(G) == 32 ? 4 : 1;
 #else
@@ -269,42 +319,35 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
 #endif
   for (int64_t n0 = lo; n0 < hi; n0 += NB) {
     const int64_t n1 = std::min(hi, n0 + NB);
+    int64_t m = 0;
     for (int64_t n = n0; n < n1; ++n) {
-#ifdef __AVX512F__
-      if (NB == 4) {  // whole 32-code blocks: scaled weights into 8 or 4 rows at a time
-        const float *sr = scale + n * groups, *zr = NF ? nullptr : zero + n * groups;
-        int64_t m = 0;
-        for (; m + 8 <= M4; m += 8) q4_dot_rows<8, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, sr, zr, y + m * ldy + n, ldy);
-        for (; m < M4; m += 4) q4_dot_rows<4, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, sr, zr, y + m * ldy + n, ldy);
+      const float *sr = scale + n * groups, *zr = NF ? nullptr : zero + n * groups;
+      m = 0;
+#if defined(__AVX2__)
+      if (dot) {
+        for (; m + 8 <= M; m += 8) q4_dot_rows<8, NF>(xd + m * Kp, Kp, w + n * ld, Kp, G, sr, zr, y + m * ldy + n, ldy);
+        for (; m + 4 <= M; m += 4) q4_dot_rows<4, NF>(xd + m * Kp, Kp, w + n * ld, Kp, G, sr, zr, y + m * ldy + n, ldy);
+        for (; m + 2 <= M; m += 2) q4_dot_rows<2, NF>(xd + m * Kp, Kp, w + n * ld, Kp, G, sr, zr, y + m * ldy + n, ldy);
         continue;
       }
 #endif
-      for (int64_t m = 0; m < M4; m += 4)
-        q4_tile<4, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, scale + n * groups, NF ? nullptr : zero + n * groups,
-                       NF ? nullptr : xs + m * groups, groups, y + m * ldy + n, ldy);
+      for (; m < M4; m += 4)
+        q4_tile<4, NF>(xd + m * Kp, Kp, w + n * ld, Kp, G, sr, zr, NF ? nullptr : xs + m * groups, groups, y + m * ldy + n, ldy);
     }
-    int64_t m = M4;
-#ifdef __AVX512F__
-    if (NB == 4)  // two or three rows left: two at a time the same way
-      for (; m + 2 <= M; m += 2)
-        for (int64_t n = n0; n < n1; ++n)
-          q4_dot_rows<2, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, scale + n * groups,
-                             NF ? nullptr : zero + n * groups, y + m * ldy + n, ldy);
-#endif
-    for (; m < M; ++m) {
+    for (; m < M; ++m) {  // the rows left: one (dot) or up to three
 #ifdef __AVX512F__
       if (n1 - n0 == 4) {
-        q4_rows<4, NF>(xd + m * Kp, w + n0 * (Kp / 2), Kp / 2, Kp, G, scale + n0 * groups,
-                       NF ? nullptr : zero + n0 * groups, NF ? nullptr : xs + m * groups, y + m * ldy + n0);
+        q4_rows<4, NF>(xd + m * Kp, w + n0 * ld, ld, Kp, G, scale + n0 * groups, NF ? nullptr : zero + n0 * groups,
+                       NF ? nullptr : xs + m * groups, y + m * ldy + n0);
         continue;
       }
 #endif
       for (int64_t n = n0; n < n1; ++n)
-        q4_tile<1, NF>(xd + m * Kp, Kp, w + n * (Kp / 2), Kp, G, scale + n * groups, NF ? nullptr : zero + n * groups,
+        q4_tile<1, NF>(xd + m * Kp, Kp, w + n * ld, Kp, G, scale + n * groups, NF ? nullptr : zero + n * groups,
                        NF ? nullptr : xs + m * groups, groups, y + m * ldy + n, ldy);
     }
     if (bias)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) y[m * ldy + n] += bias[n];
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t n = n0; n < n1; ++n) y[i * ldy + n] += bias[n];
   }
 }
