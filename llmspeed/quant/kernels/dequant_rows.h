@@ -35,8 +35,7 @@ inline void dequant_4bit_rows(const uint8_t* q, const float* scale, const float*
           const __m256i c = _mm256_cvtepu8_epi32(h == 0 ? codes : _mm_srli_si128(codes, 8));
           __m256 v;
           if (nf) {
-            const __m256 hi8 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // sign bit: code >= 8
-            v = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(cb0, c), _mm256_permutevar8x32_ps(cb1, c), hi8), sv);
+            v = _mm256_mul_ps(nf4_lookup8(c, cb0, cb1), sv);
           } else {
             v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zv), sv);
           }
