@@ -71,6 +71,28 @@ def test_auto_times_cpu_candidates_once_and_caches_the_choice_on_disk(tuned, mon
     assert auto.auto_kernel(module, x).name == "dequant_fp32" and len(calls) == 1
 
 
+def test_choices_timed_with_other_kernel_code_are_not_reused(tuned, monkeypatch, tmp_path):
+    """A kernel change (a new llmspeed, an edited .cpp or .h) must time again: the old choice was for old code."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, body in ((old, "return 1;"), (new, "return 2;")):
+        (root / "kernels").mkdir(parents=True)
+        (root / "kernels" / "k.h").write_text(f"int k() {{ {body} }}")
+        (root / "notes.txt").write_text(str(root))  # not kernel code: ignored
+    assert tuning.sources_digest(old) != tuning.sources_digest(new)
+    module, x = _module(Int4Linear), torch.randn(3, 128)
+    calls: list = []
+    monkeypatch.setattr(tuning, "SOURCES", old)
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0}, calls)
+    assert auto.auto_kernel(module, x).name == "dequant_fp32" and len(calls) == 1
+    monkeypatch.setattr(tuning, "SOURCES", new)
+    tuning.reset()
+    _fake_times(monkeypatch, {"dequant_fp32": 9.0, "cpp": 1.0}, calls)
+    assert auto.auto_kernel(module, x).name == "cpp" and len(calls) == 2  # timed again, not the stored choice
+    monkeypatch.setattr(tuning, "SOURCES", old)
+    tuning.reset()
+    assert auto.auto_kernel(module, x).name == "dequant_fp32" and len(calls) == 2  # the old code's own choice
+
+
 def test_choices_depend_on_threads_shape_bucket_and_dtype(tuned, monkeypatch):
     module = _module(Int4Linear)
     calls: list = []

@@ -3,9 +3,9 @@
 ``kernel="auto"`` times its correct candidates once per (device, format, group, layer shape, rows
 bucket, activation dtype) and keeps the fastest. On the CPU the choice is also written to
 ``$LLMSPEED_CACHE/autotune/<machine>.json``, where ``<machine>`` hashes the CPU model, its
-instruction-set flags, torch's thread count and torch's version: a later process on the same kind of
-machine starts from the measured choices, and a different CPU, thread count or torch never reads
-them. ``LLMSPEED_AUTOTUNE=0`` turns timing off (the rule table decides alone).
+instruction-set flags, torch's thread count, torch's version and llmspeed's C++ kernel sources: a later
+process on the same kind of machine starts from the measured choices, and a different CPU, thread count,
+torch or kernel code never reads them. ``LLMSPEED_AUTOTUNE=0`` turns timing off (the rule table decides alone).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,21 @@ def default_folder() -> Path:
     return cache_root() / "autotune"
 
 
+SOURCES = Path(__file__).resolve().parents[2]  # the llmspeed package: its .cpp and .h files are the CPU kernels
+
+
+@lru_cache(maxsize=4)
+def sources_digest(root: Path) -> str:
+    """A digest of the C++ kernel sources under ``root``: choices timed with other kernel code are not reused."""
+    digest = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\x00" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def machine_key() -> str:
-    """What CPU timings depend on besides the layer: CPU model and ISA flags, threads, torch version."""
-    return f"{cpu_identity()}|threads:{torch.get_num_threads()}|torch:{torch.__version__}"
+    """What CPU timings depend on besides the layer: CPU model and ISA flags, threads, torch, kernel sources."""
+    return f"{cpu_identity()}|threads:{torch.get_num_threads()}|torch:{torch.__version__}|kernels:{sources_digest(SOURCES)}"
 
 
 def choice_key(module: Any, x: torch.Tensor) -> str:
