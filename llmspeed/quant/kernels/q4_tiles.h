@@ -222,9 +222,7 @@ static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, in
   }
   for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(tot[r]) - corr[r];
 }
-#endif
 
-#ifdef __AVX512F__
 // R rows of x (deinterleaved in 32-code blocks, ldx apart) against one weight row: each 32-code chunk is decoded
 // and scaled once, (c - z) * s or NF4[c] * s as dequantize() computes it, then multiplied into the R rows (two
 // FMA chains a row). No per-group work per row, which q4_tile<4> pays (its scale and zero-point terms) and
