@@ -29,13 +29,14 @@ def _same_state(a, b):
 
 
 CASES = [
-    ("llama", False, torch.float32, dict(format="int4", group_size=64)),
+    ("llama", False, torch.float32, dict(format="int4", group_size=64)),  # the head at int8 (lm_head's default)
+    ("llama", False, torch.float32, dict(format="int4", group_size=64, lm_head=None)),  # the head in float
     ("qwen2", True, torch.float32, dict(format="int4", group_size=32, symmetric=True)),
     ("qwen2", True, torch.bfloat16, dict(format="int4", group_size=64)),
     ("llama", False, torch.bfloat16, dict(format="int8")),
     ("llama", False, torch.float32, dict(format="int4", group_size=32, activations="int8")),
-    ("qwen2", True, torch.float32, dict(format="nf4", skip=[])),  # the tied head quantized from the embedding
-    ("qwen2", True, torch.float32, dict(format="int4", skip=[], int8_layers=["lm_head"])),  # serve's int8 head
+    ("qwen2", True, torch.float32, dict(format="nf4", lm_head="nf4")),  # the tied head quantized from the embedding
+    ("qwen2", True, torch.float32, dict(format="int4", lm_head=None)),  # a float head stays tied
 ]
 
 
@@ -49,7 +50,7 @@ def test_quantize_while_loading_matches_load_then_quantize(tmp_path, arch, tie, 
     options = {k: v for k, v in quant.items() if k != "format"}
     llmspeed.quantize(want, quant["format"], **options)
     _same_state(got, want)
-    if "skip" not in quant:  # a float head stays tied; a quantized one (skip=[]) came from the embedding
+    if quant.get("lm_head", "int8") is None:  # a float head stays tied; a quantized one came from the embedding
         assert (got.hf.lm_head.weight is got.hf.model.embed_tokens.weight) == tie
     with torch.no_grad():
         assert torch.equal(got.hf(IDS).logits, want.hf(IDS).logits)

@@ -70,7 +70,8 @@ EXTRAS: dict[str, dict[str, Any]] = {
     },
     "int8 down_proj": {"int8_layers": ["*.mlp.down_proj"]},
     "int8 activations": {"activations": "int8"},
-    "int8 lm_head": {"skip": [], "int8_layers": ["lm_head"]},  # the output head (and tied embedding) at int8
+    "int8 lm_head": {"lm_head": "int8"},  # the output head (and tied embedding) at int8: quantize's default
+    "fp32 lm_head": {"lm_head": None},  # the output head left in float
 }
 
 
@@ -101,17 +102,17 @@ def configurations(
         rows += [("int4", g, m, "mix", "-") for m in CALIBRATED]
         rows += [("int4", g, "rtn", "-", "int8 activations")]
         rows += [("int4", g, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
-        rows += [("int4", g, "rtn", "-", "int8 lm_head")]
+        rows += [("int4", g, "rtn", "-", "fp32 lm_head")]
         rows += [("int4", g, m, "mix", "no refit") for m in CALIBRATED]
         rows += [("int4", g, m, "mix", "no float targets") for m in ("gptq", "awq+gptq")]
         rows += [("int4", g, "gptq", "mix", "int8 down_proj (no float targets)")]
     rows += [
         ("int4", 64, "awq+gptq", "mix", "int8 activations"),
-        ("int4", 64, "awq+gptq", "mix", "int8 lm_head"),
+        ("int4", 64, "awq+gptq", "mix", "fp32 lm_head"),
     ]
     if not quick:
         rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
-        rows += [("int8", None, "rtn", "-", "-"), ("int8", None, "rtn", "-", "int8 lm_head")]
+        rows += [("int8", None, "rtn", "-", "-"), ("int8", None, "rtn", "-", "fp32 lm_head")]
         if 64 in groups:
             rows += [("int4", 64, "gptq", "pydoc", "-"), ("int4", 64, "awq+gptq", "mix", "damp=0.1")]
     rows = [r for r in rows if r[0] == "fp32" or (r[0] in formats and (methods is None or r[2] in methods))]

@@ -46,7 +46,8 @@ from .steps import decode_step_ms
 # the format whose llama.cpp row it is compared with
 FORMATS: dict[str, tuple[str, int] | str] = {
     "fp32": ("F32", 0), "bf16": ("F16", 1), "int8": ("Q8_0", 7), "int4": ("Q4_0", 2),
-    "int8, int8 lm_head": "int8", "int4, int8 lm_head": "int4",
+    "int8, int8 lm_head": "int8", "int4, int8 lm_head": "int4",  # quantize's default head, named
+    "int8, fp32 lm_head": "int8", "int4, fp32 lm_head": "int4",  # the head left in float (lm_head=None)
     "int8, int8 activations, int8 lm_head": "int8", "int4, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int4 lm_head": "int4",
@@ -418,11 +419,11 @@ def _llmspeed_model(fmt: str):
     if base == "bf16":
         cast(model, "bf16")
     elif base in ("int8", "int4"):
-        # the output head is 113 MB of fp32 by default: half of what int4 decode reads; quantized, it also
-        # serves as the tied input embedding (quantize's share_embedding default)
-        head: dict[str, Any] = {"skip": [], "int8_layers": ["lm_head"] if base == "int4" else None} if "int8 lm_head" in options else {}
-        if "int4 lm_head" in options:
-            head = {"skip": []}  # the head in the model's own int4 format
+        # quantize's default head is int8 per channel, which also serves as the tied input embedding
+        # (share_embedding's default); in fp32 it is 113 MB, half of what an int4 decode step reads
+        heads = {"int8 lm_head": "int8", "int4 lm_head": "int4", "fp32 lm_head": None}
+        picked = [heads[o] for o in options if o in heads]
+        head: dict[str, Any] = {"lm_head": picked[0]} if picked else {}
         acts = "int8" if "int8 activations" in options else "float"
         method = "awq+gptq" if "awq+gptq" in options else "rtn"  # its default calibration text
         quantize(model, base, group_size=64 if base == "int4" else None, method=method, activations=acts, **head)

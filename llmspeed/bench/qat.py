@@ -97,14 +97,14 @@ def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, pro
 
     rtn = copy.deepcopy(tuned)
     start = time.perf_counter()
-    quantize(rtn, "int4", group_size=s["group_size"])
+    quantize(rtn, "int4", group_size=s["group_size"], lm_head=None)  # QAT's head stays float: the same here
     add(f"RTN int4 g{s['group_size']} of fine-tuned", rtn, time.perf_counter() - start)
     del rtn
 
     start = time.perf_counter()
     calibration = None if tuned.tokenizer is not None else _texts(tuned)
     quantize(tuned, "int4", group_size=s["group_size"], method="gptq", calibration=calibration,
-             method_options=_gptq_options(s, progress))  # fmt: skip
+             method_options=_gptq_options(s, progress), lm_head=None)  # fmt: skip
     add(f"GPTQ int4 g{s['group_size']} of fine-tuned", tuned, time.perf_counter() - start)
     del tuned
 

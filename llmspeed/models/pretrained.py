@@ -19,7 +19,7 @@ from ..names import check_device, format_name
 from ..precision.cast import resolve_dtype
 
 QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include", "activations",
-                 "share_embedding", "int8_layers")
+                 "share_embedding", "int8_layers", "lm_head")
 
 
 def _quant_plan(model: Model, options: dict[str, Any]):
@@ -51,13 +51,14 @@ def _quant_plan(model: Model, options: dict[str, Any]):
         activations=options.get("activations", "float"),
     )
     check_kernel(config.kernel, fmt, "cpu")
-    plan = plan_layers(model, config, options.get("skip"), options.get("include"), options.get("int8_layers"))
+    plan = plan_layers(model, config, options.get("skip"), options.get("include"), options.get("int8_layers"),
+                       options.get("lm_head", "int8"))
     share = options.get("share_embedding")
     if share not in (None, True, False):
         raise ValueError(f"quantize['share_embedding'] must be None, True or False; got {share!r}")
     if share and _tied_head_name(model) not in plan:
         raise ValueError("quantize['share_embedding']=True needs an output head tied to the input embedding "
-                         "(tie_word_embeddings in config.json) and quantized (skip=[])")  # fmt: skip
+                         "(tie_word_embeddings in config.json) and quantized (lm_head='int8')")  # fmt: skip
     return plan
 
 
@@ -96,7 +97,7 @@ def from_pretrained(
             rounded, and on the CPU each linear choosing per call between the native and the upcast matmul).
         device: Where the model ends up (quantization runs on the CPU as tensors are read).
         quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
-            double_quant=..., kernel=..., activations=..., share_embedding=..., int8_layers=[...])``: the arguments of
+            double_quant=..., kernel=..., activations=..., share_embedding=..., int8_layers=[...], lm_head=...)``: the arguments of
             :func:`llmspeed.quantize` with method ``"rtn"``,
             applied to each linear layer as its weight is read, one shard and one layer at a time.
 

@@ -6,9 +6,9 @@
     llmspeed.finetune(model, texts, steps=..., precision="bf16")
     qat.convert(model)                           # FakeQuantLinear -> Int4Linear, what quantize() makes
 
-``prepare`` plans the layers exactly as :func:`llmspeed.quantize` does (same ``skip``/``include``,
-output head skipped by default, the same errors), so the converted model is indistinguishable from a
-post-training quantized one: same modules, kernels, files, adapters and generator.
+``prepare`` plans the layers exactly as :func:`llmspeed.quantize` with ``lm_head=None`` does (same
+``skip``/``include``, the output head left in float, the same errors), so the converted model is
+indistinguishable from a post-training quantized one: same modules, kernels, files, adapters and generator.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def prepare(
             fixed on the starting grid: the group moves smoothly while the latent weights flip codes
             only after drifting half a step. The converted module stores the learned values (fractional
             zero points, as HQQ's). Recommended with ``init="gptq"``: see docs/qat.md.
-        skip, include: As :func:`llmspeed.quantize`: names or patterns left in float (default: the output
-            head), or the only ones prepared.
+        skip, include: As :func:`llmspeed.quantize`: names or patterns left in float, or the only ones
+            prepared. The output head always stays in float (``quantize(..., lm_head=None)``'s plan).
         calibration: ``init="gptq"``: calibration text or token ids (default: the calibration mix, :func:`llmspeed.eval.calibration_mix`).
         init_options: ``init="gptq"``: options of the GPTQ method (``n_sequences``, ``seq_len``, ...).
 
@@ -139,7 +139,7 @@ def prepare(
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE[fmt]
     config = QuantConfig(fmt, group_size, method=init)
-    plan = plan_layers(model, config, skip, include)
+    plan = plan_layers(model, config, skip, include, lm_head=None)
     snapshot = dict(model.linear_layers())
     try:
         built = _gptq_start(model, plan, calibration, dict(init_options or {})) if init == "gptq" else {}

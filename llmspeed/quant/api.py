@@ -19,6 +19,7 @@ from .embedding import share_tied_embedding, tied_head
 from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import get_method
 from .methods.registry import symmetric_methods
+from .methods.rtn import rtn_weight
 from .modules import QuantizedLinearBase, module_class
 
 _DEFAULT = object()
@@ -26,7 +27,7 @@ SENSITIVE = ("*.mlp.down_proj",)  # int8_layers for a 4-bit model that holds up 
 
 
 def _output_head(model: CausalLM) -> list[str]:
-    """Names of the output head (``lm_head``): skipped by default."""
+    """Names of the output head (``lm_head``), which ``lm_head=`` decides for."""
     get = getattr(model.module, "get_output_embeddings", None)
     head = get() if callable(get) else None
     names = [name for name, module in model.linear_layers() if head is not None and module is head]
@@ -64,17 +65,27 @@ def plan_layers(
     skip: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
     int8_layers: Sequence[str] | None = None,
+    lm_head: str | None = "int8",
 ) -> dict[str, QuantConfig]:
     """Which linear positions ``quantize`` would change, each with its config; raises before anything changes.
 
-    Layers matching ``int8_layers`` get :func:`int8_config` of ``config`` instead of ``config``.
+    Layers matching ``int8_layers`` get :func:`int8_config` of ``config`` instead of ``config``; the output
+    head gets the format ``lm_head`` names (``"int8"``, ``config.format``, or ``None``: left in float) unless
+    ``skip`` or ``include`` leave it out.
     """
     if isinstance(skip, str) or isinstance(include, str) or isinstance(int8_layers, str):
         raise ValueError("skip, include and int8_layers must be lists of names or patterns, not a single string")
+    if lm_head not in (None, "int8", config.format):
+        raise ValueError(
+            f"lm_head must be None (float), 'int8' or the model's format {config.format!r}; got {lm_head!r}"
+        )
+    heads = _output_head(model)
     if skip is None:
-        skip = _output_head(model)
+        skip = []
     else:
         _check_patterns(model, "skip", skip)
+    if lm_head is None:
+        skip = [*skip, *heads]
     if include is not None:
         _check_patterns(model, "include", include)
     if int8_layers:
@@ -107,7 +118,8 @@ def plan_layers(
                 f"group_size={g} is larger than in_features={module.in_features} of {name!r}; "
                 f"use group_size <= {module.in_features} or None"
             )
-        plan[name] = int8_config(config) if int8_layers and _matches(name, int8_layers) else config
+        int8 = (int8_layers and _matches(name, int8_layers)) or (name in heads and lm_head == "int8")
+        plan[name] = int8_config(config) if int8 else config
     if not plan:
         raise ValueError("skip/include leave no linear layer to quantize")
     return plan
@@ -145,6 +157,7 @@ def quantize(
     int8_layers: Sequence[str] | None = None,
     activations: str = "float",
     share_embedding: bool | None = None,
+    lm_head: str | None = "int8",
 ) -> CausalLM:
     """Quantize ``model``'s linear layers in place and return the model.
 
@@ -152,8 +165,8 @@ def quantize(
         model: Any :class:`~llmspeed.protocol.CausalLM` (only ``linear_layers``/``replace_linear`` are used).
         fmt: ``"int8"`` (per output channel), ``"int4"`` (group-wise, asymmetric unless ``symmetric``) or ``"nf4"``.
         group_size: Input channels per scale; default 64 for int4/nf4, per channel (``None``) for int8.
-        skip: Qualified names or ``fnmatch`` patterns left in float. Default: the output head (``lm_head``);
-            pass ``[]`` to quantize it too. Embeddings are never linear positions.
+        skip: Qualified names or ``fnmatch`` patterns left in float (default: none; the output head follows
+            ``lm_head`` unless listed here). Embeddings are never linear positions.
         method: ``"rtn"``, ``"hqq"`` or a calibrated method (``"gptq"``, ``"awq"``, ``"awq+gptq"``; the
             registry, :data:`llmspeed.quant.METHODS`, lists them; docs/calibration.md compares them).
         kernel: ``"auto"`` or a kernel name from :func:`llmspeed.kernels` available on the model's device.
@@ -171,11 +184,15 @@ def quantize(
         activations: ``"float"`` (default) or ``"int8"``: dynamic int8 activations in blocks of 32 input
             channels (:class:`~llmspeed.quant.QuantConfig`), which the fused CPU decode step multiplies as
             integers against int4 and int8 codes (AVX-512 VNNI or AVX2); docs/quantization.md gives the accuracy cost.
-        share_embedding: When the output head is quantized (``skip=[]``) and tied to the input embedding
+        share_embedding: When the output head is quantized and tied to the input embedding
             (SmolLM2, Gemma, small Qwen2), the embedding becomes a lookup into the head's packed rows
             (:class:`~llmspeed.quant.embedding.QuantizedEmbedding`) and the float matrix is freed.
             ``None`` (default): do so whenever the head is quantized and tied; ``False``: keep the float
             embedding; ``True``: require it (``ValueError`` when the head is not quantized or not tied).
+        lm_head: The output head's format: ``"int8"`` (default: per output channel, round to nearest, as
+            llama.cpp keeps its output tensor at 6 to 8 bits; docs/quantization.md measures it within 0.5%
+            perplexity of the float head), the model's own format (``"int4"`` for an int4 model), or ``None``
+            to leave it in float (what transformers' bitsandbytes and AutoGPTQ do).
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
@@ -206,7 +223,8 @@ def quantize(
         raise ValueError(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"
         )
-    plan = plan_layers(model, config, skip, include, int8_layers)
+    plan = plan_layers(model, config, skip, include, int8_layers, lm_head)
+    heads = set(_output_head(model))
     if share_embedding not in (None, True, False):
         raise ValueError(f"share_embedding must be None, True or False; got {share_embedding!r}")
     head = tied_head(model)
@@ -214,7 +232,7 @@ def quantize(
     if share_embedding and not share:
         raise ValueError(
             "share_embedding=True needs an output head that is tied to the input embedding and quantized "
-            f"(pass skip=[] to quantize it); this model's tied head: {head!r}, quantized layers include it: "
+            f"(lm_head='int8' quantizes it); this model's tied head: {head!r}, quantized layers include it: "
             f"{head in plan if head else False}"
         )
     options = dict(method_options or {})
@@ -226,7 +244,10 @@ def quantize(
         if entry.weight is not None:
             for name, layer_config in plan.items():
                 linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
-                qw = entry.weight(linear.weight, layer_config, **options)
+                if name in heads and layer_config.format != config.format:  # an int8 head: rounded, as the
+                    qw = rtn_weight(linear.weight, layer_config)  # calibrated methods round it (round_outside)
+                else:
+                    qw = entry.weight(linear.weight, layer_config, **options)
                 bias = None if linear.bias is None else linear.bias.detach()
                 new = module_class(layer_config.format).from_codes(
                     qw.codes, qw.scales, qw.zeros, config=layer_config, bias=bias, in_features=linear.in_features

@@ -2,7 +2,7 @@
 
 Models such as SmolLM2, Gemma and Qwen2-0.5B tie the output head to the input embedding: one
 ``[vocab, hidden]`` matrix serves both, 28M of SmolLM2-135M's parameters. Quantizing the head
-(``quantize(model, fmt, skip=[])``) used to leave the float embedding in place beside the packed head,
+(``quantize(model, fmt, lm_head=...)``) used to leave the float embedding in place beside the packed head,
 so the model kept the fp32 matrix and a quantized copy. :class:`QuantizedEmbedding` replaces the
 embedding with a lookup into the head's packed rows: token ``t``'s vector is row ``t`` of
 ``head.dequantize()``, bit for bit, and the float matrix is freed (113 MB for SmolLM2 in fp32).

@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"], help="quantize the weights after loading")
     p.add_argument("--group-size", type=int, default=None, help="group size for int4 / nf4")
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --quantize (on unless --no-quantize-lm-head): the output head at int8 per channel in "
+                   help="with --quantize (on unless --no-quantize-lm-head, as in llmspeed.quantize): the output head at int8 per channel in "
                         "every format, as llama.cpp's Q8_0 and Q4_0 files; a tied input embedding reads its rows. "
-                        "--no-quantize-lm-head keeps it float, as llmspeed.quantize does (docs/serving.md: the cost)")
+                        "--no-quantize-lm-head keeps it float (llmspeed.quantize(..., lm_head=None); docs/serving.md: the cost)")
     p.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI or AVX2, their cost)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (ours or PEFT's); repeat for more")
@@ -90,20 +90,6 @@ def tune_kernels(model: Any, max_rows: int) -> int:
     return tune_model(layers, max_rows)
 
 
-HEAD = "lm_head"  # the output head's name in transformers' causal LMs
-
-
-def head_recipe(fmt: str) -> dict[str, Any]:
-    """The ``quantize`` options that put the output head at int8 per channel in format ``fmt``.
-
-    ``quantize`` leaves the head in float by default (as transformers, AutoGPTQ and vLLM's checkpoints do);
-    a server quantizes it, as llama.cpp's Q8_0 and Q4_0 files do: on SmolLM2 the int8 head costs 0.2-0.35%
-    perplexity and is a fifth of what an int8 model's decode step reads in fp32 (docs/serving.md). In a
-    4-bit model it stays at int8 (a 4-bit head cost 15%).
-    """
-    return {"skip": []} if fmt == "int8" else {"skip": [], "int8_layers": [HEAD]}
-
-
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """The engine and the server for parsed ``args``."""
     from .. import lora
@@ -118,8 +104,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         raise SystemExit("--activations int8 needs --quantize FORMAT")
     if args.quantize:
         recipe = {"format": args.quantize, **({} if args.group_size is None else {"group_size": args.group_size})}
-        if args.quantize_lm_head is not False:
-            recipe.update(head_recipe(args.quantize))
+        if args.quantize_lm_head is False:  # quantize's default: the head at int8 per channel (docs/serving.md)
+            recipe["lm_head"] = None
         if args.activations != "float":
             recipe["activations"] = args.activations
     model = load_model(args.model, recipe)

@@ -20,10 +20,10 @@ def test_full_run_measures_every_method_the_issue_names():
         (f, g, m, o) for f, g, m, _, o in rows}  # fmt: skip
     assert C.EXTRAS["int8 activations"] == {"activations": "int8"}
     # the output head at int8 (and the tied embedding with it), against the default float head
-    assert {("int4", 64, "rtn", "int8 lm_head"), ("int4", 64, "awq+gptq", "int8 lm_head"), ("int8", None, "rtn", "int8 lm_head")} <= {
+    assert {("int4", 64, "rtn", "fp32 lm_head"), ("int4", 64, "awq+gptq", "fp32 lm_head"), ("int8", None, "rtn", "fp32 lm_head")} <= {
         (f, g, m, o) for f, g, m, _, o in rows}  # fmt: skip
-    assert C.settings("int4", "int8 lm_head") == {"skip": [], "int8_layers": ["lm_head"]}
-    assert C.settings("int8", "int8 lm_head") == {"skip": []} and C.EXTRAS["int8 lm_head"]["int8_layers"] == ["lm_head"]
+    assert C.settings("int4", "int8 lm_head") == {"lm_head": "int8"} == C.settings("int8", "int8 lm_head")
+    assert C.settings("int4", "fp32 lm_head") == {"lm_head": None}  # quantize's default head is int8
 
 
 def test_the_int8_rows_use_the_documented_layers_and_groups_limit_the_rows():

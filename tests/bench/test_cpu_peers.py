@@ -42,15 +42,18 @@ def test_variants_build_what_their_names_say():
     assert isinstance(layers["lm_head"], Int8Linear)
     assert all(isinstance(m, Int4Linear) and m.config.activations == "int8" and m.config.group_size == 64
                for n, m in layers.items() if n != "lm_head")  # fmt: skip
-    options = {"int8 lm_head", "int4 lm_head", "int8 activations", "awq+gptq", "fp16 kv cache", "8 scheduler steps"}
+    options = {"int8 lm_head", "int4 lm_head", "fp32 lm_head", "int8 activations", "awq+gptq", "fp16 kv cache",
+               "8 scheduler steps"}
     assert all(k.split(", ")[1:] and set(k.split(", ")[1:]) <= options
                for k, v in cpu_peers.FORMATS.items() if isinstance(v, str))  # fmt: skip
     int4_head = dict(cpu_peers._llmspeed_model("int4, int8 activations, int4 lm_head").linear_layers())["lm_head"]
     assert isinstance(int4_head, Int4Linear) and int4_head.config.group_size == 64
     assert cpu_peers._kv_cache_dtype("fp32, fp16 kv cache") == "fp16" and cpu_peers._kv_cache_dtype("int8") == "auto"
     assert cpu_peers._scheduler_steps("int8, 8 scheduler steps") == 8 and cpu_peers._scheduler_steps("int8, int8 lm_head") == 1
-    plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())
-    assert type(plain["lm_head"]).__name__ == "Linear" and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
+    plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())  # quantize's default head: int8
+    assert isinstance(plain["lm_head"], Int8Linear) and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
+    float_head = dict(cpu_peers._llmspeed_model("int4, fp32 lm_head").linear_layers())
+    assert type(float_head["lm_head"]).__name__ == "Linear"
 
 
 def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios(monkeypatch):

@@ -160,7 +160,7 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
 @pytest.mark.parametrize("amx_rows", [0, 1], ids=["row-loop", "amx-tiles"])
 def test_quantized_models_match_the_generic_path(architecture, fmt, options, amx_rows):
     """Group 16 keeps the row loop on the tile path too (a tile step is 32 codes)."""
-    model = llmspeed.quantize(llmspeed.models.tiny(architecture, seed=2), fmt, skip=[], **options)
+    model = llmspeed.quantize(llmspeed.models.tiny(architecture, seed=2), fmt, lm_head=fmt, **options)
     assert type(model.hf.lm_head).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear", "nf4": "NF4Linear"}[fmt]
     assert fused_decode.unsupported(model) is None
     gen, decode = _prefilled(model, [2, 7, 13, 4, 21])
@@ -179,7 +179,7 @@ def test_a_step_that_holds_its_threads_is_bit_identical_and_survives_an_error(fm
     (an int32 cache, refused layer by layer) ends the team and reaches the caller; the next step runs."""
     model = llmspeed.models.tiny("llama", seed=4)
     if fmt == "int4-act8":
-        llmspeed.quantize(model, "int4", group_size=32, activations="int8", skip=[])
+        llmspeed.quantize(model, "int4", group_size=32, activations="int8", lm_head="int4")
     gen, decode = _prefilled(model, [2, 7, 13, 5])
     step = StepInput.decode(decode, gen.blocks.block_size)
     ext = fused_decode.extension()
@@ -264,7 +264,7 @@ def test_mixed_steps_match_the_generic_path(architecture, fmt, options, amx_rows
     dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
     model = llmspeed.models.tiny(architecture, seed=4, dtype=dtype)
     if fmt in llmspeed.quant.FORMATS:
-        model = llmspeed.quantize(model, fmt, skip=[], **options)
+        model = llmspeed.quantize(model, fmt, lm_head=fmt, **options)
     spec, bs = model.spec, 4
     fused_cache, generic_cache = (PagedKVCache(spec, 64, bs) for _ in range(2))
     fused = fused_decode.FusedDecode(model, fused_cache, amx_rows=amx_rows, mixed=True)
@@ -301,7 +301,7 @@ def test_without_amx_prompt_steps_run_fused_up_to_the_row_loop_limit_and_from_th
     any step with AMX tiles follow the rule too, and the logits of a GEMM-sized step match the generic path."""
     model = llmspeed.models.tiny("llama", seed=4, dtype=torch.bfloat16 if fmt == "bf16" else torch.float32)
     if fmt in llmspeed.quant.FORMATS:
-        model = llmspeed.quantize(model, fmt, skip=[], **options)
+        model = llmspeed.quantize(model, fmt, lm_head=fmt, **options)
     gemm = fused_decode.gemm_rows()
     assert gemm == 64
     ids = list(range(1, 200))

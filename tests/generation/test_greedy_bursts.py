@@ -30,7 +30,7 @@ def _tied(fmt: str):
     hf = model.hf
     hf.lm_head.weight = hf.model.embed_tokens.weight
     group = {"group_size": 32} if fmt != "int8" else {}
-    llmspeed.quantize(model, fmt, skip=[], **group)
+    llmspeed.quantize(model, fmt, lm_head=fmt, **group)
     assert type(hf.model.embed_tokens).__name__ == "QuantizedEmbedding"
     return model
 

@@ -7,12 +7,16 @@ import re
 
 import pytest
 import torch
+import transformers
+from torch import nn
 
 import llmspeed
 from llmspeed.protocol import is_quantized
-from llmspeed.quant import Int4Linear, NF4Linear, plan_layers
+from llmspeed.quant import Int4Linear, Int8Linear, NF4Linear, plan_layers
+from llmspeed.quant.api import int8_config
 from llmspeed.quant.methods import METHODS, register_method
 from llmspeed.quant.methods.registry import symmetric_methods
+from llmspeed.quant.methods.rtn import rtn_weight
 
 
 def _snapshot(model):
@@ -35,11 +39,51 @@ def test_quantize_every_arch_keeps_logits_close(tiny_model, fmt):
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < {"int8": 0.02, "int4": 0.25, "nf4": 0.25}[fmt]
     names = [n for n, m in tiny_model.linear_layers() if is_quantized(m)]
-    assert "lm_head" not in names and len(names) == len(tiny_model.linear_names()) - 1
+    assert names == tiny_model.linear_names()  # the output head too, at int8 per output channel (lm_head=)
+    head = tiny_model.hf.get_output_embeddings()
+    assert isinstance(head, Int8Linear) and head.config.group_size is None
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
+def test_the_output_head_is_int8_by_default_or_as_lm_head_says(fmt):
+    from llmspeed.quant.embedding import QuantizedEmbedding
+
+    def build():
+        config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        return llmspeed.wrap(transformers.AutoModelForCausalLM.from_config(config).eval())
+
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    default = llmspeed.quantize(build(), fmt, group_size=None if fmt == "int8" else 32)
+    head = default.hf.get_output_embeddings()
+    ref = rtn_weight(build().hf.lm_head.weight.detach(), int8_config(head.config))
+    assert isinstance(head, Int8Linear) and torch.equal(head.qweight, ref.codes)  # rounded per output channel
+    assert isinstance(default.hf.get_input_embeddings(), QuantizedEmbedding)  # the tied embedding reads its rows
+    float_head = llmspeed.quantize(build(), fmt, group_size=None if fmt == "int8" else 32, lm_head=None)
+    assert isinstance(float_head.hf.get_output_embeddings(), nn.Linear)
+    assert not isinstance(float_head.hf.get_input_embeddings(), QuantizedEmbedding)
+    same = llmspeed.quantize(build(), fmt, group_size=None if fmt == "int8" else 32, lm_head=fmt)
+    assert type(same.hf.get_output_embeddings()) is type(same.hf.model.layers[0].mlp.up_proj)
+    with torch.no_grad():  # the three heads agree with each other to int8 / 4-bit rounding of the head
+        a, b = default.hf(ids).logits, float_head.hf(ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 0.02
+
+
+def test_a_bad_lm_head_is_refused_before_any_change(llama):
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=r"lm_head must be None \(float\), 'int8' or the model's format 'int4'; got 'nf4'"):
+        llmspeed.quantize(llama, "int4", lm_head="nf4")
+    _assert_untouched(llama, before)
+
+
+def test_hqq_rounds_an_int8_head(llama):
+    llmspeed.quantize(llama, "int4", method="hqq")  # HQQ is int4 only: the head is rounded to nearest
+    assert isinstance(llama.hf.lm_head, Int8Linear)
 
 
 def test_skip_include_and_lm_head(llama):
-    llmspeed.quantize(llama, "nf4", skip=[], include=["lm_head", "*.mlp.*"], double_quant=True)
+    llmspeed.quantize(llama, "nf4", include=["lm_head", "*.mlp.*"], double_quant=True, lm_head="nf4")
     q = {n for n, m in llama.linear_layers() if is_quantized(m)}
     assert "lm_head" in q and all(".mlp." in n or n == "lm_head" for n in q)
     assert isinstance(llama.hf.lm_head, NF4Linear) and llama.hf.lm_head.config.double_quant
@@ -47,10 +91,12 @@ def test_skip_include_and_lm_head(llama):
 
 def test_memory_shrinks(llama):
     before = llmspeed.memory_footprint(llama)["linear"]
-    llmspeed.quantize(llama, "int4", group_size=64)
-    after = llmspeed.memory_footprint(llama)["linear"]
     head = llama.hf.lm_head.weight.numel() * 4
+    llmspeed.quantize(llama, "int4", group_size=64, lm_head=None)
+    after = llmspeed.memory_footprint(llama)["linear"]
     assert (after - head) / (before - head) < 0.16
+    with_head = llmspeed.memory_footprint(llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4"))["linear"]
+    assert head * 0.25 < with_head - (after - head) < head * 0.3  # the int8 head: a byte a weight, an fp32 scale a row
 
 
 def test_generate_with_transformers_after_quantize(llama):
@@ -137,7 +183,7 @@ def test_model_level_method_takes_over_the_loop(llama):
         with pytest.raises(ValueError, match="needs calibration"):
             llmspeed.quantize(llama, "int4", method="whole_test")
         llmspeed.quantize(
-            llama, "int4", method="whole_test", calibration="text", method_options={"scale": 1.0}
+            llama, "int4", method="whole_test", calibration="text", method_options={"scale": 1.0}, lm_head=None
         )
         assert seen["calibration"] == "text" and "lm_head" not in seen["names"]
         assert isinstance(llama.hf.model.layers[0].mlp.up_proj, Int4Linear)
@@ -151,7 +197,8 @@ def test_plan_lists_layers_without_changing_anything(llama):
 
     before = _snapshot(llama)
     plan = plan_layers(llama, QuantConfig("int4"))
-    assert set(plan) == set(llama.linear_names()) - {"lm_head"}
+    assert set(plan) == set(llama.linear_names()) and plan["lm_head"].format == "int8"
+    assert set(plan_layers(llama, QuantConfig("int4"), lm_head=None)) == set(llama.linear_names()) - {"lm_head"}
     assert _snapshot(llama) == before
 
 

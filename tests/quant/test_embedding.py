@@ -26,7 +26,7 @@ def _tied(seed: int = 0, vocab: int = 128) -> llmspeed.Model:
 def _reference(model: llmspeed.Model, fmt: str, **options) -> llmspeed.Model:
     """The same quantization with the float embedding kept and overwritten by the head's dequantized rows."""
     ref = copy.deepcopy(model)
-    llmspeed.quantize(ref, fmt, skip=[], share_embedding=False, **options)
+    llmspeed.quantize(ref, fmt, lm_head=fmt, share_embedding=False, **options)
     with torch.no_grad():
         ref.hf.model.embed_tokens.weight.copy_(ref.hf.lm_head.dequantize())
     return ref
@@ -37,7 +37,7 @@ def test_lookup_is_the_heads_dequantized_rows_and_logits_match(fmt, options):
     model = _tied()
     ref = _reference(model, fmt, **options)
     before = llmspeed.memory_footprint(model)
-    llmspeed.quantize(model, fmt, skip=[], **options)
+    llmspeed.quantize(model, fmt, lm_head=fmt, **options)
     emb = model.hf.get_input_embeddings()
     assert isinstance(emb, QuantizedEmbedding) and emb.head is model.hf.lm_head
     assert torch.equal(emb(IDS)[0], model.hf.lm_head.dequantize()[IDS[0]])
@@ -55,7 +55,7 @@ def test_lookup_is_the_heads_dequantized_rows_and_logits_match(fmt, options):
 def test_generator_tokens_match_the_reference_on_every_path():
     model = _tied(vocab=256)
     ref = _reference(model, "int8")
-    llmspeed.quantize(model, "int8", skip=[])
+    llmspeed.quantize(model, "int8", lm_head="int8")
     prompts = [[1, 5, 9], [7, 7, 7, 7, 100]]
     params = SamplingParams(max_new_tokens=6)
     got = [o.token_ids for o in Generator(model, progress=False).generate_batched(prompts, params)]
@@ -66,23 +66,27 @@ def test_generator_tokens_match_the_reference_on_every_path():
 def test_default_false_and_true():
     untied = llmspeed.models.tiny("llama")
     with pytest.raises(ValueError, match="share_embedding=True needs an output head that is tied"):
-        llmspeed.quantize(untied, "int8", skip=[], share_embedding=True)
+        llmspeed.quantize(untied, "int8", lm_head="int8", share_embedding=True)
     assert not any(llmspeed.protocol.is_quantized(m) for _, m in untied.linear_layers())  # nothing changed
-    llmspeed.quantize(untied, "int8", skip=[])  # untied: the embedding stays float
+    llmspeed.quantize(untied, "int8", lm_head="int8")  # untied: the embedding stays float
     assert isinstance(untied.hf.get_input_embeddings(), torch.nn.Embedding)
 
     tied = _tied()
     emb = tied.hf.get_input_embeddings()
-    with pytest.raises(ValueError, match="skip=\\[\\]"):
-        llmspeed.quantize(tied, "int8", share_embedding=True)  # the head is skipped by default
+    with pytest.raises(ValueError, match="lm_head='int8' quantizes it"):
+        llmspeed.quantize(tied, "int8", share_embedding=True, lm_head=None)  # a float head cannot be shared
     with pytest.raises(ValueError, match="share_embedding must be None, True or False; got 'yes'"):
         llmspeed.quantize(tied, "int8", share_embedding="yes")
     assert tied.hf.get_input_embeddings() is emb
-    llmspeed.quantize(tied, "int8")  # head skipped: float and still tied
+    llmspeed.quantize(tied, "int8", lm_head=None)  # head left in float: still tied
     assert tied.hf.lm_head.weight is tied.hf.get_input_embeddings().weight
+    default = _tied()
+    llmspeed.quantize(default, "int4", group_size=32)  # the default: an int8 head, which the embedding reads
+    assert isinstance(default.hf.get_input_embeddings(), QuantizedEmbedding)
+    assert default.hf.get_input_embeddings().head is default.hf.lm_head
 
     kept = _tied()
-    llmspeed.quantize(kept, "int8", skip=[], share_embedding=False)
+    llmspeed.quantize(kept, "int8", lm_head="int8", share_embedding=False)
     assert isinstance(kept.hf.get_input_embeddings(), torch.nn.Embedding)
 
 
@@ -96,14 +100,14 @@ def test_failed_quantize_restores_the_embedding(monkeypatch):
 
     monkeypatch.setattr(api, "share_tied_embedding", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        llmspeed.quantize(model, "int4", group_size=32, skip=[])
+        llmspeed.quantize(model, "int4", group_size=32, lm_head="int4")
     assert model.hf.get_input_embeddings() is emb
     assert isinstance(model.hf.lm_head, torch.nn.Linear) and model.hf.lm_head.weight is emb.weight
 
 
 def test_refuses_heads_it_cannot_read():
     model = _tied()
-    llmspeed.quantize(model, "nf4", group_size=32, skip=[], double_quant=True, share_embedding=False)
+    llmspeed.quantize(model, "nf4", group_size=32, lm_head="nf4", double_quant=True, share_embedding=False)
     with pytest.raises(ValueError, match="double_quant"):
         QuantizedEmbedding(model.hf.lm_head, torch.float32)
     with pytest.raises(ValueError, match="head must be a quantized linear module; got Linear"):
@@ -112,14 +116,14 @@ def test_refuses_heads_it_cannot_read():
 
 def test_deepcopy_follows_the_copy_and_a_16_bit_model_gets_16_bit_rows():
     model = _tied()
-    llmspeed.quantize(model, "int8", skip=[])
+    llmspeed.quantize(model, "int8", lm_head="int8")
     twin = copy.deepcopy(model)
     assert twin.hf.get_input_embeddings().head is twin.hf.lm_head
     with torch.no_grad():
         twin.hf.lm_head.scales.mul_(2)  # the copy's head only
         assert torch.equal(twin.hf.get_input_embeddings()(IDS), 2 * model.hf.get_input_embeddings()(IDS))
     half = llmspeed.cast(_tied(), "bf16")
-    llmspeed.quantize(half, "int8", skip=[])
+    llmspeed.quantize(half, "int8", lm_head="int8")
     rows = half.hf.get_input_embeddings()(IDS)
     assert rows.dtype == torch.bfloat16 and half.spec.dtype == torch.bfloat16
     assert torch.equal(rows[0], half.hf.lm_head.dequantize(torch.bfloat16)[IDS[0]])
@@ -130,7 +134,7 @@ def test_save_load_bit_exact_and_tampering_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = _tied()
-    llmspeed.quantize(model, "int4", group_size=32, skip=[])
+    llmspeed.quantize(model, "int4", group_size=32, lm_head="int4")
     llmspeed.save(model, tmp_path / "q")
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         meta = f.metadata()
@@ -154,21 +158,21 @@ def test_float_folder_quantized_while_loading_shares(tmp_path):
 
     model = _tied()
     model.hf.save_pretrained(tmp_path)
-    got = from_pretrained(tmp_path, quantize=dict(format="int8", skip=[]))
+    got = from_pretrained(tmp_path, quantize=dict(format="int8", lm_head="int8"))
     assert isinstance(got.hf.get_input_embeddings(), QuantizedEmbedding)
     want = copy.deepcopy(model)
-    llmspeed.quantize(want, "int8", skip=[])
+    llmspeed.quantize(want, "int8", lm_head="int8")
     with torch.no_grad():
         assert torch.equal(got.hf(IDS).logits, want.hf(IDS).logits)
-    kept = from_pretrained(tmp_path, quantize=dict(format="int8", skip=[], share_embedding=False))
+    kept = from_pretrained(tmp_path, quantize=dict(format="int8", lm_head="int8", share_embedding=False))
     assert isinstance(kept.hf.get_input_embeddings(), torch.nn.Embedding)
     with pytest.raises(ValueError, match="share_embedding'\\]=True needs an output head"):
-        from_pretrained(tmp_path, quantize=dict(format="int8", share_embedding=True))
+        from_pretrained(tmp_path, quantize=dict(format="int8", share_embedding=True, lm_head=None))
 
 
 def test_compressed_tensors_export_writes_the_dense_rows(tmp_path):
     model = _tied()
-    llmspeed.quantize(model, "int8", skip=[])
+    llmspeed.quantize(model, "int8", lm_head="int8")
     llmspeed.save(model, tmp_path, format="compressed-tensors")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(hf.get_input_embeddings().weight, model.hf.lm_head.dequantize())

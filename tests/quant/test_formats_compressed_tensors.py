@@ -94,7 +94,7 @@ CASES = [("int8", None, None), ("int4", 32, True), ("int4", 32, False), ("int4",
 @pytest.mark.parametrize("fmt, group, sym", CASES)
 def test_transformers_loads_export_with_llmspeed_logits(tmp_path, fmt, group, sym):
     model = llmspeed.models.tiny("llama", **WIDE)
-    llmspeed.quantize(model, fmt, group_size=group, symmetric=sym)
+    llmspeed.quantize(model, fmt, group_size=group, symmetric=sym, lm_head=None)
     want = logits(model.hf)  # llmspeed's kernels
     reference = logits(dequantized(model).hf)  # llmspeed's dequantized model
     llmspeed.save(model, tmp_path, format="compressed-tensors")
@@ -124,17 +124,34 @@ def test_qwen2_biases_and_tied_head(tmp_path):
     model = llmspeed.models.tiny("qwen2", **WIDE)
     model.hf.config.tie_word_embeddings = True
     model.hf.lm_head.weight = model.hf.model.embed_tokens.weight
-    llmspeed.quantize(model, "int4", group_size=64, symmetric=True)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True)  # the head at int8, shared by the embedding
+    rows = model.hf.lm_head.dequantize()  # [vocab, hidden]
     want = logits(model.hf)
     llmspeed.save(model, tmp_path, format="compressed-tensors")
     cfg = json.loads((tmp_path / "config.json").read_text())
+    # vLLM reads float output heads only: the int8 head is written as its dequantized rows, through the tied embedding
     assert cfg["tie_word_embeddings"] is True and cfg["quantization_config"]["ignore"] == ["lm_head"]
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(hf.model.embed_tokens.weight, rows)
     assert (logits(hf) - want).abs().max() <= 1e-4 * want.abs().max()
     back = llmspeed.load(tmp_path)
-    assert back.hf.lm_head.weight is back.hf.model.embed_tokens.weight
+    assert back.hf.lm_head.weight is back.hf.model.embed_tokens.weight and torch.equal(back.hf.lm_head.weight, rows)
     assert back.hf.model.layers[0].self_attn.q_proj.bias is not None
-    assert torch.equal(logits(back.hf), want)
+    assert (logits(back.hf) - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_an_untied_int8_head_is_written_as_its_float_rows(tmp_path):
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True)
+    rows = model.hf.lm_head.dequantize()  # [vocab, hidden]
+    want = logits(model.hf)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["ignore"] == ["lm_head"]
+    assert all("lm_head" not in g["targets"] for g in cfg["quantization_config"]["config_groups"].values())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(hf.lm_head.weight, rows)
+    assert (logits(hf) - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_mixed_layer_configs_get_one_group_each(tmp_path):

@@ -195,7 +195,7 @@ def test_serve_cli_builds_a_quantized_server_with_an_adapter(tmp_path):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_serve_cli_quantizes_the_output_head_at_int8_unless_told_not_to(fmt):
     """``--quantize`` puts the output head at int8 in every format (the tied embedding reads its rows), as
-    llama.cpp's files do; ``--no-quantize-lm-head`` keeps it float, as ``llmspeed.quantize`` does."""
+    llama.cpp's files do; ``--no-quantize-lm-head`` keeps it float, as ``llmspeed.quantize(..., lm_head=None)`` does."""
     from llmspeed.serving.cli import build, build_parser
 
     for flags, head in (([], "Int8Linear"), (["--quantize-lm-head"], "Int8Linear"), (["--no-quantize-lm-head"], "Linear")):

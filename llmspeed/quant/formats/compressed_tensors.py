@@ -17,7 +17,8 @@ per-channel ``Int8Linear`` codes are ``q`` with ``zp = 0``. Scales are written i
 precision, so the folder decodes to exactly llmspeed's dequantized weights; engines cast them to the
 model dtype. ``config.json`` gets a ``quantization_config`` with ``quant_method: "compressed-tensors"``,
 one config group per distinct layer config (targets ``["Linear"]`` when there is one) and every float
-linear (the output head) in ``ignore``.
+linear in ``ignore``. The output head is always written in float (a quantized one as its dequantized rows,
+through the tied embedding when the two are shared) and listed in ``ignore``: vLLM loads float heads only.
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def save(model: CausalLM, directory: str | Path) -> Path:
         if reason is not None:
             raise ValueError(f"cannot save format='compressed-tensors': {reason}")
     quantized = {n: m for n, m in layers.items() if isinstance(m, QuantizedLinearBase)}
+    get_head = getattr(root, "get_output_embeddings", None)
+    head_module = get_head() if callable(get_head) else None
+    heads = {n: quantized.pop(n) for n in list(quantized) if quantized[n] is head_module}  # written in float
     if not quantized:
         raise ValueError(
             "cannot save format='compressed-tensors': the model has no quantized layer; quantize it first "
@@ -142,7 +146,7 @@ def save(model: CausalLM, directory: str | Path) -> Path:
         raise ValueError("cannot save format='compressed-tensors': the model has no transformers config")
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    prefixes = tuple(f"{n}." for n in quantized)
+    prefixes = tuple(f"{n}." for n in [*quantized, *heads])
     for name, tensor in root.state_dict().items():
         if name.startswith(prefixes):
             continue
@@ -154,8 +158,14 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     for name, module in quantized.items():
         tensors.update(_module_tensors(name, module))
     dtype = model.spec.dtype
-    for embedding, head in shared_embeddings(model).items():  # a dense embedding: the head's rows, as llmspeed reads them
-        tensors[f"{embedding}.weight"] = quantized[head].dequantize(dtype).cpu().contiguous()
+    shared = shared_embeddings(model)
+    for embedding, head in shared.items():  # a dense embedding: the head's rows, as llmspeed reads them
+        tensors[f"{embedding}.weight"] = heads[head].dequantize(dtype).cpu().contiguous()
+    for name, module in heads.items():  # vLLM reads a float output head only: the head's dequantized rows
+        if name not in shared.values():
+            tensors[f"{name}.weight"] = module.dequantize(dtype).cpu().contiguous()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
     groups: dict[QuantConfig, list[str]] = {}
     for name, module in quantized.items():
         key = QuantConfig(module.config.format, module.config.group_size, symmetric=module.config.symmetric)
@@ -165,13 +175,9 @@ def save(model: CausalLM, directory: str | Path) -> Path:
         scheme = _scheme(cfg)
         scheme["targets"] = ["Linear"] if len(groups) == 1 else sorted(names)
         config_groups[f"group_{i}"] = scheme
-    get_head, get_emb = (
-        getattr(root, "get_output_embeddings", None),
-        getattr(root, "get_input_embeddings", None),
-    )
-    head = get_head() if callable(get_head) else None
+    get_emb = getattr(root, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None
-    tied = isinstance(head, nn.Linear) and emb is not None and head.weight is emb.weight
+    tied = bool(shared) or (isinstance(head_module, nn.Linear) and emb is not None and head_module.weight is emb.weight)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
