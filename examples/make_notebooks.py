@@ -197,8 +197,9 @@ QUANTIZATION = [
         "plt.tight_layout(); plt.show()"
     ),
     new_markdown_cell(
-        "Reading the table: memory shrinks as promised (the 28M-parameter embedding stays float, so the "
-        "whole model shrinks less than the linear layers). Speed only follows when a kernel reads the packed "
+        "Reading the table: memory shrinks as promised. The output head, tied to the 28M-parameter embedding, "
+        "is stored at int8 in every format (`lm_head='int8'`, the default; `lm_head=None` keeps it in float) "
+        "and the embedding reads its rows, so the whole model shrinks almost as much as its linear layers. Speed only follows when a kernel reads the packed "
         "weights directly; where the fastest path is dequantize-then-matmul, the theoretical win does not "
         "appear. See the kernel-support page of the docs for measured numbers per path and M.\n\n"
         "Quantized models save to safetensors files and load back bit-exactly:"
