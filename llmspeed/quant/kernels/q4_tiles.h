@@ -188,62 +188,58 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
 }
 
 #ifdef __AVX512F__
+// The 16 values a group's codes stand for, (c - z) * s (int4) or NF4[c] * s (NF4), computed as dequantize() does:
+// one vpermps of a code vector against this table gives its dequantized weights (vpermps reads only an index's
+// low 4 bits, so a byte holding two nibbles indexes its low one without a mask).
+template <bool NF>
+static inline __m512 q4_group_table(float s, float z) {
+  const __m512 ramp = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return NF ? _mm512_mul_ps(_mm512_loadu_ps(NF4), _mm512_set1_ps(s))
+            : _mm512_mul_ps(_mm512_sub_ps(ramp, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+}
+
 // One row of x (deinterleaved in 32-code blocks: q4_block(G) == 32) against NR weight rows `ld` bytes apart, their
-// scales and zeros `groups` apart: each x load serves the NR rows, and each row prefetches 256 bytes ahead.
-// y[r] for r < NR; the same sums per row as q4_tile<1, NF>.
+// scales and zeros `groups` apart: each x load serves the NR rows, each row's codes become its dequantized weights
+// through its group's table (q4_group_table: no per-group scale or zero-point work after the multiply-adds), and
+// each row prefetches 256 bytes ahead once per 64-byte line. y[r] for r < NR.
 template <int NR, bool NF>
 static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G, const float* scale,
-                    const float* zero, const float* xsum, float* y) {
+                    const float* zero, float* y) {
   const int64_t groups = Kp / G;
-  const __m512i nibble = _mm512_set1_epi32(15);
-  const __m512 table = _mm512_loadu_ps(NF4);
-  __m512 tot[NR];
-  float corr[NR];
-  for (int r = 0; r < NR; ++r) tot[r] = _mm512_setzero_ps(), corr[r] = 0.f;
+  __m512 acc[NR], acc2[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[NR], acc2[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+    __m512 tab[NR];
+    for (int r = 0; r < NR; ++r) tab[r] = q4_group_table<NF>(scale[r * groups + g], NF ? 0.f : zero[r * groups + g]);
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
       for (int r = 0; r < NR; ++r) {
         const uint8_t* p = w + r * ld + k / 2;
-        _mm_prefetch(reinterpret_cast<const char*>(p + 256), _MM_HINT_T0);
+        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + 256), _MM_HINT_T0);
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        const __m512i c0 = _mm512_and_si512(b, nibble), c1 = _mm512_srli_epi32(b, 4);
-        acc[r] = _mm512_fmadd_ps(NF ? _mm512_permutexvar_ps(c0, table) : _mm512_cvtepi32_ps(c0), x0, acc[r]);
-        acc2[r] = _mm512_fmadd_ps(NF ? _mm512_permutexvar_ps(c1, table) : _mm512_cvtepi32_ps(c1), x1, acc2[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, tab[r]), x0, acc[r]);
+        acc2[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab[r]), x1, acc2[r]);
       }
     }
-    for (int r = 0; r < NR; ++r) {
-      const float s = scale[r * groups + g];
-      tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(acc[r], acc2[r]), tot[r]);
-      if (!NF) corr[r] += s * zero[r * groups + g] * xsum[g];
-    }
   }
-  for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(tot[r]) - corr[r];
+  for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
 }
 
 // R rows of x (deinterleaved in 32-code blocks, ldx apart) against one weight row: each 32-code chunk is decoded
-// and scaled once, (c - z) * s or NF4[c] * s as dequantize() computes it, then multiplied into the R rows (two
-// FMA chains a row). No per-group work per row, which q4_tile<4> pays (its scale and zero-point terms) and
-// which outweighed the FMAs at 64-code groups. y[i * ldy] for i < R.
+// and scaled once, (c - z) * s or NF4[c] * s as dequantize() computes it (one vpermps of the group's table), then
+// multiplied into the R rows (two FMA chains a row). No per-group work per row, which q4_tile<4> pays (its scale and
+// zero-point terms) and which outweighed the FMAs at 64-code groups. y[i * ldy] for i < R.
 template <int R, bool NF>
 static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G, const float* scale,
                         const float* zero, float* y, int64_t ldy) {
   const int64_t groups = Kp / G;
-  const __m512i nibble = _mm512_set1_epi32(15);
-  const __m512 table = _mm512_loadu_ps(NF4);
   __m512 acc[R], acc2[R];
   for (int i = 0; i < R; ++i) acc[i] = acc2[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512 sv = _mm512_set1_ps(scale[g]), zv = _mm512_set1_ps(NF ? 0.f : zero[g]);
+    const __m512 tab = q4_group_table<NF>(scale[g], NF ? 0.f : zero[g]);
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
-      const __m512i c0 = _mm512_and_si512(b, nibble), c1 = _mm512_srli_epi32(b, 4);
-      const __m512 w0 = NF ? _mm512_mul_ps(_mm512_permutexvar_ps(c0, table), sv)
-                           : _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c0), zv), sv);
-      const __m512 w1 = NF ? _mm512_mul_ps(_mm512_permutexvar_ps(c1, table), sv)
-                           : _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c1), zv), sv);
+      const __m512 w0 = _mm512_permutexvar_ps(b, tab), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
       for (int i = 0; i < R; ++i) {
         acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * ldx + k), acc[i]);
         acc2[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * ldx + k + 16), acc2[i]);
@@ -336,7 +332,7 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
 #ifdef __AVX512F__
       if (n1 - n0 == 4) {
         q4_rows<4, NF>(xd + m * Kp, w + n0 * ld, ld, Kp, G, scale + n0 * groups, NF ? nullptr : zero + n0 * groups,
-                       NF ? nullptr : xs + m * groups, y + m * ldy + n0);
+                       y + m * ldy + n0);
         continue;
       }
 #endif
