@@ -120,8 +120,11 @@ def test_cast_back_to_fp32_and_quantize_drop_the_choice(llama):
     assert cpu_matmul.installed(twin.hf) == cpu_matmul.installed(llama.hf)
     with torch.no_grad():
         assert torch.equal(twin.hf(IDS).logits, llama.hf(IDS).logits)
+    float_head = copy.deepcopy(twin)
     llmspeed.quantize(twin, "int8")
-    assert cpu_matmul.installed(twin.hf) == 1  # lm_head stays float (skipped by default)
+    assert cpu_matmul.installed(twin.hf) == 0  # every linear quantized, the output head too (at int8)
+    llmspeed.quantize(float_head, "int8", lm_head=None)
+    assert cpu_matmul.installed(float_head.hf) == 1  # the float head keeps its choice
     llmspeed.cast(llama, "fp32")
     assert cpu_matmul.installed(llama.hf) == 0
 

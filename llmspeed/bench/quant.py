@@ -74,19 +74,29 @@ def perplexity_rows(base, quick: bool, progress: bool) -> list[dict]:
     return rows
 
 
+def _head_bytes(model) -> int:
+    """Bytes of the output head that ``memory_footprint`` counts under ``"linear"`` (0 for a float head tied to the
+    input embedding, which it counts as the embedding)."""
+    hf = model.hf
+    head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    weight = getattr(head, "weight", None)
+    if head is None or (weight is not None and weight is getattr(emb, "weight", None)):
+        return 0
+    return sum(t.numel() * t.element_size() for t in head.state_dict().values())
+
+
 def memory_rows(base) -> list[dict]:
-    """Whole-model and linear-only bytes vs fp32 (lm_head stays float by default: it is tied to the embedding)."""
+    """Whole-model bytes, and the decoder's linear layers' bytes (the output head left out: quantize stores it at
+    int8 by default, and a tied float head is counted as the embedding), vs fp32."""
     ref = llmspeed.memory_footprint(base)
-    head = base.hf.get_output_embeddings()
-    tied = head is not None and head.weight is base.hf.get_input_embeddings().weight
-    head_bytes = 0 if tied or head is None else head.weight.numel() * head.weight.element_size()
     rows = [_row("memory", "fp32 whole model", ref["total"] / 2**20, "MiB", "fp32", ref["total"] / 2**20)]
     for name, _ in FORMATS:
-        fp = llmspeed.memory_footprint(_quantized(base, name))
+        q = _quantized(base, name)
+        fp = llmspeed.memory_footprint(q)
         rows.append(
             _row("memory", f"{name} whole model", fp["total"] / 2**20, "MiB", "fp32", ref["total"] / 2**20)
         )
-        lin, ref_lin = fp["linear"] - head_bytes, ref["linear"] - head_bytes
+        lin, ref_lin = fp["linear"] - _head_bytes(q), ref["linear"] - _head_bytes(base)
         rows.append(
             _row("memory", f"{name} linear layers", lin / 2**20, "MiB", "fp32 linear", ref_lin / 2**20)
         )

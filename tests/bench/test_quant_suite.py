@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import llmspeed
 from llmspeed.bench.quant import kernel_rows, run
 from llmspeed.precision import cpu_matmul
 from llmspeed.quant.kernels import KERNELS
@@ -33,3 +34,21 @@ def test_kernel_rows_compare_bf16_paths_with_what_a_cast_layer_runs(monkeypatch)
 def test_run_refuses_unknown_tables_before_loading_anything():
     with pytest.raises(ValueError, match=r"tables must be among \['perplexity', 'memory', 'kernels', 'decode'\]"):
         run(tables=["kernel"])
+
+
+def test_memory_rows_count_the_decoders_linears_whether_the_head_is_tied_or_not():
+    """Regression: with the int8 head as quantize's default, a tied model's "linear layers" row counted the head
+    (its QuantizedEmbedding has no .weight, so the tie check matched None against None)."""
+    import transformers
+
+    from llmspeed.bench import quant as Q
+
+    ratios = {}
+    for tie in (False, True):
+        cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)  # fmt: skip
+        torch.manual_seed(0)
+        model = llmspeed.wrap(transformers.AutoModelForCausalLM.from_config(cfg).eval())
+        ratios[tie] = {r["case"]: r["vs_baseline"] for r in Q.memory_rows(model)}
+    assert ratios[True]["int8 linear layers"] == pytest.approx(ratios[False]["int8 linear layers"], rel=1e-6)
+    assert ratios[True]["int4 g64 linear layers"] < 0.16  # the head (int8, 512 x 256) would add 0.03
