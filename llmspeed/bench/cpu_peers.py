@@ -13,9 +13,9 @@ perplexity of both on the same pydoc evaluation windows (llama.cpp scores them w
 A last column times the one-sequence decode steps of the two systems interleaved, blocks of a few
 steps at a time (:func:`paired_blocks`), for hosts whose speed changes within a round. Both also report
 the decode step with 8 sequences running (llama.cpp through its batch API, one sequence
-slot per prompt). Variants only llmspeed has (an int8 output head, whose rows the tied input embedding then
-reads, so the fp32 matrix is gone from ``MB``; int8 activations; AWQ+GPTQ calibration
-with its default text) are compared with the llama.cpp row of their base format, measured in the same
+slot per prompt). The int8 and int4 rows have quantize's default int8 output head, whose rows the tied input
+embedding reads (so the fp32 matrix is gone from ``MB``). Variants only llmspeed has (the head in fp32 or int4;
+int8 activations; AWQ+GPTQ calibration with its default text) are compared with the llama.cpp row of their base format, measured in the same
 rounds (each round times llmspeed's rows of a format, then llama.cpp's). A llama.cpp format that
 crashes (a native build's AMX weight layout does on some CPUs) is run again without llama.cpp's extra
 buffer types, and its row says so.
