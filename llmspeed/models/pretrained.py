@@ -24,7 +24,7 @@ QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", 
 
 def _quant_plan(model: Model, options: dict[str, Any]):
     """``{layer name: QuantConfig}`` from the ``quantize`` dict (the keys of :data:`QUANTIZE_KEYS`)."""
-    from ..quant.api import plan_layers
+    from ..quant.api import DEFAULT_LM_HEAD, plan_layers
     from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig
     from ..quant.kernels import check_kernel
 
@@ -52,7 +52,7 @@ def _quant_plan(model: Model, options: dict[str, Any]):
     )
     check_kernel(config.kernel, fmt, "cpu")
     plan = plan_layers(model, config, options.get("skip"), options.get("include"), options.get("int8_layers"),
-                       options.get("lm_head", "int8"))
+                       options.get("lm_head", DEFAULT_LM_HEAD))
     share = options.get("share_embedding")
     if share not in (None, True, False):
         raise ValueError(f"quantize['share_embedding'] must be None, True or False; got {share!r}")

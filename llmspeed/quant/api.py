@@ -24,6 +24,7 @@ from .modules import QuantizedLinearBase, module_class
 
 _DEFAULT = object()
 SENSITIVE = ("*.mlp.down_proj",)  # int8_layers for a 4-bit model that holds up off its calibration text
+DEFAULT_LM_HEAD = "int8"  # quantize's output head: per output channel (docs/quantization.md measures its cost)
 
 
 def _output_head(model: CausalLM) -> list[str]:
@@ -65,7 +66,7 @@ def plan_layers(
     skip: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
     int8_layers: Sequence[str] | None = None,
-    lm_head: str | None = "int8",
+    lm_head: str | None = DEFAULT_LM_HEAD,
 ) -> dict[str, QuantConfig]:
     """Which linear positions ``quantize`` would change, each with its config; raises before anything changes.
 
@@ -157,7 +158,7 @@ def quantize(
     int8_layers: Sequence[str] | None = None,
     activations: str = "float",
     share_embedding: bool | None = None,
-    lm_head: str | None = "int8",
+    lm_head: str | None = DEFAULT_LM_HEAD,
 ) -> CausalLM:
     """Quantize ``model``'s linear layers in place and return the model.
 
