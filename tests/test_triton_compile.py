@@ -97,10 +97,14 @@ def test_triton_gemv_compiles_for_every_autotune_config(monkeypatch, fmt, extra)
     module = MODULES[fmt].from_linear(torch.nn.Linear(256, 128, bias=False), QuantConfig(fmt, **extra))
     triton_gemv.triton_gemv(module, torch.zeros(1, 256, dtype=torch.bfloat16))
     (args, constexprs), = recorder.calls
-    assert len(autotuner.configs) == 2 * len(triton_gemv.BLOCK_NS)
+    assert [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"], c.num_warps) for c in autotuner.configs] == triton_gemv.configs()
+    compiled = set()  # splits of 2, 4 and 8 are the same code with another constant: one of them is compiled
     for config in autotuner.configs:
-        size = _compile(autotuner.fn, args, {**constexprs, **config.kwargs}, 90, config.num_warps)
-        assert size > 0, config
+        code = (config.kwargs["BLOCK_N"], config.kwargs["SPLIT_K"] > 1, config.num_warps)
+        if code not in compiled:
+            compiled.add(code)
+            size = _compile(autotuner.fn, args, {**constexprs, **config.kwargs}, 90, config.num_warps)
+            assert size > 0, config
 
 
 @pytest.mark.parametrize("arch", [90, 80])

@@ -24,11 +24,23 @@ _SCRIPT = textwrap.dedent(
     from llmspeed.quant.modules import MODULES
 
     assert triton_gemv.unavailable() is None
+    jit = triton_gemv._jit()
+
+
+    class Fixed:  # the kernel launched with one configuration, as the autotuner launches its pick
+        def __init__(self, block_n, split_k):
+            self.meta = {"BLOCK_N": block_n, "SPLIT_K": split_k}
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: jit[grid](*args, **kwargs, **self.meta)
+
+
     g = torch.Generator().manual_seed(0)
+    kernel, checked = triton_gemv._kernel, 0
     cases = [("int8", None, {}), ("int4", 32, {}), ("int4", 64, {}), ("nf4", 32, {}),
              ("nf4", 16, {"double_quant": True})]
     for fmt, group, extra in cases:
-        for k, n in ((100, 70), (64, 130)):
+        for k, n in ((100, 70), (64, 130), (600, 24)):
             lin = torch.nn.Linear(k, n, bias=False)
             with torch.no_grad():
                 lin.weight.copy_(torch.randn(n, k, generator=g))
@@ -36,19 +48,24 @@ _SCRIPT = textwrap.dedent(
             for m in (1, 3):
                 for dtype in (torch.float32, torch.bfloat16):
                     x = torch.randn(m, k, generator=g).to(dtype)
-                    y = triton_gemv.triton_gemv(module, x)
                     ref = x.float() @ module.dequantize().T
-                    assert y.dtype == dtype and y.shape == (m, n), (y.dtype, y.shape)
-                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                    tol = 1e-5 if dtype == torch.float32 else 1e-2
-                    assert err < tol, (fmt, group, extra, k, n, m, dtype, err)
-    print("checked", len(cases) * 2 * 2 * 2)
+                    # the autotuned kernel (here its one interpreter configuration, split in 2), and at one fp32 row
+                    # fixed ones: unsplit, and splits of 3 and 5 that leave some programs one tile or none
+                    for launch in (None, (16, 1), (32, 3), (64, 5)) if (m, dtype) == (1, torch.float32) else (None,):
+                        triton_gemv._kernel = (lambda: Fixed(*launch)) if launch else kernel
+                        y = triton_gemv.triton_gemv(module, x)
+                        assert y.dtype == dtype and y.shape == (m, n), (y.dtype, y.shape)
+                        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                        tol = 1e-5 if dtype == torch.float32 else 1e-2
+                        assert err < tol, (fmt, group, extra, k, n, m, dtype, launch, err)
+                        checked += 1
+    print("checked", checked)
     """
 )
 
 
 def test_triton_gemv_matches_the_dequantized_weight_in_the_interpreter(run_script):
-    assert "checked 40" in run_script(_SCRIPT)
+    assert "checked 105" in run_script(_SCRIPT)
 
 
 def test_triton_gemv_is_a_cuda_decode_candidate_only():

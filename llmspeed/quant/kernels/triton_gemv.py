@@ -10,7 +10,11 @@ bf16 activations. This kernel reads llmspeed's packed buffers as they are (no co
   fp32, so the weight is read once per activation row;
 * 4-bit rows hold element ``2j`` in the low nibble of byte ``j`` and ``2j + 1`` in the high nibble, so
   a tile of bytes meets the even and the odd activations of its span; ``BLOCK_K`` divides the group
-  size, so a tile needs one scale (and zero) per row.
+  size, so a tile needs one scale (and zero) per row;
+* split-K: ``SPLIT_K`` programs share a row block, each walking a contiguous share of the ``K`` tiles and
+  adding its partial sums into the fp32 output with ``atomic_add`` (``SPLIT_K = 1`` stores them). A
+  layer with few output rows (a down projection: 4096 rows are 64 programs of 64 rows, for 132 SMs)
+  otherwise leaves most of the GPU idle; the autotuner picks the split per shape with the block size.
 
 It is a candidate for small ``M`` (decode) only: on accelerators ``kernel="auto"`` times every usable
 candidate once per shape bucket and keeps the fastest (see :mod:`llmspeed.quant.kernels`), so it is
@@ -36,37 +40,42 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 BLOCK_NS = (16, 32, 64)  # rows per program tried by the autotuner (one fixed size in the interpreter)
+SPLIT_KS = (1, 2, 4, 8)  # programs sharing a row block's K tiles, tried by the autotuner with 4 warps
+
+
+def configs() -> list[tuple[int, int, int]]:
+    """The autotuner's ``(BLOCK_N, SPLIT_K, num_warps)`` candidates: every block size and split with 4 warps,
+    and every block size unsplit with 2 (the candidates before split-K)."""
+    return [(bn, sk, 4) for bn in BLOCK_NS for sk in SPLIT_KS] + [(bn, 1, 2) for bn in BLOCK_NS]
 
 
 @lru_cache(maxsize=1)
-def _kernel() -> Any:
+def _jit() -> Any:
+    """The kernel itself, every tile size a ``tl.constexpr`` (:func:`_kernel` wraps it in the autotuner)."""
     import triton
     import triton.language as tl
 
-    # Few rows per program mean many programs (a 14336-row layer at 64 rows is 224 programs for 132 SMs,
-    # under two unbalanced waves); more rows mean fewer activation reloads. The autotuner times each
-    # configuration once per (N, K, format, M) on first use, outside any CUDA graph capture (the
-    # generator and the benchmarks run a kernel before capturing it).
-    configs = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in BLOCK_NS for w in (2, 4)]
-    if interpreted():
-        configs = configs[-1:]
-
-    @triton.autotune(configs=configs, key=["N", "K", "FMT", "M_ROWS"])
     @triton.jit
     def gemv(
         x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, y_ptr,
         N, K, KP, GROUPS, M_ROWS,
         FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
     ):  # fmt: skip
         # FMT 0: int8 [N, K] with scales [N]; 1: int4 and 2: NF4, bytes [N, KP // 2] with scales (zeros) [N, GROUPS]
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
+        split = tl.program_id(2)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        tiles = tl.cdiv(K if FMT == 0 else KP, BLOCK_K)
+        share = tl.cdiv(tiles, SPLIT_K)  # this program's K tiles: [first, last)
+        first = split * share
+        last = tl.minimum(first + share, tiles)
         if FMT == 0:
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            for t in range(first, last):
+                cols = t * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
                 col_ok = cols < K
                 x = tl.load(x_ptr + m * K + cols, mask=col_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
@@ -74,7 +83,8 @@ def _kernel() -> Any:
             acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)
         else:
             HALF: tl.constexpr = BLOCK_K // 2
-            for k0 in range(0, KP, BLOCK_K):
+            for t in range(first, last):
+                k0 = t * BLOCK_K
                 j = k0 // 2 + tl.arange(0, HALF)  # byte columns [HALF]
                 even = 2 * j
                 x_even = tl.load(x_ptr + m * K + even, mask=even < K, other=0.0).to(tl.float32)
@@ -93,9 +103,26 @@ def _kernel() -> Any:
                     wl = tl.load(lut_ptr + lo)
                     wh = tl.load(lut_ptr + hi)
                     acc += s * tl.sum(wl * x_even[None, :] + wh * x_odd[None, :], axis=1)
-        tl.store(y_ptr + m * N + rows, acc, mask=row_ok)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + m * N + rows, acc, mask=row_ok)
+        else:  # y starts at zero (triton_gemv allocates it so; the autotuner resets it between its trials)
+            tl.atomic_add(y_ptr + m * N + rows, acc, mask=row_ok)
 
     return gemv
+
+
+@lru_cache(maxsize=1)
+def _kernel() -> Any:
+    import triton
+
+    # Few rows per program mean many programs (a 14336-row layer at 64 rows is 224 programs for 132 SMs,
+    # under two unbalanced waves); more rows mean fewer activation reloads; a split shares a block's K tiles
+    # among programs. The autotuner times each configuration once per (N, K, format, M) on first use, outside
+    # any CUDA graph capture (the generator and the benchmarks run a kernel before capturing it).
+    candidates = [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w) for bn, sk, w in configs()]
+    if interpreted():
+        candidates = [triton.Config({"BLOCK_N": 64, "SPLIT_K": 2}, num_warps=4)]  # the atomic path, checked by the tests
+    return triton.autotune(configs=candidates, key=["N", "K", "FMT", "M_ROWS"], reset_to_zero=["y_ptr"])(_jit())
 
 
 def _block_k(module: QuantizedLinear) -> int:
@@ -137,16 +164,16 @@ def operands(module: QuantizedLinear) -> tuple[int, torch.Tensor, torch.Tensor, 
 
 
 def triton_gemv(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out] in x.dtype
-    """Dequantize-GEMV on the module's packed buffers, one program per (``BLOCK_N`` rows, activation row)."""
+    """Dequantize-GEMV on the module's packed buffers, one program per (``BLOCK_N`` rows, activation row, K share)."""
     kernel = _kernel()
     x2 = x.reshape(-1, module.in_features).contiguous()
     m, n = x2.shape[0], module.out_features
-    y = torch.empty(m, n, device=x.device, dtype=torch.float32)
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32)  # split-K programs add into it
     block_k = _block_k(module)
     code, s, z, lut, kp, groups, group = operands(module)
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return (n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], m
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], m, meta["SPLIT_K"]
 
     kernel[grid](x2, module.qweight, s, z, lut, y, n, module.in_features, kp, groups, m,
                  FMT=code, GROUP=group, BLOCK_K=block_k)  # fmt: skip
