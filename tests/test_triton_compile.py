@@ -108,7 +108,12 @@ def test_triton_gemv_compiles_for_every_autotune_config(monkeypatch, fmt, extra)
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("fmt, extra", [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {"group_size": 64})])
+@pytest.mark.parametrize(
+    "fmt, extra",
+    # 4-bit groups: whole groups in a tile (64), a tile inside a group (512), groups straddling tiles (48)
+    [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {"group_size": 64}), ("int4", {"group_size": 512}),
+     ("int4", {"group_size": 48})],
+)  # fmt: skip
 def test_triton_dequantize_compiles(monkeypatch, arch, fmt, extra):
     recorder, kernel = _Recorder(), triton_dequant._kernel()
     monkeypatch.setattr(triton_dequant, "_kernel", lambda: recorder)

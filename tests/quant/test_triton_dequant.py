@@ -27,8 +27,11 @@ _SCRIPT = textwrap.dedent(
 
     g = torch.Generator().manual_seed(0)
     checked = 0
-    cases = [("int8", None, {}), ("int4", 32, {}), ("int4", 64, {}), ("int4", None, {}), ("nf4", 32, {}),
-             ("nf4", 16, {"double_quant": True})]
+    # groups of a 256-code tile: 16 to 128 (whole groups in a tile), 512 (a tile inside a group), 48 and
+    # whole rows of 112 or 304 codes (groups straddling tiles: a scale per byte)
+    cases = [("int8", None, {}), ("int4", 32, {}), ("int4", 64, {}), ("int4", None, {}), ("int4", 512, {}),
+             ("int4", 48, {}), ("nf4", 32, {}), ("nf4", 128, {}), ("nf4", 16, {"double_quant": True})]
+    tiles = set()
     for fmt, group, extra in cases:
         # 300 inputs: a partial column tile and, for 4-bit, padding columns past in_features
         for k, n in ((100, 70), (64, 130), (300, 33)):
@@ -37,6 +40,7 @@ _SCRIPT = textwrap.dedent(
                 lin.weight.copy_(torch.randn(n, k, generator=g))
             module = MODULES[fmt].from_linear(lin, QuantConfig(fmt, group_size=group, **extra))
             full = module.dequantize(torch.float32)
+            tiles.add(triton_dequant.per_group(module.layout.group) if fmt != "int8" else None)
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 w = triton_dequant.dequantize(module, dtype)
                 assert w.dtype == dtype and w.shape == (n, k), (w.dtype, w.shape)
@@ -50,13 +54,14 @@ _SCRIPT = textwrap.dedent(
     module = MODULES["int4"].from_linear(torch.nn.Linear(100, 70), QuantConfig("int4", group_size=32))
     y = triton_dequant.triton_dequant(module, x)
     assert torch.allclose(y, x @ module.dequantize().T, atol=1e-5), "the matmul after the pass"
+    assert tiles == {None, 0, 1, 2, 4, 8, 16}, tiles  # every kind of tile above was met
     print("checked", checked)
     """
 )
 
 
 def test_triton_dequantize_matches_the_module_in_the_interpreter(run_script):
-    assert "checked 54" in run_script(_SCRIPT)
+    assert "checked 81" in run_script(_SCRIPT)
 
 
 def test_triton_dequant_is_a_cuda_candidate_at_every_m():

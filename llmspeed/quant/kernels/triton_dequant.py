@@ -11,6 +11,10 @@ This kernel reads each packed byte once and writes the weight once, in the activ
 * a program owns ``BLOCK_N`` output rows and ``BLOCK_J`` byte columns of the packed buffer;
 * int8: ``code * scale[row]``; int4: ``(code - zero) * scale`` per group; NF4: ``codebook[code] * scale``
   per group, the scales double-dequantized once per module beforehand (cached like the GEMV's);
+* 4-bit scales (and zeros) are loaded once per group: where the group size divides a tile's 256 codes
+  (or a tile lies inside one group), the tile is viewed as ``[BLOCK_N, groups in the tile, bytes a group]``
+  and each row's ``GPT`` scales are broadcast over their groups; other group sizes (a whole-row group of a
+  width that is no power of two, say) load one per byte, as the first version of this kernel did;
 * 4-bit bytes hold element ``2j`` in the low nibble and ``2j + 1`` in the high nibble: the two halves
   are joined and flattened, so the store is contiguous; padding columns (``in_features`` not a multiple
   of the group) are masked out.
@@ -47,9 +51,10 @@ def _kernel() -> Any:
     def dequant(
         w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr,
         N, K, KB, GROUPS,
-        FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+        FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, GPT: tl.constexpr,
     ):  # fmt: skip
         # FMT 0: int8 [N, K] with scales [N]; 1: int4 and 2: NF4, bytes [N, KB] with scales (zeros) [N, GROUPS]
+        # GPT (4-bit): groups a tile of 2 * BLOCK_J codes meets when they are whole (per_group()), else 0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # packed columns [BLOCK_J]
         row_ok = rows < N
@@ -63,21 +68,48 @@ def _kernel() -> Any:
             b = q.to(tl.int32)
             lo = b & 15
             hi = (b >> 4) & 15
-            at = rows[:, None] * GROUPS + (2 * j[None, :]) // GROUP  # both nibbles share a group (GROUP even)
-            s = tl.load(s_ptr + at, mask=ok, other=0.0)
-            if FMT == 1:
-                z = tl.load(z_ptr + at, mask=ok, other=0.0)
-                w_lo = (lo.to(tl.float32) - z) * s
-                w_hi = (hi.to(tl.float32) - z) * s
-            else:
-                w_lo = tl.load(lut_ptr + lo) * s
-                w_hi = tl.load(lut_ptr + hi) * s
+            if GPT > 0:  # one scale (and zero) per row and group of the tile, broadcast over the group's bytes
+                HG: tl.constexpr = BLOCK_J // GPT  # bytes a group
+                g = (2 * tl.program_id(1) * BLOCK_J) // GROUP + tl.arange(0, GPT)  # the tile's groups [GPT]
+                at = rows[:, None] * GROUPS + g[None, :]  # [BLOCK_N, GPT]
+                g_ok = row_ok[:, None] & (g < GROUPS)[None, :]
+                s = tl.reshape(tl.load(s_ptr + at, mask=g_ok, other=0.0), (BLOCK_N, GPT, 1))
+                lo = tl.reshape(lo, (BLOCK_N, GPT, HG))
+                hi = tl.reshape(hi, (BLOCK_N, GPT, HG))
+                if FMT == 1:
+                    z = tl.reshape(tl.load(z_ptr + at, mask=g_ok, other=0.0), (BLOCK_N, GPT, 1))
+                    w_lo = (lo.to(tl.float32) - z) * s
+                    w_hi = (hi.to(tl.float32) - z) * s
+                else:
+                    w_lo = tl.load(lut_ptr + lo) * s
+                    w_hi = tl.load(lut_ptr + hi) * s
+                w_lo = tl.reshape(w_lo, (BLOCK_N, BLOCK_J))
+                w_hi = tl.reshape(w_hi, (BLOCK_N, BLOCK_J))
+            else:  # groups that straddle tiles: a scale (and zero) per byte
+                at = rows[:, None] * GROUPS + (2 * j[None, :]) // GROUP  # both nibbles share a group (GROUP even)
+                s = tl.load(s_ptr + at, mask=ok, other=0.0)
+                if FMT == 1:
+                    z = tl.load(z_ptr + at, mask=ok, other=0.0)
+                    w_lo = (lo.to(tl.float32) - z) * s
+                    w_hi = (hi.to(tl.float32) - z) * s
+                else:
+                    w_lo = tl.load(lut_ptr + lo) * s
+                    w_hi = tl.load(lut_ptr + hi) * s
             w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, 2 * BLOCK_J))  # element 2j, then 2j + 1
             cols = tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J)  # [2 * BLOCK_J]
             mask = row_ok[:, None] & (cols < K)[None, :]
             tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
     return dequant
+
+
+def per_group(group: int) -> int:
+    """Groups a tile of ``2 * BLOCK_J`` codes holds when the group size divides it (a power of two up to the
+    tile), 1 when the tile lies inside one group (the group a multiple of the tile), else 0 (a scale per byte)."""
+    span = 2 * BLOCK_J
+    if group % 2 == 0 and span % group == 0:
+        return span // group
+    return 1 if group % span == 0 else 0
 
 
 def dequantize(module, dtype: torch.dtype) -> torch.Tensor:  # [out, in] in dtype
@@ -92,7 +124,7 @@ def dequantize(module, dtype: torch.dtype) -> torch.Tensor:  # [out, in] in dtyp
     kb = module.qweight.shape[1]  # packed columns: codes (int8) or bytes of two codes (4-bit)
     grid = ((n + BLOCK_N - 1) // BLOCK_N, (kb + BLOCK_J - 1) // BLOCK_J)
     _kernel()[grid](module.qweight, s, z, lut, out, n, k, kb, groups,
-                    FMT=code, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J)  # fmt: skip
+                    FMT=code, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J, GPT=per_group(group) if code else 0)  # fmt: skip
     return out
 
 
