@@ -198,10 +198,15 @@ static inline __m512 q4_group_table(float s, float z) {
             : _mm512_mul_ps(_mm512_sub_ps(ramp, _mm512_set1_ps(z)), _mm512_set1_ps(s));
 }
 
+// Bytes q4_rows prefetches ahead of each weight row's read position: 4 KiB, as the float row loop and the int8-
+// activation loops (q4_int8.h) do. 256 bytes, under a quarter of a 4-row block of 576-code rows, left the one-row
+// decode step waiting on memory (docs/kernels.md has the measurement).
+constexpr int64_t Q4_AHEAD = 4096;
+
 // One row of x (deinterleaved in 32-code blocks: q4_block(G) == 32) against NR weight rows `ld` bytes apart, their
 // scales and zeros `groups` apart: each x load serves the NR rows, each row's codes become its dequantized weights
 // through its group's table (q4_group_table: no per-group scale or zero-point work after the multiply-adds), and
-// each row prefetches 256 bytes ahead once per 64-byte line. y[r] for r < NR.
+// each row prefetches Q4_AHEAD bytes ahead once per 64-byte line. y[r] for r < NR.
 template <int NR, bool NF>
 static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G, const float* scale,
                     const float* zero, float* y) {
@@ -215,7 +220,7 @@ static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, in
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
       for (int r = 0; r < NR; ++r) {
         const uint8_t* p = w + r * ld + k / 2;
-        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + 256), _MM_HINT_T0);
+        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + Q4_AHEAD), _MM_HINT_T0);
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, tab[r]), x0, acc[r]);
         acc2[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab[r]), x1, acc2[r]);
