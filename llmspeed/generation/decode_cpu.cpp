@@ -481,10 +481,17 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       if (!l.chunks) l.chunks = std::make_shared<ActChunks>(vnni_chunks(x, M, K, l));
       continue;
     }
-    if (l.kind == Kind::INT4 || l.kind == Kind::NF4) {
-      at::Tensor xt = torch::from_blob(const_cast<float*>(l.x), {M, K}, torch::kFloat);
-      l.xd = deinterleave(xt, l.Kp, l.G);
-      if (l.kind == Kind::INT4) l.xs = group_sums(l.xd, l.G);
+    if (l.kind == Kind::INT4 || l.kind == Kind::NF4) {  // x rearranged once for the group's 4-bit matrices alike
+      for (const auto& o : group)
+        if (o.xd.defined() && o.x == l.x && o.Kp == l.Kp && o.G == l.G) {
+          l.xd = o.xd;
+          if (o.xs.defined()) l.xs = o.xs;
+        }
+      if (!l.xd.defined()) {
+        at::Tensor xt = torch::from_blob(const_cast<float*>(l.x), {M, K}, torch::kFloat);
+        l.xd = deinterleave(xt, l.Kp, l.G);
+      }
+      if (l.kind == Kind::INT4 && !l.xs.defined()) l.xs = group_sums(l.xd, l.G);
     }
   }
   llmspeed_team::team_for(total, 16, [&](int64_t begin, int64_t end) {

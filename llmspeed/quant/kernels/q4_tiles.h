@@ -51,7 +51,8 @@ static inline int64_t q4_block(int64_t G) {
 
 // x is first rearranged per B-element block (B = q4_block(G)) into [x0 x2 .. x(B-2) | x1 x3 .. x(B-1)]
 // (zero-padded to Kp), so the low nibbles (even elements) and high nibbles (odd elements) of B / 2 bytes meet
-// contiguous x.
+// contiguous x. Whole blocks take two permutes (AVX-512, B = 32) or two shuffles (AVX2, B = 16); the last, partial
+// block is copied element by element.
 static torch::Tensor deinterleave(const torch::Tensor& x, int64_t Kp, int64_t G) {
   const int64_t K = x.size(-1), M = x.numel() / K, B = q4_block(G), half = B / 2;
   auto out = torch::empty({M, Kp}, x.options());
@@ -60,7 +61,29 @@ static torch::Tensor deinterleave(const torch::Tensor& x, int64_t Kp, int64_t G)
   for (int64_t m = 0; m < M; ++m) {
     const float* sr = s + m * K;
     float* dr = d + m * Kp;
-    for (int64_t b = 0; b < Kp; b += B)
+    int64_t b = 0;
+#if defined(__AVX512F__)
+    if (B == 32) {
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+      for (; b + 32 <= K; b += 32) {
+        const __m512 lo = _mm512_loadu_ps(sr + b), hi = _mm512_loadu_ps(sr + b + 16);
+        _mm512_storeu_ps(dr + b, _mm512_permutex2var_ps(lo, even, hi));
+        _mm512_storeu_ps(dr + b + 16, _mm512_permutex2var_ps(lo, odd, hi));
+      }
+    }
+#endif
+#if defined(__AVX2__)
+    if (B == 16) {
+      for (; b + 16 <= K; b += 16) {  // per 128-bit lane [a0 a2 c0 c2 | a4 a6 c4 c6], then the lanes' halves in order
+        const __m256 a = _mm256_loadu_ps(sr + b), c = _mm256_loadu_ps(sr + b + 8);
+        const __m256 ev = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(2, 0, 2, 0)), od = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+        _mm256_storeu_ps(dr + b, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+        _mm256_storeu_ps(dr + b + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+      }
+    }
+#endif
+    for (; b < Kp; b += B)
       for (int64_t j = 0; j < B; ++j) {
         const int64_t k = b + j;
         dr[b + (j >> 1) + (j & 1) * half] = k < K ? sr[k] : 0.f;
