@@ -72,29 +72,26 @@ def _kernel() -> Any:
                 HG: tl.constexpr = BLOCK_J // GPT  # bytes a group
                 g = (2 * tl.program_id(1) * BLOCK_J) // GROUP + tl.arange(0, GPT)  # the tile's groups [GPT]
                 at = rows[:, None] * GROUPS + g[None, :]  # [BLOCK_N, GPT]
-                g_ok = row_ok[:, None] & (g < GROUPS)[None, :]
-                s = tl.reshape(tl.load(s_ptr + at, mask=g_ok, other=0.0), (BLOCK_N, GPT, 1))
+                at_ok = row_ok[:, None] & (g < GROUPS)[None, :]
                 lo = tl.reshape(lo, (BLOCK_N, GPT, HG))
                 hi = tl.reshape(hi, (BLOCK_N, GPT, HG))
-                if FMT == 1:
-                    z = tl.reshape(tl.load(z_ptr + at, mask=g_ok, other=0.0), (BLOCK_N, GPT, 1))
-                    w_lo = (lo.to(tl.float32) - z) * s
-                    w_hi = (hi.to(tl.float32) - z) * s
-                else:
-                    w_lo = tl.load(lut_ptr + lo) * s
-                    w_hi = tl.load(lut_ptr + hi) * s
-                w_lo = tl.reshape(w_lo, (BLOCK_N, BLOCK_J))
-                w_hi = tl.reshape(w_hi, (BLOCK_N, BLOCK_J))
             else:  # groups that straddle tiles: a scale (and zero) per byte
                 at = rows[:, None] * GROUPS + (2 * j[None, :]) // GROUP  # both nibbles share a group (GROUP even)
-                s = tl.load(s_ptr + at, mask=ok, other=0.0)
-                if FMT == 1:
-                    z = tl.load(z_ptr + at, mask=ok, other=0.0)
-                    w_lo = (lo.to(tl.float32) - z) * s
-                    w_hi = (hi.to(tl.float32) - z) * s
-                else:
-                    w_lo = tl.load(lut_ptr + lo) * s
-                    w_hi = tl.load(lut_ptr + hi) * s
+                at_ok = ok
+            s = tl.load(s_ptr + at, mask=at_ok, other=0.0)
+            if GPT > 0:
+                s = tl.reshape(s, (BLOCK_N, GPT, 1))
+            if FMT == 1:
+                z = tl.load(z_ptr + at, mask=at_ok, other=0.0)
+                if GPT > 0:
+                    z = tl.reshape(z, (BLOCK_N, GPT, 1))
+                w_lo = (lo.to(tl.float32) - z) * s
+                w_hi = (hi.to(tl.float32) - z) * s
+            else:
+                w_lo = tl.load(lut_ptr + lo) * s
+                w_hi = tl.load(lut_ptr + hi) * s
+            w_lo = tl.reshape(w_lo, (BLOCK_N, BLOCK_J))  # back from [BLOCK_N, GPT, HG] where grouped
+            w_hi = tl.reshape(w_hi, (BLOCK_N, BLOCK_J))
             w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, 2 * BLOCK_J))  # element 2j, then 2j + 1
             cols = tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J)  # [2 * BLOCK_J]
             mask = row_ok[:, None] & (cols < K)[None, :]
