@@ -1,4 +1,4 @@
-"""``python -m llmspeed bench {precision,quant,calibration,lora,batching,serving,http_serving,formats,training,qat,autotune,lora_decode,cpu_peers,decode_rows,decode_attention,mixed_steps,all}``: run suites side by side.
+"""``python -m llmspeed bench {precision,quant,calibration,lora,batching,serving,http_serving,formats,training,qat,autotune,lora_decode,cpu_peers,q4_grid,decode_rows,decode_attention,mixed_steps,all}``: run suites side by side.
 
 All suites named run in this one process, one after the other, so their rows share a machine
 state. For each suite the command prints the command line and Markdown tables; with ``--out``
@@ -26,7 +26,7 @@ import torch
 from ..timing import markdown_table
 from .plots import group_rows
 
-SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats", "training", "qat", "autotune", "lora_decode", "cpu_peers", "decode_rows", "decode_attention", "mixed_steps")
+SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats", "training", "qat", "autotune", "lora_decode", "cpu_peers", "q4_grid", "decode_rows", "decode_attention", "mixed_steps")
 
 
 def build_parser() -> argparse.ArgumentParser:

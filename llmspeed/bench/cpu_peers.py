@@ -78,19 +78,21 @@ def llama_cpp_missing() -> str | None:
     return None
 
 
-def requantized(ftype_name: str, ftype: int, threads: int) -> Path:
-    """The embedded GGUF requantized to ``ftype`` by llama.cpp (built once, cached)."""
+def requantized(ftype_name: str, ftype: int, threads: int, source: Path | None = None,
+                stem: str = "smollm2-135m-instruct") -> Path:  # fmt: skip
+    """The GGUF ``source`` (default: the embedded one) requantized to ``ftype`` by llama.cpp, cached as
+    ``<stem>-<ftype_name>.gguf``: built once."""
     import llama_cpp
 
     folder = private_dir(cache_root() / "gguf")
-    out = folder / f"smollm2-135m-instruct-{ftype_name}.gguf"
+    out = folder / f"{stem}-{ftype_name}.gguf"
     if not out.exists():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
         params.nthread = threads
         params.allow_requantize = True
         tmp = out.with_suffix(".tmp")
-        code = llama_cpp.llama_model_quantize(str(gguf_path()).encode(), str(tmp).encode(), params)
+        code = llama_cpp.llama_model_quantize(str(source or gguf_path()).encode(), str(tmp).encode(), params)
         if code != 0:
             raise RuntimeError(f"llama_model_quantize to {ftype_name} failed with code {code}")
         tmp.rename(out)
@@ -138,7 +140,6 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
                 extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
     """llama.cpp's decode, prefill, file size and perplexity. ``extra_bufts=False`` loads the weights without
     llama.cpp's extra buffer types (its AMX and repacked-tile weight layouts), for builds whose AMX path crashes."""
-    import numpy as np
     from llama_cpp import Llama
 
     if not extra_bufts:
@@ -160,6 +161,16 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
         decode.append((time.perf_counter() - start) * 1e3)
     del llm
     decode8 = _llama_decode_rows(path, [prompt[i : i + PREFIX] for i in range(SEQS)], prompt[PREFIX:], threads, steps)
+    return {"decode ms": statistics.median(decode), "prefill tok/s": prefill,
+            "MB": path.stat().st_size / 1e6, "perplexity": llama_perplexity(path, windows, threads),
+            "decode ms, 8 sequences": decode8}  # fmt: skip
+
+
+def llama_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
+    """llama.cpp's perplexity of the GGUF at ``path`` on token ``windows`` [n, W] (``logits_all``, fp32 losses)."""
+    import numpy as np
+    from llama_cpp import Llama
+
     scorer = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                    logits_all=True, verbose=False)  # fmt: skip
     losses = []
@@ -168,9 +179,7 @@ def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: i
         scorer.eval(window)
         logits = torch.from_numpy(np.array(scorer.scores[: len(window)], dtype=np.float32))  # [W, V]
         losses.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:])).item())
-    return {"decode ms": statistics.median(decode), "prefill tok/s": prefill,
-            "MB": path.stat().st_size / 1e6, "perplexity": math.exp(statistics.fmean(losses)),
-            "decode ms, 8 sequences": decode8}  # fmt: skip
+    return math.exp(statistics.fmean(losses))
 
 
 def _llama_decode_rows(path: Path, prompts: list[list[int]], tokens: list[int], threads: int, steps: int) -> float:
