@@ -17,8 +17,9 @@ slot per prompt). The int8 and int4 rows have quantize's default int8 output hea
 embedding reads (so the fp32 matrix is gone from ``MB``). Variants only llmspeed has (the head in fp32 or int4;
 int8 activations; AWQ+GPTQ calibration with its default text) are compared with the llama.cpp row of their base format, measured in the same
 rounds (each round times llmspeed's rows of a format, then llama.cpp's). A llama.cpp format that
-crashes (a native build's AMX weight layout does on some CPUs) is run again without llama.cpp's extra
-buffer types, and its row says so.
+crashes (a native build's AMX weight layout does on some CPUs: llama.cpp issue 20824) is run again without
+llama.cpp's extra buffer types, and its row says so. Those rows lose its repacked Q4_0 / Q8_0 layouts too;
+on such a CPU build llama.cpp without AMX instead (:data:`INSTALL_NO_AMX`), which keeps them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     "int8, fp32 lm_head": "int8", "int4, fp32 lm_head": "int4",  # the head left in float (lm_head=None)
     "int8, int8 activations, int8 lm_head": "int8", "int4, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int8 lm_head": "int4",
+    "int4, g32": "int4",  # Q4_0's block size, at 6 bits a weight (fp32 scales and zeros) against its 4.5
     "int4, awq+gptq, int8 activations, int4 lm_head": "int4",
     # llama.cpp caches keys and values in fp16 by default (type_k / type_v f16): the same cache on our side
     "fp32, fp16 kv cache": "fp32", "int8, int8 activations, int8 lm_head, fp16 kv cache": "int8",
@@ -67,6 +69,9 @@ BLOCKS = 12  # default blocks of the interleaved one-sequence decode column (4 w
 BLOCK_STEPS = 8  # decode steps a block; each block is summarized by its median step
 SETTLE_S = 0.02  # pause before each block of the interleaved column
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
+# a CPU with AMX (Sapphire Rapids and later): ggml's AMX matmul crashes there, its other native kernels do not
+INSTALL_NO_AMX = ("CMAKE_ARGS='-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=\"-mno-amx-tile -mno-amx-int8 -mno-amx-bf16\" "
+                  "-DCMAKE_CXX_FLAGS=\"-mno-amx-tile -mno-amx-int8 -mno-amx-bf16\"' pip install llama-cpp-python")
 
 
 def llama_cpp_missing() -> str | None:
@@ -416,7 +421,8 @@ def _anchor_rows(anchor: tuple[str, int], prompt: list[int], windows: torch.Tens
             crash = str(err)
     try:
         rows = _llama_rows_isolated(path, prompt, windows, threads, steps, extra_bufts=False)
-        return rows, crash, f"{crash}; this row without its extra buffer types (AMX / repacked weights)"
+        return rows, crash, (f"{crash}; this row without its extra buffer types (AMX / repacked weights; a build "
+                             f"without AMX keeps the repacked ones: {INSTALL_NO_AMX})")
     except RuntimeError as again:
         return None, crash, f"{crash}; without extra buffer types too ({again})"
 
@@ -435,7 +441,8 @@ def _llmspeed_model(fmt: str):
         head: dict[str, Any] = {"lm_head": picked[0]} if picked else {}
         acts = "int8" if "int8 activations" in options else "float"
         method = "awq+gptq" if "awq+gptq" in options else "rtn"  # its default calibration text
-        quantize(model, base, group_size=64 if base == "int4" else None, method=method, activations=acts, **head)
+        group = (32 if "g32" in options else 64) if base == "int4" else None
+        quantize(model, base, group_size=group, method=method, activations=acts, **head)
     return model
 
 

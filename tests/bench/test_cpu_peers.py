@@ -43,7 +43,7 @@ def test_variants_build_what_their_names_say():
     assert all(isinstance(m, Int4Linear) and m.config.activations == "int8" and m.config.group_size == 64
                for n, m in layers.items() if n != "lm_head")  # fmt: skip
     options = {"int8 lm_head", "int4 lm_head", "fp32 lm_head", "int8 activations", "awq+gptq", "fp16 kv cache",
-               "8 scheduler steps"}
+               "8 scheduler steps", "g32"}
     assert all(k.split(", ")[1:] and set(k.split(", ")[1:]) <= options
                for k, v in cpu_peers.FORMATS.items() if isinstance(v, str))  # fmt: skip
     int4_head = dict(cpu_peers._llmspeed_model("int4, int8 activations, int4 lm_head").linear_layers())["lm_head"]
@@ -52,6 +52,8 @@ def test_variants_build_what_their_names_say():
     assert cpu_peers._scheduler_steps("int8, 8 scheduler steps") == 8 and cpu_peers._scheduler_steps("int8, int8 lm_head") == 1
     plain = dict(cpu_peers._llmspeed_model("int8").linear_layers())  # quantize's default head: int8
     assert isinstance(plain["lm_head"], Int8Linear) and plain["model.layers.0.mlp.up_proj"].config.activations == "float"
+    g32 = dict(cpu_peers._llmspeed_model("int4, g32").linear_layers())
+    assert g32["model.layers.0.mlp.up_proj"].config.group_size == 32 and isinstance(g32["lm_head"], Int8Linear)
     float_head = dict(cpu_peers._llmspeed_model("int4, fp32 lm_head").linear_layers())
     assert type(float_head["lm_head"]).__name__ == "Linear"
 
@@ -86,6 +88,7 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     assert events == ["llmspeed", "llama.cpp extra_bufts=True", "llama.cpp extra_bufts=False",
                       "llmspeed", "llama.cpp extra_bufts=False", "llmspeed", "llama.cpp extra_bufts=False"]  # fmt: skip
     assert row["rounds"] == 3 and "without its extra buffer types" in row["llama.cpp"]
+    assert "-mno-amx-int8" in row["llama.cpp"]  # and how to build one whose repacked layouts still run
     assert row["llmspeed decode ms"] == 15.0 and row["llama.cpp decode ms"] == 16.5  # medians over rounds
     assert row["decode llmspeed / llama.cpp"] == round(10 / 11, 2)  # every round's ratio: the drift cancels
     assert row["prefill llmspeed / llama.cpp"] == 1.2
