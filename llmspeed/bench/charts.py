@@ -5,6 +5,8 @@
   weights once? (step time beside the weight-read floor).
 * ``kernels``: how does each matmul path's time grow with M, per format and weight shape? (log-log
   lines, one per path, fp32 ``F.linear`` dashed as the reference).
+* ``q4_grid``: is llmspeed's int4 worse than Q4_0 when the weights favour neither's blocks? (perplexity per
+  reordering, both formats and llmspeed's g32 side by side, fp32 as the floor).
 
 Each returns the PNG paths it wrote; rows it does not understand are left out, never guessed.
 """
@@ -140,6 +142,37 @@ def kernels(name: str, rows: list[Row], path: Path) -> list[Path]:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=6)
     fig.suptitle("Quantized matmul paths with fp32 activations (lower is faster; dashed: fp32 F.linear)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return [path]
+
+
+_GRID_SERIES = (("llmspeed int4 g64 ppl", "llmspeed int4 g64", "#1f77b4", "o"),
+                ("llama.cpp Q4_0 ppl", "llama.cpp Q4_0", "#ff7f0e", "s"),
+                ("llmspeed int4 g32 ppl", "llmspeed int4 g32 (6 bits a weight)", "#2ca02c", "^"))  # fmt: skip
+
+
+def q4_grid(name: str, rows: list[Row], path: Path) -> list[Path]:
+    """Perplexity per set of weights (the embedded model, then each reordering), one marker series per format."""
+    rows = [r for r in rows if not str(r.get("weights", "")).startswith("median") and _number(r.get("llmspeed fp32 ppl"))]
+    if not rows:
+        return []
+    fig = _figure(max(6.0, 0.55 * len(rows) + 2.5), 4.0)
+    ax = fig.subplots()
+    x = list(range(len(rows)))
+    for key, label, color, marker in _GRID_SERIES:
+        pts = [(i, _number(r.get(key))) for i, r in zip(x, rows) if _number(r.get(key)) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="none", color=color, label=label)
+    ax.axhline(_number(rows[0]["llmspeed fp32 ppl"]), color="black", linestyle="--", linewidth=1, label="fp32")
+    ax.axvline(0.5, color="grey", linewidth=0.8)
+    ax.set_xticks(x, ["embedded\n(Q4_1 blocks)" if str(r["weights"]).startswith("embedded") else
+                      str(r["weights"]).rsplit(" ", 1)[-1] for r in rows], fontsize=7)  # fmt: skip
+    ax.set_xlabel("weights: the embedded model, then reorderings by seed (the same function)", fontsize=8)
+    ax.set_ylabel("perplexity (pydoc windows)", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 0.1), ncol=4)
+    fig.suptitle("int4 against llama.cpp's Q4_0 when the blocks favour neither (lower is better)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return [path]

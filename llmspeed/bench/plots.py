@@ -155,6 +155,7 @@ PLOTTERS: dict[str, Callable[[str, list[Row], Path], Any]] = {
     "training/loss": _loss_lines,
     "batching": _charts("batching"),
     "kernels": _charts("kernels"),
+    "q4_grid": _charts("q4_grid"),
 }
 
 

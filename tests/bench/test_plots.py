@@ -59,3 +59,17 @@ def test_kernel_chart_groups_paths_per_shape_and_format(tmp_path):
 
     height, width = imread(path).shape[:2]
     assert width <= 1100 and height <= 1000  # one readable panel, not a tower of bars
+
+
+def test_q4_grid_chart_plots_each_set_of_weights_and_leaves_out_the_median(tmp_path):
+    from llmspeed.bench.charts import q4_grid
+    from llmspeed.bench.plots import plot_rows
+
+    rows = [{"weights": "embedded (Q4_1 blocks)", "llmspeed fp32 ppl": 18.2, "llmspeed int4 g64 ppl": 23.6,
+             "llmspeed int4 g32 ppl": 22.2, "llama.cpp Q4_0 ppl": 22.8},
+            {"weights": "reordered, seed 1", "llmspeed fp32 ppl": 18.2, "llmspeed int4 g64 ppl": 23.9,
+             "llmspeed int4 g32 ppl": 23.0, "llama.cpp": "skipped: not installed"},
+            {"weights": "median of 1 reorderings", "llmspeed fp32 ppl": 18.2, "llmspeed int4 g64 ppl": 23.9}]  # fmt: skip
+    (path,) = plot_rows("q4_grid", rows, tmp_path)  # registered: this chart, not generic bars
+    assert path.name == "q4_grid.png" and path.stat().st_size > 1000
+    assert q4_grid("q4_grid", [rows[-1]], tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
