@@ -78,3 +78,15 @@ def test_a_model_with_weights_it_has_no_rule_for_is_refused_untouched():
     with pytest.raises(ValueError, match=r"without biases; these have no rule: \['model.layers.0.self_attn.k_proj.bias'"):
         q4_grid.permute_model(model, seed=1)
     assert all(torch.equal(v, model.module.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_run_scores_each_reordering_and_adds_their_median_without_llama_cpp(monkeypatch):
+    monkeypatch.setattr(q4_grid, "llama_cpp_missing", lambda: "llama-cpp-python is not installed (test)")
+    rows = q4_grid.run(quick=True, progress=False, seeds=[1, 2])
+    assert [r["weights"] for r in rows] == ["reordered, seed 1", "reordered, seed 2", "median of 2 reorderings"]
+    first, second, median = rows
+    assert first["llmspeed fp32 ppl"] == pytest.approx(second["llmspeed fp32 ppl"], rel=1e-4)  # the same function
+    assert first["llmspeed int4 g64 ppl"] != second["llmspeed int4 g64 ppl"]  # other columns in each group
+    assert all(r["llama.cpp"].startswith("skipped: llama-cpp-python") for r in (first, second))
+    assert median["llmspeed int4 g64 ppl"] == pytest.approx((first["llmspeed int4 g64 ppl"] + second["llmspeed int4 g64 ppl"]) / 2)
