@@ -104,7 +104,8 @@ def requantized(ftype_name: str, ftype: int, threads: int, source: Path | None =
     return out
 
 
-def _ids(model, n: int) -> list[int]:
+def pydoc_ids(model, n: int) -> list[int]:
+    """The first ``n`` tokens of the pydoc evaluation text: the prompts and perplexity windows of both systems."""
     from ..eval import pydoc_text
 
     return model.tokenizer.encode(pydoc_text("eval"), add_special_tokens=False)[:n]
@@ -254,6 +255,26 @@ def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, t
     if done.returncode != 0:
         raise RuntimeError(f"llama.cpp crashed ({_ended(done.returncode)}) on {path.name}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_perplexity_isolated(path: Path, windows: torch.Tensor, threads: int) -> tuple[float, str | None]:
+    """:func:`llama_perplexity` in a child process, retried without llama.cpp's extra buffer types if it crashes
+    with them: ``(perplexity, note)``, the note saying so (``None`` when the first try ran)."""
+    import subprocess
+    import sys
+
+    script = ("import json, sys, torch; from llmspeed.bench import cpu_peers as c; a = json.load(sys.stdin); "
+              "a['plain'] and c._without_extra_bufts(); "
+              "print(c.llama_perplexity(__import__('pathlib').Path(a['path']), torch.tensor(a['windows']), a['threads']))")  # fmt: skip
+    crash = None
+    for plain in (False, True):
+        job = json.dumps({"path": str(path), "windows": windows.tolist(), "threads": threads, "plain": plain})
+        done = subprocess.run([sys.executable, "-c", script], input=job, capture_output=True, text=True, timeout=1800)
+        if done.returncode == 0:
+            note = None if crash is None else f"{crash}; scored without its extra buffer types (see {INSTALL_NO_AMX})"
+            return float(done.stdout.strip().splitlines()[-1]), note
+        crash = f"llama.cpp crashed ({_ended(done.returncode)}) on {path.name}"
+    raise RuntimeError(f"{crash}, without its extra buffer types too")
 
 
 class _LlamaBlocks:
@@ -543,8 +564,8 @@ def _group_rows(base: str, members: list[str], quick: bool, rounds: int, interle
     steps, n_windows = (16, 2) if quick else (32, 8)
     missing = llama_cpp_missing()
     models = {fmt: _llmspeed_model(fmt) for fmt in members}
-    prompt = _ids(models[base], PROMPT_TOKENS)
-    windows = torch.tensor(_ids(models[base], 256 * n_windows)).view(n_windows, 256)  # the same windows for both
+    prompt = pydoc_ids(models[base], PROMPT_TOKENS)
+    windows = torch.tensor(pydoc_ids(models[base], 256 * n_windows)).view(n_windows, 256)  # the same windows for both
     ours_runs: dict[str, list[dict[str, Any]]] = {fmt: [] for fmt in members}
     theirs_runs: list[dict[str, Any] | None] = []  # llama.cpp's rows of each round (None: it failed)
     crash = note = None  # how llama.cpp crashed with its extra buffer types; the row's note on it

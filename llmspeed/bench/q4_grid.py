@@ -14,7 +14,8 @@ reordered, so no 32-column block of any quantizer holds one source block. Each s
 twice: to the GGUF (dequantized to F32 and written again; llama.cpp's own ``llama_model_quantize`` then makes
 its Q4_0) and to llmspeed's model in memory. Both systems score the same pydoc windows, so each row shows
 whether the float models agree (they must, to the last digits) and how the two int4 formats compare when the
-weights favour neither.
+weights favour neither. llama.cpp scores each file in a child process, retried without its extra buffer types
+if a native build's AMX path crashes (:func:`~llmspeed.bench.cpu_peers.llama_perplexity_isolated`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..eval.perplexity import window_losses
 from ..machine import cache_root, private_dir
 from ..models.embedded import gguf_path, smollm2
 from ..quant import quantize
-from .cpu_peers import _ids, llama_cpp_missing, llama_perplexity, requantized
+from .cpu_peers import llama_cpp_missing, llama_perplexity_isolated, pydoc_ids, requantized
 
 # (GGUF name in a block, HF parameter in a layer, permutation of dim 0, of dim 1): "res" the residual
 # channels, "mlp" the layer's MLP hidden units, "kv" the value heads' dims, "q" the same for the query heads
@@ -134,11 +135,12 @@ def write_permuted_gguf(config: Any, seed: int, out: Path, source: Path | None =
     return out
 
 
-def _llama_ppls(seed: int, config: Any, windows: torch.Tensor, threads: int) -> dict[str, float]:
-    """llama.cpp's F32 and Q4_0 perplexity of seed's weights: the embedded GGUF requantized (seed 0, cached as
-    cpu_peers caches it), or the reordered F32 GGUF and its Q4_0 in a temporary folder (1 GB a seed, not kept)."""
+def _llama_ppls(seed: int, config: Any, windows: torch.Tensor, threads: int) -> dict[str, tuple[float, str | None]]:
+    """llama.cpp's F32 and Q4_0 perplexity of seed's weights, each with the note of a crashed first try (a child
+    process scores each file): the embedded GGUF requantized (seed 0, cached as cpu_peers caches it), or the
+    reordered F32 GGUF and its Q4_0 in a temporary folder (1 GB a seed, not kept)."""
     if seed == 0:
-        return {name: llama_perplexity(requantized(name, ftype, threads), windows, threads)
+        return {name: llama_perplexity_isolated(requantized(name, ftype, threads), windows, threads)
                 for name, ftype in (("F32", 0), ("Q4_0", 2))}  # fmt: skip
     import llama_cpp
 
@@ -149,7 +151,7 @@ def _llama_ppls(seed: int, config: Any, windows: torch.Tensor, threads: int) -> 
         params.ftype, params.nthread = 2, threads  # LLAMA_FTYPE_MOSTLY_Q4_0
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(q4).encode(), params) != 0:
             raise RuntimeError(f"llama_model_quantize of the seed-{seed} GGUF to Q4_0 failed")
-        return {"F32": llama_perplexity(f32, windows, threads), "Q4_0": llama_perplexity(q4, windows, threads)}
+        return {"F32": llama_perplexity_isolated(f32, windows, threads), "Q4_0": llama_perplexity_isolated(q4, windows, threads)}
 
 
 def _ppl(model: Any, windows: torch.Tensor) -> float:
@@ -176,7 +178,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     rows = []
     for seed in tqdm(seeds, desc="q4_grid seeds", disable=not progress):
         base = smollm2()
-        windows = torch.tensor(_ids(base, 256 * n_windows)).view(n_windows, 256)  # [n, 256]
+        windows = torch.tensor(pydoc_ids(base, 256 * n_windows)).view(n_windows, 256)  # [n, 256]
         if seed:
             permute_model(base, seed)
         row: dict[str, Any] = {"weights": "embedded (Q4_1 blocks)" if seed == 0 else f"reordered, seed {seed}",
@@ -188,7 +190,10 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             row["llama.cpp"] = f"skipped: {missing}"
         else:
             theirs = _llama_ppls(seed, base.module.config, windows, threads)
-            row["llama.cpp F32 ppl"], row["llama.cpp Q4_0 ppl"] = round(theirs["F32"], 3), round(theirs["Q4_0"], 3)
+            row["llama.cpp F32 ppl"], row["llama.cpp Q4_0 ppl"] = round(theirs["F32"][0], 3), round(theirs["Q4_0"][0], 3)
+            notes = {note for _, note in theirs.values() if note}
+            if notes:
+                row["llama.cpp"] = "; ".join(sorted(notes))
             row["int4 g64 / Q4_0"] = round(row["llmspeed int4 g64 ppl"] / row["llama.cpp Q4_0 ppl"], 4)
         rows.append(row)
     reordered = [r for r in rows if not r["weights"].startswith("embedded")]

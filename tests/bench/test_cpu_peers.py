@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 
 import pytest
+import torch
 
 from llmspeed.bench import cpu_peers
 
@@ -235,3 +237,23 @@ class _FakeModel:
 
     def linear_layers(self):
         return []
+
+
+def test_perplexity_scoring_that_crashes_is_retried_without_extra_buffer_types(monkeypatch, tmp_path):
+    import subprocess
+
+    calls = []
+
+    def fake_run(cmd, input, **kwargs):  # noqa: A002 - subprocess.run's own argument name
+        calls.append(json.loads(input)["plain"])
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(cmd, -11, "", "")  # the AMX path's SIGSEGV
+        return subprocess.CompletedProcess(cmd, 0, "loading\n12.5\n", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    ppl, note = cpu_peers.llama_perplexity_isolated(tmp_path / "x.gguf", torch.zeros(1, 4, dtype=torch.long), 2)
+    assert calls == [False, True] and ppl == 12.5
+    assert note.startswith("llama.cpp crashed (signal 11) on x.gguf") and "-mno-amx-int8" in note
+    monkeypatch.setattr(subprocess, "run", lambda cmd, input, **kw: subprocess.CompletedProcess(cmd, -6, "", ""))
+    with pytest.raises(RuntimeError, match=r"crashed \(signal 6\) on x.gguf, without its extra buffer types too"):
+        cpu_peers.llama_perplexity_isolated(tmp_path / "x.gguf", torch.zeros(1, 4, dtype=torch.long), 2)

@@ -1,6 +1,6 @@
 // Shared 4-bit decoding for llmspeed's CPU kernels: the NF4 codebook, hsum, the activation
 // deinterleave and group sums, q4_tile (decode 32 codes at a time in AVX-512 registers, 16 with
-// AVX2, and multiply-add), q4_rows (one x row against four weight rows, AVX-512) and q4_row_range
+// AVX2, and multiply-add), q4_rows (one x row against four weight rows; int4 only on AVX2) and q4_row_range
 // (the loop over rows both kernels run).
 // Included by fused_cpu.cpp (the quantized matmul extension) and by
 // llmspeed/generation/decode_cpu.cpp (the fused decode step): each extension compiles it once.
@@ -210,6 +210,11 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
   for (int i = 0; i < MT; ++i) y[i * ldy] = res[i];
 }
 
+// Bytes q4_rows prefetches ahead of each weight row's read position: 4 KiB, as the float row loop and the int8-
+// activation loops (q4_int8.h) do. 256 bytes, under a quarter of a 4-row block of 576-code rows, left the one-row
+// decode step waiting on memory (docs/kernels.md has the measurement).
+constexpr int64_t Q4_AHEAD = 4096;
+
 #ifdef __AVX512F__
 // The 16 values a group's codes stand for, (c - z) * s (int4) or NF4[c] * s (NF4), computed as dequantize() does:
 // one vpermps of a code vector against this table gives its dequantized weights (vpermps reads only an index's
@@ -220,11 +225,6 @@ static inline __m512 q4_group_table(float s, float z) {
   return NF ? _mm512_mul_ps(_mm512_loadu_ps(NF4), _mm512_set1_ps(s))
             : _mm512_mul_ps(_mm512_sub_ps(ramp, _mm512_set1_ps(z)), _mm512_set1_ps(s));
 }
-
-// Bytes q4_rows prefetches ahead of each weight row's read position: 4 KiB, as the float row loop and the int8-
-// activation loops (q4_int8.h) do. 256 bytes, under a quarter of a 4-row block of 576-code rows, left the one-row
-// decode step waiting on memory (docs/kernels.md has the measurement).
-constexpr int64_t Q4_AHEAD = 4096;
 
 // One row of x (deinterleaved in 32-code blocks: q4_block(G) == 32) against NR weight rows `ld` bytes apart, their
 // scales and zeros `groups` apart: each x load serves the NR rows, each row's codes become its dequantized weights
@@ -277,6 +277,43 @@ static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t K
   for (int i = 0; i < R; ++i) y[i * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i]));
 }
 #elif defined(__AVX2__)
+// One row of x (16-code blocks, as q4_dot_rows below reads it) against NR int4 weight rows `ld` bytes apart, their
+// scales and zeros `groups` apart, and x's group sums xsum: each x load serves the NR rows and each row prefetches
+// Q4_AHEAD bytes ahead once per 64-byte line. Each row's arithmetic is q4_tile<1>'s in the same order (codes times
+// x in two chains a group, then its scale, the zero points' share through xsum), so y[r] for r < NR is bit for bit
+// what NR calls of q4_tile<1> give. int4 only: NF4 rows keep q4_tile<1>.
+template <int NR>
+static void q4_rows_int4(const float* x, const float* xsum, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G,
+                         const float* scale, const float* zero, float* y) {
+  const int64_t groups = Kp / G;
+  const __m128i lowmask = _mm_set1_epi8(0x0F);
+  __m256 tot[NR];
+  float res[NR];
+  for (int r = 0; r < NR; ++r) tot[r] = _mm256_setzero_ps(), res[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 acc[NR], acc2[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = acc2[r] = _mm256_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* p = w + r * ld + k / 2;
+        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + Q4_AHEAD), _MM_HINT_T0);
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        const __m256 wl = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, lowmask)));
+        const __m256 wh = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lowmask)));
+        acc[r] = _mm256_fmadd_ps(wl, x0, acc[r]);
+        acc2[r] = _mm256_fmadd_ps(wh, x1, acc2[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const float s = scale[r * groups + g];
+      tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(acc[r], acc2[r]), tot[r]);
+      res[r] -= s * zero[r * groups + g] * xsum[g];
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[r] = res[r] + hsum(tot[r]);
+}
+
 // The same with AVX2 over 16-code blocks (8 bytes: low nibbles against x's first 8, high against the next 8);
 // two FMA chains a row up to 4 rows, one from 8 (16 registers).
 template <int R, bool NF>
@@ -324,7 +361,7 @@ static inline bool q4_dot_layout(int64_t G) {
 
 // y[m, n] (+ bias[n] where bias) for every row m < M of xd (deinterleave()d, [M, Kp]; xs its group sums
 // [M, groups], int4 only) and weight rows lo <= n < hi of w [N, Kp / 2] with scales (and zeros) [N, groups]; y is
-// [M, ldy]. Weight rows go four at a time where AVX-512 has whole 32-code blocks (one otherwise), each block
+// [M, ldy]. Weight rows go four at a time where AVX-512 has whole 32-code blocks and for int4 on AVX2 (one otherwise), each block
 // while it is in cache: x rows 8, 4 or 2 at a time take each weight row's decoded, scaled chunks
 // (q4_dot_rows; q4_tile<4> where its layout is not read), and a last single x row takes the block's four
 // weight rows at once (q4_rows) or one (q4_tile<1>).
@@ -336,6 +373,8 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
   const bool dot = q4_dot_layout(G);
 #ifdef __AVX512F__
   const int64_t NB = q4_block(G) == 32 ? 4 : 1;
+#elif defined(__AVX2__)
+  const int64_t NB = NF ? 1 : 4;
 #else
   const int64_t NB = 1;
 #endif
@@ -361,6 +400,12 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
       if (n1 - n0 == 4) {
         q4_rows<4, NF>(xd + m * Kp, w + n0 * ld, ld, Kp, G, scale + n0 * groups, NF ? nullptr : zero + n0 * groups,
                        y + m * ldy + n0);
+        continue;
+      }
+#elif defined(__AVX2__)
+      if (!NF && n1 - n0 == 4) {
+        q4_rows_int4<4>(xd + m * Kp, xs + m * groups, w + n0 * ld, ld, Kp, G, scale + n0 * groups, zero + n0 * groups,
+                        y + m * ldy + n0);
         continue;
       }
 #endif
