@@ -217,7 +217,7 @@ def _fake_systems(monkeypatch, ours, theirs):
     monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
     monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path(f"/x/{name}.gguf"))
     monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt: _FakeModel())
-    monkeypatch.setattr(cpu_peers, "_ids", lambda model, n: list(range(n)))
+    monkeypatch.setattr(cpu_peers, "pydoc_ids", lambda model, n: list(range(n)))
     monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
     monkeypatch.setattr(cpu_peers, "_llama_rows_isolated", theirs)
 
