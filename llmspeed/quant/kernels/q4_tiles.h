@@ -1,6 +1,6 @@
 // Shared 4-bit decoding for llmspeed's CPU kernels: the NF4 codebook, hsum, the activation
 // deinterleave and group sums, q4_tile (decode 32 codes at a time in AVX-512 registers, 16 with
-// AVX2, and multiply-add), q4_rows (one x row against four weight rows; int4 only on AVX2) and q4_row_range
+// AVX2, and multiply-add), q4_rows (one x row against four weight rows; q4_rows_avx2 on AVX2) and q4_row_range
 // (the loop over rows both kernels run).
 // Included by fused_cpu.cpp (the quantized matmul extension) and by
 // llmspeed/generation/decode_cpu.cpp (the fused decode step): each extension compiles it once.
@@ -277,16 +277,17 @@ static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t K
   for (int i = 0; i < R; ++i) y[i * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i]));
 }
 #elif defined(__AVX2__)
-// One row of x (16-code blocks, as q4_dot_rows below reads it) against NR int4 weight rows `ld` bytes apart, their
-// scales and zeros `groups` apart, and x's group sums xsum: each x load serves the NR rows and each row prefetches
-// Q4_AHEAD bytes ahead once per 64-byte line. Each row's arithmetic is q4_tile<1>'s in the same order (codes times
-// x in two chains a group, then its scale, the zero points' share through xsum), so y[r] for r < NR is bit for bit
-// what NR calls of q4_tile<1> give. int4 only: NF4 rows keep q4_tile<1>.
-template <int NR>
-static void q4_rows_int4(const float* x, const float* xsum, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G,
+// One row of x (16-code blocks, as q4_dot_rows below reads it) against NR weight rows `ld` bytes apart, their
+// scales (and zeros) `groups` apart, and (int4) x's group sums xsum: each x load serves the NR rows and each row
+// prefetches Q4_AHEAD bytes ahead once per 64-byte line. Each row's arithmetic is q4_tile<1>'s in the same order
+// (codes, or their NF4 values, times x in two chains a group, then its scale, and for int4 the zero points' share
+// through xsum), so y[r] for r < NR is bit for bit what NR calls of q4_tile<1> give.
+template <int NR, bool NF>
+static void q4_rows_avx2(const float* x, const float* xsum, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G,
                          const float* scale, const float* zero, float* y) {
   const int64_t groups = Kp / G;
   const __m128i lowmask = _mm_set1_epi8(0x0F);
+  const __m256 tab_lo = _mm256_loadu_ps(NF4), tab_hi = _mm256_loadu_ps(NF4 + 8);
   __m256 tot[NR];
   float res[NR];
   for (int r = 0; r < NR; ++r) tot[r] = _mm256_setzero_ps(), res[r] = 0.f;
@@ -299,8 +300,10 @@ static void q4_rows_int4(const float* x, const float* xsum, const uint8_t* w, in
         const uint8_t* p = w + r * ld + k / 2;
         if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + Q4_AHEAD), _MM_HINT_T0);
         const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-        const __m256 wl = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, lowmask)));
-        const __m256 wh = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lowmask)));
+        const __m256i lo = _mm256_cvtepu8_epi32(_mm_and_si128(b, lowmask));
+        const __m256i hi = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lowmask));
+        const __m256 wl = NF ? nf4_lookup8(lo, tab_lo, tab_hi) : _mm256_cvtepi32_ps(lo);
+        const __m256 wh = NF ? nf4_lookup8(hi, tab_lo, tab_hi) : _mm256_cvtepi32_ps(hi);
         acc[r] = _mm256_fmadd_ps(wl, x0, acc[r]);
         acc2[r] = _mm256_fmadd_ps(wh, x1, acc2[r]);
       }
@@ -308,7 +311,7 @@ static void q4_rows_int4(const float* x, const float* xsum, const uint8_t* w, in
     for (int r = 0; r < NR; ++r) {
       const float s = scale[r * groups + g];
       tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(acc[r], acc2[r]), tot[r]);
-      res[r] -= s * zero[r * groups + g] * xsum[g];
+      if (!NF) res[r] -= s * zero[r * groups + g] * xsum[g];
     }
   }
   for (int r = 0; r < NR; ++r) y[r] = res[r] + hsum(tot[r]);
@@ -361,7 +364,7 @@ static inline bool q4_dot_layout(int64_t G) {
 
 // y[m, n] (+ bias[n] where bias) for every row m < M of xd (deinterleave()d, [M, Kp]; xs its group sums
 // [M, groups], int4 only) and weight rows lo <= n < hi of w [N, Kp / 2] with scales (and zeros) [N, groups]; y is
-// [M, ldy]. Weight rows go four at a time where AVX-512 has whole 32-code blocks and for int4 on AVX2 (one otherwise), each block
+// [M, ldy]. Weight rows go four at a time on AVX2 and where AVX-512 has whole 32-code blocks (one otherwise), each block
 // while it is in cache: x rows 8, 4 or 2 at a time take each weight row's decoded, scaled chunks
 // (q4_dot_rows; q4_tile<4> where its layout is not read), and a last single x row takes the block's four
 // weight rows at once (q4_rows) or one (q4_tile<1>).
@@ -374,7 +377,7 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
 #ifdef __AVX512F__
   const int64_t NB = q4_block(G) == 32 ? 4 : 1;
 #elif defined(__AVX2__)
-  const int64_t NB = NF ? 1 : 4;
+  const int64_t NB = 4;
 #else
   const int64_t NB = 1;
 #endif
@@ -403,9 +406,9 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
         continue;
       }
 #elif defined(__AVX2__)
-      if (!NF && n1 - n0 == 4) {
-        q4_rows_int4<4>(xd + m * Kp, xs + m * groups, w + n0 * ld, ld, Kp, G, scale + n0 * groups, zero + n0 * groups,
-                        y + m * ldy + n0);
+      if (n1 - n0 == 4) {
+        q4_rows_avx2<4, NF>(xd + m * Kp, NF ? nullptr : xs + m * groups, w + n0 * ld, ld, Kp, G, scale + n0 * groups,
+                            NF ? nullptr : zero + n0 * groups, y + m * ldy + n0);
         continue;
       }
 #endif
