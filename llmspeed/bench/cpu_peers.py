@@ -84,13 +84,12 @@ def llama_cpp_missing() -> str | None:
 
 
 def requantized(ftype_name: str, ftype: int, threads: int, source: Path | None = None,
-                stem: str = "smollm2-135m-instruct") -> Path:  # fmt: skip
-    """The GGUF ``source`` (default: the embedded one) requantized to ``ftype`` by llama.cpp, cached as
-    ``<stem>-<ftype_name>.gguf``: built once."""
+                stem: str = "smollm2-135m-instruct", folder: Path | None = None) -> Path:  # fmt: skip
+    """The GGUF ``source`` (default: the embedded one) requantized to ``ftype`` by llama.cpp, kept as
+    ``<stem>-<ftype_name>.gguf`` in ``folder`` (default: the cache's ``gguf`` folder): built once."""
     import llama_cpp
 
-    folder = private_dir(cache_root() / "gguf")
-    out = folder / f"{stem}-{ftype_name}.gguf"
+    out = (folder or private_dir(cache_root() / "gguf")) / f"{stem}-{ftype_name}.gguf"
     if not out.exists():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype

@@ -142,15 +142,9 @@ def _llama_ppls(seed: int, config: Any, windows: torch.Tensor, threads: int) -> 
     if seed == 0:
         return {name: llama_perplexity_isolated(requantized(name, ftype, threads), windows, threads)
                 for name, ftype in (("F32", 0), ("Q4_0", 2))}  # fmt: skip
-    import llama_cpp
-
     with tempfile.TemporaryDirectory(dir=private_dir(cache_root() / "gguf")) as tmp:
         f32 = write_permuted_gguf(config, seed, Path(tmp) / "F32.gguf")
-        q4 = Path(tmp) / "Q4_0.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = 2, threads  # LLAMA_FTYPE_MOSTLY_Q4_0
-        if llama_cpp.llama_model_quantize(str(f32).encode(), str(q4).encode(), params) != 0:
-            raise RuntimeError(f"llama_model_quantize of the seed-{seed} GGUF to Q4_0 failed")
+        q4 = requantized("Q4_0", 2, threads, source=f32, stem=f"reordered-{seed}", folder=Path(tmp))
         return {"F32": llama_perplexity_isolated(f32, windows, threads), "Q4_0": llama_perplexity_isolated(q4, windows, threads)}
 
 
