@@ -51,7 +51,7 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     "int8, fp32 lm_head": "int8", "int4, fp32 lm_head": "int4",  # the head left in float (lm_head=None)
     "int8, int8 activations, int8 lm_head": "int8", "int4, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int8 lm_head": "int4",
-    "int4, g32": "int4",  # Q4_0's block size, at 6 bits a weight (fp32 scales and zeros) against its 4.5
+    "int4, g32": "int4",  # Q4_0's block size, at 5 bits a weight (fp16 scales and zeros) against its 4.5
     "int4, awq+gptq, int8 activations, int4 lm_head": "int4",
     # llama.cpp caches keys and values in fp16 by default (type_k / type_v f16): the same cache on our side
     "fp32, fp16 kv cache": "fp32", "int8, int8 activations, int8 lm_head, fp16 kv cache": "int8",

@@ -158,7 +158,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One row per seed (0: the embedded model unchanged; default 0 and :data:`SEEDS`, 0 and 1 with ``quick``):
     the fp32 and int4 perplexity of llmspeed (RTN g64 as ``quantize(model, "int4", group_size=64)``, and g32,
-    Q4_0's block size, at 6 bits a weight with fp32 scales and zeros) and of llama.cpp (F32, and the Q4_0 its
+    Q4_0's block size, at 5 bits a weight with fp16 scales and zeros) and of llama.cpp (F32, and the Q4_0 its
     ``llama_model_quantize`` makes of that F32 file) on the same windows; then the medians of the reordered rows."""
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"q4_grid compares the embedded SmolLM2 on the CPU; got device={device!r}, model={model!r}")

@@ -141,8 +141,9 @@ enum class Kind { F32, BF16, I8, INT4, NF4 };
 struct Linear {
   const void* w;
   Kind kind;
-  const float* scale;  // int8: [N]; 4-bit: [N, groups]; float: nullptr
-  const float* zero;   // int4: [N, groups] in the code domain; else nullptr
+  const float* scale;  // int8: [N]; else nullptr
+  const half_t* hscale = nullptr;  // 4-bit: fp16 [N, groups]; else nullptr
+  const half_t* hzero = nullptr;   // int4: fp16 [N, groups] in the code domain; else nullptr
   const float* bias;   // fp32 [N] or nullptr
   int64_t N, Kp, G;    // Kp: input width (4-bit: padded to whole groups); G: 4-bit group size
   float* y;            // [M, N]
@@ -159,7 +160,7 @@ struct Linear {
 Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& bias, float* y,
               bool act8 = false) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "fused decode: weights must be contiguous 2-D tensors");
-  Linear l{w.data_ptr(), Kind::F32, nullptr, nullptr, nullptr, w.size(0), w.size(1), 0, y, act8};
+  Linear l{w.data_ptr(), Kind::F32, nullptr, nullptr, nullptr, nullptr, w.size(0), w.size(1), 0, y, act8};
   switch (w.scalar_type()) {
     case at::kFloat: break;
     case at::kBFloat16: l.kind = Kind::BF16; break;
@@ -173,16 +174,16 @@ Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& ze
     l.scale = scale.data_ptr<float>();
   }
   if (l.kind == Kind::INT4 || l.kind == Kind::NF4) {
-    TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
-                    scale.size(0) == w.size(0), "fused decode: a 4-bit weight needs contiguous fp32 scales [N, groups]");
+    TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 2 &&
+                    scale.size(0) == w.size(0), "fused decode: a 4-bit weight needs contiguous fp16 scales [N, groups]");
     l.Kp = w.size(1) * 2;
     l.G = l.Kp / scale.size(1);
     TORCH_CHECK(l.G * scale.size(1) == l.Kp && l.G % 16 == 0, "fused decode: 4-bit groups must be multiples of 16");
-    l.scale = scale.data_ptr<float>();
+    l.hscale = half_data(scale);
     if (l.kind == Kind::INT4) {
-      TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.sizes() == scale.sizes(),
-                  "fused decode: int4 zeros must be contiguous fp32 like the scales");
-      l.zero = zero.data_ptr<float>();
+      TORCH_CHECK(zero.scalar_type() == at::kHalf && zero.is_contiguous() && zero.sizes() == scale.sizes(),
+                  "fused decode: int4 zeros must be contiguous fp16 like the scales");
+      l.hzero = half_data(zero);
     }
   }
   if (bias.defined() && bias.numel() > 0) {
@@ -215,7 +216,7 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const Linear& l, const W* w
 template <bool NF>
 void gemv_rows_q4(int64_t M, const Linear& l, int64_t lo, int64_t hi) {
   q4_row_range<NF>(l.xd.data_ptr<float>(), NF ? nullptr : l.xs.data_ptr<float>(), M, static_cast<const uint8_t*>(l.w),
-                   l.scale, l.zero, l.bias, l.Kp, l.G, l.y, l.N, lo, hi);
+                   l.hscale, l.hzero, l.bias, l.Kp, l.G, l.y, l.N, lo, hi);
 }
 
 // The integer row loops' tiling: weight rows lo..hi in blocks of NR (the tail one by one) against x rows in
@@ -268,7 +269,7 @@ void gemv_rows_i8(int64_t M, int64_t K, const Linear& l, int64_t lo, int64_t hi)
     const uint8_t* w = static_cast<const uint8_t*>(l.w);
     dot_tiles<DOT_ROWS, DOT_XS>(M, l, lo, hi, [&](auto nr, auto mt, int64_t n, int64_t m, float* t, int64_t ldt) {
       q4_rows_i8<decltype(nr)::value, decltype(mt)::value>(*l.chunks, m, w + n * row_bytes, row_bytes, l.G,
-                                                           l.scale + n * groups, l.zero + n * groups, t, ldt);
+                                                           l.hscale + n * groups, l.hzero + n * groups, t, ldt);
     });
   }
 #else
@@ -291,9 +292,9 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
       if (l.G % TK != 0) return false;
       const auto* q = static_cast<const uint8_t*>(l.w);
       if (l.kind == Kind::NF4)
-        amx_matmul(x, M, K, l.Kp, l.N, true, true, Q4Rows<true>{q, l.scale, nullptr, l.N, l.G}, nullptr, l.y);
+        amx_matmul(x, M, K, l.Kp, l.N, true, true, Q4Rows<true>{q, l.hscale, nullptr, l.N, l.G}, nullptr, l.y);
       else
-        amx_matmul(x, M, K, l.Kp, l.N, true, true, Q4Rows<false>{q, l.scale, l.zero, l.N, l.G}, nullptr, l.y);
+        amx_matmul(x, M, K, l.Kp, l.N, true, true, Q4Rows<false>{q, l.hscale, l.hzero, l.N, l.G}, nullptr, l.y);
       break;
     }
   }
@@ -389,7 +390,7 @@ bool quant_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
 #ifdef LLMSPEED_PANELS
     if (l.kind == Kind::INT4 && l.G % ACT_BLOCK == 0) {
       TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
-      q4_panel_gemm(x, M, K, static_cast<const uint8_t*>(l.w), l.N, l.Kp, l.G, l.scale, l.zero, l.y);
+      q4_panel_gemm(x, M, K, static_cast<const uint8_t*>(l.w), l.N, l.Kp, l.G, l.hscale, l.hzero, l.y);
       done = true;
     }
 #endif
@@ -420,7 +421,7 @@ bool quant_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
   const auto* codes = static_cast<const uint8_t*>(l.w);
   block_gemm(x, M, K, l, l.Kp, [&](int64_t n0, int64_t r, float* out) {
     at::parallel_for(0, r, 8, [&](int64_t lo, int64_t hi) {
-      dequant_4bit_rows(codes, l.scale, l.zero, l.Kp, l.G, n0 + lo, n0 + hi, out + lo * l.Kp);
+      dequant_4bit_rows(codes, l.hscale, l.hzero, l.Kp, l.G, n0 + lo, n0 + hi, out + lo * l.Kp);
     });
   });
   return true;
@@ -880,8 +881,8 @@ namespace {
 
 // Rows ids [n] of the input embedding as fp32 out [n, E], with the operations of the embedding module's own
 // lookup, so the same bits: a float table [V, E] (fp32 or bf16, widened; scale and zero empty), int8 codes [V, E]
-// times row scales [V] (group 0), or 4-bit codes [V, Kp / 2] with group scales and, for int4, zeros (NF4: none)
-// [V, Kp / group] (dequant_rows.h), cut to E columns.
+// times row scales [V] (group 0), or 4-bit codes [V, Kp / 2] with fp16 group scales and, for int4, zeros (NF4:
+// none) [V, Kp / group] (dequant_rows.h), cut to E columns.
 void embed_rows(const at::Tensor& table, const at::Tensor& scale, const at::Tensor& zero, int64_t group,
                 const int64_t* ids, int64_t n, int64_t E, float* out) {
   const int64_t V = table.size(0);
@@ -903,7 +904,7 @@ void embed_rows(const at::Tensor& table, const at::Tensor& scale, const at::Tens
     const int64_t Kp = table.size(1) * 2;
     std::vector<float> row(Kp);
     for (int64_t i = 0; i < n; ++i) {
-      dequant_4bit_rows(table.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.numel() ? zero.data_ptr<float>() : nullptr,
+      dequant_4bit_rows(table.data_ptr<uint8_t>(), half_data(scale), zero.numel() ? half_data(zero) : nullptr,
                         Kp, group, ids[i], ids[i] + 1, row.data());
       std::memcpy(out + i * E, row.data(), E * sizeof(float));
     }

@@ -202,7 +202,7 @@ def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
         return q, module.scales, None
     if fmt == "int4":
         return q, module.scales.contiguous(), module.zeros.contiguous()
-    return q, module.group_scales().float().contiguous(), None
+    return q, module.group_scales().half().contiguous(), None  # fp16 values already: exact
 
 
 def _embedding_parts(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:

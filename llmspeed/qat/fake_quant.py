@@ -115,7 +115,7 @@ def init_qparams(
     if not symmetric:
         return P.choose_qparams_int4(w, config.group_size)
     absmax = _grouped(w.detach().float(), config.group_size).abs().amax(dim=2)  # [out, groups]
-    scales = (absmax / 7).clamp_min(1e-12)
+    scales = P.group_scales_grid(absmax / 7)  # on the fp16 grid Int4Linear stores
     return scales, torch.full_like(scales, 8.0)
 
 
@@ -166,16 +166,26 @@ class FakeQuantLinear(nn.Linear):
         return self.config.padded_in_features(self.in_features)
 
     def effective_scales(self) -> torch.Tensor:  # [out, groups] fp32
-        """The scales in use: ``scales`` times the learned gain (``scales`` itself when scales do not learn)."""
+        """The scales in use: ``scales`` times the learned gain (``scales`` itself when scales do not learn).
+
+        int4 rounds them to the fp16 values ``Int4Linear`` stores (straight through for the gradient).
+        """
         if self.scale_gain is None:
             return self.scales
-        return self.scales * (1 + SCALE_GAIN_RATE * self.scale_gain).clamp_min(MIN_GAIN)
+        return self._stored(self.scales * (1 + SCALE_GAIN_RATE * self.scale_gain).clamp_min(MIN_GAIN))
 
     def effective_zeros(self) -> torch.Tensor:  # [out, groups] fp32
-        """The zero points in use: ``zeros`` plus the learned shift (``zeros`` itself when they do not learn)."""
+        """The zero points in use: ``zeros`` plus the learned shift (``zeros`` itself when they do not learn),
+        on the fp16 grid like :meth:`effective_scales`."""
         if self.zero_shift is None:
             return self.zeros
-        return self.zeros + ZERO_SHIFT_RATE * self.zero_shift
+        return self._stored(self.zeros + ZERO_SHIFT_RATE * self.zero_shift)
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:  # t's shape, fp32
+        """``t`` as the converted module stores it (int4: fp16), with a straight-through gradient."""
+        if self.fake_format != "int4":
+            return t
+        return t + (P.fp16_grid(t.detach()) - t.detach())
 
     def codes(self) -> torch.Tensor:  # [out, in_pad] (int4 uint8, int8 int8)
         """The integer codes of the latent weight on the starting grid: what :func:`~llmspeed.qat.convert` packs."""

@@ -85,8 +85,8 @@ class QuantizedLinearBase(nn.Module):
         return self.dequantize(dtype, rows)
 
     def group_scales(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r] int8 or [r, groups]
-        """The scales of ``rows`` as fp32 (NF4 overrides this to undo double quantization)."""
-        return self.scales[rows]
+        """The scales of ``rows`` as fp32 (4-bit formats store fp16; NF4 overrides this to undo double quantization)."""
+        return self.scales[rows].float()
 
     # --- construction --------------------------------------------------------------------------
     @classmethod
@@ -256,7 +256,11 @@ class Int8Linear(QuantizedLinearBase):
 
 
 class _Packed4Bit(QuantizedLinearBase):
-    """4-bit formats: ``qweight`` uint8 [out, in_pad / 2] (two codes per byte, even element low) + fp32 ``scales``."""
+    """4-bit formats: ``qweight`` uint8 [out, in_pad / 2] (two codes per byte, even element low) + fp16 ``scales``.
+
+    Scales (and int4's zero points) are stored in fp16 (:data:`~llmspeed.quant.primitives.SCALE_DTYPE`);
+    :meth:`from_codes` rounds fp32 ones to the nearest fp16, which the quantization methods already chose.
+    """
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias=None, device=None):
         super().__init__(in_features, out_features, config, bias)
@@ -265,7 +269,7 @@ class _Packed4Bit(QuantizedLinearBase):
         self._register_scales(out_features, layout.groups, device)
 
     def _register_scales(self, out: int, groups: int, device) -> None:
-        self.register_buffer("scales", torch.ones(out, groups, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.ones(out, groups, dtype=P.SCALE_DTYPE, device=device))
 
     def codes(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in_pad] uint8
         """The unpacked 4-bit codes of ``rows`` (default: all), padding columns included."""
@@ -284,7 +288,7 @@ class _Packed4Bit(QuantizedLinearBase):
 
 
 class Int4Linear(_Packed4Bit):
-    """Weight-only int4, group-wise: ``w = (code - zero) * scale``; adds ``zeros`` fp32 [out, groups].
+    """Weight-only int4, group-wise: ``w = (code - zero) * scale``; adds ``zeros`` fp16 [out, groups].
 
     With ``config.act_order`` it also holds ``perm`` int64 ``[in]``: packed column ``j`` is input column
     ``perm[j]`` (a GPTQ ``desc_act`` checkpoint), and forward gathers ``x[..., perm]`` first.
@@ -308,13 +312,13 @@ class Int4Linear(_Packed4Bit):
             raise ValueError("zeros must be given for int4 (asymmetric): [out, groups] in the code domain")
         m = cls._build(codes, scales, config, bias, in_features)
         _check_shape("zeros", zeros, tuple(m.zeros.shape))
-        m.scales.copy_(scales.float())
-        m.zeros.copy_(zeros.float())
+        m.scales.copy_(scales)  # rounded to fp16
+        m.zeros.copy_(zeros)
         return m
 
     def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """``[r, in]``: the weight with its columns in packed order (``perm`` not undone)."""
-        w = P.dequantize_int4(self.codes(rows), self.scales[rows], self.zeros[rows], self.config.group_size)
+        w = P.dequantize_int4(self.codes(rows), self.scales[rows].float(), self.zeros[rows].float(), self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
@@ -327,7 +331,8 @@ class Int4Linear(_Packed4Bit):
 class NF4Linear(_Packed4Bit):
     """NF4, group-wise absmax: ``w = NF4_CODEBOOK[code] * scale``.
 
-    With ``config.double_quant`` the scales are stored as ``scales_q`` int8 [out, groups],
+    Without double quantization ``scales`` is fp16 [out, groups]. With ``config.double_quant`` the scales are
+    stored as ``scales_q`` int8 [out, groups],
     ``scales_scale`` fp32 [ceil(out * groups / 256)] and ``scales_offset`` fp32 [1] instead of ``scales``.
     """
 
@@ -365,7 +370,7 @@ class NF4Linear(_Packed4Bit):
             m.scales_scale.copy_(block)
             m.scales_offset.copy_(offset)
         else:
-            m.scales.copy_(scales.float())
+            m.scales.copy_(scales)  # rounded to fp16
         return m
 
     def group_scales(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, groups] fp32
@@ -373,7 +378,7 @@ class NF4Linear(_Packed4Bit):
         if self.config.double_quant:
             first = rows.indices(self.out_features)[0] * self.scales_q.shape[1]  # flat index of the first scale
             return P.double_dequantize(self.scales_q[rows], self.scales_scale, self.scales_offset, first)
-        return self.scales[rows]
+        return self.scales[rows].float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
         w = P.dequantize_nf4(self.codes(rows), self.group_scales(rows), self.config.group_size)

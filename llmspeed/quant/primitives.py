@@ -10,13 +10,17 @@ are never read by the kernels (activations have only ``in`` columns) and ``dequa
 * int8 (per output channel, symmetric): ``codes`` int8 ``[out, in]`` in ``[-127, 127]``,
   ``scales`` fp32 ``[out]``; ``w = codes * scales[:, None]``.
 * int4 (group-wise, asymmetric): ``codes`` uint8 ``[out, in_pad]`` in ``[0, 15]``, ``scales`` and
-  ``zeros`` fp32 ``[out, in_pad / group]``; ``w = (codes - zeros) * scales`` per group. The zero point
+  ``zeros`` ``[out, in_pad / group]`` (stored fp16: see below); ``w = (codes - zeros) * scales`` per group. The zero point
   lives in the integer (code) domain; round-to-nearest gives whole numbers in ``[0, 15]``, calibrated
   methods (HQQ) may store fractional ones. Symmetric int4 (``QuantConfig.symmetric``) is the same
   layout with every zero equal to 8 and ``scales = absmax / 7.5``: codes minus 8 are the signed
   ``[-8, 7]`` values GPTQ (``sym=True``) and compressed-tensors store.
 * nf4 (group-wise, absmax): ``codes`` uint8 ``[out, in_pad]`` index :data:`NF4_CODEBOOK`;
-  ``scales`` fp32 ``[out, groups]`` are the group absmax; ``w = NF4_CODEBOOK[codes] * scales``.
+  ``scales`` ``[out, groups]`` (stored fp16) are the group absmax; ``w = NF4_CODEBOOK[codes] * scales``.
+* 4-bit scales and zero points are stored in fp16 (:data:`SCALE_DTYPE`), as GPTQ, AWQ and compressed-tensors
+  checkpoints store them: 4 bytes a group instead of 8 (int4 g32 takes the bytes fp32 scales took at g64). The
+  functions here that choose them return fp32 tensors holding fp16 values (:func:`fp16_grid`), so codes are
+  chosen against the scales the module will actually hold and every kernel reproduces ``dequantize`` exactly.
 * packing: ``pack_nibbles`` stores element ``2j`` in the LOW nibble and ``2j + 1`` in the HIGH nibble of
   byte ``j`` along the last axis: ``packed = codes[..., 0::2] | codes[..., 1::2] << 4``.
 * double quantization (nf4): the fp32 scales, flattened row-major, minus their mean ``offset``, are
@@ -43,6 +47,23 @@ NF4_CODEBOOK = torch.tensor(
 )  # fmt: skip
 _NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2  # [15]
 _EPS = 1e-12  # smallest scale: an all-zero row or group still quantizes (to zeros) without dividing by 0
+SCALE_DTYPE = torch.float16  # storage of the 4-bit formats' group scales and zero points
+_FP16_TINY, _FP16_MAX = 2.0**-24, 65504.0  # smallest positive (subnormal) and largest finite fp16
+
+
+def fp16_grid(t: torch.Tensor) -> torch.Tensor:  # t's shape, fp32
+    """``t`` rounded to the nearest fp16 values (returned as fp32): what a 4-bit module's fp16 buffer stores."""
+    return t.to(SCALE_DTYPE).float()
+
+
+def group_scales_grid(scales: torch.Tensor) -> torch.Tensor:  # scales' shape, fp32
+    """4-bit group scales as stored: clamped to the positive finite fp16 range, then rounded *up* to an fp16
+    value, so a group's range still fits its codes (no value rounds past the last code: the error stays within
+    half a step, as with exact scales)."""
+    s = scales.float().clamp(_FP16_TINY, _FP16_MAX)
+    h = s.to(SCALE_DTYPE)
+    bump = (h.float() < s).to(torch.int16)  # positive fp16: the next larger value is the next bit pattern
+    return (h.view(torch.int16) + bump).view(SCALE_DTYPE).float()
 
 
 def pad_columns(w: torch.Tensor, in_pad: int) -> torch.Tensor:  # [out, in_pad]
@@ -80,7 +101,7 @@ def choose_qparams_int4(w: torch.Tensor, group_size: int | None) -> tuple[torch.
     g = _groups(w.detach().float(), group_size)  # [out, groups, group]
     lo = g.amin(dim=2).clamp_max(0.0)  # [out, groups]
     hi = g.amax(dim=2).clamp_min(0.0)  # [out, groups]
-    scales = ((hi - lo) / 15).clamp_min(_EPS)
+    scales = group_scales_grid((hi - lo) / 15)
     zeros = torch.round(-lo / scales).clamp_(0, 15)
     return scales, zeros
 
@@ -93,7 +114,7 @@ def choose_qparams_int4_symmetric(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4: scales ``absmax / 7.5`` and zeros all 8, ``[out, groups]``, of padded ``w`` [out, in_pad]."""
     absmax = _groups(w.detach().float(), group_size).abs().amax(dim=2)  # [out, groups]
-    scales = (absmax / 7.5).clamp_min(_EPS)
+    scales = group_scales_grid(absmax / 7.5)
     return scales, torch.full_like(scales, SYMMETRIC_ZERO)
 
 
@@ -116,8 +137,8 @@ def dequantize_int4(
 
 # --- nf4: group-wise absmax over the NormalFloat codebook ---------------------------------------
 def choose_qparams_nf4(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, groups] fp32
-    """Group absmax of padded ``w`` [out, in_pad]."""
-    return _groups(w.detach().float(), group_size).abs().amax(dim=2).clamp_min(_EPS)
+    """Group absmax of padded ``w`` [out, in_pad] (on the fp16 grid: :func:`group_scales_grid`)."""
+    return group_scales_grid(_groups(w.detach().float(), group_size).abs().amax(dim=2))
 
 
 def quantize_nf4(w: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -158,14 +179,14 @@ def double_quantize(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def double_dequantize(q: torch.Tensor, block_scale: torch.Tensor, offset: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """fp32 scales (shape of ``q``) from :func:`double_quantize` output.
+    """The scales (shape of ``q``, fp32 holding fp16 values) from :func:`double_quantize` output.
 
-    ``q`` may be a contiguous run of the quantized scales whose first element has flat index ``first``
+    Rounded to fp16 like stored 4-bit scales, so the kernels' fp16 copy of them is exact. ``q`` may be a contiguous run of the quantized scales whose first element has flat index ``first``
     (a block of rows), so that each scale meets its own block's ``block_scale``.
     """
     flat = q.reshape(-1).float()  # [n]
     block = torch.arange(first, first + flat.numel(), device=q.device) // DQ_BLOCK
-    return (flat * block_scale[block] + offset).reshape(q.shape)
+    return fp16_grid(flat * block_scale[block] + offset).reshape(q.shape)
 
 
 # --- nibble packing ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 Folder layout written by :func:`save`::
 
     model.safetensors   every parameter and persistent buffer (packed codes, scales, zeros, float weights);
-                        metadata: {"format": "llmspeed", "version": "1", "dtype", "quantization": JSON
+                        metadata: {"format": "llmspeed", "version": "2", "dtype", "quantization": JSON
                         {layer name: QuantConfig.to_dict()}, "aliases": JSON {tied name: stored name},
                         "embeddings" (only when there are any): JSON {input embedding: quantized head it
                         reads, :class:`~llmspeed.quant.embedding.QuantizedEmbedding`}}
@@ -36,10 +36,12 @@ from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
 from .formats.files import detect
 from .modules import QuantizedLinearBase
+from .primitives import SCALE_DTYPE
 
 WEIGHTS = "model.safetensors"
 FORMAT = "llmspeed"
-VERSION = "1"
+VERSION = "2"  # 2: 4-bit scales and zero points in fp16 (version 1 stored fp32; read and rounded to fp16)
+READS = ("1", VERSION)
 SAVE_FORMATS = ("llmspeed", "compressed-tensors")
 # config.json's quantization_config in a native folder. transformers knows quant_method "gptq", builds its
 # config and rejects ``bits`` with "Only support quantization to [2,3,4,8] bits but found <bits>", so
@@ -139,9 +141,9 @@ def _read_metadata(directory: Path) -> dict[str, str]:
         raise ValueError(f"{path} is corrupt or truncated ({err}); save the model again") from err
     if metadata.get("format") != FORMAT:
         raise _not_checkpoint(directory, f"{WEIGHTS} has no llmspeed metadata")
-    if metadata.get("version") != VERSION:
+    if metadata.get("version") not in READS:
         raise ValueError(
-            f"{path} has llmspeed format version {metadata.get('version')!r}; this llmspeed reads {VERSION!r}"
+            f"{path} has llmspeed format version {metadata.get('version')!r}; this llmspeed reads {READS!r}"
         )
     return metadata
 
@@ -196,6 +198,11 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
     except (KeyError, ValueError, AttributeError, TypeError) as err:
         raise ValueError(f"{source} has unreadable llmspeed metadata ({err}); save the model again") from err
     tensors = _read_tensors(source)
+    if metadata["version"] == "1":  # fp32 4-bit scales and zeros: rounded to the fp16 the modules now hold
+        for name, cfg in quant.items():
+            for key in (f"{name}.scales", f"{name}.zeros") if cfg.format != "int8" else ():
+                if key in tensors and tensors[key].dtype == torch.float32:
+                    tensors[key] = tensors[key].to(SCALE_DTYPE)
     model = skeleton.skeleton(directory, dtype)
     for name, cfg in quant.items():
         if name not in model.linear_names():

@@ -55,8 +55,8 @@ def test_codes_without_padding_are_padded():
     m = Int4Linear.from_codes(codes, scales, zeros, config=config)
     assert m.qweight.shape == (4, 64) and m.in_padded == 128
     assert torch.equal(m.codes()[:, :100], codes)
-    expected = (codes.float() - 8) * scales.repeat_interleave(64, 1)[:, :100]
-    assert torch.allclose(m.dequantize(), expected)
+    expected = (codes.float() - 8) * scales.half().float().repeat_interleave(64, 1)[:, :100]  # stored in fp16
+    assert torch.equal(m.dequantize(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -201,3 +201,31 @@ def test_int8_activations_multiply_the_rounded_input(config):
 def test_bad_activations_are_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"activations must be one of \['float', 'int8'\]; got 'int4'"):
         QuantConfig("int4", activations="int4")
+
+
+def test_4bit_scales_and_zeros_are_fp16_and_int4_g32_takes_g64_fp32_bytes():
+    """4-bit scales and zeros are stored in fp16 (4 bytes a group for int4, 2 for NF4); int8's row scales stay fp32."""
+    lin = _linear(k=128, n=16)
+    int4_32 = Int4Linear.from_linear(lin, QuantConfig("int4", 32))
+    nf4 = NF4Linear.from_linear(lin, QuantConfig("nf4", 64))
+    int8 = Int8Linear.from_linear(lin)
+    assert int4_32.scales.dtype == int4_32.zeros.dtype == nf4.scales.dtype == torch.float16
+    assert int8.scales.dtype == torch.float32
+    nbytes = sum(b.numel() * b.element_size() for b in int4_32.buffers())
+    assert nbytes == 16 * 128 // 2 + 16 * (128 // 32) * 4  # codes + fp16 scale and zero: 5 bits a weight
+    # the oracle computes in fp32 from the stored fp16 values
+    w = int4_32.dequantize()
+    ref = P.dequantize_int4(int4_32.codes(), int4_32.scales.float(), int4_32.zeros.float(), 32)[:, :128]
+    assert w.dtype == torch.float32 and torch.equal(w, ref)
+
+
+def test_cpp_4bit_kernels_refuse_fp32_scales_by_name():
+    from llmspeed.quant.kernels import cpp
+
+    if cpp.unavailable():
+        pytest.skip(cpp.unavailable())
+    m = Int4Linear.from_linear(_linear(k=64, n=8), QuantConfig("int4", 32))
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="4-bit scales and zeros must be contiguous float16; got Float"):
+        cpp.extension().int4_matmul(x, m.qweight, m.scales.float(), m.zeros.float(), 32)
+    assert torch.equal(cpp.extension().int4_matmul(x, m.qweight, m.scales, m.zeros, 32), cpp.fused_cpu(m, x))

@@ -79,8 +79,40 @@ def test_double_quantization_error_is_small(seed, n):
     q, block, offset = P.double_quantize(scales)
     assert q.dtype == torch.int8 and block.shape == (-(-n // 256),) and offset.shape == (1,)
     back = P.double_dequantize(q, block, offset)
-    bound = block[torch.arange(n) // 256] / 2 * (1 + 1e-5) + 1e-7
+    bound = block[torch.arange(n) // 256] / 2 * (1 + 1e-5) + 1e-7 + scales * 2.0**-11  # + fp16's half step
+    assert torch.equal(back, back.half().float())  # stored as fp16 by the kernels: exact
     assert ((back - scales).abs() <= bound).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=SEEDS, g=st.sampled_from([16, 32, 64]), scale=st.floats(1e-9, 1e4), symmetric=st.booleans())
+def test_4bit_qparams_lie_on_the_fp16_grid_the_modules_store(seed, g, scale, symmetric):
+    """int4/NF4 scales (and int4 zeros) are chosen as fp16 values, clamped into its positive finite range, so the
+    codes quantize_* picks are the nearest ones for what an fp16 buffer holds (regression: fp32 scales)."""
+    w = _weight(seed, 3, 2 * g, scale)
+    choose = P.choose_qparams_int4_symmetric if symmetric else P.choose_qparams_int4
+    s, z = choose(w, g)
+    s_nf4 = P.choose_qparams_nf4(w, g)
+    for t in (s, z, s_nf4):
+        assert t.dtype == torch.float32 and torch.equal(t, t.half().float()) and torch.isfinite(t).all()
+    assert (s > 0).all() and (s_nf4 > 0).all()
+    q = P.quantize_int4(w, s, z, g)
+    assert torch.equal(q, P.quantize_int4(w, s.half().float(), z.half().float(), g))
+    err = (w - P.dequantize_int4(q, s.half(), z.half(), g)).abs().view(3, 2, g)  # fp16 buffers: fp32 result
+    assert P.dequantize_int4(q, s.half(), z.half(), g).dtype == torch.float32
+    assert (err <= s[..., None] / 2 * (1 + 1e-4) + 1e-30).all() or scale < 1e-6  # below fp16's range: clamped
+
+
+def test_tiny_and_zero_groups_quantize_without_nan():
+    w = torch.cat([torch.zeros(1, 32), torch.full((1, 32), 1e-12), torch.linspace(-1e-7, 1e-7, 32)[None]])
+    for symmetric in (False, True):
+        choose = P.choose_qparams_int4_symmetric if symmetric else P.choose_qparams_int4
+        s, z = choose(w, 32)
+        assert (s >= 2.0**-24).all()
+        back = P.dequantize_int4(P.quantize_int4(w, s, z, 32), s, z, 32)
+        assert torch.isfinite(back).all() and (back - w).abs().max() < 1e-6
+    s = P.choose_qparams_nf4(w, 32)
+    assert torch.isfinite(P.dequantize_nf4(P.quantize_nf4(w, s, 32), s, 32)).all()
 
 
 def test_pad_columns_adds_zeros_on_the_right():

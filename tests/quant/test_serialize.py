@@ -118,7 +118,7 @@ def test_config_not_matching_tensors_raises(tmp_path, llama):
         llmspeed.load(tmp_path)
     cfg["num_hidden_layers"], cfg["intermediate_size"] = 2, 96
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"down_proj.scales.* but the module needs float32 \[64, 3\]"):
+    with pytest.raises(ValueError, match=r"down_proj.scales.* but the module needs float16 \[64, 3\]"):
         llmspeed.load(tmp_path)
 
 
@@ -144,9 +144,9 @@ UP = "model.layers.0.mlp.up_proj"
     [  # regressions: each of these loaded and failed, or silently changed numbers, later
         (lambda t: t.update({f"{UP}.qweight": t[f"{UP}.qweight"].float()}),
          rf"tensor '{UP}.qweight' is float32 \[128, 32\], but the module needs uint8 \[128, 32\]"),
-        (lambda t: t.update({f"{UP}.scales": t[f"{UP}.scales"].half()}),
-         rf"tensor '{UP}.scales' is float16 \[128, 2\], but the module needs float32"),
-        (lambda t: t.update({f"{UP}.zeros": t[f"{UP}.zeros"][:, :1].contiguous()}), rf"tensor '{UP}.zeros' is float32 \[128, 1\]"),
+        (lambda t: t.update({f"{UP}.scales": t[f"{UP}.scales"].float()}),
+         rf"tensor '{UP}.scales' is float32 \[128, 2\], but the module needs float16"),
+        (lambda t: t.update({f"{UP}.zeros": t[f"{UP}.zeros"][:, :1].contiguous()}), rf"tensor '{UP}.zeros' is float16 \[128, 1\]"),
         (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}), r"'model.norm.weight' is int32"),
     ],
 )  # fmt: skip
@@ -155,6 +155,28 @@ def test_tampered_tensor_is_named(tmp_path, llama, change, match):
     llmspeed.save(llama, tmp_path)
     _tamper(tmp_path / WEIGHTS, change)
     with pytest.raises(ValueError, match=match):
+        llmspeed.load(tmp_path)
+
+
+def test_version_1_folder_with_fp32_scales_loads_rounded_to_fp16(tmp_path, llama):
+    """Folders written before 4-bit scales moved to fp16 (version 1: fp32 scales and zeros) still load."""
+    llmspeed.quantize(llama, "int4", group_size=32)
+    llmspeed.save(llama, tmp_path)
+    v2 = llmspeed.load(tmp_path)
+    old = {}
+
+    def to_fp32(t):  # version 1 stored fp32 values that fp16 does not hold exactly
+        for k in [k for k in t if k.endswith((".scales", ".zeros")) and t[k].dtype == torch.float16]:
+            t[k] = t[k].float() * (1 + 2.0**-10) if k.endswith(".scales") else t[k].float()
+            old[k] = t[k]
+
+    _tamper(tmp_path / WEIGHTS, to_fp32, lambda m: m.update({"version": "1"}))
+    loaded = llmspeed.load(tmp_path)
+    state = _state(loaded)
+    assert old and all(state[k].dtype == torch.float16 and torch.equal(state[k], v.half()) for k, v in old.items())
+    assert any(not torch.equal(state[k], _state(v2)[k]) for k in old)  # the fp32 values were read, not ignored
+    _tamper(tmp_path / WEIGHTS, change_meta=lambda m: m.update({"version": "0"}))
+    with pytest.raises(ValueError, match=r"version '0'; this llmspeed reads \('1', '2'\)"):
         llmspeed.load(tmp_path)
 
 

@@ -297,7 +297,7 @@ def module_buffers(
         codes = unpack_int4(packed, k)  # [out, in]
         pad = zeros[:, -1:].to(torch.uint8).expand(out, kp - k)  # padding columns hold the code of 0.0
         qweight = P.pack_nibbles(torch.cat([codes, pad], dim=1))  # [out, in_pad / 2]
-    return {"qweight": qweight, "scales": scale.float(), "zeros": zeros}
+    return {"qweight": qweight, "scales": scale.to(P.SCALE_DTYPE), "zeros": zeros.to(P.SCALE_DTYPE)}  # fp16 (rounded)
 
 
 def load(directory: Path, device: str | torch.device = "cpu") -> Model:

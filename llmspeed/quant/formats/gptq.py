@@ -122,7 +122,8 @@ def layer_buffers(
         qbytes = little_endian_bytes(packed)  # [out, in / 2]
     symmetric = sym and bool((zeros == P.SYMMETRIC_ZERO).all())
     cfg = QuantConfig("int4", group, symmetric=symmetric, act_order=act_order, method="gptq")
-    buffers = {"qweight": qbytes, "scales": scales.T.float().contiguous(), "zeros": zeros.contiguous()}
+    buffers = {"qweight": qbytes, "scales": scales.T.to(P.SCALE_DTYPE).contiguous(),  # GPTQ's own fp16
+               "zeros": zeros.to(P.SCALE_DTYPE).contiguous()}
     if perm is not None:
         buffers["perm"] = perm
     return cfg, buffers

@@ -21,7 +21,7 @@ import torch
 
 from ... import cpp_build
 from ...protocol import QuantizedLinear
-from .cpp import group_scales_fp32
+from .cpp import group_scales_fp16
 from .registry import FLOAT_DTYPES, Kernel, register_kernel
 
 SOURCE = Path(__file__).with_name("amx_cpu.cpp")
@@ -66,7 +66,7 @@ def bind_amx(module: QuantizedLinear):
         def call(x: torch.Tensor, split: bool) -> torch.Tensor:
             return f(x, qweight, scales, split)
     else:
-        f4, args = ext.q4_matmul_amx, (module.qweight, group_scales_fp32(module),
+        f4, args = ext.q4_matmul_amx, (module.qweight, group_scales_fp16(module),
                                        module.zeros if fmt == "int4" else torch.empty(0), module.layout.group,
                                        fmt == "nf4")  # fmt: skip
 

@@ -34,7 +34,7 @@ torch::Tensor int8_matmul_amx(torch::Tensor x, torch::Tensor qweight, torch::Ten
 }
 
 // x [..., K] float32, qweight [N, Kp / 2] uint8 (Kp: the padded width, a multiple of the group size G,
-// itself a multiple of 32), scales [N, Kp / G] float32, zeros the same (int4) or empty (``nf4``)
+// itself a multiple of 32), scales [N, Kp / G] float16, zeros the same (int4) or empty (``nf4``)
 // -> y [..., N] float32.
 torch::Tensor q4_matmul_amx(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                             int64_t G, bool nf4, bool split) {
@@ -49,12 +49,12 @@ torch::Tensor q4_matmul_amx(torch::Tensor x, torch::Tensor qweight, torch::Tenso
   auto y = output_for(x, N);
 #ifdef LLMSPEED_AMX
   const uint8_t* q = qweight.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
+  const half_t* s = half_data(scales);
   if (nf4) {
     amx_matmul(x.data_ptr<float>(), M, K, Kp, N, split, true, Q4Rows<true>{q, s, nullptr, N, G}, nullptr,
                y.data_ptr<float>());
   } else {
-    amx_matmul(x.data_ptr<float>(), M, K, Kp, N, split, true, Q4Rows<false>{q, s, zeros.data_ptr<float>(), N, G},
+    amx_matmul(x.data_ptr<float>(), M, K, Kp, N, split, true, Q4Rows<false>{q, s, half_data(zeros), N, G},
                nullptr, y.data_ptr<float>());
   }
 #endif

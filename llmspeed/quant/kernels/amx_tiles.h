@@ -147,7 +147,7 @@ struct Int8Rows {
 template <bool NF>
 struct Q4Rows {
   const uint8_t* q;
-  const float *scales, *zeros;
+  const half_t *scales, *zeros;  // fp16 [N, groups]
   int64_t N, G;
   void operator()(int64_t n0, int64_t Kp, uint16_t* hi, uint16_t* lo) const {
     const int64_t groups = Kp / G;
@@ -170,13 +170,13 @@ struct Q4Rows {
         const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_srli_epi32(bytes, 4);
         const __m512i c0 = _mm512_permutex2var_epi32(low, even, high);  // codes k .. k+15
         const __m512i c1 = _mm512_permutex2var_epi32(low, odd, high);   // codes k+16 .. k+31
-        const __m512 s = _mm512_set1_ps(scales[g]);
+        const __m512 s = _mm512_set1_ps(h2f(scales[g]));
         __m512 a, b;
         if (NF) {
           a = _mm512_mul_ps(_mm512_permutexvar_ps(c0, table), s);
           b = _mm512_mul_ps(_mm512_permutexvar_ps(c1, table), s);
         } else {
-          const __m512 z = _mm512_set1_ps(zeros[g]);
+          const __m512 z = _mm512_set1_ps(h2f(zeros[g]));
           a = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c0), z), s);
           b = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c1), z), s);
         }

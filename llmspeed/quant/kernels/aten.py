@@ -57,7 +57,7 @@ def int8_dynamic(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out
 def _int4_cpu_state(module) -> tuple[torch.Tensor, dict]:
     codes = module.codes().to(torch.int32)  # [out, in_pad]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)  # [out, in_pad / 2]
-    s, z = module.scales, module.zeros  # [out, groups]
+    s, z = module.scales.float(), module.zeros.float()  # [out, groups]
     sz = torch.stack((s.t(), ((8 - z) * s).t()), dim=-1).contiguous()  # [groups, out, 2]
     return packed, {torch.float32: sz}
 
@@ -76,7 +76,7 @@ def _tinygemm_state(module) -> tuple[torch.Tensor, torch.Tensor]:
     codes = module.codes().to(torch.int32)  # [out, in_pad]
     packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8)  # tinygemm: even element HIGH
     w = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
-    s, z = module.scales, module.zeros
+    s, z = module.scales.float(), module.zeros.float()
     sz = torch.stack((s.t(), ((8 - z) * s).t()), dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
     return w, sz
 

@@ -6,7 +6,8 @@ torch's intra-op threads. It is built on first use by :func:`llmspeed.cpp_build.
 ``-O3 -march=native -fopenmp``, cached on disk under ``$LLMSPEED_CACHE/kernels``). Without a compiler
 (or with ``LLMSPEED_DISABLE_CPP=1``) the kernel reports itself unavailable and ``kernel="auto"`` falls
 back to the pure-torch paths.
-Activations are computed in fp32 (bf16/fp16 inputs are converted on the way in and out).
+Activations are computed in fp32 (bf16/fp16 inputs are converted on the way in and out); 4-bit scales and zero
+points are read as the fp16 the modules store.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def dequantize_rows(module: QuantizedLinear, rows: slice) -> torch.Tensor | None
     if fmt == "int8":
         return ext.dequantize_int8(module.qweight[rows], module.scales[rows])
     zeros = module.zeros[rows] if fmt == "int4" else torch.empty(0)
-    w = ext.dequantize_4bit(module.qweight[rows], group_scales_fp32(module)[rows], zeros, module.layout.group)
+    w = ext.dequantize_4bit(module.qweight[rows], group_scales_fp16(module)[rows], zeros, module.layout.group)
     return w[:, : module.in_features]  # [r, in]: the padding columns dropped (a view)
 
 
@@ -84,11 +85,12 @@ def _shape(module: QuantizedLinear, x: torch.Tensor) -> str | None:
     return module.layout.tile_reason(TILE, "the cpp 4-bit kernel")
 
 
-def group_scales_fp32(module: QuantizedLinear) -> torch.Tensor:  # [out, groups] fp32, contiguous
-    """The module's fp32 group scales (NF4 double quantization undone once, then cached on the module)."""
+def group_scales_fp16(module: QuantizedLinear) -> torch.Tensor:  # [out, groups] fp16, contiguous
+    """The module's fp16 group scales, as the 4-bit kernels read them (NF4 double quantization undone once, to
+    the fp16 values ``group_scales()`` holds, then cached on the module)."""
     if not getattr(module.config, "double_quant", False):
         return module.scales
-    return module.kernel_state("group_scales", lambda m: m.group_scales().contiguous())
+    return module.kernel_state("group_scales", lambda m: m.group_scales().half().contiguous())
 
 
 def fused_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
@@ -101,7 +103,7 @@ def fused_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, 
     elif fmt == "int4":
         y = ext.int4_matmul(xf, module.qweight, module.scales, module.zeros, module.layout.group)
     else:
-        y = ext.nf4_matmul(xf, module.qweight, group_scales_fp32(module), module.layout.group)
+        y = ext.nf4_matmul(xf, module.qweight, group_scales_fp16(module), module.layout.group)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -117,7 +119,7 @@ def bind_fused_cpu(module: QuantizedLinear):
             (module.qweight, module.scales, module.zeros, module.layout.group),
         )
     else:
-        f, args = ext.nf4_matmul, (module.qweight, group_scales_fp32(module), module.layout.group)
+        f, args = ext.nf4_matmul, (module.qweight, group_scales_fp16(module), module.layout.group)
     fp32 = torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]: any leading dims

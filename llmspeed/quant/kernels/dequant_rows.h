@@ -12,15 +12,15 @@
 #endif
 
 // Rows r0..r1 of a packed 4-bit weight q [R, Kp / 2] as fp32 out [r1 - r0, Kp]: int4 (c - z) * s, NF4 NF4[c] * s
-// (zero == nullptr). Scales and zeros fp32 [R, Kp / G]; groups of G % 16 == 0; each 8 bytes (16 codes) widen to
+// (zero == nullptr). Scales and zeros fp16 [R, Kp / G]; groups of G % 16 == 0; each 8 bytes (16 codes) widen to
 // fp32 in registers with AVX2.
-inline void dequant_4bit_rows(const uint8_t* q, const float* scale, const float* zero, int64_t Kp, int64_t G,
+inline void dequant_4bit_rows(const uint8_t* q, const half_t* scale, const half_t* zero, int64_t Kp, int64_t G,
                               int64_t r0, int64_t r1, float* out) {
   const bool nf = zero == nullptr;
   const int64_t groups = Kp / G;
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < groups; ++g) {
-      const float s = scale[r * groups + g], z = nf ? 0.f : zero[r * groups + g];
+      const float s = h2f(scale[r * groups + g]), z = nf ? 0.f : h2f(zero[r * groups + g]);
       const uint8_t* p = q + r * (Kp / 2) + g * (G / 2);
       float* y = out + (r - r0) * Kp + g * G;
       int64_t j = 0;

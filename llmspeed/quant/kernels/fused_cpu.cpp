@@ -80,8 +80,8 @@ static torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Te
   const float* xp = xd.data_ptr<float>();
   const float* xsp = NF ? nullptr : xs.data_ptr<float>();
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* zp = NF ? nullptr : zeros.data_ptr<float>();
+  const half_t* sp = half_data(scales);
+  const half_t* zp = NF ? nullptr : half_data(zeros);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     q4_row_range<NF>(xp, xsp, M, wp, sp, zp, nullptr, Kp, G, yp, N, n0, n1);
@@ -106,8 +106,8 @@ torch::Tensor int4_matmul_i8(torch::Tensor x, torch::Tensor qweight, torch::Tens
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = qweight.size(0), Kp = qweight.size(1) * 2;
   TORCH_CHECK(G > 0 && G % ACT_BLOCK == 0 && Kp % G == 0 && K <= Kp, "int4_matmul_i8: groups must be multiples of 32 that split Kp");
   auto y = output_like(x, N);
-  q4_panel_gemm(x.data_ptr<float>(), M, K, qweight.data_ptr<uint8_t>(), N, Kp, G, scales.data_ptr<float>(),
-                zeros.data_ptr<float>(), y.data_ptr<float>());
+  q4_panel_gemm(x.data_ptr<float>(), M, K, qweight.data_ptr<uint8_t>(), N, Kp, G, half_data(scales),
+                half_data(zeros), y.data_ptr<float>());
   return y;
 #else
   TORCH_CHECK(false, "int4_matmul_i8: not built for this CPU (needs AVX2 or AVX-512 VNNI)");
@@ -168,14 +168,14 @@ torch::Tensor dequantize_4bit(torch::Tensor qweight, torch::Tensor scales, torch
   const int64_t R = qweight.size(0), Kp = qweight.size(1) * 2;
   TORCH_CHECK(G > 0 && G % 16 == 0 && Kp % G == 0, "dequantize_4bit: groups must be multiples of 16 that split Kp");
   const int64_t groups = Kp / G;
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == R * groups,
-              "dequantize_4bit: scales must be contiguous fp32 [R, groups]");
-  TORCH_CHECK(nf || (zeros.scalar_type() == torch::kFloat && zeros.is_contiguous() && zeros.numel() == R * groups),
-              "dequantize_4bit: zeros must be contiguous fp32 [R, groups] (empty for NF4)");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == R * groups,
+              "dequantize_4bit: scales must be contiguous fp16 [R, groups]");
+  TORCH_CHECK(nf || (zeros.scalar_type() == torch::kHalf && zeros.is_contiguous() && zeros.numel() == R * groups),
+              "dequantize_4bit: zeros must be contiguous fp16 [R, groups] (empty for NF4)");
   auto out = torch::empty({R, Kp}, qweight.options().dtype(torch::kFloat));
   const uint8_t* q = qweight.data_ptr<uint8_t>();
-  const float* sc = scales.data_ptr<float>();
-  const float* ze = nf ? nullptr : zeros.data_ptr<float>();
+  const half_t* sc = half_data(scales);
+  const half_t* ze = nf ? nullptr : half_data(zeros);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, R, 8, [&](int64_t lo, int64_t hi) { dequant_4bit_rows(q, sc, ze, Kp, G, lo, hi, o + lo * Kp); });
   return out;

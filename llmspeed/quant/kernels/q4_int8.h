@@ -14,6 +14,8 @@
 // llmspeed/quant/kernels/fused_cpu.cpp (act_round, for the per-layer path).
 #pragma once
 
+#include "q4_tiles.h"  // half_t, h2f: the 4-bit scales and zeros
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -101,6 +103,9 @@ inline __mmask16 lanes16(int64_t n, int64_t i) {
   return n - i >= 16 ? 0xFFFF : n > i ? static_cast<__mmask16>((1u << (n - i)) - 1) : 0;
 }
 
+// Lanes of k of 16 fp16 values from p, widened (zero elsewhere): group scales and zeros.
+inline __m512 load16h(__mmask16 k, const half_t* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+
 // The int32 codes of the 32 channels of x from k (zero past K) and their block scale d = absmax / 127:
 // the codes of act_quant (the same fp32 division, rounded half to even by the conversion).
 inline void act_block(const float* x, int64_t k, int64_t K, __m512i* q, float* d) {
@@ -177,7 +182,7 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 // NR x MT sums run as independent chains.
 template <int NR, int MT>
 inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t row_bytes, int64_t G,
-                       const float* scale, const float* zero, float* y, int64_t ldy) {
+                       const half_t* scale, const half_t* zero, float* y, int64_t ldy) {
   const int64_t Kp = a.Kp, Kc = a.Kc, groups = Kp / G, chunks = Kc / 64;
   const int8_t* xq = a.q.data() + m0 * Kc;
   const float* dv = a.dv.data() + m0 * chunks * 16;
@@ -192,8 +197,8 @@ inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t
     __m512 sv[NR];
     __m512i codes[NR];
     for (int r = 0; r < NR; ++r) {
-      const float* sr = scale + r * groups;
-      sv[r] = g0 == g1 ? _mm512_set1_ps(sr[g0]) : _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(sr[g0]), _mm512_set1_ps(sr[g1]));
+      const half_t* sr = scale + r * groups;
+      sv[r] = g0 == g1 ? _mm512_set1_ps(h2f(sr[g0])) : _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(h2f(sr[g0])), _mm512_set1_ps(h2f(sr[g1])));
       const uint8_t* p = w + r * row_bytes + ch * 32;
       if ((ch & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD), _MM_HINT_T0);
       const __m256i b = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi8(0xFFFF, p);
@@ -213,7 +218,7 @@ inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t
   for (int64_t g = 0; g < groups; g += 16) {
     const __mmask16 k = lanes16(groups, g);
     for (int r = 0; r < NR; ++r) {
-      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scale + r * groups + g), _mm512_maskz_loadu_ps(k, zero + r * groups + g));
+      const __m512 sz = _mm512_mul_ps(load16h(k, scale + r * groups + g), load16h(k, zero + r * groups + g));
       for (int i = 0; i < MT; ++i)
         tot[r][i] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.sum.data() + (m0 + i) * groups + g), tot[r][i]);
     }
@@ -284,6 +289,14 @@ inline void q8_rows_i8(const ActChunks& a, int64_t m0, const int8_t* w, int64_t 
 inline __m256i lanes8(int64_t n, int64_t i) {
   const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, n - i));
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// min(n, 8) fp16 values from p, widened (zero past n): group scales and zeros.
+inline __m256 load8h(const half_t* p, int64_t n) {
+  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) half_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
 }
 
 // The int32 codes of the 32 channels of x from k (zero past K) in q[0..3] and d = absmax / 127: act_quant's
@@ -381,7 +394,7 @@ inline __m128 reduce4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
 // VPMADDWD to int32 lanes of 8 channels (lanes 0-3: the chunk's first block, 4-7: its second).
 template <int NR, int MT>
 inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t row_bytes, int64_t G,
-                       const float* scale, const float* zero, float* y, int64_t ldy) {
+                       const half_t* scale, const half_t* zero, float* y, int64_t ldy) {
   const int64_t Kp = a.Kp, Kc = a.Kc, groups = Kp / G, chunks = Kc / 64;
   const int8_t* xq = a.q.data() + m0 * Kc;
   const float* dv = a.dv.data() + m0 * chunks * 8;
@@ -408,8 +421,8 @@ inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t
       for (int r = 0; r < NR; ++r) {
         const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
         const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        const float* sr = scale + r * groups;
-        const __m256 sv = g0 == g1 ? _mm256_set1_ps(sr[g0]) : _mm256_blend_ps(_mm256_set1_ps(sr[g0]), _mm256_set1_ps(sr[g1]), 0xF0);
+        const half_t* sr = scale + r * groups;
+        const __m256 sv = g0 == g1 ? _mm256_set1_ps(h2f(sr[g0])) : _mm256_blend_ps(_mm256_set1_ps(h2f(sr[g0])), _mm256_set1_ps(h2f(sr[g1])), 0xF0);
         tot[r][i] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, sv), tot[r][i]);
       }
     }
@@ -418,7 +431,7 @@ inline void q4_rows_i8(const ActChunks& a, int64_t m0, const uint8_t* w, int64_t
   for (int64_t g = 0; g < groups; g += 8) {
     const __m256i k = lanes8(groups, g);
     for (int r = 0; r < NR; ++r) {
-      const __m256 sz = _mm256_mul_ps(_mm256_maskload_ps(scale + r * groups + g, k), _mm256_maskload_ps(zero + r * groups + g, k));
+      const __m256 sz = _mm256_mul_ps(load8h(scale + r * groups + g, groups - g), load8h(zero + r * groups + g, groups - g));
       for (int i = 0; i < MT; ++i)
         tot[r][i] = _mm256_fnmadd_ps(sz, _mm256_maskload_ps(a.sum.data() + (m0 + i) * groups + g, k), tot[r][i]);
     }

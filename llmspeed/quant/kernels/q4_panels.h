@@ -72,7 +72,7 @@ inline PanelActs panel_acts(const float* x, int64_t M, int64_t K, int64_t Kp, in
 // Rows n0..n0+7 of packed int4 weights (row_bytes = Kp / 2 apart; rows from N on are zero) as a panel:
 // w4[t * 8 + j] = the 4 codes of row j at channels 4t..4t+3 (byte i: channel 4t + i), and their group
 // scales sv[g * 8 + j] and scale x zero szv[g * 8 + j].
-inline void pack_panel(const uint8_t* w, int64_t row_bytes, const float* scale, const float* zero, int64_t groups,
+inline void pack_panel(const uint8_t* w, int64_t row_bytes, const half_t* scale, const half_t* zero, int64_t groups,
                        int64_t n0, int64_t N, uint32_t* w4, float* sv, float* szv) {
   const int64_t steps = row_bytes / 2;  // 4 channels: 2 packed bytes (low nibble first)
   for (int64_t j = 0; j < PANEL_ROWS; ++j) {
@@ -88,8 +88,8 @@ inline void pack_panel(const uint8_t* w, int64_t row_bytes, const float* scale, 
       w4[t * PANEL_ROWS + j] = (b & 0xF) | ((b >> 4) & 0xF) << 8 | ((b >> 8) & 0xF) << 16 | ((b >> 12) & 0xF) << 24;
     }
     for (int64_t g = 0; g < groups; ++g) {
-      sv[g * PANEL_ROWS + j] = scale[n * groups + g];
-      szv[g * PANEL_ROWS + j] = scale[n * groups + g] * zero[n * groups + g];
+      sv[g * PANEL_ROWS + j] = h2f(scale[n * groups + g]);
+      szv[g * PANEL_ROWS + j] = h2f(scale[n * groups + g]) * h2f(zero[n * groups + g]);
     }
   }
 }
@@ -202,7 +202,7 @@ inline void panel_tile(const uint32_t* w4, int64_t wstride, const float* sv, con
 // y [M, N] = the int4 x int8 product above for x [M, K] fp32 and packed weights w [N, Kp / 2]: pairs of panels
 // split over torch's threads, each packed once into a per-thread buffer and run against every row of x.
 inline void q4_panel_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t Kp, int64_t G,
-                          const float* scale, const float* zero, float* y) {
+                          const half_t* scale, const half_t* zero, float* y) {
   const PanelActs a = panel_acts(x, M, K, Kp, G);
   const int64_t groups = Kp / G, wstride = Kp / 4 * PANEL_ROWS, sstride = groups * PANEL_ROWS;
   const int64_t pairs = (N + 2 * PANEL_ROWS - 1) / (2 * PANEL_ROWS);

@@ -22,6 +22,24 @@ static const float NF4[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
+// The 4-bit formats keep their group scales and zero points as IEEE fp16 (torch.float16); a kernel widens each
+// one where it reads it (exact: every fp16 value is an fp32 value), so results are those of fp32 copies.
+typedef uint16_t half_t;
+static inline float h2f(half_t h) {
+#if defined(__F16C__) && defined(__AVX2__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// The fp16 bits of a float16 tensor (scales, zeros) for the kernels above.
+static inline const half_t* half_data(const torch::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == torch::kHalf && t.is_contiguous(),
+              "4-bit scales and zeros must be contiguous float16; got ", t.scalar_type());
+  return reinterpret_cast<const half_t*>(t.data_ptr<at::Half>());
+}
+
 #ifdef __AVX2__
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -108,7 +126,7 @@ static torch::Tensor group_sums(const torch::Tensor& xd, int64_t G) {  // [M, Kp
 
 template <int MT, bool NF>
 static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G,
-                    const float* scale, const float* zero, const float* xsum, int64_t ldxs,
+                    const half_t* scale, const half_t* zero, const float* xsum, int64_t ldxs,
                     float* y, int64_t ldy) {
   const int64_t groups = Kp / G;
   float res[MT];
@@ -152,10 +170,10 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
       const __m512 w0 = NF ? _mm512_permutexvar_ps(c0, table) : _mm512_cvtepi32_ps(c0);
       for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * ldx + k), acc[i]);
     }
-    const __m512 sv = _mm512_set1_ps(scale[g]);
+    const __m512 sv = _mm512_set1_ps(h2f(scale[g]));
     for (int i = 0; i < MT; ++i) {
       tot[i] = _mm512_fmadd_ps(sv, _mm512_add_ps(acc[i], acc2[i]), tot[i]);
-      if (!NF) corr[i] += scale[g] * zero[g] * xsum[i * ldxs + g];
+      if (!NF) corr[i] += h2f(scale[g]) * h2f(zero[g]) * xsum[i * ldxs + g];
     }
   }
   for (int i = 0; i < MT; ++i) res[i] = _mm512_reduce_add_ps(tot[i]) - corr[i];
@@ -184,10 +202,10 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
         acc2[i] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x + i * ldx + k + 8), acc2[i]);
       }
     }
-    const __m256 sv = _mm256_set1_ps(scale[g]);
+    const __m256 sv = _mm256_set1_ps(h2f(scale[g]));
     for (int i = 0; i < MT; ++i) {
       tot[i] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[i], acc2[i]), tot[i]);
-      if (!NF) res[i] -= scale[g] * zero[g] * xsum[i * ldxs + g];
+      if (!NF) res[i] -= h2f(scale[g]) * h2f(zero[g]) * xsum[i * ldxs + g];
     }
   }
   for (int i = 0; i < MT; ++i) res[i] += hsum(tot[i]);
@@ -202,8 +220,8 @@ static void q4_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, i
         for (int i = 0; i < MT; ++i) acc[i] += wl * x[i * ldx + k + j] + wh * x[i * ldx + k + 8 + j];
       }
     for (int i = 0; i < MT; ++i) {
-      res[i] += scale[g] * acc[i];
-      if (!NF) res[i] -= scale[g] * zero[g] * xsum[i * ldxs + g];
+      res[i] += h2f(scale[g]) * acc[i];
+      if (!NF) res[i] -= h2f(scale[g]) * h2f(zero[g]) * xsum[i * ldxs + g];
     }
   }
 #endif
@@ -231,14 +249,14 @@ static inline __m512 q4_group_table(float s, float z) {
 // through its group's table (q4_group_table: no per-group scale or zero-point work after the multiply-adds), and
 // each row prefetches Q4_AHEAD bytes ahead once per 64-byte line. y[r] for r < NR.
 template <int NR, bool NF>
-static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G, const float* scale,
-                    const float* zero, float* y) {
+static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G, const half_t* scale,
+                    const half_t* zero, float* y) {
   const int64_t groups = Kp / G;
   __m512 acc[NR], acc2[NR];
   for (int r = 0; r < NR; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 tab[NR];
-    for (int r = 0; r < NR; ++r) tab[r] = q4_group_table<NF>(scale[r * groups + g], NF ? 0.f : zero[r * groups + g]);
+    for (int r = 0; r < NR; ++r) tab[r] = q4_group_table<NF>(h2f(scale[r * groups + g]), NF ? 0.f : h2f(zero[r * groups + g]));
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
       for (int r = 0; r < NR; ++r) {
@@ -258,13 +276,13 @@ static void q4_rows(const float* x, const uint8_t* w, int64_t ld, int64_t Kp, in
 // multiplied into the R rows (two FMA chains a row). No per-group work per row, which q4_tile<4> pays (its scale and
 // zero-point terms) and which outweighed the FMAs at 64-code groups. y[i * ldy] for i < R.
 template <int R, bool NF>
-static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G, const float* scale,
-                        const float* zero, float* y, int64_t ldy) {
+static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G, const half_t* scale,
+                        const half_t* zero, float* y, int64_t ldy) {
   const int64_t groups = Kp / G;
   __m512 acc[R], acc2[R];
   for (int i = 0; i < R; ++i) acc[i] = acc2[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512 tab = q4_group_table<NF>(scale[g], NF ? 0.f : zero[g]);
+    const __m512 tab = q4_group_table<NF>(h2f(scale[g]), NF ? 0.f : h2f(zero[g]));
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
       const __m512 w0 = _mm512_permutexvar_ps(b, tab), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
@@ -284,7 +302,7 @@ static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t K
 // through xsum), so y[r] for r < NR is bit for bit what NR calls of q4_tile<1> give.
 template <int NR, bool NF>
 static void q4_rows_avx2(const float* x, const float* xsum, const uint8_t* w, int64_t ld, int64_t Kp, int64_t G,
-                         const float* scale, const float* zero, float* y) {
+                         const half_t* scale, const half_t* zero, float* y) {
   const int64_t groups = Kp / G;
   const __m128i lowmask = _mm_set1_epi8(0x0F);
   const __m256 tab_lo = _mm256_loadu_ps(NF4), tab_hi = _mm256_loadu_ps(NF4 + 8);
@@ -309,9 +327,9 @@ static void q4_rows_avx2(const float* x, const float* xsum, const uint8_t* w, in
       }
     }
     for (int r = 0; r < NR; ++r) {
-      const float s = scale[r * groups + g];
+      const float s = h2f(scale[r * groups + g]);
       tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(acc[r], acc2[r]), tot[r]);
-      if (!NF) res[r] -= s * zero[r * groups + g] * xsum[g];
+      if (!NF) res[r] -= s * h2f(zero[r * groups + g]) * xsum[g];
     }
   }
   for (int r = 0; r < NR; ++r) y[r] = res[r] + hsum(tot[r]);
@@ -320,8 +338,8 @@ static void q4_rows_avx2(const float* x, const float* xsum, const uint8_t* w, in
 // The same with AVX2 over 16-code blocks (8 bytes: low nibbles against x's first 8, high against the next 8);
 // two FMA chains a row up to 4 rows, one from 8 (16 registers).
 template <int R, bool NF>
-static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G, const float* scale,
-                        const float* zero, float* y, int64_t ldy) {
+static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t Kp, int64_t G, const half_t* scale,
+                        const half_t* zero, float* y, int64_t ldy) {
   constexpr int C = R > 4 ? 1 : 2;
   const int64_t groups = Kp / G;
   const __m128i lowmask = _mm_set1_epi8(0x0F);
@@ -330,7 +348,7 @@ static void q4_dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t K
   for (int c = 0; c < C; ++c)
     for (int i = 0; i < R; ++i) acc[c][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sv = _mm256_set1_ps(scale[g]), zv = _mm256_set1_ps(NF ? 0.f : zero[g]);
+    const __m256 sv = _mm256_set1_ps(h2f(scale[g])), zv = _mm256_set1_ps(NF ? 0.f : h2f(zero[g]));
     for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
       const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2));
       const __m256i lo = _mm256_cvtepu8_epi32(_mm_and_si128(b, lowmask));
@@ -369,8 +387,8 @@ static inline bool q4_dot_layout(int64_t G) {
 // (q4_dot_rows; q4_tile<4> where its layout is not read), and a last single x row takes the block's four
 // weight rows at once (q4_rows) or one (q4_tile<1>).
 template <bool NF>
-static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint8_t* w, const float* scale,
-                         const float* zero, const float* bias, int64_t Kp, int64_t G, float* y, int64_t ldy,
+static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint8_t* w, const half_t* scale,
+                         const half_t* zero, const float* bias, int64_t Kp, int64_t G, float* y, int64_t ldy,
                          int64_t lo, int64_t hi) {
   const int64_t groups = Kp / G, M4 = M / 4 * 4, ld = Kp / 2;
   const bool dot = q4_dot_layout(G);
@@ -385,7 +403,7 @@ static void q4_row_range(const float* xd, const float* xs, int64_t M, const uint
     const int64_t n1 = std::min(hi, n0 + NB);
     int64_t m = 0;
     for (int64_t n = n0; n < n1; ++n) {
-      const float *sr = scale + n * groups, *zr = NF ? nullptr : zero + n * groups;
+      const half_t *sr = scale + n * groups, *zr = NF ? nullptr : zero + n * groups;
       m = 0;
 #if defined(__AVX2__)
       if (dot) {

@@ -78,11 +78,11 @@ def _kernel() -> Any:
             else:  # groups that straddle tiles: a scale (and zero) per byte
                 at = rows[:, None] * GROUPS + (2 * j[None, :]) // GROUP  # both nibbles share a group (GROUP even)
                 at_ok = ok
-            s = tl.load(s_ptr + at, mask=at_ok, other=0.0)
+            s = tl.load(s_ptr + at, mask=at_ok, other=0.0).to(tl.float32)  # int4: fp16
             if GPT > 0:
                 s = tl.reshape(s, (BLOCK_N, GPT, 1))
             if FMT == 1:
-                z = tl.load(z_ptr + at, mask=at_ok, other=0.0)
+                z = tl.load(z_ptr + at, mask=at_ok, other=0.0).to(tl.float32)
                 if GPT > 0:
                     z = tl.reshape(z, (BLOCK_N, GPT, 1))
                 w_lo = (lo.to(tl.float32) - z) * s

@@ -93,9 +93,9 @@ def _jit() -> Any:
                 lo = b & 15
                 hi = (b >> 4) & 15
                 g = k0 // GROUP
-                s = tl.load(s_ptr + rows * GROUPS + g, mask=row_ok, other=0.0)  # [BLOCK_N]
+                s = tl.load(s_ptr + rows * GROUPS + g, mask=row_ok, other=0.0).to(tl.float32)  # [BLOCK_N] (int4: fp16)
                 if FMT == 1:
-                    z = tl.load(z_ptr + rows * GROUPS + g, mask=row_ok, other=0.0)
+                    z = tl.load(z_ptr + rows * GROUPS + g, mask=row_ok, other=0.0).to(tl.float32)
                     part = tl.sum(lo.to(tl.float32) * x_even[None, :] + hi.to(tl.float32) * x_odd[None, :], axis=1)
                     xsum = tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0)
                     acc += s * (part - z * xsum)

@@ -58,7 +58,7 @@ def hqq_int4(
     big = torch.finfo(torch.float32).max
     lo = torch.where(mask, Wg, big).amin(-1)  # [out, groups]
     hi = torch.where(mask, Wg, -big).amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-8)  # [out, groups]
+    scale = P.group_scales_grid(((hi - lo) / 15).clamp_min(1e-8))  # [out, groups], on the stored fp16 grid
     zero = -lo / scale  # fractional, code domain
     s, mf = scale[..., None], mask.float()
 
@@ -78,6 +78,7 @@ def hqq_int4(
         better = err < best_err
         best_zero = torch.where(better, zero, best_zero)
         best_err = torch.where(better, err, best_err)
+    best_zero = P.fp16_grid(best_zero)  # as Int4Linear stores it: the codes below are nearest for it
     codes = codes_for(best_zero).to(torch.uint8).reshape(out_f, in_pad)
     return codes, scale, best_zero
 

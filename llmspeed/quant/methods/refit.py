@@ -98,6 +98,7 @@ def refit_scales(
         M = torch.einsum("rgi,rgih->rgh", pc, y.view(-1, n, G, n))  # [R, n, n]
         reg = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [R]: singular groups (all zero)
         x = torch.linalg.solve(M + reg[:, None, None] * eye, b[rows] + reg[:, None] * s0[rows])  # [R, n]
+        x = x if fmt == "int8" else P.fp16_grid(x)  # 4-bit scales are stored in fp16
         lower = _row_error(x, M, b[rows], c[rows]) < _row_error(s0[rows], M, b[rows], c[rows])  # [R]
         keep = (x > 0).all(-1) & lower
         new[rows] = torch.where(keep[:, None], x, s0[rows])
