@@ -43,6 +43,9 @@ class _QuantMatmul(torch.autograd.Function):
         return grad @ w, None
 
 
+_STATE = ("scales", "zeros", "scales_scale", "scales_offset")  # float buffers whose dtype the kernels fix
+
+
 class QuantizedLinearBase(nn.Module):
     """Shared plumbing of the quantized linears: bias, kernel choice and caching, autograd, repr."""
 
@@ -167,8 +170,17 @@ class QuantizedLinearBase(nn.Module):
         return state
 
     def _apply(self, fn, recurse=True):
+        # .to(device) moves every buffer, but .to(dtype) / .half() / .bfloat16() leave the quantization state
+        # in the dtype its kernels read (fp16 4-bit scales, fp32 int8 scales): only the bias follows the cast
         self._kernels, self._kernel_state = {}, {}
-        return super()._apply(fn, recurse)
+        state = {id(b) for n, b in self._buffers.items() if n in _STATE and b is not None and b.is_floating_point()}
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in state:
+                return fn(t)
+            return t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)  # fn's device, t's dtype
+
+        return super()._apply(keep_dtype, recurse)
 
     def __getstate__(self):
         # bound kernels close over this module's tensors: never carry them into a copy or a pickle

@@ -229,3 +229,19 @@ def test_cpp_4bit_kernels_refuse_fp32_scales_by_name():
     with pytest.raises(RuntimeError, match="4-bit scales and zeros must be contiguous float16; got Float"):
         cpp.extension().int4_matmul(x, m.qweight, m.scales.float(), m.zeros.float(), 32)
     assert torch.equal(cpp.extension().int4_matmul(x, m.qweight, m.scales, m.zeros, 32), cpp.fused_cpu(m, x))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_dtype_casts_leave_the_quantization_state_alone(config):
+    """Regression: ``model.to(torch.bfloat16)`` (or ``.half()``) cast the scales too, and the kernels then refused
+    them (int8: "scales must be contiguous fp32") or, for 4-bit, lost fp16's bits. Only the bias follows a cast."""
+    m = module_class(config.format).from_linear(_linear(), config)
+    before = {n: b.clone() for n, b in m.named_buffers()}
+    x = torch.randn(3, 100).to(torch.bfloat16)
+    ref = m(x)
+    for cast in (lambda mod: mod.to(torch.bfloat16), lambda mod: mod.half(), lambda mod: mod.float()):
+        cast(m)
+        assert all(b.dtype == before[n].dtype and torch.equal(b, before[n]) for n, b in m.named_buffers())
+    m.to(torch.bfloat16)
+    assert m.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(m(x), ref, rtol=0.02, atol=0.02)  # only the bias was rounded to bf16
