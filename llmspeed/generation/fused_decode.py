@@ -202,6 +202,8 @@ def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
         return q, module.scales, None
     if fmt == "int4":
         return q, module.scales.contiguous(), module.zeros.contiguous()
+    if not module.config.double_quant:  # NF4: its own fp16 scales, no copy
+        return q, module.scales, None
     return q, module.group_scales().half().contiguous(), None  # fp16 values already: exact
 
 
