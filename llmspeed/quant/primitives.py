@@ -181,7 +181,8 @@ def double_quantize(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def double_dequantize(q: torch.Tensor, block_scale: torch.Tensor, offset: torch.Tensor, first: int = 0) -> torch.Tensor:
     """The scales (shape of ``q``, fp32 holding fp16 values) from :func:`double_quantize` output.
 
-    Rounded to fp16 like stored 4-bit scales, so the kernels' fp16 copy of them is exact. ``q`` may be a contiguous run of the quantized scales whose first element has flat index ``first``
+    Rounded to fp16 like stored 4-bit scales, so the kernels' fp16 copy of them is exact. ``q`` may be a
+    contiguous run of the quantized scales whose first element has flat index ``first``
     (a block of rows), so that each scale meets its own block's ``block_scale``.
     """
     flat = q.reshape(-1).float()  # [n]

@@ -58,7 +58,7 @@ def hqq_int4(
     big = torch.finfo(torch.float32).max
     lo = torch.where(mask, Wg, big).amin(-1)  # [out, groups]
     hi = torch.where(mask, Wg, -big).amax(-1)
-    scale = P.group_scales_grid(((hi - lo) / 15).clamp_min(1e-8))  # [out, groups], on the stored fp16 grid
+    scale = P.group_scales_grid((hi - lo) / 15)  # [out, groups], positive, on the stored fp16 grid
     zero = -lo / scale  # fractional, code domain
     s, mf = scale[..., None], mask.float()
 
