@@ -98,7 +98,7 @@ def configurations(
     """
     rows: list[Config] = [("fp32", None, "-", "-", "-")]
     for g in (64,) if quick else groups:
-        rows += [("int4", g, m, "-", "-") for m in ("rtn", "hqq", "mse")]
+        rows += [("int4", g, m, "-", "-") for m in ("rtn", "hqq")]
         rows += [("int4", g, m, "mix", "-") for m in CALIBRATED]
         rows += [("int4", g, "rtn", "-", "int8 activations")]
         rows += [("int4", g, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
@@ -205,7 +205,7 @@ def _with_changes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         new["baseline"] = "fp32 (same run)"
         out.append(new)
     fmt_order = ["fp32", "int4", "nf4", "int8"]
-    method_order = ["-", "rtn", "hqq", "mse", "gptq", "awq", "awq+gptq"]
+    method_order = ["-", "rtn", "hqq", "gptq", "awq", "awq+gptq"]
     return sorted(
         out,
         key=lambda r: (

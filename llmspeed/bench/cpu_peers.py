@@ -52,7 +52,6 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     "int8, int8 activations, int8 lm_head": "int8", "int4, int8 activations, int8 lm_head": "int4",
     "int4, awq+gptq, int8 activations, int8 lm_head": "int4",
     "int4, g32": "int4",  # Q4_0's block size, at 5 bits a weight (fp16 scales and zeros) against its 4.5
-    "int4, mse": "int4",  # group 64 with least-squares ranges (method="mse"): data-free, Q4_0's bytes or fewer
     "int4, awq+gptq, int8 activations, int4 lm_head": "int4",
     # llama.cpp caches keys and values in fp16 by default (type_k / type_v f16): the same cache on our side
     "fp32, fp16 kv cache": "fp32", "int8, int8 activations, int8 lm_head, fp16 kv cache": "int8",
@@ -461,7 +460,7 @@ def _llmspeed_model(fmt: str):
         picked = [heads[o] for o in options if o in heads]
         head: dict[str, Any] = {"lm_head": picked[0]} if picked else {}
         acts = "int8" if "int8 activations" in options else "float"
-        method = next((m for m in ("awq+gptq", "mse") if m in options), "rtn")  # awq+gptq: its default calibration text
+        method = "awq+gptq" if "awq+gptq" in options else "rtn"  # its default calibration text
         group = (32 if "g32" in options else 64) if base == "int4" else None
         quantize(model, base, group_size=group, method=method, activations=acts, **head)
     return model

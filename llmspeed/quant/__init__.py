@@ -5,7 +5,7 @@ Layers, bottom up (each imports only those below it; a test checks the import gr
 * :mod:`~llmspeed.quant.config` (plain data), :mod:`~llmspeed.quant.layout` (a packed weight's
   geometry), :mod:`~llmspeed.quant.primitives` (pure functions; the layouts are documented there and
   in docs/quantization.md);
-* :mod:`~llmspeed.quant.methods` (the method registry and the per-weight methods ``"rtn"``, ``"hqq"``, ``"mse"``)
+* :mod:`~llmspeed.quant.methods` (the method registry and the per-weight methods ``"rtn"``, ``"hqq"``)
   and :mod:`~llmspeed.quant.kernels` (matmul paths and ``kernel="auto"``, typed against the protocol);
 * :mod:`~llmspeed.quant.modules` (``Int8Linear``, ``Int4Linear``, ``NF4Linear``);
 * :mod:`~llmspeed.quant.calibration` and the model-level methods ``"gptq"``, ``"awq"`` and

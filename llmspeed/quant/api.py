@@ -168,7 +168,7 @@ def quantize(
         group_size: Input channels per scale; default 64 for int4/nf4, per channel (``None``) for int8.
         skip: Qualified names or ``fnmatch`` patterns left in float (default: none; the output head follows
             ``lm_head`` unless listed here). Embeddings are never linear positions.
-        method: ``"rtn"``, the data-free ``"hqq"`` and ``"mse"`` (int4; fractional zero points) or a calibrated method (``"gptq"``, ``"awq"``, ``"awq+gptq"``; the
+        method: ``"rtn"``, ``"hqq"`` or a calibrated method (``"gptq"``, ``"awq"``, ``"awq+gptq"``; the
             registry, :data:`llmspeed.quant.METHODS`, lists them; docs/calibration.md compares them).
         kernel: ``"auto"`` or a kernel name from :func:`llmspeed.kernels` available on the model's device.
         double_quant: NF4 only: 8-bit quantization of the scales.

@@ -11,7 +11,7 @@ def test_full_run_measures_every_method_the_issue_names():
     assert rows[0] == ("int4", 64, "awq+gptq", "mix", "-")  # the headline first
     have = {(f, g, m) for f, g, m, _, _ in rows}
     for g in (64, 128):
-        assert {("int4", g, m) for m in ("rtn", "hqq", "mse", "gptq", "awq", "awq+gptq")} <= have
+        assert {("int4", g, m) for m in ("rtn", "hqq", "gptq", "awq", "awq+gptq")} <= have
     assert {("nf4", 64, m) for m in ("rtn", "gptq", "awq", "awq+gptq")} <= have
     assert ("fp32", None, "-") in have
     assert set(C.UNSEEN) < set(C.DOMAINS) and "pydoc" not in C.UNSEEN

@@ -26,7 +26,7 @@ arguments (``method_options``). Methods with ``needs_calibration=True`` get a ``
 
 from __future__ import annotations
 
-from . import hqq, mse, rtn  # noqa: F401  (register the per-weight methods "rtn", "hqq" and "mse")
+from . import hqq, rtn  # noqa: F401  (register the per-weight methods "rtn" and "hqq")
 from .registry import METHODS, Method, QuantizedWeight, get_method, register_method
 
 # "gptq", "awq" and "awq+gptq" need the quantized modules and the calibration machinery, which sit above
