@@ -591,9 +591,14 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "fused decode: ", name, " must be contiguous fp32");
 }
 
-// One matrix's LoRA stacks and the output its deltas go to. A [S, R, K], B [S, R, N] (stored transposed, the
-// adapter's scale folded in; zero-padded to the largest rank R; zeros for an adapter that does not touch this
-// matrix), both fp32 or both fp16 (widened in registers). Empty A: no adapter touches the matrix.
+// Outputs per block of a B stack (fused_lora.LORA_BLOCK): one AVX-512 register, two AVX2 ones.
+constexpr int64_t LORA_BLOCK = 16;
+
+// One matrix's LoRA stacks and the output its deltas go to. A [S, R, K]; B [S, NB, R, 16]: for each block of 16
+// outputs (NB = ceil(N / 16), the last zero-padded) the R ranks' 16 values in a row, so a row's delta reads B
+// front to back once. The adapter's scale is folded into B; ranks are zero-padded to the largest R; zeros for an
+// adapter that does not touch this matrix. Both fp32 or both fp16 (widened in registers). Empty A: no adapter
+// touches the matrix.
 struct LoraTerm {
   const at::Tensor& A;
   const at::Tensor& B;
@@ -601,20 +606,54 @@ struct LoraTerm {
   int64_t N;
 };
 
+// y[n0 + j] += sum_r t[r] * blk[r * 16 + j] for the j < count (at most 16) outputs of one block of B
+template <typename V>
+inline void lora_block(const float* t, const V* blk, int64_t R, float* y, int64_t count) {
+  float acc[LORA_BLOCK];
+#if defined(__AVX512F__)
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t r = 0; r < R; ++r) a = _mm512_fmadd_ps(_mm512_set1_ps(t[r]), load16(blk + r * LORA_BLOCK), a);
+  if (count == LORA_BLOCK) {
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), a));
+    return;
+  }
+  _mm512_storeu_ps(acc, a);
+#elif defined(__AVX2__)
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (int64_t r = 0; r < R; ++r) {
+    const __m256 tr = _mm256_set1_ps(t[r]);
+    lo = _mm256_fmadd_ps(tr, load8(blk + r * LORA_BLOCK), lo);
+    hi = _mm256_fmadd_ps(tr, load8(blk + r * LORA_BLOCK + 8), hi);
+  }
+  if (count == LORA_BLOCK) {
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), lo));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_loadu_ps(y + 8), hi));
+    return;
+  }
+  _mm256_storeu_ps(acc, lo);
+  _mm256_storeu_ps(acc + 8, hi);
+#else
+  for (int64_t j = 0; j < LORA_BLOCK; ++j) acc[j] = 0.f;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < LORA_BLOCK; ++j) acc[j] += t[r] * to_float(blk[r * LORA_BLOCK + j]);
+#endif
+  for (int64_t j = 0; j < count; ++j) y[j] += acc[j];
+}
+
 // The LoRA deltas of the matrices that read the same input x [M, K] (q/k/v, gate/up, or one matrix), each row with
-// its own adapter: y[i, :] += B[s]^T (A[s] x[i, :]) for s = slot[i] >= 0. Two parallel regions for the whole
-// group (the rank projections, then the output rows), each inline when its work is small: at batch 1 the
-// regions' start-up would cost more than the deltas.
+// its own adapter: y[i, :] += B[s]^T (A[s] x[i, :]) for s = slot[i] >= 0. Two parallel loops for the whole group
+// (the rank projections, then the output blocks): on the step's team where it holds one, else each its own
+// region, inline when its work is small (at batch 1 a region's start-up would cost more than the deltas).
 void lora_add(const float* x, int64_t M, int64_t K, std::initializer_list<LoraTerm> group, const int64_t* slot) {
   struct Term {
     const void* a;
     const void* b;
     bool half;
-    int64_t R, N, t0, c0;  // rank, outputs, offset in t, first column chunk
+    int64_t R, N, t0, c0;  // rank, outputs, offset in t, first output block
     float* y;
   };
   std::vector<Term> terms;
-  int64_t adapted = 0, ts = 0, chunks = 0, work = 0;
+  int64_t adapted = 0, ts = 0, blocks = 0, work = 0;
   for (int64_t i = 0; i < M; ++i) adapted += slot[i] >= 0;
   if (adapted == 0) return;
   for (const LoraTerm& g : group) {
@@ -623,24 +662,24 @@ void lora_add(const float* x, int64_t M, int64_t K, std::initializer_list<LoraTe
     TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf) && g.B.scalar_type() == dtype && g.A.is_contiguous() &&
                     g.B.is_contiguous(),
                 "fused decode: LoRA stacks must be contiguous, both fp32 or both fp16");
-    const int64_t S = g.A.size(0), R = g.A.size(1);
-    TORCH_CHECK(g.A.dim() == 3 && g.A.size(2) == K && g.B.dim() == 3 && g.B.size(0) == S && g.B.size(1) == R &&
-                    g.B.size(2) == g.N,
-                "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, R, ", g.N, "]");
+    const int64_t S = g.A.size(0), R = g.A.size(1), NB = (g.N + LORA_BLOCK - 1) / LORA_BLOCK;
+    TORCH_CHECK(g.A.dim() == 3 && g.A.size(2) == K && g.B.dim() == 4 && g.B.size(0) == S && g.B.size(1) == NB &&
+                    g.B.size(2) == R && g.B.size(3) == LORA_BLOCK,
+                "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, ", NB, ", R, ", LORA_BLOCK, "]");
     for (int64_t i = 0; i < M; ++i) TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
-    terms.push_back({g.A.data_ptr(), g.B.data_ptr(), dtype == at::kHalf, R, g.N, ts, chunks, g.y});
+    terms.push_back({g.A.data_ptr(), g.B.data_ptr(), dtype == at::kHalf, R, g.N, ts, blocks, g.y});
     ts += M * R;
-    chunks += (g.N + 63) / 64;
-    work = std::max(work, 64 * R * adapted);
+    blocks += NB;
+    work = std::max(work, LORA_BLOCK * R * adapted);
   }
   if (terms.empty()) return;
-  auto term_of = [&](int64_t j, bool by_chunk) {  // the term that owns rank product j, or column chunk j
+  auto term_of = [&](int64_t j, bool by_block) {  // the term that owns rank product j, or output block j
     size_t g = 0;
-    while (g + 1 < terms.size() && (by_chunk ? terms[g + 1].c0 : terms[g + 1].t0) <= j) ++g;
+    while (g + 1 < terms.size() && (by_block ? terms[g + 1].c0 : terms[g + 1].t0) <= j) ++g;
     return g;
   };
   std::vector<float> t(ts);  // t[t0 + i * R + r] = A[slot[i], r] x[i], for the rows that have an adapter
-  at::parallel_for(0, ts, std::max<int64_t>(1, 32768 / K), [&](int64_t lo, int64_t hi) {  // ~32k multiply-adds
+  llmspeed_team::team_for(ts, std::max<int64_t>(1, 32768 / K), [&](int64_t lo, int64_t hi) {  // ~32k multiply-adds
     for (int64_t j = lo; j < hi; ++j) {
       const Term& g = terms[term_of(j, false)];
       const int64_t i = (j - g.t0) / g.R, r = (j - g.t0) % g.R;
@@ -650,21 +689,19 @@ void lora_add(const float* x, int64_t M, int64_t K, std::initializer_list<LoraTe
                     : dot(x + i * K, static_cast<const float*>(g.a) + off, K, false);
     }
   });
-  // 64-column chunks of every term's output: each rank adds t[i, r] B[s, r, cols] to row i's columns as one
-  // contiguous multiply-add (rows sharing an adapter re-read its B range from cache)
-  at::parallel_for(0, chunks, std::max<int64_t>(1, 32768 / work), [&](int64_t lo, int64_t hi) {
+  // each block of 16 outputs of every term: per adapted row, the R ranks' values of the block (rows sharing an
+  // adapter re-read it from cache) summed in registers, then added to the row's outputs once
+  llmspeed_team::team_for(blocks, std::max<int64_t>(1, 32768 / work), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Term& g = terms[term_of(c, true)];
-      const int64_t from = (c - g.c0) * 64, to = std::min(g.N, from + 64);
+      const int64_t nb = c - g.c0, from = nb * LORA_BLOCK, count = std::min(g.N - from, LORA_BLOCK);
+      const int64_t NB = (g.N + LORA_BLOCK - 1) / LORA_BLOCK;
       for (int64_t i = 0; i < M; ++i) {
         if (slot[i] < 0) continue;
-        float* y = g.y + i * g.N + from;
         const float* ti = t.data() + g.t0 + i * g.R;
-        const int64_t off = slot[i] * g.R * g.N + from;
-        for (int64_t r = 0; r < g.R; ++r) {
-          if (g.half) axpy(ti[r], static_cast<const f16*>(g.b) + off + r * g.N, y, to - from);
-          else axpy(ti[r], static_cast<const float*>(g.b) + off + r * g.N, y, to - from);
-        }
+        const int64_t off = (slot[i] * NB + nb) * g.R * LORA_BLOCK;
+        if (g.half) lora_block(ti, static_cast<const f16*>(g.b) + off, g.R, g.y + i * g.N + from, count);
+        else lora_block(ti, static_cast<const float*>(g.b) + off, g.R, g.y + i * g.N + from, count);
       }
     }
   });
@@ -685,8 +722,9 @@ namespace {
 // convert a list of some 900 Python tensors into C++ on every call, with the data pointers and dtypes of
 // the model tensors they were read from: a moved or cast parameter shows up as a changed pointer or dtype.
 struct Held {
-  std::vector<at::Tensor> weights, lm_head, lora, sources;
+  std::vector<at::Tensor> weights, lm_head, lora, sources, versioned;
   std::vector<std::pair<const void*, at::ScalarType>> layout;  // of sources, when held
+  std::vector<int64_t> versions;  // of versioned, when held
 };
 
 std::mutex held_mutex;
@@ -703,11 +741,14 @@ std::shared_ptr<const Held> held(int64_t handle) {
 }  // namespace
 
 // Hold a snapshot's tensors (weights: PER_LAYER per layer; lm_head: weight, scale, zero; lora: empty or 14
-// per layer; sources: the model tensors to watch); returns the handle decode_step takes.
+// per layer; sources: the model tensors to watch; versioned: the tensors the lora stacks were copied from, whose
+// in-place changes must be seen); returns the handle decode_step takes.
 int64_t hold(std::vector<at::Tensor> weights, std::vector<at::Tensor> lm_head, std::vector<at::Tensor> lora,
-             std::vector<at::Tensor> sources) {
+             std::vector<at::Tensor> sources, std::vector<at::Tensor> versioned) {
   auto set = std::make_shared<Held>();
   for (const auto& t : sources) set->layout.emplace_back(t.const_data_ptr(), t.scalar_type());
+  for (const auto& t : versioned) set->versions.push_back(t._version());
+  set->versioned = std::move(versioned);
   set->weights = std::move(weights);
   set->lm_head = std::move(lm_head);
   set->lora = std::move(lora);
@@ -723,7 +764,9 @@ void release(int64_t handle) {
   held_sets.erase(handle);
 }
 
-// Whether every watched model tensor still has the data pointer and dtype it had when held.
+// Whether every watched model tensor still has the data pointer and dtype it had when held, and every versioned
+// tensor its version (a few hundred LoRA tensors: read here in one loop, where the CPU overlaps their cache
+// misses, instead of one Python attribute read each after the step's weights have pushed them out of the cache).
 bool held_current(int64_t handle) {
   const auto set = held(handle);
   // const_data_ptr(): the pointer without data_ptr()'s mutable-access path (its copy-on-write checks); this runs
@@ -732,7 +775,9 @@ bool held_current(int64_t handle) {
     const at::Tensor& t = set->sources[i];
     if (t.const_data_ptr() != set->layout[i].first || t.scalar_type() != set->layout[i].second) return false;
   }
-  return true;
+  bool same = true;
+  for (size_t i = 0; i < set->versioned.size(); ++i) same &= set->versioned[i]._version() == set->versions[i];
+  return same;
 }
 
 // hidden [n, E] fp32 embeddings -> logits [r, V] fp32 of the rows in logit_rows (int64 [r], increasing; empty:
@@ -856,8 +901,8 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
     gemv_group(x.data(), r, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
                                        int8_acts && int8_acts[layers * 7])}, amx_rows);
   };
-  // steps of a few rows without adapters or tiles keep their threads for the whole step (step_team.h)
-  const bool team = llmspeed_team::available() && g_step_team && n < TEAM_ROWS && !has_lora &&
+  // steps of a few rows without tiles keep their threads for the whole step (step_team.h); lora_add shares them
+  const bool team = llmspeed_team::available() && g_step_team && n < TEAM_ROWS &&
                     at::get_num_threads() > 1 && !(amx_rows > 0 && n >= amx_rows && llmspeed_amx::usable());
   if (team) {
     llmspeed_team::Team::lead(at::get_num_threads(), run);

@@ -321,7 +321,9 @@ class _Snapshot:
     Checking a model from scratch (:func:`unsupported`) and gathering its tensors costs several times
     more than re-validating a snapshot: every module is still the same object at the same place, every
     tensor read still has the same storage and dtype (``nn.Module.to`` and :func:`llmspeed.cast` change a
-    parameter's data in place), and every LoRA adapter has the same names, scales and tensor versions.
+    parameter's data in place), no LoRA wrapper anywhere has changed its adapters, scales or flags (one process-wide
+    count, :func:`.fused_lora.state_changes`), and every adapter tensor has the version it was stacked at (checked
+    in the extension with the pointers).
 
     The modules are checked in place (each parent's ``_modules[name]`` is still the child read, the
     decoder layers' list included) only when a module was assigned somewhere in the process since the
@@ -390,7 +392,7 @@ class _Snapshot:
         self._parents = list({id(d): d for d in self._dicts}.values())
         self._sizes = list(map(len, self._parents))
         self.ext = ext
-        self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources)
+        self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources, self.lora_weights)
         weakref.finalize(self, ext.release, self.handle)
 
     def _stack_adapters(self, body: Any) -> None:
@@ -408,8 +410,8 @@ class _Snapshot:
         if self.slots:
             for m in matrices:
                 self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
-        self.lora_state = [fused_lora.state(m) for m in self.wrappers]
-        self.lora_weights = [(t, t._version) for m in self.wrappers for t in fused_lora.weights(m)]
+        self.lora_changes = fused_lora.state_changes()
+        self.lora_weights = [t for m in self.wrappers for t in fused_lora.weights(m)]  # versions checked in C++
 
     def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         parts = _parts(module)  # unsupported() ran first: the module is fusable
@@ -423,11 +425,8 @@ class _Snapshot:
             if list(map(dict.get, self._dicts, self._names)) != self._children:
                 return False
             self.assigned, self._sizes = _ASSIGNED[0], list(map(len, self._parents))
-        return (
-            self.ext.held_current(self.handle)  # every source's data pointer and dtype
-            and all(fused_lora.state(m) == s for m, s in zip(self.wrappers, self.lora_state))
-            and all(t._version == v for t, v in self.lora_weights)  # adapters trained in place restack
-        )
+        # every source's data pointer and dtype, and every adapter tensor's version (trained in place: restack)
+        return fused_lora.state_changes() == self.lora_changes and self.ext.held_current(self.handle)
 
     def adapter_slots(self, names: list[str | None]) -> torch.Tensor:  # [n] int64
         """Each row's stack slot (``-1``: none); ``names`` as resolved by :meth:`FusedDecode.run`."""

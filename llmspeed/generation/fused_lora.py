@@ -2,7 +2,8 @@
 
 A LoRA-wrapped projection (``llmspeed.lora.LoraLinear``, recognised by its ``base_layer`` and
 ``lora_A``/``lora_B``) joins the fused step when its adapters are unmerged and its dropout cannot
-fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, R, out]`` (B transposed),
+fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, NB, R, 16]`` (B transposed, in
+blocks of 16 outputs: :func:`stacks`),
 one slot per adapter name on the model (sorted), zero-padded to the largest rank and with the adapter's
 scale folded into ``B``; an adapter that does not touch a projection is zeros there. The C++ step then
 adds ``B[s] (A[s] x)`` to each row's projection output for the slot ``s`` of that row's adapter
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..lora.layer import STATE_CHANGES
+
 
 def is_lora(module: Any) -> bool:
     """Whether ``module`` is a LoRA wrapper (``base_layer`` plus ``lora_A``/``lora_B`` dicts)."""
@@ -31,7 +34,7 @@ def is_lora(module: Any) -> bool:
 def unfusable_reason(module: Any) -> str | None:
     """Why the fused step cannot apply this LoRA wrapper's adapters, or ``None`` when it can."""
     if module.merged:
-        return f"adapters {module.merged} are merged into the base"
+        return f"adapters {list(module.merged)} are merged into the base"
     if module.disabled:
         return "its adapters are disabled"
     for name, dropout in module.lora_dropout.items():
@@ -40,15 +43,10 @@ def unfusable_reason(module: Any) -> str | None:
     return None
 
 
-def state(module: Any) -> tuple:
-    """What the stacks of this wrapper depend on besides tensor contents (names, scales, active, flags).
-
-    Read straight from the module's ``__dict__``: the fused step checks it for every wrapper at every
-    step, and ``nn.Module.__getattr__`` would cost several microseconds a lookup.
-    """
-    d = module.__dict__
-    return (tuple(d["_modules"]["lora_A"]._modules), tuple(d["scaling"].values()), d["active"], d["disabled"],
-            tuple(d["merged"]), d["training"])  # fmt: skip
+def state_changes() -> int:
+    """Changes to any LoRA wrapper's adapters, scales or flags so far in this process
+    (:data:`llmspeed.lora.layer.STATE_CHANGES`): what the stacks depend on besides tensor contents."""
+    return STATE_CHANGES[0]
 
 
 def weights(module: Any) -> list[torch.Tensor]:
@@ -57,27 +55,31 @@ def weights(module: Any) -> list[torch.Tensor]:
 
 
 LORA_DTYPES = (torch.float16, torch.float32)
+LORA_BLOCK = 16  # outputs per block of a B stack (decode_cpu.cpp's LORA_BLOCK)
 
 
 def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [S, R, in], B [S, R, out])`` for ``slots`` (adapter names); empty tensors if none applies.
+    """``(A [S, R, in], B [S, NB, R, 16])`` for ``slots`` (adapter names); empty tensors if none applies.
 
-    ``B`` is stored transposed so that the step adds each rank's contribution to a whole output row as one
-    contiguous multiply-add (no horizontal sum per output element). ``dtype``: one of :data:`LORA_DTYPES`;
-    fp16 stacks whose values would overflow it are returned in fp32.
+    ``B`` holds ``B^T`` (scale folded in) in blocks of :data:`LORA_BLOCK` outputs (``NB = ceil(out / 16)``, the
+    last zero-padded), each block's R ranks one after another, so that the step reads a row's delta front to
+    back and sums the ranks of 16 outputs in registers. ``dtype``: one of :data:`LORA_DTYPES`; fp16 stacks whose
+    values would overflow it are returned in fp32.
     """
     present = [n for n in slots if n in module.lora_A]
     if not present:
         return torch.empty(0), torch.empty(0)
     rank = max(module.rank(n) for n in present)
+    blocks = -(-module.out_features // LORA_BLOCK)
     a = torch.zeros(len(slots), rank, module.in_features)  # [S, R, in]
-    b = torch.zeros(len(slots), rank, module.out_features)  # [S, R, out]
+    bt = torch.zeros(len(slots), rank, blocks * LORA_BLOCK)  # [S, R, out padded]
     with torch.no_grad():
         for s, name in enumerate(slots):
             if name in module.lora_A:
                 r = module.rank(name)
                 a[s, :r] = module.weight_a(name).float()  # [r, in]
-                b[s, :r] = module.weight_b(name).float().T * module.scaling[name]  # [r, out]
+                bt[s, :r, : module.out_features] = module.weight_b(name).float().T * module.scaling[name]  # [r, out]
+    b = bt.view(len(slots), rank, blocks, LORA_BLOCK).transpose(1, 2).contiguous()  # [S, NB, R, 16]
     limit = torch.finfo(dtype).max
     if dtype != torch.float32 and max(a.abs().max(), b.abs().max()) <= limit:
         return a.to(dtype), b.to(dtype)

@@ -21,6 +21,46 @@ from .routing import Routing, routed_delta
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
+# Changes to any LoraLinear's adapters, scales or flags in this process (names, ``scaling``, ``active``,
+# ``disabled``, ``merged``, ``training``): caches of a wrapper's state (the fused decode step's adapter stacks)
+# compare one number instead of reading every wrapper. Changes of the adapter tensors' values are not counted:
+# their ``_version`` is.
+STATE_CHANGES = [0]
+_WATCHED = frozenset({"active", "disabled", "merged", "training", "scaling"})
+
+
+class _Scales(dict):
+    """``LoraLinear.scaling``: a dict that counts every change of its items in :data:`STATE_CHANGES`."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        STATE_CHANGES[0] += 1
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        STATE_CHANGES[0] += 1
+
+    def __ior__(self, other):
+        STATE_CHANGES[0] += 1
+        return super().__ior__(other)
+
+    def _counted(name: str):  # type: ignore[misc]  # a dict method that also counts a change
+        method = getattr(dict, name)
+
+        def counted(self, *args, **kwargs):
+            STATE_CHANGES[0] += 1
+            return method(self, *args, **kwargs)
+
+        counted.__name__ = name
+        return counted
+
+    pop = _counted("pop")
+    popitem = _counted("popitem")
+    clear = _counted("clear")
+    update = _counted("update")
+    setdefault = _counted("setdefault")
+    del _counted
+
 
 def check_adapter_name(name: object) -> str:
     """Return ``name`` if it can name an adapter (a ModuleDict key), else raise ``ValueError``."""
@@ -49,7 +89,7 @@ class LoraLinear(nn.Module):
         scaling: Adapter name -> scale (``alpha / r`` or ``alpha / sqrt(r)``).
         active: Name of the adapter applied in forward, or ``None``.
         disabled: When true, forward is the base alone.
-        merged: Names of adapters folded into the base weight, in merge order.
+        merged: Names of adapters folded into the base weight, in merge order (a tuple: assign a new one).
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -71,9 +111,18 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.disabled = False
-        self.merged: list[str] = []
+        self.merged: tuple[str, ...] = ()
         self.routing: Routing | None = None  # set by llmspeed.lora.per_token_adapters / per_row_adapters
         self.premerge: dict[str, nn.Module] = {}  # base replaced by a merge, restored by unmerge
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _WATCHED:  # count the change (STATE_CHANGES); ``scaling`` stays a counting dict
+            STATE_CHANGES[0] += 1
+            if name == "scaling":
+                value = _Scales(value)
+            elif name == "merged":
+                value = tuple(value)
+        super().__setattr__(name, value)
 
     @property
     def in_features(self) -> int:

@@ -113,7 +113,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
         else:
             weight = _float_weight(layer.base_layer)
             weight.add_(layer.delta_weight(name).to(weight.dtype))
-        layer.merged.append(name)
+        layer.merged = (*layer.merged, name)
     report = MergeReport(name, len(layers), requantized, max_abs, worst)
     if requantized:
         warnings.warn(
@@ -149,4 +149,4 @@ def unmerge(model: CausalLM, name: str) -> None:
         else:
             weight = _float_weight(layer.base_layer)
             weight.sub_(layer.delta_weight(name).to(weight.dtype))
-        layer.merged.remove(name)
+        layer.merged = tuple(n for n in layer.merged if n != name)

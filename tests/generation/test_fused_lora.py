@@ -88,6 +88,69 @@ def test_adapters_changed_in_place_are_restacked():
     assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
 
+def test_scales_and_flags_changed_in_place_are_seen():
+    """The snapshot compares one process-wide count of LoRA wrapper changes: an in-place scale, the active
+    adapter and a disabled layer each make the next step follow (restacked, or the generic path)."""
+    model, gen, decode, runner, step = _fused_step(3, [5, 8])
+    before = runner.run(step, ["a", "a"])
+    layer = next(layer for _, layer in lora.lora_layers(model))
+    layer.scaling["a"] *= 4.0  # an item of the dict, not the attribute
+    after = runner.run(step, ["a", "a"])
+    assert not torch.allclose(before, after)
+    ref = _routed_logits(model, gen, decode, ["a", "a"])
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    lora.set_adapter(model, "b")  # rows without a name run the active adapter
+    ref = _generic_logits(model, gen, decode)
+    fused = runner.run(step)
+    assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    layer.disabled = True
+    assert runner.run(step) is None  # disabled adapters: the generic path
+
+
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_adapters_on_a_step_that_holds_its_threads_are_bit_identical(fmt):
+    """The deltas' two loops run on the step's team of threads (step_team.h) like its GEMV groups: each rank
+    product and each block of outputs is computed by the same code whichever thread takes it."""
+    model = llmspeed.models.tiny("llama", seed=5)
+    if fmt is not None:
+        llmspeed.quantize(model, fmt, group_size=32)
+    _with_adapters(model)
+    gen, decode = _prefilled(model, [3, 8, 5])
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    ext = fused_decode.extension()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = fused_decode.FusedDecode(model, gen.cache, amx_rows=0)
+        was = ext.step_team(False)
+        regions = runner.run(step, ["a", None, "b"])
+        ext.step_team(True)
+        team = runner.run(step, ["a", None, "b"])
+        assert torch.equal(team, regions)
+    finally:
+        ext.step_team(was)
+        torch.set_num_threads(threads)
+    ref = _routed_logits(model, gen, decode, ["a", None, "b"])
+    assert (team - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
+def test_b_stacks_hold_blocks_of_16_outputs_zero_padded():
+    """B [S, NB, R, 16]: output o of rank r at [s, o // 16, r, o % 16], scale folded in, zeros past out_features."""
+    from llmspeed.lora.layer import LoraLinear
+
+    layer = LoraLinear(torch.nn.Linear(24, 40, bias=False))
+    layer.add("x", r=3, scale=0.5, init="kaiming")
+    layer.add("y", r=2, scale=2.0, init="kaiming")
+    a, b = fused_lora.stacks(layer, ["x", "y"], torch.float32)
+    assert a.shape == (2, 3, 24) and b.shape == (2, 3, 3, 16)  # 40 outputs: 3 blocks, the last half padding
+    for s, (name, scale) in enumerate([("x", 0.5), ("y", 2.0)]):
+        r = layer.rank(name)
+        flat = b[s].transpose(0, 1).reshape(3, 48)[:r]  # [R, NB * 16]
+        assert torch.equal(flat[:, :40], layer.weight_b(name).T * scale)
+        assert not flat[:, 40:].any() and not b[s, :, r:].any()  # padding outputs and padding ranks
+        assert torch.equal(a[s, :r], layer.weight_a(name))
+
+
 def test_fp16_stacks_round_each_weight_and_float32_stacks_are_exact():
     model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=6), "int4", group_size=32)
     _with_adapters(model, fp16_exact=False)
@@ -115,7 +178,7 @@ def test_stacks_that_overflow_fp16_stay_fp32():
     with torch.no_grad():
         layer.weight_b("a")[0, 0] = 1e5  # times the scale 2: past fp16's 65504
     a, b = fused_lora.stacks(layer, ["a", "b"])
-    assert a.dtype == b.dtype == torch.float32 and b[0, 0, 0] == 2e5
+    assert a.dtype == b.dtype == torch.float32 and b[0, 0, 0, 0] == 2e5  # slot a, block 0, rank 0, output 0
 
 
 def test_a_group_mixing_fp16_and_fp32_stacks_gives_the_generic_logits():
