@@ -1,15 +1,16 @@
 """LoRA adapters on the fused CPU decode step: the cost of one adapter, and of a different adapter per row.
 
-A decode step of the quantized model with no adapter, with one r=16 adapter on every projection,
-and at batch 8 with four adapters spread over the rows (one row without), each configuration measured
-in every repetition in turn so that a shared machine's drift hits all alike: the fused step with its
-adapter stacks in fp16 (the default) and in fp32, and the generic per-layer path. The ``path`` column says
-which way the steps ran (``fused cpu`` is the C++ step; before adapters joined it, any adapter sent
-decode to the generic path).
+A decode step of the quantized model without any adapter (the baseline of the ratios), of the same model with
+four r=16 adapters on every projection and no row using one, with one adapter at batch 1, and at batch 8 with the
+four spread over the rows (one row without), each configuration measured in every repetition in turn so that a
+shared machine's drift hits all alike: the fused step with its adapter stacks in fp16 (the default) and in fp32,
+and the generic per-layer path. The ``path`` column says which way the steps ran (``fused cpu`` is the C++ step;
+before adapters joined it, any adapter sent decode to the generic path).
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 from typing import Any
 
@@ -21,9 +22,12 @@ from .models import load_model
 from .steps import decode_step_ms
 
 ADAPTERS = ("a", "b", "c", "d")
+PLAIN = "model without adapters"  # the configurations run on a copy of the quantized model with no LoRA wrapper
 CONFIGS: dict[str, list[str | None]] = {  # label -> adapter per row
+    f"batch 1, {PLAIN}": [None],
     "batch 1, no adapter": [None],
     "batch 1, one adapter": ["a"],
+    f"batch 8, {PLAIN}": [None] * 8,
     "batch 8, no adapter": [None] * 8,
     "batch 8, 4 adapters over the rows": ["a", "b", "c", "d", None, "a", "b", "c"],
 }
@@ -36,13 +40,15 @@ STEPS: dict[str, tuple[bool | None, str]] = {  # label -> (Generator's fused_dec
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True,
         fmt: str = "int4", rank: int = 16) -> list[dict[str, Any]]:  # fmt: skip
-    """Rows ``{table, config, path, ms, vs no adapter}``: the fused step with and without adapters, and the
-    generic path for the same configurations (what adapters cost before they joined the fused step)."""
+    """Rows ``{table, step, config, path, ms, vs model without adapters}``: the fused step with and without
+    adapters, and the generic path for the same configurations (what adapters cost before they joined the fused
+    step); each ratio is to the same batch of the model without adapters, in the same kind of step."""
     if device != "cpu":
         raise ValueError(f"the fused decode step runs on the CPU; got device={device!r}")
     reps, steps = (3, 8) if quick else (7, 16)
     m = load_model(model, "cpu")
     quantize(m, fmt)
+    plain = copy.deepcopy(m)
     g = torch.Generator().manual_seed(0)
     for name in ADAPTERS:
         lora.add_adapter(m, name, r=rank, alpha=2 * rank)
@@ -57,15 +63,16 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             for step, (fused, dtype) in STEPS.items():
                 for label, names in CONFIGS.items():
                     prompts = [list(range(100, 140 + i)) for i in range(len(names))]
-                    ms, path = decode_step_ms(m, prompts, steps, names, fused, lora_dtype=dtype)
+                    model = plain if PLAIN in label else m
+                    ms, path = decode_step_ms(model, prompts, steps, names, fused, lora_dtype=dtype)
                     samples.setdefault((label, step), []).append(ms)
                     paths[(label, step)] = path
     rows = []
     for step in STEPS:
         for label in CONFIGS:
-            base = "batch 1, no adapter" if label.startswith("batch 1") else "batch 8, no adapter"
+            base = f"{label.split(',')[0]}, {PLAIN}"
             ms = statistics.median(samples[(label, step)])
             rows.append({"table": f"{fmt} decode step, r={rank} adapters", "step": step,
                          "config": label, "path": paths[(label, step)], "ms": round(ms, 2),
-                         "vs no adapter": round(ms / statistics.median(samples[(base, step)]), 3)})  # fmt: skip
+                         "vs model without adapters": round(ms / statistics.median(samples[(base, step)]), 3)})  # fmt: skip
     return rows
