@@ -35,6 +35,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <tuple>
@@ -427,12 +428,35 @@ bool quant_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
   return true;
 }
 
+// Work that shares a GEMV group's parallel loop (the LoRA rank products of the group's input): count items, each
+// worth about `weight` weight rows of the group, run(lo, hi) over items lo <= j < hi; grain: items per task when it
+// runs on its own (a group that goes through a GEMM or AMX tiles).
+struct Extra {
+  int64_t count = 0, weight = 1, grain = 1;
+  std::function<void(int64_t, int64_t)> run;
+};
+
+void run_extra(const Extra* extra) {
+  if (extra && extra->count > 0) llmspeed_team::team_for(extra->count, extra->grain, extra->run);
+}
+
+// Bytes one weight row of l costs (about) at K inputs.
+int64_t row_bytes(const Linear& l, int64_t K) {
+  switch (l.kind) {
+    case Kind::F32: return 4 * K;
+    case Kind::BF16: return 2 * K;
+    case Kind::I8: return K;
+    default: return K / 2 + 4 * K / std::max<int64_t>(l.G, 1);  // codes, fp16 scale and zero per group
+  }
+}
+
 // Every matrix of the group reads the same x [M, K] (as q * d where it has int8 activations); all their
 // rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
 // three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
 // tiles. In the row loop, int8 weights and int4 weights with groups of whole 32-code blocks multiply int8
 // activation codes on VNNI where the layer has int8 activations (q4_int8.h).
-void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows) {
+void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows,
+                const Extra* extra = nullptr) {
   if (M >= TORCH_GEMM_ROWS) {  // prompt-sized steps: torch's GEMM, or quant_gemm where AMX tiles will not run
     const bool tiles = amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable();
     std::vector<Linear> rest;
@@ -440,7 +464,10 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       if (l.kind == Kind::F32 || l.kind == Kind::BF16) torch_gemm(x, M, K, l);
       else if (tiles || !quant_gemm(x, M, K, l)) rest.push_back(l);
     }
-    if (rest.empty()) return;
+    if (rest.empty()) {
+      run_extra(extra);
+      return;
+    }
     group = std::move(rest);
   }
   bool int8_codes = true;  // every matrix multiplies int8 activation codes on VNNI in the row loop
@@ -465,6 +492,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
         TORCH_CHECK(l.Kp >= K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
         amx_linear(l.x, M, K, l);
       }
+      run_extra(extra);
       return;
     }
   }
@@ -495,7 +523,16 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       if (l.kind == Kind::INT4 && !l.xs.defined()) l.xs = group_sums(l.xd, l.G);
     }
   }
-  llmspeed_team::team_for(total, 16, [&](int64_t begin, int64_t end) {
+  // the extra items after the rows, each counted as `weight` rows, so that a static split stays balanced; an item
+  // belongs to the task that holds its first unit
+  const int64_t w = extra && extra->count > 0 ? extra->weight : 0, units = total + (w ? extra->count * w : 0);
+  llmspeed_team::team_for(units, 16, [&](int64_t begin, int64_t end) {
+    if (end > total) {
+      const int64_t lo = (std::max(begin, total) - total + w - 1) / w, hi = (end - total + w - 1) / w;
+      if (lo < hi) extra->run(lo, hi);
+      if (begin >= total) return;
+      end = total;
+    }
     int64_t base = 0;
     for (const auto& l : group) {
       int64_t lo = std::max(begin, base) - base, hi = std::min(end, base + l.N) - base;
@@ -641,71 +678,97 @@ inline void lora_block(const float* t, const V* blk, int64_t R, float* y, int64_
 }
 
 // The LoRA deltas of the matrices that read the same input x [M, K] (q/k/v, gate/up, or one matrix), each row with
-// its own adapter: y[i, :] += B[s]^T (A[s] x[i, :]) for s = slot[i] >= 0. Two parallel loops for the whole group
-// (the rank projections, then the output blocks): on the step's team where it holds one, else each its own
-// region, inline when its work is small (at batch 1 a region's start-up would cost more than the deltas).
-void lora_add(const float* x, int64_t M, int64_t K, std::initializer_list<LoraTerm> group, const int64_t* slot) {
+// its own adapter: y[i, :] += B[s]^T (A[s] x[i, :]) for s = slot[i] >= 0. Two loops: the rank products t (the
+// extra work of the group's GEMV loop, products()), then, once the GEMV has written y, the output blocks
+// (add_outputs(): on the step's team where it holds one, else a region, inline when the work is small).
+class LoraDeltas {
+ public:
+  LoraDeltas(const float* x, int64_t M, int64_t K, std::initializer_list<LoraTerm> group, const int64_t* slot)
+      : x_(x), M_(M), K_(K), slot_(slot) {
+    int64_t adapted = 0;
+    for (int64_t i = 0; i < M; ++i) adapted += slot[i] >= 0;
+    if (adapted == 0) return;
+    for (const LoraTerm& g : group) {
+      if (g.A.numel() == 0) continue;
+      const auto dtype = g.A.scalar_type();
+      TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf) && g.B.scalar_type() == dtype && g.A.is_contiguous() &&
+                      g.B.is_contiguous(),
+                  "fused decode: LoRA stacks must be contiguous, both fp32 or both fp16");
+      const int64_t S = g.A.size(0), R = g.A.size(1), NB = (g.N + LORA_BLOCK - 1) / LORA_BLOCK;
+      TORCH_CHECK(g.A.dim() == 3 && g.A.size(2) == K && g.B.dim() == 4 && g.B.size(0) == S && g.B.size(1) == NB &&
+                      g.B.size(2) == R && g.B.size(3) == LORA_BLOCK,
+                  "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, ", NB, ", R, ", LORA_BLOCK, "]");
+      for (int64_t i = 0; i < M; ++i) TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
+      terms_.push_back({g.A.data_ptr(), g.B.data_ptr(), dtype == at::kHalf, R, g.N, NB, ts_, blocks_, g.y});
+      ts_ += M * R;
+      blocks_ += NB;
+      work_ = std::max(work_, LORA_BLOCK * R * adapted);
+    }
+    t_.assign(ts_, 0.f);
+  }
+
+  // The rank products as extra work of a GEMV group whose rows cost `row` bytes each (an fp16 A row is 2K).
+  Extra products(int64_t row) {
+    if (ts_ == 0) return {};
+    const int64_t bytes = (terms_[0].half ? 2 : 4) * K_;
+    return {ts_, std::max<int64_t>(1, (bytes + row / 2) / std::max<int64_t>(row * M_, 1)),
+            std::max<int64_t>(1, 32768 / K_),  // ~32k multiply-adds a task on its own
+            [this](int64_t lo, int64_t hi) { rank_products(lo, hi); }};
+  }
+
+  // Each block of 16 outputs of every term: per adapted row, the R ranks' values of the block (rows sharing an
+  // adapter re-read it from cache) summed in registers, then added to the row's outputs once.
+  void add_outputs() {
+    if (blocks_ == 0) return;
+    llmspeed_team::team_for(blocks_, std::max<int64_t>(1, 32768 / work_), [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const Term& g = terms_[term_of(c, true)];
+        const int64_t nb = c - g.c0, from = nb * LORA_BLOCK, count = std::min(g.N - from, LORA_BLOCK);
+        for (int64_t i = 0; i < M_; ++i) {
+          if (slot_[i] < 0) continue;
+          const float* ti = t_.data() + g.t0 + i * g.R;
+          const int64_t off = (slot_[i] * g.NB + nb) * g.R * LORA_BLOCK;
+          if (g.half) lora_block(ti, static_cast<const f16*>(g.b) + off, g.R, g.y + i * g.N + from, count);
+          else lora_block(ti, static_cast<const float*>(g.b) + off, g.R, g.y + i * g.N + from, count);
+        }
+      }
+    });
+  }
+
+ private:
   struct Term {
     const void* a;
     const void* b;
     bool half;
-    int64_t R, N, t0, c0;  // rank, outputs, offset in t, first output block
+    int64_t R, N, NB, t0, c0;  // rank, outputs, output blocks, offset in t, first output block
     float* y;
   };
-  std::vector<Term> terms;
-  int64_t adapted = 0, ts = 0, blocks = 0, work = 0;
-  for (int64_t i = 0; i < M; ++i) adapted += slot[i] >= 0;
-  if (adapted == 0) return;
-  for (const LoraTerm& g : group) {
-    if (g.A.numel() == 0) continue;
-    const auto dtype = g.A.scalar_type();
-    TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf) && g.B.scalar_type() == dtype && g.A.is_contiguous() &&
-                    g.B.is_contiguous(),
-                "fused decode: LoRA stacks must be contiguous, both fp32 or both fp16");
-    const int64_t S = g.A.size(0), R = g.A.size(1), NB = (g.N + LORA_BLOCK - 1) / LORA_BLOCK;
-    TORCH_CHECK(g.A.dim() == 3 && g.A.size(2) == K && g.B.dim() == 4 && g.B.size(0) == S && g.B.size(1) == NB &&
-                    g.B.size(2) == R && g.B.size(3) == LORA_BLOCK,
-                "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, ", NB, ", R, ", LORA_BLOCK, "]");
-    for (int64_t i = 0; i < M; ++i) TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
-    terms.push_back({g.A.data_ptr(), g.B.data_ptr(), dtype == at::kHalf, R, g.N, ts, blocks, g.y});
-    ts += M * R;
-    blocks += NB;
-    work = std::max(work, LORA_BLOCK * R * adapted);
-  }
-  if (terms.empty()) return;
-  auto term_of = [&](int64_t j, bool by_block) {  // the term that owns rank product j, or output block j
+
+  size_t term_of(int64_t j, bool by_block) const {  // the term that owns rank product j, or output block j
     size_t g = 0;
-    while (g + 1 < terms.size() && (by_block ? terms[g + 1].c0 : terms[g + 1].t0) <= j) ++g;
+    while (g + 1 < terms_.size() && (by_block ? terms_[g + 1].c0 : terms_[g + 1].t0) <= j) ++g;
     return g;
-  };
-  std::vector<float> t(ts);  // t[t0 + i * R + r] = A[slot[i], r] x[i], for the rows that have an adapter
-  llmspeed_team::team_for(ts, std::max<int64_t>(1, 32768 / K), [&](int64_t lo, int64_t hi) {  // ~32k multiply-adds
+  }
+
+  // t[t0 + i * R + r] = A[slot[i], r] x[i] for the rows that have an adapter, lo <= j < hi
+  void rank_products(int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
-      const Term& g = terms[term_of(j, false)];
+      const Term& g = terms_[term_of(j, false)];
       const int64_t i = (j - g.t0) / g.R, r = (j - g.t0) % g.R;
-      if (slot[i] < 0) continue;
-      const int64_t off = (slot[i] * g.R + r) * K;
-      t[j] = g.half ? dot(x + i * K, static_cast<const f16*>(g.a) + off, K, false)
-                    : dot(x + i * K, static_cast<const float*>(g.a) + off, K, false);
+      if (slot_[i] < 0) continue;
+      const int64_t off = (slot_[i] * g.R + r) * K_;
+      t_[j] = g.half ? dot(x_ + i * K_, static_cast<const f16*>(g.a) + off, K_, false)
+                     : dot(x_ + i * K_, static_cast<const float*>(g.a) + off, K_, false);
     }
-  });
-  // each block of 16 outputs of every term: per adapted row, the R ranks' values of the block (rows sharing an
-  // adapter re-read it from cache) summed in registers, then added to the row's outputs once
-  llmspeed_team::team_for(blocks, std::max<int64_t>(1, 32768 / work), [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const Term& g = terms[term_of(c, true)];
-      const int64_t nb = c - g.c0, from = nb * LORA_BLOCK, count = std::min(g.N - from, LORA_BLOCK);
-      const int64_t NB = (g.N + LORA_BLOCK - 1) / LORA_BLOCK;
-      for (int64_t i = 0; i < M; ++i) {
-        if (slot[i] < 0) continue;
-        const float* ti = t.data() + g.t0 + i * g.R;
-        const int64_t off = (slot[i] * NB + nb) * g.R * LORA_BLOCK;
-        if (g.half) lora_block(ti, static_cast<const f16*>(g.b) + off, g.R, g.y + i * g.N + from, count);
-        else lora_block(ti, static_cast<const float*>(g.b) + off, g.R, g.y + i * g.N + from, count);
-      }
-    }
-  });
-}
+  }
+
+  const float* x_;
+  int64_t M_, K_;
+  const int64_t* slot_;
+  std::vector<Term> terms_;
+  int64_t ts_ = 0, blocks_ = 0, work_ = 0;
+  std::vector<float> t_;
+};
 
 }  // namespace
 
@@ -785,7 +848,7 @@ bool held_current(int64_t handle) {
 // as in linear()); lm_head, (weight, scale, zero) likewise. key/value cache [L, NB, BS, Hkv, D]; blocks [n, W]
 // and context [n] per row: a row attends over the first context[i] positions of its block table, after every
 // row's key and value are written (rows of one prompt chunk share a table, each seeing up to its own position).
-// lora: empty, or (A, B) stacks (see lora_add) for q, k, v, o, gate, up, down of every layer (14 per layer);
+// lora: empty, or (A, B) stacks (see LoraTerm) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 // amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
 // Called with the GIL released (decode_step, greedy_steps).
@@ -851,9 +914,17 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
         return linear(m[0], m[1], m[2], bias, y, int8_acts && int8_acts[l * 7 + j]);
       };
       auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
+      // a GEMV group and, with adapters, its LoRA deltas: the rank products inside the group's loop, then the outputs
+      auto group = [&](const float* in, int64_t K, std::vector<Linear> mats, std::initializer_list<LoraTerm> terms) {
+        if (!has_lora) return gemv_group(in, n, K, std::move(mats), amx_rows);
+        LoraDeltas deltas(in, n, K, terms, slot_of);
+        const Extra extra = deltas.products(row_bytes(mats[0], K));
+        gemv_group(in, n, K, std::move(mats), amx_rows, &extra);
+        deltas.add_outputs();
+      };
       rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
-      gemv_group(x.data(), n, E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())}, amx_rows);
-      if (has_lora) lora_add(x.data(), n, E, {term(Q, q.data()), term(K_, k.data()), term(V, v.data())}, slot_of);
+      group(x.data(), E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())},
+            {term(Q, q.data()), term(K_, k.data()), term(V, v.data())});
       if (w[5].numel() > 0) {  // per-head q/k norms (Qwen3), before the rotary embedding
         check_f32(w[5], "q norm");
         check_f32(w[6], "k norm");
@@ -874,15 +945,13 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
         attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
                value_cache.data_ptr<float>() + l * layer_stride, att.data());
       }
-      gemv_group(att.data(), n, qw, {mat(O, at::Tensor(), tmp.data())}, amx_rows);
-      if (has_lora) lora_add(att.data(), n, qw, {term(O, tmp.data())}, slot_of);
+      group(att.data(), qw, {mat(O, at::Tensor(), tmp.data())}, {term(O, tmp.data())});
       add_into_h();
       rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
-      gemv_group(x.data(), n, E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())}, amx_rows);
-      if (has_lora) lora_add(x.data(), n, E, {term(GATE, gate.data()), term(UP, up.data())}, slot_of);
+      group(x.data(), E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())},
+            {term(GATE, gate.data()), term(UP, up.data())});
       silu_mul(gate.data(), up.data(), n * I);
-      gemv_group(gate.data(), n, I, {mat(DOWN, at::Tensor(), tmp.data())}, amx_rows);
-      if (has_lora) lora_add(gate.data(), n, I, {term(DOWN, tmp.data())}, slot_of);
+      group(gate.data(), I, {mat(DOWN, at::Tensor(), tmp.data())}, {term(DOWN, tmp.data())});
       add_into_h();
     }
     // the final norm and the head, on the rows whose logits are wanted (every row when logit_rows is empty)
@@ -901,7 +970,7 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
     gemv_group(x.data(), r, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
                                        int8_acts && int8_acts[layers * 7])}, amx_rows);
   };
-  // steps of a few rows without tiles keep their threads for the whole step (step_team.h); lora_add shares them
+  // steps of a few rows without tiles keep their threads for the whole step (step_team.h), their LoRA deltas included
   const bool team = llmspeed_team::available() && g_step_team && n < TEAM_ROWS &&
                     at::get_num_threads() > 1 && !(amx_rows > 0 && n >= amx_rows && llmspeed_amx::usable());
   if (team) {
