@@ -216,7 +216,13 @@ class Generator:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError("prompt is a chat message list, but this model's tokenizer has no chat template")
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as exc:  # a template error (jinja's, a KeyError) is this request's fault alone
+                raise ValueError(
+                    f"the tokenizer's chat template cannot render this prompt ({type(exc).__name__}: {exc}); "
+                    f"chat messages look like [{{'role': 'user', 'content': 'text'}}]"
+                ) from exc
             ids = ids["input_ids"] if not isinstance(ids, list) else ids
             return [int(t) for t in ids]
         try:

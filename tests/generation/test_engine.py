@@ -102,6 +102,28 @@ def test_empty_list_and_argument_errors(llama):
     assert out.finish_reason == "error" and "[0, 256)" in out.error
 
 
+class ChatTokenizer(CharTokenizer):
+    """CharTokenizer with a chat template that fails, as jinja does, on a message without ``content``."""
+
+    chat_template = "{{ message['content'] }}"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return [b for m in messages for b in m["content"].encode("latin-1")]
+
+
+def test_a_chat_prompt_the_template_cannot_render_fails_alone(llama):
+    llama.tokenizer = ChatTokenizer()
+    gen = Generator(llama, progress=False)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    bad = [{"role": "user"}]
+    outs = gen.generate_batched([[1, 2, 3], bad, [{"role": "user", "content": "hi"}]], sp)
+    assert [o.index for o in outs] == [0, 1, 2] and bad == [{"role": "user"}]
+    assert outs[1].finish_reason == "error" and "chat template" in outs[1].error and "KeyError" in outs[1].error
+    alone = Generator(llama, progress=False).generate_batched([[1, 2, 3], [104, 105]], sp)
+    assert [outs[0].token_ids, outs[2].token_ids] == _ids(alone)
+    assert gen.num_live == 0 and not gen.has_unfinished()
+
+
 def test_abort_frees_blocks_mid_generation(llama):
     gen = Generator(llama, progress=False, kv_cache_tokens=512)
     a = gen.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=50, ignore_eos=True))

@@ -63,6 +63,19 @@ def test_threads_get_exactly_their_own_results_with_aborts_and_bad_requests(llam
     assert metrics["kv_blocks_used"] == 0 and engine.generator.num_live == 0
 
 
+def test_a_chat_prompt_the_template_cannot_render_ends_with_an_error_not_a_hang(llama):
+    from tests.generation.test_engine import ChatTokenizer
+
+    llama.tokenizer = ChatTokenizer()
+    with llmspeed.Engine(llama) as engine:
+        bad = engine.submit([{"role": "user"}], SamplingParams(max_new_tokens=2))
+        good = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        out = bad.result(timeout=30)
+        assert out.finish_reason == "error" and "chat template" in out.error
+        assert good.result(timeout=30).finish_reason == "length"
+        assert engine.loop_errors == 0
+
+
 def test_iterating_a_handle_streams_text_that_adds_up(llama):
     from tests.generation.test_engine import CharTokenizer
 
