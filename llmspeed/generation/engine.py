@@ -16,6 +16,7 @@ generator stays usable.
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import threading
@@ -226,11 +227,17 @@ class Generator:
             ids = ids["input_ids"] if not isinstance(ids, list) else ids
             return [int(t) for t in ids]
         try:
-            ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # chat lists were handled above
-        except (TypeError, ValueError):
+            items = list(prompt)  # type: ignore[arg-type]  # chat lists were handled above
+        except TypeError:
             raise ValueError(
                 f"prompt must be a string, a list of token ids or a list of chat messages; got {type(prompt).__name__}"
             ) from None
+        ids = []
+        for t in items:
+            try:
+                ids.append(operator.index(t))  # an int, NumPy or 0-d tensor integer; never a truncated float
+            except TypeError:
+                raise ValueError(f"prompt token ids must be integers; got {t!r} in the prompt") from None
         vocab = self.model.spec.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {ids[:8]}...")

@@ -102,6 +102,15 @@ def test_empty_list_and_argument_errors(llama):
     assert out.finish_reason == "error" and "[0, 256)" in out.error
 
 
+def test_token_ids_must_be_integers_not_truncated_floats(llama):
+    gen = Generator(llama, progress=False)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    outs = gen.generate_batched([[1.5, 2.7], torch.tensor([1.0, 2.0]), torch.tensor([1, 2]), [1, 2]], sp)
+    for out in outs[:2]:
+        assert out.finish_reason == "error" and "must be integers" in out.error and out.token_ids == []
+    assert outs[2].token_ids == outs[3].token_ids and outs[2].prompt_token_ids == [1, 2]
+
+
 class ChatTokenizer(CharTokenizer):
     """CharTokenizer with a chat template that fails, as jinja does, on a message without ``content``."""
 
