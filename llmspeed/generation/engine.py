@@ -515,6 +515,11 @@ class Generator:
     def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
         if isinstance(prompts, str) or _is_chat(prompts):
             raise TypeError("prompts must be a list of prompts; got a single string or chat (wrap it in a list)")
+        if len(prompts) and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            raise TypeError(
+                f"prompts must be a list of prompts; got a single list of token ids {list(prompts)[:8]} "
+                f"(wrap it in a list: [[1, 2, 3]])"
+            )
         if sampling is None or isinstance(sampling, (SamplingParams, dict)):
             params = [coerce(sampling)] * len(prompts)
         else:

@@ -96,6 +96,9 @@ def test_empty_list_and_argument_errors(llama):
         gen.generate_batched([[1, 2]], [SamplingParams(), SamplingParams()])
     with pytest.raises(TypeError, match="single string"):
         gen.generate_batched("hello")
+    with pytest.raises(TypeError, match=r"single list of token ids \[1, 2, 3\]"):
+        gen.generate_batched([1, 2, 3])
+    assert gen.num_live == 0
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         Generator(llama, kv_cache_tokens=4, block_size=16)
     out = gen.generate_batched([[1, 300]])[0]
