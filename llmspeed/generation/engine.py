@@ -520,7 +520,7 @@ class Generator:
                 f"prompts must be a list of prompts; got a single list of token ids {list(prompts)[:8]} "
                 f"(wrap it in a list: [[1, 2, 3]])"
             )
-        if sampling is None or isinstance(sampling, (SamplingParams, dict)):
+        if sampling is None or isinstance(sampling, (SamplingParams, dict)) or not hasattr(sampling, "__iter__"):
             params = [coerce(sampling)] * len(prompts)
         else:
             params = [coerce(p) for p in sampling]

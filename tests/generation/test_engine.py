@@ -98,6 +98,8 @@ def test_empty_list_and_argument_errors(llama):
         gen.generate_batched("hello")
     with pytest.raises(TypeError, match=r"single list of token ids \[1, 2, 3\]"):
         gen.generate_batched([1, 2, 3])
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams .*; got int"):
+        gen.generate_batched([[1, 2]], 5)
     assert gen.num_live == 0
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         Generator(llama, kv_cache_tokens=4, block_size=16)
