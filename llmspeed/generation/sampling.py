@@ -28,6 +28,14 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _as_tuple(x: object) -> tuple | None:
+    """``x`` as a tuple when it is iterable (a list, a tuple, a generator); ``None`` when it is not."""
+    try:
+        return tuple(x)  # type: ignore[call-overload]
+    except TypeError:
+        return None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the tokens of one request.
@@ -81,13 +89,13 @@ class SamplingParams:
             raise ValueError(f"`top_p` must be in (0, 1]; got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise ValueError(f"`seed` must be None or an integer in [0, 2**64); got {self.seed!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"`stop` must be non-empty strings; got {self.stop!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop)
+        if stop is None or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"`stop` must be a non-empty string or a list of them (() for none); got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
         given: object = self.stop_token_ids
-        ids: tuple = (given,) if _is_int(given) else tuple(given)  # type: ignore[arg-type]
-        if not all(_is_int(t) and t >= 0 for t in ids):
+        ids = (given,) if _is_int(given) else _as_tuple(given)
+        if ids is None or not all(_is_int(t) and t >= 0 for t in ids):
             raise ValueError(f"`stop_token_ids` must be integers >= 0; got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
         if not isinstance(self.ignore_eos, bool):
