@@ -118,6 +118,15 @@ class Generator:
         if isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int) or num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be an int >= 1; got {num_scheduler_steps!r}")
         self.num_scheduler_steps = num_scheduler_steps
+        for name, value in (("kv_cache_tokens", kv_cache_tokens), ("kv_cache_bytes", kv_cache_bytes)):
+            if value is not None and not _is_int(value):
+                raise ValueError(f"{name} must be None or an int; got {value!r}")
+        for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens), ("max_seqs", max_seqs)):
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an int; got {value!r}")
+        eos = tuple(eos_token_ids) if hasattr(eos_token_ids, "__iter__") else None  # type: ignore[arg-type]
+        if eos_token_ids is not None and (eos is None or not all(_is_int(t) and t >= 0 for t in eos)):
+            raise ValueError(f"eos_token_ids must be None or a list of token ids >= 0; got {eos_token_ids!r}")
         spec = model.spec
         cache_bytes_per_token = spec.kv_bytes_per_token_at(cache_dtype(spec, kv_cache_dtype))
         if kv_cache_tokens is not None and kv_cache_bytes is not None:
@@ -147,7 +156,7 @@ class Generator:
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
                                   fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,
                                   kv_cache_dtype=kv_cache_dtype)
-        self.eos_token_ids = frozenset(_eos_ids(model) if eos_token_ids is None else eos_token_ids)
+        self.eos_token_ids = frozenset(_eos_ids(model) if eos is None else eos)
         self._seqs: dict[int, Seq] = {}  # live requests; released after their final event
         self._next_id = 0
         self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')
@@ -640,6 +649,10 @@ def _caller_level() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_chat(prompt: Any) -> bool:

@@ -103,6 +103,17 @@ def test_empty_list_and_argument_errors(llama):
     assert gen.num_live == 0
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         Generator(llama, kv_cache_tokens=4, block_size=16)
+    for kwargs, message in [
+        (dict(max_batch_tokens=2.5), "max_batch_tokens must be an int; got 2.5"),
+        (dict(block_size=8.5), "block_size must be an int; got 8.5"),
+        (dict(max_seqs="4"), "max_seqs must be an int; got '4'"),
+        (dict(kv_cache_tokens="16"), "kv_cache_tokens must be None or an int; got '16'"),
+        (dict(eos_token_ids=3), "eos_token_ids must be None or a list of token ids >= 0; got 3"),
+        (dict(eos_token_ids=[-5]), r"eos_token_ids must be None or a list of token ids >= 0; got \[-5\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Generator(llama, **kwargs)
+    assert Generator(llama, progress=False, eos_token_ids=(t for t in [7])).eos_token_ids == {7}
     out = gen.generate_batched([[1, 300]])[0]
     assert out.finish_reason == "error" and "[0, 256)" in out.error
 
