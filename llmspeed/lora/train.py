@@ -73,7 +73,11 @@ def finetune(
             optimizer state (fp16 with dynamic loss scaling); over a quantized base this is QLoRA's
             bf16 compute over the 4-bit weights. See :mod:`llmspeed.training.amp`.
     """
-    check_arguments(steps, lr, seq_len, batch_size)
+    check_arguments(
+        steps, lr, seq_len, batch_size, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, eval_windows=eval_windows, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, progress=progress,
+    )
     adapter = None if full else (adapter or active_adapter(model))
     if not full and adapter is None:
         raise ValueError(

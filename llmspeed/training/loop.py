@@ -92,15 +92,49 @@ def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | No
     return torch.tensor(ids, dtype=torch.long)
 
 
-def check_arguments(steps: int, lr: float, seq_len: int, batch_size: int) -> None:
-    """``ValueError`` naming the first of ``steps``, ``lr``, ``seq_len``, ``batch_size`` that is invalid."""
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_arguments(
+    steps: int,
+    lr: float,
+    seq_len: int,
+    batch_size: int,
+    *,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    eval_windows: int = 0,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+    progress: bool = True,
+) -> None:
+    """``ValueError`` naming the first training argument (those of :func:`train`) that is invalid."""
     for arg, value in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not _is_int(value) or value <= 0:
             raise ValueError(f"{arg} must be a positive integer; got {value!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2; got {seq_len}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+    if not _is_finite(lr) or not lr > 0:
         raise ValueError(f"lr must be a positive number; got {lr!r}")
+    if warmup_steps is not None and (not _is_int(warmup_steps) or warmup_steps < 0):
+        raise ValueError(f"warmup_steps must be None (a tenth of steps) or an integer >= 0; got {warmup_steps!r}")
+    if not _is_finite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
+    if not _is_finite(max_grad_norm) or not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be a finite number > 0; got {max_grad_norm!r}")
+    if not _is_int(eval_windows) or eval_windows < 0:
+        raise ValueError(f"eval_windows must be an integer >= 0; got {eval_windows!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64); got {seed!r}")
+    for arg, flag in (("gradient_checkpointing", gradient_checkpointing), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{arg} must be a bool; got {flag!r}")
 
 
 def set_checkpointing(hf: Any, on: bool) -> bool:
@@ -156,7 +190,9 @@ def train(
     The arguments are those of :func:`llmspeed.finetune` (validated there); ``requires_grad`` flags and
     the train/eval mode are restored afterwards, also when a step raises.
     """
-    check_arguments(steps, lr, seq_len, batch_size)
+    options = dict(warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                   eval_windows=eval_windows, seed=seed, gradient_checkpointing=gradient_checkpointing, progress=progress)
+    check_arguments(steps, lr, seq_len, batch_size, **options)
     if data.numel() < seq_len + 1:
         raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
     device = model.spec.device
@@ -170,7 +206,7 @@ def train(
     was_training = hf.training
     mp = MixedPrecision(precision, device.type)
     before = _eval_loss(model, eval_windows, seq_len)
-    warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
+    warmup = max(1, steps // 10 if warmup_steps is None else warmup_steps)  # 0: full lr from the first step
     # fused: one kernel over all tensors (CPU and CUDA); the per-tensor loop costs a third of a CPU step
     fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)

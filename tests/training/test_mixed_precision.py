@@ -141,6 +141,39 @@ def test_finetune_bad_arguments(llama, kwargs, match):
         llmspeed.finetune(llama, TOKENS, **{**RUN, **kwargs})
 
 
+@pytest.mark.parametrize("train", ["linears", "adapter"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(warmup_steps=-1), "warmup_steps must be None .* or an integer >= 0; got -1"),
+        (dict(warmup_steps=2.5), "warmup_steps must be None"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0; got nan"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number > 0; got nan"),
+        (dict(max_grad_norm=0), "max_grad_norm must be a finite number > 0; got 0"),
+        (dict(eval_windows=-1), "eval_windows must be an integer >= 0; got -1"),
+        (dict(seed="x"), "seed must be an integer in \\[0, 2\\*\\*64\\); got 'x'"),
+        (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be a bool; got 'yes'"),
+    ],
+)
+def test_bad_training_options_are_refused_before_anything_changes(llama, train, kwargs, match):
+    if train == "adapter":
+        lora.add_adapter(llama, "a", r=4, alpha=8)
+        lora.add_adapter(llama, "b", r=4, alpha=8)  # the active one; the run names "a"
+        kwargs = {**kwargs, "adapter": "a"}
+    state = {k: v.clone() for k, v in llama.hf.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in llama.hf.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        llmspeed.finetune(llama, TOKENS, train=train, **{**RUN, **kwargs})
+    assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
+    assert {n: p.requires_grad for n, p in llama.hf.named_parameters()} == flags
+    assert train == "linears" or lora.active_adapter(llama) == "b"
+
+
+def test_warmup_steps_zero_starts_at_the_full_learning_rate(llama):
+    result = llmspeed.finetune(llama, TOKENS, train="linears", warmup_steps=0, **{**RUN, "steps": 2})
+    assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)
+
+
 def test_full_training_refuses_quantized_or_adapted_models(llama):
     quantized = copy.deepcopy(llama)
     llmspeed.quantize(quantized, "int4", group_size=16)
