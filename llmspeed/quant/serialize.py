@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import Model
+from ..model import Model, as_model
 from ..names import check_device
 from ..protocol import CausalLM
 from .config import QuantConfig
@@ -59,7 +59,7 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
     """Write ``model`` to folder ``directory``; return the folder path.
 
     Args:
-        model: The model, quantized or not.
+        model: The model, quantized or not (a transformers causal LM is wrapped first).
         directory: The folder (created if needed).
         format: ``"llmspeed"`` (int8, int4, NF4, HQQ, act-order; read back bit-exact by :func:`load`) or
             ``"compressed-tensors"`` (int8 per channel and int4 group-wise, symmetric or asymmetric: the
@@ -67,9 +67,11 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
 
     Raises:
         ValueError: an unknown ``format``, or a model the format cannot hold (named in the message).
+        TypeError: ``model`` is neither an llmspeed model nor a transformers causal LM.
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {list(SAVE_FORMATS)}; got {format!r}")
+    model = as_model(model)  # a transformers model is wrapped, as the other verbs do
     if format == "compressed-tensors":
         return compressed_tensors.save(model, directory)
     from safetensors.torch import save_file

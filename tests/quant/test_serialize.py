@@ -87,6 +87,13 @@ def test_tokenizer_and_quant_config_are_saved(tmp_path, llama):
     assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.up_proj, NF4Linear)
 
 
+def test_a_transformers_model_is_saved_like_its_wrapper(tmp_path, llama):
+    with pytest.raises(TypeError, match="model must be an llmspeed.Model .*; got builtins.NoneType"):
+        llmspeed.save(None, tmp_path)
+    llmspeed.save(llama.hf, tmp_path)
+    _assert_bit_exact(llmspeed.load(tmp_path), llama)
+
+
 def test_plain_transformers_folder_is_rejected(tmp_path, llama):
     llama.hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not an llmspeed checkpoint"):
