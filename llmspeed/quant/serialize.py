@@ -30,7 +30,7 @@ import torch
 
 from ..model import Model, as_model
 from ..names import check_device
-from ..protocol import CausalLM
+from ..protocol import CausalLM, base_linear
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
@@ -66,12 +66,25 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
             folder ``transformers.AutoModelForCausalLM.from_pretrained`` and ``vllm serve`` load).
 
     Raises:
-        ValueError: an unknown ``format``, or a model the format cannot hold (named in the message).
+        ValueError: an unknown ``format``, or a model the format cannot hold (named in the message): LoRA
+            adapters (saved apart, :func:`llmspeed.lora.save_adapter`), layers prepared for
+            quantization-aware training (:func:`llmspeed.qat.convert` them first); before anything is written.
         TypeError: ``model`` is neither an llmspeed model nor a transformers causal LM.
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {list(SAVE_FORMATS)}; got {format!r}")
     model = as_model(model)  # a transformers model is wrapped, as the other verbs do
+    for name, module in model.linear_layers():  # what load() could not rebuild: refused before writing
+        if isinstance(getattr(base_linear(module), "fake_format", None), str):
+            raise ValueError(
+                f"layer {name!r} is prepared for quantization-aware training, which llmspeed.load cannot "
+                f"rebuild; call llmspeed.qat.convert(model) before saving"
+            )
+        if format == "llmspeed" and base_linear(module) is not module:
+            raise ValueError(
+                f"layer {name!r} carries LoRA adapters ({type(module).__name__}), which llmspeed.load cannot "
+                f"rebuild; save them with lora.save_adapter and the model without them (lora.delete_adapter)"
+            )
     if format == "compressed-tensors":
         return compressed_tensors.save(model, directory)
     from safetensors.torch import save_file

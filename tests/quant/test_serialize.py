@@ -94,6 +94,22 @@ def test_a_transformers_model_is_saved_like_its_wrapper(tmp_path, llama):
     _assert_bit_exact(llmspeed.load(tmp_path), llama)
 
 
+@pytest.mark.parametrize("fmt", ["llmspeed", "compressed-tensors"])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda m: llmspeed.lora.add_adapter(llmspeed.quantize(m, "int4", symmetric=True), "a", r=4), "carries LoRA"),
+        (lambda m: llmspeed.qat.prepare(m, "int8"), r"prepared for quantization-aware training.*call llmspeed.qat.convert"),
+    ],
+    ids=["lora", "qat"],
+)
+def test_a_model_load_cannot_rebuild_is_refused_before_writing(tmp_path, llama, fmt, change, match):
+    change(llama)
+    with pytest.raises(ValueError, match=match):
+        llmspeed.save(llama, tmp_path / "out", format=fmt)
+    assert not (tmp_path / "out").exists()
+
+
 def test_plain_transformers_folder_is_rejected(tmp_path, llama):
     llama.hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not an llmspeed checkpoint"):
