@@ -136,6 +136,10 @@ def prepare(
         raise ValueError(f"init_options are options of init='gptq'; got init={init!r}")
     if calibration is not None and init != "gptq":
         raise ValueError(f"calibration is only used by init='gptq'; got init={init!r}")
+    if group_size == -1 and not isinstance(group_size, bool):  # QuantConfig's "format default", never a group size
+        raise ValueError(
+            "group_size must be a positive even integer, or None for one group per output row (AutoGPTQ's -1); got -1"
+        )
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE[fmt]
     config = QuantConfig(fmt, group_size, method=init)

@@ -201,6 +201,10 @@ def quantize(
             is restored.
     """
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
+    if group_size == -1 and not isinstance(group_size, bool):  # QuantConfig's "format default", never a group size
+        raise ValueError(
+            "group_size must be a positive even integer, or None for one group per output row (AutoGPTQ's -1); got -1"
+        )
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE.get(fmt)
     config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric, activations=activations)

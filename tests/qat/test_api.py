@@ -128,6 +128,7 @@ def _snapshot(model):
         (dict(fmt="int3"), "fmt must be one of"),
         (dict(fmt="int4", init="hqq"), "init must be one of"),
         (dict(fmt="int4", group_size=7), "group_size must be"),
+        (dict(fmt="int4", group_size=-1), "group_size must be .* or None for one group per output row .*; got -1"),
         (dict(fmt="int4", group_size=512), "larger than in_features"),
         (dict(fmt="int8", group_size=32), "group_size must be None for int8"),
         (dict(fmt="int8", symmetric=False), "symmetric=False is not available for int8"),

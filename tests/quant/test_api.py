@@ -116,6 +116,7 @@ def test_bf16_model_quantizes_and_runs():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"fmt": "int5"}, "format must be one of"), ({"fmt": "int4", "group_size": 0}, "group_size must be"),
+     ({"fmt": "int4", "group_size": -1}, "or None for one group per output row .*; got -1"),
      ({"fmt": "int4", "group_size": 256}, "larger than in_features"), ({"fmt": "int8", "group_size": 32}, "None for int8"),
      ({"fmt": "int4", "skip": ["model.norm"]}, "not a linear layer"), ({"fmt": "int4", "include": ["model.embed_tokens"]}, "not a linear layer"),
      ({"fmt": "int4", "skip": ["nothing.here"]}, "matches no linear layer"), ({"fmt": "int4", "kernel": "tinygemm"}, "tinygemm"),
