@@ -50,6 +50,8 @@ class LoraConfig:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be a bool; got {self.use_rslora!r}")
         targets = self.targets
         if isinstance(targets, list):
             object.__setattr__(self, "targets", tuple(targets))

@@ -42,6 +42,7 @@ def test_bad_rank(llama, r):
         (dict(init="gaussian"), "init must be one of"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
         (dict(targets=[]), "targets must be a non-empty list"),
+        (dict(use_rslora="no"), "use_rslora must be a bool; got 'no'"),
     ],
 )
 def test_bad_hyper_parameters(llama, kwargs, message):
