@@ -152,7 +152,7 @@ def add_adapter(
         config = LoraConfig(
             r=r,
             alpha=alpha,
-            targets=targets if isinstance(targets, str) else tuple(targets),
+            targets=targets if isinstance(targets, str) or not hasattr(targets, "__iter__") else tuple(targets),
             dropout=dropout,
             init=init,
             use_rslora=use_rslora,

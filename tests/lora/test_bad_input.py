@@ -43,6 +43,8 @@ def test_bad_rank(llama, r):
         (dict(alpha=float("nan")), "alpha must be a finite number"),
         (dict(targets=[]), "targets must be a non-empty list"),
         (dict(use_rslora="no"), "use_rslora must be a bool; got 'no'"),
+        (dict(targets=5), "targets must be 'all-linear', a regex string or a list of module-name suffixes; got 5"),
+        (dict(targets=None), "targets must be 'all-linear', .*; got None"),
     ],
 )
 def test_bad_hyper_parameters(llama, kwargs, message):
