@@ -162,6 +162,7 @@ class Generator:
         self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')
         self._lock = threading.Lock()
         self._with_adapter: set[int] = set()  # live requests that name an adapter
+        self._known_adapters: tuple[int, set[str]] | None = None  # (lora STATE_CHANGES, adapter names) last read
         self.stats: RunStats | None = None
         self.num_steps = 0
         self.num_tokens_computed = 0  # tokens run through the model (prefill chunks and decodes)
@@ -353,8 +354,11 @@ class Generator:
 
     def _fail_deleted_adapters(self) -> None:
         from .. import lora
+        from ..lora.layer import STATE_CHANGES
 
-        known = set(lora.adapter_names(self.model))
+        if self._known_adapters is None or self._known_adapters[0] != STATE_CHANGES[0]:  # names may have changed
+            self._known_adapters = (STATE_CHANGES[0], set(lora.adapter_names(self.model)))
+        known = self._known_adapters[1]
         for rid in list(self._with_adapter):
             seq = self._seqs.get(rid)
             if seq is None or seq.is_finished:
