@@ -707,11 +707,11 @@ class LoraDeltas {
     t_.assign(ts_, 0.f);
   }
 
-  // The rank products as extra work of a GEMV group whose rows cost `row` bytes each (an fp16 A row is 2K).
+  // The rank products as extra work of a one-row GEMV group whose rows cost `row` bytes each (an fp16 A row is 2K).
   Extra products(int64_t row) {
     if (ts_ == 0) return {};
     const int64_t bytes = (terms_[0].half ? 2 : 4) * K_;
-    return {ts_, std::max<int64_t>(1, (bytes + row / 2) / std::max<int64_t>(row * M_, 1)),
+    return {ts_, std::max<int64_t>(1, (bytes + row / 2) / std::max<int64_t>(row, 1)),
             std::max<int64_t>(1, 32768 / K_),  // ~32k multiply-adds a task on its own
             [this](int64_t lo, int64_t hi) { rank_products(lo, hi); }};
   }
@@ -914,12 +914,15 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
         return linear(m[0], m[1], m[2], bias, y, int8_acts && int8_acts[l * 7 + j]);
       };
       auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
-      // a GEMV group and, with adapters, its LoRA deltas: the rank products inside the group's loop, then the outputs
+      // a GEMV group and, with adapters, its LoRA deltas: the rank products (inside the group's loop for one row,
+      // where a product and a weight row both cost their bytes; for more rows a weight row costs its rows'
+      // arithmetic, and the products split evenly in a loop of their own), then the outputs
       auto group = [&](const float* in, int64_t K, std::vector<Linear> mats, std::initializer_list<LoraTerm> terms) {
         if (!has_lora) return gemv_group(in, n, K, std::move(mats), amx_rows);
         LoraDeltas deltas(in, n, K, terms, slot_of);
         const Extra extra = deltas.products(row_bytes(mats[0], K));
-        gemv_group(in, n, K, std::move(mats), amx_rows, &extra);
+        if (n > 1) run_extra(&extra);
+        gemv_group(in, n, K, std::move(mats), amx_rows, n > 1 ? nullptr : &extra);
         deltas.add_outputs();
       };
       rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
