@@ -172,6 +172,21 @@ def test_quantized_models_match_the_generic_path(architecture, fmt, options, amx
     assert (fused - ref).abs().max() / ref.abs().max() < tolerance
 
 
+def _regions_then_team(run):
+    """``(run() with a parallel region per loop, run() on a team held for the step)``, on 2 threads."""
+    ext = fused_decode.extension()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    was = ext.step_team(False)
+    try:
+        regions = run()
+        ext.step_team(True)
+        return regions, run()
+    finally:
+        ext.step_team(was)
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "int4-act8"])
 def test_a_step_that_holds_its_threads_is_bit_identical_and_survives_an_error(fmt, monkeypatch):
     """Steps of a few rows hand their loops to a team of threads held for the whole step (step_team.h) instead
@@ -182,16 +197,12 @@ def test_a_step_that_holds_its_threads_is_bit_identical_and_survives_an_error(fm
         llmspeed.quantize(model, "int4", group_size=32, activations="int8", lm_head="int4")
     gen, decode = _prefilled(model, [2, 7, 13, 5])
     step = StepInput.decode(decode, gen.blocks.block_size)
-    ext = fused_decode.extension()
+    fused = fused_decode.FusedDecode(model, gen.cache, amx_rows=0)
+    regions, team = _regions_then_team(lambda: fused.run(step))
+    assert torch.equal(team, regions)
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # on the team (the extension's default), as the error is meant to end one
     try:
-        fused = fused_decode.FusedDecode(model, gen.cache, amx_rows=0)
-        was = ext.step_team(False)
-        regions = fused.run(step)
-        ext.step_team(True)
-        team = fused.run(step)
-        assert torch.equal(team, regions)
         key, value = gen.cache.key, gen.cache.value
         monkeypatch.setattr(gen.cache, "key", key.to(torch.int32))
         monkeypatch.setattr(gen.cache, "value", value.to(torch.int32))
@@ -201,7 +212,6 @@ def test_a_step_that_holds_its_threads_is_bit_identical_and_survives_an_error(fm
         monkeypatch.setattr(gen.cache, "value", value)
         assert torch.equal(fused.run(step), regions)
     finally:
-        ext.step_team(was)
         torch.set_num_threads(threads)
 
 

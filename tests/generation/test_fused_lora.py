@@ -10,7 +10,7 @@ from llmspeed import lora
 from llmspeed.generation import Generator, SamplingParams, fused_decode, fused_lora
 from llmspeed.generation.runner import StepInput
 
-from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled, _staggered
+from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled, _regions_then_team, _staggered
 
 FP16_LORA_TOLERANCE = 2e-3  # logits, relative to their largest: adapters stacked in fp16 (docs/lora.md)
 
@@ -117,19 +117,9 @@ def test_adapters_on_a_step_that_holds_its_threads_are_bit_identical(fmt):
     _with_adapters(model)
     gen, decode = _prefilled(model, [3, 8, 5])
     step = StepInput.decode(decode, gen.blocks.block_size)
-    ext = fused_decode.extension()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        runner = fused_decode.FusedDecode(model, gen.cache, amx_rows=0)
-        was = ext.step_team(False)
-        regions = runner.run(step, ["a", None, "b"])
-        ext.step_team(True)
-        team = runner.run(step, ["a", None, "b"])
-        assert torch.equal(team, regions)
-    finally:
-        ext.step_team(was)
-        torch.set_num_threads(threads)
+    runner = fused_decode.FusedDecode(model, gen.cache, amx_rows=0)
+    regions, team = _regions_then_team(lambda: runner.run(step, ["a", None, "b"]))
+    assert torch.equal(team, regions)
     ref = _routed_logits(model, gen, decode, ["a", None, "b"])
     assert (team - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
