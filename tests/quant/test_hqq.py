@@ -119,6 +119,27 @@ def test_hqq_rejects_bad_options():
         hqq_weight(_weight(), config, kappa=0.5)
 
 
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(p="x"), "p must be a number in \\(0, 1\\]; got 'x'"),
+        (dict(iters=2.5), "iters must be an integer >= 0; got 2.5"),
+        (dict(iters=None), "iters must be an integer >= 0; got None"),
+        (dict(iters=True), "iters must be an integer"),
+        (dict(beta=float("nan")), "beta must be a finite number > 0; got nan"),
+        (dict(beta=float("inf")), "beta must be a finite number > 0; got inf"),
+        (dict(kappa="1"), "kappa must be a finite number >= 1; got '1'"),
+    ],
+)
+def test_quantize_with_hqq_names_a_bad_option_before_any_change(options, match):
+    """A wrong kind or a non-finite value is a ValueError naming the option, not a TypeError from deep inside."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    before = dict(model.linear_layers())
+    with pytest.raises(ValueError, match=match):
+        llmspeed.quantize(model, "int4", 32, method="hqq", method_options=options)
+    assert dict(model.linear_layers()) == before
+
+
 @pytest.mark.parametrize("rows", [1, 4, 64, 200])  # kernel="auto" picks per number of rows
 def test_every_int4_kernel_honours_fractional_zero_points(rows):
     w = _weight(64, 128)

@@ -50,8 +50,18 @@ from ..calibration import (
 )
 from ..config import QuantConfig
 from .awq_fold import SUPPORTED, Fold, candidate_folds, check_fold
-from .gptq import GPTQResult, Grid, gptq_quantize, grid_for, pack_result, refit, round_outside, weight_error
-from .registry import register_method
+from .gptq import (
+    GPTQResult,
+    Grid,
+    check_gptq_options,
+    gptq_quantize,
+    grid_for,
+    pack_result,
+    refit,
+    round_outside,
+    weight_error,
+)
+from .registry import check_options, register_method
 
 AWQ_CLIP = (1.0, 0.95, 0.9, 0.85, 0.8)  # method="awq"'s default range shrinks (searched per group)
 
@@ -150,15 +160,6 @@ def search_scales(
     return scale(fine), errors[fine]
 
 
-def _check_options(n_grid: int, damp: float, target_damp: float, clip_search: tuple[float, ...]) -> None:
-    if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
-        raise ValueError(f"n_grid must be a positive integer; got {n_grid!r}")
-    for name, value in (("damp", damp), ("target_damp", target_damp)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive; got {value}")
-    grid_for("int4", tuple(clip_search))  # validates the shrink factors
-
-
 def plan_folds(model, plan: dict, tokens: torch.Tensor) -> tuple[list[Fold], list[Fold]]:
     """The folds of the first planned decoder layer, each checked on real activations; raises if AWQ cannot fold.
 
@@ -236,8 +237,10 @@ def awq_model(
     weight that absorbed scales. Planned linears outside the decoder stack are rounded to nearest.
     """
     cal = CalibrationConfig(n_sequences, seq_len)
-    shrinks = ((1.0,) if gptq else AWQ_CLIP) if clip_search is None else tuple(clip_search)
-    _check_options(n_grid, damp, target_damp, shrinks)
+    check_options(int, "a positive integer", lambda v: v > 0, n_grid=n_grid)
+    flags = dict(duo_scaling=duo_scaling, gptq=gptq, refit_scales=refit_scales, act_order=act_order, progress=progress)
+    shrinks = ((1.0,) if gptq else AWQ_CLIP) if clip_search is None else clip_search
+    shrinks = check_gptq_options(shrinks, damp, block_size, target_damp, float_targets=float_targets, **flags)
     tokens = calibration_tokens(model, calibration, cal)  # [n, seq_len]; raises on bad input first
     norm_folds, row_folds = plan_folds(model, plan, tokens)
     fold_of = {f.consumers: f for f in norm_folds + row_folds}

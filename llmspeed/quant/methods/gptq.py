@@ -18,6 +18,7 @@ after that. So the packed module needs no permutation index and runs the same ke
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,7 +35,7 @@ from ..calibration import (
 )
 from ..modules import module_class
 from .refit import refit_scales
-from .registry import register_method
+from .registry import check_options, register_method
 from .rtn import nf4_effective_scales, rtn_weight
 
 
@@ -226,10 +227,21 @@ def search_clip(
     return best_s, best_z
 
 
-def _check_shrinks(clip_search: tuple[float, ...]) -> tuple[float, ...]:
-    if not clip_search or any(not 0 < c <= 1 for c in clip_search):
-        raise ValueError(f"clip_search must be shrink factors in (0, 1]; got {clip_search!r}")
+def check_shrinks(clip_search: tuple[float, ...]) -> tuple[float, ...]:
+    """``clip_search`` as a tuple; ``ValueError`` unless it is a non-empty tuple (or list) of numbers in (0, 1]."""
+    if not isinstance(clip_search, (tuple, list)) or not clip_search or not all(
+        isinstance(c, numbers.Real) and not isinstance(c, bool) and 0 < c <= 1 for c in clip_search
+    ):
+        raise ValueError(f"clip_search must be a non-empty tuple of shrink factors in (0, 1]; got {clip_search!r}")
     return tuple(clip_search)
+
+
+def check_gptq_options(clip_search, damp: float, block_size: int, target_damp: float, **flags: bool) -> tuple:
+    """``clip_search`` as a tuple; ``ValueError`` on a bad option GPTQ and AWQ share (``flags``: the bool ones)."""
+    check_options(float, "a finite number > 0", lambda v: v > 0, damp=damp, target_damp=target_damp)
+    check_options(int, "an integer > 0", lambda v: v > 0, block_size=block_size)
+    check_options(bool, **flags)
+    return check_shrinks(clip_search)
 
 
 class Int4Grid:
@@ -244,7 +256,7 @@ class Int4Grid:
     """
 
     def __init__(self, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False):
-        self.clip_search = _check_shrinks(clip_search)
+        self.clip_search = check_shrinks(clip_search)
         self.symmetric = symmetric
 
     def fit(self, w: torch.Tensor, error=weight_error) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +287,7 @@ class NF4Grid:
     """
 
     def __init__(self, clip_search: tuple[float, ...] = (1.0,)):
-        self.clip_search = _check_shrinks(clip_search)
+        self.clip_search = check_shrinks(clip_search)
 
     def fit(self, w: torch.Tensor, error=weight_error) -> tuple[torch.Tensor, torch.Tensor]:
         """Group absmax ``[out]`` (shrunk by the best clip) and a zero vector."""
@@ -399,13 +411,9 @@ def gptq_model(
     nearest: their inputs are not captured.
     """
     cal = CalibrationConfig(n_sequences, seq_len)
-    if damp <= 0:
-        raise ValueError(f"damp must be positive; got {damp}")
-    if target_damp <= 0:
-        raise ValueError(f"target_damp must be positive; got {target_damp}")
+    flags = dict(act_order=act_order, refit_scales=refit_scales, float_targets=float_targets, progress=progress)
+    clip_search = check_gptq_options(clip_search, damp, block_size, target_damp, **flags)
     tokens = calibration_tokens(model, calibration, cal)  # [n, seq_len]; raises on bad input first
-    for config in set(plan.values()):
-        grid_for(config.format, clip_search)  # validates clip_search before any work
 
     def quantize_group(group: LinearGroup, config):
         linears = group.linears

@@ -23,7 +23,7 @@ import torch
 
 from .. import primitives as P
 from ..config import QuantConfig
-from .registry import QuantizedWeight, register_method
+from .registry import QuantizedWeight, check_options, register_method
 
 SUPPORTED_FORMATS = ("int4",)
 
@@ -98,12 +98,10 @@ def hqq_weight(
             f"method 'hqq' supports formats {list(SUPPORTED_FORMATS)} (it optimizes the int4 zero point); "
             f"got format={config.format!r}: use method='gptq' or 'rtn' for it"
         )
-    if not 0 < p <= 1:
-        raise ValueError(f"p must be in (0, 1]; got {p}")
-    if beta <= 0 or kappa < 1 or iters < 0:
-        raise ValueError(
-            f"need beta > 0, kappa >= 1, iters >= 0; got beta={beta}, kappa={kappa}, iters={iters}"
-        )
+    check_options(float, "a number in (0, 1]", lambda v: 0 < v <= 1, p=p)
+    check_options(float, "a finite number > 0", lambda v: v > 0, beta=beta)
+    check_options(float, "a finite number >= 1", lambda v: v >= 1, kappa=kappa)
+    check_options(int, "an integer >= 0", lambda v: v >= 0, iters=iters)
     in_f = weight.shape[1]
     in_pad = config.padded_in_features(in_f)
     w = P.pad_columns(weight.detach().float(), in_pad)  # [out, in_pad]

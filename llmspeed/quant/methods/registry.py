@@ -6,6 +6,8 @@ See :mod:`llmspeed.quant.methods` for the two kinds of entry.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,20 @@ def register_method(
 def symmetric_methods() -> list[str]:
     """Names of the registered methods that honour ``symmetric=True`` for int4."""
     return sorted(name for name, method in METHODS.items() if method.symmetric)
+
+
+def check_options(kind: type, accepted: str = "", ok: Callable[[Any], bool] = lambda v: True, **values: Any) -> None:
+    """``ValueError`` naming the first of ``values`` (method options) that is not a ``kind`` for which ``ok`` holds.
+
+    ``kind``: ``bool``, ``int`` (any integral, not a bool) or ``float`` (any finite real, not a bool);
+    ``accepted`` says what is accepted (default: the kind).
+    """
+    for name, value in values.items():
+        real = numbers.Integral if kind is int else numbers.Real
+        fits = isinstance(value, bool) if kind is bool else isinstance(value, real) and not isinstance(value, bool)
+        if not (fits and (kind is bool or math.isfinite(value)) and ok(value)):
+            default = {bool: "a bool", int: "an integer", float: "a finite number"}[kind]
+            raise ValueError(f"{name} must be {accepted or default}; got {value!r}")
 
 
 def get_method(name: str) -> Method:
