@@ -23,7 +23,7 @@ from ..model import as_model
 from ..names import format_name
 from ..protocol import CausalLM, is_quantized
 from ..quant import primitives as P
-from ..quant.api import plan_layers
+from ..quant.api import check_method_options, plan_layers
 from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig
 from ..quant.methods import get_method
 from ..quant.modules import QuantizedLinearBase, module_class
@@ -134,6 +134,7 @@ def prepare(
         )
     if init_options is not None and init != "gptq":
         raise ValueError(f"init_options are options of init='gptq'; got init={init!r}")
+    check_method_options("gptq", get_method("gptq").model, 3, dict(init_options or {}), "init_options")
     if calibration is not None and init != "gptq":
         raise ValueError(f"calibration is only used by init='gptq'; got init={init!r}")
     if group_size == -1 and not isinstance(group_size, bool):  # QuantConfig's "format default", never a group size

@@ -241,7 +241,7 @@ def quantize(
             f"{head in plan if head else False}"
         )
     options = dict(method_options or {})
-    _check_options(method, entry.weight or entry.model, 2 if entry.weight else 3, options)
+    check_method_options(method, entry.weight or entry.model, 2 if entry.weight else 3, options)
     snapshot = dict(model.linear_layers())
     embedding = model.module.get_input_embeddings() if share else None
     saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
@@ -290,8 +290,8 @@ def quantize(
     return model
 
 
-def _check_options(method: str, fn: Any, fixed: int, options: dict[str, Any]) -> None:
-    """``ValueError`` naming any ``method_options`` key ``fn`` does not take, with the ones it does.
+def check_method_options(method: str, fn: Any, fixed: int, options: dict[str, Any], arg: str = "method_options") -> None:
+    """``ValueError`` naming any key of ``options`` (argument ``arg``) ``fn`` does not take, with the ones it does.
 
     ``fixed``: leading arguments ``quantize`` passes itself (``weight, config`` or ``model, plan, calibration``).
     """
@@ -302,7 +302,7 @@ def _check_options(method: str, fn: Any, fixed: int, options: dict[str, Any]) ->
     accepted = [p.name for p in params[fixed:] if p.kind in named]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"method_options {unknown} are not options of method={method!r}; it takes {accepted}")
+        raise ValueError(f"{arg} {unknown} are not options of method={method!r}; it takes {accepted}")
 
 
 def _folded_parameters(model: CausalLM, plan: dict[str, QuantConfig], built: dict[str, Any]) -> dict[str, Any]:

@@ -169,3 +169,11 @@ def test_failed_gptq_start_restores_every_layer(llama):
     with pytest.raises(ValueError):
         qat.prepare(llama, "int4", 16, init="gptq", calibration=[], init_options=GPTQ)
     assert _snapshot(llama) == before
+
+
+def test_unknown_init_options_name_the_argument_before_any_change(llama):
+    """An init option GPTQ does not take gets quantize's named-options error, not a TypeError from gptq_model."""
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=r"init_options \['foo'\] are not options of method='gptq'; it takes .*seq_len"):
+        qat.prepare(llama, "int4", 16, init="gptq", calibration=_calibration(), init_options=dict(GPTQ, foo=1))
+    assert _snapshot(llama) == before
