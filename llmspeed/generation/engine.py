@@ -603,7 +603,9 @@ class Generator:
         """Run every prompt to completion with continuous batching; results in prompt order.
 
         Only these prompts' outputs are returned; other requests of the generator are left as they are.
+        ``prompts`` may be any iterable of prompts (a generator is read once).
         """
+        prompts = _prompt_list(prompts)
         if len(prompts) == 0:
             return []
         outputs: dict[int, GenerationOutput] = {}
@@ -640,6 +642,7 @@ class Generator:
 
         Closing the iterator early (``break``, an exception in the loop) aborts the prompts still running.
         """
+        prompts = _prompt_list(prompts)
         if len(prompts) == 0:
             return
         yield from self._events(prompts, sampling)
@@ -657,6 +660,15 @@ def _caller_level() -> int:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _prompt_list(prompts: Any) -> Any:
+    """``prompts`` as given when it has a length, else (a generator of prompts) read once into a list."""
+    if isinstance(prompts, (str, bytes, bytearray)) or hasattr(prompts, "__len__"):
+        return prompts  # a single string is refused by _add_all, with the fix
+    if not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a list (or iterable) of prompts; got {type(prompts).__name__}")
+    return list(prompts)
 
 
 def _is_chat(prompt: Any) -> bool:

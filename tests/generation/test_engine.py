@@ -127,6 +127,20 @@ def test_token_ids_must_be_integers_not_truncated_floats(llama):
     assert outs[2].token_ids == outs[3].token_ids and outs[2].prompt_token_ids == [1, 2]
 
 
+def test_prompts_may_be_any_iterable_read_once(llama):
+    """A generator of prompts (as transformers' pipelines take) gives what the same list gives; a non-iterable
+    is a TypeError naming prompts, not len()'s."""
+    gen = Generator(llama, progress=False)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    prompts = [[1, 2, 3], [4, 5]]
+    assert _ids(gen.generate_batched((p for p in prompts), sp)) == _ids(gen.generate_batched(prompts, sp))
+    assert [e.token_id for e in gen.stream(iter(prompts), sp)] == [e.token_id for e in gen.stream(prompts, sp)]
+    assert llama.generate_batched(iter(prompts), sp, progress=False)[1].prompt_token_ids == [4, 5]
+    with pytest.raises(TypeError, match="prompts must be a list \\(or iterable\\) of prompts; got int"):
+        gen.generate_batched(5)
+    assert gen.num_live == 0
+
+
 class ChatTokenizer(CharTokenizer):
     """CharTokenizer with a chat template that fails, as jinja does, on a message without ``content``."""
 
