@@ -236,6 +236,9 @@ class Generator:
                 ) from exc
             ids = ids["input_ids"] if not isinstance(ids, list) else ids
             return [int(t) for t in ids]
+        if isinstance(prompt, (bytes, bytearray)):  # list() would read each byte as a token id
+            raise ValueError(f"prompt must be a string, a list of token ids or a list of chat messages; "
+                             f"got bytes {prompt[:20]!r}: decode it (prompt.decode()) first")  # fmt: skip
         try:
             items = list(prompt)  # type: ignore[arg-type]  # chat lists were handled above
         except TypeError:
@@ -526,8 +529,8 @@ class Generator:
 
     # --- whole runs -----------------------------------------------------------------------------
     def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
-        if isinstance(prompts, str) or _is_chat(prompts):
-            raise TypeError("prompts must be a list of prompts; got a single string or chat (wrap it in a list)")
+        if isinstance(prompts, (str, bytes, bytearray)) or _is_chat(prompts):
+            raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
         if len(prompts) and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
             raise TypeError(
                 f"prompts must be a list of prompts; got a single list of token ids {list(prompts)[:8]} "

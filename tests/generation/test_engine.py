@@ -141,6 +141,19 @@ def test_prompts_may_be_any_iterable_read_once(llama):
     assert gen.num_live == 0
 
 
+def test_bytes_prompts_are_refused_not_read_as_token_ids(llama):
+    gen = Generator(llama, progress=False)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    outs = gen.generate_batched([b"hello", bytearray(b"hi"), [1, 2]], sp)
+    for out in outs[:2]:
+        assert out.finish_reason == "error" and out.token_ids == [] and out.prompt_token_ids == []
+        assert "got bytes" in out.error and "decode" in out.error
+    assert outs[2].finish_reason == "length"
+    with pytest.raises(TypeError, match="single string, bytes or chat"):
+        gen.generate_batched(b"hello")
+    assert gen.num_live == 0
+
+
 class ChatTokenizer(CharTokenizer):
     """CharTokenizer with a chat template that fails, as jinja does, on a message without ``content``."""
 
