@@ -143,8 +143,9 @@ class Generator:
             raise ValueError(f"block_size must be >= 1; got {block_size}")
         if kv_cache_tokens < block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size={block_size}; got {kv_cache_tokens}")
-        if not isinstance(prefix_caching, bool):
-            raise ValueError(f"prefix_caching must be True or False; got {prefix_caching!r}")
+        for name, flag in (("prefix_caching", prefix_caching), ("chat_template", chat_template)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False; got {flag!r}")
         self.model = model
         self.tokenizer = model.tokenizer
         self.chat_template = chat_template

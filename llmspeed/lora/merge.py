@@ -95,9 +95,11 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
         A :class:`MergeReport`. While merged, forward skips the adapter's delta.
 
     Raises:
-        ValueError: the adapter does not exist or is already merged (model unchanged).
+        ValueError: the adapter does not exist or is already merged, or ``requantize`` is not a bool (model unchanged).
     """
     require_adapter(model, name)
+    if not isinstance(requantize, bool):
+        raise ValueError(f"requantize must be a bool; got {requantize!r}")
     layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
     if any(name in layer.merged for layer in layers):
         raise ValueError(f"adapter {name!r} is already merged; unmerge it first")

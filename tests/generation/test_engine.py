@@ -110,6 +110,7 @@ def test_empty_list_and_argument_errors(llama):
         (dict(kv_cache_tokens="16"), "kv_cache_tokens must be None or an int; got '16'"),
         (dict(eos_token_ids=3), "eos_token_ids must be None or a list of token ids >= 0; got 3"),
         (dict(eos_token_ids=[-5]), r"eos_token_ids must be None or a list of token ids >= 0; got \[-5\]"),
+        (dict(chat_template="yes"), "chat_template must be True or False; got 'yes'"),
     ]:
         with pytest.raises(ValueError, match=message):
             Generator(llama, **kwargs)

@@ -102,3 +102,14 @@ def test_quantized_unmerge_order_enforced(llama):
     lora.unmerge(llama, "b")
     lora.unmerge(llama, "a")
     assert_same_tensors(base_tensors(llama), before)
+
+
+def test_requantize_must_be_a_bool(llama):
+    """requantize="no" was truthy: it re-quantized. Now refused before any layer changes."""
+    quantize_real(llama, "int8")
+    lora.add_adapter(llama, "a", r=4, init="random")
+    before = base_tensors(llama)
+    with pytest.raises(ValueError, match="requantize must be a bool; got 'no'"):
+        lora.merge(llama, "a", requantize="no")
+    assert_same_tensors(base_tensors(llama), before)
+    lora.merge(llama, "a", requantize=False)  # still mergeable
