@@ -116,6 +116,8 @@ def _read_config(folder: Path) -> dict:
                 re.compile(key)
             except re.error as err:
                 raise ValueError(f"{path} field {field} has {key!r}, which is not a regular expression ({err})") from err
+    if not isinstance(cfg.get("use_rslora", False), bool):  # bool("no") would be True
+        raise ValueError(f"{path} field use_rslora must be a JSON boolean (true or false); got {cfg['use_rslora']!r}")
     checks = {
         "peft_type": (cfg.get("peft_type", "LORA"), "LORA"),
         "use_dora": (bool(cfg.get("use_dora")), False),
@@ -184,11 +186,7 @@ def load_adapter(
             raise ValueError(f"{WEIGHTS_FILE} holds {key!r}, which is not a LoRA matrix of a linear layer")
         found.setdefault(match["pos"], {})[match["mat"]] = tensor
     try:
-        r, alpha, rslora = (
-            int(cfg.get("r", 8)),
-            float(cfg.get("lora_alpha", 8)),
-            bool(cfg.get("use_rslora", False)),
-        )
+        r, alpha, rslora = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)), cfg.get("use_rslora", False)
     except (TypeError, ValueError) as err:
         raise ValueError(
             f"{folder / CONFIG_FILE} fields r and lora_alpha must be numbers; got r={cfg.get('r')!r}, "

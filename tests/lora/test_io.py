@@ -113,3 +113,20 @@ def test_load_adapter_is_all_or_nothing_when_a_layer_fails(tmp_path, llama, monk
     assert _state(fresh) == before
     assert all("b" not in layer.lora_A for _, layer in lora.lora_layers(fresh))
     assert torch.equal(logits(fresh.hf), want)
+
+
+@pytest.mark.parametrize("value", ["no", "false", 1, None])
+def test_use_rslora_must_be_a_json_boolean(tmp_path, llama, value):
+    """bool() read the string "no" as True (rank-stabilized scaling); only true/false are taken now."""
+    lora.add_adapter(llama, "a", r=4, init="random")
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(cfg, use_rslora=value)))
+    fresh = llmspeed.models.tiny("llama", seed=0)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=rf"adapter_config.json field use_rslora must be a JSON boolean .*got {value!r}"):
+        lora.load_adapter(fresh, folder, "a")
+    assert _state(fresh) == before
+    path.write_text(json.dumps(dict(cfg, use_rslora=False)))
+    assert lora.load_adapter(fresh, folder, "a").use_rslora is False
