@@ -12,6 +12,9 @@ anything else is passed on unchanged for the caller to reject with its list of a
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 #: Every accepted dtype spelling (lower case) and its canonical short name.
@@ -70,3 +73,18 @@ def check_device(device: object, arg: str = "device") -> torch.device:
             f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use {arg}='cpu'"
         )
     return dev
+
+
+def folder_path(path: object, arg: str, write: bool = False) -> Path:
+    """``path`` (a ``str`` or ``os.PathLike``) as a ``Path``; ``TypeError`` naming ``arg`` for anything else.
+
+    ``write``: the folder is about to be created if needed, so ``ValueError`` when it, or the nearest part
+    of it that exists, is a file (``mkdir`` would answer with a bare ``FileExistsError``/``NotADirectoryError``).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{arg} must be a folder path (a str or pathlib.Path); got {path!r}")
+    folder = Path(path)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None) if write else None
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{arg} must be a folder (created if needed); got {str(folder)!r}, but {str(existing)!r} is a file")
+    return folder

@@ -19,6 +19,7 @@ from typing import cast
 
 import torch
 
+from ..names import folder_path
 from ..protocol import CausalLM
 from .config import LoraConfig
 from .inject import (
@@ -51,6 +52,7 @@ def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
     """Write adapter ``name`` to folder ``path`` (created if needed) in PEFT's format; return the folder."""
     from safetensors.torch import save_file
 
+    folder = folder_path(path, "path", write=True)
     info = require_adapter(model, name)
     root = model.module
     config = info.config
@@ -88,7 +90,6 @@ def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
         "alpha_pattern": alpha_pattern,
         "use_dora": False,
     }
-    folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
@@ -175,7 +176,7 @@ def load_adapter(
         raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.float32); got {dtype!r}")
     if name in registry(model):
         raise ValueError(f"adapter {name!r} already exists on this model (adapters: {adapter_names(model)})")
-    folder = Path(path)
+    folder = folder_path(path, "path")
     cfg = _read_config(folder)
     tensors = _read_weights(folder / WEIGHTS_FILE)
     layers = dict(model.linear_layers())

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..model import Model, as_model
-from ..names import check_device
+from ..names import check_device, folder_path
 from ..protocol import CausalLM, base_linear
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
@@ -73,6 +73,7 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {list(SAVE_FORMATS)}; got {format!r}")
+    directory = folder_path(directory, "directory", write=True)
     model = as_model(model)  # a transformers model is wrapped, as the other verbs do
     for name, module in model.linear_layers():  # what load() could not rebuild: refused before writing
         if isinstance(getattr(base_linear(module), "fake_format", None), str):
@@ -89,7 +90,6 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
         return compressed_tensors.save(model, directory)
     from safetensors.torch import save_file
 
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     root = model.module
     tensors: dict[str, torch.Tensor] = {}
@@ -184,7 +184,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
             of the wrong dtype or shape, or an alias names a parameter that does not match (the message
             names the tensor).
     """
-    directory = Path(directory)
+    directory = folder_path(directory, "directory")
     check_device(device)
     if directory.is_file():
         raise _not_checkpoint(directory, "a file, not a folder: pass the folder llmspeed.save wrote")

@@ -130,3 +130,16 @@ def test_use_rslora_must_be_a_json_boolean(tmp_path, llama, value):
     assert _state(fresh) == before
     path.write_text(json.dumps(dict(cfg, use_rslora=False)))
     assert lora.load_adapter(fresh, folder, "a").use_rslora is False
+
+
+def test_save_adapter_into_a_file_or_a_non_path_names_the_argument(tmp_path, llama):
+    lora.add_adapter(llama, "a", r=4, init="random")
+    file = tmp_path / "adapter.bin"
+    file.write_bytes(b"keep")
+    with pytest.raises(ValueError, match=rf"path must be a folder \(created if needed\); got '{file}', but '{file}' is a file"):
+        lora.save_adapter(llama, file, "a")
+    assert file.read_bytes() == b"keep"
+    with pytest.raises(TypeError, match="path must be a folder path .*; got None"):
+        lora.save_adapter(llama, None, "a")
+    with pytest.raises(TypeError, match="path must be a folder path .*; got None"):
+        lora.load_adapter(llmspeed.models.tiny("llama", seed=0), None, "b")

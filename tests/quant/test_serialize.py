@@ -240,3 +240,19 @@ def test_transformers_refuses_native_folder_naming_llmspeed(tmp_path, llama):
     llmspeed.save(loaded, tmp_path / "again")
     cfg = json.loads((tmp_path / "again" / "config.json").read_text())
     assert cfg["quantization_config"]["llmspeed_format"] == "llmspeed"
+
+
+@pytest.mark.parametrize("fmt", ["llmspeed", "compressed-tensors"])
+def test_save_into_a_file_or_load_a_non_path_names_the_argument(tmp_path, llama, fmt):
+    """mkdir's bare FileExistsError / NotADirectoryError and pathlib's TypeError become errors naming directory."""
+    file = tmp_path / "model.bin"
+    file.write_bytes(b"keep")
+    for target in (file, file / "sub"):
+        with pytest.raises(ValueError, match=rf"directory must be a folder .*got '{target}', but '{file}' is a file"):
+            llmspeed.save(llama, target, format=fmt)
+    assert file.read_bytes() == b"keep"
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=rf"directory must be a folder path \(a str or pathlib.Path\); got {bad}"):
+            llmspeed.load(bad)
+        with pytest.raises(TypeError, match="directory must be a folder path"):
+            llmspeed.save(llama, bad, format=fmt)
