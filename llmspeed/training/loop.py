@@ -113,13 +113,20 @@ def check_arguments(
     seed: int = 0,
     gradient_checkpointing: bool = False,
     progress: bool = True,
+    context: int | None = None,
 ) -> None:
-    """``ValueError`` naming the first training argument (those of :func:`train`) that is invalid."""
+    """``ValueError`` naming the first training argument (those of :func:`train`) that is invalid.
+
+    ``context``: the model's longest sequence (``model.spec.max_positions``), which ``seq_len`` may not pass.
+    """
     for arg, value in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
         if not _is_int(value) or value <= 0:
             raise ValueError(f"{arg} must be a positive integer; got {value!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2; got {seq_len}")
+    if context is not None and seq_len > context:
+        raise ValueError(f"seq_len must be at most the model's context of {context} tokens "
+                         f"(model.spec.max_positions); got seq_len={seq_len}")  # fmt: skip
     if not _is_finite(lr) or not lr > 0:
         raise ValueError(f"lr must be a positive number; got {lr!r}")
     if warmup_steps is not None and (not _is_int(warmup_steps) or warmup_steps < 0):
@@ -192,7 +199,7 @@ def train(
     """
     options = dict(warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                    eval_windows=eval_windows, seed=seed, gradient_checkpointing=gradient_checkpointing, progress=progress)
-    check_arguments(steps, lr, seq_len, batch_size, **options)
+    check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions, **options)
     if data.numel() < seq_len + 1:
         raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
     device = model.spec.device

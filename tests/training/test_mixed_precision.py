@@ -153,6 +153,7 @@ def test_finetune_bad_arguments(llama, kwargs, match):
         (dict(eval_windows=-1), "eval_windows must be an integer >= 0; got -1"),
         (dict(seed="x"), "seed must be an integer in \\[0, 2\\*\\*64\\); got 'x'"),
         (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be a bool; got 'yes'"),
+        (dict(seq_len=1024), "seq_len must be at most the model's context of 512 tokens .*; got seq_len=1024"),
     ],
 )
 def test_bad_training_options_are_refused_before_anything_changes(llama, train, kwargs, match):
