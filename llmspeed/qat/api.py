@@ -24,7 +24,7 @@ from ..names import format_name
 from ..protocol import CausalLM, is_quantized
 from ..quant import primitives as P
 from ..quant.api import check_method_options, plan_layers
-from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig
+from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from ..quant.methods import get_method
 from ..quant.modules import QuantizedLinearBase, module_class
 from .fake_quant import CODE_RANGE, FakeQuantLinear, init_qparams
@@ -137,10 +137,7 @@ def prepare(
     check_method_options("gptq", get_method("gptq").model, 3, dict(init_options or {}), "init_options")
     if calibration is not None and init != "gptq":
         raise ValueError(f"calibration is only used by init='gptq'; got init={init!r}")
-    if group_size == -1 and not isinstance(group_size, bool):  # QuantConfig's "format default", never a group size
-        raise ValueError(
-            "group_size must be a positive even integer, or None for one group per output row (AutoGPTQ's -1); got -1"
-        )
+    refuse_default_marker(group_size)
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE[fmt]
     config = QuantConfig(fmt, group_size, method=init)

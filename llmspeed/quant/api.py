@@ -14,7 +14,7 @@ from torch import nn
 from ..model import as_model
 from ..names import format_name
 from ..protocol import CausalLM, base_linear, is_quantized
-from .config import DEFAULT_GROUP_SIZE, QuantConfig
+from .config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from .embedding import share_tied_embedding, tied_head
 from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import get_method
@@ -201,10 +201,7 @@ def quantize(
             is restored.
     """
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
-    if group_size == -1 and not isinstance(group_size, bool):  # QuantConfig's "format default", never a group size
-        raise ValueError(
-            "group_size must be a positive even integer, or None for one group per output row (AutoGPTQ's -1); got -1"
-        )
+    refuse_default_marker(group_size)
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE.get(fmt)
     config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric, activations=activations)

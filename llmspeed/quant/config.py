@@ -18,6 +18,15 @@ ACTIVATIONS = ("float", "int8")
 ACT_BLOCK = 32  # int8 activations: input channels per activation scale
 
 
+def refuse_default_marker(group_size: object) -> None:
+    """``ValueError`` for a verb's ``group_size=-1``: QuantConfig's own "format default" marker, which a user
+    meaning AutoGPTQ's -1 (one group per output row: llmspeed's ``None``) would otherwise get silently."""
+    if group_size == -1 and not isinstance(group_size, bool):
+        raise ValueError(
+            "group_size must be a positive even integer, or None for one group per output row (AutoGPTQ's -1); got -1"
+        )
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How a linear layer's weight is quantized. Validated on construction; ``to_dict``/``from_dict`` round-trip.
