@@ -4,9 +4,10 @@ A LoRA-wrapped projection (``llmspeed.lora.LoraLinear``, recognised by its ``bas
 ``lora_A``/``lora_B``) joins the fused step when its adapters are unmerged and its dropout cannot
 fire. Its adapters are stacked once per snapshot: ``A [S, R, in]`` and ``B [S, NB, R, 16]`` (B transposed,
 in blocks of 16 outputs: :func:`stacks`), one slot per adapter name on the model (sorted), zero-padded to
-the largest rank and with the adapter's scale folded into ``B``; an adapter that does not touch a projection is zeros there. The C++ step then
-adds ``B[s] (A[s] x)`` to each row's projection output for the slot ``s`` of that row's adapter
-(``decode_cpu.cpp``'s ``lora_add``), the way the generic path's routed deltas do.
+the largest rank and with the adapter's scale folded into ``B``; an adapter that does not touch a
+projection is zeros there. The C++ step then adds ``B[s] (A[s] x)`` to each row's projection output for
+the slot ``s`` of that row's adapter (``decode_cpu.cpp``'s ``LoraDeltas``), the way the generic path's
+routed deltas do.
 
 The stacks are fp16 by default (``lora_dtype``), as llama.cpp's LoRA files are: a step reads every
 stacked adapter's bytes, and a few r=16 adapters on every projection weigh, in fp32, about as much as
