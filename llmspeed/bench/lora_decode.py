@@ -1,8 +1,9 @@
 """LoRA adapters on the fused CPU decode step: the cost of one adapter, and of a different adapter per row.
 
 A decode step of the quantized model without any adapter (the baseline of the ratios), of the same model with
-four r=16 adapters on every projection and no row using one, with one adapter at batch 1, and at batch 8 with the
-four spread over the rows (one row without), each configuration measured in every repetition in turn so that a
+four r=16 adapters on every projection and no row using one, with one adapter at batch 1 (and with one of
+sixteen adapters on the model: what a step reads should not grow with the adapters no row uses), and at batch 8
+with the four spread over the rows (one row without), each configuration measured in every repetition in turn so that a
 shared machine's drift hits all alike: the fused step with its adapter stacks in fp16 (the default) and in fp32,
 and the generic per-layer path. The ``path`` column says which way the steps ran (``fused cpu`` is the C++ step;
 before adapters joined it, any adapter sent decode to the generic path).
@@ -22,11 +23,14 @@ from .models import load_model
 from .steps import decode_step_ms
 
 ADAPTERS = ("a", "b", "c", "d")
+MANY = tuple(f"m{i:02d}" for i in range(16))
 PLAIN = "model without adapters"  # the configurations run on a copy of the quantized model with no LoRA wrapper
+OF_MANY = f"of {len(MANY)} on the model"  # ... on a copy with the MANY adapters
 CONFIGS: dict[str, list[str | None]] = {  # label -> adapter per row
     f"batch 1, {PLAIN}": [None],
     "batch 1, no adapter": [None],
     "batch 1, one adapter": ["a"],
+    f"batch 1, one adapter {OF_MANY}": [MANY[0]],
     f"batch 8, {PLAIN}": [None] * 8,
     "batch 8, no adapter": [None] * 8,
     "batch 8, 4 adapters over the rows": ["a", "b", "c", "d", None, "a", "b", "c"],
@@ -49,13 +53,15 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     m = load_model(model, "cpu")
     quantize(m, fmt)
     plain = copy.deepcopy(m)
+    many = copy.deepcopy(m)
     g = torch.Generator().manual_seed(0)
-    for name in ADAPTERS:
-        lora.add_adapter(m, name, r=rank, alpha=2 * rank)
-        with torch.no_grad():
-            for _, layer in lora.lora_layers(m):
-                layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.01)
-    lora.set_adapter(m, None)
+    for model, names in ((m, ADAPTERS), (many, MANY)):
+        for name in names:
+            lora.add_adapter(model, name, r=rank, alpha=2 * rank)
+            with torch.no_grad():
+                for _, layer in lora.lora_layers(model):
+                    layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.01)
+        lora.set_adapter(model, None)
     samples: dict[tuple[str, str], list[float]] = {}
     paths: dict[tuple[str, str], str] = {}
     with torch.inference_mode():
@@ -63,7 +69,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             for step, (fused, dtype) in STEPS.items():
                 for label, names in CONFIGS.items():
                     prompts = [list(range(100, 140 + i)) for i in range(len(names))]
-                    model = plain if PLAIN in label else m
+                    model = plain if PLAIN in label else many if OF_MANY in label else m
                     ms, path = decode_step_ms(model, prompts, steps, names, fused, lora_dtype=dtype)
                     samples.setdefault((label, step), []).append(ms)
                     paths[(label, step)] = path

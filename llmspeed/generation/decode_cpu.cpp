@@ -788,6 +788,7 @@ struct Held {
   std::vector<at::Tensor> weights, lm_head, lora, sources, versioned;
   std::vector<std::pair<const void*, at::ScalarType>> layout;  // of sources, when held
   std::vector<int64_t> versions;  // of versioned, when held
+  std::vector<int64_t> slot_ends;  // versioned is slot by slot: slot s's tensors end at slot_ends[s]
 };
 
 std::mutex held_mutex;
@@ -805,10 +806,19 @@ std::shared_ptr<const Held> held(int64_t handle) {
 
 // Hold a snapshot's tensors (weights: PER_LAYER per layer; lm_head: weight, scale, zero; lora: empty or 14
 // per layer; sources: the model tensors to watch; versioned: the tensors the lora stacks were copied from, whose
-// in-place changes must be seen); returns the handle decode_step takes.
+// in-place changes must be seen, slot by slot, slot s's ending at slot_ends[s]); returns the handle decode_step
+// takes.
 int64_t hold(std::vector<at::Tensor> weights, std::vector<at::Tensor> lm_head, std::vector<at::Tensor> lora,
-             std::vector<at::Tensor> sources, std::vector<at::Tensor> versioned) {
+             std::vector<at::Tensor> sources, std::vector<at::Tensor> versioned, std::vector<int64_t> slot_ends) {
+  int64_t last = 0;
+  for (int64_t end : slot_ends) {
+    TORCH_CHECK(end >= last, "fused decode: slot_ends must not decrease");
+    last = end;
+  }
+  TORCH_CHECK(last == (int64_t)versioned.size(), "fused decode: slot_ends must end at the ", versioned.size(),
+              " versioned tensors, not ", last);
   auto set = std::make_shared<Held>();
+  set->slot_ends = std::move(slot_ends);
   for (const auto& t : sources) set->layout.emplace_back(t.const_data_ptr(), t.scalar_type());
   for (const auto& t : versioned) set->versions.push_back(t._version());
   set->versioned = std::move(versioned);
@@ -828,19 +838,25 @@ void release(int64_t handle) {
 }
 
 // Whether every watched model tensor still has the data pointer and dtype it had when held, and every versioned
-// tensor its version (a few hundred LoRA tensors: read here in one loop, where the CPU overlaps their cache
-// misses, instead of one Python attribute read each after the step's weights have pushed them out of the cache).
-bool held_current(int64_t handle) {
+// tensor of the adapter slots a step reads (slots) its version: a few hundred LoRA tensors an adapter, read here
+// in one loop, where the CPU overlaps their cache misses, instead of one Python attribute read each after the
+// step's weights have pushed them out of the cache. Slots no row reads are not checked: their stacks may be
+// stale until a step reads them, and that step sees it.
+bool held_current(int64_t handle, std::vector<int64_t> slots) {
   const auto set = held(handle);
+  const int64_t S = set->slot_ends.size();
+  for (int64_t s : slots) {
+    TORCH_CHECK(s >= 0 && s < S, "fused decode: adapter slot ", s, " is not one of the ", S, " held");
+    for (int64_t i = s ? set->slot_ends[s - 1] : 0; i < set->slot_ends[s]; ++i)
+      if (set->versioned[i]._version() != set->versions[i]) return false;
+  }
   // const_data_ptr(): the pointer without data_ptr()'s mutable-access path (its copy-on-write checks); this runs
   // before every step, over every source tensor
   for (size_t i = 0; i < set->sources.size(); ++i) {
     const at::Tensor& t = set->sources[i];
     if (t.const_data_ptr() != set->layout[i].first || t.scalar_type() != set->layout[i].second) return false;
   }
-  bool same = true;
-  for (size_t i = 0; i < set->versioned.size(); ++i) same &= set->versioned[i]._version() == set->versions[i];
-  return same;
+  return true;
 }
 
 // hidden [n, E] fp32 embeddings -> logits [r, V] fp32 of the rows in logit_rows (int64 [r], increasing; empty:

@@ -322,8 +322,8 @@ class _Snapshot:
     more than re-validating a snapshot: every module is still the same object at the same place, every
     tensor read still has the same storage and dtype (``nn.Module.to`` and :func:`llmspeed.cast` change a
     parameter's data in place), no LoRA wrapper anywhere has changed its adapters, scales or flags (one process-wide
-    count, :func:`.fused_lora.state_changes`), and every adapter tensor has the version it was stacked at (checked
-    in the extension with the pointers).
+    count, :func:`.fused_lora.state_changes`), and every tensor of the adapters a step reads has the version it was
+    stacked at (checked in the extension with the pointers; an adapter no row reads is checked when one does).
 
     The modules are checked in place (each parent's ``_modules[name]`` is still the child read, the
     decoder layers' list included) only when a module was assigned somewhere in the process since the
@@ -392,7 +392,7 @@ class _Snapshot:
         self._parents = list({id(d): d for d in self._dicts}.values())
         self._sizes = list(map(len, self._parents))
         self.ext = ext
-        self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources, self.lora_weights)
+        self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources, self.lora_weights, self.slot_ends)
         weakref.finalize(self, ext.release, self.handle)
 
     def _stack_adapters(self, body: Any) -> None:
@@ -411,22 +411,33 @@ class _Snapshot:
             for m in matrices:
                 self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
         self.lora_changes = fused_lora.state_changes()
-        self.lora_weights = [t for m in self.wrappers for t in fused_lora.weights(m)]  # versions checked in C++
+        # each slot's tensors, slot by slot (versions checked in C++ for the slots a step reads)
+        self.lora_weights: list[torch.Tensor] = []
+        self.slot_ends: list[int] = []
+        for name in self.slots:
+            self.lora_weights += [t for m in self.wrappers for t in fused_lora.weights(m, name)]
+            self.slot_ends.append(len(self.lora_weights))
+        self.slot_index = {name: s for s, name in enumerate(self.slots)}
 
     def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         parts = _parts(module)  # unsupported() ran first: the module is fusable
         self.sources += [t for t in parts if t is not None]
         return parts
 
-    def valid(self) -> bool:
+    def valid(self, names: list[str | None] | None = None) -> bool:
+        """Whether the snapshot still describes the model, for a step whose rows run adapters ``names``
+        (``None``: check every adapter's tensors)."""
         if _ASSIGNED[0] != self.assigned or list(map(len, self._parents)) != self._sizes:
             # every check is (parent, child name, child): the parent's _modules[name] is still that child
             # (list equality compares items by identity first, and modules do not define __eq__)
             if list(map(dict.get, self._dicts, self._names)) != self._children:
                 return False
             self.assigned, self._sizes = _ASSIGNED[0], list(map(len, self._parents))
-        # every source's data pointer and dtype, and every adapter tensor's version (trained in place: restack)
-        return fused_lora.state_changes() == self.lora_changes and self.ext.held_current(self.handle)
+        # every source's data pointer and dtype, and the versions of the adapters read (trained in place: restack)
+        if fused_lora.state_changes() != self.lora_changes:
+            return False
+        read = range(len(self.slots)) if names is None else {self.slot_index[n] for n in names if n is not None}
+        return self.ext.held_current(self.handle, list(read))
 
     def adapter_slots(self, names: list[str | None]) -> torch.Tensor:  # [n] int64
         """Each row's stack slot (``-1``: none); ``names`` as resolved by :meth:`FusedDecode.run`."""
@@ -552,14 +563,20 @@ class FusedDecode:
             return "decode rows and prompt chunks"
         return f"decode rows, and prompt chunks in steps of up to {self.max_rows} or from {gemm_rows()} rows"
 
-    def _current(self) -> _Snapshot | None:
+    def _current(self, adapters: list[str | None] | None, n: int) -> tuple[_Snapshot, list[str | None]] | None:
+        """A valid snapshot and each of the ``n`` rows' adapter (:meth:`_names`), or ``None`` when the fused step
+        cannot run the model or those adapters."""
         snap = self._snapshot
-        if snap is not None and snap.valid():
-            return snap
+        if snap is not None:
+            names = self._names(snap, adapters, n)
+            if snap.valid(names):
+                return None if names is None else (snap, names)
         self._snapshot = None
-        if unsupported(self.model) is None:
-            self._snapshot = _Snapshot(self.model.hf, self.ext, self.lora_dtype)
-        return self._snapshot
+        if self.ext is None or unsupported(self.model) is not None:
+            return None
+        snap = self._snapshot = _Snapshot(self.model.hf, self.ext, self.lora_dtype)
+        names = self._names(snap, adapters, n)
+        return None if names is None else (snap, names)
 
     def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [r, vocab]
         """Logits of the sampled rows (``step.rows``) of a :class:`~.runner.StepInput`, or ``None`` when the
@@ -572,10 +589,10 @@ class FusedDecode:
         decode = step.decode_only
         if (decode and len(step.ids) > self.max_rows) or (not decode and not self.takes_prompt(len(step.ids))):
             return None
-        snap = None if self.ext is None else self._current()
-        names = None if snap is None else self._names(snap, adapters, len(step.chunks))
-        if snap is None or names is None:
+        current = self._current(adapters, len(step.chunks))
+        if current is None:
             return None
+        snap, names = current
         bs = self.cache.block_size
         width = -(-(max(step.positions) + 1) // bs)
         tables = block_tables([t for t, _, _ in step.chunks], width, torch.device("cpu"))  # [chunks, W]
@@ -629,12 +646,12 @@ class FusedDecode:
                              f"grow them first")  # fmt: skip
         if len(rows) > self.max_rows or steps < 1:
             return None
-        snap = None if self.ext is None else self._current()
-        names = None if snap is None else self._names(snap, adapters, len(rows))
+        current = self._current(adapters, len(rows))
         body = self.model.hf.model
         embedding = _embedding_parts(body.embed_tokens)
-        if snap is None or names is None or embedding is None or not static(body.rotary_emb):
+        if current is None or embedding is None or not static(body.rotary_emb):
             return None
+        snap, names = current
         last = max(p for _, p, _ in rows) + steps  # positions 0..last-1 are read
         cos, sin = self._rope_table(body.rotary_emb).tables(last, _embedding_dtype(body.embed_tokens))  # [P, D] each
         tables = block_tables([t for t, _, _ in rows], -(-last // bs), torch.device("cpu"))  # [n, W]

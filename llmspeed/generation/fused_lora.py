@@ -49,9 +49,10 @@ def state_changes() -> int:
     return STATE_CHANGES[0]
 
 
-def weights(module: Any) -> list[torch.Tensor]:
-    """Every A and B of the wrapper (their ``_version`` changes when training updates them in place)."""
-    return [t for n in module.lora_A for t in (module.weight_a(n), module.weight_b(n))]
+def weights(module: Any, name: str) -> list[torch.Tensor]:
+    """Adapter ``name``'s A and B on the wrapper, none if it lacks one (their ``_version`` changes when training
+    updates them in place)."""
+    return [module.weight_a(name), module.weight_b(name)] if name in module.lora_A else []
 
 
 LORA_DTYPES = (torch.float16, torch.float32)

@@ -613,11 +613,11 @@ def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_ho
     model, gen, decode, fused, step, before = _stepped_once()
     snap = fused._snapshot
     handle = snap.handle
-    assert fused.ext.held_current(handle)
+    assert fused.ext.held_current(handle, [])
     # the same Parameter object with new data (what nn.Module.to and llmspeed.cast do): only the pointer changes
     weight = model.hf.model.layers[0].self_attn.o_proj.weight
     weight.data = weight.data * 2
-    assert not fused.ext.held_current(handle) and not snap.valid()
+    assert not fused.ext.held_current(handle, []) and not snap.valid()
     after = fused.run(step)
     ref = _generic_logits(model, gen, decode)
     assert not torch.allclose(before, after)
@@ -626,7 +626,7 @@ def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_ho
     del snap
     gc.collect()
     with pytest.raises(RuntimeError, match=f"no held weights with handle {handle}"):
-        fused.ext.held_current(handle)  # the replaced snapshot's tensors were released with it
+        fused.ext.held_current(handle, [])  # the replaced snapshot's tensors were released with it
 
 
 def test_without_the_kernel_generation_still_works(monkeypatch):

@@ -88,6 +88,24 @@ def test_adapters_changed_in_place_are_restacked():
     assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
 
+def test_an_adapter_no_row_reads_is_checked_when_a_row_reads_it():
+    """A step checks the versions of the adapters its rows read only: training adapter "b" in place keeps the
+    snapshot for steps of "a" (no restack, same logits), and the first step that reads "b" restacks it."""
+    model, gen, decode, runner, step = _fused_step(5, [4, 7])
+    before = runner.run(step, ["a", None])
+    snap = runner._snapshot
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            if "b" in layer.lora_A:
+                layer.weight_b("b").mul_(2.0)
+    assert torch.equal(runner.run(step, ["a", None]), before) and runner._snapshot is snap
+    assert not snap.valid()  # every adapter's tensors, when no rows are named
+    after = runner.run(step, ["b", "a"])
+    assert runner._snapshot is not snap
+    ref = _routed_logits(model, gen, decode, ["b", "a"])
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 def test_scales_and_flags_changed_in_place_are_seen():
     """The snapshot compares one process-wide count of LoRA wrapper changes: an in-place scale, the active
     adapter and a disabled layer each make the next step follow (restacked, or the generic path)."""
