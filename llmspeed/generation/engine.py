@@ -143,9 +143,13 @@ class Generator:
             raise ValueError(f"block_size must be >= 1; got {block_size}")
         if kv_cache_tokens < block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size={block_size}; got {kv_cache_tokens}")
-        for name, flag in (("prefix_caching", prefix_caching), ("chat_template", chat_template)):
+        flags = (("prefix_caching", prefix_caching), ("chat_template", chat_template), ("progress", progress),
+                 ("cuda_graphs", cuda_graphs))  # fmt: skip
+        for name, flag in flags:
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False; got {flag!r}")
+        if fused_decode not in (None, True, False) or not isinstance(fused_decode, (bool, type(None))):
+            raise ValueError(f"fused_decode must be None (auto), True or False; got {fused_decode!r}")
         self.model = model
         self.tokenizer = model.tokenizer
         self.chat_template = chat_template

@@ -111,6 +111,10 @@ def test_empty_list_and_argument_errors(llama):
         (dict(eos_token_ids=3), "eos_token_ids must be None or a list of token ids >= 0; got 3"),
         (dict(eos_token_ids=[-5]), r"eos_token_ids must be None or a list of token ids >= 0; got \[-5\]"),
         (dict(chat_template="yes"), "chat_template must be True or False; got 'yes'"),
+        (dict(progress="no"), "progress must be True or False; got 'no'"),
+        (dict(cuda_graphs=0), "cuda_graphs must be True or False; got 0"),
+        (dict(fused_decode="off"), r"fused_decode must be None \(auto\), True or False; got 'off'"),
+        (dict(fused_decode=1), r"fused_decode must be None \(auto\), True or False; got 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             Generator(llama, **kwargs)
