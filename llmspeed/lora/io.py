@@ -117,13 +117,14 @@ def _read_config(folder: Path) -> dict:
                 re.compile(key)
             except re.error as err:
                 raise ValueError(f"{path} field {field} has {key!r}, which is not a regular expression ({err})") from err
-    if not isinstance(cfg.get("use_rslora", False), bool):  # bool("no") would be True
-        raise ValueError(f"{path} field use_rslora must be a JSON boolean (true or false); got {cfg['use_rslora']!r}")
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out"):  # bool("no") would be True
+        if not isinstance(cfg.get(field, False), bool):
+            raise ValueError(f"{path} field {field} must be a JSON boolean (true or false); got {cfg[field]!r}")
     checks = {
         "peft_type": (cfg.get("peft_type", "LORA"), "LORA"),
-        "use_dora": (bool(cfg.get("use_dora")), False),
+        "use_dora": (cfg.get("use_dora", False), False),
         "bias": (cfg.get("bias", "none"), "none"),
-        "fan_in_fan_out": (bool(cfg.get("fan_in_fan_out")), False),
+        "fan_in_fan_out": (cfg.get("fan_in_fan_out", False), False),
         "modules_to_save": (bool(cfg.get("modules_to_save")), False),
         "lora_bias": (bool(cfg.get("lora_bias")), False),
     }

@@ -115,20 +115,22 @@ def test_load_adapter_is_all_or_nothing_when_a_layer_fails(tmp_path, llama, monk
     assert torch.equal(logits(fresh.hf), want)
 
 
+@pytest.mark.parametrize("field", ["use_rslora", "use_dora", "fan_in_fan_out"])
 @pytest.mark.parametrize("value", ["no", "false", 1, None])
-def test_use_rslora_must_be_a_json_boolean(tmp_path, llama, value):
-    """bool() read the string "no" as True (rank-stabilized scaling); only true/false are taken now."""
+def test_boolean_fields_must_be_json_booleans(tmp_path, llama, field, value):
+    """bool() read the string "no" as True (rsLoRA switched on; DoRA and fan_in_fan_out refused as if set):
+    only true/false are taken now, and the error names the field and the value."""
     lora.add_adapter(llama, "a", r=4, init="random")
     folder = lora.save_adapter(llama, tmp_path / "a", "a")
     path = folder / "adapter_config.json"
     cfg = json.loads(path.read_text())
-    path.write_text(json.dumps(dict(cfg, use_rslora=value)))
+    path.write_text(json.dumps(dict(cfg, **{field: value})))
     fresh = llmspeed.models.tiny("llama", seed=0)
     before = _state(fresh)
-    with pytest.raises(ValueError, match=rf"adapter_config.json field use_rslora must be a JSON boolean .*got {value!r}"):
+    with pytest.raises(ValueError, match=rf"adapter_config.json field {field} must be a JSON boolean .*got {value!r}"):
         lora.load_adapter(fresh, folder, "a")
     assert _state(fresh) == before
-    path.write_text(json.dumps(dict(cfg, use_rslora=False)))
+    path.write_text(json.dumps(dict(cfg, **{field: False})))
     assert lora.load_adapter(fresh, folder, "a").use_rslora is False
 
 
