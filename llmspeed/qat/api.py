@@ -134,7 +134,7 @@ def prepare(
         )
     if init_options is not None and init != "gptq":
         raise ValueError(f"init_options are options of init='gptq'; got init={init!r}")
-    check_method_options("gptq", get_method("gptq").model, 3, dict(init_options or {}), "init_options")
+    init_options = check_method_options("gptq", get_method("gptq").model, 3, init_options, "init_options")
     if calibration is not None and init != "gptq":
         raise ValueError(f"calibration is only used by init='gptq'; got init={init!r}")
     refuse_default_marker(group_size)
@@ -144,7 +144,7 @@ def prepare(
     plan = plan_layers(model, config, skip, include, lm_head=None)
     snapshot = dict(model.linear_layers())
     try:
-        built = _gptq_start(model, plan, calibration, dict(init_options or {})) if init == "gptq" else {}
+        built = _gptq_start(model, plan, calibration, init_options) if init == "gptq" else {}
         for name in plan:
             linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
             start = built.get(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -237,8 +237,7 @@ def quantize(
             f"(lm_head='int8' quantizes it); this model's tied head: {head!r}, quantized layers include it: "
             f"{head in plan if head else False}"
         )
-    options = dict(method_options or {})
-    check_method_options(method, entry.weight or entry.model, 2 if entry.weight else 3, options)
+    options = check_method_options(method, entry.weight or entry.model, 2 if entry.weight else 3, method_options)
     snapshot = dict(model.linear_layers())
     embedding = model.module.get_input_embeddings() if share else None
     saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
@@ -287,19 +286,25 @@ def quantize(
     return model
 
 
-def check_method_options(method: str, fn: Any, fixed: int, options: dict[str, Any], arg: str = "method_options") -> None:
-    """``ValueError`` naming any key of ``options`` (argument ``arg``) ``fn`` does not take, with the ones it does.
+def check_method_options(method: str, fn: Any, fixed: int, options: Any, arg: str = "method_options") -> dict[str, Any]:
+    """``options`` (argument ``arg``: ``None`` or a mapping) as a new dict; ``ValueError`` when it is not a mapping,
+    or naming any key ``fn`` does not take, with the ones it does.
 
     ``fixed``: leading arguments ``quantize`` passes itself (``weight, config`` or ``model, plan, calibration``).
     """
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{arg} must be None or a dict of method={method!r}'s options; got {options!r}")
     params = list(inspect.signature(fn).parameters.values())
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
+        return dict(options)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     accepted = [p.name for p in params[fixed:] if p.kind in named]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{arg} {unknown} are not options of method={method!r}; it takes {accepted}")
+    return dict(options)
 
 
 def _folded_parameters(model: CausalLM, plan: dict[str, QuantConfig], built: dict[str, Any]) -> dict[str, Any]:

@@ -177,3 +177,12 @@ def test_unknown_init_options_name_the_argument_before_any_change(llama):
     with pytest.raises(ValueError, match=r"init_options \['foo'\] are not options of method='gptq'; it takes .*seq_len"):
         qat.prepare(llama, "int4", 16, init="gptq", calibration=_calibration(), init_options=dict(GPTQ, foo=1))
     assert _snapshot(llama) == before
+
+
+@pytest.mark.parametrize("options", ["seq_len=32", [("seq_len", 32)], 5])
+def test_init_options_that_are_not_a_dict_name_the_argument(llama, options):
+    """A string or a list of pairs was read by dict(): a ValueError from dict's internals, or accepted."""
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=r"init_options must be None or a dict of method='gptq''s options; got"):
+        qat.prepare(llama, "int4", 16, init="gptq", calibration=_calibration(), init_options=options)
+    assert _snapshot(llama) == before

@@ -273,3 +273,15 @@ def test_old_native_configs_without_the_new_keys_still_read():
     assert cfg.symmetric is False and cfg.act_order is False
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     assert QuantConfig("int8").symmetric is True
+
+
+@pytest.mark.parametrize("options", ["damp=0.1", [("damp", 0.1)], 0.1])
+def test_method_options_that_are_not_a_dict_name_the_argument(llama, options):
+    """A string or a list of pairs was read by dict(): a ValueError from dict's internals, or silently accepted."""
+    before = {n: t.clone() for n, t in llama.hf.state_dict().items()}
+    with pytest.raises(ValueError, match=r"method_options must be None or a dict of method='gptq''s options; got"):
+        llmspeed.quantize(llama, "int4", 32, method="gptq", calibration=torch.zeros(2, 8, dtype=torch.long),
+                          method_options=options)  # fmt: skip
+    after = llama.hf.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+    assert not is_quantized(llama.hf.model.layers[0].mlp.down_proj)
