@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import llmspeed
 from llmspeed import lora
@@ -246,3 +248,53 @@ def test_mixed_steps_route_each_chunk_to_its_adapter():
     (fused, fused_paths), (generic, generic_paths) = out
     assert fused == generic and all(len(t) == 8 for t in fused)
     assert "fused cpu mixed" in fused_paths and "fused cpu mixed" not in generic_paths
+
+
+_NAMES = ("a", "b", "c")
+_OPS = st.one_of(
+    st.tuples(st.just("step"), st.tuples(*[st.sampled_from((None,) + _NAMES)] * 2)),
+    st.tuples(st.sampled_from(["train", "train one layer", "scale", "add", "delete", "activate"]),
+              st.sampled_from((None,) + _NAMES)),  # fmt: skip
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(_OPS, min_size=1, max_size=12), seed=st.integers(0, 2**16))
+def test_steps_follow_any_sequence_of_adapter_changes(ops, seed):
+    """Adapters added, deleted, trained in place (all layers or one), rescaled and activated in any order: every
+    fused step gives the generic path's logits for the adapters it runs, never those of stale stacks."""
+    model, gen, decode, runner, step = _fused_step(seed % 7, [3, 6])
+    g = torch.Generator().manual_seed(seed)
+    for op, name in ops:
+        present = set(lora.adapter_names(model))
+        if op == "step":
+            if not set(name) - {None} <= present:
+                continue
+            active = lora.active_adapter(model)
+            rows = [n if n is not None else active for n in name]
+            fused = runner.run(step, list(name))
+            if fused is None:  # what the fused step cannot run (layers set to different adapters) goes generic
+                event("a step the fused path left to the generic one")
+                continue
+            event("a fused step compared")
+            ref = _routed_logits(model, gen, decode, rows)
+            assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32], (ops, op, name)
+        elif op == "add" and name is not None and name not in present:
+            lora.add_adapter(model, name, r=4, alpha=8, targets=["q_proj", "v_proj"] if name == "b" else "all-linear")
+            with torch.no_grad():
+                for _, layer in lora.lora_layers(model):
+                    if name in layer.lora_A:  # fp16 values: the default stacks hold them exactly
+                        layer.weight_b(name).copy_((torch.randn(layer.weight_b(name).shape, generator=g) * 0.05).half())
+                        layer.weight_a(name).copy_(layer.weight_a(name).half())
+        elif op == "delete" and name in present:
+            lora.delete_adapter(model, name)
+        elif op == "activate" and (name is None or name in present):
+            lora.set_adapter(model, name)
+        elif op in ("train", "train one layer", "scale") and name in present:
+            layers = [layer for _, layer in lora.lora_layers(model) if name in layer.lora_A]
+            for layer in layers[:1] if op != "train" else layers:
+                if op == "scale":
+                    layer.scaling[name] *= 2.0
+                else:
+                    with torch.no_grad():  # an optimizer step: same tensors, new values (powers of two: fp16 exact)
+                        (layer.weight_b(name) if op == "train" else layer.weight_a(name)).mul_(2.0)
