@@ -148,8 +148,6 @@ class Generator:
         for name, flag in flags:
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False; got {flag!r}")
-        if fused_decode not in (None, True, False) or not isinstance(fused_decode, (bool, type(None))):
-            raise ValueError(f"fused_decode must be None (auto), True or False; got {fused_decode!r}")
         self.model = model
         self.tokenizer = model.tokenizer
         self.chat_template = chat_template

@@ -145,7 +145,7 @@ class ModelRunner:
         return f"sdpa ({why})"
 
     def _setup_fused(self, model: CausalLM, wanted: bool | None, lora_dtype: torch.dtype) -> str:
-        if wanted not in (None, True, False):
+        if not (wanted is None or isinstance(wanted, bool)):  # 1 == True: `in (None, True, False)` took 1 and 0.0
             raise ValueError(f"fused_decode must be None, True or False; got {wanted!r}")
         if wanted is False:
             return "off (fused_decode=False)"

@@ -113,8 +113,7 @@ def test_empty_list_and_argument_errors(llama):
         (dict(chat_template="yes"), "chat_template must be True or False; got 'yes'"),
         (dict(progress="no"), "progress must be True or False; got 'no'"),
         (dict(cuda_graphs=0), "cuda_graphs must be True or False; got 0"),
-        (dict(fused_decode="off"), r"fused_decode must be None \(auto\), True or False; got 'off'"),
-        (dict(fused_decode=1), r"fused_decode must be None \(auto\), True or False; got 1"),
+        (dict(fused_decode=1), "fused_decode must be None, True or False; got 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             Generator(llama, **kwargs)
