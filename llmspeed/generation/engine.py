@@ -226,7 +226,13 @@ class Generator:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
             if isinstance(prompt, str) and not self.chat_template:
-                return list(self.tokenizer.encode(prompt))
+                try:
+                    return list(self.tokenizer.encode(prompt))
+                except Exception as exc:  # e.g. a lone surrogate ("\ud800", valid JSON): this request's fault alone
+                    raise ValueError(
+                        f"the tokenizer cannot encode this prompt ({type(exc).__name__}: {exc}); "
+                        f"prompt must be valid Unicode text or a list of token ids"
+                    ) from exc
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError("prompt is a chat message list, but this model's tokenizer has no chat template")

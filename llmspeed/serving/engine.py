@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from ..generation import GenerationOutput, Generator, SamplingParams, StreamEvent
+from ..generation import GenerationOutput, Generator, RequestMetrics, SamplingParams, StreamEvent
 from ..generation.sampling import coerce
 from ..protocol import CausalLM
 from .handle import RequestHandle
@@ -114,12 +114,17 @@ class Engine:
     def _apply(self, commands: list[tuple[str, RequestHandle, Any, Any]]) -> None:
         gen = self.generator
         for kind, handle, prompt, sampling in commands:
-            if kind == "add":
-                rid = gen.add_request(prompt, sampling)
-                handle.request_id = rid
-                self._handles[rid] = handle
-            elif handle.request_id is not None and not handle.done():
-                gen.abort(handle.request_id)
+            try:
+                if kind == "add":
+                    rid = gen.add_request(prompt, sampling)
+                    handle.request_id = rid
+                    self._handles[rid] = handle
+                elif handle.request_id is not None and not handle.done():
+                    gen.abort(handle.request_id)
+            except Exception as exc:  # one command's fault: it fails its own request, never the rest of the inbox
+                self.loop_errors += 1
+                if kind == "add" and handle.request_id is None:
+                    handle._deliver(_refused(exc))
 
     def _dispatch(self, events: list[StreamEvent]) -> None:
         for event in events:
@@ -194,3 +199,13 @@ class Engine:
             self.close(timeout=0)
         except Exception:
             pass
+
+
+def _refused(exc: Exception) -> StreamEvent:
+    """The final event of a request the generator could not even queue (``add_request`` raised)."""
+    message = f"the request could not be queued: {type(exc).__name__}: {exc}"
+    metrics = RequestMetrics(prompt_tokens=0, output_tokens=0, time_to_first_token=None, inter_token_latency=None,
+                             latency=None, num_preemptions=0)
+    output = GenerationOutput(index=0, request_id=-1, prompt_token_ids=[], token_ids=[], text="",
+                              finish_reason="error", error=message, metrics=metrics)
+    return StreamEvent(0, -1, None, "", finished=True, output=output)

@@ -76,6 +76,41 @@ def test_a_chat_prompt_the_template_cannot_render_ends_with_an_error_not_a_hang(
         assert engine.loop_errors == 0
 
 
+def test_a_prompt_the_tokenizer_cannot_encode_fails_alone_and_its_inbox_neighbours_run(llama, monkeypatch):
+    """A lone surrogate ("\\ud800" is valid JSON) makes a Hugging Face fast tokenizer raise TypeError: that request
+    ends with an error, and the requests queued in the same inbox batch still run (they used to hang with it)."""
+    from tests.generation.test_engine import CharTokenizer
+
+    class FastLikeTokenizer(CharTokenizer):
+        def encode(self, text):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+                raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+            return super().encode(text)
+
+    llama.tokenizer = FastLikeTokenizer()
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    with llmspeed.Engine(llama) as engine:
+        with engine._cv:  # the engine thread takes all three in one inbox batch
+            handles = [engine.submit(p, sp) for p in ("ab", "a\ud800", [1, 2, 3])]
+        outs = [h.result(timeout=20) for h in handles]
+        assert outs[1].finish_reason == "error" and "cannot encode" in outs[1].error and "TypeError" in outs[1].error
+        assert outs[0].finish_reason == outs[2].finish_reason == "length" and outs[0].prompt_token_ids == [97, 98]
+        assert engine.loop_errors == 0
+        real = engine.generator.add_request
+
+        def broken(prompt, sampling=None, **kw):  # add_request raising anyway (a bug) fails its own request only
+            if prompt == [7, 7]:
+                raise RuntimeError("injected add fault")
+            return real(prompt, sampling, **kw)
+
+        monkeypatch.setattr(engine.generator, "add_request", broken)
+        with engine._cv:
+            handles = [engine.submit(p, sp) for p in ([7, 7], [1, 2, 3])]
+        bad, good = (h.result(timeout=20) for h in handles)
+        assert bad.finish_reason == "error" and "injected add fault" in bad.error
+        assert good.token_ids == outs[2].token_ids and engine.loop_errors == 1
+
+
 def test_iterating_a_handle_streams_text_that_adds_up(llama):
     from tests.generation.test_engine import CharTokenizer
 
