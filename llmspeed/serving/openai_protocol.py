@@ -170,7 +170,7 @@ def usage(outputs: list[GenerationOutput]) -> dict[str, int]:
 
 
 def finish_reason(output: GenerationOutput) -> str:
-    """OpenAI's finish reason (``"abort"`` is reported as ``"stop"``: the client asked for it)."""
+    """OpenAI's finish reason of a finished answer: ``"length"`` or ``"stop"`` (errors and aborts are error bodies)."""
     return "length" if output.finish_reason == "length" else "stop"
 
 

@@ -4,7 +4,9 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 server-sent events ending in ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
 The request's ``model`` picks the base model or one of the served LoRA adapters; requests for
 different adapters share one batch. A client that disconnects aborts its request. Every bad request
-is answered 4xx with an OpenAI-style error body; nothing a client sends stops the server.
+is answered 4xx with an OpenAI-style error body; nothing a client sends stops the server. A request that
+fails (or is aborted by shutdown) after its stream began ends with an ``data: {"error": ...}`` event, which
+the ``openai`` client raises as ``APIError``; never with a normal ``finish_reason``.
 """
 
 from __future__ import annotations
@@ -78,10 +80,19 @@ class OpenAIServer:
             raise APIError(503, str(err)) from None
 
     @staticmethod
-    def _check(output: GenerationOutput) -> None:
+    def _failure(output: GenerationOutput) -> APIError | None:
+        """Why ``output`` is not an answer (``None`` when it is one)."""
         if output.finish_reason == "error":
             # an error before any token is the request's fault (too long, bad ids); later, the server's
-            raise APIError(400 if not output.token_ids else 500, output.error or "generation failed")
+            return APIError(400 if not output.token_ids else 500, output.error or "generation failed")
+        if output.finish_reason == "abort":  # the client is gone, or the engine was closed under it
+            return APIError(503, "the request was aborted before it finished: the server is shutting down")
+        return None
+
+    def _check(self, output: GenerationOutput) -> None:
+        failure = self._failure(output)
+        if failure is not None:
+            raise failure
 
     async def _results(self, request: Request, handles: list[RequestHandle]) -> list[GenerationOutput]:
         """Wait for every handle; abort them all if the client goes away."""
@@ -186,13 +197,17 @@ class OpenAIServer:
                                                      "finish_reason": None, "logprobs": None}]})
                 event = first
                 while True:
+                    failure = self._failure(event.output) if event.finished and event.output is not None else None
+                    if failure is not None:  # the openai client raises APIError on an error event
+                        yield _sse(failure.body())
+                        break
                     piece = chunk(event)
                     if piece is not None:
                         yield _sse(piece)
                     if event.finished:
                         break
                     event = await events.__anext__()
-                if req.include_usage and event.output is not None:
+                if failure is None and req.include_usage and event.output is not None:
                     yield _sse({**head, "choices": [], "usage": usage([event.output])})
                 yield _sse("[DONE]")
             finally:
