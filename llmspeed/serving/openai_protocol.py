@@ -178,13 +178,13 @@ def _piece(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
 
-def completion_logprobs(tokenizer: Any, output: GenerationOutput, offset: int = 0) -> dict[str, Any] | None:
-    """The legacy completions ``logprobs`` object."""
-    if output.logprobs is None:
+def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions ``logprobs`` object of ``items`` (``TokenLogprobs``), the first at ``text_offset`` ``offset``."""
+    if items is None:
         return None
     tokens, values, tops, offsets = [], [], [], []
     pos = offset
-    for lp in output.logprobs:
+    for lp in items:
         piece = _piece(tokenizer, lp.token_id)
         tokens.append(piece)
         values.append(lp.logprob)
@@ -211,7 +211,7 @@ def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[Gene
     """A whole ``text_completion`` response."""
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(tokenizer, o),
+        "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(tokenizer, o.logprobs),
                      "finish_reason": finish_reason(o)} for i, o in enumerate(outputs)],
         "usage": usage(outputs),
     }

@@ -31,6 +31,7 @@ from .openai_protocol import (
     CompletionRequest,
     chat_logprobs,
     chat_response,
+    completion_logprobs,
     completion_response,
     finish_reason,
     new_id,
@@ -178,6 +179,7 @@ class OpenAIServer:
         rid = new_id("chatcmpl" if chat else "cmpl")
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": req.model}
+        offset = [0]  # text_offset of the next token's legacy logprobs
 
         def chunk(event: StreamEvent) -> dict[str, Any] | None:
             done = finish_reason(event.output) if event.finished and event.output is not None else None
@@ -187,7 +189,10 @@ class OpenAIServer:
                 choice = {"index": 0, "delta": {"content": event.text} if event.text else {}, "finish_reason": done,
                           "logprobs": chat_logprobs(self.tokenizer, [event.logprobs]) if event.logprobs else None}
             else:
-                choice = {"index": 0, "text": event.text, "finish_reason": done, "logprobs": None}
+                lps = completion_logprobs(self.tokenizer, [event.logprobs], offset[0]) if event.logprobs else None
+                if lps is not None:
+                    offset[0] += len(lps["tokens"][0])
+                choice = {"index": 0, "text": event.text, "finish_reason": done, "logprobs": lps}
             return {**head, "choices": [choice]}
 
         async def body() -> AsyncIterator[bytes]:

@@ -78,3 +78,24 @@ def test_a_request_aborted_by_shutdown_is_an_error_not_a_normal_stop(tiny_server
         with pytest.raises(openai.APIStatusError) as err:
             client.completions.create(model="tiny", prompt="hi", max_tokens=2)
         assert err.value.status_code == 503
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streamed_logprobs_are_the_ones_a_whole_response_gives(tiny_server, live_server, endpoint):
+    with live_server(tiny_server) as url:
+        client = _client(url)
+        if endpoint == "chat":
+            kw = dict(model="tiny", messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                      extra_body={"min_tokens": 5})
+            whole = client.chat.completions.create(**kw).choices[0].logprobs.content
+            streamed = [t for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                        for t in c.choices[0].logprobs.content]
+            assert len(whole) == 5 and [t.model_dump() for t in streamed] == [t.model_dump() for t in whole]
+        else:
+            kw = dict(model="tiny", prompt="hi", max_tokens=5, temperature=0, logprobs=2, extra_body={"min_tokens": 5})
+            whole = client.completions.create(**kw).choices[0].logprobs
+            parts = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kw)
+                     if c.choices and c.choices[0].logprobs]
+            assert len(whole.tokens) == 5 and len(parts) == 5
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                assert [v for p in parts for v in getattr(p, key)] == getattr(whole, key), key
