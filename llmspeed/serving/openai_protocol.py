@@ -33,10 +33,22 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-class _Request(BaseModel):
-    """Fields both endpoints share; unknown fields are refused rather than silently ignored."""
+class StreamOptions(BaseModel):
+    """``stream_options``: only ``include_usage`` (a usage chunk before ``[DONE]``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share; unknown fields are refused rather than silently ignored.
+
+    Types are strict, as OpenAI's API is: ``"0.5"`` is not a temperature, ``2.0`` not an ``n``, ``"false"``
+    not a boolean (a lax parse read ``"false"`` as true); an int is a valid number.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -51,7 +63,7 @@ class _Request(BaseModel):
     min_tokens: int = Field(default=0, ge=0)  # an extension (vLLM's)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
 
@@ -76,7 +88,13 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk (``stream_options.include_usage``)."""
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options is not None and self.stream_options.include_usage)
+
+    def check(self) -> None:
+        """Refuse combinations of fields that each are valid alone."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, f"stream_options is only allowed with stream: true; got stream: {str(self.stream).lower()}",
+                           "stream_options")
 
 
 class CompletionRequest(_Request):
@@ -103,7 +121,7 @@ class CompletionRequest(_Request):
 class ChatMessage(BaseModel):
     """One chat message (text content, or a list of text parts)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -149,11 +167,13 @@ def parse(kind: type[_Request], payload: Any) -> Any:
     if not isinstance(payload, dict):
         raise APIError(400, f"the request body must be a JSON object; got {type(payload).__name__}")
     try:
-        return kind.model_validate(payload)
+        request = kind.model_validate(payload)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ()))
         raise APIError(400, f"{param}: {first.get('msg')} (got {first.get('input')!r})", param or None) from None
+    request.check()
+    return request
 
 
 # --- responses -------------------------------------------------------------------------------------

@@ -99,3 +99,54 @@ def test_streamed_logprobs_are_the_ones_a_whole_response_gives(tiny_server, live
             assert len(whole.tokens) == 5 and len(parts) == 5
             for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 assert [v for p in parts for v in getattr(p, key)] == getattr(whole, key), key
+
+
+def _post(url, path, body):
+    import httpx
+
+    return httpx.post(f"{url}{path}", json=body, timeout=60)
+
+
+def _assert_error(r, status, param):
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status == 400 else error["type"])
+    assert error["param"] == param, error
+    return error["message"]
+
+
+WRONG_TYPES = [  # (field, value, extra fields, param OpenAI's API names): a lax parse accepted each of these
+    ("temperature", "0.5", {}, "temperature"),
+    ("n", "2", {}, "n"),
+    ("n", 2.0, {}, "n"),
+    ("max_tokens", 5.0, {}, "max_tokens"),
+    ("max_completion_tokens", "5", {}, "max_completion_tokens"),
+    ("seed", "7", {}, "seed"),
+    ("stream", "true", {}, "stream"),
+    ("logprobs", 1, {}, "logprobs"),
+    ("top_p", True, {}, "top_p"),
+    ("stream_options", {"include_usage": "false"}, {"stream": True}, "stream_options.include_usage"),
+    ("stream_options", {"include_usages": True}, {"stream": True}, "stream_options.include_usages"),
+]
+
+
+@pytest.mark.parametrize("field,value,extra,param", WRONG_TYPES, ids=[f"{c[0]}={c[1]!r}" for c in WRONG_TYPES])
+def test_wrong_types_are_400_naming_the_field_not_coerced(tiny_server, live_server, field, value, extra, param):
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 2, **extra, field: value}
+        message = _assert_error(_post(url, "/v1/chat/completions", body), 400, param)
+        assert repr(value if not isinstance(value, dict) else next(iter(value.values()))) in message
+        ok = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 2, "temperature": 1})
+        assert ok.status_code == 200  # an int is a valid number
+
+
+def test_stream_options_need_stream_true(tiny_server, live_server):
+    with live_server(tiny_server) as url:
+        client = _client(url)
+        with pytest.raises(openai.BadRequestError, match="stream_options") as err:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream_options={"include_usage": True})
+        assert err.value.body["param"] == "stream_options"
+        chunks = list(client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True,
+                                                stream_options={"include_usage": False}, extra_body={"min_tokens": 2}))
+        assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
