@@ -82,8 +82,9 @@ class _Request(BaseModel):
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 min_tokens=min(self.min_tokens, max_tokens),
             )
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
+        except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
+            name = str(err).split("`")[1] if str(err).count("`") >= 2 else None
+            raise APIError(400, str(err), {"max_new_tokens": "max_tokens"}.get(name, name)) from None
 
     @property
     def include_usage(self) -> bool:
@@ -169,11 +170,39 @@ def parse(kind: type[_Request], payload: Any) -> Any:
     try:
         request = kind.model_validate(payload)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ()))
-        raise APIError(400, f"{param}: {first.get('msg')} (got {first.get('input')!r})", param or None) from None
+        raise _invalid(err.errors()) from None
     request.check()
     return request
+
+
+_KINDS = {"str": "a string", "list[str]": "a list of strings", "list[int]": "a list of token ids (integers)",
+          "list[list[int]]": "a list of lists of token ids", "list[dict[str,any]]": "a list of content parts"}
+
+
+def _is_member(part: Any) -> bool:
+    """Whether a pydantic error ``loc`` part names a member of a union type (``"list[int]"``), not a field."""
+    return isinstance(part, str) and (part in _KINDS or "[" in part)
+
+
+def _invalid(errors: list[Any]) -> APIError:
+    """The 400 for pydantic's ``errors``: the field's path as ``param``, the value given, what is accepted.
+
+    A value no member of a union type (``stop: str | list[str]``) takes gives an error per member; the one
+    that got deepest into the value says best what is wrong, and the members are what the field accepts.
+    """
+    first = errors[0]
+    at = next((i for i, p in enumerate(first["loc"]) if _is_member(p)), None)
+    if at is None:
+        param = ".".join(str(p) for p in first["loc"])
+        return APIError(400, f"{param}: {first['msg']} (got {first.get('input')!r})", param or None)
+    field = first["loc"][:at]
+    members = [e for e in errors if e["loc"][:at] == field and len(e["loc"]) > at and _is_member(e["loc"][at])]
+    worst = max(members, key=lambda e: len(e["loc"]))  # max keeps the first of equals
+    param = ".".join(str(p) for p in worst["loc"] if not _is_member(p))
+    kinds = [_KINDS.get(k, k) for k in dict.fromkeys(e["loc"][at] for e in members)]
+    accepted = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
+    name = ".".join(str(p) for p in field)
+    return APIError(400, f"{param}: {worst['msg']} (got {worst.get('input')!r}); {name} must be {accepted}", param)
 
 
 # --- responses -------------------------------------------------------------------------------------

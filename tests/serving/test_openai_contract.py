@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 
 from llmspeed.generation import engine as engine_module
@@ -102,9 +105,8 @@ def test_streamed_logprobs_are_the_ones_a_whole_response_gives(tiny_server, live
 
 
 def _post(url, path, body):
-    import httpx
-
-    return httpx.post(f"{url}{path}", json=body, timeout=60)
+    content = json.dumps(body)  # writes float("inf") as Infinity, which Python's json (the server's) reads back
+    return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"}, timeout=60)
 
 
 def _assert_error(r, status, param):
@@ -150,3 +152,23 @@ def test_stream_options_need_stream_true(tiny_server, live_server):
         chunks = list(client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True,
                                                 stream_options={"include_usage": False}, extra_body={"min_tokens": 2}))
         assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
+
+
+BAD_VALUES = [  # (path, body fields, param, what the message must hold: the value given and what is accepted)
+    ("/v1/chat/completions", {"stop": ["a", 3]}, "stop.1", ["(got 3)", "a string or a list of strings"]),
+    ("/v1/chat/completions", {"stop": 5}, "stop", ["(got 5)", "a string or a list of strings"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+     ["(got 5)", "a string or a list of content parts"]),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt.1", ["(got 'a')", "a list of token ids"]),
+    ("/v1/completions", {"prompt": 5}, "prompt", ["(got 5)", "a string, a list of token ids"]),
+    ("/v1/chat/completions", {"repetition_penalty": float("inf")}, "repetition_penalty", ["got inf", "finite"]),
+]
+
+
+@pytest.mark.parametrize("path,fields,param,holds", BAD_VALUES, ids=[c[2] for c in BAD_VALUES])
+def test_a_value_no_member_of_a_union_takes_names_the_field_and_what_it_accepts(tiny_server, live_server, path, fields,
+                                                                                   param, holds):
+    base = {"model": "tiny", "max_tokens": 2, **({"messages": CHAT} if "chat" in path else {"prompt": "hi"})}
+    with live_server(tiny_server) as url:
+        message = _assert_error(_post(url, path, {**base, **fields}), 400, param)
+        assert all(h in message for h in holds), message
