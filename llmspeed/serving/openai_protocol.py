@@ -148,6 +148,14 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
 
+    def check(self) -> None:
+        """Refuse combinations of fields that each are valid alone, and messages without their content."""
+        super().check()
+        for i, m in enumerate(self.messages):
+            if m.content is None and m.role != "assistant":  # only an assistant turn (a tool call) may have none
+                raise APIError(400, f"messages.{i}.content is required in a {m.role!r} message; got none (null or missing)",
+                               f"messages.{i}.content")
+
     def chat(self) -> list[dict[str, str]]:
         """The messages as the tokenizer's chat template takes them (developer -> system)."""
         if self.response_format not in (None, {"type": "text"}):

@@ -172,3 +172,15 @@ def test_a_value_no_member_of_a_union_takes_names_the_field_and_what_it_accepts(
     with live_server(tiny_server) as url:
         message = _assert_error(_post(url, path, {**base, **fields}), 400, param)
         assert all(h in message for h in holds), message
+
+
+def test_a_message_without_content_is_refused_except_an_assistant_turn(tiny_server, live_server):
+    with live_server(tiny_server) as url:
+        for messages, param in (([{"role": "user"}], "messages.0.content"),
+                                ([{"role": "system", "content": None}, *CHAT], "messages.0.content"),
+                                ([*CHAT, {"role": "assistant", "content": "a"}, {"role": "tool"}], "messages.2.content")):
+            body = {"model": "tiny", "messages": messages, "max_tokens": 2}
+            assert "required" in _assert_error(_post(url, "/v1/chat/completions", body), 400, param)
+        messages = [*CHAT, {"role": "assistant", "content": None}, {"role": "user", "content": "go on"}]
+        ok = _client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        assert ok.usage.prompt_tokens == len("higo on")  # the byte-level template: the turns' text
