@@ -28,8 +28,9 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error body."""
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(
-            self.status, "server_error")
+        kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error"}
+        kind = kinds.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 

@@ -1,11 +1,11 @@
 """An OpenAI-compatible HTTP server over the :class:`~.engine.Engine` (FastAPI + uvicorn).
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream as
-server-sent events ending in ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+Endpoints: ``GET /v1/models`` and ``/v1/models/{model}``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(both stream as server-sent events ending in ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
 The request's ``model`` picks the base model or one of the served LoRA adapters; requests for
 different adapters share one batch. A client that disconnects aborts its request. Every bad request
 is answered 4xx with an OpenAI-style error body; nothing a client sends stops the server. A request that
-fails (or is aborted by shutdown) after its stream began ends with an ``data: {"error": ...}`` event, which
+fails (or is aborted by shutdown) after its stream began ends with a ``data: {"error": ...}`` event, which
 the ``openai`` client raises as ``APIError``; never with a normal ``finish_reason``.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
 from .engine import Engine
@@ -120,10 +121,14 @@ class OpenAIServer:
     # --- endpoints ------------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``: the base model and each adapter."""
-        data = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmspeed", "root": self.model_name, "parent": None}]
-        data += [{"id": a, "object": "model", "created": self.created, "owned_by": "llmspeed", "root": a,
-                  "parent": self.model_name} for a in self.adapters]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self.model(name) for name in (self.model_name, *self.adapters)]}
+
+    def model(self, name: str) -> dict[str, Any]:
+        """``GET /v1/models/{name}``: one model (404 ``model_not_found`` for a name this server does not have)."""
+        self._adapter(name)
+        parent = None if name == self.model_name else self.model_name
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "llmspeed", "root": name,
+                "parent": parent}
 
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics`."""
@@ -239,6 +244,11 @@ class OpenAIServer:
         async def api_error(_: Request, err: APIError) -> JSONResponse:
             return JSONResponse(err.body(), status_code=err.status)
 
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
+            return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+                                headers=getattr(err, "headers", None))
+
         @app.exception_handler(Exception)
         async def unexpected(_: Request, err: Exception) -> JSONResponse:
             return JSONResponse(APIError(500, f"{type(err).__name__}: {err}").body(), status_code=500)
@@ -259,6 +269,10 @@ class OpenAIServer:
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
             return server.models()
+
+        @app.get("/v1/models/{name:path}")
+        async def model(name: str) -> dict[str, Any]:
+            return server.model(name)
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:

@@ -184,3 +184,19 @@ def test_a_message_without_content_is_refused_except_an_assistant_turn(tiny_serv
         messages = [*CHAT, {"role": "assistant", "content": None}, {"role": "user", "content": "go on"}]
         ok = _client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=2)
         assert ok.usage.prompt_tokens == len("higo on")  # the byte-level template: the turns' text
+
+
+def test_models_retrieve_and_unknown_paths_answer_in_the_openai_shape(llama, live_server):
+    llama.tokenizer = ChatTokenizer()
+    server = OpenAIServer(Engine(llama, kv_cache_tokens=1024), "org/tiny", adapters=("docs",))
+    with live_server(server) as url:
+        client = _client(url)
+        listed = client.models.list().data
+        assert [m.id for m in listed] == ["org/tiny", "docs"]
+        for m in listed:
+            assert client.models.retrieve(m.id).model_dump() == m.model_dump()
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve("nope")
+        assert err.value.body["code"] == "model_not_found" and "org/tiny" in err.value.body["message"]
+        _assert_error(httpx.post(f"{url}/v1/embeddings", json={"model": "org/tiny", "input": "x"}), 404, None)
+        _assert_error(httpx.get(f"{url}/v1/chat/completions"), 405, None)
