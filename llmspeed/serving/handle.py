@@ -16,15 +16,18 @@ class RequestHandle:
 
     Iterating yields the request's :class:`~llmspeed.generation.StreamEvent` objects (each with its new
     text) until the final one; :meth:`result` waits for the :class:`~llmspeed.generation.GenerationOutput`.
+    Each event is handed out once: a loop left early resumes where it stopped, but iterating again after the
+    final event (or while another loop takes it) raises ``RuntimeError`` instead of waiting forever.
     """
 
     def __init__(self, abort: Callable[[RequestHandle], None], loop: asyncio.AbstractEventLoop | None = None):
         self._abort = abort
-        self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[StreamEvent | None] = queue.SimpleQueue()
         self._done = threading.Event()
         self._output: GenerationOutput | None = None
         self._loop = loop
-        self._async: asyncio.Queue[StreamEvent] | None = asyncio.Queue() if loop is not None else None
+        self._async: asyncio.Queue[StreamEvent | None] | None = asyncio.Queue() if loop is not None else None
+        self._consumed = False  # the final event was handed out; a None in the queue then wakes other loops
         self.request_id: int | None = None  # the generator's id, once the engine thread has queued it
 
     # --- called by the engine thread ------------------------------------------------------------
@@ -60,7 +63,15 @@ class RequestHandle:
         if self._async is not None:
             raise TypeError("this request was submitted from asyncio: iterate it with `async for`")
         while True:
+            self._refuse_consumed()
             event = self._events.get()
+            if event is None:  # another loop took the final event
+                self._events.put(None)
+                self._refuse_consumed()
+                continue
+            if event.finished:
+                self._consumed = True
+                self._events.put(None)
             yield event
             if event.finished:
                 return
@@ -70,10 +81,25 @@ class RequestHandle:
         if self._async is None:
             raise TypeError("this request was not submitted from asyncio: iterate it with `for`")
         while True:
+            self._refuse_consumed()
             event = await self._async.get()
+            if event is None:
+                self._async.put_nowait(None)
+                self._refuse_consumed()
+                continue
+            if event.finished:
+                self._consumed = True
+                self._async.put_nowait(None)
             yield event
             if event.finished:
                 return
+
+    def _refuse_consumed(self) -> None:
+        if self._consumed:
+            raise RuntimeError(
+                f"the events of request {self.request_id} were already iterated to the end (each event is handed "
+                f"out once); use result() for its output"
+            )
 
     def abort(self) -> None:
         """Stop the request (finish reason ``"abort"``); its final event still arrives. No-op once done."""

@@ -124,6 +124,61 @@ def test_iterating_a_handle_streams_text_that_adds_up(llama):
     assert [e.token_id for e in events] == out.token_ids
 
 
+def test_iterating_a_handle_again_after_its_final_event_raises_instead_of_hanging(llama):
+    sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+    def bounded(fn):  # runs fn in a thread: a hang fails the test instead of stopping the suite
+        box = []
+        t = threading.Thread(target=lambda: box.append(_outcome(fn)), daemon=True)
+        t.start()
+        t.join(20)
+        assert box, "the call hung"
+        return box[0]
+
+    def _outcome(fn):
+        try:
+            return fn()
+        except RuntimeError as err:
+            return err
+
+    with llmspeed.Engine(llama) as engine:
+        h = engine.submit([1, 2, 3], sp)
+        first = bounded(lambda: list(h))
+        assert len(first) == 40 and first[-1].finished
+        again = bounded(lambda: list(h))
+        assert isinstance(again, RuntimeError) and "already iterated" in str(again)
+        h2 = engine.submit([1, 2, 3], sp)  # two loops over one handle: each event goes to one, and both end
+        got: list = []
+        ends: list = []
+
+        def loop():
+            def take():
+                for event in h2:
+                    got.append(event)
+                return "done"
+
+            ends.append(bounded(take))
+
+        threads = [threading.Thread(target=loop) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(ends) == 2 and ends.count("done") == 1 and "already iterated" in str(next(e for e in ends if e != "done"))
+        assert len(got) == 40 and sum(e.finished for e in got) == 1
+        assert sorted(e.token_id for e in got) == sorted(h2.result(timeout=0).token_ids)
+
+        async def twice():
+            ah = engine._submit([1, 2, 3], sp, asyncio.get_running_loop())
+            events = [e async for e in ah.events()]
+            with pytest.raises(RuntimeError, match="already iterated"):
+                async for _ in ah.events():
+                    pass
+            return events
+
+        assert len(asyncio.run(asyncio.wait_for(twice(), 20))) == 40
+
+
 def test_asyncio_generate_stream_and_cancel(llama):
     sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
     expected = _alone(llama, [[1, 2, 3]], sp)[0]
