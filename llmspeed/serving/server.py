@@ -40,7 +40,7 @@ from .openai_protocol import (
     usage,
 )
 
-_POLL = 0.2  # seconds between disconnect checks of a non-streaming request
+_CLIENT_GONE = 499  # the status of an answer nobody receives (nginx's "client closed request")
 
 
 def _sse(payload: Any) -> bytes:
@@ -96,27 +96,43 @@ class OpenAIServer:
         if failure is not None:
             raise failure
 
-    async def _results(self, request: Request, handles: list[RequestHandle]) -> list[GenerationOutput]:
-        """Wait for every handle; abort them all if the client goes away."""
+    @staticmethod
+    async def _unless_gone(request: Request, work: Any) -> tuple[bool, Any]:
+        """Await ``work`` unless the client disconnects first: ``(True, result)``, or ``(False, None)``.
+
+        The disconnect is awaited on ``request.receive()`` itself: ``request.is_disconnected()`` peeks with a
+        cancelled scope, which through an ``@app.middleware`` wrapper never sees it.
+        """
+
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return True, task.result()
+            return False, None
+        finally:
+            for t in (task, watch):
+                if not t.done():
+                    t.cancel()
+
+    async def _results(self, request: Request, handles: list[RequestHandle]) -> list[GenerationOutput] | None:
+        """Wait for every handle; abort them all (and return ``None``) if the client goes away first."""
 
         async def final(h: RequestHandle) -> GenerationOutput:
             async for _ in h.events():
                 pass
             return h.result(timeout=0)
 
-        waiter = asyncio.ensure_future(asyncio.gather(*[final(h) for h in handles]))
         try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=_POLL)
-                if done:
-                    return waiter.result()
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError
+            _, outputs = await self._unless_gone(request, asyncio.gather(*[final(h) for h in handles]))
+            return outputs
         finally:
             for h in handles:
                 h.abort()
-            if not waiter.done():
-                waiter.cancel()
 
     # --- endpoints ------------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -164,6 +180,8 @@ class OpenAIServer:
         if req.stream:
             return await self._stream(request, req, prompt, sps, chat)
         outputs = await self._results(request, [self._submit(prompt, sp) for sp in sps])
+        if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
+            return Response(status_code=_CLIENT_GONE)
         for o in outputs:
             self._check(o)
         build = chat_response if chat else completion_response
@@ -174,11 +192,14 @@ class OpenAIServer:
             raise APIError(400, "n > 1 is not supported with stream: true; send n requests", "n")
         handle = self._submit(prompt, sps[0])
         events = handle.events()
-        try:
-            first = await events.__anext__()
+        try:  # a request may wait long for its first token (queued behind others): the client may leave first
+            here, first = await self._unless_gone(request, events.__anext__())
         except BaseException:
             handle.abort()
             raise
+        if not here:
+            handle.abort()
+            return Response(status_code=_CLIENT_GONE)
         if first.finished and first.output is not None:
             self._check(first.output)  # refused before any token: a plain 4xx, not a stream
         rid = new_id("chatcmpl" if chat else "cmpl")

@@ -200,3 +200,33 @@ def test_models_retrieve_and_unknown_paths_answer_in_the_openai_shape(llama, liv
         assert err.value.body["code"] == "model_not_found" and "org/tiny" in err.value.body["message"]
         _assert_error(httpx.post(f"{url}/v1/embeddings", json={"model": "org/tiny", "input": "x"}), 404, None)
         _assert_error(httpx.get(f"{url}/v1/chat/completions"), 405, None)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_queued_request_whose_client_left_is_aborted_before_it_runs(llama, live_server, monkeypatch, stream):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    real = engine_module.sample_batch
+    monkeypatch.setattr(engine_module, "sample_batch", lambda *a, **k: (time.sleep(0.01), real(*a, **k))[1])
+    llama.tokenizer = ChatTokenizer()
+    server = OpenAIServer(Engine(llama, kv_cache_tokens=4096, max_seqs=1), "tiny")  # one request runs at a time
+    engine = server.engine
+    with live_server(server) as url:
+        busy = engine.submit([1, 2], {"max_new_tokens": 400, "ignore_eos": True})  # at least 4 s of steps
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 5, "stream": stream}).encode()
+        where = urlparse(url)
+        with socket.create_connection((where.hostname, where.port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.time() + 10
+            while engine.metrics()["requests_waiting"] == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            assert engine.metrics()["requests_waiting"] == 1  # queued behind the busy request
+        deadline = time.time() + 10  # the client is gone
+        while engine.metrics()["requests_waiting"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.metrics()["requests_waiting"] == 0 and not busy.done()  # aborted while still queued
+        busy.abort()
+        assert busy.result(timeout=10).finish_reason == "abort"
