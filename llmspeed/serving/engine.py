@@ -80,7 +80,10 @@ class Engine:
         return handle
 
     def _request_abort(self, handle: RequestHandle) -> None:
-        self._command("abort", handle, None, None)
+        with self._cv:
+            if self._closing:  # close() aborts every request still running: nothing left to ask
+                return
+            self._command("abort", handle, None, None)
 
     def _command(self, kind: str, handle: RequestHandle, prompt: Any, sampling: Any) -> None:
         with self._cv:

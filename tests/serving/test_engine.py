@@ -239,6 +239,14 @@ def test_close_aborts_running_requests_and_refuses_new_ones(llama):
     assert h.result(timeout=10).finish_reason == "abort"
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit([1, 2])
+    engine = llmspeed.Engine(llama, kv_cache_tokens=20_000)
+    h = engine.submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+    with engine._cv:  # the engine thread has not taken the close yet: the request is still running
+        engine.close(timeout=0)
+        h.abort()  # a client leaving during shutdown: a no-op, not "the engine is closed"
+        assert not h.done()
+    assert h.result(timeout=10).finish_reason == "abort"
+    engine.close()
     with pytest.raises(TypeError, match="SamplingParams"):
         llmspeed.Engine(llama).submit([1], "greedy")
     with pytest.raises(TimeoutError):
