@@ -257,6 +257,8 @@ class Generator:
         ids = []
         for t in items:
             try:
+                if isinstance(t, bool) or str(getattr(t, "dtype", "")) in ("bool", "torch.bool"):
+                    raise TypeError  # index() reads True as token 1: a mask or a flag, never a token id
                 ids.append(operator.index(t))  # an int, NumPy or 0-d tensor integer; never a truncated float
             except TypeError:
                 raise ValueError(f"prompt token ids must be integers; got {t!r} in the prompt") from None

@@ -111,6 +111,14 @@ def test_a_prompt_the_tokenizer_cannot_encode_fails_alone_and_its_inbox_neighbou
         assert good.token_ids == outs[2].token_ids and engine.loop_errors == 1
 
 
+def test_boolean_token_ids_are_refused_not_read_as_0_and_1(llama):
+    with llmspeed.Engine(llama) as engine:
+        for prompt in ([True, 2], torch.tensor([True, False]), [1, torch.tensor(True)]):
+            out = engine.submit(prompt, SamplingParams(max_new_tokens=2)).result(timeout=20)
+            assert out.finish_reason == "error" and "must be integers" in out.error and "True" in out.error, prompt
+        assert engine.submit([1, 2], SamplingParams(max_new_tokens=2)).result(timeout=20).prompt_token_ids == [1, 2]
+
+
 def test_iterating_a_handle_streams_text_that_adds_up(llama):
     from tests.generation.test_engine import CharTokenizer
 
