@@ -55,6 +55,8 @@ DEQUANT_HEADER = Q4_HEADER.with_name("dequant_rows.h")  # packed rows widened to
 VEC_HEADER = SOURCE.with_name("cpu_vec.h")  # widening loads to fp32 registers
 ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention over the paged KV cache
 TEAM_HEADER = SOURCE.with_name("step_team.h")  # the threads held for one decode step
+STEP_HEADERS = [SOURCE.with_name(name) for name in  # the step's own parts (decode_cpu.cpp says which is which)
+                ("gemv_rows.h", "gemv_group.h", "step_ops.h", "lora_deltas.h", "held_weights.h")]
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -76,7 +78,8 @@ def _watch_assignments() -> None:
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
                  "float_prefetch", "upcast_bf16", "gemm_rows", "step_team", "greedy_steps"]
-    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER, TEAM_HEADER]
+    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER, TEAM_HEADER,
+               *STEP_HEADERS]  # fmt: skip
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 
 

@@ -1,0 +1,90 @@
+// The fused decode step's elementwise work between its GEMV groups: RMSNorm, the rotary embedding, SiLU(gate) * up,
+// the residual add, and the paged-KV write before attention (paged_attention.h).
+// Included by decode_cpu.cpp alone: its definitions sit in that one translation unit's anonymous namespace.
+#pragma once
+
+#include "cpu_vec.h"  // vector loads and stores of fp32
+#include "paged_attention.h"  // Step and attend_cached: attention over the paged KV cache
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+// Rows per task when a per-row loop of `cost` elements is split over threads (small steps run inline).
+inline int64_t grain(int64_t cost) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cost)); }
+
+// out[m, :] = x[m, :] / sqrt(mean(x[m, :]^2) + eps) * weight   (weight fp32 [E])
+void rms_norm(const float* x, const float* weight, int64_t M, int64_t E, double eps, float* out) {
+  at::parallel_for(0, M, grain(E), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      const float* r = x + m * E;
+      double ss = 0.0;
+      for (int64_t e = 0; e < E; ++e) ss += static_cast<double>(r[e]) * r[e];
+      float inv = static_cast<float>(1.0 / std::sqrt(ss / E + eps));
+      for (int64_t e = 0; e < E; ++e) out[m * E + e] = r[e] * inv * weight[e];
+    }
+  });
+}
+
+// rotate-half rotary embedding on `heads` heads of each row; cos/sin [M, D]
+void rope(float* x, int64_t M, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, M, grain(heads * D), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m)
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = x + (m * heads + h) * D;
+        const float* c = cos + m * D;
+        const float* s = sin + m * D;
+        for (int64_t j = 0; j < half; ++j) {
+          float a = v[j], b = v[j + half];
+          v[j] = a * c[j] - b * s[j];
+          v[j + half] = b * c[j + half] + a * s[j + half];
+        }
+      }
+  });
+}
+
+// gate[e] = SiLU(gate[e]) * up[e]: x * sigmoid(x) with sigmoid(x) = e^min(x, 0) / (1 + e^-|x|), both
+// exponentials of non-positive arguments (paged_attention.h's exp_neg, vectorized).
+void silu_mul(float* gate, const float* up, int64_t count) {
+  using namespace attn;
+  at::parallel_for(0, count, 1 << 15, [&](int64_t lo, int64_t hi) {
+    int64_t e = lo;
+    for (; e + VW <= hi; e += VW) {
+      const vec x = vloadf(gate + e);
+      const vec sig = vdiv(exp_neg(vmin(x, vzero())), vadd(vset(1.f), exp_neg(vmin(x, vsub(vzero(), x)))));
+      vstore(gate + e, vmul(vmul(x, sig), vloadf(up + e)));
+    }
+    for (; e < hi; ++e) gate[e] = gate[e] / (1.f + std::exp(-gate[e])) * up[e];
+  });
+}
+
+// h += d over count elements
+void add_into(float* h, const float* d, int64_t count) {
+  at::parallel_for(0, count, 1 << 15, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) h[e] += d[e];
+  });
+}
+
+// Write the new keys/values, then attend over sequence i's blocks.
+template <typename C>
+void attend(const Step& st, const float* q, const float* k, const float* v, C* kc, C* vc, float* out) {
+  const int64_t row = st.Hkv * st.D;
+  at::parallel_for(0, st.n, grain(2 * row), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i)
+      for (int64_t e = 0; e < row; ++e) {
+        from_float(k[i * row + e], kc + st.slots[i] * row + e);
+        from_float(v[i * row + e], vc + st.slots[i] * row + e);
+      }
+  });
+  attend_cached(st, q, kc, vc, out);
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "fused decode: ", name, " must be contiguous fp32");
+}
+
+}  // namespace
