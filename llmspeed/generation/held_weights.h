@@ -13,7 +13,7 @@
 
 namespace {
 
-// The tensors of one model snapshot (fused_decode.py's _Snapshot), held here so that a decode step does not
+// The tensors of one model snapshot (fused_snapshot.py's Snapshot), held here so that a decode step does not
 // convert a list of some 900 Python tensors into C++ on every call, with the data pointers and dtypes of
 // the model tensors they were read from: a moved or cast parameter shows up as a changed pointer or dtype.
 struct Held {

@@ -10,7 +10,7 @@ from torch import nn
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
-from llmspeed.generation import fused_decode
+from llmspeed.generation import fused_build, fused_decode, fused_snapshot
 from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache
 from llmspeed.generation.runner import StepInput
 
@@ -62,7 +62,7 @@ def test_4bit_gemv_matches_the_dequantized_weight(m, n, k, fmt, group, seed, amx
     with torch.no_grad():
         linear.weight.copy_(torch.randn(n, k, generator=g))
     module = llmspeed.quant.modules.MODULES[fmt].from_linear(linear, llmspeed.quant.QuantConfig(fmt, group_size=group))
-    w, scale, zero = fused_decode._parts(module)
+    w, scale, zero = fused_snapshot._parts(module)
     x = torch.randn(m, k, generator=g)
     y = fused_decode.extension().gemv(x, w, scale, torch.empty(0) if zero is None else zero, amx_rows, False)
     ref = x @ module.dequantize().T
@@ -89,7 +89,7 @@ def test_int8_activation_gemv_matches_the_rounded_input(m, n, k, fmt_group, seed
         linear.weight.copy_(torch.randn(n, k, generator=g))
     config = llmspeed.quant.QuantConfig(fmt, group_size=group, activations="int8")
     module = llmspeed.quant.modules.MODULES[fmt].from_linear(linear, config)
-    w, scale, zero = fused_decode._parts(module)
+    w, scale, zero = fused_snapshot._parts(module)
     x = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 4  # blocks of different ranges
     y = fused_decode.extension().gemv(x, w, scale, torch.empty(0) if zero is None else zero, amx_rows, True)
     ref = llmspeed.quant.primitives.quantize_activations(x) @ module.dequantize().T
@@ -630,7 +630,7 @@ def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_ho
 
 
 def test_without_the_kernel_generation_still_works(monkeypatch):
-    fused_decode._build.cache_clear()
+    fused_build._build.cache_clear()
     monkeypatch.setenv("LLMSPEED_DISABLE_CPP", "1")
     try:
         gen = Generator(llmspeed.models.tiny("llama", seed=0), progress=False)
@@ -639,7 +639,7 @@ def test_without_the_kernel_generation_still_works(monkeypatch):
         assert len(out.token_ids) == 4
     finally:
         monkeypatch.delenv("LLMSPEED_DISABLE_CPP")
-        fused_decode._build.cache_clear()
+        fused_build._build.cache_clear()
 
 
 def test_attention_status_names_the_fused_steps_attention_and_follows_mixed():
@@ -666,12 +666,12 @@ def prefetch_store(monkeypatch, tmp_path):
 
     monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
     monkeypatch.setattr(tuning, "default_folder", lambda: tmp_path / "autotune")
-    monkeypatch.setattr(fused_decode, "PREFETCH_PROBE_MB", 2)
+    monkeypatch.setattr(fused_build, "PREFETCH_PROBE_MB", 2)
     tuning.reset()
-    fused_decode._prefetch_choice.cache_clear()
+    fused_build._prefetch_choice.cache_clear()
     yield tuning
     tuning.reset()
-    fused_decode._prefetch_choice.cache_clear()
+    fused_build._prefetch_choice.cache_clear()
     fused_decode.extension().float_prefetch(True)
 
 
@@ -687,11 +687,11 @@ def test_float_prefetch_is_measured_once_per_machine_and_width_and_read_back(pre
     monkeypatch.setattr(tuning, "time_candidates", fake)
     assert fused_decode.float_prefetch(96) is False and fused_decode.float_prefetch(96) is False
     assert calls == [["prefetch", "stream"]]  # once per process and width
-    entry = tuning.store().choices[fused_decode.PREFETCH_KEY.format(k=96)]
+    entry = tuning.store().choices[fused_build.PREFETCH_KEY.format(k=96)]
     assert entry["kernel"] == "stream" and entry["candidates"] == ["prefetch", "stream"]
     assert "float weight prefetch|k96" in str(llmspeed.kernels())  # reported with the kernel choices
     tuning.reset()
-    fused_decode._prefetch_choice.cache_clear()  # a new process: read from disk, nothing timed
+    fused_build._prefetch_choice.cache_clear()  # a new process: read from disk, nothing timed
     assert fused_decode.float_prefetch(96) is False and len(calls) == 1
     assert fused_decode.float_prefetch(128) is False and len(calls) == 2  # another width is measured on its own
 

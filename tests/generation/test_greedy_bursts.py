@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
-from llmspeed.generation import fused_decode
+from llmspeed.generation import fused_decode, fused_snapshot
 from llmspeed.generation.rope_table import static
 
 from .test_engine import CharTokenizer
@@ -207,14 +207,14 @@ def test_the_c_loop_reads_only_embeddings_and_rotaries_it_can():
     from torch import nn
 
     emb = nn.Embedding(10, 4)
-    assert fused_decode._embedding_parts(emb)[0] is not None
-    assert fused_decode._embedding_parts(nn.Embedding(10, 4, max_norm=1.0)) is None
-    assert fused_decode._embedding_parts(nn.Embedding(10, 4).half()) is None
+    assert fused_snapshot.embedding_parts(emb)[0] is not None
+    assert fused_snapshot.embedding_parts(nn.Embedding(10, 4, max_norm=1.0)) is None
+    assert fused_snapshot.embedding_parts(nn.Embedding(10, 4).half()) is None
     strided = nn.Embedding(10, 4)
     strided.weight = nn.Parameter(torch.randn(4, 10).t())  # [10, 4], not contiguous: read in Python instead
-    assert fused_decode._embedding_parts(strided) is None
+    assert fused_snapshot.embedding_parts(strided) is None
     quantized = _tied("int8").hf.model.embed_tokens
-    table, scale, zero, group = fused_decode._embedding_parts(quantized)
+    table, scale, zero, group = fused_snapshot.embedding_parts(quantized)
     assert table.dtype == torch.int8 and scale.numel() == 256 and zero.numel() == 0 and group == 0
     # a model whose rotary frequencies are recomputed per call: no burst, the same tokens
     dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}

@@ -1,0 +1,315 @@
+"""What the fused decode step can run (:func:`unsupported`), and the snapshot of a model's tensors it runs
+(:class:`Snapshot`): read once, held by the extension between steps, and checked before each step."""
+
+from __future__ import annotations
+
+import weakref
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import fused_lora
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ASSIGNED = [0]  # child modules assigned anywhere in this process since the hook below was installed
+
+
+def _count_assignment(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+    _ASSIGNED[0] += 1
+
+
+@lru_cache(maxsize=1)
+def _watch_assignments() -> None:
+    """Count every child module assignment in the process (``setattr``, ``add_module``, ``ModuleList[i] =``):
+    a global torch hook, installed once, that :meth:`Snapshot.valid` reads."""
+    nn.modules.module.register_module_module_registration_hook(_count_assignment)
+
+
+QUANT_FORMATS = ("int8", "int4", "nf4")
+TILE = 16  # 4-bit codes the C++ tile decodes at once (the quantization kernel's q4_tile)
+
+
+def _fusable(module: Any) -> bool:
+    """Whether the C++ step reads this linear: an fp32/bf16 ``nn.Linear`` or a quantized linear (the protocol's
+    ``QuantizedLinear``: int8, int4 or NF4 packed buffers described by its ``layout``).
+
+    4-bit groups must split into whole 16-code tiles, and act-order modules (whose input is gathered
+    through ``perm`` first) stay on the generic path.
+    """
+    if type(module) is nn.Linear:
+        return module.weight.dtype in _WEIGHT_DTYPES
+    layout = getattr(module, "layout", None)
+    if getattr(module, "quant_format", None) not in QUANT_FORMATS or layout is None:
+        return False
+    if not module.qweight.is_contiguous() or module.config.act_order:
+        return False
+    if not layout.four_bit:
+        return module.qweight.dtype == torch.int8
+    return module.qweight.dtype == torch.uint8 and layout.tiles_of(TILE)
+
+
+def _int8_activations(module: Any) -> bool:
+    """Whether a linear :func:`_fusable` accepts reads its input as int8 codes (``QuantConfig.activations``)."""
+    return getattr(getattr(module, "config", None), "activations", "float") == "int8"
+
+
+def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(weight, scale, zero)`` the C++ step reads for a linear that :func:`_fusable` accepts.
+
+    fp32/bf16 ``nn.Linear``: ``(weight, None, None)``; llmspeed's ``Int8Linear``: ``(qweight, scales,
+    None)``; ``Int4Linear``: ``(qweight, scales, zeros)``; ``NF4Linear``: ``(qweight, group scales, None)``
+    (double-quantized scales are expanded once, per snapshot).
+    """
+    if type(module) is nn.Linear:
+        return module.weight, None, None
+    fmt, q = module.quant_format, module.qweight
+    if fmt == "int8":
+        return q, module.scales, None
+    if fmt == "int4":
+        return q, module.scales.contiguous(), module.zeros.contiguous()
+    if not module.config.double_quant:  # NF4: its own fp16 scales, no copy
+        return q, module.scales, None
+    return q, module.group_scales().half().contiguous(), None  # fp16 values already: exact
+
+
+def embedding_parts(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """``(table, scale, zero, group)`` from which the C++ greedy steps read the input embedding's rows, or ``None``.
+
+    An ``nn.Embedding`` (fp32 or bf16, without ``max_norm``): its weight, empty scale and zero, group 0. llmspeed's
+    ``QuantizedEmbedding`` of an fp32 model (the rows of a quantized tied head): the head's :func:`_parts`, with
+    its group size for 4-bit formats (0 for int8). Other embeddings run in Python (:meth:`FusedDecode.run`).
+    """
+    none = torch.empty(0)
+    if type(module) is nn.Embedding:
+        ok = module.max_norm is None and module.weight.dtype in _WEIGHT_DTYPES and module.weight.is_contiguous()
+        return (module.weight.detach(), none, none, 0) if ok else None
+    head = getattr(module, "head", None)
+    if embedding_dtype(module) != torch.float32 or type(head) is nn.Linear or head is None or not _fusable(head):
+        return None
+    q, scale, zero = _parts(head)
+    if not scale.is_contiguous():
+        return None
+    return q, scale, _opt(zero), head.layout.group if head.layout.four_bit else 0
+
+
+def embedding_dtype(module: Any) -> torch.dtype | None:
+    """The dtype of the vectors an input embedding returns (``nn.Embedding``'s weight, ``QuantizedEmbedding``'s
+    ``dtype_reference``), or ``None`` for another module."""
+    if type(module) is nn.Embedding:
+        return module.weight.dtype
+    reference = getattr(module, "dtype_reference", None)
+    return reference.dtype if isinstance(reference, torch.Tensor) else None
+
+
+def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = True) -> str | None:
+    if lora_ok and fused_lora.is_lora(module):
+        why = fused_lora.unfusable_reason(module)
+        if why is not None:
+            return f"{name} has LoRA adapters the fused step cannot apply: {why}"
+        module = module.base_layer
+    if not _fusable(module):
+        what = getattr(module, "quant_format", None) or getattr(getattr(module, "weight", None), "dtype", "")
+        return f"{name} is {type(module).__name__} ({what}): not an fp32/bf16 nn.Linear or an llmspeed int8/int4/nf4 linear"
+    if module.bias is not None and not bias_ok:
+        return f"{name} has a bias"
+    return None
+
+
+def _eps(norm: nn.Module) -> float | None:
+    value = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return None if value is None else float(value)
+
+
+def _check_norms(body: Any) -> str | None:
+    """Every RMSNorm must share the final norm's epsilon (the C++ step takes one)."""
+    eps = _eps(body.norm)
+    for i, layer in enumerate(body.layers):
+        norms = {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
+        for name in ("q_norm", "k_norm"):
+            if hasattr(layer.self_attn, name):
+                norms[f"self_attn.{name}"] = getattr(layer.self_attn, name)
+        for name, norm in norms.items():
+            if getattr(norm, "weight", None) is None or _eps(norm) != eps:
+                return f"layers.{i}.{name} is not an RMSNorm with the final norm's epsilon {eps}"
+    return None
+
+
+def unsupported(model) -> str | None:
+    """Why ``model`` cannot use the fused decode step as it is now, or ``None`` when it can."""
+    hf = getattr(model, "hf", None)
+    if hf is None:
+        return "the model is not an llmspeed.Model wrapping a transformers model"
+    cfg = hf.config.get_text_config()
+    if cfg.model_type not in ARCHITECTURES:
+        return f"model_type {cfg.model_type!r} is not one of {ARCHITECTURES}"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} is not 'silu'"
+    if model.spec.device.type != "cpu":
+        return f"the model is on {model.spec.device}, not the CPU"
+    body = getattr(hf, "model", None)
+    if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
+        return "no model.layers / model.rotary_emb"
+    reason = _check_linear(hf.lm_head, "lm_head", bias_ok=False, lora_ok=False) or _check_norms(body)
+    if reason:
+        return reason
+    for i, layer in enumerate(body.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            reason = _check_linear(
+                getattr(attn, name), f"layers.{i}.self_attn.{name}", bias_ok=name != "o_proj"
+            )
+            if reason:
+                return reason
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            reason = _check_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False)
+            if reason:
+                return reason
+    return None
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The linear a LoRA wrapper wraps, else the module itself."""
+    return module.base_layer if fused_lora.is_lora(module) else module
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0) if t is None else t.detach().float().contiguous()
+
+
+def _opt(t: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0) if t is None else t
+
+
+class Snapshot:
+    """The tensor list handed to C++, with what must stay the same for it to be valid.
+
+    Checking a model from scratch (:func:`unsupported`) and gathering its tensors costs several times
+    more than re-validating a snapshot: every module is still the same object at the same place, every
+    tensor read still has the same storage and dtype (``nn.Module.to`` and :func:`llmspeed.cast` change a
+    parameter's data in place), no LoRA wrapper anywhere has changed its adapters, scales or flags (one process-wide
+    count, :func:`.fused_lora.state_changes`), and every tensor of the adapters a step reads has the version it was
+    stacked at (checked in the extension with the pointers; an adapter no row reads is checked when one does).
+
+    The modules are checked in place (each parent's ``_modules[name]`` is still the child read, the
+    decoder layers' list included) only when a module was assigned somewhere in the process since the
+    last check (a global registration hook counts them) or one of the parents gained or lost a child
+    (``del``, ``ModuleList.insert``): walking some 400 children that each step's weight reads had pushed out
+    of the cache was a visible part of a small model's step. Writing ``_modules`` directly, bypassing both,
+    goes unseen.
+
+    The tensor lists are handed to the extension once (``hold``) and each step passes the handle: converting
+    some 900 Python tensors per call cost about 0.3 ms of a 13 ms step, and checking every source's pointer
+    in Python about 1 ms once the step's weight reads had pushed them out of the cache; the extension checks
+    the pointers and dtypes itself (``held_current``). The hold is released when the snapshot is dropped.
+    """
+
+    def __init__(self, hf: Any, ext: Any, lora_dtype: torch.dtype = torch.float16):
+        body = hf.model
+        self.lora_dtype = lora_dtype
+        self.wrappers: list[Any] = []  # LoRA wrappers, in the C++ layout's order
+        self.lora: list[torch.Tensor] = []  # (A, B) stacks per matrix per layer, or [] without LoRA
+        _watch_assignments()
+        self.assigned = _ASSIGNED[0]  # read before the modules, so that an assignment during the read counts
+        checks: list[tuple[nn.Module, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
+        checks += [(body, "norm", body.norm), (body, "layers", body.layers)]
+        checks += [(body.layers, name, layer) for name, layer in body.layers._modules.items()]
+        self.sources: list[torch.Tensor] = [body.norm.weight]
+        self.weights: list[torch.Tensor] = []
+        act8: list[bool] = []  # per matrix (layer by layer, _MATRICES order), then the head
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
+            owners.update(gate_proj=mlp, up_proj=mlp, down_proj=mlp)
+            for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+                checks.append((layer, name, getattr(layer, name)))
+            parts = {}
+            for name, owner in owners.items():
+                module = getattr(owner, name)
+                checks.append((owner, name, module))
+                if fused_lora.is_lora(module):
+                    checks.append((module, "base_layer", module.base_layer))
+                    module = module.base_layer
+                parts[name] = self._read(module)
+                act8.append(_int8_activations(module))
+            ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
+            qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
+            for name in ("q_norm", "k_norm"):
+                if hasattr(attn, name):
+                    checks.append((attn, name, getattr(attn, name)))
+            extra = [t for t in biases + qk_norms if t is not None]
+            self.sources += [ln1, ln2] + extra
+            # the layout decode_cpu.cpp expects (PER_LAYER tensors)
+            self.weights += [_f32(ln1), _f32(ln2)] + [_f32(b) for b in biases] + [_f32(t) for t in qk_norms]
+            self.weights += [_opt(t) for n in _MATRICES for t in parts[n]]
+        self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
+        act8.append(_int8_activations(hf.lm_head))
+        self.act8 = torch.tensor(act8) if any(act8) else torch.empty(0, dtype=torch.bool)  # [layers * 7 + 1]
+        self.norm = _f32(body.norm.weight)
+        self._stack_adapters(body)
+        # read once: what the step needs from the model besides tensors (its structure is checked each step)
+        self.num_heads = hf.config.get_text_config().num_attention_heads
+        self.eps = _eps(body.norm)
+        self.scaling = float(body.layers[0].self_attn.scaling)
+        owners, names, children = zip(*checks)
+        # nn.Module keeps its children dict for life (assigning, deleting or replacing a child edits it)
+        self._dicts, self._names, self._children = [o._modules for o in owners], list(names), list(children)
+        self._parents = list({id(d): d for d in self._dicts}.values())
+        self._sizes = list(map(len, self._parents))
+        self.ext = ext
+        self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources, self.lora_weights, self.slot_ends)
+        weakref.finalize(self, ext.release, self.handle)
+
+    def _stack_adapters(self, body: Any) -> None:
+        """The LoRA stacks of every projection, one slot per adapter name (sorted), when any projection has one."""
+        matrices = [getattr(layer.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, n)
+                    for layer in body.layers for n in _MATRICES]  # fmt: skip
+        self.wrappers = [m for m in matrices if fused_lora.is_lora(m)]
+        self.slots = sorted({n for m in self.wrappers for n in m.lora_A})
+        # set_adapter(name) leaves layers without ``name`` at None: one name must explain every layer
+        named = {m.active for m in self.wrappers if m.active is not None}
+        self.active = next(iter(named)) if len(named) == 1 else None
+        self.one_active = len(named) <= 1 and all(
+            m.active == (self.active if self.active in m.lora_A else None) for m in self.wrappers
+        )
+        if self.slots:
+            for m in matrices:
+                self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
+        self.lora_changes = fused_lora.state_changes()
+        # each slot's tensors, slot by slot (versions checked in C++ for the slots a step reads)
+        self.lora_weights: list[torch.Tensor] = []
+        self.slot_ends: list[int] = []
+        for name in self.slots:
+            self.lora_weights += [t for m in self.wrappers for t in fused_lora.weights(m, name)]
+            self.slot_ends.append(len(self.lora_weights))
+        self.slot_index = {name: s for s, name in enumerate(self.slots)}
+
+    def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        parts = _parts(module)  # unsupported() ran first: the module is fusable
+        self.sources += [t for t in parts if t is not None]
+        return parts
+
+    def valid(self, names: list[str | None] | None = None) -> bool:
+        """Whether the snapshot still describes the model, for a step whose rows run adapters ``names``
+        (``None``: check every adapter's tensors)."""
+        if _ASSIGNED[0] != self.assigned or list(map(len, self._parents)) != self._sizes:
+            # every check is (parent, child name, child): the parent's _modules[name] is still that child
+            # (list equality compares items by identity first, and modules do not define __eq__)
+            if list(map(dict.get, self._dicts, self._names)) != self._children:
+                return False
+            self.assigned, self._sizes = _ASSIGNED[0], list(map(len, self._parents))
+        # every source's data pointer and dtype, and the versions of the adapters read (trained in place: restack)
+        if fused_lora.state_changes() != self.lora_changes:
+            return False
+        read = range(len(self.slots)) if names is None else {self.slot_index[n] for n in names if n is not None}
+        return self.ext.held_current(self.handle, list(read))
+
+    def adapter_slots(self, names: list[str | None]) -> torch.Tensor:  # [n] int64
+        """Each row's stack slot (``-1``: none); ``names`` as resolved by :meth:`FusedDecode.run`."""
+        if not self.slots:
+            return torch.empty(0, dtype=torch.long)
+        return fused_lora.slot_ids(names, self.slots)
