@@ -16,7 +16,6 @@ generator stays usable.
 
 from __future__ import annotations
 
-import operator
 import os
 import sys
 import threading
@@ -32,15 +31,14 @@ from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .kv_cache import cache_dtype
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent
+from .prompts import Prompt, eos_ids, is_chat, prompt_ids, prompt_list
 from .runner import ModelRunner, StepInput
-from .sampling import RowContext, SamplingParams, coerce, request_generator, sample_batch
+from .sampling import RowContext, SamplingParams, coerce, is_int, request_generator, sample_batch
 from .scheduler import Batch, Chunk, Scheduler
 from .sequence import Sequence as Seq
 
 if TYPE_CHECKING:
     import torch
-
-Prompt = str | Sequence[int] | Sequence[dict]
 
 
 class Generator:
@@ -119,13 +117,13 @@ class Generator:
             raise ValueError(f"num_scheduler_steps must be an int >= 1; got {num_scheduler_steps!r}")
         self.num_scheduler_steps = num_scheduler_steps
         for name, value in (("kv_cache_tokens", kv_cache_tokens), ("kv_cache_bytes", kv_cache_bytes)):
-            if value is not None and not _is_int(value):
+            if value is not None and not is_int(value):
                 raise ValueError(f"{name} must be None or an int; got {value!r}")
         for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens), ("max_seqs", max_seqs)):
-            if not _is_int(value):
+            if not is_int(value):
                 raise ValueError(f"{name} must be an int; got {value!r}")
         eos = tuple(eos_token_ids) if hasattr(eos_token_ids, "__iter__") else None  # type: ignore[arg-type]
-        if eos_token_ids is not None and (eos is None or not all(_is_int(t) and t >= 0 for t in eos)):
+        if eos_token_ids is not None and (eos is None or not all(is_int(t) and t >= 0 for t in eos)):
             raise ValueError(f"eos_token_ids must be None or a list of token ids >= 0; got {eos_token_ids!r}")
         spec = model.spec
         cache_bytes_per_token = spec.kv_bytes_per_token_at(cache_dtype(spec, kv_cache_dtype))
@@ -159,7 +157,7 @@ class Generator:
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
                                   fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,
                                   kv_cache_dtype=kv_cache_dtype)
-        self.eos_token_ids = frozenset(_eos_ids(model) if eos is None else eos)
+        self.eos_token_ids = frozenset(eos_ids(model) if eos is None else eos)
         self._seqs: dict[int, Seq] = {}  # live requests; released after their final event
         self._next_id = 0
         self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')
@@ -222,50 +220,7 @@ class Generator:
 
     # --- requests -------------------------------------------------------------------------------
     def _tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str) or _is_chat(prompt):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
-            if isinstance(prompt, str) and not self.chat_template:
-                try:
-                    return list(self.tokenizer.encode(prompt))
-                except Exception as exc:  # e.g. a lone surrogate ("\ud800", valid JSON): this request's fault alone
-                    raise ValueError(
-                        f"the tokenizer cannot encode this prompt ({type(exc).__name__}: {exc}); "
-                        f"prompt must be valid Unicode text or a list of token ids"
-                    ) from exc
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            if getattr(self.tokenizer, "chat_template", None) is None:
-                raise ValueError("prompt is a chat message list, but this model's tokenizer has no chat template")
-            try:
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            except Exception as exc:  # a template error (jinja's, a KeyError) is this request's fault alone
-                raise ValueError(
-                    f"the tokenizer's chat template cannot render this prompt ({type(exc).__name__}: {exc}); "
-                    f"chat messages look like [{{'role': 'user', 'content': 'text'}}]"
-                ) from exc
-            ids = ids["input_ids"] if not isinstance(ids, list) else ids
-            return [int(t) for t in ids]
-        if isinstance(prompt, (bytes, bytearray)):  # list() would read each byte as a token id
-            raise ValueError(f"prompt must be a string, a list of token ids or a list of chat messages; "
-                             f"got bytes {prompt[:20]!r}: decode it (prompt.decode()) first")  # fmt: skip
-        try:
-            items = list(prompt)  # type: ignore[arg-type]  # chat lists were handled above
-        except TypeError:
-            raise ValueError(
-                f"prompt must be a string, a list of token ids or a list of chat messages; got {type(prompt).__name__}"
-            ) from None
-        ids = []
-        for t in items:
-            try:
-                if isinstance(t, bool) or str(getattr(t, "dtype", "")) in ("bool", "torch.bool"):
-                    raise TypeError  # index() reads True as token 1: a mask or a flag, never a token id
-                ids.append(operator.index(t))  # an int, NumPy or 0-d tensor integer; never a truncated float
-            except TypeError:
-                raise ValueError(f"prompt token ids must be integers; got {t!r} in the prompt") from None
-        vocab = self.model.spec.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {ids[:8]}...")
-        return ids
+        return prompt_ids(prompt, self.tokenizer, self.chat_template, self.model.spec.vocab_size)
 
     def _check_adapter(self, name: str) -> str | None:
         try:
@@ -540,7 +495,7 @@ class Generator:
 
     # --- whole runs -----------------------------------------------------------------------------
     def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
-        if isinstance(prompts, (str, bytes, bytearray)) or _is_chat(prompts):
+        if isinstance(prompts, (str, bytes, bytearray)) or is_chat(prompts):
             raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
         if len(prompts) and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
             raise TypeError(
@@ -619,7 +574,7 @@ class Generator:
         Only these prompts' outputs are returned; other requests of the generator are left as they are.
         ``prompts`` may be any iterable of prompts (a generator is read once).
         """
-        prompts = _prompt_list(prompts)
+        prompts = prompt_list(prompts)
         if len(prompts) == 0:
             return []
         outputs: dict[int, GenerationOutput] = {}
@@ -656,7 +611,7 @@ class Generator:
 
         Closing the iterator early (``break``, an exception in the loop) aborts the prompts still running.
         """
-        prompts = _prompt_list(prompts)
+        prompts = prompt_list(prompts)
         if len(prompts) == 0:
             return
         yield from self._events(prompts, sampling)
@@ -670,34 +625,6 @@ def _caller_level() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _prompt_list(prompts: Any) -> Any:
-    """``prompts`` as given when it has a length, else (a generator of prompts) read once into a list."""
-    if isinstance(prompts, (str, bytes, bytearray)) or hasattr(prompts, "__len__"):
-        return prompts  # a single string is refused by _add_all, with the fix
-    if not hasattr(prompts, "__iter__"):
-        raise TypeError(f"prompts must be a list (or iterable) of prompts; got {type(prompts).__name__}")
-    return list(prompts)
-
-
-def _is_chat(prompt: Any) -> bool:
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
-
-
-def _eos_ids(model: CausalLM) -> set[int]:
-    """End-of-sequence ids: the tokenizer's and every one of the model's generation config."""
-    ids: set[int] = set()
-    for source in (getattr(model.tokenizer, "eos_token_id", None),
-                   getattr(getattr(getattr(model, "hf", None), "generation_config", None), "eos_token_id", None)):
-        if source is None:
-            continue
-        ids.update([source] if isinstance(source, int) else [int(t) for t in source])
-    return ids
 
 
 def _paths_since(now: dict[str, tuple[int, float]], before: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:

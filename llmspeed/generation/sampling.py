@@ -20,7 +20,8 @@ GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """Whether ``x`` is an int and not a bool (``True`` is an int to Python, never a count or an id here)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -79,32 +80,32 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be an integer >= 1; got {self.max_new_tokens!r}")
         if not _is_number(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
             raise ValueError(f"`temperature` must be a finite number >= 0 (0 = greedy); got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"`top_k` must be an integer >= 0 (0 = no top-k filter); got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` must be in (0, 1]; got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise ValueError(f"`seed` must be None or an integer in [0, 2**64); got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop)
         if stop is None or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"`stop` must be a non-empty string or a list of them (() for none); got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
         given: object = self.stop_token_ids
-        ids = (given,) if _is_int(given) else _as_tuple(given)
-        if ids is None or not all(_is_int(t) and t >= 0 for t in ids):
+        ids = (given,) if is_int(given) else _as_tuple(given)
+        if ids is None or not all(is_int(t) and t >= 0 for t in ids):
             raise ValueError(f"`stop_token_ids` must be integers >= 0; got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"`ignore_eos` must be a bool; got {self.ignore_eos!r}")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
             raise ValueError(f"`adapter` must be None or a non-empty adapter name; got {self.adapter!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"`logprobs` must be None or an integer from 0 to {MAX_LOGPROBS}; got {self.logprobs!r}")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(
                 f"`min_tokens` must be an integer from 0 to max_new_tokens={self.max_new_tokens}; got {self.min_tokens!r}"
             )

@@ -1,0 +1,86 @@
+"""Prompts as the generator takes them: text, chat messages or token ids, to the token ids a request runs."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+from ..protocol import CausalLM
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: int) -> list[int]:
+    """The token ids of one prompt: a string (encoded, or rendered as one user turn with ``chat_template``), a
+    list of chat messages (rendered with the tokenizer's chat template) or token ids (checked against
+    ``vocab_size``); ``ValueError`` naming what is wrong and what a prompt may be."""
+    if isinstance(prompt, str) or is_chat(prompt):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
+        if isinstance(prompt, str) and not chat_template:
+            try:
+                return list(tokenizer.encode(prompt))
+            except Exception as exc:  # e.g. a lone surrogate ("\ud800", valid JSON): this request's fault alone
+                raise ValueError(
+                    f"the tokenizer cannot encode this prompt ({type(exc).__name__}: {exc}); "
+                    f"prompt must be valid Unicode text or a list of token ids"
+                ) from exc
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("prompt is a chat message list, but this model's tokenizer has no chat template")
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # a template error (jinja's, a KeyError) is this request's fault alone
+            raise ValueError(
+                f"the tokenizer's chat template cannot render this prompt ({type(exc).__name__}: {exc}); "
+                f"chat messages look like [{{'role': 'user', 'content': 'text'}}]"
+            ) from exc
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        return [int(t) for t in ids]
+    if isinstance(prompt, (bytes, bytearray)):  # list() would read each byte as a token id
+        raise ValueError(f"prompt must be a string, a list of token ids or a list of chat messages; "
+                         f"got bytes {prompt[:20]!r}: decode it (prompt.decode()) first")  # fmt: skip
+    try:
+        items = list(prompt)  # type: ignore[arg-type]  # chat lists were handled above
+    except TypeError:
+        raise ValueError(
+            f"prompt must be a string, a list of token ids or a list of chat messages; got {type(prompt).__name__}"
+        ) from None
+    ids = []
+    for t in items:
+        try:
+            if isinstance(t, bool) or str(getattr(t, "dtype", "")) in ("bool", "torch.bool"):
+                raise TypeError  # index() reads True as token 1: a mask or a flag, never a token id
+            ids.append(operator.index(t))  # an int, NumPy or 0-d tensor integer; never a truncated float
+        except TypeError:
+            raise ValueError(f"prompt token ids must be integers; got {t!r} in the prompt") from None
+    vocab = vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab}); got {ids[:8]}...")
+    return ids
+
+
+def prompt_list(prompts: Any) -> Any:
+    """``prompts`` as given when it has a length, else (a generator of prompts) read once into a list."""
+    if isinstance(prompts, (str, bytes, bytearray)) or hasattr(prompts, "__len__"):
+        return prompts  # a single string is refused by _add_all, with the fix
+    if not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a list (or iterable) of prompts; got {type(prompts).__name__}")
+    return list(prompts)
+
+
+def is_chat(prompt: Any) -> bool:
+    """Whether ``prompt`` is a list of chat messages (dicts), not token ids or text."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
+
+
+def eos_ids(model: CausalLM) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and every one of the model's generation config."""
+    ids: set[int] = set()
+    for source in (getattr(model.tokenizer, "eos_token_id", None),
+                   getattr(getattr(getattr(model, "hf", None), "generation_config", None), "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else [int(t) for t in source])
+    return ids
