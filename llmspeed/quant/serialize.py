@@ -13,6 +13,7 @@ Folder layout written by :func:`save`::
                         reads, :class:`~llmspeed.quant.embedding.QuantizedEmbedding`}}
     config.json         the transformers config (the architecture to rebuild), with a ``quantization_config``
                         that transformers refuses with a message naming llmspeed (see :data:`NATIVE_MARKER`)
+    generation_config.json  end-of-sequence ids and sampling defaults, as ``save_pretrained`` writes them
     tokenizer files     when the model has a tokenizer
 
 :func:`load` builds the architecture with its parameters on the ``meta`` device (no float weight is
@@ -34,7 +35,7 @@ from ..protocol import CausalLM, base_linear
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
-from .formats.files import detect
+from .formats.files import detect, write_generation_config
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE
 
@@ -92,6 +93,7 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
 
     directory.mkdir(parents=True, exist_ok=True)
     root = model.module
+    write_generation_config(root, directory)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_by_storage: dict[tuple, str] = {}

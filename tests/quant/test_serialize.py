@@ -256,3 +256,22 @@ def test_save_into_a_file_or_load_a_non_path_names_the_argument(tmp_path, llama,
             llmspeed.load(bad)
         with pytest.raises(TypeError, match="directory must be a folder path"):
             llmspeed.save(llama, bad, format=fmt)
+
+
+@pytest.mark.parametrize("fmt", ["llmspeed", "compressed-tensors"])
+def test_generation_config_travels_with_the_folder(tmp_path, llama, fmt):
+    """Regression: generation_config.json (eos ids, sampling defaults) was neither written nor read, so a loaded
+    or exported model stopped on config.json's eos only and lost the checkpoint's sampling defaults."""
+    llama.hf.generation_config.eos_token_id = [3, 7]  # e.g. an instruct model's end-of-turn ids
+    llama.hf.generation_config.update(do_sample=True, temperature=0.6)
+    llama.hf.save_pretrained(tmp_path / "hf")
+    read = llmspeed.models.from_pretrained(tmp_path / "hf").hf.generation_config  # quantize-while-loading reader
+    assert read.eos_token_id == [3, 7] and read.temperature == 0.6
+    llmspeed.quantize(llama, "int4", group_size=32, symmetric=True)
+    llmspeed.save(llama, tmp_path / fmt, format=fmt)
+    loaded = llmspeed.load(tmp_path / fmt).hf.generation_config
+    assert loaded.eos_token_id == [3, 7] and loaded.temperature == 0.6
+    if fmt == "compressed-tensors":  # what transformers (and vLLM) read from the export
+        pytest.importorskip("compressed_tensors")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / fmt)
+        assert hf.generation_config.eos_token_id == [3, 7] and hf.generation_config.temperature == 0.6

@@ -55,6 +55,13 @@ def read_config(directory: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
 
 
+def write_generation_config(root: torch.nn.Module, directory: Path) -> None:
+    """``generation_config.json`` of ``root`` (end-of-sequence ids, sampling defaults), as ``save_pretrained`` writes it."""
+    generation_config = getattr(root, "generation_config", None)
+    if generation_config is not None:  # validated by transformers first: nothing else is written when it raises
+        generation_config.save_pretrained(directory)
+
+
 def detect(directory: str | Path) -> str:
     """``"llmspeed"``, ``"compressed-tensors"``, ``"gptq"`` or ``"float"`` (a plain transformers folder).
 

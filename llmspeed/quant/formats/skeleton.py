@@ -45,7 +45,7 @@ def skeleton(directory: Path, dtype: torch.dtype, config_overrides: dict[str, An
 
     The config's ``quantization_config`` is dropped: the caller installs the quantized modules itself.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
@@ -54,6 +54,8 @@ def skeleton(directory: Path, dtype: torch.dtype, config_overrides: dict[str, An
         setattr(config, key, value)
     with parameters_on_meta():
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (directory / "generation_config.json").is_file():  # eos ids and sampling defaults, as from_pretrained reads
+        hf.generation_config = GenerationConfig.from_pretrained(directory)
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)
