@@ -5,8 +5,8 @@ Tensor keys are PEFT's: ``base_model.model.<position>.lora_A.weight`` (``[r, in]
 transformers model; the adapter name is not part of the key. The config carries PEFT's field
 names (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``, ``rank_pattern``, ...), so
 ``peft.PeftModel.from_pretrained(hf_model, path)`` loads what :func:`save_adapter` writes and
-:func:`load_adapter` reads what PEFT saved (plain LoRA on linear layers; DoRA, biases, embeddings
-and ``modules_to_save`` are refused with an error naming the field).
+:func:`load_adapter` reads what PEFT saved (plain LoRA on linear layers; DoRA, biases, embeddings,
+``modules_to_save``, activated LoRA and layer replication are refused with an error naming the field).
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def _read_config(folder: Path) -> dict:
         "fan_in_fan_out": (cfg.get("fan_in_fan_out", False), False),
         "modules_to_save": (bool(cfg.get("modules_to_save")), False),
         "lora_bias": (bool(cfg.get("lora_bias")), False),
+        "alora_invocation_tokens": (bool(cfg.get("alora_invocation_tokens")), False),  # active after them only
+        "layer_replication": (bool(cfg.get("layer_replication")), False),  # keys name replicated layers
     }
     for field, (got, supported) in checks.items():
         if got != supported:

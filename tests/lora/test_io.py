@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -145,3 +146,19 @@ def test_save_adapter_into_a_file_or_a_non_path_names_the_argument(tmp_path, lla
         lora.save_adapter(llama, None, "a")
     with pytest.raises(TypeError, match="path must be a folder path .*; got None"):
         lora.load_adapter(llmspeed.models.tiny("llama", seed=0), None, "b")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("alora_invocation_tokens", [5, 6]), ("layer_replication", [[0, 1], [0, 1]])]
+)
+def test_peft_adapters_that_compute_something_else_are_refused(tmp_path, llama, field, value):
+    """Regression: an activated LoRA (applied only after its invocation tokens) and one trained on replicated
+    layers loaded as plain LoRA on every token and layer: logits silently unlike PEFT's."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             task_type="CAUSAL_LM", **{field: value})  # fmt: skip
+    peft.get_peft_model(llmspeed.models.tiny("llama", seed=0).hf, config).save_pretrained(tmp_path)
+    before, want = _state(llama), logits(llama.hf)
+    with pytest.raises(ValueError, match=re.escape(f"adapter_config.json field {field}={value!r} is not supported")):
+        lora.load_adapter(llama, tmp_path, "theirs")
+    assert _state(llama) == before and torch.equal(logits(llama.hf), want)
