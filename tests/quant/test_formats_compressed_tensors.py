@@ -176,7 +176,8 @@ def test_mixed_layer_configs_get_one_group_each(tmp_path):
 
 
 # --- compressed-tensors (written by the package) -> llmspeed -----------------------------------------
-def _write_with_package(path, sym: bool, bits: int, group: int | None, dtype: torch.dtype = torch.float32):
+def _write_with_package(path, sym: bool, bits: int, group: int | None, dtype: torch.dtype = torch.float32,
+                        fmt: str = "pack-quantized"):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -203,7 +204,7 @@ def _write_with_package(path, sym: bool, bits: int, group: int | None, dtype: to
             module.weight_scale.copy_(s.reshape(module.weight_scale.shape))
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.copy_(z.reshape(module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(hf, quantization_format="pack-quantized")
+    compressor = ModelCompressor.from_pretrained_model(hf, quantization_format=fmt)
     compressor.compress_model(hf)
     hf.save_pretrained(path)
     compressor.update_config(path)
@@ -240,6 +241,15 @@ def test_package_written_fp16_folder_loads_bit_identical(tmp_path, group, sym):
         if isinstance(module, Int4Linear):
             dense = ref.get_submodule(name).weight  # fp16: (q - z) * s in fp16 is the fp32 product rounded once
             assert dense.dtype == torch.float16 and torch.equal(module.dequantize().half(), dense), name
+
+
+def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
+    """Regression: a naive-quantized folder (int8 codes in ``weight``) failed on its first ``weight_scale`` with
+    "matches no parameter or buffer of the model", as if the folder were damaged or for another model."""
+    _write_with_package(tmp_path, True, 8, None, fmt="naive-quantized")
+    with pytest.raises(ValueError, match="config group 'group_0' is in compressed-tensors format 'naive-quantized'; "
+                                         "llmspeed reads 'pack-quantized'.*call llmspeed.quantize"):  # fmt: skip
+        llmspeed.load(tmp_path)
 
 
 # --- refusals and tampered files ---------------------------------------------------------------------

@@ -220,11 +220,6 @@ def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
     if not chosen:
         raise ValueError(f"{source}: layer {name!r} has packed weights but no config group targets it")
     group = chosen[0]
-    fmt = group.get("format") or quant.get("format")
-    if fmt != PACK_FORMAT:
-        raise ValueError(
-            f"{source}: layer {name!r} is in compressed-tensors format {fmt!r}; llmspeed reads {PACK_FORMAT!r}"
-        )
     if group.get("input_activations") is not None:
         raise ValueError(
             f"{source}: layer {name!r} quantizes activations too; llmspeed loads weight-only schemes"
@@ -305,6 +300,12 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     """Read a compressed-tensors ``pack-quantized`` folder into llmspeed's packed modules (no float weights)."""
     config = read_config(directory)
     quant = config["quantization_config"]
+    for key, group in (quant.get("config_groups") or {}).items():  # before reading: other formats' tensors differ
+        if (fmt := group.get("format") or quant.get("format")) != PACK_FORMAT:
+            raise ValueError(
+                f"{directory}: config group {key!r} is in compressed-tensors format {fmt!r}; llmspeed reads "
+                f"{PACK_FORMAT!r} (int4, int8 weights); load a float checkpoint and call llmspeed.quantize instead"
+            )
     from .files import config_dtype
 
     dtype = config_dtype(config)
