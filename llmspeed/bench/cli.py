@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..names import folder_path
 from ..timing import markdown_table
 from .plots import group_rows
 
@@ -154,7 +155,13 @@ def suite_markdown(name: str, result: dict[str, Any], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m llmspeed bench``; returns 0 when every suite ran."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is not None:  # checked before the suites run, not when their results are written
+        try:
+            folder_path(args.out, "--out", write=True)
+        except ValueError as err:
+            parser.error(str(err))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here; use --device cpu", file=sys.stderr)
         return 2

@@ -79,6 +79,20 @@ def test_unknown_suite_and_model_are_rejected(capsys):
     assert result["status"] == "failed" and "model must be one of" in result["error"]
 
 
+def test_out_that_is_a_file_is_refused_before_any_suite_runs(fake_suites, tmp_path, capsys):
+    """Regression: --out naming a file ran every suite, then died in mkdir with a bare FileExistsError."""
+    file = tmp_path / "results.txt"
+    file.write_text("keep")
+    for out in (file, file / "sub"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["all", "--quick", "--out", str(out)])
+        assert exit_info.value.code == 2
+        printed = capsys.readouterr()
+        assert f"--out must be a folder (created if needed); got '{out}', but '{file}' is a file" in printed.err
+        assert "[bench] running" not in printed.err and printed.out == ""
+    assert file.read_text() == "keep"
+
+
 def test_jsonable_turns_tensors_and_nan_into_json_values():
     import torch
 
