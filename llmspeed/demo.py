@@ -119,19 +119,34 @@ STEPS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 }
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``, refused at parse time (not after a model has loaded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {text!r}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo steps and print their table."""
     parser = argparse.ArgumentParser(prog="python -m llmspeed demo", description=__doc__)
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {list(STEPS)}")
-    parser.add_argument("--windows", type=int, default=4, help="perplexity windows (default 4)")
-    parser.add_argument("--window", type=int, default=256, help="tokens per perplexity window (default 256)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per sample")
-    parser.add_argument("--lora-steps", type=int, default=20, help="fine-tuning steps in the qlora step")
+    parser.add_argument("--windows", type=_at_least(1), default=4, help="perplexity windows (default 4)")
+    parser.add_argument("--window", type=_at_least(2), default=256, help="tokens per perplexity window (default 256)")
+    parser.add_argument("--new-tokens", type=_at_least(1), default=32, help="tokens to generate per sample")
+    parser.add_argument("--lora-steps", type=_at_least(1), default=20, help="fine-tuning steps in the qlora step")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
-    if unknown:
-        parser.error(f"--steps: unknown {unknown}; accepted: {list(STEPS)}")
+    if unknown or not steps:
+        parser.error(f"--steps: {f'unknown {unknown}' if unknown else 'none given'}; accepted: {list(STEPS)}")
     rows = []
     for name in steps:
         print(f"[demo] {name} ...", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from llmspeed import demo
@@ -19,3 +21,23 @@ def test_demo_prints_a_row_per_step(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--steps", "fp32,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--windows", "0"], "argument --windows: must be an integer >= 1; got '0'"),
+        (["--window", "1"], "argument --window: must be an integer >= 2; got '1'"),
+        (["--new-tokens", "0"], "argument --new-tokens: must be an integer >= 1; got '0'"),
+        (["--lora-steps", "x"], "argument --lora-steps: must be an integer >= 1; got 'x'"),
+        (["--steps", ","], r"--steps: none given; accepted: \['fp32'"),
+    ],
+)
+def test_bad_numbers_and_empty_steps_are_refused_before_any_model_loads(argv, match, capsys, monkeypatch):
+    """Regression: --windows 0, --new-tokens 0 or --lora-steps 0 failed with a traceback from perplexity, generate
+    or finetune after the earlier steps had run (minutes); an empty --steps printed an empty table and exited 0."""
+    monkeypatch.setattr(demo.models, "smollm2", lambda: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--steps", "fp32,qlora", *argv])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
