@@ -44,3 +44,18 @@ def _one_thread(one_thread):
 def live_server():
     """``live_server(openai_server) -> context manager yielding the base URL``."""
     return serve
+
+
+def fail_third_sampling_call(monkeypatch) -> None:
+    """Make the generator's ``sample_batch`` raise ``RuntimeError("injected sampler fault")`` on its third call."""
+    from llmspeed.generation import engine as engine_module
+
+    real, calls = engine_module.sample_batch, [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected sampler fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_batch", flaky)

@@ -13,6 +13,7 @@ import torch
 import llmspeed
 from llmspeed import Generator, SamplingParams
 from llmspeed.generation import engine as engine_module
+from tests.serving.conftest import fail_third_sampling_call
 
 
 def _prompts(n, seed=0):
@@ -217,15 +218,7 @@ def test_asyncio_generate_stream_and_cancel(llama):
 
 def test_a_fault_in_a_step_fails_its_batch_and_the_engine_keeps_serving(llama, monkeypatch):
     real = engine_module.sample_batch
-    calls = [0]
-
-    def flaky(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise RuntimeError("injected sampler fault")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "sample_batch", flaky)
+    fail_third_sampling_call(monkeypatch)
     sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
     prompts = _prompts(6, seed=3)
     with llmspeed.Engine(llama) as engine:

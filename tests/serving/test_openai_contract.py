@@ -11,6 +11,7 @@ from llmspeed.generation import engine as engine_module
 from llmspeed.serving import Engine
 from llmspeed.serving.server import OpenAIServer
 from tests.generation.test_engine import ChatTokenizer
+from tests.serving.conftest import fail_third_sampling_call
 
 openai = pytest.importorskip("openai")
 
@@ -28,23 +29,11 @@ def _client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
 
-def _fail_third_sampling_call(monkeypatch):
-    real, calls = engine_module.sample_batch, [0]
-
-    def flaky(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise RuntimeError("injected sampler fault")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "sample_batch", flaky)
-
-
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_a_failure_after_the_stream_began_is_an_error_event_not_a_normal_stop(tiny_server, live_server, monkeypatch, endpoint):
     with live_server(tiny_server) as url:
         client = _client(url)
-        _fail_third_sampling_call(monkeypatch)
+        fail_third_sampling_call(monkeypatch)
         kw = dict(model="tiny", max_tokens=10, stream=True, extra_body={"min_tokens": 10})
         if endpoint == "chat":
             stream = client.chat.completions.create(messages=CHAT, **kw)
