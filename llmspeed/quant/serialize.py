@@ -35,7 +35,7 @@ from ..protocol import CausalLM, base_linear
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
-from .formats.files import detect, write_generation_config
+from .formats.files import detect, start_folder
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE
 
@@ -61,7 +61,8 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
 
     Args:
         model: The model, quantized or not (a transformers causal LM is wrapped first).
-        directory: The folder (created if needed).
+        directory: The folder (created if needed; a weights index and the shards it names, left there by an earlier
+            sharded save, are removed so that no reader loads them instead).
         format: ``"llmspeed"`` (int8, int4, NF4, HQQ, act-order; read back bit-exact by :func:`load`) or
             ``"compressed-tensors"`` (int8 per channel and int4 group-wise, symmetric or asymmetric: the
             folder ``transformers.AutoModelForCausalLM.from_pretrained`` and ``vllm serve`` load).
@@ -91,9 +92,8 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
         return compressed_tensors.save(model, directory)
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     root = model.module
-    write_generation_config(root, directory)
+    start_folder(root, directory)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_by_storage: dict[tuple, str] = {}

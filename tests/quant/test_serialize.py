@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import llmspeed
+from llmspeed.protocol import is_quantized
 from llmspeed.quant import NF4Linear
 from llmspeed.quant.serialize import WEIGHTS
 
@@ -275,3 +276,27 @@ def test_generation_config_travels_with_the_folder(tmp_path, llama, fmt):
         pytest.importorskip("compressed_tensors")
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / fmt)
         assert hf.generation_config.eos_token_id == [3, 7] and hf.generation_config.temperature == 0.6
+
+
+@pytest.mark.parametrize("fmt", ["llmspeed", "compressed-tensors"])
+def test_saving_over_a_sharded_folder_removes_its_index_and_shards(tmp_path, llama, fmt):
+    """Regression: saving into a folder that held a sharded checkpoint left model.safetensors.index.json and its
+    shards beside the new model.safetensors; a reader that follows the index (vLLM filters the safetensors files
+    by it) would load the stale weights. They go, as save_pretrained cleans up; other files stay."""
+    folder = tmp_path / "out"
+    llama.hf.save_pretrained(folder, max_shard_size="100KB")  # an earlier sharded save of the float model
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
+    (folder / "notes.txt").write_text("mine")
+    llmspeed.quantize(llama, "int4", group_size=32, symmetric=True)
+    llmspeed.save(llama, folder, format=fmt)
+    assert not (folder / "model.safetensors.index.json").exists()
+    assert not any((folder / s).exists() for s in shards)
+    assert (folder / "notes.txt").read_text() == "mine"
+    loaded = llmspeed.load(folder)  # the new quantized weights, not the float shards
+    assert is_quantized(loaded.hf.model.layers[0].mlp.down_proj)
+    if fmt == "llmspeed":  # read back bit-exact
+        ids = torch.tensor([[1, 5, 9, 2]])
+        with torch.no_grad():
+            assert torch.equal(loaded.hf(input_ids=ids).logits, llama.hf(input_ids=ids).logits)

@@ -37,7 +37,7 @@ from ..config import QuantConfig
 from ..embedding import shared_embeddings
 from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
 from . import skeleton
-from .files import read_all, read_config, write_generation_config
+from .files import read_all, read_config, start_folder
 from .packing import little_endian_bytes, pack_int4, pack_int8, unpack_int4, unpack_int8
 
 QUANT_METHOD = "compressed-tensors"
@@ -179,8 +179,7 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     emb = get_emb() if callable(get_emb) else None
     tied = bool(shared) or (isinstance(head_module, nn.Linear) and emb is not None and head_module.weight is emb.weight)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_generation_config(root, directory)
+    start_folder(root, directory)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(directory)
     data = json.loads((directory / "config.json").read_text())

@@ -55,11 +55,24 @@ def read_config(directory: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
 
 
-def write_generation_config(root: torch.nn.Module, directory: Path) -> None:
-    """``generation_config.json`` of ``root`` (end-of-sequence ids, sampling defaults), as ``save_pretrained`` writes it."""
+def start_folder(root: torch.nn.Module, directory: Path) -> None:
+    """Ready ``directory`` for one model's files: created if needed, ``generation_config.json`` of ``root`` written
+    (end-of-sequence ids, sampling defaults), and a weights index an earlier sharded save left removed with the
+    shards it names, as ``save_pretrained`` cleans up: readers that follow an index (vLLM's) would load those
+    stale weights instead of the new ``model.safetensors``."""
+    directory.mkdir(parents=True, exist_ok=True)
     generation_config = getattr(root, "generation_config", None)
     if generation_config is not None:  # validated by transformers first: nothing else is written when it raises
         generation_config.save_pretrained(directory)
+    if (directory / INDEX).is_file():
+        try:
+            stale = set(json.loads((directory / INDEX).read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):  # unreadable: the index alone goes
+            stale = set()
+        for name in stale:  # shard files of this folder only (no paths), never the new weights
+            if isinstance(name, str) and Path(name).name == name and name.endswith(".safetensors") and name != SINGLE:
+                (directory / name).unlink(missing_ok=True)
+        (directory / INDEX).unlink()
 
 
 def detect(directory: str | Path) -> str:
