@@ -112,6 +112,25 @@ def test_unsupported_quantization_configs_are_named(tmp_path):
             llmspeed.load(tmp_path)
 
 
+def test_malformed_quantization_configs_name_the_file(tmp_path):
+    """Regression: a quantize_config.json (AutoGPTQ's older layout) that is not JSON gave a bare JSONDecodeError,
+    and one holding a list, or a quantization_config that is not an object, an AttributeError."""
+    write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path, group=32)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    quant = cfg.pop("quantization_config")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for text, match in [("{bits: 4", r"quantize_config.json is not valid JSON"),
+                        ("[4, 32]", r"quantize_config.json must hold a JSON object; got a list")]:  # fmt: skip
+        (tmp_path / "quantize_config.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            llmspeed.load(tmp_path)
+    (tmp_path / "quantize_config.json").write_text(json.dumps(quant))  # the older layout itself loads
+    assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.down_proj, Int4Linear)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": "gptq"}))
+    with pytest.raises(ValueError, match=r"config.json field quantization_config must be an object; got 'gptq'"):
+        llmspeed.load(tmp_path)
+
+
 @pytest.mark.slow
 def test_loaded_gptq_and_compressed_tensors_models_generate_like_their_source(tmp_path):
     """Loaded folders run llmspeed's generator (continuous batching over the packed kernels) greedily like the source."""

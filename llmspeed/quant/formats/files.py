@@ -44,15 +44,29 @@ def shard_files(directory: Path) -> list[Path]:
     raise ValueError(f"{directory} holds neither {SINGLE} nor {INDEX}")
 
 
-def read_config(directory: Path) -> dict:
-    """``config.json`` of ``directory`` as a dict (``ValueError`` when missing or not JSON)."""
-    path = directory / "config.json"
+def read_config(directory: Path, name: str = "config.json") -> dict:
+    """``directory / name`` as a dict (``ValueError`` naming the file when missing, not JSON or not an object)."""
+    path = directory / name
     if not path.is_file():
-        raise ValueError(f"{directory} has no config.json; a checkpoint folder needs one")
+        raise ValueError(f"{directory} has no {name}; a checkpoint folder needs one")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; got a {type(data).__name__}")
+    return data
+
+
+def quantization_config(directory: Path) -> dict | None:
+    """The folder's quantization settings: ``config.json``'s ``quantization_config``, else AutoGPTQ's older
+    ``quantize_config.json`` (``quant_method`` ``"gptq"`` unless it says otherwise); ``None`` for a float folder."""
+    quant = read_config(directory).get("quantization_config")
+    if quant is None and (directory / "quantize_config.json").is_file():
+        quant = {"quant_method": "gptq", **read_config(directory, "quantize_config.json")}
+    if quant is not None and not isinstance(quant, dict):
+        raise ValueError(f"{directory / 'config.json'} field quantization_config must be an object; got {quant!r}")
+    return quant
 
 
 def start_folder(root: torch.nn.Module, directory: Path) -> None:
@@ -97,10 +111,7 @@ def detect(directory: str | Path) -> str:
         raise ValueError(f"{files[0]} is corrupt or truncated ({err}); save the model again") from err
     if metadata.get("format") == NATIVE:
         return NATIVE
-    quant = read_config(directory).get("quantization_config")
-    if quant is None and (directory / "quantize_config.json").is_file():  # AutoGPTQ's older layout
-        quant = json.loads((directory / "quantize_config.json").read_text())
-        quant.setdefault("quant_method", "gptq")
+    quant = quantization_config(directory)
     if quant is None:
         return "float"
     method = quant.get("quant_method")

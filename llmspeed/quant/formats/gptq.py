@@ -19,7 +19,6 @@ the input to match, so the kernels run unchanged and no float weight is ever bui
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from .. import primitives as P
 from ..config import QuantConfig
 from ..modules import Int4Linear
 from . import skeleton
-from .files import config_dtype, read_all, read_config
+from .files import config_dtype, quantization_config, read_all, read_config
 from .packing import little_endian_bytes, unpack_int4
 
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -38,10 +37,8 @@ GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 def quantize_config(directory: Path) -> dict[str, Any]:
     """The GPTQ settings: ``config.json``'s ``quantization_config``, else ``quantize_config.json``."""
-    quant = read_config(directory).get("quantization_config")
-    if quant is None and (directory / "quantize_config.json").is_file():
-        quant = json.loads((directory / "quantize_config.json").read_text())
-    if not isinstance(quant, dict):
+    quant = quantization_config(directory)
+    if quant is None:
         raise ValueError(f"{directory} has no GPTQ quantization_config")
     return quant
 
