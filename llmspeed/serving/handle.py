@@ -64,14 +64,7 @@ class RequestHandle:
             raise TypeError("this request was submitted from asyncio: iterate it with `async for`")
         while True:
             self._refuse_consumed()
-            event = self._events.get()
-            if event is None:  # another loop took the final event
-                self._events.put(None)
-                self._refuse_consumed()
-                continue
-            if event.finished:
-                self._consumed = True
-                self._events.put(None)
+            event = self._handed(self._events.get(), self._events.put)
             yield event
             if event.finished:
                 return
@@ -82,17 +75,22 @@ class RequestHandle:
             raise TypeError("this request was not submitted from asyncio: iterate it with `for`")
         while True:
             self._refuse_consumed()
-            event = await self._async.get()
-            if event is None:
-                self._async.put_nowait(None)
-                self._refuse_consumed()
-                continue
-            if event.finished:
-                self._consumed = True
-                self._async.put_nowait(None)
+            event = self._handed(await self._async.get(), self._async.put_nowait)
             yield event
             if event.finished:
                 return
+
+    def _handed(self, event: StreamEvent | None, put: Callable[[None], Any]) -> StreamEvent:
+        """``event``, taken from the queue by a loop; after the final one a ``None`` goes back into the queue
+        (``put``), which wakes any other loop waiting on it, and such a loop raises (:meth:`_refuse_consumed`)."""
+        if event is None:  # another loop took the final event
+            put(None)
+            self._refuse_consumed()
+        assert event is not None  # a None is queued only after the final event was taken (_consumed is set)
+        if event.finished:
+            self._consumed = True
+            put(None)
+        return event
 
     def _refuse_consumed(self) -> None:
         if self._consumed:
