@@ -74,6 +74,19 @@ def test_unknown_dtype_is_a_clear_error(llama, bad):
     assert all(torch.equal(before[n], p) for n, p in llama.hf.named_parameters())
 
 
+def test_attach_and_autocast_take_a_transformers_model_as_cast_does(llama):
+    hf = llama.hf  # what users hold; cast wraps it, and so must its two siblings
+    llmspeed.precision.attach(hf, "bf16", cpu_matmul="native")
+    assert all(n._forward_hooks for n in _norms(llama))
+    llmspeed.precision.attach(hf, "fp32")
+    with torch.no_grad():
+        with llmspeed.autocast(hf, "bf16") as m:
+            assert m.module is hf
+            assert hf(IDS).logits.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="model must be an llmspeed.Model"):
+        llmspeed.precision.attach(object(), "bf16")
+
+
 def test_autocast_rejects_fp32(llama):
     with pytest.raises(ValueError, match="16-bit"):
         with llmspeed.autocast(llama, "fp32"):

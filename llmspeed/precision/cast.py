@@ -146,7 +146,9 @@ def attach(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto
     CPU, the per-call 16-bit matmul choice (see :func:`cast` for ``cpu_matmul``). Hooks from an earlier
     call are replaced. :func:`cast` ends with it; :func:`llmspeed.load` calls it for a model saved in
     16 bits, whose tensors come back as they were saved (norms in fp32) but whose hooks do not.
+    A transformers model is wrapped first, as :func:`cast` does.
     """
+    model = as_model(model)
     target = resolve_dtype(dtype)
     _check_cpu_matmul(cpu_matmul)
     root = model.module
@@ -168,8 +170,11 @@ def autocast(model: CausalLM, dtype: str | torch.dtype = "bf16") -> Iterator[Cau
     """Mixed precision for the forward passes inside the block; weights stay as they are.
 
     Matmuls run in ``dtype`` (``"bf16"`` or ``"fp16"``) through ``torch.autocast`` on the
-    model's device type (CPU or CUDA); reductions and softmax stay in fp32.
+    model's device type (CPU or CUDA); reductions and softmax stay in fp32. ``model`` is an
+    :class:`llmspeed.Model` or a transformers causal LM (wrapped, as :func:`cast` does); the block
+    receives the wrapper.
     """
+    model = as_model(model)
     target = resolve_dtype(dtype)
     if target == torch.float32:
         raise ValueError("dtype must be a 16-bit type for autocast ('bf16' or 'fp16'); got fp32")
