@@ -90,6 +90,34 @@ def test_perplexity_bad_input(llama):
         llmspeed.eval.perplexity(llama)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(window=32.0), TypeError, "window must be an int; got float 32.0"),
+        (dict(window="32"), TypeError, "window must be an int; got str '32'"),
+        (dict(n_windows=True), TypeError, "n_windows must be an int; got bool True"),
+        (dict(batch_size=0), ValueError, "batch_size must be at least 1; got 0"),
+        (dict(batch_size=-1), ValueError, "batch_size must be at least 1; got -1"),
+        (dict(batch_size=2.0), TypeError, "batch_size must be an int; got float"),
+        (dict(text=5), TypeError, "text must be a non-empty string; got int"),
+        (dict(text=["some text"]), TypeError, "text must be a non-empty string; got list"),
+    ],
+)
+def test_perplexity_bad_argument_types_name_the_argument(llama, kwargs, error, message):
+    model = llmspeed.wrap(llama.hf, CharTokenizer())
+    with pytest.raises(error, match=message):
+        llmspeed.eval.perplexity(model, **{"window": 32, "n_windows": 2, **kwargs})
+
+
+def test_perplexity_takes_a_transformers_model(llama):
+    with pytest.raises(ValueError, match="model has no tokenizer"):  # wrapped, then refused clearly
+        llmspeed.eval.perplexity(llama.hf, window=32, n_windows=2)
+    model = llmspeed.wrap(llama.hf, CharTokenizer())  # the same wrapper, now with a tokenizer
+    assert llmspeed.eval.perplexity(llama.hf, window=32, n_windows=2) == llmspeed.eval.perplexity(
+        model, window=32, n_windows=2
+    )
+
+
 @pytest.mark.slow
 def test_smollm2_fp32_perplexity_matches_reference(smollm2_cached):
     # 4 windows of 256 tokens: a quick check near the full 16x512 score (14.92)

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..model import as_model
 from ..protocol import CausalLM
 from .text import pydoc_text
 
 
+def _check_count(value: object, arg: str, least: int, unit: str = "") -> None:
+    """``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` below ``least``; both name ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{arg} must be an int; got {type(value).__name__} {value!r}")
+    if value < least:
+        raise ValueError(f"{arg} must be at least {least}{unit}; got {value}")
+
+
 def _windows(model: CausalLM, text: str | None, window: int, n_windows: int) -> torch.Tensor:
-    if window < 2:
-        raise ValueError(f"window must be at least 2 tokens; got {window}")
-    if n_windows < 1:
-        raise ValueError(f"n_windows must be at least 1; got {n_windows}")
+    _check_count(window, "window", 2, " tokens")
+    _check_count(n_windows, "n_windows", 1)
     if model.tokenizer is None:
         raise ValueError("model has no tokenizer; wrap it with llmspeed.wrap(hf_model, tokenizer)")
     text = pydoc_text("eval") if text is None else text
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"text must be a non-empty string; got {type(text).__name__} of length {len(text or '')}")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a non-empty string; got {type(text).__name__}")
+    if not text:
+        raise ValueError("text must be a non-empty string; got an empty one")
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     need = window * n_windows
     if len(ids) < need:
@@ -41,7 +51,13 @@ def window_losses(
     batch_size: int = 4,
     progress: bool = False,
 ) -> torch.Tensor:  # [n_windows]
-    """Mean next-token cross-entropy (nats, computed in fp32) of each window."""
+    """Mean next-token cross-entropy (nats, computed in fp32) of each window.
+
+    ``model`` is an :class:`llmspeed.Model` with a tokenizer (a transformers model is wrapped, and then
+    needs ``llmspeed.wrap(hf_model, tokenizer)``). The arguments are those of :func:`perplexity`.
+    """
+    model = as_model(model)
+    _check_count(batch_size, "batch_size", 1)
     windows = _windows(model, text, window, n_windows)  # [n, window]
     device = model.spec.device
     hf = model.module
