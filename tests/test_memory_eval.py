@@ -118,6 +118,15 @@ def test_perplexity_takes_a_transformers_model(llama):
     )
 
 
+def test_perplexity_turns_dropout_off_and_restores_training_mode():
+    hf = llmspeed.models.tiny("llama", seed=0, attention_dropout=0.5).hf
+    model = llmspeed.wrap(hf, CharTokenizer())
+    reference = llmspeed.eval.perplexity(model, window=32, n_windows=2)  # tiny() returns it in eval mode
+    hf.train()
+    assert llmspeed.eval.perplexity(model, window=32, n_windows=2) == reference  # not a dropout sample
+    assert hf.training and all(m.training for m in hf.modules())
+
+
 @pytest.mark.slow
 def test_smollm2_fp32_perplexity_matches_reference(smollm2_cached):
     # 4 windows of 256 tokens: a quick check near the full 16x512 score (14.92)

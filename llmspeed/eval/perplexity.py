@@ -54,21 +54,27 @@ def window_losses(
     """Mean next-token cross-entropy (nats, computed in fp32) of each window.
 
     ``model`` is an :class:`llmspeed.Model` with a tokenizer (a transformers model is wrapped, and then
-    needs ``llmspeed.wrap(hf_model, tokenizer)``). The arguments are those of :func:`perplexity`.
+    needs ``llmspeed.wrap(hf_model, tokenizer)``). The arguments are those of :func:`perplexity`;
+    the model runs in evaluation mode, as there.
     """
     model = as_model(model)
     _check_count(batch_size, "batch_size", 1)
     windows = _windows(model, text, window, n_windows)  # [n, window]
     device = model.spec.device
     hf = model.module
+    was_training = hf.training
+    hf.eval()  # dropout off: a model left in training mode would score differently on every call
     losses = []
-    for start in tqdm(range(0, n_windows, batch_size), disable=not progress, desc="perplexity"):
-        batch = windows[start : start + batch_size].to(device)  # [b, window]
-        logits = hf(input_ids=batch, use_cache=False).logits.float()  # [b, window, vocab]
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-        ).view(batch.shape[0], -1)  # [b, window-1]
-        losses.append(loss.mean(dim=1).cpu())
+    try:
+        for start in tqdm(range(0, n_windows, batch_size), disable=not progress, desc="perplexity"):
+            batch = windows[start : start + batch_size].to(device)  # [b, window]
+            logits = hf(input_ids=batch, use_cache=False).logits.float()  # [b, window, vocab]
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            ).view(batch.shape[0], -1)  # [b, window-1]
+            losses.append(loss.mean(dim=1).cpu())
+    finally:
+        hf.train(was_training)
     return torch.cat(losses)
 
 
@@ -84,5 +90,6 @@ def perplexity(
 
     The first ``window * n_windows`` tokens are cut into non-overlapping windows; each window is
     scored independently (no context carried over), and the result is ``exp`` of the mean loss.
+    The model runs in evaluation mode (dropout off); a model in training mode is put back in it after.
     """
     return math.exp(window_losses(model, text, window, n_windows, batch_size, progress).mean().item())
