@@ -64,3 +64,15 @@ def test_tiny_is_reproducible_from_seed():
     a, b, c = (llmspeed.models.tiny("qwen2", seed=s) for s in (1, 1, 2))
     assert torch.equal(a.hf.lm_head.weight, b.hf.lm_head.weight)
     assert not torch.equal(a.hf.lm_head.weight, c.hf.lm_head.weight)
+
+
+
+def test_tiny_and_llama_1b_random_take_dtype_names_and_refuse_bad_ones():
+    assert llmspeed.models.tiny("llama", dtype="bf16").spec.dtype == torch.bfloat16
+    small = dict(num_hidden_layers=1, vocab_size=256, hidden_size=64, intermediate_size=64,
+                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    assert llmspeed.models.llama_1b_random(dtype="fp16", **small).spec.dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of .*'bf16'.*got 'int8'"):
+        llmspeed.models.tiny(dtype="int8")
+    with pytest.raises(ValueError, match=r"architecture must be one of.*got \['llama'\]"):
+        llmspeed.models.tiny(["llama"])

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 
 from ..model import Model
+from ..names import check_device
+from ..precision.cast import resolve_dtype
 
 # Small enough to run a forward pass in milliseconds; shapes exercise grouped-query attention.
 _TINY = dict(
@@ -27,17 +29,20 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def tiny(architecture: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Model:
+def tiny(
+    architecture: str = "llama", seed: int = 0, dtype: torch.dtype | str = torch.float32, **overrides: Any
+) -> Model:
     """A randomly initialised tiny model of one supported family, reproducible from ``seed``.
 
     Args:
         architecture: One of :data:`ARCHITECTURES` (``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``).
         seed: Seed for the weights.
-        dtype: Weight dtype.
+        dtype: Weight dtype, or its name (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
         overrides: Config fields to change (e.g. ``num_hidden_layers=4``).
     """
-    if architecture not in ARCHITECTURES:
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}; got {architecture!r}")
+    dtype = resolve_dtype(dtype)
     import transformers
 
     config_name, extra = ARCHITECTURES[architecture]
@@ -50,10 +55,17 @@ def tiny(architecture: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
     return Model(hf, None)
 
 
-def llama_1b_random(seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", **overrides: Any) -> Model:
-    """A 1B-class Llama (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 128256) with random weights."""
+def llama_1b_random(
+    seed: int = 0, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cpu", **overrides: Any
+) -> Model:
+    """A 1B-class Llama (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 128256) with random weights.
+
+    ``dtype`` is a torch dtype or its name, as in :func:`tiny`; ``device`` is checked as in :func:`llmspeed.models.smollm2`.
+    """
     import transformers
 
+    dtype = resolve_dtype(dtype)
+    check_device(device)
     cfg = dict(
         vocab_size=128256,
         hidden_size=2048,
