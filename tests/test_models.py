@@ -76,3 +76,20 @@ def test_tiny_and_llama_1b_random_take_dtype_names_and_refuse_bad_ones():
         llmspeed.models.tiny(dtype="int8")
     with pytest.raises(ValueError, match=r"architecture must be one of.*got \['llama'\]"):
         llmspeed.models.tiny(["llama"])
+
+
+def test_tiny_honours_tie_word_embeddings():
+    tied = llmspeed.models.tiny("llama", tie_word_embeddings=True)
+    assert tied.hf.config.tie_word_embeddings
+    assert tied.hf.lm_head.weight is tied.hf.model.embed_tokens.weight
+    untied = llmspeed.models.tiny("llama")  # the default stays untied
+    assert untied.hf.lm_head.weight is not untied.hf.model.embed_tokens.weight
+
+
+def test_tiny_and_llama_1b_random_refuse_unknown_config_fields():
+    with pytest.raises(TypeError, match=r"unknown config fields \['num_layers'\] for LlamaConfig"):
+        llmspeed.models.tiny(num_layers=4)  # transformers would keep it as an attribute and build 2 layers
+    with pytest.raises(TypeError, match=r"unknown config fields \['num_layers'\]"):
+        llmspeed.models.llama_1b_random(num_layers=1)
+    real = llmspeed.models.tiny("qwen2", num_hidden_layers=3, attention_dropout=0.1, rms_norm_eps=1e-5)
+    assert real.spec.num_layers == 3

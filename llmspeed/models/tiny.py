@@ -29,6 +29,25 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _config(config_name: str, fields: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """The transformers config ``config_name`` built from ``fields``; ``TypeError`` naming unknown ``overrides``.
+
+    transformers keeps any keyword it does not know as a plain attribute, so a misspelt field
+    (``num_layers=4``) would be silently ignored; the fields it stores that way are refused here.
+    """
+    import transformers
+
+    config_class = getattr(transformers, config_name)
+    config = config_class(**fields)
+    unknown = sorted((set(vars(config)) - set(vars(config_class()))) & set(overrides))
+    if unknown:
+        raise TypeError(
+            f"unknown config fields {unknown} for {config_name}; overrides must be fields of it "
+            f"(e.g. num_hidden_layers, hidden_size, intermediate_size, vocab_size, head_dim)"
+        )
+    return config
+
+
 def tiny(
     architecture: str = "llama", seed: int = 0, dtype: torch.dtype | str = torch.float32, **overrides: Any
 ) -> Model:
@@ -38,7 +57,9 @@ def tiny(
         architecture: One of :data:`ARCHITECTURES` (``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``).
         seed: Seed for the weights.
         dtype: Weight dtype, or its name (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
-        overrides: Config fields to change (e.g. ``num_hidden_layers=4``).
+        overrides: Config fields to change (e.g. ``num_hidden_layers=4``); ``TypeError`` for a name the
+            config does not have. The output head is untied from the input embedding unless
+            ``tie_word_embeddings=True``.
     """
     if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}; got {architecture!r}")
@@ -46,8 +67,7 @@ def tiny(
     import transformers
 
     config_name, extra = ARCHITECTURES[architecture]
-    config = getattr(transformers, config_name)(**{**_TINY, **extra, **overrides})
-    config.tie_word_embeddings = False
+    config = _config(config_name, {**_TINY, "tie_word_embeddings": False, **extra, **overrides}, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -60,7 +80,7 @@ def llama_1b_random(
 ) -> Model:
     """A 1B-class Llama (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 128256) with random weights.
 
-    ``dtype`` is a torch dtype or its name, as in :func:`tiny`; ``device`` is checked as in :func:`llmspeed.models.smollm2`.
+    ``dtype`` and ``overrides`` are checked as in :func:`tiny`; ``device`` as in :func:`llmspeed.models.smollm2`.
     """
     import transformers
 
@@ -77,7 +97,7 @@ def llama_1b_random(
         tie_word_embeddings=True,
         rope_theta=500000.0,
     )
-    config = transformers.LlamaConfig(**{**cfg, **overrides})
+    config = _config("LlamaConfig", {**cfg, **overrides}, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
