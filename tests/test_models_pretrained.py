@@ -84,6 +84,8 @@ def test_bad_arguments_and_quantized_folders_are_refused(tmp_path):
             from_pretrained(tmp_path, quantize=quant)
     with pytest.raises(ValueError, match="floating-point"):
         from_pretrained(tmp_path, dtype=torch.int8)
+    with pytest.raises(TypeError, match=r"path must be a folder path \(a str or pathlib.Path\); got 123"):
+        from_pretrained(123)
     llmspeed.quantize(model, "int4", group_size=64, symmetric=True)
     llmspeed.save(model, tmp_path / "ct", format="compressed-tensors")
     with pytest.raises(ValueError, match=r"compressed-tensors checkpoint; load it with llmspeed.load"):

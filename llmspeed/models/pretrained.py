@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..model import Model
-from ..names import check_device, format_name
+from ..names import check_device, folder_path, format_name
 from ..precision.cast import resolve_dtype
 
 QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include", "activations",
@@ -110,7 +110,7 @@ def from_pretrained(
     from ..quant.methods.rtn import rtn_weight
     from ..quant.modules import module_class
 
-    folder = Path(path)
+    folder = folder_path(path, "path")
     check_device(device)
     if isinstance(dtype, str):  # "bfloat16", "bf16", "half": the spellings cast accepts
         dtype = resolve_dtype(dtype)
