@@ -112,6 +112,15 @@ def test_casting_a_quantized_model_is_refused(llama):
     assert llama.spec.dtype == torch.float32
 
 
+def test_casting_a_quantized_transformers_model_is_refused(llama):
+    llmspeed.quantize(llama, "int8")  # through the wrapper tiny() returned
+    scales = llama.hf.model.layers[0].self_attn.q_proj.scales.clone()
+    with pytest.raises(TypeError, match="must not be quantized.*Cast before quantizing"):
+        llmspeed.cast(llama.hf, "bf16")  # a fresh wrapper, which finds no nn.Linear positions
+    assert llama.hf.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(llama.hf.model.layers[0].self_attn.q_proj.scales, scales)
+
+
 @pytest.mark.slow
 def test_smollm2_bf16_perplexity_and_memory(smollm2):
     fp32_ppl = llmspeed.eval.perplexity(smollm2, window=256, n_windows=4)
