@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .protocol import AttentionBackend, ModelSpec
+from .protocol import AttentionBackend, ModelSpec, base_linear, is_quantized
 
 if TYPE_CHECKING:
     from .generation import GenerationOutput, SamplingParams
@@ -101,7 +101,7 @@ class Model:
         _register_attention()
         self.hf: Any = hf  # a transformers PreTrainedModel: typed loosely so its config and methods type-check
         self.tokenizer = tokenizer
-        self._linear_names = [n for n, m in hf.named_modules() if isinstance(m, nn.Linear)]
+        self._linear_names = _linear_positions(hf)
         self._linear_set = frozenset(self._linear_names)
 
     def __repr__(self) -> str:
@@ -286,6 +286,19 @@ def _check_generator_kwargs(kwargs: dict[str, Any]) -> None:
             f"unknown keyword arguments {unknown}{' (' + hints + ')' if hints else ''}; generate_batched takes "
             f"SamplingParams fields {sorted(SamplingParams.__dataclass_fields__)} and Generator arguments {sorted(known)}"
         )
+
+
+def _linear_positions(hf: nn.Module) -> list[str]:
+    """Qualified names of ``hf``'s linear layers as they sit now: ``nn.Linear``s, quantized linears, and wrappers
+    of either (LoRA's ``base_layer``, whose own children are not positions), so that a wrapper made after
+    ``quantize`` or ``lora.add_adapter`` changed the model finds the layers those verbs put there."""
+    names: list[str] = []
+    for name, module in hf.named_modules():
+        if names and name.startswith(names[-1] + "."):  # inside a position (modules come parent first)
+            continue
+        if isinstance(base_linear(module), nn.Linear) or is_quantized(module):
+            names.append(name)
+    return names
 
 
 _WRAPPER = "_llmspeed_model"  # attribute of a transformers module: the Model a verb wrapped it in

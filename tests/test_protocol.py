@@ -93,6 +93,24 @@ def test_linear_positions_and_replace(tiny_model):
     assert tiny_model.hf.get_submodule(name) is new
 
 
+def test_a_wrapper_made_after_quantize_or_lora_finds_the_same_linear_positions():
+    """Regression: a wrapper made over a model that quantize or lora.add_adapter had already changed recorded only
+    the nn.Linear modules it found (none after quantize; LoRA's lora_A/lora_B linears after add_adapter), so a
+    verb handed ``model.hf`` then saw no quantized layers (cast went ahead on a quantized model)."""
+    from llmspeed import lora
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    positions = model.linear_names()
+    llmspeed.quantize(model, "int4", group_size=32)
+    assert llmspeed.wrap(model.hf).linear_names() == positions
+    with pytest.raises(TypeError, match="15 layers are .*Cast before quantizing"):
+        llmspeed.cast(llmspeed.wrap(model.hf), "bf16")
+    lora.add_adapter(model, "a", r=4)
+    fresh = llmspeed.wrap(model.hf)
+    assert fresh.linear_names() == positions
+    assert [type(m) for _, m in fresh.linear_layers()] == [type(m) for _, m in model.linear_layers()]
+
+
 def test_replace_linear_rejects_unknown_name(llama):
     with pytest.raises(ValueError, match="name must be a linear position"):
         llama.replace_linear("model.layers.0.mlp", nn.Linear(2, 2))

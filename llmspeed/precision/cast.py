@@ -112,9 +112,7 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
     model = as_model(model)  # a transformers model is wrapped (llmspeed.wrap) and cast in place
     target = resolve_dtype(dtype)
     _check_cpu_matmul(cpu_matmul)
-    # every module that stores a quantized weight, not only those at the wrapper's linear positions: a
-    # wrapper made afresh over a transformers model quantized through another one knows none of them
-    quantized = [name for name, module in model.module.named_modules() if is_quantized(module)]
+    quantized = [name for name, module in model.linear_layers() if is_quantized(module)]
     if quantized:
         raise TypeError(
             f"model must not be quantized to be cast; {len(quantized)} layers are (e.g. {quantized[0]}). "
