@@ -55,9 +55,8 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
             ids.append(operator.index(t))  # an int, NumPy or 0-d tensor integer; never a truncated float
         except TypeError:
             raise ValueError(f"prompt token ids must be integers; got {t!r} in the prompt") from None
-    vocab = vocab_size
-    if any(not 0 <= t < vocab for t in ids):
-        raise ValueError(f"prompt token ids must be in [0, {vocab}); got {ids[:8]}...")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got {ids[:8]}...")
     return ids
 
 
