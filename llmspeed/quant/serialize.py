@@ -178,7 +178,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     """Load an llmspeed, compressed-tensors (pack-quantized) or GPTQ folder as llmspeed packed modules.
 
     The architecture is built on ``meta`` and every stored tensor lands in its packed module
-    without a float copy of a quantized weight; llmspeed folders come back bit-exact.
+    without a float copy of a quantized weight; llmspeed folders come back bit-exact. In compressed-tensors
+    and GPTQ folders, float tensors stored in a dtype other than ``config.json``'s are cast to the model's
+    dtype, as transformers' ``from_pretrained`` does (packed integer tensors are read as stored).
 
     Raises:
         ValueError: ``device`` is not usable here (``"cuda"`` without CUDA), the path is a file or missing,

@@ -305,3 +305,27 @@ def test_tampered_compressed_tensors_folder_names_the_tensor(tmp_path, change, m
     _rewrite(tmp_path / "model.safetensors", change)
     with pytest.raises(ValueError, match=match):
         llmspeed.load(tmp_path)
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                           (torch.bfloat16, torch.float32)])  # fmt: skip
+def test_float_tensors_of_another_dtype_load_in_the_model_dtype_as_in_transformers(tmp_path, dtype, stored):
+    """Regression: float tensors stored in a dtype other than config.json's kept it (a bf16 norm in an fp32
+    checkpoint stayed bf16), and fp16 ones in a bf16 checkpoint stopped the forward pass in attention ("Expected
+    query, key, and value to have the same dtype"). transformers casts them to the model's dtype; so does load."""
+    model = llmspeed.models.tiny("llama", dtype=dtype, **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    retyped = ["model.norm.weight", "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight", "lm_head.weight"]
+    _rewrite(tmp_path / "model.safetensors", lambda t: t.update({n: t[n].to(stored) for n in retyped}))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    back = llmspeed.load(tmp_path)
+    theirs, ours = hf.state_dict(), back.hf.state_dict()
+    shared = [n for n, t in ours.items() if n in theirs and t.is_floating_point()]
+    assert set(retyped) <= set(shared)
+    assert {n: ours[n].dtype for n in shared} == {n: theirs[n].dtype for n in shared} == dict.fromkeys(shared, dtype)
+    assert all(torch.equal(ours[n], theirs[n]) for n in shared)
+    assert all(m.scales.dtype == torch.float16 for _, m in back.linear_layers() if isinstance(m, Int4Linear))
+    want, got = logits(hf), logits(back.hf)
+    assert got.dtype == want.dtype == dtype
+    assert (got.float() - want.float()).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2) * want.abs().max()

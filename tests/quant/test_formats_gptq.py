@@ -147,3 +147,24 @@ def test_loaded_gptq_and_compressed_tensors_models_generate_like_their_source(tm
     write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path / "g", group=32, act_order=True)
     outs = llmspeed.load(tmp_path / "g").generate_batched(prompts, sampling)
     assert all(len(o.token_ids) == 8 for o in outs)
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_float_tensors_of_another_dtype_load_in_the_model_dtype(tmp_path, dtype, stored):
+    """Regression: float tensors stored in a dtype other than config.json's kept it (a bf16 norm in an fp32 folder
+    stayed bf16; fp32 ones left fp32 layers in a bf16 model). They are cast to the model's dtype, as transformers
+    does, so the folder loads as the one whose tensors are all in that dtype (the values survive the casts here)."""
+    model = llmspeed.models.tiny("qwen2", dtype=dtype, **WIDE)  # biases on q/k/v: a quantized layer's bias
+    write_gptq_folder(model, tmp_path / "plain", group=32, act_order=True)
+    write_gptq_folder(model, tmp_path / "mixed", group=32, act_order=True)
+    norms = ["model.norm.weight", "model.layers.0.input_layernorm.weight"]  # ones: exact in bf16 too
+    retyped = norms if stored == torch.bfloat16 else [*norms, "model.embed_tokens.weight", "lm_head.weight",
+                                                      "model.layers.0.self_attn.q_proj.bias"]  # fmt: skip
+    _rewrite(tmp_path / "mixed" / "model.safetensors", lambda t: t.update({n: t[n].to(stored) for n in retyped}))
+    plain, mixed = llmspeed.load(tmp_path / "plain"), llmspeed.load(tmp_path / "mixed")
+    a, b = plain.hf.state_dict(), mixed.hf.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert all(b[n].dtype == dtype for n in retyped)
+    with torch.no_grad():
+        want, got = plain.hf(input_ids=IDS).logits, mixed.hf(input_ids=IDS).logits
+    assert got.dtype == dtype and torch.equal(got, want)

@@ -144,16 +144,13 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
         cfg, buffers = layer_buffers(
             name, lin.in_features, lin.out_features, group, sym, offset, tensors, source
         )
-        bias = tensors.get(f"{name}.bias")
-        if bias is not None:
-            tensors[f"{name}.bias"] = bias.to(dtype)
-        module = skeleton.install(model, name, cfg, bias=bias is not None)
+        module = skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
         assert isinstance(module, Int4Linear)
         want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
         for buf, t in buffers.items():
             skeleton.assign(model, f"{name}.{buf}", t.contiguous(), source, want)
     want = skeleton.expected(model)
-    for name, tensor in tensors.items():
+    for name, tensor in skeleton.to_model_dtype(tensors, want).items():  # float tensors in the model's dtype
         skeleton.assign(model, name, tensor, source, want)
     skeleton.tie_embeddings(model)
     return skeleton.finish(model, dtype, device, source)

@@ -3,8 +3,9 @@
 :func:`skeleton` builds the architecture of ``config.json`` with every parameter on ``meta``;
 :func:`install` puts an empty quantized module (also on ``meta``) at a linear position; :func:`assign`
 sets one stored tensor after checking its dtype and shape against the module's own, raising a
-``ValueError`` that names the tensor; :func:`finish` ties aliases, checks that nothing is left on
-``meta`` and moves the model to its device.
+``ValueError`` that names the tensor; :func:`to_model_dtype` casts the float tensors of a foreign checkpoint
+to the dtypes of the parameters they fill, as transformers does; :func:`finish` ties aliases, checks that
+nothing is left on ``meta`` and moves the model to its device.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def install(model: Model, name: str, config: QuantConfig, bias: bool) -> nn.Modu
         raise ValueError(
             f"{name!r} is a {type(old).__name__}, not a linear layer; it cannot hold quantized weights"
         )
-    b = torch.empty(old.out_features, device="meta") if bias else None
+    b = torch.empty(old.out_features, dtype=old.weight.dtype, device="meta") if bias else None  # model dtype
     cls: Any = module_class(config.format)  # every concrete class takes device=
     new = cls(old.in_features, old.out_features, config, b, device="meta")
     model.replace_linear(name, new)
@@ -79,6 +80,25 @@ def install(model: Model, name: str, config: QuantConfig, bias: bool) -> nn.Modu
 def expected(model: Model) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer the model needs, by qualified name (meta tensors: dtype and shape)."""
     return dict(model.module.state_dict(keep_vars=True))
+
+
+def to_model_dtype(tensors: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every floating tensor cast to the dtype of the parameter or buffer it fills (``want``).
+
+    What transformers' ``from_pretrained`` does with a checkpoint's float tensors: a bf16 norm weight in an
+    fp32 checkpoint, or fp16 tensors under a bf16 ``config.json``, load in the model's dtype, so no layer
+    meets an input of another dtype. Integer (packed) tensors, names the model lacks and tensors of the wrong
+    shape are left as stored, for :func:`assign` to check and name. For foreign folders only: llmspeed's own
+    folders keep a cast model's fp32 norms.
+    """
+    out = dict(tensors)
+    for name, tensor in tensors.items():
+        target = want.get(name)
+        if target is None or tuple(tensor.shape) != tuple(target.shape):
+            continue
+        if tensor.is_floating_point() and target.is_floating_point():
+            out[name] = tensor.to(target.dtype)
+    return out
 
 
 def check(name: str, tensor: torch.Tensor, want: torch.Tensor, source: Path, exact: bool = True) -> None:
