@@ -252,6 +252,56 @@ def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
         llmspeed.load(tmp_path)
 
 
+def _write_sparse_bitmask(path):
+    """A sparse-only folder as compressed-tensors' bitmask compressor wrote them (0.20 writes none any more): each
+    linear weight as ``weight.compressed`` (nonzero values), ``weight.bitmask``, ``weight.shape``, ``weight.row_offsets``."""
+    import numpy as np
+    from compressed_tensors.config import BitmaskConfig
+    from safetensors.torch import save_file
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    model.hf.save_pretrained(path)
+    tensors = {k: v.contiguous() for k, v in model.hf.state_dict().items() if not k.endswith("proj.weight")}
+    for name, linear in model.linear_layers():
+        if name != "lm_head":
+            w = linear.weight.detach()  # [out, in]
+            mask = w.abs() > w.abs().median()  # half the weights kept
+            tensors[f"{name}.weight.compressed"] = w[mask]
+            tensors[f"{name}.weight.bitmask"] = torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
+            tensors[f"{name}.weight.shape"] = torch.tensor(list(w.shape), dtype=torch.int32)
+            tensors[f"{name}.weight.row_offsets"] = (mask.sum(1).cumsum(0) - mask.sum(1)).to(torch.int32)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    sparsity = BitmaskConfig(global_sparsity=0.5, targets=["Linear"], ignore=["lm_head"]).model_dump()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "version": "0.9.1", "sparsity_config": sparsity}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_sparse_compressed_tensors_folders_are_refused_by_name(tmp_path):
+    """Regression: a sparse-bitmask folder failed with "tensor '...weight.compressed' matches no parameter or buffer
+    of the model", as if damaged, and a sparse-24-bitmask config over pack-quantized groups was not looked at."""
+    from compressed_tensors.config import Sparse24BitMaskConfig
+
+    accepted = r"which llmspeed does not support; it reads dense compressed-tensors folders \('pack-quantized' int4 and int8 weights, " \
+               r"sparsity_config empty or 'dense'\).*call llmspeed.quantize"  # fmt: skip
+    _write_sparse_bitmask(tmp_path / "bitmask")
+    with pytest.raises(ValueError, match=r"sparsity_config format 'sparse-bitmask' \(sparse weights.*" + accepted):
+        llmspeed.load(tmp_path / "bitmask")
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path / "24", format="compressed-tensors")
+    cfg = json.loads((tmp_path / "24" / "config.json").read_text())
+    for sparsity, match in [(Sparse24BitMaskConfig(targets=["Linear"]).model_dump(), "'sparse-24-bitmask'"),
+                            ("sparse-bitmask", "'sparse-bitmask'"), (None, None), ({"format": "dense"}, None)]:  # fmt: skip
+        cfg["quantization_config"]["sparsity_config"] = sparsity
+        (tmp_path / "24" / "config.json").write_text(json.dumps(cfg))
+        if match is None:  # no sparsity, or dense tensors: read as before
+            assert isinstance(llmspeed.load(tmp_path / "24").hf.model.layers[0].mlp.up_proj, Int4Linear)
+            continue
+        with pytest.raises(ValueError, match=f"sparsity_config format {match}.*{accepted}"):
+            llmspeed.load(tmp_path / "24")
+
+
 # --- refusals and tampered files ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     "prepare, match",

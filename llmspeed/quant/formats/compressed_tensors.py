@@ -19,6 +19,9 @@ model dtype. ``config.json`` gets a ``quantization_config`` with ``quant_method:
 one config group per distinct layer config (targets ``["Linear"]`` when there is one) and every float
 linear in ``ignore``. The output head is always written in float (a quantized one as its dequantized rows,
 through the tied embedding when the two are shared) and listed in ``ignore``: vLLM loads float heads only.
+
+Reading (:func:`load`) takes ``pack-quantized`` config groups with dense weights; other formats, and sparse
+folders (a ``sparsity_config`` other than ``"dense"``), are refused by name before any tensor is read.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from ..config import QuantConfig
 from ..embedding import shared_embeddings
 from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
 from . import skeleton
-from .files import read_all, read_config, start_folder
+from .files import config_dtype, read_all, read_config, start_folder
 from .packing import little_endian_bytes, pack_int4, pack_int8, unpack_int4, unpack_int8
 
 QUANT_METHOD = "compressed-tensors"
@@ -295,18 +298,32 @@ def module_buffers(
     return {"qweight": qweight, "scales": scale.to(P.SCALE_DTYPE), "zeros": zeros.to(P.SCALE_DTYPE)}  # fp16 (rounded)
 
 
-def load(directory: Path, device: str | torch.device = "cpu") -> Model:
-    """Read a compressed-tensors ``pack-quantized`` folder into llmspeed's packed modules (no float weights)."""
-    config = read_config(directory)
-    quant = config["quantization_config"]
-    for key, group in (quant.get("config_groups") or {}).items():  # before reading: other formats' tensors differ
+def check_readable(directory: Path, quant: dict[str, Any]) -> None:
+    """``ValueError`` naming what ``quant`` (``config.json``'s ``quantization_config``) holds that llmspeed cannot read:
+    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``) or a config group in a format other
+    than ``pack-quantized``. Called before any tensor is read: those folders store other tensors."""
+    sparsity = quant.get("sparsity_config") or {}
+    fmt = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
+    if sparsity and fmt != "dense":
+        raise ValueError(
+            f"{directory}: config.json's quantization_config has sparsity_config format {fmt!r} (sparse weights "
+            f"stored as their nonzero values and a bitmask), which llmspeed does not support; it reads dense "
+            f"compressed-tensors folders ({PACK_FORMAT!r} int4 and int8 weights, sparsity_config empty or "
+            f"'dense'): load a dense float checkpoint and call llmspeed.quantize instead"
+        )
+    for key, group in (quant.get("config_groups") or {}).items():
         if (fmt := group.get("format") or quant.get("format")) != PACK_FORMAT:
             raise ValueError(
                 f"{directory}: config group {key!r} is in compressed-tensors format {fmt!r}; llmspeed reads "
                 f"{PACK_FORMAT!r} (int4, int8 weights); load a float checkpoint and call llmspeed.quantize instead"
             )
-    from .files import config_dtype
 
+
+def load(directory: Path, device: str | torch.device = "cpu") -> Model:
+    """Read a compressed-tensors ``pack-quantized`` folder into llmspeed's packed modules (no float weights)."""
+    config = read_config(directory)
+    quant = config["quantization_config"]
+    check_readable(directory, quant)
     dtype = config_dtype(config)
     tensors = read_all(directory)
     source = directory
