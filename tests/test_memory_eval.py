@@ -90,6 +90,27 @@ def test_perplexity_bad_input(llama):
         llmspeed.eval.perplexity(llama)
 
 
+def test_perplexity_refuses_windows_beyond_the_models_positions(llama):
+    """Regression: a window past max_position_embeddings (512 here) was scored: rotary positions extrapolate silently,
+    so the number meant nothing. It is refused, naming window, the value and the limit, before any text is read."""
+
+    class Counting(CharTokenizer):
+        calls = 0
+
+        def encode(self, text, add_special_tokens=False):
+            Counting.calls += 1
+            return super().encode(text, add_special_tokens)
+
+    model = llmspeed.wrap(llama.hf, Counting())
+    assert model.spec.max_positions == llama.hf.config.max_position_embeddings == 512
+    for fn in (llmspeed.eval.perplexity, window_losses):
+        with pytest.raises(ValueError, match=r"window must be at most the model's max_position_embeddings \(512 tokens, "
+                                             r"model.spec.max_positions\); got window=513.*pass window <= 512"):  # fmt: skip
+            fn(model, window=513, n_windows=1)
+    assert Counting.calls == 0 and not llama.hf.training
+    assert math.isfinite(llmspeed.eval.perplexity(model, window=512, n_windows=1))  # the limit itself is scored
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [

@@ -24,6 +24,13 @@ def _check_count(value: object, arg: str, least: int, unit: str = "") -> None:
 
 def _windows(model: CausalLM, text: str | None, window: int, n_windows: int) -> torch.Tensor:
     _check_count(window, "window", 2, " tokens")
+    limit = model.spec.max_positions  # config.json's max_position_embeddings
+    if window > limit:  # rotary models run past it without complaint, on positions they never saw in training
+        raise ValueError(
+            f"window must be at most the model's max_position_embeddings ({limit} tokens, model.spec.max_positions); "
+            f"got window={window}: longer windows score positions the model does not support, so the perplexity "
+            f"means nothing; pass window <= {limit} (and more n_windows for more text)"
+        )
     _check_count(n_windows, "n_windows", 1)
     if model.tokenizer is None:
         raise ValueError("model has no tokenizer; wrap it with llmspeed.wrap(hf_model, tokenizer)")
@@ -91,5 +98,11 @@ def perplexity(
     The first ``window * n_windows`` tokens are cut into non-overlapping windows; each window is
     scored independently (no context carried over), and the result is ``exp`` of the mean loss.
     The model runs in evaluation mode (dropout off); a model in training mode is put back in it after.
+
+    Raises:
+        ValueError: ``window`` below 2 or beyond the model's ``max_position_embeddings`` (rotary models would
+            extrapolate silently), ``n_windows`` or ``batch_size`` below 1, no tokenizer, an empty ``text`` or one
+            shorter than ``window * n_windows`` tokens; before the model runs.
+        TypeError: ``window``, ``n_windows`` or ``batch_size`` not an int, ``text`` not a string.
     """
     return math.exp(window_losses(model, text, window, n_windows, batch_size, progress).mean().item())
