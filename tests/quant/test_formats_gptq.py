@@ -105,7 +105,8 @@ def test_tampered_gptq_folder_names_the_tensor(tmp_path, change, match):
 def test_unsupported_quantization_configs_are_named(tmp_path):
     write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path, group=32)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    for change, match in [({"bits": 8}, "bits=8"), ({"checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
+    for change, match in [({"bits": 8}, "config.json: GPTQ bits=8"), ({"group_size": True}, "group_size=True"),
+                          ({"checkpoint_format": "marlin"}, "config.json: GPTQ checkpoint_format='marlin'"),
                           ({"quant_method": "awq"}, "quant_method='awq'.*llmspeed.quantize")]:  # fmt: skip
         (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **change}}))
         with pytest.raises(ValueError, match=match):
@@ -114,7 +115,8 @@ def test_unsupported_quantization_configs_are_named(tmp_path):
 
 def test_malformed_quantization_configs_name_the_file(tmp_path):
     """Regression: a quantize_config.json (AutoGPTQ's older layout) that is not JSON gave a bare JSONDecodeError,
-    and one holding a list, or a quantization_config that is not an object, an AttributeError."""
+    and one holding a list, or a quantization_config that is not an object, an AttributeError; a bad setting in it
+    named the folder only, not the file to fix."""
     write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path, group=32)
     cfg = json.loads((tmp_path / "config.json").read_text())
     quant = cfg.pop("quantization_config")
@@ -124,6 +126,9 @@ def test_malformed_quantization_configs_name_the_file(tmp_path):
         (tmp_path / "quantize_config.json").write_text(text)
         with pytest.raises(ValueError, match=match):
             llmspeed.load(tmp_path)
+    (tmp_path / "quantize_config.json").write_text(json.dumps({**quant, "bits": "4"}))  # a bad setting: the file named
+    with pytest.raises(ValueError, match=r"quantize_config.json: GPTQ bits='4'; llmspeed reads 4-bit"):
+        llmspeed.load(tmp_path)
     (tmp_path / "quantize_config.json").write_text(json.dumps(quant))  # the older layout itself loads
     assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.down_proj, Int4Linear)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": "gptq"}))

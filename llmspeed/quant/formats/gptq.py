@@ -35,12 +35,14 @@ from .packing import little_endian_bytes, unpack_int4
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def quantize_config(directory: Path) -> dict[str, Any]:
-    """The GPTQ settings: ``config.json``'s ``quantization_config``, else ``quantize_config.json``."""
+def quantize_config(directory: Path) -> tuple[dict[str, Any], Path]:
+    """The GPTQ settings and the file holding them: ``config.json``'s ``quantization_config``, else
+    ``quantize_config.json`` (so that an error about a setting names the file to fix)."""
     quant = quantization_config(directory)
     if quant is None:
         raise ValueError(f"{directory} has no GPTQ quantization_config")
-    return quant
+    in_config = read_config(directory).get("quantization_config") is not None
+    return quant, directory / ("config.json" if in_config else "quantize_config.json")
 
 
 def _settings(quant: dict[str, Any], source: Path) -> tuple[int | None, bool, int]:
@@ -49,7 +51,7 @@ def _settings(quant: dict[str, Any], source: Path) -> tuple[int | None, bool, in
     if bits != 4:
         raise ValueError(f"{source}: GPTQ bits={bits!r}; llmspeed reads 4-bit GPTQ checkpoints")
     g = quant.get("group_size", 128)
-    if not isinstance(g, int) or (g != -1 and g <= 0):
+    if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g <= 0):
         raise ValueError(f"{source}: GPTQ group_size={g!r}; it must be a positive integer or -1")
     fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
@@ -129,7 +131,7 @@ def layer_buffers(
 def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     """Read a 4-bit GPTQ folder into llmspeed's ``Int4Linear`` modules (act-order ones with ``perm``)."""
     source = directory
-    group, sym, offset = _settings(quantize_config(directory), source)
+    group, sym, offset = _settings(*quantize_config(directory))
     dtype = config_dtype(read_config(directory))
     tensors = read_all(directory)
     model = skeleton.skeleton(directory, dtype)
