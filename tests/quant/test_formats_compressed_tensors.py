@@ -302,6 +302,22 @@ def test_sparse_compressed_tensors_folders_are_refused_by_name(tmp_path):
             llmspeed.load(tmp_path / "24")
 
 
+def test_malformed_config_groups_name_the_file(tmp_path):
+    """Regression: config_groups that were a list, or a group or its weights that were not objects, raised a bare
+    AttributeError ("'list' object has no attribute 'items'")."""
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    group = cfg["quantization_config"]["config_groups"]["group_0"]
+    for groups in ([group], {"group_0": "int4"}, {"group_0": {**group, "weights": [4]}}):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
+            **cfg["quantization_config"], "config_groups": groups}}))  # fmt: skip
+        with pytest.raises(ValueError, match=r"config.json field quantization_config.config_groups must map group "
+                                             r"names to objects \(each with a 'weights' object\); got"):  # fmt: skip
+            llmspeed.load(tmp_path)
+
+
 # --- refusals and tampered files ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     "prepare, match",

@@ -300,8 +300,9 @@ def module_buffers(
 
 def check_readable(directory: Path, quant: dict[str, Any]) -> None:
     """``ValueError`` naming what ``quant`` (``config.json``'s ``quantization_config``) holds that llmspeed cannot read:
-    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``) or a config group in a format other
-    than ``pack-quantized``. Called before any tensor is read: those folders store other tensors."""
+    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), a config group in a format other
+    than ``pack-quantized``, or ``config_groups`` that are not objects. Called before any tensor is read: those
+    folders store other tensors."""
     sparsity = quant.get("sparsity_config") or {}
     fmt = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
     if sparsity and fmt != "dense":
@@ -311,7 +312,15 @@ def check_readable(directory: Path, quant: dict[str, Any]) -> None:
             f"compressed-tensors folders ({PACK_FORMAT!r} int4 and int8 weights, sparsity_config empty or "
             f"'dense'): load a dense float checkpoint and call llmspeed.quantize instead"
         )
-    for key, group in (quant.get("config_groups") or {}).items():
+    groups = quant.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(
+        isinstance(g, dict) and isinstance(g.get("weights") or {}, dict) for g in groups.values()
+    ):
+        raise ValueError(
+            f"{directory / 'config.json'} field quantization_config.config_groups must map group names to objects "
+            f"(each with a 'weights' object); got {groups!r}"
+        )
+    for key, group in groups.items():
         if (fmt := group.get("format") or quant.get("format")) != PACK_FORMAT:
             raise ValueError(
                 f"{directory}: config group {key!r} is in compressed-tensors format {fmt!r}; llmspeed reads "
