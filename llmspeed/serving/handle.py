@@ -1,11 +1,12 @@
-"""A handle on one submitted request: wait for its result, iterate its events, abort it."""
+"""A handle on one submitted request: wait for its result, iterate its events, abort it; :func:`interleave` merges
+the events of several."""
 
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from ..generation import GenerationOutput, StreamEvent
@@ -103,3 +104,22 @@ class RequestHandle:
         """Stop the request (finish reason ``"abort"``); its final event still arrives. No-op once done."""
         if not self.done():
             self._abort(self)
+
+
+async def interleave(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, StreamEvent]]:
+    """``(i, event)`` for the events of ``handles[i]`` (submitted from asyncio) as they arrive, the handles' events
+    interleaved; ends after every handle's final event. Closing it early leaves the requests running (abort them)."""
+    streams = [h.events() for h in handles]
+    waiting = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=waiting.__getitem__):  # events that arrived together: in handle order
+                i = waiting.pop(task)
+                event = task.result()
+                if not event.finished:
+                    waiting[asyncio.ensure_future(anext(streams[i]))] = i
+                yield i, event
+    finally:
+        for task in waiting:
+            task.cancel()

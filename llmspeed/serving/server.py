@@ -16,6 +16,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
 from .engine import Engine
-from .handle import RequestHandle
+from .handle import RequestHandle, interleave
 from .openai_protocol import (
     APIError,
     ChatCompletionRequest,
@@ -120,19 +121,36 @@ class OpenAIServer:
                     t.cancel()
 
     async def _results(self, request: Request, handles: list[RequestHandle]) -> list[GenerationOutput] | None:
-        """Wait for every handle; abort them all (and return ``None``) if the client goes away first."""
+        """Wait for every handle; return ``None`` if the client goes away first. The first choice that fails
+        raises its :class:`APIError` at once; either way every handle still running is aborted."""
 
-        async def final(h: RequestHandle) -> GenerationOutput:
-            async for _ in h.events():
-                pass
-            return h.result(timeout=0)
+        async def finals() -> list[GenerationOutput]:
+            outputs: list[Any] = [None] * len(handles)
+            async with aclosing(interleave(handles)) as events:
+                async for i, event in events:
+                    if event.finished:
+                        self._check(event.output)  # a failed choice fails the answer: no partial 200
+                        outputs[i] = event.output
+            return outputs
 
         try:
-            _, outputs = await self._unless_gone(request, asyncio.gather(*[final(h) for h in handles]))
+            _, outputs = await self._unless_gone(request, finals())
             return outputs
         finally:
             for h in handles:
                 h.abort()
+
+    def _submit_all(self, prompt: Any, sps: list[SamplingParams]) -> list[RequestHandle]:
+        """Submit one request per choice; if one cannot be submitted (the engine closed), abort those that were."""
+        handles: list[RequestHandle] = []
+        try:
+            for sp in sps:
+                handles.append(self._submit(prompt, sp))
+        except BaseException:
+            for h in handles:
+                h.abort()
+            raise
+        return handles
 
     # --- endpoints ------------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -179,11 +197,9 @@ class OpenAIServer:
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i), adapter) for i in range(req.n)]
         if req.stream:
             return await self._stream(request, req, prompt, sps, chat)
-        outputs = await self._results(request, [self._submit(prompt, sp) for sp in sps])
+        outputs = await self._results(request, self._submit_all(prompt, sps))
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=_CLIENT_GONE)
-        for o in outputs:
-            self._check(o)
         build = chat_response if chat else completion_response
         return JSONResponse(build(new_id("chatcmpl" if chat else "cmpl"), req.model, self.tokenizer, outputs))
 
