@@ -1,9 +1,11 @@
 """An OpenAI-compatible HTTP server over the :class:`~.engine.Engine` (FastAPI + uvicorn).
 
 Endpoints: ``GET /v1/models`` and ``/v1/models/{model}``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(both stream as server-sent events ending in ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+(both stream as server-sent events ending in ``data: [DONE]``; the chunks of ``n > 1`` choices interleave, each
+naming its choice by ``index``), ``GET /health``, ``GET /metrics`` (Prometheus text).
 The request's ``model`` picks the base model or one of the served LoRA adapters; requests for
-different adapters share one batch. A client that disconnects aborts its request. Every bad request
+different adapters share one batch. A client that disconnects aborts its request (every choice of it); a
+choice that fails fails the request and aborts its sibling choices. Every bad request
 is answered 4xx with an OpenAI-style error body; nothing a client sends stops the server. A request that
 fails (or is aborted by shutdown) after its stream began ends with a ``data: {"error": ...}`` event, which
 the ``openai`` client raises as ``APIError``; never with a normal ``finish_reason``.
@@ -195,70 +197,86 @@ class OpenAIServer:
                       chat: bool) -> Response:
         adapter = self._adapter(req.model)
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i), adapter) for i in range(req.n)]
+        handles = self._submit_all(prompt, sps)
         if req.stream:
-            return await self._stream(request, req, prompt, sps, chat)
-        outputs = await self._results(request, self._submit_all(prompt, sps))
+            return await self._stream(request, req, handles, chat)
+        outputs = await self._results(request, handles)
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=_CLIENT_GONE)
         build = chat_response if chat else completion_response
         return JSONResponse(build(new_id("chatcmpl" if chat else "cmpl"), req.model, self.tokenizer, outputs))
 
-    async def _stream(self, request: Request, req: Any, prompt: Any, sps: list[SamplingParams], chat: bool) -> Response:
-        if len(sps) != 1:
-            raise APIError(400, "n > 1 is not supported with stream: true; send n requests", "n")
-        handle = self._submit(prompt, sps[0])
-        events = handle.events()
+    async def _stream(self, request: Request, req: Any, handles: list[RequestHandle], chat: bool) -> Response:
+        """Stream the choices of ``handles`` as they arrive, each chunk naming its choice by ``index``.
+
+        Each choice ends with its own ``finish_reason`` chunk; a choice that fails ends the whole stream with
+        an error event and aborts the others, and so does a client that disconnects.
+        """
+        events = interleave(handles)
+
+        def abort_all() -> None:
+            for h in handles:
+                h.abort()
+
         try:  # a request may wait long for its first token (queued behind others): the client may leave first
-            here, first = await self._unless_gone(request, events.__anext__())
+            here, first = await self._unless_gone(request, anext(events))
         except BaseException:
-            handle.abort()
+            abort_all()
             raise
         if not here:
-            handle.abort()
+            abort_all()
             return Response(status_code=_CLIENT_GONE)
-        if first.finished and first.output is not None:
-            self._check(first.output)  # refused before any token: a plain 4xx, not a stream
+        refused = first[1].output if first[1].finished else None
+        if refused is not None and self._failure(refused) is not None:  # before any token: a plain 4xx, not a stream
+            abort_all()
+            await events.aclose()
+            self._check(refused)
         rid = new_id("chatcmpl" if chat else "cmpl")
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": req.model}
-        offset = [0]  # text_offset of the next token's legacy logprobs
+        offsets = [0] * len(handles)  # per choice: text_offset of its next token's legacy logprobs
 
-        def chunk(event: StreamEvent) -> dict[str, Any] | None:
+        def chunk(i: int, event: StreamEvent) -> dict[str, Any] | None:
             done = finish_reason(event.output) if event.finished and event.output is not None else None
             if not event.text and done is None and event.logprobs is None:
                 return None
             if chat:
-                choice = {"index": 0, "delta": {"content": event.text} if event.text else {}, "finish_reason": done,
+                choice = {"index": i, "delta": {"content": event.text} if event.text else {}, "finish_reason": done,
                           "logprobs": chat_logprobs(self.tokenizer, [event.logprobs]) if event.logprobs else None}
             else:
-                lps = completion_logprobs(self.tokenizer, [event.logprobs], offset[0]) if event.logprobs else None
+                lps = completion_logprobs(self.tokenizer, [event.logprobs], offsets[i]) if event.logprobs else None
                 if lps is not None:
-                    offset[0] += len(lps["tokens"][0])
-                choice = {"index": 0, "text": event.text, "finish_reason": done, "logprobs": lps}
+                    offsets[i] += len(lps["tokens"][0])
+                choice = {"index": i, "text": event.text, "finish_reason": done, "logprobs": lps}
             return {**head, "choices": [choice]}
 
         async def body() -> AsyncIterator[bytes]:
+            outputs: list[Any] = [None] * len(handles)
+            failure = None
             try:
                 if chat:
-                    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                     "finish_reason": None, "logprobs": None}]})
-                event = first
-                while True:
-                    failure = self._failure(event.output) if event.finished and event.output is not None else None
-                    if failure is not None:  # the openai client raises APIError on an error event
-                        yield _sse(failure.body())
-                        break
-                    piece = chunk(event)
+                    for i in range(len(handles)):
+                        yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                         "finish_reason": None, "logprobs": None}]})
+                arrived: tuple[int, StreamEvent] | None = first
+                while arrived is not None:
+                    i, event = arrived
+                    if event.finished and event.output is not None:
+                        failure = self._failure(event.output)
+                        if failure is not None:  # the openai client raises APIError on an error event
+                            yield _sse(failure.body())
+                            break
+                        outputs[i] = event.output
+                    piece = chunk(i, event)
                     if piece is not None:
                         yield _sse(piece)
-                    if event.finished:
-                        break
-                    event = await events.__anext__()
-                if failure is None and req.include_usage and event.output is not None:
-                    yield _sse({**head, "choices": [], "usage": usage([event.output])})
+                    arrived = await anext(events, None)
+                if failure is None and req.include_usage and None not in outputs:
+                    yield _sse({**head, "choices": [], "usage": usage(outputs)})
                 yield _sse("[DONE]")
             finally:
-                handle.abort()  # a no-op once finished; a disconnect lands here
+                abort_all()  # a no-op for choices that finished; a failed sibling or a disconnect lands here
+                await events.aclose()
 
         return StreamingResponse(body(), media_type="text/event-stream")
 

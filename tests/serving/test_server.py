@@ -164,7 +164,7 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(smollm2, live_server):
         assert r.status_code == 400
         r = post("/v1/chat/completions", json={"model": "smollm2", "messages": [], "max_tokens": 2})
         assert r.status_code == 400
-        r = post("/v1/chat/completions", json={"model": "smollm2", "messages": CHAT, "n": 2, "stream": True})
+        r = post("/v1/chat/completions", json={"model": "smollm2", "messages": CHAT, "n": 17, "stream": True})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         client = _client(url, key="sekret")
         with pytest.raises(openai.BadRequestError):
