@@ -121,12 +121,19 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    """One chat message (text content, or a list of text parts)."""
+    """One chat message (text content, or a list of text parts).
+
+    Its other fields (``name``, an assistant's ``tool_calls``, a tool turn's ``tool_call_id``, any other) go to the
+    chat template as they are, as vLLM passes them; :mod:`.chat_prompt` refuses tool fields the template drops.
+    """
 
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text."""
@@ -140,6 +147,26 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class ToolFunction(BaseModel):
+    """The function a tool offers (``tools[i].function``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """One entry of ``tools``: a function the model may be shown through its chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: ToolFunction
+
+
 class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``."""
 
@@ -148,20 +175,37 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
     def check(self) -> None:
-        """Refuse combinations of fields that each are valid alone, and messages without their content."""
+        """Refuse combinations of fields that each are valid alone, messages without their content, and tool
+        choices this server cannot honour (it parses no tool calls out of an answer: only ``"none"``, as vLLM
+        without a tool-call parser)."""
         super().check()
         for i, m in enumerate(self.messages):
             if m.content is None and m.role != "assistant":  # only an assistant turn (a tool call) may have none
                 raise APIError(400, f"messages.{i}.content is required in a {m.role!r} message; got none (null or missing)",
                                f"messages.{i}.content")
+        if self.tool_choice is not None and not self.tools:
+            raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice")
+        if self.tools and self.tool_choice != "none":
+            given = repr(self.tool_choice) if self.tool_choice is not None else "'auto' (the default with tools)"
+            raise APIError(400, f"tool_choice {given} needs tool calls parsed out of the model's answer, which this "
+                                f"server does not do; send tool_choice 'none' to show the model the tools through its "
+                                f"chat template and get its answer as text", "tool_choice")
 
-    def chat(self) -> list[dict[str, str]]:
-        """The messages as the tokenizer's chat template takes them (developer -> system)."""
+    def chat(self) -> list[dict[str, Any]]:
+        """The messages as the tokenizer's chat template takes them (developer -> system; the content as text;
+        every other field given, such as ``name`` or ``tool_calls``, kept)."""
         if self.response_format not in (None, {"type": "text"}):
             raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role,
+                 "content": m.text()} for m in self.messages]
+
+    def tool_specs(self) -> list[dict[str, Any]] | None:
+        """``tools`` as the chat template takes them (``None`` when there are none)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     def wanted_logprobs(self) -> int | None:
         """Top alternatives to return per token (``None`` = no logprobs)."""

@@ -1,0 +1,85 @@
+"""The prompt of a chat request, and the refusal of tool fields the model's chat template would drop.
+
+Messages reach the template with every field they carry (``name``, ``tool_calls``, ``tool_call_id``, ...), as
+vLLM hands them over; a template ignores what it does not know. That is fine for a ``name``, but not for the
+tool parts of a conversation: ``tools``, an assistant's ``tool_calls`` and a ``tool`` turn. Each of those is
+checked by rendering the conversation with and without it: if the template renders the same text either way
+(SmolLM2's ignores ``tools`` and ``tool_calls``), or fails on it, the request is a 400 naming the field rather
+than an answer to a conversation the model never saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from .openai_protocol import APIError
+
+Messages = list[dict[str, Any]]
+Tools = list[dict[str, Any]] | None
+
+
+def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Messages | list[int]:
+    """What to submit for a chat request: ``messages`` (the engine renders them), or, with ``tools``, the token
+    ids of the conversation rendered with them (the engine's rendering has no tools).
+
+    Raises:
+        APIError: 400 naming ``tools``, ``messages.{i}.tool_calls`` or ``messages.{i}.role`` (a ``tool`` turn)
+            when the chat template drops it or cannot render it.
+    """
+    parts = _tool_parts(messages, tools)
+    if not parts or getattr(tokenizer, "chat_template", None) is None:
+        return messages  # nothing to check, or no template: the engine refuses the request itself
+    try:
+        full = _render(tokenizer, messages, tools, tokenize=False)
+    except Exception as err:
+        _refuse_failing(tokenizer, messages, tools, parts, err)
+    for param, what, without in parts:
+        try:
+            if _render(tokenizer, *without(), tokenize=False) == full:
+                raise APIError(400, f"this model's chat template does not render {what}: the prompt is the same with "
+                                    f"or without, so {param} is refused rather than dropped silently", param)
+        except APIError:
+            raise
+        except Exception:  # the template needs this part to render the rest: it renders it
+            pass
+    if tools is None:
+        return messages
+    ids = _render(tokenizer, messages, tools, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    return [int(t) for t in ids]
+
+
+def _render(tokenizer: Any, messages: Messages, tools: Tools, tokenize: bool) -> Any:
+    extra = {"tools": tools} if tools is not None else {}
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize, **extra)
+
+
+def _tool_parts(messages: Messages, tools: Tools) -> list[tuple[str, str, Callable[[], tuple[Messages, Tools]]]]:
+    """``(param, what, without)`` for each tool part of the request; ``without()`` is the request without it."""
+    parts: list[tuple[str, str, Callable[[], tuple[Messages, Tools]]]] = []
+    if tools is not None:
+        parts.append(("tools", "tools", lambda: (messages, None)))
+    for i, m in enumerate(messages):
+        if m.get("tool_calls"):
+            def without_calls(i: int = i) -> tuple[Messages, Tools]:
+                return [{k: v for k, v in m.items() if k != "tool_calls"} if j == i else m
+                        for j, m in enumerate(messages)], tools
+
+            parts.append((f"messages.{i}.tool_calls", "an assistant message's tool_calls", without_calls))
+        if m["role"] == "tool":
+            parts.append((f"messages.{i}.role", "a 'tool' message", lambda i=i: (messages[:i] + messages[i + 1:], tools)))
+    return parts
+
+
+def _refuse_failing(tokenizer: Any, messages: Messages, tools: Tools, parts: list, err: Exception) -> NoReturn:
+    """Raise the 400 for a conversation the template cannot render: naming the first tool part without which it
+    renders, else ``messages``."""
+    reason = f"{type(err).__name__}: {err}"
+    for param, what, without in parts:
+        try:
+            _render(tokenizer, *without(), tokenize=False)
+        except Exception:
+            continue
+        raise APIError(400, f"this model's chat template cannot render {what} ({reason})", param) from None
+    raise APIError(400, f"the chat template cannot render these messages ({reason})", "messages") from None
