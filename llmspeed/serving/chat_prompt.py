@@ -17,6 +17,7 @@ from .openai_protocol import APIError
 
 Messages = list[dict[str, Any]]
 Tools = list[dict[str, Any]] | None
+Part = tuple[str, str, Callable[[], tuple[Messages, Tools]]]  # (param, what it is, the request without it)
 
 
 def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Messages | list[int]:
@@ -55,9 +56,9 @@ def _render(tokenizer: Any, messages: Messages, tools: Tools, tokenize: bool) ->
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize, **extra)
 
 
-def _tool_parts(messages: Messages, tools: Tools) -> list[tuple[str, str, Callable[[], tuple[Messages, Tools]]]]:
+def _tool_parts(messages: Messages, tools: Tools) -> list[Part]:
     """``(param, what, without)`` for each tool part of the request; ``without()`` is the request without it."""
-    parts: list[tuple[str, str, Callable[[], tuple[Messages, Tools]]]] = []
+    parts: list[Part] = []
     if tools is not None:
         parts.append(("tools", "tools", lambda: (messages, None)))
     for i, m in enumerate(messages):
@@ -68,11 +69,14 @@ def _tool_parts(messages: Messages, tools: Tools) -> list[tuple[str, str, Callab
 
             parts.append((f"messages.{i}.tool_calls", "an assistant message's tool_calls", without_calls))
         if m["role"] == "tool":
-            parts.append((f"messages.{i}.role", "a 'tool' message", lambda i=i: (messages[:i] + messages[i + 1:], tools)))
+            def without_turn(i: int = i) -> tuple[Messages, Tools]:
+                return messages[:i] + messages[i + 1:], tools
+
+            parts.append((f"messages.{i}.role", "a 'tool' message", without_turn))
     return parts
 
 
-def _refuse_failing(tokenizer: Any, messages: Messages, tools: Tools, parts: list, err: Exception) -> NoReturn:
+def _refuse_failing(tokenizer: Any, messages: Messages, tools: Tools, parts: list[Part], err: Exception) -> NoReturn:
     """Raise the 400 for a conversation the template cannot render: naming the first tool part without which it
     renders, else ``messages``."""
     reason = f"{type(err).__name__}: {err}"

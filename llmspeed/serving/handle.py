@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from typing import Any
 
 from ..generation import GenerationOutput, StreamEvent
@@ -106,7 +106,7 @@ class RequestHandle:
             self._abort(self)
 
 
-async def interleave(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, StreamEvent]]:
+async def interleave(handles: Sequence[RequestHandle]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
     """``(i, event)`` for the events of ``handles[i]`` (submitted from asyncio) as they arrive, the handles' events
     interleaved; ends after every handle's final event. Closing it early leaves the requests running (abort them)."""
     streams = [h.events() for h in handles]

@@ -131,7 +131,7 @@ class OpenAIServer:
             outputs: list[Any] = [None] * len(handles)
             async with aclosing(interleave(handles)) as events:
                 async for i, event in events:
-                    if event.finished:
+                    if event.finished and event.output is not None:
                         self._check(event.output)  # a failed choice fails the answer: no partial 200
                         outputs[i] = event.output
             return outputs
