@@ -395,3 +395,25 @@ def test_float_tensors_of_another_dtype_load_in_the_model_dtype_as_in_transforme
     want, got = logits(hf), logits(back.hf)
     assert got.dtype == want.dtype == dtype
     assert (got.float() - want.float()).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2) * want.abs().max()
+
+
+def test_folders_with_transforms_are_refused_by_name(tmp_path):
+    """Regression: a transform_config (SpinQuant/QuIP rotations, written by compressed-tensors' TransformConfig) was
+    not looked at, so such a folder loaded without error as a different model (weights in the rotated basis)."""
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    rotation = TransformConfig(config_groups={"R1": TransformScheme(
+        type="hadamard", apply=[TransformArgs(targets=["Linear"], location="input")])}).model_dump(mode="json")  # fmt: skip
+    for transforms, refused in [(rotation, True), ({}, False), (None, False), ({"config_groups": {}}, False)]:
+        cfg["quantization_config"]["transform_config"] = transforms
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        if not refused:
+            assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.up_proj, Int4Linear)
+            continue
+        with pytest.raises(ValueError, match=r"has a transform_config \(hadamard transforms: rotations the model must "
+                                             r"apply.*llmspeed does not support.*call llmspeed.quantize"):  # fmt: skip
+            llmspeed.load(tmp_path)

@@ -300,9 +300,10 @@ def module_buffers(
 
 def check_readable(directory: Path, quant: dict[str, Any]) -> None:
     """``ValueError`` naming what ``quant`` (``config.json``'s ``quantization_config``) holds that llmspeed cannot read:
-    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), a config group in a format other
+    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), transforms (a ``transform_config``
+    with groups: SpinQuant/QuIP-style rotations the model must apply online), a config group in a format other
     than ``pack-quantized``, or ``config_groups`` that are not objects. Called before any tensor is read: those
-    folders store other tensors."""
+    folders store other tensors, or tensors that mean something else without their transforms."""
     sparsity = quant.get("sparsity_config") or {}
     fmt = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
     if sparsity and fmt != "dense":
@@ -311,6 +312,17 @@ def check_readable(directory: Path, quant: dict[str, Any]) -> None:
             f"stored as their nonzero values and a bitmask), which llmspeed does not support; it reads dense "
             f"compressed-tensors folders ({PACK_FORMAT!r} int4 and int8 weights, sparsity_config empty or "
             f"'dense'): load a dense float checkpoint and call llmspeed.quantize instead"
+        )
+    transforms = quant.get("transform_config") or {}
+    steps = transforms.get("config_groups") if isinstance(transforms, dict) else transforms
+    if steps:  # the rotations' kinds, or what was found when it is not compressed-tensors' shape
+        kinds = {str(g.get("type")) for g in steps.values() if isinstance(g, dict)} if isinstance(steps, dict) else set()
+        what = ", ".join(sorted(kinds)) if kinds else repr(transforms)
+        raise ValueError(
+            f"{directory}: config.json's quantization_config has a transform_config ({what} "
+            f"transforms: rotations the model must apply to its activations at run time), which llmspeed does not "
+            f"support; its weights are stored in the rotated basis and would load as a different model. llmspeed "
+            f"reads compressed-tensors folders without transforms: load a float checkpoint and call llmspeed.quantize"
         )
     groups = quant.get("config_groups") or {}
     if not isinstance(groups, dict) or not all(
