@@ -41,6 +41,24 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture
+def tiny_server(llama):
+    """An OpenAIServer named "tiny" over a tiny random Llama with a byte-level chat tokenizer."""
+    from llmspeed.serving import Engine
+    from llmspeed.serving.server import OpenAIServer
+    from tests.generation.test_engine import ChatTokenizer
+
+    llama.tokenizer = ChatTokenizer()
+    return OpenAIServer(Engine(llama, kv_cache_tokens=4096), "tiny")
+
+
+def openai_client(url: str):
+    """The official ``openai`` client on the server at ``url``: no retries, a 60 s timeout."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture
 def live_server():
     """``live_server(openai_server) -> context manager yielding the base URL``."""
     return serve

@@ -11,25 +11,11 @@ import httpx
 import pytest
 
 from llmspeed.generation import engine as engine_module
-from llmspeed.serving import Engine
-from llmspeed.serving.server import OpenAIServer
-from tests.generation.test_engine import ChatTokenizer
-from tests.serving.conftest import fail_third_sampling_call
+from tests.serving.conftest import fail_third_sampling_call, openai_client
 
 openai = pytest.importorskip("openai")
 
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def tiny_server(llama):
-    """An OpenAIServer named "tiny" over a tiny random Llama with a byte-level chat tokenizer."""
-    llama.tokenizer = ChatTokenizer()
-    return OpenAIServer(Engine(llama, kv_cache_tokens=4096), "tiny")
-
-
-def _client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
 
 def _slow_steps(monkeypatch) -> None:
@@ -69,7 +55,7 @@ def _by_choice(chunks, field: str) -> dict[int, str]:
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_streamed_choices_interleave_and_each_is_the_whole_answers_choice(tiny_server, live_server, endpoint):
     with live_server(tiny_server) as url:
-        client = _client(url)
+        client = openai_client(url)
         if endpoint == "chat":
             create = client.chat.completions.create
             kw = dict(model="tiny", messages=CHAT, logprobs=True, top_logprobs=2)
@@ -103,7 +89,7 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_an_error_and_leaves_no
                                                                                             monkeypatch):
     engine = tiny_server.engine
     with live_server(tiny_server) as url:
-        client = _client(url)
+        client = openai_client(url)
         fail_third_sampling_call(monkeypatch)
         stream = client.chat.completions.create(model="tiny", messages=CHAT, n=3, max_tokens=10, stream=True,
                                                 stream_options={"include_usage": True}, extra_body={"min_tokens": 10})
@@ -124,7 +110,7 @@ def test_one_choice_ending_without_an_answer_aborts_its_siblings(tiny_server, li
     with live_server(tiny_server) as url:  # 400 steps of at least 10 ms: the siblings would run for 4 s
         kw = dict(model="tiny", prompt="hi", n=3, max_tokens=400, extra_body={"min_tokens": 400})
         if stream:
-            chunks = iter(_client(url).completions.create(stream=True, **kw))
+            chunks = iter(openai_client(url).completions.create(stream=True, **kw))
             assert next(chunks).choices[0].finish_reason is None
             handles[1].abort()  # what a failure of that choice alone looks like to the server
             with pytest.raises(openai.APIError, match="aborted"):

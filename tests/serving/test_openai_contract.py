@@ -11,28 +11,17 @@ from llmspeed.generation import engine as engine_module
 from llmspeed.serving import Engine
 from llmspeed.serving.server import OpenAIServer
 from tests.generation.test_engine import ChatTokenizer
-from tests.serving.conftest import fail_third_sampling_call
+from tests.serving.conftest import fail_third_sampling_call, openai_client
 
 openai = pytest.importorskip("openai")
 
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def tiny_server(llama):
-    """An OpenAIServer named "tiny" over a tiny random Llama with a byte-level chat tokenizer."""
-    llama.tokenizer = ChatTokenizer()
-    return OpenAIServer(Engine(llama, kv_cache_tokens=4096), "tiny")
-
-
-def _client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-
-
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_a_failure_after_the_stream_began_is_an_error_event_not_a_normal_stop(tiny_server, live_server, monkeypatch, endpoint):
     with live_server(tiny_server) as url:
-        client = _client(url)
+        client = openai_client(url)
         fail_third_sampling_call(monkeypatch)
         kw = dict(model="tiny", max_tokens=10, stream=True, extra_body={"min_tokens": 10})
         if endpoint == "chat":
@@ -56,7 +45,7 @@ def test_a_request_aborted_by_shutdown_is_an_error_not_a_normal_stop(tiny_server
     real = engine_module.sample_batch
     monkeypatch.setattr(engine_module, "sample_batch", lambda *a, **k: (time.sleep(0.01), real(*a, **k))[1])
     with live_server(tiny_server) as url:  # 400 steps of at least 10 ms: still running when close() comes
-        client = _client(url)
+        client = openai_client(url)
         stream = client.completions.create(model="tiny", prompt="hi", max_tokens=400, stream=True,
                                            extra_body={"min_tokens": 400})
         first = next(iter(stream))
@@ -75,7 +64,7 @@ def test_a_request_aborted_by_shutdown_is_an_error_not_a_normal_stop(tiny_server
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_streamed_logprobs_are_the_ones_a_whole_response_gives(tiny_server, live_server, endpoint):
     with live_server(tiny_server) as url:
-        client = _client(url)
+        client = openai_client(url)
         if endpoint == "chat":
             kw = dict(model="tiny", messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
                       extra_body={"min_tokens": 5})
@@ -134,7 +123,7 @@ def test_wrong_types_are_400_naming_the_field_not_coerced(tiny_server, live_serv
 
 def test_stream_options_need_stream_true(tiny_server, live_server):
     with live_server(tiny_server) as url:
-        client = _client(url)
+        client = openai_client(url)
         with pytest.raises(openai.BadRequestError, match="stream_options") as err:
             client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream_options={"include_usage": True})
         assert err.value.body["param"] == "stream_options"
@@ -171,7 +160,7 @@ def test_a_message_without_content_is_refused_except_an_assistant_turn(tiny_serv
             body = {"model": "tiny", "messages": messages, "max_tokens": 2}
             assert "required" in _assert_error(_post(url, "/v1/chat/completions", body), 400, param)
         messages = [*CHAT, {"role": "assistant", "content": None}, {"role": "user", "content": "go on"}]
-        ok = _client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        ok = openai_client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=2)
         assert ok.usage.prompt_tokens == len("higo on")  # the byte-level template: the turns' text
 
 
@@ -179,7 +168,7 @@ def test_models_retrieve_and_unknown_paths_answer_in_the_openai_shape(llama, liv
     llama.tokenizer = ChatTokenizer()
     server = OpenAIServer(Engine(llama, kv_cache_tokens=1024), "org/tiny", adapters=("docs",))
     with live_server(server) as url:
-        client = _client(url)
+        client = openai_client(url)
         listed = client.models.list().data
         assert [m.id for m in listed] == ["org/tiny", "docs"]
         for m in listed:
