@@ -122,7 +122,8 @@ def finetune(
         )
     if adapter is not None:
         raise ValueError(f"adapter is only used with train='adapter'; got train={train!r}")
-    check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions, **options)
+    check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions,
+                    tokenizer=model.tokenizer is not None, **options)  # fmt: skip
     params = parameters_to_train(model, mode)
     check_precision(precision, model.spec.device, params)
     data = token_stream(model, texts)

@@ -77,6 +77,7 @@ def finetune(
         steps, lr, seq_len, batch_size, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, eval_windows=eval_windows, seed=seed,
         gradient_checkpointing=gradient_checkpointing, progress=progress, context=model.spec.max_positions,
+        tokenizer=model.tokenizer is not None,
     )
     adapter = None if full else (adapter or active_adapter(model))
     if not full and adapter is None:

@@ -114,10 +114,12 @@ def check_arguments(
     gradient_checkpointing: bool = False,
     progress: bool = True,
     context: int | None = None,
+    tokenizer: bool = True,
 ) -> None:
     """``ValueError`` naming the first training argument (those of :func:`train`) that is invalid.
 
-    ``context``: the model's longest sequence (``model.spec.max_positions``), which ``seq_len`` may not pass.
+    ``context``: the model's longest sequence (``model.spec.max_positions``), which ``seq_len`` may not pass;
+    ``tokenizer``: whether the model has one, which ``eval_windows > 0`` needs to score held-out text.
     """
     for arg, value in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
         if not _is_int(value) or value <= 0:
@@ -137,6 +139,9 @@ def check_arguments(
         raise ValueError(f"max_grad_norm must be a finite number > 0; got {max_grad_norm!r}")
     if not _is_int(eval_windows) or eval_windows < 0:
         raise ValueError(f"eval_windows must be an integer >= 0; got {eval_windows!r}")
+    if eval_windows and not tokenizer:
+        raise ValueError(f"eval_windows={eval_windows} scores held-out pydoc text, which needs a tokenizer, and the "
+                         f"model has none; use eval_windows=0 or llmspeed.wrap(hf_model, tokenizer)")  # fmt: skip
     if not _is_int(seed) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64); got {seed!r}")
     for arg, flag in (("gradient_checkpointing", gradient_checkpointing), ("progress", progress)):
@@ -199,37 +204,39 @@ def train(
     """
     options = dict(warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                    eval_windows=eval_windows, seed=seed, gradient_checkpointing=gradient_checkpointing, progress=progress)
-    check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions, **options)
+    check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions,
+                    tokenizer=model.tokenizer is not None, **options)  # fmt: skip
     if data.numel() < seq_len + 1:
         raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
     device = model.spec.device
     check_precision(precision, device, params)
+    mp = MixedPrecision(precision, device.type)
+    before = _eval_loss(model, eval_windows, seq_len)  # before any change: a failure here leaves the model as is
     hf = model.module
     flags = {p: p.requires_grad for p in hf.parameters()}
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    for param in params:
-        param.requires_grad_(True)
     was_training = hf.training
-    mp = MixedPrecision(precision, device.type)
-    before = _eval_loss(model, eval_windows, seq_len)
     warmup = max(1, steps // 10 if warmup_steps is None else warmup_steps)  # 0: full lr from the first step
-    # fused: one kernel over all tensors (CPU and CUDA); the per-tensor loop costs a third of a CPU step
-    fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
     generator = torch.Generator().manual_seed(seed)
-    checkpointing = gradient_checkpointing and set_checkpointing(hf, True)
+    checkpointing = False
     losses: list[float] = []
     times: list[float] = []
-    hf.train()
-    start = time.perf_counter()
-    try:
+    try:  # from here on the finally restores requires_grad, the train/eval mode and checkpointing
+        for p in hf.parameters():
+            p.requires_grad_(False)
+        for param in params:
+            param.requires_grad_(True)
+        # fused: one kernel over all tensors (CPU and CUDA); the per-tensor loop costs a third of a CPU step
+        fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+        )
+        checkpointing = gradient_checkpointing and set_checkpointing(hf, True)
+        hf.train()
+        start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({precision})")
+            bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({mp.precision})")
             for _ in bar:
                 tick = time.perf_counter()
                 starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)  # [B]
@@ -259,7 +266,7 @@ def train(
         sum(p.numel() for p in params),
         before,
         after,
-        precision,
+        mp.precision,  # the canonical name: "bf16" for "bfloat16" or torch.bfloat16
         mp.skipped_steps,
         trained,
         tuple(times),

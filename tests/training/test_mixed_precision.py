@@ -154,6 +154,9 @@ def test_finetune_bad_arguments(llama, kwargs, match):
         (dict(seed="x"), "seed must be an integer in \\[0, 2\\*\\*64\\); got 'x'"),
         (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be a bool; got 'yes'"),
         (dict(seq_len=1024), "seq_len must be at most the model's context of 512 tokens .*; got seq_len=1024"),
+        # regression: the held-out loss was scored after requires_grad changed, so this error left the
+        # whole model frozen but for the trained parameters
+        (dict(eval_windows=2), "eval_windows=2 scores held-out pydoc text, which needs a tokenizer"),
     ],
 )
 def test_bad_training_options_are_refused_before_anything_changes(llama, train, kwargs, match):
@@ -193,3 +196,27 @@ def test_linears_trains_only_linear_weights(llama):
     assert result.trained == "linears"
     assert torch.equal(llama.hf.model.embed_tokens.weight, embed) and torch.equal(llama.hf.model.norm.weight, norm)
     assert not torch.equal(llama.hf.model.layers[0].self_attn.q_proj.weight, q)
+
+
+def test_a_failure_while_setting_up_the_run_restores_flags_and_mode(llama, monkeypatch):
+    """Regression: the flags were frozen before the try, so a setup error (checkpointing, the held-out
+    loss) left every parameter but the trained ones with requires_grad=False."""
+    from llmspeed.training import loop
+
+    def refuse(hf, on):
+        raise ValueError("no checkpointing here")
+
+    monkeypatch.setattr(loop, "set_checkpointing", refuse)
+    qat.prepare(llama, "int4", group_size=16, learn_scales=True)
+    flags = {n: p.requires_grad for n, p in llama.hf.named_parameters()}
+    with pytest.raises(ValueError, match="no checkpointing here"):
+        llmspeed.finetune(llama, TOKENS, train="linears", gradient_checkpointing=True, **RUN)
+    assert {n: p.requires_grad for n, p in llama.hf.named_parameters()} == flags
+    assert not llama.hf.training
+
+
+@pytest.mark.parametrize("precision, name", [("bfloat16", "bf16"), (torch.float16, "fp16"), ("float32", "fp32")])
+def test_result_names_the_precision_canonically(llama, precision, name):
+    """Regression: the result echoed the spelling given ("bfloat16", torch.float16), not one of its names."""
+    result = llmspeed.finetune(llama, TOKENS, precision=precision, **{**RUN, "steps": 1})
+    assert result.precision == name
