@@ -95,14 +95,22 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
         A :class:`MergeReport`. While merged, forward skips the adapter's delta.
 
     Raises:
-        ValueError: the adapter does not exist or is already merged, or ``requantize`` is not a bool (model unchanged).
+        ValueError: the adapter does not exist or is already merged, ``requantize`` is not a bool, or its
+            layers are prepared for quantization-aware training (convert first); model unchanged.
     """
     require_adapter(model, name)
     if not isinstance(requantize, bool):
         raise ValueError(f"requantize must be a bool; got {requantize!r}")
-    layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+    named = [(n, layer) for n, layer in lora_layers(model) if name in layer.lora_A]
+    layers = [layer for _, layer in named]
     if any(name in layer.merged for layer in layers):
         raise ValueError(f"adapter {name!r} is already merged; unmerge it first")
+    prepared = [n for n, layer in named if isinstance(getattr(layer.base_layer, "fake_format", None), str)]
+    if prepared:  # adding to the latent weight would change the fake-quantized output, reported as exact
+        raise ValueError(
+            f"adapter {name!r} wraps {len(prepared)} layers prepared for quantization-aware training "
+            f"(e.g. {prepared[0]!r}); call llmspeed.qat.convert(model) first, then merge"
+        )
     for layer in layers:  # check every layer can be merged before changing any
         if not is_quantized(layer.base_layer):
             _float_weight(layer.base_layer)

@@ -117,6 +117,23 @@ def test_adapter_added_after_prepare_keeps_wrapping_the_converted_base(llama):
     assert not qat.is_prepared(llama)
 
 
+def test_merging_an_adapter_into_a_prepared_layer_is_refused_until_convert(llama):
+    """Regression: merge added the update to the latent weight, changing the fake-quantized output while
+    reporting 0 error, and after convert unmerge raised TypeError on the packed base."""
+    qat.prepare(llama, "int4", 16)
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    llmspeed.finetune(llama, TOKENS, steps=2, lr=1e-2, seq_len=16, batch_size=2, progress=False)
+    state = {k: v.clone() for k, v in llama.hf.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter 'a' wraps 14 layers prepared for .*; call llmspeed.qat.convert"):
+        lora.merge(llama, "a")
+    assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
+    assert all(layer.merged == () for _, layer in lora.lora_layers(llama))
+    qat.convert(llama)
+    with pytest.warns(UserWarning, match="re-quantized 14 layers"):
+        lora.merge(llama, "a")
+    lora.unmerge(llama, "a")
+
+
 def _snapshot(model):
     return {n: (m, m.weight if hasattr(m, "weight") else None) for n, m in model.linear_layers()}
 
