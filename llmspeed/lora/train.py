@@ -79,6 +79,8 @@ def finetune(
         gradient_checkpointing=gradient_checkpointing, progress=progress, context=model.spec.max_positions,
         tokenizer=model.tokenizer is not None,
     )
+    if not isinstance(full, bool):
+        raise ValueError(f"full must be a bool; got {full!r}")
     adapter = None if full else (adapter or active_adapter(model))
     if not full and adapter is None:
         raise ValueError(

@@ -88,3 +88,8 @@ def test_finetune_bad_input(llama):
         lora.finetune(llama, TOKENS, steps=2, seq_len=2000, progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         lora.finetune(llama, "some text", steps=2, progress=False)
+    # regression: a truthy non-bool full ran a full fine-tune of the base instead of the adapter
+    base = {n: p.detach().clone() for n, p in llama.hf.named_parameters() if "lora_" not in n}
+    with pytest.raises(ValueError, match="full must be a bool; got 'no'"):
+        lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, full="no", progress=False)
+    assert all(torch.equal(p, base[n]) for n, p in llama.hf.named_parameters() if "lora_" not in n)
