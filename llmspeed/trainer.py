@@ -23,6 +23,7 @@ from torch import nn
 
 from .lora.inject import active_adapter, lora_layers
 from .lora.train import finetune as lora_finetune
+from .model import as_model
 from .protocol import CausalLM, base_linear, is_quantized
 from .qat import fake_quant_layers, is_prepared
 from .training import FinetuneResult, check_arguments, check_precision, token_stream
@@ -101,6 +102,7 @@ def finetune(
         ValueError: on a bad argument, an unsupported precision, or a model that cannot train that way;
             before anything changes.
     """
+    model = as_model(model)  # a transformers model is wrapped, as qat.prepare and lora.add_adapter do
     if train not in TRAIN:
         raise ValueError(f"train must be one of {list(TRAIN)}; got {train!r}")
     mode = train

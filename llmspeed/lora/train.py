@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..model import as_model
 from ..protocol import CausalLM, is_quantized
 from ..training import FinetuneResult, check_arguments, check_precision, token_stream, train
 from .inject import active_adapter, lora_layers, require_adapter, set_adapter, trainable_parameters
@@ -73,6 +74,7 @@ def finetune(
             optimizer state (fp16 with dynamic loss scaling); over a quantized base this is QLoRA's
             bf16 compute over the 4-bit weights. See :mod:`llmspeed.training.amp`.
     """
+    model = as_model(model)  # a transformers model is wrapped, as add_adapter does
     check_arguments(
         steps, lr, seq_len, batch_size, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, eval_windows=eval_windows, seed=seed,

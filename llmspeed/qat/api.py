@@ -43,7 +43,7 @@ def _fake_layer(module: nn.Module) -> FakeQuantLinear | None:
 
 def fake_quant_layers(model: CausalLM) -> Iterator[tuple[str, FakeQuantLinear]]:
     """``(qualified name, FakeQuantLinear)`` of every prepared linear position."""
-    for name, module in model.linear_layers():
+    for name, module in as_model(model).linear_layers():  # a transformers model is wrapped, as in prepare
         layer = _fake_layer(module)
         if layer is not None:
             yield name, layer
@@ -189,6 +189,7 @@ def convert(model: CausalLM) -> CausalLM:
     adapter added after :func:`prepare` keeps wrapping its layer (now the packed base). Raises
     ``ValueError`` when ``model`` was never prepared; all or nothing.
     """
+    model = as_model(model)  # a transformers model is wrapped, as prepare did
     layers = list(fake_quant_layers(model))
     if not layers:
         raise ValueError("model has no fake-quantized layers; call llmspeed.qat.prepare(model, ...) first")

@@ -117,6 +117,20 @@ def test_adapter_added_after_prepare_keeps_wrapping_the_converted_base(llama):
     assert not qat.is_prepared(llama)
 
 
+def test_the_whole_recipe_takes_a_transformers_model(llama):
+    """Regression: prepare wrapped a transformers model, but finetune, lora.finetune, is_prepared and
+    convert raised AttributeError ('LlamaForCausalLM' object has no attribute 'linear_layers')."""
+    hf = llama.hf
+    qat.prepare(hf, "int4", 16)
+    assert qat.is_prepared(hf)
+    result = llmspeed.finetune(hf, TOKENS, steps=2, lr=1e-2, seq_len=16, batch_size=2, progress=False)
+    assert result.trained == "full" and len(result.losses) == 2
+    qat.convert(hf)
+    assert isinstance(hf.model.layers[0].self_attn.q_proj, Int4Linear) and not qat.is_prepared(hf)
+    lora.add_adapter(hf, "a", r=4, alpha=8)
+    assert lora.finetune(hf, TOKENS, steps=2, seq_len=16, batch_size=2, progress=False).adapter == "a"
+
+
 def test_merging_an_adapter_into_a_prepared_layer_is_refused_until_convert(llama):
     """Regression: merge added the update to the latent weight, changing the fake-quantized output while
     reporting 0 error, and after convert unmerge raised TypeError on the packed base."""
