@@ -109,7 +109,8 @@ def plan_layers(
             )
         if base_linear(module) is not module:
             raise ValueError(
-                f"layer {name!r} is wrapped ({type(module).__name__}); quantize before adding adapters"
+                f"layer {name!r} is wrapped ({type(module).__name__}); quantize (or qat.prepare) the float "
+                f"model before adding adapters"
             )
         if not isinstance(module, nn.Linear):
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, not an nn.Linear; add it to skip")

@@ -195,6 +195,15 @@ def test_prepare_rejects_quantized_and_prepared_models_and_convert_needs_prepare
     assert _snapshot(llama) == before
 
 
+def test_prepare_refuses_a_model_with_adapters_and_says_to_prepare_first(llama):
+    """Regression: the message told a qat.prepare user to 'quantize before adding adapters'."""
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=r"is wrapped \(LoraLinear\); quantize \(or qat.prepare\) the float model before"):
+        qat.prepare(llama, "int4", 16)
+    assert _snapshot(llama) == before and not qat.is_prepared(llama)
+
+
 def test_failed_gptq_start_restores_every_layer(llama):
     before = _snapshot(llama)
     with pytest.raises(ValueError):
