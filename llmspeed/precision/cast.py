@@ -32,7 +32,7 @@ from torch import nn
 
 from ..model import as_model
 from ..names import CANONICAL_DTYPES, DTYPE_ALIASES, dtype_name
-from ..protocol import CausalLM, is_quantized
+from ..protocol import CausalLM, base_linear, is_quantized
 from . import cpu_matmul as cpu_matmul_module
 
 # every spelling cast accepts (llmspeed.names normalises them for every verb)
@@ -99,7 +99,9 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
     """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
 
     Norm weights and rotary tables stay in fp32 (see the module docstring). Casting back to
-    fp32 undoes everything. A quantized model cannot be cast: cast first, then quantize.
+    fp32 undoes everything. A quantized model cannot be cast: cast first, then quantize. A model prepared
+    for quantization-aware training (:func:`llmspeed.qat.prepare`) can only be cast to fp32 (``ValueError``
+    for 16 bits, which would round its fp32 grids): cast first, then prepare.
 
     Args:
         model: The model to cast.
@@ -118,6 +120,14 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
             f"model must not be quantized to be cast; {len(quantized)} layers are (e.g. {quantized[0]}). "
             f"Cast before quantizing: llmspeed.cast(model, {str(target).removeprefix('torch.')!r}) "
             f"then llmspeed.quantize(...)"
+        )
+    # a FakeQuantLinear (llmspeed.qat) is marked by fake_format; checked by name: precision does not import qat
+    prepared = [name for name, m in model.linear_layers() if isinstance(getattr(base_linear(m), "fake_format", None), str)]
+    if prepared and target != torch.float32:
+        raise ValueError(
+            f"model is prepared for quantization-aware training ({len(prepared)} layers, e.g. {prepared[0]!r}); "
+            f"a 16-bit cast would round the fp32 grids convert packs with. Cast before llmspeed.qat.prepare, "
+            f"or keep fp32 master weights and train with llmspeed.finetune(..., precision='bf16')"
         )
     root = model.module
     rotary = {

@@ -204,6 +204,22 @@ def test_prepare_refuses_a_model_with_adapters_and_says_to_prepare_first(llama):
     assert _snapshot(llama) == before and not qat.is_prepared(llama)
 
 
+def test_a_16_bit_cast_of_a_prepared_model_is_refused_before_anything_changes(llama):
+    """Regression: cast rounded the fp32 scale buffers to bf16, so convert packed other codes than the
+    prepared model's (every q/k/v projection of the tiny llama) without a word."""
+    qat.prepare(llama, "int4", 16)
+    state = {k: v.clone() for k, v in llama.hf.state_dict().items()}
+    with pytest.raises(ValueError, match=r"prepared for quantization-aware training .*Cast before llmspeed.qat.prepare"):
+        llmspeed.cast(llama, "bf16")
+    assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
+    llmspeed.cast(llama, "fp32")  # fp32 changes nothing and stays allowed (fp32 master weights of a bf16 model)
+    bf16 = llmspeed.models.tiny("llama", seed=0, dtype="bf16")
+    reference = copy.deepcopy(bf16)
+    llmspeed.quantize(reference, "int4", 16, lm_head=None)
+    qat.convert(qat.prepare(bf16, "int4", 16))  # cast first, then prepare: exactly quantize's tensors
+    _assert_same_packed(bf16, reference)
+
+
 def test_failed_gptq_start_restores_every_layer(llama):
     before = _snapshot(llama)
     with pytest.raises(ValueError):
