@@ -119,6 +119,11 @@ def finetune(
         progress=progress,
     )
     if mode == "adapter":
+        if adapter is None and active_adapter(model) is None:  # lora.finetune's error would say full=True
+            raise ValueError(
+                "train='adapter' needs a LoRA adapter and the model has none; call "
+                "lora.add_adapter(model, name, ...) first or use train='full' or 'linears'"
+            )
         return lora_finetune(
             model, texts, steps, lr, seq_len, batch_size, adapter=adapter, precision=precision, **options
         )

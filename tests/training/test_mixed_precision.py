@@ -132,6 +132,8 @@ def test_cuda_bf16_support_is_checked(monkeypatch):
     [
         (dict(train="some"), "train must be one of"),
         (dict(adapter="a"), "adapter is only used with train='adapter'"),
+        # regression: this reached lora.finetune's "... or pass full=True", an argument finetune lacks
+        (dict(train="adapter"), "train='adapter' needs a LoRA adapter .* or use train='full' or 'linears'"),
         (dict(steps=0), "steps must be a positive integer"),
         (dict(lr=-1.0), "lr must be a positive number"),
     ],
