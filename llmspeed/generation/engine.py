@@ -162,8 +162,8 @@ class Generator:
         self._next_id = 0
         self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')
         self._lock = threading.Lock()
-        self._with_adapter: set[int] = set()  # live requests that name an adapter
-        self._known_adapters: tuple[int, set[str]] | None = None  # (lora STATE_CHANGES, adapter names) last read
+        self._with_adapter: dict[int, int] = {}  # live requests that name an adapter -> the adapter's uid
+        self._known_adapters: tuple[int, dict[str, int]] | None = None  # (lora STATE_CHANGES, name -> uid) last read
         self.stats: RunStats | None = None
         self.num_steps = 0
         self.num_tokens_computed = 0  # tokens run through the model (prefill chunks and decodes)
@@ -232,6 +232,14 @@ class Generator:
             return f"adapter must be one of the model's adapters {sorted(known)}; got {name!r}"
         return None
 
+    def _adapter_key(self, name: str | None) -> tuple[str, int] | None:
+        """``(adapter, uid)`` the request's keys/values depend on (:func:`llmspeed.lora.inject.adapter_identity`)."""
+        if name is None and not self.model.module.__dict__.get("_llmspeed_lora"):
+            return None  # no adapters on the model: llmspeed.lora need not be imported
+        from ..lora.inject import adapter_identity
+
+        return adapter_identity(self.model, name)
+
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
         """Queue one request; return its id. A request that can never run ends with ``"error"``.
 
@@ -255,7 +263,10 @@ class Generator:
             self._seqs[rid] = seq
             if error is None and sampling.adapter is not None:
                 error = self._check_adapter(sampling.adapter)
-                self._with_adapter.add(rid)
+            if error is None:
+                seq.adapter_key = self._adapter_key(sampling.adapter)
+                if sampling.adapter is not None:
+                    self._with_adapter[rid] = seq.adapter_key[1]  # bound to this adapter, not to its name
             if error is None:
                 error = self.scheduler.add(seq)
             if error is not None:
@@ -322,18 +333,20 @@ class Generator:
         return out
 
     def _fail_deleted_adapters(self) -> None:
-        from .. import lora
+        from ..lora.inject import registry
         from ..lora.layer import STATE_CHANGES
 
         if self._known_adapters is None or self._known_adapters[0] != STATE_CHANGES[0]:  # names may have changed
-            self._known_adapters = (STATE_CHANGES[0], set(lora.adapter_names(self.model)))
+            uids = {name: info.uid for name, info in registry(self.model).items()}
+            self._known_adapters = (STATE_CHANGES[0], uids)
         known = self._known_adapters[1]
-        for rid in list(self._with_adapter):
+        for rid, uid in list(self._with_adapter.items()):
             seq = self._seqs.get(rid)
             if seq is None or seq.is_finished:
-                self._with_adapter.discard(rid)
-            elif seq.params.adapter not in known:
-                seq.error = f"adapter {seq.params.adapter!r} was deleted while this request was running"
+                self._with_adapter.pop(rid, None)
+            elif known.get(seq.params.adapter) != uid:
+                replaced = " and another adapter added under its name" if seq.params.adapter in known else ""
+                seq.error = f"adapter {seq.params.adapter!r} was deleted{replaced} while this request was running"
                 self._end(seq, "error")
 
     def _fail(self, batch: Batch, exc: BaseException) -> list[StreamEvent]:
@@ -465,7 +478,7 @@ class Generator:
         event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=self._output(seq),
                             logprobs=logprobs)
         self._seqs.pop(seq.seq_id, None)
-        self._with_adapter.discard(seq.seq_id)
+        self._with_adapter.pop(seq.seq_id, None)
         if report:
             self._pending.append(event)
         return event

@@ -102,7 +102,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         tokens = seq.all_tokens()
-        hits = self.blocks.match(tokens, seq.params.adapter)
+        hits = self.blocks.match(tokens, seq.adapter_key)
         if not self.blocks.can_admit(hits, len(tokens)):
             return False
         self.blocks.admit(seq.seq_id, seq.block_table, hits, len(tokens))
@@ -182,7 +182,7 @@ class Scheduler:
             seq = chunk.seq
             seq.num_computed = chunk.start + chunk.length
             if self.blocks.prefix_caching and seq.num_computed // self.blocks.block_size > len(seq.block_keys):
-                self.blocks.register(seq.block_table, seq.all_tokens(), seq.num_computed, seq.params.adapter, seq.block_keys)
+                self.blocks.register(seq.block_table, seq.all_tokens(), seq.num_computed, seq.adapter_key, seq.block_keys)
 
 
 def blocks_held(scheduler: Scheduler) -> int:

@@ -8,10 +8,11 @@ the positions it covers) on its root module, which saving and merging read.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -22,14 +23,18 @@ from .config import ALL_LINEAR, LoraConfig
 from .layer import LoraLinear, check_adapter_name
 
 _REGISTRY = "_llmspeed_lora"
+_UIDS = itertools.count()  # AdapterInfo.uid
 
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """What the model remembers about one adapter: its config and the linear positions it covers."""
+    """What the model remembers about one adapter: its config, the linear positions it covers and a
+    process-wide ``uid`` that tells it from a later adapter added under the same name (the generator binds
+    requests and prefix-cache blocks to it)."""
 
     config: LoraConfig
     positions: tuple[str, ...]
+    uid: int = field(default_factory=lambda: next(_UIDS))
 
 
 def registry(model: CausalLM) -> dict[str, AdapterInfo]:
@@ -233,6 +238,22 @@ def active_adapter(model: CausalLM) -> str | None:
         if layer.active is not None:
             return layer.active
     return None
+
+
+def adapter_identity(model: CausalLM, name: str | None) -> tuple[str, int] | None:
+    """``(name, uid)`` of the adapter a request naming ``name`` runs (``None``: the active adapter, unless
+    inside :func:`disabled`), or ``None`` when it runs none; a later adapter added under the same name
+    has another ``uid``."""
+    known = registry(model)
+    if not known:
+        return None
+    if name is None:
+        layers = [layer for _, layer in lora_layers(model)]
+        if any(layer.disabled for layer in layers):
+            return None
+        name = next((layer.active for layer in layers if layer.active is not None), None)
+    info = known.get(name) if name is not None else None
+    return None if info is None else (name, info.uid)
 
 
 @contextmanager

@@ -206,3 +206,37 @@ def test_sampling_fields_as_keywords_or_a_dict(llama):
         Generator(llama, progress=False).generate_batched([[1]], {"max_tokens": 4})
     with pytest.raises(TypeError, match="SamplingParams \\(or a dict"):
         Generator(llama, progress=False).generate_batched([[1]], "greedy")
+
+
+def _random_adapter(model, name, seed):
+    """Add adapter ``name`` with non-zero ``B`` drawn from ``seed`` (it changes the tokens), left inactive."""
+    from llmspeed import lora
+
+    lora.add_adapter(model, name, r=4, alpha=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            if name in layer.lora_A:
+                layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.5)
+    lora.set_adapter(model, None)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_an_adapter_replaced_under_its_name_fails_the_requests_bound_to_it(llama, fused):
+    """Regression: deleting adapter "a" and adding another "a" while a request ran made the request go on with the
+    new adapter over keys/values of the old one; the request is bound to the adapter, not to its name."""
+    from llmspeed import lora
+
+    _random_adapter(llama, "a", 1)
+    gen = Generator(llama, progress=False, fused_decode=fused)
+    rid = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter="a"))
+    gen.step()
+    gen.step()
+    lora.delete_adapter(llama, "a")
+    _random_adapter(llama, "a", 2)
+    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
+    assert ends[rid].finish_reason == "error"
+    assert "'a' was deleted and another adapter added under its name" in ends[rid].error
+    again = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter="a"))[0]
+    assert again.finish_reason == "length"  # a request added after the change runs the new "a"
+

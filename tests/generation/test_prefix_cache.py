@@ -115,3 +115,35 @@ def test_prefix_cache_saves_prefill_and_keys_on_the_adapter(llama):
     gen.generate_batched(prompts[:1], SamplingParams(max_new_tokens=2))
     out = gen.generate_batched(prompts[1:2], SamplingParams(max_new_tokens=2, adapter="a"))[0]
     assert out.metrics.cached_tokens == 0  # blocks computed without the adapter are not reused with it
+
+
+def test_prefix_cache_tells_apart_adapters_that_share_a_name_and_follows_set_adapter(llama):
+    """Regression: blocks were keyed by the adapter's name only, so a prompt run with adapter "a", then with a new
+    adapter added as "a", or without an adapter after set_adapter changed the active one, reused keys/values
+    the old adapter computed (the generator's tokens then differed from a fresh generator's)."""
+    from llmspeed import lora
+
+    def add(name, seed):
+        lora.add_adapter(llama, name, r=2)
+        with torch.no_grad():
+            for _, layer in lora.lora_layers(llama):
+                if name in layer.lora_A:
+                    layer.weight_b(name).normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+
+    def run(gen, adapter):
+        return gen.generate_batched(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True, adapter=adapter))[0]
+
+    prompt = _shared_prompts(1, prefix_len=48, seed=2)
+    add("a", 1)
+    gen = Generator(llama, progress=False, prefix_caching=True, block_size=16)
+    run(gen, "a")
+    assert run(gen, "a").metrics.cached_tokens > 0  # the same adapter reuses its blocks
+    lora.delete_adapter(llama, "a")
+    add("a", 2)
+    out = run(gen, "a")
+    assert out.metrics.cached_tokens == 0 and out.token_ids == run(Generator(llama, progress=False), "a").token_ids
+    lora.set_adapter(llama, "a")
+    run(gen, None)  # blocks computed with the active adapter "a"
+    lora.set_adapter(llama, None)
+    out = run(gen, None)
+    assert out.metrics.cached_tokens == 0 and out.token_ids == run(Generator(llama, progress=False), None).token_ids
