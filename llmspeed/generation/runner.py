@@ -197,9 +197,12 @@ class ModelRunner:
     def _adapters(self, step: StepInput):
         if step.adapters is None:
             return nullcontext()
-        from ..lora import active_adapter, per_token_adapters
+        from ..lora import per_token_adapters
+        from ..lora.inject import adapter_identity
 
-        default = active_adapter(self.model)  # requests without an adapter run the model as it is set
+        # requests without an adapter run the model as it is set: its active adapter, none inside lora.disabled()
+        identity = adapter_identity(self.model, None)
+        default = identity[0] if identity is not None else None
         names: list[str | None] = []
         for (_, _, length), name in zip(step.chunks, step.adapters):
             names += [name or default] * length

@@ -240,3 +240,21 @@ def test_an_adapter_replaced_under_its_name_fails_the_requests_bound_to_it(llama
     again = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter="a"))[0]
     assert again.finish_reason == "length"  # a request added after the change runs the new "a"
 
+
+def test_requests_without_an_adapter_run_the_base_inside_disabled_whatever_their_batch(llama):
+    """Regression: inside lora.disabled(model), a request without an adapter ran the base model alone but the
+    model's active adapter when another request of its batch named an adapter (the routed generic path)."""
+    from llmspeed import lora
+
+    _random_adapter(llama, "b", 2)
+    _random_adapter(llama, "a", 1)
+    lora.set_adapter(llama, "a")
+    sp, sp_b = SamplingParams(max_new_tokens=6, ignore_eos=True), SamplingParams(max_new_tokens=6, ignore_eos=True, adapter="b")
+    with lora.disabled(llama):
+        alone = Generator(llama, progress=False).generate_batched([[1, 2, 3]], sp)[0].token_ids
+        mixed = Generator(llama, progress=False).generate_batched([[1, 2, 3], [4, 5, 6]], [sp, sp_b])
+    lora.set_adapter(llama, None)
+    base = Generator(llama, progress=False).generate_batched([[1, 2, 3]], sp)[0].token_ids
+    with_b = Generator(llama, progress=False).generate_batched([[4, 5, 6]], sp_b)[0].token_ids
+    assert alone == mixed[0].token_ids == base  # the base alone, next to a request that names an adapter too
+    assert mixed[1].token_ids == with_b  # a request that names an adapter still gets it
