@@ -191,10 +191,11 @@ def load_adapter(
         found.setdefault(match["pos"], {})[match["mat"]] = tensor
     try:
         r, alpha, rslora = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)), cfg.get("use_rslora", False)
+        dropout = float(cfg.get("lora_dropout", 0.0))
     except (TypeError, ValueError) as err:
         raise ValueError(
-            f"{folder / CONFIG_FILE} fields r and lora_alpha must be numbers; got r={cfg.get('r')!r}, "
-            f"lora_alpha={cfg.get('lora_alpha')!r}"
+            f"{folder / CONFIG_FILE} fields r, lora_alpha and lora_dropout must be numbers; got r={cfg.get('r')!r}, "
+            f"lora_alpha={cfg.get('lora_alpha')!r}, lora_dropout={cfg.get('lora_dropout')!r}"
         ) from err
     shapes: dict[str, tuple[int, float]] = {}
     for pos, mats in found.items():
@@ -221,9 +222,12 @@ def load_adapter(
     if not shapes:
         raise ValueError(f"{WEIGHTS_FILE} in {str(folder)!r} holds no LoRA matrices")
     targets = cfg.get("target_modules") or tuple(shapes)
-    config = LoraConfig(
-        r=r, alpha=alpha, targets=targets, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora
-    )
+    try:
+        config = LoraConfig(r=r, alpha=alpha, targets=targets, dropout=dropout, use_rslora=rslora)
+    except ValueError as err:  # LoraConfig's message names its own field (r, alpha, ...) and the value
+        field = str(err).split(" ", 1)[0]
+        field = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}.get(field, field)
+        raise ValueError(f"{folder / CONFIG_FILE} field {field}: {err}") from err
     previous = active_adapter(model)
     grads = {p: p.requires_grad for p in model.module.parameters()}
     try:

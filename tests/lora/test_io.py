@@ -162,3 +162,26 @@ def test_peft_adapters_that_compute_something_else_are_refused(tmp_path, llama, 
     with pytest.raises(ValueError, match=re.escape(f"adapter_config.json field {field}={value!r} is not supported")):
         lora.load_adapter(llama, tmp_path, "theirs")
     assert _state(llama) == before and torch.equal(logits(llama.hf), want)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("r", 0, "field r: r must be a positive integer .*got 0"),
+        ("r", -3, "field r: r must be a positive integer .*got -3"),
+        ("lora_dropout", 1.5, r"field lora_dropout: dropout must be in \[0, 1\); got 1.5"),
+        ("lora_dropout", None, "fields r, lora_alpha and lora_dropout must be numbers; .*lora_dropout=None"),
+    ],
+)
+def test_config_values_out_of_range_name_the_file_and_field(tmp_path, llama, field, value, message):
+    """Regression: r=0 or lora_dropout=1.5 in adapter_config.json raised LoraConfig's message without the file,
+    and lora_dropout=null a bare TypeError from float()."""
+    lora.add_adapter(llama, "a", r=4, init="random")
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **{field: value})))
+    fresh = llmspeed.models.tiny("llama", seed=0)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=rf"adapter_config.json {message}"):
+        lora.load_adapter(fresh, folder, "a")
+    assert _state(fresh) == before and lora.adapter_names(fresh) == []
