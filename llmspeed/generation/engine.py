@@ -164,6 +164,7 @@ class Generator:
         self._lock = threading.Lock()
         self._with_adapter: dict[int, int] = {}  # live requests that name an adapter -> the adapter's uid
         self._known_adapters: tuple[int, dict[str, int]] | None = None  # (lora STATE_CHANGES, name -> uid) last read
+        self._default_changes: int | None = None  # lora STATE_CHANGES when adapter-less requests' keys were last set
         self.stats: RunStats | None = None
         self.num_steps = 0
         self.num_tokens_computed = 0  # tokens run through the model (prefill chunks and decodes)
@@ -311,6 +312,7 @@ class Generator:
             if self._with_adapter:
                 self._fail_deleted_adapters()
                 events += self._take_pending()
+            self._follow_active_adapter()
             batch = self.scheduler.schedule()
             if not batch.chunks:
                 return events
@@ -331,6 +333,23 @@ class Generator:
         while self._pending:
             out.append(self._pending.popleft())
         return out
+
+    def _follow_active_adapter(self) -> None:
+        """Requests that name no adapter run the model's active adapter as it is set at each step: after any change
+        to the adapters (``set_adapter``, ``disabled``, adding or deleting one) their admission and their next
+        prefix-cache blocks are keyed by the adapter they now run, not the one active when they were added."""
+        from_lora = self.model.module.__dict__.get("_llmspeed_lora")
+        if not from_lora and self._default_changes is None:
+            return  # no adapters on the model, now or at the last step
+        from ..lora.layer import STATE_CHANGES
+
+        if self._default_changes == STATE_CHANGES[0]:
+            return
+        self._default_changes = STATE_CHANGES[0]
+        key = self._adapter_key(None)
+        for seq in self._seqs.values():
+            if seq.params.adapter is None and not seq.is_finished:
+                seq.adapter_key = key
 
     def _fail_deleted_adapters(self) -> None:
         from ..lora.inject import registry

@@ -147,3 +147,39 @@ def test_prefix_cache_tells_apart_adapters_that_share_a_name_and_follows_set_ada
     lora.set_adapter(llama, None)
     out = run(gen, None)
     assert out.metrics.cached_tokens == 0 and out.token_ids == run(Generator(llama, progress=False), None).token_ids
+
+
+def test_a_queued_request_without_an_adapter_is_keyed_by_the_adapter_active_when_it_runs(llama):
+    """Regression: a request naming no adapter had its prefix-cache key fixed when it was added, so after
+    set_adapter changed the active adapter while it was queued it reused blocks of the adapter active at add time
+    (and registered its own, computed with the new one, under the old adapter's key)."""
+    from llmspeed import lora
+
+    for name, seed in (("a", 1), ("b", 2)):
+        lora.add_adapter(llama, name, r=2)
+        with torch.no_grad():
+            for _, layer in lora.lora_layers(llama):
+                if name in layer.lora_A:
+                    layer.weight_b(name).normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    prompt = _shared_prompts(1, prefix_len=48, seed=3)[0]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+
+    def fresh(active):
+        lora.set_adapter(llama, active)
+        return Generator(llama, progress=False).generate_batched([prompt], sp)[0].token_ids
+
+    want_a, want_b = fresh("a"), fresh("b")
+    assert want_a != want_b  # the adapters tell apart
+    lora.set_adapter(llama, "a")
+    gen = Generator(llama, progress=False, prefix_caching=True, block_size=16)
+    assert gen.generate_batched([prompt], sp)[0].token_ids == want_a  # blocks computed with "a"
+    rid = gen.add_request(prompt, sp)  # queued while "a" is active ...
+    lora.set_adapter(llama, "b")  # ... and runs with "b": it must not take "a"'s blocks
+    outs = {}
+    while gen.has_unfinished():
+        for event in gen.step():
+            if event.finished:
+                outs[event.request_id] = event.output
+    assert outs[rid].token_ids == want_b and outs[rid].metrics.cached_tokens == 0
+    lora.set_adapter(llama, "a")  # and "a" must not find the blocks "b" computed under its key
+    assert gen.generate_batched([prompt], sp)[0].token_ids == want_a
