@@ -8,6 +8,7 @@ from torch import nn
 
 import llmspeed
 from llmspeed.precision import Fp16OverflowError, cpu_matmul, resolve_dtype
+from llmspeed.protocol import base_linear
 
 IDS = torch.arange(1, 17)[None]  # [1, 16]
 # max |logit difference| allowed against fp32, per cast dtype (tiny random models, logits ~ 0.1-1)
@@ -130,3 +131,32 @@ def test_smollm2_bf16_perplexity_and_memory(smollm2):
     ratio = llmspeed.memory_footprint(smollm2)["total"] / fp32_mem
     assert abs(bf16_ppl / fp32_ppl - 1) < 0.005, (fp32_ppl, bf16_ppl)
     assert 0.49 < ratio < 0.51
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cast_leaves_lora_adapters_in_their_dtype_as_adding_them_after_the_cast_does(dtype):
+    """Regression: casting a model that already had adapters turned the adapters 16-bit too, although an adapter
+    keeps the dtype it was added with (fp32 by default) whatever the base: the same model cast before or after
+    adding the same adapter differed in its adapters' dtype and logits."""
+    from llmspeed import lora
+
+    def adapted():
+        m = llmspeed.models.tiny("llama", seed=0)
+        lora.add_adapter(m, "a", r=4, init="random")
+        return m
+
+    after = llmspeed.cast(adapted(), dtype)  # adapters added, then cast
+    before = llmspeed.models.tiny("llama", seed=0)
+    llmspeed.cast(before, dtype)
+    lora.add_adapter(before, "a", r=4, init="random")
+    with torch.no_grad():  # the same adapter values (random init draws differ between the two models)
+        for (_, x), (_, y) in zip(lora.lora_layers(after), lora.lora_layers(before)):
+            y.weight_a("a").copy_(x.weight_a("a"))
+            y.weight_b("a").copy_(x.weight_b("a"))
+    dtypes = {p.dtype for _, layer in lora.lora_layers(after) for p in (layer.weight_a("a"), layer.weight_b("a"))}
+    assert dtypes == {torch.float32}
+    assert all(base_linear(m).weight.dtype == resolve_dtype(dtype) for _, m in after.linear_layers())
+    with torch.no_grad():
+        assert torch.equal(after.hf(IDS).logits, before.hf(IDS).logits)
+    llmspeed.cast(after, "fp32")  # casting back keeps them too, and the base is fp32 again
+    assert {layer.weight_a("a").dtype for _, layer in lora.lora_layers(after)} == {torch.float32}

@@ -99,7 +99,8 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
     """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
 
     Norm weights and rotary tables stay in fp32 (see the module docstring). Casting back to
-    fp32 undoes everything. A quantized model cannot be cast: cast first, then quantize. A model prepared
+    fp32 undoes everything. LoRA adapters keep the dtype they were added with (fp32 by default), as an adapter
+    added after the cast does. A quantized model cannot be cast: cast first, then quantize. A model prepared
     for quantization-aware training (:func:`llmspeed.qat.prepare`) can only be cast to fp32 (``ValueError``
     for 16 bits, which would round its fp32 grids): cast first, then prepare.
 
@@ -136,7 +137,13 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
         for buf_name, buf in module.named_buffers(recurse=False)
         if "inv_freq" in buf_name
     }
+    # LoRA adapters (lora_A / lora_B of a LoraLinear, found by those names: precision does not import lora)
+    # keep the dtype they were added with, as an adapter added after the cast does
+    adapters = [(m, next(m.parameters()).dtype) for module in root.modules() for d in _adapter_dicts(module)
+                for m in d.values() if any(True for _ in m.parameters())]  # fmt: skip
     root.to(target)
+    for module, kept in adapters:
+        module.to(kept)
     for (name, buf_name), saved in rotary.items():
         setattr(root.get_submodule(name), buf_name, saved.to(getattr(root.get_submodule(name), buf_name).device))
     if target != torch.float32:
@@ -147,6 +154,12 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
     if getattr(root, "config", None) is not None:
         root.config.dtype = target
     return model
+
+
+def _adapter_dicts(module: nn.Module) -> list[nn.ModuleDict]:
+    """A LoRA wrapper's ``lora_A`` and ``lora_B`` (PEFT's layout, llmspeed.lora's too); none for other modules."""
+    dicts = [getattr(module, key, None) for key in ("lora_A", "lora_B")]
+    return [d for d in dicts if isinstance(d, nn.ModuleDict)]
 
 
 def attach(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto") -> CausalLM:
