@@ -170,7 +170,7 @@ def test_adapter_corrupt_weights(adapter_folder):
     [
         ([1, 2], "adapter_config.json must hold a JSON object .* got a list"),
         ("{", "adapter_config.json is not valid JSON"),
-        ({"r": [4], "lora_alpha": 8}, "adapter_config.json fields r and lora_alpha must be numbers; got r=\\[4\\]"),
+        ({"r": [4], "lora_alpha": 8}, "adapter_config.json fields r, lora_alpha and lora_dropout must be numbers; got r=\\[4\\]"),
         ({"r": 4, "alpha_pattern": {"([": 2}}, "adapter_config.json field alpha_pattern has '\\(\\[', which is not a regular"),
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import llmspeed
@@ -64,8 +64,10 @@ def test_hqq_stores_fractional_zero_points_in_the_int4_layout():
     group_size=st.sampled_from([2, 8, 16]),
     seed=st.integers(0, 2**16),
 )
+@example(out=1, groups=1, group_size=16, seed=4397)  # the fp16 rounding after the choice made it lose (1.3890 > 1.3874)
 def test_hqq_never_worse_than_its_start_in_lp(out, groups, group_size, seed):
-    """The best iterate is kept, so the l_p error never exceeds that of the initial min/max zero point."""
+    """The best iterate is kept, so the l_p error never exceeds that of the initial min/max zero point: iterates
+    are compared as stored (fp16 zero points); comparing float iterates, then rounding the winner, could lose."""
     w = torch.randn(out, groups * group_size, generator=torch.Generator().manual_seed(seed))
     codes0, s0, z0 = hqq_int4(w, group_size, iters=0)
     codes, s, z = hqq_int4(w, group_size, iters=20)

@@ -68,18 +68,21 @@ def hqq_int4(
     def lp_error(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # [out, groups]
         return ((Wg - (q - z[..., None]) * s).abs().pow(p) * mf).sum(-1)
 
-    best_zero, best_err = zero.clone(), lp_error(codes_for(zero), zero)
+    def stored_error(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # as Int4Linear stores z: fp16
+        zs = P.fp16_grid(z)
+        return zs, lp_error(codes_for(zs), zs)
+
+    best_zero, best_err = stored_error(zero)  # iterates are compared as stored, so the kept one never loses
     for _ in range(iters):
         q = codes_for(zero)
         e = shrink_lp(Wg - (q - zero[..., None]) * s, beta, p)  # [out, groups, G]
         zero = ((q - (Wg - e) / s) * mf).sum(-1) / count
         beta *= kappa
-        err = lp_error(codes_for(zero), zero)
+        stored, err = stored_error(zero)
         better = err < best_err
-        best_zero = torch.where(better, zero, best_zero)
+        best_zero = torch.where(better, stored, best_zero)
         best_err = torch.where(better, err, best_err)
-    best_zero = P.fp16_grid(best_zero)  # as Int4Linear stores it: the codes below are nearest for it
-    codes = codes_for(best_zero).to(torch.uint8).reshape(out_f, in_pad)
+    codes = codes_for(best_zero).to(torch.uint8).reshape(out_f, in_pad)  # nearest for the stored zero
     return codes, scale, best_zero
 
 
