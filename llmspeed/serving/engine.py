@@ -76,7 +76,7 @@ class Engine:
     def _submit(self, prompt: Prompt, sampling: Any, loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
         sampling = coerce(sampling)
         handle = RequestHandle(self._request_abort, loop)
-        self._command("add", handle, prompt, sampling)
+        self._command("add", handle, _snapshot(prompt), sampling)
         return handle
 
     def _request_abort(self, handle: RequestHandle) -> None:
@@ -202,6 +202,13 @@ class Engine:
             self.close(timeout=0)
         except Exception:
             pass
+
+
+def _snapshot(prompt: Prompt) -> Prompt:
+    """``prompt`` as it is at submit: the engine thread reads it later, and the caller may reuse its list meanwhile."""
+    if isinstance(prompt, list):
+        return [dict(m) if isinstance(m, dict) else m for m in prompt]
+    return prompt
 
 
 def _refused(exc: Exception) -> StreamEvent:

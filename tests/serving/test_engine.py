@@ -253,3 +253,23 @@ def test_close_aborts_running_requests_and_refuses_new_ones(llama):
     with pytest.raises(TimeoutError):
         with llmspeed.Engine(llama, kv_cache_tokens=20_000) as e2:
             e2.submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True)).result(timeout=0.01)
+
+
+def test_a_prompt_list_the_caller_reuses_after_submit_is_the_one_submitted(llama):
+    from tests.generation.test_engine import ChatTokenizer
+
+    llama.tokenizer = ChatTokenizer()
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    expected = _alone(llama, [[1, 2, 3]], sp)[0]
+    with llmspeed.Engine(llama) as engine:
+        ids, messages = [1, 2, 3], [{"role": "user", "content": "hi"}]
+        chat_ids = engine.submit(list(messages), sp).result(timeout=30).prompt_token_ids
+        with engine._cv:  # the engine thread cannot take the inbox before the caller reuses its lists
+            h = engine.submit(ids, sp)
+            hc = engine.submit(messages, sp)
+            ids[:] = [7, 8, 9, 10]
+            messages[0]["content"] = "something else"
+        out = h.result(timeout=30)
+        assert out.prompt_token_ids == [1, 2, 3] and out.token_ids == expected
+        assert hc.result(timeout=30).prompt_token_ids == chat_ids
+
