@@ -39,8 +39,9 @@ class RequestHandle:
         if self._async is not None and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._async.put_nowait, event)
-            except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                pass
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening, so stop the request
+                if not event.finished:
+                    self._abort(self)
         else:
             self._events.put(event)
 

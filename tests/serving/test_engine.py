@@ -273,3 +273,11 @@ def test_a_prompt_list_the_caller_reuses_after_submit_is_the_one_submitted(llama
         assert out.prompt_token_ids == [1, 2, 3] and out.token_ids == expected
         assert hc.result(timeout=30).prompt_token_ids == chat_ids
 
+
+def test_a_request_whose_event_loop_closed_is_aborted_not_run_to_the_end(llama):
+    loop = asyncio.new_event_loop()
+    with llmspeed.Engine(llama, kv_cache_tokens=20_000) as engine:
+        h = engine._submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True), loop)
+        loop.close()  # its caller is gone (a loop closed with the task still awaiting): nobody will read the events
+        assert h.result(timeout=30).finish_reason == "abort"
+        assert engine.loop_errors == 0
