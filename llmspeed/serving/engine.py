@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -57,7 +58,8 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.loop_errors = 0  # exceptions outside a step (a bug if ever non-zero); the loop survives them
-        self._thread = threading.Thread(target=self._loop, name="llmspeed-engine", daemon=True)
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._cv), name="llmspeed-engine",
+                                        daemon=True)
         self._thread.start()
 
     # --- submitting -----------------------------------------------------------------------------
@@ -140,26 +142,28 @@ class Engine:
                 self.requests_finished += 1
             handle._deliver(event)
 
-    def _loop(self) -> None:
+    def _has_work(self) -> bool:
+        return bool(self._inbox) or self._closing or self.generator.has_unfinished()
+
+    def _run_once(self) -> bool:
+        """One turn of the engine thread: take the inbox, run one step; False once closed and drained."""
         gen = self.generator
-        while True:
-            with self._cv:
-                while not self._inbox and not self._closing and not gen.has_unfinished():
-                    self._cv.wait()
-                commands, self._inbox = self._inbox, []
-                closing = self._closing
-            try:
-                self._apply(commands)
-                if closing:
-                    for handle in list(self._handles.values()):
-                        if not handle.done() and handle.request_id is not None:
-                            gen.abort(handle.request_id)
-                    while gen.has_unfinished() and self._handles:
-                        self._dispatch(gen.step())
-                    return
-                self._dispatch(gen.step())
-            except Exception:  # never lose the thread: the generator already failed what its step touched
-                self.loop_errors += 1
+        with self._cv:
+            commands, self._inbox = self._inbox, []
+            closing = self._closing
+        try:
+            self._apply(commands)
+            if closing:
+                for handle in list(self._handles.values()):
+                    if not handle.done() and handle.request_id is not None:
+                        gen.abort(handle.request_id)
+                while gen.has_unfinished() and self._handles:
+                    self._dispatch(gen.step())
+                return False
+            self._dispatch(gen.step())
+        except Exception:  # never lose the thread: the generator already failed what its step touched
+            self.loop_errors += 1
+        return True
 
     # --- state ----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -202,6 +206,26 @@ class Engine:
             self.close(timeout=0)
         except Exception:
             pass
+
+
+def _serve(ref: weakref.ref[Engine], cv: threading.Condition) -> None:
+    """The engine thread. It holds its Engine only while there is work, so an Engine dropped without
+    :meth:`Engine.close` (no handle left either: each holds its engine) is collected, and its ``__del__`` ends this."""
+    while True:
+        with cv:
+            while True:
+                engine = ref()
+                if engine is None:
+                    return
+                if engine._has_work():
+                    break
+                del engine  # may be the last reference: __del__ closes it here, so look again before sleeping
+                if ref() is None:
+                    return
+                cv.wait()
+        if not engine._run_once():
+            return
+        del engine
 
 
 def _snapshot(prompt: Prompt) -> Prompt:

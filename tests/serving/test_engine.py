@@ -281,3 +281,16 @@ def test_a_request_whose_event_loop_closed_is_aborted_not_run_to_the_end(llama):
         loop.close()  # its caller is gone (a loop closed with the task still awaiting): nobody will read the events
         assert h.result(timeout=30).finish_reason == "abort"
         assert engine.loop_errors == 0
+
+
+def test_an_engine_dropped_without_close_stops_its_thread(llama):
+    import gc
+
+    engine = llmspeed.Engine(llama)
+    h = engine.submit([1, 2], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert h.result(timeout=30).finish_reason == "length"
+    thread = engine._thread
+    del engine, h  # the handle holds its engine; the output does not
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()  # __del__ closed it: no thread (and KV cache) left behind per dropped engine
