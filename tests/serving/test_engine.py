@@ -294,3 +294,32 @@ def test_an_engine_dropped_without_close_stops_its_thread(llama):
     gc.collect()
     thread.join(10)
     assert not thread.is_alive()  # __del__ closed it: no thread (and KV cache) left behind per dropped engine
+
+
+def test_seeded_sampling_from_threads_and_two_event_loops_gives_each_caller_its_prompt_run_alone(llama):
+    prompts = _prompts(6, seed=5)
+    sps = [SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=100 + i, ignore_eos=True) for i in range(6)]
+    expected = [_alone(llama, [p], sp)[0] for p, sp in zip(prompts, sps)]
+    got: list[tuple[int, list[int]]] = []
+    lock = threading.Lock()
+
+    def in_a_loop():
+        async def main():
+            return await asyncio.gather(*[engine.generate(prompts[i % 6], sps[i % 6]) for i in range(12)])
+
+        outs = asyncio.run(asyncio.wait_for(main(), 60))
+        with lock:
+            got.extend((i % 6, o.token_ids) for i, o in enumerate(outs))
+
+    def in_a_thread():
+        handles = [(i, engine.submit(prompts[i], sps[i])) for i in range(6)]
+        with lock:
+            got.extend((i, h.result(timeout=60).token_ids) for i, h in handles)
+
+    with llmspeed.Engine(llama, kv_cache_tokens=4096, max_seqs=16) as engine:
+        threads = [threading.Thread(target=f) for f in (in_a_loop, in_a_loop, in_a_thread, in_a_thread)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+    assert len(got) == 36 and all(tokens == expected[i] for i, tokens in got)
