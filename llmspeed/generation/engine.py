@@ -113,6 +113,11 @@ class Generator:
         kv_cache_dtype: str | torch.dtype = "auto",
         num_scheduler_steps: int = 1,
     ):
+        if not all(hasattr(model, a) for a in ("spec", "module", "forward_batch")):
+            raise TypeError(
+                f"model must be an llmspeed.Model (llmspeed.wrap(hf_model, tokenizer), llmspeed.models.smollm2()) or "
+                f"implement llmspeed.protocol.CausalLM; got {type(model).__name__}"
+            )
         if isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int) or num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be an int >= 1; got {num_scheduler_steps!r}")
         self.num_scheduler_steps = num_scheduler_steps

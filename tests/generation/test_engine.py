@@ -118,6 +118,9 @@ def test_empty_list_and_argument_errors(llama):
         with pytest.raises(ValueError, match=message):
             Generator(llama, **kwargs)
     assert Generator(llama, progress=False, eos_token_ids=(t for t in [7])).eos_token_ids == {7}
+    for model in ("smollm2", llama.module):  # a name or a bare nn.Module: say what a model must be
+        with pytest.raises(TypeError, match="model must be an llmspeed.Model"):
+            Generator(model)
     out = gen.generate_batched([[1, 300]])[0]
     assert out.finish_reason == "error" and "[0, 256)" in out.error
 
