@@ -33,7 +33,8 @@ class Engine:
         **generator_kwargs: The other :class:`~llmspeed.generation.Generator` arguments (``max_seqs``,
             ``block_size``, ``chat_template``, ``eos_token_ids``, ...).
 
-    Use it as a context manager, or call :meth:`close`; requests still running then end with ``"abort"``.
+    Use it as a context manager, or call :meth:`close`; requests still running then end with ``"abort"``. An
+    engine dropped without either (and without live handles, which each hold it) is closed when collected.
     """
 
     def __init__(
