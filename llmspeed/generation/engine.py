@@ -167,9 +167,7 @@ class Generator:
         self._next_id = 0
         self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')
         self._lock = threading.Lock()
-        self._with_adapter: dict[int, int] = {}  # live requests that name an adapter -> the adapter's uid
-        self._known_adapters: tuple[int, dict[str, int]] | None = None  # (lora STATE_CHANGES, name -> uid) last read
-        self._default_changes: int | None = None  # lora STATE_CHANGES when adapter-less requests' keys were last set
+        self._adapter_changes: int | None = None  # lora's STATE_CHANGES when the live requests' adapters were checked
         self.stats: RunStats | None = None
         self.num_steps = 0
         self.num_tokens_computed = 0  # tokens run through the model (prefill chunks and decodes)
@@ -269,10 +267,8 @@ class Generator:
             self._seqs[rid] = seq
             if error is None and sampling.adapter is not None:
                 error = self._check_adapter(sampling.adapter)
-            if error is None:
+            if error is None:  # bound to this adapter, (name, uid), not to its name
                 seq.adapter_key = self._adapter_key(sampling.adapter)
-                if sampling.adapter is not None:
-                    self._with_adapter[rid] = seq.adapter_key[1]  # bound to this adapter, not to its name
             if error is None:
                 error = self.scheduler.add(seq)
             if error is not None:
@@ -314,10 +310,8 @@ class Generator:
         """
         with self._exclusive("step"):
             events = self._take_pending()
-            if self._with_adapter:
-                self._fail_deleted_adapters()
-                events += self._take_pending()
-            self._follow_active_adapter()
+            self._follow_adapter_changes()
+            events += self._take_pending()
             batch = self.scheduler.schedule()
             if not batch.chunks:
                 return events
@@ -339,38 +333,30 @@ class Generator:
             out.append(self._pending.popleft())
         return out
 
-    def _follow_active_adapter(self) -> None:
-        """Requests that name no adapter run the model's active adapter as it is set at each step: after any change
-        to the adapters (``set_adapter``, ``disabled``, adding or deleting one) their admission and their next
-        prefix-cache blocks are keyed by the adapter they now run, not the one active when they were added."""
-        from_lora = self.model.module.__dict__.get("_llmspeed_lora")
-        if not from_lora and self._default_changes is None:
-            return  # no adapters on the model, now or at the last step
-        from ..lora.layer import STATE_CHANGES
-
-        if self._default_changes == STATE_CHANGES[0]:
-            return
-        self._default_changes = STATE_CHANGES[0]
-        key = self._adapter_key(None)
-        for seq in self._seqs.values():
-            if seq.params.adapter is None and not seq.is_finished:
-                seq.adapter_key = key
-
-    def _fail_deleted_adapters(self) -> None:
+    def _follow_adapter_changes(self) -> None:
+        """After any change to the model's adapters since the last step (lora's ``STATE_CHANGES`` moved): a request
+        bound to an adapter that was deleted, or deleted and another added under its name, ends with an error;
+        requests that name no adapter run the active one as it is set now (``set_adapter``, ``disabled``), so their
+        admission and next prefix-cache blocks are keyed by it, not by the one active when they were added."""
+        if self._adapter_changes is None and not self.model.module.__dict__.get("_llmspeed_lora"):
+            return  # no adapters on the model, now or at any earlier step: llmspeed.lora need not be imported
         from ..lora.inject import registry
         from ..lora.layer import STATE_CHANGES
 
-        if self._known_adapters is None or self._known_adapters[0] != STATE_CHANGES[0]:  # names may have changed
-            uids = {name: info.uid for name, info in registry(self.model).items()}
-            self._known_adapters = (STATE_CHANGES[0], uids)
-        known = self._known_adapters[1]
-        for rid, uid in list(self._with_adapter.items()):
-            seq = self._seqs.get(rid)
-            if seq is None or seq.is_finished:
-                self._with_adapter.pop(rid, None)
-            elif known.get(seq.params.adapter) != uid:
-                replaced = " and another adapter added under its name" if seq.params.adapter in known else ""
-                seq.error = f"adapter {seq.params.adapter!r} was deleted{replaced} while this request was running"
+        if self._adapter_changes == STATE_CHANGES[0]:
+            return
+        self._adapter_changes = STATE_CHANGES[0]
+        known = {name: info.uid for name, info in registry(self.model).items()}
+        active = self._adapter_key(None)
+        for seq in list(self._seqs.values()):
+            name = seq.params.adapter
+            if seq.is_finished:
+                continue
+            if name is None:
+                seq.adapter_key = active
+            elif known.get(name) != seq.adapter_key[1]:
+                replaced = " and another adapter added under its name" if name in known else ""
+                seq.error = f"adapter {name!r} was deleted{replaced} while this request was running"
                 self._end(seq, "error")
 
     def _fail(self, batch: Batch, exc: BaseException) -> list[StreamEvent]:
@@ -502,7 +488,6 @@ class Generator:
         event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=self._output(seq),
                             logprobs=logprobs)
         self._seqs.pop(seq.seq_id, None)
-        self._with_adapter.pop(seq.seq_id, None)
         if report:
             self._pending.append(event)
         return event
