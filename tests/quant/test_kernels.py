@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -324,6 +324,14 @@ def test_cpp_dequantize_rows_equals_the_torch_dequantize_bit_for_bit(case, k, n,
     assert torch.equal(fast, module.packed_dequantize(torch.float32, rows))
 
 
+def _error(out, ref, x, w):
+    """``max |out - ref|`` relative to the result's scale: ``max |ref|``, or where the products cancel (hypothesis
+    found k=85 int8 products summing to 0.044), their own size ``max(|x| @ |w|^T) / sqrt(k)``: a kernel summing in
+    another order than torch differs by the rounding of the terms, not of the result."""
+    terms = ((x.abs() @ w.float().abs().T).max() / x.shape[-1] ** 0.5).item()
+    return (out - ref).abs().max().item() / max(ref.abs().max().item(), terms, 1e-30)
+
+
 @pytest.mark.skipif(cpp.extension() is None, reason="no C++ compiler: the cpp kernel is not built")
 @settings(max_examples=40, deadline=None)
 @given(
@@ -352,7 +360,7 @@ def test_cpp_4bit_float_activations_match_the_reference(fmt, group, k, n, m, see
         return
     out, ref = kernel.run(module, x), KERNELS["reference"].run(module, x)
     assert out.shape == ref.shape == (m, n)
-    assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= TOLERANCE[torch.float32]
+    assert _error(out, ref, x, module.dequantize()) <= TOLERANCE[torch.float32]
 
 
 def _panels_or_skip():
@@ -388,11 +396,12 @@ def test_cpp_panels_matches_the_reference_on_int8_activations(group, k, n, m, se
     assert kernel.why_not(module, x) is None
     out, ref = kernel.run(module, x), KERNELS["reference"].run(module, x)
     assert out.shape == ref.shape == (m, n)
-    assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= TOLERANCE[torch.float32]
+    assert _error(out, ref, x, module.dequantize()) <= TOLERANCE[torch.float32]
 
 
 @settings(max_examples=30, deadline=None)
 @given(k=st.integers(1, 300), n=st.integers(1, 40), m=st.integers(1, 40), seed=st.integers(0, 2**16))
+@example(k=85, n=1, m=1, seed=0)  # products that cancel (see _error)
 def test_cpp_panels_int8_weights_match_the_reference_on_int8_activations(k, n, m, seed):
     """int8 weights x int8 activations on 16-row VNNI panels: any width (a partial last block of 4 and of 32
     channels), rows that are not whole panels, any M, weights at both ends of the int8 range."""
@@ -412,7 +421,7 @@ def test_cpp_panels_int8_weights_match_the_reference_on_int8_activations(k, n, m
     assert int(module.qweight.min()) == -127 or int(module.qweight.max()) == 127  # a row's largest weight
     out, ref = kernel.run(module, x), KERNELS["reference"].run(module, x)
     assert out.shape == ref.shape == (m, n)
-    assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= TOLERANCE[torch.float32]
+    assert _error(out, ref, x, module.dequantize()) <= TOLERANCE[torch.float32]
 
 
 def test_cpp_panels_serves_int8_activation_layers_only_and_auto_picks_it_from_9_rows():
