@@ -142,6 +142,13 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(getattr(base_linear(module), "quant_format", None), str)
 
 
+def is_fake_quantized(module: nn.Module) -> bool:
+    """True when ``module`` (or the layer it wraps) is prepared for quantization-aware training: a
+    ``FakeQuantLinear`` of :mod:`llmspeed.qat`, marked by its ``fake_format`` (it trains a float weight, so
+    :func:`is_quantized` is False for it). Layers below ``qat`` ask this instead of importing it."""
+    return isinstance(getattr(base_linear(module), "fake_format", None), str)
+
+
 @runtime_checkable
 class CausalLM(Protocol):
     """What llmspeed's modules need from a model. :class:`llmspeed.Model` implements it."""

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..protocol import CausalLM, is_quantized
+from ..protocol import CausalLM, is_fake_quantized, is_quantized
 from .inject import lora_layers, require_adapter
 from .layer import LoraLinear
 
@@ -105,7 +105,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
     layers = [layer for _, layer in named]
     if any(name in layer.merged for layer in layers):
         raise ValueError(f"adapter {name!r} is already merged; unmerge it first")
-    prepared = [n for n, layer in named if isinstance(getattr(layer.base_layer, "fake_format", None), str)]
+    prepared = [n for n, layer in named if is_fake_quantized(layer.base_layer)]
     if prepared:  # adding to the latent weight would change the fake-quantized output, reported as exact
         raise ValueError(
             f"adapter {name!r} wraps {len(prepared)} layers prepared for quantization-aware training "

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..model import as_model
 from ..names import CANONICAL_DTYPES, DTYPE_ALIASES, dtype_name
-from ..protocol import CausalLM, base_linear, is_quantized
+from ..protocol import CausalLM, is_fake_quantized, is_quantized
 from . import cpu_matmul as cpu_matmul_module
 
 # every spelling cast accepts (llmspeed.names normalises them for every verb)
@@ -122,8 +122,7 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
             f"Cast before quantizing: llmspeed.cast(model, {str(target).removeprefix('torch.')!r}) "
             f"then llmspeed.quantize(...)"
         )
-    # a FakeQuantLinear (llmspeed.qat) is marked by fake_format; checked by name: precision does not import qat
-    prepared = [name for name, m in model.linear_layers() if isinstance(getattr(base_linear(m), "fake_format", None), str)]
+    prepared = [name for name, m in model.linear_layers() if is_fake_quantized(m)]
     if prepared and target != torch.float32:
         raise ValueError(
             f"model is prepared for quantization-aware training ({len(prepared)} layers, e.g. {prepared[0]!r}); "

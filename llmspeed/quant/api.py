@@ -13,7 +13,7 @@ from torch import nn
 
 from ..model import as_model
 from ..names import format_name
-from ..protocol import CausalLM, base_linear, is_quantized
+from ..protocol import CausalLM, base_linear, is_fake_quantized, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from .embedding import share_tied_embedding, tied_head
 from .kernels import check_kernel, check_kernel_name, get_kernel
@@ -103,7 +103,7 @@ def plan_layers(
     for name, module in model.linear_layers():
         if _matches(name, skip) or (include is not None and not _matches(name, include)):
             continue
-        if isinstance(getattr(base_linear(module), "fake_format", None), str):
+        if is_fake_quantized(module):
             raise ValueError(
                 f"layer {name!r} is prepared for quantization-aware training; use llmspeed.qat.convert(model)"
             )

@@ -31,7 +31,7 @@ import torch
 
 from ..model import Model, as_model
 from ..names import check_device, folder_path
-from ..protocol import CausalLM, base_linear
+from ..protocol import CausalLM, base_linear, is_fake_quantized
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
@@ -78,7 +78,7 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
     directory = folder_path(directory, "directory", write=True)
     model = as_model(model)  # a transformers model is wrapped, as the other verbs do
     for name, module in model.linear_layers():  # what load() could not rebuild: refused before writing
-        if isinstance(getattr(base_linear(module), "fake_format", None), str):
+        if is_fake_quantized(module):
             raise ValueError(
                 f"layer {name!r} is prepared for quantization-aware training, which llmspeed.load cannot "
                 f"rebuild; call llmspeed.qat.convert(model) before saving"
