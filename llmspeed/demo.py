@@ -17,6 +17,7 @@ import torch
 from . import models
 from .eval import perplexity
 from .memory import memory_footprint
+from .models.embedded import MAX_POSITIONS
 from .precision import cast
 from .timing import markdown_table
 
@@ -119,8 +120,9 @@ STEPS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 }
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= minimum``, refused at parse time (not after a model has loaded)."""
+def _at_least(minimum: int, at_most: tuple[int, str] | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum`` (and ``<= at_most[0]``, whose reason is ``at_most[1]``),
+    refused at parse time (not after a model has loaded)."""
 
     def parse(text: str) -> int:
         try:
@@ -129,6 +131,8 @@ def _at_least(minimum: int) -> Callable[[str], int]:
             value = minimum - 1
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {text!r}")
+        if at_most is not None and value > at_most[0]:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most[0]} ({at_most[1]}); got {text!r}")
         return value
 
     return parse
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmspeed demo", description=__doc__)
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {list(STEPS)}")
     parser.add_argument("--windows", type=_at_least(1), default=4, help="perplexity windows (default 4)")
-    parser.add_argument("--window", type=_at_least(2), default=256, help="tokens per perplexity window (default 256)")
+    window_limit = (MAX_POSITIONS, "SmolLM2's max_position_embeddings: perplexity refuses longer windows")
+    parser.add_argument("--window", type=_at_least(2, window_limit), default=256,
+                        help=f"tokens per perplexity window, 2 to {MAX_POSITIONS} (default 256)")
     parser.add_argument("--new-tokens", type=_at_least(1), default=32, help="tokens to generate per sample")
     parser.add_argument("--lora-steps", type=_at_least(1), default=20, help="fine-tuning steps in the qlora step")
     args = parser.parse_args(argv)

