@@ -35,7 +35,7 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: only ``include_usage`` (a usage chunk before ``[DONE]``)."""
+    """``stream_options``: only ``include_usage`` (a usage chunk before ``[DONE]``, ``"usage": null`` on the others)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -236,6 +236,8 @@ class OpenAIServer:
         rid = new_id("chatcmpl" if chat else "cmpl")
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": req.model}
+        if req.include_usage:  # as OpenAI's: every chunk carries "usage": null, the last one the counts
+            head["usage"] = None
         offsets = [0] * len(handles)  # per choice: text_offset of its next token's legacy logprobs
 
         def chunk(i: int, event: StreamEvent) -> dict[str, Any] | None:

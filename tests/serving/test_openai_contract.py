@@ -132,6 +132,30 @@ def test_stream_options_need_stream_true(tiny_server, live_server):
         assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
 
 
+
+def _stream_chunks(url, path, body):
+    """The JSON chunks of a raw streamed response, ``[DONE]`` left out (the client hides a missing key)."""
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as resp:
+        assert resp.status_code == 200, resp.read()
+        lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path, fields", [("/v1/chat/completions", {"messages": CHAT}),
+                                          ("/v1/completions", {"prompt": "hi"})])
+def test_with_include_usage_every_chunk_carries_usage_null_but_the_last(tiny_server, live_server, path, fields):
+    """Regression: OpenAI's API sends ``"usage": null`` on every chunk before the usage chunk when
+    ``stream_options.include_usage`` is set; ours left the key out (clients reading ``chunk["usage"]`` broke)."""
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "max_tokens": 3, "min_tokens": 3, "stream": True, "n": 2, **fields}
+        chunks = _stream_chunks(url, path, {**body, "stream_options": {"include_usage": True}})
+        assert len(chunks) > 2 and all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+        plain = _stream_chunks(url, path, {**body, "stream_options": {"include_usage": False}})
+        assert plain and all("usage" not in c for c in plain)  # as OpenAI's: no usage key unless asked for
+
+
 BAD_VALUES = [  # (path, body fields, param, what the message must hold: the value given and what is accepted)
     ("/v1/chat/completions", {"stop": ["a", 3]}, "stop.1", ["(got 3)", "a string or a list of strings"]),
     ("/v1/chat/completions", {"stop": 5}, "stop", ["(got 5)", "a string or a list of strings"]),
