@@ -6,10 +6,14 @@ tool parts of a conversation: ``tools``, an assistant's ``tool_calls`` and a ``t
 checked by rendering the conversation with and without it: if the template renders the same text either way
 (SmolLM2's ignores ``tools`` and ``tool_calls``), or fails on it, the request is a 400 naming the field rather
 than an answer to a conversation the model never saw.
+
+The server calls :func:`chat_prompt_off_loop`: those renderings (up to one per tool part, plus one) run on a
+worker thread, so a slow template never stalls the event loop and the other requests it serves.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -49,6 +53,14 @@ def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Mess
     ids = _render(tokenizer, messages, tools, tokenize=True)
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
     return [int(t) for t in ids]
+
+
+async def chat_prompt_off_loop(tokenizer: Any, messages: Messages, tools: Tools = None) -> Messages | list[int]:
+    """:func:`chat_prompt` with its template renderings on a worker thread (``asyncio.to_thread``), raising the
+    same :class:`APIError`; a request without tool parts, which renders nothing here, returns at once."""
+    if not _tool_parts(messages, tools):
+        return messages
+    return await asyncio.to_thread(chat_prompt, tokenizer, messages, tools)
 
 
 def _render(tokenizer: Any, messages: Messages, tools: Tools, tokenize: bool) -> Any:

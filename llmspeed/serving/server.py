@@ -27,7 +27,7 @@ from fastapi.sse import format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
-from .chat_prompt import chat_prompt
+from .chat_prompt import chat_prompt_off_loop
 from .engine import Engine
 from .handle import RequestHandle, interleave
 from .openai_protocol import (
@@ -192,7 +192,7 @@ class OpenAIServer:
         """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
         req = parse(ChatCompletionRequest, payload)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.context
-        prompt = chat_prompt(self.tokenizer, req.chat(), req.tool_specs())
+        prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
         return await self._answer(request, req, prompt, max_tokens, req.wanted_logprobs(), chat=True)
 
     async def _answer(self, request: Request, req: Any, prompt: Any, max_tokens: int, logprobs: int | None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import httpx
 import pytest
 
@@ -123,3 +125,38 @@ def test_what_smollm2s_template_renders(smollm2_cached):
         with pytest.raises(APIError) as err:
             chat_prompt(tok, messages, tools)
         assert err.value.status == 400 and err.value.param == param
+
+
+class GatedToolTokenizer(ToolTokenizer):
+    """A ToolTokenizer whose rendering with ``tools`` waits (at most 10 s) until ``gate`` is set; ``entered`` is set
+    when a rendering starts waiting."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True, tokenize=True):
+        if tools is not None:
+            self.entered.set()
+            self.gate.wait(10)
+        return super().apply_chat_template(messages, tools, add_generation_prompt, tokenize)
+
+
+def test_rendering_a_tools_request_does_not_block_the_event_loop(llama, live_server):
+    """Regression: chat_prompt rendered the template (several times for tool checks) on the event loop's thread,
+    so a slow template stalled every other request, /health included, until it was done."""
+    tokenizer = GatedToolTokenizer()
+    with live_server(_server(llama, tokenizer)) as url:
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(
+            _chat(url, messages=[HI], tools=[TOOL], tool_choice="none")))
+        caller.start()
+        try:
+            assert tokenizer.entered.wait(30)
+            assert httpx.get(f"{url}/health", timeout=3).json() == {"status": "ok"}  # timed out before the fix
+            assert not answers  # the tools request is still rendering
+        finally:
+            tokenizer.gate.set()
+            caller.join(60)
+        assert answers[0].status_code == 200, answers[0].text
+        assert answers[0].json()["usage"]["prompt_tokens"] == len("<f>user:hi\n")
