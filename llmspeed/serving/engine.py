@@ -9,10 +9,13 @@ to the handle of the request it belongs to. With nothing to do it sleeps until a
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+import torch
 
 from ..generation import GenerationOutput, Generator, RequestMetrics, SamplingParams, StreamEvent
 from ..generation.sampling import coerce
@@ -230,10 +233,23 @@ def _serve(ref: weakref.ref[Engine], cv: threading.Condition) -> None:
 
 
 def _snapshot(prompt: Prompt) -> Prompt:
-    """``prompt`` as it is at submit: the engine thread reads it later, and the caller may reuse its list meanwhile."""
-    if isinstance(prompt, list):
-        return [dict(m) if isinstance(m, dict) else m for m in prompt]
-    return prompt
+    """``prompt`` as it is at submit: the engine thread reads it later, and the caller may change it meanwhile.
+
+    A list or tuple is copied with each message dict (shallow) and tensor in it, a tensor cloned, anything else
+    (a NumPy array, a deque) copied with ``copy.copy``, which keeps its type and so how the generator reads it;
+    what cannot be copied (a generator of ids) is left for the generator to read, or refuse, as it is.
+    """
+    if isinstance(prompt, (list, tuple)):
+        items = [dict(m) if isinstance(m, dict) else m.clone() if isinstance(m, torch.Tensor) else m for m in prompt]
+        return items if isinstance(prompt, list) else tuple(items)
+    if isinstance(prompt, torch.Tensor):
+        return prompt.detach().clone()  # the rows list() makes of it are views of its storage
+    if isinstance(prompt, (str, bytes)):
+        return prompt
+    try:
+        return copy.copy(prompt)
+    except Exception:
+        return prompt
 
 
 def _refused(exc: Exception) -> StreamEvent:

@@ -274,6 +274,31 @@ def test_a_prompt_list_the_caller_reuses_after_submit_is_the_one_submitted(llama
         assert hc.result(timeout=30).prompt_token_ids == chat_ids
 
 
+
+def test_a_tuple_or_tensor_prompt_the_caller_changes_after_submit_is_the_one_submitted(llama):
+    """Regression: only list prompts were copied at submit; a tensor changed in place, or a message dict in a tuple
+    of messages, before the engine thread read it changed the running request."""
+    import numpy as np
+
+    from tests.generation.test_engine import ChatTokenizer
+
+    llama.tokenizer = ChatTokenizer()
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    expected = _alone(llama, [[1, 2, 3]], sp)[0]
+    with llmspeed.Engine(llama) as engine:
+        chat_ids = engine.submit([{"role": "user", "content": "hi"}], sp).result(timeout=30).prompt_token_ids
+        tensor, array, messages = torch.tensor([1, 2, 3]), np.array([1, 2, 3]), ({"role": "user", "content": "hi"},)
+        with engine._cv:  # the engine thread cannot take the inbox before the caller changes its prompts
+            handles = [engine.submit(p, sp) for p in (tensor, tensor[:], array)]
+            hc = engine.submit(messages, sp)
+            tensor[:] = torch.tensor([7, 8, 9])
+            array[:] = [7, 8, 9]
+            messages[0]["content"] = "something else"
+        for h in handles:
+            out = h.result(timeout=30)
+            assert out.prompt_token_ids == [1, 2, 3] and out.token_ids == expected
+        assert hc.result(timeout=30).prompt_token_ids == chat_ids
+
 def test_a_request_whose_event_loop_closed_is_aborted_not_run_to_the_end(llama):
     loop = asyncio.new_event_loop()
     with llmspeed.Engine(llama, kv_cache_tokens=20_000) as engine:
