@@ -64,7 +64,7 @@ def finetune(
         full: Train every float parameter of the model instead (the full fine-tuning baseline).
         gradient_checkpointing: Recompute each decoder layer's activations in the backward pass
             (transformers' non-reentrant checkpointing): less memory, about a third more compute.
-        warmup_steps: Linear warm-up steps (default: a tenth of ``steps``), then linear decay to 0.
+        warmup_steps: Linear warm-up steps, at most ``steps`` (default: a tenth of ``steps``), then linear decay to 0.
         weight_decay, max_grad_norm: AdamW decay and the gradient-norm clip.
         eval_windows: Held-out windows of ``seq_len`` tokens from ``pydoc_text("eval")`` scored
             before and after (0: skip).

@@ -133,6 +133,9 @@ def check_arguments(
         raise ValueError(f"lr must be a positive number; got {lr!r}")
     if warmup_steps is not None and (not _is_int(warmup_steps) or warmup_steps < 0):
         raise ValueError(f"warmup_steps must be None (a tenth of steps) or an integer >= 0; got {warmup_steps!r}")
+    if warmup_steps is not None and warmup_steps > steps:  # the rate would never reach lr
+        raise ValueError(f"warmup_steps must be at most steps; got warmup_steps={warmup_steps} with steps={steps}: "
+                         f"the warm-up would end after the last step, short of the peak rate lr")  # fmt: skip
     if not _is_finite(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
     if not _is_finite(max_grad_norm) or not max_grad_norm > 0:

@@ -149,6 +149,8 @@ def test_finetune_bad_arguments(llama, kwargs, match):
     [
         (dict(warmup_steps=-1), "warmup_steps must be None .* or an integer >= 0; got -1"),
         (dict(warmup_steps=2.5), "warmup_steps must be None"),
+        # regression: accepted silently; the schedule then never reached lr (warm-up cut off by the last step)
+        (dict(warmup_steps=13), "warmup_steps must be at most steps; got warmup_steps=13 with steps=12"),
         (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0; got nan"),
         (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number > 0; got nan"),
         (dict(max_grad_norm=0), "max_grad_norm must be a finite number > 0; got 0"),
@@ -175,8 +177,9 @@ def test_bad_training_options_are_refused_before_anything_changes(llama, train, 
     assert train == "linears" or lora.active_adapter(llama) == "b"
 
 
-def test_warmup_steps_zero_starts_at_the_full_learning_rate(llama):
-    result = llmspeed.finetune(llama, TOKENS, train="linears", warmup_steps=0, **{**RUN, "steps": 2})
+@pytest.mark.parametrize("warmup_steps", [0, 2])  # none, and as long as the run (the peak rate at the last step)
+def test_warmup_steps_from_zero_to_steps_are_accepted(llama, warmup_steps):
+    result = llmspeed.finetune(llama, TOKENS, train="linears", warmup_steps=warmup_steps, **{**RUN, "steps": 2})
     assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)
 
 
