@@ -37,15 +37,15 @@ def _fusable(module: Any) -> bool:
     """Whether the C++ step reads this linear: an fp32/bf16 ``nn.Linear`` or a quantized linear (the protocol's
     ``QuantizedLinear``: int8, int4 or NF4 packed buffers described by its ``layout``).
 
-    4-bit groups must split into whole 16-code tiles, and act-order modules (whose input is gathered
-    through ``perm`` first) stay on the generic path.
+    4-bit groups must split into whole 16-code tiles, and act-order and ``hadamard`` modules (whose input is
+    gathered through ``perm`` or rotated first) stay on the generic path.
     """
     if type(module) is nn.Linear:
         return module.weight.dtype in _WEIGHT_DTYPES
     layout = getattr(module, "layout", None)
     if getattr(module, "quant_format", None) not in QUANT_FORMATS or layout is None:
         return False
-    if not module.qweight.is_contiguous() or module.config.act_order:
+    if not module.qweight.is_contiguous() or module.config.act_order or module.config.hadamard:
         return False
     if not layout.four_bit:
         return module.qweight.dtype == torch.int8
@@ -112,6 +112,10 @@ def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = T
             return f"{name} has LoRA adapters the fused step cannot apply: {why}"
         module = module.base_layer
     if not _fusable(module):
+        cfg = getattr(module, "config", None)
+        moved = [k for k in ("hadamard", "act_order") if getattr(cfg, k, False)]
+        if moved:
+            return f"{name} transforms its input before the matmul ({moved[0]}=True), which the fused step does not"
         what = getattr(module, "quant_format", None) or getattr(getattr(module, "weight", None), "dtype", "")
         return f"{name} is {type(module).__name__} ({what}): not an fp32/bf16 nn.Linear or an llmspeed int8/int4/nf4 linear"
     if module.bias is not None and not bias_ok:

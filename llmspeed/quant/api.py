@@ -16,9 +16,10 @@ from ..names import format_name
 from ..protocol import CausalLM, base_linear, is_fake_quantized, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from .embedding import share_tied_embedding, tied_head
+from .hadamard import check_rotatable, rotate, rotated_inputs
 from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import get_method
-from .methods.registry import symmetric_methods
+from .methods.registry import rotating_methods, symmetric_methods
 from .methods.rtn import rtn_weight
 from .modules import QuantizedLinearBase, module_class
 
@@ -67,15 +68,18 @@ def plan_layers(
     include: Sequence[str] | None = None,
     int8_layers: Sequence[str] | None = None,
     lm_head: str | None = DEFAULT_LM_HEAD,
+    hadamard_layers: Sequence[str] | None = None,
 ) -> dict[str, QuantConfig]:
     """Which linear positions ``quantize`` would change, each with its config; raises before anything changes.
 
     Layers matching ``int8_layers`` get :func:`int8_config` of ``config`` instead of ``config``; the output
     head gets the format ``lm_head`` names (``"int8"``, ``config.format``, or ``None``: left in float) unless
-    ``skip`` or ``include`` leave it out.
+    ``skip`` or ``include`` leave it out; int4 layers matching ``hadamard_layers`` get ``hadamard=True``.
     """
-    if isinstance(skip, str) or isinstance(include, str) or isinstance(int8_layers, str):
-        raise ValueError("skip, include and int8_layers must be lists of names or patterns, not a single string")
+    if any(isinstance(p, str) for p in (skip, include, int8_layers, hadamard_layers)):
+        raise ValueError(
+            "skip, include, int8_layers and hadamard_layers must be lists of names or patterns, not a single string"
+        )
     if lm_head not in (None, "int8", config.format):
         raise ValueError(
             f"lm_head must be None (float), 'int8' or the model's format {config.format!r}; got {lm_head!r}"
@@ -124,7 +128,27 @@ def plan_layers(
         plan[name] = int8_config(config) if int8 else config
     if not plan:
         raise ValueError("skip/include leave no linear layer to quantize")
+    if hadamard_layers:
+        _check_patterns(model, "hadamard_layers", hadamard_layers)
+        plan = _with_hadamard(model, plan, hadamard_layers)
     return plan
+
+
+def _with_hadamard(model: CausalLM, plan: dict[str, QuantConfig], patterns: Sequence[str]) -> dict[str, QuantConfig]:
+    """``plan`` with ``hadamard=True`` on the planned layers matching ``patterns`` (int4 ones only)."""
+    layers = dict(model.linear_layers())
+    out = dict(plan)
+    for name, cfg in plan.items():
+        if not _matches(name, patterns):
+            continue
+        if cfg.format != "int4":
+            raise ValueError(
+                f"hadamard_layers rotates int4 layers; layer {name!r} would be {cfg.format} (the format, "
+                f"int8_layers or lm_head): leave it out of hadamard_layers"
+            )
+        check_rotatable(name, layers[name].in_features, cfg.group_size)
+        out[name] = replace(cfg, hadamard=True)
+    return out
 
 
 def int8_config(config: QuantConfig) -> QuantConfig:
@@ -160,6 +184,7 @@ def quantize(
     activations: str = "float",
     share_embedding: bool | None = None,
     lm_head: str | None = DEFAULT_LM_HEAD,
+    hadamard_layers: Sequence[str] | None = None,
 ) -> CausalLM:
     """Quantize ``model``'s linear layers in place and return the model.
 
@@ -195,6 +220,13 @@ def quantize(
             llama.cpp keeps its output tensor at 6 to 8 bits; docs/quantization.md measures it within 0.5%
             perplexity of the float head), the model's own format (``"int4"`` for an int4 model), or ``None``
             to leave it in float (what transformers' bitsandbytes and AutoGPTQ do).
+        hadamard_layers: int4 only: names or ``fnmatch`` patterns of layers quantized in a rotated basis: each
+            group of input columns is multiplied by the group's Hadamard matrix before quantizing, and the
+            layer rotates its input the same way before every matmul (``QuantConfig.hadamard``,
+            :mod:`llmspeed.quant.hadamard`; QuaRot's online rotation of the down projections' input, kept
+            inside each scale group). :data:`SENSITIVE` is where docs/calibration.md measured it to pay, on
+            text unlike the calibration's. Per-weight methods and ``"gptq"`` take it; the layers stay on the
+            generic path of the fused CPU decode step and cannot be exported to compressed-tensors.
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
@@ -226,7 +258,13 @@ def quantize(
         raise ValueError(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"
         )
-    plan = plan_layers(model, config, skip, include, int8_layers, lm_head)
+    plan = plan_layers(model, config, skip, include, int8_layers, lm_head, hadamard_layers)
+    rotated = [name for name, c in plan.items() if c.hadamard]
+    if rotated and entry.model is not None and not entry.rotates:
+        raise ValueError(
+            f"hadamard_layers needs a method that quantizes rotated layers: a per-weight one or one of "
+            f"{rotating_methods()}; method={method!r} folds scales into other layers in the unrotated basis"
+        )
     heads = set(_output_head(model))
     if share_embedding not in (None, True, False):
         raise ValueError(f"share_embedding must be None, True or False; got {share_embedding!r}")
@@ -249,7 +287,8 @@ def quantize(
                 if name in heads and layer_config.format != config.format:  # an int8 head: rounded, as the
                     qw = rtn_weight(linear.weight, layer_config)  # calibrated methods round it (round_outside)
                 else:
-                    qw = entry.weight(linear.weight, layer_config, **options)
+                    weight = rotate(linear.weight.detach(), config.group_size) if layer_config.hadamard else linear.weight
+                    qw = entry.weight(weight, layer_config, **options)
                 bias = None if linear.bias is None else linear.bias.detach()
                 new = module_class(layer_config.format).from_codes(
                     qw.codes, qw.scales, qw.zeros, config=layer_config, bias=bias, in_features=linear.in_features
@@ -259,7 +298,8 @@ def quantize(
                 model.replace_linear(name, new)
         else:
             assert entry.model is not None  # a Method has exactly one of weight and model
-            built = entry.model(model, plan, calibration, **options)
+            with rotated_inputs([cast(nn.Linear, snapshot[n]) for n in rotated], cast(int, config.group_size)):
+                built = entry.model(model, plan, calibration, **options)
             modules = {n: m for n, m in built.items() if not isinstance(m, torch.Tensor)}
             missing = set(plan) - set(modules)
             if missing or not all(isinstance(m, QuantizedLinearBase) for m in modules.values()):

@@ -245,6 +245,10 @@ def split_plan(model: CausalLM, plan: dict[str, Any]) -> tuple[list[dict[str, st
     return per_layer, outside
 
 
+def _kind(config: Any) -> str:
+    return config.format + (" hadamard" if getattr(config, "hadamard", False) else "")
+
+
 PROBE_TOKENS = 16  # tokens of the one window that finds which linears share an input
 
 
@@ -301,8 +305,9 @@ def quantize_layer(
     for members in groups.values():
         if len({plan[names[n]] for n in members}) > 1:
             raise ValueError(
-                f"linears fed one input are quantized together, so they need one format; got "
-                f"{ {names[n]: plan[names[n]].format for n in members} }: list all of them in int8_layers or none"
+                f"linears fed one input are quantized together, so they need one format and rotation; got "
+                f"{ {names[n]: _kind(plan[names[n]]) for n in members} }: list all of them in int8_layers "
+                f"(hadamard_layers) or none"
             )
     params = {
         f"{rel}.weight": cast(torch.Tensor, layer.get_submodule(rel).weight).detach().clone() for rel in names

@@ -47,6 +47,11 @@ class QuantConfig:
         act_order: int4 only: the packed input columns are a permutation of the layer's (a GPTQ
             ``desc_act`` checkpoint whose ``g_idx`` groups columns out of order); the module holds
             ``perm`` int64 ``[in]`` and gathers its input through it before the kernel.
+        hadamard: int4 only: the packed weight is the layer's with every group of input columns
+            multiplied by the group's Hadamard matrix (:mod:`llmspeed.quant.hadamard`), and forward
+            rotates its input the same way before the kernel: the same function, quantized in a basis where
+            no input channel stands alone in its group. Needs a power-of-two ``group_size`` dividing
+            ``in_features``; not with ``act_order``.
         activations: ``"float"`` (default): the layer multiplies its input as given. ``"int8"``: dynamic
             int8 activations, as llama.cpp's Q8_0 activations and torchao's dynamic-activation configs:
             every block of :data:`ACT_BLOCK` input channels of each row is rounded to 255 levels of its
@@ -62,6 +67,7 @@ class QuantConfig:
     symmetric: bool | None = None
     act_order: bool = False
     activations: str = "float"
+    hadamard: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -95,6 +101,13 @@ class QuantConfig:
             raise ValueError(f"act_order must be a bool; got {self.act_order!r}")
         if self.act_order and self.format != "int4":
             raise ValueError(f"act_order (permuted input columns) is only defined for int4; got {self.format!r}")
+        if not isinstance(self.hadamard, bool):
+            raise ValueError(f"hadamard must be a bool; got {self.hadamard!r}")
+        if self.hadamard and (self.format != "int4" or self.act_order or g is None or g & (g - 1)):
+            raise ValueError(
+                "hadamard (inputs rotated within each group) needs format='int4' with a power-of-two group_size "
+                f"and no act_order; got format={self.format!r}, group_size={g}, act_order={self.act_order}"
+            )
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {list(ACTIVATIONS)}; got {self.activations!r}")
         for name in ("method", "kernel"):
@@ -102,15 +115,20 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a name (str); got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict (what safetensors metadata stores)."""
-        return asdict(self)
+        """A JSON-serializable dict (what safetensors metadata stores); ``hadamard`` only when set, so files
+        without it read as before in older versions."""
+        out = asdict(self)
+        if not self.hadamard:
+            del out["hadamard"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         """Rebuild a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
         if not isinstance(data, dict):
             raise ValueError(f"quantization config must be a dict; got {type(data).__name__}")
-        known = {"format", "group_size", "double_quant", "method", "kernel", "symmetric", "act_order", "activations"}
+        known = {"format", "group_size", "double_quant", "method", "kernel", "symmetric", "act_order", "activations",
+                 "hadamard"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(

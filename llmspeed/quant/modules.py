@@ -18,6 +18,7 @@ from torch import nn
 
 from . import primitives as P
 from .config import QuantConfig
+from .hadamard import rotate
 from .kernels import check_kernel_name, select
 from .kernels.cpp import quantize_activations as cpp_round
 from .kernels.tuning import rows_bucket
@@ -65,11 +66,17 @@ class QuantizedLinearBase(nn.Module):
         check_kernel_name(config.kernel, config.format)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
+        if config.hadamard and self.in_features % config.group_size:
+            raise ValueError(
+                f"hadamard needs group_size to divide in_features (no padded group); got in_features="
+                f"{self.in_features}, group_size={config.group_size}"
+            )
         self.config = config
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._permuted = config.act_order  # Int4Linear registers ``perm`` [in] when set
+        self._rotated = config.hadamard  # inputs rotated within groups (hadamard.rotate) before the kernel
         self._int8_activations = config.activations == "int8"
         self._kernels: dict[tuple, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {}  # (dtype, device, rows bucket) -> (bound kernel, any leading dims)
         self._kernel_state: dict[tuple, object] = {}  # (kernel name, device) -> prepared tensors
@@ -104,7 +111,8 @@ class QuantizedLinearBase(nn.Module):
                 f"method {config.method!r} quantizes whole models; call llmspeed.quantize(model, ..., "
                 f"method={config.method!r}, calibration=...) instead of from_linear"
             )
-        qw = method.weight(linear.weight, config)
+        weight = rotate(linear.weight.detach(), config.group_size) if config.hadamard else linear.weight
+        qw = method.weight(weight, config)
         bias = None if linear.bias is None else linear.bias.detach()
         module = cls.from_codes(
             qw.codes, qw.scales, qw.zeros, config=config, bias=bias, in_features=linear.in_features
@@ -135,6 +143,8 @@ class QuantizedLinearBase(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # (QLoRA: bf16 compute over the 4-bit base)
         if self._permuted:  # GPTQ act-order: packed column j holds input column perm[j]
             x = x.index_select(-1, self.perm)  # [..., in]
+        if self._rotated:  # the packed weight is rotate(W): rotate x the same way
+            x = rotate(x, self.layout.group)  # [..., in]
         if self._int8_activations:  # dynamic int8 activations; straight-through gradient
             q = cpp_round(x)  # one C++ pass where it applies (contiguous fp32 on the CPU), else None
             q = P.quantize_activations(x) if q is None else q  # [..., in]
@@ -197,6 +207,7 @@ class QuantizedLinearBase(nn.Module):
         dq = ", double_quant=True" if c.double_quant else ""
         dq += ", symmetric=True" if c.symmetric and c.format == "int4" else ""
         dq += ", act_order=True" if c.act_order else ""
+        dq += ", hadamard=True" if c.hadamard else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={c.format}{g}{dq}, "
             f"method={c.method}, kernel={c.kernel}, bias={self.bias is not None}"
@@ -329,12 +340,14 @@ class Int4Linear(_Packed4Bit):
         return m
 
     def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        """``[r, in]``: the weight with its columns in packed order (``perm`` not undone)."""
+        """``[r, in]``: the weight with its columns in packed order (``perm`` and ``hadamard`` not undone)."""
         w = P.dequantize_int4(self.codes(rows), self.scales[rows].float(), self.zeros[rows].float(), self.config.group_size)
         return w[:, : self.in_features].to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
         w = self.packed_dequantize(dtype, rows)  # [r, in] packed column order
+        if self._rotated:  # the rotation is its own inverse
+            return rotate(w.float(), self.layout.group).to(dtype)
         if not self._permuted:
             return w
         return torch.empty_like(w).index_copy_(1, self.perm, w)  # column perm[j] <- packed column j

@@ -69,6 +69,11 @@ def _refusal(name: str, module: nn.Module) -> str | None:
         return (
             f"layer {name!r} has permuted input columns (a GPTQ desc_act checkpoint); keep format='llmspeed'"
         )
+    if cfg.hadamard:
+        return (
+            f"layer {name!r} is quantized in a Hadamard-rotated basis (hadamard_layers), which this export does "
+            f"not describe; keep format='llmspeed'"
+        )
     if cfg.activations != "float":
         return (
             f"layer {name!r} has activations={cfg.activations!r} (llmspeed's dynamic int8 activations in blocks of "

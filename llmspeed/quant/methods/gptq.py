@@ -465,4 +465,4 @@ def round_outside(model, plan: dict) -> dict:
     return built
 
 
-register_method("gptq", model=gptq_model, symmetric=True)
+register_method("gptq", model=gptq_model, symmetric=True, rotates=True)

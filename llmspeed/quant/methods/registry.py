@@ -39,6 +39,7 @@ class Method:
     model: Callable[..., dict[str, Any]] | None = None
     needs_calibration: bool = False
     symmetric: bool = False  # honours QuantConfig.symmetric for int4 (fits no zero points of its own)
+    rotates: bool = False  # a model method that quantizes layers with QuantConfig.hadamard (per-weight ones all do)
 
     def __post_init__(self) -> None:
         if (self.weight is None) == (self.model is None):
@@ -55,16 +56,18 @@ def register_method(
     model: Callable[..., dict[str, Any]] | None = None,
     needs_calibration: bool = False,
     symmetric: bool = False,
+    rotates: bool = False,
 ) -> Method:
     """Register (or replace) method ``name``; see the module docstring for the two function kinds.
 
     ``name`` is identifier-like, or such names joined by ``+`` for a composition (``"awq+gptq"``).
     ``symmetric``: the method honours ``QuantConfig.symmetric`` for int4 (``quantize`` refuses
-    ``symmetric=True`` with the others).
+    ``symmetric=True`` with the others). ``rotates``: a model method that quantizes layers whose config has
+    ``hadamard`` (``quantize`` rotates their weights and inputs while it runs, :mod:`llmspeed.quant.hadamard`).
     """
     if not isinstance(name, str) or not all(part.isidentifier() for part in name.split("+")):
         raise ValueError(f"name must be identifier-like (parts joined by '+' allowed); got {name!r}")
-    method = Method(name, weight, model, needs_calibration, symmetric)
+    method = Method(name, weight, model, needs_calibration, symmetric, rotates)
     METHODS[name] = method
     return method
 
@@ -72,6 +75,11 @@ def register_method(
 def symmetric_methods() -> list[str]:
     """Names of the registered methods that honour ``symmetric=True`` for int4."""
     return sorted(name for name, method in METHODS.items() if method.symmetric)
+
+
+def rotating_methods() -> list[str]:
+    """Names of the registered methods that quantize layers with ``hadamard`` (per-weight ones and ``rotates``)."""
+    return sorted(name for name, method in METHODS.items() if method.weight is not None or method.rotates)
 
 
 def check_options(kind: type, accepted: str = "", ok: Callable[[Any], bool] = lambda v: True, **values: Any) -> None:

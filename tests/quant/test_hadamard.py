@@ -1,0 +1,224 @@
+"""``hadamard_layers``: int4 layers quantized in a Hadamard-rotated basis; the same function, restored on failure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmspeed
+from llmspeed.protocol import base_linear
+from llmspeed.quant import SENSITIVE, Int4Linear, QuantConfig
+from llmspeed.quant.hadamard import hadamard, rotate, rotated_inputs
+from llmspeed.quant.methods.rtn import rtn_weight
+
+OPTS = dict(seq_len=32, n_sequences=16, progress=False)
+DOWN = list(SENSITIVE)
+
+
+def _tokens(n: int = 16, t: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, t), generator=g)  # [n, t]
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model.module(input_ids=tokens, use_cache=False).logits  # [b, T, vocab]
+
+
+def _quantized(method: str, hadamard_layers=DOWN, group: int = 32):
+    model = llmspeed.models.tiny("llama", seed=0)
+    calibrated = method == "gptq"
+    llmspeed.quantize(
+        model,
+        "int4",
+        group,
+        method=method,
+        calibration=_tokens() if calibrated else None,
+        method_options=OPTS if calibrated else None,
+        hadamard_layers=hadamard_layers,
+    )
+    return model
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 64, 128])
+def test_hadamard_is_symmetric_and_orthonormal(n):
+    h = hadamard(n, torch.float64)
+    assert torch.equal(h, h.T)
+    torch.testing.assert_close(h @ h, torch.eye(n, dtype=torch.float64))
+    torch.testing.assert_close(h.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [0, 3, 48, True, 2.0])
+def test_hadamard_size_must_be_a_power_of_two(n):
+    with pytest.raises(ValueError, match="n must be a power of two"):
+        hadamard(n)
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 6), log_group=st.integers(1, 6), out=st.integers(1, 9), rows=st.integers(1, 5),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_rotating_input_and_weight_keeps_the_product(groups, log_group, out, rows, seed):
+    g = 2**log_group
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, groups * g, generator=gen, dtype=torch.float64)  # [r, in]
+    w = torch.randn(out, groups * g, generator=gen, dtype=torch.float64)  # [out, in]
+    torch.testing.assert_close(rotate(x, g) @ rotate(w, g).T, x @ w.T)
+    torch.testing.assert_close(rotate(rotate(x, g), g), x)  # its own inverse
+
+
+def test_module_packs_the_rotated_weight_and_its_forward_is_the_layers_function():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 24, bias=True)
+    config = QuantConfig("int4", 32, hadamard=True)
+    module = Int4Linear.from_linear(linear, config)
+    # the codes are round-to-nearest of the rotated weight, bit for bit
+    qw = rtn_weight(rotate(linear.weight.detach(), 32), config)
+    plain = Int4Linear.from_codes(qw.codes, qw.scales, qw.zeros, config=QuantConfig("int4", 32), in_features=128)
+    assert torch.equal(module.qweight, plain.qweight) and torch.equal(module.scales, plain.scales)
+    assert torch.equal(module.packed_dequantize(), plain.dequantize())
+    torch.testing.assert_close(module.dequantize(), rotate(plain.dequantize(), 32))
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(module(x), F.linear(x, module.dequantize(), linear.bias), rtol=1e-4, atol=1e-4)
+    # and the rotation is what made the function right: the stored weight read unrotated is another function
+    assert not torch.allclose(module(x), F.linear(x, module.packed_dequantize(), linear.bias), atol=1e-2)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq", "gptq"])
+def test_quantize_rotates_only_the_named_layers_and_keeps_the_function(method, tmp_path):
+    x = _tokens(2, 32, seed=5)  # held out
+    ref = _logits(llmspeed.models.tiny("llama", seed=0), x)
+    model, plain = _quantized(method), _quantized(method, None)
+    for name, module in model.linear_layers():
+        if name != "lm_head":
+            assert module.config.hadamard == name.endswith("down_proj"), name
+    err = {k: float((_logits(m, x) - ref).norm() / ref.norm()) for k, m in (("rotated", model), ("plain", plain))}
+    # the same function up to 4-bit rounding: a layer read in the wrong basis would be an error of order 1
+    assert err["rotated"] < 0.15 and err["rotated"] < 2 * err["plain"], err
+    llmspeed.save(model, tmp_path / "q")
+    loaded = llmspeed.load(tmp_path / "q")
+    assert dict(loaded.linear_layers())["model.layers.0.mlp.down_proj"].config.hadamard
+    assert not dict(loaded.linear_layers())["model.layers.0.mlp.up_proj"].config.hadamard
+    torch.testing.assert_close(_logits(loaded, x), _logits(model, x))
+
+
+def test_the_config_file_carries_hadamard_only_when_set():
+    assert "hadamard" not in QuantConfig("int4", 64).to_dict()
+    config = QuantConfig("int4", 64, hadamard=True)
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_generator_runs_rotated_layers_on_the_generic_path_with_the_models_tokens():
+    model = _quantized("rtn")
+    gen = llmspeed.Generator(model, progress=False)
+    assert "hadamard" in gen.fused_decode_status
+    prompt = [5, 17, 42, 7]
+    out = gen.generate_batched([prompt], llmspeed.SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    ids = torch.tensor([prompt])
+    for _ in range(6):  # greedy with the model's own forward
+        ids = torch.cat([ids, _logits(model, ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert list(out.token_ids) == ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.filterwarnings("ignore:merging adapter")
+def test_a_merged_adapter_stays_in_the_rotated_basis():
+    x = _tokens(2, 16, seed=3)
+    err = {}
+    for kind, layers in (("rotated", DOWN), ("plain", None)):
+        model = _quantized("rtn", layers)
+        torch.manual_seed(0)
+        llmspeed.lora.add_adapter(model, "a", r=4, targets=["down_proj"], init="random")
+        before = _logits(model, x)
+        llmspeed.lora.merge(model, "a")
+        down = base_linear(dict(model.linear_layers())["model.layers.0.mlp.down_proj"])
+        assert isinstance(down, Int4Linear) and down.config.hadamard == (layers is not None)
+        err[kind] = float((_logits(model, x) - before).norm() / before.norm())
+    # re-quantizing costs about what it costs without the rotation; in the wrong basis it would be of order 1
+    assert err["rotated"] < 0.15 and err["rotated"] < 2 * err["plain"], err
+
+
+def test_the_float_layers_are_restored_when_the_rotated_pass_fails():
+    linears = [torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)]
+    weights = [lin.weight.detach().clone() for lin in linears]
+    x = torch.randn(3, 64)
+    expected = [lin(x) for lin in linears]
+    with pytest.raises(RuntimeError, match="midway"):
+        with rotated_inputs(linears, 32):
+            torch.testing.assert_close(linears[0](x), expected[0], rtol=1e-5, atol=1e-5)  # same function inside
+            raise RuntimeError("midway")
+    for lin, w, y in zip(linears, weights, expected):
+        assert torch.equal(lin.weight, w) and not lin._forward_pre_hooks
+        assert torch.equal(lin(x), y)
+
+
+def test_gptq_failing_midway_leaves_the_float_model_as_it_was(monkeypatch):
+    import llmspeed.quant.methods.gptq as gptq
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    layers = dict(model.linear_layers())
+    weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    real = gptq.gptq_quantize
+    monkeypatch.setattr(gptq, "gptq_quantize", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        llmspeed.quantize(model, "int4", 32, method="gptq", calibration=_tokens(), method_options=OPTS,
+                          hadamard_layers=DOWN)  # fmt: skip
+    for name, module in model.linear_layers():
+        assert module is layers[name], name
+        assert torch.equal(module.weight, weights[name]) and not module._forward_pre_hooks, name
+
+
+@pytest.mark.parametrize(
+    "fmt,group,method,kwargs,match",
+    [
+        ("nf4", 32, "rtn", {}, "hadamard_layers rotates int4 layers"),
+        ("int4", 32, "rtn", {"int8_layers": DOWN}, "would be int8"),
+        ("int4", 32, "awq", {}, "hadamard_layers needs a method that quantizes rotated layers"),
+        ("int4", 32, "awq+gptq", {}, r"\['gptq', 'hqq', 'rtn'\]"),
+        ("int4", 48, "rtn", {}, "power-of-two group_size that divides in_features"),
+        ("int4", 256, "rtn", {}, "group_size=256 is larger than in_features"),
+    ],
+)
+def test_bad_hadamard_layers_raise_before_anything_changes(fmt, group, method, kwargs, match):
+    model = llmspeed.models.tiny("llama", seed=0)
+    layers = dict(model.linear_layers())
+    weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+    calibrated = method != "rtn"
+    with pytest.raises(ValueError, match=match):
+        llmspeed.quantize(model, fmt, group, method=method, calibration=_tokens() if calibrated else None,
+                          method_options=OPTS if calibrated else None, hadamard_layers=DOWN, **kwargs)  # fmt: skip
+    assert all(m is layers[n] and torch.equal(m.weight, weights[n]) for n, m in model.linear_layers())
+
+
+@pytest.mark.parametrize("value,match", [("*.mlp.down_proj", "not a single string"),
+                                         (["*.nothing"], "hadamard_layers pattern")])  # fmt: skip
+def test_bad_hadamard_patterns_are_named(value, match):
+    model = llmspeed.models.tiny("llama", seed=0)
+    with pytest.raises(ValueError, match=match):
+        llmspeed.quantize(model, "int4", 32, hadamard_layers=value)
+    assert not any(isinstance(m, Int4Linear) for _, m in model.linear_layers())
+
+
+@pytest.mark.parametrize("kwargs", [dict(format="nf4", group_size=32), dict(format="int4", group_size=None),
+                                    dict(format="int4", group_size=24), dict(format="int4", act_order=True),
+                                    dict(format="int4", hadamard=1)])  # fmt: skip
+def test_config_refuses_hadamard_where_it_cannot_apply(kwargs):
+    kwargs.setdefault("hadamard", True)
+    with pytest.raises(ValueError, match="hadamard"):
+        QuantConfig(**kwargs)
+
+
+def test_compressed_tensors_export_refuses_rotated_layers(tmp_path):
+    model = _quantized("rtn")
+    with pytest.raises(ValueError, match="Hadamard-rotated basis"):
+        llmspeed.save(model, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct" / "model.safetensors").exists()
