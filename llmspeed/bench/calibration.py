@@ -5,7 +5,8 @@ Rows: fp32 (the baseline of every row), then round-to-nearest, HQQ, GPTQ, AWQ an
 g64 and g128, the calibrated methods at NF4 g64, int8 round-to-nearest, GPTQ int4 g64 calibrated
 on the pydoc text alone (the default before the calibration mix), AWQ+GPTQ int4 g64 with
 ``damp=0.1``, and GPTQ and AWQ+GPTQ int4 at every group size with the MLP down projections at int8
-(``int8_layers=SENSITIVE``), and round-to-nearest (every group size) and AWQ+GPTQ int4 g64 with int8
+(``int8_layers=SENSITIVE``), and round-to-nearest and GPTQ int4 at every group size with the down
+projections quantized in a Hadamard-rotated basis (``hadamard_layers=SENSITIVE``), and round-to-nearest (every group size) and AWQ+GPTQ int4 g64 with int8
 activations (``activations="int8"``), and the calibrated int4 rows without the least-squares scale
 refit (``"no refit"``, ``refit_scales=False``), and GPTQ and AWQ+GPTQ int4 fitted to their own float
 weights instead of the float model's output (``"no float targets"``, ``float_targets=False``; GPTQ also
@@ -69,6 +70,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
         "method_options": {"float_targets": False},
     },
     "int8 down_proj": {"int8_layers": ["*.mlp.down_proj"]},
+    "hadamard down_proj": {"hadamard_layers": ["*.mlp.down_proj"]},  # down_proj's input rotated within groups
     "int8 activations": {"activations": "int8"},
     "int8 lm_head": {"lm_head": "int8"},  # the output head (and tied embedding) at int8: quantize's default
     "fp32 lm_head": {"lm_head": None},  # the output head left in float
@@ -102,6 +104,7 @@ def configurations(
         rows += [("int4", g, m, "mix", "-") for m in CALIBRATED]
         rows += [("int4", g, "rtn", "-", "int8 activations")]
         rows += [("int4", g, m, "mix", "int8 down_proj") for m in ("gptq", "awq+gptq")]
+        rows += [("int4", g, "rtn", "-", "hadamard down_proj"), ("int4", g, "gptq", "mix", "hadamard down_proj")]
         rows += [("int4", g, "rtn", "-", "fp32 lm_head")]
         rows += [("int4", g, m, "mix", "no refit") for m in CALIBRATED]
         rows += [("int4", g, m, "mix", "no float targets") for m in ("gptq", "awq+gptq")]

@@ -63,12 +63,14 @@ enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 // lora: empty, or (A, B) stacks (see LoraTerm) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 // amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
+// flags: empty, or uint8 [layers * 7 + 1], per matrix then the head: 1 reads its input as int8 codes, 2 (down
+// projections only) its input is rotated within its groups first (hadamard_groups).
 // Called with the GIL released (decode_step, greedy_steps).
 static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& slots, const at::Tensor& blocks,
                             const at::Tensor& context, const at::Tensor& cos, const at::Tensor& sin,
                             const at::Tensor& norm, int64_t num_heads, double eps, double scale,
-                            const at::Tensor& adapter_slot, int64_t amx_rows, const at::Tensor& act8,
+                            const at::Tensor& adapter_slot, int64_t amx_rows, const at::Tensor& flags,
                             const at::Tensor& logit_rows) {
   const auto set = held(handle);
   const std::vector<at::Tensor>& weights = set->weights;
@@ -97,9 +99,11 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
   TORCH_CHECK(!has_lora || (adapter_slot.scalar_type() == at::kLong && adapter_slot.is_contiguous() &&
                             adapter_slot.numel() == n), "fused decode: adapter_slot must be int64 [n]");
   const int64_t* slot_of = has_lora ? adapter_slot.data_ptr<int64_t>() : nullptr;
-  TORCH_CHECK(act8.numel() == 0 || (act8.scalar_type() == at::kBool && act8.is_contiguous() && act8.numel() == layers * 7 + 1),
-              "fused decode: act8 must be empty or bool [layers * 7 + 1]");
-  const bool* int8_acts = act8.numel() ? act8.data_ptr<bool>() : nullptr;
+  TORCH_CHECK(flags.numel() == 0 || (flags.scalar_type() == at::kByte && flags.is_contiguous() && flags.numel() == layers * 7 + 1),
+              "fused decode: flags must be empty or uint8 [layers * 7 + 1]");
+  const uint8_t* flag = flags.numel() ? flags.data_ptr<uint8_t>() : nullptr;
+  auto int8_act = [&](int64_t i) { return flag && (flag[i] & 1); };  // the matrix reads its input as int8 codes
+  auto rotated = [&](int64_t i) { return flag && (flag[i] & 2); };   // ... rotated within groups (down only)
   TORCH_CHECK(logit_rows.numel() == 0 || (logit_rows.scalar_type() == at::kLong && logit_rows.is_contiguous()),
               "fused decode: logit_rows must be empty or int64");
   for (int64_t i = 1; i < logit_rows.numel(); ++i)
@@ -123,7 +127,7 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
                     l, " matrix ", j, " has ", w[FIRST_MATRIX + 3 * j].size(0), " rows, expected ", rows[j]);
       auto mat = [&](Matrix j, const at::Tensor& bias, float* y) {
         const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
-        return linear(m[0], m[1], m[2], bias, y, int8_acts && int8_acts[l * 7 + j]);
+        return linear(m[0], m[1], m[2], bias, y, int8_act(l * 7 + j));
       };
       auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
       // a GEMV group and, with adapters, its LoRA deltas: the rank products (inside the group's loop for one row,
@@ -166,6 +170,12 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
       group(x.data(), E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())},
             {term(GATE, gate.data()), term(UP, up.data())});
       silu_mul(gate.data(), up.data(), n * I);
+      if (rotated(l * 7 + DOWN)) {  // the down weight is packed in the rotated basis: rotate its input to match
+        const at::Tensor& scales = w[FIRST_MATRIX + 3 * DOWN + 1];
+        TORCH_CHECK(scales.dim() == 2 && scales.size(1) > 0 && I % scales.size(1) == 0, "fused decode: layer ", l,
+                    " has a rotated down projection without group scales");
+        hadamard_groups(gate.data(), n, I, I / scales.size(1));
+      }
       group(gate.data(), I, {mat(DOWN, at::Tensor(), tmp.data())}, {term(DOWN, tmp.data())});
       add_into_h();
     }
@@ -183,7 +193,7 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
     TORCH_CHECK(lm_head.size() == 3, "fused decode: lm_head is (weight, scale, zero)");
     logits = at::empty({r, lm_head[0].size(0)}, hidden.options());
     gemv_group(x.data(), r, E, {linear(lm_head[0], lm_head[1], lm_head[2], at::Tensor(), logits.data_ptr<float>(),
-                                       int8_acts && int8_acts[layers * 7])}, amx_rows);
+                                       int8_act(layers * 7))}, amx_rows);
   };
   // steps of a few rows without tiles keep their threads for the whole step (step_team.h), their LoRA deltas included
   const bool team = llmspeed_team::available() && g_step_team && n < TEAM_ROWS &&
@@ -200,10 +210,10 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
 at::Tensor decode_step(at::Tensor hidden, int64_t handle, at::Tensor key_cache, at::Tensor value_cache,
                        at::Tensor slots, at::Tensor blocks, at::Tensor context, at::Tensor cos, at::Tensor sin,
                        at::Tensor norm, int64_t num_heads, double eps, double scale, at::Tensor adapter_slot,
-                       int64_t amx_rows, at::Tensor act8, at::Tensor logit_rows) {
+                       int64_t amx_rows, at::Tensor flags, at::Tensor logit_rows) {
   pybind11::gil_scoped_release no_gil;
   return step_rows(hidden, handle, key_cache, value_cache, slots, blocks, context, cos, sin, norm, num_heads, eps,
-                   scale, adapter_slot, amx_rows, act8, logit_rows);
+                   scale, adapter_slot, amx_rows, flags, logit_rows);
 }
 
 namespace {
@@ -263,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_steps(
     at::Tensor ids, int64_t handle, at::Tensor key_cache, at::Tensor value_cache, at::Tensor blocks,
     at::Tensor positions, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor embed, at::Tensor embed_scale,
     at::Tensor embed_zero, int64_t embed_group, at::Tensor norm, int64_t num_heads, double eps, double scale,
-    at::Tensor adapter_slot, int64_t amx_rows, at::Tensor act8, int64_t steps) {
+    at::Tensor adapter_slot, int64_t amx_rows, at::Tensor flags, int64_t steps) {
   pybind11::gil_scoped_release no_gil;
   const auto start = std::chrono::steady_clock::now();
   for (const auto* t : {&ids, &positions, &blocks})
@@ -299,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_steps(
       context.data_ptr<int64_t>()[i] = p + 1;
     }
     const at::Tensor logits = step_rows(hidden, handle, key_cache, value_cache, slots, blocks, context, cos, sin,
-                                        norm, num_heads, eps, scale, adapter_slot, amx_rows, act8, every);  // [n, V]
+                                        norm, num_heads, eps, scale, adapter_slot, amx_rows, flags, every);  // [n, V]
     const int64_t V = logits.size(1);
     for (int64_t i = 0; i < n; ++i) cur[i] = tokens.data_ptr<int64_t>()[s * n + i] = argmax(logits.data_ptr<float>() + i * V, V);
     known.data_ptr<double>()[s] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

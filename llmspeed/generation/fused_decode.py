@@ -221,7 +221,7 @@ class FusedDecode:
                 snap.num_heads, snap.eps, snap.scaling,
                 snap.adapter_slots(slot_names),
                 self.amx_rows,
-                snap.act8,
+                snap.flags,
                 _EMPTY_ROWS if decode else torch.tensor(step.rows),  # [r]: the sampled rows' logits only
             )  # fmt: skip
 
@@ -270,7 +270,7 @@ class FusedDecode:
                 snap.num_heads, snap.eps, snap.scaling,
                 snap.adapter_slots(names),
                 self.amx_rows,
-                snap.act8,
+                snap.flags,
                 steps,
             )  # fmt: skip  # [steps, n] int64, [steps] seconds since start
         return tokens.tolist(), [start + t for t in known.tolist()]

@@ -33,28 +33,31 @@ QUANT_FORMATS = ("int8", "int4", "nf4")
 TILE = 16  # 4-bit codes the C++ tile decodes at once (the quantization kernel's q4_tile)
 
 
-def _fusable(module: Any) -> bool:
+def _fusable(module: Any, rotated_ok: bool = False) -> bool:
     """Whether the C++ step reads this linear: an fp32/bf16 ``nn.Linear`` or a quantized linear (the protocol's
     ``QuantizedLinear``: int8, int4 or NF4 packed buffers described by its ``layout``).
 
-    4-bit groups must split into whole 16-code tiles, and act-order and ``hadamard`` modules (whose input is
-    gathered through ``perm`` or rotated first) stay on the generic path.
+    4-bit groups must split into whole 16-code tiles, and act-order modules (whose input is gathered through
+    ``perm`` first) stay on the generic path; ``hadamard`` ones (input rotated within groups) only where
+    ``rotated_ok`` (the down projections: the step rotates ``SiLU(gate) * up`` in place).
     """
     if type(module) is nn.Linear:
         return module.weight.dtype in _WEIGHT_DTYPES
     layout = getattr(module, "layout", None)
     if getattr(module, "quant_format", None) not in QUANT_FORMATS or layout is None:
         return False
-    if not module.qweight.is_contiguous() or module.config.act_order or module.config.hadamard:
+    if not module.qweight.is_contiguous() or module.config.act_order or (module.config.hadamard and not rotated_ok):
         return False
     if not layout.four_bit:
         return module.qweight.dtype == torch.int8
     return module.qweight.dtype == torch.uint8 and layout.tiles_of(TILE)
 
 
-def _int8_activations(module: Any) -> bool:
-    """Whether a linear :func:`_fusable` accepts reads its input as int8 codes (``QuantConfig.activations``)."""
-    return getattr(getattr(module, "config", None), "activations", "float") == "int8"
+def _flags(module: Any) -> int:
+    """What the step does to a linear's input, as decode_cpu.cpp reads it: 1 int8 codes
+    (``QuantConfig.activations``), 2 rotated within groups (``QuantConfig.hadamard``)."""
+    config = getattr(module, "config", None)
+    return (getattr(config, "activations", "float") == "int8") + 2 * bool(getattr(config, "hadamard", False))
 
 
 def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -105,13 +108,14 @@ def embedding_dtype(module: Any) -> torch.dtype | None:
     return reference.dtype if isinstance(reference, torch.Tensor) else None
 
 
-def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = True) -> str | None:
+def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = True, rotated_ok: bool = False) -> str | None:
     if lora_ok and fused_lora.is_lora(module):
         why = fused_lora.unfusable_reason(module)
         if why is not None:
             return f"{name} has LoRA adapters the fused step cannot apply: {why}"
         module = module.base_layer
-    if not _fusable(module):
+        rotated_ok = False  # the adapters' A would have to be rotated too
+    if not _fusable(module, rotated_ok):
         cfg = getattr(module, "config", None)
         moved = [k for k in ("hadamard", "act_order") if getattr(cfg, k, False)]
         if moved:
@@ -169,7 +173,8 @@ def unsupported(model) -> str | None:
             if reason:
                 return reason
         for name in ("gate_proj", "up_proj", "down_proj"):
-            reason = _check_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False)
+            reason = _check_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False,
+                                   rotated_ok=name == "down_proj")
             if reason:
                 return reason
     return None
@@ -223,7 +228,7 @@ class Snapshot:
         checks += [(body.layers, name, layer) for name, layer in body.layers._modules.items()]
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.weights: list[torch.Tensor] = []
-        act8: list[bool] = []  # per matrix (layer by layer, _MATRICES order), then the head
+        flags: list[int] = []  # per matrix (layer by layer, _MATRICES order), then the head: _flags
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
@@ -238,7 +243,7 @@ class Snapshot:
                     checks.append((module, "base_layer", module.base_layer))
                     module = module.base_layer
                 parts[name] = self._read(module)
-                act8.append(_int8_activations(module))
+                flags.append(_flags(module))
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
@@ -251,8 +256,8 @@ class Snapshot:
             self.weights += [_f32(ln1), _f32(ln2)] + [_f32(b) for b in biases] + [_f32(t) for t in qk_norms]
             self.weights += [_opt(t) for n in _MATRICES for t in parts[n]]
         self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
-        act8.append(_int8_activations(hf.lm_head))
-        self.act8 = torch.tensor(act8) if any(act8) else torch.empty(0, dtype=torch.bool)  # [layers * 7 + 1]
+        flags.append(_flags(hf.lm_head))
+        self.flags = torch.tensor(flags, dtype=torch.uint8) if any(flags) else torch.empty(0, dtype=torch.uint8)  # [layers * 7 + 1]
         self.norm = _f32(body.norm.weight)
         self._stack_adapters(body)
         # read once: what the step needs from the model besides tensors (its structure is checked each step)

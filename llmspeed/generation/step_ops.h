@@ -62,6 +62,26 @@ void silu_mul(float* gate, const float* up, int64_t count) {
   });
 }
 
+// Each block of g values of each of the M rows of x [M, K] times the g x g Sylvester Hadamard matrix over sqrt(g)
+// (quant/hadamard.py's rotate: the input of a layer quantized with QuantConfig.hadamard), in place: log2(g)
+// butterfly stages of sums and differences, then the scale. g a power of two dividing K.
+void hadamard_groups(float* x, int64_t M, int64_t K, int64_t g) {
+  const float s = 1.f / std::sqrt(static_cast<float>(g));
+  at::parallel_for(0, M * (K / g), grain(g * 8), [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      float* v = x + b * g;
+      for (int64_t h = 1; h < g; h *= 2)
+        for (int64_t i = 0; i < g; i += 2 * h)
+          for (int64_t j = i; j < i + h; ++j) {
+            const float a = v[j], c = v[j + h];
+            v[j] = a + c;
+            v[j + h] = a - c;
+          }
+      for (int64_t j = 0; j < g; ++j) v[j] *= s;
+    }
+  });
+}
+
 // h += d over count elements
 void add_into(float* h, const float* d, int64_t count) {
   at::parallel_for(0, count, 1 << 15, [&](int64_t lo, int64_t hi) {

@@ -166,6 +166,8 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
         ("qwen2", "int4", {"group_size": 16, "activations": "int8"}),  # q * d in fp32
         ("llama", "int8", {"activations": "int8"}),
         ("llama", "nf4", {"group_size": 64, "activations": "int8"}),
+        ("llama", "int4", {"group_size": 32, "hadamard_layers": ["*.mlp.down_proj"]}),  # rotated in place
+        ("qwen2", "int4", {"group_size": 16, "activations": "int8", "hadamard_layers": ["*.mlp.down_proj"]}),
     ],
 )
 @pytest.mark.parametrize("amx_rows", [0, 1], ids=["row-loop", "amx-tiles"])
@@ -273,6 +275,7 @@ MIXED_MODELS = [
     ("llama", "int4", {"group_size": 32}),
     ("llama", "nf4", {"group_size": 32}),
     ("llama", "int4", {"group_size": 32, "activations": "int8"}),
+    ("llama", "int4", {"group_size": 32, "hadamard_layers": ["*.mlp.down_proj"]}),
 ]
 
 

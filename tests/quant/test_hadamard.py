@@ -110,16 +110,34 @@ def test_the_config_file_carries_hadamard_only_when_set():
     assert QuantConfig.from_dict(config.to_dict()) == config
 
 
-def test_the_generator_runs_rotated_layers_on_the_generic_path_with_the_models_tokens():
-    model = _quantized("rtn")
+def _greedy(model, prompt, steps):
+    ids = torch.tensor([prompt])
+    for _ in range(steps):  # greedy with the model's own forward
+        ids = torch.cat([ids, _logits(model, ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("layers,fused", [(DOWN, "on"), (["*.q_proj", "*.k_proj", "*.v_proj"], "hadamard=True")])
+def test_the_generator_gives_the_models_tokens_fused_where_only_down_projections_rotate(layers, fused):
+    model = _quantized("rtn", layers)
     gen = llmspeed.Generator(model, progress=False)
-    assert "hadamard" in gen.fused_decode_status
+    if llmspeed.generation.fused_decode.extension() is not None:  # else the generic path, and the status says why
+        assert fused in gen.fused_decode_status
     prompt = [5, 17, 42, 7]
     out = gen.generate_batched([prompt], llmspeed.SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
-    ids = torch.tensor([prompt])
-    for _ in range(6):  # greedy with the model's own forward
-        ids = torch.cat([ids, _logits(model, ids)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert list(out.token_ids) == ids[0, len(prompt):].tolist()
+    assert list(out.token_ids) == _greedy(model, prompt, 6)
+
+
+def test_adapters_over_a_rotated_down_projection_take_the_generic_path_with_the_right_tokens():
+    model = _quantized("rtn")
+    torch.manual_seed(0)
+    llmspeed.lora.add_adapter(model, "a", r=4, targets=["down_proj"], init="random")
+    gen = llmspeed.Generator(model, progress=False)
+    if llmspeed.generation.fused_decode.extension() is not None:
+        assert "LoRA" in gen.fused_decode_status or "hadamard" in gen.fused_decode_status, gen.fused_decode_status
+    prompt = [9, 3, 77]
+    out = gen.generate_batched([prompt], llmspeed.SamplingParams(max_new_tokens=5, ignore_eos=True, adapter="a"))[0]
+    assert list(out.token_ids) == _greedy(model, prompt, 5)
 
 
 @pytest.mark.filterwarnings("ignore:merging adapter")
