@@ -225,8 +225,9 @@ def quantize(
             layer rotates its input the same way before every matmul (``QuantConfig.hadamard``,
             :mod:`llmspeed.quant.hadamard`; QuaRot's online rotation of the down projections' input, kept
             inside each scale group). :data:`SENSITIVE` is where docs/calibration.md measured it to pay, on
-            text unlike the calibration's. Per-weight methods and ``"gptq"`` take it; the layers stay on the
-            generic path of the fused CPU decode step and cannot be exported to compressed-tensors.
+            text unlike the calibration's. Per-weight methods and ``"gptq"`` take it; the fused CPU decode
+            step rotates the down projections' input in place (other rotated layers take the generic path);
+            the compressed-tensors export refuses rotated layers.
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
