@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..lora.layer import STATE_CHANGES
+from ..quant.hadamard import rotate
 
 
 def is_lora(module: Any) -> bool:
@@ -64,7 +65,8 @@ def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) ->
 
     ``B`` holds ``B^T`` (scale folded in) in blocks of :data:`LORA_BLOCK` outputs (``NB = ceil(out / 16)``, the
     last zero-padded), each block's R ranks one after another, so that the step reads a row's delta front to
-    back and sums the ranks of 16 outputs in registers. ``dtype``: one of :data:`LORA_DTYPES`; fp16 stacks whose
+    back and sums the ranks of 16 outputs in registers. Over a ``hadamard`` base (whose input the step rotates
+    within groups before the adapters read it) ``A`` is rotated the same way. ``dtype``: one of :data:`LORA_DTYPES`; fp16 stacks whose
     values would overflow it are returned in fp32.
     """
     present = [n for n in slots if n in module.lora_A]
@@ -80,6 +82,9 @@ def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) ->
                 r = module.rank(name)
                 a[s, :r] = module.weight_a(name).float()  # [r, in]
                 bt[s, :r, : module.out_features] = module.weight_b(name).float().T * module.scaling[name]  # [r, out]
+    config = getattr(module.base_layer, "config", None)
+    if getattr(config, "hadamard", False):  # the step rotates this layer's input in place: x' A'^T = x A^T
+        a = rotate(a, config.group_size)  # [S, R, in]
     b = bt.view(len(slots), rank, blocks, LORA_BLOCK).transpose(1, 2).contiguous()  # [S, NB, R, 16]
     limit = torch.finfo(dtype).max
     if dtype != torch.float32 and max(a.abs().max(), b.abs().max()) <= limit:

@@ -113,8 +113,7 @@ def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = T
         why = fused_lora.unfusable_reason(module)
         if why is not None:
             return f"{name} has LoRA adapters the fused step cannot apply: {why}"
-        module = module.base_layer
-        rotated_ok = False  # the adapters' A would have to be rotated too
+        module = module.base_layer  # over a rotated base, the adapters' A is stacked rotated (fused_lora.stacks)
     if not _fusable(module, rotated_ok):
         cfg = getattr(module, "config", None)
         moved = [k for k in ("hadamard", "act_order") if getattr(cfg, k, False)]

@@ -128,16 +128,21 @@ def test_the_generator_gives_the_models_tokens_fused_where_only_down_projections
     assert list(out.token_ids) == _greedy(model, prompt, 6)
 
 
-def test_adapters_over_a_rotated_down_projection_take_the_generic_path_with_the_right_tokens():
+@pytest.mark.parametrize("lora_dtype", ["float32", "float16"])
+def test_adapters_over_a_rotated_down_projection_run_fused_with_the_models_tokens(lora_dtype):
     model = _quantized("rtn")
     torch.manual_seed(0)
-    llmspeed.lora.add_adapter(model, "a", r=4, targets=["down_proj"], init="random")
-    gen = llmspeed.Generator(model, progress=False)
+    llmspeed.lora.add_adapter(model, "a", r=4, targets=["down_proj", "up_proj"], init="random")
+    for _, layer in llmspeed.lora.lora_layers(model):  # an adapter large enough to change the tokens
+        torch.nn.init.normal_(layer.weight_b("a"), std=0.3)
+    gen = llmspeed.Generator(model, progress=False, lora_dtype=lora_dtype)
     if llmspeed.generation.fused_decode.extension() is not None:
-        assert "LoRA" in gen.fused_decode_status or "hadamard" in gen.fused_decode_status, gen.fused_decode_status
+        assert gen.fused_decode_status == "on", gen.fused_decode_status
     prompt = [9, 3, 77]
     out = gen.generate_batched([prompt], llmspeed.SamplingParams(max_new_tokens=5, ignore_eos=True, adapter="a"))[0]
     assert list(out.token_ids) == _greedy(model, prompt, 5)
+    with llmspeed.lora.disabled(model):
+        assert _greedy(model, prompt, 5) != list(out.token_ids)  # the adapter mattered
 
 
 @pytest.mark.filterwarnings("ignore:merging adapter")
