@@ -227,7 +227,7 @@ def quantize(
             inside each scale group). :data:`SENSITIVE` is where docs/calibration.md measured it to pay, on
             text unlike the calibration's. Per-weight methods and ``"gptq"`` take it; the fused CPU decode
             step rotates the down projections' input in place (other rotated layers take the generic path);
-            the compressed-tensors export refuses rotated layers.
+            the compressed-tensors export describes them as Hadamard transforms (``transform_config``).
 
     Raises:
         ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a

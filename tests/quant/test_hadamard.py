@@ -238,10 +238,3 @@ def test_config_refuses_hadamard_where_it_cannot_apply(kwargs):
     kwargs.setdefault("hadamard", True)
     with pytest.raises(ValueError, match="hadamard"):
         QuantConfig(**kwargs)
-
-
-def test_compressed_tensors_export_refuses_rotated_layers(tmp_path):
-    model = _quantized("rtn")
-    with pytest.raises(ValueError, match="Hadamard-rotated basis"):
-        llmspeed.save(model, tmp_path / "ct", format="compressed-tensors")
-    assert not (tmp_path / "ct" / "model.safetensors").exists()

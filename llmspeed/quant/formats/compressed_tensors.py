@@ -19,9 +19,12 @@ model dtype. ``config.json`` gets a ``quantization_config`` with ``quant_method:
 one config group per distinct layer config (targets ``["Linear"]`` when there is one) and every float
 linear in ``ignore``. The output head is always written in float (a quantized one as its dequantized rows,
 through the tied embedding when the two are shared) and listed in ``ignore``: vLLM loads float heads only.
+Layers quantized with ``hadamard`` are described by a ``transform_config`` (:mod:`.ct_transforms`).
 
 Reading (:func:`load`) takes ``pack-quantized`` config groups with dense weights; other formats, and sparse
-folders (a ``sparsity_config`` other than ``"dense"``), are refused by name before any tensor is read.
+folders (a ``sparsity_config`` other than ``"dense"``), are refused by name before any tensor is read;
+Hadamard transforms of int4 layers within their groups load as ``hadamard`` layers, and any other transform
+is refused before a layer is built.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .. import primitives as P
 from ..config import QuantConfig
 from ..embedding import shared_embeddings
 from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
-from . import skeleton
+from . import ct_transforms, skeleton
 from .files import config_dtype, read_all, read_config, start_folder
 from .packing import little_endian_bytes, pack_int4, pack_int8, unpack_int4, unpack_int8
 
@@ -68,11 +71,6 @@ def _refusal(name: str, module: nn.Module) -> str | None:
     if cfg.act_order:
         return (
             f"layer {name!r} has permuted input columns (a GPTQ desc_act checkpoint); keep format='llmspeed'"
-        )
-    if cfg.hadamard:
-        return (
-            f"layer {name!r} is quantized in a Hadamard-rotated basis (hadamard_layers), which this export does "
-            f"not describe; keep format='llmspeed'"
         )
     if cfg.activations != "float":
         return (
@@ -165,6 +163,9 @@ def save(model: CausalLM, directory: str | Path) -> Path:
         tensors[name] = tensor.detach().cpu().contiguous()
     for name, module in quantized.items():
         tensors.update(_module_tensors(name, module))
+    rotated = {n: cast(int, m.config.group_size) for n, m in quantized.items() if m.config.hadamard}
+    transform_config, transform_tensors = ct_transforms.describe(rotated)  # hadamard_layers: SpinQuant's R4 shape
+    tensors.update(transform_tensors)
     dtype = model.spec.dtype
     shared = shared_embeddings(model)
     for embedding, head in shared.items():  # a dense embedding: the head's rows, as llmspeed reads them
@@ -200,7 +201,7 @@ def save(model: CausalLM, directory: str | Path) -> Path:
         "ignore": sorted(set(layers) - set(quantized)),
         "kv_cache_scheme": None,
         "sparsity_config": {},
-        "transform_config": {},
+        "transform_config": transform_config,
         "global_compression_ratio": None,
         "version": "0.20.1",
     }
@@ -305,10 +306,9 @@ def module_buffers(
 
 def check_readable(directory: Path, quant: dict[str, Any]) -> None:
     """``ValueError`` naming what ``quant`` (``config.json``'s ``quantization_config``) holds that llmspeed cannot read:
-    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), transforms (a ``transform_config``
-    with groups: SpinQuant/QuIP-style rotations the model must apply online), a config group in a format other
+    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), a config group in a format other
     than ``pack-quantized``, or ``config_groups`` that are not objects. Called before any tensor is read: those
-    folders store other tensors, or tensors that mean something else without their transforms."""
+    folders store other tensors. Transforms are checked by :func:`.ct_transforms.rotated_layers` in :func:`load`."""
     sparsity = quant.get("sparsity_config") or {}
     fmt = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
     if sparsity and fmt != "dense":
@@ -317,17 +317,6 @@ def check_readable(directory: Path, quant: dict[str, Any]) -> None:
             f"stored as their nonzero values and a bitmask), which llmspeed does not support; it reads dense "
             f"compressed-tensors folders ({PACK_FORMAT!r} int4 and int8 weights, sparsity_config empty or "
             f"'dense'): load a dense float checkpoint and call llmspeed.quantize instead"
-        )
-    transforms = quant.get("transform_config") or {}
-    steps = transforms.get("config_groups") if isinstance(transforms, dict) else transforms
-    if steps:  # the rotations' kinds, or what was found when it is not compressed-tensors' shape
-        kinds = {str(g.get("type")) for g in steps.values() if isinstance(g, dict)} if isinstance(steps, dict) else set()
-        what = ", ".join(sorted(kinds)) if kinds else repr(transforms)
-        raise ValueError(
-            f"{directory}: config.json's quantization_config has a transform_config ({what} "
-            f"transforms: rotations the model must apply to its activations at run time), which llmspeed does not "
-            f"support; its weights are stored in the rotated basis and would load as a different model. llmspeed "
-            f"reads compressed-tensors folders without transforms: load a float checkpoint and call llmspeed.quantize"
         )
     groups = quant.get("config_groups") or {}
     if not isinstance(groups, dict) or not all(
@@ -355,13 +344,19 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     source = directory
     model = skeleton.skeleton(directory, dtype)
     linears = set(model.linear_names())
+    rotated = ct_transforms.rotated_layers(source, quant, sorted(linears), _matches)
     quantized = sorted(k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed"))
+    if set(rotated) - set(quantized):
+        raise ValueError(f"{source}: transform_config rotates layers stored in float, e.g. "
+                         f"{sorted(set(rotated) - set(quantized))[0]!r}; llmspeed rotates quantized int4 layers only")  # fmt: skip
     for name in quantized:
         if name not in linears:
             raise ValueError(
                 f"{source}: tensor {name + '.weight_packed'!r} names no linear layer of the model"
             )
         cfg = layer_config(name, quant, source)
+        if name in rotated:
+            cfg = ct_transforms.rotated_config(source, name, cfg, rotated[name], tensors)
         module = skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
         want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
         for buf, t in module_buffers(name, cast(QuantizedLinearBase, module), tensors, source).items():
