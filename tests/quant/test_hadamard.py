@@ -238,3 +238,25 @@ def test_config_refuses_hadamard_where_it_cannot_apply(kwargs):
     kwargs.setdefault("hadamard", True)
     with pytest.raises(ValueError, match="hadamard"):
         QuantConfig(**kwargs)
+
+
+def test_a_rotated_output_head_shared_with_the_embedding_reads_unrotated_rows():
+    """The tied input embedding looks rows up through ``dequantize(rows)``, which undoes the rotation; the fused
+    step, which reads packed rows, leaves such a head to the generic path."""
+    x = _tokens(2, 16, seed=7)
+    ref = _logits(llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True), x)
+    err = {}
+    for kind, layers in (("plain", None), ("rotated", ["lm_head"])):
+        model = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True)
+        llmspeed.quantize(model, "int4", 32, lm_head="int4", hadamard_layers=layers)
+        err[kind] = float((_logits(model, x) - ref).norm() / ref.norm())
+    head = dict(model.linear_layers())["lm_head"]
+    assert head.config.hadamard and type(model.module.get_input_embeddings()).__name__ == "QuantizedEmbedding"
+    # 4-bit rounding of every layer and the embedding; rows read in the wrong basis would be an error of order 1
+    assert err["rotated"] < 2 * err["plain"], err
+    gen = llmspeed.Generator(model, progress=False)
+    if llmspeed.generation.fused_decode.extension() is not None:
+        assert "lm_head" in gen.fused_decode_status and "hadamard" in gen.fused_decode_status
+    prompt = [4, 8, 15, 16]
+    out = gen.generate_batched([prompt], llmspeed.SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+    assert list(out.token_ids) == _greedy(model, prompt, 5)
