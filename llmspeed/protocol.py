@@ -118,7 +118,8 @@ class QuantizedLinear(Protocol):
         ...
 
     def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        """The float weight with its columns in packed order (differs from ``dequantize`` only with act_order)."""
+        """The float weight in packed column order and basis (differs from ``dequantize`` only with act_order, whose
+        columns are permuted, and hadamard, whose column groups are rotated: what the kernels multiply)."""
         ...
 
     def group_scales(self, rows: slice = slice(None)) -> torch.Tensor:  # [r, groups] fp32

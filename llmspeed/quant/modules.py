@@ -88,9 +88,10 @@ class QuantizedLinearBase(nn.Module):
         raise NotImplementedError
 
     def packed_dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
-        """The float weight with its columns in packed order (differs from :meth:`dequantize` only with act_order).
+        """The float weight in packed column order and basis (differs from :meth:`dequantize` only with act_order
+        and hadamard).
 
-        Kernels see the input already gathered through ``perm``, so reference kernels multiply by this one.
+        Kernels see the input already gathered through ``perm`` or rotated, so reference kernels multiply by this one.
         """
         return self.dequantize(dtype, rows)
 
@@ -314,7 +315,8 @@ class Int4Linear(_Packed4Bit):
     """Weight-only int4, group-wise: ``w = (code - zero) * scale``; adds ``zeros`` fp16 [out, groups].
 
     With ``config.act_order`` it also holds ``perm`` int64 ``[in]``: packed column ``j`` is input column
-    ``perm[j]`` (a GPTQ ``desc_act`` checkpoint), and forward gathers ``x[..., perm]`` first.
+    ``perm[j]`` (a GPTQ ``desc_act`` checkpoint), and forward gathers ``x[..., perm]`` first. With
+    ``config.hadamard`` the packed weight is the layer's rotated within groups and forward rotates ``x`` first.
     """
 
     quant_format = "int4"
