@@ -13,19 +13,10 @@ from llmspeed.protocol import base_linear
 from llmspeed.quant import SENSITIVE, Int4Linear, QuantConfig
 from llmspeed.quant.hadamard import hadamard, rotate, rotated_inputs
 from llmspeed.quant.methods.rtn import rtn_weight
+from tests.quant.test_int8_layers import _logits, _tokens  # the same tiny-model tokens and logits
 
 OPTS = dict(seq_len=32, n_sequences=16, progress=False)
 DOWN = list(SENSITIVE)
-
-
-def _tokens(n: int = 16, t: int = 32, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, t), generator=g)  # [n, t]
-
-
-def _logits(model, tokens):
-    with torch.no_grad():
-        return model.module(input_ids=tokens, use_cache=False).logits  # [b, T, vocab]
 
 
 def _quantized(method: str, hadamard_layers=DOWN, group: int = 32):
