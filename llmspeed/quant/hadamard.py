@@ -34,6 +34,13 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | 
     return (_sylvester(n) / n**0.5).to(dtype=dtype, device=device)
 
 
+@lru_cache(maxsize=32)
+def _cached(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:  # [n, n], never written to
+    # rotate() runs in every forward of a rotated layer: build (and copy to the device) once, not per call,
+    # which also keeps host-to-device copies out of CUDA graph capture after the first (eager) call
+    return hadamard(n, dtype, device)
+
+
 def rotate(x: torch.Tensor, group: int) -> torch.Tensor:  # [..., k] -> [..., k]
     """``x`` with every block of ``group`` channels of its last axis multiplied by ``hadamard(group)``.
 
@@ -42,7 +49,7 @@ def rotate(x: torch.Tensor, group: int) -> torch.Tensor:  # [..., k] -> [..., k]
     k = x.shape[-1]
     if k % group:
         raise ValueError(f"the last axis ({k}) must be a multiple of group={group}")
-    h = hadamard(group, x.dtype if x.is_floating_point() else torch.float32, x.device)
+    h = _cached(group, x.dtype if x.is_floating_point() else torch.float32, x.device)
     return (x.reshape(*x.shape[:-1], k // group, group) @ h).reshape(x.shape)  # [..., k/g, g] @ [g, g]
 
 
