@@ -235,12 +235,14 @@ def _serve(ref: weakref.ref[Engine], cv: threading.Condition) -> None:
 def _snapshot(prompt: Prompt) -> Prompt:
     """``prompt`` as it is at submit: the engine thread reads it later, and the caller may change it meanwhile.
 
-    A list or tuple is copied with each message dict (shallow) and tensor in it, a tensor cloned, anything else
-    (a NumPy array, a deque) copied with ``copy.copy``, which keeps its type and so how the generator reads it;
+    A list or tuple is copied with each message dict (deeply: content parts, tool calls) and tensor in it, a tensor
+    cloned, anything else (a NumPy array, a deque) copied with ``copy.copy``, which keeps its type and so how the generator reads it;
     what cannot be copied (a generator of ids) is left for the generator to read, or refuse, as it is.
     """
     if isinstance(prompt, (list, tuple)):
-        items = [dict(m) if isinstance(m, dict) else m.clone() if isinstance(m, torch.Tensor) else m for m in prompt]
+        items = [
+            _message_copy(m) if isinstance(m, dict) else m.clone() if isinstance(m, torch.Tensor) else m for m in prompt
+        ]
         return items if isinstance(prompt, list) else tuple(items)
     if isinstance(prompt, torch.Tensor):
         return prompt.detach().clone()  # the rows list() makes of it are views of its storage
@@ -250,6 +252,14 @@ def _snapshot(prompt: Prompt) -> Prompt:
         return copy.copy(prompt)
     except Exception:
         return prompt
+
+
+def _message_copy(message: dict) -> dict:
+    """A chat message as it is now: nested parts deep-copied; a message holding something uncopyable shallow."""
+    try:
+        return copy.deepcopy(message)
+    except Exception:
+        return dict(message)
 
 
 def _refused(exc: Exception) -> StreamEvent:

@@ -299,6 +299,26 @@ def test_a_tuple_or_tensor_prompt_the_caller_changes_after_submit_is_the_one_sub
             assert out.prompt_token_ids == [1, 2, 3] and out.token_ids == expected
         assert hc.result(timeout=30).prompt_token_ids == chat_ids
 
+
+def test_a_content_part_the_caller_changes_after_submit_is_the_one_submitted(llama):
+    """Regression: message dicts were copied one level deep at submit, so a caller changing a content part (a
+    nested dict) before the engine thread rendered the conversation changed the running request."""
+    from tests.generation.test_engine import ChatTokenizer
+
+    class PartsTokenizer(ChatTokenizer):  # renders OpenAI's content parts, [{"type": "text", "text": ...}]
+        def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+            return [b for m in messages for part in m["content"] for b in part["text"].encode("latin-1")]
+
+    llama.tokenizer = PartsTokenizer()
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    with llmspeed.Engine(llama) as engine:
+        messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        with engine._cv:  # the engine thread cannot take the inbox before the caller changes the part
+            h = engine.submit(messages, sp)
+            messages[0]["content"][0]["text"] = "something else"
+        assert h.result(timeout=30).prompt_token_ids == list(b"hi")
+
+
 def test_a_request_whose_event_loop_closed_is_aborted_not_run_to_the_end(llama):
     loop = asyncio.new_event_loop()
     with llmspeed.Engine(llama, kv_cache_tokens=20_000) as engine:
