@@ -108,8 +108,10 @@ class FakeQuantLinear(nn.Module):
 def test_casting_a_quantized_model_is_refused(llama):
     name = "model.layers.0.self_attn.q_proj"
     llama.replace_linear(name, FakeQuantLinear(llama.hf.get_submodule(name)))
-    with pytest.raises(TypeError, match="must not be quantized.*q_proj.*Cast before quantizing"):
-        llmspeed.cast(llama, "bf16")
+    with pytest.raises(TypeError, match=r"quantized to be cast; 1 layer is \(e.g.*q_proj.*cast\(model, 'bf16'\)"):
+        llmspeed.cast(llama, "bf16")  # regression: said "1 layers are" and suggested 'bfloat16' for 'bf16'
+    with pytest.raises(TypeError, match=r"cast\(model, torch.float16\)"):
+        llmspeed.cast(llama, torch.float16)
     assert llama.spec.dtype == torch.float32
 
 

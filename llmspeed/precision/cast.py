@@ -95,6 +95,11 @@ def _check_cpu_matmul(value: str) -> None:
         raise ValueError(f"cpu_matmul must be one of {list(CPU_MATMUL)}; got {value!r}")
 
 
+def _layers(names: list[str]) -> str:
+    """``"1 layer"`` / ``"15 layers"``: how many of the model's layers a refusal is about."""
+    return "1 layer" if len(names) == 1 else f"{len(names)} layers"
+
+
 def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto") -> CausalLM:
     """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
 
@@ -118,14 +123,15 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
     quantized = [name for name, module in model.linear_layers() if is_quantized(module)]
     if quantized:
         raise TypeError(
-            f"model must not be quantized to be cast; {len(quantized)} layers are (e.g. {quantized[0]}). "
-            f"Cast before quantizing: llmspeed.cast(model, {str(target).removeprefix('torch.')!r}) "
+            f"model must not be quantized to be cast; {_layers(quantized)} {'is' if len(quantized) == 1 else 'are'} "
+            f"(e.g. {quantized[0]}). "
+            f"Cast before quantizing: llmspeed.cast(model, {dtype!r}) "
             f"then llmspeed.quantize(...)"
         )
     prepared = [name for name, m in model.linear_layers() if is_fake_quantized(m)]
     if prepared and target != torch.float32:
         raise ValueError(
-            f"model is prepared for quantization-aware training ({len(prepared)} layers, e.g. {prepared[0]!r}); "
+            f"model is prepared for quantization-aware training ({_layers(prepared)}, e.g. {prepared[0]!r}); "
             f"a 16-bit cast would round the fp32 grids convert packs with. Cast before llmspeed.qat.prepare, "
             f"or keep fp32 master weights and train with llmspeed.finetune(..., precision='bf16')"
         )
