@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import models
-from .eval import perplexity
+from .eval import perplexity, pydoc_text
 from .memory import memory_footprint
 from .models.embedded import MAX_POSITIONS
 from .precision import cast
@@ -138,6 +138,26 @@ def _at_least(minimum: int, at_most: tuple[int, str] | None = None) -> Callable[
     return parse
 
 
+def _check_text_length(parser: argparse.ArgumentParser, window: int, windows: int) -> None:
+    """Refuse ``--window x --windows`` beyond the evaluation text's tokens now, not after the steps have run.
+
+    A byte-level BPE token holds at least one byte, so the text's bytes bound its tokens from above: only a request
+    close to that bound pays for loading the tokenizer and counting exactly.
+    """
+    text = pydoc_text("eval")
+    need = window * windows
+    if need * 8 <= len(text.encode()):
+        return
+    from .models.embedded import tokenizer
+
+    tokens = len(tokenizer().encode(text, add_special_tokens=False)) if need <= len(text.encode()) else 0
+    if need > tokens:
+        parser.error(
+            f"--window {window} x --windows {windows} needs {need} tokens; the evaluation text (pydoc topics, "
+            f"first half) has {tokens or f'at most {len(text.encode())}'}: pass fewer or shorter windows"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo steps and print their table."""
     parser = argparse.ArgumentParser(prog="python -m llmspeed demo", description=__doc__)
@@ -153,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in steps if s not in STEPS]
     if unknown or not steps:
         parser.error(f"--steps: {f'unknown {unknown}' if unknown else 'none given'}; accepted: {list(STEPS)}")
+    _check_text_length(parser, args.window, args.windows)
     rows = []
     for name in steps:
         print(f"[demo] {name} ...", flush=True)

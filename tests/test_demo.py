@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
@@ -52,3 +53,22 @@ def test_window_beyond_the_models_positions_is_refused_before_any_model_loads(ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --window: must be at most 8192" in err and "got '8193'" in err, err
+
+
+@pytest.mark.parametrize("windows, exact", [(7, True), (1000, False)])
+def test_windows_beyond_the_evaluation_text_are_refused_before_any_model_loads(capsys, monkeypatch, windows, exact):
+    """Regression: --window 8192 --windows 7 (57,344 tokens; the evaluation text has about 57,000) passed the parser
+    and was refused by perplexity only after the first step had run (in qlora, after fine-tuning)."""
+    from llmspeed.eval import pydoc_text
+    from llmspeed.models.embedded import tokenizer
+
+    tokens = len(tokenizer().encode(pydoc_text("eval"), add_special_tokens=False))
+    assert 8192 * 6 <= tokens < 8192 * 7  # the case this test is about: only an exact count can refuse it
+    demo._check_text_length(argparse.ArgumentParser(), 8192, 6)  # what the text holds passes
+    monkeypatch.setattr(demo.models, "smollm2", lambda: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--steps", "qlora,fp32", "--window", "8192", "--windows", str(windows)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--window 8192 x --windows {windows} needs {8192 * windows} tokens" in err, err
+    assert (f"has {tokens}:" if exact else "has at most") in err, err

@@ -73,6 +73,21 @@ def _convert(gguf: Path, target: Path) -> None:
         raise
 
 
+def tokenizer():
+    """SmolLM2's tokenizer alone (with its chat template), without loading the weights."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_converted())
+
+
+def _converted() -> Path:
+    """The converted checkpoint's folder, converting the embedded GGUF on first use."""
+    target = cache_dir() / _CACHE_NAME
+    if not (target / _DONE_MARKER).is_file():
+        _convert(gguf_path(), target)
+    return target
+
+
 def smollm2(dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> Model:
     """Load SmolLM2-135M-Instruct (30 layers, hidden 576, 9 heads, 3 KV heads, vocab 49152).
 
@@ -90,9 +105,7 @@ def smollm2(dtype: torch.dtype | str = torch.float32, device: str | torch.device
     check_device(device)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
-    target = cache_dir() / _CACHE_NAME
-    if not (target / _DONE_MARKER).is_file():
-        _convert(gguf_path(), target)
+    target = _converted()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
