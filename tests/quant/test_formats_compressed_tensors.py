@@ -302,6 +302,28 @@ def test_sparse_compressed_tensors_folders_are_refused_by_name(tmp_path):
             llmspeed.load(tmp_path / "24")
 
 
+def test_expert_sparsity_is_refused_by_name(tmp_path):
+    """Regression: a ``moe_sparsity_config`` (compressed-tensors' ``ExpertSparsityConfig``: experts pruned per layer)
+    was not looked at; one that counts no experts (every layer dense) reads as before."""
+    from compressed_tensors.config.expert_sparsity import ExpertSparsityConfig
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    layers = cfg["num_hidden_layers"]
+    for experts, refused in [([2] + [None] * (layers - 1), True), ([None] * layers, False)]:
+        moe = ExpertSparsityConfig(method="prune", num_experts=experts).model_dump()
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
+            **cfg["quantization_config"], "moe_sparsity_config": moe}}))  # fmt: skip
+        if not refused:
+            assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.up_proj, Int4Linear)
+            continue
+        with pytest.raises(ValueError, match=r"moe_sparsity_config \(experts pruned or merged per layer, method "
+                                             r"'prune'\), which llmspeed does not support"):  # fmt: skip
+            llmspeed.load(tmp_path)
+
+
 def test_malformed_config_groups_name_the_file(tmp_path):
     """Regression: config_groups that were a list, or a group or its weights that were not objects, raised a bare
     AttributeError ("'list' object has no attribute 'items'")."""

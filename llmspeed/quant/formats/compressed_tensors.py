@@ -306,7 +306,8 @@ def module_buffers(
 
 def check_readable(directory: Path, quant: dict[str, Any]) -> None:
     """``ValueError`` naming what ``quant`` (``config.json``'s ``quantization_config``) holds that llmspeed cannot read:
-    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), a config group in a format other
+    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), experts pruned per layer (a
+    ``moe_sparsity_config`` that counts experts), a config group in a format other
     than ``pack-quantized``, or ``config_groups`` that are not objects. Called before any tensor is read: those
     folders store other tensors. Transforms are checked by :func:`.ct_transforms.rotated_layers` in :func:`load`."""
     sparsity = quant.get("sparsity_config") or {}
@@ -317,6 +318,14 @@ def check_readable(directory: Path, quant: dict[str, Any]) -> None:
             f"stored as their nonzero values and a bitmask), which llmspeed does not support; it reads dense "
             f"compressed-tensors folders ({PACK_FORMAT!r} int4 and int8 weights, sparsity_config empty or "
             f"'dense'): load a dense float checkpoint and call llmspeed.quantize instead"
+        )
+    moe = quant.get("moe_sparsity_config") or {}
+    experts = moe.get("num_experts") if isinstance(moe, dict) else moe
+    if moe and (not isinstance(experts, list) or any(n is not None for n in experts)):
+        raise ValueError(
+            f"{directory}: config.json's quantization_config has a moe_sparsity_config (experts pruned or merged "
+            f"per layer, method {moe.get('method') if isinstance(moe, dict) else moe!r}), which llmspeed does not "
+            f"support: it reads dense models, whose moe_sparsity_config is absent or counts no experts"
         )
     groups = quant.get("config_groups") or {}
     if not isinstance(groups, dict) or not all(
