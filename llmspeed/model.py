@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .protocol import AttentionBackend, ModelSpec, base_linear, is_quantized
+from .protocol import AttentionBackend, ModelSpec, base_linear, is_quantized, step_lock
 
 if TYPE_CHECKING:
     from .generation import GenerationOutput, SamplingParams
@@ -181,8 +181,12 @@ class Model:
         attention: AttentionBackend,
         logits_indices: torch.Tensor,  # [N]
     ) -> torch.Tensor:  # [N, vocab]
-        """Run a flat ragged batch against ``attention``'s KV cache; return logits at ``logits_indices``."""
-        with self._attention_implementation(ATTN_IMPLEMENTATION):
+        """Run a flat ragged batch against ``attention``'s KV cache; return logits at ``logits_indices``.
+
+        Holds the model's :func:`~llmspeed.protocol.step_lock`: the attention implementation is switched in the
+        shared config for the call, so two calls from two threads take turns.
+        """
+        with step_lock(self.hf), self._attention_implementation(ATTN_IMPLEMENTATION):
             out = self.hf(
                 input_ids=input_ids[None],  # [1, T]
                 position_ids=positions[None],  # [1, T]

@@ -22,6 +22,8 @@ other tokens.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -148,6 +150,26 @@ def is_fake_quantized(module: nn.Module) -> bool:
     ``FakeQuantLinear`` of :mod:`llmspeed.qat`, marked by its ``fake_format`` (it trains a float weight, so
     :func:`is_quantized` is False for it). Layers below ``qat`` ask this instead of importing it."""
     return isinstance(getattr(base_linear(module), "fake_format", None), str)
+
+
+_STEP_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_STEP_LOCKS_GUARD = threading.Lock()
+
+
+def step_lock(root: nn.Module) -> threading.RLock:
+    """The lock every step over the model rooted at ``root`` (its ``module``) holds while it runs.
+
+    A step sets state on the model for its own duration: which adapter each token takes (LoRA routing), the
+    attention implementation in the model's config. Two generators or engines on one model, stepping from their
+    own threads, would otherwise run with each other's settings (another request's adapter, a config left
+    switched). Re-entrant, so a step may call ``forward_batch``, which takes it too; one per module, whichever
+    wrapper reaches it, and dropped with the module.
+    """
+    with _STEP_LOCKS_GUARD:
+        lock = _STEP_LOCKS.get(root)
+        if lock is None:
+            lock = _STEP_LOCKS[root] = threading.RLock()
+        return lock
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..names import CANONICAL_DTYPES, dtype_name
-from ..protocol import CausalLM
+from ..protocol import CausalLM, step_lock
 from .block_manager import slot
 from .kv_cache import PagedAttention, PagedKVCache, cache_dtype
 
@@ -173,7 +173,15 @@ class ModelRunner:
         return self.graphs.num_graphs
 
     def run(self, step: StepInput) -> tuple[str, torch.Tensor]:
-        """Run one step; return the path it took and the logits ``[len(step.rows), V]``."""
+        """Run one step; return the path it took and the logits ``[len(step.rows), V]``.
+
+        The step holds the model's :func:`~llmspeed.protocol.step_lock`, so runners of two generators (or
+        engines) on one model take turns instead of running with each other's adapter routing.
+        """
+        with step_lock(self.model.module):
+            return self._run(step)
+
+    def _run(self, step: StepInput) -> tuple[str, torch.Tensor]:
         plain = step.decode_only and step.adapters is None
         if self.graphs is not None and plain:
             logits = self.graphs.run(step)

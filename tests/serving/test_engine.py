@@ -368,3 +368,41 @@ def test_seeded_sampling_from_threads_and_two_event_loops_gives_each_caller_its_
         for t in threads:
             t.join(90)
     assert len(got) == 36 and all(tokens == expected[i] for i, tokens in got)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_two_engines_on_one_model_each_get_their_own_adapters(llama, fused):
+    """Regression: two engines stepping one model from their own threads set LoRA routing and the attention
+    implementation on the shared model at the same time: requests failed ("per-token adapters were given for 364
+    tokens but this layer received 441"), could have run with each other's adapters, and the model's config was
+    left on llmspeed's attention implementation, which fails every later ``model.hf.generate``."""
+    from llmspeed import lora
+
+    for name in ("a", "b"):
+        lora.add_adapter(llama, name, r=4)
+    for n, p in llama.hf.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # each adapter changes the tokens
+    prompts = _prompts(12, seed=3)
+    sps = [SamplingParams(max_new_tokens=6, ignore_eos=True, adapter="ab"[i % 2]) for i in range(12)]
+    kw = dict(fused_decode=fused)
+    expected = [Generator(llama, progress=False, **kw).generate_batched([p], sp)[0].token_ids
+                for p, sp in zip(prompts, sps)]  # fmt: skip
+    assert expected[0] != Generator(llama, progress=False, **kw).generate_batched([prompts[0]], sps[1])[0].token_ids
+    wrong: list = []
+    with llmspeed.Engine(llama, **kw) as e0, llmspeed.Engine(llama, **kw) as e1:
+
+        def client(engine, start):
+            for _ in range(3):
+                handles = [(i, engine.submit(prompts[i], sps[i])) for i in range(start, 12, 2)]
+                wrong.extend((i, out.finish_reason, out.error) for i, h in handles
+                             if (out := h.result(timeout=60)).token_ids != expected[i])  # fmt: skip
+
+        threads = [threading.Thread(target=client, args=(e, k)) for k, e in enumerate((e0, e1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert wrong == []
+    assert llama.hf.config._attn_implementation not in ("llmspeed",)
+    llama.hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False)  # the model still works alone
