@@ -31,7 +31,9 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     if backend is None:
         raise RuntimeError(
             "the 'llmspeed' attention implementation only runs inside Model.forward_batch; "
-            "use model.hf(...) for ordinary forward passes"
+            "use model.hf(...) for ordinary forward passes (a model.hf call from another thread while a generator "
+            "or engine steps the same model meets this too: the step switches the config's attention "
+            "implementation for its duration; submit the work to the engine instead)"
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
