@@ -25,6 +25,7 @@ from ..protocol import CausalLM, is_quantized
 from ..quant import primitives as P
 from ..quant.api import check_method_options, plan_layers
 from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
+from ..quant.hadamard import rotate, rotated_inputs
 from ..quant.methods import get_method
 from ..quant.modules import QuantizedLinearBase, module_class
 from .fake_quant import CODE_RANGE, FakeQuantLinear, init_qparams
@@ -73,10 +74,16 @@ def _check_args(fmt: object, symmetric: object, init: object, learn_scales: obje
 
 
 def _gptq_start(model: CausalLM, plan: dict[str, QuantConfig], calibration: Any, options: dict) -> dict[str, Any]:
-    """GPTQ's modules for ``plan`` (the model is not modified): their grids and on-grid weights are the start."""
+    """GPTQ's modules for ``plan`` (the model is not modified): their grids and on-grid weights are the start.
+
+    Rotated layers (``hadamard``) are fitted in the rotated basis, as ``quantize`` does."""
     build = get_method("gptq").model
     assert build is not None  # GPTQ registers a model-level function
-    built = build(model, plan, calibration, **options)
+    layers = dict(model.linear_layers())
+    rotated = [cast(nn.Linear, layers[n]) for n, c in plan.items() if c.hadamard]
+    group = next((c.group_size for c in plan.values() if c.hadamard), None)
+    with rotated_inputs(rotated, cast(int, group)):
+        built = build(model, plan, calibration, **options)
     missing = set(plan) - set(built)
     if missing or not all(isinstance(m, QuantizedLinearBase) for m in built.values()):
         raise RuntimeError(f"GPTQ returned no quantized module for {sorted(missing)[:3]}")
@@ -93,6 +100,7 @@ def prepare(
     learn_scales: bool = False,
     skip: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
+    hadamard_layers: Sequence[str] | None = None,
     calibration: Any = None,
     init_options: dict[str, Any] | None = None,
 ) -> CausalLM:
@@ -114,6 +122,9 @@ def prepare(
             zero points, as HQQ's). Recommended with ``init="gptq"``: see docs/qat.md.
         skip, include: As :func:`llmspeed.quantize`: names or patterns left in float, or the only ones
             prepared. The output head always stays in float (``quantize(..., lm_head=None)``'s plan).
+        hadamard_layers: int4 only, as :func:`llmspeed.quantize`: layers trained and packed in a basis rotated
+            within each group (``QuantConfig.hadamard``): the latent weight is the rotated one, forward rotates
+            the input first, and ``convert`` gives the rotated ``Int4Linear`` ``quantize`` would.
         calibration: ``init="gptq"``: calibration text or token ids (default: the calibration mix, :func:`llmspeed.eval.calibration_mix`).
         init_options: ``init="gptq"``: options of the GPTQ method (``n_sequences``, ``seq_len``, ...).
 
@@ -141,23 +152,29 @@ def prepare(
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE[fmt]
     config = QuantConfig(fmt, group_size, method=init)
-    plan = plan_layers(model, config, skip, include, lm_head=None)
+    plan = plan_layers(model, config, skip, include, lm_head=None, hadamard_layers=hadamard_layers)
     snapshot = dict(model.linear_layers())
     try:
         built = _gptq_start(model, plan, calibration, init_options) if init == "gptq" else {}
         for name in plan:
             linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
-            start = built.get(name)
+            start, layer_config = built.get(name), plan[name]
             if start is None:
-                w = P.pad_columns(linear.weight.detach().float(), config.padded_in_features(linear.in_features))
+                w = linear.weight.detach().float()  # [out, in]
+                w = rotate(w, config.group_size) if layer_config.hadamard else w
+                w = P.pad_columns(w, config.padded_in_features(linear.in_features))  # [out, in_pad]
                 scales, zeros = init_qparams(w, config, symmetric)  # [out, groups] x2
-                layer = FakeQuantLinear(linear, config, scales, zeros, symmetric, learn_scales)
+                layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)
+                if layer_config.hadamard:  # a new parameter: the float model's own weight tensor is never written
+                    layer.weight = nn.Parameter(w.to(linear.weight.dtype), linear.weight.requires_grad)
             else:
                 scales = start.scales.reshape(linear.out_features, -1)  # int8: [out] -> [out, 1]
                 zeros = start.zeros if fmt == "int4" else torch.zeros_like(scales)
-                layer = FakeQuantLinear(linear, config, scales, zeros, symmetric, learn_scales)
-                # a new parameter: the float model's own weight tensor is never written
-                layer.weight = nn.Parameter(start.dequantize(linear.weight.dtype), linear.weight.requires_grad)
+                layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)
+                # a new parameter: the float model's own weight tensor is never written; the stored basis
+                on_grid = start.packed_dequantize(linear.weight.dtype) if layer_config.hadamard else \
+                    start.dequantize(linear.weight.dtype)  # fmt: skip
+                layer.weight = nn.Parameter(on_grid, linear.weight.requires_grad)
             model.replace_linear(name, layer.to(linear.weight.device))
     except BaseException:
         for name, module in snapshot.items():

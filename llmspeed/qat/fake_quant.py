@@ -30,6 +30,7 @@ from torch import nn
 
 from ..quant import primitives as P
 from ..quant.config import QuantConfig
+from ..quant.hadamard import rotate
 
 # (lowest code, highest code) of each format's integer grid
 CODE_RANGE: dict[str, tuple[int, int]] = {"int4": (0, 15), "int8": (-127, 127)}
@@ -123,7 +124,9 @@ class FakeQuantLinear(nn.Linear):
     """An ``nn.Linear`` whose forward multiplies by its fake-quantized weight (quantization-aware training).
 
     ``weight`` stays the float latent weight the optimizer updates (fp32 master copy); forward uses
-    :meth:`quantized_weight`, the values the converted ``Int4Linear``/``Int8Linear`` will hold.
+    :meth:`quantized_weight`, the values the converted ``Int4Linear``/``Int8Linear`` will hold. With
+    ``config.hadamard`` the latent weight is in the rotated basis (``hadamard.rotate`` of the float weight's
+    columns), and forward rotates its input the same way first, as the converted module does.
 
     Attributes:
         config: The :class:`~llmspeed.quant.config.QuantConfig` :func:`llmspeed.qat.convert` packs with.
@@ -204,6 +207,8 @@ class FakeQuantLinear(nn.Linear):
         return wq[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self.config.hadamard:
+            x = rotate(x, self.config.group_size)  # [..., in]: the basis the latent weight is in
         return F.linear(x, self.quantized_weight().to(self.weight.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -211,5 +216,6 @@ class FakeQuantLinear(nn.Linear):
         learn = self.scale_gain is not None
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.fake_format}{g}, "
-            f"symmetric={self.symmetric}, learn_scales={learn}, bias={self.bias is not None}"
+            f"symmetric={self.symmetric}, learn_scales={learn}, hadamard={self.config.hadamard}, "
+            f"bias={self.bias is not None}"
         )

@@ -59,6 +59,43 @@ def test_gptq_start_converts_to_exactly_quantize_gptq(llama):
     _assert_same_packed(llama, reference)
 
 
+@pytest.mark.parametrize("init", ["rtn", "gptq"])
+def test_rotated_layers_convert_to_exactly_quantize_with_hadamard_layers(llama, init):
+    """``hadamard_layers``: the latent weight is in the rotated basis, forward rotates the input, and convert right
+    after prepare packs exactly what ``quantize(..., hadamard_layers=...)`` does (RTN, and GPTQ fitted rotated)."""
+    rotated = ["*.mlp.down_proj"]
+    options = dict(method="gptq", calibration=_calibration(), method_options=GPTQ) if init == "gptq" else {}
+    reference = copy.deepcopy(llama)
+    llmspeed.quantize(reference, "int4", 16, lm_head=None, hadamard_layers=rotated, **options)
+    with torch.no_grad():
+        float_logits = llama.hf(IDS).logits
+    start = dict(calibration=_calibration(), init_options=GPTQ) if init == "gptq" else {}
+    qat.prepare(llama, "int4", 16, init=init, hadamard_layers=rotated, **start)
+    layers = dict(qat.fake_quant_layers(llama))
+    down, up = layers["model.layers.0.mlp.down_proj"], layers["model.layers.0.mlp.up_proj"]
+    assert down.config.hadamard and not up.config.hadamard and "hadamard=True" in repr(down)
+    with torch.no_grad():
+        fake_logits = llama.hf(IDS).logits
+        ref_logits = reference.hf(IDS).logits
+    torch.testing.assert_close(fake_logits, ref_logits, rtol=1e-4, atol=1e-4)  # the fake model is the packed one
+    assert (fake_logits - float_logits).abs().max() > 1e-3  # and it is quantized
+    qat.convert(llama)
+    _assert_same_packed(llama, reference)
+    converted = dict(llama.linear_layers())["model.layers.0.mlp.down_proj"]
+    assert isinstance(converted, Int4Linear) and converted.config.hadamard
+
+
+def test_rotated_layers_train_and_the_fake_forward_equals_the_converted_model(llama):
+    qat.prepare(llama, "int4", 16, learn_scales=True, hadamard_layers=["*.mlp.down_proj"])
+    result = llmspeed.finetune(llama, TOKENS, steps=5, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    with torch.no_grad():
+        before = llama.hf(IDS).logits
+    qat.convert(llama)
+    with torch.no_grad():
+        torch.testing.assert_close(llama.hf(IDS).logits, before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("learn_scales", [False, True])
 def test_a_gptq_start_learns_only_through_its_scales_at_a_small_lr(llama, learn_scales):
     # regression (docs/qat.md): on GPTQ's on-grid start a small lr flips no code, so with a fixed grid
@@ -168,6 +205,10 @@ def _snapshot(model):
         (dict(fmt="int4", init="gptq", symmetric=True), "asymmetric int4"),
         (dict(fmt="int4", calibration=TOKENS), "calibration is only used by init='gptq'"),
         (dict(fmt="int4", skip=["nope.*"]), "matches no linear layer"),
+        (dict(fmt="int8", hadamard_layers=["*.mlp.down_proj"]), "hadamard_layers rotates int4 layers"),
+        (dict(fmt="int4", group_size=48, hadamard_layers=["*.mlp.down_proj"]), "power-of-two group_size"),
+        (dict(fmt="int4", hadamard_layers=["*.nope"]), "hadamard_layers.*matches no"),
+        (dict(fmt="int4", hadamard_layers="*.mlp.down_proj"), "lists of names or patterns, not a single string"),
     ],
 )
 def test_bad_prepare_arguments_raise_before_anything_changes(llama, kwargs, match):
