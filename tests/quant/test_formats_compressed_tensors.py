@@ -324,6 +324,27 @@ def test_expert_sparsity_is_refused_by_name(tmp_path):
             llmspeed.load(tmp_path)
 
 
+def test_a_quantized_kv_cache_is_refused_by_name(tmp_path):
+    """Regression: a folder with a ``kv_cache_scheme`` (an fp8 KV cache, ``k_scale``/``v_scale`` stored per layer)
+    failed with "tensor '...k_scale' matches no parameter or buffer of the model", as if it were damaged."""
+    from safetensors.torch import load_file, save_file
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                     "dynamic": False, "symmetric": True}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i in range(cfg["num_hidden_layers"]):
+        for kv in "kv":
+            tensors[f"model.layers.{i}.self_attn.{kv}_scale"] = torch.ones(())
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"has a kv_cache_scheme \(\{'num_bits': 8.*which llmspeed does not apply"):
+        llmspeed.load(tmp_path)
+
+
 def test_malformed_config_groups_name_the_file(tmp_path):
     """Regression: config_groups that were a list, or a group or its weights that were not objects, raised a bare
     AttributeError ("'list' object has no attribute 'items'")."""

@@ -306,8 +306,8 @@ def module_buffers(
 
 def check_readable(directory: Path, quant: dict[str, Any]) -> None:
     """``ValueError`` naming what ``quant`` (``config.json``'s ``quantization_config``) holds that llmspeed cannot read:
-    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), experts pruned per layer (a
-    ``moe_sparsity_config`` that counts experts), a config group in a format other
+    sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), a quantized KV cache (a
+    ``kv_cache_scheme``), experts pruned per layer (a ``moe_sparsity_config`` that counts experts), a config group in a format other
     than ``pack-quantized``, or ``config_groups`` that are not objects. Called before any tensor is read: those
     folders store other tensors. Transforms are checked by :func:`.ct_transforms.rotated_layers` in :func:`load`."""
     sparsity = quant.get("sparsity_config") or {}
@@ -318,6 +318,13 @@ def check_readable(directory: Path, quant: dict[str, Any]) -> None:
             f"stored as their nonzero values and a bitmask), which llmspeed does not support; it reads dense "
             f"compressed-tensors folders ({PACK_FORMAT!r} int4 and int8 weights, sparsity_config empty or "
             f"'dense'): load a dense float checkpoint and call llmspeed.quantize instead"
+        )
+    if quant.get("kv_cache_scheme") is not None:
+        raise ValueError(
+            f"{directory}: config.json's quantization_config has a kv_cache_scheme "
+            f"({quant['kv_cache_scheme']!r}: keys and values quantized in the KV cache, with their scales stored "
+            f"beside the attention layers), which llmspeed does not apply: it reads weight-only schemes and keeps "
+            f"the KV cache in the model's dtype; export the checkpoint without kv_cache_scheme"
         )
     moe = quant.get("moe_sparsity_config") or {}
     experts = moe.get("num_experts") if isinstance(moe, dict) else moe
