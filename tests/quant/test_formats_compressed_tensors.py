@@ -302,6 +302,15 @@ def test_sparse_compressed_tensors_folders_are_refused_by_name(tmp_path):
             llmspeed.load(tmp_path / "24")
 
 
+def _reads_or_refuses(folder, refused: bool, match: str) -> None:
+    """``llmspeed.load(folder)`` raises a ValueError matching ``match`` when ``refused``, else reads the int4 layers."""
+    if not refused:
+        assert isinstance(llmspeed.load(folder).hf.model.layers[0].mlp.up_proj, Int4Linear)
+        return
+    with pytest.raises(ValueError, match=match):
+        llmspeed.load(folder)
+
+
 def test_expert_sparsity_is_refused_by_name(tmp_path):
     """Regression: a ``moe_sparsity_config`` (compressed-tensors' ``ExpertSparsityConfig``: experts pruned per layer)
     was not looked at; one that counts no experts (every layer dense) reads as before."""
@@ -316,12 +325,8 @@ def test_expert_sparsity_is_refused_by_name(tmp_path):
         moe = ExpertSparsityConfig(method="prune", num_experts=experts).model_dump()
         (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
             **cfg["quantization_config"], "moe_sparsity_config": moe}}))  # fmt: skip
-        if not refused:
-            assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.up_proj, Int4Linear)
-            continue
-        with pytest.raises(ValueError, match=r"moe_sparsity_config \(experts pruned or merged per layer, method "
-                                             r"'prune'\), which llmspeed does not support"):  # fmt: skip
-            llmspeed.load(tmp_path)
+        _reads_or_refuses(tmp_path, refused, r"moe_sparsity_config \(experts pruned or merged per layer, method "
+                                             r"'prune'\), which llmspeed does not support")  # fmt: skip
 
 
 def test_a_quantized_kv_cache_is_refused_by_name(tmp_path):
@@ -454,12 +459,8 @@ def test_folders_with_transforms_are_refused_by_name(tmp_path):
     for transforms, refused in [(rotation, True), ({}, False), (None, False), ({"config_groups": {}}, False)]:
         cfg["quantization_config"]["transform_config"] = transforms
         (tmp_path / "config.json").write_text(json.dumps(cfg))
-        if not refused:
-            assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.up_proj, Int4Linear)
-            continue
-        with pytest.raises(ValueError, match=r"has a transform_config llmspeed cannot apply \(group 'R1' has "
-                                             r"head_dim=None.*call llmspeed.quantize"):  # fmt: skip
-            llmspeed.load(tmp_path)
+        _reads_or_refuses(tmp_path, refused, r"has a transform_config llmspeed cannot apply \(group 'R1' has "
+                                             r"head_dim=None.*call llmspeed.quantize")  # fmt: skip
 
 
 # --- hadamard_layers <-> transform_config ----------------------------------------------------------
