@@ -66,16 +66,20 @@ def check_rotatable(name: str, in_features: int, group: int | None) -> None:
 def rotated_inputs(linears: Sequence[nn.Linear], group: int) -> Iterator[None]:
     """Inside the block, each of ``linears`` holds ``rotate(W)`` and rotates its input first (a forward pre-hook
     registered before any the caller adds, so the caller's hooks see the rotated input): the same function.
-    Weights and hooks are restored on exit, however the block ends."""
-    saved = [lin.weight.data for lin in linears]
+    Weights and hooks are restored on exit, however the block ends.
+
+    The rotated weight is a new parameter, not new data in the old one: a module tied to that parameter (the input
+    embedding of a tied output head) keeps reading the unrotated rows, and the tie is back on exit."""
+    saved = [lin.weight for lin in linears]
     hooks = []
     try:
         for lin in linears:
-            lin.weight.data = rotate(lin.weight.data, group)
+            w = lin.weight
+            lin.weight = nn.Parameter(rotate(w.detach(), group), requires_grad=w.requires_grad)  # [out, in]
             hooks.append(lin.register_forward_pre_hook(lambda _m, args: (rotate(args[0], group), *args[1:])))
         yield
     finally:
         for h in hooks:
             h.remove()
         for lin, w in zip(linears, saved):
-            lin.weight.data = w
+            lin.weight = w

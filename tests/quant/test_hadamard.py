@@ -251,3 +251,32 @@ def test_a_rotated_output_head_shared_with_the_embedding_reads_unrotated_rows():
     prompt = [4, 8, 15, 16]
     out = gen.generate_batched([prompt], llmspeed.SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
     assert list(out.token_ids) == _greedy(model, prompt, 5)
+
+
+def test_rotating_a_tied_head_leaves_the_embedding_it_shares_unrotated():
+    """Regression: the rotated weight was written into the shared parameter's data, so inside the block the tied
+    input embedding looked up rotated rows."""
+    emb = torch.nn.Embedding(10, 64)
+    head = torch.nn.Linear(64, 10, bias=False)
+    head.weight = emb.weight
+    rows = emb.weight.detach().clone()
+    ids, x = torch.tensor([1, 7]), torch.randn(3, 64)
+    expected = head(x)
+    with rotated_inputs([head], 32):
+        assert torch.equal(emb(ids), rows[ids])  # the embedding reads the layer's own rows
+        torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
+    assert head.weight is emb.weight and torch.equal(emb.weight, rows)  # the tie is back
+
+
+def test_gptq_with_a_rotated_tied_head_calibrates_the_body_on_unrotated_embeddings():
+    """Regression: while GPTQ calibrated, the tied embedding of a head in hadamard_layers returned rotated rows, so
+    every decoder layer was fitted to another model's activations (all 14 packed differently from the plain run)."""
+    packed = []
+    for layers in (None, ["lm_head"]):
+        model = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True)
+        llmspeed.quantize(model, "int4", 32, method="gptq", calibration=_tokens(), method_options=OPTS,
+                          lm_head="int4", hadamard_layers=layers)  # fmt: skip
+        packed.append({n: m.qweight for n, m in model.linear_layers()})
+    # the head lies outside the decoder stack (rounded to nearest): rotating it changes nothing else
+    assert [n for n in packed[0] if n != "lm_head" and not torch.equal(packed[0][n], packed[1][n])] == []
+    assert not torch.equal(packed[0]["lm_head"], packed[1]["lm_head"])
