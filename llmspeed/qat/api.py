@@ -160,8 +160,9 @@ def prepare(
             linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
             start, layer_config = built.get(name), plan[name]
             if start is None:
-                w = linear.weight.detach().float()  # [out, in]
-                w = rotate(w, config.group_size) if layer_config.hadamard else w
+                w = linear.weight.detach()  # [out, in]
+                # rotated in the model's dtype, as quantize rotates it: the latent weight holds exactly these values
+                w = (rotate(w, config.group_size) if layer_config.hadamard else w).float()
                 w = P.pad_columns(w, config.padded_in_features(linear.in_features))  # [out, in_pad]
                 scales, zeros = init_qparams(w, config, symmetric)  # [out, groups] x2
                 layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)
