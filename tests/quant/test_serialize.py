@@ -62,6 +62,29 @@ def test_16_bit_models_load_with_their_cast_hooks(tmp_path, llama, dtype, fmt):
             loaded.hf(ids)
 
 
+@pytest.mark.parametrize("fmt", ["llmspeed", "compressed-tensors"])
+def test_loaded_tensors_are_aligned_for_the_aten_kernels(tmp_path, fmt):
+    """Regression: load kept the memory-mapped views safetensors returns, 8-byte aligned; the bf16 model with
+    rotated down projections (whose metadata shifts every tensor) put its int8 head's weight 8 bytes off a 32-byte
+    boundary, and torch._weight_int8pack_mm, which auto picks for that head, crashed the process."""
+    from llmspeed.quant.formats.skeleton import ALIGN
+    from llmspeed.quant.kernels import KERNELS
+
+    model = llmspeed.models.tiny("llama", seed=0, dtype="bf16")
+    llmspeed.quantize(model, "int4", 32, symmetric=fmt != "llmspeed", hadamard_layers=["*.mlp.down_proj"])
+    loaded = llmspeed.load(llmspeed.save(model, tmp_path, format=fmt))
+    assert [k for k, v in _state(loaded).items() if v.data_ptr() % ALIGN] == []
+    head = dict(loaded.linear_layers())["lm_head"]
+    x = torch.randn(32, head.in_features).bfloat16()  # [32, hidden]
+    if fmt == "llmspeed" and KERNELS["aten_int8"].why_not(head, x) is None:
+        y, ref = KERNELS["aten_int8"].run(head, x).float(), KERNELS["reference"].run(head, x).float()  # [32, vocab]
+        assert (y - ref).norm() / ref.norm() < 1e-2  # bf16 rounding only
+    ids = torch.arange(1, 17)[None]  # [1, 16]
+    with torch.no_grad():  # compressed-tensors writes the head in float: its rounding differs
+        torch.testing.assert_close(loaded.hf(ids).logits, model.hf(ids).logits, **({} if fmt == "llmspeed" else
+                                   dict(rtol=0, atol=1e-2)))  # fmt: skip
+
+
 def test_tied_head_stays_tied_and_float_model_works(tmp_path):
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip

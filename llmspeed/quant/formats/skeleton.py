@@ -23,6 +23,10 @@ from ...precision import attach
 from ..config import QuantConfig
 from ..modules import module_class
 
+# Bytes every assigned tensor is aligned to: what torch's CPU allocator gives, and what some aten kernels assume
+# (torch._weight_int8pack_mm with bf16 activations crashed on an int8 weight 8 bytes off a 32-byte boundary)
+ALIGN = 64
+
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
@@ -119,12 +123,15 @@ def check(name: str, tensor: torch.Tensor, want: torch.Tensor, source: Path, exa
 def assign(
     model: Model, name: str, tensor: torch.Tensor, source: Path, want: dict[str, torch.Tensor]
 ) -> None:
-    """Set parameter or buffer ``name`` to ``tensor`` (no copy) after checking it against ``want[name]``."""
+    """Set parameter or buffer ``name`` to ``tensor`` after checking it against ``want[name]``: no copy, unless the
+    tensor is not :data:`ALIGN`-byte aligned (a memory-mapped safetensors file places tensors 8 bytes apart)."""
     if name not in want:
         raise ValueError(f"{source}: tensor {name!r} matches no parameter or buffer of the model")
     owner_name, _, attr = name.rpartition(".")
     owner = model.module.get_submodule(owner_name)
     check(name, tensor, want[name], source, exact=hasattr(owner, "quant_format") and attr != "bias")
+    if tensor.data_ptr() % ALIGN:  # a view into the file, which aligns tensors to 8 bytes only: own a copy
+        tensor = tensor.clone()
     if attr in owner._parameters:
         old = owner._parameters[attr]
         owner._parameters[attr] = nn.Parameter(
