@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..protocol import CausalLM, is_fake_quantized, is_quantized
+from ..quant.methods import METHODS
 from .inject import lora_layers, require_adapter
 from .layer import LoraLinear
 
@@ -53,6 +54,26 @@ def _float_weight(base: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _check_requantizable(adapter: str, layer_name: str, base: Any) -> None:
+    """Raise (before any layer changes) unless ``base`` can quantize a merged weight on its own.
+
+    Its method must quantize one weight at a time (RTN, HQQ): GPTQ and AWQ quantize whole models from calibration
+    text. Rounding the merged weight onto their grid instead was measured to drop most of an adapter's update
+    (every weight sits on a grid point, and an update under half a step rounds back to it).
+    """
+    from_linear = getattr(type(base), "from_linear", None)
+    if from_linear is None:
+        raise TypeError(f"{type(base).__name__} ({layer_name}) has no from_linear(); merge with requantize=False")
+    method = getattr(getattr(base, "config", None), "method", None)
+    if method is not None and (method not in METHODS or METHODS[method].weight is None):
+        raise ValueError(
+            f"cannot merge adapter {adapter!r} with requantize=True: layer {layer_name!r} was quantized with "
+            f"method={method!r}, which quantizes whole models from calibration text, not one merged weight; merge "
+            f"with requantize=False (the merged layers become float), keep the adapter unmerged, or merge it into "
+            f"the float model and quantize that"
+        )
+
+
 def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[float, float]:
     base: Any = layer.base_layer
     weight = cast(torch.Tensor, base.dequantize())  # [out, in]
@@ -67,10 +88,7 @@ def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[fl
         if bias is not None:
             linear.bias.copy_(bias)
     if requantize:
-        from_linear = getattr(type(base), "from_linear", None)
-        if from_linear is None:
-            raise TypeError(f"{type(base).__name__} has no from_linear(); merge with requantize=False")
-        new_base = from_linear(linear, base.config)
+        new_base = type(base).from_linear(linear, base.config)  # _check_requantizable ran before any change
         err = new_base.dequantize().to(target.dtype) - target  # [out, in]
         errors = (err.abs().max().item(), (err.norm() / delta.norm().clamp_min(1e-30)).item())
     else:
@@ -89,14 +107,16 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
         model: The model carrying the adapter.
         name: The adapter to merge.
         requantize: On quantized layers, re-quantize the merged weight into the same format (the
-            default; warns with the error) or replace the layer by a float ``nn.Linear``.
+            default; warns with the error; layers of a per-weight method only) or replace the layer by a
+            float ``nn.Linear``.
 
     Returns:
         A :class:`MergeReport`. While merged, forward skips the adapter's delta.
 
     Raises:
-        ValueError: the adapter does not exist or is already merged, ``requantize`` is not a bool, or its
-            layers are prepared for quantization-aware training (convert first); model unchanged.
+        ValueError: the adapter does not exist or is already merged, ``requantize`` is not a bool, its
+            layers are prepared for quantization-aware training (convert first), or ``requantize=True`` meets
+            a layer GPTQ or AWQ quantized (they cannot quantize one merged weight); model unchanged.
     """
     require_adapter(model, name)
     if not isinstance(requantize, bool):
@@ -111,9 +131,11 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
             f"adapter {name!r} wraps {len(prepared)} layers prepared for quantization-aware training "
             f"(e.g. {prepared[0]!r}); call llmspeed.qat.convert(model) first, then merge"
         )
-    for layer in layers:  # check every layer can be merged before changing any
+    for layer_name, layer in named:  # check every layer can be merged before changing any
         if not is_quantized(layer.base_layer):
             _float_weight(layer.base_layer)
+        elif requantize:
+            _check_requantizable(name, layer_name, layer.base_layer)
     max_abs, worst, requantized = 0.0, 0.0, 0
     for layer in layers:
         if is_quantized(layer.base_layer):
