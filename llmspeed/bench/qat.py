@@ -10,8 +10,8 @@ Rows: the original fp32 model (context); the fp32 model fine-tuned in float (the
 int4 g64 of that fine-tuned model; QAT int4 g64, prepared from the *original* model (GPTQ start on the
 same calibration windows), fine-tuned with the same recipe, then converted to the same packed
 ``Int4Linear`` modules, with learned scales and zero points (``learn_scales=True``). GPTQ and QAT run a
-second time with the down projections in a Hadamard-rotated basis (``hadamard_layers``); the gaps closed
-are to GPTQ with its default settings. The fixed-grid
+second time with every projection (q/k/v/o, gate/up/down) in a Hadamard-rotated basis (``hadamard_layers``);
+the gaps closed are to GPTQ with its default settings. The fixed-grid
 variant (``learn_scales=False``) is not rerun: only whole-code flips of the latent weights change that
 model, and docs/qat.md records its measurement.
 ``seconds`` is each row's own cost (training, calibration, or both).
@@ -31,13 +31,13 @@ from ..eval import license_text, pydoc_text, window_losses
 from .models import load_model
 
 TABLE = "qat/perplexity"
-# the GPTQ and QAT rows run once as they are and once with the down projections in a Hadamard-rotated basis
-# (quantize's and qat.prepare's ``hadamard_layers``; docs/calibration.md)
-ROTATED: tuple[list[str] | None, ...] = (None, ["*.mlp.down_proj"])
+# the GPTQ and QAT rows run once as they are and once with every projection's input in a Hadamard-rotated basis
+# (quantize's and qat.prepare's ``hadamard_layers``; docs/qat.md, docs/calibration.md)
+ROTATED: tuple[list[str] | None, ...] = (None, ["*_proj"])
 
 
 def _rotated_label(rotated: list[str] | None) -> str:
-    return ", hadamard down_proj" if rotated else ""
+    return ", hadamard *_proj" if rotated else ""
 
 
 def settings(quick: bool, tiny: bool) -> dict[str, Any]:
