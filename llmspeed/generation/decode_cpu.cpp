@@ -63,8 +63,9 @@ enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 // lora: empty, or (A, B) stacks (see LoraTerm) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 // amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
-// flags: empty, or uint8 [layers * 7 + 1], per matrix then the head: 1 reads its input as int8 codes, 2 (down
-// projections only) its input is rotated within its groups first (hadamard_groups).
+// flags: empty, or uint8 [layers * 7 + 1], per matrix then the head: 1 reads its input as int8 codes, 2 its input
+// is rotated within its groups first (hadamard_groups; not the head; q/k/v, and gate/up, which read one input,
+// agree on it: fused_snapshot.py checks).
 // Called with the GIL released (decode_step, greedy_steps).
 static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& slots, const at::Tensor& blocks,
@@ -103,7 +104,7 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
               "fused decode: flags must be empty or uint8 [layers * 7 + 1]");
   const uint8_t* flag = flags.numel() ? flags.data_ptr<uint8_t>() : nullptr;
   auto int8_act = [&](int64_t i) { return flag && (flag[i] & 1); };  // the matrix reads its input as int8 codes
-  auto rotated = [&](int64_t i) { return flag && (flag[i] & 2); };   // ... rotated within groups (down only)
+  auto rotated = [&](int64_t i) { return flag && (flag[i] & 2); };   // ... rotated within groups
   TORCH_CHECK(logit_rows.numel() == 0 || (logit_rows.scalar_type() == at::kLong && logit_rows.is_contiguous()),
               "fused decode: logit_rows must be empty or int64");
   for (int64_t i = 1; i < logit_rows.numel(); ++i)
@@ -129,6 +130,16 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
         const at::Tensor* m = w + FIRST_MATRIX + 3 * j;
         return linear(m[0], m[1], m[2], bias, y, int8_act(l * 7 + j));
       };
+      // matrix j is packed in a basis rotated within its groups: rotate its input [n, K] in place to match (the
+      // buffer feeds only j's GEMV group, whose other matrices rotate the same way, and its adapters, whose A is
+      // stacked rotated)
+      auto rotate_input = [&](Matrix j, float* in, int64_t K) {
+        if (!rotated(l * 7 + j)) return;
+        const at::Tensor& scales = w[FIRST_MATRIX + 3 * j + 1];
+        TORCH_CHECK(scales.dim() == 2 && scales.size(1) > 0 && K % scales.size(1) == 0, "fused decode: layer ", l,
+                    " matrix ", j, " is rotated without group scales");
+        hadamard_groups(in, n, K, K / scales.size(1));
+      };
       auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
       // a GEMV group and, with adapters, its LoRA deltas: the rank products (inside the group's loop for one row,
       // where a product and a weight row both cost their bytes; for more rows a weight row costs its rows'
@@ -142,6 +153,7 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
         deltas.add_outputs();
       };
       rms_norm(hp, w[0].data_ptr<float>(), n, E, eps, x.data());
+      rotate_input(Q, x.data(), E);
       group(x.data(), E, {mat(Q, w[2], q.data()), mat(K_, w[3], k.data()), mat(V, w[4], v.data())},
             {term(Q, q.data()), term(K_, k.data()), term(V, v.data())});
       if (w[5].numel() > 0) {  // per-head q/k norms (Qwen3), before the rotary embedding
@@ -164,18 +176,15 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
         attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<float>() + l * layer_stride,
                value_cache.data_ptr<float>() + l * layer_stride, att.data());
       }
+      rotate_input(O, att.data(), qw);
       group(att.data(), qw, {mat(O, at::Tensor(), tmp.data())}, {term(O, tmp.data())});
       add_into_h();
       rms_norm(hp, w[1].data_ptr<float>(), n, E, eps, x.data());
+      rotate_input(GATE, x.data(), E);
       group(x.data(), E, {mat(GATE, at::Tensor(), gate.data()), mat(UP, at::Tensor(), up.data())},
             {term(GATE, gate.data()), term(UP, up.data())});
       silu_mul(gate.data(), up.data(), n * I);
-      if (rotated(l * 7 + DOWN)) {  // the down weight is packed in the rotated basis: rotate its input to match
-        const at::Tensor& scales = w[FIRST_MATRIX + 3 * DOWN + 1];
-        TORCH_CHECK(scales.dim() == 2 && scales.size(1) > 0 && I % scales.size(1) == 0, "fused decode: layer ", l,
-                    " has a rotated down projection without group scales");
-        hadamard_groups(gate.data(), n, I, I / scales.size(1));
-      }
+      rotate_input(DOWN, gate.data(), I);
       group(gate.data(), I, {mat(DOWN, at::Tensor(), tmp.data())}, {term(DOWN, tmp.data())});
       add_into_h();
     }

@@ -39,7 +39,7 @@ def _fusable(module: Any, rotated_ok: bool = False) -> bool:
 
     4-bit groups must split into whole 16-code tiles, and act-order modules (whose input is gathered through
     ``perm`` first) stay on the generic path; ``hadamard`` ones (input rotated within groups) only where
-    ``rotated_ok`` (the down projections: the step rotates ``SiLU(gate) * up`` in place).
+    ``rotated_ok`` (the projections of a decoder layer: the step rotates their input buffer in place; not the head).
     """
     if type(module) is nn.Linear:
         return module.weight.dtype in _WEIGHT_DTYPES
@@ -167,15 +167,34 @@ def unsupported(model) -> str | None:
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             reason = _check_linear(
-                getattr(attn, name), f"layers.{i}.self_attn.{name}", bias_ok=name != "o_proj"
+                getattr(attn, name), f"layers.{i}.self_attn.{name}", bias_ok=name != "o_proj", rotated_ok=True
             )
             if reason:
                 return reason
         for name in ("gate_proj", "up_proj", "down_proj"):
-            reason = _check_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False,
-                                   rotated_ok=name == "down_proj")
+            reason = _check_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False, rotated_ok=True)
             if reason:
                 return reason
+        reason = _check_shared_rotation(i, attn, ("q_proj", "k_proj", "v_proj")) or _check_shared_rotation(
+            i, mlp, ("gate_proj", "up_proj")
+        )
+        if reason:
+            return reason
+    return None
+
+
+def _rotation(module: nn.Module) -> int | None:
+    """The block size a linear rotates its input in (``QuantConfig.hadamard``: its group), else ``None``."""
+    config = getattr(_base(module), "config", None)
+    return config.group_size if getattr(config, "hadamard", False) else None
+
+
+def _check_shared_rotation(i: int, owner: nn.Module, names: tuple[str, ...]) -> str | None:
+    """The matrices that read one input buffer must rotate it alike: the step rotates the buffer once, in place."""
+    rotations = [_rotation(getattr(owner, name)) for name in names]
+    if len(set(rotations)) > 1:
+        said = ", ".join(f"{n} {'by ' + str(r) if r else 'unrotated'}" for n, r in zip(names, rotations))
+        return f"layer {i}: {'/'.join(names)} read one input but rotate it differently ({said}), which the fused step does not"
     return None
 
 

@@ -108,22 +108,34 @@ def _greedy(model, prompt, steps):
     return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("layers,fused", [(DOWN, "on"), (["*.q_proj", "*.k_proj", "*.v_proj"], "hadamard=True")])
-def test_the_generator_gives_the_models_tokens_fused_where_only_down_projections_rotate(layers, fused):
+@pytest.mark.parametrize(
+    "layers,fused",
+    [
+        (DOWN, "on"),
+        (["*.q_proj", "*.k_proj", "*.v_proj"], "on"),
+        (["*_proj"], "on"),  # every projection: q/k/v, o, gate/up and down rotate their inputs in the step
+        (["*.q_proj"], "q_proj/k_proj/v_proj read one input but rotate it differently (q_proj by 32, k_proj unrotated"),
+        (["*.up_proj"], "gate_proj/up_proj read one input but rotate it differently"),
+    ],
+)
+def test_the_generator_gives_the_models_tokens_fused_where_a_layers_inputs_rotate_alike(layers, fused):
+    """Each rotated projection's input buffer is rotated in place by the fused step (q/k/v and gate/up share one,
+    so they must rotate alike, else the generic path runs and the status says why); the tokens are the model's."""
     model = _quantized("rtn", layers)
     gen = llmspeed.Generator(model, progress=False)
     if llmspeed.generation.fused_decode.extension() is not None:  # else the generic path, and the status says why
-        assert fused in gen.fused_decode_status
-    prompt = [5, 17, 42, 7]
-    out = gen.generate_batched([prompt], llmspeed.SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
-    assert list(out.token_ids) == _greedy(model, prompt, 6)
+        assert fused in gen.fused_decode_status, gen.fused_decode_status
+    prompts = [[5, 17, 42, 7], [3, 9]]
+    outs = gen.generate_batched(prompts, llmspeed.SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert [list(o.token_ids) for o in outs] == [_greedy(model, p, 6) for p in prompts]
 
 
-@pytest.mark.parametrize("lora_dtype", ["float32", "float16"])
-def test_adapters_over_a_rotated_down_projection_run_fused_with_the_models_tokens(lora_dtype):
-    model = _quantized("rtn")
+@pytest.mark.parametrize("lora_dtype, rotated", [("float32", DOWN), ("float16", DOWN), ("float16", ["*_proj"])])
+def test_adapters_over_rotated_projections_run_fused_with_the_models_tokens(lora_dtype, rotated):
+    model = _quantized("rtn", rotated)
     torch.manual_seed(0)
-    llmspeed.lora.add_adapter(model, "a", r=4, targets=["down_proj", "up_proj"], init="random")
+    targets = ["down_proj", "up_proj"] if rotated == DOWN else ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    llmspeed.lora.add_adapter(model, "a", r=4, targets=targets, init="random")
     for _, layer in llmspeed.lora.lora_layers(model):  # an adapter large enough to change the tokens
         torch.nn.init.normal_(layer.weight_b("a"), std=0.3)
     gen = llmspeed.Generator(model, progress=False, lora_dtype=lora_dtype)
