@@ -426,7 +426,7 @@ class Generator:
         start = time.perf_counter()
         adapters = [s.params.adapter for s in seqs]
         rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
-        burst = self.runner.fused.greedy_steps(rows, steps, adapters if any(adapters) else None)
+        burst = self.runner.greedy_steps(rows, steps, adapters if any(adapters) else None)
         if burst is None:  # the model changed under the step: the next step() takes it from here
             return []
         tokens, known = burst

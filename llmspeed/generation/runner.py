@@ -181,6 +181,14 @@ class ModelRunner:
         with step_lock(self.model.module):
             return self._run(step)
 
+    def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
+                     adapters: list[str | None] | None) -> Any:
+        """:meth:`.fused_decode.FusedDecode.greedy_steps` of the fused step (which must be on), holding the model's
+        :func:`~llmspeed.protocol.step_lock` as :meth:`run` does."""
+        assert self.fused is not None
+        with step_lock(self.model.module):
+            return self.fused.greedy_steps(rows, steps, adapters)
+
     def _run(self, step: StepInput) -> tuple[str, torch.Tensor]:
         plain = step.decode_only and step.adapters is None
         if self.graphs is not None and plain:
