@@ -20,8 +20,8 @@ This kernel reads each packed byte once and writes the weight once, in the activ
   of the group) are masked out.
 
 The arithmetic is the reference's (fp32, then one rounding to the output dtype), so the weight is
-bit-identical to ``module.dequantize(dtype)``; the tests check that on the CPU through Triton's
-interpreter (``TRITON_INTERPRET=1``).
+bit-identical to ``module.packed_dequantize(dtype)`` (``module.dequantize(dtype)`` unless the layer is act-order
+or rotated); the tests check that on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ def per_group(group: int) -> int:
 
 
 def dequantize(module, dtype: torch.dtype) -> torch.Tensor:  # [out, in] in dtype
-    """``module.dequantize(dtype)`` in one Triton pass over the packed buffers (bit-identical)."""
+    """``module.packed_dequantize(dtype)`` in one Triton pass over the packed buffers (bit-identical): the stored
+    column order and basis, which the kernel's input arrives in (gathered through ``perm``, or rotated); equal
+    to ``module.dequantize(dtype)`` for every other layer."""
     if dtype not in _OUT_TYPES:
         raise ValueError(f"dtype must be one of {list(_OUT_TYPES)}; got {dtype}")
     n, k = module.out_features, module.in_features
