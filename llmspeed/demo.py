@@ -145,16 +145,16 @@ def _check_text_length(parser: argparse.ArgumentParser, window: int, windows: in
     close to that bound pays for loading the tokenizer and counting exactly.
     """
     text = pydoc_text("eval")
-    need = window * windows
-    if need * 8 <= len(text.encode()):
+    need, size = window * windows, len(text.encode())  # size: the text's bytes, at least its tokens
+    if need * 8 <= size:
         return
     from .models.embedded import tokenizer
 
-    tokens = len(tokenizer().encode(text, add_special_tokens=False)) if need <= len(text.encode()) else 0
+    tokens = len(tokenizer().encode(text, add_special_tokens=False)) if need <= size else 0
     if need > tokens:
         parser.error(
             f"--window {window} x --windows {windows} needs {need} tokens; the evaluation text (pydoc topics, "
-            f"first half) has {tokens or f'at most {len(text.encode())}'}: pass fewer or shorter windows"
+            f"first half) has {tokens or f'at most {size}'}: pass fewer or shorter windows"
         )
 
 
