@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -92,6 +95,30 @@ def test_autocast_rejects_fp32(llama):
     with pytest.raises(ValueError, match="16-bit"):
         with llmspeed.autocast(llama, "fp32"):
             pass
+
+
+def test_autocast_checks_its_arguments_at_the_call_not_at_the_with():
+    with pytest.raises(ValueError, match="16-bit.*got fp32"):
+        llmspeed.autocast(object(), "fp32")  # raised before anything is entered (a generator would wait for `with`)
+    with pytest.raises(TypeError, match="model must be an llmspeed.Model"):
+        llmspeed.autocast(object(), "bf16")
+
+
+def test_autocast_called_without_with_warns_that_it_changed_nothing(llama):
+    """Regression: ``llmspeed.autocast(model, "bf16")`` as a plain call did nothing, silently."""
+    with pytest.warns(RuntimeWarning, match=r"autocast\(model, 'bf16'\) was never entered"):
+        llmspeed.autocast(llama, "bf16")
+        gc.collect()
+    with torch.no_grad():
+        assert llama.hf(IDS).logits.dtype == torch.float32  # and indeed nothing changed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the block, entered and left (twice, in turn), warns about nothing
+        ctx = llmspeed.autocast(llama, "fp16")
+        for _ in range(2):
+            with ctx, torch.no_grad():
+                assert llama.hf(IDS).logits.dtype == torch.float16
+        del ctx
+        gc.collect()
 
 
 class FakeQuantLinear(nn.Module):

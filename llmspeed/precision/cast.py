@@ -24,8 +24,8 @@ matters for training (gradient mode keeps 16-bit activations) and other devices.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -193,19 +193,41 @@ def attach(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto
     return model
 
 
-@contextmanager
-def autocast(model: CausalLM, dtype: str | torch.dtype = "bf16") -> Iterator[CausalLM]:
+class autocast(AbstractContextManager):  # noqa: N801 (a verb, used as ``with llmspeed.autocast(...)``)
     """Mixed precision for the forward passes inside the block; weights stay as they are.
 
-    Matmuls run in ``dtype`` (``"bf16"`` or ``"fp16"``) through ``torch.autocast`` on the
-    model's device type (CPU or CUDA); reductions and softmax stay in fp32. ``model`` is an
-    :class:`llmspeed.Model` or a transformers causal LM (wrapped, as :func:`cast` does); the block
-    receives the wrapper.
+    ``with llmspeed.autocast(model, "bf16") as m: ...``: matmuls run in ``dtype`` (``"bf16"`` or ``"fp16"``)
+    through ``torch.autocast`` on the model's device type (CPU or CUDA); reductions and softmax stay in fp32.
+    ``model`` is an :class:`llmspeed.Model` or a transformers causal LM (wrapped, as :func:`cast` does); the block
+    receives the wrapper. Bad arguments raise at the call, before the block; an ``autocast`` that is never
+    entered changes nothing, and says so with a ``RuntimeWarning`` when it is discarded (as an un-awaited
+    coroutine does), since calling it without ``with`` is an easy slip that would otherwise go unnoticed.
     """
-    model = as_model(model)
-    target = resolve_dtype(dtype)
-    if target == torch.float32:
-        raise ValueError("dtype must be a 16-bit type for autocast ('bf16' or 'fp16'); got fp32")
-    device_type = model.spec.device.type
-    with torch.autocast(device_type=device_type, dtype=target):
-        yield model
+
+    def __init__(self, model: CausalLM, dtype: str | torch.dtype = "bf16"):
+        target = resolve_dtype(dtype)
+        if target == torch.float32:
+            raise ValueError("dtype must be a 16-bit type for autocast ('bf16' or 'fp16'); got fp32")
+        self.model = as_model(model)
+        self.dtype = target
+        self._torch: torch.autocast | None = None
+        self._entered = False
+
+    def __enter__(self) -> CausalLM:
+        if self._torch is not None:
+            raise RuntimeError("this llmspeed.autocast block is already active; call llmspeed.autocast() again to nest")
+        self._entered = True
+        self._torch = torch.autocast(device_type=self.model.spec.device.type, dtype=self.dtype)
+        self._torch.__enter__()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        ctx, self._torch = self._torch, None
+        if ctx is not None:
+            ctx.__exit__(*exc)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_entered", True):
+            warnings.warn(f"llmspeed.autocast(model, {dtype_name(self.dtype)!r}) was never entered, so it changed "
+                          f"nothing: use it as 'with llmspeed.autocast(model, ...) as m:'",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
