@@ -146,7 +146,10 @@ class QuantizedLinearBase(nn.Module):
             x = x.index_select(-1, self.perm)  # [..., in]
         if self._rotated:  # the packed weight is rotate(W): rotate x the same way
             x = rotate(x, self.layout.group)  # [..., in]
+        dtype = x.dtype
         if self._int8_activations:  # dynamic int8 activations; straight-through gradient
+            if dtype != torch.float32 and x.device.type == "cpu":  # codes times d in fp32, as the integer kernels
+                x = x.float()  # and the fused step see them (16 bits would round them); the kernel widens x anyway
             q = cpp_round(x)  # one C++ pass where it applies (contiguous fp32 on the CPU), else None
             q = P.quantize_activations(x) if q is None else q  # [..., in]
             x = q if not x.requires_grad else x + (q - x).detach()
@@ -156,7 +159,7 @@ class QuantizedLinearBase(nn.Module):
             y = self._matmul(x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y
+        return y if y.dtype == dtype else y.to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
         # Decode calls this ~200 times per token on small layers: keep the Python work minimal.

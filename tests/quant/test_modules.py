@@ -198,6 +198,22 @@ def test_int8_activations_multiply_the_rounded_input(config):
     assert QuantConfig.from_dict({"format": "int4"}).activations == "float"  # files written before the field
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_int8_activations_of_a_16_bit_input_are_rounded_in_fp32(dtype):
+    """Regression: a bf16 input's int8 codes times their block scale were rounded back to bf16 before the matmul
+    (about 2^-9 of each value), so the generic path of a bf16 model differed from the fused decode step, which
+    multiplies the exact codes, and gave other tokens. The 16-bit layer now computes what the fp32 layer
+    computes on the same (16-bit) values, rounded once at the output."""
+    lin = _linear(k=100, n=24)
+    q = module_class("int4").from_linear(lin, QuantConfig("int4", 32, activations="int8"))
+    x = torch.randn(4, 100).to(dtype)  # values a 16-bit model hands its layers
+    with torch.no_grad():
+        y = q(x)
+        ref = q(x.float())
+    assert y.dtype == dtype
+    assert torch.equal(y, ref.to(dtype))
+
+
 def test_bad_activations_are_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"activations must be one of \['float', 'int8'\]; got 'int4'"):
         QuantConfig("int4", activations="int4")
