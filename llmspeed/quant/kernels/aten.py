@@ -39,9 +39,14 @@ def _pad_x(module, x: torch.Tensor) -> torch.Tensor:  # [M, in_pad]
 
 # --- int8 ---------------------------------------------------------------------------------------
 def aten_int8(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
-    """``_weight_int8pack_mm``: the int8 weight is read as is; scales are cast to the activation dtype."""
+    """``_weight_int8pack_mm``: the int8 weight is read as is (a 64-byte aligned copy, kept with the module's kernel
+    state, where the buffer is not aligned: the CPU op crashes on some misaligned weights, e.g. a view into a
+    memory-mapped file assigned by the user); scales are cast to the activation dtype."""
     scales = module.scales if x.dtype == torch.float32 else module.scales.to(x.dtype)
-    return torch._weight_int8pack_mm(x.contiguous(), module.qweight, scales)
+    w = module.qweight  # [out, in] int8
+    if w.data_ptr() % 64:  # with bf16 activations the op segfaulted on weights 8 or 24 bytes off a 32-byte boundary
+        w = module.kernel_state("aten_int8 aligned", lambda m: m.qweight.clone())
+    return torch._weight_int8pack_mm(x.contiguous(), w, scales)
 
 
 def int8_dynamic(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
