@@ -130,6 +130,25 @@ def test_the_generator_gives_the_models_tokens_fused_where_a_layers_inputs_rotat
     assert [list(o.token_ids) for o in outs] == [_greedy(model, p, 6) for p in prompts]
 
 
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_the_fused_steps_rotation_gives_the_generic_paths_logits(group):
+    """The fused step's butterflies (in registers for the distances below 8 where the CPU has AVX2, then across
+    registers) against the generic path's matmul by ``hadamard(group)``, every projection rotated: the same logits
+    to fp32 rounding, at every group size the 4-bit fused step takes (the tiny model's inputs are 64 and 128 wide)."""
+    from llmspeed.generation import fused_decode
+    from llmspeed.generation.runner import StepInput
+    from tests.generation.test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled
+
+    if fused_decode.extension() is None:
+        pytest.skip(f"the fused decode step is unavailable here: {fused_decode.unavailable()}")
+    model = _quantized("rtn", ["*_proj"], group)
+    gen, decode = _prefilled(model, [1, 5, 9, 17, 3])
+    got = fused_decode.FusedDecode(model, gen.cache, max_rows=1 << 30).run(StepInput.decode(decode, gen.blocks.block_size))
+    ref = _generic_logits(model, gen, decode)
+    assert got is not None
+    assert (got - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("lora_dtype, rotated", [("float32", DOWN), ("float16", DOWN), ("float16", ["*_proj"])])
 def test_adapters_over_rotated_projections_run_fused_with_the_models_tokens(lora_dtype, rotated):
     model = _quantized("rtn", rotated)
