@@ -197,7 +197,7 @@ class TokenLogprobs:
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:  # [V] -> [V]
     """Set logits outside the top-k / top-p (nucleus) set to ``-inf`` (one row)."""
     row = logits[None]  # [1, V]
-    k = torch.tensor([top_k], device=logits.device)
+    k = torch.tensor([min(top_k, logits.shape[-1])], device=logits.device)  # a k past the vocabulary keeps all
     p = torch.tensor([float(top_p)], device=logits.device)
     return _filter_rows(row, k, p)[0]
 
@@ -276,7 +276,8 @@ def sample_batch(
         idx = torch.tensor(random_rows, device=dev)  # [R]
         sub = [params[i] for i in random_rows]
         temps = torch.tensor([p.temperature for p in sub], device=dev)  # [R]
-        top_k = torch.tensor([p.top_k for p in sub], device=dev)  # [R]
+        # a top_k past the vocabulary keeps every token; clamped so one past int64 (10**20) fails no batch
+        top_k = torch.tensor([min(p.top_k, scores.shape[1]) for p in sub], device=dev)  # [R]
         top_p = torch.tensor([float(p.top_p) for p in sub], device=dev)  # [R]
         scaled = _filter_rows(scores.index_select(0, idx) / temps[:, None], top_k, top_p)  # [R, V]
         uniform = torch.stack(

@@ -7,7 +7,7 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from llmspeed import Generator, SamplingParams
-from llmspeed.generation.sampling import RowContext, sample_batch
+from llmspeed.generation.sampling import RowContext, filter_logits, sample_batch
 
 
 def _hf(model, prompt, n, **kwargs):
@@ -98,3 +98,18 @@ def test_batched_top_k_top_p_rows_match_one_row_at_a_time():
     single = [sample_batch(logits[i : i + 1], [p], [g])[0][0] for i, (p, g) in enumerate(zip(params, gens()))]
     assert batch == single
     assert batch[4] == int(logits[4].argmax())  # top_k=1 is greedy
+
+
+def test_a_top_k_past_int64_keeps_every_token_and_fails_no_other_row():
+    """Regression: ``top_k=10**20`` (valid: an int >= 0) went into an int64 tensor and raised "Overflow when
+    unpacking long long" in ``sample_batch``, failing every request of the step, not only its own."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 300)
+    params = [SamplingParams(temperature=0.7, top_k=10**20, seed=1), SamplingParams(temperature=0.7, top_k=5, seed=2)]
+    same = [SamplingParams(temperature=0.7, top_k=0, seed=1), params[1]]
+
+    def gens():
+        return [torch.Generator().manual_seed(p.seed) for p in params]
+
+    assert sample_batch(logits, params, gens())[0] == sample_batch(logits, same, gens())[0]
+    assert torch.equal(filter_logits(logits[0], 10**20, 1.0), logits[0])

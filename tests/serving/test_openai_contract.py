@@ -232,3 +232,13 @@ def test_a_queued_request_whose_client_left_is_aborted_before_it_runs(llama, liv
         assert engine.metrics()["requests_waiting"] == 0 and not busy.done()  # aborted while still queued
         busy.abort()
         assert busy.result(timeout=10).finish_reason == "abort"
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(tiny_server, live_server):
+    """Regression: ``top_k: 10**20`` failed the step of its batch ("Overflow when unpacking long long"), so it and
+    every request sampled with it got an error; it keeps every token, as ``top_k: 0``."""
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "min_tokens": 4, "seed": 3}
+        huge = _post(url, "/v1/completions", {**body, "top_k": 10**20})
+        assert huge.status_code == 200, huge.text
+        assert huge.json()["choices"][0]["text"] == _post(url, "/v1/completions", body).json()["choices"][0]["text"]
