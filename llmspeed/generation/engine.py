@@ -40,6 +40,8 @@ from .sequence import Sequence as Seq
 if TYPE_CHECKING:
     import torch
 
+STEP_FAILED = "the step running this request raised"  # how the error of a request whose step raised begins
+
 
 class Generator:
     """Continuous batching over a paged KV cache for any :class:`~llmspeed.protocol.CausalLM`.
@@ -360,7 +362,7 @@ class Generator:
                 self._end(seq, "error")
 
     def _fail(self, batch: Batch, exc: BaseException) -> list[StreamEvent]:
-        message = f"the step running this request raised {type(exc).__name__}: {exc}"
+        message = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
         events = []
         for chunk in batch.chunks:
             seq = chunk.seq

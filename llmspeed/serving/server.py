@@ -27,6 +27,7 @@ from fastapi.sse import format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
+from ..generation.engine import STEP_FAILED
 from .chat_prompt import chat_prompt_off_loop
 from .engine import Engine
 from .handle import RequestHandle, interleave
@@ -89,8 +90,11 @@ class OpenAIServer:
     def _failure(output: GenerationOutput) -> APIError | None:
         """Why ``output`` is not an answer (``None`` when it is one)."""
         if output.finish_reason == "error":
-            # an error before any token is the request's fault (too long, bad ids); later, the server's
-            return APIError(400 if not output.token_ids else 500, output.error or "generation failed")
+            # an error before any token is the request's fault (too long, bad ids), unless a step raised (a fault
+            # in the model or the sampler, out of memory); later, the server's
+            message = output.error or "generation failed"
+            refused = not output.token_ids and not message.startswith(STEP_FAILED)
+            return APIError(400 if refused else 500, message)
         if output.finish_reason == "abort":  # the client is gone, or the engine was closed under it
             return APIError(503, "the request was aborted before it finished: the server is shutting down")
         return None

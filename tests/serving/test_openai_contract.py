@@ -242,3 +242,22 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token(tiny_server, live_server)
         huge = _post(url, "/v1/completions", {**body, "top_k": 10**20})
         assert huge.status_code == 200, huge.text
         assert huge.json()["choices"][0]["text"] == _post(url, "/v1/completions", body).json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_step_that_fails_before_the_first_token_is_a_500_not_the_clients_fault(tiny_server, live_server, monkeypatch,
+                                                                                  stream):
+    """Regression: a fault in the step that computes a request's first token (the model, the sampler, out of memory)
+    was answered 400 ``invalid_request_error``, as if the request were bad: clients do not retry a 400."""
+    with live_server(tiny_server) as url:
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected sampler fault")
+
+        monkeypatch.setattr(engine_module, "sample_batch", broken)
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": stream}
+        r = _post(url, "/v1/completions", body)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+        assert "injected sampler fault" in r.json()["error"]["message"]
+        monkeypatch.undo()
+        assert _post(url, "/v1/completions", body).status_code == 200  # the server keeps serving
+        _assert_error(_post(url, "/v1/completions", {**body, "prompt": [999]}), 400, None)  # a bad request still is
