@@ -7,6 +7,7 @@ plain dicts in the shapes the official ``openai`` client parses.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -296,6 +297,33 @@ def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) alphabet: the character a token string writes for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = iter(range(256, 512))
+    return {chr(b if b in printable else next(shifted)): b for b in range(256)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+def _token_bytes(tokenizer: Any, token: int, piece: str) -> list[int]:
+    """The UTF-8 bytes of ``token`` (its text ``piece``), as OpenAI's ``bytes``: a token holding part of a
+    multi-byte character decodes alone to ``"\ufffd"``, so its bytes are read from its token string
+    (byte-level BPE's alphabet, or SentencePiece's ``<0xNN>``), and the tokens' bytes join to the text."""
+    if "\ufffd" in piece and hasattr(tokenizer, "convert_ids_to_tokens"):
+        raw = tokenizer.convert_ids_to_tokens(token)
+        if isinstance(raw, str) and raw:
+            fallback = _BYTE_FALLBACK.fullmatch(raw)
+            if fallback:
+                return [int(fallback.group(1), 16)]
+            if all(c in _BYTE_LEVEL for c in raw):
+                return [_BYTE_LEVEL[c] for c in raw]
+    return list(piece.encode("utf-8"))
+
+
 def chat_logprobs(tokenizer: Any, items: list[Any] | None) -> dict[str, Any] | None:
     """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
     if items is None:
@@ -303,7 +331,7 @@ def chat_logprobs(tokenizer: Any, items: list[Any] | None) -> dict[str, Any] | N
 
     def entry(token: int, value: float) -> dict[str, Any]:
         piece = _piece(tokenizer, token)
-        return {"token": piece, "logprob": value, "bytes": list(piece.encode("utf-8"))}
+        return {"token": piece, "logprob": value, "bytes": _token_bytes(tokenizer, token, piece)}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in items]}

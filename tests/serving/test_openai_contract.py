@@ -261,3 +261,48 @@ def test_a_step_that_fails_before_the_first_token_is_a_500_not_the_clients_fault
         monkeypatch.undo()
         assert _post(url, "/v1/completions", body).status_code == 200  # the server keeps serving
         _assert_error(_post(url, "/v1/completions", {**body, "prompt": [999]}), 400, None)  # a bad request still is
+
+
+class ByteFallbackTokenizer:
+    """SentencePiece with byte fallback in miniature: a token per character, ``<0xNN>`` tokens for the bytes of the
+    others (``ord`` 1000 + byte), each of which decodes alone to ``"\\ufffd"``."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return b"".join(bytes([i - 1000]) if i >= 1000 else chr(i).encode() for i in ids).decode("utf-8", "replace")
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return f"<0x{i - 1000:02X}>" if i >= 1000 else chr(i)
+
+
+def _byte_level_tokenizer():
+    """A real byte-level BPE tokenizer (GPT-2's alphabet, no merges), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "byte fallback"])
+def test_chat_logprobs_bytes_are_the_tokens_utf8_bytes_that_join_to_the_text(kind):
+    """Regression: a token holding part of a multi-byte character decodes alone to "\\ufffd", and ``bytes`` was
+    that character's UTF-8 ([239, 191, 189]) for every such token; OpenAI's ``bytes`` are the token's own, so that
+    a client joining them gets the text back (SmolLM2 writes CJK and emoji this way)."""
+    from llmspeed.generation.sampling import TokenLogprobs
+    from llmspeed.serving.openai_protocol import chat_logprobs
+
+    text = "日本 café 🎉 ok"
+    if kind == "byte fallback":
+        tokenizer = ByteFallbackTokenizer()
+        ids = [ord(c) if c.isascii() else 1000 + b for c in text for b in (c.encode() if not c.isascii() else b"x")]
+    else:
+        tokenizer = _byte_level_tokenizer()
+        ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text and "\ufffd" in tokenizer.decode(ids[:1])
+    content = chat_logprobs(tokenizer, [TokenLogprobs(i, -1.0, ((i, -1.0),)) for i in ids])["content"]
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8") == text
+    assert all(e["top_logprobs"][0]["bytes"] == e["bytes"] for e in content)
+    assert [e["bytes"] for e in content if e["token"] == "o"] == [[111]]  # whole characters: their own UTF-8
