@@ -136,14 +136,22 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def text(self) -> str:
-        """The message's text."""
+    def text(self, param: str = "content") -> str:
+        """The message's text; ``param`` names its content in errors (``messages.0.content``).
+
+        Raises:
+            APIError: 400 for a part that is not ``{"type": "text", "text": <a string>}``.
+        """
         if isinstance(self.content, list):
             parts = []
-            for part in self.content:
+            for j, part in enumerate(self.content):
                 if part.get("type") != "text":
-                    raise APIError(400, f"only text content parts are supported; got {part.get('type')!r}", "messages")
-                parts.append(str(part.get("text", "")))
+                    raise APIError(400, f"only text content parts are supported; got {part.get('type')!r}",
+                                   f"{param}.{j}.type")
+                if not isinstance(part.get("text"), str):
+                    raise APIError(400, f"{param}.{j}.text: a text part's text must be a string; got "
+                                        f"{part.get('text')!r}", f"{param}.{j}.text")
+                parts.append(part["text"])
             return "".join(parts)
         return self.content or ""
 
@@ -202,7 +210,7 @@ class ChatCompletionRequest(_Request):
         if self.response_format not in (None, {"type": "text"}):
             raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
         return [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role,
-                 "content": m.text()} for m in self.messages]
+                 "content": m.text(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
 
     def tool_specs(self) -> list[dict[str, Any]] | None:
         """``tools`` as the chat template takes them (``None`` when there are none)."""

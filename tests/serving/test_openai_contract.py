@@ -306,3 +306,22 @@ def test_chat_logprobs_bytes_are_the_tokens_utf8_bytes_that_join_to_the_text(kin
     assert bytes(b for e in content for b in e["bytes"]).decode("utf-8") == text
     assert all(e["top_logprobs"][0]["bytes"] == e["bytes"] for e in content)
     assert [e["bytes"] for e in content if e["token"] == "o"] == [[111]]  # whole characters: their own UTF-8
+
+
+PARTS = [  # (content parts, param): a lax read wrote the text None as "None", 5 as "5", a missing text as ""
+    ([{"type": "text", "text": None}], "messages.0.content.0.text"),
+    ([{"type": "text", "text": "a"}, {"type": "text", "text": 5}], "messages.0.content.1.text"),
+    ([{"type": "text"}], "messages.0.content.0.text"),
+    ([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}], "messages.0.content.1.type"),
+]
+
+
+@pytest.mark.parametrize("parts,param", PARTS, ids=["null-text", "int-text", "no-text", "image"])
+def test_a_content_part_without_string_text_is_a_400_naming_it(tiny_server, live_server, parts, param):
+    """Regression: a text part's ``text`` was read with ``str()``: ``null`` reached the model as the prompt "None"."""
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+        message = _assert_error(_post(url, "/v1/chat/completions", body), 400, param)
+        assert "image_url" in message if param.endswith("type") else "must be a string" in message
+        ok = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]}
+        assert openai_client(url).chat.completions.create(**ok).usage.prompt_tokens == 2
