@@ -322,6 +322,8 @@ class OpenAIServer:
                 return json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise APIError(400, f"the request body is not valid JSON: {err}") from None
+            except RecursionError:  # a client's nesting is no server error (nor a traceback in its log)
+                raise APIError(400, "the request body is nested too deeply to decode as JSON") from None
 
         @app.get("/health")
         async def health() -> Response:

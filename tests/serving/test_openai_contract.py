@@ -325,3 +325,13 @@ def test_a_content_part_without_string_text_is_a_400_naming_it(tiny_server, live
         assert "image_url" in message if param.endswith("type") else "must be a string" in message
         ok = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]}
         assert openai_client(url).chat.completions.create(**ok).usage.prompt_tokens == 2
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_500(tiny_server, live_server):
+    """Regression: ``json.loads`` raised ``RecursionError`` on ``[[[[...`` (100000 deep): a 500 ``server_error``, and
+    a traceback in the server's log for every such request."""
+    with live_server(tiny_server) as url:
+        for raw in ("[" * 100000, '{"model": "tiny", "prompt": "hi", "user": ' + "[" * 5000 + "]" * 5000 + "}"):
+            r = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+            assert "nested too deeply" in _assert_error(r, 400, None)
+        assert _post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
