@@ -87,20 +87,21 @@ class OpenAIServer:
             raise APIError(503, str(err)) from None
 
     @staticmethod
-    def _failure(output: GenerationOutput) -> APIError | None:
-        """Why ``output`` is not an answer (``None`` when it is one)."""
+    def _failure(output: GenerationOutput, prompt_param: str | None = None) -> APIError | None:
+        """Why ``output`` is not an answer (``None`` when it is one); a request refused before any token (its
+        prompt too long, bad ids, a template that cannot render it) names ``prompt_param`` (``prompt``, ``messages``)."""
         if output.finish_reason == "error":
             # an error before any token is the request's fault (too long, bad ids), unless a step raised (a fault
             # in the model or the sampler, out of memory); later, the server's
             message = output.error or "generation failed"
             refused = not output.token_ids and not message.startswith(STEP_FAILED)
-            return APIError(400 if refused else 500, message)
+            return APIError(400, message, prompt_param) if refused else APIError(500, message)
         if output.finish_reason == "abort":  # the client is gone, or the engine was closed under it
             return APIError(503, "the request was aborted before it finished: the server is shutting down")
         return None
 
-    def _check(self, output: GenerationOutput) -> None:
-        failure = self._failure(output)
+    def _check(self, output: GenerationOutput, prompt_param: str | None = None) -> None:
+        failure = self._failure(output, prompt_param)
         if failure is not None:
             raise failure
 
@@ -127,7 +128,8 @@ class OpenAIServer:
                 if not t.done():
                     t.cancel()
 
-    async def _results(self, request: Request, handles: list[RequestHandle]) -> list[GenerationOutput] | None:
+    async def _results(self, request: Request, handles: list[RequestHandle],
+                       prompt_param: str | None = None) -> list[GenerationOutput] | None:
         """Wait for every handle; return ``None`` if the client goes away first. The first choice that fails
         raises its :class:`APIError` at once; either way every handle still running is aborted."""
 
@@ -136,7 +138,7 @@ class OpenAIServer:
             async with aclosing(interleave(handles)) as events:
                 async for i, event in events:
                     if event.finished and event.output is not None:
-                        self._check(event.output)  # a failed choice fails the answer: no partial 200
+                        self._check(event.output, prompt_param)  # a failed choice fails the answer: no partial 200
                         outputs[i] = event.output
             return outputs
 
@@ -206,7 +208,7 @@ class OpenAIServer:
         handles = self._submit_all(prompt, sps)
         if req.stream:
             return await self._stream(request, req, handles, chat)
-        outputs = await self._results(request, handles)
+        outputs = await self._results(request, handles, "messages" if chat else "prompt")
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=_CLIENT_GONE)
         build = chat_response if chat else completion_response
@@ -236,7 +238,7 @@ class OpenAIServer:
         if refused is not None and self._failure(refused) is not None:  # before any token: a plain 4xx, not a stream
             abort_all()
             await events.aclose()
-            self._check(refused)
+            self._check(refused, "messages" if chat else "prompt")
         rid = new_id("chatcmpl" if chat else "cmpl")
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": req.model}

@@ -260,7 +260,7 @@ def test_a_step_that_fails_before_the_first_token_is_a_500_not_the_clients_fault
         assert "injected sampler fault" in r.json()["error"]["message"]
         monkeypatch.undo()
         assert _post(url, "/v1/completions", body).status_code == 200  # the server keeps serving
-        _assert_error(_post(url, "/v1/completions", {**body, "prompt": [999]}), 400, None)  # a bad request still is
+        _assert_error(_post(url, "/v1/completions", {**body, "prompt": [999]}), 400, "prompt")  # a bad request still is
 
 
 class ByteFallbackTokenizer:
@@ -335,3 +335,18 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_500(tiny_server, live_server):
             r = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
             assert "nested too deeply" in _assert_error(r, 400, None)
         assert _post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_prompt_refused_by_the_engine_is_a_400_naming_prompt_or_messages(tiny_server, live_server, stream):
+    """Regression: a prompt longer than the context, token ids outside the vocabulary or an empty chat were answered
+    400 with ``param: null``; OpenAI's API names the field (``messages`` for a chat past the context)."""
+    with live_server(tiny_server) as url:
+        for path, fields, param, says in [
+            ("/v1/completions", {"prompt": "x" * 600}, "prompt", "context"),
+            ("/v1/completions", {"prompt": [999]}, "prompt", "token ids"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]}, "messages", "context"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, "messages", "empty"),
+        ]:
+            body = {"model": "tiny", "max_tokens": 2, "stream": stream, **fields}
+            assert says in _assert_error(_post(url, path, body), 400, param)
