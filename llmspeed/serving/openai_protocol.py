@@ -95,6 +95,9 @@ class _Request(BaseModel):
 
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone."""
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:  # as vLLM; a default max_tokens clamps it
+            raise APIError(400, f"min_tokens must be at most max_tokens={self.max_tokens}; got {self.min_tokens}",
+                           "min_tokens")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, f"stream_options is only allowed with stream: true; got stream: {str(self.stream).lower()}",
                            "stream_options")

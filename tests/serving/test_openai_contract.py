@@ -350,3 +350,15 @@ def test_a_prompt_refused_by_the_engine_is_a_400_naming_prompt_or_messages(tiny_
         ]:
             body = {"model": "tiny", "max_tokens": 2, "stream": stream, **fields}
             assert says in _assert_error(_post(url, path, body), 400, param)
+
+
+def test_min_tokens_above_an_explicit_max_tokens_is_a_400_naming_it(tiny_server, live_server):
+    """Regression: ``min_tokens`` 5 with ``max_tokens`` 2 was cut down to 2 without a word (vLLM answers 400);
+    without ``max_tokens`` the default length still bounds it."""
+    with live_server(tiny_server) as url:
+        for path, body in [("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+            r = _post(url, path, {"model": "tiny", **body, "max_tokens": 2, "min_tokens": 5})
+            assert "min_tokens must be at most max_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
+            ok = _post(url, path, {"model": "tiny", **body, "max_tokens": 3, "min_tokens": 3})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
