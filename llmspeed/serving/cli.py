@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the adapters the fused CPU decode step reads (docs/lora.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request (/v1/...; /health and /metrics stay open)")
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached keys and values (auto: the model's; docs/batching.md)")

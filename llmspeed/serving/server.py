@@ -59,7 +59,8 @@ class OpenAIServer:
         engine: The engine that runs every request.
         model_name: The name clients use for the base model.
         adapters: LoRA adapter names loaded on the model, each also a model name.
-        api_key: When given, every request must carry ``Authorization: Bearer <api_key>``.
+        api_key: When given, every request to the API (``/v1/...``) must carry ``Authorization: Bearer <api_key>``;
+            ``/health`` and ``/metrics`` stay open, as vLLM's, for load balancers and metric scrapers.
     """
 
     def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None):
@@ -298,7 +299,8 @@ class OpenAIServer:
 
         @app.middleware("http")
         async def authenticate(request: Request, call_next):
-            if server.api_key is not None:
+            # the API only, as vLLM: a load balancer's /health probe and a Prometheus scrape of /metrics carry no key
+            if server.api_key is not None and request.url.path.startswith("/v1"):
                 given = request.headers.get("authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
                     err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")

@@ -362,3 +362,22 @@ def test_min_tokens_above_an_explicit_max_tokens_is_a_400_naming_it(tiny_server,
             assert "min_tokens must be at most max_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
             ok = _post(url, path, {"model": "tiny", **body, "max_tokens": 3, "min_tokens": 3})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_an_api_key_guards_the_api_but_not_health_or_metrics(llama, live_server):
+    """Regression: ``--api-key`` also answered 401 to ``/health`` and ``/metrics``, so a load balancer's health probe
+    (which sends no key) marked the server down; vLLM guards only ``/v1``."""
+    from llmspeed.serving import Engine
+    from llmspeed.serving.server import OpenAIServer
+    from tests.generation.test_engine import ChatTokenizer
+
+    llama.tokenizer = ChatTokenizer()
+    with live_server(OpenAIServer(Engine(llama, kv_cache_tokens=1024), "tiny", api_key="sekret")) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert "llmspeed_kv_blocks_used" in httpx.get(f"{url}/metrics").text
+        for path in ("/v1/models", "/v1/models/tiny"):
+            assert httpx.get(f"{url}{path}").status_code == 401
+            assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        assert httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer x"}).status_code == 401
