@@ -114,6 +114,7 @@ class LoraLinear(nn.Module):
         self.merged: tuple[str, ...] = ()
         self.routing: Routing | None = None  # set by llmspeed.lora.per_token_adapters / per_row_adapters
         self.premerge: dict[str, nn.Module] = {}  # base replaced by a merge, restored by unmerge
+        self.train(base_layer.training)  # a wrapper put into an eval model must not turn its dropout on
 
     def __setattr__(self, name: str, value) -> None:
         if name in _WATCHED:  # count the change (STATE_CHANGES); ``scaling`` stays a counting dict
@@ -162,6 +163,8 @@ class LoraLinear(nn.Module):
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):  # new modules start in training mode
+            store[name].train(self.training)
         self.scaling[name] = float(scale)
 
     def remove(self, name: str) -> None:

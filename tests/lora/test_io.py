@@ -185,3 +185,21 @@ def test_config_values_out_of_range_name_the_file_and_field(tmp_path, llama, fie
     with pytest.raises(ValueError, match=rf"adapter_config.json {message}"):
         lora.load_adapter(fresh, folder, "a")
     assert _state(fresh) == before and lora.adapter_names(fresh) == []
+
+
+def test_adapter_with_dropout_on_an_eval_model_matches_peft(tmp_path, llama):
+    """Regression: the wrappers and dropout modules that add_adapter/load_adapter created started in training
+    mode, so on a model in eval mode an adapter with lora_dropout > 0 dropped activations at inference
+    (logits random from call to call, unlike PEFT's)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)  # fmt: skip
+    theirs = peft.get_peft_model(llmspeed.models.tiny("llama", seed=0).hf, config).eval()
+    theirs.save_pretrained(tmp_path)
+    lora.load_adapter(llama, tmp_path, "theirs")
+    assert (logits(llama.hf) - logits(theirs)).abs().max() < 1e-4
+    lora.add_adapter(llama, "ours", r=4, init="random", dropout=0.5, targets=["q_proj", "o_proj"])
+    assert torch.equal(logits(llama.hf), logits(llama.hf))
+    assert not any(m.training for m in llama.hf.modules())
+    llama.hf.train()
+    assert llama.hf.get_submodule("model.layers.0.self_attn.o_proj").lora_dropout["ours"].training
