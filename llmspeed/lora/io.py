@@ -6,7 +6,8 @@ transformers model; the adapter name is not part of the key. The config carries 
 names (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``, ``rank_pattern``, ...), so
 ``peft.PeftModel.from_pretrained(hf_model, path)`` loads what :func:`save_adapter` writes and
 :func:`load_adapter` reads what PEFT saved (plain LoRA on linear layers; DoRA, biases, embeddings,
-``modules_to_save``, activated LoRA and layer replication are refused with an error naming the field).
+``modules_to_save``, activated LoRA, layer replication and adapters of a changed base (``init_lora_weights``
+PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, unless converted) are refused with an error naming the field).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"(?P<pos>.+)\.(?P<mat>lora_A|lora_B)\.weight")
+# init_lora_weights values whose adapters were trained on a changed base (W - scale * B0 A0, or LoftQ's quantized W):
+# the file alone does not hold that base (PEFT rebuilds it while loading), so they are refused unless converted
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def _target_modules(model: CausalLM, positions: tuple[str, ...]) -> list[str]:
@@ -135,6 +139,14 @@ def _read_config(folder: Path) -> dict:
             raise ValueError(
                 f"{CONFIG_FILE} field {field}={cfg.get(field)!r} is not supported; llmspeed loads plain LoRA"
             )
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise ValueError(
+            f"{CONFIG_FILE} field init_lora_weights={init!r} is not supported: such an adapter was trained on base "
+            f"weights PEFT changed (the residual of its initial B A), which this file does not hold; save it with "
+            f"PEFT's save_pretrained(path, path_initial_model_for_weight_conversion=...) to get a plain LoRA of the "
+            f"original base, which llmspeed loads (accepted: true, false, 'gaussian', 'orthogonal', 'eva', 'mica')"
+        )
     return cfg
 
 

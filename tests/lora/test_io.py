@@ -203,3 +203,27 @@ def test_adapter_with_dropout_on_an_eval_model_matches_peft(tmp_path, llama):
     assert not any(m.training for m in llama.hf.modules())
     llama.hf.train()
     assert llama.hf.get_submodule("model.layers.0.self_attn.o_proj").lora_dropout["ours"].training
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_adapters_of_a_changed_base_are_refused_unless_converted(tmp_path, llama, init):
+    """Regression: PiSSA and OLoRA adapters (trained on W - scale * B0 A0, a base PEFT rebuilds while loading)
+    loaded as plain LoRA on the original base: logits silently unlike PEFT's. They are refused by name now, and
+    the plain LoRA PEFT converts them to loads with PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    theirs = peft.get_peft_model(llmspeed.models.tiny("llama", seed=0).hf, config)
+    with torch.no_grad():
+        theirs.save_pretrained(tmp_path / "init")  # the initial adapter, for the conversion below
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1 * torch.randn_like(param))  # "trained"
+    want = logits(theirs)
+    theirs.save_pretrained(tmp_path / "raw")
+    before, base = _state(llama), logits(llama.hf)
+    with pytest.raises(ValueError, match=rf"field init_lora_weights='{init}' is not supported: .*path_initial_model"):
+        lora.load_adapter(llama, tmp_path / "raw", "raw")
+    assert _state(llama) == before and torch.equal(logits(llama.hf), base)
+    theirs.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    lora.load_adapter(llama, tmp_path / "plain", "plain")
+    assert (logits(llama.hf) - want).abs().max() < 1e-4
