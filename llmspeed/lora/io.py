@@ -133,6 +133,12 @@ def _read_config(folder: Path) -> dict:
         "lora_bias": (bool(cfg.get("lora_bias")), False),
         "alora_invocation_tokens": (bool(cfg.get("alora_invocation_tokens")), False),  # active after them only
         "layer_replication": (bool(cfg.get("layer_replication")), False),  # keys name replicated layers
+        # LoRA variants that compute something else from the same keys (or add their own tensors)
+        "use_bdlora": (bool(cfg.get("use_bdlora")), False),  # block-diagonal A or B
+        "kasa_config": (bool(cfg.get("kasa_config")), False),
+        "velora_config": (bool(cfg.get("velora_config")), False),
+        "monteclora_config": (bool(cfg.get("monteclora_config")), False),
+        "arrow_config": (bool(cfg.get("arrow_config")), False),  # a router over other adapters
     }
     for field, (got, supported) in checks.items():
         if got != supported:

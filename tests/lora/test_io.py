@@ -227,3 +227,22 @@ def test_adapters_of_a_changed_base_are_refused_unless_converted(tmp_path, llama
     theirs.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
     lora.load_adapter(llama, tmp_path / "plain", "plain")
     assert (logits(llama.hf) - want).abs().max() < 1e-4
+
+
+def test_lora_variants_are_refused_by_the_field_that_makes_them(tmp_path, llama):
+    """Regression: a BD-LoRA adapter (block-diagonal A) was refused as if "trained for another model" (a shape
+    error) and a KaSA one as a file holding a stray tensor: the error now names the PEFT field."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig
+
+    variants = {
+        "use_bdlora": BdLoraConfig(target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_proj"], nblocks=2),
+        "kasa_config": KasaConfig(),
+    }
+    before, want = _state(llama), logits(llama.hf)
+    for field, value in variants.items():
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], **{field: value})
+        peft.get_peft_model(llmspeed.models.tiny("llama", seed=0).hf, config).save_pretrained(tmp_path / field)
+        with pytest.raises(ValueError, match=rf"adapter_config.json field {field}=.* is not supported"):
+            lora.load_adapter(llama, tmp_path / field, "theirs")
+        assert _state(llama) == before and torch.equal(logits(llama.hf), want)
