@@ -225,6 +225,12 @@ def load_adapter(
             )
         layer = layers[pos]
         a, b = mats["lora_A"], mats["lora_B"]
+        for mat, t in mats.items():
+            if not t.is_floating_point():
+                raise ValueError(
+                    f"{folder / WEIGHTS_FILE}: {mat} of {pos!r} is {str(t.dtype).removeprefix('torch.')}; LoRA "
+                    f"matrices must be floating point (float32, bfloat16 or float16): the file is damaged"
+                )
         rank = a.shape[0]
         if rank == 0:
             raise ValueError(f"{folder / WEIGHTS_FILE}: lora_A of {pos!r} has rank 0; an adapter needs rank >= 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import llmspeed
 from llmspeed import lora
@@ -118,3 +119,22 @@ def test_merge_unmerge_set_of_missing_adapter(llama):
     lora.merge(llama, "a")
     with pytest.raises(ValueError, match="already merged"):
         lora.merge(llama, "a")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_loading_adapter_with_integer_matrices(tmp_path, llama, dtype):
+    """Regression: a lora_A stored as integers or booleans (a damaged file) was copied into the float adapter
+    without a word; the error now names the matrix, the layer and the dtype."""
+    from safetensors.torch import load_file, save_file
+
+    lora.add_adapter(llama, "x", r=2, init="random", targets=["q_proj"])
+    folder = lora.save_adapter(llama, tmp_path, "x")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    tensors[key] = (tensors[key] * 100).to(dtype)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    snap = snapshot(llama)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"lora_A of 'model.layers.1.self_attn.q_proj' is {name}; .*floating point"):
+        lora.load_adapter(llama, folder, "y")
+    assert_unchanged(llama, snap)
