@@ -1,7 +1,8 @@
 """Fold an adapter into its base weights (``merge``) and take it out again (``unmerge``).
 
 On a float base the update ``W += scale * B @ A`` is exact up to float rounding, and unmerge
-subtracts it again. On a quantized base there is no float weight to add to: merge dequantizes,
+subtracts it again; a float weight another module shares (an output head tied to the input embedding)
+is left alone: the layer gets a merged float copy, and unmerge puts the tied one back. On a quantized base there is no float weight to add to: merge dequantizes,
 adds, and re-quantizes with ``type(base).from_linear(linear, base.config)``; that rounding
 changes the weight, so merge warns and reports the error it introduced next to the size of the
 update it was meant to add (when the error is comparable to the update, the merged model has
@@ -13,6 +14,7 @@ bit for bit.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -99,6 +101,21 @@ def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[fl
     return errors
 
 
+def _merge_into_copy(layer: LoraLinear, name: str, weight: torch.Tensor) -> None:
+    """Merge into a float ``nn.Linear`` copy of the base, kept aside for unmerge: the base's own weight is shared
+    with another module (an output head tied to the input embedding), which an in-place add would change too."""
+    base = layer.base_layer
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(
+        layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    ).requires_grad_(False)
+    linear.weight.copy_(weight + layer.delta_weight(name).to(weight.dtype))
+    if bias is not None:
+        linear.bias.copy_(bias)
+    layer.premerge[name] = base
+    layer.base_layer = linear
+
+
 @torch.no_grad()
 def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
     """Fold adapter ``name`` into the base weights of every layer it covers.
@@ -136,6 +153,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
             _float_weight(layer.base_layer)
         elif requantize:
             _check_requantizable(name, layer_name, layer.base_layer)
+    counts = Counter(id(p) for _, p in model.module.named_parameters(remove_duplicate=False))
     max_abs, worst, requantized = 0.0, 0.0, 0
     for layer in layers:
         if is_quantized(layer.base_layer):
@@ -144,7 +162,10 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
             requantized += int(requantize)
         else:
             weight = _float_weight(layer.base_layer)
-            weight.add_(layer.delta_weight(name).to(weight.dtype))
+            if counts[id(weight)] > 1:  # tied: an in-place add would change the input embedding too
+                _merge_into_copy(layer, name, weight)
+            else:
+                weight.add_(layer.delta_weight(name).to(weight.dtype))
         layer.merged = (*layer.merged, name)
     report = MergeReport(name, len(layers), requantized, max_abs, worst)
     if requantized:

@@ -142,3 +142,25 @@ def test_merging_into_calibrated_layers_with_requantize_is_refused_before_any_ch
     torch.testing.assert_close(logits(llama), unmerged, atol=1e-5, rtol=1e-5)
     lora.unmerge(llama, "a")
     torch.testing.assert_close(logits(llama), unmerged, atol=1e-5, rtol=1e-5)  # layers.0 is float: add, subtract
+
+
+def test_merging_into_a_tied_output_head_leaves_the_input_embedding_alone():
+    """Regression: merging an adapter on an output head tied to the input embedding added the update to the
+    shared weight, so the embedding changed too and the merged logits were far from the unmerged ones (17 on
+    the tiny Llama). The head now merges into a float copy; unmerge restores the tie."""
+    import llmspeed
+
+    model = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    lora.add_adapter(model, "a", r=4, init="random", targets=["lm_head", "q_proj"])
+    embedding = model.hf.get_input_embeddings().weight
+    before, unmerged = embedding.detach().clone(), logits(model)
+    lora.merge(model, "a")
+    assert torch.equal(embedding, before)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=1e-5)
+    lora.unmerge(model, "a")
+    assert model.hf.lm_head.base_layer.weight is embedding and torch.equal(embedding, before)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=1e-5)
+    with lora.disabled(model):
+        lora.delete_adapter(model, "a")
+    assert model.hf.lm_head.weight is embedding
