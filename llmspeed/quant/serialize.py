@@ -37,7 +37,7 @@ from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
 from .formats.files import detect, start_folder
 from .modules import QuantizedLinearBase
-from .primitives import SCALE_DTYPE
+from .primitives import SCALE_DTYPE, SYMMETRIC_ZERO
 
 WEIGHTS = "model.safetensors"
 FORMAT = "llmspeed"
@@ -222,6 +222,13 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
             for key in (f"{name}.scales", f"{name}.zeros") if cfg.format != "int8" else ():
                 if key in tensors and tensors[key].dtype == torch.float32:
                     tensors[key] = tensors[key].to(SCALE_DTYPE)
+    for name, cfg in quant.items():  # symmetric=True is the format exports write without zero points
+        zeros = tensors.get(f"{name}.zeros")
+        if cfg.format == "int4" and cfg.symmetric and zeros is not None and not bool((zeros == SYMMETRIC_ZERO).all()):
+            raise ValueError(
+                f"{source}: layer {name!r} is symmetric=True in the file's quantization metadata, but its zeros are not "
+                f"all {SYMMETRIC_ZERO:g} (an asymmetric layer); the folder was modified after llmspeed.save"
+            )
     model = skeleton.skeleton(directory, dtype)
     for name, cfg in quant.items():
         if name not in model.linear_names():

@@ -323,3 +323,20 @@ def test_saving_over_a_sharded_folder_removes_its_index_and_shards(tmp_path, lla
         ids = torch.tensor([[1, 5, 9, 2]])
         with torch.no_grad():
             assert torch.equal(loaded.hf(input_ids=ids).logits, llama.hf(input_ids=ids).logits)
+
+
+def test_symmetric_metadata_over_asymmetric_zeros_is_refused(tmp_path, llama):
+    """Regression: a folder whose metadata called an asymmetric int4 layer symmetric loaded without an error, and
+    its compressed-tensors export then dropped the zero points (symmetric layers are written without them): the
+    config must describe the tensors, and the error names the layer."""
+    llmspeed.quantize(llama, "int4", group_size=32)
+    llmspeed.save(llama, tmp_path)
+
+    def mark_symmetric(meta):
+        quant = json.loads(meta["quantization"])
+        quant[UP]["symmetric"] = True
+        meta["quantization"] = json.dumps(quant)
+
+    _tamper(tmp_path / WEIGHTS, change_meta=mark_symmetric)
+    with pytest.raises(ValueError, match=rf"layer '{UP}' is symmetric=True in the file's .* zeros are not all 8"):
+        llmspeed.load(tmp_path)
