@@ -237,8 +237,9 @@ def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequ
             out = torch.tensor(list(ctx.output_ids), dtype=torch.long, device=dev)  # [O]
             counts = torch.zeros_like(row).index_add_(0, out, torch.ones_like(out, dtype=row.dtype))  # [V]
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-        if ctx.banned:
-            row[torch.tensor(list(ctx.banned), dtype=torch.long, device=dev)] = float("-inf")
+        banned = [t for t in ctx.banned if t < row.shape[0]]  # an id past the vocabulary is never sampled anyway
+        if banned:
+            row[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
     return logits
 
 

@@ -113,3 +113,18 @@ def test_a_top_k_past_int64_keeps_every_token_and_fails_no_other_row():
 
     assert sample_batch(logits, params, gens())[0] == sample_batch(logits, same, gens())[0]
     assert torch.equal(filter_logits(logits[0], 10**20, 1.0), logits[0])
+
+
+def test_a_stop_token_id_past_the_vocabulary_under_min_tokens_fails_no_request(llama):
+    """Regression: ``stop_token_ids`` (and ``eos_token_ids``) are valid at any id >= 0, but before ``min_tokens``
+    they are banned by indexing the logits row, so an id past the vocabulary raised IndexError in the sampler
+    and failed every request of the step, not only its own."""
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    far = SamplingParams(max_new_tokens=4, min_tokens=2, ignore_eos=True, stop_token_ids=[10**6])
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    outs = Generator(llama, progress=False).generate_batched(prompts, [sp, far])
+    alone = Generator(llama, progress=False).generate_batched(prompts, sp)
+    assert [o.finish_reason for o in outs] == ["length", "length"]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    eos = Generator(llama, progress=False, eos_token_ids=[10**6]).generate_batched(prompts, SamplingParams(max_new_tokens=4, min_tokens=1))
+    assert [o.finish_reason for o in eos] == ["length", "length"]
