@@ -317,11 +317,10 @@ class Generator:
             batch = self.scheduler.schedule()
             if not batch.chunks:
                 return events
-            try:
-                ran, path = self._run(batch)
-                events += ran
+            try:  # events go straight into ``events``: those of requests that ended before a raise must survive it
+                path = self._run(batch, events)
                 if path == "fused cpu" and self.num_scheduler_steps > 1:
-                    events += self._greedy_burst(batch)
+                    self._greedy_burst(batch, events)
             except Exception as exc:
                 events += self._fail(batch, exc)
             except BaseException as exc:
@@ -371,7 +370,8 @@ class Generator:
                 events.append(self._end(seq, "error", report=False))
         return events
 
-    def _run(self, batch: Batch) -> tuple[list[StreamEvent], str]:
+    def _run(self, batch: Batch, events: list[StreamEvent]) -> str:
+        """Run ``batch`` through the model and sample; append its events to ``events``; return the step's path."""
         start = time.perf_counter()
         step = StepInput.build(
             [(c.seq.block_table, c.start, c.length, c.seq.tokens(c.start, c.start + c.length), c.samples,
@@ -385,11 +385,10 @@ class Generator:
         sampled = [c.seq for c in batch.chunks if c.samples]
         if not sampled:
             self._record(path, start)
-            return [], path
+            return path
         tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
                                         [self._row(s) for s in sampled])
         now = self._record(path, start)
-        events = []
         for seq, token, lp in zip(sampled, tokens, logprobs):
             seq.output_ids.append(token)
             seq.token_times.append(now)
@@ -400,10 +399,11 @@ class Generator:
                 events.append(StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp))
             else:
                 events.append(self._end(seq, reason, token, text, report=False, logprobs=lp))
-        return events, path
+        return path
 
-    def _greedy_burst(self, batch: Batch) -> list[StreamEvent]:
-        """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, run back to back by the fused step.
+    def _greedy_burst(self, batch: Batch, events: list[StreamEvent]) -> None:
+        """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, run back to back by the fused step
+        (their events appended to ``events``).
 
         Only when every running request is in the batch, none is waiting, and each is greedy without
         logprobs, penalties or a pending ``min_tokens``; as many steps as every request has tokens left
@@ -413,16 +413,16 @@ class Generator:
         """
         seqs = [c.seq for c in batch.chunks]
         if self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
-            return []
+            return
         for seq in seqs:
             p = seq.params
             if seq.is_finished or not p.greedy or p.logprobs is not None or p.penalized or len(seq.output_ids) < p.min_tokens:
-                return []
+                return
         steps = min(self.num_scheduler_steps - 1, *(self._tokens_left(seq) for seq in seqs))
         while steps > 0 and sum(self.blocks.blocks_needed(s.block_table, s.num_tokens + steps - 1) for s in seqs) > self.blocks.num_free:
             steps -= 1
         if steps < 1:
-            return []
+            return
         for seq in seqs:  # the cache slots of every position the burst writes
             self.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens + steps - 1)
         start = time.perf_counter()
@@ -430,12 +430,11 @@ class Generator:
         rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
         burst = self.runner.greedy_steps(rows, steps, adapters if any(adapters) else None)
         if burst is None:  # the model changed under the step: the next step() takes it from here
-            return []
+            return
         tokens, known = burst
         self._record("fused cpu, greedy burst", start, steps)
         self.num_steps += steps
         self.num_tokens_computed += steps * len(seqs)
-        events = []
         for step_tokens, now in zip(tokens, known):
             for seq, token in zip(seqs, step_tokens):
                 if seq.is_finished:
@@ -448,7 +447,6 @@ class Generator:
                     events.append(StreamEvent(seq.index, seq.seq_id, token, text))
                 else:
                     events.append(self._end(seq, reason, token, text, report=False))
-        return events
 
     def _tokens_left(self, seq: Seq) -> int:
         """Tokens ``seq`` may still take before it ends with ``"length"``."""

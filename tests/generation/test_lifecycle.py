@@ -13,6 +13,7 @@ import torch
 import llmspeed
 from llmspeed import Generator, SamplingParams
 from llmspeed.generation import engine as engine_module
+from llmspeed.generation.detokenizer import Detokenizer
 
 SP = SamplingParams(max_new_tokens=6, ignore_eos=True)
 
@@ -258,3 +259,32 @@ def test_requests_without_an_adapter_run_the_base_inside_disabled_whatever_their
     with_b = Generator(llama, progress=False).generate_batched([[4, 5, 6]], sp_b)[0].token_ids
     assert alone == mixed[0].token_ids == base  # the base alone, next to a request that names an adapter too
     assert mixed[1].token_ids == with_b  # a request that names an adapter still gets it
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_step_that_raises_after_a_request_ended_keeps_that_requests_final_event(llama, monkeypatch, steps):
+    """Regression: the events of a step (and of a greedy burst) were gathered in a list local to ``_run``; a raise
+    while taking the tokens (here the detokenizer of a later request) lost the final event of a request that had
+    already ended in that step, so it was released without ever reporting, and ``generate_batched`` waited forever."""
+    gen = Generator(llama, progress=False, num_scheduler_steps=steps)
+    first = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=steps, ignore_eos=True))
+    later = gen.add_request([4, 5, 6], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    ended, doomed = gen._seqs[first], gen._seqs[later].detok
+    real = Detokenizer.add
+
+    def add(self, *args, **kwargs):
+        if self is doomed and ended.is_finished:
+            raise RuntimeError("boom in the detokenizer")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Detokenizer, "add", add)
+    events = []
+    for _ in range(20):
+        if not gen.has_unfinished():
+            break
+        events += gen.step()
+    ends = {e.request_id: e.output for e in events if e.finished}
+    assert sorted(ends) == [first, later]
+    assert ends[first].finish_reason == "length" and len(ends[first].token_ids) == steps
+    assert ends[later].finish_reason == "error" and "boom" in ends[later].error
+    assert gen.blocks.num_free == gen.blocks.num_blocks and gen.num_live == 0
