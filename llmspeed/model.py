@@ -203,17 +203,22 @@ class Model:
         """The model's reusable Generator: rebuilt only when the arguments or the model's modules change.
 
         A fresh generator zero-fills a new KV cache (and recaptures CUDA graphs), so repeated small calls
-        would pay that every time. ``progress`` is applied per call.
+        would pay that every time. ``progress`` is applied per call. After tensors changed in place (training),
+        the kept generator's prefix cache, keys and values of the old weights, is reset.
         """
         from .generation import Generator
 
         kwargs = dict(generator_kwargs)
         progress = kwargs.pop("progress", True)
         key = (repr(sorted(kwargs.items())), self._fingerprint())
+        versions = tuple(t._version for t in (*self.hf.parameters(), *self.hf.buffers()))
         cached = getattr(self, "_cached_generator", None)
         if cached is None or cached[0] != key:
-            cached = (key, Generator(self, progress=progress, **kwargs))
+            cached = (key, Generator(self, progress=progress, **kwargs), versions)
             self._cached_generator = cached
+        elif cached[2] != versions:
+            cached[1].blocks.reset_prefix_cache()
+            cached = self._cached_generator = (key, cached[1], versions)
         cached[1].progress = progress
         return cached[1]
 

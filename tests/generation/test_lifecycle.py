@@ -288,3 +288,21 @@ def test_a_step_that_raises_after_a_request_ended_keeps_that_requests_final_even
     assert ends[first].finish_reason == "length" and len(ends[first].token_ids) == steps
     assert ends[later].finish_reason == "error" and "boom" in ends[later].error
     assert gen.blocks.num_free == gen.blocks.num_blocks and gen.num_live == 0
+
+
+def test_model_generate_batched_forgets_its_prefix_cache_after_weights_change_in_place(llama):
+    """Regression: the generator ``Model.generate_batched`` keeps is reused while the modules and tensor storages stay
+    the same, so after weights changed in place (a training step) its prefix cache still served keys and values of
+    the old weights: a repeated prompt continued as the old model would, unlike a fresh generator."""
+    prompt, kwargs = [list(range(1, 21))], dict(progress=False, prefix_caching=True, block_size=4)
+    llama.generate_batched(prompt, SP, **kwargs)
+    kept = llama._cached_generator[1]
+    with torch.no_grad():
+        for name, weight in llama.hf.named_parameters():
+            if "mlp" in name or "self_attn" in name:
+                weight.mul_(1.7)
+    again = llama.generate_batched(prompt, SP, **kwargs)[0]
+    assert llama._cached_generator[1] is kept  # still reused: only its prefix cache is dropped
+    assert again.metrics.cached_tokens == 0
+    assert again.token_ids == Generator(llama, progress=False).generate_batched(prompt, SP)[0].token_ids
+    assert llama.generate_batched(prompt, SP, **kwargs)[0].metrics.cached_tokens == 16  # unchanged: cached again
