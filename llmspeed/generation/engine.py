@@ -286,7 +286,7 @@ class Generator:
         Raises:
             ValueError: ``request_id`` was never returned by this generator.
         """
-        if not isinstance(request_id, int) or not 0 <= request_id < self._next_id:
+        if not is_int(request_id) or not 0 <= request_id < self._next_id:  # True is an int to Python, never an id
             raise ValueError(f"request_id must be an id returned by add_request (0 to {self._next_id - 1}); got {request_id!r}")
         with self._exclusive("abort"):
             seq = self._seqs.get(request_id)

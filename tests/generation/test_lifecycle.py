@@ -306,3 +306,15 @@ def test_model_generate_batched_forgets_its_prefix_cache_after_weights_change_in
     assert again.metrics.cached_tokens == 0
     assert again.token_ids == Generator(llama, progress=False).generate_batched(prompt, SP)[0].token_ids
     assert llama.generate_batched(prompt, SP, **kwargs)[0].metrics.cached_tokens == 16  # unchanged: cached again
+
+
+def test_abort_refuses_a_bool_instead_of_aborting_request_one(llama):
+    """Regression: ``abort`` checked ``isinstance(request_id, int)``, which ``True`` passes, so ``abort(True)``
+    silently aborted request 1 (and ``abort(False)`` request 0)."""
+    gen = Generator(llama, progress=False)
+    rids = [gen.add_request([1, 2, 3], SP) for _ in range(2)]
+    for flag in (True, False):
+        with pytest.raises(ValueError, match=r"request_id must be an id returned by add_request .*got " + str(flag)):
+            gen.abort(flag)
+    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
+    assert [ends[r].finish_reason for r in rids] == ["length", "length"]
