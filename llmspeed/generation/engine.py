@@ -552,17 +552,16 @@ class Generator:
         bar = tqdm(total=len(rids), unit="req", disable=not self.progress, desc="generate", leave=False)
         try:
             while open_:
-                others = []
+                ours, others = [], []
                 for event in self.step():
-                    if event.request_id not in mine:
-                        others.append(event)
-                        continue
+                    (ours if event.request_id in mine else others).append(event)
+                self._pending.extend(others)  # before any yield: a run stepped meanwhile finds them, in order
+                for event in ours:
                     out_tokens += event.token_id is not None
                     if event.finished:
                         open_.discard(event.request_id)
                         bar.update(1)
                     yield event
-                self._pending.extend(others)
                 bar.set_postfix(tok_s=f"{out_tokens / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
         finally:
             bar.close()

@@ -5,6 +5,7 @@ Every test here is a regression test for a defect reported in issue #15.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -318,3 +319,31 @@ def test_abort_refuses_a_bool_instead_of_aborting_request_one(llama):
             gen.abort(flag)
     ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
     assert [ends[r].finish_reason for r in rids] == ["length", "length"]
+
+
+def test_two_streams_of_one_generator_read_in_turn_each_get_their_own_events_in_order(llama, monkeypatch):
+    """Regression: a run passed the events of other runs back to the generator only after yielding its own events of
+    the step, so a second stream read in between stepped first: events came twice and out of order, a run's final
+    event was taken by the other, and the two streams then handed each other's events back and forth forever."""
+    gen = Generator(llama, progress=False)
+    real, steps = gen.step, [0]
+
+    def step():
+        steps[0] += 1
+        assert steps[0] < 50, "the streams spin"
+        return real()
+
+    monkeypatch.setattr(gen, "step", step)
+    first, second = [[1, 2, 3], [7, 8, 9]], [[4, 5, 6]]
+    a, b = [], []
+    for ea, eb in itertools.zip_longest(gen.stream(first, SP), gen.stream(second, SP)):
+        a += [ea] if ea is not None else []
+        b += [eb] if eb is not None else []
+    expected = _alone(llama, first + second)
+    for events, rids, want in ((a, [0, 1], expected[:2]), (b, [2], expected[2:])):
+        for rid, tokens in zip(rids, want):
+            mine = [e for e in events if e.request_id == rid]
+            assert [e.token_id for e in mine] == tokens and [e.finished for e in mine] == [False] * 5 + [True]
+            assert mine[-1].output.token_ids == tokens
+        assert {e.request_id for e in events} == set(rids)
+    assert gen.num_live == 0 and not gen.has_unfinished()
