@@ -249,13 +249,17 @@ class Generator:
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
         """Queue one request; return its id. A request that can never run ends with ``"error"``.
 
-        ``prompt`` is a string, a list of token ids, or a list of chat messages.
+        ``prompt`` is a string, a list of token ids, or a list of chat messages. ``index`` is copied to the
+        request's outputs (:meth:`generate_batched` numbers its prompts with it).
 
         Raises:
             TypeError: ``sampling`` is neither a :class:`SamplingParams` nor a dict of its fields.
+            ValueError: ``index`` is not a non-negative integer.
             RuntimeError: Another thread is inside this generator.
         """
         sampling = coerce(sampling)
+        if not is_int(index) or index < 0:
+            raise ValueError(f"index must be a non-negative integer; got {index!r}")
         with self._exclusive("add_request"):
             rid = self._next_id
             self._next_id += 1

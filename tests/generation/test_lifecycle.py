@@ -6,6 +6,7 @@ Every test here is a regression test for a defect reported in issue #15.
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 
 import pytest
@@ -319,6 +320,17 @@ def test_abort_refuses_a_bool_instead_of_aborting_request_one(llama):
             gen.abort(flag)
     ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
     assert [ends[r].finish_reason for r in rids] == ["length", "length"]
+
+
+@pytest.mark.parametrize("index", ["x", -1, 1.5, True, None])
+def test_add_request_refuses_an_index_that_is_not_a_non_negative_int(llama, index):
+    """Regression: ``add_request(..., index="x")`` was queued and its outputs carried ``"x"`` as their index."""
+    gen = Generator(llama, progress=False)
+    with pytest.raises(ValueError, match=r"index must be a non-negative integer; got " + re.escape(repr(index))):
+        gen.add_request([1, 2, 3], SP, index=index)
+    assert gen.num_live == 0 and not gen.has_unfinished()
+    rid = gen.add_request([1, 2, 3], SP, index=3)
+    assert rid == 0 and [e.output.index for e in _drain(gen) if e.finished] == [3]
 
 
 def test_two_streams_of_one_generator_read_in_turn_each_get_their_own_events_in_order(llama, monkeypatch):
