@@ -78,11 +78,15 @@ class Detokenizer:
         return delta
 
     def finish(self) -> str:
-        """The request ended: flush held-back text and any undecoded tail; return what is released."""
+        """The request ended: flush held-back text and any undecoded tail (searched for stop strings too: a token
+        whose text ends in part of a character was held back with the text before it); return what is released."""
         if self.tokenizer is None:
             return ""
         if not self.stopped and self.read < len(self.ids):
             before = self._decode(self.ids[self.prefix : self.read])
+            start = len(self.text)
             self.text += self._decode(self.ids[self.prefix :])[len(before) :]
             self.prefix = self.read = len(self.ids)
+            if self.stop:
+                self._find_stop(start)
         return self._release(final=True)

@@ -489,6 +489,8 @@ class Generator:
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
         text += seq.detok.finish()
+        if seq.detok.stopped and reason == "length":  # a stop string in the tail the detokenizer held back
+            seq.finish_reason = "stop"
         event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=self._output(seq),
                             logprobs=logprobs)
         self._seqs.pop(seq.seq_id, None)

@@ -67,6 +67,46 @@ def test_stop_strings_are_not_checked_before_min_tokens():
     assert stopped and d.text == "abc"  # the first "a" (token 1) was before min_tokens; the second stops
 
 
+class Pieces:
+    """Tokens of several bytes each, one of which ends inside a character, as byte-level BPE merges can."""
+
+    PIECES = {0: b"S", 1: b"TOP\xe2", 2: b"\x82\xac", 3: b"ok "}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return b"".join(self.PIECES.get(i, bytes([i])) for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stop_string_in_the_tail_held_back_for_a_partial_character_is_found_at_the_end():
+    """Regression: a token whose text ends in part of a character is held back with all it carries; when the request
+    ended right after it (``max_new_tokens``), ``finish`` flushed that text without searching it for stop strings,
+    so "STOP" reached the output (finish reason "length")."""
+    pieces, d, stopped = _run([3, 0, 1], ["STOP"], Pieces())
+    assert not stopped and d.stopped  # found by finish(), not by add()
+    assert d.text == "ok " and "".join(pieces) == "ok "
+    pieces, d, _ = _run([3, 0, 1, 2], ["STOP"], Pieces())  # the character completed: found by add() as before
+    assert d.stopped and d.text == "ok "
+
+
+def test_the_generator_reports_stop_for_a_stop_string_found_in_the_flushed_tail(llama, monkeypatch):
+    """The same through the Generator: its sampler scripted to write "ok ", "S", "TOP\\xe2" and stop at
+    ``max_new_tokens=3``: the text ends before "STOP" and the finish reason is "stop", not "length"."""
+    from llmspeed.generation import Generator, SamplingParams
+    from llmspeed.generation import engine as engine_module
+
+    script, real = iter([3, 0, 1]), engine_module.sample_batch
+
+    def scripted(logits, params, generators, rows):
+        tokens, logprobs = real(logits, params, generators, rows)
+        return [next(script) for _ in tokens], logprobs
+
+    monkeypatch.setattr(engine_module, "sample_batch", scripted)
+    llama.tokenizer = Pieces()
+    out = Generator(llama, progress=False).generate_batched(
+        [[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True, stop=("STOP",)))[0]  # fmt: skip
+    assert out.token_ids == [3, 0, 1]
+    assert out.finish_reason == "stop" and out.text == "ok "
+
+
 def test_no_tokenizer_gives_no_text():
     d = Detokenizer(None, [1], ["x"])
     assert d.add(5) == "" and d.finish() == "" and not d.stopped
