@@ -26,6 +26,7 @@ def _quant_plan(model: Model, options: dict[str, Any]):
     """``{layer name: QuantConfig}`` from the ``quantize`` dict (the keys of :data:`QUANTIZE_KEYS`)."""
     from ..quant.api import DEFAULT_LM_HEAD, plan_layers
     from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig
+    from ..quant.embedding import unshareable
     from ..quant.kernels import check_kernel
 
     if not isinstance(options, dict) or "format" not in options:
@@ -56,9 +57,12 @@ def _quant_plan(model: Model, options: dict[str, Any]):
     share = options.get("share_embedding")
     if share not in (None, True, False):
         raise ValueError(f"quantize['share_embedding'] must be None, True or False; got {share!r}")
-    if share and _tied_head_name(model) not in plan:
+    head = _tied_head_name(model)
+    why_not = unshareable(plan[head]) if head in plan else None
+    if share and (head not in plan or why_not):
         raise ValueError("quantize['share_embedding']=True needs an output head tied to the input embedding "
-                         "(tie_word_embeddings in config.json) and quantized (lm_head='int8')")  # fmt: skip
+                         "(tie_word_embeddings in config.json) and quantized (lm_head='int8')"
+                         + (f"; {why_not} cannot serve as the embedding" if why_not else ""))  # fmt: skip
     return plan
 
 
@@ -140,9 +144,10 @@ def from_pretrained(
     _quantize_tied_head(model, plan, want, rtn_weight, module_class, folder)
     head = _tied_head_name(model)
     if head in plan and (quantize or {}).get("share_embedding") is not False:
-        from ..quant.embedding import share_tied_embedding
+        from ..quant.embedding import share_tied_embedding, unshareable
 
-        share_tied_embedding(model, head)  # the float embedding is dropped: the packed head serves both
+        if unshareable(plan[head]) is None:  # an NF4 head with double_quant keeps the float embedding
+            share_tied_embedding(model, head)  # the float embedding is dropped: the packed head serves both
     skeleton.tie_embeddings(model)
     return skeleton.finish(model, dtype, device, folder)
 

@@ -15,7 +15,7 @@ from ..model import as_model
 from ..names import format_name
 from ..protocol import CausalLM, base_linear, is_fake_quantized, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
-from .embedding import share_tied_embedding, tied_head
+from .embedding import share_tied_embedding, tied_head, unshareable
 from .hadamard import check_rotatable, rotate, rotated_inputs
 from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import get_method
@@ -214,7 +214,8 @@ def quantize(
         share_embedding: When the output head is quantized and tied to the input embedding
             (SmolLM2, Gemma, small Qwen2), the embedding becomes a lookup into the head's packed rows
             (:class:`~llmspeed.quant.embedding.QuantizedEmbedding`) and the float matrix is freed.
-            ``None`` (default): do so whenever the head is quantized and tied; ``False``: keep the float
+            ``None`` (default): do so whenever the head is quantized and tied (an NF4 head with
+            ``double_quant``, whose rows cannot be read one by one, keeps the float embedding); ``False``: keep the float
             embedding; ``True``: require it (``ValueError`` when the head is not quantized or not tied).
         lm_head: The output head's format: ``"int8"`` (default: per output channel, round to nearest, as
             llama.cpp keeps its output tensor at 6 to 8 bits; docs/quantization.md measures it within 0.5%
@@ -270,12 +271,13 @@ def quantize(
     if share_embedding not in (None, True, False):
         raise ValueError(f"share_embedding must be None, True or False; got {share_embedding!r}")
     head = tied_head(model)
-    share = head is not None and head in plan and share_embedding is not False
+    why_not = unshareable(plan[head]) if head in plan else None  # None (default) then keeps the float embedding
+    share = head is not None and head in plan and share_embedding is not False and why_not is None
     if share_embedding and not share:
         raise ValueError(
             "share_embedding=True needs an output head that is tied to the input embedding and quantized "
             f"(lm_head='int8' quantizes it); this model's tied head: {head!r}, quantized layers include it: "
-            f"{head in plan if head else False}"
+            f"{head in plan if head else False}" + (f"; {why_not} cannot serve as the embedding" if why_not else "")
         )
     options = check_method_options(method, entry.weight or entry.model, 2 if entry.weight else 3, method_options)
     snapshot = dict(model.linear_layers())

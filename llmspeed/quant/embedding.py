@@ -24,6 +24,16 @@ from torch import nn
 from .modules import QuantizedLinearBase
 
 
+def unshareable(config: Any) -> str | None:
+    """Why a head quantized with ``config`` cannot serve as the input embedding (its rows are not read one by
+    one), or ``None`` when it can."""
+    if getattr(config, "act_order", False):
+        return "a head with act_order (permuted columns)"
+    if config.format == "nf4" and config.double_quant:
+        return "an NF4 head with double_quant (its scales dequantize by whole ranges, not by row)"
+    return None
+
+
 class QuantizedEmbedding(nn.Module):
     """Input embedding whose rows are the dequantized rows of a quantized (tied) output head.
 
@@ -38,11 +48,9 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         if not isinstance(head, QuantizedLinearBase):
             raise ValueError(f"head must be a quantized linear module; got {type(head).__name__}")
-        if getattr(head.config, "act_order", False):
-            raise ValueError("a head with act_order (permuted columns) cannot serve as the input embedding")
-        if head.config.format == "nf4" and head.config.double_quant:
-            raise ValueError("an NF4 head with double_quant cannot serve as the input embedding: its scales "
-                             "dequantize by whole ranges, not by row")  # fmt: skip
+        reason = unshareable(head.config)
+        if reason is not None:
+            raise ValueError(f"{reason} cannot serve as the input embedding")
         object.__setattr__(self, "head", head)  # a reference, not a submodule: the head owns its tensors
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self.padding_idx = padding_idx

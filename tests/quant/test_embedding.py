@@ -114,6 +114,31 @@ def test_refuses_heads_it_cannot_read():
         QuantizedEmbedding(torch.nn.Linear(4, 4), torch.float32)
 
 
+def test_a_double_quantized_nf4_head_keeps_the_float_embedding_by_default(tmp_path):
+    """Regression: share_embedding=None (the default) tried to share an NF4 head with double_quant, which cannot
+    serve as the embedding, so quantize and from_pretrained(quantize=...) failed after quantizing every layer."""
+    from llmspeed.models import from_pretrained
+
+    options = dict(group_size=32, lm_head="nf4", double_quant=True)
+    model = _tied()
+    model.hf.save_pretrained(tmp_path)
+    want = _tied()
+    llmspeed.quantize(want, "nf4", share_embedding=False, **options)
+    llmspeed.quantize(model, "nf4", **options)
+    got = from_pretrained(tmp_path, quantize=dict(format="nf4", **options))
+    for m in (model, got):
+        assert type(m.hf.get_input_embeddings()) is torch.nn.Embedding and m.hf.lm_head.config.double_quant
+        with torch.no_grad():
+            assert torch.equal(m.hf(IDS).logits, want.hf(IDS).logits)
+    untouched = _tied()
+    weights = {k: v.clone() for k, v in untouched.hf.state_dict().items()}
+    with pytest.raises(ValueError, match="share_embedding=True needs .* NF4 head with double_quant"):
+        llmspeed.quantize(untouched, "nf4", share_embedding=True, **options)
+    assert all(torch.equal(v, weights[k]) for k, v in untouched.hf.state_dict().items())
+    with pytest.raises(ValueError, match="share_embedding'\\]=True needs .* NF4 head with double_quant"):
+        from_pretrained(tmp_path, quantize=dict(format="nf4", share_embedding=True, **options))
+
+
 def test_deepcopy_follows_the_copy_and_a_16_bit_model_gets_16_bit_rows():
     model = _tied()
     llmspeed.quantize(model, "int8", lm_head="int8")
