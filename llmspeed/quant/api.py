@@ -130,6 +130,12 @@ def plan_layers(
         raise ValueError("skip/include leave no linear layer to quantize")
     if hadamard_layers:
         _check_patterns(model, "hadamard_layers", hadamard_layers)
+    for arg, patterns in (("int8_layers", int8_layers), ("hadamard_layers", hadamard_layers)):
+        for p in patterns or ():  # a pattern reaching only float layers would silently change nothing
+            if not any(_matches(name, [p]) for name in plan):
+                raise ValueError(f"{arg} pattern {p!r} matches only layers left in float (by skip, include or an "
+                                 f"output head kept in float); quantized layers look like {list(plan)[:3]}")  # fmt: skip
+    if hadamard_layers:
         plan = _with_hadamard(model, plan, hadamard_layers)
     return plan
 

@@ -130,6 +130,25 @@ def test_bad_input_raises_and_leaves_model_untouched(llama, kwargs, match):
     _assert_untouched(llama, before)
 
 
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [({"skip": ["*.down_proj"], "int8_layers": ["*.down_proj"]}, "int8_layers"),
+     ({"include": ["*.q_proj"], "int8_layers": ["*.q_proj", "*.down_proj"]}, "int8_layers"),
+     ({"skip": ["*.down_proj"], "hadamard_layers": ["*.down_proj"]}, "hadamard_layers"),
+     ({"lm_head": None, "hadamard_layers": ["lm_head"]}, "hadamard_layers")],
+)  # fmt: skip
+def test_int8_and_hadamard_patterns_reaching_only_float_layers_are_refused(llama, kwargs, arg):
+    """Regression: a pattern matching only layers skip/include/lm_head left in float was accepted and did nothing
+    (no layer at int8, none rotated), as did qat.prepare's hadamard_layers=['lm_head'] (the head stays float)."""
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=f"{arg} pattern .* matches only layers left in float"):
+        llmspeed.quantize(llama, "int4", group_size=32, **kwargs)
+    _assert_untouched(llama, before)
+    with pytest.raises(ValueError, match="hadamard_layers pattern 'lm_head' matches only layers left in float"):
+        llmspeed.qat.prepare(llama, "int4", group_size=32, hadamard_layers=["lm_head"])
+    _assert_untouched(llama, before)
+
+
 def test_named_kernel_that_cannot_handle_a_layer_rolls_back(llama):
     before = _snapshot(llama)
     with pytest.raises(ValueError, match="group_size in"):
