@@ -23,7 +23,7 @@ from ..model import as_model
 from ..names import format_name
 from ..protocol import CausalLM, is_quantized
 from ..quant import primitives as P
-from ..quant.api import check_method_options, plan_layers
+from ..quant.api import check_materialized, check_method_options, plan_layers
 from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from ..quant.hadamard import rotate, rotated_inputs
 from ..quant.methods import get_method
@@ -153,6 +153,7 @@ def prepare(
         group_size = DEFAULT_GROUP_SIZE[fmt]
     config = QuantConfig(fmt, group_size, method=init)
     plan = plan_layers(model, config, skip, include, lm_head=None, hadamard_layers=hadamard_layers)
+    check_materialized(model, plan)
     snapshot = dict(model.linear_layers())
     try:
         built = _gptq_start(model, plan, calibration, init_options) if init == "gptq" else {}

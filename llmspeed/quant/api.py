@@ -140,6 +140,18 @@ def plan_layers(
     return plan
 
 
+def check_materialized(model: CausalLM, plan: dict[str, QuantConfig]) -> None:
+    """``ValueError`` when a planned layer's weight is on the ``meta`` device: it holds no values to quantize."""
+    layers = dict(model.linear_layers())
+    meta = [name for name in plan if layers[name].weight.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} planned layers (e.g. {meta[0]!r}) have their weights on the meta device, which holds no "
+            f"values to quantize; load the weights first (llmspeed.models.from_pretrained(path, quantize=...) "
+            f"quantizes a checkpoint as it reads it)"
+        )
+
+
 def _with_hadamard(model: CausalLM, plan: dict[str, QuantConfig], patterns: Sequence[str]) -> dict[str, QuantConfig]:
     """``plan`` with ``hadamard=True`` on the planned layers matching ``patterns`` (int4 ones only)."""
     layers = dict(model.linear_layers())
@@ -237,8 +249,8 @@ def quantize(
             the compressed-tensors export describes them as Hadamard transforms (``transform_config``).
 
     Raises:
-        ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly or a
-            kernel missing on this device: before any layer changes. If quantizing fails midway, every layer
+        ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly, weights
+            on the ``meta`` device or a kernel missing on this device: before any layer changes. If quantizing fails midway, every layer
             is restored.
     """
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
@@ -267,6 +279,7 @@ def quantize(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"
         )
     plan = plan_layers(model, config, skip, include, int8_layers, lm_head, hadamard_layers)
+    check_materialized(model, plan)
     rotated = [name for name, c in plan.items() if c.hadamard]
     if rotated and entry.model is not None and not entry.rotates:
         raise ValueError(

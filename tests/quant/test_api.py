@@ -149,6 +149,22 @@ def test_int8_and_hadamard_patterns_reaching_only_float_layers_are_refused(llama
     _assert_untouched(llama, before)
 
 
+@pytest.mark.parametrize("verb", ["int4", "int8", "qat"])
+def test_a_model_on_the_meta_device_is_refused_before_any_change(verb):
+    """Regression: quantize(meta_model, "int4") failed deep in pack_nibbles with a RuntimeError ("Tensor.item()
+    cannot be called on meta tensors"), while "int8" and qat.prepare built quantized modules of meta tensors."""
+    with torch.device("meta"):
+        model = llmspeed.models.tiny("llama", seed=0)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="planned layers .* on the meta device"):
+        if verb == "qat":
+            llmspeed.qat.prepare(model, "int4", group_size=32)
+        else:
+            llmspeed.quantize(model, verb)
+    _assert_untouched(model, before)
+    assert all(type(m) is nn.Linear for m in before.values())
+
+
 def test_named_kernel_that_cannot_handle_a_layer_rolls_back(llama):
     before = _snapshot(llama)
     with pytest.raises(ValueError, match="group_size in"):
