@@ -68,8 +68,13 @@ def calibration_tokens(model: CausalLM, calibration: Any, config: CalibrationCon
     ``calibration`` may be ``None`` (the default text), a string, a list of strings (joined with
     blank lines, then tokenized once) or an int64 tensor of token ids ``[n, T]`` or ``[T]``. The
     tokens are cut into consecutive non-overlapping windows, of which the first
-    ``config.n_sequences`` are used.
+    ``config.n_sequences`` are used. ``config.seq_len`` may not pass the model's context
+    (``model.spec.max_positions``), as ``perplexity``'s window and ``finetune``'s ``seq_len`` may not.
     """
+    limit = model.spec.max_positions
+    if limit is not None and config.seq_len > limit:  # rotary models would run on, at positions never trained
+        raise ValueError(f"seq_len must be at most the model's context of {limit} tokens (model.spec.max_positions); "
+                         f"got seq_len={config.seq_len}: calibrate on shorter windows (more n_sequences)")  # fmt: skip
     if calibration is None:
         calibration = default_calibration_text()
     if isinstance(calibration, torch.Tensor):

@@ -378,6 +378,11 @@ def test_failure_midway_leaves_model_unchanged(monkeypatch):
         (dict(method_options=dict(clip_search=("x",))), "clip_search must be a non-empty tuple"),
         (dict(method="awq", method_options=dict(duo_scaling="no")), "duo_scaling must be a bool; got 'no'"),
         (dict(method="awq", method_options=dict(damp=float("inf"))), "damp must be a finite number > 0; got inf"),
+        # regression: windows past max_position_embeddings (512) calibrated on positions the model never saw
+        (dict(calibration=torch.zeros(2048, dtype=torch.long), method_options=dict(seq_len=1024)),
+         "seq_len must be at most the model's context of 512 tokens"),
+        (dict(method="awq", calibration=torch.zeros(2048, dtype=torch.long), method_options=dict(seq_len=1024)),
+         "seq_len must be at most the model's context of 512 tokens"),
     ],
 )
 def test_bad_input_raises_before_any_layer_changes(kwargs, match):
