@@ -189,3 +189,24 @@ def test_cast_leaves_lora_adapters_in_their_dtype_as_adding_them_after_the_cast_
         assert torch.equal(after.hf(IDS).logits, before.hf(IDS).logits)
     llmspeed.cast(after, "fp32")  # casting back keeps them too, and the base is fp32 again
     assert {layer.weight_a("a").dtype for _, layer in lora.lora_layers(after)} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_what_stays_fp32_keeps_its_exact_values(dtype):
+    """Regression: cast rounded the whole model to 16 bits and only then put the norms and LoRA adapters back in
+    fp32, so they kept the fp32 dtype but held 16-bit-rounded values (up to 4e-3 off for norm weights near 1)."""
+    from llmspeed import lora
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    lora.add_adapter(model, "a", r=4, init="random")
+    with torch.no_grad():
+        for name, p in model.hf.named_parameters():
+            if "norm" in name or "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # values off the bf16/fp16 grids
+    kept = {n: p.detach().clone() for n, p in model.hf.named_parameters() if "norm" in n or "lora_" in n}
+    llmspeed.cast(model, dtype)
+    params = dict(model.hf.named_parameters())
+    assert all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in kept.items())
+    llmspeed.cast(model, "bf16" if dtype == "fp16" else "fp16")  # a second 16-bit cast too
+    params = dict(model.hf.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in kept.items())

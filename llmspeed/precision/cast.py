@@ -146,6 +146,11 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
     # keep the dtype they were added with, as an adapter added after the cast does
     adapters = [(m, next(m.parameters()).dtype) for module in root.modules() for d in _adapter_dicts(module)
                 for m in d.values() if any(True for _ in m.parameters())]  # fmt: skip
+    # the values of what keeps its dtype (adapters; norms on a 16-bit cast): root.to rounds them on the way, and
+    # casting them back alone would keep the rounded values
+    exact = {p: p.detach().clone() for module, _ in adapters for p in module.parameters()}
+    if target != torch.float32:
+        exact.update({p: p.detach().to(torch.float32, copy=True) for m in root.modules() if _is_norm(m) for p in m.parameters(recurse=False)})
     root.to(target)
     for module, kept in adapters:
         module.to(kept)
@@ -155,6 +160,9 @@ def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto")
         for module in root.modules():
             if _is_norm(module):
                 module.to(torch.float32)
+    with torch.no_grad():
+        for param, value in exact.items():
+            param.copy_(value)
     attach(model, target, cpu_matmul=cpu_matmul)
     if getattr(root, "config", None) is not None:
         root.config.dtype = target
