@@ -168,6 +168,18 @@ class FakeQuantLinear(nn.Linear):
         """Input channels including the zero padding up to a multiple of the group size."""
         return self.config.padded_in_features(self.in_features)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() cast the latent weight, never the fp32 starting grids convert packs
+        # with (as the quantized modules keep their scales): only a move to another device reaches them
+        grids = {id(self.scales), id(self.zeros)}
+
+        def keep_grids(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in grids:
+                return fn(t)
+            return t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)  # fn's device, t's dtype
+
+        return super()._apply(keep_grids, recurse)
+
     def effective_scales(self) -> torch.Tensor:  # [out, groups] fp32
         """The scales in use: ``scales`` times the learned gain (``scales`` itself when scales do not learn).
 

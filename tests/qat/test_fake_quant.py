@@ -149,3 +149,26 @@ def test_learned_scales_stay_positive_under_large_steps():
     assert torch.all(layer.effective_scales() > 0)
     layer(torch.randn(2, 16)).sum().backward()
     assert layer.scale_gain.grad is not None
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_dtype_cast_leaves_the_fp32_grids_alone(fmt):
+    """Regression: ``model.hf.to(torch.bfloat16)`` (or ``.half()``) rounded the fp32 starting grids ``scales`` and
+    ``zeros`` of every prepared layer to 16 bits, so convert packed other codes and scales than prepare chose;
+    the quantized modules already keep their scales' dtype under such casts."""
+    from llmspeed import qat
+
+    lin = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        lin.weight.copy_(_weight(8, 64, 3))
+    config = QuantConfig(fmt, 32 if fmt == "int4" else None)
+    scales, zeros = init_qparams(lin.weight.detach(), config, symmetric=fmt == "int8")
+    layer = FakeQuantLinear(lin, config, scales, zeros, fmt == "int8", learn_scales=False)
+    grids = (layer.scales.clone(), layer.zeros.clone())
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        layer.to(dtype)
+        assert layer.weight.dtype == dtype
+        assert all(t.dtype == torch.float32 and torch.equal(t, g) for t, g in zip((layer.scales, layer.zeros), grids))
+    layer.bfloat16()
+    packed = qat.api.convert_layer(layer)  # what convert packs is what forward multiplies by
+    assert torch.equal(packed.dequantize(torch.bfloat16), layer.quantized_weight())
