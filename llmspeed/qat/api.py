@@ -151,7 +151,7 @@ def prepare(
     refuse_default_marker(group_size)
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE[fmt]
-    config = QuantConfig(fmt, group_size, method=init)
+    config = QuantConfig(fmt, group_size, method=init, symmetric=symmetric)  # converted modules say so (exports)
     plan = plan_layers(model, config, skip, include, lm_head=None, hadamard_layers=hadamard_layers)
     check_materialized(model, plan)
     snapshot = dict(model.linear_layers())

@@ -9,6 +9,7 @@ import torch
 
 import llmspeed
 from llmspeed import lora, qat
+from llmspeed.protocol import is_quantized
 from llmspeed.qat import FakeQuantLinear
 from llmspeed.quant import Int4Linear, Int8Linear
 
@@ -155,6 +156,24 @@ def test_converted_model_saves_loads_generates_and_takes_adapters(llama, tmp_pat
     lora.add_adapter(loaded, "a", r=4, alpha=8)
     result = llmspeed.finetune(loaded, TOKENS, steps=3, lr=1e-2, seq_len=16, batch_size=4, progress=False)
     assert result.trained == "adapter" and result.adapter == "a"
+
+
+@pytest.mark.parametrize("fmt", ["llmspeed", "compressed-tensors"])
+def test_symmetric_int4_converts_to_modules_labelled_symmetric_that_save_and_load(llama, tmp_path, fmt):
+    """Regression: ``prepare(symmetric=True)`` then ``convert`` gave Int4Linear modules whose config said
+    ``symmetric=False`` though every zero point is 8, so files and exports described them as asymmetric."""
+    qat.prepare(llama, "int4", 16, symmetric=True)
+    llmspeed.finetune(llama, TOKENS, steps=2, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+    qat.convert(llama)
+    layers = [m for _, m in llama.linear_layers() if is_quantized(m)]
+    assert layers and all(m.config.symmetric and bool((m.zeros == 8).all()) for m in layers)
+    with torch.no_grad():
+        before = llama.hf(IDS).logits
+    llmspeed.save(llama, tmp_path, format=fmt)
+    loaded = llmspeed.load(tmp_path)
+    assert all(m.config.symmetric for _, m in loaded.linear_layers() if is_quantized(m))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.hf(IDS).logits, before, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_added_after_prepare_keeps_wrapping_the_converted_base(llama):
