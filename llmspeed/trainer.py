@@ -3,7 +3,8 @@ weights, a QAT model's latent weights) with one loop and optional mixed precisio
 
 What trains (``train=``):
 
-* ``"auto"`` (default): the active adapter when the model carries LoRA adapters, else ``"full"``;
+* ``"auto"`` (default): an adapter (``adapter``, else the active one) when the model carries LoRA adapters,
+  else ``"full"``;
 * ``"adapter"``: the active (or named) adapter, exactly :func:`llmspeed.lora.finetune`;
 * ``"full"``: every floating-point parameter (on a model prepared by :func:`llmspeed.qat.prepare`:
   the latent weights behind the fake quantizers, embeddings, norms, and learnable scales);
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora.inject import active_adapter, lora_layers
+from .lora.inject import active_adapter, adapter_names, lora_layers
 from .lora.train import finetune as lora_finetune
 from .model import as_model
 from .protocol import CausalLM, base_linear, is_quantized
@@ -107,7 +108,7 @@ def finetune(
         raise ValueError(f"train must be one of {list(TRAIN)}; got {train!r}")
     mode = train
     if mode == "auto":
-        mode = "adapter" if active_adapter(model) is not None else "full"
+        mode = "adapter" if adapter_names(model) else "full"  # also when none is active: "full" would refuse
     lr = DEFAULT_LR[mode] if lr is None else lr
     options: dict[str, Any] = dict(
         gradient_checkpointing=gradient_checkpointing,
@@ -119,6 +120,12 @@ def finetune(
         progress=progress,
     )
     if mode == "adapter":
+        names = adapter_names(model)
+        if adapter is None and active_adapter(model) is None and names:
+            raise ValueError(
+                f"train={train!r} trains an adapter, but none of the model's adapters {names} is active; "
+                f"pass adapter=<name> or call lora.set_adapter(model, name) first"
+            )
         if adapter is None and active_adapter(model) is None:  # lora.finetune's error would say full=True
             raise ValueError(
                 "train='adapter' needs a LoRA adapter and the model has none; call "

@@ -15,7 +15,14 @@ import torch
 from ..model import as_model
 from ..protocol import CausalLM, is_quantized
 from ..training import FinetuneResult, check_arguments, check_precision, token_stream, train
-from .inject import active_adapter, lora_layers, require_adapter, set_adapter, trainable_parameters
+from .inject import (
+    active_adapter,
+    adapter_names,
+    lora_layers,
+    require_adapter,
+    set_adapter,
+    trainable_parameters,
+)
 
 __all__ = ["FinetuneResult", "finetune", "token_stream"]
 
@@ -84,6 +91,11 @@ def finetune(
     if not isinstance(full, bool):
         raise ValueError(f"full must be a bool; got {full!r}")
     adapter = None if full else (adapter or active_adapter(model))
+    if not full and adapter is None and adapter_names(model):  # full=True would refuse an adapted model
+        raise ValueError(
+            f"none of the model's adapters {adapter_names(model)} is active; pass adapter=<name> or call "
+            f"lora.set_adapter(model, name) first"
+        )
     if not full and adapter is None:
         raise ValueError(
             "model has no active adapter; call lora.add_adapter(model, name, ...) first or pass full=True"

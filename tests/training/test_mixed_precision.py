@@ -225,3 +225,23 @@ def test_result_names_the_precision_canonically(llama, precision, name):
     """Regression: the result echoed the spelling given ("bfloat16", torch.float16), not one of its names."""
     result = llmspeed.finetune(llama, TOKENS, precision=precision, **{**RUN, "steps": 1})
     assert result.precision == name
+
+
+def test_a_model_whose_adapters_are_all_inactive_trains_the_named_adapter(llama):
+    """Regression: with adapters on the model but none active (set_adapter(None), or the active one deleted),
+    train="auto" chose "full", so adapter="b" was refused ("only used with train='adapter'") and train="auto"
+    or "adapter" alone said the model had no adapter, or suggested full fine-tuning, which it refuses."""
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    lora.add_adapter(llama, "b", r=4, alpha=8)
+    lora.delete_adapter(llama, "b")
+    lora.add_adapter(llama, "b", r=4, alpha=8)
+    lora.delete_adapter(llama, "b")  # the active adapter: none is active now
+    state = {k: v.clone() for k, v in llama.hf.state_dict().items()}
+    for run in (lambda: llmspeed.finetune(llama, TOKENS, **RUN),
+                lambda: llmspeed.finetune(llama, TOKENS, train="adapter", **RUN),
+                lambda: lora.finetune(llama, TOKENS, **RUN)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"none of the model's adapters \['a'\] is active; pass adapter="):
+            run()
+    assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
+    result = llmspeed.finetune(llama, TOKENS, adapter="a", **{**RUN, "steps": 2})
+    assert result.adapter == "a" and result.trained == "adapter" and lora.active_adapter(llama) == "a"
