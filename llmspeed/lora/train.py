@@ -39,6 +39,12 @@ def _parameters(model: CausalLM, adapter: str | None, full: bool) -> list[torch.
     assert adapter is not None  # checked just above
     if any(adapter in layer.merged for _, layer in lora_layers(model)):
         raise ValueError(f"adapter {adapter!r} is merged into the base; unmerge it before training")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.disabled for layer in layers):  # the loss would not depend on the adapter at all
+        raise ValueError("the model's adapters are disabled (inside lora.disabled(model)); train outside that block")
+    if any(layer.routing is not None for layer in layers):  # the rows would run the routed adapters instead
+        raise ValueError("the model runs a mixed-adapter batch (inside lora.per_row_adapters or per_token_adapters); "
+                         "train outside that block")  # fmt: skip
     return trainable_parameters(model, adapter)
 
 

@@ -93,3 +93,18 @@ def test_finetune_bad_input(llama):
     with pytest.raises(ValueError, match="full must be a bool; got 'no'"):
         lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, full="no", progress=False)
     assert all(torch.equal(p, base[n]) for n, p in llama.hf.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("block", ["disabled", "per_row_adapters"])
+def test_training_inside_a_block_that_bypasses_the_adapter_is_refused(llama, block):
+    """Regression: inside lora.disabled the loss did not depend on the adapter, and the first backward failed
+    with torch's "element 0 of tensors does not require grad"; inside per_row_adapters (as many names as
+    windows) the rows ran the routed adapters, not the one trained, with the same obscure error."""
+    lora.add_adapter(llama, "a", r=2, init="random")
+    lora.add_adapter(llama, "b", r=2)
+    before = {n: p.detach().clone() for n, p in llama.hf.named_parameters()}
+    context = lora.disabled(llama) if block == "disabled" else lora.per_row_adapters(llama, ["a", "a"])
+    with context, pytest.raises(ValueError, match=f"inside lora.{block}.*train outside that block"):
+        lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in llama.hf.named_parameters())
+    assert lora.active_adapter(llama) == "b"
