@@ -11,11 +11,13 @@ Two ways to compute it, both exact:
 * ``"segment"`` (the loop PEFT runs): for each adapter in the batch, gather its tokens, apply
   ``B(A(x))`` and scatter-add the result. Cheaper in FLOPs when many adapters share a batch.
 
-``"auto"`` picks ``concat`` while ``R`` is at most a quarter of ``min(in, out)``.
+``"auto"`` picks ``concat`` while ``R`` is at most a quarter of ``min(in, out)``. A layer whose adapters in the
+batch differ in dtype (``add_adapter(dtype=...)``) always runs ``segment``, each adapter in its own dtype.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -127,8 +129,9 @@ def segment_delta(layer: LoraLinear, routing: Routing, x2: torch.Tensor, ids: to
         routing.cache[key] = [(ids == i).nonzero().squeeze(1) for i in range(len(routing.adapters))]
     for name, rows in zip(routing.adapters, cast(list, routing.cache[key])):  # rows: [t_i]
         if rows.numel() and name in layer.lora_A:
-            sub = layer.lora_B[name](layer.lora_A[name](x2.index_select(0, rows)))  # [t_i, out]
-            out.index_add_(0, rows, sub * layer.scaling[name])
+            xs = x2.index_select(0, rows).to(layer.weight_a(name).dtype)  # [t_i, in] (adapters may differ in dtype)
+            sub = layer.lora_B[name](layer.lora_A[name](xs))  # [t_i, out]
+            out.index_add_(0, rows, (sub * layer.scaling[name]).to(out.dtype))
     return out
 
 
@@ -142,12 +145,15 @@ def routed_delta(layer: LoraLinear, routing: Routing, x: torch.Tensor) -> torch.
     present = [n for n in routing.adapters if n in layer.lora_A]
     if not present:
         return x.new_zeros(*x.shape[:-1], layer.out_features)
-    x2 = x.reshape(-1, x.shape[-1]).to(layer.weight_a(present[0]).dtype)  # [T, in]
+    dtypes = {layer.weight_a(n).dtype for n in present}  # adapters may differ in dtype: the widest here
+    x2 = x.reshape(-1, x.shape[-1]).to(functools.reduce(torch.promote_types, dtypes))  # [T, in]
     method = routing.method
     if method == "auto":
         total_rank = sum(layer.rank(n) for n in present)
         small = total_rank * 4 <= min(layer.in_features, layer.out_features)
         method = "concat" if small or len(present) == 1 else "segment"
+    if len(dtypes) > 1:  # the segment loop runs each adapter in its own dtype, exactly as it runs alone
+        method = "segment"
     compute = concat_delta if method == "concat" else segment_delta
     delta = compute(layer, routing, x2, ids)  # [T, out]
     return delta.reshape(*x.shape[:-1], layer.out_features)

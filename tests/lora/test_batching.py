@@ -116,3 +116,18 @@ def test_concat_and_segment_match_a_per_token_loop(ranks, data):
     with torch.no_grad():
         torch.testing.assert_close(concat_delta(layer, layer.routing, x, ids), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(segment_delta(layer, layer.routing, x, ids), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["concat", "segment", "auto"])
+def test_adapters_of_different_dtypes_share_a_batch(llama, method):
+    """Regression: add_adapter(dtype=torch.bfloat16) next to an fp32 adapter made every mixed batch fail with
+    "expected m1 and m2 to have the same dtype" (the input was cast to the first adapter's dtype only)."""
+    lora.add_adapter(llama, "a", r=2, init="random", dtype=torch.bfloat16)
+    lora.add_adapter(llama, "b", r=4, init="random", targets=["q_proj", "v_proj"])
+    names = ["a", "b", None, "b"]
+    ids = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(0))
+    with lora.per_row_adapters(llama, names, method=method), torch.no_grad():
+        mixed = llama.hf(input_ids=ids).logits  # [4, 9, V]
+    for row, name in enumerate(names):
+        want = alone(llama, name, input_ids=ids[row : row + 1])[0]  # each adapter in its own dtype, as alone
+        torch.testing.assert_close(mixed[row], want, atol=1e-4, rtol=1e-5)
