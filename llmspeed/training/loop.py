@@ -66,13 +66,15 @@ def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | No
     """
     if isinstance(texts, torch.Tensor):
         vocab = model.spec.vocab_size
-        if texts.dim() != 1 or texts.is_floating_point() or texts.numel() == 0:
+        integer = not (texts.is_floating_point() or texts.is_complex() or texts.dtype == torch.bool)
+        if texts.dim() != 1 or not integer or texts.numel() == 0:
             raise ValueError(
                 f"texts as a tensor must be 1-D integer token ids; got {texts.dtype} {tuple(texts.shape)}"
             )
-        if texts.min() < 0 or texts.max() >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab}); got range [{texts.min()}, {texts.max()}]")
-        return texts.long().cpu()
+        ids = texts.long().cpu()  # compared as int64: a uint8/int8 tensor would wrap the vocabulary size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}); got range [{ids.min()}, {ids.max()}]")
+        return ids
     if model.tokenizer is None:
         raise ValueError("model has no tokenizer; wrap it with llmspeed.wrap(hf_model, tokenizer)")
     if texts is None:

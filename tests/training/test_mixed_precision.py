@@ -245,3 +245,22 @@ def test_a_model_whose_adapters_are_all_inactive_trains_the_named_adapter(llama)
     assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
     result = llmspeed.finetune(llama, TOKENS, adapter="a", **{**RUN, "steps": 2})
     assert result.adapter == "a" and result.trained == "adapter" and lora.active_adapter(llama) == "a"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_token_ids_in_a_narrow_integer_dtype_train(llama, dtype):
+    """Regression: ids were compared with the vocabulary size in their own dtype, where 256 wraps to 0, so
+    every uint8/int8 stream was refused with a range inside the vocabulary ("must be in [0, 256); got [0, 120]")."""
+    ids = torch.arange(121, dtype=dtype).repeat(3)  # [363], within every dtype's range and the vocabulary
+    result = llmspeed.finetune(llama, ids, train="linears", **{**RUN, "steps": 1})
+    assert len(result.losses) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_token_ids_that_are_not_integers_are_refused(llama, dtype):
+    """Regression: a bool tensor trained silently on ids 0 and 1; a complex one failed inside torch's min()."""
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    state = {k: v.clone() for k, v in llama.hf.state_dict().items()}
+    with pytest.raises(ValueError, match=f"texts as a tensor must be 1-D integer token ids; got {dtype}"):
+        lora.finetune(llama, torch.ones(100, dtype=dtype), **RUN)
+    assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
