@@ -92,7 +92,11 @@ def _local(layer: LoraLinear, routing: Routing) -> tuple[list[str], torch.Tensor
 
 def _concat_weights(layer: LoraLinear, routing: Routing) -> tuple:
     key = id(layer)
-    if key not in routing.cache:
+    # restacked when an adapter changed inside the block (trained in place, its scale set): its tensors' versions
+    state = [(layer.scaling[n], layer.weight_a(n)._version, layer.weight_b(n)._version)
+             for n in routing.adapters if n in layer.lora_A]  # fmt: skip
+    if key not in routing.cache or routing.cache[("state", key)] != state:
+        routing.cache[("state", key)] = state
         names, remap = _local(layer, routing)
         a_cat = torch.cat([layer.weight_a(n) for n in names], dim=0)  # [R, in]
         b_cat = torch.cat([layer.weight_b(n) for n in names], dim=1)  # [out, R]

@@ -131,3 +131,20 @@ def test_adapters_of_different_dtypes_share_a_batch(llama, method):
     for row, name in enumerate(names):
         want = alone(llama, name, input_ids=ids[row : row + 1])[0]  # each adapter in its own dtype, as alone
         torch.testing.assert_close(mixed[row], want, atol=1e-4, rtol=1e-5)
+
+
+def test_adapters_changed_inside_the_block_are_restacked(llama):
+    """Regression: "concat" cached each layer's concatenated A and B on first use, so an adapter trained in
+    place (or rescaled) inside a per_row_adapters block kept running its old weights there."""
+    three_adapters(llama)
+    ids = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(0))
+    names = ["a", "c", None]
+    with lora.per_row_adapters(llama, names, method="concat"), torch.no_grad():
+        llama.hf(input_ids=ids)  # fills the cache
+        for p in lora.trainable_parameters(llama, "a"):
+            p.mul_(2)  # as an optimizer step does
+        for _, layer in lora.lora_layers(llama):
+            layer.scaling["c"] = 0.5
+        mixed = llama.hf(input_ids=ids).logits  # [3, 9, V]
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone(llama, name, input_ids=ids[row : row + 1])[0], atol=1e-4, rtol=1e-5)
