@@ -239,7 +239,10 @@ def train(
         checkpointing = gradient_checkpointing and set_checkpointing(hf, True)
         hf.train()
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
+        # torch.manual_seed seeds every CUDA device too: fork those the process has set up, so that the caller's GPU
+        # random state comes back as well
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({mp.precision})")
             for _ in bar:

@@ -77,6 +77,24 @@ def test_fp16_overflow_skips_that_step_and_recovers(llama):
     assert fell(result.losses) and all(torch.isfinite(p).all() for p in llama.hf.parameters())
 
 
+def test_training_leaves_the_callers_random_state_as_it_was(llama):
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    llmspeed.finetune(llama, TOKENS, **RUN)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_leaves_the_callers_cuda_random_state_as_it_was(llama):
+    """Regression: the loop forked the CPU generator only, and its ``torch.manual_seed`` reseeded every CUDA device:
+    after a run on the GPU the caller's CUDA random state was the training seed's."""
+    llama.hf.to("cuda")
+    torch.cuda.manual_seed(123)
+    state = torch.cuda.get_rng_state()
+    llmspeed.finetune(llama, TOKENS, **RUN)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
 def test_fp16_scaler_halves_the_scale_on_overflow():
     mp = amp.MixedPrecision("fp16", "cpu", init_scale=1024.0)
     p = torch.nn.Parameter(torch.ones(3))
