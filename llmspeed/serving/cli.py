@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+KV_BLOCK_TOKENS = 16  # the engine's default block_size: the smallest KV cache it takes
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,38 +17,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="smollm2 (the embedded model), or a folder: llmspeed.save's or a transformers checkpoint")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model's name)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"], help="quantize the weights after loading")
-    p.add_argument("--group-size", type=int, default=None, help="group size for int4 / nf4")
+    p.add_argument("--group-size", type=_even_group, default=None, help="group size for int4 / nf4 (a positive even integer)")
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
                    help="with --quantize (on unless --no-quantize-lm-head, as in llmspeed.quantize): the output head at int8 per channel in "
                         "every format, as llama.cpp's Q8_0 and Q4_0 files; a tied input embedding reads its rows. "
                         "--no-quantize-lm-head keeps it float (llmspeed.quantize(..., lm_head=None); docs/serving.md: the cost)")
     p.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI or AVX2, their cost)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (ours or PEFT's); repeat for more")
+    p.add_argument("--adapter", action="append", default=[], type=_adapter, metavar="NAME=PATH",
+                   help="a LoRA adapter folder (ours or PEFT's); repeat for more")
     p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
                    help="precision of the adapters the fused CPU decode step reads (docs/lora.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port, 0 to 65535 (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request (/v1/...; /health and /metrics stay open)")
-    p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--kv-cache-tokens", type=_int_in(KV_BLOCK_TOKENS), default=16384,
+                   help=f"KV cache budget in tokens (at least one block: {KV_BLOCK_TOKENS})")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached keys and values (auto: the model's; docs/batching.md)")
-    p.add_argument("--max-batch-tokens", type=int, default=512)
-    p.add_argument("--max-seqs", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=_int_in(1), default=512, help="most tokens in one forward pass")
+    p.add_argument("--max-seqs", type=_int_in(1), default=64, help="most requests running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prompt prefixes")
-    p.add_argument("--num-scheduler-steps", type=_at_least_one, default=1,
+    p.add_argument("--num-scheduler-steps", type=_int_in(1), default=1,
                    help="decode steps one engine step may run back to back when every running request is greedy and "
                         "none waits (less Python between CPU steps; tokens stream in bursts; docs/batching.md)")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
     return p
 
 
-def _at_least_one(text: str) -> int:
-    """An int >= 1 (argparse names the option and the value given otherwise)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
+def _int_in(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``least`` to ``most``, refused at parse time (before a model loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least or (most is not None and value > most):
+            bound = f">= {least}" if most is None else f"from {least} to {most}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _even_group(text: str) -> int:
+    """An argparse ``type`` for ``--group-size``: a positive even integer (two 4-bit codes share a byte)."""
+    value = _int_in(2)(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be a positive even integer (two 4-bit codes share a byte); got {text!r}")
     return value
+
+
+def _adapter(spec: str) -> str:
+    """An argparse ``type`` for ``--adapter``: ``NAME=PATH`` with ``PATH`` an existing folder."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"takes NAME=PATH; got {spec!r}")
+    if not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"PATH must be an adapter folder; got {spec!r}, but {path!r} is not a folder")
+    return spec
 
 
 def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:

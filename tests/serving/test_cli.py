@@ -14,3 +14,27 @@ def test_group_size_without_quantize_is_refused_not_ignored(monkeypatch):
     monkeypatch.setattr(cli, "load_model", no_load)
     with pytest.raises(SystemExit, match="--group-size 64 needs --quantize"):
         cli.build(cli.build_parser().parse_args(["--group-size", "64"]))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--port", "-1"], "--port"), (["--port", "70000"], "--port"), (["--kv-cache-tokens", "0"], "--kv-cache-tokens"),
+    (["--kv-cache-tokens", "-5"], "--kv-cache-tokens"), (["--max-batch-tokens", "0"], "--max-batch-tokens"),
+    (["--max-seqs", "-1"], "--max-seqs"), (["--num-scheduler-steps", "0"], "--num-scheduler-steps"),
+    (["--quantize", "int4", "--group-size", "0"], "--group-size"), (["--quantize", "int4", "--group-size", "7"], "--group-size"),
+    (["--log-level", "loud"], "--log-level"), (["--adapter", "nopath"], "--adapter"), (["--adapter", "x=/nonexistent"], "--adapter"),
+])  # fmt: skip
+def test_bad_numbers_levels_and_adapters_are_refused_at_parse_time(flags, named, capsys):
+    # Regression: these were parsed as plain ints/strings, so the server loaded (and quantized) the model first, then
+    # died with a traceback from the engine, quantize, lora or uvicorn (a bad --port or --log-level only at bind).
+    with pytest.raises(SystemExit) as err:
+        cli.build_parser().parse_args(flags)
+    assert err.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {named}" in message and repr(flags[-1]) in message, message
+
+
+def test_good_numbers_levels_and_adapters_parse(tmp_path):
+    args = cli.build_parser().parse_args(["--port", "0", "--kv-cache-tokens", "16", "--max-seqs", "1", "--quantize", "int4",
+                                          "--group-size", "32", "--log-level", "debug", "--adapter", f"a={tmp_path}"])  # fmt: skip
+    assert (args.port, args.kv_cache_tokens, args.max_seqs, args.group_size, args.log_level) == (0, 16, 1, 32, "debug")
+    assert args.adapter == [f"a={tmp_path}"]
