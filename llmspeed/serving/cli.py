@@ -97,7 +97,11 @@ def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
     path = Path(name)
     if not path.is_dir():
         raise SystemExit(f"--model must be 'smollm2' or a folder; {name!r} is neither")
-    if detect(path) == "float":
+    try:
+        kind = detect(path)
+    except ValueError as err:  # a folder without model.safetensors (or its index): no checkpoint to serve
+        raise SystemExit(f"--model {name!r} is not a checkpoint folder: {err}") from err
+    if kind == "float":
         return models.from_pretrained(path, quantize=quantize)
     if quantize:
         raise SystemExit(f"{name} is already quantized; drop --quantize")
@@ -164,8 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, build the server and run it until interrupted."""
     import uvicorn
 
-    args = build_parser().parse_args(argv)
-    engine, server = build(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        engine, server = build(args)
+    except SystemExit as err:  # build's refusals of flags (a message): argparse's one line and exit status 2
+        if not isinstance(err.code, str):
+            raise
+        parser.error(err.code)
     try:
         uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -38,3 +38,18 @@ def test_good_numbers_levels_and_adapters_parse(tmp_path):
                                           "--group-size", "32", "--log-level", "debug", "--adapter", f"a={tmp_path}"])  # fmt: skip
     assert (args.port, args.kv_cache_tokens, args.max_seqs, args.group_size, args.log_level) == (0, 16, 1, 32, "debug")
     assert args.adapter == [f"a={tmp_path}"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--model", "/nonexistent"], "--model must be 'smollm2' or a folder"), (["--model", "EMPTY"], "is not a checkpoint folder"),
+    (["--group-size", "64"], "--group-size 64 needs --quantize"), (["--activations", "int8"], "--activations int8 needs --quantize"),
+])  # fmt: skip
+def test_main_refuses_bad_flags_with_argparse_exit_status(flags, says, tmp_path, capsys):
+    # Regression: build()'s refusals left main() as SystemExit(message), exit status 1 unlike argparse's 2, and an
+    # empty --model folder gave a ValueError traceback from the format detection.
+    flags = [str(tmp_path) if f == "EMPTY" else f for f in flags]
+    with pytest.raises(SystemExit) as err:
+        cli.main(flags)
+    assert err.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("python -m llmspeed serve: error: ") and says in message, message
