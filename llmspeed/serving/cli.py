@@ -166,10 +166,14 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, build the server and run it until interrupted."""
-    import uvicorn
-
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and bad flags need no server packages
+    try:  # the serve extra, checked before a model is loaded
+        import fastapi  # noqa: F401  # the server's
+        import uvicorn
+    except ImportError as err:
+        raise SystemExit(f"python -m llmspeed serve needs fastapi and uvicorn ({err.name} is missing): "
+                         f"pip install \"llmspeed[serve]\"") from err  # fmt: skip
     try:
         engine, server = build(args)
     except SystemExit as err:  # build's refusals of flags (a message): argparse's one line and exit status 2

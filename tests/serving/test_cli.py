@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from llmspeed.serving import cli
@@ -53,3 +55,20 @@ def test_main_refuses_bad_flags_with_argparse_exit_status(flags, says, tmp_path,
     assert err.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("python -m llmspeed serve: error: ") and says in message, message
+
+
+@pytest.mark.parametrize("missing", ["uvicorn", "fastapi"])
+def test_help_works_and_a_missing_serve_extra_is_named_before_loading(missing, monkeypatch, capsys):
+    # Regression: main() imported uvicorn before parsing, so without the serve extra even --help was a
+    # ModuleNotFoundError traceback, and a missing fastapi showed only after the model had loaded.
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError, as when not installed
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the missing package was named")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--help"])
+    assert err.value.code == 0 and "--kv-cache-tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=rf"\({missing} is missing\): pip install \"llmspeed\[serve\]\""):
+        cli.main([])
