@@ -25,6 +25,7 @@ import torch
 
 from ..names import folder_path
 from ..timing import markdown_table
+from .models import name_error
 from .plots import group_rows
 
 SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats", "training", "qat", "autotune", "lora_decode", "cpu_peers", "q4_grid", "decode_rows", "decode_attention", "mixed_steps")
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    bad_model = name_error(args.model)  # before the suites run, as --out
+    if bad_model is not None:
+        parser.error(f"--model {bad_model}")
     if args.out is not None:  # checked before the suites run, not when their results are written
         try:
             folder_path(args.out, "--out", write=True)

@@ -21,6 +21,23 @@ from ..model import Model
 NAMES = ("smollm2", "llama-1b-random", "tiny-<arch>", "PATH")
 
 
+def name_error(name: str) -> str | None:
+    """Why no suite can load ``--model name`` (a misspelt name or a missing folder), or ``None``.
+
+    Checked before any suite runs: a suite that ignores ``--model`` would otherwise run for minutes
+    before the others fail one by one. Which of the accepted names a suite supports is its own check.
+    """
+    from ..models import ARCHITECTURES
+
+    if name in ("smollm2", "llama-1b-random", "llama1b", "tiny") or Path(name).is_dir():
+        return None
+    if name.startswith("tiny-"):
+        if name.removeprefix("tiny-") in ARCHITECTURES:
+            return None
+        return f"tiny-<arch> takes arch in {sorted(ARCHITECTURES)}; got {name!r}"
+    return f"must be one of {', '.join(NAMES)} (PATH: a folder with a transformers checkpoint); got {name!r}, not a folder"
+
+
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
     """Load the model called ``name`` (see the module docstring) on ``device`` in ``dtype``."""
     from .. import models

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..timing import markdown_table
+from .models import name_error
 
 
 def main(run: Callable[..., list[dict[str, Any]]], doc: str, model_help: str = "smollm2 or tiny-<arch>") -> None:
@@ -15,6 +16,9 @@ def main(run: Callable[..., list[dict[str, Any]]], doc: str, model_help: str = "
     parser.add_argument("--model", default="smollm2", help=model_help)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
     args = parser.parse_args()
+    bad_model = name_error(args.model)  # a misspelt name: argparse's one line, not a traceback from the suite
+    if bad_model is not None:
+        parser.error(f"--model {bad_model}")
     rows = run(model=args.model, quick=args.quick)
     for table in dict.fromkeys(r.get("table", "results") for r in rows):
         print(f"\n## {table}\n")

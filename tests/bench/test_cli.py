@@ -99,3 +99,31 @@ def test_jsonable_turns_tensors_and_nan_into_json_values():
     row = cli._jsonable({"a": torch.tensor(1.5), "b": float("nan"), "c": torch.float16, "d": (1, 2)})
     assert row == {"a": 1.5, "b": None, "c": "torch.float16", "d": [1, 2]}
     json.dumps(row)
+
+
+@pytest.mark.parametrize("model, says", [("no/such/folder", "got 'no/such/folder', not a folder"),
+                                         ("tiny-gpt", "tiny-<arch> takes arch in"), ("smolm2", "must be one of")])
+def test_unknown_model_is_refused_before_any_suite_runs(fake_suites, model, says, monkeypatch, capsys):
+    """Regression: a misspelt --model ran every suite, each failing in turn (those that ignore --model ran in full);
+    a benchmarks/<suite>.py script died with a traceback from the suite."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["all", "--quick", "--model", model])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    assert "error: --model " in printed.err and says in printed.err and "[bench] running" not in printed.err
+    from llmspeed.bench import script
+
+    def no_run(**kwargs):
+        raise AssertionError("the suite ran")
+
+    monkeypatch.setattr(sys, "argv", ["formats.py", "--model", model])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(no_run, "doc")
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_accepted_model_names_pass_the_early_check(tmp_path):
+    from llmspeed.bench.models import name_error
+
+    for name in ("smollm2", "llama-1b-random", "tiny", "tiny-qwen3", str(tmp_path)):
+        assert name_error(name) is None, name
