@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,15 @@ class KernelReport:
 
 def kernels(rows: tuple[int, ...] = (1, 4, 16, 64, 512)) -> KernelReport:
     """Which matmul paths exist on this machine, the rule table's guesses per format, dtype and M, and the
-    choices ``kernel="auto"`` has timed here."""
+    choices ``kernel="auto"`` has timed here.
+
+    ``rows``: the row counts M (tokens per call) to show guesses for, a non-empty tuple of ints >= 1;
+    ``ValueError``/``TypeError`` naming ``rows`` otherwise (before any kernel is asked).
+    """
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (tuple, list)):
+        raise TypeError(f"rows must be a tuple of row counts such as (1, 16, 512); got {type(rows).__name__} {rows!r}")
+    if not rows or not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in rows):
+        raise ValueError(f"rows must be a non-empty tuple of ints >= 1 (tokens per call); got {rows!r}")
     table = []
     for k in KERNELS.values():
         reason = k.unavailable()

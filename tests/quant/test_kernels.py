@@ -484,3 +484,12 @@ def test_aten_int8_reads_a_misaligned_weight_without_crashing():
     that a crash fails this test rather than the run."""
     done = subprocess.run([sys.executable, "-c", _MISALIGNED], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "same", (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("rows, error", [(16, TypeError), ("16", TypeError), ((), ValueError), ((0,), ValueError),
+                                         ((-1,), ValueError), ((1.5,), ValueError), ((True,), ValueError)])
+def test_report_refuses_bad_rows_by_name(rows, error):
+    # Regression: kernels(16) was "'int' object is not iterable", (-1,) a negative-dimension RuntimeError from
+    # torch.empty, (0,) and () a report of guesses for no real call size.
+    with pytest.raises(error, match=r"^rows must be"):
+        llmspeed.kernels(rows)
