@@ -319,11 +319,10 @@ def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:
     """Wrap a transformers causal LM (and its tokenizer) as an :class:`llmspeed.Model`.
 
     A transformers model that a verb already wrapped and changed (``llmspeed.quantize(hf_model, ...)``)
-    gets that same wrapper back, which knows where its quantized layers sit.
+    gets that same wrapper back, which knows where its quantized layers sit; so does a ``Model``. Either way a
+    ``tokenizer`` given is checked and set on it (``llmspeed.wrap(llmspeed.models.tiny(), tokenizer)``).
     """
-    if isinstance(hf_model, Model):
-        return hf_model
-    earlier = getattr(hf_model, _WRAPPER, None)
+    earlier = hf_model if isinstance(hf_model, Model) else getattr(hf_model, _WRAPPER, None)
     if isinstance(earlier, Model):
         if tokenizer is not None:
             _check_tokenizer(tokenizer, earlier.spec.vocab_size)

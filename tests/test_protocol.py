@@ -176,3 +176,26 @@ def test_wrap_rejects_mismatched_tokenizer(llama):
 def test_wrap_is_idempotent(llama):
     assert llmspeed.wrap(llama) is llama
     assert "LlamaForCausalLM" in repr(llama)
+
+
+def test_wrap_of_a_model_takes_the_tokenizer_given(llama):
+    # Regression: wrap(Model, tokenizer) returned the Model unchanged, dropping the tokenizer, so
+    # perplexity(llmspeed.wrap(llmspeed.models.tiny(), tok)) said "model has no tokenizer; wrap it with llmspeed.wrap".
+    class Tokenizer:
+        def __len__(self):
+            return 256
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) % 256 for c in text]
+
+        def decode(self, ids):
+            return ""
+
+    model = llmspeed.models.tiny()
+    tok = Tokenizer()
+    assert llmspeed.wrap(model, tok) is model and model.tokenizer is tok
+    assert llmspeed.eval.perplexity(model, "abcdefgh" * 4, window=8, n_windows=2) > 1
+    assert llmspeed.wrap(model) is model and model.tokenizer is tok  # no tokenizer given: the one it has stays
+    with pytest.raises(ValueError, match="tokenizer does not match the model"):
+        llmspeed.wrap(model, type("Big", (Tokenizer,), {"__len__": lambda self: 1000})())
+    assert model.tokenizer is tok  # a refused tokenizer changes nothing
