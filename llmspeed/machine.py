@@ -41,6 +41,9 @@ def private_dir(path: Path) -> Path:
     while not probe.exists():
         missing.append(probe)
         probe = probe.parent
+    if missing and not probe.is_dir():  # a file where a folder above the cache should be
+        raise UnsafeCacheError(f"cache path {path} cannot be made: {probe} is a file, not a folder; "
+                               f"set {CACHE_ENV} to a folder of your own")  # fmt: skip
     for folder in reversed(missing):
         try:
             folder.mkdir(mode=0o700)

@@ -224,3 +224,17 @@ def test_llmspeed_build_compiles_ahead_of_time(tmp_path):
     assert "quantized matmul (cpp): unavailable: disabled by LLMSPEED_DISABLE_CPP" in done.stdout
     assert "fused decode step: unavailable" in done.stdout
     assert "(amx, optional): unavailable: disabled by LLMSPEED_DISABLE_CPP" in done.stdout
+
+
+def test_a_file_where_a_cache_folder_should_be_is_named(tmp_path):
+    """Regression: with a file in the cache path (``LLMSPEED_CACHE=~/notes.txt/llmspeed``) creating the folders
+    failed with a bare ``NotADirectoryError``; it is the cache's own clear error, naming the file."""
+    from llmspeed.machine import UnsafeCacheError, private_dir
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(UnsafeCacheError, match=r"notes.txt is a file, not a folder; set LLMSPEED_CACHE"):
+        private_dir(blocker / "llmspeed" / "kernels")
+    assert blocker.read_text() == "not a folder"
+    with pytest.raises(UnsafeCacheError, match="is not a folder"):
+        private_dir(blocker)  # the path itself a file: refused as before
