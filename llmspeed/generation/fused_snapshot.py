@@ -217,7 +217,8 @@ class Snapshot:
     Checking a model from scratch (:func:`unsupported`) and gathering its tensors costs several times
     more than re-validating a snapshot: every module is still the same object at the same place, every
     tensor read still has the same storage and dtype (``nn.Module.to`` and :func:`llmspeed.cast` change a
-    parameter's data in place), no LoRA wrapper anywhere has changed its adapters, scales or flags (one process-wide
+    parameter's data in place) and every tensor read as an fp32 copy (a bf16 model's norms and biases) the version
+    it was copied at, no LoRA wrapper anywhere has changed its adapters, scales or flags (one process-wide
     count, :func:`.fused_lora.state_changes`), and every tensor of the adapters a step reads has the version it was
     stacked at (checked in the extension with the pointers; an adapter no row reads is checked when one does).
 
@@ -245,6 +246,7 @@ class Snapshot:
         checks += [(body, "norm", body.norm), (body, "layers", body.layers)]
         checks += [(body.layers, name, layer) for name, layer in body.layers._modules.items()]
         self.sources: list[torch.Tensor] = [body.norm.weight]
+        self.copied: list[torch.Tensor] = []  # sources the step reads as fp32 copies (:meth:`_f32`)
         self.weights: list[torch.Tensor] = []
         flags: list[int] = []  # per matrix (layer by layer, _MATRICES order), then the head: _flags
         for layer in body.layers:
@@ -271,12 +273,12 @@ class Snapshot:
             extra = [t for t in biases + qk_norms if t is not None]
             self.sources += [ln1, ln2] + extra
             # the layout decode_cpu.cpp expects (PER_LAYER tensors)
-            self.weights += [_f32(ln1), _f32(ln2)] + [_f32(b) for b in biases] + [_f32(t) for t in qk_norms]
+            self.weights += [self._f32(t) for t in [ln1, ln2] + biases + qk_norms]
             self.weights += [_opt(t) for n in _MATRICES for t in parts[n]]
         self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
         flags.append(_flags(hf.lm_head))
         self.flags = torch.tensor(flags, dtype=torch.uint8) if any(flags) else torch.empty(0, dtype=torch.uint8)  # [layers * 7 + 1]
-        self.norm = _f32(body.norm.weight)
+        self.norm = self._f32(body.norm.weight)
         self._stack_adapters(body)
         # read once: what the step needs from the model besides tensors (its structure is checked each step)
         self.num_heads = hf.config.get_text_config().num_attention_heads
@@ -288,7 +290,11 @@ class Snapshot:
         self._parents = list({id(d): d for d in self._dicts}.values())
         self._sizes = list(map(len, self._parents))
         self.ext = ext
-        self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources, self.lora_weights, self.slot_ends)
+        # the copies' sources are versioned like an adapter slot of their own, after the adapters', checked every step
+        self.copies_slot = len(self.slots)
+        versioned = self.lora_weights + self.copied
+        self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources, versioned,
+                               self.slot_ends + [len(versioned)])  # fmt: skip
         weakref.finalize(self, ext.release, self.handle)
 
     def _stack_adapters(self, body: Any) -> None:
@@ -315,6 +321,15 @@ class Snapshot:
             self.slot_ends.append(len(self.lora_weights))
         self.slot_index = {name: s for s, name in enumerate(self.slots)}
 
+    def _f32(self, t: torch.Tensor | None) -> torch.Tensor:
+        """``t`` as the fp32 tensor the step reads (:func:`_f32`); where that is a copy (a bf16 model's norms and
+        biases), ``t`` joins :attr:`copied`, whose versions :meth:`valid` checks: an in-place change of ``t``
+        (training, ``load_state_dict``) leaves its pointer as it was, and the copy would go stale."""
+        out = _f32(t)
+        if t is not None and out.data_ptr() != t.data_ptr() and not t.is_inference():  # inference tensors: no versions
+            self.copied.append(t)
+        return out
+
     def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         parts = _parts(module)  # unsupported() ran first: the module is fusable
         self.sources += [t for t in parts if t is not None]
@@ -333,7 +348,7 @@ class Snapshot:
         if fused_lora.state_changes() != self.lora_changes:
             return False
         read = range(len(self.slots)) if names is None else {self.slot_index[n] for n in names if n is not None}
-        return self.ext.held_current(self.handle, list(read))
+        return self.ext.held_current(self.handle, [*read, self.copies_slot])
 
     def adapter_slots(self, names: list[str | None]) -> torch.Tensor:  # [n] int64
         """Each row's stack slot (``-1``: none); ``names`` as resolved by :meth:`FusedDecode.run`."""

@@ -658,6 +658,29 @@ def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_ho
         fused.ext.held_current(handle, [])  # the replaced snapshot's tensors were released with it
 
 
+
+@pytest.mark.parametrize("architecture, tensor", [("llama", "norm"), ("llama", "input_layernorm"),
+                                                  ("qwen2", "q_proj.bias"), ("qwen3", "k_norm")])  # fmt: skip
+def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architecture, tensor):
+    """A bf16 model's norms and biases are read as fp32 copies; an in-place change (training, ``load_state_dict``)
+    keeps their pointers, so the copies' versions are checked too. Regression: the step kept the old values."""
+    model = llmspeed.models.tiny(architecture, seed=1, dtype=torch.bfloat16)
+    gen, decode = _prefilled(model, [3, 9, 17])
+    fused = fused_decode.FusedDecode(model, gen.cache)
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    fused.run(step)
+    body = model.hf.model
+    attn = body.layers[1].self_attn
+    weight = {"norm": body.norm.weight, "input_layernorm": body.layers[0].input_layernorm.weight,
+              "q_proj.bias": getattr(attn.q_proj, "bias", None), "k_norm": getattr(getattr(attn, "k_norm", None), "weight", None)}[tensor]  # fmt: skip
+    with torch.no_grad():
+        weight.mul_(3).add_(0.5)
+    after = fused.run(step)
+    ref = _generic_logits(model, gen, decode)
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.bfloat16]
+    snap = fused._snapshot
+    assert torch.equal(fused.run(step), after) and fused._snapshot is snap  # unchanged: the snapshot is kept
+
 def test_without_the_kernel_generation_still_works(monkeypatch):
     fused_build._build.cache_clear()
     monkeypatch.setenv("LLMSPEED_DISABLE_CPP", "1")
