@@ -43,6 +43,17 @@ if TYPE_CHECKING:
 STEP_FAILED = "the step running this request raised"  # how the error of a request whose step raised begins
 
 
+def attention_window(model: CausalLM) -> int | None:
+    """The sliding window of a model whose attention uses one (Mistral's ``sliding_window``; Qwen2's and Qwen3's
+    with ``use_sliding_window``), or ``None``. The paged attention here attends to every cached token, which is
+    the model's own attention only while a sequence fits in the window, so a generator holds at most that many."""
+    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
 class Generator:
     """Continuous batching over a paged KV cache for any :class:`~llmspeed.protocol.CausalLM`.
 
@@ -159,7 +170,12 @@ class Generator:
         self.progress = progress
         num_blocks = kv_cache_tokens // block_size
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, spec.max_positions)
+        window = attention_window(model)  # past it the model's attention is windowed and ours would not be
+        context = spec.max_positions if window is None else min(spec.max_positions, window)
+        self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, context)
+        if context != spec.max_positions:
+            self.scheduler.context_note = (f" here: its attention's sliding window (sliding_window={window} in its "
+                                           f"config), which the paged attention does not apply past the window")  # fmt: skip
         self.device = spec.device
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
                                   fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,

@@ -71,6 +71,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_seqs = max_seqs
         self.max_seq_len = max_seq_len
+        self.context_note = ""  # why the context is max_seq_len, when it is not the model's positions (the engine's)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -90,7 +91,8 @@ class Scheduler:
         if n == 0:
             return "the prompt is empty; give at least one token"
         if n >= self.max_seq_len:
-            return f"the prompt has {n} tokens; the model's context holds {self.max_seq_len} (prompt + at least one new token)"
+            return (f"the prompt has {n} tokens; the model's context holds {self.max_seq_len}{self.context_note} "
+                    f"(prompt + at least one new token)")  # fmt: skip
         if n >= self.blocks.capacity_tokens:
             return (
                 f"the prompt has {n} tokens; the KV cache budget holds {self.blocks.capacity_tokens} "

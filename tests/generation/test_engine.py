@@ -331,3 +331,21 @@ def test_cuda_matches_cpu():
     a = graphs.generate_batched(prompts, seeded)
     b = eager.generate_batched(prompts, seeded)
     assert sum(x.token_ids == y.token_ids for x, y in zip(a, b)) >= 5
+
+
+@pytest.mark.parametrize("arch, fields", [("mistral", {"sliding_window": 8}),
+                                          ("qwen2", {"sliding_window": 8, "use_sliding_window": True,
+                                                     "max_window_layers": 0})])  # fmt: skip
+def test_a_sliding_window_model_is_served_up_to_its_window_with_its_own_tokens(arch, fields):
+    """Regression: the paged attention attends to every cached token, so past a Mistral (or Qwen2 with
+    use_sliding_window) model's window its logits were not the model's (0.34 off transformers' own forward). A
+    generator now holds at most the window's tokens, where the two attentions are the same, and says why."""
+    model = llmspeed.models.tiny(arch, seed=0, **fields)
+    gen = Generator(model, progress=False, block_size=4)
+    long, short = gen.generate_batched([list(range(1, 11)), [5, 6, 7]],
+                                       SamplingParams(max_new_tokens=20, ignore_eos=True))  # fmt: skip
+    assert long.finish_reason == "error" and "sliding window (sliding_window=8" in long.error
+    assert short.finish_reason == "length" and len(short.token_ids) == 5  # 3 + 5 = the window
+    assert short.token_ids == _hf_greedy(model, [5, 6, 7], 5)
+    plain = Generator(llmspeed.models.tiny(arch, seed=0), progress=False)
+    assert plain.scheduler.max_seq_len == plain.model.spec.max_positions  # no window: the whole context
