@@ -222,4 +222,5 @@ class ModelRunner:
         names: list[str | None] = []
         for (_, _, length), name in zip(step.chunks, step.adapters):
             names += [name or default] * length
-        return per_token_adapters(self.model, names)
+        rows = torch.tensor(step.rows, dtype=torch.long, device=self.device)  # [N]: what a LoRA output head sees
+        return per_token_adapters(self.model, names, logits_indices=rows)

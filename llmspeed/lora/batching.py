@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
+
 from ..protocol import CausalLM
 from .inject import layers_set, lora_layers, registry
 from .routing import AXES, METHODS, Routing
@@ -35,10 +37,17 @@ def _validate(model: CausalLM, names: Sequence[str | None], method: str) -> list
 
 
 @contextmanager
-def _routed(model: CausalLM, names: Sequence[str | None], axis: str, method: str) -> Iterator[Routing]:
+def _routed(
+    model: CausalLM, names: Sequence[str | None], axis: str, method: str, rows: torch.Tensor | None = None
+) -> Iterator[Routing]:
     assert axis in AXES
     names = _validate(model, names, method)
-    routing = Routing.from_names(names, axis, method, model.spec.device)
+    if rows is not None:
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"logits_indices must be a 1-D integer tensor; got {rows!r}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(names)):
+            raise ValueError(f"logits_indices must index the {len(names)} tokens named; got {rows.tolist()}")
+    routing = Routing.from_names(names, axis, method, model.spec.device, rows)
     layers = [layer for _, layer in lora_layers(model)]
     with layers_set(layers, "routing", routing):
         yield routing
@@ -46,15 +55,19 @@ def _routed(model: CausalLM, names: Sequence[str | None], axis: str, method: str
 
 @contextmanager
 def per_token_adapters(
-    model: CausalLM, names: Sequence[str | None], method: str = "auto"
+    model: CausalLM,
+    names: Sequence[str | None],
+    method: str = "auto",
+    logits_indices: torch.Tensor | None = None,
 ) -> Iterator[Routing]:
     """Inside the block, token ``t`` of the flat batch uses adapter ``names[t]`` (``None``: base only).
 
-    For ``model.forward_batch(input_ids[T], ...)``: ``len(names)`` must equal ``T``. The active
+    For ``model.forward_batch(input_ids[T], ..., logits_indices)``: ``len(names)`` must equal ``T``; pass the same
+    ``logits_indices`` here when adapters cover the output head (it sees only those tokens). The active
     adapter set by :func:`set_adapter` is ignored inside; ``method`` picks ``"concat"`` (one pass),
     ``"segment"`` (a loop over adapters) or ``"auto"``.
     """
-    with _routed(model, names, "token", method) as routing:
+    with _routed(model, names, "token", method, logits_indices) as routing:
         yield routing
 
 

@@ -40,6 +40,8 @@ class Routing:
         axis: ``"token"``: ``N`` equals the number of tokens in the flattened input (the ragged
             batch of ``forward_batch``); ``"row"``: ``N`` equals the input's first dimension.
         method: ``"auto"``, ``"concat"`` or ``"segment"`` (see the module docstring).
+        rows: ``[M]`` int64, for ``axis="token"``: the tokens whose logits the batch keeps (``forward_batch``'s
+            ``logits_indices``); an output head, which receives only those ``M`` tokens, takes their adapters.
         cache: Concatenated weights per layer, masks and index lists, built on first use inside the context.
     """
 
@@ -47,15 +49,20 @@ class Routing:
     ids: torch.Tensor  # [N]
     axis: str = "token"
     method: str = "auto"
+    rows: torch.Tensor | None = None  # [M]
     cache: dict[object, object] = field(default_factory=dict)
 
     @classmethod
-    def from_names(cls, names: list[str | None], axis: str, method: str, device: torch.device) -> Routing:
-        """Build a routing from one adapter name (or ``None``) per token or row."""
+    def from_names(
+        cls, names: list[str | None], axis: str, method: str, device: torch.device, rows: torch.Tensor | None = None
+    ) -> Routing:
+        """Build a routing from one adapter name (or ``None``) per token or row (``rows``: see the attribute)."""
         adapters = tuple(dict.fromkeys(n for n in names if n is not None))
         index = {name: i for i, name in enumerate(adapters)}
         ids = torch.tensor([-1 if n is None else index[n] for n in names], dtype=torch.long, device=device)
-        return cls(adapters, ids, axis, method)
+        if rows is not None:
+            rows = rows.to(device=device, dtype=torch.long)
+        return cls(adapters, ids, axis, method, rows)
 
 
 def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
@@ -63,13 +70,18 @@ def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
     n = routing.ids.shape[0]
     tokens = x.numel() // x.shape[-1]
     if routing.axis == "token":
-        if tokens != n:
+        if tokens == n:
+            return routing.ids
+        rows = routing.rows
+        if rows is None or tokens != rows.shape[0]:
             raise ValueError(
                 f"per-token adapters were given for {n} tokens but this layer received {tokens} "
                 f"(input shape {tuple(x.shape)}); a LoRA output head under forward_batch's logits_indices "
-                f"is not supported"
+                f"needs them too: per_token_adapters(model, names, logits_indices=...)"
             )
-        return routing.ids
+        if "head_ids" not in routing.cache:
+            routing.cache["head_ids"] = routing.ids.index_select(0, rows)  # [M]
+        return cast(torch.Tensor, routing.cache["head_ids"])
     if x.dim() < 2 or x.shape[0] != n:
         raise ValueError(
             f"per-row adapters were given for {n} rows but this layer received input {tuple(x.shape)}"
