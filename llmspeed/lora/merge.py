@@ -76,7 +76,9 @@ def _check_requantizable(adapter: str, layer_name: str, base: Any) -> None:
         )
 
 
-def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[float, float]:
+def _merge_quantized(layer: LoraLinear, name: str, requantize: bool, dtype: torch.dtype) -> tuple[float, float]:
+    """Merge into a quantized base: re-quantized in its format, or (``requantize=False``) a float ``nn.Linear`` in
+    the model's ``dtype`` (the quantized layer computed in its input's dtype; a float layer must hold that dtype)."""
     base: Any = layer.base_layer
     weight = cast(torch.Tensor, base.dequantize())  # [out, in]
     delta = layer.delta_weight(name).detach().to(weight.dtype)  # [out, in]
@@ -94,7 +96,7 @@ def _merge_quantized(layer: LoraLinear, name: str, requantize: bool) -> tuple[fl
         err = new_base.dequantize().to(target.dtype) - target  # [out, in]
         errors = (err.abs().max().item(), (err.norm() / delta.norm().clamp_min(1e-30)).item())
     else:
-        new_base = linear.requires_grad_(False)
+        new_base = linear.to(dtype).requires_grad_(False)
         errors = (0.0, 0.0)
     layer.premerge[name] = base
     layer.base_layer = new_base
@@ -157,7 +159,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
     max_abs, worst, requantized = 0.0, 0.0, 0
     for layer in layers:
         if is_quantized(layer.base_layer):
-            abs_err, rel_err = _merge_quantized(layer, name, requantize)
+            abs_err, rel_err = _merge_quantized(layer, name, requantize, model.spec.dtype)
             max_abs, worst = max(max_abs, abs_err), max(worst, rel_err)
             requantized += int(requantize)
         else:

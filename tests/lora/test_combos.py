@@ -54,3 +54,22 @@ def test_adapter_on_the_output_head_generates_what_the_forward_gives():
     lora.set_adapter(model, None)
     outs = _generate(model, ["a", None])
     assert [o.token_ids for o in outs] == [want, base]
+
+
+def test_merge_without_requantize_on_a_bf16_quantized_base_keeps_the_model_dtype():
+    model = tiny("llama", seed=0, dtype=torch.bfloat16)
+    llmspeed.quantize(model, "int4")
+    lora.add_adapter(model, "a", r=4)
+    _randomize(model, "a")
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = model.module(ids).logits.float()
+        lora.merge(model, "a", requantize=False)
+        layer = model.module.get_submodule("model.layers.0.self_attn.q_proj").base_layer
+        assert isinstance(layer, torch.nn.Linear) and layer.weight.dtype == torch.bfloat16
+        got = model.module(ids).logits.float()
+    assert (got - want).abs().max().item() < 0.05  # bf16 rounding of the merged weight only
+    assert _generate(model, [None], fused_decode=False)[0].token_ids == _greedy(model, PROMPT, 6)
+    lora.unmerge(model, "a")
+    with torch.no_grad():
+        assert torch.equal(model.module(ids).logits.float(), want)
