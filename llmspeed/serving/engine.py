@@ -23,6 +23,7 @@ from ..protocol import CausalLM
 from .handle import RequestHandle
 
 Prompt = str | Sequence[int] | Sequence[dict]
+ENGINE_DIED = "the engine thread died"  # how the error of a request ended by the engine thread's death begins
 
 
 class Engine:
@@ -59,6 +60,8 @@ class Engine:
         self._inbox: list[tuple[str, RequestHandle, Any, Any]] = []
         self._handles: dict[int, RequestHandle] = {}
         self._closing = False
+        self._death: str | None = None  # why the engine thread died, if it did (then the engine is closed)
+        self._applying: list[tuple[str, RequestHandle, Any, Any]] = []  # commands taken from the inbox, being applied
         self.tokens_generated = 0
         self.requests_finished = 0
         self.loop_errors = 0  # exceptions outside a step (a bug if ever non-zero); the loop survives them
@@ -94,7 +97,7 @@ class Engine:
     def _command(self, kind: str, handle: RequestHandle, prompt: Any, sampling: Any) -> None:
         with self._cv:
             if self._closing:
-                raise RuntimeError("the engine is closed")
+                raise RuntimeError(self._death or "the engine is closed")
             self._inbox.append((kind, handle, prompt, sampling))
             self._cv.notify()
 
@@ -155,8 +158,10 @@ class Engine:
         with self._cv:
             commands, self._inbox = self._inbox, []
             closing = self._closing
+        self._applying = commands  # until applied: a death in between must still end them (_died)
         try:
             self._apply(commands)
+            self._applying = []
             if closing:
                 for handle in list(self._handles.values()):
                     if not handle.done() and handle.request_id is not None:
@@ -188,8 +193,31 @@ class Engine:
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` was called."""
+        """True once :meth:`close` was called, or the engine thread died (:attr:`error`)."""
         return self._closing
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine thread died (an exception it could not survive, such as a ``KeyboardInterrupt`` raised
+        in it), or ``None``. A dead engine is closed: its requests ended with ``"error"``, and :meth:`submit` raises."""
+        return self._death
+
+    def _died(self, exc: BaseException) -> None:
+        """The engine thread is dying of ``exc``: close the engine and end every request it held, so no caller waits
+        forever on a thread that is gone."""
+        with self._cv:
+            self._death = f"{ENGINE_DIED}: {type(exc).__name__}: {exc}"
+            self._closing = True
+            commands, self._inbox = self._applying + self._inbox, []
+        handles = {id(h): h for h in [*self._handles.values(), *(h for kind, h, _, _ in commands if kind == "add")]}
+        handles = list(handles.values())
+        self._handles.clear()
+        for handle in handles:
+            if not handle.done():
+                try:
+                    handle._deliver(_ended(self._death, handle.request_id))
+                except Exception:
+                    pass
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Abort what is still running, stop the engine thread and wait for it (idempotent)."""
@@ -227,8 +255,12 @@ def _serve(ref: weakref.ref[Engine], cv: threading.Condition) -> None:
                 if ref() is None:
                     return
                 cv.wait()
-        if not engine._run_once():
-            return
+        try:
+            if not engine._run_once():
+                return
+        except BaseException as exc:  # the thread dies (_run_once survives every Exception): its callers must not wait
+            engine._died(exc)
+            raise
         del engine
 
 
@@ -264,9 +296,14 @@ def _message_copy(message: dict) -> dict:
 
 def _refused(exc: Exception) -> StreamEvent:
     """The final event of a request the generator could not even queue (``add_request`` raised)."""
-    message = f"the request could not be queued: {type(exc).__name__}: {exc}"
+    return _ended(f"the request could not be queued: {type(exc).__name__}: {exc}")
+
+
+def _ended(message: str, request_id: int | None = None) -> StreamEvent:
+    """A final ``"error"`` event with ``message``, for a request the generator will not end itself."""
+    rid = -1 if request_id is None else request_id
     metrics = RequestMetrics(prompt_tokens=0, output_tokens=0, time_to_first_token=None, inter_token_latency=None,
                              latency=None, num_preemptions=0)
-    output = GenerationOutput(index=0, request_id=-1, prompt_token_ids=[], token_ids=[], text="",
+    output = GenerationOutput(index=0, request_id=rid, prompt_token_ids=[], token_ids=[], text="",
                               finish_reason="error", error=message, metrics=metrics)
-    return StreamEvent(0, -1, None, "", finished=True, output=output)
+    return StreamEvent(0, rid, None, "", finished=True, output=output)

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
 from ..generation.engine import STEP_FAILED
 from .chat_prompt import chat_prompt_off_loop
-from .engine import Engine
+from .engine import ENGINE_DIED, Engine
 from .handle import RequestHandle, interleave
 from .openai_protocol import (
     APIError,
@@ -95,7 +95,7 @@ class OpenAIServer:
             # an error before any token is the request's fault (too long, bad ids), unless a step raised (a fault
             # in the model or the sampler, out of memory); later, the server's
             message = output.error or "generation failed"
-            refused = not output.token_ids and not message.startswith(STEP_FAILED)
+            refused = not output.token_ids and not message.startswith((STEP_FAILED, ENGINE_DIED))
             return APIError(400, message, prompt_param) if refused else APIError(500, message)
         if output.finish_reason == "abort":  # the client is gone, or the engine was closed under it
             return APIError(503, "the request was aborted before it finished: the server is shutting down")
@@ -331,6 +331,8 @@ class OpenAIServer:
 
         @app.get("/health")
         async def health() -> Response:
+            if server.engine.error is not None:  # as vLLM's: a dead engine is a 503 a load balancer takes out of rotation
+                return JSONResponse({"status": "dead", "error": server.engine.error}, status_code=503)
             if server.engine.closed:
                 return JSONResponse({"status": "closed"}, status_code=503)
             return JSONResponse({"status": "ok"})

@@ -406,3 +406,65 @@ def test_two_engines_on_one_model_each_get_their_own_adapters(llama, fused):
     assert wrong == []
     assert llama.hf.config._attn_implementation not in ("llmspeed",)
     llama.hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False)  # the model still works alone
+
+
+class _Fatal(BaseException):
+    """An exception the engine thread does not survive (as ``KeyboardInterrupt`` or ``SystemExit`` raised in it)."""
+
+
+def test_a_dead_engine_thread_ends_its_requests_and_refuses_new_ones(llama, monkeypatch):
+    """Regression: an exception the engine thread did not survive (a ``BaseException`` from a step or from queueing a
+    request) left its callers waiting forever: the running request, the ones taken from the inbox but not yet queued
+    and the ones still in the inbox never got a final event, and ``submit`` kept accepting requests nobody would run.
+    Now every one of them ends with ``"error"`` naming the death, ``submit`` raises it and ``error`` holds it."""
+    from llmspeed.serving import Engine
+    from llmspeed.serving.engine import ENGINE_DIED
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the dying thread's traceback is expected
+    engine = Engine(llama, kv_cache_tokens=1024)
+    real_add, adds = engine.generator.add_request, [0]
+
+    def add_request(*args, **kwargs):
+        adds[0] += 1
+        if adds[0] == 3:
+            raise _Fatal("queueing died")
+        return real_add(*args, **kwargs)
+
+    monkeypatch.setattr(engine.generator, "add_request", add_request)
+    sp = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    running = engine.submit([1, 2, 3], sp)
+    next(iter(running))  # it runs: a token arrived
+    with engine._cv:  # taken from the inbox together: queued, dies while queueing, never reached
+        handles = [engine.submit([4, 5, 6], sp) for _ in range(3)]
+    for h in [running, *handles]:
+        out = h.result(timeout=10)  # waited forever before the fix
+        assert out.finish_reason == "error" and out.error.startswith(ENGINE_DIED) and "queueing died" in out.error
+    assert engine.closed and "_Fatal: queueing died" in engine.error
+    with pytest.raises(RuntimeError, match=ENGINE_DIED):
+        engine.submit([1, 2, 3], sp)
+    engine.close(timeout=5)
+    engine.close(timeout=5)
+    assert not engine._thread.is_alive()
+
+
+def test_a_step_that_kills_the_engine_thread_ends_the_running_requests(llama, monkeypatch):
+    """Regression: a ``BaseException`` from a step killed the engine thread and its requests waited forever."""
+    from llmspeed.serving import Engine
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    engine = Engine(llama, kv_cache_tokens=1024)
+    real_step, steps = engine.generator.step, [0]
+
+    def step():
+        steps[0] += 1
+        if steps[0] == 3:
+            raise _Fatal("step died")
+        return real_step()
+
+    monkeypatch.setattr(engine.generator, "step", step)
+    handles = [engine.submit([1, 2, 3 + i], SamplingParams(max_new_tokens=50, ignore_eos=True)) for i in range(3)]
+    for h in handles:
+        assert "step died" in h.result(timeout=10).error  # waited forever before the fix
+        events = list(h)  # the stream ends too, with its final event
+        assert events[-1].finished and "step died" in events[-1].output.error
+    engine.close(timeout=5)

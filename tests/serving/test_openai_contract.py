@@ -381,3 +381,49 @@ def test_an_api_key_guards_the_api_but_not_health_or_metrics(llama, live_server)
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
         assert httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer x"}).status_code == 401
+
+
+def test_a_dead_engine_fails_the_requests_in_flight_and_health_says_so(llama, live_server, monkeypatch):
+    """Regression: when the engine thread died (an exception it cannot survive), a request in flight never got an
+    answer (the client waited for its timeout), new requests were accepted and hung too, and ``/health`` still said
+    ``ok``, so a load balancer kept the dead server in rotation. Now the requests in flight fail with a 500 naming the
+    death (a stream with an error event), new ones get a 503, and ``/health`` answers 503, as vLLM's does."""
+    import threading
+    import time
+
+    class Fatal(BaseException):
+        pass
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    llama.tokenizer = ChatTokenizer()
+    server = OpenAIServer(Engine(llama, kv_cache_tokens=1024), "tiny")
+    real_step, gate = server.engine.generator.step, threading.Event()
+
+    def step():
+        if gate.is_set():
+            raise Fatal("the engine died")
+        time.sleep(0.01)  # both requests are still running when the engine dies
+        return real_step()
+
+    monkeypatch.setattr(server.engine.generator, "step", step)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "min_tokens": 400}
+    with live_server(server) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=10) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")
+            results = []
+            whole = threading.Thread(target=lambda: results.append(_post(url, "/v1/completions", body)))
+            whole.start()
+            deadline = time.time() + 10
+            while server.engine.metrics()["requests_running"] < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            tail = [line for line in lines if line.startswith("data: ")]
+        whole.join(10)
+        assert not whole.is_alive()  # waited forever before the fix
+        assert "the engine died" in _assert_error(results[0], 500, None)
+        assert "the engine died" in json.loads(tail[-2][len("data: "):])["error"]["message"] and tail[-1] == "data: [DONE]"
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "the engine died" in health.json()["error"]
+        assert "the engine died" in _assert_error(_post(url, "/v1/completions", body), 503, None)
