@@ -61,12 +61,19 @@ class OpenAIServer:
         adapters: LoRA adapter names loaded on the model, each also a model name.
         api_key: When given, every request to the API (``/v1/...``) must carry ``Authorization: Bearer <api_key>``;
             ``/health`` and ``/metrics`` stay open, as vLLM's, for load balancers and metric scrapers.
+
+    Raises:
+        ValueError: An adapter is named as the base model, or twice: one name must pick one model.
     """
 
     def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.adapters = tuple(adapters)
+        if model_name in self.adapters:
+            raise ValueError(f"adapter {model_name!r} is named as the base model: a request for it could not reach it")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ValueError(f"adapter names must be unique; got {list(self.adapters)}")
         self.api_key = api_key
         self.tokenizer = engine.model.tokenizer
         self.context = engine.model.spec.max_positions

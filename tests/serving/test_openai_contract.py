@@ -427,3 +427,16 @@ def test_a_dead_engine_fails_the_requests_in_flight_and_health_says_so(llama, li
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and "the engine died" in health.json()["error"]
         assert "the engine died" in _assert_error(_post(url, "/v1/completions", body), 503, None)
+
+
+@pytest.mark.parametrize("adapters", [("tiny",), ("docs", "docs")], ids=["base-name", "twice"])
+def test_an_adapter_named_as_the_base_or_twice_is_refused(llama, adapters):
+    """Regression: an adapter named as the base model (``--served-model-name docs --adapter docs=...``) was listed
+    twice by ``/v1/models``, both entries ``parent: null``, and every request for that name ran the base model: the
+    adapter could not be reached. A name listed twice was listed twice. Both are now a ``ValueError`` at construction."""
+    engine = Engine(llama, kv_cache_tokens=1024)
+    try:
+        with pytest.raises(ValueError, match="base model|unique"):
+            OpenAIServer(engine, "tiny", adapters)
+    finally:
+        engine.close()
