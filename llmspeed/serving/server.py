@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
@@ -296,7 +297,9 @@ class OpenAIServer:
                 abort_all()  # a no-op for choices that finished; a failed sibling or a disconnect lands here
                 await events.aclose()
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        # a client gone before the body's first chunk leaves body() unstarted, so its finally never runs: the
+        # response's background task, which runs after the stream ends or the client disconnects, aborts them too
+        return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(abort_all))
 
     # --- the application ------------------------------------------------------------------------
     def app(self) -> FastAPI:
