@@ -9,6 +9,7 @@
     lora.set_adapter(model, "sql")
     with lora.disabled(model): ...                       # base model alone
     lora.merge(model, "sql"); lora.unmerge(model, "sql")
+    lora.merge_and_unload(model, "sql"); llmspeed.save(model, "out/merged")   # a plain model again
     with lora.per_token_adapters(model, names): model.forward_batch(...)   # one adapter per token
 """
 
@@ -27,7 +28,7 @@ from .inject import (
 )
 from .io import load_adapter, save_adapter
 from .layer import LoraLinear
-from .merge import MergeReport, merge, unmerge
+from .merge import MergeReport, merge, merge_and_unload, unmerge
 from .train import FinetuneResult, finetune
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "merge",
+    "merge_and_unload",
     "unmerge",
     "per_token_adapters",
     "per_row_adapters",

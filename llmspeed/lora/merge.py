@@ -23,7 +23,7 @@ from torch import nn
 
 from ..protocol import CausalLM, is_fake_quantized, is_quantized
 from ..quant.methods import METHODS
-from .inject import lora_layers, require_adapter
+from .inject import adapter_names, lora_layers, registry, require_adapter
 from .layer import LoraLinear
 
 
@@ -205,3 +205,45 @@ def unmerge(model: CausalLM, name: str) -> None:
             weight = _float_weight(layer.base_layer)
             weight.sub_(layer.delta_weight(name).to(weight.dtype))
         layer.merged = tuple(n for n in layer.merged if n != name)
+
+
+@torch.no_grad()
+def merge_and_unload(model: CausalLM, name: str | None = None, requantize: bool = True) -> MergeReport | None:
+    """Merge adapter ``name`` (if given) and take every LoRA wrapper off the model, leaving a plain model that
+    :func:`llmspeed.save`, the compressed-tensors export and every kernel take as they take one never adapted
+    (PEFT's ``merge_and_unload``).
+
+    Each wrapped position gets its base layer back, holding the adapters merged into it: an updated float weight,
+    the re-quantized module, or the float layer of ``requantize=False``. Adapters merged earlier stay merged; the
+    quantized modules kept for :func:`unmerge` are dropped, so nothing can be unmerged afterwards.
+
+    Args:
+        model: The model carrying the adapters.
+        name: An adapter to merge first (as :func:`merge`), or ``None`` when the adapters to keep are merged
+            already.
+        requantize: Passed to :func:`merge` with ``name``.
+
+    Returns:
+        The :class:`MergeReport` of merging ``name``, or ``None`` without one.
+
+    Raises:
+        ValueError: ``name`` is not an adapter, or is merged already (as :func:`merge`); or an adapter on the
+            model would be dropped without being merged (delete it with :func:`delete_adapter`, or merge it).
+            The model is unchanged.
+    """
+    if name is not None:
+        require_adapter(model, name)
+    layers = dict(lora_layers(model))
+    merged = {n for layer in layers.values() for n in layer.merged}
+    unmerged = [n for n in adapter_names(model) if n not in merged and n != name]
+    if unmerged:
+        raise ValueError(
+            f"adapters {unmerged} are neither merged nor named: merge_and_unload would drop them; delete them "
+            f"first (lora.delete_adapter) or merge them (lora.merge)"
+        )
+    report = merge(model, name, requantize) if name is not None else None
+    for position, layer in layers.items():
+        layer.premerge.clear()
+        model.replace_linear(position, layer.base_layer)
+    registry(model).clear()
+    return report

@@ -86,7 +86,8 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
         if format == "llmspeed" and base_linear(module) is not module:
             raise ValueError(
                 f"layer {name!r} carries LoRA adapters ({type(module).__name__}), which llmspeed.load cannot "
-                f"rebuild; save them with lora.save_adapter and the model without them (lora.delete_adapter)"
+                f"rebuild; save them with lora.save_adapter and the model without them (lora.delete_adapter), "
+                f"or merge them in and take the wrappers off (lora.merge_and_unload)"
             )
     if format == "compressed-tensors":
         return compressed_tensors.save(model, directory)

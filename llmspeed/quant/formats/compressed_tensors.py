@@ -58,7 +58,8 @@ def _refusal(name: str, module: nn.Module) -> str | None:
         return (
             f"layer {name!r} carries LoRA adapters, which compressed-tensors cannot hold: save them as PEFT "
             f"files with lora.save_adapter (vLLM serves those next to the base, --enable-lora) and export the "
-            f"base without them (lora.delete_adapter), or merge them first (lora.merge)"
+            f"base without them (lora.delete_adapter), or merge them in and take the wrappers off "
+            f"(lora.merge_and_unload)"
         )
     if not isinstance(module, QuantizedLinearBase):
         return None
