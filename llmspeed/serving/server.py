@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
 from ..generation.engine import STEP_FAILED
+from ..lora import adapter_names
 from .chat_prompt import chat_prompt_off_loop
 from .engine import ENGINE_DIED, Engine
 from .handle import RequestHandle, interleave
@@ -64,7 +65,8 @@ class OpenAIServer:
             ``/health`` and ``/metrics`` stay open, as vLLM's, for load balancers and metric scrapers.
 
     Raises:
-        ValueError: An adapter is named as the base model, or twice: one name must pick one model.
+        ValueError: An adapter is named as the base model, or twice (one name must pick one model), or is not loaded
+            on the engine's model (every request for it would fail).
     """
 
     def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None):
@@ -75,6 +77,13 @@ class OpenAIServer:
             raise ValueError(f"adapter {model_name!r} is named as the base model: a request for it could not reach it")
         if len(set(self.adapters)) != len(self.adapters):
             raise ValueError(f"adapter names must be unique; got {list(self.adapters)}")
+        loaded = adapter_names(engine.model)
+        missing = [name for name in self.adapters if name not in loaded]
+        if missing:
+            raise ValueError(
+                f"adapters must be loaded on the engine's model; got {missing}, which it does not carry (it has "
+                f"{loaded or 'none'}): load them first (lora.load_adapter)"
+            )
         self.api_key = api_key
         self.tokenizer = engine.model.tokenizer
         self.context = engine.model.spec.max_positions

@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from llmspeed import lora
 from llmspeed.generation import engine as engine_module
 from llmspeed.serving import Engine
 from llmspeed.serving.server import OpenAIServer
@@ -190,6 +191,7 @@ def test_a_message_without_content_is_refused_except_an_assistant_turn(tiny_serv
 
 def test_models_retrieve_and_unknown_paths_answer_in_the_openai_shape(llama, live_server):
     llama.tokenizer = ChatTokenizer()
+    lora.add_adapter(llama, "docs", r=2)
     server = OpenAIServer(Engine(llama, kv_cache_tokens=1024), "org/tiny", adapters=("docs",))
     with live_server(server) as url:
         client = openai_client(url)
@@ -434,9 +436,24 @@ def test_an_adapter_named_as_the_base_or_twice_is_refused(llama, adapters):
     """Regression: an adapter named as the base model (``--served-model-name docs --adapter docs=...``) was listed
     twice by ``/v1/models``, both entries ``parent: null``, and every request for that name ran the base model: the
     adapter could not be reached. A name listed twice was listed twice. Both are now a ``ValueError`` at construction."""
+    lora.add_adapter(llama, "docs", r=2)
+    lora.add_adapter(llama, "tiny", r=2)
     engine = Engine(llama, kv_cache_tokens=1024)
     try:
         with pytest.raises(ValueError, match="base model|unique"):
             OpenAIServer(engine, "tiny", adapters)
+    finally:
+        engine.close()
+
+
+def test_an_adapter_not_loaded_on_the_model_is_refused(llama):
+    """Regression: the server listed adapters it was given without checking the model carried them; /v1/models
+    showed one, and every request for it failed with a 400 from the generator."""
+    lora.add_adapter(llama, "docs", r=2)
+    engine = Engine(llama, kv_cache_tokens=1024)
+    try:
+        with pytest.raises(ValueError, match=r"got \['sql'\], which it does not carry \(it has \['docs'\]\)"):
+            OpenAIServer(engine, "tiny", ("docs", "sql"))
+        assert OpenAIServer(engine, "tiny", ("docs",)).adapters == ("docs",)
     finally:
         engine.close()
