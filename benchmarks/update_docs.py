@@ -8,9 +8,9 @@ Module pages can include a suite's tables with ``--8<-- "bench/<suite>.md"``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 TITLES = {
@@ -29,9 +29,16 @@ GUIDES = {
 }
 
 
-def main(argv: list[str]) -> None:
-    src = Path(argv[0])
-    docs = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent / "docs"
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (the command line without the program) and copy the run it names into the docs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="folder a bench run wrote (--out), holding results.json")
+    parser.add_argument("docs", type=Path, nargs="?", default=Path(__file__).resolve().parent.parent / "docs",
+                        help="the docs folder (default: this checkout's docs/)")
+    args = parser.parse_args(argv)
+    src, docs = args.run, args.docs
+    if not (src / "results.json").is_file():
+        parser.error(f"run must be a folder holding results.json; got {str(src)!r}")
     payload = json.loads((src / "results.json").read_text())
     dest = docs / "bench"
     dest.mkdir(parents=True, exist_ok=True)
@@ -72,4 +79,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import llmspeed
+from llmspeed.machine import UnsafeCacheError
 from llmspeed.models import embedded as smollm2_module
 
 
@@ -54,6 +55,15 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert smollm2_module.cache_dir() == tmp_path
     monkeypatch.delenv("LLMSPEED_CACHE")
     assert smollm2_module.cache_dir().parts[-2:] == (".cache", "llmspeed")
+
+
+def test_a_file_in_the_cache_path_is_named_before_converting(monkeypatch, tmp_path):
+    """Regression: with a file where the cache folder should be, the first smollm2() converted the GGUF for a
+    minute and then failed with a bare FileExistsError from mkdir."""
+    (tmp_path / "blocker").write_text("")
+    monkeypatch.setenv("LLMSPEED_CACHE", str(tmp_path / "blocker" / "cache"))
+    with pytest.raises(UnsafeCacheError, match=r"blocker is a file, not a folder; set LLMSPEED_CACHE"):
+        smollm2_module.tokenizer()
 
 
 def test_tiny_rejects_unknown_architecture():

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="smollm2",
-        help="smollm2 (default), llama-1b-random, tiny-<arch> (tests), or a folder with a transformers checkpoint",
+        help="smollm2 (default), llama-1b-random, tiny-<arch> (tests), or a folder with a transformers checkpoint "
+        "(taken by precision, lora, serving, training, qat, autotune, lora_decode, decode_rows, decode_attention and "
+        "mixed_steps; the other suites name the models they run)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="folder for results.json, results.md and PNG plots"

