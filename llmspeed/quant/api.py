@@ -56,8 +56,9 @@ def _check_patterns(model: CausalLM, arg: str, patterns: Sequence[str]) -> None:
                 f"{arg} names {p!r}, which is a {type(found).__name__}, not a linear layer; "
                 f"only linear positions can be quantized (e.g. {names[0]!r})"
             )
+        hint = f" (as a suffix: {'*.' + p!r})" if any(n.endswith("." + p) for n in names) else ""
         raise ValueError(
-            f"{arg} pattern {p!r} matches no linear layer; linear positions look like {names[:3]}"
+            f"{arg} pattern {p!r} matches no linear layer{hint}; linear positions look like {names[:3]}"
         )
 
 

@@ -66,6 +66,7 @@ def test_int8_layers_are_int8_cost_bytes_and_lower_the_error(method, tmp_path):
         ("int8", "rtn", DOWN, "the format is int8 already"),
         ("int4", "rtn", "*.mlp.down_proj", "not a single string"),
         ("int4", "rtn", ["*.mlp.nothing"], "int8_layers pattern '\\*.mlp.nothing' matches no linear layer"),
+        ("int4", "rtn", ["down_proj"], r"pattern 'down_proj' matches no linear layer \(as a suffix: '\*.down_proj'\)"),
         ("int4", "gptq", ["*.v_proj"], "linears fed one input are quantized together"),
         ("int4", "awq+gptq", ["*.up_proj"], "linears fed one input are quantized together"),
         ("int4", "hqq", DOWN, "needs a method that also quantizes int8; method='hqq' does not"),
