@@ -293,7 +293,7 @@ def sample_batch(
         return token_list, [None] * n
     logp = torch.log_softmax(raw, dim=-1)  # [N, V]
     chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()  # [N]
-    kmax = max(w or 0 for w in wanted)
+    kmax = min(max(w or 0 for w in wanted), logp.shape[1])  # a vocabulary under 20 tokens has that many alternatives
     best = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], logp[:, :0].long())  # [N, K] each
     top_vals, top_ids = best[0].tolist(), best[1].tolist()
     out: list[TokenLogprobs | None] = []

@@ -128,3 +128,16 @@ def test_a_stop_token_id_past_the_vocabulary_under_min_tokens_fails_no_request(l
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
     eos = Generator(llama, progress=False, eos_token_ids=[10**6]).generate_batched(prompts, SamplingParams(max_new_tokens=4, min_tokens=1))
     assert [o.finish_reason for o in eos] == ["length", "length"]
+
+
+def test_logprobs_past_the_vocabulary_list_every_token_and_fail_no_other_row():
+    """Regression: ``logprobs=20`` (valid) on a vocabulary of fewer than 20 tokens asked ``topk`` for more values
+    than the row has; it raised "selected index k out of range" in ``sample_batch`` and failed every request of
+    the step, not only its own."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 10)
+    tokens, lps = sample_batch(logits, [SamplingParams(logprobs=20), SamplingParams()], [None, None])
+    assert tokens == logits.argmax(-1).tolist() and lps[1] is None
+    want = torch.log_softmax(logits[0], -1).sort(descending=True)
+    assert [t for t, _ in lps[0].top] == want.indices.tolist()
+    assert [v for _, v in lps[0].top] == pytest.approx(want.values.tolist())
