@@ -264,7 +264,8 @@ class Generator:
         return adapter_identity(self.model, name)
 
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
-        """Queue one request; return its id. A request that can never run ends with ``"error"``.
+        """Queue one request; return its id. A request that can never run ends with ``"error"``, as does one
+        that gives stop strings to a model without a tokenizer (there is no text to find them in).
 
         ``prompt`` is a string, a list of token ids, or a list of chat messages. ``index`` is copied to the
         request's outputs (:meth:`generate_batched` numbers its prompts with it).
@@ -288,6 +289,9 @@ class Generator:
             seq = Seq(rid, ids, sampling, index=index, generator=request_generator(sampling, self.device))
             seq.detok = Detokenizer(self.tokenizer, ids, sampling.stop)
             self._seqs[rid] = seq
+            if error is None and sampling.stop and self.tokenizer is None:  # no text to find them in: never ignored
+                error = (f"stop strings {list(sampling.stop)} need a tokenizer to find them in the text, and this model "
+                         f"has none; give stop_token_ids, or wrap the model with its tokenizer")
             if error is None and sampling.adapter is not None:
                 error = self._check_adapter(sampling.adapter)
             if error is None:  # bound to this adapter, (name, uid), not to its name

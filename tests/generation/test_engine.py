@@ -349,3 +349,14 @@ def test_a_sliding_window_model_is_served_up_to_its_window_with_its_own_tokens(a
     assert short.token_ids == _hf_greedy(model, [5, 6, 7], 5)
     plain = Generator(llmspeed.models.tiny(arch, seed=0), progress=False)
     assert plain.scheduler.max_seq_len == plain.model.spec.max_positions  # no window: the whole context
+
+
+def test_stop_strings_without_a_tokenizer_fail_alone_not_silently_ignored(llama):
+    """Regression: a model without a tokenizer has no text, so its requests' stop strings were never searched:
+    ``stop=[...]`` was silently ignored and the request ran to ``max_new_tokens`` with ``finish_reason="length"``."""
+    assert llama.tokenizer is None
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    outs = Generator(llama, progress=False).generate_batched(
+        [[1, 2, 3], [4, 5, 6]], [sp, SamplingParams(max_new_tokens=4, ignore_eos=True, stop=["\n"])])
+    assert outs[1].finish_reason == "error" and "tokenizer" in outs[1].error and outs[1].token_ids == []
+    assert outs[0].finish_reason == "length" and len(outs[0].token_ids) == 4
