@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from llmspeed import Generator, SamplingParams
-from llmspeed.generation.sampling import RowContext, filter_logits, sample_batch
+from llmspeed.generation.sampling import RowContext, _penalize, filter_logits, sample_batch
 
 
 def _hf(model, prompt, n, **kwargs):
@@ -141,3 +146,42 @@ def test_logprobs_past_the_vocabulary_list_every_token_and_fail_no_other_row():
     want = torch.log_softmax(logits[0], -1).sort(descending=True)
     assert [t for t, _ in lps[0].top] == want.indices.tolist()
     assert [v for _, v in lps[0].top] == pytest.approx(want.values.tolist())
+
+
+def test_temperature_top_k_top_p_match_the_transformers_warpers_on_random_logits():
+    """Golden: temperature, then top-k, then top-p keep exactly the tokens (and logits) transformers' warpers keep,
+    and a sampled row follows the softmax of what they leave."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x = torch.randn(1, 50, generator=gen) * 3
+        k = int(torch.randint(0, 60, (), generator=gen))
+        p = float(torch.rand((), generator=gen)) * 0.99 + 0.01
+        t = 0.2 + 1.5 * float(torch.rand((), generator=gen))
+        ref = TemperatureLogitsWarper(t)(None, x.clone())
+        ref = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, ref) if k else ref)[0]
+        ours = filter_logits(x[0] / t, k, p)
+        assert torch.equal(ours.isfinite(), ref.isfinite()) and torch.equal(ours[ours.isfinite()], ref[ref.isfinite()])
+    x = torch.randn(1, 8, generator=gen) * 2
+    sp = SamplingParams(temperature=0.7, top_k=5, top_p=0.8, seed=3)
+    want = torch.softmax(TopPLogitsWarper(0.8)(None, TopKLogitsWarper(5)(None, x / 0.7))[0], -1)
+    rng = torch.Generator().manual_seed(3)
+    counts = torch.bincount(torch.tensor([sample_batch(x, [sp], [rng])[0][0] for _ in range(3000)]), minlength=8)
+    assert torch.allclose(counts / 3000, want, atol=0.03) and bool((counts[want == 0] == 0).all())
+
+
+def test_penalties_match_the_transformers_processor_and_openai_formula_on_random_logits():
+    """Golden: the repetition penalty is transformers' over prompt + output; presence and frequency penalties are
+    OpenAI's (``logit - count * frequency - (count > 0) * presence``) over the output only."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        x = torch.randn(1, 40, generator=gen) * 3
+        prompt = torch.randint(0, 40, (6,), generator=gen).tolist()
+        output = torch.randint(0, 40, (5,), generator=gen).tolist()
+        rp = float(torch.empty(()).uniform_(0.5, 2.0, generator=gen))
+        ours = _penalize(x, [SamplingParams(repetition_penalty=rp)], [RowContext(prompt, output)])
+        ref = RepetitionPenaltyLogitsProcessor(rp)(torch.tensor([prompt + output]), x.clone())
+        assert torch.allclose(ours, ref)
+        sp = SamplingParams(presence_penalty=0.6, frequency_penalty=-0.4)
+        ours = _penalize(x, [sp], [RowContext(prompt, output)])
+        counts = torch.bincount(torch.tensor(output), minlength=40).float()
+        assert torch.allclose(ours[0], x[0] - 0.6 * (counts > 0).float() + 0.4 * counts)
