@@ -200,7 +200,7 @@ class Model:
 
     # --- generation (the batching generator lives in llmspeed.generation) ----------------------
     def _generator(self, generator_kwargs: dict[str, Any]) -> Any:
-        """The model's reusable Generator: rebuilt only when the arguments or the model's modules change.
+        """The model's reusable Generator: rebuilt only when the arguments, the model's modules or its tokenizer change.
 
         A fresh generator zero-fills a new KV cache (and recaptures CUDA graphs), so repeated small calls
         would pay that every time. ``progress`` is applied per call. After tensors changed in place (training),
@@ -213,7 +213,8 @@ class Model:
         key = (repr(sorted(kwargs.items())), self._fingerprint())
         versions = tuple(t._version for t in (*self.hf.parameters(), *self.hf.buffers()))
         cached = getattr(self, "_cached_generator", None)
-        if cached is None or cached[0] != key:
+        retokenized = cached is not None and cached[1].tokenizer is not self.tokenizer  # llmspeed.wrap(model, tokenizer)
+        if cached is None or cached[0] != key or retokenized:
             cached = (key, Generator(self, progress=progress, **kwargs), versions)
             self._cached_generator = cached
         elif cached[2] != versions:

@@ -163,6 +163,19 @@ def test_model_generate_batched_reuses_one_generator_until_something_changes(lla
     assert llama._cached_generator[1] is not second and len(c[0].token_ids) == 6
 
 
+
+def test_model_generate_batched_follows_a_tokenizer_set_after_its_generator_was_built(llama):
+    """Regression: the kept generator read ``model.tokenizer`` once, when built; after ``llmspeed.wrap(model,
+    tokenizer)`` (its documented way to give a model a tokenizer) string prompts still failed with "this model has
+    no tokenizer" and token-id prompts got no text, until some argument happened to change."""
+    from .test_engine import CharTokenizer
+
+    assert llama.generate_batched([[65, 66, 67]], SP, progress=False)[0].text == ""
+    llmspeed.wrap(llama, CharTokenizer())
+    out = llama.generate_batched(["ABC"], SP, progress=False)[0]
+    assert out.finish_reason == "length" and out.prompt_token_ids == [65, 66, 67]
+    assert out.text == CharTokenizer().decode(out.token_ids, skip_special_tokens=True) != ""
+
 def test_tiny_temperature_is_greedy_and_huge_seeds_are_refused(llama):
     greedy = llama.generate_batched([[1, 2, 3]], SP, progress=False)[0].token_ids
     tiny = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1e-320, seed=1)
