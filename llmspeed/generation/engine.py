@@ -54,6 +54,28 @@ def attention_window(model: CausalLM) -> int | None:
     return window
 
 
+def rope_context(model: CausalLM) -> int | None:
+    """The context up to which a model's rotary embedding gives every sequence its own rows, or ``None`` (all of it).
+
+    ``longrope`` (Phi-3's 128k models, ``rope_parameters["rope_type"] == "longrope"``) switches every position of a
+    forward pass to its long factors once the pass's highest position passes ``original_max_position_embeddings``.
+    A ragged batch is one pass over several sequences, so a short sequence stepped beside a long one would be rotated
+    with the long factors that it alone never gets: its tokens would depend on the batch. Up to that length no
+    sequence reaches the long factors, so a generator holds at most that many tokens."""
+    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return None
+    per_layer = params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]
+    limits = [
+        p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+        for p in per_layer
+        if p.get("rope_type", p.get("type")) == "longrope"
+    ]
+    limits = [int(n) for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
 class Generator:
     """Continuous batching over a paged KV cache for any :class:`~llmspeed.protocol.CausalLM`.
 
@@ -172,11 +194,17 @@ class Generator:
         num_blocks = kv_cache_tokens // block_size
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         window = attention_window(model)  # past it the model's attention is windowed and ours would not be
-        context = spec.max_positions if window is None else min(spec.max_positions, window)
+        rope = rope_context(model)  # past it a sequence's rotary rows would depend on the batch it is stepped in
+        context = min(n for n in (spec.max_positions, window, rope) if n is not None)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, context)
-        if context != spec.max_positions:
+        if context == window and window < spec.max_positions:
             self.scheduler.context_note = (f" here: its attention's sliding window (sliding_window={window} in its "
                                            f"config), which the paged attention does not apply past the window")  # fmt: skip
+        elif context == rope and rope < spec.max_positions:
+            self.scheduler.context_note = (
+                f" here: its longrope rotary embedding's original_max_position_embeddings={rope}, past which it "
+                f"rotates every sequence of a ragged batch with the long factors once any one of them passes it"
+            )
         self.device = spec.device
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
                                   fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,

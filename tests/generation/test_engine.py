@@ -360,3 +360,26 @@ def test_stop_strings_without_a_tokenizer_fail_alone_not_silently_ignored(llama)
         [[1, 2, 3], [4, 5, 6]], [sp, SamplingParams(max_new_tokens=4, ignore_eos=True, stop=["\n"])])
     assert outs[1].finish_reason == "error" and "tokenizer" in outs[1].error and outs[1].token_ids == []
     assert outs[0].finish_reason == "length" and len(outs[0].token_ids) == 4
+
+
+def test_a_longrope_model_is_served_up_to_its_original_context_with_its_own_tokens():
+    """Regression: longrope (Phi-3's 128k models) rotates every position of a forward pass with its long factors once
+    the pass's highest position passes original_max_position_embeddings; a ragged batch is one pass, so a short
+    prompt stepped beside a long one was rotated with factors it alone never gets (its logprobs moved by 2e-3 on a
+    tiny model, tokens of a real one). A generator now holds at most the original context, and says why."""
+    rope = {"rope_type": "longrope", "original_max_position_embeddings": 16, "short_factor": [1.0] * 8,
+            "long_factor": [8.0 + i for i in range(8)]}  # fmt: skip
+    model = llmspeed.models.tiny("llama", seed=0, rope_scaling=rope)
+    gen = Generator(model, progress=False, block_size=4)
+    short, other = [5, 6, 7, 8, 9, 10], list(range(20, 28))
+    sp = SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=1)
+    alone = gen.generate_batched([short], sp)[0]
+    long, batched, beside = gen.generate_batched([list(range(1, 31)), short, other], sp)
+    assert long.finish_reason == "error" and "original_max_position_embeddings=16" in long.error
+    assert batched.finish_reason == alone.finish_reason == "length" and len(alone.token_ids) == 10  # 6 + 10 = 16
+    assert batched.token_ids == alone.token_ids == _hf_greedy(model, short, 10)
+    assert beside.token_ids == _hf_greedy(model, other, 8)
+    for a, b in zip(alone.logprobs, batched.logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-5
+    plain = Generator(llmspeed.models.tiny("llama", seed=0), progress=False)
+    assert plain.scheduler.max_seq_len == plain.model.spec.max_positions  # default rope: the whole context
