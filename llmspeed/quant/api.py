@@ -127,6 +127,8 @@ def plan_layers(
             )
         int8 = (int8_layers and _matches(name, int8_layers)) or (name in heads and lm_head == "int8")
         plan[name] = int8_config(config) if int8 else config
+    if include is None:
+        _refuse_unreached_projections(model, plan)
     if not plan:
         raise ValueError("skip/include leave no linear layer to quantize")
     if hadamard_layers:
@@ -139,6 +141,21 @@ def plan_layers(
     if hadamard_layers:
         plan = _with_hadamard(model, plan, hadamard_layers)
     return plan
+
+
+def _refuse_unreached_projections(model: CausalLM, plan: dict[str, QuantConfig]) -> None:
+    """``ValueError`` when the model keeps projections in transformers' ``Conv1D`` layers (GPT-2's ``c_attn``,
+    ``c_fc``, ...): a linear with its weight transposed, not an ``nn.Linear`` position, so quantizing the model
+    would silently change only its ``nn.Linear`` layers (GPT-2: the output head) and leave the rest in float."""
+    conv = [name for name, module in model.module.named_modules() if type(module).__name__ == "Conv1D"]
+    if conv:
+        changed = f"only {list(plan)[:3]}" if plan else "nothing"
+        raise ValueError(
+            f"{type(model.module).__name__} keeps {len(conv)} projections in transformers Conv1D layers (e.g. "
+            f"{conv[0]!r}), which llmspeed does not quantize (it quantizes nn.Linear layers); quantizing it would "
+            f"change {changed} and leave those in float. Pass include=[...] to quantize only "
+            f"nn.Linear layers knowingly"
+        )
 
 
 def check_materialized(model: CausalLM, plan: dict[str, QuantConfig]) -> None:

@@ -165,6 +165,28 @@ def test_a_model_on_the_meta_device_is_refused_before_any_change(verb):
     assert all(type(m) is nn.Linear for m in before.values())
 
 
+@pytest.mark.parametrize("verb", ["int4", "int8", "qat"])
+def test_a_model_with_conv1d_projections_is_refused_instead_of_quantizing_only_its_head(verb):
+    """Regression: GPT-2 keeps its projections in transformers' Conv1D layers, not nn.Linear ones, so
+    quantize(gpt2, "int4") quantized its output head alone to int8 and returned as if the model were int4 (and
+    qat.prepare said skip/include, which it was not given, left no layer)."""
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = llmspeed.wrap(transformers.GPT2LMHeadModel(config).eval())
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"keeps 4 projections in transformers Conv1D layers \(e.g. "
+                                         r"'transformer.h.0.attn.c_attn'\), which llmspeed does not quantize"):
+        if verb == "qat":
+            llmspeed.qat.prepare(model, "int4", group_size=32)
+        else:
+            llmspeed.quantize(model, verb)
+    _assert_untouched(model, before)
+    llmspeed.quantize(model, "int8", include=["lm_head"])  # asked for by name: quantized as asked
+    assert is_quantized(model.hf.lm_head)
+
+
 def test_named_kernel_that_cannot_handle_a_layer_rolls_back(llama):
     before = _snapshot(llama)
     with pytest.raises(ValueError, match="group_size in"):
