@@ -4,7 +4,8 @@ The wrapper owns no weights: ``model.hf`` is the transformers module itself, and
 other llmspeed modules replace its linear layers in place through
 :meth:`Model.replace_linear`. The ragged forward pass plugs an external KV cache into
 transformers' attention interface (``AttentionInterface``), so every decoder-only family
-that routes attention through that interface runs unmodified.
+that routes attention through that interface runs unmodified, except those that ask it for more than
+scaled causal attention (Gemma-2's soft-capping, gpt-oss's sinks), which the ragged pass refuses.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 ATTN_IMPLEMENTATION = "llmspeed"
 _BACKEND_KWARG = "llmspeed_attention"
+# what some families hand their attention function beyond q, k, v and scaling, which the backends do not apply:
+# Gemma-2's logit soft-capping, gpt-oss's attention sinks
+_UNAPPLIED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
 
 
 def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -35,6 +39,12 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
             "or engine steps the same model meets this too: the step switches the config's attention "
             "implementation for its duration; submit the work to the engine instead)"
         )
+    for name, what in _UNAPPLIED.items():
+        if kwargs.get(name) is not None:
+            raise TypeError(
+                f"{type(module).__name__} asks its attention for {what} ({name}=...), which llmspeed's paged "
+                f"attention does not apply: its logits would not be the model's. Generate with model.hf.generate"
+            )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return backend(module.layer_idx, query, key, value, scaling), None

@@ -133,6 +133,34 @@ def test_forward_batch_matches_hf_prefill_then_decode(tiny_model):
     assert tiny_model.hf.config._attn_implementation != "llmspeed"
 
 
+@pytest.mark.parametrize("family, fields, what", [
+    ("Gemma2", {"attn_logit_softcapping": 50.0}, r"logit soft-capping \(softcap=...\)"),
+    ("GptOss", {"num_local_experts": 2, "num_experts_per_tok": 1}, r"attention sinks \(s_aux=...\)"),
+])  # fmt: skip
+@torch.no_grad()
+def test_forward_batch_refuses_attention_changes_the_backend_does_not_apply(family, fields, what):
+    """Regression: Gemma-2 hands its attention function softcap=, gpt-oss its sinks (s_aux=); the llmspeed
+    attention dropped both, so generate_batched ran on logits that were not the model's (a first-token logprob 5e-3
+    off transformers' on a tiny Gemma-2, 1.1 off and other tokens on a tiny gpt-oss), silently."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=64, **fields)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = llmspeed.wrap(transformers.AutoModelForCausalLM.from_config(config).eval())
+    ids = torch.arange(1, 9)
+    with pytest.raises(TypeError, match=f"{family}Attention asks its attention for {what}, which llmspeed's paged"):
+        model.forward_batch(ids, torch.arange(8), DenseBackend(), torch.tensor([7]))
+    assert model.hf.config._attn_implementation != "llmspeed"  # switched back
+    if family == "Gemma2":  # without soft-capping the same family runs, with the model's own logits
+        for layer in model.hf.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        out = model.forward_batch(ids, torch.arange(8), DenseBackend(), torch.tensor([7]))
+        torch.testing.assert_close(out[0], model.hf(ids[None]).logits[0, 7], rtol=1e-5, atol=1e-5)
+
+
 def test_llmspeed_attention_outside_forward_batch_is_an_error(llama):
     llama.hf.config._attn_implementation = "llmspeed"
     with pytest.raises(RuntimeError, match="only runs inside Model.forward_batch"):
