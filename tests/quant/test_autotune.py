@@ -149,6 +149,28 @@ def test_a_cache_file_from_another_machine_or_garbage_is_ignored(tuned, monkeypa
     assert auto.auto_kernel(module, x).name == "cpp" and len(calls) == 2
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [{"kernel": ["cpp"]}, {"kernel": "cpp", "candidates": 5}, {"kernel": "cpp", "candidates": [["cpp"]]},
+     {"kernel": "cpp", "ms": "fast"}, {"kernel": "cpp", "ms": {"cpp": "fast"}}, {"kernel": "cpp", "guess": ["cpp"]}],
+)  # fmt: skip
+def test_a_cache_entry_of_the_wrong_shape_is_timed_again_not_crashed_on(tuned, monkeypatch, entry):
+    """Regression: valid JSON holding an entry of the wrong shape (a hand-edited file) raised TypeError inside the
+    module's matmul (``unhashable type: 'list'``) and AttributeError/ValueError inside ``str(llmspeed.kernels())``."""
+    module, x = _module(Int4Linear), torch.randn(1, 128)
+    key = tuning.choice_key(module, x)
+    names = sorted(k.name for k in auto.cpu_candidates(module, x))
+    folder = tuned / "autotune"
+    folder.mkdir(mode=0o700)
+    choices = {key: {"candidates": names, "ms": {"cpp": 1.0}, **entry}}
+    (folder / tuning.store().name).write_text(json.dumps({"machine": tuning.machine_key(), "choices": choices}))
+    calls: list = []
+    _fake_times(monkeypatch, {"cpp": 1.0}, calls)
+    assert key not in llmspeed.kernels(rows=(1,)).tuned  # the report neither lists nor trips on it
+    assert auto.auto_kernel(module, x).name == "cpp" and len(calls) == 1
+    assert "cpp 1" in str(llmspeed.kernels(rows=(1,)))  # the new choice, written over the bad one
+
+
 def test_a_cache_folder_others_can_write_is_not_used(tuned, monkeypatch):
     folder = tuned / "autotune"
     folder.mkdir()

@@ -83,8 +83,9 @@ class ChoiceStore:
     """Timed choices for one machine key: ``{choice key: {"kernel": name, "guess": rule's name, "ms": {name: ms}}}``.
 
     Loaded from disk on first use and written back (atomically, merged with what other processes
-    wrote) after every new choice. An unreadable file is ignored; a cache folder others could write is
-    refused with one warning, and choices then live in memory only.
+    wrote) after every new choice. An unreadable file, or an entry not shaped as :meth:`put` writes it,
+    is ignored; a cache folder others could write is refused with one warning, and choices then live in
+    memory only.
     """
 
     def __init__(self, machine: str, folder: Path | None = None):
@@ -112,7 +113,9 @@ class ChoiceStore:
         if not isinstance(data, dict) or data.get("machine") != self.machine:
             return {}
         choices = data.get("choices")
-        return choices if isinstance(choices, dict) else {}
+        if not isinstance(choices, dict):
+            return {}
+        return {key: entry for key, entry in choices.items() if _well_formed(entry)}
 
     def get(self, key: str, candidates: set[str] | None = None) -> str | None:
         """The kernel name chosen for ``key``, or ``None`` when it was never timed here.
@@ -152,6 +155,18 @@ class ChoiceStore:
             except OSError as err:
                 tmp.unlink(missing_ok=True)
                 _warn_once(f"llmspeed: could not write the kernel choices cache: {err}")
+
+
+def _well_formed(entry: Any) -> bool:
+    """Whether a choice read from disk has the shape :meth:`ChoiceStore.put` writes (a hand-edited or
+    foreign file may hold anything: such entries are dropped, so they are timed again, not crashed on)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("kernel"), str):
+        return False
+    if not isinstance(entry.get("guess"), (str, type(None))):
+        return False
+    candidates, ms = entry.get("candidates", []), entry.get("ms", {})
+    return (isinstance(candidates, list) and all(isinstance(c, str) for c in candidates)
+            and isinstance(ms, dict) and all(isinstance(v, (int, float)) for v in ms.values()))  # fmt: skip
 
 
 _STORES: dict[str, ChoiceStore] = {}
