@@ -26,9 +26,10 @@ library asks for ``libgomp.so.1``, which resolves to the copy torch already load
 OpenMP runtime and one thread pool. Only where the compiler rejects ``-fopenmp`` is the build retried
 without it (correct, single-threaded, with a warning).
 
-Without a compiler, without ninja, or with ``LLMSPEED_DISABLE_CPP=1``, :func:`build` returns the
-reason instead of a module and callers fall back to pure-torch paths. ``python -m llmspeed build``
-compiles every kernel ahead of time (for container images and CI).
+Without a compiler, without ninja, or with ``LLMSPEED_DISABLE_CPP=1`` (any value but ``0``, ``false``,
+``no``, ``off`` or empty), :func:`build` returns the reason instead of a module and callers fall back to
+pure-torch paths. ``python -m llmspeed build`` compiles every kernel ahead of time (for container images
+and CI).
 """
 
 from __future__ import annotations
@@ -248,8 +249,9 @@ def build(
     The cache key also holds ``functions``: an extension built with other bindings is never loaded for
     this list (a process with an older list could otherwise cache a library that lacks a new function).
     """
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return None, f"disabled by {DISABLE_ENV}"
+    setting = os.environ.get(DISABLE_ENV, "")
+    if setting.strip().lower() not in ("", "0", "false", "no", "off"):  # the spellings LLMSPEED_AUTOTUNE reads as off
+        return None, f"disabled by {DISABLE_ENV}={setting!r}"
     if compiler() is None:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
     if shutil.which("ninja") is None:

@@ -238,3 +238,20 @@ def test_a_file_where_a_cache_folder_should_be_is_named(tmp_path):
     assert blocker.read_text() == "not a folder"
     with pytest.raises(UnsafeCacheError, match="is not a folder"):
         private_dir(blocker)  # the path itself a file: refused as before
+
+
+@pytest.mark.parametrize("setting", ["", "0", "false", "No", " off "])
+def test_the_disable_variable_set_to_an_off_value_does_not_disable(monkeypatch, tmp_path, setting):
+    """Regression: any value but "" and "0" disabled the C++ kernels, so ``LLMSPEED_DISABLE_CPP=false`` (or
+    ``no``, ``off``: what ``LLMSPEED_AUTOTUNE`` reads as off) silently ran the pure-torch paths."""
+    if cpp_build.compiler() is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja here: nothing is built whatever the variable says")
+    source = tmp_path / "answer.cpp"
+    source.write_text(SOURCE)
+    built = object()
+    monkeypatch.setenv("LLMSPEED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpp_build, "_build_one", lambda *args: built)  # no compiler run: only the gate is tested
+    monkeypatch.setenv(cpp_build.DISABLE_ENV, setting)
+    assert cpp_build.build("llmspeed_test", source, ["answer"]) == (built, None)
+    monkeypatch.setenv(cpp_build.DISABLE_ENV, "yes")
+    assert cpp_build.build("llmspeed_test", source, ["answer"]) == (None, "disabled by LLMSPEED_DISABLE_CPP='yes'")
