@@ -122,6 +122,18 @@ def test_timing_off_follows_the_rule_table_and_writes_nothing(tuned, monkeypatch
     assert calls == [] and not (tuned / "autotune").exists()
 
 
+def test_an_unknown_autotune_value_keeps_timing_on_and_says_so(monkeypatch):
+    """Regression: ``LLMSPEED_AUTOTUNE=disable`` (or a typo such as ``O`` for ``0``) kept timing on without a word."""
+    monkeypatch.setattr(tuning, "_WARNED", set())
+    for setting, on in (("0", False), (" Off ", False), ("no", False), ("1", True), ("yes", True), ("", True)):
+        monkeypatch.setenv(tuning.AUTOTUNE_ENV, setting)
+        assert tuning.enabled() is on
+    assert not tuning._WARNED
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "disable")
+    with pytest.warns(RuntimeWarning, match=r"LLMSPEED_AUTOTUNE='disable' is not one of 1, 0, .* timing stays on"):
+        assert tuning.enabled() is True
+
+
 def test_the_tuned_module_computes_what_the_reference_does(tuned):
     # real timing: whichever kernel wins, the output is the oracle's
     for cls in (Int8Linear, Int4Linear, NF4Linear):

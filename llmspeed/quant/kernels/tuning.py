@@ -32,8 +32,18 @@ TIMED_ROWS = 256  # rows timed at most: larger inputs share the choice made at t
 
 
 def enabled() -> bool:
-    """Whether ``kernel="auto"`` may time candidates (``LLMSPEED_AUTOTUNE`` unset or not ``"0"``)."""
-    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether ``kernel="auto"`` may time candidates (``LLMSPEED_AUTOTUNE`` unset or not ``"0"``).
+
+    ``0``, ``false``, ``no``, ``off`` turn timing off; ``1``, ``true``, ``yes``, ``on`` (or empty) keep it on;
+    any other value keeps it on with one warning naming the value."""
+    setting = os.environ.get(AUTOTUNE_ENV, "1")
+    value = setting.strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value not in ("", "1", "true", "yes", "on"):
+        _warn_once(f"llmspeed: {AUTOTUNE_ENV}={setting!r} is not one of 1, 0, true, false, yes, no, on, off: "
+                   f"kernel timing stays on (set {AUTOTUNE_ENV}=0 to turn it off)")  # fmt: skip
+    return True
 
 
 def rows_bucket(m: int) -> int:
