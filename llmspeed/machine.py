@@ -20,8 +20,10 @@ CACHE_ENV = "LLMSPEED_CACHE"
 
 
 def cache_root() -> Path:
-    """``$LLMSPEED_CACHE``, else ``~/.cache/llmspeed``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llmspeed")
+    """``$LLMSPEED_CACHE``, else ``~/.cache/llmspeed`` (a leading ``~`` is the home folder: a variable set
+    where no shell expands it, as in a ``.env`` file or a quoted string, would otherwise name a folder
+    called ``~`` under the working directory, another cache for each directory a program starts in)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llmspeed").expanduser()
 
 
 class UnsafeCacheError(RuntimeError):

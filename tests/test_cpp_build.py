@@ -255,3 +255,16 @@ def test_the_disable_variable_set_to_an_off_value_does_not_disable(monkeypatch, 
     assert cpp_build.build("llmspeed_test", source, ["answer"]) == (built, None)
     monkeypatch.setenv(cpp_build.DISABLE_ENV, "yes")
     assert cpp_build.build("llmspeed_test", source, ["answer"]) == (None, "disabled by LLMSPEED_DISABLE_CPP='yes'")
+
+
+def test_a_cache_variable_starting_with_a_tilde_is_under_the_home_folder(monkeypatch, tmp_path):
+    """Regression: ``LLMSPEED_CACHE="~/llm"`` set where no shell expands it (a ``.env`` file, a quoted value)
+    made a folder literally named ``~`` in the working directory: another cache, rebuilt, per directory."""
+    from llmspeed.machine import cache_root
+    from llmspeed.models.embedded import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMSPEED_CACHE", "~/llm")
+    assert cache_root() == cache_dir() == tmp_path / "home" / "llm"
+    assert cpp_build.build_dir() == tmp_path / "home" / "llm" / "kernels"
