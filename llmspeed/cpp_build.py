@@ -2,9 +2,9 @@
 
 Each kernel source is compiled with ``torch.utils.cpp_extension.load_inline`` into a folder of
 ``$LLMSPEED_CACHE/kernels`` (else ``~/.cache/llmspeed/kernels``) named by a hash of the source, the
-files it includes, the flags, the compiler, torch's version and the CPU (model and instruction-set
-flags: the code is built with ``-march=native``, so a cache shared with another kind of CPU must
-not be reused there). Later processes load the built library in milliseconds.
+files it includes, the flags, the compiler, torch's and Python's versions and the CPU (model and
+instruction-set flags: the code is built with ``-march=native``, so a cache shared with another kind of
+CPU must not be reused there). Later processes load the built library in milliseconds.
 
 The cache is trusted only as far as it can be:
 
@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -198,9 +199,15 @@ def _compile(name: str, text: str, functions: list[str], flags: list[str], ldfla
 
 
 def cache_key(text: str, flags: Sequence[str]) -> str:
-    """What a built library depends on: sources, flags, compiler, torch and the CPU it was built for."""
+    """What a built library depends on: sources, flags, compiler, torch, Python and the CPU it was built for.
+
+    Python's extension suffix (``.cpython-311-x86_64-linux-gnu.so``) names the interpreter the module is
+    linked for: another Python version (a second venv, a nox session) cannot load it and would rebuild it
+    in place, and each would rebuild after the other.
+    """
     cxx = compiler() or ""
-    parts = [text, " ".join(flags), _compiler_version(cxx) if cxx else "", torch.__version__, cpu_identity()]
+    python = sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag
+    parts = [text, " ".join(flags), _compiler_version(cxx) if cxx else "", torch.__version__, python, cpu_identity()]
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()[:12]
 
 

@@ -215,6 +215,18 @@ def test_the_cache_key_covers_the_cpu_and_the_flags(monkeypatch):
     assert cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS) != key  # an AVX512 build is never reused on AVX2
 
 
+def test_the_cache_key_covers_the_python_version(monkeypatch):
+    """Regression: the key left Python out, so two interpreters with the same torch version (two venvs, nox
+    sessions) shared a folder: each failed to load the other's module and rebuilt it, about 40 s, every switch."""
+    import sysconfig
+
+    key = cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS)
+    real = sysconfig.get_config_var
+    other = ".cpython-399-x86_64-linux-gnu.so"
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: other if name == "EXT_SUFFIX" else real(name))
+    assert cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS) != key
+
+
 def test_llmspeed_build_compiles_ahead_of_time(tmp_path):
     # with the C++ kernels disabled the command still runs, reports why, and fails
     env = {**os.environ, "LLMSPEED_CACHE": str(tmp_path), "LLMSPEED_DISABLE_CPP": "1"}
