@@ -111,6 +111,24 @@ def test_choices_depend_on_threads_shape_bucket_and_dtype(tuned, monkeypatch):
     assert len(calls) == 5 and len(list((tuned / "autotune").glob("*.json"))) == 2
 
 
+def test_float_and_int8_activation_layers_keep_their_own_choices(tuned, monkeypatch):
+    """Regression: the key left ``activations`` out, so a float and an int8-activation layer of one shape shared
+    an entry; their candidates differ (``cpp_panels``), so each timed again over the other's choice, in every
+    process, and where the candidates matched the float layer's timing was taken for the other."""
+    calls: list = []
+    _fake_times(monkeypatch, {"cpp": 1.0}, calls)
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96)
+    plain = Int4Linear.from_linear(linear, QuantConfig("int4", 32))
+    coded = Int4Linear.from_linear(linear, QuantConfig("int4", 32, activations="int8"))
+    x = torch.randn(64, 128)
+    assert tuning.choice_key(plain, x) != tuning.choice_key(coded, x)
+    for _ in range(3):  # three processes
+        assert auto.auto_kernel(plain, x).name == auto.auto_kernel(coded, x).name == "cpp"
+        tuning.reset()
+    assert len(calls) == 2  # each timed once, then read back
+
+
 def test_timing_off_follows_the_rule_table_and_writes_nothing(tuned, monkeypatch):
     monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
     calls: list = []

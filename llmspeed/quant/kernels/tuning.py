@@ -74,11 +74,14 @@ def machine_key() -> str:
 
 
 def choice_key(module: Any, x: torch.Tensor) -> str:
-    """The key of one timed choice: device, format, group, double quantization, shape, rows bucket, dtype."""
+    """The key of one timed choice: device, format, group, double quantization, shape, rows bucket, dtype, and
+    int8 activations where the module has them (their candidates differ: ``cpp_panels`` takes only those)."""
     layout, config = module.layout, module.config
     dtype = str(x.dtype).removeprefix("torch.")
+    activations = getattr(config, "activations", "float")
     return (f"{x.device.type}|{layout.format}|g{layout.group}|dq{int(config.double_quant)}|"
-            f"{layout.in_features}x{layout.out_features}|m{rows_bucket(x.shape[0])}|{dtype}")  # fmt: skip
+            f"{layout.in_features}x{layout.out_features}|m{rows_bucket(x.shape[0])}|{dtype}"
+            + ("" if activations == "float" else f"|act:{activations}"))  # fmt: skip
 
 
 def pick(times: dict[str, float], guess: str) -> str:
