@@ -537,7 +537,11 @@ class Generator:
         """Finish ``seq`` and release it; its final event (with the rest of its text) is returned or queued."""
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
-        text += seq.detok.finish()
+        try:
+            text += seq.detok.finish()
+        except Exception as exc:  # a tokenizer whose decode raises: the request still gets its final event
+            seq.finish_reason = "error"
+            seq.error = seq.error or f"decoding its output raised {type(exc).__name__}: {exc}"
         if seq.detok.stopped and reason == "length":  # a stop string in the tail the detokenizer held back
             seq.finish_reason = "stop"
         event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=self._output(seq),

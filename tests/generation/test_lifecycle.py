@@ -97,6 +97,36 @@ def test_a_step_that_raises_fails_only_its_batch_and_the_generator_goes_on(llama
     assert gen.blocks.num_free == gen.blocks.num_blocks and gen.num_live == 0
 
 
+class _DecodeFails:
+    """A byte-level tokenizer whose decode raises on id 199, as a slow (sentencepiece) tokenizer does on an id past
+    its vocabulary: the model's vocabulary is often padded beyond the tokenizer's."""
+
+    eos_token_id = 0
+
+    def encode(self, text):
+        return list(text.encode("latin-1"))
+
+    def decode(self, ids, skip_special_tokens=False):
+        if 199 in ids:
+            raise IndexError("piece id is out of range")
+        return bytes(ids).decode("latin-1")
+
+
+def test_a_tokenizer_whose_decode_raises_fails_its_batch_and_every_request_still_ends(llama):
+    llama.tokenizer = _DecodeFails()
+    gen = Generator(llama, progress=False)
+    prompts = [[1, 2, 3], [4, 5, 199], [6, 7]]  # the detokenizer decodes the prompt's tail with the first token
+    outs = gen.generate_batched(prompts, SP)  # raised IndexError, the other two requests' final events lost
+    assert [o.finish_reason for o in outs] == ["error"] * 3
+    assert all("IndexError: piece id is out of range" in o.error for o in outs)
+    assert gen.num_live == 0 and gen.blocks.num_free == gen.blocks.num_blocks and not gen.has_unfinished()
+    with llmspeed.Engine(llama) as engine:  # the requests of the failed step used to wait forever
+        handles = [engine.submit(p, SP) for p in prompts]
+        assert [h.result(timeout=30).finish_reason for h in handles] == ["error"] * 3
+        assert engine.submit([1, 2, 3], SP).result(timeout=30).token_ids == _alone(llama, [[1, 2, 3]])[0]
+        assert engine.loop_errors == 0
+
+
 def test_keyboard_interrupt_mid_step_keeps_events_and_fails_the_batch(llama, monkeypatch):
     gen = Generator(llama, progress=False, max_seqs=2)
     rids = [gen.add_request(p, SP) for p in _prompts(4, seed=5)]
