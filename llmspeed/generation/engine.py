@@ -16,11 +16,8 @@ generator stays usable.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol import CausalLM
 from .block_manager import BlockManager
+from .context_limits import context_limit
 from .detokenizer import Detokenizer
 from .kv_cache import cache_dtype
-from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent
-from .prompts import Prompt, eos_ids, is_chat, prompt_ids, prompt_list
+from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent, paths_since
+from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, prompt_ids, prompt_list
 from .runner import ModelRunner, StepInput
 from .sampling import RowContext, SamplingParams, coerce, is_int, request_generator, sample_batch
 from .scheduler import Batch, Chunk, Scheduler
@@ -41,39 +39,6 @@ if TYPE_CHECKING:
     import torch
 
 STEP_FAILED = "the step running this request raised"  # how the error of a request whose step raised begins
-
-
-def attention_window(model: CausalLM) -> int | None:
-    """The sliding window of a model whose attention uses one (Mistral's ``sliding_window``; Qwen2's and Qwen3's
-    with ``use_sliding_window``), or ``None``. The paged attention here attends to every cached token, which is
-    the model's own attention only while a sequence fits in the window, so a generator holds at most that many."""
-    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
-    window = getattr(cfg, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0 or getattr(cfg, "use_sliding_window", True) is False:
-        return None
-    return window
-
-
-def rope_context(model: CausalLM) -> int | None:
-    """The context up to which a model's rotary embedding gives every sequence its own rows, or ``None`` (all of it).
-
-    ``longrope`` (Phi-3's 128k models, ``rope_parameters["rope_type"] == "longrope"``) switches every position of a
-    forward pass to its long factors once the pass's highest position passes ``original_max_position_embeddings``.
-    A ragged batch is one pass over several sequences, so a short sequence stepped beside a long one would be rotated
-    with the long factors that it alone never gets: its tokens would depend on the batch. Up to that length no
-    sequence reaches the long factors, so a generator holds at most that many tokens."""
-    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
-    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-    if not isinstance(params, dict):
-        return None
-    per_layer = params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]
-    limits = [
-        p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
-        for p in per_layer
-        if p.get("rope_type", p.get("type")) == "longrope"
-    ]
-    limits = [int(n) for n in limits if isinstance(n, int) and n > 0]
-    return min(limits) if limits else None
 
 
 class Generator:
@@ -193,18 +158,9 @@ class Generator:
         self.progress = progress
         num_blocks = kv_cache_tokens // block_size
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
-        window = attention_window(model)  # past it the model's attention is windowed and ours would not be
-        rope = rope_context(model)  # past it a sequence's rotary rows would depend on the batch it is stepped in
-        context = min(n for n in (spec.max_positions, window, rope) if n is not None)
+        context, note = context_limit(model, spec.max_positions)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, context)
-        if context == window and window < spec.max_positions:
-            self.scheduler.context_note = (f" here: its attention's sliding window (sliding_window={window} in its "
-                                           f"config), which the paged attention does not apply past the window")  # fmt: skip
-        elif context == rope and rope < spec.max_positions:
-            self.scheduler.context_note = (
-                f" here: its longrope rotary embedding's original_max_position_embeddings={rope}, past which it "
-                f"rotates every sequence of a ragged batch with the long factors once any one of them passes it"
-            )
+        self.scheduler.context_note = note
         self.device = spec.device
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
                                   fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,
@@ -633,7 +589,7 @@ class Generator:
                 elapsed=time.perf_counter() - start,
                 steps=self.num_steps - steps0,
                 preemptions=self.scheduler.num_preemptions - preempt0,
-                step_paths=_paths_since(self.step_paths, paths0),
+                step_paths=paths_since(self.step_paths, paths0),
             )
 
     def _drop(self, rids: set[int]) -> None:
@@ -662,27 +618,9 @@ class Generator:
             if event.finished and event.output is not None:
                 outputs[event.request_id] = event.output
         result = [o for _, o in sorted(outputs.items())]
-        self._hint_chat_template(prompts, result)
+        if not self.chat_template:
+            hint_chat_template(self.tokenizer, prompts, result)
         return result
-
-    def _hint_chat_template(self, prompts: Sequence[Prompt], outputs: list[GenerationOutput]) -> None:
-        """Warn when a plain-text prompt to a chat model stopped before writing anything.
-
-        As in transformers' pipelines and vLLM's ``LLM.generate``, a string is continued as raw text;
-        an instruct model such as SmolLM2-Instruct often answers raw text with end-of-turn at once.
-        """
-        if self.chat_template or getattr(self.tokenizer, "chat_template", None) is None:
-            return
-        empty = [o.index for o in outputs if o.finish_reason == "stop" and not o.text.strip()
-                 and isinstance(prompts[o.index], str)]
-        if empty:
-            warnings.warn(
-                f"prompt {empty[0]} ({len(empty)} of {len(outputs)} empty) is plain text and the model ended its "
-                f"turn at once: this model has a chat template, so pass chat messages "
-                f"([{{'role': 'user', 'content': ...}}]) or chat_template=True to apply it to strings",
-                UserWarning,
-                stacklevel=_caller_level(),
-            )
 
     def stream(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
@@ -695,26 +633,6 @@ class Generator:
         if len(prompts) == 0:
             return
         yield from self._events(prompts, sampling)
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside llmspeed, so a warning names the user's line."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame: Any = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _paths_since(now: dict[str, tuple[int, float]], before: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:
-    """Steps and seconds per path added between two snapshots of ``Generator.step_paths``."""
-    added = {}
-    for path, (steps, seconds) in now.items():
-        steps0, seconds0 = before.get(path, (0, 0.0))
-        if steps > steps0:
-            added[path] = (steps - steps0, seconds - seconds0)
-    return added
 
 
 __all__ = ["Generator"]

@@ -103,3 +103,13 @@ class RunStats:
     def throughput(self) -> float:
         """Generated tokens per second."""
         return self.output_tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def paths_since(now: dict[str, tuple[int, float]], before: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:
+    """Steps and seconds per path added between two snapshots of ``Generator.step_paths``."""
+    added = {}
+    for path, (steps, seconds) in now.items():
+        steps0, seconds0 = before.get(path, (0, 0.0))
+        if steps > steps0:
+            added[path] = (steps - steps0, seconds - seconds0)
+    return added

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import operator
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,3 +86,34 @@ def eos_ids(model: CausalLM) -> set[int]:
             continue
         ids.update([source] if isinstance(source, int) else [int(t) for t in source])
     return ids
+
+
+def hint_chat_template(tokenizer: Any, prompts: Sequence[Prompt], outputs: Sequence[Any]) -> None:
+    """Warn when a plain-text prompt to a chat model stopped before writing anything.
+
+    As in transformers' pipelines and vLLM's ``LLM.generate``, a string is continued as raw text;
+    an instruct model such as SmolLM2-Instruct often answers raw text with end-of-turn at once.
+    ``outputs``: the run's :class:`~.outputs.GenerationOutput`s, in prompt order.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return
+    empty = [o.index for o in outputs if o.finish_reason == "stop" and not o.text.strip()
+             and isinstance(prompts[o.index], str)]  # fmt: skip
+    if empty:
+        warnings.warn(
+            f"prompt {empty[0]} ({len(empty)} of {len(outputs)} empty) is plain text and the model ended its "
+            f"turn at once: this model has a chat template, so pass chat messages "
+            f"([{{'role': 'user', 'content': ...}}]) or chat_template=True to apply it to strings",
+            UserWarning,
+            stacklevel=_caller_level(),
+        )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside llmspeed, so a warning names the user's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame: Any = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

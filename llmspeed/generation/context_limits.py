@@ -1,0 +1,56 @@
+"""How much context a :class:`~.engine.Generator` may hold for a model: its positions, unless its attention or its
+rotary embedding would make a sequence's result depend on the batch past some length (the paged attention
+attends to every cached token, and one ragged forward carries every sequence of a step)."""
+
+from __future__ import annotations
+
+from ..protocol import CausalLM
+
+
+def attention_window(model: CausalLM) -> int | None:
+    """The sliding window of a model whose attention uses one (Mistral's ``sliding_window``; Qwen2's and Qwen3's
+    with ``use_sliding_window``), or ``None``. The paged attention here attends to every cached token, which is
+    the model's own attention only while a sequence fits in the window, so a generator holds at most that many."""
+    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+def rope_context(model: CausalLM) -> int | None:
+    """The context up to which a model's rotary embedding gives every sequence its own rows, or ``None`` (all of it).
+
+    ``longrope`` (Phi-3's 128k models, ``rope_parameters["rope_type"] == "longrope"``) switches every position of a
+    forward pass to its long factors once the pass's highest position passes ``original_max_position_embeddings``.
+    A ragged batch is one pass over several sequences, so a short sequence stepped beside a long one would be rotated
+    with the long factors that it alone never gets: its tokens would depend on the batch. Up to that length no
+    sequence reaches the long factors, so a generator holds at most that many tokens."""
+    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return None
+    per_layer = params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]
+    limits = [
+        p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+        for p in per_layer
+        if p.get("rope_type", p.get("type")) == "longrope"
+    ]
+    limits = [int(n) for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
+def context_limit(model: CausalLM, max_positions: int) -> tuple[int, str]:
+    """``(tokens a sequence may hold, why when fewer than max_positions)``: the reason reads on after "the model's
+    context holds N" in the scheduler's refusal of a longer prompt (empty when the model's positions are the limit)."""
+    window = attention_window(model)  # past it the model's attention is windowed and ours would not be
+    rope = rope_context(model)  # past it a sequence's rotary rows would depend on the batch it is stepped in
+    context = min(n for n in (max_positions, window, rope) if n is not None)
+    if window is not None and context == window and window < max_positions:
+        return context, (f" here: its attention's sliding window (sliding_window={window} in its config), which the "
+                         f"paged attention does not apply past the window")  # fmt: skip
+    if rope is not None and context == rope and rope < max_positions:
+        return context, (f" here: its longrope rotary embedding's original_max_position_embeddings={rope}, past which "
+                         f"it rotates every sequence of a ragged batch with the long factors once any one of them "
+                         f"passes it")  # fmt: skip
+    return context, ""
