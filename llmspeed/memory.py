@@ -13,6 +13,12 @@ CATEGORIES = ("linear", "embedding", "adapters", "other")
 def _tensors(module: nn.Module):
     yield from module.parameters(recurse=False)
     yield from module.buffers(recurse=False)
+    # a LoRA wrapper keeps the layers a merge replaced (``premerge``, restored by unmerge) outside the module tree
+    kept = getattr(module, "premerge", None)
+    for layer in kept.values() if isinstance(kept, dict) else ():
+        if isinstance(layer, nn.Module):
+            yield from layer.parameters()
+            yield from layer.buffers()
 
 
 def memory_footprint(model: CausalLM) -> dict[str, int]:
@@ -22,7 +28,9 @@ def memory_footprint(model: CausalLM) -> dict[str, int]:
         ``{"total", "linear", "embedding", "adapters", "other"}`` in bytes. ``linear`` is
         everything at the model's linear positions (packed weights, scales and zero points of
         quantized layers included), except LoRA adapter matrices, which are ``adapters``.
-        A weight tied between the embedding and the output head counts once, as ``embedding``.
+        A weight tied between the embedding and the output head counts once, as ``embedding``. The layers a
+        LoRA merge replaced and keeps for unmerge (a quantized base re-quantized, a tied head merged into a copy)
+        count as ``linear``: they stay in memory until unmerge or ``merge_and_unload``.
     """
     model = as_model(model)
     root = model.module

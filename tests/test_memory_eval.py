@@ -38,6 +38,30 @@ def test_footprint_puts_lora_modules_under_adapters(llama):
     assert llmspeed.memory_footprint(llama)["adapters"] == 64 * 4 * 4
 
 
+def test_footprint_counts_the_layers_a_lora_merge_keeps_for_unmerge(llama):
+    """Regression: merging an adapter into a quantized layer re-quantizes it and keeps the replaced quantized module
+    (outside the module tree) for unmerge; memory_footprint did not see it, so the merged model reported the bytes
+    of the unmerged one although it held both. They count as ``linear`` until unmerge frees them."""
+    import warnings
+
+    from llmspeed import lora
+
+    llmspeed.quantize(llama, "int8", lm_head=None)
+    lora.add_adapter(llama, "a", r=4, init="random")
+    before = llmspeed.memory_footprint(llama)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # merge warns about the re-quantization error
+        lora.merge(llama, "a")
+    kept = [k for _, layer in lora.lora_layers(llama) for k in layer.premerge.values()]
+    kept_bytes = sum(t.untyped_storage().nbytes() for k in kept for t in [*k.parameters(), *k.buffers()])
+    assert kept and kept_bytes > 0
+    after = llmspeed.memory_footprint(llama)
+    assert after["linear"] == before["linear"] + kept_bytes
+    assert after["total"] == before["total"] + kept_bytes
+    lora.unmerge(llama, "a")
+    assert llmspeed.memory_footprint(llama) == before
+
+
 def test_footprint_halves_with_bf16(llama):
     before = llmspeed.memory_footprint(llama)
     llmspeed.cast(llama, "bf16")
