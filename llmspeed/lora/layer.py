@@ -116,6 +116,13 @@ class LoraLinear(nn.Module):
         self.premerge: dict[str, nn.Module] = {}  # base replaced by a merge, restored by unmerge
         self.train(base_layer.training)  # a wrapper put into an eval model must not turn its dropout on
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to()``, ``.half()``, ``.cuda()``...: the bases kept for :meth:`unmerge` (outside the module tree, so
+        out of the state dict) move with the layer, as the base in use does."""
+        for kept in self.premerge.values():
+            kept._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
     def __setattr__(self, name: str, value) -> None:
         if name in _WATCHED:  # count the change (STATE_CHANGES); ``scaling`` stays a counting dict
             STATE_CHANGES[0] += 1

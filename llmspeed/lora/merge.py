@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..precision import cpu_matmul
 from ..protocol import CausalLM, is_fake_quantized, is_quantized
 from ..quant.methods import METHODS
 from .inject import adapter_names, lora_layers, registry, require_adapter
@@ -45,6 +46,16 @@ class MergeReport:
     requantized: int
     max_abs_error: float
     error_vs_update: float
+
+
+def _like_the_model(model: CausalLM, layer: nn.Module) -> nn.Module:
+    """``layer`` (a float ``nn.Linear`` a merge made or an unmerge restores) given the per-call 16-bit matmul that a
+    cast installed on the model's other linears (:mod:`llmspeed.precision.cpu_matmul`): on a CPU whose cast model
+    hands out fp32 activations, a 16-bit layer without it would be called with fp32 inputs and fail."""
+    root = model.module
+    if type(layer) is nn.Linear and (cpu_matmul.installed(root) or cpu_matmul.embedding_installed(root)):
+        cpu_matmul.install(layer)
+    return layer
 
 
 def _float_weight(base: nn.Module) -> torch.Tensor:
@@ -168,6 +179,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
                 _merge_into_copy(layer, name, weight)
             else:
                 weight.add_(layer.delta_weight(name).to(weight.dtype))
+        _like_the_model(model, layer.base_layer)
         layer.merged = (*layer.merged, name)
     report = MergeReport(name, len(layers), requantized, max_abs, worst)
     if requantized:
@@ -200,7 +212,7 @@ def unmerge(model: CausalLM, name: str) -> None:
             )
     for layer in layers:
         if name in layer.premerge:
-            layer.base_layer = layer.premerge.pop(name)
+            layer.base_layer = _like_the_model(model, layer.premerge.pop(name))
         else:
             weight = _float_weight(layer.base_layer)
             weight.sub_(layer.delta_weight(name).to(weight.dtype))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import llmspeed
 from llmspeed import lora
 
 from .helpers import FakeInt8Linear, assert_same_tensors, base_tensors, fake_quantize, quantize_real
@@ -164,3 +165,65 @@ def test_merging_into_a_tied_output_head_leaves_the_input_embedding_alone():
     with lora.disabled(model):
         lora.delete_adapter(model, "a")
     assert model.hf.lm_head.weight is embedding
+
+
+def _cast_then_merge_into_tied_head():
+    model = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True)
+    llmspeed.cast(model, "bf16")
+    torch.manual_seed(1)
+    lora.add_adapter(model, "a", r=4, init="random", targets=["lm_head", "q_proj"])
+    before = logits(model)
+    lora.merge(model, "a")
+    return model, before
+
+
+def _cast_quantize_then_merge_into_float():
+    model = llmspeed.models.tiny("llama", seed=0)  # untied: the embedding stays nn.Embedding, handing out fp32
+    llmspeed.cast(model, "bf16")
+    llmspeed.quantize(model, "int8")
+    torch.manual_seed(1)
+    lora.add_adapter(model, "a", r=4, init="random")
+    before = logits(model)
+    lora.merge(model, "a", requantize=False)
+    return model, before
+
+
+def _merge_into_tied_head_cast_then_unmerge():
+    model = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    lora.add_adapter(model, "a", r=4, init="random", targets=["lm_head"])
+    lora.merge(model, "a")
+    merged = logits(model)
+    llmspeed.cast(model, "bf16")
+    lora.unmerge(model, "a")
+    lora.set_adapter(model, "a")  # unmerged and active: the same function as merged
+    return model, merged
+
+
+@pytest.mark.parametrize("steps", [_cast_then_merge_into_tied_head, _cast_quantize_then_merge_into_float,
+                                   _merge_into_tied_head_cast_then_unmerge])  # fmt: skip
+def test_layers_a_merge_makes_or_restores_get_the_cast_models_16_bit_matmul(monkeypatch, steps):
+    """Regression: on a CPU where a cast model hands out fp32 activations (a crossover exists: Zen's AVX2, the
+    project's reference machine), the float layer a merge made (a tied head's copy, requantize=False) or an unmerge
+    restored after a cast had a bf16 weight but not the cast's per-call matmul: the next forward raised "expected
+    m1 and m2 to have the same dtype"."""
+    from llmspeed.precision import cpu_matmul
+
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 1, torch.float16: 1})
+    model, before = steps()
+    after = logits(model)
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after.float(), before.float(), atol=0.1, rtol=0.05)  # bf16 rounding of the merge
+
+
+def test_kept_bases_move_with_the_layer():
+    """Regression: the quantized base a merge keeps for unmerge sat outside the module tree, so ``.to()`` left it
+    behind: after ``model.hf.to("meta")`` the restored layer was still on the CPU."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    llmspeed.quantize(model, "int8")
+    lora.add_adapter(model, "a", r=4, init="random")
+    lora.merge(model, "a", requantize=False)
+    model.hf.to("meta")
+    lora.unmerge(model, "a")
+    q = model.hf.model.layers[0].self_attn.q_proj.base_layer
+    assert all(t.device.type == "meta" for t in (*q.parameters(), *q.buffers()))
