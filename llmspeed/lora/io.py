@@ -121,6 +121,9 @@ def _read_config(folder: Path) -> dict:
                 re.compile(key)
             except re.error as err:
                 raise ValueError(f"{path} field {field} has {key!r}, which is not a regular expression ({err})") from err
+    params = cfg.get("target_parameters") or []
+    if not isinstance(params, list) or not all(isinstance(t, str) for t in params):
+        raise ValueError(f"{path} field target_parameters must be a list of parameter names; got {params!r}")
     for field in ("use_rslora", "use_dora", "fan_in_fan_out"):  # bool("no") would be True
         if not isinstance(cfg.get(field, False), bool):
             raise ValueError(f"{path} field {field} must be a JSON boolean (true or false); got {cfg[field]!r}")
@@ -215,6 +218,7 @@ def load_adapter(
             f"{folder / CONFIG_FILE} fields r, lora_alpha and lora_dropout must be numbers; got r={cfg.get('r')!r}, "
             f"lora_alpha={cfg.get('lora_alpha')!r}, lora_dropout={cfg.get('lora_dropout')!r}"
         ) from err
+    params = cfg.get("target_parameters") or []  # checked by _read_config: a list of names
     shapes: dict[str, tuple[int, float]] = {}
     for pos, mats in found.items():
         if pos not in layers:
@@ -241,7 +245,10 @@ def load_adapter(
                 f"{tuple(b.shape)}, but the layer needs {want_a} and {want_b} (in={layer.in_features}, "
                 f"out={layer.out_features}); was it trained for another model?"
             )
-        layer_alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, pos, alpha))
+        # PEFT matches alpha_pattern against the weight's name ("<pos>.weight") where target_parameters wrapped it
+        weight = f"{pos}.weight"
+        key = weight if any(weight == t or weight.endswith("." + t) for t in params) else pos
+        layer_alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, key, alpha))
         shapes[pos] = (rank, layer_alpha / (math.sqrt(rank) if rslora else rank))
     if not shapes:
         raise ValueError(f"{WEIGHTS_FILE} in {str(folder)!r} holds no LoRA matrices")

@@ -246,3 +246,22 @@ def test_lora_variants_are_refused_by_the_field_that_makes_them(tmp_path, llama)
         with pytest.raises(ValueError, match=rf"adapter_config.json field {field}=.* is not supported"):
             lora.load_adapter(llama, tmp_path / field, "theirs")
         assert _state(llama) == before and torch.equal(logits(llama.hf), want)
+
+
+def test_alpha_pattern_of_target_parameters_adapters_matches_peft(tmp_path, llama):
+    """Regression: PEFT matches alpha_pattern against the parameter's name (``...down_proj.weight``) for layers
+    it wrapped through target_parameters; load_adapter matched the module name, so ``{"down_proj": 5}`` (which
+    PEFT ignores there) set the scale and ``{"up_proj.weight": 3}`` (which PEFT applies) did not: logits
+    silently unlike PEFT's."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                             target_parameters=["mlp.down_proj.weight", "mlp.up_proj.weight", "self_attn.q_proj.weight"],
+                             alpha_pattern={"down_proj": 5, "up_proj.weight": 3})  # fmt: skip
+    theirs = peft.get_peft_model(llmspeed.models.tiny("llama", seed=0).hf, config)
+    theirs.save_pretrained(tmp_path)
+    again = peft.PeftModel.from_pretrained(llmspeed.models.tiny("llama", seed=0).hf, tmp_path)
+    want = logits(again)
+    lora.load_adapter(llama, tmp_path, "theirs")
+    assert (logits(llama.hf) - want).abs().max() < 1e-4
+    mlp = llama.hf.model.layers[0].mlp
+    assert mlp.down_proj.scaling["theirs"] == 8 / 4 and mlp.up_proj.scaling["theirs"] == 3 / 4
