@@ -121,6 +121,11 @@ def _read_config(folder: Path) -> dict:
                 re.compile(key)
             except re.error as err:
                 raise ValueError(f"{path} field {field} has {key!r}, which is not a regular expression ({err})") from err
+    for key, value in (cfg.get("alpha_pattern") or {}).items():  # a NaN alpha would give NaN logits
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"{path} field alpha_pattern must map module patterns to finite numbers; got {key!r}: {value!r}"
+            )
     params = cfg.get("target_parameters") or []
     if not isinstance(params, list) or not all(isinstance(t, str) for t in params):
         raise ValueError(f"{path} field target_parameters must be a list of parameter names; got {params!r}")

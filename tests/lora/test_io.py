@@ -171,6 +171,9 @@ def test_peft_adapters_that_compute_something_else_are_refused(tmp_path, llama, 
         ("r", -3, "field r: r must be a positive integer .*got -3"),
         ("lora_dropout", 1.5, r"field lora_dropout: dropout must be in \[0, 1\); got 1.5"),
         ("lora_dropout", None, "fields r, lora_alpha and lora_dropout must be numbers; .*lora_dropout=None"),
+        # these loaded: a NaN gave NaN logits, a string a bare "could not convert string to float"
+        ("alpha_pattern", {"q_proj": float("nan")}, "field alpha_pattern must map .* finite numbers; got 'q_proj': nan"),
+        ("alpha_pattern", {"q_proj": "32"}, "field alpha_pattern must map .* finite numbers; got 'q_proj': '32'"),
     ],
 )
 def test_config_values_out_of_range_name_the_file_and_field(tmp_path, llama, field, value, message):
