@@ -240,6 +240,11 @@ def load_adapter(
                     f"{folder / WEIGHTS_FILE}: {mat} of {pos!r} is {str(t.dtype).removeprefix('torch.')}; LoRA "
                     f"matrices must be floating point (float32, bfloat16 or float16): the file is damaged"
                 )
+        if a.dim() != 2 or b.dim() != 2:  # a scalar lora_A has no rank to read
+            raise ValueError(
+                f"{folder / WEIGHTS_FILE}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} of {pos!r} must be "
+                f"matrices ([r, in] and [out, r]): the file is damaged"
+            )
         rank = a.shape[0]
         if rank == 0:
             raise ValueError(f"{folder / WEIGHTS_FILE}: lora_A of {pos!r} has rank 0; an adapter needs rank >= 1")

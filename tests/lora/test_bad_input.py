@@ -138,3 +138,19 @@ def test_loading_adapter_with_integer_matrices(tmp_path, llama, dtype):
     with pytest.raises(ValueError, match=rf"lora_A of 'model.layers.1.self_attn.q_proj' is {name}; .*floating point"):
         lora.load_adapter(llama, folder, "y")
     assert_unchanged(llama, snap)
+
+
+def test_loading_adapter_with_a_scalar_matrix(tmp_path, llama):
+    """Regression: a lora_A stored as a 0-d tensor (a damaged file) raised a bare IndexError ("tuple index out
+    of range") while its rank was read; the error now names the layer and both shapes."""
+    from safetensors.torch import load_file, save_file
+
+    lora.add_adapter(llama, "x", r=2, init="random", targets=["q_proj"])
+    folder = lora.save_adapter(llama, tmp_path, "x")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"] = torch.tensor(1.0)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    snap = snapshot(llama)
+    with pytest.raises(ValueError, match=r"lora_A \(\) and lora_B \(64, 2\) of 'model.layers.1.self_attn.q_proj' must be"):
+        lora.load_adapter(llama, folder, "y")
+    assert_unchanged(llama, snap)
