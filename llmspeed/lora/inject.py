@@ -68,16 +68,18 @@ def require_adapter(model: CausalLM, name: object, arg: str = "name") -> Adapter
 
 
 def _head_names(model: CausalLM) -> set[str]:
-    """Linear positions that are the output head (excluded from ``"all-linear"``, as PEFT does)."""
+    """Linear positions that are the output head (excluded from ``"all-linear"``, as PEFT does).
+
+    The module's own ``get_output_embeddings()`` when it has one (a projection as wide as the vocabulary is
+    not a head: PEFT keeps it), else every linear whose ``out_features`` is the vocabulary size.
+    """
     root = model.module
     get_head = getattr(root, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    if head is not None:
+        return {name for name, module in model.linear_layers() if module is head}
     vocab = model.spec.vocab_size
-    return {
-        name
-        for name, module in model.linear_layers()
-        if module is head or getattr(module, "out_features", None) == vocab
-    }
+    return {name for name, module in model.linear_layers() if getattr(module, "out_features", None) == vocab}
 
 
 def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> list[str]:

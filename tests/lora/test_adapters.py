@@ -69,6 +69,16 @@ def test_targets_all_linear_suffix_regex(llama):
     ]
 
 
+
+def test_all_linear_keeps_projections_as_wide_as_the_vocabulary():
+    """Regression: "all-linear" left out every linear whose out_features equalled the vocabulary size, not only
+    the output head, so with intermediate_size == vocab_size gate_proj and up_proj got no adapter (PEFT's
+    "all-linear" gives them one): the adapter silently covered fewer layers than asked."""
+    model = llmspeed.models.tiny("llama", seed=0, vocab_size=256, intermediate_size=256)
+    positions = lora.resolve_targets(model, "all-linear")
+    assert "lm_head" not in positions and len(positions) == 14
+    assert "model.layers.1.mlp.up_proj" in positions and "model.layers.0.mlp.gate_proj" in positions
+
 def test_several_adapters_and_switching(llama):
     lora.add_adapter(llama, "a", r=2, init="random")
     out_a = logits(llama)
