@@ -212,6 +212,13 @@ def load_adapter(
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key.removeprefix(PREFIX))
+        if key.endswith(".base_layer.weight"):  # PEFT loads it over the model's own weight
+            raise ValueError(
+                f"{WEIGHTS_FILE} holds {key!r}, a base weight PEFT saves beside the adapter when target_modules "
+                f"names lm_head or an embedding (save_embedding_layers, on by default then); llmspeed loads LoRA "
+                f"matrices only: if the vocabulary was not resized, save with PEFT's "
+                f"save_pretrained(path, save_embedding_layers=False)"
+            )
         if not key.startswith(PREFIX) or match is None:
             raise ValueError(f"{WEIGHTS_FILE} holds {key!r}, which is not a LoRA matrix of a linear layer")
         found.setdefault(match["pos"], {})[match["mat"]] = tensor

@@ -268,3 +268,23 @@ def test_alpha_pattern_of_target_parameters_adapters_matches_peft(tmp_path, llam
     assert (logits(llama.hf) - want).abs().max() < 1e-4
     mlp = llama.hf.model.layers[0].mlp
     assert mlp.down_proj.scaling["theirs"] == 8 / 4 and mlp.up_proj.scaling["theirs"] == 3 / 4
+
+
+def test_peft_adapter_on_lm_head_names_save_embedding_layers(tmp_path, llama):
+    """Regression: PEFT saves lm_head's base weight beside an adapter whose target_modules name lm_head
+    (save_embedding_layers, on by default then); load_adapter refused the file only as holding a tensor that
+    "is not a LoRA matrix of a linear layer", which did not say why nor how to get a file it loads. The error
+    names the option now, and the file PEFT saves without it loads with PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    theirs = peft.get_peft_model(llmspeed.models.tiny("llama", seed=0).hf, config)
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        theirs.save_pretrained(tmp_path / "default")
+    before, base = _state(llama), logits(llama.hf)
+    with pytest.raises(ValueError, match=r"'base_model.model.lm_head.base_layer.weight', a base weight .*"
+                                         r"save_pretrained\(path, save_embedding_layers=False\)"):  # fmt: skip
+        lora.load_adapter(llama, tmp_path / "default", "theirs")
+    assert _state(llama) == before and torch.equal(logits(llama.hf), base)
+    theirs.save_pretrained(tmp_path / "lora_only", save_embedding_layers=False)
+    lora.load_adapter(llama, tmp_path / "lora_only", "theirs")
+    assert (logits(llama.hf) - logits(theirs)).abs().max() < 1e-4
