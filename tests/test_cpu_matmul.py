@@ -29,16 +29,20 @@ TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 5e-3}  # max |logit difference
     dtype=st.sampled_from(HALF),
     block_bytes=st.sampled_from([4, 256, 4096, 1 << 20]),
     seed=st.integers(0, 2**16),
+    fp32_input=st.booleans(),
 )
-def test_upcast_linear_is_the_fp32_product_rounded_once(m, k, n, lead, with_bias, dtype, block_bytes, seed):
+def test_upcast_linear_is_the_fp32_product_rounded_once(m, k, n, lead, with_bias, dtype, block_bytes, seed, fp32_input):
+    """Also with fp32 activations (inference on CPUs with a crossover), whose output was left with the strides of
+    the [N, M] product at up to 64 rows (not contiguous: a caller's .view of its last axis would fail)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, m, k, generator=gen).to(dtype)  # [..., M, K]
+    x = x.float() if fp32_input else x
     w = torch.randn(n, k, generator=gen).to(dtype)  # [N, K]
     b = torch.randn(n, generator=gen).to(dtype) if with_bias else None  # [N]
     x0, w0 = x.clone(), w.clone()
     out = cpu_matmul.upcast_linear(x, w, b, block_bytes=block_bytes)
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())  # [..., M, N]
-    assert out.shape == (*lead, m, n) and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == (*lead, m, n) and out.dtype == x.dtype and out.is_contiguous()
     # one rounding to 16 bits (half an ulp) plus fp32 summation error
     ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
     bound = ulp * exact.abs() + 1e-5 * k * (x.double().abs() @ w.double().abs().T).max()

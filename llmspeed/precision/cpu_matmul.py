@@ -73,7 +73,8 @@ def upcast_linear(
             torch.mm(xf, weight[i : i + rows].float().t(), out=out[:, i : i + rows])  # [M, r]
     if bias is not None:
         out = out + bias.float()  # [M, N]
-    return out.to(x.dtype, memory_format=torch.contiguous_format).reshape(*lead, n)  # [..., N]
+    # one conversion into a contiguous tensor; for fp32 inputs .to() is a no-op that would keep [N, M]'s strides
+    return out.to(x.dtype, memory_format=torch.contiguous_format).contiguous().reshape(*lead, n)  # [..., N]
 
 
 def _median_ms(fn, repeats: int = 3) -> float:
