@@ -103,8 +103,12 @@ def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
 def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        pickled = path.is_file() and (folder / "adapter_model.bin").is_file()
         raise FileNotFoundError(
             f"path must be a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}; got {str(folder)!r}"
+            + (", which holds adapter_model.bin, a pickle llmspeed does not load (code can hide in one): write "
+               "safetensors with PEFT, PeftModel.from_pretrained(base, path).save_pretrained(new_path)"
+               if pickled else "")
         )
     try:
         cfg = json.loads(path.read_text())

@@ -105,6 +105,15 @@ def test_loading_adapter_for_missing_module(tmp_path, llama):
     assert_unchanged(llama, snap)
 
 
+def test_a_pickled_peft_adapter_is_named_with_the_way_to_safetensors(tmp_path, llama):
+    lora.add_adapter(llama, "x", r=2)
+    lora.save_adapter(llama, tmp_path, "x")
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")  # an old PEFT's file name
+    lora.delete_adapter(llama, "x")
+    with pytest.raises(FileNotFoundError, match=r"holds adapter_model.bin, a pickle .* save_pretrained\(new_path\)"):
+        lora.load_adapter(llama, tmp_path, "x")
+
+
 def test_merge_unmerge_set_of_missing_adapter(llama):
     lora.add_adapter(llama, "a", r=2, init="random")
     snap = snapshot(llama)
