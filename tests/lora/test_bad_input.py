@@ -110,7 +110,7 @@ def test_a_pickled_peft_adapter_is_named_with_the_way_to_safetensors(tmp_path, l
     lora.save_adapter(llama, tmp_path, "x")
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")  # an old PEFT's file name
     lora.delete_adapter(llama, "x")
-    with pytest.raises(FileNotFoundError, match=r"holds adapter_model.bin, a pickle .* save_pretrained\(new_path\)"):
+    with pytest.raises(FileNotFoundError, match=r"holds adapter_model.bin, a pickle .*\.save_pretrained\(new_path\)"):
         lora.load_adapter(llama, tmp_path, "x")
 
 
