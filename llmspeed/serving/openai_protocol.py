@@ -73,6 +73,9 @@ class _Request(BaseModel):
         """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds)."""
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+        if self.min_tokens > max_tokens:  # as vLLM: a default max_tokens (16 for completions) bounds it too
+            raise APIError(400, f"min_tokens must be at most max_tokens={max_tokens}; got {self.min_tokens}",
+                           "min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop strings must be non-empty", "stop")
@@ -82,7 +85,7 @@ class _Request(BaseModel):
                 top_k=max(self.top_k, 0), seed=None if self.seed is None else (self.seed + seed_offset) % 2**64,
                 stop=tuple(stop), logprobs=logprobs, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                min_tokens=min(self.min_tokens, max_tokens),
+                min_tokens=self.min_tokens,
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
             name = str(err).split("`")[1] if str(err).count("`") >= 2 else None
@@ -95,7 +98,7 @@ class _Request(BaseModel):
 
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone."""
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:  # as vLLM; a default max_tokens clamps it
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:  # as vLLM (sampling() checks defaults)
             raise APIError(400, f"min_tokens must be at most max_tokens={self.max_tokens}; got {self.min_tokens}",
                            "min_tokens")
         if self.stream_options is not None and not self.stream:

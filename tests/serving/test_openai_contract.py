@@ -355,8 +355,8 @@ def test_a_prompt_refused_by_the_engine_is_a_400_naming_prompt_or_messages(tiny_
 
 
 def test_min_tokens_above_an_explicit_max_tokens_is_a_400_naming_it(tiny_server, live_server):
-    """Regression: ``min_tokens`` 5 with ``max_tokens`` 2 was cut down to 2 without a word (vLLM answers 400);
-    without ``max_tokens`` the default length still bounds it."""
+    """Regression: ``min_tokens`` 5 with ``max_tokens`` 2 was cut down to 2 without a word (vLLM answers 400), and
+    so was one above a default ``max_tokens`` or an explicit ``max_completion_tokens``."""
     with live_server(tiny_server) as url:
         for path, body in [("/v1/completions", {"prompt": "hi"}),
                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
@@ -364,6 +364,13 @@ def test_min_tokens_above_an_explicit_max_tokens_is_a_400_naming_it(tiny_server,
             assert "min_tokens must be at most max_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
             ok = _post(url, path, {"model": "tiny", **body, "max_tokens": 3, "min_tokens": 3})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        # the defaults bound it too (it was cut to the default silently): completions' 16, chat's
+        # max_completion_tokens
+        r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "min_tokens": 20})
+        assert "min_tokens must be at most max_tokens=16; got 20" in _assert_error(r, 400, "min_tokens")
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}
+        r = _post(url, "/v1/chat/completions", {**chat, "min_tokens": 5})
+        assert "min_tokens must be at most max_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
 
 
 def test_an_api_key_guards_the_api_but_not_health_or_metrics(llama, live_server):
