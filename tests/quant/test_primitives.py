@@ -167,3 +167,21 @@ def test_the_cpp_rounding_of_activations_equals_the_torch_one_bit_for_bit(seed, 
     assert cpp.quantize_activations(x.to(torch.bfloat16)) is None  # the torch primitive handles the rest
     if rows > 1 and k > 1:
         assert cpp.quantize_activations(x.t()) is None  # not contiguous
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_the_cpp_rounding_of_activations_turns_a_block_with_nan_or_inf_into_nan_as_the_torch_one(bad):
+    """A NaN or infinity makes its whole 32-channel block NaN (the torch primitive's absmax), never a finite value: the
+    C++ vector max dropped NaN lanes, and a NaN input came out as -2^31 * d and made the layer's output finite."""
+    from llmspeed.quant.kernels import cpp
+
+    if cpp.extension() is None:
+        pytest.skip(f"the C++ kernel is unavailable: {cpp.unavailable()}")
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(0))  # blocks [0, 32), [32, 64), [64, 70)
+    x[0, 5] = x[1, 40] = x[2, 67] = bad
+    ref = P.quantize_activations(x)
+    got = cpp.quantize_activations(x)
+    assert got is not None
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    for row, (lo, hi) in enumerate([(0, 32), (32, 64), (64, 70)]):
+        assert got[row, lo:hi].isnan().all() and got[row].isnan().sum() == hi - lo  # only the block holding it

@@ -3,7 +3,9 @@
 //
 // act_quant() / act_block(): each block of 32 input channels of each row gets d = absmax / 127 and codes
 // round_half_even(x / d) (0 where d == 0), as llmspeed.quant.primitives.quantize_activations; a layer with
-// int8 activations computes with q * d (act_round() writes it).
+// int8 activations computes with q * d (act_round() writes it). A block holding a NaN or an infinity gets
+// d = NaN, so all its q * d are NaN as the primitive's (its absmax keeps a NaN; x / inf is 0, times inf NaN):
+// the vector max drops NaN lanes, so the blocks are checked apart (else a NaN became a large finite value).
 // q4_rows_i8(): int4 weight rows (packed, group G % 32 == 0, asymmetric: w = s * (c - z)) against those
 // codes: per 64 input channels one VPDPBUSD multiplies the 64 unsigned 4-bit codes by 64 signed 8-bit
 // activation codes into 16 int32 lanes, which are converted and scaled by their block's d and group's s;
@@ -19,6 +21,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -53,7 +56,7 @@ inline ActCodes act_quant(const float* x, int64_t M, int64_t K) {
       const int64_t k0 = b * ACT_BLOCK, k1 = std::min(K, k0 + ACT_BLOCK);
       const float* r = x + m * K;
       float amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(r[k]));
+      for (int64_t k = k0; k < k1; ++k) amax = std::isfinite(r[k]) ? std::max(amax, std::fabs(r[k])) : NAN;
       const float d = amax / 127.f;
       a.d[m * a.Kb + b] = d;
       if (d > 0.f)
@@ -112,7 +115,10 @@ inline void act_block(const float* x, int64_t k, int64_t K, __m512i* q, float* d
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   __m512 v[2];
   for (int h = 0; h < 2; ++h, k += 16) v[h] = _mm512_maskz_loadu_ps(lanes16(K, k), x + k);
-  *d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v[0], absmask), _mm512_and_ps(v[1], absmask))) / 127.f;
+  const __m512 a0 = _mm512_and_ps(v[0], absmask), a1 = _mm512_and_ps(v[1], absmask);
+  const __m512 big = _mm512_set1_ps(FLT_MAX);  // NaN or inf: not <= FLT_MAX (an unordered compare)
+  const bool finite = !(_mm512_cmp_ps_mask(a0, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, big, _CMP_NLE_UQ));
+  *d = finite ? _mm512_reduce_max_ps(_mm512_max_ps(a0, a1)) / 127.f : NAN;  // NaN: see the top of this file
   const __m512 div = _mm512_set1_ps(*d > 0.f ? *d : 1.f);
   q[0] = _mm512_cvtps_epi32(_mm512_div_ps(v[0], div));
   q[1] = _mm512_cvtps_epi32(_mm512_div_ps(v[1], div));
@@ -303,16 +309,19 @@ inline __m256 load8h(const half_t* p, int64_t n) {
 // fp32 division, rounded half to even by the conversion.
 inline void act_block(const float* x, int64_t k, int64_t K, __m256i* q, float* d) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 big = _mm256_set1_ps(FLT_MAX);  // NaN or inf: not <= FLT_MAX (an unordered compare)
   __m256 v[4];
-  __m256 mx = _mm256_setzero_ps();
+  __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   for (int h = 0; h < 4; ++h) {
     v[h] = _mm256_maskload_ps(x + k + 8 * h, lanes8(K, k + 8 * h));
-    mx = _mm256_max_ps(mx, _mm256_and_ps(v[h], absmask));
+    const __m256 a = _mm256_and_ps(v[h], absmask);
+    mx = _mm256_max_ps(mx, a);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));
   }
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  *d = _mm_cvtss_f32(m4) / 127.f;
+  *d = _mm256_movemask_ps(bad) ? NAN : _mm_cvtss_f32(m4) / 127.f;  // NaN: see the top of this file
   const __m256 div = _mm256_set1_ps(*d > 0.f ? *d : 1.f);
   for (int h = 0; h < 4; ++h) q[h] = _mm256_cvtps_epi32(_mm256_div_ps(v[h], div));
 }
