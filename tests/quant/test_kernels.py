@@ -486,6 +486,31 @@ def test_aten_int8_reads_a_misaligned_weight_without_crashing():
     assert done.returncode == 0 and done.stdout.strip() == "same", (done.returncode, done.stderr[-2000:])
 
 
+@pytest.mark.parametrize("k", [17, 24, 43, 100])
+def test_aten_int8_is_not_used_for_bf16_activations_on_rows_that_are_not_whole_16_byte_steps(k):
+    """Regression: torch._weight_int8pack_mm on the CPU with bf16 activations reads past the weight rows when
+    in_features % 16 != 0: at M = 1 it returned values like 1e33 for a product of about 8, at M > 1 it segfaulted
+    (kernel='auto' times it, so a bf16 int8 layer of such a width could crash the process or be silently wrong). It
+    is refused there by name and left out of auto's candidates; fp16, fp32 and whole 16-byte rows keep it."""
+    from llmspeed.quant.kernels.auto import cpu_candidates
+
+    module = module_class("int8").from_linear(nn.Linear(k, 32, bias=False), QuantConfig("int8"))
+    for m in (1, 5):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        reason = KERNELS["aten_int8"].why_not(module, x)
+        assert reason is not None and "in_features % 16" in reason and str(k) in reason
+        assert "aten_int8" not in [c.name for c in cpu_candidates(module, x)]
+        assert KERNELS["aten_int8"].why_not(module, x.float()) is None
+    object.__setattr__(module, "config", QuantConfig("int8", kernel="aten_int8"))
+    with pytest.raises(ValueError, match="in_features % 16 == 0"):
+        select(module, torch.randn(2, k).to(torch.bfloat16))
+    whole = module_class("int8").from_linear(nn.Linear(48, 32, bias=False), QuantConfig("int8"))
+    x = torch.randn(5, 48).to(torch.bfloat16)
+    assert KERNELS["aten_int8"].why_not(whole, x) is None
+    out, ref = KERNELS["aten_int8"].run(whole, x).float(), KERNELS["reference"].run(whole, x).float()
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("rows, error", [(16, TypeError), ("16", TypeError), ((), ValueError), ((0,), ValueError),
                                          ((-1,), ValueError), ((1.5,), ValueError), ((True,), ValueError)])
 def test_report_refuses_bad_rows_by_name(rows, error):

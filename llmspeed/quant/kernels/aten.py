@@ -96,6 +96,17 @@ def _cuda_available() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA device"
 
 
+def _int8_shape(module, x) -> str | None:
+    # torch's CPU op with bf16 activations reads past the rows unless K is whole 16-byte steps: wrong values at M = 1
+    # (1e33 where the product was 8, K = 17), a segfault at M > 1 (every K % 16 != 0 tried up to 139; fp16, fp32 fine)
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and module.in_features % 16:
+        return (
+            f"aten_int8 with bf16 activations on the CPU needs in_features % 16 == 0 (torch's op reads past the rows "
+            f"otherwise); got {module.in_features}"
+        )
+    return None
+
+
 def _int_mm_shape(module, x) -> str | None:
     m = x.reshape(-1, x.shape[-1]).shape[0]
     if x.is_cuda and (m <= 16 or module.in_features % 8 or module.out_features % 8):
@@ -115,7 +126,7 @@ def _tinygemm_shape(module, x) -> str | None:
 
 register_kernel(
     Kernel("aten_int8", ("int8",), ("cpu", "cuda"), FLOAT_DTYPES, aten_int8,
-           "torch._weight_int8pack_mm (weight-only int8)", lambda: _has_op("_weight_int8pack_mm"))
+           "torch._weight_int8pack_mm (weight-only int8)", lambda: _has_op("_weight_int8pack_mm"), _int8_shape)
 )  # fmt: skip
 register_kernel(
     Kernel("aten_int4_cpu", ("int4",), ("cpu",), FLOAT_DTYPES, aten_int4_cpu,
