@@ -405,10 +405,12 @@ class NF4Linear(_Packed4Bit):
 
     def group_scales(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, groups] fp32
         """Per-group absmax of ``rows`` (default: all), double-dequantized when needed."""
-        if self.config.double_quant:
+        if not self.config.double_quant:
+            return self.scales[rows].float()
+        if isinstance(rows, slice) and rows.indices(self.out_features)[2] == 1:  # a contiguous run of the scales
             first = rows.indices(self.out_features)[0] * self.scales_q.shape[1]  # flat index of the first scale
             return P.double_dequantize(self.scales_q[rows], self.scales_scale, self.scales_offset, first)
-        return self.scales[rows].float()
+        return P.double_dequantize(self.scales_q, self.scales_scale, self.scales_offset)[rows]  # strided or indexed rows
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
         w = P.dequantize_nf4(self.codes(rows), self.group_scales(rows), self.config.group_size)

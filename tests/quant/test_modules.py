@@ -142,6 +142,16 @@ def test_nf4_double_quant_codes_are_nearest_for_stored_scales():
     assert (chosen <= dist.min(dim=2, keepdim=True).values + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows", [slice(1, 40, 3), slice(30, 38), torch.tensor([0, 33, 5, 39])], ids=["step", "run", "indices"])
+def test_nf4_double_quant_dequantizes_any_rows_as_those_rows_of_the_whole(rows):
+    """Regression: group_scales met each scale with the block of its position in a contiguous run, so a strided
+    slice dequantized rows with other blocks' scales (silently wrong), and int64 row indices, which dequantize()
+    documents, raised TypeError from Tensor.indices."""
+    q = NF4Linear.from_linear(_linear(k=256, n=40), QuantConfig("nf4", 32, double_quant=True))  # 32 rows a block
+    assert q.scales_scale.numel() > 1 and q.scales_scale.unique().numel() > 1  # blocks differ
+    assert torch.equal(q.dequantize(rows=rows), q.dequantize()[rows])
+
+
 def test_copies_do_not_share_bound_kernels():
     import copy
 
