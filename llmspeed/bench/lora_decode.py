@@ -4,10 +4,10 @@ A decode step of the quantized model without any adapter (the baseline of the ra
 four r=16 adapters on every projection and no row using one, with one adapter at batch 1 (and with one of
 sixteen adapters on the model: what a step reads should not grow with the adapters no row uses), and at batch 8
 with the four spread over the rows (one row without), each configuration measured in every repetition in turn so that a
-shared machine's drift hits all alike: the fused step with its adapter stacks in fp16 (the default), in fp32
-and in int8, and the generic per-layer path. The ``path`` column says which way the steps ran (``fused cpu`` is
-the C++ step; before adapters joined it, any adapter sent decode to the generic path). A second table says what
-each kind of stack changes in the greedy tokens and their log-probabilities, against the generic path.
+shared machine's drift hits all alike: the fused step with its adapter stacks in fp16 (the default) and in fp32,
+and the generic per-layer path. The ``path`` column says which way the steps ran (``fused cpu`` is the C++ step;
+before adapters joined it, any adapter sent decode to the generic path). A second table says what each kind of
+stack changes in the greedy tokens and their log-probabilities, against the generic path.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ CONFIGS: dict[str, list[str | None]] = {  # label -> adapter per row
 STEPS: dict[str, tuple[bool | None, str]] = {  # label -> (Generator's fused_decode, lora_dtype)
     "fused, fp16 stacks": (None, "float16"),
     "fused, fp32 stacks": (None, "float32"),
-    "fused, int8 stacks": (None, "int8"),
     "generic": (False, "float16"),
 }
 

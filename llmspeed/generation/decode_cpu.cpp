@@ -60,7 +60,7 @@ enum Matrix { Q, K_, V, O, GATE, UP, DOWN };
 // as in linear()); lm_head, (weight, scale, zero) likewise. key/value cache [L, NB, BS, Hkv, D]; blocks [n, W]
 // and context [n] per row: a row attends over the first context[i] positions of its block table, after every
 // row's key and value are written (rows of one prompt chunk share a table, each seeing up to its own position).
-// lora: empty, or (A, B, SA, SB) stacks (see LoraTerm) for q, k, v, o, gate, up, down of every layer (28 per layer);
+// lora: empty, or (A, B) stacks (see LoraTerm) for q, k, v, o, gate, up, down of every layer (14 per layer);
 // adapter_slot int64 [n]: the stack index of each row's adapter, -1 for none.
 // amx_rows: from this many rows up (0: never) the matrices run on AMX tiles where the CPU has them.
 // flags: empty, or uint8 [layers * 7 + 1], per matrix then the head: 1 reads its input as int8 codes, 2 its input
@@ -96,7 +96,7 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
   const int64_t I = weights[FIRST_MATRIX + 3 * GATE].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
   const int64_t layer_stride = key_cache[0].numel();
   const bool has_lora = !lora.empty();
-  TORCH_CHECK(!has_lora || (int64_t)lora.size() == layers * 28, "fused decode: lora needs 28 tensors per layer");
+  TORCH_CHECK(!has_lora || (int64_t)lora.size() == layers * 14, "fused decode: lora needs 14 tensors per layer");
   TORCH_CHECK(!has_lora || (adapter_slot.scalar_type() == at::kLong && adapter_slot.is_contiguous() &&
                             adapter_slot.numel() == n), "fused decode: adapter_slot must be int64 [n]");
   const int64_t* slot_of = has_lora ? adapter_slot.data_ptr<int64_t>() : nullptr;
@@ -140,10 +140,7 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
                     " matrix ", j, " is rotated without group scales");
         hadamard_groups(in, n, K, K / scales.size(1));
       };
-      auto term = [&](Matrix j, float* y) {
-        const at::Tensor* t = &lora[l * 28 + 4 * j];
-        return LoraTerm{t[0], t[1], t[2], t[3], y, rows[j]};
-      };
+      auto term = [&](Matrix j, float* y) { return LoraTerm{lora[l * 14 + 2 * j], lora[l * 14 + 2 * j + 1], y, rows[j]}; };
       // a GEMV group and, with adapters, its LoRA deltas: the rank products (inside the group's loop for one row,
       // where a product and a weight row both cost their bytes; for more rows a weight row costs its rows'
       // arithmetic, and the products split evenly in a loop of their own), then the outputs

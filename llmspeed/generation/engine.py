@@ -69,10 +69,9 @@ class Generator:
             builds; ``True`` raises ``ValueError`` with the reason when it cannot; ``False`` never uses it.
         lora_dtype: Precision of the LoRA adapter stacks the fused CPU decode step reads: ``"fp16"``
             (default, as llama.cpp's adapter files: half the bytes a step with adapters reads, each weight
-            within fp16's rounding), ``"fp32"`` (the adapters' weights exactly) or ``"int8"`` (as llama.cpp's
-            Q8_0 adapters: 0.56x fp16's bytes, codes with a scale per rank row of A and per rank of each block of
-            16 outputs of B); any spelling :func:`llmspeed.cast` takes (``"float16"``, ``torch.float32``, ...).
-            The generic path always applies adapters in the model's precision.
+            within fp16's rounding) or ``"fp32"`` (the adapters' weights exactly); any spelling
+            :func:`llmspeed.cast` takes (``"float16"``, ``torch.float32``, ...). The generic path
+            always applies adapters in the model's precision.
         attention: How steps attend over the paged cache: ``"sdpa"`` gathers the blocks and runs
             masked SDPA (one call for the decode rows, one for the prefill chunks); ``"triton"`` reads
             the blocks in place with the kernels of :mod:`.triton_attention` (CUDA; ``ValueError`` when

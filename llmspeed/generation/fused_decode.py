@@ -100,8 +100,8 @@ class FusedDecode:
             :func:`default_max_rows`.
         amx_rows: Steps with at least this many rows run their matrices on AMX tiles where the CPU has
             them (0: never; fp32 matrices from twice as many).
-        lora_dtype: ``torch.float16`` (default), ``torch.float32`` or ``torch.int8``: the precision of the LoRA
-            stacks the step reads (:mod:`.fused_lora`).
+        lora_dtype: ``torch.float16`` (default) or ``torch.float32``: the precision of the LoRA stacks
+            the step reads (:mod:`.fused_lora`).
         mixed: Whether steps with prompt chunks run here too. Default (``None``): every one where the CPU
             has AMX tiles (:func:`amx_available`), which make a prompt's matrices tile matmuls; without them,
             the steps :meth:`takes_prompt` says.

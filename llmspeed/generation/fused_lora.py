@@ -13,10 +13,7 @@ The stacks are fp16 by default (``lora_dtype``), as llama.cpp's LoRA files are: 
 stacked adapter's bytes, and a few r=16 adapters on every projection weigh, in fp32, about as much as
 a 4-bit model (docs/lora.md has the measurements). Each weight then carries fp16's relative rounding
 (at most 2^-11) and the products are summed in fp32; a projection whose stacked values do not fit fp16's
-range stays fp32. ``lora_dtype=torch.float32`` stacks the adapters exactly. ``lora_dtype=torch.int8`` (as
-llama.cpp's Q8_0 adapters) stores symmetric 8-bit codes with an fp32 scale per rank row of ``A`` and per rank
-of each block of 16 outputs of ``B``: 0.56x fp16's bytes, each weight within half a step (``absmax / 254`` of its
-row or block) of its value.
+range stays fp32. ``lora_dtype=torch.float32`` stacks the adapters exactly.
 """
 
 from __future__ import annotations
@@ -59,24 +56,12 @@ def weights(module: Any, name: str) -> list[torch.Tensor]:
     return [module.weight_a(name), module.weight_b(name)] if name in module.lora_A else []
 
 
-LORA_DTYPES = (torch.float16, torch.float32, torch.int8)
+LORA_DTYPES = (torch.float16, torch.float32)
 LORA_BLOCK = 16  # outputs per block of a B stack (decode_cpu.cpp's LORA_BLOCK)
 
 
-Stacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes of ``t`` [..., n] with one fp32 scale per last-axis row [...] (``absmax / 127``)."""
-    scale = t.abs().amax(-1) / 127  # [...]
-    codes = torch.round(t / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))  # [..., n]
-    return codes.clamp_(-127, 127).to(torch.int8), scale
-
-
-def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) -> Stacks:
-    """``(A [S, R, in], B [S, NB, R, 16], scale_A, scale_B)`` for ``slots`` (adapter names); empty tensors if none
-    applies. The scales are empty but for int8 stacks: ``scale_A [S, R]`` and ``scale_B [S, NB, R]`` (fp32), with
-    ``A = codes * scale_A[..., None]`` and likewise ``B``.
+def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [S, R, in], B [S, NB, R, 16])`` for ``slots`` (adapter names); empty tensors if none applies.
 
     ``B`` holds ``B^T`` (scale folded in) in blocks of :data:`LORA_BLOCK` outputs (``NB = ceil(out / 16)``, the
     last zero-padded), each block's R ranks one after another, so that the step reads a row's delta front to
@@ -85,9 +70,8 @@ def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) ->
     values would overflow it are returned in fp32.
     """
     present = [n for n in slots if n in module.lora_A]
-    none = torch.empty(0)
     if not present:
-        return none, none, none, none
+        return torch.empty(0), torch.empty(0)
     rank = max(module.rank(n) for n in present)
     blocks = -(-module.out_features // LORA_BLOCK)
     a = torch.zeros(len(slots), rank, module.in_features)  # [S, R, in]
@@ -102,12 +86,10 @@ def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) ->
     if getattr(config, "hadamard", False):  # the step rotates this layer's input in place: x' A'^T = x A^T
         a = rotate(a, config.group_size)  # [S, R, in]
     b = bt.view(len(slots), rank, blocks, LORA_BLOCK).transpose(1, 2).contiguous()  # [S, NB, R, 16]
-    if dtype == torch.int8:
-        (qa, sa), (qb, sb) = _int8_rows(a), _int8_rows(b)  # scales [S, R] and [S, NB, R]
-        return qa, qb, sa, sb
-    if dtype != torch.float32 and max(a.abs().max(), b.abs().max()) <= torch.finfo(dtype).max:
-        return a.to(dtype), b.to(dtype), none, none
-    return a, b, none, none
+    limit = torch.finfo(dtype).max
+    if dtype != torch.float32 and max(a.abs().max(), b.abs().max()) <= limit:
+        return a.to(dtype), b.to(dtype)
+    return a, b
 
 
 def slot_ids(names: list[str | None], slots: list[str]) -> torch.Tensor:  # [n] int64

@@ -239,7 +239,7 @@ class Snapshot:
         body = hf.model
         self.lora_dtype = lora_dtype
         self.wrappers: list[Any] = []  # LoRA wrappers, in the C++ layout's order
-        self.lora: list[torch.Tensor] = []  # (A, B, scale_A, scale_B) per matrix per layer, or [] without LoRA
+        self.lora: list[torch.Tensor] = []  # (A, B) stacks per matrix per layer, or [] without LoRA
         _watch_assignments()
         self.assigned = _ASSIGNED[0]  # read before the modules, so that an assignment during the read counts
         checks: list[tuple[nn.Module, str, object]] = [(hf, "model", body), (hf, "lm_head", hf.lm_head)]
@@ -311,7 +311,7 @@ class Snapshot:
         )
         if self.slots:
             for m in matrices:
-                self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 4
+                self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
         self.lora_changes = fused_lora.state_changes()
         # each slot's tensors, slot by slot (versions checked in C++ for the slots a step reads)
         self.lora_weights: list[torch.Tensor] = []

@@ -23,14 +23,11 @@ constexpr int64_t LORA_BLOCK = 16;
 // One matrix's LoRA stacks and the output its deltas go to. A [S, R, K]; B [S, NB, R, 16]: for each block of 16
 // outputs (NB = ceil(N / 16), the last zero-padded) the R ranks' 16 values in a row, so a row's delta reads B
 // front to back once. The adapter's scale is folded into B; ranks are zero-padded to the largest R; zeros for an
-// adapter that does not touch this matrix. Both fp32, both fp16 (widened in registers), or both int8 codes with
-// fp32 scales SA [S, R] (one per row of A) and SB [S, NB, R] (one per rank of a block of B); SA and SB are empty
-// for float stacks. Empty A: no adapter touches the matrix.
+// adapter that does not touch this matrix. Both fp32 or both fp16 (widened in registers). Empty A: no adapter
+// touches the matrix.
 struct LoraTerm {
   const at::Tensor& A;
   const at::Tensor& B;
-  const at::Tensor& SA;
-  const at::Tensor& SB;
   float* y;  // [M, N]
   int64_t N;
 };
@@ -83,22 +80,15 @@ class LoraDeltas {
     for (const LoraTerm& g : group) {
       if (g.A.numel() == 0) continue;
       const auto dtype = g.A.scalar_type();
-      TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kChar) && g.B.scalar_type() == dtype &&
-                      g.A.is_contiguous() && g.B.is_contiguous(),
-                  "fused decode: LoRA stacks must be contiguous, both fp32, both fp16 or both int8");
+      TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf) && g.B.scalar_type() == dtype && g.A.is_contiguous() &&
+                      g.B.is_contiguous(),
+                  "fused decode: LoRA stacks must be contiguous, both fp32 or both fp16");
       const int64_t S = g.A.size(0), R = g.A.size(1), NB = (g.N + LORA_BLOCK - 1) / LORA_BLOCK;
       TORCH_CHECK(g.A.dim() == 3 && g.A.size(2) == K && g.B.dim() == 4 && g.B.size(0) == S && g.B.size(1) == NB &&
                       g.B.size(2) == R && g.B.size(3) == LORA_BLOCK,
                   "fused decode: LoRA stacks must be A [S, R, ", K, "] and B [S, ", NB, ", R, ", LORA_BLOCK, "]");
-      const bool int8 = dtype == at::kChar;
-      TORCH_CHECK(int8 ? (g.SA.scalar_type() == at::kFloat && g.SA.is_contiguous() && g.SA.numel() == S * R &&
-                          g.SB.scalar_type() == at::kFloat && g.SB.is_contiguous() && g.SB.numel() == S * NB * R)
-                       : (g.SA.numel() == 0 && g.SB.numel() == 0),
-                  "fused decode: int8 LoRA stacks need fp32 scales [S, R] and [S, NB, R]; float stacks none");
       for (int64_t i = 0; i < M; ++i) TORCH_CHECK(slot[i] < S, "fused decode: adapter slot ", slot[i], " out of ", S);
-      const Kind kind = int8 ? I8 : dtype == at::kHalf ? F16 : F32;
-      terms_.push_back({g.A.data_ptr(), g.B.data_ptr(), int8 ? g.SA.data_ptr<float>() : nullptr,
-                        int8 ? g.SB.data_ptr<float>() : nullptr, kind, R, g.N, NB, ts_, blocks_, g.y});
+      terms_.push_back({g.A.data_ptr(), g.B.data_ptr(), dtype == at::kHalf, R, g.N, NB, ts_, blocks_, g.y});
       ts_ += M * R;
       blocks_ += NB;
       work_ = std::max(work_, LORA_BLOCK * R * adapted);
@@ -109,7 +99,7 @@ class LoraDeltas {
   // The rank products as extra work of a one-row GEMV group whose rows cost `row` bytes each (an fp16 A row is 2K).
   Extra products(int64_t row) {
     if (ts_ == 0) return {};
-    const int64_t bytes = (terms_[0].kind == F32 ? 4 : terms_[0].kind == F16 ? 2 : 1) * K_;
+    const int64_t bytes = (terms_[0].half ? 2 : 4) * K_;
     return {ts_, std::max<int64_t>(1, (bytes + row / 2) / std::max<int64_t>(row, 1)),
             std::max<int64_t>(1, 32768 / K_),  // ~32k multiply-adds a task on its own
             [this](int64_t lo, int64_t hi) { rank_products(lo, hi); }};
@@ -127,36 +117,21 @@ class LoraDeltas {
           if (slot_[i] < 0) continue;
           const float* ti = t_.data() + g.t0 + i * g.R;
           const int64_t off = (slot_[i] * g.NB + nb) * g.R * LORA_BLOCK;
-          float* y = g.y + i * g.N + from;
-          if (g.kind == F16) lora_block(ti, static_cast<const f16*>(g.b) + off, g.R, y, count);
-          else if (g.kind == F32) lora_block(ti, static_cast<const float*>(g.b) + off, g.R, y, count);
-          else scaled_block(ti, static_cast<const int8_t*>(g.b) + off, g.sb + off / LORA_BLOCK, g.R, y, count);
+          if (g.half) lora_block(ti, static_cast<const f16*>(g.b) + off, g.R, g.y + i * g.N + from, count);
+          else lora_block(ti, static_cast<const float*>(g.b) + off, g.R, g.y + i * g.N + from, count);
         }
       }
     });
   }
 
  private:
-  enum Kind { F32, F16, I8 };
   struct Term {
     const void* a;
     const void* b;
-    const float* sa;  // int8: scales [S, R] of A's rows and [S, NB, R] of B's blocks' ranks; else null
-    const float* sb;
-    Kind kind;
+    bool half;
     int64_t R, N, NB, t0, c0;  // rank, outputs, output blocks, offset in t, first output block
     float* y;
   };
-
-  // lora_block over int8 codes: each rank's product times the block's scale of that rank, in chunks of 64 ranks
-  static void scaled_block(const float* t, const int8_t* blk, const float* scale, int64_t R, float* y, int64_t count) {
-    float ts[64];
-    for (int64_t r0 = 0; r0 < R; r0 += 64) {
-      const int64_t n = std::min<int64_t>(64, R - r0);
-      for (int64_t r = 0; r < n; ++r) ts[r] = t[r0 + r] * scale[r0 + r];
-      lora_block(ts, blk + r0 * LORA_BLOCK, n, y, count);
-    }
-  }
 
   size_t term_of(int64_t j, bool by_block) const {  // the term that owns rank product j, or output block j
     size_t g = 0;
@@ -171,9 +146,8 @@ class LoraDeltas {
       const int64_t i = (j - g.t0) / g.R, r = (j - g.t0) % g.R;
       if (slot_[i] < 0) continue;
       const int64_t off = (slot_[i] * g.R + r) * K_;
-      if (g.kind == F16) t_[j] = dot(x_ + i * K_, static_cast<const f16*>(g.a) + off, K_, false);
-      else if (g.kind == F32) t_[j] = dot(x_ + i * K_, static_cast<const float*>(g.a) + off, K_, false);
-      else t_[j] = dot(x_ + i * K_, static_cast<const int8_t*>(g.a) + off, K_, false) * g.sa[slot_[i] * g.R + r];
+      t_[j] = g.half ? dot(x_ + i * K_, static_cast<const f16*>(g.a) + off, K_, false)
+                     : dot(x_ + i * K_, static_cast<const float*>(g.a) + off, K_, false);
     }
   }
 

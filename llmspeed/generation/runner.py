@@ -89,13 +89,10 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_seqs: int, *,
                  cuda_graphs: bool = True, fused_decode: bool | None = None, lora_dtype: str | torch.dtype = "fp16",
                  attention: str = "auto", kv_cache_dtype: str | torch.dtype = "auto"):  # fmt: skip
-        int8 = lora_dtype == torch.int8 or (
-            isinstance(lora_dtype, str) and lora_dtype.strip().lower().removeprefix("torch.") == "int8"
-        )
-        lora_name = "int8" if int8 else dtype_name(lora_dtype)
-        if lora_name not in ("fp16", "fp32", "int8"):
-            raise ValueError(f"lora_dtype must be fp16, fp32 or int8 (or another spelling: 'float16', 'half', "
-                             f"torch.float32, torch.int8, ...); got {lora_dtype!r}")  # fmt: skip
+        lora_name = dtype_name(lora_dtype)
+        if lora_name not in ("fp16", "fp32"):
+            raise ValueError(f"lora_dtype must be fp16 or fp32 (or another spelling: 'float16', 'half', "
+                             f"torch.float32, ...); got {lora_dtype!r}")  # fmt: skip
         spec = model.spec
         self.model = model
         self.device = spec.device
@@ -111,8 +108,7 @@ class ModelRunner:
                 model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
             )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
-        lora_torch = torch.int8 if int8 else CANONICAL_DTYPES[str(lora_name)]
-        self.fused_decode_status = self._setup_fused(model, fused_decode, lora_torch)
+        self.fused_decode_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(lora_name)])
 
     @property
     def attention_status(self) -> str:

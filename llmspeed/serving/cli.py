@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI or AVX2, their cost)")
     p.add_argument("--adapter", action="append", default=[], type=_adapter, metavar="NAME=PATH",
                    help="a LoRA adapter folder (ours or PEFT's); repeat for more")
-    p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32", "int8"],
+    p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
                    help="precision of the adapters the fused CPU decode step reads (docs/lora.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port, 0 to 65535 (default 8000)")
