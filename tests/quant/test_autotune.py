@@ -71,6 +71,17 @@ def test_auto_times_cpu_candidates_once_and_caches_the_choice_on_disk(tuned, mon
     assert auto.auto_kernel(module, x).name == "dequant_fp32" and len(calls) == 1
 
 
+def test_an_empty_input_is_not_timed_nor_stored_as_the_one_row_choice(tuned, monkeypatch):
+    """Regression: a zero-row forward timed the candidates on an empty input and stored the winner under the one-row
+    (decode) bucket, where later processes read it (found by the kernels audit)."""
+    module = _module(Int4Linear)
+    calls: list = []
+    _fake_times(monkeypatch, {"dequant_fp32": 1.0, "cpp": 9.0}, calls)
+    assert module(torch.randn(0, 128)).shape == (0, 96)
+    assert calls == [] and not list((tuned / "autotune").glob("*.json"))
+    assert auto.auto_kernel(module, torch.randn(1, 128)).name == "dequant_fp32" and len(calls) == 1  # timed for real
+
+
 def test_choices_timed_with_other_kernel_code_are_not_reused(tuned, monkeypatch, tmp_path):
     """A kernel change (a new llmspeed, an edited .cpp or .h) must time again: the old choice was for old code."""
     old, new = tmp_path / "old", tmp_path / "new"

@@ -143,8 +143,8 @@ def auto_kernel(module: QuantizedLinear, x: torch.Tensor, probe: bool = True) ->
     """
     rules = rule_candidates(module, x, probe)
     guess = rules[0] if rules else KERNELS["reference"]
-    if not probe or not tuning.enabled() or x.device.type not in ("cpu", "cuda"):
-        return guess
+    if not probe or not tuning.enabled() or x.device.type not in ("cpu", "cuda") or x.numel() == 0:
+        return guess  # an empty input times nothing worth keeping (it would be stored as the one-row choice)
     candidates = cpu_candidates(module, x) if x.device.type == "cpu" else rules
     if guess not in candidates:
         candidates = [guess, *candidates]
