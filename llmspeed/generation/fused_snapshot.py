@@ -333,6 +333,12 @@ class Snapshot:
     def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         parts = _parts(module)  # unsupported() ran first: the module is fusable
         self.sources += [t for t in parts if t is not None]
+        # scales the step reads as copies (NF4's double-quantized ones expanded, non-contiguous int4 scales and
+        # zeros): an in-place change of their sources keeps every pointer, so their versions join the checks
+        held = {t.data_ptr() for t in parts if t is not None}
+        owned = [getattr(module, n, None) for n in ("scales", "zeros", "scales_q", "scales_scale", "scales_offset")]
+        self.copied += [t for t in owned if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in held
+                        and not t.is_inference()]  # fmt: skip
         return parts
 
     def valid(self, names: list[str | None] | None = None) -> bool:

@@ -681,6 +681,23 @@ def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architectu
     snap = fused._snapshot
     assert torch.equal(fused.run(step), after) and fused._snapshot is snap  # unchanged: the snapshot is kept
 
+def test_double_quantized_scales_read_as_copies_follow_a_state_loaded_in_place():
+    """Regression: the step reads NF4's double-quantized scales as an expanded copy, checked by pointer only;
+    ``load_state_dict`` copies in place and keeps the pointers, so after loading another model's state the step kept
+    the old scales while the generic path used the new ones."""
+    model, other = (llmspeed.quantize(llmspeed.models.tiny("llama", seed=s), "nf4", group_size=32, double_quant=True)
+                    for s in (1, 2))  # fmt: skip
+    gen, decode = _prefilled(model, [3, 9, 17])
+    fused = fused_decode.FusedDecode(model, gen.cache)
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    before = fused.run(step)
+    model.hf.load_state_dict(other.hf.state_dict())
+    after = fused.run(step)
+    ref = _generic_logits(model, gen, decode)
+    assert not torch.allclose(before, ref)  # the loaded state matters
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 def test_without_the_kernel_generation_still_works(monkeypatch):
     fused_build._build.cache_clear()
     monkeypatch.setenv("LLMSPEED_DISABLE_CPP", "1")

@@ -165,6 +165,31 @@ def test_copies_do_not_share_bound_kernels():
         assert torch.equal(q(x), ref) and not twin(x).any()
 
 
+@pytest.mark.parametrize("fmt, kernel, options", [
+    ("nf4", "cpp", {"double_quant": True}), ("nf4", "amx", {"double_quant": True}), ("int4", "aten_int4_cpu", {}),
+    ("int4", "amx", {}), ("int8", "aten_int8", {}), ("int4", "cpp_panels", {"activations": "int8"}),
+    ("int8", "cpp_panels", {"activations": "int8"}),
+])  # fmt: skip
+def test_kernels_follow_buffers_loaded_in_place(fmt, kernel, options):
+    """Kernels prepare tensors from the buffers once (NF4's expanded double-quantized scales, aten's repacked int4
+    weight) and keep them by the weight's pointer; ``load_state_dict`` copies in place, keeping the pointers, so the
+    module drops what its kernels prepared when a state is loaded (the fused step once missed the same change)."""
+    from llmspeed import kernels
+
+    if not next(row["available"] for row in kernels().kernels if row["kernel"] == kernel):
+        pytest.skip(f"kernel {kernel} is not available here")
+    config = QuantConfig(fmt, None if fmt == "int8" else 32, kernel=kernel, **options)
+    torch.manual_seed(0)
+    q, other = (module_class(fmt).from_linear(nn.Linear(128, 64, bias=False), config) for _ in range(2))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        before = q(x)  # the kernel prepares its tensors
+        q.load_state_dict(other.state_dict())
+        out, ref = q(x), other(x)
+    assert not torch.allclose(before, ref)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_act_order_int4_gathers_its_input_through_perm():
     """A GPTQ desc_act layer: packed column j is input column perm[j]; forward, backward and dequantize agree."""
     from llmspeed.quant import QuantConfig
