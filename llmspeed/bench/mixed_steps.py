@@ -38,15 +38,20 @@ def step_ms(model, running: int, prompt: int, mixed: bool) -> tuple[float, str]:
     gen = Generator(model, kv_cache_tokens=max(1024, 2 * (running * 160 + prompt)), progress=False)
     if gen.runner.fused is not None:
         gen.runner.fused.mixed = mixed
-    for i in range(running):
-        gen.add_request([(7 * i + j) % vocab for j in range(100)], SamplingParams(max_new_tokens=50, ignore_eos=True))
-    for _ in range(2):  # their prompts, then a decode step
-        gen.step()
+    rids = {gen.add_request([(7 * i + j) % vocab for j in range(100)], SamplingParams(max_new_tokens=50, ignore_eos=True))
+            for i in range(running)}  # fmt: skip
+    started: set[int] = set()
+    while started != rids:  # their prompts, in chunks of max_batch_tokens (16 of 100 tokens take 4 steps)
+        started |= {e.request_id for e in gen.step() if e.token_id is not None}
+    gen.step()  # then a decode step
     gen.add_request([(3 * j + 1) % vocab for j in range(prompt)], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    before = dict(gen.step_paths)
+    before, computed = dict(gen.step_paths), gen.num_tokens_computed
     start = time.perf_counter()
     gen.step()
     elapsed = time.perf_counter() - start
+    if gen.num_tokens_computed - computed != running + prompt:  # a prompt chunked, or older prompts in the step
+        raise RuntimeError(f"the timed step ran {gen.num_tokens_computed - computed} tokens, not {running} decode "
+                           f"rows and a {prompt}-token prompt")
     (path,) = [p for p, (n, _) in gen.step_paths.items() if n != before.get(p, (0, 0.0))[0]]
     return elapsed * 1e3, path
 

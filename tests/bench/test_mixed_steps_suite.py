@@ -34,6 +34,24 @@ def test_the_timed_step_reports_its_own_path():
     assert mixed_steps.step_ms(model, 2, 40, mixed=True)[1] == "fused cpu mixed"
 
 
+def test_the_timed_step_is_the_running_decodes_and_the_whole_new_prompt(monkeypatch):
+    # 16 prompts of 100 tokens take 4 steps of 512 tokens: timed after two, the step was those prompts' chunks
+    model = mixed_steps.load_model("tiny-llama", "cpu")
+    computed = []
+    step = mixed_steps.Generator.step
+
+    def counted(self):
+        before = self.num_tokens_computed
+        events = step(self)
+        computed.append((self.num_tokens_computed - before, len(self.scheduler.waiting)))
+        return events
+
+    monkeypatch.setattr(mixed_steps.Generator, "step", counted)
+    mixed_steps.step_ms(model, 16, 480, mixed=False)
+    assert computed[-1] == (16 + 480, 0)  # every running row decoding, the new prompt in one chunk, nothing left waiting
+    assert computed[-2] == (16, 0)  # a decode step of the running ones before it
+
+
 def test_it_refuses_a_gpu():
     with pytest.raises(ValueError, match="device='cuda'"):
         mixed_steps.run(device="cuda", model="tiny-llama", quick=True)
