@@ -149,7 +149,7 @@ def kernels(name: str, rows: list[Row], path: Path) -> list[Path]:
 
 _GRID_SERIES = (("llmspeed int4 g64 ppl", "llmspeed int4 g64", "#1f77b4", "o"),
                 ("llama.cpp Q4_0 ppl", "llama.cpp Q4_0", "#ff7f0e", "s"),
-                ("llmspeed int4 g32 ppl", "llmspeed int4 g32 (6 bits a weight)", "#2ca02c", "^"))  # fmt: skip
+                ("llmspeed int4 g32 ppl", "llmspeed int4 g32 (5 bits a weight)", "#2ca02c", "^"))  # fmt: skip
 
 
 def q4_grid(name: str, rows: list[Row], path: Path) -> list[Path]:

@@ -73,3 +73,17 @@ def test_q4_grid_chart_plots_each_set_of_weights_and_leaves_out_the_median(tmp_p
     (path,) = plot_rows("q4_grid", rows, tmp_path)  # registered: this chart, not generic bars
     assert path.name == "q4_grid.png" and path.stat().st_size > 1000
     assert q4_grid("q4_grid", [rows[-1]], tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+
+
+def test_q4_grid_chart_states_the_bits_a_g32_weight_takes():
+    # the legend said 6 bits, the cost while scales and zeros were fp32; they are fp16 now (4 + 32/32 bits)
+    import torch
+
+    from llmspeed.bench.charts import _GRID_SERIES
+    from llmspeed.quant import QuantConfig, module_class
+
+    lin = torch.nn.Linear(64, 32, bias=False)
+    packed = module_class("int4").from_linear(lin, QuantConfig("int4", group_size=32))
+    bits = 8 * sum(t.nbytes for t in packed.buffers()) / lin.weight.numel()
+    (label,) = [label for key, label, _, _ in _GRID_SERIES if key == "llmspeed int4 g32 ppl"]
+    assert f"({bits:g} bits a weight)" in label
