@@ -4,9 +4,9 @@ Per format, on one quantized model: the seconds spent timing candidates while a 
 (prefill chunks, decode at batch 1 and 8) meets every layer shape and rows bucket for the first
 time; then the rule table's choices against the timed ones, interleaved rep by rep on the same
 model (the modules re-bind their kernels at each switch), for a 256-token prefill and for decode
-steps at batch 1 and 8 on the per-layer path (``fused_decode=False``: the fused CPU decode step
-reads the packed weights itself and never calls these kernels, so the default decode path is the
-same either way).
+steps at batch 1 and 8. Every step runs on the per-layer path (``fused_decode=False``): the fused CPU
+step reads the packed weights itself, for decode rows and, since it takes prompt chunks too, for
+prefills, and never calls these kernels, so the default path is the same either way.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _decode_step_ms(model, batch: int, steps: int) -> float:
 
 
 def _prefill_ms(model, tokens: int) -> float:
-    g = Generator(model, kv_cache_tokens=1024, progress=False)
+    """Ms of one ``tokens``-token prompt step on the per-layer path (the fused step takes prompt chunks too, in C++)."""
+    g = Generator(model, kv_cache_tokens=1024, progress=False, fused_decode=False)
     g.add_request(_prompt(model, tokens), SamplingParams(max_new_tokens=1, temperature=0.0))
     start = time.perf_counter()
     g.step()
