@@ -188,6 +188,24 @@ def test_awq_is_deterministic():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+@pytest.mark.parametrize("producer,consumer", [("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj")])
+def test_a_row_producer_left_in_float_in_a_later_layer_gets_no_fold(method, producer, consumer):
+    """The folds are planned on the first layer; a later layer whose producer is skipped quantizes its consumer
+    unscaled (there is nowhere to put ``1/s``) instead of failing with a KeyError, or keeping ``W s``."""
+    model = _skewed(llmspeed.models.tiny("llama", seed=0))
+    x = _tokens(2, 16, seed=4)
+    floats, ref = dict(model.linear_layers()), _logits(model, x)
+    skipped = f"model.layers.1.{producer}"
+    llmspeed.quantize(model, "int4", 16, method=method, calibration=_tokens(), method_options=OPTS, skip=[skipped])
+    layers = dict(model.linear_layers())
+    assert layers[skipped] is floats[skipped]
+    w = floats[f"model.layers.1.{consumer}"].weight.detach()
+    deq = layers[f"model.layers.1.{consumer}"].dequantize()
+    assert float((deq - w).norm() / w.norm()) < 0.15  # Q(W), not Q(W s) with s nowhere undone
+    assert float((_logits(model, x) - ref).norm() / ref.norm()) < 0.15
+
+
 class _OnePlusNorm(nn.Module):
     """Gemma's RMSNorm: ``(1 + w) * x / rms(x)``, which a division of ``w`` by ``s`` does not scale by ``1/s``."""
 

@@ -253,7 +253,10 @@ def awq_model(
         grid = grid_for(config.format, shrinks, bool(config.symmetric and config.format == "int4"))
         plain = grid_for(config.format, (1.0,), bool(config.symmetric and config.format == "int4"))
         weight = torch.cat([lin.weight.detach().float() for lin in group.linears])  # [sum out, in]
+        prefix = group.qualified[0][: -len(group.names[0]) - 1]
         fold = fold_of.get(frozenset(group.names))
+        if fold is not None and fold.kind == "rows" and f"{prefix}.{fold.producer}" not in plan:
+            fold = None  # the first layer's fold, but this layer's producer stays in float: nowhere to put 1/s
         s = torch.ones(weight.shape[1], device=weight.device)
         if fold is not None:
             s, _ = search_scales(
@@ -281,7 +284,6 @@ def awq_model(
             result = grid_quantize(scaled_w, grid, config, scaled_h if len(shrinks) > 1 else None)
         if refit_scales:
             result = refit(result, scaled_w, scaled_h, config)
-        prefix = group.qualified[0][: -len(group.names[0]) - 1]
         if fold is not None and fold.kind == "norm":
             norm = model.module.get_parameter(f"{prefix}.{fold.producer}.weight")
             params[f"{prefix}.{fold.producer}.weight"] = (norm.detach().float() / s.to(norm.device)).to(
