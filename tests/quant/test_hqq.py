@@ -80,6 +80,23 @@ def test_hqq_never_worse_than_its_start_in_lp(out, groups, group_size, seed):
     assert (lp(codes, z) <= lp(codes0, z0) + 1e-5).all()
 
 
+@pytest.mark.parametrize("value", [0.5, -2.0, 1e-3, 0.0])
+def test_hqq_constant_groups_dequantize_to_themselves_not_inf(value):
+    """A constant group has no range: its scale is the smallest fp16 and ``-lo / scale`` a zero point past fp16,
+    stored as inf (every weight inf). Such a group's range holds 0 instead, as round-to-nearest's does."""
+    w = _weight(4, 32)
+    w[0, :16] = value
+    w[1, 16:] = value + torch.arange(16) * 1e-6  # nearly constant
+    config = QuantConfig("int4", 16, method="hqq")
+    qw = hqq_weight(w, config)
+    assert torch.isfinite(qw.zeros.half()).all()
+    d = _dequant(qw, config, 32)
+    assert torch.isfinite(d).all()
+    torch.testing.assert_close(d[0, :16], w[0, :16], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(d[1, 16:], w[1, 16:], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(d[2:], _dequant(hqq_weight(w[2:], config), config, 32))  # other rows: their own
+
+
 def test_quantize_with_hqq_runs_the_int4_kernels_and_saves(tmp_path):
     model = llmspeed.models.tiny("llama", seed=0)
     x = torch.randint(0, 256, (2, 16))

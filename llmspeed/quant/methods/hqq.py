@@ -58,6 +58,9 @@ def hqq_int4(
     big = torch.finfo(torch.float32).max
     lo = torch.where(mask, Wg, big).amin(-1)  # [out, groups]
     hi = torch.where(mask, Wg, -big).amax(-1)
+    # a (near-)constant group far from 0 would need a zero point past fp16 (inf weights): its range holds 0, as RTN's
+    far = P.fp16_grid(-lo / P.group_scales_grid((hi - lo) / 15)).isinf()  # [out, groups]
+    lo, hi = torch.where(far, lo.clamp_max(0), lo), torch.where(far, hi.clamp_min(0), hi)
     scale = P.group_scales_grid((hi - lo) / 15)  # [out, groups], positive, on the stored fp16 grid
     zero = -lo / scale  # fractional, code domain
     s, mf = scale[..., None], mask.float()
