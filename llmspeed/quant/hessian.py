@@ -60,7 +60,8 @@ def float_target_map(
     xq = x.reshape(-1, x.shape[-1]).to(hessian.dtype)  # [N, in]
     h = hessian.double()  # the solve in float64: H + lam I may be ill-conditioned, and [in, in] is cheap
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)  # [in, in]
-    lam = damp * float(h.diagonal().mean())
+    mean = float(h.diagonal().mean())
+    lam = damp * (mean if mean > 0 else 1.0)  # H = 0 (x all zero, so C = 0): any lam > 0 gives T = I
     cross = (xf.T @ xq).double() * (2.0 / xq.shape[0]) + lam * eye  # [in, in]: C + lam I
     # T = (C + lam I) (H + lam I)^-1, and (H + lam I) is symmetric: solve (H + lam I) T^T = (C + lam I)^T
     return torch.linalg.solve(h + lam * eye, cross.T).T.to(hessian.dtype)  # [in, in]

@@ -103,6 +103,28 @@ def test_float_target_map_rejects_bad_arguments():
         H.float_target_map(x, x, torch.eye(3), 0.0)
 
 
+def test_float_target_map_of_all_zero_inputs_is_the_identity():
+    """A linear fed only zeros (a zeroed norm weight) has ``H = 0``: the ridge ``damp * mean(diag H)`` was 0 too,
+    and the solve raised on a singular matrix; nothing can be fitted, so ``T = I``."""
+    x, x_float = torch.zeros(8, 4), torch.randn(8, 4)
+    t = H.float_target_map(x_float, x, torch.zeros(4, 4), 0.1)
+    torch.testing.assert_close(t, torch.eye(4))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_float_targets_survive_a_linear_fed_only_zeros(method):
+    model = llmspeed.models.tiny("llama", seed=0)
+    with torch.no_grad():
+        model.module.model.layers[1].input_layernorm.weight.zero_()  # q/k/v of layer 1 read zeros
+        want = model.hf(input_ids=_tokens(2, 16, seed=5)).logits
+    opts = dict(OPTS, float_targets=True)
+    llmspeed.quantize(model, "int4", 16, method=method, calibration=_tokens(), method_options=opts)
+    with torch.no_grad():
+        got = model.hf(input_ids=_tokens(2, 16, seed=5)).logits
+    assert torch.isfinite(got).all()
+    assert float((got - want).norm() / want.norm()) < 0.15
+
+
 @pytest.mark.parametrize("fmt,group_size", FORMATS)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_layer_error_below_rtn_on_calibration_activations(fmt, group_size, act_order):
