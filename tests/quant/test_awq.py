@@ -225,6 +225,26 @@ def _gemma_like():
     return model
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_half_precision_models_fold_and_quantize(arch, dtype):
+    """check_fold compares two bf16 / fp16 passes, which differ by their rounding (about 1% of the largest value
+    in bf16): a fixed 0.1% tolerance refused every bf16 model as if its norms were (1 + w) norms."""
+    model = llmspeed.models.tiny(arch, seed=0, dtype=dtype)
+    plan = llmspeed.quant.plan_layers(model, QuantConfig("int4", 16))
+    norms, rows = A.plan_folds(model, plan, _tokens())
+    assert {f.producer for f in norms} == {"input_layernorm", "post_attention_layernorm"}
+    assert {f.producer for f in rows} == {"mlp.up_proj", "self_attn.v_proj"}
+    x = _tokens(2, 16, seed=4)
+    ref = _logits(model, x).float()
+    llmspeed.quantize(model, "int4", 16, method="awq", calibration=_tokens(), method_options=OPTS)
+    assert float((_logits(model, x).float() - ref).norm() / ref.norm()) < 0.15
+    gemma = _gemma_like()
+    gemma.module.to(dtype)
+    with pytest.raises(ValueError, match="cannot fold input scales into 'input_layernorm'"):  # still told apart
+        llmspeed.quantize(gemma, "int4", 16, method="awq", calibration=_tokens(), method_options=OPTS)
+
+
 @pytest.mark.parametrize(
     "make,kwargs,match",
     [
