@@ -382,7 +382,7 @@ def check_method_options(method: str, fn: Any, fixed: int, options: Any, arg: st
         return dict(options)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     accepted = [p.name for p in params[fixed:] if p.kind in named]
-    unknown = sorted(set(options) - set(accepted))
+    unknown = sorted(set(options) - set(accepted), key=repr)  # keys of any type: 1 and 'a' do not compare
     if unknown:
         raise ValueError(f"{arg} {unknown} are not options of method={method!r}; it takes {accepted}")
     return dict(options)

@@ -332,6 +332,15 @@ def test_old_native_configs_without_the_new_keys_still_read():
     assert QuantConfig("int8").symmetric is True
 
 
+@pytest.mark.parametrize("method", ["hqq", "gptq"])
+def test_method_options_with_keys_of_mixed_types_are_named(llama, method):
+    """Unknown keys were sorted for the message: 1 and 'a' do not compare, so a TypeError from sorted() came out."""
+    with pytest.raises(ValueError, match=r"method_options \['a', 1\] are not options of method="):
+        llmspeed.quantize(llama, "int4", 32, method=method, calibration=torch.zeros(2, 8, dtype=torch.long),
+                          method_options={1: 2, "a": 3})  # fmt: skip
+    assert not is_quantized(llama.hf.model.layers[0].mlp.down_proj)
+
+
 @pytest.mark.parametrize("options", ["damp=0.1", [("damp", 0.1)], 0.1])
 def test_method_options_that_are_not_a_dict_name_the_argument(llama, options):
     """A string or a list of pairs was read by dict(): a ValueError from dict's internals, or silently accepted."""
