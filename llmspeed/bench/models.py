@@ -44,10 +44,10 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 
     if name == "smollm2":
         return models.smollm2(dtype=dtype, device=device)
-    if name == "llama-1b-random":
+    if name in ("llama-1b-random", "llama1b"):  # the spellings name_error accepts
         return models.llama_1b_random(dtype=dtype, device=device)
-    if name.startswith("tiny-"):
-        arch = name.removeprefix("tiny-")
+    if name == "tiny" or name.startswith("tiny-"):
+        arch = name.removeprefix("tiny-") if name != "tiny" else "llama"
         if arch not in models.ARCHITECTURES:
             raise ValueError(
                 f"model must be tiny-<arch> with arch in {sorted(models.ARCHITECTURES)}; got {name!r}"

@@ -127,3 +127,17 @@ def test_accepted_model_names_pass_the_early_check(tmp_path):
 
     for name in ("smollm2", "llama-1b-random", "tiny", "tiny-qwen3", str(tmp_path)):
         assert name_error(name) is None, name
+
+
+def test_every_name_the_early_check_accepts_loads(monkeypatch):
+    """Regression: ``name_error`` accepted ``tiny`` and ``llama1b`` while the shared ``load_model`` refused them, so a
+    suite that uses it failed after the CLI had let the name through (noted by the benchmark audit)."""
+    import llmspeed.models
+    from llmspeed.bench import models as bench_models
+
+    assert bench_models.name_error("tiny") is None and bench_models.name_error("llama1b") is None
+    tiny = bench_models.load_model("tiny", "cpu")
+    assert tiny.spec.num_layers == bench_models.load_model("tiny-llama", "cpu").spec.num_layers
+    calls: list = []
+    monkeypatch.setattr(llmspeed.models, "llama_1b_random", lambda **kw: calls.append(kw) or "1B")  # not built here
+    assert bench_models.load_model("llama1b", "cpu") == "1B" and len(calls) == 1
