@@ -1,4 +1,5 @@
-"""Decode steps by number of running rows: the fused C++ step against the per-layer path (fp32, int8).
+"""Decode steps by number of running rows: the fused C++ step against the per-layer path (fp32, int8, int4 g64,
+int4 g64 with int8 activations).
 
 flock /tmp/llmspeed-cpu.lock python benchmarks/decode_rows.py [--quick] [--model tiny-llama]
 """
