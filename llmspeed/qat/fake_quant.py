@@ -107,17 +107,15 @@ def init_qparams(
     """Scales and zero points of padded ``w`` [out, in_pad] as round-to-nearest chooses them.
 
     int4 asymmetric uses :func:`~llmspeed.quant.primitives.choose_qparams_int4` (so an unchanged weight
-    converts to exactly what ``quantize(model, "int4")`` stores); int4 symmetric puts the zero point at
-    code 8 with ``scale = absmax / 7``; int8 uses the per-row ``absmax / 127`` of ``Int8Linear``.
+    converts to exactly what ``quantize(model, "int4")`` stores); int4 symmetric uses
+    :func:`~llmspeed.quant.primitives.choose_qparams_int4_symmetric` (zero point 8, ``scale = absmax / 7.5``:
+    ``quantize(model, "int4", symmetric=True)``'s); int8 uses the per-row ``absmax / 127`` of ``Int8Linear``.
     """
     if config.format == "int8":
         scales = P.choose_qparams_int8(w)[:, None]  # [out, 1]
         return scales, torch.zeros_like(scales)
-    if not symmetric:
-        return P.choose_qparams_int4(w, config.group_size)
-    absmax = _grouped(w.detach().float(), config.group_size).abs().amax(dim=2)  # [out, groups]
-    scales = P.group_scales_grid(absmax / 7)  # on the fp16 grid Int4Linear stores
-    return scales, torch.full_like(scales, 8.0)
+    choose = P.choose_qparams_int4_symmetric if symmetric else P.choose_qparams_int4  # as the rtn method
+    return choose(w, config.group_size)
 
 
 class FakeQuantLinear(nn.Linear):

@@ -49,6 +49,17 @@ def test_convert_right_after_prepare_is_bit_identical_to_quantize(llama, fmt, gr
     assert {type(m) for n, m in llama.linear_layers() if "lm_head" not in n} == {cls}
 
 
+@pytest.mark.parametrize("group", [16, None])
+def test_symmetric_prepare_converts_to_exactly_quantize_symmetric(llama, group):
+    """Regression: the symmetric int4 start used ``scale = absmax / 7`` where ``quantize(symmetric=True)``
+    uses ``absmax / 7.5``, so converting right after prepare packed other codes and scales than quantize."""
+    reference = copy.deepcopy(llama)
+    llmspeed.quantize(reference, "int4", group_size=group, symmetric=True, lm_head=None)
+    qat.prepare(llama, "int4", group_size=group, symmetric=True)
+    qat.convert(llama)
+    _assert_same_packed(llama, reference)
+
+
 def test_gptq_start_converts_to_exactly_quantize_gptq(llama):
     reference = copy.deepcopy(llama)
     llmspeed.quantize(reference, "int4", 16, method="gptq", calibration=_calibration(), method_options=GPTQ, lm_head=None)

@@ -107,11 +107,11 @@ def test_symmetric_int4_grid_is_zero_point_8():
     w = _weight(3, 16, 4)
     scales, zeros = init_qparams(w, QuantConfig("int4", 16), symmetric=True)
     assert torch.all(zeros == 8)
-    exact = w.abs().amax(1) / 7
-    s = scales[:, 0]  # absmax / 7 rounded up to an fp16 value, as Int4Linear stores it
+    exact = w.abs().amax(1) / 7.5  # the grid of quantize(..., symmetric=True)
+    s = scales[:, 0]  # absmax / 7.5 rounded up to an fp16 value, as Int4Linear stores it
     assert torch.equal(s, s.half().float()) and bool((s >= exact).all()) and bool((s <= exact * (1 + 2.0**-10)).all())
-    codes = P.quantize_int4(w, scales, zeros, 16)
-    assert int(codes.min()) >= 1 and int(codes.max()) <= 15  # +-absmax maps to 1 and 15
+    want = P.choose_qparams_int4_symmetric(w, 16)
+    assert torch.equal(scales, want[0]) and torch.equal(zeros, want[1])
 
 
 def test_fake_quant_linear_shares_the_weight_and_pads_odd_widths():
