@@ -282,3 +282,31 @@ def test_token_ids_that_are_not_integers_are_refused(llama, dtype):
     with pytest.raises(ValueError, match=f"texts as a tensor must be 1-D integer token ids; got {dtype}"):
         lora.finetune(llama, torch.ones(100, dtype=dtype), **RUN)
     assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=2.0), "steps must be a positive integer; got 2.0"),
+        (dict(steps=True), "steps must be a positive integer; got True"),
+        (dict(lr="1e-3"), "lr must be a positive number; got '1e-3'"),
+        (dict(lr=float("inf")), "lr must be a positive number; got inf"),
+        (dict(seq_len=1), "seq_len must be at least 2; got 1"),
+        (dict(batch_size=0), "batch_size must be a positive integer; got 0"),
+        (dict(texts=TOKENS[:16]), "texts hold 16 tokens; seq_len=16 needs at least 17"),
+        (dict(texts=TOKENS[:0]), "texts as a tensor must be 1-D integer token ids"),
+        (dict(texts=["some text"]), "model has no tokenizer"),
+        (dict(precision="fp8"), "precision must be one of"),
+    ],
+)
+def test_bad_input_to_a_prepared_model_changes_nothing(llama, kwargs, match):
+    qat.prepare(llama, "int4", group_size=16, learn_scales=True)
+    state = _state(llama)
+    flags = {n: p.requires_grad for n, p in llama.hf.named_parameters()}
+    torch.manual_seed(7)
+    rng = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=match):
+        llmspeed.finetune(llama, **{**RUN, "texts": TOKENS, **kwargs})
+    assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
+    assert {n: p.requires_grad for n, p in llama.hf.named_parameters()} == flags and not llama.hf.training
+    assert torch.equal(torch.random.get_rng_state(), rng)
