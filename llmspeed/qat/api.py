@@ -68,8 +68,6 @@ def _check_args(fmt: object, symmetric: object, init: object, learn_scales: obje
         raise ValueError(f"symmetric must be a bool or None (the format's default); got {symmetric!r}")
     if fmt == "int8" and not symmetric:
         raise ValueError("symmetric=False is not available for int8, which is symmetric per output channel")
-    if init == "gptq" and fmt == "int4" and symmetric:
-        raise ValueError("init='gptq' fits asymmetric int4 grids; use symmetric=False or init='rtn'")
     return symmetric
 
 

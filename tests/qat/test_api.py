@@ -71,6 +71,18 @@ def test_gptq_start_converts_to_exactly_quantize_gptq(llama):
     _assert_same_packed(llama, reference)
 
 
+def test_a_symmetric_gptq_start_converts_to_exactly_quantize_gptq_symmetric(llama):
+    """``init="gptq"`` with ``symmetric=True`` was refused ("fits asymmetric int4 grids") after GPTQ itself had
+    learned the symmetric grid; it now starts on it, and converting right away gives quantize's tensors."""
+    reference = copy.deepcopy(llama)
+    llmspeed.quantize(reference, "int4", 16, method="gptq", symmetric=True, calibration=_calibration(),
+                      method_options=GPTQ, lm_head=None)  # fmt: skip
+    qat.prepare(llama, "int4", 16, init="gptq", symmetric=True, calibration=_calibration(), init_options=GPTQ)
+    qat.convert(llama)
+    _assert_same_packed(llama, reference)
+    assert all(m.config.symmetric for _, m in llama.linear_layers() if hasattr(m, "config"))
+
+
 @pytest.mark.parametrize("init", ["rtn", "gptq"])
 def test_rotated_layers_convert_to_exactly_quantize_with_hadamard_layers(llama, init):
     """``hadamard_layers``: the latent weight is in the rotated basis, forward rotates the input, and convert right
@@ -244,7 +256,6 @@ def _snapshot(model):
         (dict(fmt="int8", symmetric=False), "symmetric=False is not available for int8"),
         (dict(fmt="int4", symmetric="yes"), "symmetric must be a bool"),
         (dict(fmt="int4", learn_scales=1), "learn_scales must be a bool"),
-        (dict(fmt="int4", init="gptq", symmetric=True), "asymmetric int4"),
         (dict(fmt="int4", calibration=TOKENS), "calibration is only used by init='gptq'"),
         (dict(fmt="int4", skip=["nope.*"]), "matches no linear layer"),
         (dict(fmt="int8", hadamard_layers=["*.mlp.down_proj"]), "hadamard_layers rotates int4 layers"),
