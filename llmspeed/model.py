@@ -208,6 +208,13 @@ class Model:
             )
         return out.logits[0]  # [N, vocab]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """``copy.deepcopy`` and pickling leave the kept generator behind: it holds a lock, the KV cache and the
+        C++ step's handle (a copy made after ``generate_batched`` failed on them); the copy builds its own."""
+        state = self.__dict__.copy()
+        state.pop("_cached_generator", None)
+        return state
+
     # --- generation (the batching generator lives in llmspeed.generation) ----------------------
     def _generator(self, generator_kwargs: dict[str, Any]) -> Any:
         """The model's reusable Generator: rebuilt only when the arguments, the model's modules or its tokenizer change.

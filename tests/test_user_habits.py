@@ -199,3 +199,19 @@ def test_plain_text_to_a_chat_model_that_ends_at_once_warns(smollm2):
         chat = smollm2.generate_batched([[{"role": "user", "content": question}]], max_new_tokens=8, progress=False)
         templated = smollm2.generate_batched([question], max_new_tokens=8, chat_template=True, progress=False)
     assert chat[0].text and chat[0].token_ids == templated[0].token_ids
+
+
+def test_a_model_copied_after_generating_generates_on_its_own(llama):
+    """Regression: ``copy.deepcopy(model)`` after ``generate_batched`` (to quantize a copy and compare, say) failed
+    with "cannot pickle 'module' object": the copy tried to take the kept generator (its lock, KV cache and the C++
+    step's handle) along (noted by the QAT audit)."""
+    import copy
+
+    prompts = [[1, 2, 3], [7, 8]]
+    before = [o.token_ids for o in llama.generate_batched(prompts, max_new_tokens=4, progress=False)]
+    twin = copy.deepcopy(llama)
+    assert getattr(twin, "_cached_generator", None) is None
+    assert [o.token_ids for o in twin.generate_batched(prompts, max_new_tokens=4, progress=False)] == before
+    llmspeed.quantize(twin, "int8")
+    twin.generate_batched(prompts, max_new_tokens=4, progress=False)
+    assert [o.token_ids for o in llama.generate_batched(prompts, max_new_tokens=4, progress=False)] == before
