@@ -96,7 +96,7 @@ def finetune(
     )
     if not isinstance(full, bool):
         raise ValueError(f"full must be a bool; got {full!r}")
-    adapter = None if full else (adapter or active_adapter(model))
+    adapter = None if full else (active_adapter(model) if adapter is None else adapter)  # "" names no adapter: refused
     if not full and adapter is None and adapter_names(model):  # full=True would refuse an adapted model
         raise ValueError(
             f"none of the model's adapters {adapter_names(model)} is active; pass adapter=<name> or call "

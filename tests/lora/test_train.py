@@ -93,6 +93,9 @@ def test_finetune_bad_input(llama):
     with pytest.raises(ValueError, match="full must be a bool; got 'no'"):
         lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, full="no", progress=False)
     assert all(torch.equal(p, base[n]) for n, p in llama.hf.named_parameters() if "lora_" not in n)
+    # regression: adapter="" trained the active adapter silently (an empty name is falsy), as if none was named
+    with pytest.raises(ValueError, match="adapter must name an adapter on this model; got ''"):
+        lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, adapter="", progress=False)
 
 
 @pytest.mark.parametrize("block", ["disabled", "per_row_adapters"])
