@@ -236,7 +236,9 @@ def train(
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
         )
-        checkpointing = gradient_checkpointing and set_checkpointing(hf, True)
+        # switched on here and off afterwards, unless the caller's model had it on already (then it stays on)
+        already = bool(getattr(hf, "is_activation_checkpointing", getattr(hf, "is_gradient_checkpointing", False)))
+        checkpointing = gradient_checkpointing and not already and set_checkpointing(hf, True)
         hf.train()
         start = time.perf_counter()
         # torch.manual_seed seeds every CUDA device too: fork those the process has set up, so that the caller's GPU

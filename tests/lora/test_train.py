@@ -64,6 +64,17 @@ def test_gradient_checkpointing_gives_the_same_losses():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
 
 
+def test_checkpointing_the_caller_turned_on_stays_on():
+    """Regression: finetune(gradient_checkpointing=True) switched checkpointing off afterwards even where the caller
+    had turned it on for their model (noted by the QAT audit)."""
+    import llmspeed
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    _train(model, gradient_checkpointing=True)
+    assert model.hf.is_activation_checkpointing
+
+
 def test_full_finetune_changes_base(llama):
     before = base_tensors(llama)
     result = lora.finetune(
