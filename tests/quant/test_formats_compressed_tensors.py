@@ -177,7 +177,7 @@ def test_mixed_layer_configs_get_one_group_each(tmp_path):
 
 # --- compressed-tensors (written by the package) -> llmspeed -----------------------------------------
 def _write_with_package(path, sym: bool, bits: int, group: int | None, dtype: torch.dtype = torch.float32,
-                        fmt: str = "pack-quantized"):
+                        fmt: str = "pack-quantized", actorder: str | None = None):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -190,7 +190,7 @@ def _write_with_package(path, sym: bool, bits: int, group: int | None, dtype: to
     model = llmspeed.models.tiny("llama", seed=4, **WIDE)
     hf = model.hf.to(dtype)
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, group_size=group,
-                            strategy="group" if group else "channel")  # fmt: skip
+                            strategy="group" if group else "channel", actorder=actorder)  # fmt: skip
     cfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
                              ignore=["lm_head"])  # fmt: skip
     apply_quantization_config(hf, cfg, show_progress=False)
@@ -241,6 +241,21 @@ def test_package_written_fp16_folder_loads_bit_identical(tmp_path, group, sym):
         if isinstance(module, Int4Linear):
             dense = ref.get_submodule(name).weight  # fp16: (q - z) * s in fp16 is the fp32 product rounded once
             assert dense.dtype == torch.float16 and torch.equal(module.dequantize().half(), dense), name
+
+
+@pytest.mark.parametrize("actorder", ["weight", "static"])
+def test_weight_activation_ordering_loads_like_transformers(tmp_path, actorder):
+    """Regression: ``actorder: "weight"`` (the name compressed-tensors 0.20 writes for GPTQ's activation order, which keeps
+    groups contiguous and stores no g_idx; "static" is its alias) was refused as "activation ordering" that llmspeed
+    could not read, so recent llm-compressor GPTQ checkpoints did not load."""
+    _write_with_package(tmp_path, True, 4, 32, actorder=actorder)
+    cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert cfg["config_groups"]["group_0"]["weights"]["actorder"] == actorder
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True))
+    model = llmspeed.load(tmp_path)
+    assert isinstance(model.hf.model.layers[0].mlp.down_proj, Int4Linear)
+    want = logits(ref)
+    assert (logits(model.hf) - want).abs().max() <= 1e-3 * want.abs().max()
 
 
 def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):

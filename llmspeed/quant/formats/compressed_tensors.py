@@ -235,10 +235,11 @@ def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
         )
     w = group.get("weights") or {}
     bits, strategy, sym = w.get("num_bits"), w.get("strategy"), w.get("symmetric", True)
-    if w.get("type", "int") != "int" or w.get("actorder") not in (None, "static"):
+    # actorder "weight" (its alias "static"): GPTQ visited columns in activation order, the groups stay contiguous
+    if w.get("type", "int") != "int" or w.get("actorder") not in (None, "weight", "static"):
         raise ValueError(
             f"{source}: layer {name!r} has weights type={w.get('type')!r}, actorder={w.get('actorder')!r}; "
-            f"llmspeed reads integer weights without activation ordering"
+            f"llmspeed reads integer weights whose groups are contiguous (actorder None, 'weight' or 'static')"
         )
     if bits == 4 and strategy in ("group", "channel"):
         return QuantConfig("int4", w.get("group_size") if strategy == "group" else None, symmetric=bool(sym))
