@@ -177,7 +177,8 @@ def test_mixed_layer_configs_get_one_group_each(tmp_path):
 
 # --- compressed-tensors (written by the package) -> llmspeed -----------------------------------------
 def _write_with_package(path, sym: bool, bits: int, group: int | None, dtype: torch.dtype = torch.float32,
-                        fmt: str = "pack-quantized", actorder: str | None = None):
+                        fmt: str = "pack-quantized", actorder: str | None = None, more: dict | None = None):
+    """``more``: further config groups, ``{targets tuple: (bits, group)}`` (symmetric), after ``group_0`` on "Linear"."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -191,16 +192,20 @@ def _write_with_package(path, sym: bool, bits: int, group: int | None, dtype: to
     hf = model.hf.to(dtype)
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, group_size=group,
                             strategy="group" if group else "channel", actorder=actorder)  # fmt: skip
-    cfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                             ignore=["lm_head"])  # fmt: skip
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
+    for i, (targets, (b, gs)) in enumerate((more or {}).items()):
+        other = QuantizationArgs(num_bits=b, type="int", symmetric=True, group_size=gs, strategy="group" if gs else "channel")
+        groups[f"group_{i + 1}"] = QuantizationScheme(targets=list(targets), weights=other)
+    cfg = QuantizationConfig(config_groups=groups, ignore=["lm_head"])
     apply_quantization_config(hf, cfg, show_progress=False)
     with torch.no_grad():
         for module in hf.modules():
             if not hasattr(module, "weight_scale"):
                 continue
-            w = module.weight  # [out, in]
-            g = w.reshape(w.shape[0], -1, group) if group else w[:, None, :]  # [out, groups, group]
-            s, z = calculate_qparams(g.amin(-1), g.amax(-1), args)  # [out, groups]
+            w, wargs = module.weight, module.quantization_scheme.weights  # [out, in]
+            gs = wargs.group_size if wargs.strategy == "group" else None
+            g = w.reshape(w.shape[0], -1, gs) if gs else w[:, None, :]  # [out, groups, group]
+            s, z = calculate_qparams(g.amin(-1), g.amax(-1), wargs)  # [out, groups]
             module.weight_scale.copy_(s.reshape(module.weight_scale.shape))
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.copy_(z.reshape(module.weight_zero_point.shape))
@@ -254,6 +259,25 @@ def test_weight_activation_ordering_loads_like_transformers(tmp_path, actorder):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True))
     model = llmspeed.load(tmp_path)
     assert isinstance(model.hf.model.layers[0].mlp.down_proj, Int4Linear)
+    want = logits(ref)
+    assert (logits(model.hf) - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("more, int8", [
+    ({("re:.*down_proj",): (8, None)}, {"mlp.down_proj"}),  # a pattern over the "Linear" group listed first
+    ({("re:.*mlp.*",): (4, 32), ("model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj"): (8, None)},
+     {"self_attn.q_proj", "mlp.up_proj"}),  # an exact name over a pattern listed first
+])  # fmt: skip
+def test_the_most_specific_config_group_applies_as_in_compressed_tensors(tmp_path, more, int8):
+    """Regression: a layer several config groups target got the first group in the file's order, while
+    compressed-tensors (transformers, vLLM) applies the most specific target (exact name, then ``re:`` pattern,
+    then "Linear"); llm-compressor's mixed-precision folders then failed with "tensor ...weight_packed is int32
+    [128, 64]; it must be int32 [128, 32]", as if damaged."""
+    _write_with_package(tmp_path, True, 4, 64, more=more)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path)  # symmetric: the default path reads each layer's group
+    model = llmspeed.load(tmp_path)
+    layer = dict(model.hf.model.layers[1].named_modules())
+    assert {n for n, m in layer.items() if isinstance(m, Int8Linear)} == int8
     want = logits(ref)
     assert (logits(model.hf) - want).abs().max() <= 1e-3 * want.abs().max()
 

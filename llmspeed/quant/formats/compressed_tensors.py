@@ -222,13 +222,25 @@ def _matches(name: str, targets: list[str]) -> bool:
     return False
 
 
+def _group_of(name: str, groups: dict[str, Any]) -> dict[str, Any] | None:
+    """The config group compressed-tensors applies to linear layer ``name``, or ``None``: as its
+    ``apply_quantization_config`` ranks targets, an exact name first, then a ``re:`` pattern (each kind in sorted
+    order), then the class ``"Linear"``; a target two groups list belongs to the later group."""
+    if len(groups) == 1:
+        return next(iter(groups.values()))
+    by_target = {t: g for g in groups.values() for t in g.get("targets") or []}
+    ranked = sorted((t for t in by_target if t != "Linear"), key=lambda t: ("re:" in t, t))
+    for t in [*ranked, "Linear"]:
+        if t in by_target and _matches(name, [t]):
+            return by_target[t]
+    return None
+
+
 def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
     """The llmspeed :class:`QuantConfig` of quantized layer ``name`` under ``quantization_config`` ``quant``."""
-    groups = quant.get("config_groups") or {}
-    chosen = [g for g in groups.values() if len(groups) == 1 or _matches(name, list(g.get("targets") or []))]
-    if not chosen:
+    group = _group_of(name, quant.get("config_groups") or {})
+    if group is None:
         raise ValueError(f"{source}: layer {name!r} has packed weights but no config group targets it")
-    group = chosen[0]
     if group.get("input_activations") is not None:
         raise ValueError(
             f"{source}: layer {name!r} quantizes activations too; llmspeed loads weight-only schemes"
