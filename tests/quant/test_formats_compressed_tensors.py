@@ -291,6 +291,30 @@ def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
         llmspeed.load(tmp_path)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda g: g.update(input_activations={"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}),
+     "config group 'group_0' quantizes activations too"),
+    (lambda g: g["weights"].update(num_bits=2), "config group 'group_0' has num_bits=2, strategy='group'"),
+    (lambda g: g["weights"].update(actorder="group"), "config group 'group_0' has weights type='int', actorder='group'"),
+])  # fmt: skip
+def test_schemes_llmspeed_cannot_read_are_refused_before_any_tensor_is_read(tmp_path, monkeypatch, edit, match):
+    """Regression: a pack-quantized group with quantized activations (W4A8), another bit width or a stored g_idx was
+    refused only for its first layer, after every tensor of every shard had been read into memory."""
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    edit(cfg["quantization_config"]["config_groups"]["group_0"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    def read_all(directory):
+        raise AssertionError("tensors were read before the scheme was checked")
+
+    monkeypatch.setattr(ct, "read_all", read_all)
+    with pytest.raises(ValueError, match=match):
+        llmspeed.load(tmp_path)
+
+
 def _write_sparse_bitmask(path):
     """A sparse-only folder as compressed-tensors' bitmask compressor wrote them (0.20 writes none any more): each
     linear weight as ``weight.compressed`` (nonzero values), ``weight.bitmask``, ``weight.shape``, ``weight.row_offsets``."""

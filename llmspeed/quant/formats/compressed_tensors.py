@@ -21,8 +21,9 @@ linear in ``ignore``. The output head is always written in float (a quantized on
 through the tied embedding when the two are shared) and listed in ``ignore``: vLLM loads float heads only.
 Layers quantized with ``hadamard`` are described by a ``transform_config`` (:mod:`.ct_transforms`).
 
-Reading (:func:`load`) takes ``pack-quantized`` config groups with dense weights; other formats, and sparse
-folders (a ``sparsity_config`` other than ``"dense"``), are refused by name before any tensor is read;
+Reading (:func:`load`) takes ``pack-quantized`` config groups with dense weights; other formats, other schemes
+(:func:`group_config`), and sparse folders (a ``sparsity_config`` other than ``"dense"``), are refused by name
+before any tensor is read;
 Hadamard transforms of int4 layers within their groups load as ``hadamard`` layers, and any other transform
 is refused before a layer is built.
 """
@@ -222,13 +223,13 @@ def _matches(name: str, targets: list[str]) -> bool:
     return False
 
 
-def _group_of(name: str, groups: dict[str, Any]) -> dict[str, Any] | None:
-    """The config group compressed-tensors applies to linear layer ``name``, or ``None``: as its
+def _group_of(name: str, groups: dict[str, Any]) -> str | None:
+    """The key of the config group compressed-tensors applies to linear layer ``name``, or ``None``: as its
     ``apply_quantization_config`` ranks targets, an exact name first, then a ``re:`` pattern (each kind in sorted
     order), then the class ``"Linear"``; a target two groups list belongs to the later group."""
     if len(groups) == 1:
-        return next(iter(groups.values()))
-    by_target = {t: g for g in groups.values() for t in g.get("targets") or []}
+        return next(iter(groups))
+    by_target = {t: key for key, g in groups.items() for t in g.get("targets") or []}
     ranked = sorted((t for t in by_target if t != "Linear"), key=lambda t: ("re:" in t, t))
     for t in [*ranked, "Linear"]:
         if t in by_target and _matches(name, [t]):
@@ -236,21 +237,18 @@ def _group_of(name: str, groups: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
-    """The llmspeed :class:`QuantConfig` of quantized layer ``name`` under ``quantization_config`` ``quant``."""
-    group = _group_of(name, quant.get("config_groups") or {})
-    if group is None:
-        raise ValueError(f"{source}: layer {name!r} has packed weights but no config group targets it")
-    if group.get("input_activations") is not None:
+def group_config(key: str, group: dict[str, Any], source: Path) -> QuantConfig:
+    """The llmspeed :class:`QuantConfig` of config group ``key``; ``ValueError`` naming what llmspeed cannot read."""
+    if group.get("input_activations") is not None or group.get("output_activations") is not None:
         raise ValueError(
-            f"{source}: layer {name!r} quantizes activations too; llmspeed loads weight-only schemes"
+            f"{source}: config group {key!r} quantizes activations too; llmspeed loads weight-only schemes"
         )
     w = group.get("weights") or {}
     bits, strategy, sym = w.get("num_bits"), w.get("strategy"), w.get("symmetric", True)
     # actorder "weight" (its alias "static"): GPTQ visited columns in activation order, the groups stay contiguous
     if w.get("type", "int") != "int" or w.get("actorder") not in (None, "weight", "static"):
         raise ValueError(
-            f"{source}: layer {name!r} has weights type={w.get('type')!r}, actorder={w.get('actorder')!r}; "
+            f"{source}: config group {key!r} has weights type={w.get('type')!r}, actorder={w.get('actorder')!r}; "
             f"llmspeed reads integer weights whose groups are contiguous (actorder None, 'weight' or 'static')"
         )
     if bits == 4 and strategy in ("group", "channel"):
@@ -258,9 +256,18 @@ def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
     if bits == 8 and strategy == "channel" and sym:
         return QuantConfig("int8", None)
     raise ValueError(
-        f"{source}: layer {name!r} has num_bits={bits}, strategy={strategy!r}, symmetric={sym}; llmspeed reads "
-        f"4-bit group or channel and symmetric 8-bit channel schemes"
+        f"{source}: config group {key!r} has num_bits={bits}, strategy={strategy!r}, symmetric={sym}; llmspeed "
+        f"reads 4-bit group or channel and symmetric 8-bit channel schemes"
     )
+
+
+def layer_config(name: str, quant: dict[str, Any], source: Path) -> QuantConfig:
+    """The llmspeed :class:`QuantConfig` of quantized layer ``name`` under ``quantization_config`` ``quant``."""
+    groups = quant.get("config_groups") or {}
+    key = _group_of(name, groups)
+    if key is None:
+        raise ValueError(f"{source}: layer {name!r} has packed weights but no config group targets it")
+    return group_config(key, groups[key], source)
 
 
 def _expect(
@@ -322,8 +329,8 @@ def check_readable(directory: Path, quant: dict[str, Any]) -> None:
     """``ValueError`` naming what ``quant`` (``config.json``'s ``quantization_config``) holds that llmspeed cannot read:
     sparse weights (a ``sparsity_config`` in a format other than ``"dense"``), a quantized KV cache (a
     ``kv_cache_scheme``), experts pruned per layer (a ``moe_sparsity_config`` that counts experts), a config group in a format other
-    than ``pack-quantized``, or ``config_groups`` that are not objects. Called before any tensor is read: those
-    folders store other tensors. Transforms are checked by :func:`.ct_transforms.rotated_layers` in :func:`load`."""
+    than ``pack-quantized`` or with a scheme :func:`group_config` refuses, or ``config_groups`` that are not objects.
+    Called before any tensor is read: those folders store other tensors. Transforms are checked by :func:`.ct_transforms.rotated_layers` in :func:`load`."""
     sparsity = quant.get("sparsity_config") or {}
     fmt = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
     if sparsity and fmt != "dense":
@@ -362,6 +369,7 @@ def check_readable(directory: Path, quant: dict[str, Any]) -> None:
                 f"{directory}: config group {key!r} is in compressed-tensors format {fmt!r}; llmspeed reads "
                 f"{PACK_FORMAT!r} (int4, int8 weights); load a float checkpoint and call llmspeed.quantize instead"
             )
+        group_config(key, group, directory)  # a scheme llmspeed cannot read, named before the weights are read
 
 
 def load(directory: Path, device: str | torch.device = "cpu") -> Model:
