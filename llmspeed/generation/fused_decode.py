@@ -206,12 +206,14 @@ class FusedDecode:
         positions = torch.tensor(step.positions)  # [n]
         ids = torch.tensor(step.ids)  # [n]
         slots = torch.tensor(step.slots)  # [n]
+        # an empty logit_rows asks for every row: a step that samples none (a long prompt's chunk) asks for one
+        rows = _EMPTY_ROWS if decode else torch.tensor(step.rows or [len(step.ids) - 1], dtype=torch.long)  # [r]
         with torch.inference_mode():
             emb = body.embed_tokens(ids)  # [n, E]
             cos, sin = self._rotary(body.rotary_emb, positions, emb)  # [n, D] each, fp32
             self.ext.float_prefetch(self.prefetch)
             self.ext.upcast_bf16(self.upcast_bf16)
-            return self.ext.decode_step(
+            logits = self.ext.decode_step(
                 emb.float().contiguous(),
                 snap.handle,
                 self.cache.key, self.cache.value,
@@ -222,8 +224,9 @@ class FusedDecode:
                 snap.adapter_slots(slot_names),
                 self.amx_rows,
                 snap.flags,
-                _EMPTY_ROWS if decode else torch.tensor(step.rows),  # [r]: the sampled rows' logits only
-            )  # fmt: skip
+                rows,  # the sampled rows' logits only
+            )  # fmt: skip  # [r, vocab]
+        return logits if decode or step.rows else logits[:0]
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
                      adapters: list[str | None] | None = None) -> tuple[list[list[int]], list[float]] | None:  # fmt: skip

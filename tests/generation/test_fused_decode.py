@@ -252,7 +252,8 @@ def _generic_step(model, cache, step):
     """The generic path's logits of any step (prompt chunks too): ``forward_batch`` over ``PagedAttention``."""
     with torch.inference_mode():
         return model.forward_batch(
-            torch.tensor(step.ids), torch.tensor(step.positions), PagedAttention(cache, step.chunks), torch.tensor(step.rows)
+            torch.tensor(step.ids), torch.tensor(step.positions), PagedAttention(cache, step.chunks),
+            torch.tensor(step.rows, dtype=torch.long),
         ).float()
 
 
@@ -302,6 +303,21 @@ def test_mixed_steps_match_the_generic_path(architecture, fmt, options, amx_rows
     assert written[:46].all() and not written[46:].any()  # a: 157 tokens in 40 blocks, b: 22 in 6
     for fused_part, generic_part in ((fused_cache.key, generic_cache.key), (fused_cache.value, generic_cache.value)):
         assert (fused_part - generic_part).float().abs().max() / generic_part.float().abs().max() < tolerance
+
+
+def test_a_mixed_step_that_samples_no_row_returns_no_logits():
+    """A step of prompt chunks none of which ends a prompt (chunked prefill of a long prompt) samples nothing: its
+    logits are ``[0, V]``, as the generic path's, not the output head run over every row (an empty ``logit_rows``
+    asks the C++ step for every row); the keys and values are still written."""
+    model = llmspeed.models.tiny("llama", seed=4)
+    ids = list(range(1, 31))
+    step = StepInput.build([(list(range(8)), 0, 30, ids, False, None)], 4)
+    fused_cache, generic_cache = PagedKVCache(model.spec, 16, 4), PagedKVCache(model.spec, 16, 4)
+    got = fused_decode.FusedDecode(model, fused_cache, mixed=True).run(step)
+    ref = _generic_step(model, generic_cache, step)
+    assert ref.shape == (0, model.spec.vocab_size)
+    assert got is not None and got.shape == ref.shape
+    assert (fused_cache.key - generic_cache.key).abs().max() < 1e-4 * generic_cache.key.abs().max()
 
 
 def test_mixed_steps_stay_generic_when_turned_off_and_bad_values_are_refused():
