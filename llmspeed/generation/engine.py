@@ -52,7 +52,8 @@ class Generator:
             ``"bf16"`` / ``"fp16"`` (any spelling :func:`llmspeed.cast` takes) for a cache of half an fp32
             model's bytes, which the decode attention reads in about two thirds of the time (llama.cpp's
             cache is fp16 by default); ``"fp32"``. Keys and values are rounded to it
-            once, when written (docs/batching.md).
+            once, when written (docs/batching.md); a step whose keys or values pass fp16's range (65504) is
+            refused with a ``ValueError``, which ends its requests with an error.
         block_size: Tokens per KV block.
         max_batch_tokens: Most tokens (decodes + prefill chunks) in one forward pass.
         max_seqs: Most requests running at once.

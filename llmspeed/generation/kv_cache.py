@@ -56,6 +56,15 @@ def cache_dtype(spec: ModelSpec, wanted: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _check_fp16_range(key: torch.Tensor, value: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    """``ValueError`` (before anything is written) when rounding ``key``/``value`` to an fp16 cache gave an inf:
+    every score or output reading it would be NaN (the fused step's write refuses the same values)."""
+    if k_new.isinf().any() or v_new.isinf().any():
+        big = max(key.abs().max().item(), value.abs().max().item())
+        raise ValueError(f"kv_cache_dtype='fp16' cannot hold a key or value of magnitude {big:g} (fp16's largest is "
+                         f"65504; it would be stored as inf): use kv_cache_dtype='bf16' or 'fp32'")  # fmt: skip
+
+
 class PagedKVCache:
     """Preallocated key/value blocks for every layer.
 
@@ -230,6 +239,8 @@ class PagedAttention:
         v_layer = cache.value[layer_idx]  # [NB, BS, Hkv, D]
         k_new = key[0].transpose(0, 1).to(k_layer.dtype)  # [T, Hkv, D]
         v_new = value[0].transpose(0, 1).to(v_layer.dtype)  # [T, Hkv, D]
+        if k_layer.dtype == torch.float16 and key.dtype != torch.float16:
+            _check_fp16_range(key, value, k_new, v_new)
         k_layer.view(-1, kv_heads, dim).index_copy_(0, self.slots, k_new)
         v_layer.view(-1, kv_heads, dim).index_copy_(0, self.slots, v_new)
 

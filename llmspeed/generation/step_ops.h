@@ -125,10 +125,17 @@ void add_into(float* h, const float* d, int64_t count) {
   });
 }
 
-// Write the new keys/values, then attend over sequence i's blocks.
+// Write the new keys/values, then attend over sequence i's blocks. An fp16 cache refuses, before writing, a
+// key or value it would round to infinity (|x| >= 65520): every score or output reading it would be NaN.
 template <typename C>
 void attend(const Step& st, const float* q, const float* k, const float* v, C* kc, C* vc, float* out) {
   const int64_t row = st.Hkv * st.D;
+  if constexpr (std::is_same_v<C, f16>) {
+    float big = 0.f;
+    for (int64_t e = 0; e < st.n * row; ++e) big = std::max(big, std::max(std::abs(k[e]), std::abs(v[e])));
+    TORCH_CHECK_VALUE(big < 65520.f, "kv_cache_dtype='fp16' cannot hold a key or value of magnitude ", big,
+                      " (fp16's largest is 65504; it would be stored as inf): use kv_cache_dtype='bf16' or 'fp32'");
+  }
   at::parallel_for(0, st.n, grain(2 * row), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
       for (int64_t e = 0; e < row; ++e) {

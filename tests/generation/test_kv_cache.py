@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
-from llmspeed.generation import triton_attention
+from llmspeed.generation import fused_decode, triton_attention
 from llmspeed.generation.kv_cache import PagedAttention, PagedKVCache, block_tables, cache_dtype
 from llmspeed.protocol import ModelSpec
 
@@ -86,3 +86,35 @@ def test_kv_cache_dtype_sets_the_cache_its_byte_budget_and_refuses_what_it_canno
     assert cache_dtype(on_gpu, "auto") == cache_dtype(on_gpu, "float32") == torch.float32
     with pytest.raises(ValueError, match="on cuda the attention kernels and CUDA graphs read the model's dtype"):
         cache_dtype(on_gpu, "fp16")
+
+
+def test_an_fp16_cache_refuses_keys_and_values_past_its_range_before_writing():
+    """fp16 rounds |x| >= 65520 to inf, and every score or output reading an inf key or value is NaN (greedy then
+    picks token 0 for every request). A step whose new keys or values would overflow is refused with a
+    ``ValueError`` naming ``kv_cache_dtype`` before anything is written; its requests end with that error on both
+    the per-layer path and the fused step. The same values fit a bf16 cache."""
+    cache = PagedKVCache(SPEC, num_blocks=4, block_size=4, dtype=torch.float16)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    attention = PagedAttention(cache, [([1], 0, 3)])
+    for big in (k, v):
+        big[0, 1, 2, 5] = 7e4
+        with pytest.raises(ValueError, match="kv_cache_dtype='fp16' cannot hold a key or value of magnitude 70000"):
+            attention(0, q, k, v, 8**-0.5)
+        assert not cache.key.any() and not cache.value.any()
+        big[0, 1, 2, 5] = 6e4  # rounds to a finite fp16
+    assert attention(0, q, k, v, 8**-0.5).isfinite().all()
+
+    model = llmspeed.models.tiny("llama", seed=2)
+    with torch.no_grad():  # values of about 6e5 in every layer, the same outputs
+        for layer in model.hf.model.layers:
+            layer.self_attn.v_proj.weight.mul_(1e6)
+            layer.self_attn.o_proj.weight.div_(1e6)
+    prompts, params = [[3, 1, 4, 1, 5], list(range(7, 27))], SamplingParams(max_new_tokens=3, ignore_eos=True)
+    for fused in (False, None) if fused_decode.extension() is not None else (False,):
+        gen = Generator(model, progress=False, kv_cache_tokens=256, kv_cache_dtype="fp16", fused_decode=fused)
+        assert (gen.fused_decode_status == "on") == (fused is None)
+        out = gen.generate_batched(prompts, params)
+        assert [o.finish_reason for o in out] == ["error", "error"], [o.token_ids for o in out]
+        assert all("kv_cache_dtype='fp16' cannot hold" in o.error for o in out)
+    out = Generator(model, progress=False, kv_cache_tokens=256, kv_cache_dtype="bf16").generate_batched(prompts, params)
+    assert [len(o.token_ids) for o in out] == [3, 3]
