@@ -48,9 +48,27 @@ def _kernels() -> Any:
     return triton_kernels
 
 
-def _check_dim(dim: int) -> None:
+def _check(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor | None = None
+) -> None:
+    """``ValueError`` for operands the kernels would misread: they index dense ``[NB, BS, Hkv, D]`` caches
+    (and a dense ``out``) and run ``H / Hkv`` query heads per KV head."""
+    dim = query.shape[-1]
     if dim & (dim - 1) or dim < 16:
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton paged attention; got {dim}")
+    heads, kv_heads = query.shape[-2], key_cache.shape[2]
+    if heads % kv_heads or key_cache.shape[3] != dim or value_cache.shape != key_cache.shape:
+        raise ValueError(
+            f"the Triton paged attention needs query [.., H, D] and equal caches [NB, BS, Hkv, D] with H a multiple "
+            f"of Hkv; got query {tuple(query.shape)}, key_cache {tuple(key_cache.shape)}, "
+            f"value_cache {tuple(value_cache.shape)}"
+        )
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("out", out)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous for the Triton paged attention (it is indexed as a dense tensor); "
+                f"got shape {tuple(t.shape)} with strides {t.stride()}"
+            )
 
 
 def paged_decode(
@@ -65,7 +83,7 @@ def paged_decode(
     n, heads, dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     group = heads // kv_heads
-    _check_dim(dim)
+    _check(query, key_cache, value_cache)
     out = torch.empty(n, heads, dim, device=query.device, dtype=torch.float32)  # [n, H, D]
     q = query.to(key_cache.dtype).contiguous()
     g_pad = max(16, 1 << (group - 1).bit_length())
@@ -121,7 +139,7 @@ def paged_prefill(
     """Causal attention of every prefill chunk's queries over its sequence's paged context, in place in ``out``."""
     _, heads, dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
-    _check_dim(dim)
+    _check(query, key_cache, value_cache, out)
     q = query.to(key_cache.dtype).contiguous()
     grid = (plan.tile_chunk.shape[0], heads)
     _kernels().paged_prefill[grid](

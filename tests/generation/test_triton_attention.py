@@ -154,6 +154,28 @@ def test_attention_choice_and_errors():
     )
 
 
+def test_paged_attention_refuses_operands_the_kernels_would_misread():
+    # the kernels index dense caches and out, and run H / Hkv query heads per KV head: a strided view of a
+    # cache, a strided out or 3 heads over 2 KV heads ran and returned wrong numbers, with no error
+    cache = torch.zeros(8, 16, 4, 16)[:, :, :2]  # [NB, BS, Hkv, D], a view of every other pair of heads
+    dense = cache.contiguous()
+    tables, lens = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"key_cache must be contiguous .* strides \(1024, 64, 16, 1\)"):
+        triton_attention.paged_decode(torch.zeros(1, 4, 16), cache, dense, tables, lens, 0.25)
+    with pytest.raises(ValueError, match="value_cache must be contiguous"):
+        triton_attention.paged_decode(torch.zeros(1, 4, 16), dense, cache, tables, lens, 0.25)
+    with pytest.raises(ValueError, match=r"H a multiple of Hkv; got query \(1, 3, 16\)"):
+        triton_attention.paged_decode(torch.zeros(1, 3, 16), dense, dense, tables, lens, 0.25)
+    with pytest.raises(ValueError, match="head_dim must be a power of two >= 16 .* got 80"):
+        triton_attention.paged_decode(torch.zeros(1, 4, 80), dense, dense, tables, lens, 0.25)
+    plan = triton_attention.prefill_plan([([0, 1], 0, 20, 0)], 16, torch.device("cpu"))
+    query = torch.zeros(20, 4, 16)
+    with pytest.raises(ValueError, match="key_cache must be contiguous"):
+        triton_attention.paged_prefill(query, cache, dense, plan, 0.25, torch.zeros(20, 4, 16))
+    with pytest.raises(ValueError, match=r"out must be contiguous .* shape \(20, 4, 16\)"):
+        triton_attention.paged_prefill(query, dense, dense, plan, 0.25, torch.zeros(20, 4, 32)[:, :, :16])
+
+
 def test_warmup_without_cuda_graphs_is_a_no_op():
     gen = Generator(llmspeed.models.tiny("llama"), progress=False)
     assert gen.graphs is None and gen.warmup() == 0
