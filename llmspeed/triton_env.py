@@ -11,10 +11,12 @@ import os
 
 import torch
 
+_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's getenv_bool takes as set (any case); anything else is off
+
 
 def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 
 
 def unavailable(device: torch.device | str = "cuda") -> str | None:

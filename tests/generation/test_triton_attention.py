@@ -176,6 +176,18 @@ def test_paged_attention_refuses_operands_the_kernels_would_misread():
         triton_attention.paged_prefill(query, dense, dense, plan, 0.25, torch.zeros(20, 4, 32)[:, :, :16])
 
 
+@pytest.mark.parametrize("value", ["1", "true", "ON", "Yes", "y", "", "0", "false", "off", "no", "2"])
+def test_interpreted_reads_triton_interpret_as_triton_does(monkeypatch, value):
+    # "false", "off", "no" (Triton: compile for a GPU) read as "interpreted": on a machine without CUDA the
+    # kernels then claimed to be available, and on a GPU the attention ran its interpreter-only fp32 upcast
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_attention.interpreted() is knobs.runtime.interpret
+    if not knobs.runtime.interpret and not torch.cuda.is_available():
+        assert triton_attention.unavailable("cuda") == "no CUDA device"
+
+
 def test_warmup_without_cuda_graphs_is_a_no_op():
     gen = Generator(llmspeed.models.tiny("llama"), progress=False)
     assert gen.graphs is None and gen.warmup() == 0
