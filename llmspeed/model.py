@@ -220,7 +220,8 @@ class Model:
         """The model's reusable Generator: rebuilt only when the arguments, the model's modules or its tokenizer change.
 
         A fresh generator zero-fills a new KV cache (and recaptures CUDA graphs), so repeated small calls
-        would pay that every time. ``progress`` is applied per call. After tensors changed in place (training),
+        would pay that every time. ``progress`` and the end-of-sequence ids (``generation_config.eos_token_id`` and
+        the tokenizer's, unless ``eos_token_ids`` is given) are read per call. After tensors changed in place (training),
         the kept generator's prefix cache, keys and values of the old weights, is reset.
         """
         from .generation import Generator
@@ -238,6 +239,10 @@ class Model:
             cached[1].blocks.reset_prefix_cache()
             cached = self._cached_generator = (key, cached[1], versions)
         cached[1].progress = progress
+        if kwargs.get("eos_token_ids") is None:  # generation_config or tokenizer eos edited since: read them again
+            from .generation.prompts import eos_ids
+
+            cached[1].eos_token_ids = frozenset(eos_ids(self))
         return cached[1]
 
     def _fingerprint(self) -> tuple:

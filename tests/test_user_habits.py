@@ -215,3 +215,16 @@ def test_a_model_copied_after_generating_generates_on_its_own(llama):
     llmspeed.quantize(twin, "int8")
     twin.generate_batched(prompts, max_new_tokens=4, progress=False)
     assert [o.token_ids for o in llama.generate_batched(prompts, max_new_tokens=4, progress=False)] == before
+
+
+def test_eos_edited_in_the_generation_config_between_calls_is_honoured(llama):
+    """Regression: the kept generator read the end-of-sequence ids once, when it was built, so
+    ``model.hf.generation_config.eos_token_id = ...`` (the transformers habit) after a first ``generate_batched``
+    was ignored: the second call ran past the new eos to ``max_new_tokens``, where a fresh model stopped."""
+    first = llama.generate_batched([[1, 2, 3]], max_new_tokens=8, progress=False)[0].token_ids
+    stop = first[2]
+    llama.hf.generation_config.eos_token_id = stop
+    again = llama.generate_batched([[1, 2, 3]], max_new_tokens=8, progress=False)[0]
+    assert again.finish_reason == "stop" and again.token_ids == first[: first.index(stop) + 1]
+    llama.hf.generation_config.eos_token_id = None  # and back: no eos, the full length again
+    assert llama.generate_batched([[1, 2, 3]], max_new_tokens=8, progress=False)[0].token_ids == first
