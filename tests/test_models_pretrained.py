@@ -100,3 +100,37 @@ def test_smollm2_quantized_while_loading_is_bit_identical(smollm2):
     llmspeed.quantize(smollm2, "int4", group_size=64)
     _same_state(got, smollm2)
     assert got.tokenizer is not None
+
+
+def test_a_head_stored_with_its_own_values_is_not_shared_despite_the_config(tmp_path):
+    """Regression: a folder whose config says tie_word_embeddings=True but which stores an output head with values
+    of its own (transformers loads it untied, with a warning) was read tied: with the head quantized, the input
+    embedding was replaced by rows of the packed head, so every token was embedded with the head's values and the
+    logits were far from those of loading the float folder and calling quantize (0.9 apart)."""
+    import json
+
+    _folder(tmp_path, shard="10MB")  # an untied model: both tensors stored, with different values
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    quant = dict(format="int4", group_size=64, lm_head="int8")
+    got = from_pretrained(tmp_path, quantize=quant)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert hf.lm_head.weight is not hf.model.embed_tokens.weight  # what transformers makes of such a folder
+    want = llmspeed.quantize(hf, "int4", group_size=64, lm_head="int8")
+    _same_state(got, want)
+    with torch.no_grad():
+        assert torch.equal(got.hf(IDS).logits, want.hf(IDS).logits)
+    with pytest.raises(ValueError, match="share_embedding'\\]=True needs an output head tied"):
+        from_pretrained(tmp_path, quantize={**quant, "share_embedding": True})
+    from safetensors.torch import load_file, save_file
+
+    same = tmp_path / "same"  # a tied head stored twice, with equal values: transformers ties it, and it is shared
+    _folder(same, tie=True, shard="10MB")
+    tensors = load_file(same / "model.safetensors")
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, same / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    got = from_pretrained(same, quantize=quant)
+    assert type(got.hf.model.embed_tokens).__name__ == "QuantizedEmbedding"
+    want = llmspeed.quantize(AutoModelForCausalLM.from_pretrained(same), "int4", group_size=64, lm_head="int8")
+    with torch.no_grad():
+        assert torch.equal(got.hf(IDS).logits, want.hf(IDS).logits)

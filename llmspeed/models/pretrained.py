@@ -22,8 +22,9 @@ QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", 
                  "share_embedding", "int8_layers", "lm_head")
 
 
-def _quant_plan(model: Model, options: dict[str, Any]):
-    """``{layer name: QuantConfig}`` from the ``quantize`` dict (the keys of :data:`QUANTIZE_KEYS`)."""
+def _quant_plan(model: Model, options: dict[str, Any], head: str | None):
+    """``{layer name: QuantConfig}`` from the ``quantize`` dict (the keys of :data:`QUANTIZE_KEYS`); ``head``: the
+    tied output head's name (:func:`_tied_head_name`)."""
     from ..quant.api import DEFAULT_LM_HEAD, plan_layers
     from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig
     from ..quant.embedding import unshareable
@@ -57,7 +58,6 @@ def _quant_plan(model: Model, options: dict[str, Any]):
     share = options.get("share_embedding")
     if share not in (None, True, False):
         raise ValueError(f"quantize['share_embedding'] must be None, True or False; got {share!r}")
-    head = _tied_head_name(model)
     why_not = unshareable(plan[head]) if head in plan else None
     if share and (head not in plan or why_not):
         raise ValueError("quantize['share_embedding']=True needs an output head tied to the input embedding "
@@ -66,13 +66,34 @@ def _quant_plan(model: Model, options: dict[str, Any]):
     return plan
 
 
-def _tied_head_name(model: Model) -> str | None:
-    """The output head's name when the config ties it to the input embedding."""
+def _tied_head_name(model: Model, files: list[Path]) -> str | None:
+    """The output head's name when it is tied to the input embedding as transformers ties it: the config says so
+    and ``files`` store no head weight, or one equal to the embedding's (transformers leaves a head stored with
+    values of its own untied, warning that the config says otherwise)."""
     hf = model.module
     if not getattr(hf.config, "tie_word_embeddings", False):
         return None
-    head = hf.get_output_embeddings()
-    return next((n for n, m in hf.named_modules() if m is head), None)
+    head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    name = next((n for n, m in hf.named_modules() if m is head), None)
+    emb_name = next((n for n, m in hf.named_modules() if m is emb), None)
+    if name is None or emb_name is None:
+        return name
+    stored_head, stored_emb = _stored(files, f"{name}.weight"), _stored(files, f"{emb_name}.weight")
+    if stored_head is None or stored_emb is None:
+        return name
+    same = stored_head.shape == stored_emb.shape and torch.equal(stored_head, stored_emb)
+    return name if same else None
+
+
+def _stored(files: list[Path], key: str) -> torch.Tensor | None:
+    """Tensor ``key`` of the first of ``files`` that stores it (memory-mapped), or ``None``."""
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    return None
 
 
 def _keys(files: list[Path]) -> set[str]:
@@ -125,7 +146,8 @@ def from_pretrained(
         raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
     files = shard_files(folder)
     model = skeleton.skeleton(folder, dtype)
-    plan = _quant_plan(model, quantize) if quantize is not None else {}
+    head = _tied_head_name(model, files) if quantize is not None else None  # only a quantized head shares
+    plan = _quant_plan(model, quantize, head) if quantize is not None else {}
     keys = _keys(files)
     for name, config in plan.items():
         skeleton.install(model, name, config, bias=f"{name}.bias" in keys)
@@ -142,7 +164,6 @@ def from_pretrained(
             _quantize_into(model, layer, plan[layer], tensor, file, want, rtn_weight, module_class)
             del tensor  # the float weight is gone before the next one is read
     _quantize_tied_head(model, plan, want, rtn_weight, module_class, folder)
-    head = _tied_head_name(model)
     if head in plan and (quantize or {}).get("share_embedding") is not False:
         from ..quant.embedding import share_tied_embedding, unshareable
 
