@@ -198,6 +198,7 @@ class Model:
         Holds the model's :func:`~llmspeed.protocol.step_lock`: the attention implementation is switched in the
         shared config for the call, so two calls from two threads take turns.
         """
+        _check_ragged(input_ids, positions, logits_indices)
         with step_lock(self.hf), self._attention_implementation(ATTN_IMPLEMENTATION):
             out = self.hf(
                 input_ids=input_ids[None],  # [1, T]
@@ -281,6 +282,25 @@ class Model:
         """Yield per-token events (with their new text) as the continuous-batching generator produces them."""
         sampling = _sampling_from_kwargs(sampling, generator_kwargs)
         yield from self._generator(generator_kwargs).stream(prompts, sampling)
+
+
+def _check_ragged(input_ids: Any, positions: Any, logits_indices: Any) -> None:
+    """``TypeError``/``ValueError`` naming the argument of ``forward_batch`` that is not as it takes them, before
+    the backend stores anything: 1-D integer tensors, one position per token. Metadata only (no device sync).
+
+    An ``int`` for ``logits_indices`` would reach transformers' ``logits_to_keep``, which reads it as "the last
+    N rows", not row N; a boolean mask or a 2-D batch ``[1, T]`` would run with other shapes than the caller's.
+    """
+    for name, t in (("input_ids", input_ids), ("positions", positions), ("logits_indices", logits_indices)):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            got = f"a {str(t.dtype).removeprefix('torch.')} tensor" if isinstance(t, torch.Tensor) else repr(t)
+            raise TypeError(f"{name} must be a 1-D integer (int64) tensor; got {got}")
+        if t.ndim != 1:
+            raise ValueError(f"{name} must be 1-D (the ragged batch flattened: [T] tokens, [N] rows); "
+                             f"got shape {list(t.shape)}")  # fmt: skip
+    if input_ids.shape[0] == 0 or positions.shape != input_ids.shape:
+        raise ValueError(f"input_ids and positions must hold one entry per token (at least one); got "
+                         f"{input_ids.shape[0]} input_ids and {positions.shape[0]} positions")  # fmt: skip
 
 
 def _sampling_from_kwargs(sampling: Any, kwargs: dict[str, Any]) -> Any:

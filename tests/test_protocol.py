@@ -161,6 +161,31 @@ def test_forward_batch_refuses_attention_changes_the_backend_does_not_apply(fami
         torch.testing.assert_close(out[0], model.hf(ids[None]).logits[0, 7], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.arange(3), torch.arange(3), 2), TypeError, r"logits_indices must be a 1-D integer \(int64\) tensor; got 2"),
+    ((torch.arange(3), torch.arange(3), torch.tensor([False, True, True])), TypeError, "logits_indices.*got a bool"),
+    ((torch.arange(3)[None], torch.arange(3)[None], torch.tensor([2])), ValueError, r"input_ids must be 1-D.*\[1, 3\]"),
+    ((torch.arange(3.0), torch.arange(3), torch.tensor([2])), TypeError, "input_ids must be.*got a float32 tensor"),
+    (([1, 2, 3], torch.arange(3), torch.tensor([2])), TypeError, r"input_ids must be.*got \[1, 2, 3\]"),
+    ((torch.arange(3), torch.arange(2), torch.tensor([2])), ValueError, "got 3 input_ids and 2 positions"),
+])  # fmt: skip
+def test_forward_batch_refuses_a_malformed_batch_before_the_backend_stores_it(llama, args, error, match):
+    """Regression: forward_batch checked nothing. ``logits_indices=2`` (an int, not ``tensor([2])``) went to
+    transformers' ``logits_to_keep``, which reads it as "the last 2 rows": two rows of logits came back where row 2
+    was asked for, silently; a boolean mask ran as a mask; other mistakes failed deep in a layer with a shape error
+    naming no argument, some after the backend had stored the tokens' keys and values."""
+    calls = []
+
+    def backend(layer_idx, query, key, value, scaling):
+        calls.append(layer_idx)
+        return torch.zeros(1, query.shape[2], query.shape[1], query.shape[3])
+
+    ids, positions, rows = args
+    with pytest.raises(error, match=match):
+        llama.forward_batch(ids, positions, backend, rows)
+    assert calls == [] and llama.hf.config._attn_implementation != "llmspeed"
+
+
 def test_llmspeed_attention_outside_forward_batch_is_an_error(llama):
     llama.hf.config._attn_implementation = "llmspeed"
     with pytest.raises(RuntimeError, match="only runs inside Model.forward_batch"):
