@@ -66,6 +66,7 @@ def _check_supported(hf: Any) -> None:
     if not isinstance(hf, PreTrainedModel):
         raise TypeError(
             f"hf_model must be a transformers PreTrainedModel causal LM; got {type(hf).__module__}.{name}"
+            f"{_wrapper_hint(hf)}"
         )
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     if getattr(hf.config, "is_encoder_decoder", False) or name not in causal_classes:
@@ -79,6 +80,16 @@ def _check_supported(hf: Any) -> None:
             f"needs to plug in its KV cache; supported: decoder-only models with "
             f"_supports_attention_backend=True (Llama, Qwen2, Qwen3, Mistral, Phi3, Gemma, OLMo, ...)"
         )
+
+
+def _wrapper_hint(obj: Any) -> str:
+    """What to pass instead of a transformers model that another library wrapped (PEFT, ``torch.compile``)."""
+    if callable(getattr(obj, "merge_and_unload", None)) or callable(getattr(obj, "get_base_model", None)):
+        return (" (a PEFT model: pass peft_model.merge_and_unload() to fold the adapter in, or the base model "
+                "with the adapter folder loaded by llmspeed.lora.load_adapter(model, path, name))")  # fmt: skip
+    if isinstance(getattr(obj, "_orig_mod", None), nn.Module):
+        return " (a torch.compile'd model: pass the model it compiled, compiled._orig_mod)"
+    return ""
 
 
 def _check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
@@ -400,5 +411,5 @@ def as_model(model: Any) -> Any:
         return wrapped
     raise TypeError(
         f"model must be an llmspeed.Model (llmspeed.wrap(hf_model, tokenizer) or llmspeed.models.smollm2()) "
-        f"or a transformers causal LM; got {type(model).__module__}.{type(model).__name__}"
+        f"or a transformers causal LM; got {type(model).__module__}.{type(model).__name__}{_wrapper_hint(model)}"
     )

@@ -203,6 +203,20 @@ def test_wrap_rejects_non_causal_models():
         llmspeed.wrap(nn.Linear(2, 2))
 
 
+def test_wrap_of_a_peft_or_compiled_model_says_what_to_pass(llama):
+    """Regression: a PeftModel or a torch.compile'd model (what PEFT and transformers users hold) was refused with
+    "must be a transformers PreTrainedModel causal LM; got peft.peft_model.PeftModel", naming no way forward."""
+    peft = pytest.importorskip("peft")
+
+    peft_model = peft.get_peft_model(llmspeed.models.tiny("llama").hf, peft.LoraConfig(target_modules=["q_proj"], r=2))
+    for verb in (llmspeed.wrap, lambda m: llmspeed.quantize(m, "int8")):
+        with pytest.raises(TypeError, match=r"got peft.*PeftModel \(a PEFT model: pass peft_model.merge_and_unload"):
+            verb(peft_model)
+        with pytest.raises(TypeError, match=r"OptimizedModule \(a torch.compile'd model: pass .*compiled._orig_mod"):
+            verb(torch.compile(llama.hf))
+    assert llmspeed.wrap(peft_model.merge_and_unload()).linear_names() == llama.linear_names()
+
+
 def test_wrap_rejects_models_without_attention_interface(monkeypatch, llama):
     monkeypatch.setattr(type(llama.hf), "_supports_attention_backend", False)
     with pytest.raises(TypeError, match="LlamaForCausalLM does not route attention"):
