@@ -237,7 +237,8 @@ def train(
             optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
         )
         # switched on here and off afterwards, unless the caller's model had it on already (then it stays on)
-        already = bool(getattr(hf, "is_activation_checkpointing", getattr(hf, "is_gradient_checkpointing", False)))
+        flag = "is_activation_checkpointing" if hasattr(type(hf), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        already = bool(getattr(hf, flag, False))  # the newer name first: the older one warns it is deprecated
         checkpointing = gradient_checkpointing and not already and set_checkpointing(hf, True)
         hf.train()
         start = time.perf_counter()
