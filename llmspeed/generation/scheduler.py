@@ -108,7 +108,8 @@ class Scheduler:
         if not self.blocks.can_admit(hits, len(tokens)):
             return False
         self.blocks.admit(seq.seq_id, seq.block_table, hits, len(tokens))
-        seq.num_computed = seq.num_cached = len(hits) * self.blocks.block_size
+        seq.num_computed = len(hits) * self.blocks.block_size
+        seq.num_cached = min(seq.num_computed, len(seq.prompt_ids))  # readmitted after a preemption: outputs hit too
         del seq.block_keys[len(hits) :]
         return True
 

@@ -99,6 +99,23 @@ def test_same_greedy_tokens_with_and_without_prefix_caching(llama, kv_cache_toke
         assert gen.stats.preemptions > 0
 
 
+def test_cached_tokens_counts_only_prompt_tokens_after_a_preemption(llama):
+    """A request preempted after it generated a block's worth of tokens is readmitted with those tokens' blocks
+    cached too; ``cached_tokens`` counts prompt tokens (as documented), never more than the prompt."""
+    gen = Generator(llama, progress=False, prefix_caching=True, block_size=4, kv_cache_tokens=4096)
+    rid = gen.add_request([5, 6, 7], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    events = []
+    while len(gen._seqs[rid].output_ids) < 9:
+        events += gen.step()
+    seq = gen._seqs[rid]
+    gen.scheduler._preempt(seq)  # as the scheduler does when the cache runs out
+    while gen.has_unfinished():
+        events += gen.step()
+    out = events[-1].output
+    assert out.metrics.num_preemptions == 1 and len(out.token_ids) == 12
+    assert 0 < out.metrics.cached_tokens <= out.metrics.prompt_tokens == 3
+
+
 def test_prefix_cache_saves_prefill_and_keys_on_the_adapter(llama):
     from llmspeed import lora
 
