@@ -403,11 +403,7 @@ class Generator:
             seq.token_times.append(now)
             if lp is not None:
                 seq.logprobs.append(lp)
-            reason, text = self._advance(seq, token)
-            if reason is None:
-                events.append(StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp))
-            else:
-                events.append(self._end(seq, reason, token, text, report=False, logprobs=lp))
+            events.append(self._token_event(seq, token, lp, events))
         return path
 
     def _greedy_burst(self, batch: Batch, events: list[StreamEvent]) -> None:
@@ -451,11 +447,23 @@ class Generator:
                 self.scheduler.commit(Batch([Chunk(seq, seq.num_computed, 1)]))
                 seq.output_ids.append(token)
                 seq.token_times.append(now)
-                reason, text = self._advance(seq, token)
-                if reason is None:
-                    events.append(StreamEvent(seq.index, seq.seq_id, token, text))
-                else:
-                    events.append(self._end(seq, reason, token, text, report=False))
+                events.append(self._token_event(seq, token, None, events))
+
+    def _token_event(self, seq: Seq, token: int, lp: Any, events: list[StreamEvent]) -> StreamEvent:
+        """The event of ``seq``'s new ``token`` (its final one when the request ends with it).
+
+        When detokenizing the token raises, the step fails its batch (:meth:`_fail`), but this request's final event,
+        appended to ``events`` first, carries the token: its streamed ids stay its output's ``token_ids``.
+        """
+        try:
+            reason, text = self._advance(seq, token)
+        except Exception as exc:
+            seq.error = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
+            events.append(self._end(seq, "error", token, report=False, logprobs=lp))
+            raise
+        if reason is None:
+            return StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp)
+        return self._end(seq, reason, token, text, report=False, logprobs=lp)
 
     def _tokens_left(self, seq: Seq) -> int:
         """Tokens ``seq`` may still take before it ends with ``"length"``."""

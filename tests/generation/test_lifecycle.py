@@ -130,6 +130,28 @@ def test_a_tokenizer_whose_decode_raises_fails_its_batch_and_every_request_still
         assert engine.loop_errors == 0
 
 
+def test_the_token_whose_decode_raised_is_streamed_with_its_request_s_final_event(llama):
+    class Fails(_DecodeFails):
+        calls = 0
+
+        def decode(self, ids, skip_special_tokens=False):
+            Fails.calls += 1
+            if Fails.calls == 12:  # mid-step, in the second request's detokenizer
+                raise IndexError("piece id is out of range")
+            return bytes(ids).decode("latin-1")
+
+    llama.tokenizer = Fails()
+    events: dict[int, list] = {}
+    for event in Generator(llama, progress=False).stream([[1, 2, 3], [4, 5]], SP):
+        events.setdefault(event.request_id, []).append(event)
+    for evs in events.values():  # the token sampled before the raise was in token_ids, never in an event
+        out = evs[-1].output
+        assert out.finish_reason == "error" and "IndexError" in out.error
+        assert [e.token_id for e in evs if e.token_id is not None] == out.token_ids
+        assert "".join(e.text for e in evs) == out.text
+    assert events[1][-1].token_id is not None
+
+
 def test_keyboard_interrupt_mid_step_keeps_events_and_fails_the_batch(llama, monkeypatch):
     gen = Generator(llama, progress=False, max_seqs=2)
     rids = [gen.add_request(p, SP) for p in _prompts(4, seed=5)]
