@@ -48,12 +48,17 @@ class MergeReport:
     error_vs_update: float
 
 
-def _like_the_model(model: CausalLM, layer: nn.Module) -> nn.Module:
-    """``layer`` (a float ``nn.Linear`` a merge made or an unmerge restores) given the per-call 16-bit matmul that a
-    cast installed on the model's other linears (:mod:`llmspeed.precision.cpu_matmul`): on a CPU whose cast model
-    hands out fp32 activations, a 16-bit layer without it would be called with fp32 inputs and fail."""
+def _cast_matmul(model: CausalLM) -> bool:
+    """Whether a cast installed the per-call 16-bit matmul (:mod:`llmspeed.precision.cpu_matmul`) on the model."""
     root = model.module
-    if type(layer) is nn.Linear and (cpu_matmul.installed(root) or cpu_matmul.embedding_installed(root)):
+    return bool(cpu_matmul.installed(root) or cpu_matmul.embedding_installed(root))
+
+
+def _like_the_model(layer: nn.Module, cast_matmul: bool) -> nn.Module:
+    """``layer`` (a float ``nn.Linear`` a merge made or an unmerge restores) given the cast's per-call 16-bit matmul
+    where the model's other linears have it (``cast_matmul``, :func:`_cast_matmul`): on a CPU whose cast model hands
+    out fp32 activations, a 16-bit layer without it would be called with fp32 inputs and fail."""
+    if cast_matmul and type(layer) is nn.Linear:
         cpu_matmul.install(layer)
     return layer
 
@@ -167,6 +172,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
         elif requantize:
             _check_requantizable(name, layer_name, layer.base_layer)
     counts = Counter(id(p) for _, p in model.module.named_parameters(remove_duplicate=False))
+    cast_matmul = _cast_matmul(model)  # read once: the walk over every module is the same for each layer
     max_abs, worst, requantized = 0.0, 0.0, 0
     for layer in layers:
         if is_quantized(layer.base_layer):
@@ -179,7 +185,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
                 _merge_into_copy(layer, name, weight)
             else:
                 weight.add_(layer.delta_weight(name).to(weight.dtype))
-        _like_the_model(model, layer.base_layer)
+        _like_the_model(layer.base_layer, cast_matmul)
         layer.merged = (*layer.merged, name)
     report = MergeReport(name, len(layers), requantized, max_abs, worst)
     if requantized:
@@ -210,9 +216,10 @@ def unmerge(model: CausalLM, name: str) -> None:
                 f"adapter {layer.merged[-1]!r} was merged into the same re-quantized layers after {name!r}; "
                 f"unmerge {layer.merged[-1]!r} first"
             )
+    cast_matmul = _cast_matmul(model)
     for layer in layers:
         if name in layer.premerge:
-            layer.base_layer = _like_the_model(model, layer.premerge.pop(name))
+            layer.base_layer = _like_the_model(layer.premerge.pop(name), cast_matmul)
         else:
             weight = _float_weight(layer.base_layer)
             weight.sub_(layer.delta_weight(name).to(weight.dtype))
