@@ -52,7 +52,7 @@ from types import ModuleType
 
 import torch
 
-from .machine import UnsafeCacheError, cache_root, cpu_identity, private_dir
+from .machine import UnsafeCacheError, cache_root, cpu_identity, private_dir, switched_off
 
 try:
     import fcntl
@@ -257,7 +257,7 @@ def build(
     this list (a process with an older list could otherwise cache a library that lacks a new function).
     """
     setting = os.environ.get(DISABLE_ENV, "")
-    if setting.strip().lower() not in ("", "0", "false", "no", "off"):  # the spellings LLMSPEED_AUTOTUNE reads as off
+    if setting.strip() and not switched_off(setting):  # empty or an off value: not disabled
         return None, f"disabled by {DISABLE_ENV}={setting!r}"
     if compiler() is None:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"

@@ -17,6 +17,13 @@ from functools import lru_cache
 from pathlib import Path
 
 CACHE_ENV = "LLMSPEED_CACHE"
+OFF_VALUES = ("0", "false", "no", "off")  # how an environment switch is turned off (any case, spaces around)
+
+
+def switched_off(setting: str) -> bool:
+    """Whether an environment variable's value is one of :data:`OFF_VALUES` (``LLMSPEED_AUTOTUNE``, and
+    ``LLMSPEED_DISABLE_CPP`` read the other way round)."""
+    return setting.strip().lower() in OFF_VALUES
 
 
 def cache_root() -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ...machine import UnsafeCacheError, cache_root, cpu_identity, private_dir
+from ...machine import UnsafeCacheError, cache_root, cpu_identity, private_dir, switched_off
 from ...timing import cpu_ms
 
 AUTOTUNE_ENV = "LLMSPEED_AUTOTUNE"
@@ -37,10 +37,9 @@ def enabled() -> bool:
     ``0``, ``false``, ``no``, ``off`` turn timing off; ``1``, ``true``, ``yes``, ``on`` (or empty) keep it on;
     any other value keeps it on with one warning naming the value."""
     setting = os.environ.get(AUTOTUNE_ENV, "1")
-    value = setting.strip().lower()
-    if value in ("0", "false", "no", "off"):
+    if switched_off(setting):
         return False
-    if value not in ("", "1", "true", "yes", "on"):
+    if setting.strip().lower() not in ("", "1", "true", "yes", "on"):
         _warn_once(f"llmspeed: {AUTOTUNE_ENV}={setting!r} is not one of 1, 0, true, false, yes, no, on, off: "
                    f"kernel timing stays on (set {AUTOTUNE_ENV}=0 to turn it off)")  # fmt: skip
     return True
