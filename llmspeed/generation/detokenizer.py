@@ -77,9 +77,10 @@ class Detokenizer:
         self.sent = end
         return delta
 
-    def finish(self) -> str:
-        """The request ended: flush held-back text and any undecoded tail (searched for stop strings too: a token
-        whose text ends in part of a character was held back with the text before it); return what is released."""
+    def finish(self, check_stop: bool = True) -> str:
+        """The request ended: flush held-back text and any undecoded tail (searched for stop strings too, unless
+        ``check_stop=False`` as before ``min_tokens``: a token whose text ends in part of a character was held back
+        with the text before it); return what is released."""
         if self.tokenizer is None:
             return ""
         if not self.stopped and self.read < len(self.ids):
@@ -87,6 +88,6 @@ class Detokenizer:
             start = len(self.text)
             self.text += self._decode(self.ids[self.prefix :])[len(before) :]
             self.prefix = self.read = len(self.ids)
-            if self.stop:
+            if check_stop and self.stop:
                 self._find_stop(start)
         return self._release(final=True)

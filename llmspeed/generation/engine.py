@@ -502,7 +502,7 @@ class Generator:
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
         try:
-            text += seq.detok.finish()
+            text += seq.detok.finish(check_stop=len(seq.output_ids) >= seq.params.min_tokens)
         except Exception as exc:  # a tokenizer whose decode raises: the request still gets its final event
             seq.finish_reason = "error"
             seq.error = seq.error or f"decoding its output raised {type(exc).__name__}: {exc}"

@@ -23,7 +23,7 @@ def _run(tokens, stop, tokenizer=None, min_checked=0):
         if d.stopped:
             finished = True
             break
-    pieces.append(d.finish())
+    pieces.append(d.finish(check_stop=len(tokens) >= min_checked))
     return pieces, d, finished
 
 
@@ -87,6 +87,13 @@ def test_a_stop_string_in_the_tail_held_back_for_a_partial_character_is_found_at
     assert d.stopped and d.text == "ok "
 
 
+def test_a_stop_string_in_the_flushed_tail_is_not_checked_before_min_tokens():
+    """Regression: ``finish`` searched the held-back tail for stop strings even when the request ended (at its
+    context limit) before ``min_tokens``, cutting text that ``add`` would not have cut there."""
+    pieces, d, _ = _run([3, 0, 1], ["STOP"], Pieces(), min_checked=4)
+    assert not d.stopped and d.text.startswith("ok STOP") and "".join(pieces) == d.text
+
+
 def test_the_generator_reports_stop_for_a_stop_string_found_in_the_flushed_tail(llama, monkeypatch):
     """The same through the Generator: its sampler scripted to write "ok ", "S", "TOP\\xe2" and stop at
     ``max_new_tokens=3``: the text ends before "STOP" and the finish reason is "stop", not "length"."""
@@ -105,6 +112,27 @@ def test_the_generator_reports_stop_for_a_stop_string_found_in_the_flushed_tail(
         [[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True, stop=("STOP",)))[0]  # fmt: skip
     assert out.token_ids == [3, 0, 1]
     assert out.finish_reason == "stop" and out.text == "ok "
+
+
+def test_the_generator_does_not_cut_at_a_stop_string_before_min_tokens_at_the_context_limit(llama, monkeypatch):
+    """Regression: a request ended by the cache's capacity before ``min_tokens`` had its held-back tail searched
+    for stop strings: its text was cut at "STOP" and its finish reason turned to "stop"."""
+    from llmspeed.generation import Generator, SamplingParams
+    from llmspeed.generation import engine as engine_module
+
+    script, real = iter([3, 0, 1]), engine_module.sample_batch
+
+    def scripted(logits, params, generators, rows):
+        tokens, logprobs = real(logits, params, generators, rows)
+        return [next(script) for _ in tokens], logprobs
+
+    monkeypatch.setattr(engine_module, "sample_batch", scripted)
+    llama.tokenizer = Pieces()
+    gen = Generator(llama, progress=False, kv_cache_tokens=6, block_size=2)
+    params = SamplingParams(max_new_tokens=5, min_tokens=5, ignore_eos=True, stop=("STOP",))
+    out = gen.generate_batched([[5, 6, 7]], params)[0]
+    assert out.token_ids == [3, 0, 1]
+    assert out.finish_reason == "length" and out.text.startswith("ok STOP")
 
 
 def test_no_tokenizer_gives_no_text():
