@@ -67,6 +67,11 @@ def check_device(device: object, arg: str = "device") -> torch.device:
         dev = torch.device(device)  # type: ignore[call-overload]  # anything else is refused below
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{arg} must be a torch device such as 'cpu' or 'cuda'; got {device!r}") from err
+    if dev.type == "meta":
+        raise ValueError(f"{arg}='meta' holds no data: the weights would be dropped; use {arg}='cpu' or 'cuda'")
+    backend = getattr(torch, dev.type, None)
+    if dev.type not in ("cpu", "cuda") and not (backend is not None and backend.is_available()):
+        raise ValueError(f"{arg}={device!r}: this torch build has no usable {dev.type} backend; use {arg}='cpu'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"{arg}={device!r}, but CUDA is not available here (torch {torch.__version__}: "

@@ -116,6 +116,17 @@ def test_load_on_cuda_without_cuda_says_so(tmp_path):
         llmspeed.models.from_pretrained(tmp_path, device="cuda")
 
 
+def test_load_onto_meta_or_an_absent_backend_is_refused(tmp_path):
+    """Regression: ``load(device="meta")`` returned a model whose every weight was dropped, silently."""
+    llmspeed.save(llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8"), tmp_path)
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        llmspeed.load(tmp_path, device="meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="device='mps': this torch build has no usable mps backend"):
+            llmspeed.load(tmp_path, device="mps")
+    assert llmspeed.load(tmp_path, device="cpu").spec.num_layers == 2
+
+
 def test_load_of_a_file_names_the_folder_to_pass(tmp_path):
     llmspeed.save(llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8"), tmp_path)
     weights = next(tmp_path.glob("*.safetensors"))
