@@ -172,7 +172,12 @@ class Model:
             yield name, self.hf.get_submodule(name)
 
     def replace_linear(self, name: str, module: nn.Module) -> nn.Module:
-        """Swap the module at linear position ``name`` for ``module``; return the old one."""
+        """Swap the module at linear position ``name`` for ``module``; return the old one.
+
+        Raises:
+            ValueError: ``name`` is not a linear position, or ``module``'s ``in_features``/``out_features``
+                differ from the layer's there (the model is left unchanged).
+        """
         if name not in self._linear_set:
             raise ValueError(
                 f"name must be a linear position of this model; got {name!r}. "
@@ -183,6 +188,12 @@ class Model:
         parent_name, _, child = name.rpartition(".")
         parent = self.hf.get_submodule(parent_name) if parent_name else self.hf
         old = getattr(parent, child)
+        shape = lambda m: (getattr(m, "in_features", None), getattr(m, "out_features", None))  # noqa: E731
+        if None not in shape(old) + shape(module) and shape(module) != shape(old):
+            raise ValueError(
+                f"module for {name!r} maps {shape(module)[0]} -> {shape(module)[1]} features, but the layer there "
+                f"maps {shape(old)[0]} -> {shape(old)[1]}; pass a module of the same in_features and out_features"
+            )
         setattr(parent, child, module)
         return old
 

@@ -266,3 +266,12 @@ def test_wrap_of_a_model_takes_the_tokenizer_given(llama):
     with pytest.raises(ValueError, match="tokenizer does not match the model"):
         llmspeed.wrap(model, type("Big", (Tokenizer,), {"__len__": lambda self: 1000})())
     assert model.tokenizer is tok  # a refused tokenizer changes nothing
+
+
+def test_replace_linear_rejects_a_module_of_other_features(llama):
+    """Regression: a module of the wrong shape was put in place and the model failed at its next forward."""
+    name = "model.layers.0.mlp.down_proj"
+    old = llama.hf.get_submodule(name)
+    with pytest.raises(ValueError, match=f"module for '{name}' maps 3 -> {old.out_features} features"):
+        llama.replace_linear(name, nn.Linear(3, old.out_features))
+    assert llama.hf.get_submodule(name) is old
