@@ -320,9 +320,8 @@ class Generator:
         call when the exception is a ``KeyboardInterrupt`` or similar, which is re-raised).
         """
         with self._exclusive("step"):
+            self._follow_adapter_changes()  # before taking events: if it raises, they stay queued, never lost
             events = self._take_pending()
-            self._follow_adapter_changes()
-            events += self._take_pending()
             batch = self.scheduler.schedule()
             if not batch.chunks:
                 return events

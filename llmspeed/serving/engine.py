@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from ..protocol import CausalLM
 from .handle import RequestHandle
 
 Prompt = str | Sequence[int] | Sequence[dict]
+MAX_FAILING_TURNS = 8  # a step raising this many turns in a row (before touching a request) ends the requests held
 ENGINE_DIED = "the engine thread died"  # how the error of a request ended by the engine thread's death begins
 
 
@@ -65,6 +67,7 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.loop_errors = 0  # exceptions outside a step (a bug if ever non-zero); the loop survives them
+        self._failing = 0  # turns in a row whose step raised: the requests held are ended at MAX_FAILING_TURNS
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._cv), name="llmspeed-engine",
                                         daemon=True)
         self._thread.start()
@@ -170,9 +173,26 @@ class Engine:
                     self._dispatch(gen.step())
                 return False
             self._dispatch(gen.step())
-        except Exception:  # never lose the thread: the generator already failed what its step touched
+            self._failing = 0
+        except Exception as exc:  # never lose the thread: the generator already failed what its step touched
             self.loop_errors += 1
+            self._failing += 1
+            if self._failing >= MAX_FAILING_TURNS:  # raising before any request is touched: end them, not spin
+                self._fail_held(f"the engine's step raised {self._failing} times in a row: {type(exc).__name__}: {exc}")
+            time.sleep(min(0.001 * 2**self._failing, 0.5))  # back off rather than spin a core on a repeating fault
         return True
+
+    def _fail_held(self, message: str) -> None:
+        """End every request this engine holds with ``message`` (finish reason ``"error"``)."""
+        self._failing = 0
+        handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            try:
+                self.generator.abort(handle.request_id)
+            except Exception:
+                pass
+            if not handle.done():
+                handle._deliver(_ended(message, handle.request_id))
 
     # --- state ----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:

@@ -468,3 +468,33 @@ def test_a_step_that_kills_the_engine_thread_ends_the_running_requests(llama, mo
         events = list(h)  # the stream ends too, with its final event
         assert events[-1].finished and "step died" in events[-1].output.error
     engine.close(timeout=5)
+
+
+def test_a_step_that_always_raises_before_scheduling_ends_the_requests_instead_of_spinning(llama, monkeypatch):
+    """Regression: a fault raised by every step before the scheduler ran (here: the adapter check) touched no
+    request, so none ended: the engine thread spun a core forever and every caller waited forever."""
+    from llmspeed.serving import engine as serving_engine
+
+    with llmspeed.Engine(llama) as engine:
+        monkeypatch.setattr(engine.generator, "_follow_adapter_changes",
+                            lambda: (_ for _ in ()).throw(RuntimeError("injected pre-step fault")))
+        out = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
+        assert out.finish_reason == "error" and "injected pre-step fault" in out.error
+        assert f"raised {serving_engine.MAX_FAILING_TURNS} times in a row" in out.error
+        monkeypatch.undo()  # the fault gone, the same engine serves again
+        again = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
+        assert again.finish_reason == "length" and len(again.token_ids) == 4
+
+
+def test_events_queued_before_a_raising_adapter_check_are_not_lost(llama, monkeypatch):
+    """Regression: ``step`` took the queued events (an abort's final event) before the adapter check; when that
+    raised, they were dropped and the aborted request never ended."""
+    gen = Generator(llama, progress=False)
+    rid = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=4))
+    gen.abort(rid)
+    monkeypatch.setattr(gen, "_follow_adapter_changes", lambda: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        gen.step()
+    monkeypatch.undo()
+    events = gen.step()
+    assert [(e.request_id, e.finished, e.output.finish_reason) for e in events] == [(rid, True, "abort")]
