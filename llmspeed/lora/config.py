@@ -10,8 +10,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
+from ..names import CANONICAL_DTYPES, dtype_name
+
 INITS = ("zeros", "random")
 ALL_LINEAR = "all-linear"
+#: The dtypes adapter matrices may have (float8 types cannot be initialised or multiplied by the layers).
+ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def adapter_dtype(dtype: object) -> torch.dtype:
+    """The torch dtype of adapter matrices for ``dtype``: one of :data:`ADAPTER_DTYPES` or any spelling of
+    fp32/fp16/bf16 that :mod:`llmspeed.names` knows (``"bf16"``, ``"float16"``, ``"half"``); else ``ValueError``."""
+    name = dtype_name(dtype)
+    resolved = CANONICAL_DTYPES.get(name) if isinstance(name, str) else dtype
+    if resolved not in ADAPTER_DTYPES:
+        accepted = ", ".join(str(d) for d in ADAPTER_DTYPES)
+        raise ValueError(f"dtype must be a floating-point dtype for adapter matrices ({accepted}, or a name such as "
+                         f"'bf16' or 'float16'); got {dtype!r}")  # fmt: skip
+    return resolved  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 
 from ..model import as_model
 from ..protocol import CausalLM
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, LoraConfig, adapter_dtype
 from .layer import LoraLinear, check_adapter_name
 
 _REGISTRY = "_llmspeed_lora"
@@ -125,7 +125,7 @@ def add_adapter(
     dropout: float = 0.0,
     init: str = "zeros",
     use_rslora: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     config: LoraConfig | None = None,
 ) -> LoraConfig:
     """Add LoRA adapter ``name`` to ``model`` and make it the active one.
@@ -135,7 +135,8 @@ def add_adapter(
         name: A new adapter name (identifier-like).
         r, alpha, targets, dropout, init, use_rslora: See :class:`LoraConfig`; ignored when
             ``config`` is given.
-        dtype: Dtype of the adapter matrices (fp32 by default, also on a bf16 or quantized base).
+        dtype: Dtype of the adapter matrices (fp32 by default, also on a bf16 or quantized base): fp32, bf16,
+            fp16 or fp64, as a torch dtype or a name (``"bf16"``, ``"float16"``: :mod:`llmspeed.names`).
         config: A ready :class:`LoraConfig` instead of the keyword arguments.
 
     Returns:
@@ -153,8 +154,7 @@ def add_adapter(
             f"adapter {name!r} already exists on this model (adapters: {adapter_names(model)}); "
             f"pick another name or call lora.delete_adapter(model, {name!r}) first"
         )
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
+    dtype = adapter_dtype(dtype)  # "bf16", torch.float16, ...; float8 and integer dtypes are refused here
     if config is None:
         config = LoraConfig(
             r=r,

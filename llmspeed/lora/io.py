@@ -22,7 +22,7 @@ import torch
 
 from ..names import folder_path
 from ..protocol import CausalLM
-from .config import LoraConfig
+from .config import LoraConfig, adapter_dtype
 from .inject import (
     active_adapter,
     adapter_names,
@@ -187,7 +187,7 @@ def _pattern_value(pattern: dict, pos: str, default):
 
 
 def load_adapter(
-    model: CausalLM, path: str | Path, name: str, dtype: torch.dtype = torch.float32
+    model: CausalLM, path: str | Path, name: str, dtype: torch.dtype | str = torch.float32
 ) -> LoraConfig:
     """Load the adapter in folder ``path`` (ours or PEFT's) onto ``model`` as ``name`` and activate it.
 
@@ -195,7 +195,7 @@ def load_adapter(
         model: The model to add the adapter to (float or quantized base).
         path: The adapter folder.
         name: A new adapter name.
-        dtype: Floating-point dtype of the adapter matrices.
+        dtype: Dtype of the adapter matrices: fp32, bf16, fp16 or fp64, as a torch dtype or a name (``"bf16"``).
 
     Raises:
         FileNotFoundError: the folder lacks the two files.
@@ -205,8 +205,7 @@ def load_adapter(
             layer, registry entry, active adapter or frozen flag changes).
     """
     check_adapter_name(name)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.float32); got {dtype!r}")
+    dtype = adapter_dtype(dtype)  # "bf16", torch.float16, ...; float8 and integer dtypes are refused here
     if name in registry(model):
         raise ValueError(f"adapter {name!r} already exists on this model (adapters: {adapter_names(model)})")
     folder = folder_path(path, "path")

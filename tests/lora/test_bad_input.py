@@ -55,6 +55,29 @@ def test_bad_hyper_parameters(llama, kwargs, message):
     assert_unchanged(llama, snap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8, "float64x", None])
+def test_bad_adapter_dtype_is_named(llama, tmp_path, dtype):
+    """float8 passed the old floating-point check and failed inside torch's initialiser with
+    NotImplementedError ("check_uniform_bounds" not implemented); now every verb names the argument."""
+    lora.add_adapter(llama, "a", r=2, init="random")
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    snap = snapshot(llama)
+    for verb in (lambda: lora.add_adapter(llama, "b", dtype=dtype), lambda: lora.load_adapter(llama, folder, "b", dtype=dtype)):
+        with pytest.raises(ValueError, match=r"dtype must be a floating-point dtype .*'bf16'.*; got"):
+            verb()
+        assert_unchanged(llama, snap)
+
+
+@pytest.mark.parametrize("spelling, dtype", [("bf16", torch.bfloat16), ("half", torch.float16), ("float32", torch.float32)])
+def test_adapter_dtype_takes_the_names_every_verb_takes(llama, tmp_path, spelling, dtype):
+    """README: llmspeed/names.py holds "the dtype and format spellings every verb accepts"; the LoRA verbs refused them."""
+    lora.add_adapter(llama, "a", r=2, init="random", dtype=spelling)
+    assert {p.dtype for p in lora.trainable_parameters(llama, "a")} == {dtype}
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    lora.load_adapter(llama, folder, "b", dtype=spelling)
+    assert {p.dtype for p in lora.trainable_parameters(llama, "b")} == {dtype}
+
+
 @pytest.mark.parametrize("targets", [["qq_proj"], "attn.*", "nothing"])
 def test_targets_matching_nothing_lists_module_names(llama, targets):
     snap = snapshot(llama)

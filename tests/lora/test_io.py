@@ -80,7 +80,7 @@ def test_load_adapter_refuses_integer_dtype_and_leaves_model_usable(tmp_path, ll
     folder = lora.save_adapter(llama, tmp_path / "a", "a")
     fresh = llmspeed.models.tiny("llama", seed=0)
     before = _state(fresh)
-    with pytest.raises(ValueError, match=r"dtype must be a floating-point torch dtype.*torch.int8"):
+    with pytest.raises(ValueError, match=r"dtype must be a floating-point dtype.*torch.int8"):
         lora.load_adapter(fresh, folder, "b", dtype=torch.int8)
     assert _state(fresh) == before
     llmspeed.quantize(fresh, "int4", group_size=32)
