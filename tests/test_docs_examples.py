@@ -10,6 +10,8 @@ The rules (also in docs/reproduce.md, "The examples are tested"):
 - ``LLMSPEED_EXAMPLES_QUICK=1`` (this module sets it unless it is set to ``0``) shrinks the sizes in
   keyword arguments (``steps=``, ``max_new_tokens=``, ...; see :data:`QUICK_CAPS`) so that all pages run in
   a few minutes on 2 CPU cores; the notebooks read the same variable.
+- The ``::`` example blocks of the packages' docstrings (``llmspeed.lora``, ``llmspeed.qat``) run in order too,
+  on a tiny random model.
 """
 
 from __future__ import annotations
@@ -129,3 +131,43 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # examples may warn on purpose (lora.merge on a quantized base)
             exec(code, namespace)
+
+
+def docstring_block(doc: str) -> str:
+    """The indented example after the first line of ``doc`` that ends in ``::`` (reST literal block), dedented."""
+    import textwrap
+
+    lines = doc.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.rstrip().endswith("::")) + 1
+    body = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith(" "):
+            break
+        body.append(line)
+    return textwrap.dedent("\n".join(body)).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["llmspeed.lora", "llmspeed.qat", "llmspeed.qat.api"])
+def test_package_docstring_examples_run_in_order(module, tmp_path, monkeypatch):
+    """The example blocks of the packages' docstrings run top to bottom on a tiny model (quick sizes).
+
+    ``llmspeed.lora``'s called ``merge_and_unload`` while the ``"sql2"`` it had loaded was still there
+    (a ``ValueError``), then ``per_token_adapters`` on the unloaded model; ``llmspeed.qat.api``'s passed
+    ``steps=...``."""
+    import importlib
+
+    import torch
+
+    import llmspeed
+
+    monkeypatch.chdir(tmp_path)
+    source = quick(docstring_block(importlib.import_module(module).__doc__ or ""))
+    source = source.replace("model.forward_batch(...)", "pass")  # the one call left to the reader's batch
+    namespace = {
+        "llmspeed": llmspeed, "lora": llmspeed.lora, "qat": llmspeed.qat, "names": ["sql", None],
+        "model": llmspeed.models.tiny("llama", seed=0), "texts": torch.randint(0, 256, (4096,)),
+    }  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(source, module, "exec"), namespace)

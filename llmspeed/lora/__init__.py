@@ -8,9 +8,10 @@
     lora.save_adapter(model, "out/sql", "sql"); lora.load_adapter(model, "out/sql", "sql2")
     lora.set_adapter(model, "sql")
     with lora.disabled(model): ...                       # base model alone
-    lora.merge(model, "sql"); lora.unmerge(model, "sql")
-    lora.merge_and_unload(model, "sql"); llmspeed.save(model, "out/merged")   # a plain model again
     with lora.per_token_adapters(model, names): model.forward_batch(...)   # one adapter per token
+    lora.merge(model, "sql"); lora.unmerge(model, "sql")
+    lora.delete_adapter(model, "sql2")                   # merge_and_unload refuses to drop an adapter silently
+    lora.merge_and_unload(model, "sql"); llmspeed.save(model, "out/merged")   # a plain model again
 """
 
 from .batching import per_row_adapters, per_token_adapters

@@ -3,7 +3,7 @@
 ::
 
     qat.prepare(model, "int4", group_size=64)    # linears -> FakeQuantLinear (scales chosen by init)
-    llmspeed.finetune(model, texts, steps=..., precision="bf16")
+    llmspeed.finetune(model, texts, steps=100, precision="bf16")
     qat.convert(model)                           # FakeQuantLinear -> Int4Linear, what quantize() makes
 
 ``prepare`` plans the layers exactly as :func:`llmspeed.quantize` with ``lm_head=None`` does (same
