@@ -28,7 +28,8 @@ def memory_footprint(model: CausalLM) -> dict[str, int]:
         ``{"total", "linear", "embedding", "adapters", "other"}`` in bytes. ``linear`` is
         everything at the model's linear positions (packed weights, scales and zero points of
         quantized layers included), except LoRA adapter matrices, which are ``adapters``.
-        A weight tied between the embedding and the output head counts once, as ``embedding``. The layers a
+        A float weight tied between the embedding and the output head counts once, as ``embedding``; a quantized
+        head that also serves as the input embedding (``quantize``'s default for a tied head) counts as ``linear``. The layers a
         LoRA merge replaced and keeps for unmerge (a quantized base re-quantized, a tied head merged into a copy)
         count as ``linear``: they stay in memory until unmerge or ``merge_and_unload``.
     """

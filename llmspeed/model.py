@@ -385,7 +385,7 @@ def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:
 
     A transformers model that a verb already wrapped and changed (``llmspeed.quantize(hf_model, ...)``)
     gets that same wrapper back, which knows where its quantized layers sit; so does a ``Model``. Either way a
-    ``tokenizer`` given is checked and set on it (``llmspeed.wrap(llmspeed.models.tiny(), tokenizer)``).
+    ``tokenizer`` given is checked and set on it (``llmspeed.wrap(llmspeed.models.tiny(vocab_size=len(tokenizer)), tokenizer)``: the vocabularies must agree).
     """
     earlier = hf_model if isinstance(hf_model, Model) else getattr(hf_model, _WRAPPER, None)
     if isinstance(earlier, Model):
