@@ -103,9 +103,9 @@ def _layers(names: list[str]) -> str:
 def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto") -> CausalLM:
     """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
 
-    Norm weights and rotary tables stay in fp32 (see the module docstring). Casting back to
-    fp32 restores the fp32 dtypes and the per-call matmul (the weights keep their 16-bit rounding). LoRA adapters keep the dtype they were added with (fp32 by default), as an adapter
-    added after the cast does. A quantized model cannot be cast: cast first, then quantize. A model prepared
+    Norm weights and rotary tables stay in fp32 (see the module docstring). Casting back to fp32 gives fp32
+    dtypes and plain fp32 forwards again; the weights keep their 16-bit rounding. LoRA adapters keep the dtype
+    they were added with (fp32 by default), as an adapter added after the cast does. A quantized model cannot be cast: cast first, then quantize. A model prepared
     for quantization-aware training (:func:`llmspeed.qat.prepare`) can only be cast to fp32 (``ValueError``
     for 16 bits, which would round its fp32 grids): cast first, then prepare.
 
