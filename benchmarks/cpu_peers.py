@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmspeed.bench.cpu_peers import FORMATS, run
+from llmspeed.bench.cpu_peers import FORMATS, MAX_BLOCKS, run
 from llmspeed.timing import markdown_table
 
 
@@ -21,7 +21,7 @@ def main() -> None:
                              "report medians and the median of the rounds' ratios (a shared host's drift)")
     parser.add_argument("--interleave", type=int, default=None,
                         help="blocks of the one-sequence decode column timed between llama.cpp's blocks "
-                             "(default 12, 4 with --quick; 0: none; at most 33)")
+                             f"(default 12, 4 with --quick; 0: none; at most {MAX_BLOCKS})")
     args = parser.parse_args()
     rows = run(quick=args.quick, formats=args.formats, rounds=args.rounds, interleave=args.interleave)
     print(markdown_table([{k: v for k, v in r.items() if k != "table"} for r in rows]))

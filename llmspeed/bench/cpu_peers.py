@@ -67,6 +67,9 @@ PROMPT_TOKENS = 400  # pydoc tokens each format reads: prompts, then the tokens 
 PREFIX = 128  # prompt tokens prefilled before the decode steps of both systems (the decode context)
 BLOCKS = 12  # default blocks of the interleaved one-sequence decode column (4 with quick)
 BLOCK_STEPS = 8  # decode steps a block; each block is summarized by its median step
+# llama.cpp's side of the interleaved column feeds prompt tokens after the prefix: one untimed step, then a block
+# before llmspeed's first and one after each, 1 + (blocks + 1) x BLOCK_STEPS steps of PROMPT_TOKENS - PREFIX
+MAX_BLOCKS = (PROMPT_TOKENS - PREFIX - 1) // BLOCK_STEPS - 1
 SETTLE_S = 0.02  # pause before each block of the interleaved column
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
 # a CPU with AMX (Sapphire Rapids and later): ggml's AMX matmul crashes there, its other native kernels do not
@@ -533,7 +536,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
     if interleave is None:
         interleave = 4 if quick else BLOCKS
-    most = (PROMPT_TOKENS - PREFIX - 1) // BLOCK_STEPS  # the steps must stay within the prompt's tokens
+    most = MAX_BLOCKS
     if not isinstance(interleave, int) or not 0 <= interleave <= most:
         raise ValueError(f"interleave must be an int of 0 to {most} blocks; got {interleave!r}")
     if device != "cpu" or model != "smollm2":

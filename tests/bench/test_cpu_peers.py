@@ -106,8 +106,8 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     assert interleaved.calls[-1] == (["fp32"], "F32", 2, True)
     (row,) = cpu_peers.run(formats=["fp32"], quick=True, interleave=0)
     assert len(interleaved.calls) == 2 and "interleaved" not in row  # 0 blocks: no column, no child
-    for bad in (-1, 34, 2.5):  # 34 blocks of 8 steps would feed more tokens than the 400 read
-        with pytest.raises(ValueError, match=f"interleave must be an int of 0 to 33 blocks; got {bad}"):
+    for bad in (-1, 33, 2.5):  # 33 blocks: llama.cpp's side would step 1 + 34 x 8 of the 272 tokens after the prefix
+        with pytest.raises(ValueError, match=f"interleave must be an int of 0 to 32 blocks; got {bad}"):
             cpu_peers.run(interleave=bad)
 
 
@@ -257,3 +257,47 @@ def test_perplexity_scoring_that_crashes_is_retried_without_extra_buffer_types(m
     monkeypatch.setattr(subprocess, "run", lambda cmd, input, **kw: subprocess.CompletedProcess(cmd, -6, "", ""))
     with pytest.raises(RuntimeError, match=r"crashed \(signal 6\) on x.gguf, without its extra buffer types too"):
         cpu_peers.llama_perplexity_isolated(tmp_path / "x.gguf", torch.zeros(1, 4, dtype=torch.long), 2)
+
+
+def _fake_llama_cpp(decoded: list[list[tuple[int, int, int]]]):
+    """A ``llama_cpp`` module whose batch API records each decode's ``(token, position, sequence)`` entries."""
+    from types import SimpleNamespace
+
+    def batch_init(n_tokens, embd, n_seq_max):
+        return SimpleNamespace(n_tokens=0, token=[0] * n_tokens, pos=[0] * n_tokens, n_seq_id=[0] * n_tokens,
+                               logits=[False] * n_tokens, seq_id=[[0] for _ in range(n_tokens)])  # fmt: skip
+
+    def decode(ctx, batch):
+        decoded.append([(batch.token[i], batch.pos[i], batch.seq_id[i][0]) for i in range(batch.n_tokens)])
+        return 0
+
+    return SimpleNamespace(
+        llama_model_load_from_file=lambda path, params: "model", llama_model_default_params=lambda: None,
+        llama_context_default_params=lambda: SimpleNamespace(), llama_init_from_model=lambda model, params: "ctx",
+        llama_batch_init=batch_init, llama_decode=decode, llama_synchronize=lambda ctx: None,
+        llama_batch_free=lambda batch: None, llama_free=lambda ctx: None, llama_model_free=lambda model: None,
+    )  # fmt: skip
+
+
+def test_the_most_interleaved_blocks_run_accepts_stay_within_the_prompt(monkeypatch, capsys):
+    """Regression: run() accepted interleave=33, but llama.cpp's side then needs 1 + 34 x 8 = 273 steps of the
+    272 prompt tokens after the prefix: its child died in the last block and the column read "llama.cpp crashed"."""
+    import io
+    import re
+
+    with pytest.raises(ValueError, match="interleave must be an int of 0 to") as err:
+        cpu_peers.run(interleave=10_000)
+    most = int(re.search(r"0 to (\d+) blocks", str(err.value)).group(1))
+    decoded: list[list[tuple[int, int, int]]] = []
+    monkeypatch.setitem(sys.modules, "llama_cpp", _fake_llama_cpp(decoded))
+    prompt = list(range(1000, 1000 + cpu_peers.PROMPT_TOKENS))
+    job = json.dumps({"path": "/x/F32.gguf", "prompt": prompt, "threads": 2, "extra_bufts": True})
+    # what _interleaved asks of the child: a block before the first of ours and one after each
+    requests = f"{cpu_peers.BLOCK_STEPS}\n" * (most + 1)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(job + "\n" + requests))
+    cpu_peers.serve_llama_steps()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[]" and [len(json.loads(line)) for line in lines[1:]] == [cpu_peers.BLOCK_STEPS] * (most + 1)
+    steps = decoded[1:]  # after the prefill, one token a step, the prompt's own tokens in their positions
+    assert decoded[0] == [(t, p, 0) for p, t in enumerate(prompt[: cpu_peers.PREFIX])]
+    assert steps == [[(prompt[p], p, 0)] for p in range(cpu_peers.PREFIX, cpu_peers.PREFIX + len(steps))]
