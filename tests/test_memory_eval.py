@@ -172,6 +172,22 @@ def test_perplexity_turns_dropout_off_and_restores_training_mode():
     assert hf.training and all(m.training for m in hf.modules())
 
 
+def test_perplexity_restores_each_modules_own_training_mode():
+    """Regression: perplexity restored only the root's mode (``hf.train(was_training)``), which sets every submodule:
+    a model training with some dropout switched off on purpose (``module.eval()`` on a part) came back with it on."""
+    hf = llmspeed.models.tiny("llama", seed=0, attention_dropout=0.5).hf
+    model = llmspeed.wrap(hf, CharTokenizer())
+    hf.train()
+    hf.model.layers[0].eval()  # the caller's choice: no dropout in the first layer while training
+    before = {name: m.training for name, m in hf.named_modules()}
+    for fn in (llmspeed.eval.perplexity, window_losses):
+        fn(model, window=32, n_windows=2)
+        assert {name: m.training for name, m in hf.named_modules()} == before
+    with pytest.raises(ValueError, match="text is too short"):  # refused before the model runs: nothing changed
+        llmspeed.eval.perplexity(model, text="short", window=32, n_windows=2)
+    assert {name: m.training for name, m in hf.named_modules()} == before
+
+
 @pytest.mark.slow
 def test_smollm2_fp32_perplexity_matches_reference(smollm2_cached):
     # 4 windows of 256 tokens: a quick check near the full 16x512 score (14.92)

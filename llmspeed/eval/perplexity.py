@@ -69,7 +69,7 @@ def window_losses(
     windows = _windows(model, text, window, n_windows)  # [n, window]
     device = model.spec.device
     hf = model.module
-    was_training = hf.training
+    modes = {m: m.training for m in hf.modules()}  # each module's own: a caller may have switched off some dropout
     hf.eval()  # dropout off: a model left in training mode would score differently on every call
     losses = []
     try:
@@ -81,7 +81,8 @@ def window_losses(
             ).view(batch.shape[0], -1)  # [b, window-1]
             losses.append(loss.mean(dim=1).cpu())
     finally:
-        hf.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return torch.cat(losses)
 
 
@@ -97,7 +98,7 @@ def perplexity(
 
     The first ``window * n_windows`` tokens are cut into non-overlapping windows; each window is
     scored independently (no context carried over), and the result is ``exp`` of the mean loss.
-    The model runs in evaluation mode (dropout off); a model in training mode is put back in it after.
+    The model runs in evaluation mode (dropout off); each module's training mode is put back after.
 
     Raises:
         ValueError: ``window`` below 2 or beyond the model's ``max_position_embeddings`` (rotary models would
