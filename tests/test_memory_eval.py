@@ -188,6 +188,19 @@ def test_perplexity_restores_each_modules_own_training_mode():
     assert {name: m.training for name, m in hf.named_modules()} == before
 
 
+def test_perplexity_is_the_token_mean_of_a_direct_transformers_computation(llama):
+    """Each window scored alone, no BOS added, its first token unscored; the mean over all scored tokens."""
+    model = llmspeed.wrap(llama.hf, CharTokenizer())
+    text = pydoc_text("eval")[:200]
+    ids = torch.tensor(CharTokenizer().encode(text)[: 3 * 40]).view(3, 40)
+    with torch.no_grad():
+        nll = sum(llama.hf(input_ids=w[None], labels=w[None]).loss.item() * 39 for w in ids)
+    expected = math.exp(nll / (3 * 39))
+    for batch_size in (1, 2, 3):
+        got = llmspeed.eval.perplexity(model, text=text, window=40, n_windows=3, batch_size=batch_size)
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_smollm2_fp32_perplexity_matches_reference(smollm2_cached):
     # 4 windows of 256 tokens: a quick check near the full 16x512 score (14.92)
