@@ -77,6 +77,18 @@ def test_pydoc_text_splits():
         pydoc_text("test")
 
 
+def test_pydoc_text_says_its_halves_share_paragraphs():
+    """Regression: the module docstring called the ``"train"`` half "never overlapping the evaluation windows",
+    while whole paragraphs of the ``"eval"`` half recur word for word in it (docs/calibration.md)."""
+    from llmspeed.eval import registers, text
+
+    held = " ".join(pydoc_text("eval").split())
+    shared = [p for p in pydoc_text("train").split("\n\n") if len(p) > 400 and " ".join(p.split()) in held]
+    assert shared  # the overlap is real
+    assert "never overlapping" not in " ".join(text.__doc__.split())
+    assert "pydoc_unseen_train" in text.__doc__ and registers.pydoc_unseen_train
+
+
 class CharTokenizer:
     def __len__(self):
         return 256

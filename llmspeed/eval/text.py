@@ -5,7 +5,11 @@ registers of their own that no llmspeed calibration or training run reads.
 The text (about 460k characters of English) is joined in sorted topic order so it is the same on
 every machine running the same CPython minor version. It is split in two halves by characters:
 ``"eval"`` (perplexity windows are cut from its start) and ``"train"`` (for calibration and
-fine-tuning, never overlapping the evaluation windows).
+fine-tuning). The halves share no characters, but the topics repeat each other: whole paragraphs of the
+``"eval"`` half, some inside its first perplexity windows, occur word for word in ``"train"``
+(docs/calibration.md measures how much), so a model trained on ``"train"`` has seen part of what it
+is scored on. The calibration mix reads the
+``"train"`` half without those paragraphs (:func:`~.registers.pydoc_unseen_train`).
 """
 
 from __future__ import annotations
