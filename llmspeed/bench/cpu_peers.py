@@ -99,10 +99,13 @@ def requantized(ftype_name: str, ftype: int, threads: int, source: Path | None =
         params.nthread = threads
         params.allow_requantize = True
         tmp = out.with_suffix(".tmp")
-        code = llama_cpp.llama_model_quantize(str(source or gguf_path()).encode(), str(tmp).encode(), params)
-        if code != 0:
-            raise RuntimeError(f"llama_model_quantize to {ftype_name} failed with code {code}")
-        tmp.rename(out)
+        try:
+            code = llama_cpp.llama_model_quantize(str(source or gguf_path()).encode(), str(tmp).encode(), params)
+            if code != 0:
+                raise RuntimeError(f"llama_model_quantize to {ftype_name} failed with code {code}")
+            tmp.rename(out)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed run's partial file (up to the F32 file's size)
     return out
 
 

@@ -301,3 +301,24 @@ def test_the_most_interleaved_blocks_run_accepts_stay_within_the_prompt(monkeypa
     steps = decoded[1:]  # after the prefill, one token a step, the prompt's own tokens in their positions
     assert decoded[0] == [(t, p, 0) for p, t in enumerate(prompt[: cpu_peers.PREFIX])]
     assert steps == [[(prompt[p], p, 0)] for p in range(cpu_peers.PREFIX, cpu_peers.PREFIX + len(steps))]
+
+
+def test_a_failed_requantization_leaves_no_partial_gguf(monkeypatch, tmp_path):
+    """Regression: a llama_model_quantize that failed (a non-zero code, or an exception) left its partial output,
+    up to the F32 file's 540 MB, in the cache folder for good."""
+    from types import SimpleNamespace
+
+    def quantize(source, out, params):
+        with open(out, "wb") as f:
+            f.write(b"GGUF partial")
+        return quantize.code
+
+    quantize.code = 1
+    fake = SimpleNamespace(llama_model_quantize_default_params=lambda: SimpleNamespace(), llama_model_quantize=quantize)
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    with pytest.raises(RuntimeError, match="llama_model_quantize to Q4_0 failed with code 1"):
+        cpu_peers.requantized("Q4_0", 2, 2, source=tmp_path / "in.gguf", folder=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    quantize.code = 0
+    out = cpu_peers.requantized("Q4_0", 2, 2, source=tmp_path / "in.gguf", folder=tmp_path)
+    assert out.name == "smollm2-135m-instruct-Q4_0.gguf" and [p.name for p in tmp_path.iterdir()] == [out.name]
