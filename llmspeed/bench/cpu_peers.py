@@ -545,6 +545,9 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"cpu_peers compares the embedded SmolLM2 on the CPU; got device={device!r}, model={model!r}")
     if formats is not None:
+        if isinstance(formats, str) or not formats:
+            raise ValueError(f"formats must be a list of FORMATS keys (or None: all); got {formats!r}"
+                             + (f" (pass [{formats!r}])" if isinstance(formats, str) else ""))  # fmt: skip
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise ValueError(f"formats {unknown} are not cpu_peers rows; known: {list(FORMATS)}")

@@ -26,6 +26,11 @@ def test_it_compares_the_embedded_model_on_the_cpu_only():
         cpu_peers.run(model="tiny-llama")
     with pytest.raises(ValueError, match=r"formats \['int3'\] are not cpu_peers rows; known: \['fp32'"):
         cpu_peers.run(formats=["int3"])
+    # regression: [] ran nothing and returned no rows; a string was read character by character
+    with pytest.raises(ValueError, match=r"formats must be a list of FORMATS keys \(or None: all\); got \[\]"):
+        cpu_peers.run(formats=[])
+    with pytest.raises(ValueError, match=r"formats must be a list of FORMATS keys \(or None: all\); got 'int4'.*\['int4'\]"):
+        cpu_peers.run(formats="int4")
 
 
 def test_every_format_maps_to_the_llama_cpp_type_of_the_same_width():
