@@ -79,8 +79,8 @@ def finetune(
             (transformers' non-reentrant checkpointing): less memory, about a third more compute.
         warmup_steps: Linear warm-up steps, at most ``steps`` (default: a tenth of ``steps``), then linear decay to 0.
         weight_decay, max_grad_norm: AdamW decay and the gradient-norm clip.
-        eval_windows: Held-out windows of ``seq_len`` tokens from ``pydoc_text("eval")`` scored
-            before and after (0: skip).
+        eval_windows: Windows of ``seq_len`` tokens from ``pydoc_text("eval")`` scored before and after (0: skip);
+            the default training text is the other half, though some paragraphs repeat in both.
         seed: Seed of the window sampler (and dropout).
         progress: Show a tqdm progress bar with the running loss.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast compute over fp32 adapters and

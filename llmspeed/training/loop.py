@@ -4,7 +4,8 @@ Random windows of ``seq_len`` tokens are cut from the training text (default: th
 the pydoc text, which never overlaps the evaluation windows). AdamW updates exactly the parameters it is
 given (the caller chooses them: an adapter, a whole model, the latent weights of a QAT model), with linear
 warm-up and linear decay, gradient clipping, optional gradient checkpointing and mixed precision
-(:mod:`.amp`). Held-out loss on ``pydoc_text("eval")`` windows is measured before and after when
+(:mod:`.amp`). Loss on ``pydoc_text("eval")`` windows (the half the default training text is not cut from;
+some of its paragraphs repeat in that text, :mod:`llmspeed.eval.text`) is measured before and after when
 ``eval_windows > 0``.
 """
 
@@ -219,7 +220,7 @@ def train(
     before = _eval_loss(model, eval_windows, seq_len)  # before any change: a failure here leaves the model as is
     hf = model.module
     flags = {p: p.requires_grad for p in hf.parameters()}
-    was_training = hf.training
+    modes = {m: m.training for m in hf.modules()}  # each module's own: a caller may have switched off some dropout
     warmup = max(1, steps // 10 if warmup_steps is None else warmup_steps)  # 0: full lr from the first step
     generator = torch.Generator().manual_seed(seed)
     checkpointing = False
@@ -265,7 +266,8 @@ def train(
     finally:
         if checkpointing:
             set_checkpointing(hf, False)
-        hf.train(was_training)
+        for m, training in modes.items():
+            m.training = training
         for p, flag in flags.items():
             p.requires_grad_(flag)
     after = _eval_loss(model, eval_windows, seq_len)

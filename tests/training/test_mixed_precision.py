@@ -238,6 +238,16 @@ def test_a_failure_while_setting_up_the_run_restores_flags_and_mode(llama, monke
     assert not llama.hf.training
 
 
+def test_each_module_gets_its_own_training_mode_back(llama):
+    """Regression: only the root's mode was put back (``hf.train(was_training)`` sets every submodule alike), so a
+    layer the caller had put in eval mode inside a model in training mode came back in training mode."""
+    llama.hf.train()
+    llama.hf.model.layers[0].eval()
+    llmspeed.finetune(llama, TOKENS, **{**RUN, "steps": 1})
+    assert llama.hf.training and llama.hf.model.layers[1].training
+    assert not any(m.training for m in llama.hf.model.layers[0].modules())
+
+
 @pytest.mark.parametrize("precision, name", [("bfloat16", "bf16"), (torch.float16, "fp16"), ("float32", "fp32")])
 def test_result_names_the_precision_canonically(llama, precision, name):
     """Regression: the result echoed the spelling given ("bfloat16", torch.float16), not one of its names."""
