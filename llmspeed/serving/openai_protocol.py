@@ -128,7 +128,8 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    """One chat message (text content, or a list of text parts).
+    """One chat message (text content, or a list of text parts, which reach the template joined with newlines, as
+    vLLM joins them).
 
     Its other fields (``name``, an assistant's ``tool_calls``, a tool turn's ``tool_call_id``, any other) go to the
     chat template as they are, as vLLM passes them; :mod:`.chat_prompt` refuses tool fields the template drops.
@@ -143,7 +144,8 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def text(self, param: str = "content") -> str:
-        """The message's text; ``param`` names its content in errors (``messages.0.content``).
+        """The message's text (text parts joined with ``"\\n"``, as vLLM's); ``param`` names its content in errors
+        (``messages.0.content``).
 
         Raises:
             APIError: 400 for a part that is not ``{"type": "text", "text": <a string>}``.
@@ -158,7 +160,7 @@ class ChatMessage(BaseModel):
                     raise APIError(400, f"{param}.{j}.text: a text part's text must be a string; got "
                                         f"{part.get('text')!r}", f"{param}.{j}.text")
                 parts.append(part["text"])
-            return "".join(parts)
+            return "\n".join(parts)  # "".join glued the parts' words together: ["Summarize:", "It..."]
         return self.content or ""
 
 

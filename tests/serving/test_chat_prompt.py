@@ -81,6 +81,18 @@ def test_message_fields_and_tools_reach_the_chat_template(llama, live_server, fi
         assert tokenizer.seen[-1] == [{"role": "user", "content": "hi", "name": "bob", "x-extra": 1}]
 
 
+def test_content_parts_reach_the_template_joined_with_newlines_as_vllm_joins_them(llama, live_server):
+    """Regression: text parts were joined with "": ["Summarize:", "It rained."] reached the model as
+    "Summarize:It rained.", the parts' words glued together; vLLM (and TensorRT-LLM) join them with "\\n"."""
+    tokenizer = ToolTokenizer()
+    parts = [{"type": "text", "text": "Summarize:"}, {"type": "text", "text": "It rained."}]
+    with live_server(_server(llama, tokenizer)) as url:
+        r = _chat(url, messages=[{"role": "user", "content": parts}])
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len("user:Summarize:\nIt rained.\n")
+    assert tokenizer.seen[-1] == [{"role": "user", "content": "Summarize:\nIt rained."}]
+
+
 REFUSED = [  # (template, request fields, param)
     ({"drops": ("tools",)}, {"messages": [HI], "tools": [TOOL], "tool_choice": "none"}, "tools"),
     ({"drops": ("tool_calls",)}, {"messages": ROUND_TRIP}, "messages.1.tool_calls"),
