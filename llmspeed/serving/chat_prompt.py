@@ -7,6 +7,10 @@ checked by rendering the conversation with and without it: if the template rende
 (SmolLM2's ignores ``tools`` and ``tool_calls``), or fails on it, the request is a 400 naming the field rather
 than an answer to a conversation the model never saw.
 
+An assistant's tool calls reach the template with their ``function.arguments`` as the object they encode: OpenAI
+sends the arguments as JSON text, and transformers' templates write them with ``| tojson``, which would write a
+string quoted and escaped (``"{\\"city\\": ...}"``); vLLM parses them too.
+
 The server calls :func:`chat_prompt_off_loop`: those renderings (up to one per tool part, plus one) run on a
 worker thread, so a slow template never stalls the event loop and the other requests it serves.
 """
@@ -14,6 +18,7 @@ worker thread, so a slow template never stalls the event loop and the other requ
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -25,13 +30,15 @@ Part = tuple[str, str, Callable[[], tuple[Messages, Tools]]]  # (param, what it 
 
 
 def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Messages | list[int]:
-    """What to submit for a chat request: ``messages`` (the engine renders them), or, with ``tools``, the token
-    ids of the conversation rendered with them (the engine's rendering has no tools).
+    """What to submit for a chat request: ``messages`` (their tool calls' JSON arguments parsed; the engine renders
+    them), or, with ``tools``, the token ids of the conversation rendered with them (the engine's rendering has no
+    tools).
 
     Raises:
         APIError: 400 naming ``tools``, ``messages.{i}.tool_calls`` or ``messages.{i}.role`` (a ``tool`` turn)
             when the chat template drops it or cannot render it.
     """
+    messages = _parsed_arguments(messages)
     parts = _tool_parts(messages, tools)
     if not parts or getattr(tokenizer, "chat_template", None) is None:
         return messages  # nothing to check, or no template: the engine refuses the request itself
@@ -61,6 +68,22 @@ async def chat_prompt_off_loop(tokenizer: Any, messages: Messages, tools: Tools 
     if not _tool_parts(messages, tools):
         return messages
     return await asyncio.to_thread(chat_prompt, tokenizer, messages, tools)
+
+
+def _parsed_arguments(messages: Messages) -> Messages:
+    """``messages`` with each tool call's ``function.arguments`` that is the JSON text of an object parsed to that
+    object (new dicts: the caller's stay as they are); other arguments stay as given."""
+
+    def parsed(call: dict[str, Any]) -> dict[str, Any]:
+        function = call.get("function")
+        args = function.get("arguments") if isinstance(function, dict) else None
+        try:
+            value = json.loads(args) if isinstance(args, str) else None
+        except ValueError:  # not JSON (a model's own malformed call, echoed back): the template writes it as it is
+            value = None
+        return {**call, "function": {**function, "arguments": value}} if isinstance(value, dict) else call
+
+    return [{**m, "tool_calls": [parsed(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
 
 def _render(tokenizer: Any, messages: Messages, tools: Tools, tokenize: bool) -> Any:

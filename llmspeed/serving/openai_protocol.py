@@ -132,7 +132,8 @@ class ChatMessage(BaseModel):
     vLLM joins them).
 
     Its other fields (``name``, an assistant's ``tool_calls``, a tool turn's ``tool_call_id``, any other) go to the
-    chat template as they are, as vLLM passes them; :mod:`.chat_prompt` refuses tool fields the template drops.
+    chat template as they are (a tool call's JSON ``arguments`` as the object they encode), as vLLM passes them;
+    :mod:`.chat_prompt` refuses tool fields the template drops.
     """
 
     model_config = ConfigDict(extra="allow", strict=True)

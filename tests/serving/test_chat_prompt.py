@@ -93,6 +93,43 @@ def test_content_parts_reach_the_template_joined_with_newlines_as_vllm_joins_the
     assert tokenizer.seen[-1] == [{"role": "user", "content": "Summarize:\nIt rained."}]
 
 
+TOJSON_TEMPLATE = (  # writes a tool call's arguments with | tojson, as transformers' tool-use templates do
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }} {{ c.function.arguments | tojson }}</call>{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_tool_call_arguments_reach_the_template_as_the_object_they_encode(llama, live_server):
+    """Regression: OpenAI's tool call ``arguments`` (JSON text) reached the template as a string, so a template
+    writing ``arguments | tojson`` (transformers' convention, which takes them as an object) wrote them quoted and
+    escaped, ``"{\\"city\\": \\"Paris\\"}"``: not the prompt transformers renders for the conversation. vLLM parses
+    them; text that is not a JSON object stays as given."""
+    from tests.serving.test_openai_contract import _byte_level_tokenizer
+
+    tokenizer = _byte_level_tokenizer()
+    tokenizer.chat_template = TOJSON_TEMPLATE
+
+    def call(arguments):
+        return {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": arguments}}
+
+    def turns(arguments):
+        return [HI, {"role": "assistant", "content": "", "tool_calls": [call(arguments)]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+
+    sent = turns('{"city": "Paris"}')
+    golden = tokenizer.apply_chat_template(turns({"city": "Paris"}), add_generation_prompt=True, tokenize=False)
+    assert '<call>weather {"city": "Paris"}</call>' in golden
+    with live_server(_server(llama, tokenizer)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        used = client.chat.completions.create(model="tiny", messages=sent, max_tokens=2).usage
+    assert used.prompt_tokens == len(tokenizer.encode(golden, add_special_tokens=False))
+    assert chat_prompt(tokenizer, sent)[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert sent[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the caller's are untouched
+    for text in ("not json", "[1, 2]"):  # not an object: as given
+        assert chat_prompt(tokenizer, turns(text))[1]["tool_calls"][0]["function"]["arguments"] == text
+
+
 REFUSED = [  # (template, request fields, param)
     ({"drops": ("tools",)}, {"messages": [HI], "tools": [TOOL], "tool_choice": "none"}, "tools"),
     ({"drops": ("tool_calls",)}, {"messages": ROUND_TRIP}, "messages.1.tool_calls"),
