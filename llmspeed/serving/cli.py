@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype,
                     kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps)
-    served = args.served_model_name or (args.model if args.model == "smollm2" else Path(args.model).name)
+    # the folder's own name, also for "." or "..": Path(".").name is "", Path("..").name ".."
+    served = args.served_model_name or (args.model if args.model == "smollm2" else Path(os.path.abspath(args.model)).name)
     return engine, OpenAIServer(engine, served, names, api_key=args.api_key)
 
 

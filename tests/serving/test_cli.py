@@ -72,3 +72,18 @@ def test_help_works_and_a_missing_serve_extra_is_named_before_loading(missing, m
     assert err.value.code == 0 and "--kv-cache-tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=rf"\({missing} is missing\): pip install \"llmspeed\[serve\]\""):
         cli.main([])
+
+
+@pytest.mark.parametrize("given", [".", "./", ".."])
+def test_the_served_name_of_a_relative_folder_is_the_folders_name(given, llama, tmp_path, monkeypatch):
+    # Regression: the served name was Path(--model).name, "" for "." and "./" (".." for ".."): /v1/models listed a model
+    # with the id "", and requests had to send "model": "".
+    folder = tmp_path / "my-model"
+    (folder / "sub").mkdir(parents=True)
+    monkeypatch.chdir(folder / "sub" if given.startswith("..") else folder)
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: llama)
+    engine, server = cli.build(cli.build_parser().parse_args(["--model", given, "--kv-cache-tokens", "64"]))
+    try:
+        assert server.model_name == "my-model" and [m["id"] for m in server.models()["data"]] == ["my-model"]
+    finally:
+        engine.close()
