@@ -215,10 +215,11 @@ class ChatCompletionRequest(_Request):
 
     def chat(self) -> list[dict[str, Any]]:
         """The messages as the tokenizer's chat template takes them (developer -> system; the content as text;
-        every other field given, such as ``name`` or ``tool_calls``, kept)."""
+        every other field given, such as ``name`` or ``tool_calls``, kept; an empty ``tool_calls`` list left out, as
+        vLLM does: a template that checks ``'tool_calls' in message`` (Llama 3.1's) would render or refuse a call)."""
         if self.response_format not in (None, {"type": "text"}):
             raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
-        return [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role,
+        return [{**m.model_dump(exclude_none=True, exclude=None if m.tool_calls else {"tool_calls"}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.text(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
 
     def tool_specs(self) -> list[dict[str, Any]] | None:

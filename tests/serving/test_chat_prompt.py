@@ -130,6 +130,25 @@ def test_tool_call_arguments_reach_the_template_as_the_object_they_encode(llama,
         assert chat_prompt(tokenizer, turns(text))[1]["tool_calls"][0]["function"]["arguments"] == text
 
 
+def test_an_empty_tool_calls_list_is_left_out_as_vllm_does(llama, live_server):
+    """Regression: ``"tool_calls": []`` (as vLLM's answers carry it, replayed by a client) reached the template, and a
+    template that checks ``'tool_calls' in message`` (Llama 3.1's: exactly one call) refused the conversation: a 400
+    for a turn without any tool call. vLLM leaves an empty list out."""
+    from tests.serving.test_openai_contract import _byte_level_tokenizer
+
+    tokenizer = _byte_level_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if 'tool_calls' in m and m.tool_calls | length != 1 %}"
+        "{{ raise_exception('one tool call per turn') }}{% endif %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    )
+    turns = [HI, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "go on"}]
+    golden = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    with live_server(_server(llama, tokenizer)) as url:
+        r = _chat(url, messages=[turns[0], {**turns[1], "tool_calls": []}, turns[2]])
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(golden)
+
+
 REFUSED = [  # (template, request fields, param)
     ({"drops": ("tools",)}, {"messages": [HI], "tools": [TOOL], "tool_choice": "none"}, "tools"),
     ({"drops": ("tool_calls",)}, {"messages": ROUND_TRIP}, "messages.1.tool_calls"),
