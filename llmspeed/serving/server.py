@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
 from ..generation.engine import STEP_FAILED
+from ..generation.prompts import prompt_ids
 from ..lora import adapter_names
 from .chat_prompt import chat_prompt_off_loop
 from .engine import ENGINE_DIED, Engine
@@ -210,14 +211,34 @@ class OpenAIServer:
     async def completions(self, request: Request, payload: Any) -> Response:
         """``POST /v1/completions`` (``max_tokens`` defaults to 16, as OpenAI's)."""
         req = parse(CompletionRequest, payload)
-        return await self._answer(request, req, req.single_prompt(), req.max_tokens or 16, req.logprobs, chat=False)
+        prompt = req.single_prompt()
+        if req.max_tokens is not None:
+            prompt = await self._fitting(prompt, req.max_tokens, "max_tokens")
+        return await self._answer(request, req, prompt, req.max_tokens or 16, req.logprobs, chat=False)
 
     async def chat(self, request: Request, payload: Any) -> Response:
         """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
         req = parse(ChatCompletionRequest, payload)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.context
         prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
+        if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
+            prompt = await self._fitting(prompt, max_tokens, "max_tokens" if req.max_tokens else "max_completion_tokens")
         return await self._answer(request, req, prompt, max_tokens, req.wanted_logprobs(), chat=True)
+
+    async def _fitting(self, prompt: Any, max_tokens: int, param: str) -> Any:
+        """``prompt``'s token ids, or a 400 naming ``param`` when the prompt and ``max_tokens`` pass the context the
+        engine holds (as vLLM and OpenAI answer; it was cut there silently). A prompt that cannot be tokenized, or
+        that alone fills the context, goes on as given: the engine refuses it with its own message."""
+        gen = self.engine.generator
+        try:
+            ids = await asyncio.to_thread(prompt_ids, prompt, gen.tokenizer, gen.chat_template, gen.model.spec.vocab_size)
+        except ValueError:
+            return prompt
+        limit = gen.scheduler.max_tokens_per_seq
+        if len(ids) < limit < len(ids) + max_tokens:
+            raise APIError(400, f"{param}={max_tokens} is too large: this model holds {limit} tokens of context and the "
+                                f"prompt takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
+        return ids
 
     async def _answer(self, request: Request, req: Any, prompt: Any, max_tokens: int, logprobs: int | None,
                       chat: bool) -> Response:

@@ -464,3 +464,25 @@ def test_an_adapter_not_loaded_on_the_model_is_refused(llama):
         assert OpenAIServer(engine, "tiny", ("docs",)).adapters == ("docs",)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("endpoint, param", [("completions", "max_tokens"), ("chat", "max_tokens"),
+                                             ("chat", "max_completion_tokens")])  # fmt: skip
+def test_max_tokens_past_the_context_is_a_400_not_a_silent_cut(tiny_server, live_server, endpoint, param):
+    """Regression: a ``max_tokens`` above what the context leaves after the prompt was accepted and the answer cut
+    at the context, where vLLM and OpenAI answer 400."""
+    limit = tiny_server.engine.generator.scheduler.max_tokens_per_seq
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+
+        def ask(n):
+            if endpoint == "chat":
+                return client.chat.completions.create(model="tiny", messages=CHAT, **{param: n})
+            return client.completions.create(model="tiny", prompt="hi", max_tokens=n)
+
+        with pytest.raises(openai.BadRequestError, match=rf"{param}={limit} is too large: this model holds {limit}"):
+            ask(limit)
+        fits = ask(3)
+        assert fits.choices[0].finish_reason in ("length", "stop") and fits.usage.completion_tokens <= 3
+        if endpoint == "chat":  # no max_tokens: the rest of the context, as before
+            assert client.chat.completions.create(model="tiny", messages=CHAT).choices[0].finish_reason
