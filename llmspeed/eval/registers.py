@@ -14,7 +14,8 @@ is the same on every machine with the same CPython version and needs no download
 
 Each register is cut into chunks of about :data:`CHUNK_CHARS` characters at line ends, and the chunks
 are interleaved round-robin (pydoc, docstrings, comments, code, pydoc, ...), so any prefix, and so any
-number of calibration windows, holds all four in equal shares.
+number of calibration windows, holds all four in about equal shares (a register with fewer chunks, as
+``comments`` has, runs out first: the last rounds hold the other three).
 
 Kept out, because llmspeed evaluates on them: the pydoc ``"eval"`` half, ``LICENSE.txt``
 (:func:`~.text.license_text`) and everything under ``idlelib`` (:func:`~.text.news_text`).
@@ -70,7 +71,8 @@ def docstrings(source: str) -> list[str]:
 
 
 def comment_blocks(source: str) -> list[str]:
-    """Runs of ``#`` comments on consecutive lines, without the ``#``; shebangs and one-word lines dropped."""
+    """Runs of ``#`` comments on consecutive lines, without the ``#``; shebangs and runs of two words or fewer
+    dropped."""
     blocks: list[list[str]] = []
     last = -2
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
