@@ -535,12 +535,12 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     llama.cpp's (:func:`paired_blocks`): a host that changes speed within a round moves both sides of each
     ratio, which the rounds' minutes-apart measurements cannot promise.
     """
-    if not isinstance(rounds, int) or rounds < 1:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
     if interleave is None:
         interleave = 4 if quick else BLOCKS
     most = MAX_BLOCKS
-    if not isinstance(interleave, int) or not 0 <= interleave <= most:
+    if isinstance(interleave, bool) or not isinstance(interleave, int) or not 0 <= interleave <= most:
         raise ValueError(f"interleave must be an int of 0 to {most} blocks; got {interleave!r}")
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"cpu_peers compares the embedded SmolLM2 on the CPU; got device={device!r}, model={model!r}")

@@ -99,8 +99,9 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     assert row["llmspeed decode ms"] == 15.0 and row["llama.cpp decode ms"] == 16.5  # medians over rounds
     assert row["decode llmspeed / llama.cpp"] == round(10 / 11, 2)  # every round's ratio: the drift cancels
     assert row["prefill llmspeed / llama.cpp"] == 1.2
-    with pytest.raises(ValueError, match="rounds must be a positive int; got 0"):
-        cpu_peers.run(rounds=0)
+    for bad in (0, True):  # True is an int to Python: it was read as one round
+        with pytest.raises(ValueError, match=f"rounds must be a positive int; got {bad}"):
+            cpu_peers.run(rounds=bad)
     # after the rounds, the interleaved column, without the extra buffer types that crashed
     assert interleaved.calls == [(["fp32"], "F32", 4, False)]
     assert row["decode, interleaved, llmspeed / llama.cpp"] == 0.91 and row["blocks"] == 4
@@ -111,7 +112,7 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     assert interleaved.calls[-1] == (["fp32"], "F32", 2, True)
     (row,) = cpu_peers.run(formats=["fp32"], quick=True, interleave=0)
     assert len(interleaved.calls) == 2 and "interleaved" not in row  # 0 blocks: no column, no child
-    for bad in (-1, 33, 2.5):  # 33 blocks: llama.cpp's side would step 1 + 34 x 8 of the 272 tokens after the prefix
+    for bad in (-1, 33, 2.5, True):  # True: read as 1 block; 33 blocks: llama.cpp's side would step 1 + 34 x 8 of the 272 tokens after the prefix
         with pytest.raises(ValueError, match=f"interleave must be an int of 0 to 32 blocks; got {bad}"):
             cpu_peers.run(interleave=bad)
 
