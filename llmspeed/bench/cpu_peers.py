@@ -24,6 +24,7 @@ on such a CPU build llama.cpp without AMX instead (:data:`INSTALL_NO_AMX`), whic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -89,10 +90,15 @@ def llama_cpp_missing() -> str | None:
 def requantized(ftype_name: str, ftype: int, threads: int, source: Path | None = None,
                 stem: str = "smollm2-135m-instruct", folder: Path | None = None) -> Path:  # fmt: skip
     """The GGUF ``source`` (default: the embedded one) requantized to ``ftype`` by llama.cpp, kept as
-    ``<stem>-<ftype_name>.gguf`` in ``folder`` (default: the cache's ``gguf`` folder): built once."""
+    ``<stem>-<ftype_name>-<key>.gguf`` in ``folder`` (default: the cache's ``gguf`` folder): built once for each
+    source file (its path, size and time) and llama-cpp-python version, which ``key`` hashes."""
     import llama_cpp
 
-    out = (folder or private_dir(cache_root() / "gguf")) / f"{stem}-{ftype_name}.gguf"
+    src = Path(source or gguf_path())
+    stat = src.stat() if src.exists() else None
+    ident = f"{getattr(llama_cpp, '__version__', '?')}|{src.resolve()}|{stat and (stat.st_size, stat.st_mtime_ns)}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:10]
+    out = (folder or private_dir(cache_root() / "gguf")) / f"{stem}-{ftype_name}-{key}.gguf"
     if not out.exists():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
@@ -100,7 +106,7 @@ def requantized(ftype_name: str, ftype: int, threads: int, source: Path | None =
         params.allow_requantize = True
         tmp = out.with_suffix(".tmp")
         try:
-            code = llama_cpp.llama_model_quantize(str(source or gguf_path()).encode(), str(tmp).encode(), params)
+            code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
             if code != 0:
                 raise RuntimeError(f"llama_model_quantize to {ftype_name} failed with code {code}")
             tmp.rename(out)

@@ -327,4 +327,29 @@ def test_a_failed_requantization_leaves_no_partial_gguf(monkeypatch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     quantize.code = 0
     out = cpu_peers.requantized("Q4_0", 2, 2, source=tmp_path / "in.gguf", folder=tmp_path)
-    assert out.name == "smollm2-135m-instruct-Q4_0.gguf" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert out.name.startswith("smollm2-135m-instruct-Q4_0-") and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_changed_source_or_llama_cpp_version_is_requantized_again(monkeypatch, tmp_path):
+    """Regression: the cached file was named by format alone, so a new source GGUF or llama.cpp version reused
+    the file the old one made."""
+    from types import SimpleNamespace
+
+    def quantize(source, out, params):
+        with open(out, "wb") as f:
+            f.write(open(source, "rb").read())
+        return 0
+
+    fake = SimpleNamespace(llama_model_quantize_default_params=lambda: SimpleNamespace(), llama_model_quantize=quantize,
+                           __version__="0.3.36")  # fmt: skip
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    src = tmp_path / "src" / "in.gguf"
+    src.parent.mkdir()
+    src.write_bytes(b"GGUF one")
+    first = cpu_peers.requantized("Q4_0", 2, 2, source=src, folder=tmp_path)
+    assert cpu_peers.requantized("Q4_0", 2, 2, source=src, folder=tmp_path) == first  # built once
+    src.write_bytes(b"GGUF two, longer")
+    second = cpu_peers.requantized("Q4_0", 2, 2, source=src, folder=tmp_path)
+    assert second != first and second.read_bytes() == b"GGUF two, longer"
+    fake.__version__ = "0.3.37"
+    assert cpu_peers.requantized("Q4_0", 2, 2, source=src, folder=tmp_path) not in (first, second)
