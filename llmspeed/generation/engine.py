@@ -169,6 +169,8 @@ class Generator:
         self._seqs: dict[int, Seq] = {}  # live requests; released after their final event
         self._next_id = 0
         self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')
+        self._run_rids: set[int] = set()  # requests of the generate_batched / stream runs still being read
+        self._run_stepping = False  # True while such a run steps (it takes every event; step() keeps theirs)
         self._lock = threading.Lock()
         self._adapter_changes: int | None = None  # lora's STATE_CHANGES when the live requests' adapters were checked
         self.stats: RunStats | None = None
@@ -303,8 +305,9 @@ class Generator:
                 self._end(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        """True while some request is queued or running, or some event is not yet handed out."""
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        """True while some request is queued or running, or some event is not yet handed out (events kept for a
+        ``generate_batched`` / ``stream`` run still being read count for that run only)."""
+        return self.scheduler.has_unfinished() or any(e.request_id not in self._run_rids for e in self._pending)
 
     @property
     def num_live(self) -> int:
@@ -317,8 +320,16 @@ class Generator:
 
         Events decided between steps (errors at admission, aborts) come first. If the step raises, the
         requests of its batch end with ``"error"`` (their events are returned, or kept for the next
-        call when the exception is a ``KeyboardInterrupt`` or similar, which is re-raised).
+        call when the exception is a ``KeyboardInterrupt`` or similar, which is re-raised). Events of the
+        requests of a ``generate_batched`` / ``stream`` run still being read are kept for that run.
         """
+        events = self._step()
+        if self._run_stepping or not self._run_rids:
+            return events
+        self._pending.extend(e for e in events if e.request_id in self._run_rids)  # the run's, in order
+        return [e for e in events if e.request_id not in self._run_rids]
+
+    def _step(self) -> list[StreamEvent]:
         with self._exclusive("step"):
             self._follow_adapter_changes()  # before taking events: if it raises, they stay queued, never lost
             events = self._take_pending()
@@ -568,6 +579,7 @@ class Generator:
         steps0, preempt0, paths0 = self.num_steps, self.scheduler.num_preemptions, dict(self.step_paths)
         rids = self._add_all(prompts, sampling)
         mine = set(rids)
+        self._run_rids |= mine  # a step() called from outside while this run is read leaves them its events
         seqs = [self._seqs[r] for r in rids if r in self._seqs]
         open_ = set(rids)
         out_tokens = 0
@@ -575,7 +587,12 @@ class Generator:
         try:
             while open_:
                 ours, others = [], []
-                for event in self.step():
+                self._run_stepping = True
+                try:
+                    stepped = self.step()
+                finally:
+                    self._run_stepping = False
+                for event in stepped:
                     (ours if event.request_id in mine else others).append(event)
                 self._pending.extend(others)  # before any yield: a run stepped meanwhile finds them, in order
                 for event in ours:
@@ -587,6 +604,7 @@ class Generator:
                 bar.set_postfix(tok_s=f"{out_tokens / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
         finally:
             bar.close()
+            self._run_rids -= mine
             if open_:
                 self._drop(open_)
             self.stats = RunStats(

@@ -542,3 +542,27 @@ class GeneratorMachine(RuleBasedStateMachine):
 
 TestGeneratorMachine = GeneratorMachine.TestCase
 TestGeneratorMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_a_step_called_while_a_stream_is_read_leaves_the_stream_its_events(llama):
+    """Regression: ``step()`` called by the add_request / step user while a ``stream`` of the same generator was being
+    read returned that stream's events too; the stream never saw its requests end and stepped an empty generator
+    forever."""
+    gen = Generator(llama, progress=False)
+    other = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    stream = gen.stream([[4, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    first = next(stream)
+    events = _drain(gen)  # the add_request user steps its own request to its end
+    assert {e.request_id for e in events} == {other} and events[-1].finished
+    real, steps = gen._step, [0]
+
+    def step():
+        steps[0] += 1
+        assert steps[0] < 20, "the stream spins"
+        return real()
+
+    gen._step = step
+    rest = [first, *stream]
+    tokens = _alone(llama, [[4, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
+    assert [e.token_id for e in rest] == tokens and rest[-1].finished and rest[-1].output.token_ids == tokens
+    assert gen.num_live == 0 and not gen.has_unfinished()
