@@ -10,6 +10,7 @@ per-row tensors, with one ``argmax`` and one host transfer per step.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,11 @@ MAX_LOGPROBS = 20
 def is_int(x: object) -> bool:
     """Whether ``x`` is an int and not a bool (``True`` is an int to Python, never a count or an id here)."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _integral(x: object) -> bool:
+    """Whether ``x`` is an integer of any kind (``int``, ``np.int64``) and not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_number(x: object) -> bool:
@@ -80,6 +86,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        self._as_python_numbers()
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be an integer >= 1; got {self.max_new_tokens!r}")
         if not _is_number(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
@@ -95,7 +102,8 @@ class SamplingParams:
             raise ValueError(f"`stop` must be a non-empty string or a list of them (() for none); got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
         given: object = self.stop_token_ids
-        ids = (given,) if is_int(given) else _as_tuple(given)
+        ids = (given,) if _integral(given) else _as_tuple(given)
+        ids = ids if ids is None else tuple(int(t) if _integral(t) else t for t in ids)
         if ids is None or not all(is_int(t) and t >= 0 for t in ids):
             raise ValueError(f"`stop_token_ids` must be integers >= 0; got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
@@ -116,6 +124,21 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"`{name}` must be a number from -2 to 2 (0 = off); got {value!r}")
+
+    def _as_python_numbers(self) -> None:
+        """NumPy (any ``numbers``) integers and reals as Python's ``int`` / ``float``: ``np.int64(5)`` is an integer,
+        and a real past float's range (``10**400``) is ``inf``, which the checks refuse, not a crash at sampling."""
+        for name in ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens"):
+            if _integral(getattr(self, name)):
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                try:
+                    value = float(value)
+                except OverflowError:
+                    value = float("inf") if value > 0 else float("-inf")
+                object.__setattr__(self, name, value)
 
     @property
     def greedy(self) -> bool:

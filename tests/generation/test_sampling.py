@@ -100,3 +100,18 @@ def test_argmax_rows_matches_torch_on_ties_infinities_and_nans(rows):
 def test_argmax_rows_leaves_other_dtypes_to_torch():
     scores = torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 0.0, 5.0]], dtype=torch.bfloat16)
     assert argmax_rows(scores).tolist() == [1, 0]
+
+
+def test_numpy_numbers_are_accepted_as_python_ones_and_reals_past_float_range_refused():
+    """Regression: ``SamplingParams(max_new_tokens=np.int64(5))`` raised "`max_new_tokens` must be an integer >= 1;
+    got np.int64(5)" (an integer, as prompts' NumPy token ids are), and ``temperature=10**400`` (past float's
+    range) was accepted, then failed every request of its step with an OverflowError in the sampler."""
+    p = SamplingParams(max_new_tokens=np.int64(5), top_k=np.int32(3), seed=np.uint64(2**63), temperature=np.float32(0.5),
+                       top_p=np.float16(0.5), stop_token_ids=[np.int64(7)], min_tokens=np.int8(1))
+    assert (p.max_new_tokens, p.top_k, p.seed, p.temperature, p.top_p, p.stop_token_ids) == (5, 3, 2**63, 0.5, 0.5, (7,))
+    assert all(type(v) is int for v in (p.max_new_tokens, p.top_k, p.seed, p.min_tokens, *p.stop_token_ids))
+    assert SamplingParams(stop_token_ids=np.int64(4)).stop_token_ids == (4,)
+    for kwargs, arg in ((dict(temperature=10**400), "temperature"), (dict(repetition_penalty=10**400), "repetition_penalty"),
+                        (dict(presence_penalty=-(10**400)), "presence_penalty"), (dict(top_k=np.bool_(True)), "top_k")):
+        with pytest.raises(ValueError, match=f"`{arg}`"):
+            SamplingParams(**kwargs)
