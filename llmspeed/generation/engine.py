@@ -31,7 +31,15 @@ from .kv_cache import cache_dtype
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent, paths_since
 from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, prompt_ids, prompt_list
 from .runner import ModelRunner, StepInput
-from .sampling import RowContext, SamplingParams, coerce, is_int, request_generator, sample_batch
+from .sampling import (
+    RowContext,
+    SamplingParams,
+    coerce,
+    is_int,
+    request_generator,
+    sample_batch,
+    sampling_list,
+)
 from .scheduler import Batch, Chunk, Scheduler
 from .sequence import Sequence as Seq
 
@@ -557,14 +565,7 @@ class Generator:
                 f"prompts must be a list of prompts; got a single list of token ids {list(prompts)[:8]} "
                 f"(wrap it in a list: [[1, 2, 3]])"
             )
-        if sampling is None or isinstance(sampling, (SamplingParams, dict)) or not hasattr(sampling, "__iter__"):
-            params = [coerce(sampling)] * len(prompts)
-        else:
-            params = [coerce(p) for p in sampling]
-            if len(params) != len(prompts):
-                raise ValueError(
-                    f"sampling must be one SamplingParams or one per prompt ({len(prompts)}); got {len(params)}"
-                )
+        params = sampling_list(sampling, len(prompts))
         return [self.add_request(p, s, index=i) for i, (p, s) in enumerate(zip(prompts, params))]
 
     def _events(self, prompts: Sequence[Prompt], sampling: Any) -> Iterator[StreamEvent]:
@@ -637,6 +638,7 @@ class Generator:
         """
         prompts = prompt_list(prompts)
         if len(prompts) == 0:
+            sampling_list(sampling, 0)  # checked all the same: a bad value is refused, not ignored
             return []
         outputs: dict[int, GenerationOutput] = {}
         for event in self._events(prompts, sampling):
@@ -656,8 +658,10 @@ class Generator:
         """
         prompts = prompt_list(prompts)
         if len(prompts) == 0:
+            sampling_list(sampling, 0)  # checked all the same: a bad value is refused, not ignored
             return
         yield from self._events(prompts, sampling)
 
 
 __all__ = ["Generator"]
+

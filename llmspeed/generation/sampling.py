@@ -13,6 +13,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -170,6 +171,17 @@ def coerce(sampling: object) -> SamplingParams:
             )
         return SamplingParams(**sampling)
     raise TypeError(f"sampling must be a SamplingParams (or a dict of its fields); got {type(sampling).__name__}")
+
+
+def sampling_list(sampling: Any, n: int) -> list[SamplingParams]:
+    """``sampling`` (one :class:`SamplingParams`, a dict of its fields, ``None``, or one per prompt) for ``n`` prompts;
+    ``TypeError`` / ``ValueError`` for anything else or a list of another length."""
+    if sampling is None or isinstance(sampling, (SamplingParams, dict)) or not hasattr(sampling, "__iter__"):
+        return [coerce(sampling)] * n
+    params = [coerce(p) for p in sampling]
+    if len(params) != n:
+        raise ValueError(f"sampling must be one SamplingParams or one per prompt ({n}); got {len(params)}")
+    return params
 
 
 def split_sampling_kwargs(kwargs: dict) -> dict:

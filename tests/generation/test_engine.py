@@ -92,6 +92,11 @@ def test_empty_list_and_argument_errors(llama):
     gen = Generator(llama, progress=False)
     assert gen.generate_batched([]) == []
     assert list(gen.stream([])) == []
+    for run in (gen.generate_batched, lambda p, s: list(gen.stream(p, s))):  # regression: unchecked with no prompts
+        with pytest.raises(TypeError, match="sampling must be a SamplingParams"):
+            run([], "greedy")
+        with pytest.raises(ValueError, match=r"one per prompt \(0\); got 2"):
+            run([], [SamplingParams(), SamplingParams()])
     with pytest.raises(ValueError, match="one per prompt"):
         gen.generate_batched([[1, 2]], [SamplingParams(), SamplingParams()])
     with pytest.raises(TypeError, match="single string"):
