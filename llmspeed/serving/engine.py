@@ -139,6 +139,7 @@ class Engine:
             except Exception as exc:  # one command's fault: it fails its own request, never the rest of the inbox
                 self.loop_errors += 1
                 if kind == "add" and handle.request_id is None:
+                    self.requests_finished += 1  # it ended (refused): /metrics counts it, as it counts one ended by step
                     handle._deliver(_refused(exc))
 
     def _dispatch(self, events: list[StreamEvent]) -> None:
@@ -192,6 +193,7 @@ class Engine:
             except Exception:
                 pass
             if not handle.done():
+                self.requests_finished += 1
                 handle._deliver(_ended(message, handle.request_id))
 
     # --- state ----------------------------------------------------------------------------------
@@ -234,6 +236,7 @@ class Engine:
         self._handles.clear()
         for handle in handles:
             if not handle.done():
+                self.requests_finished += 1
                 try:
                     handle._deliver(_ended(self._death, handle.request_id))
                 except Exception:

@@ -110,6 +110,7 @@ def test_a_prompt_the_tokenizer_cannot_encode_fails_alone_and_its_inbox_neighbou
         bad, good = (h.result(timeout=20) for h in handles)
         assert bad.finish_reason == "error" and "injected add fault" in bad.error
         assert good.token_ids == outs[2].token_ids and engine.loop_errors == 1
+        assert engine.metrics()["requests_finished"] == 5  # the refused one counted too (/metrics missed it)
 
 
 def test_boolean_token_ids_are_refused_not_read_as_0_and_1(llama):
@@ -439,6 +440,7 @@ def test_a_dead_engine_thread_ends_its_requests_and_refuses_new_ones(llama, monk
     for h in [running, *handles]:
         out = h.result(timeout=10)  # waited forever before the fix
         assert out.finish_reason == "error" and out.error.startswith(ENGINE_DIED) and "queueing died" in out.error
+    assert engine.metrics()["requests_finished"] == 4  # the requests the death ended counted (/metrics missed them)
     assert engine.closed and "_Fatal: queueing died" in engine.error
     with pytest.raises(RuntimeError, match=ENGINE_DIED):
         engine.submit([1, 2, 3], sp)
@@ -481,6 +483,7 @@ def test_a_step_that_always_raises_before_scheduling_ends_the_requests_instead_o
         out = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
         assert out.finish_reason == "error" and "injected pre-step fault" in out.error
         assert f"raised {serving_engine.MAX_FAILING_TURNS} times in a row" in out.error
+        assert engine.metrics()["requests_finished"] == 1  # ended by the failing turns: counted (/metrics missed it)
         monkeypatch.undo()  # the fault gone, the same engine serves again
         again = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
         assert again.finish_reason == "length" and len(again.token_ids) == 4
