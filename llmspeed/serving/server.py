@@ -2,7 +2,7 @@
 
 Endpoints: ``GET /v1/models`` and ``/v1/models/{model}``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (both stream as server-sent events ending in ``data: [DONE]``; the chunks of ``n > 1`` choices interleave, each
-naming its choice by ``index``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+naming its choice by ``index``), ``GET /health`` (and ``HEAD``), ``GET /metrics`` (Prometheus text).
 The request's ``model`` picks the base model or one of the served LoRA adapters; requests for
 different adapters share one batch. A client that disconnects aborts its request (every choice of it); a
 choice that fails fails the request and aborts its sibling choices. Every bad request
@@ -369,7 +369,7 @@ class OpenAIServer:
             except RecursionError:  # a client's nesting is no server error (nor a traceback in its log)
                 raise APIError(400, "the request body is nested too deeply to decode as JSON") from None
 
-        @app.get("/health")
+        @app.api_route("/health", methods=["GET", "HEAD"])  # a load balancer may probe with HEAD
         async def health() -> Response:
             if server.engine.error is not None:  # as vLLM's: a dead engine is a 503 a load balancer takes out of rotation
                 return JSONResponse({"status": "dead", "error": server.engine.error}, status_code=503)

@@ -392,6 +392,16 @@ def test_an_api_key_guards_the_api_but_not_health_or_metrics(llama, live_server)
         assert httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer x"}).status_code == 401
 
 
+def test_health_answers_head_as_get(tiny_server, live_server):
+    """Regression: ``HEAD /health`` (``curl --head``, a load balancer's HEAD probe) was a 405, so the probe marked a
+    healthy server down; it answers as ``GET`` does (vLLM's too), without a body, and 503 once the engine is closed."""
+    with live_server(tiny_server) as url:
+        head = httpx.head(f"{url}/health")
+        assert head.status_code == 200 and head.content == b""
+        tiny_server.engine.close()
+        assert httpx.head(f"{url}/health").status_code == httpx.get(f"{url}/health").status_code == 503
+
+
 def test_a_dead_engine_fails_the_requests_in_flight_and_health_says_so(llama, live_server, monkeypatch):
     """Regression: when the engine thread died (an exception it cannot survive), a request in flight never got an
     answer (the client waited for its timeout), new requests were accepted and hung too, and ``/health`` still said
