@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..generation import GenerationOutput, SamplingParams
 
@@ -68,6 +68,16 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """``null`` for a field with a default is that default, as OpenAI's API ("number or null") and vLLM take it
+        (the ``openai`` client sends ``temperature=None`` as ``null``); a required field's ``null`` stays an error."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or cls.model_fields[k].is_required()}
 
     def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
         """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds)."""

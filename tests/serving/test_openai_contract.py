@@ -122,6 +122,27 @@ def test_wrong_types_are_400_naming_the_field_not_coerced(tiny_server, live_serv
         assert ok.status_code == 200  # an int is a valid number
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_null_for_a_field_with_a_default_is_its_default(tiny_server, live_server, endpoint):
+    """Regression: OpenAI's API types these fields "number or null" (the ``openai`` client sends ``temperature=None``
+    as ``null``), and vLLM takes ``null`` as the default; this server answered 400 ``Input should be a valid number``."""
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+        if endpoint == "chat":
+            create, path, kw = client.chat.completions.create, "/v1/chat/completions", dict(messages=CHAT, logprobs=None)
+        else:
+            create, path, kw = client.completions.create, "/v1/completions", dict(prompt="hi", echo=None, best_of=None)
+        plain = create(model="tiny", max_tokens=4, seed=3, **kw)
+        nulls = create(model="tiny", max_tokens=4, seed=3, temperature=None, top_p=None, n=None, stream=None,
+                       presence_penalty=None, frequency_penalty=None, **kw,
+                       extra_body={"top_k": None, "repetition_penalty": None, "min_tokens": None})
+        assert len(nulls.choices) == 1 and nulls.choices[0].model_dump() == plain.choices[0].model_dump()
+        body = {"model": "tiny", "max_tokens": 2, **({"messages": CHAT} if endpoint == "chat" else {"prompt": "hi"})}
+        for field in body:  # a required field stays required
+            if field != "max_tokens":
+                _assert_error(_post(url, path, {**body, field: None}), 400, field)
+
+
 def test_stream_options_need_stream_true(tiny_server, live_server):
     with live_server(tiny_server) as url:
         client = openai_client(url)
