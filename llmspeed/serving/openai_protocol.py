@@ -125,6 +125,12 @@ class CompletionRequest(_Request):
     best_of: Literal[1] | None = None
     suffix: None = None
 
+    def check(self) -> None:
+        """Refuse combinations of fields that each are valid alone (``best_of`` candidates fewer than the ``n`` asked)."""
+        super().check()
+        if self.best_of is not None and self.best_of < self.n:  # as OpenAI and vLLM: n choices come from best_of
+            raise APIError(400, f"best_of must be at least n={self.n}; got {self.best_of}", "best_of")
+
     def single_prompt(self) -> str | list[int]:
         """The one prompt (a list of one prompt is accepted; several are a 400)."""
         p = self.prompt

@@ -143,6 +143,16 @@ def test_null_for_a_field_with_a_default_is_its_default(tiny_server, live_server
                 _assert_error(_post(url, path, {**body, field: None}), 400, field)
 
 
+def test_best_of_fewer_than_n_is_a_400_naming_it(tiny_server, live_server):
+    """Regression: ``best_of=1`` with ``n=2`` (two choices out of one candidate) answered two choices; OpenAI and
+    vLLM refuse it, naming ``best_of``."""
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "best_of": 1}
+        assert "best_of must be at least n=2; got 1" in _assert_error(_post(url, "/v1/completions", {**body, "n": 2}),
+                                                                      400, "best_of")
+        assert len(_post(url, "/v1/completions", body).json()["choices"]) == 1
+
+
 def test_stream_options_need_stream_true(tiny_server, live_server):
     with live_server(tiny_server) as url:
         client = openai_client(url)
