@@ -222,7 +222,7 @@ class OpenAIServer:
         max_tokens = req.max_completion_tokens or req.max_tokens or self.context
         prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
-            prompt = await self._fitting(prompt, max_tokens, "max_tokens" if req.max_tokens else "max_completion_tokens")
+            prompt = await self._fitting(prompt, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         return await self._answer(request, req, prompt, max_tokens, req.wanted_logprobs(), chat=True)
 
     async def _fitting(self, prompt: Any, max_tokens: int, param: str) -> Any:

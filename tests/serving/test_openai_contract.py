@@ -527,3 +527,13 @@ def test_max_tokens_past_the_context_is_a_400_not_a_silent_cut(tiny_server, live
         assert fits.choices[0].finish_reason in ("length", "stop") and fits.usage.completion_tokens <= 3
         if endpoint == "chat":  # no max_tokens: the rest of the context, as before
             assert client.chat.completions.create(model="tiny", messages=CHAT).choices[0].finish_reason
+
+
+def test_max_completion_tokens_past_the_context_is_named_even_beside_max_tokens(tiny_server, live_server):
+    """Regression: with both given, ``max_completion_tokens`` is the one used (as vLLM), but the 400 for it past the
+    context named ``max_tokens`` with ``max_completion_tokens``' value: a field and a value the client never sent."""
+    limit = tiny_server.engine.generator.scheduler.max_tokens_per_seq
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "max_completion_tokens": limit}
+        message = _assert_error(_post(url, "/v1/chat/completions", body), 400, "max_completion_tokens")
+        assert message.startswith(f"max_completion_tokens={limit} is too large")
