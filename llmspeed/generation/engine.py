@@ -247,7 +247,18 @@ class Generator:
         known = lora.adapter_names(self.model)
         if name not in known:
             return f"adapter must be one of the model's adapters {sorted(known)}; got {name!r}"
-        return None
+        return self._merged_refusal(name)
+
+    def _merged_refusal(self, name: str, when: str = "") -> str | None:
+        """Why a request naming adapter ``name`` cannot run while adapters are merged into the base (its step would
+        run in mixed-adapter batches, which refuse merged adapters and would fail every request of the batch)."""
+        from ..lora.inject import lora_layers
+
+        merged = sorted({n for _, layer in lora_layers(self.model) for n in layer.merged})
+        if not merged:
+            return None
+        return (f"adapter {name!r} cannot run while adapters {merged} are merged into the base{when} (lora.merge): "
+                f"requests that name an adapter need them unmerged (lora.unmerge)")
 
     def _adapter_key(self, name: str | None) -> tuple[str, int] | None:
         """``(adapter, uid)`` the request's keys/values depend on (:func:`llmspeed.lora.inject.adapter_identity`)."""
@@ -363,7 +374,8 @@ class Generator:
 
     def _follow_adapter_changes(self) -> None:
         """After any change to the model's adapters since the last step (lora's ``STATE_CHANGES`` moved): a request
-        bound to an adapter that was deleted, or deleted and another added under its name, ends with an error;
+        bound to an adapter that was deleted, or deleted and another added under its name, or that names an adapter
+        while adapters are merged into the base (:meth:`_merged_refusal`), ends with an error;
         requests that name no adapter run the active one as it is set now (``set_adapter``, ``disabled``), so their
         admission and next prefix-cache blocks are keyed by it, not by the one active when they were added."""
         if self._adapter_changes is None and not self.model.module.__dict__.get("_llmspeed_lora"):
@@ -385,6 +397,9 @@ class Generator:
             elif known.get(name) != seq.adapter_key[1]:
                 replaced = " and another adapter added under its name" if name in known else ""
                 seq.error = f"adapter {name!r} was deleted{replaced} while this request was running"
+                self._end(seq, "error")
+            elif (refusal := self._merged_refusal(name, " (merged while this request was running)")) is not None:
+                seq.error = refusal  # ended alone: left in, its step would fail the other requests of its batch
                 self._end(seq, "error")
 
     def _fail(self, batch: Batch, exc: BaseException) -> list[StreamEvent]:

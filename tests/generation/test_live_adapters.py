@@ -1,0 +1,38 @@
+"""LoRA adapters changed while a Generator has requests in flight: requests bound to an adapter that cannot run end
+alone with a clear error, the others keep the tokens a fresh Generator gives on the model as it is now."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmspeed import Generator, SamplingParams, lora
+
+from .test_lifecycle import _drain, _random_adapter
+
+
+def _fresh(model, prompt, adapter=None, fused=None, n=8):
+    sp = SamplingParams(max_new_tokens=n, ignore_eos=True, adapter=adapter)
+    return Generator(model, progress=False, fused_decode=fused).generate_batched([prompt], sp)[0]
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_merging_an_adapter_fails_only_the_requests_that_name_one(llama, fused):
+    """Regression: merging adapter "a" while requests waited made every later step of theirs run a mixed-adapter
+    batch, which refuses merged adapters: the step raised and failed every request of the batch, the one naming no
+    adapter included. Now the requests that name an adapter end alone, saying why, and the others run on."""
+    _random_adapter(llama, "a", 1)
+    _random_adapter(llama, "b", 2)
+    gen = Generator(llama, progress=False, fused_decode=fused)
+    sps = [SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=n) for n in ("a", "b", None)]
+    rids = [gen.add_request([1, 2, 3], sp) for sp in sps]
+    lora.merge(llama, "a")
+    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
+    for rid, name in zip(rids[:2], "ab"):
+        assert ends[rid].finish_reason == "error"
+        assert f"adapter {name!r} cannot run while adapters ['a'] are merged into the base" in ends[rid].error
+    assert ends[rids[2]].finish_reason == "length"
+    assert ends[rids[2]].token_ids == _fresh(llama, [1, 2, 3], fused=fused).token_ids  # the merged model
+    refused = _fresh(llama, [1, 2, 3], "b", fused)  # admission says it too, before any step
+    assert refused.finish_reason == "error" and "cannot run while adapters ['a'] are merged" in refused.error
+    lora.unmerge(llama, "a")
+    assert _fresh(llama, [1, 2, 3], "b", fused).finish_reason == "length"
