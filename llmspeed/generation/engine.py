@@ -260,13 +260,20 @@ class Generator:
         return (f"adapter {name!r} cannot run while adapters {merged} are merged into the base{when} (lora.merge): "
                 f"requests that name an adapter need them unmerged (lora.unmerge)")
 
-    def _adapter_key(self, name: str | None) -> tuple[str, int] | None:
-        """``(adapter, uid)`` the request's keys/values depend on (:func:`llmspeed.lora.inject.adapter_identity`)."""
+    def _adapter_key(self, name: str | None) -> tuple[str, int, int] | None:
+        """``(adapter, uid, weights)`` the request's keys/values depend on (:func:`llmspeed.lora.inject.adapter_identity`;
+        ``weights``: a hash of the storage and version of the adapter's tensors, so that prefix-cache blocks computed
+        before the adapter was trained or edited in place are not reused after)."""
         if name is None and not self.model.module.__dict__.get("_llmspeed_lora"):
             return None  # no adapters on the model: llmspeed.lora need not be imported
-        from ..lora.inject import adapter_identity
+        from ..lora.inject import adapter_identity, lora_layers
 
-        return adapter_identity(self.model, name)
+        identity = adapter_identity(self.model, name)
+        if identity is None:
+            return None
+        tensors = [t for _, layer in lora_layers(self.model) if identity[0] in layer.lora_A
+                   for t in (layer.weight_a(identity[0]), layer.weight_b(identity[0]))]  # fmt: skip
+        return (*identity, hash(tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)))
 
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
         """Queue one request; return its id. A request that can never run ends with ``"error"``, as does one

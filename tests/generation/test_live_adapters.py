@@ -4,6 +4,7 @@ alone with a clear error, the others keep the tokens a fresh Generator gives on 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from llmspeed import Generator, SamplingParams, lora
 
@@ -36,3 +37,25 @@ def test_merging_an_adapter_fails_only_the_requests_that_name_one(llama, fused):
     assert refused.finish_reason == "error" and "cannot run while adapters ['a'] are merged" in refused.error
     lora.unmerge(llama, "a")
     assert _fresh(llama, [1, 2, 3], "b", fused).finish_reason == "length"
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("named", [True, False])
+def test_prefix_blocks_of_an_adapter_trained_in_place_are_not_reused(llama, fused, named):
+    """Regression: the prefix cache keyed an adapter's blocks by its name and uid only, so after training it in place
+    (an optimizer step, ``copy_`` into ``lora_B``) a request with a cached prefix ran over keys/values of the old
+    weights and got other tokens than a fresh Generator; so did requests running it as the active adapter."""
+    _random_adapter(llama, "a", 1)
+    if not named:
+        lora.set_adapter(llama, "a")
+    adapter = "a" if named else None
+    gen = Generator(llama, progress=False, fused_decode=fused, prefix_caching=True, block_size=4)
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True, adapter=adapter)
+    prompt = list(range(1, 30))
+    before = gen.generate_batched([prompt], sp)[0].token_ids
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(llama):
+            layer.weight_b("a").mul_(3.0)
+    after = gen.generate_batched([prompt], sp)[0].token_ids
+    assert after == _fresh(llama, prompt, adapter, fused, n=6).token_ids != before
+    assert gen.generate_batched([prompt], sp)[0].metrics.cached_tokens > 0  # unchanged weights: reused again
