@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -152,23 +153,73 @@ def is_fake_quantized(module: nn.Module) -> bool:
     return isinstance(getattr(base_linear(module), "fake_format", None), str)
 
 
-_STEP_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+class FairRLock:
+    """A re-entrant lock handed to its waiters first come, first served.
+
+    ``threading.RLock`` lets the thread that releases it take it again at once: an engine thread stepping back to back
+    kept it for as long as it had requests, and a ``lora`` verb waiting for it from another thread waited that long.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._queue: deque[object] = deque()  # tickets of the threads waiting, oldest first
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if not blocking and (self._owner is not None or self._queue):
+                return False
+            ticket = object()
+            self._queue.append(ticket)
+            if not self._cv.wait_for(lambda: self._owner is None and self._queue[0] is ticket,
+                                     None if timeout < 0 else timeout):  # fmt: skip
+                self._queue.remove(ticket)
+                self._cv.notify_all()
+                return False
+            self._queue.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cv:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("cannot release a lock this thread does not hold")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cv.notify_all()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_STEP_LOCKS: weakref.WeakKeyDictionary[nn.Module, FairRLock] = weakref.WeakKeyDictionary()
 _STEP_LOCKS_GUARD = threading.Lock()
 
 
-def step_lock(root: nn.Module) -> threading.RLock:
+def step_lock(root: nn.Module) -> FairRLock:
     """The lock every step over the model rooted at ``root`` (its ``module``) holds while it runs.
 
     A step sets state on the model for its own duration: which adapter each token takes (LoRA routing), the
     attention implementation in the model's config. Two generators or engines on one model, stepping from their
     own threads, would otherwise run with each other's settings (another request's adapter, a config left
-    switched). Re-entrant, so a step may call ``forward_batch``, which takes it too; one per module, whichever
-    wrapper reaches it, and dropped with the module.
+    switched). The ``llmspeed.lora`` verbs that change adapters (add, load, delete, set, merge, unmerge) take it too, so
+    a step never meets them half done. Re-entrant, so a step may call ``forward_batch``, which takes it too; handed
+    out first come, first served (:class:`FairRLock`); one per module, whichever wrapper reaches it, and dropped
+    with the module.
     """
     with _STEP_LOCKS_GUARD:
         lock = _STEP_LOCKS.get(root)
         if lock is None:
-            lock = _STEP_LOCKS[root] = threading.RLock()
+            lock = _STEP_LOCKS[root] = FairRLock()
         return lock
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import CausalLM
+from ..protocol import CausalLM, step_lock
 from .block_manager import BlockManager
 from .context_limits import context_limit
 from .detokenizer import Detokenizer
@@ -290,7 +290,8 @@ class Generator:
         sampling = coerce(sampling)
         if not is_int(index) or index < 0:
             raise ValueError(f"index must be a non-negative integer; got {index!r}")
-        with self._exclusive("add_request"):
+        # the model's step lock: another thread's lora verb cannot change the adapters between the checks below
+        with self._exclusive("add_request"), step_lock(self.model.module):
             rid = self._next_id
             self._next_id += 1
             error = None
@@ -356,7 +357,9 @@ class Generator:
         return [e for e in events if e.request_id not in self._run_rids]
 
     def _step(self) -> list[StreamEvent]:
-        with self._exclusive("step"):
+        # the model's step lock from the adapter check to the last token: lora verbs called from other threads
+        # (they take it too) run between steps, never between the check and the forward or inside it
+        with self._exclusive("step"), step_lock(self.model.module):
             self._follow_adapter_changes()  # before taking events: if it raises, they stay queued, never lost
             events = self._take_pending()
             batch = self.scheduler.schedule()

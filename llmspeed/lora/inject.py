@@ -8,17 +8,18 @@ the positions it covers) on its root module, which saving and merging read.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 
 from ..model import as_model
-from ..protocol import CausalLM
+from ..protocol import CausalLM, step_lock
 from .config import ALL_LINEAR, LoraConfig, adapter_dtype
 from .layer import LoraLinear, check_adapter_name
 
@@ -35,6 +36,20 @@ class AdapterInfo:
     config: LoraConfig
     positions: tuple[str, ...]
     uid: int = field(default_factory=lambda: next(_UIDS))
+
+
+def holds_step_lock(verb: Callable) -> Callable:
+    """Run ``verb(model, ...)`` holding the model's :func:`~llmspeed.protocol.step_lock`: a Generator or Engine stepping
+    the model from another thread finishes its step first, and starts its next one on the changed adapters, never
+    on half of them (a step that met an adapter deleted under it failed every request of its batch)."""
+
+    @functools.wraps(verb)
+    def locked(model, *args, **kwargs):
+        root = getattr(model, "module", model)
+        with step_lock(root) if isinstance(root, torch.nn.Module) else nullcontext():
+            return verb(model, *args, **kwargs)
+
+    return locked
 
 
 def registry(model: CausalLM) -> dict[str, AdapterInfo]:
@@ -116,6 +131,7 @@ def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> list[str]:
     return chosen
 
 
+@holds_step_lock
 def add_adapter(
     model: CausalLM,
     name: str,
@@ -226,6 +242,7 @@ def trainable_parameters(model: CausalLM, name: str) -> list[torch.Tensor]:
     return params
 
 
+@holds_step_lock
 def set_adapter(model: CausalLM, name: str | None) -> None:
     """Make ``name`` the adapter every forward pass applies (``None``: no adapter, base only)."""
     if name is not None:
@@ -282,6 +299,7 @@ def disabled(model: CausalLM) -> Iterator[CausalLM]:
         yield model
 
 
+@holds_step_lock
 def delete_adapter(model: CausalLM, name: str) -> None:
     """Remove adapter ``name``; layers left without adapters get their base layer back."""
     require_adapter(model, name)

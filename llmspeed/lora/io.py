@@ -28,6 +28,7 @@ from .inject import (
     adapter_names,
     attach,
     delete_adapter,
+    holds_step_lock,
     registry,
     require_adapter,
     resolve_targets,
@@ -186,6 +187,7 @@ def _pattern_value(pattern: dict, pos: str, default):
     return default
 
 
+@holds_step_lock
 def load_adapter(
     model: CausalLM, path: str | Path, name: str, dtype: torch.dtype | str = torch.float32
 ) -> LoraConfig:

@@ -24,7 +24,7 @@ from torch import nn
 from ..precision import cpu_matmul
 from ..protocol import CausalLM, is_fake_quantized, is_quantized
 from ..quant.methods import METHODS
-from .inject import adapter_names, lora_layers, registry, require_adapter
+from .inject import adapter_names, holds_step_lock, lora_layers, registry, require_adapter
 from .layer import LoraLinear
 
 
@@ -134,6 +134,7 @@ def _merge_into_copy(layer: LoraLinear, name: str, weight: torch.Tensor) -> None
     layer.base_layer = linear
 
 
+@holds_step_lock
 @torch.no_grad()
 def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
     """Fold adapter ``name`` into the base weights of every layer it covers.
@@ -198,6 +199,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
     return report
 
 
+@holds_step_lock
 @torch.no_grad()
 def unmerge(model: CausalLM, name: str) -> None:
     """Take adapter ``name`` out of the base weights again (quantized layers: bit-exact restore).
@@ -226,6 +228,7 @@ def unmerge(model: CausalLM, name: str) -> None:
         layer.merged = tuple(n for n in layer.merged if n != name)
 
 
+@holds_step_lock
 @torch.no_grad()
 def merge_and_unload(model: CausalLM, name: str | None = None, requantize: bool = True) -> MergeReport | None:
     """Merge adapter ``name`` (if given) and take every LoRA wrapper off the model, leaving a plain model that

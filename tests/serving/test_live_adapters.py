@@ -1,0 +1,62 @@
+"""LoRA verbs called from another thread while an Engine serves: they wait for the step in flight, requests bound to
+a deleted adapter end alone with a clear error, the others keep their exact tokens, and the engine serves on."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import Generator, SamplingParams, lora
+
+
+def _random_adapters(model, names):
+    for k, name in enumerate(names):
+        lora.add_adapter(model, name, r=4, alpha=8)
+        g = torch.Generator().manual_seed(k + 1)
+        with torch.no_grad():
+            for _, layer in lora.lora_layers(model):
+                if name in layer.lora_A:
+                    layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.5)
+    lora.set_adapter(model, None)
+
+
+@pytest.mark.parametrize(("where", "fused"), [("before", None), ("before", False), ("inside", False)])
+def test_an_adapter_deleted_from_another_thread_mid_step_fails_only_its_requests(llama, where, fused):
+    """Regression: ``lora.delete_adapter`` from another thread ran while the engine thread was in a step, between the
+    step's adapter check and its forward (``before``) or inside the forward (``inside``): the step met adapter "a"
+    gone and raised, failing every request of its batch, those naming adapter "b" or none included. Now the verbs
+    and the step hold the model's step lock: the delete waits for the step, and only the request bound to "a" ends,
+    saying it was deleted."""
+    _random_adapters(llama, ["a", "b"])
+    prompt = [1, 2, 3, 4]
+    sps = {n: SamplingParams(max_new_tokens=10, ignore_eos=True, adapter=n) for n in ("a", "b", None)}
+    kw = dict(fused_decode=fused)
+    expected = {n: Generator(llama, progress=False, **kw).generate_batched([prompt], sps[n])[0].token_ids
+                for n in ("b", None)}  # fmt: skip
+    with llmspeed.Engine(llama, **kw) as engine:
+        gen = engine.generator
+        owner, name = (gen.runner, "run") if where == "before" else (llama, "forward_batch")
+        original, calls, deleter = getattr(owner, name), [0], []
+
+        def delete_now(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:  # the requests are decoding; another thread deletes "a" now, and may wait for the step
+                deleter.append(threading.Thread(target=lora.delete_adapter, args=(llama, "a")))
+                deleter[0].start()
+                deleter[0].join(0.5)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, delete_now)
+        handles = {n: engine.submit(prompt, sps[n]) for n in ("a", "b", None)}
+        outs = {n: h.result(timeout=60) for n, h in handles.items()}
+        deleter[0].join(30)
+        assert not deleter[0].is_alive() and lora.adapter_names(llama) == ["b"]
+        assert outs["a"].finish_reason == "error" and "adapter 'a' was deleted" in outs["a"].error
+        assert {n: (outs[n].finish_reason, outs[n].token_ids) for n in ("b", None)} == {
+            n: ("length", expected[n]) for n in ("b", None)}  # fmt: skip
+        again = engine.submit(prompt, sps["b"]).result(timeout=60)  # the engine serves on
+        assert again.finish_reason == "length" and again.token_ids == expected["b"]
+        assert engine.loop_errors == 0
