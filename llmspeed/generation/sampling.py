@@ -10,6 +10,7 @@ per-row tensors, with one ``argmax`` and one host transfer per step.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,9 @@ class SamplingParams:
         top_k: Keep only the ``top_k`` most likely tokens (``0`` keeps all).
         top_p: Keep the smallest set of tokens whose probability reaches ``top_p`` (``1.0`` keeps all).
         seed: Seed of this request's own random generator (0 to 2**64 - 1); the same seed gives the same
-            tokens whatever the batch composition. ``None`` draws a seed from torch's global RNG.
+            tokens whatever the batch composition. ``None`` draws a seed from torch's global RNG. torch's CPU
+            generator keeps 32 bits of a seed, so on the CPU a seed from 2**32 up is hashed to 32 bits (seeds that
+            differ only above bit 32 would otherwise give the same tokens).
         stop: Strings that end generation when they appear in the output text (they are cut off, and a
             stream never shows text that a stop string later removes).
         stop_token_ids: Token ids that end generation (kept in ``token_ids``).
@@ -194,6 +197,8 @@ def request_generator(params: SamplingParams, device: torch.device) -> torch.Gen
     if params.greedy:
         return None
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    if torch.device(device).type == "cpu" and seed >= 2**32:  # mt19937 keeps the low 32 bits: mix in the rest
+        seed = int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen

@@ -75,6 +75,19 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     assert sample(batch, params, gens)[2] == alone[0]
 
 
+def test_seeds_that_differ_above_bit_32_give_different_streams_on_the_cpu():
+    """Regression: torch's CPU generator keeps the low 32 bits of a seed, so ``seed=1`` and ``seed=2**32 + 1`` (both
+    documented as valid) drew the very same tokens."""
+    cpu = torch.device("cpu")
+
+    def draws(seed):
+        return torch.rand(8, generator=request_generator(SamplingParams(temperature=1.0, seed=seed), cpu)).tolist()
+
+    assert draws(1) != draws(2**32 + 1) and draws(2**32 + 1) != draws(2**33 + 1)
+    assert draws(2**32 + 1) == draws(2**32 + 1) and draws(2**64 - 1) == draws(2**64 - 1)  # still reproducible
+    assert draws(7) == torch.rand(8, generator=torch.Generator().manual_seed(7)).tolist()  # below 2**32: as before
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.7, 0.2, 0.1])
     p = SamplingParams(temperature=1.0, seed=7)
