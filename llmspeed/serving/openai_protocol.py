@@ -164,19 +164,24 @@ class ChatMessage(BaseModel):
         """The message's text (text parts joined with ``"\\n"``, as vLLM's); ``param`` names its content in errors
         (``messages.0.content``).
 
+        An assistant's ``{"type": "refusal", "refusal": <a string>}`` part (OpenAI's API sends the model's refusals
+        back so) counts as text, as vLLM reads it.
+
         Raises:
-            APIError: 400 for a part that is not ``{"type": "text", "text": <a string>}``.
+            APIError: 400 for a part that is not ``{"type": "text", "text": <a string>}`` (or an assistant's refusal).
         """
         if isinstance(self.content, list):
             parts = []
             for j, part in enumerate(self.content):
-                if part.get("type") != "text":
-                    raise APIError(400, f"only text content parts are supported; got {part.get('type')!r}",
-                                   f"{param}.{j}.type")
-                if not isinstance(part.get("text"), str):
-                    raise APIError(400, f"{param}.{j}.text: a text part's text must be a string; got "
-                                        f"{part.get('text')!r}", f"{param}.{j}.text")
-                parts.append(part["text"])
+                kind = part.get("type")
+                field = "refusal" if kind == "refusal" and self.role == "assistant" else "text"
+                if kind != field:
+                    raise APIError(400, f"only text content parts (and an assistant's refusal parts) are supported; "
+                                        f"got {kind!r}", f"{param}.{j}.type")
+                if not isinstance(part.get(field), str):
+                    raise APIError(400, f"{param}.{j}.{field}: a {field} part's {field} must be a string; got "
+                                        f"{part.get(field)!r}", f"{param}.{j}.{field}")
+                parts.append(part[field])
             return "\n".join(parts)  # "".join glued the parts' words together: ["Summarize:", "It..."]
         return self.content or ""
 

@@ -93,6 +93,20 @@ def test_content_parts_reach_the_template_joined_with_newlines_as_vllm_joins_the
     assert tokenizer.seen[-1] == [{"role": "user", "content": "Summarize:\nIt rained."}]
 
 
+def test_an_assistant_refusal_part_is_read_as_its_text_as_vllm_reads_it(llama, live_server):
+    """Regression: an assistant turn sent back with OpenAI's ``{"type": "refusal", "refusal": ...}`` part (how the API
+    returns a model's refusal) was a 400; vLLM takes its text. A user's refusal part is still refused."""
+    tokenizer = ToolTokenizer()
+    refused = [{"type": "refusal", "refusal": "I cannot."}]
+    with live_server(_server(llama, tokenizer)) as url:
+        r = _chat(url, messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": refused},
+                                 {"role": "user", "content": "why?"}])  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert tokenizer.seen[-1][1] == {"role": "assistant", "content": "I cannot."}
+        r = _chat(url, messages=[{"role": "user", "content": refused}])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content.0.type"
+
+
 TOJSON_TEMPLATE = (  # writes a tool call's arguments with | tojson, as transformers' tool-use templates do
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
     "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }} {{ c.function.arguments | tojson }}</call>{% endfor %}"
