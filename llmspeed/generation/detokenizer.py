@@ -59,6 +59,11 @@ class Detokenizer:
             self.prefix, self.read = self.read, len(self.ids)
             if check_stop and self.stop:
                 self._find_stop(start)
+        elif now == before and self.read == len(self.ids) - 1:
+            # the token added nothing (a special token, which decoding skips): kept in the window, a run of them
+            # (an ignore_eos run past end-of-text) would make every later decode longer, each step slower
+            self.ids.pop()
+            self.read = len(self.ids)
         return self._release(final=self.stopped)
 
     def _find_stop(self, new_from: int) -> None:

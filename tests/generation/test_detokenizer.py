@@ -135,6 +135,30 @@ def test_the_generator_does_not_cut_at_a_stop_string_before_min_tokens_at_the_co
     assert out.finish_reason == "length" and out.text.startswith("ok STOP")
 
 
+class Special(Utf8Bytes):
+    """Utf8Bytes with token 300, a special token that decoding skips; counts the ids each decode reads."""
+
+    def __init__(self):
+        self.read = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.read += len(ids)
+        return super().decode([i for i in ids if i != 300] if skip_special_tokens else ids)
+
+
+def test_a_run_of_special_tokens_does_not_grow_every_later_decode():
+    """Regression: tokens that decode to nothing stayed in the decode window, so after n of them (an ``ignore_eos``
+    run past end-of-text) every token decoded all n again: n**2 work in all."""
+    def run(n):
+        tok = Special()
+        pieces, d, _ = _run(list(b"ab") + [300] * n + list("é z".encode()), [], tok)
+        return tok.read, "".join(pieces), d.text
+
+    (short, text_short, _), (long, text_long, final) = run(10), run(1000)
+    assert text_short == text_long == final == "abé z"
+    assert long - short <= 4 * (1000 - 10)  # linear in the tokens: each special one decoded a bounded number of ids
+
+
 def test_no_tokenizer_gives_no_text():
     d = Detokenizer(None, [1], ["x"])
     assert d.add(5) == "" and d.finish() == "" and not d.stopped
