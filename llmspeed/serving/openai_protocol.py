@@ -321,7 +321,10 @@ def _piece(tokenizer: Any, token: int) -> str:
 
 
 def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0) -> dict[str, Any] | None:
-    """The legacy completions ``logprobs`` object of ``items`` (``TokenLogprobs``), the first at ``text_offset`` ``offset``."""
+    """The legacy completions ``logprobs`` object of ``items`` (``TokenLogprobs``), the first at ``text_offset`` ``offset``.
+
+    Each ``top_logprobs`` entry holds the ``logprobs`` most likely tokens and the sampled one, as OpenAI's API ("up to
+    logprobs+1 elements") and vLLM return it, so ``logprobs: 0`` still gives the sampled token's entry."""
     if items is None:
         return None
     tokens, values, tops, offsets = [], [], [], []
@@ -330,7 +333,7 @@ def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0
         piece = _piece(tokenizer, lp.token_id)
         tokens.append(piece)
         values.append(lp.logprob)
-        tops.append({_piece(tokenizer, t): v for t, v in lp.top})
+        tops.append({**{_piece(tokenizer, t): v for t, v in lp.top}, piece: lp.logprob})
         offsets.append(pos)
         pos += len(piece)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

@@ -537,3 +537,15 @@ def test_max_completion_tokens_past_the_context_is_named_even_beside_max_tokens(
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "max_completion_tokens": limit}
         message = _assert_error(_post(url, "/v1/chat/completions", body), 400, "max_completion_tokens")
         assert message.startswith(f"max_completion_tokens={limit} is too large")
+
+
+def test_completions_top_logprobs_hold_the_sampled_token_as_openai_and_vllm(tiny_server, live_server):
+    """Regression: ``logprobs: 0`` gave ``{}`` for every token's ``top_logprobs``, and a sampled token outside the top
+    ``logprobs`` was missing there; OpenAI returns "up to logprobs+1 elements", the sampled token always among them."""
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+        for n in (0, 1):
+            lp = client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=1.5, seed=3,
+                                           logprobs=n).choices[0].logprobs  # fmt: skip
+            for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+                assert top[token] == value and len(top) <= n + 1
