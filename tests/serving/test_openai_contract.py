@@ -549,3 +549,17 @@ def test_completions_top_logprobs_hold_the_sampled_token_as_openai_and_vllm(tiny
                                            logprobs=n).choices[0].logprobs  # fmt: skip
             for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
                 assert top[token] == value and len(top) <= n + 1
+
+
+def test_a_negative_seed_is_taken_as_vllm_takes_it(tiny_server, live_server):
+    """Regression: ``seed: -1`` (an int64, which vLLM accepts) was a 400; it is now the seed ``2**64 - 1``."""
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+
+        def text(seed):
+            return client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=1.5,
+                                             seed=seed).choices[0].text  # fmt: skip
+
+        assert text(-1) == text(2**64 - 1) == text(-1)
+        with pytest.raises(openai.BadRequestError, match="seed"):
+            text(-(2**63) - 1)
