@@ -87,6 +87,19 @@ def _compiler_version(path: str) -> str:
         return path
 
 
+@lru_cache(maxsize=4)
+def _compiler_identity(path: str) -> str:
+    """The compiler's version line, its real path and, for a small file (a wrapper script that adds flags, as
+    ``CXX`` often names), a hash of its text: two compilers that print the same version still key apart."""
+    real = os.path.realpath(path)
+    try:
+        small = os.path.getsize(real) < 65536
+        digest = hashlib.sha1(Path(real).read_bytes()).hexdigest()[:12] if small else ""
+    except OSError:
+        digest = ""
+    return f"{_compiler_version(path)}|{real}|{digest}"
+
+
 def _last_line(err: BaseException) -> str:
     """The compiler's first ``error:`` line if the message has one (ninja's last line only says it stopped)."""
     text = str(err).strip()
@@ -199,7 +212,8 @@ def _compile(name: str, text: str, functions: list[str], flags: list[str], ldfla
 
 
 def cache_key(text: str, flags: Sequence[str]) -> str:
-    """What a built library depends on: sources, flags, compiler, torch, Python and the CPU it was built for.
+    """What a built library depends on: sources, flags, compiler (version, path, and a wrapper script's text), torch,
+    Python and the CPU it was built for.
 
     Python's extension suffix (``.cpython-311-x86_64-linux-gnu.so``) names the interpreter the module is
     linked for: another Python version (a second venv, a nox session) cannot load it and would rebuild it
@@ -207,7 +221,7 @@ def cache_key(text: str, flags: Sequence[str]) -> str:
     """
     cxx = compiler() or ""
     python = sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag
-    parts = [text, " ".join(flags), _compiler_version(cxx) if cxx else "", torch.__version__, python, cpu_identity()]
+    parts = [text, " ".join(flags), _compiler_identity(cxx) if cxx else "", torch.__version__, python, cpu_identity()]
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()[:12]
 
 

@@ -227,6 +227,28 @@ def test_the_cache_key_covers_the_python_version(monkeypatch):
     assert cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS) != key
 
 
+def test_the_cache_key_tells_a_compiler_wrapper_from_the_compiler(monkeypatch, tmp_path):
+    """Regression: the key held the compiler's version line only, so ``CXX`` naming a wrapper script that adds flags
+    (an AVX2-only build, say) shared its libraries with the plain compiler, which prints the same version."""
+    import shutil
+
+    real = shutil.which("c++") or shutil.which("g++")
+    if real is None:
+        pytest.skip("no C++ compiler on PATH")
+    monkeypatch.setenv("CXX", real)
+    key = cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS)
+    wrapper = tmp_path / "cxx-avx2"
+    wrapper.write_text(f'#!/bin/sh\nexec {real} -mno-avx512f "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    assert cpp_build._compiler_version(str(wrapper)) == cpp_build._compiler_version(real)  # same version line
+    wrapped = cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS)
+    assert wrapped != key
+    wrapper.write_text(f'#!/bin/sh\nexec {real} -mno-avx2 "$@"\n')  # the wrapper's flags changed
+    cpp_build._compiler_identity.cache_clear()
+    assert cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS) not in (key, wrapped)
+
+
 def test_llmspeed_build_compiles_ahead_of_time(tmp_path):
     # with the C++ kernels disabled the command still runs, reports why, and fails
     env = {**os.environ, "LLMSPEED_CACHE": str(tmp_path), "LLMSPEED_DISABLE_CPP": "1"}
