@@ -17,7 +17,10 @@ The cache is trusted only as far as it can be:
 * builders take an OS file lock (released by the kernel if a builder dies), so a build killed
   mid-compile cannot make later processes wait forever on torch's own lock file: its leftover is
   detected and taken over with a message;
-* the first build prints one line saying what is compiled and roughly how long it takes.
+* the first build prints one line saying what is compiled and roughly how long it takes;
+* a build that fails leaves a note in its folder, so later processes do not spend the compile time failing
+  again (a CPU whose compiler rejects ``-fopenmp`` went through that failing build at every start); the
+  note's message says how to try again (``python -m llmspeed build`` does).
 
 Threads: the sources split work with ``at::parallel_for``. In a torch build that uses OpenMP, that
 function is an inline template around ``#pragma omp parallel``, so an extension compiled without
@@ -62,9 +65,11 @@ except ImportError:  # not on POSIX: no cross-process build lock
 BASE_FLAGS = ["-O3", "-march=native", "-std=c++17"]
 OPENMP_FLAGS = ["-fopenmp"]
 DISABLE_ENV = "LLMSPEED_DISABLE_CPP"
+RETRY_FAILED = False  # True: build again where an earlier build failed (``python -m llmspeed build`` sets it)
 MANIFEST = "llmspeed-manifest.json"  # {"library": file name, "sha256": hex digest of its bytes}
 LOCK = "llmspeed-build.lock"  # flock'ed by the process building in the folder
 TORCH_LOCK = "lock"  # torch's FileBaton: left behind when a build is killed, it blocks torch forever
+FAILED = "llmspeed-build-failed.txt"  # the compiler's error, left by a build that failed (retried on request)
 BUILD_SECONDS = "15-60 s"  # what the first build's message announces (2-core CPUs; more cores are faster)
 
 
@@ -242,6 +247,10 @@ def _build_one(
                 return load_library(folder, name)
             except (ImportError, OSError) as err:
                 problem = f"it failed to load ({_last_line(err)})"
+        failed = folder / FAILED
+        if problem == "not built yet" and failed.exists() and not RETRY_FAILED:
+            raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()[:300]}); to try again, run "
+                               f"`python -m llmspeed build` or delete {failed}")  # fmt: skip
         if problem != "not built yet":
             _say(f"rebuilding {prefix} in {folder}: {problem}")
         if (folder / TORCH_LOCK).exists():
@@ -249,7 +258,11 @@ def _build_one(
         _clear(folder)
         _say(f"compiling {prefix} for this CPU, once (about {BUILD_SECONDS}); cached in {folder}")
         start = time.perf_counter()
-        module = _compile(name, text, functions, flags, ldflags, include_dirs, folder)
+        try:
+            module = _compile(name, text, functions, flags, ldflags, include_dirs, folder)
+        except Exception as err:
+            failed.write_text(_last_line(err) + "\n")
+            raise
         record(folder, name)
         _say(f"built {prefix} in {time.perf_counter() - start:.0f} s")
         return module

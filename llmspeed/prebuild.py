@@ -14,7 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m llmspeed build", description=__doc__)
     parser.parse_args(argv)
+    from . import cpp_build
     from .generation import fused_decode
+
+    cpp_build.RETRY_FAILED = True  # this command is how a user tries a build that failed before again
     from .quant.kernels import amx, cpp
 
     failed = 0

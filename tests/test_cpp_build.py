@@ -39,6 +39,7 @@ SCRIPT = textwrap.dedent(
     from llmspeed import cpp_build
 
     pristine = os.environ.get("FAKE_COMPILE")
+    cpp_build.RETRY_FAILED = os.environ.get("RETRY_FAILED") == "1"
     calls = []
     if pristine:
         def fake(name, text, functions, flags, ldflags, include_dirs, folder):
@@ -63,8 +64,8 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(source: Path, cache: Path, fake: Path | None = None, timeout: float = 600, umask: int | None = None,
-         functions: str = "answer") -> dict:  # fmt: skip
-    env = {**os.environ, "LLMSPEED_CACHE": str(cache), "FUNCTIONS": functions}
+         functions: str = "answer", retry: bool = False) -> dict:  # fmt: skip
+    env = {**os.environ, "LLMSPEED_CACHE": str(cache), "FUNCTIONS": functions, "RETRY_FAILED": "1" if retry else ""}
     env.pop("LLMSPEED_DISABLE_CPP", None)
     if fake is not None:
         env["FAKE_COMPILE"] = str(fake)
@@ -195,6 +196,12 @@ def test_a_failed_build_warns_once_and_leaves_the_pure_torch_path(cache_copy, tm
     result = _run(broken, cache_copy["cache"])  # the real compiler, twice (with and without -fopenmp)
     assert result["answer"] is None and "build with OpenMP failed" in result["reason"]
     assert sum("could not be built or loaded" in w for w in result["warnings"]) == 1
+    # regression: every later process compiled the failing source again (the compile time at each start)
+    again = _run(broken, cache_copy["cache"])
+    assert again["answer"] is None and again["reason"].count("an earlier build failed") == 2
+    assert "python -m llmspeed build" in again["reason"] and "compiling" not in again["stderr"]
+    retried = _run(broken, cache_copy["cache"], retry=True)  # what `python -m llmspeed build` does: try again
+    assert "an earlier build failed" not in retried["reason"] and "build with OpenMP failed" in retried["reason"]
 
 
 def test_a_library_built_with_other_bindings_is_not_loaded(cache_copy):
