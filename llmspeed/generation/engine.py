@@ -30,6 +30,7 @@ from .detokenizer import Detokenizer
 from .kv_cache import cache_dtype
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent, paths_since
 from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, prompt_ids, prompt_list
+from .request_adapters import adapter_error, adapter_key, follow
 from .runner import ModelRunner, StepInput
 from .sampling import (
     RowContext,
@@ -239,42 +240,6 @@ class Generator:
     def _tokenize(self, prompt: Prompt) -> list[int]:
         return prompt_ids(prompt, self.tokenizer, self.chat_template, self.model.spec.vocab_size)
 
-    def _check_adapter(self, name: str) -> str | None:
-        try:
-            from .. import lora
-        except ImportError:
-            return f"adapter {name!r} requested, but LoRA support (llmspeed.lora) is not available"
-        known = lora.adapter_names(self.model)
-        if name not in known:
-            return f"adapter must be one of the model's adapters {sorted(known)}; got {name!r}"
-        return self._merged_refusal(name)
-
-    def _merged_refusal(self, name: str, when: str = "") -> str | None:
-        """Why a request naming adapter ``name`` cannot run while adapters are merged into the base (its step would
-        run in mixed-adapter batches, which refuse merged adapters and would fail every request of the batch)."""
-        from ..lora.inject import lora_layers
-
-        merged = sorted({n for _, layer in lora_layers(self.model) for n in layer.merged})
-        if not merged:
-            return None
-        return (f"adapter {name!r} cannot run while adapters {merged} are merged into the base{when} (lora.merge): "
-                f"requests that name an adapter need them unmerged (lora.unmerge)")
-
-    def _adapter_key(self, name: str | None) -> tuple[str, int, int] | None:
-        """``(adapter, uid, weights)`` the request's keys/values depend on (:func:`llmspeed.lora.inject.adapter_identity`;
-        ``weights``: a hash of the storage and version of the adapter's tensors, so that prefix-cache blocks computed
-        before the adapter was trained or edited in place are not reused after)."""
-        if name is None and not self.model.module.__dict__.get("_llmspeed_lora"):
-            return None  # no adapters on the model: llmspeed.lora need not be imported
-        from ..lora.inject import adapter_identity, lora_layers
-
-        identity = adapter_identity(self.model, name)
-        if identity is None:
-            return None
-        tensors = [t for _, layer in lora_layers(self.model) if identity[0] in layer.lora_A
-                   for t in (layer.weight_a(identity[0]), layer.weight_b(identity[0]))]  # fmt: skip
-        return (*identity, hash(tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)))
-
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
         """Queue one request; return its id. A request that can never run ends with ``"error"``, as does one
         that gives stop strings to a model without a tokenizer (there is no text to find them in).
@@ -306,9 +271,9 @@ class Generator:
                 error = (f"stop strings {list(sampling.stop)} need a tokenizer to find them in the text, and this model "
                          f"has none; give stop_token_ids, or wrap the model with its tokenizer")
             if error is None and sampling.adapter is not None:
-                error = self._check_adapter(sampling.adapter)
+                error = adapter_error(self.model, sampling.adapter)
             if error is None:  # bound to this adapter, (name, uid), not to its name
-                seq.adapter_key = self._adapter_key(sampling.adapter)
+                seq.adapter_key = adapter_key(self.model, sampling.adapter)
             if error is None:
                 error = self.scheduler.add(seq)
             if error is not None:
@@ -383,34 +348,12 @@ class Generator:
         return out
 
     def _follow_adapter_changes(self) -> None:
-        """After any change to the model's adapters since the last step (lora's ``STATE_CHANGES`` moved): a request
-        bound to an adapter that was deleted, or deleted and another added under its name, or that names an adapter
-        while adapters are merged into the base (:meth:`_merged_refusal`), ends with an error;
-        requests that name no adapter run the active one as it is set now (``set_adapter``, ``disabled``), so their
-        admission and next prefix-cache blocks are keyed by it, not by the one active when they were added."""
-        if self._adapter_changes is None and not self.model.module.__dict__.get("_llmspeed_lora"):
-            return  # no adapters on the model, now or at any earlier step: llmspeed.lora need not be imported
-        from ..lora.inject import registry
-        from ..lora.layer import STATE_CHANGES
-
-        if self._adapter_changes == STATE_CHANGES[0]:
-            return
-        self._adapter_changes = STATE_CHANGES[0]
-        known = {name: info.uid for name, info in registry(self.model).items()}
-        active = self._adapter_key(None)
-        for seq in list(self._seqs.values()):
-            name = seq.params.adapter
-            if seq.is_finished:
-                continue
-            if name is None:
-                seq.adapter_key = active
-            elif known.get(name) != seq.adapter_key[1]:
-                replaced = " and another adapter added under its name" if name in known else ""
-                seq.error = f"adapter {name!r} was deleted{replaced} while this request was running"
-                self._end(seq, "error")
-            elif (refusal := self._merged_refusal(name, " (merged while this request was running)")) is not None:
-                seq.error = refusal  # ended alone: left in, its step would fail the other requests of its batch
-                self._end(seq, "error")
+        """Bring the live requests in line with the model's adapters as they are now (:func:`.request_adapters.follow`):
+        those that can no longer run end with an error."""
+        self._adapter_changes, ended = follow(self.model, self._adapter_changes, self._seqs.values())
+        for seq, error in ended:
+            seq.error = error
+            self._end(seq, "error")
 
     def _fail(self, batch: Batch, exc: BaseException) -> list[StreamEvent]:
         message = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
