@@ -58,6 +58,7 @@ class BlockManager:
         self._block_of: dict[BlockKey, int] = {}  # key -> registered block
         self.hit_tokens = 0  # prompt tokens found in the prefix cache
         self.query_tokens = 0  # prompt tokens looked up
+        self.epoch = 0  # reset_prefix_cache's count: the scheduler keys the blocks of sequences it admits by it
 
     # --- counts ---------------------------------------------------------------------------------
     @property
@@ -203,7 +204,12 @@ class BlockManager:
                 self._key_of[block] = key
 
     def reset_prefix_cache(self) -> int:
-        """Forget every evictable cached block (e.g. after the weights change); return how many."""
+        """Forget every evictable cached block (e.g. after the weights change); return how many.
+
+        Blocks held by running sequences stay registered, but under the old :attr:`epoch`: sequences the
+        scheduler admits from now on never match them.
+        """
+        self.epoch += 1
         n = len(self._evictable)
         for block in self._evictable:
             del self._block_of[self._key_of.pop(block)]

@@ -19,6 +19,7 @@ Nothing is ever dropped: a request leaves only through :meth:`Scheduler.finish` 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager, blocks_for
@@ -72,6 +73,9 @@ class Scheduler:
         self.max_seqs = max_seqs
         self.max_seq_len = max_seq_len
         self.context_note = ""  # why the context is max_seq_len, when it is not the model's positions (the engine's)
+        # with prefix caching: what the model's keys and values depend on now (its weights), read at most once per
+        # step, when it admits: a sequence's blocks are keyed by it, so blocks of other weights are never reused
+        self.weights_key: Callable[[], object] = lambda: None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -102,9 +106,13 @@ class Scheduler:
         self.waiting.append(seq)
         return None
 
-    def _admit(self, seq: Sequence) -> bool:
+    def _admit(self, seq: Sequence, weights: list[object]) -> bool:
         tokens = seq.all_tokens()
-        hits = self.blocks.match(tokens, seq.adapter_key)
+        if self.blocks.prefix_caching:
+            if not weights:
+                weights.append((self.blocks.epoch, self.weights_key()))
+            seq.weights_key = weights[0]
+        hits = self.blocks.match(tokens, (seq.adapter_key, seq.weights_key))
         if not self.blocks.can_admit(hits, len(tokens)):
             return False
         self.blocks.admit(seq.seq_id, seq.block_table, hits, len(tokens))
@@ -165,9 +173,10 @@ class Scheduler:
             batch.chunks.append(Chunk(seq, seq.num_computed, length))
             budget -= length
 
+        weights: list[object] = []  # the weights key, read at the first admission
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and not batch.preempted:
             seq = self.waiting[0]
-            if not self._admit(seq):
+            if not self._admit(seq, weights):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -185,7 +194,8 @@ class Scheduler:
             seq = chunk.seq
             seq.num_computed = chunk.start + chunk.length
             if self.blocks.prefix_caching and seq.num_computed // self.blocks.block_size > len(seq.block_keys):
-                self.blocks.register(seq.block_table, seq.all_tokens(), seq.num_computed, seq.adapter_key, seq.block_keys)
+                self.blocks.register(seq.block_table, seq.all_tokens(), seq.num_computed,
+                                     (seq.adapter_key, seq.weights_key), seq.block_keys)  # fmt: skip
 
 
 def blocks_held(scheduler: Scheduler) -> int:

@@ -43,6 +43,7 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs per output token, when asked for
     block_keys: list[int] = field(default_factory=list)  # prefix-cache chain hashes of its full blocks
     adapter_key: Any = None  # what its keys/values depend on besides the tokens (its LoRA adapter): keys its blocks
+    weights_key: Any = None  # the model's weights when it was last admitted (Scheduler.weights_key): keys its blocks too
     num_preemptions: int = 0
     num_cached: int = 0  # prompt tokens taken from the prefix cache at the last admission
     arrival_time: float = field(default_factory=time.perf_counter)

@@ -200,3 +200,22 @@ def test_a_queued_request_without_an_adapter_is_keyed_by_the_adapter_active_when
     assert outs[rid].token_ids == want_b and outs[rid].metrics.cached_tokens == 0
     lora.set_adapter(llama, "a")  # and "a" must not find the blocks "b" computed under its key
     assert gen.generate_batched([prompt], sp)[0].token_ids == want_a
+
+
+def test_reset_prefix_cache_keeps_a_running_requests_blocks_from_later_requests(llama):
+    """Regression: ``reset_prefix_cache`` (docs/serving.md: call it after changing weights) forgot only the blocks
+    nobody held, so a request added after it took the blocks a still running request held: keys and values of the
+    old weights (its tokens then differed from a fresh generator's)."""
+    prompt = _shared_prompts(1, prefix_len=32, seed=4)[0]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    gen = Generator(llama, progress=False, prefix_caching=True, block_size=8)
+    gen.add_request(prompt, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    gen.step()  # its prompt's blocks are computed and registered, and it holds them
+    assert gen.blocks.num_cached > 0
+    for name, weight in llama.hf.named_parameters():
+        if "mlp" in name or "self_attn" in name:
+            weight.data.mul_(1.7)  # through .data: no version counter sees it
+    gen.blocks.reset_prefix_cache()
+    out = gen.generate_batched([prompt], sp)[0]
+    assert out.metrics.cached_tokens == 0
+    assert out.token_ids == Generator(llama, progress=False).generate_batched([prompt], sp)[0].token_ids
