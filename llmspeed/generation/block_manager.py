@@ -6,7 +6,8 @@ cache tensors (:func:`slot`).
 
 With ``prefix_caching=True`` (vLLM's automatic prefix caching), every *full* block whose keys and
 values are computed is registered under a hash chain of its tokens: the key of block ``i`` is
-``(key of block i - 1, tokens of block i, adapter)``, so two blocks share a key only when every
+``(key of block i - 1, tokens of block i, adapter)`` (the scheduler's ``adapter``: the sequence's LoRA adapter and
+the model's weights when it was admitted), so two blocks share a key only when every
 token before them is the same too. A new sequence whose leading full blocks are registered takes
 them read-only (one more reference each) and computes only the rest. A block whose last reference
 goes stays registered and *evictable*: it is handed out again, least recently used first, only

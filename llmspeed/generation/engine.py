@@ -27,7 +27,7 @@ from ..protocol import CausalLM, step_lock
 from .block_manager import BlockManager
 from .context_limits import context_limit
 from .detokenizer import Detokenizer
-from .kv_cache import cache_dtype
+from .kv_cache import cache_dtype, weights_key
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent, paths_since
 from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, prompt_ids, prompt_list
 from .request_adapters import adapter_error, adapter_key, follow
@@ -170,6 +170,8 @@ class Generator:
         context, note = context_limit(model, spec.max_positions)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, context)
         self.scheduler.context_note = note
+        self.scheduler.weights_key = self._weights_key
+        self._weights: int | None = None  # _weights_key's last answer
         self.device = spec.device
         self.runner = ModelRunner(model, num_blocks, block_size, max_seqs, cuda_graphs=cuda_graphs,
                                   fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,
@@ -239,6 +241,15 @@ class Generator:
     # --- requests -------------------------------------------------------------------------------
     def _tokenize(self, prompt: Prompt) -> list[int]:
         return prompt_ids(prompt, self.tokenizer, self.chat_template, self.model.spec.vocab_size)
+
+    def _weights_key(self) -> int:
+        """:func:`.kv_cache.weights_key` of the model, which the scheduler keys prefix-cache blocks by; a change also
+        drops the blocks nobody holds (:meth:`.BlockManager.reset_prefix_cache`)."""
+        key = weights_key(self.model.module)
+        if self._weights is not None and key != self._weights:
+            self.blocks.reset_prefix_cache()
+        self._weights = key
+        return key
 
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
         """Queue one request; return its id. A request that can never run ends with ``"error"``, as does one

@@ -56,6 +56,16 @@ def cache_dtype(spec: ModelSpec, wanted: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
+def weights_key(root: torch.nn.Module) -> int:
+    """A hash of ``root``'s modules and of every parameter's and buffer's storage, dtype, device and version: what
+    cached keys and values depend on besides the tokens. It changes when the model is quantized, cast, prepared for
+    QAT, its weights are loaded or edited in place, adapters merged; not on writes through ``tensor.data``, which
+    bump no version."""
+    tensors = (*root.parameters(), *root.buffers())
+    return hash((tuple(map(id, root.modules())),
+                 tuple((t.data_ptr(), t.dtype, t.device, 0 if t.is_inference() else t._version) for t in tensors)))
+
+
 def _check_fp16_range(key: torch.Tensor, value: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     """``ValueError`` (before anything is written) when rounding ``key``/``value`` to an fp16 cache gave an inf:
     every score or output reading it would be NaN (the fused step's write refuses the same values)."""

@@ -110,7 +110,8 @@ class Scheduler:
         tokens = seq.all_tokens()
         if self.blocks.prefix_caching:
             if not weights:
-                weights.append((self.blocks.epoch, self.weights_key()))
+                key = self.weights_key()  # first: reading it may reset the prefix cache (a new epoch)
+                weights.append((self.blocks.epoch, key))
             seq.weights_key = weights[0]
         hits = self.blocks.match(tokens, (seq.adapter_key, seq.weights_key))
         if not self.blocks.can_admit(hits, len(tokens)):

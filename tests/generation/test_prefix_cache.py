@@ -219,3 +219,39 @@ def test_reset_prefix_cache_keeps_a_running_requests_blocks_from_later_requests(
     out = gen.generate_batched([prompt], sp)[0]
     assert out.metrics.cached_tokens == 0
     assert out.token_ids == Generator(llama, progress=False).generate_batched([prompt], sp)[0].token_ids
+
+
+def _scale_in_place(model):
+    with torch.no_grad():
+        for name, weight in model.hf.named_parameters():
+            if "mlp" in name or "self_attn" in name:
+                weight.mul_(1.7)
+
+
+def _load_scaled(model):
+    model.hf.load_state_dict({k: v * 1.7 if "mlp" in k else v for k, v in model.hf.state_dict().items()})
+
+
+def _quantize(model):
+    from llmspeed import quantize
+
+    quantize(model, "int8")
+
+
+@pytest.mark.parametrize("change", [_scale_in_place, _load_scaled, _quantize])
+def test_prefix_cache_is_not_reused_after_the_model_changed(llama, change):
+    """Regression: a Generator's prefix cache was keyed by tokens and adapter only, so after the model changed under
+    it (weights edited in place or loaded, quantized) a repeated prompt reused keys and values of the old model:
+    its logprobs (and tokens) differed from a fresh generator's."""
+    prompt = _shared_prompts(1, prefix_len=32, seed=5)
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=0)
+    gen = Generator(llama, progress=False, prefix_caching=True, block_size=8)
+    gen.generate_batched(prompt, sp)
+    assert gen.generate_batched(prompt, sp)[0].metrics.cached_tokens == 32  # unchanged: reused
+    change(llama)
+    out = gen.generate_batched(prompt, sp)[0]
+    want = Generator(llama, progress=False).generate_batched(prompt, sp)[0]
+    assert out.metrics.cached_tokens == 0
+    assert out.token_ids == want.token_ids
+    assert [lp.logprob for lp in out.logprobs] == [lp.logprob for lp in want.logprobs]
+    assert gen.generate_batched(prompt, sp)[0].metrics.cached_tokens == 32  # cached again, under the new weights
