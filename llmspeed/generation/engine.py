@@ -57,7 +57,8 @@ class Generator:
         model: The model (``llmspeed.Model`` or anything implementing the protocol).
         kv_cache_tokens: KV budget in tokens (default 16384 unless ``kv_cache_bytes`` is given).
         kv_cache_bytes: KV budget in bytes instead (converted at ``kv_cache_dtype``'s bytes per token).
-        kv_cache_dtype: Dtype of the cached keys and values: ``"auto"`` (default: the model's), or on the CPU
+        kv_cache_dtype: Dtype of the cached keys and values: ``"auto"`` (default: the model's, followed when
+            :func:`llmspeed.cast` changes it: the cache is converted before the next step), or on the CPU
             ``"bf16"`` / ``"fp16"`` (any spelling :func:`llmspeed.cast` takes) for a cache of half an fp32
             model's bytes, which the decode attention reads in about two thirds of the time (llama.cpp's
             cache is fp16 by default); ``"fp32"``. Keys and values are rounded to it

@@ -125,9 +125,14 @@ class FusedDecode:
         self.amx = amx_available()
         # bf16 matrices of prompt-sized steps: widened to fp32 where the native bf16 GEMM is slow (no crossover:
         # it is fast); asked only of bf16 models (the first time costs a 0.1 s measurement)
-        self.upcast_bf16 = model.spec.dtype == torch.bfloat16 and cpu_matmul.crossover(torch.bfloat16) is not None
+        self.upcast_bf16 = False
+        self.follow_dtype()
         self._snapshot: Snapshot | None = None
         self._rope: RopeTable | None = None
+
+    def follow_dtype(self) -> None:
+        """Set :attr:`upcast_bf16` for the model's dtype as it is now (after :func:`llmspeed.cast` changed it)."""
+        self.upcast_bf16 = self.model.spec.dtype == torch.bfloat16 and cpu_matmul.crossover(torch.bfloat16) is not None
 
     def _rotary(self, rotary: nn.Module, positions: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos/sin rows ``[n, D]`` of ``positions``: from a table where ``rotary`` allows one, else computed."""

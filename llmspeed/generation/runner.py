@@ -99,6 +99,9 @@ class ModelRunner:
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
         self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size, cache_dtype(spec, kv_cache_dtype))
+        # "auto": the cache follows the model's dtype (follow_model_dtype)
+        self.auto_dtype = isinstance(kv_cache_dtype, str) and kv_cache_dtype.strip().lower() == "auto"
+        self.attention = attention
         self.per_layer_attention = self._setup_attention(spec, attention)  # the kernels of per-layer steps
         self.graphs: Any = None
         if use_graphs:
@@ -179,7 +182,26 @@ class ModelRunner:
         engines) on one model take turns instead of running with each other's adapter routing.
         """
         with step_lock(self.model.module):
+            self.follow_model_dtype()
             return self._run(step)
+
+    def follow_model_dtype(self) -> None:
+        """With ``kv_cache_dtype="auto"``, after the model's dtype changed (:func:`llmspeed.cast`, ``.to``): convert the
+        cache to it (running requests' keys and values rounded to it), as a fresh generator's cache would be, and set
+        up again what was chosen for the old dtype: the attention kernels, the fused step's bf16 widening, and the CUDA
+        graphs (captured on the old cache tensors)."""
+        dtype = self.model.spec.dtype
+        if not self.auto_dtype or dtype == self.cache.key.dtype:
+            return
+        self.cache.key, self.cache.value = self.cache.key.to(dtype), self.cache.value.to(dtype)
+        self.per_layer_attention = self._setup_attention(self.model.spec, self.attention)
+        if self.graphs is not None:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.cache, pad_block=self.graphs.pad_block,
+                                       max_batch=self.graphs.max_batch, decode_kernel=self.decode_kernel)  # fmt: skip
+        if self.fused is not None:
+            self.fused.follow_dtype()
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
                      adapters: list[str | None] | None) -> Any:

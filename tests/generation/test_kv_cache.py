@@ -118,3 +118,23 @@ def test_an_fp16_cache_refuses_keys_and_values_past_its_range_before_writing():
         assert all("kv_cache_dtype='fp16' cannot hold" in o.error for o in out)
     out = Generator(model, progress=False, kv_cache_tokens=256, kv_cache_dtype="bf16").generate_batched(prompts, params)
     assert [len(o.token_ids) for o in out] == [3, 3]
+
+
+@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("start,to", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_an_auto_cache_follows_the_models_dtype_after_a_cast(fused, start, to):
+    """Regression: with ``kv_cache_dtype="auto"`` the cache kept the model's dtype of when the generator was made, so
+    after ``llmspeed.cast`` a bf16 cache rounded an fp32 model's keys and values (and an fp32 cache held a bf16
+    model's, with the fused step's bf16 widening chosen for fp32): logprobs differed from a fresh generator's."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    llmspeed.cast(model, start)
+    prompts = [list(range(1, 21)), list(range(5, 14))]
+    sp = SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=0)
+    gen = Generator(model, progress=False, fused_decode=fused)
+    gen.generate_batched(prompts, sp)
+    llmspeed.cast(model, to)
+    got = gen.generate_batched(prompts, sp)
+    want = Generator(model, progress=False, fused_decode=fused).generate_batched(prompts, sp)
+    assert gen.cache.key.dtype == gen.cache.value.dtype == llmspeed.names.CANONICAL_DTYPES[to]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [[lp.logprob for lp in o.logprobs] for o in got] == [[lp.logprob for lp in o.logprobs] for o in want]
