@@ -209,3 +209,21 @@ def test_gradients_and_cpus_with_fast_16_bit_gemm_keep_16_bit_activations(llama,
     monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: None})  # the native kernel wins everywhere
     with torch.no_grad():
         assert llama.hf(IDS).logits.dtype == torch.bfloat16
+
+
+def test_cpu_matmul_leaves_the_dtype_to_autocast(llama, monkeypatch):
+    """Regression: on a CPU without fast 16-bit GEMM the cast's linear layers ran their own fp32 product under
+    ``torch.autocast`` too and returned the weights' dtype, not autocast's: a bf16 model with LoRA adapters trained
+    with precision="fp16" mixed bf16 and fp16 and crashed ("Unexpected floating ScalarType")."""
+    from llmspeed import lora
+
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4, torch.float16: 4})  # as on AVX2 CPUs
+    llmspeed.cast(llama, "bf16")
+    layer = llama.hf.model.layers[0].mlp.up_proj
+    x = torch.randn(16, layer.in_features).to(torch.bfloat16)  # [16, K]: rows past the crossover
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert layer(x).dtype == torch.float16
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    tokens = torch.arange(100) % 7
+    result = lora.finetune(llama, tokens, precision="fp16", steps=1, seq_len=16, batch_size=2, progress=False)
+    assert all(loss == loss for loss in result.losses)

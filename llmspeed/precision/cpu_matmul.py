@@ -143,6 +143,8 @@ def uses_upcast(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks the dtype, as for any nn.Linear
+        return F.linear(x, weight, self.bias)
     if uses_upcast(x, weight):
         return upcast_linear(x, weight, self.bias)
     if x.dtype == torch.float32 and weight.dtype in HALF_DTYPES and not torch.is_grad_enabled():
@@ -171,8 +173,8 @@ def install(root: nn.Module) -> int:
 
     The layers stay ``nn.Linear``: only their ``forward`` is replaced on the instance, and their weights
     and state dicts do not change. Calls other than 16-bit inference on the CPU run plain ``F.linear``:
-    CUDA, other dtypes and anything that needs gradients. The input embedding (``root``'s
-    ``get_input_embeddings()``, when it is an ``nn.Embedding``) gets a ``forward`` that hands out fp32
+    CUDA, other dtypes, anything that needs gradients and calls under autocast. The input embedding
+    (``root``'s ``get_input_embeddings()``, when it is an ``nn.Embedding``) gets a ``forward`` that hands out fp32
     activations in inference (:func:`upcasts_activations`, the module docstring). Returns the number of
     linear layers.
     """
