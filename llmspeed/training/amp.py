@@ -72,9 +72,13 @@ class MixedPrecision:
     scaler: torch.amp.GradScaler | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.precision = str(dtype_name(self.precision))
+        given, self.precision = self.precision, dtype_name(self.precision)  # type: ignore[assignment]
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {given!r}")
         self.dtype = PRECISIONS[self.precision]
         if self.dtype == torch.float16:
+            if self.device_type not in ("cpu", "cuda"):  # what unsupported_reason says GradScaler is wired for
+                raise ValueError(f"device_type must be 'cpu' or 'cuda' for fp16 loss scaling; got {self.device_type!r}")
             self.scaler = torch.amp.GradScaler(self.device_type, init_scale=self.init_scale)
 
     def autocast(self) -> AbstractContextManager:

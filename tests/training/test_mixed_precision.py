@@ -320,3 +320,19 @@ def test_bad_input_to_a_prepared_model_changes_nothing(llama, kwargs, match):
     assert all(torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
     assert {n: p.requires_grad for n, p in llama.hf.named_parameters()} == flags and not llama.hf.training
     assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("fp8", "cpu"), r"precision must be one of \['fp32', 'bf16', 'fp16'\]; got 'fp8'"),
+        ((torch.int8, "cpu"), r"precision must be one of .*; got torch.int8"),
+        (("fp16", "gpu"), r"device_type must be 'cpu' or 'cuda' for fp16 loss scaling; got 'gpu'"),
+    ],
+)
+def test_mixed_precision_refuses_bad_arguments_by_name(args, match):
+    """Regression: an unknown precision was a bare ``KeyError: 'fp8'``, and fp16 on a device type GradScaler is not
+    wired for was accepted."""
+    with pytest.raises(ValueError, match=match):
+        amp.MixedPrecision(*args)
+    assert amp.MixedPrecision("bfloat16", "cpu").precision == "bf16"
