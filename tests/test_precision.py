@@ -210,3 +210,11 @@ def test_what_stays_fp32_keeps_its_exact_values(dtype):
     llmspeed.cast(model, "bf16" if dtype == "fp16" else "fp16")  # a second 16-bit cast too
     params = dict(model.hf.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in kept.items())
+
+
+def test_autocast_on_a_device_without_autocast_is_refused_at_the_call(llama):
+    """Regression: the device was first checked by torch.autocast when the block was entered (a RuntimeError
+    there), though bad arguments are documented to raise at the call."""
+    llama.hf.to("meta")  # a device type torch has no autocast for
+    with pytest.raises(ValueError, match=r"dtype='bf16' cannot autocast the model on meta: .*unsupported autocast"):
+        llmspeed.autocast(llama, "bf16")

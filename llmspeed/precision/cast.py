@@ -207,9 +207,10 @@ class autocast(AbstractContextManager):  # noqa: N801 (a verb, used as ``with ll
     ``with llmspeed.autocast(model, "bf16") as m: ...``: matmuls run in ``dtype`` (``"bf16"`` or ``"fp16"``)
     through ``torch.autocast`` on the model's device type (CPU or CUDA); reductions and softmax stay in fp32.
     ``model`` is an :class:`llmspeed.Model` or a transformers causal LM (wrapped, as :func:`cast` does); the block
-    receives the wrapper. Bad arguments raise at the call, before the block; an ``autocast`` that is never
-    entered changes nothing, and says so with a ``RuntimeWarning`` when it is discarded (as an un-awaited
-    coroutine does), since calling it without ``with`` is an easy slip that would otherwise go unnoticed.
+    receives the wrapper. Bad arguments raise at the call, before the block (``ValueError`` also for a dtype the
+    model's device cannot autocast to); an ``autocast`` that is never entered changes nothing, and says so with a
+    ``RuntimeWarning`` when it is discarded (as an un-awaited coroutine does), since calling it without ``with`` is
+    an easy slip that would otherwise go unnoticed.
     """
 
     def __init__(self, model: CausalLM, dtype: str | torch.dtype = "bf16"):
@@ -217,6 +218,11 @@ class autocast(AbstractContextManager):  # noqa: N801 (a verb, used as ``with ll
         if target == torch.float32:
             raise ValueError("dtype must be a 16-bit type for autocast ('bf16' or 'fp16'); got fp32")
         self.model = as_model(model)
+        device = self.model.spec.device
+        try:  # torch.autocast checks the device type and dtype when built; entering it changes the state
+            torch.autocast(device_type=device.type, dtype=target)
+        except RuntimeError as error:  # a device without autocast, bf16 on a GPU without it
+            raise ValueError(f"dtype={dtype_name(target)!r} cannot autocast the model on {device}: {error}") from None
         self.dtype = target
         self._torch: torch.autocast | None = None
         self._entered = False
