@@ -227,3 +227,16 @@ def test_cpu_matmul_leaves_the_dtype_to_autocast(llama, monkeypatch):
     tokens = torch.arange(100) % 7
     result = lora.finetune(llama, tokens, precision="fp16", steps=1, seq_len=16, batch_size=2, progress=False)
     assert all(loss == loss for loss in result.losses)
+
+
+def test_fp16_overflow_below_the_crossover_still_raises_with_fp32_activations(llama, monkeypatch):
+    """The docs said fp16 activations cannot overflow once inference runs in fp32 over the 16-bit weights; calls
+    below the crossover (decode steps) round each layer's input to fp16 for the native kernel, and do overflow."""
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.float16: 4})  # as on AVX2 CPUs
+    llmspeed.cast(llama, "fp16")
+    with torch.no_grad():
+        for name in ("up_proj", "down_proj"):
+            getattr(llama.hf.model.layers[0].mlp, name).weight.mul_(3000)  # MLP outputs near 1e5
+        assert torch.isfinite(llama.hf(IDS).logits).all()  # 16 rows: fp32 products, no overflow
+        with pytest.raises(llmspeed.precision.Fp16OverflowError, match="bf16"):
+            llama.hf(IDS[:, :2])  # 2 rows: the native fp16 kernel

@@ -18,8 +18,9 @@ On a CPU, the cast also lets the linear layers choose per call between the nativ
 an fp32 matmul over weight blocks converted on the fly, whichever :mod:`.cpu_matmul` measured to be
 faster for that many rows here. Where the fp32 matmul wins from some number of rows on (a CPU without
 fast 16-bit GEMM), inference computes in fp32 over the 16-bit weights and returns fp32 logits, as
-llama.cpp does with F16 weights; fp16 activations then cannot overflow, and the overflow check
-matters for training (gradient mode keeps 16-bit activations) and other devices.
+llama.cpp does with F16 weights. Calls with fewer rows than the crossover (decode steps) still round
+each linear layer's input to 16 bits for the native kernel, so fp16 can overflow there, as in training
+(gradient mode keeps 16-bit activations) and on other devices: the overflow check stays on.
 """
 
 from __future__ import annotations
