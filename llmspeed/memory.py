@@ -22,7 +22,8 @@ def _tensors(module: nn.Module):
 
 
 def memory_footprint(model: CausalLM) -> dict[str, int]:
-    """Bytes of every parameter and buffer of ``model``, each storage counted once.
+    """Bytes of every parameter and buffer of ``model``, each storage counted once (on the ``meta`` device, each
+    tensor: a model built there to be sized without memory reports the bytes it would take).
 
     Returns:
         ``{"total", "linear", "embedding", "adapters", "other"}`` in bytes. ``linear`` is
@@ -49,10 +50,13 @@ def memory_footprint(model: CausalLM) -> dict[str, int]:
         else:
             category = "other"
         for tensor in _tensors(module):
-            key = (str(tensor.device), tensor.untyped_storage().data_ptr())
+            storage = tensor.untyped_storage()
+            # meta tensors (a model built under torch.device("meta") to size it) all have data_ptr 0: tell them
+            # apart by the tensor itself (a tied weight is one Parameter, still counted once)
+            key = (str(tensor.device), storage.data_ptr() if tensor.device.type != "meta" else id(tensor))
             if key in seen:
                 continue
             seen.add(key)
-            out[category] += tensor.untyped_storage().nbytes()
+            out[category] += storage.nbytes()
     out["total"] = sum(out[c] for c in CATEGORIES)
     return out

@@ -32,6 +32,19 @@ def test_footprint_counts_tied_weight_once_as_embedding():
     assert mem["linear"] == sum(m.weight.numel() * 4 for n, m in model.linear_layers() if n != "lm_head")
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_footprint_of_a_meta_model_is_the_bytes_it_would_take(tied):
+    """Regression: every meta tensor has data_ptr 0, so the storages were keyed as one and a model built under
+    ``torch.device("meta")`` (to size it without memory) reported only its first tensor (the embedding)."""
+    import transformers
+
+    real = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(real.hf.config)
+    assert llmspeed.memory_footprint(meta) == llmspeed.memory_footprint(real)
+    assert llmspeed.memory_footprint(meta)["total"] == meta.get_memory_footprint()
+
+
 def test_footprint_puts_lora_modules_under_adapters(llama):
     q = llama.hf.model.layers[0].self_attn.q_proj
     q.lora_A = nn.Linear(64, 4, bias=False)
