@@ -562,6 +562,8 @@ class Generator:
         mine = set(rids)
         self._run_rids |= mine  # a step() called from outside while this run is read leaves them its events
         seqs = [self._seqs[r] for r in rids if r in self._seqs]
+        # requests refused at admission already ended (their events wait in _pending): their prompts count too
+        refused = [e.output for e in self._pending if e.finished and e.request_id in mine and e.output is not None]
         open_ = set(rids)
         out_tokens = 0
         bar = tqdm(total=len(rids), unit="req", disable=not self.progress, desc="generate", leave=False)
@@ -590,7 +592,7 @@ class Generator:
                 self._drop(open_)
             self.stats = RunStats(
                 requests=len(rids),
-                prompt_tokens=sum(len(s.prompt_ids) for s in seqs),
+                prompt_tokens=sum(len(s.prompt_ids) for s in seqs) + sum(o.metrics.prompt_tokens for o in refused),
                 output_tokens=sum(len(s.output_ids) for s in seqs),
                 elapsed=time.perf_counter() - start,
                 steps=self.num_steps - steps0,

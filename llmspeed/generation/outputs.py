@@ -89,6 +89,8 @@ class RunStats:
     through sampling (which waits for the device): ``"cuda graph"`` and ``"fused cpu"`` (decode-only
     steps), ``"decode"`` (decode-only steps run eagerly), ``"fused cpu mixed"`` (steps with a prefill chunk
     through the fused CPU step) and ``"mixed"`` (steps with a prefill chunk run eagerly).
+    ``requests``, ``prompt_tokens`` and ``output_tokens`` are over all of the run's requests, those that
+    ended with an error at admission included: the sums of their outputs' ``metrics``.
     """
 
     requests: int

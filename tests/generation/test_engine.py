@@ -388,3 +388,16 @@ def test_a_longrope_model_is_served_up_to_its_original_context_with_its_own_toke
         assert abs(a.logprob - b.logprob) < 1e-5
     plain = Generator(llmspeed.models.tiny("llama", seed=0), progress=False)
     assert plain.scheduler.max_seq_len == plain.model.spec.max_positions  # default rope: the whole context
+
+
+def test_run_stats_count_the_prompts_of_requests_refused_at_admission(llama):
+    """Regression: RunStats.requests counted a request refused at admission (a prompt past the context, an id
+    outside the vocabulary) but prompt_tokens left its prompt out, so the stats disagreed with the outputs'
+    metrics (7 prompt tokens reported for outputs whose prompt_tokens add up to 1807)."""
+    gen = Generator(llama, progress=False, kv_cache_tokens=4096)
+    long = [1] * (llama.spec.max_positions + 10)
+    outs = gen.generate_batched([[1, 2, 3, 4], long, [5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert gen.stats.requests == 3
+    assert gen.stats.prompt_tokens == sum(o.metrics.prompt_tokens for o in outs) == 7 + len(long)
+    assert gen.stats.output_tokens == sum(o.metrics.output_tokens for o in outs) == 6
