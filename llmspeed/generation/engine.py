@@ -98,7 +98,8 @@ class Generator:
             docs/kernels.md; tokens stream in bursts.
 
     Attributes:
-        fused_decode_status: ``"on"``, or why decode steps take the generic path.
+        fused_decode_status: ``"on"``, or why decode steps take the generic path (read when asked: a model
+            changed after the generator was built, e.g. an adapter added to the output head, says so).
         attention_status: The per-layer path's kernels (``"triton"``, ``"triton decode, sdpa prefill"``,
             ``"C++ paged decode, sdpa prefill"``, ``"sdpa"``, or ``"sdpa (why not triton)"``), followed by
             what the fused CPU step attends with (decode rows; prompt chunks too where ``mixed``) when it runs.

@@ -111,7 +111,18 @@ class ModelRunner:
                 model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
             )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
-        self.fused_decode_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(lora_name)])
+        self._fused_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(lora_name)])
+
+    @property
+    def fused_decode_status(self) -> str:
+        """``"on"``, or why decode steps take the generic path: from the start, or for now, while the model has
+        changed into one the fused step cannot run (an adapter added to the output head, ...)."""
+        if self.fused is None:
+            return self._fused_status
+        from .fused_decode import unsupported
+
+        reason = unsupported(self.model)
+        return "on" if reason is None else f"off ({reason})"
 
     @property
     def attention_status(self) -> str:

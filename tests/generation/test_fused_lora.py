@@ -234,6 +234,21 @@ def test_the_generator_serves_many_adapters_on_the_fused_path():
     assert on.step_paths["fused cpu"][0] > 0 and "fused cpu" not in off.step_paths
 
 
+def test_fused_decode_status_follows_a_model_changed_under_the_generator():
+    """Regression: the status was set once, when the generator was built: after an adapter was added to the
+    output head (which the fused step does not take) it still said "on" while every step ran the generic path."""
+    model = llmspeed.models.tiny("llama", seed=5)
+    gen = Generator(model, progress=False, block_size=8)
+    assert gen.fused_decode_status == "on"
+    lora.add_adapter(model, "head", r=4, targets=["lm_head"])
+    gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert not any(path.startswith("fused") for path in gen.stats.step_paths)
+    assert gen.fused_decode_status.startswith("off (lm_head"), gen.fused_decode_status
+    lora.delete_adapter(model, "head")
+    gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert gen.fused_decode_status == "on" and "fused cpu" in gen.stats.step_paths
+
+
 def test_mixed_steps_route_each_chunk_to_its_adapter():
     """Prompt chunks on the fused step (``mixed=True``): every token row of a chunk takes its request's adapter,
     beside decode rows with other adapters; same tokens as the per-layer path."""
