@@ -40,6 +40,18 @@ def memory_footprint(model: CausalLM) -> dict[str, int]:
     linear_names = set(model.linear_names())
     seen: set[tuple[str, int]] = set()
     out = dict.fromkeys(CATEGORIES, 0)
+
+    def add(tensors, category: str) -> None:
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            # meta tensors (a model built under torch.device("meta") to size it) all have data_ptr 0: tell them
+            # apart by the tensor itself (a tied weight is one Parameter, still counted once)
+            key = (str(tensor.device), storage.data_ptr() if tensor.device.type != "meta" else id(tensor))
+            if key in seen:
+                continue
+            seen.add(key)
+            out[category] += storage.nbytes()
+
     for name, module in root.named_modules():
         if name.split(".")[-1].startswith("lora_") or ".lora_" in name:
             category = "adapters"
@@ -49,14 +61,13 @@ def memory_footprint(model: CausalLM) -> dict[str, int]:
             category = "linear"
         else:
             category = "other"
-        for tensor in _tensors(module):
-            storage = tensor.untyped_storage()
-            # meta tensors (a model built under torch.device("meta") to size it) all have data_ptr 0: tell them
-            # apart by the tensor itself (a tied weight is one Parameter, still counted once)
-            key = (str(tensor.device), storage.data_ptr() if tensor.device.type != "meta" else id(tensor))
-            if key in seen:
-                continue
-            seen.add(key)
-            out[category] += storage.nbytes()
+        add(_tensors(module), category)
+    # a quantized input embedding reads the head it references outside the module tree (QuantizedEmbedding.head):
+    # the output head, counted above, or after lora.merge_and_unload of an adapter on that head, the head the
+    # merge replaced, which the embedding alone keeps in memory
+    for module in root.modules():
+        head = module.__dict__.get("head")
+        if isinstance(head, nn.Module):
+            add([*head.parameters(), *head.buffers()], "linear")
     out["total"] = sum(out[c] for c in CATEGORIES)
     return out
