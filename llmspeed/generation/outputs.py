@@ -88,7 +88,9 @@ class RunStats:
     ``step_paths`` maps each way a step ran to ``(steps, seconds)``, the seconds from the forward pass
     through sampling (which waits for the device): ``"cuda graph"`` and ``"fused cpu"`` (decode-only
     steps), ``"decode"`` (decode-only steps run eagerly), ``"fused cpu mixed"`` (steps with a prefill chunk
-    through the fused CPU step) and ``"mixed"`` (steps with a prefill chunk run eagerly).
+    through the fused CPU step), ``"mixed"`` (steps with a prefill chunk run eagerly) and
+    ``"fused cpu, greedy burst"`` (the decode steps after the first of a burst, ``num_scheduler_steps > 1``:
+    each counts as a step, the seconds are the burst's).
     ``requests``, ``prompt_tokens`` and ``output_tokens`` are over all of the run's requests, those that
     ended with an error at admission included: the sums of their outputs' ``metrics``.
     """

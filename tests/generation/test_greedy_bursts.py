@@ -97,6 +97,18 @@ def test_streamed_events_of_a_burst_are_the_tokens_in_order(llama):
     assert gen.step_paths[BURST][0] > 0
 
 
+def test_run_stats_document_the_burst_path_and_count_its_steps(llama):
+    """Regression: RunStats' docstring listed the ways a step runs without the greedy bursts' path, which a run
+    with ``num_scheduler_steps > 1`` reports in ``step_paths``."""
+    from llmspeed.generation.outputs import RunStats
+
+    gen = Generator(llama, progress=False, num_scheduler_steps=6)
+    gen.generate_batched([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=17, ignore_eos=True))
+    paths = gen.stats.step_paths
+    assert BURST in paths and sum(steps for steps, _ in paths.values()) == gen.stats.steps
+    assert all(f"``{path!r}``".replace("'", '"') in " ".join(RunStats.__doc__.split()) for path in paths), paths
+
+
 def test_bursts_run_each_request_with_its_own_adapter():
     model = _with_adapters(llmspeed.models.tiny("llama", seed=4))
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
