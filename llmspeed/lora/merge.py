@@ -250,7 +250,8 @@ def merge_and_unload(model: CausalLM, name: str | None = None, requantize: bool 
 
     Raises:
         ValueError: ``name`` is not an adapter, or is merged already (as :func:`merge`); or an adapter on the
-            model would be dropped without being merged (delete it with :func:`delete_adapter`, or merge it).
+            model would be dropped without being merged (delete it with :func:`delete_adapter`, or merge it); or
+            an adapter is (to be) merged into a quantized output head that also serves as the input embedding.
             The model is unchanged.
     """
     if name is not None:
@@ -263,6 +264,15 @@ def merge_and_unload(model: CausalLM, name: str | None = None, requantize: bool 
             f"adapters {unmerged} are neither merged nor named: merge_and_unload would drop them; delete them "
             f"first (lora.delete_adapter) or merge them (lora.merge)"
         )
+    heads = [m.head for m in model.module.modules() if type(m).__name__ == "QuantizedEmbedding"]
+    for position, layer in layers.items():  # the input embedding reads this head's quantized rows
+        changed = layer.merged or (name is not None and name in layer.lora_A)
+        if changed and any(h is layer.base_layer or h in layer.premerge.values() for h in heads):
+            raise ValueError(
+                f"the output head {position!r} is also the model's input embedding (quantize's share_embedding): "
+                f"merging an adapter into it and unloading would untie the two, which llmspeed.save cannot write; "
+                f"use lora.merge without unloading, or quantize with share_embedding=False"
+            )
     report = merge(model, name, requantize) if name is not None else None
     for position, layer in layers.items():
         layer.premerge.clear()

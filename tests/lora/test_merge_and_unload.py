@@ -90,3 +90,26 @@ def test_an_adapter_that_would_be_dropped_is_refused_before_any_change():
     assert lora.adapter_names(model) == ["a", "b"] and list(lora.lora_layers(model))
     assert not any(layer.merged for _, layer in lora.lora_layers(model))
     torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+
+def test_an_adapter_on_a_head_shared_with_the_embedding_is_refused_before_any_change(tmp_path):
+    """Regression: with quantize's shared int4 head as the input embedding, merge_and_unload of an adapter on the head
+    left the embedding reading the replaced head outside the module tree, and llmspeed.save then failed with a
+    bare KeyError."""
+    model = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True)
+    llmspeed.quantize(model, "int4")
+    assert type(model.hf.model.embed_tokens).__name__ == "QuantizedEmbedding"
+    torch.manual_seed(0)
+    lora.add_adapter(model, "a", r=4, targets=["lm_head", "q_proj"], init="random")
+    before = logits(model)
+    with pytest.raises(ValueError, match="'lm_head' is also the model's input embedding"):
+        lora.merge_and_unload(model, "a")
+    assert lora.adapter_names(model) == ["a"] and not any(layer.merged for _, layer in lora.lora_layers(model))
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+    lora.merge(model, "a")  # merging without unloading still works (the head merged into a copy)
+    lora.unmerge(model, "a")
+    lora.add_adapter(model, "b", r=4, targets=["q_proj"], init="random")  # adapters elsewhere unload and save
+    lora.delete_adapter(model, "a")
+    lora.merge_and_unload(model, "b")
+    llmspeed.save(model, tmp_path)
+    torch.testing.assert_close(logits(llmspeed.load(tmp_path)), logits(model))
