@@ -95,7 +95,9 @@ def finetune(
         adapter: ``train="adapter"``: the adapter to train (default: the active one).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast compute with fp32 master weights and
             optimizer state; fp16 with dynamic loss scaling (overflowed steps skipped and counted).
-            ``ValueError`` when the device cannot run it.
+            ``ValueError`` when the device cannot run it, or for 16 bits when trainable parameters are not fp32.
+            ``"fp32"`` runs no autocast: parameters train in their own dtype (a model cast to 16 bits, or 16-bit
+            adapters, train in 16 bits with optimizer state of that dtype).
         gradient_checkpointing, warmup_steps, weight_decay, max_grad_norm, eval_windows, seed, progress:
             As :func:`llmspeed.lora.finetune`.
 

@@ -257,7 +257,7 @@ def train(
                     loss = hf(input_ids=batch, labels=batch, use_cache=False).loss
                 mp.backward(loss)
                 mp.step(optimizer, params, max_grad_norm)
-                schedule.step()  # a skipped fp16 step still advances the schedule (as in HF's Trainer)
+                schedule.step()  # a skipped fp16 step still advances the schedule, which ends at `steps` (HF's Trainer holds it)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())  # .item() waits for the device: the step is complete
                 times.append(time.perf_counter() - tick)
