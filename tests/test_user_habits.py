@@ -77,6 +77,9 @@ def test_unknown_dtype_lists_the_accepted_spellings():
     with pytest.raises(ValueError, match="precision must be one of .*got 'fp8'"):
         check_precision("fp8", torch.device("cpu"), [])
     assert names.dtype_name("fp8") == "fp8" and names.dtype_name(torch.int8) is torch.int8
+    # regression: smollm2() checked names only, so a torch dtype such as float64 went to transformers unchecked
+    with pytest.raises(ValueError, match=r"dtype must be one of .*got torch.float64"):
+        llmspeed.models.smollm2(dtype=torch.float64)
 
 
 @pytest.mark.parametrize("spelling,fmt,group", [("INT4", "int4", 32), ("Int8", "int8", None), ("NF4", "nf4", 32),

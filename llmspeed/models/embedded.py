@@ -108,8 +108,7 @@ def smollm2(dtype: torch.dtype | str = torch.float32, device: str | torch.device
     from ..precision.cast import resolve_dtype
 
     check_device(device)
-    if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)  # a name or a torch dtype: fp32, bf16 or fp16 (as tiny()), before any load
     target = _converted()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
