@@ -18,7 +18,7 @@ def test_demo_prints_a_row_per_step(capsys):
     assert len(rows) == 2, out
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[3]) > 1 and float(cells[4]) > 0  # perplexity, decode tok/s
+        assert float(cells[3]) > 1 and float(cells[4]) > 0  # perplexity, generated tok/s
     with pytest.raises(SystemExit):
         demo.main(["--steps", "fp32,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
