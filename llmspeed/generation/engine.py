@@ -29,7 +29,7 @@ from .context_limits import context_limit
 from .detokenizer import Detokenizer
 from .kv_cache import cache_dtype, weights_key
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent, paths_since
-from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, prompt_ids, prompt_list
+from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, is_token_id, prompt_ids, prompt_list
 from .request_adapters import adapter_error, adapter_key, follow
 from .runner import ModelRunner, StepInput
 from .sampling import (
@@ -541,9 +541,9 @@ class Generator:
     def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
         if isinstance(prompts, (str, bytes, bytearray)) or is_chat(prompts):
             raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
-        if len(prompts) and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        if len(prompts) and all(is_token_id(p) for p in prompts):  # ints, or a 1-D tensor / array's elements
             raise TypeError(
-                f"prompts must be a list of prompts; got a single list of token ids {list(prompts)[:8]} "
+                f"prompts must be a list of prompts; got a single list of token ids {[int(p) for p in list(prompts)[:8]]} "
                 f"(wrap it in a list: [[1, 2, 3]])"
             )
         params = sampling_list(sampling, len(prompts))

@@ -77,6 +77,20 @@ def is_chat(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
 
 
+def is_token_id(x: Any) -> bool:
+    """Whether ``x`` is one integer token id: an ``int``, a NumPy integer or a 0-d integer tensor (an element of a
+    1-D tensor or array of ids), never a bool."""
+    if isinstance(x, bool) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool"):
+        return False
+    if getattr(x, "ndim", 0) != 0:
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
 def eos_ids(model: CausalLM) -> set[int]:
     """End-of-sequence ids: the tokenizer's and every one of the model's generation config."""
     ids: set[int] = set()

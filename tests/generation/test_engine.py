@@ -139,6 +139,22 @@ def test_token_ids_must_be_integers_not_truncated_floats(llama):
     assert outs[2].token_ids == outs[3].token_ids and outs[2].prompt_token_ids == [1, 2]
 
 
+def test_a_single_tensor_or_array_of_token_ids_is_refused_as_prompts_not_run_per_token(llama):
+    """A 1-D tensor / NumPy array (or a list of NumPy ints) given as ``prompts`` is one prompt's ids, refused as a plain
+    list of ids is, not run as one failing request per element."""
+    import numpy as np
+
+    gen = Generator(llama, progress=False)
+    for ids in (torch.tensor([1, 2, 3]), np.array([1, 2, 3]), [np.int64(1), np.int64(2), np.int64(3)]):
+        with pytest.raises(TypeError, match=r"single list of token ids \[1, 2, 3\]"):
+            gen.generate_batched(ids)
+        with pytest.raises(TypeError, match="wrap it in a list"):
+            list(gen.stream(ids))
+    assert gen.num_live == 0 and not gen.has_unfinished()
+    outs = gen.generate_batched(torch.tensor([[1, 2, 3]]), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert outs[0].prompt_token_ids == [1, 2, 3] and outs[0].finish_reason == "length"  # rows of a 2-D batch: prompts
+
+
 def test_prompts_may_be_any_iterable_read_once(llama):
     """A generator of prompts (as transformers' pipelines take) gives what the same list gives; a non-iterable
     is a TypeError naming prompts, not len()'s."""
