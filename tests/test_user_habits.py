@@ -215,6 +215,23 @@ def test_plain_text_to_a_chat_model_that_ends_at_once_warns(smollm2):
     assert chat[0].text and chat[0].token_ids == templated[0].token_ids
 
 
+def test_the_chat_template_hint_is_given_only_when_the_model_ended_its_turn_not_at_a_stop_string(llama):
+    """Regression: the warning "the model ended its turn at once" came for any empty "stop" output of a plain-text
+    prompt, also one cut at its first character by the user's stop string or ended by a stop token id."""
+    from tests.generation.test_engine import ChatTokenizer
+
+    llama.tokenizer = ChatTokenizer()
+    first = llama.generate_batched(["ABC"], max_new_tokens=1, ignore_eos=True, progress=False)[0].token_ids[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cut = llama.generate_batched(["ABC"], max_new_tokens=4, ignore_eos=True, stop=[chr(first)], progress=False)
+        token = llama.generate_batched(["ABC"], max_new_tokens=4, stop_token_ids=[first], progress=False)
+    assert cut[0].finish_reason == token[0].finish_reason == "stop" and cut[0].text == token[0].text == ""
+    with pytest.warns(UserWarning, match="ended its turn at once"):  # the model's own end of turn still warns
+        ended = llama.generate_batched(["ABC"], max_new_tokens=4, eos_token_ids=[first], progress=False)
+    assert ended[0].finish_reason == "stop" and ended[0].token_ids == [first]
+
+
 def test_a_model_copied_after_generating_generates_on_its_own(llama):
     """Regression: ``copy.deepcopy(model)`` after ``generate_batched`` (to quantize a copy and compare, say) failed
     with "cannot pickle 'module' object": the copy tried to take the kept generator (its lock, KV cache and the C++

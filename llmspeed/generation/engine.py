@@ -629,7 +629,7 @@ class Generator:
                 outputs[event.request_id] = event.output
         result = [o for _, o in sorted(outputs.items())]
         if not self.chat_template:
-            hint_chat_template(self.tokenizer, prompts, result)
+            hint_chat_template(self.tokenizer, prompts, result, self.eos_token_ids)
         return result
 
     def stream(

@@ -102,17 +102,18 @@ def eos_ids(model: CausalLM) -> set[int]:
     return ids
 
 
-def hint_chat_template(tokenizer: Any, prompts: Sequence[Prompt], outputs: Sequence[Any]) -> None:
-    """Warn when a plain-text prompt to a chat model stopped before writing anything.
+def hint_chat_template(tokenizer: Any, prompts: Sequence[Prompt], outputs: Sequence[Any], eos: Any) -> None:
+    """Warn when a plain-text prompt to a chat model ended its turn (an ``eos`` id) before writing anything.
 
     As in transformers' pipelines and vLLM's ``LLM.generate``, a string is continued as raw text;
     an instruct model such as SmolLM2-Instruct often answers raw text with end-of-turn at once.
-    ``outputs``: the run's :class:`~.outputs.GenerationOutput`s, in prompt order.
+    ``outputs``: the run's :class:`~.outputs.GenerationOutput`s, in prompt order; one cut by a stop string or a
+    stop token id that is no end-of-sequence id is the user's doing, not the model's.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         return
     empty = [o.index for o in outputs if o.finish_reason == "stop" and not o.text.strip()
-             and isinstance(prompts[o.index], str)]  # fmt: skip
+             and o.token_ids and o.token_ids[-1] in eos and isinstance(prompts[o.index], str)]  # fmt: skip
     if empty:
         warnings.warn(
             f"prompt {empty[0]} ({len(empty)} of {len(outputs)} empty) is plain text and the model ended its "
