@@ -31,6 +31,9 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
                 ) from exc
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if getattr(tokenizer, "chat_template", None) is None:
+            if isinstance(prompt, str):  # chat_template=True: the user gave text, not messages
+                raise ValueError("chat_template=True renders string prompts with the tokenizer's chat template, but "
+                                 "this model's tokenizer has none; give chat_template=False to continue the text as is")
             raise ValueError("prompt is a chat message list, but this model's tokenizer has no chat template")
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
