@@ -47,6 +47,10 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
     if isinstance(prompt, (bytes, bytearray)):  # list() would read each byte as a token id
         raise ValueError(f"prompt must be a string, a list of token ids or a list of chat messages; "
                          f"got bytes {prompt[:20]!r}: decode it (prompt.decode()) first")  # fmt: skip
+    shape = getattr(prompt, "shape", None)
+    if shape is not None and len(shape) > 1:  # transformers' input_ids [1, n]: its rows, not ids
+        raise ValueError(f"prompt token ids must be 1-D; got a {type(prompt).__name__} of shape {tuple(shape)}: give "
+                         f"one row (input_ids[0]), or pass the rows as a list of prompts")  # fmt: skip
     try:
         items = list(prompt)  # type: ignore[arg-type]  # chat lists were handled above
     except TypeError:
