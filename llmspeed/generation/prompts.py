@@ -21,6 +21,7 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
     if isinstance(prompt, str) or is_chat(prompt):
         if tokenizer is None:
             raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
+        _check_unicode(prompt, "prompt")
         if isinstance(prompt, str) and not chat_template:
             try:
                 return list(tokenizer.encode(prompt))
@@ -68,6 +69,26 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
     if any(not 0 <= t < vocab_size for t in ids):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got {ids[:8]}...")
     return ids
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """``ValueError`` naming the first string in ``value`` (a prompt, or chat messages' fields) that is not valid
+    Unicode (a lone surrogate such as ``"\\ud800"``, which JSON allows), before a tokenizer or a chat template
+    fails on it with an error that names neither."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{where} is not valid Unicode text: {exc.reason} ({value[exc.start : exc.end]!r} at index {exc.start}); "
+                f"give valid text (the halves of a UTF-16 pair joined) or a list of token ids"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
 
 
 def prompt_list(prompts: Any) -> Any:

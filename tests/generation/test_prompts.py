@@ -33,3 +33,19 @@ def test_a_2d_tensor_or_array_prompt_is_refused_naming_its_shape(llama):
         assert out.finish_reason == "error" and out.token_ids == []
         assert f"must be 1-D; got a {kind} of shape (1, 3)" in out.error and "input_ids[0]" in out.error
     assert outs[2].finish_reason == "length" and outs[2].prompt_token_ids == [1, 2, 3]
+
+
+def test_a_lone_surrogate_is_refused_as_invalid_text_naming_where_not_as_a_template_error(llama):
+    """Regression: a lone surrogate (``"\\ud83d"``, half an emoji, valid JSON) in a chat message failed with "the
+    chat template cannot render this prompt ... chat messages look like [...]", blaming well-formed messages."""
+    llama.tokenizer = ChatTokenizer()
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    chat = [{"role": "system", "content": "ok"}, {"role": "user", "content": "hi \ud83d"}]
+    outs = Generator(llama, progress=False).generate_batched([chat, "a\udcffb", "fine"], sp)
+    assert outs[0].finish_reason == outs[1].finish_reason == "error"
+    assert "prompt[1]['content'] is not valid Unicode text" in outs[0].error and "at index 3" in outs[0].error
+    assert "chat template" not in outs[0].error
+    assert "prompt is not valid Unicode text" in outs[1].error and "'\\udcff' at index 1" in outs[1].error
+    assert outs[2].finish_reason == "length"
+    templated = Generator(llama, progress=False, chat_template=True).generate_batched(["\ud800"], sp)[0]
+    assert "prompt is not valid Unicode text" in templated.error
