@@ -66,8 +66,10 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
             ids.append(operator.index(t))  # an int, NumPy or 0-d tensor integer; never a truncated float
         except TypeError:
             raise ValueError(f"prompt token ids must be integers; got {t!r} in the prompt") from None
-    if any(not 0 <= t < vocab_size for t in ids):
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got {ids[:8]}...")
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:  # the offending id and where, not the prompt's first ids (all valid, as often as not)
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got {ids[bad]} at position {bad} "
+                         f"(of {len(ids)})")  # fmt: skip
     return ids
 
 

@@ -49,3 +49,10 @@ def test_a_lone_surrogate_is_refused_as_invalid_text_naming_where_not_as_a_templ
     assert outs[2].finish_reason == "length"
     templated = Generator(llama, progress=False, chat_template=True).generate_batched(["\ud800"], sp)[0]
     assert "prompt is not valid Unicode text" in templated.error
+
+
+def test_an_out_of_vocabulary_id_is_named_with_its_position(llama):
+    """Regression: the error listed the prompt's first 8 ids ("got [1, 2, 3, 4, 5, 6, 7, 8]..."), all valid, not the
+    one out of the vocabulary."""
+    out = Generator(llama, progress=False).generate_batched([list(range(1, 20)) + [300, 5]])[0]
+    assert out.finish_reason == "error" and "must be in [0, 256); got 300 at position 19 (of 21)" in out.error
