@@ -241,7 +241,10 @@ QLORA = [
         "import matplotlib.pyplot as plt\n"
         "plt.figure(figsize=(5, 3)); plt.plot(result.losses); plt.xlabel('step'); plt.ylabel('train loss (nats)')\n"
         "plt.title('QLoRA on int4 SmolLM2'); plt.show()\n"
-        "unchanged = all(torch.equal(packed_before[n], b) for n, b in model.hf.named_buffers() if n in packed_before)\n"
+        "# add_adapter wrapped each layer: its packed weight is now under '<layer>.base_layer.'\n"
+        "packed_after = {n.replace('.base_layer.', '.'): b for n, b in model.hf.named_buffers() if b.dtype == torch.uint8}\n"
+        "assert packed_before and packed_after.keys() == packed_before.keys(), 'every packed weight found again'\n"
+        "unchanged = all(torch.equal(packed_before[n], b) for n, b in packed_after.items())\n"
         "print('packed int4 weights untouched by training:', unchanged)"
     ),
     new_markdown_cell(

@@ -69,3 +69,34 @@ def test_notebook_executes(name, monkeypatch, tmp_path):
         for c in nb.cells
         for o in c.get("outputs", [])
     )
+
+
+def _run_generated(name, tmp_path, monkeypatch, extra=()):
+    """Build ``name`` from the generator, run it in quick mode, then run each source of ``extra`` in the same
+    kernel; return the text each code cell printed (the extra cells last)."""
+    monkeypatch.setenv("LLMSPEED_EXAMPLES_QUICK", "1")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
+    )
+    (path,) = _generator().build(tmp_path, [name])
+    nb = nbformat.read(path, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in extra]
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    return [
+        "".join(o.get("text", "") for o in c.outputs if o.output_type == "stream")
+        for c in nb.cells
+        if c.cell_type == "code"
+    ]
+
+
+@pytest.mark.slow
+def test_qlora_untouched_check_sees_a_changed_packed_weight(tmp_path, monkeypatch):
+    # the check compares the packed weights before and after training: it must not be vacuously True
+    (check,) = [c.source for c in _generator().QLORA if "untouched by training" in c.source]
+    tamper = "b = next(b for b in model.hf.buffers() if b.dtype == torch.uint8)\nb[0, 0] ^= 1"
+    printed = _run_generated("03_qlora.ipynb", tmp_path, monkeypatch, [tamper, check])
+    assert any("packed int4 weights untouched by training: True" in text for text in printed[:-2])
+    assert "packed int4 weights untouched by training: False" in printed[-1]
