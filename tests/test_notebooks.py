@@ -100,3 +100,18 @@ def test_qlora_untouched_check_sees_a_changed_packed_weight(tmp_path, monkeypatc
     printed = _run_generated("03_qlora.ipynb", tmp_path, monkeypatch, [tamper, check])
     assert any("packed int4 weights untouched by training: True" in text for text in printed[:-2])
     assert "packed int4 weights untouched by training: False" in printed[-1]
+
+
+@pytest.mark.slow
+def test_quantization_memory_ratios_compare_the_same_weights(tmp_path, monkeypatch):
+    # fp32 counts the tied head as embedding, a quantized model its int8 head as linear: a ratio of linear
+    # bytes alone compares different weights; the table must show both columns, and the total ratio agree
+    check = (
+        "weights = lambda r: r['linear_MB'] + r['embedding_MB']\n"
+        "assert not [k for k in rows[0] if k.startswith('linear_vs')], list(rows[0])\n"
+        "for r in rows:\n"
+        "    assert abs(r['total_vs_fp32'] - weights(r) / weights(rows[0])) < 0.01, r\n"
+        "print('ratios checked:', len(rows))"
+    )
+    printed = _run_generated("02_quantization.ipynb", tmp_path, monkeypatch, [check])
+    assert "ratios checked: 3" in printed[-1]
