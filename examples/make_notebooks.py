@@ -346,8 +346,8 @@ BATCHING = [
     ),
     new_code_cell(
         "m = outs[0].metrics\n"
-        "print(outs[0].finish_reason, m.prompt_tokens, m.output_tokens, f'TTFT {m.time_to_first_token:.3f}s',\n"
-        "      f'ITL {1e3 * m.inter_token_latency:.1f} ms')"
+        "print(f'finish reason {outs[0].finish_reason!r}, {m.prompt_tokens} prompt tokens, {m.output_tokens} output tokens, '\n"
+        "      f'time to first token {m.time_to_first_token:.3f} s, mean inter-token latency {1e3 * m.inter_token_latency:.1f} ms')"
     ),
 ]
 

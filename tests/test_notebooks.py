@@ -122,3 +122,11 @@ def test_batching_shows_every_system_gives_the_same_tokens(tmp_path, monkeypatch
     # the notebook's premise (EOS ignored, greedy: the same tokens from every system) is counted, not assumed
     printed = "".join(_run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch))
     assert "same tokens as generate_batched: one at a time 1/1, static batches 4/4" in printed, printed
+
+
+@pytest.mark.slow
+def test_batching_metrics_are_printed_with_their_names(tmp_path, monkeypatch):
+    expected = "print(f\"finish reason 'length', {len(prompts[0])} prompt tokens, {lengths[0]} output tokens, \")"
+    printed = _run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch, [expected])
+    assert printed[-1].strip() and printed[-1].strip() in printed[-2], printed[-2:]
+    assert "time to first token " in printed[-2] and "mean inter-token latency " in printed[-2], printed[-2]
