@@ -387,12 +387,15 @@ ALL_TOGETHER = [
     ),
     new_markdown_cell(
         "Each row ran with its own adapter in the same forward passes (the adapter weights are gathered per "
-        "token, as Punica and S-LoRA do). A request with the same adapter alone gives the same greedy tokens:"
+        "token, as Punica and S-LoRA do). A request with the same adapter alone gives the same greedy tokens, "
+        "and the same request on the base model different ones (the adapter did change the output):"
     ),
     new_code_cell(
         "alone = model.generate_batched(prompts[:1], SamplingParams(max_new_tokens=NEW, adapter='first'),\n"
         "                               progress=False)[0]\n"
-        "print('same tokens as in the mixed batch:', alone.token_ids == outs[0].token_ids)"
+        "base = model.generate_batched(prompts[:1], SamplingParams(max_new_tokens=NEW), progress=False)[0]\n"
+        "print('same tokens as in the mixed batch:', alone.token_ids == outs[0].token_ids)\n"
+        "print('different tokens on the base model:', base.token_ids != outs[0].token_ids)"
     ),
 ]
 

@@ -130,3 +130,11 @@ def test_batching_metrics_are_printed_with_their_names(tmp_path, monkeypatch):
     printed = _run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch, [expected])
     assert printed[-1].strip() and printed[-1].strip() in printed[-2], printed[-2:]
     assert "time to first token " in printed[-2] and "mean inter-token latency " in printed[-2], printed[-2]
+
+
+@pytest.mark.slow
+def test_all_together_shows_the_adapter_both_kept_and_applied(tmp_path, monkeypatch):
+    # 'same tokens alone as in the mixed batch' would also hold if the adapter were ignored everywhere
+    printed = "".join(_run_generated("05_all_together.ipynb", tmp_path, monkeypatch))
+    assert "same tokens as in the mixed batch: True" in printed, printed
+    assert "different tokens on the base model: True" in printed, printed
