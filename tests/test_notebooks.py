@@ -138,3 +138,10 @@ def test_all_together_shows_the_adapter_both_kept_and_applied(tmp_path, monkeypa
     printed = "".join(_run_generated("05_all_together.ipynb", tmp_path, monkeypatch))
     assert "same tokens as in the mixed batch: True" in printed, printed
     assert "different tokens on the base model: True" in printed, printed
+
+
+@pytest.mark.slow
+def test_batching_rows_name_the_requests_they_timed(tmp_path, monkeypatch):
+    # one at a time runs on a subset of the workload: its row must say so
+    printed = _run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch, ["print(rows[0]['system'])"])
+    assert "(first 1 of 4 requests)" in printed[-1], printed[-1]
