@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -81,6 +81,9 @@ def plan_layers(
         raise ValueError(
             "skip, include, int8_layers and hadamard_layers must be lists of names or patterns, not a single string"
         )
+    for arg, value in (("skip", skip), ("include", include), ("int8_layers", int8_layers), ("hadamard_layers", hadamard_layers)):
+        if value is not None and not isinstance(value, Iterable):
+            raise ValueError(f"{arg} must be None or a list of names or patterns; got {value!r}")
     if lm_head not in (None, "int8", config.format):
         raise ValueError(
             f"lm_head must be None (float), 'int8' or the model's format {config.format!r}; got {lm_head!r}"

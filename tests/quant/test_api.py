@@ -121,7 +121,12 @@ def test_bf16_model_quantizes_and_runs():
      ({"fmt": "int4", "skip": ["model.norm"]}, "not a linear layer"), ({"fmt": "int4", "include": ["model.embed_tokens"]}, "not a linear layer"),
      ({"fmt": "int4", "skip": ["nothing.here"]}, "matches no linear layer"), ({"fmt": "int4", "kernel": "tinygemm"}, "tinygemm"),
      ({"fmt": "int4", "kernel": "nope"}, "kernel for int4 must be one of"), ({"fmt": "int4", "method": "nope"}, "method must be one of"),
-     ({"fmt": "int4", "skip": "lm_head"}, "lists of names")],
+     ({"fmt": "int4", "skip": "lm_head"}, "lists of names"),
+     # regression: a non-list (an int, a bool) failed inside the check with "'int' object is not iterable"
+     ({"fmt": "int4", "skip": 5}, "skip must be None or a list .*; got 5"),
+     ({"fmt": "int4", "include": True}, "include must be None or a list .*; got True"),
+     ({"fmt": "int4", "int8_layers": 1}, "int8_layers must be None or a list .*; got 1"),
+     ({"fmt": "int4", "hadamard_layers": 0.5}, "hadamard_layers must be None or a list .*; got 0.5")],
 )  # fmt: skip
 def test_bad_input_raises_and_leaves_model_untouched(llama, kwargs, match):
     before = _snapshot(llama)
