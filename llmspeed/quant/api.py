@@ -18,7 +18,7 @@ from .config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from .embedding import share_tied_embedding, tied_head, unshareable
 from .hadamard import check_rotatable, rotate, rotated_inputs
 from .kernels import check_kernel, check_kernel_name, get_kernel
-from .methods import get_method
+from .methods import METHODS, get_method
 from .methods.registry import rotating_methods, symmetric_methods
 from .methods.rtn import rtn_weight
 from .modules import QuantizedLinearBase, module_class
@@ -237,7 +237,8 @@ def quantize(
             registry, :data:`llmspeed.quant.METHODS`, lists them; docs/calibration.md compares them).
         kernel: ``"auto"`` or a kernel name from :func:`llmspeed.kernels` available on the model's device.
         double_quant: NF4 only: 8-bit quantization of the scales.
-        calibration: Data for calibrated methods, passed through to them unchanged.
+        calibration: Data for calibrated (model-level) methods, passed through to them unchanged; a
+            per-weight method (``"rtn"``, ``"hqq"``) given calibration raises ``ValueError``.
         include: Only quantize layers matching these names/patterns (default: all).
         method_options: Extra keyword arguments for the method; a key it does not take is a ``ValueError``.
         symmetric: int4 only: zero points fixed at 8 and scales ``absmax / 7.5`` (methods registered with
@@ -299,6 +300,9 @@ def quantize(
         raise ValueError(
             f"method={method!r} needs calibration data: pass calibration=... (see its documentation)"
         )
+    if calibration is not None and entry.model is None:  # a per-weight method never reads it: not ignored silently
+        raise ValueError(f"calibration is only used by the calibrated methods {sorted(n for n, m in METHODS.items() if m.model)}"
+                         f"; method={method!r} rounds each weight on its own: pass calibration=None or one of those")  # fmt: skip
     plan = plan_layers(model, config, skip, include, int8_layers, lm_head, hadamard_layers)
     check_materialized(model, plan)
     rotated = [name for name, c in plan.items() if c.hadamard]

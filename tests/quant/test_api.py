@@ -126,7 +126,10 @@ def test_bf16_model_quantizes_and_runs():
      ({"fmt": "int4", "skip": 5}, "skip must be None or a list .*; got 5"),
      ({"fmt": "int4", "include": True}, "include must be None or a list .*; got True"),
      ({"fmt": "int4", "int8_layers": 1}, "int8_layers must be None or a list .*; got 1"),
-     ({"fmt": "int4", "hadamard_layers": 0.5}, "hadamard_layers must be None or a list .*; got 0.5")],
+     ({"fmt": "int4", "hadamard_layers": 0.5}, "hadamard_layers must be None or a list .*; got 0.5"),
+     # regression: calibration given to a per-weight method was ignored without a word (qat.prepare refuses it)
+     ({"fmt": "int4", "calibration": "some text"}, r"calibration is only used by .*\['awq', 'awq\+gptq', 'gptq'\]; method='rtn'"),
+     ({"fmt": "int4", "method": "hqq", "calibration": ["text"]}, "calibration is only used by .*; method='hqq'")],
 )  # fmt: skip
 def test_bad_input_raises_and_leaves_model_untouched(llama, kwargs, match):
     before = _snapshot(llama)
@@ -340,8 +343,9 @@ def test_old_native_configs_without_the_new_keys_still_read():
 @pytest.mark.parametrize("method", ["hqq", "gptq"])
 def test_method_options_with_keys_of_mixed_types_are_named(llama, method):
     """Unknown keys were sorted for the message: 1 and 'a' do not compare, so a TypeError from sorted() came out."""
+    calibration = torch.zeros(2, 8, dtype=torch.long) if method == "gptq" else None
     with pytest.raises(ValueError, match=r"method_options \['a', 1\] are not options of method="):
-        llmspeed.quantize(llama, "int4", 32, method=method, calibration=torch.zeros(2, 8, dtype=torch.long),
+        llmspeed.quantize(llama, "int4", 32, method=method, calibration=calibration,
                           method_options={1: 2, "a": 3})  # fmt: skip
     assert not is_quantized(llama.hf.model.layers[0].mlp.down_proj)
 
