@@ -94,9 +94,14 @@ def _check_unicode(value: Any, where: str) -> None:
 
 
 def prompt_list(prompts: Any) -> Any:
-    """``prompts`` as given when it has a length, else (a generator of prompts) read once into a list."""
-    if isinstance(prompts, (str, bytes, bytearray)) or hasattr(prompts, "__len__"):
-        return prompts  # a single string is refused by _add_all, with the fix
+    """``prompts`` as given when it has a length, else (a generator of prompts) read once into a list.
+
+    A single string or bytes is refused here, the empty one too (it has no length to be run as no prompts).
+    """
+    if isinstance(prompts, (str, bytes, bytearray)):
+        raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
+    if hasattr(prompts, "__len__"):
+        return prompts  # a single chat is refused by _add_all, with the fix
     if not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a list (or iterable) of prompts; got {type(prompts).__name__}")
     return list(prompts)

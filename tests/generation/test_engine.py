@@ -99,8 +99,10 @@ def test_empty_list_and_argument_errors(llama):
             run([], [SamplingParams(), SamplingParams()])
     with pytest.raises(ValueError, match="one per prompt"):
         gen.generate_batched([[1, 2]], [SamplingParams(), SamplingParams()])
-    with pytest.raises(TypeError, match="single string"):
-        gen.generate_batched("hello")
+    for prompts in ("hello", "", b""):  # regression: the empty string or bytes ran as no prompts and returned []
+        for run in (gen.generate_batched, lambda p: list(gen.stream(p))):
+            with pytest.raises(TypeError, match="single string"):
+                run(prompts)
     with pytest.raises(TypeError, match=r"single list of token ids \[1, 2, 3\]"):
         gen.generate_batched([1, 2, 3])
     with pytest.raises(TypeError, match="sampling must be a SamplingParams .*; got int"):
