@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,16 @@ def test_tiny_is_reproducible_from_seed():
     a, b, c = (llmspeed.models.tiny("qwen2", seed=s) for s in (1, 1, 2))
     assert torch.equal(a.hf.lm_head.weight, b.hf.lm_head.weight)
     assert not torch.equal(a.hf.lm_head.weight, c.hf.lm_head.weight)
+    assert torch.equal(llmspeed.models.tiny("qwen2", seed=np.int64(1)).hf.lm_head.weight, a.hf.lm_head.weight)
+
+
+@pytest.mark.parametrize("seed", [None, "1", 1.5, True, float("nan"), 2**64, torch.tensor(1.5)])
+@pytest.mark.parametrize("build", ["tiny", "llama_1b_random"])
+def test_a_seed_that_is_not_an_integer_is_refused_by_name(build, seed):
+    """Regression: seed=1.5 built the seed-1 model silently (torch.manual_seed truncates), True the seed-1 one,
+    and None or '1' failed with int()'s bare message."""
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\); got"):
+        getattr(llmspeed.models, build)(seed=seed)
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -48,6 +49,13 @@ def _config(config_name: str, fields: dict[str, Any], overrides: dict[str, Any])
     return config
 
 
+def _check_seed(seed: Any) -> None:
+    """``ValueError`` unless ``seed`` is an integer ``torch.manual_seed`` takes (a float was truncated, None raised
+    a bare ``int()`` TypeError)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64); got {seed!r}")
+
+
 def tiny(
     architecture: str = "llama", seed: int = 0, dtype: torch.dtype | str = torch.float32, **overrides: Any
 ) -> Model:
@@ -55,7 +63,7 @@ def tiny(
 
     Args:
         architecture: One of :data:`ARCHITECTURES` (``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``).
-        seed: Seed for the weights.
+        seed: Seed for the weights: an integer (``ValueError`` otherwise).
         dtype: Weight dtype, or its name (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
         overrides: Config fields to change (e.g. ``num_hidden_layers=4``); ``TypeError`` for a name the
             config does not have. The output head is untied from the input embedding unless
@@ -63,6 +71,7 @@ def tiny(
     """
     if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}; got {architecture!r}")
+    _check_seed(seed)
     dtype = resolve_dtype(dtype)
     import transformers
 
@@ -84,6 +93,7 @@ def llama_1b_random(
     """
     import transformers
 
+    _check_seed(seed)
     dtype = resolve_dtype(dtype)
     check_device(device)
     cfg = dict(
