@@ -84,8 +84,11 @@ def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | No
         texts = [pydoc_text("train")]
     elif isinstance(texts, str):
         texts = [texts]
-    if not texts or not all(isinstance(t, str) and t for t in texts):
-        raise ValueError("texts must be a non-empty string or a list of non-empty strings")
+    elif isinstance(texts, (list, tuple)) or (hasattr(texts, "__iter__") and not isinstance(texts, (bytes, dict))):
+        texts = list(texts)  # a generator is read once here, not emptied by the check below
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError(f"texts must be a non-empty string, a list of non-empty strings or a 1-D tensor of token "
+                         f"ids; got {texts!r:.80}")  # fmt: skip
     eos = model.tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:

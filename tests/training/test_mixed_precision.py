@@ -4,6 +4,7 @@ overflowed step and recovers, and unsupported precisions are refused before anyt
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -159,6 +160,23 @@ def test_cuda_bf16_support_is_checked(monkeypatch):
 def test_finetune_bad_arguments(llama, kwargs, match):
     with pytest.raises(ValueError, match=match):
         llmspeed.finetune(llama, TOKENS, **{**RUN, **kwargs})
+
+
+@pytest.mark.parametrize("texts", [5, b"some text", ["some text", 1], [], {"text": "some text"}])
+def test_texts_of_the_wrong_kind_are_named(smollm2_cached, texts):
+    """Regression: texts=5 failed with a bare "'int' object is not iterable"; the message now says what was given."""
+    state = {k: v.clone() for k, v in smollm2_cached.hf.state_dict().items()}
+    with pytest.raises(ValueError, match=r"texts must be a non-empty string, a list of non-empty strings or a 1-D "
+                                         r"tensor of token ids; got " + re.escape(repr(texts))):  # fmt: skip
+        llmspeed.finetune(smollm2_cached, texts, **RUN)
+    assert all(torch.equal(v, state[k]) for k, v in smollm2_cached.hf.state_dict().items())
+
+
+def test_texts_from_a_generator_are_read_once_and_trained_on(smollm2_cached):
+    """Regression: the check read a generator of texts to its end, leaving no text ("texts hold 0 tokens")."""
+    model = copy.deepcopy(smollm2_cached)
+    result = llmspeed.finetune(model, (t for t in ["some text to train on " * 8]), **{**RUN, "steps": 1, "seq_len": 8})
+    assert result.steps == 1
 
 
 @pytest.mark.parametrize("train", ["linears", "adapter"])
