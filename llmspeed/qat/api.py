@@ -185,6 +185,8 @@ def prepare(
 
 def convert_layer(layer: FakeQuantLinear) -> QuantizedLinearBase:
     """The packed module holding ``layer``'s fake-quantized weight: codes from its scales and zeros."""
+    if not isinstance(layer, FakeQuantLinear):
+        raise TypeError(f"layer must be a FakeQuantLinear (from llmspeed.qat.prepare); got {type(layer).__name__}")
     config = layer.config
     codes = layer.codes()  # [out, in_pad] on the starting grid, as forward chooses them
     scales = layer.effective_scales().detach().float()  # [out, groups]

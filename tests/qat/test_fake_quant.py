@@ -172,3 +172,12 @@ def test_a_dtype_cast_leaves_the_fp32_grids_alone(fmt):
     layer.bfloat16()
     packed = qat.api.convert_layer(layer)  # what convert packs is what forward multiplies by
     assert torch.equal(packed.dequantize(torch.bfloat16), layer.quantized_weight())
+
+
+@pytest.mark.parametrize("layer", [None, torch.nn.Linear(8, 8), "q_proj"])
+def test_convert_layer_names_a_layer_that_is_not_fake_quantized(layer):
+    """Regression: a plain nn.Linear (or None) failed with a bare AttributeError ('Linear' has no 'config')."""
+    from llmspeed import qat
+
+    with pytest.raises(TypeError, match=f"layer must be a FakeQuantLinear .*; got {type(layer).__name__}"):
+        qat.convert_layer(layer)
