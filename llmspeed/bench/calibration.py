@@ -168,7 +168,7 @@ def run(
                 fmt,
                 group,
                 method=method,
-                calibration=pydoc_text("train") if calibration == "pydoc" else None,
+                calibration=pydoc_text("train") if calibration == "pydoc" and calibrated else None,
                 method_options=method_options,
                 **kwargs,
             )
