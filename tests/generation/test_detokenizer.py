@@ -94,10 +94,8 @@ def test_a_stop_string_in_the_flushed_tail_is_not_checked_before_min_tokens():
     assert not d.stopped and d.text.startswith("ok STOP") and "".join(pieces) == d.text
 
 
-def test_the_generator_reports_stop_for_a_stop_string_found_in_the_flushed_tail(llama, monkeypatch):
-    """The same through the Generator: its sampler scripted to write "ok ", "S", "TOP\\xe2" and stop at
-    ``max_new_tokens=3``: the text ends before "STOP" and the finish reason is "stop", not "length"."""
-    from llmspeed.generation import Generator, SamplingParams
+def _scripted_pieces(llama, monkeypatch):
+    """The Generator's sampler scripted to write tokens 3, 0, 1 ("ok ", "S", "TOP\\xe2") on a Pieces tokenizer."""
     from llmspeed.generation import engine as engine_module
 
     script, real = iter([3, 0, 1]), engine_module.sample_batch
@@ -108,6 +106,14 @@ def test_the_generator_reports_stop_for_a_stop_string_found_in_the_flushed_tail(
 
     monkeypatch.setattr(engine_module, "sample_batch", scripted)
     llama.tokenizer = Pieces()
+
+
+def test_the_generator_reports_stop_for_a_stop_string_found_in_the_flushed_tail(llama, monkeypatch):
+    """The same through the Generator: its sampler scripted to write "ok ", "S", "TOP\\xe2" and stop at
+    ``max_new_tokens=3``: the text ends before "STOP" and the finish reason is "stop", not "length"."""
+    from llmspeed.generation import Generator, SamplingParams
+
+    _scripted_pieces(llama, monkeypatch)
     out = Generator(llama, progress=False).generate_batched(
         [[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True, stop=("STOP",)))[0]  # fmt: skip
     assert out.token_ids == [3, 0, 1]
@@ -118,16 +124,8 @@ def test_the_generator_does_not_cut_at_a_stop_string_before_min_tokens_at_the_co
     """Regression: a request ended by the cache's capacity before ``min_tokens`` had its held-back tail searched
     for stop strings: its text was cut at "STOP" and its finish reason turned to "stop"."""
     from llmspeed.generation import Generator, SamplingParams
-    from llmspeed.generation import engine as engine_module
 
-    script, real = iter([3, 0, 1]), engine_module.sample_batch
-
-    def scripted(logits, params, generators, rows):
-        tokens, logprobs = real(logits, params, generators, rows)
-        return [next(script) for _ in tokens], logprobs
-
-    monkeypatch.setattr(engine_module, "sample_batch", scripted)
-    llama.tokenizer = Pieces()
+    _scripted_pieces(llama, monkeypatch)
     gen = Generator(llama, progress=False, kv_cache_tokens=6, block_size=2)
     params = SamplingParams(max_new_tokens=5, min_tokens=5, ignore_eos=True, stop=("STOP",))
     out = gen.generate_batched([[5, 6, 7]], params)[0]
