@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -152,6 +152,19 @@ def is_fake_quantized(module: nn.Module) -> bool:
     :func:`is_quantized` is False for it). Layers below ``qat`` ask this instead of importing it."""
     return isinstance(getattr(base_linear(module), "fake_format", None), str)
 
+
+
+def training_modes(root: nn.Module) -> Callable[[], None]:
+    """A function that puts every module of ``root`` back in the training mode it has now: ``root.train(flag)``
+    sets them all alike, so a layer the caller had switched to eval inside a model in training would come back in
+    training (its dropout on)."""
+    modes = {m: m.training for m in root.modules()}
+
+    def restore() -> None:
+        for m, training in modes.items():
+            m.training = training
+
+    return restore
 
 class FairRLock:
     """A re-entrant lock handed to its waiters first come, first served.

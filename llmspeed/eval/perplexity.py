@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..model import as_model
-from ..protocol import CausalLM
+from ..protocol import CausalLM, training_modes
 from .text import pydoc_text
 
 
@@ -69,7 +69,7 @@ def window_losses(
     windows = _windows(model, text, window, n_windows)  # [n, window]
     device = model.spec.device
     hf = model.module
-    modes = {m: m.training for m in hf.modules()}  # each module's own: a caller may have switched off some dropout
+    restore_modes = training_modes(hf)  # each module's own: a caller may have switched off some dropout
     hf.eval()  # dropout off: a model left in training mode would score differently on every call
     losses = []
     try:
@@ -81,8 +81,7 @@ def window_losses(
             ).view(batch.shape[0], -1)  # [b, window-1]
             losses.append(loss.mean(dim=1).cpu())
     finally:
-        for m, training in modes.items():
-            m.training = training
+        restore_modes()
     return torch.cat(losses)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..protocol import CausalLM
+from ..protocol import CausalLM, training_modes
 from .amp import MixedPrecision, check_precision
 
 
@@ -223,7 +223,7 @@ def train(
     before = _eval_loss(model, eval_windows, seq_len)  # before any change: a failure here leaves the model as is
     hf = model.module
     flags = {p: p.requires_grad for p in hf.parameters()}
-    modes = {m: m.training for m in hf.modules()}  # each module's own: a caller may have switched off some dropout
+    restore_modes = training_modes(hf)  # each module's own: a caller may have switched off some dropout
     warmup = max(1, steps // 10 if warmup_steps is None else warmup_steps)  # 0: full lr from the first step
     generator = torch.Generator().manual_seed(seed)
     checkpointing = False
@@ -269,8 +269,7 @@ def train(
     finally:
         if checkpointing:
             set_checkpointing(hf, False)
-        for m, training in modes.items():
-            m.training = training
+        restore_modes()
         for p, flag in flags.items():
             p.requires_grad_(flag)
     after = _eval_loss(model, eval_windows, seq_len)
