@@ -277,8 +277,8 @@ def quantize(
     """
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
     refuse_default_marker(group_size)
-    if group_size is _DEFAULT:
-        group_size = DEFAULT_GROUP_SIZE.get(fmt)
+    if group_size is _DEFAULT:  # a format that is no string (a list, say) is refused by QuantConfig, by name
+        group_size = DEFAULT_GROUP_SIZE.get(fmt) if isinstance(fmt, str) else None
     config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric, activations=activations)
     check_kernel_name(kernel, fmt)
     entry = get_method(method)
@@ -312,7 +312,7 @@ def quantize(
             f"{rotating_methods()}; method={method!r} folds scales into other layers in the unrotated basis"
         )
     heads = set(_output_head(model))
-    if share_embedding not in (None, True, False):
+    if share_embedding is not None and not isinstance(share_embedding, bool):  # 1 == True: read as True before
         raise ValueError(f"share_embedding must be None, True or False; got {share_embedding!r}")
     head = tied_head(model)
     why_not = unshareable(plan[head]) if head in plan else None  # None (default) then keeps the float embedding

@@ -129,7 +129,10 @@ def test_bf16_model_quantizes_and_runs():
      ({"fmt": "int4", "hadamard_layers": 0.5}, "hadamard_layers must be None or a list .*; got 0.5"),
      # regression: calibration given to a per-weight method was ignored without a word (qat.prepare refuses it)
      ({"fmt": "int4", "calibration": "some text"}, r"calibration is only used by .*\['awq', 'awq\+gptq', 'gptq'\]; method='rtn'"),
-     ({"fmt": "int4", "method": "hqq", "calibration": ["text"]}, "calibration is only used by .*; method='hqq'")],
+     ({"fmt": "int4", "method": "hqq", "calibration": ["text"]}, "calibration is only used by .*; method='hqq'"),
+     # regression: a list as the format failed with "unhashable type: 'list'"; 1 was read as share_embedding=True
+     ({"fmt": ["int4"]}, r"format must be one of .*; got \['int4'\]"),
+     ({"fmt": "int4", "share_embedding": 1}, "share_embedding must be None, True or False; got 1")],
 )  # fmt: skip
 def test_bad_input_raises_and_leaves_model_untouched(llama, kwargs, match):
     before = _snapshot(llama)
