@@ -258,3 +258,9 @@ def test_smollm2_fp32_perplexity_matches_reference(smollm2_cached):
     ppl = llmspeed.eval.perplexity(smollm2_cached, window=256, n_windows=4)
     assert 10 < ppl < 25
     assert torch.is_grad_enabled()
+
+
+def test_progress_must_be_a_bool():
+    """Regression: ``progress="no"`` was accepted as true (a progress bar where none was asked for)."""
+    with pytest.raises(TypeError, match="progress must be True or False; got 'no'"):
+        llmspeed.eval.perplexity(llmspeed.models.tiny("llama", seed=0), window=8, n_windows=1, progress="no")

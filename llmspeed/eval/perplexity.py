@@ -66,6 +66,8 @@ def window_losses(
     """
     model = as_model(model)
     _check_count(batch_size, "batch_size", 1)
+    if not isinstance(progress, bool):  # "no" is truthy: a bar where none was asked for (finetune refuses it too)
+        raise TypeError(f"progress must be True or False; got {progress!r}")
     windows = _windows(model, text, window, n_windows)  # [n, window]
     device = model.spec.device
     hf = model.module

@@ -133,7 +133,7 @@ def eos_ids(model: CausalLM) -> set[int]:
                    getattr(getattr(getattr(model, "hf", None), "generation_config", None), "eos_token_id", None)):
         if source is None:
             continue
-        ids.update([source] if isinstance(source, int) else [int(t) for t in source])
+        ids.update([int(source)] if is_token_id(source) else [int(t) for t in source])  # an int, np.int64 or a list
     return ids
 
 

@@ -120,6 +120,9 @@ def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> list[str]:
         if not chosen and re.fullmatch(r"[\w\-]+", targets):
             chosen = [n for n in names if n == targets or n.endswith("." + targets)]
     else:
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(s, str) for s in targets):
+            raise ValueError(f"targets must be 'all-linear', a regex string or a list of module-name suffixes; "
+                             f"got {targets!r}")  # fmt: skip
         suffixes = tuple(targets)
         chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
     if not chosen:

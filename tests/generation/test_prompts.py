@@ -56,3 +56,14 @@ def test_an_out_of_vocabulary_id_is_named_with_its_position(llama):
     one out of the vocabulary."""
     out = Generator(llama, progress=False).generate_batched([list(range(1, 20)) + [300, 5]])[0]
     assert out.finish_reason == "error" and "must be in [0, 256); got 300 at position 19 (of 21)" in out.error
+
+
+def test_a_numpy_eos_id_in_the_generation_config_is_taken(llama):
+    """Regression: a generation config's ``eos_token_id`` that is a NumPy integer crashed ``eos_ids`` (only ``int``
+    and iterables were handled)."""
+    import numpy as np
+
+    from llmspeed.generation.prompts import eos_ids
+
+    llama.hf.generation_config.eos_token_id = np.int64(7)
+    assert 7 in eos_ids(llama)

@@ -186,3 +186,11 @@ def test_loading_adapter_with_a_scalar_matrix(tmp_path, llama):
     with pytest.raises(ValueError, match=r"lora_A \(\) and lora_B \(64, 2\) of 'model.layers.1.self_attn.q_proj' must be"):
         lora.load_adapter(llama, folder, "y")
     assert_unchanged(llama, snap)
+
+
+@pytest.mark.parametrize("targets", [5, None, ["q_proj", 3]])
+def test_resolve_targets_names_targets_of_the_wrong_kind(llama, targets):
+    """Regression: ``lora.resolve_targets(model, 5)`` gave a bare "'int' object is not iterable" (add_adapter checks
+    its own targets through LoraConfig first)."""
+    with pytest.raises(ValueError, match="targets must be 'all-linear', a regex string or a list of module-name"):
+        lora.resolve_targets(llama, targets)

@@ -60,3 +60,13 @@ def test_an_adapter_deleted_from_another_thread_mid_step_fails_only_its_requests
         again = engine.submit(prompt, sps["b"]).result(timeout=60)  # the engine serves on
         assert again.finish_reason == "length" and again.token_ids == expected["b"]
         assert engine.loop_errors == 0
+
+
+def test_close_names_a_bad_timeout_and_leaves_the_engine_open(llama):
+    """Regression: ``close(timeout="x")`` marked the engine closed, then failed in ``join`` with a raw comparison
+    TypeError."""
+    with llmspeed.Engine(llama) as engine:
+        with pytest.raises(ValueError, match="timeout must be None or seconds >= 0; got 'x'"):
+            engine.close(timeout="x")
+        assert not engine.closed
+        assert engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)).result(timeout=30).token_ids
