@@ -201,7 +201,11 @@ class ModelRunner:
         cache to it (running requests' keys and values rounded to it), as a fresh generator's cache would be, and set
         up again what was chosen for the old dtype: the attention kernels, the fused step's bf16 widening, and the CUDA
         graphs (captured on the old cache tensors)."""
-        dtype = self.model.spec.dtype
+        spec = self.model.spec
+        if spec.device != self.cache.key.device:  # its cache, graphs and kernels were made for the old device
+            raise RuntimeError(f"the model moved to {spec.device} after this generator was made (its KV cache is on "
+                               f"{self.cache.key.device}): make a new Generator (or Engine) for it there")  # fmt: skip
+        dtype = spec.dtype
         if not self.auto_dtype or dtype == self.cache.key.dtype:
             return
         self.cache.key, self.cache.value = self.cache.key.to(dtype), self.cache.value.to(dtype)

@@ -138,3 +138,17 @@ def test_an_auto_cache_follows_the_models_dtype_after_a_cast(fused, start, to):
     assert gen.cache.key.dtype == gen.cache.value.dtype == llmspeed.names.CANONICAL_DTYPES[to]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [[lp.logprob for lp in o.logprobs] for o in got] == [[lp.logprob for lp in o.logprobs] for o in want]
+
+
+def test_a_model_moved_to_another_device_under_its_generator_is_named():
+    """Regression: after ``model.hf.to(device)`` a Generator kept its KV cache (and graphs, kernels) on the old device
+    and failed deep in a step; the request now ends with an error saying what happened and what to do."""
+    import llmspeed
+    from llmspeed.generation import Generator, SamplingParams
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    gen = Generator(model, progress=False)
+    assert gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].finish_reason == "length"
+    model.hf.to("meta")  # a device this CPU-only machine has: the cache stays on the CPU
+    out = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0]
+    assert out.finish_reason == "error" and "the model moved to meta after this generator was made" in out.error
