@@ -192,9 +192,17 @@ class Engine:
                 self.generator.abort(handle.request_id)
             except Exception:
                 pass
+        self._end_handles(handles, message)
+
+    def _end_handles(self, handles: list[RequestHandle], message: str) -> None:
+        """Give each of ``handles`` not yet done a final ``"error"`` event with ``message``, counted as finished."""
+        for handle in handles:
             if not handle.done():
                 self.requests_finished += 1
-                handle._deliver(_ended(message, handle.request_id))
+                try:
+                    handle._deliver(_ended(message, handle.request_id))
+                except Exception:
+                    pass
 
     # --- state ----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -232,15 +240,8 @@ class Engine:
             self._closing = True
             commands, self._inbox = self._applying + self._inbox, []
         handles = {id(h): h for h in [*self._handles.values(), *(h for kind, h, _, _ in commands if kind == "add")]}
-        handles = list(handles.values())
         self._handles.clear()
-        for handle in handles:
-            if not handle.done():
-                self.requests_finished += 1
-                try:
-                    handle._deliver(_ended(self._death, handle.request_id))
-                except Exception:
-                    pass
+        self._end_handles(list(handles.values()), self._death)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Abort what is still running, stop the engine thread and wait for it (idempotent); ``timeout``: seconds to
