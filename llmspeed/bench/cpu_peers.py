@@ -24,24 +24,30 @@ on such a CPU build llama.cpp without AMX instead (:data:`INSTALL_NO_AMX`), whic
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..generation import Generator, SamplingParams
-from ..machine import cache_root, private_dir
 from ..memory import memory_footprint
-from ..models.embedded import gguf_path, smollm2
+from ..models.embedded import smollm2
 from ..precision import cast
 from ..quant import quantize
+from .llama_anchor import (
+    INSTALL_NO_AMX,
+    PREFIX,
+    SEQS,
+    LlamaBlocks,
+    llama_cpp_missing,
+    llama_rows_isolated,
+    prefill_rate,
+    pydoc_ids,
+    requantized,
+)
 from .steps import decode_step_ms
 
 # llmspeed format -> (llama.cpp type name, llama_ftype value of llama.h), or, for an llmspeed-only variant,
@@ -62,320 +68,18 @@ FORMATS: dict[str, tuple[str, int] | str] = {
     "int8, int8 activations, int8 lm_head, 8 scheduler steps": "int8",
     "int4, awq+gptq, int8 activations, int8 lm_head, 8 scheduler steps": "int4",
 }  # fmt: skip
-SEQS = 8  # sequences of the batched decode rows
-PREFILL_RUNS = 5  # timed 256-token prompts per system, after one warm-up; the table takes their median
 PROMPT_TOKENS = 400  # pydoc tokens each format reads: prompts, then the tokens its decode steps feed
-PREFIX = 128  # prompt tokens prefilled before the decode steps of both systems (the decode context)
 BLOCKS = 12  # default blocks of the interleaved one-sequence decode column (4 with quick)
 BLOCK_STEPS = 8  # decode steps a block; each block is summarized by its median step
 # llama.cpp's side of the interleaved column feeds prompt tokens after the prefix: one untimed step, then a block
 # before llmspeed's first and one after each, 1 + (blocks + 1) x BLOCK_STEPS steps of PROMPT_TOKENS - PREFIX
 MAX_BLOCKS = (PROMPT_TOKENS - PREFIX - 1) // BLOCK_STEPS - 1
 SETTLE_S = 0.02  # pause before each block of the interleaved column
-INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python  (about 20 minutes on 2 cores)'
-# a CPU with AMX (Sapphire Rapids and later): ggml's AMX matmul crashes there, its other native kernels do not
-INSTALL_NO_AMX = ("CMAKE_ARGS='-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=\"-mno-amx-tile -mno-amx-int8 -mno-amx-bf16\" "
-                  "-DCMAKE_CXX_FLAGS=\"-mno-amx-tile -mno-amx-int8 -mno-amx-bf16\"' pip install llama-cpp-python")
-
-
-def llama_cpp_missing() -> str | None:
-    """Why the llama.cpp anchor cannot run here, or ``None``."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as err:
-        return f"llama-cpp-python is not installed ({err}); install it with: {INSTALL}"
-    return None
-
-
-def requantized(ftype_name: str, ftype: int, threads: int, source: Path | None = None,
-                stem: str = "smollm2-135m-instruct", folder: Path | None = None) -> Path:  # fmt: skip
-    """The GGUF ``source`` (default: the embedded one) requantized to ``ftype`` by llama.cpp, kept as
-    ``<stem>-<ftype_name>-<key>.gguf`` in ``folder`` (default: the cache's ``gguf`` folder): built once for each
-    source file (its path, size and time) and llama-cpp-python version, which ``key`` hashes."""
-    import llama_cpp
-
-    src = Path(source or gguf_path())
-    stat = src.stat() if src.exists() else None
-    ident = f"{getattr(llama_cpp, '__version__', '?')}|{src.resolve()}|{stat and (stat.st_size, stat.st_mtime_ns)}"
-    key = hashlib.sha256(ident.encode()).hexdigest()[:10]
-    out = (folder or private_dir(cache_root() / "gguf")) / f"{stem}-{ftype_name}-{key}.gguf"
-    if not out.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = threads
-        params.allow_requantize = True
-        tmp = out.with_suffix(".tmp")
-        try:
-            code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-            if code != 0:
-                raise RuntimeError(f"llama_model_quantize to {ftype_name} failed with code {code}")
-            tmp.rename(out)
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed run's partial file (up to the F32 file's size)
-    return out
-
-
-def pydoc_ids(model, n: int) -> list[int]:
-    """The first ``n`` tokens of the pydoc evaluation text: the prompts and perplexity windows of both systems."""
-    from ..eval import pydoc_text
-
-    return model.tokenizer.encode(pydoc_text("eval"), add_special_tokens=False)[:n]
-
-
-def _prefill_rate(ready: Callable[[], Callable[[], Any]]) -> float:
-    """Median tok/s of ``PREFILL_RUNS`` 256-token prompts after one untimed warm-up (one-time kernel choices and
-    allocations); ``ready()`` sets up a fresh state untimed and returns the prompt evaluation to time."""
-    rates = []
-    for i in range(PREFILL_RUNS + 1):
-        run = ready()
-        start = time.perf_counter()
-        run()
-        if i:
-            rates.append(256 / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
-def _without_extra_bufts() -> None:
-    """Load llama.cpp models without its extra buffer types from now on, in this (child) process.
-
-    ``Llama()`` takes no such argument: this patches the model defaults it and the batch API start from.
-    """
-    import llama_cpp
-
-    defaults = llama_cpp.llama_model_default_params
-
-    def without_extra_bufts():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_model_default_params = without_extra_bufts
-    llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
-
-
-def _llama_rows(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
-                extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
-    """llama.cpp's decode, prefill, file size and perplexity. ``extra_bufts=False`` loads the weights without
-    llama.cpp's extra buffer types (its AMX and repacked-tile weight layouts), for builds whose AMX path crashes."""
-    from llama_cpp import Llama
-
-    if not extra_bufts:
-        _without_extra_bufts()
-    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                verbose=False)  # fmt: skip
-
-    def ready(model: Any = llm) -> Callable[[], Any]:  # a parameter: llm is deleted before the scorer loads
-        model.reset()
-        return lambda: model.eval(prompt[:256])
-
-    prefill = _prefill_rate(ready)
-    llm.reset()
-    llm.eval(prompt[:PREFIX])
-    decode = []
-    for token in prompt[PREFIX : PREFIX + steps]:
-        start = time.perf_counter()
-        llm.eval([token])
-        decode.append((time.perf_counter() - start) * 1e3)
-    del llm
-    decode8 = _llama_decode_rows(path, [prompt[i : i + PREFIX] for i in range(SEQS)], prompt[PREFIX:], threads, steps)
-    return {"decode ms": statistics.median(decode), "prefill tok/s": prefill,
-            "MB": path.stat().st_size / 1e6, "perplexity": llama_perplexity(path, windows, threads),
-            "decode ms, 8 sequences": decode8}  # fmt: skip
-
-
-def llama_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
-    """llama.cpp's perplexity of the GGUF at ``path`` on token ``windows`` [n, W] (``logits_all``, fp32 losses)."""
-    import numpy as np
-    from llama_cpp import Llama
-
-    scorer = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                   logits_all=True, verbose=False)  # fmt: skip
-    losses = []
-    for window in windows.tolist():
-        scorer.reset()
-        scorer.eval(window)
-        logits = torch.from_numpy(np.array(scorer.scores[: len(window)], dtype=np.float32))  # [W, V]
-        losses.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:])).item())
-    return math.exp(statistics.fmean(losses))
-
-
-def _llama_decode_rows(path: Path, prompts: list[list[int]], tokens: list[int], threads: int, steps: int) -> float:
-    """Median ms of llama.cpp decode steps with ``len(prompts)`` sequences running, one token each per step.
-
-    llama-cpp-python's ``Llama`` decodes one sequence, so this drives llama.cpp's own batch API
-    (:func:`_llama_steps`).
-    """
-    with closing(_llama_steps(path, prompts, tokens, threads)) as times:
-        return statistics.median(next(times) for _ in range(steps))
-
-
-def _llama_steps(path: Path, prompts: list[list[int]], tokens: list[int], threads: int) -> Iterator[float]:
-    """The ms of each llama.cpp decode step, one token per sequence, with ``len(prompts)`` sequences running.
-
-    One context with a sequence slot per prompt, all prompts prefilled before the first step; step ``i``
-    feeds ``tokens[i + s]`` to sequence ``s``. The model loads with the defaults as patched by the caller, so
-    a run without extra buffer types stays without them. Close the generator to free the context.
-    """
-    import llama_cpp
-
-    n = len(prompts)
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_seq_max, params.n_batch, params.n_ubatch = 512 * n, n, 512 * n, 512
-    params.n_threads = params.n_threads_batch = threads
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    batch = llama_cpp.llama_batch_init(512 * n, 0, 1)
-    try:
-        def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, logits)
-            batch.n_tokens = len(entries)
-            for i, (token, pos, seq, logits) in enumerate(entries):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
-                batch.seq_id[i][0] = seq
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
-            llama_cpp.llama_synchronize(ctx)
-
-        decode([(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)])
-        for step in range(len(tokens) - n + 1):
-            start = time.perf_counter()
-            decode([(tokens[step + s], len(ids) + step, s, True) for s, ids in enumerate(prompts)])
-            yield (time.perf_counter() - start) * 1e3
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
-
-
-def _ended(code: int) -> str:
-    """How a child process ended, from its return code: ``"signal 11"`` or ``"exit 3"``."""
-    return f"signal {-code}" if code < 0 else f"exit {code}"
-
-
-def _llama_rows_isolated(path: Path, prompt: list[int], windows: torch.Tensor, threads: int, steps: int,
-                         extra_bufts: bool = True) -> dict[str, Any]:  # fmt: skip
-    """:func:`_llama_rows` in a child process: a crash inside llama.cpp becomes a reported row, not the end of the run."""
-    import subprocess
-    import sys
-
-    job = json.dumps({"path": str(path), "prompt": prompt, "windows": windows.tolist(), "threads": threads,
-                      "steps": steps, "extra_bufts": extra_bufts})  # fmt: skip
-    script = ("import json, sys, torch; from llmspeed.bench.cpu_peers import _llama_rows; a = json.load(sys.stdin); "
-              "print(json.dumps(_llama_rows(__import__('pathlib').Path(a['path']), a['prompt'], "
-              "torch.tensor(a['windows']), a['threads'], a['steps'], a['extra_bufts'])))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", script], input=job, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"llama.cpp crashed ({_ended(done.returncode)}) on {path.name}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def llama_perplexity_isolated(path: Path, windows: torch.Tensor, threads: int) -> tuple[float, str | None]:
-    """:func:`llama_perplexity` in a child process, retried without llama.cpp's extra buffer types if it crashes
-    with them: ``(perplexity, note)``, the note saying so (``None`` when the first try ran)."""
-    import subprocess
-    import sys
-
-    script = ("import json, sys, torch; from llmspeed.bench import cpu_peers as c; a = json.load(sys.stdin); "
-              "a['plain'] and c._without_extra_bufts(); "
-              "print(c.llama_perplexity(__import__('pathlib').Path(a['path']), torch.tensor(a['windows']), a['threads']))")  # fmt: skip
-    crash = None
-    for plain in (False, True):
-        job = json.dumps({"path": str(path), "windows": windows.tolist(), "threads": threads, "plain": plain})
-        done = subprocess.run([sys.executable, "-c", script], input=job, capture_output=True, text=True, timeout=1800)
-        if done.returncode == 0:
-            note = None if crash is None else f"{crash}; scored without its extra buffer types (see {INSTALL_NO_AMX})"
-            return float(done.stdout.strip().splitlines()[-1]), note
-        crash = f"llama.cpp crashed ({_ended(done.returncode)}) on {path.name}"
-    raise RuntimeError(f"{crash}, without its extra buffer types too")
-
-
-class _LlamaBlocks:
-    """llama.cpp decoding one sequence in a child process, a block of steps per call (the interleaved column).
-
-    The child (:func:`serve_llama_steps`, or ``command``) prefills ``prompt[:PREFIX]``, runs one untimed
-    step, and answers each request for ``n`` steps with their times in ms, so that the parent times its
-    own steps between two of llama.cpp's blocks. A crash inside llama.cpp ends the child, not the run:
-    :meth:`block` raises ``RuntimeError``; a child silent for ``timeout`` seconds is killed the same way.
-    llama.cpp's own log lines are dropped, as :func:`_llama_rows_isolated` drops them.
-    """
-
-    def __init__(self, path: Path, prompt: list[int], threads: int, extra_bufts: bool,
-                 command: list[str] | None = None, timeout: float = 600.0):  # fmt: skip
-        import subprocess
-        import sys
-
-        serve = "from llmspeed.bench.cpu_peers import serve_llama_steps; serve_llama_steps()"
-        self.timeout = timeout
-        self.child = subprocess.Popen(command or [sys.executable, "-c", serve], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-        job = {"path": str(path), "prompt": prompt, "threads": threads, "extra_bufts": extra_bufts}
-        self._send(json.dumps(job))
-        self._read()  # ready: prefilled and warmed up
-
-    def block(self, n: int) -> list[float]:
-        """The ms of each of llama.cpp's next ``n`` decode steps."""
-        self._send(str(n))
-        return self._read()
-
-    def close(self) -> None:
-        """End the child (it exits when its input closes), killing it if it does not."""
-        import subprocess
-
-        if self.child.stdin is not None and not self.child.stdin.closed:
-            try:
-                self.child.stdin.close()
-            except BrokenPipeError:  # it had already died
-                pass
-        try:
-            self.child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            self.child.wait()
-
-    def _send(self, line: str) -> None:
-        assert self.child.stdin is not None
-        try:
-            self.child.stdin.write(line + "\n")
-            self.child.stdin.flush()
-        except BrokenPipeError:
-            self._crashed()
-
-    def _read(self) -> list[float]:
-        import select
-
-        assert self.child.stdout is not None
-        ready, _, _ = select.select([self.child.stdout], [], [], self.timeout)
-        line = self.child.stdout.readline() if ready else ""
-        if not ready:
-            self.child.kill()
-        if not line:
-            self._crashed()
-        return json.loads(line)
-
-    def _crashed(self) -> None:
-        raise RuntimeError(f"llama.cpp crashed ({_ended(self.child.wait())}) in the interleaved decode steps")
-
-
-def serve_llama_steps() -> None:
-    """The child side of :class:`_LlamaBlocks`: a JSON job on the first line of stdin, then one step count a line.
-
-    Prints ``[]`` once prefilled and warmed up, then a JSON list of step times for each count.
-    """
-    import sys
-
-    job = json.loads(sys.stdin.readline())
-    if not job["extra_bufts"]:
-        _without_extra_bufts()
-    prompt = job["prompt"]
-    with closing(_llama_steps(Path(job["path"]), [prompt[:PREFIX]], prompt[PREFIX:], job["threads"])) as times:
-        next(times)
-        print("[]", flush=True)
-        for line in sys.stdin:
-            print(json.dumps([next(times) for _ in range(int(line))]), flush=True)
 
 
 def _llmspeed_steps(model, prompt: list[int], kv_cache_dtype: str = "auto", scheduler_steps: int = 1) -> Iterator[float]:
     """The ms of each llmspeed decode step of one sequence, ``prompt[:PREFIX]`` prefilled first (untimed), as
-    :func:`_llama_steps` times llama.cpp's; the first step after the prefill is untimed too.
+    :func:`llama_steps` times llama.cpp's; the first step after the prefill is untimed too.
 
     With ``scheduler_steps`` > 1 (the Generator's ``num_scheduler_steps``), a ``step()`` call that gives
     several tokens counts as that many steps of its mean time.
@@ -418,7 +122,7 @@ def _interleaved(models: dict[str, Any], anchor: tuple[str, int], prompt: list[i
     ``blocks``; each side pauses ``SETTLE_S`` before its block, so that the other's threads have stopped
     spinning. :func:`paired_blocks` gives each row's numbers.
     """
-    llama = _LlamaBlocks(requantized(*anchor, threads), prompt, threads, extra_bufts)
+    llama = LlamaBlocks(requantized(*anchor, threads), prompt, threads, extra_bufts)
     ours = {fmt: _llmspeed_steps(m, prompt, _kv_cache_dtype(fmt), _scheduler_steps(fmt)) for fmt, m in models.items()}
     mine: dict[str, list[float]] = {fmt: [] for fmt in models}
     try:
@@ -448,11 +152,11 @@ def _anchor_rows(anchor: tuple[str, int], prompt: list[int], windows: torch.Tens
     path = requantized(*anchor, threads)
     if crash is None:
         try:
-            return _llama_rows_isolated(path, prompt, windows, threads, steps), None, None
+            return llama_rows_isolated(path, prompt, windows, threads, steps), None, None
         except RuntimeError as err:
             crash = str(err)
     try:
-        rows = _llama_rows_isolated(path, prompt, windows, threads, steps, extra_bufts=False)
+        rows = llama_rows_isolated(path, prompt, windows, threads, steps, extra_bufts=False)
         return rows, crash, (f"{crash}; this row without its extra buffer types (AMX / repacked weights; a build "
                              f"without AMX keeps the repacked ones: {INSTALL_NO_AMX})")
     except RuntimeError as again:
@@ -498,7 +202,7 @@ def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, 
         g.add_request(prompt[:256], SamplingParams(max_new_tokens=1))
         return g.step
 
-    prefill = _prefill_rate(ready)
+    prefill = prefill_rate(ready)
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
     one, eight = [prompt[:PREFIX]], [prompt[i : i + PREFIX] for i in range(SEQS)]

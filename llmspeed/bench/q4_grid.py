@@ -15,7 +15,7 @@ twice: to the GGUF (dequantized to F32 and written again; llama.cpp's own ``llam
 its Q4_0) and to llmspeed's model in memory. Both systems score the same pydoc windows, so each row shows
 whether the float models agree (they must, to the last digits) and how the two int4 formats compare when the
 weights favour neither. llama.cpp scores each file in a child process, retried without its extra buffer types
-if a native build's AMX path crashes (:func:`~llmspeed.bench.cpu_peers.llama_perplexity_isolated`).
+if a native build's AMX path crashes (:func:`~llmspeed.bench.llama_anchor.llama_perplexity_isolated`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..eval.perplexity import window_losses
 from ..machine import cache_root, private_dir
 from ..models.embedded import gguf_path, smollm2
 from ..quant import quantize
-from .cpu_peers import llama_cpp_missing, llama_perplexity_isolated, pydoc_ids, requantized
+from .llama_anchor import llama_cpp_missing, llama_perplexity_isolated, pydoc_ids, requantized
 
 # (GGUF name in a block, HF parameter in a layer, permutation of dim 0, of dim 1): "res" the residual
 # channels, "mlp" the layer's MLP hidden units, "kv" the value heads' dims, "q" the same for the query heads
