@@ -12,7 +12,7 @@ from llmspeed.quant import hessian as H
 from llmspeed.quant.calibration import capture_layer_inputs, decoder_layers, run_layer
 from llmspeed.quant.methods import awq as A
 from llmspeed.quant.methods.awq_fold import fold_params
-from llmspeed.quant.methods.gptq import grid_for
+from llmspeed.quant.methods.grids import grid_for
 
 OPTS = dict(seq_len=32, n_sequences=16, progress=False)
 

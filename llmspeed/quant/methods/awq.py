@@ -50,17 +50,8 @@ from ..calibration import (
 )
 from ..config import QuantConfig
 from .awq_fold import SUPPORTED, Fold, candidate_folds, check_fold
-from .gptq import (
-    GPTQResult,
-    Grid,
-    check_gptq_options,
-    gptq_quantize,
-    grid_for,
-    pack_result,
-    refit,
-    round_outside,
-    weight_error,
-)
+from .gptq import GPTQResult, check_gptq_options, gptq_quantize, pack_result, refit, round_outside
+from .grids import Grid, grid_for, weight_error
 from .registry import check_options, register_method
 
 AWQ_CLIP = (1.0, 0.95, 0.9, 0.85, 0.8)  # method="awq"'s default range shrinks (searched per group)
@@ -75,7 +66,7 @@ def grid_quantize(
     """Round ``w`` to ``config``'s groups on ``grid`` (round-to-nearest, with the grid's clip search).
 
     The clip search scores a group by its output error ``d H_gg d^T`` (``H_gg``: the group's diagonal
-    block of ``hessian``) when ``hessian`` is given, else by :func:`~.gptq.weight_error`. Columns are
+    block of ``hessian``) when ``hessian`` is given, else by :func:`~.grids.weight_error`. Columns are
     zero-padded to whole groups as round-to-nearest does, so with one shrink of ``1.0`` the result is
     exactly ``method="rtn"``'s.
     """
