@@ -11,14 +11,13 @@ import llmspeed
 from llmspeed.quant import QuantConfig
 from llmspeed.quant import hessian as H
 from llmspeed.quant.calibration import (
-    CalibrationConfig,
-    calibration_tokens,
     capture_layer_inputs,
     decoder_layers,
     layer_hessians,
     quantize_layer,
     run_layer,
 )
+from llmspeed.quant.calibration_data import CalibrationConfig, calibration_tokens
 from llmspeed.quant.methods import gptq as G
 
 FORMATS = [("int4", 16), ("int4", 32), ("nf4", 16), ("int8", None)]

@@ -38,9 +38,7 @@ import torch
 
 from .. import primitives as P
 from ..calibration import (
-    CalibrationConfig,
     LinearGroup,
-    calibration_tokens,
     capture_layer_inputs,
     decoder_layers,
     layer_hessians,
@@ -48,6 +46,7 @@ from ..calibration import (
     run_layer,
     split_plan,
 )
+from ..calibration_data import CalibrationConfig, calibration_tokens
 from ..config import QuantConfig
 from .awq_fold import SUPPORTED, Fold, candidate_folds, check_fold
 from .gptq import GPTQResult, check_gptq_options, gptq_quantize, pack_result, refit, round_outside
@@ -209,7 +208,7 @@ def awq_model(
         model: The float :class:`~llmspeed.protocol.CausalLM` (not modified; ``quantize`` installs the result).
         plan: ``{qualified name: QuantConfig}`` from :func:`llmspeed.quant.plan_layers`.
         calibration: ``None`` (the default mix of registers), a string, a list of strings, or token ids.
-        n_sequences, seq_len: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
+        n_sequences, seq_len: See :class:`~llmspeed.quant.calibration_data.CalibrationConfig`.
         n_grid: Points of the ``alpha`` grid in ``[0, 1)``.
         duo_scaling: Divide the scales by a weight statistic too (AutoAWQ's ``duo_scaling``).
         clip_search: int4 / NF4: shrink factors of each group's range; with ``method="awq"`` scored by

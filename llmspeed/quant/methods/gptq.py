@@ -25,12 +25,11 @@ import torch
 
 from .. import primitives as P
 from ..calibration import (
-    CalibrationConfig,
     LinearGroup,
-    calibration_tokens,
     quantize_sequentially,
     split_plan,
 )
+from ..calibration_data import CalibrationConfig, calibration_tokens
 from ..modules import module_class
 from .grids import Grid, check_shrinks, grid_for
 from .refit import refit_scales
@@ -245,7 +244,7 @@ def gptq_model(
         model: The float :class:`~llmspeed.protocol.CausalLM` (not modified; ``quantize`` installs the result).
         plan: ``{qualified name: QuantConfig}`` from :func:`llmspeed.quant.plan_layers`.
         calibration: ``None`` (the default mix of registers, :func:`llmspeed.eval.calibration_mix`), a string, a list of strings, or token ids.
-        n_sequences, seq_len: See :class:`~llmspeed.quant.calibration.CalibrationConfig`.
+        n_sequences, seq_len: See :class:`~llmspeed.quant.calibration_data.CalibrationConfig`.
         damp, block_size, act_order: See :func:`gptq_quantize`.
         clip_search: int4 and NF4: shrink factors of the group range tried when fitting a group.
         refit_scales: After GPTQ, refit each row's scales by least squares for its codes
