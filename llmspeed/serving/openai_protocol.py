@@ -216,12 +216,25 @@ class ChatCompletionRequest(_Request):
     response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    # OpenAI's fields that change nothing here, taken and ignored as vLLM takes them (a 400 broke clients that send
+    # them): no tool calls are parsed, nothing is stored, every request runs alike; what needs more is refused in check()
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
 
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone, messages without their content, and tool
         choices this server cannot honour (it parses no tool calls out of an answer: only ``"none"``, as vLLM
         without a tool-call parser)."""
         super().check()
+        if self.store:
+            raise APIError(400, "store: true asks to keep the completion for later retrieval, which this server does not "
+                                "do; send store: false or leave it out", "store")
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise APIError(400, f"modalities: this server answers with text only, ['text']; got {self.modalities}",
+                           "modalities")
         for i, m in enumerate(self.messages):
             if m.content is None and m.role != "assistant":  # only an assistant turn (a tool call) may have none
                 raise APIError(400, f"messages.{i}.content is required in a {m.role!r} message; got none (null or missing)",

@@ -563,3 +563,24 @@ def test_a_negative_seed_is_taken_as_vllm_takes_it(tiny_server, live_server):
         assert text(-1) == text(2**64 - 1) == text(-1)
         with pytest.raises(openai.BadRequestError, match="seed"):
             text(-(2**63) - 1)
+
+
+def test_openais_fields_that_change_nothing_here_are_taken_as_vllm_takes_them(tiny_server, live_server):
+    """Regression: ``parallel_tool_calls``, ``store: false``, ``metadata``, ``service_tier`` and ``modalities: ["text"]``
+    (fields of OpenAI's API that clients send, which vLLM takes and ignores) were a 400 "Extra inputs are not
+    permitted"; what this server cannot honour (``store: true``, audio) stays a 400 naming the field."""
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+        kw = dict(model="tiny", messages=CHAT, max_tokens=3, seed=5)
+        plain = client.chat.completions.create(**kw)
+        given = client.chat.completions.create(**kw, parallel_tool_calls=False, store=False, metadata={"team": "a"},
+                                               service_tier="auto", modalities=["text"], user="u1")
+        assert given.choices[0].message.content == plain.choices[0].message.content
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+        assert "store" in _assert_error(_post(url, "/v1/chat/completions", {**body, "store": True}), 400, "store")
+        message = _assert_error(_post(url, "/v1/chat/completions", {**body, "modalities": ["text", "audio"]}), 400,
+                                "modalities")
+        assert "['text', 'audio']" in message
+        _assert_error(_post(url, "/v1/chat/completions", {**body, "metadata": {"team": 1}}), 400, "metadata.team")
+        _assert_error(_post(url, "/v1/chat/completions", {**body, "service_tier": "fast"}), 400, "service_tier")
+        _assert_error(_post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "store": False}), 400, "store")
