@@ -558,7 +558,7 @@ class Generator:
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
-        steps0, preempt0, paths0 = self.num_steps, self.scheduler.num_preemptions, dict(self.step_paths)
+        steps0, paths0 = self.num_steps, dict(self.step_paths)
         rids = self._add_all(prompts, sampling)
         mine = set(rids)
         self._run_rids |= mine  # a step() called from outside while this run is read leaves them its events
@@ -597,7 +597,7 @@ class Generator:
                 output_tokens=sum(len(s.output_ids) for s in seqs),
                 elapsed=time.perf_counter() - start,
                 steps=self.num_steps - steps0,
-                preemptions=self.scheduler.num_preemptions - preempt0,
+                preemptions=sum(s.num_preemptions for s in seqs),  # its own, not other requests' preempted meanwhile
                 step_paths=paths_since(self.step_paths, paths0),
             )
 

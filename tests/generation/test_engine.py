@@ -419,3 +419,17 @@ def test_run_stats_count_the_prompts_of_requests_refused_at_admission(llama):
     assert gen.stats.requests == 3
     assert gen.stats.prompt_tokens == sum(o.metrics.prompt_tokens for o in outs) == 7 + len(long)
     assert gen.stats.output_tokens == sum(o.metrics.output_tokens for o in outs) == 6
+
+
+def test_run_stats_count_the_preemptions_of_the_runs_requests_only(llama):
+    """Regression: RunStats.preemptions was the scheduler's count over the run, so requests added with add_request
+    and preempted while a generate_batched run stepped were reported as the run's (2 for an output preempted once)."""
+    gen = Generator(llama, progress=False, kv_cache_tokens=256, block_size=16, max_batch_tokens=128)
+    for _ in range(3):
+        gen.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=60, ignore_eos=True))
+    for _ in range(3):
+        gen.step()
+    before = gen.scheduler.num_preemptions
+    outs = gen.generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    assert gen.scheduler.num_preemptions - before > sum(o.metrics.num_preemptions for o in outs)  # others' too
+    assert gen.stats.preemptions == sum(o.metrics.num_preemptions for o in outs)
