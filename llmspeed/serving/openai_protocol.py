@@ -36,11 +36,13 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: only ``include_usage`` (a usage chunk before ``[DONE]``, ``"usage": null`` on the others)."""
+    """``stream_options``: ``include_usage`` (a usage chunk before ``[DONE]``, ``"usage": null`` on the others), and
+    ``include_obfuscation``, taken and ignored (no chunk is padded against side channels here)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool | None = None
+    include_obfuscation: bool | None = None
 
 
 class _Request(BaseModel):
@@ -223,6 +225,8 @@ class ChatCompletionRequest(_Request):
     metadata: dict[str, str] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
+    safety_identifier: str | None = None  # with prompt_cache_key, what OpenAI's API has in place of user
+    prompt_cache_key: str | None = None
 
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone, messages without their content, and tool

@@ -584,3 +584,18 @@ def test_openais_fields_that_change_nothing_here_are_taken_as_vllm_takes_them(ti
         _assert_error(_post(url, "/v1/chat/completions", {**body, "metadata": {"team": 1}}), 400, "metadata.team")
         _assert_error(_post(url, "/v1/chat/completions", {**body, "service_tier": "fast"}), 400, "service_tier")
         _assert_error(_post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "store": False}), 400, "store")
+
+
+def test_the_successors_of_user_and_include_obfuscation_are_taken_like_user(tiny_server, live_server):
+    """Regression: ``user`` was taken, but ``safety_identifier`` and ``prompt_cache_key`` (which OpenAI's API has in its
+    place) and ``stream_options.include_obfuscation`` (which the ``openai`` client types) were a 400."""
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+        answer = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, safety_identifier="h1",
+                                                prompt_cache_key="k1")
+        assert answer.choices[0].finish_reason == "length"
+        for create, kw in ((client.chat.completions.create, dict(messages=CHAT)), (client.completions.create,
+                                                                                     dict(prompt="hi"))):
+            chunks = list(create(model="tiny", max_tokens=2, stream=True, **kw, extra_body={"min_tokens": 2},
+                                 stream_options={"include_usage": True, "include_obfuscation": False}))
+            assert chunks[-1].usage.completion_tokens == 2
