@@ -84,13 +84,14 @@ class _Request(BaseModel):
     def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
         """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds)."""
         if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+            raise APIError(400, f"logit_bias is not supported by this server (only an empty one); got {self.logit_bias!r}",
+                           "logit_bias")
         if self.min_tokens > max_tokens:  # as vLLM: a default max_tokens (16 for completions) bounds it too
             raise APIError(400, f"min_tokens must be at most max_tokens={max_tokens}; got {self.min_tokens}",
                            "min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
-            raise APIError(400, "stop strings must be non-empty", "stop")
+            raise APIError(400, f"stop strings must be non-empty; got {self.stop!r}", "stop")
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -244,7 +245,8 @@ class ChatCompletionRequest(_Request):
                 raise APIError(400, f"messages.{i}.content is required in a {m.role!r} message; got none (null or missing)",
                                f"messages.{i}.content")
         if self.tool_choice is not None and not self.tools:
-            raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice")
+            raise APIError(400, f"tool_choice is only allowed when tools are given; got tool_choice {self.tool_choice!r} "
+                                f"without tools", "tool_choice")
         if self.tools and self.tool_choice != "none":
             given = repr(self.tool_choice) if self.tool_choice is not None else "'auto' (the default with tools)"
             raise APIError(400, f"tool_choice {given} needs tool calls parsed out of the model's answer, which this "
@@ -256,7 +258,8 @@ class ChatCompletionRequest(_Request):
         every other field given, such as ``name`` or ``tool_calls``, kept; an empty ``tool_calls`` list left out, as
         vLLM does: a template that checks ``'tool_calls' in message`` (Llama 3.1's) would render or refuse a call)."""
         if self.response_format not in (None, {"type": "text"}):
-            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
+            raise APIError(400, f"only response_format {{'type': 'text'}} is supported; got {self.response_format!r}",
+                           "response_format")
         return [{**m.model_dump(exclude_none=True, exclude=None if m.tool_calls else {"tool_calls"}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.text(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
 
@@ -268,7 +271,8 @@ class ChatCompletionRequest(_Request):
         """Top alternatives to return per token (``None`` = no logprobs)."""
         if not self.logprobs:
             if self.top_logprobs:
-                raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+                raise APIError(400, f"top_logprobs needs logprobs: true; got top_logprobs: {self.top_logprobs} with "
+                                    f"logprobs: false", "top_logprobs")
             return None
         return self.top_logprobs or 0
 

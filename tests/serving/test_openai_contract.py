@@ -599,3 +599,21 @@ def test_the_successors_of_user_and_include_obfuscation_are_taken_like_user(tiny
             chunks = list(create(model="tiny", max_tokens=2, stream=True, **kw, extra_body={"min_tokens": 2},
                                  stream_options={"include_usage": True, "include_obfuscation": False}))
             assert chunks[-1].usage.completion_tokens == 2
+
+
+REFUSED_VALUES = [  # (fields, param, what the message must quote of the value given)
+    ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: 2 with logprobs: false"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "{'type': 'json_object'}"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias", "{'5': 1.0}"),
+    ({"tool_choice": "none"}, "tool_choice", "'none'"),
+    ({"stop": ["x", ""]}, "stop", "['x', '']"),
+]
+
+
+@pytest.mark.parametrize("fields,param,given", REFUSED_VALUES, ids=[c[1] for c in REFUSED_VALUES])
+def test_a_refused_value_is_named_in_the_error(tiny_server, live_server, fields, param, given):
+    """Regression: these 400s named the field and what is accepted but not the value given
+    ("top_logprobs needs logprobs: true", "only response_format {'type': 'text'} is supported")."""
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 2, **fields}
+        assert given in _assert_error(_post(url, "/v1/chat/completions", body), 400, param)
