@@ -189,10 +189,15 @@ class FairRLock:
                 return False
             ticket = object()
             self._queue.append(ticket)
-            if not self._cv.wait_for(lambda: self._owner is None and self._queue[0] is ticket,
-                                     None if timeout < 0 else timeout):  # fmt: skip
-                self._queue.remove(ticket)
-                self._cv.notify_all()
+            got = False
+            try:
+                got = self._cv.wait_for(lambda: self._owner is None and self._queue[0] is ticket,
+                                        None if timeout < 0 else timeout)  # fmt: skip
+            finally:  # timed out, or interrupted (Ctrl-C): a ticket left queued would block every later acquire
+                if not got:
+                    self._queue.remove(ticket)
+                    self._cv.notify_all()
+            if not got:
                 return False
             self._queue.popleft()
             self._owner, self._depth = me, 1

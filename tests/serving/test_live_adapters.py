@@ -3,13 +3,16 @@ a deleted adapter end alone with a clear error, the others keep their exact toke
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 
 import pytest
 import torch
 
 import llmspeed
 from llmspeed import Generator, SamplingParams, lora
+from llmspeed.protocol import step_lock
 
 
 def _random_adapters(model, names):
@@ -70,3 +73,39 @@ def test_close_names_a_bad_timeout_and_leaves_the_engine_open(llama):
             engine.close(timeout="x")
         assert not engine.closed
         assert engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)).result(timeout=30).token_ids
+
+
+def test_a_lora_verb_interrupted_while_it_waits_for_the_step_lock_leaves_the_engine_serving(llama):
+    """Regression: Ctrl-C in a thread whose ``lora.set_adapter`` waited for the step in flight left its ticket in the
+    step lock's queue: no thread could take the lock again, and the engine hung at its next step (its requests never
+    ended, and ``close`` timed out)."""
+    _random_adapters(llama, ["a"])
+    lock = step_lock(llama.module)
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    expected = Generator(llama, progress=False).generate_batched([[1, 2, 3]], sp)[0].token_ids
+    with llmspeed.Engine(llama) as engine:
+        runner = engine.generator.runner
+        original, in_step, go = runner.run, threading.Event(), threading.Event()
+
+        def held_step(*args, **kwargs):
+            in_step.set()
+            go.wait(30)  # the step (and the lock) is held until the interrupted verb is gone
+            return original(*args, **kwargs)
+
+        def interrupt_the_waiting_verb():
+            deadline = time.monotonic() + 30
+            while not lock._queue and time.monotonic() < deadline:
+                time.sleep(0.01)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        runner.run = held_step
+        handle = engine.submit([1, 2, 3], sp)
+        assert in_step.wait(30)
+        threading.Thread(target=interrupt_the_waiting_verb, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            lora.set_adapter(llama, "a")
+        go.set()
+        assert handle.result(timeout=30).token_ids == expected
+        assert engine.submit([1, 2, 3], sp).result(timeout=30).token_ids == expected
+        lora.set_adapter(llama, "a")  # the verb itself runs again
+        assert lora.active_adapter(llama) == "a"
