@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..protocol import CausalLM
+from ..protocol import CausalLM, step_lock
 from .inject import layers_set, lora_layers, registry
 from .routing import AXES, METHODS, Routing
 
@@ -41,16 +41,19 @@ def _routed(
     model: CausalLM, names: Sequence[str | None], axis: str, method: str, rows: torch.Tensor | None = None
 ) -> Iterator[Routing]:
     assert axis in AXES
-    names = _validate(model, names, method)
-    if rows is not None:
-        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"logits_indices must be a 1-D integer tensor; got {rows!r}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(names)):
-            raise ValueError(f"logits_indices must index the {len(names)} tokens named; got {rows.tolist()}")
-    routing = Routing.from_names(names, axis, method, model.spec.device, rows)
-    layers = [layer for _, layer in lora_layers(model)]
-    with layers_set(layers, "routing", routing):
-        yield routing
+    # the model's step lock for the whole block: an Engine stepping the model from another thread would run its
+    # step with this routing (or leave its own on the layers when the two blocks interleave)
+    with step_lock(model.module):
+        names = _validate(model, names, method)
+        if rows is not None:
+            if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"logits_indices must be a 1-D integer tensor; got {rows!r}")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(names)):
+                raise ValueError(f"logits_indices must index the {len(names)} tokens named; got {rows.tolist()}")
+        routing = Routing.from_names(names, axis, method, model.spec.device, rows)
+        layers = [layer for _, layer in lora_layers(model)]
+        with layers_set(layers, "routing", routing):
+            yield routing
 
 
 @contextmanager
@@ -65,7 +68,8 @@ def per_token_adapters(
     For ``model.forward_batch(input_ids[T], ..., logits_indices)``: ``len(names)`` must equal ``T``; pass the same
     ``logits_indices`` here when adapters cover the output head (it sees only those tokens). The active
     adapter set by :func:`set_adapter` is ignored inside; ``method`` picks ``"concat"`` (one pass),
-    ``"segment"`` (a loop over adapters) or ``"auto"``.
+    ``"segment"`` (a loop over adapters) or ``"auto"``. The block holds the model's
+    :func:`~llmspeed.protocol.step_lock`: an Engine stepping the model from another thread waits for it.
     """
     with _routed(model, names, "token", method, logits_indices) as routing:
         yield routing
@@ -73,6 +77,7 @@ def per_token_adapters(
 
 @contextmanager
 def per_row_adapters(model: CausalLM, names: Sequence[str | None], method: str = "auto") -> Iterator[Routing]:
-    """Inside the block, row ``b`` of a ``[B, S]`` batch uses adapter ``names[b]`` (``None``: base only)."""
+    """Inside the block, row ``b`` of a ``[B, S]`` batch uses adapter ``names[b]`` (``None``: base only); the block
+    holds the model's :func:`~llmspeed.protocol.step_lock`, as :func:`per_token_adapters` does."""
     with _routed(model, names, "row", method) as routing:
         yield routing

@@ -109,3 +109,41 @@ def test_a_lora_verb_interrupted_while_it_waits_for_the_step_lock_leaves_the_eng
         assert engine.submit([1, 2, 3], sp).result(timeout=30).token_ids == expected
         lora.set_adapter(llama, "a")  # the verb itself runs again
         assert lora.active_adapter(llama) == "a"
+
+
+def test_per_row_adapters_entered_from_another_thread_mid_step_waits_for_the_step(llama):
+    """Regression: ``lora.per_row_adapters`` (and ``per_token_adapters``) set the routing on every layer without the
+    model's step lock: entered from another thread while the engine stepped, the step ran with that thread's routing
+    and failed its requests, and the two blocks' restores left a stale routing on the layers, failing every later
+    request. Now the block waits for the step in flight, and the engine's tokens are exact."""
+    _random_adapters(llama, ["a", "b"])
+    prompt, sp = [1, 2, 3, 4], SamplingParams(max_new_tokens=10, ignore_eos=True, adapter="b")
+    expected = Generator(llama, progress=False, fused_decode=False).generate_batched([prompt], sp)[0].token_ids
+    with llmspeed.Engine(llama, fused_decode=False) as engine:
+        original, calls, user = llama.forward_batch, [0], []
+        inside, leave = threading.Event(), threading.Event()
+
+        def user_block():
+            with lora.per_row_adapters(llama, ["a", None]):
+                inside.set()
+                leave.wait(30)
+
+        def enter_mid_step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                user.append(threading.Thread(target=user_block))
+                user[0].start()
+                inside.wait(0.5)  # entered at once before the fix; now it waits for this step
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if calls[0] == 3:
+                    leave.set()
+
+        llama.forward_batch = enter_mid_step
+        out = engine.submit(prompt, sp).result(timeout=60)
+        user[0].join(30)
+        assert not user[0].is_alive() and inside.is_set()
+        assert (out.finish_reason, out.error, out.token_ids) == ("length", None, expected)
+        assert all(layer.routing is None for _, layer in lora.lora_layers(llama))
+        assert engine.submit(prompt, sp).result(timeout=60).token_ids == expected
