@@ -293,13 +293,26 @@ def layers_set(layers: Sequence[LoraLinear], attr: str, value: object) -> Iterat
 
 @contextmanager
 def disabled(model: CausalLM) -> Iterator[CausalLM]:
-    """Run the base model alone inside the block (adapters stay attached and active afterwards)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = sorted({n for layer in layers for n in layer.merged})
-    if merged:
-        raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them to disable them")
-    with layers_set(layers, "disabled", True):
+    """Run the base model alone inside the block (adapters stay attached and active afterwards).
+
+    Entering and leaving take the model's :func:`~llmspeed.protocol.step_lock` (the block itself does not: an Engine
+    serving the model steps on inside it, its requests that name no adapter running the base): a step in flight in
+    another thread finishes on the adapters it started with, never on some layers disabled and others not."""
+    lock = step_lock(model.module)
+    with lock:
+        layers = [layer for _, layer in lora_layers(model)]
+        merged = sorted({n for layer in layers for n in layer.merged})
+        if merged:
+            raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them to disable them")
+        previous = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+    try:
         yield model
+    finally:
+        with lock:
+            for layer, old in zip(layers, previous):
+                layer.disabled = old
 
 
 @holds_step_lock

@@ -147,3 +147,42 @@ def test_per_row_adapters_entered_from_another_thread_mid_step_waits_for_the_ste
         assert (out.finish_reason, out.error, out.token_ids) == ("length", None, expected)
         assert all(layer.routing is None for _, layer in lora.lora_layers(llama))
         assert engine.submit(prompt, sp).result(timeout=60).token_ids == expected
+
+
+def test_lora_disabled_entered_from_another_thread_mid_step_waits_for_the_step(llama):
+    """Regression: ``lora.disabled`` set ``disabled`` on the layers without the model's step lock: entered from another
+    thread while the engine stepped, the step in flight ran without the active adapter (on some layers or all), though
+    the step had keyed the request's KV by it. Now entering waits for the step, which runs on the active adapter."""
+    _random_adapters(llama, ["a"])
+    lora.set_adapter(llama, "a")
+    prompt, sp = [1, 2, 3, 4], SamplingParams(max_new_tokens=10, ignore_eos=True)
+    expected = Generator(llama, progress=False, fused_decode=False).generate_batched([prompt], sp)[0].token_ids
+    with llmspeed.Engine(llama, fused_decode=False) as engine:
+        original, calls, user, seen = llama.forward_batch, [0], [], []
+        inside, leave = threading.Event(), threading.Event()
+
+        def user_block():
+            with lora.disabled(llama):
+                inside.set()
+                leave.wait(30)
+
+        def enter_mid_step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] != 3:
+                return original(*args, **kwargs)
+            user.append(threading.Thread(target=user_block))
+            user[0].start()
+            inside.wait(0.5)  # entered at once before the fix; now it waits for this step
+            seen.append(any(layer.disabled for _, layer in lora.lora_layers(llama)))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                leave.set()
+
+        llama.forward_batch = enter_mid_step
+        out = engine.submit(prompt, sp).result(timeout=60)
+        user[0].join(30)
+        assert not user[0].is_alive() and seen == [False]
+        assert out.finish_reason == "length" and out.token_ids[:3] == expected[:3]  # the third: the step in flight's
+        assert not any(layer.disabled for _, layer in lora.lora_layers(llama))
+        assert engine.submit(prompt, sp).result(timeout=60).token_ids == expected
