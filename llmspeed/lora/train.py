@@ -18,6 +18,7 @@ from ..training import FinetuneResult, check_arguments, check_precision, token_s
 from .inject import (
     active_adapter,
     adapter_names,
+    holds_step_lock,
     lora_layers,
     require_adapter,
     set_adapter,
@@ -48,6 +49,7 @@ def _parameters(model: CausalLM, adapter: str | None, full: bool) -> list[torch.
     return trainable_parameters(model, adapter)
 
 
+@holds_step_lock
 def finetune(
     model: CausalLM,
     texts: str | Sequence[str] | torch.Tensor | None = None,
@@ -67,6 +69,10 @@ def finetune(
     precision: str = "fp32",
 ) -> FinetuneResult:
     """Train the active adapter (or ``adapter``) of ``model`` on ``texts``; return the losses and timing.
+
+    Holds the model's :func:`~llmspeed.protocol.step_lock` from its checks to its end, as the other verbs that change
+    adapters do: an Engine serving the model from another thread finishes its step in flight, then waits for the
+    training to end, and serves on with the trained adapter.
 
     Args:
         model: A model carrying at least one adapter (``full=True``: a plain float model).

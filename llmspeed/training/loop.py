@@ -11,16 +11,17 @@ some of its paragraphs repeat in that text, :mod:`llmspeed.eval.text`) is measur
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..protocol import CausalLM, training_modes
+from ..protocol import CausalLM, step_lock, training_modes
 from .amp import MixedPrecision, check_precision
 
 
@@ -185,6 +186,18 @@ def _eval_loss(model: CausalLM, windows: int, seq_len: int) -> float | None:
     return window_losses(model, window=seq_len, n_windows=windows, batch_size=4).mean().item()
 
 
+def _holding_step_lock(fn: Callable[..., FinetuneResult]) -> Callable[..., FinetuneResult]:
+    """Run ``fn(model, ...)`` holding the model's :func:`~llmspeed.protocol.step_lock` (see :func:`train`)."""
+
+    @functools.wraps(fn)
+    def locked(model: CausalLM, *args: Any, **kwargs: Any) -> FinetuneResult:
+        with step_lock(model.module):
+            return fn(model, *args, **kwargs)
+
+    return locked
+
+
+@_holding_step_lock
 def train(
     model: CausalLM,
     params: Sequence[torch.Tensor],
@@ -209,7 +222,10 @@ def train(
     """Train exactly ``params`` of ``model`` on windows of ``data``; every other parameter is frozen meanwhile.
 
     The arguments are those of :func:`llmspeed.finetune` (validated there); ``requires_grad`` flags and
-    the train/eval mode are restored afterwards, also when a step raises.
+    the train/eval mode are restored afterwards, also when a step raises. The run holds the model's
+    :func:`~llmspeed.protocol.step_lock`: an Engine or Generator stepping the model from another thread waits until
+    it ends (its steps would otherwise run in training mode, dropout on, with weights half updated, and set their
+    adapter routing under the training forward).
     """
     options = dict(warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                    eval_windows=eval_windows, seed=seed, gradient_checkpointing=gradient_checkpointing, progress=progress)

@@ -186,3 +186,43 @@ def test_lora_disabled_entered_from_another_thread_mid_step_waits_for_the_step(l
         assert out.finish_reason == "length" and out.token_ids[:3] == expected[:3]  # the third: the step in flight's
         assert not any(layer.disabled for _, layer in lora.lora_layers(llama))
         assert engine.submit(prompt, sp).result(timeout=60).token_ids == expected
+
+
+def test_finetune_called_from_another_thread_mid_step_waits_for_the_step(llama):
+    """Regression: ``lora.finetune`` did not take the model's step lock. Called from another thread while the engine
+    stepped, it read the step's adapter routing and refused ("runs a mixed-adapter batch"), or trained under it; and
+    the engine's steps ran in its training mode, so requests naming an adapter with dropout failed ("mixed-adapter
+    batches are for inference") or sampled from dropped-out deltas. Now training waits for the step in flight, the
+    engine for the training, and both succeed, the engine's tokens exact."""
+    for name in ("a", "b"):
+        lora.add_adapter(llama, name, r=4, alpha=8, dropout=0.3, init="random")
+    lora.set_adapter(llama, None)
+    prompt, sp = [1, 2, 3, 4], SamplingParams(max_new_tokens=10, ignore_eos=True, adapter="b")
+    expected = Generator(llama, progress=False, fused_decode=False).generate_batched([prompt], sp)[0].token_ids
+    data = torch.randint(0, llama.spec.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+    with llmspeed.Engine(llama, fused_decode=False) as engine:
+        original, calls, trainer, results = llama.forward_batch, [0], [], []
+
+        def finetune():
+            try:
+                results.append(lora.finetune(llama, data, steps=2, seq_len=16, batch_size=2, adapter="a", progress=False))
+            except Exception as exc:
+                results.append(exc)
+
+        def train_mid_step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                trainer.append(threading.Thread(target=finetune))
+                trainer[0].start()
+                deadline = time.monotonic() + 1  # before the fix it trained now, or failed at once
+                while not llama.module.training and not results and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            return original(*args, **kwargs)
+
+        llama.forward_batch = train_mid_step
+        out = engine.submit(prompt, sp).result(timeout=60)
+        trainer[0].join(60)
+        assert not trainer[0].is_alive() and len(results) == 1 and not isinstance(results[0], Exception), results
+        assert (out.finish_reason, out.error, out.token_ids) == ("length", None, expected)
+        assert not llama.module.training
+        assert engine.submit(prompt, sp).result(timeout=60).token_ids == expected
