@@ -22,10 +22,12 @@ other tokens.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -239,6 +241,20 @@ def step_lock(root: nn.Module) -> FairRLock:
         if lock is None:
             lock = _STEP_LOCKS[root] = FairRLock()
         return lock
+
+
+def holds_step_lock(verb: Callable) -> Callable:
+    """Run ``verb(model, ...)`` holding the model's :func:`step_lock` (``model``: a wrapper with a ``module``, or the
+    module itself): a Generator or Engine stepping the model from another thread finishes its step first, and starts
+    its next one on what ``verb`` changed, never on half of it (the ``llmspeed.lora`` verbs, training runs)."""
+
+    @functools.wraps(verb)
+    def locked(model, *args, **kwargs):
+        root = getattr(model, "module", model)
+        with step_lock(root) if isinstance(root, nn.Module) else nullcontext():
+            return verb(model, *args, **kwargs)
+
+    return locked
 
 
 @runtime_checkable

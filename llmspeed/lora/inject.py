@@ -8,18 +8,17 @@ the positions it covers) on its root module, which saving and merging read.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 
 from ..model import as_model
-from ..protocol import CausalLM, step_lock
+from ..protocol import CausalLM, holds_step_lock, step_lock
 from .config import ALL_LINEAR, LoraConfig, adapter_dtype
 from .layer import LoraLinear, check_adapter_name
 
@@ -37,19 +36,6 @@ class AdapterInfo:
     positions: tuple[str, ...]
     uid: int = field(default_factory=lambda: next(_UIDS))
 
-
-def holds_step_lock(verb: Callable) -> Callable:
-    """Run ``verb(model, ...)`` holding the model's :func:`~llmspeed.protocol.step_lock`: a Generator or Engine stepping
-    the model from another thread finishes its step first, and starts its next one on the changed adapters, never
-    on half of them (a step that met an adapter deleted under it failed every request of its batch)."""
-
-    @functools.wraps(verb)
-    def locked(model, *args, **kwargs):
-        root = getattr(model, "module", model)
-        with step_lock(root) if isinstance(root, torch.nn.Module) else nullcontext():
-            return verb(model, *args, **kwargs)
-
-    return locked
 
 
 def registry(model: CausalLM) -> dict[str, AdapterInfo]:

@@ -21,14 +21,13 @@ from typing import cast
 import torch
 
 from ..names import folder_path
-from ..protocol import CausalLM
+from ..protocol import CausalLM, holds_step_lock
 from .config import LoraConfig, adapter_dtype
 from .inject import (
     active_adapter,
     adapter_names,
     attach,
     delete_adapter,
-    holds_step_lock,
     registry,
     require_adapter,
     resolve_targets,

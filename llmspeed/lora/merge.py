@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..precision import cpu_matmul
-from ..protocol import CausalLM, is_fake_quantized, is_quantized
+from ..protocol import CausalLM, holds_step_lock, is_fake_quantized, is_quantized
 from ..quant.methods import METHODS
-from .inject import adapter_names, holds_step_lock, lora_layers, registry, require_adapter
+from .inject import adapter_names, lora_layers, registry, require_adapter
 from .layer import LoraLinear
 
 

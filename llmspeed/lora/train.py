@@ -13,12 +13,11 @@ from collections.abc import Sequence
 import torch
 
 from ..model import as_model
-from ..protocol import CausalLM, is_quantized
+from ..protocol import CausalLM, holds_step_lock, is_quantized
 from ..training import FinetuneResult, check_arguments, check_precision, token_stream, train
 from .inject import (
     active_adapter,
     adapter_names,
-    holds_step_lock,
     lora_layers,
     require_adapter,
     set_adapter,

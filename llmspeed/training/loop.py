@@ -11,17 +11,16 @@ some of its paragraphs repeat in that text, :mod:`llmspeed.eval.text`) is measur
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..protocol import CausalLM, step_lock, training_modes
+from ..protocol import CausalLM, holds_step_lock, training_modes
 from .amp import MixedPrecision, check_precision
 
 
@@ -186,18 +185,7 @@ def _eval_loss(model: CausalLM, windows: int, seq_len: int) -> float | None:
     return window_losses(model, window=seq_len, n_windows=windows, batch_size=4).mean().item()
 
 
-def _holding_step_lock(fn: Callable[..., FinetuneResult]) -> Callable[..., FinetuneResult]:
-    """Run ``fn(model, ...)`` holding the model's :func:`~llmspeed.protocol.step_lock` (see :func:`train`)."""
-
-    @functools.wraps(fn)
-    def locked(model: CausalLM, *args: Any, **kwargs: Any) -> FinetuneResult:
-        with step_lock(model.module):
-            return fn(model, *args, **kwargs)
-
-    return locked
-
-
-@_holding_step_lock
+@holds_step_lock
 def train(
     model: CausalLM,
     params: Sequence[torch.Tensor],
