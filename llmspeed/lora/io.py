@@ -52,8 +52,11 @@ def _target_modules(model: CausalLM, positions: tuple[str, ...]) -> list[str]:
     return sorted(positions)
 
 
+@holds_step_lock
 def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
-    """Write adapter ``name`` to folder ``path`` (created if needed) in PEFT's format; return the folder."""
+    """Write adapter ``name`` to folder ``path`` (created if needed) in PEFT's format; return the folder. Holds the model's
+    step lock (:func:`~llmspeed.protocol.step_lock`), so that a step or verb in another thread never hands it a
+    half-changed adapter."""
     from safetensors.torch import save_file
 
     folder = folder_path(path, "path", write=True)

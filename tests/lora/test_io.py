@@ -288,3 +288,21 @@ def test_peft_adapter_on_lm_head_names_save_embedding_layers(tmp_path, llama):
     theirs.save_pretrained(tmp_path / "lora_only", save_embedding_layers=False)
     lora.load_adapter(llama, tmp_path / "lora_only", "theirs")
     assert (logits(llama.hf) - logits(theirs)).abs().max() < 1e-4
+
+
+def test_save_adapter_waits_for_a_step_in_flight(tmp_path, llama):
+    """Regression: ``save_adapter`` took no step lock, so a save from one thread while another changed the adapter
+    (a step's routing, training, a merge) could write a half-changed adapter. It now waits for the lock's holder."""
+    import threading
+
+    from llmspeed.protocol import step_lock
+
+    lora.add_adapter(llama, "a", r=4, alpha=8, init="random")
+    saved = []
+    with step_lock(llama.module):
+        saver = threading.Thread(target=lambda: saved.append(lora.save_adapter(llama, tmp_path / "a", "a")))
+        saver.start()
+        saver.join(0.3)
+        assert saver.is_alive() and not (tmp_path / "a").exists()  # waiting for the holder
+    saver.join(30)
+    assert not saver.is_alive() and (saved[0] / "adapter_model.safetensors").exists()
