@@ -22,6 +22,7 @@ from ..protocol import CausalLM, holds_step_lock, step_lock
 from .config import ALL_LINEAR, LoraConfig, adapter_dtype
 from .layer import LoraLinear, check_adapter_name
 
+_DISABLED = "_llmspeed_lora_disabled"  # (open lora.disabled blocks, flags before the first)
 _REGISTRY = "_llmspeed_lora"
 _UIDS = itertools.count()  # AdapterInfo.uid
 
@@ -285,20 +286,30 @@ def disabled(model: CausalLM) -> Iterator[CausalLM]:
     serving the model steps on inside it, its requests that name no adapter running the base): a step in flight in
     another thread finishes on the adapters it started with, never on some layers disabled and others not."""
     lock = step_lock(model.module)
+    state = model.module.__dict__
     with lock:
         layers = [layer for _, layer in lora_layers(model)]
         merged = sorted({n for layer in layers for n in layer.merged})
         if merged:
             raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them to disable them")
-        previous = [layer.disabled for layer in layers]
+        # blocks open on the model (threads may leave them in any order): the flags before the first, put back
+        # when the last one leaves
+        count, before = state.get(_DISABLED, (0, {}))
         for layer in layers:
+            before.setdefault(layer, layer.disabled)
             layer.disabled = True
+        state[_DISABLED] = (count + 1, before)
     try:
         yield model
     finally:
         with lock:
-            for layer, old in zip(layers, previous):
-                layer.disabled = old
+            count, before = state[_DISABLED]
+            if count > 1:
+                state[_DISABLED] = (count - 1, before)
+            else:
+                del state[_DISABLED]
+                for layer, old in before.items():
+                    layer.disabled = old
 
 
 @holds_step_lock

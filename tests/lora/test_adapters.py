@@ -143,3 +143,20 @@ def test_real_quantized_base_zero_init_and_gradients(llama, method):
     layer(x).sum().backward()
     assert x.grad is not None and layer.lora_B["a"].weight.grad is not None
     assert all(not t.requires_grad for t in (*layer.base_layer.parameters(), *layer.base_layer.buffers()))
+
+
+def test_lora_disabled_blocks_left_out_of_order_restore_the_flags_when_the_last_leaves(llama):
+    """Regression: each ``lora.disabled`` block put back the flags it saw on entering, so two blocks (two threads)
+    left in the order A, B ran B's rest with the adapters enabled, and left them disabled for good."""
+    lora.add_adapter(llama, "a", r=4, alpha=8, init="random")
+    flags = lambda: {layer.disabled for _, layer in lora.lora_layers(llama)}  # noqa: E731
+    first, second = lora.disabled(llama), lora.disabled(llama)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert flags() == {True}  # the second block is still open
+    second.__exit__(None, None, None)
+    assert flags() == {False}
+    with lora.disabled(llama), lora.disabled(llama):  # nested in one thread, as before
+        assert flags() == {True}
+    assert flags() == {False}
