@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 import weakref
 from functools import lru_cache
 from typing import Any
@@ -15,18 +16,22 @@ from . import fused_lora
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_ASSIGNED = [0]  # child modules assigned anywhere in this process since the hook below was installed
+_ASSIGNED = [0]  # child modules, parameters and buffers assigned anywhere in this process since the hooks below
 
 
-def _count_assignment(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+def _count_assignment(parent: nn.Module, name: str, child: object) -> None:
     _ASSIGNED[0] += 1
 
 
 @lru_cache(maxsize=1)
 def _watch_assignments() -> None:
-    """Count every child module assignment in the process (``setattr``, ``add_module``, ``ModuleList[i] =``):
-    a global torch hook, installed once, that :meth:`Snapshot.valid` reads."""
-    nn.modules.module.register_module_module_registration_hook(_count_assignment)
+    """Count every child module, parameter and buffer assignment in the process (``setattr``, ``add_module``,
+    ``ModuleList[i] =``, ``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``): global torch
+    hooks, installed once, that :meth:`Snapshot.valid` reads."""
+    hooks = nn.modules.module
+    for register in (hooks.register_module_module_registration_hook, hooks.register_module_parameter_registration_hook,
+                     hooks.register_module_buffer_registration_hook):  # fmt: skip
+        register(_count_assignment)
 
 
 QUANT_FORMATS = ("int8", "int4", "nf4")
@@ -223,11 +228,12 @@ class Snapshot:
     stacked at (checked in the extension with the pointers; an adapter no row reads is checked when one does).
 
     The modules are checked in place (each parent's ``_modules[name]`` is still the child read, the
-    decoder layers' list included) only when a module was assigned somewhere in the process since the
-    last check (a global registration hook counts them) or one of the parents gained or lost a child
-    (``del``, ``ModuleList.insert``): walking some 400 children that each step's weight reads had pushed out
-    of the cache was a visible part of a small model's step. Writing ``_modules`` directly, bypassing both,
-    goes unseen.
+    decoder layers' list included, and each module read still holds the same parameter and buffer objects:
+    a replaced parameter's old tensor keeps its pointer) only when a module, parameter or buffer was assigned
+    somewhere in the process since the last check (global registration hooks count them) or one of the
+    parents gained or lost a child (``del``, ``ModuleList.insert``): walking some 400 children that each
+    step's weight reads had pushed out of the cache was a visible part of a small model's step. Writing
+    ``_modules``, ``_parameters`` or ``_buffers`` directly, or deleting a parameter, goes unseen.
 
     The tensor lists are handed to the extension once (``hold``) and each step passes the handle: converting
     some 900 Python tensors per call cost about 0.3 ms of a 13 ms step, and checking every source's pointer
@@ -248,6 +254,7 @@ class Snapshot:
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.copied: list[torch.Tensor] = []  # sources the step reads as fp32 copies (:meth:`_f32`)
         self.weights: list[torch.Tensor] = []
+        holders: list[nn.Module] = [body.norm, hf.lm_head]  # the modules whose parameters and buffers the step reads
         flags: list[int] = []  # per matrix (layer by layer, _MATRICES order), then the head: _flags
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -261,15 +268,20 @@ class Snapshot:
                 checks.append((owner, name, module))
                 if fused_lora.is_lora(module):
                     checks.append((module, "base_layer", module.base_layer))
+                    checks += [(d, n, m) for d in (module.lora_A, module.lora_B) for n, m in d._modules.items()]
+                    holders += [*module.lora_A.values(), *module.lora_B.values()]
                     module = module.base_layer
+                holders.append(module)
                 parts[name] = self._read(module)
                 flags.append(_flags(module))
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
+            holders += [layer.input_layernorm, layer.post_attention_layernorm]
             for name in ("q_norm", "k_norm"):
                 if hasattr(attn, name):
                     checks.append((attn, name, getattr(attn, name)))
+                    holders.append(getattr(attn, name))
             extra = [t for t in biases + qk_norms if t is not None]
             self.sources += [ln1, ln2] + extra
             # the layout decode_cpu.cpp expects (PER_LAYER tensors)
@@ -284,10 +296,13 @@ class Snapshot:
         self.num_heads = hf.config.get_text_config().num_attention_heads
         self.eps = _eps(body.norm)
         self.scaling = float(body.layers[0].self_attn.scaling)
-        owners, names, children = zip(*checks)
-        # nn.Module keeps its children dict for life (assigning, deleting or replacing a child edits it)
-        self._dicts, self._names, self._children = [o._modules for o in owners], list(names), list(children)
-        self._parents = list({id(d): d for d in self._dicts}.values())
+        # nn.Module keeps its children, parameter and buffer dicts for life (assigning, deleting or replacing edits them)
+        triples = [(o._modules, n, c) for o, n, c in checks]
+        # parents whose sizes are checked every step (a del runs no hook); the tensors' dicts are not (cost)
+        self._parents = list({id(d): d for d, _, _ in triples}.values())
+        triples += [(d, n, t) for m in holders for d in (m._parameters, m._buffers) for n, t in d.items()]
+        dicts, names, children = zip(*triples)
+        self._dicts, self._names, self._children = list(dicts), list(names), list(children)
         self._sizes = list(map(len, self._parents))
         self.ext = ext
         # the copies' sources are versioned like an adapter slot of their own, after the adapters', checked every step
@@ -345,9 +360,9 @@ class Snapshot:
         """Whether the snapshot still describes the model, for a step whose rows run adapters ``names``
         (``None``: check every adapter's tensors)."""
         if _ASSIGNED[0] != self.assigned or list(map(len, self._parents)) != self._sizes:
-            # every check is (parent, child name, child): the parent's _modules[name] is still that child
-            # (list equality compares items by identity first, and modules do not define __eq__)
-            if list(map(dict.get, self._dicts, self._names)) != self._children:
+            # every check is (dict, name, object): a parent's _modules[name] is still that child, a module's
+            # _parameters[name] or _buffers[name] still that tensor (compared by identity: tensors' == is elementwise)
+            if any(map(operator.is_not, map(dict.get, self._dicts, self._names), self._children)):
                 return False
             self.assigned, self._sizes = _ASSIGNED[0], list(map(len, self._parents))
         # every source's data pointer and dtype, and the versions of the adapters read (trained in place: restack)

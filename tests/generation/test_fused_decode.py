@@ -675,6 +675,30 @@ def test_weights_swapped_in_place_restack_and_dropped_snapshots_release_their_ho
 
 
 
+def test_parameters_and_buffers_replaced_by_new_tensors_are_followed():
+    """Regression: the snapshot held the replaced tensor, whose pointer never changes, so after
+    ``module.weight = nn.Parameter(...)`` or ``load_state_dict(assign=True)`` the step kept the old weights."""
+    model, gen, decode, fused, step, before = _stepped_once()
+    o_proj = model.hf.model.layers[0].self_attn.o_proj
+    o_proj.weight = nn.Parameter(o_proj.weight.detach() * 3)
+    ref = _generic_logits(model, gen, decode)
+    assert not torch.allclose(before, ref)
+    assert (fused.run(step) - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    model.hf.load_state_dict(llmspeed.models.tiny("llama", seed=3).hf.state_dict(), assign=True)
+    ref = _generic_logits(model, gen, decode)
+    assert (fused.run(step) - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    # a quantized linear's buffer assigned anew
+    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int8")
+    gen, decode = _prefilled(model, [5, 12])
+    fused = fused_decode.FusedDecode(model, gen.cache)
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    fused.run(step)
+    down = model.hf.model.layers[1].mlp.down_proj
+    down.scales = down.scales * 3
+    ref = _generic_logits(model, gen, decode)
+    assert (fused.run(step) - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("architecture, tensor", [("llama", "norm"), ("llama", "input_layernorm"),
                                                   ("qwen2", "q_proj.bias"), ("qwen3", "k_norm")])  # fmt: skip
 def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architecture, tensor):
