@@ -253,6 +253,7 @@ class Snapshot:
         checks += [(body.layers, name, layer) for name, layer in body.layers._modules.items()]
         self.sources: list[torch.Tensor] = [body.norm.weight]
         self.copied: list[torch.Tensor] = []  # sources the step reads as fp32 copies (:meth:`_f32`)
+        self.mirrors: list[torch.Tensor] = []  # (16-bit source, its fp32 copy) pairs, flat: compared value by value
         self.weights: list[torch.Tensor] = []
         holders: list[nn.Module] = [body.norm, hf.lm_head]  # the modules whose parameters and buffers the step reads
         flags: list[int] = []  # per matrix (layer by layer, _MATRICES order), then the head: _flags
@@ -309,7 +310,7 @@ class Snapshot:
         self.copies_slot = len(self.slots)
         versioned = self.lora_weights + self.copied
         self.handle = ext.hold(self.weights, self.lm_head, self.lora, self.sources, versioned,
-                               self.slot_ends + [len(versioned)])  # fmt: skip
+                               self.slot_ends + [len(versioned)], self.mirrors)  # fmt: skip
         weakref.finalize(self, ext.release, self.handle)
 
     def _stack_adapters(self, body: Any) -> None:
@@ -339,10 +340,15 @@ class Snapshot:
     def _f32(self, t: torch.Tensor | None) -> torch.Tensor:
         """``t`` as the fp32 tensor the step reads (:func:`_f32`); where that is a copy (a bf16 model's norms and
         biases), ``t`` joins :attr:`copied`, whose versions :meth:`valid` checks: an in-place change of ``t``
-        (training, ``load_state_dict``) leaves its pointer as it was, and the copy would go stale."""
+        (training, ``load_state_dict``) leaves its pointer as it was, and the copy would go stale. A contiguous bf16 or
+        fp16 ``t`` also joins :attr:`mirrors`, compared with its copy value by value before each step: a write through
+        ``t.data`` (``param.data.copy_(new)``) changes neither its pointer nor its version."""
         out = _f32(t)
-        if t is not None and out.data_ptr() != t.data_ptr() and not t.is_inference():  # inference tensors: no versions
-            self.copied.append(t)
+        if t is not None and out.data_ptr() != t.data_ptr():
+            if not t.is_inference():  # inference tensors: no versions
+                self.copied.append(t)
+            if t.dtype in (torch.bfloat16, torch.float16) and t.is_contiguous():
+                self.mirrors += [t, out]
         return out
 
     def _read(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

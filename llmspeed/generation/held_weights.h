@@ -18,6 +18,7 @@ namespace {
 // the model tensors they were read from: a moved or cast parameter shows up as a changed pointer or dtype.
 struct Held {
   std::vector<at::Tensor> weights, lm_head, lora, sources, versioned;
+  std::vector<at::Tensor> mirrors;  // (16-bit source, its fp32 copy) pairs, flat: compared value by value
   std::vector<std::pair<const void*, at::ScalarType>> layout;  // of sources, when held
   std::vector<int64_t> versions;  // of versioned, when held
   std::vector<int64_t> slot_ends;  // versioned is slot by slot: slot s's tensors end at slot_ends[s]
@@ -38,10 +39,18 @@ std::shared_ptr<const Held> held(int64_t handle) {
 
 // Hold a snapshot's tensors (weights: PER_LAYER per layer; lm_head: weight, scale, zero; lora: empty or 14
 // per layer; sources: the model tensors to watch; versioned: the tensors the lora stacks were copied from, whose
-// in-place changes must be seen, slot by slot, slot s's ending at slot_ends[s]); returns the handle decode_step
-// takes.
+// in-place changes must be seen, slot by slot, slot s's ending at slot_ends[s]; mirrors: pairs of a contiguous bf16
+// or fp16 model tensor and the fp32 copy of it the step reads, flat); returns the handle decode_step takes.
 int64_t hold(std::vector<at::Tensor> weights, std::vector<at::Tensor> lm_head, std::vector<at::Tensor> lora,
-             std::vector<at::Tensor> sources, std::vector<at::Tensor> versioned, std::vector<int64_t> slot_ends) {
+             std::vector<at::Tensor> sources, std::vector<at::Tensor> versioned, std::vector<int64_t> slot_ends,
+             std::vector<at::Tensor> mirrors) {
+  TORCH_CHECK(mirrors.size() % 2 == 0, "fused decode: mirrors must be (source, copy) pairs");
+  for (size_t i = 0; i < mirrors.size(); i += 2) {
+    const at::Tensor &src = mirrors[i], &copy = mirrors[i + 1];
+    TORCH_CHECK((src.scalar_type() == at::kBFloat16 || src.scalar_type() == at::kHalf) && src.is_contiguous() &&
+                    copy.scalar_type() == at::kFloat && copy.is_contiguous() && copy.numel() == src.numel(),
+                "fused decode: a mirror must be a contiguous bf16/fp16 tensor and its contiguous fp32 copy");
+  }
   int64_t last = 0;
   for (int64_t end : slot_ends) {
     TORCH_CHECK(end >= last, "fused decode: slot_ends must not decrease");
@@ -58,6 +67,7 @@ int64_t hold(std::vector<at::Tensor> weights, std::vector<at::Tensor> lm_head, s
   set->lm_head = std::move(lm_head);
   set->lora = std::move(lora);
   set->sources = std::move(sources);
+  set->mirrors = std::move(mirrors);
   std::lock_guard<std::mutex> lock(held_mutex);
   held_sets.emplace(next_handle, std::move(set));
   return next_handle++;
@@ -69,11 +79,45 @@ void release(int64_t handle) {
   held_sets.erase(handle);
 }
 
+// Whether each 16-bit source of a mirror pair still holds the values of its fp32 copy (exact: both widen exactly).
+// A write through .data (param.data.copy_(...), param.data.mul_(...)) changes neither its pointer nor its
+// version; these are a model's norms and biases, some 35 thousand values for a 135M model.
+template <typename T>
+bool same_values(const at::Tensor& src, const at::Tensor& copy) {
+  const T* s = src.const_data_ptr<T>();
+  const float* c = copy.const_data_ptr<float>();
+  bool same = true;
+  for (int64_t i = 0, n = src.numel(); i < n; ++i) {
+    const float v = static_cast<float>(s[i]);
+    same &= v == c[i] || (v != v && c[i] != c[i]);  // NaN where the copy has NaN
+  }
+  return same;
+}
+
+// bf16 widens to fp32 by a shift: compare the bits (NaNs included), in a loop the compiler vectorizes
+template <>
+bool same_values<at::BFloat16>(const at::Tensor& src, const at::Tensor& copy) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src.const_data_ptr<at::BFloat16>());
+  const uint32_t* c = reinterpret_cast<const uint32_t*>(copy.const_data_ptr<float>());
+  uint32_t differ = 0;
+  for (int64_t i = 0, n = src.numel(); i < n; ++i) differ |= (static_cast<uint32_t>(s[i]) << 16) ^ c[i];
+  return differ == 0;
+}
+
+bool mirrors_current(const Held& set) {
+  for (size_t i = 0; i < set.mirrors.size(); i += 2) {
+    const at::Tensor &src = set.mirrors[i], &copy = set.mirrors[i + 1];
+    if (!(src.scalar_type() == at::kBFloat16 ? same_values<at::BFloat16>(src, copy) : same_values<at::Half>(src, copy)))
+      return false;
+  }
+  return true;
+}
+
 // Whether every watched model tensor still has the data pointer and dtype it had when held, and every versioned
 // tensor of the adapter slots a step reads (slots) its version: a few hundred LoRA tensors an adapter, read here
 // in one loop, where the CPU overlaps their cache misses, instead of one Python attribute read each after the
 // step's weights have pushed them out of the cache. Slots no row reads are not checked: their stacks may be
-// stale until a step reads them, and that step sees it.
+// stale until a step reads them, and that step sees it. Then whether the mirrors' sources hold their copies' values.
 bool held_current(int64_t handle, std::vector<int64_t> slots) {
   const auto set = held(handle);
   const int64_t S = set->slot_ends.size();
@@ -88,5 +132,5 @@ bool held_current(int64_t handle, std::vector<int64_t> slots) {
     const at::Tensor& t = set->sources[i];
     if (t.const_data_ptr() != set->layout[i].first || t.scalar_type() != set->layout[i].second) return false;
   }
-  return true;
+  return mirrors_current(*set);  // after the pointers: a moved or cast source is not read
 }

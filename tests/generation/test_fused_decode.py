@@ -701,9 +701,11 @@ def test_parameters_and_buffers_replaced_by_new_tensors_are_followed():
 
 @pytest.mark.parametrize("architecture, tensor", [("llama", "norm"), ("llama", "input_layernorm"),
                                                   ("qwen2", "q_proj.bias"), ("qwen3", "k_norm")])  # fmt: skip
-def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architecture, tensor):
+@pytest.mark.parametrize("through_data", [False, True], ids=["in-place", "through-data"])
+def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architecture, tensor, through_data):
     """A bf16 model's norms and biases are read as fp32 copies; an in-place change (training, ``load_state_dict``)
-    keeps their pointers, so the copies' versions are checked too. Regression: the step kept the old values."""
+    keeps their pointers, so the copies' versions are checked too, and a write through ``.data`` (which keeps the
+    version too) is seen by comparing the values. Regression: the step kept the old values."""
     model = llmspeed.models.tiny(architecture, seed=1, dtype=torch.bfloat16)
     gen, decode = _prefilled(model, [3, 9, 17])
     fused = fused_decode.FusedDecode(model, gen.cache)
@@ -714,7 +716,7 @@ def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architectu
     weight = {"norm": body.norm.weight, "input_layernorm": body.layers[0].input_layernorm.weight,
               "q_proj.bias": getattr(attn.q_proj, "bias", None), "k_norm": getattr(getattr(attn, "k_norm", None), "weight", None)}[tensor]  # fmt: skip
     with torch.no_grad():
-        weight.mul_(3).add_(0.5)
+        (weight.data if through_data else weight).mul_(3).add_(0.5)
     after = fused.run(step)
     ref = _generic_logits(model, gen, decode)
     assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.bfloat16]
