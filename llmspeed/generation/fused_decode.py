@@ -131,8 +131,10 @@ class FusedDecode:
         self._rope: RopeTable | None = None
 
     def follow_dtype(self) -> None:
-        """Set :attr:`upcast_bf16` for the model's dtype as it is now (after :func:`llmspeed.cast` changed it)."""
-        self.upcast_bf16 = self.model.spec.dtype == torch.bfloat16 and cpu_matmul.crossover(torch.bfloat16) is not None
+        """Set :attr:`upcast_bf16` for the model's dtype as it is now (after :func:`llmspeed.cast` changed it), and
+        :attr:`dtype` to that dtype."""
+        self.dtype = self.model.spec.dtype
+        self.upcast_bf16 = self.dtype == torch.bfloat16 and cpu_matmul.crossover(torch.bfloat16) is not None
 
     def _rotary(self, rotary: nn.Module, positions: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos/sin rows ``[n, D]`` of ``positions``: from a table where ``rotary`` allows one, else computed."""

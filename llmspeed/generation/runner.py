@@ -197,15 +197,17 @@ class ModelRunner:
             return self._run(step)
 
     def follow_model_dtype(self) -> None:
-        """With ``kv_cache_dtype="auto"``, after the model's dtype changed (:func:`llmspeed.cast`, ``.to``): convert the
-        cache to it (running requests' keys and values rounded to it), as a fresh generator's cache would be, and set
-        up again what was chosen for the old dtype: the attention kernels, the fused step's bf16 widening, and the CUDA
-        graphs (captured on the old cache tensors)."""
+        """After the model's dtype changed (:func:`llmspeed.cast`, ``.to``): set the fused step's bf16 widening for it
+        and, with ``kv_cache_dtype="auto"``, convert the cache to it (running requests' keys and values rounded to it),
+        as a fresh generator's cache would be, and set up again what was chosen for the old cache dtype: the attention
+        kernels and the CUDA graphs (captured on the old cache tensors)."""
         spec = self.model.spec
         if spec.device != self.cache.key.device:  # its cache, graphs and kernels were made for the old device
             raise RuntimeError(f"the model moved to {spec.device} after this generator was made (its KV cache is on "
                                f"{self.cache.key.device}): make a new Generator (or Engine) for it there")  # fmt: skip
         dtype = spec.dtype
+        if self.fused is not None and self.fused.dtype != dtype:  # whatever the cache's dtype (regression: only "auto")
+            self.fused.follow_dtype()
         if not self.auto_dtype or dtype == self.cache.key.dtype:
             return
         self.cache.key, self.cache.value = self.cache.key.to(dtype), self.cache.value.to(dtype)
@@ -215,8 +217,6 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(self.model, self.cache, pad_block=self.graphs.pad_block,
                                        max_batch=self.graphs.max_batch, decode_kernel=self.decode_kernel)  # fmt: skip
-        if self.fused is not None:
-            self.fused.follow_dtype()
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
                      adapters: list[str | None] | None) -> Any:

@@ -378,6 +378,23 @@ def test_bf16_prompt_matrices_widened_to_fp32_compute_the_fp32_product_of_the_bf
     assert err[True] < 1e-4 and err[False] > 10 * err[True], err  # rotary rows of a bf16 model are bf16 in both
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp32"])
+def test_bf16_widening_follows_a_cast_whatever_the_caches_dtype(kv_cache_dtype, monkeypatch):
+    """Regression: the fused step's bf16 widening was set again after a cast only when the cache followed the model's
+    dtype (``"auto"``), so with an explicit cache dtype a generator built in fp32 kept it off after a bf16 cast."""
+    from llmspeed.precision import cpu_matmul
+
+    monkeypatch.setattr(cpu_matmul, "crossover", lambda dtype: 8)  # a CPU whose native bf16 GEMM is slow
+    model = llmspeed.models.tiny("llama", seed=0)
+    gen = Generator(model, progress=False, kv_cache_dtype=kv_cache_dtype)
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    gen.generate_batched([[1, 2, 3]], sp)
+    assert gen.runner.fused.upcast_bf16 is False
+    llmspeed.cast(model, "bf16")
+    gen.generate_batched([[1, 2, 3]], sp)
+    assert gen.runner.fused.upcast_bf16 is True
+
+
 def test_mixed_steps_split_rows_of_unequal_length_over_threads(monkeypatch):
     """Two threads share out a prompt chunk's rows by their positions (rows further down the chunk see more):
     the same logits as one thread."""
