@@ -253,6 +253,18 @@ class Generator:
         self._weights = key
         return key
 
+    def weights_changed(self) -> None:
+        """Say that the model's weights changed in a way the generator cannot see: writes through ``tensor.data``
+        (``w.data.copy_(new)``), which change neither a tensor's storage nor its version. Drops what was computed from
+        the old values (the prefix cache's unused blocks, the fused CPU step's fp32 copies, LoRA stacks and rotary
+        tables); the next step reads the model again, while running requests keep their keys and values. Every other
+        change (in place under ``torch.no_grad()``, ``load_state_dict``, ``cast``, ``quantize``, the ``lora`` verbs,
+        training) is seen without it. Callable from any thread: it waits for a step in flight (the model's step lock)."""
+        with step_lock(self.model.module):
+            self.blocks.reset_prefix_cache()
+            if self.runner.fused is not None:
+                self.runner.fused.forget()
+
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
         """Queue one request; return its id. A request that can never run ends with ``"error"``, as does one
         that gives stop strings to a model without a tokenizer (there is no text to find them in).

@@ -130,6 +130,12 @@ class FusedDecode:
         self._snapshot: Snapshot | None = None
         self._rope: RopeTable | None = None
 
+    def forget(self) -> None:
+        """Drop the snapshot (its fp32 copies and LoRA stacks) and the rotary table: the next step reads the model
+        again (:meth:`~llmspeed.generation.Generator.weights_changed`)."""
+        self._snapshot = None
+        self._rope = None
+
     def follow_dtype(self) -> None:
         """Set :attr:`upcast_bf16` for the model's dtype as it is now (after :func:`llmspeed.cast` changed it), and
         :attr:`dtype` to that dtype."""

@@ -59,3 +59,21 @@ def test_prefix_blocks_of_an_adapter_trained_in_place_are_not_reused(llama, fuse
     after = gen.generate_batched([prompt], sp)[0].token_ids
     assert after == _fresh(llama, prompt, adapter, fused, n=6).token_ids != before
     assert gen.generate_batched([prompt], sp)[0].metrics.cached_tokens > 0  # unchanged weights: reused again
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_weights_changed_after_writes_through_data_gives_a_fresh_generators_tokens(llama, fused):
+    """Regression: writes through ``tensor.data`` bump no version, and the docs' remedy,
+    ``generator.blocks.reset_prefix_cache()``, left the fused CPU step's LoRA stacks (and a 16-bit model's norms'
+    copies before they were compared by value) on the old values. ``Generator.weights_changed()`` drops them."""
+    _random_adapter(llama, "a", 1)
+    gen = Generator(llama, progress=False, fused_decode=fused, prefix_caching=True, block_size=4)
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True, adapter="a")
+    prompt = list(range(1, 30))
+    before = gen.generate_batched([prompt], sp)[0].token_ids
+    for _, layer in lora.lora_layers(llama):
+        layer.weight_b("a").data.mul_(3.0)  # no version bump
+    llama.hf.model.norm.weight.data.mul_(1.5)
+    gen.weights_changed()
+    after = gen.generate_batched([prompt], sp)[0].token_ids
+    assert after == _fresh(llama, prompt, "a", fused, n=6).token_ids != before
