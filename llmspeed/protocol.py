@@ -231,8 +231,8 @@ def step_lock(root: nn.Module) -> FairRLock:
     A step sets state on the model for its own duration: which adapter each token takes (LoRA routing), the
     attention implementation in the model's config. Two generators or engines on one model, stepping from their
     own threads, would otherwise run with each other's settings (another request's adapter, a config left
-    switched). The ``llmspeed.lora`` verbs that change adapters (add, load, delete, set, merge, unmerge) take it too, so
-    a step never meets them half done. Re-entrant, so a step may call ``forward_batch``, which takes it too; handed
+    switched). The ``llmspeed.lora`` verbs that change adapters (add, load, delete, set, merge, unmerge, train) take it
+    too, as do ``cast``, ``quantize``, ``qat.prepare`` / ``convert`` and ``finetune``, so a step never meets them half done. Re-entrant, so a step may call ``forward_batch``, which takes it too; handed
     out first come, first served (:class:`FairRLock`); one per module, whichever wrapper reaches it, and dropped
     with the module.
     """

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..model import as_model
 from ..names import CANONICAL_DTYPES, DTYPE_ALIASES, dtype_name
-from ..protocol import CausalLM, is_fake_quantized, is_quantized
+from ..protocol import CausalLM, holds_step_lock, is_fake_quantized, is_quantized
 from . import cpu_matmul as cpu_matmul_module
 
 # every spelling cast accepts (llmspeed.names normalises them for every verb)
@@ -101,6 +101,7 @@ def _layers(names: list[str]) -> str:
     return "1 layer" if len(names) == 1 else f"{len(names)} layers"
 
 
+@holds_step_lock
 def cast(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto") -> CausalLM:
     """Cast ``model`` in place to ``dtype`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and return it.
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..model import as_model
 from ..names import format_name
-from ..protocol import CausalLM, is_quantized
+from ..protocol import CausalLM, holds_step_lock, is_quantized
 from ..quant import primitives as P
 from ..quant.api import check_materialized, check_method_options, plan_layers
 from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
@@ -88,6 +88,7 @@ def _gptq_start(model: CausalLM, plan: dict[str, QuantConfig], calibration: Any,
     return built
 
 
+@holds_step_lock
 def prepare(
     model: CausalLM,
     fmt: str,
@@ -201,6 +202,7 @@ def convert_layer(layer: FakeQuantLinear) -> QuantizedLinearBase:
     return module.to(layer.weight.device)
 
 
+@holds_step_lock
 def convert(model: CausalLM) -> CausalLM:
     """Replace every :class:`FakeQuantLinear` with the packed ``Int4Linear``/``Int8Linear`` it trained for.
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..model import as_model
 from ..names import format_name
-from ..protocol import CausalLM, base_linear, is_fake_quantized, is_quantized
+from ..protocol import CausalLM, base_linear, holds_step_lock, is_fake_quantized, is_quantized
 from .config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from .embedding import share_tied_embedding, tied_head, unshareable
 from .hadamard import check_rotatable, rotate, rotated_inputs
@@ -207,6 +207,7 @@ def _check_named_kernel(module: QuantizedLinearBase, weight) -> None:
         )
 
 
+@holds_step_lock
 def quantize(
     model: CausalLM,
     fmt: str,

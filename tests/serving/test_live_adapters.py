@@ -226,3 +226,25 @@ def test_finetune_called_from_another_thread_mid_step_waits_for_the_step(llama):
         assert (out.finish_reason, out.error, out.token_ids) == ("length", None, expected)
         assert not llama.module.training
         assert engine.submit(prompt, sp).result(timeout=60).token_ids == expected
+
+
+@pytest.mark.parametrize("verb", ["cast", "quantize", "qat.prepare", "qat.convert"])
+def test_model_verbs_wait_for_a_step_in_flight(llama, verb):
+    """Regression: ``cast``, ``quantize`` and ``qat.prepare`` / ``convert`` took no step lock, so called from another
+    thread while an Engine stepped the model they swapped or cast its weights under the forward in flight (a cast
+    between a step and its greedy burst ran the burst on a cache of the old dtype). They now wait for the step."""
+    if verb == "qat.convert":
+        llmspeed.qat.prepare(llama, "int4", group_size=32)
+    run = {"cast": lambda: llmspeed.cast(llama, "bf16"), "quantize": lambda: llmspeed.quantize(llama, "int8"),
+           "qat.prepare": lambda: llmspeed.qat.prepare(llama, "int4", group_size=32),
+           "qat.convert": lambda: llmspeed.qat.convert(llama)}[verb]  # fmt: skip
+    before = {n: type(m) for n, m in llama.module.named_modules()}, llama.spec.dtype
+    with step_lock(llama.module):
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive()  # waiting for the step
+        assert ({n: type(m) for n, m in llama.module.named_modules()}, llama.spec.dtype) == before
+    worker.join(60)
+    assert not worker.is_alive()
+    assert ({n: type(m) for n, m in llama.module.named_modules()}, llama.spec.dtype) != before
