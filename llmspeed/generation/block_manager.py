@@ -79,7 +79,8 @@ class BlockManager:
 
     @property
     def hit_rate(self) -> float:
-        """Share of looked-up prompt tokens served from the prefix cache."""
+        """Share of the tokens looked up at admission served from the prefix cache: prompts, and a preempted request's
+        prompt and output so far when it is admitted again (its blocks, freed, are often still cached)."""
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
     def owners(self, block: int) -> frozenset[int]:

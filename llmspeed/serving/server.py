@@ -201,7 +201,7 @@ class OpenAIServer:
             ("requests_waiting", "gauge", "Requests waiting for admission", m["requests_waiting"]),
             ("kv_blocks_used", "gauge", "KV-cache blocks held by requests", m["kv_blocks_used"]),
             ("kv_blocks_free", "gauge", "KV-cache blocks free or evictable", m["kv_blocks_free"]),
-            ("prefix_cache_hit_rate", "gauge", "Share of prompt tokens served from the prefix cache", m["prefix_cache_hit_rate"]),
+            ("prefix_cache_hit_rate", "gauge", "Share of tokens looked up at admission (prompts; a preempted request's tokens again) served from the prefix cache", m["prefix_cache_hit_rate"]),
             ("generation_tokens_total", "counter", "Tokens generated", m["tokens_generated"]),
             ("requests_finished_total", "counter", "Requests that ended", m["requests_finished"]),
         ]:
