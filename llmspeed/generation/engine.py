@@ -27,13 +27,13 @@ from ..protocol import CausalLM, step_lock
 from .block_manager import BlockManager
 from .context_limits import context_limit
 from .detokenizer import Detokenizer
-from .kv_cache import cache_dtype, weights_key
-from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent, paths_since
+from .generator_args import check_arguments
+from .kv_cache import weights_key
+from .outputs import GenerationOutput, RunStats, StreamEvent, paths_since
 from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, is_token_id, prompt_ids, prompt_list
 from .request_adapters import adapter_error, adapter_key, follow
 from .runner import ModelRunner, StepInput
 from .sampling import (
-    RowContext,
     SamplingParams,
     coerce,
     is_int,
@@ -125,44 +125,15 @@ class Generator:
         kv_cache_dtype: str | torch.dtype = "auto",
         num_scheduler_steps: int = 1,
     ):
-        if not all(hasattr(model, a) for a in ("spec", "module", "forward_batch")):
-            raise TypeError(
-                f"model must be an llmspeed.Model (llmspeed.wrap(hf_model, tokenizer), llmspeed.models.smollm2()) or "
-                f"implement llmspeed.protocol.CausalLM; got {type(model).__name__}"
-            )
-        if isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int) or num_scheduler_steps < 1:
-            raise ValueError(f"num_scheduler_steps must be an int >= 1; got {num_scheduler_steps!r}")
-        self.num_scheduler_steps = num_scheduler_steps
-        for name, value in (("kv_cache_tokens", kv_cache_tokens), ("kv_cache_bytes", kv_cache_bytes)):
-            if value is not None and not is_int(value):
-                raise ValueError(f"{name} must be None or an int; got {value!r}")
-        for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens), ("max_seqs", max_seqs)):
-            if not is_int(value):
-                raise ValueError(f"{name} must be an int; got {value!r}")
-        eos = tuple(eos_token_ids) if hasattr(eos_token_ids, "__iter__") else None  # type: ignore[arg-type]
-        if eos_token_ids is not None and (eos is None or not all(is_int(t) and t >= 0 for t in eos)):
-            raise ValueError(f"eos_token_ids must be None or a list of token ids >= 0; got {eos_token_ids!r}")
+        kv_cache_tokens, eos = check_arguments(
+            model, kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
+            max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, eos_token_ids=eos_token_ids,
+            kv_cache_dtype=kv_cache_dtype, num_scheduler_steps=num_scheduler_steps,
+            flags={"prefix_caching": prefix_caching, "chat_template": chat_template, "progress": progress,
+                   "cuda_graphs": cuda_graphs},
+        )  # fmt: skip
         spec = model.spec
-        cache_bytes_per_token = spec.kv_bytes_per_token_at(cache_dtype(spec, kv_cache_dtype))
-        if kv_cache_tokens is not None and kv_cache_bytes is not None:
-            raise ValueError("give kv_cache_tokens or kv_cache_bytes, not both")
-        if kv_cache_bytes is not None:
-            if kv_cache_bytes < cache_bytes_per_token * block_size:
-                raise ValueError(
-                    f"kv_cache_bytes must hold at least one block ({cache_bytes_per_token * block_size} bytes); "
-                    f"got {kv_cache_bytes}"
-                )
-            kv_cache_tokens = kv_cache_bytes // cache_bytes_per_token
-        kv_cache_tokens = 16384 if kv_cache_tokens is None else kv_cache_tokens
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1; got {block_size}")
-        if kv_cache_tokens < block_size:
-            raise ValueError(f"kv_cache_tokens must be >= block_size={block_size}; got {kv_cache_tokens}")
-        flags = (("prefix_caching", prefix_caching), ("chat_template", chat_template), ("progress", progress),
-                 ("cuda_graphs", cuda_graphs))  # fmt: skip
-        for name, flag in flags:
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False; got {flag!r}")
+        self.num_scheduler_steps = num_scheduler_steps
         self.model = model
         self.tokenizer = model.tokenizer
         self.chat_template = chat_template
@@ -407,7 +378,7 @@ class Generator:
             self._record(path, start)
             return path
         tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                        [self._row(s) for s in sampled])
+                                        [s.row_context(self.eos_token_ids) for s in sampled])
         now = self._record(path, start)
         for seq, token, lp in zip(sampled, tokens, logprobs):
             seq.output_ids.append(token)
@@ -434,7 +405,7 @@ class Generator:
             p = seq.params
             if seq.is_finished or not p.greedy or p.logprobs is not None or p.penalized or len(seq.output_ids) < p.min_tokens:
                 return
-        steps = min(self.num_scheduler_steps - 1, *(self._tokens_left(seq) for seq in seqs))
+        steps = min(self.num_scheduler_steps - 1, *(seq.tokens_left(self.scheduler.max_tokens_per_seq) for seq in seqs))
         while steps > 0 and sum(self.blocks.blocks_needed(s.block_table, s.num_tokens + steps - 1) for s in seqs) > self.blocks.num_free:
             steps -= 1
         if steps < 1:
@@ -467,7 +438,7 @@ class Generator:
         appended to ``events`` first, carries the token: its streamed ids stay its output's ``token_ids``.
         """
         try:
-            reason, text = self._advance(seq, token)
+            reason, text = seq.advance(token, self.eos_token_ids, self.scheduler.max_tokens_per_seq)
         except Exception as exc:
             seq.error = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
             events.append(self._end(seq, "error", token, report=False, logprobs=lp))
@@ -476,36 +447,11 @@ class Generator:
             return StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp)
         return self._end(seq, reason, token, text, report=False, logprobs=lp)
 
-    def _tokens_left(self, seq: Seq) -> int:
-        """Tokens ``seq`` may still take before it ends with ``"length"``."""
-        return min(seq.params.max_new_tokens - len(seq.output_ids), self.scheduler.max_tokens_per_seq - seq.num_tokens)
-
     def _record(self, path: str, start: float, count: int = 1) -> float:
         now = time.perf_counter()
         steps, seconds = self.step_paths.get(path, (0, 0.0))
         self.step_paths[path] = (steps + count, seconds + now - start)
         return now
-
-    def _row(self, seq: Seq) -> RowContext:
-        p = seq.params
-        banned: tuple[int, ...] = ()
-        if len(seq.output_ids) < p.min_tokens:
-            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
-        if not p.penalized and not banned:
-            return RowContext()
-        return RowContext(seq.prompt_ids, seq.output_ids, banned)
-
-    def _advance(self, seq: Seq, token: int) -> tuple[str | None, str]:
-        """Take a sampled token: why the request ends now (``None`` = it goes on) and the text it releases."""
-        p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            return "stop", ""
-        text = seq.detok.add(token, check_stop=len(seq.output_ids) >= p.min_tokens)
-        if seq.detok.stopped:
-            return "stop", text
-        if len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.scheduler.max_tokens_per_seq:
-            return "length", text
-        return None, text
 
     def _end(self, seq: Seq, reason: str, token: int | None = None, text: str = "", report: bool = True,
              logprobs: Any = None) -> StreamEvent:
@@ -519,35 +465,12 @@ class Generator:
             seq.error = seq.error or f"decoding its output raised {type(exc).__name__}: {exc}"
         if seq.detok.stopped and reason == "length":  # a stop string in the tail the detokenizer held back
             seq.finish_reason = "stop"
-        event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=self._output(seq),
+        event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=seq.output(),
                             logprobs=logprobs)
         self._seqs.pop(seq.seq_id, None)
         if report:
             self._pending.append(event)
         return event
-
-    def _output(self, seq: Seq) -> GenerationOutput:
-        times = seq.token_times
-        metrics = RequestMetrics(
-            prompt_tokens=len(seq.prompt_ids),
-            output_tokens=len(seq.output_ids),
-            time_to_first_token=times[0] - seq.arrival_time if times else None,
-            inter_token_latency=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
-            latency=(seq.finish_time - seq.arrival_time) if seq.finish_time is not None else None,
-            num_preemptions=seq.num_preemptions,
-            cached_tokens=seq.num_cached,
-        )
-        return GenerationOutput(
-            index=seq.index,
-            request_id=seq.seq_id,
-            prompt_token_ids=list(seq.prompt_ids),
-            token_ids=list(seq.output_ids),
-            text=seq.detok.text,
-            finish_reason=seq.finish_reason or "error",
-            error=seq.error,
-            metrics=metrics,
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-        )
 
     # --- whole runs -----------------------------------------------------------------------------
     def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:

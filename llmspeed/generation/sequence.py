@@ -1,4 +1,5 @@
-"""One request's token state as the scheduler and the engine see it (pure Python)."""
+"""One request's token state as the scheduler and the engine see it, and how a sampled token moves it on
+(pure Python)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sampling import SamplingParams
+from .outputs import GenerationOutput, RequestMetrics
+from .sampling import RowContext, SamplingParams
 
 
 class Status(enum.Enum):
@@ -82,3 +84,54 @@ class Sequence:
     def tokens(self, start: int, stop: int) -> list[int]:
         """Tokens ``start:stop`` of prompt + output."""
         return (self.prompt_ids + self.output_ids)[start:stop] if stop > len(self.prompt_ids) else self.prompt_ids[start:stop]
+
+    def tokens_left(self, limit: int) -> int:
+        """Tokens it may still take before it ends with ``"length"`` (``limit``: most tokens of a sequence)."""
+        return min(self.params.max_new_tokens - len(self.output_ids), limit - self.num_tokens)
+
+    def row_context(self, eos: frozenset[int]) -> RowContext:
+        """What the sampler needs of it (``eos``: the generator's end-of-sequence ids, banned before ``min_tokens``)."""
+        p = self.params
+        banned: tuple[int, ...] = ()
+        if len(self.output_ids) < p.min_tokens:
+            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(eos))
+        if not p.penalized and not banned:
+            return RowContext()
+        return RowContext(self.prompt_ids, self.output_ids, banned)
+
+    def advance(self, token: int, eos: frozenset[int], limit: int) -> tuple[str | None, str]:
+        """Take a sampled ``token`` (already appended to ``output_ids``): why the request ends now (``None`` = it goes
+        on) and the text it releases. ``eos``: end-of-sequence ids; ``limit``: most tokens of a sequence."""
+        p = self.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos):
+            return "stop", ""
+        text = self.detok.add(token, check_stop=len(self.output_ids) >= p.min_tokens)
+        if self.detok.stopped:
+            return "stop", text
+        if len(self.output_ids) >= p.max_new_tokens or self.num_tokens >= limit:
+            return "length", text
+        return None, text
+
+    def output(self) -> GenerationOutput:
+        """Its result as it stands (final once it has ended)."""
+        times = self.token_times
+        metrics = RequestMetrics(
+            prompt_tokens=len(self.prompt_ids),
+            output_tokens=len(self.output_ids),
+            time_to_first_token=times[0] - self.arrival_time if times else None,
+            inter_token_latency=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+            latency=(self.finish_time - self.arrival_time) if self.finish_time is not None else None,
+            num_preemptions=self.num_preemptions,
+            cached_tokens=self.num_cached,
+        )
+        return GenerationOutput(
+            index=self.index,
+            request_id=self.seq_id,
+            prompt_token_ids=list(self.prompt_ids),
+            token_ids=list(self.output_ids),
+            text=self.detok.text,
+            finish_reason=self.finish_reason or "error",
+            error=self.error,
+            metrics=metrics,
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+        )
