@@ -34,17 +34,14 @@ from ..lora import adapter_names
 from .chat_prompt import chat_prompt_off_loop
 from .engine import ENGINE_DIED, Engine
 from .handle import RequestHandle, interleave
-from .openai_protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
+from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .openai_responses import (
     chat_logprobs,
     chat_response,
     completion_logprobs,
     completion_response,
     finish_reason,
     new_id,
-    parse,
     usage,
 )
 

@@ -325,7 +325,7 @@ def test_chat_logprobs_bytes_are_the_tokens_utf8_bytes_that_join_to_the_text(kin
     that character's UTF-8 ([239, 191, 189]) for every such token; OpenAI's ``bytes`` are the token's own, so that
     a client joining them gets the text back (SmolLM2 writes CJK and emoji this way)."""
     from llmspeed.generation.sampling import TokenLogprobs
-    from llmspeed.serving.openai_protocol import chat_logprobs
+    from llmspeed.serving.openai_responses import chat_logprobs
 
     text = "日本 café 🎉 ok"
     if kind == "byte fallback":

@@ -1,0 +1,112 @@
+"""The OpenAI API's response shapes: plain dicts in the shapes the official ``openai`` client parses (completions,
+chat completions, their usage, finish reasons and log-probabilities), from llmspeed's outputs."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from ..generation import GenerationOutput
+
+
+def new_id(prefix: str) -> str:
+    """A response id like OpenAI's."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(outputs: list[GenerationOutput]) -> dict[str, int]:
+    """Token counts of a response (the prompt counted once)."""
+    prompt = outputs[0].metrics.prompt_tokens if outputs else 0
+    completion = sum(o.metrics.output_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(output: GenerationOutput) -> str:
+    """OpenAI's finish reason of a finished answer: ``"length"`` or ``"stop"`` (errors and aborts are error bodies)."""
+    return "length" if output.finish_reason == "length" else "stop"
+
+
+def _piece(tokenizer: Any, token: int) -> str:
+    return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+
+def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions ``logprobs`` object of ``items`` (``TokenLogprobs``), the first at ``text_offset`` ``offset``.
+
+    Each ``top_logprobs`` entry holds the ``logprobs`` most likely tokens and the sampled one, as OpenAI's API ("up to
+    logprobs+1 elements") and vLLM return it, so ``logprobs: 0`` still gives the sampled token's entry."""
+    if items is None:
+        return None
+    tokens, values, tops, offsets = [], [], [], []
+    pos = offset
+    for lp in items:
+        piece = _piece(tokenizer, lp.token_id)
+        tokens.append(piece)
+        values.append(lp.logprob)
+        tops.append({**{_piece(tokenizer, t): v for t, v in lp.top}, piece: lp.logprob})
+        offsets.append(pos)
+        pos += len(piece)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) alphabet: the character a token string writes for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = iter(range(256, 512))
+    return {chr(b if b in printable else next(shifted)): b for b in range(256)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+def _token_bytes(tokenizer: Any, token: int, piece: str) -> list[int]:
+    """The UTF-8 bytes of ``token`` (its text ``piece``), as OpenAI's ``bytes``: a token holding part of a
+    multi-byte character decodes alone to ``"\ufffd"``, so its bytes are read from its token string
+    (byte-level BPE's alphabet, or SentencePiece's ``<0xNN>``), and the tokens' bytes join to the text."""
+    if "\ufffd" in piece and hasattr(tokenizer, "convert_ids_to_tokens"):
+        raw = tokenizer.convert_ids_to_tokens(token)
+        if isinstance(raw, str) and raw:
+            fallback = _BYTE_FALLBACK.fullmatch(raw)
+            if fallback:
+                return [int(fallback.group(1), 16)]
+            if all(c in _BYTE_LEVEL for c in raw):
+                return [_BYTE_LEVEL[c] for c in raw]
+    return list(piece.encode("utf-8"))
+
+
+def chat_logprobs(tokenizer: Any, items: list[Any] | None) -> dict[str, Any] | None:
+    """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if items is None:
+        return None
+
+    def entry(token: int, value: float) -> dict[str, Any]:
+        piece = _piece(tokenizer, token)
+        return {"token": piece, "logprob": value, "bytes": _token_bytes(tokenizer, token, piece)}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in items]}
+
+
+def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput]) -> dict[str, Any]:
+    """A whole ``text_completion`` response."""
+    return {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(tokenizer, o.logprobs),
+                     "finish_reason": finish_reason(o)} for i, o in enumerate(outputs)],
+        "usage": usage(outputs),
+    }
+
+
+def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput]) -> dict[str, Any]:
+    """A whole ``chat.completion`` response."""
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
+                     "logprobs": chat_logprobs(tokenizer, o.logprobs), "finish_reason": finish_reason(o)}
+                    for i, o in enumerate(outputs)],
+        "usage": usage(outputs),
+    }
