@@ -354,3 +354,18 @@ def test_mixed_precision_refuses_bad_arguments_by_name(args, match):
     with pytest.raises(ValueError, match=match):
         amp.MixedPrecision(*args)
     assert amp.MixedPrecision("bfloat16", "cpu").precision == "bf16"
+
+
+def test_fp16_counts_every_overflowed_step_also_once_the_scale_reaches_zero():
+    """Regression: a step counted as skipped only when the loss scale fell; after 166 overflows in a row the scale
+    is 0 and falls no further, so the later skipped steps (a forward pass that overflows every step) went uncounted."""
+    mp = amp.MixedPrecision("fp16", "cpu")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    took = []
+    for _ in range(200):
+        mp.backward((p * torch.tensor([1.0, float("nan"), 1.0])).sum())
+        took.append(mp.step(opt, [p], 1.0))
+        opt.zero_grad()
+    assert mp.loss_scale == 0.0 and not any(took) and mp.skipped_steps == 200
+    assert torch.equal(p.detach(), torch.ones(3))
