@@ -55,7 +55,17 @@ def test_fp16_overflow_raises_and_suggests_bf16(llama):
     with torch.no_grad():
         llama.hf.model.layers[0].mlp.up_proj.weight.fill_(6e4)  # activations past 65504
         llama.hf.model.layers[0].mlp.down_proj.weight.fill_(6e4)
-        with pytest.raises(Fp16OverflowError, match="bf16"):
+        with pytest.raises(Fp16OverflowError, match=r"in the final hidden states \(model\) .*bf16"):
+            llama.hf(IDS)
+
+
+def test_fp16_overflow_in_the_output_head_alone_raises_and_names_it(llama):
+    """Regression: only the decoder's final hidden states were checked, so logits that overflowed in lm_head alone
+    (finite hidden states, large head weights) came back inf/NaN silently; and no message said where it happened."""
+    llmspeed.cast(llama, "fp16", cpu_matmul="native")
+    with torch.no_grad():
+        llama.hf.lm_head.weight.mul_(3e5)  # logits past 65504, hidden states unchanged
+        with pytest.raises(Fp16OverflowError, match=r"in the logits \(the output head 'lm_head'\) .*bf16"):
             llama.hf(IDS)
 
 

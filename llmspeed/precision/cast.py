@@ -11,8 +11,9 @@ What stays in fp32 after :func:`cast` to a 16-bit dtype, and why:
 * logits: callers in llmspeed (perplexity, sampling) upcast logits to fp32 before softmax.
 
 fp16 has a small range (max 65504). Activations that overflow turn into inf/NaN and a model
-would silently produce garbage text; after a cast to fp16 a check on the final hidden states
-raises :class:`Fp16OverflowError`, which suggests bf16 (same range as fp32).
+would silently produce garbage text; after a cast to fp16 a check on the final hidden states and one on
+the logits (the output head alone can overflow) raise :class:`Fp16OverflowError`, which says which of the
+two overflowed and suggests bf16 (same range as fp32).
 
 On a CPU, the cast also lets the linear layers choose per call between the native 16-bit matmul and
 an fp32 matmul over weight blocks converted on the fly, whichever :mod:`.cpu_matmul` measured to be
@@ -74,13 +75,18 @@ def _round_output(dtype: torch.dtype):
     return hook
 
 
-def _check_finite(module, args, output) -> None:
-    hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
-    if torch.is_tensor(hidden) and not torch.isfinite(hidden).all():
-        raise Fp16OverflowError(
-            "fp16 activations overflowed to inf/NaN in this forward pass (fp16 tops out at 65504); "
-            "cast with llmspeed.cast(model, 'bf16') instead: bf16 has the range of fp32"
-        )
+def _check_finite(where: str):
+    """A forward hook raising :class:`Fp16OverflowError` that names ``where`` when the module's output is not finite."""
+
+    def hook(module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+        if torch.is_tensor(hidden) and not torch.isfinite(hidden).all():
+            raise Fp16OverflowError(
+                f"fp16 activations overflowed to inf/NaN in this forward pass, in {where} (fp16 tops out at 65504); "
+                f"cast with llmspeed.cast(model, 'bf16') instead: bf16 has the range of fp32"
+            )
+
+    return hook
 
 
 def _base_model(root: nn.Module) -> nn.Module:
@@ -195,7 +201,12 @@ def attach(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto
     if target != torch.float32:
         hooks = [m.register_forward_hook(_round_output(target)) for m in root.modules() if _is_norm(m)]
     if target == torch.float16:
-        hooks.append(_base_model(root).register_forward_hook(_check_finite))
+        base = _base_model(root)
+        names = {id(m): n for n, m in root.named_modules()}
+        hooks.append(base.register_forward_hook(_check_finite(f"the final hidden states ({names[id(base)] or 'the model'})")))
+        head = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
+        if isinstance(head, nn.Module) and head is not base:  # the logits overflow on their own: large head weights
+            hooks.append(head.register_forward_hook(_check_finite(f"the logits (the output head {names.get(id(head), 'lm_head')!r})")))
     setattr(root, _HOOKS, hooks)
     cpu_matmul_module.remove(root)
     if target != torch.float32 and cpu_matmul == "auto" and model.spec.device.type == "cpu":
