@@ -9,6 +9,7 @@ and the scale halved; after 2000 clean steps it doubles. bf16 has fp32's range a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -76,6 +77,17 @@ class MixedPrecision:
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {given!r}")
         self.dtype = PRECISIONS[self.precision]
+        try:  # torch.autocast refuses an unknown device type only when entered, also for fp32 (autocast off)
+            known = isinstance(self.device_type, str) and torch.amp.is_autocast_available(self.device_type)
+        except RuntimeError:  # not a device type at all ("gpu")
+            known = False
+        if not known:
+            raise ValueError(f"device_type must be a device type torch can autocast on ('cpu', 'cuda', ...); "
+                             f"got {self.device_type!r}")  # fmt: skip
+        scale = self.init_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            # 0 skips every step (0 * inf = NaN when unscaled) and lets the scale fall no further; NaN the same
+            raise ValueError(f"init_scale must be a finite number > 0; got {scale!r}")
         if self.dtype == torch.float16:
             if self.device_type not in ("cpu", "cuda"):  # what unsupported_reason says GradScaler is wired for
                 raise ValueError(f"device_type must be 'cpu' or 'cuda' for fp16 loss scaling; got {self.device_type!r}")

@@ -345,7 +345,14 @@ def test_bad_input_to_a_prepared_model_changes_nothing(llama, kwargs, match):
     [
         (("fp8", "cpu"), r"precision must be one of \['fp32', 'bf16', 'fp16'\]; got 'fp8'"),
         ((torch.int8, "cpu"), r"precision must be one of .*; got torch.int8"),
-        (("fp16", "gpu"), r"device_type must be 'cpu' or 'cuda' for fp16 loss scaling; got 'gpu'"),
+        (("fp16", "mps"), r"device_type must be 'cpu' or 'cuda' for fp16 loss scaling; got 'mps'"),
+        # regression: accepted, then torch's "Expected one of cpu, cuda, ..." at the first forward pass
+        (("bf16", "gpu"), r"device_type must be a device type torch can autocast on .*; got 'gpu'"),
+        (("fp32", "gpu"), r"device_type must be a device type torch can autocast on .*; got 'gpu'"),
+        # regression: accepted; a scale of 0 (or NaN) skips every step
+        (("fp16", "cpu", 0.0), r"init_scale must be a finite number > 0; got 0.0"),
+        (("fp16", "cpu", float("nan")), r"init_scale must be a finite number > 0; got nan"),
+        (("fp16", "cpu", -1.0), r"init_scale must be a finite number > 0; got -1.0"),
     ],
 )
 def test_mixed_precision_refuses_bad_arguments_by_name(args, match):
