@@ -108,10 +108,10 @@ class MixedPrecision:
             optimizer.step()
             return True
         self.scaler.unscale_(optimizer)  # records inf/NaN before clipping touches them
-        # what scaler.step reads to skip: not whether the scale fell, which stops once it has halved to 0 (after
-        # 166 overflowed steps in a row from 2**16; a forward pass that overflows every step gets there)
-        took = not sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values())
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        # the unscaled gradients' norm is finite exactly when scaler.step will take the step (it skips on the inf/NaN
+        # it recorded); not whether the scale fell, which stops once it has halved to 0 (after 166 overflowed steps
+        # in a row from 2**16; a forward pass that overflows every step gets there)
+        took = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
         self.scaler.step(optimizer)  # skips optimizer.step() on inf/NaN gradients
         self.scaler.update()
         self.skipped_steps += not took
