@@ -231,6 +231,7 @@ def train(
     warmup = max(1, steps // 10 if warmup_steps is None else warmup_steps)  # 0: full lr from the first step
     generator = torch.Generator().manual_seed(seed)
     checkpointing = False
+    bar = None  # the progress bar, closed by the finally also when a step raises
     losses: list[float] = []
     times: list[float] = []
     try:  # from here on the finally restores requires_grad, the train/eval mode and checkpointing
@@ -256,7 +257,7 @@ def train(
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({mp.precision})")
-            for _ in bar:
+            for _ in bar:  # a step that raises closes the bar in the finally below, not half drawn
                 tick = time.perf_counter()
                 starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)  # [B]
                 batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()]).to(device)  # [B, seq_len]
@@ -271,6 +272,8 @@ def train(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - start
     finally:
+        if bar is not None:
+            bar.close()
         if checkpointing:
             set_checkpointing(hf, False)
         restore_modes()

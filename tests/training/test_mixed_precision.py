@@ -376,3 +376,33 @@ def test_fp16_counts_every_overflowed_step_also_once_the_scale_reaches_zero():
         opt.zero_grad()
     assert mp.loss_scale == 0.0 and not any(took) and mp.skipped_steps == 200
     assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_a_step_that_raises_closes_the_progress_bar(llama, monkeypatch):
+    """Regression: a training step that raised left its tqdm bar open, half drawn (the amptrain audit)."""
+    from llmspeed.training import loop
+
+    bars = []
+
+    class Bar:
+        def __init__(self, iterable, **kwargs):
+            self.iterable, self.closed = iterable, False
+            bars.append(self)
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    monkeypatch.setattr(loop.MixedPrecision, "backward", fail)
+    with pytest.raises(RuntimeError, match="step failed"):
+        llmspeed.finetune(llama, TOKENS, train="linears", **RUN)
+    assert len(bars) == 1 and bars[0].closed
