@@ -18,44 +18,10 @@ import torch
 from torch import nn
 
 from .protocol import AttentionBackend, ModelSpec, base_linear, is_quantized, step_lock
+from .ragged_attention import ATTN_IMPLEMENTATION, BACKEND_KWARG, check_ragged, register_attention
 
 if TYPE_CHECKING:
     from .generation import GenerationOutput, SamplingParams
-
-ATTN_IMPLEMENTATION = "llmspeed"
-_BACKEND_KWARG = "llmspeed_attention"
-# what some families hand their attention function beyond q, k, v and scaling, which the backends do not apply:
-# Gemma-2's logit soft-capping, gpt-oss's attention sinks
-_UNAPPLIED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
-
-
-def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention function registered with transformers: hands the layer to the llmspeed backend."""
-    backend: AttentionBackend | None = kwargs.get(_BACKEND_KWARG)
-    if backend is None:
-        raise RuntimeError(
-            "the 'llmspeed' attention implementation only runs inside Model.forward_batch; "
-            "use model.hf(...) for ordinary forward passes (a model.hf call from another thread while a generator "
-            "or engine steps the same model meets this too: the step switches the config's attention "
-            "implementation for its duration; submit the work to the engine instead)"
-        )
-    for name, what in _UNAPPLIED.items():
-        if kwargs.get(name) is not None:
-            raise TypeError(
-                f"{type(module).__name__} asks its attention for {what} ({name}=...), which llmspeed's paged "
-                f"attention does not apply: its logits would not be the model's. Generate with model.hf.generate"
-            )
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    return backend(module.layer_idx, query, key, value, scaling), None
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_forward)
-
 
 def _check_supported(hf: Any) -> None:
     """Raise ``TypeError`` naming the class when ``hf`` is not a supported decoder-only causal LM."""
@@ -121,7 +87,7 @@ class Model:
         _check_supported(hf)
         config: Any = hf.config  # a transformers PretrainedConfig (nn.Module types its attributes as tensors)
         _check_tokenizer(tokenizer, config.get_text_config().vocab_size)
-        _register_attention()
+        register_attention()
         self.hf: Any = hf  # a transformers PreTrainedModel: typed loosely so its config and methods type-check
         self.tokenizer = tokenizer
         self._linear_names = _linear_positions(hf)
@@ -220,14 +186,14 @@ class Model:
         Holds the model's :func:`~llmspeed.protocol.step_lock`: the attention implementation is switched in the
         shared config for the call, so two calls from two threads take turns.
         """
-        _check_ragged(input_ids, positions, logits_indices)
+        check_ragged(input_ids, positions, logits_indices)
         with step_lock(self.hf), self._attention_implementation(ATTN_IMPLEMENTATION):
             out = self.hf(
                 input_ids=input_ids[None],  # [1, T]
                 position_ids=positions[None],  # [1, T]
                 use_cache=False,
                 logits_to_keep=logits_indices,
-                **{_BACKEND_KWARG: attention},
+                **{BACKEND_KWARG: attention},
             )
         return out.logits[0]  # [N, vocab]
 
@@ -304,25 +270,6 @@ class Model:
         """Yield per-token events (with their new text) as the continuous-batching generator produces them."""
         sampling = _sampling_from_kwargs(sampling, generator_kwargs)
         yield from self._generator(generator_kwargs).stream(prompts, sampling)
-
-
-def _check_ragged(input_ids: Any, positions: Any, logits_indices: Any) -> None:
-    """``TypeError``/``ValueError`` naming the argument of ``forward_batch`` that is not as it takes them, before
-    the backend stores anything: 1-D integer tensors, one position per token. Metadata only (no device sync).
-
-    An ``int`` for ``logits_indices`` would reach transformers' ``logits_to_keep``, which reads it as "the last
-    N rows", not row N; a boolean mask or a 2-D batch ``[1, T]`` would run with other shapes than the caller's.
-    """
-    for name, t in (("input_ids", input_ids), ("positions", positions), ("logits_indices", logits_indices)):
-        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            got = f"a {str(t.dtype).removeprefix('torch.')} tensor" if isinstance(t, torch.Tensor) else repr(t)
-            raise TypeError(f"{name} must be a 1-D integer (int64) tensor; got {got}")
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be 1-D (the ragged batch flattened: [T] tokens, [N] rows); "
-                             f"got shape {list(t.shape)}")  # fmt: skip
-    if input_ids.shape[0] == 0 or positions.shape != input_ids.shape:
-        raise ValueError(f"input_ids and positions must hold one entry per token (at least one); got "
-                         f"{input_ids.shape[0]} input_ids and {positions.shape[0]} positions")  # fmt: skip
 
 
 def _sampling_from_kwargs(sampling: Any, kwargs: dict[str, Any]) -> Any:
