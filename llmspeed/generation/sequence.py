@@ -72,11 +72,6 @@ class Sequence:
         """True once the sequence has a finish reason."""
         return self.status is Status.FINISHED
 
-    def token_at(self, i: int) -> int:
-        """Token ``i`` of prompt + output."""
-        n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
-
     def all_tokens(self) -> list[int]:
         """Prompt + output tokens."""
         return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids

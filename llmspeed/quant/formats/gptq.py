@@ -32,8 +32,6 @@ from . import skeleton
 from .files import config_dtype, quantization_config, read_all, read_config
 from .packing import little_endian_bytes, unpack_int4
 
-GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
-
 
 def quantize_config(directory: Path) -> tuple[dict[str, Any], Path]:
     """The GPTQ settings and the file holding them: ``config.json``'s ``quantization_config``, else
