@@ -185,3 +185,24 @@ def test_penalties_match_the_transformers_processor_and_openai_formula_on_random
         ours = _penalize(x, [sp], [RowContext(prompt, output)])
         counts = torch.bincount(torch.tensor(output), minlength=40).float()
         assert torch.allclose(ours[0], x[0] - 0.6 * (counts > 0).float() + 0.4 * counts)
+
+
+def test_logprobs_are_the_raw_distribution_whatever_penalties_temperature_and_filters_do():
+    """The documented contract: logprobs come from the raw logits (vLLM's default), not from the penalized,
+    temperature-scaled, top-k / top-p filtered scores the token is picked from. (The greedy golden test above
+    cannot tell the two apart: without penalties and sampling they are the same row.)"""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 30) * 2
+    params = [SamplingParams(temperature=0.5, top_k=3, top_p=0.6, seed=1, logprobs=5),
+              SamplingParams(repetition_penalty=1.8, presence_penalty=1.5, logprobs=5),
+              SamplingParams(temperature=1.3, seed=2, min_tokens=1, logprobs=5)]
+    top5 = logits.topk(5, dim=-1).indices
+    rows = [RowContext(), RowContext(top5[1, :3].tolist(), top5[1, :2].tolist()), RowContext(banned=top5[2, :2].tolist())]
+    gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+    tokens, lps = sample_batch(logits, params, gens, rows)
+    want = torch.log_softmax(logits, -1)
+    for i, lp in enumerate(lps):
+        assert lp.token_id == tokens[i]
+        assert lp.logprob == pytest.approx(float(want[i, tokens[i]]), abs=1e-5)
+        assert [t for t, _ in lp.top] == want[i].topk(5).indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(want[i].topk(5).values.tolist(), abs=1e-5)
