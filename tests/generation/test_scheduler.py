@@ -54,15 +54,18 @@ def test_admission_waits_for_blocks_and_preemption_recomputes():
     _run_step(sched)
     assert a.status is Status.RUNNING and b.status is Status.RUNNING
     _run_step(sched)  # 8 tokens each: 2 blocks each, the cache is full
+    c = _seq(2, 3, max_new=2)
+    sched.add(c)  # arrives before the preemption: it waits for blocks
     batch = sched.schedule()  # both need a third block: the newest (b) is preempted by recompute
     assert batch.preempted == [b] and b.status is Status.WAITING and b.num_computed == 0
     assert [c.seq for c in batch.chunks] == [a] and not b.block_table
+    assert list(sched.waiting) == [b, c]  # back to the front of the queue: admitted before later arrivals
     sched.commit(batch)
     a.output_ids.append(7)
     while sched.has_unfinished():
         _run_step(sched)
-    assert a.finish_reason == b.finish_reason == "length"
-    assert len(a.output_ids) == len(b.output_ids) == 6
+    assert a.finish_reason == b.finish_reason == c.finish_reason == "length"
+    assert len(a.output_ids) == len(b.output_ids) == 6 and len(c.output_ids) == 2
     assert sched.blocks.num_free == 4
 
 
