@@ -87,6 +87,18 @@ def test_a_lone_sequence_that_fills_the_cache_ends_with_length():
     assert seq.num_tokens == 8 and seq.finish_reason == "length"
 
 
+def test_admission_stops_at_max_seqs_and_resumes_when_one_finishes():
+    """Room for all in blocks and tokens: only ``max_seqs`` run; the next one is admitted when a slot frees up.
+    (The state machine's invariant rarely reaches a full house with blocks to spare.)"""
+    sched = Scheduler(BlockManager(64, 4), max_batch_tokens=64, max_seqs=3, max_seq_len=1000)
+    seqs = [_seq(i, 2, max_new=1 + i) for i in range(5)]
+    for seq in seqs:
+        sched.add(seq)
+    assert _run_step(sched) == [seqs[0]]  # three prefilled, each got a token; the first is done
+    assert sched.running == seqs[1:3] and list(sched.waiting) == seqs[3:]
+    assert [c.seq for c in sched.schedule().chunks] == seqs[1:4] and list(sched.waiting) == seqs[4:]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random arrivals, aborts and steps: blocks are never leaked or shared; every request ends once."""
 
