@@ -30,6 +30,27 @@ def test_bad_sizes_raise():
         BlockManager(4, 0)
 
 
+def test_cached_blocks_are_evicted_least_recently_used_first():
+    """Never-used blocks go first, then the cached block whose last holder left longest ago; a hit refreshes it."""
+    bm = BlockManager(4, 2, prefix_caching=True)
+
+    def run(seq, tokens):  # admit, compute every token, register, release: leaves its full blocks cached
+        table = []
+        bm.admit(seq, table, bm.match(tokens), len(tokens))
+        bm.register(table, tokens, len(tokens), None, [])
+        bm.release(seq, table)
+
+    run(0, [1, 1, 9])
+    run(1, [2, 2, 9])
+    run(2, [1, 1, 8])  # hits [1, 1]: now the more recently used of the two cached blocks
+    assert bm.num_cached == 2 and bm.num_free == 4
+    assert bm.hit_tokens == 2 and bm.query_tokens == 9 and bm.hit_rate == pytest.approx(2 / 9)
+    table: list[int] = []
+    bm.grow(3, table, 2 * 2 + 1)  # three blocks: the two never-used ones, then one cached
+    assert bm.match([2, 2, 9]) == [] and len(bm.match([1, 1, 9])) == 1
+    bm.release(3, table)
+
+
 class AllocatorMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
