@@ -208,6 +208,24 @@ def test_adapter_with_dropout_on_an_eval_model_matches_peft(tmp_path, llama):
     assert llama.hf.get_submodule("model.layers.0.self_attn.o_proj").lora_dropout["ours"].training
 
 
+def test_adapter_dropout_in_training_drops_the_same_inputs_as_peft(tmp_path, llama):
+    """Golden: in training mode, ``W x + scale * B A dropout(x)`` draws the same dropout masks as PEFT from the same
+    seed, so the logits match; they differ from the eval logits (the dropout really applies)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)  # fmt: skip
+    theirs = peft.get_peft_model(llmspeed.models.tiny("llama", seed=0).hf, config)
+    theirs.save_pretrained(tmp_path)
+    lora.load_adapter(llama, tmp_path, "theirs")
+    evaluated = logits(llama.hf)
+    llama.hf.train(), theirs.train()
+    torch.manual_seed(5)
+    ours = logits(llama.hf)
+    torch.manual_seed(5)
+    assert (ours - logits(theirs)).abs().max() < 1e-4
+    assert (ours - evaluated).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 def test_adapters_of_a_changed_base_are_refused_unless_converted(tmp_path, llama, init):
     """Regression: PiSSA and OLoRA adapters (trained on W - scale * B0 A0, a base PEFT rebuilds while loading)
