@@ -97,6 +97,10 @@ def test_same_greedy_tokens_with_and_without_prefix_caching(llama, kv_cache_toke
     assert gen.blocks.num_free == gen.blocks.num_blocks  # every block is free or evictable again
     if kv_cache_tokens == 160:
         assert gen.stats.preemptions > 0
+    else:  # no request admitted twice: the cache's hits are the requests' cached tokens, whole blocks of prompt
+        assert gen.blocks.hit_tokens == sum(o.metrics.cached_tokens for o in cached)
+        assert gen.blocks.query_tokens == sum(len(p) for p in prompts)
+        assert all(o.metrics.cached_tokens % 8 == 0 for o in cached)
 
 
 def test_cached_tokens_counts_only_prompt_tokens_after_a_preemption(llama):
