@@ -229,14 +229,16 @@ def load_adapter(
         if not key.startswith(PREFIX) or match is None:
             raise ValueError(f"{WEIGHTS_FILE} holds {key!r}, which is not a LoRA matrix of a linear layer")
         found.setdefault(match["pos"], {})[match["mat"]] = tensor
-    try:
-        r, alpha, rslora = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)), cfg.get("use_rslora", False)
-        dropout = float(cfg.get("lora_dropout", 0.0))
-    except (TypeError, ValueError) as err:
+    raw = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", 8), "lora_dropout": cfg.get("lora_dropout", 0.0)}
+    # JSON numbers only: float() and int() would take "16" or true (alpha 1.0) and cut r=4.5 to 4, silently
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()) or (
+        isinstance(raw["r"], float) and not raw["r"].is_integer()
+    ):
         raise ValueError(
-            f"{folder / CONFIG_FILE} fields r, lora_alpha and lora_dropout must be numbers; got r={cfg.get('r')!r}, "
-            f"lora_alpha={cfg.get('lora_alpha')!r}, lora_dropout={cfg.get('lora_dropout')!r}"
-        ) from err
+            f"{folder / CONFIG_FILE} fields r, lora_alpha and lora_dropout must be numbers (r an integer); got "
+            f"r={raw['r']!r}, lora_alpha={raw['lora_alpha']!r}, lora_dropout={raw['lora_dropout']!r}"
+        )
+    r, alpha, dropout, rslora = int(raw["r"]), float(raw["lora_alpha"]), float(raw["lora_dropout"]), cfg.get("use_rslora", False)
     params = cfg.get("target_parameters") or []  # checked by _read_config: a list of names
     shapes: dict[str, tuple[int, float]] = {}
     for pos, mats in found.items():
