@@ -75,14 +75,14 @@ class QuantConfig:
         if self.group_size == -1:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.format])
         g = self.group_size
+        if self.format == "int8" and g is not None:  # first: the 4-bit rules below would name the wrong remedy
+            raise ValueError(
+                f"group_size must be None for int8, which is quantized per output channel; got {g!r}"
+            )
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
             raise ValueError(f"group_size must be a positive even integer or None; got {g!r}")
         if g is not None and g % 2:
             raise ValueError(f"group_size must be even (two 4-bit codes share a byte); got {g}")
-        if self.format == "int8" and g is not None:
-            raise ValueError(
-                f"group_size must be None for int8, which is quantized per output channel; got {g}"
-            )
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be a bool; got {self.double_quant!r}")
         if self.double_quant and self.format != "nf4":

@@ -106,6 +106,8 @@ def test_wrong_config_or_shapes_raise():
     [({"format": "int3"}, "format must be one of"), ({"format": "int4", "group_size": 0}, "group_size must be"),
      ({"format": "int4", "group_size": -8}, "group_size must be"), ({"format": "int4", "group_size": 33}, "even"),
      ({"format": "int8", "group_size": 64}, "None for int8"), ({"format": "int4", "double_quant": True}, "only defined for nf4"),
+     # these named the 4-bit rules (evenness, positivity) for int8, as if an even group size would do
+     ({"format": "int8", "group_size": 7}, "must be None for int8.*got 7"), ({"format": "int8", "group_size": 0}, "None for int8.*got 0"),
      ({"format": "int4", "method": 3}, "method must be a name")],
 )  # fmt: skip
 def test_config_rejects_bad_values(kwargs, match):
