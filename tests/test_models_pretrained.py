@@ -90,6 +90,9 @@ def test_bad_arguments_and_quantized_folders_are_refused(tmp_path):
     llmspeed.save(model, tmp_path / "ct", format="compressed-tensors")
     with pytest.raises(ValueError, match=r"compressed-tensors checkpoint; load it with llmspeed.load"):
         from_pretrained(tmp_path / "ct")
+    model.hf.config.save_pretrained(tmp_path / "config only")  # no weights: says what folder to pass
+    with pytest.raises(ValueError, match=r"holds neither model.safetensors nor .*: pass the folder that llmspeed.save"):
+        from_pretrained(tmp_path / "config only")
 
 
 @pytest.mark.slow

@@ -41,7 +41,8 @@ def shard_files(directory: Path) -> list[Path]:
         if missing:
             raise ValueError(f"{directory / INDEX} names shards that are missing: {missing[:3]}")
         return [directory / n for n in names]
-    raise ValueError(f"{directory} holds neither {SINGLE} nor {INDEX}")
+    raise ValueError(f"{directory} holds neither {SINGLE} nor {INDEX}: pass the folder that llmspeed.save, "
+                     f"transformers' save_pretrained or a Hugging Face download wrote (its weights in safetensors)")
 
 
 def read_config(directory: Path, name: str = "config.json") -> dict:
