@@ -10,6 +10,7 @@ scaled causal attention (Gemma-2's soft-capping, gpt-oss's sinks), which the rag
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,7 @@ class Model:
         self.tokenizer = tokenizer
         self._linear_names = _linear_positions(hf)
         self._linear_set = frozenset(self._linear_names)
+        self._runs = threading.RLock()  # generate_batched / stream calls take turns on the kept generator
 
     def __repr__(self) -> str:
         s = self.spec
@@ -202,7 +204,12 @@ class Model:
         C++ step's handle (a copy made after ``generate_batched`` failed on them); the copy builds its own."""
         state = self.__dict__.copy()
         state.pop("_cached_generator", None)
+        state["_runs"] = None  # a lock does not copy: the copy makes its own
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._runs = threading.RLock()
 
     # --- generation (the batching generator lives in llmspeed.generation) ----------------------
     def _generator(self, generator_kwargs: dict[str, Any]) -> Any:
@@ -256,10 +263,12 @@ class Model:
         ``generator_kwargs`` go to :class:`llmspeed.Generator` (KV budget, token budget, progress), except
         :class:`SamplingParams` fields (``max_new_tokens=8``, ``temperature=...``), which build ``sampling``
         as transformers and vLLM users expect. One generator is kept per model and reused while the
-        arguments and the model's modules stay the same.
+        arguments and the model's modules stay the same; calls from several threads take turns on it (to serve
+        callers concurrently, batched together, use :class:`llmspeed.Engine`).
         """
         sampling = _sampling_from_kwargs(sampling, generator_kwargs)
-        return self._generator(generator_kwargs).generate_batched(prompts, sampling)
+        with self._runs:  # calls from several threads take turns (the kept generator is single-threaded)
+            return self._generator(generator_kwargs).generate_batched(prompts, sampling)
 
     def stream(
         self,
@@ -267,9 +276,13 @@ class Model:
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         **generator_kwargs: Any,
     ) -> Iterator[Any]:
-        """Yield per-token events (with their new text) as the continuous-batching generator produces them."""
+        """Yield per-token events (with their new text) as the continuous-batching generator produces them.
+
+        Calls from other threads (``generate_batched`` too) wait until the stream ends or is closed; to serve
+        callers concurrently, use :class:`llmspeed.Engine`."""
         sampling = _sampling_from_kwargs(sampling, generator_kwargs)
-        yield from self._generator(generator_kwargs).stream(prompts, sampling)
+        with self._runs:
+            yield from self._generator(generator_kwargs).stream(prompts, sampling)
 
 
 def _sampling_from_kwargs(sampling: Any, kwargs: dict[str, Any]) -> Any:

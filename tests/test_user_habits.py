@@ -184,7 +184,7 @@ def test_adapter_corrupt_weights(adapter_folder):
     [
         ([1, 2], "adapter_config.json must hold a JSON object .* got a list"),
         ("{", "adapter_config.json is not valid JSON"),
-        ({"r": [4], "lora_alpha": 8}, "adapter_config.json fields r, lora_alpha and lora_dropout must be numbers; got r=\\[4\\]"),
+        ({"r": [4], "lora_alpha": 8}, "adapter_config.json fields r, lora_alpha and lora_dropout must be numbers \\(r an integer\\); got r=\\[4\\]"),
         ({"r": 4, "alpha_pattern": {"([": 2}}, "adapter_config.json field alpha_pattern has '\\(\\[', which is not a regular"),
     ],
 )
@@ -259,3 +259,36 @@ def test_eos_edited_in_the_generation_config_between_calls_is_honoured(llama):
     assert again.finish_reason == "stop" and again.token_ids == first[: first.index(stop) + 1]
     llama.hf.generation_config.eos_token_id = None  # and back: no eos, the full length again
     assert llama.generate_batched([[1, 2, 3]], max_new_tokens=8, progress=False)[0].token_ids == first
+
+
+def test_generate_batched_from_several_threads_takes_turns(llama):
+    """Regression: ``model.generate_batched`` called from two threads at once (a web handler's habit with
+    transformers' ``generate``) failed all but one with "a Generator is single-threaded"; the calls now take turns
+    on the model's kept generator and each gets the same tokens as alone. A stream holds its turn until it ends."""
+    import threading
+
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = llama.generate_batched([[1, 2, 3]], sp, progress=False)[0].token_ids
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append([o.token_ids for o in llama.generate_batched([[1, 2, 3]] * 3, sp, progress=False)])
+        except Exception as exc:  # noqa: BLE001 - any failure is the regression
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [[alone] * 3] * 3
+    stream = llama.stream([[1, 2, 3]], sp, progress=False)
+    next(stream)  # the stream holds the model's turn
+    waiting = threading.Thread(target=call)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()
+    stream.close()  # closing it hands the turn on
+    waiting.join(60)
+    assert not waiting.is_alive() and errors == [] and len(results) == 4
