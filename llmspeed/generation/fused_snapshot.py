@@ -298,7 +298,7 @@ class Snapshot:
         self.eps = _eps(body.norm)
         self.scaling = float(body.layers[0].self_attn.scaling)
         # nn.Module keeps its children, parameter and buffer dicts for life (assigning, deleting or replacing edits them)
-        triples = [(o._modules, n, c) for o, n, c in checks]
+        triples: list[tuple[dict[str, Any], str, object]] = [(o._modules, n, c) for o, n, c in checks]
         # parents whose sizes are checked every step (a del runs no hook); the tensors' dicts are not (cost)
         self._parents = list({id(d): d for d, _, _ in triples}.values())
         triples += [(d, n, t) for m in holders for d in (m._parameters, m._buffers) for n, t in d.items()]

@@ -204,7 +204,8 @@ def attach(model: CausalLM, dtype: str | torch.dtype, *, cpu_matmul: str = "auto
         base = _base_model(root)
         names = {id(m): n for n, m in root.named_modules()}
         hooks.append(base.register_forward_hook(_check_finite(f"the final hidden states ({names[id(base)] or 'the model'})")))
-        head = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
+        heads = getattr(root, "get_output_embeddings", None)  # transformers models have it; a bare module may not
+        head = heads() if callable(heads) else None
         if isinstance(head, nn.Module) and head is not base:  # the logits overflow on their own: large head weights
             hooks.append(head.register_forward_hook(_check_finite(f"the logits (the output head {names.get(id(head), 'lm_head')!r})")))
     setattr(root, _HOOKS, hooks)
