@@ -1,0 +1,68 @@
+"""The training loop against a hand-written reference: the same random windows, AdamW with decoupled weight
+decay, global-norm gradient clipping and the linear warm-up/decay schedule give the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import llmspeed
+
+TOKENS = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1))
+
+
+def _reference(hf, *, steps, lr, seq_len, batch_size, warmup, weight_decay, max_grad_norm, seed=0):
+    """Train every parameter of ``hf`` the textbook way; the rate at step s (0-based) is
+    lr * min((s + 1) / warmup, (steps - s) / (steps - warmup)): the peak after ``warmup`` steps, then linearly down."""
+    params = list(hf.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    hf.train()
+    rates = []
+    for s in range(steps):
+        rate = lr * min((s + 1) / warmup, (steps - s) / (steps - warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        rates.append(rate)
+        starts = torch.randint(0, TOKENS.numel() - seq_len, (batch_size,), generator=generator)
+        batch = torch.stack([TOKENS[s0 : s0 + seq_len] for s0 in starts.tolist()])
+        loss = hf(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+        for p in params:  # clip to the global norm
+            p.grad.mul_(min(1.0, max_grad_norm / (float(norm) + 1e-6)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return rates
+
+
+@pytest.mark.parametrize(
+    "warmup_steps, weight_decay, max_grad_norm", [(2, 0.0, 1e9), (1, 0.5, 1e9), (3, 0.1, 0.05)]
+)
+def test_finetune_matches_a_reference_adamw_loop(warmup_steps, weight_decay, max_grad_norm):
+    model = llmspeed.models.tiny("llama", seed=0)
+    reference = copy.deepcopy(model.hf)
+    run = dict(steps=6, lr=3e-3, seq_len=16, batch_size=2)
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):  # the rate each step was taken with
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = spy
+    try:
+        result = llmspeed.finetune(model, TOKENS, train="full", warmup_steps=warmup_steps, weight_decay=weight_decay,
+                                   max_grad_norm=max_grad_norm, progress=False, **run)  # fmt: skip
+    finally:
+        torch.optim.AdamW.step = step
+    rates = _reference(
+        reference, warmup=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, **run
+    )
+    assert seen == pytest.approx(rates, rel=1e-6)
+    assert result.trainable_params == sum(p.numel() for p in reference.parameters())
+    for (name, got), want in zip(model.hf.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
