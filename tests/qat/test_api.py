@@ -38,7 +38,9 @@ def _assert_same_packed(a, b):
 
 
 @pytest.mark.parametrize("fmt, group", [("int4", 16), ("int4", 48), ("int8", None)])
-def test_convert_right_after_prepare_is_bit_identical_to_quantize(llama, fmt, group):
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # qwen2: biased q/k/v projections, packed too
+def test_convert_right_after_prepare_is_bit_identical_to_quantize(architecture, fmt, group):
+    llama = llmspeed.models.tiny(architecture, seed=0)
     reference = copy.deepcopy(llama)
     llmspeed.quantize(reference, fmt, group_size=group, lm_head=None)  # QAT leaves the head in float
     qat.prepare(llama, fmt, group_size=group)
