@@ -57,6 +57,17 @@ def _check_quantized_merge(model):
         report = lora.merge(model, "a")
     assert report.requantized == report.layers > 0
     assert report.max_abs_error > 0 and report.error_vs_update > 0
+    # the report's errors: the worst layer's |W_merged - (W + delta)|, and its norm relative to the update's norm
+    abs_errors, ratios = [], []
+    for _, layer in lora.lora_layers(model):
+        with torch.no_grad():
+            delta = layer.delta_weight("a").float()
+            err = layer.base_layer.dequantize().float() - (layer.premerge["a"].dequantize().float() + delta)
+        abs_errors.append(err.abs().max().item())
+        ratios.append((err.norm() / delta.norm()).item())
+    assert len(ratios) == report.layers
+    assert report.max_abs_error == pytest.approx(max(abs_errors), rel=1e-3)
+    assert report.error_vs_update == pytest.approx(max(ratios), rel=1e-3)
     merged = logits(model)
     # re-quantizing rounds the weights again: not equal to the unmerged result, but the adapter's
     # effect survives (merged is much closer to base + adapter than to the base alone)
