@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -44,7 +45,8 @@ def test_peft_loads_ours(tmp_path, tiny_model):
     assert (got - want).abs().max() < 1e-4
 
 
-def test_we_load_peft(tmp_path, llama):
+@pytest.mark.parametrize("use_rslora", [False, True])  # rsLoRA: scale alpha / sqrt(r) of each layer's own rank
+def test_we_load_peft(tmp_path, llama, use_rslora):
     peft = pytest.importorskip("peft")
     hf = llmspeed.models.tiny("llama", seed=0).hf
     config = peft.LoraConfig(
@@ -54,6 +56,7 @@ def test_we_load_peft(tmp_path, llama):
         init_lora_weights=False,
         rank_pattern={"gate_proj": 2},
         alpha_pattern={"v_proj": 3},
+        use_rslora=use_rslora,
     )
     peft_model = peft.get_peft_model(hf, config)
     want = logits(peft_model)
@@ -61,7 +64,8 @@ def test_we_load_peft(tmp_path, llama):
     lora.load_adapter(llama, tmp_path, "theirs")
     assert (logits(llama.hf) - want).abs().max() < 1e-4
     gate = llama.hf.model.layers[0].mlp.gate_proj
-    assert gate.lora_A["theirs"].out_features == 2 and gate.scaling["theirs"] == 12 / 2
+    assert gate.lora_A["theirs"].out_features == 2
+    assert gate.scaling["theirs"] == pytest.approx(12 / math.sqrt(2) if use_rslora else 12 / 2)
     # and the round trip through our writer keeps the per-layer ranks and alphas
     lora.save_adapter(llama, tmp_path / "again", "theirs")
     again = peft.PeftModel.from_pretrained(llmspeed.models.tiny("llama", seed=0).hf, tmp_path / "again")
