@@ -73,6 +73,17 @@ def test_each_row_gets_its_own_adapter(fmt):
     assert changed.tolist() == [True, False, True, True, True]
 
 
+def test_outputs_past_the_last_full_block_of_16_get_their_deltas():
+    """gate/up of 40 outputs: two blocks of 16, then a block the step adds 8 outputs of (its partial-block path)."""
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=4, intermediate_size=40))
+    gen, decode = _prefilled(model, [3, 9, 4])
+    names = ["a", None, "a"]
+    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size), names)
+    ref = _routed_logits(model, gen, decode, names)
+    assert fused is not None
+    assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 def test_the_active_adapter_applies_when_no_row_names_one():
     model = _with_adapters(llmspeed.models.tiny("llama", seed=1))
     lora.set_adapter(model, "b")
