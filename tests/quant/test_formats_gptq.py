@@ -93,6 +93,7 @@ Q = "model.layers.0.self_attn.o_proj"
         (lambda t: t.pop(f"{Q}.qzeros"), rf"'{Q}.qzeros' is missing"),
         (lambda t: t.update({f"{Q}.g_idx": torch.zeros(128, dtype=torch.int32)}), rf"'{Q}.g_idx' gives groups of unequal sizes"),
         (lambda t: t.update({f"{Q}.g_idx": torch.full((128,), 9, dtype=torch.int32)}), rf"'{Q}.g_idx' holds groups outside"),
+        (lambda t: t.update({f"{Q}.qzeros": torch.full_like(t[f"{Q}.qzeros"], -1)}), rf"'{Q}.qzeros' holds a v1 zero of 15"),
     ],
 )  # fmt: skip
 def test_tampered_gptq_folder_names_the_tensor(tmp_path, change, match):
@@ -100,6 +101,22 @@ def test_tampered_gptq_folder_names_the_tensor(tmp_path, change, match):
     _rewrite(tmp_path / "model.safetensors", change)
     with pytest.raises(ValueError, match=match):
         llmspeed.load(tmp_path)
+
+
+def test_a_sym_folder_with_other_zero_points_loads_asymmetric_and_exports_them(tmp_path):
+    """``sym: true`` in the config while a layer's zero points are not 8: the layer is asymmetric (its zeros are
+    kept, also by a compressed-tensors export, which drops the zero points of symmetric layers)."""
+    write_gptq_folder(llmspeed.models.tiny("llama", **WIDE), tmp_path / "g", group=32, act_order=False, sym=True)
+    five = torch.tensor(0x44444444, dtype=torch.int32)  # v1: every stored zero 4, so zero point 5
+    _rewrite(tmp_path / "g" / "model.safetensors", lambda t: t.update({f"{Q}.qzeros": torch.full_like(t[f"{Q}.qzeros"], five)}))
+    ref = reference(tmp_path / "g", 1)
+    loaded = llmspeed.load(tmp_path / "g")
+    layers = dict(loaded.linear_layers())
+    assert not layers[Q].config.symmetric and layers["model.layers.0.self_attn.q_proj"].config.symmetric
+    assert torch.equal(layers[Q].dequantize(), ref.hf.get_submodule(Q).weight)
+    llmspeed.save(loaded, tmp_path / "ct", format="compressed-tensors")
+    again = dict(llmspeed.load(tmp_path / "ct").linear_layers())
+    assert torch.equal(again[Q].dequantize(), ref.hf.get_submodule(Q).weight)
 
 
 def test_unsupported_quantization_configs_are_named(tmp_path):
