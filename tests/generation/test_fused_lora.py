@@ -159,6 +159,39 @@ def test_adapters_on_a_step_that_holds_its_threads_are_bit_identical(fmt):
     assert (team - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_one_row_steps_add_each_threads_outputs_the_same_on_any_split(fmt):
+    """In a one-row step each thread adds the output blocks of the outputs it wrote (lora_deltas.h's add_rows),
+    after the other threads' rank products: a share may end inside a block of 16 (1, 2 and 3 threads split gate/up's
+    40 outputs differently, the last block partial). On fp32 weights every split gives the same logits, bit for bit
+    (the 4-bit row loops' blocks of rows follow where a share starts, with or without adapters, so there the last
+    bits move with the split), and every split gives the routed generic path's."""
+    model = llmspeed.models.tiny("llama", seed=6, intermediate_size=40)
+    if fmt is not None:
+        llmspeed.quantize(model, fmt, group_size=32)
+    _with_adapters(model)
+    gen, decode = _prefilled(model, [7])
+    step = StepInput.decode(decode, gen.blocks.block_size)
+    runner = fused_decode.FusedDecode(model, gen.cache, amx_rows=0)
+    ext, threads = fused_decode.extension(), torch.get_num_threads()
+    was = ext.step_team(True)
+    results = []
+    try:
+        for n, team in ((1, True), (2, True), (3, True), (2, False), (3, False)):
+            torch.set_num_threads(n)
+            ext.step_team(team)
+            results.append(runner.run(step, ["a"]))
+    finally:
+        ext.step_team(was)
+        torch.set_num_threads(threads)
+    ref = _routed_logits(model, gen, decode, ["a"])
+    base = _generic_logits(model, gen, decode)
+    for other in results:
+        assert fmt is not None or torch.equal(other, results[0])
+        assert (other - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    assert (ref - base).abs().max() > 1e-3  # the adapter does change the row
+
+
 def test_b_stacks_hold_blocks_of_16_outputs_zero_padded():
     """B [S, NB, R, 16]: output o of rank r at [s, o // 16, r, o % 16], scale folded in, zeros past out_features."""
     from llmspeed.lora.layer import LoraLinear
