@@ -113,8 +113,8 @@ def finetune(
         )
     params = _parameters(model, adapter, full)
     data = token_stream(model, texts)
-    if data.numel() < seq_len + 1:
-        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
+    if data.numel() < seq_len:
+        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len}")
     check_precision(precision, model.spec.device, params)  # before set_adapter changes anything
     if adapter is not None:
         set_adapter(model, adapter)

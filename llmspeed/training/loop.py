@@ -219,8 +219,8 @@ def train(
                    eval_windows=eval_windows, seed=seed, gradient_checkpointing=gradient_checkpointing, progress=progress)
     check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions,
                     tokenizer=model.tokenizer is not None, **options)  # fmt: skip
-    if data.numel() < seq_len + 1:
-        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
+    if data.numel() < seq_len:
+        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len}")
     device = model.spec.device
     check_precision(precision, device, params)
     mp = MixedPrecision(precision, device.type)
@@ -259,7 +259,8 @@ def train(
             bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({mp.precision})")
             for _ in bar:  # a step that raises closes the bar in the finally below, not half drawn
                 tick = time.perf_counter()
-                starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)  # [B]
+                # every window start, the last included: its final token is a target too
+                starts = torch.randint(0, data.numel() - seq_len + 1, (batch_size,), generator=generator)  # [B]
                 batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()]).to(device)  # [B, seq_len]
                 with mp.autocast():
                     loss = hf(input_ids=batch, labels=batch, use_cache=False).loss

@@ -93,7 +93,7 @@ def test_finetune_bad_input(llama):
     lora.add_adapter(llama, "a", r=2)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         lora.finetune(llama, TOKENS, steps=0, progress=False)
-    with pytest.raises(ValueError, match="texts hold 100 tokens; seq_len=200 needs at least 201"):
+    with pytest.raises(ValueError, match="texts hold 100 tokens; seq_len=200 needs at least 200"):
         lora.finetune(llama, TOKENS[:100], steps=2, seq_len=200, progress=False)
     with pytest.raises(ValueError, match="seq_len must be at most the model's context of 512 tokens .*; got seq_len=2000"):
         lora.finetune(llama, TOKENS, steps=2, seq_len=2000, progress=False)

@@ -27,7 +27,7 @@ def _reference(hf, *, steps, lr, seq_len, batch_size, warmup, weight_decay, max_
         for group in optimizer.param_groups:
             group["lr"] = rate
         rates.append(rate)
-        starts = torch.randint(0, TOKENS.numel() - seq_len, (batch_size,), generator=generator)
+        starts = torch.randint(0, TOKENS.numel() - seq_len + 1, (batch_size,), generator=generator)
         batch = torch.stack([TOKENS[s0 : s0 + seq_len] for s0 in starts.tolist()])
         loss = hf(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
@@ -66,3 +66,24 @@ def test_finetune_matches_a_reference_adamw_loop(warmup_steps, weight_decay, max
     assert result.trainable_params == sum(p.numel() for p in reference.parameters())
     for (name, got), want in zip(model.hf.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_every_window_is_drawn_the_last_included(extra):
+    """Regression: starts were drawn below ``len - seq_len``, so the last window was never trained on (the
+    text's final token never a target) and a text of exactly ``seq_len`` tokens was refused."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    seq_len = 8
+    text = TOKENS[: seq_len + extra]
+    seen = set()
+
+    def spy(module, args, kwargs):
+        seen.update(int(row[-1]) for row in kwargs["input_ids"])
+
+    hook = model.hf.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        llmspeed.finetune(model, text, steps=6, lr=1e-3, seq_len=seq_len, batch_size=2, train="full", progress=False)
+    finally:
+        hook.remove()
+    assert int(text[-1]) in seen  # the window ending at the text's last token was drawn
+    assert seen <= {int(t) for t in text[seq_len - 1 :]}

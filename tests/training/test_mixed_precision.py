@@ -321,7 +321,7 @@ def test_token_ids_that_are_not_integers_are_refused(llama, dtype):
         (dict(lr=float("inf")), "lr must be a positive number; got inf"),
         (dict(seq_len=1), "seq_len must be at least 2; got 1"),
         (dict(batch_size=0), "batch_size must be a positive integer; got 0"),
-        (dict(texts=TOKENS[:16]), "texts hold 16 tokens; seq_len=16 needs at least 17"),
+        (dict(texts=TOKENS[:15]), "texts hold 15 tokens; seq_len=16 needs at least 16"),
         (dict(texts=TOKENS[:0]), "texts as a tensor must be 1-D integer token ids"),
         (dict(texts=["some text"]), "model has no tokenizer"),
         (dict(precision="fp8"), "precision must be one of"),
