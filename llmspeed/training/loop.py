@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -280,6 +281,10 @@ def train(
         restore_modes()
         for p, flag in flags.items():
             p.requires_grad_(flag)
+    if steps and mp.skipped_steps == steps:  # a forward pass that overflows fp16 every step: nothing trained
+        warnings.warn(f"every one of the {steps} {mp.precision} steps overflowed (last loss {losses[-1]}) and was "
+                      f"skipped: the parameters did not change; train with precision='bf16' (fp32's range) or "
+                      f"'fp32'", RuntimeWarning, stacklevel=3)  # fmt: skip
     after = _eval_loss(model, eval_windows, seq_len)
     return FinetuneResult(
         adapter,

@@ -78,6 +78,19 @@ def test_fp16_overflow_skips_that_step_and_recovers(llama):
     assert fell(result.losses) and all(torch.isfinite(p).all() for p in llama.hf.parameters())
 
 
+def test_fp16_that_overflows_every_step_warns_that_nothing_trained(llama):
+    """Regression: a forward pass that overflows fp16 at every step skipped every step in silence (the result's
+    ``skipped_steps`` and inf losses the only trace); the run now warns that the parameters did not change."""
+    with torch.no_grad():
+        llama.hf.model.layers[0].mlp.down_proj.weight.mul_(1e8)  # its fp16 outputs far past 65504
+    before = {n: p.detach().clone() for n, p in llama.hf.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="every one of the 12 fp16 steps overflowed .* did not change; train with "
+                                            "precision='bf16'"):  # fmt: skip
+        result = llmspeed.finetune(llama, TOKENS, precision="fp16", **RUN)
+    assert result.skipped_steps == RUN["steps"] == 12
+    assert all(torch.equal(p, before[n]) for n, p in llama.hf.named_parameters())
+
+
 def test_training_leaves_the_callers_random_state_as_it_was(llama):
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
