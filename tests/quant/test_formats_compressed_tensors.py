@@ -296,6 +296,12 @@ def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
      "config group 'group_0' quantizes activations too"),
     (lambda g: g["weights"].update(num_bits=2), "config group 'group_0' has num_bits=2, strategy='group'"),
     (lambda g: g["weights"].update(actorder="group"), "config group 'group_0' has weights type='int', actorder='group'"),
+    (lambda g: g.update(output_activations={"num_bits": 8, "type": "int", "strategy": "tensor"}),
+     "config group 'group_0' quantizes activations too"),
+    (lambda g: g["weights"].update(type="float"), "config group 'group_0' has weights type='float'"),
+    (lambda g: g["weights"].update(num_bits=8, strategy="channel", group_size=None, symmetric=False),
+     "config group 'group_0' has num_bits=8, strategy='channel', symmetric=False"),  # zero points llmspeed would drop
+    (lambda g: g["weights"].update(strategy="tensor"), "config group 'group_0' has num_bits=4, strategy='tensor'"),
 ])  # fmt: skip
 def test_schemes_llmspeed_cannot_read_are_refused_before_any_tensor_is_read(tmp_path, monkeypatch, edit, match):
     """Regression: a pack-quantized group with quantized activations (W4A8), another bit width or a stored g_idx was
@@ -430,6 +436,17 @@ def test_malformed_config_groups_name_the_file(tmp_path):
 
 
 # --- refusals and tampered files ---------------------------------------------------------------------
+def _permute_one_layer(model):
+    """An int4 model with one GPTQ act-order layer (``act_order=True``: input columns permuted in the packing)."""
+    from llmspeed.quant import QuantConfig
+
+    llmspeed.quantize(model, "int4", group_size=16)
+    name = "model.layers.0.mlp.up_proj"
+    layer = model.hf.get_submodule(name)
+    cfg = QuantConfig("int4", 16, act_order=True)
+    model.replace_linear(name, Int4Linear.from_codes(layer.codes(), layer.scales, layer.zeros, config=cfg))
+
+
 @pytest.mark.parametrize(
     "prepare, match",
     [
@@ -437,6 +454,7 @@ def test_malformed_config_groups_name_the_file(tmp_path):
         (lambda m: llmspeed.quantize(m, "int4", method="hqq"), "fractional zero points.*method='rtn'"),
         (lambda m: (llmspeed.quantize(m, "int4"), lora.add_adapter(m, "a", r=2)), "LoRA.*save_adapter"),
         (lambda m: llmspeed.quantize(m, "int4", activations="int8"), "activations='int8'.*activations='float'"),
+        (_permute_one_layer, "permuted input columns.*keep format='llmspeed'"),
         (lambda m: None, "no quantized layer"),
     ],
 )
