@@ -491,6 +491,10 @@ def _rewrite(path, change):
          r"'model.layers.1.self_attn.o_proj.weight_scale' is float32 \[128, 1\]"),
         (lambda t: t.pop("model.layers.0.mlp.down_proj.weight_zero_point"), r"'model.layers.0.mlp.down_proj.weight_zero_point' is missing"),
         (lambda t: t.update({"model.norm.weight": torch.ones(3)}), r"'model.norm.weight' is float32 \[3\]"),
+        (lambda t: t.update({"model.layers.0.mlp.up_proj.weight_shape": torch.tensor([256, 64])}),
+         r"tensor 'model.layers.0.mlp.up_proj.weight_shape' is \[256, 64\]; the layer is \[256, 128\]"),
+        (lambda t: t.update({"model.layers.0.mlp.gate.weight_packed": t["model.layers.0.mlp.up_proj.weight_packed"].clone()}),
+         r"tensor 'model.layers.0.mlp.gate.weight_packed' names no linear layer of the model"),
     ],
 )  # fmt: skip
 def test_tampered_compressed_tensors_folder_names_the_tensor(tmp_path, change, match):

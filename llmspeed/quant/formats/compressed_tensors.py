@@ -298,7 +298,7 @@ def module_buffers(
     )
     if shape.tolist() != [out, k]:
         raise ValueError(
-            f"{source}: tensor {name!r}.weight_shape is {shape.tolist()}; the layer is [{out}, {k}]"
+            f"{source}: tensor {name + '.weight_shape'!r} is {shape.tolist()}; the layer is [{out}, {k}]"
         )
     if cfg.format == "int8":
         packed = _expect(source, f"{name}.weight_packed", get(f"{name}.weight_packed", None), (torch.int32,),
