@@ -321,6 +321,24 @@ def test_schemes_llmspeed_cannot_read_are_refused_before_any_tensor_is_read(tmp_
         llmspeed.load(tmp_path)
 
 
+def test_fields_left_to_compressed_tensors_defaults_or_to_the_group_load_as_the_package_reads_them(tmp_path):
+    """A weights scheme without ``symmetric`` is symmetric (``QuantizationArgs``' default), and a group's own
+    ``format`` wins over the top-level one (``"mixed-precision"`` when groups are in different formats)."""
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=True, lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    quant = cfg["quantization_config"]
+    del quant["config_groups"]["group_0"]["weights"]["symmetric"]
+    quant["format"] = "mixed-precision"
+    assert quant["config_groups"]["group_0"]["format"] == "pack-quantized"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    back = llmspeed.load(tmp_path)
+    assert back.hf.model.layers[0].mlp.up_proj.config.symmetric
+    a, b = model.hf.state_dict(), back.hf.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _write_sparse_bitmask(path):
     """A sparse-only folder as compressed-tensors' bitmask compressor wrote them (0.20 writes none any more): each
     linear weight as ``weight.compressed`` (nonzero values), ``weight.bitmask``, ``weight.shape``, ``weight.row_offsets``."""
