@@ -111,6 +111,23 @@ def test_transformers_loads_export_with_llmspeed_logits(tmp_path, fmt, group, sy
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_partly_quantized_model_with_odd_channel_rows_exports_and_reads_back(tmp_path):
+    """The float layers of a partly quantized model are listed in ``ignore`` (transformers builds packed ones for
+    every other linear), and per-channel int4 rows of an odd in_features (down_proj: 131) read back with the
+    padding column holding the code of 0.0, as quantize packed it."""
+    model = llmspeed.models.tiny("llama", hidden_size=128, intermediate_size=131)
+    llmspeed.quantize(model, "int4", group_size=None, symmetric=False, include=["*.mlp.*"])
+    want = logits(model.hf)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    ignore = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == sorted(["lm_head", *(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert (logits(hf) - want).abs().max() <= 1e-4 * want.abs().max()
+    back = llmspeed.load(tmp_path)
+    a, b = model.hf.state_dict(), back.hf.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_asymmetric_default_transformers_path_still_fails(tmp_path):
     """Documents the compressed-tensors bug the docs' workaround is for; when it is fixed, drop the workaround."""
     model = llmspeed.models.tiny("llama")
