@@ -29,6 +29,7 @@ def test_cast_keeps_norms_and_rotary_in_fp32(tiny_model, dtype):
         ref = tiny_model.hf(IDS).logits
     assert llmspeed.cast(tiny_model, dtype) is tiny_model
     assert tiny_model.spec.dtype == target
+    assert tiny_model.hf.config.dtype == target  # what save_pretrained writes to config.json, and loaders read
     assert all(m.weight.dtype == target for _, m in tiny_model.linear_layers())
     assert _norms(tiny_model) and all(n.weight.dtype == torch.float32 for n in _norms(tiny_model))
     inv_freq = [b for n, b in tiny_model.hf.named_buffers() if n.endswith("inv_freq")]
@@ -45,6 +46,7 @@ def test_cast_back_to_fp32_removes_hooks(llama):
     llmspeed.cast(llama, "bf16")
     llmspeed.cast(llama, "fp32")
     assert all(p.dtype == torch.float32 for p in llama.hf.parameters())
+    assert llama.hf.config.dtype == torch.float32
     assert all(not n._forward_hooks for n in _norms(llama))
     with torch.no_grad():
         assert llama.hf(IDS).logits.dtype == torch.float32
@@ -99,6 +101,9 @@ def test_attach_and_autocast_take_a_transformers_model_as_cast_does(llama):
             assert hf(IDS).logits.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="model must be an llmspeed.Model"):
         llmspeed.precision.attach(object(), "bf16")
+    with pytest.raises(ValueError, match=r"cpu_matmul must be one of \['auto', 'native'\]; got 'fast'"):
+        llmspeed.precision.attach(hf, "bf16", cpu_matmul="fast")
+    assert all(not n._forward_hooks for n in _norms(llama))  # refused before any hook was attached
 
 
 def test_autocast_rejects_fp32(llama):
@@ -155,7 +160,7 @@ def test_casting_a_quantized_model_is_refused(llama):
 def test_casting_a_quantized_transformers_model_is_refused(llama):
     llmspeed.quantize(llama, "int8")  # through the wrapper tiny() returned
     scales = llama.hf.model.layers[0].self_attn.q_proj.scales.clone()
-    with pytest.raises(TypeError, match="must not be quantized.*Cast before quantizing"):
+    with pytest.raises(TypeError, match=r"must not be quantized to be cast; \d+ layers are \(e.g.*Cast before quantizing"):
         llmspeed.cast(llama.hf, "bf16")  # a fresh wrapper, which finds no nn.Linear positions
     assert llama.hf.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(llama.hf.model.layers[0].self_attn.q_proj.scales, scales)
@@ -220,6 +225,17 @@ def test_what_stays_fp32_keeps_its_exact_values(dtype):
     llmspeed.cast(model, "bf16" if dtype == "fp16" else "fp16")  # a second 16-bit cast too
     params = dict(model.hf.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in kept.items())
+
+
+def test_entering_an_active_autocast_block_again_is_refused_and_leaves_no_autocast_behind(llama):
+    """Re-entering the same block would replace its torch.autocast, so leaving both would leave the outer one on."""
+    ctx = llmspeed.autocast(llama, "bf16")
+    with ctx:
+        with pytest.raises(RuntimeError, match="already active; call llmspeed.autocast\\(\\) again to nest"):
+            with ctx:
+                pass
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
 
 
 def test_autocast_on_a_device_without_autocast_is_refused_at_the_call(llama):
