@@ -299,6 +299,19 @@ def test_the_most_specific_config_group_applies_as_in_compressed_tensors(tmp_pat
     assert (logits(model.hf) - want).abs().max() <= 1e-3 * want.abs().max()
 
 
+def test_a_packed_layer_no_config_group_targets_is_refused_by_name(tmp_path):
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int8", include=["*.mlp.*"], lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")  # one group, on "Linear"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    groups = cfg["quantization_config"]["config_groups"]
+    groups["group_1"] = {**groups["group_0"], "targets": ["re:.*self_attn.*"]}  # a second group: targets are read
+    groups["group_0"]["targets"] = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "down")]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="layer 'model.layers.0.mlp.up_proj' has packed weights but no config group"):
+        llmspeed.load(tmp_path)
+
+
 def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
     """Regression: a naive-quantized folder (int8 codes in ``weight``) failed on its first ``weight_scale`` with
     "matches no parameter or buffer of the model", as if the folder were damaged or for another model."""
@@ -628,6 +641,8 @@ def test_rotated_layers_export_as_compressed_tensors_hadamard_transforms(tmp_pat
         (lambda g: g["apply"][0].update(location="output"), "applies at 'output'"),
         (lambda g: [a.update(targets=["model.layers.0.mlp.up_proj"]) for a in g["apply"]],
          "down_proj.R4_input.weight' matches no parameter"),  # a matrix stored for a layer no group rotates
+        (lambda g: [a["targets"].append("lm_head") for a in g["apply"]],
+         "transform_config rotates layers stored in float, e.g. 'lm_head'"),
     ],
 )
 def test_transforms_llmspeed_cannot_apply_are_refused_before_loading(tmp_path, edit, match):
