@@ -83,7 +83,7 @@ def test_kv_cache_dtype_sets_the_cache_its_byte_budget_and_refuses_what_it_canno
         with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \['auto', 'fp32', 'bf16', 'fp16'\]"):
             Generator(model, progress=False, kv_cache_tokens=256, kv_cache_dtype=bad)
     on_gpu = dataclasses.replace(model.spec, device=torch.device("cuda"))
-    assert cache_dtype(on_gpu, "auto") == cache_dtype(on_gpu, "float32") == torch.float32
+    assert cache_dtype(on_gpu, "auto") == cache_dtype(on_gpu, " Auto ") == cache_dtype(on_gpu, "float32") == torch.float32
     with pytest.raises(ValueError, match="on cuda the attention kernels and CUDA graphs read the model's dtype"):
         cache_dtype(on_gpu, "fp16")
 
