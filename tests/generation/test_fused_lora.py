@@ -12,7 +12,8 @@ from llmspeed import lora
 from llmspeed.generation import Generator, SamplingParams, fused_decode, fused_lora
 from llmspeed.generation.runner import StepInput
 
-from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled, _regions_then_team, _staggered
+from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled, _regions_then_team
+from .test_fused_mixed import _staggered
 
 FP16_LORA_TOLERANCE = 2e-3  # logits, relative to their largest: adapters stacked in fp16 (docs/lora.md)
 
