@@ -106,11 +106,15 @@ class _Request(BaseModel):
         """Whether a streamed response ends with a usage chunk (``stream_options.include_usage``)."""
         return bool(self.stream_options is not None and self.stream_options.include_usage)
 
+    def max_tokens_given(self) -> tuple[str, int | None]:
+        """The field that bounds the answer's length and its value (``None`` when not given)."""
+        return "max_tokens", self.max_tokens
+
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone."""
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:  # as vLLM (sampling() checks defaults)
-            raise APIError(400, f"min_tokens must be at most max_tokens={self.max_tokens}; got {self.min_tokens}",
-                           "min_tokens")
+        name, given = self.max_tokens_given()
+        if given is not None and self.min_tokens > given:  # as vLLM (sampling() checks defaults)
+            raise APIError(400, f"min_tokens must be at most {name}={given}; got {self.min_tokens}", "min_tokens")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, f"stream_options is only allowed with stream: true; got stream: {str(self.stream).lower()}",
                            "stream_options")
@@ -225,6 +229,12 @@ class ChatCompletionRequest(_Request):
     modalities: list[Literal["text", "audio"]] | None = None
     safety_identifier: str | None = None  # with prompt_cache_key, what OpenAI's API has in place of user
     prompt_cache_key: str | None = None
+
+    def max_tokens_given(self) -> tuple[str, int | None]:
+        """``max_completion_tokens`` when given (it is the one used, as vLLM), else ``max_tokens``."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().max_tokens_given()
 
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone, messages without their content, and tool

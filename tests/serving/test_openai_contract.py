@@ -401,7 +401,20 @@ def test_min_tokens_above_an_explicit_max_tokens_is_a_400_naming_it(tiny_server,
         assert "min_tokens must be at most max_tokens=16; got 20" in _assert_error(r, 400, "min_tokens")
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}
         r = _post(url, "/v1/chat/completions", {**chat, "min_tokens": 5})
-        assert "min_tokens must be at most max_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
+        assert "min_tokens must be at most max_completion_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
+
+
+def test_min_tokens_is_bounded_by_max_completion_tokens_when_both_limits_are_given(tiny_server, live_server):
+    """Regression: with ``max_tokens`` and ``max_completion_tokens`` both given, ``max_completion_tokens`` is the limit
+    used (as vLLM), but ``min_tokens`` was checked against ``max_tokens``: ``max_tokens`` 2, ``max_completion_tokens``
+    10, ``min_tokens`` 5 was a 400 "at most max_tokens=2", and the 400 for ``max_completion_tokens`` 2 named
+    ``max_tokens=2``, a field the client set to 10."""
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "messages": CHAT, "min_tokens": 5}
+        ok = _post(url, "/v1/chat/completions", {**body, "max_tokens": 2, "max_completion_tokens": 10})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 5, ok.text
+        r = _post(url, "/v1/chat/completions", {**body, "max_tokens": 10, "max_completion_tokens": 2})
+        assert "min_tokens must be at most max_completion_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
 
 
 def test_an_api_key_guards_the_api_but_not_health_or_metrics(llama, live_server):
