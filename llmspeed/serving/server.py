@@ -361,7 +361,7 @@ class OpenAIServer:
             raw = await request.body()
             try:
                 return json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an int past Python's 4300 digits
                 raise APIError(400, f"the request body is not valid JSON: {err}") from None
             except RecursionError:  # a client's nesting is no server error (nor a traceback in its log)
                 raise APIError(400, "the request body is nested too deeply to decode as JSON") from None

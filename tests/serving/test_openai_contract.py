@@ -370,6 +370,15 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_500(tiny_server, live_server):
         assert _post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_a_number_too_long_to_read_is_a_400_not_a_500(tiny_server, live_server):
+    """Regression: an integer of more than 4300 digits (``"n": 1000...``) makes ``json.loads`` raise a plain
+    ``ValueError`` (Python's limit on int conversion), which was answered 500 ``server_error``."""
+    with live_server(tiny_server) as url:
+        raw = '{"model": "tiny", "prompt": "hi", "n": 1' + "0" * 5000 + "}"
+        r = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert "not valid JSON" in _assert_error(r, 400, None) and "digits" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_a_prompt_refused_by_the_engine_is_a_400_naming_prompt_or_messages(tiny_server, live_server, stream):
     """Regression: a prompt longer than the context, token ids outside the vocabulary or an empty chat were answered
