@@ -58,13 +58,14 @@ def _chat(url, **fields):
 
 RENDERED = [  # (request fields, the prompt the template writes)
     ({"messages": [{**HI, "name": "bob", "x-extra": 1}]}, "user(bob):hi\n"),
+    ({"messages": [{"role": "developer", "content": "be brief"}, HI]}, "system:be brief\nuser:hi\n"),
     ({"messages": [HI], "tools": [TOOL], "tool_choice": "none"}, "<f>user:hi\n"),
     ({"messages": ROUND_TRIP}, "user:hi\nassistant:[f]\ntool:42\n"),
     ({"messages": ROUND_TRIP, "tools": [TOOL], "tool_choice": "none", "stream": True}, "<f>user:hi\nassistant:[f]\ntool:42\n"),
 ]
 
 
-@pytest.mark.parametrize("fields,prompt", RENDERED, ids=["name", "tools", "tool-round-trip", "tools-streamed"])
+@pytest.mark.parametrize("fields,prompt", RENDERED, ids=["name", "developer-as-system", "tools", "tool-round-trip", "tools-streamed"])
 def test_message_fields_and_tools_reach_the_chat_template(llama, live_server, fields, prompt):
     tokenizer = ToolTokenizer()
     with live_server(_server(llama, tokenizer)) as url:

@@ -5,8 +5,17 @@ a bound moved by one, a field of the response left out or written wrong."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import pytest
+
+from llmspeed import lora
+from llmspeed.serving import Engine
+from llmspeed.serving.server import OpenAIServer
+from tests.generation.test_engine import ChatTokenizer
+from tests.serving.conftest import fail_third_sampling_call, openai_client
 
 openai = pytest.importorskip("openai")
 
@@ -22,6 +31,13 @@ def _error(r, status, param):
     error = r.json()["error"]
     assert error["param"] == param, error
     return error["message"]
+
+
+def _data(url, path, body):
+    """The ``data:`` payloads of a raw streamed response, ``[DONE]`` included."""
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as resp:
+        assert resp.status_code == 200, resp.read()
+        return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
 
 
 BOUNDS = [  # (path, field, the last value taken, the first refused, other fields it needs)
@@ -62,3 +78,70 @@ def test_max_tokens_that_exactly_fills_the_context_is_taken(tiny_server, live_se
         assert full.json()["usage"]["completion_tokens"] == limit - 2
         r = _post(url, "/v1/completions", {**body, "max_tokens": limit - 1})
         assert f"at most {limit - 2} can be generated" in _error(r, 400, "max_tokens")
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_the_response_id_object_created_model_and_usage_are_openais(tiny_server, live_server, endpoint):
+    chat = endpoint == "chat"
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "tiny", "max_tokens": 3, "min_tokens": 3, **({"messages": CHAT} if chat else {"prompt": "hi"})}
+    prefix, kind = ("chatcmpl-", "chat.completion") if chat else ("cmpl-", "text_completion")
+    with live_server(tiny_server) as url:
+        start = int(time.time())
+        whole = _post(url, path, body).json()
+        data = _data(url, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        end = int(time.time())
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert whole["id"].startswith(prefix) and whole["object"] == kind and whole["model"] == "tiny"
+    assert start <= whole["created"] <= end
+    used = whole["usage"]
+    assert used["completion_tokens"] == 3 and used["total_tokens"] == used["prompt_tokens"] + 3
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith(prefix) and chunks[0]["id"] != whole["id"]
+    for c in chunks:
+        assert c["object"] == (f"{kind}.chunk" if chat else kind) and c["model"] == "tiny"
+        assert start <= c["created"] <= end
+    assert chunks[-1]["usage"] == used
+
+
+def test_chat_logprobs_true_alone_gives_each_tokens_logprob_and_as_many_alternatives_as_asked(tiny_server, live_server):
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+        for top in (None, 3):
+            lp = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=top,
+                                                extra_body={"min_tokens": 3}).choices[0].logprobs
+            assert lp is not None and len(lp.content) == 3
+            assert all(len(t.top_logprobs) == (top or 0) for t in lp.content)
+
+
+def test_an_adapters_parent_is_the_base_and_an_unknown_model_names_the_field(llama, live_server):
+    llama.tokenizer = ChatTokenizer()
+    lora.add_adapter(llama, "docs", r=2)
+    with live_server(OpenAIServer(Engine(llama, kv_cache_tokens=1024), "tiny", adapters=("docs",))) as url:
+        listed = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [(m["id"], m["root"], m["parent"]) for m in listed] == [("tiny", "tiny", None), ("docs", "docs", "tiny")]
+        body = {"model": "nope", "prompt": "hi", "max_tokens": 2}
+        assert "'nope' does not exist" in _error(_post(url, "/v1/completions", body), 404, "model")
+
+
+def test_a_failure_after_tokens_that_is_no_step_fault_is_still_a_500(tiny_server, live_server, monkeypatch):
+    """A request that fails after its tokens (here its tokenizer cannot decode its output) is the server's fault:
+    only a request refused before any token is the client's 400."""
+    from llmspeed.generation.detokenizer import Detokenizer
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("injected decode fault")
+
+    with live_server(tiny_server) as url:
+        monkeypatch.setattr(Detokenizer, "finish", broken)
+        r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "min_tokens": 2})
+        assert "injected decode fault" in _error(r, 500, None) and r.json()["error"]["type"] == "server_error"
+
+
+def test_a_failed_stream_with_include_usage_ends_with_the_error_and_done_no_usage(tiny_server, live_server, monkeypatch):
+    with live_server(tiny_server) as url:
+        fail_third_sampling_call(monkeypatch)
+        body = {"model": "tiny", "prompt": "hi", "n": 2, "max_tokens": 10, "min_tokens": 10, "stream": True,
+                "stream_options": {"include_usage": True}}
+        data = _data(url, "/v1/completions", body)
+    assert data[-1] == "[DONE]" and "injected sampler fault" in json.loads(data[-2])["error"]["message"]
+    assert all(json.loads(d)["usage"] is None for d in data[:-2])
