@@ -208,19 +208,21 @@ class OpenAIServer:
     async def completions(self, request: Request, payload: Any) -> Response:
         """``POST /v1/completions`` (``max_tokens`` defaults to 16, as OpenAI's)."""
         req = parse(CompletionRequest, payload)
+        adapter = self._adapter(req.model)  # an unknown model is a 404 before anything else is looked at (as vLLM)
         prompt = req.single_prompt()
         if req.max_tokens is not None:
             prompt = await self._fitting(prompt, req.max_tokens, "max_tokens")
-        return await self._answer(request, req, prompt, req.max_tokens or 16, req.logprobs, chat=False)
+        return await self._answer(request, req, adapter, prompt, req.max_tokens or 16, req.logprobs, chat=False)
 
     async def chat(self, request: Request, payload: Any) -> Response:
         """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
         req = parse(ChatCompletionRequest, payload)
+        adapter = self._adapter(req.model)  # before the template is rendered and the context checked
         max_tokens = req.max_completion_tokens or req.max_tokens or self.context
         prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
             prompt = await self._fitting(prompt, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        return await self._answer(request, req, prompt, max_tokens, req.wanted_logprobs(), chat=True)
+        return await self._answer(request, req, adapter, prompt, max_tokens, req.wanted_logprobs(), chat=True)
 
     async def _fitting(self, prompt: Any, max_tokens: int, param: str) -> Any:
         """``prompt``'s token ids, or a 400 naming ``param`` when the prompt and ``max_tokens`` pass the context the
@@ -237,9 +239,8 @@ class OpenAIServer:
                                 f"prompt takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
         return ids
 
-    async def _answer(self, request: Request, req: Any, prompt: Any, max_tokens: int, logprobs: int | None,
-                      chat: bool) -> Response:
-        adapter = self._adapter(req.model)
+    async def _answer(self, request: Request, req: Any, adapter: str | None, prompt: Any, max_tokens: int,
+                      logprobs: int | None, chat: bool) -> Response:
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i), adapter) for i in range(req.n)]
         handles = self._submit_all(prompt, sps)
         if req.stream:

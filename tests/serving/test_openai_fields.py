@@ -145,3 +145,15 @@ def test_a_failed_stream_with_include_usage_ends_with_the_error_and_done_no_usag
         data = _data(url, "/v1/completions", body)
     assert data[-1] == "[DONE]" and "injected sampler fault" in json.loads(data[-2])["error"]["message"]
     assert all(json.loads(d)["usage"] is None for d in data[:-2])
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_an_unknown_model_is_a_404_before_the_context_is_checked(tiny_server, live_server, path):
+    """Regression: the model was looked up after the prompt was rendered and fitted to the context, so an unknown
+    model with a ``max_tokens`` past the context got a 400 about ``max_tokens`` instead of vLLM's 404."""
+    body = {"model": "no-such-model", "max_tokens": 10**6, **({"messages": CHAT} if "chat" in path else {"prompt": "hi"})}
+    with live_server(tiny_server) as url:
+        r = _post(url, path, body)
+        assert "no-such-model" in _error(r, 404, "model")
+        assert r.json()["error"]["code"] == "model_not_found"
+        assert "max_tokens" in _error(_post(url, path, {**body, "model": "tiny"}), 400, "max_tokens")
