@@ -246,7 +246,8 @@ class Engine:
     def close(self, timeout: float | None = 30.0) -> None:
         """Abort what is still running, stop the engine thread and wait for it (idempotent); ``timeout``: seconds to
         wait (``None``: as long as it takes)."""
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout >= 0):  # not >= 0: NaN too (join raised on it, the engine closed)
             raise ValueError(f"timeout must be None or seconds >= 0; got {timeout!r}")  # before the engine closes
         with self._cv:
             self._closing = True

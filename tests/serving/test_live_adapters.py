@@ -71,6 +71,9 @@ def test_close_names_a_bad_timeout_and_leaves_the_engine_open(llama):
     with llmspeed.Engine(llama) as engine:
         with pytest.raises(ValueError, match="timeout must be None or seconds >= 0; got 'x'"):
             engine.close(timeout="x")
+        for bad in (-0.5, float("nan")):  # NaN was taken: the engine closed, then join raised "Invalid value NaN"
+            with pytest.raises(ValueError, match=f"timeout must be None or seconds >= 0; got {bad}"):
+                engine.close(timeout=bad)
         assert not engine.closed
         assert engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)).result(timeout=30).token_ids
 
