@@ -157,6 +157,8 @@ def test_iterating_a_handle_again_after_its_final_event_raises_instead_of_hangin
         assert len(first) == 40 and first[-1].finished
         again = bounded(lambda: list(h))
         assert isinstance(again, RuntimeError) and "already iterated" in str(again)
+        with pytest.raises(TypeError, match="not submitted from asyncio: iterate it with `for`"):
+            asyncio.run(anext(h.events()))
         h2 = engine.submit([1, 2, 3], sp)  # two loops over one handle: each event goes to one, and both end
         got: list = []
         ends: list = []
@@ -184,6 +186,8 @@ def test_iterating_a_handle_again_after_its_final_event_raises_instead_of_hangin
             with pytest.raises(RuntimeError, match="already iterated"):
                 async for _ in ah.events():
                     pass
+            with pytest.raises(TypeError, match="submitted from asyncio: iterate it with `async for`"):
+                next(iter(ah))  # after the end: a wrong-mode loop that did block would fail here, not hang
             return events
 
         assert len(asyncio.run(asyncio.wait_for(twice(), 20))) == 40
@@ -467,6 +471,7 @@ def test_a_step_that_kills_the_engine_thread_ends_the_running_requests(llama, mo
     handles = [engine.submit([1, 2, 3 + i], SamplingParams(max_new_tokens=50, ignore_eos=True)) for i in range(3)]
     for h in handles:
         assert "step died" in h.result(timeout=10).error  # waited forever before the fix
+        assert h.result(timeout=0).request_id == h.request_id  # the output names its own request
         events = list(h)  # the stream ends too, with its final event
         assert events[-1].finished and "step died" in events[-1].output.error
     engine.close(timeout=5)
@@ -480,13 +485,21 @@ def test_a_step_that_always_raises_before_scheduling_ends_the_requests_instead_o
     with llmspeed.Engine(llama) as engine:
         monkeypatch.setattr(engine.generator, "_follow_adapter_changes",
                             lambda: (_ for _ in ()).throw(RuntimeError("injected pre-step fault")))
-        out = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
-        assert out.finish_reason == "error" and "injected pre-step fault" in out.error
+        h = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        out = h.result(timeout=30)
+        assert out.finish_reason == "error" and "injected pre-step fault" in out.error and out.request_id == h.request_id
         assert f"raised {serving_engine.MAX_FAILING_TURNS} times in a row" in out.error
         assert engine.metrics()["requests_finished"] == 1  # ended by the failing turns: counted (/metrics missed it)
+        errors = engine.loop_errors
+        time.sleep(0.5)  # the fault goes on (the abort's event is queued): the failing turns back off, not spin
+        assert engine.loop_errors - errors < 100
+        second = engine.submit([4, 5], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
+        assert f"raised {serving_engine.MAX_FAILING_TURNS} times in a row" in second.error  # the count started over
         monkeypatch.undo()  # the fault gone, the same engine serves again
         again = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
         assert again.finish_reason == "length" and len(again.token_ids) == 4
+        assert h.result(timeout=0).finish_reason == "error"  # the generator's abort event did not reach it after
+        assert engine.metrics()["requests_finished"] == 3
 
 
 def test_events_queued_before_a_raising_adapter_check_are_not_lost(llama, monkeypatch):
