@@ -79,6 +79,21 @@ def test_mismatched_token_count_is_a_clear_error(llama):
         llama.hf(input_ids=torch.zeros(1, 3, dtype=torch.long))
 
 
+def test_bad_logits_indices_or_a_row_count_that_does_not_fit_are_clear_errors(llama):
+    three_adapters(llama)
+    bad_rows = [(torch.tensor([0, -1]), r"must index the 3 tokens named; got \[0, -1\]"),
+                (torch.tensor([0, 3]), r"must index the 3 tokens named; got \[0, 3\]"),
+                (torch.tensor([0.0, 1.0]), "must be a 1-D integer tensor"),
+                (torch.tensor([[0, 1]]), "must be a 1-D integer tensor")]  # fmt: skip
+    for rows, message in bad_rows:
+        with pytest.raises(ValueError, match=f"logits_indices {message}"):
+            with lora.per_token_adapters(llama, ["a", "b", None], logits_indices=rows):
+                pass
+    with lora.per_row_adapters(llama, ["a", "b"]), pytest.raises(ValueError, match="given for 2 rows"):
+        llama.hf(input_ids=torch.zeros(3, 4, dtype=torch.long))  # 3 rows: not spread over 2 names
+    assert all(layer.routing is None for _, layer in lora.lora_layers(llama))
+
+
 def test_unknown_or_merged_adapter_rejected(llama):
     three_adapters(llama)
     with pytest.raises(ValueError, match="not adapters"):
