@@ -185,8 +185,9 @@ def test_gptq_rejects_bad_arguments():
         G.gptq_quantize(w, h, G.grid_for("int4"), 4, block_size=0)
     with pytest.raises(ValueError, match="format"):
         G.grid_for("fp8")
-    with pytest.raises(ValueError, match="clip_search"):
-        G.grid_for("int4", clip_search=(1.5,))
+    for bad in ((1.5,), (0.0,), (-0.5,), (), (True,)):  # shrinks must lie in (0, 1]
+        with pytest.raises(ValueError, match=r"clip_search must be a non-empty tuple of shrink factors in \(0, 1\]"):
+            G.grid_for("int4", clip_search=bad)
 
 
 def test_clip_search_never_fits_worse_than_min_max():
@@ -198,6 +199,27 @@ def test_clip_search_never_fits_worse_than_min_max():
         err[name] = (grid.fake_quantize(w, s[:, None], z[:, None]) - w).abs().pow(2.4).sum(1)
     assert (err["searched"] <= err["plain"] + 1e-6).all()
     assert err["searched"].sum() < err["plain"].sum()
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("int4", False), ("int4", True), ("nf4", False)])
+def test_clip_search_keeps_each_rows_best_shrink_of_all_tried(fmt, symmetric):
+    """Per row, the fitted scale and zero are those of the shrink with the smallest error among all of them, not
+    merely one no worse than the first (plain min/max) shrink."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    shrinks = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.8)
+
+    def row_error(grid, s, z):
+        return (grid.fake_quantize(w, s[:, None], z[:, None]) - w).abs().pow(2.4).sum(1)  # [rows]
+
+    plain, each = G.grid_for(fmt, (1.0,), symmetric), []
+    for c in shrinks:
+        s, z = plain.fit(w * c)  # the grid the search fits for this shrink
+        each.append(row_error(plain, s, z))
+    best = torch.stack(each).min(0).values  # [rows]
+    grid = G.grid_for(fmt, shrinks, symmetric)
+    s, z = grid.fit(w)
+    torch.testing.assert_close(row_error(grid, s, z), best)
+    assert len(set(torch.stack(each).argmin(0).tolist())) > 2  # the rows do pick different shrinks
 
 
 # --- calibration machinery -----------------------------------------------------------------------
