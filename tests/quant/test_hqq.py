@@ -80,6 +80,32 @@ def test_hqq_never_worse_than_its_start_in_lp(out, groups, group_size, seed):
     assert (lp(codes, z) <= lp(codes0, z0) + 1e-5).all()
 
 
+def test_padding_columns_neither_set_the_range_nor_vote_on_the_zero_point():
+    """Columns marked invalid (``in`` padded up to the group size) change nothing of a group's scale, zero point or
+    valid codes, whatever they hold."""
+    w = _weight(16, 48) + 0.05  # mostly positive: a range forced to hold the padding's 0.0 would differ
+    valid = torch.arange(64) < 48  # the last group of 32 is half padding
+    zeros = torch.nn.functional.pad(w, (0, 16))
+    garbage = zeros.clone()
+    garbage[:, 48:] = torch.randn(16, 16, generator=torch.Generator().manual_seed(5)) * 3
+    c0, s0, z0 = hqq_int4(zeros, 32, valid=valid)
+    c1, s1, z1 = hqq_int4(garbage, 32, valid=valid)
+    assert torch.equal(s0, s1) and torch.equal(z0, z1) and torch.equal(c0[:, :48], c1[:, :48])
+    lo, hi = w[:, 32:].amin(1), w[:, 32:].amax(1)  # the half-padded group's own range, on the fp16 grid
+    torch.testing.assert_close(s0[:, 1], ((hi - lo) / 15).half().float(), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("options", [dict(iters=0), dict(iters=3), dict(p=0.4), dict(beta=1e4), dict(kappa=1.5)])
+def test_each_hqq_option_reaches_the_solver(options):
+    """``method_options`` p, beta, kappa and iters each change the result, as ``hqq_int4`` with them computes it."""
+    w = _weight()
+    config = QuantConfig("int4", 32, method="hqq")
+    got, default = hqq_weight(w, config, **options), hqq_weight(w, config)
+    codes, scales, zeros = hqq_int4(w, 32, **options)
+    assert torch.equal(got.codes, codes) and torch.equal(got.scales, scales) and torch.equal(got.zeros, zeros)
+    assert not torch.equal(got.zeros, default.zeros)
+
+
 @pytest.mark.parametrize("value", [0.5, -2.0, 1e-3, 0.0])
 def test_hqq_constant_groups_dequantize_to_themselves_not_inf(value):
     """A constant group has no range: its scale is the smallest fp16 and ``-lo / scale`` a zero point past fp16,
@@ -147,6 +173,7 @@ def test_hqq_rejects_bad_options():
         (dict(iters=True), "iters must be an integer"),
         (dict(beta=float("nan")), "beta must be a finite number > 0; got nan"),
         (dict(beta=float("inf")), "beta must be a finite number > 0; got inf"),
+        (dict(beta=0.0), "beta must be a finite number > 0; got 0.0"),
         (dict(kappa="1"), "kappa must be a finite number >= 1; got '1'"),
     ],
 )
