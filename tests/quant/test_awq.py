@@ -62,12 +62,19 @@ def test_folding_random_scales_keeps_the_float_function(arch):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_int8_awq_model_stays_close_to_float():
+@pytest.mark.parametrize("duo_scaling", [False, True])  # its weight statistic is tied over GQA heads too
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: v_proj has a bias, divided with its rows by o_proj's s
+def test_int8_awq_model_stays_close_to_float(arch, duo_scaling):
     """Folded norms and rows plus quantized modules compute what the float model does (int8: tiny error)."""
-    model = _skewed(llmspeed.models.tiny("llama", seed=0))
+    model = _skewed(llmspeed.models.tiny(arch, seed=0))
+    g = torch.Generator().manual_seed(2)
+    for name, p in model.module.named_parameters():
+        if name.endswith("bias"):  # the tiny model's biases start at zero: give the fold something to divide
+            p.data.copy_(torch.randn(p.shape, generator=g))
     ref = _logits(model, _tokens(2, 32, seed=3))
     norms_before = _norm_weights(model)
-    llmspeed.quantize(model, "int8", method="awq", calibration=_tokens(), method_options=OPTS)
+    opts = dict(OPTS, duo_scaling=duo_scaling)
+    llmspeed.quantize(model, "int8", method="awq", calibration=_tokens(), method_options=opts)
     changed = [n for n, w in _norm_weights(model).items() if not torch.equal(w, norms_before[n])]
     assert any("input_layernorm" in n for n in changed) and any(
         "post_attention_layernorm" in n for n in changed
@@ -105,9 +112,29 @@ def test_awq_scales_lower_held_out_output_error_below_rtn(fmt):
     s, err = A.search_scales(w, h_cal, x_cal.abs().mean(0), quant)
     assert err <= A.output_error(w, quant(w), h_cal)  # s = 1 is a candidate
     assert not torch.allclose(s, torch.ones_like(s))
+    torch.testing.assert_close(s.max() * s.min(), torch.tensor(1.0))  # normalized so that max(s) min(s) = 1
+    direct = ((x_cal @ (quant(w) - w).T) ** 2).sum() / x_cal.shape[0]  # ||X W^T - X A^T||^2 / N
+    torch.testing.assert_close(torch.tensor(A.output_error(w, quant(w), h_cal)), direct, rtol=1e-4, atol=0)
     rtn = ((x_new @ (quant(w) - w).T) ** 2).sum()
     awq = ((x_new @ (quant(w * s) / s - w).T) ** 2).sum()
     assert awq < 0.8 * rtn
+
+
+def test_duo_scaling_search_never_does_worse_than_plain_rounding():
+    """With ``duo_scaling`` no grid point is ``s = 1`` (alpha = 0 gives ``1 / w_stat``), so ``s = 1`` is scored on its
+    own: where every scale hurts (an activation statistic the Hessian does not bear out), it wins."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    h = torch.eye(64)
+    x = torch.ones(64)
+    x[:4] = 1000.0
+    config = QuantConfig("int4", 16)
+
+    def quant(v):
+        return A.grid_quantize(v, grid_for("int4"), config).dequantized
+
+    s, err = A.search_scales(w, h, x, quant, duo_scaling=True)
+    assert err == A.output_error(w, quant(w), h)
+    assert torch.equal(s, torch.ones(64))
 
 
 def test_grid_quantize_without_clip_is_round_to_nearest():
@@ -177,6 +204,19 @@ def test_awq_builds_packed_modules_that_beat_rtn_and_survive_save_load(method, f
     llmspeed.save(model, tmp_path / "q")
     loaded = llmspeed.load(tmp_path / "q")
     torch.testing.assert_close(_logits(loaded, x), _logits(model, x))
+
+
+@pytest.mark.parametrize("method,default", [("awq", A.AWQ_CLIP), ("awq+gptq", (1.0,))])
+def test_clip_search_defaults_to_awq_clip_for_awq_and_none_with_gptq(method, default):
+    """Without ``clip_search``, ``"awq"`` searches :data:`AWQ_CLIP`'s shrinks and ``"awq+gptq"`` does not clip."""
+    other = (1.0,) if default != (1.0,) else A.AWQ_CLIP
+    weights = {}
+    for key, opts in (("none", OPTS), ("default", dict(OPTS, clip_search=default)), ("other", dict(OPTS, clip_search=other))):
+        model = _skewed(llmspeed.models.tiny("llama", seed=0))
+        llmspeed.quantize(model, "int4", 16, method=method, calibration=_tokens(), method_options=opts)
+        weights[key] = dict(model.linear_layers())["model.layers.0.self_attn.q_proj"].dequantize()
+    assert torch.equal(weights["none"], weights["default"])
+    assert not torch.equal(weights["none"], weights["other"])
 
 
 def test_awq_is_deterministic():
