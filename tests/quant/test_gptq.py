@@ -307,6 +307,17 @@ def test_calibration_tokens_windows_and_errors(smollm2_cached):
             calibration_tokens(smollm2_cached, bad, cfg)
     with pytest.raises(ValueError, match="seq_len"):
         CalibrationConfig(seq_len=0)
+    with pytest.raises(ValueError, match="n_sequences must be a positive integer; got True"):
+        CalibrationConfig(n_sequences=True)
+    tiny = llmspeed.models.tiny("llama", seed=0)  # context 512, vocabulary 256
+    assert calibration_tokens(tiny, torch.zeros(1024, dtype=torch.long), CalibrationConfig(2, 512)).shape == (2, 512)
+    for ids, match in (
+        (torch.full((64,), 256), r"token ids must lie in \[0, 256\); got \[256, 256\]"),
+        (torch.full((64,), -1), r"token ids must lie in \[0, 256\); got \[-1, -1\]"),
+        (torch.zeros(64), r"calibration tensor must hold token ids, int64 \[n, T\] or \[T\]; got torch.float32"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            calibration_tokens(tiny, ids, CalibrationConfig(2, 16))
 
 
 # --- the model-level method ---------------------------------------------------------------------
