@@ -122,6 +122,36 @@ def test_choices_depend_on_threads_shape_bucket_and_dtype(tuned, monkeypatch):
     assert len(calls) == 5 and len(list((tuned / "autotune").glob("*.json"))) == 2
 
 
+def test_choice_keys_tell_groups_and_double_quantization_apart_and_machine_keys_torch_versions(monkeypatch):
+    x = torch.randn(4, 128)
+    assert tuning.choice_key(_module(Int4Linear, group=32), x) != tuning.choice_key(_module(Int4Linear, group=64), x)
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96)
+    plain = NF4Linear.from_linear(linear, QuantConfig("nf4", 32))
+    double = NF4Linear.from_linear(linear, QuantConfig("nf4", 32, double_quant=True))
+    assert tuning.choice_key(plain, x) != tuning.choice_key(double, x)
+    key = tuning.machine_key()
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert tuning.machine_key() != key
+
+
+def test_two_processes_writing_choices_keep_each_others(tuned):
+    """Each write merges what is on disk: a store that loaded the file before another process wrote to it keeps
+    that process's choice instead of writing its own older view over it."""
+    folder = tuned / "autotune"
+    first, second = tuning.ChoiceStore("m", folder), tuning.ChoiceStore("m", folder)
+    assert second.get("a") is None  # loaded (nothing yet)
+    first.put("a", "cpp", {"cpp": 1.0})
+    second.put("b", "amx", {"amx": 1.0})
+    assert tuning.ChoiceStore("m", folder).get("a") == "cpp" and tuning.ChoiceStore("m", folder).get("b") == "amx"
+
+
+def test_the_row_limit_of_a_rule_includes_its_bound(monkeypatch):
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    assert auto.AUTO_RULES[("cpu", "int4")][0] == (8, None, "cpp")
+    assert auto.auto_kernel(_module(Int4Linear), torch.randn(8, 128)).name == "cpp"
+
+
 def test_float_and_int8_activation_layers_keep_their_own_choices(tuned, monkeypatch):
     """Regression: the key left ``activations`` out, so a float and an int8-activation layer of one shape shared
     an entry; their candidates differ (``cpp_panels``), so each timed again over the other's choice, in every
@@ -181,7 +211,8 @@ def test_a_cache_file_from_another_machine_or_garbage_is_ignored(tuned, monkeypa
     folder = tuned / "autotune"
     folder.mkdir(mode=0o700)
     path = folder / tuning.store().name
-    path.write_text(json.dumps({"machine": "another CPU", "choices": {key: {"kernel": "reference"}}}))
+    names = sorted(k.name for k in auto.cpu_candidates(module, x))  # raced against the same kernels, elsewhere
+    path.write_text(json.dumps({"machine": "another CPU", "choices": {key: {"kernel": "dequant_fp32", "candidates": names}}}))
     calls: list = []
     _fake_times(monkeypatch, {"cpp": 1.0}, calls)
     assert auto.auto_kernel(module, x).name == "cpp" and len(calls) == 1
