@@ -157,3 +157,20 @@ def test_an_unknown_model_is_a_404_before_the_context_is_checked(tiny_server, li
         assert "no-such-model" in _error(r, 404, "model")
         assert r.json()["error"]["code"] == "model_not_found"
         assert "max_tokens" in _error(_post(url, path, {**body, "model": "tiny"}), 400, "max_tokens")
+
+
+def test_text_offsets_advance_by_each_tokens_text_as_decoded():
+    """The tiny server's tokens are one character each, so offsets advanced by one per token went unnoticed: with
+    pieces of several characters each ``text_offset`` is where its token's text starts (the first at ``offset``)."""
+    from llmspeed.generation.sampling import TokenLogprobs
+    from llmspeed.serving.openai_responses import completion_logprobs
+
+    class Pieces:
+        def decode(self, ids):
+            return {1: "Hello", 2: ",", 3: " world", 4: "!"}[ids[0]]
+
+    items = [TokenLogprobs(t, -0.5 * t, [(t, -0.5 * t), (4, -3.0)]) for t in (1, 2, 3)]
+    out = completion_logprobs(Pieces(), items, offset=7)
+    assert out["tokens"] == ["Hello", ",", " world"]
+    assert out["text_offset"] == [7, 12, 13]
+    assert out["top_logprobs"][2] == {" world": -1.5, "!": -3.0}
