@@ -264,3 +264,11 @@ def test_progress_must_be_a_bool():
     """Regression: ``progress="no"`` was accepted as true (a progress bar where none was asked for)."""
     with pytest.raises(TypeError, match="progress must be True or False; got 'no'"):
         llmspeed.eval.perplexity(llmspeed.models.tiny("llama", seed=0), window=8, n_windows=1, progress="no")
+
+
+def test_perplexity_scores_a_text_of_exactly_window_times_n_windows_tokens(llama):
+    """The boundary of the length check: a text of exactly ``window * n_windows`` tokens is enough; one fewer is not."""
+    model = llmspeed.wrap(llama.hf, CharTokenizer())
+    assert math.isfinite(llmspeed.eval.perplexity(model, text="abcdefgh", window=4, n_windows=2))
+    with pytest.raises(ValueError, match="text is too short: 7 tokens, but window=4 x n_windows=2 needs 8"):
+        llmspeed.eval.perplexity(model, text="abcdefg", window=4, n_windows=2)
