@@ -272,3 +272,11 @@ def test_perplexity_scores_a_text_of_exactly_window_times_n_windows_tokens(llama
     assert math.isfinite(llmspeed.eval.perplexity(model, text="abcdefgh", window=4, n_windows=2))
     with pytest.raises(ValueError, match="text is too short: 7 tokens, but window=4 x n_windows=2 needs 8"):
         llmspeed.eval.perplexity(model, text="abcdefg", window=4, n_windows=2)
+
+
+def test_footprint_counts_a_views_whole_storage():
+    """Bytes held, not bytes seen: a buffer that views part of a larger storage keeps all of that storage alive."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    before = llmspeed.memory_footprint(model)["other"]
+    model.hf.model.norm.register_buffer("part", torch.zeros(100)[:10], persistent=False)
+    assert llmspeed.memory_footprint(model)["other"] == before + 100 * 4
