@@ -275,3 +275,35 @@ def test_replace_linear_rejects_a_module_of_other_features(llama):
     with pytest.raises(ValueError, match=f"module for '{name}' maps 3 -> {old.out_features} features"):
         llama.replace_linear(name, nn.Linear(3, old.out_features))
     assert llama.hf.get_submodule(name) is old
+
+
+def test_fair_lock_is_reentrant_refuses_a_foreign_release_and_lets_no_one_jump_the_queue():
+    import threading
+
+    from llmspeed.protocol import FairRLock
+
+    lock = FairRLock()
+    assert lock.acquire() and lock.acquire()  # re-entrant
+    lock.release()
+    errors = []
+
+    def foreign_release():
+        try:
+            lock.release()
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=foreign_release)
+    t.start()
+    t.join(30)
+    assert errors == ["cannot release a lock this thread does not hold"] and lock._owner == threading.get_ident()
+    lock.release()
+    lock._queue.append(object())  # a thread waits for the free lock (not yet woken): none may take it before it
+    got = []
+    barger = threading.Thread(target=lambda: got.append(lock.acquire(blocking=False)), daemon=True)
+    barger.start()
+    barger.join(10)  # a non-blocking acquire that queued would wait forever
+    assert got == [False] and lock._owner is None
+    lock._queue.clear()
+    assert lock.acquire(blocking=False)
+    lock.release()
