@@ -307,3 +307,22 @@ def test_fair_lock_is_reentrant_refuses_a_foreign_release_and_lets_no_one_jump_t
     lock._queue.clear()
     assert lock.acquire(blocking=False)
     lock.release()
+
+
+def test_wrap_takes_a_tokenizer_as_large_as_the_vocabulary_and_no_larger(llama):
+    class Tokenizer:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def encode(self, text):
+            return []
+
+        def decode(self, ids):
+            return ""
+
+    assert llmspeed.wrap(llama.hf, Tokenizer(256)).tokenizer.n == 256
+    with pytest.raises(ValueError, match="it has 257 tokens but the model's vocabulary has 256 rows"):
+        llmspeed.wrap(llama.hf, Tokenizer(257))
