@@ -53,3 +53,25 @@ def test_comment_and_docstring_extraction():
     assert registers.comment_blocks(source) == [
         "first line of a note second line here a trailing comment here"
     ]
+
+
+def test_comment_blocks_drop_runs_of_two_words_or_fewer():
+    source = "# two words\nx = 1\n# three words here\n"
+    assert registers.comment_blocks(source) == ["three words here"]
+
+
+def test_chunks_cover_the_text_at_line_ends():
+    lines = [f"line {i} " + "x" * (i % 70) for i in range(400)]
+    text = "\n".join(lines)
+    pieces = registers._chunks(text, len(text))
+    assert len(pieces) > 2 and "\n".join(pieces) == text  # nothing skipped, nothing repeated
+    assert all(len(p) >= registers.CHUNK_CHARS for p in pieces[:-1])
+
+
+def test_mix_holds_every_chunk_of_every_register():
+    """A register with fewer chunks runs out first; the other registers' chunks still all go in."""
+    mix = registers.calibration_mix()
+    texts = registers.register_texts()
+    for register in registers.REGISTERS:
+        chunks = registers._chunks(texts[register], registers.REGISTER_CHARS)
+        assert all(c in mix for c in chunks), register
