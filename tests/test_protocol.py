@@ -326,3 +326,22 @@ def test_wrap_takes_a_tokenizer_as_large_as_the_vocabulary_and_no_larger(llama):
     assert llmspeed.wrap(llama.hf, Tokenizer(256)).tokenizer.n == 256
     with pytest.raises(ValueError, match="it has 257 tokens but the model's vocabulary has 256 rows"):
         llmspeed.wrap(llama.hf, Tokenizer(257))
+
+
+def test_fair_lock_acquire_times_out_and_leaves_no_ticket_behind():
+    import threading
+
+    from llmspeed.protocol import FairRLock
+
+    lock = FairRLock()
+    lock.acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(lock.acquire(timeout=0.1)), daemon=True)
+    waiter.start()
+    waiter.join(10)  # a timeout ignored would wait for the holder forever
+    assert got == [False] and not lock._queue
+    lock.release()
+    taker = threading.Thread(target=lambda: got.append(lock.acquire(timeout=10) and (lock.release() or True)))
+    taker.start()
+    taker.join(30)
+    assert got == [False, True]
