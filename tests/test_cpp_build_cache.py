@@ -1,0 +1,57 @@
+"""The kernel cache's gate, key and lock, in process and without a compiler run (``_build_one`` is replaced).
+
+The real builds, tampered libraries and dead builders are in ``test_cpp_build.py`` (slow: one real compile).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from llmspeed import cpp_build
+
+SOURCE = "int64_t answer() { return 42; }\n"
+
+
+@pytest.fixture
+def gate(monkeypatch, tmp_path) -> dict:
+    """``build`` up to its compile step, in process: a private cache, a source, and ``_build_one`` recording its calls."""
+    monkeypatch.setenv("LLMSPEED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cpp_build.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(cpp_build, "compiler", lambda: "/usr/bin/c++")
+    monkeypatch.setattr(cpp_build.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(cpp_build, "_WARNED", set())
+    source = tmp_path / "answer.cpp"
+    source.write_text(SOURCE)
+    calls: list[tuple] = []
+    monkeypatch.setattr(cpp_build, "_build_one", lambda *args: calls.append(args) or "module")
+    return {"source": source, "calls": calls, "tmp": tmp_path}
+
+
+def test_the_cache_key_covers_torch_and_the_included_files(monkeypatch, gate):
+    key = cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS)
+    monkeypatch.setattr(cpp_build.torch, "__version__", "0.0.0+another")
+    assert cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS) != key
+    header = gate["tmp"] / "tile.h"
+    header.write_text("// v1")
+    assert cpp_build.build("llmspeed_test", gate["source"], ["answer"], [header]) == ("module", None)
+    header.write_text("// v2")
+    cpp_build.build("llmspeed_test", gate["source"], ["answer"], [header])
+    first, second = (call[2] for call in gate["calls"])  # key_text: what names the folder
+    assert first != second and "// v2" in second
+
+
+def test_a_cache_folder_of_another_user_is_refused(monkeypatch, gate):
+    from llmspeed import machine
+
+    monkeypatch.setattr(machine.os, "getuid", lambda: os.stat(gate["tmp"]).st_uid + 1)
+    with pytest.warns(RuntimeWarning, match="pure-torch path runs"):
+        module, reason = cpp_build.build("llmspeed_test", gate["source"], ["answer"])
+    assert module is None and gate["calls"] == []
+    assert "belongs to user id" in reason and "LLMSPEED_CACHE" in reason
+
+
+def test_a_missing_source_is_named_not_raised(gate):
+    module, reason = cpp_build.build("llmspeed_test", gate["tmp"] / "gone.cpp", ["answer"])
+    assert module is None and reason == "the kernel source gone.cpp is missing from this installation"
