@@ -55,3 +55,50 @@ def test_a_cache_folder_of_another_user_is_refused(monkeypatch, gate):
 def test_a_missing_source_is_named_not_raised(gate):
     module, reason = cpp_build.build("llmspeed_test", gate["tmp"] / "gone.cpp", ["answer"])
     assert module is None and reason == "the kernel source gone.cpp is missing from this installation"
+
+
+def test_a_build_that_needs_no_openmp_warns_it_runs_on_one_thread(monkeypatch, gate):
+    def openmp_rejected(prefix, text, key_text, functions, flags, *rest):
+        if "-fopenmp" in flags:
+            raise RuntimeError("c++: error: unrecognized command-line option '-fopenmp'")
+        return "module"
+
+    monkeypatch.setattr(cpp_build, "_build_one", openmp_rejected)
+    with pytest.warns(RuntimeWarning, match="built without OpenMP .*-fopenmp.*: it runs on one thread"):
+        assert cpp_build.build("llmspeed_test", gate["source"], ["answer"]) == ("module", None)
+
+
+def test_a_second_builder_waits_for_the_lock_and_clearing_keeps_it(tmp_path, capsys):
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")
+
+    entered, release = threading.Event(), threading.Event()
+
+    def first():
+        with cpp_build.builder_lock(tmp_path, "first"):
+            (tmp_path / "partial.o").write_text("x")
+            cpp_build._clear(tmp_path)  # what a rebuild does while holding the lock
+            entered.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    assert entered.wait(30) and not (tmp_path / "partial.o").exists()
+    with open(tmp_path / cpp_build.LOCK, "a") as other:  # clearing kept the lock file the first builder holds
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def waiter():
+        with cpp_build.builder_lock(tmp_path, "second"):
+            pass
+
+    second = threading.Thread(target=waiter)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waits while the first holds the lock
+    release.set()
+    holder.join(30)
+    second.join(30)
+    assert not second.is_alive()
+    assert "waiting for another process that is building second" in capsys.readouterr().err
