@@ -102,3 +102,19 @@ def test_a_second_builder_waits_for_the_lock_and_clearing_keeps_it(tmp_path, cap
     second.join(30)
     assert not second.is_alive()
     assert "waiting for another process that is building second" in capsys.readouterr().err
+
+
+def test_llmspeed_build_retries_failed_builds_and_amx_is_optional(monkeypatch, capsys):
+    from llmspeed import prebuild
+    from llmspeed.generation import fused_decode
+    from llmspeed.quant.kernels import amx, cpp
+
+    monkeypatch.setattr(cpp_build, "RETRY_FAILED", False)
+    retried = lambda: None if cpp_build.RETRY_FAILED else "an earlier build failed"  # noqa: E731
+    monkeypatch.setattr(cpp, "unavailable", retried)
+    monkeypatch.setattr(fused_decode, "unavailable", retried)
+    monkeypatch.setattr(amx, "unavailable", lambda: "this CPU has no AMX-BF16")
+    assert prebuild.main([]) == 0
+    out = capsys.readouterr().out
+    assert "quantized matmul (cpp): ready" in out and "fused decode step: ready" in out
+    assert "(amx, optional): unavailable: this CPU has no AMX-BF16" in out
