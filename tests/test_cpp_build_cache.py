@@ -6,6 +6,7 @@ The real builds, tampered libraries and dead builders are in ``test_cpp_build.py
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -118,3 +119,21 @@ def test_llmspeed_build_retries_failed_builds_and_amx_is_optional(monkeypatch, c
     out = capsys.readouterr().out
     assert "quantized matmul (cpp): ready" in out and "fused decode step: ready" in out
     assert "(amx, optional): unavailable: this CPU has no AMX-BF16" in out
+
+
+def test_the_reason_is_the_compilers_error_line_and_the_warning_comes_once(gate):
+    ninja = "FAILED: answer.o\nanswer.cpp:1:1: error: 'this' does not name a type\nninja: build stopped: subcommand failed."
+    assert cpp_build._last_line(RuntimeError(ninja)) == "answer.cpp:1:1: error: 'this' does not name a type"
+    assert cpp_build._last_line(RuntimeError("x" * 500 + "\nninja: build stopped")) == "ninja: build stopped"
+    assert cpp_build._last_line(RuntimeError("a\n" + "y" * 500)) == "y" * 300
+    assert cpp_build._last_line(ImportError()) == "ImportError"
+    gate["tmp"].joinpath("cache", "kernels").mkdir(parents=True)
+    os.chmod(
+        gate["tmp"] / "cache" / "kernels", 0o777
+    )  # refused: every call returns the reason, one warning per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            module, reason = cpp_build.build("llmspeed_test", gate["source"], ["answer"])
+            assert module is None and "can be written by other users" in reason
+    assert [str(w.message).count("pure-torch path runs") for w in caught] == [1]
