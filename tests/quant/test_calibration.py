@@ -71,3 +71,20 @@ def test_capture_checks_that_layer_0_is_reached_for_every_batch(llama, n, batch_
             C.capture_layer_inputs(llama, _tokens(n, 8), batch_size)
     finally:
         handle.remove()
+
+
+def test_a_planned_linear_the_forward_pass_never_calls_is_named(llama):
+    _, layers = C.decoder_layers(llama)
+    layer = layers[0]
+    inputs = C.capture_layer_inputs(llama, _tokens(4, 16), batch_size=4)
+    names = {n: f"model.layers.0.{n}" for n in _linears(layer)}
+    _, groups = C.layer_hessians(layer, inputs, list(names))
+    layer.add_module("unused", torch.nn.Linear(64, 64))  # planned, but the layer's forward never calls it
+    names["unused"], groups["unused"] = "model.layers.0.unused", ["unused"]
+    plan = {q: QuantConfig("int4", 16) for q in names.values()}
+
+    def keep(group, config):
+        return [(torch.nn.Identity(), linear.weight) for linear in group.linears]
+
+    with pytest.raises(RuntimeError, match=r"linear layers \['model.layers.0.unused'\] were not called"):
+        C.quantize_layer(layer, inputs, names, groups, keep, plan)
