@@ -315,7 +315,9 @@ def _invalid(errors: list[Any]) -> APIError:
     at = next((i for i, p in enumerate(first["loc"]) if _is_member(p)), None)
     if at is None:
         param = ".".join(str(p) for p in first["loc"])
-        return APIError(400, f"{param}: {first['msg']} (got {first.get('input')!r})", param or None)
+        if first.get("type") == "missing":  # its input is the object that lacks it: the whole body, prompt and all
+            return APIError(400, f"{param}: {first['msg']}", param or None)
+        return APIError(400, f"{param}: {first['msg']} (got {_shown(first.get('input'))})", param or None)
     field = first["loc"][:at]
     members = [e for e in errors if e["loc"][:at] == field and len(e["loc"]) > at and _is_member(e["loc"][at])]
     worst = max(members, key=lambda e: len(e["loc"]))  # max keeps the first of equals
@@ -323,7 +325,13 @@ def _invalid(errors: list[Any]) -> APIError:
     kinds = [_KINDS.get(k, k) for k in dict.fromkeys(e["loc"][at] for e in members)]
     accepted = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
     name = ".".join(str(p) for p in field)
-    return APIError(400, f"{param}: {worst['msg']} (got {worst.get('input')!r}); {name} must be {accepted}", param)
+    return APIError(400, f"{param}: {worst['msg']} (got {_shown(worst.get('input'))}); {name} must be {accepted}", param)
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error quotes what was given, not a whole long prompt."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # --- responses -------------------------------------------------------------------------------------

@@ -174,3 +174,15 @@ def test_text_offsets_advance_by_each_tokens_text_as_decoded():
     assert out["tokens"] == ["Hello", ",", " world"]
     assert out["text_offset"] == [7, 12, 13]
     assert out["top_logprobs"][2] == {" world": -1.5, "!": -3.0}
+
+
+def test_an_error_quotes_a_bounded_value_and_a_missing_field_not_the_whole_body(tiny_server, live_server):
+    """Regression: a missing field's error quoted its input, which is the whole request body (a long prompt and
+    all), and a wrong value was quoted however long it was."""
+    long_prompt = "word " * 5000
+    with live_server(tiny_server) as url:
+        missing = _error(_post(url, "/v1/completions", {"prompt": long_prompt, "max_tokens": 1}), 400, "model")
+        assert missing == "model: Field required"
+        wrong = _error(_post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many" * 100}),
+                       400, "max_tokens")
+        assert len(wrong) < 400 and "... (402 characters)" in wrong
