@@ -38,12 +38,18 @@ def test_float_targets_follow_the_float_model_through_a_layer_with_nothing_plann
         torch.testing.assert_close(weight, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_linears_fed_one_input_with_different_formats_are_refused(llama):
+def _layer_0(llama):
+    """Layer 0, its captured inputs, its linears' qualified names and their input groups."""
     _, layers = C.decoder_layers(llama)
     layer = layers[0]
     inputs = C.capture_layer_inputs(llama, _tokens(4, 16), batch_size=4)
     names = {n: f"model.layers.0.{n}" for n in _linears(layer)}
     _, groups = C.layer_hessians(layer, inputs, list(names))
+    return layer, inputs, names, groups
+
+
+def test_linears_fed_one_input_with_different_formats_are_refused(llama):
+    layer, inputs, names, groups = _layer_0(llama)
     plan = {q: QuantConfig("int4", 16) for q in names.values()}
     plan["model.layers.0.self_attn.k_proj"] = QuantConfig("int8")
     called = []
@@ -74,11 +80,7 @@ def test_capture_checks_that_layer_0_is_reached_for_every_batch(llama, n, batch_
 
 
 def test_a_planned_linear_the_forward_pass_never_calls_is_named(llama):
-    _, layers = C.decoder_layers(llama)
-    layer = layers[0]
-    inputs = C.capture_layer_inputs(llama, _tokens(4, 16), batch_size=4)
-    names = {n: f"model.layers.0.{n}" for n in _linears(layer)}
-    _, groups = C.layer_hessians(layer, inputs, list(names))
+    layer, inputs, names, groups = _layer_0(llama)
     layer.add_module("unused", torch.nn.Linear(64, 64))  # planned, but the layer's forward never calls it
     names["unused"], groups["unused"] = "model.layers.0.unused", ["unused"]
     plan = {q: QuantConfig("int4", 16) for q in names.values()}
