@@ -14,7 +14,7 @@ import torch
 
 from ..model import as_model
 from ..protocol import CausalLM, holds_step_lock, is_quantized
-from ..training import FinetuneResult, check_arguments, check_precision, token_stream, train
+from ..training import FinetuneResult, check_arguments, check_length, check_precision, token_stream, train
 from .inject import (
     active_adapter,
     adapter_names,
@@ -113,8 +113,7 @@ def finetune(
         )
     params = _parameters(model, adapter, full)
     data = token_stream(model, texts)
-    if data.numel() < seq_len:
-        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len}")
+    check_length(data, seq_len)
     check_precision(precision, model.spec.device, params)  # before set_adapter changes anything
     if adapter is not None:
         set_adapter(model, adapter)

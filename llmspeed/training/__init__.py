@@ -5,7 +5,7 @@ weights, a QAT model's latent weights, or an adapter) and :func:`llmspeed.lora.f
 """
 
 from .amp import PRECISIONS, MixedPrecision, check_precision, unsupported_reason
-from .loop import FinetuneResult, check_arguments, set_checkpointing, token_stream, train
+from .loop import FinetuneResult, check_arguments, check_length, set_checkpointing, token_stream, train
 
 __all__ = [
     "PRECISIONS",
@@ -14,6 +14,7 @@ __all__ = [
     "unsupported_reason",
     "FinetuneResult",
     "check_arguments",
+    "check_length",
     "set_checkpointing",
     "token_stream",
     "train",

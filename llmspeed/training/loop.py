@@ -159,6 +159,12 @@ def check_arguments(
             raise ValueError(f"{arg} must be a bool; got {flag!r}")
 
 
+def check_length(data: torch.Tensor, seq_len: int) -> None:
+    """``ValueError`` when the token stream ``data`` holds less than one window of ``seq_len`` tokens."""
+    if data.numel() < seq_len:
+        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len}")
+
+
 def set_checkpointing(hf: Any, on: bool) -> bool:
     """Turn transformers' non-reentrant activation checkpointing on or off; False if unsupported."""
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -220,8 +226,7 @@ def train(
                    eval_windows=eval_windows, seed=seed, gradient_checkpointing=gradient_checkpointing, progress=progress)
     check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions,
                     tokenizer=model.tokenizer is not None, **options)  # fmt: skip
-    if data.numel() < seq_len:
-        raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len}")
+    check_length(data, seq_len)
     device = model.spec.device
     check_precision(precision, device, params)
     mp = MixedPrecision(precision, device.type)
