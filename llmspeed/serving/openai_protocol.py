@@ -81,14 +81,14 @@ class _Request(BaseModel):
     def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
         """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds)."""
         if self.logit_bias:
-            raise APIError(400, f"logit_bias is not supported by this server (only an empty one); got {self.logit_bias!r}",
+            raise APIError(400, f"logit_bias is not supported by this server (only an empty one); got {_shown(self.logit_bias)}",
                            "logit_bias")
         if self.min_tokens > max_tokens:  # as vLLM: a default max_tokens (16 for completions) bounds it too
             raise APIError(400, f"min_tokens must be at most max_tokens={max_tokens}; got {self.min_tokens}",
                            "min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
-            raise APIError(400, f"stop strings must be non-empty; got {self.stop!r}", "stop")
+            raise APIError(400, f"stop strings must be non-empty; got {_shown(self.stop)}", "stop")
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -245,7 +245,7 @@ class ChatCompletionRequest(_Request):
             raise APIError(400, "store: true asks to keep the completion for later retrieval, which this server does not "
                                 "do; send store: false or leave it out", "store")
         if self.modalities is not None and self.modalities != ["text"]:
-            raise APIError(400, f"modalities: this server answers with text only, ['text']; got {self.modalities}",
+            raise APIError(400, f"modalities: this server answers with text only, ['text']; got {_shown(self.modalities)}",
                            "modalities")
         for i, m in enumerate(self.messages):
             if m.content is None and m.role != "assistant":  # only an assistant turn (a tool call) may have none
@@ -265,7 +265,7 @@ class ChatCompletionRequest(_Request):
         every other field given, such as ``name`` or ``tool_calls``, kept; an empty ``tool_calls`` list left out, as
         vLLM does: a template that checks ``'tool_calls' in message`` (Llama 3.1's) would render or refuse a call)."""
         if self.response_format not in (None, {"type": "text"}):
-            raise APIError(400, f"only response_format {{'type': 'text'}} is supported; got {self.response_format!r}",
+            raise APIError(400, f"only response_format {{'type': 'text'}} is supported; got {_shown(self.response_format)}",
                            "response_format")
         return [{**m.model_dump(exclude_none=True, exclude=None if m.tool_calls else {"tool_calls"}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.text(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
