@@ -99,6 +99,64 @@ def test_admission_stops_at_max_seqs_and_resumes_when_one_finishes():
     assert [c.seq for c in sched.schedule().chunks] == seqs[1:4] and list(sched.waiting) == seqs[4:]
 
 
+def test_decodes_stay_within_the_token_budget():
+    sched = Scheduler(BlockManager(64, 4), max_batch_tokens=64, max_seqs=8, max_seq_len=1000)
+    seqs = [_seq(i, 2, max_new=10) for i in range(3)]
+    for seq in seqs:
+        sched.add(seq)
+    _run_step(sched)  # all three prefilled: each decodes one token next
+    sched.max_batch_tokens = 2
+    batch = sched.schedule()
+    assert batch.num_tokens == 2 and [c.seq for c in batch.chunks] == seqs[:2]
+
+
+def test_a_request_that_cannot_be_admitted_keeps_its_place_at_the_head_of_the_queue():
+    """First come, first served: a later, smaller request that would fit does not overtake it."""
+    sched = Scheduler(BlockManager(4, 4), max_batch_tokens=64, max_seqs=8, max_seq_len=1000)
+    a, big, small = _seq(0, 7, max_new=2), _seq(1, 12), _seq(2, 3)
+    sched.add(a)
+    _run_step(sched)  # a holds 2 of the 4 blocks
+    sched.add(big)  # needs 3 blocks
+    sched.add(small)  # would fit in 1
+    batch = sched.schedule()
+    assert [c.seq for c in batch.chunks] == [a] and list(sched.waiting) == [big, small]
+
+
+def test_a_request_readmitted_with_fewer_cached_blocks_registers_its_blocks_again():
+    """Preempted, its first block is evicted: readmitted with no hit, it recomputes and caches its blocks anew."""
+    params = SamplingParams(max_new_tokens=10)
+    sched = Scheduler(BlockManager(4, 2, prefix_caching=True), max_batch_tokens=64, max_seqs=8, max_seq_len=1000)
+    a, b = Sequence(0, [1, 2, 3], params), Sequence(1, [4, 5, 6], params)
+    sched.add(a)
+    sched.add(b)
+    while sched.has_unfinished():
+        _run_step(sched)  # b is preempted for a; a takes b's first (least recently used) block
+    assert b.num_preemptions == 1 and b.num_cached == 0
+    hits = sched.blocks.match(b.all_tokens(), (b.adapter_key, b.weights_key))
+    assert len(hits) == (b.num_tokens - 1) // 2  # every full block b computed is cached
+
+
+def test_tokens_left_is_bounded_by_max_new_tokens_and_by_the_sequence_limit():
+    seq = _seq(0, 3, max_new=10)
+    assert seq.tokens_left(100) == 10 and seq.tokens_left(8) == 5
+    seq.output_ids += [7, 7]
+    assert seq.tokens_left(100) == 8 and seq.tokens_left(8) == 3
+
+
+def test_a_chunked_prefill_continues_within_the_token_budget():
+    sched = Scheduler(BlockManager(64, 4), max_batch_tokens=4, max_seqs=8, max_seq_len=1000)
+    seq = _seq(0, 10)
+    sched.add(seq)
+    lengths = []
+    while not seq.output_ids:
+        batch = sched.schedule()
+        lengths.append(batch.num_tokens)
+        sched.commit(batch)
+        if batch.chunks[0].samples:
+            seq.output_ids.append(7)
+    assert lengths == [4, 4, 2]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random arrivals, aborts and steps: blocks are never leaked or shared; every request ends once."""
 
