@@ -51,6 +51,23 @@ def test_cached_blocks_are_evicted_least_recently_used_first():
     bm.release(3, table)
 
 
+def test_release_by_a_sequence_that_does_not_hold_the_block_raises():
+    bm = BlockManager(4, 2, prefix_caching=True)
+    first: list[int] = []
+    bm.admit(1, first, [], 3)
+    bm.register(first, [1, 2, 3], 3, None, [])
+    second: list[int] = []
+    bm.admit(2, second, bm.match([1, 2, 3]), 3)  # shares the first block
+    assert bm.owners(first[0]) == {1, 2}
+    with pytest.raises(ValueError, match="shared by sequences"):
+        bm.owner(first[0])
+    with pytest.raises(RuntimeError, match="not held by sequence 3"):
+        bm.release(3, list(first))
+    with pytest.raises(RuntimeError, match="not held by sequence 3"):
+        bm.release(3, [second[1]])
+    assert bm.owners(first[0]) == {1, 2} and bm.owner(second[1]) == 2
+
+
 class AllocatorMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
