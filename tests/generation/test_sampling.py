@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from llmspeed.generation.sampling import SamplingParams, argmax_rows, filter_logits, request_generator, sample
+from llmspeed.generation.sampling import (
+    SamplingParams,
+    argmax_rows,
+    filter_logits,
+    request_generator,
+    sample,
+    sampling_list,
+)
 
 
 @pytest.mark.parametrize(
@@ -128,3 +135,25 @@ def test_numpy_numbers_are_accepted_as_python_ones_and_reals_past_float_range_re
                         (dict(presence_penalty=-(10**400)), "presence_penalty"), (dict(top_k=np.bool_(True)), "top_k")):
         with pytest.raises(ValueError, match=f"`{arg}`"):
             SamplingParams(**kwargs)
+
+
+def test_greedy_is_below_1e_5_and_a_nucleus_stops_once_it_reaches_top_p():
+    """vLLM's bound: temperature 1e-5 itself samples. A token whose more likely tokens already reach top_p is dropped
+    (transformers' TopPLogitsWarper drops it too)."""
+    assert SamplingParams(temperature=0.99e-5).greedy and not SamplingParams(temperature=1e-5).greedy
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    assert filter_logits(logits, 0, 0.5).isfinite().tolist() == [True, False, False]
+
+
+def test_temperature_sharpens_the_sampled_distribution():
+    logits = torch.tensor([[0.0, 1.0]])
+    p = SamplingParams(temperature=0.5, seed=0)
+    gen = request_generator(p, torch.device("cpu"))
+    ones = sum(sample(logits, [p], [gen])[0] for _ in range(2000)) / 2000
+    assert abs(ones - torch.softmax(logits[0] / 0.5, -1)[1].item()) < 0.03  # 0.88; at temperature 1 it is 0.73
+
+
+def test_one_sampling_params_per_prompt_must_match_the_prompt_count():
+    assert sampling_list({"max_new_tokens": 3}, 2) == [SamplingParams(max_new_tokens=3)] * 2
+    with pytest.raises(ValueError, match=r"one per prompt \(3\); got 2"):
+        sampling_list([SamplingParams()] * 2, 3)
