@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
 
 from llmspeed import Generator, SamplingParams
 from llmspeed.generation.sampling import RowContext, _penalize, filter_logits, sample_batch
+from llmspeed.generation.sequence import Sequence
 
 
 def _hf(model, prompt, n, **kwargs):
@@ -206,3 +207,21 @@ def test_logprobs_are_the_raw_distribution_whatever_penalties_temperature_and_fi
         assert lp.logprob == pytest.approx(float(want[i, tokens[i]]), abs=1e-5)
         assert [t for t, _ in lp.top] == want[i].topk(5).indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(want[i].topk(5).values.tolist(), abs=1e-5)
+
+
+def test_each_row_gets_as_many_alternatives_as_it_asked_for():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(logprobs=2), SamplingParams(logprobs=5), SamplingParams(logprobs=0)]
+    _, logprobs = sample_batch(logits, params, [None] * 3)
+    assert [len(lp.top) for lp in logprobs] == [2, 5, 0]
+    assert [t for t, _ in logprobs[0].top] == logits[0].topk(2).indices.tolist()
+
+
+def test_min_tokens_bans_end_of_sequence_only_when_it_would_end_the_request():
+    """vLLM: before min_tokens the stop token ids are banned, and EOS too unless ignore_eos (then it ends nothing)."""
+    eos = frozenset({2})
+    for ignore_eos, banned in ((False, (5, 2)), (True, (5,))):
+        seq = Sequence(0, [1], SamplingParams(min_tokens=2, stop_token_ids=(5,), ignore_eos=ignore_eos))
+        assert seq.row_context(eos).banned == banned
+        seq.output_ids += [3, 3]
+        assert seq.row_context(eos).banned == ()
