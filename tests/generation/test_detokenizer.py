@@ -6,6 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmspeed.generation.detokenizer import Detokenizer
+from llmspeed.generation.sampling import SamplingParams
+from llmspeed.generation.sequence import Sequence
 
 
 class Utf8Bytes:
@@ -160,3 +162,36 @@ def test_a_run_of_special_tokens_does_not_grow_every_later_decode():
 def test_no_tokenizer_gives_no_text():
     d = Detokenizer(None, [1], ["x"])
     assert d.add(5) == "" and d.finish() == "" and not d.stopped
+
+
+def test_a_request_checks_no_stop_string_before_min_tokens():
+    """vLLM: a stop string in the first min_tokens tokens ends nothing; after them it does."""
+    seq = Sequence(0, [65], SamplingParams(min_tokens=2, stop=("a",)))
+    seq.detok = Detokenizer(Utf8Bytes(), seq.prompt_ids, seq.params.stop)
+    reasons = []
+    for token in b"aba":
+        seq.output_ids.append(token)
+        reasons.append(seq.advance(token, frozenset(), 100)[0])
+    assert reasons == [None, None, "stop"] and seq.detok.text == "ab"
+
+
+def test_only_the_last_len_of_longest_stop_minus_one_characters_are_held_back():
+    d = Detokenizer(Utf8Bytes(), [65], ("xyz", "q"))
+    assert [d.add(t) for t in b"abcd"] == ["", "", "a", "b"]
+    assert d.finish() == "cd"
+    plain = Detokenizer(Utf8Bytes(), [65])
+    assert [plain.add(t) for t in b"ab"] == ["a", "b"]
+
+
+class SentencePiece:
+    """Decoding drops the leading space of its first word, as SentencePiece tokenizers (Llama 2, Mistral) do."""
+
+    PIECES = {1: "▁Hello", 2: "▁world", 3: "!"}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.PIECES[i] for i in ids).replace("▁", " ").lstrip(" ")
+
+
+def test_the_first_output_word_keeps_its_leading_space_from_the_prompt_context():
+    d = Detokenizer(SentencePiece(), [1], ())
+    assert [d.add(2), d.add(3)] == [" world", "!"] and d.text == " world!"
