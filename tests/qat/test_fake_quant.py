@@ -73,6 +73,24 @@ def test_learned_scale_and_zero_gradients_treat_the_codes_as_fixed():
     torch.testing.assert_close(zeros.grad, z.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_learned_scale_and_zero_gradients_use_the_clamped_codes():
+    """The scale gradient is ``sum(grad * (q - z))`` with ``q`` the *clamped* code the forward used, not the
+    unclamped ``round(w / s0) + z0``: a grid narrow enough that the extreme weights clamp exercises both."""
+    w = _weight(4, 16, 7).double()
+    grid_s, grid_z = P.choose_qparams_int4(w, 8)
+    grid_s = grid_s * 0.6  # the extreme values of each group fall outside the grid
+    unclamped = (w.float().reshape(4, 2, 8) / grid_s[..., None]).round() + grid_z[..., None]
+    assert bool(((unclamped < 0) | (unclamped > 15)).any())  # some codes clamp
+    scales = grid_s.double().requires_grad_(True)
+    zeros = grid_z.double().requires_grad_(True)
+    g = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    (fake_quantize(w, scales, zeros, 8, "int4", grid_scales=grid_s, grid_zeros=grid_z) * g).sum().backward()
+    q = P.quantize_int4(w, grid_s, grid_z, 8).double().reshape(4, 2, 8)  # the clamped codes
+    want_s = (g.reshape(4, 2, 8) * (q - grid_z.double()[..., None])).sum(2)
+    torch.testing.assert_close(scales.grad, want_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(zeros.grad, -g.reshape(4, 2, 8).sum(2) * grid_s.double(), rtol=1e-5, atol=1e-6)
+
+
 def test_learned_scales_get_a_gradient_on_an_on_grid_start():
     # regression: LSQ's scale gradient, sum(grad * (round(w/s) - w/s)), is exactly zero when every
     # weight sits on its grid point (a GPTQ start); Adam then amplified noise into coherent rescaling
