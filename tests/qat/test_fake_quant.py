@@ -121,6 +121,30 @@ def test_learned_scale_and_zero_move_values_without_flipping_codes():
     assert torch.equal(layer.quantized_weight(), want)
 
 
+def test_int8_learned_scale_moves_values_without_flipping_codes():
+    lin = torch.nn.Linear(16, 4)
+    config = QuantConfig("int8", None)
+    scales, zeros = init_qparams(lin.weight.detach(), config, symmetric=True)
+    layer = FakeQuantLinear(lin, config, scales, zeros, True, learn_scales=True)
+    codes = layer.codes()
+    with torch.no_grad():
+        layer.scale_gain.fill_(0.004)  # +20%: codes chosen on the grown scales would differ
+    assert torch.equal(layer.codes(), codes)  # still the starting grid's codes
+    s = layer.effective_scales()
+    assert torch.equal(layer.quantized_weight(), P.dequantize_int8(codes, s[:, 0]))
+
+
+def test_symmetric_int4_learns_scales_but_keeps_its_zero_point_8():
+    """symmetric=True fixes the int4 zero point at code 8: learn_scales must not make it learnable."""
+    lin = torch.nn.Linear(16, 4)
+    config = QuantConfig("int4", 8)
+    scales, zeros = init_qparams(lin.weight.detach(), config, symmetric=True)
+    layer = FakeQuantLinear(lin, config, scales, zeros, True, learn_scales=True)
+    assert isinstance(layer.scale_gain, torch.nn.Parameter) and layer.zero_shift is None
+    assert "zero_shift" not in dict(layer.named_parameters())
+    assert torch.all(layer.effective_zeros() == 8)
+
+
 def test_symmetric_int4_grid_is_zero_point_8():
     w = _weight(3, 16, 4)
     scales, zeros = init_qparams(w, QuantConfig("int4", 16), symmetric=True)
