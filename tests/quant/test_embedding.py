@@ -105,6 +105,18 @@ def test_failed_quantize_restores_the_embedding(monkeypatch):
     assert isinstance(model.hf.lm_head, torch.nn.Linear) and model.hf.lm_head.weight is emb.weight
 
 
+@pytest.mark.parametrize("bad", [-1, -128, 128])
+def test_an_id_outside_the_vocabulary_is_an_index_error_as_nn_embedding(bad):
+    """Regression: a negative id (a -100 label or a -1 pad fed back as input) indexed the head's rows from the end and
+    returned the last token's vector silently; nn.Embedding raises IndexError for it."""
+    model = _tied()
+    llmspeed.quantize(model, "int8", lm_head="int8")
+    emb = model.hf.get_input_embeddings()
+    with pytest.raises(IndexError, match=f"ids must be token ids in \\[0, 128\\); got {bad}"):
+        emb(torch.tensor([[3, bad, 4]]))
+    assert torch.equal(emb(torch.tensor([0, 127])), model.hf.lm_head.dequantize()[[0, 127]])  # both ends still read
+
+
 def test_refuses_heads_it_cannot_read():
     model = _tied()
     llmspeed.quantize(model, "nf4", group_size=32, lm_head="nf4", double_quant=True, share_embedding=False)
