@@ -94,8 +94,24 @@ def fake_quantize(
     ``None`` for one group per row. The codes are chosen on the grid ``grid_scales``, ``grid_zeros``
     (default: ``scales``, ``zeros`` themselves, which is ``dequantize(quantize(w))``); the values are
     ``(codes - zeros) * scales``, so learned scales and zeros move whole groups without flipping codes.
+
+    Raises:
+        ValueError: ``fmt`` is not ``"int4"`` or ``"int8"``, ``group_size`` does not divide ``w``'s columns, or a
+            scale or zero tensor is not ``[out, groups]``; the message names the argument.
     """
+    if fmt not in CODE_RANGE:
+        raise ValueError(f"fmt must be one of {list(CODE_RANGE)}; got {fmt!r}")
     lo, hi = CODE_RANGE[fmt]
+    cols = w.shape[-1]
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1 or cols % group_size):  # fmt: skip
+        raise ValueError(f"group_size must be None or a positive int dividing w's {cols} columns; got {group_size!r}")
+    shape = (w.shape[0], 1 if group_size is None else cols // group_size)  # [out, groups]
+    named = {"scales": scales, "zeros": zeros, "grid_scales": grid_scales, "grid_zeros": grid_zeros}
+    for name, t in named.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} ([out, groups]) for w {list(w.shape)}; "
+                             f"got {list(t.shape)}")
     grid_scales = scales.detach() if grid_scales is None else grid_scales
     grid_zeros = zeros.detach() if grid_zeros is None else grid_zeros
     return _FakeQuantize.apply(w, grid_scales, grid_zeros, scales, zeros, group_size, lo, hi)

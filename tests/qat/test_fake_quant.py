@@ -223,3 +223,21 @@ def test_convert_layer_names_a_layer_that_is_not_fake_quantized(layer):
 
     with pytest.raises(TypeError, match=f"layer must be a FakeQuantLinear .*; got {type(layer).__name__}"):
         qat.convert_layer(layer)
+
+
+def test_fake_quantize_names_a_bad_argument():
+    """Regression: an unknown fmt was a bare KeyError('nf4'), and a group_size that does not divide the columns or
+    per-row int8 scales of shape [out] (not [out, 1]) a RuntimeError about a reshape."""
+    w = _weight(4, 16, 9)
+    s, z = P.choose_qparams_int4(w, 8)  # [4, 2] x2
+    with pytest.raises(ValueError, match="fmt must be one of \\['int4', 'int8'\\]; got 'nf4'"):
+        fake_quantize(w, s, z, 8, "nf4")
+    for bad in (5, 0, True, 8.0):
+        with pytest.raises(ValueError, match=f"group_size must be None or a positive int dividing w's 16 columns; got {bad!r}"):
+            fake_quantize(w, s, z, bad, "int4")
+    with pytest.raises(ValueError, match=r"scales must have shape \[4, 1\] .*; got \[4\]"):
+        fake_quantize(w, P.choose_qparams_int8(w), torch.zeros(4, 1), None, "int8")
+    with pytest.raises(ValueError, match=r"zeros must have shape \[4, 2\] .*; got \[4, 1\]"):
+        fake_quantize(w, s, z[:, :1], 8, "int4")
+    with pytest.raises(ValueError, match=r"grid_scales must have shape \[4, 2\] .*; got \[2, 4\]"):
+        fake_quantize(w, s, z, 8, "int4", grid_scales=s.T)
