@@ -31,6 +31,7 @@ def test_round_trip_is_bit_exact(tmp_path, llama, fmt, kwargs):
     llmspeed.quantize(llama, fmt, **kwargs)
     llmspeed.save(llama, tmp_path)
     loaded = llmspeed.load(tmp_path)
+    assert not any(m.training for m in loaded.hf.modules())  # inference mode, as from_pretrained returns it
     _assert_bit_exact(llama, loaded)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -109,6 +110,49 @@ def test_tokenizer_and_quant_config_are_saved(tmp_path, llama):
     quant = json.loads(meta["quantization"])
     assert quant["model.layers.0.mlp.up_proj"]["group_size"] == 32 and meta["format"] == "llmspeed"
     assert isinstance(llmspeed.load(tmp_path).hf.model.layers[0].mlp.up_proj, NF4Linear)
+
+
+def test_the_tokenizer_travels_with_the_folder(tmp_path):
+    from llmspeed.models.embedded import tokenizer
+
+    tok = tokenizer()
+    model = llmspeed.wrap(llmspeed.models.tiny("llama", vocab_size=len(tok)).hf, tok)
+    llmspeed.quantize(model, "int8")
+    llmspeed.save(model, tmp_path)
+    loaded = llmspeed.load(tmp_path)
+    assert loaded.tokenizer is not None and loaded.tokenizer("Hello there").input_ids == tok("Hello there").input_ids
+
+
+def test_parameters_that_are_views_of_one_storage_round_trip(tmp_path):
+    """Two weights sliced from one fused tensor (same storage, other offsets: what splitting a fused k/v weight into
+    views gives) are two tensors in the file, not an alias of the first."""
+    model = llmspeed.models.tiny("llama")
+    attn = model.hf.model.layers[0].self_attn
+    kv = torch.randn(2 * attn.k_proj.out_features, attn.k_proj.in_features)
+    k, v = kv.chunk(2)  # same shape, same storage, different offsets
+    attn.k_proj.weight, attn.v_proj.weight = torch.nn.Parameter(k), torch.nn.Parameter(v)
+    llmspeed.save(model, tmp_path)
+    assert json.loads(_meta(tmp_path)["aliases"]) == {}
+    loaded = llmspeed.load(tmp_path).hf.model.layers[0].self_attn
+    assert torch.equal(loaded.k_proj.weight, k) and torch.equal(loaded.v_proj.weight, v)
+
+
+def test_quantization_metadata_naming_no_linear_position_is_named(tmp_path, llama):
+    llmspeed.quantize(llama, "int8")
+
+    def add(name):
+        def change(meta):
+            quant = json.loads(meta["quantization"])
+            quant[name] = quant[UP]
+            meta["quantization"] = json.dumps(quant)
+
+        return change
+
+    for name in ("model.layers.0.mlp.nowhere", "model.norm"):
+        llmspeed.save(llama, tmp_path)
+        _tamper(tmp_path / WEIGHTS, change_meta=add(name))
+        with pytest.raises(ValueError, match=rf"quantized layer '{name}' is not a linear position of this architecture"):
+            llmspeed.load(tmp_path)
 
 
 def test_a_transformers_model_is_saved_like_its_wrapper(tmp_path, llama):
@@ -233,6 +277,8 @@ def test_version_1_folder_with_fp32_scales_loads_rounded_to_fp16(tmp_path, llama
         ({"lm_head.weight": "model.norm.weight"}, r"'lm_head.weight \(alias of model.norm.weight\)' is float32 \[64\].*\[128, 64\]"),
         ({"lm_head.weight": "model.missing.weight"}, r"alias 'lm_head.weight' -> 'model.missing.weight' names 'model.missing.weight'"),
         ({"model.ghost.weight": "model.embed_tokens.weight"}, r"names 'model.ghost.weight'"),
+        ({"lm_head.weight": "model.embed_tokens.weight", "model.embed_tokens.weight": "lm_head.weight"},
+         r"alias 'model.embed_tokens.weight' -> 'lm_head.weight' points to no stored tensor"),
     ],
 )  # fmt: skip
 def test_tampered_alias_is_named(tmp_path, aliases, match):
@@ -340,3 +386,29 @@ def test_symmetric_metadata_over_asymmetric_zeros_is_refused(tmp_path, llama):
     _tamper(tmp_path / WEIGHTS, change_meta=mark_symmetric)
     with pytest.raises(ValueError, match=rf"layer '{UP}' is symmetric=True in the file's .* zeros are not all 8"):
         llmspeed.load(tmp_path)
+
+
+def test_a_metadata_dtype_that_is_no_dtype_and_a_meta_device_are_named(tmp_path, llama):
+    llmspeed.save(llama, tmp_path)
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        llmspeed.load(tmp_path, device="meta")
+    _tamper(tmp_path / WEIGHTS, change_meta=lambda m: m.update({"dtype": "nn"}))  # torch.nn: an attribute, no dtype
+    with pytest.raises(ValueError, match=r"has unreadable llmspeed metadata \(dtype 'nn'"):
+        llmspeed.load(tmp_path)
+
+
+def test_saving_over_an_index_deletes_no_file_outside_the_folder(tmp_path, llama):
+    """A weights index is cleaned up with the shards it names, but only plain shard names of the folder itself: an
+    index naming '../other.safetensors' or 'sub/x.safetensors' (or the new weights file) deletes none of them."""
+    folder, outside = tmp_path / "out", tmp_path / "other.safetensors"
+    (folder / "sub").mkdir(parents=True)
+    kept = [outside, folder / "sub" / "x.safetensors", folder / "notes.txt"]
+    for path in kept:
+        path.write_text("mine")
+    weight_map = {"a": "../other.safetensors", "b": "sub/x.safetensors", "c": "notes.txt", "d": "s-1.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "s-1.safetensors").write_text("stale")
+    llmspeed.save(llama, folder)
+    assert all(path.read_text() == "mine" for path in kept)
+    assert not (folder / "s-1.safetensors").exists() and not (folder / "model.safetensors.index.json").exists()
+    assert (folder / WEIGHTS).is_file()
