@@ -311,3 +311,20 @@ def test_gptq_with_a_rotated_tied_head_calibrates_the_body_on_unrotated_embeddin
     # the head lies outside the decoder stack (rounded to nearest): rotating it changes nothing else
     assert [n for n in packed[0] if n != "lm_head" and not torch.equal(packed[0][n], packed[1][n])] == []
     assert not torch.equal(packed[0]["lm_head"], packed[1]["lm_head"])
+
+
+@pytest.mark.parametrize("in_features, group", [(96, 48), (100, 32), (64, None)])
+def test_check_rotatable_names_the_layer_for_a_group_it_cannot_rotate(in_features, group):
+    from llmspeed.quant.hadamard import check_rotatable
+
+    with pytest.raises(ValueError, match=f"layer 'x.down_proj' has in_features={in_features}, group_size={group}"):
+        check_rotatable("x.down_proj", in_features, group)
+    check_rotatable("x.down_proj", 96, 32)  # a power of two dividing in_features
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_the_rotated_weight_keeps_requires_grad(requires_grad):
+    lin = torch.nn.Linear(32, 4)
+    lin.weight.requires_grad_(requires_grad)
+    with rotated_inputs([lin], 16):
+        assert lin.weight.requires_grad is requires_grad
