@@ -11,7 +11,7 @@ import transformers
 
 import llmspeed
 from llmspeed.generation import Generator, SamplingParams
-from llmspeed.quant import QuantizedEmbedding
+from llmspeed.quant import QuantConfig, QuantizedEmbedding
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 127]])
 
@@ -215,3 +215,21 @@ def test_compressed_tensors_export_writes_the_dense_rows(tmp_path):
     assert torch.equal(hf.get_input_embeddings().weight, model.hf.lm_head.dequantize())
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, model.hf(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_act_order_head_cannot_serve_as_the_embedding():
+    from llmspeed.quant.embedding import unshareable
+
+    assert unshareable(QuantConfig("int4", 32, act_order=True)) == "a head with act_order (permuted columns)"
+    assert unshareable(QuantConfig("int4", 32)) is None and unshareable(QuantConfig("nf4", 32)) is None
+
+
+def test_the_padding_idx_of_the_replaced_embedding_is_kept():
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      pad_token_id=2)  # fmt: skip
+    model = llmspeed.wrap(transformers.AutoModelForCausalLM.from_config(config).eval())
+    assert model.hf.get_input_embeddings().padding_idx == 2
+    llmspeed.quantize(model, "int8", lm_head="int8")
+    emb = model.hf.get_input_embeddings()
+    assert isinstance(emb, QuantizedEmbedding) and emb.padding_idx == 2
