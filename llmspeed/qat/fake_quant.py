@@ -87,7 +87,7 @@ def fake_quantize(
     fmt: str,
     grid_scales: torch.Tensor | None = None,
     grid_zeros: torch.Tensor | None = None,
-) -> torch.Tensor:  # [out, in_pad] fp32
+) -> torch.Tensor:  # [out, in_pad], w's dtype
     """Quantize-dequantize padded ``w`` [out, in_pad] on ``fmt``'s grid, differentiable (straight-through).
 
     ``scales``, ``zeros`` are ``[out, groups]`` (int8: ``[out, 1]`` with zeros 0); ``group_size`` is
@@ -223,7 +223,7 @@ class FakeQuantLinear(nn.Linear):
             return P.quantize_int8(w, self.scales[:, 0])
         return P.quantize_int4(w, self.scales, self.zeros, self.config.group_size)
 
-    def quantized_weight(self) -> torch.Tensor:  # [out, in] fp32, on the grid
+    def quantized_weight(self) -> torch.Tensor:  # [out, in], the latent weight's dtype (fp32 unless cast), on the grid
         """The weight forward uses: ``(codes - effective_zeros) * effective_scales``, the converted module's."""
         w = P.pad_columns(self.weight, self.in_padded)  # [out, in_pad]
         wq = fake_quantize(
