@@ -1,5 +1,6 @@
 """LoraLinear's own bookkeeping: the count of state changes the fused decode step reads."""
 
+import pytest
 import torch
 
 
@@ -27,3 +28,29 @@ def test_every_change_of_a_wrappers_state_is_counted():
     before = STATE_CHANGES[0]
     layer.scaling["b"] = 2.0
     assert STATE_CHANGES[0] > before
+
+
+def test_layer_level_guards_and_new_adapters_follow_the_layers_mode():
+    """LoraLinear is public: adding a name twice, removing a merged adapter and wrapping a wrapper are refused; an
+    adapter added to a layer in eval mode gets its dropout in eval mode (deterministic), in train mode active."""
+    from llmspeed.lora.layer import LoraLinear
+
+    layer = LoraLinear(torch.nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="already a LoraLinear"):
+        LoraLinear(layer)
+    layer.add("a", r=2, scale=1.0, dropout=0.5)
+    assert isinstance(layer.lora_dropout["a"], torch.nn.Dropout) and layer.lora_dropout["a"].training
+    with pytest.raises(ValueError, match="adapter 'a' already exists on this layer"):
+        layer.add("a", r=4, scale=1.0)
+    assert layer.rank("a") == 2
+    layer.merged = ("a",)
+    with pytest.raises(ValueError, match="adapter 'a' is merged"):
+        layer.remove("a")
+    assert "a" in layer.lora_A
+    layer.merged = ()
+    layer.eval()
+    layer.add("b", r=2, scale=1.0, dropout=0.5, init="random")
+    assert not layer.lora_dropout["b"].training
+    layer.active = "b"
+    x = torch.randn(16, 8)
+    assert torch.equal(layer(x), layer(x))
