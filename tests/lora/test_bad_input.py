@@ -40,6 +40,7 @@ def test_bad_rank(llama, r):
     "kwargs, message",
     [
         (dict(dropout=1.0), "dropout must be in"),
+        (dict(dropout="0.1"), r"dropout must be in \[0, 1\); got '0.1'"),
         (dict(init="gaussian"), "init must be one of"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
         (dict(targets=[]), "targets must be a non-empty list"),
@@ -78,7 +79,7 @@ def test_adapter_dtype_takes_the_names_every_verb_takes(llama, tmp_path, spellin
     assert {p.dtype for p in lora.trainable_parameters(llama, "b")} == {dtype}
 
 
-@pytest.mark.parametrize("targets", [["qq_proj"], "attn.*", "nothing"])
+@pytest.mark.parametrize("targets", [["qq_proj"], "attn.*", "nothing", "proj", ["proj"]])
 def test_targets_matching_nothing_lists_module_names(llama, targets):
     snap = snapshot(llama)
     with pytest.raises(ValueError, match=r"match no linear layer.*'down_proj'.*'q_proj'"):
@@ -89,7 +90,7 @@ def test_targets_matching_nothing_lists_module_names(llama, targets):
 def test_name_used_twice(llama):
     lora.add_adapter(llama, "a", r=2, init="random")
     snap = snapshot(llama)
-    with pytest.raises(ValueError, match="adapter 'a' already exists"):
+    with pytest.raises(ValueError, match="adapter 'a' already exists on this model"):
         lora.add_adapter(llama, "a", r=4)
     assert_unchanged(llama, snap)
 
