@@ -160,3 +160,67 @@ def test_lora_disabled_blocks_left_out_of_order_restore_the_flags_when_the_last_
     with lora.disabled(llama), lora.disabled(llama):  # nested in one thread, as before
         assert flags() == {True}
     assert flags() == {False}
+
+
+def test_deleting_the_active_adapter_leaves_no_layer_pointing_at_it(llama):
+    lora.add_adapter(llama, "a", r=2, init="random")
+    before = logits(llama)
+    lora.add_adapter(llama, "b", r=2, init="random")
+    lora.delete_adapter(llama, "b")
+    assert lora.active_adapter(llama) is None
+    assert all(layer.active is None for _, layer in lora.lora_layers(llama))
+    lora.set_adapter(llama, "a")
+    assert torch.equal(logits(llama), before)
+
+
+def test_deleting_a_merged_adapter_is_refused_and_changes_nothing(llama):
+    lora.add_adapter(llama, "a", r=2, init="random")
+    lora.merge(llama, "a")
+    with pytest.raises(ValueError, match="adapter 'a' is merged into 14 layers.*unmerge it first"):
+        lora.delete_adapter(llama, "a")
+    assert lora.adapter_names(llama) == ["a"]
+    assert all("a" in layer.lora_A and layer.merged == ("a",) for _, layer in lora.lora_layers(llama))
+
+
+def test_trainable_parameters_of_an_adapter_on_some_layers(llama):
+    lora.add_adapter(llama, "a", r=2)
+    lora.add_adapter(llama, "b", r=2, targets=["v_proj"])
+    params = lora.trainable_parameters(llama, "b")
+    layers = [llama.hf.model.layers[i].self_attn.v_proj for i in range(2)]
+    assert [id(p) for p in params] == [id(p) for layer in layers for p in (layer.weight_a("b"), layer.weight_b("b"))]
+
+
+def test_adapter_identity_is_none_inside_disabled(llama):
+    from llmspeed.lora.inject import adapter_identity, registry
+
+    lora.add_adapter(llama, "a", r=2)
+    uid = registry(llama)["a"].uid
+    assert adapter_identity(llama, None) == ("a", uid)
+    with lora.disabled(llama):
+        assert adapter_identity(llama, None) is None
+        assert adapter_identity(llama, "a") == ("a", uid)  # a request naming it still runs it
+
+
+def test_add_adapter_failing_half_way_takes_everything_off_again(llama, monkeypatch):
+    lora.add_adapter(llama, "a", r=2, targets=["q_proj"])
+    originals = dict(llama.linear_layers())
+    real_add, calls = LoraLinear.add, []
+
+    def add(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory")
+        return real_add(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "add", add)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lora.add_adapter(llama, "b", r=2)
+    assert dict(llama.linear_layers()) == originals  # wrappers made for "b" are gone, "a"'s stay
+    assert all(list(layer.lora_A) == ["a"] for _, layer in lora.lora_layers(llama))
+    assert lora.adapter_names(llama) == ["a"] and lora.active_adapter(llama) == "a"
+
+
+def test_add_adapter_refuses_a_config_of_another_type(llama):
+    with pytest.raises(TypeError, match="config must be a LoraConfig; got dict"):
+        lora.add_adapter(llama, "a", config={"r": 2})
+    assert lora.adapter_names(llama) == [] and not list(lora.lora_layers(llama))
