@@ -238,3 +238,21 @@ def test_kept_bases_move_with_the_layer():
     lora.unmerge(model, "a")
     q = model.hf.model.layers[0].self_attn.q_proj.base_layer
     assert all(t.device.type == "meta" for t in (*q.parameters(), *q.buffers()))
+
+
+def test_merge_into_a_quantized_base_with_bias_keeps_the_bias():
+    """The merged layer (float copy or re-quantized) carries the quantized base's bias (Qwen2's q/k/v)."""
+    model = llmspeed.models.tiny("qwen2", seed=0)
+    with torch.no_grad():
+        for block in model.hf.model.layers:
+            block.self_attn.q_proj.bias.normal_(generator=torch.Generator().manual_seed(2))
+    fake_quantize(model)
+    layer = model.hf.model.layers[0].self_attn.q_proj
+    lora.add_adapter(model, "a", r=4, init="random", targets=["q_proj"])
+    unmerged = logits(model)
+    lora.merge(model, "a", requantize=False)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=1e-5)
+    lora.unmerge(model, "a")
+    with pytest.warns(UserWarning):
+        lora.merge(model, "a")
+    assert torch.equal(model.hf.model.layers[0].self_attn.q_proj.base_layer.bias, layer.bias)
