@@ -150,7 +150,8 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
         A :class:`MergeReport`. While merged, forward skips the adapter's delta.
 
     Raises:
-        ValueError: the adapter does not exist or is already merged, ``requantize`` is not a bool, its
+        ValueError: the adapter does not exist or is already merged, the call is inside :func:`~llmspeed.lora.disabled`,
+            ``requantize`` is not a bool, its
             layers are prepared for quantization-aware training (convert first), or ``requantize=True`` meets
             a layer GPTQ or AWQ quantized (they cannot quantize one merged weight); model unchanged.
     """
@@ -161,6 +162,11 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
     layers = [layer for _, layer in named]
     if any(name in layer.merged for layer in layers):
         raise ValueError(f"adapter {name!r} is already merged; unmerge it first")
+    if any(layer.disabled for layer in layers):  # the merged weights would run inside the "base alone" block
+        raise ValueError(
+            f"cannot merge adapter {name!r} inside lora.disabled(model): the block runs the base alone, and merged "
+            f"weights cannot be disabled; merge after the block"
+        )
     prepared = [n for n, layer in named if is_fake_quantized(layer.base_layer)]
     if prepared:  # adding to the latent weight would change the fake-quantized output, reported as exact
         raise ValueError(

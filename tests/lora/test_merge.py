@@ -256,3 +256,17 @@ def test_merge_into_a_quantized_base_with_bias_keeps_the_bias():
     with pytest.warns(UserWarning):
         lora.merge(model, "a")
     assert torch.equal(model.hf.model.layers[0].self_attn.q_proj.base_layer.bias, layer.bias)
+
+
+def test_merge_inside_disabled_is_refused(llama):
+    """Regression: merging inside ``lora.disabled(model)`` folded the update into the weights, so the rest of the
+    block (which runs the base alone) ran the adapter; ``disabled`` itself refuses merged adapters."""
+    lora.add_adapter(llama, "a", r=2, init="random")
+    before = base_tensors(llama)
+    with lora.disabled(llama):
+        base_only = logits(llama)
+        with pytest.raises(ValueError, match="cannot merge adapter 'a' inside lora.disabled"):
+            lora.merge(llama, "a")
+        assert torch.equal(logits(llama), base_only)
+    assert_same_tensors(base_tensors(llama), before)
+    lora.merge(llama, "a")
