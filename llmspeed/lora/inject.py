@@ -210,6 +210,12 @@ def attach(
         for pos in wrapped:
             model.replace_linear(pos, cast(LoraLinear, model.module.get_submodule(pos)).base_layer)
         raise
+    open_blocks = model.module.__dict__.get(_DISABLED)
+    if open_blocks is not None:  # inside lora.disabled(model): the new wrappers run the base alone too, until it ends
+        for pos in wrapped:
+            layer = cast(LoraLinear, model.module.get_submodule(pos))
+            open_blocks[1].setdefault(layer, False)
+            layer.disabled = True
     freeze_base(model)
     registry(model)[name] = AdapterInfo(config, tuple(shapes))
     set_adapter(model, name)

@@ -224,3 +224,16 @@ def test_add_adapter_refuses_a_config_of_another_type(llama):
     with pytest.raises(TypeError, match="config must be a LoraConfig; got dict"):
         lora.add_adapter(llama, "a", config={"r": 2})
     assert lora.adapter_names(llama) == [] and not list(lora.lora_layers(llama))
+
+
+def test_an_adapter_added_inside_disabled_stays_off_until_the_block_ends(llama):
+    """Regression: add_adapter inside ``lora.disabled(model)`` wrapped new positions with adapters enabled, so the
+    block (documented to run the base alone) ran the new adapter on those layers."""
+    base_only = logits(llama)
+    lora.add_adapter(llama, "a", r=2, init="random", targets=["q_proj"])
+    lora.set_adapter(llama, "a")
+    with lora.disabled(llama):
+        lora.add_adapter(llama, "b", r=2, init="random", targets=["v_proj", "q_proj"])
+        assert torch.equal(logits(llama), base_only)
+    assert all(not layer.disabled for _, layer in lora.lora_layers(llama))
+    assert not torch.allclose(logits(llama), base_only)
