@@ -163,3 +163,33 @@ def test_adapters_changed_inside_the_block_are_restacked(llama):
         mixed = llama.hf(input_ids=ids).logits  # [3, 9, V]
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone(llama, name, input_ids=ids[row : row + 1])[0], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("names", [[], "a", ("a", 5)])
+def test_names_that_are_not_a_list_of_adapters_are_refused(llama, names):
+    three_adapters(llama)
+    with pytest.raises(ValueError, match="names"):
+        with lora.per_row_adapters(llama, names):
+            pass
+    with pytest.raises(ValueError, match="method must be one of"):
+        with lora.per_row_adapters(llama, ["a"], method="fast"):
+            pass
+    assert all(layer.routing is None for _, layer in lora.lora_layers(llama))
+
+
+def test_a_mixed_batch_with_dropout_on_is_refused(llama):
+    lora.add_adapter(llama, "a", r=2, dropout=0.1, init="random")
+    llama.module.train()
+    with lora.per_row_adapters(llama, ["a"]), pytest.raises(RuntimeError, match="for inference.*eval"):
+        llama.hf(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    llama.module.eval()
+    with lora.per_row_adapters(llama, ["a"]):
+        llama.hf(input_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_a_merge_inside_the_block_is_refused_at_the_next_forward(llama):
+    three_adapters(llama)
+    with lora.per_row_adapters(llama, ["a", "b"]):
+        lora.merge(llama, "c")
+        with pytest.raises(RuntimeError, match=r"adapters \('c',\) are merged"):
+            llama.hf(input_ids=torch.zeros(2, 4, dtype=torch.long))
