@@ -107,6 +107,11 @@ def test_finetune_bad_input(llama):
     # regression: adapter="" trained the active adapter silently (an empty name is falsy), as if none was named
     with pytest.raises(ValueError, match="adapter must name an adapter on this model; got ''"):
         lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, adapter="", progress=False)
+    with pytest.raises(ValueError, match="full=True trains a plain float model"):
+        lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, full=True, progress=False)
+    lora.merge(llama, "a")
+    with pytest.raises(ValueError, match="adapter 'a' is merged into the base; unmerge it"):
+        lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, progress=False)
 
 
 @pytest.mark.parametrize("block", ["disabled", "per_row_adapters"])
