@@ -127,3 +127,15 @@ def test_training_inside_a_block_that_bypasses_the_adapter_is_refused(llama, blo
         lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in llama.hf.named_parameters())
     assert lora.active_adapter(llama) == "b"
+
+
+def test_finetune_of_a_named_adapter_makes_it_active_and_trains_it(llama):
+    lora.add_adapter(llama, "a", r=2)
+    lora.add_adapter(llama, "b", r=2)
+    lora.set_adapter(llama, "a")
+    a_before = [p.detach().clone() for p in lora.trainable_parameters(llama, "a")]
+    b_before = [p.detach().clone() for p in lora.trainable_parameters(llama, "b")]
+    lora.finetune(llama, TOKENS, steps=2, seq_len=16, batch_size=2, adapter="b", progress=False)
+    assert lora.active_adapter(llama) == "b"
+    assert all(torch.equal(p, q) for p, q in zip(lora.trainable_parameters(llama, "a"), a_before))
+    assert any(not torch.equal(p, q) for p, q in zip(lora.trainable_parameters(llama, "b"), b_before))
