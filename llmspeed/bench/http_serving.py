@@ -211,8 +211,16 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     """
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"http_serving runs SmolLM2 on the CPU only; got device={device!r}, model={model!r}")
-    if not isinstance(rounds, int) or rounds < 1:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer; got {rounds!r}")
+    if requests is not None and (isinstance(requests, bool) or not isinstance(requests, int) or requests < 1):
+        raise ValueError(f"requests must be a positive int (requests per rate) or None; got {requests!r}")
+    if rates is not None and (not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)):
+        raise ValueError(f"rates must be positive numbers (requests per second); got {rates!r}")
+    known = list(_commands(Path("smollm2")))
+    unknown = [s for s in servers if s not in known]
+    if unknown:  # before the model is exported and any server starts
+        raise ValueError(f"unknown servers {unknown}; known: {known}")
     n = requests or (10 if quick else 24)
     rates = tuple(rates or ((0.5, 2.0) if quick else (0.25, 0.5, 1.0, 2.0, 4.0)))
     tmp = Path(tempfile.mkdtemp(prefix="llmspeed-http-"))
@@ -224,9 +232,6 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     ids, lengths = make_workload(tok, n, prompt_range=(16, 256), mean=16 if quick else 48, cap=32 if quick else 128)
     prompts: list[str] = [str(tok.decode(p)) for p in ids]
     commands = _commands(folder)
-    unknown = [s for s in servers if s not in commands]
-    if unknown:
-        raise ValueError(f"unknown servers {unknown}; known: {list(commands)}")
     rows: list[dict] = []
 
     def measure(system: str, url: str, k: int, rate: float, round_: int | None) -> None:

@@ -47,6 +47,24 @@ def test_every_server_has_a_command_and_bad_arguments_are_named(tmp_path):
         http_serving.run(device="cuda")
 
 
+def test_bad_arguments_are_refused_before_the_model_is_exported(monkeypatch):
+    """Regression: an unknown server was named only after SmolLM2 was written to a temporary folder (540 MB, left
+    there); requests=0 and rates=() silently ran the defaults, a rate of 0 or below died in the arrivals."""
+    exported = []
+    monkeypatch.setattr(http_serving, "_export_smollm2", exported.append)
+    with pytest.raises(ValueError, match=r"unknown servers \['vllm'\]; known: \['transformers', 'llmspeed'"):
+        http_serving.run(servers=("transformers", "vllm"))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"requests must be a positive int .*; got {bad}"):
+            http_serving.run(requests=bad)
+    for bad in ((), (1.0, 0.0), (-1.0,), ("2",)):
+        with pytest.raises(ValueError, match=r"rates must be positive numbers \(requests per second\); got "):
+            http_serving.run(rates=bad)
+    with pytest.raises(ValueError, match="rounds must be a positive integer; got True"):
+        http_serving.run(rounds=True)
+    assert exported == []
+
+
 class _FakeStream:
     """What ``httpx.AsyncClient.stream`` yields: a status and the response's lines."""
 
