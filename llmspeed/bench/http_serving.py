@@ -223,42 +223,43 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         raise ValueError(f"unknown servers {unknown}; known: {known}")
     n = requests or (10 if quick else 24)
     rates = tuple(rates or ((0.5, 2.0) if quick else (0.25, 0.5, 1.0, 2.0, 4.0)))
-    tmp = Path(tempfile.mkdtemp(prefix="llmspeed-http-"))
-    folder = tmp / "smollm2"
-    _export_smollm2(folder)
-    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory(prefix="llmspeed-http-") as name:  # the exported model is 540 MB: removed after
+        tmp = Path(name)
+        folder = tmp / "smollm2"
+        _export_smollm2(folder)
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids, lengths = make_workload(tok, n, prompt_range=(16, 256), mean=16 if quick else 48, cap=32 if quick else 128)
-    prompts: list[str] = [str(tok.decode(p)) for p in ids]
-    commands = _commands(folder)
-    rows: list[dict] = []
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids, lengths = make_workload(tok, n, prompt_range=(16, 256), mean=16 if quick else 48, cap=32 if quick else 128)
+        prompts: list[str] = [str(tok.decode(p)) for p in ids]
+        commands = _commands(folder)
+        rows: list[dict] = []
 
-    def measure(system: str, url: str, k: int, rate: float, round_: int | None) -> None:
-        results, start = asyncio.run(_drive(url, str(folder), prompts, lengths, _arrivals(n, rate, seed=k)))
-        row = _row(system, rate, results, start)
-        if round_ is not None:
-            row["round"] = round_
-        rows.append(row)
+        def measure(system: str, url: str, k: int, rate: float, round_: int | None) -> None:
+            results, start = asyncio.run(_drive(url, str(folder), prompts, lengths, _arrivals(n, rate, seed=k)))
+            row = _row(system, rate, results, start)
+            if round_ is not None:
+                row["round"] = round_
+            rows.append(row)
 
-    if rounds == 1:
-        for system in servers:
-            port = _free_port()
-            with server_process(commands[system](port), port, tmp / f"{system.replace(' ', '_')}.log") as url:
-                asyncio.run(_warm_up(url, str(folder), prompts))
+        if rounds == 1:
+            for system in servers:
+                port = _free_port()
+                with server_process(commands[system](port), port, tmp / f"{system.replace(' ', '_')}.log") as url:
+                    asyncio.run(_warm_up(url, str(folder), prompts))
+                    for k, rate in enumerate(rates):
+                        measure(system, url, k, rate, None)
+            return rows + _summary(rows, servers, rates)
+        with ExitStack() as stack:
+            urls = {}
+            for system in servers:
+                port = _free_port()
+                log = tmp / f"{system.replace(' ', '_')}.log"
+                urls[system] = stack.enter_context(server_process(commands[system](port), port, log))
+            for system in servers:
+                asyncio.run(_warm_up(urls[system], str(folder), prompts))
+            for r in range(1, rounds + 1):
                 for k, rate in enumerate(rates):
-                    measure(system, url, k, rate, None)
-        return rows + _summary(rows, servers, rates)
-    with ExitStack() as stack:
-        urls = {}
-        for system in servers:
-            port = _free_port()
-            log = tmp / f"{system.replace(' ', '_')}.log"
-            urls[system] = stack.enter_context(server_process(commands[system](port), port, log))
-        for system in servers:
-            asyncio.run(_warm_up(urls[system], str(folder), prompts))
-        for r in range(1, rounds + 1):
-            for k, rate in enumerate(rates):
-                for system in servers if r % 2 else servers[::-1]:
-                    measure(system, urls[system], k, rate, r)
-    return rows + _summary(rows, servers, rates) + _round_ratios(rows, servers, rates, rounds)
+                    for system in servers if r % 2 else servers[::-1]:
+                        measure(system, urls[system], k, rate, r)
+        return rows + _summary(rows, servers, rates) + _round_ratios(rows, servers, rates, rounds)

@@ -65,6 +65,37 @@ def test_bad_arguments_are_refused_before_the_model_is_exported(monkeypatch):
     assert exported == []
 
 
+def test_the_exported_model_folder_is_removed_after_the_run(monkeypatch):
+    """Regression: every run left its export of SmolLM2 (540 MB of fp32 weights) in a temporary folder."""
+    from contextlib import contextmanager
+
+    import transformers
+
+    folders = []
+
+    def export(folder):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"weights")
+        folders.append(folder)
+
+    @contextmanager
+    def server(command, port, log):
+        log.write_text("started")
+        yield f"http://127.0.0.1:{port}"
+
+    async def drive(url, model, prompts, lengths, times):
+        return [{"ttft": 0.1, "itl": [0.01], "chunks": 2, "end": 1.0} for _ in prompts], 0.0
+
+    tokenizer = type("Tok", (), {"decode": lambda self, ids: "text", "encode": lambda self, text: list(range(400))})()
+    monkeypatch.setattr(http_serving, "_export_smollm2", export)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder: tokenizer)
+    monkeypatch.setattr(http_serving, "server_process", server)
+    monkeypatch.setattr(http_serving, "_drive", drive)
+    rows = http_serving.run(quick=True, servers=("llmspeed",), rates=(1.0,), requests=2)
+    assert [r["table"] for r in rows] == ["http load", "http load, summary"] and rows[0]["requests"] == 2
+    assert len(folders) == 1 and not folders[0].exists() and not folders[0].parent.exists()
+
+
 class _FakeStream:
     """What ``httpx.AsyncClient.stream`` yields: a status and the response's lines."""
 
