@@ -54,8 +54,9 @@ def test_cpu_run_has_the_int8_activation_variants_against_the_float_generator(mo
         return {"float": 4.0, "int8": 4.0, "int4": 5.0, "int8, int8 activations": 2.0, "int4, int8 activations": 1.0}.get(label, 3.0), label
 
     monkeypatch.setattr(suite, "_load", lambda name, device, dtype: llmspeed.models.tiny("llama", seed=0))
-    monkeypatch.setattr(suite, "_hf_generate_batch", lambda hf, prompts, lengths: 8.0)
-    monkeypatch.setattr(suite, "_hf_generate", lambda hf, prompts, lengths, batch, pad: 8.0)
+    # the 4-request warm-up of generate_batch takes 1 s, its timed run 8 s; static batches 16 s, one at a time 2 s
+    monkeypatch.setattr(suite, "_hf_generate_batch", lambda hf, prompts, lengths: 8.0 if len(prompts) > 4 else 1.0)
+    monkeypatch.setattr(suite, "_hf_generate", lambda hf, prompts, lengths, batch, pad: 16.0 if batch > 1 else 2.0)
     monkeypatch.setattr(suite, "_llmspeed", fake_llmspeed)
     monkeypatch.setattr(suite, "decode_step_llmspeed", lambda model, **kw: 0.01)
     monkeypatch.setattr(suite, "decode_step_hf", lambda hf: 0.02)
@@ -69,5 +70,11 @@ def test_cpu_run_has_the_int8_activation_variants_against_the_float_generator(mo
         assert row["vs_llmspeed_fp32"] == round(row["tok_s"] / gen["fp32"]["tok_s"], 2), row
     assert gen["int4, int8 activations"]["vs_llmspeed_fp32"] == 4.0  # 1 s against the float run's 4 s
     assert all(r.get("vs_llmspeed_fp32", "") == "" for r in rows if r["system"] != "llmspeed Generator")
+    hf = {r["system"]: r for r in rows if r["system"].startswith("transformers generate")}
+    assert hf[suite.GENERATE_BATCH]["vs_generate_batch"] == 1.0 and hf[suite.GENERATE_BATCH]["seconds"] == 8.0
+    # 12 requests of 4 tokens: 6 tok/s for generate_batch, 3 for static batches, 2 requests in 2 s for one at a time
+    assert hf["transformers generate, static batches of 8"]["vs_generate_batch"] == 0.5
+    assert hf["transformers generate, one at a time"]["vs_generate_batch"] == round(4 / 6, 2)
+    assert gen["fp32"]["vs_generate_batch"] == 2.0  # 48 tokens in 4 s against 6 tok/s
     decode = [r["system"] for r in rows if r["system"].startswith("batch-1 decode step: llmspeed (")]
     assert [d.split("(")[1].split(")")[0] for d in decode] == list(gen)[1:]
