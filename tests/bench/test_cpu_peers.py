@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 
 import pytest
@@ -98,6 +99,11 @@ def test_rounds_alternate_the_two_systems_and_report_medians_of_per_round_ratios
     assert row["llmspeed decode ms"] == 15.0 and row["llama.cpp decode ms"] == 16.5  # medians over rounds
     assert row["decode llmspeed / llama.cpp"] == round(10 / 11, 2)  # every round's ratio: the drift cancels
     assert row["prefill llmspeed / llama.cpp"] == 1.2
+    # the 8-sequence columns are the 8-sequence numbers (median round: k = 1.5), perplexity and MB each system's own
+    assert (row["llmspeed decode ms, 8 seqs"], row["llama.cpp decode ms, 8 seqs"]) == (30.0, 37.5)
+    assert row["decode, 8 seqs, llmspeed / llama.cpp"] == 0.8
+    assert row["ppl llmspeed / llama.cpp"] == round(18.2 / 18.21, 4) < 1
+    assert (row["llmspeed ppl"], row["llama.cpp ppl"], row["llmspeed MB"], row["llama.cpp MB"]) == (18.2, 18.21, 538, 540)
     for bad in (0, True):  # True is an int to Python: it was read as one round
         with pytest.raises(ValueError, match=f"rounds must be a positive int; got {bad}"):
             cpu_peers.run(rounds=bad)
@@ -200,6 +206,31 @@ def test_interleaved_column_alternates_the_blocks_and_closes_both_sides(monkeypa
     assert got["fp32"]["ratio"] == pytest.approx(16 / 15) and got["fp32, fp16 kv cache"]["ratio"] == pytest.approx(8 / 15)
 
 
+
+
+def test_llmspeed_rows_time_one_and_eight_sequences(monkeypatch):
+    """The "8 sequences" decode column runs SEQS prompts (of the prefix length), the other one."""
+    import importlib
+
+    perplexity = importlib.import_module("llmspeed.eval.perplexity")  # the package exports a function of this name
+
+    calls = []
+
+    def steps(model, prompts, steps, **options):
+        calls.append((len(prompts), {len(p) for p in prompts}, options))
+        return 5.0 * len(prompts), "fused cpu"
+
+    monkeypatch.setattr(cpu_peers, "decode_step_ms", steps)
+    monkeypatch.setattr(cpu_peers, "prefill_rate", lambda ready: 700.0)
+    monkeypatch.setattr(cpu_peers, "memory_footprint", lambda model: {"total": 538e6})
+    monkeypatch.setattr(perplexity, "window_losses", lambda model, text, window, n_windows: __import__("torch").ones(4))
+    model = type("Model", (), {"tokenizer": type("Tok", (), {"decode": lambda self, ids: "text"})()})()
+    got = cpu_peers._llmspeed_rows(model, list(range(400)), __import__("torch").zeros(2, 8), 16, "fp16", 8)
+    prefix = cpu_peers.PREFIX
+    assert calls == [(1, {prefix}, {"kv_cache_dtype": "fp16", "scheduler_steps": 8}),
+                     (cpu_peers.SEQS, {prefix}, {"kv_cache_dtype": "fp16", "scheduler_steps": 8})]
+    assert got["decode ms"] == 5.0 and got["decode ms, 8 sequences"] == 5.0 * cpu_peers.SEQS
+    assert got["perplexity"] == pytest.approx(math.e) and got["MB"] == 538.0 and got["prefill tok/s"] == 700.0
 
 
 def _fake_systems(monkeypatch, ours, theirs):
