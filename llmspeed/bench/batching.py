@@ -17,6 +17,7 @@ models) and transformers' eager ``generate``.
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from typing import Any
 
@@ -175,7 +176,7 @@ def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16, **gene
         times.append(time.perf_counter() - t0)
     while gen.has_unfinished():
         gen.step()
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def _decode_path(model: Any, generator_kwargs: dict) -> str:
@@ -302,7 +303,9 @@ def run(
 
                 quantize(v, fmt, **options)
         except ImportError as exc:
-            rows.append({**_row("llmspeed Generator", name, n, useful, float("inf"), base), "note": f"skipped: {exc}"})
+            # no time, no rate and no ratio (a 0x bar would chart a run that never happened)
+            rows.append({**_row("llmspeed Generator", name, n, useful, float("inf"), base), "seconds": "", "tok_s": "",
+                         "vs_generate_batch": "", "note": f"skipped: {exc}"})
             continue
         t, note = _llmspeed(v, prompts, lengths, progress, **gen_kwargs)
         if fmt == "bf16" and not gpu:
@@ -315,7 +318,8 @@ def run(
     float_rate = next(r["tok_s"] for r in rows if r["system"] == "llmspeed Generator")
     for r in rows:  # the converted models against llmspeed's float one, same run (the last column stays the note)
         note = r.pop("note")
-        r[f"vs_llmspeed_{fname}"] = round(r["tok_s"] / float_rate, 2) if r["system"] == "llmspeed Generator" else ""
+        ran = r["system"] == "llmspeed Generator" and r["tok_s"] != ""
+        r[f"vs_llmspeed_{fname}"] = round(r["tok_s"] / float_rate, 2) if ran else ""
         r["note"] = note
 
     bw = memory_bandwidth(dev)

@@ -20,6 +20,7 @@ Tables (every row: ``table, case, value, unit, baseline, vs_baseline``):
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -309,7 +310,7 @@ def load_times(model: str, quick: bool, work: Path) -> list[dict]:
             _row(
                 "load time",
                 f"llmspeed.load, {fmt} folder",
-                sorted(times)[len(times) // 2],
+                statistics.median(times),
                 "s (median)",
                 "goal 2 s",
                 2.0,

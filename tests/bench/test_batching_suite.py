@@ -78,3 +78,36 @@ def test_cpu_run_has_the_int8_activation_variants_against_the_float_generator(mo
     assert gen["fp32"]["vs_generate_batch"] == 2.0  # 48 tokens in 4 s against 6 tok/s
     decode = [r["system"] for r in rows if r["system"].startswith("batch-1 decode step: llmspeed (")]
     assert [d.split("(")[1].split(")")[0] for d in decode] == list(gen)[1:]
+
+
+def test_a_skipped_variant_has_no_rate_ratio_or_bar(monkeypatch):
+    """A converted model that cannot be built (ImportError) gets a row that says so, with no tok/s, no ratio and no
+    bar in the chart: it used to carry 0 tok/s and a 0x ratio, charted as a run that never happened."""
+    from llmspeed.bench import charts
+
+    def quantize_or_skip(model, fmt, **options):
+        if fmt == "int4":
+            raise ImportError("no int4 today")
+        return llmspeed.quantize(model, fmt, **options)
+
+    monkeypatch.setattr(llmspeed.quant, "quantize", quantize_or_skip)
+    monkeypatch.setattr(suite, "_load", lambda name, device, dtype: llmspeed.models.tiny("llama", seed=0))
+    monkeypatch.setattr(suite, "_hf_generate_batch", lambda hf, prompts, lengths: 8.0)
+    monkeypatch.setattr(suite, "_hf_generate", lambda hf, prompts, lengths, batch, pad: 16.0)
+    monkeypatch.setattr(suite, "_llmspeed", lambda model, prompts, lengths, progress, **kw: (4.0, "ran"))
+    monkeypatch.setattr(suite, "decode_step_llmspeed", lambda model, **kw: 0.01)
+    monkeypatch.setattr(suite, "decode_step_hf", lambda hf: 0.02)
+    monkeypatch.setattr(suite, "memory_bandwidth", lambda dev: 1e10)
+    monkeypatch.setattr(suite, "make_workload", lambda tok, n, **kw: ([[1, 2, 3]] * n, [4] * n))
+    rows = suite.run(quick=True, progress=False)
+    skipped = [r for r in rows if r["system"] == "llmspeed Generator" and r["dtype"] == "int4"]
+    assert len(skipped) == 1 and skipped[0]["note"] == "skipped: no int4 today"
+    assert skipped[0]["tok_s"] == skipped[0]["vs_generate_batch"] == skipped[0]["vs_llmspeed_fp32"] == ""
+    assert charts._number(skipped[0]["vs_generate_batch"]) is None  # charts.batching draws bars for numbers only
+
+
+def test_the_decode_step_is_the_median_of_an_even_count(monkeypatch):
+    """16 steps: the mean of the two middle times, as statistics.median (it took the upper one)."""
+    ticks = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 10.0] + [10.0] * 100)  # steps of 1, 3, 2 and 4 s
+    monkeypatch.setattr(suite, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    assert suite.decode_step_llmspeed(llmspeed.models.tiny("llama", seed=0), context=8, steps=4) == 2.5
