@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .batching import make_workload
-from .serving import SUSTAIN_TTFT, _arrivals, _pct
+from .serving import SUSTAIN_TTFT, _arrivals, _pct, check_load
 
 REQUEST_TIMEOUT = 300.0  # seconds: a request still open then counts as an error
 
@@ -213,10 +213,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         raise ValueError(f"http_serving runs SmolLM2 on the CPU only; got device={device!r}, model={model!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer; got {rounds!r}")
-    if requests is not None and (isinstance(requests, bool) or not isinstance(requests, int) or requests < 1):
-        raise ValueError(f"requests must be a positive int (requests per rate) or None; got {requests!r}")
-    if rates is not None and (not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)):
-        raise ValueError(f"rates must be positive numbers (requests per second); got {rates!r}")
+    check_load(requests, rates)
     known = list(_commands(Path("smollm2")))
     unknown = [s for s in servers if s not in known]
     if unknown:  # before the model is exported and any server starts

@@ -272,16 +272,32 @@ def soak_rows(model: Any, requests: int, threads: int = 8, distinct: int = 48, s
     }]
 
 
+PARTS = ("online", "prefix", "repeated", "soak")
+
+
+def check_load(requests: int | None, rates: tuple[float, ...] | None, least: int = 1) -> None:
+    """Refuse a bad offered load before any model loads: ``requests`` (arrivals per rate) an int of at least ``least``
+    or ``None``, ``rates`` (requests per second) positive numbers or ``None``; the message names the argument."""
+    if requests is not None and (isinstance(requests, bool) or not isinstance(requests, int) or requests < least):
+        raise ValueError(f"requests must be an int of at least {least} (arrivals per offered rate) or None; "
+                         f"got {requests!r}")
+    if rates is not None and (isinstance(rates, (str, bytes)) or not rates or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)):  # fmt: skip
+        raise ValueError(f"rates must be positive numbers (requests per second) or None; got {rates!r}")
+
+
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = False,
-        parts: tuple[str, ...] = ("online", "prefix", "repeated", "soak"), rates: tuple[float, ...] | None = None,
+        parts: tuple[str, ...] = PARTS, rates: tuple[float, ...] | None = None,
         requests: int | None = None) -> list[dict]:
     """Run the serving suite (see the module docstring); ``quick`` shrinks every part.
 
     ``requests``: Poisson arrivals per offered rate in the online part (default 40, 12 with ``quick``). More
     arrivals keep an overloaded system overloaded for longer, so its queue, and its p99, reach steady state.
     """
-    if requests is not None and requests < 2:
-        raise ValueError(f"requests must be at least 2 (arrivals per offered rate); got {requests!r}")
+    check_load(requests, rates, least=2)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or isinstance(parts, str):
+        raise ValueError(f"parts must be a tuple of {list(PARTS)}; got {parts!r}")
     torch.manual_seed(0)
     m = load_model(model, device, torch.float32)
     rows: list[dict] = []

@@ -55,10 +55,10 @@ def test_bad_arguments_are_refused_before_the_model_is_exported(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown servers \['vllm'\]; known: \['transformers', 'llmspeed'"):
         http_serving.run(servers=("transformers", "vllm"))
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match=f"requests must be a positive int .*; got {bad}"):
+        with pytest.raises(ValueError, match=f"requests must be an int of at least 1 .*; got {bad}"):
             http_serving.run(requests=bad)
     for bad in ((), (1.0, 0.0), (-1.0,), ("2",)):
-        with pytest.raises(ValueError, match=r"rates must be positive numbers \(requests per second\); got "):
+        with pytest.raises(ValueError, match=r"rates must be positive numbers \(requests per second\) or None; got "):
             http_serving.run(rates=bad)
     with pytest.raises(ValueError, match="rounds must be a positive integer; got True"):
         http_serving.run(rounds=True)

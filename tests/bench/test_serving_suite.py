@@ -26,9 +26,19 @@ def test_requests_sets_the_arrivals_per_rate_and_each_rate_feeds_both_systems(mo
     assert [r["highest_rate_with_p99_ttft_under_2s"] for r in summary] == [1.0, 1.0]
 
 
-def test_too_few_requests_is_refused_naming_the_argument():
-    with pytest.raises(ValueError, match="requests must be at least 2.*got 1"):
-        serving.run(parts=("online",), requests=1)
+def test_bad_load_or_parts_are_refused_naming_the_argument_before_the_model_loads(monkeypatch):
+    """Regression: a rate of 0 died in the arrivals, a negative rate gave arrivals before the start, requests=2.5 a
+    TypeError, rates=() ran the defaults, and an unknown part name ran nothing at all."""
+    monkeypatch.setattr(serving, "load_model", lambda *a: pytest.fail("the model loaded before the check"))
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match=f"requests must be an int of at least 2 .*got {bad}"):
+            serving.run(parts=("online",), requests=bad)
+    for bad in ((), (0.0,), (-1.0, 2.0), "2"):
+        with pytest.raises(ValueError, match=r"rates must be positive numbers \(requests per second\) or None; got"):
+            serving.run(parts=("online",), rates=bad)
+    for bad in (("onlin",), "online"):
+        with pytest.raises(ValueError, match=r"parts must be a tuple of \['online', 'prefix', 'repeated', 'soak'\]"):
+            serving.run(parts=bad)
 
 
 def test_prefix_hit_rate_is_the_timed_runs_not_the_warm_ups_too():
