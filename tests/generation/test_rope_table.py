@@ -68,3 +68,17 @@ def test_a_dynamic_rotary_model_decodes_as_the_generic_path():
     fused = Generator(model, kv_cache_tokens=256, progress=False).generate_batched([prompt], params)[0]
     generic = Generator(model, kv_cache_tokens=256, progress=False, fused_decode=False).generate_batched([prompt], params)[0]
     assert fused.token_ids == generic.token_ids
+
+
+def test_longrope_is_not_tabled_and_a_changed_attention_scaling_rebuilds_the_table():
+    rotary = tiny("llama", seed=0).hf.model.rotary_emb
+    table = RopeTable(rotary)
+    positions = torch.tensor([3, 40])
+    before, _ = table.lookup(positions, torch.float32)
+    rotary.attention_scaling = 0.5  # the rows are scaled by it (transformers' yarn/longrope factors)
+    after, _ = table.lookup(positions, torch.float32)
+    torch.testing.assert_close(after, _rows(rotary, positions, torch.float32)[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after, before * 0.5, rtol=0, atol=1e-6)
+    rotary.rope_type = "longrope"  # its frequencies depend on the sequence length
+    assert not static(rotary)
+
