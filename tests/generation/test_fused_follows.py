@@ -178,3 +178,27 @@ def test_double_quantized_scales_read_as_copies_follow_a_state_loaded_in_place()
     ref = _generic_logits(model, gen, decode)
     assert not torch.allclose(before, ref)  # the loaded state matters
     assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
+def test_a_replaced_rotary_module_and_a_replaced_lora_base_layer_are_followed():
+    """Regressions a mutation found untested: the rotary table is keyed on the module (not only its frequencies), and a
+    LoRA wrapper's ``base_layer`` is one of the places checked (its old weight would still pass the pointer checks)."""
+    model, gen, decode, fused, step, before = _stepped_once()
+    rope = {"rope_type": "default", "rope_theta": 3.0}  # frequencies far from the model's
+    model.hf.model.rotary_emb = llmspeed.models.tiny("llama", seed=0, rope_parameters=rope).hf.model.rotary_emb
+    after = fused.run(step)
+    ref = _generic_logits(model, gen, decode)
+    assert not torch.allclose(before, after)
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    from llmspeed import lora
+
+    lora.add_adapter(model, "a", r=2)
+    fused.run(step)
+    wrapper = model.hf.model.layers[0].mlp.down_proj
+    new = nn.Linear(wrapper.in_features, wrapper.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(wrapper.base_layer.weight * 3)
+    wrapper.base_layer = new
+    after = fused.run(step)
+    ref = _generic_logits(model, gen, decode)
+    assert (after - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
