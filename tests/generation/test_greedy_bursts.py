@@ -246,6 +246,9 @@ def test_greedy_steps_refuse_block_tables_too_short_for_the_burst():
     row = (seq.block_table, seq.num_computed, seq.output_ids[-1])
     with pytest.raises(ValueError, match=r"rows \[0\]: each block table must hold position \+ steps tokens for steps=5"):
         gen.runner.fused.greedy_steps([row], 5)
+    with pytest.raises(ValueError, match=r"rows \[0\]: .* for steps=2"):  # one token short
+        gen.runner.fused.greedy_steps([row], 2)
+    assert gen.runner.fused.greedy_steps([row], 0) is None  # no steps: nothing to run
     assert gen.runner.fused.greedy_steps([row], 1) is not None
 
 
