@@ -367,3 +367,12 @@ def test_steps_follow_any_sequence_of_adapter_changes(ops, seed):
                 else:
                     with torch.no_grad():  # an optimizer step: same tensors, new values (powers of two: fp16 exact)
                         (layer.weight_b(name) if op == "train" else layer.weight_a(name)).mul_(2.0)
+
+
+def test_layers_set_to_different_adapters_take_the_generic_path():
+    """One snapshot-wide active adapter cannot describe layers set to different ones: the step steps aside."""
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=1))
+    lora.set_adapter(model, "a")
+    model.hf.model.layers[0].self_attn.q_proj.active = "b"  # one layer set otherwise
+    gen, decode = _prefilled(model, [5, 8])
+    assert fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size)) is None
