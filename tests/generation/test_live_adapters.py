@@ -77,3 +77,18 @@ def test_weights_changed_after_writes_through_data_gives_a_fresh_generators_toke
     gen.weights_changed()
     after = gen.generate_batched([prompt], sp)[0].token_ids
     assert after == _fresh(llama, prompt, "a", fused, n=6).token_ids != before
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_request_without_an_adapter_runs_the_active_one_beside_a_request_naming_another(llama, fused):
+    """A mixed-adapter batch routes each token: the request naming none gets the adapter set with ``set_adapter``, as
+    it would alone (the generic path's routing filled it in; a mutation dropping that went untested)."""
+    _random_adapter(llama, "a", 1)
+    _random_adapter(llama, "b", 2)
+    lora.set_adapter(llama, "a")
+    sps = [SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=n) for n in (None, "b")]
+    outs = Generator(llama, progress=False, fused_decode=fused).generate_batched([[1, 2, 3], [4, 5, 6, 7]], sps)
+    assert outs[0].token_ids == _fresh(llama, [1, 2, 3], "a", fused).token_ids
+    assert outs[1].token_ids == _fresh(llama, [4, 5, 6, 7], "b", fused).token_ids
+    lora.set_adapter(llama, None)
+    assert _fresh(llama, [1, 2, 3], None, fused).token_ids != outs[0].token_ids  # the adapter matters here
