@@ -37,6 +37,10 @@ CASES = [
     ("llama", False, torch.float32, dict(format="int4", group_size=32, activations="int8")),
     ("qwen2", True, torch.float32, dict(format="nf4", lm_head="nf4")),  # the tied head quantized from the embedding
     ("qwen2", True, torch.float32, dict(format="int4", lm_head=None)),  # a float head stays tied
+    # share_embedding=False: the packed head and the float embedding, as quantize(share_embedding=False) keeps them
+    ("qwen2", True, torch.float32, dict(format="int4", group_size=64, share_embedding=False)),
+    # an NF4 head with double_quant cannot serve as the embedding: the float embedding stays, the head is packed
+    ("qwen2", True, torch.float32, dict(format="nf4", lm_head="nf4", double_quant=True)),
 ]
 
 
@@ -79,7 +83,9 @@ def test_bad_arguments_and_quantized_folders_are_refused(tmp_path):
     model = _folder(tmp_path)
     for quant, match in [({"group_size": 64}, "at least 'format'"), ({"format": "int3"}, "must be one of"),
                          ({"format": "int4", "method": "gptq"}, r"unknown keys \['method'\].*llmspeed.quantize"),
-                         ({"format": "int8", "group_size": 64}, "group_size must be None for int8")]:  # fmt: skip
+                         ({"format": "int8", "group_size": 64}, "group_size must be None for int8"),
+                         ({"format": "int4", "share_embedding": "yes"},
+                          r"quantize\['share_embedding'\] must be None, True or False; got 'yes'")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             from_pretrained(tmp_path, quantize=quant)
     with pytest.raises(ValueError, match="floating-point"):
