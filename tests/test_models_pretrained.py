@@ -143,3 +143,10 @@ def test_a_head_stored_with_its_own_values_is_not_shared_despite_the_config(tmp_
     want = llmspeed.quantize(AutoModelForCausalLM.from_pretrained(same), "int4", group_size=64, lm_head="int8")
     with torch.no_grad():
         assert torch.equal(got.hf(IDS).logits, want.hf(IDS).logits)
+
+
+def test_a_device_that_cannot_hold_the_weights_is_refused_before_reading(tmp_path):
+    """device='meta' would load every tensor and return a model with no data; it is refused by name, up front."""
+    _folder(tmp_path)
+    with pytest.raises(ValueError, match=r"device='meta' holds no data"):
+        from_pretrained(tmp_path, device="meta")
