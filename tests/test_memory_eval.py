@@ -280,3 +280,11 @@ def test_footprint_counts_a_views_whole_storage():
     before = llmspeed.memory_footprint(model)["other"]
     model.hf.model.norm.register_buffer("part", torch.zeros(100)[:10], persistent=False)
     assert llmspeed.memory_footprint(model)["other"] == before + 100 * 4
+
+
+def test_perplexity_scores_the_evaluation_half_by_default(llama):
+    """No ``text``: the ``"eval"`` half of the pydoc text, the one no llmspeed training or calibration run reads."""
+    model = llmspeed.wrap(llama.hf, CharTokenizer())
+    default = window_losses(model, window=16, n_windows=2)
+    assert torch.equal(default, window_losses(model, text=pydoc_text("eval"), window=16, n_windows=2))
+    assert not torch.equal(default, window_losses(model, text=pydoc_text("train"), window=16, n_windows=2))
