@@ -246,9 +246,11 @@ def test_linears_trains_only_linear_weights(llama):
     embed = llama.hf.model.embed_tokens.weight.detach().clone()
     norm = llama.hf.model.norm.weight.detach().clone()
     q = llama.hf.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    head = llama.hf.lm_head.weight.detach().clone()  # a linear layer, but the output head: not trained
     result = llmspeed.finetune(llama, TOKENS, train="linears", **RUN)
     assert result.trained == "linears"
     assert torch.equal(llama.hf.model.embed_tokens.weight, embed) and torch.equal(llama.hf.model.norm.weight, norm)
+    assert torch.equal(llama.hf.lm_head.weight, head)
     assert not torch.equal(llama.hf.model.layers[0].self_attn.q_proj.weight, q)
 
 
