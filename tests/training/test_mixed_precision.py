@@ -421,3 +421,21 @@ def test_a_step_that_raises_closes_the_progress_bar(llama, monkeypatch):
     with pytest.raises(RuntimeError, match="step failed"):
         llmspeed.finetune(llama, TOKENS, train="linears", **RUN)
     assert len(bars) == 1 and bars[0].closed
+
+
+def test_auto_picks_what_trains_and_its_default_learning_rate(llama, monkeypatch):
+    """train='auto': "full" at 2e-5 on a plain model (the result says "full", not "auto"); the adapter at 2e-4 once
+    the model carries one (the docstring's defaults)."""
+    import llmspeed.trainer as trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "run_training", lambda model, params, data, **kw: calls.append(("model", kw)))
+    monkeypatch.setattr(trainer, "lora_finetune", lambda model, texts, steps, lr, *a, **kw: calls.append(("lora", lr)))
+    run = {k: v for k, v in RUN.items() if k != "lr"}
+    llmspeed.finetune(llama, TOKENS, **run)
+    llmspeed.finetune(llama, TOKENS, train="linears", **run)
+    lora.add_adapter(llama, "a", r=4, alpha=8)
+    llmspeed.finetune(llama, TOKENS, **run)
+    (_, full), (_, linears), lora_call = calls
+    assert (full["trained"], full["lr"], linears["trained"], linears["lr"]) == ("full", 2e-5, "linears", 2e-5)
+    assert lora_call == ("lora", 2e-4)
