@@ -439,3 +439,14 @@ def test_auto_picks_what_trains_and_its_default_learning_rate(llama, monkeypatch
     (_, full), (_, linears), lora_call = calls
     assert (full["trained"], full["lr"], linears["trained"], linears["lr"]) == ("full", 2e-5, "linears", 2e-5)
     assert lora_call == ("lora", 2e-4)
+
+
+def test_fp32_precision_trains_a_16_bit_model_in_its_own_dtype(llama):
+    """precision='fp32' runs no autocast and keeps no master weights: a model cast to bf16 trains as it is (the
+    fp32-master-weight check is for bf16/fp16 autocast only)."""
+    llmspeed.cast(llama, "bf16")
+    q = llama.hf.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    result = llmspeed.finetune(llama, TOKENS, train="linears", precision="fp32", **{**RUN, "steps": 2})
+    assert result.precision == "fp32" and len(result.losses) == 2
+    assert llama.hf.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert not torch.equal(llama.hf.model.layers[0].self_attn.q_proj.weight, q)
