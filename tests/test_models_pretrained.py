@@ -88,8 +88,11 @@ def test_bad_arguments_and_quantized_folders_are_refused(tmp_path):
                           r"quantize\['share_embedding'\] must be None, True or False; got 'yes'")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             from_pretrained(tmp_path, quantize=quant)
-    with pytest.raises(ValueError, match="floating-point"):
-        from_pretrained(tmp_path, dtype=torch.int8)
+    # regression: an 8-bit float passed the floating-point check and failed with a bare TypeError about storage
+    for dtype in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
+        with pytest.raises(ValueError, match=r"dtype must be a floating-point torch dtype of 16 bits or more .*got "
+                                             + str(dtype)):  # fmt: skip
+            from_pretrained(tmp_path, dtype=dtype)
     with pytest.raises(TypeError, match=r"path must be a folder path \(a str or pathlib.Path\); got 123"):
         from_pretrained(123)
     llmspeed.quantize(model, "int4", group_size=64, symmetric=True)

@@ -142,8 +142,9 @@ def from_pretrained(
     kind = detect(folder)
     if kind != "float":
         raise ValueError(f"{folder} is a {kind} checkpoint; load it with llmspeed.load(path)")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):  # fp8: no storage
+        raise ValueError(f"dtype must be a floating-point torch dtype of 16 bits or more (torch.float32, "
+                         f"torch.bfloat16, torch.float16, torch.float64, or a name: 'bf16', ...); got {dtype!r}")
     files = shard_files(folder)
     model = skeleton.skeleton(folder, dtype)
     head = _tied_head_name(model, files) if quantize is not None else None  # only a quantized head shares
