@@ -157,6 +157,9 @@ def test_cuda_bf16_support_is_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "old GPU")
     assert "does not support bf16" in amp.unsupported_reason(torch.device("cuda"), torch.bfloat16)
     assert amp.unsupported_reason(torch.device("cpu"), torch.float16) is None
+    # fp16 needs GradScaler, wired for cpu and cuda only; bf16 needs no scaler (torch has autocast for xpu and mps)
+    assert "only wired for cpu and cuda, not 'xpu'" in amp.unsupported_reason(torch.device("xpu"), torch.float16)
+    assert amp.unsupported_reason(torch.device("mps"), torch.bfloat16) is None
 
 
 @pytest.mark.parametrize(
