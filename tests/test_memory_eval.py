@@ -112,6 +112,7 @@ def test_footprint_halves_with_bf16(llama):
 def test_pydoc_text_splits():
     full, ev, tr = pydoc_text(), pydoc_text("eval"), pydoc_text("train")
     assert len(full) > 300_000 and ev + tr == full
+    assert len(ev) == len(full) // 2  # two halves by characters
     with pytest.raises(ValueError, match="split must be one of"):
         pydoc_text("test")
 
