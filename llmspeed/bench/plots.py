@@ -85,7 +85,8 @@ def _bars(name: str, rows: list[Row], path: Path) -> Path | None:
     fig = _figure(4.2 * len(metrics), 0.45 * len(rows) + 1.6)
     axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        values = [r.get(metric) if _is_number(r.get(metric)) else 0.0 for r in rows]
+        # a row without this number gets no bar (NaN draws nothing), never a bar at 0 that reads as a measurement
+        values = [float(r[metric]) if _is_number(r.get(metric)) else float("nan") for r in rows]
         ax.barh(range(len(rows)), values, color="#3b75af")
         ax.set_yticks(range(len(rows)), labels if ax is axes[0][0] else [""] * len(rows), fontsize=8)
         ax.invert_yaxis()

@@ -87,3 +87,20 @@ def test_q4_grid_chart_states_the_bits_a_g32_weight_takes():
     bits = 8 * sum(t.nbytes for t in packed.buffers()) / lin.weight.numel()
     (label,) = [label for key, label, _, _ in _GRID_SERIES if key == "llmspeed int4 g32 ppl"]
     assert f"({bits:g} bits a weight)" in label
+
+
+def test_a_row_without_a_number_gets_no_bar_not_a_bar_at_zero(tmp_path, monkeypatch):
+    """Regression: generic bars drew a row whose metric was None (a skipped or failed measurement) as a 0 bar."""
+    import math
+
+    from llmspeed.bench import plots
+
+    figures = []
+    original = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda w, h: figures.append(original(w, h)) or figures[-1])
+    rows = [{"format": "fp32", "tok/s": 10.0}, {"format": "int8", "tok/s": None}, {"format": "int4", "tok/s": 14.0}]
+    (path,) = plot_rows("t", rows, tmp_path)
+    (ax,) = figures[0].axes
+    widths = [bar.get_width() for bar in ax.patches]
+    assert widths[0] == 10.0 and widths[2] == 14.0 and math.isnan(widths[1]), widths
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["fp32", "int8", "int4"] and ax.get_title() == "tok/s"
