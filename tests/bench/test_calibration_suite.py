@@ -47,3 +47,25 @@ def test_changes_and_spread_are_against_the_fp32_row():
     assert [r["format"] for r in out] == ["fp32", "int4"]
     assert (out[1]["pydoc_vs_fp32"], out[1]["license_vs_fp32"], out[1]["news_vs_fp32"]) == ("+10.0%", "+25.0%", "+0.0%")
     assert out[1]["spread"] == "25.0 pt" and out[0]["spread"] == "0.0 pt"
+
+
+def test_run_passes_each_rows_calibration_text_and_options_to_quantize(monkeypatch):
+    """run() on a tiny model with quantize and perplexity recorded: the ``pydoc`` row calibrates on the pydoc
+    ``"train"`` half, the others on the default mix (None), and a row's options reach ``method_options``."""
+    from llmspeed.eval import pydoc_text
+
+    calls = []
+    monkeypatch.setattr(C, "_load", lambda model, device: llmspeed.models.tiny("llama"))
+    monkeypatch.setattr(C, "domain_texts", lambda: {d: d for d in C.DOMAINS})
+    monkeypatch.setattr(llmspeed, "quantize", lambda m, fmt, group, **kw: calls.append((fmt, group, kw)) or m)
+    monkeypatch.setattr("llmspeed.eval.perplexity", lambda m, text, n_windows: 10.0)
+    rows = C.run(quick=False, progress=False, formats=("int4",), groups=(64,), methods=("gptq", "awq+gptq"),
+                 options=("-", "damp=0.1"))  # fmt: skip
+    by_options = {(kw["calibration"] is not None, kw["method_options"].get("damp")): (fmt, group) for fmt, group, kw in calls}
+    assert by_options == {(False, None): ("int4", 64), (True, None): ("int4", 64), (False, 0.1): ("int4", 64)}
+    pydoc_calls = [kw for _, _, kw in calls if kw["calibration"] is not None]
+    assert len(pydoc_calls) == 1 and pydoc_calls[0]["calibration"] == pydoc_text("train")
+    assert all(kw["method_options"]["n_sequences"] == 128 for _, _, kw in calls)
+    assert {(r["method"], r["calibration"], r["options"]) for r in rows} == {
+        ("-", "-", "-"), ("gptq", "mix", "-"), ("awq+gptq", "mix", "-"), ("gptq", "pydoc", "-"), ("awq+gptq", "mix", "damp=0.1")}
+    assert all(r["pydoc_vs_fp32"] == "+0.0%" for r in rows)
