@@ -141,3 +141,22 @@ def test_every_name_the_early_check_accepts_loads(monkeypatch):
     calls: list = []
     monkeypatch.setattr(llmspeed.models, "llama_1b_random", lambda **kw: calls.append(kw) or "1B")  # not built here
     assert bench_models.load_model("llama1b", "cpu") == "1B" and len(calls) == 1
+
+
+def test_suite_files_missing_numbers_cuda_and_broken_imports(fake_suites, tmp_path, monkeypatch, capsys):
+    """<suite>.md per suite, None shown as n/a, --device cuda without CUDA refused (2), and a suite whose own
+    import fails on another module is 'failed', not 'missing'."""
+    sys.modules["llmspeed.bench.fake_good"].run = lambda **kw: [{"table": "fake", "x": "a", "tok/s": None}]
+    assert cli.main(["fake_good", "--no-progress", "--out", str(tmp_path)]) == 0
+    page = (tmp_path / "fake_good.md").read_text()
+    assert page.startswith("`python -m llmspeed bench fake_good") and "| a | n/a |" in page
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
+    assert cli.main(["fake_good", "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device" in capsys.readouterr().err
+
+    def broken(name):
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+
+    monkeypatch.setattr(cli.importlib, "import_module", broken)
+    result = cli.run_suite("fake_good", "cpu", "smollm2", True, False)
+    assert result["status"] == "failed" and "scipy" in result["error"]
