@@ -104,3 +104,13 @@ def test_a_row_without_a_number_gets_no_bar_not_a_bar_at_zero(tmp_path, monkeypa
     widths = [bar.get_width() for bar in ax.patches]
     assert widths[0] == 10.0 and widths[2] == 14.0 and math.isnan(widths[1]), widths
     assert [t.get_text() for t in ax.get_yticklabels()] == ["fp32", "int8", "int4"] and ax.get_title() == "tok/s"
+
+
+def test_panels_speed_first_labels_skip_empty_cells_and_loss_lines_skip_missing_steps(tmp_path):
+    from llmspeed.bench.plots import _label, _loss_lines
+
+    rows = [{"format": "a", "ppl": 1.0, "tok/s": 2.0}, {"format": "b", "ppl": 3.0, "tok/s": 4.0}]
+    assert _metric_columns(rows, ["format"]) == ["tok/s", "ppl"]  # speed before quality, whatever the column order
+    assert _label({"format": "int4", "group": None, "method": ""}, ["format", "group", "method"]) == "int4"
+    loss = [{"config": "lora", "precision": "fp32", "loss@1": 2.0, "loss@2": None, "loss@3": 1.5}]
+    assert _loss_lines("training/loss", loss, tmp_path / "loss.png") == tmp_path / "loss.png"
