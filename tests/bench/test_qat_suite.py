@@ -63,3 +63,17 @@ def test_training_suite_measures_one_run(precision):
     r = training_suite.train_one("lora", precision, "tiny-llama", "cpu", s)
     assert r["step_s"] > 0 and len(r["losses"]) == s["steps"] and r["skipped"] == 0
     assert r["peak_mb"] >= r["rss_before_mb"] > 0
+
+
+def test_training_suite_ratios_are_against_the_same_configs_fp32_run(monkeypatch):
+    fake = {"fp32": dict(step_s=2.0, peak_mb=400.0, rss_before_mb=100.0, skipped=0, losses=[4.0, 3.0, 2.0, 1.0]),
+            "bf16": dict(step_s=1.0, peak_mb=300.0, rss_before_mb=100.0, skipped=1, losses=[4.0, 3.3, 2.0, 1.5])}  # fmt: skip
+    monkeypatch.setattr(training_suite, "_in_subprocess", lambda config, precision, *a: fake[precision])
+    monkeypatch.setattr(training_suite, "PRECISIONS", {p: training_suite.PRECISIONS[p] for p in fake})
+    rows = training_suite.run(model="tiny-llama", progress=False)
+    step = {(r["config"], r["precision"]): r for r in rows if r["table"] == "training/step"}
+    assert step["lora", "bf16"]["speedup_vs_fp32"] == 2.0 and step["full", "bf16"]["peak_vs_fp32"] == 0.75
+    assert step["lora", "fp32"]["peak_over_start_MiB"] == 300.0 and step["lora", "bf16"]["skipped_steps"] == 1
+    (loss,) = [r for r in rows if r["table"] == "training/loss" and r["config"] == "lora" and r["precision"] == "bf16"]
+    assert (loss["loss@2"], loss["loss@4"], loss["mean_loss_last_1"]) == (3.3, 1.5, 1.5)
+    assert loss["vs_fp32_%"] == pytest.approx(50.0) and loss["max_step_diff_vs_fp32_%"] == pytest.approx(50.0)
