@@ -109,10 +109,11 @@ def configurations(
         rows += [("int4", g, m, "mix", "no refit") for m in CALIBRATED]
         rows += [("int4", g, m, "mix", "no float targets") for m in ("gptq", "awq+gptq")]
         rows += [("int4", g, "gptq", "mix", "int8 down_proj (no float targets)")]
-    rows += [
-        ("int4", 64, "awq+gptq", "mix", "int8 activations"),
-        ("int4", 64, "awq+gptq", "mix", "fp32 lm_head"),
-    ]
+    if quick or 64 in groups:  # int4 g64 comparison rows: only when g64 is measured
+        rows += [
+            ("int4", 64, "awq+gptq", "mix", "int8 activations"),
+            ("int4", 64, "awq+gptq", "mix", "fp32 lm_head"),
+        ]
     if not quick:
         rows += [("nf4", 64, "rtn", "-", "-")] + [("nf4", 64, m, "mix", "-") for m in CALIBRATED]
         rows += [("int8", None, "rtn", "-", "-"), ("int8", None, "rtn", "-", "fp32 lm_head")]

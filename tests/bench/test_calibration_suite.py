@@ -30,6 +30,8 @@ def test_the_int8_rows_use_the_documented_layers_and_groups_limit_the_rows():
     assert C.EXTRAS["int8 down_proj"]["int8_layers"] == list(llmspeed.quant.SENSITIVE)
     rows = C.configurations(quick=False, formats=("int4",), groups=(64,))
     assert {g for f, g, *_ in rows if f == "int4"} == {64}
+    # regression: groups=(128,) still measured two int4 g64 rows (AWQ+GPTQ with int8 activations / fp32 head)
+    assert {g for f, g, *_ in C.configurations(quick=False, formats=("int4",), groups=(128,)) if f == "int4"} == {128}
     assert all(o in C.EXTRAS for *_, o in rows)
     only = C.configurations(quick=False, formats=("int4",), groups=(64,), methods=("gptq",))
     assert {m for _, _, m, _, _ in only} == {"-", "gptq"} and ("fp32", None, "-", "-", "-") in only
