@@ -67,3 +67,15 @@ def test_a_numpy_eos_id_in_the_generation_config_is_taken(llama):
 
     llama.hf.generation_config.eos_token_id = np.int64(7)
     assert 7 in eos_ids(llama)
+
+
+def test_the_vocabulary_bound_is_exclusive():
+    """The last id of the vocabulary is a token; ``vocab_size`` itself is not (mutation: ``<=`` took it)."""
+    import pytest
+
+    from llmspeed.generation.prompts import prompt_ids
+
+    assert prompt_ids([0, 255], None, False, 256) == [0, 255]
+    for bad, at in (([1, 256], 1), ([-1], 0)):
+        with pytest.raises(ValueError, match=rf"must be in \[0, 256\); got {bad[at]} at position {at}"):
+            prompt_ids(bad, None, False, 256)
