@@ -79,3 +79,13 @@ def test_the_vocabulary_bound_is_exclusive():
     for bad, at in (([1, 256], 1), ([-1], 0)):
         with pytest.raises(ValueError, match=rf"must be in \[0, 256\); got {bad[at]} at position {at}"):
             prompt_ids(bad, None, False, 256)
+
+
+def test_an_empty_list_is_an_empty_prompt_not_an_empty_chat(llama):
+    """``[]`` is no chat (mutation: ``is_chat`` taking the empty list sent it to the chat template, which rendered
+    a generation prompt and ran it, or to "this model has no tokenizer")."""
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for tokenizer in (None, CharTokenizer(), ChatTokenizer()):
+        llama.tokenizer = tokenizer
+        for out in Generator(llama, progress=False).generate_batched([[], ()], sp):
+            assert out.finish_reason == "error" and out.error == "the prompt is empty; give at least one token"
