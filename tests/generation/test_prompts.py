@@ -89,3 +89,17 @@ def test_an_empty_list_is_an_empty_prompt_not_an_empty_chat(llama):
         llama.tokenizer = tokenizer
         for out in Generator(llama, progress=False).generate_batched([[], ()], sp):
             assert out.finish_reason == "error" and out.error == "the prompt is empty; give at least one token"
+
+
+def test_chat_prompts_end_with_the_assistant_turn_as_transformers_renders_them(smollm2_cached):
+    """Chat messages (and strings under ``chat_template=True``) render as ``apply_chat_template(...,
+    add_generation_prompt=True)`` does, so the model answers instead of continuing the user's turn (mutation:
+    ``add_generation_prompt=False`` survived: the test tokenizer ignored it)."""
+    from llmspeed.generation.prompts import prompt_ids
+
+    tok = smollm2_cached.tokenizer
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    ids = prompt_ids(chat, tok, False, smollm2_cached.spec.vocab_size)
+    want = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(ids) == want and want.endswith("<|im_start|>assistant\n")
+    assert prompt_ids("What is 2+2?", tok, True, smollm2_cached.spec.vocab_size) == ids
