@@ -292,3 +292,17 @@ def test_generate_batched_from_several_threads_takes_turns(llama):
     stream.close()  # closing it hands the turn on
     waiting.join(60)
     assert not waiting.is_alive() and errors == [] and len(results) == 4
+
+
+def test_the_chat_template_hint_is_not_given_for_chat_prompts(llama):
+    """The hint is for plain text the model ended at once, not for chat messages, to which the template is applied
+    (mutation: dropping the plain-text condition survived)."""
+    from tests.generation.test_engine import ChatTokenizer
+
+    llama.tokenizer = ChatTokenizer()
+    first = llama.generate_batched(["ABC"], max_new_tokens=1, ignore_eos=True, progress=False)[0].token_ids[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chat = llama.generate_batched([[{"role": "user", "content": "ABC"}]], max_new_tokens=4, eos_token_ids=[first],
+                                      progress=False)  # fmt: skip
+    assert chat[0].finish_reason == "stop" and chat[0].token_ids == [first] and chat[0].text == ""
