@@ -103,3 +103,13 @@ def test_chat_prompts_end_with_the_assistant_turn_as_transformers_renders_them(s
     want = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert tok.decode(ids) == want and want.endswith("<|im_start|>assistant\n")
     assert prompt_ids("What is 2+2?", tok, True, smollm2_cached.spec.vocab_size) == ids
+
+
+def test_one_token_tensors_are_prompts_not_token_ids_of_one_prompt(llama):
+    """A list of 1-element 1-D tensors is that many one-token prompts (mutation: ``is_token_id`` without its ``ndim``
+    check read each as a token id and refused the list as a single prompt's ids)."""
+    import torch
+
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    outs = Generator(llama, progress=False).generate_batched([torch.tensor([5]), torch.tensor([6])], sp)
+    assert [o.prompt_token_ids for o in outs] == [[5], [6]] and {o.finish_reason for o in outs} == {"length"}
