@@ -306,3 +306,16 @@ def test_the_chat_template_hint_is_not_given_for_chat_prompts(llama):
         chat = llama.generate_batched([[{"role": "user", "content": "ABC"}]], max_new_tokens=4, eos_token_ids=[first],
                                       progress=False)  # fmt: skip
     assert chat[0].finish_reason == "stop" and chat[0].token_ids == [first] and chat[0].text == ""
+
+
+def test_the_chat_template_hint_is_not_given_to_a_model_without_one(llama):
+    """The hint tells the user to apply the model's chat template: never when there is none (mutation: dropping
+    the early return survived)."""
+    from tests.generation.test_engine import CharTokenizer
+
+    llama.tokenizer = CharTokenizer()
+    first = llama.generate_batched(["ABC"], max_new_tokens=1, ignore_eos=True, progress=False)[0].token_ids[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ended = llama.generate_batched(["ABC"], max_new_tokens=4, eos_token_ids=[first], progress=False)
+    assert ended[0].finish_reason == "stop" and ended[0].token_ids == [first] and ended[0].text == ""
