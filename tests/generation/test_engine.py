@@ -115,6 +115,9 @@ def test_empty_list_and_argument_errors(llama):
         (dict(block_size=8.5), "block_size must be an int; got 8.5"),
         (dict(max_seqs="4"), "max_seqs must be an int; got '4'"),
         (dict(kv_cache_tokens="16"), "kv_cache_tokens must be None or an int; got '16'"),
+        (dict(block_size=0), "block_size must be >= 1; got 0"),  # not a ZeroDivisionError sizing the cache
+        (dict(num_scheduler_steps=0), "num_scheduler_steps must be an int >= 1; got 0"),
+        (dict(kv_cache_bytes=100), r"kv_cache_bytes must hold at least one block \(\d+ bytes\); got 100"),
         (dict(eos_token_ids=3), "eos_token_ids must be None or a list of token ids >= 0; got 3"),
         (dict(eos_token_ids=[-5]), r"eos_token_ids must be None or a list of token ids >= 0; got \[-5\]"),
         (dict(chat_template="yes"), "chat_template must be True or False; got 'yes'"),
