@@ -40,6 +40,7 @@ def test_good_numbers_levels_and_adapters_parse(tmp_path):
                                           "--group-size", "32", "--log-level", "debug", "--adapter", f"a={tmp_path}"])  # fmt: skip
     assert (args.port, args.kv_cache_tokens, args.max_seqs, args.group_size, args.log_level) == (0, 16, 1, 32, "debug")
     assert args.adapter == [f"a={tmp_path}"]
+    assert cli.build_parser().parse_args(["--port", "65535"]).port == 65535  # the bounds are inclusive
 
 
 @pytest.mark.parametrize("flags, says", [
