@@ -34,7 +34,7 @@ def test_merging_an_adapter_fails_only_the_requests_that_name_one(llama, fused):
     assert ends[rids[2]].finish_reason == "length"
     assert ends[rids[2]].token_ids == _fresh(llama, [1, 2, 3], fused=fused).token_ids  # the merged model
     refused = _fresh(llama, [1, 2, 3], "b", fused)  # admission says it too, before any step
-    assert refused.finish_reason == "error" and "cannot run while adapters ['a'] are merged" in refused.error
+    assert refused.finish_reason == "error" and "cannot run while adapters ['a'] are merged into the base (lora.merge)" in refused.error
     lora.unmerge(llama, "a")
     assert _fresh(llama, [1, 2, 3], "b", fused).finish_reason == "length"
 
