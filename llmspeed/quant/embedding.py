@@ -63,12 +63,12 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., hidden]
         """Rows ``ids`` of the head's dequantized weight, in the model's dtype."""
         flat = ids.reshape(-1)  # [n]
-        if flat.device.type == "cpu" and flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < self.num_embeddings:
-            bad = flat[(flat < 0) | (flat >= self.num_embeddings)][0]  # CPU only: no device sync on a GPU
-            raise IndexError(f"ids must be token ids in [0, {self.num_embeddings}); got {int(bad)}")
-        # a negative id would index the head's rows from the end (a wrong vector, silently): out of range instead,
-        # which fails as nn.Embedding does (a device-side assert on CUDA)
-        flat = torch.where(flat < 0, self.num_embeddings, flat)
+        if flat.device.type == "cpu":  # checked here: no device sync elsewhere
+            if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < self.num_embeddings:
+                bad = flat[(flat < 0) | (flat >= self.num_embeddings)][0]
+                raise IndexError(f"ids must be token ids in [0, {self.num_embeddings}); got {int(bad)}")
+        else:  # a negative id would index the head's rows from the end (a wrong vector, silently): out of range
+            flat = torch.where(flat < 0, self.num_embeddings, flat)  # instead, which fails as nn.Embedding does
         rows = self.head.dequantize(self.dtype_reference.dtype, flat)  # [n, hidden]
         return rows.reshape(*ids.shape, self.embedding_dim)
 
