@@ -212,10 +212,7 @@ def attach(
         raise
     open_blocks = model.module.__dict__.get(_DISABLED)
     if open_blocks is not None:  # inside lora.disabled(model): the new wrappers run the base alone too, until it ends
-        for pos in wrapped:
-            layer = cast(LoraLinear, model.module.get_submodule(pos))
-            open_blocks[1].setdefault(layer, False)
-            layer.disabled = True
+        _switch_off([cast(LoraLinear, model.module.get_submodule(pos)) for pos in wrapped], open_blocks[1])
     freeze_base(model)
     registry(model)[name] = AdapterInfo(config, tuple(shapes))
     set_adapter(model, name)
@@ -284,6 +281,14 @@ def layers_set(layers: Sequence[LoraLinear], attr: str, value: object) -> Iterat
             setattr(layer, attr, old)
 
 
+def _switch_off(layers: list[LoraLinear], before: dict[LoraLinear, bool]) -> None:
+    """Disable ``layers``, recording in ``before`` each one's flag from before the first open block (put back when
+    the last :func:`disabled` block leaves)."""
+    for layer in layers:
+        before.setdefault(layer, layer.disabled)
+        layer.disabled = True
+
+
 @contextmanager
 def disabled(model: CausalLM) -> Iterator[CausalLM]:
     """Run the base model alone inside the block (adapters stay attached and active afterwards).
@@ -301,9 +306,7 @@ def disabled(model: CausalLM) -> Iterator[CausalLM]:
         # blocks open on the model (threads may leave them in any order): the flags before the first, put back
         # when the last one leaves
         count, before = state.get(_DISABLED, (0, {}))
-        for layer in layers:
-            before.setdefault(layer, layer.disabled)
-            layer.disabled = True
+        _switch_off(layers, before)
         state[_DISABLED] = (count + 1, before)
     try:
         yield model
