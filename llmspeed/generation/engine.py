@@ -12,6 +12,9 @@ It is single-threaded by design: one thread steps it. Entering it from a second 
 step runs raises ``RuntimeError`` (use :class:`llmspeed.Engine` to share a model between threads).
 A step that raises fails only the requests in its batch (finish reason ``"error"``), and the
 generator stays usable.
+
+Two jobs live beside it: :mod:`.runs` (``generate_batched`` / ``stream`` read only their own requests'
+events) and :mod:`.greedy_burst` (multi-step decode after a fused CPU step).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from .block_manager import BlockManager
 from .context_limits import context_limit
 from .detokenizer import Detokenizer
 from .generator_args import check_arguments
+from .greedy_burst import greedy_burst
 from .kv_cache import weights_key
-from .outputs import GenerationOutput, RunStats, StreamEvent, paths_since
-from .prompts import Prompt, eos_ids, hint_chat_template, is_chat, is_token_id, prompt_ids, prompt_list
+from .outputs import GenerationOutput, RunStats, StreamEvent
+from .prompts import Prompt, eos_ids, hint_chat_template, prompt_ids, prompt_list
 from .request_adapters import adapter_error, adapter_key, follow
 from .runner import ModelRunner, StepInput
+from .runs import run_events
 from .sampling import (
     SamplingParams,
     coerce,
@@ -41,7 +46,7 @@ from .sampling import (
     sample_batch,
     sampling_list,
 )
-from .scheduler import Batch, Chunk, Scheduler
+from .scheduler import Batch, Scheduler
 from .sequence import Sequence as Seq
 
 if TYPE_CHECKING:
@@ -329,7 +334,7 @@ class Generator:
             try:  # events go straight into ``events``: those of requests that ended before a raise must survive it
                 path = self._run(batch, events)
                 if path == "fused cpu" and self.num_scheduler_steps > 1:
-                    self._greedy_burst(batch, events)
+                    greedy_burst(self, batch, events)
             except Exception as exc:
                 events += self._fail(batch, exc)
             except BaseException as exc:
@@ -388,49 +393,6 @@ class Generator:
             events.append(self._token_event(seq, token, lp, events))
         return path
 
-    def _greedy_burst(self, batch: Batch, events: list[StreamEvent]) -> None:
-        """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, run back to back by the fused step
-        (their events appended to ``events``).
-
-        Only when every running request is in the batch, none is waiting, and each is greedy without
-        logprobs, penalties or a pending ``min_tokens``; as many steps as every request has tokens left
-        for and the free blocks cover (the blocks are taken first, so nothing is preempted). The tokens
-        then go through the same commit, stop checks and detokenizing as one step's; a request that ends
-        part way drops the tokens computed after its end.
-        """
-        seqs = [c.seq for c in batch.chunks]
-        if self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
-            return
-        for seq in seqs:
-            p = seq.params
-            if seq.is_finished or not p.greedy or p.logprobs is not None or p.penalized or len(seq.output_ids) < p.min_tokens:
-                return
-        steps = min(self.num_scheduler_steps - 1, *(seq.tokens_left(self.scheduler.max_tokens_per_seq) for seq in seqs))
-        while steps > 0 and sum(self.blocks.blocks_needed(s.block_table, s.num_tokens + steps - 1) for s in seqs) > self.blocks.num_free:
-            steps -= 1
-        if steps < 1:
-            return
-        for seq in seqs:  # the cache slots of every position the burst writes
-            self.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens + steps - 1)
-        start = time.perf_counter()
-        adapters = [s.params.adapter for s in seqs]
-        rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
-        burst = self.runner.greedy_steps(rows, steps, adapters if any(adapters) else None)
-        if burst is None:  # the model changed under the step: the next step() takes it from here
-            return
-        tokens, known = burst
-        self._record("fused cpu, greedy burst", start, steps)
-        self.num_steps += steps
-        self.num_tokens_computed += steps * len(seqs)
-        for step_tokens, now in zip(tokens, known):
-            for seq, token in zip(seqs, step_tokens):
-                if seq.is_finished:
-                    continue
-                self.scheduler.commit(Batch([Chunk(seq, seq.num_computed, 1)]))
-                seq.output_ids.append(token)
-                seq.token_times.append(now)
-                events.append(self._token_event(seq, token, None, events))
-
     def _token_event(self, seq: Seq, token: int, lp: Any, events: list[StreamEvent]) -> StreamEvent:
         """The event of ``seq``'s new ``token`` (its final one when the request ends with it).
 
@@ -457,95 +419,13 @@ class Generator:
              logprobs: Any = None) -> StreamEvent:
         """Finish ``seq`` and release it; its final event (with the rest of its text) is returned or queued."""
         self.scheduler.finish(seq, reason)
-        seq.finish_time = time.perf_counter()
-        try:
-            text += seq.detok.finish(check_stop=len(seq.output_ids) >= seq.params.min_tokens)
-        except Exception as exc:  # a tokenizer whose decode raises: the request still gets its final event
-            seq.finish_reason = "error"
-            seq.error = seq.error or f"decoding its output raised {type(exc).__name__}: {exc}"
-        if seq.detok.stopped and reason == "length":  # a stop string in the tail the detokenizer held back
-            seq.finish_reason = "stop"
-        event = StreamEvent(seq.index, seq.seq_id, token, text, finished=True, output=seq.output(),
-                            logprobs=logprobs)
+        event = seq.final_event(reason, token, text, logprobs)
         self._seqs.pop(seq.seq_id, None)
         if report:
             self._pending.append(event)
         return event
 
     # --- whole runs -----------------------------------------------------------------------------
-    def _add_all(self, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
-        if isinstance(prompts, (str, bytes, bytearray)) or is_chat(prompts):
-            raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
-        if len(prompts) and all(is_token_id(p) for p in prompts):  # ints, or a 1-D tensor / array's elements
-            raise TypeError(
-                f"prompts must be a list of prompts; got a single list of token ids {[int(p) for p in list(prompts)[:8]]} "
-                f"(wrap it in a list: [[1, 2, 3]])"
-            )
-        params = sampling_list(sampling, len(prompts))
-        return [self.add_request(p, s, index=i) for i, (p, s) in enumerate(zip(prompts, params))]
-
-    def _events(self, prompts: Sequence[Prompt], sampling: Any) -> Iterator[StreamEvent]:
-        """Step until this run's own requests end, yielding only their events.
-
-        Events of other requests (added with ``add_request``, or another run's) are kept for whoever
-        steps next. If the consumer stops early, this run's unfinished requests are aborted and dropped.
-        """
-        from tqdm.auto import tqdm
-
-        start = time.perf_counter()
-        steps0, paths0 = self.num_steps, dict(self.step_paths)
-        rids = self._add_all(prompts, sampling)
-        mine = set(rids)
-        self._run_rids |= mine  # a step() called from outside while this run is read leaves them its events
-        seqs = [self._seqs[r] for r in rids if r in self._seqs]
-        # requests refused at admission already ended (their events wait in _pending): their prompts count too
-        refused = [e.output for e in self._pending if e.finished and e.request_id in mine and e.output is not None]
-        open_ = set(rids)
-        out_tokens = 0
-        bar = tqdm(total=len(rids), unit="req", disable=not self.progress, desc="generate", leave=False)
-        try:
-            while open_:
-                ours, others = [], []
-                self._run_stepping = True
-                try:
-                    stepped = self.step()
-                finally:
-                    self._run_stepping = False
-                for event in stepped:
-                    (ours if event.request_id in mine else others).append(event)
-                self._pending.extend(others)  # before any yield: a run stepped meanwhile finds them, in order
-                for event in ours:
-                    out_tokens += event.token_id is not None
-                    if event.finished:
-                        open_.discard(event.request_id)
-                        bar.update(1)
-                    yield event
-                bar.set_postfix(tok_s=f"{out_tokens / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
-        finally:
-            bar.close()
-            self._run_rids -= mine
-            if open_:
-                self._drop(open_)
-            self.stats = RunStats(
-                requests=len(rids),
-                prompt_tokens=sum(len(s.prompt_ids) for s in seqs) + sum(o.metrics.prompt_tokens for o in refused),
-                output_tokens=sum(len(s.output_ids) for s in seqs),
-                elapsed=time.perf_counter() - start,
-                steps=self.num_steps - steps0,
-                preemptions=sum(s.num_preemptions for s in seqs),  # its own, not other requests' preempted meanwhile
-                step_paths=paths_since(self.step_paths, paths0),
-            )
-
-    def _drop(self, rids: set[int]) -> None:
-        """Abort ``rids`` and discard their events (their consumer is gone)."""
-        with self._exclusive("abort"):
-            for rid in rids:
-                seq = self._seqs.get(rid)
-                if seq is not None:
-                    self._end(seq, "abort", report=False)
-            kept = [e for e in self._take_pending() if e.request_id not in rids]
-            self._pending.extend(kept)
-
     def generate_batched(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[GenerationOutput]:
@@ -559,7 +439,7 @@ class Generator:
             sampling_list(sampling, 0)  # checked all the same: a bad value is refused, not ignored
             return []
         outputs: dict[int, GenerationOutput] = {}
-        for event in self._events(prompts, sampling):
+        for event in run_events(self, prompts, sampling):
             if event.finished and event.output is not None:
                 outputs[event.request_id] = event.output
         result = [o for _, o in sorted(outputs.items())]
@@ -578,7 +458,7 @@ class Generator:
         if len(prompts) == 0:
             sampling_list(sampling, 0)  # checked all the same: a bad value is refused, not ignored
             return
-        yield from self._events(prompts, sampling)
+        yield from run_events(self, prompts, sampling)
 
 
 __all__ = ["Generator"]

@@ -101,7 +101,7 @@ def prompt_list(prompts: Any) -> Any:
     if isinstance(prompts, (str, bytes, bytearray)):
         raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
     if hasattr(prompts, "__len__"):
-        return prompts  # a single chat is refused by _add_all, with the fix
+        return prompts  # a single chat is refused by runs.add_all, with the fix
     if not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a list (or iterable) of prompts; got {type(prompts).__name__}")
     return list(prompts)

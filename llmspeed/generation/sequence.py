@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .outputs import GenerationOutput, RequestMetrics
+from .outputs import GenerationOutput, RequestMetrics, StreamEvent
 from .sampling import RowContext, SamplingParams
 
 
@@ -130,3 +130,17 @@ class Sequence:
             metrics=metrics,
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
         )
+
+    def final_event(self, reason: str, token: int | None, text: str, logprobs: Any) -> StreamEvent:
+        """Its final event, once the scheduler has finished it with ``reason``: ``text`` plus the tail the detokenizer
+        held back, and its output. A tokenizer whose decode raises still gives the event (``"error"``); a stop string
+        in that tail turns ``"length"`` into ``"stop"``."""
+        self.finish_time = time.perf_counter()
+        try:
+            text += self.detok.finish(check_stop=len(self.output_ids) >= self.params.min_tokens)
+        except Exception as exc:  # a tokenizer whose decode raises: the request still gets its final event
+            self.finish_reason = "error"
+            self.error = self.error or f"decoding its output raised {type(exc).__name__}: {exc}"
+        if self.detok.stopped and reason == "length":  # a stop string in the tail the detokenizer held back
+            self.finish_reason = "stop"
+        return StreamEvent(self.index, self.seq_id, token, text, finished=True, output=self.output(), logprobs=logprobs)

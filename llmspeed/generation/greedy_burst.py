@@ -1,0 +1,78 @@
+"""Greedy bursts (vLLM's multi-step scheduling): after a fused CPU decode step, up to ``num_scheduler_steps - 1``
+more decode steps of the same batch, run back to back by :meth:`.fused_decode.FusedDecode.greedy_steps`, without
+the scheduling, sampling and detokenizing between them.
+
+:func:`burst_length` is the policy (pure Python, no model); :func:`greedy_burst` runs one through a
+:class:`~.engine.Generator` and turns its tokens into that step's events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .scheduler import Batch, Chunk
+
+if TYPE_CHECKING:
+    from .block_manager import BlockManager
+    from .engine import Generator
+    from .outputs import StreamEvent
+    from .scheduler import Scheduler
+    from .sequence import Sequence as Seq
+
+
+def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager, num_scheduler_steps: int) -> int:
+    """How many more decode steps of ``seqs`` (the batch a fused decode step just ran) may run back to back.
+
+    None (0) unless every running request is in the batch, none is waiting, and each is greedy without
+    logprobs, penalties or a pending ``min_tokens``; else as many as ``num_scheduler_steps - 1``, every
+    request's tokens left, and the free blocks allow.
+    """
+    if scheduler.waiting or len(seqs) != len(scheduler.running):
+        return 0
+    for seq in seqs:
+        p = seq.params
+        if seq.is_finished or not p.greedy or p.logprobs is not None or p.penalized or len(seq.output_ids) < p.min_tokens:
+            return 0
+    steps = min(num_scheduler_steps - 1, *(seq.tokens_left(scheduler.max_tokens_per_seq) for seq in seqs))
+    while steps > 0 and sum(blocks.blocks_needed(s.block_table, s.num_tokens + steps - 1) for s in seqs) > blocks.num_free:
+        steps -= 1
+    return steps
+
+
+def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent]) -> None:
+    """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, run back to back by the fused step
+    (their events appended to ``events``).
+
+    As many steps as :func:`burst_length` allows (the blocks are taken first, so nothing is preempted). The
+    tokens then go through the same commit, stop checks and detokenizing as one step's; a request that ends
+    part way drops the tokens computed after its end.
+    """
+    seqs = [c.seq for c in batch.chunks]
+    steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps)
+    if steps < 1:
+        return
+    for seq in seqs:  # the cache slots of every position the burst writes
+        gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens + steps - 1)
+    start = time.perf_counter()
+    adapters = [s.params.adapter for s in seqs]
+    rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
+    burst = gen.runner.greedy_steps(rows, steps, adapters if any(adapters) else None)
+    if burst is None:  # the model changed under the step: the next step() takes it from here
+        return
+    tokens, known = burst
+    gen._record("fused cpu, greedy burst", start, steps)
+    gen.num_steps += steps
+    gen.num_tokens_computed += steps * len(seqs)
+    for step_tokens, now in zip(tokens, known):
+        for seq, token in zip(seqs, step_tokens):
+            if seq.is_finished:
+                continue
+            gen.scheduler.commit(Batch([Chunk(seq, seq.num_computed, 1)]))
+            seq.output_ids.append(token)
+            seq.token_times.append(now)
+            events.append(gen._token_event(seq, token, None, events))
+
+
+__all__ = ["burst_length", "greedy_burst"]
