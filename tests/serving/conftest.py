@@ -1,4 +1,5 @@
-"""Serving tests: one intra-op thread, and a live OpenAI-compatible server on a free 127.0.0.1 port, stopped when the test ends."""
+"""Serving tests: one intra-op thread, a live OpenAI-compatible server on a free 127.0.0.1 port (stopped when the
+test ends), and the helpers that post JSON and check an OpenAI-shaped error."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @contextmanager
@@ -77,3 +82,24 @@ def fail_third_sampling_call(monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "sample_batch", flaky)
+
+
+def post_json(url: str, path: str, body) -> httpx.Response:
+    """POST ``body`` as JSON to ``url + path`` (60 s timeout), written by Python's ``json``: ``float("inf")`` goes as
+    ``Infinity``, which the server's ``json`` reads back."""
+    import json
+
+    import httpx
+
+    content = json.dumps(body)
+    return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"}, timeout=60)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None) -> str:
+    """Check that ``r`` is an OpenAI-shaped error with ``status`` naming ``param``; return its message."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status == 400 else error["type"])
+    assert error["param"] == param, error
+    return error["message"]
