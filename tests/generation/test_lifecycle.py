@@ -1,6 +1,8 @@
 """Request lifecycle of the Generator: each run gets exactly its own results, faults fail only what they touch.
 
-Every test here is a regression test for a defect reported in issue #15.
+Every test here is a regression test for a defect reported in issue #15. The model changing under running requests
+is in ``test_lifecycle_model.py``; the stateful test of random adds, steps, aborts and faults in
+``test_lifecycle_machine.py``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ import threading
 
 import pytest
 import torch
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
 from llmspeed.generation import engine as engine_module
 from llmspeed.generation.detokenizer import Detokenizer
+
+from .conftest import drain as _drain
 
 SP = SamplingParams(max_new_tokens=6, ignore_eos=True)
 
@@ -30,13 +31,6 @@ def _prompts(n, seed=0, lo=3, hi=30):
 
 def _alone(model, prompts, sp=SP):
     return [Generator(model, progress=False).generate_batched([p], sp)[0].token_ids for p in prompts]
-
-
-def _drain(gen):
-    events = []
-    while gen.has_unfinished():
-        events += gen.step()
-    return events
 
 
 def test_generate_batched_returns_its_own_prompts_and_leaves_other_requests_alone(llama):
@@ -203,34 +197,6 @@ def test_finished_requests_are_released_on_the_add_request_step_path(llama):
     gen.abort(ends[0].request_id)  # aborting a finished request is a no-op, not an error
 
 
-def test_model_generate_batched_reuses_one_generator_until_something_changes(llama):
-    a = llama.generate_batched([[1, 2, 3]], SP, progress=False)
-    first = llama._cached_generator[1]
-    b = llama.generate_batched([[1, 2, 3]], SP, progress=False)
-    assert llama._cached_generator[1] is first and a[0].token_ids == b[0].token_ids
-    list(llama.stream([[4, 5]], SP, progress=False))
-    assert llama._cached_generator[1] is first
-    llama.generate_batched([[1, 2, 3]], SP, progress=False, max_seqs=8)  # other arguments: another generator
-    second = llama._cached_generator[1]
-    assert second is not first
-    llmspeed.quantize(llama, "int8")  # other modules: rebuilt
-    c = llama.generate_batched([[1, 2, 3]], SP, progress=False, max_seqs=8)
-    assert llama._cached_generator[1] is not second and len(c[0].token_ids) == 6
-
-
-
-def test_model_generate_batched_follows_a_tokenizer_set_after_its_generator_was_built(llama):
-    """Regression: the kept generator read ``model.tokenizer`` once, when built; after ``llmspeed.wrap(model,
-    tokenizer)`` (its documented way to give a model a tokenizer) string prompts still failed with "this model has
-    no tokenizer" and token-id prompts got no text, until some argument happened to change."""
-    from .test_engine import CharTokenizer
-
-    assert llama.generate_batched([[65, 66, 67]], SP, progress=False)[0].text == ""
-    llmspeed.wrap(llama, CharTokenizer())
-    out = llama.generate_batched(["ABC"], SP, progress=False)[0]
-    assert out.finish_reason == "length" and out.prompt_token_ids == [65, 66, 67]
-    assert out.text == CharTokenizer().decode(out.token_ids, skip_special_tokens=True) != ""
-
 def test_tiny_temperature_is_greedy_and_huge_seeds_are_refused(llama):
     greedy = llama.generate_batched([[1, 2, 3]], SP, progress=False)[0].token_ids
     tiny = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1e-320, seed=1)
@@ -238,30 +204,6 @@ def test_tiny_temperature_is_greedy_and_huge_seeds_are_refused(llama):
     SamplingParams(seed=2**64 - 1)
     with pytest.raises(ValueError, match="`seed`.*2\\*\\*64"):
         SamplingParams(seed=2**64)
-
-
-def test_deleting_an_adapter_fails_only_the_requests_that_use_it(llama):
-    from llmspeed import lora
-
-    lora.add_adapter(llama, "a", r=4)
-    lora.add_adapter(llama, "b", r=4)
-    lora.set_adapter(llama, None)
-    gen = Generator(llama, progress=False)
-    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    rids = [gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=n)) for n in ("a", "b", None)]
-    gen.step()
-    lora.delete_adapter(llama, "a")
-    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
-    assert ends[rids[0]].finish_reason == "error" and "'a' was deleted" in ends[rids[0]].error
-    assert ends[rids[1]].finish_reason == ends[rids[2]].finish_reason == "length"
-    assert ends[rids[2]].token_ids == Generator(llama, progress=False).generate_batched([[1, 2, 3]], sp)[0].token_ids
-
-
-def test_generation_config_eos_ids_all_stop(llama):
-    ref = llama.generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True), progress=False)[0]
-    llama.hf.generation_config.eos_token_id = [255, ref.token_ids[3]]
-    out = Generator(llama, progress=False).generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6))[0]
-    assert out.finish_reason == "stop" and out.token_ids[-1] == ref.token_ids[3]
 
 
 def test_sampling_fields_as_keywords_or_a_dict(llama):
@@ -277,58 +219,6 @@ def test_sampling_fields_as_keywords_or_a_dict(llama):
         Generator(llama, progress=False).generate_batched([[1]], {"max_tokens": 4})
     with pytest.raises(TypeError, match="SamplingParams \\(or a dict"):
         Generator(llama, progress=False).generate_batched([[1]], "greedy")
-
-
-def _random_adapter(model, name, seed):
-    """Add adapter ``name`` with non-zero ``B`` drawn from ``seed`` (it changes the tokens), left inactive."""
-    from llmspeed import lora
-
-    lora.add_adapter(model, name, r=4, alpha=8)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(model):
-            if name in layer.lora_A:
-                layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.5)
-    lora.set_adapter(model, None)
-
-
-@pytest.mark.parametrize("fused", [None, False])
-def test_an_adapter_replaced_under_its_name_fails_the_requests_bound_to_it(llama, fused):
-    """Regression: deleting adapter "a" and adding another "a" while a request ran made the request go on with the
-    new adapter over keys/values of the old one; the request is bound to the adapter, not to its name."""
-    from llmspeed import lora
-
-    _random_adapter(llama, "a", 1)
-    gen = Generator(llama, progress=False, fused_decode=fused)
-    rid = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter="a"))
-    gen.step()
-    gen.step()
-    lora.delete_adapter(llama, "a")
-    _random_adapter(llama, "a", 2)
-    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
-    assert ends[rid].finish_reason == "error"
-    assert "'a' was deleted and another adapter added under its name" in ends[rid].error
-    again = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter="a"))[0]
-    assert again.finish_reason == "length"  # a request added after the change runs the new "a"
-
-
-def test_requests_without_an_adapter_run_the_base_inside_disabled_whatever_their_batch(llama):
-    """Regression: inside lora.disabled(model), a request without an adapter ran the base model alone but the
-    model's active adapter when another request of its batch named an adapter (the routed generic path)."""
-    from llmspeed import lora
-
-    _random_adapter(llama, "b", 2)
-    _random_adapter(llama, "a", 1)
-    lora.set_adapter(llama, "a")
-    sp, sp_b = SamplingParams(max_new_tokens=6, ignore_eos=True), SamplingParams(max_new_tokens=6, ignore_eos=True, adapter="b")
-    with lora.disabled(llama):
-        alone = Generator(llama, progress=False).generate_batched([[1, 2, 3]], sp)[0].token_ids
-        mixed = Generator(llama, progress=False).generate_batched([[1, 2, 3], [4, 5, 6]], [sp, sp_b])
-    lora.set_adapter(llama, None)
-    base = Generator(llama, progress=False).generate_batched([[1, 2, 3]], sp)[0].token_ids
-    with_b = Generator(llama, progress=False).generate_batched([[4, 5, 6]], sp_b)[0].token_ids
-    assert alone == mixed[0].token_ids == base  # the base alone, next to a request that names an adapter too
-    assert mixed[1].token_ids == with_b  # a request that names an adapter still gets it
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -358,24 +248,6 @@ def test_a_step_that_raises_after_a_request_ended_keeps_that_requests_final_even
     assert ends[first].finish_reason == "length" and len(ends[first].token_ids) == steps
     assert ends[later].finish_reason == "error" and "boom" in ends[later].error
     assert gen.blocks.num_free == gen.blocks.num_blocks and gen.num_live == 0
-
-
-def test_model_generate_batched_forgets_its_prefix_cache_after_weights_change_in_place(llama):
-    """Regression: the generator ``Model.generate_batched`` keeps is reused while the modules and tensor storages stay
-    the same, so after weights changed in place (a training step) its prefix cache still served keys and values of
-    the old weights: a repeated prompt continued as the old model would, unlike a fresh generator."""
-    prompt, kwargs = [list(range(1, 21))], dict(progress=False, prefix_caching=True, block_size=4)
-    llama.generate_batched(prompt, SP, **kwargs)
-    kept = llama._cached_generator[1]
-    with torch.no_grad():
-        for name, weight in llama.hf.named_parameters():
-            if "mlp" in name or "self_attn" in name:
-                weight.mul_(1.7)
-    again = llama.generate_batched(prompt, SP, **kwargs)[0]
-    assert llama._cached_generator[1] is kept  # still reused: only its prefix cache is dropped
-    assert again.metrics.cached_tokens == 0
-    assert again.token_ids == Generator(llama, progress=False).generate_batched(prompt, SP)[0].token_ids
-    assert llama.generate_batched(prompt, SP, **kwargs)[0].metrics.cached_tokens == 16  # unchanged: cached again
 
 
 def test_abort_refuses_a_bool_instead_of_aborting_request_one(llama):
@@ -427,121 +299,6 @@ def test_two_streams_of_one_generator_read_in_turn_each_get_their_own_events_in_
             assert mine[-1].output.token_ids == tokens
         assert {e.request_id for e in events} == set(rids)
     assert gen.num_live == 0 and not gen.has_unfinished()
-
-
-_MACHINE_MODEL: list = []  # one tiny Llama for every example of the state machine below
-_ALONE: dict = {}  # (prompt, max_new_tokens) -> its greedy tokens run alone
-
-
-def _alone_cached(prompt, n):
-    key = (tuple(prompt), n)
-    if key not in _ALONE:
-        sp = SamplingParams(max_new_tokens=n, ignore_eos=True)
-        _ALONE[key] = Generator(_MACHINE_MODEL[0], progress=False).generate_batched([prompt], sp)[0].token_ids
-    return _ALONE[key]
-
-
-class GeneratorMachine(RuleBasedStateMachine):
-    """Random adds (prompts sharing prefixes), steps, aborts in any state and injected step faults on a small block
-    pool: blocks and prefix-cache references stay exact, and every request ends once with its own greedy tokens
-    (those it gets alone, cut short by an abort, a fault or the cache), preempted or not."""
-
-    BASE = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
-
-    def __init__(self):
-        super().__init__()
-        if not _MACHINE_MODEL:
-            _MACHINE_MODEL.append(llmspeed.models.tiny("llama", seed=0))
-        self.gen = None
-        self.meta, self.tokens, self.ends = {}, {}, {}
-        self.refused: dict[int, str] = {}  # request -> what its error says
-        self.fault_in = 0  # the runner's run raises on this call from now (0: never)
-
-    @initialize(bs=st.sampled_from([2, 4]), nblocks=st.integers(3, 10), mbt=st.integers(1, 16), seqs=st.integers(1, 4),
-                prefix=st.booleans(), nss=st.sampled_from([1, 3]), fused=st.sampled_from([None, False]))
-    def make(self, bs, nblocks, mbt, seqs, prefix, nss, fused):
-        self.gen = Generator(_MACHINE_MODEL[0], progress=False, kv_cache_tokens=bs * nblocks, block_size=bs,
-                             max_batch_tokens=mbt, max_seqs=seqs, prefix_caching=prefix, num_scheduler_steps=nss,
-                             fused_decode=fused)
-        real = self.gen.runner.run
-
-        def run(step):
-            self.fault_in -= 1
-            if self.fault_in == 0:
-                raise RuntimeError("injected fault")
-            return real(step)
-
-        self.gen.runner.run = run
-
-    def _take(self, events):
-        for e in events:
-            assert e.request_id not in self.ends, f"an event after request {e.request_id}'s final one"
-            self.tokens[e.request_id] += [e.token_id] if e.token_id is not None else []
-            if e.finished:
-                self.ends[e.request_id] = e.output
-
-    @rule(cut=st.integers(0, 12), tail=st.lists(st.integers(1, 255), max_size=6), n=st.integers(1, 8))
-    def add(self, cut, tail, n):
-        prompt = self.BASE[:cut] + tail
-        rid = self.gen.add_request(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
-        self.meta[rid], self.tokens[rid] = (prompt, n), []
-        if not prompt or len(prompt) >= self.gen.blocks.capacity_tokens:  # can never run: refused at once
-            self.refused[rid] = "empty" if not prompt else "KV cache budget"
-
-    @rule()
-    def step(self):
-        self._take(self.gen.step())
-
-    @rule(k=st.integers(1, 3))
-    def fault(self, k):
-        self.fault_in = k
-
-    @precondition(lambda self: self.meta)
-    @rule(data=st.data())
-    def abort(self, data):
-        rid = data.draw(st.sampled_from(sorted(self.meta)))
-        self.gen.abort(rid)
-        self.gen.abort(rid)
-
-    @invariant()
-    def blocks_exact(self):
-        if self.gen is None:
-            return
-        bm, sched = self.gen.blocks, self.gen.scheduler
-        holders: dict[int, set[int]] = {}
-        for s in sched.running:
-            assert len(s.block_table) == len(set(s.block_table)) and s.num_computed < s.num_tokens
-            for b in s.block_table:
-                holders.setdefault(b, set()).add(s.seq_id)
-        assert all(not s.block_table for s in sched.waiting)
-        assert {b: bm.owners(b) for b in holders} == holders and len(holders) + bm.num_free == bm.num_blocks
-        assert not set(bm._evictable) & set(holders) and set(bm._evictable) <= set(bm._key_of)
-
-    def teardown(self):
-        if self.gen is None:
-            return
-        self.fault_in = 0
-        for _ in range(5000):
-            if not self.gen.has_unfinished():
-                break
-            self._take(self.gen.step())
-        assert not self.gen.has_unfinished() and self.gen.num_live == 0
-        assert self.gen.blocks.num_free == self.gen.blocks.num_blocks
-        assert sorted(self.ends) == sorted(self.meta)
-        for rid, out in self.ends.items():
-            prompt, n = self.meta[rid]
-            assert out.token_ids == self.tokens[rid] and out.prompt_token_ids == prompt
-            if rid in self.refused:
-                assert out.finish_reason == "error" and self.refused[rid] in out.error and not out.token_ids
-            else:
-                assert out.finish_reason in ("length", "abort") or "injected fault" in out.error, out.error
-            assert out.token_ids == _alone_cached(prompt, n)[: len(out.token_ids)]
-            if out.finish_reason == "length" and len(out.token_ids) < n:
-                assert len(prompt) + len(out.token_ids) == self.gen.scheduler.max_tokens_per_seq
-
-
-TestGeneratorMachine = GeneratorMachine.TestCase
-TestGeneratorMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 
 
 def test_a_step_called_while_a_stream_is_read_leaves_the_stream_its_events(llama):

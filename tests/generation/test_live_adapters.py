@@ -8,7 +8,8 @@ import torch
 
 from llmspeed import Generator, SamplingParams, lora
 
-from .test_lifecycle import _drain, _random_adapter
+from .conftest import drain as _drain
+from .conftest import random_adapter as _random_adapter
 
 
 def _fresh(model, prompt, adapter=None, fused=None, n=8):
