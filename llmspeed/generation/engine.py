@@ -13,8 +13,9 @@ step runs raises ``RuntimeError`` (use :class:`llmspeed.Engine` to share a model
 A step that raises fails only the requests in its batch (finish reason ``"error"``), and the
 generator stays usable.
 
-Two jobs live beside it: :mod:`.runs` (``generate_batched`` / ``stream`` read only their own requests'
-events) and :mod:`.greedy_burst` (multi-step decode after a fused CPU step).
+Three jobs live beside it: :mod:`.admission` (a new request's sequence, and why it cannot run),
+:mod:`.runs` (``generate_batched`` / ``stream`` read only their own requests' events) and
+:mod:`.greedy_burst` (multi-step decode after a fused CPU step).
 """
 
 from __future__ import annotations
@@ -27,25 +28,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import CausalLM, step_lock
+from .admission import new_sequence, refusal
 from .block_manager import BlockManager
 from .context_limits import context_limit
-from .detokenizer import Detokenizer
 from .generator_args import check_arguments
 from .greedy_burst import greedy_burst
 from .kv_cache import weights_key
 from .outputs import GenerationOutput, RunStats, StreamEvent
-from .prompts import Prompt, eos_ids, hint_chat_template, prompt_ids, prompt_list
-from .request_adapters import adapter_error, adapter_key, follow
+from .prompts import Prompt, eos_ids, hint_chat_template, prompt_list
+from .request_adapters import adapter_key, follow
 from .runner import ModelRunner, StepInput
 from .runs import run_events
-from .sampling import (
-    SamplingParams,
-    coerce,
-    is_int,
-    request_generator,
-    sample_batch,
-    sampling_list,
-)
+from .sampling import SamplingParams, coerce, is_int, sample_batch, sampling_list
 from .scheduler import Batch, Scheduler
 from .sequence import Sequence as Seq
 
@@ -217,9 +211,6 @@ class Generator:
             self._lock.release()
 
     # --- requests -------------------------------------------------------------------------------
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        return prompt_ids(prompt, self.tokenizer, self.chat_template, self.model.spec.vocab_size)
-
     def _weights_key(self) -> int:
         """:func:`.kv_cache.weights_key` of the model, which the scheduler keys prefix-cache blocks by; a change also
         drops the blocks nobody holds (:meth:`.BlockManager.reset_prefix_cache`)."""
@@ -260,22 +251,14 @@ class Generator:
         with self._exclusive("add_request"), step_lock(self.model.module):
             rid = self._next_id
             self._next_id += 1
-            error = None
-            try:
-                ids = self._tokenize(prompt)
-            except ValueError as exc:
-                ids, error = [], str(exc)
-            seq = Seq(rid, ids, sampling, index=index, generator=request_generator(sampling, self.device))
-            seq.detok = Detokenizer(self.tokenizer, ids, sampling.stop)
+            seq, error = new_sequence(rid, prompt, sampling, index, tokenizer=self.tokenizer,
+                                      chat_template=self.chat_template, vocab_size=self.model.spec.vocab_size,
+                                      device=self.device)
             self._seqs[rid] = seq
-            if error is None and sampling.stop and self.tokenizer is None:  # no text to find them in: never ignored
-                error = (f"stop strings {list(sampling.stop)} need a tokenizer to find them in the text, and this model "
-                         f"has none; give stop_token_ids, or wrap the model with its tokenizer")
-            if error is None and sampling.adapter is not None:
-                error = adapter_error(self.model, sampling.adapter)
+            if error is None:
+                error = refusal(self.model, self.tokenizer, sampling)
             if error is None:  # bound to this adapter, (name, uid), not to its name
                 seq.adapter_key = adapter_key(self.model, sampling.adapter)
-            if error is None:
                 error = self.scheduler.add(seq)
             if error is not None:
                 seq.error = error
