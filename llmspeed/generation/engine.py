@@ -254,12 +254,12 @@ class Generator:
             seq, error = new_sequence(rid, prompt, sampling, index, tokenizer=self.tokenizer,
                                       chat_template=self.chat_template, vocab_size=self.model.spec.vocab_size,
                                       device=self.device)
-            self._seqs[rid] = seq
             if error is None:
                 error = refusal(self.model, self.tokenizer, sampling)
             if error is None:  # bound to this adapter, (name, uid), not to its name
                 seq.adapter_key = adapter_key(self.model, sampling.adapter)
                 error = self.scheduler.add(seq)
+            self._seqs[rid] = seq  # only now: a check that raised leaves no request behind, live forever
             if error is not None:
                 seq.error = error
                 self._end(seq, "error")

@@ -323,3 +323,19 @@ def test_a_step_called_while_a_stream_is_read_leaves_the_stream_its_events(llama
     tokens = _alone(llama, [[4, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
     assert [e.token_id for e in rest] == tokens and rest[-1].finished and rest[-1].output.token_ids == tokens
     assert gen.num_live == 0 and not gen.has_unfinished()
+
+
+def test_an_admission_check_that_raises_leaves_no_request_behind(llama, monkeypatch):
+    gen = Generator(llama, progress=False)
+
+    def broken(seq):
+        raise RuntimeError("scheduler fault")
+
+    monkeypatch.setattr(gen.scheduler, "add", broken)
+    with pytest.raises(RuntimeError, match="scheduler fault"):
+        gen.add_request([5, 6, 7], SP)
+    assert gen.num_live == 0 and not gen.has_unfinished() and not gen._pending  # nothing live forever
+    monkeypatch.undo()
+    batch = _prompts(2, seed=9)
+    assert [o.token_ids for o in gen.generate_batched(batch, SP)] == _alone(llama, batch)
+    assert gen.num_live == 0
