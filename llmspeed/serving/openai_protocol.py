@@ -84,8 +84,9 @@ class _Request(BaseModel):
             raise APIError(400, f"logit_bias is not supported by this server (only an empty one); got {_shown(self.logit_bias)}",
                            "logit_bias")
         if self.min_tokens > max_tokens:  # as vLLM: a default max_tokens (16 for completions) bounds it too
-            raise APIError(400, f"min_tokens must be at most max_tokens={max_tokens}; got {self.min_tokens}",
-                           "min_tokens")
+            name, given = self.max_tokens_given()
+            bound = f"{name}={max_tokens}" if given is not None else f"the default max_tokens={max_tokens} (none given)"
+            raise APIError(400, f"min_tokens must be at most {bound}; got {self.min_tokens}", "min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError(400, f"stop strings must be non-empty; got {_shown(self.stop)}", "stop")

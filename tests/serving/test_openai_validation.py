@@ -7,6 +7,8 @@ Moved from ``test_openai_contract.py``, which keeps streams, faults, lifecycle, 
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -184,7 +186,11 @@ def test_min_tokens_above_an_explicit_max_tokens_is_a_400_naming_it(tiny_server,
         # the defaults bound it too (it was cut to the default silently): completions' 16, chat's
         # max_completion_tokens
         r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "min_tokens": 20})
-        assert "min_tokens must be at most max_tokens=16; got 20" in _assert_error(r, 400, "min_tokens")
+        assert "min_tokens must be at most the default max_tokens=16 (none given); got 20" in _assert_error(
+            r, 400, "min_tokens")
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}  # chat's default: the context left
+        says = _assert_error(_post(url, "/v1/chat/completions", {**chat, "min_tokens": 10**6}), 400, "min_tokens")
+        assert re.search(r"at most the default max_tokens=\d+ \(none given\); got 1000000", says), says
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}
         r = _post(url, "/v1/chat/completions", {**chat, "min_tokens": 5})
         assert "min_tokens must be at most max_completion_tokens=2; got 5" in _assert_error(r, 400, "min_tokens")
