@@ -47,6 +47,8 @@ def rotate(x: torch.Tensor, group: int) -> torch.Tensor:  # [..., k] -> [..., k]
     Applied to a weight ``[out, in]`` it rotates the columns; applied twice it gives ``x`` back (up to rounding).
     """
     k = x.shape[-1]
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or group & (group - 1):
+        raise ValueError(f"group must be a power of two (1, 2, 4, ...); got group={group!r}")
     if k % group:
         raise ValueError(f"the last axis ({k}) must be a multiple of group={group}")
     h = _cached(group, x.dtype if x.is_floating_point() else torch.float32, x.device)
@@ -55,7 +57,7 @@ def rotate(x: torch.Tensor, group: int) -> torch.Tensor:  # [..., k] -> [..., k]
 
 def check_rotatable(name: str, in_features: int, group: int | None) -> None:
     """``ValueError`` unless layer ``name``'s input can be rotated within groups of ``group`` channels."""
-    if group is None or group & (group - 1) or in_features % group:
+    if group is None or group < 1 or group & (group - 1) or in_features % group:
         raise ValueError(
             f"hadamard rotates each quantization group's channels, so it needs a power-of-two group_size that "
             f"divides in_features; layer {name!r} has in_features={in_features}, group_size={group}"

@@ -48,6 +48,12 @@ def test_hadamard_size_must_be_a_power_of_two(n):
         hadamard(n)
 
 
+@pytest.mark.parametrize("group", [0, -2, 3, 6, True, 2.0])
+def test_rotate_refuses_a_group_that_is_not_a_power_of_two_by_name(group):
+    with pytest.raises(ValueError, match=f"group must be a power of two.*group={group!r}"):
+        rotate(torch.ones(2, 6), group)
+
+
 @settings(max_examples=30, deadline=None)
 @given(groups=st.integers(1, 6), log_group=st.integers(1, 6), out=st.integers(1, 9), rows=st.integers(1, 5),
        seed=st.integers(0, 2**16))  # fmt: skip
@@ -313,7 +319,7 @@ def test_gptq_with_a_rotated_tied_head_calibrates_the_body_on_unrotated_embeddin
     assert not torch.equal(packed[0]["lm_head"], packed[1]["lm_head"])
 
 
-@pytest.mark.parametrize("in_features, group", [(96, 48), (100, 32), (64, None)])
+@pytest.mark.parametrize("in_features, group", [(96, 48), (100, 32), (64, None), (64, 0)])
 def test_check_rotatable_names_the_layer_for_a_group_it_cannot_rotate(in_features, group):
     from llmspeed.quant.hadamard import check_rotatable
 
