@@ -71,6 +71,15 @@ def test_16_bit_load_carries_the_run_time_hooks_of_cast(tmp_path):
     assert llmspeed.precision.cpu_matmul.installed(from_pretrained(tmp_path).hf) == 0  # fp32: nothing to choose
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, "float64", "fp64", "double"])
+def test_float64_loads_by_dtype_or_name(tmp_path, dtype):
+    # regression: torch.float64 loaded but its names were refused by a message listing only 16/32-bit names
+    _folder(tmp_path, shard="10MB")
+    got = from_pretrained(tmp_path, dtype=dtype, quantize=dict(format="int4", group_size=64))
+    assert got.hf.model.embed_tokens.weight.dtype == torch.float64
+    assert got.hf(IDS).logits.dtype == torch.float64
+
+
 def test_float_load_equals_transformers(tmp_path):
     model = _folder(tmp_path, shard="10MB")
     got = from_pretrained(tmp_path)
@@ -92,6 +101,10 @@ def test_bad_arguments_and_quantized_folders_are_refused(tmp_path):
     for dtype in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
         with pytest.raises(ValueError, match=r"dtype must be a floating-point torch dtype of 16 bits or more .*got "
                                              + str(dtype)):  # fmt: skip
+            from_pretrained(tmp_path, dtype=dtype)
+    for dtype in ("float8", "int8", torch.int8):  # the message lists every accepted name, float64's included
+        with pytest.raises(ValueError, match=r"torch.float64\) or one of the names \[.*'bf16'.*'float64'.*\]; got "
+                                             + repr(dtype)):  # fmt: skip
             from_pretrained(tmp_path, dtype=dtype)
     with pytest.raises(TypeError, match=r"path must be a folder path \(a str or pathlib.Path\); got 123"):
         from_pretrained(123)

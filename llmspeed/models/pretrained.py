@@ -16,8 +16,9 @@ import torch
 
 from ..model import Model
 from ..names import check_device, folder_path, format_name
-from ..precision.cast import resolve_dtype
+from ..precision.cast import DTYPES, resolve_dtype
 
+FLOAT64_NAMES = ("double", "float64", "fp64")  # cast() has no 64-bit target, but a float64 load is exact
 QUANTIZE_KEYS = ("format", "group_size", "symmetric", "double_quant", "kernel", "skip", "include", "activations",
                  "share_embedding", "int8_layers", "lm_head")
 
@@ -117,9 +118,10 @@ def from_pretrained(
     Args:
         path: A folder ``save_pretrained`` wrote (``config.json``, ``*.safetensors``, tokenizer files).
         dtype: Weight dtype, as in ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)``, or its name
-            (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`). A 16-bit model comes back with the
-            run-time hooks :func:`llmspeed.cast` gives one (:func:`llmspeed.precision.attach`: norm outputs
-            rounded, and on the CPU each linear choosing per call between the native and the upcast matmul).
+            (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`; ``"float64"``, ``"fp64"``, ``"double"`` for
+            ``torch.float64``). A 16-bit model comes back with the run-time hooks :func:`llmspeed.cast` gives one
+            (:func:`llmspeed.precision.attach`: norm outputs rounded, and on the CPU each linear choosing per call
+            between the native and the upcast matmul).
         device: Where the model ends up (quantization runs on the CPU as tensors are read).
         quantize: ``None``, or ``dict(format="int4", group_size=64, symmetric=..., skip=[...], include=[...],
             double_quant=..., kernel=..., activations=..., share_embedding=..., int8_layers=[...], lm_head=...)``: the arguments of
@@ -137,14 +139,20 @@ def from_pretrained(
 
     folder = folder_path(path, "path")
     check_device(device)
-    if isinstance(dtype, str):  # "bfloat16", "bf16", "half": the spellings cast accepts
-        dtype = resolve_dtype(dtype)
+    given = dtype
+    if isinstance(dtype, str):  # "bfloat16", "bf16", "half": the spellings cast accepts; "float64" as torch.float64
+        key = dtype.strip().lower().removeprefix("torch.")
+        try:
+            dtype = torch.float64 if key in FLOAT64_NAMES else resolve_dtype(dtype)
+        except ValueError:
+            dtype = None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):  # fp8: no storage
+        raise ValueError(f"dtype must be a floating-point torch dtype of 16 bits or more (torch.float32, "
+                         f"torch.bfloat16, torch.float16, torch.float64) or one of the names "
+                         f"{sorted([*DTYPES, *FLOAT64_NAMES])}; got {given!r}")
     kind = detect(folder)
     if kind != "float":
         raise ValueError(f"{folder} is a {kind} checkpoint; load it with llmspeed.load(path)")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):  # fp8: no storage
-        raise ValueError(f"dtype must be a floating-point torch dtype of 16 bits or more (torch.float32, "
-                         f"torch.bfloat16, torch.float16, torch.float64, or a name: 'bf16', ...); got {dtype!r}")
     files = shard_files(folder)
     model = skeleton.skeleton(folder, dtype)
     head = _tied_head_name(model, files) if quantize is not None else None  # only a quantized head shares
