@@ -80,6 +80,21 @@ def test_float64_loads_by_dtype_or_name(tmp_path, dtype):
     assert got.hf(IDS).logits.dtype == torch.float64
 
 
+@pytest.mark.parametrize("quant", [None, dict(format="int4", group_size=64), dict(format="int8")])
+def test_a_weight_of_the_wrong_shape_is_named(tmp_path, quant):
+    from safetensors.torch import load_file, save_file
+
+    _folder(tmp_path, shard="10MB")
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name][:, :128].contiguous()  # [128, 256] -> [128, 128]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' is float32 \[128, 128\], but the module needs float32 "
+                                         r"\[128, 256\]"):  # fmt: skip
+        from_pretrained(tmp_path, quantize=quant)
+
+
 def test_float_load_equals_transformers(tmp_path):
     model = _folder(tmp_path, shard="10MB")
     got = from_pretrained(tmp_path)
