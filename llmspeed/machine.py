@@ -42,7 +42,8 @@ def private_dir(path: Path) -> Path:
 
     Raises :class:`UnsafeCacheError` naming the folder when it belongs to another user or when its
     group or others may write it (say, a folder made under ``umask 000``): code loaded from there
-    could have been replaced by anyone.
+    could have been replaced by anyone; and naming the link when ``path`` or a folder above it is a
+    symbolic link to nothing. A link to an existing folder is followed and that folder checked.
     """
     path = Path(path)
     missing = []
@@ -50,6 +51,11 @@ def private_dir(path: Path) -> Path:
     while not probe.exists():
         missing.append(probe)
         probe = probe.parent
+    for folder in missing:
+        if folder.is_symlink():  # exists() followed it to nothing: mkdir would fail, chmod would follow it
+            raise UnsafeCacheError(f"cache path {path} cannot be made: {folder} is a symbolic link to "
+                                   f"{os.readlink(folder)}, which does not exist; remove the link, point it at a "
+                                   f"folder of your own, or set {CACHE_ENV} to one")  # fmt: skip
     if missing and not probe.is_dir():  # a file where a folder above the cache should be
         raise UnsafeCacheError(f"cache path {path} cannot be made: {probe} is a file, not a folder; "
                                f"set {CACHE_ENV} to a folder of your own")  # fmt: skip

@@ -281,6 +281,23 @@ def test_a_file_where_a_cache_folder_should_be_is_named(tmp_path):
         private_dir(blocker)  # the path itself a file: refused as before
 
 
+@pytest.mark.parametrize("below", ["", "llmspeed/kernels"])
+def test_a_dangling_symlink_in_the_cache_path_is_named(tmp_path, below):
+    """Regression: a symbolic link to nothing at the cache path made mkdir skip it as existing, then chmod
+    followed it and failed with a bare ``FileNotFoundError``."""
+    from llmspeed.machine import UnsafeCacheError, private_dir
+
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "gone" / "cache")
+    with pytest.raises(UnsafeCacheError, match=rf"{link} is a symbolic link to {tmp_path / 'gone' / 'cache'}, which "
+                                               r"does not exist; remove the link"):  # fmt: skip
+        private_dir(link / below)
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+    (tmp_path / "gone" / "cache").mkdir(parents=True, mode=0o700)  # a link to a folder of one's own: followed
+    os.chmod(tmp_path / "gone" / "cache", 0o700)
+    assert private_dir(link / below) == link / below and (tmp_path / "gone" / "cache" / below).is_dir()
+
+
 @pytest.mark.parametrize("setting", ["", "0", "false", "No", " off "])
 def test_the_disable_variable_set_to_an_off_value_does_not_disable(monkeypatch, tmp_path, setting):
     """Regression: any value but "" and "0" disabled the C++ kernels, so ``LLMSPEED_DISABLE_CPP=false`` (or
