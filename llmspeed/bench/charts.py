@@ -72,7 +72,9 @@ def batching(name: str, rows: list[Row], path: Path) -> list[Path]:
         ax = fig.subplots()
         ax.barh(range(len(steps)), ms, color="#3b75af", label="decode step")
         for i, (step, floor) in enumerate(zip(ms, floors)):
-            if floor is not None:
+            if floor == 0:  # a tiny model: the note rounds its read time to 0.0 ms, no ratio to show
+                ax.text(step, i, f" {step:.1f} ms (the floor rounds to 0.0 ms)", va="center", fontsize=8)
+            elif floor is not None:
                 ax.plot([floor, floor], [i - 0.4, i + 0.4], color="#c0392b", linewidth=2,
                         label="reading the weights once" if i == 0 else None)
                 ax.text(step, i, f" {step:.1f} ms ({step / floor:.2f}x the floor)", va="center", fontsize=8)

@@ -41,6 +41,17 @@ def test_batching_chart_answers_two_questions(tmp_path):
     assert batching("batching", rows[2:], tmp_path / "b.png") == [tmp_path / "b_decode.png"]
 
 
+def test_a_decode_floor_that_rounds_to_zero_is_drawn_without_a_ratio(tmp_path):
+    """Regression: a tiny model's note says "the 0.0 ms to read", and the step / floor label divided by zero."""
+    from llmspeed.bench.charts import batching
+
+    rows = [{"system": "batch-1 decode step: llmspeed, fused CPU step", "dtype": "fp32", "tok_s": 900.0,
+             "vs_generate_batch": "", "seconds": 0.0011, "note": "30.00x the 0.0 ms to read 1 MB of weights at 20.0 GB/s"},
+            {"system": "batch-1 decode step: transformers generate", "dtype": "fp32", "tok_s": 30.0,
+             "vs_generate_batch": "", "seconds": 0.033, "note": "1.23x the 26.9 ms to read 538 MB of weights at 20.0 GB/s"}]  # fmt: skip
+    assert batching("batching", rows, tmp_path / "b.png") == [tmp_path / "b_decode.png"]
+
+
 def test_kernel_chart_groups_paths_per_shape_and_format(tmp_path):
     from llmspeed.bench.charts import _kernel_points, kernels
 
