@@ -148,6 +148,8 @@ def suite_markdown(name: str, result: dict[str, Any], command: str) -> str:
     if result["status"] != "ok":
         lines += [f"**{result['status']}**: {result['error']}", ""]
         return "\n".join(lines)
+    if not result["rows"]:
+        lines += ["(the suite ran and returned no rows: nothing to show)", ""]
     for table, rows in group_rows(result["rows"], name).items():
         columns = list(dict.fromkeys(k for r in rows for k in r if k != "table"))
         shown = [{k: ("n/a" if v is None else v) for k, v in r.items()} for r in rows]

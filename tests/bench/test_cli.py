@@ -71,6 +71,12 @@ def test_missing_and_failing_suites_are_reported_not_dropped(fake_suites, tmp_pa
     assert (tmp_path / "fake.png").exists()
 
 
+def test_a_suite_without_rows_says_so():
+    """Regression: a suite that returned no rows printed its heading and command line only."""
+    block = cli.suite_markdown("empty", {"status": "ok", "seconds": 1.0, "rows": [], "error": None}, "cmd")
+    assert block.startswith("## empty") and "returned no rows: nothing to show" in block
+
+
 def test_unknown_suite_and_model_are_rejected(capsys):
     with pytest.raises(SystemExit):
         cli.main(["nope"])
