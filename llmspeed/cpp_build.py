@@ -230,6 +230,10 @@ def cache_key(text: str, flags: Sequence[str]) -> str:
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()[:12]
 
 
+class _RebuildFailed(RuntimeError):
+    """A library that failed to load was rebuilt once and that failed too: no other build is tried."""
+
+
 def _build_one(
     prefix: str, text: str, key_text: str, functions: list[str], flags: list[str], ldflags: list[str],
     include_dirs: list[str], root: Path,
@@ -262,6 +266,10 @@ def _build_one(
             module = _compile(name, text, functions, flags, ldflags, include_dirs, folder)
         except Exception as err:
             failed.write_text(_last_line(err) + "\n")
+            if problem.startswith("it failed to load"):
+                raise _RebuildFailed(
+                    f"the library {problem.removeprefix('it ')}, and its rebuild failed too: {_last_line(err)}"
+                ) from err
             raise
         record(folder, name)
         _say(f"built {prefix} in {time.perf_counter() - start:.0f} s")
@@ -309,6 +317,9 @@ def build(
             module = _build_one(prefix, text, key_text, functions, flags, list(extra), include_dirs, root)
         except (UnsafeCacheError, OSError) as err:
             errors.append(f"cache: {_last_line(err)}")
+            break
+        except _RebuildFailed as err:  # rebuilt once already: the pure-torch path, not a one-thread build
+            errors.append(str(err))
             break
         except Exception as err:  # a failed build must leave the pure-torch paths working
             errors.append(f"build {'with' if extra else 'without'} OpenMP failed: {_last_line(err)}")

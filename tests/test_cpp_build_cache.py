@@ -26,8 +26,9 @@ def gate(monkeypatch, tmp_path) -> dict:
     source = tmp_path / "answer.cpp"
     source.write_text(SOURCE)
     calls: list[tuple] = []
+    real_build_one = cpp_build._build_one
     monkeypatch.setattr(cpp_build, "_build_one", lambda *args: calls.append(args) or "module")
-    return {"source": source, "calls": calls, "tmp": tmp_path}
+    return {"source": source, "calls": calls, "tmp": tmp_path, "real_build_one": real_build_one}
 
 
 def test_the_cache_key_covers_torch_and_the_included_files(monkeypatch, gate):
@@ -67,6 +68,35 @@ def test_a_build_that_needs_no_openmp_warns_it_runs_on_one_thread(monkeypatch, g
     monkeypatch.setattr(cpp_build, "_build_one", openmp_rejected)
     with pytest.warns(RuntimeWarning, match="built without OpenMP .*-fopenmp.*: it runs on one thread"):
         assert cpp_build.build("llmspeed_test", gate["source"], ["answer"]) == ("module", None)
+
+
+def test_a_library_that_fails_to_load_is_rebuilt_once_then_the_pure_torch_path_runs(monkeypatch, gate):
+    """Regression (issue #19): when the rebuild of a library that failed to load failed too, a third build
+    without -fopenmp ran, and its single-threaded library was used."""
+    monkeypatch.setattr(cpp_build, "_build_one", gate["real_build_one"])
+    monkeypatch.setattr(cpp_build, "_compiler_identity", lambda path: "fake c++")
+    compiles = []
+
+    def compile_(name, text, functions, flags, ldflags, include_dirs, folder):
+        compiles.append(flags)
+        cpp_build.library_path(folder, name).write_bytes(b"a library")
+        if len(compiles) > 1 and "-fopenmp" in flags:
+            raise ImportError("undefined symbol: GOMP_parallel")  # load_inline imports what it built
+        return "module"
+
+    monkeypatch.setattr(cpp_build, "_compile", compile_)
+    assert cpp_build.build("llmspeed_test", gate["source"], ["answer"]) == ("module", None)  # built and recorded
+
+    def load_library(folder, name):  # the recorded library's bytes check out, but it does not load
+        raise ImportError("undefined symbol: GOMP_parallel")
+
+    monkeypatch.setattr(cpp_build, "load_library", load_library)
+    with pytest.warns(RuntimeWarning, match="could not be built or loaded, the pure-torch path runs") as caught:
+        module, reason = cpp_build.build("llmspeed_test", gate["source"], ["answer"])
+    assert module is None and len(compiles) == 2 and all("-fopenmp" in flags for flags in compiles)
+    assert reason == ("the library failed to load (undefined symbol: GOMP_parallel), and its rebuild failed too: "
+                      "undefined symbol: GOMP_parallel")  # fmt: skip
+    assert len(caught) == 1
 
 
 def test_a_second_builder_waits_for_the_lock_and_clearing_keeps_it(tmp_path, capsys):
