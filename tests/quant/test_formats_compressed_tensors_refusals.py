@@ -30,6 +30,31 @@ def test_a_packed_layer_no_config_group_targets_is_refused_by_name(tmp_path):
         llmspeed.load(tmp_path)
 
 
+@pytest.mark.parametrize("targets, match", [
+    (["re:.*mlp.*"], "layer 'model.layers.0.self_attn.k_proj' has packed weights but no config group targets it"),
+    (["model.layers.0.mlp.up_proj", "model.layers.9.mlp.up_proj"],
+     "config group 'group_0' has target 'model.layers.9.mlp.up_proj'; it matches no linear layer of the model"),
+    (["Linear", "Embedding"], "config group 'group_0' has target 'Embedding'; it matches no linear layer"),
+    (["re:.*(mlp"], r"config group 'group_0' has target 're:.*\(mlp'; it is no regular expression \(missing \)"),
+    ([], r"config group 'group_0' has targets \[\]; llmspeed reads a non-empty list of 'Linear'"),
+    ("Linear", "config group 'group_0' has targets 'Linear'; llmspeed reads a non-empty list"),
+])  # fmt: skip
+def test_the_targets_of_a_single_config_group_are_read_and_unsupported_ones_named(tmp_path, monkeypatch, targets,
+                                                                                  match):  # fmt: skip
+    """Regression: with one config group its targets were never read, so a group naming layers the model lacks, a
+    class llmspeed does not quantize, a broken pattern or layers other than the stored ones loaded silently."""
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int8", lm_head=None)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")  # one group, on "Linear"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["targets"] = targets
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    if "packed weights" not in match:
+        monkeypatch.setattr(ct, "read_all", lambda directory: pytest.fail("tensors read before the targets were checked"))
+    with pytest.raises(ValueError, match=match):
+        llmspeed.load(tmp_path)
+
+
 def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
     """Regression: a naive-quantized folder (int8 codes in ``weight``) failed on its first ``weight_scale`` with
     "matches no parameter or buffer of the model", as if the folder were damaged or for another model."""

@@ -22,8 +22,8 @@ through the tied embedding when the two are shared) and listed in ``ignore``: vL
 Layers quantized with ``hadamard`` are described by a ``transform_config`` (:mod:`.ct_transforms`).
 
 Reading (:func:`load`) takes ``pack-quantized`` config groups with dense weights; other formats, other schemes
-(:func:`group_config`), and sparse folders (a ``sparsity_config`` other than ``"dense"``), are refused by name
-before any tensor is read;
+(:func:`group_config`), targets other than those :func:`check_targets` reads, and sparse folders (a
+``sparsity_config`` other than ``"dense"``), are refused by name before any tensor is read;
 Hadamard transforms of int4 layers within their groups load as ``hadamard`` layers, and any other transform
 is refused before a layer is built.
 """
@@ -31,6 +31,7 @@ is refused before a layer is built.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -215,20 +216,36 @@ def save(model: CausalLM, directory: str | Path) -> Path:
 
 # --- import ------------------------------------------------------------------------------------------
 def _matches(name: str, targets: list[str]) -> bool:
-    import re
-
     for t in targets:
         if t == "Linear" or t == name or (t.startswith("re:") and re.match(t[3:], name)):
             return True
     return False
 
 
+_TARGET_FORMS = "'Linear', 're:<pattern>' matching linear layers, and names of linear layers"
+
+
+def check_targets(directory: Path, quant: dict[str, Any], linears: set[str]) -> None:
+    """``ValueError`` naming the config group and the target llmspeed does not read (:data:`_TARGET_FORMS`)."""
+    for key, group in (quant.get("config_groups") or {}).items():
+        targets = group.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"{directory}: config group {key!r} has targets {targets!r}; llmspeed reads a non-empty "
+                             f"list of {_TARGET_FORMS}")  # fmt: skip
+        for t in targets:
+            try:
+                why = None if t == "Linear" or t in linears or any(_matches(n, [t]) for n in linears) else "it matches"
+            except re.error as err:
+                why = f"it is no regular expression ({err}) and matches"
+            if why:
+                raise ValueError(f"{directory}: config group {key!r} has target {t!r}; {why} no linear layer of the "
+                                 f"model; llmspeed reads {_TARGET_FORMS}")  # fmt: skip
+
+
 def _group_of(name: str, groups: dict[str, Any]) -> str | None:
     """The key of the config group compressed-tensors applies to linear layer ``name``, or ``None``: as its
     ``apply_quantization_config`` ranks targets, an exact name first, then a ``re:`` pattern (each kind in sorted
     order), then the class ``"Linear"``; a target two groups list belongs to the later group."""
-    if len(groups) == 1:
-        return next(iter(groups))
     by_target = {t: key for key, g in groups.items() for t in g.get("targets") or []}
     ranked = sorted((t for t in by_target if t != "Linear"), key=lambda t: ("re:" in t, t))
     for t in [*ranked, "Linear"]:
@@ -378,11 +395,12 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     quant = config["quantization_config"]
     check_readable(directory, quant)
     dtype = config_dtype(config)
-    tensors = read_all(directory)
     source = directory
     model = skeleton.skeleton(directory, dtype)
     linears = set(model.linear_names())
+    check_targets(source, quant, linears)
     rotated = ct_transforms.rotated_layers(source, quant, sorted(linears), _matches)
+    tensors = read_all(directory)  # after the checks of the config: the folder is refused before it is read
     quantized = sorted(k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed"))
     if set(rotated) - set(quantized):
         raise ValueError(f"{source}: transform_config rotates layers stored in float, e.g. "
