@@ -252,7 +252,9 @@ def _build_one(
             except (ImportError, OSError) as err:
                 problem = f"it failed to load ({_last_line(err)})"
         failed = folder / FAILED
-        if problem == "not built yet" and failed.exists() and not RETRY_FAILED:
+        # the note outlives only failed builds (a build clears the folder first), even one that left an
+        # unrecorded library behind (compiled, then failed to import)
+        if problem in ("not built yet", "no record of the library's hash") and failed.exists() and not RETRY_FAILED:
             raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()[:300]}); to try again, run "
                                f"`python -m llmspeed build` or delete {failed}")  # fmt: skip
         if problem != "not built yet":

@@ -99,6 +99,27 @@ def test_a_library_that_fails_to_load_is_rebuilt_once_then_the_pure_torch_path_r
     assert len(caught) == 1
 
 
+def test_a_build_that_compiles_but_does_not_import_is_not_compiled_again_by_later_processes(monkeypatch, gate):
+    """Regression: the failed-build note was honoured only where no library was left, so a library that compiled
+    but failed to import (load_inline imports it) was compiled again at every process start."""
+    monkeypatch.setattr(cpp_build, "_build_one", gate["real_build_one"])
+    monkeypatch.setattr(cpp_build, "_compiler_identity", lambda path: "fake c++")
+    compiles = []
+
+    def compile_(name, text, functions, flags, ldflags, include_dirs, folder):
+        compiles.append(flags)
+        cpp_build.library_path(folder, name).write_bytes(b"a library")
+        raise ImportError("undefined symbol: GOMP_parallel")
+
+    monkeypatch.setattr(cpp_build, "_compile", compile_)
+    with pytest.warns(RuntimeWarning, match="pure-torch path runs"):
+        assert cpp_build.build("llmspeed_test", gate["source"], ["answer"])[0] is None
+    assert len(compiles) == 2  # with and without -fopenmp
+    with pytest.warns(RuntimeWarning, match="an earlier build failed"):  # a later process: the note, no compile
+        module, reason = cpp_build.build("llmspeed_test", gate["source"], ["answer"])
+    assert module is None and len(compiles) == 2 and reason.count("an earlier build failed") == 2
+
+
 def test_a_second_builder_waits_for_the_lock_and_clearing_keeps_it(tmp_path, capsys):
     import threading
 
