@@ -29,6 +29,7 @@ class RequestHandle:
         self._loop = loop
         self._async: asyncio.Queue[StreamEvent | None] | None = asyncio.Queue() if loop is not None else None
         self._consumed = False  # the final event was handed out; a None in the queue then wakes other loops
+        self._returned: list[StreamEvent] = []  # events a loop took but never handed out (_give_back): next first
         self.request_id: int | None = None  # the generator's id, once the engine thread has queued it
 
     # --- called by the engine thread ------------------------------------------------------------
@@ -76,8 +77,13 @@ class RequestHandle:
         if self._async is None:
             raise TypeError("this request was not submitted from asyncio: iterate it with `for`")
         while True:
-            self._refuse_consumed()
-            event = self._handed(await self._async.get(), self._async.put_nowait)
+            if self._returned:  # taken earlier by a loop that ended before handing it out: the oldest event
+                event = self._returned.pop()
+                if event.finished:
+                    self._consumed = True
+            else:
+                self._refuse_consumed()
+                event = self._handed(await self._async.get(), self._async.put_nowait)
             yield event
             if event.finished:
                 return
@@ -94,6 +100,13 @@ class RequestHandle:
             put(None)
         return event
 
+    def _give_back(self, event: StreamEvent) -> None:
+        """Return ``event``, taken from this handle's queue by an :meth:`events` loop but never handed out (see
+        :func:`interleave`): the next loop hands it out before anything queued after it."""
+        self._returned.append(event)
+        if event.finished:
+            self._consumed = False
+
     def _refuse_consumed(self) -> None:
         if self._consumed:
             raise RuntimeError(
@@ -109,7 +122,8 @@ class RequestHandle:
 
 async def interleave(handles: Sequence[RequestHandle]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
     """``(i, event)`` for the events of ``handles[i]`` (submitted from asyncio) as they arrive, the handles' events
-    interleaved; ends after every handle's final event. Closing it early leaves the requests running (abort them)."""
+    interleaved; ends after every handle's final event. Closing it early leaves the requests running (abort them),
+    and their events not yet yielded stay with their handles."""
     streams = [h.events() for h in handles]
     waiting = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:
@@ -121,6 +135,9 @@ async def interleave(handles: Sequence[RequestHandle]) -> AsyncGenerator[tuple[i
                 if not event.finished:
                     waiting[asyncio.ensure_future(anext(streams[i]))] = i
                 yield i, event
-    finally:
-        for task in waiting:
-            task.cancel()
+    finally:  # a task that already took an event (done, not yet yielded) gives it back to its handle, not lost
+        for task, i in waiting.items():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                handles[i]._give_back(task.result())
+            else:
+                task.cancel()

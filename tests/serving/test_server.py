@@ -291,3 +291,27 @@ def test_serve_loads_transformers_and_llmspeed_folders(tmp_path):
     assert again.generate_batched(ids, sp, progress=False)[0].token_ids == quantized.generate_batched(ids, sp, progress=False)[0].token_ids
     with pytest.raises(SystemExit, match="already quantized"):
         load_model(str(tmp_path / "native"), {"format": "int4"})
+
+
+def test_closing_interleave_early_loses_no_event_a_stream_already_took():
+    from llmspeed.generation import StreamEvent
+    from llmspeed.serving.handle import RequestHandle, interleave
+
+    def ev(i, tok, finished=False):
+        return StreamEvent(index=0, request_id=i, token_id=tok, finished=finished)
+
+    async def main():
+        handles = [RequestHandle(lambda h: None, asyncio.get_running_loop()) for _ in range(3)]
+        for i, h in enumerate(handles):
+            h._deliver(ev(i, 10 * i, finished=i == 2))
+        handles[1]._deliver(ev(1, 11, finished=True))
+        events = interleave(handles)
+        assert await anext(events) == (0, ev(0, 0))  # every stream took an event; 1's and 2's are not yet yielded
+        await events.aclose()
+        handles[0]._deliver(ev(0, 1, finished=True))
+        got = []
+        for h in handles:
+            got.append([e.token_id async for e in h.events()])
+        return got
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) == [[1], [10, 11], [20]]
