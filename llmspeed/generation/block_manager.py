@@ -134,11 +134,20 @@ class BlockManager:
         """Drop ``seq_id``'s hold on every block of ``block_table`` and empty the table.
 
         A block nobody holds any more becomes evictable when it is registered, else free.
+
+        Raises:
+            RuntimeError: A block of ``block_table`` is not held by ``seq_id``, or is listed twice; nothing is released.
         """
-        for block in block_table:
+        seen: set[int] = set()
+        for block in block_table:  # check them all first: a bad table changes nothing
             held = self._owners.get(block)
             if held is None or seq_id not in held:
                 raise RuntimeError(f"block {block} is not held by sequence {seq_id}")
+            if block in seen:
+                raise RuntimeError(f"block {block} is listed twice in sequence {seq_id}'s block table {block_table}")
+            seen.add(block)
+        for block in block_table:
+            held = self._owners[block]
             held.discard(seq_id)
             if not held:
                 del self._owners[block]

@@ -68,6 +68,19 @@ def test_release_by_a_sequence_that_does_not_hold_the_block_raises():
     assert bm.owners(first[0]) == {1, 2} and bm.owner(second[1]) == 2
 
 
+@pytest.mark.parametrize("bad", [[99], "twice"])
+def test_a_release_that_raises_midway_releases_nothing(bad):
+    bm = BlockManager(4, 2)
+    table: list[int] = []
+    bm.grow(1, table, 4)
+    given = table + ([table[0]] if bad == "twice" else bad)
+    with pytest.raises(RuntimeError, match="not held by sequence 1" if bad == [99] else "listed twice"):
+        bm.release(1, given)
+    assert given[:2] == table and bm.num_free == 2 and all(bm.owner(b) == 1 for b in table)
+    bm.release(1, table)  # the table is still whole and releases normally
+    assert table == [] and bm.num_free == 4
+
+
 class AllocatorMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
