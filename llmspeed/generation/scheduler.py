@@ -59,7 +59,9 @@ class Scheduler:
     Args:
         blocks: The KV block allocator.
         max_batch_tokens: Most tokens (decode + prefill) in one step.
-        max_seqs: Most sequences running at once.
+        max_seqs: Most sequences running at once. A sequence is admitted only while the step's token budget has
+            room for it, so every running sequence gets tokens every step: with ``max_batch_tokens < max_seqs`` at most
+            ``max_batch_tokens`` sequences run at once and the others wait in the queue (vLLM refuses that pair).
         max_seq_len: Longest sequence the model supports (prompt + output).
     """
 

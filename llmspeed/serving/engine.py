@@ -34,7 +34,8 @@ class Engine:
     Args:
         model: The model (``llmspeed.Model`` or anything implementing the protocol).
         kv_cache_tokens: KV budget in tokens.
-        max_batch_tokens: Most tokens in one forward pass.
+        max_batch_tokens: Most tokens in one forward pass. Each running request takes at least one, so below
+            ``max_seqs`` it also caps the requests running at once (the others wait in the queue).
         prefix_caching: Share the KV blocks of common prompt prefixes (system prompts) between requests.
         **generator_kwargs: The other :class:`~llmspeed.generation.Generator` arguments (``max_seqs``,
             ``block_size``, ``chat_template``, ``eos_token_ids``, ...).

@@ -157,6 +157,28 @@ def test_a_chunked_prefill_continues_within_the_token_budget():
     assert lengths == [4, 4, 2]
 
 
+def test_a_token_budget_below_max_seqs_caps_the_running_sequences_and_starves_none():
+    rng = random.Random(0)
+    sched = Scheduler(BlockManager(256, 4), max_batch_tokens=3, max_seqs=8, max_seq_len=1000)
+    seqs = [_seq(i, rng.randint(1, 9), max_new=rng.randint(1, 6)) for i in range(10)]
+    for seq in seqs:
+        assert sched.add(seq) is None
+    for _ in range(200):
+        if not sched.has_unfinished():
+            break
+        running = list(sched.running)
+        batch = sched.schedule()
+        assert len(sched.running) <= 3 and batch.num_tokens <= 3
+        assert {c.seq.seq_id for c in batch.chunks} >= {s.seq_id for s in running}  # every running one steps
+        sched.commit(batch)
+        for chunk in batch.chunks:
+            if chunk.samples:
+                chunk.seq.output_ids.append(7)
+                if len(chunk.seq.output_ids) >= chunk.seq.params.max_new_tokens:
+                    sched.finish(chunk.seq, "length")
+    assert all(s.finish_reason == "length" and len(s.output_ids) == s.params.max_new_tokens for s in seqs)
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random arrivals, aborts and steps: blocks are never leaked or shared; every request ends once."""
 
