@@ -17,6 +17,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from .config import INITS, adapter_dtype
 from .routing import Routing, routed_delta
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -156,9 +157,23 @@ class LoraLinear(nn.Module):
         init: str = "zeros",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        """Create adapter ``name`` of rank ``r``: ``A`` Kaiming-uniform, ``B`` zero (or random)."""
+        """Create adapter ``name`` of rank ``r``: ``A`` Kaiming-uniform, ``B`` zero (or random).
+
+        Raises:
+            ValueError: A bad argument (named in the message); the layer is left unchanged.
+        """
+        check_adapter_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer (the adapter rank); got {r!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number; got {scale!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}; got {init!r}")
+        dtype = adapter_dtype(dtype)
         device = module_device(self.base_layer)
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # weight [r, in]
         b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # weight [out, r]

@@ -41,6 +41,7 @@ def test_bad_rank(llama, r):
     [
         (dict(dropout=1.0), "dropout must be in"),
         (dict(dropout="0.1"), r"dropout must be in \[0, 1\); got '0.1'"),
+        (dict(dropout=False), r"dropout must be in \[0, 1\); got False"),
         (dict(init="gaussian"), "init must be one of"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
         (dict(targets=[]), "targets must be a non-empty list"),
@@ -195,3 +196,28 @@ def test_resolve_targets_names_targets_of_the_wrong_kind(llama, targets):
     its own targets through LoraConfig first)."""
     with pytest.raises(ValueError, match="targets must be 'all-linear', a regex string or a list of module-name"):
         lora.resolve_targets(llama, targets)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=0), "r must be a positive integer.*got 0"),
+        (dict(r=-2), "r must be a positive integer.*got -2"),
+        (dict(r=True), "r must be a positive integer.*got True"),
+        (dict(scale=float("inf")), "scale must be a finite number; got inf"),
+        (dict(scale="2"), "scale must be a finite number; got '2'"),
+        (dict(dropout=1.5), r"dropout must be a number in \[0, 1\); got 1.5"),
+        (dict(dropout=True), r"dropout must be a number in \[0, 1\); got True"),
+        (dict(init="gaussian"), "init must be one of .*; got 'gaussian'"),
+        (dict(dtype=torch.int8), "dtype must be a floating-point dtype"),
+        (dict(name="train"), "adapter name must be an identifier-like string"),
+    ],
+)
+def test_lora_linear_add_refuses_bad_arguments_and_changes_nothing(kwargs, message):
+    layer = lora.LoraLinear(torch.nn.Linear(6, 4))
+    layer.add("kept", 2, 1.0)
+    args = dict(name="a", r=2, scale=1.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        layer.add(**args)
+    assert list(layer.lora_A) == list(layer.lora_B) == list(layer.lora_dropout) == ["kept"]
+    assert dict(layer.scaling) == {"kept": 1.0}
