@@ -3,10 +3,14 @@ alone with a clear error, the others keep the tokens a fresh Generator gives on 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from llmspeed import Generator, SamplingParams, lora
+from llmspeed.generation.request_adapters import adapter_error, adapter_key, follow
+from llmspeed.lora.layer import STATE_CHANGES
 
 from .conftest import drain as _drain
 from .conftest import random_adapter as _random_adapter
@@ -93,3 +97,56 @@ def test_a_request_without_an_adapter_runs_the_active_one_beside_a_request_namin
     assert outs[1].token_ids == _fresh(llama, [4, 5, 6, 7], "b", fused).token_ids
     lora.set_adapter(llama, None)
     assert _fresh(llama, [1, 2, 3], None, fused).token_ids != outs[0].token_ids  # the adapter matters here
+
+
+def _req(adapter, key, finished=False):  # what follow reads of a live request
+    return SimpleNamespace(params=SimpleNamespace(adapter=adapter), is_finished=finished, adapter_key=key)
+
+
+def test_follow_rekeys_base_requests_and_ends_only_those_whose_adapter_cannot_run(llama):
+    """:func:`request_adapters.follow` unit by unit: what it updates, skips and ends, and the count it returns."""
+    base = _req(None, "stale")
+    assert follow(llama, None, [base]) == (None, []) and base.adapter_key == "stale"  # no adapters: nothing read
+    assert adapter_key(llama, None) is None
+    for seed, name in enumerate("abc"):
+        _random_adapter(llama, name, seed)
+    ka, kb, kc = (adapter_key(llama, n) for n in "abc")
+    assert [k[0] for k in (ka, kb, kc)] == ["a", "b", "c"] and adapter_key(llama, None) is None  # none active
+    done = _req(None, "stale", finished=True)
+    on = {n: _req(n, k) for n, k in zip("abc", (ka, kb, kc))}
+    done_b = _req("b", kb, finished=True)
+    live = [base, done, *on.values(), done_b]
+    seen, ended = follow(llama, None, live)
+    assert (seen, ended) == (STATE_CHANGES[0], []) and base.adapter_key is None and done.adapter_key == "stale"
+    lora.set_adapter(llama, "a")
+    base.adapter_key = "stale"
+    assert follow(llama, STATE_CHANGES[0], live) == (STATE_CHANGES[0], []) and base.adapter_key == "stale"  # no change
+    seen, ended = follow(llama, seen, live)
+    assert (seen, ended) == (STATE_CHANGES[0], []) and base.adapter_key == ka == adapter_key(llama, None)
+    with lora.disabled(llama):
+        assert follow(llama, seen, live)[1] == [] and base.adapter_key is None
+    with torch.no_grad():
+        next(lora.lora_layers(llama))[1].weight_b("a").mul_(2.0)  # trained in place: same adapter, other weights
+    assert adapter_key(llama, "a")[:2] == ka[:2] and adapter_key(llama, "a") != ka
+    lora.delete_adapter(llama, "b")
+    lora.delete_adapter(llama, "c")
+    _random_adapter(llama, "c", 5)
+    assert adapter_key(llama, "c")[1] != kc[1]
+    seen, ended = follow(llama, seen, live)
+    assert seen == STATE_CHANGES[0] and [(r is on["b"], r is on["c"]) for r, _ in ended] == [(True, False), (False, True)]
+    assert ended[0][1] == "adapter 'b' was deleted while this request was running"
+    assert ended[1][1] == "adapter 'c' was deleted and another adapter added under its name while this request was running"
+    assert adapter_error(llama, "b") == "adapter must be one of the model's adapters ['a', 'c']; got 'b'"
+    assert adapter_error(llama, "a") is None
+    lora.merge(llama, "c")
+    _, ended = follow(llama, seen, [base, on["a"]])
+    assert [r for r, _ in ended] == [on["a"]] and ended[0][1] == (
+        "adapter 'a' cannot run while adapters ['c'] are merged into the base (merged while this request was running) "
+        "(lora.merge): requests that name an adapter need them unmerged (lora.unmerge)")
+    assert adapter_error(llama, "a") == ended[0][1].replace(" (merged while this request was running)", "")
+    lora.unmerge(llama, "c")
+    seen = STATE_CHANGES[0]
+    for name in ("a", "c"):
+        lora.delete_adapter(llama, name)
+    _, ended = follow(llama, seen, [base, on["a"]])  # the last adapter gone: still looked at, and "a" ends
+    assert [r for r, _ in ended] == [on["a"]] and "adapter 'a' was deleted" in ended[0][1] and base.adapter_key is None
