@@ -254,3 +254,28 @@ def test_model_verbs_wait_for_a_step_in_flight(llama, verb):
     worker.join(60)
     assert not worker.is_alive()
     assert ({n: type(m) for n, m in llama.module.named_modules()}, llama.spec.dtype) != before
+
+
+def test_a_base_request_beside_adapter_requests_gets_the_base_models_output(llama, live_server):
+    """A request naming no adapter (the server's base model name) on an engine serving adapters gets what the model
+    gave before any adapter was added, batched beside requests that name one."""
+    from llmspeed.serving.server import OpenAIServer
+    from tests.generation.test_engine import ChatTokenizer
+    from tests.serving.conftest import openai_client
+
+    llama.tokenizer = ChatTokenizer()
+    prompt = [1, 2, 3, 4]
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    before = Generator(llama, progress=False).generate_batched([prompt], sp)[0].token_ids
+    before_text = Generator(llama, progress=False).generate_batched(["hello"], SamplingParams(max_new_tokens=6))[0].text
+    _random_adapters(llama, ["a", "b"])  # added after the base runs, none active (as `llmspeed serve` leaves them)
+    with llmspeed.Engine(llama) as engine:
+        handles = {n: engine.submit(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=n))
+                   for n in ("a", None, "b")}  # fmt: skip
+        outs = {n: h.result(timeout=60).token_ids for n, h in handles.items()}
+    assert outs[None] == before and outs["a"] != before and outs["b"] != before  # the adapters change the tokens
+    with live_server(OpenAIServer(llmspeed.Engine(llama, kv_cache_tokens=1024), "tiny", ("a", "b"))) as url:
+        client = openai_client(url)
+        texts = [client.completions.create(model=m, prompt="hello", max_tokens=6, temperature=0).choices[0].text
+                 for m in ("a", "tiny")]  # fmt: skip
+    assert texts[1] == before_text != texts[0]
