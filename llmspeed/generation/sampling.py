@@ -62,7 +62,8 @@ class SamplingParams:
             stream never shows text that a stop string later removes).
         stop_token_ids: Token ids that end generation (kept in ``token_ids``).
         ignore_eos: Keep generating after the model's end-of-sequence tokens.
-        adapter: Name of a LoRA adapter to run this request with (``None`` = base model).
+        adapter: Name of a LoRA adapter to run this request with (``None``: the model's active adapter as set
+            by ``lora.set_adapter`` when the request steps, the base model when none is active).
         logprobs: Also return the log-probability of each sampled token and the ``logprobs`` most
             likely alternatives (0 to 20; ``None`` = none). They are the model's own distribution
             (raw logits, before penalties, temperature and filtering), as vLLM returns by default.

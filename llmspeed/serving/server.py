@@ -57,7 +57,8 @@ class OpenAIServer:
 
     Args:
         engine: The engine that runs every request.
-        model_name: The name clients use for the base model.
+        model_name: The name clients use for the base model; its requests run the model's active adapter if one is
+            set (``lora.add_adapter`` sets it): ``lora.set_adapter(model, None)`` for the base alone, as the CLI does.
         adapters: LoRA adapter names loaded on the model, each also a model name.
         api_key: When given, every request to the API (``/v1/...``) must carry ``Authorization: Bearer <api_key>``;
             ``/health`` and ``/metrics`` stay open, as vLLM's, for load balancers and metric scrapers.

@@ -278,4 +278,6 @@ def test_a_base_request_beside_adapter_requests_gets_the_base_models_output(llam
         client = openai_client(url)
         texts = [client.completions.create(model=m, prompt="hello", max_tokens=6, temperature=0).choices[0].text
                  for m in ("a", "tiny")]  # fmt: skip
-    assert texts[1] == before_text != texts[0]
+        lora.set_adapter(llama, "a")  # the base model's name runs the active adapter, as SamplingParams(adapter=None)
+        active = client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0).choices[0].text
+    assert texts[1] == before_text != texts[0] == active
