@@ -184,9 +184,17 @@ class BlockManager:
         return fresh + reused_idle <= self.num_free
 
     def admit(self, seq_id: int, block_table: list[int], hits: Sequence[int], num_tokens: int) -> None:
-        """Give an empty ``block_table`` the cached ``hits`` (shared) plus fresh blocks for ``num_tokens``."""
+        """Give an empty ``block_table`` the cached ``hits`` (shared) plus fresh blocks for ``num_tokens``.
+
+        Raises:
+            RuntimeError: The table is not empty, or not enough free blocks (check :meth:`can_admit` first); nothing
+                is taken.
+        """
         if block_table:
             raise RuntimeError(f"sequence {seq_id} already holds blocks {block_table}")
+        if not self.can_admit(hits, num_tokens):  # before taking the hits: a failed admit holds nothing
+            raise RuntimeError(f"out of KV blocks: {num_tokens} tokens with {len(hits)} cached blocks, "
+                               f"{self.num_free} free")  # fmt: skip
         self.query_tokens += num_tokens
         self.hit_tokens += len(hits) * self.block_size
         for block in hits:

@@ -81,6 +81,21 @@ def test_a_release_that_raises_midway_releases_nothing(bad):
     assert table == [] and bm.num_free == 4
 
 
+def test_an_admit_without_enough_free_blocks_takes_nothing():
+    bm = BlockManager(3, 2, prefix_caching=True)
+    first: list[int] = []
+    bm.admit(1, first, [], 5)
+    bm.register(first, [1, 2, 3, 4, 5], 5, None, [])
+    bm.release(1, first)  # its two full blocks stay cached and evictable
+    hits = bm.match([1, 2, 3, 4, 5, 6, 7, 8])
+    assert len(hits) == 2 and bm.num_free == 3 and not bm.can_admit(hits, 8)
+    table: list[int] = []
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        bm.admit(2, table, hits, 8)
+    assert table == [] and bm.num_free == 3 and all(not bm.owners(b) for b in hits)
+    assert bm.match([1, 2, 3, 4, 5, 6, 7, 8]) == hits and bm.hit_rate == 0.0
+
+
 class AllocatorMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
