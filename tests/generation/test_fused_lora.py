@@ -198,8 +198,8 @@ def test_b_stacks_hold_blocks_of_16_outputs_zero_padded():
     from llmspeed.lora.layer import LoraLinear
 
     layer = LoraLinear(torch.nn.Linear(24, 40, bias=False))
-    layer.add("x", r=3, scale=0.5, init="kaiming")
-    layer.add("y", r=2, scale=2.0, init="kaiming")
+    layer.add("x", r=3, scale=0.5, init="random")
+    layer.add("y", r=2, scale=2.0, init="random")
     a, b = fused_lora.stacks(layer, ["x", "y"], torch.float32)
     assert a.shape == (2, 3, 24) and b.shape == (2, 3, 3, 16)  # 40 outputs: 3 blocks, the last half padding
     for s, (name, scale) in enumerate([("x", 0.5), ("y", 2.0)]):
