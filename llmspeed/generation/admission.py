@@ -37,7 +37,7 @@ def refusal(model: CausalLM, tokenizer: Any, sampling: SamplingParams) -> str | 
     if sampling.stop and tokenizer is None:
         return (f"stop strings {list(sampling.stop)} need a tokenizer to find them in the text, and this model "
                 f"has none; give stop_token_ids, or wrap the model with its tokenizer")
-    if sampling.adapter is not None:
+    if isinstance(sampling.adapter, str):  # None and False (the base alone) run whatever the model has
         return adapter_error(model, sampling.adapter)
     return None
 

@@ -198,7 +198,8 @@ class FusedDecode:
         rows, or the step has prompt chunks and does not run here (:meth:`takes_prompt`).
 
         ``adapters``: each sequence's LoRA adapter name; a sequence without one (``None``, or ``adapters=None``
-        for all) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic path does.
+        for all) runs the model's active adapter (:func:`llmspeed.lora.set_adapter`), as the generic path does, and
+        one given ``False`` the base model alone.
         """
         decode = step.decode_only
         if (decode and len(step.ids) > self.max_rows) or (not decode and not self.takes_prompt(len(step.ids))):
@@ -292,8 +293,9 @@ class FusedDecode:
         return tokens.tolist(), [start + t for t in known.tolist()]
 
     def _names(self, snap: Snapshot, adapters: list[str | None] | None, n: int) -> list[str | None] | None:
-        """Each sequence's adapter (``None``: the model's active one), or ``None`` when the step cannot run them."""
-        names = [a if a is not None else snap.active for a in (adapters or [None] * n)]
+        """Each sequence's adapter (given ``None``: the model's active one; ``False``: none), or ``None`` when the step
+        cannot run them."""
+        names = [snap.active if a is None else a or None for a in (adapters or [None] * n)]
         if not snap.one_active or not set(names) <= {None, *snap.slots}:
             return None  # layers set to different adapters, or an adapter the snapshot lacks: the generic path
         return names

@@ -58,7 +58,7 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent]) -> Non
     start = time.perf_counter()
     adapters = [s.params.adapter for s in seqs]
     rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
-    burst = gen.runner.greedy_steps(rows, steps, adapters if any(adapters) else None)
+    burst = gen.runner.greedy_steps(rows, steps, adapters if any(a is not None for a in adapters) else None)
     if burst is None:  # the model changed under the step: the next step() takes it from here
         return
     tokens, known = burst

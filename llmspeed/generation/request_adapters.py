@@ -42,12 +42,12 @@ def merged_refusal(model: CausalLM, name: str, when: str = "") -> str | None:
             f"requests that name an adapter need them unmerged (lora.unmerge)")  # fmt: skip
 
 
-def adapter_key(model: CausalLM, name: str | None) -> AdapterKey | None:
+def adapter_key(model: CausalLM, name: str | bool | None) -> AdapterKey | None:
     """``(adapter, uid, weights)`` a request's keys/values depend on (:func:`llmspeed.lora.inject.adapter_identity`;
-    ``name=None``: the active adapter; ``None`` when no adapter applies). ``weights`` hashes the storage and version
-    of the adapter's tensors, so that prefix-cache blocks computed before the adapter was trained or edited in place
-    are not reused after."""
-    if name is None and not _has_adapters(model):
+    ``name=None``: the active adapter; ``None`` when no adapter applies, as for ``name=False``, the base alone).
+    ``weights`` hashes the storage and version of the adapter's tensors, so that prefix-cache blocks computed before
+    the adapter was trained or edited in place are not reused after."""
+    if name is False or (name is None and not _has_adapters(model)):
         return None  # no adapters on the model: llmspeed.lora need not be imported
     from ..lora.inject import adapter_identity, lora_layers
 
@@ -80,7 +80,7 @@ def follow(model: CausalLM, seen: int | None, seqs: Iterable[Any]) -> tuple[int 
     ended = []
     for seq in list(seqs):
         name = seq.params.adapter
-        if seq.is_finished:
+        if seq.is_finished or name is False:  # the base alone: no adapter to follow
             continue
         if name is None:
             seq.adapter_key = active

@@ -36,7 +36,8 @@ class StepInput:
         slots: Cache slot of each token (:func:`~.block_manager.slot`).
         chunks: ``(block_table, start, length)`` per sequence.
         rows: Flat-batch row of each sequence whose chunk ends where a token is sampled.
-        adapters: LoRA adapter name per sequence (``None`` = base), or ``None`` when no chunk has one.
+        adapters: LoRA adapter per sequence (``None``: the active one, ``False``: none), or ``None`` when no chunk
+            has one.
     """
 
     ids: list[int]
@@ -258,6 +259,6 @@ class ModelRunner:
         default = identity[0] if identity is not None else None
         names: list[str | None] = []
         for (_, _, length), name in zip(step.chunks, step.adapters):
-            names += [name or default] * length
+            names += [default if name is None else name or None] * length  # False: the base alone
         rows = torch.tensor(step.rows, dtype=torch.long, device=self.device)  # [N]: what a LoRA output head sees
         return per_token_adapters(self.model, names, logits_indices=rows)

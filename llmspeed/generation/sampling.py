@@ -63,7 +63,8 @@ class SamplingParams:
         stop_token_ids: Token ids that end generation (kept in ``token_ids``).
         ignore_eos: Keep generating after the model's end-of-sequence tokens.
         adapter: Name of a LoRA adapter to run this request with (``None``: the model's active adapter as set
-            by ``lora.set_adapter`` when the request steps, the base model when none is active).
+            by ``lora.set_adapter`` when the request steps, the base model when none is active; ``False``: the
+            base model alone, whatever adapter is active, as vLLM runs a request without a LoRA request).
         logprobs: Also return the log-probability of each sampled token and the ``logprobs`` most
             likely alternatives (0 to 20; ``None`` = none). They are the model's own distribution
             (raw logits, before penalties, temperature and filtering), as vLLM returns by default.
@@ -83,7 +84,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
-    adapter: str | None = None
+    adapter: str | bool | None = None  # False: the base model alone
     logprobs: int | None = None
     min_tokens: int = 0
     repetition_penalty: float = 1.0
@@ -114,8 +115,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"`ignore_eos` must be a bool; got {self.ignore_eos!r}")
-        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
-            raise ValueError(f"`adapter` must be None or a non-empty adapter name; got {self.adapter!r}")
+        if self.adapter is not None and self.adapter is not False and (not isinstance(self.adapter, str) or not self.adapter):
+            raise ValueError(f"`adapter` must be None (the active adapter), False (the base model alone) or a non-empty "
+                             f"adapter name; got {self.adapter!r}")  # fmt: skip
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"`logprobs` must be None or an integer from 0 to {MAX_LOGPROBS}; got {self.logprobs!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:

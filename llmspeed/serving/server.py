@@ -57,8 +57,9 @@ class OpenAIServer:
 
     Args:
         engine: The engine that runs every request.
-        model_name: The name clients use for the base model; its requests run the model's active adapter if one is
-            set (``lora.add_adapter`` sets it): ``lora.set_adapter(model, None)`` for the base alone, as the CLI does.
+        model_name: The name clients use for the base model. With ``adapters`` served, its requests run the base
+            alone, whatever adapter is active (as vLLM: ``SamplingParams(adapter=False)``); without, they run the
+            model as it is set, its active adapter included (``lora.add_adapter`` activates the one it adds).
         adapters: LoRA adapter names loaded on the model, each also a model name.
         api_key: When given, every request to the API (``/v1/...``) must carry ``Authorization: Bearer <api_key>``;
             ``/health`` and ``/metrics`` stay open, as vLLM's, for load balancers and metric scrapers.
@@ -89,9 +90,9 @@ class OpenAIServer:
         self.created = int(time.time())
 
     # --- helpers --------------------------------------------------------------------------------
-    def _adapter(self, model: str) -> str | None:
-        if model == self.model_name:
-            return None
+    def _adapter(self, model: str) -> str | bool | None:
+        if model == self.model_name:  # beside served adapters: the base alone, not whichever one is active
+            return False if self.adapters else None
         if model in self.adapters:
             return model
         known = [self.model_name, *self.adapters]
@@ -240,7 +241,7 @@ class OpenAIServer:
                                 f"prompt takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
         return ids
 
-    async def _answer(self, request: Request, req: Any, adapter: str | None, prompt: Any, max_tokens: int,
+    async def _answer(self, request: Request, req: Any, adapter: str | bool | None, prompt: Any, max_tokens: int,
                       logprobs: int | None, chat: bool) -> Response:
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i), adapter) for i in range(req.n)]
         handles = self._submit_all(prompt, sps)
@@ -399,7 +400,7 @@ class OpenAIServer:
         return app
 
 
-def _with_adapter(sp: SamplingParams, adapter: str | None) -> SamplingParams:
+def _with_adapter(sp: SamplingParams, adapter: str | bool | None) -> SamplingParams:
     from dataclasses import replace
 
     return sp if adapter is None else replace(sp, adapter=adapter)

@@ -376,3 +376,38 @@ def test_layers_set_to_different_adapters_take_the_generic_path():
     model.hf.model.layers[0].self_attn.q_proj.active = "b"  # one layer set otherwise
     gen, decode = _prefilled(model, [5, 8])
     assert fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size)) is None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adapter_false_runs_the_base_alone_whatever_adapter_is_active(fused):
+    """``SamplingParams(adapter=False)`` (what the server runs for the base model's name beside served adapters)
+    gives the model's tokens before any adapter was added, batched beside rows that run the active adapter and
+    rows that name one, in single steps and greedy bursts; its prefix-cache blocks are not the active adapter's."""
+    model = llmspeed.models.tiny("llama", seed=6)
+    prompts = [list(range(40, 70)), [1, 2, 3], [9, 8, 7, 6]]
+    sp = dict(max_new_tokens=10, ignore_eos=True)
+    base = [o.token_ids for o in Generator(model, progress=False).generate_batched(prompts, SamplingParams(**sp))]
+    _with_adapters(model)
+    lora.set_adapter(model, "a")
+    kw = dict(progress=False, block_size=8, fused_decode=fused, prefix_caching=True)
+    alone = {a: [Generator(model, **kw).generate_batched([p], SamplingParams(**sp, adapter=a))[0].token_ids
+                 for p in prompts] for a in ("a", "b")}  # fmt: skip
+    assert alone["a"] != base and alone["b"] != base  # the adapters change the tokens
+    gen = Generator(model, **kw)
+    mixed = [SamplingParams(**sp, adapter=a) for a in (False, None, "b")]
+    outs = [o.token_ids for o in gen.generate_batched(prompts, mixed)]
+    assert outs == [base[0], alone["a"][1], alone["b"][2]]
+    # the same prompt under the active adapter, then alone: the second must not reuse the first's cached blocks
+    assert gen.generate_batched([prompts[0]], SamplingParams(**sp))[0].token_ids == alone["a"][0]
+    assert gen.generate_batched([prompts[0]], SamplingParams(**sp, adapter=False))[0].token_ids == base[0]
+    burst = Generator(model, **kw, num_scheduler_steps=4)
+    assert [o.token_ids for o in burst.generate_batched(prompts, SamplingParams(**sp, adapter=False))] == base
+    assert ("fused cpu" in gen.step_paths) == fused
+    if fused:
+        assert "fused cpu, greedy burst" in burst.step_paths
+
+
+def test_adapter_accepts_false_but_not_true():
+    assert SamplingParams(adapter=False).adapter is False
+    with pytest.raises(ValueError, match=r"`adapter` must be None \(the active adapter\), False"):
+        SamplingParams(adapter=True)

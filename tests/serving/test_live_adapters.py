@@ -278,6 +278,9 @@ def test_a_base_request_beside_adapter_requests_gets_the_base_models_output(llam
         client = openai_client(url)
         texts = [client.completions.create(model=m, prompt="hello", max_tokens=6, temperature=0).choices[0].text
                  for m in ("a", "tiny")]  # fmt: skip
-        lora.set_adapter(llama, "a")  # the base model's name runs the active adapter, as SamplingParams(adapter=None)
-        active = client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0).choices[0].text
-    assert texts[1] == before_text != texts[0] == active
+        lora.set_adapter(llama, "a")  # beside served adapters the base model's name runs the base alone, as vLLM
+        base = client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0).choices[0].text
+    assert texts[1] == before_text == base != texts[0]
+    with live_server(OpenAIServer(llmspeed.Engine(llama, kv_cache_tokens=1024), "tiny")) as url:  # no adapters served
+        as_set = openai_client(url).completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0)
+    assert as_set.choices[0].text == texts[0]  # the model as it is set: its active adapter "a"
