@@ -11,7 +11,7 @@ import torch
 import llmspeed
 from llmspeed import lora
 from llmspeed.quant import Int4Linear
-from llmspeed.quant.formats import compressed_tensors as ct
+from llmspeed.quant.formats import ct_load  # load() looks read_all up there
 
 pytest.importorskip("compressed_tensors")
 from .test_formats_compressed_tensors import WIDE, _reads_or_refuses, _rewrite, _write_with_package  # noqa: E402
@@ -50,7 +50,7 @@ def test_the_targets_of_a_single_config_group_are_read_and_unsupported_ones_name
     cfg["quantization_config"]["config_groups"]["group_0"]["targets"] = targets
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     if "packed weights" not in match:
-        monkeypatch.setattr(ct, "read_all", lambda directory: pytest.fail("tensors read before the targets were checked"))
+        monkeypatch.setattr(ct_load, "read_all", lambda directory: pytest.fail("tensors read before the targets were checked"))
     with pytest.raises(ValueError, match=match):
         llmspeed.load(tmp_path)
 
@@ -89,7 +89,7 @@ def test_schemes_llmspeed_cannot_read_are_refused_before_any_tensor_is_read(tmp_
     def read_all(directory):
         raise AssertionError("tensors were read before the scheme was checked")
 
-    monkeypatch.setattr(ct, "read_all", read_all)
+    monkeypatch.setattr(ct_load, "read_all", read_all)
     with pytest.raises(ValueError, match=match):
         llmspeed.load(tmp_path)
 
