@@ -7,7 +7,8 @@ Layers, bottom up (each imports only those below it; a test checks the import gr
   in docs/quantization.md);
 * :mod:`~llmspeed.quant.methods` (the method registry and the per-weight methods ``"rtn"``, ``"hqq"``)
   and :mod:`~llmspeed.quant.kernels` (matmul paths and ``kernel="auto"``, typed against the protocol);
-* :mod:`~llmspeed.quant.modules` (``Int8Linear``, ``Int4Linear``, ``NF4Linear``);
+* :mod:`~llmspeed.quant.modules` (``Int8Linear``, ``Int4Linear``, ``NF4Linear``, over
+  :mod:`~llmspeed.quant.linear_base`);
 * :mod:`~llmspeed.quant.calibration` and the model-level methods ``"gptq"``, ``"awq"`` and
   ``"awq+gptq"`` (registered here);
 * the verbs :func:`quantize`, :func:`save`, :func:`load` and the report :func:`llmspeed.kernels`
