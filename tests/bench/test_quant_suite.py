@@ -52,3 +52,42 @@ def test_memory_rows_count_the_decoders_linears_whether_the_head_is_tied_or_not(
         ratios[tie] = {r["case"]: r["vs_baseline"] for r in Q.memory_rows(model)}
     assert ratios[True]["int8 linear layers"] == pytest.approx(ratios[False]["int8 linear layers"], rel=1e-6)
     assert ratios[True]["int4 g64 linear layers"] < 0.16  # the head (int8, 512 x 256) would add 0.03
+
+
+def _tiny():
+    return llmspeed.models.tiny("llama", hidden_size=128, intermediate_size=256)
+
+
+def test_kernel_rows_divide_each_time_by_its_own_baselines_time(monkeypatch):
+    """Every timed path is a row of its own, and vs_baseline is the named baseline row's time over the row's."""
+    from llmspeed.bench import quant as Q
+
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4})
+    times = iter(range(1, 10_000))
+    monkeypatch.setattr(Q, "_time", lambda fn, device, quick: next(times) * 1e-6)  # a new time per timing
+    rows = kernel_rows("cpu", [(64, 96)], [1, 8], quick=True, progress=False)
+    values = [r["value"] for r in rows]
+    assert len(set(values)) == len(values)  # no row reuses another's timing (the cast layer's included)
+    assert not any(" reference" in r["case"] for r in rows)  # the reference kernel is a check, not a path
+    for r in rows:
+        shape = " ".join(r["case"].split()[:2])
+        base_case = {"fp32": "fp32 F.linear", "fp32 F.linear": "fp32 F.linear", "bf16 F.linear": "bf16 F.linear",
+                     "bf16 cast layer": "bf16 cast layer (fp32 blocks)"}[r["baseline"]]  # fmt: skip
+        base = next(b for b in rows if b["case"] == f"{shape} {base_case}")
+        assert r["vs_baseline"] == pytest.approx(base["value"] / r["value"]), r
+
+
+def test_time_keeps_a_slow_paths_first_median_and_times_a_fast_one_again_with_more_calls(monkeypatch):
+    from llmspeed.bench import quant as Q
+    from llmspeed.timing import Timing
+
+    for first, calls_want in ((0.5, [(3, 1, 1)]), (1e-4, [(3, 1, 1), (5, 0, 200)])):
+        calls = []
+
+        def fake(fn, repeats, warmup, inner, device, first=first, calls=calls):
+            calls.append((repeats, warmup, inner))
+            return Timing((first, first, first) if len(calls) == 1 else (1.0, 2.0, 9.0))
+
+        monkeypatch.setattr(Q, "timeit", fake)
+        assert Q._time(lambda: None, "cpu", quick=True) == (first if first > 0.25 else 2.0)
+        assert calls == calls_want
