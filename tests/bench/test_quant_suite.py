@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -91,3 +93,57 @@ def test_time_keeps_a_slow_paths_first_median_and_times_a_fast_one_again_with_mo
         monkeypatch.setattr(Q, "timeit", fake)
         assert Q._time(lambda: None, "cpu", quick=True) == (first if first > 0.25 else 2.0)
         assert calls == calls_want
+
+
+def test_perplexity_rows_measure_the_format_each_row_names(monkeypatch):
+    from llmspeed.bench import quant as Q
+    from llmspeed.quant.modules import QuantizedLinearBase
+
+    def label(model):
+        layers = [m.config for n, m in model.linear_layers() if isinstance(m, QuantizedLinearBase) and "lm_head" not in n]
+        (label,) = {c.format + ("" if c.format == "int8" else f" g{c.group_size}") + (" dq" if c.double_quant else "")
+                    for c in layers} or {"fp32"}  # fmt: skip
+        return label
+
+    names = ["fp32", *(n for n, _ in Q.FORMATS)]
+    seen = []
+    monkeypatch.setattr(llmspeed.eval, "perplexity", lambda m, n_windows: seen.append(n_windows) or 10.0 + names.index(label(m)))
+    rows = Q.perplexity_rows(_tiny(), quick=True, progress=False)
+    assert seen == [4] * len(names)
+    assert [r["case"] for r in rows] == ["fp32 (4 x 512 tokens)", *names[1:]]
+    for i, r in enumerate(rows):
+        assert r["value"] == 10.0 + i and r["vs_baseline"] == pytest.approx((10.0 + i) / 10.0), r
+
+
+def test_greedy_decode_counts_decode_steps_only_and_returns_the_greedy_tokens(monkeypatch):
+    from llmspeed.bench import quant as Q
+
+    model = _tiny()
+    prompt = torch.arange(100, 108)
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(Q, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    tps, tokens = Q.greedy_decode(model, prompt, 5)
+    assert tps == 4 / 2.0  # the first token comes from the prefill, outside the timed loop
+    with torch.no_grad():
+        want = model.hf.generate(prompt[None], max_new_tokens=5, do_sample=False)[0, 8:].tolist()
+    assert tokens == want
+
+
+def test_decode_rows_take_the_median_run_and_count_tokens_as_the_float_model(monkeypatch):
+    from llmspeed.bench import quant as Q
+
+    base = _tiny()
+    runs = {"base": iter([30.0, 10.0, 20.0]), "quant": iter([5.0, 15.0, 10.0] * len(Q.DECODE_FORMATS))}
+
+    def fake(model, prompt, new):
+        who = "base" if model is base else "quant"
+        if new == 4:  # warm-up
+            return 0.0, []
+        return next(runs[who]), ([1, 2, 3, 4] if who == "base" else [1, 2, 9, 4])
+
+    monkeypatch.setattr(Q, "greedy_decode", fake)
+    rows = Q.decode_rows(base, "cpu", quick=True, progress=False, dtype_name="fp32")
+    assert [(r["case"], r["value"], r["baseline"]) for r in rows] == [("fp32 batch-1 greedy", 20.0, "fp32")] + [
+        (f"{n} (3/4 tokens as fp32)", 10.0, "fp32") for n in Q.DECODE_FORMATS
+    ]
+    assert [r["vs_baseline"] for r in rows] == [1.0] + [0.5] * len(Q.DECODE_FORMATS)  # tok/s over the float's
