@@ -147,3 +147,27 @@ def test_decode_rows_take_the_median_run_and_count_tokens_as_the_float_model(mon
         (f"{n} (3/4 tokens as fp32)", 10.0, "fp32") for n in Q.DECODE_FORMATS
     ]
     assert [r["vs_baseline"] for r in rows] == [1.0] + [0.5] * len(Q.DECODE_FORMATS)  # tok/s over the float's
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_run_measures_the_tables_asked_for_in_the_devices_setting(monkeypatch, device):
+    from llmspeed.bench import quant as Q
+
+    calls = {}
+
+    def record(name):
+        return lambda *a, **k: calls.setdefault(name, []).append(a) or []
+
+    loaded = []
+    monkeypatch.setattr(Q, "_load", lambda model, device, dtype: loaded.append(dtype) or _tiny())
+    for name in ("perplexity_rows", "memory_rows", "kernel_rows", "graph_kernel_rows", "decode_rows"):
+        monkeypatch.setattr(Q, name, record(name))
+    run(device=device, model="tiny-llama", quick=True, tables=["kernels"])
+    assert loaded == [torch.float32 if device == "cpu" else torch.bfloat16]
+    assert set(calls) == ({"kernel_rows"} if device == "cpu" else {"kernel_rows", "graph_kernel_rows"})
+    (args,) = calls["kernel_rows"]
+    assert args[2] == [1, 4, 16, 64, 256 if device == "cpu" else 512]
+    assert args[1][-1] == ((4096, 4096) if device == "cpu" else (4096, 14336))
+    calls.clear()
+    run(device=device, model="tiny-llama", quick=True, tables=["decode"])
+    assert list(calls) == ["decode_rows"] and calls["decode_rows"][0][-1] == ("fp32" if device == "cpu" else "bf16")
