@@ -31,3 +31,54 @@ def test_round_trip_and_gptq_rows_meet_their_goals(tmp_path):
     assert sum("vs dequantized model" in r["case"] for r in rows) == 3  # quick: int8, int4 g32 sym and asym
     ref, got = (r["value"] for r in rows if r["table"] == "gptq")
     assert abs(got - ref) <= 1e-5 * ref
+
+
+def test_dequantized_copy_keeps_the_biases():
+    model = llmspeed.models.tiny("qwen2")  # q/k/v projections with biases
+    llmspeed.quantize(model, "int4", group_size=32)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.allclose(dequantized(model).hf(ids).logits, model.hf(ids).logits, atol=1e-5)
+
+
+def test_round_trip_rows_name_what_was_quantized_and_compared(monkeypatch, tmp_path):
+    """Each case names the format it quantized; each logit row is measured against the model it names, relative
+    to that model's logits; "bit-identical" counts exact equality."""
+    from llmspeed.bench import formats
+
+    calls = []
+    real_quantize, real_dequantized, real_load = llmspeed.quantize, formats.dequantized, llmspeed.load
+
+    def quantize(model, fmt, group_size=None, symmetric=None, **kw):
+        calls.append((fmt, group_size, symmetric))
+        return real_quantize(model, fmt, group_size=group_size, symmetric=symmetric, **kw)
+
+    def doubled(model):  # the dequantized reference's logits twice the kernels': rel difference 0.5 against it
+        copy = real_dequantized(model)
+        copy.hf.lm_head.weight.data *= 2
+        return copy
+
+    def load(folder):  # one layer off by far less than any tolerance: no longer bit-identical
+        back = real_load(folder)
+        layer = next(m for _, m in back.linear_layers() if isinstance(m, formats.QuantizedLinearBase))
+        dequantize = layer.dequantize
+        layer.dequantize = lambda: dequantize() + 1e-6
+        return back
+
+    monkeypatch.setattr(llmspeed, "quantize", quantize)
+    monkeypatch.setattr(formats, "dequantized", doubled)
+    monkeypatch.setattr(llmspeed, "load", load)
+    rows = round_trips("tiny-llama", False, tmp_path)
+    assert calls == formats.ROUND_TRIPS  # quick=False: all seven
+    names = ["int8", *(f"int4 g{g} {s}" for g in (32, 64, 128) for s in ("sym", "asym"))]
+    assert [r["case"] for r in rows] == [
+        f"tiny-llama {c}{tail}" for c in names
+        for tail in (" -> transformers vs dequantized model", " -> transformers vs llmspeed kernels", " -> llmspeed")
+    ]  # fmt: skip
+    for r in rows:
+        if r["case"].endswith("vs dequantized model"):
+            assert r["value"] == pytest.approx(0.5, rel=1e-3) and r["vs_baseline"] == pytest.approx(5000, rel=1e-3)
+        elif r["case"].endswith("vs llmspeed kernels"):
+            assert r["value"] <= 1e-4, r
+        else:
+            assert r["value"] == 13 and r["unit"] == "of 14 layers bit-identical" and r["vs_baseline"] == 13 / 14
