@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -82,3 +85,77 @@ def test_round_trip_rows_name_what_was_quantized_and_compared(monkeypatch, tmp_p
             assert r["value"] <= 1e-4, r
         else:
             assert r["value"] == 13 and r["unit"] == "of 14 layers bit-identical" and r["vs_baseline"] == 13 / 14
+
+
+def test_gptq_rows_compare_the_loaded_folder_with_the_reference(monkeypatch, tmp_path):
+    from llmspeed.bench import formats
+
+    nll = iter([0.0, math.log(1.5)])  # the reference first, then the loaded folder
+    monkeypatch.setattr(formats, "_nll", lambda model, ids: next(nll))
+    ref, got = gptq("tiny-llama", True, tmp_path)
+    assert (ref["value"], ref["baseline"]) == (1.0, "-")
+    assert got["case"] == "GPTQ v1 act-order g64 -> llmspeed (14 permuted layers)"
+    assert got["value"] == pytest.approx(1.5) and got["vs_baseline"] == pytest.approx(1.5)
+
+
+def test_peak_mib_reads_the_peak_and_its_rise_above_the_weight_free_baseline(monkeypatch, tmp_path):
+    from llmspeed.bench import formats
+
+    done = SimpleNamespace(returncode=0, stdout="some log line\n100.5\n250.0\n", stderr="")
+    monkeypatch.setattr(formats.subprocess, "run", lambda *a, **k: done)
+    assert formats._peak_mib("while-loading", tmp_path) == (250.0, 149.5)
+
+
+def test_quantize_while_loading_rows_compare_with_fp32_then_quantize(monkeypatch, tmp_path):
+    from llmspeed.bench import formats
+
+    peaks = {"fp32-then-quantize": (400.0, 300.0), "while-loading": (200.0, 100.0)}
+    monkeypatch.setattr(formats, "_peak_mib", lambda mode, folder: peaks[mode])
+    rows = {r["case"]: r for r in formats.quantize_while_loading("tiny-llama", tmp_path)}
+    assert rows["from_pretrained(quantize=int4 g64)"]["vs_baseline"] == 0.5
+    assert rows["from_pretrained(quantize): above baseline"]["vs_baseline"] == pytest.approx(1 / 3)
+    assert rows["load fp32, then quantize int4 g64"]["value"] == 400.0
+    assert rows["packed tensors bit for bit equal"]["value"] == 1.0
+
+    real = llmspeed.models.from_pretrained
+
+    def one_tensor_off(*args, **kwargs):
+        model = real(*args, **kwargs)
+        next(iter(model.hf.state_dict().values())).add_(1)
+        return model
+
+    monkeypatch.setattr(llmspeed.models, "from_pretrained", one_tensor_off)
+    rows = {r["case"]: r for r in formats.quantize_while_loading("tiny-llama", tmp_path / "again")}
+    assert rows["packed tensors bit for bit equal"]["value"] == 0.0
+
+
+def test_load_times_are_medians_of_warm_loads(monkeypatch, tmp_path):
+    from llmspeed.bench import formats
+
+    now = [0.0]
+    durations = iter([100.0, 1.0, 5.0, 3.0] * 2)  # per format: the warm-up load, then three timed ones
+
+    def load(folder):
+        now[0] += next(durations)
+
+    monkeypatch.setattr(formats, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(llmspeed, "load", load)
+    rows = formats.load_times("tiny-llama", True, tmp_path)
+    assert [(r["case"], r["value"], r["vs_baseline"]) for r in rows] == [
+        ("llmspeed.load, llmspeed folder", 3.0, 1.5), ("llmspeed.load, compressed-tensors folder", 3.0, 1.5)]
+
+
+def test_run_is_cpu_only_and_adds_the_tiny_models_round_trips(monkeypatch):
+    from llmspeed.bench import formats
+
+    with pytest.raises(ValueError, match="the formats suite runs on the CPU; got device='cuda'"):
+        formats.run(device="cuda")
+    calls = []
+    for name in ("round_trips", "gptq", "quantize_while_loading", "load_times"):
+        monkeypatch.setattr(formats, name, lambda model, *a, name=name: calls.append((name, model)) or [])
+    formats.run(model="smollm2", quick=True)
+    assert calls == [("round_trips", "smollm2"), ("round_trips", "tiny-llama"), ("gptq", "smollm2"),
+                     ("quantize_while_loading", "smollm2"), ("load_times", "smollm2")]  # fmt: skip
+    calls.clear()
+    formats.run(model="tiny-llama", quick=True)
+    assert [c[0] for c in calls] == ["round_trips", "gptq", "quantize_while_loading", "load_times"]
