@@ -75,3 +75,21 @@ def test_model_rows_time_every_variant_in_rounds_and_leave_an_overflow_out(monke
     fp32, bf16, fp16 = rows
     assert fp32["prefill_ms"] > 0 and bf16["decode_step_ms"] > 0
     assert fp16["prefill_ms"] is None and fp16["decode_step_ms"] is None and fp16["note"].startswith("overflow")
+
+
+def test_matmul_rows_time_the_named_path_on_the_named_dtype_against_fp32(monkeypatch):
+    """speedup_vs_base is fp32's time over the row's at the same shape; weight GB/s counts the weight's bytes."""
+    import torch
+
+    from llmspeed.bench import precision
+    from llmspeed.timing import Timing
+
+    ms = {("linear", torch.float32): 4.0, ("linear", torch.bfloat16): 2.0, ("linear", torch.float16): 8.0,
+          ("upcast_linear", torch.bfloat16): 1.0}  # fmt: skip
+    monkeypatch.setattr(precision, "timeit", lambda fn, *a, **k: Timing((ms[(fn.func.__name__, fn.args[1].dtype)] * 1e-3,)))
+    rows = matmul_rows([(1, 32, 48), (8, 32, 48)], repeats=2)
+    for r in rows:
+        want = ms[("upcast_linear", torch.bfloat16)] if r["dtype"] == "bf16-upcast" else ms[("linear", precision.DTYPES[r["dtype"]])]
+        assert r["ms"] == want and r["speedup_vs_base"] == 4.0 / want, r
+        nbytes = 48 * 32 * (4 if r["dtype"] == "fp32" else 2)
+        assert r["weight_GB/s"] == nbytes / (want * 1e-3) / 1e9, r
