@@ -93,3 +93,109 @@ def test_matmul_rows_time_the_named_path_on_the_named_dtype_against_fp32(monkeyp
         assert r["ms"] == want and r["speedup_vs_base"] == 4.0 / want, r
         nbytes = 48 * 32 * (4 if r["dtype"] == "fp32" else 2)
         assert r["weight_GB/s"] == nbytes / (want * 1e-3) / 1e9, r
+
+
+def test_model_rows_put_each_timing_in_its_column_and_run_it_in_its_variants_context(monkeypatch):
+    """The prefill and decode timings land in their own columns with their own spreads, and autocast-bf16's
+    timed calls (not only its warm-up) run under its autocast."""
+    import torch
+
+    from llmspeed.bench import precision
+    from llmspeed.timing import Timing
+
+    log = []
+
+    def marked(what):
+        return lambda m, n, device: lambda: log.append((what, torch.is_autocast_enabled("cpu")))
+
+    monkeypatch.setattr(precision, "_prefill_fn", marked("prefill"))
+    monkeypatch.setattr(precision, "_decode_fn", marked("decode"))
+
+    def round_robin(fns, repeats, warmup, device=None):
+        out = {}
+        for variant, fn in fns.items():
+            log.clear()
+            fn()
+            ((what, autocast),) = log
+            assert autocast == (variant == "autocast-bf16"), (variant, what)
+            out[variant] = Timing((0.010, 0.011, 0.012) if what == "prefill" else (0.002, 0.003, 0.004))
+        return out
+
+    monkeypatch.setattr(precision, "timeit_round_robin", round_robin)
+    real = precision._variant_model
+
+    def with_tokenizer(model, device, variant):  # the tiny model has none: give it one, so perplexity runs
+        m, ctx = real(model, device, variant)
+        m.tokenizer = object()
+        return m, ctx
+
+    ppl_calls = []
+    monkeypatch.setattr(precision, "_variant_model", with_tokenizer)
+    monkeypatch.setattr(precision, "perplexity", lambda m, *a, **k: ppl_calls.append((a, k, torch.is_autocast_enabled("cpu"))) or 12.0)
+    cfg = dict(precision._settings("cpu", quick=True), ppl_text="some text")
+    rows = precision.model_rows("tiny-llama", "cpu", ("fp32", "bf16", "autocast-bf16"), cfg)
+    args = (("some text", 256, 2), {"batch_size": 1})  # text, window, number of windows
+    assert ppl_calls == [(*args, False), (*args, False), (*args, True)]
+    fp32, bf16, autocast = rows  # each its own weights: bf16's about half (norms stay fp32)
+    assert autocast["weights_MB"] == fp32["weights_MB"] and 0.5 < bf16["weights_MB"] / fp32["weights_MB"] < 0.6
+    for r in rows:
+        assert r["ppl"] == 12.0
+        assert r["prefill_ms"] == 11.0 and r["decode_step_ms"] == 3.0
+        assert r["prefill_spread"] == 2 / 11 and r["decode_spread"] == 2 / 3
+
+
+def test_decode_fn_steps_against_the_same_context_every_call():
+    from llmspeed.bench import precision
+    from llmspeed.bench.models import load_model
+
+    m = load_model("tiny-llama", device="cpu")
+    lengths = []
+    forward = m.hf.forward
+
+    def spy(*args, cache=None, **kwargs):  # takes `cache` by name, as this transformers' forward does
+        if cache is not None:
+            lengths.append(cache.get_seq_length())
+        return forward(*args, cache=cache, **kwargs)
+
+    m.hf.forward = spy
+    step = precision._decode_fn(m, 8, "cpu")
+    for _ in range(3):
+        step()
+    assert lengths == [8, 8, 8]
+
+
+def test_cpu_variants_are_the_bf16_cast_with_and_without_its_cpu_choices(monkeypatch):
+    import torch
+
+    from llmspeed.bench import precision
+    from llmspeed.precision import cpu_matmul
+
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4})
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    seen = {}
+    for variant in ("bf16", "bf16-native", "bf16-16bit-activations"):
+        m, _ = precision._variant_model("tiny-llama", "cpu", variant)
+        with torch.no_grad():
+            acts = m.hf.get_input_embeddings()(ids).dtype
+        seen[variant] = (cpu_matmul.installed(m.module) > 0, acts)
+    assert seen == {"bf16": (True, torch.float32), "bf16-native": (False, torch.bfloat16),
+                    "bf16-16bit-activations": (True, torch.bfloat16)}  # fmt: skip
+
+
+def test_run_times_the_cpu_variants_on_the_cpu_and_turns_non_finite_numbers_into_none(monkeypatch):
+    from llmspeed.bench import precision
+
+    seen = {}
+
+    def model_rows(model, device, variants, cfg, progress):
+        seen["variants"] = variants
+        return [_row(v, 10.0, 8.0, 4.0) for v in variants]
+
+    monkeypatch.setattr(precision, "model_rows", model_rows)
+    monkeypatch.setattr(precision, "matmul_rows", lambda shapes, *a: seen.setdefault("shapes", shapes) and [{"ms": float("nan")}])
+    monkeypatch.setattr(precision, "load_rows", lambda device: seen.setdefault("load", device) and [{"median_s": float("inf")}])
+    rows = precision.run(model="tiny-llama", quick=True, progress=False)
+    assert seen == {"variants": precision.VARIANTS + precision.CPU_VARIANTS, "shapes": [(1, 64, 128), (16, 64, 128)]}
+    assert rows[-1] == {"ms": None}
+    rows = precision.run(model="smollm2", quick=True, progress=False)
+    assert seen["load"] == "cpu" and rows[-1] == {"median_s": None}
