@@ -20,7 +20,8 @@ def main() -> None:
         "--quick", action="store_true", help="fewer windows, shapes and tokens (a few minutes)"
     )
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES, help="which tables (default all)")
+    parser.add_argument("--tables", nargs="+", default=None, choices=TABLES,
+                        help="which tables (default all; perplexity and memory: smollm2 on the CPU only)")
     args = parser.parse_args()
     rows = run(device=args.device, model=args.model, quick=args.quick, progress=not args.no_progress,
                tables=args.tables)

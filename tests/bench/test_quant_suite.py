@@ -171,3 +171,23 @@ def test_run_measures_the_tables_asked_for_in_the_devices_setting(monkeypatch, d
     calls.clear()
     run(device=device, model="tiny-llama", quick=True, tables=["decode"])
     assert list(calls) == ["decode_rows"] and calls["decode_rows"][0][-1] == ("fp32" if device == "cpu" else "bf16")
+
+
+def test_run_refuses_perplexity_or_memory_where_it_would_not_measure_them(monkeypatch):
+    """Regression: tables=["perplexity"] (or memory) with another model or on CUDA returned no rows, silently."""
+    from llmspeed.bench import quant as Q
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model before refusing")
+
+    monkeypatch.setattr(Q, "_load", no_load)
+    for model, device in (("tiny-llama", "cpu"), ("smollm2", "cuda")):
+        with pytest.raises(ValueError, match=r"tables perplexity and memory are measured for model='smollm2' on "
+                           rf"device='cpu' only; got tables=\['kernels', 'memory'\] with model='{model}', device='{device}'"):  # fmt: skip
+            run(device=device, model=model, tables=["kernels", "memory"])
+    calls = []
+    monkeypatch.setattr(Q, "_load", lambda model, device, dtype: _tiny())
+    for name in ("perplexity_rows", "memory_rows", "kernel_rows", "graph_kernel_rows", "decode_rows"):
+        monkeypatch.setattr(Q, name, lambda *a, name=name, **k: calls.append(name) or [])
+    run(device="cuda", model="smollm2", quick=True)  # the default: every table this setting measures
+    assert calls == ["kernel_rows", "graph_kernel_rows", "decode_rows"]
