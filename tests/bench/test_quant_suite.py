@@ -191,3 +191,38 @@ def test_run_refuses_perplexity_or_memory_where_it_would_not_measure_them(monkey
         monkeypatch.setattr(Q, name, lambda *a, name=name, **k: calls.append(name) or [])
     run(device="cuda", model="smollm2", quick=True)  # the default: every table this setting measures
     assert calls == ["kernel_rows", "graph_kernel_rows", "decode_rows"]
+
+
+def test_kernel_rows_time_each_path_on_the_input_dtype_its_row_names_and_mark_one_auto_path(monkeypatch):
+    from llmspeed.bench import quant as Q
+
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4})
+    dtypes = []
+
+    def fake_time(fn, device, quick):  # the timed lambdas bind their input as a default argument
+        dtypes.append(next(a.dtype for a in fn.__defaults__ if isinstance(a, torch.Tensor) and a.dim() == 2))
+        return len(dtypes) * 1e-6
+
+    monkeypatch.setattr(Q, "_time", fake_time)
+    rows = kernel_rows("cpu", [(64, 96)], [1, 8], quick=True, progress=False)
+    autos = {}
+    for r in rows:
+        words = r["case"].split()
+        dname = next(w for w in words[2:] if w in ("fp32", "bf16"))
+        assert dtypes[round(r["value"]) - 1] == {"fp32": torch.float32, "bf16": torch.bfloat16}[dname], r
+        if words[2] in ("int8", "int4", "nf4"):
+            group = " ".join(words[: words.index(dname) + 1])
+            autos[group] = autos.get(group, 0) + r["case"].endswith(" (auto)")
+    assert autos and all(n == 1 for n in autos.values()), autos  # one auto path per layer and input dtype
+
+
+def test_memory_rows_whole_model_rows_count_the_whole_quantized_model():
+    from llmspeed.bench import quant as Q
+
+    base = _tiny()
+    rows = {r["case"]: r for r in Q.memory_rows(base)}
+    ref = llmspeed.memory_footprint(base)["total"] / 2**20
+    assert rows["fp32 whole model"]["value"] == ref
+    for name, _ in Q.FORMATS:
+        want = llmspeed.memory_footprint(Q._quantized(base, name))["total"] / 2**20
+        assert rows[f"{name} whole model"]["value"] == want and rows[f"{name} whole model"]["vs_baseline"] == want / ref
