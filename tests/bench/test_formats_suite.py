@@ -138,9 +138,19 @@ def test_load_times_are_medians_of_warm_loads(monkeypatch, tmp_path):
     def load(folder):
         now[0] += next(durations)
 
+    saved = []
+    real_save = llmspeed.save
+
+    def save(model, folder, format):  # what is saved: int4 g64 symmetric decoder linears, as the docstring says
+        saved.append({(m.config.format, m.config.group_size, m.config.symmetric) for n, m in model.linear_layers()
+                      if isinstance(m, formats.QuantizedLinearBase) and n != "lm_head"})  # fmt: skip
+        return real_save(model, folder, format=format)
+
     monkeypatch.setattr(formats, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     monkeypatch.setattr(llmspeed, "load", load)
+    monkeypatch.setattr(llmspeed, "save", save)
     rows = formats.load_times("tiny-llama", True, tmp_path)
+    assert saved == [{("int4", 64, True)}] * 2
     assert [(r["case"], r["value"], r["vs_baseline"]) for r in rows] == [
         ("llmspeed.load, llmspeed folder", 3.0, 1.5), ("llmspeed.load, compressed-tensors folder", 3.0, 1.5)]
 
