@@ -74,7 +74,7 @@ def test_model_rows_time_every_variant_in_rounds_and_leave_an_overflow_out(monke
     assert calls == [["fp32", "bf16"], ["fp32", "bf16"]]  # prefill rounds, then decode rounds
     fp32, bf16, fp16 = rows
     assert fp32["prefill_ms"] > 0 and bf16["decode_step_ms"] > 0
-    assert fp16["prefill_ms"] is None and fp16["decode_step_ms"] is None and fp16["note"].startswith("overflow")
+    assert fp16["prefill_ms"] is None and fp16["decode_step_ms"] is None and fp16["note"] == "overflow: fp16 activations overflowed"
 
 
 def test_matmul_rows_time_the_named_path_on_the_named_dtype_against_fp32(monkeypatch):
