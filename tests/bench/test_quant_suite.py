@@ -11,6 +11,7 @@ import llmspeed
 from llmspeed.bench.quant import kernel_rows, run
 from llmspeed.precision import cpu_matmul
 from llmspeed.quant.kernels import KERNELS
+from llmspeed.quant.primitives import quantize_activations
 
 
 def test_kernel_rows_compare_bf16_paths_with_what_a_cast_layer_runs(monkeypatch):
@@ -197,11 +198,11 @@ def test_kernel_rows_time_each_path_on_the_input_dtype_its_row_names_and_mark_on
     from llmspeed.bench import quant as Q
 
     monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4})
-    dtypes = []
+    inputs = []
 
     def fake_time(fn, device, quick):  # the timed lambdas bind their input as a default argument
-        dtypes.append(next(a.dtype for a in fn.__defaults__ if isinstance(a, torch.Tensor) and a.dim() == 2))
-        return len(dtypes) * 1e-6
+        inputs.append(next(a for a in fn.__defaults__ if isinstance(a, torch.Tensor) and a.dim() == 2))
+        return len(inputs) * 1e-6
 
     monkeypatch.setattr(Q, "_time", fake_time)
     rows = kernel_rows("cpu", [(64, 96)], [1, 8], quick=True, progress=False)
@@ -209,7 +210,10 @@ def test_kernel_rows_time_each_path_on_the_input_dtype_its_row_names_and_mark_on
     for r in rows:
         words = r["case"].split()
         dname = next(w for w in words[2:] if w in ("fp32", "bf16"))
-        assert dtypes[round(r["value"]) - 1] == {"fp32": torch.float32, "bf16": torch.bfloat16}[dname], r
+        x = inputs[round(r["value"]) - 1]
+        assert x.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dname], r
+        if "int8-activations" in words:  # such a layer's kernel sees its input on the int8 grid
+            assert torch.allclose(quantize_activations(x).float(), x.float(), rtol=1e-2, atol=0), r
         if words[2] in ("int8", "int4", "nf4"):
             group = " ".join(words[: words.index(dname) + 1])
             autos[group] = autos.get(group, 0) + r["case"].endswith(" (auto)")
