@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from llmspeed.bench.precision import _relative, matmul_rows
 
 
@@ -199,3 +201,26 @@ def test_run_times_the_cpu_variants_on_the_cpu_and_turns_non_finite_numbers_into
     assert rows[-1] == {"ms": None}
     rows = precision.run(model="smollm2", quick=True, progress=False)
     assert seen["load"] == "cpu" and rows[-1] == {"median_s": None}
+
+
+def test_model_rows_leave_out_a_variant_whose_decode_step_overflows(monkeypatch):
+    """The decode step is tried before the timed rounds too: an overflow there gives a note, not a crash."""
+    import llmspeed
+    from llmspeed.bench import precision
+
+    real = precision._decode_fn
+
+    def decode_fn(m, context, device):
+        step = real(m, context, device)
+        if next(m.hf.parameters()).dtype == torch.float16:
+            def overflow():
+                raise llmspeed.precision.Fp16OverflowError("fp16 decode overflowed")
+
+            return overflow
+        return step
+
+    monkeypatch.setattr(precision, "_decode_fn", decode_fn)
+    cfg = dict(precision._settings("cpu", quick=True), ppl_text=None, repeats=1, decode_repeats=1)
+    fp32, fp16 = precision.model_rows("tiny-llama", "cpu", ("fp32", "fp16"), cfg)
+    assert fp32["decode_step_ms"] > 0 and fp16["decode_step_ms"] is None and fp16["prefill_ms"] is None
+    assert fp16["note"] == "overflow: fp16 decode overflowed"
