@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2",
         help="smollm2 (default), llama-1b-random, tiny-<arch> (tests), or a folder with a transformers checkpoint "
         "(taken by precision, lora, serving, training, qat, autotune, lora_decode, decode_rows, decode_attention and "
-        "mixed_steps; the other suites name the models they run)",
+        "mixed_steps; quant takes smollm2, llama-1b-random and tiny-<arch>, formats smollm2 and tiny-<arch>; the "
+        "other suites name the models they run)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="folder for results.json, results.md and PNG plots"
