@@ -96,6 +96,20 @@ def test_format_spellings_in_quantize_and_qat(spelling, fmt, group):
         assert {m.quant_format for _, m in llmspeed.qat.convert(prepared).linear_layers() if is_quantized(m)} == {fmt}
 
 
+def test_lm_head_and_activations_take_the_format_spellings(tmp_path):
+    # regression: quantize(model, "INT4") was accepted but lm_head="INT8" or "INT4" and activations="INT8" were refused,
+    # against names.py's promise that a spelling one verb accepts every verb accepts
+    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", lm_head="INT8", activations="Int8")
+    assert model.module.lm_head.quant_format == "int8"
+    assert model.module.model.layers[0].mlp.down_proj.config.activations == "int8"
+    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "INT4", lm_head=" Int4")
+    assert model.module.lm_head.quant_format == "int4"
+    llmspeed.models.tiny("llama", seed=0).hf.save_pretrained(tmp_path)
+    model = llmspeed.models.from_pretrained(tmp_path, quantize=dict(format="int4", lm_head="INT4", activations="INT8"))
+    assert model.module.lm_head.quant_format == "int4"
+    assert model.module.model.layers[0].mlp.down_proj.config.activations == "int8"
+
+
 def test_unknown_format_still_lists_the_formats():
     with pytest.raises(ValueError, match=r"format must be one of \['int8', 'int4', 'nf4'\]; got 'int3'"):
         llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "INT3")

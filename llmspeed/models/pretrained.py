@@ -51,7 +51,7 @@ def _quant_plan(model: Model, options: dict[str, Any], head: str | None):
         "rtn",
         options.get("kernel", "auto"),
         options.get("symmetric"),
-        activations=options.get("activations", "float"),
+        activations=format_name(options.get("activations", "float")),
     )
     check_kernel(config.kernel, fmt, "cpu")
     plan = plan_layers(model, config, options.get("skip"), options.get("include"), options.get("int8_layers"),

@@ -112,7 +112,7 @@ def quantize(
     refuse_default_marker(group_size)
     if group_size is _DEFAULT:  # a format that is no string (a list, say) is refused by QuantConfig, by name
         group_size = DEFAULT_GROUP_SIZE.get(fmt) if isinstance(fmt, str) else None
-    config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric, activations=activations)
+    config = QuantConfig(fmt, group_size, double_quant, method, kernel, symmetric, activations=format_name(activations))
     check_kernel_name(kernel, fmt)
     entry = get_method(method)
     if fmt == "int4" and config.symmetric and not entry.symmetric:

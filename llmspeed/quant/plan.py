@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from ..names import format_name
 from ..protocol import CausalLM, base_linear, is_fake_quantized, is_quantized
 from .config import QuantConfig
 from .hadamard import check_rotatable
@@ -71,6 +72,7 @@ def plan_layers(
     for arg, value in (("skip", skip), ("include", include), ("int8_layers", int8_layers), ("hadamard_layers", hadamard_layers)):
         if value is not None and not isinstance(value, Iterable):
             raise ValueError(f"{arg} must be None or a list of names or patterns; got {value!r}")
+    lm_head = format_name(lm_head)  # "INT8" is "int8", as the format itself is spelled in any case
     if lm_head not in (None, "int8", config.format):
         raise ValueError(
             f"lm_head must be None (float), 'int8' or the model's format {config.format!r}; got {lm_head!r}"
