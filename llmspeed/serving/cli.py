@@ -141,6 +141,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         raise SystemExit("--activations int8 needs --quantize FORMAT")
     if args.group_size is not None and not args.quantize:  # else the float model would be served, silently
         raise SystemExit(f"--group-size {args.group_size} needs --quantize FORMAT (int4 or nf4)")
+    if args.group_size is not None and args.quantize == "int8":  # else quantize's ValueError, after the model loaded
+        raise SystemExit(f"--group-size {args.group_size} is for --quantize int4 or nf4; int8 has one scale per output "
+                         f"channel: drop --group-size")  # fmt: skip
     if args.quantize:
         recipe = {"format": args.quantize, **({} if args.group_size is None else {"group_size": args.group_size})}
         if args.quantize_lm_head is False:  # quantize's default: the head at int8 per channel (docs/serving.md)
