@@ -80,6 +80,19 @@ def test_max_tokens_that_exactly_fills_the_context_is_taken(tiny_server, live_se
         assert f"at most {limit - 2} can be generated" in _error(r, 400, "max_tokens")
 
 
+def test_without_max_tokens_completions_write_16_and_chat_the_rest_of_the_context(tiny_server, live_server):
+    # docs/serving.md's defaults: 16 for completions (OpenAI's), the rest of the context for chat (vLLM's); min_tokens
+    # at that default keeps the tiny model from ending earlier at an end-of-sequence token
+    limit = tiny_server.engine.generator.scheduler.max_tokens_per_seq
+    with live_server(tiny_server) as url:
+        done = _post(url, "/v1/completions", {"model": "tiny", "prompt": [5, 6], "min_tokens": 16}).json()
+        assert done["usage"]["completion_tokens"] == 16 and done["choices"][0]["finish_reason"] == "length"
+        prompt = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 1}).json()
+        rest = limit - prompt["usage"]["prompt_tokens"]
+        chat = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "min_tokens": rest}).json()
+        assert chat["usage"]["completion_tokens"] == rest and chat["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_the_response_id_object_created_model_and_usage_are_openais(tiny_server, live_server, endpoint):
     chat = endpoint == "chat"
