@@ -241,6 +241,7 @@ def load_adapter(
     r, alpha, dropout, rslora = int(raw["r"]), float(raw["lora_alpha"]), float(raw["lora_dropout"]), cfg.get("use_rslora", False)
     params = cfg.get("target_parameters") or []  # checked by _read_config: a list of names
     shapes: dict[str, tuple[int, float]] = {}
+    mismatch = None  # the first layer whose rank the config contradicts, refused once the config's own fields passed
     for pos, mats in found.items():
         if pos not in layers:
             raise ValueError(f"the adapter was saved for module {pos!r}, which this model does not have")
@@ -275,6 +276,13 @@ def load_adapter(
         weight = f"{pos}.weight"
         key = weight if any(weight == t or weight.endswith("." + t) for t in params) else pos
         layer_alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, key, alpha))
+        # the rank the config gives this layer (rank_pattern, else r), as PEFT builds the layer before loading into it
+        matched = [v for k, v in (cfg.get("rank_pattern") or {}).items() if re.match(rf"(.*\.)?({k})$", key)]
+        if rank not in (matched or [r]) and mismatch is None:  # PEFT refuses the size mismatch
+            field, want = ("rank_pattern", matched[0] if len(matched) == 1 else matched) if matched else ("r", r)
+            mismatch = (f"{folder / WEIGHTS_FILE}: lora_A of {pos!r} has rank {rank}, but {folder / CONFIG_FILE} field "
+                        f"{field} gives it rank {want}: the config does not describe these matrices (its scale "
+                        f"alpha / r would be another adapter's)")
         shapes[pos] = (rank, layer_alpha / (math.sqrt(rank) if rslora else rank))
     if not shapes:
         raise ValueError(f"{WEIGHTS_FILE} in {str(folder)!r} holds no LoRA matrices")
@@ -285,6 +293,8 @@ def load_adapter(
         field = str(err).split(" ", 1)[0]
         field = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}.get(field, field)
         raise ValueError(f"{folder / CONFIG_FILE} field {field}: {err}") from err
+    if mismatch is not None:
+        raise ValueError(mismatch)
     previous = active_adapter(model)
     grads = {p: p.requires_grad for p in model.module.parameters()}
     try:

@@ -201,6 +201,24 @@ def test_config_values_out_of_range_name_the_file_and_field(tmp_path, llama, fie
     assert _state(fresh) == before and lora.adapter_names(fresh) == []
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"r": 8}, "field r gives it rank 8"), ({"rank_pattern": {"gate_proj": 2}}, "field rank_pattern gives it rank 2"),
+])  # fmt: skip
+def test_a_config_whose_ranks_are_not_the_tensors_is_refused(tmp_path, llama, change, message):
+    """Regression: the tensors' rank was taken whatever r or rank_pattern said, so a file claiming r=8 over rank-4
+    matrices loaded with the scale alpha / 4 where PEFT refuses the size mismatch (docs/lora.md: "an adapter file
+    that is not what it claims")."""
+    lora.add_adapter(llama, "a", r=4, init="random")
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **change)))
+    fresh = llmspeed.models.tiny("llama", seed=0)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=rf"has rank 4, but .*adapter_config.json {message}"):
+        lora.load_adapter(fresh, folder, "a")
+    assert _state(fresh) == before and lora.adapter_names(fresh) == []
+
+
 def test_adapter_with_dropout_on_an_eval_model_matches_peft(tmp_path, llama):
     """Regression: the wrappers and dropout modules that add_adapter/load_adapter created started in training
     mode, so on a model in eval mode an adapter with lora_dropout > 0 dropped activations at inference
