@@ -244,6 +244,13 @@ def test_the_chat_template_hint_is_given_only_when_the_model_ended_its_turn_not_
     with pytest.warns(UserWarning, match="ended its turn at once"):  # the model's own end of turn still warns
         ended = llama.generate_batched(["ABC"], max_new_tokens=4, eos_token_ids=[first], progress=False)
     assert ended[0].finish_reason == "stop" and ended[0].token_ids == [first]
+    # regression: docs/batching.md promises the warning for prompts, but a model.stream run never gave it
+    with pytest.warns(UserWarning, match="ended its turn at once"):
+        events = list(llama.stream(["ABC"], max_new_tokens=4, eos_token_ids=[first], progress=False))
+    assert [e.token_id for e in events] == [first]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(llama.stream(["ABC"], max_new_tokens=4, stop_token_ids=[first], progress=False))
 
 
 def test_a_model_copied_after_generating_generates_on_its_own(llama):

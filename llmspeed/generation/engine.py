@@ -435,13 +435,20 @@ class Generator:
     ) -> Iterator[StreamEvent]:
         """Yield a :class:`StreamEvent` per generated token (with its new text) as steps produce them.
 
-        Closing the iterator early (``break``, an exception in the loop) aborts the prompts still running.
+        Closing the iterator early (``break``, an exception in the loop) aborts the prompts still running. A run
+        that ends warns as :meth:`generate_batched` does when a plain-text prompt to a chat model wrote nothing.
         """
         prompts = prompt_list(prompts)
         if len(prompts) == 0:
             sampling_list(sampling, 0)  # checked all the same: a bad value is refused, not ignored
             return
-        yield from run_events(self, prompts, sampling)
+        finals = []
+        for event in run_events(self, prompts, sampling):
+            if event.finished and event.output is not None:
+                finals.append(event.output)
+            yield event
+        if not self.chat_template:
+            hint_chat_template(self.tokenizer, prompts, sorted(finals, key=lambda o: o.index), self.eos_token_ids)
 
 
 __all__ = ["Generator"]
