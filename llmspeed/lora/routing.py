@@ -84,7 +84,8 @@ def _flat_ids(routing: Routing, x: torch.Tensor) -> torch.Tensor:  # [T]
         return cast(torch.Tensor, routing.cache["head_ids"])
     if x.dim() < 2 or x.shape[0] != n:
         raise ValueError(
-            f"per-row adapters were given for {n} rows but this layer received input {tuple(x.shape)}"
+            f"per_row_adapters got names for {n} rows, but the batch has {x.shape[0] if x.dim() >= 2 else 'no'} rows "
+            f"(this layer's input is {tuple(x.shape)}): give names one adapter name (or None) per row"
         )
     key = ("ids", tokens)
     if key not in routing.cache:

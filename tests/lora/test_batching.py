@@ -89,7 +89,9 @@ def test_bad_logits_indices_or_a_row_count_that_does_not_fit_are_clear_errors(ll
         with pytest.raises(ValueError, match=f"logits_indices {message}"):
             with lora.per_token_adapters(llama, ["a", "b", None], logits_indices=rows):
                 pass
-    with lora.per_row_adapters(llama, ["a", "b"]), pytest.raises(ValueError, match="given for 2 rows"):
+    # the message named neither the argument nor the batch's row count (regression)
+    with lora.per_row_adapters(llama, ["a", "b"]), pytest.raises(ValueError, match=r"per_row_adapters got names for "
+                                                                              r"2 rows, but the batch has 3 rows"):
         llama.hf(input_ids=torch.zeros(3, 4, dtype=torch.long))  # 3 rows: not spread over 2 names
     assert all(layer.routing is None for _, layer in lora.lora_layers(llama))
 
