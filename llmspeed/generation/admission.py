@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import CausalLM
 from .detokenizer import Detokenizer
 from .prompts import Prompt, prompt_ids
-from .request_adapters import adapter_error
+from .request_adapters import adapter_error, merged_refusal
 from .sampling import SamplingParams, request_generator
 from .sequence import Sequence as Seq
 
@@ -33,13 +33,16 @@ def new_sequence(
 
 def refusal(model: CausalLM, tokenizer: Any, sampling: SamplingParams) -> str | None:
     """Why ``sampling`` cannot run on ``model`` (``None`` when it can): stop strings without a tokenizer (there is
-    no text to find them in: never ignored), or an adapter it cannot use (:func:`.request_adapters.adapter_error`)."""
+    no text to find them in: never ignored), an adapter it cannot use (:func:`.request_adapters.adapter_error`), or
+    ``adapter=False`` (the base alone) while adapters are merged into the base."""
     if sampling.stop and tokenizer is None:
         return (f"stop strings {list(sampling.stop)} need a tokenizer to find them in the text, and this model "
                 f"has none; give stop_token_ids, or wrap the model with its tokenizer")
-    if isinstance(sampling.adapter, str):  # None and False (the base alone) run whatever the model has
+    if isinstance(sampling.adapter, str):
         return adapter_error(model, sampling.adapter)
-    return None
+    if sampling.adapter is False:  # the base alone: not while an adapter is merged into it
+        return merged_refusal(model, False)
+    return None  # None runs whatever the model has
 
 
 __all__ = ["new_sequence", "refusal"]

@@ -30,14 +30,21 @@ def adapter_error(model: CausalLM, name: str) -> str | None:
     return merged_refusal(model, name)
 
 
-def merged_refusal(model: CausalLM, name: str, when: str = "") -> str | None:
-    """Why a request naming adapter ``name`` cannot run while adapters are merged into the base (its step would
-    run in mixed-adapter batches, which refuse merged adapters and would fail every request of the batch)."""
+def merged_refusal(model: CausalLM, name: str | bool, when: str = "") -> str | None:
+    """Why a request naming adapter ``name`` (``False``: the base alone) cannot run while adapters are merged into the
+    base (its step would run in mixed-adapter batches, which refuse merged adapters and would fail every request of
+    the batch; and the base alone is no longer there to run)."""
+    if name is False and not _has_adapters(model):
+        return None  # no adapters on the model: llmspeed.lora need not be imported
     from ..lora.inject import lora_layers
 
     merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
     if not merged:
         return None
+    if name is False:
+        return (f"adapter=False (the base model alone) cannot run while adapters {merged} are merged into the "
+                f"base{when} (lora.merge): unmerge them (lora.unmerge), or name no adapter (None) to run the model "
+                f"as it is")  # fmt: skip
     return (f"adapter {name!r} cannot run while adapters {merged} are merged into the base{when} (lora.merge): "
             f"requests that name an adapter need them unmerged (lora.unmerge)")  # fmt: skip
 
@@ -64,7 +71,7 @@ def follow(model: CausalLM, seen: int | None, seqs: Iterable[Any]) -> tuple[int 
     looked): the new count, and the live requests of ``seqs`` that must end, each with its error.
 
     A request bound to an adapter that was deleted, or deleted and another added under its name, or that names an
-    adapter while adapters are merged into the base (:func:`merged_refusal`), ends. Requests that name no adapter
+    adapter or the base alone (``False``) while adapters are merged into the base (:func:`merged_refusal`), ends. Requests that name no adapter
     run the active one as it is set now (``set_adapter``, ``disabled``): their ``adapter_key`` is updated here, so
     their admission and next prefix-cache blocks are keyed by it, not by the one active when they were added.
     """
@@ -80,10 +87,13 @@ def follow(model: CausalLM, seen: int | None, seqs: Iterable[Any]) -> tuple[int 
     ended = []
     for seq in list(seqs):
         name = seq.params.adapter
-        if seq.is_finished or name is False:  # the base alone: no adapter to follow
+        if seq.is_finished:
             continue
         if name is None:
             seq.adapter_key = active
+        elif name is False:  # the base alone: no adapter to follow, but it cannot run while one is merged
+            if (refusal := merged_refusal(model, False, " (merged while this request was running)")) is not None:
+                ended.append((seq, refusal))
         elif known.get(name) != seq.adapter_key[1]:
             replaced = " and another adapter added under its name" if name in known else ""
             ended.append((seq, f"adapter {name!r} was deleted{replaced} while this request was running"))

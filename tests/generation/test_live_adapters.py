@@ -45,6 +45,28 @@ def test_merging_an_adapter_fails_only_the_requests_that_name_one(llama, fused):
 
 
 @pytest.mark.parametrize("fused", [None, False])
+def test_merging_an_adapter_fails_a_base_alone_request_alone(llama, fused):
+    """Regression: ``adapter=False`` (the base alone) was admitted, and kept running, while an adapter was merged into
+    the base: its step ran a mixed-adapter batch, which refuses merged adapters, and failed every request of the
+    batch, the one naming no adapter included. Now it ends alone, saying why (at admission too)."""
+    _random_adapter(llama, "a", 1)
+    gen = Generator(llama, progress=False, fused_decode=fused)
+    rids = [gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=a)) for a in (False, None)]
+    lora.merge(llama, "a")
+    ends = {e.request_id: e.output for e in _drain(gen) if e.finished}
+    assert ends[rids[0]].finish_reason == "error"
+    assert "adapter=False (the base model alone) cannot run while adapters ['a'] are merged into the base" in ends[rids[0]].error
+    assert ends[rids[1]].finish_reason == "length"
+    assert ends[rids[1]].token_ids == _fresh(llama, [1, 2, 3], fused=fused).token_ids  # the merged model
+    refused = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=8, adapter=False))[0]  # at admission
+    assert refused.finish_reason == "error" and refused.error == (
+        "adapter=False (the base model alone) cannot run while adapters ['a'] are merged into the base (lora.merge): "
+        "unmerge them (lora.unmerge), or name no adapter (None) to run the model as it is")
+    lora.unmerge(llama, "a")
+    assert _fresh(llama, [1, 2, 3], False, fused).finish_reason == "length"
+
+
+@pytest.mark.parametrize("fused", [None, False])
 @pytest.mark.parametrize("named", [True, False])
 def test_prefix_blocks_of_an_adapter_trained_in_place_are_not_reused(llama, fused, named):
     """Regression: the prefix cache keyed an adapter's blocks by its name and uid only, so after training it in place
