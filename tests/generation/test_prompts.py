@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llmspeed import Generator, SamplingParams
 from tests.generation.test_engine import CharTokenizer, ChatTokenizer
 
@@ -113,3 +115,14 @@ def test_one_token_tensors_are_prompts_not_token_ids_of_one_prompt(llama):
     sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
     outs = Generator(llama, progress=False).generate_batched([torch.tensor([5]), torch.tensor([6])], sp)
     assert [o.prompt_token_ids for o in outs] == [[5], [6]] and {o.finish_reason for o in outs} == {"length"}
+
+
+def test_a_single_chat_is_refused_as_prompts_not_run_per_message(llama):
+    """A chat (a list of message dicts) given as ``prompts`` is one prompt, refused as a single string is, not run as
+    one failing request per message."""
+    gen = Generator(llama, progress=False)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for run in (gen.generate_batched, lambda p: list(gen.stream(p))):
+        with pytest.raises(TypeError, match="single string, bytes or chat"):
+            run(chat)
+    assert gen.num_live == 0 and not gen.has_unfinished()
