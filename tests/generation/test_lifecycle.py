@@ -339,3 +339,31 @@ def test_an_admission_check_that_raises_leaves_no_request_behind(llama, monkeypa
     batch = _prompts(2, seed=9)
     assert [o.token_ids for o in gen.generate_batched(batch, SP)] == _alone(llama, batch)
     assert gen.num_live == 0
+
+
+def test_a_stream_closed_after_an_outside_step_drops_the_events_kept_for_it(llama):
+    """A ``step()`` called from outside while a stream is read keeps the stream's events for it; closing the stream
+    then aborts its requests and drops those events: none is handed to the next ``step()`` caller, nothing is left
+    unfinished, and the run's request ids are released."""
+    gen = Generator(llama, progress=False)
+    stream = gen.stream([[4, 5, 6], [7, 8]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    next(stream)
+    assert gen.step() == [] and gen._pending  # the stream's events of this step, kept for it
+    stream.close()
+    assert not gen.has_unfinished() and gen.num_live == 0 and not gen._pending and not gen._run_rids
+    assert gen.step() == []
+
+
+def test_run_stats_count_this_runs_steps_and_refused_prompts_only(llama):
+    """``stats`` of a run counts its own steps (not the generator's since it was made) and the prompts of its own
+    requests refused at admission (not those of a refused ``add_request`` whose event is still queued)."""
+    gen = Generator(llama, progress=False)
+    other = gen.add_request([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=2, adapter="nope"))  # refused, not stepped
+    sps = [SamplingParams(max_new_tokens=4, ignore_eos=True), SamplingParams(max_new_tokens=2, adapter="nope")]
+    outs = gen.generate_batched([[1, 2], [3, 4, 5]], sps)
+    assert [o.finish_reason for o in outs] == ["length", "error"]
+    assert gen.stats.prompt_tokens == 5 and gen.stats.requests == 2
+    first = gen.stats.steps
+    gen.generate_batched([[1, 2], [3, 4, 5]], sps)
+    assert gen.stats.steps == first == sum(n for n, _ in gen.stats.step_paths.values())
+    assert [e.request_id for e in gen.step() if e.finished] == [other]  # still there for whoever steps
