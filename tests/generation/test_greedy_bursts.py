@@ -310,3 +310,28 @@ def test_the_c_steps_let_other_python_threads_run():
         sys.setswitchinterval(interval)
         spinner.join()
     assert set(ran) == set(calls) and all(n > 0 for n in ran.values()), ran
+
+
+def test_a_step_runs_num_scheduler_steps_decode_steps_and_counts_their_tokens_and_times(llama):
+    """One ``step()`` after the prefill runs ``num_scheduler_steps`` decode steps (one fused step, then a burst of
+    the rest), no more; the burst's tokens count in ``num_tokens_computed`` and each gets its time (the metrics'
+    inter-token latency is over every token)."""
+    gen = Generator(llama, progress=False, num_scheduler_steps=4)
+    rid = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    seq = gen._seqs[rid]
+    gen.step()  # the prompt and the first token
+    assert len(gen.step()) == 4 and gen.step_paths[BURST][0] == 3 and gen.num_steps == 5
+    assert gen.num_tokens_computed == 3 + 4
+    assert len(seq.token_times) == len(seq.output_ids) == 5 and seq.token_times == sorted(seq.token_times)
+
+
+def test_a_burst_waits_for_min_tokens_so_the_eos_stays_banned(llama):
+    """A request with ``min_tokens`` bursts only once it has them: a burst does not ban the end-of-sequence ids, so one
+    started a token early ended the request on the eos its single step would have banned."""
+    free = _run(llama, [[1, 2, 3]], SamplingParams(max_new_tokens=12, ignore_eos=True), 1)[1][0].token_ids
+    k = next(k for k in range(2, 12) if free[k] not in free[:k])  # made the eos: the request's first is token k
+    params = SamplingParams(max_new_tokens=12, min_tokens=k + 1)
+    single = _run(llama, [[1, 2, 3]], params, 1, eos_token_ids=[free[k]])[1][0]
+    gen, burst = _run(llama, [[1, 2, 3]], params, 8, eos_token_ids=[free[k]])
+    assert single.token_ids[:k] == free[:k] and single.token_ids[k] != free[k]  # banned, not taken
+    assert burst[0].token_ids == single.token_ids and gen.step_paths[BURST][0] > 0
