@@ -312,6 +312,9 @@ def test_closing_interleave_early_loses_no_event_a_stream_already_took():
         got = []
         for h in handles:
             got.append([e.token_id async for e in h.events()])
+        for h in handles:  # a final event given back and then handed out is handed out once, as any other
+            with pytest.raises(RuntimeError, match="already iterated"):
+                await anext(h.events())
         return got
 
     assert asyncio.run(asyncio.wait_for(main(), 20)) == [[1], [10, 11], [20]]
