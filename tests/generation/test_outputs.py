@@ -17,3 +17,42 @@ def test_paths_since_counts_only_what_the_run_added():
     before = {"decode": (4, 1.0), "mixed": (2, 0.5)}
     now = {"decode": (7, 1.75), "mixed": (2, 0.5), "fused cpu": (1, 0.25)}
     assert paths_since(now, before) == {"decode": (3, 0.75), "fused cpu": (1, 0.25)}
+
+
+class _Tail:
+    """A request's detokenizer whose flush raises (``fails``) or finds a stop string in the held-back tail."""
+
+    def __init__(self, fails: bool = False, stopped: bool = False):
+        self.text, self.fails, self.stopped = "ab", fails, stopped
+
+    def finish(self, check_stop: bool = True) -> str:
+        if self.fails:
+            raise IndexError("piece id is out of range")
+        self.stopped = self.stopped or check_stop
+        return "c"
+
+
+def _ended(reason: str, detok: _Tail, error: str | None = None, out: tuple[int, ...] = (5, 6, 9), **params):
+    from llmspeed import SamplingParams
+    from llmspeed.generation.sequence import Sequence
+
+    seq = Sequence(7, [1, 2], SamplingParams(max_new_tokens=3, **params), index=2, output_ids=list(out))
+    seq.detok, seq.finish_reason, seq.error, seq.token_times = detok, reason, error, [1.0, 2.0, 3.0]
+    return seq.final_event(reason, 9, "x", "lp")
+
+
+def test_final_event_reports_a_flush_that_raised_keeps_the_first_error_and_turns_only_length_into_stop():
+    """Sequence.final_event (mutations that survived the tests: the raise not turned into ``"error"``, an earlier
+    error replaced by the flush's, an abort or an error with a stop string in its tail reported as ``"stop"``, no
+    finish time, the logprobs or the text dropped)."""
+    event = _ended("length", _Tail(fails=True))
+    assert event.finished and (event.token_id, event.text, event.logprobs, event.index) == (9, "x", "lp", 2)
+    out = event.output
+    assert out.finish_reason == "error" and out.error == "decoding its output raised IndexError: piece id is out of range"
+    assert out.text == "ab" and out.token_ids == [5, 6, 9] and out.metrics.latency is not None
+    assert _ended("error", _Tail(fails=True), error="the step failed").output.error == "the step failed"
+    for reason in ("abort", "error", "stop"):
+        assert _ended(reason, _Tail(stopped=True)).output.finish_reason == reason
+    event = _ended("length", _Tail())
+    assert (event.text, event.output.finish_reason) == ("xc", "stop")
+    assert _ended("length", _Tail(), out=(5,), min_tokens=2).output.finish_reason == "length"  # before min_tokens
