@@ -335,3 +335,23 @@ def test_a_burst_waits_for_min_tokens_so_the_eos_stays_banned(llama):
     gen, burst = _run(llama, [[1, 2, 3]], params, 8, eos_token_ids=[free[k]])
     assert single.token_ids[:k] == free[:k] and single.token_ids[k] != free[k]  # banned, not taken
     assert burst[0].token_ids == single.token_ids and gen.step_paths[BURST][0] > 0
+
+
+@pytest.mark.parametrize("free, expected", [(0, 0), (1, 4), (2, 7)])
+def test_burst_length_is_the_longest_burst_the_free_blocks_hold(free, expected):
+    """The one running request has 5 tokens, the first 4 in its one block of 4: a burst of ``s`` steps writes the
+    positions 4 to ``s + 3``, so one free block holds a burst of 4, two the 7 of ``num_scheduler_steps=8``, none no
+    burst (a burst one step longer would write a position no block holds)."""
+    from types import SimpleNamespace
+
+    from llmspeed.generation.block_manager import BlockManager
+    from llmspeed.generation.greedy_burst import burst_length
+    from llmspeed.generation.sequence import Sequence
+
+    seq = Sequence(0, [1, 2, 3], SamplingParams(max_new_tokens=100), output_ids=[7, 8], num_computed=4)
+    blocks = BlockManager(1 + free, 4)
+    blocks.grow(0, seq.block_table, 4)
+    scheduler = SimpleNamespace(waiting=[], running=[seq], max_tokens_per_seq=1000)
+    assert blocks.num_free == free and burst_length([seq], scheduler, blocks, 8) == expected
+    scheduler.running.append(Sequence(1, [4], SamplingParams()))  # a running request the batch left out: no burst
+    assert burst_length([seq], scheduler, blocks, 8) == 0
