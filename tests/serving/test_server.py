@@ -318,3 +318,19 @@ def test_closing_interleave_early_loses_no_event_a_stream_already_took():
         return got
 
     assert asyncio.run(asyncio.wait_for(main(), 20)) == [[1], [10, 11], [20]]
+
+
+def test_interleave_yields_events_that_arrived_together_in_handle_order():
+    """Events already waiting when interleave looks (a step's tokens of every choice) come in handle order, however
+    they were delivered (mutation: the done tasks taken in set order survived the tests)."""
+    from llmspeed.generation import StreamEvent
+    from llmspeed.serving.handle import RequestHandle, interleave
+
+    async def main():
+        handles = [RequestHandle(lambda h: None, asyncio.get_running_loop()) for _ in range(8)]
+        for i in reversed(range(8)):
+            handles[i]._deliver(StreamEvent(index=0, request_id=i, token_id=i, finished=True))
+        await asyncio.sleep(0)
+        return [i async for i, _ in interleave(handles)]
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) == list(range(8))
