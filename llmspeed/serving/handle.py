@@ -78,7 +78,7 @@ class RequestHandle:
             raise TypeError("this request was not submitted from asyncio: iterate it with `for`")
         while True:
             if self._returned:  # taken earlier by a loop that ended before handing it out: the oldest event
-                event = self._returned.pop()
+                event = self._returned.pop(0)
                 if event.finished:
                     self._consumed = True
             else:
