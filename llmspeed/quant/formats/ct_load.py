@@ -229,8 +229,4 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
         want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
         for buf, t in module_buffers(name, cast(QuantizedLinearBase, module), tensors, source).items():
             skeleton.assign(model, f"{name}.{buf}", t.contiguous(), source, want)
-    want = skeleton.expected(model)
-    for name, tensor in skeleton.to_model_dtype(tensors, want).items():  # float tensors in the model's dtype
-        skeleton.assign(model, name, tensor, source, want)
-    skeleton.tie_embeddings(model)
-    return skeleton.finish(model, dtype, device, source)
+    return skeleton.finish_foreign(model, tensors, dtype, device, source)

@@ -176,6 +176,18 @@ def tie_embeddings(model: Model) -> None:
         head.weight = emb.weight
 
 
+def finish_foreign(
+    model: Model, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device, source: Path
+) -> Model:
+    """The rest of a foreign folder's model once its quantized layers are installed: the float ``tensors`` in the
+    model's dtype (:func:`to_model_dtype`), the embedding tied, then :func:`finish`."""
+    want = expected(model)
+    for name, tensor in to_model_dtype(tensors, want).items():
+        assign(model, name, tensor, source, want)
+    tie_embeddings(model)
+    return finish(model, dtype, device, source)
+
+
 def finish(model: Model, dtype: torch.dtype, device: str | torch.device, source: Path) -> Model:
     """Check that no parameter or buffer is left on ``meta``, move to ``device``, attach 16-bit hooks."""
     hf = model.module
