@@ -31,6 +31,24 @@ def gate(monkeypatch, tmp_path) -> dict:
     return {"source": source, "calls": calls, "tmp": tmp_path, "real_build_one": real_build_one}
 
 
+def _fake_compiles(monkeypatch, gate, fails) -> list:
+    """``build`` with its real ``_build_one`` over a fake compile that records its flags (the returned list), writes a
+    library and raises as ``load_inline`` does for a library that does not import when ``fails(compiles, flags)``."""
+    monkeypatch.setattr(cpp_build, "_build_one", gate["real_build_one"])
+    monkeypatch.setattr(cpp_build, "_compiler_identity", lambda path: "fake c++")
+    compiles: list = []
+
+    def compile_(name, text, functions, flags, ldflags, include_dirs, folder):
+        compiles.append(flags)
+        cpp_build.library_path(folder, name).write_bytes(b"a library")
+        if fails(len(compiles), flags):
+            raise ImportError("undefined symbol: GOMP_parallel")
+        return "module"
+
+    monkeypatch.setattr(cpp_build, "_compile", compile_)
+    return compiles
+
+
 def test_the_cache_key_covers_torch_and_the_included_files(monkeypatch, gate):
     key = cpp_build.cache_key(SOURCE, cpp_build.BASE_FLAGS)
     monkeypatch.setattr(cpp_build.torch, "__version__", "0.0.0+another")
@@ -73,18 +91,7 @@ def test_a_build_that_needs_no_openmp_warns_it_runs_on_one_thread(monkeypatch, g
 def test_a_library_that_fails_to_load_is_rebuilt_once_then_the_pure_torch_path_runs(monkeypatch, gate):
     """Regression (issue #19): when the rebuild of a library that failed to load failed too, a third build
     without -fopenmp ran, and its single-threaded library was used."""
-    monkeypatch.setattr(cpp_build, "_build_one", gate["real_build_one"])
-    monkeypatch.setattr(cpp_build, "_compiler_identity", lambda path: "fake c++")
-    compiles = []
-
-    def compile_(name, text, functions, flags, ldflags, include_dirs, folder):
-        compiles.append(flags)
-        cpp_build.library_path(folder, name).write_bytes(b"a library")
-        if len(compiles) > 1 and "-fopenmp" in flags:
-            raise ImportError("undefined symbol: GOMP_parallel")  # load_inline imports what it built
-        return "module"
-
-    monkeypatch.setattr(cpp_build, "_compile", compile_)
+    compiles = _fake_compiles(monkeypatch, gate, lambda n, flags: n > 1 and "-fopenmp" in flags)
     assert cpp_build.build("llmspeed_test", gate["source"], ["answer"]) == ("module", None)  # built and recorded
 
     def load_library(folder, name):  # the recorded library's bytes check out, but it does not load
@@ -102,16 +109,7 @@ def test_a_library_that_fails_to_load_is_rebuilt_once_then_the_pure_torch_path_r
 def test_a_build_that_compiles_but_does_not_import_is_not_compiled_again_by_later_processes(monkeypatch, gate):
     """Regression: the failed-build note was honoured only where no library was left, so a library that compiled
     but failed to import (load_inline imports it) was compiled again at every process start."""
-    monkeypatch.setattr(cpp_build, "_build_one", gate["real_build_one"])
-    monkeypatch.setattr(cpp_build, "_compiler_identity", lambda path: "fake c++")
-    compiles = []
-
-    def compile_(name, text, functions, flags, ldflags, include_dirs, folder):
-        compiles.append(flags)
-        cpp_build.library_path(folder, name).write_bytes(b"a library")
-        raise ImportError("undefined symbol: GOMP_parallel")
-
-    monkeypatch.setattr(cpp_build, "_compile", compile_)
+    compiles = _fake_compiles(monkeypatch, gate, lambda n, flags: True)
     with pytest.warns(RuntimeWarning, match="pure-torch path runs"):
         assert cpp_build.build("llmspeed_test", gate["source"], ["answer"])[0] is None
     assert len(compiles) == 2  # with and without -fopenmp
