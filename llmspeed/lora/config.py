@@ -32,6 +32,20 @@ def adapter_dtype(dtype: object) -> torch.dtype:
     return resolved  # type: ignore[return-value]
 
 
+def check_adapter_args(r: object, dropout: object, init: object, **numbers: object) -> None:
+    """``ValueError`` naming the first bad argument of an adapter: ``r`` a positive integer, each of ``numbers``
+    (``alpha``, ``scale``) a finite number, ``dropout`` a number in ``[0, 1)``, ``init`` one of :data:`INITS`."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer (the adapter rank); got {r!r}")
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}; got {init!r}")
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """One LoRA adapter: ``W x + scale * B (A (dropout(x)))`` at every targeted linear.
@@ -56,18 +70,7 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer (the adapter rank); got {self.r!r}")
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not math.isfinite(self.alpha)
-        ):
-            raise ValueError(f"alpha must be a finite number; got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
+        check_adapter_args(self.r, self.dropout, self.init, alpha=self.alpha)
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool; got {self.use_rslora!r}")
         targets = self.targets

@@ -17,7 +17,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from .config import INITS, adapter_dtype
+from .config import adapter_dtype, check_adapter_args
 from .routing import Routing, routed_delta
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -165,14 +165,7 @@ class LoraLinear(nn.Module):
         check_adapter_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive integer (the adapter rank); got {r!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number; got {scale!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}; got {init!r}")
+        check_adapter_args(r, dropout, init, scale=scale)
         dtype = adapter_dtype(dtype)
         device = module_device(self.base_layer)
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # weight [r, in]

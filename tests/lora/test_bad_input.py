@@ -39,9 +39,9 @@ def test_bad_rank(llama, r):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(dropout=1.0), "dropout must be in"),
-        (dict(dropout="0.1"), r"dropout must be in \[0, 1\); got '0.1'"),
-        (dict(dropout=False), r"dropout must be in \[0, 1\); got False"),
+        (dict(dropout=1.0), "dropout must be a number in"),
+        (dict(dropout="0.1"), r"dropout must be a number in \[0, 1\); got '0.1'"),
+        (dict(dropout=False), r"dropout must be a number in \[0, 1\); got False"),
         (dict(init="gaussian"), "init must be one of"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
         (dict(targets=[]), "targets must be a non-empty list"),

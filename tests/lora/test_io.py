@@ -173,7 +173,7 @@ def test_peft_adapters_that_compute_something_else_are_refused(tmp_path, llama, 
     [
         ("r", 0, "field r: r must be a positive integer .*got 0"),
         ("r", -3, "field r: r must be a positive integer .*got -3"),
-        ("lora_dropout", 1.5, r"field lora_dropout: dropout must be in \[0, 1\); got 1.5"),
+        ("lora_dropout", 1.5, r"field lora_dropout: dropout must be a number in \[0, 1\); got 1.5"),
         ("lora_dropout", None, "fields r, lora_alpha and lora_dropout must be numbers .*lora_dropout=None"),
         # these loaded: true as alpha 1.0, strings through float(), r=4.5 cut to 4
         ("lora_alpha", True, "fields r, lora_alpha and lora_dropout must be numbers .*lora_alpha=True"),
