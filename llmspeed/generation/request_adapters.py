@@ -91,10 +91,7 @@ def follow(model: CausalLM, seen: int | None, seqs: Iterable[Any]) -> tuple[int 
             continue
         if name is None:
             seq.adapter_key = active
-        elif name is False:  # the base alone: no adapter to follow, but it cannot run while one is merged
-            if (refusal := merged_refusal(model, False, " (merged while this request was running)")) is not None:
-                ended.append((seq, refusal))
-        elif known.get(name) != seq.adapter_key[1]:
+        elif name is not False and known.get(name) != seq.adapter_key[1]:  # False (the base alone): no adapter
             replaced = " and another adapter added under its name" if name in known else ""
             ended.append((seq, f"adapter {name!r} was deleted{replaced} while this request was running"))
         elif (refusal := merged_refusal(model, name, " (merged while this request was running)")) is not None:
