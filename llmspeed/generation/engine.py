@@ -417,18 +417,8 @@ class Generator:
         Only these prompts' outputs are returned; other requests of the generator are left as they are.
         ``prompts`` may be any iterable of prompts (a generator is read once).
         """
-        prompts = prompt_list(prompts)
-        if len(prompts) == 0:
-            sampling_list(sampling, 0)  # checked all the same: a bad value is refused, not ignored
-            return []
-        outputs: dict[int, GenerationOutput] = {}
-        for event in run_events(self, prompts, sampling):
-            if event.finished and event.output is not None:
-                outputs[event.request_id] = event.output
-        result = [o for _, o in sorted(outputs.items())]
-        if not self.chat_template:
-            hint_chat_template(self.tokenizer, prompts, result, self.eos_token_ids)
-        return result
+        outputs = {e.request_id: e.output for e in self.stream(prompts, sampling) if e.finished and e.output is not None}
+        return [o for _, o in sorted(outputs.items())]  # stream warned, once its run ended, as the docstring says
 
     def stream(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
@@ -436,7 +426,7 @@ class Generator:
         """Yield a :class:`StreamEvent` per generated token (with its new text) as steps produce them.
 
         Closing the iterator early (``break``, an exception in the loop) aborts the prompts still running. A run
-        that ends warns as :meth:`generate_batched` does when a plain-text prompt to a chat model wrote nothing.
+        that ends warns when a plain-text prompt to a chat model wrote nothing (:func:`.prompts.hint_chat_template`).
         """
         prompts = prompt_list(prompts)
         if len(prompts) == 0:
