@@ -8,6 +8,7 @@ and read PEFT's ``adapter_config.json`` without a translation table beyond three
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,18 +33,39 @@ def adapter_dtype(dtype: object) -> torch.dtype:
     return resolved  # type: ignore[return-value]
 
 
-def check_adapter_args(r: object, dropout: object, init: object, **numbers: object) -> None:
-    """``ValueError`` naming the first bad argument of an adapter: ``r`` a positive integer, each of ``numbers``
-    (``alpha``, ``scale``) a finite number, ``dropout`` a number in ``[0, 1)``, ``init`` one of :data:`INITS`."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+def real_number(value: object) -> int | float | None:
+    """``value`` as a plain Python ``int`` or ``float`` if it is a real number: a Python or NumPy number or a 0-dim
+    torch tensor of a numeric dtype (bools refused); else ``None``. Configs loaded with NumPy give such scalars."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NumPy registers its numbers, not bool_
+        return None
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def check_adapter_args(r: object, dropout: object, init: object, **named: object) -> dict[str, int | float]:
+    """``ValueError`` naming the first bad argument of an adapter: ``r`` a positive integer, each of ``named``
+    (``alpha``, ``scale``) a finite real number, ``dropout`` a number in ``[0, 1)``, ``init`` one of :data:`INITS`.
+
+    Returns ``r``, ``dropout`` and ``named`` as plain Python numbers (see :func:`real_number`), by name.
+    """
+    rank = real_number(r)
+    if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"r must be a positive integer (the adapter rank); got {r!r}")
-    for name, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    plain: dict[str, int | float] = {"r": rank}
+    for name, value in named.items():
+        number = real_number(value)
+        if number is None or not math.isfinite(number):
             raise ValueError(f"{name} must be a finite number; got {value!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        plain[name] = number
+    rate = real_number(dropout)
+    if rate is None or not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")
+    return plain | {"dropout": rate}
 
 
 @dataclass(frozen=True)
@@ -70,7 +92,8 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        check_adapter_args(self.r, self.dropout, self.init, alpha=self.alpha)
+        for field, value in check_adapter_args(self.r, self.dropout, self.init, alpha=self.alpha).items():
+            object.__setattr__(self, field, value)  # plain Python numbers, as saved to adapter_config.json
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool; got {self.use_rslora!r}")
         targets = self.targets

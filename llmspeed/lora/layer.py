@@ -165,7 +165,8 @@ class LoraLinear(nn.Module):
         check_adapter_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        check_adapter_args(r, dropout, init, scale=scale)
+        plain = check_adapter_args(r, dropout, init, scale=scale)
+        r, dropout, scale = int(plain["r"]), plain["dropout"], plain["scale"]
         dtype = adapter_dtype(dtype)
         device = module_device(self.base_layer)
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # weight [r, in]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,3 +222,26 @@ def test_lora_linear_add_refuses_bad_arguments_and_changes_nothing(kwargs, messa
         layer.add(**args)
     assert list(layer.lora_A) == list(layer.lora_B) == list(layer.lora_dropout) == ["kept"]
     assert dict(layer.scaling) == {"kept": 1.0}
+
+
+@pytest.mark.parametrize("alpha", [np.float32(16.0), torch.tensor(16.0), np.int64(16), torch.tensor(16)])
+def test_real_number_scalars_are_taken_as_plain_numbers(llama, tmp_path, alpha):
+    """Regression: a NumPy or 0-dim tensor alpha/scale/dropout/r (as configs loaded with NumPy give) was refused
+    with "must be a finite number"; PEFT takes them. They are stored as plain Python numbers (saved as JSON)."""
+    config = lora.LoraConfig(r=np.int64(4), alpha=alpha, dropout=np.float64(0.25))
+    assert (config.r, config.alpha, config.dropout) == (4, 16, 0.25)
+    assert {type(config.r), type(config.dropout)} == {int, float} and type(config.alpha) in (int, float)
+    lora.add_adapter(llama, "a", r=np.int64(4), alpha=alpha, init="random")
+    lora.save_adapter(llama, tmp_path / "a", "a")  # JSON-serialisable fields
+    layer = lora.LoraLinear(torch.nn.Linear(6, 4))
+    layer.add("b", torch.tensor(2), torch.tensor(0.5), dropout=np.float32(0.0))
+    assert layer.scaling["b"] == 0.5 and type(layer.scaling["b"]) is float and layer.rank("b") == 2
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(True), np.bool_(True), torch.tensor([1.0]), torch.tensor(float("nan")),
+                                   np.float32("inf"), torch.tensor(1j)])  # fmt: skip
+def test_non_real_scalars_are_still_refused(scale):
+    layer = lora.LoraLinear(torch.nn.Linear(6, 4))
+    with pytest.raises(ValueError, match="scale must be a finite number; got"):
+        layer.add("a", 2, scale)
+    assert not layer.lora_A and not layer.scaling
