@@ -12,8 +12,8 @@ The cache is trusted only as far as it can be:
   can write them (:func:`llmspeed.machine.private_dir`);
 * each built library is recorded with the SHA-256 of its bytes and verified before it is loaded; a
   library that does not match (replaced, truncated, corrupted) is never loaded: it is rebuilt;
-* a library that fails to load is rebuilt once; if that fails too, the caller's pure-torch path runs
-  and one warning says why;
+* a library that fails to load is rebuilt once; if that fails too (or a new build compiles but does not
+  load), the caller's pure-torch path runs and one warning says why;
 * builders take an OS file lock (released by the kernel if a builder dies), so a build killed
   mid-compile cannot make later processes wait forever on torch's own lock file: its leftover is
   detected and taken over with a message;
@@ -230,8 +230,12 @@ def cache_key(text: str, flags: Sequence[str]) -> str:
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()[:12]
 
 
-class _RebuildFailed(RuntimeError):
-    """A library that failed to load was rebuilt once and that failed too: no other build is tried."""
+class _LoadFailed(RuntimeError):
+    """A library failed to load: a cached one whose rebuild failed too, or a new build that compiled but did not
+    import. No other build is tried (the build without ``-fopenmp`` is for a compiler that rejects the flag)."""
+
+
+_LOAD_NOTE = "the library "  # how the failed-build note of a _LoadFailed begins (a compiler's error line does not)
 
 
 def _build_one(
@@ -255,8 +259,10 @@ def _build_one(
         # the note outlives only failed builds (a build clears the folder first), even one that left an
         # unrecorded library behind (compiled, then failed to import)
         if problem in ("not built yet", "no record of the library's hash") and failed.exists() and not RETRY_FAILED:
-            raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()[:300]}); to try again, run "
-                               f"`python -m llmspeed build` or delete {failed}")  # fmt: skip
+            note = failed.read_text().strip()
+            raise (_LoadFailed if note.startswith(_LOAD_NOTE) else RuntimeError)(
+                f"an earlier build failed ({note[:300]}); to try again, run `python -m llmspeed build` or delete "
+                f"{failed}")  # fmt: skip
         if problem != "not built yet":
             _say(f"rebuilding {prefix} in {folder}: {problem}")
         if (folder / TORCH_LOCK).exists():
@@ -267,12 +273,15 @@ def _build_one(
         try:
             module = _compile(name, text, functions, flags, ldflags, include_dirs, folder)
         except Exception as err:
-            failed.write_text(_last_line(err) + "\n")
             if problem.startswith("it failed to load"):
-                raise _RebuildFailed(
-                    f"the library {problem.removeprefix('it ')}, and its rebuild failed too: {_last_line(err)}"
-                ) from err
-            raise
+                why = f"{_LOAD_NOTE}{problem.removeprefix('it ')}, and its rebuild failed too: {_last_line(err)}"
+            elif isinstance(err, ImportError):  # load_inline imports what it compiled: that failed, not the compiler
+                why = f"{_LOAD_NOTE}compiled but failed to load: {_last_line(err)}"
+            else:
+                failed.write_text(_last_line(err) + "\n")
+                raise
+            failed.write_text(why + "\n")
+            raise _LoadFailed(why) from err
         record(folder, name)
         _say(f"built {prefix} in {time.perf_counter() - start:.0f} s")
         return module
@@ -320,7 +329,7 @@ def build(
         except (UnsafeCacheError, OSError) as err:
             errors.append(f"cache: {_last_line(err)}")
             break
-        except _RebuildFailed as err:  # rebuilt once already: the pure-torch path, not a one-thread build
+        except _LoadFailed as err:  # a library that does not load: the pure-torch path, not a one-thread build
             errors.append(str(err))
             break
         except Exception as err:  # a failed build must leave the pure-torch paths working

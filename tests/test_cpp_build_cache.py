@@ -104,6 +104,9 @@ def test_a_library_that_fails_to_load_is_rebuilt_once_then_the_pure_torch_path_r
     assert reason == ("the library failed to load (undefined symbol: GOMP_parallel), and its rebuild failed too: "
                       "undefined symbol: GOMP_parallel")  # fmt: skip
     assert len(caught) == 1
+    with pytest.warns(RuntimeWarning, match="an earlier build failed"):  # a later process: no one-thread build either
+        assert cpp_build.build("llmspeed_test", gate["source"], ["answer"])[0] is None
+    assert len(compiles) == 2
 
 
 def test_a_build_that_compiles_but_does_not_import_is_not_compiled_again_by_later_processes(monkeypatch, gate):
@@ -112,10 +115,22 @@ def test_a_build_that_compiles_but_does_not_import_is_not_compiled_again_by_late
     compiles = _fake_compiles(monkeypatch, gate, lambda n, flags: True)
     with pytest.warns(RuntimeWarning, match="pure-torch path runs"):
         assert cpp_build.build("llmspeed_test", gate["source"], ["answer"])[0] is None
-    assert len(compiles) == 2  # with and without -fopenmp
+    assert len(compiles) == 1  # a library that does not load: no build without -fopenmp
     with pytest.warns(RuntimeWarning, match="an earlier build failed"):  # a later process: the note, no compile
         module, reason = cpp_build.build("llmspeed_test", gate["source"], ["answer"])
-    assert module is None and len(compiles) == 2 and reason.count("an earlier build failed") == 2
+    assert module is None and len(compiles) == 1 and reason.count("an earlier build failed") == 1
+
+
+def test_a_new_build_that_compiles_but_does_not_load_is_not_replaced_by_a_one_thread_build(monkeypatch, gate):
+    """Regression: a first build with -fopenmp that compiled but failed to import (load_inline imports it) was
+    taken for a compiler rejecting -fopenmp: a build without it ran and its single-threaded library was used, in
+    this process and (past the failed-build note) in every later one. Only a compile error retries without it."""
+    compiles = _fake_compiles(monkeypatch, gate, lambda n, flags: "-fopenmp" in flags)
+    for _ in range(2):  # this process, then a later one (which finds the note)
+        with pytest.warns(RuntimeWarning, match="could not be built or loaded, the pure-torch path runs") as caught:
+            module, reason = cpp_build.build("llmspeed_test", gate["source"], ["answer"])
+        assert module is None and len(caught) == 1 and len(compiles) == 1 and "-fopenmp" in compiles[0]
+        assert "the library compiled but failed to load: undefined symbol: GOMP_parallel" in reason
 
 
 def test_a_second_builder_waits_for_the_lock_and_clearing_keeps_it(tmp_path, capsys):
