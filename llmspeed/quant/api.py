@@ -21,7 +21,7 @@ from .methods import METHODS, get_method
 from .methods.registry import rotating_methods, symmetric_methods
 from .methods.rtn import rtn_weight
 from .modules import QuantizedLinearBase, module_class
-from .plan import DEFAULT_LM_HEAD, _output_head, check_materialized, int8_config, plan_layers
+from .plan import DEFAULT_LM_HEAD, check_materialized, int8_config, output_head_names, plan_layers
 
 _DEFAULT = object()
 SENSITIVE = ("*.mlp.down_proj",)  # int8_layers for a 4-bit model that holds up off its calibration text
@@ -144,7 +144,7 @@ def quantize(
             f"hadamard_layers needs a method that quantizes rotated layers: a per-weight one or one of "
             f"{rotating_methods()}; method={method!r} folds scales into other layers in the unrotated basis"
         )
-    heads = set(_output_head(model))
+    heads = set(output_head_names(model))
     if share_embedding is not None and not isinstance(share_embedding, bool):  # 1 == True: read as True before
         raise ValueError(f"share_embedding must be None, True or False; got {share_embedding!r}")
     head = tied_head(model)

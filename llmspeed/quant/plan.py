@@ -16,8 +16,9 @@ from .hadamard import check_rotatable
 DEFAULT_LM_HEAD = "int8"  # quantize's output head: per output channel (docs/quantization.md measures its cost)
 
 
-def _output_head(model: CausalLM) -> list[str]:
-    """Names of the output head (``lm_head``), which ``lm_head=`` decides for."""
+def output_head_names(model: CausalLM) -> list[str]:
+    """The names, among ``model.linear_names()``, of the model's output head: the linear that
+    ``get_output_embeddings()`` returns, else any named ``lm_head`` (what ``quantize``'s ``lm_head=`` decides for)."""
     get = getattr(model.module, "get_output_embeddings", None)
     head = get() if callable(get) else None
     names = [name for name, module in model.linear_layers() if head is not None and module is head]
@@ -77,7 +78,7 @@ def plan_layers(
         raise ValueError(
             f"lm_head must be None (float), 'int8' or the model's format {config.format!r}; got {lm_head!r}"
         )
-    heads = _output_head(model)
+    heads = output_head_names(model)
     if skip is None:
         skip = []
     else:
