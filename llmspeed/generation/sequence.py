@@ -141,6 +141,6 @@ class Sequence:
         except Exception as exc:  # a tokenizer whose decode raises: the request still gets its final event
             self.finish_reason = "error"
             self.error = self.error or f"decoding its output raised {type(exc).__name__}: {exc}"
-        if self.detok.stopped and reason == "length":  # a stop string in the tail the detokenizer held back
+        if self.detok.stopped and reason == self.finish_reason == "length":  # a stop string in the held-back tail
             self.finish_reason = "stop"
         return StreamEvent(self.index, self.seq_id, token, text, finished=True, output=self.output(), logprobs=logprobs)

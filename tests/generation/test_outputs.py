@@ -51,6 +51,8 @@ def test_final_event_reports_a_flush_that_raised_keeps_the_first_error_and_turns
     assert out.finish_reason == "error" and out.error == "decoding its output raised IndexError: piece id is out of range"
     assert out.text == "ab" and out.token_ids == [5, 6, 9] and out.metrics.latency is not None
     assert _ended("error", _Tail(fails=True), error="the step failed").output.error == "the step failed"
+    # a flush that raised stays "error" even with a stop string found before it (it never turns into "stop")
+    assert _ended("length", _Tail(fails=True, stopped=True)).output.finish_reason == "error"
     for reason in ("abort", "error", "stop"):
         assert _ended(reason, _Tail(stopped=True)).output.finish_reason == reason
     event = _ended("length", _Tail())
