@@ -10,13 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..protocol import CausalLM
+from .chat_content import template_messages
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
 
 def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: int) -> list[int]:
     """The token ids of one prompt: a string (encoded, or rendered as one user turn with ``chat_template``), a
-    list of chat messages (rendered with the tokenizer's chat template) or token ids (checked against
+    list of chat messages (rendered with the tokenizer's chat template; content parts as it takes them,
+    :func:`.chat_content.template_messages`) or token ids (checked against
     ``vocab_size``); ``ValueError`` naming what is wrong and what a prompt may be."""
     if isinstance(prompt, str) or is_chat(prompt):
         if tokenizer is None:
@@ -36,6 +38,7 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
                 raise ValueError("chat_template=True renders string prompts with the tokenizer's chat template, but "
                                  "this model's tokenizer has none; give chat_template=False to continue the text as is")
             raise ValueError("prompt is a chat message list, but this model's tokenizer has no chat template")
+        messages = template_messages(tokenizer, messages)  # text parts joined, unless the template takes parts
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # a template error (jinja's, a KeyError) is this request's fault alone

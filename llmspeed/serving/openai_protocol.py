@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..generation import SamplingParams
+from ..generation.chat_content import ContentPartError, content_text
 
 
 class APIError(Exception):
@@ -176,18 +177,10 @@ class ChatMessage(BaseModel):
             APIError: 400 for a part that is not ``{"type": "text", "text": <a string>}`` (or an assistant's refusal).
         """
         if isinstance(self.content, list):
-            parts = []
-            for j, part in enumerate(self.content):
-                kind = part.get("type")
-                field = "refusal" if kind == "refusal" and self.role == "assistant" else "text"
-                if kind != field:
-                    raise APIError(400, f"only text content parts (and an assistant's refusal parts) are supported; "
-                                        f"got {kind!r}", f"{param}.{j}.type")
-                if not isinstance(part.get(field), str):
-                    raise APIError(400, f"{param}.{j}.{field}: a {field} part's {field} must be a string; got "
-                                        f"{part.get(field)!r}", f"{param}.{j}.{field}")
-                parts.append(part[field])
-            return "\n".join(parts)  # "".join glued the parts' words together: ["Summarize:", "It..."]
+            try:
+                return content_text(self.content, self.role, param)
+            except ContentPartError as err:
+                raise APIError(400, str(err), err.param) from None
         return self.content or ""
 
 

@@ -311,6 +311,8 @@ def test_a_content_part_the_caller_changes_after_submit_is_the_one_submitted(lla
     from tests.generation.test_engine import ChatTokenizer
 
     class PartsTokenizer(ChatTokenizer):  # renders OpenAI's content parts, [{"type": "text", "text": ...}]
+        chat_template = "{% for m in messages %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endfor %}"
+
         def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
             return [b for m in messages for part in m["content"] for b in part["text"].encode("latin-1")]
 
