@@ -45,6 +45,13 @@ def real_number(value: object) -> int | float | None:
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int beyond a float's range (10**400): no scale can be made of it
+        return False
+
+
 def check_adapter_args(r: object, dropout: object, init: object, **named: object) -> dict[str, int | float]:
     """``ValueError`` naming the first bad argument of an adapter: ``r`` a positive integer, each of ``named``
     (``alpha``, ``scale``) a finite real number, ``dropout`` a number in ``[0, 1)``, ``init`` one of :data:`INITS`.
@@ -57,7 +64,7 @@ def check_adapter_args(r: object, dropout: object, init: object, **named: object
     plain: dict[str, int | float] = {"r": rank}
     for name, value in named.items():
         number = real_number(value)
-        if number is None or not math.isfinite(number):
+        if number is None or not _finite(number):
             raise ValueError(f"{name} must be a finite number; got {value!r}")
         plain[name] = number
     rate = real_number(dropout)

@@ -239,7 +239,7 @@ def test_real_number_scalars_are_taken_as_plain_numbers(llama, tmp_path, alpha):
 
 
 @pytest.mark.parametrize("scale", [torch.tensor(True), np.bool_(True), torch.tensor([1.0]), torch.tensor(float("nan")),
-                                   np.float32("inf"), torch.tensor(1j)])  # fmt: skip
+                                   np.float32("inf"), torch.tensor(1j), pytest.param(10**400, id="int-beyond-float")])  # fmt: skip
 def test_non_real_scalars_are_still_refused(scale):
     layer = lora.LoraLinear(torch.nn.Linear(6, 4))
     with pytest.raises(ValueError, match="scale must be a finite number; got"):
