@@ -1,5 +1,6 @@
 """A new request before it is queued: its :class:`~.sequence.Sequence` (prompt tokens, its own RNG, its
-detokenizer) and why it cannot run, which ends it with ``"error"`` at once rather than raising."""
+detokenizer) and why it cannot run, which ends it with ``"error"`` at once rather than raising; :func:`admit`
+does both for :meth:`.engine.Generator.add_request`."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import CausalLM
 from .detokenizer import Detokenizer
 from .prompts import Prompt, prompt_ids
-from .request_adapters import adapter_error, merged_refusal
+from .request_adapters import adapter_error, adapter_key, merged_refusal
 from .sampling import SamplingParams, request_generator
 from .sequence import Sequence as Seq
 
 if TYPE_CHECKING:
     import torch
+
+    from .engine import Generator
 
 
 def new_sequence(
@@ -45,4 +48,23 @@ def refusal(model: CausalLM, tokenizer: Any, sampling: SamplingParams) -> str | 
     return None  # None runs whatever the model has
 
 
-__all__ = ["new_sequence", "refusal"]
+def admit(gen: Generator, rid: int, prompt: Prompt, sampling: SamplingParams, index: int) -> None:
+    """Make request ``rid``'s sequence and queue it on ``gen``'s scheduler, or end it with ``"error"`` at once.
+
+    Called by :meth:`.engine.Generator.add_request` under its lock and the model's step lock.
+    """
+    seq, error = new_sequence(rid, prompt, sampling, index, tokenizer=gen.tokenizer,
+                              chat_template=gen.chat_template, vocab_size=gen.model.spec.vocab_size,
+                              device=gen.device)
+    if error is None:
+        error = refusal(gen.model, gen.tokenizer, sampling)
+    if error is None:  # bound to this adapter, (name, uid), not to its name
+        seq.adapter_key = adapter_key(gen.model, sampling.adapter)
+        error = gen.scheduler.add(seq)
+    gen._seqs[rid] = seq  # only now: a check that raised leaves no request behind, live forever
+    if error is not None:
+        seq.error = error
+        gen._end(seq, "error")
+
+
+__all__ = ["admit", "new_sequence", "refusal"]

@@ -13,9 +13,9 @@ step runs raises ``RuntimeError`` (use :class:`llmspeed.Engine` to share a model
 A step that raises fails only the requests in its batch (finish reason ``"error"``), and the
 generator stays usable.
 
-Three jobs live beside it: :mod:`.admission` (a new request's sequence, and why it cannot run),
-:mod:`.runs` (``generate_batched`` / ``stream`` read only their own requests' events) and
-:mod:`.greedy_burst` (multi-step decode after a fused CPU step).
+Four jobs live beside it: :mod:`.admission` (a new request's sequence, and why it cannot run),
+:mod:`.request_events` (a token's event, a request's end, a failed batch), :mod:`.runs` (``generate_batched`` /
+``stream`` read only their own requests' events) and :mod:`.greedy_burst` (multi-step decode after a fused CPU step).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import CausalLM, step_lock
-from .admission import new_sequence, refusal
+from .admission import admit
 from .block_manager import BlockManager
 from .context_limits import context_limit
 from .generator_args import check_arguments
@@ -36,7 +36,9 @@ from .greedy_burst import greedy_burst
 from .kv_cache import weights_key
 from .outputs import GenerationOutput, RunStats, StreamEvent
 from .prompts import Prompt, eos_ids, hint_chat_template, prompt_list
-from .request_adapters import adapter_key, follow
+from .request_adapters import follow
+from .request_events import STEP_FAILED as STEP_FAILED  # imported from here by llmspeed.serving.server
+from .request_events import append_tokens, end_request, fail_batch, record_path, token_event
 from .runner import ModelRunner, StepInput
 from .runs import run_events
 from .sampling import SamplingParams, coerce, is_int, sample_batch, sampling_list
@@ -45,8 +47,6 @@ from .sequence import Sequence as Seq
 
 if TYPE_CHECKING:
     import torch
-
-STEP_FAILED = "the step running this request raised"  # how the error of a request whose step raised begins
 
 
 class Generator:
@@ -251,18 +251,7 @@ class Generator:
         with self._exclusive("add_request"), step_lock(self.model.module):
             rid = self._next_id
             self._next_id += 1
-            seq, error = new_sequence(rid, prompt, sampling, index, tokenizer=self.tokenizer,
-                                      chat_template=self.chat_template, vocab_size=self.model.spec.vocab_size,
-                                      device=self.device)
-            if error is None:
-                error = refusal(self.model, self.tokenizer, sampling)
-            if error is None:  # bound to this adapter, (name, uid), not to its name
-                seq.adapter_key = adapter_key(self.model, sampling.adapter)
-                error = self.scheduler.add(seq)
-            self._seqs[rid] = seq  # only now: a check that raised leaves no request behind, live forever
-            if error is not None:
-                seq.error = error
-                self._end(seq, "error")
+            admit(self, rid, prompt, sampling, index)
             return rid
 
     def abort(self, request_id: int) -> None:
@@ -340,14 +329,7 @@ class Generator:
             self._end(seq, "error")
 
     def _fail(self, batch: Batch, exc: BaseException) -> list[StreamEvent]:
-        message = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
-        events = []
-        for chunk in batch.chunks:
-            seq = chunk.seq
-            if not seq.is_finished:
-                seq.error = message
-                events.append(self._end(seq, "error", report=False))
-        return events
+        return fail_batch(self, batch, exc)
 
     def _run(self, batch: Batch, events: list[StreamEvent]) -> str:
         """Run ``batch`` through the model and sample; append its events to ``events``; return the step's path."""
@@ -367,46 +349,18 @@ class Generator:
             return path
         tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
                                         [s.row_context(self.eos_token_ids) for s in sampled])
-        now = self._record(path, start)
-        for seq, token, lp in zip(sampled, tokens, logprobs):
-            seq.output_ids.append(token)
-            seq.token_times.append(now)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            events.append(self._token_event(seq, token, lp, events))
+        append_tokens(self, sampled, tokens, logprobs, self._record(path, start), events)
         return path
 
     def _token_event(self, seq: Seq, token: int, lp: Any, events: list[StreamEvent]) -> StreamEvent:
-        """The event of ``seq``'s new ``token`` (its final one when the request ends with it).
-
-        When detokenizing the token raises, the step fails its batch (:meth:`_fail`), but this request's final event,
-        appended to ``events`` first, carries the token: its streamed ids stay its output's ``token_ids``.
-        """
-        try:
-            reason, text = seq.advance(token, self.eos_token_ids, self.scheduler.max_tokens_per_seq)
-        except Exception as exc:
-            seq.error = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
-            events.append(self._end(seq, "error", token, report=False, logprobs=lp))
-            raise
-        if reason is None:
-            return StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp)
-        return self._end(seq, reason, token, text, report=False, logprobs=lp)
+        return token_event(self, seq, token, lp, events)
 
     def _record(self, path: str, start: float, count: int = 1) -> float:
-        now = time.perf_counter()
-        steps, seconds = self.step_paths.get(path, (0, 0.0))
-        self.step_paths[path] = (steps + count, seconds + now - start)
-        return now
+        return record_path(self.step_paths, path, start, count)
 
     def _end(self, seq: Seq, reason: str, token: int | None = None, text: str = "", report: bool = True,
              logprobs: Any = None) -> StreamEvent:
-        """Finish ``seq`` and release it; its final event (with the rest of its text) is returned or queued."""
-        self.scheduler.finish(seq, reason)
-        event = seq.final_event(reason, token, text, logprobs)
-        self._seqs.pop(seq.seq_id, None)
-        if report:
-            self._pending.append(event)
-        return event
+        return end_request(self, seq, reason, token, text, report, logprobs)
 
     # --- whole runs -----------------------------------------------------------------------------
     def generate_batched(
