@@ -9,12 +9,14 @@ choice that fails fails the request and aborts its sibling choices. Every bad re
 is answered 4xx with an OpenAI-style error body; nothing a client sends stops the server. A request that
 fails (or is aborted by shutdown) after its stream began ends with a ``data: {"error": ...}`` event, which
 the ``openai`` client raises as ``APIError``; never with a normal ``finish_reason``.
+
+:class:`OpenAIServer` holds what each endpoint answers; :mod:`.http_app` wires its routes, API-key check and error
+bodies into the FastAPI application.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -22,10 +24,9 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
 from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationOutput, SamplingParams, StreamEvent
 from ..generation.engine import STEP_FAILED
@@ -34,6 +35,7 @@ from ..lora import adapter_names
 from .chat_prompt import chat_prompt_off_loop
 from .engine import ENGINE_DIED, Engine
 from .handle import RequestHandle, interleave
+from .http_app import build_app
 from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .openai_responses import (
     chat_logprobs,
@@ -333,71 +335,8 @@ class OpenAIServer:
 
     # --- the application ------------------------------------------------------------------------
     def app(self) -> FastAPI:
-        """The FastAPI application."""
-        app = FastAPI(title="llmspeed", version="0.1.0", docs_url=None, redoc_url=None)
-        server = self
-
-        @app.middleware("http")
-        async def authenticate(request: Request, call_next):
-            # the API only, as vLLM: a load balancer's /health probe and a Prometheus scrape of /metrics carry no key
-            if server.api_key is not None and request.url.path.startswith("/v1"):
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                    err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-                    return JSONResponse(err.body(), status_code=401)
-            return await call_next(request)
-
-        @app.exception_handler(APIError)
-        async def api_error(_: Request, err: APIError) -> JSONResponse:
-            return JSONResponse(err.body(), status_code=err.status)
-
-        @app.exception_handler(StarletteHTTPException)
-        async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
-            return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
-                                headers=getattr(err, "headers", None))
-
-        @app.exception_handler(Exception)
-        async def unexpected(_: Request, err: Exception) -> JSONResponse:
-            return JSONResponse(APIError(500, f"{type(err).__name__}: {err}").body(), status_code=500)
-
-        async def body(request: Request) -> Any:
-            raw = await request.body()
-            try:
-                return json.loads(raw)
-            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an int past Python's 4300 digits
-                raise APIError(400, f"the request body is not valid JSON: {err}") from None
-            except RecursionError:  # a client's nesting is no server error (nor a traceback in its log)
-                raise APIError(400, "the request body is nested too deeply to decode as JSON") from None
-
-        @app.api_route("/health", methods=["GET", "HEAD"])  # a load balancer may probe with HEAD
-        async def health() -> Response:
-            if server.engine.error is not None:  # as vLLM's: a dead engine is a 503 a load balancer takes out of rotation
-                return JSONResponse({"status": "dead", "error": server.engine.error}, status_code=503)
-            if server.engine.closed:
-                return JSONResponse({"status": "closed"}, status_code=503)
-            return JSONResponse({"status": "ok"})
-
-        @app.get("/v1/models")
-        async def models() -> dict[str, Any]:
-            return server.models()
-
-        @app.get("/v1/models/{name:path}")
-        async def model(name: str) -> dict[str, Any]:
-            return server.model(name)
-
-        @app.get("/metrics")
-        async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
-
-        @app.post("/v1/completions")
-        async def completions(request: Request) -> Response:
-            return await server.completions(request, await body(request))
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request) -> Response:
-            return await server.chat(request, await body(request))
-
-        return app
+        """The FastAPI application (:func:`.http_app.build_app`)."""
+        return build_app(self)
 
 
 def _with_adapter(sp: SamplingParams, adapter: str | bool | None) -> SamplingParams:

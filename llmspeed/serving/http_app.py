@@ -1,0 +1,91 @@
+"""The FastAPI application of an :class:`~.server.OpenAIServer`: its routes, its API-key check and how every error
+becomes an OpenAI-style JSON body.
+
+:func:`build_app` only wires HTTP to the server's methods (:meth:`~.server.OpenAIServer.completions`,
+:meth:`~.server.OpenAIServer.chat`, ...); what an endpoint answers is decided in :mod:`.server`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .openai_protocol import APIError
+
+if TYPE_CHECKING:
+    from .server import OpenAIServer
+
+
+def build_app(server: OpenAIServer) -> FastAPI:
+    """The FastAPI application serving ``server`` (:meth:`.server.OpenAIServer.app`)."""
+    app = FastAPI(title="llmspeed", version="0.1.0", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        # the API only, as vLLM: a load balancer's /health probe and a Prometheus scrape of /metrics carry no key
+        if server.api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(APIError(500, f"{type(err).__name__}: {err}").body(), status_code=500)
+
+    async def body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an int past Python's 4300 digits
+            raise APIError(400, f"the request body is not valid JSON: {err}") from None
+        except RecursionError:  # a client's nesting is no server error (nor a traceback in its log)
+            raise APIError(400, "the request body is nested too deeply to decode as JSON") from None
+
+    @app.api_route("/health", methods=["GET", "HEAD"])  # a load balancer may probe with HEAD
+    async def health() -> Response:
+        if server.engine.error is not None:  # as vLLM's: a dead engine is a 503 a load balancer takes out of rotation
+            return JSONResponse({"status": "dead", "error": server.engine.error}, status_code=503)
+        if server.engine.closed:
+            return JSONResponse({"status": "closed"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return server.models()
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        return server.model(name)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completions(request, await body(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await server.chat(request, await body(request))
+
+    return app
+
+
+__all__ = ["build_app"]
