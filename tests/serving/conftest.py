@@ -1,5 +1,6 @@
 """Serving tests: one intra-op thread, a live OpenAI-compatible server on a free 127.0.0.1 port (stopped when the
-test ends), and the helpers that post JSON and check an OpenAI-shaped error."""
+test ends), the helpers that post JSON and check an OpenAI-shaped error, and the prompts the ``test_engine*.py``
+files share."""
 
 from __future__ import annotations
 
@@ -67,6 +68,21 @@ def openai_client(url: str):
 def live_server():
     """``live_server(openai_server) -> context manager yielding the base URL``."""
     return serve
+
+
+def _prompts(n, seed=0):
+    """``n`` random prompts of 3 to 23 token ids (1 to 255), seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(3, 24, (n,), generator=g)]
+
+
+def _alone(model, prompts, sp):
+    """Each prompt's token ids run alone on a fresh Generator (what a batch must give each of them)."""
+    from llmspeed import Generator
+
+    return [Generator(model, progress=False).generate_batched([p], sp)[0].token_ids for p in prompts]
 
 
 def fail_third_sampling_call(monkeypatch) -> None:

@@ -1,4 +1,8 @@
-"""The serving Engine: many threads and asyncio tasks on one model, exact results, aborts, faults."""
+"""The serving Engine: many threads and asyncio tasks on one model, exact results, streaming handles.
+
+Prompts the engine copies or refuses are in test_engine_prompts.py; faults, close and a dead engine thread in
+test_engine_faults.py.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,7 @@ import torch
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
-from llmspeed.generation import engine as engine_module
-from tests.serving.conftest import fail_third_sampling_call
-
-
-def _prompts(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(3, 24, (n,), generator=g)]
-
-
-def _alone(model, prompts, sp):
-    return [Generator(model, progress=False).generate_batched([p], sp)[0].token_ids for p in prompts]
+from tests.serving.conftest import _alone, _prompts
 
 
 def test_threads_get_exactly_their_own_results_with_aborts_and_bad_requests(llama):
@@ -62,63 +56,6 @@ def test_threads_get_exactly_their_own_results_with_aborts_and_bad_requests(llam
             assert out.finish_reason == "length" and out.token_ids == expected[i] and out.prompt_token_ids == prompts[i]
     assert metrics["requests_running"] == metrics["requests_waiting"] == 0
     assert metrics["kv_blocks_used"] == 0 and engine.generator.num_live == 0
-
-
-def test_a_chat_prompt_the_template_cannot_render_ends_with_an_error_not_a_hang(llama):
-    from tests.generation.test_engine import ChatTokenizer
-
-    llama.tokenizer = ChatTokenizer()
-    with llmspeed.Engine(llama) as engine:
-        bad = engine.submit([{"role": "user"}], SamplingParams(max_new_tokens=2))
-        good = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True))
-        out = bad.result(timeout=30)
-        assert out.finish_reason == "error" and "chat template" in out.error
-        assert good.result(timeout=30).finish_reason == "length"
-        assert engine.loop_errors == 0
-
-
-def test_a_prompt_the_tokenizer_cannot_encode_fails_alone_and_its_inbox_neighbours_run(llama, monkeypatch):
-    """A lone surrogate ("\\ud800" is valid JSON) makes a Hugging Face fast tokenizer raise TypeError: that request
-    ends with an error, and the requests queued in the same inbox batch still run (they used to hang with it)."""
-    from tests.generation.test_engine import CharTokenizer
-
-    class FastLikeTokenizer(CharTokenizer):
-        def encode(self, text):
-            if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-                raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
-            return super().encode(text)
-
-    llama.tokenizer = FastLikeTokenizer()
-    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    with llmspeed.Engine(llama) as engine:
-        with engine._cv:  # the engine thread takes all three in one inbox batch
-            handles = [engine.submit(p, sp) for p in ("ab", "a\ud800", [1, 2, 3])]
-        outs = [h.result(timeout=20) for h in handles]
-        assert outs[1].finish_reason == "error" and "not valid Unicode" in outs[1].error and "ud800" in outs[1].error
-        assert outs[0].finish_reason == outs[2].finish_reason == "length" and outs[0].prompt_token_ids == [97, 98]
-        assert engine.loop_errors == 0
-        real = engine.generator.add_request
-
-        def broken(prompt, sampling=None, **kw):  # add_request raising anyway (a bug) fails its own request only
-            if prompt == [7, 7]:
-                raise RuntimeError("injected add fault")
-            return real(prompt, sampling, **kw)
-
-        monkeypatch.setattr(engine.generator, "add_request", broken)
-        with engine._cv:
-            handles = [engine.submit(p, sp) for p in ([7, 7], [1, 2, 3])]
-        bad, good = (h.result(timeout=20) for h in handles)
-        assert bad.finish_reason == "error" and "injected add fault" in bad.error
-        assert good.token_ids == outs[2].token_ids and engine.loop_errors == 1
-        assert engine.metrics()["requests_finished"] == 5  # the refused one counted too (/metrics missed it)
-
-
-def test_boolean_token_ids_are_refused_not_read_as_0_and_1(llama):
-    with llmspeed.Engine(llama) as engine:
-        for prompt in ([True, 2], torch.tensor([True, False]), [1, torch.tensor(True)]):
-            out = engine.submit(prompt, SamplingParams(max_new_tokens=2)).result(timeout=20)
-            assert out.finish_reason == "error" and "must be integers" in out.error and "True" in out.error, prompt
-        assert engine.submit([1, 2], SamplingParams(max_new_tokens=2)).result(timeout=20).prompt_token_ids == [1, 2]
 
 
 def test_iterating_a_handle_streams_text_that_adds_up(llama):
@@ -221,111 +158,6 @@ def test_asyncio_generate_stream_and_cancel(llama):
     assert all(o.token_ids == expected for o in outs) and tokens == expected
 
 
-def test_a_fault_in_a_step_fails_its_batch_and_the_engine_keeps_serving(llama, monkeypatch):
-    real = engine_module.sample_batch
-    fail_third_sampling_call(monkeypatch)
-    sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    prompts = _prompts(6, seed=3)
-    with llmspeed.Engine(llama) as engine:
-        handles = [engine.submit(p, sp) for p in prompts]
-        outs = [h.result(timeout=60) for h in handles]
-        after = engine.submit(prompts[0], sp).result(timeout=60)
-    monkeypatch.setattr(engine_module, "sample_batch", real)
-    expected = _alone(llama, prompts, sp)
-    assert any(o.finish_reason == "error" and "injected" in o.error for o in outs)
-    assert all(o.token_ids == e for o, e in zip(outs, expected) if o.finish_reason != "error")
-    assert after.token_ids == expected[0]
-
-
-def test_close_aborts_running_requests_and_refuses_new_ones(llama):
-    engine = llmspeed.Engine(llama, kv_cache_tokens=20_000)
-    h = engine.submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True))
-    time.sleep(0.05)
-    engine.close()
-    assert h.result(timeout=10).finish_reason == "abort"
-    with pytest.raises(RuntimeError, match="closed"):
-        engine.submit([1, 2])
-    engine = llmspeed.Engine(llama, kv_cache_tokens=20_000)
-    h = engine.submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True))
-    with engine._cv:  # the engine thread has not taken the close yet: the request is still running
-        engine.close(timeout=0)
-        h.abort()  # a client leaving during shutdown: a no-op, not "the engine is closed"
-        assert not h.done()
-    assert h.result(timeout=10).finish_reason == "abort"
-    engine.close()
-    with pytest.raises(TypeError, match="SamplingParams"):
-        llmspeed.Engine(llama).submit([1], "greedy")
-    with pytest.raises(TimeoutError):
-        with llmspeed.Engine(llama, kv_cache_tokens=20_000) as e2:
-            e2.submit([1, 2], SamplingParams(max_new_tokens=10_000, ignore_eos=True)).result(timeout=0.01)
-
-
-def test_a_prompt_list_the_caller_reuses_after_submit_is_the_one_submitted(llama):
-    from tests.generation.test_engine import ChatTokenizer
-
-    llama.tokenizer = ChatTokenizer()
-    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    expected = _alone(llama, [[1, 2, 3]], sp)[0]
-    with llmspeed.Engine(llama) as engine:
-        ids, messages = [1, 2, 3], [{"role": "user", "content": "hi"}]
-        chat_ids = engine.submit(list(messages), sp).result(timeout=30).prompt_token_ids
-        with engine._cv:  # the engine thread cannot take the inbox before the caller reuses its lists
-            h = engine.submit(ids, sp)
-            hc = engine.submit(messages, sp)
-            ids[:] = [7, 8, 9, 10]
-            messages[0]["content"] = "something else"
-        out = h.result(timeout=30)
-        assert out.prompt_token_ids == [1, 2, 3] and out.token_ids == expected
-        assert hc.result(timeout=30).prompt_token_ids == chat_ids
-
-
-
-def test_a_tuple_or_tensor_prompt_the_caller_changes_after_submit_is_the_one_submitted(llama):
-    """Regression: only list prompts were copied at submit; a tensor changed in place, or a message dict in a tuple
-    of messages, before the engine thread read it changed the running request."""
-    import numpy as np
-
-    from tests.generation.test_engine import ChatTokenizer
-
-    llama.tokenizer = ChatTokenizer()
-    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    expected = _alone(llama, [[1, 2, 3]], sp)[0]
-    with llmspeed.Engine(llama) as engine:
-        chat_ids = engine.submit([{"role": "user", "content": "hi"}], sp).result(timeout=30).prompt_token_ids
-        tensor, array, messages = torch.tensor([1, 2, 3]), np.array([1, 2, 3]), ({"role": "user", "content": "hi"},)
-        with engine._cv:  # the engine thread cannot take the inbox before the caller changes its prompts
-            handles = [engine.submit(p, sp) for p in (tensor, tensor[:], array)]
-            hc = engine.submit(messages, sp)
-            tensor[:] = torch.tensor([7, 8, 9])
-            array[:] = [7, 8, 9]
-            messages[0]["content"] = "something else"
-        for h in handles:
-            out = h.result(timeout=30)
-            assert out.prompt_token_ids == [1, 2, 3] and out.token_ids == expected
-        assert hc.result(timeout=30).prompt_token_ids == chat_ids
-
-
-def test_a_content_part_the_caller_changes_after_submit_is_the_one_submitted(llama):
-    """Regression: message dicts were copied one level deep at submit, so a caller changing a content part (a
-    nested dict) before the engine thread rendered the conversation changed the running request."""
-    from tests.generation.test_engine import ChatTokenizer
-
-    class PartsTokenizer(ChatTokenizer):  # renders OpenAI's content parts, [{"type": "text", "text": ...}]
-        chat_template = "{% for m in messages %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endfor %}"
-
-        def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-            return [b for m in messages for part in m["content"] for b in part["text"].encode("latin-1")]
-
-    llama.tokenizer = PartsTokenizer()
-    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
-    with llmspeed.Engine(llama) as engine:
-        messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-        with engine._cv:  # the engine thread cannot take the inbox before the caller changes the part
-            h = engine.submit(messages, sp)
-            messages[0]["content"][0]["text"] = "something else"
-        assert h.result(timeout=30).prompt_token_ids == list(b"hi")
-
-
 def test_a_request_whose_event_loop_closed_is_aborted_not_run_to_the_end(llama):
     loop = asyncio.new_event_loop()
     with llmspeed.Engine(llama, kv_cache_tokens=20_000) as engine:
@@ -333,19 +165,6 @@ def test_a_request_whose_event_loop_closed_is_aborted_not_run_to_the_end(llama):
         loop.close()  # its caller is gone (a loop closed with the task still awaiting): nobody will read the events
         assert h.result(timeout=30).finish_reason == "abort"
         assert engine.loop_errors == 0
-
-
-def test_an_engine_dropped_without_close_stops_its_thread(llama):
-    import gc
-
-    engine = llmspeed.Engine(llama)
-    h = engine.submit([1, 2], SamplingParams(max_new_tokens=2, ignore_eos=True))
-    assert h.result(timeout=30).finish_reason == "length"
-    thread = engine._thread
-    del engine, h  # the handle holds its engine; the output does not
-    gc.collect()
-    thread.join(10)
-    assert not thread.is_alive()  # __del__ closed it: no thread (and KV cache) left behind per dropped engine
 
 
 def test_seeded_sampling_from_threads_and_two_event_loops_gives_each_caller_its_prompt_run_alone(llama):
@@ -413,106 +232,3 @@ def test_two_engines_on_one_model_each_get_their_own_adapters(llama, fused):
     assert wrong == []
     assert llama.hf.config._attn_implementation not in ("llmspeed",)
     llama.hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False)  # the model still works alone
-
-
-class _Fatal(BaseException):
-    """An exception the engine thread does not survive (as ``KeyboardInterrupt`` or ``SystemExit`` raised in it)."""
-
-
-def test_a_dead_engine_thread_ends_its_requests_and_refuses_new_ones(llama, monkeypatch):
-    """Regression: an exception the engine thread did not survive (a ``BaseException`` from a step or from queueing a
-    request) left its callers waiting forever: the running request, the ones taken from the inbox but not yet queued
-    and the ones still in the inbox never got a final event, and ``submit`` kept accepting requests nobody would run.
-    Now every one of them ends with ``"error"`` naming the death, ``submit`` raises it and ``error`` holds it."""
-    from llmspeed.serving import Engine
-    from llmspeed.serving.engine import ENGINE_DIED
-
-    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the dying thread's traceback is expected
-    engine = Engine(llama, kv_cache_tokens=1024)
-    real_add, adds = engine.generator.add_request, [0]
-
-    def add_request(*args, **kwargs):
-        adds[0] += 1
-        if adds[0] == 3:
-            raise _Fatal("queueing died")
-        return real_add(*args, **kwargs)
-
-    monkeypatch.setattr(engine.generator, "add_request", add_request)
-    sp = SamplingParams(max_new_tokens=50, ignore_eos=True)
-    running = engine.submit([1, 2, 3], sp)
-    next(iter(running))  # it runs: a token arrived
-    with engine._cv:  # taken from the inbox together: queued, dies while queueing, never reached
-        handles = [engine.submit([4, 5, 6], sp) for _ in range(3)]
-    for h in [running, *handles]:
-        out = h.result(timeout=10)  # waited forever before the fix
-        assert out.finish_reason == "error" and out.error.startswith(ENGINE_DIED) and "queueing died" in out.error
-    assert engine.metrics()["requests_finished"] == 4  # the requests the death ended counted (/metrics missed them)
-    assert engine.closed and "_Fatal: queueing died" in engine.error
-    with pytest.raises(RuntimeError, match=ENGINE_DIED):
-        engine.submit([1, 2, 3], sp)
-    engine.close(timeout=5)
-    engine.close(timeout=5)
-    assert not engine._thread.is_alive()
-
-
-def test_a_step_that_kills_the_engine_thread_ends_the_running_requests(llama, monkeypatch):
-    """Regression: a ``BaseException`` from a step killed the engine thread and its requests waited forever."""
-    from llmspeed.serving import Engine
-
-    monkeypatch.setattr(threading, "excepthook", lambda args: None)
-    engine = Engine(llama, kv_cache_tokens=1024)
-    real_step, steps = engine.generator.step, [0]
-
-    def step():
-        steps[0] += 1
-        if steps[0] == 3:
-            raise _Fatal("step died")
-        return real_step()
-
-    monkeypatch.setattr(engine.generator, "step", step)
-    handles = [engine.submit([1, 2, 3 + i], SamplingParams(max_new_tokens=50, ignore_eos=True)) for i in range(3)]
-    for h in handles:
-        assert "step died" in h.result(timeout=10).error  # waited forever before the fix
-        assert h.result(timeout=0).request_id == h.request_id  # the output names its own request
-        events = list(h)  # the stream ends too, with its final event
-        assert events[-1].finished and "step died" in events[-1].output.error
-    engine.close(timeout=5)
-
-
-def test_a_step_that_always_raises_before_scheduling_ends_the_requests_instead_of_spinning(llama, monkeypatch):
-    """Regression: a fault raised by every step before the scheduler ran (here: the adapter check) touched no
-    request, so none ended: the engine thread spun a core forever and every caller waited forever."""
-    from llmspeed.serving import engine as serving_engine
-
-    with llmspeed.Engine(llama) as engine:
-        monkeypatch.setattr(engine.generator, "_follow_adapter_changes",
-                            lambda: (_ for _ in ()).throw(RuntimeError("injected pre-step fault")))
-        h = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True))
-        out = h.result(timeout=30)
-        assert out.finish_reason == "error" and "injected pre-step fault" in out.error and out.request_id == h.request_id
-        assert f"raised {serving_engine.MAX_FAILING_TURNS} times in a row" in out.error
-        assert engine.metrics()["requests_finished"] == 1  # ended by the failing turns: counted (/metrics missed it)
-        errors = engine.loop_errors
-        time.sleep(0.5)  # the fault goes on (the abort's event is queued): the failing turns back off, not spin
-        assert engine.loop_errors - errors < 100
-        second = engine.submit([4, 5], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
-        assert f"raised {serving_engine.MAX_FAILING_TURNS} times in a row" in second.error  # the count started over
-        monkeypatch.undo()  # the fault gone, the same engine serves again
-        again = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True)).result(timeout=30)
-        assert again.finish_reason == "length" and len(again.token_ids) == 4
-        assert h.result(timeout=0).finish_reason == "error"  # the generator's abort event did not reach it after
-        assert engine.metrics()["requests_finished"] == 3
-
-
-def test_events_queued_before_a_raising_adapter_check_are_not_lost(llama, monkeypatch):
-    """Regression: ``step`` took the queued events (an abort's final event) before the adapter check; when that
-    raised, they were dropped and the aborted request never ended."""
-    gen = Generator(llama, progress=False)
-    rid = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=4))
-    gen.abort(rid)
-    monkeypatch.setattr(gen, "_follow_adapter_changes", lambda: (_ for _ in ()).throw(RuntimeError("injected")))
-    with pytest.raises(RuntimeError, match="injected"):
-        gen.step()
-    monkeypatch.undo()
-    events = gen.step()
-    assert [(e.request_id, e.finished, e.output.finish_reason) for e in events] == [(rid, True, "abort")]
