@@ -1,4 +1,10 @@
-"""The Generator end to end on tiny models: golden tokens vs transformers, budgets, errors, streaming."""
+"""The Generator end to end on tiny models: golden tokens vs transformers, whatever the budget, batch, cast,
+quantization, adapters or device.
+
+Requests it refuses or fails alone are in test_engine_requests.py; aborts, stops, streaming text and run stats in
+test_engine_runs.py. The helpers (``CharTokenizer``, ``ChatTokenizer``, ...) live in conftest.py and stay importable
+from here.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +12,9 @@ import pytest
 import torch
 
 import llmspeed
-from llmspeed import GenerationOutput, Generator, SamplingParams
+from llmspeed import Generator, SamplingParams
 from llmspeed.generation import fused_decode
-
-
-def _prompts(n: int, lo: int = 3, hi: int = 60, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
-    return [torch.randint(0, 256, (k,), generator=g).tolist() for k in lengths]
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.hf.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def _ids(outs: list[GenerationOutput]) -> list[list[int]]:
-    return [o.token_ids for o in outs]
-
-
-class CharTokenizer:
-    """A byte-level stand-in tokenizer (256 ids), enough for stop strings and streaming text."""
-
-    eos_token_id = 0
-
-    def __len__(self) -> int:
-        return 256
-
-    def encode(self, text: str) -> list[int]:
-        return [b for b in text.encode("latin-1")]
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return bytes(i for i in ids if not (skip_special_tokens and i == 0)).decode("latin-1")
+from tests.generation.conftest import CharTokenizer, ChatTokenizer, _hf_greedy, _ids, _prompts  # noqa: F401  (other tests import them from here)
 
 
 @pytest.mark.parametrize("fused_decode", [None, False], ids=["fused-decode-auto", "generic-path"])
@@ -72,199 +46,6 @@ def test_same_tokens_whatever_the_kv_budget_and_batch_composition(llama):
     assert one_by_one == reference[:3]
     chunked = Generator(llama, progress=False, max_batch_tokens=7, block_size=4).generate_batched(prompts[:4], params[:4])
     assert _ids(chunked) == reference[:4]
-
-
-def test_bad_request_fails_alone(llama):
-    ok = _prompts(3, seed=3)
-    too_long = list(range(1, 200)) * 3  # 597 tokens > max_position_embeddings 512
-    over_budget = list(range(1, 101))  # fits the model but not a 64-token KV budget
-    gen = Generator(llama, progress=False, kv_cache_tokens=96, block_size=16)
-    outs = gen.generate_batched([ok[0], too_long, ok[1], over_budget, ok[2]], SamplingParams(max_new_tokens=5))
-    assert [o.index for o in outs] == [0, 1, 2, 3, 4]
-    assert outs[1].finish_reason == "error" and "context" in outs[1].error
-    assert outs[3].finish_reason == "error" and "KV cache" in outs[3].error
-    alone = Generator(llama, progress=False).generate_batched([ok[0], ok[1], ok[2]], SamplingParams(max_new_tokens=5))
-    assert [outs[i].token_ids for i in (0, 2, 4)] == _ids(alone)
-    assert all(outs[i].error is None for i in (0, 2, 4))
-
-
-def test_empty_list_and_argument_errors(llama):
-    gen = Generator(llama, progress=False)
-    assert gen.generate_batched([]) == []
-    assert list(gen.stream([])) == []
-    for run in (gen.generate_batched, lambda p, s: list(gen.stream(p, s))):  # regression: unchecked with no prompts
-        with pytest.raises(TypeError, match="sampling must be a SamplingParams"):
-            run([], "greedy")
-        with pytest.raises(ValueError, match=r"one per prompt \(0\); got 2"):
-            run([], [SamplingParams(), SamplingParams()])
-    with pytest.raises(ValueError, match="one per prompt"):
-        gen.generate_batched([[1, 2]], [SamplingParams(), SamplingParams()])
-    for prompts in ("hello", "", b""):  # regression: the empty string or bytes ran as no prompts and returned []
-        for run in (gen.generate_batched, lambda p: list(gen.stream(p))):
-            with pytest.raises(TypeError, match="single string"):
-                run(prompts)
-    with pytest.raises(TypeError, match=r"single list of token ids \[1, 2, 3\]"):
-        gen.generate_batched([1, 2, 3])
-    with pytest.raises(TypeError, match="sampling must be a SamplingParams .*; got int"):
-        gen.generate_batched([[1, 2]], 5)
-    assert gen.num_live == 0
-    with pytest.raises(ValueError, match="kv_cache_tokens"):
-        Generator(llama, kv_cache_tokens=4, block_size=16)
-    for kwargs, message in [
-        (dict(max_batch_tokens=2.5), "max_batch_tokens must be an int; got 2.5"),
-        (dict(block_size=8.5), "block_size must be an int; got 8.5"),
-        (dict(max_seqs="4"), "max_seqs must be an int; got '4'"),
-        (dict(kv_cache_tokens="16"), "kv_cache_tokens must be None or an int; got '16'"),
-        (dict(block_size=0), "block_size must be >= 1; got 0"),  # not a ZeroDivisionError sizing the cache
-        (dict(num_scheduler_steps=0), "num_scheduler_steps must be an int >= 1; got 0"),
-        (dict(kv_cache_bytes=100), r"kv_cache_bytes must hold at least one block \(\d+ bytes\); got 100"),
-        (dict(eos_token_ids=3), "eos_token_ids must be None or a list of token ids >= 0; got 3"),
-        (dict(eos_token_ids=[-5]), r"eos_token_ids must be None or a list of token ids >= 0; got \[-5\]"),
-        (dict(chat_template="yes"), "chat_template must be True or False; got 'yes'"),
-        (dict(progress="no"), "progress must be True or False; got 'no'"),
-        (dict(cuda_graphs=0), "cuda_graphs must be True or False; got 0"),
-        (dict(fused_decode=1), "fused_decode must be None, True or False; got 1"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            Generator(llama, **kwargs)
-    assert Generator(llama, progress=False, eos_token_ids=(t for t in [7])).eos_token_ids == {7}
-    for model in ("smollm2", llama.module):  # a name or a bare nn.Module: say what a model must be
-        with pytest.raises(TypeError, match="model must be an llmspeed.Model"):
-            Generator(model)
-    out = gen.generate_batched([[1, 300]])[0]
-    assert out.finish_reason == "error" and "[0, 256)" in out.error
-
-
-def test_token_ids_must_be_integers_not_truncated_floats(llama):
-    gen = Generator(llama, progress=False)
-    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    outs = gen.generate_batched([[1.5, 2.7], torch.tensor([1.0, 2.0]), torch.tensor([1, 2]), [1, 2]], sp)
-    for out in outs[:2]:
-        assert out.finish_reason == "error" and "must be integers" in out.error and out.token_ids == []
-    assert outs[2].token_ids == outs[3].token_ids and outs[2].prompt_token_ids == [1, 2]
-
-
-def test_a_single_tensor_or_array_of_token_ids_is_refused_as_prompts_not_run_per_token(llama):
-    """A 1-D tensor / NumPy array (or a list of NumPy ints) given as ``prompts`` is one prompt's ids, refused as a plain
-    list of ids is, not run as one failing request per element."""
-    import numpy as np
-
-    gen = Generator(llama, progress=False)
-    for ids in (torch.tensor([1, 2, 3]), np.array([1, 2, 3]), [np.int64(1), np.int64(2), np.int64(3)]):
-        with pytest.raises(TypeError, match=r"single list of token ids \[1, 2, 3\]"):
-            gen.generate_batched(ids)
-        with pytest.raises(TypeError, match="wrap it in a list"):
-            list(gen.stream(ids))
-    assert gen.num_live == 0 and not gen.has_unfinished()
-    outs = gen.generate_batched(torch.tensor([[1, 2, 3]]), SamplingParams(max_new_tokens=2, ignore_eos=True))
-    assert outs[0].prompt_token_ids == [1, 2, 3] and outs[0].finish_reason == "length"  # rows of a 2-D batch: prompts
-
-
-def test_prompts_may_be_any_iterable_read_once(llama):
-    """A generator of prompts (as transformers' pipelines take) gives what the same list gives; a non-iterable
-    is a TypeError naming prompts, not len()'s."""
-    gen = Generator(llama, progress=False)
-    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    prompts = [[1, 2, 3], [4, 5]]
-    assert _ids(gen.generate_batched((p for p in prompts), sp)) == _ids(gen.generate_batched(prompts, sp))
-    assert [e.token_id for e in gen.stream(iter(prompts), sp)] == [e.token_id for e in gen.stream(prompts, sp)]
-    assert llama.generate_batched(iter(prompts), sp, progress=False)[1].prompt_token_ids == [4, 5]
-    with pytest.raises(TypeError, match="prompts must be a list \\(or iterable\\) of prompts; got int"):
-        gen.generate_batched(5)
-    assert gen.num_live == 0
-
-
-def test_bytes_prompts_are_refused_not_read_as_token_ids(llama):
-    gen = Generator(llama, progress=False)
-    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    outs = gen.generate_batched([b"hello", bytearray(b"hi"), [1, 2]], sp)
-    for out in outs[:2]:
-        assert out.finish_reason == "error" and out.token_ids == [] and out.prompt_token_ids == []
-        assert "got bytes" in out.error and "decode" in out.error
-    assert outs[2].finish_reason == "length"
-    with pytest.raises(TypeError, match="single string, bytes or chat"):
-        gen.generate_batched(b"hello")
-    assert gen.num_live == 0
-
-
-class ChatTokenizer(CharTokenizer):
-    """CharTokenizer with a chat template that fails, as jinja does, on a message without ``content``."""
-
-    chat_template = "{{ message['content'] }}"
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return [b for m in messages for b in m["content"].encode("latin-1")]
-
-
-def test_a_chat_prompt_the_template_cannot_render_fails_alone(llama):
-    llama.tokenizer = ChatTokenizer()
-    gen = Generator(llama, progress=False)
-    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    bad = [{"role": "user"}]
-    outs = gen.generate_batched([[1, 2, 3], bad, [{"role": "user", "content": "hi"}]], sp)
-    assert [o.index for o in outs] == [0, 1, 2] and bad == [{"role": "user"}]
-    assert outs[1].finish_reason == "error" and "chat template" in outs[1].error and "KeyError" in outs[1].error
-    alone = Generator(llama, progress=False).generate_batched([[1, 2, 3], [104, 105]], sp)
-    assert [outs[0].token_ids, outs[2].token_ids] == _ids(alone)
-    assert gen.num_live == 0 and not gen.has_unfinished()
-
-
-def test_abort_frees_blocks_mid_generation(llama):
-    gen = Generator(llama, progress=False, kv_cache_tokens=512)
-    a = gen.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=50, ignore_eos=True))
-    b = gen.add_request(list(range(1, 20)), SamplingParams(max_new_tokens=5, ignore_eos=True))
-    for _ in range(3):
-        gen.step()
-    held = gen.blocks.num_blocks - gen.blocks.num_free
-    gen.abort(a)
-    assert gen.blocks.num_blocks - gen.blocks.num_free < held
-    events = []
-    while gen.has_unfinished():
-        events += gen.step()
-    ends = {e.request_id: e.output for e in events if e.finished}
-    assert ends[a].finish_reason == "abort" and 0 < len(ends[a].token_ids) < 50
-    assert ends[b].finish_reason == "length" and len(ends[b].token_ids) == 5
-    assert gen.blocks.num_free == gen.blocks.num_blocks
-    with pytest.raises(ValueError, match="request_id"):
-        gen.abort(999)
-
-
-def test_many_short_requests_nothing_lost(llama):
-    prompts = [[1 + i % 200, 2 + i % 50, 3] for i in range(1000)]
-    gen = Generator(llama, progress=False, kv_cache_tokens=8192, max_seqs=512, max_batch_tokens=2048)
-    outs = gen.generate_batched(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
-    assert len(outs) == 1000 and [o.index for o in outs] == list(range(1000))
-    assert all(len(o.token_ids) == 2 and o.finish_reason == "length" for o in outs)
-    assert gen.stats.output_tokens == 2000 and gen.stats.throughput > 0
-
-
-def test_stop_conditions_and_stream_text(llama):
-    llama.tokenizer = CharTokenizer()
-    gen = Generator(llama, progress=False)
-    base = gen.generate_batched([[65, 66, 67]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
-    full = base.token_ids
-    stop_id = full[4]
-    first = full.index(stop_id)
-    out = gen.generate_batched([[65, 66, 67]], SamplingParams(max_new_tokens=12, stop_token_ids=[stop_id], ignore_eos=True))[0]
-    assert out.finish_reason == "stop" and out.token_ids == full[: first + 1]
-    text = CharTokenizer().decode(full)
-    stop = text[6:8]
-    cut = text.find(stop)
-    out = gen.generate_batched([[65, 66, 67]], SamplingParams(max_new_tokens=12, stop=[stop], ignore_eos=True))[0]
-    assert out.finish_reason == "stop" and out.text == text[:cut]
-    events = list(gen.stream(["ABC"], SamplingParams(max_new_tokens=12, ignore_eos=True)))
-    assert [e.token_id for e in events] == full and events[-1].finished and not any(e.finished for e in events[:-1])
-    assert "".join(e.text for e in events) == CharTokenizer().decode(full, skip_special_tokens=True)
-    m = events[-1].output.metrics
-    assert m.output_tokens == 12 and m.prompt_tokens == 3
-    assert 0 < m.time_to_first_token <= m.latency and m.inter_token_latency > 0
-
-
-def test_eos_stops_unless_ignored(llama):
-    ref = Generator(llama, progress=False).generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
-    gen = Generator(llama, progress=False, eos_token_ids=[ref.token_ids[2]])
-    out = gen.generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=6))[0]
-    assert out.finish_reason == "stop" and out.token_ids == ref.token_ids[: ref.token_ids.index(ref.token_ids[2]) + 1]
 
 
 def test_seeded_sampling_is_reproducible_regardless_of_batch(llama):
@@ -377,17 +158,6 @@ def test_a_sliding_window_model_is_served_up_to_its_window_with_its_own_tokens(a
     assert plain.scheduler.max_seq_len == plain.model.spec.max_positions  # no window: the whole context
 
 
-def test_stop_strings_without_a_tokenizer_fail_alone_not_silently_ignored(llama):
-    """Regression: a model without a tokenizer has no text, so its requests' stop strings were never searched:
-    ``stop=[...]`` was silently ignored and the request ran to ``max_new_tokens`` with ``finish_reason="length"``."""
-    assert llama.tokenizer is None
-    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    outs = Generator(llama, progress=False).generate_batched(
-        [[1, 2, 3], [4, 5, 6]], [sp, SamplingParams(max_new_tokens=4, ignore_eos=True, stop=["\n"])])
-    assert outs[1].finish_reason == "error" and "tokenizer" in outs[1].error and outs[1].token_ids == []
-    assert outs[0].finish_reason == "length" and len(outs[0].token_ids) == 4
-
-
 def test_a_longrope_model_is_served_up_to_its_original_context_with_its_own_tokens():
     """Regression: longrope (Phi-3's 128k models) rotates every position of a forward pass with its long factors once
     the pass's highest position passes original_max_position_embeddings; a ragged batch is one pass, so a short
@@ -409,30 +179,3 @@ def test_a_longrope_model_is_served_up_to_its_original_context_with_its_own_toke
         assert abs(a.logprob - b.logprob) < 1e-5
     plain = Generator(llmspeed.models.tiny("llama", seed=0), progress=False)
     assert plain.scheduler.max_seq_len == plain.model.spec.max_positions  # default rope: the whole context
-
-
-def test_run_stats_count_the_prompts_of_requests_refused_at_admission(llama):
-    """Regression: RunStats.requests counted a request refused at admission (a prompt past the context, an id
-    outside the vocabulary) but prompt_tokens left its prompt out, so the stats disagreed with the outputs'
-    metrics (7 prompt tokens reported for outputs whose prompt_tokens add up to 1807)."""
-    gen = Generator(llama, progress=False, kv_cache_tokens=4096)
-    long = [1] * (llama.spec.max_positions + 10)
-    outs = gen.generate_batched([[1, 2, 3, 4], long, [5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True))
-    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
-    assert gen.stats.requests == 3
-    assert gen.stats.prompt_tokens == sum(o.metrics.prompt_tokens for o in outs) == 7 + len(long)
-    assert gen.stats.output_tokens == sum(o.metrics.output_tokens for o in outs) == 6
-
-
-def test_run_stats_count_the_preemptions_of_the_runs_requests_only(llama):
-    """Regression: RunStats.preemptions was the scheduler's count over the run, so requests added with add_request
-    and preempted while a generate_batched run stepped were reported as the run's (2 for an output preempted once)."""
-    gen = Generator(llama, progress=False, kv_cache_tokens=256, block_size=16, max_batch_tokens=128)
-    for _ in range(3):
-        gen.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=60, ignore_eos=True))
-    for _ in range(3):
-        gen.step()
-    before = gen.scheduler.num_preemptions
-    outs = gen.generate_batched([[5, 6, 7]], SamplingParams(max_new_tokens=40, ignore_eos=True))
-    assert gen.scheduler.num_preemptions - before > sum(o.metrics.num_preemptions for o in outs)  # others' too
-    assert gen.stats.preemptions == sum(o.metrics.num_preemptions for o in outs)
