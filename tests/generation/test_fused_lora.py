@@ -1,4 +1,9 @@
-"""LoRA adapters in the fused CPU decode step: per-row adapters give the generic path's logits and tokens."""
+"""LoRA adapters in the fused CPU decode step: per-row adapters give the generic path's logits and tokens.
+
+Here the step's logits per row, the adapter changes it follows and its threads; the adapter stacks' layout and
+precision are in test_fused_lora_stacks.py, the Generator on the fused path with adapters in
+test_fused_lora_generator.py. Their helpers (``_with_adapters``, ...) stay here.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,13 @@ from hypothesis import strategies as st
 
 import llmspeed
 from llmspeed import lora
-from llmspeed.generation import Generator, SamplingParams, fused_decode, fused_lora
+from llmspeed.generation import fused_decode
 from llmspeed.generation.runner import StepInput
 
 from .test_fused_decode import LOGIT_TOLERANCE, _generic_logits, _prefilled, _regions_then_team
-from .test_fused_mixed import _staggered
 
 FP16_LORA_TOLERANCE = 2e-3  # logits, relative to their largest: adapters stacked in fp16 (docs/lora.md)
+
 
 pytestmark = pytest.mark.skipif(fused_decode.unavailable() is not None, reason="the C++ decode kernel cannot build here")
 
@@ -193,133 +198,9 @@ def test_one_row_steps_add_each_threads_outputs_the_same_on_any_split(fmt):
     assert (ref - base).abs().max() > 1e-3  # the adapter does change the row
 
 
-def test_b_stacks_hold_blocks_of_16_outputs_zero_padded():
-    """B [S, NB, R, 16]: output o of rank r at [s, o // 16, r, o % 16], scale folded in, zeros past out_features."""
-    from llmspeed.lora.layer import LoraLinear
-
-    layer = LoraLinear(torch.nn.Linear(24, 40, bias=False))
-    layer.add("x", r=3, scale=0.5, init="random")
-    layer.add("y", r=2, scale=2.0, init="random")
-    a, b = fused_lora.stacks(layer, ["x", "y"], torch.float32)
-    assert a.shape == (2, 3, 24) and b.shape == (2, 3, 3, 16)  # 40 outputs: 3 blocks, the last half padding
-    for s, (name, scale) in enumerate([("x", 0.5), ("y", 2.0)]):
-        r = layer.rank(name)
-        flat = b[s].transpose(0, 1).reshape(3, 48)[:r]  # [R, NB * 16]
-        assert torch.equal(flat[:, :40], layer.weight_b(name).T * scale)
-        assert not flat[:, 40:].any() and not b[s, :, r:].any()  # padding outputs and padding ranks
-        assert torch.equal(a[s, :r], layer.weight_a(name))
-
-
-def test_fp16_stacks_round_each_weight_and_float32_stacks_are_exact():
-    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=6), "int4", group_size=32)
-    _with_adapters(model, fp16_exact=False)
-    gen, decode = _prefilled(model, [5, 9, 3])
-    names = ["a", "b", None]
-    step = StepInput.decode(decode, gen.blocks.block_size)
-    ref = _routed_logits(model, gen, decode, names)
-    exact = fused_decode.FusedDecode(model, gen.cache, lora_dtype=torch.float32).run(step, names)
-    half = fused_decode.FusedDecode(model, gen.cache).run(step, names)
-    err = [(out - ref).abs().max() / ref.abs().max() for out in (exact, half)]
-    assert err[0] < LOGIT_TOLERANCE[torch.float32]
-    assert LOGIT_TOLERANCE[torch.float32] < err[1] < FP16_LORA_TOLERANCE  # fp16 rounding shows, and stays small
-    with pytest.raises(ValueError, match="lora_dtype must be one of .*got torch.bfloat16"):
-        fused_decode.FusedDecode(model, gen.cache, lora_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="lora_dtype must be fp16 or fp32 .*; got 'bf16'"):
-        Generator(model, lora_dtype="bf16")
-    for spelling in ("float32", torch.float32, "FP32"):
-        assert Generator(model, lora_dtype=spelling, kv_cache_tokens=64).runner.fused.lora_dtype == torch.float32
-
-
-def test_stacks_that_overflow_fp16_stay_fp32():
-    model = _with_adapters(llmspeed.models.tiny("llama", seed=0))
-    layer = next(layer for _, layer in lora.lora_layers(model))
-    assert [t.dtype for t in fused_lora.stacks(layer, ["a", "b"])] == [torch.float16] * 2
-    with torch.no_grad():
-        layer.weight_b("a")[0, 0] = 1e5  # times the scale 2: past fp16's 65504
-    a, b = fused_lora.stacks(layer, ["a", "b"])
-    assert a.dtype == b.dtype == torch.float32 and b[0, 0, 0, 0] == 2e5  # slot a, block 0, rank 0, output 0
-
-
-def test_a_group_mixing_fp16_and_fp32_stacks_gives_the_generic_logits():
-    """q_proj of layer 0 overflows fp16 (its stacks stay fp32) while k and v, in the same C++ group, are fp16.
-
-    Its B is scaled down with it, so q stays of ordinary size: a delta of 70000 x B saturates attention, where a
-    rounding of 1e-7 in q (the reference's matmuls round differently with their buffers' alignment) moved the
-    logits by 6e-5 of their largest in one full-suite run (the fused step agrees to 4e-7 otherwise)."""
-    model = _with_adapters(llmspeed.models.tiny("llama", seed=7))
-    q = model.hf.model.layers[0].self_attn.q_proj
-    with torch.no_grad():
-        q.weight_a("a")[0, 0] = 70000.0  # past fp16's 65504
-        q.weight_b("a").mul_(1e-4)
-    gen, decode = _prefilled(model, [4, 6, 5])
-    fused = fused_decode.FusedDecode(model, gen.cache)
-    names = ["a", "b", "a"]
-    out = fused.run(StepInput.decode(decode, gen.blocks.block_size), names)
-    stacks = fused._snapshot.lora
-    assert stacks[0].dtype == torch.float32 and stacks[2].dtype == torch.float16  # layer 0: q, then k
-    ref = _routed_logits(model, gen, decode, names)
-    assert torch.isfinite(ref).all() and (out - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
-
-
-def test_it_steps_aside_for_merged_adapters_and_live_dropout():
-    model, _, _, runner, step = _fused_step(0, [4, 6])
-    assert runner.run(step, ["a", None]) is not None
-    assert runner.run(step, ["nope", None]) is None  # an unknown name: the generic path reports it
-    lora.add_adapter(model, "c", r=2, dropout=0.1)
-    model.hf.train()
-    assert "dropout in training mode" in fused_decode.unsupported(model)
-    assert runner.run(step, ["a", None]) is None
-    model.hf.eval()
-    lora.merge(model, "a")
-    assert "merged into the base" in fused_decode.unsupported(model)
-
-
-def test_the_generator_serves_many_adapters_on_the_fused_path():
-    model = _with_adapters(llmspeed.models.tiny("llama", seed=5))
-    prompts = [[1, 2, 3], list(range(40, 70)), [7] * 11, [9, 8, 7, 6]]
-    params = [SamplingParams(max_new_tokens=12, ignore_eos=True, adapter=a) for a in ("a", None, "b", "a")]
-    on = Generator(model, progress=False, block_size=8)
-    off = Generator(model, progress=False, block_size=8, fused_decode=False)
-    assert on.fused_decode_status == "on"
-    fused_out = [on.generate_batched([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
-    batched = on.generate_batched(prompts, params)
-    generic = off.generate_batched(prompts, params)
-    assert [o.token_ids for o in batched] == [o.token_ids for o in generic] == fused_out
-    assert on.step_paths["fused cpu"][0] > 0 and "fused cpu" not in off.step_paths
-
-
-def test_fused_decode_status_follows_a_model_changed_under_the_generator():
-    """Regression: the status was set once, when the generator was built: after an adapter was added to the
-    output head (which the fused step does not take) it still said "on" while every step ran the generic path."""
-    model = llmspeed.models.tiny("llama", seed=5)
-    gen = Generator(model, progress=False, block_size=8)
-    assert gen.fused_decode_status == "on"
-    lora.add_adapter(model, "head", r=4, targets=["lm_head"])
-    gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    assert not any(path.startswith("fused") for path in gen.stats.step_paths)
-    assert gen.fused_decode_status.startswith("off (lm_head"), gen.fused_decode_status
-    lora.delete_adapter(model, "head")
-    gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    assert gen.fused_decode_status == "on" and "fused cpu" in gen.stats.step_paths
-
-
-def test_mixed_steps_route_each_chunk_to_its_adapter():
-    """Prompt chunks on the fused step (``mixed=True``): every token row of a chunk takes its request's adapter,
-    beside decode rows with other adapters; same tokens as the per-layer path."""
-    model = _with_adapters(llmspeed.models.tiny("llama", seed=5))
-    prompts = [[1, 2, 3], list(range(40, 110)), [7] * 11, [9, 8, 7, 6]]
-    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, adapter=a) for a in ("a", None, "b", "a")]
-    out = []
-    for mixed in (True, False):
-        gen = Generator(model, progress=False, block_size=8, max_batch_tokens=48)
-        gen.runner.fused.mixed = mixed
-        out.append((_staggered(gen, prompts, params), set(gen.step_paths)))
-    (fused, fused_paths), (generic, generic_paths) = out
-    assert fused == generic and all(len(t) == 8 for t in fused)
-    assert "fused cpu mixed" in fused_paths and "fused cpu mixed" not in generic_paths
-
-
 _NAMES = ("a", "b", "c")
+
+
 _OPS = st.one_of(
     st.tuples(st.just("step"), st.tuples(*[st.sampled_from((None,) + _NAMES)] * 2)),
     st.tuples(st.sampled_from(["train", "train one layer", "scale", "add", "delete", "activate"]),
@@ -367,47 +248,3 @@ def test_steps_follow_any_sequence_of_adapter_changes(ops, seed):
                 else:
                     with torch.no_grad():  # an optimizer step: same tensors, new values (powers of two: fp16 exact)
                         (layer.weight_b(name) if op == "train" else layer.weight_a(name)).mul_(2.0)
-
-
-def test_layers_set_to_different_adapters_take_the_generic_path():
-    """One snapshot-wide active adapter cannot describe layers set to different ones: the step steps aside."""
-    model = _with_adapters(llmspeed.models.tiny("llama", seed=1))
-    lora.set_adapter(model, "a")
-    model.hf.model.layers[0].self_attn.q_proj.active = "b"  # one layer set otherwise
-    gen, decode = _prefilled(model, [5, 8])
-    assert fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size)) is None
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_adapter_false_runs_the_base_alone_whatever_adapter_is_active(fused):
-    """``SamplingParams(adapter=False)`` (what the server runs for the base model's name beside served adapters)
-    gives the model's tokens before any adapter was added, batched beside rows that run the active adapter and
-    rows that name one, in single steps and greedy bursts; its prefix-cache blocks are not the active adapter's."""
-    model = llmspeed.models.tiny("llama", seed=6)
-    prompts = [list(range(40, 70)), [1, 2, 3], [9, 8, 7, 6]]
-    sp = dict(max_new_tokens=10, ignore_eos=True)
-    base = [o.token_ids for o in Generator(model, progress=False).generate_batched(prompts, SamplingParams(**sp))]
-    _with_adapters(model)
-    lora.set_adapter(model, "a")
-    kw = dict(progress=False, block_size=8, fused_decode=fused, prefix_caching=True)
-    alone = {a: [Generator(model, **kw).generate_batched([p], SamplingParams(**sp, adapter=a))[0].token_ids
-                 for p in prompts] for a in ("a", "b")}  # fmt: skip
-    assert alone["a"] != base and alone["b"] != base  # the adapters change the tokens
-    gen = Generator(model, **kw)
-    mixed = [SamplingParams(**sp, adapter=a) for a in (False, None, "b")]
-    outs = [o.token_ids for o in gen.generate_batched(prompts, mixed)]
-    assert outs == [base[0], alone["a"][1], alone["b"][2]]
-    # the same prompt under the active adapter, then alone: the second must not reuse the first's cached blocks
-    assert gen.generate_batched([prompts[0]], SamplingParams(**sp))[0].token_ids == alone["a"][0]
-    assert gen.generate_batched([prompts[0]], SamplingParams(**sp, adapter=False))[0].token_ids == base[0]
-    burst = Generator(model, **kw, num_scheduler_steps=4)
-    assert [o.token_ids for o in burst.generate_batched(prompts, SamplingParams(**sp, adapter=False))] == base
-    assert ("fused cpu" in gen.step_paths) == fused
-    if fused:
-        assert "fused cpu, greedy burst" in burst.step_paths
-
-
-def test_adapter_accepts_false_but_not_true():
-    assert SamplingParams(adapter=False).adapter is False
-    with pytest.raises(ValueError, match=r"`adapter` must be None \(the active adapter\), False"):
-        SamplingParams(adapter=True)
