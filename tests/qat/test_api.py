@@ -1,4 +1,9 @@
-"""qat.prepare / qat.convert: the converted model is exactly what quantize() makes, and bad input changes nothing."""
+"""QAT's verbs: prepare then convert gives exactly what quantize gives (any init, rotation, dtype); the converted
+model saves, loads, generates and takes adapters.
+
+Arguments refused before anything changes are in test_api_errors.py, training a prepared model in
+test_api_training.py; the shared helpers (``IDS``, ``TOKENS``, ``_packed``, ...) in conftest.py, importable from here.
+"""
 
 from __future__ import annotations
 
@@ -12,29 +17,7 @@ from llmspeed import lora, qat
 from llmspeed.protocol import is_quantized
 from llmspeed.qat import FakeQuantLinear
 from llmspeed.quant import Int4Linear, Int8Linear
-
-IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-TOKENS = torch.randint(0, 256, (5,), generator=torch.Generator().manual_seed(0)).repeat(200)
-GPTQ = dict(seq_len=32, n_sequences=8, progress=False)
-
-
-def _calibration() -> torch.Tensor:
-    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(5))  # [n, t]
-
-
-def _packed(model) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        n: {k: v for k, v in m.state_dict().items()} for n, m in model.linear_layers() if hasattr(m, "qweight")
-    }
-
-
-def _assert_same_packed(a, b):
-    pa, pb = _packed(a), _packed(b)
-    assert pa.keys() == pb.keys() and pa
-    for name in pa:
-        assert pa[name].keys() == pb[name].keys()
-        for key in pa[name]:
-            assert torch.equal(pa[name][key], pb[name][key]), (name, key)
+from tests.qat.conftest import GPTQ, IDS, TOKENS, _assert_same_packed, _calibration, _packed  # noqa: F401  (importable from here as before)
 
 
 @pytest.mark.parametrize("fmt, group", [("int4", 16), ("int4", 48), ("int8", None)])
@@ -239,165 +222,3 @@ def test_merging_an_adapter_into_a_prepared_layer_is_refused_until_convert(llama
     with pytest.warns(UserWarning, match="re-quantized 14 layers"):
         lora.merge(llama, "a")
     lora.unmerge(llama, "a")
-
-
-def _snapshot(model):
-    return {n: (m, m.weight if hasattr(m, "weight") else None) for n, m in model.linear_layers()}
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(fmt="nf4"), "fmt must be one of"),
-        (dict(fmt="int3"), "fmt must be one of"),
-        (dict(fmt="int4", init="hqq"), "init must be one of"),
-        (dict(fmt="int4", group_size=7), "group_size must be"),
-        (dict(fmt="int4", group_size=-1), "group_size must be .* or None for one group per output row .*; got -1"),
-        (dict(fmt="int4", group_size=512), "larger than in_features"),
-        (dict(fmt="int8", group_size=32), "group_size must be None for int8"),
-        (dict(fmt="int8", symmetric=False), "symmetric=False is not available for int8"),
-        (dict(fmt="int4", symmetric="yes"), "symmetric must be a bool"),
-        (dict(fmt="int4", learn_scales=1), "learn_scales must be a bool"),
-        (dict(fmt="int4", calibration=TOKENS), "calibration is only used by init='gptq'"),
-        (dict(fmt="int4", skip=["nope.*"]), "matches no linear layer"),
-        (dict(fmt="int8", hadamard_layers=["*.mlp.down_proj"]), "hadamard_layers rotates int4 layers"),
-        (dict(fmt="int4", group_size=48, hadamard_layers=["*.mlp.down_proj"]), "power-of-two group_size"),
-        (dict(fmt="int4", hadamard_layers=["*.nope"]), "hadamard_layers.*matches no"),
-        (dict(fmt="int4", hadamard_layers="*.mlp.down_proj"), "lists of names or patterns, not a single string"),
-    ],
-)
-def test_bad_prepare_arguments_raise_before_anything_changes(llama, kwargs, match):
-    before = _snapshot(llama)
-    with pytest.raises(ValueError, match=match):
-        qat.prepare(llama, **kwargs)
-    assert _snapshot(llama) == before
-
-
-def test_prepare_rejects_quantized_and_prepared_models_and_convert_needs_prepare(llama):
-    with pytest.raises(ValueError, match="call llmspeed.qat.prepare"):
-        qat.convert(llama)
-    quantized = copy.deepcopy(llama)
-    llmspeed.quantize(quantized, "int4", 16)
-    before = _snapshot(quantized)
-    with pytest.raises(ValueError, match="already quantized"):
-        qat.prepare(quantized, "int4", 16)
-    assert _snapshot(quantized) == before
-    qat.prepare(llama, "int4", 16)
-    before = _snapshot(llama)
-    with pytest.raises(ValueError, match="already prepared"):
-        qat.prepare(llama, "int8")
-    with pytest.raises(ValueError, match="prepared for quantization-aware training"):
-        llmspeed.quantize(llama, "int4", 16)
-    assert _snapshot(llama) == before
-
-
-def test_prepare_refuses_a_model_with_adapters_and_says_to_prepare_first(llama):
-    """Regression: the message told a qat.prepare user to 'quantize before adding adapters'."""
-    lora.add_adapter(llama, "a", r=4, alpha=8)
-    before = _snapshot(llama)
-    with pytest.raises(ValueError, match=r"is wrapped \(LoraLinear\); quantize \(or qat.prepare\) the float model before"):
-        qat.prepare(llama, "int4", 16)
-    assert _snapshot(llama) == before and not qat.is_prepared(llama)
-
-
-def test_a_16_bit_cast_of_a_prepared_model_is_refused_before_anything_changes(llama):
-    """Regression: cast rounded the fp32 scale buffers to bf16, so convert packed other codes than the
-    prepared model's (every q/k/v projection of the tiny llama) without a word."""
-    qat.prepare(llama, "int4", 16)
-    state = {k: v.clone() for k, v in llama.hf.state_dict().items()}
-    with pytest.raises(ValueError, match=r"prepared for quantization-aware training .*Cast before llmspeed.qat.prepare"):
-        llmspeed.cast(llama, "bf16")
-    assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in llama.hf.state_dict().items())
-    llmspeed.cast(llama, "fp32")  # fp32 changes nothing and stays allowed (fp32 master weights of a bf16 model)
-    bf16 = llmspeed.models.tiny("llama", seed=0, dtype="bf16")
-    reference = copy.deepcopy(bf16)
-    llmspeed.quantize(reference, "int4", 16, lm_head=None)
-    qat.convert(qat.prepare(bf16, "int4", 16))  # cast first, then prepare: exactly quantize's tensors
-    _assert_same_packed(bf16, reference)
-
-
-def test_failed_gptq_start_restores_every_layer(llama):
-    before = _snapshot(llama)
-    with pytest.raises(ValueError):
-        qat.prepare(llama, "int4", 16, init="gptq", calibration=[], init_options=GPTQ)
-    assert _snapshot(llama) == before
-
-
-def test_unknown_init_options_name_the_argument_before_any_change(llama):
-    """An init option GPTQ does not take gets quantize's named-options error, not a TypeError from gptq_model."""
-    before = _snapshot(llama)
-    with pytest.raises(ValueError, match=r"init_options \['foo'\] are not options of method='gptq'; it takes .*seq_len"):
-        qat.prepare(llama, "int4", 16, init="gptq", calibration=_calibration(), init_options=dict(GPTQ, foo=1))
-    assert _snapshot(llama) == before
-
-
-@pytest.mark.parametrize("options", ["seq_len=32", [("seq_len", 32)], 5])
-def test_init_options_that_are_not_a_dict_name_the_argument(llama, options):
-    """A string or a list of pairs was read by dict(): a ValueError from dict's internals, or accepted."""
-    before = _snapshot(llama)
-    with pytest.raises(ValueError, match=r"init_options must be None or a dict of method='gptq''s options; got"):
-        qat.prepare(llama, "int4", 16, init="gptq", calibration=_calibration(), init_options=options)
-    assert _snapshot(llama) == before
-
-
-def _trained(seed: int, **options) -> tuple[tuple[float, ...], dict[str, torch.Tensor]]:
-    model = llmspeed.models.tiny("llama", seed=0)
-    qat.prepare(model, "int4", 16, learn_scales=True)
-    result = llmspeed.finetune(model, TOKENS, steps=4, lr=1e-2, seq_len=16, batch_size=4, seed=seed, progress=False,
-                               **options)  # fmt: skip
-    assert not model.hf.is_activation_checkpointing  # turned off again after a checkpointed run
-    return result.losses, {k: v.clone() for k, v in model.hf.state_dict().items()}
-
-
-def test_training_a_prepared_model_is_deterministic_given_the_seed():
-    losses, state = _trained(seed=3)
-    again, state_again = _trained(seed=3)
-    assert losses == again and all(torch.equal(v, state_again[k]) for k, v in state.items())
-    other, _ = _trained(seed=4)  # other windows
-    assert other != losses
-
-
-def test_gradient_checkpointing_trains_a_prepared_model_as_without():
-    losses, state = _trained(seed=0)
-    checkpointed, state_checkpointed = _trained(seed=0, gradient_checkpointing=True)
-    assert checkpointed == pytest.approx(losses, rel=1e-5)
-    for key, value in state.items():
-        torch.testing.assert_close(state_checkpointed[key], value, rtol=1e-4, atol=1e-5)
-
-
-def test_learned_scales_stay_positive_and_convert_packs_them_after_a_large_lr():
-    llama = llmspeed.models.tiny("llama", seed=0)
-    qat.prepare(llama, "int4", 16, learn_scales=True)
-    llmspeed.finetune(llama, TOKENS, steps=8, lr=5e-2, seq_len=16, batch_size=4, progress=False)
-    layers = dict(qat.fake_quant_layers(llama))
-    for layer in layers.values():
-        scales, zeros = layer.effective_scales(), layer.effective_zeros()
-        assert bool((scales > 0).all()) and bool(scales.isfinite().all()) and bool(zeros.isfinite().all())
-    fake = {n: (layer.effective_scales().detach(), layer.effective_zeros().detach(), layer.quantized_weight().detach())
-            for n, layer in layers.items()}  # fmt: skip
-    qat.convert(llama)
-    for name, module in llama.linear_layers():
-        if name in fake:
-            scales, zeros, weight = fake[name]
-            assert torch.equal(module.scales.float(), scales) and torch.equal(module.zeros.float(), zeros), name
-            assert torch.equal(module.dequantize(), weight), name
-
-
-@pytest.mark.parametrize("train", ["full", "linears"])
-def test_a_prepared_model_whose_head_is_tied_to_the_embedding_trains_and_converts(train):
-    model = llmspeed.models.tiny("llama", seed=0, tie_word_embeddings=True)
-    embedding = model.hf.model.embed_tokens.weight
-    assert model.hf.lm_head.weight is embedding
-    qat.prepare(model, "int4", 16, learn_scales=True)
-    assert "lm_head" not in dict(qat.fake_quant_layers(model))  # the head stays in float, tied
-    before = embedding.detach().clone()
-    result = llmspeed.finetune(model, TOKENS, train=train, steps=5, lr=1e-2, seq_len=16, batch_size=4, progress=False)
-    assert result.losses[-1] < result.losses[0]
-    assert model.hf.lm_head.weight is model.hf.model.embed_tokens.weight is embedding
-    assert torch.equal(embedding, before) == (train == "linears")  # "linears" leaves the embedding (and head)
-    with torch.no_grad():
-        fake = model.hf(IDS).logits
-    qat.convert(model)
-    assert model.hf.lm_head.weight is model.hf.model.embed_tokens.weight
-    with torch.no_grad():
-        torch.testing.assert_close(model.hf(IDS).logits, fake, rtol=1e-4, atol=1e-4)
