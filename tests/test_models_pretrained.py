@@ -106,6 +106,7 @@ def test_float_load_equals_transformers(tmp_path):
 def test_bad_arguments_and_quantized_folders_are_refused(tmp_path):
     model = _folder(tmp_path)
     for quant, match in [({"group_size": 64}, "at least 'format'"), ({"format": "int3"}, "must be one of"),
+                         ({"format": ["int4"]}, r"quantize\['format'\] must be one of .*got \['int4'\]"),
                          ({"format": "int4", "method": "gptq"}, r"unknown keys \['method'\].*llmspeed.quantize"),
                          ({"format": "int8", "group_size": 64}, "group_size must be None for int8"),
                          ({"format": "int4", "share_embedding": "yes"},

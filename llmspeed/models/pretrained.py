@@ -42,7 +42,7 @@ def _quant_plan(model: Model, options: dict[str, Any], head: str | None):
             f"gptq need the whole model: load it, then call llmspeed.quantize)"
         )
     fmt = format_name(options["format"])
-    if fmt not in DEFAULT_GROUP_SIZE:
+    if not isinstance(fmt, str) or fmt not in DEFAULT_GROUP_SIZE:  # a list or dict is unhashable: no `in` test
         raise ValueError(f"quantize['format'] must be one of {sorted(DEFAULT_GROUP_SIZE)}; got {fmt!r}")
     config = QuantConfig(
         fmt,
