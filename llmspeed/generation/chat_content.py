@@ -101,7 +101,7 @@ def _detected(template: str) -> ContentFormat | None:
             return node.node, node.arg.value
         return None, None
 
-    lists, items, contents = {"messages"}, set(), set()
+    lists, items, contents = {"messages"}, set[str](), set[str]()
 
     def kind(node: Any) -> str | None:
         node = base(node)

@@ -112,7 +112,7 @@ class DecodeGraphs:
         self.min_width = 4 if decode_kernel is None else min(32, max_width)
         self.enabled = True
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = None
+        self._pool: Any = None  # torch.cuda.graph_pool_handle(), made at the first capture
 
     def key(self, rows: int, context: int) -> tuple[int, int]:
         """The ``(rows, width in blocks)`` of the graph that runs ``rows`` sequences of up to ``context`` tokens."""

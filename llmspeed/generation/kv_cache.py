@@ -186,7 +186,7 @@ class PagedAttention:
         self.dec_lens = torch.tensor(ctx, device=device)  # [n]
         if self.decode_kernel is None:
             pos = torch.arange(width * bs, device=device)  # [W * BS]
-            self.dec_mask = (pos[None, :] < self.dec_lens[:, None])[:, None, None, :]  # [n, 1, 1, W * BS]
+            self.dec_mask: torch.Tensor | None = (pos[None, :] < self.dec_lens[:, None])[:, None, None, :]  # [n, 1, 1, W * BS]
 
     def _plan_prefills(self, prefills: Sequence[tuple[Sequence[int], int, int]], device: torch.device) -> None:
         """Gather index, padded query rows and offset causal mask of the longer chunks, for one masked SDPA."""

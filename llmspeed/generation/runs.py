@@ -57,7 +57,8 @@ def run_events(gen: Generator, prompts: Sequence[Prompt], sampling: Any) -> Iter
     bar = tqdm(total=len(rids), unit="req", disable=not gen.progress, desc="generate", leave=False)
     try:
         while open_:
-            ours, others = [], []
+            ours: list[StreamEvent] = []
+            others: list[StreamEvent] = []
             gen._run_stepping = True
             try:
                 stepped = gen.step()

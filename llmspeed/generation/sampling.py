@@ -40,7 +40,7 @@ def _is_number(x: object) -> bool:
 def _as_tuple(x: object) -> tuple | None:
     """``x`` as a tuple when it is iterable (a list, a tuple, a generator); ``None`` when it is not."""
     try:
-        return tuple(x)  # type: ignore[call-overload]
+        return tuple(x)  # type: ignore[arg-type]
     except TypeError:
         return None
 
