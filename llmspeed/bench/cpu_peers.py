@@ -24,10 +24,11 @@ on such a CPU build llama.cpp without AMX instead (:data:`INSTALL_NO_AMX`), whic
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,7 +78,8 @@ MAX_BLOCKS = (PROMPT_TOKENS - PREFIX - 1) // BLOCK_STEPS - 1
 SETTLE_S = 0.02  # pause before each block of the interleaved column
 
 
-def _llmspeed_steps(model, prompt: list[int], kv_cache_dtype: str = "auto", scheduler_steps: int = 1) -> Iterator[float]:
+def _llmspeed_steps(model, prompt: list[int], kv_cache_dtype: str = "auto",
+                    scheduler_steps: int = 1) -> collections.abc.Generator[float, None, None]:
     """The ms of each llmspeed decode step of one sequence, ``prompt[:PREFIX]`` prefilled first (untimed), as
     :func:`llama_steps` times llama.cpp's; the first step after the prefill is untimed too.
 
@@ -206,7 +208,7 @@ def _llmspeed_rows(model, prompt: list[int], windows: torch.Tensor, steps: int, 
     text = model.tokenizer.decode(windows.flatten().tolist())
     losses = window_losses(model, text, window=windows.shape[1], n_windows=windows.shape[0])
     one, eight = [prompt[:PREFIX]], [prompt[i : i + PREFIX] for i in range(SEQS)]
-    options = {"kv_cache_dtype": kv_cache_dtype, "scheduler_steps": scheduler_steps}
+    options: dict[str, Any] = {"kv_cache_dtype": kv_cache_dtype, "scheduler_steps": scheduler_steps}
     return {"decode ms": decode_step_ms(model, one, steps, **options)[0],
             "prefill tok/s": prefill,
             "MB": memory_footprint(model)["total"] / 1e6, "perplexity": math.exp(losses.mean().item()),

@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ def llama_decode_rows(path: Path, prompts: list[list[int]], tokens: list[int], t
         return statistics.median(next(times) for _ in range(steps))
 
 
-def llama_steps(path: Path, prompts: list[list[int]], tokens: list[int], threads: int) -> Iterator[float]:
+def llama_steps(path: Path, prompts: list[list[int]], tokens: list[int], threads: int) -> Generator[float, None, None]:
     """The ms of each llama.cpp decode step, one token per sequence, with ``len(prompts)`` sequences running.
 
     One context with a sequence slot per prompt, all prompts prefilled before the first step; step ``i``

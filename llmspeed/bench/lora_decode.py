@@ -57,13 +57,13 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     plain = copy.deepcopy(m)
     many = copy.deepcopy(m)
     g = torch.Generator().manual_seed(0)
-    for model, names in ((m, ADAPTERS), (many, MANY)):
-        for name in names:
-            lora.add_adapter(model, name, r=rank, alpha=2 * rank)
+    for target, adapters in ((m, ADAPTERS), (many, MANY)):
+        for name in adapters:
+            lora.add_adapter(target, name, r=rank, alpha=2 * rank)
             with torch.no_grad():
-                for _, layer in lora.lora_layers(model):
+                for _, layer in lora.lora_layers(target):
                     layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.01)
-        lora.set_adapter(model, None)
+        lora.set_adapter(target, None)
     samples: dict[tuple[str, str], list[float]] = {}
     paths: dict[tuple[str, str], str] = {}
     with torch.inference_mode():
@@ -71,8 +71,8 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             for step, (fused, dtype) in STEPS.items():
                 for label, names in CONFIGS.items():
                     prompts = [list(range(100, 140 + i)) for i in range(len(names))]
-                    model = plain if PLAIN in label else many if OF_MANY in label else m
-                    ms, path = decode_step_ms(model, prompts, steps, names, fused, lora_dtype=dtype)
+                    target = plain if PLAIN in label else many if OF_MANY in label else m
+                    ms, path = decode_step_ms(target, prompts, steps, names, fused, lora_dtype=dtype)
                     samples.setdefault((label, step), []).append(ms)
                     paths[(label, step)] = path
     rows = []
