@@ -91,12 +91,12 @@ def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | No
         raise ValueError(f"texts must be a non-empty string, a list of non-empty strings or a 1-D tensor of token "
                          f"ids; got {texts!r:.80}")  # fmt: skip
     eos = model.tokenizer.eos_token_id
-    ids: list[int] = []
+    tokens: list[int] = []
     for text in texts:
-        ids += model.tokenizer.encode(text, add_special_tokens=False)
+        tokens += model.tokenizer.encode(text, add_special_tokens=False)
         if eos is not None:
-            ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+            tokens.append(eos)
+    return torch.tensor(tokens, dtype=torch.long)
 
 
 def _is_int(x: object) -> bool:
@@ -222,7 +222,7 @@ def train(
     it ends (its steps would otherwise run in training mode, dropout on, with weights half updated, and set their
     adapter routing under the training forward).
     """
-    options = dict(warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+    options: dict[str, Any] = dict(warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                    eval_windows=eval_windows, seed=seed, gradient_checkpointing=gradient_checkpointing, progress=progress)
     check_arguments(steps, lr, seq_len, batch_size, context=model.spec.max_positions,
                     tokenizer=model.tokenizer is not None, **options)  # fmt: skip
@@ -284,8 +284,8 @@ def train(
         if checkpointing:
             set_checkpointing(hf, False)
         restore_modes()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        for p, trainable in flags.items():
+            p.requires_grad_(trainable)
     if steps and mp.skipped_steps == steps:  # a forward pass that overflows fp16 every step: nothing trained
         warnings.warn(f"every one of the {steps} {mp.precision} steps overflowed (last loss {losses[-1]}) and was "
                       f"skipped: the parameters did not change; train with precision='bf16' (fp32's range) or "
