@@ -59,6 +59,7 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("dtype_reference", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     head: QuantizedLinearBase
+    dtype_reference: torch.Tensor  # the empty buffer registered above: its dtype is the rows' dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., hidden]
         """Rows ``ids`` of the head's dequantized weight, in the model's dtype."""

@@ -5,6 +5,7 @@ group's scale and zero, with an optional clip (range shrink) search, round a col
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -157,7 +158,7 @@ def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,), symmetric: bool 
 
     ``clip_search`` applies to int4 and NF4 (int8 keeps the row absmax: 255 levels need no clipping).
     """
-    grids = {"int4": lambda: Int4Grid(clip_search, symmetric), "nf4": lambda: NF4Grid(clip_search), "int8": Int8Grid}
+    grids: dict[str, Callable[[], Grid]] = {"int4": lambda: Int4Grid(clip_search, symmetric), "nf4": lambda: NF4Grid(clip_search), "int8": Int8Grid}
     if fmt not in grids:
         raise ValueError(f"format must be one of {sorted(grids)} for GPTQ; got {fmt!r}")
     return grids[fmt]()
