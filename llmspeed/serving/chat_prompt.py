@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from ..generation.chat_content import template_messages
 from .openai_protocol import APIError
 
 Messages = list[dict[str, Any]]
@@ -32,7 +33,8 @@ Part = tuple[str, str, Callable[[], tuple[Messages, Tools]]]  # (param, what it 
 def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Messages | list[int]:
     """What to submit for a chat request: ``messages`` (their tool calls' JSON arguments parsed; the engine renders
     them), or, with ``tools``, the token ids of the conversation rendered with them (the engine's rendering has no
-    tools).
+    tools). Content parts reach the template here as they reach it in the engine
+    (:func:`~llmspeed.generation.chat_content.template_messages`).
 
     Raises:
         APIError: 400 naming ``tools``, ``messages.{i}.tool_calls`` or ``messages.{i}.role`` (a ``tool`` turn)
@@ -42,6 +44,11 @@ def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Mess
     parts = _tool_parts(messages, tools)
     if not parts or getattr(tokenizer, "chat_template", None) is None:
         return messages  # nothing to check, or no template: the engine refuses the request itself
+    try:  # content parts as the template takes them (joined for one that writes text), as the engine renders them
+        messages = template_messages(tokenizer, messages)
+    except ValueError as err:
+        raise APIError(400, str(err), "messages") from None
+    parts = _tool_parts(messages, tools)
     try:
         full = _render(tokenizer, messages, tools, tokenize=False)
     except Exception as err:

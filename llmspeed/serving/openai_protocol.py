@@ -150,8 +150,9 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    """One chat message (text content, or a list of text parts, which reach the template joined with newlines, as
-    vLLM joins them).
+    """One chat message (text content, or a list of text parts: joined with newlines for a chat template that writes
+    content as a string, handed over as parts to one that loops over them, as vLLM does;
+    :func:`~llmspeed.generation.chat_content.template_messages`).
 
     Its other fields (``name``, an assistant's ``tool_calls``, a tool turn's ``tool_call_id``, any other) go to the
     chat template as they are (a tool call's JSON ``arguments`` as the object they encode), as vLLM passes them;
@@ -182,6 +183,19 @@ class ChatMessage(BaseModel):
             except ContentPartError as err:
                 raise APIError(400, str(err), err.param) from None
         return self.content or ""
+
+    def template_content(self, param: str = "content") -> str | list[dict[str, Any]]:
+        """The content as the engine takes it: its text, or its parts (checked as :meth:`text` checks them; an
+        assistant's refusal part as the text part it reads as, as vLLM hands it over). The engine joins the parts
+        for a chat template that writes content as a string and hands them to one that loops over them.
+
+        Raises:
+            APIError: 400 naming the part, as :meth:`text`.
+        """
+        text = self.text(param)
+        if not isinstance(self.content, list):
+            return text
+        return [{"type": "text", "text": p["refusal"]} if p["type"] == "refusal" else p for p in self.content]
 
 
 class ToolFunction(BaseModel):
@@ -255,14 +269,14 @@ class ChatCompletionRequest(_Request):
                                 f"chat template and get its answer as text", "tool_choice")
 
     def chat(self) -> list[dict[str, Any]]:
-        """The messages as the tokenizer's chat template takes them (developer -> system; the content as text;
+        """The messages as the engine takes them (developer -> system; the content as text or checked text parts;
         every other field given, such as ``name`` or ``tool_calls``, kept; an empty ``tool_calls`` list left out, as
         vLLM does: a template that checks ``'tool_calls' in message`` (Llama 3.1's) would render or refuse a call)."""
         if self.response_format not in (None, {"type": "text"}):
             raise APIError(400, f"only response_format {{'type': 'text'}} is supported; got {_shown(self.response_format)}",
                            "response_format")
         return [{**m.model_dump(exclude_none=True, exclude=None if m.tool_calls else {"tool_calls"}), "role": "system" if m.role == "developer" else m.role,
-                 "content": m.text(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
+                 "content": m.template_content(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
 
     def tool_specs(self) -> list[dict[str, Any]] | None:
         """``tools`` as the chat template takes them (``None`` when there are none)."""
