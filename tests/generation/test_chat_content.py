@@ -7,6 +7,7 @@ import pytest
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
+from llmspeed.generation.chat_content import ContentPartError, content_format, content_text, template_messages
 from llmspeed.generation.prompts import prompt_ids
 from tests.generation.test_engine import ChatTokenizer
 
@@ -70,3 +71,63 @@ def test_a_part_that_is_not_text_is_refused_naming_messages_and_its_type(llama, 
     out = Generator(llama, progress=False).generate_batched([chat, "fine"], SamplingParams(max_new_tokens=2))
     assert out[0].finish_reason == "error" and where in out[0].error and out[1].finish_reason != "error"
     assert chat[1]["content"][1] == part  # refused, not changed
+
+
+LOOP = "{% for m in messages %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endfor %}"
+SHAPES = [  # (template, the format vLLM's detection gives it): the shapes real models' templates take
+    ("{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+     "{% for c in message['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}", "openai"),  # Gemma 3, Mistral
+    ("{% for message in messages %}{% for c in message.content %}{{ c.text }}{% endfor %}{% endfor %}", "openai"),
+    ("{% for message in messages %}{{ message.content }}{% endfor %}", "string"),
+    ("{% set loop_messages = messages[1:] %}{% for message in loop_messages %}"
+     "{% for c in message['content'] %}{{ c.text }}{% endfor %}{% endfor %}", "openai"),  # a system turn taken out
+    ("{% for message in messages[::-1] %}{% for c in message.content %}{{ c.text }}{% endfor %}{% endfor %}", "openai"),
+    ("{% for message in messages %}{% for c in message['content'] | sort(attribute='type') %}{{ c.text }}{% endfor %}"
+     "{% endfor %}", "openai"),  # Llama 4
+    ("{% for message in messages %}{% set content = message['content'] | trim %}{{ content }}{% endfor %}", "string"),
+    ("{% for message in messages %}{% set content = message['content'] %}{% for c in content %}{{ c.text }}"
+     "{% endfor %}{% endfor %}", "openai"),  # bound after the loop that binds message: found on a second pass
+    ("{% set ns = namespace(found=false) %}{% for message in messages %}{% if loop.first %}{% set ns.found = true %}"
+     "{% endif %}{{ message['content'] }}{% endfor %}", "string"),
+    ("{% for c in messages[0]['content'] %}{{ c.text }}{% endfor %}", "openai"),
+    ("{% set first = messages[0] %}{% for c in first['content'] %}{{ c.text }}{% endfor %}", "openai"),
+    ("{% for message in messages %}{{ message['content'] }}{% for call in message['tool_calls'] %}{{ call }}{% endfor %}"
+     "{% endfor %}", "string"),
+    ("{% for tool in tools %}{% for c in tool['content'] %}{{ c }}{% endfor %}{% endfor %}", "string"),
+    ("{% for message in messages %}{% generation %}{{ message['content'] }}{% endgeneration %}{% endfor %}", "string"),
+    ("{% for message in messages %}{% generation %}{% for c in message.content %}{{ c.text }}{% endfor %}"
+     "{% endgeneration %}{% endfor %}", "openai"),  # transformers' {% generation %}, which plain Jinja cannot parse
+]
+
+
+@pytest.mark.parametrize("template,expected", SHAPES, ids=[
+    "is-string-else-loop", "attribute", "attribute-string", "sliced", "reversed", "filtered", "set-trim",
+    "set-then-loop", "namespace", "first-message", "set-first-message", "tool-calls-loop", "tools-loop", "generation-string",
+    "generation-loop"])  # fmt: skip
+def test_the_content_format_of_real_template_shapes_is_vllms(template, expected):
+    tok = ChatTokenizer()
+    tok.chat_template = template
+    assert content_format(tok) == expected
+    tok.chat_template = {"default": template, "rag": LOOP}  # named templates: apply_chat_template renders "default"
+    assert content_format(tok) == expected
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert template_messages(tok, parts) == (parts if expected == "openai" else [{"role": "user", "content": "a\nb"}])
+
+
+def test_a_template_that_is_not_jinja_text_gets_the_parts_as_given():
+    tok = ChatTokenizer()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}]}]
+    for template in ("{% for m in messages %}", None, {"tool_use": LOOP}):  # unparsable, none, no "default"
+        tok.chat_template = template
+        assert content_format(tok) is None and template_messages(tok, parts) is parts
+
+
+def test_a_refusal_part_is_an_assistants_text_and_must_be_a_string():
+    refusal = [{"type": "refusal", "refusal": "No."}, {"type": "text", "text": "Sorry."}]
+    assert content_text(refusal, "assistant", "messages.1.content") == "No.\nSorry."
+    with pytest.raises(ContentPartError, match="'refusal'") as err:
+        content_text(refusal, "user", "messages.0.content")
+    assert err.value.param == "messages.0.content.0.type"
+    with pytest.raises(ContentPartError, match="must be a string") as err:
+        content_text([{"type": "refusal", "refusal": None}], "assistant", "messages.1.content")
+    assert err.value.param == "messages.1.content.0.refusal"
