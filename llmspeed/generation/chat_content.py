@@ -46,15 +46,16 @@ def content_text(content: list[Any], role: str, param: str) -> str:
     return "\n".join(texts)  # "".join glued the parts' words together: ["Summarize:", "It..."]
 
 
-def template_messages(tokenizer: Any, messages: list[Any]) -> list[Any]:
+def template_messages(tokenizer: Any, messages: list[Any], tools: list[Any] | None = None) -> list[Any]:
     """``messages`` as ``tokenizer``'s chat template takes them: content parts joined to text (new dicts; the
-    caller's stay as they are) unless the template iterates over a message's content (:func:`content_format`).
+    caller's stay as they are) unless the template iterates over a message's content (:func:`content_format`;
+    ``tools``: the ones the conversation is rendered with, which pick a named template).
 
     Raises:
         ValueError: naming ``messages.{i}.content.{j}`` and its type, for a part that is not text where the template
             takes text.
     """
-    if not any(isinstance(m.get("content"), list) for m in messages) or content_format(tokenizer) != "string":
+    if not any(isinstance(m.get("content"), list) for m in messages) or content_format(tokenizer, tools) != "string":
         return messages
     try:
         return [{**m, "content": content_text(m["content"], m.get("role"), f"messages.{i}.content")}
@@ -64,12 +65,15 @@ def template_messages(tokenizer: Any, messages: list[Any]) -> list[Any]:
                          f"parts are taken (joined)") from None
 
 
-def content_format(tokenizer: Any) -> ContentFormat | None:
+def content_format(tokenizer: Any, tools: list[Any] | None = None) -> ContentFormat | None:
     """``"openai"`` when ``tokenizer``'s chat template loops over a message's content (it renders parts), else
-    ``"string"``; ``None`` when it has no template or one that is not Jinja text (its parts pass as given)."""
+    ``"string"``; ``None`` when it has no template or one that is not Jinja text (its parts pass as given).
+
+    Of named templates, the one ``apply_chat_template`` renders: ``"tool_use"`` (where there is one) when ``tools``
+    are given, else ``"default"``."""
     template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: apply_chat_template renders "default" without tools
-        template = template.get("default")
+    if isinstance(template, dict):  # as transformers' get_chat_template picks
+        template = template.get("tool_use" if tools is not None and "tool_use" in template else "default")
     return _detected(template) if isinstance(template, str) else None
 
 

@@ -45,7 +45,7 @@ def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Mess
     if not parts or getattr(tokenizer, "chat_template", None) is None:
         return messages  # nothing to check, or no template: the engine refuses the request itself
     try:  # content parts as the template takes them (joined for one that writes text), as the engine renders them
-        messages = template_messages(tokenizer, messages)
+        messages = template_messages(tokenizer, messages, tools)
     except ValueError as err:
         raise APIError(400, str(err), "messages") from None
     parts = _tool_parts(messages, tools)

@@ -54,3 +54,20 @@ def test_a_template_that_loops_over_parts_renders_the_parts_not_their_joined_tex
         r = _chat(url, messages=image, **extra)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content.1.type", r.text
         assert "image_url" in r.json()["error"]["message"]
+
+
+def test_with_tools_the_parts_go_as_the_tool_use_template_takes_them(parts_server, live_server):
+    """Regression: of named templates, the content format was read off "default" even for a request with tools, which
+    transformers renders with "tool_use": parts were joined for a "tool_use" template that loops over them (and
+    would be handed as a list to a string one)."""
+    tokenizer = parts_server.tokenizer
+    tokenizer.chat_template = {"default": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+                               "tool_use": PARTS_TEMPLATE}  # fmt: skip
+    messages = [{"role": "user", "content": PARTS}]
+    golden = tokenizer.apply_chat_template(messages, tools=[TOOL], add_generation_prompt=True, tokenize=False)
+    assert golden == "<f><user>[Summarize:][It rains.]"
+    with live_server(parts_server) as url:
+        r = _chat(url, messages=messages, tools=[TOOL], tool_choice="none")
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(golden), r.text
+        r = _chat(url, messages=messages)  # without tools: "default", which writes the text joined
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len("<user>Summarize:\nIt rains."), r.text
