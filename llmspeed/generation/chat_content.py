@@ -4,7 +4,8 @@ OpenAI's API lets a message's content be a list of parts (``[{"type": "text", "t
 templates (SmolLM2's, Llama's, Qwen's) write ``message['content']`` as a string: given parts, they fail or write the
 list's Python repr. Some iterate over the parts (``{% for part in message['content'] %}``). As vLLM does, the
 template's own text says which: a template that loops over a message's content takes the parts as given; any other
-gets each message's text parts joined with ``"\\n"`` (:func:`content_text`, the OpenAI server's rule too).
+gets each message's text parts joined with ``"\\n"`` (:func:`content_text`, the OpenAI server's rule too). Either
+way a part that is not text is refused: the models run on text only.
 """
 
 from __future__ import annotations
@@ -52,17 +53,22 @@ def template_messages(tokenizer: Any, messages: list[Any], tools: list[Any] | No
     ``tools``: the ones the conversation is rendered with, which pick a named template).
 
     Raises:
-        ValueError: naming ``messages.{i}.content.{j}`` and its type, for a part that is not text where the template
-            takes text.
+        ValueError: naming ``messages.{i}.content.{j}`` and its type, for a part that is not text (the models run on
+            text only: an image part's placeholder would reach the model without its image).
     """
-    if not any(isinstance(m.get("content"), list) for m in messages) or content_format(tokenizer, tools) != "string":
+    form = content_format(tokenizer, tools) if any(isinstance(m.get("content"), list) for m in messages) else None
+    if form is None:
         return messages
     try:
-        return [{**m, "content": content_text(m["content"], m.get("role"), f"messages.{i}.content")}
-                if isinstance(m.get("content"), list) else m for i, m in enumerate(messages)]  # fmt: skip
+        texts = [content_text(m["content"], m.get("role"), f"messages.{i}.content")
+                 if isinstance(m.get("content"), list) else None for i, m in enumerate(messages)]  # fmt: skip
     except ContentPartError as err:
-        raise ValueError(f"{err}: this model's chat template writes each message's content as text, so only its text "
-                         f"parts are taken (joined)") from None
+        why = "writes each message's content as text, so only its text parts are taken (joined)" if form == "string" \
+            else "renders the parts, and this engine runs on text only"  # fmt: skip
+        raise ValueError(f"{err}: this model's chat template {why}") from None
+    if form == "openai":
+        return messages
+    return [{**m, "content": t} if t is not None else m for m, t in zip(messages, texts)]
 
 
 def content_format(tokenizer: Any, tools: list[Any] | None = None) -> ContentFormat | None:

@@ -131,3 +131,16 @@ def test_a_refusal_part_is_an_assistants_text_and_must_be_a_string():
     with pytest.raises(ContentPartError, match="must be a string") as err:
         content_text([{"type": "refusal", "refusal": None}], "assistant", "messages.1.content")
     assert err.value.param == "messages.1.content.0.refusal"
+
+
+def test_a_part_that_is_not_text_is_refused_by_a_template_that_takes_parts_too(llama):
+    """Regression: a template that loops over the parts got them as given, an image part too: a Gemma 3-like
+    template wrote its placeholder and the text-only model ran without the image, silently."""
+    llama.tokenizer = PartsTokenizer()
+    chat = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(ValueError, match="only text") as err:
+        prompt_ids(chat, llama.tokenizer, False, llama.spec.vocab_size)
+    assert "messages.0.content.1.type" in str(err.value) and "'image_url'" in str(err.value)
+    out = Generator(llama, progress=False).generate_batched([chat, "fine"], SamplingParams(max_new_tokens=2))
+    assert out[0].finish_reason == "error" and "messages.0.content.1.type" in out[0].error
+    assert out[1].finish_reason != "error" and chat[0]["content"][1]["type"] == "image_url"  # refused, not changed
