@@ -118,6 +118,8 @@ def _detected(template: str) -> ContentFormat | None:
         if isinstance(node, nodes.Name):
             return "list" if node.name in lists else "item" if node.name in items else \
                 "content" if node.name in contents else None  # fmt: skip
+        if isinstance(node, nodes.Getitem) and not isinstance(node.arg, nodes.Const) and kind(node.node) == "list":
+            return "item"  # messages[i] (range(messages|length)), messages[loop.index0], messages[-1]
         inner, k = key(node)
         inner_kind = kind(inner) if inner is not None else None
         if inner_kind == "list" and isinstance(k, int):  # messages[0]

@@ -144,3 +144,18 @@ def test_a_part_that_is_not_text_is_refused_by_a_template_that_takes_parts_too(l
     out = Generator(llama, progress=False).generate_batched([chat, "fine"], SamplingParams(max_new_tokens=2))
     assert out[0].finish_reason == "error" and "messages.0.content.1.type" in out[0].error
     assert out[1].finish_reason != "error" and chat[0]["content"][1]["type"] == "image_url"  # refused, not changed
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(messages|length) %}{% set message = messages[i] %}{% for c in message['content'] %}{{ c.text }}"
+    "{% endfor %}{% endfor %}",
+    "{% for m in messages %}{% for c in messages[loop.index0]['content'] %}{{ c.text }}{% endfor %}{% endfor %}",
+    "{% for c in messages[-1]['content'] %}{{ c.text }}{% endfor %}",
+], ids=["range-index", "loop-index", "last"])  # fmt: skip
+def test_a_message_taken_by_a_computed_index_is_a_message(template):
+    """Regression: only ``messages[<a constant>]`` was read as a message, so a template that takes each one as
+    ``messages[i]`` (``range(messages|length)``, as some templates walk a conversation) and loops over its content
+    got the text joined, and iterated its characters: every part's ``text`` was empty."""
+    tok = ChatTokenizer()
+    tok.chat_template = template
+    assert content_format(tok) == "openai"
