@@ -50,7 +50,8 @@ def content_text(content: list[Any], role: str, param: str) -> str:
 def template_messages(tokenizer: Any, messages: list[Any], tools: list[Any] | None = None) -> list[Any]:
     """``messages`` as ``tokenizer``'s chat template takes them: content parts joined to text (new dicts; the
     caller's stay as they are) unless the template iterates over a message's content (:func:`content_format`;
-    ``tools``: the ones the conversation is rendered with, which pick a named template).
+    ``tools``: the ones the conversation is rendered with, which pick a named template); a ``tool`` turn's parts
+    are joined either way, as vLLM joins them.
 
     Raises:
         ValueError: naming ``messages.{i}.content.{j}`` and its type, for a part that is not text (the models run on
@@ -66,8 +67,9 @@ def template_messages(tokenizer: Any, messages: list[Any], tools: list[Any] | No
         why = "writes each message's content as text, so only its text parts are taken (joined)" if form == "string" \
             else "renders the parts, and this engine runs on text only"  # fmt: skip
         raise ValueError(f"{err}: this model's chat template {why}") from None
-    if form == "openai":
-        return messages
+    if form == "openai":  # but a tool result's text joined, as vLLM: templates that loop over a user's parts write
+        # it as a string (Mistral's: message['content']|string wrote the list's repr)
+        texts = [t if m.get("role") == "tool" else None for m, t in zip(messages, texts)]
     return [{**m, "content": t} if t is not None else m for m, t in zip(messages, texts)]
 
 

@@ -159,3 +159,26 @@ def test_a_message_taken_by_a_computed_index_is_a_message(template):
     tok = ChatTokenizer()
     tok.chat_template = template
     assert content_format(tok) == "openai"
+
+
+MISTRAL = (  # Mistral's current templates (Devstral, Magistral): a user's parts looped over, a tool result a string
+    "{% for m in messages %}{% if m['role'] == 'tool' %}[TOOL_RESULTS]{{ m['content']|string }}[/TOOL_RESULTS]"
+    "{% elif m['content'] is string %}[INST]{{ m['content'] }}[/INST]{% else %}[INST]{% for block in m['content'] %}"
+    "{{ block['text'] }}{% endfor %}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def test_a_tool_results_parts_are_joined_for_a_template_that_takes_a_users_parts():
+    """Regression: for a template that loops over a user's parts, a ``tool`` turn's parts (as clients send tool
+    results) went as given too, and Mistral's template, which writes a tool result as a string, wrote the list's
+    Python repr into the prompt. vLLM joins a tool turn's text parts for this."""
+    import jinja2
+
+    tok = ChatTokenizer()
+    tok.chat_template = MISTRAL
+    user = {"role": "user", "content": [{"type": "text", "text": "Weather?"}]}
+    tool = {"role": "tool", "content": [{"type": "text", "text": "sunny"}, {"type": "text", "text": "20C"}],
+            "tool_call_id": "c1"}  # fmt: skip
+    got = template_messages(tok, [user, tool])
+    assert got == [user, {**tool, "content": "sunny\n20C"}] and tool["content"][0] == {"type": "text", "text": "sunny"}
+    assert jinja2.Template(MISTRAL).render(messages=got) == "[INST]Weather?[/INST][TOOL_RESULTS]sunny\n20C[/TOOL_RESULTS]"
