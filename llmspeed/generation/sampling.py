@@ -65,6 +65,8 @@ class SamplingParams:
         adapter: Name of a LoRA adapter to run this request with (``None``: the model's active adapter as set
             by ``lora.set_adapter`` when the request steps, the base model when none is active; ``False``: the
             base model alone, whatever adapter is active, as vLLM runs a request without a LoRA request).
+            After ``lora.merge_and_unload`` the model has no LoRA layers left, so its "base model" is the
+            merged model (as after PEFT's ``merge_and_unload``, there is no unadapted base to go back to).
         logprobs: Also return the log-probability of each sampled token and the ``logprobs`` most
             likely alternatives (0 to 20; ``None`` = none). They are the model's own distribution
             (raw logits, before penalties, temperature and filtering), as vLLM returns by default.
