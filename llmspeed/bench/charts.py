@@ -55,7 +55,7 @@ def batching(name: str, rows: list[Row], path: Path) -> list[Path]:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(runs)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(0, max(ratios) * 1.35)
+        ax.set_xlim(0, max([*ratios, 1.0]) * 1.35)  # the baseline in view, and never (0, 0) when every ratio is 0
         ax.set_xlabel("useful tokens/s / transformers generate_batch's (same run)", fontsize=9)
         ax.set_title("Continuous batching: throughput against transformers", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
@@ -82,7 +82,7 @@ def batching(name: str, rows: list[Row], path: Path) -> list[Path]:
                 ax.text(step, i, f" {step:.1f} ms", va="center", fontsize=8)
         ax.set_yticks(range(len(steps)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(0, max(ms) * 1.45)
+        ax.set_xlim(0, max([*ms, *(f for f in floors if f)]) * 1.45 or 1.0)  # not (0, 0) when every step is 0 ms
         ax.set_xlabel("ms per step (red: weight bytes / measured memory bandwidth)", fontsize=9)
         ax.set_title("Batch-1 decode step against the weight-read floor", fontsize=10)
         ax.legend(fontsize=8, loc="upper right")

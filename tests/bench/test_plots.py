@@ -125,3 +125,17 @@ def test_panels_speed_first_labels_skip_empty_cells_and_loss_lines_skip_missing_
     assert _label({"format": "int4", "group": None, "method": ""}, ["format", "group", "method"]) == "int4"
     loss = [{"config": "lora", "precision": "fp32", "loss@1": 2.0, "loss@2": None, "loss@3": 1.5}]
     assert _loss_lines("training/loss", loss, tmp_path / "loss.png") == tmp_path / "loss.png"
+
+
+def test_a_chart_whose_values_are_all_zero_gets_a_nonzero_axis(tmp_path):
+    """Regression: every ratio (or step) at 0 set the axis to (0, 0), and matplotlib warned about identical limits."""
+    import warnings
+
+    from llmspeed.bench.charts import batching
+
+    rows = [{"system": "llmspeed Generator", "dtype": "fp32", "tok_s": 0.0, "vs_generate_batch": 0.0, "seconds": 1.0},
+            {"system": "batch-1 decode step: llmspeed, fused CPU step", "dtype": "fp32", "tok_s": 0.0,
+             "vs_generate_batch": "", "seconds": 0.0}]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert batching("b", rows, tmp_path / "b.png") == [tmp_path / "b.png", tmp_path / "b_decode.png"]
