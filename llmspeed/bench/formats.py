@@ -322,17 +322,22 @@ def load_times(model: str, quick: bool, work: Path) -> list[dict]:
 def run(
     device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True
 ) -> list[dict]:
-    """Every table of this suite (CPU only: the formats are device-independent files)."""
+    """Every table of this suite (CPU only: the formats are device-independent files); ``progress``: a tqdm bar
+    over the tables."""
+    from tqdm.auto import tqdm
+
     if device != "cpu":
         raise ValueError(f"the formats suite runs on the CPU; got device={device!r}")
     with tempfile.TemporaryDirectory(prefix="llmspeed-formats-") as tmp:
         work = Path(tmp)
-        rows = round_trips(model, quick, work)
+        tables = [lambda: round_trips(model, quick, work)]
         if model != "tiny-llama":  # every group size divides the tiny model's widths (g128 included)
-            rows += round_trips("tiny-llama", quick, work)
-        rows += gptq(model, quick, work)
-        rows += quantize_while_loading(model, work)
-        rows += load_times(model, quick, work)
+            tables.append(lambda: round_trips("tiny-llama", quick, work))
+        tables += [lambda: gptq(model, quick, work), lambda: quantize_while_loading(model, work),
+                   lambda: load_times(model, quick, work)]  # fmt: skip
+        rows = []
+        for table in tqdm(tables, disable=not progress, desc="formats"):
+            rows += table()
     return rows
 
 

@@ -169,3 +169,15 @@ def test_run_is_cpu_only_and_adds_the_tiny_models_round_trips(monkeypatch):
     calls.clear()
     formats.run(model="tiny-llama", quick=True)
     assert [c[0] for c in calls] == ["round_trips", "gptq", "quantize_while_loading", "load_times"]
+
+
+def test_run_shows_a_bar_over_its_tables_only_when_asked(monkeypatch, capsys):
+    """Regression: run() took ``progress`` and ignored it; the other suites show a tqdm bar when it is True."""
+    from llmspeed.bench import formats
+
+    for name in ("round_trips", "gptq", "quantize_while_loading", "load_times"):
+        monkeypatch.setattr(formats, name, lambda model, *a, name=name: [{"table": name}])
+    assert len(formats.run(model="tiny-llama", progress=False)) == 4
+    assert "formats" not in capsys.readouterr().err
+    assert len(formats.run(model="tiny-llama", progress=True)) == 4
+    assert "formats: 100%" in capsys.readouterr().err
