@@ -162,7 +162,7 @@ def prepare(
             if start is None:
                 w = linear.weight.detach()  # [out, in]
                 # rotated in the model's dtype, as quantize rotates it: the latent weight holds exactly these values
-                w = (rotate(w, config.group_size) if layer_config.hadamard else w).float()
+                w = (rotate(w, layer_config.group_size) if layer_config.hadamard else w).float()
                 w = P.pad_columns(w, config.padded_in_features(linear.in_features))  # [out, in_pad]
                 scales, zeros = init_qparams(w, config, symmetric)  # [out, groups] x2
                 layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)

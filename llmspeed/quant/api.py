@@ -167,7 +167,7 @@ def quantize(
                 if name in heads and layer_config.format != config.format:  # an int8 head: rounded, as the
                     qw = rtn_weight(linear.weight, layer_config)  # calibrated methods round it (round_outside)
                 else:
-                    weight = rotate(linear.weight.detach(), config.group_size) if layer_config.hadamard else linear.weight
+                    weight = rotate(linear.weight.detach(), layer_config.group_size) if layer_config.hadamard else linear.weight
                     qw = entry.weight(weight, layer_config, **options)
                 bias = None if linear.bias is None else linear.bias.detach()
                 new = module_class(layer_config.format).from_codes(
