@@ -21,9 +21,14 @@ if TYPE_CHECKING:
 STEP_FAILED = "the step running this request raised"  # how the error of a request whose step raised begins
 
 
+def step_error(exc: BaseException) -> str:
+    """The error of a request whose step raised ``exc``: :data:`STEP_FAILED`, the exception's type and message."""
+    return f"{STEP_FAILED} {type(exc).__name__}: {exc}"
+
+
 def fail_batch(gen: Generator, batch: Batch, exc: BaseException) -> list[StreamEvent]:
     """End every unfinished request of ``batch`` with ``"error"`` (the step raised ``exc``); return their events."""
-    message = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
+    message = step_error(exc)
     events = []
     for chunk in batch.chunks:
         seq = chunk.seq
@@ -42,7 +47,7 @@ def token_event(gen: Generator, seq: Seq, token: int, lp: Any, events: list[Stre
     try:
         reason, text = seq.advance(token, gen.eos_token_ids, gen.scheduler.max_tokens_per_seq)
     except Exception as exc:
-        seq.error = f"{STEP_FAILED} {type(exc).__name__}: {exc}"
+        seq.error = step_error(exc)
         events.append(gen._end(seq, "error", token, report=False, logprobs=lp))
         raise
     if reason is None:
@@ -80,4 +85,4 @@ def end_request(gen: Generator, seq: Seq, reason: str, token: int | None = None,
     return event
 
 
-__all__ = ["STEP_FAILED", "append_tokens", "end_request", "fail_batch", "record_path", "token_event"]
+__all__ = ["STEP_FAILED", "append_tokens", "end_request", "fail_batch", "record_path", "step_error", "token_event"]
