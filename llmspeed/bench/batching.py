@@ -160,20 +160,22 @@ def weight_bytes(model: Any) -> int:
 
 
 def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16, **generator_kwargs: Any) -> float:
-    """Median seconds of one llmspeed decode step of a single request with ``context`` cached tokens."""
+    """Median seconds per token of llmspeed decode steps of a single request with ``context`` cached tokens (one
+    token a ``step()``, or a greedy burst's with ``num_scheduler_steps``)."""
     from ..generation import Generator, SamplingParams
 
     gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=context, **generator_kwargs)
-    gen.add_request(list(range(1, context + 1)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+    burst = generator_kwargs.get("num_scheduler_steps", 1)
+    gen.add_request(list(range(1, context + 1)), SamplingParams(max_new_tokens=(steps + 2) * burst, ignore_eos=True))
     gen.step()  # prefill
     gen.step()  # first decode (warm-up)
     times = []
     for _ in range(steps):
         _sync(model.spec.device)
         t0 = time.perf_counter()
-        gen.step()
+        tokens = sum(e.token_id is not None for e in gen.step())
         _sync(model.spec.device)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / max(tokens, 1))
     while gen.has_unfinished():
         gen.step()
     return statistics.median(times)
@@ -288,9 +290,9 @@ def run(
     t, note = _llmspeed(m, prompts, lengths, progress, **gen_kwargs)
     rows.append(_row("llmspeed Generator", fname, n, useful, t, base, note))
     if gpu:  # the same run with each attention path: all gather + SDPA, all Triton (auto mixes them)
-        for attention in ("sdpa", "triton"):
-            t, note = _llmspeed(m, prompts, lengths, progress, attention=attention, **gen_kwargs)
-            rows.append(_row(f"llmspeed Generator, attention='{attention}'", fname, n, useful, t, base, note))
+        for option, value in (("attention", "sdpa"), ("attention", "triton"), ("num_scheduler_steps", 8)):
+            t, note = _llmspeed(m, prompts, lengths, progress, **{**gen_kwargs, option: value})
+            rows.append(_row(f"llmspeed Generator, {option}={value!r}", fname, n, useful, t, base, note))
 
     steps: list[tuple[str, str, Any, dict]] = []  # batch-1 decode steps to time at the end
     for name, fmt, options in variants(gpu):
@@ -324,8 +326,8 @@ def run(
 
     bw = memory_bandwidth(dev)
     steps.insert(0, ("batch-1 decode step: llmspeed", fname, m, {}))
-    if not gpu:
-        steps.insert(1, ("batch-1 decode step: llmspeed", fname, m, {"fused_decode": False}))
+    steps.insert(1, ("batch-1 decode step: llmspeed", fname, m, {"fused_decode": False} if not gpu else
+                     {"num_scheduler_steps": 8}))  # fmt: skip
     timed = [(f"{system}, {_decode_path(model_, kw)}", dtype, model_, decode_step_llmspeed(model_, **kw))
              for system, dtype, model_, kw in steps]  # fmt: skip
     timed.append(("batch-1 decode step: transformers generate", fname, m, decode_step_hf(m.hf)))

@@ -34,6 +34,16 @@ def slot(block_table: Sequence[int], position: int, block_size: int) -> int:
     return block_table[position // block_size] * block_size + position % block_size
 
 
+def check_room(rows: Sequence[tuple[Sequence[int], int, int]], steps: int, block_size: int) -> None:
+    """Raise ``ValueError`` unless each ``(block_table, position, token)`` row's table holds ``position + steps``
+    tokens: what several decode steps back to back write (a row short of blocks would write another sequence's
+    cache, or a scratch block)."""
+    short = [i for i, (table, p, _) in enumerate(rows) if len(table) * block_size < p + steps]
+    if short:
+        raise ValueError(f"rows {short}: each block table must hold position + steps tokens for steps={steps}; "
+                         f"grow them first")  # fmt: skip
+
+
 class BlockManager:
     """Hands out KV-cache blocks; a block is free, evictable (cached, unused) or held by its owners.
 

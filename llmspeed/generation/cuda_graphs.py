@@ -65,7 +65,10 @@ class _Graph:
         with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
             self.logits = body()
 
-    def replay(self, ids, pos, slots, tables: Sequence[Sequence[int]], lens, width: int, pad_block: int) -> torch.Tensor:
+    def replay(self, ids, pos, slots, tables: Sequence[Sequence[int]], lens, width: int, pad_block: int,
+               device_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Logits ``[n, V]`` (a view of the graph's output, overwritten by its next replay). ``device_ids`` (``[n]``
+        on the GPU) replace ``ids``: copied on the stream, so the host never waits for them."""
         n = len(ids)
         rows = self.ids.shape[0]
         pad = rows - n
@@ -81,6 +84,8 @@ class _Graph:
         self.slots.copy_(host[2])
         self.lens.copy_(host[3])
         self.blocks.copy_(blocks.flatten().to(self.ids.device, non_blocking=True))
+        if device_ids is not None:
+            self.ids[:n].copy_(device_ids)
         self.graph.replay()
         return self.logits[:n]
 
@@ -141,8 +146,9 @@ class DecodeGraphs:
         """How many decode graphs are captured."""
         return len(self._graphs)
 
-    def run(self, step: StepInput) -> torch.Tensor | None:
-        """Logits ``[n, V]`` of a decode-only :class:`~.runner.StepInput`; ``None`` = run it eagerly."""
+    def run(self, step: StepInput, ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits ``[n, V]`` of a decode-only :class:`~.runner.StepInput`; ``None`` = run it eagerly. ``ids``
+        (``[n]`` on the GPU): the step's token ids, in place of ``step.ids``."""
         n = len(step.ids)
         context = max(step.positions) + 1
         if n > self.max_batch:
@@ -157,5 +163,5 @@ class DecodeGraphs:
         graph, width = self._graphs[key], key[1]
         return graph.replay(
             step.ids, step.positions, step.slots,
-            [t for t, _, _ in step.chunks], [pos + 1 for pos in step.positions], width, self.pad_block,
+            [t for t, _, _ in step.chunks], [pos + 1 for pos in step.positions], width, self.pad_block, ids,
         )

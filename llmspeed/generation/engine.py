@@ -15,7 +15,7 @@ generator stays usable.
 
 Four jobs live beside it: :mod:`.admission` (a new request's sequence, and why it cannot run),
 :mod:`.request_events` (a token's event, a request's end, a failed batch), :mod:`.runs` (``generate_batched`` /
-``stream`` read only their own requests' events) and :mod:`.greedy_burst` (multi-step decode after a fused CPU step).
+``stream`` read only their own requests' events) and :mod:`.greedy_burst` (multi-step decode after a decode step).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .admission import admit
 from .block_manager import BlockManager
 from .context_limits import context_limit
 from .generator_args import check_arguments
-from .greedy_burst import greedy_burst
+from .greedy_burst import BURST_PATHS, greedy_burst
 from .kv_cache import weights_key
 from .outputs import GenerationOutput, RunStats, StreamEvent
 from .prompts import Prompt, eos_ids, hint_chat_template, prompt_list
@@ -89,12 +89,12 @@ class Generator:
             runs decode rows through the Triton decode kernel and prefill chunks through SDPA (faster
             than the Triton prefill kernel on an H100: docs/gpu.md), else SDPA.
         num_scheduler_steps: Most decode steps one :meth:`step` runs (vLLM's multi-step scheduling). With
-            more than 1 (say 8), a fused CPU decode step whose requests are all greedy (no logprobs,
-            penalties or pending ``min_tokens``), with no request waiting, goes on for up to that many
-            steps back to back (:meth:`.fused_decode.FusedDecode.greedy_steps`), without the scheduling,
-            sampling and detokenizing between them; the tokens are the same, and arrive as one step's
-            events. It saves the Python between steps, whose cost after each step's weight reads is in
-            docs/kernels.md; tokens stream in bursts.
+            more than 1 (say 8), a decode step whose requests are all greedy (no logprobs, penalties or
+            pending ``min_tokens``), with no request waiting, goes on for up to that many steps back to back
+            (:meth:`.runner.ModelRunner.greedy_steps`: one C++ call on the fused CPU path; elsewhere, CUDA
+            graphs included, the tokens stay on the device until the last), without the scheduling, sampling
+            and detokenizing between them; the tokens are the same, and arrive as one step's events. It saves
+            the Python (and on a GPU the waits) between steps (docs/kernels.md); tokens stream in bursts.
 
     Attributes:
         fused_decode_status: ``"on"``, or why decode steps take the generic path (read when asked: a model
@@ -305,8 +305,8 @@ class Generator:
                 return events
             try:  # events go straight into ``events``: those of requests that ended before a raise must survive it
                 path = self._run(batch, events)
-                if path == "fused cpu" and self.num_scheduler_steps > 1:
-                    greedy_burst(self, batch, events)
+                if self.num_scheduler_steps > 1 and path in BURST_PATHS:
+                    greedy_burst(self, batch, events, path)
             except Exception as exc:
                 events += self._fail(batch, exc)
             except BaseException as exc:

@@ -34,6 +34,7 @@ from torch import nn
 from ..machine import isa_flags
 from ..precision import cpu_matmul
 from . import fused_lora
+from .block_manager import check_room
 from .fused_build import amx_available, extension, float_prefetch, gemm_rows, int8_dot_available, unavailable
 from .fused_snapshot import ARCHITECTURES, Snapshot, embedding_dtype, embedding_parts, unsupported
 from .kv_cache import PagedKVCache, block_tables
@@ -258,10 +259,7 @@ class FusedDecode:
         The block tables must already hold ``position + steps`` tokens. ``adapters`` as in :meth:`run`.
         """
         bs = self.cache.block_size
-        short = [i for i, (table, p, _) in enumerate(rows) if len(table) * bs < p + steps]
-        if short:  # the padding block would take their keys and values: another sequence's cache
-            raise ValueError(f"rows {short}: each block table must hold position + steps tokens for steps={steps}; "
-                             f"grow them first")  # fmt: skip
+        check_room(rows, steps, bs)  # else the padding block would take their keys and values: another sequence's cache
         if len(rows) > self.max_rows or steps < 1:
             return None
         current = self._current(adapters, len(rows))

@@ -1,6 +1,7 @@
-"""Greedy bursts (vLLM's multi-step scheduling): after a fused CPU decode step, up to ``num_scheduler_steps - 1``
-more decode steps of the same batch, run back to back by :meth:`.fused_decode.FusedDecode.greedy_steps`, without
-the scheduling, sampling and detokenizing between them.
+"""Greedy bursts (vLLM's multi-step scheduling): after a decode step, up to ``num_scheduler_steps - 1`` more decode
+steps of the same batch, run back to back by :meth:`.runner.ModelRunner.greedy_steps` (one C++ call on the fused
+CPU path; on the others each step's ids are the previous step's argmax on the device, read back once at the end),
+without the scheduling, sampling and detokenizing between them.
 
 :func:`burst_length` is the policy (pure Python, no model); :func:`greedy_burst` runs one through a
 :class:`~.engine.Generator` and turns its tokens into that step's events.
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from .sequence import Sequence as Seq
 
 
+BURST_PATHS = ("fused cpu", "cuda graph", "decode")
+"""The paths of a decode-only step (:meth:`.runner.ModelRunner.run`) that a burst may follow."""
+
+
 def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager, num_scheduler_steps: int) -> int:
     """How many more decode steps of ``seqs`` (the batch a fused decode step just ran) may run back to back.
 
@@ -41,9 +46,10 @@ def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager
     return steps
 
 
-def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent]) -> None:
-    """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, run back to back by the fused step
-    (their events appended to ``events``).
+def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: str = "fused cpu") -> None:
+    """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, which just ran on ``path`` (one of
+    :data:`BURST_PATHS`), run back to back by the runner (their events appended to ``events``; their time recorded as
+    ``f"{path}, greedy burst"``).
 
     As many steps as :func:`burst_length` allows (the blocks are taken first, so nothing is preempted). The
     tokens then go through the same commit, stop checks and detokenizing as one step's; a request that ends
@@ -62,7 +68,7 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent]) -> Non
     if burst is None:  # the model changed under the step: the next step() takes it from here
         return
     tokens, known = burst
-    gen._record("fused cpu, greedy burst", start, steps)
+    gen._record(f"{path}, greedy burst", start, steps)
     gen.num_steps += steps
     gen.num_tokens_computed += steps * len(seqs)
     for step_tokens, now in zip(tokens, known):

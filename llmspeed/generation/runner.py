@@ -13,6 +13,7 @@ adapters), built once by the generator; the runner picks how to run it:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 
 from ..names import CANONICAL_DTYPES, dtype_name
 from ..protocol import CausalLM, step_lock
-from .block_manager import slot
+from .block_manager import check_room, slot
 from .kv_cache import PagedAttention, PagedKVCache, cache_dtype
 
 
@@ -220,20 +221,51 @@ class ModelRunner:
                                        max_batch=self.graphs.max_batch, decode_kernel=self.decode_kernel)  # fmt: skip
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
-                     adapters: list[str | None] | None) -> Any:
-        """:meth:`.fused_decode.FusedDecode.greedy_steps` of the fused step (which must be on), holding the model's
-        :func:`~llmspeed.protocol.step_lock` as :meth:`run` does."""
-        assert self.fused is not None
-        with step_lock(self.model.module):
-            return self.fused.greedy_steps(rows, steps, adapters)
+                     adapters: list[str | None] | None) -> tuple[list[list[int]], list[float]] | None:
+        """``steps`` greedy decode steps of the rows ``(block_table, position, token)`` back to back, each row's
+        argmax token the next step's input: the tokens (``[steps][rows]``) and the ``time.perf_counter()`` at which
+        each step's tokens were known, or ``None`` where the step cannot run that way (then the caller goes on one
+        step at a time). Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
 
-    def _run(self, step: StepInput) -> tuple[str, torch.Tensor]:
+        With the fused CPU step, one C++ call (:meth:`.fused_decode.FusedDecode.greedy_steps`). Otherwise each step
+        runs as :meth:`run` would (a CUDA graph replay where one is captured, else ``forward_batch``), with its
+        input ids taken from the previous step's argmax on the device: the tokens come back to the host once, at
+        the end, so on a GPU the host launches the steps without waiting for any of them. What a greedy row samples
+        is :func:`~.sampling.argmax_rows` of its logits in fp32, the same token. The block tables must already hold
+        ``position + steps`` tokens.
+        """
+        bs = self.cache.block_size
+        check_room(rows, steps, bs)
+        with step_lock(self.model.module):
+            if self.fused is not None:
+                return self.fused.greedy_steps(rows, steps, adapters)
+            if steps < 1 or not rows:
+                return None
+            ids = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=self.device)  # [n]
+            out: list[torch.Tensor] = []
+            known: list[float] = []
+            for j in range(steps):
+                step = StepInput.build([(t, p + j, 1, [0], True, a)
+                                        for (t, p, _), a in zip(rows, adapters or [None] * len(rows))], bs)
+                logits = self._run(step, ids)[1]  # [n, V]
+                ids = logits.float().argmax(dim=-1)  # [n]: on a GPU, queued after the step; nothing waits here
+                out.append(ids)
+                known.append(time.perf_counter())
+            tokens = torch.stack(out).tolist()  # [steps, n]: the one transfer to the host
+            if self.device.type != "cpu":  # nothing was known on the host before this transfer
+                known = [time.perf_counter()] * steps
+            return tokens, known
+
+    def _run(self, step: StepInput, ids: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
+        """``ids`` (``[T]`` on the model's device): the step's token ids where they are not yet on the host
+        (:meth:`greedy_steps`); they replace ``step.ids``, and the fused CPU step, which reads host ids, is not
+        tried."""
         plain = step.decode_only and step.adapters is None
         if self.graphs is not None and plain:
-            logits = self.graphs.run(step)
+            logits = self.graphs.run(step, ids)
             if logits is not None:
                 return "cuda graph", logits
-        if self.fused is not None:
+        if self.fused is not None and ids is None:
             logits = self.fused.run(step, step.adapters)  # rows without one: the active adapter
             if logits is not None:
                 return ("fused cpu" if step.decode_only else "fused cpu mixed"), logits
@@ -241,7 +273,7 @@ class ModelRunner:
         dev = self.device
         with torch.inference_mode(), self._adapters(step):
             logits = self.model.forward_batch(
-                torch.tensor(step.ids, dtype=torch.long, device=dev),  # [T]
+                torch.tensor(step.ids, dtype=torch.long, device=dev) if ids is None else ids,  # [T]
                 torch.tensor(step.positions, dtype=torch.long, device=dev),  # [T]
                 attention,
                 torch.tensor(step.rows, dtype=torch.long, device=dev),  # [N]

@@ -17,11 +17,17 @@ def test_decode_path_labels_follow_the_generator():
     assert suite._decode_path(llmspeed.models.tiny("llama", seed=0, hidden_act="gelu"), {}) == "generic path"
 
 
-def test_decode_step_is_timed_on_both_paths_and_weights_are_counted_once():
+def test_decode_step_is_timed_on_both_paths_and_weights_are_counted_once(monkeypatch):
     llama = llmspeed.models.tiny("llama", seed=0)
     fused = suite.decode_step_llmspeed(llama, context=16, steps=4)
     generic = suite.decode_step_llmspeed(llama, context=16, steps=4, fused_decode=False)
     assert 0 < fused < 5 and 0 < generic < 5
+    # per token, each of the 4 timed steps a burst of 6 tokens (the request holds enough for all of them)
+    steps = []
+    real_step = llmspeed.Generator.step
+    monkeypatch.setattr(llmspeed.Generator, "step", lambda self: steps.append(real_step(self)) or steps[-1])
+    burst = suite.decode_step_llmspeed(llama, context=16, steps=4, fused_decode=False, num_scheduler_steps=6)
+    assert 0 < burst < 5 and [sum(e.token_id is not None for e in s) for s in steps[2:6]] == [6] * 4
     params = {p.data_ptr(): p.nbytes for p in llama.hf.parameters()}
     buffers = {b.data_ptr(): b.nbytes for b in llama.hf.buffers()}
     assert suite.weight_bytes(llama) == sum({**params, **buffers}.values())

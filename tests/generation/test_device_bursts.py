@@ -1,0 +1,118 @@
+"""Greedy bursts off the fused CPU step: each step through ``forward_batch`` (or a CUDA graph), its ids the previous
+step's argmax on the device, the tokens read back once per burst (:meth:`ModelRunner.greedy_steps`).
+
+The tokens, texts and finish reasons must be those of single steps, as for the fused bursts
+(test_greedy_bursts.py); on a GPU the bursts replay the captured decode graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmspeed
+from llmspeed import Generator, SamplingParams
+
+from .test_engine import CharTokenizer
+from .test_fused_lora import _with_adapters
+
+BURST = "decode, greedy burst"
+
+
+def _run(model, prompts, params, steps: int, **kwargs):
+    gen = Generator(model, progress=False, num_scheduler_steps=steps, fused_decode=False,
+                    kv_cache_tokens=kwargs.pop("kv_cache_tokens", 2048), **kwargs)  # fmt: skip
+    return gen, gen.generate_batched(prompts, params)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bursts_through_forward_batch_give_the_tokens_of_single_steps(arch):
+    model = llmspeed.models.tiny(arch, seed=1)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11] * 20, [200, 3]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 23, 40, 1)]
+    _, single = _run(model, prompts, params, 1)
+    gen, burst = _run(model, prompts, params, 8)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert [o.finish_reason for o in burst] == ["length"] * 4
+    steps, _ = gen.step_paths[BURST]
+    assert steps > 20 and gen.stats.output_tokens == 5 + 23 + 40 + 1
+    assert not any(path.startswith("fused") for path in gen.step_paths)
+
+
+def test_bursts_end_where_single_steps_end_on_stop_ids_and_strings(llama):
+    llama.tokenizer = CharTokenizer()
+    free = _run(llama, [[65, 66, 67]], SamplingParams(max_new_tokens=30, ignore_eos=True), 1)[1][0]
+    text = CharTokenizer().decode(free.token_ids)
+    cases = [
+        SamplingParams(max_new_tokens=30, stop_token_ids=[free.token_ids[9]], ignore_eos=True),
+        SamplingParams(max_new_tokens=30, stop=[text[11:13]], ignore_eos=True),
+        SamplingParams(max_new_tokens=30),  # the tokenizer's eos (0) ends it if it comes
+    ]
+    for params in cases:
+        single = _run(llama, [[65, 66, 67], [70, 71]], params, 1)[1]
+        gen, burst = _run(llama, [[65, 66, 67], [70, 71]], params, 8)
+        for a, b in zip(single, burst):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        assert gen.blocks.num_free == gen.blocks.num_blocks  # the tokens dropped after an end free their blocks
+
+
+def test_bursts_through_forward_batch_route_each_request_to_its_adapter():
+    model = _with_adapters(llmspeed.models.tiny("llama", seed=4))
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    params = [SamplingParams(max_new_tokens=20, ignore_eos=True, adapter=a) for a in ("a", "b", None)]
+    single = _run(model, prompts, params, 1)[1]
+    gen, burst = _run(model, prompts, params, 8)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert gen.step_paths[BURST][0] > 0
+    plain = _run(model, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True), 8)[1]
+    assert [o.token_ids for o in plain] != [o.token_ids for o in burst]  # the adapters change the tokens
+
+
+def test_a_burst_through_forward_batch_that_raises_fails_its_requests(llama, monkeypatch):
+    gen = Generator(llama, progress=False, num_scheduler_steps=4, fused_decode=False)
+    gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    gen.step()  # the prefill's token
+    calls = []
+    forward = llama.forward_batch
+
+    def third_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second step of the burst
+            raise RuntimeError("injected")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "forward_batch", third_call_fails)
+    events = gen.step()
+    assert [e.token_id is not None for e in events] == [True, False]  # the step's own token, then the end
+    assert events[-1].output.finish_reason == "error" and "injected" in events[-1].output.error
+    assert gen.blocks.num_free == gen.blocks.num_blocks
+    monkeypatch.undo()
+    out = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_greedy_steps_refuse_block_tables_too_short_for_the_burst(llama):
+    gen = Generator(llama, progress=False, block_size=4, fused_decode=False)
+    gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    gen.step()
+    (seq,) = gen.scheduler.running
+    gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens)  # room for one step, not five
+    row = (seq.block_table, seq.num_computed, seq.output_ids[-1])
+    with pytest.raises(ValueError, match=r"rows \[0\]: each block table must hold position \+ steps tokens for steps=5"):
+        gen.runner.greedy_steps([row], 5, None)
+    assert gen.runner.greedy_steps([row], 0, None) is None
+    tokens, known = gen.runner.greedy_steps([row], 1, None)
+    assert len(tokens) == len(known) == 1 and len(tokens[0]) == 1
+
+
+@pytest.mark.gpu
+def test_bursts_replay_the_cuda_graphs_with_the_tokens_of_single_steps():
+    model = llmspeed.models.tiny("llama", seed=2)
+    model.hf.to("cuda")
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11] * 20]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (7, 23, 40)]
+    _, single = _run(model, prompts, params, 1)
+    gen, burst = _run(model, prompts, params, 8)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert gen.step_paths["cuda graph, greedy burst"][0] > 20
+    torch.cuda.synchronize()
