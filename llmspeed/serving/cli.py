@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prompt prefixes")
     p.add_argument("--num-scheduler-steps", type=_int_in(1), default=1,
                    help="decode steps one engine step may run back to back when every running request is greedy and "
-                        "none waits (less Python between CPU steps; tokens stream in bursts; docs/batching.md)")
+                        "none waits (less Python between CPU steps, one token read-back a burst on a GPU; tokens stream in "
+                        "bursts; docs/batching.md)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
     return p
 
