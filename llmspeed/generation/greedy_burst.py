@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from .scheduler import Batch, Chunk
 
 if TYPE_CHECKING:
+    import torch
+
     from .block_manager import BlockManager
     from .engine import Generator
     from .outputs import StreamEvent
@@ -27,12 +29,22 @@ BURST_PATHS = ("fused cpu", "cuda graph", "decode")
 """The paths of a decode-only step (:meth:`.runner.ModelRunner.run`) that a burst may follow."""
 
 
-def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager, num_scheduler_steps: int) -> int:
-    """How many more decode steps of ``seqs`` (the batch a fused decode step just ran) may run back to back.
+def past_ends(device: torch.device) -> bool:
+    """Whether a burst on ``device`` runs on past a request's last token (dropping what it computes there) for the
+    requests with more tokens left: on a GPU a row of a decode step costs next to nothing, and a burst that stopped
+    at the first request's end would be a step or two long in a big batch of mixed lengths; on the CPU each row
+    costs its share of the step."""
+    return device.type != "cpu"
+
+
+def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager, num_scheduler_steps: int,
+                 past_end: bool = False) -> int:  # fmt: skip
+    """How many more decode steps of ``seqs`` (the batch a decode step just ran) may run back to back.
 
     None (0) unless every running request is in the batch, none is waiting, and each is greedy without
     logprobs, penalties or a pending ``min_tokens``; else as many as ``num_scheduler_steps - 1``, every
-    request's tokens left, and the free blocks allow.
+    request's tokens left (with ``past_end``: the most any request has left, each within the context), and the
+    free blocks allow.
     """
     if scheduler.waiting or len(seqs) != len(scheduler.running):
         return 0
@@ -40,7 +52,10 @@ def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager
         p = seq.params
         if seq.is_finished or not p.greedy or p.logprobs is not None or p.penalized or len(seq.output_ids) < p.min_tokens:
             return 0
-    steps = min(num_scheduler_steps - 1, *(seq.tokens_left(scheduler.max_tokens_per_seq) for seq in seqs))
+    limit = scheduler.max_tokens_per_seq
+    left = [seq.tokens_left(limit) for seq in seqs]
+    room = min(limit - seq.num_tokens for seq in seqs)  # every row computes every step of the burst
+    steps = min(num_scheduler_steps - 1, max(left) if past_end else min(left), room)
     while steps > 0 and sum(blocks.blocks_needed(s.block_table, s.num_tokens + steps - 1) for s in seqs) > blocks.num_free:
         steps -= 1
     return steps
@@ -56,7 +71,7 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     part way drops the tokens computed after its end.
     """
     seqs = [c.seq for c in batch.chunks]
-    steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps)
+    steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps, past_ends(gen.device))
     if steps < 1:
         return
     for seq in seqs:  # the cache slots of every position the burst writes

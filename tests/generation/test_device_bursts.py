@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
+from llmspeed.generation import greedy_burst
 
 from .test_engine import CharTokenizer
 from .test_fused_lora import _with_adapters
@@ -116,3 +119,40 @@ def test_bursts_replay_the_cuda_graphs_with_the_tokens_of_single_steps():
     assert [o.token_ids for o in burst] == [o.token_ids for o in single]
     assert gen.step_paths["cuda graph, greedy burst"][0] > 20
     torch.cuda.synchronize()
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    steps=st.integers(2, 9),
+    lengths=st.lists(st.integers(1, 25), min_size=1, max_size=4),
+    prompt_lengths=st.lists(st.integers(1, 20), min_size=4, max_size=4),
+)
+def test_bursts_past_a_request_end_drop_its_extra_tokens_and_free_its_blocks(steps, lengths, prompt_lengths):
+    """As on a GPU (``past_ends``): a burst runs as long as the request with most tokens left needs; those that end
+    before it drop what the burst computed after their end."""
+    model = _BASE[0]
+    prompts = [[(i * 31 + j) % 256 for j in range(prompt_lengths[i])] for i in range(len(lengths))]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    single = _run(model, prompts, params, 1)[1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(greedy_burst, "past_ends", lambda device: True)
+        gen, burst = _run(model, prompts, params, steps)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert [len(o.token_ids) for o in burst] == lengths and gen.blocks.num_free == gen.blocks.num_blocks
+
+
+def test_past_ends_bursts_are_as_long_as_the_longest_request_needs():
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 13, 30)]
+    counts = {}
+    for past in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(greedy_burst, "past_ends", lambda device, past=past: past)
+            gen, outs = _run(_BASE[0], prompts, params, 8)
+        assert [len(o.token_ids) for o in outs] == [4, 13, 30]
+        counts[past] = gen.step_paths.get(BURST, (0, 0.0))[0]
+    assert counts[True] > counts[False]  # more of the steps in bursts: none cut short at the first request's end
+    assert not greedy_burst.past_ends(torch.device("cpu")) and greedy_burst.past_ends(torch.device("cuda"))
+
+
+_BASE = [llmspeed.models.tiny("llama", seed=5)]
