@@ -20,8 +20,9 @@ class _FakeGraph:
     def __init__(self):
         self.replays: list[tuple[list[int], list[int], list[int], int]] = []
 
-    def replay(self, ids, pos, slots, tables, lens, width, pad_block):
+    def replay(self, ids, pos, slots, tables, lens, width, pad_block, device_ids=None):
         self.replays.append((list(ids), list(slots), list(lens), width))
+        self.device_ids = device_ids
         return torch.zeros(len(ids), 10)
 
 
@@ -59,6 +60,10 @@ def test_steps_replay_the_graph_of_their_bucket_with_their_slots(monkeypatch):
     ids, slots, lens, width = graphs._graphs[(4, 4)].replays[0]
     assert ids == [11, 12, 13] and lens == [6, 3, 10] and width == 4
     assert slots == [1 * 4 + 1, 2 * 4 + 2, 5 * 4 + 1]  # block of the position * block size + offset
+    assert graphs._graphs[(4, 4)].device_ids is None
+    on_device = torch.tensor([21, 22, 23])  # a greedy burst's ids: the previous step's argmax, not on the host
+    graphs.run(_step(chunks), on_device)
+    assert graphs._graphs[(4, 4)].device_ids is on_device and len(graphs._graphs[(4, 4)].replays) == 2
 
 
 def test_a_wider_captured_graph_serves_shorter_contexts_without_a_new_capture(monkeypatch):
