@@ -13,10 +13,30 @@ is ruled out: text a stop string later removes is never handed out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PROMPT_CONTEXT = 4  # prompt tokens that seed the window
+
+# Where transformers defines ``decode`` / ``_decode`` for a tokenizer backed by the Rust ``tokenizers`` library.
+_PLAIN_DECODE = {"decode": "transformers.tokenization_utils_base", "_decode": "transformers.tokenization_utils_tokenizers"}
+
+
+def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
+    """``ids -> text`` through the Rust tokenizer itself, where that is exactly what ``tokenizer.decode(ids,
+    skip_special_tokens=True)`` returns: a transformers fast tokenizer whose ``decode`` and ``_decode`` no subclass
+    overrides and which cleans up no spaces. ``None`` otherwise (the detokenizer then calls ``decode``).
+
+    transformers' wrapper costs several times the Rust decode of a short window, and a request decodes two windows
+    a token: host time a big batch pays every step, which a GPU waits for (measured in docs/batching.md)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "decode", None)) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    for name, module in _PLAIN_DECODE.items():
+        owner = next((c for c in type(tokenizer).__mro__ if name in c.__dict__), None)
+        if owner is None or owner.__module__ != module:
+            return None
+    return lambda ids: backend.decode(ids, skip_special_tokens=True)
 
 
 class Detokenizer:
@@ -38,8 +58,11 @@ class Detokenizer:
         self.text = ""  # all decoded output text so far (cut at a stop string once one is found)
         self.sent = 0  # characters of ``text`` already handed out
         self.stopped = False
+        self._fast = backend_decode(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int, check_stop: bool = True) -> str:

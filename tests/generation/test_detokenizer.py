@@ -195,3 +195,57 @@ class SentencePiece:
 def test_the_first_output_word_keeps_its_leading_space_from_the_prompt_context():
     d = Detokenizer(SentencePiece(), [1], ())
     assert [d.add(2), d.add(3)] == [" world", "!"] and d.text == " world!"
+
+
+def _both(tok, prompt, tokens, stop=()):
+    """Texts and deltas of a detokenizer through the Rust decode and of one through ``tokenizer.decode``."""
+    fast, slow = Detokenizer(tok, prompt, stop), Detokenizer(tok, prompt, stop)
+    slow._fast = None
+    assert fast._fast is not None
+    deltas = [(fast.add(t), slow.add(t)) for t in tokens]
+    deltas.append((fast.finish(), slow.finish()))
+    return fast, slow, deltas
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_the_rust_decode_gives_the_text_of_the_tokenizers_decode(smollm2_cached, data):
+    """Golden: SmolLM2's tokenizer through ``backend_tokenizer.decode`` gives every delta ``tokenizer.decode`` gives,
+    on random ids (special tokens, byte pieces of multi-byte characters, ...) and on real text."""
+    tok = smollm2_cached.tokenizer
+    vocab = len(tok)
+    special = sorted(tok.all_special_ids)
+    real = tok.encode("Héllo wörld — 😀 naïve façade\n\tdef f(x):  return x ** 2  # ok", add_special_tokens=False)
+    ids = data.draw(st.lists(st.one_of(st.integers(0, vocab - 1), st.sampled_from(special), st.sampled_from(real)),
+                             max_size=40))  # fmt: skip
+    prompt = data.draw(st.lists(st.integers(0, vocab - 1), max_size=6))
+    stop = data.draw(st.lists(st.text(alphabet="ab é😀 ", min_size=1, max_size=3), max_size=2))
+    fast, slow, deltas = _both(tok, prompt, ids, stop)
+    assert all(a == b for a, b in deltas) and fast.text == slow.text and fast.stopped == slow.stopped
+    _, _, real_deltas = _both(tok, [], real)
+    assert "".join(a for a, _ in real_deltas) == tok.decode(real, skip_special_tokens=True)
+
+
+def test_the_rust_decode_is_used_only_where_it_is_what_decode_returns(smollm2_cached):
+    import copy
+
+    from llmspeed.generation.detokenizer import backend_decode
+
+    tok = smollm2_cached.tokenizer
+    assert backend_decode(tok) is not None and backend_decode(Utf8Bytes()) is None and backend_decode(None) is None
+    cleaning = copy.copy(tok)
+    cleaning.clean_up_tokenization_spaces = True  # decode post-processes the text: only decode itself knows how
+    assert backend_decode(cleaning) is None
+
+    calls = []
+
+    class Custom(type(tok)):  # a subclass that changes decode (as some models' tokenizers do): it must be called
+        def decode(self, ids, skip_special_tokens=False, **kwargs):
+            calls.append(list(ids))
+            return super().decode(ids, skip_special_tokens=skip_special_tokens, **kwargs).upper()
+
+    custom = copy.copy(tok)
+    custom.__class__ = Custom
+    word = tok.encode(" hello", add_special_tokens=False)
+    assert backend_decode(custom) is None
+    assert "".join(Detokenizer(custom, [], ()).add(t) for t in word) == " HELLO" and calls
