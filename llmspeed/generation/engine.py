@@ -355,8 +355,8 @@ class Generator:
     def _token_event(self, seq: Seq, token: int, lp: Any, events: list[StreamEvent]) -> StreamEvent:
         return token_event(self, seq, token, lp, events)
 
-    def _record(self, path: str, start: float, count: int = 1) -> float:
-        return record_path(self.step_paths, path, start, count)
+    def _record(self, path: str, start: float, count: int = 1, end: float | None = None) -> float:
+        return record_path(self.step_paths, path, start, count, end)
 
     def _end(self, seq: Seq, reason: str, token: int | None = None, text: str = "", report: bool = True,
              logprobs: Any = None) -> StreamEvent:

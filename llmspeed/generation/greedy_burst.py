@@ -82,11 +82,10 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     burst = gen.runner.greedy_steps(rows, steps, adapters if any(a is not None for a in adapters) else None)
     if burst is None:  # the model changed under the step: the next step() takes it from here
         return
-    tokens, known = burst
-    gen._record(f"{path}, greedy burst", start, steps)
     gen.num_steps += steps
     gen.num_tokens_computed += steps * len(seqs)
-    for step_tokens, now in zip(tokens, known):
+    now = start
+    for step_tokens, now in burst:  # on a GPU, each step's tokens as it finishes, while the later ones run
         for seq, token in zip(seqs, step_tokens):
             if seq.is_finished:
                 continue
@@ -94,6 +93,7 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
             seq.output_ids.append(token)
             seq.token_times.append(now)
             events.append(gen._token_event(seq, token, None, events))
+    gen._record(f"{path}, greedy burst", start, steps, end=now)  # until its last tokens were known, as a step's
 
 
 __all__ = ["burst_length", "greedy_burst"]

@@ -66,9 +66,11 @@ def append_tokens(gen: Generator, seqs: list[Seq], tokens: list[int], logprobs: 
         events.append(gen._token_event(seq, token, lp, events))
 
 
-def record_path(step_paths: dict[str, tuple[int, float]], path: str, start: float, count: int = 1) -> float:
-    """Add ``count`` steps of ``path`` begun at ``start`` to ``step_paths``; return the time now."""
-    now = time.perf_counter()
+def record_path(step_paths: dict[str, tuple[int, float]], path: str, start: float, count: int = 1,
+                end: float | None = None) -> float:
+    """Add ``count`` steps of ``path`` begun at ``start`` and ended at ``end`` (default: now) to ``step_paths``; return
+    the end."""
+    now = time.perf_counter() if end is None else end
     steps, seconds = step_paths.get(path, (0, 0.0))
     step_paths[path] = (steps + count, seconds + now - start)
     return now

@@ -13,8 +13,7 @@ adapters), built once by the generator; the runner picks how to run it:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from ..names import CANONICAL_DTYPES, dtype_name
 from ..protocol import CausalLM, step_lock
 from .block_manager import check_room, slot
 from .kv_cache import PagedAttention, PagedKVCache, cache_dtype
+from .readback import Readback
 
 
 @dataclass(frozen=True)
@@ -221,40 +221,37 @@ class ModelRunner:
                                        max_batch=self.graphs.max_batch, decode_kernel=self.decode_kernel)  # fmt: skip
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
-                     adapters: list[str | None] | None) -> tuple[list[list[int]], list[float]] | None:
+                     adapters: list[str | None] | None) -> Iterator[tuple[list[int], float]] | None:
         """``steps`` greedy decode steps of the rows ``(block_table, position, token)`` back to back, each row's
-        argmax token the next step's input: the tokens (``[steps][rows]``) and the ``time.perf_counter()`` at which
-        each step's tokens were known, or ``None`` where the step cannot run that way (then the caller goes on one
-        step at a time). Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
+        argmax token the next step's input: per step, its tokens (one per row) and the ``time.perf_counter()`` at
+        which they were known, or ``None`` where the step cannot run that way (then the caller goes on one step at a
+        time). Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
 
         With the fused CPU step, one C++ call (:meth:`.fused_decode.FusedDecode.greedy_steps`). Otherwise each step
         runs as :meth:`run` would (a CUDA graph replay where one is captured, else ``forward_batch``), with its
-        input ids taken from the previous step's argmax on the device: the tokens come back to the host once, at
-        the end, so on a GPU the host launches the steps without waiting for any of them. What a greedy row samples
-        is :func:`~.sampling.argmax_rows` of its logits in fp32, the same token. The block tables must already hold
+        input ids the previous step's argmax on the device: on a GPU the host queues every step without waiting for
+        any, and each step's tokens come back behind it (:class:`~.readback.Readback`), so the caller turns the
+        first steps' tokens into events while the GPU runs the later ones. What a greedy row samples is
+        :func:`~.sampling.argmax_rows` of its logits in fp32, the same token. The block tables must already hold
         ``position + steps`` tokens.
         """
         bs = self.cache.block_size
         check_room(rows, steps, bs)
         with step_lock(self.model.module):
             if self.fused is not None:
-                return self.fused.greedy_steps(rows, steps, adapters)
+                burst = self.fused.greedy_steps(rows, steps, adapters)
+                return None if burst is None else zip(*burst)
             if steps < 1 or not rows:
                 return None
             ids = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=self.device)  # [n]
-            out: list[torch.Tensor] = []
-            known: list[float] = []
+            pending: list[Readback] = []
             for j in range(steps):
                 step = StepInput.build([(t, p + j, 1, [0], True, a)
                                         for (t, p, _), a in zip(rows, adapters or [None] * len(rows))], bs)
                 logits = self._run(step, ids)[1]  # [n, V]
                 ids = logits.float().argmax(dim=-1)  # [n]: on a GPU, queued after the step; nothing waits here
-                out.append(ids)
-                known.append(time.perf_counter())
-            tokens = torch.stack(out).tolist()  # [steps, n]: the one transfer to the host
-            if self.device.type != "cpu":  # nothing was known on the host before this transfer
-                known = [time.perf_counter()] * steps
-            return tokens, known
+                pending.append(Readback(ids))
+            return (r.get() for r in pending)
 
     def _run(self, step: StepInput, ids: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
         """``ids`` (``[T]`` on the model's device): the step's token ids where they are not yet on the host
