@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from llmspeed.bench.batching import _load, _sync, generator_config, make_workload
+from llmspeed.bench.batch1 import sync as _sync
+from llmspeed.bench.batching import _load, generator_config, make_workload
 from llmspeed.generation import Generator, SamplingParams
 
 

@@ -7,25 +7,29 @@ requested output tokens. Systems, all timed in the same process on the same mode
 * transformers ``generate`` one request at a time (on a subset of the requests: it is slow),
 * transformers ``generate`` in static batches (left-padded; a batch runs to its longest request),
 * transformers ``generate_batch``-style continuous batching (its manager, per-request lengths),
-* llmspeed ``Generator`` in fp32, bf16, int8 and int4 (on the CPU also with int8 activations: :func:`variants`).
+* llmspeed ``Generator`` in fp32, bf16, int8 and int4 (on the CPU also with int8 activations: :func:`variants`),
+* on a GPU, vLLM's ``LLM.generate`` where ``vllm`` is importable (:mod:`.vllm_peer`, in a child process; else a row
+  saying why not).
 
 Also the batch-1 decode step against the time to read the weights once at the memory bandwidth
-measured here: llmspeed (on CPU: the fused C++ step and the generic path, and the bf16/int8/int4
-models) and transformers' eager ``generate``.
+measured here: llmspeed (on CPU: the fused C++ step and the generic path; on a GPU also per token in greedy
+bursts; and the bf16/int8/int4 models), transformers' eager ``generate`` and vLLM (:mod:`.batch1`).
 """
 
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from typing import Any
 
 import torch
 
 from ..timing import timeit
+from . import vllm_peer
+from .batch1 import decode_path, decode_step_hf, decode_step_llmspeed, memory_bandwidth, sync, weight_bytes
 
 GENERATE_BATCH = "transformers generate_batch"
+VLLM = "vLLM LLM.generate"
 
 
 def generator_config(gpu: bool) -> dict[str, Any]:
@@ -60,15 +64,10 @@ def make_workload(
     return prompts, lengths
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _hf_generate(hf: Any, prompts: list[list[int]], lengths: list[int], batch: int, pad_id: int) -> float:
     """Seconds for transformers ``generate`` over the prompts in static batches of ``batch`` (left padding)."""
     device = next(hf.parameters()).device
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         group, n_new = prompts[i : i + batch], max(lengths[i : i + batch])
@@ -80,7 +79,7 @@ def _hf_generate(hf: Any, prompts: list[list[int]], lengths: list[int], batch: i
                 input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                 do_sample=False, pad_token_id=pad_id,
             )
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -90,7 +89,7 @@ def _hf_generate_batch(hf: Any, prompts: list[list[int]], lengths: list[int]) ->
 
     config = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1, pad_token_id=0)
     device = next(hf.parameters()).device
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with hf.continuous_batching_context_manager(generation_config=config, block=True, timeout=60) as manager:
         for i, (p, n) in enumerate(zip(prompts, lengths)):
@@ -104,7 +103,7 @@ def _hf_generate_batch(hf: Any, prompts: list[list[int]], lengths: list[int]) ->
                 done += 1
             elif result is None and not manager.is_running():
                 raise RuntimeError("transformers' continuous batching thread stopped")
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -123,11 +122,11 @@ def _llmspeed(
     t0 = time.perf_counter()
     graphs = gen.warmup(context=max(len(p) for p in prompts) + max(lengths))
     gen.generate_batched(prompts[:2], params[:2])
-    _sync(model.spec.device)
+    sync(model.spec.device)
     warm = time.perf_counter() - t0
     start = time.perf_counter()
     outs = gen.generate_batched(prompts, params)
-    _sync(model.spec.device)
+    sync(model.spec.device)
     elapsed = time.perf_counter() - start
     bad = [o for o in outs if o.finish_reason != "length" or len(o.token_ids) != lengths[o.index]]
     if bad:
@@ -138,76 +137,6 @@ def _llmspeed(
     if graphs:
         note += f"; warm-up {warm:.1f} s ({graphs} CUDA graphs), not timed"
     return elapsed, note
-
-
-def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes per second of a full read of a large fp32 tensor (``sum``), median of a few runs."""
-    x = torch.ones(nbytes // 4, device=device)
-    t = timeit(lambda: x.sum().item(), repeats=5, warmup=1, device=device)
-    return nbytes / t.median
-
-
-def weight_bytes(model: Any) -> int:
-    """Bytes of parameters and buffers (what a decode step must read at least once)."""
-    module = model.module
-    seen = set()
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.nbytes
-    return total
-
-
-def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16, **generator_kwargs: Any) -> float:
-    """Median seconds per token of llmspeed decode steps of a single request with ``context`` cached tokens (one
-    token a ``step()``, or a greedy burst's with ``num_scheduler_steps``)."""
-    from ..generation import Generator, SamplingParams
-
-    gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=context, **generator_kwargs)
-    burst = generator_kwargs.get("num_scheduler_steps", 1)
-    gen.add_request(list(range(1, context + 1)), SamplingParams(max_new_tokens=(steps + 2) * burst, ignore_eos=True))
-    gen.step()  # prefill
-    gen.step()  # first decode (warm-up)
-    times = []
-    for _ in range(steps):
-        _sync(model.spec.device)
-        t0 = time.perf_counter()
-        tokens = sum(e.token_id is not None for e in gen.step())
-        _sync(model.spec.device)
-        times.append((time.perf_counter() - t0) / max(tokens, 1))
-    while gen.has_unfinished():
-        gen.step()
-    return statistics.median(times)
-
-
-def _decode_path(model: Any, generator_kwargs: dict) -> str:
-    """Which path a Generator's decode steps take for ``model``: ``fused CPU step`` or ``generic path``."""
-    from ..generation import Generator
-
-    if model.spec.device.type != "cpu":
-        return "CUDA graphs" if generator_kwargs.get("cuda_graphs", True) else "eager"
-    gen = Generator(model, progress=False, kv_cache_tokens=16, block_size=16, **generator_kwargs)
-    return "fused CPU step" if gen.fused_decode_status == "on" else "generic path"
-
-
-def decode_step_hf(hf: Any, context: int = 128, steps: int = 16) -> float:
-    """Median seconds per new token of transformers' eager ``generate`` at batch 1 (prefill subtracted)."""
-    device = next(hf.parameters()).device
-    ids = torch.arange(1, context + 1, device=device)[None]  # [1, context]
-
-    def run(n: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    run(2)
-    short = sorted(run(1) for _ in range(3))[1]
-    long = sorted(run(steps + 1) for _ in range(3))[1]
-    return (long - short) / steps
 
 
 def _load(name: str, device: str, dtype: torch.dtype) -> Any:
@@ -232,6 +161,17 @@ def _row(system: str, dtype: str, n: int, tokens: int, seconds: float, base: flo
         "vs_generate_batch": round(tok_s / base, 2) if base else "",
         "note": note,
     }
+
+
+def vllm_row(peer: dict[str, Any], rows: list[dict], dtype: str, n: int, useful: int, base: float) -> dict:
+    """The row of :func:`.vllm_peer.measure`'s result ``peer`` beside ``rows`` (its note: llmspeed's default run
+    against it), or, where it did not run, a row without numbers saying why."""
+    if "error" in peer:
+        return {**_row(VLLM, dtype, n, useful, float("inf"), base, f"not measured: {peer['error']}"),
+                "seconds": "", "tok_s": "", "vs_generate_batch": ""}  # fmt: skip
+    ours = next(r["tok_s"] for r in rows if r["system"] == "llmspeed Generator")  # the default settings' run
+    note = f"vLLM {peer['version']}; llmspeed Generator at {ours / (useful / peer['seconds']):.2f}x of it"
+    return _row(VLLM, dtype, n, useful, peer["seconds"], base, note)
 
 
 def variants(gpu: bool) -> list[tuple[str, str, dict[str, Any]]]:
@@ -294,6 +234,9 @@ def run(
             t, note = _llmspeed(m, prompts, lengths, progress, **{**gen_kwargs, option: value})
             rows.append(_row(f"llmspeed Generator, {option}={value!r}", fname, n, useful, t, base, note))
 
+    peer = vllm_peer.measure(m, prompts, lengths) if gpu else {}  # the same workload through vLLM, in a child
+    if peer:
+        rows.append(vllm_row(peer, rows, fname, n, useful, base))
     steps: list[tuple[str, str, Any, dict]] = []  # batch-1 decode steps to time at the end
     for name, fmt, options in variants(gpu):
         try:
@@ -328,9 +271,11 @@ def run(
     steps.insert(0, ("batch-1 decode step: llmspeed", fname, m, {}))
     steps.insert(1, ("batch-1 decode step: llmspeed", fname, m, {"fused_decode": False} if not gpu else
                      {"num_scheduler_steps": 8}))  # fmt: skip
-    timed = [(f"{system}, {_decode_path(model_, kw)}", dtype, model_, decode_step_llmspeed(model_, **kw))
+    timed = [(f"{system}, {decode_path(model_, kw)}", dtype, model_, decode_step_llmspeed(model_, **kw))
              for system, dtype, model_, kw in steps]  # fmt: skip
     timed.append(("batch-1 decode step: transformers generate", fname, m, decode_step_hf(m.hf)))
+    if "decode_step" in peer:
+        timed.append(("batch-1 decode step: vLLM", fname, m, peer["decode_step"]))
     for system, dtype, model_, t in timed:
         w = weight_bytes(model_)
         read = w / bw

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import llmspeed
+from llmspeed.bench import batch1
 from llmspeed.bench import batching as suite
 from llmspeed.generation import fused_decode
 
@@ -12,9 +13,9 @@ from llmspeed.generation import fused_decode
 def test_decode_path_labels_follow_the_generator():
     llama = llmspeed.models.tiny("llama", seed=0)
     expected = "fused CPU step" if fused_decode.extension() is not None else "generic path"
-    assert suite._decode_path(llama, {}) == expected
-    assert suite._decode_path(llama, {"fused_decode": False}) == "generic path"
-    assert suite._decode_path(llmspeed.models.tiny("llama", seed=0, hidden_act="gelu"), {}) == "generic path"
+    assert suite.decode_path(llama, {}) == expected
+    assert suite.decode_path(llama, {"fused_decode": False}) == "generic path"
+    assert suite.decode_path(llmspeed.models.tiny("llama", seed=0, hidden_act="gelu"), {}) == "generic path"
 
 
 def test_decode_step_is_timed_on_both_paths_and_weights_are_counted_once(monkeypatch):
@@ -115,5 +116,5 @@ def test_a_skipped_variant_has_no_rate_ratio_or_bar(monkeypatch):
 def test_the_decode_step_is_the_median_of_an_even_count(monkeypatch):
     """16 steps: the mean of the two middle times, as statistics.median (it took the upper one)."""
     ticks = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 10.0] + [10.0] * 100)  # steps of 1, 3, 2 and 4 s
-    monkeypatch.setattr(suite, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    monkeypatch.setattr(batch1, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
     assert suite.decode_step_llmspeed(llmspeed.models.tiny("llama", seed=0), context=8, steps=4) == 2.5

@@ -1,0 +1,91 @@
+"""The batching suite's vLLM peer (issue #22) without a GPU: a stand-in ``vllm`` package in the child process checks
+the plumbing (checkpoint folder, token-id prompts, greedy ``ignore_eos`` parameters, timings, errors, rows)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+import llmspeed
+from llmspeed.bench import batching as suite
+from llmspeed.bench import vllm_peer
+
+FAKE = '''
+import json, os
+__version__ = "0.0-stand-in"
+MODE = os.environ.get("FAKE_VLLM_MODE", "ok")
+
+class SamplingParams:
+    def __init__(self, temperature, max_tokens, ignore_eos, detokenize):
+        assert temperature == 0.0 and ignore_eos and not detokenize
+        self.max_tokens = max_tokens
+
+class _Out:
+    def __init__(self, ids):
+        self.token_ids = ids
+
+class _Request:
+    def __init__(self, ids):
+        self.outputs = [_Out(ids)]
+
+class LLM:
+    def __init__(self, model, dtype, skip_tokenizer_init, seed, gpu_memory_utilization, max_num_seqs):
+        assert skip_tokenizer_init and dtype == "bfloat16"
+        with open(os.path.join(model, "config.json")) as f:
+            assert json.load(f)["model_type"] == "llama"
+        if MODE == "crash":
+            raise RuntimeError("CUDA out of memory (stand-in)")
+
+    def generate(self, prompts, params, use_tqdm=True):
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        assert all(isinstance(p["prompt_token_ids"], list) for p in prompts)
+        short = 1 if MODE == "short" else 0
+        return [_Request([7] * max(p.max_tokens - short, 0)) for p in params]
+'''
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    (tmp_path / "site" / "vllm").mkdir(parents=True)
+    (tmp_path / "site" / "vllm" / "__init__.py").write_text(textwrap.dedent(FAKE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(vllm_peer, "unavailable", lambda: None)
+    return tmp_path
+
+
+def test_vllm_runs_the_workload_from_a_checkpoint_folder_in_a_child(stand_in):
+    model = llmspeed.models.tiny("llama", seed=0)
+    peer = vllm_peer.measure(model, [[1, 2, 3], [4, 5]], [3, 5], context=8, steps=2, workdir=str(stand_in))
+    assert peer["version"] == "0.0-stand-in" and peer["seconds"] > 0 and isinstance(peer["decode_step"], float)
+    assert list(stand_in.glob("tmp*")) == []  # the checkpoint folder is removed
+
+
+@pytest.mark.parametrize("mode, error", [("crash", r"vLLM's run failed \(exit 1\): .*CUDA out of memory"),
+                                         ("short", r"vLLM's run failed .*returned 6 tokens where 8 were asked for")])
+def test_a_vllm_run_that_fails_becomes_a_reason(stand_in, monkeypatch, mode, error):
+    monkeypatch.setenv("FAKE_VLLM_MODE", mode)
+    peer = vllm_peer.measure(llmspeed.models.tiny("llama", seed=0), [[1, 2, 3], [4, 5]], [3, 5], context=8, steps=2)
+    assert set(peer) == {"error"}
+    assert __import__("re").search(error, peer["error"]), peer["error"]
+
+
+def test_rows_say_how_llmspeed_compares_or_why_vllm_did_not_run():
+    rows = [{"system": "llmspeed Generator", "tok_s": 300.0}]
+    row = suite.vllm_row({"seconds": 2.0, "decode_step": 0.001, "version": "1.2"}, rows, "bf16", 4, 400, 100.0)
+    assert row["system"] == suite.VLLM and row["tok_s"] == 200.0 and row["vs_generate_batch"] == 2.0
+    assert row["note"] == "vLLM 1.2; llmspeed Generator at 1.50x of it"
+    skipped = suite.vllm_row({"error": "vllm is not installed in this environment"}, rows, "bf16", 4, 400, 100.0)
+    assert skipped["tok_s"] == skipped["seconds"] == "" and skipped["note"].startswith("not measured: vllm is not")
+
+
+def test_without_vllm_or_a_gpu_the_reason_is_given():
+    import importlib.util
+
+    import torch
+
+    here = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    assert (vllm_peer.unavailable() is None) == here
+    if not here:
+        assert vllm_peer.measure(None, [], []) == {"error": vllm_peer.unavailable()}
