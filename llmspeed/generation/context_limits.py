@@ -4,7 +4,21 @@ attends to every cached token, and one ragged forward carries every sequence of 
 
 from __future__ import annotations
 
+import math
+
 from ..protocol import CausalLM
+
+
+def _positions(n: object) -> int | None:
+    """A config's count of positions as an int, or ``None`` when it sets none (absent, zero or below, not a number).
+
+    A float counts too: a JSON config or a user can carry ``4096.0``, and transformers compares the float as it is
+    (longrope switches to its long factors once ``seq_len > original_max_position_embeddings``), so the whole
+    positions below it, ``floor(n)``, are the ones it treats as within."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n):
+        return None
+    n = math.floor(n)
+    return n if n > 0 else None
 
 
 def attention_window(model: CausalLM) -> int | None:
@@ -12,8 +26,8 @@ def attention_window(model: CausalLM) -> int | None:
     with ``use_sliding_window``), or ``None``. The paged attention here attends to every cached token, which is
     the model's own attention only while a sequence fits in the window, so a generator holds at most that many."""
     cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
-    window = getattr(cfg, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+    window = _positions(getattr(cfg, "sliding_window", None))
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
         return None
     return window
 
@@ -36,8 +50,8 @@ def rope_context(model: CausalLM) -> int | None:
         for p in per_layer
         if p.get("rope_type", p.get("type")) == "longrope"
     ]
-    limits = [int(n) for n in limits if isinstance(n, int) and n > 0]
-    return min(limits) if limits else None
+    bounds = [n for n in map(_positions, limits) if n is not None]
+    return min(bounds) if bounds else None
 
 
 def context_limit(model: CausalLM, max_positions: int) -> tuple[int, str]:
