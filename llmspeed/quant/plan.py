@@ -112,6 +112,11 @@ def plan_layers(
             )
         if not isinstance(module, nn.Linear):
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, not an nn.Linear; add it to skip")
+        if module.in_features == 0:  # every method's scales reduce over the input features
+            raise ValueError(
+                f"layer {name!r} has in_features=0 ({module.in_features} -> {module.out_features}): it has no "
+                f"weights to quantize (its output is its bias alone); add it to skip to leave it in float"
+            )
         g = config.group_size
         if g is not None and g > module.in_features:
             raise ValueError(

@@ -250,6 +250,27 @@ def test_bad_input_raises_before_any_layer_changes(kwargs, match):
     assert _linears(model) == before
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "qat-gptq"])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_a_layer_with_no_input_features_is_refused_by_name_before_any_layer_changes(method, group_size):
+    """Regression: intermediate_size=0 builds down_proj = nn.Linear(0, 64); quantize crashed inside the method
+    (rtn: "amax(): Expected reduction dim 1 to have non-zero size", gptq/awq: a reshape in the Hessian hook) or
+    advised "use group_size <= 0 or None". It is now a ValueError naming the layer, as for any other layer a
+    plan cannot take, before anything changes."""
+    model = llmspeed.models.tiny("llama", seed=0, intermediate_size=0)
+    before = _linears(model)
+    match = r"'model.layers.0.mlp.down_proj' has in_features=0 .*add it to skip"
+    with pytest.raises(ValueError, match=match):
+        if method == "qat-gptq":
+            llmspeed.qat.prepare(model, "int4", group_size, init="gptq", calibration=_tokens(), init_options=OPTS)
+        else:
+            calibration = None if method == "rtn" else _tokens()
+            options = None if method == "rtn" else OPTS
+            llmspeed.quantize(model, "int4", group_size, method=method, calibration=calibration,
+                              method_options=options)  # fmt: skip
+    assert _linears(model) == before
+
+
 def test_text_calibration_needs_a_tokenizer():
     model = llmspeed.models.tiny("llama", seed=0)
     with pytest.raises(ValueError, match="tokenizer"):
