@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..generation import Generator, SamplingParams
 from ..memory import memory_footprint
@@ -165,8 +166,9 @@ def _anchor_rows(anchor: tuple[str, int], prompt: list[int], windows: torch.Tens
         return None, crash, f"{crash}; without extra buffer types too ({again})"
 
 
-def _llmspeed_model(fmt: str):
-    """The embedded model in ``fmt``: a FORMATS key, whose parts after the first are options."""
+def _llmspeed_model(fmt: str, progress: bool = False):
+    """The embedded model in ``fmt``: a FORMATS key, whose parts after the first are options; ``progress``: the
+    calibration's bar over decoder layers (``awq+gptq`` rows)."""
     model = smollm2()
     base, *options = fmt.split(", ")
     if base == "bf16":
@@ -180,7 +182,8 @@ def _llmspeed_model(fmt: str):
         acts = "int8" if "int8 activations" in options else "float"
         method = "awq+gptq" if "awq+gptq" in options else "rtn"  # its default calibration text
         group = (32 if "g32" in options else 64) if base == "int4" else None
-        quantize(model, base, group_size=group, method=method, activations=acts, **head)
+        calibrated = {"method_options": {"progress": progress}} if method != "rtn" else {}
+        quantize(model, base, group_size=group, method=method, activations=acts, **head, **calibrated)
     return model
 
 
@@ -246,6 +249,8 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     block by block, and each llmspeed row of the anchor times a block of its own steps between two of
     llama.cpp's (:func:`paired_blocks`): a host that changes speed within a round moves both sides of each
     ratio, which the rounds' minutes-apart measurements cannot promise.
+
+    ``progress``: a tqdm bar over the llama.cpp anchors, and the awq+gptq rows' calibration bars (none when False).
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
@@ -271,19 +276,21 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         if fmt in wanted:
             groups.setdefault(fmt if isinstance(anchor, tuple) else anchor, []).append(fmt)
     rows = []
-    for base, members in groups.items():
-        rows += _group_rows(base, members, quick, rounds, interleave)
+    for base, members in tqdm(groups.items(), disable=not progress, desc="cpu_peers"):
+        rows += _group_rows(base, members, quick, rounds, interleave, progress)
     return rows
 
 
-def _group_rows(base: str, members: list[str], quick: bool, rounds: int, interleave: int = 0) -> list[dict[str, Any]]:
-    """The rows of one llama.cpp anchor (``base``'s) and the llmspeed ``members`` timed against it, round by round."""
+def _group_rows(base: str, members: list[str], quick: bool, rounds: int, interleave: int = 0,
+                progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows of one llama.cpp anchor (``base``'s) and the llmspeed ``members`` timed against it, round by round
+    (``progress``: the calibration bars of the members that calibrate)."""
     anchor = FORMATS[base]
     assert isinstance(anchor, tuple)
     threads = torch.get_num_threads()
     steps, n_windows = (16, 2) if quick else (32, 8)
     missing = llama_cpp_missing()
-    models = {fmt: _llmspeed_model(fmt) for fmt in members}
+    models = {fmt: _llmspeed_model(fmt, progress) for fmt in members}
     prompt = pydoc_ids(models[base], PROMPT_TOKENS)
     windows = torch.tensor(pydoc_ids(models[base], 256 * n_windows)).view(n_windows, 256)  # the same windows for both
     ours_runs: dict[str, list[dict[str, Any]]] = {fmt: [] for fmt in members}

@@ -237,7 +237,7 @@ def _fake_systems(monkeypatch, ours, theirs):
     """run() with ``ours`` and ``theirs`` as the two systems' measurements, no model, GGUF or llama.cpp."""
     monkeypatch.setattr(cpu_peers, "llama_cpp_missing", lambda: None)
     monkeypatch.setattr(cpu_peers, "requantized", lambda name, ftype, threads: __import__("pathlib").Path(f"/x/{name}.gguf"))
-    monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt: _FakeModel())
+    monkeypatch.setattr(cpu_peers, "_llmspeed_model", lambda fmt, progress=False: _FakeModel())
     monkeypatch.setattr(cpu_peers, "pydoc_ids", lambda model, n: list(range(n)))
     monkeypatch.setattr(cpu_peers, "_llmspeed_rows", ours)
     monkeypatch.setattr(cpu_peers, "llama_rows_isolated", theirs)
@@ -304,3 +304,30 @@ def test_the_most_interleaved_blocks_run_accepts_stay_within_the_prompt(monkeypa
     steps = decoded[1:]  # after the prefill, one token a step, the prompt's own tokens in their positions
     assert decoded[0] == [(t, p, 0) for p, t in enumerate(prompt[: llama_anchor.PREFIX])]
     assert steps == [[(prompt[p], p, 0)] for p in range(llama_anchor.PREFIX, llama_anchor.PREFIX + len(steps))]
+
+
+def test_progress_false_shows_no_bar_and_true_shows_the_suites_and_the_calibrations(monkeypatch, shown_bars):
+    """Regression: run() took ``progress`` and ignored it: the awq+gptq rows calibrated with quantize's default,
+    a bar over decoder layers, under --no-progress too, and progress=True showed no bar of the suite's own."""
+    import llmspeed
+    from llmspeed.models.embedded import tokenizer
+
+    tok = tokenizer()  # a tiny model under the embedded tokenizer (the default calibration text needs one)
+    tiny = lambda: llmspeed.Model(llmspeed.models.tiny("llama", vocab_size=len(tok)).hf, tok)  # noqa: E731
+    real_quantize, real_model = cpu_peers.quantize, cpu_peers._llmspeed_model
+
+    def small(model, fmt, **kwargs):  # the real calibration chain, on 2 windows of 16 tokens
+        kwargs.get("method_options", {}).update(n_sequences=2, seq_len=16)
+        return real_quantize(model, fmt, **kwargs)
+
+    _fake_systems(monkeypatch, lambda *a: {"decode ms": 1.0, "decode ms, 8 sequences": 2.0, "prefill tok/s": 3.0,
+                                           "MB": 4.0, "perplexity": 5.0},
+                  lambda *a, **k: None)  # fmt: skip
+    monkeypatch.setattr(cpu_peers, "_llmspeed_model", real_model)
+    monkeypatch.setattr(cpu_peers, "smollm2", tiny)
+    monkeypatch.setattr(cpu_peers, "quantize", small)
+    variant = "int4, awq+gptq, int8 activations, int8 lm_head"
+    assert len(cpu_peers.run(formats=[variant], quick=True, interleave=0, progress=False)) == 2
+    assert shown_bars == []
+    cpu_peers.run(formats=[variant], quick=True, interleave=0, progress=True)
+    assert shown_bars == ["cpu_peers", "awq"]  # the suite's, then the calibration's over decoder layers
