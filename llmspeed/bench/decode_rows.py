@@ -14,6 +14,7 @@ import statistics
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..generation import fused_decode
 from ..quant import quantize
@@ -24,15 +25,16 @@ ROWS = (1, 4, 8, 12, 16, 24, 32, 64)
 
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Rows ``{table, format, rows, fused ms, fused AMX ms, per-layer ms, ..., default path}``."""
+    """Rows ``{table, format, rows, fused ms, fused AMX ms, per-layer ms, ..., default path}``; ``progress``: a tqdm
+    bar over the formats (and transformers' over a checkpoint folder's weights)."""
     if device != "cpu":
         raise ValueError(f"the fused decode step runs on the CPU; got device={device!r}")
     reps, steps, rows_list = (1, 4, (1, 8, 16, 32)) if quick else (3, 8, ROWS)
     g = torch.Generator().manual_seed(0)
     out = []
     tiles = fused_decode.amx_available()
-    for fmt in ("fp32", "int8", "int4", "int4, int8 activations"):
-        m = load_model(model, "cpu")
+    for fmt in tqdm(("fp32", "int8", "int4", "int4, int8 activations"), disable=not progress, desc="decode rows"):
+        m = load_model(model, "cpu", progress=progress)
         if fmt != "fp32":
             base, *options = fmt.split(", ")
             quantize(m, base, activations="int8" if "int8 activations" in options else "float")

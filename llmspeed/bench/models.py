@@ -12,6 +12,8 @@ Every call builds a fresh model, so a suite can cast or quantize it without affe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,8 +40,25 @@ def name_error(name: str) -> str | None:
     return f"must be one of {', '.join(NAMES)} (PATH: a folder with a transformers checkpoint); got {name!r}, not a folder"
 
 
-def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
-    """Load the model called ``name`` (see the module docstring) on ``device`` in ``dtype``."""
+@contextmanager
+def hf_bars(progress: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading or writing weights) switched off inside the block unless
+    ``progress``, and back as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown and not progress:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> Model:
+    """Load the model called ``name`` (see the module docstring) on ``device`` in ``dtype``; ``progress``:
+    transformers' bar over a checkpoint folder's weights (the other names load without one)."""
     from .. import models
 
     if name == "smollm2":
@@ -61,7 +80,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path) if any(path.glob("tokenizer*")) else None
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with hf_bars(progress):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     hf.to(device)  # type: ignore[arg-type]  # transformers' stubs type .to()'s first argument oddly
     hf.eval()
     return Model(hf, tokenizer)
