@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..generation import Generator, SamplingParams
 from ..quant import quantize
@@ -80,15 +81,16 @@ def _first_use(model) -> tuple[float, float, int]:
 
 def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Rows ``{table, format, ...}``: ``tuning cost`` (first use) and ``rule table vs tuned`` (interleaved, with
-    the rule table measured twice: the spread between those two is the noise floor of the comparison)."""
+    the rule table measured twice: the spread between those two is the noise floor of the comparison); ``progress``:
+    a tqdm bar over the formats (and transformers' over a checkpoint folder's weights)."""
     if device != "cpu":
         raise ValueError(f"the autotune suite measures the CPU tuner; got device={device!r}")
     reps, steps = (3, 6) if quick else (7, 12)
     saved = os.environ.get(tuning.AUTOTUNE_ENV)
     rows: list[dict[str, Any]] = []
     try:
-        for fmt in FORMATS:
-            m = load_model(model, "cpu")
+        for fmt in tqdm(FORMATS, disable=not progress, desc="autotune"):
+            m = load_model(model, "cpu", progress=progress)
             quantize(m, fmt)
             timing_s, total_s, choices = _first_use(m)
             entries = list(tuning.store().choices.values())
