@@ -19,11 +19,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from .batching import make_workload
+from .models import hf_bars
 from .serving import SUSTAIN_TTFT, _arrivals, _pct, check_load
 
 REQUEST_TIMEOUT = 300.0  # seconds: a request still open then counts as an error
@@ -208,6 +211,9 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     minutes a run takes slows every server alike; a table then gives each server's completed requests
     per second against the first server's, round by round. With one round the servers run one after
     the other, each alone on the machine.
+
+    ``progress``: a tqdm bar over the measurements (server and rate, each round), and transformers' bar while the
+    model is written for the servers (none when False).
     """
     if device != "cpu" or model != "smollm2":
         raise ValueError(f"http_serving runs SmolLM2 on the CPU only; got device={device!r}, model={model!r}")
@@ -223,7 +229,8 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     with tempfile.TemporaryDirectory(prefix="llmspeed-http-") as name:  # the exported model is 540 MB: removed after
         tmp = Path(name)
         folder = tmp / "smollm2"
-        _export_smollm2(folder)
+        with hf_bars(progress):
+            _export_smollm2(folder)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder)
@@ -231,6 +238,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
         prompts: list[str] = [str(tok.decode(p)) for p in ids]
         commands = _commands(folder)
         rows: list[dict] = []
+        bar = tqdm(total=len(servers) * len(rates) * rounds, disable=not progress, desc="http_serving")
 
         def measure(system: str, url: str, k: int, rate: float, round_: int | None) -> None:
             results, start = asyncio.run(_drive(url, str(folder), prompts, lengths, _arrivals(n, rate, seed=k)))
@@ -238,25 +246,27 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
             if round_ is not None:
                 row["round"] = round_
             rows.append(row)
+            bar.update()
 
-        if rounds == 1:
-            for system in servers:
-                port = _free_port()
-                with server_process(commands[system](port), port, tmp / f"{system.replace(' ', '_')}.log") as url:
-                    asyncio.run(_warm_up(url, str(folder), prompts))
+        with closing(bar):
+            if rounds == 1:
+                for system in servers:
+                    port = _free_port()
+                    with server_process(commands[system](port), port, tmp / f"{system.replace(' ', '_')}.log") as url:
+                        asyncio.run(_warm_up(url, str(folder), prompts))
+                        for k, rate in enumerate(rates):
+                            measure(system, url, k, rate, None)
+                return rows + _summary(rows, servers, rates)
+            with ExitStack() as stack:
+                urls = {}
+                for system in servers:
+                    port = _free_port()
+                    log = tmp / f"{system.replace(' ', '_')}.log"
+                    urls[system] = stack.enter_context(server_process(commands[system](port), port, log))
+                for system in servers:
+                    asyncio.run(_warm_up(urls[system], str(folder), prompts))
+                for r in range(1, rounds + 1):
                     for k, rate in enumerate(rates):
-                        measure(system, url, k, rate, None)
-            return rows + _summary(rows, servers, rates)
-        with ExitStack() as stack:
-            urls = {}
-            for system in servers:
-                port = _free_port()
-                log = tmp / f"{system.replace(' ', '_')}.log"
-                urls[system] = stack.enter_context(server_process(commands[system](port), port, log))
-            for system in servers:
-                asyncio.run(_warm_up(urls[system], str(folder), prompts))
-            for r in range(1, rounds + 1):
-                for k, rate in enumerate(rates):
-                    for system in servers if r % 2 else servers[::-1]:
-                        measure(system, urls[system], k, rate, r)
-        return rows + _summary(rows, servers, rates) + _round_ratios(rows, servers, rates, rounds)
+                        for system in servers if r % 2 else servers[::-1]:
+                            measure(system, urls[system], k, rate, r)
+            return rows + _summary(rows, servers, rates) + _round_ratios(rows, servers, rates, rounds)

@@ -141,3 +141,34 @@ def test_a_complete_empty_answer_is_not_an_error_and_errors_are_named():
     row = http_serving._row("llmspeed", 4, [full, empty, cut, refused, refused], 0.0)
     assert (row["requests"], row["errors"], row["empty_answers"]) == (5, 3, 1) and not row["sustained"]
     assert row["error_kinds"] == "HTTP 503 x2; stream ended without data: [DONE] x1"
+
+
+def test_progress_false_shows_no_bar_and_true_a_bar_over_the_measurements(monkeypatch, shown_bars, capsys):
+    """Regression: run() took ``progress`` and ignored it: writing the model for the servers showed transformers'
+    "Writing model shards" bar under --no-progress (and by default: progress=False), and progress=True showed
+    no bar over the measurements."""
+    from contextlib import contextmanager
+
+    import llmspeed
+    from llmspeed.models.embedded import tokenizer
+
+    tok = tokenizer()  # the real export, of a tiny model under the embedded tokenizer
+    monkeypatch.setattr(llmspeed.models, "smollm2", lambda: llmspeed.Model(
+        llmspeed.models.tiny("llama", vocab_size=len(tok)).hf, tok))  # fmt: skip
+
+    @contextmanager
+    def server(command, port, log):
+        yield f"http://127.0.0.1:{port}"
+
+    async def drive(url, model, prompts, lengths, times):
+        return [{"ttft": 0.1, "itl": [0.01], "chunks": 2, "end": 1.0} for _ in prompts], 0.0
+
+    monkeypatch.setattr(http_serving, "server_process", server)
+    monkeypatch.setattr(http_serving, "_drive", drive)
+    args = dict(quick=True, servers=("llmspeed", "llmspeed int8"), rates=(1.0, 2.0), requests=2)
+    assert len(http_serving.run(**args)) == 6  # 2 servers x 2 rates, then a summary row per server
+    assert shown_bars == []
+    capsys.readouterr()
+    http_serving.run(**args, progress=True, rounds=2)
+    assert shown_bars == ["Writing model shards", "http_serving"]
+    assert "http_serving: 100%|██████████| 8/8" in capsys.readouterr().err  # 2 servers x 2 rates x 2 rounds
