@@ -45,12 +45,12 @@ def rope_context(model: CausalLM) -> int | None:
     if not isinstance(params, dict):
         return None
     per_layer = params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]
-    limits = [
+    found = [
         p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
         for p in per_layer
         if p.get("rope_type", p.get("type")) == "longrope"
     ]
-    bounds = [n for n in map(_positions, limits) if n is not None]
+    bounds = [n for n in map(_positions, found) if n is not None]
     return min(bounds) if bounds else None
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -178,7 +178,7 @@ class FusedDecode:
             return "decode rows and prompt chunks"
         return f"decode rows, and prompt chunks in steps of up to {self.max_rows} or from {gemm_rows()} rows"
 
-    def _current(self, adapters: list[str | None] | None, n: int) -> tuple[Snapshot, list[str | None]] | None:
+    def _current(self, adapters: list[str | Literal[False] | None] | None, n: int) -> tuple[Snapshot, list[str | None]] | None:
         """A valid snapshot and each of the ``n`` rows' adapter (:meth:`_names`), or ``None`` when the fused step
         cannot run the model or those adapters."""
         snap = self._snapshot
@@ -193,7 +193,7 @@ class FusedDecode:
         names = self._names(snap, adapters, n)
         return None if names is None else (snap, names)
 
-    def run(self, step: StepInput, adapters: list[str | None] | None = None) -> torch.Tensor | None:  # [r, vocab]
+    def run(self, step: StepInput, adapters: list[str | Literal[False] | None] | None = None) -> torch.Tensor | None:  # [r, vocab]
         """Logits of the sampled rows (``step.rows``) of a :class:`~.runner.StepInput`, or ``None`` when the
         generic path must run it: the model is unsupported, a decode-only step has more than :attr:`max_rows`
         rows, or the step has prompt chunks and does not run here (:meth:`takes_prompt`).
@@ -244,7 +244,7 @@ class FusedDecode:
         return logits if decode or step.rows else logits[:0]
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
-                     adapters: list[str | None] | None = None) -> tuple[list[list[int]], list[float]] | None:  # fmt: skip
+                     adapters: list[str | Literal[False] | None] | None = None) -> tuple[list[list[int]], list[float]] | None:  # fmt: skip
         """``steps`` decode steps of the rows ``(block_table, position, token)`` back to back in one C++ call, each
         row's argmax token the next step's input: the tokens (``[steps][rows]``) and the ``time.perf_counter()``
         at which each step's tokens were known, or ``None`` where :meth:`run` would give ``None`` for a decode step
@@ -265,11 +265,12 @@ class FusedDecode:
         current = self._current(adapters, len(rows))
         body = self.model.hf.model
         embedding = embedding_parts(body.embed_tokens)
-        if current is None or embedding is None or not static(body.rotary_emb):
+        dtype = embedding_dtype(body.embed_tokens)  # known wherever embedding_parts reads the embedding
+        if current is None or embedding is None or dtype is None or not static(body.rotary_emb):
             return None
         snap, names = current
         last = max(p for _, p, _ in rows) + steps  # positions 0..last-1 are read
-        cos, sin = self._rope_table(body.rotary_emb).tables(last, embedding_dtype(body.embed_tokens))  # [P, D] each
+        cos, sin = self._rope_table(body.rotary_emb).tables(last, dtype)  # [P, D] each
         tables = block_tables([t for t, _, _ in rows], -(-last // bs), torch.device("cpu"))  # [n, W]
         start = time.perf_counter()
         with torch.inference_mode():
@@ -290,7 +291,7 @@ class FusedDecode:
             )  # fmt: skip  # [steps, n] int64, [steps] seconds since start
         return tokens.tolist(), [start + t for t in known.tolist()]
 
-    def _names(self, snap: Snapshot, adapters: list[str | None] | None, n: int) -> list[str | None] | None:
+    def _names(self, snap: Snapshot, adapters: list[str | Literal[False] | None] | None, n: int) -> list[str | None] | None:
         """Each sequence's adapter (given ``None``: the model's active one; ``False``: none), or ``None`` when the step
         cannot run them."""
         names = [snap.active if a is None else a or None for a in (adapters or [None] * n)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import operator
 import weakref
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ def embedding_parts(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if embedding_dtype(module) != torch.float32 or type(head) is nn.Linear or head is None or not _fusable(head):
         return None
     q, scale, zero = _parts(head)
-    if not scale.is_contiguous():
+    if scale is None or not scale.is_contiguous():  # a quantized head (fusable, not nn.Linear) has its scales
         return None
     return q, scale, _opt(zero), head.layout.group if head.layout.four_bit else 0
 
@@ -118,7 +118,7 @@ def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = T
         why = fused_lora.unfusable_reason(module)
         if why is not None:
             return f"{name} has LoRA adapters the fused step cannot apply: {why}"
-        module = module.base_layer  # over a rotated base, the adapters' A is stacked rotated (fused_lora.stacks)
+        module = cast(nn.Module, module.base_layer)  # over a rotated base, the adapters' A is stacked rotated (fused_lora.stacks)
     if not _fusable(module, rotated_ok):
         cfg = getattr(module, "config", None)
         moved = [k for k in ("hadamard", "act_order") if getattr(cfg, k, False)]
@@ -191,7 +191,7 @@ def unsupported(model) -> str | None:
 def _rotation(module: nn.Module) -> int | None:
     """The block size a linear rotates its input in (``QuantConfig.hadamard``: its group), else ``None``."""
     config = getattr(_base(module), "config", None)
-    return config.group_size if getattr(config, "hadamard", False) else None
+    return config.group_size if config is not None and getattr(config, "hadamard", False) else None
 
 
 def _check_shared_rotation(i: int, owner: nn.Module, names: tuple[str, ...]) -> str | None:
@@ -205,7 +205,7 @@ def _check_shared_rotation(i: int, owner: nn.Module, names: tuple[str, ...]) -> 
 
 def _base(module: nn.Module) -> nn.Module:
     """The linear a LoRA wrapper wraps, else the module itself."""
-    return module.base_layer if fused_lora.is_lora(module) else module
+    return cast(nn.Module, module.base_layer) if fused_lora.is_lora(module) else module
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor:

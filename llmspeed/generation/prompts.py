@@ -56,7 +56,7 @@ def prompt_ids(prompt: Prompt, tokenizer: Any, chat_template: bool, vocab_size: 
         raise ValueError(f"prompt token ids must be 1-D; got a {type(prompt).__name__} of shape {tuple(shape)}: give "
                          f"one row (input_ids[0]), or pass the rows as a list of prompts")  # fmt: skip
     try:
-        items = list(prompt)  # type: ignore[arg-type]  # chat lists were handled above
+        items: list[Any] = list(prompt)  # token ids, or whatever else was given: checked one by one below
     except TypeError:
         raise ValueError(
             f"prompt must be a string, a list of token ids or a list of chat messages; got {type(prompt).__name__}"

@@ -7,7 +7,7 @@ on, and what happens to live requests when the adapters change between steps.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from ..protocol import CausalLM
 
@@ -49,7 +49,7 @@ def merged_refusal(model: CausalLM, name: str | bool, when: str = "") -> str | N
             f"requests that name an adapter need them unmerged (lora.unmerge)")  # fmt: skip
 
 
-def adapter_key(model: CausalLM, name: str | bool | None) -> AdapterKey | None:
+def adapter_key(model: CausalLM, name: str | Literal[False] | None) -> AdapterKey | None:
     """``(adapter, uid, weights)`` a request's keys/values depend on (:func:`llmspeed.lora.inject.adapter_identity`;
     ``name=None``: the active adapter; ``None`` when no adapter applies, as for ``name=False``, the base alone).
     ``weights`` hashes the storage and version of the adapter's tensors, so that prefix-cache blocks computed before

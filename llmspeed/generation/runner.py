@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,10 +46,10 @@ class StepInput:
     slots: list[int]
     chunks: list[tuple[Sequence[int], int, int]]
     rows: list[int]
-    adapters: list[str | None] | None = None
+    adapters: list[str | Literal[False] | None] | None = None
 
     @classmethod
-    def build(cls, chunks: Sequence[tuple[Sequence[int], int, int, Sequence[int], bool, str | None]],
+    def build(cls, chunks: Sequence[tuple[Sequence[int], int, int, Sequence[int], bool, str | Literal[False] | None]],
               block_size: int) -> StepInput:
         """From ``(block_table, start, length, tokens, samples, adapter)`` per sequence."""
         ids: list[int] = []
@@ -221,7 +221,7 @@ class ModelRunner:
                                        max_batch=self.graphs.max_batch, decode_kernel=self.decode_kernel)  # fmt: skip
 
     def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
-                     adapters: list[str | None] | None) -> Iterator[tuple[list[int], float]] | None:
+                     adapters: list[str | Literal[False] | None] | None) -> Iterator[tuple[list[int], float]] | None:
         """``steps`` greedy decode steps of the rows ``(block_table, position, token)`` back to back, each row's
         argmax token the next step's input: per step, its tokens (one per row) and the ``time.perf_counter()`` at
         which they were known, or ``None`` where the step cannot run that way (then the caller goes on one step at a

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 from .outputs import RunStats, StreamEvent, paths_since
 from .prompts import Prompt, is_chat, is_token_id
@@ -28,8 +28,9 @@ def add_all(gen: Generator, prompts: Sequence[Prompt], sampling: Any) -> list[in
     if isinstance(prompts, (str, bytes, bytearray)) or is_chat(prompts):
         raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
     if len(prompts) and all(is_token_id(p) for p in prompts):  # ints, or a 1-D tensor / array's elements
+        ids = [int(cast(SupportsIndex, p)) for p in list(prompts)[:8]]  # each one passed is_token_id
         raise TypeError(
-            f"prompts must be a list of prompts; got a single list of token ids {[int(p) for p in list(prompts)[:8]]} "
+            f"prompts must be a list of prompts; got a single list of token ids {ids} "
             f"(wrap it in a list: [[1, 2, 3]])"
         )
     params = sampling_list(sampling, len(prompts))

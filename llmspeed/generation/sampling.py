@@ -14,7 +14,7 @@ import hashlib
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -86,7 +86,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
-    adapter: str | bool | None = None  # False: the base model alone
+    adapter: str | Literal[False] | None = None  # False: the base model alone (True is refused)
     logprobs: int | None = None
     min_tokens: int = 0
     repetition_penalty: float = 1.0

@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -92,7 +92,7 @@ class OpenAIServer:
         self.created = int(time.time())
 
     # --- helpers --------------------------------------------------------------------------------
-    def _adapter(self, model: str) -> str | bool | None:
+    def _adapter(self, model: str) -> str | Literal[False] | None:
         if model == self.model_name:  # beside served adapters: the base alone, not whichever one is active
             return False if self.adapters else None
         if model in self.adapters:
@@ -243,7 +243,7 @@ class OpenAIServer:
                                 f"prompt takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
         return ids
 
-    async def _answer(self, request: Request, req: Any, adapter: str | bool | None, prompt: Any, max_tokens: int,
+    async def _answer(self, request: Request, req: Any, adapter: str | Literal[False] | None, prompt: Any, max_tokens: int,
                       logprobs: int | None, chat: bool) -> Response:
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i), adapter) for i in range(req.n)]
         handles = self._submit_all(prompt, sps)
@@ -339,7 +339,7 @@ class OpenAIServer:
         return build_app(self)
 
 
-def _with_adapter(sp: SamplingParams, adapter: str | bool | None) -> SamplingParams:
+def _with_adapter(sp: SamplingParams, adapter: str | Literal[False] | None) -> SamplingParams:
     from dataclasses import replace
 
     return sp if adapter is None else replace(sp, adapter=adapter)
