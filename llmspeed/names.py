@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeVar, overload
 
 import torch
+
+_T = TypeVar("_T")
 
 #: Every accepted dtype spelling (lower case) and its canonical short name.
 DTYPE_ALIASES: dict[str, str] = {
@@ -50,6 +53,10 @@ def dtype_name(value: object) -> object:
     return value
 
 
+@overload
+def format_name(value: str) -> str: ...
+@overload
+def format_name(value: _T) -> _T: ...
 def format_name(value: object) -> object:
     """A weight-format name in the lower case llmspeed uses (``"INT4"`` -> ``"int4"``); non-strings unchanged."""
     if isinstance(value, str):

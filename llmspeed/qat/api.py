@@ -25,7 +25,7 @@ from ..protocol import CausalLM, holds_step_lock, is_quantized
 from ..quant import primitives as P
 from ..quant.api import check_materialized, check_method_options, plan_layers
 from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
-from ..quant.hadamard import rotate, rotated_inputs
+from ..quant.hadamard import rotate, rotated_inputs, rotation_group
 from ..quant.methods import get_method
 from ..quant.modules import QuantizedLinearBase, module_class
 from .fake_quant import CODE_RANGE, FakeQuantLinear, init_qparams
@@ -162,7 +162,7 @@ def prepare(
             if start is None:
                 w = linear.weight.detach()  # [out, in]
                 # rotated in the model's dtype, as quantize rotates it: the latent weight holds exactly these values
-                w = (rotate(w, layer_config.group_size) if layer_config.hadamard else w).float()
+                w = (rotate(w, rotation_group(layer_config)) if layer_config.hadamard else w).float()
                 w = P.pad_columns(w, config.padded_in_features(linear.in_features))  # [out, in_pad]
                 scales, zeros = init_qparams(w, config, symmetric)  # [out, groups] x2
                 layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)

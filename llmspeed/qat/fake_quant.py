@@ -30,7 +30,7 @@ from torch import nn
 
 from ..quant import primitives as P
 from ..quant.config import QuantConfig
-from ..quant.hadamard import rotate
+from ..quant.hadamard import rotate, rotation_group
 
 # (lowest code, highest code) of each format's integer grid
 CODE_RANGE: dict[str, tuple[int, int]] = {"int4": (0, 15), "int8": (-127, 127)}
@@ -234,7 +234,7 @@ class FakeQuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if self.config.hadamard:
-            x = rotate(x, self.config.group_size)  # [..., in]: the basis the latent weight is in
+            x = rotate(x, rotation_group(self.config))  # [..., in]: the basis the latent weight is in
         return F.linear(x, self.quantized_weight().to(self.weight.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from ..names import format_name
 from ..protocol import CausalLM, holds_step_lock
 from .config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marker
 from .embedding import share_tied_embedding, tied_head, unshareable
-from .hadamard import rotate, rotated_inputs
+from .hadamard import rotate, rotated_inputs, rotation_group
 from .kernels import check_kernel, check_kernel_name, get_kernel
 from .methods import METHODS, get_method
 from .methods.registry import rotating_methods, symmetric_methods
@@ -158,7 +158,8 @@ def quantize(
         )
     options = check_method_options(method, entry.weight or entry.model, 2 if entry.weight else 3, method_options)
     snapshot = dict(model.linear_layers())
-    embedding = model.module.get_input_embeddings() if share else None
+    hf: Any = model.module  # a transformers model: nn.Module's stubs type its methods as tensors or modules
+    embedding = hf.get_input_embeddings() if share else None
     saved: dict[str, torch.Tensor] = {}  # parameters a model method rescaled (AWQ's RMSNorm weights)
     try:
         if entry.weight is not None:
@@ -167,7 +168,7 @@ def quantize(
                 if name in heads and layer_config.format != config.format:  # an int8 head: rounded, as the
                     qw = rtn_weight(linear.weight, layer_config)  # calibrated methods round it (round_outside)
                 else:
-                    weight = rotate(linear.weight.detach(), layer_config.group_size) if layer_config.hadamard else linear.weight
+                    weight = rotate(linear.weight.detach(), rotation_group(layer_config)) if layer_config.hadamard else linear.weight
                     qw = entry.weight(weight, layer_config, **options)
                 bias = None if linear.bias is None else linear.bias.detach()
                 new = module_class(layer_config.format).from_codes(
@@ -200,7 +201,7 @@ def quantize(
         for name, module in snapshot.items():
             model.replace_linear(name, module)
         if embedding is not None:
-            model.module.set_input_embeddings(embedding)
+            hf.set_input_embeddings(embedding)
         for name, value in saved.items():
             model.module.get_parameter(name).data.copy_(value)
         raise

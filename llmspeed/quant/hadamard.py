@@ -14,9 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
 
 
 @lru_cache(maxsize=8)
@@ -62,6 +66,14 @@ def check_rotatable(name: str, in_features: int, group: int | None) -> None:
             f"hadamard rotates each quantization group's channels, so it needs a power-of-two group_size that "
             f"divides in_features; layer {name!r} has in_features={in_features}, group_size={group}"
         )
+
+
+def rotation_group(config: QuantConfig) -> int:
+    """The channels a ``hadamard`` config rotates together: its ``group_size`` (:class:`~.config.QuantConfig` refuses
+    ``hadamard`` without a power-of-two one)."""
+    if config.group_size is None:
+        raise ValueError(f"hadamard rotates within quantization groups, so it needs a group_size; got {config}")
+    return config.group_size
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import primitives as P
 from .config import QuantConfig
-from .hadamard import rotate
+from .hadamard import rotate, rotation_group
 from .kernels import check_kernel_name, select
 from .kernels.cpp import quantize_activations as cpp_round
 from .kernels.tuning import rows_bucket
@@ -57,7 +57,7 @@ class QuantizedLinearBase(nn.Module):
         check_kernel_name(config.kernel, config.format)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        if config.hadamard and self.in_features % config.group_size:
+        if config.hadamard and self.in_features % rotation_group(config):
             raise ValueError(
                 f"hadamard needs group_size to divide in_features (no padded group); got in_features="
                 f"{self.in_features}, group_size={config.group_size}"
@@ -103,7 +103,7 @@ class QuantizedLinearBase(nn.Module):
                 f"method {config.method!r} quantizes whole models; call llmspeed.quantize(model, ..., "
                 f"method={config.method!r}, calibration=...) instead of from_linear"
             )
-        weight = rotate(linear.weight.detach(), config.group_size) if config.hadamard else linear.weight
+        weight = rotate(linear.weight.detach(), rotation_group(config)) if config.hadamard else linear.weight
         qw = method.weight(weight, config)
         bias = None if linear.bias is None else linear.bias.detach()
         module = cls.from_codes(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import cast
 
 from torch import nn
 
@@ -180,7 +181,7 @@ def _with_hadamard(model: CausalLM, plan: dict[str, QuantConfig], patterns: Sequ
                 f"hadamard_layers rotates int4 layers; layer {name!r} would be {cfg.format} (the format, "
                 f"int8_layers or lm_head): leave it out of hadamard_layers"
             )
-        check_rotatable(name, layers[name].in_features, cfg.group_size)
+        check_rotatable(name, cast(int, layers[name].in_features), cfg.group_size)  # an nn.Linear's int
         out[name] = replace(cfg, hadamard=True)
     return out
 

@@ -256,7 +256,7 @@ def _load_native(directory: Path, device: str | torch.device) -> Model:
 
 def _share(model: Model, embedding: str, head: str, quant: dict[str, QuantConfig], source: Path) -> None:
     """Install the quantized tied embedding the file records, after checking both names."""
-    root = model.module
+    root = model.hf  # model.module, typed as the transformers model it is
     names = {id(m): n for n, m in root.named_modules()}
     actual = names.get(id(root.get_input_embeddings()))
     if embedding != actual or head not in quant:

@@ -152,9 +152,12 @@ def gptq_quantize(
             if i2 < in_f:
                 Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, torch.stack(errs), alpha=-1.0)
 
+    scales = [s for s in group_scale if s is not None]
+    zeros = [z for z in group_zero if z is not None]
+    assert len(scales) == len(zeros) == n_groups  # every column was visited: every group was fitted
     return GPTQResult(
-        scales=torch.stack(group_scale, dim=1),  # [out, groups]
-        zeros=torch.stack(group_zero, dim=1),  # [out, groups]
+        scales=torch.stack(scales, dim=1),  # [out, groups]
+        zeros=torch.stack(zeros, dim=1),  # [out, groups]
         dequantized=Wt[inv_perm].T.contiguous(),  # [out, in]
     )
 

@@ -48,18 +48,22 @@ def search_clip(
     ``choose(w) -> (scale [rows], zero [rows])`` fits a grid to the shrunk values; each shrink is
     evaluated on the original ``w``. A single shrink of ``1.0`` is the plain fit, without evaluating.
     """
-    best_s = best_z = best_err = None
+    best_s: torch.Tensor | None = None
+    best_z: torch.Tensor | None = None
+    best_err: torch.Tensor | None = None
     for shrink in shrinks:
         s, z = choose(w * shrink)
         if len(shrinks) == 1:
             return s, z
         err = error(fake_quantize(w, s[:, None], z[:, None]) - w)  # [rows]
-        if best_err is None:
+        if best_s is None or best_z is None or best_err is None:
             best_s, best_z, best_err = s, z, err
         else:
             better = err < best_err
             best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
             best_err = torch.where(better, err, best_err)
+    if best_s is None or best_z is None:
+        raise ValueError(f"shrinks must be a non-empty tuple of shrink factors; got {shrinks!r}")
     return best_s, best_z
 
 

@@ -82,7 +82,7 @@ def rotating_methods() -> list[str]:
     return sorted(name for name, method in METHODS.items() if method.weight is not None or method.rotates)
 
 
-def check_options(kind: type, accepted: str = "", ok: Callable[[Any], bool] = lambda v: True, **values: Any) -> None:
+def check_options(kind: type, accepted: str = "", ok: Callable[[Any], bool] = lambda v: True, /, **values: Any) -> None:
     """``ValueError`` naming the first of ``values`` (method options) that is not a ``kind`` for which ``ok`` holds.
 
     ``kind``: ``bool``, ``int`` (any integral, not a bool) or ``float`` (any finite real, not a bool);
