@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -139,7 +139,7 @@ class QuantizedLinear(Protocol):
 def base_linear(module: nn.Module) -> nn.Module:
     """The innermost linear under wrappers that keep their wrapped layer in ``base_layer`` (LoRA)."""
     while hasattr(module, "base_layer"):
-        module = module.base_layer
+        module = cast(nn.Module, module.base_layer)
     return module
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
@@ -165,7 +165,7 @@ def add_adapter(
         config = LoraConfig(
             r=r,
             alpha=alpha,
-            targets=targets if isinstance(targets, str) or not hasattr(targets, "__iter__") else tuple(targets),
+            targets=targets if isinstance(targets, str) or not isinstance(targets, Iterable) else tuple(targets),
             dropout=dropout,
             init=init,
             use_rslora=use_rslora,
@@ -265,7 +265,7 @@ def adapter_identity(model: CausalLM, name: str | None) -> tuple[str, int] | Non
             return None
         name = next((layer.active for layer in layers if layer.active is not None), None)
     info = known.get(name) if name is not None else None
-    return None if info is None else (name, info.uid)
+    return None if name is None or info is None else (name, info.uid)
 
 
 @contextmanager

@@ -41,7 +41,9 @@ class _Scales(dict):
         super().__delitem__(key)
         STATE_CHANGES[0] += 1
 
-    def __ior__(self, other):
+    # typeshed's dict.__ior__ has this same ignore: |= keeps the dict's types where | widens them, which mypy
+    # reports on any override of it
+    def __ior__(self, other):  # type: ignore[misc]
         STATE_CHANGES[0] += 1
         return super().__ior__(other)
 

@@ -11,6 +11,7 @@ import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,7 +60,8 @@ def _convert(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # typed loosely, as Model.hf: nn.Module's stubs type the attributes set below as tensors or modules
+    hf: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain float: drop the GGUF marker so the copy loads as an ordinary checkpoint.
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
@@ -117,7 +119,8 @@ def smollm2(dtype: torch.dtype | str = torch.float32, device: str | torch.device
     hf_logging.disable_progress_bar()  # a per-tensor bar for a sub-second load is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
-        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=None).to(device)
+        hf: Any = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=None)
+        hf = hf.to(device)  # PreTrainedModel.to is a functools.wraps wrapper, which mypy reads without binding self
     finally:
         if bars:
             hf_logging.enable_progress_bar()

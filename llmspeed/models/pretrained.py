@@ -71,7 +71,7 @@ def _tied_head_name(model: Model, files: list[Path]) -> str | None:
     """The output head's name when it is tied to the input embedding as transformers ties it: the config says so
     and ``files`` store no head weight, or one equal to the embedding's (transformers leaves a head stored with
     values of its own untied, warning that the config says otherwise)."""
-    hf = model.module
+    hf = model.hf  # model.module, typed as the transformers model it is
     if not getattr(hf.config, "tie_word_embeddings", False):
         return None
     head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
@@ -145,7 +145,7 @@ def from_pretrained(
         try:
             dtype = torch.float64 if key in FLOAT64_NAMES else resolve_dtype(dtype)
         except ValueError:
-            dtype = None
+            pass  # still a str: refused below
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):  # fp8: no storage
         raise ValueError(f"dtype must be a floating-point torch dtype of 16 bits or more (torch.float32, "
                          f"torch.bfloat16, torch.float16, torch.float64) or one of the names "
@@ -173,7 +173,7 @@ def from_pretrained(
             _quantize_into(model, layer, plan[layer], tensor, file, want, rtn_weight, module_class)
             del tensor  # the float weight is gone before the next one is read
     _quantize_tied_head(model, plan, want, rtn_weight, module_class, folder)
-    if head in plan and (quantize or {}).get("share_embedding") is not False:
+    if head is not None and head in plan and (quantize or {}).get("share_embedding") is not False:
         from ..quant.embedding import share_tied_embedding, unshareable
 
         if unshareable(plan[head]) is None:  # an NF4 head with double_quant keeps the float embedding

@@ -52,7 +52,7 @@ def _config(config_name: str, fields: dict[str, Any], overrides: dict[str, Any])
 def _check_seed(seed: Any) -> None:
     """``ValueError`` unless ``seed`` is an integer ``torch.manual_seed`` takes (a float was truncated, None raised
     a bare ``int()`` TypeError)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64); got {seed!r}")
 
 

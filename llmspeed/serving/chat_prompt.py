@@ -83,7 +83,9 @@ def _parsed_arguments(messages: Messages) -> Messages:
 
     def parsed(call: dict[str, Any]) -> dict[str, Any]:
         function = call.get("function")
-        args = function.get("arguments") if isinstance(function, dict) else None
+        if not isinstance(function, dict):
+            return call
+        args = function.get("arguments")
         try:
             value = json.loads(args) if isinstance(args, str) else None
         except ValueError:  # not JSON (a model's own malformed call, echoed back): the template writes it as it is

@@ -189,6 +189,8 @@ class Engine:
         self._failing = 0
         handles, self._handles = list(self._handles.values()), {}
         for handle in handles:
+            if handle.request_id is None:  # never added: nothing to abort (abort(None) raised, and was passed over)
+                continue
             try:
                 self.generator.abort(handle.request_id)
             except Exception:
@@ -301,7 +303,7 @@ def _snapshot(prompt: Prompt) -> Prompt:
     what cannot be copied (a generator of ids) is left for the generator to read, or refuse, as it is.
     """
     if isinstance(prompt, (list, tuple)):
-        items = [
+        items: list[Any] = [
             _message_copy(m) if isinstance(m, dict) else m.clone() if isinstance(m, torch.Tensor) else m for m in prompt
         ]
         return items if isinstance(prompt, list) else tuple(items)

@@ -100,8 +100,9 @@ class _Request(BaseModel):
                 min_tokens=self.min_tokens,
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
-            name = str(err).split("`")[1] if str(err).count("`") >= 2 else None
-            raise APIError(400, str(err), {"max_new_tokens": "max_tokens"}.get(name, name)) from None
+            field = str(err).split("`")[1] if str(err).count("`") >= 2 else None
+            param = None if field is None else {"max_new_tokens": "max_tokens"}.get(field, field)
+            raise APIError(400, str(err), param) from None
 
     @property
     def include_usage(self) -> bool:
