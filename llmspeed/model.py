@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from .protocol import AttentionBackend, ModelSpec, base_linear, is_quantized, step_lock
-from .ragged_attention import ATTN_IMPLEMENTATION, BACKEND_KWARG, check_ragged, register_attention
+from .ragged_attention import (
+    ATTENTION_LAYERS,
+    ATTN_IMPLEMENTATION,
+    BACKEND_KWARG,
+    check_ragged,
+    layer_kinds,
+    register_attention,
+)
 
 if TYPE_CHECKING:
     from .generation import GenerationOutput, SamplingParams
@@ -47,6 +54,14 @@ def _check_supported(hf: Any) -> None:
             f"needs to plug in its KV cache; supported: decoder-only models with "
             f"_supports_attention_backend=True (Llama, Qwen2, Qwen3, Mistral, Phi3, Gemma, OLMo, ...)"
         )
+    others = sorted(layer_kinds(hf.config) - ATTENTION_LAYERS)
+    if others:
+        raise TypeError(
+            f"{name} has {', '.join(map(repr, others))} layers (its config's layer types), which keep a state other "
+            f"than keys and values or attend to a selection of them: llmspeed's paged KV cache would compute other "
+            f"outputs; supported: models whose every layer is {', '.join(sorted(ATTENTION_LAYERS))}"
+        )
+
 
 
 def _wrapper_hint(obj: Any) -> str:

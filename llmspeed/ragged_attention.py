@@ -17,6 +17,23 @@ BACKEND_KWARG = "llmspeed_attention"
 _UNAPPLIED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
 
 
+ATTENTION_LAYERS = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention"})
+"""Layer kinds (a config's ``layer_types``) the paged KV cache computes as the model does: causal attention over every
+cached key and value, with a sliding window or attention chunks capping the context (:mod:`llmspeed.generation.context_limits`)."""
+
+
+def layer_kinds(config: Any) -> set[str]:
+    """The kinds of layer a transformers config names (``layer_types``, RecurrentGemma's ``block_types``, hybrid
+    models' ``layers_block_type``), for its text model."""
+    cfg = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    kinds: set[str] = set()
+    for attr in ("layer_types", "block_types", "layers_block_type"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, (list, tuple)):
+            kinds |= {str(v) for v in value}
+    return kinds
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function registered with transformers: hands the layer to the llmspeed backend."""
     backend: AttentionBackend | None = kwargs.get(BACKEND_KWARG)

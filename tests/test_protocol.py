@@ -217,6 +217,25 @@ def test_wrap_of_a_peft_or_compiled_model_says_what_to_pass(llama):
     assert llmspeed.wrap(peft_model.merge_and_unload()).linear_names() == llama.linear_names()
 
 
+@pytest.mark.parametrize("model_type, fields, kinds", [
+    ("recurrent_gemma", {"lru_width": 32, "attention_window_size": 8, "num_hidden_layers": 3}, "'linear_attention', 'recurrent'"),
+    ("minimax", {"num_key_value_heads": 2, "num_local_experts": 2, "head_dim": 16, "num_hidden_layers": 2}, "'linear_attention'"),
+])  # fmt: skip
+def test_wrap_rejects_models_whose_layers_keep_another_state(model_type, fields, kinds):
+    """Regression: RecurrentGemma (recurrent blocks) was wrapped and generated other tokens than transformers (its
+    recurrent state is not a KV cache), and MiniMax's lightning (linear) attention would be run as softmax attention;
+    hybrid Mamba models failed inside a step. A model with layer kinds the paged KV cache cannot compute is refused."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                            vocab_size=64, **fields)  # fmt: skip
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(TypeError, match=rf"ForCausalLM has {kinds} layers \(its config's layer types\).*supported: "
+                                        rf"models whose every layer is attention, chunked_attention"):  # fmt: skip
+        llmspeed.wrap(hf)
+    assert hf.config._attn_implementation != "llmspeed"  # refused before the model was touched
+
+
 def test_wrap_rejects_models_without_attention_interface(monkeypatch, llama):
     monkeypatch.setattr(type(llama.hf), "_supports_attention_backend", False)
     with pytest.raises(TypeError, match="LlamaForCausalLM does not route attention"):
