@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from ..protocol import CausalLM
+from ..ragged_attention import layer_kinds
 
 
 def _positions(n: object) -> int | None:
@@ -30,6 +31,16 @@ def attention_window(model: CausalLM) -> int | None:
     if window is None or getattr(cfg, "use_sliding_window", True) is False:
         return None
     return window
+
+
+def attention_chunk(model: CausalLM) -> int | None:
+    """The attention chunk of a model with ``"chunked_attention"`` layers (Llama 4's ``attention_chunk_size``), or
+    ``None``: such a layer attends only within its token's chunk, which is the paged attention's causal attention
+    over every cached token only while a sequence fits in one chunk, so a generator holds at most that many."""
+    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    if cfg is None or "chunked_attention" not in layer_kinds(cfg):
+        return None
+    return _positions(getattr(cfg, "attention_chunk_size", None))
 
 
 def rope_context(model: CausalLM) -> int | None:
@@ -58,11 +69,15 @@ def context_limit(model: CausalLM, max_positions: int) -> tuple[int, str]:
     """``(tokens a sequence may hold, why when fewer than max_positions)``: the reason reads on after "the model's
     context holds N" in the scheduler's refusal of a longer prompt (empty when the model's positions are the limit)."""
     window = attention_window(model)  # past it the model's attention is windowed and ours would not be
+    chunk = attention_chunk(model)  # past it the model's attention is chunked and ours would not be
     rope = rope_context(model)  # past it a sequence's rotary rows would depend on the batch it is stepped in
-    context = min(n for n in (max_positions, window, rope) if n is not None)
+    context = min(n for n in (max_positions, window, chunk, rope) if n is not None)
     if window is not None and context == window and window < max_positions:
         return context, (f" here: its attention's sliding window (sliding_window={window} in its config), which the "
                          f"paged attention does not apply past the window")  # fmt: skip
+    if chunk is not None and context == chunk and chunk < max_positions:
+        return context, (f" here: its chunked attention (attention_chunk_size={chunk} in its config), which the paged "
+                         f"attention does not apply past the first chunk")  # fmt: skip
     if rope is not None and context == rope and rope < max_positions:
         return context, (f" here: its longrope rotary embedding's original_max_position_embeddings={rope}, past which "
                          f"it rotates every sequence of a ragged batch with the long factors once any one of them "

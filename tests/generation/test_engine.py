@@ -193,3 +193,22 @@ def test_a_longrope_limit_given_as_a_float_still_bounds_the_context(limit):
     assert gen.scheduler.max_seq_len == 16
     out = gen.generate_batched([list(range(1, 21))], SamplingParams(max_new_tokens=2))[0]
     assert out.finish_reason == "error" and "original_max_position_embeddings=16," in out.error
+
+
+def test_a_chunked_attention_model_is_served_up_to_its_chunk_with_its_own_tokens():
+    """Regression: Llama 4's ``chunked_attention`` layers attend only within ``attention_chunk_size`` tokens; the paged
+    attention attends to every cached token, so past the first chunk the tokens were not the model's (a tiny Llama 4
+    gave ``24, 24, 24`` where transformers gives ``24, 27, 1``). A generator now holds at most one chunk, and says why."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        "llama4_text", hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64, num_local_experts=2,
+        attention_chunk_size=8, initializer_range=0.3,
+    )  # fmt: skip
+    model = llmspeed.wrap(transformers.AutoModelForCausalLM.from_config(cfg).eval())
+    gen = Generator(model, progress=False, block_size=4)
+    long, short = gen.generate_batched([list(range(1, 11)), [5, 6, 7]], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert long.finish_reason == "error" and "chunked attention (attention_chunk_size=8" in long.error
+    assert short.finish_reason == "length" and short.token_ids == _hf_greedy(model, [5, 6, 7], 5)  # 3 + 5 = the chunk
