@@ -218,3 +218,17 @@ def test_each_int4_kernel_by_name_honours_fractional_zero_points(kernel):
     torch.testing.assert_close(
         KERNELS[kernel].run(module, x), x @ module.dequantize().T, rtol=1e-3, atol=1e-4
     )
+
+
+def test_hqq_quantizes_a_layer_with_no_outputs_as_rtn_does():
+    """Regression: a linear with out_features=0 (a tiny config with intermediate_size=0 makes gate/up such layers)
+    crashed HQQ with "cannot reshape tensor of 0 elements into shape [0, -1, 16]"; RTN, GPTQ and AWQ take it."""
+    x = torch.tensor([[1, 2, 3]])
+    logits = {}
+    for method in ("rtn", "hqq"):
+        model = llmspeed.models.tiny("llama", seed=0, intermediate_size=0)
+        llmspeed.quantize(model, "int4", 16, method=method, skip=["*down_proj"])  # down_proj: in_features=0, refused
+        gate = model.hf.model.layers[0].mlp.gate_proj
+        assert type(gate).__name__ == "Int4Linear" and gate.out_features == 0
+        logits[method] = model.hf(x).logits
+    assert logits["hqq"].shape == logits["rtn"].shape == (1, 3, 256)

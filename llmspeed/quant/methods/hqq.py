@@ -51,7 +51,7 @@ def hqq_int4(
     """
     out_f, in_pad = w.shape
     G = in_pad if group_size is None else group_size
-    Wg = w.detach().float().reshape(out_f, -1, G)  # [out, groups, G]
+    Wg = w.detach().float().reshape(out_f, in_pad // G, G)  # [out, groups, G] (-1 cannot be inferred for out = 0)
     mask = torch.ones(in_pad, dtype=torch.bool) if valid is None else valid
     mask = mask.to(w.device).reshape(1, -1, G).expand_as(Wg)  # [out, groups, G]
     count = mask.sum(-1).clamp_min(1)  # [out, groups]
