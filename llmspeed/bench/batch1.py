@@ -39,7 +39,7 @@ def weight_bytes(model: Any) -> int:
 
 def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16, **generator_kwargs: Any) -> float:
     """Median seconds per token of llmspeed decode steps of a single request with ``context`` cached tokens (one
-    token a ``step()``, or a greedy burst's with ``num_scheduler_steps``)."""
+    token a ``step()``, or a burst's with ``num_scheduler_steps``)."""
     from ..generation import Generator, SamplingParams
 
     gen = Generator(model, progress=False, kv_cache_tokens=4096, max_batch_tokens=context, **generator_kwargs)

@@ -89,10 +89,10 @@ class Generator:
             runs decode rows through the Triton decode kernel and prefill chunks through SDPA (faster
             than the Triton prefill kernel on an H100: docs/gpu.md), else SDPA.
         num_scheduler_steps: Most decode steps one :meth:`step` runs (vLLM's multi-step scheduling). With
-            more than 1 (say 8), a decode step whose requests are all greedy (no logprobs, penalties or
-            pending ``min_tokens``), with no request waiting, goes on for up to that many steps back to back
-            (:meth:`.runner.ModelRunner.greedy_steps`: one C++ call on the fused CPU path; elsewhere, CUDA
-            graphs included, the tokens stay on the device until the last), without the scheduling, sampling
+            more than 1 (say 8), a decode step whose requests all want no logprobs, penalties or pending
+            ``min_tokens``, with no request waiting, goes on for up to that many steps back to back
+            (:meth:`.runner.ModelRunner.burst_steps`: greedy requests in one C++ call on the fused CPU path;
+            elsewhere, CUDA graphs included, greedy or random sampling on the device), without the scheduling
             and detokenizing between them; the tokens are the same, and arrive as one step's events. It saves
             the Python (and on a GPU the waits) between steps (docs/kernels.md); tokens stream in bursts.
 

@@ -1,7 +1,7 @@
-"""Greedy bursts (vLLM's multi-step scheduling): after a decode step, up to ``num_scheduler_steps - 1`` more decode
-steps of the same batch, run back to back by :meth:`.runner.ModelRunner.greedy_steps` (one C++ call on the fused
-CPU path; on the others each step's ids are the previous step's argmax on the device, read back once at the end),
-without the scheduling, sampling and detokenizing between them.
+"""Bursts of decode steps (vLLM's multi-step scheduling): after a decode step, up to ``num_scheduler_steps - 1``
+more decode steps of the same batch, run back to back by :meth:`.runner.ModelRunner.burst_steps`, without the
+scheduling and detokenizing between them: greedy requests in one C++ call on the fused CPU path; elsewhere greedy
+and randomly sampled requests alike, each step's tokens sampled on the device and fed to the next step there.
 
 :func:`burst_length` is the policy (pure Python, no model); :func:`greedy_burst` runs one through a
 :class:`~.engine.Generator` and turns its tokens into that step's events.
@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .sampling import sample_ids
 from .scheduler import Batch, Chunk
 
 if TYPE_CHECKING:
@@ -38,19 +39,20 @@ def past_ends(device: torch.device) -> bool:
 
 
 def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager, num_scheduler_steps: int,
-                 past_end: bool = False) -> int:  # fmt: skip
+                 past_end: bool = False, sampled: bool = False) -> int:  # fmt: skip
     """How many more decode steps of ``seqs`` (the batch a decode step just ran) may run back to back.
 
-    None (0) unless every running request is in the batch, none is waiting, and each is greedy without
-    logprobs, penalties or a pending ``min_tokens``; else as many as ``num_scheduler_steps - 1``, every
-    request's tokens left (with ``past_end``: the most any request has left, each within the context), and the
-    free blocks allow.
+    None (0) unless every running request is in the batch, none is waiting, and each is greedy (or, with
+    ``sampled``, samples at random) without logprobs, penalties or a pending ``min_tokens``; else as many as
+    ``num_scheduler_steps - 1``, every request's tokens left (with ``past_end``: the most any request has left,
+    each within the context), and the free blocks allow.
     """
     if scheduler.waiting or len(seqs) != len(scheduler.running):
         return 0
     for seq in seqs:
         p = seq.params
-        if seq.is_finished or not p.greedy or p.logprobs is not None or p.penalized or len(seq.output_ids) < p.min_tokens:
+        if seq.is_finished or not (p.greedy or sampled) or p.logprobs is not None or p.penalized \
+                or len(seq.output_ids) < p.min_tokens:  # fmt: skip
             return 0
     limit = scheduler.max_tokens_per_seq
     left = [seq.tokens_left(limit) for seq in seqs]
@@ -64,14 +66,15 @@ def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager
 def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: str = "fused cpu") -> None:
     """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, which just ran on ``path`` (one of
     :data:`BURST_PATHS`), run back to back by the runner (their events appended to ``events``; their time recorded as
-    ``f"{path}, greedy burst"``).
+    ``"fused cpu, greedy burst"``, or ``f"{path}, burst"`` on the paths that also sample at random).
 
     As many steps as :func:`burst_length` allows (the blocks are taken first, so nothing is preempted). The
     tokens then go through the same commit, stop checks and detokenizing as one step's; a request that ends
     part way drops the tokens computed after its end.
     """
     seqs = [c.seq for c in batch.chunks]
-    steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps, past_ends(gen.device))
+    device = gen.runner.fused is None  # sampled on the device (random rows drawing from their generators), or in C++
+    steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps, past_ends(gen.device), device)
     if steps < 1:
         return
     for seq in seqs:  # the cache slots of every position the burst writes
@@ -79,7 +82,14 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     start = time.perf_counter()
     adapters = [s.params.adapter for s in seqs]
     rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
-    burst = gen.runner.greedy_steps(rows, steps, adapters if any(a is not None for a in adapters) else None)
+    params, generators = [s.params for s in seqs], [s.generator for s in seqs]
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:  # [n, V] -> [n]: what the step's sampler picks
+        return sample_ids(logits, params, generators)
+
+    random = any(not p.greedy for p in params)
+    burst = gen.runner.burst_steps(rows, steps, adapters if any(a is not None for a in adapters) else None,
+                                   sample if random else None)  # fmt: skip
     if burst is None:  # the model changed under the step: the next step() takes it from here
         return
     gen.num_steps += steps
@@ -93,7 +103,8 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
             seq.output_ids.append(token)
             seq.token_times.append(now)
             events.append(gen._token_event(seq, token, None, events))
-    gen._record(f"{path}, greedy burst", start, steps, end=now)  # until its last tokens were known, as a step's
+    # timed until its last tokens were known, as a step is
+    gen._record(f"{path}, burst" if device else "fused cpu, greedy burst", start, steps, end=now)
 
 
 __all__ = ["burst_length", "greedy_burst"]

@@ -89,8 +89,8 @@ class RunStats:
     through sampling (which waits for the device): ``"cuda graph"`` and ``"fused cpu"`` (decode-only
     steps), ``"decode"`` (decode-only steps run eagerly), ``"fused cpu mixed"`` (steps with a prefill chunk
     through the fused CPU step), ``"mixed"`` (steps with a prefill chunk run eagerly) and
-    ``"fused cpu, greedy burst"``, ``"cuda graph, greedy burst"`` and ``"decode, greedy burst"`` (the decode steps
-    after the first of a burst, ``num_scheduler_steps > 1``: each counts as a step, the seconds are the burst's).
+    ``"fused cpu, greedy burst"``, ``"cuda graph, burst"`` and ``"decode, burst"`` (the decode steps after the first
+    of a burst, ``num_scheduler_steps > 1``: each counts as a step, the seconds are the burst's).
     ``requests``, ``prompt_tokens``, ``output_tokens`` and ``preemptions`` are over all of the run's requests, those
     that ended with an error at admission included: the sums of their outputs' ``metrics``. ``steps``,
     ``step_paths`` and ``elapsed`` are the generator's while the run went on: a step runs the run's requests

@@ -1,7 +1,7 @@
 """A step's token ids on their way from the device to the host, without the host waiting for them.
 
 A CUDA step's sampled ids are copied into pinned host memory behind the step on its stream, and an event marks
-the copy; the host waits on that event only when it needs the ids. A greedy burst (:mod:`.greedy_burst`) queues
+the copy; the host waits on that event only when it needs the ids. A burst of decode steps (:mod:`.greedy_burst`) queues
 all its steps this way and then turns each step's tokens into events while the GPU runs the next ones. Off CUDA
 the ids are read when asked for.
 """

@@ -13,7 +13,7 @@ adapters), built once by the generator; the runner picks how to run it:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -220,26 +220,29 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.cache, pad_block=self.graphs.pad_block,
                                        max_batch=self.graphs.max_batch, decode_kernel=self.decode_kernel)  # fmt: skip
 
-    def greedy_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
-                     adapters: list[str | Literal[False] | None] | None) -> Iterator[tuple[list[int], float]] | None:
-        """``steps`` greedy decode steps of the rows ``(block_table, position, token)`` back to back, each row's
-        argmax token the next step's input: per step, its tokens (one per row) and the ``time.perf_counter()`` at
-        which they were known, or ``None`` where the step cannot run that way (then the caller goes on one step at a
-        time). Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
+    def burst_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
+                    adapters: list[str | Literal[False] | None] | None,
+                    sample: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[list[int], float]] | None:  # fmt: skip
+        """``steps`` decode steps of the rows ``(block_table, position, token)`` back to back, each row's token of a
+        step the next step's input: per step, its tokens (one per row) and the ``time.perf_counter()`` at which they
+        were known, or ``None`` where the steps cannot run that way (then the caller goes on one step at a time).
+        ``sample`` maps a step's logits ``[n, V]`` to its tokens ``[n]`` on the device (:func:`~.sampling.sample_ids`);
+        ``None``: each row's argmax. Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
 
-        With the fused CPU step, one C++ call (:meth:`.fused_decode.FusedDecode.greedy_steps`). Otherwise each step
-        runs as :meth:`run` would (a CUDA graph replay where one is captured, else ``forward_batch``), with its
-        input ids the previous step's argmax on the device: on a GPU the host queues every step without waiting for
-        any, and each step's tokens come back behind it (:class:`~.readback.Readback`), so the caller turns the
-        first steps' tokens into events while the GPU runs the later ones. What a greedy row samples is
-        :func:`~.sampling.argmax_rows` of its logits in fp32, the same token. The block tables must already hold
-        ``position + steps`` tokens.
+        With the fused CPU step, greedy only, one C++ call (:meth:`.fused_decode.FusedDecode.greedy_steps`).
+        Otherwise each step runs as :meth:`run` would (a CUDA graph replay where one is captured, else
+        ``forward_batch``), its input ids the previous step's tokens on the device: on a GPU the host queues every
+        step without waiting for any, and each step's tokens come back behind it (:class:`~.readback.Readback`), so
+        the caller turns the first steps' tokens into events while the GPU runs the later ones. The tokens are those
+        the sampler gives one step at a time (:func:`~.sampling.argmax_rows` of the fp32 logits for greedy rows,
+        each random row's own generator drawn once a step). The block tables must already hold ``position + steps``
+        tokens.
         """
         bs = self.cache.block_size
         check_room(rows, steps, bs)
         with step_lock(self.model.module):
-            if self.fused is not None:
-                burst = self.fused.greedy_steps(rows, steps, adapters)
+            if self.fused is not None:  # its C++ loop takes argmaxes only
+                burst = None if sample is not None else self.fused.greedy_steps(rows, steps, adapters)
                 return None if burst is None else zip(*burst)
             if steps < 1 or not rows:
                 return None
@@ -249,13 +252,14 @@ class ModelRunner:
                 step = StepInput.build([(t, p + j, 1, [0], True, a)
                                         for (t, p, _), a in zip(rows, adapters or [None] * len(rows))], bs)
                 logits = self._run(step, ids)[1]  # [n, V]
-                ids = logits.float().argmax(dim=-1)  # [n]: on a GPU, queued after the step; nothing waits here
+                # on a GPU, queued after the step; nothing waits here
+                ids = logits.float().argmax(dim=-1) if sample is None else sample(logits).to(self.device)  # [n]
                 pending.append(Readback(ids))
             return (r.get() for r in pending)
 
     def _run(self, step: StepInput, ids: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
         """``ids`` (``[T]`` on the model's device): the step's token ids where they are not yet on the host
-        (:meth:`greedy_steps`); they replace ``step.ids``, and the fused CPU step, which reads host ids, is not
+        (:meth:`burst_steps`); they replace ``step.ids``, and the fused CPU step, which reads host ids, is not
         tried."""
         plain = step.decode_only and step.adapters is None
         if self.graphs is not None and plain:

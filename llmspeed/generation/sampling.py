@@ -315,23 +315,7 @@ def sample_batch(
     n = logits.shape[0]
     rows = rows if rows is not None else [RowContext()] * n
     raw = logits.float()  # [N, V]
-    scores = _penalize(raw, params, rows)  # [N, V]
-    random_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if random_rows:
-        dev = scores.device
-        idx = torch.tensor(random_rows, device=dev)  # [R]
-        sub = [params[i] for i in random_rows]
-        temps = torch.tensor([p.temperature for p in sub], device=dev)  # [R]
-        # a top_k past the vocabulary keeps every token; clamped so one past int64 (10**20) fails no batch
-        top_k = torch.tensor([min(p.top_k, scores.shape[1]) for p in sub], device=dev)  # [R]
-        top_p = torch.tensor([float(p.top_p) for p in sub], device=dev)  # [R]
-        scaled = _filter_rows(scores.index_select(0, idx) / temps[:, None], top_k, top_p)  # [R, V]
-        uniform = torch.stack(
-            [torch.rand(scaled.shape[1], generator=generators[i], device=dev) for i in random_rows]
-        )  # [R, V]
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))  # [R, V]
-        scores = scores.index_copy(0, idx, scaled + gumbel)  # [N, V]
-    tokens = argmax_rows(scores)  # [N]
+    tokens = sample_ids(raw, params, generators, rows)  # [N]
     token_list = tokens.tolist()
     wanted = [p.logprobs for p in params]
     if all(w is None for w in wanted):
@@ -349,6 +333,35 @@ def sample_batch(
         top = tuple((int(t), float(v)) for t, v in zip(top_ids[i][:w], top_vals[i][:w]))
         out.append(TokenLogprobs(token_list[i], float(chosen[i]), top))
     return token_list, out
+
+
+def sample_ids(
+    logits: torch.Tensor,  # [N, V]
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    rows: Sequence[RowContext] | None = None,
+) -> torch.Tensor:  # [N] int64, on the logits' device (or the CPU)
+    """The tokens :func:`sample_batch` picks, left where they are computed: no host transfer, so a GPU burst
+    (:meth:`.runner.ModelRunner.burst_steps`) can feed them to the next step without waiting for this one."""
+    n = logits.shape[0]
+    rows = rows if rows is not None else [RowContext()] * n
+    scores = _penalize(logits.float(), params, rows)  # [N, V]
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        dev = scores.device
+        idx = torch.tensor(random_rows, device=dev)  # [R]
+        sub = [params[i] for i in random_rows]
+        temps = torch.tensor([p.temperature for p in sub], device=dev)  # [R]
+        # a top_k past the vocabulary keeps every token; clamped so one past int64 (10**20) fails no batch
+        top_k = torch.tensor([min(p.top_k, scores.shape[1]) for p in sub], device=dev)  # [R]
+        top_p = torch.tensor([float(p.top_p) for p in sub], device=dev)  # [R]
+        scaled = _filter_rows(scores.index_select(0, idx) / temps[:, None], top_k, top_p)  # [R, V]
+        uniform = torch.stack(
+            [torch.rand(scaled.shape[1], generator=generators[i], device=dev) for i in random_rows]
+        )  # [R, V]
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))  # [R, V]
+        scores = scores.index_copy(0, idx, scaled + gumbel)  # [N, V]
+    return argmax_rows(scores)  # [N]
 
 
 def sample(

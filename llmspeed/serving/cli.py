@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seqs", type=_int_in(1), default=64, help="most requests running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prompt prefixes")
     p.add_argument("--num-scheduler-steps", type=_int_in(1), default=1,
-                   help="decode steps one engine step may run back to back when every running request is greedy and "
-                        "none waits (less Python between CPU steps, one token read-back a burst on a GPU; tokens stream in "
-                        "bursts; docs/batching.md)")
+                   help="decode steps one engine step may run back to back when no running request wants logprobs or "
+                        "penalties and none waits (greedy only on the fused CPU step; less Python between steps, and on "
+                        "a GPU no wait for each step's tokens; tokens stream in bursts; docs/batching.md)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
     return p
 

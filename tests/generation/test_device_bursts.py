@@ -1,5 +1,6 @@
-"""Greedy bursts off the fused CPU step: each step through ``forward_batch`` (or a CUDA graph), its ids the previous
-step's argmax on the device, the tokens read back once per burst (:meth:`ModelRunner.greedy_steps`).
+"""Bursts off the fused CPU step: each step through ``forward_batch`` (or a CUDA graph), its ids the previous step's
+tokens on the device (argmax, or random sampling from each request's generator), each step's tokens read back behind
+it (:meth:`ModelRunner.burst_steps`).
 
 The tokens, texts and finish reasons must be those of single steps, as for the fused bursts
 (test_greedy_bursts.py); on a GPU the bursts replay the captured decode graphs.
@@ -19,7 +20,7 @@ from llmspeed.generation import greedy_burst
 from .test_engine import CharTokenizer
 from .test_fused_lora import _with_adapters
 
-BURST = "decode, greedy burst"
+BURST = "decode, burst"
 
 
 def _run(model, prompts, params, steps: int, **kwargs):
@@ -94,7 +95,7 @@ def test_a_burst_through_forward_batch_that_raises_fails_its_requests(llama, mon
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
 
 
-def test_greedy_steps_refuse_block_tables_too_short_for_the_burst(llama):
+def test_burst_steps_refuse_block_tables_too_short_for_the_burst(llama):
     gen = Generator(llama, progress=False, block_size=4, fused_decode=False)
     gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=20, ignore_eos=True))
     gen.step()
@@ -102,10 +103,36 @@ def test_greedy_steps_refuse_block_tables_too_short_for_the_burst(llama):
     gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens)  # room for one step, not five
     row = (seq.block_table, seq.num_computed, seq.output_ids[-1])
     with pytest.raises(ValueError, match=r"rows \[0\]: each block table must hold position \+ steps tokens for steps=5"):
-        gen.runner.greedy_steps([row], 5, None)
-    assert gen.runner.greedy_steps([row], 0, None) is None
-    ((tokens, known),) = list(gen.runner.greedy_steps([row], 1, None))
+        gen.runner.burst_steps([row], 5, None)
+    assert gen.runner.burst_steps([row], 0, None) is None
+    ((tokens, known),) = list(gen.runner.burst_steps([row], 1, None))
     assert len(tokens) == 1 and known > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sampled_requests_burst_with_the_tokens_of_single_steps(arch):
+    """Random sampling runs on the device too: each row draws from its own generator once a step, as single steps
+    do, so seeded requests give the same tokens (and greedy rows beside them their argmaxes)."""
+    model = llmspeed.models.tiny(arch, seed=3)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11] * 20, [200, 3]]
+    params = [SamplingParams(max_new_tokens=n, temperature=t, top_p=p, top_k=k, seed=s, ignore_eos=True)
+              for n, t, p, k, s in ((9, 0.8, 0.9, 0, 1), (23, 1.3, 1.0, 5, 2), (40, 0.0, 1.0, 0, None), (17, 0.7, 0.5, 0, 4))]
+    _, single = _run(model, prompts, params, 1)
+    gen, burst = _run(model, prompts, params, 8)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert gen.step_paths[BURST][0] > 20
+    again = _run(model, prompts, [SamplingParams(**{**p.__dict__, "seed": 99}) if p.seed else p for p in params], 8)[1]
+    assert [o.token_ids for o in again][:2] != [o.token_ids for o in burst][:2]  # the seeds, not the burst, decide
+
+
+def test_a_burst_with_a_sampled_request_on_the_fused_step_stays_single_steps(llama):
+    """The fused C++ loop takes argmaxes only: a batch with a sampled request runs one step at a time there."""
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True), SamplingParams(max_new_tokens=12, temperature=0.9,
+                                                                                seed=5, ignore_eos=True)]  # fmt: skip
+    gen = Generator(llama, progress=False, num_scheduler_steps=8)
+    outs = gen.generate_batched([[1, 2, 3], [4, 5]], params)
+    assert gen.fused_decode_status == "on" and not any("burst" in path for path in gen.step_paths)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in _run(llama, [[1, 2, 3], [4, 5]], params, 8)[1]]
 
 
 @pytest.mark.gpu
@@ -117,7 +144,7 @@ def test_bursts_replay_the_cuda_graphs_with_the_tokens_of_single_steps():
     _, single = _run(model, prompts, params, 1)
     gen, burst = _run(model, prompts, params, 8)
     assert [o.token_ids for o in burst] == [o.token_ids for o in single]
-    assert gen.step_paths["cuda graph, greedy burst"][0] > 20
+    assert gen.step_paths["cuda graph, burst"][0] > 20
     torch.cuda.synchronize()
 
 
