@@ -95,16 +95,18 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     gen.num_steps += steps
     gen.num_tokens_computed += steps * len(seqs)
     now = start
-    for step_tokens, now in burst:  # on a GPU, each step's tokens as it finishes, while the later ones run
-        for seq, token in zip(seqs, step_tokens):
-            if seq.is_finished:
-                continue
-            gen.scheduler.commit(Batch([Chunk(seq, seq.num_computed, 1)]))
-            seq.output_ids.append(token)
-            seq.token_times.append(now)
-            events.append(gen._token_event(seq, token, None, events))
-    # timed until its last tokens were known, as a step is
-    gen._record(f"{path}, burst" if device else "fused cpu, greedy burst", start, steps, end=now)
+    try:
+        for step_tokens, now in burst:  # on a GPU, each step's tokens as it finishes, while the later ones run
+            for seq, token in zip(seqs, step_tokens):
+                if seq.is_finished:
+                    continue
+                gen.scheduler.commit(Batch([Chunk(seq, seq.num_computed, 1)]))
+                seq.output_ids.append(token)
+                seq.token_times.append(now)
+                events.append(gen._token_event(seq, token, None, events))
+    finally:  # counted in num_steps above: recorded even when a read-back or a detokenizer raises part way
+        # timed until its last tokens were known, as a step is
+        gen._record(f"{path}, burst" if device else "fused cpu, greedy burst", start, steps, end=now)
 
 
 __all__ = ["burst_length", "greedy_burst"]

@@ -199,3 +199,33 @@ def test_a_burst_turns_each_step_into_events_before_reading_the_next_steps_token
     gen.step(), gen.step()  # the prefill, then a decode step and a burst of three
     assert order == ["event", "event", "get", "event", "get", "event", "get", "event"]
     assert readback.Readback(torch.tensor([3, 4])).get()[0] == [3, 4]
+
+
+@pytest.mark.parametrize("fused", [False, None], ids=["forward_batch", "fused cpu"])
+def test_a_burst_whose_detokenizer_raises_part_way_still_records_its_steps(fused):
+    """Regression: a burst counted its steps in ``num_steps`` before turning them into events, and recorded them in
+    ``step_paths`` only after the last, so a tokenizer raising part way left ``RunStats.steps`` above the sum of
+    ``step_paths``."""
+    from llmspeed.generation import fused_decode
+
+    if fused is None and fused_decode.unavailable() is not None:
+        pytest.skip("the C++ decode kernel cannot build here")
+
+    class Raising(CharTokenizer):
+        calls = 0
+
+        def decode(self, ids, skip_special_tokens=False):
+            Raising.calls += 1
+            if Raising.calls == 9:  # two windows a token: the burst's third token
+                raise RuntimeError("injected")
+            return super().decode(ids, skip_special_tokens)
+
+    model = llmspeed.models.tiny("llama", seed=0)
+    model.tokenizer = Raising()
+    gen = Generator(model, progress=False, num_scheduler_steps=4, fused_decode=fused)
+    out = gen.generate_batched([[65, 66, 67]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert out.finish_reason == "error" and "injected" in out.error and len(out.token_ids) == 5
+    paths = gen.stats.step_paths
+    assert any(path.endswith("greedy burst") for path in paths), paths
+    assert sum(steps for steps, _ in paths.values()) == gen.stats.steps == gen.num_steps
+    assert gen.blocks.num_free == gen.blocks.num_blocks
