@@ -229,3 +229,28 @@ def test_a_burst_whose_detokenizer_raises_part_way_still_records_its_steps(fused
     assert any(path.endswith("greedy burst") for path in paths), paths
     assert sum(steps for steps, _ in paths.values()) == gen.stats.steps == gen.num_steps
     assert gen.blocks.num_free == gen.blocks.num_blocks
+
+
+def test_bursts_past_a_request_end_stay_within_the_context_of_every_row():
+    """A burst past a request's end still computes every row each step: it may not be longer than the room the
+    request nearest the context limit has, or that row would run positions past the model's (past a longrope
+    model's original context, the whole batch's rotary factors change)."""
+    model = llmspeed.models.tiny("llama", seed=5, max_position_embeddings=40)
+    prompts = [[7] * 33, [1, 2, 3]]  # the first has 5 tokens of room at its first burst, the second 27 left
+    params = [SamplingParams(max_new_tokens=100, ignore_eos=True), SamplingParams(max_new_tokens=30, ignore_eos=True)]
+    single = _run(model, prompts, params, 1)[1]
+    positions = []
+    forward = model.forward_batch
+
+    def spy(ids, pos, *args, **kwargs):
+        positions.append(int(pos.max()))
+        return forward(ids, pos, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(greedy_burst, "past_ends", lambda device: True)
+        mp.setattr(model, "forward_batch", spy)
+        gen, burst = _run(model, prompts, params, 8)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert [(len(o.token_ids), o.finish_reason) for o in burst] == [(7, "length"), (30, "length")]
+    assert gen.step_paths[BURST][0] > 0 and max(positions) == 38  # a 40-token context's last computed position
+    assert gen.blocks.num_free == gen.blocks.num_blocks
