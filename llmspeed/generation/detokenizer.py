@@ -25,7 +25,8 @@ _PLAIN_DECODE = {"decode": "transformers.tokenization_utils_base", "_decode": "t
 def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
     """``ids -> text`` through the Rust tokenizer itself, where that is exactly what ``tokenizer.decode(ids,
     skip_special_tokens=True)`` returns: a transformers fast tokenizer whose ``decode`` and ``_decode`` no subclass
-    overrides and which cleans up no spaces. ``None`` otherwise (the detokenizer then calls ``decode``).
+    overrides (nor the instance itself) and which cleans up no spaces. ``None`` otherwise (the detokenizer then calls
+    ``decode``).
 
     transformers' wrapper costs several times the Rust decode of a short window, and a request decodes two windows
     a token: host time a big batch pays every step, which a GPU waits for (measured in docs/batching.md)."""
@@ -33,6 +34,8 @@ def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
     if backend is None or not callable(getattr(backend, "decode", None)) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return None
     for name, module in _PLAIN_DECODE.items():
+        if name in getattr(tokenizer, "__dict__", {}):  # set on the instance (a wrapper, a patch): decode is not plain
+            return None
         owner = next((c for c in type(tokenizer).__mro__ if name in c.__dict__), None)
         if owner is None or owner.__module__ != module:
             return None

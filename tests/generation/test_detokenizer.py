@@ -249,3 +249,20 @@ def test_the_rust_decode_is_used_only_where_it_is_what_decode_returns(smollm2_ca
     word = tok.encode(" hello", add_special_tokens=False)
     assert backend_decode(custom) is None
     assert "".join(Detokenizer(custom, [], ()).add(t) for t in word) == " HELLO" and calls
+
+
+def test_a_decode_set_on_the_tokenizer_instance_is_called(smollm2_cached):
+    """Regression: only the class was checked for an overridden ``decode``, so a wrapper set on the instance (as
+    ``monkeypatch.setattr(tokenizer, "decode", ...)`` or a post-processing wrapper does) was passed over for the
+    Rust decode, and the text was not what ``tokenizer.decode`` gives."""
+    import copy
+
+    from llmspeed.generation.detokenizer import backend_decode
+
+    tok = copy.deepcopy(smollm2_cached.tokenizer)
+    plain = tok.decode
+    tok.decode = lambda ids, skip_special_tokens=False, **kwargs: plain(ids, skip_special_tokens=skip_special_tokens).upper()
+    word = tok.encode(" hello", add_special_tokens=False)
+    assert backend_decode(tok) is None
+    assert "".join(Detokenizer(tok, [], ()).add(t) for t in word) == " HELLO"
+
