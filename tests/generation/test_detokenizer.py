@@ -266,3 +266,18 @@ def test_a_decode_set_on_the_tokenizer_instance_is_called(smollm2_cached):
     assert backend_decode(tok) is None
     assert "".join(Detokenizer(tok, [], ()).add(t) for t in word) == " HELLO"
 
+
+
+def test_the_rust_decode_skips_tokens_the_user_added_as_decode_does(smollm2_cached):
+    """Tokens added with ``add_tokens`` are kept and those added as special (``add_special_tokens``, ``add_tokens(...,
+    special_tokens=True)``) dropped, by the Rust decode as by ``tokenizer.decode``."""
+    import copy
+
+    tok = copy.deepcopy(smollm2_cached.tokenizer)
+    tok.add_tokens(["<foo>", " barbaz"])
+    tok.add_tokens(["<sp2>"], special_tokens=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<spec>"]})
+    ids = tok.encode("hi <foo> x barbaz<sp2>y <spec> end", add_special_tokens=False)
+    fast, slow, deltas = _both(tok, [], ids)
+    assert all(a == b for a, b in deltas) and fast.text == slow.text == tok.decode(ids, skip_special_tokens=True)
+    assert "<foo>" in fast.text and "<sp2>" not in fast.text and "<spec>" not in fast.text
