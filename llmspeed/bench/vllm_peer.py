@@ -74,8 +74,12 @@ def measure(model: Any, prompts: list[list[int]], lengths: list[int], *, context
     """Save ``model`` (an ``llmspeed.Model``) as a checkpoint folder and measure vLLM on it in a child process.
 
     Returns the child's result, or ``{"error": why}`` when vLLM is unavailable, crashes, hangs past ``timeout``
-    seconds or returns other token counts.
+    seconds (then the child and the processes it started, vLLM's engine among them, are killed) or returns other
+    token counts.
     """
+    import contextlib
+    import os
+    import signal
     import subprocess
     import tempfile
 
@@ -85,15 +89,23 @@ def measure(model: Any, prompts: list[list[int]], lengths: list[int], *, context
     with tempfile.TemporaryDirectory(dir=workdir) as folder:
         model.hf.save_pretrained(folder, safe_serialization=True)
         job = json.dumps({"prompts": prompts, "lengths": lengths, "context": context, "steps": steps})
-        try:
-            done = subprocess.run([sys.executable, "-m", "llmspeed.bench.vllm_peer", folder], input=job,
-                                  capture_output=True, text=True, timeout=timeout)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return {"error": f"vLLM did not finish within {timeout:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = " ".join(done.stderr.strip().splitlines()[-3:])[-400:]
-        return {"error": f"vLLM's run failed (exit {done.returncode}): {tail}"}
+        # a session of its own: vLLM runs its engine in processes it starts, which a timeout must end too (killing
+        # the child alone left them holding the GPU's memory)
+        with subprocess.Popen([sys.executable, "-m", "llmspeed.bench.vllm_peer", folder], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as child:  # fmt: skip
+            try:
+                out, err = child.communicate(job, timeout=timeout)
+            except BaseException as exc:  # a Ctrl-C too, as subprocess.run kills its child then
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    return {"error": f"vLLM did not finish within {timeout:.0f} s"}
+                raise
+    lines = out.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        tail = " ".join(err.strip().splitlines()[-3:])[-400:]
+        return {"error": f"vLLM's run failed (exit {child.returncode}): {tail}"}
     return json.loads(lines[-1])
 
 

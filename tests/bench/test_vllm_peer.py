@@ -37,8 +37,16 @@ class LLM:
             assert json.load(f)["model_type"] == "llama"
         if MODE == "crash":
             raise RuntimeError("CUDA out of memory (stand-in)")
+        if MODE == "hang":  # its engine core runs in a process of its own, as vLLM's V1 engine does
+            import subprocess, sys
+            core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            with open(os.environ["FAKE_VLLM_PIDFILE"], "w") as f:
+                f.write(str(core.pid))
 
     def generate(self, prompts, params, use_tqdm=True):
+        if MODE == "hang":
+            import time
+            time.sleep(120)
         params = params if isinstance(params, list) else [params] * len(prompts)
         assert all(isinstance(p["prompt_token_ids"], list) for p in prompts)
         short = 1 if MODE == "short" else 0
@@ -89,3 +97,34 @@ def test_without_vllm_or_a_gpu_the_reason_is_given():
     assert (vllm_peer.unavailable() is None) == here
     if not here:
         assert vllm_peer.measure(None, [], []) == {"error": vllm_peer.unavailable()}
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_vllm_run_past_the_timeout_ends_with_the_processes_it_started(stand_in, monkeypatch):
+    """Regression: a timeout killed the child alone, and the processes vLLM starts (its engine core) lived on,
+    holding the GPU's memory while the suite went on."""
+    import signal
+    import time
+
+    pidfile = stand_in / "core.pid"
+    monkeypatch.setenv("FAKE_VLLM_MODE", "hang")
+    monkeypatch.setenv("FAKE_VLLM_PIDFILE", str(pidfile))
+    peer = vllm_peer.measure(llmspeed.models.tiny("llama", seed=0), [[1, 2, 3]], [3], context=8, steps=2, timeout=8)
+    assert peer == {"error": "vLLM did not finish within 8 s"}
+    core = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 5
+        while _alive(core) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(core)
+    finally:
+        if _alive(core):
+            os.kill(core, signal.SIGKILL)
