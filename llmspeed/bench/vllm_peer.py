@@ -8,8 +8,9 @@ llmspeed's run computes. Its start-up (weights, compilation, CUDA graph capture)
 warm-up is not.
 
 Run as ``python -m llmspeed.bench.vllm_peer MODEL_DIR`` with the job (JSON: ``prompts``, ``lengths``,
-``context``, ``steps``) on stdin, it prints one JSON line: ``seconds`` for the workload, ``decode_step`` (seconds
-per token at batch 1 over ``context`` tokens) and ``version``.
+``context``, ``steps``) on stdin, it prints one line, :data:`RESULT` and then JSON (vLLM logs to stdout too, also
+after it): ``seconds`` for the workload, ``decode_step`` (seconds per token at batch 1 over ``context`` tokens) and
+``version``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import statistics
 import sys
 import time
 from typing import Any
+
+RESULT = "llmspeed vllm_peer result: "
+"""How the child's result line begins, told from vLLM's log lines (``VLLM_LOGGING_STREAM`` is stdout by default)."""
 
 
 def unavailable() -> str | None:
@@ -102,7 +106,7 @@ def measure(model: Any, prompts: list[list[int]], lengths: list[int], *, context
                 if isinstance(exc, subprocess.TimeoutExpired):
                     return {"error": f"vLLM did not finish within {timeout:.0f} s"}
                 raise
-    lines = out.strip().splitlines()
+    lines = [line[len(RESULT) :] for line in out.splitlines() if line.startswith(RESULT)]
     if child.returncode != 0 or not lines:
         tail = " ".join(err.strip().splitlines()[-3:])[-400:]
         return {"error": f"vLLM's run failed (exit {child.returncode}): {tail}"}
@@ -110,4 +114,4 @@ def measure(model: Any, prompts: list[list[int]], lengths: list[int], *, context
 
 
 if __name__ == "__main__":
-    print(json.dumps(_run(sys.argv[1], json.load(sys.stdin))))
+    print(RESULT + json.dumps(_run(sys.argv[1], json.load(sys.stdin))), flush=True)

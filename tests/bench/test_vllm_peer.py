@@ -37,6 +37,10 @@ class LLM:
             assert json.load(f)["model_type"] == "llama"
         if MODE == "crash":
             raise RuntimeError("CUDA out of memory (stand-in)")
+        if MODE == "chatty":  # vLLM logs to stdout (VLLM_LOGGING_STREAM), at its shutdown too
+            import atexit
+            print("INFO 12-06 llm_engine.py:1] loading (stand-in)")
+            atexit.register(print, "INFO 12-06 core.py:1] shutting down the engine core (stand-in)")
         if MODE == "hang":  # its engine core runs in a process of its own, as vLLM's V1 engine does
             import subprocess, sys
             core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -97,6 +101,14 @@ def test_without_vllm_or_a_gpu_the_reason_is_given():
     assert (vllm_peer.unavailable() is None) == here
     if not here:
         assert vllm_peer.measure(None, [], []) == {"error": vllm_peer.unavailable()}
+
+
+def test_log_lines_vllm_prints_on_stdout_after_the_result_are_passed_over(stand_in, monkeypatch):
+    """Regression: the parent read the child's last stdout line as the JSON result, but vLLM logs to stdout (its
+    shutdown too), so a run that worked raised a JSONDecodeError that ended the whole suite."""
+    monkeypatch.setenv("FAKE_VLLM_MODE", "chatty")
+    peer = vllm_peer.measure(llmspeed.models.tiny("llama", seed=0), [[1, 2, 3], [4, 5]], [3, 5], context=8, steps=2)
+    assert peer["version"] == "0.0-stand-in" and peer["seconds"] > 0, peer
 
 
 def _alive(pid: int) -> bool:
