@@ -60,13 +60,17 @@ def decode_step_llmspeed(model: Any, context: int = 128, steps: int = 16, **gene
 
 
 def decode_path(model: Any, generator_kwargs: dict) -> str:
-    """Which path a Generator's decode steps take for ``model``: ``fused CPU step`` or ``generic path``."""
+    """Which path a Generator's decode steps take for ``model``: ``fused CPU step``, ``generic path``, ``CUDA graphs``
+    or ``eager``, followed by ``, greedy bursts of k`` with ``num_scheduler_steps=k`` above 1 (the GPU suite times
+    both on one model: the same label would name two rows)."""
     from ..generation import Generator
 
+    burst = generator_kwargs.get("num_scheduler_steps", 1)
+    bursts = f", greedy bursts of {burst}" if burst > 1 else ""
     if model.spec.device.type != "cpu":
-        return "CUDA graphs" if generator_kwargs.get("cuda_graphs", True) else "eager"
+        return ("CUDA graphs" if generator_kwargs.get("cuda_graphs", True) else "eager") + bursts
     gen = Generator(model, progress=False, kv_cache_tokens=16, block_size=16, **generator_kwargs)
-    return "fused CPU step" if gen.fused_decode_status == "on" else "generic path"
+    return ("fused CPU step" if gen.fused_decode_status == "on" else "generic path") + bursts
 
 
 def decode_step_hf(hf: Any, context: int = 128, steps: int = 16) -> float:

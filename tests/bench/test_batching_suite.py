@@ -16,6 +16,15 @@ def test_decode_path_labels_follow_the_generator():
     assert suite.decode_path(llama, {}) == expected
     assert suite.decode_path(llama, {"fused_decode": False}) == "generic path"
     assert suite.decode_path(llmspeed.models.tiny("llama", seed=0, hidden_act="gelu"), {}) == "generic path"
+    # regression: the GPU suite's two batch-1 rows (one token a step, and greedy bursts of 8) had the same label
+    from types import SimpleNamespace
+
+    import torch
+
+    gpu = SimpleNamespace(spec=SimpleNamespace(device=torch.device("cuda")))
+    assert suite.decode_path(gpu, {}) == "CUDA graphs"
+    assert suite.decode_path(gpu, {"num_scheduler_steps": 8}) == "CUDA graphs, greedy bursts of 8"
+    assert suite.decode_path(llama, {"fused_decode": False, "num_scheduler_steps": 4}) == "generic path, greedy bursts of 4"
 
 
 def test_decode_step_is_timed_on_both_paths_and_weights_are_counted_once(monkeypatch):
