@@ -43,9 +43,11 @@ def _run(model_dir: str, job: dict[str, Any]) -> dict[str, Any]:
     import vllm
     from vllm import LLM, SamplingParams
 
+    # no prefix caching (on by default in vLLM's V1 engine): the warm-up's prompts would be cached for the timed
+    # run, which would skip their prefill, where llmspeed's generator (prefix_caching=False) computes every token
     llm = LLM(model=model_dir, dtype="bfloat16", skip_tokenizer_init=True, seed=0,
               gpu_memory_utilization=job.get("gpu_memory_utilization", 0.6),
-              max_num_seqs=job.get("max_num_seqs", 256))  # fmt: skip
+              max_num_seqs=job.get("max_num_seqs", 256), enable_prefix_caching=False)  # fmt: skip
 
     def params(n: int) -> Any:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)

@@ -31,8 +31,11 @@ class _Request:
         self.outputs = [_Out(ids)]
 
 class LLM:
-    def __init__(self, model, dtype, skip_tokenizer_init, seed, gpu_memory_utilization, max_num_seqs):
+    def __init__(self, model, dtype, skip_tokenizer_init, seed, gpu_memory_utilization, max_num_seqs,
+                 enable_prefix_caching=None):
         assert skip_tokenizer_init and dtype == "bfloat16"
+        # on by default in vLLM: the timed run would find the warm-up's prompts cached
+        assert enable_prefix_caching is False, "the timed run must compute every prompt token, as llmspeed's"
         with open(os.path.join(model, "config.json")) as f:
             assert json.load(f)["model_type"] == "llama"
         if MODE == "crash":
