@@ -76,3 +76,28 @@ def test_a_wider_captured_graph_serves_shorter_contexts_without_a_new_capture(mo
     graphs.run(_step([([24], 3, 1, 5)] * 3))  # 3 rows: another batch bucket, captured
     assert captured == [(2, 32), (4, 4)]
     assert graphs.run(_step([([25], 0, 1, 6)] * 9)) is None  # more rows than max_batch: the step runs eagerly
+
+
+def test_a_replay_takes_the_device_ids_of_a_burst_over_the_host_placeholders():
+    """``_Graph.replay`` fills the graph's static inputs from the host, then the burst's ids (the previous step's
+    argmax, on the device) over the ids: copied after the host's placeholders, before the replay, rows past ``n``
+    padded. Checked on the CPU with a stand-in for the captured graph (capturing needs a GPU)."""
+    from llmspeed.generation.cuda_graphs import _Graph
+
+    graph = object.__new__(_Graph)  # the static buffers of a 4-row, 2-block graph, without a capture
+    graph.block_size = 4
+    graph.ids, graph.pos, graph.slots, graph.lens = (torch.full((4,), -1) for _ in range(4))
+    graph.blocks = torch.full((8,), -1)
+    seen = {}
+
+    class Captured:
+        def replay(self):
+            seen["ids"], seen["pos"], seen["blocks"] = graph.ids.tolist(), graph.pos.tolist(), graph.blocks.tolist()
+
+    graph.graph, graph.logits = Captured(), torch.arange(40.0).reshape(4, 10)
+    logits = graph.replay([0, 0, 0], [5, 2, 6], [9, 14, 26], [[0, 2], [3], [6, 7]], [6, 3, 7], 2, 39,
+                          torch.tensor([21, 22, 23]))  # fmt: skip
+    assert seen["ids"] == [21, 22, 23, 0] and seen["pos"] == [5, 2, 6, 0]
+    assert seen["blocks"] == [0, 2, 3, 39, 6, 7, 39, 39] and logits.shape == (3, 10)
+    graph.replay([11, 12], [1, 2], [1, 2], [[0], [0]], [2, 3], 2, 39)  # a single step: the host's ids
+    assert seen["ids"] == [11, 12, 0, 0]
