@@ -254,3 +254,22 @@ def test_bursts_past_a_request_end_stay_within_the_context_of_every_row():
     assert [(len(o.token_ids), o.finish_reason) for o in burst] == [(7, "length"), (30, "length")]
     assert gen.step_paths[BURST][0] > 0 and max(positions) == 38  # a 40-token context's last computed position
     assert gen.blocks.num_free == gen.blocks.num_blocks
+
+
+def test_a_burst_hands_each_step_its_ids_on_the_device_to_the_cuda_graphs(llama):
+    """A burst's step offers the CUDA graphs the previous step's argmax as its ids (the host's ``step.ids`` are
+    placeholders); a stand-in for the graphs records them and declines, so ``forward_batch`` runs the steps."""
+    calls = []
+
+    class Graphs:
+        def run(self, step, ids=None):
+            calls.append((step.positions, None if ids is None else ids.tolist()))
+            return None
+
+    gen = Generator(llama, progress=False, num_scheduler_steps=4, fused_decode=False)
+    rid = gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    gen.step()  # the prefill (a mixed step: not offered to the graphs)
+    gen.runner.graphs = Graphs()
+    gen.step()  # a decode step and a burst of three
+    out = gen._seqs[rid].output_ids
+    assert calls == [([3], None), ([4], [out[1]]), ([5], [out[2]]), ([6], [out[3]])]
