@@ -73,7 +73,9 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     part way drops the tokens computed after its end.
     """
     seqs = [c.seq for c in batch.chunks]
-    device = gen.runner.fused is None  # sampled on the device (random rows drawing from their generators), or in C++
+    # sampled on the device (random rows drawing from their generators), or, after a fused CPU step, argmaxes in C++;
+    # a step the fused step left to forward_batch has its burst there too
+    device = path != "fused cpu"
     steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps, past_ends(gen.device), device)
     if steps < 1:
         return
@@ -89,7 +91,7 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
 
     random = any(not p.greedy for p in params)
     burst = gen.runner.burst_steps(rows, steps, adapters if any(a is not None for a in adapters) else None,
-                                   sample if random else None)  # fmt: skip
+                                   sample if random else None, fused=not device)  # fmt: skip
     if burst is None:  # the model changed under the step: the next step() takes it from here
         return
     gen.num_steps += steps

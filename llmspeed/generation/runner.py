@@ -222,15 +222,17 @@ class ModelRunner:
 
     def burst_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
                     adapters: list[str | Literal[False] | None] | None,
-                    sample: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[list[int], float]] | None:  # fmt: skip
+                    sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    fused: bool = True) -> Iterator[tuple[list[int], float]] | None:  # fmt: skip
         """``steps`` decode steps of the rows ``(block_table, position, token)`` back to back, each row's token of a
         step the next step's input: per step, its tokens (one per row) and the ``time.perf_counter()`` at which they
         were known, or ``None`` where the steps cannot run that way (then the caller goes on one step at a time).
         ``sample`` maps a step's logits ``[n, V]`` to its tokens ``[n]`` on the device (:func:`~.sampling.sample_ids`);
         ``None``: each row's argmax. Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
 
-        With the fused CPU step, greedy only, one C++ call (:meth:`.fused_decode.FusedDecode.greedy_steps`).
-        Otherwise each step runs as :meth:`run` would (a CUDA graph replay where one is captured, else
+        With the fused CPU step, where ``fused`` (the step before ran on it), greedy only, one C++ call
+        (:meth:`.fused_decode.FusedDecode.greedy_steps`). Otherwise (a batch the fused step leaves to the generic path,
+        e.g. more rows than its ``max_rows``, has its burst there too) each step runs as :meth:`run` would (a CUDA graph replay where one is captured, else
         ``forward_batch``), its input ids the previous step's tokens on the device: on a GPU the host queues every
         step without waiting for any, and each step's tokens come back behind it (:class:`~.readback.Readback`), so
         the caller turns the first steps' tokens into events while the GPU runs the later ones. The tokens are those
@@ -241,7 +243,7 @@ class ModelRunner:
         bs = self.cache.block_size
         check_room(rows, steps, bs)
         with step_lock(self.model.module):
-            if self.fused is not None:  # its C++ loop takes argmaxes only
+            if self.fused is not None and fused:  # its C++ loop takes argmaxes only
                 burst = None if sample is not None else self.fused.greedy_steps(rows, steps, adapters)
                 return None if burst is None else zip(*burst)
             if steps < 1 or not rows:

@@ -355,3 +355,19 @@ def test_burst_length_is_the_longest_burst_the_free_blocks_hold(free, expected):
     assert blocks.num_free == free and burst_length([seq], scheduler, blocks, 8) == expected
     scheduler.running.append(Sequence(1, [4], SamplingParams()))  # a running request the batch left out: no burst
     assert burst_length([seq], scheduler, blocks, 8) == 0
+
+
+def test_a_batch_the_fused_step_leaves_to_the_generic_path_bursts_there():
+    """Regression: with the fused step on, a decode step it left to ``forward_batch`` (more rows than its
+    ``max_rows``: 32 on AVX-512 CPUs without AMX) took the burst's blocks and then asked the fused step for the burst,
+    which declined it as well: no batch that big ever burst."""
+    model = llmspeed.models.tiny("llama", seed=0)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8]]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    single = _run(model, prompts, params, 1)[1]
+    gen = Generator(model, progress=False, num_scheduler_steps=8, kv_cache_tokens=2048)
+    gen.runner.fused.max_rows = 2  # three requests: their decode steps run on the generic path
+    burst = gen.generate_batched(prompts, params)
+    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
+    assert "fused cpu" not in gen.step_paths and gen.step_paths["decode, burst"][0] > 20, gen.step_paths
+    assert gen.blocks.num_free == gen.blocks.num_blocks
