@@ -23,7 +23,9 @@ class Readback:
             self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)  # [n]
             self._host.copy_(ids, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            # on the stream the copy ran on, the ids' device's: the current device's (cuda:0 for a model on cuda:1)
+            # would let get() read the buffer before the copy
+            self._event.record(torch.cuda.current_stream(ids.device))
 
     def get(self) -> tuple[list[int], float]:
         """The ids, and the ``time.perf_counter()`` at which the host had them (waits for the step if needed)."""

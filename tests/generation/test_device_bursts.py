@@ -273,3 +273,36 @@ def test_a_burst_hands_each_step_its_ids_on_the_device_to_the_cuda_graphs(llama)
     gen.step()  # a decode step and a burst of three
     out = gen._seqs[rid].output_ids
     assert calls == [([3], None), ([4], [out[1]]), ([5], [out[2]]), ([6], [out[3]])]
+
+
+def test_a_readback_on_a_gpu_waits_for_the_copy_on_the_stream_of_the_ids_device(monkeypatch):
+    """Regression: the read-back's event was recorded on the current device's stream, so for a model on another GPU
+    (cuda:1) ``get`` waited for nothing and could read the pinned buffer before the copy of the ids landed. Checked on
+    the CPU with stand-ins for the CUDA calls."""
+    from llmspeed.generation import readback
+
+    recorded, copied = [], []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    class Host:
+        def copy_(self, src, non_blocking=False):
+            copied.append(non_blocking)
+
+        def tolist(self):
+            return [5, 6]
+
+    class Ids:  # what Readback reads of a CUDA tensor
+        device, shape, dtype = torch.device("cuda", 1), (2,), torch.long
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream", device))
+    monkeypatch.setattr(readback.torch, "empty", lambda *args, **kwargs: Host())
+    back = readback.Readback(Ids())
+    assert copied == [True] and recorded == [("stream", torch.device("cuda", 1))]
+    assert back.get()[0] == [5, 6]
