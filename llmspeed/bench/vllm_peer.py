@@ -16,6 +16,7 @@ after it): ``seconds`` for the workload, ``decode_step`` (seconds per token at b
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 RESULT = "llmspeed vllm_peer result: "
 """How the child's result line begins, told from vLLM's log lines (``VLLM_LOGGING_STREAM`` is stdout by default)."""
+_RAISED = re.compile(r"\b(\w+(?:Error|Exception): .*)")  # an exception's line in a traceback, logged or printed
 
 
 def unavailable() -> str | None:
@@ -110,9 +112,18 @@ def measure(model: Any, prompts: list[list[int]], lengths: list[int], *, context
                 raise
     lines = [line[len(RESULT) :] for line in out.splitlines() if line.startswith(RESULT)]
     if child.returncode != 0 or not lines:
-        tail = " ".join(err.strip().splitlines()[-3:])[-400:]
-        return {"error": f"vLLM's run failed (exit {child.returncode}): {tail}"}
+        return {"error": f"vLLM's run failed (exit {child.returncode}): {_failure(out, err)}"}
     return json.loads(lines[-1])
+
+
+def _failure(out: str, err: str) -> str:
+    """The last lines of the child's stderr, after the cause vLLM logged (on stdout) where they do not hold it: a
+    failure in vLLM's engine core is logged there, and the child's own traceback ends with "Engine core
+    initialization failed. See root cause above"."""
+    tail = " ".join(err.strip().splitlines()[-3:])[-400:]
+    causes = [m.group(1).strip() for line in (out + "\n" + err).splitlines()
+              if (m := _RAISED.search(line)) and "root cause above" not in line]  # fmt: skip
+    return tail if not causes or causes[-1] in tail else f"{causes[-1][:300]} ... {tail}"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class LLM:
             assert json.load(f)["model_type"] == "llama"
         if MODE == "crash":
             raise RuntimeError("CUDA out of memory (stand-in)")
+        if MODE == "engine":  # vLLM's engine core logs why it failed (on stdout); the LLM then raises this
+            print("(EngineCore pid=7) ERROR 12-06 [core.py:1] ValueError: No available memory for the cache blocks. "
+                  "Try increasing `gpu_memory_utilization`.")
+            raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
         if MODE == "chatty":  # vLLM logs to stdout (VLLM_LOGGING_STREAM), at its shutdown too
             import atexit
             print("INFO 12-06 llm_engine.py:1] loading (stand-in)")
@@ -78,7 +82,9 @@ def test_vllm_runs_the_workload_from_a_checkpoint_folder_in_a_child(stand_in):
 
 
 @pytest.mark.parametrize("mode, error", [("crash", r"vLLM's run failed \(exit 1\): .*CUDA out of memory"),
-                                         ("short", r"vLLM's run failed .*returned 6 tokens where 8 were asked for")])
+                                         ("short", r"vLLM's run failed .*returned 6 tokens where 8 were asked for"),
+                                         ("engine", r"vLLM's run failed \(exit 1\): ValueError: No available memory "
+                                                    r"for the cache blocks.* See root cause above")])
 def test_a_vllm_run_that_fails_becomes_a_reason(stand_in, monkeypatch, mode, error):
     monkeypatch.setenv("FAKE_VLLM_MODE", mode)
     peer = vllm_peer.measure(llmspeed.models.tiny("llama", seed=0), [[1, 2, 3], [4, 5]], [3, 5], context=8, steps=2)
