@@ -40,8 +40,10 @@ def check_room(rows: Sequence[tuple[Sequence[int], int, int]], steps: int, block
     cache, or a scratch block)."""
     short = [i for i, (table, p, _) in enumerate(rows) if len(table) * block_size < p + steps]
     if short:
+        table, p, _ = rows[short[0]]
         raise ValueError(f"rows {short}: each block table must hold position + steps tokens for steps={steps}; "
-                         f"grow them first")  # fmt: skip
+                         f"row {short[0]} is at position {p}, its {len(table)} blocks of {block_size} hold "
+                         f"{len(table) * block_size}: grow them first")  # fmt: skip
 
 
 class BlockManager:

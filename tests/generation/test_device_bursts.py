@@ -102,8 +102,9 @@ def test_burst_steps_refuse_block_tables_too_short_for_the_burst(llama):
     (seq,) = gen.scheduler.running
     gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens)  # room for one step, not five
     row = (seq.block_table, seq.num_computed, seq.output_ids[-1])
-    with pytest.raises(ValueError, match=r"rows \[0\]: each block table must hold position \+ steps tokens for steps=5"):
-        gen.runner.burst_steps([row], 5, None)
+    with pytest.raises(ValueError, match=r"rows \[0\]: each block table must hold position \+ steps tokens for steps=5; "
+                                         r"row 0 is at position 3, its 1 blocks of 4 hold 4: grow them first"):
+        gen.runner.burst_steps([row], 5, None)  # what was given too (regression: only what was wanted)
     assert gen.runner.burst_steps([row], 0, None) is None
     ((tokens, known),) = list(gen.runner.burst_steps([row], 1, None))
     assert len(tokens) == 1 and known > 0
