@@ -307,3 +307,25 @@ def test_a_readback_on_a_gpu_waits_for_the_copy_on_the_stream_of_the_ids_device(
     back = readback.Readback(Ids())
     assert copied == [True] and recorded == [("stream", torch.device("cuda", 1))]
     assert back.get()[0] == [5, 6]
+
+
+def test_bursts_past_a_request_end_leave_the_prefix_cache_as_single_steps_do():
+    """A burst past a request's end writes only into blocks the request holds alone, beyond its last token: the
+    blocks it shares (a common prompt prefix) and those it registered stay as single steps leave them, so a later
+    prompt served from them gets the single steps' tokens."""
+    model = _BASE[0]
+    shared = [(7 * j) % 256 for j in range(20)]  # a full block of 16 shared by both prompts
+    prompts = [shared + [1, 2], shared + [3, 4, 5]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (13, 30)]  # the first ends mid-burst
+    results = {}
+    for past in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(greedy_burst, "past_ends", lambda device, past=past: past)
+            gen = Generator(model, progress=False, num_scheduler_steps=8, fused_decode=False, prefix_caching=True,
+                            kv_cache_tokens=512)  # fmt: skip
+            first = gen.generate_batched(prompts, params)
+            again = gen.generate_batched([prompts[0] + first[0].token_ids[:12]],
+                                         SamplingParams(max_new_tokens=6, ignore_eos=True))[0]  # fmt: skip
+        assert gen.blocks.num_free == gen.blocks.num_blocks and gen.step_paths[BURST][0] > 0
+        results[past] = ([o.token_ids for o in first], again.token_ids, again.metrics.cached_tokens)
+    assert results[True] == results[False] and results[True][2] == 32  # two full blocks served from the cache
