@@ -94,6 +94,9 @@ def measure(model: Any, prompts: list[list[int]], lengths: list[int], *, context
     why = unavailable()
     if why is not None:
         return {"error": why}
+    import torch
+
+    torch.cuda.empty_cache()  # vLLM takes gpu_memory_utilization of the GPU's memory; the parent's cached blocks count
     with tempfile.TemporaryDirectory(dir=workdir) as folder:
         model.hf.save_pretrained(folder, safe_serialization=True)
         job = json.dumps({"prompts": prompts, "lengths": lengths, "context": context, "steps": steps})
