@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 
+from .categorical import filter_rows, sample_rows
+
 # Below this temperature sampling is greedy: dividing by it would overflow to inf / NaN (vLLM uses the same bound).
 GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20
@@ -244,26 +246,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     row = logits[None]  # [1, V]
     k = torch.tensor([min(top_k, logits.shape[-1])], device=logits.device)  # a k past the vocabulary keeps all
     p = torch.tensor([float(top_p)], device=logits.device)
-    return _filter_rows(row, k, p)[0]
-
-
-def _filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per-row top-k / top-p filtering: logits ``[N, V]``, top_k ``[N]`` (0 = off), top_p ``[N]`` (1 = off)."""
-    vocab = logits.shape[-1]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.zeros_like(top_k))  # [N]
-    if bool((k > 0).any()):
-        kmax = int(k.max())
-        kth = torch.topk(logits, kmax, dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [N, 1]
-        drop = (logits < kth) & (k > 0)[:, None]  # [N, V]
-        logits = logits.masked_fill(drop, float("-inf"))
-    if bool((top_p < 1.0).any()):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [N, V], [N, V]
-        probs = torch.softmax(sorted_logits, dim=-1)  # [N, V]
-        before = probs.cumsum(-1) - probs  # [N, V] mass of the more likely tokens
-        drop_sorted = (before >= top_p[:, None]) & (top_p < 1.0)[:, None]  # [N, V]
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # [N, V]
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return filter_rows(row, k, p)[0]
 
 
 def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequence[RowContext]) -> torch.Tensor:
@@ -308,9 +291,9 @@ def sample_batch(
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Pick one token per row; return the tokens and, for rows that asked, their log-probabilities.
 
-    Greedy rows take the argmax; random rows add Gumbel noise drawn from their own generator to the
-    filtered, temperature-scaled logits and take the argmax (exactly a sample of the softmax), so a
-    row's result never depends on the other rows. One host transfer for the whole batch.
+    Greedy rows take the argmax; random rows take one exact sample of their filtered, temperature-scaled
+    softmax from one uniform number of their own generator (:func:`.categorical.sample_rows`), so a row's
+    result never depends on the other rows. One host transfer for the whole batch.
     """
     n = logits.shape[0]
     rows = rows if rows is not None else [RowContext()] * n
@@ -355,12 +338,10 @@ def sample_ids(
         # a top_k past the vocabulary keeps every token; clamped so one past int64 (10**20) fails no batch
         top_k = torch.tensor([min(p.top_k, scores.shape[1]) for p in sub], device=dev)  # [R]
         top_p = torch.tensor([float(p.top_p) for p in sub], device=dev)  # [R]
-        scaled = _filter_rows(scores.index_select(0, idx) / temps[:, None], top_k, top_p)  # [R, V]
-        uniform = torch.stack(
-            [torch.rand(scaled.shape[1], generator=generators[i], device=dev) for i in random_rows]
-        )  # [R, V]
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))  # [R, V]
-        scores = scores.index_copy(0, idx, scaled + gumbel)  # [N, V]
+        every = len(random_rows) == n  # the usual batch: one kind of row, no copies of rows
+        scaled = (scores if every else scores.index_select(0, idx)) / temps[:, None]  # [R, V]
+        picked = sample_rows(scaled, top_k, top_p, [generators[i] for i in random_rows])  # [R]
+        return picked if every else argmax_rows(scores).to(dev).index_copy(0, idx, picked)
     return argmax_rows(scores)  # [N]
 
 

@@ -1,0 +1,102 @@
+"""The random rows of a step's sampler: one exact sample of each row's temperature-scaled, top-k / top-p filtered
+softmax, drawn from one uniform number of the row's own generator.
+
+:func:`filter_rows` is the filter written plainly (a full sort of the vocabulary for top-p); :func:`sample_rows`
+samples from what it keeps without the sort. Top-p keeps the most likely tokens until their mass reaches ``p``;
+those are among the largest ``m`` for the first ``m`` in 64, 256, 1024, ... whose mass reaches ``p``, so a partial
+``topk`` finds them (a real model's nucleus is usually short). The sample is the inverse of the kept tokens'
+cumulative weights at ``u`` times their total: one uniform a row, where the Gumbel-max trick took one per
+vocabulary entry and two logarithms of each (the cost of both is in docs/batching.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_FIRST_NUCLEUS = 64  # candidates of the first top-p pass; grown 4x while some row's nucleus is larger
+
+
+def filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k / top-p filtering: logits ``[N, V]``, top_k ``[N]`` (0 = off), top_p ``[N]`` (1 = off); the
+    dropped logits become ``-inf``. Top-p drops a token when the mass of the tokens more likely than it has reached
+    ``p``."""
+    logits = _top_k(logits, top_k)
+    if bool((top_p < 1.0).any()):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [N, V], [N, V]
+        probs = torch.softmax(sorted_logits, dim=-1)  # [N, V]
+        before = probs.cumsum(-1) - probs  # [N, V] mass of the more likely tokens
+        drop_sorted = (before >= top_p[:, None]) & (top_p < 1.0)[:, None]  # [N, V]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # [N, V]
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N, V]
+    vocab = logits.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.zeros_like(top_k))  # [N]
+    if not bool((k > 0).any()):
+        return logits
+    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [N, 1]
+    return logits.masked_fill((logits < kth) & (k > 0)[:, None], float("-inf"))
+
+
+def sample_rows(
+    scaled: torch.Tensor,  # [R, V] fp32 logits already divided by each row's temperature
+    top_k: torch.Tensor,  # [R] (0 = off)
+    top_p: torch.Tensor,  # [R] (1 = off)
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:  # [R] int64
+    """One token per row, distributed as the softmax of :func:`filter_rows`' output (up to fp32 rounding of the
+    cumulative weights, and at the nucleus' edge), from one ``torch.rand`` of the row's generator. A row with no finite logit (all ``-inf``, or a
+    NaN) takes its argmax, as the sampler's greedy rows do."""
+    dev = scaled.device
+    scaled = _top_k(scaled, top_k)
+    peak = scaled.amax(-1, keepdim=True)  # [R, 1]: NaN where a row has a NaN, -inf where it has nothing left
+    weight = torch.exp(scaled - peak)  # [R, V] unnormalized probabilities, 0 where dropped
+    uniform = torch.cat([torch.rand(1, generator=g, device=dev, dtype=torch.float64) for g in generators])  # [R]
+    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=dev)  # [R]
+    nucleus = top_p < 1.0  # [R]
+    plain = (~nucleus).nonzero()[:, 0]  # [P]
+    if plain.numel():
+        cdf = torch.cumsum(_rows(weight, plain), -1)  # [P, V] fp32: its rounding is the sample's only bias
+        tokens[plain] = _invert(cdf, uniform[plain]).clamp_(max=scaled.shape[1] - 1)
+    rows = nucleus.nonzero()[:, 0]  # [Q]
+    if rows.numel():
+        ids, kept = nucleus_weights(_rows(weight, rows), top_p[rows])  # [Q, m] each
+        pick = _invert(kept.cumsum(-1), uniform[rows]).clamp_(max=kept.shape[1] - 1)  # [Q]
+        tokens[rows] = ids.gather(1, pick[:, None])[:, 0]
+    bad = ~torch.isfinite(peak[:, 0])  # [R] nothing to sample from (or a +inf logit, which its argmax takes)
+    if bool(bad.any()):
+        tokens = torch.where(bad, scaled.argmax(-1), tokens)
+    return tokens
+
+
+def nucleus_weights(weight: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p tokens of each row of unnormalized probabilities ``weight`` ``[Q, V]``: the ids of its ``m`` largest
+    ``[Q, m]`` (most likely first) and their weights in float64 ``[Q, m]``, zero for those past the nucleus (the
+    tokens :func:`filter_rows` keeps for ``top_p`` ``[Q]``; every token past the ``m`` is dropped)."""
+    p = top_p.double()  # [Q]
+    total = weight.sum(-1, dtype=torch.float64)  # [Q]
+    m = min(_FIRST_NUCLEUS, weight.shape[1])
+    while True:
+        top, ids = torch.topk(weight, m, dim=-1)  # [Q, m] each, most likely first
+        mass = torch.cumsum(top, -1, dtype=torch.float64) / total[:, None]  # [Q, m]
+        if m == weight.shape[1] or bool((mass[:, -1] >= p).all()):
+            break
+        m = min(4 * m, weight.shape[1])
+    before = mass - top.double() / total[:, None]  # [Q, m] mass of the more likely tokens
+    return ids, top.double().masked_fill(before >= p[:, None], 0.0)
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R, V], [Q] -> [Q, V]
+    """``x``'s rows ``rows``, without a copy when they are all of them (the usual case: one kind of row)."""
+    return x if rows.numel() == x.shape[0] else x.index_select(0, rows)
+
+
+def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [Q, m], [Q] -> [Q]
+    """The first index whose cumulative weight passes ``u`` times the row's total (a zero weight is never picked)."""
+    total = cdf[:, -1]  # [Q]
+    target = torch.minimum((u * total.double()).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))  # [Q]
+    return torch.searchsorted(cdf, target[:, None].contiguous(), right=True)[:, 0]  # below the total: never past it

@@ -1,0 +1,88 @@
+"""The sampler's random rows (:mod:`llmspeed.generation.categorical`): exact samples of the filtered softmax from one
+uniform number a row, the nucleus found without a full sort, rows independent of each other."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from llmspeed.generation.categorical import _invert, filter_rows, nucleus_weights, sample_rows
+
+
+def _gens(n: int, base: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.7), (4, 0.8)])
+def test_samples_follow_the_filtered_softmax(top_k, top_p):
+    """20,000 draws of one 7-token row: each token's frequency within 5 standard deviations of its probability under
+    filter_rows' softmax, and no dropped token ever drawn."""
+    logits = torch.tensor([[2.0, 1.5, 0.3, -0.2, 1.9, -3.0, 0.0]])
+    n = 20_000
+    rows = logits.expand(n, -1).contiguous()
+    k, p = torch.full((n,), top_k), torch.full((n,), top_p)
+    tokens = sample_rows(rows, k, p, _gens(n))
+    probs = torch.softmax(filter_rows(logits, k[:1], p[:1]), -1)[0].double()  # [7]
+    counts = torch.bincount(tokens, minlength=7).double()
+    for tok in range(7):
+        expect = n * probs[tok]
+        sigma = math.sqrt(max(n * probs[tok] * (1 - probs[tok]), 1e-12))
+        assert abs(counts[tok] - expect) <= 5 * sigma, (tok, counts[tok], expect)
+    assert counts[probs == 0].sum() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=st.sampled_from([5, 64, 300, 1500, 5000]),
+    scale=st.sampled_from([0.3, 1.0, 3.0, 8.0]),
+    top_p=st.sampled_from([0.05, 0.5, 0.9, 0.99]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_nucleus_is_the_one_a_full_sort_keeps(vocab, scale, top_p, seed):
+    """The partial top-k passes (64, 256, 1024, ... candidates) keep exactly the tokens filter_rows keeps, for flat
+    and peaked rows whose nucleus needs one pass or several."""
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(seed)) * scale  # [3, V]
+    probs = torch.softmax(logits.double(), -1)
+    ordered = probs.sort(-1, descending=True).values
+    before = ordered.cumsum(-1) - ordered
+    assume(bool(((before - top_p).abs() > 1e-5).all()))  # no token within rounding of the edge
+    p = torch.full((3,), top_p)
+    reference = filter_rows(logits, torch.zeros(3, dtype=torch.long), p) > float("-inf")  # [3, V]
+    ids, kept = nucleus_weights(torch.exp(logits - logits.amax(-1, keepdim=True)), p)
+    mine = torch.zeros_like(reference).scatter(1, ids, kept > 0)
+    assert torch.equal(mine, reference)
+
+
+def test_a_row_draws_one_number_of_its_own_generator_whatever_shares_the_batch():
+    logits = torch.randn(4, 1000) * 2
+    k, p = torch.tensor([0, 5, 0, 0]), torch.tensor([1.0, 1.0, 0.9, 0.5])
+    together = sample_rows(logits, k, p, _gens(4, 10))
+    alone = [int(sample_rows(logits[i : i + 1], k[i : i + 1], p[i : i + 1], _gens(1, 10 + i))[0]) for i in range(4)]
+    assert together.tolist() == alone
+    gens = _gens(4, 10)
+    sample_rows(logits, k, p, gens)
+    assert [g.get_state().equal(h.get_state()) for g, h in zip(gens, _gens(4, 10))] == [False] * 4
+    again = _gens(4, 10)
+    for g in again:
+        torch.rand(1, generator=g, dtype=torch.float64)  # one draw a row: the state after sample_rows
+    assert all(g.get_state().equal(h.get_state()) for g, h in zip(gens, again))
+
+
+def test_rows_with_nothing_to_sample_take_their_argmax():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[-inf, -inf, -inf], [0.0, nan, 1.0], [0.0, inf, 1.0], [0.0, 5.0, -inf]])
+    tokens = sample_rows(logits, torch.zeros(4, dtype=torch.long), torch.ones(4), _gens(4))
+    assert tokens[:3].tolist() == [0, 1, 1] and tokens[3] in (0, 1)
+
+
+def test_the_inverse_never_picks_a_zero_weight_at_the_top_of_the_range():
+    """u just below 1 (the largest double under 1) lands on the last token with weight, not past it on the zeros."""
+    cdf = torch.tensor([[0.25, 0.5, 0.5, 1.0, 1.0, 1.0]])  # weights .25 .25 0 .5 0 0
+    u = torch.tensor([1.0 - 2.0**-53], dtype=torch.float64)
+    assert _invert(cdf, u).tolist() == [3]
+    assert _invert(cdf, torch.tensor([0.0], dtype=torch.float64)).tolist() == [0]
+    assert _invert(cdf, torch.tensor([0.5], dtype=torch.float64)).tolist() == [3]  # the zero weight at 2 skipped
