@@ -22,7 +22,7 @@ def filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     """Per-row top-k / top-p filtering: logits ``[N, V]``, top_k ``[N]`` (0 = off), top_p ``[N]`` (1 = off); the
     dropped logits become ``-inf``. Top-p drops a token when the mass of the tokens more likely than it has reached
     ``p``."""
-    logits = _top_k(logits, top_k)
+    logits = _top_k(logits, top_k.tolist())
     if bool((top_p < 1.0).any()):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [N, V], [N, V]
         probs = torch.softmax(sorted_logits, dim=-1)  # [N, V]
@@ -33,53 +33,59 @@ def filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     return logits
 
 
-def _top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N, V]
+def _top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:  # [N, V] -> [N, V]
     vocab = logits.shape[-1]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.zeros_like(top_k))  # [N]
-    if not bool((k > 0).any()):
+    ks = [k if 0 < k < vocab else 0 for k in top_k]  # a k past the vocabulary keeps every token
+    if not any(ks):
         return logits
-    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [N, 1]
+    k = torch.tensor(ks, device=logits.device)  # [N]
+    kth = torch.topk(logits, max(ks), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [N, 1]
     return logits.masked_fill((logits < kth) & (k > 0)[:, None], float("-inf"))
 
 
 def sample_rows(
     scaled: torch.Tensor,  # [R, V] fp32 logits already divided by each row's temperature
-    top_k: torch.Tensor,  # [R] (0 = off)
-    top_p: torch.Tensor,  # [R] (1 = off)
+    top_k: Sequence[int],  # per row (0 = off)
+    top_p: Sequence[float],  # per row (1 = off)
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:  # [R] int64
     """One token per row, distributed as the softmax of :func:`filter_rows`' output (up to fp32 rounding of the
-    cumulative weights, and at the nucleus' edge), from one ``torch.rand`` of the row's generator. A row with no finite logit (all ``-inf``, or a
-    NaN) takes its argmax, as the sampler's greedy rows do."""
+    cumulative weights, and at the nucleus' edge), from one ``torch.rand`` of the row's generator. A row with no
+    finite logit (all ``-inf``, or a NaN) takes its argmax, as the sampler's greedy rows do.
+
+    On a GPU nothing here waits for the device (the rows' kinds come from the host's parameters, the nucleus from a
+    full ``topk``), so a burst (:mod:`.greedy_burst`) queues its steps' sampling with them."""
     dev = scaled.device
     scaled = _top_k(scaled, top_k)
     peak = scaled.amax(-1, keepdim=True)  # [R, 1]: NaN where a row has a NaN, -inf where it has nothing left
     weight = torch.exp(scaled - peak)  # [R, V] unnormalized probabilities, 0 where dropped
     uniform = torch.cat([torch.rand(1, generator=g, device=dev, dtype=torch.float64) for g in generators])  # [R]
     tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=dev)  # [R]
-    nucleus = top_p < 1.0  # [R]
-    plain = (~nucleus).nonzero()[:, 0]  # [P]
+    plain = torch.tensor([i for i, p in enumerate(top_p) if p >= 1.0], dtype=torch.long, device=dev)  # [P]
     if plain.numel():
         cdf = torch.cumsum(_rows(weight, plain), -1)  # [P, V] fp32: its rounding is the sample's only bias
         tokens[plain] = _invert(cdf, uniform[plain]).clamp_(max=scaled.shape[1] - 1)
-    rows = nucleus.nonzero()[:, 0]  # [Q]
-    if rows.numel():
-        ids, kept = nucleus_weights(_rows(weight, rows), top_p[rows])  # [Q, m] each
+    nucleus = [i for i, p in enumerate(top_p) if p < 1.0]
+    if nucleus:
+        rows = torch.tensor(nucleus, dtype=torch.long, device=dev)  # [Q]
+        ids, kept = nucleus_weights(_rows(weight, rows), [top_p[i] for i in nucleus], partial=dev.type == "cpu")
         pick = _invert(kept.cumsum(-1), uniform[rows]).clamp_(max=kept.shape[1] - 1)  # [Q]
         tokens[rows] = ids.gather(1, pick[:, None])[:, 0]
     bad = ~torch.isfinite(peak[:, 0])  # [R] nothing to sample from (or a +inf logit, which its argmax takes)
-    if bool(bad.any()):
+    if dev.type != "cpu" or bool(bad.any()):  # the CPU's argmax walks every row: only when a row needs it
         tokens = torch.where(bad, scaled.argmax(-1), tokens)
     return tokens
 
 
-def nucleus_weights(weight: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus_weights(weight: torch.Tensor, top_p: Sequence[float], partial: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-p tokens of each row of unnormalized probabilities ``weight`` ``[Q, V]``: the ids of its ``m`` largest
     ``[Q, m]`` (most likely first) and their weights in float64 ``[Q, m]``, zero for those past the nucleus (the
-    tokens :func:`filter_rows` keeps for ``top_p`` ``[Q]``; every token past the ``m`` is dropped)."""
-    p = top_p.double()  # [Q]
+    tokens :func:`filter_rows` keeps for ``top_p``; every token past the ``m`` is dropped). ``partial``: ``m`` from
+    64 up, 4x while some row's nucleus is longer (each try reads the rows' masses on the host); else the whole
+    vocabulary at once."""
+    p = torch.tensor(list(top_p), dtype=torch.float64, device=weight.device)  # [Q]
     total = weight.sum(-1, dtype=torch.float64)  # [Q]
-    m = min(_FIRST_NUCLEUS, weight.shape[1])
+    m = min(_FIRST_NUCLEUS if partial else weight.shape[1], weight.shape[1])
     while True:
         top, ids = torch.topk(weight, m, dim=-1)  # [Q, m] each, most likely first
         mass = torch.cumsum(top, -1, dtype=torch.float64) / total[:, None]  # [Q, m]

@@ -335,9 +335,7 @@ def sample_ids(
         idx = torch.tensor(random_rows, device=dev)  # [R]
         sub = [params[i] for i in random_rows]
         temps = torch.tensor([p.temperature for p in sub], device=dev)  # [R]
-        # a top_k past the vocabulary keeps every token; clamped so one past int64 (10**20) fails no batch
-        top_k = torch.tensor([min(p.top_k, scores.shape[1]) for p in sub], device=dev)  # [R]
-        top_p = torch.tensor([float(p.top_p) for p in sub], device=dev)  # [R]
+        top_k, top_p = [p.top_k for p in sub], [float(p.top_p) for p in sub]  # host values: no wait on a GPU
         every = len(random_rows) == n  # the usual batch: one kind of row, no copies of rows
         scaled = (scores if every else scores.index_select(0, idx)) / temps[:, None]  # [R, V]
         picked = sample_rows(scaled, top_k, top_p, [generators[i] for i in random_rows])  # [R]

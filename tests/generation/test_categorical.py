@@ -24,9 +24,8 @@ def test_samples_follow_the_filtered_softmax(top_k, top_p):
     logits = torch.tensor([[2.0, 1.5, 0.3, -0.2, 1.9, -3.0, 0.0]])
     n = 20_000
     rows = logits.expand(n, -1).contiguous()
-    k, p = torch.full((n,), top_k), torch.full((n,), top_p)
-    tokens = sample_rows(rows, k, p, _gens(n))
-    probs = torch.softmax(filter_rows(logits, k[:1], p[:1]), -1)[0].double()  # [7]
+    tokens = sample_rows(rows, [top_k] * n, [top_p] * n, _gens(n))
+    probs = torch.softmax(filter_rows(logits, torch.tensor([top_k]), torch.tensor([top_p])), -1)[0].double()  # [7]
     counts = torch.bincount(tokens, minlength=7).double()
     for tok in range(7):
         expect = n * probs[tok]
@@ -50,16 +49,16 @@ def test_the_nucleus_is_the_one_a_full_sort_keeps(vocab, scale, top_p, seed):
     ordered = probs.sort(-1, descending=True).values
     before = ordered.cumsum(-1) - ordered
     assume(bool(((before - top_p).abs() > 1e-5).all()))  # no token within rounding of the edge
-    p = torch.full((3,), top_p)
-    reference = filter_rows(logits, torch.zeros(3, dtype=torch.long), p) > float("-inf")  # [3, V]
-    ids, kept = nucleus_weights(torch.exp(logits - logits.amax(-1, keepdim=True)), p)
-    mine = torch.zeros_like(reference).scatter(1, ids, kept > 0)
-    assert torch.equal(mine, reference)
+    reference = filter_rows(logits, torch.zeros(3, dtype=torch.long), torch.full((3,), top_p)) > float("-inf")  # [3, V]
+    weight = torch.exp(logits - logits.amax(-1, keepdim=True))  # [3, V]
+    for partial in (True, False):  # passes of 64, 256, ... candidates (the CPU), or the whole row at once (a GPU)
+        ids, kept = nucleus_weights(weight, [top_p] * 3, partial=partial)
+        assert torch.equal(torch.zeros_like(reference).scatter(1, ids, kept > 0), reference)
 
 
 def test_a_row_draws_one_number_of_its_own_generator_whatever_shares_the_batch():
     logits = torch.randn(4, 1000) * 2
-    k, p = torch.tensor([0, 5, 0, 0]), torch.tensor([1.0, 1.0, 0.9, 0.5])
+    k, p = [0, 5, 0, 0], [1.0, 1.0, 0.9, 0.5]
     together = sample_rows(logits, k, p, _gens(4, 10))
     alone = [int(sample_rows(logits[i : i + 1], k[i : i + 1], p[i : i + 1], _gens(1, 10 + i))[0]) for i in range(4)]
     assert together.tolist() == alone
@@ -75,7 +74,7 @@ def test_a_row_draws_one_number_of_its_own_generator_whatever_shares_the_batch()
 def test_rows_with_nothing_to_sample_take_their_argmax():
     inf, nan = float("inf"), float("nan")
     logits = torch.tensor([[-inf, -inf, -inf], [0.0, nan, 1.0], [0.0, inf, 1.0], [0.0, 5.0, -inf]])
-    tokens = sample_rows(logits, torch.zeros(4, dtype=torch.long), torch.ones(4), _gens(4))
+    tokens = sample_rows(logits, [0] * 4, [1.0] * 4, _gens(4))
     assert tokens[:3].tolist() == [0, 1, 1] and tokens[3] in (0, 1)
 
 
