@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import llmspeed
 from llmspeed import Generator, SamplingParams
@@ -19,6 +18,7 @@ from llmspeed.generation import greedy_burst
 
 from .test_engine import CharTokenizer
 from .test_fused_lora import _with_adapters
+from .test_greedy_bursts import WORKLOADS, bursts_match_single_steps, stops_match_single_steps, workload
 
 BURST = "decode, burst"
 
@@ -31,33 +31,12 @@ def _run(model, prompts, params, steps: int, **kwargs):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_bursts_through_forward_batch_give_the_tokens_of_single_steps(arch):
-    model = llmspeed.models.tiny(arch, seed=1)
-    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11] * 20, [200, 3]]
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 23, 40, 1)]
-    _, single = _run(model, prompts, params, 1)
-    gen, burst = _run(model, prompts, params, 8)
-    assert [o.token_ids for o in burst] == [o.token_ids for o in single]
-    assert [o.finish_reason for o in burst] == ["length"] * 4
-    steps, _ = gen.step_paths[BURST]
-    assert steps > 20 and gen.stats.output_tokens == 5 + 23 + 40 + 1
+    gen = bursts_match_single_steps(_run, llmspeed.models.tiny(arch, seed=1), BURST)
     assert not any(path.startswith("fused") for path in gen.step_paths)
 
 
 def test_bursts_end_where_single_steps_end_on_stop_ids_and_strings(llama):
-    llama.tokenizer = CharTokenizer()
-    free = _run(llama, [[65, 66, 67]], SamplingParams(max_new_tokens=30, ignore_eos=True), 1)[1][0]
-    text = CharTokenizer().decode(free.token_ids)
-    cases = [
-        SamplingParams(max_new_tokens=30, stop_token_ids=[free.token_ids[9]], ignore_eos=True),
-        SamplingParams(max_new_tokens=30, stop=[text[11:13]], ignore_eos=True),
-        SamplingParams(max_new_tokens=30),  # the tokenizer's eos (0) ends it if it comes
-    ]
-    for params in cases:
-        single = _run(llama, [[65, 66, 67], [70, 71]], params, 1)[1]
-        gen, burst = _run(llama, [[65, 66, 67], [70, 71]], params, 8)
-        for a, b in zip(single, burst):
-            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
-        assert gen.blocks.num_free == gen.blocks.num_blocks  # the tokens dropped after an end free their blocks
+    stops_match_single_steps(_run, llama)
 
 
 def test_bursts_through_forward_batch_route_each_request_to_its_adapter():
@@ -150,17 +129,12 @@ def test_bursts_replay_the_cuda_graphs_with_the_tokens_of_single_steps():
 
 
 @settings(max_examples=10, deadline=None)
-@given(
-    steps=st.integers(2, 9),
-    lengths=st.lists(st.integers(1, 25), min_size=1, max_size=4),
-    prompt_lengths=st.lists(st.integers(1, 20), min_size=4, max_size=4),
-)
+@given(**WORKLOADS)
 def test_bursts_past_a_request_end_drop_its_extra_tokens_and_free_its_blocks(steps, lengths, prompt_lengths):
     """As on a GPU (``past_ends``): a burst runs as long as the request with most tokens left needs; those that end
     before it drop what the burst computed after their end."""
     model = _BASE[0]
-    prompts = [[(i * 31 + j) % 256 for j in range(prompt_lengths[i])] for i in range(len(lengths))]
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    prompts, params = workload(lengths, prompt_lengths)
     single = _run(model, prompts, params, 1)[1]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(greedy_burst, "past_ends", lambda device: True)

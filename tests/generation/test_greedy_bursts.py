@@ -52,23 +52,30 @@ def _run(model, prompts, params, steps: int, **kwargs):
     return gen, gen.generate_batched(prompts, params)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_bursts_give_the_tokens_of_single_steps(name):
-    model = MODELS[name]()
+def bursts_match_single_steps(run, model, path: str):
+    """Four greedy requests of 5 to 40 tokens through ``run(model, prompts, params, steps)``: in bursts of 8 the
+    tokens of single steps, most decode steps run in bursts (recorded under ``path``); returns the burst generator."""
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11] * 20, [200, 3]]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 23, 40, 1)]
-    _, single = _run(model, prompts, params, 1)
-    gen, burst = _run(model, prompts, params, 8)
+    _, single = run(model, prompts, params, 1)
+    gen, burst = run(model, prompts, params, 8)
     assert [o.token_ids for o in burst] == [o.token_ids for o in single]
     assert [o.finish_reason for o in burst] == ["length"] * 4
-    steps, _ = gen.step_paths[BURST]
-    assert steps > 20  # most decode steps ran in bursts
-    assert gen.stats.output_tokens == 5 + 23 + 40 + 1
+    steps, _ = gen.step_paths[path]
+    assert steps > 20 and gen.stats.output_tokens == 5 + 23 + 40 + 1
+    return gen
 
 
-def test_bursts_end_where_single_steps_end_on_stop_ids_and_strings(llama):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bursts_give_the_tokens_of_single_steps(name):
+    bursts_match_single_steps(_run, MODELS[name](), BURST)
+
+
+def stops_match_single_steps(run, llama) -> None:
+    """Stop ids, stop strings, ``min_tokens`` and eos end a burst's requests where single steps end them (same tokens,
+    text and reason), through ``run(model, prompts, params, steps)``; every block is freed after."""
     llama.tokenizer = CharTokenizer()
-    free = _run(llama, [[65, 66, 67]], SamplingParams(max_new_tokens=30, ignore_eos=True), 1)[1][0]
+    free = run(llama, [[65, 66, 67]], SamplingParams(max_new_tokens=30, ignore_eos=True), 1)[1][0]
     text = CharTokenizer().decode(free.token_ids)
     cases = [
         SamplingParams(max_new_tokens=30, stop_token_ids=[free.token_ids[9]], ignore_eos=True),
@@ -77,11 +84,16 @@ def test_bursts_end_where_single_steps_end_on_stop_ids_and_strings(llama):
         SamplingParams(max_new_tokens=30),  # the tokenizer's eos (0) ends it if it comes
     ]
     for params in cases:
-        single = _run(llama, [[65, 66, 67], [70, 71]], params, 1)[1]
-        burst = _run(llama, [[65, 66, 67], [70, 71]], params, 8)[1]
+        single = run(llama, [[65, 66, 67], [70, 71]], params, 1)[1]
+        gen, burst = run(llama, [[65, 66, 67], [70, 71]], params, 8)
         for a, b in zip(single, burst):
             assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        assert gen.blocks.num_free == gen.blocks.num_blocks  # the tokens dropped after an end free their blocks
     assert single[0].finish_reason in ("stop", "length")
+
+
+def test_bursts_end_where_single_steps_end_on_stop_ids_and_strings(llama):
+    stops_match_single_steps(_run, llama)
 
 
 def test_streamed_events_of_a_burst_are_the_tokens_in_order(llama):
@@ -192,16 +204,24 @@ def test_a_burst_that_raises_fails_its_requests_and_keeps_the_events_before_it(l
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
 
 
-@settings(max_examples=12, deadline=None)
-@given(
+WORKLOADS = dict(  # hypothesis strategies of a burst's length and its requests' output and prompt lengths
     steps=st.integers(2, 9),
     lengths=st.lists(st.integers(1, 25), min_size=1, max_size=4),
     prompt_lengths=st.lists(st.integers(1, 20), min_size=4, max_size=4),
 )
+
+
+def workload(lengths: list[int], prompt_lengths: list[int]) -> tuple[list[list[int]], list[SamplingParams]]:
+    """One request per output length, greedy, with the drawn prompt lengths."""
+    prompts = [[(i * 31 + j) % 256 for j in range(prompt_lengths[i])] for i in range(len(lengths))]
+    return prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+
+
+@settings(max_examples=12, deadline=None)
+@given(**WORKLOADS)
 def test_any_burst_length_gives_the_same_tokens(steps, lengths, prompt_lengths):
     model = _BASE[0]
-    prompts = [[(i * 31 + j) % 256 for j in range(prompt_lengths[i])] for i in range(len(lengths))]
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    prompts, params = workload(lengths, prompt_lengths)
     single = _run(model, prompts, params, 1)[1]
     assert [o.token_ids for o in _run(model, prompts, params, steps)[1]] == [o.token_ids for o in single]
 
