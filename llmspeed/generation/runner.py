@@ -25,6 +25,7 @@ from ..protocol import CausalLM, step_lock
 from .block_manager import check_room, slot
 from .kv_cache import PagedAttention, PagedKVCache, cache_dtype
 from .readback import Readback
+from .sampling import argmax_rows
 
 
 @dataclass(frozen=True)
@@ -231,14 +232,14 @@ class ModelRunner:
         ``None``: each row's argmax. Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
 
         With the fused CPU step, where ``fused`` (the step before ran on it), greedy only, one C++ call
-        (:meth:`.fused_decode.FusedDecode.greedy_steps`). Otherwise (a batch the fused step leaves to the generic path,
-        e.g. more rows than its ``max_rows``, has its burst there too) each step runs as :meth:`run` would (a CUDA graph replay where one is captured, else
-        ``forward_batch``), its input ids the previous step's tokens on the device: on a GPU the host queues every
-        step without waiting for any, and each step's tokens come back behind it (:class:`~.readback.Readback`), so
-        the caller turns the first steps' tokens into events while the GPU runs the later ones. The tokens are those
-        the sampler gives one step at a time (:func:`~.sampling.argmax_rows` of the fp32 logits for greedy rows,
-        each random row's own generator drawn once a step). The block tables must already hold ``position + steps``
-        tokens.
+        (:meth:`.fused_decode.FusedDecode.greedy_steps`). Otherwise (a batch the fused step leaves to the generic
+        path, e.g. more rows than its ``max_rows``, has its burst there too) each step runs as :meth:`run` would (a
+        CUDA graph replay where one is captured, else ``forward_batch``), its input ids the previous step's tokens
+        on the device: on a GPU the host queues every step without waiting for any, and each step's tokens come
+        back behind it (:class:`~.readback.Readback`), so the caller turns the first steps' tokens into events
+        while the GPU runs the later ones. The tokens are those the sampler gives one step at a time
+        (:func:`~.sampling.argmax_rows` of the fp32 logits for greedy rows, each random row's own generator drawn
+        once a step). The block tables must already hold ``position + steps`` tokens.
         """
         bs = self.cache.block_size
         check_room(rows, steps, bs)
@@ -255,7 +256,7 @@ class ModelRunner:
                                         for (t, p, _), a in zip(rows, adapters or [None] * len(rows))], bs)
                 logits = self._run(step, ids)[1]  # [n, V]
                 # on a GPU, queued after the step; nothing waits here
-                ids = logits.float().argmax(dim=-1) if sample is None else sample(logits).to(self.device)  # [n]
+                ids = (argmax_rows(logits.float()) if sample is None else sample(logits)).to(self.device)  # [n]
                 pending.append(Readback(ids))
             return (r.get() for r in pending)
 
