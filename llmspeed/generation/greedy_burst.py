@@ -92,7 +92,8 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     random = any(not p.greedy for p in params)
     burst = gen.runner.burst_steps(rows, steps, adapters if any(a is not None for a in adapters) else None,
                                    sample if random else None, fused=not device)  # fmt: skip
-    if burst is None:  # the model changed under the step: the next step() takes it from here
+    if burst is None:  # not back to back here (a model the burst cannot run, or one changed under the step): the
+        # next step() goes on one step at a time; the blocks taken above are its sequences' next ones anyway
         return
     gen.num_steps += steps
     gen.num_tokens_computed += steps * len(seqs)
