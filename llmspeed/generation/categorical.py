@@ -33,12 +33,20 @@ def filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     return logits
 
 
+def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` (a list on the host) as a tensor on ``device``. ``torch.tensor(values, device=cuda)`` copies with
+    ``non_blocking=False``, which synchronizes the stream (the host waits for every queued kernel); this copies from
+    pinned memory with ``non_blocking=True``, so the host queues the copy and goes on."""
+    cuda = device.type == "cuda"  # elsewhere (the CPU, MPS) a plain copy: no pinned memory to copy from
+    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
+
+
 def _top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:  # [N, V] -> [N, V]
     vocab = logits.shape[-1]
     ks = [k if 0 < k < vocab else 0 for k in top_k]  # a k past the vocabulary keeps every token
     if not any(ks):
         return logits
-    k = torch.tensor(ks, device=logits.device)  # [N]
+    k = host_tensor(ks, torch.long, logits.device)  # [N]
     kth = torch.topk(logits, max(ks), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [N, 1]
     return logits.masked_fill((logits < kth) & (k > 0)[:, None], float("-inf"))
 
@@ -61,13 +69,13 @@ def sample_rows(
     weight = torch.exp(scaled - peak)  # [R, V] unnormalized probabilities, 0 where dropped
     uniform = torch.cat([torch.rand(1, generator=g, device=dev, dtype=torch.float64) for g in generators])  # [R]
     tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=dev)  # [R]
-    plain = torch.tensor([i for i, p in enumerate(top_p) if p >= 1.0], dtype=torch.long, device=dev)  # [P]
+    plain = host_tensor([i for i, p in enumerate(top_p) if p >= 1.0], torch.long, dev)  # [P]
     if plain.numel():
         cdf = torch.cumsum(_rows(weight, plain), -1)  # [P, V] fp32: its rounding is the sample's only bias
         tokens[plain] = _invert(cdf, uniform[plain]).clamp_(max=scaled.shape[1] - 1)
     nucleus = [i for i, p in enumerate(top_p) if p < 1.0]
     if nucleus:
-        rows = torch.tensor(nucleus, dtype=torch.long, device=dev)  # [Q]
+        rows = host_tensor(nucleus, torch.long, dev)  # [Q]
         ids, kept = nucleus_weights(_rows(weight, rows), [top_p[i] for i in nucleus], partial=dev.type == "cpu")
         pick = _invert(kept.cumsum(-1), uniform[rows]).clamp_(max=kept.shape[1] - 1)  # [Q]
         tokens[rows] = ids.gather(1, pick[:, None])[:, 0]
@@ -83,7 +91,7 @@ def nucleus_weights(weight: torch.Tensor, top_p: Sequence[float], partial: bool 
     tokens :func:`filter_rows` keeps for ``top_p``; every token past the ``m`` is dropped). ``partial``: ``m`` from
     64 up, 4x while some row's nucleus is longer (each try reads the rows' masses on the host); else the whole
     vocabulary at once."""
-    p = torch.tensor(list(top_p), dtype=torch.float64, device=weight.device)  # [Q]
+    p = host_tensor(list(top_p), torch.float64, weight.device)  # [Q]
     total = weight.sum(-1, dtype=torch.float64)  # [Q]
     m = min(_FIRST_NUCLEUS if partial else weight.shape[1], weight.shape[1])
     while True:

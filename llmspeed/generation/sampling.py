@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from .categorical import filter_rows, sample_rows
+from .categorical import filter_rows, host_tensor, sample_rows
 
 # Below this temperature sampling is greedy: dividing by it would overflow to inf / NaN (vLLM uses the same bound).
 GREEDY_BELOW = 1e-5
@@ -258,16 +258,16 @@ def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequ
     for i, (p, ctx) in enumerate(zip(params, rows)):
         row = logits[i]  # [V]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*ctx.prompt_ids, *ctx.output_ids}), dtype=torch.long, device=dev)  # [S]
+            seen = host_tensor(sorted({*ctx.prompt_ids, *ctx.output_ids}), torch.long, dev)  # [S]
             vals = row.index_select(0, seen)  # [S]
             row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
         if (p.presence_penalty or p.frequency_penalty) and ctx.output_ids:
-            out = torch.tensor(list(ctx.output_ids), dtype=torch.long, device=dev)  # [O]
+            out = host_tensor(list(ctx.output_ids), torch.long, dev)  # [O]
             counts = torch.zeros_like(row).index_add_(0, out, torch.ones_like(out, dtype=row.dtype))  # [V]
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         banned = [t for t in ctx.banned if t < row.shape[0]]  # an id past the vocabulary is never sampled anyway
         if banned:
-            row[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
+            row[host_tensor(banned, torch.long, dev)] = float("-inf")
     return logits
 
 
@@ -332,9 +332,9 @@ def sample_ids(
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
         dev = scores.device
-        idx = torch.tensor(random_rows, device=dev)  # [R]
+        idx = host_tensor(random_rows, torch.long, dev)  # [R]
         sub = [params[i] for i in random_rows]
-        temps = torch.tensor([p.temperature for p in sub], device=dev)  # [R]
+        temps = host_tensor([p.temperature for p in sub], torch.float32, dev)  # [R]
         top_k, top_p = [p.top_k for p in sub], [float(p.top_p) for p in sub]  # host values: no wait on a GPU
         every = len(random_rows) == n  # the usual batch: one kind of row, no copies of rows
         scaled = (scores if every else scores.index_select(0, idx)) / temps[:, None]  # [R, V]

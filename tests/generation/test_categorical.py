@@ -85,3 +85,27 @@ def test_the_inverse_never_picks_a_zero_weight_at_the_top_of_the_range():
     assert _invert(cdf, u).tolist() == [3]
     assert _invert(cdf, torch.tensor([0.0], dtype=torch.float64)).tolist() == [0]
     assert _invert(cdf, torch.tensor([0.5], dtype=torch.float64)).tolist() == [3]  # the zero weight at 2 skipped
+
+
+def test_the_sampler_sends_its_host_lists_to_the_device_without_a_blocking_copy(monkeypatch):
+    """Regression: sample_rows / sample_ids built their row indices, k's, p's and temperatures with
+    ``torch.tensor(list, device=dev)``, a ``non_blocking=False`` copy that on CUDA synchronizes the stream (the host
+    waits for the queued steps of a burst), contrary to sample_rows' docstring. Every host list now goes through
+    host_tensor (a pinned, non-blocking copy); no ``torch.tensor`` on the path is given a device."""
+    from llmspeed.generation.sampling import RowContext, SamplingParams, request_generator, sample_ids
+
+    real = torch.tensor
+
+    def no_device(*args, **kwargs):
+        assert kwargs.get("device") is None, "torch.tensor(..., device=...) copies with non_blocking=False"
+        return real(*args, **kwargs)
+
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5, seed=1), SamplingParams(temperature=0.8, top_p=0.5, seed=2),
+              SamplingParams(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5, seed=3)]  # fmt: skip
+    gens = [request_generator(p, torch.device("cpu")) for p in params]
+    rows = [RowContext(), RowContext(banned=[0]), RowContext(), RowContext(prompt_ids=[1, 2], output_ids=[2, 3])]
+    logits = torch.randn(4, 100)
+    expect = sample_ids(logits, params, gens, rows)
+    gens = [request_generator(p, torch.device("cpu")) for p in params]
+    monkeypatch.setattr(torch, "tensor", no_device)
+    assert torch.equal(sample_ids(logits, params, gens, rows), expect)
