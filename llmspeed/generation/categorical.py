@@ -57,8 +57,8 @@ def sample_rows(
     top_p: Sequence[float],  # per row (1 = off)
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:  # [R] int64
-    """One token per row, distributed as the softmax of :func:`filter_rows`' output (up to fp32 rounding of the
-    cumulative weights, and at the nucleus' edge), from one ``torch.rand`` of the row's generator. A row with no
+    """One token per row, distributed as the softmax of :func:`filter_rows`' output (up to fp32 rounding of each
+    token's weight, and at the nucleus' edge), from one ``torch.rand`` of the row's generator. A row with no
     finite logit (all ``-inf``, or a NaN) takes its argmax, as the sampler's greedy rows do.
 
     On a GPU nothing here waits for the device (the rows' kinds come from the host's parameters, the nucleus from a
@@ -71,7 +71,7 @@ def sample_rows(
     tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=dev)  # [R]
     plain = host_tensor([i for i, p in enumerate(top_p) if p >= 1.0], torch.long, dev)  # [P]
     if plain.numel():
-        cdf = torch.cumsum(_rows(weight, plain), -1)  # [P, V] fp32: its rounding is the sample's only bias
+        cdf = torch.cumsum(_rows(weight, plain), -1, dtype=torch.float64)  # [P, V]: fp32 would round off tail tokens
         tokens[plain] = _invert(cdf, uniform[plain]).clamp_(max=scaled.shape[1] - 1)
     nucleus = [i for i, p in enumerate(top_p) if p < 1.0]
     if nucleus:

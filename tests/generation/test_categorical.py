@@ -109,3 +109,18 @@ def test_the_sampler_sends_its_host_lists_to_the_device_without_a_blocking_copy(
     gens = [request_generator(p, torch.device("cpu")) for p in params]
     monkeypatch.setattr(torch, "tensor", no_device)
     assert torch.equal(sample_ids(logits, params, gens, rows), expect)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 1 - 1e-12])  # top-p keeps them all: its weights were float64 already
+def test_tokens_far_below_the_top_one_keep_their_own_probability(monkeypatch, top_p):
+    """Regression: the cumulative weights of a row without top-p were summed in fp32, where after a token of weight 1
+    tokens of weight about exp(-17) (4e-8, under half of fp32's spacing at 1) adds nothing or a whole 1.2e-7: such
+    tokens were never drawn or drawn three times too often. u placed inside each tail token's exact interval must
+    draw that token."""
+    logits = torch.tensor([[0.0] + [-17.0 - 0.1 * i for i in range(6)]])  # decreasing: the nucleus' order too
+    w = torch.exp(logits[0]).double()
+    cdf = w.cumsum(0)
+    for tok in range(1, 7):
+        u = float((cdf[tok - 1] + w[tok] / 2) / cdf[-1])  # the middle of the token's interval
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((1,), u, dtype=torch.float64))
+        assert sample_rows(logits, [0], [top_p], [None]).tolist() == [tok], (tok, u)
