@@ -124,3 +124,24 @@ def test_tokens_far_below_the_top_one_keep_their_own_probability(monkeypatch, to
         u = float((cdf[tok - 1] + w[tok] / 2) / cdf[-1])  # the middle of the token's interval
         monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((1,), u, dtype=torch.float64))
         assert sample_rows(logits, [0], [top_p], [None]).tolist() == [tok], (tok, u)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (2, 1.0), (0, 0.99)])
+def test_huge_scaled_logits_from_a_temperature_just_above_greedy_sample_the_tied_top(top_k, top_p):
+    """Logits divided by a temperature of 1e-5 reach 1e6: the weights are taken relative to the row's peak (exp of
+    the raw scaled logits would be inf), so two tied top tokens are each drawn about half the time, never the rest."""
+    n = 400
+    logits = (torch.tensor([[10.0, -3.0, 10.0, 9.99]]) / 1e-5).expand(n, -1).contiguous()  # [n, 4]
+    tokens = sample_rows(logits, [top_k] * n, [top_p] * n, _gens(n))
+    counts = torch.bincount(tokens, minlength=4).tolist()
+    assert counts[1] == counts[3] == 0 and 140 < counts[0] < 260, counts
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.25, 1), (0.5, 2), (0.75, 3), (0.7500001, 4)])
+def test_a_token_whose_more_likely_tokens_hold_exactly_top_p_is_dropped(top_p, kept):
+    """Four equal tokens: the mass before the i-th is exactly i/4, so top_p = i/4 keeps i tokens (filter_rows too)."""
+    n = 400
+    logits = torch.zeros(n, 4)
+    tokens = sample_rows(logits, [0] * n, [top_p] * n, _gens(n))
+    assert len(set(tokens.tolist())) == kept
+    assert int(filter_rows(logits[:1], torch.tensor([0]), torch.tensor([top_p])).isfinite().sum()) == kept

@@ -157,3 +157,25 @@ def test_one_sampling_params_per_prompt_must_match_the_prompt_count():
     assert sampling_list({"max_new_tokens": 3}, 2) == [SamplingParams(max_new_tokens=3)] * 2
     with pytest.raises(ValueError, match=r"one per prompt \(3\); got 2"):
         sampling_list([SamplingParams()] * 2, 3)
+
+
+def test_a_mixed_batch_samples_each_random_row_as_alone_and_greedy_rows_take_the_argmax():
+    """Greedy, top-k, top-p, plain and penalized rows in one call: each random row gets the token it gets alone (one
+    draw of its generator), each greedy row its argmax; and the random rows do sample (not all argmax)."""
+    from llmspeed.generation.sampling import RowContext, sample_ids
+
+    cpu = torch.device("cpu")
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 0.5  # flat: the argmax is rarely drawn
+    rows = [RowContext()] * 5 + [RowContext(prompt_ids=[1], output_ids=[2, 2])]
+    hits = 0
+    for seed in range(20):
+        params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=20, seed=seed), SamplingParams(),
+                  SamplingParams(temperature=0.9, top_p=0.8, seed=seed), SamplingParams(temperature=1.2, seed=seed),
+                  SamplingParams(temperature=1.0, repetition_penalty=1.5, frequency_penalty=0.5, seed=seed)]  # fmt: skip
+        together = sample_ids(logits, params, [request_generator(p, cpu) for p in params], rows).tolist()
+        for i, p in enumerate(params):
+            alone = sample_ids(logits[i : i + 1], [p], [request_generator(p, cpu)], rows[i : i + 1]).tolist()
+            assert together[i] == alone[0], (seed, i)
+        assert together[0] == int(logits[0].argmax()) and together[2] == int(logits[2].argmax())
+        hits += sum(together[i] != int(logits[i].argmax()) for i in (1, 3, 4, 5))
+    assert hits > 40  # of 80 draws, most land off the argmax of a flat row
