@@ -334,7 +334,8 @@ def sample_ids(
         dev = scores.device
         idx = host_tensor(random_rows, torch.long, dev)  # [R]
         sub = [params[i] for i in random_rows]
-        temps = host_tensor([p.temperature for p in sub], torch.float32, dev)  # [R]
+        # a temperature past fp32's range would be inf there, and a banned token's -inf / inf a NaN, which is drawn
+        temps = host_tensor([min(p.temperature, torch.finfo(torch.float32).max) for p in sub], torch.float32, dev)  # [R]
         top_k, top_p = [p.top_k for p in sub], [float(p.top_p) for p in sub]  # host values: no wait on a GPU
         every = len(random_rows) == n  # the usual batch: one kind of row, no copies of rows
         scaled = (scores if every else scores.index_select(0, idx)) / temps[:, None]  # [R, V]

@@ -179,3 +179,17 @@ def test_a_mixed_batch_samples_each_random_row_as_alone_and_greedy_rows_take_the
         assert together[0] == int(logits[0].argmax()) and together[2] == int(logits[2].argmax())
         hits += sum(together[i] != int(logits[i].argmax()) for i in (1, 3, 4, 5))
     assert hits > 40  # of 80 draws, most land off the argmax of a flat row
+
+
+def test_a_temperature_past_float32s_range_never_draws_a_banned_token():
+    """Regression: SamplingParams accepts any finite temperature, but 1e39 became inf in the fp32 temperatures, a
+    banned token's -inf / inf a NaN, and the row's NaN made it take its argmax: the banned token (end-of-sequence
+    before min_tokens) every time. Such a temperature samples (nearly) uniformly among the allowed tokens."""
+    from llmspeed.generation.sampling import RowContext, sample_batch
+
+    cpu = torch.device("cpu")
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]]).expand(60, -1)
+    for t in (1e39, 1e300):
+        params = [SamplingParams(temperature=t, seed=s) for s in range(60)]
+        tokens = sample_batch(logits, params, [request_generator(p, cpu) for p in params], [RowContext(banned=[0])] * 60)[0]
+        assert 0 not in tokens and set(tokens) == {1, 2, 3}
