@@ -2,10 +2,11 @@
 
 Every request carries its own parameters and its own ``torch.Generator``; the sampler draws a
 request's randomness only from that generator, so a seeded request produces the same tokens
-whatever else shares the batch. Two things loop over rows in Python: the noise draw (one
-``torch.rand`` per random row, from its own generator) and the penalties and token bans (per row
-that has them; none when no request asks). Temperature, top-k and top-p run on the whole batch as
-per-row tensors, with one ``argmax`` and one host transfer per step.
+whatever else shares the batch. Two things loop over rows in Python: the random draw (one
+``torch.rand`` of one number per random row, from its own generator) and the penalties and token bans (per row
+that has them; none when no request asks). Greedy rows take one ``argmax``; random rows are sampled together
+by :func:`.categorical.sample_rows` (temperature, top-k and top-p from the host's parameters); one host transfer
+per step.
 """
 
 from __future__ import annotations
