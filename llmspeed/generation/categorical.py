@@ -109,8 +109,8 @@ def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R, V], [Q] -
     return x if rows.numel() == x.shape[0] else x.index_select(0, rows)
 
 
-def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [Q, m], [Q] -> [Q]
+def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [Q, m] float64, [Q] float64 -> [Q]
     """The first index whose cumulative weight passes ``u`` times the row's total (a zero weight is never picked)."""
     total = cdf[:, -1]  # [Q]
-    target = torch.minimum((u * total.double()).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))  # [Q]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [Q]
     return torch.searchsorted(cdf, target[:, None].contiguous(), right=True)[:, 0]  # below the total: never past it
