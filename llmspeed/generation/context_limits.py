@@ -5,6 +5,7 @@ attends to every cached token, and one ragged forward carries every sequence of 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..protocol import CausalLM
 from ..ragged_attention import layer_kinds
@@ -22,11 +23,16 @@ def _positions(n: object) -> int | None:
     return n if n > 0 else None
 
 
+def _text_config(model: CausalLM) -> Any:
+    """The config of the model's text part (``None`` for a model that is not a wrapped transformers model)."""
+    return model.hf.config.get_text_config() if hasattr(model, "hf") else None
+
+
 def attention_window(model: CausalLM) -> int | None:
     """The sliding window of a model whose attention uses one (Mistral's ``sliding_window``; Qwen2's and Qwen3's
     with ``use_sliding_window``), or ``None``. The paged attention here attends to every cached token, which is
     the model's own attention only while a sequence fits in the window, so a generator holds at most that many."""
-    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    cfg = _text_config(model)
     window = _positions(getattr(cfg, "sliding_window", None))
     if window is None or getattr(cfg, "use_sliding_window", True) is False:
         return None
@@ -37,7 +43,7 @@ def attention_chunk(model: CausalLM) -> int | None:
     """The attention chunk of a model with ``"chunked_attention"`` layers (Llama 4's ``attention_chunk_size``), or
     ``None``: such a layer attends only within its token's chunk, which is the paged attention's causal attention
     over every cached token only while a sequence fits in one chunk, so a generator holds at most that many."""
-    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    cfg = _text_config(model)
     if cfg is None or "chunked_attention" not in layer_kinds(cfg):
         return None
     return _positions(getattr(cfg, "attention_chunk_size", None))
@@ -51,7 +57,7 @@ def rope_context(model: CausalLM) -> int | None:
     A ragged batch is one pass over several sequences, so a short sequence stepped beside a long one would be rotated
     with the long factors that it alone never gets: its tokens would depend on the batch. Up to that length no
     sequence reaches the long factors, so a generator holds at most that many tokens."""
-    cfg = model.hf.config.get_text_config() if hasattr(model, "hf") else None
+    cfg = _text_config(model)
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
     if not isinstance(params, dict):
         return None
