@@ -246,7 +246,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     """Set logits outside the top-k / top-p (nucleus) set to ``-inf`` (one row)."""
     row = logits[None]  # [1, V]
     k = torch.tensor([min(top_k, logits.shape[-1])], device=logits.device)  # a k past the vocabulary keeps all
-    p = torch.tensor([float(top_p)], device=logits.device)
+    p = torch.tensor([float(top_p)], dtype=torch.float64, device=logits.device)  # fp32 would round 1 - 1e-8 to 1: off
     return filter_rows(row, k, p)[0]
 
 

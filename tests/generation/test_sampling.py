@@ -63,6 +63,14 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
         assert sample(logits, [p] * 3, gens) == logits.argmax(-1).tolist()
 
 
+def test_filter_logits_applies_a_top_p_just_under_one_as_the_sampler_does():
+    """Regression: filter_logits stored top_p in fp32, where 1 - 1e-8 rounds to 1 and turned top-p off, while the
+    engine's sampler (float64 parameters) applies it and drops a token whose more likely tokens hold that mass."""
+    logits = torch.tensor([0.0, -30.0])  # the second token's probability is 9e-14
+    assert filter_logits(logits, 0, 1 - 1e-8).isfinite().tolist() == [True, False]
+    assert filter_logits(logits, 0, 1.0).isfinite().tolist() == [True, True]
+
+
 def test_filter_logits_keeps_exactly_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     kept = filter_logits(logits, 0, 0.7).isfinite().tolist()
