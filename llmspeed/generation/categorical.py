@@ -24,7 +24,7 @@ def filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     ``p``."""
     logits = _top_k(logits, top_k.tolist())
     if bool((top_p < 1.0).any()):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [N, V], [N, V]
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # [N, V], [N, V]
         probs = torch.softmax(sorted_logits, dim=-1)  # [N, V]
         before = probs.cumsum(-1) - probs  # [N, V] mass of the more likely tokens
         drop_sorted = (before >= top_p[:, None]) & (top_p < 1.0)[:, None]  # [N, V]
@@ -42,8 +42,7 @@ def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> t
 
 
 def _top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:  # [N, V] -> [N, V]
-    vocab = logits.shape[-1]
-    ks = [k if 0 < k < vocab else 0 for k in top_k]  # a k past the vocabulary keeps every token
+    ks = _ks(top_k, logits.shape[-1])
     if not any(ks):
         return logits
     k = host_tensor(ks, torch.long, logits.device)  # [N]
@@ -61,28 +60,91 @@ def sample_rows(
     token's weight, and at the nucleus' edge), from one ``torch.rand`` of the row's generator. A row with no
     finite logit (all ``-inf``, or a NaN) takes its argmax, as the sampler's greedy rows do.
 
+    On the CPU a top-k row samples from its ``k`` largest logits alone (in vocabulary order, so its token is the
+    one the whole masked row gives), unless other logits tie with its ``k``-th, which the filter keeps too.
     On a GPU nothing here waits for the device (the rows' kinds come from the host's parameters, the nucleus from a
     full ``topk``), so a burst (:mod:`.greedy_burst`) queues its steps' sampling with them."""
     dev = scaled.device
-    scaled = _top_k(scaled, top_k)
-    peak = scaled.amax(-1, keepdim=True)  # [R, 1]: NaN where a row has a NaN, -inf where it has nothing left
-    weight = torch.exp(scaled - peak)  # [R, V] unnormalized probabilities, 0 where dropped
     uniform = torch.cat([torch.rand(1, generator=g, device=dev, dtype=torch.float64) for g in generators])  # [R]
     tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=dev)  # [R]
+    ks = _ks(top_k, scaled.shape[1])
+    short: list[int] = []  # rows drawn from their top-k candidates
+    if dev.type == "cpu" and any(ks):
+        short = [i for i, k in enumerate(ks) if k]
+        rows = host_tensor(short, torch.long, dev)  # [S]
+        values, ids, tied = _candidates(_rows(scaled, rows), [ks[i] for i in short])  # [S, k], [S, k], [S]
+        if any(tied):
+            keep = [j for j, t in enumerate(tied) if not t]
+            short = [short[j] for j in keep]
+            values, ids = values[keep], ids[keep]  # [S', k] each
+        if short:
+            rows = host_tensor(short, torch.long, dev)  # [S']
+            peak = values.amax(-1, keepdim=True)  # [S', 1]
+            picked = _draw(values, peak, [top_p[i] for i in short], uniform[rows])  # [S'] places in the candidates
+            tokens[rows] = _argmax_where_bad(peak, _rows(scaled, rows), ids.gather(1, picked[:, None])[:, 0])
+    if len(short) == len(ks):
+        return tokens
+    taken = set(short)
+    rest = [i for i in range(len(ks)) if i not in taken]
+    rows = host_tensor(rest, torch.long, dev)  # [F]
+    full = _top_k(_rows(scaled, rows), [ks[i] for i in rest])  # [F, V]
+    peak = full.amax(-1, keepdim=True)  # [F, 1]
+    tokens[rows] = _argmax_where_bad(peak, full, _draw(full, peak, [top_p[i] for i in rest], uniform[rows]))
+    return tokens
+
+
+def _draw(
+    logits: torch.Tensor,  # [Q, n] fp32, -inf where dropped
+    peak: torch.Tensor,  # [Q, 1] each row's largest logit: NaN where it has a NaN, -inf where nothing is left
+    top_p: Sequence[float],  # per row
+    uniform: torch.Tensor,  # [Q] float64
+) -> torch.Tensor:  # [Q] int64 places in ``logits``' rows
+    """The inverse-CDF draw of each row's softmax (its top-p nucleus where ``top_p < 1``) at its ``uniform``."""
+    dev = logits.device
+    weight = torch.exp(logits - peak)  # [Q, n] unnormalized probabilities, 0 where dropped
+    picked = torch.empty(logits.shape[0], dtype=torch.long, device=dev)  # [Q]
     plain = host_tensor([i for i, p in enumerate(top_p) if p >= 1.0], torch.long, dev)  # [P]
     if plain.numel():
-        cdf = torch.cumsum(_rows(weight, plain), -1, dtype=torch.float64)  # [P, V]: fp32 would round off tail tokens
-        tokens[plain] = _invert(cdf, uniform[plain]).clamp_(max=scaled.shape[1] - 1)
+        cdf = torch.cumsum(_rows(weight, plain), -1, dtype=torch.float64)  # [P, n]: fp32 would round off tail tokens
+        picked[plain] = _invert(cdf, uniform[plain])
     nucleus = [i for i, p in enumerate(top_p) if p < 1.0]
     if nucleus:
-        rows = host_tensor(nucleus, torch.long, dev)  # [Q]
+        rows = host_tensor(nucleus, torch.long, dev)  # [N]
         ids, kept = nucleus_weights(_rows(weight, rows), [top_p[i] for i in nucleus], partial=dev.type == "cpu")
-        pick = _invert(kept.cumsum(-1), uniform[rows]).clamp_(max=kept.shape[1] - 1)  # [Q]
-        tokens[rows] = ids.gather(1, pick[:, None])[:, 0]
-    bad = ~torch.isfinite(peak[:, 0])  # [R] nothing to sample from (or a +inf logit, which its argmax takes)
-    if dev.type != "cpu" or bool(bad.any()):  # the CPU's argmax walks every row: only when a row needs it
-        tokens = torch.where(bad, scaled.argmax(-1), tokens)
-    return tokens
+        pick = _invert(kept.cumsum(-1), uniform[rows]).clamp_(max=kept.shape[1] - 1)  # [N]
+        picked[rows] = ids.gather(1, pick[:, None])[:, 0]
+    return picked.clamp_(max=logits.shape[1] - 1)
+
+
+def _argmax_where_bad(peak: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # [Q]
+    """``tokens``, with each row whose ``peak`` [Q, 1] is not finite (nothing to sample from, or a +inf logit) taking
+    its argmax of ``logits`` [Q, V] instead."""
+    bad = ~torch.isfinite(peak[:, 0])  # [Q]
+    if logits.device.type == "cpu" and not bool(bad.any()):  # the CPU's argmax walks every row: only when needed
+        return tokens
+    return torch.where(bad, logits.argmax(-1), tokens)
+
+
+def _candidates(
+    logits: torch.Tensor, ks: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:  # [S, V] -> [S, k], [S, k], per row
+    """Each row's ``k`` largest logits (``-inf`` past its own ``k``) and their ids, both in vocabulary order, and
+    whether another logit ties with its ``k``-th (the filter keeps every tie, so that row cannot use these)."""
+    k = max(ks)
+    values, ids = torch.topk(logits, k + 1, dim=-1)  # [S, k + 1] each, most likely first
+    at = torch.tensor(ks)  # [S] each k < V, so the (k+1)-th is there
+    kth = values.gather(1, (at - 1)[:, None])[:, 0]  # [S]
+    after = values.gather(1, at[:, None])[:, 0]  # [S] the (k+1)-th
+    tied = ((after == kth) & (kth > float("-inf"))).tolist()
+    values, ids = values[:, :k], ids[:, :k]  # [S, k] each
+    values = values.masked_fill(torch.arange(k)[None, :] >= at[:, None], float("-inf"))  # [S, k]
+    ids, order = ids.sort(-1)  # [S, k]: vocabulary order, as the whole row's cumulative weights run
+    return values.gather(1, order), ids, tied
+
+
+def _ks(top_k: Sequence[int], vocab: int) -> list[int]:
+    """Each row's top-k as a filter: 0 where it keeps every token (off, or a k past the vocabulary)."""
+    return [k if 0 < k < vocab else 0 for k in top_k]
 
 
 def nucleus_weights(weight: torch.Tensor, top_p: Sequence[float], partial: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +157,25 @@ def nucleus_weights(weight: torch.Tensor, top_p: Sequence[float], partial: bool 
     total = weight.sum(-1, dtype=torch.float64)  # [Q]
     m = min(_FIRST_NUCLEUS if partial else weight.shape[1], weight.shape[1])
     while True:
-        top, ids = torch.topk(weight, m, dim=-1)  # [Q, m] each, most likely first
+        top, ids = _largest(weight, m)  # [Q, m] each, most likely first
         mass = torch.cumsum(top, -1, dtype=torch.float64) / total[:, None]  # [Q, m]
         if m == weight.shape[1] or bool((mass[:, -1] >= p).all()):
             break
         m = min(4 * m, weight.shape[1])
     before = mass - top.double() / total[:, None]  # [Q, m] mass of the more likely tokens
     return ids, top.double().masked_fill(before >= p[:, None], 0.0)
+
+
+def _largest(weight: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:  # [Q, V] -> [Q, m], [Q, m]
+    """The ``m`` largest of each row and their ids, most likely first and tied ones in vocabulary order (as
+    :func:`filter_rows`' stable sort has them), so which of two tied tokens a nucleus keeps does not depend on the
+    device or the ``topk`` kernel."""
+    if m == weight.shape[1]:
+        return torch.sort(weight, dim=-1, descending=True, stable=True)
+    _, ids = torch.topk(weight, m, dim=-1)  # [Q, m]
+    ids = ids.sort(-1).values  # [Q, m] vocabulary order
+    top, order = torch.sort(weight.gather(1, ids), dim=-1, descending=True, stable=True)  # [Q, m] each
+    return top, ids.gather(1, order)
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R, V], [Q] -> [Q, V]

@@ -17,11 +17,11 @@ def _gens(n: int, base: int = 0) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(base + i) for i in range(n)]
 
 
-@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.7), (4, 0.8)])
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.7), (4, 0.8), (2, 1.0), (3, 0.9)])
 def test_samples_follow_the_filtered_softmax(top_k, top_p):
     """20,000 draws of one 7-token row: each token's frequency within 5 standard deviations of its probability under
     filter_rows' softmax, and no dropped token ever drawn."""
-    logits = torch.tensor([[2.0, 1.5, 0.3, -0.2, 1.9, -3.0, 0.0]])
+    logits = torch.tensor([[2.0, 1.5, 0.3, 1.5, 1.9, -3.0, 0.0]])  # top_k=3: the 3rd largest ties with the 4th
     n = 20_000
     rows = logits.expand(n, -1).contiguous()
     tokens = sample_rows(rows, [top_k] * n, [top_p] * n, _gens(n))
@@ -54,6 +54,34 @@ def test_the_nucleus_is_the_one_a_full_sort_keeps(vocab, scale, top_p, seed):
     for partial in (True, False):  # passes of 64, 256, ... candidates (the CPU), or the whole row at once (a GPU)
         ids, kept = nucleus_weights(weight, [top_p] * 3, partial=partial)
         assert torch.equal(torch.zeros_like(reference).scatter(1, ids, kept > 0), reference)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=st.sampled_from([8, 300, 5000]),
+    ties=st.booleans(),
+    ks=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_top_k_rows_draw_the_token_the_whole_masked_row_gives(vocab, ties, ks, seed):
+    """A top-k row samples from its k largest logits alone on the CPU: with the same uniform it draws exactly the
+    token the inverse of the whole filtered row's cumulative weights (vocabulary order) gives, also where logits
+    tie with the k-th (those rows keep every tie, as filter_rows does); with top-p too, only tokens the filter
+    keeps."""
+    rows = len(ks)
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2  # [R, V]
+    if ties:
+        logits = (logits * 2).round() / 2  # many logits equal: ties at the k-th value
+    got = sample_rows(logits, ks, [1.0] * rows, _gens(rows, seed))
+    kept = filter_rows(logits, torch.tensor(ks), torch.ones(rows))  # [R, V]
+    weight = torch.exp(kept - kept.amax(-1, keepdim=True))  # [R, V]
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in _gens(rows, seed)])  # [R]
+    assert got.tolist() == _invert(torch.cumsum(weight, -1, dtype=torch.float64), uniform).tolist()
+    top_p = [0.5, 0.9, 1.0, 0.3, 0.99][:rows]
+    nucleus = filter_rows(logits, torch.tensor(ks), torch.tensor(top_p))  # [R, V]
+    drawn = sample_rows(logits, ks, top_p, _gens(rows, seed + 1))
+    floor = nucleus.masked_fill(nucleus == float("-inf"), float("inf")).amin(-1)  # [R] the least logit kept
+    assert (logits.gather(1, drawn[:, None])[:, 0] >= floor).all()  # a kept token (or one tied with the last kept)
 
 
 def test_a_row_draws_one_number_of_its_own_generator_whatever_shares_the_batch():
@@ -145,3 +173,4 @@ def test_a_token_whose_more_likely_tokens_hold_exactly_top_p_is_dropped(top_p, k
     tokens = sample_rows(logits, [0] * n, [top_p] * n, _gens(n))
     assert len(set(tokens.tolist())) == kept
     assert int(filter_rows(logits[:1], torch.tensor([0]), torch.tensor([top_p])).isfinite().sum()) == kept
+
