@@ -159,7 +159,7 @@ def nucleus_weights(weight: torch.Tensor, top_p: Sequence[float], partial: bool 
     while True:
         top, ids = _largest(weight, m)  # [Q, m] each, most likely first
         mass = torch.cumsum(top, -1, dtype=torch.float64) / total[:, None]  # [Q, m]
-        if m == weight.shape[1] or bool((mass[:, -1] >= p).all()):
+        if m == weight.shape[1] or bool(((mass[:, -1] >= p) | ~torch.isfinite(total)).all()):  # a NaN row: argmax
             break
         m = min(4 * m, weight.shape[1])
     before = mass - top.double() / total[:, None]  # [Q, m] mass of the more likely tokens

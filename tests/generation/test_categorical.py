@@ -174,3 +174,17 @@ def test_a_token_whose_more_likely_tokens_hold_exactly_top_p_is_dropped(top_p, k
     assert len(set(tokens.tolist())) == kept
     assert int(filter_rows(logits[:1], torch.tensor([0]), torch.tensor([top_p])).isfinite().sum()) == kept
 
+
+def test_a_top_p_row_with_a_nan_stops_after_the_first_pass(monkeypatch):
+    """Regression: a row holding a NaN (its argmax is taken anyway) never reached its mass, so the CPU's nucleus
+    search ran every pass (64, 256, ... the whole vocabulary) before giving up on it."""
+    import llmspeed.generation.categorical as categorical
+
+    passes = []
+    real = categorical._largest
+    monkeypatch.setattr(categorical, "_largest", lambda w, m: passes.append(m) or real(w, m))
+    logits = torch.randn(2, 5000)
+    logits[0, 3] = 50.0  # a peaked row: its nucleus is in the first pass
+    logits[1, 7] = float("nan")
+    tokens = sample_rows(logits, [0, 0], [0.5, 0.5], _gens(2))
+    assert passes == [64] and tokens[1] == 7
