@@ -25,13 +25,21 @@ _PLAIN_DECODE = {"decode": "transformers.tokenization_utils_base", "_decode": "t
 def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
     """``ids -> text`` through the Rust tokenizer itself, where that is exactly what ``tokenizer.decode(ids,
     skip_special_tokens=True)`` returns: a transformers fast tokenizer whose ``decode`` and ``_decode`` no subclass
-    overrides (nor the instance itself) and which cleans up no spaces. ``None`` otherwise (the detokenizer then calls
-    ``decode``).
+    overrides (nor the instance itself). ``None`` otherwise (the detokenizer then calls ``decode``).
 
     transformers' wrapper costs several times the Rust decode of a short window, and a request decodes two windows
-    a token: host time a big batch pays every step, which a GPU waits for (measured in docs/batching.md)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not callable(getattr(backend, "decode", None)) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+    a token: host time a big batch pays every step, which a GPU waits for (measured in docs/batching.md).
+
+    With ``clean_up_tokenization_spaces`` on (Llama 3's config sets it), ``_decode`` (transformers >= 5.7, which has
+    ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output``) leaves a BPE model's text as the Rust
+    decode gives it unless that flag is set, and otherwise passes it through ``self.clean_up_tokenization``: so does
+    this, calling the same bound method (a subclass's or the instance's own included). Without the flag (an older
+    transformers, which cleans BPE text too), ``None``."""
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "decode", None)):
+        return None
+    decoding: Any = getattr(tokenizer, "_tokenizer", None)
+    if decoding is not backend:  # _decode decodes with ``_tokenizer``, and tests ``backend_tokenizer.model``
         return None
     for name, module in _PLAIN_DECODE.items():
         if name in getattr(tokenizer, "__dict__", {}):  # set on the instance (a wrapper, a patch): decode is not plain
@@ -39,7 +47,15 @@ def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
         owner = next((c for c in type(tokenizer).__mro__ if name in c.__dict__), None)
         if owner is None or owner.__module__ != module:
             return None
-    return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    force = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None)
+    if force is None:
+        return None
+    if type(backend.model).__name__ == "BPE" and not force:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    clean = tokenizer.clean_up_tokenization
+    return lambda ids: clean(backend.decode(ids, skip_special_tokens=True))
 
 
 class Detokenizer:

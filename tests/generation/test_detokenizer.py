@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmspeed.generation.detokenizer import Detokenizer
+from llmspeed.generation.detokenizer import Detokenizer, backend_decode
 from llmspeed.generation.sampling import SamplingParams
 from llmspeed.generation.sequence import Sequence
 
@@ -207,35 +208,108 @@ def _both(tok, prompt, tokens, stop=()):
     return fast, slow, deltas
 
 
+# Text where transformers' clean_up_tokenization changes something: " ." " ," " ?" " !" " ' " " n't" " 'm" " 's" ...
+CLEANED = [" .", " ,", " ?", " !", " ' ", " n't", " 'm", " 's", " 've", " 're", " x != y ", " don't"]
+
+
+def _wordpiece(clean_up=True):
+    """A small WordPiece fast tokenizer (built here, as BERT's is) whose Rust decode leaves "a , b ." as it is."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["[UNK]", "[CLS]", "[SEP]", "hello", "world", "x", "y", "don", "##t", "it", "##s", "is", "=", "n", "t", "s",
+             "m", "ve", "re", ".", ",", "?", "!", "'", "##'", "##!", "##.", "é", "😀"]  # fmt: skip
+    backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(cleanup=False)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
+                                                sep_token="[SEP]", clean_up_tokenization_spaces=clean_up)  # fmt: skip
+
+
+def _golden_tokenizer(kind, smollm2):
+    """SmolLM2's byte-level BPE as it is (no clean-up), with clean-up on (which transformers skips for a BPE model),
+    and with clean-up forced; a WordPiece tokenizer with clean-up on (applied)."""
+    import copy
+
+    if kind == "wordpiece":
+        return _wordpiece()
+    tok = copy.copy(smollm2.tokenizer)
+    if kind != "plain":
+        tok.clean_up_tokenization_spaces = True
+    if kind == "bpe forced":
+        tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    return tok
+
+
+GOLDEN = ["plain", "bpe clean-up on", "bpe forced", "wordpiece"]
+
+
+@pytest.mark.parametrize("kind", GOLDEN)
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
-def test_the_rust_decode_gives_the_text_of_the_tokenizers_decode(smollm2_cached, data):
-    """Golden: SmolLM2's tokenizer through ``backend_tokenizer.decode`` gives every delta ``tokenizer.decode`` gives,
-    on random ids (special tokens, byte pieces of multi-byte characters, ...) and on real text."""
-    tok = smollm2_cached.tokenizer
+def test_the_rust_decode_gives_the_text_of_the_tokenizers_decode(smollm2_cached, kind, data):
+    """Golden: the tokenizer through ``backend_decode`` gives the text ``tokenizer.decode`` gives, and every delta,
+    on random ids (special tokens, byte pieces of multi-byte characters, text clean-up changes, ...) and on real text."""
+    tok = _golden_tokenizer(kind, smollm2_cached)
     vocab = len(tok)
     special = sorted(tok.all_special_ids)
-    real = tok.encode("Héllo wörld — 😀 naïve façade\n\tdef f(x):  return x ** 2  # ok", add_special_tokens=False)
-    ids = data.draw(st.lists(st.one_of(st.integers(0, vocab - 1), st.sampled_from(special), st.sampled_from(real)),
-                             max_size=40))  # fmt: skip
+    real = tok.encode("Héllo wörld — 😀 naïve façade\n\tdef f(x):  return x ** 2  # ok. I don't know , he said . Is it ? "
+                      "Yes ! it 's x != y , we 're sure ' n' I 'm , we 've !", add_special_tokens=False)  # fmt: skip
+    cleaned = [tok.encode(s, add_special_tokens=False) for s in CLEANED]
+    pieces = data.draw(st.lists(st.one_of(st.integers(0, vocab - 1).map(lambda i: [i]), st.sampled_from(special).map(
+        lambda i: [i]), st.sampled_from(real).map(lambda i: [i]), st.sampled_from(cleaned)), max_size=30))  # fmt: skip
+    ids = [i for piece in pieces for i in piece]
     prompt = data.draw(st.lists(st.integers(0, vocab - 1), max_size=6))
     stop = data.draw(st.lists(st.text(alphabet="ab é😀 ", min_size=1, max_size=3), max_size=2))
+    assert backend_decode(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
     fast, slow, deltas = _both(tok, prompt, ids, stop)
     assert all(a == b for a, b in deltas) and fast.text == slow.text and fast.stopped == slow.stopped
     _, _, real_deltas = _both(tok, [], real)
-    assert "".join(a for a, _ in real_deltas) == tok.decode(real, skip_special_tokens=True)
+    assert all(a == b for a, b in real_deltas)
+    if kind in ("plain", "bpe clean-up on"):  # clean-up that shortens a window's text loses deltas, on either path
+        assert "".join(a for a, _ in real_deltas) == tok.decode(real, skip_special_tokens=True)
+
+
+def test_the_golden_tokenizers_clean_up_where_transformers_does(smollm2_cached):
+    """The golden test's cases are what they claim: clean-up changes the text of the forced BPE and the WordPiece
+    tokenizer (so the Rust decode alone would differ) and not that of the BPE with clean-up on."""
+    for kind in GOLDEN:
+        tok = _golden_tokenizer(kind, smollm2_cached)
+        ids = tok.encode("hello , world . don't it 's ?", add_special_tokens=False)
+        rust = tok.backend_tokenizer.decode(ids, skip_special_tokens=True)
+        assert backend_decode(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
+        assert (rust != tok.decode(ids, skip_special_tokens=True)) == (kind in ("bpe forced", "wordpiece")), kind
+
+
+def test_a_clean_up_overridden_by_a_subclass_or_the_instance_is_applied():
+    """``_decode`` calls ``self.clean_up_tokenization``: the fast path calls the same one, where it is overridden
+    too; a transformers without the BPE flag (< 5.7, which cleaned BPE text as well) gets ``decode`` itself."""
+    tok = _wordpiece()
+    ids = tok.encode("hello , world .", add_special_tokens=False)
+
+    class Custom(type(tok)):
+        def clean_up_tokenization(self, text):
+            return super().clean_up_tokenization(text).upper()
+
+    custom = _wordpiece()
+    custom.__class__ = Custom
+    assert backend_decode(custom)(ids) == custom.decode(ids, skip_special_tokens=True) == "HELLO, WORLD."
+    tok.clean_up_tokenization = lambda text: text.replace(" ", "_")
+    assert backend_decode(tok)(ids) == tok.decode(ids, skip_special_tokens=True) == "hello_,_world_."
+    older = _wordpiece()
+    del older.__dict__["clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"]
+    assert backend_decode(older) is None
+    assert backend_decode(_wordpiece(clean_up=False))(ids) == "hello , world ."
 
 
 def test_the_rust_decode_is_used_only_where_it_is_what_decode_returns(smollm2_cached):
     import copy
 
-    from llmspeed.generation.detokenizer import backend_decode
-
     tok = smollm2_cached.tokenizer
     assert backend_decode(tok) is not None and backend_decode(Utf8Bytes()) is None and backend_decode(None) is None
-    cleaning = copy.copy(tok)
-    cleaning.clean_up_tokenization_spaces = True  # decode post-processes the text: only decode itself knows how
-    assert backend_decode(cleaning) is None
+    other = copy.copy(tok)  # a backend_tokenizer other than the _tokenizer that _decode decodes with
+    other.__class__ = type("Other", (type(tok),), {"backend_tokenizer": property(lambda self: copy.deepcopy(self._tokenizer))})
+    assert backend_decode(other) is None
 
     calls = []
 
@@ -256,8 +330,6 @@ def test_a_decode_set_on_the_tokenizer_instance_is_called(smollm2_cached):
     ``monkeypatch.setattr(tokenizer, "decode", ...)`` or a post-processing wrapper does) was passed over for the
     Rust decode, and the text was not what ``tokenizer.decode`` gives."""
     import copy
-
-    from llmspeed.generation.detokenizer import backend_decode
 
     tok = copy.deepcopy(smollm2_cached.tokenizer)
     plain = tok.decode
