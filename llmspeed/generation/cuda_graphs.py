@@ -12,7 +12,7 @@ falls back to eager steps.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +27,23 @@ def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= ``max(n, minimum)``."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+def capture(body: Callable[[], torch.Tensor], pool: Any, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """``body`` warmed up twice on a side stream, then captured: the graph and its output. Streams and capture are
+    ``device``'s (the model's), not the current device's: a model on ``cuda:1`` while ``cuda:0`` is current would
+    otherwise run its warm-up off the side stream and capture nothing of its own."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            out = body()
+    return graph, out
 
 
 class _Graph:
@@ -55,15 +72,7 @@ class _Graph:
                 mask.copy_((self.arange[None, :] < self.lens[:, None])[:, None, None, :])
             return model.forward_batch(self.ids, self.pos, attention, self.rows)  # [n, V]
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
-            self.logits = body()
+        self.graph, self.logits = capture(body, pool, dev)
 
     def replay(self, ids, pos, slots, tables: Sequence[Sequence[int]], lens, width: int, pad_block: int,
                device_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

@@ -101,3 +101,48 @@ def test_a_replay_takes_the_device_ids_of_a_burst_over_the_host_placeholders():
     assert seen["blocks"] == [0, 2, 3, 39, 6, 7, 39, 39] and logits.shape == (3, 10)
     graph.replay([11, 12], [1, 2], [1, 2], [[0], [0]], [2, 3], 2, 39)  # a single step: the host's ids
     assert seen["ids"] == [11, 12, 0, 0]
+
+
+def test_a_graph_is_captured_on_the_models_device_not_the_current_one(monkeypatch):
+    """Regression: the warm-up stream, the waits and the capture used the current device's streams, so for a model
+    on cuda:1 while cuda:0 is current the warm-up ran on cuda:1's default stream and the capture saw none of the
+    model's kernels. Every stream and the capture now run under the model's device. Checked on the CPU with
+    stand-ins for the CUDA calls (capturing needs a GPU)."""
+    import contextlib
+
+    from llmspeed.generation import cuda_graphs
+
+    current = ["cuda:0"]
+    seen: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def device(d):
+        before, current[0] = current[0], str(d)
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    class Stream:
+        def __init__(self):
+            seen.append(("stream", current[0]))
+
+        def wait_stream(self, other):
+            seen.append(("wait", current[0]))
+
+    @contextlib.contextmanager
+    def in_context(*args, **kwargs):
+        seen.append(("context", current[0]))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", in_context)
+    monkeypatch.setattr(torch.cuda, "graph", in_context)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    calls = []
+    graph, out = cuda_graphs.capture(lambda: calls.append(current[0]) or torch.ones(1), None, torch.device("cuda", 1))
+    assert graph == "graph" and out.tolist() == [1.0]
+    assert calls == ["cuda:1"] * 3 and seen and all(where == "cuda:1" for _, where in seen), seen
+    assert current == ["cuda:0"]
