@@ -344,12 +344,12 @@ class Generator:
         self.num_steps += 1
         self.num_tokens_computed += len(step.ids)
         sampled = [c.seq for c in batch.chunks if c.samples]
-        if not sampled:
-            self._record(path, start)
-            return path
-        tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                        [s.row_context(self.eos_token_ids) for s in sampled])
-        append_tokens(self, sampled, tokens, logprobs, self._record(path, start), events)
+        try:  # counted in num_steps above: recorded in step_paths even when sampling raises
+            tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
+                                            [s.row_context(self.eos_token_ids) for s in sampled]) if sampled else ([], [])
+        finally:
+            now = self._record(path, start)
+        append_tokens(self, sampled, tokens, logprobs, now, events)
         return path
 
     def _token_event(self, seq: Seq, token: int, lp: Any, events: list[StreamEvent]) -> StreamEvent:

@@ -92,6 +92,8 @@ def test_a_step_that_raises_fails_only_its_batch_and_the_generator_goes_on(llama
     expected = _alone(llama, prompts[4:])
     assert [ends[r].token_ids for r in rids[4:]] == expected
     assert gen.blocks.num_free == gen.blocks.num_blocks and gen.num_live == 0
+    # regression: a step whose sampler raised was counted in num_steps but not in step_paths
+    assert gen.num_steps == sum(n for n, _ in gen.step_paths.values())
 
 
 class _DecodeFails:
