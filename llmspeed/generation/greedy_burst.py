@@ -68,9 +68,9 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     :data:`BURST_PATHS`), run back to back by the runner (their events appended to ``events``; their time recorded as
     ``"fused cpu, greedy burst"``, or ``f"{path}, burst"`` on the paths that also sample at random).
 
-    As many steps as :func:`burst_length` allows (the blocks are taken first, so nothing is preempted). The
-    tokens then go through the same commit, stop checks and detokenizing as one step's; a request that ends
-    part way drops the tokens computed after its end.
+    As many steps as :func:`burst_length` allows (the blocks are taken first, so nothing is preempted; given back when
+    the runner declines the burst). The tokens then go through the same commit, stop checks and detokenizing as one
+    step's; a request that ends part way drops the tokens computed after its end.
     """
     seqs = [c.seq for c in batch.chunks]
     # sampled on the device (random rows drawing from their generators), or, after a fused CPU step, argmaxes in C++;
@@ -79,6 +79,7 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps, past_ends(gen.device), device)
     if steps < 1:
         return
+    held = [len(seq.block_table) for seq in seqs]
     for seq in seqs:  # the cache slots of every position the burst writes
         gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens + steps - 1)
     start = time.perf_counter()
@@ -92,8 +93,12 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     random = any(not p.greedy for p in params)
     burst = gen.runner.burst_steps(rows, steps, adapters if any(a is not None for a in adapters) else None,
                                    sample if random else None, fused=not device)  # fmt: skip
-    if burst is None:  # not back to back here (a model the burst cannot run, or one changed under the step): the
-        # next step() goes on one step at a time; the blocks taken above are its sequences' next ones anyway
+    if burst is None:  # the runner cannot run these steps back to back (e.g. the fused step ran the step, but its C++
+        # loop cannot compute a dynamic rotary's rows): the next step() goes on one step at a time; the blocks taken
+        # above go back, else they would be held for tokens many steps away, and admissions wait for them
+        for seq, n in zip(seqs, held):
+            gen.blocks.release(seq.seq_id, seq.block_table[n:])
+            del seq.block_table[n:]
         return
     gen.num_steps += steps
     gen.num_tokens_computed += steps * len(seqs)

@@ -70,6 +70,24 @@ def test_a_dynamic_rotary_model_decodes_as_the_generic_path():
     assert fused.token_ids == generic.token_ids
 
 
+def test_a_burst_declined_for_a_dynamic_rotary_gives_its_blocks_back():
+    """Regression: after a fused step, a burst the C++ loop declines (it cannot compute a dynamic rotary's rows) kept
+    the blocks taken for it, tokens many steps away, so a request that fits with single steps waited for them."""
+    from llmspeed.generation import fused_decode
+
+    if fused_decode.unavailable() is not None:
+        pytest.skip("the C++ decode kernel cannot build here")
+    model = tiny("llama", seed=0, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    gen = Generator(model, progress=False, num_scheduler_steps=8, block_size=4, kv_cache_tokens=16)
+    gen.add_request([1, 2, 3], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    gen.step(), gen.step()  # the prefill, then a fused decode step whose burst is declined
+    assert "fused cpu" in gen.step_paths and "fused cpu, greedy burst" not in gen.step_paths
+    assert gen.blocks.num_free == 3  # one block for the first request's five tokens, as with single steps
+    late = gen.add_request([4, 5, 6, 7, 8, 9, 10], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    gen.step()
+    assert [s.seq_id for s in gen.scheduler.running] == [0, late] and not gen.scheduler.waiting
+
+
 def test_longrope_is_not_tabled_and_a_changed_attention_scaling_rebuilds_the_table():
     rotary = tiny("llama", seed=0).hf.model.rotary_emb
     table = RopeTable(rotary)
