@@ -3,9 +3,10 @@
 OpenAI's API lets a message's content be a list of parts (``[{"type": "text", "text": "..."}]``). Most chat
 templates (SmolLM2's, Llama's, Qwen's) write ``message['content']`` as a string: given parts, they fail or write the
 list's Python repr. Some iterate over the parts (``{% for part in message['content'] %}``). As vLLM does, the
-template's own text says which: a template that loops over a message's content takes the parts as given; any other
-gets each message's text parts joined with ``"\\n"`` (:func:`content_text`, the OpenAI server's rule too). Either
-way a part that is not text is refused: the models run on text only.
+template's own text says which: a template that loops over a message's content (itself, or in a macro it passes the
+content to, as Qwen3-VL's and GLM-4.5's do) takes the parts as given; any other gets each message's text parts
+joined with ``"\\n"`` (:func:`content_text`, the OpenAI server's rule too). Either way a part that is not text is
+refused: the models run on text only.
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ def _detected(template: str) -> ContentFormat | None:
 
     bindings = [(a.target, a.node, False) for a in tree.find_all(nodes.Assign)]
     bindings += [(f.target, f.iter, True) for f in tree.find_all(nodes.For)]
+    macros = {m.name: m.args for m in tree.find_all(nodes.Macro)}  # a call binds its arguments to the parameters:
+    for call in tree.find_all(nodes.Call):  # {% macro render(content) %}...{{ render(message['content']) }}
+        params = macros.get(call.node.name, []) if isinstance(call.node, nodes.Name) else []
+        bindings += list(zip(params, call.args, [False] * len(call.args)))
+        bindings += [(p, kw.value, False) for kw in call.kwargs for p in params if p.name == kw.key]
     changed = True
     while changed:  # names bound to the messages, a message and a message's content, to a fixed point
         changed = False

@@ -97,13 +97,22 @@ SHAPES = [  # (template, the format vLLM's detection gives it): the shapes real 
     ("{% for message in messages %}{% generation %}{{ message['content'] }}{% endgeneration %}{% endfor %}", "string"),
     ("{% for message in messages %}{% generation %}{% for c in message.content %}{{ c.text }}{% endfor %}"
      "{% endgeneration %}{% endfor %}", "openai"),  # transformers' {% generation %}, which plain Jinja cannot parse
+    (QWEN_MACRO := "{% macro render_content(content, do_vision_count, is_system_content=false) %}{% if content is string %}"
+     "{{ content }}{% else %}{% for item in content %}{% if 'text' in item %}{{ item.text }}{% endif %}{% endfor %}"
+     "{% endif %}{% endmacro %}{% for message in messages %}{% set content = render_content(message.content, true)|trim %}"
+     "{{ content }}{% endfor %}", "openai"),  # Qwen3-VL, Qwen3.5: the parts looped over in a macro
+    ("{% macro visible_text(content) %}{% if content is string %}{{ content }}{% elif content is iterable %}"
+     "{% for item in content %}{{ item.text }}{% endfor %}{% endif %}{% endmacro %}{% for m in messages %}"
+     "{{ visible_text(content=m.content) }}{% endfor %}", "openai"),  # GLM-4.5, MiniMax (by keyword here)
+    ("{% macro render_tools(tool_list) %}{% for tool in tool_list %}{{ tool.name }}{% endfor %}{% endmacro %}"
+     "{{ render_tools(tools) }}{% for m in messages %}{{ m.content }}{% endfor %}", "string"),  # MiniMax's tools
 ]
 
 
 @pytest.mark.parametrize("template,expected", SHAPES, ids=[
     "is-string-else-loop", "attribute", "attribute-string", "sliced", "reversed", "filtered", "set-trim",
     "set-then-loop", "namespace", "first-message", "set-first-message", "tool-calls-loop", "tools-loop", "generation-string",
-    "generation-loop"])  # fmt: skip
+    "generation-loop", "content-macro", "content-macro-keyword", "tools-macro"])  # fmt: skip
 def test_the_content_format_of_real_template_shapes_is_vllms(template, expected):
     tok = ChatTokenizer()
     tok.chat_template = template
@@ -112,6 +121,25 @@ def test_the_content_format_of_real_template_shapes_is_vllms(template, expected)
     assert content_format(tok) == expected
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert template_messages(tok, parts) == (parts if expected == "openai" else [{"role": "user", "content": "a\nb"}])
+
+
+@pytest.mark.parametrize("template", [
+    "{% macro render(content) %}{% for part in content %}{{ part.text }}{% endfor %}{% endmacro %}"
+    "{% for message in messages %}[{{ render(message['content']) }}]{% endfor %}",
+    "{% macro turn(message) %}[{% for c in message['content'] %}{{ c.text }}{% endfor %}]{% endmacro %}"
+    "{% for m in messages %}{{ turn(m) }}{% endfor %}",
+], ids=["content-macro", "message-macro"])  # fmt: skip
+def test_a_template_that_loops_over_the_parts_in_a_macro_renders_their_text(template):
+    """Regression: a template that passes a message's content (or the message) to a macro looping over the content (as
+    Qwen3-VL's, Qwen3.5's, GLM-4.5's, Gemma 4's do) was read as one that writes content as a string: it got the text
+    joined, and a macro without a string branch iterated its characters, whose ``text`` is empty: the message vanished
+    from the prompt."""
+    import jinja2
+
+    tok = ChatTokenizer()
+    tok.chat_template = template
+    got = template_messages(tok, PARTS[1:])
+    assert got == PARTS[1:] and jinja2.Template(template).render(messages=got) == "[Summarize:It rains.]"
 
 
 def test_a_template_that_is_not_jinja_text_gets_the_parts_as_given():
