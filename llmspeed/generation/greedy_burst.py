@@ -10,6 +10,7 @@ and randomly sampled requests alike, each step's tokens sampled on the device an
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,8 @@ def burst_length(seqs: Sequence[Seq], scheduler: Scheduler, blocks: BlockManager
 def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: str = "fused cpu") -> None:
     """Up to ``num_scheduler_steps - 1`` more decode steps of ``batch``, which just ran on ``path`` (one of
     :data:`BURST_PATHS`), run back to back by the runner (their events appended to ``events``; their time recorded as
-    ``"fused cpu, greedy burst"``, or ``f"{path}, burst"`` on the paths that also sample at random).
+    ``"fused cpu, greedy burst"``, or ``f"{path}, burst"`` with each step's own path on the paths that also sample at
+    random: ``"decode, burst"`` for the steps a CUDA graph did not run).
 
     As many steps as :func:`burst_length` allows (the blocks are taken first, so nothing is preempted; given back when
     the runner declines the burst). The tokens then go through the same commit, stop checks and detokenizing as one
@@ -113,8 +115,11 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
                 seq.token_times.append(now)
                 events.append(gen._token_event(seq, token, None, events))
     finally:  # counted in num_steps above: recorded even when a read-back or a detokenizer raises part way
-        # timed until its last tokens were known, as a step is
-        gen._record(f"{path}, burst" if device else "fused cpu, greedy burst", start, steps, end=now)
+        # timed until its last tokens were known, as a step is; each step under its own path (a step a CUDA graph did
+        # not run is a "decode" step), the burst's time shared by steps
+        for step_path, n in Counter(gen.runner.burst_paths).items():
+            label = f"{step_path}, burst" if device else "fused cpu, greedy burst"
+            gen._record(label, now - (now - start) * n / steps, n, end=now)
 
 
 __all__ = ["burst_length", "greedy_burst"]

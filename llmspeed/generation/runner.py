@@ -114,6 +114,7 @@ class ModelRunner:
                 model, self.cache, pad_block=num_blocks, max_batch=min(max_seqs, 256), decode_kernel=self.decode_kernel
             )
         self.fused: Any = None  # a FusedDecode when decode steps take the fused CPU path
+        self.burst_paths: list[str] = []  # the path of each step of the last burst_steps that ran (as run() names it)
         self._fused_status = self._setup_fused(model, fused_decode, CANONICAL_DTYPES[str(lora_name)])
 
     @property
@@ -239,22 +240,27 @@ class ModelRunner:
         back behind it (:class:`~.readback.Readback`), so the caller turns the first steps' tokens into events
         while the GPU runs the later ones. The tokens are those the sampler gives one step at a time
         (:func:`~.sampling.argmax_rows` of the fp32 logits for greedy rows, each random row's own generator drawn
-        once a step). The block tables must already hold ``position + steps`` tokens.
+        once a step). The block tables must already hold ``position + steps`` tokens. Once it returns the steps,
+        :attr:`burst_paths` holds each one's path (``"fused cpu"``; elsewhere ``"cuda graph"``, or ``"decode"`` for a
+        step no graph ran: a capture that failed part way).
         """
         bs = self.cache.block_size
         check_room(rows, steps, bs)
         with step_lock(self.model.module):
             if self.fused is not None and fused:  # its C++ loop takes argmaxes only
                 burst = None if sample is not None else self.fused.greedy_steps(rows, steps, adapters)
+                self.burst_paths = ["fused cpu"] * steps
                 return None if burst is None else zip(*burst)
             if steps < 1 or not rows:
                 return None
             ids = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=self.device)  # [n]
             pending: list[Readback] = []
+            self.burst_paths = []
             for j in range(steps):
                 step = StepInput.build([(t, p + j, 1, [0], True, a)
                                         for (t, p, _), a in zip(rows, adapters or [None] * len(rows))], bs)
-                logits = self._run(step, ids)[1]  # [n, V]
+                path, logits = self._run(step, ids)  # [n, V]
+                self.burst_paths.append(path)
                 # on a GPU, queued after the step; nothing waits here
                 ids = (argmax_rows(logits.float()) if sample is None else sample(logits)).to(self.device)  # [n]
                 pending.append(Readback(ids))

@@ -303,3 +303,30 @@ def test_bursts_past_a_request_end_leave_the_prefix_cache_as_single_steps_do():
         assert gen.blocks.num_free == gen.blocks.num_blocks and gen.step_paths[BURST][0] > 0
         results[past] = ([o.token_ids for o in first], again.token_ids, again.metrics.cached_tokens)
     assert results[True] == results[False] and results[True][2] == 32  # two full blocks served from the cache
+
+
+def test_a_burst_whose_later_steps_no_graph_runs_records_them_as_decode_steps(llama):
+    """Regression: a burst was recorded under its first step's path, so after a decode step a CUDA graph ran, the burst's
+    steps that ran eagerly (a capture failing part way, a context past the widest graph) counted as ``"cuda graph,
+    burst"``. A stand-in for the graphs (it runs the model eagerly) serves the first decode step only."""
+    from llmspeed.generation.kv_cache import PagedAttention
+
+    gen = Generator(llama, progress=False, num_scheduler_steps=4, fused_decode=False)
+    runner, served = gen.runner, []
+
+    class FirstStepOnly:
+        def run(self, step, ids=None):
+            if served:
+                return None
+            served.append(step)
+            attention = PagedAttention(runner.cache, step.chunks, runner.decode_kernel, runner.prefill_kernel,
+                                       slots=step.slots)  # fmt: skip
+            with torch.inference_mode():
+                return llama.forward_batch(torch.tensor(step.ids), torch.tensor(step.positions), attention,
+                                           torch.tensor(step.rows))  # fmt: skip
+
+    runner.graphs = FirstStepOnly()
+    out = gen.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert out.token_ids == _run(llama, [[1, 2, 3]], SamplingParams(max_new_tokens=6, ignore_eos=True), 1)[1][0].token_ids
+    paths = {path: n for path, (n, _) in gen.stats.step_paths.items()}
+    assert paths == {"mixed": 1, "cuda graph": 1, "decode, burst": 3, "decode": 1}, paths
