@@ -57,18 +57,22 @@ def rope_context(model: CausalLM) -> int | None:
     A ragged batch is one pass over several sequences, so a short sequence stepped beside a long one would be rotated
     with the long factors that it alone never gets: its tokens would depend on the batch. Up to that length no
     sequence reaches the long factors, so a generator holds at most that many tokens."""
+    bounds = [n for n in map(_positions, _longrope_originals(model)) if n is not None]
+    return min(bounds) if bounds else None
+
+
+def _longrope_originals(model: CausalLM) -> list[object]:
+    """The ``original_max_position_embeddings`` of each longrope in the model's config, as the config holds them."""
     cfg = _text_config(model)
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
     if not isinstance(params, dict):
-        return None
+        return []
     per_layer = params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]
-    found = [
+    return [
         p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
         for p in per_layer
         if p.get("rope_type", p.get("type")) == "longrope"
     ]
-    bounds = [n for n in map(_positions, found) if n is not None]
-    return min(bounds) if bounds else None
 
 
 def context_limit(model: CausalLM, max_positions: int) -> tuple[int, str]:
@@ -85,7 +89,8 @@ def context_limit(model: CausalLM, max_positions: int) -> tuple[int, str]:
         return context, (f" here: its chunked attention (attention_chunk_size={chunk} in its config), which the paged "
                          f"attention does not apply past the first chunk")  # fmt: skip
     if rope is not None and context == rope and rope < max_positions:
-        return context, (f" here: its longrope rotary embedding's original_max_position_embeddings={rope}, past which "
+        held = next(n for n in _longrope_originals(model) if _positions(n) == rope)  # as the config holds it: 16.5
+        return context, (f" here: its longrope rotary embedding's original_max_position_embeddings={held}, past which "
                          f"it rotates every sequence of a ragged batch with the long factors once any one of them "
                          f"passes it")  # fmt: skip
     return context, ""

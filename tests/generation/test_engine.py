@@ -186,13 +186,15 @@ def test_a_longrope_limit_given_as_a_float_still_bounds_the_context(limit):
     """Regression: original_max_position_embeddings=16.0 (as a JSON config can carry it; transformers takes the float
     and switches to the long factors once seq_len > 16.0) was skipped by an int-only check, so the generator held the
     whole 512-position context and batched short sequences with long ones past the switch. It now holds 16, the
-    whole positions below the float (16.5 switches at 17 as well)."""
+    whole positions below the float (16.5 switches at 17 as well). The refusal names the limit as the config holds it
+    (it said original_max_position_embeddings=16 for 16.5)."""
     rope = {"rope_type": "longrope", "original_max_position_embeddings": limit, "short_factor": [1.0] * 8,
             "long_factor": [8.0 + i for i in range(8)]}  # fmt: skip
     gen = Generator(llmspeed.models.tiny("llama", seed=0, rope_scaling=rope), progress=False, block_size=4)
     assert gen.scheduler.max_seq_len == 16
     out = gen.generate_batched([list(range(1, 21))], SamplingParams(max_new_tokens=2))[0]
-    assert out.finish_reason == "error" and "original_max_position_embeddings=16," in out.error
+    assert out.finish_reason == "error" and "holds 16 here" in out.error
+    assert f"original_max_position_embeddings={limit}," in out.error  # 16.0 and 16.5, not 16
 
 
 def test_a_chunked_attention_model_is_served_up_to_its_chunk_with_its_own_tokens():
