@@ -70,7 +70,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     """Rows ``{dtype, sequences, context, layers, cache MB per layer, kernel us per layer, GB/s, SDPA us, SDPA / kernel}``."""
     if device != "cpu":
         raise ValueError(f"the C++ paged decode attention runs on the CPU; got device={device!r}")
-    spec = load_model(model, "cpu").spec
+    spec = load_model(model, "cpu", progress=progress).spec
     cases, reps = (((1, 128), (8, 128)), 5) if quick else (CASES, 15)
     g = torch.Generator().manual_seed(0)
     work = [(dtype, n, ctx) for dtype in CACHE_DTYPES for n, ctx in cases]

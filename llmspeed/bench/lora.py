@@ -120,7 +120,7 @@ def _current_mb(device: str) -> float:
 def train_config(config: str, model: str, device: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Prepare ``model`` for ``config``, fine-tune it, and measure; run it in a fresh process."""
     torch.manual_seed(0)
-    m = load_model(model, device=device)
+    m = load_model(model, device=device, progress=False)  # a child whose stderr is captured
     if config == "qlora-int4-g64":
         from ..quant import quantize
 
@@ -272,7 +272,7 @@ def _small_random_b(m, name: str, std: float = 0.01) -> None:
 
 def inference_rows(model: str, device: str, settings: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
     """The ``lora/inference`` table: decode/prefill time with adapters unmerged, merged, mixed."""
-    m = load_model(model, device=device)
+    m = load_model(model, device=device, progress=progress)
     names = [f"a{i}" for i in range(4)]
     for name in names:
         lora.add_adapter(m, name, r=settings["r"], alpha=2 * settings["r"])
@@ -324,7 +324,7 @@ def inference_rows(model: str, device: str, settings: dict[str, Any], progress: 
 
 
 # --- PEFT interop ------------------------------------------------------------------------------------
-def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+def interop_rows(model: str, device: str, settings: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
     """The ``lora/interop`` table: PEFT loads ours, we load PEFT's; max |logit diff| in fp32."""
     try:
         import peft
@@ -341,7 +341,7 @@ def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict
         ]
     ids = torch.randint(
         0,
-        load_model(model, device=device).spec.vocab_size,
+        load_model(model, device=device, progress=progress).spec.vocab_size,
         (2, 48),
         generator=torch.Generator().manual_seed(3),
     ).to(device)
@@ -352,14 +352,15 @@ def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        ours = load_model(model, device=device)
+        ours = load_model(model, device=device, progress=progress)
         lora.add_adapter(ours, "x", r=settings["r"], alpha=2 * settings["r"], targets="all-linear")
         _small_random_b(ours, "x")
         lora.save_adapter(ours, Path(tmp) / "ours", "x")
-        theirs = peft.PeftModel.from_pretrained(load_model(model, device=device).hf, Path(tmp) / "ours")
+        base = load_model(model, device=device, progress=progress).hf
+        theirs = peft.PeftModel.from_pretrained(base, Path(tmp) / "ours")
         want, got = logits(ours.hf), logits(theirs)
         rows.append(("llmspeed saves, PEFT loads", want, got))
-        hf = load_model(model, device=device).hf
+        hf = load_model(model, device=device, progress=progress).hf
         pm = peft.get_peft_model(
             hf, peft.LoraConfig(r=settings["r"], lora_alpha=2 * settings["r"], target_modules="all-linear")
         )
@@ -370,7 +371,7 @@ def interop_rows(model: str, device: str, settings: dict[str, Any]) -> list[dict
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
         pm.save_pretrained(str(Path(tmp) / "peft"))
         want = logits(pm)
-        mine = load_model(model, device=device)
+        mine = load_model(model, device=device, progress=progress)
         lora.load_adapter(mine, Path(tmp) / "peft", "p")
         rows.append(("PEFT saves, llmspeed loads", want, logits(mine.hf)))
     out = []
@@ -396,5 +397,5 @@ def run(
     settings = _settings(quick, model.startswith("tiny-"))
     rows = train_rows(model, device, settings, progress)
     rows += inference_rows(model, device, settings, progress)
-    rows += interop_rows(model, device, settings)
+    rows += interop_rows(model, device, settings, progress)
     return rows

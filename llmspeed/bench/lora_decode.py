@@ -52,7 +52,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     if device != "cpu":
         raise ValueError(f"the fused decode step runs on the CPU; got device={device!r}")
     reps, steps = (3, 8) if quick else (7, 16)
-    m = load_model(model, "cpu")
+    m = load_model(model, "cpu", progress=progress)
     quantize(m, fmt)
     plain = copy.deepcopy(m)
     many = copy.deepcopy(m)

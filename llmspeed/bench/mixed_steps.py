@@ -63,7 +63,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     reps, cases, formats = (1, CASES[:2], FORMATS[::2]) if quick else (5, CASES, FORMATS)
     out = []
     for fmt in formats:
-        m = load_model(model, "cpu")
+        m = load_model(model, "cpu", progress=progress)
         if fmt == "bf16":
             cast(m, "bf16")
         elif fmt != "fp32":

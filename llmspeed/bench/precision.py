@@ -65,9 +65,9 @@ def _settings(device: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def _variant_model(model: str, device: str, variant: str):
+def _variant_model(model: str, device: str, variant: str, progress: bool = False):
     """A fresh model in ``variant``'s precision, and the context its forward passes run under."""
-    m = load_model(model, device=device)
+    m = load_model(model, device=device, progress=progress)
     if variant == "autocast-bf16":
         return m, lambda: autocast(m, "bf16")
     if variant == "bf16-native":
@@ -128,7 +128,7 @@ def model_rows(model: str, device: str, variants: Sequence[str], cfg: dict[str, 
     configurations see the same noise, so their ratios hold. A variant whose activations overflow
     (fp16) gets a row saying so and is left out of the timing.
     """
-    built = {v: _variant_model(model, device, v) for v in tqdm(variants, disable=not progress, desc="precision")}
+    built = {v: _variant_model(model, device, v, progress) for v in tqdm(variants, disable=not progress, desc="precision")}
     rows: dict[str, dict[str, Any]] = {}
     prefills, decodes = {}, {}
     for variant, (m, ctx) in built.items():

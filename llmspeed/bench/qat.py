@@ -84,7 +84,7 @@ def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, pro
     from ..quant import quantize
 
     s = settings(quick, model.startswith("tiny-"))
-    original = load_model(model, device=device)
+    original = load_model(model, device=device, progress=progress)
     rows: list[dict[str, Any]] = []
 
     def add(variant: str, m, seconds: float | None, final_loss: float | None = None) -> None:

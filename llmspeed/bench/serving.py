@@ -299,7 +299,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     if unknown or isinstance(parts, str):
         raise ValueError(f"parts must be a tuple of {list(PARTS)}; got {parts!r}")
     torch.manual_seed(0)
-    m = load_model(model, device, torch.float32)
+    m = load_model(model, device, torch.float32, progress=progress)
     rows: list[dict] = []
     if "online" in parts:
         n = requests or (12 if quick else 40)

@@ -49,7 +49,7 @@ def train_one(config: str, precision: str, model: str, device: str, s: dict[str,
     from ..trainer import finetune
 
     torch.manual_seed(0)
-    m = load_model(model, device=device)
+    m = load_model(model, device=device, progress=False)  # a child whose stderr is captured
     if config == "lora":
         lora.add_adapter(m, "tuned", r=s["r"], alpha=2 * s["r"], targets="all-linear")
     _own_storage(m)

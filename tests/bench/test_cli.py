@@ -166,3 +166,44 @@ def test_suite_files_missing_numbers_cuda_and_broken_imports(fake_suites, tmp_pa
     monkeypatch.setattr(cli.importlib, "import_module", broken)
     result = cli.run_suite("fake_good", "cpu", "smollm2", True, False)
     assert result["status"] == "failed" and "scipy" in result["error"]
+
+
+class _Loaded(BaseException):
+    """Raised by a stand-in load_model (past any ``except Exception`` of a suite)."""
+
+
+_NO_BAR = {  # what each suite runs first that loads the --model, with progress off
+    "precision": lambda m: m.run(model="tiny-llama", quick=True, progress=False),
+    "lora": lambda m: m.inference_rows("tiny-llama", "cpu", {}, False),
+    "lora-interop": lambda m: m.interop_rows("tiny-llama", "cpu", {}, False),
+    "lora-child": lambda m: m.train_config("full-fp32", "tiny-llama", "cpu", {}),
+    "serving": lambda m: m.run(model="tiny-llama", quick=True, progress=False),
+    "training-child": lambda m: m.train_one("full", "fp32", "tiny-llama", "cpu", {}),
+    "qat": lambda m: m.run(model="tiny-llama", quick=True, progress=False),
+    "lora_decode": lambda m: m.run(model="tiny-llama", quick=True, progress=False),
+    "mixed_steps": lambda m: m.run(model="tiny-llama", quick=True, progress=False),
+    "decode_attention": lambda m: m.run(model="tiny-llama", quick=True, progress=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NO_BAR))
+def test_no_progress_reaches_the_model_loading_of_every_suite(case, monkeypatch):
+    """Regression: these suites called ``load_model`` without their ``progress`` flag, so ``--model PATH
+    --no-progress`` still drew transformers' loading bar (the children of lora and training, whose stderr is
+    captured, load without one)."""
+    import importlib
+    import inspect
+
+    from llmspeed.bench.models import load_model
+
+    module = importlib.import_module(f"llmspeed.bench.{case.split('-')[0]}")
+    seen: list[bool] = []
+
+    def loaded(*args, **kwargs):
+        seen.append(inspect.signature(load_model).bind(*args, **kwargs).arguments.get("progress", True))
+        raise _Loaded  # stop the suite here: only the load is checked
+
+    monkeypatch.setattr(module, "load_model", loaded)
+    with pytest.raises(_Loaded):
+        _NO_BAR[case](module)
+    assert seen == [False]
