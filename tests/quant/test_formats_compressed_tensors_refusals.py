@@ -278,3 +278,46 @@ def test_tampered_compressed_tensors_folder_names_the_tensor(tmp_path, change, m
     _rewrite(tmp_path / "model.safetensors", change)
     with pytest.raises(ValueError, match=match):
         llmspeed.load(tmp_path)
+
+
+def _with_metadata(path, change_tensors, change_metadata=lambda m: None):
+    """Rewrite ``path`` keeping its metadata (``_rewrite`` drops it), both changed in place by the callables."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    change_tensors(tensors)
+    change_metadata(metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("record, match", [
+    ("{not json", "Expecting property name"),
+    ('{"layer": "lm_head", "embedding": null, "config": {"format": "int8"}, "scales": "@@"}', "Only base64 data"),
+    ('{"layer": "lm_head", "embedding": null, "config": {"format": "int4"}, "scales": ""}', "format 'int4'"),
+    ('{"layer": "lm_head"}', "'embedding'"),
+])  # fmt: skip
+def test_an_unreadable_int8_head_record_is_refused_by_name(tmp_path, record, match):
+    """The metadata from which load rebuilds the int8 head, damaged, is named with the file (not a KeyError)."""
+    from llmspeed.quant.formats import ct_head
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    _with_metadata(tmp_path / "model.safetensors", lambda t: None, lambda m: m.update({ct_head.KEY: record}))
+    with pytest.raises(ValueError, match=rf"model.safetensors.*metadata 'llmspeed.int8_head' is unreadable.*{match}"):
+        llmspeed.load(tmp_path)
+
+
+def test_head_rows_edited_after_the_export_load_as_stored(tmp_path):
+    """Rows that the recorded scales do not reproduce (the head edited in the file) load as the file holds them:
+    a float head with those rows, not an int8 head rounded from them."""
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    edited = model.hf.lm_head.dequantize() * 1.001  # [vocab, hidden]
+    _with_metadata(tmp_path / "model.safetensors", lambda t: t.update({"lm_head.weight": edited}))
+    back = llmspeed.load(tmp_path)
+    assert isinstance(back.hf.lm_head, torch.nn.Linear) and torch.equal(back.hf.lm_head.weight, edited)

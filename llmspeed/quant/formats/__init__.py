@@ -8,7 +8,8 @@
   for a quantized layer);
 * :mod:`.compressed_tensors`: the ``pack-quantized`` format of compressed-tensors (what
   ``transformers`` and vLLM load), written by ``llmspeed.save(..., format="compressed-tensors")`` and read
-  by ``llmspeed.load`` (:mod:`.ct_load`, which :mod:`.compressed_tensors` re-exports);
+  by ``llmspeed.load`` (:mod:`.ct_load`, which :mod:`.compressed_tensors` re-exports; an int8 output head,
+  written in float, comes back int8 through :mod:`.ct_head`);
 * :mod:`.gptq`: GPTQ folders (``qweight``/``qzeros``/``scales``/``g_idx``, checkpoint formats v1 and v2,
   ``desc_act``), read by ``llmspeed.load``.
 

@@ -18,7 +18,8 @@ precision, so the folder decodes to exactly llmspeed's dequantized weights; engi
 model dtype. ``config.json`` gets a ``quantization_config`` with ``quant_method: "compressed-tensors"``,
 one config group per distinct layer config (targets ``["Linear"]`` when there is one) and every float
 linear in ``ignore``. The output head is always written in float (a quantized one as its dequantized rows,
-through the tied embedding when the two are shared) and listed in ``ignore``: vLLM loads float heads only.
+through the tied embedding when the two are shared) and listed in ``ignore``, as every reader of the format takes
+it; an int8 head is also recorded in the file's metadata, from which ``llmspeed.load`` rebuilds it (:mod:`.ct_head`).
 Layers quantized with ``hadamard`` are described by a ``transform_config`` (:mod:`.ct_transforms`).
 
 Reading (:func:`load`, with its checks) is in :mod:`.ct_load`.
@@ -37,7 +38,7 @@ from ...protocol import CausalLM, base_linear
 from ..config import QuantConfig
 from ..embedding import shared_embeddings
 from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
-from . import ct_transforms
+from . import ct_head, ct_transforms
 from .ct_load import (  # noqa: F401  (the reading side, importable from here as before the split)
     PACK_FORMAT,
     check_readable,
@@ -174,7 +175,7 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     shared = shared_embeddings(model)
     for embedding, head in shared.items():  # a dense embedding: the head's rows, as llmspeed reads them
         tensors[f"{embedding}.weight"] = heads[head].dequantize(dtype).cpu().contiguous()
-    for name, module in heads.items():  # vLLM reads a float output head only: the head's dequantized rows
+    for name, module in heads.items():  # a float output head, as every reader takes it: the head's dequantized rows
         if name not in shared.values():
             tensors[f"{name}.weight"] = module.dequantize(dtype).cpu().contiguous()
             if module.bias is not None:
@@ -193,7 +194,11 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     tied = bool(shared) or (isinstance(head_module, nn.Linear) and emb is not None and head_module.weight is emb.weight)
     directory = Path(directory)
     start_folder(root, directory)
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    for name, module in heads.items():  # an int8 head, rebuilt from its rows by llmspeed.load (other readers skip it)
+        if isinstance(module, Int8Linear):
+            metadata.update(ct_head.record(name, module, next((e for e, h in shared.items() if h == name), None)))
+    save_file(tensors, str(directory / WEIGHTS), metadata=metadata)
     config.save_pretrained(directory)
     data = json.loads((directory / "config.json").read_text())
     data["tie_word_embeddings"] = bool(tied)

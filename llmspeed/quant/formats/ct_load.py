@@ -5,7 +5,8 @@ Reading (:func:`load`) takes ``pack-quantized`` config groups with dense weights
 (:func:`group_config`), targets other than those :func:`check_targets` reads, and sparse folders (a
 ``sparsity_config`` other than ``"dense"``), are refused by name before any tensor is read;
 Hadamard transforms of int4 layers within their groups load as ``hadamard`` layers, and any other transform
-is refused before a layer is built.
+is refused before a layer is built. An int8 output head the export wrote as its float rows is rebuilt from the
+record in the file's metadata (:mod:`.ct_head`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from ...model import Model
 from .. import primitives as P
 from ..config import QuantConfig
 from ..modules import QuantizedLinearBase
-from . import ct_transforms, skeleton
-from .files import config_dtype, read_all, read_config
+from . import ct_head, ct_transforms, skeleton
+from .files import config_dtype, read_all, read_config, read_metadata, shard_files
 from .packing import little_endian_bytes, unpack_int4, unpack_int8
 
 PACK_FORMAT = "pack-quantized"
@@ -229,4 +230,6 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
         want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
         for buf, t in module_buffers(name, cast(QuantizedLinearBase, module), tensors, source).items():
             skeleton.assign(model, f"{name}.{buf}", t.contiguous(), source, want)
+    first = shard_files(directory)[0]  # the file whose metadata the export writes
+    ct_head.restore(model, tensors, read_metadata(first), first)
     return skeleton.finish_foreign(model, tensors, dtype, device, source)

@@ -153,6 +153,17 @@ def stream_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, out
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of safetensors file ``path`` (``{}`` when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{path} is corrupt or truncated ({err})") from err
+
+
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every safetensors file of ``directory`` (memory-mapped reads)."""
     from safetensors.torch import load_file
