@@ -66,31 +66,35 @@ def sample_rows(
     full ``topk``), so a burst (:mod:`.greedy_burst`) queues its steps' sampling with them."""
     dev = scaled.device
     uniform = torch.cat([torch.rand(1, generator=g, device=dev, dtype=torch.float64) for g in generators])  # [R]
-    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=dev)  # [R]
     ks = _ks(top_k, scaled.shape[1])
-    short: list[int] = []  # rows drawn from their top-k candidates
-    if dev.type == "cpu" and any(ks):
-        short = [i for i, k in enumerate(ks) if k]
-        rows = host_tensor(short, torch.long, dev)  # [S]
-        values, ids, tied = _candidates(_rows(scaled, rows), [ks[i] for i in short])  # [S, k], [S, k], [S]
-        if any(tied):
-            keep = [j for j, t in enumerate(tied) if not t]
-            short = [short[j] for j in keep]
-            values, ids = values[keep], ids[keep]  # [S', k] each
-        if short:
-            rows = host_tensor(short, torch.long, dev)  # [S']
-            peak = values.amax(-1, keepdim=True)  # [S', 1]
-            picked = _draw(values, peak, [top_p[i] for i in short], uniform[rows])  # [S'] places in the candidates
-            tokens[rows] = _argmax_where_bad(peak, _rows(scaled, rows), ids.gather(1, picked[:, None])[:, 0])
-    if len(short) == len(ks):
-        return tokens
-    taken = set(short)
-    rest = [i for i in range(len(ks)) if i not in taken]
-    rows = host_tensor(rest, torch.long, dev)  # [F]
-    full = _top_k(_rows(scaled, rows), [ks[i] for i in rest])  # [F, V]
-    peak = full.amax(-1, keepdim=True)  # [F, 1]
-    tokens[rows] = _argmax_where_bad(peak, full, _draw(full, peak, [top_p[i] for i in rest], uniform[rows]))
+    if dev.type != "cpu" or not any(ks):
+        return _whole_rows(scaled, ks, top_p, uniform)
+    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=dev)  # [R]
+    short = [i for i, k in enumerate(ks) if k]  # rows drawn from their top-k candidates
+    rows = host_tensor(short, torch.long, dev)  # [S]
+    values, ids, tied = _candidates(_rows(scaled, rows), [ks[i] for i in short])  # [S, k], [S, k], [S]
+    if any(tied):
+        keep = [j for j, t in enumerate(tied) if not t]
+        short = [short[j] for j in keep]
+        values, ids = values[keep], ids[keep]  # [S', k] each
+    if short:
+        rows = host_tensor(short, torch.long, dev)  # [S']
+        peak = values.amax(-1, keepdim=True)  # [S', 1]
+        picked = _draw(values, peak, [top_p[i] for i in short], uniform[rows])  # [S'] places in the candidates
+        tokens[rows] = _argmax_where_bad(peak, _rows(scaled, rows), ids.gather(1, picked[:, None])[:, 0])
+    if len(short) < len(ks):
+        taken = set(short)
+        rest = [i for i in range(len(ks)) if i not in taken]
+        rows = host_tensor(rest, torch.long, dev)  # [F]
+        tokens[rows] = _whole_rows(_rows(scaled, rows), [ks[i] for i in rest], [top_p[i] for i in rest], uniform[rows])
     return tokens
+
+
+def _whole_rows(scaled: torch.Tensor, ks: list[int], top_p: Sequence[float], uniform: torch.Tensor) -> torch.Tensor:
+    """The tokens of rows ``scaled`` ``[F, V]`` drawn over their whole vocabulary, top-k masked (``ks``, 0 = off)."""
+    full = _top_k(scaled, ks)  # [F, V]
+    peak = full.amax(-1, keepdim=True)  # [F, 1]
+    return _argmax_where_bad(peak, full, _draw(full, peak, top_p, uniform))
 
 
 def _draw(
@@ -157,22 +161,26 @@ def nucleus_weights(weight: torch.Tensor, top_p: Sequence[float], partial: bool 
     total = weight.sum(-1, dtype=torch.float64)  # [Q]
     m = min(_FIRST_NUCLEUS if partial else weight.shape[1], weight.shape[1])
     while True:
-        top, ids = _largest(weight, m)  # [Q, m] each, most likely first
+        if m == weight.shape[1]:  # the whole row (a GPU's one pass: nothing waits for the device)
+            top, ids = torch.sort(weight, dim=-1, descending=True, stable=True)  # [Q, V] each, ties in vocabulary order
+            mass = torch.cumsum(top, -1, dtype=torch.float64) / total[:, None]  # [Q, V]
+            break
+        top, ids = torch.topk(weight, m, dim=-1)  # [Q, m] each, most likely first
         mass = torch.cumsum(top, -1, dtype=torch.float64) / total[:, None]  # [Q, m]
-        if m == weight.shape[1] or bool(((mass[:, -1] >= p) | ~torch.isfinite(total)).all()):  # a NaN row: argmax
+        if bool(((mass[:, -1] >= p) | ~torch.isfinite(total)).all()):  # a NaN row takes its argmax
+            if bool((top[:, 1:] == top[:, :-1]).any()):  # tied weights, in topk's order: put them in vocabulary order
+                top, ids = _ordered(weight, ids)
+                mass = torch.cumsum(top, -1, dtype=torch.float64) / total[:, None]  # [Q, m]
             break
         m = min(4 * m, weight.shape[1])
     before = mass - top.double() / total[:, None]  # [Q, m] mass of the more likely tokens
     return ids, top.double().masked_fill(before >= p[:, None], 0.0)
 
 
-def _largest(weight: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:  # [Q, V] -> [Q, m], [Q, m]
-    """The ``m`` largest of each row and their ids, most likely first and tied ones in vocabulary order (as
+def _ordered(weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [Q, m] each
+    """The weights of ``ids`` ``[Q, m]`` and their ids, most likely first and tied ones in vocabulary order (as
     :func:`filter_rows`' stable sort has them), so which of two tied tokens a nucleus keeps does not depend on the
     device or the ``topk`` kernel."""
-    if m == weight.shape[1]:
-        return torch.sort(weight, dim=-1, descending=True, stable=True)
-    _, ids = torch.topk(weight, m, dim=-1)  # [Q, m]
     ids = ids.sort(-1).values  # [Q, m] vocabulary order
     top, order = torch.sort(weight.gather(1, ids), dim=-1, descending=True, stable=True)  # [Q, m] each
     return top, ids.gather(1, order)

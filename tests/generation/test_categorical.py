@@ -181,10 +181,21 @@ def test_a_top_p_row_with_a_nan_stops_after_the_first_pass(monkeypatch):
     import llmspeed.generation.categorical as categorical
 
     passes = []
-    real = categorical._largest
-    monkeypatch.setattr(categorical, "_largest", lambda w, m: passes.append(m) or real(w, m))
+    real = torch.topk
+    monkeypatch.setattr(categorical.torch, "topk", lambda w, m, **kw: passes.append(m) or real(w, m, **kw))
     logits = torch.randn(2, 5000)
     logits[0, 3] = 50.0  # a peaked row: its nucleus is in the first pass
     logits[1, 7] = float("nan")
     tokens = sample_rows(logits, [0, 0], [0.5, 0.5], _gens(2))
     assert passes == [64] and tokens[1] == 7
+
+
+@pytest.mark.parametrize("vocab", [7, 5000])  # the whole row in one pass, and a partial topk pass (64 of 5000)
+def test_of_two_tied_tokens_at_the_nucleus_edge_the_lower_id_is_kept(vocab):
+    """Which of two tied tokens a nucleus keeps was topk's order (no fixed order, another on a GPU than on the CPU);
+    it is now the vocabulary's, as filter_rows' stable sort has it, on every pass."""
+    logits = torch.full((1, vocab), -30.0)
+    logits[0, [3, 5]] = 0.0  # two tokens of probability ~1/2 each: top_p 0.4 keeps one
+    drawn = {int(sample_rows(logits, [0], [0.4], _gens(1, seed))[0]) for seed in range(20)}
+    assert drawn == {3}
+    assert (filter_rows(logits, torch.tensor([0]), torch.tensor([0.4])) > float("-inf")).nonzero()[:, 1].tolist() == [3]
