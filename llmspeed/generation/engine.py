@@ -87,7 +87,8 @@ class Generator:
             the blocks in place with the kernels of :mod:`.triton_attention` (CUDA; ``ValueError`` when
             they cannot run); ``"auto"`` (default) on CUDA, when the kernels pass a check against SDPA,
             runs decode rows through the Triton decode kernel and prefill chunks through SDPA (faster
-            than the Triton prefill kernel on an H100: docs/gpu.md), else SDPA.
+            than the Triton prefill kernel on an H100: docs/gpu.md), and a step's new prompts, when every
+            chunk starts its sequence, through FlashAttention's varlen kernel (fp16/bf16), else SDPA.
         num_scheduler_steps: Most decode steps one :meth:`step` runs (vLLM's multi-step scheduling). With
             more than 1 (say 8), a decode step whose requests all want no logprobs, penalties or pending
             ``min_tokens``, with no request waiting, goes on for up to that many steps back to back

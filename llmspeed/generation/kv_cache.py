@@ -109,6 +109,11 @@ def block_tables(
     return torch.tensor(rows, dtype=dtype, device=device).reshape(len(tables), width)
 
 
+def cu_seq(lengths: Sequence[int], device: torch.device) -> torch.Tensor:  # [m + 1] int32
+    """Packed chunks' boundaries, as varlen kernels take them: ``[0, n0, n0 + n1, ...]``."""
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
+
+
 @dataclass(frozen=True)
 class PrefillKernel:
     """A prefill attention that reads the paged cache in place (e.g. :data:`.triton_attention.TRITON_PREFILL`).
@@ -128,6 +133,10 @@ DecodeKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
 ]  # (q [n, H, D], key [NB, BS, Hkv, D], value [NB, BS, Hkv, D], tables [n, W], lens [n], scale) -> [n, H, D]
 
+FreshKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float, torch.Tensor], None
+]  # (q [T, H, D], k [T, Hkv, D], v [T, Hkv, D], cu_seq [m + 1] int32, longest, scale, out [T, H, D]): packed causal
+
 
 class PagedAttention:
     """One step's :class:`~llmspeed.protocol.AttentionBackend` over a :class:`PagedKVCache`.
@@ -141,6 +150,8 @@ class PagedAttention:
             place (e.g. :func:`.triton_attention.paged_decode` on CUDA).
         prefill_kernel: Runs the longer chunks instead of gather + masked SDPA (a lone chunk from
             position 0 still uses SDPA's causal kernel, which needs no cache read).
+        fresh_kernel: Runs the longer chunks when every one starts its sequence (position 0) and there are
+            several, over their own keys and values, packed (e.g. :func:`.varlen_attention.fresh_prefill` on CUDA).
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class PagedAttention:
         decode_kernel: DecodeKernel | None = None,
         prefill_kernel: PrefillKernel | None = None,
         slots: Sequence[int] | None = None,
+        fresh_kernel: FreshKernel | None = None,
     ):
         self.cache = cache
         self.decode_kernel = decode_kernel
@@ -171,7 +183,11 @@ class PagedAttention:
         # scores of [m, H, tq, L]); with keys expanded to every query head, its memory-efficient kernel runs
         self.expand_gqa = device.type == "cuda"
         self.causal_only = self.num_prefill == 1 and prefills[0][1] == 0  # one chunk from position 0: no gather
-        if prefills and not self.causal_only and prefill_kernel is not None:
+        self.fresh: tuple[FreshKernel, torch.Tensor, int] | None = None  # chunks that all start their sequences
+        if fresh_kernel is not None and self.num_prefill > 1 and all(s == 0 for _, s, _ in prefills):
+            lengths = [n for _, _, n in prefills]
+            self.fresh = (fresh_kernel, cu_seq(lengths, device), max(lengths))
+        elif prefills and not self.causal_only and prefill_kernel is not None:
             rows = accumulate([n for _, _, n in prefills], initial=self.num_decode)  # each chunk's first row
             self.pre_plan = prefill_kernel.plan([(t, s, n, r) for (t, s, n), r in zip(prefills, rows)], bs, device)
         elif prefills and not self.causal_only:
@@ -230,6 +246,7 @@ class PagedAttention:
         self.dec_mask = mask
         self.num_prefill = 0
         self.causal_only = False
+        self.fresh = None
         self.expand_gqa = False
         return self
 
@@ -267,7 +284,12 @@ class PagedAttention:
             v = v_layer.index_select(0, self.dec_blocks).view(n, -1, kv_heads, dim).transpose(1, 2)  # [n, Hkv, L, D]
             att = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=self.dec_mask, scale=scaling)
             out[:n] = att.reshape(n, heads, dim)  # [n, H, D]
-        if self.causal_only:
+        if self.fresh is not None:  # the chunks' own keys and values, packed: no cache read, no padding
+            row = self.num_decode
+            kernel, cu, longest = self.fresh
+            kernel(query[0, :, row:].transpose(0, 1), key[0, :, row:].transpose(0, 1), value[0, :, row:].transpose(0, 1),
+                   cu, longest, scaling, out[row:])  # fmt: skip
+        elif self.causal_only:
             row = self.num_decode
             att = F.scaled_dot_product_attention(
                 query[:, :, row:], key[:, :, row:], value[:, :, row:], is_causal=True, scale=scaling, enable_gqa=True

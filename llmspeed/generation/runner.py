@@ -138,6 +138,8 @@ class ModelRunner:
     def _setup_attention(self, spec: Any, wanted: str) -> str:
         self.decode_kernel: Any = None
         self.prefill_kernel: Any = None
+        self.fresh_kernel: Any = None  # steps whose prompt chunks all start their sequences, in the model's dtype:
+        self.fresh_dtype: torch.dtype | None = None  # the dtype it was checked for
         if wanted not in ("auto", "sdpa", "triton"):
             raise ValueError(f"attention must be 'auto', 'sdpa' or 'triton'; got {wanted!r}")
         if wanted == "auto" and self.device.type == "cpu":
@@ -151,16 +153,28 @@ class ModelRunner:
             return "sdpa"
         from . import triton_attention
 
+        fresh = self._setup_fresh(spec) if wanted == "auto" else ""
         why = triton_attention.probe(self.device, spec.dtype, spec.num_kv_heads, spec.num_heads, spec.head_dim)
         if why is None:
             self.decode_kernel = triton_attention.paged_decode
             if wanted == "auto":  # SDPA's prefill is the faster of the two on an H100 (docs/gpu.md)
-                return "triton decode, sdpa prefill"
+                return "triton decode, sdpa prefill" + fresh
             self.prefill_kernel = triton_attention.TRITON_PREFILL
             return "triton"
         if wanted == "triton":
             raise ValueError(f"attention='triton' cannot run here: {why}")
-        return f"sdpa ({why})"
+        return f"sdpa ({why})" + fresh
+
+    def _setup_fresh(self, spec: Any) -> str:
+        """FlashAttention's varlen kernel for steps whose prompt chunks all start their sequences (on CUDA, where it
+        runs and agrees with SDPA: :func:`.varlen_attention.probe`); what the attention status adds for it."""
+        from . import varlen_attention
+
+        why = varlen_attention.probe(self.device, spec.dtype, spec.num_kv_heads, spec.num_heads, spec.head_dim)
+        if why is not None:
+            return f"; new prompts: sdpa ({why})"
+        self.fresh_kernel, self.fresh_dtype = varlen_attention.fresh_prefill, spec.dtype
+        return "; new prompts: flash varlen"
 
     def _setup_fused(self, model: CausalLM, wanted: bool | None, lora_dtype: torch.dtype) -> str:
         if not (wanted is None or isinstance(wanted, bool)):  # 1 == True: `in (None, True, False)` took 1 and 0.0
@@ -279,7 +293,9 @@ class ModelRunner:
             logits = self.fused.run(step, step.adapters)  # rows without one: the active adapter
             if logits is not None:
                 return ("fused cpu" if step.decode_only else "fused cpu mixed"), logits
-        attention = PagedAttention(self.cache, step.chunks, self.decode_kernel, self.prefill_kernel, slots=step.slots)
+        fresh = self.fresh_kernel if self.fresh_dtype == self.model.spec.dtype else None  # checked for this dtype
+        attention = PagedAttention(self.cache, step.chunks, self.decode_kernel, self.prefill_kernel, slots=step.slots,
+                                   fresh_kernel=fresh)  # fmt: skip
         dev = self.device
         with torch.inference_mode(), self._adapters(step):
             logits = self.model.forward_batch(
