@@ -30,12 +30,21 @@ def fresh_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     ``max_len`` the longest chunk. FlashAttention's varlen kernel (CUDA, fp16/bf16)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    if k.shape[1] != q.shape[1] and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
+    takes = inspect.signature(varlen_attn).parameters
+    if k.shape[1] != q.shape[1] and "enable_gqa" not in takes:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [T, H, D]: an older torch without GQA
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # [T, H, D]
-    gqa: dict[str, Any] = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    options: dict[str, Any] = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if "window_size" in takes:
+        options["window_size"] = (-1, 0)  # causal
+    else:
+        options["is_causal"] = True  # torch 2.9's spelling
+    if "scale" in takes:
+        options["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:  # a torch whose kernel scales by 1/sqrt(D) only: the rest on the queries
+        q = q * (scale * q.shape[-1] ** 0.5)
     att = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len,
-                      scale=scale, window_size=(-1, 0), **gqa)  # fmt: skip  # [T, H, D] (no aux asked for)
+                      **options)  # fmt: skip  # [T, H, D] (no aux asked for)
     out.copy_(cast(torch.Tensor, att))
 
 

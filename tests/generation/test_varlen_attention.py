@@ -89,6 +89,31 @@ def test_fresh_prefill_calls_torchs_varlen_kernel_causal_with_grouped_heads(monk
     torch.testing.assert_close(got, want)
 
 
+def test_fresh_prefill_takes_an_older_torchs_varlen_kernel(monkeypatch):
+    """torch 2.9's ``varlen_attn`` says ``is_causal`` (no ``window_size``), has no ``enable_gqa`` and no ``scale`` (it
+    scales by 1/sqrt(D)): the call asks for causal attention its way, expands the grouped keys and values to every
+    query head and puts the rest of a scale on the queries."""
+    from torch.nn.attention import varlen
+
+    seen = {}
+
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        seen.update(causal=is_causal, heads=(query.shape[1], key.shape[1], value.shape[1]))
+        out = torch.empty_like(query)
+        varlen_attention.fresh_reference(query, key, value, cu_seq_q, max_q, query.shape[-1] ** -0.5, out)
+        return out
+
+    monkeypatch.setattr(varlen, "varlen_attn", old)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(9, 4, 8, generator=gen), torch.randn(9, 2, 8, generator=gen), torch.randn(9, 2, 8, generator=gen)
+    cu = cu_seq([2, 7], torch.device("cpu"))
+    got, want = torch.zeros(9, 4, 8), torch.zeros(9, 4, 8)
+    varlen_attention.fresh_prefill(q, k, v, cu, 7, 0.3, got)
+    varlen_attention.fresh_reference(q, k, v, cu, 7, 0.3, want)
+    assert seen == {"causal": True, "heads": (4, 4, 4)}
+    torch.testing.assert_close(got, want)
+
+
 def test_off_cuda_the_probe_says_why_and_generators_keep_their_attention():
     assert "CUDA" in varlen_attention.probe(torch.device("cpu"), torch.bfloat16, 2, 4, 8)
     gen = llmspeed.Generator(llmspeed.models.tiny("llama", seed=0), progress=False)
