@@ -1,4 +1,4 @@
-"""Both Triton kernels compile to H100 (sm_90) and A100 (sm_80) machine code, on a machine with no GPU.
+"""The Triton kernels compile to H100 (sm_90) and A100 (sm_80) machine code, on a machine with no GPU.
 
 The interpreter tests check what the kernels compute, but the interpreter is not the compiler: a type
 error in a loop bound, an unsupported ``tl.dot`` shape or a register-hungry tile only shows up when
@@ -17,7 +17,7 @@ import torch
 
 from llmspeed.generation import triton_attention
 from llmspeed.quant import QuantConfig
-from llmspeed.quant.kernels import triton_dequant, triton_gemv
+from llmspeed.quant.kernels import triton_dequant, triton_gemv, triton_mm
 from llmspeed.quant.modules import MODULES
 
 if importlib.util.find_spec("triton") is None:
@@ -122,3 +122,23 @@ def test_triton_dequantize_compiles(monkeypatch, arch, fmt, extra):
         triton_dequant.dequantize(module, dtype)
     for args, constexprs in recorder.calls:
         assert _compile(kernel, args, constexprs, arch) > 0, (fmt, args[4].dtype)
+
+
+@pytest.mark.parametrize(
+    "fmt, extra",
+    # 4-bit steps: 64 codes inside a group of 64, 16 codes inside a group of 48
+    [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {"group_size": 64}), ("int4", {"group_size": 48})],
+)  # fmt: skip
+def test_triton_mm_compiles_for_every_autotune_config(monkeypatch, fmt, extra):
+    recorder, autotuner = _Recorder(), triton_mm._kernel()
+    monkeypatch.setattr(triton_mm, "_kernel", lambda: recorder)
+    module = MODULES[fmt].from_linear(torch.nn.Linear(192, 128, bias=False), QuantConfig(fmt, **extra))
+    for dtype in (torch.bfloat16, torch.float16):
+        triton_mm.triton_mm(module, torch.zeros(40, 192, dtype=dtype))
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in autotuner.configs] == triton_mm.configs()
+    (bf16, bf16_constexprs), (fp16, fp16_constexprs) = recorder.calls
+    for config in autotuner.configs:  # every tile with bf16 activations; fp16 is the same code with another type
+        size = _compile(autotuner.fn, bf16, {**bf16_constexprs, **config.kwargs}, 90, config.num_warps)
+        assert size > 0, config
+    assert _compile(autotuner.fn, fp16, {**fp16_constexprs, "BLOCK_M": 64, "BLOCK_N": 64}, 90) > 0
+    assert _compile(autotuner.fn, bf16, {**bf16_constexprs, "BLOCK_M": 64, "BLOCK_N": 64}, 80) > 0  # an A100 too

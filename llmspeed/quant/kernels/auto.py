@@ -26,7 +26,8 @@ from . import tuning
 from .registry import KERNELS, Kernel, get_kernel, usable_kernels
 
 # (device type, format) -> ordered [(max rows M or None for any, activation dtypes or None for any, kernel)].
-# The first usable rule is the guess; on CUDA every usable rule is also a timed candidate.
+# The first usable rule is the guess; on CUDA every usable rule is also a timed candidate (triton_mm, not yet measured
+# on a GPU, is never the guess).
 AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...] | None, str]]] = {
     ("cpu", "int8"): [(8, None, "cpp"), (None, None, "amx"), (None, None, "cpp_panels"), (128, None, "cpp"),
                       (None, None, "dequant_fp32")],
@@ -34,10 +35,11 @@ AUTO_RULES: dict[tuple[str, str], list[tuple[int | None, tuple[torch.dtype, ...]
                       (None, None, "dequant_fp32")],
     ("cpu", "nf4"): [(8, None, "cpp"), (None, None, "amx"), (128, None, "cpp"), (None, None, "dequant_fp32")],
     ("cuda", "int8"): [(None, None, "aten_int8"), (16, None, "triton"), (None, None, "triton_dequant"),
-                       (None, None, "reference")],
+                       (None, None, "triton_mm"), (None, None, "reference")],
     ("cuda", "int4"): [(None, (torch.bfloat16,), "tinygemm"), (16, None, "triton"), (None, None, "triton_dequant"),
-                       (None, None, "reference")],
-    ("cuda", "nf4"): [(16, None, "triton"), (None, None, "triton_dequant"), (None, None, "reference")],
+                       (None, None, "triton_mm"), (None, None, "reference")],
+    ("cuda", "nf4"): [(16, None, "triton"), (None, None, "triton_dequant"), (None, None, "triton_mm"),
+                      (None, None, "reference")],
 }
 _CUDA_TIMED: dict[str, str] = {}  # choice key -> kernel name (GPU timings are not kept on disk)
 
