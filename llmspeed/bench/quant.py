@@ -183,12 +183,13 @@ def kernel_rows(
     return out
 
 
-def graph_kernel_rows(device: str, k: int = 4096, n: int = 14336, rows_m: tuple[int, ...] = (1, 4, 16)) -> list[dict]:
+def graph_kernel_rows(device: str, k: int = 4096, n: int = 14336, rows_m: tuple[int, ...] = (1, 4, 16, 64, 256)) -> list[dict]:
     """CUDA only: device time per call inside a CUDA graph, each path vs bf16 ``F.linear``, L2 defeated.
 
     Eager timing at M=1 measures Python dispatch as much as the kernel (a 4096x14336 int4 weight is
     29 MB, read in ~10 us at 3 TB/s); the generator's decode steps replay CUDA graphs, so this is the
-    time a decode step pays per layer. Operands rotate over enough copies to exceed twice the L2.
+    time a decode step pays per layer. Operands rotate over enough copies to exceed twice the L2. ``rows_m`` reaches
+    the decode batches of a busy server (64, 256), where the tile matmul (``triton_mm``) competes.
     """
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     out = []
