@@ -4,13 +4,14 @@ Between the GEMV (:mod:`.triton_gemv`, a few rows) and a dequantize pass plus cu
 prompts) lie decode batches of tens to hundreds of rows, where a 4-bit layer should cost less than its bf16
 twin: the dequantize pass writes and re-reads the whole float weight every call (4x the packed bytes, twice)
 before the matmul reads it again. Here, as in Marlin-class kernels, each program owns a ``[BLOCK_M, BLOCK_N]`` tile
-of the output and walks K: it loads ``BLOCK_K`` packed codes of its ``BLOCK_N`` weight rows, decodes them
-(int8: ``code``, scaled after the loop per row; int4: ``(code - zero) * scale``; NF4: ``codebook[code] * scale``, one
-scale a row and tile, the tile inside one group) into the activation dtype and feeds them with the activation tile to
-``tl.dot`` (tensor cores, fp32 accumulation). Each packed byte is read once per ``BLOCK_M`` rows of activations.
+of the output and walks K: it loads ``TILE_K`` packed codes of its ``BLOCK_N`` weight rows (:func:`tile_k`),
+decodes them (int8: ``code``, scaled after the loop per row; int4: ``(code - zero) * scale``; NF4:
+``codebook[code] * scale``, one scale a row and step, the step inside one group) into the activation dtype and feeds
+them with the activation tile to ``tl.dot`` (tensor cores, fp32 accumulation). Each packed byte is read once per
+``BLOCK_M`` rows of activations.
 
-The weight a tile multiplies is the reference's rounded to the activation dtype, as the dequantize pass writes it,
-so results agree with ``x @ module.dequantize(dtype).T`` up to the order of the fp32 sums (the interpreter tests
+The 4-bit weight a tile multiplies is the reference's rounded to the activation dtype, as the dequantize pass writes
+it (int8 codes are exact in it, the row scale applied to the fp32 sums), so results agree with ``x @ module.dequantize(dtype).T`` up to the order of the fp32 sums (the interpreter tests
 check it on the CPU). The autotuner picks tile sizes per (rows bucket, N, K, format); ``kernel="auto"`` times this
 kernel against the others on the GPU and keeps the fastest.
 """
