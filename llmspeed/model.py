@@ -374,8 +374,8 @@ def wrap(hf_model: nn.Module, tokenizer: Any = None) -> Model:
 def as_model(model: Any) -> Any:
     """``model`` when it implements :class:`~llmspeed.protocol.CausalLM`; a transformers causal LM wrapped.
 
-    The verbs (``quantize``, ``cast``, ``qat.prepare``/``convert``, ``lora.add_adapter``, ``finetune``,
-    ``memory_footprint``) take
+    The verbs (``quantize``, ``cast``, ``qat.prepare``/``convert``, ``lora.add_adapter`` and the other ``lora``
+    verbs, ``finetune``, ``memory_footprint``) take
     the transformers model users already hold: it is wrapped once (no tokenizer), changed in place, and the
     wrapper is remembered on it, so ``llmspeed.wrap(hf_model, tokenizer)`` afterwards returns the same
     wrapper.

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from ..protocol import CausalLM, step_lock
-from .inject import layers_set, lora_layers, registry
+from .inject import layers_set, lora_layers, registry, wrapped
 from .routing import AXES, METHODS, Routing
 
 
@@ -41,6 +41,7 @@ def _routed(
     model: CausalLM, names: Sequence[str | None], axis: str, method: str, rows: torch.Tensor | None = None
 ) -> Iterator[Routing]:
     assert axis in AXES
+    model = wrapped(model)  # the transformers model add_adapter took, too
     # the model's step lock for the whole block: an Engine stepping the model from another thread would run its
     # step with this routing (or leave its own on the layers when the two blocks interleave)
     with step_lock(model.module):

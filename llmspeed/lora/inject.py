@@ -13,11 +13,11 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 
-from ..model import as_model
+from ..model import Model, as_model
 from ..protocol import CausalLM, holds_step_lock, step_lock
 from .config import ALL_LINEAR, LoraConfig, adapter_dtype
 from .layer import LoraLinear, check_adapter_name
@@ -39,6 +39,14 @@ class AdapterInfo:
 
 
 
+def wrapped(model: Any) -> CausalLM:
+    """``model``, or for a transformers model the wrapper :func:`~llmspeed.model.as_model` gives it (the one
+    :func:`add_adapter` changed in place), so every verb takes the model ``add_adapter`` took; a model with
+    ``linear_layers`` (an ``llmspeed.Model`` or another CausalLM) passes without the protocol check, which costs tens
+    of microseconds (some of these run between generation steps)."""
+    return model if isinstance(model, Model) or hasattr(model, "linear_layers") else as_model(model)
+
+
 def registry(model: CausalLM) -> dict[str, AdapterInfo]:
     """The model's adapter registry (created empty on first use), in the order adapters were added."""
     root = model.module
@@ -49,11 +57,13 @@ def registry(model: CausalLM) -> dict[str, AdapterInfo]:
 
 def adapter_names(model: CausalLM) -> list[str]:
     """Names of the adapters on ``model``, in the order they were added."""
+    model = wrapped(model)
     return list(registry(model))
 
 
 def lora_layers(model: CausalLM) -> Iterator[tuple[str, LoraLinear]]:
     """``(position, LoraLinear)`` for every linear position that carries adapters."""
+    model = wrapped(model)
     for name, module in model.linear_layers():
         if isinstance(module, LoraLinear):
             yield name, module
@@ -91,6 +101,7 @@ def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> list[str]:
     a plain identifier and matches nothing as a regex is taken as a suffix, so ``"q_proj"`` works.
     Raises ``ValueError`` listing the module names that exist when nothing matches.
     """
+    model = wrapped(model)
     names = model.linear_names()
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = _head_names(model)
@@ -227,6 +238,7 @@ def freeze_base(model: CausalLM) -> None:
 
 def trainable_parameters(model: CausalLM, name: str) -> list[torch.Tensor]:
     """The ``A`` and ``B`` matrices of adapter ``name`` across all layers (for your own training loop)."""
+    model = wrapped(model)
     require_adapter(model, name)
     params = []
     for _, layer in lora_layers(model):
@@ -238,6 +250,7 @@ def trainable_parameters(model: CausalLM, name: str) -> list[torch.Tensor]:
 @holds_step_lock
 def set_adapter(model: CausalLM, name: str | None) -> None:
     """Make ``name`` the adapter every forward pass applies (``None``: no adapter, base only)."""
+    model = wrapped(model)
     if name is not None:
         require_adapter(model, name)
     for _, layer in lora_layers(model):
@@ -246,6 +259,7 @@ def set_adapter(model: CausalLM, name: str | None) -> None:
 
 def active_adapter(model: CausalLM) -> str | None:
     """The adapter set by :func:`set_adapter` (``None`` when none is)."""
+    model = wrapped(model)
     for _, layer in lora_layers(model):
         if layer.active is not None:
             return layer.active
@@ -296,6 +310,7 @@ def disabled(model: CausalLM) -> Iterator[CausalLM]:
     Entering and leaving take the model's :func:`~llmspeed.protocol.step_lock` (the block itself does not: an Engine
     serving the model steps on inside it, its requests that name no adapter running the base): a step in flight in
     another thread finishes on the adapters it started with, never on some layers disabled and others not."""
+    model = wrapped(model)
     lock = step_lock(model.module)
     state = model.module.__dict__
     with lock:
@@ -324,6 +339,7 @@ def disabled(model: CausalLM) -> Iterator[CausalLM]:
 @holds_step_lock
 def delete_adapter(model: CausalLM, name: str) -> None:
     """Remove adapter ``name``; layers left without adapters get their base layer back."""
+    model = wrapped(model)
     require_adapter(model, name)
     layers = dict(lora_layers(model))
     merged = [pos for pos, layer in layers.items() if name in layer.merged]

@@ -32,6 +32,7 @@ from .inject import (
     require_adapter,
     resolve_targets,
     set_adapter,
+    wrapped,
 )
 from .layer import LoraLinear, check_adapter_name
 
@@ -59,6 +60,7 @@ def save_adapter(model: CausalLM, path: str | Path, name: str) -> Path:
     half-changed adapter."""
     from safetensors.torch import save_file
 
+    model = wrapped(model)  # the transformers model add_adapter took, too
     folder = folder_path(path, "path", write=True)
     info = require_adapter(model, name)
     root = model.module
@@ -208,6 +210,7 @@ def load_adapter(
             that do not fit. All or nothing: on any error the model is left as it was (no wrapped
             layer, registry entry, active adapter or frozen flag changes).
     """
+    model = wrapped(model)  # the transformers model add_adapter takes, too
     check_adapter_name(name)
     dtype = adapter_dtype(dtype)  # "bf16", torch.float16, ...; float8 and integer dtypes are refused here
     if name in registry(model):

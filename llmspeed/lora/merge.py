@@ -24,7 +24,7 @@ from torch import nn
 from ..precision import cpu_matmul
 from ..protocol import CausalLM, holds_step_lock, is_fake_quantized, is_quantized
 from ..quant.methods import METHODS
-from .inject import adapter_names, lora_layers, registry, require_adapter
+from .inject import adapter_names, lora_layers, registry, require_adapter, wrapped
 from .layer import LoraLinear
 
 
@@ -155,6 +155,7 @@ def merge(model: CausalLM, name: str, requantize: bool = True) -> MergeReport:
             layers are prepared for quantization-aware training (convert first), or ``requantize=True`` meets
             a layer GPTQ or AWQ quantized (they cannot quantize one merged weight); model unchanged.
     """
+    model = wrapped(model)  # the transformers model add_adapter took, too
     require_adapter(model, name)
     if not isinstance(requantize, bool):
         raise ValueError(f"requantize must be a bool; got {requantize!r}")
@@ -214,6 +215,7 @@ def unmerge(model: CausalLM, name: str) -> None:
         ValueError: the adapter does not exist, is not merged, or another adapter was merged into
             the same quantized layers after it (unmerge that one first); model unchanged.
     """
+    model = wrapped(model)
     require_adapter(model, name)
     layers = [layer for _, layer in lora_layers(model) if name in layer.merged]
     if not layers:
@@ -260,6 +262,7 @@ def merge_and_unload(model: CausalLM, name: str | None = None, requantize: bool 
             an adapter is (to be) merged into a quantized output head that also serves as the input embedding.
             The model is unchanged.
     """
+    model = wrapped(model)
     if name is not None:
         require_adapter(model, name)
     layers = dict(lora_layers(model))

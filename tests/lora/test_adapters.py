@@ -237,3 +237,26 @@ def test_an_adapter_added_inside_disabled_stays_off_until_the_block_ends(llama):
         assert torch.equal(logits(llama), base_only)
     assert all(not layer.disabled for _, layer in lora.lora_layers(llama))
     assert not torch.allclose(logits(llama), base_only)
+
+
+def test_every_verb_takes_the_transformers_model_add_adapter_took(tmp_path):
+    """add_adapter wraps a transformers model in place; the verbs after it took only the wrapper (AttributeError:
+    'LlamaForCausalLM' object has no attribute 'module')."""
+    hf = llmspeed.models.tiny("llama", seed=0).hf
+    lora.add_adapter(hf, "a", r=2, init="random", targets=["q_proj", "v_proj"])
+    assert lora.adapter_names(hf) == ["a"] and lora.active_adapter(hf) == "a"
+    assert len(list(lora.lora_layers(hf))) == 4 and len(lora.trainable_parameters(hf, "a")) == 8
+    assert lora.resolve_targets(hf, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    lora.save_adapter(hf, tmp_path, "a")
+    other = llmspeed.models.tiny("llama", seed=0).hf
+    lora.load_adapter(other, tmp_path, "a")
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=IDS).logits, hf(input_ids=IDS).logits)
+    with lora.disabled(hf), lora.per_row_adapters(hf, ["a", None]):
+        pass
+    lora.set_adapter(hf, None)
+    lora.merge(hf, "a")
+    lora.unmerge(hf, "a")
+    lora.delete_adapter(hf, "a")
+    lora.merge_and_unload(other, "a")
+    assert lora.adapter_names(hf) == [] == lora.adapter_names(other)
