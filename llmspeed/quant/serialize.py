@@ -35,7 +35,7 @@ from ..protocol import CausalLM, base_linear, is_fake_quantized
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
-from .formats.files import detect, start_folder
+from .formats.files import detect, read_config, start_folder
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE, SYMMETRIC_ZERO
 
@@ -163,6 +163,7 @@ def _read_metadata(directory: Path) -> dict[str, str]:
         raise ValueError(
             f"{path} has llmspeed format version {metadata.get('version')!r}; this llmspeed reads {READS!r}"
         )
+    read_config(directory)  # a truncated or damaged config.json is a ValueError naming it (transformers: OSError)
     return metadata
 
 

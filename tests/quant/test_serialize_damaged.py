@@ -33,6 +33,14 @@ def test_truncated_or_corrupt_file_raises(tmp_path, llama):
     path.write_bytes(b"\xff" * 8 + data[8:])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         llmspeed.load(tmp_path)
+    path.write_bytes(data)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:40])  # a truncated config.json: transformers raised OSError
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        llmspeed.load(tmp_path)
+    config.write_text("[]")
+    with pytest.raises(ValueError, match=r"config\.json must hold a JSON object"):
+        llmspeed.load(tmp_path)
 
 
 def test_config_not_matching_tensors_raises(tmp_path, llama):
