@@ -109,6 +109,8 @@ def _merge_quantized(layer: LoraLinear, name: str, requantize: bool, dtype: torc
             linear.bias.copy_(bias)
     if requantize:
         new_base = type(base).from_linear(linear, base.config)  # _check_requantizable ran before any change
+        if bias is not None:  # the base's own bias, not the fp32 copy of the dequantized linear's: a cast model's bf16
+            new_base.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         err = new_base.dequantize().to(target.dtype) - target  # [out, in]
         errors = (err.abs().max().item(), (err.norm() / delta.norm().clamp_min(1e-30)).item())
     else:

@@ -258,6 +258,20 @@ def test_merge_into_a_quantized_base_with_bias_keeps_the_bias():
     assert torch.equal(model.hf.model.layers[0].self_attn.q_proj.base_layer.bias, layer.bias)
 
 
+def test_requantizing_merge_keeps_the_bias_dtype_of_a_16_bit_model():
+    """Regression: merge(requantize=True) rebuilt the layer from the fp32 dequantized linear, bias included, so a bf16
+    model's quantized q/k/v came back with fp32 biases (twice the bytes, and fp32 tensors in its exports)."""
+    model = llmspeed.models.tiny("qwen2", seed=0)
+    llmspeed.cast(model, "bf16")
+    llmspeed.quantize(model, "int4", group_size=32)
+    bias = model.hf.model.layers[0].self_attn.q_proj.bias.detach().clone()  # [out] bf16
+    lora.add_adapter(model, "a", r=4, init="random", targets=["q_proj"])
+    with pytest.warns(UserWarning):
+        lora.merge(model, "a")
+    merged = model.hf.model.layers[0].self_attn.q_proj.base_layer.bias
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, bias) and not merged.requires_grad
+
+
 def test_merge_inside_disabled_is_refused(llama):
     """Regression: merging inside ``lora.disabled(model)`` folded the update into the weights, so the rest of the
     block (which runs the base alone) ran the adapter; ``disabled`` itself refuses merged adapters."""
