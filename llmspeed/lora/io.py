@@ -6,7 +6,7 @@ transformers model; the adapter name is not part of the key. The config carries 
 names (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``, ``rank_pattern``, ...), so
 ``peft.PeftModel.from_pretrained(hf_model, path)`` loads what :func:`save_adapter` writes and
 :func:`load_adapter` reads what PEFT saved (plain LoRA on linear layers; DoRA, biases, embeddings,
-``modules_to_save``, activated LoRA, layer replication and adapters of a changed base (``init_lora_weights``
+``modules_to_save``, activated LoRA, QA-LoRA, layer replication and adapters of a changed base (``init_lora_weights``
 PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, unless converted) are refused with an error naming the field).
 """
 
@@ -269,6 +269,12 @@ def load_adapter(
         if rank == 0:
             raise ValueError(f"{folder / WEIGHTS_FILE}: lora_A of {pos!r} has rank 0; an adapter needs rank >= 1")
         want_a, want_b = (rank, layer.in_features), (layer.out_features, rank)
+        if cfg.get("use_qalora") is True and tuple(a.shape) != want_a:  # PEFT's QA-LoRA on a GPTQ layer
+            raise ValueError(
+                f"{CONFIG_FILE} field use_qalora=True is not supported: QA-LoRA averages each group of "
+                f"qalora_group_size={cfg.get('qalora_group_size', 16)!r} inputs before lora_A (here {tuple(a.shape)} "
+                f"at {pos!r}, in={layer.in_features}); llmspeed loads plain LoRA"
+            )
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise ValueError(
                 f"adapter shapes do not fit this model at {pos!r}: lora_A {tuple(a.shape)} and lora_B "

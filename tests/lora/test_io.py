@@ -168,6 +168,26 @@ def test_peft_adapters_that_compute_something_else_are_refused(tmp_path, llama, 
     assert _state(llama) == before and torch.equal(logits(llama.hf), want)
 
 
+def test_a_qa_lora_adapter_is_refused_by_its_field(tmp_path, llama):
+    """Regression: PEFT's QA-LoRA (use_qalora on a GPTQ base) stores lora_A [r, in / qalora_group_size], as it averages
+    each group of inputs first; llmspeed refused it as a shape mismatch asking whether it was trained for another model."""
+    from safetensors.torch import save_file
+
+    lora.add_adapter(llama, "a", r=4, init="random", targets=["q_proj"])
+    folder = lora.save_adapter(llama, tmp_path / "a", "a")
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), use_qalora=True, qalora_group_size=16)))
+    prefix = "base_model.model.model.layers"
+    save_file({f"{prefix}.{i}.self_attn.q_proj.{m}.weight": torch.randn(shape) for i in range(2)
+               for m, shape in [("lora_A", (4, 64 // 16)), ("lora_B", (64, 4))]}, str(folder / "adapter_model.safetensors"))
+    fresh = llmspeed.models.tiny("llama", seed=0)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=r"field use_qalora=True is not supported: QA-LoRA averages each group of "
+                                         r"qalora_group_size=16 inputs before lora_A \(here \(4, 4\)"):
+        lora.load_adapter(fresh, folder, "b")
+    assert _state(fresh) == before
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
