@@ -130,6 +130,37 @@ def test_unsupported_quantization_configs_are_named(tmp_path):
             llmspeed.load(tmp_path)
 
 
+def test_gptqmodel_dynamic_rules_give_layers_their_own_group_size(tmp_path):
+    """Regression: GPTQModel's ``dynamic`` per-layer overrides (vLLM reads them) were ignored, so a layer quantized at
+    another group size was refused as a tensor of the wrong shape, and one at 8 bits as a wrong-shaped qweight."""
+    from safetensors.torch import load_file
+
+    from llmspeed.bench.gptq_folder import gptq_layer
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    write_gptq_folder(model, tmp_path, group=32, act_order=True)
+    wide = "model.layers.1.mlp.down_proj"  # 256 inputs: group 128 instead of 32
+    layer = gptq_layer(model.hf.get_submodule(wide).weight, 128, True, False, 1, torch.Generator().manual_seed(3))
+    _rewrite(tmp_path / "model.safetensors", lambda t: t.update({f"{wide}.{k}": v for k, v in layer.items()}))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    quant = cfg["quantization_config"]
+    quant["dynamic"] = {r"-:.*\.embed_tokens": {}, r"+:model\.layers\.1\.mlp\.down": {"group_size": 128}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    loaded = dict(llmspeed.load(tmp_path).linear_layers())
+    assert loaded[wide].config.group_size == 128 and loaded[Q].config.group_size == 32
+    for name in (wide, Q):
+        assert torch.equal(loaded[name].dequantize(), dequantize_layer(tensors, name, 1)), name
+    quant["dynamic"] = {r"model\.layers\.1\.mlp\.down": {"bits": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"GPTQ bits=8 \(dynamic rule 'model.*down' for layer '" + wide + r"'\); llmspeed reads 4-bit"):
+        llmspeed.load(tmp_path)
+    quant["dynamic"] = {r"-:.*\.mlp\.down_proj": {}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.down_proj' has GPTQ tensors, but dynamic rule"):
+        llmspeed.load(tmp_path)
+
+
 def test_malformed_quantization_configs_name_the_file(tmp_path):
     """Regression: a quantize_config.json (AutoGPTQ's older layout) that is not JSON gave a bare JSONDecodeError,
     and one holding a list, or a quantization_config that is not an object, an AttributeError; a bad setting in it

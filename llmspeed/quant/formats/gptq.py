@@ -14,11 +14,13 @@ Layout of one quantized linear ``<name>`` (``in`` input, ``out`` output features
 ``w[:, c] = (code[:, c] - zero[g_idx[c]]) * scale[g_idx[c]]``. Without ``desc_act`` ``g_idx[c] = c // group``
 (llmspeed's layout). With ``desc_act`` the groups are runs of the columns sorted by ``g_idx``: the
 reader stores the codes in that order and the module's ``perm`` (``QuantConfig.act_order``) gathers
-the input to match, so the kernels run unchanged and no float weight is ever built.
+the input to match, so the kernels run unchanged and no float weight is ever built. GPTQModel's ``dynamic``
+per-layer rules give a layer its own ``group_size`` or ``sym`` (:func:`layer_settings`; other bit widths are refused).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +45,39 @@ def quantize_config(directory: Path) -> tuple[dict[str, Any], Path]:
     return quant, directory / ("config.json" if in_config else "quantize_config.json")
 
 
-def _settings(quant: dict[str, Any], source: Path) -> tuple[int | None, bool, int]:
-    """``(group_size, symmetric, zero offset)`` of the folder, validated."""
+def _settings(quant: dict[str, Any], source: Path, where: str = "") -> tuple[int | None, bool, int]:
+    """``(group_size, symmetric, zero offset)`` of the folder (or, ``where`` naming it, of one layer), validated."""
     bits = quant.get("bits")
     if bits != 4:
-        raise ValueError(f"{source}: GPTQ bits={bits!r}; llmspeed reads 4-bit GPTQ checkpoints")
+        raise ValueError(f"{source}: GPTQ bits={bits!r}{where}; llmspeed reads 4-bit GPTQ checkpoints")
     g = quant.get("group_size", 128)
     if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g <= 0):
-        raise ValueError(f"{source}: GPTQ group_size={g!r}; it must be a positive integer or -1")
+        raise ValueError(f"{source}: GPTQ group_size={g!r}{where}; it must be a positive integer or -1")
     fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
         raise ValueError(
             f"{source}: GPTQ checkpoint_format={fmt!r}; llmspeed reads 'gptq' (v1) and 'gptq_v2'"
         )
     return (None if g == -1 else g), bool(quant.get("sym", True)), (1 if fmt == "gptq" else 0)
+
+
+def layer_settings(quant: dict[str, Any], name: str, source: Path) -> tuple[int | None, bool, int]:
+    """:func:`_settings` of layer ``name``: the folder's, with the first GPTQModel ``dynamic`` rule whose pattern
+    matches ``name`` from its start applied (``"+:pattern"`` or ``"pattern"``: its ``bits``, ``group_size``, ``sym``
+    replace the folder's; ``"-:pattern"``: the layer stays in float), as vLLM's ``get_dynamic_override`` reads it."""
+    dynamic = quant.get("dynamic") or {}
+    if not isinstance(dynamic, dict) or not all(isinstance(r, dict) for r in dynamic.values()):
+        raise ValueError(f"{source}: GPTQ dynamic must map module patterns to objects of settings; got {dynamic!r}")
+    for pattern, rule in dynamic.items():
+        try:
+            matched = re.match(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern, name)
+        except re.error as err:
+            raise ValueError(f"{source}: GPTQ dynamic pattern {pattern!r} is not a regular expression ({err})") from err
+        if matched and pattern.startswith("-:"):
+            raise ValueError(f"{source}: layer {name!r} has GPTQ tensors, but dynamic rule {pattern!r} leaves it in float")
+        if matched:
+            return _settings({**quant, **rule}, source, f" (dynamic rule {pattern!r} for layer {name!r})")
+    return _settings(quant, source)
 
 
 def _take(tensors: dict, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], source: Path):
@@ -129,7 +150,8 @@ def layer_buffers(
 def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     """Read a 4-bit GPTQ folder into llmspeed's ``Int4Linear`` modules (act-order ones with ``perm``)."""
     source = directory
-    group, sym, offset = _settings(*quantize_config(directory))
+    quant, quant_file = quantize_config(directory)
+    _settings(quant, quant_file)  # the folder's own settings, checked before any tensor is read
     dtype = config_dtype(read_config(directory))
     tensors = read_all(directory)
     model = skeleton.skeleton(directory, dtype)
@@ -141,6 +163,7 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
         if name not in layers:
             raise ValueError(f"{source}: tensor {name + '.qweight'!r} names no linear layer of the model")
         lin: Any = layers[name]
+        group, sym, offset = layer_settings(quant, name, quant_file)
         cfg, buffers = layer_buffers(
             name, lin.in_features, lin.out_features, group, sym, offset, tensors, source
         )
