@@ -147,6 +147,21 @@ def test_the_tokenizer_travels_with_the_folder(tmp_path):
     assert loaded.tokenizer is not None and loaded.tokenizer("Hello there").input_ids == tok("Hello there").input_ids
 
 
+def test_a_tokenizer_an_earlier_save_left_is_named_at_load(tmp_path):
+    """Regression: saving a model without a tokenizer over a folder that held another model and its tokenizer left the
+    tokenizer there; load then failed with "pass the tokenizer that was saved with this model", which load cannot take."""
+    from transformers import AutoTokenizer
+
+    source = llmspeed.models.smollm2()
+    source.tokenizer.save_pretrained(tmp_path)  # what an earlier llmspeed.save of SmolLM2 leaves besides its weights
+    assert len(AutoTokenizer.from_pretrained(tmp_path)) > 256
+    llmspeed.save(llmspeed.models.tiny("llama", seed=0), tmp_path)  # vocabulary 256, no tokenizer
+    with pytest.raises(ValueError, match=r"holds a tokenizer \(tokenizer_config.json\) that does not fit the model in "
+                                         r"it \(tokenizer does not match the model: it has 49152 tokens.*delete the "
+                                         r"folder's tokenizer files"):
+        llmspeed.load(tmp_path)
+
+
 def test_parameters_that_are_views_of_one_storage_round_trip(tmp_path):
     """Two weights sliced from one fused tensor (same storage, other offsets: what splitting a fused k/v weight into
     views gives) are two tensors in the file, not an alias of the first."""

@@ -64,7 +64,14 @@ def skeleton(directory: Path, dtype: torch.dtype, config_overrides: dict[str, An
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)
-    return Model(hf, tokenizer)
+    try:
+        return Model(hf, tokenizer)
+    except ValueError as err:  # its vocabulary does not fit: save writes no tokenizer for a model without one
+        raise ValueError(
+            f"{directory} holds a tokenizer (tokenizer_config.json) that does not fit the model in it ({err}); an "
+            f"earlier save into this folder may have left it: delete the folder's tokenizer files, or save the model "
+            f"with its own tokenizer (llmspeed.wrap(model, tokenizer))"
+        ) from err
 
 
 def install(model: Model, name: str, config: QuantConfig, bias: bool) -> nn.Module:
