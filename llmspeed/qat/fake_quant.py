@@ -235,7 +235,13 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if self.config.hadamard:
             x = rotate(x, rotation_group(self.config))  # [..., in]: the basis the latent weight is in
-        return F.linear(x, self.quantized_weight().to(self.weight.dtype), self.bias)
+        w: torch.Tensor = self.quantized_weight()  # [out, in], the latent weight's dtype
+        bias: torch.Tensor | None = self.bias
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            # fp32 activations over a 16-bit model (a cast model's CPU inference, llmspeed.precision.cpu_matmul):
+            # compute in x's dtype, as the converted Int4Linear/Int8Linear does (F.linear would refuse the mix)
+            w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
         g = "" if self.config.group_size is None else f", group_size={self.config.group_size}"

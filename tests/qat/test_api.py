@@ -14,6 +14,7 @@ import torch
 
 import llmspeed
 from llmspeed import lora, qat
+from llmspeed.precision import cpu_matmul
 from llmspeed.protocol import is_quantized
 from llmspeed.qat import FakeQuantLinear
 from llmspeed.quant import Int4Linear, Int8Linear
@@ -222,3 +223,20 @@ def test_merging_an_adapter_into_a_prepared_layer_is_refused_until_convert(llama
     with pytest.warns(UserWarning, match="re-quantized 14 layers"):
         lora.merge(llama, "a")
     lora.unmerge(llama, "a")
+
+
+@pytest.mark.parametrize("fmt, group", [("int4", 16), ("int8", None)])
+def test_a_16_bit_prepared_model_runs_the_fp32_activations_of_cpu_inference(monkeypatch, fmt, group):
+    """Regression: on a CPU without fast 16-bit GEMM (a crossover), a cast model computes inference in fp32 over its
+    16-bit weights; prepared after the cast (the documented order), every no-grad forward (eval_windows, perplexity,
+    generation) raised "expected m1 and m2 to have the same dtype" in FakeQuantLinear."""
+    monkeypatch.setattr(cpu_matmul, "_CROSSOVER", {torch.bfloat16: 4})  # as on the AVX2 CPUs of docs/precision.md
+    model = llmspeed.cast(llmspeed.models.tiny("qwen2", seed=0), "bf16")  # qwen2: biased q/k/v projections
+    qat.prepare(model, fmt, group_size=group)
+    with torch.no_grad():
+        fake = model.hf(IDS).logits
+    qat.convert(model)
+    with torch.no_grad():
+        converted = model.hf(IDS).logits
+    assert fake.dtype == converted.dtype == torch.float32
+    torch.testing.assert_close(fake, converted, rtol=2e-2, atol=2e-2)
