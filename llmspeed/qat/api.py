@@ -13,7 +13,7 @@ indistinguishable from a post-training quantized one: same modules, kernels, fil
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -28,6 +28,7 @@ from ..quant.config import DEFAULT_GROUP_SIZE, QuantConfig, refuse_default_marke
 from ..quant.hadamard import rotate, rotated_inputs, rotation_group
 from ..quant.methods import get_method
 from ..quant.modules import QuantizedLinearBase, module_class
+from ..quant.plan import _matches, output_head_names
 from .fake_quant import CODE_RANGE, FakeQuantLinear, init_qparams
 
 FORMATS = tuple(CODE_RANGE)  # ("int4", "int8")
@@ -69,6 +70,21 @@ def _check_args(fmt: object, symmetric: object, init: object, learn_scales: obje
     if fmt == "int8" and not symmetric:
         raise ValueError("symmetric=False is not available for int8, which is symmetric per output channel")
     return symmetric
+
+
+def _check_include(model: CausalLM, include: object) -> None:
+    """``ValueError`` for an ``include`` pattern that reaches only the output head, which ``prepare`` always leaves in
+    float: it would be dropped without a word (or leave the unclear "no linear layer to quantize")."""
+    if include is None or isinstance(include, str) or not isinstance(include, Iterable):
+        return  # plan_layers names these
+    heads = set(output_head_names(model))
+    for p in include:
+        reached = {n for n in model.linear_names() if isinstance(p, str) and _matches(n, [p])}
+        if reached and reached <= heads:
+            raise ValueError(
+                f"include pattern {p!r} matches only the output head {sorted(reached)[0]!r}, which qat.prepare "
+                f"always leaves in float (quantize(..., lm_head=None)'s plan); leave it out of include"
+            )
 
 
 def _gptq_start(model: CausalLM, plan: dict[str, QuantConfig], calibration: Any, options: dict) -> dict[str, Any]:
@@ -151,6 +167,7 @@ def prepare(
     if group_size is _DEFAULT:
         group_size = DEFAULT_GROUP_SIZE[fmt]
     config = QuantConfig(fmt, group_size, method=init, symmetric=symmetric)  # converted modules say so (exports)
+    _check_include(model, include)
     plan = plan_layers(model, config, skip, include, lm_head=None, hadamard_layers=hadamard_layers)
     check_materialized(model, plan)
     snapshot = dict(model.linear_layers())

@@ -31,6 +31,9 @@ def _snapshot(model):
         (dict(fmt="int4", learn_scales=1), "learn_scales must be a bool"),
         (dict(fmt="int4", calibration=TOKENS), "calibration is only used by init='gptq'"),
         (dict(fmt="int4", skip=["nope.*"]), "matches no linear layer"),
+        # regression: the head was dropped without a word (prepare leaves it in float), or "leave no linear layer"
+        (dict(fmt="int4", include=["lm_head", "*.q_proj"]), "include pattern 'lm_head' matches only the output head"),
+        (dict(fmt="int4", include=["lm_head"]), "include pattern 'lm_head' matches only the output head 'lm_head'"),
         (dict(fmt="int8", hadamard_layers=["*.mlp.down_proj"]), "hadamard_layers rotates int4 layers"),
         (dict(fmt="int4", group_size=48, hadamard_layers=["*.mlp.down_proj"]), "power-of-two group_size"),
         (dict(fmt="int4", hadamard_layers=["*.nope"]), "hadamard_layers.*matches no"),
