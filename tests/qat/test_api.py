@@ -240,3 +240,15 @@ def test_a_16_bit_prepared_model_runs_the_fp32_activations_of_cpu_inference(monk
         converted = model.hf(IDS).logits
     assert fake.dtype == converted.dtype == torch.float32
     torch.testing.assert_close(fake, converted, rtol=2e-2, atol=2e-2)
+
+
+def test_learned_zero_points_refused_by_compressed_tensors_say_how_to_prepare(llama, tmp_path):
+    """Regression: the refusal said the layer had fractional zero points of "method 'rtn', e.g. HQQ" and advised to
+    "quantize with method='rtn'", the very method the converted layers name: QAT's learned zero points were the cause."""
+    qat.prepare(llama, "int4", 16, learn_scales=True)
+    llmspeed.finetune(llama, TOKENS, steps=3, lr=3e-2, seq_len=16, batch_size=2, progress=False)
+    qat.convert(llama)
+    with pytest.raises(ValueError, match=r"fractional zero points \(learned by llmspeed.qat.prepare\(\.\.\., "
+                                         r"learn_scales=True\) from a 'rtn' start\).*learn_scales=False or symmetric=True"):
+        llmspeed.save(llama, tmp_path, format="compressed-tensors")
+    assert not any(tmp_path.iterdir())
