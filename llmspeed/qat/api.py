@@ -128,9 +128,9 @@ def prepare(
         symmetric: int4 only: zero point fixed at code 8 (``scale = absmax / 7.5``, as ``quantize``'s) instead of the
             asymmetric min/max grid ``quantize`` uses. Default: asymmetric int4, symmetric int8.
         init: Where the grids (and, for ``"gptq"``, the weights) start: ``"rtn"`` takes round-to-nearest's
-            scales and zeros of the float weight (converting at once gives exactly ``quantize(model, fmt)``);
+            scales and zeros of the float weight (converting at once gives exactly ``quantize(model, fmt, lm_head=None)``);
             ``"gptq"`` runs GPTQ on ``calibration`` and starts from its on-grid weights and grids
-            (converting at once gives exactly ``quantize(model, fmt, method="gptq")``).
+            (converting at once gives exactly ``quantize(model, fmt, method="gptq", lm_head=None)``).
         learn_scales: Each group's scale (and, for asymmetric int4, its zero point) learns, with the codes
             fixed on the starting grid: the group moves smoothly while the latent weights flip codes
             only after drifting half a step. The converted module stores the learned values (fractional
