@@ -184,6 +184,27 @@ def set_checkpointing(hf: Any, on: bool) -> bool:
     return False
 
 
+_INPUT_GRAD_HOOKS = ("_require_grads_hooks", "_require_grads_hook")  # transformers' enable_input_require_grads handles
+
+
+def _drop_new_input_grad_hooks(hf: Any, before: dict[str, Any]) -> None:
+    """Remove the input-embedding hooks that switching checkpointing on registered and put back what ``hf`` held.
+
+    transformers' ``activation_checkpointing_enable`` calls ``enable_input_require_grads`` (a forward hook making the
+    embedding's output require grad) and its ``*_disable`` removes it only for PEFT models: every checkpointed run
+    would leave one more hook, and every later forward in grad mode would record a graph from the embedding on.
+    """
+    hooks = hf.__dict__.get("_require_grads_hooks")
+    if hooks is before.get("_require_grads_hooks"):
+        return  # none registered during the run
+    for handle in hooks or ():
+        handle.remove()
+    for name in _INPUT_GRAD_HOOKS:
+        hf.__dict__.pop(name, None)
+        if name in before:
+            hf.__dict__[name] = before[name]
+
+
 def _eval_loss(model: CausalLM, windows: int, seq_len: int) -> float | None:
     if windows <= 0:
         return None
@@ -238,6 +259,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     checkpointing = False
     bar = None  # the progress bar, closed by the finally also when a step raises
+    input_grad_hooks = {name: hf.__dict__[name] for name in _INPUT_GRAD_HOOKS if name in hf.__dict__}
     losses: list[float] = []
     times: list[float] = []
     try:  # from here on the finally restores requires_grad, the train/eval mode and checkpointing
@@ -283,6 +305,7 @@ def train(
             bar.close()
         if checkpointing:
             set_checkpointing(hf, False)
+        _drop_new_input_grad_hooks(hf, input_grad_hooks)
         restore_modes()
         for p, trainable in flags.items():
             p.requires_grad_(trainable)

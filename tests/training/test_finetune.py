@@ -127,6 +127,26 @@ def test_a_failure_while_setting_up_the_run_restores_flags_and_mode(llama, monke
     assert not llama.hf.training
 
 
+@pytest.mark.parametrize("train", ["full", "adapter"])
+def test_a_checkpointed_run_leaves_no_hook_on_the_embedding(llama, train):
+    """Regression: transformers' checkpointing switch registers a hook making the embedding's output require grad and
+    leaves it when switched off (outside PEFT), so every checkpointed run added one for good: a frozen model then
+    recorded an autograd graph in every later forward outside no_grad."""
+    if train == "adapter":
+        lora.add_adapter(llama, "a", r=4, alpha=8)
+
+    def hooks():
+        return [(name, len(m._forward_hooks)) for name, m in llama.hf.named_modules() if m._forward_hooks]
+
+    before = hooks()
+    for _ in range(2):
+        llmspeed.finetune(llama, TOKENS, gradient_checkpointing=True, **{**RUN, "steps": 1})
+        assert hooks() == before
+    assert not hasattr(llama.hf, "_require_grads_hooks")
+    llama.hf.requires_grad_(False)
+    assert not llama.hf(TOKENS[None, :8]).logits.requires_grad  # frozen: no graph from the embedding on
+
+
 def test_each_module_gets_its_own_training_mode_back(llama):
     """Regression: only the root's mode was put back (``hf.train(was_training)`` sets every submodule alike), so a
     layer the caller had put in eval mode inside a model in training mode came back in training mode."""
