@@ -15,6 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,10 @@ def token_stream(model: CausalLM, texts: str | Sequence[str] | torch.Tensor | No
         texts = [pydoc_text("train")]
     elif isinstance(texts, str):
         texts = [texts]
+    elif isinstance(texts, AbstractSet):  # set, frozenset, dict.keys(): an order that changes with the hash seed
+        raise ValueError(f"texts must be a non-empty string, a list of non-empty strings or a 1-D tensor of token ids; "
+                         f"got a {type(texts).__name__}, whose order (and so the windows a seed draws) changes from "
+                         f"run to run: pass a list, e.g. sorted(texts)")  # fmt: skip
     elif isinstance(texts, (list, tuple)) or (hasattr(texts, "__iter__") and not isinstance(texts, (bytes, dict))):
         texts = list(texts)  # a generator is read once here, not emptied by the check below
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):

@@ -41,6 +41,17 @@ def test_texts_of_the_wrong_kind_are_named(smollm2_cached, texts):
     assert all(torch.equal(v, state[k]) for k, v in smollm2_cached.hf.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", [set, frozenset, lambda texts: dict.fromkeys(texts).keys()])
+def test_texts_in_an_unordered_collection_are_refused(smollm2_cached, kind):
+    """Regression: a set of texts was joined in its iteration order, which follows the process's string hash seed: the
+    same seed trained on other windows (other losses) in every new interpreter."""
+    state = {k: v.clone() for k, v in smollm2_cached.hf.state_dict().items()}
+    with pytest.raises(ValueError, match=r"texts must be .*; got a \w+, whose order .* changes from run to run: pass "
+                                         r"a list, e.g. sorted\(texts\)"):  # fmt: skip
+        llmspeed.finetune(smollm2_cached, kind(["some text to train on " * 8, "other text " * 8]), **RUN)
+    assert all(torch.equal(v, state[k]) for k, v in smollm2_cached.hf.state_dict().items())
+
+
 def test_texts_from_a_generator_are_read_once_and_trained_on(smollm2_cached):
     """Regression: the check read a generator of texts to its end, leaving no text ("texts hold 0 tokens")."""
     model = copy.deepcopy(smollm2_cached)
