@@ -287,7 +287,9 @@ def train(
         # torch.manual_seed seeds every CUDA device too: fork those the process has set up, so that the caller's GPU
         # random state comes back as well
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda):
+        # gradients on also when the caller runs under no_grad or inference_mode (backward would fail on a loss with no
+        # graph); the caller's mode comes back when the block ends
+        with torch.random.fork_rng(devices=cuda), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed)
             bar = tqdm(range(steps), disable=not progress, desc=f"{label} ({mp.precision})")
             for _ in bar:  # a step that raises closes the bar in the finally below, not half drawn

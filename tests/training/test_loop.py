@@ -87,3 +87,16 @@ def test_every_window_is_drawn_the_last_included(extra):
         hook.remove()
     assert int(text[-1]) in seen  # the window ending at the text's last token was drawn
     assert seen <= {int(t) for t in text[seq_len - 1 :]}
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_run_started_without_gradients_trains_as_any_other(mode):
+    """Regression: called under no_grad or inference_mode (a notebook's evaluation helper, a serving thread), every run
+    failed at its first backward with torch's "element 0 of tensors does not require grad"; the caller's mode now
+    stays its own outside the run."""
+    run = dict(steps=3, lr=1e-3, seq_len=16, batch_size=2, progress=False)
+    model = llmspeed.models.tiny("llama", seed=0)
+    expected = llmspeed.finetune(copy.deepcopy(model), TOKENS, **run).losses
+    with mode():
+        assert llmspeed.finetune(model, TOKENS, **run).losses == expected
+        assert not torch.is_grad_enabled()
