@@ -275,6 +275,7 @@ def train(
         # fused: one kernel over all tensors (CPU and CUDA); the per-tensor loop costs a third of a CPU step
         fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        optimizer.zero_grad(set_to_none=True)  # a caller's leftover .grad would add to the first step's (as Trainer's)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
         )

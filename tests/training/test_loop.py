@@ -100,3 +100,16 @@ def test_a_run_started_without_gradients_trains_as_any_other(mode):
     with mode():
         assert llmspeed.finetune(model, TOKENS, **run).losses == expected
         assert not torch.is_grad_enabled()
+
+
+def test_gradients_left_on_the_parameters_by_the_caller_do_not_reach_the_first_step():
+    """Regression: the loop cleared the gradients after each step only, so a caller's leftover ``.grad`` (their own
+    backward pass before the run) was added to the first step's gradient: other weights, other losses."""
+    run = dict(steps=3, lr=1e-3, seq_len=16, batch_size=2, progress=False)
+    model = llmspeed.models.tiny("llama", seed=0)
+    clean = copy.deepcopy(model)
+    expected = llmspeed.finetune(clean, TOKENS, **run).losses
+    ids = TOKENS[None, :8]
+    model.hf(input_ids=ids, labels=ids).loss.mul(1000).backward()  # the caller's own gradients, left in place
+    assert llmspeed.finetune(model, TOKENS, **run).losses == expected
+    assert all(torch.equal(p, q) for p, q in zip(model.hf.parameters(), clean.hf.parameters()))
