@@ -56,7 +56,7 @@ class _FakeQuantize(torch.autograd.Function):
         g = _grouped(w.float(), group_size)  # [out, groups, group]
         q = (torch.round(g / grid_scales[..., None]) + grid_zeros[..., None]).clamp_(lo, hi)  # as quantize_int4/8
         out = ((q - zeros[..., None]) * scales[..., None]).reshape(w.shape)  # as dequantize_int4 / dequantize_int8
-        # backward recomputes the codes from these (no copies): the whole model's weights fit only once
+        # backward recomputes the codes from these (no copy of them; F.linear keeps the fake-quantized weight it used)
         ctx.save_for_backward(w, grid_scales, grid_zeros, scales, zeros)
         ctx.group_size, ctx.lo, ctx.hi = group_size, lo, hi
         return out.to(w.dtype)
