@@ -145,6 +145,30 @@ def test_a_partly_quantized_model_with_odd_channel_rows_exports_and_reads_back(t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_float_weights_that_are_views_of_one_buffer_are_all_written_and_a_tied_head_once(tmp_path):
+    """Regression: the export kept one tensor per storage, so norm weights that are views of one flat buffer (at
+    different offsets) were dropped after the first and ``llmspeed.load`` said the folder lacked tensors. A float
+    head tied to the embedding (same storage, offset and shape) is still written once, under the embedding."""
+    from safetensors import safe_open
+
+    model = llmspeed.models.tiny("llama", tie_word_embeddings=True)
+    norms = [(n, p) for n, p in model.hf.named_parameters() if "norm" in n]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in norms])
+    start = 0
+    for name, p in norms:
+        owner, attr = name.rsplit(".", 1)
+        setattr(model.hf.get_submodule(owner), attr, torch.nn.Parameter(flat[start : start + p.numel()].view_as(p)))
+        start += p.numel()
+    llmspeed.quantize(model, "int4", group_size=32, symmetric=True, lm_head=None)
+    want = logits(model.hf)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    with safe_open(str(tmp_path / ct.WEIGHTS), "pt") as f:
+        keys = set(f.keys())
+    assert {n for n, _ in norms} <= keys and "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    back = llmspeed.load(tmp_path)
+    assert torch.equal(logits(back.hf), want)
+
+
 def test_asymmetric_default_transformers_path_still_fails(tmp_path):
     """Documents the compressed-tensors bug the docs' workaround is for; when it is fixed, drop the workaround."""
     model = llmspeed.models.tiny("llama")

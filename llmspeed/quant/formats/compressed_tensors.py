@@ -163,15 +163,16 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     if config is None:
         raise ValueError("cannot save format='compressed-tensors': the model has no transformers config")
     tensors: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
+    seen: set[tuple] = set()
     prefixes = tuple(f"{n}." for n in [*quantized, *heads])
     for name, tensor in root.state_dict().items():
         if name.startswith(prefixes):
             continue
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen:  # tied weights: transformers stores the first and re-ties from the config
+        # the same tensor, not merely the same storage (views of one buffer are distinct weights), as the native save
+        same = (str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if same in seen:  # tied weights: transformers stores the first and re-ties from the config
             continue
-        seen[ptr] = name
+        seen.add(same)
         tensors[name] = tensor.detach().cpu().contiguous()
     for name, module in quantized.items():
         tensors.update(_module_tensors(name, module))
