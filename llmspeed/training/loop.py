@@ -1,7 +1,8 @@
 """The training loop every fine-tuning verb shares: random windows, AdamW, warm-up and decay, mixed precision.
 
 Random windows of ``seq_len`` tokens are cut from the training text (default: the ``"train"`` half of
-the pydoc text, which never overlaps the evaluation windows). AdamW updates exactly the parameters it is
+the pydoc text, which shares no characters with the ``"eval"`` half the evaluation windows are cut from, though
+some paragraphs occur in both). AdamW updates exactly the parameters it is
 given (the caller chooses them: an adapter, a whole model, the latent weights of a QAT model), with linear
 warm-up and linear decay, gradient clipping, optional gradient checkpointing and mixed precision
 (:mod:`.amp`). Loss on ``pydoc_text("eval")`` windows (the half the default training text is not cut from;
@@ -38,7 +39,9 @@ class FinetuneResult:
         trainable_params: Number of parameters updated.
         eval_loss_before, eval_loss_after: Mean held-out loss (nats per token), ``None`` when
             ``eval_windows == 0``; ``math.exp`` of them is the perplexity.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast compute; the weights stay fp32).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: ``"bf16"``/``"fp16"`` autocast over fp32 trained
+            parameters; ``"fp32"`` runs no autocast, the parameters training in their own dtype (16 bits on a
+            model cast to 16 bits).
         skipped_steps: fp16 steps whose gradients overflowed and were not applied (loss scaling).
         trained: What was trained: ``"adapter"``, ``"full"`` or ``"linears"``.
         step_seconds: Wall time of every step (batch, forward, backward, optimizer), for medians.
