@@ -149,6 +149,7 @@ def prepare(
             every layer is restored.
     """
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
+    init = format_name(init)  # "RTN" is "rtn", as the format (and quantize's method) is spelled in any case
     symmetric = _check_args(fmt, symmetric, init, learn_scales)
     if is_prepared(model):
         raise ValueError("model is already prepared for quantization-aware training; call qat.convert(model) first")

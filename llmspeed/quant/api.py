@@ -109,6 +109,7 @@ def quantize(
             is restored.
     """
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
+    method = format_name(method)  # "GPTQ" is "gptq", as the format is spelled in any case
     refuse_default_marker(group_size)
     if group_size is _DEFAULT:  # a format that is no string (a list, say) is refused by QuantConfig, by name
         group_size = DEFAULT_GROUP_SIZE.get(fmt) if isinstance(fmt, str) else None

@@ -35,6 +35,17 @@ def test_convert_right_after_prepare_is_bit_identical_to_quantize(architecture, 
     assert {type(m) for n, m in llama.linear_layers() if "lm_head" not in n} == {cls}
 
 
+def test_init_names_are_read_in_any_case_as_the_format_and_quantize_method_are(llama):
+    """Regression: ``init="RTN"`` was refused while ``fmt="INT4"`` was accepted; both now read in any case, as
+    ``quantize``'s ``method`` does, and the converted modules record the lower-case name (exports compare it)."""
+    reference = copy.deepcopy(llama)
+    llmspeed.quantize(reference, "int4", group_size=16, method="RTN", lm_head=None)
+    qat.prepare(llama, "INT4", group_size=16, init="RTN")
+    qat.convert(llama)
+    _assert_same_packed(llama, reference)
+    assert {m.config.method for n, m in llama.linear_layers() if "lm_head" not in n} == {"rtn"}
+
+
 @pytest.mark.parametrize("group", [16, None])
 def test_symmetric_prepare_converts_to_exactly_quantize_symmetric(llama, group):
     """Regression: the symmetric int4 start used ``scale = absmax / 7`` where ``quantize(symmetric=True)``

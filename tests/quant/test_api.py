@@ -261,6 +261,12 @@ def test_model_level_method_takes_over_the_loop(llama):
         METHODS.pop("whole_test")
 
 
+def test_method_names_are_read_in_any_case_as_the_format_is(llama):
+    """Regression: ``method="HQQ"`` was refused while ``"INT4"`` was accepted; the layers record ``"hqq"``."""
+    llmspeed.quantize(llama, "INT4", group_size=16, method="HQQ")
+    assert {m.config.method for _, m in llama.linear_layers()} == {"hqq"}
+
+
 def test_plan_lists_layers_without_changing_anything(llama):
     from llmspeed.quant import QuantConfig
 
