@@ -126,7 +126,12 @@ def init_qparams(
     converts to exactly what ``quantize(model, "int4")`` stores); int4 symmetric uses
     :func:`~llmspeed.quant.primitives.choose_qparams_int4_symmetric` (zero point 8, ``scale = absmax / 7.5``:
     ``quantize(model, "int4", symmetric=True)``'s); int8 uses the per-row ``absmax / 127`` of ``Int8Linear``.
+
+    Raises:
+        ValueError: ``config.format`` is not ``"int4"`` or ``"int8"`` (NF4 has no integer grid to train on).
     """
+    if config.format not in CODE_RANGE:
+        raise ValueError(f"config.format must be one of {list(CODE_RANGE)} for fake quantization; got {config.format!r}")
     if config.format == "int8":
         scales = P.choose_qparams_int8(w)[:, None]  # [out, 1]
         return scales, torch.zeros_like(scales)

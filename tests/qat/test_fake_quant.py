@@ -241,3 +241,10 @@ def test_fake_quantize_names_a_bad_argument():
         fake_quantize(w, s, z[:, :1], 8, "int4")
     with pytest.raises(ValueError, match=r"grid_scales must have shape \[4, 2\] .*; got \[2, 4\]"):
         fake_quantize(w, s, z, 8, "int4", grid_scales=s.T)
+
+
+def test_init_qparams_refuses_a_format_without_an_integer_grid():
+    """Regression: an ``nf4`` config got int4's min/max scales and zero points without a word (NF4 has no such grid,
+    and fake_quantize refuses it)."""
+    with pytest.raises(ValueError, match=r"config.format must be one of \['int4', 'int8'\] .*; got 'nf4'"):
+        init_qparams(_weight(4, 16, 9), QuantConfig("nf4", 8), symmetric=False)
