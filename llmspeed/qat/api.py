@@ -173,28 +173,31 @@ def prepare(
     check_materialized(model, plan)
     snapshot = dict(model.linear_layers())
     try:
-        built = _gptq_start(model, plan, calibration, init_options) if init == "gptq" else {}
-        for name in plan:
-            linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
-            start, layer_config = built.get(name), plan[name]
-            if start is None:
-                w = linear.weight.detach()  # [out, in]
-                # rotated in the model's dtype, as quantize rotates it: the latent weight holds exactly these values
-                w = (rotate(w, rotation_group(layer_config)) if layer_config.hadamard else w).float()
-                w = P.pad_columns(w, config.padded_in_features(linear.in_features))  # [out, in_pad]
-                scales, zeros = init_qparams(w, config, symmetric)  # [out, groups] x2
-                layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)
-                if layer_config.hadamard:  # a new parameter: the float model's own weight tensor is never written
-                    layer.weight = nn.Parameter(w.to(linear.weight.dtype), linear.weight.requires_grad)
-            else:
-                scales = start.scales.reshape(linear.out_features, -1)  # int8: [out] -> [out, 1]
-                zeros = start.zeros if fmt == "int4" else torch.zeros_like(scales)
-                layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)
-                # a new parameter: the float model's own weight tensor is never written; the stored basis
-                on_grid = start.packed_dequantize(linear.weight.dtype) if layer_config.hadamard else \
-                    start.dequantize(linear.weight.dtype)  # fmt: skip
-                layer.weight = nn.Parameter(on_grid, linear.weight.requires_grad)
-            model.replace_linear(name, layer.to(linear.weight.device))
+        # the layers' tensors (latent weights, grids, learnable gains) are built outside inference mode also when
+        # the caller is in it: inference tensors cannot be trained ("cannot be saved for backward")
+        with torch.inference_mode(False), torch.no_grad():
+            built = _gptq_start(model, plan, calibration, init_options) if init == "gptq" else {}
+            for name in plan:
+                linear = cast(nn.Linear, snapshot[name])  # plan_layers admits nn.Linear only
+                start, layer_config = built.get(name), plan[name]
+                if start is None:
+                    w = linear.weight.detach()  # [out, in]
+                    # rotated in the model's dtype, as quantize rotates it: the latent weight holds exactly these values
+                    w = (rotate(w, rotation_group(layer_config)) if layer_config.hadamard else w).float()
+                    w = P.pad_columns(w, config.padded_in_features(linear.in_features))  # [out, in_pad]
+                    scales, zeros = init_qparams(w, config, symmetric)  # [out, groups] x2
+                    layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)
+                    if layer_config.hadamard:  # a new parameter: the float model's own weight tensor is never written
+                        layer.weight = nn.Parameter(w.to(linear.weight.dtype), linear.weight.requires_grad)
+                else:
+                    scales = start.scales.reshape(linear.out_features, -1)  # int8: [out] -> [out, 1]
+                    zeros = start.zeros if fmt == "int4" else torch.zeros_like(scales)
+                    layer = FakeQuantLinear(linear, layer_config, scales, zeros, symmetric, learn_scales)
+                    # a new parameter: the float model's own weight tensor is never written; the stored basis
+                    on_grid = start.packed_dequantize(linear.weight.dtype) if layer_config.hadamard else \
+                        start.dequantize(linear.weight.dtype)  # fmt: skip
+                    layer.weight = nn.Parameter(on_grid, linear.weight.requires_grad)
+                model.replace_linear(name, layer.to(linear.weight.device))
     except BaseException:
         for name, module in snapshot.items():
             model.replace_linear(name, module)

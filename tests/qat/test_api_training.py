@@ -72,3 +72,20 @@ def test_a_prepared_model_whose_head_is_tied_to_the_embedding_trains_and_convert
     assert model.hf.lm_head.weight is model.hf.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(model.hf(IDS).logits, fake, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hadamard", [False, True])  # rotated layers get a new latent weight parameter too
+def test_a_model_prepared_under_inference_mode_trains_as_one_prepared_outside(hadamard):
+    """Regression: prepare under ``torch.inference_mode()`` built the grids and learnable gains as inference
+    tensors, and training then failed with "Setting requires_grad=True on inference tensor outside InferenceMode"
+    (or, without learn_scales, "Inference tensors cannot be saved for backward")."""
+    options = dict(learn_scales=True, hadamard_layers=["*down_proj"] if hadamard else None)
+    runs = []
+    for inference in (False, True):
+        model = llmspeed.models.tiny("llama", seed=0)
+        with torch.inference_mode(inference):
+            qat.prepare(model, "int4", 16, **options)
+        result = llmspeed.finetune(model, TOKENS, steps=3, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+        runs.append((result.losses, model.hf.state_dict()))
+    (losses, state), (again, state_again) = runs
+    assert again == losses and all(torch.equal(v, state_again[k]) for k, v in state.items())
