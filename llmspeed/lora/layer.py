@@ -171,13 +171,15 @@ class LoraLinear(nn.Module):
         r, dropout, scale = int(plain["r"]), plain["dropout"], plain["scale"]
         dtype = adapter_dtype(dtype)
         device = module_device(self.base_layer)
-        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # weight [r, in]
-        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # weight [out, r]
-        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        if init == "zeros":
-            nn.init.zeros_(b.weight)
-        else:
-            nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+        # trainable matrices also when the caller is under inference_mode (inference tensors cannot be trained)
+        with torch.inference_mode(False):
+            a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # weight [r, in]
+            b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # weight [out, r]
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            if init == "zeros":
+                nn.init.zeros_(b.weight)
+            else:
+                nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -51,6 +51,18 @@ def test_finetune_real_quantized_base(llama, method):
     assert fell(result.losses)
 
 
+def test_an_adapter_added_under_inference_mode_to_a_base_quantized_under_it_trains(llama):
+    """Regression: lora.add_adapter under ``torch.inference_mode()`` made the adapter matrices inference tensors and
+    finetune failed with "Setting requires_grad=True on inference tensor outside InferenceMode". (Quantizing under
+    it was already fine: the packed buffers are only read.)"""
+    with torch.inference_mode():
+        quantize_real(llama, "int4")
+        lora.add_adapter(llama, "a", r=8, alpha=16)
+    assert not any(p.is_inference() for p in lora.trainable_parameters(llama, "a"))
+    result = lora.finetune(llama, TOKENS, steps=15, lr=1e-2, seq_len=16, batch_size=4, progress=False)
+    assert fell(result.losses)
+
+
 def test_gradient_checkpointing_gives_the_same_losses():
     import llmspeed
 
