@@ -5,14 +5,15 @@ cached before them), so the whole set is causal attention over packed sequences:
 computes (``torch.nn.attention.varlen.varlen_attn``), with no cache read, no padding to the longest chunk and no
 mask. The per-layer path's other prefill attention (:class:`~.kv_cache.PagedAttention`'s gather + masked SDPA) pads
 every chunk to the longest one, reads the chunks' keys back from the paged cache, and on CUDA expands grouped-query
-keys to every query head; on the last H100 run a step's prefill attention was the largest part of the batching
-suite's mixed steps (docs/gpu.md). :func:`probe` runs the kernel once against :func:`fresh_reference` before a
-generator uses it.
+keys to every query head; on the last H100 run the choice of prefill attention alone moved the batching suite's 5
+mixed steps by 0.6 s, against 0.52 s for all its decode steps (docs/gpu.md). :func:`probe` runs the kernel once
+against :func:`fresh_reference` before a generator uses it.
 """
 
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 from typing import Any, cast
 
 import torch
@@ -30,7 +31,7 @@ def fresh_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     ``max_len`` the longest chunk. FlashAttention's varlen kernel (CUDA, fp16/bf16)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    takes = inspect.signature(varlen_attn).parameters
+    takes = _parameters(varlen_attn)
     if k.shape[1] != q.shape[1] and "enable_gqa" not in takes:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [T, H, D]: an older torch without GQA
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # [T, H, D]
@@ -46,6 +47,12 @@ def fresh_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     att = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len,
                       **options)  # fmt: skip  # [T, H, D] (no aux asked for)
     out.copy_(cast(torch.Tensor, att))
+
+
+@lru_cache(maxsize=4)
+def _parameters(fn: Any) -> frozenset[str]:
+    """The keyword names ``fn`` takes (read once: every layer of every mixed step calls the kernel)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def fresh_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float,
