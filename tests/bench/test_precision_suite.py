@@ -57,8 +57,8 @@ def test_model_rows_time_every_variant_in_rounds_and_leave_an_overflow_out(monke
 
     real = precision._variant_model
 
-    def variant_model(model, device, variant):
-        m, ctx = real(model, device, variant)
+    def variant_model(model, device, variant, progress=False):
+        m, ctx = real(model, device, variant, progress)
         if variant == "fp16":  # weights past fp16's range in gradient-free inference: activations overflow
             def overflow(*args, **kwargs):
                 raise llmspeed.precision.Fp16OverflowError("fp16 activations overflowed")
@@ -126,8 +126,8 @@ def test_model_rows_put_each_timing_in_its_column_and_run_it_in_its_variants_con
     monkeypatch.setattr(precision, "timeit_round_robin", round_robin)
     real = precision._variant_model
 
-    def with_tokenizer(model, device, variant):  # the tiny model has none: give it one, so perplexity runs
-        m, ctx = real(model, device, variant)
+    def with_tokenizer(model, device, variant, progress=False):  # the tiny model has none: give it one, so perplexity runs
+        m, ctx = real(model, device, variant, progress)
         m.tokenizer = object()
         return m, ctx
 
