@@ -35,7 +35,7 @@ from ..protocol import CausalLM, base_linear, is_fake_quantized
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
-from .formats.files import detect, read_config, start_folder
+from .formats.files import detect, read_config, read_metadata, start_folder
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE, SYMMETRIC_ZERO
 
@@ -147,16 +147,10 @@ def _not_checkpoint(directory: Path, why: str) -> ValueError:
 
 
 def _read_metadata(directory: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     path = directory / WEIGHTS
     if not path.is_file() or not (directory / "config.json").is_file():
         raise _not_checkpoint(directory, f"it needs {WEIGHTS} and config.json")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error type for bad headers
-        raise ValueError(f"{path} is corrupt or truncated ({err}); save the model again") from err
+    metadata = read_metadata(path, "; save the model again")
     if metadata.get("format") != FORMAT:
         raise _not_checkpoint(directory, f"{WEIGHTS} has no llmspeed metadata")
     if metadata.get("version") not in READS:

@@ -153,15 +153,16 @@ def stream_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, out
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata of safetensors file ``path`` (``{}`` when it has none)."""
+def read_metadata(path: Path, advice: str = "") -> dict[str, str]:
+    """The metadata of safetensors file ``path`` (``{}`` when it has none); ``ValueError`` naming the file (and
+    ``advice``, appended) when its header cannot be read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as err:  # safetensors raises its own error type for bad headers
-        raise ValueError(f"{path} is corrupt or truncated ({err})") from err
+        raise ValueError(f"{path} is corrupt or truncated ({err}){advice}") from err
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
