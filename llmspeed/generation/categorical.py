@@ -77,8 +77,8 @@ def sample_rows(
         keep = [j for j, t in enumerate(tied) if not t]
         short = [short[j] for j in keep]
         values, ids = values[keep], ids[keep]  # [S', k] each
-    if short:
         rows = host_tensor(short, torch.long, dev)  # [S']
+    if short:
         peak = values.amax(-1, keepdim=True)  # [S', 1]
         picked = _draw(values, peak, [top_p[i] for i in short], uniform[rows])  # [S'] places in the candidates
         tokens[rows] = _argmax_where_bad(peak, _rows(scaled, rows), ids.gather(1, picked[:, None])[:, 0])
