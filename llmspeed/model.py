@@ -244,8 +244,10 @@ class Model:
         cached = getattr(self, "_cached_generator", None)
         retokenized = cached is not None and cached[1].tokenizer is not self.tokenizer  # llmspeed.wrap(model, tokenizer)
         if cached is None or cached[0] != key or retokenized:
-            cached = (key, Generator(self, progress=progress, **kwargs), versions)
-            self._cached_generator = cached
+            generator = Generator(self, progress=progress, **kwargs)
+            # read again: a CPU generator moves the weights into 2 MiB pages (llmspeed.huge_pages) as it is built
+            key, versions = (key[0], self._fingerprint()), tuple(t._version for t in (*self.hf.parameters(), *self.hf.buffers()))
+            cached = self._cached_generator = (key, generator, versions)
         elif cached[2] != versions:
             cached[1].blocks.reset_prefix_cache()
             cached = self._cached_generator = (key, cached[1], versions)

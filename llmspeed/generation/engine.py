@@ -188,6 +188,12 @@ class Generator:
         """Which attention kernels steps use."""
         return self.runner.attention_status
 
+    @property
+    def weight_pages_status(self) -> str:
+        """On the CPU, ``"2 MiB pages: N MB of weights"`` (moved when the generator was built:
+        :mod:`llmspeed.huge_pages`) or ``"4 KiB pages (why)"``; elsewhere the device's memory."""
+        return self.runner.weight_pages
+
     def warmup(self, context: int = 512) -> int:
         """Capture the CUDA graphs of decode steps for every batch size up to ``max_seqs`` now.
 

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from .. import cpp_build
+from .. import cpp_build, huge_pages
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 Q4_HEADER = Path(__file__).parent.parent / "quant" / "kernels" / "q4_tiles.h"  # the shared 4-bit tiles
@@ -45,7 +45,7 @@ def unavailable() -> str | None:
     return _build()[1]
 
 
-PREFETCH_KEY = "cpu|fused step|float weight prefetch|k{k}"  # its entry in the kernel choices of this machine
+PREFETCH_KEY = "cpu|fused step|float weight prefetch|k{k}{pages}"  # its entry in the kernel choices of this machine
 PREFETCH_PROBE_MB = 96  # fp32 weight the measurement streams: more than the last-level cache of the CPUs measured
 
 
@@ -68,16 +68,22 @@ def float_prefetch(k: int = 1024) -> bool:
     return on
 
 
+def prefetch_key(k: int) -> str:
+    """The kernel-choice key of :func:`float_prefetch` for rows of ``k`` inputs: in 2 MiB pages where the generator
+    moves weights into them (:mod:`llmspeed.huge_pages`; the probe weight is put there too), else in 4 KiB pages."""
+    return PREFETCH_KEY.format(k=k, pages="|2M pages" if huge_pages.why_not() is None else "")
+
+
 @lru_cache(maxsize=8)
 def _prefetch_choice(k: int) -> bool:
     """:func:`float_prefetch`'s choice for rows of ``k`` inputs: stored, else measured (timing on), else on."""
     from ..quant.kernels import tuning
 
     ext = extension()
-    store, candidates, key = tuning.store(), {"prefetch", "stream"}, PREFETCH_KEY.format(k=k)
+    store, candidates, key = tuning.store(), {"prefetch", "stream"}, prefetch_key(k)
     choice = store.get(key, candidates)
     if choice is None and tuning.enabled() and ext is not None:
-        w = torch.ones(PREFETCH_PROBE_MB * 2**20 // (4 * k), k)  # [n, k] fp32
+        w = huge_pages.empty((PREFETCH_PROBE_MB * 2**20 // (4 * k), k), torch.float32).fill_(1.0)  # [n, k]
         x, none = torch.ones(1, k), torch.empty(0)  # [1, k]
 
         def gemv(on: bool):

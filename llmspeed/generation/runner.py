@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import huge_pages
 from ..names import CANONICAL_DTYPES, dtype_name
 from ..protocol import CausalLM, step_lock
 from .block_manager import check_room, slot
@@ -99,6 +100,7 @@ class ModelRunner:
         spec = model.spec
         self.model = model
         self.device = spec.device
+        self.weight_pages = self._setup_pages(model)
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # one extra block, never allocated, is the scratch space of padded CUDA-graph rows
         self.cache = PagedKVCache(spec, num_blocks + use_graphs, block_size, cache_dtype(spec, kv_cache_dtype))
@@ -175,6 +177,18 @@ class ModelRunner:
             return f"; new prompts: sdpa ({why})"
         self.fresh_kernel, self.fresh_dtype = varlen_attention.fresh_prefill, spec.dtype
         return "; new prompts: flash varlen"
+
+    def _setup_pages(self, model: CausalLM) -> str:
+        """On the CPU, the model's weights moved into 2 MiB pages (:func:`llmspeed.huge_pages.move`); what of them
+        is there."""
+        if self.device.type != "cpu":
+            return f"{self.device.type} memory"
+        why = huge_pages.why_not()
+        if why is not None:
+            return f"4 KiB pages ({why})"
+        huge_pages.move(model.module)
+        held = huge_pages.held(model.module)
+        return f"2 MiB pages: {held / 1e6:.0f} MB of weights" if held else "4 KiB pages (less than 2 MiB to move)"
 
     def _setup_fused(self, model: CausalLM, wanted: bool | None, lora_dtype: torch.dtype) -> str:
         if not (wanted is None or isinstance(wanted, bool)):  # 1 == True: `in (None, True, False)` took 1 and 0.0

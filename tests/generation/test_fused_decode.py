@@ -372,7 +372,7 @@ def test_float_prefetch_is_measured_once_per_machine_and_width_and_read_back(pre
     monkeypatch.setattr(tuning, "time_candidates", fake)
     assert fused_decode.float_prefetch(96) is False and fused_decode.float_prefetch(96) is False
     assert calls == [["prefetch", "stream"]]  # once per process and width
-    entry = tuning.store().choices[fused_build.PREFETCH_KEY.format(k=96)]
+    entry = tuning.store().choices[fused_build.prefetch_key(96)]
     assert entry["kernel"] == "stream" and entry["candidates"] == ["prefetch", "stream"]
     assert "float weight prefetch|k96" in str(llmspeed.kernels())  # reported with the kernel choices
     tuning.reset()
