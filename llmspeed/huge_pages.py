@@ -139,6 +139,6 @@ def move(module: nn.Module, min_bytes: int = MIN_BYTES) -> int:
             copies[ptr] = copy.untyped_storage()
         return torch.empty(0, dtype=t.dtype).set_(copies[ptr], t.storage_offset(), t.size(), t.stride())
 
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # copies made under inference_mode would be inference tensors
         module._apply(relocated)
     return sum(s.nbytes() for s in copies.values())

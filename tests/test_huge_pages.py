@@ -81,6 +81,18 @@ def test_training_after_a_move_updates_the_moved_parameters():
     assert not torch.equal(module.weight, before) and huge_pages.held(module) > 0
 
 
+@needs_thp
+def test_a_move_under_inference_mode_leaves_ordinary_tensors():
+    # regression: a generator built under torch.inference_mode() moved the weights into inference tensors, which
+    # neither train nor report a version (generate_batched reads the versions of the model's tensors)
+    module = nn.Linear(1024, 1024)
+    with torch.inference_mode():
+        assert huge_pages.move(module) > 0
+    assert not module.weight.is_inference() and module.weight._version >= 0
+    module(torch.randn(2, 1024)).sum().backward()
+    assert module.weight.grad is not None
+
+
 def test_less_than_one_page_or_inference_tensors_stay():
     small = nn.Linear(64, 64)
     ptr = small.weight.data_ptr()
