@@ -1,9 +1,8 @@
 """Model weights in 2 MiB pages (Linux transparent huge pages), for CPU decode steps that stream them.
 
 A decode step reads every weight once. In 4 KiB pages that is a TLB miss every 4 KiB, and on a virtual machine
-each miss walks two page tables; in 2 MiB pages a 540 MB model needs 270 TLB entries, which stay cached. On the
-2-vCPU host of docs/kernels.md ("Weights in 2 MiB pages") the fused step's GEMV streams fp32 rows 25-40% faster from
-2 MiB pages, and a SmolLM2 decode step takes 0.78x (fp32), 0.71x (bf16) and 0.90x (int8) of its time in 4 KiB pages.
+each miss walks two page tables; in 2 MiB pages a 540 MB model needs 270 TLB entries, which stay cached. What that
+buys per format is measured in docs/kernels.md ("Weights in 2 MiB pages"; ``python benchmarks/weight_pages.py``).
 
 Weights loaded from a safetensors file are usually a memory map of that file (4 KiB pages of the page cache);
 weights made by ``torch`` (a cast, quantization) are anonymous memory in 4 KiB pages unless the process was started
@@ -16,8 +15,8 @@ copy), and module subclasses that keep derived state (bound kernels) drop it, as
 The generator moves a CPU model's weights when it is built (:class:`~llmspeed.generation.Generator`,
 ``weight_pages_status``); ``LLMSPEED_HUGE_PAGES=0`` in the environment leaves them where they are. The cost: the
 weights become process memory (a file's pages could be dropped and read again under memory pressure; these are
-swapped instead), and the copy (about 0.1-3 s for 540 MB: the first touch of memory the host has not backed yet is
-the slow part on a virtual machine).
+swapped instead), and the time of the copy (on a virtual machine, mostly the first touch of memory the host has not
+backed yet).
 """
 
 from __future__ import annotations
