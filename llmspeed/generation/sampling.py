@@ -261,7 +261,11 @@ def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequ
         if p.repetition_penalty != 1.0:
             seen = host_tensor(sorted({*ctx.prompt_ids, *ctx.output_ids}), torch.long, dev)  # [S]
             vals = row.index_select(0, seen)  # [S]
-            row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
+            new = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)  # [S]
+            # an extreme penalty (1e-40 divides, 1e40 multiplies) overflows finite logits to +-inf, and a row of
+            # several +inf has no softmax: the largest finite values keep the order and the ties
+            big = torch.finfo(row.dtype).max
+            row.index_copy_(0, seen, torch.where(vals.isfinite(), new.clamp(-big, big), new))
         if (p.presence_penalty or p.frequency_penalty) and ctx.output_ids:
             out = host_tensor(list(ctx.output_ids), torch.long, dev)  # [O]
             counts = torch.zeros_like(row).index_add_(0, out, torch.ones_like(out, dtype=row.dtype))  # [V]

@@ -188,6 +188,19 @@ def test_penalties_match_the_transformers_processor_and_openai_formula_on_random
         assert torch.allclose(ours[0], x[0] - 0.6 * (counts > 0).float() + 0.4 * counts)
 
 
+def test_an_extreme_repetition_penalty_keeps_ties_at_the_top_sampled_evenly():
+    # regression: a penalty of 1e-40 divided the seen tokens' positive logits to +inf; a row with two +inf has no
+    # softmax, and every sample took the first of them
+    logits = torch.tensor([[3.0, 2.0, -1.0, 0.5, 2.5]])
+    params = SamplingParams(repetition_penalty=1e-40, temperature=1.0, seed=0)
+    penalized = _penalize(logits, [params], [RowContext([0, 1, 2])])
+    assert torch.isfinite(penalized).all() and penalized[0, 0] == penalized[0, 1] == torch.finfo(torch.float32).max
+    tokens = [sample_batch(logits, [params], [torch.Generator().manual_seed(s)], [RowContext([0, 1, 2])])[0][0]
+              for s in range(40)]
+    assert set(tokens) == {0, 1} and 8 <= tokens.count(1) <= 32
+    assert _penalize(torch.tensor([[float("-inf"), 1.0]]), [params], [RowContext([0])])[0, 0] == float("-inf")
+
+
 def test_logprobs_are_the_raw_distribution_whatever_penalties_temperature_and_filters_do():
     """The documented contract: logprobs come from the raw logits (vLLM's default), not from the penalized,
     temperature-scaled, top-k / top-p filtered scores the token is picked from. (The greedy golden test above
