@@ -149,6 +149,8 @@ def test_a_cpu_generator_moves_the_weights_and_its_tokens_do_not_change(monkeypa
     model = _big_tiny()
     gen = Generator(model, progress=False)
     assert gen.weight_pages_status.startswith("2 MiB pages: ") and huge_pages.held(model.module) >= 4 * 2**20
+    assert "MB moved now, in " in gen.weight_pages_status  # what building this generator cost
+    assert "moved now" not in Generator(model, progress=False).weight_pages_status  # a second one moves nothing
     assert model.hf.lm_head.weight is model.hf.model.embed_tokens.weight  # still tied
     assert [o.token_ids for o in gen.generate_batched(prompts, params)] == expected
 

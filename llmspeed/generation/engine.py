@@ -190,7 +190,7 @@ class Generator:
 
     @property
     def weight_pages_status(self) -> str:
-        """On the CPU, ``"2 MiB pages: N MB of weights"`` (moved when the generator was built:
+        """On the CPU, ``"2 MiB pages: N MB of weights"`` (with what this generator moved and how long it took:
         :mod:`llmspeed.huge_pages`) or ``"4 KiB pages (why)"``; elsewhere the device's memory."""
         return self.runner.weight_pages
 

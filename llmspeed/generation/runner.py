@@ -13,6 +13,7 @@ adapters), built once by the generator; the runner picks how to run it:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -186,9 +187,11 @@ class ModelRunner:
         why = huge_pages.why_not()
         if why is not None:
             return f"4 KiB pages ({why})"
-        huge_pages.move(model.module)
+        start = time.perf_counter()
+        moved = huge_pages.move(model.module)
+        took = f" ({moved / 1e6:.0f} MB moved now, in {time.perf_counter() - start:.1f} s)" if moved else ""
         held = huge_pages.held(model.module)
-        return f"2 MiB pages: {held / 1e6:.0f} MB of weights" if held else "4 KiB pages (less than 2 MiB to move)"
+        return f"2 MiB pages: {held / 1e6:.0f} MB of weights{took}" if held else "4 KiB pages (less than 2 MiB to move)"
 
     def _setup_fused(self, model: CausalLM, wanted: bool | None, lora_dtype: torch.dtype) -> str:
         if not (wanted is None or isinstance(wanted, bool)):  # 1 == True: `in (None, True, False)` took 1 and 0.0
