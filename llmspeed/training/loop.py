@@ -258,6 +258,11 @@ def train(
     check_length(data, seq_len)
     device = model.spec.device
     check_precision(precision, device, params)
+    frozen = [name for name, p in model.module.named_parameters() if p.is_inference() and any(p is q for q in params)]
+    if frozen:  # torch refuses requires_grad on them, and only after the run has started changing flags
+        raise ValueError(f"{len(frozen)} of the parameters to train ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}) "
+                         f"are inference tensors: the model was created under torch.inference_mode(), and such tensors "
+                         f"cannot require gradients; load or create the model outside inference_mode to train it")  # fmt: skip
     mp = MixedPrecision(precision, device.type)
     before = _eval_loss(model, eval_windows, seq_len)  # before any change: a failure here leaves the model as is
     hf = model.module

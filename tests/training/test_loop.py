@@ -102,6 +102,18 @@ def test_a_run_started_without_gradients_trains_as_any_other(mode):
         assert not torch.is_grad_enabled()
 
 
+def test_a_model_created_under_inference_mode_is_refused_by_name_before_anything_changes():
+    """Regression: training a model whose parameters are inference tensors failed with torch's "Setting
+    requires_grad=True on inference tensor outside InferenceMode is not allowed", after the run had started."""
+    with torch.inference_mode():
+        model = llmspeed.models.tiny("llama", seed=0)
+    flags = [p.requires_grad for p in model.hf.parameters()]
+    with pytest.raises(ValueError, match=r"parameters to train \(model\.embed_tokens\.weight, .*\) are inference "
+                                         r"tensors: the model was created under torch\.inference_mode\(\)"):
+        llmspeed.finetune(model, TOKENS, steps=2, lr=1e-3, seq_len=16, batch_size=2, train="full", progress=False)
+    assert [p.requires_grad for p in model.hf.parameters()] == flags and model.hf.training is False
+
+
 def test_gradients_left_on_the_parameters_by_the_caller_do_not_reach_the_first_step():
     """Regression: the loop cleared the gradients after each step only, so a caller's leftover ``.grad`` (their own
     backward pass before the run) was added to the first step's gradient: other weights, other losses."""
