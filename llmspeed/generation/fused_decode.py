@@ -260,15 +260,11 @@ class FusedDecode:
         """
         bs = self.cache.block_size
         check_room(rows, steps, bs)  # else the padding block would take their keys and values: another sequence's cache
-        if len(rows) > self.max_rows or steps < 1:
+        ready = self._burst_parts(len(rows), adapters) if steps >= 1 else None
+        if ready is None:
             return None
-        current = self._current(adapters, len(rows))
+        (snap, names), embedding, dtype = ready
         body = self.model.hf.model
-        embedding = embedding_parts(body.embed_tokens)
-        dtype = embedding_dtype(body.embed_tokens)  # known wherever embedding_parts reads the embedding
-        if current is None or embedding is None or dtype is None or not static(body.rotary_emb):
-            return None
-        snap, names = current
         last = max(p for _, p, _ in rows) + steps  # positions 0..last-1 are read
         cos, sin = self._rope_table(body.rotary_emb).tables(last, dtype)  # [P, D] each
         tables = block_tables([t for t, _, _ in rows], -(-last // bs), torch.device("cpu"))  # [n, W]
@@ -290,6 +286,23 @@ class FusedDecode:
                 steps,
             )  # fmt: skip  # [steps, n] int64, [steps] seconds since start
         return tokens.tolist(), [start + t for t in known.tolist()]
+
+    def burst_ready(self, n: int, adapters: list[str | Literal[False] | None] | None = None) -> bool:
+        """Whether :meth:`greedy_steps` would run ``n`` rows with ``adapters`` (asked before their blocks are taken)."""
+        return self._burst_parts(n, adapters) is not None
+
+    def _burst_parts(self, n: int, adapters: list[str | Literal[False] | None] | None) -> tuple[Any, Any, Any] | None:
+        """The snapshot with the rows' adapter names, the embedding's parts and its dtype for a burst of ``n`` rows, or
+        ``None`` where the C++ loop cannot run it."""
+        if n > self.max_rows:
+            return None
+        current = self._current(adapters, n)
+        body = self.model.hf.model
+        embedding = embedding_parts(body.embed_tokens)
+        dtype = embedding_dtype(body.embed_tokens)  # known wherever embedding_parts reads the embedding
+        if current is None or embedding is None or dtype is None or not static(body.rotary_emb):
+            return None
+        return current, embedding, dtype
 
     def _names(self, snap: Snapshot, adapters: list[str | Literal[False] | None] | None, n: int) -> list[str | None] | None:
         """Each sequence's adapter (given ``None``: the model's active one; ``False``: none), or ``None`` when the step

@@ -70,8 +70,8 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     ``"fused cpu, greedy burst"``, or ``f"{path}, burst"`` with each step's own path on the paths that also sample at
     random: ``"decode, burst"`` for the steps a CUDA graph did not run).
 
-    As many steps as :func:`burst_length` allows (the blocks are taken first, so nothing is preempted; given back when
-    the runner declines the burst). The tokens then go through the same commit, stop checks and detokenizing as one
+    As many steps as :func:`burst_length` allows, where the runner says it can run them (the blocks are taken first,
+    so nothing is preempted; given back if the runner still declines the burst). The tokens then go through the same commit, stop checks and detokenizing as one
     step's; a request that ends part way drops the tokens computed after its end.
     """
     seqs = [c.seq for c in batch.chunks]
@@ -79,22 +79,22 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     # a step the fused step left to forward_batch has its burst there too
     device = path != "fused cpu"
     steps = burst_length(seqs, gen.scheduler, gen.blocks, gen.num_scheduler_steps, past_ends(gen.device), device)
-    if steps < 1:
-        return
+    adapters = [s.params.adapter for s in seqs]
+    routed = adapters if any(a is not None for a in adapters) else None
+    random = any(not s.params.greedy for s in seqs)
+    if steps < 1 or not gen.runner.burst_ready(len(seqs), routed, random, fused=not device):
+        return  # asked first: the blocks taken below can evict prefix-cache blocks, which giving them back does not restore
     held = [len(seq.block_table) for seq in seqs]
     for seq in seqs:  # the cache slots of every position the burst writes
         gen.blocks.grow(seq.seq_id, seq.block_table, seq.num_tokens + steps - 1)
     start = time.perf_counter()
-    adapters = [s.params.adapter for s in seqs]
     rows = [(s.block_table, s.num_computed, s.output_ids[-1]) for s in seqs]
     params, generators = [s.params for s in seqs], [s.generator for s in seqs]
 
     def sample(logits: torch.Tensor) -> torch.Tensor:  # [n, V] -> [n]: what the step's sampler picks
         return sample_ids(logits, params, generators)
 
-    random = any(not p.greedy for p in params)
-    burst = gen.runner.burst_steps(rows, steps, adapters if any(a is not None for a in adapters) else None,
-                                   sample if random else None, fused=not device)  # fmt: skip
+    burst = gen.runner.burst_steps(rows, steps, routed, sample if random else None, fused=not device)
     if burst is None:  # the runner cannot run these steps back to back (e.g. the fused step ran the step, but its C++
         # loop cannot compute a dynamic rotary's rows): the next step() goes on one step at a time; the blocks taken
         # above go back, else they would be held for tokens many steps away, and admissions wait for them

@@ -253,6 +253,16 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.cache, pad_block=self.graphs.pad_block,
                                        max_batch=self.graphs.max_batch, decode_kernel=self.decode_kernel)  # fmt: skip
 
+    def burst_ready(self, n: int, adapters: list[str | Literal[False] | None] | None, random: bool,
+                    fused: bool = True) -> bool:  # fmt: skip
+        """Whether :meth:`burst_steps` would run a burst of ``n`` rows (``random``: some sample at random), asked
+        before the blocks of its tokens are taken: taking them can evict prefix-cache blocks a declined burst would
+        not give back."""
+        if self.fused is not None and fused:
+            with step_lock(self.model.module):
+                return not random and self.fused.burst_ready(n, adapters)
+        return n > 0
+
     def burst_steps(self, rows: Sequence[tuple[Sequence[int], int, int]], steps: int,
                     adapters: list[str | Literal[False] | None] | None,
                     sample: Callable[[torch.Tensor], torch.Tensor] | None = None,

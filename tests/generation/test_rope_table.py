@@ -88,6 +88,34 @@ def test_a_burst_declined_for_a_dynamic_rotary_gives_its_blocks_back():
     assert [s.seq_id for s in gen.scheduler.running] == [0, late] and not gen.scheduler.waiting
 
 
+def test_a_burst_the_fused_loop_cannot_run_leaves_the_prefix_cache_alone():
+    """Regression: the blocks of a burst were taken before the runner was asked, so a burst the C++ loop then
+    declined (a dynamic rotary) could evict prefix-cache blocks that the request, ending early, never needed; giving
+    the blocks back did not restore what they had cached."""
+    from llmspeed.generation import fused_decode
+
+    if fused_decode.unavailable() is not None:
+        pytest.skip("the C++ decode kernel cannot build here")
+    model = tiny("llama", seed=0, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    short = [7]  # one token: with single steps the request ends inside its first block
+    greedy = dict(max_new_tokens=6, ignore_eos=True, temperature=0.0)
+    out = Generator(model, progress=False).generate_batched([short], SamplingParams(**greedy))[0].token_ids
+    stop = next(i for i, t in enumerate(out) if i >= 2 and t not in out[:i])  # a token it first gives at i >= 2
+    assert len(short) + stop + 1 <= 4
+    gen = Generator(model, progress=False, num_scheduler_steps=8, block_size=4, kv_cache_tokens=16, prefix_caching=True)
+    cached = list(range(1, 13))  # three full blocks, cached when the request ends; its fourth block is free again
+    gen.generate_batched([cached], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    assert gen.blocks.num_cached == 3
+    # single steps need the one free block; a burst after the first decode step would take a second, evicting a
+    # cached block (the least recently used: the prompt's first)
+    ended = gen.generate_batched([short], SamplingParams(**greedy, stop_token_ids=[out[stop]]))
+    assert ended[0].token_ids == out[: stop + 1] and "fused cpu" in gen.step_paths
+    assert "fused cpu, greedy burst" not in gen.step_paths
+    hits = gen.blocks.hit_tokens
+    gen.generate_batched([cached], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    assert gen.blocks.hit_tokens - hits == 8  # every cached block still found (the last token is always computed)
+
+
 def test_longrope_is_not_tabled_and_a_changed_attention_scaling_rebuilds_the_table():
     rotary = tiny("llama", seed=0).hf.model.rotary_emb
     table = RopeTable(rotary)
