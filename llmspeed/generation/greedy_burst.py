@@ -71,8 +71,9 @@ def greedy_burst(gen: Generator, batch: Batch, events: list[StreamEvent], path: 
     random: ``"decode, burst"`` for the steps a CUDA graph did not run).
 
     As many steps as :func:`burst_length` allows, where the runner says it can run them (the blocks are taken first,
-    so nothing is preempted; given back if the runner still declines the burst). The tokens then go through the same commit, stop checks and detokenizing as one
-    step's; a request that ends part way drops the tokens computed after its end.
+    so nothing is preempted; given back if the runner still declines the burst). The tokens then go through the same
+    commit, stop checks and detokenizing as one step's; a request that ends part way drops the tokens computed after
+    its end.
     """
     seqs = [c.seq for c in batch.chunks]
     # sampled on the device (random rows drawing from their generators), or, after a fused CPU step, argmaxes in C++;
