@@ -24,6 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -37,6 +38,7 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 ALIGN = 64  # bytes between the copies of two storages: a cache line
 
 _ARENAS: list[tuple[int, int, weakref.ref]] = []  # (start, end, the mapping) of every live arena
+_ARENAS_LOCK = threading.Lock()  # generators built in several threads record and prune arenas at once
 
 
 def why_not() -> str | None:
@@ -57,8 +59,9 @@ def why_not() -> str | None:
 
 def _arena_of(ptr: int) -> bool:
     """Whether ``ptr`` lies in a live arena of :func:`move` (dead arenas are dropped from the list)."""
-    _ARENAS[:] = [a for a in _ARENAS if a[2]() is not None]
-    return any(start <= ptr < end for start, end, _ in _ARENAS)
+    with _ARENAS_LOCK:
+        _ARENAS[:] = [a for a in _ARENAS if a[2]() is not None]
+        return any(start <= ptr < end for start, end, _ in _ARENAS)
 
 
 def _arena(nbytes: int) -> tuple[mmap.mmap, int]:
@@ -68,7 +71,8 @@ def _arena(nbytes: int) -> tuple[mmap.mmap, int]:
     arena.madvise(mmap.MADV_HUGEPAGE)
     base = torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr()
     shift = -base % PAGE
-    _ARENAS.append((base + shift, base + shift + nbytes, weakref.ref(arena)))
+    with _ARENAS_LOCK:
+        _ARENAS.append((base + shift, base + shift + nbytes, weakref.ref(arena)))
     return arena, shift
 
 

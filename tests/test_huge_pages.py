@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 import llmspeed
 from llmspeed import SamplingParams, huge_pages
 from llmspeed.generation import Generator
+from llmspeed.protocol import step_lock
 
 needs_thp = pytest.mark.skipif(huge_pages.why_not() is not None, reason=f"no huge pages here: {huge_pages.why_not()}")
 
@@ -178,3 +181,29 @@ def test_generate_batched_keeps_its_generator_after_the_move():
     first = model._cached_generator[1]
     model.generate_batched([[1, 2, 3]], SamplingParams(max_new_tokens=2), progress=False)
     assert model._cached_generator[1] is first
+
+
+@needs_thp
+def test_a_generator_moves_the_weights_only_between_steps():
+    """A step of another generator on the same model holds its step lock; the move waits for it, as cast and quantize
+    do, so no step reads half-moved weights."""
+    model = _big_tiny()
+    ptr = model.hf.model.embed_tokens.weight.data_ptr()
+    held, release, built = threading.Event(), threading.Event(), []
+
+    def step() -> None:
+        with step_lock(model.module):
+            held.set()
+            release.wait(30)
+
+    stepping = threading.Thread(target=step)
+    stepping.start()
+    assert held.wait(30)
+    building = threading.Thread(target=lambda: built.append(Generator(model, progress=False)))
+    building.start()
+    building.join(1.0)
+    assert not built and model.hf.model.embed_tokens.weight.data_ptr() == ptr  # waiting for the step
+    release.set()
+    building.join(30)
+    stepping.join(30)
+    assert built and huge_pages.held(model.module) >= 4 * 2**20

@@ -188,7 +188,8 @@ class ModelRunner:
         if why is not None:
             return f"4 KiB pages ({why})"
         start = time.perf_counter()
-        moved = huge_pages.move(model.module)
+        with step_lock(model.module):  # as cast and quantize: no step of another generator meets the move half done
+            moved = huge_pages.move(model.module)
         took = f" ({moved / 1e6:.0f} MB moved now, in {time.perf_counter() - start:.1f} s)" if moved else ""
         held = huge_pages.held(model.module)
         return f"2 MiB pages: {held / 1e6:.0f} MB of weights{took}" if held else "4 KiB pages (less than 2 MiB to move)"
