@@ -90,6 +90,31 @@ def test_outputs_past_the_last_full_block_of_16_get_their_deltas():
     assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_rows_sharing_an_adapter_in_packs_of_every_size_get_their_own_deltas(fmt):
+    """The step takes the rows of one adapter together, up to 4 at once (decode_cpu's LoraDeltas packs): six rows of
+    "a" (a pack of 4 and one of 2), three of "b", one lone "a"-less row of each kind; each row still gets its own
+    adapter's delta of its own input, and rows without an adapter none."""
+    model = llmspeed.models.tiny("llama", seed=5)
+    if fmt is not None:
+        llmspeed.quantize(model, fmt, group_size=32)
+    _with_adapters(model, seed=1)
+    lengths = [3, 9, 4, 17, 6, 5, 11, 2, 8, 7, 13]
+    names = ["a", "b", "a", None, "a", "b", "a", "a", None, "b", "a"]
+    gen, decode = _prefilled(model, lengths)
+    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size), names)
+    ref = _routed_logits(model, gen, decode, names)
+    base = _generic_logits(model, gen, decode)
+    assert fused is not None
+    assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    changed = (ref - base).abs().amax(-1) > 1e-3
+    assert changed.tolist() == [n is not None for n in names]
+    # every row against the same row given to the step alone: the deltas do not mix rows of one pack
+    for i in (0, 6, 10):
+        alone = _routed_logits(model, gen, [decode[i]], [names[i]])
+        assert (fused[i] - alone[0]).abs().max() / alone.abs().max() < LOGIT_TOLERANCE[torch.float32]
+
+
 def test_the_active_adapter_applies_when_no_row_names_one():
     model = _with_adapters(llmspeed.models.tiny("llama", seed=1))
     lora.set_adapter(model, "b")
