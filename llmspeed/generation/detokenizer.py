@@ -22,19 +22,10 @@ PROMPT_CONTEXT = 4  # prompt tokens that seed the window
 _PLAIN_DECODE = {"decode": "transformers.tokenization_utils_base", "_decode": "transformers.tokenization_utils_tokenizers"}
 
 
-def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
-    """``ids -> text`` through the Rust tokenizer itself, where that is exactly what ``tokenizer.decode(ids,
-    skip_special_tokens=True)`` returns: a transformers fast tokenizer whose ``decode`` and ``_decode`` no subclass
-    overrides (nor the instance itself). ``None`` otherwise (the detokenizer then calls ``decode``).
-
-    transformers' wrapper costs several times the Rust decode of a short window, and a request decodes two windows
-    a token: host time a big batch pays every step, which a GPU waits for (measured in docs/batching.md).
-
-    With ``clean_up_tokenization_spaces`` on (Llama 3's config sets it), ``_decode`` (transformers >= 5.7, which has
-    ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output``) leaves a BPE model's text as the Rust
-    decode gives it unless that flag is set, and otherwise passes it through ``self.clean_up_tokenization``: so does
-    this, calling the same bound method (a subclass's or the instance's own included). Without the flag (an older
-    transformers, which cleans BPE text too), ``None``."""
+def _plain_backend(tokenizer: Any) -> tuple[Any, Callable[[str], str] | None] | None:
+    """``(backend, clean)`` where ``tokenizer.decode(ids, skip_special_tokens=True)`` is exactly
+    ``clean(backend.decode(ids, skip_special_tokens=True))`` (``clean`` ``None``: no clean-up), else ``None``: see
+    :func:`backend_decode`."""
     backend: Any = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not callable(getattr(backend, "decode", None)):
         return None
@@ -48,14 +39,54 @@ def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
         if owner is None or owner.__module__ != module:
             return None
     if not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+        return backend, None
     force = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None)
     if force is None:
         return None
     if type(backend.model).__name__ == "BPE" and not force:
+        return backend, None
+    return backend, tokenizer.clean_up_tokenization
+
+
+def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
+    """``ids -> text`` through the Rust tokenizer itself, where that is exactly what ``tokenizer.decode(ids,
+    skip_special_tokens=True)`` returns: a transformers fast tokenizer whose ``decode`` and ``_decode`` no subclass
+    overrides (nor the instance itself). ``None`` otherwise (the detokenizer then calls ``decode``).
+
+    transformers' wrapper costs several times the Rust decode of a short window, and a request decodes two windows
+    a token: host time a big batch pays every step, which a GPU waits for (measured in docs/batching.md).
+
+    With ``clean_up_tokenization_spaces`` on (Llama 3's config sets it), ``_decode`` (transformers >= 5.7, which has
+    ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output``) leaves a BPE model's text as the Rust
+    decode gives it unless that flag is set, and otherwise passes it through ``self.clean_up_tokenization``: so does
+    this, calling the same bound method (a subclass's or the instance's own included). Without the flag (an older
+    transformers, which cleans BPE text too), ``None``."""
+    parts = _plain_backend(tokenizer)
+    if parts is None:
+        return None
+    backend, clean = parts
+    if clean is None:
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    clean = tokenizer.clean_up_tokenization
     return lambda ids: clean(backend.decode(ids, skip_special_tokens=True))
+
+
+# What may follow a space that transformers' ``clean_up_tokenization`` rewrites (``" ."``, ``" ?"``, ``" !"``, ``" ,"``,
+# ``" ' "``, ``" n't"``, ``" 'm"``, ``" 's"``, ``" 've"``, ``" 're"``), and a space (a rewrite deletes spaces only).
+_REWRITTEN_AFTER_SPACE = frozenset(".?!,'n ")
+
+
+def _settled(raw: str) -> int:
+    """How much of the raw (not yet cleaned) text ``raw`` cleans up the same whatever follows: up to a point ``c`` with
+    no space in the 3 characters before it that a rewrite could start at (each rewrite starts at a space and spans at
+    most 4 characters, and deleting spaces never brings an earlier one within reach of ``c``)."""
+    cut = len(raw)
+    while cut > 0:
+        opening = [j for j in range(max(0, cut - 3), cut)
+                   if raw[j] == " " and (j + 1 == len(raw) or raw[j + 1] in _REWRITTEN_AFTER_SPACE)]  # fmt: skip
+        if not opening:
+            return cut
+        cut = opening[0]
+    return 0
 
 
 class Detokenizer:
@@ -65,6 +96,12 @@ class Detokenizer:
         tokenizer: A tokenizer with ``decode(ids, skip_special_tokens=...)``; ``None`` gives no text.
         prompt_ids: The request's prompt (its last tokens give the first output token its context).
         stop: Stop strings.
+
+    Where the tokenizer's ``decode`` cleans its text up (transformers' ``clean_up_tokenization``: ``" ."`` -> ``"."``,
+    ``" ' "`` -> ``"'"``, ..., which BERT-style WordPiece tokenizers and a BPE with the force flag apply), a window's
+    text cannot be cleaned on its own: the space a clean-up removes can sit in text already handed out. The windows
+    are then decoded raw, and the text is the clean-up of the raw text up to where later characters can no longer
+    change it (:func:`_settled`), so that the deltas add up to what ``decode`` gives the whole.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
@@ -78,11 +115,34 @@ class Detokenizer:
         self.sent = 0  # characters of ``text`` already handed out
         self.stopped = False
         self._fast = backend_decode(tokenizer)
+        parts = _plain_backend(tokenizer)
+        self._clean = parts[1] if parts is not None else None  # decode == clean(raw decode), or None
+        self._raw_fast: Callable[..., str] | None = None if parts is None else parts[0].decode
+        self.raw = ""  # with a clean-up: the raw output text so far, of which ``text`` is the settled part cleaned
 
     def _decode(self, ids: list[int]) -> str:
+        """The text of ``ids``: as ``decode`` gives it, or before its clean-up where there is one."""
+        if self._clean is not None:
+            if self._fast is not None and self._raw_fast is not None:
+                return self._raw_fast(ids, skip_special_tokens=True)
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if self._fast is not None:
             return self._fast(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _append(self, delta: str, final: bool) -> int:
+        """Add decoded text; return where the new part of :attr:`text` starts. With a clean-up, ``text`` becomes the
+        clean-up of the raw text up to its settled end (all of it when ``final``), if that extends it (a clean-up
+        overridden to rewrite earlier text keeps the text until the end)."""
+        start = len(self.text)
+        if self._clean is None:
+            self.text += delta
+            return start
+        self.raw += delta
+        cleaned = self._clean(self.raw[: len(self.raw) if final else _settled(self.raw)])
+        if final or (len(cleaned) > start and cleaned.startswith(self.text)):
+            self.text = cleaned
+        return min(start, len(self.text))
 
     def add(self, token_id: int, check_stop: bool = True) -> str:
         """Take one generated token; return the text it releases (``""`` while held back).
@@ -96,8 +156,7 @@ class Detokenizer:
         before = self._decode(self.ids[self.prefix : self.read])
         now = self._decode(self.ids[self.prefix :])
         if len(now) > len(before) and not now.endswith("\ufffd"):
-            start = len(self.text)
-            self.text += now[len(before) :]
+            start = self._append(now[len(before) :], final=False)
             self.prefix, self.read = self.read, len(self.ids)
             if check_stop and self.stop:
                 self._find_stop(start)
@@ -130,10 +189,9 @@ class Detokenizer:
         with the text before it); return what is released."""
         if self.tokenizer is None:
             return ""
-        if not self.stopped and self.read < len(self.ids):
+        if not self.stopped and (self.read < len(self.ids) or self._clean is not None):
             before = self._decode(self.ids[self.prefix : self.read])
-            start = len(self.text)
-            self.text += self._decode(self.ids[self.prefix :])[len(before) :]
+            start = self._append(self._decode(self.ids[self.prefix :])[len(before) :], final=True)
             self.prefix = self.read = len(self.ids)
             if check_stop and self.stop:
                 self._find_stop(start)
