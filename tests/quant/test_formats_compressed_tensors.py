@@ -224,6 +224,56 @@ def test_an_untied_int8_head_is_written_as_its_float_rows_and_loads_back_int8(tm
     assert llmspeed.memory_footprint(back) == llmspeed.memory_footprint(model)
 
 
+@pytest.mark.parametrize("sym, tied", [(False, False), (True, False), (False, True)], ids=["asym", "sym", "tied"])
+def test_an_int4_head_is_written_as_its_float_rows_and_loads_back_int4(tmp_path, sym, tied):
+    """Regression: ``lm_head="int4"`` came back from the folder as a float head, with nothing recorded (the loaded
+    model 4x the head's bytes of the saved one). The rows stay float for other readers; the file's metadata records
+    the head's fp16 scales and zero points, from which llmspeed.load rebuilds the int4 head: the saved model, bit for
+    bit (with a tied embedding, the embedding reads the head's rows again)."""
+    from llmspeed.quant.embedding import shared_embeddings
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    if tied:
+        model.hf.config.tie_word_embeddings = True
+        model.hf.lm_head.weight = model.hf.model.embed_tokens.weight
+    llmspeed.quantize(model, "int4", group_size=64, symmetric=sym, lm_head="int4")
+    assert isinstance(model.hf.lm_head, Int4Linear)
+    rows = model.hf.lm_head.dequantize()  # [vocab, hidden]
+    want = logits(model.hf)
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"]["ignore"] == ["lm_head"] and cfg["tie_word_embeddings"] is tied
+    kwargs = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}  # asymmetric int4
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs)
+    assert torch.equal((hf.model.embed_tokens if tied else hf.lm_head).weight, rows)
+    back = llmspeed.load(tmp_path)
+    assert isinstance(back.hf.lm_head, Int4Linear) and back.hf.lm_head.config == model.hf.lm_head.config
+    assert torch.equal(logits(back.hf), want)
+    assert llmspeed.memory_footprint(back) == llmspeed.memory_footprint(model)
+    assert shared_embeddings(back) == shared_embeddings(model)
+
+
+def test_an_edited_int4_head_loads_as_its_float_rows(tmp_path):
+    """Rows that the recorded scales do not reproduce (the folder edited after the export) load as stored, in float."""
+    from safetensors.torch import load_file, save_file
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, lm_head="int4")
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    path = next(tmp_path.glob("*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()
+    tensors["lm_head.weight"][0, 0] += 1e-3
+    save_file(tensors, str(path), metadata=metadata)
+    back = llmspeed.load(tmp_path)
+    assert not isinstance(back.hf.lm_head, Int4Linear)
+    assert torch.equal(back.hf.lm_head.weight, tensors["lm_head.weight"])
+
+
 def test_mixed_layer_configs_get_one_group_each(tmp_path):
     from llmspeed.quant import QuantConfig
 

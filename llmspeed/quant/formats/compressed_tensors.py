@@ -203,9 +203,8 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     directory = Path(directory)
     start_folder(root, directory)
     metadata = {"format": "pt"}
-    for name, module in heads.items():  # an int8 head, rebuilt from its rows by llmspeed.load (other readers skip it)
-        if isinstance(module, Int8Linear):
-            metadata.update(ct_head.record(name, module, next((e for e, h in shared.items() if h == name), None)))
+    for name, module in heads.items():  # a quantized head, rebuilt from its rows by llmspeed.load (others skip it)
+        metadata.update(ct_head.record(name, module, next((e for e, h in shared.items() if h == name), None)))
     save_file(tensors, str(directory / WEIGHTS), metadata=metadata)
     config.save_pretrained(directory)
     data = json.loads((directory / "config.json").read_text())
