@@ -10,6 +10,7 @@ nothing is left on ``meta`` and moves the model to its device.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,21 +29,41 @@ from ..modules import module_class
 ALIGN = 64
 
 
+_ON_META = threading.local()  # depth: how many parameters_on_meta blocks this thread is inside
+_PATCH_LOCK = threading.Lock()
+_PATCH: dict[str, Any] = {"users": 0, "original": None}  # blocks open in any thread; the method they replaced
+
+
+def _register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """``nn.Module.register_parameter`` while some thread is in :func:`parameters_on_meta`: ``meta`` for that thread's
+    parameters, the original method's work for every other thread's."""
+    if getattr(_ON_META, "depth", 0) > 0 and param is not None and param.device.type != "meta":
+        param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+    _PATCH["original"](module, name, param)
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block lives on ``meta``; buffers (rotary tables) stay real."""
-    original = nn.Module.register_parameter
+    """Every parameter this thread registers inside the block lives on ``meta``; buffers (rotary tables) stay real.
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    ``nn.Module.register_parameter`` is replaced while any thread is inside such a block, and acts on the threads
+    inside one only: a server thread building a module meanwhile gets real parameters, and blocks that overlap in
+    two threads leave the original method in place after both.
+    """
+    with _PATCH_LOCK:
+        if _PATCH["users"] == 0:
+            _PATCH["original"] = nn.Module.register_parameter
+            nn.Module.register_parameter = _register  # type: ignore[method-assign,assignment]
+        _PATCH["users"] += 1
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _ON_META.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH["users"] -= 1
+            if _PATCH["users"] == 0 and nn.Module.register_parameter is _register:  # not patched again on top since
+                nn.Module.register_parameter = _PATCH["original"]  # type: ignore[method-assign]
 
 
 def skeleton(directory: Path, dtype: torch.dtype, config_overrides: dict[str, Any] | None = None) -> Model:
