@@ -35,7 +35,7 @@ from ..protocol import CausalLM, base_linear, is_fake_quantized
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import compressed_tensors, gptq, skeleton
-from .formats.files import detect, read_config, read_metadata, start_folder
+from .formats.files import detect, read_config, read_metadata, save_tokenizer, start_folder
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE, SYMMETRIC_ZERO
 
@@ -129,7 +129,7 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
         config.save_pretrained(directory)
         _mark_native(directory / "config.json")
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(directory)
+        save_tokenizer(model.tokenizer, directory)
     return directory
 
 

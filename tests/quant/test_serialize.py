@@ -147,6 +147,31 @@ def test_the_tokenizer_travels_with_the_folder(tmp_path):
     assert loaded.tokenizer is not None and loaded.tokenizer("Hello there").input_ids == tok("Hello there").input_ids
 
 
+@pytest.mark.parametrize("fmt", ["llmspeed", "compressed-tensors"])
+def test_a_chat_template_an_earlier_save_left_does_not_come_back_with_a_tokenizer_without_one(tmp_path, fmt):
+    """Regression: saving a model whose tokenizer has no chat template over a folder an earlier save with a template
+    wrote left ``chat_template.jinja`` there, and load gave the tokenizer that old template (chat requests then
+    rendered with a template the saved model never had)."""
+    import copy
+
+    from llmspeed.models.embedded import tokenizer
+
+    tok = tokenizer()
+    assert tok.chat_template
+    model = llmspeed.wrap(llmspeed.models.tiny("llama", vocab_size=len(tok)).hf, tok)
+    llmspeed.quantize(model, "int8")
+    llmspeed.save(model, tmp_path, format=fmt)
+    assert (tmp_path / "chat_template.jinja").is_file()
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    other = llmspeed.wrap(llmspeed.models.tiny("llama", vocab_size=len(tok), seed=1).hf, plain)
+    llmspeed.quantize(other, "int8")
+    llmspeed.save(other, tmp_path, format=fmt)
+    assert llmspeed.load(tmp_path).tokenizer.chat_template is None
+    llmspeed.save(model, tmp_path, format=fmt)  # and a template saved again comes back
+    assert llmspeed.load(tmp_path).tokenizer.chat_template == tok.chat_template
+
+
 def test_a_tokenizer_an_earlier_save_left_is_named_at_load(tmp_path):
     """Regression: saving a model without a tokenizer over a folder that held another model and its tokenizer left the
     tokenizer there; load then failed with "pass the tokenizer that was saved with this model", which load cannot take."""

@@ -48,7 +48,7 @@ from .ct_load import (  # noqa: F401  (the reading side, importable from here as
     load,
     module_buffers,
 )
-from .files import start_folder
+from .files import save_tokenizer, start_folder
 from .packing import pack_int4, pack_int8
 
 QUANT_METHOD = "compressed-tensors"
@@ -223,5 +223,5 @@ def save(model: CausalLM, directory: str | Path) -> Path:
     }
     (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(directory)
+        save_tokenizer(model.tokenizer, directory)
     return directory

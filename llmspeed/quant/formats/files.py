@@ -12,6 +12,7 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,6 +89,26 @@ def start_folder(root: torch.nn.Module, directory: Path) -> None:
             if isinstance(name, str) and Path(name).name == name and name.endswith(".safetensors") and name != SINGLE:
                 (directory / name).unlink(missing_ok=True)
         (directory / INDEX).unlink()
+
+
+# Where transformers' tokenizer save_pretrained writes chat templates, and from_pretrained finds them
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """``tokenizer.save_pretrained(directory)`` after removing the chat templates an earlier save left: a tokenizer
+    without a template writes none, and ``from_pretrained`` would give it the old one (transformers' own
+    ``save_pretrained`` leaves them too)."""
+    for name in CHAT_TEMPLATE_FILES:
+        (directory / name).unlink(missing_ok=True)
+    extra = directory / CHAT_TEMPLATE_DIR
+    if extra.is_dir():
+        for path in extra.glob("*.jinja"):
+            path.unlink()
+        if not any(extra.iterdir()):
+            extra.rmdir()
+    tokenizer.save_pretrained(directory)
 
 
 def detect(directory: str | Path) -> str:
