@@ -86,6 +86,29 @@ def empty(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(arena, dtype=torch.uint8, count=nbytes, offset=shift).view(dtype).view(size)
 
 
+def side_by_side(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous copies of the CPU ``tensors``, one after another (:data:`ALIGN` bytes apart) in one mapping advised
+    for 2 MiB pages, in their order; ``tensors`` as they are where :func:`why_not` says why not, or where they hold
+    less than :data:`MIN_BYTES` in all. Empty tensors stay as they are. For state a step reads in order besides the
+    weights (the fused step's LoRA stacks: docs/lora.md measures it)."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    if why_not() is not None or sum(sizes) < MIN_BYTES:
+        return list(tensors)
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // ALIGN) * ALIGN
+    arena, shift = _arena(total)
+    out = []
+    for t, n, at in zip(tensors, sizes, offsets):
+        if n == 0:
+            out.append(t)
+            continue
+        copy = torch.frombuffer(arena, dtype=torch.uint8, count=n, offset=shift + at).view(t.dtype).view(t.shape)
+        out.append(copy.copy_(t))
+    return out
+
+
 def _storages(module: nn.Module, grads: bool = True) -> dict[int, torch.Tensor]:
     """``{storage address: a tensor of it}`` for the CPU parameters and buffers of ``module`` (and gradients)."""
     found: dict[int, torch.Tensor] = {}

@@ -207,3 +207,64 @@ def test_a_generator_moves_the_weights_only_between_steps():
     building.join(30)
     stepping.join(30)
     assert built and huge_pages.held(model.module) >= 4 * 2**20
+
+
+@needs_thp
+def test_side_by_side_copies_in_order_into_huge_pages():
+    torch.manual_seed(0)
+    tensors = [torch.randn(300, 257), torch.empty(0), torch.randn(17, 3).half(), torch.randn(2048, 512)[:, ::2]]
+    out = huge_pages.side_by_side(tensors)
+    assert [t.shape for t in out] == [t.shape for t in tensors] and [t.dtype for t in out] == [t.dtype for t in tensors]
+    assert all(torch.equal(a, b) for a, b in zip(out, tensors)) and out[1] is tensors[1]
+    ptrs = [out[i].data_ptr() for i in (0, 2, 3)]
+    assert ptrs == sorted(ptrs) and all(p % huge_pages.ALIGN == 0 for p in ptrs)  # in order, cache-line apart
+    assert all(t.is_contiguous() for t in out) and out[3].data_ptr() - out[0].data_ptr() < 2 * out[0].nbytes + 256
+    assert _smaps_huge_kb(out[3].data_ptr()) >= 2048
+    tensors[0].add_(1)  # copies, not views
+    assert not torch.equal(out[0], tensors[0])
+
+
+def test_side_by_side_leaves_small_sets_and_the_switched_off_as_they_are(monkeypatch):
+    small = [torch.randn(8, 8), torch.randn(4)]
+    assert all(a is b for a, b in zip(huge_pages.side_by_side(small), small))
+    big = [torch.randn(512, 512)]
+    monkeypatch.setenv(huge_pages.ENV, "0")
+    assert huge_pages.side_by_side(big)[0] is big[0]
+
+
+@needs_thp
+def test_the_fused_steps_lora_stacks_live_in_huge_pages_and_give_the_same_tokens():
+    """The fused step's adapter stacks are copied side by side into 2 MiB pages when its snapshot is built (a batch-1
+    adapter step 1.13-1.12 of the model without adapters instead of 1.17-1.18, docs/lora.md); tokens unchanged."""
+    from llmspeed import lora
+    from llmspeed.generation import fused_decode
+
+    if fused_decode.unavailable() is not None:
+        pytest.skip(f"the C++ decode kernel cannot build here: {fused_decode.unavailable()}")
+    model = llmspeed.models.tiny("llama", seed=3, hidden_size=256, intermediate_size=512)
+    lora.add_adapter(model, "a", r=16, alpha=32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.weight_b("a").copy_(torch.randn(layer.weight_b("a").shape, generator=g) * 0.05)
+    lora.set_adapter(model, None)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, adapter="a")
+    outs = {}
+    for setting in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(huge_pages.ENV, setting)
+            gen = Generator(model, progress=False)
+            gen.add_request(list(range(5, 20)), params)
+            outs[setting] = [e.token_id for e in _drain(gen)]
+            snap = gen.runner.fused._snapshot
+            stacks = [t for t in snap.lora if t.numel() > 0]
+            in_arena = [huge_pages._arena_of(t.data_ptr()) for t in stacks]
+            assert stacks and all(in_arena) if setting == "1" else not any(in_arena)
+    assert outs["1"] == outs["0"] and len(outs["1"]) == 8
+
+
+def _drain(gen):
+    events = []
+    while gen.has_unfinished():
+        events += [e for e in gen.step() if e.token_id is not None]
+    return events

@@ -11,6 +11,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .. import huge_pages
 from . import fused_lora
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -328,6 +329,7 @@ class Snapshot:
         if self.slots:
             for m in matrices:
                 self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
+            self.lora = huge_pages.side_by_side(self.lora)  # in the step's reading order, in 2 MiB pages (docs/lora.md)
         self.lora_changes = fused_lora.state_changes()
         # each slot's tensors, slot by slot (versions checked in C++ for the slots a step reads)
         self.lora_weights: list[torch.Tensor] = []
