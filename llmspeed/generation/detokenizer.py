@@ -61,7 +61,11 @@ def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
     decode gives it unless that flag is set, and otherwise passes it through ``self.clean_up_tokenization``: so does
     this, calling the same bound method (a subclass's or the instance's own included). Without the flag (an older
     transformers, which cleans BPE text too), ``None``."""
-    parts = _plain_backend(tokenizer)
+    return _decoder(_plain_backend(tokenizer))
+
+
+def _decoder(parts: tuple[Any, Callable[[str], str] | None] | None) -> Callable[[list[int]], str] | None:
+    """:func:`backend_decode` from what :func:`_plain_backend` found."""
     if parts is None:
         return None
     backend, clean = parts
@@ -114,8 +118,8 @@ class Detokenizer:
         self.text = ""  # all decoded output text so far (cut at a stop string once one is found)
         self.sent = 0  # characters of ``text`` already handed out
         self.stopped = False
-        self._fast = backend_decode(tokenizer)
-        parts = _plain_backend(tokenizer)
+        parts = _plain_backend(tokenizer)  # once a request: what backend_decode would find
+        self._fast = _decoder(parts)
         self._clean = parts[1] if parts is not None else None  # decode == clean(raw decode), or None
         self._raw_fast: Callable[..., str] | None = None if parts is None else parts[0].decode
         self.raw = ""  # with a clean-up: the raw output text so far, of which ``text`` is the settled part cleaned
