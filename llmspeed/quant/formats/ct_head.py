@@ -39,12 +39,10 @@ def _encode(t: torch.Tensor) -> str:
     return base64.b64encode(t.detach().cpu().float().numpy().astype("<f4").tobytes()).decode("ascii")
 
 
-def _decode(text: object, shape: tuple[int, ...]) -> torch.Tensor:  # fp32
+def _decode(text: object, shape: tuple[int, ...] | None = None) -> torch.Tensor:  # fp32: ``shape`` where it fits, else flat
     raw = base64.b64decode(str(text), validate=True)
     values = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
-    if values.numel() != int(np.prod(shape)):
-        raise ValueError(f"{values.numel()} values for shape {list(shape)}")
-    return values.reshape(shape)
+    return values.reshape(shape) if shape is not None and values.numel() == int(np.prod(shape)) else values
 
 
 def record(name: str, head: QuantizedLinearBase, embedding: str | None) -> dict[str, str]:
@@ -79,18 +77,17 @@ def _restore(model: Model, tensors: dict[str, torch.Tensor], text: str, key: str
         name, embedding, config = data["layer"], data["embedding"], QuantConfig.from_dict(data["config"])
         if not isinstance(name, str) or not (embedding is None or isinstance(embedding, str)) or config.format != fmt:
             raise TypeError(f"layer {name!r}, embedding {embedding!r}, format {config.format!r}")
-        rows = tensors.get(f"{embedding or name}.weight")  # [vocab, hidden]
-        out = rows.shape[0] if rows is not None and rows.dim() == 2 else -1
         if fmt == "int8":
-            scales, zeros = _decode(data["scales"], (out,)), None  # [out]
+            scales, zeros = _decode(data["scales"]), None  # [out]
         else:
             shape = tuple(int(n) for n in data["shape"])  # [out, groups]
             scales, zeros = _decode(data["scales"], shape), _decode(data["zeros"], shape)
     except (ValueError, KeyError, TypeError, binascii.Error) as err:
         raise ValueError(f"{source}: metadata {key!r} is unreadable ({err}); save the model again") from err
+    rows = tensors.get(f"{embedding or name}.weight")  # [vocab, hidden]
     names = {id(m): n for n, m in model.hf.named_modules()}
     if (rows is None or rows.dim() != 2 or not rows.is_floating_point() or name not in model.linear_names()
-            or scales.shape[0] != rows.shape[0]
+            or scales.dim() != (1 if zeros is None else 2) or scales.shape[0] != rows.shape[0]
             or embedding not in (None, names.get(id(model.hf.get_input_embeddings())))):  # fmt: skip
         return
     built = _built(rows, scales, zeros, config)
