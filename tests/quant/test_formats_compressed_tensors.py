@@ -438,3 +438,26 @@ def test_float_tensors_of_another_dtype_load_in_the_model_dtype_as_in_transforme
     want, got = logits(hf), logits(back.hf)
     assert got.dtype == want.dtype == dtype
     assert (got.float() - want.float()).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2) * want.abs().max()
+
+
+@pytest.mark.parametrize("key", ["llmspeed.int8_head", "llmspeed.int4_head"])
+def test_recorded_head_scales_that_do_not_fit_the_rows_load_the_float_head(tmp_path, key):
+    """Scales of the wrong count in the record (an edited folder) leave the head as its float rows, not an error."""
+    import base64
+
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = llmspeed.models.tiny("llama", **WIDE)
+    llmspeed.quantize(model, "int4", group_size=64, lm_head="int4" if key.endswith("int4_head") else "int8")
+    llmspeed.save(model, tmp_path, format="compressed-tensors")
+    path = next(tmp_path.glob("*.safetensors"))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    record = json.loads(metadata[key])
+    record["scales"] = base64.b64encode(np.ones(3, "<f4").tobytes()).decode("ascii")
+    metadata[key] = json.dumps(record)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    head = llmspeed.load(tmp_path).hf.lm_head
+    assert type(head) is torch.nn.Linear and torch.equal(head.weight, load_file(str(path))["lm_head.weight"])
