@@ -93,6 +93,31 @@ def _settled(raw: str) -> int:
     return 0
 
 
+BARRIER = 4  # non-space characters that no clean-up rewrite can reach across (each spans at most 4, from a space)
+
+
+def _barrier(raw: str, start: int, end: int) -> int:
+    """The last point ``p`` in ``(start, end]`` with ``BARRIER`` non-space characters just before it, else ``start``.
+
+    transformers' ``clean_up_tokenization`` is a chain of ``str.replace`` whose every pattern starts at a space, spans
+    at most 4 characters and deletes only spaces, so no rewrite (nor one a deletion brings about) can include both
+    sides of ``p``: ``clean(raw[:q]) == clean(raw[:p]) + clean(raw[p:q])`` for every ``q >= p``."""
+    run = 0
+    for i in range(end - 1, start - 1, -1):
+        run = run + 1 if raw[i] != " " else 0
+        if run == BARRIER:
+            return i + BARRIER
+    return start
+
+
+def _cleans_locally(clean: Callable[[str], str] | None) -> bool:
+    """Whether ``clean`` is transformers' own ``clean_up_tokenization`` (the rewrites :func:`_barrier` reasons about);
+    a subclass's or an instance's may rewrite anything, and is applied to the whole text instead."""
+    func = getattr(clean, "__func__", None)
+    return (getattr(func, "__module__", None) == "transformers.tokenization_utils_base"
+            and getattr(func, "__qualname__", None) == "PreTrainedTokenizerBase.clean_up_tokenization")  # fmt: skip
+
+
 class Detokenizer:
     """Turns one request's generated tokens into text deltas and finds its stop strings.
 
@@ -105,7 +130,9 @@ class Detokenizer:
     ``" ' "`` -> ``"'"``, ..., which BERT-style WordPiece tokenizers and a BPE with the force flag apply), a window's
     text cannot be cleaned on its own: the space a clean-up removes can sit in text already handed out. The windows
     are then decoded raw, and the text is the clean-up of the raw text up to where later characters can no longer
-    change it (:func:`_settled`), so that the deltas add up to what ``decode`` gives the whole.
+    change it (:func:`_settled`), so that the deltas add up to what ``decode`` gives the whole. transformers' own
+    clean-up cleans only the raw text after the last point no rewrite reaches across (:func:`_barrier`), so a token
+    costs the same at the end of a long output as at its start.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
@@ -123,6 +150,9 @@ class Detokenizer:
         self._clean = parts[1] if parts is not None else None  # decode == clean(raw decode), or None
         self._raw_fast: Callable[..., str] | None = None if parts is None else parts[0].decode
         self.raw = ""  # with a clean-up: the raw output text so far, of which ``text`` is the settled part cleaned
+        self._local = _cleans_locally(self._clean)  # clean only ``raw[anchor:]`` (see _append)
+        self._anchor = 0  # a :func:`_barrier` point of ``raw``: text holds clean(raw[:anchor]) + self._tail
+        self._tail = ""  # the cleaned settled raw text after the anchor, at the end of ``text``
 
     def _decode(self, ids: list[int]) -> str:
         """The text of ``ids``: as ``decode`` gives it, or before its clean-up where there is one."""
@@ -143,7 +173,21 @@ class Detokenizer:
             self.text += delta
             return start
         self.raw += delta
-        cleaned = self._clean(self.raw[: len(self.raw) if final else _settled(self.raw)])
+        end = len(self.raw) if final else _settled(self.raw)
+        if self._local and end >= self._anchor:
+            cut = _barrier(self.raw, self._anchor, end)
+            head = self._clean(self.raw[self._anchor : cut])  # final from here on: nothing later rewrites it
+            tail = self._clean(self.raw[cut:end])
+            now = head + tail  # clean(raw[anchor:end]), of which self._tail was the part settled before
+            if now.startswith(self._tail):
+                self.text += now[len(self._tail) :]
+            elif final:  # not expected (the settled part never changes): the whole text as decode gives it
+                self.text = self.text[: len(self.text) - len(self._tail)] + now
+            else:
+                return start
+            self._anchor, self._tail = cut, tail
+            return min(start, len(self.text))
+        cleaned = self._clean(self.raw[:end])
         if final or (len(cleaned) > start and cleaned.startswith(self.text)):
             self.text = cleaned
         return min(start, len(self.text))

@@ -381,3 +381,52 @@ def test_the_rust_decode_skips_tokens_the_user_added_as_decode_does(smollm2_cach
     fast, slow, deltas = _both(tok, [], ids)
     assert all(a == b for a, b in deltas) and fast.text == slow.text == tok.decode(ids, skip_special_tokens=True)
     assert "<foo>" in fast.text and "<sp2>" not in fast.text and "<spec>" not in fast.text
+
+
+@pytest.mark.parametrize("path", ["rust", "decode"])
+def test_a_long_cleaned_output_costs_the_same_per_token_at_its_end(path, monkeypatch):
+    """Regression: with a clean-up (WordPiece, a forced BPE), every token cleaned the whole output so far again, so a
+    stream cost quadratic time in its length. transformers' clean-up is now applied past the last point no rewrite
+    reaches across: the characters it is handed grow with the output's length, not with its square."""
+    import functools
+
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    handed = []
+    real = PreTrainedTokenizerBase.clean_up_tokenization
+
+    @functools.wraps(real)
+    def counting(self, text):
+        handed.append(len(text))
+        return real(self, text)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "clean_up_tokenization", counting)
+    tok = _wordpiece()
+    ids = tok.encode("hello , world . is it ? x ' s don 't " * 150, add_special_tokens=False)  # 1,950 tokens
+    d = Detokenizer(tok, [])
+    assert d._local  # transformers' own clean-up, wrapped as it is (a subclass's is applied to the whole text)
+    if path == "decode":
+        d._fast = None
+    out = "".join(d.add(i) for i in ids) + d.finish()
+    streamed = list(handed)
+    assert out == d.text == tok.decode(ids, skip_special_tokens=True)
+    assert sum(streamed) < 40 * len(out)  # was about len(out) ** 2 / 2: 1,600 times the text at this length
+    assert max(streamed) < 40
+
+
+def test_a_clean_up_overridden_by_a_subclass_is_applied_to_the_whole_text():
+    """A subclass's clean-up may rewrite anything, across the points transformers' own never rewrites across: the
+    request's text is its clean-up of the whole (text it rewrites after handing it out is the known limit of deltas)."""
+    class Joining(type(_wordpiece())):
+        def clean_up_tokenization(self, text):
+            return super().clean_up_tokenization(text).replace("world is", "WORLD-IS")
+
+    tok = _wordpiece()
+    tok.__class__ = Joining
+    ids = tok.encode("hello , world . hello world is it", add_special_tokens=False)
+    d = Detokenizer(tok, [])
+    assert not d._local
+    for i in ids:
+        d.add(i)
+    d.finish()
+    assert d.text == tok.decode(ids, skip_special_tokens=True) == "hello, world. hello WORLD-IS it"
