@@ -174,7 +174,8 @@ class Detokenizer:
             return start
         self.raw += delta
         end = len(self.raw) if final else _settled(self.raw)
-        if self._local and end >= self._anchor:
+        if self._local:
+            end = max(end, self._anchor)  # the text before the anchor is final whatever follows it (_barrier)
             cut = _barrier(self.raw, self._anchor, end)
             head = self._clean(self.raw[self._anchor : cut])  # final from here on: nothing later rewrites it
             tail = self._clean(self.raw[cut:end])
