@@ -31,7 +31,8 @@ int64_t answer() { return 42; }
 """
 
 # Run in a fresh interpreter: build the tiny extension from the cache at $LLMSPEED_CACHE and print the result.
-# With FAKE_COMPILE=<pristine .so>, "compiling" copies that library in and counts the call in COMPILES.
+# With FAKE_COMPILE=<pristine .so>, "compiling" copies that library in and counts the call in COMPILES;
+# with FAKE_COMPILE=fail, it fails as a compiler error would.
 SCRIPT = textwrap.dedent(
     """
     import json, os, shutil, sys, types, warnings
@@ -41,7 +42,12 @@ SCRIPT = textwrap.dedent(
     pristine = os.environ.get("FAKE_COMPILE")
     cpp_build.RETRY_FAILED = os.environ.get("RETRY_FAILED") == "1"
     calls = []
-    if pristine:
+    if pristine == "fail":  # a compiler that fails at once, as the real one does on the broken source (15 s a try)
+        def fake(name, text, functions, flags, ldflags, include_dirs, folder):
+            calls.append(flags)
+            raise RuntimeError("main.cpp:3:1: error: 'this' does not name a type")
+        cpp_build._compile = fake
+    elif pristine:
         def fake(name, text, functions, flags, ldflags, include_dirs, folder):
             calls.append(flags)
             shutil.copyfile(pristine, cpp_build.library_path(folder, name))
@@ -63,7 +69,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(source: Path, cache: Path, fake: Path | None = None, timeout: float = 600, umask: int | None = None,
+def _run(source: Path, cache: Path, fake: Path | str | None = None, timeout: float = 600, umask: int | None = None,
          functions: str = "answer", retry: bool = False) -> dict:  # fmt: skip
     env = {**os.environ, "LLMSPEED_CACHE": str(cache), "FUNCTIONS": functions, "RETRY_FAILED": "1" if retry else ""}
     env.pop("LLMSPEED_DISABLE_CPP", None)
@@ -200,8 +206,11 @@ def test_a_failed_build_warns_once_and_leaves_the_pure_torch_path(cache_copy, tm
     again = _run(broken, cache_copy["cache"])
     assert again["answer"] is None and again["reason"].count("an earlier build failed") == 2
     assert "python -m llmspeed build" in again["reason"] and "compiling" not in again["stderr"]
-    retried = _run(broken, cache_copy["cache"], retry=True)  # what `python -m llmspeed build` does: try again
+    # what `python -m llmspeed build` does: try again (a compiler that fails at once: the real one was run above)
+    retried = _run(broken, cache_copy["cache"], fake="fail", retry=True)
+    assert len(retried["compiles"]) == 2  # with and without OpenMP, both tried again
     assert "an earlier build failed" not in retried["reason"] and "build with OpenMP failed" in retried["reason"]
+    assert "does not name a type" in retried["reason"]
 
 
 def test_a_library_built_with_other_bindings_is_not_loaded(cache_copy):
