@@ -430,3 +430,21 @@ def test_a_clean_up_overridden_by_a_subclass_is_applied_to_the_whole_text():
         d.add(i)
     d.finish()
     assert d.text == tok.decode(ids, skip_special_tokens=True) == "hello, world. hello WORLD-IS it"
+
+
+def test_a_local_clean_up_that_rewrites_settled_text_still_ends_with_the_clean_up_of_the_whole():
+    """The defensive branch of the local clean-up: should the text already handed out after the last barrier change
+    (transformers' clean-up never does that), a non-final step hands out nothing and the final one replaces that
+    part, so the request's text is still the clean-up of everything it generated."""
+    tok = _wordpiece()
+    ids = tok.encode("hello , world . x ? x", add_special_tokens=False)
+    d = Detokenizer(tok, [])
+    assert d._local
+    released = "".join(d.add(i) for i in ids[:-1])
+    assert released == d.text and d.text.endswith("x")  # the settled tail after "world" holds an "x"
+    real = d._clean
+    d._clean = lambda text: real(text).replace("x", "Y")  # now rewrites text it handed out before
+    shown = d.text
+    assert d.add(ids[-1]) == "" and d.text == shown  # a rewritten settled part: nothing more is handed out
+    d.finish()
+    assert d.text == tok.decode(ids, skip_special_tokens=True).replace("x", "Y") == "hello, world. Y? Y"
