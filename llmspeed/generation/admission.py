@@ -36,8 +36,13 @@ def new_sequence(
 
 def refusal(model: CausalLM, tokenizer: Any, sampling: SamplingParams) -> str | None:
     """Why ``sampling`` cannot run on ``model`` (``None`` when it can): stop strings without a tokenizer (there is
-    no text to find them in: never ignored), an adapter it cannot use (:func:`.request_adapters.adapter_error`), or
-    ``adapter=False`` (the base alone) while adapters are merged into the base."""
+    no text to find them in: never ignored), ``logit_bias`` ids past the vocabulary, an adapter it cannot use
+    (:func:`.request_adapters.adapter_error`), or ``adapter=False`` (the base alone) while adapters are merged into
+    the base."""
+    vocab = model.spec.vocab_size
+    past = [tid for tid, _ in sampling.logit_bias if tid >= vocab]
+    if past:
+        return f"logit_bias token ids must be below the vocabulary size {vocab}; got {past[:8]}"
     if sampling.stop and tokenizer is None:
         return (f"stop strings {list(sampling.stop)} need a tokenizer to find them in the text, and this model "
                 f"has none; give stop_token_ids, or wrap the model with its tokenizer")

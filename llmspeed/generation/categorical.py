@@ -11,6 +11,7 @@ vocabulary entry and two logarithms of each (the cost of both is in docs/batchin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,16 @@ def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> t
     pinned memory with ``non_blocking=True``, so the host queues the copy and goes on."""
     cuda = device.type == "cuda"  # elsewhere (the CPU, MPS) a plain copy: no pinned memory to copy from
     return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
+
+
+def min_p_rows(scaled: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:  # [R, V] -> [R, V]
+    """Drop (``-inf``) each row's tokens whose probability is below ``min_p`` times the row's largest (``0`` = off): a
+    logit more than ``-log(min_p)`` below the row's maximum. The rows are temperature-scaled logits."""
+    if not any(min_p):
+        return scaled
+    floor = host_tensor([math.log(p) if p > 0 else float("-inf") for p in min_p], scaled.dtype, scaled.device)  # [R]
+    cut = scaled.amax(dim=-1, keepdim=True) + floor[:, None]  # [R, 1]
+    return scaled.masked_fill(scaled < cut, float("-inf"))
 
 
 def _top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:  # [N, V] -> [N, V]

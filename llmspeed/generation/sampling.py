@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from .categorical import filter_rows, host_tensor, sample_rows
+from .categorical import filter_rows, host_tensor, min_p_rows, sample_rows
 
 # Below this temperature sampling is greedy: dividing by it would overflow to inf / NaN (vLLM uses the same bound).
 GREEDY_BELOW = 1e-5
@@ -38,6 +38,23 @@ def _integral(x: object) -> bool:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bias_pairs(given: object) -> tuple[tuple[int, float], ...] | None:
+    """``logit_bias`` (a mapping ``{token id: bias}`` or ``(id, bias)`` pairs) as pairs in id order; ``None`` when it
+    is neither, or an id is not an integer >= 0 (or repeats), or a bias is not a finite number."""
+    items = tuple(given.items()) if isinstance(given, Mapping) else _as_tuple(given)
+    if items is None or isinstance(given, str) or not all(isinstance(i, (tuple, list)) and len(i) == 2 for i in items):
+        return None
+    pairs = []
+    for tid, bias in items:
+        if not _integral(tid) or tid < 0 or not isinstance(bias, numbers.Real) or isinstance(bias, bool):
+            return None
+        if not abs(float(bias)) < float("inf"):  # NaN and infinities: no logit to add them to
+            return None
+        pairs.append((int(tid), float(bias)))
+    ids = [tid for tid, _ in pairs]
+    return tuple(sorted(pairs)) if len(set(ids)) == len(ids) else None
 
 
 def _as_tuple(x: object) -> tuple | None:
@@ -72,13 +89,20 @@ class SamplingParams:
             merged model (as after PEFT's ``merge_and_unload``, there is no unadapted base to go back to).
         logprobs: Also return the log-probability of each sampled token and the ``logprobs`` most
             likely alternatives (0 to 20; ``None`` = none). They are the model's own distribution
-            (raw logits, before penalties, temperature and filtering), as vLLM returns by default.
+            (raw logits, before logit biases, penalties, temperature and filtering), as vLLM returns by default.
         min_tokens: Generate at least this many tokens: end-of-sequence and ``stop_token_ids`` cannot be
             sampled before (stop strings are not checked either).
         repetition_penalty: Divide positive logits (multiply negative ones) of every token already in the
             prompt or output by this (transformers' / CTRL's penalty; ``1.0`` = off).
         presence_penalty: Subtract this from the logit of every token already generated (OpenAI; -2 to 2).
         frequency_penalty: Subtract this times its count from every generated token's logit (OpenAI; -2 to 2).
+        logit_bias: Added to the logits of these tokens before the penalties, temperature and filtering: a mapping
+            ``{token id: bias}`` (OpenAI's and vLLM's ``logit_bias``; -100 all but bans a token, +100 all but forces
+            it), kept as ``(id, bias)`` pairs in id order. Ids must be below the model's vocabulary size (a request
+            with one past it ends with ``"error"``).
+        min_p: Drop the tokens whose probability (after the temperature) is below ``min_p`` times the most likely
+            token's, before top-k and top-p (vLLM's and transformers' ``min_p``; ``0.0`` = off). Greedy requests
+            are not affected: the most likely token is always kept.
     """
 
     max_new_tokens: int = 64
@@ -95,6 +119,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         self._as_python_numbers()
@@ -136,6 +162,13 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"`{name}` must be a number from -2 to 2 (0 = off); got {value!r}")
+        bias = _bias_pairs(self.logit_bias)
+        if bias is None:
+            raise ValueError(f"`logit_bias` must map token ids (integers >= 0, each once) to finite numbers, as "
+                             f"{{50256: -100}}; got {self.logit_bias!r}")  # fmt: skip
+        object.__setattr__(self, "logit_bias", bias)
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"`min_p` must be a number from 0 to 1 (0 = off); got {self.min_p!r}")
 
     def _as_python_numbers(self) -> None:
         """NumPy (any ``numbers``) integers and reals as Python's ``int`` / ``float``: ``np.int64(5)`` is an integer,
@@ -143,7 +176,7 @@ class SamplingParams:
         for name in ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens"):
             if _integral(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):
             value = getattr(self, name)
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 try:
@@ -159,8 +192,10 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """True when a repetition, presence or frequency penalty applies."""
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """True when a repetition, presence or frequency penalty or a logit bias changes the logits (the argmax too:
+        such requests are never left to a loop that takes the model's argmax)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 def coerce(sampling: object) -> SamplingParams:
@@ -251,13 +286,17 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequence[RowContext]) -> torch.Tensor:
-    """Apply repetition / presence / frequency penalties and bans to the rows that have them (``[N, V]``)."""
+    """Apply logit biases, then repetition / presence / frequency penalties and bans (vLLM's order), to the rows that
+    have them (``[N, V]``)."""
     if not any(p.penalized for p in params) and not any(r.banned for r in rows):
         return logits
     logits = logits.clone()
     dev = logits.device
     for i, (p, ctx) in enumerate(zip(params, rows)):
         row = logits[i]  # [V]
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias)
+            row.index_add_(0, host_tensor(ids, torch.long, dev), host_tensor(biases, row.dtype, dev))
         if p.repetition_penalty != 1.0:
             seen = host_tensor(sorted({*ctx.prompt_ids, *ctx.output_ids}), torch.long, dev)  # [S]
             vals = row.index_select(0, seen)  # [S]
@@ -344,6 +383,7 @@ def sample_ids(
         top_k, top_p = [p.top_k for p in sub], [float(p.top_p) for p in sub]  # host values: no wait on a GPU
         every = len(random_rows) == n  # the usual batch: one kind of row, no copies of rows
         scaled = (scores if every else scores.index_select(0, idx)) / temps[:, None]  # [R, V]
+        scaled = min_p_rows(scaled, [p.min_p for p in sub])  # [R, V]
         picked = sample_rows(scaled, top_k, top_p, [generators[i] for i in random_rows])  # [R]
         return picked if every else argmax_rows(scores).to(dev).index_copy(0, idx, picked)
     return argmax_rows(scores)  # [N]

@@ -63,6 +63,7 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)  # an extension (vLLM's)
     min_tokens: int = Field(default=0, ge=0)  # an extension (vLLM's)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # an extension (vLLM's)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,11 +80,11 @@ class _Request(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
                 or cls.model_fields[k].is_required()}
 
-    def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
-        """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds)."""
-        if self.logit_bias:
-            raise APIError(400, f"logit_bias is not supported by this server (only an empty one); got {_shown(self.logit_bias)}",
-                           "logit_bias")
+    def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
+                 vocab_size: int | None = None) -> SamplingParams:  # fmt: skip
+        """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds);
+        ``vocab_size``: the model's, which ``logit_bias`` ids must stay below."""
+        bias = self.token_biases(vocab_size)
         if self.min_tokens > max_tokens:  # as vLLM: a default max_tokens (16 for completions) bounds it too
             name, given = self.max_tokens_given()
             bound = f"{name}={max_tokens}" if given is not None else f"the default max_tokens={max_tokens} (none given)"
@@ -97,12 +98,29 @@ class _Request(BaseModel):
                 top_k=max(self.top_k, 0), seed=None if self.seed is None else (self.seed + seed_offset) % 2**64,
                 stop=tuple(stop), logprobs=logprobs, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                min_tokens=self.min_tokens,
+                min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=self.min_p,
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
             field = str(err).split("`")[1] if str(err).count("`") >= 2 else None
             param = None if field is None else {"max_new_tokens": "max_tokens"}.get(field, field)
             raise APIError(400, str(err), param) from None
+
+    def token_biases(self, vocab_size: int | None) -> dict[int, float]:
+        """``logit_bias`` with its keys as token ids: OpenAI's API names each token by its id in a string
+        (``{"50256": -100}``), with a bias from -100 to 100."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise APIError(400, f"logit_bias keys must be token ids written as decimal strings, as "
+                                    f"{{\"50256\": -100}}; got {key!r}", "logit_bias")  # fmt: skip
+            if not -100.0 <= value <= 100.0:
+                raise APIError(400, f"logit_bias values must be from -100 to 100; got {value!r} for token {key}",
+                               "logit_bias")
+            if vocab_size is not None and int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias token ids must be below the vocabulary size {vocab_size}; got {key}",
+                               "logit_bias")
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:

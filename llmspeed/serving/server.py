@@ -245,7 +245,8 @@ class OpenAIServer:
 
     async def _answer(self, request: Request, req: Any, adapter: str | Literal[False] | None, prompt: Any, max_tokens: int,
                       logprobs: int | None, chat: bool) -> Response:
-        sps = [_with_adapter(req.sampling(max_tokens, logprobs, i), adapter) for i in range(req.n)]
+        vocab = self.engine.generator.model.spec.vocab_size
+        sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
         handles = self._submit_all(prompt, sps)
         if req.stream:
             return await self._stream(request, req, handles, chat)

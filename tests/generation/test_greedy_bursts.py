@@ -151,7 +151,8 @@ def test_blocks_a_burst_computed_serve_later_prompts_from_the_prefix_cache():
     SamplingParams(max_new_tokens=12, temperature=0.8, seed=1, ignore_eos=True),
     SamplingParams(max_new_tokens=12, logprobs=2, ignore_eos=True),
     SamplingParams(max_new_tokens=12, repetition_penalty=1.3, ignore_eos=True),
-], ids=["sampled", "logprobs", "penalty"])  # fmt: skip
+    SamplingParams(max_new_tokens=12, logit_bias={7: 5.0}, ignore_eos=True),
+], ids=["sampled", "logprobs", "penalty", "logit_bias"])  # fmt: skip
 def test_requests_that_are_not_plain_greedy_never_burst(llama, params):
     gen, outs = _run(llama, [[1, 2, 3]], params, 8)
     single = _run(llama, [[1, 2, 3]], params, 1)[1]

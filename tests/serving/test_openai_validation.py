@@ -294,7 +294,11 @@ def test_the_successors_of_user_and_include_obfuscation_are_taken_like_user(tiny
 REFUSED_VALUES = [  # (fields, param, what the message must quote of the value given)
     ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: 2 with logprobs: false"),
     ({"response_format": {"type": "json_object"}}, "response_format", "{'type': 'json_object'}"),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias", "{'5': 1.0}"),
+    ({"logit_bias": {"x5": 1.0}}, "logit_bias", "'x5'"),
+    ({"logit_bias": {"-5": 1.0}}, "logit_bias", "'-5'"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias", "100.5 for token 5"),
+    ({"logit_bias": {"5": 1.0, "99999999": -1}}, "logit_bias", "vocabulary size 256; got 99999999"),
+    ({"min_p": 1.5}, "min_p", "1.5"),
     ({"tool_choice": "none"}, "tool_choice", "'none'"),
     ({"stop": ["x", ""]}, "stop", "['x', '']"),
 ]
@@ -307,3 +311,24 @@ def test_a_refused_value_is_named_in_the_error(tiny_server, live_server, fields,
     with live_server(tiny_server) as url:
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 2, **fields}
         assert given in _assert_error(_post(url, "/v1/chat/completions", body), 400, param)
+
+
+def test_logit_bias_and_min_p_are_taken_as_openai_and_vllm_take_them(tiny_server, live_server):
+    """``logit_bias`` (OpenAI's API: token ids as strings, -100 to 100) and ``min_p`` (vLLM's extension) shape what is
+    sampled: +100 on a token makes every greedy token that one, -100 on the unbiased answer's tokens keeps them out,
+    and streamed choices follow the same bias. It was a 400 "not supported"."""
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+        forced = client.completions.create(model="tiny", prompt="hi", max_tokens=4, temperature=0,
+                                           logit_bias={"65": 100}, extra_body={"min_tokens": 4})
+        assert forced.choices[0].text == "AAAA"  # the byte-level tokenizer: token 65 is "A"
+        plain = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0,
+                                               extra_body={"min_tokens": 4})
+        banned = {str(ord(c)): -100 for c in plain.choices[0].message.content}
+        moved = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0,
+                                               logit_bias=banned, extra_body={"min_tokens": 4})
+        assert not set(moved.choices[0].message.content) & set(plain.choices[0].message.content)
+        chunks = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0.8, seed=5,
+                                                stream=True, logit_bias={"66": 100}, extra_body={"min_p": 0.2,
+                                                                                                "min_tokens": 3})
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "BBB"
