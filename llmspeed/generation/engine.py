@@ -41,7 +41,8 @@ from .request_events import STEP_FAILED as STEP_FAILED  # imported from here by 
 from .request_events import append_tokens, end_request, fail_batch, record_path, token_event
 from .runner import ModelRunner, StepInput
 from .runs import run_events
-from .sampling import SamplingParams, coerce, is_int, sample_batch, sampling_list
+from .sampler import sample_batch
+from .sampling import SamplingParams, coerce, is_int, sampling_list
 from .scheduler import Batch, Scheduler
 from .sequence import Sequence as Seq
 

@@ -251,7 +251,7 @@ class FusedDecode:
         of these rows, or the input embedding or the rotary module is one the C++ loop cannot read
         (:func:`embedding_parts`, :func:`~.rope_table.static`).
 
-        What a greedy row samples is :func:`~.sampling.argmax_rows` of its logits, and the C++ loop takes the
+        What a greedy row samples is :func:`~.sampler.argmax_rows` of its logits, and the C++ loop takes the
         same argmax of the same logits, so the tokens are those that ``steps`` calls of :meth:`run`, each
         followed by sampling, would give. Between steps nothing runs in Python: once a step has streamed the
         weights through the cache, each small torch op of the next step's inputs costs several times its

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .sampling import sample_ids
+from .sampler import sample_ids
 from .scheduler import Batch, Chunk
 
 if TYPE_CHECKING:

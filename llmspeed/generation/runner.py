@@ -27,7 +27,7 @@ from ..protocol import CausalLM, step_lock
 from .block_manager import check_room, slot
 from .kv_cache import PagedAttention, PagedKVCache, cache_dtype
 from .readback import Readback
-from .sampling import argmax_rows
+from .sampler import argmax_rows
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class ModelRunner:
         """``steps`` decode steps of the rows ``(block_table, position, token)`` back to back, each row's token of a
         step the next step's input: per step, its tokens (one per row) and the ``time.perf_counter()`` at which they
         were known, or ``None`` where the steps cannot run that way (then the caller goes on one step at a time).
-        ``sample`` maps a step's logits ``[n, V]`` to its tokens ``[n]`` on the device (:func:`~.sampling.sample_ids`);
+        ``sample`` maps a step's logits ``[n, V]`` to its tokens ``[n]`` on the device (:func:`~.sampler.sample_ids`);
         ``None``: each row's argmax. Holds the model's :func:`~llmspeed.protocol.step_lock` as :meth:`run` does.
 
         With the fused CPU step, where ``fused`` (the step before ran on it), greedy only, one C++ call
@@ -281,7 +281,7 @@ class ModelRunner:
         on the device: on a GPU the host queues every step without waiting for any, and each step's tokens come
         back behind it (:class:`~.readback.Readback`), so the caller turns the first steps' tokens into events
         while the GPU runs the later ones. The tokens are those the sampler gives one step at a time
-        (:func:`~.sampling.argmax_rows` of the fp32 logits for greedy rows, each random row's own generator drawn
+        (:func:`~.sampler.argmax_rows` of the fp32 logits for greedy rows, each random row's own generator drawn
         once a step). The block tables must already hold ``position + steps`` tokens. Once it returns the steps,
         :attr:`burst_paths` holds each one's path (``"fused cpu"``; elsewhere ``"cuda graph"``, or ``"decode"`` for a
         step no graph ran: a capture that failed part way).

@@ -120,7 +120,8 @@ def test_the_sampler_sends_its_host_lists_to_the_device_without_a_blocking_copy(
     ``torch.tensor(list, device=dev)``, a ``non_blocking=False`` copy that on CUDA synchronizes the stream (the host
     waits for the queued steps of a burst), contrary to sample_rows' docstring. Every host list now goes through
     host_tensor (a pinned, non-blocking copy); no ``torch.tensor`` on the path is given a device."""
-    from llmspeed.generation.sampling import RowContext, SamplingParams, request_generator, sample_ids
+    from llmspeed.generation.sampler import sample_ids
+    from llmspeed.generation.sampling import RowContext, SamplingParams, request_generator
 
     real = torch.tensor
 

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, SequenceBia
 from llmspeed import Generator, SamplingParams
 from llmspeed.generation import fused_decode
 from llmspeed.generation.categorical import min_p_rows
-from llmspeed.generation.sampling import sample_batch
+from llmspeed.generation.sampler import sample_batch
 
 
 def test_logit_bias_is_kept_as_pairs_in_id_order_whatever_form_it_is_given_in():
@@ -20,6 +20,7 @@ def test_logit_bias_is_kept_as_pairs_in_id_order_whatever_form_it_is_given_in():
     assert SamplingParams(logit_bias=[(9, -1.5), (2, 3.0)]) == given  # pairs too; equal params hash alike
     assert hash(SamplingParams(logit_bias={2: 3.0, 9: -1.5})) == hash(given)
     assert SamplingParams().logit_bias == () and not SamplingParams().penalized and given.penalized
+    assert SamplingParams(logit_bias=None).logit_bias == ()  # vLLM's default spelling of "no bias"
 
 
 @pytest.mark.parametrize("bias", [{-1: 1.0}, {1.5: 1.0}, {True: 1.0}, {"5": 1.0}, {5: float("nan")}, {5: float("inf")},

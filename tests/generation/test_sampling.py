@@ -9,14 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from llmspeed.generation.sampling import (
-    SamplingParams,
-    argmax_rows,
-    filter_logits,
-    request_generator,
-    sample,
-    sampling_list,
-)
+from llmspeed.generation.sampler import argmax_rows, filter_logits, sample
+from llmspeed.generation.sampling import SamplingParams, request_generator, sampling_list
 
 
 @pytest.mark.parametrize(
@@ -170,7 +164,8 @@ def test_one_sampling_params_per_prompt_must_match_the_prompt_count():
 def test_a_mixed_batch_samples_each_random_row_as_alone_and_greedy_rows_take_the_argmax():
     """Greedy, top-k, top-p, plain and penalized rows in one call: each random row gets the token it gets alone (one
     draw of its generator), each greedy row its argmax; and the random rows do sample (not all argmax)."""
-    from llmspeed.generation.sampling import RowContext, sample_ids
+    from llmspeed.generation.sampler import sample_ids
+    from llmspeed.generation.sampling import RowContext
 
     cpu = torch.device("cpu")
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 0.5  # flat: the argmax is rarely drawn
@@ -193,7 +188,8 @@ def test_a_temperature_past_float32s_range_never_draws_a_banned_token():
     """Regression: SamplingParams accepts any finite temperature, but 1e39 became inf in the fp32 temperatures, a
     banned token's -inf / inf a NaN, and the row's NaN made it take its argmax: the banned token (end-of-sequence
     before min_tokens) every time. Such a temperature samples (nearly) uniformly among the allowed tokens."""
-    from llmspeed.generation.sampling import RowContext, sample_batch
+    from llmspeed.generation.sampler import sample_batch
+    from llmspeed.generation.sampling import RowContext
 
     cpu = torch.device("cpu")
     logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]]).expand(60, -1)

@@ -12,7 +12,8 @@ from transformers.generation.logits_process import (
 )
 
 from llmspeed import Generator, SamplingParams
-from llmspeed.generation.sampling import RowContext, _penalize, filter_logits, sample_batch
+from llmspeed.generation.sampler import _penalize, filter_logits, sample_batch
+from llmspeed.generation.sampling import RowContext
 from llmspeed.generation.sequence import Sequence
 
 
