@@ -27,8 +27,10 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        # the API only, as vLLM: a load balancer's /health probe and a Prometheus scrape of /metrics carry no key
-        if server.api_key is not None and request.url.path.startswith("/v1"):
+        # the API only: a load balancer's /health probe and a Prometheus scrape of /metrics carry no key (as vLLM);
+        # /tokenize and /detokenize (open in vLLM) render chat templates for whoever calls: guarded as the API is
+        path = request.url.path
+        if server.api_key is not None and (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
                 err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
@@ -84,6 +86,14 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return await server.chat(request, await body(request))
+
+    @app.post("/tokenize")  # vLLM's, outside /v1 as there
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await server.tokenize(await body(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return await server.detokenize(await body(request))
 
     return app
 

@@ -32,6 +32,7 @@ from ..generation import GenerationOutput, SamplingParams, StreamEvent
 from ..generation.engine import STEP_FAILED
 from ..generation.prompts import prompt_ids
 from ..lora import adapter_names
+from . import tokenize_api
 from .chat_prompt import chat_prompt_off_loop
 from .engine import ENGINE_DIED, Engine
 from .handle import RequestHandle, interleave
@@ -92,7 +93,8 @@ class OpenAIServer:
         self.created = int(time.time())
 
     # --- helpers --------------------------------------------------------------------------------
-    def _adapter(self, model: str) -> str | Literal[False] | None:
+    def adapter_for(self, model: str) -> str | Literal[False] | None:
+        """What a request naming ``model`` runs with (``SamplingParams.adapter``); a 404 for a model not served."""
         if model == self.model_name:  # beside served adapters: the base alone, not whichever one is active
             return False if self.adapters else None
         if model in self.adapters:
@@ -188,7 +190,7 @@ class OpenAIServer:
 
     def model(self, name: str) -> dict[str, Any]:
         """``GET /v1/models/{name}``: one model (404 ``model_not_found`` for a name this server does not have)."""
-        self._adapter(name)
+        self.adapter_for(name)
         parent = None if name == self.model_name else self.model_name
         return {"id": name, "object": "model", "created": self.created, "owned_by": "llmspeed", "root": name,
                 "parent": parent}
@@ -209,10 +211,18 @@ class OpenAIServer:
             lines += [f"# HELP llmspeed_{name} {help_}", f"# TYPE llmspeed_{name} {kind}", f"llmspeed_{name} {value}"]
         return "\n".join(lines) + "\n"
 
+    async def tokenize(self, payload: Any) -> dict[str, Any]:
+        """``POST /tokenize`` (vLLM's): :func:`.tokenize_api.tokenize`."""
+        return await tokenize_api.tokenize(self, payload)
+
+    async def detokenize(self, payload: Any) -> dict[str, Any]:
+        """``POST /detokenize`` (vLLM's): :func:`.tokenize_api.detokenize`."""
+        return await tokenize_api.detokenize(self, payload)
+
     async def completions(self, request: Request, payload: Any) -> Response:
         """``POST /v1/completions`` (``max_tokens`` defaults to 16, as OpenAI's)."""
         req = parse(CompletionRequest, payload)
-        adapter = self._adapter(req.model)  # an unknown model is a 404 before anything else is looked at (as vLLM)
+        adapter = self.adapter_for(req.model)  # an unknown model is a 404 before anything else is looked at (as vLLM)
         prompt = req.single_prompt()
         if req.max_tokens is not None:
             prompt = await self._fitting(prompt, req.max_tokens, "max_tokens")
@@ -221,7 +231,7 @@ class OpenAIServer:
     async def chat(self, request: Request, payload: Any) -> Response:
         """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
         req = parse(ChatCompletionRequest, payload)
-        adapter = self._adapter(req.model)  # before the template is rendered and the context checked
+        adapter = self.adapter_for(req.model)  # before the template is rendered and the context checked
         max_tokens = req.max_completion_tokens or req.max_tokens or self.context
         prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
