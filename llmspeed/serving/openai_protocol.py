@@ -116,10 +116,11 @@ class _Request(BaseModel):
             if not -100.0 <= value <= 100.0:
                 raise APIError(400, f"logit_bias values must be from -100 to 100; got {value!r} for token {key}",
                                "logit_bias")
-            if vocab_size is not None and int(key) >= vocab_size:
-                raise APIError(400, f"logit_bias token ids must be below the vocabulary size {vocab_size}; got {key}",
-                               "logit_bias")
-            bias[int(key)] = value
+            tid = int(key) if len(key) <= 18 else 2**63  # past Python's 4300-digit int() limit: no token id either
+            if vocab_size is not None and tid >= vocab_size:
+                raise APIError(400, f"logit_bias token ids must be below the vocabulary size {vocab_size}; got "
+                                    f"{key if len(key) <= 40 else key[:40] + '...'}", "logit_bias")  # fmt: skip
+            bias[tid] = value
         return bias
 
     @property

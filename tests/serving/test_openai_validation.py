@@ -298,6 +298,7 @@ REFUSED_VALUES = [  # (fields, param, what the message must quote of the value g
     ({"logit_bias": {"-5": 1.0}}, "logit_bias", "'-5'"),
     ({"logit_bias": {"5": 100.5}}, "logit_bias", "100.5 for token 5"),
     ({"logit_bias": {"5": 1.0, "99999999": -1}}, "logit_bias", "vocabulary size 256; got 99999999"),
+    ({"logit_bias": {"9" * 5000: 1.0}}, "logit_bias", "vocabulary size 256; got 9999"),  # past int()'s digit limit
     ({"min_p": 1.5}, "min_p", "1.5"),
     ({"tool_choice": "none"}, "tool_choice", "'none'"),
     ({"stop": ["x", ""]}, "stop", "['x', '']"),
