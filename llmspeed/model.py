@@ -321,22 +321,19 @@ def _sampling_from_kwargs(sampling: Any, kwargs: dict[str, Any]) -> Any:
 
 
 # names users bring from other libraries, and what llmspeed calls them
-_RENAMED = {"max_tokens": "use max_new_tokens", "max_length": "use max_new_tokens (it counts new tokens only)",
-            "do_sample": "use temperature (0 is greedy)", "num_beams": "beam search is not implemented"}
-
-
 def _check_generator_kwargs(kwargs: dict[str, Any]) -> None:
     """``TypeError`` naming each keyword that is neither a Generator argument nor a SamplingParams field."""
     import inspect
 
     from .generation import Generator, SamplingParams
+    from .generation.sampling import unknown_names
 
     known = set(inspect.signature(Generator.__init__).parameters) - {"self", "model"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        hints = "; ".join(f"{k}: {_RENAMED[k]}" for k in unknown if k in _RENAMED)
         raise TypeError(
-            f"unknown keyword arguments {unknown}{' (' + hints + ')' if hints else ''}; generate_batched takes "
+            f"unknown keyword arguments {unknown_names(unknown, [*SamplingParams.__dataclass_fields__, *known])}; "
+            f"generate_batched takes "
             f"SamplingParams fields {sorted(SamplingParams.__dataclass_fields__)} and Generator arguments {sorted(known)}"
         )
 

@@ -11,6 +11,7 @@ import torch
 
 import llmspeed
 from llmspeed import SamplingParams, lora, names
+from llmspeed.generation.sampling import coerce
 from llmspeed.protocol import is_quantized
 from llmspeed.training import check_precision
 
@@ -162,6 +163,25 @@ def test_generate_batched_takes_transformers_and_vllm_habits(llama):
         llama.generate_batched([[1, 2, 3]], max_tokens=8)
     with pytest.raises(TypeError, match=r"\['num_beams'\] \(num_beams: beam search is not implemented\)"):
         llama.generate_batched([[1, 2, 3]], num_beams=2)
+    with pytest.raises(TypeError, match=r"\['sampling_params'\] \(sampling_params: pass it as sampling=, or second"):
+        llama.generate_batched([[1, 2, 3]], sampling_params=SamplingParams())  # vLLM's LLM.generate keyword
+    with pytest.raises(TypeError, match=r"\['temprature'\] \(temprature: did you mean temperature\?\)"):
+        llama.generate_batched([[1, 2, 3]], temprature=0.5)
+
+
+@pytest.mark.parametrize("given,hint", [
+    (dict(max_tokens=8), r"\['max_tokens'\] \(max_tokens: use max_new_tokens\); it takes \['max_new_tokens'"),
+    (dict(temprature=0.5, stop_strings=["x"]),
+     r"\['stop_strings', 'temprature'\] \(stop_strings: use stop; temprature: did you mean temperature\?\)"),
+    (dict(zzz=1), r"\['zzz'\]; it takes"),
+])  # fmt: skip
+def test_sampling_params_names_an_unknown_keyword_with_what_to_use(given, hint):
+    """Regression: ``SamplingParams(max_tokens=8)``, vLLM's and OpenAI's spelling, was Python's bare "unexpected
+    keyword argument"; a dict of fields said which keys were unknown but not what to use."""
+    with pytest.raises(TypeError, match=r"SamplingParams got unknown keyword arguments " + hint):
+        SamplingParams(**given)
+    with pytest.raises(ValueError, match=r"sampling has unknown keys " + hint.split("; it takes")[0]):
+        coerce(given)
 
 
 # --- adapter files -----------------------------------------------------------------------------------------

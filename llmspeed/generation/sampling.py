@@ -7,6 +7,8 @@ from that generator, so a seeded request produces the same tokens whatever else 
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import numbers
 from collections.abc import Mapping, Sequence
@@ -18,6 +20,23 @@ import torch
 # Below this temperature sampling is greedy: dividing by it would overflow to inf / NaN (vLLM uses the same bound).
 GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20
+
+
+# other libraries' names for what these parameters do (vLLM's and OpenAI's, transformers' generate), named in errors
+RENAMED = {"max_tokens": "use max_new_tokens", "max_length": "use max_new_tokens (it counts new tokens only)",
+           "do_sample": "use temperature (0 is greedy)", "num_beams": "beam search is not implemented",
+           "stop_strings": "use stop", "sampling_params": "pass it as sampling=, or second, as vLLM's LLM.generate"}
+
+
+def unknown_names(unknown: Sequence[str], accepted: Sequence[str] = ()) -> str:
+    """``unknown`` (sorted names) with what to use instead: :data:`RENAMED`'s advice, else the closest of
+    ``accepted`` (a misspelling: ``temprature``)."""
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, accepted, n=1)
+        if k in RENAMED or close:
+            hints.append(f"{k}: {RENAMED[k] if k in RENAMED else 'did you mean ' + close[0] + '?'}")
+    return f"{list(unknown)}{' (' + '; '.join(hints) + ')' if hints else ''}"
 
 
 def is_int(x: object) -> bool:
@@ -195,6 +214,24 @@ class SamplingParams:
                 or bool(self.logit_bias))
 
 
+_dataclass_init = SamplingParams.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: SamplingParams, *args: Any, **kwargs: Any) -> None:
+    """The dataclass's ``__init__``, with an unknown keyword named with what to use instead (``max_tokens``, vLLM's
+    and OpenAI's name, is ``max_new_tokens`` here) rather than Python's bare "unexpected keyword argument"."""
+    fields = list(SamplingParams.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise TypeError(f"SamplingParams got unknown keyword arguments {unknown_names(unknown, fields)}; it takes "
+                        f"{list(SamplingParams.__dataclass_fields__)}")  # fmt: skip
+    _dataclass_init(self, *args, **kwargs)
+
+
+SamplingParams.__init__ = _init  # type: ignore[method-assign]
+
+
 def coerce(sampling: object) -> SamplingParams:
     """``sampling`` as :class:`SamplingParams`: ``None`` gives the defaults, a dict its fields.
 
@@ -207,11 +244,11 @@ def coerce(sampling: object) -> SamplingParams:
     if isinstance(sampling, SamplingParams):
         return sampling
     if isinstance(sampling, dict):
-        unknown = sorted(set(sampling) - set(SamplingParams.__dataclass_fields__))
+        fields = list(SamplingParams.__dataclass_fields__)
+        unknown = sorted(set(sampling) - set(fields))
         if unknown:
-            raise ValueError(
-                f"sampling has unknown keys {unknown}; SamplingParams takes {sorted(SamplingParams.__dataclass_fields__)}"
-            )
+            raise ValueError(f"sampling has unknown keys {unknown_names(unknown, fields)}; SamplingParams takes "
+                             f"{sorted(fields)}")  # fmt: skip
         return SamplingParams(**sampling)
     raise TypeError(f"sampling must be a SamplingParams (or a dict of its fields); got {type(sampling).__name__}")
 
