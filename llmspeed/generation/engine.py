@@ -35,6 +35,8 @@ from .generator_args import check_arguments
 from .greedy_burst import BURST_PATHS, greedy_burst
 from .kv_cache import weights_key
 from .outputs import GenerationOutput, RunStats, StreamEvent
+from .prompt_logprobs import take as take_prompt_logprobs
+from .prompt_logprobs import with_prompt_rows
 from .prompts import Prompt, eos_ids, hint_chat_template, prompt_list
 from .request_adapters import follow
 from .request_events import STEP_FAILED as STEP_FAILED  # imported from here by llmspeed.serving.server
@@ -347,7 +349,9 @@ class Generator:
               c.seq.params.adapter) for c in batch.chunks],
             self.blocks.block_size,
         )
+        step, extra = with_prompt_rows(step, batch)  # and the rows whose logits give prompt_logprobs
         path, logits = self.runner.run(step)
+        logits = take_prompt_logprobs(extra, logits)  # [sampled, V]
         self.scheduler.commit(batch)
         self.num_steps += 1
         self.num_tokens_computed += len(step.ids)

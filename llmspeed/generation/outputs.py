@@ -44,6 +44,9 @@ class GenerationOutput:
         metrics: Timings and counts.
         logprobs: One :class:`~.sampling.TokenLogprobs` per generated token when the request asked
             for ``logprobs``, else ``None``.
+        prompt_logprobs: When the request asked for ``prompt_logprobs``: one entry per prompt token, ``None`` for the
+            first (nothing comes before it), then each token's :class:`~.sampling.TokenLogprobs` given the tokens
+            before it (``None`` for a token the model never reached: a request that ended before its prompt ran).
     """
 
     index: int
@@ -55,6 +58,7 @@ class GenerationOutput:
     error: str | None
     metrics: RequestMetrics
     logprobs: list[Any] | None = None
+    prompt_logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True)

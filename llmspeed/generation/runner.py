@@ -42,6 +42,8 @@ class StepInput:
         rows: Flat-batch row of each sequence whose chunk ends where a token is sampled.
         adapters: LoRA adapter per sequence (``None``: the active one, ``False``: none), or ``None`` when no chunk
             has one.
+        extra_rows: How many rows at the end of ``rows`` are not sampled but wanted for their logits (the prompt
+            positions of requests that asked for ``prompt_logprobs``); such a step runs on the generic path.
     """
 
     ids: list[int]
@@ -50,6 +52,7 @@ class StepInput:
     chunks: list[tuple[Sequence[int], int, int]]
     rows: list[int]
     adapters: list[str | Literal[False] | None] | None = None
+    extra_rows: int = 0
 
     @classmethod
     def build(cls, chunks: Sequence[tuple[Sequence[int], int, int, Sequence[int], bool, str | Literal[False] | None]],
@@ -76,7 +79,7 @@ class StepInput:
     @property
     def decode_only(self) -> bool:
         """Every chunk is one token and is sampled."""
-        return len(self.ids) == len(self.rows) == len(self.chunks)
+        return not self.extra_rows and len(self.ids) == len(self.rows) == len(self.chunks)
 
 
 class ModelRunner:
@@ -317,7 +320,7 @@ class ModelRunner:
             logits = self.graphs.run(step, ids)
             if logits is not None:
                 return "cuda graph", logits
-        if self.fused is not None and ids is None:
+        if self.fused is not None and ids is None and not step.extra_rows:  # its rows are the sampled ones
             logits = self.fused.run(step, step.adapters)  # rows without one: the active adapter
             if logits is not None:
                 return ("fused cpu" if step.decode_only else "fused cpu mixed"), logits

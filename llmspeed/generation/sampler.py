@@ -83,22 +83,28 @@ def sample_batch(
     raw = logits.float()  # [N, V]
     tokens = sample_ids(raw, params, generators, rows)  # [N]
     token_list = tokens.tolist()
-    wanted = [p.logprobs for p in params]
+    return token_list, token_logprobs(raw, tokens, [p.logprobs for p in params])
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, wanted: Sequence[int | None]) -> list[TokenLogprobs | None]:
+    """For each row of ``logits`` (``[N, V]``) that asked (``wanted[i]`` alternatives, ``None``: none), the
+    log-probability of ``tokens[i]`` (``[N]``) under the row's softmax and the ``wanted[i]`` most likely tokens."""
+    n = logits.shape[0]
     if all(w is None for w in wanted):
-        return token_list, [None] * n
-    logp = torch.log_softmax(raw, dim=-1)  # [N, V]
-    chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()  # [N]
+        return [None] * n
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = logp.gather(1, tokens.to(logp.device)[:, None])[:, 0].tolist()  # [N]
     kmax = min(max(w or 0 for w in wanted), logp.shape[1])  # a vocabulary under 20 tokens has that many alternatives
     best = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], logp[:, :0].long())  # [N, K] each
-    top_vals, top_ids = best[0].tolist(), best[1].tolist()
+    top_vals, top_ids, token_list = best[0].tolist(), best[1].tolist(), tokens.tolist()
     out: list[TokenLogprobs | None] = []
     for i, w in enumerate(wanted):
         if w is None:
             out.append(None)
             continue
         top = tuple((int(t), float(v)) for t, v in zip(top_ids[i][:w], top_vals[i][:w]))
-        out.append(TokenLogprobs(token_list[i], float(chosen[i]), top))
-    return token_list, out
+        out.append(TokenLogprobs(int(token_list[i]), float(chosen[i]), top))
+    return out
 
 
 def sample_ids(

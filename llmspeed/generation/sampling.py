@@ -119,6 +119,10 @@ class SamplingParams:
         min_p: Drop the tokens whose probability (after the temperature) is below ``min_p`` times the most likely
             token's, before top-k and top-p (vLLM's and transformers' ``min_p``; ``0.0`` = off). Greedy requests
             are not affected: the most likely token is always kept.
+        prompt_logprobs: Also return, for every prompt token after the first, its log-probability given the tokens
+            before it and the ``prompt_logprobs`` most likely alternatives (0 to 20; ``None`` = none), as vLLM's
+            ``prompt_logprobs`` (``GenerationOutput.prompt_logprobs``). The prompt then runs through the model in
+            full: no prefix-cache hit, and no fused CPU step for its prompt chunks.
     """
 
     max_new_tokens: int = 64
@@ -137,6 +141,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     min_p: float = 0.0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self._as_python_numbers()
@@ -167,6 +172,9 @@ class SamplingParams:
                              f"adapter name; got {self.adapter!r}")  # fmt: skip
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"`logprobs` must be None or an integer from 0 to {MAX_LOGPROBS}; got {self.logprobs!r}")
+        wanted = self.prompt_logprobs
+        if wanted is not None and (not is_int(wanted) or not 0 <= wanted <= MAX_LOGPROBS):
+            raise ValueError(f"`prompt_logprobs` must be None or an integer from 0 to {MAX_LOGPROBS}; got {wanted!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(
                 f"`min_tokens` must be an integer from 0 to max_new_tokens={self.max_new_tokens}; got {self.min_tokens!r}"
@@ -189,7 +197,7 @@ class SamplingParams:
     def _as_python_numbers(self) -> None:
         """NumPy (any ``numbers``) integers and reals as Python's ``int`` / ``float``: ``np.int64(5)`` is an integer,
         and a real past float's range (``10**400``) is ``inf``, which the checks refuse, not a crash at sampling."""
-        for name in ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens"):
+        for name in ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens", "prompt_logprobs"):
             if _integral(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):

@@ -115,7 +115,8 @@ class Scheduler:
                 key = self.weights_key()  # first: reading it may reset the prefix cache (a new epoch)
                 weights.append((self.blocks.epoch, key))
             seq.weights_key = weights[0]
-        hits = self.blocks.match(tokens, (seq.adapter_key, seq.weights_key))
+        # a request that still needs its prompt's log-probabilities runs the whole prompt: no cached block
+        hits = [] if seq.needs_prompt_logprobs else self.blocks.match(tokens, (seq.adapter_key, seq.weights_key))
         if not self.blocks.can_admit(hits, len(tokens)):
             return False
         self.blocks.admit(seq.seq_id, seq.block_table, hits, len(tokens))

@@ -43,6 +43,7 @@ class Sequence:
     error: str | None = None
     detok: Any = None  # the request's Detokenizer (text deltas, stop strings)
     logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs per output token, when asked for
+    prompt_logprobs: dict[int, Any] = field(default_factory=dict)  # prompt token index (from 1) -> its TokenLogprobs
     block_keys: list[int] = field(default_factory=list)  # prefix-cache chain hashes of its full blocks
     adapter_key: Any = None  # what its keys/values depend on besides the tokens (its LoRA adapter): keys its blocks
     weights_key: Any = None  # the model's weights when it was last admitted (Scheduler.weights_key): keys its blocks too
@@ -71,6 +72,11 @@ class Sequence:
     def is_finished(self) -> bool:
         """True once the sequence has a finish reason."""
         return self.status is Status.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """True while the request asked for ``prompt_logprobs`` and some prompt token's is not computed yet."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     def all_tokens(self) -> list[int]:
         """Prompt + output tokens."""
@@ -129,6 +135,8 @@ class Sequence:
             error=self.error,
             metrics=metrics,
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            prompt_logprobs=([None] + [self.prompt_logprobs.get(j) for j in range(1, len(self.prompt_ids))]
+                             if self.params.prompt_logprobs is not None else None),
         )
 
     def final_event(self, reason: str, token: int | None, text: str, logprobs: Any) -> StreamEvent:
