@@ -99,6 +99,7 @@ class _Request(BaseModel):
                 stop=tuple(stop), logprobs=logprobs, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=self.min_p,
+                prompt_logprobs=self.prompt_logprobs(logprobs),
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
             field = str(err).split("`")[1] if str(err).count("`") >= 2 else None
@@ -123,6 +124,10 @@ class _Request(BaseModel):
             bias[tid] = value
         return bias
 
+    def prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """How many alternatives each prompt token's entry needs (``None``: no prompt log-probabilities)."""
+        return None
+
     @property
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk (``stream_options.include_usage``)."""
@@ -146,13 +151,24 @@ class CompletionRequest(_Request):
     """``POST /v1/completions``."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt, generate nothing
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = False
     best_of: Literal[1] | None = None
     suffix: None = None
 
+    def prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """With ``echo``, the prompt's tokens come back with their log-probabilities too (as OpenAI's and vLLM's)."""
+        return logprobs if self.echo else None
+
     def check(self) -> None:
-        """Refuse combinations of fields that each are valid alone (``best_of`` candidates fewer than the ``n`` asked)."""
+        """Refuse combinations of fields that each are valid alone (``best_of`` candidates fewer than the ``n`` asked,
+        ``max_tokens: 0`` without ``echo``, ``echo`` with ``stream``)."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be at least 1 (got 0); 0 is only taken with echo: true (the prompt "
+                                "scored, nothing generated)", "max_tokens")  # fmt: skip
+        if self.echo and self.stream:
+            raise APIError(400, "echo is answered without streaming here; send stream: false", "echo")
         super().check()
         if self.best_of is not None and self.best_of < self.n:  # as OpenAI and vLLM: n choices come from best_of
             raise APIError(400, f"best_of must be at least n={self.n}; got {self.best_of}", "best_of")

@@ -91,14 +91,41 @@ def chat_logprobs(tokenizer: Any, items: list[Any] | None) -> dict[str, Any] | N
                         for lp in items]}
 
 
-def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput]) -> dict[str, Any]:
-    """A whole ``text_completion`` response."""
-    return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(tokenizer, o.logprobs),
-                     "finish_reason": finish_reason(o)} for i, o in enumerate(outputs)],
-        "usage": usage(outputs),
-    }
+def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput],
+                        echo: str | None = None, generated: bool = True) -> dict[str, Any]:  # fmt: skip
+    """A whole ``text_completion`` response; ``echo``: the prompt's text, put before each choice's text (and, when
+    the request asked for log-probabilities, the prompt's tokens before the generated ones, the first with ``null``
+    log-probability and alternatives, as OpenAI's and vLLM's echo); ``generated=False`` (``max_tokens: 0``): the
+    prompt alone, its one computed token dropped."""
+    choices = []
+    for i, o in enumerate(outputs):
+        text = o.text if generated else ""
+        lps = completion_logprobs(tokenizer, o.logprobs if generated else [] if o.logprobs is not None else None)
+        if echo is not None:
+            text = echo + text
+            lps = _echoed(tokenizer, o, lps, len(echo))
+        choices.append({"index": i, "text": text, "logprobs": lps,
+                        "finish_reason": finish_reason(o) if generated else "length"})
+    counts = usage(outputs)
+    if not generated:
+        counts = {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
+            "usage": counts}
+
+
+def _echoed(tokenizer: Any, output: GenerationOutput, generated: dict[str, Any] | None,
+            shift: int) -> dict[str, Any] | None:  # fmt: skip
+    """``generated`` (a legacy ``logprobs`` object) with the prompt's tokens in front and its offsets moved past the
+    echoed prompt text (``shift`` characters)."""
+    if generated is None or output.prompt_logprobs is None:
+        return generated
+    first = _piece(tokenizer, output.prompt_token_ids[0])
+    rest = completion_logprobs(tokenizer, [lp for lp in output.prompt_logprobs[1:] if lp is not None], len(first))
+    assert rest is not None
+    return {"tokens": [first, *rest["tokens"], *generated["tokens"]],
+            "token_logprobs": [None, *rest["token_logprobs"], *generated["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"], *generated["top_logprobs"]],
+            "text_offset": [0, *rest["text_offset"], *(shift + o for o in generated["text_offset"])]}
 
 
 def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput]) -> dict[str, Any]:

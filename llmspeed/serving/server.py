@@ -224,9 +224,14 @@ class OpenAIServer:
         req = parse(CompletionRequest, payload)
         adapter = self.adapter_for(req.model)  # an unknown model is a 404 before anything else is looked at (as vLLM)
         prompt = req.single_prompt()
+        echo = None
+        if req.echo:  # the prompt as given, or its ids' text
+            echo = prompt if isinstance(prompt, str) else await asyncio.to_thread(self._decode, prompt)
         if req.max_tokens is not None:
-            prompt = await self._fitting(prompt, req.max_tokens, "max_tokens")
-        return await self._answer(request, req, adapter, prompt, req.max_tokens or 16, req.logprobs, chat=False)
+            prompt = await self._fitting(prompt, max(req.max_tokens, 1), "max_tokens")
+        max_tokens = 16 if req.max_tokens is None else max(req.max_tokens, 1)  # 0 (echo): one computed, dropped
+        return await self._answer(request, req, adapter, prompt, max_tokens, req.logprobs, chat=False, echo=echo,
+                                  generated=req.max_tokens != 0)
 
     async def chat(self, request: Request, payload: Any) -> Response:
         """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
@@ -253,8 +258,15 @@ class OpenAIServer:
                                 f"prompt takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
         return ids
 
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise APIError(400, "echo needs a tokenizer to write the prompt's text, and this model has none", "echo")
+        if any(not 0 <= t < self.engine.generator.model.spec.vocab_size for t in ids):
+            return ""  # the engine refuses the prompt with its own message (a 400 naming prompt)
+        return self.tokenizer.decode(ids)
+
     async def _answer(self, request: Request, req: Any, adapter: str | Literal[False] | None, prompt: Any, max_tokens: int,
-                      logprobs: int | None, chat: bool) -> Response:
+                      logprobs: int | None, chat: bool, echo: str | None = None, generated: bool = True) -> Response:
         vocab = self.engine.generator.model.spec.vocab_size
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
         handles = self._submit_all(prompt, sps)
@@ -263,8 +275,9 @@ class OpenAIServer:
         outputs = await self._results(request, handles, "messages" if chat else "prompt")
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=_CLIENT_GONE)
-        build = chat_response if chat else completion_response
-        return JSONResponse(build(new_id("chatcmpl" if chat else "cmpl"), req.model, self.tokenizer, outputs))
+        if chat:
+            return JSONResponse(chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs))
+        return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, echo, generated))
 
     async def _stream(self, request: Request, req: Any, handles: list[RequestHandle], chat: bool) -> Response:
         """Stream the choices of ``handles`` as they arrive, each chunk naming its choice by ``index``.

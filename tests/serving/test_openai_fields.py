@@ -46,6 +46,7 @@ BOUNDS = [  # (path, field, the last value taken, the first refused, other field
     ("/v1/chat/completions", "top_logprobs", 20, 21, {"logprobs": True}),
     ("/v1/completions", "logprobs", 20, 21, {}),
     ("/v1/completions", "max_tokens", 1, 0, {}),
+    ("/v1/completions", "max_tokens", 0, -1, {"echo": True}),  # 0 scores the prompt (echo)
     ("/v1/chat/completions", "max_completion_tokens", 1, 0, {}),
 ]
 
