@@ -90,3 +90,13 @@ def test_prompt_logprobs_follow_each_requests_adapter(llama):
     lora.set_adapter(llama, "a")
     _check(llama, PROMPT, outs[0].prompt_logprobs, 1)
     assert outs[0].prompt_logprobs[3].logprob != outs[1].prompt_logprobs[3].logprob
+
+
+def test_prompt_logprobs_survive_preemption_in_a_cache_too_small_for_the_batch(llama):
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 200, (n,), generator=g).tolist() for n in (30, 25, 28, 22)]
+    gen = Generator(llama, progress=False, kv_cache_tokens=96, block_size=4, max_batch_tokens=16, prefix_caching=True)
+    outs = gen.generate_batched(prompts, SamplingParams(max_new_tokens=20, prompt_logprobs=1, ignore_eos=True))
+    assert sum(o.metrics.num_preemptions for o in outs) > 0  # the case under test happened
+    for prompt, out in zip(prompts, outs):
+        _check(llama, prompt, out.prompt_logprobs, 1)
