@@ -60,7 +60,7 @@ def _bias_pairs(given: object) -> tuple[tuple[int, float], ...] | None:
     if given is None:
         return ()
     items = tuple(given.items()) if isinstance(given, Mapping) else _as_tuple(given)
-    if items is None or isinstance(given, str) or not all(isinstance(i, (tuple, list)) and len(i) == 2 for i in items):
+    if items is None or not all(isinstance(i, (tuple, list)) and len(i) == 2 for i in items):
         return None
     pairs = []
     for tid, bias in items:
@@ -233,7 +233,7 @@ def _init(self: SamplingParams, *args: Any, **kwargs: Any) -> None:
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise TypeError(f"SamplingParams got unknown keyword arguments {unknown_names(unknown, fields)}; it takes "
-                        f"{list(SamplingParams.__dataclass_fields__)}")  # fmt: skip
+                        f"{fields}")  # fmt: skip
     _dataclass_init(self, *args, **kwargs)
 
 
