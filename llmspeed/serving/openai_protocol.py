@@ -328,15 +328,17 @@ class ChatCompletionRequest(_Request):
         return self.top_logprobs or 0
 
 
-def parse(kind: type[_Request], payload: Any) -> Any:
-    """Validate a decoded JSON body as ``kind``; a bad body is a 400 naming the field."""
+def parse(kind: type[BaseModel], payload: Any) -> Any:
+    """Validate a decoded JSON body as ``kind`` (and its ``check()``, where it has one); a bad body is a 400 naming
+    the field."""
     if not isinstance(payload, dict):
         raise APIError(400, f"the request body must be a JSON object; got {type(payload).__name__}")
     try:
         request = kind.model_validate(payload)
     except ValidationError as err:
         raise _invalid(err.errors()) from None
-    request.check()
+    if isinstance(request, _Request):
+        request.check()
     return request
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from ..generation.prompts import prompt_ids
 from .chat_prompt import chat_prompt_off_loop
-from .openai_protocol import APIError, ChatCompletionRequest, _invalid, parse
+from .openai_protocol import APIError, ChatCompletionRequest, parse
 
 if TYPE_CHECKING:
     from .server import OpenAIServer
@@ -43,19 +43,10 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _validated(kind: type[BaseModel], payload: Any) -> Any:
-    if not isinstance(payload, dict):
-        raise APIError(400, f"the request body must be a JSON object; got {type(payload).__name__}")
-    try:
-        return kind.model_validate(payload)
-    except ValidationError as err:
-        raise _invalid(err.errors()) from None
-
-
 async def tokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
     """The token ids of the request's prompt or messages, exactly as the completion endpoints would run them:
     ``{"count", "max_model_len", "tokens", "token_strs"}`` (the tokens' strings with ``return_token_strs``)."""
-    req = _validated(TokenizeRequest, payload)
+    req = parse(TokenizeRequest, payload)
     if req.model is not None:
         server.adapter_for(req.model)  # 404 for a model this server does not have
     if (req.prompt is None) == (req.messages is None):
@@ -85,7 +76,7 @@ async def tokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
 
 async def detokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
     """``{"prompt": text}``: the tokenizer's decoding of ``tokens`` (special tokens kept, as vLLM's)."""
-    req = _validated(DetokenizeRequest, payload)
+    req = parse(DetokenizeRequest, payload)
     if req.model is not None:
         server.adapter_for(req.model)
     vocab = server.engine.generator.model.spec.vocab_size
