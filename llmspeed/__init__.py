@@ -7,6 +7,7 @@ Top-level names::
     llmspeed.memory_footprint(model)                llmspeed.eval.perplexity(model, text)
     llmspeed.quantize(model, "int4")                llmspeed.save / llmspeed.load / llmspeed.kernels
     llmspeed.lora                                   llmspeed.Generator, llmspeed.SamplingParams
+    llmspeed.StructuredOutputsParams                (JSON schema, regex, choice or grammar outputs)
     llmspeed.Engine(model).submit(prompt)           (threads and asyncio share one engine)
 
 Modules are imported on first use, so ``import llmspeed`` stays cheap and one module's
@@ -39,6 +40,7 @@ _LAZY = {
     "kernels": "llmspeed.quant.report",
     "Generator": "llmspeed.generation",
     "SamplingParams": "llmspeed.generation",
+    "StructuredOutputsParams": "llmspeed.generation",
     "GenerationOutput": "llmspeed.generation",
     "serving": "llmspeed.serving",
     "Engine": "llmspeed.serving",

@@ -64,6 +64,12 @@ def format_name(value: object) -> object:
     return value
 
 
+def shown(value: object, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error quotes what was given, not a whole long prompt or schema."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_device(device: object, arg: str = "device") -> torch.device:
     """``device`` as a ``torch.device``; ``ValueError`` saying what to do when it cannot be used here.
 

@@ -10,10 +10,12 @@ from .kv_cache import PagedAttention, PagedKVCache
 from .outputs import GenerationOutput, RequestMetrics, RunStats, StreamEvent
 from .sampling import SamplingParams
 from .scheduler import Scheduler
+from .structured_params import StructuredOutputsParams
 
 __all__ = [
     "Generator",
     "SamplingParams",
+    "StructuredOutputsParams",
     "GenerationOutput",
     "RequestMetrics",
     "RunStats",

@@ -35,14 +35,17 @@ def new_sequence(
 
 
 def refusal(model: CausalLM, tokenizer: Any, sampling: SamplingParams) -> str | None:
-    """Why ``sampling`` cannot run on ``model`` (``None`` when it can): stop strings without a tokenizer (there is
-    no text to find them in: never ignored), ``logit_bias`` ids past the vocabulary, an adapter it cannot use
+    """Why ``sampling`` cannot run on ``model`` (``None`` when it can): stop strings or structured outputs without a
+    tokenizer (there is no text to find them in: never ignored), ``logit_bias`` ids past the vocabulary, an adapter it cannot use
     (:func:`.request_adapters.adapter_error`), or ``adapter=False`` (the base alone) while adapters are merged into
     the base."""
     vocab = model.spec.vocab_size
     past = [tid for tid, _ in sampling.logit_bias if tid >= vocab]
     if past:
         return f"logit_bias token ids must be below the vocabulary size {vocab}; got {past[:8]}"
+    if sampling.structured_outputs is not None and tokenizer is None:
+        return (f"structured_outputs ({sampling.structured_outputs.kind}) need the model's tokenizer to know what each "
+                f"token spells, and this model has none; wrap the model with its tokenizer")
     if sampling.stop and tokenizer is None:
         return (f"stop strings {list(sampling.stop)} need a tokenizer to find them in the text, and this model "
                 f"has none; give stop_token_ids, or wrap the model with its tokenizer")
@@ -63,6 +66,11 @@ def admit(gen: Generator, rid: int, prompt: Prompt, sampling: SamplingParams, in
                               device=gen.device)
     if error is None:
         error = refusal(gen.model, gen.tokenizer, sampling)
+    if error is None and sampling.structured_outputs is not None:
+        try:
+            seq.grammar = gen.grammars.state(sampling.structured_outputs)
+        except (ImportError, ValueError) as exc:
+            error = str(exc)
     if error is None:  # bound to this adapter, (name, uid), not to its name
         seq.adapter_key = adapter_key(gen.model, sampling.adapter)
         error = gen.scheduler.add(seq)

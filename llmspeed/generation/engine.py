@@ -47,6 +47,7 @@ from .sampler import sample_batch
 from .sampling import SamplingParams, coerce, is_int, sampling_list
 from .scheduler import Batch, Scheduler
 from .sequence import Sequence as Seq
+from .structured import Grammars
 
 if TYPE_CHECKING:
     import torch
@@ -153,6 +154,7 @@ class Generator:
                                   fused_decode=fused_decode, lora_dtype=lora_dtype, attention=attention,
                                   kv_cache_dtype=kv_cache_dtype)
         self.eos_token_ids = frozenset(eos_ids(model) if eos is None else eos)
+        self.grammars = Grammars(self.tokenizer, spec.vocab_size, self.eos_token_ids)  # structured outputs'
         self._seqs: dict[int, Seq] = {}  # live requests; released after their final event
         self._next_id = 0
         self._pending: deque[StreamEvent] = deque()  # events not yet handed out (ends outside step(), other runs')

@@ -1,7 +1,7 @@
 """The sampler of a step's rows: one token per row from its logits and its request's :class:`~.sampling.SamplingParams`.
 
 Two things loop over rows in Python: the random draw (one ``torch.rand`` of one number per random row, from its own
-generator) and the logit biases, penalties and token bans (per row that has them; none when no request asks). Greedy
+generator) and the logit biases, penalties, token bans and structured-output masks (per row that has them; none when no request asks). Greedy
 rows take one ``argmax``; random rows are sampled together by :func:`.categorical.sample_rows` (temperature, min-p,
 top-k and top-p from the host's parameters); one host transfer per step.
 """
@@ -25,9 +25,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequence[RowContext]) -> torch.Tensor:
-    """Apply logit biases, then repetition / presence / frequency penalties and bans (vLLM's order), to the rows that
-    have them (``[N, V]``)."""
-    if not any(p.penalized for p in params) and not any(r.banned for r in rows):
+    """Apply logit biases, then repetition / presence / frequency penalties, bans and structured outputs' token masks
+    (vLLM's order), to the rows that have them (``[N, V]``)."""
+    if not any(p.penalized for p in params) and not any(r.banned or r.allowed is not None for r in rows):
         return logits
     logits = logits.clone()
     dev = logits.device
@@ -51,6 +51,8 @@ def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequ
         banned = [t for t in ctx.banned if t < row.shape[0]]  # an id past the vocabulary is never sampled anyway
         if banned:
             row[host_tensor(banned, torch.long, dev)] = float("-inf")
+        if ctx.allowed is not None:  # structured outputs: what cannot continue a valid output
+            row.masked_fill_(~ctx.allowed.to(dev), float("-inf"))
     return logits
 
 

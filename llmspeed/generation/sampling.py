@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import torch
 
+from .structured_params import StructuredOutputsParams, coerce_structured
+
 # Below this temperature sampling is greedy: dividing by it would overflow to inf / NaN (vLLM uses the same bound).
 GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20
@@ -123,6 +125,10 @@ class SamplingParams:
             before it and the ``prompt_logprobs`` most likely alternatives (0 to 20; ``None`` = none), as vLLM's
             ``prompt_logprobs`` (``GenerationOutput.prompt_logprobs``). The prompt then runs through the model in
             full: no prefix-cache hit, and no fused CPU step for its prompt chunks.
+        structured_outputs: What the output must look like (:class:`~.structured_params.StructuredOutputsParams`,
+            or a dict of its fields: ``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``,
+            ``{"grammar": ...}``, ``{"json_object": True}``), as vLLM's: tokens that cannot continue a valid output
+            are masked out before sampling (needs the xgrammar package and a tokenizer; ``None`` = free text).
     """
 
     max_new_tokens: int = 64
@@ -142,6 +148,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     min_p: float = 0.0
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._as_python_numbers()
@@ -193,6 +200,7 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", bias)
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"`min_p` must be a number from 0 to 1 (0 = off); got {self.min_p!r}")
+        object.__setattr__(self, "structured_outputs", coerce_structured(self.structured_outputs))
 
     def _as_python_numbers(self) -> None:
         """NumPy (any ``numbers``) integers and reals as Python's ``int`` / ``float``: ``np.int64(5)`` is an integer,
@@ -216,10 +224,10 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """True when a repetition, presence or frequency penalty or a logit bias changes the logits (the argmax too:
-        such requests are never left to a loop that takes the model's argmax)."""
+        """True when a repetition, presence or frequency penalty, a logit bias or structured outputs change the logits
+        (the argmax too: such requests are never left to a loop that takes the model's argmax)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.logit_bias))
+                or bool(self.logit_bias) or self.structured_outputs is not None)
 
 
 _dataclass_init = SamplingParams.__init__
@@ -297,11 +305,13 @@ class RowContext:
         prompt_ids: The prompt (for the repetition penalty).
         output_ids: Tokens generated so far (penalties, ``min_tokens``).
         banned: Token ids that may not be sampled now (end-of-sequence before ``min_tokens``).
+        allowed: ``[V]`` bool, the tokens its structured output allows next (``None``: every token).
     """
 
     prompt_ids: Sequence[int] = ()
     output_ids: Sequence[int] = ()
     banned: Sequence[int] = ()
+    allowed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     detok: Any = None  # the request's Detokenizer (text deltas, stop strings)
+    grammar: Any = None  # its structured output's GrammarState (None: free text)
     logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs per output token, when asked for
     prompt_logprobs: dict[int, Any] = field(default_factory=dict)  # prompt token index (from 1) -> its TokenLogprobs
     block_keys: list[int] = field(default_factory=list)  # prefix-cache chain hashes of its full blocks
@@ -98,13 +99,23 @@ class Sequence:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(eos))
         if not p.penalized and not banned:
             return RowContext()
-        return RowContext(self.prompt_ids, self.output_ids, banned)
+        allowed = None
+        if self.grammar is not None:
+            allowed = self.grammar.allowed()  # [V] bool
+            kept = allowed.clone()
+            kept[[t for t in banned if t < kept.shape[0]]] = False
+            # min_tokens bans the end only while the grammar allows something else: a complete output must end
+            allowed, banned = (kept, ()) if bool(kept.any()) else (allowed, ())
+        return RowContext(self.prompt_ids, self.output_ids, banned, allowed)
 
     def advance(self, token: int, eos: frozenset[int], limit: int) -> tuple[str | None, str]:
         """Take a sampled ``token`` (already appended to ``output_ids``): why the request ends now (``None`` = it goes
         on) and the text it releases. ``eos``: end-of-sequence ids; ``limit``: most tokens of a sequence."""
         p = self.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in eos):
+        if self.grammar is not None and not self.grammar.accept(token):  # masked out: a bug, never a wrong output
+            self.error = f"token {token} does not continue its structured output"
+            return "error", ""
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos) or (self.grammar and self.grammar.done):
             return "stop", ""
         text = self.detok.add(token, check_stop=len(self.output_ids) >= p.min_tokens)
         if self.detok.stopped:
