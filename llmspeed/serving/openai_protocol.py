@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ..generation import SamplingParams
+from ..generation import SamplingParams, StructuredOutputsParams
 from ..generation.chat_content import ContentPartError, content_text
+from ..names import shown as _shown
+from .structured_fields import FieldError, structured_outputs
 
 
 class APIError(Exception):
@@ -69,6 +71,14 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # structured outputs (.structured_fields): OpenAI's response_format, vLLM's structured_outputs and guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    _structured: Any = PrivateAttr(default=False)  # structured() once read (False: not yet)
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +102,7 @@ class _Request(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError(400, f"stop strings must be non-empty; got {_shown(self.stop)}", "stop")
+        structured = self.structured()
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -99,12 +110,21 @@ class _Request(BaseModel):
                 stop=tuple(stop), logprobs=logprobs, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=self.min_p,
-                prompt_logprobs=self.prompt_logprobs(logprobs),
+                prompt_logprobs=self.prompt_logprobs(logprobs), structured_outputs=structured,
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
             field = str(err).split("`")[1] if str(err).count("`") >= 2 else None
             param = None if field is None else {"max_new_tokens": "max_tokens"}.get(field, field)
             raise APIError(400, str(err), param) from None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """What the output must look like (``None``: free text), read once: the choices of ``n > 1`` share it."""
+        if self._structured is False:
+            try:
+                self._structured = structured_outputs(self)
+            except FieldError as err:
+                raise APIError(400, str(err), err.param) from None
+        return self._structured
 
     def token_biases(self, vocab_size: int | None) -> dict[int, float]:
         """``logit_bias`` with its keys as token ids: OpenAI's API names each token by its id in a string
@@ -261,7 +281,6 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     # OpenAI's fields that change nothing here, taken and ignored as vLLM takes them (a 400 broke clients that send
@@ -308,9 +327,6 @@ class ChatCompletionRequest(_Request):
         """The messages as the engine takes them (developer -> system; the content as text or checked text parts;
         every other field given, such as ``name`` or ``tool_calls``, kept; an empty ``tool_calls`` list left out, as
         vLLM does: a template that checks ``'tool_calls' in message`` (Llama 3.1's) would render or refuse a call)."""
-        if self.response_format not in (None, {"type": "text"}):
-            raise APIError(400, f"only response_format {{'type': 'text'}} is supported; got {_shown(self.response_format)}",
-                           "response_format")
         return [{**m.model_dump(exclude_none=True, exclude=None if m.tool_calls else {"tool_calls"}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.template_content(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
 
@@ -372,12 +388,3 @@ def _invalid(errors: list[Any]) -> APIError:
     accepted = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
     name = ".".join(str(p) for p in field)
     return APIError(400, f"{param}: {worst['msg']} (got {_shown(worst.get('input'))}); {name} must be {accepted}", param)
-
-
-def _shown(value: Any, limit: int = 200) -> str:
-    """``repr(value)``, cut to ``limit`` characters: an error quotes what was given, not a whole long prompt."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-# --- responses -------------------------------------------------------------------------------------

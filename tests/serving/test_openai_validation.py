@@ -293,7 +293,7 @@ def test_the_successors_of_user_and_include_obfuscation_are_taken_like_user(tiny
 
 REFUSED_VALUES = [  # (fields, param, what the message must quote of the value given)
     ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: 2 with logprobs: false"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "{'type': 'json_object'}"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "{'type': 'yaml'}"),
     ({"logit_bias": {"x5": 1.0}}, "logit_bias", "'x5'"),
     ({"logit_bias": {"-5": 1.0}}, "logit_bias", "'-5'"),
     ({"logit_bias": {"5": 100.5}}, "logit_bias", "100.5 for token 5"),
