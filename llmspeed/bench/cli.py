@@ -1,4 +1,4 @@
-"""``python -m llmspeed bench {precision,quant,calibration,lora,batching,serving,http_serving,formats,training,qat,autotune,lora_decode,cpu_peers,q4_grid,decode_rows,decode_attention,mixed_steps,weight_pages,all}``: run suites side by side.
+"""``python -m llmspeed bench {precision,quant,calibration,lora,batching,serving,http_serving,formats,training,qat,autotune,lora_decode,cpu_peers,q4_grid,decode_rows,decode_attention,mixed_steps,weight_pages,structured,all}``: run suites side by side.
 
 All suites named run in this one process, one after the other, so their rows share a machine
 state. For each suite the command prints the command line and Markdown tables; with ``--out``
@@ -28,7 +28,7 @@ from ..timing import markdown_table
 from .models import name_error
 from .plots import group_rows
 
-SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats", "training", "qat", "autotune", "lora_decode", "cpu_peers", "q4_grid", "decode_rows", "decode_attention", "mixed_steps", "weight_pages")
+SUITES = ("precision", "quant", "calibration", "lora", "batching", "serving", "http_serving", "formats", "training", "qat", "autotune", "lora_decode", "cpu_peers", "q4_grid", "decode_rows", "decode_attention", "mixed_steps", "weight_pages", "structured")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2",
         help="smollm2 (default), llama-1b-random, tiny-<arch> (tests), or a folder with a transformers checkpoint "
         "(taken by precision, lora, serving, training, qat, autotune, lora_decode, decode_rows, decode_attention, "
-        "mixed_steps and weight_pages; quant takes smollm2, llama-1b-random and tiny-<arch>, formats smollm2 and tiny-<arch>; the "
+        "mixed_steps, weight_pages and structured; quant takes smollm2, llama-1b-random and tiny-<arch>, formats smollm2 and tiny-<arch>; the "
         "other suites name the models they run)",
     )
     parser.add_argument(

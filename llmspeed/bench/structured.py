@@ -56,6 +56,11 @@ def _valid(kind: str, text: str) -> bool:
     return text in SPECS["choice"]["choice"]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(gen: Generator, prompts: list, params: list[SamplingParams]) -> tuple[float, list]:
     start = time.perf_counter()
     outs = gen.generate_batched(prompts, params)
@@ -70,21 +75,23 @@ def _transformers(model: Any, prompts: list, spec: dict[str, Any], max_new_token
     compiled = xgr.GrammarCompiler(info).compile_grammar(StructuredOutputsParams(**spec).build())
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     tok.padding_side = "left"
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.spec.device)
+    _sync(model.spec.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.hf.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
                                 logits_processor=[xgr.contrib.hf.LogitsProcessor(compiled)])  # fmt: skip
+    _sync(model.spec.device)
     seconds = time.perf_counter() - start
     new = out[:, batch["input_ids"].shape[1]:].tolist()  # [B, T]: each row up to and including its end token
     return seconds, [row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in new]
 
 
-def run(model: str = "smollm2", quick: bool = False, progress: bool = True, requests: int = 16,
+def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progress: bool = True, requests: int = 16,
         max_new_tokens: int = 48) -> list[dict[str, Any]]:  # fmt: skip
     """Rows ``{table, output, requests, tokens, constrained s, free text s, constrained / free, valid, ...}`` and the
     transformers comparison; ``progress``: a tqdm bar over the kinds of output."""
-    m = load_model(model, "cpu", progress=progress)
+    m = load_model(model, device, progress=progress)
     reps = 1 if quick else 3
     kinds = ("json schema", "choice") if quick else tuple(SPECS)
     prompts = _prompts(4 if quick else requests)

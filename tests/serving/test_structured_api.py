@@ -100,3 +100,14 @@ def test_response_format_text_is_free_text(tiny_server, live_server):
         answer = openai_client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                             max_tokens=2, response_format={"type": "text"})
         assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_tokenizer_xgrammar_cannot_read_is_a_400_saying_so(tiny_server, live_server):
+    """The tiny server's byte-level tokenizer is not a Hugging Face one: the request is refused before any token,
+    saying why, and the server goes on answering free-text requests."""
+    with live_server(tiny_server) as url:
+        body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        reply = post_json(url, "/v1/chat/completions", {**body, "guided_choice": ["a", "b"]})
+        assert reply.status_code == 400
+        assert "structured outputs need a Hugging Face tokenizer xgrammar can read" in reply.json()["error"]["message"]
+        assert post_json(url, "/v1/chat/completions", body).status_code == 200
