@@ -15,6 +15,7 @@ from ..generation import SamplingParams, StructuredOutputsParams
 from ..generation.chat_content import ContentPartError, content_text
 from ..names import shown as _shown
 from .structured_fields import FieldError, structured_outputs
+from .tool_choice import ToolChoiceError, forced_schema
 
 
 class APIError(Exception):
@@ -284,7 +285,7 @@ class ChatCompletionRequest(_Request):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     # OpenAI's fields that change nothing here, taken and ignored as vLLM takes them (a 400 broke clients that send
-    # them): no tool calls are parsed, nothing is stored, every request runs alike; what needs more is refused in check()
+    # them): no free-text tool calls are parsed, nothing is stored, every request runs alike; the rest is refused in check()
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -317,11 +318,16 @@ class ChatCompletionRequest(_Request):
         if self.tool_choice is not None and not self.tools:
             raise APIError(400, f"tool_choice is only allowed when tools are given; got tool_choice {self.tool_choice!r} "
                                 f"without tools", "tool_choice")
-        if self.tools and self.tool_choice != "none":
+        if self.tools and self.tool_choice in (None, "auto"):
             given = repr(self.tool_choice) if self.tool_choice is not None else "'auto' (the default with tools)"
-            raise APIError(400, f"tool_choice {given} needs tool calls parsed out of the model's answer, which this "
-                                f"server does not do; send tool_choice 'none' to show the model the tools through its "
-                                f"chat template and get its answer as text", "tool_choice")
+            raise APIError(400, f"tool_choice {given} needs the model's own tool-call format parsed out of its answer, "
+                                f"which this server does not do; send 'required' or a named function (the answer is "
+                                f"constrained to tool calls), or 'none' (the tools shown through the chat template, the "
+                                f"answer as text)", "tool_choice")  # fmt: skip
+        try:
+            forced_schema(self.tool_specs() or [], self.tool_choice)
+        except ToolChoiceError as err:
+            raise APIError(400, str(err), "tool_choice") from None
 
     def chat(self) -> list[dict[str, Any]]:
         """The messages as the engine takes them (developer -> system; the content as text or checked text parts;
@@ -329,6 +335,11 @@ class ChatCompletionRequest(_Request):
         vLLM does: a template that checks ``'tool_calls' in message`` (Llama 3.1's) would render or refuse a call)."""
         return [{**m.model_dump(exclude_none=True, exclude=None if m.tool_calls else {"tool_calls"}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.template_content(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
+
+    @property
+    def forces_tools(self) -> bool:
+        """Whether ``tool_choice`` forces tool calls (``"required"`` or a named function): :mod:`.tool_choice`."""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
 
     def tool_specs(self) -> list[dict[str, Any]] | None:
         """``tools`` as the chat template takes them (``None`` when there are none)."""

@@ -47,6 +47,7 @@ from .openai_responses import (
     new_id,
     usage,
 )
+from .tool_choice import ToolDeltas, with_tool_calls
 
 _CLIENT_GONE = 499  # the status of an answer nobody receives (nginx's "client closed request")
 
@@ -276,7 +277,8 @@ class OpenAIServer:
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=_CLIENT_GONE)
         if chat:
-            return JSONResponse(chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs))
+            answer = chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs)
+            return JSONResponse(with_tool_calls(answer, req.tool_choice) if req.forces_tools else answer)
         return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, echo, generated))
 
     async def _stream(self, request: Request, req: Any, handles: list[RequestHandle], chat: bool) -> Response:
@@ -310,13 +312,17 @@ class OpenAIServer:
         if req.include_usage:  # as OpenAI's: every chunk carries "usage": null, the last one the counts
             head["usage"] = None
         offsets = [0] * len(handles)  # per choice: text_offset of its next token's legacy logprobs
+        calls = [ToolDeltas(req.tool_choice) for _ in handles] if chat and req.forces_tools else None
 
         def chunk(i: int, event: StreamEvent) -> dict[str, Any] | None:
             done = finish_reason(event.output) if event.finished and event.output is not None else None
-            if not event.text and done is None and event.logprobs is None:
+            delta = {"content": event.text} if event.text else {}
+            if calls is not None:  # forced tool calls: the text goes out as their arguments
+                delta, done = calls[i].delta(event.text, done)
+            if not delta and done is None and event.logprobs is None:
                 return None
             if chat:
-                choice = {"index": i, "delta": {"content": event.text} if event.text else {}, "finish_reason": done,
+                choice = {"index": i, "delta": delta, "finish_reason": done,
                           "logprobs": chat_logprobs(self.tokenizer, [event.logprobs]) if event.logprobs else None}
             else:
                 lps = completion_logprobs(self.tokenizer, [event.logprobs], offsets[i]) if event.logprobs else None

@@ -6,7 +6,8 @@
 * ``structured_outputs``: vLLM's object (``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``,
   ``{"grammar": ...}``, ``{"json_object": true}``, with ``disable_any_whitespace``);
 * ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``: vLLM's earlier names, which clients still
-  send.
+  send;
+* a chat request's ``tool_choice`` that forces tool calls: the JSON schema of the calls (:mod:`.tool_choice`).
 
 At most one of them may be given; a bad value is a 400 naming the field it came in.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..generation.structured_params import StructuredOutputsParams
 from ..names import shown as _shown
+from .tool_choice import forced_schema
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 VLLM_KEYS = {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"}
@@ -73,12 +75,17 @@ def structured_outputs(request: Any) -> StructuredOutputsParams | None:
              if getattr(request, name, None) is not None}  # fmt: skip
     if given.get("response_format") == {"type": "text"}:
         del given["response_format"]
+    if getattr(request, "forces_tools", False):  # tool_choice "required" or a named function (.tool_choice)
+        given["tool_choice"] = forced_schema(request.tool_specs(), request.tool_choice)
     if len(given) > 1:
         raise FieldError(f"give one way of structuring the output; got {sorted(given)}", sorted(given)[1])
     if not given:
         return None
     (name, value), = given.items()
-    if name == "response_format":
+    spec: dict[str, Any] | None
+    if name == "tool_choice":
+        spec = {"json": value, "any_whitespace": False}
+    elif name == "response_format":
         spec = _from_response_format(value)
     elif name == "structured_outputs":
         spec = _from_vllm(value)
