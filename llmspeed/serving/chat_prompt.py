@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..generation.chat_content import template_messages
-from .openai_protocol import APIError
+from .api_errors import APIError
 
 Messages = list[dict[str, Any]]
 Tools = list[dict[str, Any]] | None

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .openai_protocol import APIError
+from .api_errors import APIError
 
 if TYPE_CHECKING:
     from .server import OpenAIServer

@@ -33,11 +33,12 @@ from ..generation.engine import STEP_FAILED
 from ..generation.prompts import prompt_ids
 from ..lora import adapter_names
 from . import tokenize_api
+from .api_errors import APIError
 from .chat_prompt import chat_prompt_off_loop
 from .engine import ENGINE_DIED, Engine
 from .handle import RequestHandle, interleave
 from .http_app import build_app
-from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .openai_protocol import ChatCompletionRequest, CompletionRequest, parse
 from .openai_responses import (
     chat_logprobs,
     chat_response,

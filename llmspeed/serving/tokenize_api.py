@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from ..generation.prompts import prompt_ids
+from .api_errors import APIError
 from .chat_prompt import chat_prompt_off_loop
-from .openai_protocol import APIError, ChatCompletionRequest, parse
+from .openai_protocol import ChatCompletionRequest, parse
 
 if TYPE_CHECKING:
     from .server import OpenAIServer

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from llmspeed.serving import Engine
+from llmspeed.serving.api_errors import APIError
 from llmspeed.serving.chat_prompt import chat_prompt
-from llmspeed.serving.openai_protocol import APIError
 from llmspeed.serving.server import OpenAIServer
 from tests.generation.test_engine import CharTokenizer
 
