@@ -40,7 +40,7 @@ from .prompt_logprobs import with_prompt_rows
 from .prompts import Prompt, eos_ids, hint_chat_template, prompt_list
 from .request_adapters import follow
 from .request_events import STEP_FAILED as STEP_FAILED  # imported from here by llmspeed.serving.server
-from .request_events import append_tokens, end_request, fail_batch, record_path, token_event
+from .request_events import append_tokens, end_request, fail_batch, record_path, sampling_rows, token_event
 from .runner import ModelRunner, StepInput
 from .runs import run_events
 from .sampler import sample_batch
@@ -359,8 +359,9 @@ class Generator:
         self.num_tokens_computed += len(step.ids)
         sampled = [c.seq for c in batch.chunks if c.samples]
         try:  # counted in num_steps above: recorded in step_paths even when sampling raises
+            sampled, logits, rows = sampling_rows(self, sampled, logits, events)
             tokens, logprobs = sample_batch(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                            [s.row_context(self.eos_token_ids) for s in sampled]) if sampled else ([], [])
+                                            rows) if sampled else ([], [])
         finally:
             now = self._record(path, start)
         append_tokens(self, sampled, tokens, logprobs, now, events)

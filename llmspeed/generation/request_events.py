@@ -1,5 +1,6 @@
 """What a :class:`~.engine.Generator` step makes of its sequences: a token's event, a request's end, a failed batch.
 
+:func:`sampling_rows` gives each sampled request its row's context (ending alone one whose context raises);
 :func:`append_tokens` gives a step's sequences their sampled tokens; :func:`token_event` turns one token into its
 :class:`~.outputs.StreamEvent` (the final one when the request ends with it); :func:`end_request` finishes a request and releases it; :func:`fail_batch` ends the requests of a
 step that raised; :func:`record_path` adds a step's time to ``step_paths``. The generator's ``_token_event``,
@@ -36,6 +37,24 @@ def fail_batch(gen: Generator, batch: Batch, exc: BaseException) -> list[StreamE
             seq.error = message
             events.append(gen._end(seq, "error", report=False))
     return events
+
+
+def sampling_rows(gen: Generator, seqs: list[Seq], logits: Any, events: list[StreamEvent]) -> tuple[list[Seq], Any, list[Any]]:
+    """``seqs`` (the step's sampled requests, one row of ``logits`` ``[N, V]`` each) with their
+    :class:`~.sampling.RowContext` (bans, penalties, structured-output masks). A request whose context raises (its
+    grammar matcher failing) ends alone with ``"error"`` (its event appended to ``events``) and its row is dropped:
+    the others of the step sample as they would have."""
+    kept, rows, contexts = [], [], []
+    for i, seq in enumerate(seqs):
+        try:
+            contexts.append(seq.row_context(gen.eos_token_ids))
+        except Exception as exc:
+            seq.error = f"choosing its next token raised {type(exc).__name__}: {exc}"
+            events.append(gen._end(seq, "error", report=False))
+            continue
+        kept.append(seq)
+        rows.append(i)
+    return kept, (logits if len(kept) == len(seqs) else logits[rows]), contexts  # [len(kept), V]
 
 
 def token_event(gen: Generator, seq: Seq, token: int, lp: Any, events: list[StreamEvent]) -> StreamEvent:
@@ -87,4 +106,5 @@ def end_request(gen: Generator, seq: Seq, reason: str, token: int | None = None,
     return event
 
 
-__all__ = ["STEP_FAILED", "append_tokens", "end_request", "fail_batch", "record_path", "step_error", "token_event"]
+__all__ = ["STEP_FAILED", "append_tokens", "end_request", "fail_batch", "record_path", "sampling_rows", "step_error",
+           "token_event"]

@@ -189,3 +189,45 @@ def test_unpacked_bitmask_is_the_mask_xgrammar_applies(words, data):
     logits = torch.zeros(1, vocab)  # [1, V]
     xgr.apply_token_bitmask_inplace(logits, packed[None])
     assert torch.equal(unpack_bitmask(packed, vocab), logits[0].isfinite())
+
+
+@pytest.mark.parametrize("fault", ["mask raises", "token refused"])
+def test_a_failing_matcher_ends_its_own_request_only(smollm2_cached, monkeypatch, fault):
+    """Fault injection: one request's grammar matcher raising while its mask is filled (or refusing the token it was
+    given) ends that request alone with an error; the requests beside it get exactly what they get without it."""
+    from llmspeed.generation import structured
+
+    free = SamplingParams(max_new_tokens=12)
+    fine = SamplingParams(max_new_tokens=30, structured_outputs=SPECS["json"])
+    doomed = SamplingParams(max_new_tokens=30, structured_outputs=SPECS["regex"])
+    clean = Generator(smollm2_cached, progress=False).generate_batched([ASK] * 2, [fine, free])
+    real_state = structured.Grammars.state
+
+    def state(self, params):
+        s = real_state(self, params)
+        if params.kind == "regex":
+            calls = [0]
+            if fault == "mask raises":
+                real_allowed = s.allowed
+
+                def allowed():
+                    calls[0] += 1
+                    if calls[0] == 3:
+                        raise RuntimeError("injected matcher fault")
+                    return real_allowed()
+
+                s.allowed = allowed
+            else:
+                s.accept = lambda token: False
+        return s
+
+    monkeypatch.setattr(structured.Grammars, "state", state)
+    outs = Generator(smollm2_cached, progress=False).generate_batched([ASK] * 3, [fine, doomed, free])
+    assert outs[1].finish_reason == "error"
+    if fault == "mask raises":
+        assert outs[1].error == "choosing its next token raised RuntimeError: injected matcher fault"
+        assert len(outs[1].token_ids) == 2  # the two tokens before the fault are kept
+    else:
+        assert "does not continue its structured output" in outs[1].error and len(outs[1].token_ids) == 1
+    assert [o.token_ids for o in (outs[0], outs[2])] == [o.token_ids for o in clean]
+    assert [o.finish_reason for o in (outs[0], outs[2])] == [o.finish_reason for o in clean]
