@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--execute", action="store_true", help="run each notebook and write its outputs")
     parser.add_argument("names", nargs="*", help="only these notebooks (default: all)")
     args = parser.parse_args(argv)
-    for path in build(HERE, args.names):
+    names = [n if n.endswith(".ipynb") else f"{n}.ipynb" for n in args.names]  # "04_continuous_batching" too
+    unknown = [n for n in args.names if (n if n.endswith(".ipynb") else f"{n}.ipynb") not in NOTEBOOKS]
+    if unknown:  # it wrote nothing and said nothing
+        parser.error(f"no notebook named {unknown}; the notebooks are {list(NOTEBOOKS)}")
+    for path in build(HERE, names):
         if args.execute:
             execute(path)
         print(path)

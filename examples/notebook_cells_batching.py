@@ -86,6 +86,32 @@ BATCHING = [
         "print(f'finish reason {outs[0].finish_reason!r}, {m.prompt_tokens} prompt tokens, {m.output_tokens} output tokens, '\n"
         "      f'time to first token {m.time_to_first_token:.3f} s, mean inter-token latency {1e3 * m.inter_token_latency:.1f} ms')"
     ),
+    new_markdown_cell(
+        "## Structured outputs\n\n"
+        "A request can ask for output that matches a JSON schema (or a regular expression, a choice, a grammar): "
+        "the tokens that cannot continue a valid output are masked out at every step (xgrammar, as in vLLM), in "
+        "the same batch as free-text requests. Below, four requests with a schema and the same four without one: "
+        "unconstrained, SmolLM2 wraps its JSON in a Markdown fence, adds fields of its own and may run out of "
+        "tokens before it closes the object."
+    ),
+    new_code_cell(
+        "import json\n"
+        "people = [('Ann', 31), ('Bo', 45), ('Cy', 27), ('Di', 60)]\n"
+        "asks = [[{'role': 'user', 'content': f'Describe {n}, who is {a}, as JSON.'}] for n, a in people]\n"
+        "person = {'type': 'object', 'properties': {'name': {'type': 'string', 'maxLength': 16}, 'age': {'type': 'integer'}},\n"
+        "          'required': ['name', 'age'], 'additionalProperties': False}\n"
+        "schema = SamplingParams(max_new_tokens=40, structured_outputs={'json': person, 'any_whitespace': False})\n"
+        "free = SamplingParams(max_new_tokens=40)\n"
+        "shaped = model.generate_batched(asks * 2, [schema] * 4 + [free] * 4, progress=False)\n\n"
+        "def parses(text):\n"
+        "    try:\n"
+        "        return isinstance(json.loads(text), dict)\n"
+        "    except ValueError:\n"
+        "        return False\n\n"
+        "show([{'output': 'json schema' if i < 4 else 'free text', 'finish': o.finish_reason, 'parses': parses(o.text),\n"
+        "       'text': o.text[:48].replace('\\n', ' ')} for i, o in enumerate(shaped)])\n"
+        "assert all(parses(o.text) for o in shaped[:4])"
+    ),
 ]
 
 ALL_TOGETHER = [

@@ -128,8 +128,9 @@ def test_batching_shows_every_system_gives_the_same_tokens(tmp_path, monkeypatch
 def test_batching_metrics_are_printed_with_their_names(tmp_path, monkeypatch):
     expected = "print(f\"finish reason 'length', {len(prompts[0])} prompt tokens, {lengths[0]} output tokens, \")"
     printed = _run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch, [expected])
-    assert printed[-1].strip() and printed[-1].strip() in printed[-2], printed[-2:]
-    assert "time to first token " in printed[-2] and "mean inter-token latency " in printed[-2], printed[-2]
+    (metrics,) = [p for p in printed[:-1] if p.startswith("finish reason ")]  # the metrics cell's line
+    assert printed[-1].strip() and printed[-1].strip() in metrics, (printed[-1], metrics)
+    assert "time to first token " in metrics and "mean inter-token latency " in metrics, metrics
 
 
 @pytest.mark.slow
@@ -145,3 +146,12 @@ def test_batching_rows_name_the_requests_they_timed(tmp_path, monkeypatch):
     # one at a time runs on a subset of the workload: its row must say so
     printed = _run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch, ["print(rows[0]['system'])"])
     assert "(first 1 of 4 requests)" in printed[-1], printed[-1]
+
+
+def test_make_notebooks_refuses_a_name_it_does_not_know(capsys):
+    """Regression: ``make_notebooks.py --execute 04_continuous_batching`` (no ``.ipynb``) wrote and ran nothing and
+    exited 0; a stem is now taken, and an unknown name is an error listing the notebooks."""
+    make = _generator()
+    with pytest.raises(SystemExit):
+        make.main(["nonesuch"])
+    assert "no notebook named ['nonesuch']" in capsys.readouterr().err
