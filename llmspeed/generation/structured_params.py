@@ -95,6 +95,9 @@ class StructuredOutputsParams:
             if not choice or not all(isinstance(c, str) and c for c in choice):
                 raise ValueError(f"`structured_outputs.choice` must be a non-empty list of non-empty strings; got "
                                  f"{_shown(self.choice)}")  # fmt: skip
+            if any("\x00" in c for c in choice):  # xgrammar never matches one: the choice could not be written
+                raise ValueError(f"`structured_outputs.choice` strings cannot hold a NUL character ('\\x00'), which "
+                                 f"xgrammar does not match; got {_shown(self.choice)}")  # fmt: skip
             object.__setattr__(self, "choice", choice)
         for name in ("json_object", "any_whitespace"):
             if not isinstance(getattr(self, name), bool):
@@ -123,8 +126,8 @@ class StructuredOutputsParams:
                 return xgr.Grammar.from_json_schema(schema, any_whitespace=self.any_whitespace, strict_mode=False)
             if kind == "regex":
                 return xgr.Grammar.from_regex(self.regex)
-            if kind == "choice":  # JSON's string escapes are the EBNF literal's
-                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in self.choice or ()))
+            if kind == "choice":
+                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(f"({ebnf_literal(c)})" for c in self.choice or ()))
             return xgr.Grammar.from_ebnf(self.grammar)
         except RuntimeError as err:  # xgrammar's parse errors; the last line says what is wrong
             lines = [line for line in str(err).splitlines() if line.strip()]
@@ -134,6 +137,30 @@ class StructuredOutputsParams:
     def cache_key(self) -> tuple:
         """What the compiled grammar depends on (equal keys compile to the same grammar)."""
         return (self.kind, getattr(self, self.kind), self.any_whitespace)
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def ebnf_literal(text: str) -> str:
+    """``text`` as a sequence of EBNF string literals that xgrammar reads back as ``text``.
+
+    Each character outside printable ASCII gets a literal of its own (``"café"`` -> ``"caf" "é"``): xgrammar 0.2 reads
+    a literal whose non-ASCII character is followed by a hex digit as one code point (``"éa"`` becomes U+0E9A, its
+    printed ``\\xe9a``), so the string would never be matched.
+    """
+    parts, run = [], ""
+    for ch in text:
+        if " " <= ch <= "~":
+            run += _ESCAPES.get(ch, ch)
+            continue
+        if run:
+            parts.append(run)
+        parts.append(_ESCAPES.get(ch, ch if ch >= "\x80" else f"\\x{ord(ch):02x}"))
+        run = ""
+    if run:
+        parts.append(run)
+    return " ".join(f'"{p}"' for p in parts)
 
 
 def coerce_structured(given: object) -> StructuredOutputsParams | None:
@@ -152,4 +179,4 @@ def coerce_structured(given: object) -> StructuredOutputsParams | None:
 
 
 
-__all__ = ["KINDS", "StructuredOutputsParams", "coerce_structured", "xgrammar"]
+__all__ = ["KINDS", "StructuredOutputsParams", "coerce_structured", "ebnf_literal", "xgrammar"]
