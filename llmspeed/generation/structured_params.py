@@ -9,6 +9,7 @@ the token masks the sampler applies.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,30 @@ def xgrammar() -> Any:
     except ImportError as err:
         raise ImportError(f"structured outputs need the xgrammar package: {INSTALL}") from err
     return xgr
+
+
+_MISREAD = re.compile(r"[^\x00-\x7f][0-9A-Fa-f]")  # what xgrammar 0.2 reads as one code point in a literal
+
+
+def _schema_literals(schema: str | None) -> list[str]:
+    """The places of a JSON schema (as text) that xgrammar writes as literals (``enum`` and ``const`` strings, property
+    names) and would misread: a non-ASCII character followed by a hex digit."""
+    found: list[str] = []
+
+    def walk(node: Any, literal: bool = False) -> None:
+        if isinstance(node, str):
+            found.extend(_MISREAD.findall(node) if literal else ())
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, literal)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key == "properties" and isinstance(value, dict) and not literal:
+                    walk(list(value), True)
+                walk(value, literal or key in ("enum", "const"))
+
+    walk(json.loads(schema) if schema is not None else None)
+    return found
 
 
 def _schema_text(given: object) -> str | None:
@@ -89,6 +114,12 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"`structured_outputs.{name}` must be a non-empty string; got {_shown(value)}")
+        misread = _MISREAD.findall(self.grammar) if self.grammar is not None else _schema_literals(self.json)
+        if misread:
+            raise ValueError(f"`structured_outputs.{'grammar' if self.grammar else 'json'}` writes {misread[:4]} in a "
+                             f"literal: xgrammar 0.2 reads a non-ASCII character followed by a hex digit there as one "
+                             f"character ('éa' as U+0E9A) and would write that instead; in a grammar give the "
+                             f"character a literal of its own (\"é\" \"a\"), or use regex")  # fmt: skip
         if self.choice is not None:
             choice = (self.choice,) if isinstance(self.choice, str) else self.choice
             choice = tuple(choice) if isinstance(choice, (list, tuple)) else None

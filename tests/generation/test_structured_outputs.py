@@ -42,8 +42,8 @@ def _reference(model, ids: list[int], spec: StructuredOutputsParams, max_new_tok
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["generic", "fused", "bursts"])
-@pytest.mark.parametrize("kind", sorted(SPECS))
+@pytest.mark.parametrize(("kind", "path"), [(k, "generic") for k in sorted(SPECS)] + [("json", "fused"), ("regex", "fused"),
+                                            ("json", "bursts"), ("choice", "bursts")])  # fmt: skip
 def test_constrained_greedy_tokens_equal_transformers_with_xgrammars_processor(smollm2_cached, kind, path):
     """Golden: the same greedy tokens as transformers' ``generate`` with xgrammar's Hugging Face logits processor, on
     the generic step, the fused CPU step and with greedy bursts asked for (which a constrained request must not take:
@@ -151,6 +151,10 @@ def test_a_model_without_a_tokenizer_ends_the_request_with_an_error(smollm2_cach
     ({"choice": []}, "`structured_outputs.choice` must be a non-empty list"),
     ({"choice": ["a", ""]}, "`structured_outputs.choice` must be a non-empty list"),
     ({"choice": ["a\x00b"]}, "cannot hold a NUL character"),
+    ({"grammar": 'root ::= "caf" "éa"'}, r"`structured_outputs.grammar` writes \['éa'\] in a literal: xgrammar 0.2"),
+    ({"json": {"enum": ["x", "éa"]}}, r"`structured_outputs.json` writes \['éa'\]"),
+    ({"json": {"type": "object", "properties": {"ñ1": {"const": 1}}}}, r"writes \['ñ1'\]"),
+    ({"json": {"properties": {"a": {"const": {"k": "日b"}}}}}, r"writes \['日b'\]"),
     ({"choice": ["a"], "any_whitespace": "no"}, "`structured_outputs.any_whitespace` must be a bool"),
     ({"jsn": {}}, r"unknown keys \['jsn'\]"),
 ])  # fmt: skip
