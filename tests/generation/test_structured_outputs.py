@@ -238,3 +238,21 @@ def test_a_failing_matcher_ends_its_own_request_only(smollm2_cached, monkeypatch
         assert "does not continue its structured output" in outs[1].error and len(outs[1].token_ids) == 1
     assert [o.token_ids for o in (outs[0], outs[2])] == [o.token_ids for o in clean]
     assert [o.finish_reason for o in (outs[0], outs[2])] == [o.finish_reason for o in clean]
+
+
+@pytest.mark.slow
+def test_many_threads_share_one_engine_with_their_own_specs(smollm2_cached):
+    """Six threads submit at once to one ``llmspeed.Engine``, each with its own kind of output (and a free-text one):
+    every answer matches its own spec, never a neighbour's, and equals what the same request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmspeed import Engine
+
+    specs = [SPECS["json"], SPECS["regex"], SPECS["choice"], SPECS["grammar"], {"choice": ["red", "blue"]}, None]
+    params = [SamplingParams(max_new_tokens=30, structured_outputs=s) for s in specs]
+    alone = Generator(smollm2_cached, progress=False)
+    wanted = [alone.generate_batched([ASK], p)[0].token_ids for p in params]
+    with Engine(smollm2_cached) as engine, ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda p: engine.submit(ASK, p).result(timeout=120), params))
+    assert [o.token_ids for o in outs] == wanted
+    assert outs[4].text in ("red", "blue") and re.fullmatch(SPECS["regex"]["regex"], outs[1].text)
