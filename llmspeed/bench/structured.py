@@ -93,7 +93,7 @@ def run(device: str = "cpu", model: str = "smollm2", quick: bool = False, progre
     transformers comparison; ``progress``: a tqdm bar over the kinds of output."""
     m = load_model(model, device, progress=progress)
     reps = 1 if quick else 3
-    kinds = ("json schema", "choice") if quick else tuple(SPECS)
+    kinds = ("json schema",) if quick else tuple(SPECS)
     prompts = _prompts(4 if quick else requests)
     gen = Generator(m, progress=False)
     gen.generate_batched(prompts[:2], SamplingParams(max_new_tokens=4))  # builds the fused step and the tokenizer info
