@@ -106,10 +106,8 @@ class ToolDeltas:
         if self.name is not None:
             if not text:
                 return {}, finish_reason
-            call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
-            if first:
-                call = {"index": 0, "id": new_id("call"), "type": "function", "function": {"name": self.name, "arguments": text}}
-            return {"tool_calls": [call]}, finish_reason
+            call = _call(self.name, text) if first else {"function": {"arguments": text}}  # the call opens once
+            return {"tool_calls": [{"index": 0, **call}]}, finish_reason
         if finish_reason is None:
             return {}, None
         whole, reason = message(self.tool_choice, self.text, finish_reason)
