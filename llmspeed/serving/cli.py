@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps one engine step may run back to back when no running request wants logprobs or "
                         "penalties and none waits (greedy only on the fused CPU step; less Python between steps, and on "
                         "a GPU no wait for each step's tokens; tokens stream in bursts; docs/batching.md)")
+    p.add_argument("--tool-call-parser", type=_tool_call_parser, default=None, metavar="{hermes,FILE.json}",
+                   help="how tool_choice 'auto' (the default when a request has tools) reads tool calls out of an "
+                        "answer: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2/2.5/3), or a JSON file holding a "
+                        "transformers response template (default: the tokenizer's response_template, if it has one)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
     return p
 
@@ -61,6 +66,24 @@ def _int_in(least: int, most: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _tool_call_parser(text: str) -> str | dict[str, Any]:
+    from .tool_parser import TEMPLATES, response_template
+
+    if text in TEMPLATES:
+        return text
+    try:
+        with open(text, encoding="utf-8") as f:
+            template = json.load(f)
+    except (OSError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(sorted(TEMPLATES))}, or a JSON file holding a response "
+                                         f"template; {text!r}: {err}") from None  # fmt: skip
+    try:
+        response_template(None, template)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text}: {err}") from None
+    return template
 
 
 def _even_group(text: str) -> int:
@@ -167,7 +190,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
                     kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps)
     # the folder's own name, also for "." or "..": Path(".").name is "", Path("..").name ".."
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(os.path.abspath(args.model)).name)
-    return engine, OpenAIServer(engine, served, names, api_key=args.api_key)
+    return engine, OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,9 +267,9 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # false: the first call of an "auto" answer only (max_tool_calls)
     # OpenAI's fields that change nothing here, taken and ignored as vLLM takes them (a 400 broke clients that send
-    # them): no free-text tool calls are parsed, nothing is stored, every request runs alike; the rest is refused in check()
-    parallel_tool_calls: bool | None = None
+    # them): nothing is stored, every request runs alike; the rest is refused in check()
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
@@ -284,9 +284,8 @@ class ChatCompletionRequest(_Request):
         return super().max_tokens_given()
 
     def check(self) -> None:
-        """Refuse combinations of fields that each are valid alone, messages without their content, and tool
-        choices this server cannot honour (it parses no tool calls out of an answer: only ``"none"``, as vLLM
-        without a tool-call parser)."""
+        """Refuse combinations of fields that each are valid alone, messages without their content, and a
+        ``tool_choice`` that names no tool (``"auto"`` needs the server's tool-call parser: the server checks it)."""
         super().check()
         if self.store:
             raise APIError(400, "store: true asks to keep the completion for later retrieval, which this server does not "
@@ -301,12 +300,6 @@ class ChatCompletionRequest(_Request):
         if self.tool_choice is not None and not self.tools:
             raise APIError(400, f"tool_choice is only allowed when tools are given; got tool_choice {self.tool_choice!r} "
                                 f"without tools", "tool_choice")
-        if self.tools and self.tool_choice in (None, "auto"):
-            given = repr(self.tool_choice) if self.tool_choice is not None else "'auto' (the default with tools)"
-            raise APIError(400, f"tool_choice {given} needs the model's own tool-call format parsed out of its answer, "
-                                f"which this server does not do; send 'required' or a named function (the answer is "
-                                f"constrained to tool calls), or 'none' (the tools shown through the chat template, the "
-                                f"answer as text)", "tool_choice")  # fmt: skip
         try:
             forced_schema(self.tool_specs() or [], self.tool_choice)
         except ToolChoiceError as err:
@@ -318,6 +311,17 @@ class ChatCompletionRequest(_Request):
         vLLM does: a template that checks ``'tool_calls' in message`` (Llama 3.1's) would render or refuse a call)."""
         return [{**m.model_dump(exclude_none=True, exclude=None if m.tool_calls else {"tool_calls"}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.template_content(f"messages.{i}.content")} for i, m in enumerate(self.messages)]
+
+    @property
+    def parses_tools(self) -> bool:
+        """Whether the answer's tool calls are parsed out of its text (``tool_choice`` ``"auto"``, given or by default
+        with ``tools``): :mod:`.tool_parser`."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
+    @property
+    def max_tool_calls(self) -> int | None:
+        """Calls an answer may hand out: 1 with ``parallel_tool_calls: false`` (the first, as vLLM), else no limit."""
+        return 1 if self.parallel_tool_calls is False else None
 
     @property
     def forces_tools(self) -> bool:

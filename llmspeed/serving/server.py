@@ -49,6 +49,8 @@ from .openai_responses import (
     usage,
 )
 from .tool_choice import ToolDeltas, with_tool_calls
+from .tool_parser import ToolCallStream, merge, parsed_message, response_template
+from .tool_parser import finish_reason as tool_finish_reason
 
 _CLIENT_GONE = 499  # the status of an answer nobody receives (nginx's "client closed request")
 
@@ -68,13 +70,17 @@ class OpenAIServer:
         adapters: LoRA adapter names loaded on the model, each also a model name.
         api_key: When given, every request to the API (``/v1/...``) must carry ``Authorization: Bearer <api_key>``;
             ``/health`` and ``/metrics`` stay open, as vLLM's, for load balancers and metric scrapers.
+        tool_call_parser: How ``tool_choice: "auto"`` (the default with ``tools``) reads tool calls out of an answer
+            (:mod:`.tool_parser`): ``"hermes"``, a response template, or ``None`` for the tokenizer's own
+            ``response_template``; with neither, such requests are a 400.
 
     Raises:
         ValueError: An adapter is named as the base model, or twice (one name must pick one model), or is not loaded
-            on the engine's model (every request for it would fail).
+            on the engine's model (every request for it would fail); a ``tool_call_parser`` that is not one.
     """
 
-    def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None):
+    def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None,
+                 tool_call_parser: str | dict[str, Any] | None = None):  # fmt: skip
         self.engine = engine
         self.model_name = model_name
         self.adapters = tuple(adapters)
@@ -91,10 +97,17 @@ class OpenAIServer:
             )
         self.api_key = api_key
         self.tokenizer = engine.model.tokenizer
+        self.response_template = response_template(self.tokenizer, tool_call_parser)
         self.context = engine.model.spec.max_positions
         self.created = int(time.time())
 
     # --- helpers --------------------------------------------------------------------------------
+    def _template(self) -> dict[str, Any]:
+        """The response template of ``tool_choice: "auto"`` (checked present before a request is submitted)."""
+        if self.response_template is None:
+            raise AssertionError("a request that parses tool calls reached a server without a response template")
+        return self.response_template
+
     def adapter_for(self, model: str) -> str | Literal[False] | None:
         """What a request naming ``model`` runs with (``SamplingParams.adapter``); a 404 for a model not served."""
         if model == self.model_name:  # beside served adapters: the base alone, not whichever one is active
@@ -239,6 +252,12 @@ class OpenAIServer:
         """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
         req = parse(ChatCompletionRequest, payload)
         adapter = self.adapter_for(req.model)  # before the template is rendered and the context checked
+        if req.parses_tools and self.response_template is None:
+            given = repr(req.tool_choice) if req.tool_choice is not None else "'auto' (the default with tools)"
+            raise APIError(400, f"tool_choice {given} needs the model's tool-call format to read calls out of its answer, "
+                                f"and this server has none: start it with --tool-call-parser hermes (or a tokenizer "
+                                f"with a response_template); or send 'required' or a named function (the answer is "
+                                f"constrained to tool calls), or 'none' (the answer as text)", "tool_choice")  # fmt: skip
         max_tokens = req.max_completion_tokens or req.max_tokens or self.context
         prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
@@ -279,7 +298,14 @@ class OpenAIServer:
             return Response(status_code=_CLIENT_GONE)
         if chat:
             answer = chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs)
-            return JSONResponse(with_tool_calls(answer, req.tool_choice) if req.forces_tools else answer)
+            if req.forces_tools:
+                answer = with_tool_calls(answer, req.tool_choice)
+            elif req.parses_tools:
+                for choice in answer["choices"]:
+                    choice["message"], choice["finish_reason"] = parsed_message(
+                        self._template(), req.tool_specs(), choice["message"]["content"], choice["finish_reason"],
+                        req.max_tool_calls)
+            return JSONResponse(answer)
         return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, echo, generated))
 
     async def _stream(self, request: Request, req: Any, handles: list[RequestHandle], chat: bool) -> Response:
@@ -314,12 +340,19 @@ class OpenAIServer:
             head["usage"] = None
         offsets = [0] * len(handles)  # per choice: text_offset of its next token's legacy logprobs
         calls = [ToolDeltas(req.tool_choice) for _ in handles] if chat and req.forces_tools else None
+        parsers = [ToolCallStream(self._template(), req.tool_specs(), req.max_tool_calls) for _ in handles] \
+            if chat and req.parses_tools else None  # fmt: skip
 
         def chunk(i: int, event: StreamEvent) -> dict[str, Any] | None:
             done = finish_reason(event.output) if event.finished and event.output is not None else None
             delta = {"content": event.text} if event.text else {}
             if calls is not None:  # forced tool calls: the text goes out as their arguments
                 delta, done = calls[i].delta(event.text, done)
+            elif parsers is not None:  # tool_choice "auto": content as it comes, each call once it closes
+                delta = parsers[i].feed(event.text) if event.text else {}
+                if event.finished:
+                    delta = merge(delta, parsers[i].finish())
+                    done = tool_finish_reason(parsers[i], done)
             if not delta and done is None and event.logprobs is None:
                 return None
             if chat:
