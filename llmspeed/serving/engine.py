@@ -84,7 +84,16 @@ class Engine:
             TypeError: ``sampling`` is neither a :class:`~llmspeed.generation.SamplingParams` nor a dict of its fields.
             RuntimeError: The engine is closed.
         """
+        sampling = coerce(sampling)
+        self.prepare(sampling)
         return self._submit(prompt, sampling, None)
+
+    def prepare(self, sampling: SamplingParams) -> None:
+        """Do in the calling thread what admitting a request with ``sampling`` would otherwise do in the step loop,
+        where every running request waits for it: compile its structured-output grammar (5-9 ms, and the first one
+        walks the vocabulary). :meth:`submit` calls it; the asyncio methods run it in a worker thread."""
+        if sampling.structured_outputs is not None:
+            self.generator.grammars.prepare(sampling.structured_outputs)
 
     def _submit(self, prompt: Prompt, sampling: Any, loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
         sampling = coerce(sampling)
@@ -107,6 +116,8 @@ class Engine:
 
     async def generate(self, prompt: Prompt, sampling: SamplingParams | None = None) -> GenerationOutput:
         """Run one request to completion from asyncio; cancelling the awaiting task aborts it."""
+        sampling = coerce(sampling)
+        await asyncio.to_thread(self.prepare, sampling)
         handle = self._submit(prompt, sampling, asyncio.get_running_loop())
         try:
             async for _ in handle.events():
@@ -118,6 +129,8 @@ class Engine:
 
     async def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
         """Yield the request's events from asyncio; leaving the loop early (or a disconnect) aborts it."""
+        sampling = coerce(sampling)
+        await asyncio.to_thread(self.prepare, sampling)
         handle = self._submit(prompt, sampling, asyncio.get_running_loop())
         try:
             async for event in handle.events():

@@ -255,3 +255,30 @@ def test_many_threads_share_one_engine_with_their_own_specs(smollm2_cached):
         outs = list(pool.map(lambda p: engine.submit(ASK, p).result(timeout=120), params))
     assert [o.token_ids for o in outs] == wanted
     assert outs[4].text in ("red", "blue") and re.fullmatch(SPECS["regex"]["regex"], outs[1].text)
+
+
+def test_grammars_compile_in_the_submitting_thread_not_in_the_step_loop(smollm2_cached, monkeypatch):
+    """``Engine.submit`` and the asyncio methods compile a request's grammar before queueing it, so the step loop,
+    where every running request would wait for a compile, finds it compiled; the answers are unchanged."""
+    import asyncio
+    import threading
+
+    from llmspeed import Engine
+    from llmspeed.generation.structured import Grammars
+
+    compiled_in = []
+    real = Grammars._compiler_for_tokenizer
+
+    def spy(self):  # called once per grammar compiled (a cache miss)
+        compiled_in.append(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(Grammars, "_compiler_for_tokenizer", spy)
+    choice = SamplingParams(max_new_tokens=8, structured_outputs={"choice": ["yes", "no"]})
+    regex = SamplingParams(max_new_tokens=8, structured_outputs={"regex": "[a-c]{3}"})
+    with Engine(smollm2_cached) as engine:
+        first = engine.submit(ASK, choice).result(timeout=120)
+        second = asyncio.run(engine.generate(ASK, regex))
+        assert engine.submit(ASK, choice).result(timeout=120).text == first.text  # from the cache: no compile
+    assert first.text in ("yes", "no") and re.fullmatch("[a-c]{3}", second.text)
+    assert len(compiled_in) == 2 and "llmspeed-engine" not in compiled_in, compiled_in
