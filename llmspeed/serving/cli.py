@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-call-parser", type=_tool_call_parser, default=None, metavar="{hermes,FILE.json}",
                    help="how tool_choice 'auto' (the default when a request has tools) reads tool calls out of an "
                         "answer: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2/2.5/3), or a JSON file holding a "
-                        "transformers response template (default: the tokenizer's response_template, if it has one)")
+                        "transformers response template (default: the tokenizer's response_template if it has one, else hermes for "
+                        "Qwen 2 and 3 models)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
     return p
 

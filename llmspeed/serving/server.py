@@ -72,7 +72,7 @@ class OpenAIServer:
             ``/health`` and ``/metrics`` stay open, as vLLM's, for load balancers and metric scrapers.
         tool_call_parser: How ``tool_choice: "auto"`` (the default with ``tools``) reads tool calls out of an answer
             (:mod:`.tool_parser`): ``"hermes"``, a response template, or ``None`` for the tokenizer's own
-            ``response_template``; with neither, such requests are a 400.
+            ``response_template`` (else Hermes for Qwen 2 and 3 models); with none, such requests are a 400.
 
     Raises:
         ValueError: An adapter is named as the base model, or twice (one name must pick one model), or is not loaded
@@ -97,7 +97,8 @@ class OpenAIServer:
             )
         self.api_key = api_key
         self.tokenizer = engine.model.tokenizer
-        self.response_template = response_template(self.tokenizer, tool_call_parser)
+        model_type = getattr(getattr(engine.model.module, "config", None), "model_type", None)
+        self.response_template = response_template(self.tokenizer, tool_call_parser, model_type)
         self.context = engine.model.spec.max_positions
         self.created = int(time.time())
 

@@ -36,14 +36,19 @@ HERMES: dict[str, Any] = {
     },
 }  # fmt: skip
 TEMPLATES: dict[str, dict[str, Any]] = {"hermes": HERMES}
+# model families whose chat templates write Hermes calls: read with HERMES when nothing else is said (as transformers
+# serve falls back by model_type)
+HERMES_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next")
 _TEXT_FIELDS = ("content", "reasoning_content")
 
 
-def response_template(tokenizer: Any, tool_call_parser: str | dict[str, Any] | None) -> dict[str, Any] | None:
+def response_template(tokenizer: Any, tool_call_parser: str | dict[str, Any] | None,
+                      model_type: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     """The response template ``tool_choice: "auto"`` parses answers with (``None``: it cannot be answered).
 
     ``tool_call_parser`` is a name in :data:`TEMPLATES`, a response template itself, or ``None`` for the tokenizer's
-    own ``response_template`` when it has one.
+    own ``response_template`` when it has one, else :data:`HERMES` for a ``model_type`` of
+    :data:`HERMES_MODEL_TYPES` (Qwen 2 and 3).
 
     Raises:
         ValueError: an unknown name, or a template transformers refuses (the message names ``tool_call_parser``).
@@ -51,7 +56,7 @@ def response_template(tokenizer: Any, tool_call_parser: str | dict[str, Any] | N
     if tool_call_parser is None:
         template = getattr(tokenizer, "response_template", None)
         if template is None:
-            return None
+            return HERMES if model_type in HERMES_MODEL_TYPES else None
     elif isinstance(tool_call_parser, str):
         if tool_call_parser not in TEMPLATES:
             raise ValueError(f"tool_call_parser must be one of {sorted(TEMPLATES)} or a response template (a dict); "
@@ -194,4 +199,4 @@ def parsed_message(template: dict[str, Any], tools: list[dict[str, Any]] | None,
     return message, "tool_calls" if reason == "stop" and stream.calls else reason
 
 
-__all__ = ["HERMES", "TEMPLATES", "ToolCallStream", "finish_reason", "merge", "parsed_message", "response_template"]
+__all__ = ["HERMES", "HERMES_MODEL_TYPES", "TEMPLATES", "ToolCallStream", "finish_reason", "merge", "parsed_message", "response_template"]

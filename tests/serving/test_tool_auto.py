@@ -88,3 +88,20 @@ def test_the_cli_flag_takes_a_name_or_a_json_template(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--tool-call-parser", bad])
         assert said in capsys.readouterr().err
+
+
+def test_qwen_models_read_hermes_calls_without_the_flag_and_llama_needs_it():
+    from llmspeed.models import tiny
+    from llmspeed.serving import Engine
+    from llmspeed.serving.server import OpenAIServer
+    from llmspeed.serving.tool_parser import HERMES
+    from tests.generation.test_engine import ChatTokenizer
+
+    for architecture, template in (("qwen2", HERMES), ("qwen3", HERMES), ("llama", None)):
+        model = tiny(architecture)
+        model.tokenizer = ChatTokenizer()
+        server = OpenAIServer(Engine(model, kv_cache_tokens=256), "tiny")
+        try:
+            assert server.response_template is template, architecture
+        finally:
+            server.engine.close()
