@@ -117,7 +117,8 @@ class Engine:
     async def generate(self, prompt: Prompt, sampling: SamplingParams | None = None) -> GenerationOutput:
         """Run one request to completion from asyncio; cancelling the awaiting task aborts it."""
         sampling = coerce(sampling)
-        await asyncio.to_thread(self.prepare, sampling)
+        if sampling.structured_outputs is not None:
+            await asyncio.to_thread(self.prepare, sampling)
         handle = self._submit(prompt, sampling, asyncio.get_running_loop())
         try:
             async for _ in handle.events():
@@ -130,7 +131,8 @@ class Engine:
     async def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
         """Yield the request's events from asyncio; leaving the loop early (or a disconnect) aborts it."""
         sampling = coerce(sampling)
-        await asyncio.to_thread(self.prepare, sampling)
+        if sampling.structured_outputs is not None:
+            await asyncio.to_thread(self.prepare, sampling)
         handle = self._submit(prompt, sampling, asyncio.get_running_loop())
         try:
             async for event in handle.events():

@@ -291,7 +291,8 @@ class OpenAIServer:
                       logprobs: int | None, chat: bool, echo: str | None = None, generated: bool = True) -> Response:
         vocab = self.engine.generator.model.spec.vocab_size
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
-        await asyncio.to_thread(self.engine.prepare, sps[0])  # its grammar, off the event loop and the step loop
+        if sps[0].structured_outputs is not None:  # its grammar compiled off the event loop and the step loop
+            await asyncio.to_thread(self.engine.prepare, sps[0])
         handles = self._submit_all(prompt, sps)
         if req.stream:
             return await self._stream(request, req, handles, chat)
