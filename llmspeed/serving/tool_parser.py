@@ -56,7 +56,9 @@ def response_template(tokenizer: Any, tool_call_parser: str | dict[str, Any] | N
     if tool_call_parser is None:
         template = getattr(tokenizer, "response_template", None)
         if template is None:
-            return HERMES if model_type in HERMES_MODEL_TYPES else None
+            template = HERMES if model_type in HERMES_MODEL_TYPES else None
+        if template is None or not _readable():  # a transformers without response templates reads no calls
+            return None
     elif isinstance(tool_call_parser, str):
         if tool_call_parser not in TEMPLATES:
             raise ValueError(f"tool_call_parser must be one of {sorted(TEMPLATES)} or a response template (a dict); "
@@ -64,6 +66,9 @@ def response_template(tokenizer: Any, tool_call_parser: str | dict[str, Any] | N
         template = TEMPLATES[tool_call_parser]
     else:
         template = tool_call_parser
+    if not _readable():
+        raise ValueError("tool_call_parser needs transformers' response templates (transformers.utils.chat_parsing), "
+                         "which the installed transformers does not have: pip install -U transformers")
     from transformers.utils.chat_parsing.response_templates import load_response_template
 
     try:
@@ -74,6 +79,15 @@ def response_template(tokenizer: Any, tool_call_parser: str | dict[str, Any] | N
         raise ValueError(f"tool_call_parser: the response template has no 'tool_calls' field; it has "
                          f"{sorted(template.get('fields', {}))}")  # fmt: skip
     return template
+
+
+def _readable() -> bool:
+    """Whether the installed transformers reads response templates (added in the 5.x series)."""
+    try:
+        from transformers.utils.chat_parsing.response_parser import ResponseParser  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _call(value: Any, index: int) -> dict[str, Any]:

@@ -108,3 +108,20 @@ def test_templates_are_checked_when_the_server_is_configured():
         response_template(None, {"fields": {"tool_calls": {"open": "<a>", "close": "</a>"}}})  # no start_anchor
     with pytest.raises(ValueError, match="has no 'tool_calls' field; it has \\['content'\\]"):
         response_template(None, {"start_anchor": "x", "fields": {"content": {"content": "text"}}})
+
+
+def test_a_transformers_without_response_templates_leaves_auto_a_400_or_names_the_flag(monkeypatch):
+    """transformers >= 5.0 is allowed and the response templates came later in the 5.x series: a Qwen model served
+    with an older one must still start (auto stays a 400), and an explicit ``tool_call_parser`` says what is missing."""
+    import sys
+
+    from llmspeed.serving import tool_parser
+
+    class Tok:
+        response_template = HERMES
+
+    monkeypatch.setitem(sys.modules, "transformers.utils.chat_parsing.response_parser", None)  # import fails
+    assert not tool_parser._readable()
+    assert response_template(object(), None, "qwen2") is None and response_template(Tok(), None) is None
+    with pytest.raises(ValueError, match=r"tool_call_parser needs transformers' response templates.*pip install -U"):
+        response_template(None, "hermes")
