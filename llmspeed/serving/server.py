@@ -49,7 +49,7 @@ from .openai_responses import (
     usage,
 )
 from .tool_choice import ToolDeltas, with_tool_calls
-from .tool_parser import ToolCallStream, merge, parsed_message, response_template
+from .tool_parser import ToolCallStream, merge, response_template, with_parsed_calls
 from .tool_parser import finish_reason as tool_finish_reason
 
 _CLIENT_GONE = 499  # the status of an answer nobody receives (nginx's "client closed request")
@@ -304,10 +304,7 @@ class OpenAIServer:
             if req.forces_tools:
                 answer = with_tool_calls(answer, req.tool_choice)
             elif req.parses_tools:
-                for choice in answer["choices"]:
-                    choice["message"], choice["finish_reason"] = parsed_message(
-                        self._template(), req.tool_specs(), choice["message"]["content"], choice["finish_reason"],
-                        req.max_tool_calls)
+                answer = with_parsed_calls(answer, self._template(), req.tool_specs(), req.max_tool_calls)
             return JSONResponse(answer)
         return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, echo, generated))
 

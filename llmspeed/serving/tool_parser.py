@@ -210,7 +210,17 @@ def parsed_message(template: dict[str, Any], tools: list[dict[str, Any]] | None,
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in whole["tool_calls"]]
     elif message["content"] is None:
         message["content"] = ""  # no calls: the answer is its text, even an empty one
-    return message, "tool_calls" if reason == "stop" and stream.calls else reason
+    return message, finish_reason(stream, reason) or reason
 
 
-__all__ = ["HERMES", "HERMES_MODEL_TYPES", "TEMPLATES", "ToolCallStream", "finish_reason", "merge", "parsed_message", "response_template"]
+def with_parsed_calls(response: dict[str, Any], template: dict[str, Any], tools: list[dict[str, Any]] | None,
+                      max_calls: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """A whole ``chat.completion`` response with each choice's calls read out of its text (:func:`parsed_message`)."""
+    for choice in response["choices"]:
+        choice["message"], choice["finish_reason"] = parsed_message(template, tools, choice["message"]["content"],
+                                                                    choice["finish_reason"], max_calls)  # fmt: skip
+    return response
+
+
+__all__ = ["HERMES", "HERMES_MODEL_TYPES", "TEMPLATES", "ToolCallStream", "finish_reason", "merge", "parsed_message", "response_template",
+           "with_parsed_calls"]
