@@ -87,6 +87,10 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await server.chat(request, await body(request))
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await server.responses(request, await body(request))
+
     @app.post("/tokenize")  # vLLM's, outside /v1 as there
     async def tokenize(request: Request) -> dict[str, Any]:
         return await server.tokenize(await body(request))

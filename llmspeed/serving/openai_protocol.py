@@ -351,6 +351,7 @@ def parse(kind: type[BaseModel], payload: Any) -> Any:
         request = kind.model_validate(payload)
     except ValidationError as err:
         raise invalid(err.errors()) from None
-    if isinstance(request, _Request):
-        request.check()
+    check = getattr(request, "check", None)
+    if callable(check):  # the chat, completions and Responses requests
+        check()
     return request

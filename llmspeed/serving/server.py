@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /v1/models`` and ``/v1/models/{model}``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (both stream as server-sent events ending in ``data: [DONE]``; the chunks of ``n > 1`` choices interleave, each
-naming its choice by ``index``), ``GET /health`` (and ``HEAD``), ``GET /metrics`` (Prometheus text).
+naming its choice by ``index``), ``POST /v1/responses`` (OpenAI's Responses API, answered as the chat request it
+asks for), ``GET /health`` (and ``HEAD``), ``GET /metrics`` (Prometheus text).
 The request's ``model`` picks the base model or one of the served LoRA adapters; requests for
 different adapters share one batch. A client that disconnects aborts its request (every choice of it); a
 choice that fails fails the request and aborts its sibling choices. Every bad request
@@ -10,53 +11,38 @@ is answered 4xx with an OpenAI-style error body; nothing a client sends stops th
 fails (or is aborted by shutdown) after its stream began ends with a ``data: {"error": ...}`` event, which
 the ``openai`` client raises as ``APIError``; never with a normal ``finish_reason``.
 
-:class:`OpenAIServer` holds what each endpoint answers; :mod:`.http_app` wires its routes, API-key check and error
-bodies into the FastAPI application.
+:class:`OpenAIServer` holds what each endpoint answers; :mod:`.streaming` writes streamed answers; :mod:`.http_app`
+wires its routes, API-key check and error bodies into the FastAPI application.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.sse import format_sse_event
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 
-from ..generation import GenerationOutput, SamplingParams, StreamEvent
-from ..generation.engine import STEP_FAILED
+from ..generation import GenerationOutput, SamplingParams
 from ..generation.prompts import prompt_ids
 from ..lora import adapter_names
 from . import tokenize_api
 from .api_errors import APIError
 from .chat_prompt import chat_prompt_off_loop
-from .engine import ENGINE_DIED, Engine
+from .engine import Engine
 from .handle import RequestHandle, interleave
 from .http_app import build_app
 from .openai_protocol import ChatCompletionRequest, CompletionRequest, parse
-from .openai_responses import (
-    chat_logprobs,
-    chat_response,
-    completion_logprobs,
-    completion_response,
-    finish_reason,
-    new_id,
-    usage,
-)
-from .tool_choice import ToolDeltas, with_tool_calls
-from .tool_parser import ToolCallStream, merge, response_template, with_parsed_calls
-from .tool_parser import finish_reason as tool_finish_reason
-
-_CLIENT_GONE = 499  # the status of an answer nobody receives (nginx's "client closed request")
-
-
-def _sse(payload: Any) -> bytes:
-    return format_sse_event(data_str=payload if isinstance(payload, str) else json.dumps(payload))
+from .openai_responses import chat_response, completion_response, new_id
+from .responses_output import whole
+from .responses_request import ResponsesRequest
+from .streaming import CLIENT_GONE, stream, unless_gone
+from .streaming import failure as answer_failure
+from .tool_choice import with_tool_calls
+from .tool_parser import response_template, with_parsed_calls
 
 
 class OpenAIServer:
@@ -124,47 +110,10 @@ class OpenAIServer:
         except RuntimeError as err:  # closed engine
             raise APIError(503, str(err)) from None
 
-    @staticmethod
-    def _failure(output: GenerationOutput, prompt_param: str | None = None) -> APIError | None:
-        """Why ``output`` is not an answer (``None`` when it is one); a request refused before any token (its
-        prompt too long, bad ids, a template that cannot render it) names ``prompt_param`` (``prompt``, ``messages``)."""
-        if output.finish_reason == "error":
-            # an error before any token is the request's fault (too long, bad ids), unless a step raised (a fault
-            # in the model or the sampler, out of memory); later, the server's
-            message = output.error or "generation failed"
-            refused = not output.token_ids and not message.startswith((STEP_FAILED, ENGINE_DIED))
-            return APIError(400, message, prompt_param) if refused else APIError(500, message)
-        if output.finish_reason == "abort":  # the client is gone, or the engine was closed under it
-            return APIError(503, "the request was aborted before it finished: the server is shutting down")
-        return None
-
     def _check(self, output: GenerationOutput, prompt_param: str | None = None) -> None:
-        failure = self._failure(output, prompt_param)
+        failure = answer_failure(output, prompt_param)
         if failure is not None:
             raise failure
-
-    @staticmethod
-    async def _unless_gone(request: Request, work: Any) -> tuple[bool, Any]:
-        """Await ``work`` unless the client disconnects first: ``(True, result)``, or ``(False, None)``.
-
-        The disconnect is awaited on ``request.receive()`` itself: ``request.is_disconnected()`` peeks with a
-        cancelled scope, which through an ``@app.middleware`` wrapper never sees it.
-        """
-
-        async def gone() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
-        try:
-            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                return True, task.result()
-            return False, None
-        finally:
-            for t in (task, watch):
-                if not t.done():
-                    t.cancel()
 
     async def _results(self, request: Request, handles: list[RequestHandle],
                        prompt_param: str | None = None) -> list[GenerationOutput] | None:
@@ -181,7 +130,7 @@ class OpenAIServer:
             return outputs
 
         try:
-            _, outputs = await self._unless_gone(request, finals())
+            _, outputs = await unless_gone(request, finals())
             return outputs
         finally:
             for h in handles:
@@ -249,8 +198,20 @@ class OpenAIServer:
         return await self._answer(request, req, adapter, prompt, max_tokens, req.logprobs, chat=False, echo=echo,
                                   generated=req.max_tokens != 0)
 
-    async def chat(self, request: Request, payload: Any) -> Response:
-        """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context)."""
+    async def responses(self, request: Request, payload: Any) -> Response:
+        """``POST /v1/responses`` (OpenAI's Responses API): answered as the chat request it asks for
+        (:mod:`.responses_request`), written back as a ``response`` object or its events (:mod:`.responses_output`);
+        an error names the Responses field it came from."""
+        req = parse(ResponsesRequest, payload)
+        chat, origins = req.chat_payload()
+        try:
+            return await self.chat(request, chat, req)
+        except APIError as err:
+            raise req.renamed(err, origins) from None
+
+    async def chat(self, request: Request, payload: Any, responses: ResponsesRequest | None = None) -> Response:
+        """``POST /v1/chat/completions`` (``max_tokens`` defaults to the rest of the context); ``responses``: the
+        Responses request it was read from, whose shape the answer takes."""
         req = parse(ChatCompletionRequest, payload)
         adapter = self.adapter_for(req.model)  # before the template is rendered and the context checked
         if req.parses_tools and self.response_template is None:
@@ -263,7 +224,8 @@ class OpenAIServer:
         prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
             prompt = await self._fitting(prompt, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        return await self._answer(request, req, adapter, prompt, max_tokens, req.wanted_logprobs(), chat=True)
+        return await self._answer(request, req, adapter, prompt, max_tokens, req.wanted_logprobs(), chat=True,
+                                  responses=responses)
 
     async def _fitting(self, prompt: Any, max_tokens: int, param: str) -> Any:
         """``prompt``'s token ids, or a 400 naming ``param`` when the prompt and ``max_tokens`` pass the context the
@@ -288,114 +250,28 @@ class OpenAIServer:
         return self.tokenizer.decode(ids)
 
     async def _answer(self, request: Request, req: Any, adapter: str | Literal[False] | None, prompt: Any, max_tokens: int,
-                      logprobs: int | None, chat: bool, echo: str | None = None, generated: bool = True) -> Response:
+                      logprobs: int | None, chat: bool, echo: str | None = None, generated: bool = True,
+                      responses: ResponsesRequest | None = None) -> Response:
         vocab = self.engine.generator.model.spec.vocab_size
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
         if sps[0].structured_outputs is not None:  # its grammar compiled off the event loop and the step loop
             await asyncio.to_thread(self.engine.prepare, sps[0])
         handles = self._submit_all(prompt, sps)
         if req.stream:
-            return await self._stream(request, req, handles, chat)
+            return await stream(request, req, handles, chat, self.tokenizer, self.response_template, responses)
         outputs = await self._results(request, handles, "messages" if chat else "prompt")
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
-            return Response(status_code=_CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
         if chat:
             answer = chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs)
             if req.forces_tools:
                 answer = with_tool_calls(answer, req.tool_choice)
             elif req.parses_tools:
                 answer = with_parsed_calls(answer, self._template(), req.tool_specs(), req.max_tool_calls)
+            if responses is not None:
+                answer = whole(responses, answer, outputs[0].metrics.cached_tokens)
             return JSONResponse(answer)
         return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, echo, generated))
-
-    async def _stream(self, request: Request, req: Any, handles: list[RequestHandle], chat: bool) -> Response:
-        """Stream the choices of ``handles`` as they arrive, each chunk naming its choice by ``index``.
-
-        Each choice ends with its own ``finish_reason`` chunk; a choice that fails ends the whole stream with
-        an error event and aborts the others, and so does a client that disconnects.
-        """
-        events = interleave(handles)
-
-        def abort_all() -> None:
-            for h in handles:
-                h.abort()
-
-        try:  # a request may wait long for its first token (queued behind others): the client may leave first
-            here, first = await self._unless_gone(request, anext(events))
-        except BaseException:
-            abort_all()
-            raise
-        if not here:
-            abort_all()
-            return Response(status_code=_CLIENT_GONE)
-        refused = first[1].output if first[1].finished else None
-        if refused is not None and self._failure(refused) is not None:  # before any token: a plain 4xx, not a stream
-            abort_all()
-            await events.aclose()
-            self._check(refused, "messages" if chat else "prompt")
-        rid = new_id("chatcmpl" if chat else "cmpl")
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": req.model}
-        if req.include_usage:  # as OpenAI's: every chunk carries "usage": null, the last one the counts
-            head["usage"] = None
-        offsets = [0] * len(handles)  # per choice: text_offset of its next token's legacy logprobs
-        calls = [ToolDeltas(req.tool_choice) for _ in handles] if chat and req.forces_tools else None
-        parsers = [ToolCallStream(self._template(), req.tool_specs(), req.max_tool_calls) for _ in handles] \
-            if chat and req.parses_tools else None  # fmt: skip
-
-        def chunk(i: int, event: StreamEvent) -> dict[str, Any] | None:
-            done = finish_reason(event.output) if event.finished and event.output is not None else None
-            delta = {"content": event.text} if event.text else {}
-            if calls is not None:  # forced tool calls: the text goes out as their arguments
-                delta, done = calls[i].delta(event.text, done)
-            elif parsers is not None:  # tool_choice "auto": content as it comes, each call once it closes
-                delta = parsers[i].feed(event.text) if event.text else {}
-                if event.finished:
-                    delta = merge(delta, parsers[i].finish())
-                    done = tool_finish_reason(parsers[i], done)
-            if not delta and done is None and event.logprobs is None:
-                return None
-            if chat:
-                choice = {"index": i, "delta": delta, "finish_reason": done,
-                          "logprobs": chat_logprobs(self.tokenizer, [event.logprobs]) if event.logprobs else None}
-            else:
-                lps = completion_logprobs(self.tokenizer, [event.logprobs], offsets[i]) if event.logprobs else None
-                if lps is not None:
-                    offsets[i] += len(lps["tokens"][0])
-                choice = {"index": i, "text": event.text, "finish_reason": done, "logprobs": lps}
-            return {**head, "choices": [choice]}
-
-        async def body() -> AsyncIterator[bytes]:
-            outputs: list[Any] = [None] * len(handles)
-            failure = None
-            try:
-                if chat:
-                    for i in range(len(handles)):
-                        yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                         "finish_reason": None, "logprobs": None}]})
-                arrived: tuple[int, StreamEvent] | None = first
-                while arrived is not None:
-                    i, event = arrived
-                    if event.finished and event.output is not None:
-                        failure = self._failure(event.output)
-                        if failure is not None:  # the openai client raises APIError on an error event
-                            yield _sse(failure.body())
-                            break
-                        outputs[i] = event.output
-                    piece = chunk(i, event)
-                    if piece is not None:
-                        yield _sse(piece)
-                    arrived = await anext(events, None)
-                if failure is None and req.include_usage and None not in outputs:
-                    yield _sse({**head, "choices": [], "usage": usage(outputs)})
-                yield _sse("[DONE]")
-            finally:
-                abort_all()  # a no-op for choices that finished; a failed sibling or a disconnect lands here
-                await events.aclose()
-
-        # a client gone before the body's first chunk leaves body() unstarted, so its finally never runs: the
-        # response's background task, which runs after the stream ends or the client disconnects, aborts them too
-        return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(abort_all))
 
     # --- the application ------------------------------------------------------------------------
     def app(self) -> FastAPI:
