@@ -30,7 +30,7 @@ def build_app(server: OpenAIServer) -> FastAPI:
         # the API only: a load balancer's /health probe and a Prometheus scrape of /metrics carry no key (as vLLM);
         # /tokenize and /detokenize (open in vLLM) render chat templates for whoever calls: guarded as the API is
         path = request.url.path
-        if server.api_key is not None and (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
+        if server.api_key is not None and (path.startswith("/v1") or path in ("/tokenize", "/detokenize", "/tokenizer_info")):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
                 err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
@@ -94,6 +94,10 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.post("/tokenize")  # vLLM's, outside /v1 as there
     async def tokenize(request: Request) -> dict[str, Any]:
         return await server.tokenize(await body(request))
+
+    @app.get("/tokenizer_info")  # vLLM's: with /tokenize and /detokenize, the remote tokenizer of eval harnesses
+    async def tokenizer_info() -> dict[str, Any]:
+        return server.tokenizer_info()
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:

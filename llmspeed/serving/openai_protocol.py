@@ -7,7 +7,7 @@ Requests are validated here (pydantic); a bad value or a field this server does 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -177,16 +177,23 @@ class CompletionRequest(_Request):
         if self.best_of is not None and self.best_of < self.n:  # as OpenAI and vLLM: n choices come from best_of
             raise APIError(400, f"best_of must be at least n={self.n}; got {self.best_of}", "best_of")
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt (a list of one prompt is accepted; several are a 400)."""
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one (text or token ids), or several (a list of texts or of token id lists), as
+        OpenAI's API and vLLM take them (evaluation harnesses send a batch of prompts per request)."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, f"give one prompt per request; got {len(p)} (use n for several choices)", "prompt")
-            p = p[0]
         if not p:
             raise APIError(400, "prompt is empty", "prompt")
-        return p  # type: ignore[return-value]
+        several = isinstance(p, list) and isinstance(p[0], (str, list))
+        prompts = cast("list[str | list[int]]", list(p) if several else [p])
+        for i, one in enumerate(prompts):
+            if not one:
+                raise APIError(400, f"prompt.{i} is empty", f"prompt.{i}")
+        return prompts
+
+    def prompt_param(self, i: int) -> str:
+        """The field that names prompt ``i`` in an error (``prompt``, or ``prompt.3`` of several)."""
+        p = self.prompt
+        return f"prompt.{i}" if isinstance(p, list) and p and isinstance(p[0], (str, list)) else "prompt"
 
 
 class ChatMessage(BaseModel):

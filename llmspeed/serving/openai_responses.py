@@ -16,9 +16,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(outputs: list[GenerationOutput]) -> dict[str, int]:
-    """Token counts of a response (the prompt counted once)."""
-    prompt = outputs[0].metrics.prompt_tokens if outputs else 0
+def usage(outputs: list[GenerationOutput], per_prompt: int | None = None) -> dict[str, int]:
+    """Token counts of a response: each prompt counted once (``per_prompt`` consecutive outputs share one; ``None``:
+    all of them do), the completion tokens of every choice summed."""
+    step = per_prompt or max(len(outputs), 1)
+    prompt = sum(o.metrics.prompt_tokens for o in outputs[::step])
     completion = sum(o.metrics.output_tokens for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -91,9 +93,10 @@ def chat_logprobs(tokenizer: Any, items: list[Any] | None) -> dict[str, Any] | N
                         for lp in items]}
 
 
-def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput],
-                        echo: str | None = None, generated: bool = True) -> dict[str, Any]:  # fmt: skip
-    """A whole ``text_completion`` response; ``echo``: the prompt's text, put before each choice's text (and, when
+def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput], n: int = 1,
+                        echo: list[str] | None = None, generated: bool = True) -> dict[str, Any]:  # fmt: skip
+    """A whole ``text_completion`` response: ``n`` consecutive choices per prompt (choice ``i`` answers prompt
+    ``i // n``, as OpenAI's API orders them); ``echo``: each prompt's text, put before its choices' text (and, when
     the request asked for log-probabilities, the prompt's tokens before the generated ones, the first with ``null``
     log-probability and alternatives, as OpenAI's and vLLM's echo); ``generated=False`` (``max_tokens: 0``): the
     prompt alone, its one computed token dropped."""
@@ -102,11 +105,11 @@ def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[Gene
         text = o.text if generated else ""
         lps = completion_logprobs(tokenizer, o.logprobs if generated else [] if o.logprobs is not None else None)
         if echo is not None:
-            text = echo + text
-            lps = _echoed(tokenizer, o, lps, len(echo))
+            text = echo[i // n] + text
+            lps = _echoed(tokenizer, o, lps, len(echo[i // n]))
         choices.append({"index": i, "text": text, "logprobs": lps,
                         "finish_reason": finish_reason(o) if generated else "length"})
-    counts = usage(outputs)
+    counts = usage(outputs, n)
     if not generated:
         counts = {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,

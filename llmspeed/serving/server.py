@@ -116,16 +116,18 @@ class OpenAIServer:
             raise failure
 
     async def _results(self, request: Request, handles: list[RequestHandle],
-                       prompt_param: str | None = None) -> list[GenerationOutput] | None:
+                       prompt_params: list[str] | None = None) -> list[GenerationOutput] | None:
         """Wait for every handle; return ``None`` if the client goes away first. The first choice that fails
-        raises its :class:`APIError` at once; either way every handle still running is aborted."""
+        raises its :class:`APIError` at once (a refused prompt naming ``prompt_params[i]``); either way every handle
+        still running is aborted."""
 
         async def finals() -> list[GenerationOutput]:
             outputs: list[Any] = [None] * len(handles)
             async with aclosing(interleave(handles)) as events:
                 async for i, event in events:
                     if event.finished and event.output is not None:
-                        self._check(event.output, prompt_param)  # a failed choice fails the answer: no partial 200
+                        # a failed choice fails the answer: no partial 200
+                        self._check(event.output, prompt_params[i] if prompt_params else None)
                         outputs[i] = event.output
             return outputs
 
@@ -136,11 +138,12 @@ class OpenAIServer:
             for h in handles:
                 h.abort()
 
-    def _submit_all(self, prompt: Any, sps: list[SamplingParams]) -> list[RequestHandle]:
-        """Submit one request per choice; if one cannot be submitted (the engine closed), abort those that were."""
+    def _submit_all(self, requests: list[tuple[Any, SamplingParams]]) -> list[RequestHandle]:
+        """Submit one request per (prompt, choice); if one cannot be submitted (the engine closed), abort those that
+        were."""
         handles: list[RequestHandle] = []
         try:
-            for sp in sps:
+            for prompt, sp in requests:
                 handles.append(self._submit(prompt, sp))
         except BaseException:
             for h in handles:
@@ -180,6 +183,10 @@ class OpenAIServer:
         """``POST /tokenize`` (vLLM's): :func:`.tokenize_api.tokenize`."""
         return await tokenize_api.tokenize(self, payload)
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        """``GET /tokenizer_info`` (vLLM's): :func:`.tokenize_api.tokenizer_info`."""
+        return tokenize_api.tokenizer_info(self)
+
     async def detokenize(self, payload: Any) -> dict[str, Any]:
         """``POST /detokenize`` (vLLM's): :func:`.tokenize_api.detokenize`."""
         return await tokenize_api.detokenize(self, payload)
@@ -188,14 +195,15 @@ class OpenAIServer:
         """``POST /v1/completions`` (``max_tokens`` defaults to 16, as OpenAI's)."""
         req = parse(CompletionRequest, payload)
         adapter = self.adapter_for(req.model)  # an unknown model is a 404 before anything else is looked at (as vLLM)
-        prompt = req.single_prompt()
+        prompts = req.prompts()
         echo = None
-        if req.echo:  # the prompt as given, or its ids' text
-            echo = prompt if isinstance(prompt, str) else await asyncio.to_thread(self._decode, prompt)
+        if req.echo:  # each prompt as given, or its ids' text
+            echo = [p if isinstance(p, str) else await asyncio.to_thread(self._decode, p) for p in prompts]
         if req.max_tokens is not None:
-            prompt = await self._fitting(prompt, max(req.max_tokens, 1), "max_tokens")
+            prompts = [await self._fitting(p, max(req.max_tokens, 1), "max_tokens", req.prompt_param(i))
+                       for i, p in enumerate(prompts)]  # fmt: skip
         max_tokens = 16 if req.max_tokens is None else max(req.max_tokens, 1)  # 0 (echo): one computed, dropped
-        return await self._answer(request, req, adapter, prompt, max_tokens, req.logprobs, chat=False, echo=echo,
+        return await self._answer(request, req, adapter, prompts, max_tokens, req.logprobs, chat=False, echo=echo,
                                   generated=req.max_tokens != 0)
 
     async def responses(self, request: Request, payload: Any) -> Response:
@@ -224,13 +232,14 @@ class OpenAIServer:
         prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
             prompt = await self._fitting(prompt, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        return await self._answer(request, req, adapter, prompt, max_tokens, req.wanted_logprobs(), chat=True,
+        return await self._answer(request, req, adapter, [prompt], max_tokens, req.wanted_logprobs(), chat=True,
                                   responses=responses)
 
-    async def _fitting(self, prompt: Any, max_tokens: int, param: str) -> Any:
+    async def _fitting(self, prompt: Any, max_tokens: int, param: str, which: str = "prompt") -> Any:
         """``prompt``'s token ids, or a 400 naming ``param`` when the prompt and ``max_tokens`` pass the context the
         engine holds (as vLLM and OpenAI answer; it was cut there silently). A prompt that cannot be tokenized, or
-        that alone fills the context, goes on as given: the engine refuses it with its own message."""
+        that alone fills the context, goes on as given: the engine refuses it with its own message. ``which`` names
+        the prompt in the message (``prompt.2`` of several)."""
         gen = self.engine.generator
         try:
             ids = await asyncio.to_thread(prompt_ids, prompt, gen.tokenizer, gen.chat_template, gen.model.spec.vocab_size)
@@ -239,7 +248,7 @@ class OpenAIServer:
         limit = gen.scheduler.max_tokens_per_seq
         if len(ids) < limit < len(ids) + max_tokens:
             raise APIError(400, f"{param}={max_tokens} is too large: this model holds {limit} tokens of context and the "
-                                f"prompt takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
+                                f"{which} takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
         return ids
 
     def _decode(self, ids: list[int]) -> str:
@@ -249,17 +258,18 @@ class OpenAIServer:
             return ""  # the engine refuses the prompt with its own message (a 400 naming prompt)
         return self.tokenizer.decode(ids)
 
-    async def _answer(self, request: Request, req: Any, adapter: str | Literal[False] | None, prompt: Any, max_tokens: int,
-                      logprobs: int | None, chat: bool, echo: str | None = None, generated: bool = True,
+    async def _answer(self, request: Request, req: Any, adapter: str | Literal[False] | None, prompts: list[Any],
+                      max_tokens: int, logprobs: int | None, chat: bool, echo: list[str] | None = None, generated: bool = True,
                       responses: ResponsesRequest | None = None) -> Response:
         vocab = self.engine.generator.model.spec.vocab_size
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
         if sps[0].structured_outputs is not None:  # its grammar compiled off the event loop and the step loop
             await asyncio.to_thread(self.engine.prepare, sps[0])
-        handles = self._submit_all(prompt, sps)
+        handles = self._submit_all([(p, sp) for p in prompts for sp in sps])  # choice i answers prompt i // n
+        params = ["messages" if chat else req.prompt_param(i // req.n) for i in range(len(handles))]
         if req.stream:
-            return await stream(request, req, handles, chat, self.tokenizer, self.response_template, responses)
-        outputs = await self._results(request, handles, "messages" if chat else "prompt")
+            return await stream(request, req, handles, chat, self.tokenizer, self.response_template, responses, params)
+        outputs = await self._results(request, handles, params)
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=CLIENT_GONE)
         if chat:
@@ -271,7 +281,8 @@ class OpenAIServer:
             if responses is not None:
                 answer = whole(responses, answer, outputs[0].metrics.cached_tokens)
             return JSONResponse(answer)
-        return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, echo, generated))
+        return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, req.n, echo,
+                                                generated))  # fmt: skip
 
     # --- the application ------------------------------------------------------------------------
     def app(self) -> FastAPI:

@@ -73,13 +73,15 @@ async def unless_gone(request: Request, work: Any) -> tuple[bool, Any]:
 
 
 async def stream(request: Request, req: Any, handles: list[RequestHandle], chat: bool, tokenizer: Any,
-                 template: dict[str, Any] | None, responses: ResponsesRequest | None = None) -> Response:
+                 template: dict[str, Any] | None, responses: ResponsesRequest | None = None,
+                 prompt_params: list[str] | None = None) -> Response:
     """Stream the choices of ``handles`` as they arrive, each chunk naming its choice by ``index`` (or, for a
     ``responses`` request, as the Responses API's events: :class:`.responses_output.ResponseEvents`).
 
     Each choice ends with its own ``finish_reason`` chunk; a choice that fails ends the whole stream with
     an error event and aborts the others, and so does a client that disconnects. ``tokenizer`` writes
-    log-probabilities' tokens; ``template`` is the response template of ``tool_choice: "auto"`` (:mod:`.tool_parser`).
+    log-probabilities' tokens; ``template`` is the response template of ``tool_choice: "auto"`` (:mod:`.tool_parser`);
+    ``prompt_params[i]`` names handle ``i``'s prompt when it is refused before any token (a 400, not a stream).
     """
     events = interleave(handles)
 
@@ -95,7 +97,8 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
     if not here:
         abort_all()
         return Response(status_code=CLIENT_GONE)
-    refused = failure(first[1].output, "messages" if chat else "prompt") \
+    param = prompt_params[first[0]] if prompt_params else "messages" if chat else "prompt"
+    refused = failure(first[1].output, param) \
         if first[1].finished and first[1].output is not None else None  # fmt: skip
     if refused is not None:  # before any token: a plain 4xx, not a stream
         abort_all()
@@ -169,7 +172,7 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
                     yield frame
                 arrived = await anext(events, None)
             if failed is None and req.include_usage and None not in outputs:
-                for frame in out({**head, "choices": [], "usage": usage(outputs)}):
+                for frame in out({**head, "choices": [], "usage": usage(outputs, req.n)}):
                     yield frame
             if shaped is None:  # the Responses API's stream ends with its last event
                 yield sse("[DONE]")

@@ -1,9 +1,11 @@
-"""``POST /tokenize`` and ``POST /detokenize``, as vLLM's OpenAI-compatible server has them.
+"""``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``, as vLLM's OpenAI-compatible server has them.
 
 ``/tokenize`` answers the token ids a request would run: a ``prompt`` as ``/v1/completions`` tokenizes it, chat
 ``messages`` as ``/v1/chat/completions`` renders and tokenizes them (the same functions), so a client can count a
 prompt's tokens against ``max_model_len`` before it sends it. ``/detokenize`` turns token ids back into text.
-Both sit outside ``/v1``, as vLLM's do; unlike vLLM's, a server's API key guards them as it guards ``/v1`` (they
+``/tokenizer_info`` gives the special tokens and the chat template. Together they are the "remote tokenizer" that
+evaluation harnesses (lm-evaluation-harness's ``local-completions``) use instead of downloading the model's.
+They sit outside ``/v1``, as vLLM's do; unlike vLLM's, a server's API key guards them as it guards ``/v1`` (they
 render chat templates for whoever calls).
 """
 
@@ -33,6 +35,7 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
+    add_special_tokens: bool | None = None  # a text prompt's BOS/EOS as the tokenizer adds them (True: as completions)
 
 
 class DetokenizeRequest(BaseModel):
@@ -55,6 +58,9 @@ async def tokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
                        "prompt" if req.prompt is not None else "messages")
     if req.tools is not None and req.messages is None:
         raise APIError(400, "tools go with messages (they are rendered by the chat template)", "tools")
+    if req.add_special_tokens is not None and not isinstance(req.prompt, str):
+        raise APIError(400, "add_special_tokens applies to a text prompt (a chat template writes its own special tokens; "
+                            "token ids are taken as they are)", "add_special_tokens")  # fmt: skip
     gen = server.engine.generator
     if req.messages is not None:  # the chat endpoint's own checks and rendering
         tools = {"tools": req.tools, "tool_choice": "none"} if req.tools is not None else {}  # shown, never called
@@ -65,7 +71,10 @@ async def tokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
     try:
-        ids = await asyncio.to_thread(prompt_ids, prompt, gen.tokenizer, gen.chat_template, gen.model.spec.vocab_size)
+        if req.add_special_tokens is False and isinstance(prompt, str):  # the text's own tokens (a harness adds
+            ids = await asyncio.to_thread(_plain_ids, gen.tokenizer, prompt)  # its own BOS where it wants one)
+        else:
+            ids = await asyncio.to_thread(prompt_ids, prompt, gen.tokenizer, gen.chat_template, gen.model.spec.vocab_size)
     except ValueError as err:
         raise APIError(400, str(err), param) from None
     strs = None
@@ -73,6 +82,33 @@ async def tokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
         convert = getattr(server.tokenizer, "convert_ids_to_tokens", None)
         strs = list(convert(ids)) if convert is not None else [server.tokenizer.decode([t]) for t in ids]
     return {"count": len(ids), "max_model_len": gen.scheduler.max_tokens_per_seq, "tokens": ids, "token_strs": strs}
+
+
+def _plain_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s token ids without the special tokens the tokenizer adds around a sequence."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer; pass prompts as lists of token ids")
+    try:
+        return [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+    except Exception as exc:  # a tokenizer without the option, or text it cannot encode
+        raise ValueError(f"the tokenizer cannot encode this prompt without special tokens ({type(exc).__name__}: "
+                         f"{exc})") from exc  # fmt: skip
+
+
+def tokenizer_info(server: OpenAIServer) -> dict[str, Any]:
+    """``GET /tokenizer_info`` (vLLM's): the tokenizer's class, special tokens (``None`` where it has none), chat
+    template, vocabulary size, and ``max_model_len``, the most tokens a request holds here."""
+    tok = server.tokenizer
+    if tok is None:
+        raise APIError(400, "this model has no tokenizer: prompts are token ids")
+
+    def special(name: str) -> str | None:
+        value = getattr(tok, name, None)
+        return None if value is None else str(value)
+
+    return {"tokenizer_class": type(tok).__name__, **{n: special(n) for n in ("bos_token", "eos_token", "pad_token",
+            "unk_token")}, "chat_template": getattr(tok, "chat_template", None), "vocab_size": len(tok),
+            "max_model_len": server.engine.generator.scheduler.max_tokens_per_seq}  # fmt: skip
 
 
 async def detokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
@@ -89,4 +125,4 @@ async def detokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
     return {"prompt": await asyncio.to_thread(server.tokenizer.decode, req.tokens)}
 
 
-__all__ = ["DetokenizeRequest", "TokenizeRequest", "detokenize", "tokenize"]
+__all__ = ["DetokenizeRequest", "TokenizeRequest", "detokenize", "tokenize", "tokenizer_info"]

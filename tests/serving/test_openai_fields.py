@@ -61,11 +61,16 @@ def test_a_bound_takes_its_last_value_and_refuses_the_next_naming_the_field(tiny
         assert f"(got {refused!r})" in _error(_post(url, path, {**base, field: refused}), 400, field)
 
 
-def test_two_prompts_in_one_request_are_a_400_not_the_first_answered(tiny_server, live_server):
+def test_two_prompts_in_one_request_get_an_answer_each_not_the_first_alone(tiny_server, live_server):
+    """Regression: a list of prompts was answered for its first prompt only; then it was refused. Each prompt now
+    gets its choices (as OpenAI's API and vLLM answer), in order, with every prompt's tokens counted."""
     with live_server(tiny_server) as url:
         for prompt in (["a", "b"], [[5], [6]]):
-            body = {"model": "tiny", "prompt": prompt, "max_tokens": 2}
-            assert "got 2" in _error(_post(url, "/v1/completions", body), 400, "prompt")
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+            both = _post(url, "/v1/completions", body).json()
+            alone = [_post(url, "/v1/completions", {**body, "prompt": p}).json()["choices"][0]["text"] for p in prompt]
+            assert [c["text"] for c in both["choices"]] == alone and [c["index"] for c in both["choices"]] == [0, 1]
+            assert both["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
         one = _post(url, "/v1/completions", {"model": "tiny", "prompt": [[5, 6]], "max_tokens": 2})
         assert one.status_code == 200 and one.json()["usage"]["prompt_tokens"] == 2
 
