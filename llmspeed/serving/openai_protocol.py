@@ -50,6 +50,8 @@ class _Request(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)  # an extension (vLLM's)
     min_tokens: int = Field(default=0, ge=0)  # an extension (vLLM's)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # an extension (vLLM's)
+    ignore_eos: bool = False  # an extension (vLLM's; its benchmark client sends it for fixed-length outputs)
+    stop_token_ids: list[int] | None = None  # an extension (vLLM's): ids that end the answer as eos does
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -87,6 +89,9 @@ class _Request(BaseModel):
         if any(not s for s in stop):
             raise APIError(400, f"stop strings must be non-empty; got {_shown(self.stop)}", "stop")
         structured = self.structured()
+        bad = next((t for t in self.stop_token_ids or [] if not 0 <= t < (vocab_size or 2**63)), None)
+        if bad is not None:
+            raise APIError(400, f"stop_token_ids must be token ids in [0, {vocab_size}); got {bad}", "stop_token_ids")
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -95,6 +100,7 @@ class _Request(BaseModel):
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=self.min_p,
                 prompt_logprobs=self.prompt_logprobs(logprobs), structured_outputs=structured,
+                ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
             field = str(err).split("`")[1] if str(err).count("`") >= 2 else None

@@ -29,7 +29,7 @@ ROLES = ("user", "system", "developer", "assistant")
 _PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # vLLM's sampling extensions, passed to the chat request under the same names (its errors name them so)
 EXTENSIONS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
-              "min_tokens")  # fmt: skip
+              "min_tokens", "ignore_eos", "stop_token_ids")  # fmt: skip
 # chat request field -> the Responses field it came from (for errors found in the chat request)
 _RENAMED = {"max_completion_tokens": "max_output_tokens", "response_format.json_schema": "text.format",
             "response_format": "text.format", "logprobs": "include"}
@@ -86,6 +86,8 @@ class ResponsesRequest(BaseModel):
     frequency_penalty: float | None = None
     stop: str | list[str] | None = None
     min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -205,3 +205,24 @@ def test_an_error_quotes_a_bounded_value_and_a_missing_field_not_the_whole_body(
         wrong = _error(_post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many" * 100}),
                        400, "max_tokens")
         assert len(wrong) < 400 and "... (402 characters)" in wrong
+
+
+def test_ignore_eos_and_stop_token_ids_as_vllm_takes_them(tiny_server, live_server):
+    """vLLM's extensions: ``ignore_eos`` (``vllm bench serve`` sends it for fixed-length answers) and
+    ``stop_token_ids``; through the Responses API too. The tiny model's eos is id 0, made certain by ``logit_bias``."""
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "logit_bias": {"0": 100}}
+    with live_server(tiny_server) as url:
+        ends = _post(url, "/v1/completions", body).json()
+        assert ends["choices"][0]["finish_reason"] == "stop" and ends["usage"]["completion_tokens"] == 1
+        runs = _post(url, "/v1/completions", {**body, "ignore_eos": True}).json()
+        assert runs["choices"][0]["finish_reason"] == "length" and runs["usage"]["completion_tokens"] == 5
+        a = {**body, "logit_bias": {"65": 100}}  # "A" every time
+        assert _post(url, "/v1/completions", a).json()["choices"][0]["text"] == "AAAAA"
+        stopped = _post(url, "/v1/completions", {**a, "stop_token_ids": [65]}).json()
+        # it ends the answer and is counted, its text left out as an eos token's (vLLM leaves special tokens out)
+        assert (stopped["choices"][0]["text"], stopped["choices"][0]["finish_reason"]) == ("", "stop")
+        assert stopped["usage"]["completion_tokens"] == 1
+        answer = _post(url, "/v1/responses", {"model": "tiny", "input": "hi", "max_output_tokens": 5,
+                                              "stop_token_ids": [0], "ignore_eos": True}).json()  # fmt: skip
+        assert answer["status"] == "incomplete" and answer["usage"]["output_tokens"] == 5
+        assert "got 999" in _error(_post(url, "/v1/completions", {**body, "stop_token_ids": [999]}), 400, "stop_token_ids")
