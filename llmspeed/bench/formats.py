@@ -1,4 +1,5 @@
-"""Checkpoint formats benchmark: round trips through compressed-tensors and GPTQ, quantize-while-loading memory, load time.
+"""Checkpoint formats benchmark: round trips through compressed-tensors, GPTQ and AWQ, quantize-while-loading memory,
+load time.
 
 Tables (every row: ``table, case, value, unit, baseline, vs_baseline``):
 
@@ -10,7 +11,8 @@ Tables (every row: ``table, case, value, unit, baseline, vs_baseline``):
   inputs hold no whole group of 128, which compressed-tensors needs, so g128 is refused there and
   measured on the tiny model.
 * ``gptq``: a GPTQ folder in the published layout with act-order (:mod:`.gptq_folder`) -> ``llmspeed.load``:
-  perplexity against the float model holding the dequantized weights (goal: equal).
+  perplexity against the float model holding the dequantized weights (goal: equal); ``awq``: the same for an
+  AutoAWQ GEMM folder (:mod:`.awq_folder`).
 * ``quantize while loading``: peak resident memory of ``models.from_pretrained(..., quantize=...)``
   against loading fp32 and calling ``quantize`` (each in a fresh interpreter; goal <= 0.5x), and whether
   the packed tensors are the same bit for bit.
@@ -163,18 +165,15 @@ def _nll(model, ids: torch.Tensor) -> float:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)).item()
 
 
-def gptq(model: str, quick: bool, work: Path) -> list[dict]:
-    """A published-layout GPTQ folder with act-order -> llmspeed: perplexity against its dequantized reference."""
+def _foreign(table: str, label: str, base, folder: Path, dequantize, quick: bool) -> list[dict]:
+    """Perplexity of ``folder`` (written from ``base``) loaded by ``llmspeed.load``, against ``base`` holding the
+    weights the folder's tensors decode to (``dequantize(tensors, name)``)."""
     from safetensors.torch import load_file
 
-    from .gptq_folder import dequantize_layer, write_gptq_folder
-
-    base = _load_base(model)
-    folder = write_gptq_folder(base, work / "gptq", group=64, act_order=True, sym=False, version=1)
     tensors = load_file(str(folder / "model.safetensors"))
     for name, module in base.linear_layers():
         if f"{name}.qweight" in tensors:
-            module.weight.data.copy_(dequantize_layer(tensors, name, 1))
+            module.weight.data.copy_(dequantize(tensors, name))
     del tensors
     loaded = llmspeed.load(folder)
     if base.tokenizer is not None:
@@ -185,17 +184,27 @@ def gptq(model: str, quick: bool, work: Path) -> list[dict]:
         ids = _ids(base, 64)
         ref, got = (float(torch.tensor(_nll(m, ids)).exp()) for m in (base, loaded))
     acts = sum(bool(getattr(m, "config", None) and m.config.act_order) for _, m in loaded.linear_layers())
-    return [
-        _row("gptq", "dequantized reference (float)", ref, "perplexity", "-", None),
-        _row(
-            "gptq",
-            f"GPTQ v1 act-order g64 -> llmspeed ({acts} permuted layers)",
-            got,
-            "perplexity",
-            "reference",
-            ref,
-        ),
-    ]
+    return [_row(table, "dequantized reference (float)", ref, "perplexity", "-", None),
+            _row(table, label.format(acts=acts), got, "perplexity", "reference", ref)]  # fmt: skip
+
+
+def gptq(model: str, quick: bool, work: Path) -> list[dict]:
+    """A published-layout GPTQ folder with act-order -> llmspeed: perplexity against its dequantized reference."""
+    from .gptq_folder import dequantize_layer, write_gptq_folder
+
+    base = _load_base(model)
+    folder = write_gptq_folder(base, work / "gptq", group=64, act_order=True, sym=False, version=1)
+    return _foreign("gptq", "GPTQ v1 act-order g64 -> llmspeed ({acts} permuted layers)", base, folder,
+                    lambda t, name: dequantize_layer(t, name, 1), quick)  # fmt: skip
+
+
+def awq(model: str, quick: bool, work: Path) -> list[dict]:
+    """An AutoAWQ (GEMM) folder -> llmspeed: perplexity against its dequantized reference."""
+    from .awq_folder import dequantize_layer, write_awq_folder
+
+    base = _load_base(model)
+    folder = write_awq_folder(base, work / "awq", group=64)
+    return _foreign("awq", "AWQ gemm g64 -> llmspeed", base, folder, dequantize_layer, quick)
 
 
 _PEAK = """
@@ -333,7 +342,8 @@ def run(
         tables = [lambda: round_trips(model, quick, work)]
         if model != "tiny-llama":  # every group size divides the tiny model's widths (g128 included)
             tables.append(lambda: round_trips("tiny-llama", quick, work))
-        tables += [lambda: gptq(model, quick, work), lambda: quantize_while_loading(model, work),
+        tables += [lambda: gptq(model, quick, work), lambda: awq(model, quick, work),
+                   lambda: quantize_while_loading(model, work),
                    lambda: load_times(model, quick, work)]  # fmt: skip
         rows = []
         for table in tqdm(tables, disable=not progress, desc="formats"):

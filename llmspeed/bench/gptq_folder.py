@@ -15,13 +15,12 @@ Per linear ``<name>`` (``in`` inputs, ``out`` outputs, ``G = in / group`` groups
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..protocol import CausalLM
+from .foreign_folder import write_foreign_folder
 
 
 def _pack_rows(values: torch.Tensor) -> torch.Tensor:  # [n / 8, m] int32
@@ -83,37 +82,12 @@ def write_gptq_folder(
     seed: int = 0,
 ) -> Path:
     """Write the float ``model``'s linears (all but the output head) as a 4-bit GPTQ folder at ``path``."""
-    from safetensors.torch import save_file
-
-    root: Any = model.module
-    head = root.get_output_embeddings()
     gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = [n for n, m in model.linear_layers() if m is not head]
-    prefixes = tuple(f"{n}." for n in quantized)
-    seen: set[int] = set()
-    for name, t in root.state_dict().items():
-        if t.untyped_storage().data_ptr() in seen:  # a tied head: transformers re-ties it from the config
-            continue
-        seen.add(t.untyped_storage().data_ptr())
-        if not name.startswith(prefixes) or name.endswith(".bias"):
-            tensors[name] = t.detach().contiguous()
-    for name in quantized:
-        layer = gptq_layer(root.get_submodule(name).weight, group, act_order, sym, version, gen)
-        tensors.update({f"{name}.{k}": v for k, v in layer.items()})
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    root.config.save_pretrained(path)
-    data = json.loads((path / "config.json").read_text())
-    data["quantization_config"] = {
+    config = {
         "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": sym,
         "checkpoint_format": "gptq" if version == 1 else "gptq_v2", "true_sequential": True, "damp_percent": 0.01,
     }  # fmt: skip
-    (path / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(path)
-    return path
+    return write_foreign_folder(model, path, lambda w: gptq_layer(w, group, act_order, sym, version, gen), config)
 
 
 def dequantize_layer(tensors: dict[str, torch.Tensor], name: str, version: int) -> torch.Tensor:  # [out, in]

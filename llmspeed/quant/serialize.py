@@ -1,7 +1,7 @@
 """``save``/``load``: llmspeed's own folder format, and the dispatch to the standard formats.
 
 ``save(model, path, format="compressed-tensors")`` writes what transformers and vLLM load
-(:mod:`.formats.compressed_tensors`); ``load`` reads llmspeed, compressed-tensors and GPTQ folders
+(:mod:`.formats.compressed_tensors`); ``load`` reads llmspeed, compressed-tensors, GPTQ and AWQ (GEMM) folders
 (:func:`.formats.detect` tells which).
 
 Folder layout written by :func:`save`::
@@ -34,7 +34,7 @@ from ..names import check_device, folder_path
 from ..protocol import CausalLM, base_linear, is_fake_quantized
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
-from .formats import compressed_tensors, gptq, skeleton
+from .formats import awq, compressed_tensors, gptq, skeleton
 from .formats.files import detect, read_config, read_metadata, save_tokenizer, start_folder
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE, SYMMETRIC_ZERO
@@ -171,11 +171,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Load an llmspeed, compressed-tensors (pack-quantized) or GPTQ folder as llmspeed packed modules.
+    """Load an llmspeed, compressed-tensors (pack-quantized), GPTQ or AWQ (GEMM) folder as llmspeed packed modules.
 
     The architecture is built on ``meta`` and every stored tensor lands in its packed module
-    without a float copy of a quantized weight; llmspeed folders come back bit-exact. In compressed-tensors
-    and GPTQ folders, float tensors stored in a dtype other than ``config.json``'s are cast to the model's
+    without a float copy of a quantized weight; llmspeed folders come back bit-exact. In compressed-tensors,
+    GPTQ and AWQ folders, float tensors stored in a dtype other than ``config.json``'s are cast to the model's
     dtype, as transformers' ``from_pretrained`` does (packed integer tensors are read as stored).
 
     Raises:
@@ -195,6 +195,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
         return compressed_tensors.load(directory, device)
     if kind == "gptq":
         return gptq.load(directory, device)
+    if kind == "awq":
+        return awq.load(directory, device)
     return _load_native(directory, device)
 
 

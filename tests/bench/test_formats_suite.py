@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmspeed
-from llmspeed.bench.formats import dequantized, gptq, round_trips
+from llmspeed.bench.formats import awq, dequantized, gptq, round_trips
 
 
 def test_dequantized_copy_holds_float_linears_with_the_same_logits():
@@ -24,16 +24,17 @@ def test_dequantized_copy_holds_float_linears_with_the_same_logits():
 
 
 @pytest.mark.slow
-def test_round_trip_and_gptq_rows_meet_their_goals(tmp_path):
-    rows = round_trips("tiny-llama", True, tmp_path) + gptq("tiny-llama", True, tmp_path)
+def test_round_trip_gptq_and_awq_rows_meet_their_goals(tmp_path):
+    rows = round_trips("tiny-llama", True, tmp_path) + gptq("tiny-llama", True, tmp_path) + awq("tiny-llama", True, tmp_path)
     for r in rows:
         if "vs dequantized model" in r["case"]:
             assert r["value"] <= 1e-4, r
         if r["case"].endswith("-> llmspeed"):  # every quantized layer bit-identical
             assert r["vs_baseline"] == 1, r
     assert sum("vs dequantized model" in r["case"] for r in rows) == 3  # quick: int8, int4 g32 sym and asym
-    ref, got = (r["value"] for r in rows if r["table"] == "gptq")
-    assert abs(got - ref) <= 1e-5 * ref
+    for table in ("gptq", "awq"):
+        ref, got = (r["value"] for r in rows if r["table"] == table)
+        assert abs(got - ref) <= 1e-5 * ref, table
 
 
 def test_dequantized_copy_keeps_the_biases():
@@ -96,6 +97,9 @@ def test_gptq_rows_compare_the_loaded_folder_with_the_reference(monkeypatch, tmp
     assert (ref["value"], ref["baseline"]) == (1.0, "-")
     assert got["case"] == "GPTQ v1 act-order g64 -> llmspeed (14 permuted layers)"
     assert got["value"] == pytest.approx(1.5) and got["vs_baseline"] == pytest.approx(1.5)
+    nll = iter([0.0, math.log(1.25)])
+    ref, got = awq("tiny-llama", True, tmp_path)
+    assert got["case"] == "AWQ gemm g64 -> llmspeed" and got["vs_baseline"] == pytest.approx(1.25)
 
 
 def test_peak_mib_reads_the_peak_and_its_rise_above_the_weight_free_baseline(monkeypatch, tmp_path):
@@ -161,23 +165,23 @@ def test_run_is_cpu_only_and_adds_the_tiny_models_round_trips(monkeypatch):
     with pytest.raises(ValueError, match="the formats suite runs on the CPU; got device='cuda'"):
         formats.run(device="cuda")
     calls = []
-    for name in ("round_trips", "gptq", "quantize_while_loading", "load_times"):
+    for name in ("round_trips", "gptq", "awq", "quantize_while_loading", "load_times"):
         monkeypatch.setattr(formats, name, lambda model, *a, name=name: calls.append((name, model)) or [])
     formats.run(model="smollm2", quick=True)
-    assert calls == [("round_trips", "smollm2"), ("round_trips", "tiny-llama"), ("gptq", "smollm2"),
+    assert calls == [("round_trips", "smollm2"), ("round_trips", "tiny-llama"), ("gptq", "smollm2"), ("awq", "smollm2"),
                      ("quantize_while_loading", "smollm2"), ("load_times", "smollm2")]  # fmt: skip
     calls.clear()
     formats.run(model="tiny-llama", quick=True)
-    assert [c[0] for c in calls] == ["round_trips", "gptq", "quantize_while_loading", "load_times"]
+    assert [c[0] for c in calls] == ["round_trips", "gptq", "awq", "quantize_while_loading", "load_times"]
 
 
 def test_run_shows_a_bar_over_its_tables_only_when_asked(monkeypatch, capsys):
     """Regression: run() took ``progress`` and ignored it; the other suites show a tqdm bar when it is True."""
     from llmspeed.bench import formats
 
-    for name in ("round_trips", "gptq", "quantize_while_loading", "load_times"):
+    for name in ("round_trips", "gptq", "awq", "quantize_while_loading", "load_times"):
         monkeypatch.setattr(formats, name, lambda model, *a, name=name: [{"table": name}])
-    assert len(formats.run(model="tiny-llama", progress=False)) == 4
+    assert len(formats.run(model="tiny-llama", progress=False)) == 5
     assert "formats" not in capsys.readouterr().err
-    assert len(formats.run(model="tiny-llama", progress=True)) == 4
+    assert len(formats.run(model="tiny-llama", progress=True)) == 5
     assert "formats: 100%" in capsys.readouterr().err

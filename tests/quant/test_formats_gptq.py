@@ -124,7 +124,7 @@ def test_unsupported_quantization_configs_are_named(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     for change, match in [({"bits": 8}, "config.json: GPTQ bits=8"), ({"group_size": True}, "group_size=True"),
                           ({"checkpoint_format": "marlin"}, "config.json: GPTQ checkpoint_format='marlin'"),
-                          ({"quant_method": "awq"}, "quant_method='awq'.*llmspeed.quantize")]:  # fmt: skip
+                          ({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes'.*AWQ.*llmspeed.quantize")]:  # fmt: skip
         (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **change}}))
         with pytest.raises(ValueError, match=match):
             llmspeed.load(tmp_path)

@@ -11,7 +11,9 @@
   by ``llmspeed.load`` (:mod:`.ct_load`, which :mod:`.compressed_tensors` re-exports; an int8 output head,
   written in float, comes back int8 through :mod:`.ct_head`);
 * :mod:`.gptq`: GPTQ folders (``qweight``/``qzeros``/``scales``/``g_idx``, checkpoint formats v1 and v2,
-  ``desc_act``), read by ``llmspeed.load``.
+  ``desc_act``), read by ``llmspeed.load``;
+* :mod:`.awq`: AutoAWQ's GEMM folders (``qweight``/``qzeros``/``scales`` packed along the output), read by
+  ``llmspeed.load``.
 
 :func:`detect` tells which of them a folder is; :mod:`llmspeed.quant.serialize` dispatches on it.
 """

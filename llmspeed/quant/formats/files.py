@@ -112,11 +112,11 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> None:
 
 
 def detect(directory: str | Path) -> str:
-    """``"llmspeed"``, ``"compressed-tensors"``, ``"gptq"`` or ``"float"`` (a plain transformers folder).
+    """``"llmspeed"``, ``"compressed-tensors"``, ``"gptq"``, ``"awq"`` or ``"float"`` (a plain transformers folder).
 
     Raises:
         ValueError: no such folder, no safetensors files, or a quantization method llmspeed cannot read
-            (AWQ, bitsandbytes, ...), named in the message.
+            (bitsandbytes, ...), named in the message.
     """
     from safetensors import safe_open
 
@@ -137,11 +137,11 @@ def detect(directory: str | Path) -> str:
     if quant is None:
         return "float"
     method = quant.get("quant_method")
-    if method in ("compressed-tensors", "gptq"):
+    if method in ("compressed-tensors", "gptq", "awq"):
         return method
     raise ValueError(
         f"{directory} is quantized with quant_method={method!r}; llmspeed.load reads llmspeed, "
-        f"compressed-tensors (pack-quantized) and GPTQ folders; load a float checkpoint and call "
+        f"compressed-tensors (pack-quantized), GPTQ and AWQ (GEMM) folders; load a float checkpoint and call "
         f"llmspeed.quantize instead"
     )
 
