@@ -29,16 +29,19 @@ INT8_HEADER = Path(__file__).with_name("q4_int8.h")  # int8 activations, shared 
 PANELS_HEADER = Path(__file__).with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized M (AVX2, VNNI)
 Q8_PANELS_HEADER = Path(__file__).with_name("q8_panels.h")  # int8 x int8 activations for prompt-sized M (VNNI)
 DEQUANT_HEADER = Path(__file__).with_name("dequant_rows.h")  # packed rows widened to fp32, shared with the fused step
+GPTQ_HEADER = Path(__file__).with_name("gptq_columns.h")  # GPTQ's column loop (quant/methods/gptq.py)
 DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations", "dequantize_4bit",
-              "dequantize_int8", "int4_matmul_i8", "panel_gemm_built", "int8_matmul_i8", "int8_panels_built"]
+              "dequantize_int8", "int4_matmul_i8", "panel_gemm_built", "int8_matmul_i8", "int8_panels_built",
+              "gptq_columns"]
 build_dir = cpp_build.build_dir
 compiler = cpp_build.compiler
 
 
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
-    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER])
+    return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER,
+                                                                      GPTQ_HEADER])
 
 
 def extension() -> Any:

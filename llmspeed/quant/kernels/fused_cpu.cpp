@@ -7,6 +7,7 @@
 #include "q4_panels.h"  // int4 x int8 activations for prompt-sized M (AVX2, AVX-512 VNNI)
 #include "q8_panels.h"  // int8 x int8 activations for prompt-sized M (AVX-512 VNNI)
 #include "dequant_rows.h"  // packed rows widened to fp32 (shared with the fused decode step)
+#include "gptq_columns.h"  // GPTQ's column loop (llmspeed/quant/methods/gptq.py), bound here to share the build
 
 
 // ---------------------------------------------------------------- int8, per-row scale

@@ -30,6 +30,7 @@ from ..calibration import (
     split_plan,
 )
 from ..calibration_data import CalibrationConfig, calibration_tokens
+from ..kernels import cpp
 from ..modules import module_class
 from .grids import Grid, check_shrinks, grid_for
 from .refit import refit_scales
@@ -121,45 +122,78 @@ def gptq_quantize(
     )  # [in, out], becomes the error-updated weight
     H = H[perm][:, perm]
     Hinv = _inverse_cholesky(H, damp)  # [in, in] upper
+    columns = _column_loop(grid)
     with _single_thread():  # thousands of tiny ops: thread hand-offs cost more than they save
-        group_scale: list[torch.Tensor | None] = [None] * n_groups  # [out] each, fitted when first visited
-        group_zero: list[torch.Tensor | None] = [None] * n_groups
+        scales = torch.zeros(n_groups, out_f)  # [groups, out]: a group's row is fitted when it is first visited
+        zeros = torch.zeros(n_groups, out_f)
+        fitted = [False] * n_groups
         group_of_pos = (perm // G).tolist()  # group of the column visited at each position
+        groups = perm // G  # [in] int64
 
         for i1 in range(0, in_f, block_size):
             i2 = min(i1 + block_size, in_f)
             W1 = Wt[i1:i2]  # [b, out] view: updates land in Wt
             Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
-            diag = Hinv1.diagonal().tolist()
-            w_rows, h_rows = W1.unbind(0), Hinv1.unbind(0)  # views, made once per block
-            errs: list[torch.Tensor] = []
-            for i in range(i2 - i1):
+            E = torch.zeros(i2 - i1, out_f)  # [b, out]: each column's error, scaled by its diagonal
+            i = 0
+            while i < i2 - i1:
                 g = group_of_pos[i1 + i]
-                if group_scale[g] is None:
+                if not fitted[g]:
                     pos = inv_perm[g * G : min((g + 1) * G, in_f)]  # positions of the group's columns
                     current = Wt[pos]  # [G, out] copy
                     late = pos >= i2  # columns past this block still miss this block's updates
                     if i > 0 and bool(late.any()):
-                        current[late] -= Hinv[i1 : i1 + i, pos[late]].T @ torch.stack(errs)
-                    group_scale[g], group_zero[g] = grid.fit(current.T)
-                w = w_rows[i]  # [out]
-                q = grid.fake_quantize(w, group_scale[g], group_zero[g])  # [out]
-                err = (w - q).div_(diag[i])  # [out]
-                if i + 1 < i2 - i1:
-                    W1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1.0)
-                errs.append(err)
-                w.copy_(q)  # row i is final: Wt ends up holding Q
+                        current[late] -= Hinv[i1 : i1 + i, pos[late]].T @ E[:i]
+                    scale, zero = grid.fit(current.T)
+                    scales[g], zeros[g], fitted[g] = scale, zero, True
+                j = i + 1  # a run of positions whose groups are all fitted
+                while j < i2 - i1 and fitted[group_of_pos[i1 + j]]:
+                    j += 1
+                columns(W1, Hinv1, E, scales, zeros, groups[i1:i2], i, j)
+                i = j
             if i2 < in_f:
-                Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, torch.stack(errs), alpha=-1.0)
+                Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, E, alpha=-1.0)
 
-    scales = [s for s in group_scale if s is not None]
-    zeros = [z for z in group_zero if z is not None]
-    assert len(scales) == len(zeros) == n_groups  # every column was visited: every group was fitted
+    assert all(fitted)  # every column was visited: every group was fitted
     return GPTQResult(
-        scales=torch.stack(scales, dim=1),  # [out, groups]
-        zeros=torch.stack(zeros, dim=1),  # [out, groups]
+        scales=scales.T.contiguous(),  # [out, groups]
+        zeros=zeros.T.contiguous(),  # [out, groups]
         dequantized=Wt[inv_perm].T.contiguous(),  # [out, in]
     )
+
+
+def _column_loop(grid: Grid):
+    """GPTQ's loop over a run of columns whose groups are fitted: the C++ one (``kernels/gptq_columns.h``, in the
+    ``cpp`` kernel's extension) for an affine grid (``grid.affine_codes``) where the extension is built, else
+    :func:`_python_columns` (the same operations; its error updates round once more, so a few codes may differ)."""
+    codes = getattr(grid, "affine_codes", None)
+    ext = cpp.extension() if codes is not None else None
+    if codes is None or ext is None:
+        return lambda *args: _python_columns(grid, *args)
+    lo, hi, with_zero = codes
+
+    def run(W1, Hinv1, E, scales, zeros, groups, start, stop):
+        ext.gptq_columns(W1, Hinv1, E, scales, zeros, groups, start, stop, lo, hi, with_zero)
+
+    return run
+
+
+def _python_columns(grid: Grid, W1: torch.Tensor, Hinv1: torch.Tensor, E: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor, groups: torch.Tensor, start: int, stop: int) -> None:  # fmt: skip
+    """Quantize block positions ``[start, stop)`` of ``W1`` [b, out] in place, each column's error (scaled by its
+    ``Hinv1`` diagonal) into ``E`` [b, out] and onto the block's later columns."""
+    w_rows, h_rows = W1.unbind(0), Hinv1.unbind(0)  # views
+    diag, group_of = Hinv1.diagonal().tolist(), groups.tolist()
+    b = W1.shape[0]
+    for i in range(start, stop):
+        g = group_of[i]
+        w = w_rows[i]  # [out]
+        q = grid.fake_quantize(w, scales[g], zeros[g])  # [out]
+        err = (w - q).div_(diag[i])  # [out]
+        if i + 1 < b:
+            W1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1.0)
+        E[i] = err
+        w.copy_(q)  # row i is final: Wt ends up holding Q
 
 
 @contextmanager

@@ -102,6 +102,8 @@ class Int4Grid:
 
         return search_clip(w, self.clip_search, fit_one, self.fake_quantize, error)
 
+    affine_codes = (0.0, 15.0, True)  # GPTQ's C++ column loop: code range, zero point added and removed
+
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``(clamp(round(w / s) + z, 0, 15) - z) * s`` elementwise."""
         return torch.round(w / scale).add_(zero).clamp_(0, 15).sub_(zero).mul_(scale)
@@ -147,6 +149,8 @@ class Int8Grid:
         """Row scale ``absmax / 127`` ``[out]`` and a zero vector."""
         s = P.choose_qparams_int8(w)  # [out]
         return s, torch.zeros_like(s)
+
+    affine_codes = (-127.0, 127.0, False)  # GPTQ's C++ column loop: code range, no zero point
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``clamp(round(w / s), -127, 127) * s``."""
