@@ -223,3 +223,44 @@ def test_tool_calls_and_structured_text_on_smollm2(smollm2, live_server):
         parsed = client.responses.parse(model="smollm2", input="Name a city in Italy, as JSON.", text_format=City,
                                         temperature=0, max_output_tokens=60)  # fmt: skip
         assert isinstance(parsed.output_parsed, City) and parsed.status == "completed"
+
+
+def test_events_of_reasoning_text_and_parsed_calls_match_the_whole_answer():
+    """A chat stream with reasoning, text and two calls read out of it (``tool_choice: "auto"``) becomes the same
+    items as the whole answer: reasoning, message, two function calls, each opened, grown and closed in order."""
+    from llmspeed.serving.responses_output import ResponseEvents, whole
+
+    req = ResponsesRequest.model_validate({"model": "m", "input": "hi", "stream": True})
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "think"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "ing"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "Let me "}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "look."}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_a", **call},
+                                                           {"index": 1, "id": "call_b", **call}]},
+                      "finish_reason": "tool_calls"}]},  # fmt: skip
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}},
+        "[DONE]",
+    ]
+    stream = ResponseEvents(req)
+    events = stream.opening() + [e for c in chunks for e in stream.chunk(c, cached=2)]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    added = [(e["output_index"], e["item"]["type"]) for e in events if e["type"] == "response.output_item.added"]
+    done = [(e["output_index"], e["item"]["type"]) for e in events if e["type"] == "response.output_item.done"]
+    assert added == done == [(0, "reasoning"), (1, "message"), (2, "function_call"), (3, "function_call")]
+    final = events[-1]
+    assert final["type"] == "response.completed" and final["response"]["usage"]["input_tokens_details"] == {"cached_tokens": 2}
+    answer = {"created": 0, "choices": [{"finish_reason": "tool_calls", "message": {
+        "role": "assistant", "reasoning_content": "thinking", "content": "Let me look.",
+        "tool_calls": [{"id": "call_a", **call}, {"id": "call_b", **call}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}}  # fmt: skip
+    items = whole(req, answer, cached=2)["output"]
+
+    def strip(item: dict) -> dict:
+        return {k: v for k, v in item.items() if k != "id"}
+
+    assert [strip(i) for i in final["response"]["output"]] == [strip(i) for i in items]
+    assert items[2]["call_id"] == "call_a" and items[3]["arguments"] == '{"a": 1}'
+    assert all(i["status"] == "completed" for i in items)
