@@ -25,9 +25,8 @@ import torch
 from ...model import Model
 from .. import primitives as P
 from ..config import QuantConfig
-from ..modules import Int4Linear
 from . import skeleton
-from .files import config_dtype, quantization_config, read_all, read_config
+from .files import config_dtype, quantization_config, read_config
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the nibble at bits 4 i of a word holds output 8 w + ORDER[i]
 
@@ -59,17 +58,6 @@ def settings(quant: dict[str, Any], source: Path) -> int:
     return g
 
 
-def _take(tensors: dict, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], source: Path):
-    t = tensors.pop(key, None)
-    if t is None:
-        raise ValueError(f"{source}: tensor {key!r} is missing")
-    if t.dtype not in dtypes or tuple(t.shape) != shape:
-        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; "
-                         f"AWQ needs {names} {list(shape)}")  # fmt: skip
-    return t
-
-
 def layer_buffers(name: str, in_f: int, out_f: int, group: int, tensors: dict,
                   source: Path) -> tuple[QuantConfig, dict[str, torch.Tensor]]:  # fmt: skip
     """The module config and buffers of AWQ layer ``name`` (its tensors are popped from ``tensors``)."""
@@ -77,9 +65,10 @@ def layer_buffers(name: str, in_f: int, out_f: int, group: int, tensors: dict,
         raise ValueError(f"{source}: layer {name!r} is [{out_f}, {in_f}]; AWQ needs out a multiple of 8 and in "
                          f"divisible by group_size={group}")  # fmt: skip
     n_groups = in_f // group
-    qweight = _take(tensors, f"{name}.qweight", (torch.int32,), (in_f, out_f // 8), source)
-    qzeros = _take(tensors, f"{name}.qzeros", (torch.int32,), (n_groups, out_f // 8), source)
-    scales = _take(tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32), (n_groups, out_f), source)
+    qweight = skeleton.take(tensors, f"{name}.qweight", (torch.int32,), (in_f, out_f // 8), source, "AWQ")
+    qzeros = skeleton.take(tensors, f"{name}.qzeros", (torch.int32,), (n_groups, out_f // 8), source, "AWQ")
+    scales = skeleton.take(tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32),
+                           (n_groups, out_f), source, "AWQ")  # fmt: skip
     codes = unpack_columns(qweight, out_f).T.contiguous()  # [out, in]
     zeros = unpack_columns(qzeros, out_f).T.float()  # [out, groups]
     cfg = QuantConfig("int4", group, symmetric=bool((zeros == P.SYMMETRIC_ZERO).all()), method="awq")
@@ -92,24 +81,11 @@ def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     quant = quantization_config(directory)
     assert quant is not None  # detect() said "awq"
     group = settings(quant, directory / "config.json")  # checked before any tensor is read
-    dtype = config_dtype(read_config(directory))
-    tensors = read_all(directory)
-    model = skeleton.skeleton(directory, dtype)
-    layers = dict(model.linear_layers())
-    names = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
-    if not names:
-        raise ValueError(f"{directory} is marked AWQ but holds no '.qweight' tensor")
-    for name in names:
-        if name not in layers:
-            raise ValueError(f"{directory}: tensor {name + '.qweight'!r} names no linear layer of the model")
-        lin: Any = layers[name]
-        cfg, buffers = layer_buffers(name, lin.in_features, lin.out_features, group, tensors, directory)
-        module = skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
-        assert isinstance(module, Int4Linear)
-        want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
-        for buf, t in buffers.items():
-            skeleton.assign(model, f"{name}.{buf}", t, directory, want)
-    return skeleton.finish_foreign(model, tensors, dtype, device, directory)
+
+    def layer(name: str, lin: Any, tensors: dict) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
+        return layer_buffers(name, lin.in_features, lin.out_features, group, tensors, directory)
+
+    return skeleton.load_packed(directory, config_dtype(read_config(directory)), device, "AWQ", layer)
 
 
 __all__ = ["ORDER", "layer_buffers", "load", "settings", "unpack_columns"]

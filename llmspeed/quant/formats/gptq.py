@@ -29,9 +29,8 @@ import torch
 from ...model import Model
 from .. import primitives as P
 from ..config import QuantConfig
-from ..modules import Int4Linear
 from . import skeleton
-from .files import config_dtype, quantization_config, read_all, read_config
+from .files import config_dtype, quantization_config, read_config
 from .packing import little_endian_bytes, unpack_int4
 
 
@@ -80,19 +79,6 @@ def layer_settings(quant: dict[str, Any], name: str, source: Path) -> tuple[int 
     return _settings(quant, source)
 
 
-def _take(tensors: dict, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], source: Path):
-    t = tensors.pop(key, None)
-    if t is None:
-        raise ValueError(f"{source}: tensor {key!r} is missing")
-    if t.dtype not in dtypes or tuple(t.shape) != shape:
-        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(
-            f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; "
-            f"GPTQ needs {names} {list(shape)}"
-        )
-    return t
-
-
 def layer_buffers(
     name: str, in_f: int, out_f: int, group: int | None, sym: bool, offset: int, tensors: dict, source: Path
 ) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
@@ -104,11 +90,10 @@ def layer_buffers(
             f"by group_size={g}"
         )
     n_groups = in_f // g
-    qweight = _take(tensors, f"{name}.qweight", (torch.int32,), (in_f // 8, out_f), source)
-    qzeros = _take(tensors, f"{name}.qzeros", (torch.int32,), (n_groups, out_f // 8), source)
-    scales = _take(
-        tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32), (n_groups, out_f), source
-    )
+    qweight = skeleton.take(tensors, f"{name}.qweight", (torch.int32,), (in_f // 8, out_f), source, "GPTQ")
+    qzeros = skeleton.take(tensors, f"{name}.qzeros", (torch.int32,), (n_groups, out_f // 8), source, "GPTQ")
+    scales = skeleton.take(tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32),
+                           (n_groups, out_f), source, "GPTQ")  # fmt: skip
     g_idx = tensors.pop(f"{name}.g_idx", None)
     plain = torch.arange(in_f, dtype=torch.int64) // g  # [in]
     if g_idx is None:
@@ -149,27 +134,11 @@ def layer_buffers(
 
 def load(directory: Path, device: str | torch.device = "cpu") -> Model:
     """Read a 4-bit GPTQ folder into llmspeed's ``Int4Linear`` modules (act-order ones with ``perm``)."""
-    source = directory
     quant, quant_file = quantize_config(directory)
     _settings(quant, quant_file)  # the folder's own settings, checked before any tensor is read
-    dtype = config_dtype(read_config(directory))
-    tensors = read_all(directory)
-    model = skeleton.skeleton(directory, dtype)
-    layers = dict(model.linear_layers())
-    names = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
-    if not names:
-        raise ValueError(f"{source} is marked GPTQ but holds no '.qweight' tensor")
-    for name in names:
-        if name not in layers:
-            raise ValueError(f"{source}: tensor {name + '.qweight'!r} names no linear layer of the model")
-        lin: Any = layers[name]
+
+    def layer(name: str, lin: Any, tensors: dict) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
         group, sym, offset = layer_settings(quant, name, quant_file)
-        cfg, buffers = layer_buffers(
-            name, lin.in_features, lin.out_features, group, sym, offset, tensors, source
-        )
-        module = skeleton.install(model, name, cfg, bias=f"{name}.bias" in tensors)
-        assert isinstance(module, Int4Linear)
-        want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
-        for buf, t in buffers.items():
-            skeleton.assign(model, f"{name}.{buf}", t.contiguous(), source, want)
-    return skeleton.finish_foreign(model, tensors, dtype, device, source)
+        return layer_buffers(name, lin.in_features, lin.out_features, group, sym, offset, tensors, directory)
+
+    return skeleton.load_packed(directory, config_dtype(read_config(directory)), device, "GPTQ", layer)

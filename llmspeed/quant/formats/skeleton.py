@@ -11,7 +11,7 @@ nothing is left on ``meta`` and moves the model to its device.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -227,3 +227,41 @@ def finish(model: Model, dtype: torch.dtype, device: str | torch.device, source:
     if dtype in (torch.bfloat16, torch.float16):  # the tensors are back; a cast's run-time hooks are not
         attach(model, dtype)
     return model
+
+
+def take(tensors: dict, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], source: Path,
+         fmt: str) -> torch.Tensor:  # fmt: skip
+    """Pop tensor ``key`` of a ``fmt`` folder (``"GPTQ"``, ``"AWQ"``) after checking its dtype and shape; a missing or
+    mismatched one is a ``ValueError`` naming it and what the format needs."""
+    t = tensors.pop(key, None)
+    if t is None:
+        raise ValueError(f"{source}: tensor {key!r} is missing")
+    if t.dtype not in dtypes or tuple(t.shape) != shape:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; "
+                         f"{fmt} needs {names} {list(shape)}")  # fmt: skip
+    return t
+
+
+def load_packed(directory: Path, dtype: torch.dtype, device: str | torch.device, fmt: str,
+                layer: Callable[[str, Any, dict], tuple[QuantConfig, dict[str, torch.Tensor]]]) -> Model:  # fmt: skip
+    """A ``fmt`` folder whose quantized linears are ``<name>.qweight`` tensors and their companions: each installed
+    as the module ``layer(name, linear, tensors)`` describes (its config and buffers; it pops its tensors), the
+    float rest by :func:`finish_foreign`."""
+    from .files import read_all
+
+    tensors = read_all(directory)
+    model = skeleton(directory, dtype)
+    layers = dict(model.linear_layers())
+    names = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
+    if not names:
+        raise ValueError(f"{directory} is marked {fmt} but holds no '.qweight' tensor")
+    for name in names:
+        if name not in layers:
+            raise ValueError(f"{directory}: tensor {name + '.qweight'!r} names no linear layer of the model")
+        cfg, buffers = layer(name, layers[name], tensors)
+        module = install(model, name, cfg, bias=f"{name}.bias" in tensors)
+        want = {f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
+        for buf, t in buffers.items():
+            assign(model, f"{name}.{buf}", t.contiguous(), directory, want)
+    return finish_foreign(model, tensors, dtype, device, directory)
