@@ -29,14 +29,26 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None
 
 
-class _Request(BaseModel):
-    """Fields both endpoints share; unknown fields are refused rather than silently ignored.
-
-    Types are strict, as OpenAI's API is: ``"0.5"`` is not a temperature, ``2.0`` not an ``n``, ``"false"``
-    not a boolean (a lax parse read ``"false"`` as true); an int is a valid number.
-    """
+class StrictRequest(BaseModel):
+    """A request body as OpenAI's API reads one: unknown fields are refused rather than silently ignored; types are
+    strict (``"0.5"`` is not a temperature, ``2.0`` not an ``n``, ``"false"`` not a boolean: a lax parse read
+    ``"false"`` as true; an int is a valid number); ``null`` for a field with a default is that default."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """``null`` for a field with a default is that default, as OpenAI's API ("number or null") and vLLM take it
+        (the ``openai`` client sends ``temperature=None`` as ``null``); a required field's ``null`` stays an error."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or cls.model_fields[k].is_required()}
+
+
+class _Request(StrictRequest):
+    """Fields the completions and chat endpoints share."""
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -65,16 +77,6 @@ class _Request(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     _structured: Any = PrivateAttr(default=False)  # structured() once read (False: not yet)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data: Any) -> Any:
-        """``null`` for a field with a default is that default, as OpenAI's API ("number or null") and vLLM take it
-        (the ``openai`` client sends ``temperature=None`` as ``null``); a required field's ``null`` stays an error."""
-        if not isinstance(data, dict):
-            return data
-        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
-                or cls.model_fields[k].is_required()}
 
     def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
                  vocab_size: int | None = None) -> SamplingParams:  # fmt: skip

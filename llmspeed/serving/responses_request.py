@@ -18,10 +18,11 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..names import shown as _shown
 from .api_errors import APIError
+from .openai_protocol import StrictRequest
 
 LOGPROBS = "message.output_text.logprobs"
 ROLES = ("user", "system", "developer", "assistant")
@@ -43,10 +44,8 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(StrictRequest):
     """``POST /v1/responses``: OpenAI's fields (strict types, unknown fields refused) and vLLM's sampling extensions."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     input: str | list[dict[str, Any]]
@@ -88,15 +87,6 @@ class ResponsesRequest(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data: Any) -> Any:
-        """``null`` for a field with a default is that default (the ``openai`` client sends ``None`` as ``null``)."""
-        if not isinstance(data, dict):
-            return data
-        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
-                or cls.model_fields[k].is_required()}
 
     def check(self) -> None:
         """Refuse what this server cannot answer: a stored or background response, hosted features, reasoning

@@ -127,8 +127,8 @@ def gptq_quantize(
         scales = torch.zeros(n_groups, out_f)  # [groups, out]: a group's row is fitted when it is first visited
         zeros = torch.zeros(n_groups, out_f)
         fitted = [False] * n_groups
-        group_of_pos = (perm // G).tolist()  # group of the column visited at each position
-        groups = perm // G  # [in] int64
+        groups = perm // G  # [in] int64: group of the column visited at each position
+        group_of_pos = groups.tolist()
 
         for i1 in range(0, in_f, block_size):
             i2 = min(i1 + block_size, in_f)
