@@ -268,7 +268,8 @@ class OpenAIServer:
         handles = self._submit_all([(p, sp) for p in prompts for sp in sps])  # choice i answers prompt i // n
         params = ["messages" if chat else req.prompt_param(i // req.n) for i in range(len(handles))]
         if req.stream:
-            return await stream(request, req, handles, chat, self.tokenizer, self.response_template, responses, params)
+            template = self._template() if chat and req.parses_tools else None
+            return await stream(request, req, handles, chat, self.tokenizer, template, responses, params)
         outputs = await self._results(request, handles, params)
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=CLIENT_GONE)

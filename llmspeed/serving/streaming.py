@@ -80,7 +80,8 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
 
     Each choice ends with its own ``finish_reason`` chunk; a choice that fails ends the whole stream with
     an error event and aborts the others, and so does a client that disconnects. ``tokenizer`` writes
-    log-probabilities' tokens; ``template`` is the response template of ``tool_choice: "auto"`` (:mod:`.tool_parser`);
+    log-probabilities' tokens; ``template``: the response template when the request reads tool calls out of its
+    answer (``tool_choice: "auto"``, :mod:`.tool_parser`), else ``None``;
     ``prompt_params[i]`` names handle ``i``'s prompt when it is refused before any token (a 400, not a stream).
     """
     events = interleave(handles)
@@ -111,11 +112,8 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
         head["usage"] = None
     offsets = [0] * len(handles)  # per choice: text_offset of its next token's legacy logprobs
     calls = [ToolDeltas(req.tool_choice) for _ in handles] if chat and req.forces_tools else None
-    parsers = None
-    if chat and req.parses_tools:
-        if template is None:
-            raise AssertionError("a request that parses tool calls reached a server without a response template")
-        parsers = [ToolCallStream(template, req.tool_specs(), req.max_tool_calls) for _ in handles]
+    parsers = [ToolCallStream(template, req.tool_specs(), req.max_tool_calls) for _ in handles] \
+        if template is not None else None  # fmt: skip
 
     def chunk(i: int, event: StreamEvent) -> dict[str, Any] | None:
         done = finish_reason(event.output) if event.finished and event.output is not None else None
