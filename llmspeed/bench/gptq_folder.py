@@ -6,7 +6,7 @@ symmetric or not. It follows the layout AutoGPTQ/GPTQModel publish, written with
 (the reader uses byte views), and rounds to nearest per group instead of running GPTQ: the file layout
 is what is under test, not the codes' quality.
 
-Per linear ``<name>`` (``in`` inputs, ``out`` outputs, ``G = in / group`` groups)::
+Per linear ``<name>`` (``in`` inputs, ``out`` outputs, ``G = ceil(in / group)`` groups)::
 
     qweight int32 [in / 8, out]   input 8w + i at bits 4i of word w
     qzeros  int32 [G, out / 8]    output 8w + i at bits 4i; v1 stores zero - 1, v2 stores zero
@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..protocol import CausalLM
 from .foreign_folder import write_foreign_folder
@@ -50,7 +51,9 @@ def gptq_layer(
     perm = torch.randperm(in_f, generator=generator) if act_order else torch.arange(in_f)  # visiting order
     g_idx = torch.empty(in_f, dtype=torch.int64)
     g_idx[perm] = torch.arange(in_f) // group  # groups are runs of the visiting order
-    w = weight.detach().float()[:, perm].reshape(out_f, in_f // group, group)  # [out, G, group]
+    n_groups = -(-in_f // group)  # AutoGPTQ's ceil: the last group of the visiting order is shorter
+    w = F.pad(weight.detach().float()[:, perm], (0, n_groups * group - in_f))  # [out, G group]: zeros pad
+    w = w.reshape(out_f, n_groups, group)  # [out, G, group] (a zero changes neither range nor absmax)
     if sym:
         scales = (w.abs().amax(-1) / 7.5).clamp_min(1e-8).half()  # [out, G]
         zeros = torch.full_like(scales, 8, dtype=torch.float32)
@@ -61,7 +64,7 @@ def gptq_layer(
     if version == 1:
         zeros = zeros.clamp_min(1)  # v1 stores zero - 1 as an unsigned nibble: zero 0 cannot be written
     q = torch.round(w / scales.float()[..., None]) + zeros[..., None]  # [out, G, group]
-    codes_p = q.clamp(0, 15).reshape(out_f, in_f)
+    codes_p = q.clamp(0, 15).reshape(out_f, -1)[:, :in_f]  # [out, in]
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p  # back to the original column order
     return {

@@ -54,6 +54,39 @@ def test_gptq_folder_loads_to_its_exact_weights(tmp_path, act_order, sym, versio
         assert not torch.equal(q.perm, torch.arange(q.in_features))
 
 
+@pytest.mark.parametrize("act_order, sym", [(True, False), (False, True)])
+def test_a_group_size_that_does_not_divide_the_width_loads_with_a_shorter_last_group(tmp_path, act_order, sym):
+    """Regression: a GPTQ folder whose group size does not divide a layer's input width (SmolLM2's 576 at the usual
+    128; AutoGPTQ stores ``ceil(in / group)`` groups, the last one shorter) was refused. It loads to its exact weights,
+    its kernels and the fused decode step agree with them, and it saves and reloads natively."""
+    from llmspeed import SamplingParams
+
+    narrow = dict(hidden_size=96, intermediate_size=160)  # at group 64: groups of 64 + 32 and 64 + 64 + 32
+    write_gptq_folder(llmspeed.models.tiny("qwen2", **narrow), tmp_path / "g", group=64, act_order=act_order, sym=sym)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "g" / "model.safetensors"))
+    ref = llmspeed.models.tiny("qwen2", **narrow)
+    for name, module in ref.linear_layers():
+        if f"{name}.qweight" in tensors:
+            module.weight.data.copy_(dequantize_layer(tensors, name, 1))
+    assert tuple(tensors["model.layers.0.mlp.down_proj.scales"].shape) == (3, 96)
+    loaded = llmspeed.load(tmp_path / "g")
+    for name, module in loaded.linear_layers():
+        if name != "lm_head":
+            assert isinstance(module, Int4Linear) and module.config.act_order == act_order, name
+            assert torch.equal(module.dequantize(), ref.hf.get_submodule(name).weight), name
+    want = nll(ref.hf)
+    assert abs(nll(loaded.hf) - want) <= 1e-5 * abs(want)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
+    prompts = [[1, 2, 3, 4], [9, 8, 7]]
+    greedy = [o.token_ids for o in ref.generate_batched(prompts, sampling)]
+    assert [o.token_ids for o in loaded.generate_batched(prompts, sampling)] == greedy
+    llmspeed.save(loaded, tmp_path / "n")
+    with torch.no_grad():
+        assert torch.equal(llmspeed.load(tmp_path / "n").hf(input_ids=IDS).logits, loaded.hf(input_ids=IDS).logits)
+
+
 def test_act_order_model_saves_natively_and_serves_adapters(tmp_path):
     from llmspeed import lora
 
@@ -92,6 +125,7 @@ Q = "model.layers.0.self_attn.o_proj"
         (lambda t: t.update({f"{Q}.scales": t[f"{Q}.scales"][:2].contiguous()}), rf"'{Q}.scales' is float16 \[2, 128\]"),
         (lambda t: t.pop(f"{Q}.qzeros"), rf"'{Q}.qzeros' is missing"),
         (lambda t: t.update({f"{Q}.g_idx": torch.zeros(128, dtype=torch.int32)}), rf"'{Q}.g_idx' gives groups of unequal sizes"),
+        (lambda t: t.update({f"{Q}.g_idx": ((torch.arange(128) + 16) // 32).clamp(max=3).int()}), r"unequal sizes.*last one may be shorter"),
         (lambda t: t.update({f"{Q}.g_idx": torch.full((128,), 9, dtype=torch.int32)}), rf"'{Q}.g_idx' holds groups outside"),
         (lambda t: t.update({f"{Q}.qzeros": torch.full_like(t[f"{Q}.qzeros"], -1)}), rf"'{Q}.qzeros' holds a v1 zero of 15"),
     ],

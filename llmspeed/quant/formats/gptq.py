@@ -9,7 +9,8 @@ Layout of one quantized linear ``<name>`` (``in`` input, ``out`` output features
   Checkpoint format v1 (``checkpoint_format: "gptq"``, AutoGPTQ) stores ``zero - 1``; v2
   (``"gptq_v2"``, GPTQModel) stores ``zero``.
 * ``<name>.scales`` float16 ``[G, out]``; ``<name>.g_idx`` int32 ``[in]``: the group of each input column;
-  ``<name>.bias`` optional.
+  ``<name>.bias`` optional. ``G = ceil(in / group)``: when the group size does not divide ``in`` (SmolLM2's 576
+  at the usual 128), the last group is shorter, and llmspeed pads it with the code of 0.0 as its own layout does.
 
 ``w[:, c] = (code[:, c] - zero[g_idx[c]]) * scale[g_idx[c]]``. Without ``desc_act`` ``g_idx[c] = c // group``
 (llmspeed's layout). With ``desc_act`` the groups are runs of the columns sorted by ``g_idx``: the
@@ -84,12 +85,9 @@ def layer_buffers(
 ) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
     """The module config and buffers of GPTQ layer ``name`` (its tensors are popped from ``tensors``)."""
     g = in_f if group is None else group
-    if in_f % 8 or out_f % 8 or in_f % g:
-        raise ValueError(
-            f"{source}: layer {name!r} is [{out_f}, {in_f}]; GPTQ needs both multiples of 8 and in divisible "
-            f"by group_size={g}"
-        )
-    n_groups = in_f // g
+    if in_f % 8 or out_f % 8:
+        raise ValueError(f"{source}: layer {name!r} is [{out_f}, {in_f}]; GPTQ packs both in multiples of 8")
+    n_groups = -(-in_f // g)  # the last group is partial when g does not divide in (AutoGPTQ's ceil)
     qweight = skeleton.take(tensors, f"{name}.qweight", (torch.int32,), (in_f // 8, out_f), source, "GPTQ")
     qzeros = skeleton.take(tensors, f"{name}.qzeros", (torch.int32,), (n_groups, out_f // 8), source, "GPTQ")
     scales = skeleton.take(tensors, f"{name}.scales", (torch.float16, torch.bfloat16, torch.float32),
@@ -117,12 +115,17 @@ def layer_buffers(
         perm = torch.argsort(g_idx, stable=True)  # [in]: packed column j is input column perm[j]
         if not torch.equal(g_idx[perm], plain):
             raise ValueError(
-                f"{source}: tensor {name + '.g_idx'!r} gives groups of unequal sizes; llmspeed needs {g} columns per group"
+                f"{source}: tensor {name + '.g_idx'!r} gives groups of unequal sizes; llmspeed needs {g} columns per "
+                f"group (the last one may be shorter)"
             )
-        codes = unpack_int4(packed, in_f)[:, perm]  # [out, in] uint8, groups now contiguous
-        qbytes = P.pack_nibbles(codes)  # [out, in / 2]
+    if perm is None and in_f % g == 0:
+        qbytes = little_endian_bytes(packed)  # [out, in / 2]: already llmspeed's nibble order
     else:
-        qbytes = little_endian_bytes(packed)  # [out, in / 2]
+        codes = unpack_int4(packed, in_f)  # [out, in] uint8
+        if perm is not None:
+            codes = codes[:, perm]  # groups now contiguous
+        pad = zeros[:, -1:].to(torch.uint8).expand(out_f, n_groups * g - in_f)  # the code of 0.0 fills the last group
+        qbytes = P.pack_nibbles(torch.cat([codes, pad], dim=1))  # [out, in_pad / 2]
     symmetric = sym and bool((zeros == P.SYMMETRIC_ZERO).all())
     cfg = QuantConfig("int4", group, symmetric=symmetric, act_order=act_order, method="gptq")
     buffers = {"qweight": qbytes, "scales": scales.T.to(P.SCALE_DTYPE).contiguous(),  # GPTQ's own fp16
