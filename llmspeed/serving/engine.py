@@ -96,10 +96,21 @@ class Engine:
             self.generator.grammars.prepare(sampling.structured_outputs)
 
     def _submit(self, prompt: Prompt, sampling: Any, loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
-        sampling = coerce(sampling)
-        handle = RequestHandle(self._request_abort, loop)
-        self._command("add", handle, _snapshot(prompt), sampling)
-        return handle
+        return self._submit_all([(prompt, sampling)], loop)[0]
+
+    def _submit_all(self, requests: Sequence[tuple[Prompt, Any]],
+                    loop: asyncio.AbstractEventLoop | None) -> list[RequestHandle]:  # fmt: skip
+        """Queue ``requests`` (prompt, sampling) together: the engine thread admits them in one turn, before its next
+        step, so one refused at admission (too long, bad ids) has ended before any of the others has a token. All or
+        none: a closed engine raises ``RuntimeError`` before any is queued."""
+        commands = [("add", RequestHandle(self._request_abort, loop), _snapshot(prompt), coerce(sampling))
+                    for prompt, sampling in requests]  # fmt: skip
+        with self._cv:
+            if self._closing:
+                raise RuntimeError(self._death or "the engine is closed")
+            self._inbox.extend(commands)
+            self._cv.notify()
+        return [handle for _, handle, _, _ in commands]
 
     def _request_abort(self, handle: RequestHandle) -> None:
         with self._cv:

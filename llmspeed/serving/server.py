@@ -104,12 +104,6 @@ class OpenAIServer:
         known = [self.model_name, *self.adapters]
         raise APIError(404, f"model {model!r} does not exist; this server has {known}", "model", "model_not_found")
 
-    def _submit(self, prompt: Any, sp: SamplingParams) -> RequestHandle:
-        try:
-            return self.engine._submit(prompt, sp, asyncio.get_running_loop())
-        except RuntimeError as err:  # closed engine
-            raise APIError(503, str(err)) from None
-
     def _check(self, output: GenerationOutput, prompt_param: str | None = None) -> None:
         failure = answer_failure(output, prompt_param)
         if failure is not None:
@@ -139,17 +133,12 @@ class OpenAIServer:
                 h.abort()
 
     def _submit_all(self, requests: list[tuple[Any, SamplingParams]]) -> list[RequestHandle]:
-        """Submit one request per (prompt, choice); if one cannot be submitted (the engine closed), abort those that
-        were."""
-        handles: list[RequestHandle] = []
+        """Submit one request per (prompt, choice), all admitted in the same turn of the engine (a prompt it refuses
+        has ended before any choice has a token: :func:`.streaming.stream` then answers a 400); 503 when closed."""
         try:
-            for prompt, sp in requests:
-                handles.append(self._submit(prompt, sp))
-        except BaseException:
-            for h in handles:
-                h.abort()
-            raise
-        return handles
+            return self.engine._submit_all(requests, asyncio.get_running_loop())
+        except RuntimeError as err:  # closed engine: none was queued
+            raise APIError(503, str(err)) from None
 
     # --- endpoints ------------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:

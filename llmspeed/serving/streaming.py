@@ -98,9 +98,10 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
     if not here:
         abort_all()
         return Response(status_code=CLIENT_GONE)
-    param = prompt_params[first[0]] if prompt_params else "messages" if chat else "prompt"
-    refused = failure(first[1].output, param) \
-        if first[1].finished and first[1].output is not None else None  # fmt: skip
+    # the handles were admitted in one turn (Engine._submit_all): by the first event, any refused one has ended
+    ended = [(i, h.result(timeout=0)) for i, h in enumerate(handles) if h.done()]
+    refused = next((err for i, out in ended if not out.token_ids and (err := failure(
+        out, prompt_params[i] if prompt_params else "messages" if chat else "prompt")) is not None), None)
     if refused is not None:  # before any token: a plain 4xx, not a stream
         abort_all()
         await events.aclose()

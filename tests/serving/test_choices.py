@@ -26,13 +26,13 @@ def _slow_steps(monkeypatch) -> None:
 
 def _handles(server, monkeypatch) -> list:
     """The handles ``server`` submits from now on, in submission order (choice order)."""
-    handles, real = [], server._submit
+    handles, real = [], server._submit_all
 
-    def submit(prompt, sp):
-        handles.append(real(prompt, sp))
-        return handles[-1]
+    def submit_all(requests):
+        handles.extend(real(requests))
+        return handles[-len(requests):]
 
-    monkeypatch.setattr(server, "_submit", submit)
+    monkeypatch.setattr(server, "_submit_all", submit_all)
     return handles
 
 
@@ -147,23 +147,24 @@ def test_closing_the_engine_under_n_choices_is_a_503_never_a_partial_answer(tiny
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_the_engine_closing_between_the_choices_submits_aborts_those_submitted(tiny_server, live_server, monkeypatch,
-                                                                              stream):
-    _slow_steps(monkeypatch)
-    engine, handles, real = tiny_server.engine, [], tiny_server._submit
+def test_the_choices_are_queued_all_or_none(tiny_server, live_server, monkeypatch, stream):
+    """The engine closing while a request's choices are submitted: none is queued (they go in one command), so none
+    is left running, and the answer is a 503. (Before, choices were queued one by one and those queued before the
+    close had to be aborted.)"""
+    engine, real = tiny_server.engine, tiny_server.engine._submit_all
+    queued = []
 
-    def submit(prompt, sp):
-        if handles:
-            engine.close()  # after the first choice was submitted: the second finds the engine closed
-        handles.append(real(prompt, sp))
-        return handles[-1]
+    def submit_all(requests, loop):
+        engine.close()  # between the request's validation and its choices' submission
+        queued.extend(real(requests, loop))
+        return queued
 
-    monkeypatch.setattr(tiny_server, "_submit", submit)
+    monkeypatch.setattr(engine, "_submit_all", submit_all)
     with live_server(tiny_server) as url:
         body = {"model": "tiny", "prompt": "hi", "n": 3, "max_tokens": 400, "min_tokens": 400, "stream": stream}
         r = _post(url, "/v1/completions", body)
         assert r.status_code == 503 and r.json()["error"]["message"] == "the engine is closed"
-        assert len(handles) == 1 and handles[0].result(timeout=10).finish_reason == "abort"
+        assert queued == [] and engine._inbox == [] and engine.generator.num_live == 0
 
 
 def test_a_client_leaving_a_stream_of_n_choices_aborts_every_choice(tiny_server, live_server, monkeypatch):

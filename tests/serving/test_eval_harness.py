@@ -87,6 +87,21 @@ def test_a_bad_prompt_among_several_is_a_400_naming_it(tiny_server, live_server,
         assert said is None or said in message, message
 
 
+def test_a_refused_prompt_among_several_streamed_is_always_a_400(tiny_server, live_server):
+    """Regression: streamed, a prompt the engine refuses (longer than the context) after one it admits was a 400 or,
+    when the first prompt's token arrived first, a stream ending in an error event, depending on timing. The prompts
+    of a request are now admitted in one turn of the engine, and the stream starts only when none was refused."""
+    body = {"model": "tiny", "prompt": ["fine", "x" * 5000, "also fine"], "max_tokens": 4, "stream": True}
+    with live_server(tiny_server) as url:
+        for _ in range(12):
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                r.read()
+            assert r.status_code == 400, r.text
+            assert json.loads(r.text)["error"]["param"] == "prompt.1"
+        ok = post_json(url, "/v1/completions", {**body, "prompt": ["fine", "also fine"], "stream": False})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2  # nothing left behind by the refusals
+
+
 class _BosTokenizer:
     """A byte-level tokenizer that puts a BOS (id 1) before a sequence unless told not to, as Llama's does."""
 
