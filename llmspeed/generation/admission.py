@@ -30,19 +30,43 @@ def new_sequence(
     except ValueError as exc:
         ids, error = [], str(exc)
     seq = Seq(rid, ids, sampling, index=index, generator=request_generator(sampling, device))
-    seq.detok = Detokenizer(tokenizer, ids, sampling.stop)
+    seq.detok = Detokenizer(tokenizer, ids, sampling.stop, sampling.include_stop_str_in_output)
+    if sampling.bad_words and tokenizer is not None:
+        seq.bad_words = spellings(sampling.bad_words, tokenizer)
     return seq, error
 
 
+def spellings(words: tuple[str, ...], tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+    """The token spellings of ``words`` (``bad_words``): each word tokenized as it starts a text and after a space
+    (``" word"``, how it appears mid-text), without special tokens; the distinct non-empty ones."""
+    found: dict[tuple[int, ...], None] = {}
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            try:
+                ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            except TypeError:  # a tokenizer without the option, which adds no special tokens
+                ids = tuple(tokenizer.encode(text))
+            if ids:
+                found[ids] = None
+    return tuple(found)
+
+
 def refusal(model: CausalLM, tokenizer: Any, sampling: SamplingParams) -> str | None:
-    """Why ``sampling`` cannot run on ``model`` (``None`` when it can): stop strings or structured outputs without a
-    tokenizer (there is no text to find them in: never ignored), ``logit_bias`` ids past the vocabulary, an adapter it cannot use
+    """Why ``sampling`` cannot run on ``model`` (``None`` when it can): stop strings, bad words or structured outputs
+    without a tokenizer (there is no text to find them in: never ignored), ``logit_bias`` or ``allowed_token_ids`` ids
+    past the vocabulary, an adapter it cannot use
     (:func:`.request_adapters.adapter_error`), or ``adapter=False`` (the base alone) while adapters are merged into
     the base."""
     vocab = model.spec.vocab_size
     past = [tid for tid, _ in sampling.logit_bias if tid >= vocab]
     if past:
         return f"logit_bias token ids must be below the vocabulary size {vocab}; got {past[:8]}"
+    past = [tid for tid in sampling.allowed_token_ids or () if tid >= vocab]
+    if past:
+        return f"allowed_token_ids must be below the vocabulary size {vocab}; got {past[:8]}"
+    if sampling.bad_words and tokenizer is None:
+        return (f"bad_words {list(sampling.bad_words)} need the model's tokenizer to spell them in tokens, and this "
+                f"model has none; ban token ids with logit_bias (-100), or wrap the model with its tokenizer")
     if sampling.structured_outputs is not None and tokenizer is None:
         return (f"structured_outputs ({sampling.structured_outputs.kind}) need the model's tokenizer to know what each "
                 f"token spells, and this model has none; wrap the model with its tokenizer")

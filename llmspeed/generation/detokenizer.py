@@ -125,6 +125,7 @@ class Detokenizer:
         tokenizer: A tokenizer with ``decode(ids, skip_special_tokens=...)``; ``None`` gives no text.
         prompt_ids: The request's prompt (its last tokens give the first output token its context).
         stop: Stop strings.
+        include_stop: Keep the stop string found at the end of the text (``include_stop_str_in_output``).
 
     Where the tokenizer's ``decode`` cleans its text up (transformers' ``clean_up_tokenization``: ``" ."`` -> ``"."``,
     ``" ' "`` -> ``"'"``, ..., which BERT-style WordPiece tokenizers and a BPE with the force flag apply), a window's
@@ -135,8 +136,10 @@ class Detokenizer:
     costs the same at the end of a long output as at its start.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (), include_stop: bool = False):
         self.tokenizer = tokenizer
+        self.include_stop = include_stop
+        self.stopped_by: str | None = None  # the stop string found (the first in ``stop`` of those found earliest)
         self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])
         self.prefix = 0
         self.read = len(self.ids)
@@ -221,10 +224,11 @@ class Detokenizer:
         for s in self.stop:
             i = self.text.find(s, max(0, new_from - len(s) + 1))
             if i >= 0:
-                hits.append(i)
+                hits.append((i, s))
         if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
+            i, s = min(hits, key=lambda hit: hit[0])  # the earliest; of those, the first listed
+            self.text = self.text[: i + len(s) if self.include_stop else i]
+            self.stopped, self.stopped_by = True, s
 
     def _release(self, final: bool) -> str:
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)

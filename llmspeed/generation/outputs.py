@@ -38,7 +38,8 @@ class GenerationOutput:
         request_id: Id returned by ``Generator.add_request``.
         prompt_token_ids: The tokenized prompt.
         token_ids: Generated tokens (a stop token id is kept; text after a stop string is not).
-        text: Decoded generated text, cut before a stop string (``""`` without a tokenizer).
+        text: Decoded generated text, cut before a stop string (after it with ``include_stop_str_in_output``; ``""``
+            without a tokenizer).
         finish_reason: ``"stop"``, ``"length"``, ``"abort"`` or ``"error"``.
         error: The message when ``finish_reason == "error"``.
         metrics: Timings and counts.
@@ -47,6 +48,9 @@ class GenerationOutput:
         prompt_logprobs: When the request asked for ``prompt_logprobs``: one entry per prompt token, ``None`` for the
             first (nothing comes before it), then each token's :class:`~.sampling.TokenLogprobs` given the tokens
             before it (``None`` for a token the model never reached: a request that ended before its prompt ran).
+        stop_reason: What ended a ``"stop"`` output, as vLLM's ``stop_reason``: the stop string, or the id from
+            ``stop_token_ids``; ``None`` for an end-of-sequence token, a completed structured output and any other
+            finish reason.
     """
 
     index: int
@@ -59,6 +63,7 @@ class GenerationOutput:
     metrics: RequestMetrics
     logprobs: list[Any] | None = None
     prompt_logprobs: list[Any] | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass(frozen=True)

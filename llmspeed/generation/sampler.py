@@ -53,6 +53,10 @@ def _penalize(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequ
             row[host_tensor(banned, torch.long, dev)] = float("-inf")
         if ctx.allowed is not None:  # structured outputs: what cannot continue a valid output
             row.masked_fill_(~ctx.allowed.to(dev), float("-inf"))
+        if p.allowed_token_ids is not None:  # every other token out (ids past the vocabulary were refused)
+            keep = host_tensor(p.allowed_token_ids, torch.long, dev)  # [A]
+            kept = row.index_select(0, keep)  # [A]
+            row.fill_(float("-inf")).index_copy_(0, keep, kept)
     return logits
 
 

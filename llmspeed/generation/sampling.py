@@ -125,6 +125,13 @@ class SamplingParams:
             before it and the ``prompt_logprobs`` most likely alternatives (0 to 20; ``None`` = none), as vLLM's
             ``prompt_logprobs`` (``GenerationOutput.prompt_logprobs``). The prompt then runs through the model in
             full: no prefix-cache hit, and no fused CPU step for its prompt chunks.
+        include_stop_str_in_output: Keep the stop string (or the text of the stop token) that ended the output at
+            its end, as vLLM's option of that name (end-of-sequence tokens are special: they have no text).
+        allowed_token_ids: Sample only these tokens (vLLM's ``allowed_token_ids``; ``None``: any token). Ids must be
+            below the model's vocabulary size (a request with one past it ends with ``"error"``).
+        bad_words: Words never to generate (vLLM's ``bad_words``): each is tokenized with and without a leading space,
+            and the last token of such a spelling is banned whenever the output ends with the tokens before it (a
+            one-token word is always banned). Needs the model's tokenizer.
         structured_outputs: What the output must look like (:class:`~.structured_params.StructuredOutputsParams`,
             or a dict of its fields: ``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``,
             ``{"grammar": ...}``, ``{"json_object": True}``), as vLLM's: tokens that cannot continue a valid output
@@ -149,6 +156,9 @@ class SamplingParams:
     min_p: float = 0.0
     prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         self._as_python_numbers()
@@ -201,6 +211,20 @@ class SamplingParams:
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"`min_p` must be a number from 0 to 1 (0 = off); got {self.min_p!r}")
         object.__setattr__(self, "structured_outputs", coerce_structured(self.structured_outputs))
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"`include_stop_str_in_output` must be a bool; got {self.include_stop_str_in_output!r}")
+        if self.allowed_token_ids is not None:
+            allowed = _as_tuple(self.allowed_token_ids)
+            allowed = allowed if allowed is None else tuple(int(t) if _integral(t) else t for t in allowed)
+            if not allowed or not all(is_int(t) and t >= 0 for t in allowed):
+                raise ValueError(f"`allowed_token_ids` must be None (any token) or a non-empty list of token ids "
+                                 f"(integers >= 0); got {self.allowed_token_ids!r}")  # fmt: skip
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
+        words = (self.bad_words,) if isinstance(self.bad_words, str) else _as_tuple(self.bad_words)
+        if words is None or not all(isinstance(w, str) and w.strip() for w in words):
+            raise ValueError(f"`bad_words` must be a list of words (non-blank strings; () for none); got "
+                             f"{self.bad_words!r}")  # fmt: skip
+        object.__setattr__(self, "bad_words", words)
 
     def _as_python_numbers(self) -> None:
         """NumPy (any ``numbers``) integers and reals as Python's ``int`` / ``float``: ``np.int64(5)`` is an integer,
@@ -224,10 +248,12 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """True when a repetition, presence or frequency penalty, a logit bias or structured outputs change the logits
-        (the argmax too: such requests are never left to a loop that takes the model's argmax)."""
+        """True when a repetition, presence or frequency penalty, a logit bias, allowed tokens, bad words or structured
+        outputs change the logits (the argmax too: such requests are never left to a loop that takes the model's
+        argmax)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.logit_bias) or self.structured_outputs is not None)
+                or bool(self.logit_bias) or self.structured_outputs is not None or self.allowed_token_ids is not None
+                or bool(self.bad_words))
 
 
 _dataclass_init = SamplingParams.__init__

@@ -43,6 +43,8 @@ class Sequence:
     error: str | None = None
     detok: Any = None  # the request's Detokenizer (text deltas, stop strings)
     grammar: Any = None  # its structured output's GrammarState (None: free text)
+    bad_words: tuple[tuple[int, ...], ...] = ()  # the token spellings of its params.bad_words (admission.spellings)
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs per output token, when asked for
     prompt_logprobs: dict[int, Any] = field(default_factory=dict)  # prompt token index (from 1) -> its TokenLogprobs
     block_keys: list[int] = field(default_factory=list)  # prefix-cache chain hashes of its full blocks
@@ -97,6 +99,8 @@ class Sequence:
         banned: tuple[int, ...] = ()
         if len(self.output_ids) < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(eos))
+        if self.bad_words:
+            banned += self.bad_word_bans()
         if not p.penalized and not banned:
             return RowContext()
         allowed = None
@@ -108,6 +112,12 @@ class Sequence:
             allowed, banned = (kept, ()) if bool(kept.any()) else (allowed, ())
         return RowContext(self.prompt_ids, self.output_ids, banned, allowed)
 
+    def bad_word_bans(self) -> tuple[int, ...]:
+        """The tokens that would complete one of its bad words now: the last token of each spelling whose other
+        tokens end the output (of a one-token spelling, always)."""
+        out, n = self.output_ids, len(self.output_ids)
+        return tuple(w[-1] for w in self.bad_words if len(w) - 1 <= n and (len(w) == 1 or out[n - len(w) + 1:] == list(w[:-1])))
+
     def advance(self, token: int, eos: frozenset[int], limit: int) -> tuple[str | None, str]:
         """Take a sampled ``token`` (already appended to ``output_ids``): why the request ends now (``None`` = it goes
         on) and the text it releases. ``eos``: end-of-sequence ids; ``limit``: most tokens of a sequence."""
@@ -116,9 +126,12 @@ class Sequence:
             self.error = f"token {token} does not continue its structured output"
             return "error", ""
         if token in p.stop_token_ids or (not p.ignore_eos and token in eos) or (self.grammar and self.grammar.done):
-            return "stop", ""
+            self.stop_reason = token if token in p.stop_token_ids else None  # vLLM's: None for end-of-sequence
+            # the stop token's own text only when asked for (an end-of-sequence token is special: it has none)
+            return "stop", self.detok.add(token, check_stop=False) if p.include_stop_str_in_output else ""
         text = self.detok.add(token, check_stop=len(self.output_ids) >= p.min_tokens)
         if self.detok.stopped:
+            self.stop_reason = self.detok.stopped_by
             return "stop", text
         if len(self.output_ids) >= p.max_new_tokens or self.num_tokens >= limit:
             return "length", text
@@ -143,6 +156,7 @@ class Sequence:
             token_ids=list(self.output_ids),
             text=self.detok.text,
             finish_reason=self.finish_reason or "error",
+            stop_reason=self.stop_reason if self.finish_reason == "stop" else None,
             error=self.error,
             metrics=metrics,
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
@@ -162,4 +176,5 @@ class Sequence:
             self.error = self.error or f"decoding its output raised {type(exc).__name__}: {exc}"
         if self.detok.stopped and reason == self.finish_reason == "length":  # a stop string in the held-back tail
             self.finish_reason = "stop"
+            self.stop_reason = self.detok.stopped_by
         return StreamEvent(self.index, self.seq_id, token, text, finished=True, output=self.output(), logprobs=logprobs)

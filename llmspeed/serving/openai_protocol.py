@@ -64,6 +64,9 @@ class _Request(StrictRequest):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # an extension (vLLM's)
     ignore_eos: bool = False  # an extension (vLLM's; its benchmark client sends it for fixed-length outputs)
     stop_token_ids: list[int] | None = None  # an extension (vLLM's): ids that end the answer as eos does
+    include_stop_str_in_output: bool = False  # an extension (vLLM's): the stop string or token's text is kept
+    allowed_token_ids: list[int] | None = None  # an extension (vLLM's): sample only these
+    bad_words: list[str] | None = None  # an extension (vLLM's): words never generated
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -91,9 +94,10 @@ class _Request(StrictRequest):
         if any(not s for s in stop):
             raise APIError(400, f"stop strings must be non-empty; got {_shown(self.stop)}", "stop")
         structured = self.structured()
-        bad = next((t for t in self.stop_token_ids or [] if not 0 <= t < (vocab_size or 2**63)), None)
-        if bad is not None:
-            raise APIError(400, f"stop_token_ids must be token ids in [0, {vocab_size}); got {bad}", "stop_token_ids")
+        for ids in ("stop_token_ids", "allowed_token_ids"):
+            bad = next((t for t in getattr(self, ids) or [] if not 0 <= t < (vocab_size or 2**63)), None)
+            if bad is not None:
+                raise APIError(400, f"{ids} must be token ids in [0, {vocab_size}); got {bad}", ids)
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -103,6 +107,8 @@ class _Request(StrictRequest):
                 min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=self.min_p,
                 prompt_logprobs=self.prompt_logprobs(logprobs), structured_outputs=structured,
                 ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
+                include_stop_str_in_output=self.include_stop_str_in_output, bad_words=tuple(self.bad_words or ()),
+                allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
             field = str(err).split("`")[1] if str(err).count("`") >= 2 else None

@@ -108,7 +108,8 @@ def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[Gene
             text = echo[i // n] + text
             lps = _echoed(tokenizer, o, lps, len(echo[i // n]))
         choices.append({"index": i, "text": text, "logprobs": lps,
-                        "finish_reason": finish_reason(o) if generated else "length"})
+                        "finish_reason": finish_reason(o) if generated else "length",
+                        "stop_reason": o.stop_reason if generated else None})
     counts = usage(outputs, n)
     if not generated:
         counts = {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
@@ -136,7 +137,8 @@ def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[Generation
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
-                     "logprobs": chat_logprobs(tokenizer, o.logprobs), "finish_reason": finish_reason(o)}
+                     "logprobs": chat_logprobs(tokenizer, o.logprobs), "finish_reason": finish_reason(o),
+                     "stop_reason": o.stop_reason}
                     for i, o in enumerate(outputs)],
         "usage": usage(outputs),
     }

@@ -136,6 +136,8 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
             if lps is not None:
                 offsets[i] += len(lps["tokens"][0])
             choice = {"index": i, "text": event.text, "finish_reason": done, "logprobs": lps}
+        if done is not None and event.output is not None:  # vLLM's: the stop string or token id that ended it
+            choice["stop_reason"] = event.output.stop_reason
         return {**head, "choices": [choice]}
 
     outputs: list[Any] = [None] * len(handles)

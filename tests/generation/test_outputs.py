@@ -23,12 +23,13 @@ class _Tail:
     """A request's detokenizer whose flush raises (``fails``) or finds a stop string in the held-back tail."""
 
     def __init__(self, fails: bool = False, stopped: bool = False):
-        self.text, self.fails, self.stopped = "ab", fails, stopped
+        self.text, self.fails, self.stopped, self.stopped_by = "ab", fails, stopped, None
 
     def finish(self, check_stop: bool = True) -> str:
         if self.fails:
             raise IndexError("piece id is out of range")
         self.stopped = self.stopped or check_stop
+        self.stopped_by = "cd" if check_stop else None
         return "c"
 
 
@@ -56,5 +57,5 @@ def test_final_event_reports_a_flush_that_raised_keeps_the_first_error_and_turns
     for reason in ("abort", "error", "stop"):
         assert _ended(reason, _Tail(stopped=True)).output.finish_reason == reason
     event = _ended("length", _Tail())
-    assert (event.text, event.output.finish_reason) == ("xc", "stop")
+    assert (event.text, event.output.finish_reason, event.output.stop_reason) == ("xc", "stop", "cd")
     assert _ended("length", _Tail(), out=(5,), min_tokens=2).output.finish_reason == "length"  # before min_tokens

@@ -226,3 +226,32 @@ def test_ignore_eos_and_stop_token_ids_as_vllm_takes_them(tiny_server, live_serv
                                               "stop_token_ids": [0], "ignore_eos": True}).json()  # fmt: skip
         assert answer["status"] == "incomplete" and answer["usage"]["output_tokens"] == 5
         assert "got 999" in _error(_post(url, "/v1/completions", {**body, "stop_token_ids": [999]}), 400, "stop_token_ids")
+
+
+def test_stop_reason_include_stop_str_allowed_token_ids_and_bad_words_as_vllm_takes_them(tiny_server, live_server):
+    """vLLM's ``stop_reason`` in each choice (the stop string or token id, ``null`` for eos and length), and its
+    ``include_stop_str_in_output``, ``allowed_token_ids`` and ``bad_words``, whole, streamed and through the client."""
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 6, "temperature": 0}
+    with live_server(tiny_server) as url:
+        plain = _post(url, "/v1/completions", body).json()["choices"][0]
+        assert plain["finish_reason"] == "length" and plain["stop_reason"] is None
+        stop = plain["text"][2:4]
+        cut = _post(url, "/v1/completions", {**body, "stop": [stop]}).json()["choices"][0]
+        kept = _post(url, "/v1/completions", {**body, "stop": [stop], "include_stop_str_in_output": True}).json()
+        at = plain["text"].find(stop)
+        assert (cut["text"], cut["stop_reason"]) == (plain["text"][:at], stop)
+        assert kept["choices"][0]["text"] == plain["text"][: at + len(stop)]
+        streamed = [json.loads(d) for d in _data(url, "/v1/completions", {**body, "stop": [stop], "stream": True,
+                                                                         "include_stop_str_in_output": True})[:-1]]  # fmt: skip
+        assert "".join(c["choices"][0]["text"] for c in streamed) == kept["choices"][0]["text"]
+        assert streamed[-1]["choices"][0]["stop_reason"] == stop
+        a = {**body, "logit_bias": {"65": 100}}  # "A" every time
+        by_token = _post(url, "/v1/completions", {**a, "stop_token_ids": [65], "include_stop_str_in_output": True})
+        assert (by_token.json()["choices"][0]["text"], by_token.json()["choices"][0]["stop_reason"]) == ("A", 65)
+        chat = openai_client(url).chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=6, temperature=0,
+            extra_body={"allowed_token_ids": [66, 67], "bad_words": ["B"]})  # fmt: skip
+        assert chat.choices[0].message.content == "CCCCCC" and chat.choices[0].model_extra["stop_reason"] is None
+        assert "got 256" in _error(_post(url, "/v1/completions", {**body, "allowed_token_ids": [1, 256]}), 400,
+                                   "allowed_token_ids")  # fmt: skip
+        assert "`bad_words`" in _error(_post(url, "/v1/completions", {**body, "bad_words": [" "]}), 400, "bad_words")
