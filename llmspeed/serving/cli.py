@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the adapters the fused CPU decode step reads (docs/lora.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port, 0 to 65535 (default 8000)")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; its environment "
+                        "variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=true turns this on too)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request (/v1/...; /health and /metrics stay open)")
     p.add_argument("--kv-cache-tokens", type=_int_in(KV_BLOCK_TOKENS), default=16384,
                    help=f"KV cache budget in tokens (at least one block: {KV_BLOCK_TOKENS})")
@@ -191,7 +195,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
                     kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps)
     # the folder's own name, also for "." or "..": Path(".").name is "", Path("..").name ".."
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(os.path.abspath(args.model)).name)
-    return engine, OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser)
+    return engine, OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser,
+                                allow_runtime_lora=args.allow_runtime_lora_updating)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,17 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def detokenize(request: Request) -> dict[str, Any]:
         return await server.detokenize(await body(request))
 
+    if server.allow_runtime_lora:  # vLLM's runtime LoRA updating; absent (a 404) unless the server allows it
+        from . import lora_api
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request) -> PlainTextResponse:
+            return PlainTextResponse(await lora_api.load(server, await body(request)))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+            return PlainTextResponse(await lora_api.unload(server, await body(request)))
+
     return app
 
 

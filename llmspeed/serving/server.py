@@ -59,6 +59,8 @@ class OpenAIServer:
         tool_call_parser: How ``tool_choice: "auto"`` (the default with ``tools``) reads tool calls out of an answer
             (:mod:`.tool_parser`): ``"hermes"``, a response template, or ``None`` for the tokenizer's own
             ``response_template`` (else Hermes for Qwen 2 and 3 models); with none, such requests are a 400.
+        allow_runtime_lora: Serve vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+            (:mod:`.lora_api`): clients load adapter folders from the server's disk, and unload them, while it serves.
 
     Raises:
         ValueError: An adapter is named as the base model, or twice (one name must pick one model), or is not loaded
@@ -66,7 +68,7 @@ class OpenAIServer:
     """
 
     def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None,
-                 tool_call_parser: str | dict[str, Any] | None = None):  # fmt: skip
+                 tool_call_parser: str | dict[str, Any] | None = None, allow_runtime_lora: bool = False):  # fmt: skip
         self.engine = engine
         self.model_name = model_name
         self.adapters = tuple(adapters)
@@ -82,6 +84,8 @@ class OpenAIServer:
                 f"{loaded or 'none'}): load them first (lora.load_adapter)"
             )
         self.api_key = api_key
+        self.allow_runtime_lora = allow_runtime_lora
+        self.adapter_updates = asyncio.Lock()  # one adapter load or unload at a time (lora_api)
         self.tokenizer = engine.model.tokenizer
         model_type = getattr(getattr(engine.model.module, "config", None), "model_type", None)
         self.response_template = response_template(self.tokenizer, tool_call_parser, model_type)

@@ -105,3 +105,18 @@ def test_flags_reach_the_quantize_recipe_the_engine_and_the_server(llama, monkey
         assert server.model_name == "mine" and not engine.generator.blocks.prefix_caching
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("flags, env, allowed", [([], None, False), (["--allow-runtime-lora-updating"], None, True),
+                                                ([], "True", True), ([], "0", False)])  # fmt: skip
+def test_runtime_lora_updating_is_off_unless_the_flag_or_vllms_variable_asks(flags, env, allowed, llama, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", env)
+    monkeypatch.setattr(cli, "load_model", lambda name, recipe=None: llama)
+    engine, server = cli.build(cli.build_parser().parse_args([*flags, "--kv-cache-tokens", "64"]))
+    engine.close()
+    assert server.allow_runtime_lora is allowed
+    routes = {getattr(r, "path", None) for r in server.app().routes}
+    assert ("/v1/load_lora_adapter" in routes) is allowed and ("/v1/unload_lora_adapter" in routes) is allowed
