@@ -10,7 +10,7 @@ from ..protocol import CausalLM
 from .detokenizer import Detokenizer
 from .prompts import Prompt, prompt_ids
 from .request_adapters import adapter_error, adapter_key, merged_refusal
-from .sampling import SamplingParams, request_generator
+from .sampling import SamplingParams, is_int, request_generator
 from .sequence import Sequence as Seq
 
 if TYPE_CHECKING:
@@ -80,7 +80,16 @@ def refusal(model: CausalLM, tokenizer: Any, sampling: SamplingParams) -> str | 
     return None  # None runs whatever the model has
 
 
-def admit(gen: Generator, rid: int, prompt: Prompt, sampling: SamplingParams, index: int) -> None:
+def check_priority(priority: object, policy: str) -> None:
+    """``ValueError`` unless ``priority`` is an integer that ``policy`` takes (under ``"fcfs"``, only 0, as vLLM)."""
+    if not is_int(priority):
+        raise ValueError(f"priority must be an integer (lower runs first); got {priority!r}")
+    if priority != 0 and policy != "priority":
+        raise ValueError(f"priority={priority} needs scheduling_policy='priority' (this generator's is {policy!r}); "
+                         f"under 'fcfs' every request has priority 0")  # fmt: skip
+
+
+def admit(gen: Generator, rid: int, prompt: Prompt, sampling: SamplingParams, index: int, priority: int = 0) -> None:
     """Make request ``rid``'s sequence and queue it on ``gen``'s scheduler, or end it with ``"error"`` at once.
 
     Called by :meth:`.engine.Generator.add_request` under its lock and the model's step lock.
@@ -95,6 +104,7 @@ def admit(gen: Generator, rid: int, prompt: Prompt, sampling: SamplingParams, in
             seq.grammar = gen.grammars.state(sampling.structured_outputs)
         except (ImportError, ValueError) as exc:
             error = str(exc)
+    seq.priority = int(priority)
     if error is None:  # bound to this adapter, (name, uid), not to its name
         seq.adapter_key = adapter_key(gen.model, sampling.adapter)
         error = gen.scheduler.add(seq)

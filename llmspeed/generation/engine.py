@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import CausalLM, step_lock
-from .admission import admit
+from .admission import admit, check_priority
 from .block_manager import BlockManager
 from .context_limits import context_limit
 from .generator_args import check_arguments
@@ -100,6 +100,9 @@ class Generator:
             elsewhere, CUDA graphs included, greedy or random sampling on the device), without the scheduling
             and detokenizing between them; the tokens are the same, and arrive as one step's events. It saves
             the Python (and on a GPU the waits) between steps (docs/kernels.md); tokens stream in bursts.
+        scheduling_policy: ``"fcfs"`` (default: first come, first served) or ``"priority"`` (vLLM's: requests run
+            in order of the ``priority`` given to :meth:`add_request`, lower first, and a request is preempted for
+            one of a lower value: :mod:`.scheduler`).
 
     Attributes:
         fused_decode_status: ``"on"``, or why decode steps take the generic path (read when asked: a model
@@ -128,6 +131,7 @@ class Generator:
         attention: str = "auto",
         kv_cache_dtype: str | torch.dtype = "auto",
         num_scheduler_steps: int = 1,
+        scheduling_policy: str = "fcfs",
     ):
         kv_cache_tokens, eos = check_arguments(
             model, kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
@@ -145,7 +149,7 @@ class Generator:
         num_blocks = kv_cache_tokens // block_size
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         context, note = context_limit(model, spec.max_positions)
-        self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, context)
+        self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, context, scheduling_policy)
         self.scheduler.context_note = note
         self.scheduler.weights_key = self._weights_key
         self._weights: int | None = None  # _weights_key's last answer
@@ -244,26 +248,29 @@ class Generator:
             if self.runner.fused is not None:
                 self.runner.fused.forget()
 
-    def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0) -> int:
+    def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, index: int = 0,
+                    priority: int = 0) -> int:  # fmt: skip
         """Queue one request; return its id. A request that can never run ends with ``"error"``, as does one
         that gives stop strings to a model without a tokenizer (there is no text to find them in).
 
         ``prompt`` is a string, a list of token ids, or a list of chat messages. ``index`` is copied to the
-        request's outputs (:meth:`generate_batched` numbers its prompts with it).
+        request's outputs (:meth:`generate_batched` numbers its prompts with it). ``priority``: with
+        ``scheduling_policy="priority"``, lower runs first (vLLM's); else it must be 0.
 
         Raises:
             TypeError: ``sampling`` is neither a :class:`SamplingParams` nor a dict of its fields.
-            ValueError: ``index`` is not a non-negative integer.
+            ValueError: ``index`` is not a non-negative integer, or ``priority`` not an integer (not 0 under "fcfs").
             RuntimeError: Another thread is inside this generator.
         """
         sampling = coerce(sampling)
         if not is_int(index) or index < 0:
             raise ValueError(f"index must be a non-negative integer; got {index!r}")
+        check_priority(priority, self.scheduler.policy)
         # the model's step lock: another thread's lora verb cannot change the adapters between the checks below
         with self._exclusive("add_request"), step_lock(self.model.module):
             rid = self._next_id
             self._next_id += 1
-            admit(self, rid, prompt, sampling, index)
+            admit(self, rid, prompt, sampling, index, priority)
             return rid
 
     def abort(self, request_id: int) -> None:
@@ -379,18 +386,22 @@ class Generator:
 
     # --- whole runs -----------------------------------------------------------------------------
     def generate_batched(
-        self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[GenerationOutput]:
         """Run every prompt to completion with continuous batching; results in prompt order.
 
         Only these prompts' outputs are returned; other requests of the generator are left as they are.
-        ``prompts`` may be any iterable of prompts (a generator is read once).
+        ``prompts`` may be any iterable of prompts (a generator is read once). ``priority``: one per prompt, as
+        :meth:`add_request` takes it (vLLM's ``LLM.generate(priority=...)``).
         """
-        outputs = {e.request_id: e.output for e in self.stream(prompts, sampling) if e.finished and e.output is not None}
+        events = self.stream(prompts, sampling, priority)
+        outputs = {e.request_id: e.output for e in events if e.finished and e.output is not None}
         return [o for _, o in sorted(outputs.items())]  # stream warned, once its run ended, as the docstring says
 
     def stream(
-        self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> Iterator[StreamEvent]:
         """Yield a :class:`StreamEvent` per generated token (with its new text) as steps produce them.
 
@@ -402,7 +413,7 @@ class Generator:
             sampling_list(sampling, 0)  # checked all the same: a bad value is refused, not ignored
             return
         finals = []
-        for event in run_events(self, prompts, sampling):
+        for event in run_events(self, prompts, sampling, priority):
             if event.finished and event.output is not None:
                 finals.append(event.output)
             yield event

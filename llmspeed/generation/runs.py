@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
+from .admission import check_priority
 from .outputs import RunStats, StreamEvent, paths_since
 from .prompts import Prompt, is_chat, is_token_id
 from .sampling import sampling_list
@@ -19,11 +20,12 @@ if TYPE_CHECKING:
     from .engine import Generator
 
 
-def add_all(gen: Generator, prompts: Sequence[Prompt], sampling: Any) -> list[int]:
-    """Queue every prompt of a run (``index`` = its position); return their request ids.
+def add_all(gen: Generator, prompts: Sequence[Prompt], sampling: Any, priority: Sequence[int] | None = None) -> list[int]:
+    """Queue every prompt of a run (``index`` = its position; ``priority[i]`` its priority); return their request ids.
 
     Raises:
         TypeError: ``prompts`` is one prompt (a string, bytes, a chat, or a list of token ids), not a list of them.
+        ValueError: ``priority`` is not one integer per prompt (checked before any prompt is queued).
     """
     if isinstance(prompts, (str, bytes, bytearray)) or is_chat(prompts):
         raise TypeError("prompts must be a list of prompts; got a single string, bytes or chat (wrap it in a list)")
@@ -34,10 +36,16 @@ def add_all(gen: Generator, prompts: Sequence[Prompt], sampling: Any) -> list[in
             f"(wrap it in a list: [[1, 2, 3]])"
         )
     params = sampling_list(sampling, len(prompts))
-    return [gen.add_request(p, s, index=i) for i, (p, s) in enumerate(zip(prompts, params))]
+    ranks = [0] * len(prompts) if priority is None else list(priority)
+    if len(ranks) != len(prompts):
+        raise ValueError(f"priority must give one integer per prompt ({len(prompts)}); got {len(ranks)}")
+    for rank in ranks:
+        check_priority(rank, gen.scheduler.policy)
+    return [gen.add_request(p, s, index=i, priority=r) for i, (p, s, r) in enumerate(zip(prompts, params, ranks))]
 
 
-def run_events(gen: Generator, prompts: Sequence[Prompt], sampling: Any) -> Iterator[StreamEvent]:
+def run_events(gen: Generator, prompts: Sequence[Prompt], sampling: Any,
+               priority: Sequence[int] | None = None) -> Iterator[StreamEvent]:  # fmt: skip
     """Step ``gen`` until this run's own requests end, yielding only their events; ``gen.stats`` is set at the end.
 
     Events of other requests (added with ``add_request``, or another run's) are kept for whoever
@@ -47,7 +55,7 @@ def run_events(gen: Generator, prompts: Sequence[Prompt], sampling: Any) -> Iter
 
     start = time.perf_counter()
     steps0, paths0 = gen.num_steps, dict(gen.step_paths)
-    rids = add_all(gen, prompts, sampling)
+    rids = add_all(gen, prompts, sampling, priority)
     mine = set(rids)
     gen._run_rids |= mine  # a step() called from outside while this run is read leaves them its events
     seqs = [gen._seqs[r] for r in rids if r in gen._seqs]

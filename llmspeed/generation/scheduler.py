@@ -12,6 +12,12 @@ Every step it builds one ragged batch under a token budget:
    caching a sequence is admitted with the cached blocks of its longest cached prefix and starts
    computing after them.
 
+With ``policy="priority"`` (vLLM's ``--scheduling-policy priority``) both lists are kept in order of
+``(priority, arrival)``, lower first: the waiting request of the lowest value is admitted first, decode and
+chunked prefill serve running requests in that order, and the preempted one is the running request of the
+highest value (the newest among equals), which goes back into the queue at its place in that order. With equal
+priorities that is exactly first-come first-served.
+
 Nothing is ever dropped: a request leaves only through :meth:`Scheduler.finish` or
 :meth:`Scheduler.abort`, and requests that can never fit are rejected at :meth:`Scheduler.add`.
 """
@@ -24,6 +30,8 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager, blocks_for
 from .sequence import Sequence, Status
+
+POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy values
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,13 @@ class Scheduler:
             room for it, so every running sequence gets tokens every step: with ``max_batch_tokens < max_seqs`` at most
             ``max_batch_tokens`` sequences run at once and the others wait in the queue (vLLM refuses that pair).
         max_seq_len: Longest sequence the model supports (prompt + output).
+        policy: ``"fcfs"`` (first come, first served) or ``"priority"`` (lower ``Sequence.priority`` first).
     """
 
-    def __init__(self, blocks: BlockManager, max_batch_tokens: int, max_seqs: int, max_seq_len: int):
+    def __init__(self, blocks: BlockManager, max_batch_tokens: int, max_seqs: int, max_seq_len: int,
+                 policy: str = "fcfs"):  # fmt: skip
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {POLICIES}; got {policy!r}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1; got {max_batch_tokens}")
         if max_seqs < 1:
@@ -74,6 +86,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_seqs = max_seqs
         self.max_seq_len = max_seq_len
+        self.policy = policy
         self.context_note = ""  # why the context is max_seq_len, when it is not the model's positions (the engine's)
         # with prefix caching: what the model's keys and values depend on now (its weights), read at most once per
         # step, when it admits: a sequence's blocks are keyed by it, so blocks of other weights are never reused
@@ -105,8 +118,18 @@ class Scheduler:
                 f"(prompt + at least one new token); raise kv_cache_tokens"
             )
         seq.status = Status.WAITING
-        self.waiting.append(seq)
+        if self.policy == "priority":
+            self._in_order(self.waiting, seq)
+        else:
+            self.waiting.append(seq)
         return None
+
+    @staticmethod
+    def _in_order(queue: deque[Sequence] | list[Sequence], seq: Sequence) -> None:
+        """Put ``seq`` into ``queue`` (sorted by ``(priority, seq_id)``) at its place: after every entry not above it."""
+        key = (seq.priority, seq.seq_id)
+        at = next((i for i, other in enumerate(queue) if (other.priority, other.seq_id) > key), len(queue))
+        queue.insert(at, seq)
 
     def _admit(self, seq: Sequence, weights: list[object]) -> bool:
         tokens = seq.all_tokens()
@@ -142,7 +165,10 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self._in_order(self.waiting, seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def schedule(self) -> Batch:
         """Build the next step's batch (decode first, then chunked prefill and admission)."""
@@ -184,7 +210,10 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            self.running.append(seq)
+            if self.policy == "priority":  # kept in order: the last one is the one to preempt
+                self._in_order(self.running, seq)
+            else:
+                self.running.append(seq)
             length = min(seq.num_pending, budget)
             batch.chunks.append(Chunk(seq, seq.num_computed, length))
             budget -= length
@@ -207,4 +236,4 @@ def blocks_held(scheduler: Scheduler) -> int:
     return len({b for s in scheduler.running for b in s.block_table})
 
 
-__all__ = ["Batch", "Chunk", "Scheduler", "blocks_for", "blocks_held"]
+__all__ = ["POLICIES", "Batch", "Chunk", "Scheduler", "blocks_for", "blocks_held"]

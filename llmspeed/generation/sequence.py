@@ -34,6 +34,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     index: int = 0  # position in the caller's prompt list
+    priority: int = 0  # lower runs first under the "priority" scheduling policy (vLLM's)
     generator: Any = None  # torch.Generator of a sampled request
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

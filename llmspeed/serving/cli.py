@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the cached keys and values (auto: the model's; docs/batching.md)")
     p.add_argument("--max-batch-tokens", type=_int_in(1), default=512, help="most tokens in one forward pass")
     p.add_argument("--max-seqs", type=_int_in(1), default=64, help="most requests running at once")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="fcfs: first come, first served; priority: requests' `priority` field (lower first) orders "
+                        "admission and picks whom to preempt (vLLM's)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prompt prefixes")
     p.add_argument("--num-scheduler-steps", type=_int_in(1), default=1,
                    help="decode steps one engine step may run back to back when no running request wants logprobs or "
@@ -192,7 +195,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     tune_kernels(model, args.max_batch_tokens)
     engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype,
-                    kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps)
+                    kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps,
+                    scheduling_policy=args.scheduling_policy)
     # the folder's own name, also for "." or "..": Path(".").name is "", Path("..").name ".."
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(os.path.abspath(args.model)).name)
     return engine, OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser,

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 
 from ..generation import GenerationOutput, Generator, RequestMetrics, SamplingParams, StreamEvent
+from ..generation.admission import check_priority
 from ..generation.sampling import coerce
 from ..protocol import CausalLM
 from .handle import RequestHandle
 
 Prompt = str | Sequence[int] | Sequence[dict]
+Command = tuple[str, RequestHandle, Any, Any, int]  # (kind, handle, prompt, sampling, priority): the inbox's entries
 MAX_FAILING_TURNS = 8  # a step raising this many turns in a row (before touching a request) ends the requests held
 ENGINE_DIED = "the engine thread died"  # how the error of a request ended by the engine thread's death begins
 
@@ -60,11 +62,11 @@ class Engine:
         )
         self.model = model
         self._cv = threading.Condition()
-        self._inbox: list[tuple[str, RequestHandle, Any, Any]] = []
+        self._inbox: list[Command] = []
         self._handles: dict[int, RequestHandle] = {}
         self._closing = False
         self._death: str | None = None  # why the engine thread died, if it did (then the engine is closed)
-        self._applying: list[tuple[str, RequestHandle, Any, Any]] = []  # commands taken from the inbox, being applied
+        self._applying: list[Command] = []  # commands taken from the inbox, being applied
         self.tokens_generated = 0
         self.requests_finished = 0
         self.loop_errors = 0  # exceptions outside a step (a bug if ever non-zero); the loop survives them
@@ -74,19 +76,21 @@ class Engine:
         self._thread.start()
 
     # --- submitting -----------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, sampling: SamplingParams | None = None) -> RequestHandle:
+    def submit(self, prompt: Prompt, sampling: SamplingParams | None = None, priority: int = 0) -> RequestHandle:
         """Queue a request from any thread; return its :class:`RequestHandle` at once.
 
         A prompt is a string, a list of token ids or a list of chat messages. A request that cannot run
         (bad token ids, too long, unknown adapter) ends with finish reason ``"error"`` and its message.
+        ``priority``: lower runs first on an engine built with ``scheduling_policy="priority"`` (vLLM's); else 0.
 
         Raises:
             TypeError: ``sampling`` is neither a :class:`~llmspeed.generation.SamplingParams` nor a dict of its fields.
+            ValueError: ``priority`` is not an integer, or not 0 under the default ``"fcfs"`` policy.
             RuntimeError: The engine is closed.
         """
         sampling = coerce(sampling)
         self.prepare(sampling)
-        return self._submit(prompt, sampling, None)
+        return self._submit(prompt, sampling, None, priority)
 
     def prepare(self, sampling: SamplingParams) -> None:
         """Do in the calling thread what admitting a request with ``sampling`` would otherwise do in the step loop,
@@ -95,22 +99,25 @@ class Engine:
         if sampling.structured_outputs is not None:
             self.generator.grammars.prepare(sampling.structured_outputs)
 
-    def _submit(self, prompt: Prompt, sampling: Any, loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
-        return self._submit_all([(prompt, sampling)], loop)[0]
+    def _submit(self, prompt: Prompt, sampling: Any, loop: asyncio.AbstractEventLoop | None,
+                priority: int = 0) -> RequestHandle:  # fmt: skip
+        return self._submit_all([(prompt, sampling)], loop, priority)[0]
 
-    def _submit_all(self, requests: Sequence[tuple[Prompt, Any]],
-                    loop: asyncio.AbstractEventLoop | None) -> list[RequestHandle]:  # fmt: skip
-        """Queue ``requests`` (prompt, sampling) together: the engine thread admits them in one turn, before its next
-        step, so one refused at admission (too long, bad ids) has ended before any of the others has a token. All or
-        none: a closed engine raises ``RuntimeError`` before any is queued."""
-        commands = [("add", RequestHandle(self._request_abort, loop), _snapshot(prompt), coerce(sampling))
-                    for prompt, sampling in requests]  # fmt: skip
+    def _submit_all(self, requests: Sequence[tuple[Prompt, Any]], loop: asyncio.AbstractEventLoop | None,
+                    priority: int = 0) -> list[RequestHandle]:  # fmt: skip
+        """Queue ``requests`` (prompt, sampling) together, each with ``priority``: the engine thread admits them in one
+        turn, before its next step, so one refused at admission (too long, bad ids) has ended before any of the others
+        has a token. All or none: a closed engine raises ``RuntimeError``, a bad ``priority`` ``ValueError``, before
+        any is queued."""
+        check_priority(priority, self.generator.scheduler.policy)
+        commands: list[Command] = [("add", RequestHandle(self._request_abort, loop), _snapshot(prompt), coerce(sampling),
+                                    priority) for prompt, sampling in requests]  # fmt: skip
         with self._cv:
             if self._closing:
                 raise RuntimeError(self._death or "the engine is closed")
             self._inbox.extend(commands)
             self._cv.notify()
-        return [handle for _, handle, _, _ in commands]
+        return [command[1] for command in commands]
 
     def _request_abort(self, handle: RequestHandle) -> None:
         with self._cv:
@@ -122,15 +129,16 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise RuntimeError(self._death or "the engine is closed")
-            self._inbox.append((kind, handle, prompt, sampling))
+            self._inbox.append((kind, handle, prompt, sampling, 0))
             self._cv.notify()
 
-    async def generate(self, prompt: Prompt, sampling: SamplingParams | None = None) -> GenerationOutput:
+    async def generate(self, prompt: Prompt, sampling: SamplingParams | None = None,
+                       priority: int = 0) -> GenerationOutput:  # fmt: skip
         """Run one request to completion from asyncio; cancelling the awaiting task aborts it."""
         sampling = coerce(sampling)
         if sampling.structured_outputs is not None:
             await asyncio.to_thread(self.prepare, sampling)
-        handle = self._submit(prompt, sampling, asyncio.get_running_loop())
+        handle = self._submit(prompt, sampling, asyncio.get_running_loop(), priority)
         try:
             async for _ in handle.events():
                 pass
@@ -139,12 +147,13 @@ class Engine:
                 handle.abort()
         return handle.result(timeout=0)
 
-    async def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
+    async def stream(self, prompt: Prompt, sampling: SamplingParams | None = None,
+                     priority: int = 0) -> AsyncIterator[StreamEvent]:  # fmt: skip
         """Yield the request's events from asyncio; leaving the loop early (or a disconnect) aborts it."""
         sampling = coerce(sampling)
         if sampling.structured_outputs is not None:
             await asyncio.to_thread(self.prepare, sampling)
-        handle = self._submit(prompt, sampling, asyncio.get_running_loop())
+        handle = self._submit(prompt, sampling, asyncio.get_running_loop(), priority)
         try:
             async for event in handle.events():
                 yield event
@@ -153,12 +162,12 @@ class Engine:
                 handle.abort()
 
     # --- the engine thread ----------------------------------------------------------------------
-    def _apply(self, commands: list[tuple[str, RequestHandle, Any, Any]]) -> None:
+    def _apply(self, commands: list[Command]) -> None:
         gen = self.generator
-        for kind, handle, prompt, sampling in commands:
+        for kind, handle, prompt, sampling, priority in commands:
             try:
                 if kind == "add":
-                    rid = gen.add_request(prompt, sampling)
+                    rid = gen.add_request(prompt, sampling, priority=priority)
                     handle.request_id = rid
                     self._handles[rid] = handle
                 elif handle.request_id is not None and not handle.done():
@@ -268,7 +277,7 @@ class Engine:
             self._death = f"{ENGINE_DIED}: {type(exc).__name__}: {exc}"
             self._closing = True
             commands, self._inbox = self._applying + self._inbox, []
-        handles = {id(h): h for h in [*self._handles.values(), *(h for kind, h, _, _ in commands if kind == "add")]}
+        handles = {id(h): h for h in [*self._handles.values(), *(c[1] for c in commands if c[0] == "add")]}
         self._handles.clear()
         self._end_handles(list(handles.values()), self._death)
 

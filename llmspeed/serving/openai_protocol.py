@@ -67,6 +67,7 @@ class _Request(StrictRequest):
     include_stop_str_in_output: bool = False  # an extension (vLLM's): the stop string or token's text is kept
     allowed_token_ids: list[int] | None = None  # an extension (vLLM's): sample only these
     bad_words: list[str] | None = None  # an extension (vLLM's): words never generated
+    priority: int = 0  # an extension (vLLM's): lower runs first on a server with --scheduling-policy priority
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None

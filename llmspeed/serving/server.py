@@ -136,13 +136,16 @@ class OpenAIServer:
             for h in handles:
                 h.abort()
 
-    def _submit_all(self, requests: list[tuple[Any, SamplingParams]]) -> list[RequestHandle]:
+    def _submit_all(self, requests: list[tuple[Any, SamplingParams]], priority: int = 0) -> list[RequestHandle]:
         """Submit one request per (prompt, choice), all admitted in the same turn of the engine (a prompt it refuses
-        has ended before any choice has a token: :func:`.streaming.stream` then answers a 400); 503 when closed."""
+        has ended before any choice has a token: :func:`.streaming.stream` then answers a 400); 503 when closed, 400
+        for a ``priority`` the engine's scheduling policy does not take."""
         try:
-            return self.engine._submit_all(requests, asyncio.get_running_loop())
+            return self.engine._submit_all(requests, asyncio.get_running_loop(), priority)
         except RuntimeError as err:  # closed engine: none was queued
             raise APIError(503, str(err)) from None
+        except ValueError as err:  # a priority under the "fcfs" policy: none was queued
+            raise APIError(400, f"{err}: start the server with --scheduling-policy priority", "priority") from None
 
     # --- endpoints ------------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -258,7 +261,7 @@ class OpenAIServer:
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
         if sps[0].structured_outputs is not None:  # its grammar compiled off the event loop and the step loop
             await asyncio.to_thread(self.engine.prepare, sps[0])
-        handles = self._submit_all([(p, sp) for p in prompts for sp in sps])  # choice i answers prompt i // n
+        handles = self._submit_all([(p, sp) for p in prompts for sp in sps], req.priority)  # choice i: prompt i // n
         params = ["messages" if chat else req.prompt_param(i // req.n) for i in range(len(handles))]
         if req.stream:
             template = self._template() if chat and req.parses_tools else None

@@ -28,8 +28,8 @@ def _handles(server, monkeypatch) -> list:
     """The handles ``server`` submits from now on, in submission order (choice order)."""
     handles, real = [], server._submit_all
 
-    def submit_all(requests):
-        handles.extend(real(requests))
+    def submit_all(requests, priority=0):
+        handles.extend(real(requests, priority))
         return handles[-len(requests):]
 
     monkeypatch.setattr(server, "_submit_all", submit_all)
@@ -154,9 +154,9 @@ def test_the_choices_are_queued_all_or_none(tiny_server, live_server, monkeypatc
     engine, real = tiny_server.engine, tiny_server.engine._submit_all
     queued = []
 
-    def submit_all(requests, loop):
+    def submit_all(requests, loop, priority=0):
         engine.close()  # between the request's validation and its choices' submission
-        queued.extend(real(requests, loop))
+        queued.extend(real(requests, loop, priority))
         return queued
 
     monkeypatch.setattr(engine, "_submit_all", submit_all)

@@ -93,16 +93,17 @@ def test_the_served_name_of_a_relative_folder_is_the_folders_name(given, llama, 
 
 
 def test_flags_reach_the_quantize_recipe_the_engine_and_the_server(llama, monkeypatch):
-    """--no-quantize-lm-head, --activations, --served-model-name and --no-prefix-caching each change what is built
-    (mutations dropping any of them survived)."""
+    """--no-quantize-lm-head, --activations, --served-model-name, --no-prefix-caching and --scheduling-policy each change
+    what is built (mutations dropping any of them survived)."""
     recipes = []
     monkeypatch.setattr(cli, "load_model", lambda name, recipe=None: recipes.append(recipe) or llama)
     flags = ["--quantize", "int8", "--no-quantize-lm-head", "--activations", "int8", "--served-model-name", "mine",
-             "--no-prefix-caching", "--kv-cache-tokens", "64"]  # fmt: skip
+             "--no-prefix-caching", "--kv-cache-tokens", "64", "--scheduling-policy", "priority"]  # fmt: skip
     engine, server = cli.build(cli.build_parser().parse_args(flags))
     try:
         assert recipes == [{"format": "int8", "lm_head": None, "activations": "int8"}]
         assert server.model_name == "mine" and not engine.generator.blocks.prefix_caching
+        assert engine.generator.scheduler.policy == "priority"
     finally:
         engine.close()
 

@@ -255,3 +255,42 @@ def test_stop_reason_include_stop_str_allowed_token_ids_and_bad_words_as_vllm_ta
         assert "got 256" in _error(_post(url, "/v1/completions", {**body, "allowed_token_ids": [1, 256]}), 400,
                                    "allowed_token_ids")  # fmt: skip
         assert "`bad_words`" in _error(_post(url, "/v1/completions", {**body, "bad_words": [" "]}), 400, "bad_words")
+
+
+def test_priority_needs_the_priority_policy_and_then_orders_the_waiting_requests(llama, live_server, monkeypatch):
+    """vLLM's ``priority`` field: a 400 naming it on a first-come-first-served server (``Engine.submit`` raises, and
+    nothing is queued); with ``--scheduling-policy priority`` and one request running at a time, of two requests
+    waiting behind a long one the lower value runs first, whichever came first."""
+    from llmspeed.generation import engine as engine_module
+
+    llama.tokenizer = ChatTokenizer()
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with live_server(OpenAIServer(Engine(llama, kv_cache_tokens=4096), "tiny")) as url:
+        assert "scheduling-policy priority" in _error(_post(url, "/v1/completions", {**body, "priority": 1}), 400,
+                                                      "priority")  # fmt: skip
+        assert _post(url, "/v1/completions", {**body, "priority": 0}).status_code == 200
+    real = engine_module.sample_batch
+    monkeypatch.setattr(engine_module, "sample_batch", lambda *a, **k: (time.sleep(0.01), real(*a, **k))[1])
+    engine = Engine(llama, kv_cache_tokens=4096, max_seqs=1, scheduling_policy="priority")
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        engine.submit([1, 2], priority="high")
+    with live_server(OpenAIServer(engine, "tiny")) as url:
+        done: list[str] = []
+
+        def ask(name, priority, tokens):
+            r = _post(url, "/v1/completions", {**body, "max_tokens": tokens, "priority": priority})
+            assert r.status_code == 200, r.text
+            done.append(name)
+
+        import threading
+
+        threads = [threading.Thread(target=ask, args=("long", 0, 80))]
+        threads[0].start()
+        time.sleep(0.3)  # the long one runs; the next two wait for its slot
+        for name, priority in (("late", 5), ("urgent", -1)):
+            threads.append(threading.Thread(target=ask, args=(name, priority, 4)))
+            threads[-1].start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(60)
+        assert done == ["long", "urgent", "late"]
