@@ -2,7 +2,8 @@
 
 The notebooks are generated, not edited by hand, so they stay reviewable as Python: their cells are in
 ``notebook_setup.py`` (the first code cell of each), ``notebook_cells_models.py`` (precision, quantization,
-QLoRA) and ``notebook_cells_batching.py`` (continuous batching, all together); this file writes and runs them. They use only
+QLoRA), ``notebook_cells_batching.py`` (continuous batching, all together) and ``notebook_cells_serving.py`` (the engine
+and the OpenAI-compatible server); this file writes and runs them. They use only
 llmspeed's public API (plus torch, transformers and matplotlib). Each reads ``LLMSPEED_EXAMPLES_QUICK``
 (set by ``tests/test_notebooks.py``, and by ``tests/test_docs_examples.py`` for the docs' code blocks):
 when it is ``1`` the sizes shrink so that all notebooks run in a few minutes on 2 CPU cores; the
@@ -27,6 +28,7 @@ if str(HERE.resolve()) not in sys.path:  # the cell modules beside this file, al
 
 from notebook_cells_batching import ALL_TOGETHER, BATCHING  # noqa: E402
 from notebook_cells_models import PRECISION, QLORA, QUANTIZATION  # noqa: E402
+from notebook_cells_serving import SERVING  # noqa: E402
 from notebook_setup import SETUP  # noqa: E402, F401  (the shared first code cell, kept reachable here)
 
 NOTEBOOKS = {
@@ -35,6 +37,7 @@ NOTEBOOKS = {
     "03_qlora.ipynb": QLORA,
     "04_continuous_batching.ipynb": BATCHING,
     "05_all_together.ipynb": ALL_TOGETHER,
+    "06_serving.ipynb": SERVING,
 }
 
 
