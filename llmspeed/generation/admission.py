@@ -30,7 +30,8 @@ def new_sequence(
     except ValueError as exc:
         ids, error = [], str(exc)
     seq = Seq(rid, ids, sampling, index=index, generator=request_generator(sampling, device))
-    seq.detok = Detokenizer(tokenizer, ids, sampling.stop, sampling.include_stop_str_in_output)
+    seq.detok = Detokenizer(tokenizer, ids, sampling.stop, sampling.include_stop_str_in_output,
+                            sampling.skip_special_tokens)  # fmt: skip
     if sampling.bad_words and tokenizer is not None:
         seq.bad_words = spellings(sampling.bad_words, tokenizer)
     return seq, error

@@ -64,14 +64,14 @@ def backend_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
     return _decoder(_plain_backend(tokenizer))
 
 
-def _decoder(parts: tuple[Any, Callable[[str], str] | None] | None) -> Callable[[list[int]], str] | None:
-    """:func:`backend_decode` from what :func:`_plain_backend` found."""
+def _decoder(parts: tuple[Any, Callable[[str], str] | None] | None, skip: bool = True) -> Callable[[list[int]], str] | None:
+    """:func:`backend_decode` from what :func:`_plain_backend` found (``skip``: leave special tokens out)."""
     if parts is None:
         return None
     backend, clean = parts
     if clean is None:
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: clean(backend.decode(ids, skip_special_tokens=True))
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids: clean(backend.decode(ids, skip_special_tokens=skip))
 
 
 # What may follow a space that transformers' ``clean_up_tokenization`` rewrites (``" ."``, ``" ?"``, ``" !"``, ``" ,"``,
@@ -126,6 +126,7 @@ class Detokenizer:
         prompt_ids: The request's prompt (its last tokens give the first output token its context).
         stop: Stop strings.
         include_stop: Keep the stop string found at the end of the text (``include_stop_str_in_output``).
+        skip_special_tokens: Leave special tokens' text out (``decode``'s option; vLLM's ``skip_special_tokens``).
 
     Where the tokenizer's ``decode`` cleans its text up (transformers' ``clean_up_tokenization``: ``" ."`` -> ``"."``,
     ``" ' "`` -> ``"'"``, ..., which BERT-style WordPiece tokenizers and a BPE with the force flag apply), a window's
@@ -136,9 +137,11 @@ class Detokenizer:
     costs the same at the end of a long output as at its start.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (), include_stop: bool = False):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (), include_stop: bool = False,
+                 skip_special_tokens: bool = True):  # fmt: skip
         self.tokenizer = tokenizer
         self.include_stop = include_stop
+        self.skip = skip_special_tokens
         self.stopped_by: str | None = None  # the stop string found (the first in ``stop`` of those found earliest)
         self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])
         self.prefix = 0
@@ -149,7 +152,7 @@ class Detokenizer:
         self.sent = 0  # characters of ``text`` already handed out
         self.stopped = False
         parts = _plain_backend(tokenizer)  # once a request: what backend_decode would find
-        self._fast = _decoder(parts)
+        self._fast = _decoder(parts, skip_special_tokens)
         self._clean = parts[1] if parts is not None else None  # decode == clean(raw decode), or None
         self._raw_fast: Callable[..., str] | None = None if parts is None else parts[0].decode
         self.raw = ""  # with a clean-up: the raw output text so far, of which ``text`` is the settled part cleaned
@@ -161,11 +164,11 @@ class Detokenizer:
         """The text of ``ids``: as ``decode`` gives it, or before its clean-up where there is one."""
         if self._clean is not None:
             if self._fast is not None and self._raw_fast is not None:
-                return self._raw_fast(ids, skip_special_tokens=True)
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                return self._raw_fast(ids, skip_special_tokens=self.skip)
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
         if self._fast is not None:
             return self._fast(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def _append(self, delta: str, final: bool) -> int:
         """Add decoded text; return where the new part of :attr:`text` starts. With a clean-up, ``text`` becomes the

@@ -129,6 +129,8 @@ class SamplingParams:
             its end, as vLLM's option of that name (end-of-sequence tokens are special: they have no text).
         allowed_token_ids: Sample only these tokens (vLLM's ``allowed_token_ids``; ``None``: any token). Ids must be
             below the model's vocabulary size (a request with one past it ends with ``"error"``).
+        skip_special_tokens: Leave special tokens' text (an end-of-turn marker, a chat template's tags) out of the
+            output text, as ``decode(..., skip_special_tokens=True)`` (default); ``False`` keeps it (vLLM's option).
         bad_words: Words never to generate (vLLM's ``bad_words``): each is tokenized with and without a leading space,
             and the last token of such a spelling is banned whenever the output ends with the tokens before it (a
             one-token word is always banned). Needs the model's tokenizer.
@@ -159,6 +161,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     allowed_token_ids: tuple[int, ...] | None = None
     bad_words: tuple[str, ...] = field(default_factory=tuple)
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self._as_python_numbers()
@@ -211,8 +214,9 @@ class SamplingParams:
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"`min_p` must be a number from 0 to 1 (0 = off); got {self.min_p!r}")
         object.__setattr__(self, "structured_outputs", coerce_structured(self.structured_outputs))
-        if not isinstance(self.include_stop_str_in_output, bool):
-            raise ValueError(f"`include_stop_str_in_output` must be a bool; got {self.include_stop_str_in_output!r}")
+        for flag in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"`{flag}` must be a bool; got {getattr(self, flag)!r}")
         if self.allowed_token_ids is not None:
             allowed = _as_tuple(self.allowed_token_ids)
             allowed = allowed if allowed is None else tuple(int(t) if _integral(t) else t for t in allowed)

@@ -68,6 +68,7 @@ class _Request(StrictRequest):
     allowed_token_ids: list[int] | None = None  # an extension (vLLM's): sample only these
     bad_words: list[str] | None = None  # an extension (vLLM's): words never generated
     priority: int = 0  # an extension (vLLM's): lower runs first on a server with --scheduling-policy priority
+    skip_special_tokens: bool = True  # an extension (vLLM's): False keeps special tokens' text in the answer
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -110,6 +111,7 @@ class _Request(StrictRequest):
                 ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
                 include_stop_str_in_output=self.include_stop_str_in_output, bad_words=tuple(self.bad_words or ()),
                 allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
+                skip_special_tokens=self.skip_special_tokens,
             )
         except ValueError as err:  # SamplingParams names its field in backticks: the param is the API's name for it
             field = str(err).split("`")[1] if str(err).count("`") >= 2 else None

@@ -31,7 +31,7 @@ _PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # vLLM's sampling extensions, passed to the chat request under the same names (its errors name them so)
 EXTENSIONS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
               "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids",
-              "bad_words", "priority")  # fmt: skip
+              "bad_words", "priority", "skip_special_tokens")  # fmt: skip
 # chat request field -> the Responses field it came from (for errors found in the chat request)
 _RENAMED = {"max_completion_tokens": "max_output_tokens", "response_format.json_schema": "text.format",
             "response_format": "text.format", "logprobs": "include"}
@@ -92,6 +92,7 @@ class ResponsesRequest(StrictRequest):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     priority: int | None = None
+    skip_special_tokens: bool | None = None
 
     def check(self) -> None:
         """Refuse what this server cannot answer: a stored or background response, hosted features, reasoning

@@ -105,3 +105,21 @@ def test_ids_past_the_vocabulary_and_bad_words_without_a_tokenizer_end_that_requ
     assert [o.finish_reason for o in outs] == ["error", "error", "length"]
     assert "allowed_token_ids must be below the vocabulary size 256; got [256]" in outs[0].error
     assert "bad_words ['no'] need the model's tokenizer" in outs[1].error
+
+
+@pytest.mark.slow
+def test_skip_special_tokens_false_keeps_their_text_as_decode_does(smollm2_cached):
+    model = smollm2_cached
+    tok = model.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    chat = [[{"role": "user", "content": "Say hi."}]]
+    gen = Generator(model, progress=False)
+    forced = dict(max_new_tokens=3, ignore_eos=True, logit_bias={end: 100.0})
+    kept = gen.generate_batched(chat, SamplingParams(**forced, skip_special_tokens=False))[0]
+    assert kept.token_ids == [end] * 3 and kept.text == "<|im_end|>" * 3
+    assert gen.generate_batched(chat, SamplingParams(**forced))[0].text == ""  # the default leaves them out
+    free = SamplingParams(max_new_tokens=40, ignore_eos=True, skip_special_tokens=False)  # runs past its end of turn
+    events = list(gen.stream(chat, free))
+    out = events[-1].output
+    assert out.text == tok.decode(out.token_ids, skip_special_tokens=False) and "<|im_end|>" in out.text
+    assert "".join(e.text for e in events) == out.text

@@ -294,3 +294,13 @@ def test_priority_needs_the_priority_policy_and_then_orders_the_waiting_requests
         for t in threads:
             t.join(60)
         assert done == ["long", "urgent", "late"]
+
+
+def test_skip_special_tokens_false_keeps_the_tokenizers_special_text(tiny_server, live_server):
+    """The byte tokenizer's id 0 is special (its decode leaves it out with ``skip_special_tokens``): forced by
+    ``logit_bias`` and kept past eos by ``ignore_eos``, it is in the answer only with ``skip_special_tokens: false``."""
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "logit_bias": {"0": 100}, "ignore_eos": True}
+    with live_server(tiny_server) as url:
+        assert _post(url, "/v1/completions", body).json()["choices"][0]["text"] == ""
+        kept = _post(url, "/v1/completions", {**body, "skip_special_tokens": False}).json()["choices"][0]["text"]
+        assert kept == "\x00" * 3
