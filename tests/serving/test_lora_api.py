@@ -9,12 +9,12 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from llmspeed import Generator, SamplingParams, lora
 from llmspeed.generation import engine as engine_module
 from llmspeed.serving import Engine
 from llmspeed.serving.server import OpenAIServer
+from tests.generation.conftest import random_adapter
 from tests.generation.test_engine import ChatTokenizer
 from tests.serving.conftest import assert_error, post_json
 
@@ -24,12 +24,7 @@ PROMPT = [5, 6, 7, 8]
 def _adapter_folder(model, path, seed):
     """Save a random adapter (non-zero B: it changes the tokens) of ``model`` at ``path``; leave the model as it was."""
     name = f"tmp{seed}"
-    lora.add_adapter(model, name, r=4, alpha=8)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(model):
-            if name in layer.lora_A:
-                layer.weight_b(name).copy_(torch.randn(layer.weight_b(name).shape, generator=g) * 0.5)
+    random_adapter(model, name, seed)
     lora.save_adapter(model, path, name)
     lora.delete_adapter(model, name)
     return path
