@@ -118,15 +118,15 @@ class Scheduler:
                 f"(prompt + at least one new token); raise kv_cache_tokens"
             )
         seq.status = Status.WAITING
-        if self.policy == "priority":
-            self._in_order(self.waiting, seq)
-        else:
-            self.waiting.append(seq)
+        self._place(self.waiting, seq)
         return None
 
-    @staticmethod
-    def _in_order(queue: deque[Sequence] | list[Sequence], seq: Sequence) -> None:
-        """Put ``seq`` into ``queue`` (sorted by ``(priority, seq_id)``) at its place: after every entry not above it."""
+    def _place(self, queue: deque[Sequence] | list[Sequence], seq: Sequence, front: bool = False) -> None:
+        """Put ``seq`` into ``queue``: under "fcfs" at its end (``front``: its front, a preempted request's place);
+        under "priority" at its place in ``(priority, seq_id)`` order, after every entry not above it."""
+        if self.policy == "fcfs":
+            queue.insert(0 if front else len(queue), seq)
+            return
         key = (seq.priority, seq.seq_id)
         at = next((i for i, other in enumerate(queue) if (other.priority, other.seq_id) > key), len(queue))
         queue.insert(at, seq)
@@ -165,10 +165,7 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        if self.policy == "priority":
-            self._in_order(self.waiting, seq)
-        else:
-            self.waiting.appendleft(seq)
+        self._place(self.waiting, seq, front=True)
 
     def schedule(self) -> Batch:
         """Build the next step's batch (decode first, then chunked prefill and admission)."""
@@ -210,10 +207,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            if self.policy == "priority":  # kept in order: the last one is the one to preempt
-                self._in_order(self.running, seq)
-            else:
-                self.running.append(seq)
+            self._place(self.running, seq)  # under "priority" kept in order: the last one is the one to preempt
             length = min(seq.num_pending, budget)
             batch.chunks.append(Chunk(seq, seq.num_computed, length))
             budget -= length
