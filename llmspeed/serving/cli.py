@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
                    help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; its environment "
                         "variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=true turns this on too)")
+    p.add_argument("--enable-responses-store", action="store_true",
+                   default=os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE", "").lower() in ("1", "true"),
+                   help="keep Responses API answers in memory (the last 1024) for previous_response_id and GET / "
+                        "DELETE /v1/responses/{id} (vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1 turns this on too)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request (/v1/...; /health and /metrics stay open)")
     p.add_argument("--kv-cache-tokens", type=_int_in(KV_BLOCK_TOKENS), default=16384,
                    help=f"KV cache budget in tokens (at least one block: {KV_BLOCK_TOKENS})")
@@ -200,7 +204,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     # the folder's own name, also for "." or "..": Path(".").name is "", Path("..").name ".."
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(os.path.abspath(args.model)).name)
     return engine, OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser,
-                                allow_runtime_lora=args.allow_runtime_lora_updating)
+                                allow_runtime_lora=args.allow_runtime_lora_updating,
+                                responses_store=args.enable_responses_store)
 
 
 def main(argv: list[str] | None = None) -> int:

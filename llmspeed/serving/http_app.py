@@ -103,6 +103,17 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def detokenize(request: Request) -> dict[str, Any]:
         return await server.detokenize(await body(request))
 
+    if server.responses_store is not None:  # stored Responses API answers (OpenAI's retrieve and delete)
+        store = server.responses_store
+
+        @app.get("/v1/responses/{rid}")
+        async def stored_response(rid: str) -> dict[str, Any]:
+            return store.get(rid)
+
+        @app.delete("/v1/responses/{rid}")
+        async def delete_response(rid: str) -> dict[str, Any]:
+            return store.delete(rid)
+
     if server.allow_runtime_lora:  # vLLM's runtime LoRA updating; absent (a 404) unless the server allows it
         from . import lora_api
 

@@ -59,8 +59,8 @@ def response_object(req: ResponsesRequest, rid: str, created: float, status: str
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "max_tool_calls": req.max_tool_calls, "model": req.model, "output": output,
-        "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,
-        "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": req.temperature,
+        "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": req.previous_response_id,
+        "reasoning": {"effort": None, "summary": None}, "store": req.stored, "temperature": req.temperature,
         "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
         "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": req.tools or [],
         "top_logprobs": req.top_logprobs or 0, "top_p": req.top_p, "truncation": "disabled", "usage": usage,
@@ -81,7 +81,9 @@ def whole(req: ResponsesRequest, answer: dict[str, Any], cached: int) -> dict[st
         logprobs = (choice.get("logprobs") or {}).get("content") or []
         items.append(message_item(_id("msg"), msg.get("content") or "", logprobs, status))
     items += [call_item(_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], status) for c in calls]
-    return response_object(req, _id("resp"), answer["created"], status, items, usage(answer["usage"], cached))
+    response = response_object(req, _id("resp"), answer["created"], status, items, usage(answer["usage"], cached))
+    req.kept(response)  # stored, when the server keeps responses and the request did not say store: false
+    return response
 
 
 class ResponseEvents:
@@ -201,7 +203,9 @@ class ResponseEvents:
                 events += self._close()
         if payload.get("usage") is not None:
             kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
-            events.append(self._event(kind, response=self._response(self.status, usage=usage(payload["usage"], cached))))
+            response = self._response(self.status, usage=usage(payload["usage"], cached))
+            self.req.kept(response)  # stored, as a whole answer's is
+            events.append(self._event(kind, response=response))
         return events
 
     @staticmethod

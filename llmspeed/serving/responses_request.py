@@ -8,17 +8,19 @@ function tool ``{"type": "function", "name", "parameters"}`` is ``{"type": "func
 writes that request, the server answers it as a chat request, and :mod:`.responses_output` writes the answer back
 as a Responses object or event stream (as ``transformers serve`` and vLLM map one onto the other).
 
-What a response would have to be stored for (``previous_response_id``, ``store: true``, ``background``) or what
-this server does not run (hosted tools, images, files) is a 400 naming the field; an error found once the request
+``previous_response_id`` and ``store: true`` need a server that keeps responses (:mod:`.responses_store`, which
+hands the request its stored conversation); without one, and for what this server does not run (``conversation``
+objects, ``background``, hosted tools, images, files), they are a 400 naming the field; an error found once the request
 is read as a chat request names the Responses field it came from (:meth:`ResponsesRequest.renamed`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..names import shown as _shown
 from .api_errors import APIError
@@ -62,8 +64,9 @@ class ResponsesRequest(StrictRequest):
     text: dict[str, Any] | None = None
     include: list[str] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    # taken and echoed or ignored, as vLLM takes them: nothing is stored, every request runs alike
+    # kept by a server with a response store (.responses_store); else store: true and previous_response_id are refused
     store: bool | None = None
+    previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
     safety_identifier: str | None = None
@@ -71,8 +74,7 @@ class ResponsesRequest(StrictRequest):
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     truncation: Literal["disabled", "auto"] | None = None
     reasoning: dict[str, Any] | None = None
-    # what needs a stored response or a hosted feature: refused in check() with what to send instead
-    previous_response_id: str | None = None
+    # what needs a conversation object, a background run or a hosted feature: refused in check()
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     prompt: dict[str, Any] | None = None
@@ -93,16 +95,53 @@ class ResponsesRequest(StrictRequest):
     bad_words: list[str] | None = None
     priority: int | None = None
     skip_special_tokens: bool | None = None
+    _history: list[dict[str, Any]] = PrivateAttr(default_factory=list)  # previous_response_id's conversation
+    _keep: Callable[[dict[str, Any]], None] | None = PrivateAttr(default=None)  # stores the response, when one is kept
+
+    # --- stored responses (.responses_store) ------------------------------------------------------
+    def refuse_store(self) -> None:
+        """On a server that keeps no responses: a 400 for ``previous_response_id`` and for ``store: true``."""
+        start = "start the server with --enable-responses-store"
+        if self.previous_response_id is not None:
+            raise APIError(400, f"this server keeps no responses: send the whole conversation in input, or {start}",
+                           "previous_response_id")
+        if self.store:
+            raise APIError(400, f"store: true asks to keep the response for later retrieval, which this server does not "
+                                f"do; send store: false or leave it out, or {start}", "store")  # fmt: skip
+
+    def continues(self, items: list[dict[str, Any]]) -> None:
+        """Run after ``items`` (the stored conversation of ``previous_response_id``), before this request's input."""
+        self._history = list(items)
+
+    def keeping(self, keep: Callable[[dict[str, Any]], None]) -> None:
+        """Store the response once it is complete (or incomplete) by calling ``keep`` with it."""
+        self._keep = keep
+
+    @property
+    def stored(self) -> bool:
+        """Whether the response is kept (its ``store`` field)."""
+        return self._keep is not None
+
+    def kept(self, response: dict[str, Any]) -> None:
+        """Hand the finished ``response`` object to the store, when it is kept."""
+        if self._keep is not None:
+            self._keep(response)
+
+    def conversation_items(self) -> list[dict[str, Any]]:
+        """The conversation this request runs, as Responses input items: ``previous_response_id``'s, then its input
+        (a string or a bare list of parts as one user message)."""
+        given = self.input
+        if isinstance(given, str) or all("role" not in item and item.get("type") in _PARTS for item in given):
+            return [*self._history, {"type": "message", "role": "user", "content": given}]
+        return [*self._history, *given]
 
     def check(self) -> None:
-        """Refuse what this server cannot answer: a stored or background response, hosted features, reasoning
-        settings; ``stream_options`` without ``stream``; an ``include`` it cannot fill."""
-        needs_store = "this server keeps no responses: send the whole conversation in input"
+        """Refuse what this server cannot answer: a conversation object or a background response, hosted features,
+        reasoning settings; ``stream_options`` without ``stream``; an ``include`` it cannot fill."""
         refused = [
-            (self.previous_response_id is not None, "previous_response_id", needs_store),
-            (self.conversation is not None, "conversation", needs_store),
-            (bool(self.store), "store", "store: true asks to keep the response for later retrieval, which this "
-                                        "server does not do; send store: false or leave it out"),
+            (self.conversation is not None, "conversation", "this server keeps no conversation objects: send the "
+                                                            "whole conversation in input, or previous_response_id "
+                                                            "to a server started with --enable-responses-store"),
             (bool(self.background), "background", "background responses need a stored response to poll; send "
                                                   "background: false or leave it out"),
             (self.prompt is not None, "prompt", "prompt templates are stored on OpenAI's platform; send the text in "
@@ -160,15 +199,22 @@ class ResponsesRequest(StrictRequest):
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
             origins.append("instructions")
+        self._read_items([("previous_response_id", item) for item in self._history], messages, origins)
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}], [*origins, "input"]
         if not self.input:
             raise APIError(400, "input is empty: give a string or a list of messages", "input")
         if all("role" not in item and item.get("type") in _PARTS for item in self.input):  # a bare list of parts
             return [*messages, {"role": "user", "content": self._parts("input", self.input)}], [*origins, "input"]
+        self._read_items([(f"input.{i}", item) for i, item in enumerate(self.input)], messages, origins)
+        return messages, origins
+
+    def _read_items(self, items: list[tuple[str, dict[str, Any]]], messages: list[dict[str, Any]],
+                    origins: list[str]) -> None:  # fmt: skip
+        """Append the chat messages of input ``items`` (each with the field it came from) to ``messages``."""
         reasoning = None
-        for i, item in enumerate(self.input):
-            kind, at = item.get("type", "message" if "role" in item else None), f"input.{i}"
+        for at, item in items:
+            kind = item.get("type", "message" if "role" in item else None)
             if kind == "message":
                 role = item.get("role")
                 if role not in ROLES:
@@ -198,7 +244,6 @@ class ResponsesRequest(StrictRequest):
             else:
                 raise APIError(400, f"{at}.type: this server takes messages, 'function_call', 'function_call_output' "
                                     f"and 'reasoning' items; got {_shown(kind)}", f"{at}.type")  # fmt: skip
-        return messages, origins
 
     @staticmethod
     def _text(item: dict[str, Any], key: str, at: str) -> str:

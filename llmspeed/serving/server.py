@@ -39,6 +39,7 @@ from .openai_protocol import ChatCompletionRequest, CompletionRequest, parse
 from .openai_responses import chat_response, completion_response, new_id
 from .responses_output import whole
 from .responses_request import ResponsesRequest
+from .responses_store import ResponseStore
 from .streaming import CLIENT_GONE, stream, unless_gone
 from .streaming import failure as answer_failure
 from .tool_choice import with_tool_calls
@@ -61,6 +62,8 @@ class OpenAIServer:
             ``response_template`` (else Hermes for Qwen 2 and 3 models); with none, such requests are a 400.
         allow_runtime_lora: Serve vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
             (:mod:`.lora_api`): clients load adapter folders from the server's disk, and unload them, while it serves.
+        responses_store: Keep Responses API answers (:mod:`.responses_store`) for ``previous_response_id`` and
+            ``GET`` / ``DELETE /v1/responses/{id}``; without it those are refused.
 
     Raises:
         ValueError: An adapter is named as the base model, or twice (one name must pick one model), or is not loaded
@@ -68,7 +71,8 @@ class OpenAIServer:
     """
 
     def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None,
-                 tool_call_parser: str | dict[str, Any] | None = None, allow_runtime_lora: bool = False):  # fmt: skip
+                 tool_call_parser: str | dict[str, Any] | None = None, allow_runtime_lora: bool = False,
+                 responses_store: bool = False):  # fmt: skip
         self.engine = engine
         self.model_name = model_name
         self.adapters = tuple(adapters)
@@ -86,6 +90,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.allow_runtime_lora = allow_runtime_lora
         self.adapter_updates = asyncio.Lock()  # one adapter load or unload at a time (lora_api)
+        self.responses_store = ResponseStore() if responses_store else None
         self.tokenizer = engine.model.tokenizer
         model_type = getattr(getattr(engine.model.module, "config", None), "model_type", None)
         self.response_template = response_template(self.tokenizer, tool_call_parser, model_type)
@@ -207,6 +212,10 @@ class OpenAIServer:
         (:mod:`.responses_request`), written back as a ``response`` object or its events (:mod:`.responses_output`);
         an error names the Responses field it came from."""
         req = parse(ResponsesRequest, payload)
+        if self.responses_store is None:
+            req.refuse_store()
+        else:
+            self.responses_store.attach(req)
         chat, origins = req.chat_payload()
         try:
             return await self.chat(request, chat, req)

@@ -121,3 +121,17 @@ def test_runtime_lora_updating_is_off_unless_the_flag_or_vllms_variable_asks(fla
     assert server.allow_runtime_lora is allowed
     routes = {getattr(r, "path", None) for r in server.app().routes}
     assert ("/v1/load_lora_adapter" in routes) is allowed and ("/v1/unload_lora_adapter" in routes) is allowed
+
+
+@pytest.mark.parametrize("flags, env, kept", [([], None, False), (["--enable-responses-store"], None, True),
+                                             ([], "1", True)])  # fmt: skip
+def test_the_responses_store_is_off_unless_the_flag_or_vllms_variable_asks(flags, env, kept, llama, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("VLLM_ENABLE_RESPONSES_API_STORE", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", env)
+    monkeypatch.setattr(cli, "load_model", lambda name, recipe=None: llama)
+    engine, server = cli.build(cli.build_parser().parse_args([*flags, "--kv-cache-tokens", "64"]))
+    engine.close()
+    assert (server.responses_store is not None) is kept
+    assert ("/v1/responses/{rid}" in {getattr(r, "path", None) for r in server.app().routes}) is kept
