@@ -33,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port, 0 to 65535 (default 8000)")
     p.add_argument("--allow-runtime-lora-updating", action="store_true",
-                   default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+                   default=_env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
                    help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; its environment "
                         "variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=true turns this on too)")
     p.add_argument("--enable-responses-store", action="store_true",
-                   default=os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE", "").lower() in ("1", "true"),
+                   default=_env_flag("VLLM_ENABLE_RESPONSES_API_STORE"),
                    help="keep Responses API answers in memory (the last 1024) for previous_response_id and GET / "
                         "DELETE /v1/responses/{id} (vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1 turns this on too)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request (/v1/...; /health and /metrics stay open)")
@@ -104,6 +104,11 @@ def _even_group(text: str) -> int:
     if value % 2:
         raise argparse.ArgumentTypeError(f"must be a positive even integer (two 4-bit codes share a byte); got {text!r}")
     return value
+
+
+def _env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` (one of vLLM's switches) is set to ``1`` or ``true``."""
+    return os.environ.get(name, "").lower() in ("1", "true")
 
 
 def _adapter(spec: str) -> str:

@@ -108,30 +108,21 @@ def test_flags_reach_the_quantize_recipe_the_engine_and_the_server(llama, monkey
         engine.close()
 
 
-@pytest.mark.parametrize("flags, env, allowed", [([], None, False), (["--allow-runtime-lora-updating"], None, True),
-                                                ([], "True", True), ([], "0", False)])  # fmt: skip
-def test_runtime_lora_updating_is_off_unless_the_flag_or_vllms_variable_asks(flags, env, allowed, llama, monkeypatch):
-    if env is None:
-        monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
-    else:
-        monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", env)
-    monkeypatch.setattr(cli, "load_model", lambda name, recipe=None: llama)
-    engine, server = cli.build(cli.build_parser().parse_args([*flags, "--kv-cache-tokens", "64"]))
-    engine.close()
-    assert server.allow_runtime_lora is allowed
-    routes = {getattr(r, "path", None) for r in server.app().routes}
-    assert ("/v1/load_lora_adapter" in routes) is allowed and ("/v1/unload_lora_adapter" in routes) is allowed
+OPTIONAL = {"--allow-runtime-lora-updating": ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "/v1/load_lora_adapter"),
+            "--enable-responses-store": ("VLLM_ENABLE_RESPONSES_API_STORE", "/v1/responses/{rid}")}
 
 
-@pytest.mark.parametrize("flags, env, kept", [([], None, False), (["--enable-responses-store"], None, True),
-                                             ([], "1", True)])  # fmt: skip
-def test_the_responses_store_is_off_unless_the_flag_or_vllms_variable_asks(flags, env, kept, llama, monkeypatch):
-    if env is None:
-        monkeypatch.delenv("VLLM_ENABLE_RESPONSES_API_STORE", raising=False)
-    else:
-        monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", env)
+@pytest.mark.parametrize("flag", list(OPTIONAL))
+@pytest.mark.parametrize("given, env, on", [(False, None, False), (True, None, True), (False, "True", True),
+                                            (False, "1", True), (False, "0", False)])  # fmt: skip
+def test_optional_endpoints_are_off_unless_their_flag_or_vllms_variable_asks(flag, given, env, on, llama, monkeypatch):
+    variable, route = OPTIONAL[flag]
+    for name, _ in OPTIONAL.values():
+        monkeypatch.delenv(name, raising=False)
+    if env is not None:
+        monkeypatch.setenv(variable, env)
     monkeypatch.setattr(cli, "load_model", lambda name, recipe=None: llama)
-    engine, server = cli.build(cli.build_parser().parse_args([*flags, "--kv-cache-tokens", "64"]))
+    engine, server = cli.build(cli.build_parser().parse_args([*([flag] if given else []), "--kv-cache-tokens", "64"]))
     engine.close()
-    assert (server.responses_store is not None) is kept
-    assert ("/v1/responses/{rid}" in {getattr(r, "path", None) for r in server.app().routes}) is kept
+    assert (route in {getattr(r, "path", None) for r in server.app().routes}) is on
+    assert (server.allow_runtime_lora if flag == "--allow-runtime-lora-updating" else server.responses_store is not None) is on
