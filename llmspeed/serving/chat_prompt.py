@@ -30,19 +30,26 @@ Tools = list[dict[str, Any]] | None
 Part = tuple[str, str, Callable[[], tuple[Messages, Tools]]]  # (param, what it is, the request without it)
 
 
-def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Messages | list[int]:
+def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None,
+                options: dict[str, Any] | None = None) -> Messages | list[int]:  # fmt: skip
     """What to submit for a chat request: ``messages`` (their tool calls' JSON arguments parsed; the engine renders
-    them), or, with ``tools``, the token ids of the conversation rendered with them (the engine's rendering has no
-    tools). Content parts reach the template here as they reach it in the engine
+    them), or, with ``tools`` or template ``options`` (``add_generation_prompt``, ``continue_final_message`` and the
+    request's ``chat_template_kwargs``: the engine renders with none), the token ids of the conversation rendered with
+    them. Content parts reach the template here as they reach it in the engine
     (:func:`~llmspeed.generation.chat_content.template_messages`).
 
     Raises:
         APIError: 400 naming ``tools``, ``messages.{i}.tool_calls`` or ``messages.{i}.role`` (a ``tool`` turn)
-            when the chat template drops it or cannot render it.
+            when the chat template drops it or cannot render it; naming the first option when the template cannot
+            render the messages with the options, or the model has no template to take them.
     """
     messages = _parsed_arguments(messages)
     parts = _tool_parts(messages, tools)
-    if not parts or getattr(tokenizer, "chat_template", None) is None:
+    options = options or {}
+    if options and getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(400, f"{next(iter(options))} is a chat template option, and this model has no chat template",
+                       next(iter(options)))
+    if (not parts and not options) or getattr(tokenizer, "chat_template", None) is None:
         return messages  # nothing to check, or no template: the engine refuses the request itself
     try:  # content parts as the template takes them (joined for one that writes text), as the engine renders them
         messages = template_messages(tokenizer, messages, tools)
@@ -50,31 +57,36 @@ def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None) -> Mess
         raise APIError(400, str(err), "messages") from None
     parts = _tool_parts(messages, tools)
     try:
-        full = _render(tokenizer, messages, tools, tokenize=False)
+        full = _render(tokenizer, messages, tools, tokenize=False, options=options)
     except Exception as err:
+        if options:
+            raise APIError(400, f"the chat template cannot render these messages with {sorted(options)} "
+                                f"({type(err).__name__}: {err})", next(iter(options))) from None
         _refuse_failing(tokenizer, messages, tools, parts, err)
     for param, what, without in parts:
         try:
-            if _render(tokenizer, *without(), tokenize=False) == full:
+            if _render(tokenizer, *without(), tokenize=False, options=options) == full:
                 raise APIError(400, f"this model's chat template does not render {what}: the prompt is the same with "
                                     f"or without, so {param} is refused rather than dropped silently", param)
         except APIError:
             raise
         except Exception:  # the template needs this part to render the rest: it renders it
             pass
-    if tools is None:
+    if tools is None and not options:
         return messages
-    ids = _render(tokenizer, messages, tools, tokenize=True)
+    ids = _render(tokenizer, messages, tools, tokenize=True, options=options)
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
     return [int(t) for t in ids]
 
 
-async def chat_prompt_off_loop(tokenizer: Any, messages: Messages, tools: Tools = None) -> Messages | list[int]:
+async def chat_prompt_off_loop(tokenizer: Any, messages: Messages, tools: Tools = None,
+                               options: dict[str, Any] | None = None) -> Messages | list[int]:  # fmt: skip
     """:func:`chat_prompt` with its template renderings on a worker thread (``asyncio.to_thread``), raising the
-    same :class:`APIError`; a request without tool parts, which renders nothing here, returns at once."""
-    if not _tool_parts(messages, tools):
+    same :class:`APIError`; a request without tool parts or template options, which renders nothing here, returns at
+    once."""
+    if not _tool_parts(messages, tools) and not options:
         return messages
-    return await asyncio.to_thread(chat_prompt, tokenizer, messages, tools)
+    return await asyncio.to_thread(chat_prompt, tokenizer, messages, tools, options)
 
 
 def _parsed_arguments(messages: Messages) -> Messages:
@@ -95,9 +107,10 @@ def _parsed_arguments(messages: Messages) -> Messages:
     return [{**m, "tool_calls": [parsed(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
 
-def _render(tokenizer: Any, messages: Messages, tools: Tools, tokenize: bool) -> Any:
+def _render(tokenizer: Any, messages: Messages, tools: Tools, tokenize: bool, options: dict[str, Any] | None = None) -> Any:
     extra = {"tools": tools} if tools is not None else {}
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize, **extra)
+    kwargs = {"add_generation_prompt": True, **(options or {})}
+    return tokenizer.apply_chat_template(messages, tokenize=tokenize, **extra, **kwargs)
 
 
 def _tool_parts(messages: Messages, tools: Tools) -> list[Part]:

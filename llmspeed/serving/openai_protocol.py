@@ -47,6 +47,12 @@ class StrictRequest(BaseModel):
                 or cls.model_fields[k].is_required()}
 
 
+# apply_chat_template's own arguments, which chat_template_kwargs may not set (the rest are template variables)
+TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                                "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                                "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
 class _Request(StrictRequest):
     """Fields the completions and chat endpoints share."""
 
@@ -300,6 +306,28 @@ class ChatCompletionRequest(_Request):
     modalities: list[Literal["text", "audio"]] | None = None
     safety_identifier: str | None = None  # with prompt_cache_key, what OpenAI's API has in place of user
     prompt_cache_key: str | None = None
+    # vLLM's template extensions: the answer continues the last (assistant) message instead of starting a new turn,
+    # variables for the template (Qwen3's enable_thinking), and echo: the continued message's text before the answer
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False
+
+    def template_options(self) -> dict[str, Any]:
+        """What the chat template is called with beyond the messages and tools (``{}``: the defaults, which the engine
+        renders itself): ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``."""
+        if self.add_generation_prompt and not self.continue_final_message and not self.chat_template_kwargs:
+            return {}
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, **(self.chat_template_kwargs or {})}  # fmt: skip
+
+    def echoed(self) -> str:
+        """With ``echo``, the text the answer continues (the last message's, when it is the assistant's), else ``""``."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant":
+            return ""
+        content = last.template_content(f"messages.{len(self.messages) - 1}.content")
+        return content if isinstance(content, str) else "".join(p.get("text", "") for p in content or [])
 
     def max_tokens_given(self) -> tuple[str, int | None]:
         """``max_completion_tokens`` when given (it is the one used, as vLLM), else ``max_tokens``."""
@@ -324,6 +352,19 @@ class ChatCompletionRequest(_Request):
         if self.tool_choice is not None and not self.tools:
             raise APIError(400, f"tool_choice is only allowed when tools are given; got tool_choice {self.tool_choice!r} "
                                 f"without tools", "tool_choice")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message continues the last message instead of starting the assistant's "
+                                "turn: send add_generation_prompt: false with it (as vLLM)", "continue_final_message")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise APIError(400, f"continue_final_message continues the last message, which must be the assistant's; "
+                                f"got a {self.messages[-1].role!r} message", f"messages.{len(self.messages) - 1}.role")
+        taken = sorted(set(self.chat_template_kwargs or {}) & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise APIError(400, f"chat_template_kwargs holds the template's variables; {taken} are arguments of the "
+                                f"template call itself (send them as request fields, where they are ones)",
+                           f"chat_template_kwargs.{taken[0]}")  # fmt: skip
+        if self.echo and self.stream:
+            raise APIError(400, "echo is answered without streaming here; send stream: false", "echo")
         try:
             forced_schema(self.tool_specs() or [], self.tool_choice)
         except ToolChoiceError as err:

@@ -132,11 +132,12 @@ def _echoed(tokenizer: Any, output: GenerationOutput, generated: dict[str, Any] 
             "text_offset": [0, *rest["text_offset"], *(shift + o for o in generated["text_offset"])]}
 
 
-def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput]) -> dict[str, Any]:
-    """A whole ``chat.completion`` response."""
+def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput],
+                  echo: str = "") -> dict[str, Any]:  # fmt: skip
+    """A whole ``chat.completion`` response; ``echo``: text put before each choice's (the message it continues)."""
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
+        "choices": [{"index": i, "message": {"role": "assistant", "content": echo + o.text},
                      "logprobs": chat_logprobs(tokenizer, o.logprobs), "finish_reason": finish_reason(o),
                      "stop_reason": o.stop_reason}
                     for i, o in enumerate(outputs)],

@@ -234,7 +234,7 @@ class OpenAIServer:
                                 f"with a response_template); or send 'required' or a named function (the answer is "
                                 f"constrained to tool calls), or 'none' (the answer as text)", "tool_choice")  # fmt: skip
         max_tokens = req.max_completion_tokens or req.max_tokens or self.context
-        prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs())
+        prompt = await chat_prompt_off_loop(self.tokenizer, req.chat(), req.tool_specs(), req.template_options())
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
             prompt = await self._fitting(prompt, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         return await self._answer(request, req, adapter, [prompt], max_tokens, req.wanted_logprobs(), chat=True,
@@ -279,7 +279,7 @@ class OpenAIServer:
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=CLIENT_GONE)
         if chat:
-            answer = chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs)
+            answer = chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs, req.echoed())
             if req.forces_tools:
                 answer = with_tool_calls(answer, req.tool_choice)
             elif req.parses_tools:
