@@ -36,6 +36,10 @@ class TokenizeRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
     add_special_tokens: bool | None = None  # a text prompt's BOS/EOS as the tokenizer adds them (True: as completions)
+    # with messages, the chat endpoint's template extensions (vLLM's /tokenize takes them too)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(BaseModel):
@@ -62,10 +66,15 @@ async def tokenize(server: OpenAIServer, payload: Any) -> dict[str, Any]:
         raise APIError(400, "add_special_tokens applies to a text prompt (a chat template writes its own special tokens; "
                             "token ids are taken as they are)", "add_special_tokens")  # fmt: skip
     gen = server.engine.generator
+    options = {k: getattr(req, k) for k in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+               if getattr(req, k) is not None}  # fmt: skip
+    if options and req.messages is None:
+        raise APIError(400, f"{next(iter(options))} goes with messages (a chat template option)", next(iter(options)))
     if req.messages is not None:  # the chat endpoint's own checks and rendering
         tools = {"tools": req.tools, "tool_choice": "none"} if req.tools is not None else {}  # shown, never called
-        chat = parse(ChatCompletionRequest, {"model": server.model_name, "messages": req.messages, **tools})
-        prompt, param = await chat_prompt_off_loop(server.tokenizer, chat.chat(), chat.tool_specs()), "messages"
+        chat = parse(ChatCompletionRequest, {"model": server.model_name, "messages": req.messages, **tools, **options})
+        prompt = await chat_prompt_off_loop(server.tokenizer, chat.chat(), chat.tool_specs(), chat.template_options())
+        param = "messages"
     else:
         prompt, param = req.prompt, "prompt"
     if not prompt:

@@ -27,6 +27,9 @@ def test_continue_final_message_echo_and_template_variables_on_smollm2(smollm2, 
         answer = post_json(url, "/v1/chat/completions", body).json()
         assert answer["choices"][0]["message"]["content"] == want.text
         assert answer["usage"]["prompt_tokens"] == len(ids)
+        counted = post_json(url, "/tokenize", {"messages": PREFILL, "add_generation_prompt": False,
+                                               "continue_final_message": True}).json()  # fmt: skip
+        assert counted["tokens"] == list(ids)  # /tokenize takes the options too, as vLLM's
         echoed = post_json(url, "/v1/chat/completions", {**body, "echo": True}).json()
         assert echoed["choices"][0]["message"]["content"] == "My favourite color is" + want.text
         # vLLM's rule: the last message is echoed when it is the assistant's (the role being written); a user's is not
@@ -55,4 +58,6 @@ def test_bad_template_options_are_named(tiny_server, live_server):
             ({**ask, "chat_template_kwargs": {"enable_thinking": False}}, "add_generation_prompt"),
         ]:
             assert_error(post_json(url, "/v1/chat/completions", body), 400, param)
+        assert_error(post_json(url, "/tokenize", {"prompt": "hi", "continue_final_message": True}), 400,
+                     "continue_final_message")  # fmt: skip
         assert post_json(url, "/v1/chat/completions", ask).status_code == 200
