@@ -32,10 +32,11 @@ from ..lora import adapter_names
 from . import tokenize_api
 from .api_errors import APIError
 from .chat_prompt import chat_prompt_off_loop
+from .chat_request import ChatCompletionRequest
 from .engine import Engine
 from .handle import RequestHandle, interleave
 from .http_app import build_app
-from .openai_protocol import ChatCompletionRequest, CompletionRequest, parse
+from .openai_protocol import CompletionRequest, parse
 from .openai_responses import chat_response, completion_response, new_id
 from .responses_output import whole
 from .responses_request import ResponsesRequest

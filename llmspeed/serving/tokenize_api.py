@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict
 from ..generation.prompts import prompt_ids
 from .api_errors import APIError
 from .chat_prompt import chat_prompt_off_loop
-from .openai_protocol import ChatCompletionRequest, parse
+from .chat_request import ChatCompletionRequest
+from .openai_protocol import parse
 
 if TYPE_CHECKING:
     from .server import OpenAIServer

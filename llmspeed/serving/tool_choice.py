@@ -8,7 +8,7 @@ tool-call parser. The answer is constrained by a JSON schema (structured outputs
   one; a call each, ``finish_reason: "tool_calls"``.
 
 ``"auto"`` needs the model's own tool-call format parsed out of free text, which differs by model family: it stays a
-400 (:meth:`~.openai_protocol.ChatCompletionRequest.check`).
+400 (:meth:`~.chat_request.ChatCompletionRequest.check`).
 """
 
 from __future__ import annotations
