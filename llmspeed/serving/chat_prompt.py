@@ -46,37 +46,48 @@ def chat_prompt(tokenizer: Any, messages: Messages, tools: Tools = None,
     messages = _parsed_arguments(messages)
     parts = _tool_parts(messages, tools)
     options = options or {}
-    if options and getattr(tokenizer, "chat_template", None) is None:
+    template = getattr(tokenizer, "chat_template", None)
+    if options and template is None:
         raise APIError(400, f"{next(iter(options))} is a chat template option, and this model has no chat template",
                        next(iter(options)))
-    if (not parts and not options) or getattr(tokenizer, "chat_template", None) is None:
+    if (not parts and not options) or template is None:
         return messages  # nothing to check, or no template: the engine refuses the request itself
     try:  # content parts as the template takes them (joined for one that writes text), as the engine renders them
         messages = template_messages(tokenizer, messages, tools)
     except ValueError as err:
         raise APIError(400, str(err), "messages") from None
     parts = _tool_parts(messages, tools)
-    try:
-        full = _render(tokenizer, messages, tools, tokenize=False, options=options)
-    except Exception as err:
-        if options:
-            raise APIError(400, f"the chat template cannot render these messages with {sorted(options)} "
-                                f"({type(err).__name__}: {err})", next(iter(options))) from None
-        _refuse_failing(tokenizer, messages, tools, parts, err)
-    for param, what, without in parts:
+    if parts:  # each tool part must change the text: rendered with and without it
         try:
-            if _render(tokenizer, *without(), tokenize=False, options=options) == full:
-                raise APIError(400, f"this model's chat template does not render {what}: the prompt is the same with "
-                                    f"or without, so {param} is refused rather than dropped silently", param)
-        except APIError:
-            raise
-        except Exception:  # the template needs this part to render the rest: it renders it
-            pass
+            full = _render(tokenizer, messages, tools, tokenize=False, options=options)
+        except Exception as err:
+            _refuse_options(options, err)
+            _refuse_failing(tokenizer, messages, tools, parts, err)
+        for param, what, without in parts:
+            try:
+                if _render(tokenizer, *without(), tokenize=False, options=options) == full:
+                    raise APIError(400, f"this model's chat template does not render {what}: the prompt is the same "
+                                        f"with or without, so {param} is refused rather than dropped silently", param)
+            except APIError:
+                raise
+            except Exception:  # the template needs this part to render the rest: it renders it
+                pass
     if tools is None and not options:
         return messages
-    ids = _render(tokenizer, messages, tools, tokenize=True, options=options)
+    try:
+        ids = _render(tokenizer, messages, tools, tokenize=True, options=options)
+    except Exception as err:  # with tools it rendered above; with options alone this is its first rendering
+        _refuse_options(options, err)
+        raise
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
     return [int(t) for t in ids]
+
+
+def _refuse_options(options: dict[str, Any], err: Exception) -> None:
+    """With template ``options``, the 400 for a rendering that raised ``err``, naming the first option; else nothing."""
+    if options:
+        raise APIError(400, f"the chat template cannot render these messages with {sorted(options)} "
+                            f"({type(err).__name__}: {err})", next(iter(options))) from None
 
 
 async def chat_prompt_off_loop(tokenizer: Any, messages: Messages, tools: Tools = None,
