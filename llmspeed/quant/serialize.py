@@ -25,6 +25,7 @@ that receives it: the result is bit-exact, and a modified file raises a ``ValueE
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from ..names import check_device, folder_path
 from ..protocol import CausalLM, base_linear, is_fake_quantized
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
-from .formats import awq, compressed_tensors, gptq, skeleton
+from .formats import awq, compressed_tensors, gguf_file, gptq, skeleton
 from .formats.files import detect, read_config, read_metadata, save_tokenizer, start_folder
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE, SYMMETRIC_ZERO
@@ -43,7 +44,7 @@ WEIGHTS = "model.safetensors"
 FORMAT = "llmspeed"
 VERSION = "2"  # 2: 4-bit scales and zero points in fp16 (version 1 stored fp32; read and rounded to fp16)
 READS = ("1", VERSION)
-SAVE_FORMATS = ("llmspeed", "compressed-tensors")
+SAVE_FORMATS = ("llmspeed", "compressed-tensors", "gguf")
 # config.json's quantization_config in a native folder. transformers knows quant_method "gptq", builds its
 # config and rejects ``bits`` with "Only support quantization to [2,3,4,8] bits but found <bits>", so
 # from_pretrained fails with this text instead of loading random linears (an unknown quant_method is only
@@ -65,7 +66,9 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
             sharded save, are removed so that no reader loads them instead).
         format: ``"llmspeed"`` (int8, int4, NF4, HQQ, act-order; read back bit-exact by :func:`load`) or
             ``"compressed-tensors"`` (int8 per channel and int4 group-wise, symmetric or asymmetric: the
-            folder ``transformers.AutoModelForCausalLM.from_pretrained`` and ``vllm serve`` load).
+            folder ``transformers.AutoModelForCausalLM.from_pretrained`` and ``vllm serve`` load) or ``"gguf"``
+            (``directory`` names one file: int4 as ``Q4_0``/``Q4_1``, int8 as ``Q8_0``, the file llama.cpp,
+            Ollama and LM Studio run; :mod:`.formats.gguf_file`).
 
     Raises:
         ValueError: an unknown ``format``, or a model the format cannot hold (named in the message): LoRA
@@ -75,7 +78,9 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {list(SAVE_FORMATS)}; got {format!r}")
-    directory = folder_path(directory, "directory", write=True)
+    if format == "gguf" and not isinstance(directory, (str, os.PathLike)):  # one file, not a folder
+        raise TypeError(f"directory must be a file path for format='gguf' (a str or pathlib.Path); got {directory!r}")
+    target = Path(directory) if format == "gguf" else folder_path(directory, "directory", write=True)
     model = as_model(model)  # a transformers model is wrapped, as the other verbs do
     for name, module in model.linear_layers():  # what load() could not rebuild: refused before writing
         if is_fake_quantized(module):
@@ -90,7 +95,10 @@ def save(model: CausalLM, directory: str | Path, format: str = "llmspeed") -> Pa
                 f"or merge them in and take the wrappers off (lora.merge_and_unload)"
             )
     if format == "compressed-tensors":
-        return compressed_tensors.save(model, directory)
+        return compressed_tensors.save(model, target)
+    if format == "gguf":
+        return gguf_file.save(model, target)
+    directory = target
     from safetensors.torch import save_file
 
     root = model.module

@@ -1,0 +1,68 @@
+"""ggml's quantized blocks, as GGUF files store them, built from llmspeed's codes and scales.
+
+Every type here covers 32 consecutive input channels of one row (``QK = 32``) and stores its scale as fp16:
+
+* ``Q4_0`` (18 bytes): ``d``, then 16 bytes of nibbles; ``w = d * (q - 8)``: llmspeed's symmetric int4
+  (zero point 8) with the scale as ``d``, bit for bit.
+* ``Q4_1`` (20 bytes): ``d``, ``m``, then 16 bytes of nibbles; ``w = d * q + m``: llmspeed's asymmetric int4
+  ``(q - z) * s`` with ``d = s`` and ``m = -z * s`` rounded to fp16.
+* ``Q8_0`` (34 bytes): ``d``, then 32 signed bytes; ``w = d * q``: llmspeed's int8 codes with the row scale
+  rounded to fp16 as every block's ``d``.
+
+The nibbles of a 4-bit block are not llmspeed's pairs: byte ``j`` holds element ``j`` in its low nibble and
+element ``j + 16`` in its high nibble. A group of ``group_size`` channels (a multiple of 32) is
+``group_size / 32`` blocks sharing the group's scale and zero point, so any such group size is written exactly.
+Multi-byte fields are little-endian, as GGUF files written by llama.cpp on every platform it ships for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+QK = 32  # input channels of one block
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def _half_bytes(t: torch.Tensor) -> torch.Tensor:  # [rows, blocks, 2] uint8
+    """fp16 values of ``t`` [rows, blocks] as their little-endian bytes."""
+    h = t.to(torch.float16).contiguous()
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("a scale or offset does not fit fp16 (GGUF blocks store them in fp16)")
+    return h.view(torch.uint8).reshape(*t.shape, 2)
+
+
+def block_values(per_group: torch.Tensor, group_size: int | None, width: int) -> torch.Tensor:  # [rows, width/32]
+    """One value per 32-channel block from one per group (``group_size`` a multiple of 32) or per row (``None``)."""
+    blocks = width // QK
+    if group_size is None:
+        return per_group.reshape(-1, 1).expand(-1, blocks)
+    return per_group.repeat_interleave(group_size // QK, dim=1)[:, :blocks]
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:  # [rows, blocks, 16] uint8
+    rows, width = codes.shape
+    c = codes.to(torch.uint8).reshape(rows, width // QK, QK)
+    return c[..., : QK // 2] | (c[..., QK // 2 :] << 4)
+
+
+def _rows(parts: list[torch.Tensor]) -> np.ndarray:  # [rows, blocks * block bytes] uint8
+    blocks = torch.cat(parts, dim=-1)  # [rows, blocks, block bytes]
+    return blocks.reshape(blocks.shape[0], -1).numpy()
+
+
+def q4_0(codes: torch.Tensor, d: torch.Tensor) -> np.ndarray:  # [rows, width / 32 * 18] uint8
+    """``Q4_0`` rows from codes [rows, width] in ``[0, 15]`` (zero point 8) and block scales ``d`` [rows, width/32]."""
+    return _rows([_half_bytes(d), _nibbles(codes)])
+
+
+def q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:  # [rows, width / 32 * 20] uint8
+    """``Q4_1`` rows from codes [rows, width] in ``[0, 15]``, block scales ``d`` and offsets ``m`` [rows, width/32]."""
+    return _rows([_half_bytes(d), _half_bytes(m), _nibbles(codes)])
+
+
+def q8_0(codes: torch.Tensor, d: torch.Tensor) -> np.ndarray:  # [rows, width / 32 * 34] uint8
+    """``Q8_0`` rows from int8 codes [rows, width] and block scales ``d`` [rows, width/32]."""
+    rows, width = codes.shape
+    q = codes.to(torch.int8).contiguous().view(torch.uint8).reshape(rows, width // QK, QK)
+    return _rows([_half_bytes(d), q])
