@@ -125,7 +125,7 @@ def prepare(
         model: A float :class:`~llmspeed.protocol.CausalLM` (not quantized, not prepared, no adapters yet).
         fmt: ``"int4"`` (group-wise) or ``"int8"`` (per output channel, symmetric).
         group_size: Input channels per scale: default 64 for int4, ``None`` for int8 (as ``quantize``).
-        symmetric: int4 only: zero point fixed at code 8 (``scale = absmax / 7.5``, as ``quantize``'s) instead of the
+        symmetric: int4 only: zero point fixed at code 8 (``scale = max(-min / 8, max / 7)``, as ``quantize``'s) instead of the
             asymmetric min/max grid ``quantize`` uses. Default: asymmetric int4, symmetric int8.
         init: Where the grids (and, for ``"gptq"``, the weights) start: ``"rtn"`` takes round-to-nearest's
             scales and zeros of the float weight (converting at once gives exactly ``quantize(model, fmt, lm_head=None)``);

@@ -124,7 +124,7 @@ def init_qparams(
 
     int4 asymmetric uses :func:`~llmspeed.quant.primitives.choose_qparams_int4` (so an unchanged weight
     converts to exactly what ``quantize(model, "int4")`` stores); int4 symmetric uses
-    :func:`~llmspeed.quant.primitives.choose_qparams_int4_symmetric` (zero point 8, ``scale = absmax / 7.5``:
+    :func:`~llmspeed.quant.primitives.choose_qparams_int4_symmetric` (zero point 8, ``scale = max(-min / 8, max / 7)``:
     ``quantize(model, "int4", symmetric=True)``'s); int8 uses the per-row ``absmax / 127`` of ``Int8Linear``.
 
     Raises:

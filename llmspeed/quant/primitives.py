@@ -13,7 +13,7 @@ are never read by the kernels (activations have only ``in`` columns) and ``dequa
   ``zeros`` ``[out, in_pad / group]`` (stored fp16: see below); ``w = (codes - zeros) * scales`` per group. The zero point
   lives in the integer (code) domain; round-to-nearest gives whole numbers in ``[0, 15]``, calibrated
   methods (HQQ) may store fractional ones. Symmetric int4 (``QuantConfig.symmetric``) is the same
-  layout with every zero equal to 8 and ``scales = absmax / 7.5``: codes minus 8 are the signed
+  layout with every zero equal to 8 and ``scales = max(-min / 8, max / 7)`` per group: codes minus 8 are the signed
   ``[-8, 7]`` values GPTQ (``sym=True``) and compressed-tensors store.
 * nf4 (group-wise, absmax): ``codes`` uint8 ``[out, in_pad]`` index :data:`NF4_CODEBOOK`;
   ``scales`` ``[out, groups]`` (stored fp16) are the group absmax; ``w = NF4_CODEBOOK[codes] * scales``.
@@ -112,9 +112,17 @@ SYMMETRIC_ZERO = 8.0  # symmetric int4: the code of 0.0, so codes - 8 lie in [-8
 def choose_qparams_int4_symmetric(
     w: torch.Tensor, group_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4: scales ``absmax / 7.5`` and zeros all 8, ``[out, groups]``, of padded ``w`` [out, in_pad]."""
-    absmax = _groups(w.detach().float(), group_size).abs().amax(dim=2)  # [out, groups]
-    scales = group_scales_grid(absmax / 7.5)
+    """Symmetric int4: scales ``max(-min / 8, max / 7)`` and zeros all 8, ``[out, groups]``, of padded ``w`` [out, in_pad].
+
+    The finest step whose signed grid ``[-8, 7]`` holds the whole group: the group's extreme weight (most often the
+    one that matters most) lands on a code exactly. GPTQ's reference quantizer takes ``absmax / 7.5``, which leaves
+    that weight half a step off whichever its sign; llama.cpp's ``Q4_0`` takes a signed ``max / -8``, which needs
+    negative scales (this layout's are positive).
+    """
+    g = _groups(w.detach().float(), group_size)  # [out, groups, group]
+    lo = g.amin(dim=2).clamp_max(0.0)  # [out, groups]
+    hi = g.amax(dim=2).clamp_min(0.0)  # [out, groups]
+    scales = group_scales_grid(torch.maximum(-lo / 8, hi / 7))  # rounded up: the range still fits the codes
     return scales, torch.full_like(scales, SYMMETRIC_ZERO)
 
 

@@ -149,8 +149,8 @@ def test_symmetric_int4_grid_is_zero_point_8():
     w = _weight(3, 16, 4)
     scales, zeros = init_qparams(w, QuantConfig("int4", 16), symmetric=True)
     assert torch.all(zeros == 8)
-    exact = w.abs().amax(1) / 7.5  # the grid of quantize(..., symmetric=True)
-    s = scales[:, 0]  # absmax / 7.5 rounded up to an fp16 value, as Int4Linear stores it
+    exact = torch.maximum(-w.amin(1) / 8, w.amax(1) / 7)  # the grid of quantize(..., symmetric=True)
+    s = scales[:, 0]  # rounded up to an fp16 value, as Int4Linear stores it
     assert torch.equal(s, s.half().float()) and bool((s >= exact).all()) and bool((s <= exact * (1 + 2.0**-10)).all())
     want = P.choose_qparams_int4_symmetric(w, 16)
     assert torch.equal(scales, want[0]) and torch.equal(zeros, want[1])

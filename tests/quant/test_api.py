@@ -303,11 +303,15 @@ def test_symmetric_int4_zero_is_8_and_grid_is_signed(llama, group_size):
     assert q.config.symmetric and "symmetric=True" in repr(q)
     assert torch.equal(q.zeros, torch.full_like(q.zeros, 8.0))
     w = ref.hf.model.layers[0].mlp.down_proj.weight.detach()  # [out, in]
-    absmax = w.reshape(w.shape[0], -1, group_size).abs().amax(-1)  # [out, groups]
-    s = q.scales.float()  # stored in fp16: absmax / 7.5 rounded up to the next fp16 value
-    assert bool((s >= absmax / 7.5).all()) and torch.allclose(s, absmax / 7.5, rtol=2.0**-10, atol=0)
-    err = (q.dequantize() - w).abs().reshape(w.shape[0], -1, group_size)  # within half a step, +absmax clamps at 7
+    g = w.reshape(w.shape[0], -1, group_size)  # [out, groups, group]
+    exact = torch.maximum(-g.amin(-1) / 8, g.amax(-1) / 7)  # the finest step whose [-8, 7] grid holds the group
+    s = q.scales.float()  # stored in fp16: rounded up to the next fp16 value
+    assert bool((s >= exact).all()) and torch.allclose(s, exact, rtol=2.0**-10, atol=0)
+    err = (q.dequantize() - w).abs().reshape(w.shape[0], -1, group_size)  # within half a step: nothing clamps
     assert bool((err <= s[..., None] * 0.5 + 1e-6).all())
+    # the weight that sets the step (the largest, or the most negative when it needs 8 steps) lands on a code
+    top = torch.where(g.amax(-1) / 7 >= -g.amin(-1) / 8, g.argmax(-1), g.argmin(-1))  # [out, groups]
+    assert bool((err.gather(-1, top[..., None])[..., 0] <= s * 8 * 2.0**-10).all())  # up to 8 codes of fp16 rounding
 
 
 def test_symmetric_option_is_validated(llama):

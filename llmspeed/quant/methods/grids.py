@@ -85,7 +85,7 @@ class Int4Grid:
             with the smallest error wins (:func:`search_clip`; by default ``sum |w - deq(q(w))|^2.4``
             per row, the GPTQ reference's ``mse`` option). ``(1.0,)`` is plain min/max, exactly
             round-to-nearest's choice.
-        symmetric: Zero point 8 and scale ``absmax / 7.5`` (``QuantConfig.symmetric``).
+        symmetric: Zero point 8 and scale ``max(-min / 8, max / 7)`` (``QuantConfig.symmetric``).
     """
 
     def __init__(self, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False):

@@ -1,0 +1,79 @@
+"""Symmetric int4 scale rules, round to nearest: the perplexity each gives the same model at each group size.
+
+Three ways to choose a group's step on the signed grid ``[-8, 7]`` (zero point 8):
+
+* ``absmax / 7.5``: GPTQ's reference quantizer (``sym=True``), llmspeed's rule before 2026-12-07; the group's
+  largest weight lands half a step from any code, whichever its sign;
+* ``max(-min / 8, max / 7)``: llmspeed's rule (:func:`llmspeed.quant.primitives.choose_qparams_int4_symmetric`),
+  the finest positive step that holds the group, so the weight that sets it lands on a code;
+* ``max / -8`` (signed): llama.cpp's ``Q4_0``; a negative step when the largest weight is positive, which
+  llmspeed's layout (positive scales) cannot store: for comparison only.
+
+llmspeed's row runs ``llmspeed.quantize(..., symmetric=True)`` itself; the other two replace each linear's weight
+with its dequantized value under that rule (scales rounded to fp16 as stored), which is what a packed layer
+computes. The output head stays float in every row, and asymmetric int4 is the last row of each group size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import llmspeed
+
+from ..eval.text import pydoc_text
+from .models import load_model
+
+GROUPS = (32, 64, 128)
+
+
+def gptq_reference(g: torch.Tensor) -> torch.Tensor:  # [out, groups, group] -> same
+    """Dequantized groups under ``absmax / 7.5`` (GPTQ's ``sym=True``)."""
+    s = (g.abs().amax(-1, keepdim=True) / 7.5).clamp_min(1e-8).half().float()
+    return (torch.round(g / s) + 8).clamp(0, 15).sub(8).mul(s)
+
+
+def llama_cpp_q4_0(g: torch.Tensor) -> torch.Tensor:  # [out, groups, group] -> same
+    """Dequantized groups under llama.cpp's ``Q4_0`` (signed step ``max / -8``, codes ``x / d + 8.5`` floored)."""
+    top = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # the signed value of largest magnitude
+    d = (top / -8).half().float()
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return (g * inv + 8.5).floor().clamp(0, 15).sub(8).mul(d)
+
+
+def _emulated(model: Any, rule, group: int) -> None:
+    """Replace every linear weight but the head's with its dequantized value under ``rule``."""
+    with torch.no_grad():
+        for name, module in model.linear_layers():
+            if name == "lm_head":
+                continue
+            w = module.weight  # [out, in]
+            pad = -w.shape[1] % group
+            g = torch.nn.functional.pad(w.float(), (0, pad)).reshape(w.shape[0], -1, group)
+            module.weight.copy_(rule(g).reshape(w.shape[0], -1)[:, : w.shape[1]])
+
+
+def run(model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """The table described in the module docstring (``quick``: two 256-token windows instead of eight of 512)."""
+    from tqdm.auto import tqdm
+
+    window, n_windows = (256, 2) if quick else (512, 8)
+    text = pydoc_text("eval")
+    rows: list[dict[str, Any]] = []
+    baseline = llmspeed.eval.perplexity(load_model(model, progress=False), text, window, n_windows)
+    rules = ["absmax / 7.5 (GPTQ reference)", "max(-min / 8, max / 7) (llmspeed)", "max / -8 signed (llama.cpp Q4_0)",
+             "asymmetric (min / max)"]  # fmt: skip
+    for group in tqdm(GROUPS, disable=not progress, desc="groups"):
+        for rule in rules:
+            m = load_model(model, progress=False)
+            if rule.startswith("absmax"):
+                _emulated(m, gptq_reference, group)
+            elif rule.startswith("max / -8"):
+                _emulated(m, llama_cpp_q4_0, group)
+            else:
+                llmspeed.quantize(m, "int4", group_size=group, symmetric=rule.endswith("(llmspeed)"), lm_head=None)
+            ppl = llmspeed.eval.perplexity(m, text, window, n_windows)
+            rows.append({"group": group, "scale rule": rule, "perplexity": round(ppl, 3),
+                         "vs float": f"{ppl / baseline - 1:+.1%}"})  # fmt: skip
+    return rows
