@@ -246,7 +246,7 @@ def test_what_the_format_cannot_hold_is_refused(tmp_path, llama, prepare, match)
         llmspeed.save(llama, tmp_path / "out", format="compressed-tensors")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="format must be one of"):
-        llmspeed.save(llama, tmp_path / "x", format="gguf")
+        llmspeed.save(llama, tmp_path / "x", format="awq")
 
 
 def test_partial_groups_are_refused_with_a_group_size_that_fits(tmp_path):

@@ -207,3 +207,10 @@ def test_what_gguf_cannot_hold_is_refused_before_writing(tmp_path):
     with pytest.raises(TypeError, match="directory must be a file path for format='gguf'"):
         llmspeed.save(llmspeed.models.tiny("llama"), 3, format="gguf")
     assert target.read_bytes() == b"the user's file" and sorted(os.listdir(tmp_path)) == ["keep.gguf"]
+
+
+def test_without_the_gguf_package_the_error_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # import gguf now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'llmspeed\[gguf\]'"):
+        llmspeed.save(llmspeed.models.tiny("llama"), tmp_path / "m.gguf", format="gguf")
+    assert not list(tmp_path.iterdir())

@@ -123,7 +123,7 @@ def _fields(config: Any, arch: str) -> dict[str, Any]:
 
 def _tensors(model: CausalLM, arch: str) -> dict[str, tuple[np.ndarray, str]]:
     """Every stored tensor under its GGUF name: ``{name: (array, GGUF type name)}``."""
-    import gguf
+    gguf = _gguf()
 
     root = model.module
     config: Any = getattr(root, "config", None)
@@ -172,9 +172,18 @@ def _file_type(tensors: dict[str, tuple[np.ndarray, str]]) -> str:
     return max(counts, key=lambda k: counts[k]) if counts else "F32"
 
 
+def _gguf() -> Any:
+    """The ``gguf`` package (llama.cpp's own writer and tensor names), or an ``ImportError`` saying how to get it."""
+    try:
+        import gguf
+    except ImportError as err:
+        raise ImportError("format='gguf' needs the gguf package: pip install 'llmspeed[gguf]' (or gguf)") from err
+    return gguf
+
+
 def save(model: CausalLM, path: str | Path) -> Path:
     """Write ``model`` as the GGUF file ``path`` (see the module docstring); return the path."""
-    import gguf
+    gguf = _gguf()
 
     config: Any = getattr(model.module, "config", None)
     model_type = getattr(config, "model_type", None)
