@@ -12,20 +12,29 @@ Three ways to choose a group's step on the signed grid ``[-8, 7]`` (zero point 8
 llmspeed's row runs ``llmspeed.quantize(..., symmetric=True)`` itself; the other two replace each linear's weight
 with its dequantized value under that rule (scales rounded to fp16 as stored), which is what a packed layer
 computes. The output head stays float in every row, and asymmetric int4 is the last row of each group size.
+
+A second table does the same for the calibrated methods: GPTQ (and the GPTQ step of ``awq+gptq``) keeps
+``absmax / 7.5`` (:func:`llmspeed.quant.primitives.choose_qparams_int4_symmetric_absmax`), AWQ's rounding the exact
+fit; each row swaps the other rule in for comparison.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
+from unittest import mock
 
 import torch
 
 import llmspeed
 
 from ..eval.text import pydoc_text
+from ..quant import primitives
 from .models import load_model
 
 GROUPS = (32, 64, 128)
+FIT = "larger of -min / 8 and max / 7"
+CALIBRATED = (("gptq", 32), ("gptq", 128), ("awq", 32), ("awq", 128))  # (method, group size)
 
 
 def gptq_reference(g: torch.Tensor) -> torch.Tensor:  # [out, groups, group] -> same
@@ -62,7 +71,7 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True) -> l
     text = pydoc_text("eval")
     rows: list[dict[str, Any]] = []
     baseline = llmspeed.eval.perplexity(load_model(model, progress=False), text, window, n_windows)
-    rules = ["absmax / 7.5 (GPTQ reference)", "max(-min / 8, max / 7) (llmspeed)", "max / -8 signed (llama.cpp Q4_0)",
+    rules = ["absmax / 7.5 (GPTQ reference)", f"llmspeed: {FIT}", "max / -8 signed (llama.cpp Q4_0)",
              "asymmetric (min / max)"]  # fmt: skip
     for group in tqdm(GROUPS, disable=not progress, desc="groups"):
         for rule in rules:
@@ -72,8 +81,31 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True) -> l
             elif rule.startswith("max / -8"):
                 _emulated(m, llama_cpp_q4_0, group)
             else:
-                llmspeed.quantize(m, "int4", group_size=group, symmetric=rule.endswith("(llmspeed)"), lm_head=None)
+                llmspeed.quantize(m, "int4", group_size=group, symmetric=rule.startswith("llmspeed"), lm_head=None)
             ppl = llmspeed.eval.perplexity(m, text, window, n_windows)
             rows.append({"group": group, "scale rule": rule, "perplexity": round(ppl, 3),
+                         "vs float": f"{ppl / baseline - 1:+.1%}"})  # fmt: skip
+    if not quick:
+        rows += calibrated(model, text, window, n_windows, baseline, progress)
+    return rows
+
+
+def calibrated(model: str, text: str, window: int, n_windows: int, baseline: float, progress: bool) -> list[dict]:
+    """GPTQ and AWQ, symmetric, with the rule each uses and with the other one swapped in."""
+    from tqdm.auto import tqdm
+
+    fit, absmax = primitives.choose_qparams_int4_symmetric, primitives.choose_qparams_int4_symmetric_absmax
+    swaps = {"absmax / 7.5": ("choose_qparams_int4_symmetric", absmax),  # AWQ's rounding takes GPTQ's rule
+             FIT: ("choose_qparams_int4_symmetric_absmax", fit)}  # GPTQ takes the exact fit  # fmt: skip
+    rows = []
+    for method, group in tqdm(CALIBRATED, disable=not progress, desc="calibrated"):
+        ours = "absmax / 7.5" if method == "gptq" else FIT
+        for rule in ("absmax / 7.5", FIT):
+            m = load_model(model, progress=False)
+            with contextlib.nullcontext() if rule == ours else mock.patch.object(primitives, *swaps[rule]):
+                llmspeed.quantize(m, "int4", group_size=group, symmetric=True, method=method, lm_head=None)
+            ppl = llmspeed.eval.perplexity(m, text, window, n_windows)
+            rows.append({"table": "calibrated", "method": method, "group": group,
+                         "scale rule": rule + (" (llmspeed)" if rule == ours else ""), "perplexity": round(ppl, 3),
                          "vs float": f"{ppl / baseline - 1:+.1%}"})  # fmt: skip
     return rows

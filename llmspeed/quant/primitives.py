@@ -126,6 +126,19 @@ def choose_qparams_int4_symmetric(
     return scales, torch.full_like(scales, SYMMETRIC_ZERO)
 
 
+def choose_qparams_int4_symmetric_absmax(
+    w: torch.Tensor, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 as GPTQ's reference quantizer chooses it: scales ``absmax / 7.5``, zeros all 8.
+
+    Half a step of room past the group's range on the negative side, which GPTQ's error feedback (columns of a
+    group updated after its scale is fixed) pushes into: GPTQ takes this rule (:mod:`.methods.gptq`).
+    """
+    absmax = _groups(w.detach().float(), group_size).abs().amax(dim=2)  # [out, groups]
+    scales = group_scales_grid(absmax / 7.5)
+    return scales, torch.full_like(scales, SYMMETRIC_ZERO)
+
+
 def quantize_int4(
     w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None
 ) -> torch.Tensor:  # [out, in_pad] uint8

@@ -241,3 +241,28 @@ def test_clip_search_keeps_each_rows_best_shrink_of_all_tried(fmt, symmetric):
     s, z = grid.fit(w)
     torch.testing.assert_close(row_error(grid, s, z), best)
     assert len(set(torch.stack(each).argmin(0).tolist())) > 2  # the rows do pick different shrinks
+
+
+def test_symmetric_grids_take_the_exact_fit_and_gptq_takes_its_reference_scale(monkeypatch):
+    """Round to nearest (and AWQ's rounding) fit the group exactly; GPTQ, and GPTQ under AWQ, keep ``absmax / 7.5``,
+    whose half step of room takes the error feedback of the group's later columns (docs/quantization.md)."""
+    from llmspeed.quant import primitives as P
+    from llmspeed.quant.methods.grids import grid_for
+
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    fit_s, _ = grid_for("int4", symmetric=True).fit(w)
+    ref_s, _ = grid_for("int4", symmetric=True, headroom=True).fit(w)
+    assert torch.equal(fit_s, P.choose_qparams_int4_symmetric(w, None)[0][:, 0])
+    assert torch.equal(ref_s, P.choose_qparams_int4_symmetric_absmax(w, None)[0][:, 0])
+    assert not torch.equal(fit_s, ref_s)
+    calls: list[str] = []
+    for name in ("choose_qparams_int4_symmetric", "choose_qparams_int4_symmetric_absmax"):
+        real = getattr(P, name)
+        monkeypatch.setattr(P, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for method, want in (("gptq", "choose_qparams_int4_symmetric_absmax"), ("rtn", "choose_qparams_int4_symmetric")):
+        calls.clear()
+        model = llmspeed.models.tiny("llama", seed=0)
+        options = OPTS if method == "gptq" else None
+        llmspeed.quantize(model, "int4", 32, method=method, symmetric=True, lm_head=None,
+                          calibration=_tokens() if method == "gptq" else None, method_options=options)  # fmt: skip
+        assert calls and set(calls) == {want}, (method, set(calls))

@@ -240,8 +240,9 @@ def awq_model(
     params: dict[str, torch.Tensor] = {}  # qualified norm weight -> folded value
 
     def quantize_group(group: LinearGroup, config: QuantConfig):
-        grid = grid_for(config.format, shrinks, bool(config.symmetric and config.format == "int4"))
-        plain = grid_for(config.format, (1.0,), bool(config.symmetric and config.format == "int4"))
+        symmetric = bool(config.symmetric and config.format == "int4")
+        grid = grid_for(config.format, shrinks, symmetric, headroom=symmetric and gptq)  # GPTQ's scale under GPTQ
+        plain = grid_for(config.format, (1.0,), symmetric)
         weight = torch.cat([lin.weight.detach().float() for lin in group.linears])  # [sum out, in]
         prefix = group.qualified[0][: -len(group.names[0]) - 1]
         fold = fold_of.get(frozenset(group.names))

@@ -303,7 +303,8 @@ def gptq_model(
     def quantize_group(group: LinearGroup, config):
         linears = group.linears
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum out, in]: rows are independent
-        grid = grid_for(config.format, clip_search, bool(config.symmetric and config.format == "int4"))
+        symmetric = bool(config.symmetric and config.format == "int4")
+        grid = grid_for(config.format, clip_search, symmetric, headroom=symmetric)  # GPTQ's own symmetric scale
         result = gptq_quantize(
             weight, group.hessian, grid, config.group_size, damp=damp, block_size=block_size, act_order=act_order
         )

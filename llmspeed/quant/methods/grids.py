@@ -86,15 +86,20 @@ class Int4Grid:
             per row, the GPTQ reference's ``mse`` option). ``(1.0,)`` is plain min/max, exactly
             round-to-nearest's choice.
         symmetric: Zero point 8 and scale ``max(-min / 8, max / 7)`` (``QuantConfig.symmetric``).
+        headroom: With ``symmetric``: scale ``absmax / 7.5`` instead, GPTQ's reference rule, whose half step past the
+            range takes the error feedback of the group's later columns (measured: docs/quantization.md, symmetric int4).
     """
 
-    def __init__(self, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False):
+    def __init__(self, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False, headroom: bool = False):
         self.clip_search = check_shrinks(clip_search)
         self.symmetric = symmetric
+        self.headroom = headroom
 
     def fit(self, w: torch.Tensor, error=weight_error) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row scale and zero ``[out]`` of the group ``w`` [out, k]; ``error`` scores a clip (see :func:`search_clip`)."""
-        choose = P.choose_qparams_int4_symmetric if self.symmetric else P.choose_qparams_int4
+        choose = P.choose_qparams_int4
+        if self.symmetric:
+            choose = P.choose_qparams_int4_symmetric_absmax if self.headroom else P.choose_qparams_int4_symmetric
 
         def fit_one(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             s, z = choose(v, None)  # [out, 1] each
@@ -161,12 +166,13 @@ class Int8Grid:
         return P.quantize_int8(w, scales.reshape(-1))
 
 
-def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False) -> Grid:
-    """The :class:`Grid` of a format name (``"int4"``, ``"nf4"``, ``"int8"``); ``symmetric``: int4's zero fixed at 8.
+def grid_for(fmt: str, clip_search: tuple[float, ...] = (1.0,), symmetric: bool = False, headroom: bool = False) -> Grid:
+    """The :class:`Grid` of a format name (``"int4"``, ``"nf4"``, ``"int8"``); ``symmetric``: int4's zero fixed at 8
+    (``headroom``: GPTQ's ``absmax / 7.5`` scale, see :class:`Int4Grid`).
 
     ``clip_search`` applies to int4 and NF4 (int8 keeps the row absmax: 255 levels need no clipping).
     """
-    grids: dict[str, Callable[[], Grid]] = {"int4": lambda: Int4Grid(clip_search, symmetric), "nf4": lambda: NF4Grid(clip_search), "int8": Int8Grid}
+    grids: dict[str, Callable[[], Grid]] = {"int4": lambda: Int4Grid(clip_search, symmetric, headroom), "nf4": lambda: NF4Grid(clip_search), "int8": Int8Grid}
     if fmt not in grids:
         raise ValueError(f"format must be one of {sorted(grids)} for GPTQ; got {fmt!r}")
     return grids[fmt]()
