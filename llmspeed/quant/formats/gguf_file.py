@@ -167,8 +167,13 @@ def _file_type(tensors: dict[str, tuple[np.ndarray, str]]) -> str:
     """llama.cpp's ``general.file_type``: the type holding most of the 2-D weights' elements."""
     counts: dict[str, int] = {}
     for array, kind in tensors.values():
-        if array.ndim == 2:
-            counts[kind] = counts.get(kind, 0) + array.size
+        if array.ndim != 2:
+            continue
+        if kind in gguf_blocks.BLOCK_BYTES:  # rows of bytes: each block holds QK weights
+            elements = array.size // gguf_blocks.BLOCK_BYTES[kind] * gguf_blocks.QK
+        else:  # F32 / F16 values, or BF16 as two bytes each
+            elements = array.size // 2 if kind == "BF16" else array.size
+        counts[kind] = counts.get(kind, 0) + elements
     return max(counts, key=lambda k: counts[k]) if counts else "F32"
 
 
