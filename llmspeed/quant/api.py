@@ -74,7 +74,7 @@ def quantize(
             per-weight method (``"rtn"``, ``"hqq"``) given calibration raises ``ValueError``.
         include: Only quantize layers matching these names/patterns (default: all).
         method_options: Extra keyword arguments for the method; a key it does not take is a ``ValueError``.
-        symmetric: int4 only: zero points fixed at 8 and scales ``max(-min / 8, max / 7)`` per group (methods registered with
+        symmetric: int4 only: zero points fixed at 8 and scales ``max(-min / 8, max / 7)`` per group (GPTQ: ``absmax / 7.5``; methods registered with
             ``symmetric=True``: rtn, gptq, awq, awq+gptq): the signed 4-bit grid vLLM's fastest kernels
             take. Default: asymmetric.
         int8_layers: int4 / nf4 only: qualified names or ``fnmatch`` patterns of layers quantized to int8

@@ -40,7 +40,7 @@ class QuantConfig:
         double_quant: NF4 only: quantize the per-group scales again to 8 bits (QLoRA's double quantization).
         method: How codes are chosen: ``"rtn"`` (round to nearest) or a registered calibrated method.
         kernel: Matmul path: ``"auto"`` or a kernel name from :func:`llmspeed.kernels`.
-        symmetric: int4 only: ``True`` stores every zero point as 8 and the scale as ``max(-min / 8, max / 7)`` of each group
+        symmetric: int4 only: ``True`` stores every zero point as 8 and the scale as ``max(-min / 8, max / 7)`` of each group (GPTQ: ``absmax / 7.5``)
             (the signed ``[-8, 7]`` grid of GPTQ's ``sym=True`` and compressed-tensors'
             ``symmetric: true``, which vLLM's fastest 4-bit kernels take). ``None``: the format's
             default (``False`` for int4; int8 and nf4 are always symmetric).
