@@ -9,9 +9,11 @@ Three ways to choose a group's step on the signed grid ``[-8, 7]`` (zero point 8
 * ``max / -8`` (signed): llama.cpp's ``Q4_0``; a negative step when the largest weight is positive, which
   llmspeed's layout (positive scales) cannot store: for comparison only.
 
-llmspeed's row runs ``llmspeed.quantize(..., symmetric=True)`` itself; the other two replace each linear's weight
-with its dequantized value under that rule (scales rounded to fp16 as stored), which is what a packed layer
-computes. The output head stays float in every row, and asymmetric int4 is the last row of each group size.
+llmspeed's row runs ``llmspeed.quantize(..., symmetric=True)`` itself, GPTQ's rule goes through llmspeed's own
+int4 primitives (:func:`llmspeed.quant.primitives.choose_qparams_int4_symmetric_absmax`, exactly what a layer
+packed with it computes), llama.cpp's replaces each weight with its ``Q4_0`` value (checked against the ``gguf``
+package's port of ggml's quantizer). The output head stays float in every row, and asymmetric int4 is the last row
+of each group size.
 
 A second table does the same for the calibrated methods: GPTQ (and the GPTQ step of ``awq+gptq``) keeps
 ``absmax / 7.5`` (:func:`llmspeed.quant.primitives.choose_qparams_int4_symmetric_absmax`), AWQ's rounding the exact
@@ -37,30 +39,31 @@ FIT = "larger of -min / 8 and max / 7"
 CALIBRATED = (("gptq", 32), ("gptq", 128), ("awq", 32), ("awq", 128))  # (method, group size)
 
 
-def gptq_reference(g: torch.Tensor) -> torch.Tensor:  # [out, groups, group] -> same
-    """Dequantized groups under ``absmax / 7.5`` (GPTQ's ``sym=True``)."""
-    s = (g.abs().amax(-1, keepdim=True) / 7.5).clamp_min(1e-8).half().float()
-    return (torch.round(g / s) + 8).clamp(0, 15).sub(8).mul(s)
+def gptq_reference(w: torch.Tensor, group: int) -> torch.Tensor:  # [out, in_pad] -> same
+    """``w`` through llmspeed's int4 under ``absmax / 7.5`` (GPTQ's ``sym=True``; what GPTQ packs)."""
+    scales, zeros = primitives.choose_qparams_int4_symmetric_absmax(w, group)
+    return primitives.dequantize_int4(primitives.quantize_int4(w, scales, zeros, group), scales, zeros, group)
 
 
-def llama_cpp_q4_0(g: torch.Tensor) -> torch.Tensor:  # [out, groups, group] -> same
-    """Dequantized groups under llama.cpp's ``Q4_0`` (signed step ``max / -8``, codes ``x / d + 8.5`` floored)."""
+def llama_cpp_q4_0(w: torch.Tensor, group: int) -> torch.Tensor:  # [out, in_pad] -> same
+    """``w`` through llama.cpp's ``Q4_0`` at ``group`` channels a step (signed step ``max / -8``, codes
+    ``x / d + 8.5`` floored; the step in fp16 as stored)."""
+    g = w.reshape(w.shape[0], -1, group)  # [out, groups, group]
     top = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # the signed value of largest magnitude
     d = (top / -8).half().float()
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    return (g * inv + 8.5).floor().clamp(0, 15).sub(8).mul(d)
+    return (g * inv + 8.5).floor().clamp(0, 15).sub(8).mul(d).reshape(w.shape)
 
 
 def _emulated(model: Any, rule, group: int) -> None:
-    """Replace every linear weight but the head's with its dequantized value under ``rule``."""
+    """Replace every linear weight but the head's with its value through ``rule`` at ``group``."""
     with torch.no_grad():
         for name, module in model.linear_layers():
             if name == "lm_head":
                 continue
             w = module.weight  # [out, in]
-            pad = -w.shape[1] % group
-            g = torch.nn.functional.pad(w.float(), (0, pad)).reshape(w.shape[0], -1, group)
-            module.weight.copy_(rule(g).reshape(w.shape[0], -1)[:, : w.shape[1]])
+            padded = torch.nn.functional.pad(w.float(), (0, -w.shape[1] % group))  # [out, in_pad]
+            module.weight.copy_(rule(padded, group)[:, : w.shape[1]])
 
 
 def run(model: str = "smollm2", quick: bool = False, progress: bool = True) -> list[dict[str, Any]]:
