@@ -214,3 +214,17 @@ def test_without_the_gguf_package_the_error_says_how_to_get_it(monkeypatch, tmp_
     with pytest.raises(ImportError, match=r"pip install 'llmspeed\[gguf\]'"):
         llmspeed.save(llmspeed.models.tiny("llama"), tmp_path / "m.gguf", format="gguf")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_float_model_round_trips_through_transformers(arch, tmp_path):
+    """No quantized layer: the float query/key rows go through llama.cpp's rotary order and back."""
+    extra = {"head_dim": 128} if arch == "qwen3" else {}
+    model = llmspeed.models.tiny(arch, seed=6, **extra)
+    hf = _export(model, tmp_path)
+    tensors = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert set(tensors.values()) == {"F32"} and "output.weight" in tensors
+    for name, tensor in model.module.state_dict().items():
+        assert torch.equal(hf.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(model.module(IDS).logits, hf(IDS).logits)
