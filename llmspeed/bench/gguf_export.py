@@ -19,7 +19,7 @@ import torch
 import llmspeed
 
 from ..eval.text import pydoc_text
-from .llama_anchor import llama_cpp_missing, llama_perplexity_isolated, requantized
+from .llama_anchor import llama_cpp_missing, llama_perplexity_isolated, pydoc_ids, requantized
 from .models import load_model
 
 THREADS = 2
@@ -36,8 +36,7 @@ LLAMA_FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOST
 
 def _windows(model: Any, window: int, n_windows: int) -> torch.Tensor:  # [n_windows, window]
     """The token windows :func:`llmspeed.eval.perplexity.perplexity` scores for this text and size."""
-    ids = model.tokenizer.encode(pydoc_text("eval"), add_special_tokens=False)
-    return torch.tensor(ids[: window * n_windows]).view(n_windows, window)
+    return torch.tensor(pydoc_ids(model, window * n_windows)).view(n_windows, window)
 
 
 def _row(name: str, by: str, path: Path, ours: float | None, windows: torch.Tensor) -> dict[str, Any]:
