@@ -2,7 +2,7 @@
 
 ``save(model, path, format="compressed-tensors")`` writes what transformers and vLLM load
 (:mod:`.formats.compressed_tensors`); ``load`` reads llmspeed, compressed-tensors, GPTQ and AWQ (GEMM) folders
-(:func:`.formats.detect` tells which).
+(:func:`.formats.detect` tells which) and GGUF files (:mod:`.formats.gguf_load`).
 
 Folder layout written by :func:`save`::
 
@@ -35,7 +35,7 @@ from ..names import check_device, folder_path
 from ..protocol import CausalLM, base_linear, is_fake_quantized
 from .config import QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
-from .formats import awq, compressed_tensors, gguf_file, gptq, skeleton
+from .formats import awq, compressed_tensors, gguf_file, gguf_load, gptq, skeleton
 from .formats.files import detect, read_config, read_metadata, save_tokenizer, start_folder
 from .modules import QuantizedLinearBase
 from .primitives import SCALE_DTYPE, SYMMETRIC_ZERO
@@ -179,12 +179,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Load an llmspeed, compressed-tensors (pack-quantized), GPTQ or AWQ (GEMM) folder as llmspeed packed modules.
+    """Load an llmspeed, compressed-tensors (pack-quantized), GPTQ or AWQ (GEMM) folder, or a GGUF file, as llmspeed
+    packed modules.
 
     The architecture is built on ``meta`` and every stored tensor lands in its packed module
     without a float copy of a quantized weight; llmspeed folders come back bit-exact. In compressed-tensors,
     GPTQ and AWQ folders, float tensors stored in a dtype other than ``config.json``'s are cast to the model's
-    dtype, as transformers' ``from_pretrained`` does (packed integer tensors are read as stored).
+    dtype, as transformers' ``from_pretrained`` does (packed integer tensors are read as stored). A GGUF file (what
+    llama.cpp runs) keeps its ``Q4_0``, ``Q4_1`` and row-scaled ``Q8_0`` codes and computes in float32
+    (:mod:`.formats.gguf_load`).
 
     Raises:
         ValueError: ``device`` is not usable here (``"cuda"`` without CUDA), the path is a file or missing,
@@ -195,7 +198,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     directory = folder_path(directory, "directory")
     check_device(device)
     if directory.is_file():
-        raise _not_checkpoint(directory, "a file, not a folder: pass the folder llmspeed.save wrote")
+        if _is_gguf(directory):
+            return gguf_load.load(directory, device)
+        raise _not_checkpoint(directory, "a file, not a folder: pass the folder llmspeed.save wrote, or a GGUF file")
     if not directory.is_dir():
         raise _not_checkpoint(directory, "no such folder")
     kind = detect(directory)
@@ -206,6 +211,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     if kind == "awq":
         return awq.load(directory, device)
     return _load_native(directory, device)
+
+
+def _is_gguf(path: Path) -> bool:
+    """Whether file ``path`` starts with GGUF's magic bytes."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _load_native(directory: Path, device: str | torch.device) -> Model:

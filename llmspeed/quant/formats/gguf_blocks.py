@@ -1,4 +1,4 @@
-"""ggml's quantized blocks, as GGUF files store them, built from llmspeed's codes and scales.
+"""ggml's quantized blocks, as GGUF files store them, built from llmspeed's codes and scales and read back into them.
 
 Every type here covers 32 consecutive input channels of one row (``QK = 32``) and stores its scale as fp16:
 
@@ -66,3 +66,51 @@ def q8_0(codes: torch.Tensor, d: torch.Tensor) -> np.ndarray:  # [rows, width / 
     rows, width = codes.shape
     q = codes.to(torch.int8).contiguous().view(torch.uint8).reshape(rows, width // QK, QK)
     return _rows([_half_bytes(d), q])
+
+
+# --- reading: a tensor's raw rows [rows, blocks * block bytes] uint8 back to codes and per-block values ---------
+def _blocks(raw: np.ndarray, kind: str) -> torch.Tensor:  # [rows, blocks, block bytes] uint8
+    t = torch.from_numpy(np.array(raw, dtype=np.uint8))  # a copy: the reader's arrays map the file read-only
+    if t.dim() != 2 or t.shape[1] % BLOCK_BYTES[kind]:
+        raise ValueError(f"{kind} data must be rows of {BLOCK_BYTES[kind]}-byte blocks; got shape {tuple(t.shape)}")
+    return t.reshape(t.shape[0], -1, BLOCK_BYTES[kind])
+
+
+def _halves(b: torch.Tensor) -> torch.Tensor:  # [rows, blocks] fp32
+    """The fp16 values whose little-endian bytes are ``b`` [rows, blocks, 2]."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _unnibble(nib: torch.Tensor) -> torch.Tensor:  # [rows, blocks * 32] uint8
+    """Codes of 4-bit blocks' 16 bytes each [rows, blocks, 16]: element ``j`` low, ``j + 16`` high."""
+    return torch.cat([nib & 15, nib >> 4], dim=-1).reshape(nib.shape[0], -1)
+
+
+def read_q4_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q4_0`` rows -> codes [rows, width] uint8 in ``[0, 15]`` (zero point 8) and block scales ``d`` [rows, width/32]."""
+    b = _blocks(raw, "Q4_0")
+    return _unnibble(b[..., 2:]), _halves(b[..., :2])
+
+
+def read_q4_1(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Q4_1`` rows -> codes [rows, width] uint8, block scales ``d`` and offsets ``m`` [rows, width/32]."""
+    b = _blocks(raw, "Q4_1")
+    return _unnibble(b[..., 4:]), _halves(b[..., :2]), _halves(b[..., 2:4])
+
+
+def read_q8_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q8_0`` rows -> codes [rows, width] int8 and block scales ``d`` [rows, width/32]."""
+    b = _blocks(raw, "Q8_0")
+    return b[..., 2:].contiguous().view(torch.int8).reshape(b.shape[0], -1), _halves(b[..., :2])
+
+
+def shared_group(per_block: list[torch.Tensor], width: int, sizes: tuple[int, ...] = (128, 64)) -> int:
+    """The largest group size in ``sizes`` (each a multiple of 32 dividing ``width``) over whose blocks every tensor
+    of ``per_block`` ([rows, width/32] each) is constant, else 32: a file llmspeed wrote at group 64 reads back at 64."""
+    for g in sizes:
+        if width % g:
+            continue
+        n = g // QK
+        if all(bool((v.reshape(v.shape[0], -1, n) == v[:, ::n, None]).all()) for v in per_block):
+            return g
+    return QK

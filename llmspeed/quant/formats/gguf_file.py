@@ -18,6 +18,7 @@ anything is written; the file appears complete or not at all (written beside, th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,22 +122,33 @@ def _fields(config: Any, arch: str) -> dict[str, Any]:
     return fields
 
 
-def _tensors(model: CausalLM, arch: str) -> dict[str, tuple[np.ndarray, str]]:
-    """Every stored tensor under its GGUF name: ``{name: (array, GGUF type name)}``."""
+def namer(config: Any, arch: str) -> Callable[[str], tuple[str, int | None] | None]:
+    """``name(module)``: the GGUF name of transformers module ``module``'s tensors (``None`` if it has none) and,
+    for llama's query and key projections, the heads whose rows the file keeps in rotary order (else ``None``)."""
     gguf = _gguf()
-
-    root = model.module
-    config: Any = getattr(root, "config", None)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     heads_of = {"attn_q": config.num_attention_heads,
                 "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}  # fmt: skip
 
-    def gguf_name(hf: str, suffix: str) -> tuple[str, int | None]:
+    def name(hf: str) -> tuple[str, int | None] | None:
         mapped = names.get_name(hf)
         if mapped is None:
+            return None
+        return mapped, heads_of.get(mapped.rsplit(".", 1)[-1]) if arch == "llama" else None
+
+    return name
+
+
+def _tensors(model: CausalLM, arch: str) -> dict[str, tuple[np.ndarray, str]]:
+    """Every stored tensor under its GGUF name: ``{name: (array, GGUF type name)}``."""
+    root = model.module
+    name_of = namer(getattr(root, "config", None), arch)
+
+    def gguf_name(hf: str, suffix: str) -> tuple[str, int | None]:
+        found = name_of(hf)
+        if found is None:
             raise ValueError(f"cannot save format='gguf': no GGUF tensor name for {hf!r} ({arch})")
-        heads = heads_of.get(mapped.rsplit(".", 1)[-1]) if arch == "llama" else None
-        return f"{mapped}.{suffix}", heads
+        return f"{found[0]}.{suffix}", found[1]
 
     def order(rows: int, heads: int | None) -> torch.Tensor:
         return rotary_rows(rows, heads) if heads else torch.arange(rows)

@@ -71,27 +71,38 @@ def skeleton(directory: Path, dtype: torch.dtype, config_overrides: dict[str, An
 
     The config's ``quantization_config`` is dropped: the caller installs the quantized modules itself.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
-    with parameters_on_meta():
-        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if (directory / "generation_config.json").is_file():  # eos ids and sampling defaults, as from_pretrained reads
-        hf.generation_config = GenerationConfig.from_pretrained(directory)
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)
+    generation = None
+    if (directory / "generation_config.json").is_file():  # eos ids and sampling defaults, as from_pretrained reads
+        generation = GenerationConfig.from_pretrained(directory)
+    return from_config(config, dtype, tokenizer, directory, generation)
+
+
+def from_config(config: Any, dtype: torch.dtype, tokenizer: Any, source: Path, generation: Any = None) -> Model:
+    """The architecture of the transformers ``config`` with parameters on ``meta``, wrapped with ``tokenizer``
+    (``None`` for none) and ``generation`` (a ``GenerationConfig``; ``None``: the one the config implies)."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if generation is not None:
+        hf.generation_config = generation
     try:
         return Model(hf, tokenizer)
     except ValueError as err:  # its vocabulary does not fit: save writes no tokenizer for a model without one
         raise ValueError(
-            f"{directory} holds a tokenizer (tokenizer_config.json) that does not fit the model in it ({err}); an "
-            f"earlier save into this folder may have left it: delete the folder's tokenizer files, or save the model "
-            f"with its own tokenizer (llmspeed.wrap(model, tokenizer))"
+            f"{source} holds a tokenizer{' (tokenizer_config.json)' if source.is_dir() else ''} that does not fit "
+            f"the model in it ({err}); an earlier save into this folder may have left it: delete the folder's "
+            f"tokenizer files, or save the model with its own tokenizer (llmspeed.wrap(model, tokenizer))"
         ) from err
 
 

@@ -1,0 +1,194 @@
+"""GGUF files read into llmspeed's packed modules: ``llmspeed.load("model.gguf")``.
+
+The types llmspeed has kernels for keep their codes: ``Q4_0`` becomes symmetric int4 (``Int4Linear``, zero points 8)
+bit for bit; ``Q4_1`` asymmetric int4 with zero point ``-m / d`` rounded to fp16 (within that rounding of the file's
+values: a few thousandths of a step; a zero point within ``m``'s own fp16 rounding of a whole number is that number,
+so llmspeed's asymmetric int4 comes back exact); ``Q8_0`` whose blocks share one scale per row (what llmspeed writes) becomes
+``Int8Linear`` bit for bit. Blocks that share their scale (and offset) over 64 or 128 channels read back as one
+group of that size, so a file llmspeed wrote returns with the group size it was quantized at. Every other type
+(llama.cpp's per-block ``Q8_0``, ``Q5_*``, K-quants, i-quants) is dequantized to float32 by the ``gguf`` package, and
+one warning names them. The model computes in float32, as llama.cpp does; ``llmspeed.cast`` it after loading for
+16-bit activations.
+
+The architecture and tokenizer are transformers' reading of the file (``AutoConfig`` and ``AutoTokenizer`` with
+``gguf_file=``), for the families :data:`~.gguf_file.ARCHITECTURES` writes; llama files' query and key rows are put
+back from llama.cpp's rotary order. Without an ``output.weight`` the head is tied to ``token_embd``: a 4-bit or
+row-scaled ``Q8_0`` one becomes the quantized head the input embedding reads its rows from, as llmspeed's own
+shared heads do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...model import Model
+from ..config import QuantConfig
+from ..embedding import share_tied_embedding
+from ..modules import Int4Linear, Int8Linear
+from ..primitives import SYMMETRIC_ZERO
+from . import gguf_blocks, gguf_file, skeleton
+
+READS = ("llama", "qwen2", "qwen3")  # llama.cpp architectures read (Mistral files are "llama")
+IGNORED = ("rope_freqs.weight",)  # llama 3's rope scaling table: transformers rebuilds it from the config
+_FP16_MAX = 65504.0
+
+
+def _field(reader: Any, key: str) -> Any:
+    """The value of metadata field ``key`` (a string, a number), or ``None``."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode("utf-8") if value.dtype == np.uint8 else value.item()
+
+
+def _config(path: Path, reader: Any, arch: str, tied: bool) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    head_dim = _field(reader, f"{arch}.attention.key_length")
+    if head_dim is not None:  # transformers' reader leaves Qwen3's (128 for 16 heads of a 1024-wide stream) out
+        config.head_dim = int(head_dim)
+    config.tie_word_embeddings = tied
+    return config
+
+
+def values(tensor: Any) -> torch.Tensor:  # float32, transformers' shape
+    """Tensor ``tensor`` of a ``GGUFReader`` as float32 in transformers' shape, whatever its type."""
+    import gguf
+
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the innermost dimension first
+    return torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)).reshape(shape)
+
+
+def _flat_groups(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, zeros: torch.Tensor, g: int) -> None:
+    """In place: the groups whose zero point ``-m / d`` fp16 cannot hold (``d`` 0, or ``|m / d|`` past fp16's range)
+    as constant groups, codes 0, zero point -1, scale their value ``m + d * mean(code)`` (exact when ``d`` is 0)."""
+    flat = (d == 0) | ~(zeros.abs() <= _FP16_MAX)  # [out, groups]
+    if not bool(flat.any()):
+        return
+    mean = codes.float().reshape(codes.shape[0], -1, g).mean(-1)  # [out, groups]
+    d.copy_(torch.where(flat, m + d * mean, d))
+    zeros.copy_(torch.where(flat, -1.0, zeros))
+    codes.masked_fill_(flat.repeat_interleave(g, dim=1), 0)
+
+
+def _whole(zeros: torch.Tensor) -> torch.Tensor:  # [out, groups]
+    """``zeros`` with each one within fp16's rounding of ``m`` (``2^-11`` relative) of a whole number made that
+    number: the zero points llmspeed's asymmetric int4 holds, written as ``m = -zero * d`` in fp16, come back exact."""
+    near = torch.round(zeros)
+    return torch.where((zeros - near).abs() <= zeros.abs() * 2.0**-11 + 1e-6, near, zeros)
+
+
+def quantized(tensor: Any, rows: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:
+    """The packed module of ``tensor`` (rows ``rows`` in that order), or ``None`` for a type llmspeed has no layout for."""
+    kind = tensor.tensor_type.name
+    k = int(tensor.shape[0])
+    if kind == "Q4_0":
+        codes, d = gguf_blocks.read_q4_0(tensor.data)
+        g = gguf_blocks.shared_group([d], k)
+        d = d[rows, :: g // gguf_blocks.QK]  # [out, groups]
+        cfg = QuantConfig("int4", g, symmetric=True)
+        return Int4Linear.from_codes(codes[rows], d, torch.full_like(d, SYMMETRIC_ZERO), config=cfg, bias=bias)
+    if kind == "Q4_1":
+        codes, d, m = gguf_blocks.read_q4_1(tensor.data)
+        g = gguf_blocks.shared_group([d, m], k)
+        codes, d, m = codes[rows], d[rows, :: g // gguf_blocks.QK], m[rows, :: g // gguf_blocks.QK]
+        zeros = _whole(-m / d)  # [out, groups]; w = d q + m = (q - zero) d
+        _flat_groups(codes, d, m, zeros, g)
+        return Int4Linear.from_codes(codes, d, zeros, config=QuantConfig("int4", g), bias=bias)
+    if kind == "Q8_0":
+        codes, d = gguf_blocks.read_q8_0(tensor.data)
+        if gguf_blocks.shared_group([d], k, sizes=(k,)) != k:  # llama.cpp's own: one scale per 32 channels
+            return None
+        return Int8Linear.from_codes(codes[rows], d[rows, 0], config=QuantConfig("int8"), bias=bias)
+    return None
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> Model:
+    """Read the GGUF file ``path`` (see the module docstring)."""
+    gguf = gguf_file._gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # a truncated or foreign file: numpy's and struct's errors, not one type
+        raise ValueError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from err
+    arch = _field(reader, "general.architecture")
+    if arch not in READS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not read by llmspeed; it reads {list(READS)}")
+    tensors = {t.name: t for t in reader.tensors}
+    tied = "output.weight" not in tensors
+    tokenizer = None
+    if "tokenizer.ggml.tokens" in reader.fields:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = _config(path, reader, arch, tied)
+    model = skeleton.from_config(config, torch.float32, tokenizer, path)
+    root: Any = model.module
+    head = next(n for n, m in root.named_modules() if m is root.get_output_embeddings())
+    name_of = gguf_file.namer(config, arch)
+    used: set[str] = set()
+    dequantized: dict[str, str] = {}  # GGUF tensor -> its type, for the tensors read as floats
+
+    def take(name: str) -> Any:
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name!r} is missing (a {arch} file needs it)")
+        used.add(name)
+        return tensors[name]
+
+    def gguf_name(module: str) -> tuple[str, int | None]:
+        found = name_of(module)
+        if found is None:
+            raise ValueError(f"{path}: no GGUF tensor name for {module!r} ({arch})")
+        return found
+
+    floats: dict[str, torch.Tensor] = {}
+    for name, lin in model.linear_layers():
+        target, heads = ("token_embd", None) if name == head and tied else gguf_name(name)
+        weight = take(f"{target}.weight")
+        shape = (int(weight.shape[1]), int(weight.shape[0]))
+        assert isinstance(lin, nn.Linear)  # the skeleton's own, on meta
+        out, k = lin.out_features, lin.in_features
+        if shape != (out, k):
+            raise ValueError(f"{path}: tensor {target + '.weight'!r} is {list(shape)}; the config needs [{out}, {k}]")
+        rows = torch.argsort(gguf_file.rotary_rows(out, heads)) if heads else torch.arange(out)
+        bias = values(take(f"{target}.bias"))[rows] if f"{target}.bias" in tensors else None
+        module = quantized(weight, rows, bias)
+        if module is not None:
+            model.replace_linear(name, module)
+            if name == head and tied:
+                share_tied_embedding(model, head)
+            continue
+        if weight.tensor_type.name not in ("F32", "F16", "BF16"):
+            dequantized[weight.name] = weight.tensor_type.name
+        if name == head and tied:  # the embedding below is read as floats, and the head tied to it
+            continue
+        floats[f"{name}.weight"] = values(weight)[rows]
+        if bias is not None:
+            floats[f"{name}.bias"] = bias
+    linear = tuple(f"{n}." for n in model.linear_names())
+    for key in skeleton.expected(model):
+        if key.startswith(linear) and key not in floats:  # a quantized layer's tensors: in place already
+            continue
+        if key not in floats:
+            owner, _, suffix = key.rpartition(".")
+            stored = take(f"{gguf_name(owner)[0]}.{suffix}")
+            if stored.tensor_type.name not in ("F32", "F16", "BF16"):  # a quantized embedding: a lookup of floats
+                dequantized[stored.name] = stored.tensor_type.name
+            floats[key] = values(stored)
+    unexpected = sorted(set(tensors) - used - set(IGNORED))
+    if unexpected:
+        raise ValueError(f"{path}: tensors {unexpected[:3]} ({len(unexpected)} in all) belong to no layer of the "
+                         f"{arch} model its config describes")  # fmt: skip
+    if dequantized:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(dequantized.values()).items()))
+        warnings.warn(f"{path}: {kinds} tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); "
+                      f"Q4_0, Q4_1 and row-scaled Q8_0 load packed", stacklevel=3)  # fmt: skip
+    return skeleton.finish_foreign(model, floats, torch.float32, device, path)

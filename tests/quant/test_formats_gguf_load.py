@@ -1,0 +1,247 @@
+"""GGUF files read by ``llmspeed.load``, checked against the ``gguf`` package's decoder and transformers' GGUF loader.
+
+* blocks: hypothesis over raw ``Q4_0``/``Q4_1`` bytes (zero scales and offsets fp16 cannot divide included): the packed
+  module dequantizes as ``gguf.quants.dequantize`` does (``Q4_0`` bit for bit);
+* llmspeed -> GGUF -> llmspeed: every packed buffer back bit for bit, per architecture and format, a shared head;
+* files quantized block by block as llama.cpp does (``gguf``'s port of ggml's quantizers) and the embedded SmolLM2
+  file llama.cpp wrote: the weights transformers' loader reads, the logits and the tokenizer;
+* bad files are a ``ValueError`` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmspeed
+from llmspeed.quant import Int4Linear, Int8Linear
+from llmspeed.quant.formats import gguf_blocks, gguf_file, gguf_load
+
+gguf = pytest.importorskip("gguf")
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(7))
+SMALL = dict(hidden_size=128, intermediate_size=256)
+
+
+def _tensor(raw: np.ndarray, kind: str, width: int) -> types.SimpleNamespace:
+    """What ``GGUFReader`` gives for one 2-D tensor: raw rows, its type and its shape innermost first."""
+    return types.SimpleNamespace(name="t.weight", tensor_type=gguf.GGMLQuantizationType[kind], data=raw,
+                                 shape=np.array([width, raw.shape[0]]))  # fmt: skip
+
+
+def _reference(raw: np.ndarray, kind: str) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).copy())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 4), blocks=st.sampled_from([1, 2, 4, 6]), shared=st.booleans(), seed=st.integers(0, 999))
+def test_raw_4bit_blocks_load_as_gguf_dequantizes_them(rows, blocks, shared, seed):
+    g = torch.Generator().manual_seed(seed)
+    width = blocks * 32
+    codes = torch.randint(0, 16, (rows, width), generator=g, dtype=torch.uint8)
+    d = torch.randn(rows, blocks, generator=g) * 0.05
+    m = torch.randn(rows, blocks, generator=g) * 0.5
+    d[0, 0] = 0.0  # a constant block: w = m
+    if blocks > 1:
+        d[-1, 1] = 1e-7  # an offset 10^5 steps away: -m / d past fp16's range
+    if shared:  # the values shared over pairs of blocks (a file written at group 64)
+        d, m = d[:, ::2].repeat_interleave(2, 1)[:, :blocks], m[:, ::2].repeat_interleave(2, 1)[:, :blocks]
+    d, m = d.half().float(), m.half().float()
+    rows_all = torch.arange(rows)
+    q40 = gguf_blocks.q4_0(codes, d)
+    module = gguf_load.quantized(_tensor(q40, "Q4_0", width), rows_all, None)
+    assert isinstance(module, Int4Linear) and module.config.symmetric
+    assert torch.equal(module.dequantize(), _reference(q40, "Q4_0"))  # bit for bit
+    q41 = gguf_blocks.q4_1(codes, d, m)
+    module = gguf_load.quantized(_tensor(q41, "Q4_1", width), rows_all, None)
+    assert isinstance(module, Int4Linear) and not module.config.symmetric
+    if shared and blocks % 2 == 0 and width % 64 == 0:
+        assert module.config.group_size in (64, 128)
+    bound = m.abs().repeat_interleave(32, 1) * 2**-10 + 1e-6  # the zero point -m / d held in fp16
+    assert bool(((module.dequantize() - _reference(q41, "Q4_1")).abs() <= bound).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 4), blocks=st.integers(1, 4), seed=st.integers(0, 999))
+def test_q8_0_is_int8_when_a_row_shares_one_scale(rows, blocks, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (rows, blocks * 32), generator=g, dtype=torch.int8)
+    row_scales = (torch.rand(rows, generator=g) + 0.01).half().float()
+    raw = gguf_blocks.q8_0(codes, gguf_blocks.block_values(row_scales, None, blocks * 32))
+    module = gguf_load.quantized(_tensor(raw, "Q8_0", blocks * 32), torch.arange(rows), None)
+    assert isinstance(module, Int8Linear) and torch.equal(module.dequantize(), _reference(raw, "Q8_0"))
+    per_block = torch.rand(rows, blocks, generator=g) + 0.01  # llama.cpp's own Q8_0: no int8 layout holds it
+    if blocks > 1:
+        per_block[0, 1] += 1.0
+        assert gguf_load.quantized(_tensor(gguf_blocks.q8_0(codes, per_block), "Q8_0", blocks * 32),
+                                   torch.arange(rows), None) is None  # fmt: skip
+
+
+def _same_buffers(ours, theirs, name):
+    assert type(ours) is type(theirs), name
+    assert ours.config.group_size == theirs.config.group_size and ours.config.symmetric == theirs.config.symmetric
+    assert torch.equal(ours.qweight, theirs.qweight), name
+    if isinstance(ours, Int8Linear):  # the row scale went through fp16
+        assert torch.equal(ours.scales, theirs.scales.half().float()), name
+    else:
+        assert torch.equal(ours.scales, theirs.scales) and torch.equal(ours.zeros, theirs.zeros), name
+
+
+CASES = [
+    ("llama", dict(fmt="int4", group_size=32, symmetric=True)),
+    ("llama", dict(fmt="int4", group_size=64)),
+    ("qwen2", dict(fmt="int4", group_size=128, symmetric=True)),
+    ("qwen2", dict(fmt="int8")),
+    ("qwen3", dict(fmt="int4", group_size=64)),
+    ("mistral", dict(fmt="int4", group_size=32, symmetric=True, lm_head=None)),
+]
+
+
+@pytest.mark.parametrize("arch,options", CASES, ids=[f"{a}-{o['fmt']}-{o.get('group_size')}" for a, o in CASES])
+def test_llmspeeds_gguf_comes_back_bit_for_bit(arch, options, tmp_path):
+    extra = {"head_dim": 64} if arch == "qwen3" else {}
+    model = llmspeed.models.tiny(arch, seed=2, **SMALL, **extra)
+    options = dict(options)
+    llmspeed.quantize(model, options.pop("fmt"), **options)
+    back = llmspeed.load(llmspeed.save(model, tmp_path / "m.gguf", format="gguf"))
+    layers = dict(back.linear_layers())
+    for name, module in model.linear_layers():
+        if isinstance(module, (Int4Linear, Int8Linear)):
+            _same_buffers(layers[name], module, name)
+            if module.bias is not None:
+                assert torch.equal(layers[name].bias, module.bias), name
+        else:
+            assert torch.equal(layers[name].weight, module.weight), name
+    theirs, linear = back.module.state_dict(), tuple(f"{n}." for n in model.linear_names())
+    for name, tensor in model.module.state_dict().items():  # norms, embedding
+        if not name.startswith(linear):
+            assert torch.equal(theirs[name], tensor), name
+    if arch == "qwen3":
+        assert back.module.config.head_dim == 64
+    with torch.no_grad():
+        ours, again = model.module(IDS).logits, back.module(IDS).logits
+    assert torch.allclose(ours, again, atol=1e-3), (ours - again).abs().max()  # int8 heads' scales went through fp16
+
+
+def test_a_shared_quantized_head_comes_back_shared(tmp_path):
+    model = llmspeed.models.tiny("llama", seed=3, tie_word_embeddings=True)
+    llmspeed.quantize(model, "int4", group_size=32)
+    back = llmspeed.load(llmspeed.save(model, tmp_path / "m.gguf", format="gguf"))
+    embedding = back.module.get_input_embeddings()
+    assert type(embedding).__name__ == "QuantizedEmbedding" and embedding.head is back.module.lm_head
+    _same_buffers(back.module.lm_head, model.module.lm_head, "lm_head")
+    with torch.no_grad():
+        assert torch.allclose(model.module(IDS).logits, back.module(IDS).logits, atol=1e-3)
+
+
+def _as_llama_cpp(monkeypatch, kinds):
+    """Export float weights quantized block by block by gguf's port of ggml's quantizers, ``{gguf name part: type}``."""
+    write = gguf_file._tensors
+
+    def tensors(model, arch):
+        out = write(model, arch)
+        for name, (array, kind) in list(out.items()):
+            for part, new in kinds.items():
+                if part in name and array.ndim == 2 and kind == "F32":
+                    out[name] = (gguf.quants.quantize(array, gguf.GGMLQuantizationType[new]), new)
+        return out
+
+    monkeypatch.setattr(gguf_file, "_tensors", tensors)
+
+
+def test_llama_cpp_quantized_files_read_as_transformers_reads_them(monkeypatch, tmp_path):
+    kinds = {"attn_q": "Q4_0", "attn_k": "Q4_1", "ffn_gate": "Q4_0", "ffn_up": "Q4_1", "attn_v": "Q8_0",
+             "ffn_down": "Q5_0", "token_embd": "Q4_0"}  # fmt: skip
+    _as_llama_cpp(monkeypatch, kinds)
+    model = llmspeed.models.tiny("llama", seed=4, tie_word_embeddings=False, **SMALL)
+    path = llmspeed.save(model, tmp_path / "m.gguf", format="gguf")
+    with pytest.warns(UserWarning, match=r": 1 Q4_0, 2 Q5_0, 2 Q8_0 tensor\(s\) load as float32"):
+        ours = llmspeed.load(path)  # the embedding (a lookup), two down projections, two per-block Q8_0 v_proj
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    weights = hf.state_dict()
+    layers = dict(ours.linear_layers())
+    for name in layers:
+        module = layers[name]
+        if "q_proj" in name or "gate_proj" in name:
+            assert isinstance(module, Int4Linear) and module.config.symmetric and module.config.group_size == 32
+            assert torch.equal(module.dequantize(), weights[f"{name}.weight"]), name
+        elif "k_proj" in name or "up_proj" in name:
+            assert isinstance(module, Int4Linear) and not module.config.symmetric
+            bound = weights[f"{name}.weight"].abs().max() * 2**-9
+            assert (module.dequantize() - weights[f"{name}.weight"]).abs().max() <= bound, name
+        else:  # v_proj (per-block Q8_0), down_proj (Q5_0), the float head: floats equal to transformers'
+            assert isinstance(module, torch.nn.Linear), name
+            assert torch.equal(module.weight, weights[f"{name}.weight"]), name
+    assert torch.equal(ours.module.get_input_embeddings().weight, weights["model.embed_tokens.weight"])
+    with torch.no_grad():
+        assert torch.allclose(ours.module(IDS).logits, hf(IDS).logits, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_embedded_smollm2_file_loads_packed(smollm2):
+    """The file llama.cpp's converter wrote (Q4_1 layers, a Q8_0 tied embedding): 210 packed int4 layers whose
+    weights are transformers' own reading of it (the embedded model is that reading), the same tokenizer."""
+    from llmspeed.models.embedded import gguf_path
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = llmspeed.load(gguf_path())
+    assert [str(w.message).split(": ", 1)[1] for w in caught if "load as float32" in str(w.message)] == [
+        "1 Q8_0 tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); Q4_0, Q4_1 and row-scaled "
+        "Q8_0 load packed"
+    ]
+    reference = dict(smollm2.linear_layers())
+    packed = [(n, m) for n, m in model.linear_layers() if isinstance(m, Int4Linear)]
+    assert len(packed) == 210 and all(m.config.group_size == 32 and not m.config.symmetric for _, m in packed)
+    for name, module in packed:
+        want = reference[name].weight
+        assert (module.dequantize() - want).abs().max() <= want.abs().max() * 2**-9, name
+    assert torch.equal(model.module.lm_head.weight, smollm2.module.lm_head.weight)
+    assert model.module.lm_head.weight is model.module.get_input_embeddings().weight
+    for text in ["THE SOFTWARE IS PROVIDED \"AS IS\"", "def f(x):\n    return x  # 2024"]:
+        assert model.tokenizer(text)["input_ids"] == smollm2.tokenizer(text)["input_ids"]
+    ids = smollm2.tokenizer("The license grants the right to", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours, theirs = model.module(ids).logits, smollm2.module(ids).logits
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+    assert torch.equal(ours[0, -1].argmax(), theirs[0, -1].argmax())
+
+
+def test_bad_files_are_named(monkeypatch, tmp_path):
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_bytes(b"just text")
+    with pytest.raises(ValueError, match="a file, not a folder: pass the folder llmspeed.save wrote, or a GGUF file"):
+        llmspeed.load(not_gguf)
+    good = llmspeed.save(llmspeed.models.tiny("llama", seed=0), tmp_path / "good.gguf", format="gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut.gguf is not a readable GGUF file"):
+        llmspeed.load(cut)
+    writer = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    with pytest.raises(ValueError, match=r"GGUF architecture 'gpt2' is not read by llmspeed; it reads \['llama'"):
+        llmspeed.load(tmp_path / "gpt2.gguf")
+    write = gguf_file._tensors
+    edits = {
+        "missing": (lambda t: t.pop("blk.1.ffn_up.weight"), r"tensor 'blk.1.ffn_up.weight' is missing"),
+        "extra": (lambda t: t.update({"blk.9.ffn_up.weight": t["blk.1.ffn_up.weight"]}),
+                  r"tensors \['blk.9.ffn_up.weight'\] \(1 in all\) belong to no layer"),
+        "shape": (lambda t: t.update({"blk.1.ffn_up.weight": (t["blk.1.ffn_up.weight"][0][:-1], "F32")}),
+                  r"tensor 'blk.1.ffn_up.weight' is \[\d+, \d+\]; the config needs"),
+    }  # fmt: skip
+    for label, (edit, message) in edits.items():
+        monkeypatch.setattr(gguf_file, "_tensors", lambda m, a, edit=edit: (t := write(m, a), edit(t))[0])
+        path = llmspeed.save(llmspeed.models.tiny("llama", seed=0), tmp_path / f"{label}.gguf", format="gguf")
+        with pytest.raises(ValueError, match=message):
+            llmspeed.load(path)
