@@ -1,0 +1,90 @@
+"""GGUF files run by llmspeed (``llmspeed.load("m.gguf")``) and by llama.cpp: the same file, so the same weights.
+
+Per file: its 2-D tensor types and size, how long ``llmspeed.load`` takes and the bytes the loaded model holds, and for
+both runtimes the perplexity of the same pydoc windows, the batch-1 decode step at a 128-token context, the step
+with 8 sequences running and the prompt rate (the measurements and ratios of :mod:`.cpu_peers`, whose helpers this
+reuses). The files: the embedded SmolLM2 file (llama.cpp's converter: ``Q4_1`` layers, a ``Q8_0`` tied embedding)
+and llama.cpp's ``Q4_0`` and ``Q8_0`` of it (``llama_model_quantize``). ``rounds`` alternate the two runtimes; each
+number is the median over rounds, each ratio the median of the rounds' ratios.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..memory import memory_footprint
+from ..models.embedded import gguf_path
+from ..quant import load
+from .cpu_peers import PROMPT_TOKENS, _llmspeed_rows, _medians, _ratios
+from .llama_anchor import llama_cpp_missing, llama_rows_isolated, pydoc_ids, requantized
+
+# row -> (llama.cpp type name, its llama_ftype value) of llama_model_quantize's output, or None for the embedded file
+FILES: dict[str, tuple[str, int] | None] = {"Q4_1": None, "Q4_0": ("Q4_0", 2), "Q8_0": ("Q8_0", 7)}
+
+
+def _path(name: str, threads: int) -> Path:
+    made = FILES[name]
+    return gguf_path() if made is None else requantized(*made, threads)
+
+
+def _loaded(path: Path) -> tuple[Any, float, str]:
+    """``llmspeed.load(path)``, its wall seconds, and what it loaded as float (its warning, shortened)."""
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load(path)
+    seconds = time.perf_counter() - start
+    floats = [str(w.message).split(": ", 1)[1].split(" load as", 1)[0] for w in caught if "load as float32" in str(w.message)]
+    return model, seconds, "; ".join(floats) or "none"
+
+
+def run(model: str = "smollm2", quick: bool = False, progress: bool = True, rounds: int = 2) -> list[dict[str, Any]]:
+    """The table described in the module docstring (``quick``: fewer steps and windows, one round)."""
+    import gguf
+    from tqdm.auto import tqdm
+
+    missing = llama_cpp_missing()
+    if missing:
+        raise RuntimeError(missing)
+    if model != "smollm2":
+        raise ValueError(f"gguf_import runs the embedded SmolLM2 file and llama.cpp's requantizations; got {model!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int; got {rounds!r}")
+    rounds = 1 if quick else rounds
+    threads = torch.get_num_threads()
+    steps, n_windows = (16, 2) if quick else (32, 8)
+    rows = []
+    for name in tqdm(FILES, disable=not progress, desc="gguf_import"):
+        path = _path(name, threads)
+        ours_model, load_s, floats = _loaded(path)
+        prompt = pydoc_ids(ours_model, PROMPT_TOKENS)
+        windows = torch.tensor(pydoc_ids(ours_model, 256 * n_windows)).view(n_windows, 256)
+        ours, theirs, ratios = [], [], []
+        for _ in range(rounds):
+            with torch.inference_mode():
+                ours.append(_llmspeed_rows(ours_model, prompt, windows, steps))
+            theirs.append(llama_rows_isolated(path, prompt, windows, threads, steps))
+            ratios.append(_ratios(ours[-1], theirs[-1], name))
+        types = sorted({t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2})
+        mine, other = _medians(ours), _medians(theirs)
+        row: dict[str, Any] = {
+            "file": name if FILES[name] is None else f"{name} (llama_model_quantize of the Q4_1 file)",
+            "2-D tensor types": ", ".join(types), "file MB": round(path.stat().st_size / 1e6, 1),
+            "loaded as float": floats, "llmspeed load s": round(load_s, 1),
+            "llmspeed MB": round(memory_footprint(ours_model)["total"] / 1e6, 1),
+            "llmspeed perplexity": round(mine["perplexity"], 3), "llama.cpp perplexity": round(other["perplexity"], 3),
+            "llmspeed decode ms": round(mine["decode ms"], 2), "llama.cpp decode ms": round(other["decode ms"], 2),
+        }  # fmt: skip
+        for key, value in _medians(ratios).items():
+            if key != "against":
+                row[key] = round(value, 4 if key.startswith("ppl") else 2)
+        row["rounds"] = rounds
+        rows.append(row)
+        del ours_model
+    return rows
+
