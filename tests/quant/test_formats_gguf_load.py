@@ -1,6 +1,6 @@
 """GGUF files read by ``llmspeed.load``, checked against the ``gguf`` package's decoder and transformers' GGUF loader.
 
-* blocks: hypothesis over raw ``Q4_0``/``Q4_1`` bytes (zero scales and offsets fp16 cannot divide included): the packed
+* blocks: hypothesis over raw ``Q4_0``/``Q4_1``/``Q4_K`` bytes (zero scales and offsets fp16 cannot divide included): the packed
   module dequantizes as ``gguf.quants.dequantize`` does (``Q4_0`` bit for bit);
 * llmspeed -> GGUF -> llmspeed: every packed buffer back bit for bit, per architecture and format, a shared head;
 * files quantized block by block as llama.cpp does (``gguf``'s port of ggml's quantizers) and the embedded SmolLM2
@@ -68,6 +68,26 @@ def test_raw_4bit_blocks_load_as_gguf_dequantizes_them(rows, blocks, shared, see
         assert module.config.group_size in (64, 128)
     bound = m.abs().repeat_interleave(32, 1) * 2**-10 + 1e-6  # the zero point -m / d held in fp16
     assert bool(((module.dequantize() - _reference(q41, "Q4_1")).abs() <= bound).all())
+
+
+def _q4_k(rows: int, width: int, seed: int, d: float = 3e-3, dmin: float = 2e-3) -> np.ndarray:
+    """Random ``Q4_K`` rows (every byte string is a valid block once ``d`` and ``dmin`` are finite fp16)."""
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, width // 256, 144), dtype=np.uint8)
+    for at, value in ((0, d), (2, dmin)):
+        raw[..., at : at + 2] = np.full(raw.shape[:2], value, np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), blocks=st.integers(1, 3), d=st.sampled_from([0.0, 1e-4, 3e-3, 0.5]),
+       dmin=st.sampled_from([0.0, 2e-3, 1.0]), seed=st.integers(0, 999))  # fmt: skip
+def test_q4_k_loads_as_int4_g32_within_fp16_of_its_scales(rows, blocks, d, dmin, seed):
+    raw = _q4_k(rows, blocks * 256, seed, d, dmin)
+    module = gguf_load.quantized(_tensor(raw, "Q4_K", blocks * 256), torch.arange(rows), None)
+    assert isinstance(module, Int4Linear) and not module.config.symmetric
+    want = _reference(raw, "Q4_K")  # w = d sc q - dmin m, sc and m 6-bit
+    bound = 15 * d * 63 * 2**-11 + dmin * 63 * 2**-10 + 1e-6  # the scale d sc and the zero point held in fp16
+    assert (module.dequantize() - want).abs().max() <= bound
 
 
 @settings(max_examples=20, deadline=None)
@@ -186,6 +206,33 @@ def test_llama_cpp_quantized_files_read_as_transformers_reads_them(monkeypatch, 
         assert torch.allclose(ours.module(IDS).logits, hf(IDS).logits, atol=1e-3)
 
 
+def test_q4_k_layers_read_as_transformers_reads_them(monkeypatch, tmp_path):
+    """K-quants need 256-channel rows: a model 256 wide, its MLP and query projections stored as random Q4_K."""
+    write = gguf_file._tensors
+
+    def q4_k(model, arch):
+        out = write(model, arch)
+        two_d = [n for n in sorted(out) if out[n][0].ndim == 2]
+        for i, name in enumerate(n for n in two_d if any(p in n for p in ("ffn_", "attn_q."))):
+            rows, width = out[name][0].shape
+            out[name] = (_q4_k(rows, width, seed=i), "Q4_K")
+        return out
+
+    monkeypatch.setattr(gguf_file, "_tensors", q4_k)
+    model = llmspeed.models.tiny("llama", seed=5, hidden_size=256, intermediate_size=512)
+    ours = llmspeed.load(llmspeed.save(model, tmp_path / "k.gguf", format="gguf"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32).eval()
+    weights = hf.state_dict()
+    packed = {n: m for n, m in ours.linear_layers() if isinstance(m, Int4Linear)}
+    assert len(packed) == 2 * 4 and all(m.config.group_size == 32 for m in packed.values())  # q, gate, up, down
+    for name, module in packed.items():
+        want = weights[f"{name}.weight"]
+        assert (module.dequantize() - want).abs().max() <= 3e-3 * 63 * 15 * 2**-11 + 2e-3 * 63 * 2**-10, name
+    with torch.no_grad():
+        ref = hf(IDS).logits
+        assert (ours.module(IDS).logits - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
 @pytest.mark.slow
 def test_the_embedded_smollm2_file_loads_packed(smollm2):
     """The file llama.cpp's converter wrote (Q4_1 layers, a Q8_0 tied embedding): 210 packed int4 layers whose
@@ -196,8 +243,8 @@ def test_the_embedded_smollm2_file_loads_packed(smollm2):
         warnings.simplefilter("always")
         model = llmspeed.load(gguf_path())
     assert [str(w.message).split(": ", 1)[1] for w in caught if "load as float32" in str(w.message)] == [
-        "1 Q8_0 tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); Q4_0, Q4_1 and row-scaled "
-        "Q8_0 load packed"
+        "1 Q8_0 tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); Q4_0, Q4_1, Q4_K and "
+        "row-scaled Q8_0 load packed"
     ]
     reference = dict(smollm2.linear_layers())
     packed = [(n, m) for n, m in model.linear_layers() if isinstance(m, Int4Linear)]

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 QK = 32  # input channels of one block
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+QK_K = 256  # input channels of one K-quant super-block
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
 
 
 def _half_bytes(t: torch.Tensor) -> torch.Tensor:  # [rows, blocks, 2] uint8
@@ -96,6 +97,26 @@ def read_q4_1(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """``Q4_1`` rows -> codes [rows, width] uint8, block scales ``d`` and offsets ``m`` [rows, width/32]."""
     b = _blocks(raw, "Q4_1")
     return _unnibble(b[..., 4:]), _halves(b[..., :2]), _halves(b[..., 2:4])
+
+
+def read_q4_k(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Q4_K`` rows -> codes [rows, width] uint8 and each 32-channel sub-block's scale ``d * sc`` and offset
+    ``-dmin * m`` [rows, width/32] (fp32 products), so ``w = scale * q + offset`` as for ``Q4_1``.
+
+    A super-block of 256 channels (144 bytes): fp16 ``d`` and ``dmin``, 12 bytes holding eight 6-bit scales ``sc``
+    and mins ``m`` (sub-blocks 0-3 in the low 6 bits of bytes 0-3 and 4-7; 4-7 in the nibbles of bytes 8-11 with
+    their top 2 bits in the top bits of bytes 0-3 and 4-7), then 128 bytes: four runs of 32, whose low nibbles are
+    sub-block ``2 c`` and high nibbles sub-block ``2 c + 1``.
+    """
+    b = _blocks(raw, "Q4_K")
+    rows, n = b.shape[:2]
+    s = b[..., 4:16].long()  # [rows, n, 12]
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], dim=-1)  # [rows, n, 8]
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)  # [rows, n, 8]
+    qs = b[..., 16:].reshape(rows, n, 4, 1, 32)  # [rows, n, run, 1, 32]
+    codes = torch.cat([qs & 15, qs >> 4], dim=3).reshape(rows, -1)  # [rows, n * 256]: runs of (low, high)
+    d, dmin = _halves(b[..., :2]), _halves(b[..., 2:4])  # [rows, n]
+    return codes, (d[..., None] * sc).reshape(rows, -1), (-dmin[..., None] * mn).reshape(rows, -1)
 
 
 def read_q8_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

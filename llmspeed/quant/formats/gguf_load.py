@@ -3,10 +3,12 @@
 The types llmspeed has kernels for keep their codes: ``Q4_0`` becomes symmetric int4 (``Int4Linear``, zero points 8)
 bit for bit; ``Q4_1`` asymmetric int4 with zero point ``-m / d`` rounded to fp16 (within that rounding of the file's
 values: a few thousandths of a step; a zero point within ``m``'s own fp16 rounding of a whole number is that number,
-so llmspeed's asymmetric int4 comes back exact); ``Q8_0`` whose blocks share one scale per row (what llmspeed writes) becomes
+so llmspeed's asymmetric int4 comes back exact); ``Q4_K`` (the K-quant most files on the Hub are mostly made of)
+the same way at group 32, each sub-block's scale ``d * sc`` and offset ``-dmin * m`` read as ``Q4_1``'s ``d`` and
+``m``, the scale rounded to fp16 too; ``Q8_0`` whose blocks share one scale per row (what llmspeed writes) becomes
 ``Int8Linear`` bit for bit. Blocks that share their scale (and offset) over 64 or 128 channels read back as one
 group of that size, so a file llmspeed wrote returns with the group size it was quantized at. Every other type
-(llama.cpp's per-block ``Q8_0``, ``Q5_*``, K-quants, i-quants) is dequantized to float32 by the ``gguf`` package, and
+(llama.cpp's per-block ``Q8_0``, ``Q5_*``, ``Q6_K`` and the other K-quants, i-quants) is dequantized to float32 by the ``gguf`` package, and
 one warning names them. The model computes in float32, as llama.cpp does; ``llmspeed.cast`` it after loading for
 16-bit activations.
 
@@ -32,10 +34,11 @@ from ...model import Model
 from ..config import QuantConfig
 from ..embedding import share_tied_embedding
 from ..modules import Int4Linear, Int8Linear
-from ..primitives import SYMMETRIC_ZERO
+from ..primitives import SCALE_DTYPE, SYMMETRIC_ZERO
 from . import gguf_blocks, gguf_file, skeleton
 
 READS = ("llama", "qwen2", "qwen3")  # llama.cpp architectures read (Mistral files are "llama")
+_WITH_OFFSETS = {"Q4_1": gguf_blocks.read_q4_1, "Q4_K": gguf_blocks.read_q4_k}  # w = d * q + m per 32 channels
 IGNORED = ("rope_freqs.weight",)  # llama 3's rope scaling table: transformers rebuilds it from the config
 _FP16_MAX = 65504.0
 
@@ -97,10 +100,13 @@ def quantized(tensor: Any, rows: torch.Tensor, bias: torch.Tensor | None) -> nn.
         d = d[rows, :: g // gguf_blocks.QK]  # [out, groups]
         cfg = QuantConfig("int4", g, symmetric=True)
         return Int4Linear.from_codes(codes[rows], d, torch.full_like(d, SYMMETRIC_ZERO), config=cfg, bias=bias)
-    if kind == "Q4_1":
-        codes, d, m = gguf_blocks.read_q4_1(tensor.data)
+    if kind in _WITH_OFFSETS:
+        codes, d, m = _WITH_OFFSETS[kind](tensor.data)
         g = gguf_blocks.shared_group([d, m], k)
         codes, d, m = codes[rows], d[rows, :: g // gguf_blocks.QK], m[rows, :: g // gguf_blocks.QK]
+        d = d.to(SCALE_DTYPE).float()  # the scale the module holds (Q4_K's d * sc is an fp32 product)
+        if not bool(torch.isfinite(d).all()):
+            return None
         zeros = _whole(-m / d)  # [out, groups]; w = d q + m = (q - zero) d
         _flat_groups(codes, d, m, zeros, g)
         return Int4Linear.from_codes(codes, d, zeros, config=QuantConfig("int4", g), bias=bias)
@@ -190,5 +196,5 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
     if dequantized:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(dequantized.values()).items()))
         warnings.warn(f"{path}: {kinds} tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); "
-                      f"Q4_0, Q4_1 and row-scaled Q8_0 load packed", stacklevel=3)  # fmt: skip
+                      f"Q4_0, Q4_1, Q4_K and row-scaled Q8_0 load packed", stacklevel=3)  # fmt: skip
     return skeleton.finish_foreign(model, floats, torch.float32, device, path)
