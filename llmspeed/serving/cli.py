@@ -16,7 +16,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvico
 def build_parser() -> argparse.ArgumentParser:
     """The ``serve`` argument parser."""
     p = argparse.ArgumentParser(prog="python -m llmspeed serve", description="An OpenAI-compatible server over llmspeed's engine.")
-    p.add_argument("--model", default="smollm2", help="smollm2 (the embedded model), or a folder: llmspeed.save's or a transformers checkpoint")
+    p.add_argument("--model", default="smollm2", help="smollm2 (the embedded model), a folder (llmspeed.save's or a transformers checkpoint) or a .gguf file")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model's name)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"], help="quantize the weights after loading")
     p.add_argument("--group-size", type=_even_group, default=None, help="group size for int4 / nf4 (a positive even integer)")
@@ -122,7 +122,8 @@ def _adapter(spec: str) -> str:
 
 
 def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
-    """``smollm2``, or a folder: llmspeed's, compressed-tensors, GPTQ, or a float transformers checkpoint.
+    """``smollm2``, a folder (llmspeed's, compressed-tensors, GPTQ, AWQ, or a float transformers checkpoint), or a
+    GGUF file (llama.cpp's, with its own codes: :mod:`llmspeed.quant.formats.gguf_load`).
 
     A float checkpoint with ``quantize`` is quantized while it is read (one tensor at a time); a model that
     is already quantized is returned as it is, and ``quantize`` then is an error.
@@ -137,8 +138,12 @@ def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
             quant.quantize(model, quantize["format"], **rest)
         return model
     path = Path(name)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        if quantize:
+            raise SystemExit(f"{name} is a GGUF file, quantized already; drop --quantize")
+        return quant.load(path)
     if not path.is_dir():
-        raise SystemExit(f"--model must be 'smollm2' or a folder; {name!r} is neither")
+        raise SystemExit(f"--model must be 'smollm2', a folder or a .gguf file; {name!r} is none of these")
     try:
         kind = detect(path)
     except ValueError as err:  # a folder without model.safetensors (or its index): no checkpoint to serve

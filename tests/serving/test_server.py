@@ -293,6 +293,23 @@ def test_serve_loads_transformers_and_llmspeed_folders(tmp_path):
         load_model(str(tmp_path / "native"), {"format": "int4"})
 
 
+def test_serve_loads_a_gguf_file_with_its_codes(tmp_path):
+    from llmspeed.serving.cli import load_model
+
+    pytest.importorskip("gguf")
+    tiny = llmspeed.models.tiny("llama", seed=0)
+    llmspeed.quantize(tiny, "int4", group_size=32, symmetric=True)
+    path = llmspeed.save(tiny, tmp_path / "tiny.gguf", format="gguf")
+    served = load_model(str(path))
+    assert torch.equal(served.hf.model.layers[0].mlp.up_proj.qweight, tiny.hf.model.layers[0].mlp.up_proj.qweight)
+    ids, sp = [[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True)
+    assert served.generate_batched(ids, sp, progress=False)[0].token_ids == tiny.generate_batched(ids, sp, progress=False)[0].token_ids
+    with pytest.raises(SystemExit, match="is a GGUF file, quantized already; drop --quantize"):
+        load_model(str(path), {"format": "int4"})
+    with pytest.raises(SystemExit, match="a folder or a .gguf file; .* is none of these"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
 def test_closing_interleave_early_loses_no_event_a_stream_already_took():
     from llmspeed.generation import StreamEvent
     from llmspeed.serving.handle import RequestHandle, interleave
