@@ -4,7 +4,9 @@ Per file: its 2-D tensor types and size, how long ``llmspeed.load`` takes and th
 both runtimes the perplexity of the same pydoc windows, the batch-1 decode step at a 128-token context, the step
 with 8 sequences running and the prompt rate (the measurements and ratios of :mod:`.cpu_peers`, whose helpers this
 reuses). The files: the embedded SmolLM2 file (llama.cpp's converter: ``Q4_1`` layers, a ``Q8_0`` tied embedding)
-and llama.cpp's ``Q4_0`` and ``Q8_0`` of it (``llama_model_quantize``). ``rounds`` alternate the two runtimes; each
+and llama.cpp's ``Q4_0`` and ``Q8_0`` of it (``llama_model_quantize``); one more row loads the ``Q4_1`` file and
+quantizes the head it left in float (its ``Q8_0`` embedding) to int8, as ``quantize(model, "int8", include=["lm_head"])``
+does, against the same llama.cpp file. ``rounds`` alternate the two runtimes; each
 number is the median over rounds, each ratio the median of the rounds' ratios.
 """
 
@@ -19,12 +21,19 @@ import torch
 
 from ..memory import memory_footprint
 from ..models.embedded import gguf_path
-from ..quant import load
+from ..quant import load, quantize
 from .cpu_peers import PROMPT_TOKENS, _llmspeed_rows, _medians, _ratios
 from .llama_anchor import llama_cpp_missing, llama_rows_isolated, pydoc_ids, requantized
 
-# row -> (llama.cpp type name, its llama_ftype value) of llama_model_quantize's output, or None for the embedded file
+# file -> (llama.cpp type name, its llama_ftype value) of llama_model_quantize's output, or None for the embedded file
 FILES: dict[str, tuple[str, int] | None] = {"Q4_1": None, "Q4_0": ("Q4_0", 2), "Q8_0": ("Q8_0", 7)}
+# row -> (file, what llmspeed.quantize does after loading: the float head to int8, or nothing)
+ROWS: dict[str, tuple[str, bool]] = {
+    "Q4_1": ("Q4_1", False),
+    "Q4_1, then the float head to int8": ("Q4_1", True),
+    "Q4_0 (llama_model_quantize of the Q4_1 file)": ("Q4_0", False),
+    "Q8_0 (llama_model_quantize of the Q4_1 file)": ("Q8_0", False),
+}
 
 
 def _path(name: str, threads: int) -> Path:
@@ -59,9 +68,12 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True, roun
     threads = torch.get_num_threads()
     steps, n_windows = (16, 2) if quick else (32, 8)
     rows = []
-    for name in tqdm(FILES, disable=not progress, desc="gguf_import"):
-        path = _path(name, threads)
+    for name, (file, int8_head) in tqdm(ROWS.items(), disable=not progress, desc="gguf_import"):
+        path = _path(file, threads)
         ours_model, load_s, floats = _loaded(path)
+        if int8_head:  # the layers a file leaves in float can be quantized on their own
+            quantize(ours_model, "int8", include=["lm_head"])
+            floats = "none (the head quantized to int8 after loading)"
         prompt = pydoc_ids(ours_model, PROMPT_TOKENS)
         windows = torch.tensor(pydoc_ids(ours_model, 256 * n_windows)).view(n_windows, 256)
         ours, theirs, ratios = [], [], []
@@ -73,7 +85,7 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True, roun
         types = sorted({t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2})
         mine, other = _medians(ours), _medians(theirs)
         row: dict[str, Any] = {
-            "file": name if FILES[name] is None else f"{name} (llama_model_quantize of the Q4_1 file)",
+            "file": name,
             "2-D tensor types": ", ".join(types), "file MB": round(path.stat().st_size / 1e6, 1),
             "loaded as float": floats, "llmspeed load s": round(load_s, 1),
             "llmspeed MB": round(memory_footprint(ours_model)["total"] / 1e6, 1),

@@ -104,7 +104,8 @@ def quantize(
             the compressed-tensors export describes them as Hadamard transforms (``transform_config``).
 
     Raises:
-        ValueError: on a bad argument, an already quantized model, a non-linear layer named explicitly, weights
+        ValueError: on a bad argument, a layer that is quantized already (the layers a loaded GGUF or GPTQ model keeps
+            in float can be quantized on their own with ``include``), a non-linear layer named explicitly, weights
             on the ``meta`` device or a kernel missing on this device: before any layer changes. If quantizing fails midway, every layer
             is restored.
     """

@@ -93,14 +93,12 @@ def plan_layers(
             raise ValueError("int8_layers keeps some layers of a 4-bit model at int8; the format is int8 already")
         _check_patterns(model, "int8_layers", int8_layers)
     already = [name for name, m in model.linear_layers() if is_quantized(m)]
-    if already:
-        raise ValueError(
-            f"model is already quantized ({len(already)} layers, e.g. {already[0]!r}); quantizing twice would "
-            f"compound the error: load or build the float model again and quantize it once"
-        )
-    plan = {}
+    plan, again = {}, []
     for name, module in model.linear_layers():
         if _matches(name, skip) or (include is not None and not _matches(name, include)):
+            continue
+        if name in already:
+            again.append(name)
             continue
         if is_fake_quantized(module):
             raise ValueError(
@@ -126,6 +124,13 @@ def plan_layers(
             )
         int8 = (int8_layers and _matches(name, int8_layers)) or (name in heads and lm_head == "int8")
         plan[name] = int8_config(config) if int8 else config
+    if again:  # a loaded GGUF or GPTQ model may keep some layers in float: those alone can be quantized
+        floats = [n for n, m in model.linear_layers() if n not in already and isinstance(m, nn.Linear)]
+        rest = f", or quantize only layers still in float with include=[...] (e.g. {floats[:3]})" if floats else ""
+        raise ValueError(
+            f"model is already quantized ({len(already)} layers, e.g. {again[0]!r}); quantizing a layer twice would "
+            f"compound the error: load or build the float model again and quantize it once{rest}"
+        )
     if include is None:
         _refuse_unreached_projections(model, plan)
     if not plan:

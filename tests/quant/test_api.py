@@ -213,6 +213,26 @@ def test_quantizing_twice_raises(llama):
     assert _snapshot(llama) == before
 
 
+def test_layers_still_in_float_can_be_quantized_on_their_own(llama):
+    """A loaded GGUF or GPTQ model keeps some layers in float (its head, say): include= reaches those alone."""
+    llmspeed.quantize(llama, "int4", group_size=16, lm_head=None)
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=r"e\.g\. 'model.layers.0.self_attn.q_proj'\); quantizing a layer twice .* "
+                                         r"include=\[\.\.\.\] \(e\.g\. \['lm_head'\]\)"):
+        llmspeed.quantize(llama, "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        llmspeed.quantize(llama, "int8", include=["lm_head", "*.mlp.up_proj"])
+    assert _snapshot(llama) == before
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        float_head = llama.module(ids).logits
+    llmspeed.quantize(llama, "int8", include=["lm_head"])
+    assert type(llama.module.lm_head).__name__ == "Int8Linear"
+    assert type(llama.module.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"  # untouched
+    with torch.no_grad():
+        assert torch.allclose(llama.module(ids).logits, float_head, atol=0.05 * float_head.abs().max())
+
+
 def test_failure_midway_restores_every_layer(llama):
     calls = []
 

@@ -244,7 +244,7 @@ def test_the_embedded_smollm2_file_loads_packed(smollm2):
         model = llmspeed.load(gguf_path())
     assert [str(w.message).split(": ", 1)[1] for w in caught if "load as float32" in str(w.message)] == [
         "1 Q8_0 tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); Q4_0, Q4_1, Q4_K and "
-        "row-scaled Q8_0 load packed"
+        "row-scaled Q8_0 load packed; llmspeed.quantize(model, 'int8', include=[...]) quantizes the float ones"
     ]
     reference = dict(smollm2.linear_layers())
     packed = [(n, m) for n, m in model.linear_layers() if isinstance(m, Int4Linear)]
@@ -261,6 +261,9 @@ def test_the_embedded_smollm2_file_loads_packed(smollm2):
         ours, theirs = model.module(ids).logits, smollm2.module(ids).logits
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
     assert torch.equal(ours[0, -1].argmax(), theirs[0, -1].argmax())
+    llmspeed.quantize(model, "int8", include=["lm_head"])  # the float head the Q8_0 embedding became
+    assert type(model.module.get_input_embeddings()).__name__ == "QuantizedEmbedding"
+    assert all(m is layer for (n, m), (_, layer) in zip(packed, model.linear_layers()) if n != "lm_head")
 
 
 def test_bad_files_are_named(monkeypatch, tmp_path):

@@ -196,5 +196,6 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
     if dequantized:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(dequantized.values()).items()))
         warnings.warn(f"{path}: {kinds} tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); "
-                      f"Q4_0, Q4_1, Q4_K and row-scaled Q8_0 load packed", stacklevel=3)  # fmt: skip
+                      f"Q4_0, Q4_1, Q4_K and row-scaled Q8_0 load packed; llmspeed.quantize(model, 'int8', include=[...]) "
+                      f"quantizes the float ones", stacklevel=3)  # fmt: skip
     return skeleton.finish_foreign(model, floats, torch.float32, device, path)
