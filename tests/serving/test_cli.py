@@ -44,7 +44,7 @@ def test_good_numbers_levels_and_adapters_parse(tmp_path):
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--model", "/nonexistent"], "--model must be 'smollm2' or a folder"), (["--model", "EMPTY"], "is not a checkpoint folder"),
+    (["--model", "/nonexistent"], "--model must be 'smollm2', a folder or a .gguf file"), (["--model", "EMPTY"], "is not a checkpoint folder"),
     (["--group-size", "64"], "--group-size 64 needs --quantize"), (["--activations", "int8"], "--activations int8 needs --quantize"),
     # regression: int8 with a group size loaded (and began quantizing) the model, then died with quantize's traceback
     (["--quantize", "int8", "--group-size", "64"], "--group-size 64 is for --quantize int4 or nf4"),
