@@ -260,6 +260,7 @@ def test_learned_zero_points_refused_by_compressed_tensors_say_how_to_prepare(ll
     llmspeed.finetune(llama, TOKENS, steps=3, lr=3e-2, seq_len=16, batch_size=2, progress=False)
     qat.convert(llama)
     with pytest.raises(ValueError, match=r"fractional zero points \(learned by llmspeed.qat.prepare\(\.\.\., "
-                                         r"learn_scales=True\) from a 'rtn' start\).*learn_scales=False or symmetric=True"):
+                                         r"learn_scales=True\) from a 'rtn' start, or read from a GGUF file's Q4_1 or Q4_K "
+                                         r"blocks\).*learn_scales=False or symmetric=True"):
         llmspeed.save(llama, tmp_path, format="compressed-tensors")
     assert not any(tmp_path.iterdir())

@@ -233,6 +233,24 @@ def test_q4_k_layers_read_as_transformers_reads_them(monkeypatch, tmp_path):
         assert (ours.module(IDS).logits - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
+def test_a_q4_0_file_goes_on_to_compressed_tensors_as_it_is_and_q4_1_is_refused(monkeypatch, tmp_path):
+    """llama.cpp's Q4_0 is symmetric int4 at group 32: a folder vLLM serves, without quantizing again."""
+    for kind in ("Q4_0", "Q4_1"):
+        _as_llama_cpp(monkeypatch, {"attn_": kind, "ffn_": kind})
+        model = llmspeed.models.tiny("llama", seed=6, **SMALL)
+        loaded = llmspeed.load(llmspeed.save(model, tmp_path / f"{kind}.gguf", format="gguf"))
+        monkeypatch.undo()
+        folder = tmp_path / kind
+        if kind == "Q4_1":
+            with pytest.raises(ValueError, match=r"fractional zero points .*read from a GGUF file's Q4_1 or Q4_K blocks"):
+                llmspeed.save(loaded, folder, format="compressed-tensors")
+            continue
+        llmspeed.save(loaded, folder, format="compressed-tensors")
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert torch.allclose(hf(IDS).logits, loaded.module(IDS).logits, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_the_embedded_smollm2_file_loads_packed(smollm2):
     """The file llama.cpp's converter wrote (Q4_1 layers, a Q8_0 tied embedding): 210 packed int4 layers whose

@@ -92,11 +92,12 @@ def _refusal(name: str, module: nn.Module) -> str | None:
     zeros = getattr(module, "zeros", None)
     if isinstance(zeros, torch.Tensor) and not bool(torch.all(zeros == zeros.round())):
         integer_methods = ("rtn", "gptq", "awq", "awq+gptq")
-        if cfg.method in integer_methods:  # these choose integer zero points: these were learned (QAT)
+        if cfg.method in integer_methods:  # these choose integer zero points: learned (QAT) or read from GGUF
             return (
                 f"layer {name!r} has fractional zero points (learned by llmspeed.qat.prepare(..., learn_scales=True) "
-                f"from a {cfg.method!r} start), which compressed-tensors stores as integers: prepare with "
-                f"learn_scales=False or symmetric=True (zero point fixed at 8), or keep format='llmspeed'"
+                f"from a {cfg.method!r} start, or read from a GGUF file's Q4_1 or Q4_K blocks), which compressed-tensors "
+                f"stores as integers: prepare with learn_scales=False or symmetric=True (zero point fixed at 8), "
+                f"take a Q4_0 GGUF file (symmetric: exported as it is), or keep format='llmspeed'"
             )
         return (
             f"layer {name!r} has fractional zero points (method {cfg.method!r}, e.g. HQQ), which compressed-tensors "
