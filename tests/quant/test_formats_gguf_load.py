@@ -23,6 +23,8 @@ import llmspeed
 from llmspeed.quant import Int4Linear, Int8Linear
 from llmspeed.quant.formats import gguf_blocks, gguf_file, gguf_load
 
+from .test_formats_gguf import CASES  # the architectures and formats the export is checked on
+
 gguf = pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -114,16 +116,6 @@ def _same_buffers(ours, theirs, name):
         assert torch.equal(ours.scales, theirs.scales.half().float()), name
     else:
         assert torch.equal(ours.scales, theirs.scales) and torch.equal(ours.zeros, theirs.zeros), name
-
-
-CASES = [
-    ("llama", dict(fmt="int4", group_size=32, symmetric=True)),
-    ("llama", dict(fmt="int4", group_size=64)),
-    ("qwen2", dict(fmt="int4", group_size=128, symmetric=True)),
-    ("qwen2", dict(fmt="int8")),
-    ("qwen3", dict(fmt="int4", group_size=64)),
-    ("mistral", dict(fmt="int4", group_size=32, symmetric=True, lm_head=None)),
-]
 
 
 @pytest.mark.parametrize("arch,options", CASES, ids=[f"{a}-{o['fmt']}-{o.get('group_size')}" for a, o in CASES])
