@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmspeed
+from llmspeed import SamplingParams
 from llmspeed.quant import Int4Linear, Int8Linear
 from llmspeed.quant.formats import gguf_blocks, gguf_file, gguf_load
 
@@ -241,6 +242,36 @@ def test_a_q4_0_file_goes_on_to_compressed_tensors_as_it_is_and_q4_1_is_refused(
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             assert torch.allclose(hf(IDS).logits, loaded.module(IDS).logits, atol=1e-5)
+
+
+def test_llama_3_rope_frequencies_are_divided_as_llama_cpp_does(monkeypatch, tmp_path):
+    """Llama 3.1+ files carry their rope scaling as ``rope_freqs``: the model must be transformers' llama3 rope."""
+    from transformers import LlamaForCausalLM
+
+    model = llmspeed.models.tiny("llama", seed=7, **SMALL, max_position_embeddings=65536)
+    scaled = dict(model.hf.config.to_dict(), rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})  # fmt: skip
+    reference = LlamaForCausalLM(type(model.hf.config)(**scaled)).eval()
+    reference.load_state_dict(model.hf.state_dict())
+    model.hf.config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    plain = LlamaForCausalLM(model.hf.config).model.rotary_emb.inv_freq
+    factors = plain / reference.model.rotary_emb.inv_freq  # what llama.cpp's converter writes
+    assert factors.max() > 7 and factors.min() == 1
+    write = gguf_file._tensors
+    monkeypatch.setattr(gguf_file, "_tensors", lambda m, a: {**write(m, a), "rope_freqs.weight": (factors.numpy(), "F32")})
+    loaded = llmspeed.load(llmspeed.save(model, tmp_path / "m.gguf", format="gguf"))
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0))  # positions past 64
+    with torch.no_grad():
+        want = reference(ids).logits
+        assert torch.allclose(loaded.module(ids).logits, want, atol=1e-4)
+        greedy = reference.generate(ids[:, :120], max_new_tokens=6, do_sample=False)[0, 120:].tolist()
+    sampling = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0)  # the engine's own decode step
+    assert loaded.generate_batched([ids[0, :120].tolist()], sampling, progress=False)[0].token_ids == greedy
+    monkeypatch.undo()
+    with torch.no_grad():  # without the table the angles differ: the check above can fail
+        unscaled = llmspeed.load(llmspeed.save(model, tmp_path / "plain.gguf", format="gguf")).module(ids).logits
+    assert not torch.allclose(unscaled, want, atol=1e-2)
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ one warning names them. The model computes in float32, as llama.cpp does; ``llms
 
 The architecture and tokenizer are transformers' reading of the file (``AutoConfig`` and ``AutoTokenizer`` with
 ``gguf_file=``), for the families :data:`~.gguf_file.ARCHITECTURES` writes; llama files' query and key rows are put
-back from llama.cpp's rotary order. Without an ``output.weight`` the head is tied to ``token_embd``: a 4-bit or
+back from llama.cpp's rotary order, and a ``rope_freqs`` table (Llama 3.1+'s rope scaling) divides the rotary
+frequencies as llama.cpp does. Without an ``output.weight`` the head is tied to ``token_embd``: a 4-bit or
 row-scaled ``Q8_0`` one becomes the quantized head the input embedding reads its rows from, as llmspeed's own
 shared heads do.
 """
@@ -39,7 +40,7 @@ from . import gguf_blocks, gguf_file, skeleton
 
 READS = ("llama", "qwen2", "qwen3")  # llama.cpp architectures read (Mistral files are "llama")
 _WITH_OFFSETS = {"Q4_1": gguf_blocks.read_q4_1, "Q4_K": gguf_blocks.read_q4_k}  # w = d * q + m per 32 channels
-IGNORED = ("rope_freqs.weight",)  # llama 3's rope scaling table: transformers rebuilds it from the config
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ files: the divisor of each rotary frequency (their rope scaling)
 _FP16_MAX = 65504.0
 
 
@@ -118,6 +119,22 @@ def quantized(tensor: Any, rows: torch.Tensor, bias: torch.Tensor | None) -> nn.
     return None
 
 
+def _divide_frequencies(model: Model, factors: torch.Tensor, path: Path) -> None:
+    """Divide the rotary frequencies by a file's ``rope_freqs`` ``factors`` [head_dim / 2], as llama.cpp does.
+
+    Llama 3.1+'s rope scaling reaches a GGUF file only as this table (transformers' reader drops it and would give
+    every position unscaled angles): dividing ``inv_freq`` by it is the rotary embedding llama.cpp computes.
+    """
+    rotary: Any = getattr(getattr(model.module, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor) or tuple(factors.shape) != tuple(inv_freq.shape):
+        raise ValueError(f"{path}: tensor {ROPE_FREQS!r} is {list(factors.shape)}; the model's rotary embedding has "
+                         f"{None if inv_freq is None else list(inv_freq.shape)} frequencies")  # fmt: skip
+    rotary.inv_freq = inv_freq / factors.to(inv_freq.dtype)  # [head_dim / 2]
+    if isinstance(getattr(rotary, "original_inv_freq", None), torch.Tensor):
+        rotary.original_inv_freq = rotary.inv_freq.clone()
+
+
 def load(path: Path, device: str | torch.device = "cpu") -> Model:
     """Read the GGUF file ``path`` (see the module docstring)."""
     gguf = gguf_file._gguf()
@@ -189,7 +206,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
             if stored.tensor_type.name not in ("F32", "F16", "BF16"):  # a quantized embedding: a lookup of floats
                 dequantized[stored.name] = stored.tensor_type.name
             floats[key] = values(stored)
-    unexpected = sorted(set(tensors) - used - set(IGNORED))
+    if ROPE_FREQS in tensors:
+        _divide_frequencies(model, values(take(ROPE_FREQS)), path)
+    unexpected = sorted(set(tensors) - used)
     if unexpected:
         raise ValueError(f"{path}: tensors {unexpected[:3]} ({len(unexpected)} in all) belong to no layer of the "
                          f"{arch} model its config describes")  # fmt: skip
