@@ -323,6 +323,13 @@ def test_bad_files_are_named(monkeypatch, tmp_path):
     writer.close()
     with pytest.raises(ValueError, match=r"GGUF architecture 'gpt2' is not read by llmspeed; it reads \['llama'"):
         llmspeed.load(tmp_path / "gpt2.gguf")
+    fields = gguf_file._fields
+    monkeypatch.setattr(gguf_file, "_fields", lambda c, a: {**fields(c, a), "rope.scaling.type": "yarn",
+                                                            "rope.scaling.factor": 4.0})  # fmt: skip
+    yarn = llmspeed.save(llmspeed.models.tiny("llama", seed=0), tmp_path / "yarn.gguf", format="gguf")
+    with pytest.raises(ValueError, match=r"rope scaling 'yarn' \(llama.rope.scaling.type\) is not read by llmspeed"):
+        llmspeed.load(yarn)
+    monkeypatch.undo()
     write = gguf_file._tensors
     edits = {
         "missing": (lambda t: t.pop("blk.1.ffn_up.weight"), r"tensor 'blk.1.ffn_up.weight' is missing"),

@@ -145,6 +145,10 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
     arch = _field(reader, "general.architecture")
     if arch not in READS:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not read by llmspeed; it reads {list(READS)}")
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):  # transformers' reader keeps none of these: the angles would be wrong
+        raise ValueError(f"{path}: rope scaling {scaling!r} ({arch}.rope.scaling.type) is not read by llmspeed; it reads "
+                         f"files without rope scaling, and Llama 3.1+'s rope_freqs table")  # fmt: skip
     tensors = {t.name: t for t in reader.tensors}
     tied = "output.weight" not in tensors
     tokenizer = None
