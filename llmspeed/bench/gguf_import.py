@@ -4,14 +4,17 @@ Per file: its 2-D tensor types and size, how long ``llmspeed.load`` takes and th
 both runtimes the perplexity of the same pydoc windows, the batch-1 decode step at a 128-token context, the step
 with 8 sequences running and the prompt rate (the measurements and ratios of :mod:`.cpu_peers`, whose helpers this
 reuses). The files: the embedded SmolLM2 file (llama.cpp's converter: ``Q4_1`` layers, a ``Q8_0`` tied embedding)
-and llama.cpp's ``Q4_0`` and ``Q8_0`` of it (``llama_model_quantize``); one more row loads the ``Q4_1`` file and
-quantizes the head it left in float (its ``Q8_0`` embedding) to int8, as ``quantize(model, "int8", include=["lm_head"])``
-does, against the same llama.cpp file. ``rounds`` alternate the two runtimes; each
+and llama.cpp's ``Q4_0`` and ``Q8_0`` of it (``llama_model_quantize``), and its ``Q4_K_M`` of a random-weight llama
+whose widths the K-quants take (:data:`RANDOM`: SmolLM2's are not multiples of 256, so its K-quant files are other
+types). Two more rows quantize to int8, after loading, the layers a file left in float (``quantize(model, "int8",
+include=[...])``): the ``Q4_1`` file's head, the ``Q4_K_M`` file's ``Q6_K`` layers and head; each against the same
+llama.cpp file. ``rounds`` alternate the two runtimes; each
 number is the median over rounds, each ratio the median of the rounds' ratios.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,20 +28,53 @@ from ..quant import load, quantize
 from .cpu_peers import PROMPT_TOKENS, _llmspeed_rows, _medians, _ratios
 from .llama_anchor import llama_cpp_missing, llama_rows_isolated, pydoc_ids, requantized
 
-# file -> (llama.cpp type name, its llama_ftype value) of llama_model_quantize's output, or None for the embedded file
-FILES: dict[str, tuple[str, int] | None] = {"Q4_1": None, "Q4_0": ("Q4_0", 2), "Q8_0": ("Q8_0", 7)}
-# row -> (file, what llmspeed.quantize does after loading: the float head to int8, or nothing)
-ROWS: dict[str, tuple[str, bool]] = {
-    "Q4_1": ("Q4_1", False),
-    "Q4_1, then the float head to int8": ("Q4_1", True),
-    "Q4_0 (llama_model_quantize of the Q4_1 file)": ("Q4_0", False),
-    "Q8_0 (llama_model_quantize of the Q4_1 file)": ("Q8_0", False),
+# file -> (llama.cpp type name, its llama_ftype value) of llama_model_quantize's output: of the embedded file, or of
+# RANDOM's float export for K-quants (SmolLM2's 576 and 1536 are not multiples of 256: its K-quant files fall back to
+# other types); None: the embedded file itself
+FILES: dict[str, tuple[str, int] | None] = {"Q4_1": None, "Q4_0": ("Q4_0", 2), "Q8_0": ("Q8_0", 7),
+                                            "Q4_K_M": ("Q4_K_M", 15)}  # fmt: skip
+# a random-weight llama whose widths K-quants take, with SmolLM2's vocabulary (llama.cpp needs one in the file)
+RANDOM: dict[str, Any] = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+              num_key_value_heads=4, vocab_size=49152)  # fmt: skip
+# row -> (file, what llmspeed.quantize does after loading: "head" (to int8), "floats" (every float linear to int8))
+ROWS: dict[str, tuple[str, str | None]] = {
+    "Q4_1": ("Q4_1", None),
+    "Q4_1, then the float head to int8": ("Q4_1", "head"),
+    "Q4_0 (llama_model_quantize of the Q4_1 file)": ("Q4_0", None),
+    "Q8_0 (llama_model_quantize of the Q4_1 file)": ("Q8_0", None),
+    "Q4_K_M (random-weight llama, 1024 wide)": ("Q4_K_M", None),
+    "Q4_K_M, then the float layers to int8": ("Q4_K_M", "floats"),
 }
 
 
-def _path(name: str, threads: int) -> Path:
+def _random_float_file(folder: Path) -> Path:
+    """:data:`RANDOM`'s model (seed 0) with SmolLM2's tokenizer, saved as an F32 GGUF in ``folder`` (once)."""
+    from ..model import Model
+    from ..models import tiny
+    from ..models.embedded import smollm2
+    from ..quant import save
+
+    path = folder / "random-1024-f32.gguf"
+    if not path.exists():
+        save(Model(tiny("llama", seed=0, **RANDOM).hf, smollm2().tokenizer), path, format="gguf")
+    return path
+
+
+def _path(name: str, threads: int, folder: Path) -> Path:
     made = FILES[name]
-    return gguf_path() if made is None else requantized(*made, threads)
+    if made is None:
+        return gguf_path()
+    if name.startswith("Q4_K"):
+        return requantized(*made, threads, _random_float_file(folder), "random-1024", folder)
+    return requantized(*made, threads)
+
+
+def _quantize_floats(model: Any, which: str) -> str:
+    """Quantize to int8 the head (``"head"``) or every linear layer (``"floats"``) the loaded ``model`` keeps in float."""
+    floats = [n for n, m in model.linear_layers() if isinstance(m, torch.nn.Linear)]
+    chosen = [n for n in floats if n == "lm_head"] if which == "head" else floats
+    quantize(model, "int8", include=chosen)
+    return f"none ({len(chosen)} float layer(s) quantized to int8 after loading)"
 
 
 def _loaded(path: Path) -> tuple[Any, float, str]:
@@ -68,35 +104,36 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True, roun
     threads = torch.get_num_threads()
     steps, n_windows = (16, 2) if quick else (32, 8)
     rows = []
-    for name, (file, int8_head) in tqdm(ROWS.items(), disable=not progress, desc="gguf_import"):
-        path = _path(file, threads)
-        ours_model, load_s, floats = _loaded(path)
-        if int8_head:  # the layers a file leaves in float can be quantized on their own
-            quantize(ours_model, "int8", include=["lm_head"])
-            floats = "none (the head quantized to int8 after loading)"
-        prompt = pydoc_ids(ours_model, PROMPT_TOKENS)
-        windows = torch.tensor(pydoc_ids(ours_model, 256 * n_windows)).view(n_windows, 256)
-        ours, theirs, ratios = [], [], []
-        for _ in range(rounds):
-            with torch.inference_mode():
-                ours.append(_llmspeed_rows(ours_model, prompt, windows, steps))
-            theirs.append(llama_rows_isolated(path, prompt, windows, threads, steps))
-            ratios.append(_ratios(ours[-1], theirs[-1], name))
-        types = sorted({t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2})
-        mine, other = _medians(ours), _medians(theirs)
-        row: dict[str, Any] = {
-            "file": name,
-            "2-D tensor types": ", ".join(types), "file MB": round(path.stat().st_size / 1e6, 1),
-            "loaded as float": floats, "llmspeed load s": round(load_s, 1),
-            "llmspeed MB": round(memory_footprint(ours_model)["total"] / 1e6, 1),
-            "llmspeed perplexity": round(mine["perplexity"], 3), "llama.cpp perplexity": round(other["perplexity"], 3),
-            "llmspeed decode ms": round(mine["decode ms"], 2), "llama.cpp decode ms": round(other["decode ms"], 2),
-        }  # fmt: skip
-        for key, value in _medians(ratios).items():
-            if key != "against":
-                row[key] = round(value, 4 if key.startswith("ppl") else 2)
-        row["rounds"] = rounds
-        rows.append(row)
-        del ours_model
+    with tempfile.TemporaryDirectory(prefix="llmspeed-gguf-import-") as tmp:
+        work = Path(tmp)
+        for name, (file, then) in tqdm(ROWS.items(), disable=not progress, desc="gguf_import"):
+            path = _path(file, threads, work)
+            ours_model, load_s, floats = _loaded(path)
+            if then is not None:  # the layers a file leaves in float can be quantized on their own
+                floats = _quantize_floats(ours_model, then)
+            prompt = pydoc_ids(ours_model, PROMPT_TOKENS)
+            windows = torch.tensor(pydoc_ids(ours_model, 256 * n_windows)).view(n_windows, 256)
+            ours, theirs, ratios = [], [], []
+            for _ in range(rounds):
+                with torch.inference_mode():
+                    ours.append(_llmspeed_rows(ours_model, prompt, windows, steps))
+                theirs.append(llama_rows_isolated(path, prompt, windows, threads, steps))
+                ratios.append(_ratios(ours[-1], theirs[-1], name))
+            types = sorted({t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2})
+            mine, other = _medians(ours), _medians(theirs)
+            row: dict[str, Any] = {
+                "file": name,
+                "2-D tensor types": ", ".join(types), "file MB": round(path.stat().st_size / 1e6, 1),
+                "loaded as float": floats, "llmspeed load s": round(load_s, 1),
+                "llmspeed MB": round(memory_footprint(ours_model)["total"] / 1e6, 1),
+                "llmspeed perplexity": round(mine["perplexity"], 3), "llama.cpp perplexity": round(other["perplexity"], 3),
+                "llmspeed decode ms": round(mine["decode ms"], 2), "llama.cpp decode ms": round(other["decode ms"], 2),
+            }  # fmt: skip
+            for key, value in _medians(ratios).items():
+                if key != "against":
+                    row[key] = round(value, 4 if key.startswith("ppl") else 2)
+            row["rounds"] = rounds
+            rows.append(row)
+            del ours_model
     return rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 import llmspeed
 from llmspeed.bench import gguf_import
@@ -30,7 +31,14 @@ def test_the_row_names_what_loaded_as_float(monkeypatch, tmp_path):
     monkeypatch.setattr(gguf_file, "_tensors", q5_0_down)
     mixed = llmspeed.save(llmspeed.models.tiny("llama", seed=0, hidden_size=128, intermediate_size=256),
                           tmp_path / "mixed.gguf", format="gguf")  # fmt: skip
-    assert gguf_import._loaded(mixed)[2] == "2 Q5_0 tensor(s)"
+    loaded, _, floats = gguf_import._loaded(mixed)
+    assert floats == "2 Q5_0 tensor(s)"
+    float_layers = [n for n, m in loaded.linear_layers() if isinstance(m, torch.nn.Linear)]
+    assert gguf_import._quantize_floats(loaded, "head") == "none (1 float layer(s) quantized to int8 after loading)"
+    assert type(loaded.module.lm_head).__name__ == "Int8Linear"
+    assert gguf_import._quantize_floats(loaded, "floats") == (f"none ({len(float_layers) - 1} float layer(s) "
+                                                               f"quantized to int8 after loading)")  # fmt: skip
+    assert not any(isinstance(m, torch.nn.Linear) for _, m in loaded.linear_layers())
 
 
 def test_without_llama_cpp_the_suite_says_how_to_get_it(monkeypatch):
