@@ -313,6 +313,10 @@ def test_bad_files_are_named(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="a file, not a folder: pass the folder llmspeed.save wrote, or a GGUF file"):
         llmspeed.load(not_gguf)
     good = llmspeed.save(llmspeed.models.tiny("llama", seed=0), tmp_path / "good.gguf", format="gguf")
+    with monkeypatch.context() as patch:
+        patch.setitem(__import__("sys").modules, "gguf", None)  # import gguf now raises ImportError
+        with pytest.raises(ImportError, match=r"pip install 'llmspeed\[gguf\]'"):
+            llmspeed.load(good)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"cut.gguf is not a readable GGUF file"):

@@ -125,7 +125,7 @@ def _fields(config: Any, arch: str) -> dict[str, Any]:
 def namer(config: Any, arch: str) -> Callable[[str], tuple[str, int | None] | None]:
     """``name(module)``: the GGUF name of transformers module ``module``'s tensors (``None`` if it has none) and,
     for llama's query and key projections, the heads whose rows the file keeps in rotary order (else ``None``)."""
-    gguf = _gguf()
+    gguf = require_gguf()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     heads_of = {"attn_q": config.num_attention_heads,
                 "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}  # fmt: skip
@@ -189,18 +189,20 @@ def _file_type(tensors: dict[str, tuple[np.ndarray, str]]) -> str:
     return max(counts, key=lambda k: counts[k]) if counts else "F32"
 
 
-def _gguf() -> Any:
-    """The ``gguf`` package (llama.cpp's own writer and tensor names), or an ``ImportError`` saying how to get it."""
+def require_gguf() -> Any:
+    """The ``gguf`` package (llama.cpp's own reader, writer and tensor names), or an ``ImportError`` saying how to get it."""
     try:
         import gguf
     except ImportError as err:
-        raise ImportError("format='gguf' needs the gguf package: pip install 'llmspeed[gguf]' (or gguf)") from err
+        raise ImportError(
+            "reading and writing GGUF files needs the gguf package: pip install 'llmspeed[gguf]' (or gguf)"
+        ) from err
     return gguf
 
 
 def save(model: CausalLM, path: str | Path) -> Path:
     """Write ``model`` as the GGUF file ``path`` (see the module docstring); return the path."""
-    gguf = _gguf()
+    gguf = require_gguf()
 
     config: Any = getattr(model.module, "config", None)
     model_type = getattr(config, "model_type", None)

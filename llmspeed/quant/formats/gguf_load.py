@@ -137,7 +137,7 @@ def _divide_frequencies(model: Model, factors: torch.Tensor, path: Path) -> None
 
 def load(path: Path, device: str | torch.device = "cpu") -> Model:
     """Read the GGUF file ``path`` (see the module docstring)."""
-    gguf = gguf_file._gguf()
+    gguf = gguf_file.require_gguf()
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # a truncated or foreign file: numpy's and struct's errors, not one type
