@@ -92,7 +92,7 @@ def plan_layers(
         if config.format == "int8":
             raise ValueError("int8_layers keeps some layers of a 4-bit model at int8; the format is int8 already")
         _check_patterns(model, "int8_layers", int8_layers)
-    already = [name for name, m in model.linear_layers() if is_quantized(m)]
+    already = {name for name, m in model.linear_layers() if is_quantized(m)}
     plan, again = {}, []
     for name, module in model.linear_layers():
         if _matches(name, skip) or (include is not None and not _matches(name, include)):

@@ -186,11 +186,11 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     without a float copy of a quantized weight; llmspeed folders come back bit-exact. In compressed-tensors,
     GPTQ and AWQ folders, float tensors stored in a dtype other than ``config.json``'s are cast to the model's
     dtype, as transformers' ``from_pretrained`` does (packed integer tensors are read as stored). A GGUF file (what
-    llama.cpp runs) keeps its ``Q4_0``, ``Q4_1`` and row-scaled ``Q8_0`` codes and computes in float32
+    llama.cpp runs) keeps its ``Q4_0``, ``Q4_1``, ``Q4_K`` and row-scaled ``Q8_0`` codes and computes in float32
     (:mod:`.formats.gguf_load`).
 
     Raises:
-        ValueError: ``device`` is not usable here (``"cuda"`` without CUDA), the path is a file or missing,
+        ValueError: ``device`` is not usable here (``"cuda"`` without CUDA), the path is missing or a file that is not GGUF,
             the folder is none of these formats, or a tensor is corrupt, truncated, missing,
             of the wrong dtype or shape, or an alias names a parameter that does not match (the message
             names the tensor).
