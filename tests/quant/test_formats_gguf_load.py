@@ -145,6 +145,41 @@ def test_llmspeeds_gguf_comes_back_bit_for_bit(arch, options, tmp_path):
     assert torch.allclose(ours, again, atol=1e-3), (ours - again).abs().max()  # int8 heads' scales went through fp16
 
 
+CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
+               "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,options", CASES[::2] + [CASES[-1]], ids=lambda c: str(c)[:12])
+def test_the_header_reader_and_config_agree_with_gguf_and_transformers(arch, options, tmp_path):
+    from transformers import AutoConfig
+
+    from llmspeed.quant.formats import gguf_read
+
+    extra = {"head_dim": 64} if arch == "qwen3" else {}
+    model = llmspeed.models.tiny(arch, seed=2, **SMALL, **extra)
+    options = dict(options)
+    llmspeed.quantize(model, options.pop("fmt"), **options)
+    path = llmspeed.save(model, tmp_path / "m.gguf", format="gguf")
+    fields, tensors = gguf_read.read(path)
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:  # the same tensor table, bytes and types
+        ours = tensors[t.name]
+        assert ours.tensor_type == t.tensor_type and list(ours.shape) == list(t.shape), t.name
+        assert ours.data.dtype == t.data.dtype and np.array_equal(ours.data, t.data), t.name
+    assert set(tensors) == {t.name for t in reader.tensors}
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF."):
+            assert fields[key] == field.contents() or fields[key].length == len(field.data), key
+    ours = gguf_load.config_of(fields, fields["general.architecture"], tensors)
+    theirs = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for key in CONFIG_KEYS:
+        assert getattr(ours, key, None) == getattr(theirs, key, None), key
+    assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]
+    # transformers' reading keeps Qwen3's default head size instead (Qwen2 has none: hidden / heads)
+    assert getattr(ours, "head_dim", None) == getattr(model.hf.config, "head_dim", None)
+
+
 def test_a_shared_quantized_head_comes_back_shared(tmp_path):
     model = llmspeed.models.tiny("llama", seed=3, tie_word_embeddings=True)
     llmspeed.quantize(model, "int4", group_size=32)
@@ -287,6 +322,9 @@ def test_the_embedded_smollm2_file_loads_packed(smollm2):
         "1 Q8_0 tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); Q4_0, Q4_1, Q4_K and "
         "row-scaled Q8_0 load packed; llmspeed.quantize(model, 'int8', include=[...]) quantizes the float ones"
     ]
+    for key in CONFIG_KEYS:  # the embedded model's config is transformers' reading of this file
+        assert getattr(model.module.config, key, None) == getattr(smollm2.module.config, key, None), key
+    assert model.module.generation_config.eos_token_id == smollm2.module.generation_config.eos_token_id
     reference = dict(smollm2.linear_layers())
     packed = [(n, m) for n, m in model.linear_layers() if isinstance(m, Int4Linear)]
     assert len(packed) == 210 and all(m.config.group_size == 32 and not m.config.symmetric for _, m in packed)

@@ -12,8 +12,10 @@ group of that size, so a file llmspeed wrote returns with the group size it was 
 one warning names them. The model computes in float32, as llama.cpp does; ``llmspeed.cast`` it after loading for
 16-bit activations.
 
-The architecture and tokenizer are transformers' reading of the file (``AutoConfig`` and ``AutoTokenizer`` with
-``gguf_file=``), for the families :data:`~.gguf_file.ARCHITECTURES` writes; llama files' query and key rows are put
+The file is read by :mod:`.gguf_read` (its header and tensor table; the vocabulary is not parsed), the config from
+its fields as transformers reads them (:func:`config_of`; tests compare it with ``AutoConfig``'s reading), the
+tokenizer by transformers (``AutoTokenizer`` with ``gguf_file=``), for the families
+:data:`~.gguf_file.ARCHITECTURES` writes; llama files' query and key rows are put
 back from llama.cpp's rotary order, and a ``rope_freqs`` table (Llama 3.1+'s rope scaling) divides the rotary
 frequencies as llama.cpp does. Without an ``output.weight`` the head is tied to ``token_embd``: a 4-bit or
 row-scaled ``Q8_0`` one becomes the quantized head the input embedding reads its rows from, as llmspeed's own
@@ -36,7 +38,7 @@ from ..config import QuantConfig
 from ..embedding import share_tied_embedding
 from ..modules import Int4Linear, Int8Linear
 from ..primitives import SCALE_DTYPE, SYMMETRIC_ZERO
-from . import gguf_blocks, gguf_file, skeleton
+from . import gguf_blocks, gguf_file, gguf_read, skeleton
 
 READS = ("llama", "qwen2", "qwen3")  # llama.cpp architectures read (Mistral files are "llama")
 _WITH_OFFSETS = {"Q4_1": gguf_blocks.read_q4_1, "Q4_K": gguf_blocks.read_q4_k}  # w = d * q + m per 32 channels
@@ -44,28 +46,38 @@ ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ files: the divisor of each rotary
 _FP16_MAX = 65504.0
 
 
-def _field(reader: Any, key: str) -> Any:
-    """The value of metadata field ``key`` (a string, a number), or ``None``."""
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return bytes(value).decode("utf-8") if value.dtype == np.uint8 else value.item()
+# transformers config field -> the GGUF field (after "<arch>.") it is read from; what gguf_file._fields writes
+CONFIG_FIELDS = {
+    "hidden_size": "embedding_length", "intermediate_size": "feed_forward_length", "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+    "max_position_embeddings": "context_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base", "head_dim": "attention.key_length", "vocab_size": "vocab_size",
+}  # fmt: skip
+# tokenizer.ggml.<name>_token_id -> the config field transformers reads it into
+TOKEN_IDS = {"bos": "bos_token_id", "eos": "eos_token_id", "padding": "pad_token_id", "unknown": "unk_token_id"}
 
 
-def _config(path: Path, reader: Any, arch: str, tied: bool) -> Any:
+def config_of(fields: dict[str, Any], arch: str, tensors: dict[str, Any]) -> Any:
+    """The transformers config the GGUF ``fields`` describe (architecture ``arch``), in transformers' field names.
+
+    Read here rather than by ``AutoConfig.from_pretrained(gguf_file=...)``, which parses the whole vocabulary again
+    (4 s for SmolLM2); checked against it in the tests. Qwen3's head size, which that reader leaves out, is kept.
+    """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    head_dim = _field(reader, f"{arch}.attention.key_length")
-    if head_dim is not None:  # transformers' reader leaves Qwen3's (128 for 16 heads of a 1024-wide stream) out
-        config.head_dim = int(head_dim)
-    config.tie_word_embeddings = tied
-    return config
+    kw = {key: fields[f"{arch}.{name}"] for key, name in CONFIG_FIELDS.items() if f"{arch}.{name}" in fields}
+    if "vocab_size" not in kw:  # older files: the embedding's rows
+        kw["vocab_size"] = int(tensors["token_embd.weight"].shape[1])
+    for name, key in TOKEN_IDS.items():
+        if f"tokenizer.ggml.{name}_token_id" in fields:
+            kw[key] = fields[f"tokenizer.ggml.{name}_token_id"]
+    kw["rms_norm_eps"] = float(kw.get("rms_norm_eps", 1e-6))
+    kw["rope_theta"] = float(kw.get("rope_theta", 10000.0))
+    return AutoConfig.for_model(arch, tie_word_embeddings="output.weight" not in tensors, **kw)
 
 
 def values(tensor: Any) -> torch.Tensor:  # float32, transformers' shape
-    """Tensor ``tensor`` of a ``GGUFReader`` as float32 in transformers' shape, whatever its type."""
+    """Tensor ``tensor`` (a :class:`~.gguf_read.Tensor`) as float32 in transformers' shape, whatever its type."""
     import gguf
 
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the innermost dimension first
@@ -137,26 +149,25 @@ def _divide_frequencies(model: Model, factors: torch.Tensor, path: Path) -> None
 
 def load(path: Path, device: str | torch.device = "cpu") -> Model:
     """Read the GGUF file ``path`` (see the module docstring)."""
-    gguf = gguf_file.require_gguf()
+    gguf_file.require_gguf()
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # a truncated or foreign file: numpy's and struct's errors, not one type
-        raise ValueError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from err
-    arch = _field(reader, "general.architecture")
+        fields, tensors = gguf_read.read(path)
+    except ValueError as err:
+        raise ValueError(f"{path} is not a readable GGUF file ({err})") from err
+    arch = fields.get("general.architecture")
     if arch not in READS:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not read by llmspeed; it reads {list(READS)}")
-    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    scaling = fields.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):  # transformers' reader keeps none of these: the angles would be wrong
         raise ValueError(f"{path}: rope scaling {scaling!r} ({arch}.rope.scaling.type) is not read by llmspeed; it reads "
                          f"files without rope scaling, and Llama 3.1+'s rope_freqs table")  # fmt: skip
-    tensors = {t.name: t for t in reader.tensors}
     tied = "output.weight" not in tensors
     tokenizer = None
-    if "tokenizer.ggml.tokens" in reader.fields:
+    if "tokenizer.ggml.tokens" in fields:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    config = _config(path, reader, arch, tied)
+    config = config_of(fields, arch, tensors)
     model = skeleton.from_config(config, torch.float32, tokenizer, path)
     root: Any = model.module
     head = next(n for n, m in root.named_modules() if m is root.get_output_embeddings())
