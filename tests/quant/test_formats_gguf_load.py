@@ -356,9 +356,10 @@ def test_bad_files_are_named(monkeypatch, tmp_path):
         with pytest.raises(ImportError, match=r"pip install 'llmspeed\[gguf\]'"):
             llmspeed.load(good)
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"cut.gguf is not a readable GGUF file"):
-        llmspeed.load(cut)
+    for size, why in ((good.stat().st_size // 2, "runs past the end of the file"), (100, "header is malformed")):
+        cut.write_bytes(good.read_bytes()[:size])  # in the tensor data, then in the header
+        with pytest.raises(ValueError, match=rf"cut.gguf is not a readable GGUF file \(.*{why}"):
+            llmspeed.load(cut)
     writer = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
         write()
