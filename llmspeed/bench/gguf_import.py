@@ -25,6 +25,7 @@ import torch
 from ..memory import memory_footprint
 from ..models.embedded import gguf_path
 from ..quant import load, quantize
+from ..quant.formats import gguf_read
 from .cpu_peers import PROMPT_TOKENS, _llmspeed_rows, _medians, _ratios
 from .llama_anchor import llama_cpp_missing, llama_rows_isolated, pydoc_ids, requantized
 
@@ -90,7 +91,6 @@ def _loaded(path: Path) -> tuple[Any, float, str]:
 
 def run(model: str = "smollm2", quick: bool = False, progress: bool = True, rounds: int = 2) -> list[dict[str, Any]]:
     """The table described in the module docstring (``quick``: fewer steps and windows, one round)."""
-    import gguf
     from tqdm.auto import tqdm
 
     missing = llama_cpp_missing()
@@ -119,7 +119,7 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True, roun
                     ours.append(_llmspeed_rows(ours_model, prompt, windows, steps))
                 theirs.append(llama_rows_isolated(path, prompt, windows, threads, steps))
                 ratios.append(_ratios(ours[-1], theirs[-1], name))
-            types = sorted({t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2})
+            types = sorted({t.tensor_type.name for t in gguf_read.read(path)[1].values() if len(t.shape) == 2})
             mine, other = _medians(ours), _medians(theirs)
             row: dict[str, Any] = {
                 "file": name,

@@ -43,7 +43,7 @@ from . import gguf_blocks, gguf_file, gguf_read, skeleton
 READS = ("llama", "qwen2", "qwen3")  # llama.cpp architectures read (Mistral files are "llama")
 _WITH_OFFSETS = {"Q4_1": gguf_blocks.read_q4_1, "Q4_K": gguf_blocks.read_q4_k}  # w = d * q + m per 32 channels
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ files: the divisor of each rotary frequency (their rope scaling)
-_FP16_MAX = 65504.0
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF types read as they are (every other is dequantized or packed)
 
 
 # transformers config field -> the GGUF field (after "<arch>.") it is read from; what gguf_file._fields writes
@@ -87,7 +87,7 @@ def values(tensor: Any) -> torch.Tensor:  # float32, transformers' shape
 def _flat_groups(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, zeros: torch.Tensor, g: int) -> None:
     """In place: the groups whose zero point ``-m / d`` fp16 cannot hold (``d`` 0, or ``|m / d|`` past fp16's range)
     as constant groups, codes 0, zero point -1, scale their value ``m + d * mean(code)`` (exact when ``d`` is 0)."""
-    flat = (d == 0) | ~(zeros.abs() <= _FP16_MAX)  # [out, groups]
+    flat = (d == 0) | ~(zeros.abs() <= torch.finfo(SCALE_DTYPE).max)  # [out, groups]
     if not bool(flat.any()):
         return
     mean = codes.float().reshape(codes.shape[0], -1, g).mean(-1)  # [out, groups]
@@ -204,7 +204,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
             if name == head and tied:
                 share_tied_embedding(model, head)
             continue
-        if weight.tensor_type.name not in ("F32", "F16", "BF16"):
+        if weight.tensor_type.name not in FLOAT_TYPES:
             dequantized[weight.name] = weight.tensor_type.name
         if name == head and tied:  # the embedding below is read as floats, and the head tied to it
             continue
@@ -213,14 +213,13 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
             floats[f"{name}.bias"] = bias
     linear = tuple(f"{n}." for n in model.linear_names())
     for key in skeleton.expected(model):
-        if key.startswith(linear) and key not in floats:  # a quantized layer's tensors: in place already
+        if key in floats or key.startswith(linear):  # read above, or a packed layer's tensors already in place
             continue
-        if key not in floats:
-            owner, _, suffix = key.rpartition(".")
-            stored = take(f"{gguf_name(owner)[0]}.{suffix}")
-            if stored.tensor_type.name not in ("F32", "F16", "BF16"):  # a quantized embedding: a lookup of floats
-                dequantized[stored.name] = stored.tensor_type.name
-            floats[key] = values(stored)
+        owner, _, suffix = key.rpartition(".")
+        stored = take(f"{gguf_name(owner)[0]}.{suffix}")
+        if stored.tensor_type.name not in FLOAT_TYPES:  # a quantized embedding: a lookup of floats
+            dequantized[stored.name] = stored.tensor_type.name
+        floats[key] = values(stored)
     if ROPE_FREQS in tensors:
         _divide_frequencies(model, values(take(ROPE_FREQS)), path)
     unexpected = sorted(set(tensors) - used)
