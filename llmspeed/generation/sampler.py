@@ -94,12 +94,15 @@ def sample_batch(
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, wanted: Sequence[int | None]) -> list[TokenLogprobs | None]:
     """For each row of ``logits`` (``[N, V]``) that asked (``wanted[i]`` alternatives, ``None``: none), the
-    log-probability of ``tokens[i]`` (``[N]``) under the row's softmax and the ``wanted[i]`` most likely tokens."""
+    log-probability of ``tokens[i]`` (``[N]``) under the row's softmax, its rank and the ``wanted[i]`` most likely
+    tokens."""
     n = logits.shape[0]
     if all(w is None for w in wanted):
         return [None] * n
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
-    chosen = logp.gather(1, tokens.to(logp.device)[:, None])[:, 0].tolist()  # [N]
+    chosen_t = logp.gather(1, tokens.to(logp.device)[:, None])  # [N, 1]
+    ranks = ((logp > chosen_t).sum(-1) + 1).tolist()  # [N]
+    chosen = chosen_t[:, 0].tolist()  # [N]
     kmax = min(max(w or 0 for w in wanted), logp.shape[1])  # a vocabulary under 20 tokens has that many alternatives
     best = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], logp[:, :0].long())  # [N, K] each
     top_vals, top_ids, token_list = best[0].tolist(), best[1].tolist(), tokens.tolist()
@@ -109,7 +112,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, wanted: Sequence[
             out.append(None)
             continue
         top = tuple((int(t), float(v)) for t, v in zip(top_ids[i][:w], top_vals[i][:w]))
-        out.append(TokenLogprobs(int(token_list[i]), float(chosen[i]), top))
+        out.append(TokenLogprobs(int(token_list[i]), float(chosen[i]), top, int(ranks[i])))
     return out
 
 

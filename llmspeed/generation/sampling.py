@@ -352,8 +352,11 @@ class TokenLogprobs:
         token_id: The sampled token.
         logprob: Its log-probability under the model.
         top: The most likely tokens, ``(token_id, logprob)``, most likely first.
+        rank: The token's place in the vocabulary by log-probability, from 1 (the most likely), as vLLM's ``rank``:
+            one more than the number of tokens strictly more likely.
     """
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None

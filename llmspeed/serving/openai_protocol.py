@@ -68,6 +68,7 @@ class SamplingRequest(StrictRequest):
     bad_words: list[str] | None = None  # an extension (vLLM's): words never generated
     priority: int = 0  # an extension (vLLM's): lower runs first on a server with --scheduling-policy priority
     skip_special_tokens: bool = True  # an extension (vLLM's): False keeps special tokens' text in the answer
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # an extension (vLLM's): the prompt's tokens scored
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -106,7 +107,7 @@ class SamplingRequest(StrictRequest):
                 stop=tuple(stop), logprobs=logprobs, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=self.min_p,
-                prompt_logprobs=self.prompt_logprobs(logprobs), structured_outputs=structured,
+                prompt_logprobs=self.prompt_alternatives(logprobs), structured_outputs=structured,
                 ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
                 include_stop_str_in_output=self.include_stop_str_in_output, bad_words=tuple(self.bad_words or ()),
                 allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
@@ -144,9 +145,9 @@ class SamplingRequest(StrictRequest):
             bias[tid] = value
         return bias
 
-    def prompt_logprobs(self, logprobs: int | None) -> int | None:
+    def prompt_alternatives(self, logprobs: int | None) -> int | None:
         """How many alternatives each prompt token's entry needs (``None``: no prompt log-probabilities)."""
-        return None
+        return self.prompt_logprobs
 
     @property
     def include_usage(self) -> bool:
@@ -162,6 +163,9 @@ class SamplingRequest(StrictRequest):
         name, given = self.max_tokens_given()
         if given is not None and self.min_tokens > given:  # as vLLM (sampling() checks defaults)
             raise APIError(400, f"min_tokens must be at most {name}={given}; got {self.min_tokens}", "min_tokens")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: they are answered with the whole response
+            raise APIError(400, "prompt_logprobs are answered without streaming; send stream: false",
+                           "prompt_logprobs")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, f"stream_options is only allowed with stream: true; got stream: {str(self.stream).lower()}",
                            "stream_options")
@@ -177,9 +181,11 @@ class CompletionRequest(SamplingRequest):
     best_of: Literal[1] | None = None
     suffix: None = None
 
-    def prompt_logprobs(self, logprobs: int | None) -> int | None:
-        """With ``echo``, the prompt's tokens come back with their log-probabilities too (as OpenAI's and vLLM's)."""
-        return logprobs if self.echo else None
+    def prompt_alternatives(self, logprobs: int | None) -> int | None:
+        """With ``echo``, the prompt's tokens come back with their log-probabilities too (as OpenAI's and vLLM's);
+        with ``prompt_logprobs`` as well, the larger count is computed and each view keeps its own."""
+        wanted = [k for k in (logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(wanted) if wanted else None
 
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone (``best_of`` candidates fewer than the ``n`` asked,

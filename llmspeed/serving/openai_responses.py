@@ -34,11 +34,13 @@ def _piece(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
 
-def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0) -> dict[str, Any] | None:
+def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0,
+                        alternatives: int | None = None) -> dict[str, Any] | None:  # fmt: skip
     """The legacy completions ``logprobs`` object of ``items`` (``TokenLogprobs``), the first at ``text_offset`` ``offset``.
 
     Each ``top_logprobs`` entry holds the ``logprobs`` most likely tokens and the sampled one, as OpenAI's API ("up to
-    logprobs+1 elements") and vLLM return it, so ``logprobs: 0`` still gives the sampled token's entry."""
+    logprobs+1 elements") and vLLM return it, so ``logprobs: 0`` still gives the sampled token's entry.
+    ``alternatives``: at most that many of each item's most likely tokens (``None``: all it holds)."""
     if items is None:
         return None
     tokens, values, tops, offsets = [], [], [], []
@@ -47,7 +49,7 @@ def completion_logprobs(tokenizer: Any, items: list[Any] | None, offset: int = 0
         piece = _piece(tokenizer, lp.token_id)
         tokens.append(piece)
         values.append(lp.logprob)
-        tops.append({**{_piece(tokenizer, t): v for t, v in lp.top}, piece: lp.logprob})
+        tops.append({**{_piece(tokenizer, t): v for t, v in lp.top[:alternatives]}, piece: lp.logprob})
         offsets.append(pos)
         pos += len(piece)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
@@ -93,23 +95,47 @@ def chat_logprobs(tokenizer: Any, items: list[Any] | None) -> dict[str, Any] | N
                         for lp in items]}
 
 
+def prompt_logprobs(tokenizer: Any, output: GenerationOutput, alternatives: int | None) -> list[Any] | None:
+    """vLLM's ``prompt_logprobs`` of ``output`` (``None`` when not asked, ``alternatives is None``): one entry per
+    prompt token, ``None`` for the first, then ``{token id: {logprob, rank, decoded_token}}`` holding the token and its
+    ``alternatives`` most likely alternatives (JSON keys are the ids as strings, as vLLM's)."""
+    if alternatives is None or output.prompt_logprobs is None:
+        return None
+
+    def entry(lp: Any) -> dict[str, Any] | None:
+        if lp is None:
+            return None
+        entries = {str(t): {"logprob": v, "rank": r, "decoded_token": _piece(tokenizer, t)}
+                   for r, (t, v) in enumerate(lp.top[:alternatives], 1)}  # fmt: skip
+        entries.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": lp.rank,
+                                              "decoded_token": _piece(tokenizer, lp.token_id)})  # fmt: skip
+        return entries
+
+    return [entry(lp) for lp in output.prompt_logprobs]
+
+
 def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput], n: int = 1,
-                        echo: list[str] | None = None, generated: bool = True) -> dict[str, Any]:  # fmt: skip
+                        echo: list[str] | None = None, generated: bool = True,
+                        prompt_alternatives: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:  # fmt: skip
     """A whole ``text_completion`` response: ``n`` consecutive choices per prompt (choice ``i`` answers prompt
     ``i // n``, as OpenAI's API orders them); ``echo``: each prompt's text, put before its choices' text (and, when
     the request asked for log-probabilities, the prompt's tokens before the generated ones, the first with ``null``
     log-probability and alternatives, as OpenAI's and vLLM's echo); ``generated=False`` (``max_tokens: 0``): the
-    prompt alone, its one computed token dropped."""
+    prompt alone, its one computed token dropped. ``prompt_alternatives``: the request's ``logprobs`` (what an echoed
+    prompt token shows) and ``prompt_logprobs`` (each choice's vLLM ``prompt_logprobs``, :func:`prompt_logprobs`)."""
+    echoed, scored = prompt_alternatives
     choices = []
     for i, o in enumerate(outputs):
         text = o.text if generated else ""
         lps = completion_logprobs(tokenizer, o.logprobs if generated else [] if o.logprobs is not None else None)
         if echo is not None:
             text = echo[i // n] + text
-            lps = _echoed(tokenizer, o, lps, len(echo[i // n]))
-        choices.append({"index": i, "text": text, "logprobs": lps,
-                        "finish_reason": finish_reason(o) if generated else "length",
-                        "stop_reason": o.stop_reason if generated else None})
+            lps = _echoed(tokenizer, o, lps, len(echo[i // n]), echoed)
+        choice = {"index": i, "text": text, "logprobs": lps, "finish_reason": finish_reason(o) if generated else "length",
+                  "stop_reason": o.stop_reason if generated else None}
+        if scored is not None:
+            choice["prompt_logprobs"] = prompt_logprobs(tokenizer, o, scored)
+        choices.append(choice)
     counts = usage(outputs, n)
     if not generated:
         counts = {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
@@ -118,13 +144,14 @@ def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[Gene
 
 
 def _echoed(tokenizer: Any, output: GenerationOutput, generated: dict[str, Any] | None,
-            shift: int) -> dict[str, Any] | None:  # fmt: skip
-    """``generated`` (a legacy ``logprobs`` object) with the prompt's tokens in front and its offsets moved past the
-    echoed prompt text (``shift`` characters)."""
+            shift: int, alternatives: int | None) -> dict[str, Any] | None:  # fmt: skip
+    """``generated`` (a legacy ``logprobs`` object) with the prompt's tokens in front, each with ``alternatives``
+    most likely tokens, and its offsets moved past the echoed prompt text (``shift`` characters)."""
     if generated is None or output.prompt_logprobs is None:
         return generated
     first = _piece(tokenizer, output.prompt_token_ids[0])
-    rest = completion_logprobs(tokenizer, [lp for lp in output.prompt_logprobs[1:] if lp is not None], len(first))
+    rest = completion_logprobs(tokenizer, [lp for lp in output.prompt_logprobs[1:] if lp is not None], len(first),
+                               alternatives)  # fmt: skip
     assert rest is not None
     return {"tokens": [first, *rest["tokens"], *generated["tokens"]],
             "token_logprobs": [None, *rest["token_logprobs"], *generated["token_logprobs"]],
@@ -133,9 +160,11 @@ def _echoed(tokenizer: Any, output: GenerationOutput, generated: dict[str, Any] 
 
 
 def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[GenerationOutput],
-                  echo: str = "") -> dict[str, Any]:  # fmt: skip
-    """A whole ``chat.completion`` response; ``echo``: text put before each choice's (the message it continues)."""
-    return {
+                  echo: str = "", prompt_alternatives: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """A whole ``chat.completion`` response; ``echo``: text put before each choice's (the message it continues);
+    ``prompt_alternatives``: the request's ``prompt_logprobs``, answered as vLLM's response-level ``prompt_logprobs``
+    (the rendered prompt's tokens, :func:`prompt_logprobs`)."""
+    answer = {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": echo + o.text},
                      "logprobs": chat_logprobs(tokenizer, o.logprobs), "finish_reason": finish_reason(o),
@@ -143,3 +172,6 @@ def chat_response(rid: str, model: str, tokenizer: Any, outputs: list[Generation
                     for i, o in enumerate(outputs)],
         "usage": usage(outputs),
     }
+    if prompt_alternatives is not None:
+        answer["prompt_logprobs"] = prompt_logprobs(tokenizer, outputs[0], prompt_alternatives)
+    return answer

@@ -280,7 +280,8 @@ class OpenAIServer:
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=CLIENT_GONE)
         if chat:
-            answer = chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs, req.echoed())
+            answer = chat_response(new_id("chatcmpl"), req.model, self.tokenizer, outputs, req.echoed(),
+                                   req.prompt_logprobs)  # fmt: skip
             if req.forces_tools:
                 answer = with_tool_calls(answer, req.tool_choice)
             elif req.parses_tools:
@@ -289,7 +290,7 @@ class OpenAIServer:
                 answer = whole(responses, answer, outputs[0].metrics.cached_tokens)
             return JSONResponse(answer)
         return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, req.n, echo,
-                                                generated))  # fmt: skip
+                                                generated, (req.logprobs, req.prompt_logprobs)))  # fmt: skip
 
     # --- the application ------------------------------------------------------------------------
     def app(self) -> FastAPI:
