@@ -79,6 +79,9 @@ class StreamEvent:
         finished: True on the request's last event.
         output: The complete :class:`GenerationOutput` on the last event, else ``None``.
         logprobs: The token's :class:`~.sampling.TokenLogprobs` when the request asked for them.
+        prompt_logprobs: On the event of a request's first token, when it asked for ``prompt_logprobs``: its
+            :attr:`GenerationOutput.prompt_logprobs`, so a stream can show the prompt's scores before the answer;
+            else ``None``.
     """
 
     index: int
@@ -88,6 +91,7 @@ class StreamEvent:
     finished: bool = False
     output: GenerationOutput | None = None
     logprobs: Any = None
+    prompt_logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True)

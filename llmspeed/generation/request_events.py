@@ -70,7 +70,7 @@ def token_event(gen: Generator, seq: Seq, token: int, lp: Any, events: list[Stre
         events.append(gen._end(seq, "error", token, report=False, logprobs=lp))
         raise
     if reason is None:
-        return StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp)
+        return StreamEvent(seq.index, seq.seq_id, token, text, logprobs=lp, prompt_logprobs=seq.first_prompt_logprobs())
     return gen._end(seq, reason, token, text, report=False, logprobs=lp)
 
 

@@ -161,9 +161,20 @@ class Sequence:
             error=self.error,
             metrics=metrics,
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
-            prompt_logprobs=([None] + [self.prompt_logprobs.get(j) for j in range(1, len(self.prompt_ids))]
-                             if self.params.prompt_logprobs is not None else None),
+            prompt_logprobs=self.prompt_logprob_entries(),
         )
+
+    def prompt_logprob_entries(self) -> list[Any] | None:
+        """``GenerationOutput.prompt_logprobs``: ``None`` first, then each prompt token's entry (``None`` when the
+        request did not ask)."""
+        if self.params.prompt_logprobs is None:
+            return None
+        return [None] + [self.prompt_logprobs.get(j) for j in range(1, len(self.prompt_ids))]
+
+    def first_prompt_logprobs(self) -> list[Any] | None:
+        """:meth:`prompt_logprob_entries` while the request has exactly one token (its first event carries them, so a
+        stream can show the prompt's scores before the answer), else ``None``."""
+        return self.prompt_logprob_entries() if len(self.output_ids) == 1 else None
 
     def final_event(self, reason: str, token: int | None, text: str, logprobs: Any) -> StreamEvent:
         """Its final event, once the scheduler has finished it with ``reason``: ``text`` plus the tail the detokenizer
@@ -178,4 +189,5 @@ class Sequence:
         if self.detok.stopped and reason == self.finish_reason == "length":  # a stop string in the held-back tail
             self.finish_reason = "stop"
             self.stop_reason = self.detok.stopped_by
-        return StreamEvent(self.index, self.seq_id, token, text, finished=True, output=self.output(), logprobs=logprobs)
+        return StreamEvent(self.index, self.seq_id, token, text, finished=True, output=self.output(), logprobs=logprobs,
+                           prompt_logprobs=self.first_prompt_logprobs())

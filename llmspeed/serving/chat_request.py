@@ -165,8 +165,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise APIError(400, f"chat_template_kwargs holds the template's variables; {taken} are arguments of the "
                                 f"template call itself (send them as request fields, where they are ones)",
                            f"chat_template_kwargs.{taken[0]}")  # fmt: skip
-        if self.echo and self.stream:
-            raise APIError(400, "echo is answered without streaming here; send stream: false", "echo")
         try:
             forced_schema(self.tool_specs() or [], self.tool_choice)
         except ToolChoiceError as err:

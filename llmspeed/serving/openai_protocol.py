@@ -189,12 +189,10 @@ class CompletionRequest(SamplingRequest):
 
     def check(self) -> None:
         """Refuse combinations of fields that each are valid alone (``best_of`` candidates fewer than the ``n`` asked,
-        ``max_tokens: 0`` without ``echo``, ``echo`` with ``stream``)."""
+        ``max_tokens: 0`` without ``echo``)."""
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens must be at least 1 (got 0); 0 is only taken with echo: true (the prompt "
                                 "scored, nothing generated)", "max_tokens")  # fmt: skip
-        if self.echo and self.stream:
-            raise APIError(400, "echo is answered without streaming here; send stream: false", "echo")
         super().check()
         if self.best_of is not None and self.best_of < self.n:  # as OpenAI and vLLM: n choices come from best_of
             raise APIError(400, f"best_of must be at least n={self.n}; got {self.best_of}", "best_of")

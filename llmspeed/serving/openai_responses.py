@@ -130,7 +130,7 @@ def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[Gene
         lps = completion_logprobs(tokenizer, o.logprobs if generated else [] if o.logprobs is not None else None)
         if echo is not None:
             text = echo[i // n] + text
-            lps = _echoed(tokenizer, o, lps, len(echo[i // n]), echoed)
+            lps = echoed_logprobs(tokenizer, o.prompt_token_ids, o.prompt_logprobs, lps, len(echo[i // n]), echoed)
         choice = {"index": i, "text": text, "logprobs": lps, "finish_reason": finish_reason(o) if generated else "length",
                   "stop_reason": o.stop_reason if generated else None}
         if scored is not None:
@@ -143,15 +143,15 @@ def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[Gene
             "usage": counts}
 
 
-def _echoed(tokenizer: Any, output: GenerationOutput, generated: dict[str, Any] | None,
-            shift: int, alternatives: int | None) -> dict[str, Any] | None:  # fmt: skip
-    """``generated`` (a legacy ``logprobs`` object) with the prompt's tokens in front, each with ``alternatives``
-    most likely tokens, and its offsets moved past the echoed prompt text (``shift`` characters)."""
-    if generated is None or output.prompt_logprobs is None:
+def echoed_logprobs(tokenizer: Any, prompt_ids: list[int], entries: list[Any] | None, generated: dict[str, Any] | None,
+                    shift: int, alternatives: int | None) -> dict[str, Any] | None:  # fmt: skip
+    """``generated`` (a legacy ``logprobs`` object) with the prompt's tokens (``prompt_ids``, scored in ``entries``:
+    ``GenerationOutput.prompt_logprobs``) in front, each with ``alternatives`` most likely tokens, and its offsets
+    moved past the echoed prompt text (``shift`` characters)."""
+    if generated is None or entries is None:
         return generated
-    first = _piece(tokenizer, output.prompt_token_ids[0])
-    rest = completion_logprobs(tokenizer, [lp for lp in output.prompt_logprobs[1:] if lp is not None], len(first),
-                               alternatives)  # fmt: skip
+    first = _piece(tokenizer, prompt_ids[0])
+    rest = completion_logprobs(tokenizer, [lp for lp in entries[1:] if lp is not None], len(first), alternatives)
     assert rest is not None
     return {"tokens": [first, *rest["tokens"], *generated["tokens"]],
             "token_logprobs": [None, *rest["token_logprobs"], *generated["token_logprobs"]],

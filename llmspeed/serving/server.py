@@ -199,8 +199,10 @@ class OpenAIServer:
         adapter = self.adapter_for(req.model)  # an unknown model is a 404 before anything else is looked at (as vLLM)
         prompts = req.prompts()
         echo = None
-        if req.echo:  # each prompt as given, or its ids' text
-            echo = [p if isinstance(p, str) else await asyncio.to_thread(self._decode, p) for p in prompts]
+        if req.echo:  # each prompt as given, or its ids' text; and its ids (a stream's first chunk scores them)
+            texts = [p if isinstance(p, str) else await asyncio.to_thread(self._decode, p) for p in prompts]
+            prompts = [await self._ids(p) for p in prompts]
+            echo = [(t, p if isinstance(p, list) else []) for t, p in zip(texts, prompts)]
         if req.max_tokens is not None:
             prompts = [await self._fitting(p, max(req.max_tokens, 1), "max_tokens", req.prompt_param(i))
                        for i, p in enumerate(prompts)]  # fmt: skip
@@ -239,23 +241,30 @@ class OpenAIServer:
         if req.max_completion_tokens or req.max_tokens:  # given: it must fit (the default is what the context leaves)
             prompt = await self._fitting(prompt, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         return await self._answer(request, req, adapter, [prompt], max_tokens, req.wanted_logprobs(), chat=True,
-                                  responses=responses)
+                                  responses=responses, echo=[(req.echoed(), [])] if req.echo else None)
 
     async def _fitting(self, prompt: Any, max_tokens: int, param: str, which: str = "prompt") -> Any:
         """``prompt``'s token ids, or a 400 naming ``param`` when the prompt and ``max_tokens`` pass the context the
         engine holds (as vLLM and OpenAI answer; it was cut there silently). A prompt that cannot be tokenized, or
         that alone fills the context, goes on as given: the engine refuses it with its own message. ``which`` names
         the prompt in the message (``prompt.2`` of several)."""
-        gen = self.engine.generator
-        try:
-            ids = await asyncio.to_thread(prompt_ids, prompt, gen.tokenizer, gen.chat_template, gen.model.spec.vocab_size)
-        except ValueError:
+        ids = await self._ids(prompt)
+        if not isinstance(ids, list):
             return prompt
-        limit = gen.scheduler.max_tokens_per_seq
+        limit = self.engine.generator.scheduler.max_tokens_per_seq
         if len(ids) < limit < len(ids) + max_tokens:
             raise APIError(400, f"{param}={max_tokens} is too large: this model holds {limit} tokens of context and the "
                                 f"{which} takes {len(ids)}, so at most {limit - len(ids)} can be generated", param)
         return ids
+
+    async def _ids(self, prompt: Any) -> Any:
+        """``prompt``'s token ids as the engine reads them, or the prompt as given when it has none (the engine then
+        refuses it with its own message)."""
+        gen = self.engine.generator
+        try:
+            return await asyncio.to_thread(prompt_ids, prompt, gen.tokenizer, gen.chat_template, gen.model.spec.vocab_size)
+        except ValueError:
+            return prompt
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -265,8 +274,8 @@ class OpenAIServer:
         return self.tokenizer.decode(ids)
 
     async def _answer(self, request: Request, req: Any, adapter: str | Literal[False] | None, prompts: list[Any],
-                      max_tokens: int, logprobs: int | None, chat: bool, echo: list[str] | None = None, generated: bool = True,
-                      responses: ResponsesRequest | None = None) -> Response:
+                      max_tokens: int, logprobs: int | None, chat: bool, echo: list[tuple[str, list[int]]] | None = None,
+                      generated: bool = True, responses: ResponsesRequest | None = None) -> Response:
         vocab = self.engine.generator.model.spec.vocab_size
         sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
         if sps[0].structured_outputs is not None:  # its grammar compiled off the event loop and the step loop
@@ -275,7 +284,7 @@ class OpenAIServer:
         params = ["messages" if chat else req.prompt_param(i // req.n) for i in range(len(handles))]
         if req.stream:
             template = self._template() if chat and req.parses_tools else None
-            return await stream(request, req, handles, chat, self.tokenizer, template, responses, params)
+            return await stream(request, req, handles, chat, self.tokenizer, template, responses, params, echo, generated)
         outputs = await self._results(request, handles, params)
         if outputs is None:  # the client left: its requests are aborted and nobody reads an answer
             return Response(status_code=CLIENT_GONE)
@@ -289,8 +298,9 @@ class OpenAIServer:
             if responses is not None:
                 answer = whole(responses, answer, outputs[0].metrics.cached_tokens)
             return JSONResponse(answer)
-        return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, req.n, echo,
-                                                generated, (req.logprobs, req.prompt_logprobs)))  # fmt: skip
+        return JSONResponse(completion_response(new_id("cmpl"), req.model, self.tokenizer, outputs, req.n,
+                                                None if echo is None else [text for text, _ in echo], generated,
+                                                (req.logprobs, req.prompt_logprobs)))  # fmt: skip
 
     # --- the application ------------------------------------------------------------------------
     def app(self) -> FastAPI:

@@ -20,7 +20,14 @@ from ..generation.engine import STEP_FAILED
 from .api_errors import APIError
 from .engine import ENGINE_DIED
 from .handle import RequestHandle, interleave
-from .openai_responses import chat_logprobs, completion_logprobs, finish_reason, new_id, usage
+from .openai_responses import (
+    chat_logprobs,
+    completion_logprobs,
+    echoed_logprobs,
+    finish_reason,
+    new_id,
+    usage,
+)
 from .responses_output import ResponseEvents
 from .responses_request import ResponsesRequest
 from .tool_choice import ToolDeltas
@@ -74,7 +81,8 @@ async def unless_gone(request: Request, work: Any) -> tuple[bool, Any]:
 
 async def stream(request: Request, req: Any, handles: list[RequestHandle], chat: bool, tokenizer: Any,
                  template: dict[str, Any] | None, responses: ResponsesRequest | None = None,
-                 prompt_params: list[str] | None = None) -> Response:
+                 prompt_params: list[str] | None = None, echo: list[tuple[str, list[int]]] | None = None,
+                 generated: bool = True) -> Response:
     """Stream the choices of ``handles`` as they arrive, each chunk naming its choice by ``index`` (or, for a
     ``responses`` request, as the Responses API's events: :class:`.responses_output.ResponseEvents`).
 
@@ -83,6 +91,9 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
     log-probabilities' tokens; ``template``: the response template when the request reads tool calls out of its
     answer (``tool_choice: "auto"``, :mod:`.tool_parser`), else ``None``;
     ``prompt_params[i]`` names handle ``i``'s prompt when it is refused before any token (a 400, not a stream).
+    ``echo`` (``echo: true``): per prompt, its text and token ids; a completion choice's first chunk starts with the
+    text (and, with ``logprobs``, the prompt tokens' entries, the first ``null``), a chat answer's content with the
+    message it continues; ``generated=False`` (``max_tokens: 0``): the prompt alone, its one computed token dropped.
     """
     events = interleave(handles)
 
@@ -111,7 +122,9 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
             "created": int(time.time()), "model": req.model}
     if req.include_usage:  # as OpenAI's: every chunk carries "usage": null, the last one the counts
         head["usage"] = None
-    offsets = [0] * len(handles)  # per choice: text_offset of its next token's legacy logprobs
+    n = len(handles) // len(echo) if echo else 1  # completions: choice i answers prompt i // n
+    offsets = [len(echo[i // n][0]) if echo else 0 for i in range(len(handles))]  # per choice: text_offset of its
+    started = [False] * len(handles)  # next token's legacy logprobs; whether its first chunk went out
     calls = [ToolDeltas(req.tool_choice) for _ in handles] if chat and req.forces_tools else None
     parsers = [ToolCallStream(template, req.tool_specs(), req.max_tool_calls) for _ in handles] \
         if template is not None else None  # fmt: skip
@@ -132,12 +145,22 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
             choice = {"index": i, "delta": delta, "finish_reason": done,
                       "logprobs": chat_logprobs(tokenizer, [event.logprobs]) if event.logprobs else None}
         else:
-            lps = completion_logprobs(tokenizer, [event.logprobs], offsets[i]) if event.logprobs else None
-            if lps is not None:
+            text = event.text if generated else ""
+            lps = completion_logprobs(tokenizer, [event.logprobs] if generated else [], offsets[i]) \
+                if event.logprobs else None  # fmt: skip
+            if lps is not None and lps["tokens"]:
                 offsets[i] += len(lps["tokens"][0])
-            choice = {"index": i, "text": event.text, "finish_reason": done, "logprobs": lps}
+            if echo and not started[i]:  # the prompt before the choice's first text
+                prompt, ids = echo[i // n]
+                entries = event.prompt_logprobs or (event.output.prompt_logprobs if event.output is not None else None)
+                text, lps = prompt + text, echoed_logprobs(tokenizer, ids, entries, lps, 0, req.logprobs)
+            done = done if generated or done is None else "length"
+            choice = {"index": i, "text": text, "finish_reason": done, "logprobs": lps}
+            if not (text or lps or done):
+                return None
         if done is not None and event.output is not None:  # vLLM's: the stop string or token id that ended it
-            choice["stop_reason"] = event.output.stop_reason
+            choice["stop_reason"] = event.output.stop_reason if generated else None
+        started[i] = True
         return {**head, "choices": [choice]}
 
     outputs: list[Any] = [None] * len(handles)
@@ -158,6 +181,9 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
                 for i in range(len(handles)):
                     yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "finish_reason": None, "logprobs": None}]})
+                    if echo and echo[0][0]:  # the assistant message the answer continues, as vLLM sends it
+                        yield sse({**head, "choices": [{"index": i, "delta": {"content": echo[0][0]},
+                                                         "finish_reason": None, "logprobs": None}]})
             arrived: tuple[int, StreamEvent] | None = first
             while arrived is not None:
                 i, event = arrived
@@ -173,7 +199,10 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
                     yield frame
                 arrived = await anext(events, None)
             if failed is None and req.include_usage and None not in outputs:
-                for frame in out({**head, "choices": [], "usage": usage(outputs, req.n)}):
+                counts = usage(outputs, req.n)
+                if not generated:
+                    counts = {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
+                for frame in out({**head, "choices": [], "usage": counts}):
                     yield frame
             if shaped is None:  # the Responses API's stream ends with its last event
                 yield sse("[DONE]")

@@ -1,6 +1,6 @@
 """vLLM's chat template extensions on ``/v1/chat/completions``: ``continue_final_message`` (with
 ``add_generation_prompt: false``) continues the assistant's last message, ``echo`` puts that message's text before
-the answer, ``chat_template_kwargs`` reach the template as variables; against the template rendered by transformers
+the answer (streamed too: its own chunk first), ``chat_template_kwargs`` reach the template as variables; against the template rendered by transformers
 and the generator run on its tokens."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from llmspeed import Generator, SamplingParams
 from llmspeed.serving import Engine
 from llmspeed.serving.server import OpenAIServer
-from tests.serving.conftest import assert_error, post_json
+from tests.serving.conftest import assert_error, openai_client, post_json
 
 PREFILL = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "My favourite color is"}]
 
@@ -32,6 +32,11 @@ def test_continue_final_message_echo_and_template_variables_on_smollm2(smollm2, 
         assert counted["tokens"] == list(ids)  # /tokenize takes the options too, as vLLM's
         echoed = post_json(url, "/v1/chat/completions", {**body, "echo": True}).json()
         assert echoed["choices"][0]["message"]["content"] == "My favourite color is" + want.text
+        extra = {k: v for k, v in body.items() if k not in ("model", "messages", "max_tokens", "temperature")}
+        chunks = openai_client(url).chat.completions.create(model="smollm2", messages=PREFILL, max_tokens=8, temperature=0,
+                                                            stream=True, extra_body={**extra, "echo": True})  # fmt: skip
+        contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert contents[0] == "My favourite color is" and "".join(contents) == "My favourite color is" + want.text
         # vLLM's rule: the last message is echoed when it is the assistant's (the role being written); a user's is not
         after_user = post_json(url, "/v1/chat/completions", {**body, "messages": PREFILL[:1], "echo": True,
                                                              "add_generation_prompt": True,
@@ -53,7 +58,6 @@ def test_bad_template_options_are_named(tiny_server, live_server):
             ({**ask, "messages": PREFILL[:1], "continue_final_message": True, "add_generation_prompt": False},
              "messages.0.role"),
             ({**ask, "chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs.tokenize"),
-            ({**ask, "echo": True, "stream": True}, "echo"),
             # the byte tokenizer's own apply_chat_template takes no such option: refused, not dropped
             ({**ask, "chat_template_kwargs": {"enable_thinking": False}}, "add_generation_prompt"),
         ]:

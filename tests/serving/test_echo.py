@@ -1,6 +1,6 @@
 """``echo`` on ``/v1/completions`` (OpenAI's and vLLM's): the prompt's text before each choice's, and with ``logprobs``
 every prompt token's log-probability (the first ``null``), equal to transformers' forward pass; ``max_tokens: 0``
-scores the prompt alone, as evaluation harnesses ask for it."""
+scores the prompt alone, as evaluation harnesses ask for it; streamed, the chunks add up to the whole answer."""
 
 from __future__ import annotations
 
@@ -56,7 +56,6 @@ def test_echo_puts_the_prompt_before_each_generated_choice(tiny_server, live_ser
 
 @pytest.mark.parametrize("fields,param,quoted", [
     ({"max_tokens": 0}, "max_tokens", "0 is only taken with echo: true"),
-    ({"echo": True, "stream": True}, "echo", "without streaming"),
     ({"echo": "yes"}, "echo", "'yes'"),
     ({"max_tokens": -1, "echo": True}, "max_tokens", "-1"),
 ])  # fmt: skip
@@ -80,3 +79,39 @@ def test_echo_scores_smollm2s_bpe_prompt_as_transformers_does(smollm2, live_serv
     assert lp.token_logprobs[0] is None
     assert lp.token_logprobs[1:] == pytest.approx([float(ref[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-3)
     assert all(lp.text_offset[j] == len("".join(lp.tokens[:j])) for j in range(len(ids)))
+
+
+def _joined(chunks, choices):
+    """Per choice index: the streamed text, legacy logprobs lists joined, and the last finish reason."""
+    out = [{"text": "", "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [], "finish": None}
+           for _ in range(choices)]
+    for chunk in chunks:
+        for c in chunk.choices:
+            o = out[c.index]
+            o["text"] += c.text
+            if c.logprobs is not None:
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    o[key] += getattr(c.logprobs, key)
+            o["finish"] = c.finish_reason or o["finish"]
+    return out
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_streamed_echo_adds_up_to_the_whole_answer(tiny_server, live_server, max_tokens):
+    kw = dict(model="tiny", prompt=["abcd", "hi!"], max_tokens=max_tokens, temperature=0, echo=True,
+              logprobs=2, n=2, extra_body={"min_tokens": max_tokens})
+    with live_server(tiny_server) as url:
+        client = openai_client(url)
+        whole = client.completions.create(**kw)
+        chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = _joined(chunks, 4)
+    for choice, got in zip(whole.choices, streamed):
+        assert got["text"] == choice.text and got["text"].startswith(("abcd", "hi!"))
+        assert got["finish"] == choice.finish_reason
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert got[key] == getattr(choice.logprobs, key), key
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()  # max_tokens 0: no completion tokens
+    firsts = [next(c for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)]
+    assert [f.choices[0].text[:len(p)] for f, p in zip(firsts, ["abcd", "abcd", "hi!", "hi!"])] == ["abcd", "abcd", "hi!", "hi!"]
+    assert [f.choices[0].logprobs.token_logprobs[0] for f in firsts] == [None] * 4  # the prompt's first token
+
