@@ -67,7 +67,9 @@ def test_spec_matches_config(tiny_model):
     assert spec.architecture == type(tiny_model.hf).__name__
     assert (spec.num_layers, spec.num_heads, spec.num_kv_heads) == (2, 4, 2)
     assert spec.head_dim == 16  # hidden 64 over 4 heads; qwen3's config states 16 explicitly
-    assert tiny_model.hf.get_submodule("model.layers.0.self_attn.q_proj").out_features == spec.num_heads * spec.head_dim
+    attn = tiny_model.hf.get_submodule("model.layers.0.self_attn")
+    query = attn.q_proj.out_features if hasattr(attn, "q_proj") else attn.qkv_proj.out_features * 4 // 8  # phi3: q, k, v
+    assert query == spec.num_heads * spec.head_dim
     assert (spec.vocab_size, spec.max_positions, spec.hidden_size) == (256, 512, 64)
     assert spec.dtype == torch.float32 and spec.device.type == "cpu"
     assert spec.kv_bytes_per_token == 2 * 2 * 2 * spec.head_dim * 4
@@ -83,7 +85,7 @@ def test_spec_reads_an_explicit_head_dim():
 def test_linear_positions_and_replace(tiny_model):
     names = tiny_model.linear_names()
     assert "lm_head" in names
-    assert sum(n.endswith("q_proj") for n in names) == 2
+    assert sum(n.endswith(("q_proj", "qkv_proj")) for n in names) == 2
     assert all(isinstance(m, nn.Linear) for _, m in tiny_model.linear_layers())
     name = names[0]
     old = tiny_model.hf.get_submodule(name)

@@ -27,6 +27,8 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
+    # fused qkv_proj and gate_up_proj; Phi3Config's default token ids (32000) are past the tiny vocabulary
+    "phi3": ("Phi3Config", {"sliding_window": None, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}),
 }
 
 
@@ -62,7 +64,7 @@ def tiny(
     """A randomly initialised tiny model of one supported family, reproducible from ``seed``.
 
     Args:
-        architecture: One of :data:`ARCHITECTURES` (``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``).
+        architecture: One of :data:`ARCHITECTURES` (``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"phi3"``).
         seed: Seed for the weights: an integer (``ValueError`` otherwise).
         dtype: Weight dtype, or its name (``"bf16"``, ``"bfloat16"``, ...: :mod:`llmspeed.names`).
         overrides: Config fields to change (e.g. ``num_hidden_layers=4``); ``TypeError`` for a name the

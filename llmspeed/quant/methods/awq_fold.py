@@ -17,6 +17,9 @@ o_proj                          ``v_proj`` (attention output is      its output 
                                                                      over the heads sharing a KV head
 =============================  ===================================  =====================================
 
+Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` take the two norm folds; its ``o_proj`` and ``down_proj`` have no row
+fold (their producers are row slices of the fused linears) and are quantized unscaled.
+
 Folding into a row producer is done on its *quantized* module: dividing a row of an int4 / NF4 /
 int8 weight by a constant divides that row's scales and leaves the codes as they are (round-to-nearest
 and GPTQ pick the same codes for a row scaled by a constant), so the producer needs no second pass.
@@ -76,10 +79,12 @@ ATTN, MLP = "self_attn", "mlp"
 _NORM_FOLDS = (
     ((f"{ATTN}.q_proj", f"{ATTN}.k_proj", f"{ATTN}.v_proj"), "input_layernorm"),
     ((f"{MLP}.gate_proj", f"{MLP}.up_proj"), "post_attention_layernorm"),
+    ((f"{ATTN}.qkv_proj",), "input_layernorm"),  # Phi-3's fused projections (no row folds: v and up are row slices)
+    ((f"{MLP}.gate_up_proj",), "post_attention_layernorm"),
 )
 SUPPORTED = (
     "decoder layers with input_layernorm -> self_attn.{q,k,v}_proj and post_attention_layernorm -> "
-    "mlp.{gate,up}_proj (Llama, Qwen2, Qwen3, Mistral)"
+    "mlp.{gate,up}_proj (Llama, Qwen2, Qwen3, Mistral), or Phi-3's fused self_attn.qkv_proj and mlp.gate_up_proj"
 )
 
 
