@@ -150,7 +150,7 @@ CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_lay
                "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")  # fmt: skip
 
 
-@pytest.mark.parametrize("arch,options", CASES[::2] + [CASES[-1]], ids=lambda c: str(c)[:12])
+@pytest.mark.parametrize("arch,options", CASES[:6:2] + CASES[5:], ids=lambda c: str(c)[:12])
 def test_the_header_reader_and_config_agree_with_gguf_and_transformers(arch, options, tmp_path):
     from transformers import AutoConfig
 
@@ -174,6 +174,9 @@ def test_the_header_reader_and_config_agree_with_gguf_and_transformers(arch, opt
     ours = gguf_load.config_of(fields, fields["general.architecture"], tensors)
     theirs = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")
     for key in CONFIG_KEYS:
+        if arch == "phi3" and key.endswith("_token_id"):  # no ids in the file: transformers takes Phi-3's own
+            assert getattr(theirs, key, None) in (None, 1, 32000) and getattr(ours, key, None) is None, key
+            continue
         assert getattr(ours, key, None) == getattr(theirs, key, None), key
     assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]
     # transformers' reading keeps Qwen3's default head size instead (Qwen2 has none: hidden / heads)

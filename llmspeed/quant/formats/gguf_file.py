@@ -7,7 +7,8 @@ quantized with GPTQ, AWQ or QAT here runs in llama.cpp with the codes chosen her
 ``llama-quantize``. Float layers are written in the model's dtype (F32, F16 or BF16), norms in F32.
 
 Tensor names and architecture fields are llama.cpp's (through the ``gguf`` package's name map) for the
-families :data:`ARCHITECTURES` lists; llama and Mistral (llama.cpp's ``llama``) store the rows of the query
+families :data:`ARCHITECTURES` lists (Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are llama.cpp's ``attn_qkv`` and
+``ffn_up`` as they are); llama and Mistral (llama.cpp's ``llama``) store the rows of the query
 and key projections in llama.cpp's rotary order (:func:`rotary_rows`), as its converter does and
 transformers' GGUF reader undoes. A tied output head is not stored: the readers use ``token_embd``
 (quantized, when llmspeed shares the quantized head with the embedding). The tokenizer, when the model has
@@ -32,7 +33,7 @@ from ..modules import Int4Linear, Int8Linear, QuantizedLinearBase
 from . import gguf_blocks, gguf_vocab
 
 # transformers model_type -> llama.cpp architecture (Mistral is llama.cpp's "llama")
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 _FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0",
                "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0"}  # fmt: skip
@@ -119,6 +120,13 @@ def _fields(config: Any, arch: str) -> dict[str, Any]:
     }
     if head_dim * heads != config.hidden_size:
         fields["attention.key_length"] = fields["attention.value_length"] = head_dim
+    if arch == "phi3":  # as llama.cpp's converter: rotary width, pre-scaling context, window (0: none)
+        rope = getattr(config, "rope_parameters", None) or {}
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+        fields["rope.dimension_count"] = int(head_dim * float(partial))
+        fields["rope.scaling.original_context_length"] = int(
+            getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        fields["attention.sliding_window"] = int(getattr(config, "sliding_window", None) or 0)
     return fields
 
 

@@ -15,7 +15,8 @@ one warning names them. The model computes in float32, as llama.cpp does; ``llms
 The file is read by :mod:`.gguf_read` (its header and tensor table; the vocabulary is not parsed), the config from
 its fields as transformers reads them (:func:`config_of`; tests compare it with ``AutoConfig``'s reading), the
 tokenizer by transformers (``AutoTokenizer`` with ``gguf_file=``), for the families
-:data:`~.gguf_file.ARCHITECTURES` writes; llama files' query and key rows are put
+:data:`~.gguf_file.ARCHITECTURES` writes (Phi-3's rotary width too, which transformers' reading
+drops; its LongRoPE files are refused); llama files' query and key rows are put
 back from llama.cpp's rotary order, and a ``rope_freqs`` table (Llama 3.1+'s rope scaling) divides the rotary
 frequencies as llama.cpp does. Without an ``output.weight`` the head is tied to ``token_embd``: a 4-bit or
 row-scaled ``Q8_0`` one becomes the quantized head the input embedding reads its rows from, as llmspeed's own
@@ -40,9 +41,10 @@ from ..modules import Int4Linear, Int8Linear
 from ..primitives import SCALE_DTYPE, SYMMETRIC_ZERO
 from . import gguf_blocks, gguf_file, gguf_read, skeleton
 
-READS = ("llama", "qwen2", "qwen3")  # llama.cpp architectures read (Mistral files are "llama")
+READS = ("llama", "qwen2", "qwen3", "phi3")  # llama.cpp architectures read (Mistral files are "llama")
 _WITH_OFFSETS = {"Q4_1": gguf_blocks.read_q4_1, "Q4_K": gguf_blocks.read_q4_k}  # w = d * q + m per 32 channels
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ files: the divisor of each rotary frequency (their rope scaling)
+LONG_ROPE = ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3 128k / 3.5 / 4-mini: LongRoPE
 FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF types read as they are (every other is dequantized or packed)
 
 
@@ -73,6 +75,14 @@ def config_of(fields: dict[str, Any], arch: str, tensors: dict[str, Any]) -> Any
             kw[key] = fields[f"tokenizer.ggml.{name}_token_id"]
     kw["rms_norm_eps"] = float(kw.get("rms_norm_eps", 1e-6))
     kw["rope_theta"] = float(kw.get("rope_theta", 10000.0))
+    if arch == "phi3":  # what transformers' reader drops: the rotary width (Phi-4-mini rotates 3/4 of each head).
+        # The sliding window field is not read: llama.cpp attends to the whole context of a phi3 file (measured)
+        head_dim = kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
+        kw["partial_rotary_factor"] = fields.get("phi3.rope.dimension_count", head_dim) / head_dim
+        kw["original_max_position_embeddings"] = fields.get("phi3.rope.scaling.original_context_length",
+                                                            kw.get("max_position_embeddings"))  # fmt: skip
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # Phi3Config's defaults are Phi-3's own ids
+            kw.setdefault(key, None)
     return AutoConfig.for_model(arch, tie_word_embeddings="output.weight" not in tensors, **kw)
 
 
@@ -161,6 +171,10 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
     if scaling not in (None, "none"):  # transformers' reader keeps none of these: the angles would be wrong
         raise ValueError(f"{path}: rope scaling {scaling!r} ({arch}.rope.scaling.type) is not read by llmspeed; it reads "
                          f"files without rope scaling, and Llama 3.1+'s rope_freqs table")  # fmt: skip
+    long_rope = [name for name in LONG_ROPE if name in tensors]
+    if long_rope:  # LongRoPE's per-frequency factors, chosen by context length: not read here
+        raise ValueError(f"{path}: tensors {long_rope} hold LongRoPE's rope scaling (Phi-3 128k, Phi-3.5, Phi-4-mini), "
+                         f"which llmspeed does not read; it reads Phi-3 files without them (the 4k models)")  # fmt: skip
     tied = "output.weight" not in tensors
     tokenizer = None
     if "tokenizer.ggml.tokens" in fields:
