@@ -18,6 +18,7 @@ anything is written; the file appears complete or not at all (written beside, th
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -94,12 +95,33 @@ def _floats(t: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, str]:
     return t.to(torch.float16 if kind == "F16" else torch.float32).contiguous().numpy(), kind
 
 
+def _rope(config: Any) -> dict[str, Any]:
+    """The config's rope parameters (transformers 5's ``rope_parameters``, else ``rope_scaling``)."""
+    return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+
+
 def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = _rope(config)
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"cannot save format='gguf': rope scaling {kind!r} is not written by this export")
+    if kind != "default" and not (kind == "longrope" and config.model_type == "phi3"):
+        raise ValueError(f"cannot save format='gguf': rope scaling {kind!r} is not written by this export (it writes "
+                         f"Phi-3's longrope)")  # fmt: skip
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def long_rope(config: Any) -> dict[str, Any] | None:
+    """Phi-3's LongRoPE parameters (``None`` without): the factor tables, the pre-scaling context and the attention
+    factor, computed as transformers computes it when the config leaves it out."""
+    params = _rope(config)
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    orig = int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    factor = params.get("factor") or config.max_position_embeddings / orig
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return {"long": params["long_factor"], "short": params["short_factor"], "original": orig,
+            "attention": float(attention)}  # fmt: skip
 
 
 def _fields(config: Any, arch: str) -> dict[str, Any]:
@@ -121,12 +143,15 @@ def _fields(config: Any, arch: str) -> dict[str, Any]:
     if head_dim * heads != config.hidden_size:
         fields["attention.key_length"] = fields["attention.value_length"] = head_dim
     if arch == "phi3":  # as llama.cpp's converter: rotary width, pre-scaling context, window (0: none)
-        rope = getattr(config, "rope_parameters", None) or {}
-        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+        partial = _rope(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
         fields["rope.dimension_count"] = int(head_dim * float(partial))
         fields["rope.scaling.original_context_length"] = int(
             getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
         fields["attention.sliding_window"] = int(getattr(config, "sliding_window", None) or 0)
+        scaled = long_rope(config)
+        if scaled is not None:  # the factor tables go in as tensors (rope_factors_long / _short)
+            fields["rope.scaling.original_context_length"] = scaled["original"]
+            fields["rope.scaling.attn_factor"] = scaled["attention"]
     return fields
 
 
@@ -227,6 +252,10 @@ def save(model: CausalLM, path: str | Path) -> Path:
     fields = _fields(config, arch)
     vocab = gguf_vocab.metadata(model.tokenizer, config.vocab_size) if model.tokenizer is not None else {}
     tensors = _tensors(model, arch)
+    scaled = long_rope(config) if arch == "phi3" else None
+    if scaled is not None:  # as llama.cpp's converter: one fp32 factor per rotary frequency
+        tensors["rope_factors_long.weight"] = (np.asarray(scaled["long"], np.float32), "F32")
+        tensors["rope_factors_short.weight"] = (np.asarray(scaled["short"], np.float32), "F32")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path must be a file for format='gguf' (e.g. 'model.gguf'); {str(path)!r} is a folder")

@@ -15,8 +15,8 @@ one warning names them. The model computes in float32, as llama.cpp does; ``llms
 The file is read by :mod:`.gguf_read` (its header and tensor table; the vocabulary is not parsed), the config from
 its fields as transformers reads them (:func:`config_of`; tests compare it with ``AutoConfig``'s reading), the
 tokenizer by transformers (``AutoTokenizer`` with ``gguf_file=``), for the families
-:data:`~.gguf_file.ARCHITECTURES` writes (Phi-3's rotary width too, which transformers' reading
-drops; its LongRoPE files are refused); llama files' query and key rows are put
+:data:`~.gguf_file.ARCHITECTURES` writes (Phi-3's rotary width and LongRoPE tables too, which
+transformers' reading drops); llama files' query and key rows are put
 back from llama.cpp's rotary order, and a ``rope_freqs`` table (Llama 3.1+'s rope scaling) divides the rotary
 frequencies as llama.cpp does. Without an ``output.weight`` the head is tied to ``token_embd``: a 4-bit or
 row-scaled ``Q8_0`` one becomes the quantized head the input embedding reads its rows from, as llmspeed's own
@@ -81,6 +81,15 @@ def config_of(fields: dict[str, Any], arch: str, tensors: dict[str, Any]) -> Any
         kw["partial_rotary_factor"] = fields.get("phi3.rope.dimension_count", head_dim) / head_dim
         kw["original_max_position_embeddings"] = fields.get("phi3.rope.scaling.original_context_length",
                                                             kw.get("max_position_embeddings"))  # fmt: skip
+        if all(name in tensors for name in LONG_ROPE):  # LongRoPE: the factor tables and its attention factor
+            long, short = (np.asarray(tensors[name].data, np.float32).tolist() for name in LONG_ROPE)
+            kw["rope_parameters"] = {
+                "rope_type": "longrope", "rope_theta": kw["rope_theta"], "long_factor": long, "short_factor": short,
+                "partial_rotary_factor": kw["partial_rotary_factor"],
+                "original_max_position_embeddings": kw["original_max_position_embeddings"],
+                **({"attention_factor": float(fields["phi3.rope.scaling.attn_factor"])}
+                   if "phi3.rope.scaling.attn_factor" in fields else {}),
+            }  # fmt: skip
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # Phi3Config's defaults are Phi-3's own ids
             kw.setdefault(key, None)
     return AutoConfig.for_model(arch, tie_word_embeddings="output.weight" not in tensors, **kw)
@@ -172,9 +181,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
         raise ValueError(f"{path}: rope scaling {scaling!r} ({arch}.rope.scaling.type) is not read by llmspeed; it reads "
                          f"files without rope scaling, and Llama 3.1+'s rope_freqs table")  # fmt: skip
     long_rope = [name for name in LONG_ROPE if name in tensors]
-    if long_rope:  # LongRoPE's per-frequency factors, chosen by context length: not read here
-        raise ValueError(f"{path}: tensors {long_rope} hold LongRoPE's rope scaling (Phi-3 128k, Phi-3.5, Phi-4-mini), "
-                         f"which llmspeed does not read; it reads Phi-3 files without them (the 4k models)")  # fmt: skip
+    if long_rope and (arch != "phi3" or len(long_rope) != len(LONG_ROPE)):
+        raise ValueError(f"{path}: tensors {long_rope} hold LongRoPE's rope scaling, which llmspeed reads only from phi3 "
+                         f"files holding both of {list(LONG_ROPE)} (this is a {arch} file)")  # fmt: skip
     tied = "output.weight" not in tensors
     tokenizer = None
     if "tokenizer.ggml.tokens" in fields:
@@ -186,7 +195,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
     root: Any = model.module
     head = next(n for n, m in root.named_modules() if m is root.get_output_embeddings())
     name_of = gguf_file.namer(config, arch)
-    used: set[str] = set()
+    used: set[str] = set(long_rope)  # read into the config
     dequantized: dict[str, str] = {}  # GGUF tensor -> its type, for the tensors read as floats
 
     def take(name: str) -> Any:
