@@ -15,11 +15,13 @@ the output head; quantized matrices of prompt-sized steps run as the per-layer p
 ``num_scheduler_steps``).
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
-``mistral``, ``qwen2`` or ``qwen3`` (per-head q/k RMSNorm) with SiLU MLPs and RMSNorm, on CPU, whose projections are plain
+``mistral``, ``qwen2``, ``qwen3`` (per-head q/k RMSNorm) or ``phi3`` (fused ``qkv_proj`` and ``gate_up_proj``, read as
+row ranges: :mod:`.layer_matrices`; a rotary embedding over the whole head) with SiLU MLPs and RMSNorm, on CPU, whose
+projections are plain
 ``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only int8, int4 and NF4 linears (4-bit groups a
 multiple of 16; q/k/v biases allowed), optionally wrapped with unmerged LoRA adapters (each row of
-the batch with its own adapter: :mod:`.fused_lora`). Other architectures and devices, a LoRA-wrapped
-``lm_head``, merged adapters and adapters with dropout in training mode use the generic path.
+the batch with its own adapter: :mod:`.fused_lora`; not over Phi-3's fused projections). Other architectures and
+devices, a LoRA-wrapped ``lm_head``, merged adapters and adapters with dropout in training mode use the generic path.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ from torch import nn
 
 from .. import huge_pages
 from . import fused_lora
+from .layer_matrices import FUSED, layer_matrices
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
-_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ASSIGNED = [0]  # child modules, parameters and buffers assigned anywhere in this process since the hooks below
 
 
@@ -169,21 +169,20 @@ def unsupported(model) -> str | None:
     reason = _check_linear(hf.lm_head, "lm_head", bias_ok=False, lora_ok=False) or _check_norms(body)
     if reason:
         return reason
+    inv_freq = getattr(body.rotary_emb, "inv_freq", None)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if isinstance(inv_freq, torch.Tensor) and 2 * inv_freq.numel() != head_dim:
+        return f"the rotary embedding turns {2 * inv_freq.numel()} of each head's {head_dim} dimensions (partial_rotary_factor)"
     for i, layer in enumerate(body.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            reason = _check_linear(
-                getattr(attn, name), f"layers.{i}.self_attn.{name}", bias_ok=name != "o_proj", rotated_ok=True
-            )
+        matrices = layer_matrices(layer, cfg)
+        for m in matrices:
+            where = f"layers.{i}.{'self_attn' if m.owner is layer.self_attn else 'mlp'}.{m.attr}"
+            if m.attr in FUSED and fused_lora.is_lora(m.module):
+                return f"{where} carries LoRA adapters over a fused projection, which the fused step does not split"
+            reason = _check_linear(m.module, where, bias_ok=m.name in ("q_proj", "k_proj", "v_proj"), rotated_ok=True)
             if reason:
                 return reason
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            reason = _check_linear(getattr(mlp, name), f"layers.{i}.mlp.{name}", bias_ok=False, rotated_ok=True)
-            if reason:
-                return reason
-        reason = _check_shared_rotation(i, attn, ("q_proj", "k_proj", "v_proj")) or _check_shared_rotation(
-            i, mlp, ("gate_proj", "up_proj")
-        )
+        reason = _check_shared_rotation(i, matrices[:3]) or _check_shared_rotation(i, matrices[4:6])
         if reason:
             return reason
     return None
@@ -195,9 +194,10 @@ def _rotation(module: nn.Module) -> int | None:
     return config.group_size if config is not None and getattr(config, "hadamard", False) else None
 
 
-def _check_shared_rotation(i: int, owner: nn.Module, names: tuple[str, ...]) -> str | None:
+def _check_shared_rotation(i: int, matrices: list[Any]) -> str | None:
     """The matrices that read one input buffer must rotate it alike: the step rotates the buffer once, in place."""
-    rotations = [_rotation(getattr(owner, name)) for name in names]
+    names = [m.name for m in matrices]
+    rotations = [_rotation(m.module) for m in matrices]
     if len(set(rotations)) > 1:
         said = ", ".join(f"{n} {'by ' + str(r) if r else 'unrotated'}" for n, r in zip(names, rotations))
         return f"layer {i}: {'/'.join(names)} read one input but rotate it differently ({said}), which the fused step does not"
@@ -257,27 +257,29 @@ class Snapshot:
         self.mirrors: list[torch.Tensor] = []  # (16-bit source, its fp32 copy) pairs, flat: compared value by value
         self.weights: list[torch.Tensor] = []
         holders: list[nn.Module] = [body.norm, hf.lm_head]  # the modules whose parameters and buffers the step reads
-        flags: list[int] = []  # per matrix (layer by layer, _MATRICES order), then the head: _flags
+        flags: list[int] = []  # per matrix (layer by layer, in layer_matrices' order), then the head: _flags
+        config = hf.config.get_text_config()
         for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            owners = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn}
-            owners.update(gate_proj=mlp, up_proj=mlp, down_proj=mlp)
+            attn = layer.self_attn
             for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
                 checks.append((layer, name, getattr(layer, name)))
-            parts = {}
-            for name, owner in owners.items():
-                module = getattr(owner, name)
-                checks.append((owner, name, module))
-                if fused_lora.is_lora(module):
-                    checks.append((module, "base_layer", module.base_layer))
-                    checks += [(d, n, m) for d in (module.lora_A, module.lora_B) for n, m in d._modules.items()]
-                    holders += [*module.lora_A.values(), *module.lora_B.values()]
-                    module = module.base_layer
-                holders.append(module)
-                parts[name] = self._read(module)
-                flags.append(_flags(module))
+            parts, read = {}, {}  # a fused linear is read once, its matrices are row ranges of it
+            matrices = layer_matrices(layer, config)
+            for m in matrices:
+                module = m.module
+                if m.attr not in read:
+                    checks.append((m.owner, m.attr, module))
+                    if fused_lora.is_lora(module):
+                        checks.append((module, "base_layer", module.base_layer))
+                        checks += [(d, n, w) for d in (module.lora_A, module.lora_B) for n, w in d._modules.items()]
+                        holders += [*module.lora_A.values(), *module.lora_B.values()]
+                    holders.append(_base(module))
+                    read[m.attr] = self._read(_base(module))
+                parts[m.name] = tuple(t if t is None or m.rows is None else t[m.rows] for t in read[m.attr])
+                flags.append(_flags(_base(module)))
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-            biases = [_base(getattr(attn, n)).bias for n in ("q_proj", "k_proj", "v_proj")]
+            biases: list[torch.Tensor | None] = [getattr(_base(m.module), "bias", None) for m in matrices[:3]]
+            biases = [b if b is None or m.rows is None else b[m.rows] for b, m in zip(biases, matrices)]
             qk_norms = [getattr(getattr(attn, n, None), "weight", None) for n in ("q_norm", "k_norm")]
             holders += [layer.input_layernorm, layer.post_attention_layernorm]
             for name in ("q_norm", "k_norm"):
@@ -288,12 +290,12 @@ class Snapshot:
             self.sources += [ln1, ln2] + extra
             # the layout decode_cpu.cpp expects (PER_LAYER tensors)
             self.weights += [self._f32(t) for t in [ln1, ln2] + biases + qk_norms]
-            self.weights += [_opt(t) for n in _MATRICES for t in parts[n]]
+            self.weights += [_opt(t) for m in matrices for t in parts[m.name]]
         self.lm_head = [_opt(t) for t in self._read(hf.lm_head)]
         flags.append(_flags(hf.lm_head))
         self.flags = torch.tensor(flags, dtype=torch.uint8) if any(flags) else torch.empty(0, dtype=torch.uint8)  # [layers * 7 + 1]
         self.norm = self._f32(body.norm.weight)
-        self._stack_adapters(body)
+        self._stack_adapters(body, config)
         # read once: what the step needs from the model besides tensors (its structure is checked each step)
         self.num_heads = hf.config.get_text_config().num_attention_heads
         self.eps = _eps(body.norm)
@@ -314,10 +316,9 @@ class Snapshot:
                                self.slot_ends + [len(versioned)], self.mirrors)  # fmt: skip
         weakref.finalize(self, ext.release, self.handle)
 
-    def _stack_adapters(self, body: Any) -> None:
+    def _stack_adapters(self, body: Any, config: Any) -> None:
         """The LoRA stacks of every projection, one slot per adapter name (sorted), when any projection has one."""
-        matrices = [getattr(layer.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, n)
-                    for layer in body.layers for n in _MATRICES]  # fmt: skip
+        matrices = [m.module for layer in body.layers for m in layer_matrices(layer, config)]
         self.wrappers = [m for m in matrices if fused_lora.is_lora(m)]
         self.slots = sorted({n for m in self.wrappers for n in m.lora_A})
         # set_adapter(name) leaves layers without ``name`` at None: one name must explain every layer

@@ -169,6 +169,11 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
         ("llama", "nf4", {"group_size": 64, "activations": "int8"}),
         ("llama", "int4", {"group_size": 32, "hadamard_layers": ["*.mlp.down_proj"]}),  # rotated in place
         ("qwen2", "int4", {"group_size": 16, "activations": "int8", "hadamard_layers": ["*.mlp.down_proj"]}),
+        # Phi-3's fused qkv_proj / gate_up_proj: q, k, v and gate, up read as row ranges of codes and scales
+        ("phi3", "int4", {"group_size": 32}),
+        ("phi3", "int8", {"activations": "int8"}),
+        ("phi3", "nf4", {"group_size": 16, "double_quant": True}),
+        ("phi3", "int4", {"group_size": 16, "hadamard_layers": ["*.mlp.gate_up_proj"]}),
     ],
 )
 @pytest.mark.parametrize("amx_rows", [0, 1], ids=["row-loop", "amx-tiles"])
@@ -261,8 +266,9 @@ def test_qwen2_biases_are_used():
     assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
 
-def test_generator_uses_it_and_gives_the_same_tokens():
-    model = llmspeed.models.tiny("llama", seed=0)
+@pytest.mark.parametrize("architecture", ["llama", "phi3"])
+def test_generator_uses_it_and_gives_the_same_tokens(architecture):
+    model = llmspeed.models.tiny(architecture, seed=0)
     prompts = [[1, 2, 3], list(range(40, 90)), [7] * 17]
     sp = SamplingParams(max_new_tokens=15, ignore_eos=True)
     on = Generator(model, progress=False, block_size=8)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import llmspeed
-from llmspeed import Generator
+from llmspeed import Generator, lora
 from llmspeed.generation import fused_decode
 from llmspeed.generation.runner import StepInput
 
@@ -33,6 +33,14 @@ def test_steps_aside_for_models_it_does_not_support():
     )
     odd_groups = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=8)
     assert "Int4Linear (int4): not an fp32/bf16 nn.Linear" in fused_decode.unsupported(odd_groups)
+    half = llmspeed.models.tiny("phi3", seed=0, rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                                                 "rope_type": "default"})  # fmt: skip
+    assert fused_decode.unsupported(half) == (
+        "the rotary embedding turns 8 of each head's 16 dimensions (partial_rotary_factor)")
+    adapted = llmspeed.models.tiny("phi3", seed=0)
+    lora.add_adapter(adapted, "a", r=2, targets=["qkv_proj"])
+    assert fused_decode.unsupported(adapted) == ("layers.0.self_attn.qkv_proj carries LoRA adapters over a fused "
+                                                 "projection, which the fused step does not split")  # fmt: skip
 
 
 def test_a_model_changed_after_the_generator_was_built_is_followed():
@@ -137,10 +145,28 @@ def test_parameters_and_buffers_replaced_by_new_tensors_are_followed():
     down.scales = down.scales * 3
     ref = _generic_logits(model, gen, decode)
     assert (fused.run(step) - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
+    # Phi-3: the step reads row ranges of the fused projections; a fused parameter replaced is followed
+    for fmt in (None, "int4"):
+        model = llmspeed.models.tiny("phi3", seed=0)
+        if fmt:
+            llmspeed.quantize(model, fmt, group_size=32)
+        gen, decode = _prefilled(model, [5, 12])
+        fused = fused_decode.FusedDecode(model, gen.cache)
+        step = StepInput.decode(decode, gen.blocks.block_size)
+        before = fused.run(step)
+        fused_up = model.hf.model.layers[0].mlp.gate_up_proj
+        if fmt:
+            fused_up.scales = fused_up.scales * 3
+        else:
+            fused_up.weight = nn.Parameter(fused_up.weight.detach() * 3)
+        ref = _generic_logits(model, gen, decode)
+        assert not torch.allclose(before, ref)
+        assert (fused.run(step) - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("architecture, tensor", [("llama", "norm"), ("llama", "input_layernorm"),
-                                                  ("qwen2", "q_proj.bias"), ("qwen3", "k_norm")])  # fmt: skip
+                                                  ("qwen2", "q_proj.bias"), ("qwen3", "k_norm"),
+                                                  ("phi3", "qkv_proj.weight")])  # fmt: skip
 @pytest.mark.parametrize("through_data", [False, True], ids=["in-place", "through-data"])
 def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architecture, tensor, through_data):
     """A bf16 model's norms and biases are read as fp32 copies; an in-place change (training, ``load_state_dict``)
@@ -154,7 +180,9 @@ def test_a_bf16_models_norms_and_biases_changed_in_place_are_followed(architectu
     body = model.hf.model
     attn = body.layers[1].self_attn
     weight = {"norm": body.norm.weight, "input_layernorm": body.layers[0].input_layernorm.weight,
-              "q_proj.bias": getattr(attn.q_proj, "bias", None), "k_norm": getattr(getattr(attn, "k_norm", None), "weight", None)}[tensor]  # fmt: skip
+              "q_proj.bias": getattr(getattr(attn, "q_proj", None), "bias", None),
+              "k_norm": getattr(getattr(attn, "k_norm", None), "weight", None),
+              "qkv_proj.weight": getattr(getattr(attn, "qkv_proj", None), "weight", None)}[tensor]  # fmt: skip
     with torch.no_grad():
         (weight.data if through_data else weight).mul_(3).add_(0.5)
     after = fused.run(step)
