@@ -20,7 +20,8 @@ row ranges: :mod:`.layer_matrices`; a rotary embedding over the whole head) with
 projections are plain
 ``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only int8, int4 and NF4 linears (4-bit groups a
 multiple of 16; q/k/v biases allowed), optionally wrapped with unmerged LoRA adapters (each row of
-the batch with its own adapter: :mod:`.fused_lora`; not over Phi-3's fused projections). Other architectures and
+the batch with its own adapter: :mod:`.fused_lora`; over Phi-3's fused projections when each matrix's rows are
+whole blocks of 16 outputs). Other architectures and
 devices, a LoRA-wrapped ``lm_head``, merged adapters and adapters with dropout in training mode use the generic path.
 """
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import huge_pages
 from . import fused_lora
-from .layer_matrices import FUSED, layer_matrices
+from .layer_matrices import layer_matrices
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -177,8 +177,9 @@ def unsupported(model) -> str | None:
         matrices = layer_matrices(layer, cfg)
         for m in matrices:
             where = f"layers.{i}.{'self_attn' if m.owner is layer.self_attn else 'mlp'}.{m.attr}"
-            if m.attr in FUSED and fused_lora.is_lora(m.module):
-                return f"{where} carries LoRA adapters over a fused projection, which the fused step does not split"
+            if m.rows is not None and fused_lora.is_lora(m.module) and not _block_aligned(m.rows):
+                return (f"{where} carries LoRA adapters and its {m.name} rows {m.rows.start}:{m.rows.stop} are not "
+                        f"whole blocks of {fused_lora.LORA_BLOCK} outputs, which the fused step reads adapters in")
             reason = _check_linear(m.module, where, bias_ok=m.name in ("q_proj", "k_proj", "v_proj"), rotated_ok=True)
             if reason:
                 return reason
@@ -186,6 +187,11 @@ def unsupported(model) -> str | None:
         if reason:
             return reason
     return None
+
+
+def _block_aligned(rows: slice) -> bool:
+    """Whether a fused projection's row range starts and ends on LoRA output blocks (its B stack is then a slice)."""
+    return rows.start % fused_lora.LORA_BLOCK == 0 and rows.stop % fused_lora.LORA_BLOCK == 0
 
 
 def _rotation(module: nn.Module) -> int | None:
@@ -318,8 +324,9 @@ class Snapshot:
 
     def _stack_adapters(self, body: Any, config: Any) -> None:
         """The LoRA stacks of every projection, one slot per adapter name (sorted), when any projection has one."""
-        matrices = [m.module for layer in body.layers for m in layer_matrices(layer, config)]
-        self.wrappers = [m for m in matrices if fused_lora.is_lora(m)]
+        listed = [m for layer in body.layers for m in layer_matrices(layer, config)]
+        matrices = [m.module for m in listed]
+        self.wrappers = list({id(m): m for m in matrices if fused_lora.is_lora(m)}.values())  # a fused one once
         self.slots = sorted({n for m in self.wrappers for n in m.lora_A})
         # set_adapter(name) leaves layers without ``name`` at None: one name must explain every layer
         named = {m.active for m in self.wrappers if m.active is not None}
@@ -328,8 +335,17 @@ class Snapshot:
             m.active == (self.active if self.active in m.lora_A else None) for m in self.wrappers
         )
         if self.slots:
-            for m in matrices:
-                self.lora += fused_lora.stacks(m, self.slots, self.lora_dtype) if fused_lora.is_lora(m) else [torch.empty(0)] * 2
+            stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per wrapper: a fused projection's, once
+            for m in listed:
+                if not fused_lora.is_lora(m.module):
+                    self.lora += [torch.empty(0)] * 2
+                    continue
+                if id(m.module) not in stacked:
+                    stacked[id(m.module)] = fused_lora.stacks(m.module, self.slots, self.lora_dtype)
+                a, b = stacked[id(m.module)]  # [S, R, in], [S, NB, R, 16]
+                if m.rows is not None and b.numel():  # the row range's output blocks (unsupported() checked them whole)
+                    b = b[:, m.rows.start // fused_lora.LORA_BLOCK : m.rows.stop // fused_lora.LORA_BLOCK].contiguous()
+                self.lora += [a, b]
             self.lora = huge_pages.side_by_side(self.lora)  # in the step's reading order, in 2 MiB pages (docs/lora.md)
         self.lora_changes = fused_lora.state_changes()
         # each slot's tensors, slot by slot (versions checked in C++ for the slots a step reads)

@@ -15,7 +15,6 @@ from typing import Any
 from torch import nn
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's
 
 
 @dataclass(frozen=True)
@@ -58,4 +57,4 @@ def layer_matrices(layer: Any, config: Any) -> list[Matrix]:
     return out
 
 
-__all__ = ["FUSED", "MATRICES", "Matrix", "layer_matrices"]
+__all__ = ["MATRICES", "Matrix", "layer_matrices"]

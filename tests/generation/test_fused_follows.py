@@ -37,10 +37,11 @@ def test_steps_aside_for_models_it_does_not_support():
                                                                  "rope_type": "default"})  # fmt: skip
     assert fused_decode.unsupported(half) == (
         "the rotary embedding turns 8 of each head's 16 dimensions (partial_rotary_factor)")
-    adapted = llmspeed.models.tiny("phi3", seed=0)
+    adapted = llmspeed.models.tiny("phi3", seed=0, num_attention_heads=8, num_key_value_heads=1)  # head_dim 8
     lora.add_adapter(adapted, "a", r=2, targets=["qkv_proj"])
-    assert fused_decode.unsupported(adapted) == ("layers.0.self_attn.qkv_proj carries LoRA adapters over a fused "
-                                                 "projection, which the fused step does not split")  # fmt: skip
+    assert fused_decode.unsupported(adapted) == (
+        "layers.0.self_attn.qkv_proj carries LoRA adapters and its k_proj rows 64:72 are not whole blocks of 16 "
+        "outputs, which the fused step reads adapters in")
 
 
 def test_a_model_changed_after_the_generator_was_built_is_followed():

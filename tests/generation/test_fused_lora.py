@@ -32,7 +32,7 @@ def _with_adapters(model, seed=0, fp16_exact=True):
     the fused step's default fp16 stacks hold exactly the adapters the generic path applies in fp32.
     """
     lora.add_adapter(model, "a", r=4, alpha=8)
-    lora.add_adapter(model, "b", r=8, alpha=4, targets=["q_proj", "v_proj"])
+    lora.add_adapter(model, "b", r=8, alpha=4, targets=["q_proj", "v_proj", "qkv_proj"])  # qkv: Phi-3's
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
@@ -57,9 +57,11 @@ def _routed_logits(model, gen, decode, names):
         return _generic_logits(model, gen, decode)
 
 
-@pytest.mark.parametrize("fmt", [None, "int8", "int4", "nf4", "int4-rotated"])
+@pytest.mark.parametrize("fmt", [None, "int8", "int4", "nf4", "int4-rotated", "phi3", "phi3-int4"])
 def test_each_row_gets_its_own_adapter(fmt):
-    model = llmspeed.models.tiny("llama", seed=4)
+    """Phi-3: adapters over its fused qkv_proj / gate_up_proj, whose B stacks the step reads in row ranges."""
+    model = llmspeed.models.tiny("phi3" if fmt and fmt.startswith("phi3") else "llama", seed=4)
+    fmt = {"phi3": None, "phi3-int4": "int4"}.get(fmt, fmt)
     if fmt == "int4-rotated":  # the step rotates down_proj's input: the adapter's A must be rotated to match
         llmspeed.quantize(model, "int4", group_size=32, hadamard_layers=["*.mlp.down_proj"])
     elif fmt is not None:
