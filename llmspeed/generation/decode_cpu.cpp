@@ -92,7 +92,9 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
   Step st{n, num_heads, key_cache.size(3), key_cache.size(4), key_cache.size(2), blocks.size(1),
           slots.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), context.data_ptr<int64_t>(),
           static_cast<float>(scale)};
-  TORCH_CHECK(cos.size(0) == n && cos.size(1) == st.D, "fused decode: cos/sin must be [n, head_dim]");
+  const int64_t R = cos.size(1);  // the rotary width: head_dim, or less for a partial rotary embedding
+  TORCH_CHECK(cos.size(0) == n && R <= st.D && R % 2 == 0 && sin.sizes() == cos.sizes(),
+              "fused decode: cos/sin must be [n, rotary width], an even width up to head_dim");
   const int64_t I = weights[FIRST_MATRIX + 3 * GATE].size(0), qw = st.H * st.D, kvw = st.Hkv * st.D;
   const int64_t layer_stride = key_cache[0].numel();
   const bool has_lora = !lora.empty();
@@ -163,8 +165,8 @@ static at::Tensor step_rows(const at::Tensor& hidden, int64_t handle, const at::
         rms_norm(q.data(), w[5].data_ptr<float>(), n * st.H, st.D, eps, q.data());
         rms_norm(k.data(), w[6].data_ptr<float>(), n * st.Hkv, st.D, eps, k.data());
       }
-      rope(q.data(), n, st.H, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
-      rope(k.data(), n, st.Hkv, st.D, cos.data_ptr<float>(), sin.data_ptr<float>());
+      rope(q.data(), n, st.H, st.D, R, cos.data_ptr<float>(), sin.data_ptr<float>());
+      rope(k.data(), n, st.Hkv, st.D, R, cos.data_ptr<float>(), sin.data_ptr<float>());
       if (key_cache.scalar_type() == at::kBFloat16) {
         attend(st, q.data(), k.data(), v.data(), key_cache.data_ptr<bf16>() + l * layer_stride,
                value_cache.data_ptr<bf16>() + l * layer_stride, att.data());

@@ -16,7 +16,8 @@ the output head; quantized matrices of prompt-sized steps run as the per-layer p
 
 Supported (checked at every step, else the generic path runs): ``model_type`` ``llama``,
 ``mistral``, ``qwen2``, ``qwen3`` (per-head q/k RMSNorm) or ``phi3`` (fused ``qkv_proj`` and ``gate_up_proj``, read as
-row ranges: :mod:`.layer_matrices`; a rotary embedding over the whole head) with SiLU MLPs and RMSNorm, on CPU, whose
+row ranges: :mod:`.layer_matrices`; a rotary embedding over the whole head or its first dimensions, as
+Phi-4-mini's ``partial_rotary_factor``) with SiLU MLPs and RMSNorm, on CPU, whose
 projections are plain
 ``nn.Linear`` in fp32 or bf16 or llmspeed's weight-only int8, int4 and NF4 linears (4-bit groups a
 multiple of 16; q/k/v biases allowed), optionally wrapped with unmerged LoRA adapters (each row of

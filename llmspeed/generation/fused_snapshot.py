@@ -171,8 +171,8 @@ def unsupported(model) -> str | None:
         return reason
     inv_freq = getattr(body.rotary_emb, "inv_freq", None)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if isinstance(inv_freq, torch.Tensor) and 2 * inv_freq.numel() != head_dim:
-        return f"the rotary embedding turns {2 * inv_freq.numel()} of each head's {head_dim} dimensions (partial_rotary_factor)"
+    if isinstance(inv_freq, torch.Tensor) and 2 * inv_freq.numel() > head_dim:  # fewer: a partial rotary embedding
+        return f"the rotary embedding turns {2 * inv_freq.numel()} dimensions of heads {head_dim} wide"
     for i, layer in enumerate(body.layers):
         matrices = layer_matrices(layer, cfg)
         for m in matrices:

@@ -29,15 +29,16 @@ void rms_norm(const float* x, const float* weight, int64_t M, int64_t E, double 
   });
 }
 
-// rotate-half rotary embedding on `heads` heads of each row; cos/sin [M, D]
-void rope(float* x, int64_t M, int64_t heads, int64_t D, const float* cos, const float* sin) {
-  const int64_t half = D / 2;
+// rotate-half rotary embedding on the first R dimensions of `heads` heads (D wide) of each row; cos/sin [M, R].
+// R < D is a partial rotary embedding (Phi-4-mini's partial_rotary_factor): the last D - R dimensions pass as they are
+void rope(float* x, int64_t M, int64_t heads, int64_t D, int64_t R, const float* cos, const float* sin) {
+  const int64_t half = R / 2;
   at::parallel_for(0, M, grain(heads * D), [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; ++m)
       for (int64_t h = 0; h < heads; ++h) {
         float* v = x + (m * heads + h) * D;
-        const float* c = cos + m * D;
-        const float* s = sin + m * D;
+        const float* c = cos + m * R;
+        const float* s = sin + m * R;
         for (int64_t j = 0; j < half; ++j) {
           float a = v[j], b = v[j + half];
           v[j] = a * c[j] - b * s[j];

@@ -266,15 +266,36 @@ def test_qwen2_biases_are_used():
     assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("architecture", ["llama", "phi3"])
+@pytest.mark.parametrize("partial", [0.5, 0.75])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_partial_rotary_embedding_matches_the_generic_path(partial, dtype):
+    """Phi-4-mini turns 3/4 of each head: the step rotates the first dimensions (rotate-half over them) and passes
+    the rest; 0.75 of 16 leaves 12, whose halves are not the head's."""
+    rope = {"rope_theta": 1e4, "partial_rotary_factor": partial, "rope_type": "default"}
+    model = llmspeed.models.tiny("phi3", seed=3, dtype=dtype, rope_parameters=rope)
+    assert fused_decode.unsupported(model) is None
+    gen, decode = _prefilled(model, [1, 4, 9, 17, 30])
+    fused = fused_decode.FusedDecode(model, gen.cache).run(StepInput.decode(decode, gen.blocks.block_size))
+    ref = _generic_logits(model, gen, decode)
+    assert (fused - ref).abs().max() / ref.abs().max() < LOGIT_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "phi3", "phi3-partial"])
 def test_generator_uses_it_and_gives_the_same_tokens(architecture):
-    model = llmspeed.models.tiny(architecture, seed=0)
+    """Greedy bursts (num_scheduler_steps) too: they read the rotary rows from the table themselves."""
+    partial = {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.75, "rope_type": "default"}}
+    model = llmspeed.models.tiny(architecture.removesuffix("-partial"), seed=0,
+                                 **(partial if architecture.endswith("partial") else {}))  # fmt: skip
     prompts = [[1, 2, 3], list(range(40, 90)), [7] * 17]
     sp = SamplingParams(max_new_tokens=15, ignore_eos=True)
     on = Generator(model, progress=False, block_size=8)
     off = Generator(model, progress=False, block_size=8, fused_decode=False)
+    burst = Generator(model, progress=False, block_size=8, num_scheduler_steps=4)
     assert on.fused_decode_status == "on" and off.fused_decode_status.startswith("off")
-    assert [o.token_ids for o in on.generate_batched(prompts, sp)] == [o.token_ids for o in off.generate_batched(prompts, sp)]
+    want = [o.token_ids for o in off.generate_batched(prompts, sp)]
+    assert [o.token_ids for o in on.generate_batched(prompts, sp)] == want
+    assert [o.token_ids for o in burst.generate_batched(prompts, sp)] == want
+    assert "fused cpu, greedy burst" in burst.step_paths
 
 
 @pytest.mark.parametrize("activations", ["float", "int8"])
