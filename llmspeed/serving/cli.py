@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2/2.5/3), or a JSON file holding a "
                         "transformers response template (default: the tokenizer's response_template if it has one, else hermes for "
                         "Qwen 2 and 3 models)")
+    p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,FOLDER}",
+                   help="where a request's sampling defaults come from when it leaves temperature, top_p, top_k, min_p "
+                        "or repetition_penalty out (vLLM's flag): auto, the model's generation config (as vLLM); "
+                        "vllm, the OpenAI API's defaults; or a folder holding a generation_config.json")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
     return p
 
@@ -213,9 +217,19 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
                     scheduling_policy=args.scheduling_policy)
     # the folder's own name, also for "." or "..": Path(".").name is "", Path("..").name ".."
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(os.path.abspath(args.model)).name)
-    return engine, OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser,
-                                allow_runtime_lora=args.allow_runtime_lora_updating,
-                                responses_store=args.enable_responses_store)
+    try:
+        server = OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser,
+                              allow_runtime_lora=args.allow_runtime_lora_updating,
+                              responses_store=args.enable_responses_store, generation_config=args.generation_config)
+    except ValueError as err:
+        engine.close()
+        if "generation_config" in str(err):
+            raise SystemExit(f"--generation-config: {err}") from None
+        raise
+    if server.sampling_defaults:  # as vLLM says it: answers differ from a server with the OpenAI API's defaults
+        print(f"llmspeed serve: requests that leave them out sample with the model's generation config: "
+              f"{server.sampling_defaults} (--generation-config vllm for the OpenAI API's defaults)", flush=True)
+    return engine, server
 
 
 def main(argv: list[str] | None = None) -> int:

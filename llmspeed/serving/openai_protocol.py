@@ -84,9 +84,13 @@ class SamplingRequest(StrictRequest):
     _structured: Any = PrivateAttr(default=False)  # structured() once read (False: not yet)
 
     def sampling(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
-                 vocab_size: int | None = None) -> SamplingParams:  # fmt: skip
+                 vocab_size: int | None = None, defaults: dict[str, Any] | None = None) -> SamplingParams:  # fmt: skip
         """The :class:`SamplingParams` of choice ``seed_offset`` (choices of ``n > 1`` get consecutive seeds);
-        ``vocab_size``: the model's, which ``logit_bias`` ids must stay below."""
+        ``vocab_size``: the model's, which ``logit_bias`` ids must stay below; ``defaults``: values of the fields the
+        request leaves out (the model's generation config: :mod:`.sampling_defaults`)."""
+        unset = {k: v for k, v in (defaults or {}).items() if k not in self.model_fields_set}
+        temperature, top_p, top_k, min_p, repetition_penalty = (
+            unset.get(k, getattr(self, k)) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"))
         bias = self.token_biases(vocab_size)
         if self.min_tokens > max_tokens:  # as vLLM: a default max_tokens (16 for completions) bounds it too
             name, given = self.max_tokens_given()
@@ -102,11 +106,11 @@ class SamplingRequest(StrictRequest):
                 raise APIError(400, f"{ids} must be token ids in [0, {vocab_size}); got {bad}", ids)
         try:
             return SamplingParams(
-                max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                top_k=max(self.top_k, 0), seed=None if self.seed is None else (self.seed + seed_offset) % 2**64,
+                max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                top_k=max(top_k, 0), seed=None if self.seed is None else (self.seed + seed_offset) % 2**64,
                 stop=tuple(stop), logprobs=logprobs, presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=self.min_p,
+                frequency_penalty=self.frequency_penalty, repetition_penalty=repetition_penalty,
+                min_tokens=self.min_tokens, logit_bias=tuple(bias.items()), min_p=min_p,
                 prompt_logprobs=self.prompt_alternatives(logprobs), structured_outputs=structured,
                 ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
                 include_stop_str_in_output=self.include_stop_str_in_output, bad_words=tuple(self.bad_words or ()),

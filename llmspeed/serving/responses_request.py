@@ -168,8 +168,9 @@ class ResponsesRequest(StrictRequest):
         """The chat completions request this one asks for, and for each of its messages the Responses field it came
         from (``"instructions"``, ``"input"``, ``"input.3"``), which :meth:`renamed` puts in errors."""
         messages, origins = self._messages()
-        chat: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                                "top_p": self.top_p, "stream": self.stream}
+        chat: dict[str, Any] = {"model": self.model, "messages": messages, "stream": self.stream}
+        # only the sampling fields given: one left out takes the server's default (the model's generation config)
+        chat.update({k: getattr(self, k) for k in ("temperature", "top_p") if k in self.model_fields_set})
         if self.stream:  # the final event carries the usage
             chat["stream_options"] = {"include_usage": True}
         if self.max_output_tokens is not None:

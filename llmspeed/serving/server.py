@@ -41,6 +41,7 @@ from .openai_responses import chat_response, completion_response, new_id
 from .responses_output import whole
 from .responses_request import ResponsesRequest
 from .responses_store import ResponseStore
+from .sampling_defaults import sampling_defaults
 from .streaming import CLIENT_GONE, stream, unless_gone
 from .streaming import failure as answer_failure
 from .tool_choice import with_tool_calls
@@ -65,6 +66,9 @@ class OpenAIServer:
             (:mod:`.lora_api`): clients load adapter folders from the server's disk, and unload them, while it serves.
         responses_store: Keep Responses API answers (:mod:`.responses_store`) for ``previous_response_id`` and
             ``GET`` / ``DELETE /v1/responses/{id}``; without it those are refused.
+        generation_config: Where the sampling defaults of a request that leaves them out come from
+            (:func:`.sampling_defaults.sampling_defaults`): ``"auto"`` (default, as vLLM) the model's generation
+            config, ``"vllm"`` the OpenAI API's defaults, or a folder holding a ``generation_config.json``.
 
     Raises:
         ValueError: An adapter is named as the base model, or twice (one name must pick one model), or is not loaded
@@ -73,7 +77,7 @@ class OpenAIServer:
 
     def __init__(self, engine: Engine, model_name: str, adapters: Sequence[str] = (), api_key: str | None = None,
                  tool_call_parser: str | dict[str, Any] | None = None, allow_runtime_lora: bool = False,
-                 responses_store: bool = False):  # fmt: skip
+                 responses_store: bool = False, generation_config: str = "auto"):  # fmt: skip
         self.engine = engine
         self.model_name = model_name
         self.adapters = tuple(adapters)
@@ -96,6 +100,7 @@ class OpenAIServer:
         model_type = getattr(getattr(engine.model.module, "config", None), "model_type", None)
         self.response_template = response_template(self.tokenizer, tool_call_parser, model_type)
         self.context = engine.model.spec.max_positions
+        self.sampling_defaults = sampling_defaults(engine.model, generation_config)
         self.created = int(time.time())
 
     # --- helpers --------------------------------------------------------------------------------
@@ -277,7 +282,8 @@ class OpenAIServer:
                       max_tokens: int, logprobs: int | None, chat: bool, echo: list[tuple[str, list[int]]] | None = None,
                       generated: bool = True, responses: ResponsesRequest | None = None) -> Response:
         vocab = self.engine.generator.model.spec.vocab_size
-        sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab), adapter) for i in range(req.n)]
+        sps = [_with_adapter(req.sampling(max_tokens, logprobs, i, vocab, self.sampling_defaults), adapter)
+               for i in range(req.n)]  # fmt: skip
         if sps[0].structured_outputs is not None:  # its grammar compiled off the event loop and the step loop
             await asyncio.to_thread(self.engine.prepare, sps[0])
         handles = self._submit_all([(p, sp) for p in prompts for sp in sps], req.priority)  # choice i: prompt i // n
