@@ -75,13 +75,21 @@ def _longrope_originals(model: CausalLM) -> list[object]:
     ]
 
 
-def context_limit(model: CausalLM, max_positions: int) -> tuple[int, str]:
+def context_limit(model: CausalLM, max_positions: int, max_model_len: int | None = None) -> tuple[int, str]:
     """``(tokens a sequence may hold, why when fewer than max_positions)``: the reason reads on after "the model's
-    context holds N" in the scheduler's refusal of a longer prompt (empty when the model's positions are the limit)."""
+    context holds N" in the scheduler's refusal of a longer prompt (empty when the model's positions are the limit).
+    ``max_model_len``: a lower limit the caller sets (vLLM's); ``ValueError`` when it is not an int from 2 to the
+    model's own limit."""
     window = attention_window(model)  # past it the model's attention is windowed and ours would not be
     chunk = attention_chunk(model)  # past it the model's attention is chunked and ours would not be
     rope = rope_context(model)  # past it a sequence's rotary rows would depend on the batch it is stepped in
     context = min(n for n in (max_positions, window, chunk, rope) if n is not None)
+    if max_model_len is not None:
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
+            raise ValueError(f"max_model_len must be None or an int from 2 (a prompt token and a new one) to {context}, "
+                             f"the most this model holds here; got {max_model_len!r}")  # fmt: skip
+        if max_model_len < context:
+            return max_model_len, f" here: max_model_len={max_model_len}"
     if window is not None and context == window and window < max_positions:
         return context, (f" here: its attention's sliding window (sliding_window={window} in its config), which the "
                          f"paged attention does not apply past the window")  # fmt: skip

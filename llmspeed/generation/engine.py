@@ -103,6 +103,8 @@ class Generator:
         scheduling_policy: ``"fcfs"`` (default: first come, first served) or ``"priority"`` (vLLM's: requests run
             in order of the ``priority`` given to :meth:`add_request`, lower first, and a request is preempted for
             one of a lower value: :mod:`.scheduler`).
+        max_model_len: Most tokens (prompt and output) one request may hold, below what the model allows (vLLM's
+            ``max_model_len``); ``None`` (default): the model's own limit (:mod:`.context_limits`).
 
     Attributes:
         fused_decode_status: ``"on"``, or why decode steps take the generic path (read when asked: a model
@@ -132,6 +134,7 @@ class Generator:
         kv_cache_dtype: str | torch.dtype = "auto",
         num_scheduler_steps: int = 1,
         scheduling_policy: str = "fcfs",
+        max_model_len: int | None = None,
     ):
         kv_cache_tokens, eos = check_arguments(
             model, kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
@@ -148,7 +151,7 @@ class Generator:
         self.progress = progress
         num_blocks = kv_cache_tokens // block_size
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
-        context, note = context_limit(model, spec.max_positions)
+        context, note = context_limit(model, spec.max_positions, max_model_len)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens, max_seqs, context, scheduling_policy)
         self.scheduler.context_note = note
         self.scheduler.weights_key = self._weights_key

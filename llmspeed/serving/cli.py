@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the cached keys and values (auto: the model's; docs/batching.md)")
     p.add_argument("--max-batch-tokens", type=_int_in(1), default=512, help="most tokens in one forward pass")
     p.add_argument("--max-seqs", type=_int_in(1), default=64, help="most requests running at once")
+    p.add_argument("--max-model-len", type=_int_in(2), default=None,
+                   help="most tokens (prompt and answer) one request may hold, below the model's context (vLLM's)")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="fcfs: first come, first served; priority: requests' `priority` field (lower first) orders "
                         "admission and picks whom to preempt (vLLM's)")
@@ -211,10 +213,15 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     if names:
         lora.set_adapter(model, None)  # requests for the base model run without any adapter
     tune_kernels(model, args.max_batch_tokens)
-    engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
-                    max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype,
-                    kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps,
-                    scheduling_policy=args.scheduling_policy)
+    try:
+        engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
+                        max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype,
+                        kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps,
+                        scheduling_policy=args.scheduling_policy, max_model_len=args.max_model_len)
+    except ValueError as err:
+        if "max_model_len" in str(err):  # past the model's context: named by its flag, before the server starts
+            raise SystemExit(f"--max-model-len {args.max_model_len}: {err}") from None
+        raise
     # the folder's own name, also for "." or "..": Path(".").name is "", Path("..").name ".."
     served = args.served_model_name or (args.model if args.model == "smollm2" else Path(os.path.abspath(args.model)).name)
     try:

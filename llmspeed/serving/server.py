@@ -99,7 +99,7 @@ class OpenAIServer:
         self.tokenizer = engine.model.tokenizer
         model_type = getattr(getattr(engine.model.module, "config", None), "model_type", None)
         self.response_template = response_template(self.tokenizer, tool_call_parser, model_type)
-        self.context = engine.model.spec.max_positions
+        self.context = engine.generator.scheduler.max_seq_len  # the model's context, or --max-model-len
         self.sampling_defaults = sampling_defaults(engine.model, generation_config)
         self.created = int(time.time())
 
