@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2/2.5/3), or a JSON file holding a "
                         "transformers response template (default: the tokenizer's response_template if it has one, else hermes for "
                         "Qwen 2 and 3 models)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the Jinja chat template to render chat requests with, in place of the tokenizer's: a file, or "
+                        "the template itself (vLLM's flag)")
     p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,FOLDER}",
                    help="where a request's sampling defaults come from when it leaves temperature, top_p, top_k, min_p "
                         "or repetition_penalty out (vLLM's flag): auto, the model's generation config (as vLLM); "
@@ -161,6 +164,20 @@ def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
     return quant.load(path)
 
 
+def chat_template(given: str) -> str:
+    """``--chat-template``'s template: a file's text, or the value itself when it holds Jinja (``{{`` or ``{%``), as
+    vLLM reads the flag; anything else is refused (a mistyped path would otherwise become a template)."""
+    path = Path(given)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a long template is no path
+        pass
+    if "{{" in given or "{%" in given:
+        return given
+    raise SystemExit(f"--chat-template must be a file or a Jinja template (holding '{{{{' or '{{%'); {given!r} is neither")
+
+
 def tune_kernels(model: Any, max_rows: int) -> int:
     """Time the quantized layers' ``kernel="auto"`` choices for every step size before serving.
 
@@ -202,7 +219,12 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             recipe["lm_head"] = None
         if args.activations != "float":
             recipe["activations"] = args.activations
+    template = chat_template(args.chat_template) if args.chat_template is not None else None  # before the model loads
     model = load_model(args.model, recipe)
+    if template is not None:
+        if model.tokenizer is None:
+            raise SystemExit("--chat-template needs a tokenizer to render with, and this model has none")
+        model.tokenizer.chat_template = template
     names = []
     for spec in args.adapter:
         name, sep, path = spec.partition("=")

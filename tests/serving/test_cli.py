@@ -126,3 +126,19 @@ def test_optional_endpoints_are_off_unless_their_flag_or_vllms_variable_asks(fla
     engine.close()
     assert (route in {getattr(r, "path", None) for r in server.app().routes}) is on
     assert (server.allow_runtime_lora if flag == "--allow-runtime-lora-updating" else server.responses_store is not None) is on
+
+
+def test_chat_template_replaces_the_tokenizers_from_a_file_or_inline(smollm2, monkeypatch, tmp_path, capsys):
+    """vLLM's --chat-template: a file or the template itself; a mistyped path is refused, not taken as a template."""
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: smollm2)
+    shout = "{% for m in messages %}{{ m['content'] | upper }}\n{% endfor %}"
+    (tmp_path / "t.jinja").write_text(shout)
+    for given in (str(tmp_path / "t.jinja"), shout):
+        engine, server = cli.build(cli.build_parser().parse_args(["--kv-cache-tokens", "64", "--chat-template", given]))
+        engine.close()
+        assert server.tokenizer.chat_template == shout
+        ids = server.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert ids == "HI\n"
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--kv-cache-tokens", "64", "--chat-template", str(tmp_path / "missing.jinja")])
+    assert err.value.code == 2 and "--chat-template must be a file or a Jinja template" in capsys.readouterr().err
