@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-quantize-lm-head keeps it float (llmspeed.quantize(..., lm_head=None); docs/serving.md: the cost)")
     p.add_argument("--activations", default="float", choices=["float", "int8"],
                    help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI or AVX2, their cost)")
-    p.add_argument("--adapter", action="append", default=[], type=_adapter, metavar="NAME=PATH",
-                   help="a LoRA adapter folder (ours or PEFT's); repeat for more")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the weights' dtype for a float checkpoint or smollm2, before --quantize (vLLM's flag; auto: "
+                        "float32, the CPU's fast path here; 16-bit as llmspeed.cast makes it)")
+    p.add_argument("--adapter", "--lora-modules", action="extend", nargs="+", default=[], type=_adapter,
+                   metavar="NAME=PATH", help="LoRA adapter folders (ours or PEFT's); repeat or list several "
+                                             "(--lora-modules is vLLM's name for it)")
     p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
                    help="precision of the adapters the fused CPU decode step reads (docs/lora.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -45,14 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV cache budget in tokens (at least one block: {KV_BLOCK_TOKENS})")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached keys and values (auto: the model's; docs/batching.md)")
-    p.add_argument("--max-batch-tokens", type=_int_in(1), default=512, help="most tokens in one forward pass")
-    p.add_argument("--max-seqs", type=_int_in(1), default=64, help="most requests running at once")
+    p.add_argument("--max-batch-tokens", "--max-num-batched-tokens", type=_int_in(1), default=512,
+                   help="most tokens in one forward pass (--max-num-batched-tokens: vLLM's name)")
+    p.add_argument("--max-seqs", "--max-num-seqs", type=_int_in(1), default=64,
+                   help="most requests running at once (--max-num-seqs: vLLM's name)")
     p.add_argument("--max-model-len", type=_int_in(2), default=None,
                    help="most tokens (prompt and answer) one request may hold, below the model's context (vLLM's)")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="fcfs: first come, first served; priority: requests' `priority` field (lower first) orders "
                         "admission and picks whom to preempt (vLLM's)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prompt prefixes")
+    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", action="store_true",
+                   help="do not share KV blocks of common prompt prefixes (--no-enable-prefix-caching: vLLM's name)")
+    p.add_argument("--enable-prefix-caching", action="store_false", dest="no_prefix_caching",
+                   help="share KV blocks of common prompt prefixes (the default; vLLM's flag)")
     p.add_argument("--num-scheduler-steps", type=_int_in(1), default=1,
                    help="decode steps one engine step may run back to back when no running request wants logprobs or "
                         "penalties and none waits (greedy only on the fused CPU step; less Python between steps, and on "
@@ -130,18 +139,26 @@ def _adapter(spec: str) -> str:
     return spec
 
 
-def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
+def load_model(name: str, quantize: dict[str, Any] | None = None, dtype: str = "auto") -> Any:
     """``smollm2``, a folder (llmspeed's, compressed-tensors, GPTQ, AWQ, or a float transformers checkpoint), or a
     GGUF file (llama.cpp's, with its own codes: :mod:`llmspeed.quant.formats.gguf_load`).
 
     A float checkpoint with ``quantize`` is quantized while it is read (one tensor at a time); a model that
-    is already quantized is returned as it is, and ``quantize`` then is an error.
+    is already quantized is returned as it is, and ``quantize`` then is an error. ``dtype`` (``--dtype``): a float
+    checkpoint's weights, before ``quantize`` (``"auto"``: float32); a quantized one keeps its own.
     """
-    from .. import models, quant
+    from .. import models, precision, quant
     from ..quant.formats.files import detect
+
+    def already(what: str) -> None:
+        if dtype != "auto":
+            raise SystemExit(f"{name} is {what}: --dtype {dtype} applies to float checkpoints (llmspeed.cast before "
+                             f"quantizing); drop it")  # fmt: skip
 
     if name == "smollm2":
         model = models.smollm2()
+        if dtype != "auto":
+            precision.cast(model, dtype)
         if quantize:
             rest = {k: v for k, v in quantize.items() if k != "format"}
             quant.quantize(model, quantize["format"], **rest)
@@ -150,6 +167,7 @@ def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
     if path.is_file() and path.suffix.lower() == ".gguf":
         if quantize:
             raise SystemExit(f"{name} is a GGUF file, quantized already; drop --quantize")
+        already("a GGUF file")
         return quant.load(path)
     if not path.is_dir():
         raise SystemExit(f"--model must be 'smollm2', a folder or a .gguf file; {name!r} is none of these")
@@ -158,9 +176,10 @@ def load_model(name: str, quantize: dict[str, Any] | None = None) -> Any:
     except ValueError as err:  # a folder without model.safetensors (or its index): no checkpoint to serve
         raise SystemExit(f"--model {name!r} is not a checkpoint folder: {err}") from err
     if kind == "float":
-        return models.from_pretrained(path, quantize=quantize)
+        return models.from_pretrained(path, dtype="float32" if dtype == "auto" else dtype, quantize=quantize)
     if quantize:
         raise SystemExit(f"{name} is already quantized; drop --quantize")
+    already("quantized already")
     return quant.load(path)
 
 
@@ -220,7 +239,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.activations != "float":
             recipe["activations"] = args.activations
     template = chat_template(args.chat_template) if args.chat_template is not None else None  # before the model loads
-    model = load_model(args.model, recipe)
+    model = load_model(args.model, recipe, args.dtype)
     if template is not None:
         if model.tokenizer is None:
             raise SystemExit("--chat-template needs a tokenizer to render with, and this model has none")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from llmspeed.serving import cli
 
@@ -96,12 +97,12 @@ def test_flags_reach_the_quantize_recipe_the_engine_and_the_server(llama, monkey
     """--no-quantize-lm-head, --activations, --served-model-name, --no-prefix-caching and --scheduling-policy each change
     what is built (mutations dropping any of them survived)."""
     recipes = []
-    monkeypatch.setattr(cli, "load_model", lambda name, recipe=None: recipes.append(recipe) or llama)
+    monkeypatch.setattr(cli, "load_model", lambda name, recipe=None, dtype="auto": recipes.append((recipe, dtype)) or llama)
     flags = ["--quantize", "int8", "--no-quantize-lm-head", "--activations", "int8", "--served-model-name", "mine",
-             "--no-prefix-caching", "--kv-cache-tokens", "64", "--scheduling-policy", "priority"]  # fmt: skip
+             "--no-prefix-caching", "--kv-cache-tokens", "64", "--scheduling-policy", "priority", "--dtype", "bfloat16"]  # fmt: skip
     engine, server = cli.build(cli.build_parser().parse_args(flags))
     try:
-        assert recipes == [{"format": "int8", "lm_head": None, "activations": "int8"}]
+        assert recipes == [({"format": "int8", "lm_head": None, "activations": "int8"}, "bfloat16")]
         assert server.model_name == "mine" and not engine.generator.blocks.prefix_caching
         assert engine.generator.scheduler.policy == "priority"
     finally:
@@ -121,7 +122,7 @@ def test_optional_endpoints_are_off_unless_their_flag_or_vllms_variable_asks(fla
         monkeypatch.delenv(name, raising=False)
     if env is not None:
         monkeypatch.setenv(variable, env)
-    monkeypatch.setattr(cli, "load_model", lambda name, recipe=None: llama)
+    monkeypatch.setattr(cli, "load_model", lambda name, recipe=None, dtype="auto": llama)
     engine, server = cli.build(cli.build_parser().parse_args([*([flag] if given else []), "--kv-cache-tokens", "64"]))
     engine.close()
     assert (route in {getattr(r, "path", None) for r in server.app().routes}) is on
@@ -142,3 +143,26 @@ def test_chat_template_replaces_the_tokenizers_from_a_file_or_inline(smollm2, mo
     with pytest.raises(SystemExit) as err:
         cli.main(["--kv-cache-tokens", "64", "--chat-template", str(tmp_path / "missing.jinja")])
     assert err.value.code == 2 and "--chat-template must be a file or a Jinja template" in capsys.readouterr().err
+
+
+def test_vllms_flag_names_parse_as_ours(tmp_path):
+    """A vLLM launch line's flags for the same knobs: --max-num-seqs, --max-num-batched-tokens, --lora-modules (several
+    NAME=PATH after one flag), --no-enable-prefix-caching / --enable-prefix-caching."""
+    a, b = f"a={tmp_path}", f"b={tmp_path}"
+    vllm = cli.build_parser().parse_args(["--max-num-seqs", "3", "--max-num-batched-tokens", "100", "--lora-modules",
+                                          a, b, "--no-enable-prefix-caching"])  # fmt: skip
+    ours = cli.build_parser().parse_args(["--max-seqs", "3", "--max-batch-tokens", "100", "--adapter", a,
+                                          "--adapter", b, "--no-prefix-caching"])  # fmt: skip
+    assert vars(vllm) == vars(ours) and ours.adapter == [a, b] and ours.no_prefix_caching
+    assert not cli.build_parser().parse_args(["--no-prefix-caching", "--enable-prefix-caching"]).no_prefix_caching
+
+
+def test_dtype_casts_a_float_checkpoint_before_quantizing_and_is_refused_for_a_quantized_one(tmp_path):
+    import llmspeed
+
+    model = cli.load_model("smollm2", {"format": "int8"}, "bfloat16")
+    assert model.spec.dtype == torch.bfloat16 and type(model.hf.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
+    path = llmspeed.save(llmspeed.quantize(llmspeed.models.tiny("llama"), "int4", group_size=32), tmp_path / "m.gguf",
+                         format="gguf")  # fmt: skip
+    with pytest.raises(SystemExit, match=r"m.gguf is a GGUF file: --dtype float16 applies to float checkpoints"):
+        cli.load_model(str(path), None, "float16")
