@@ -67,6 +67,12 @@ def build_app(server: OpenAIServer) -> FastAPI:
             return JSONResponse({"status": "closed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/version")  # vLLM's: the serving library's version, open as /health is
+    async def version() -> dict[str, Any]:
+        from .. import __version__
+
+        return {"version": __version__}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return server.models()

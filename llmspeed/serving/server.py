@@ -164,11 +164,12 @@ class OpenAIServer:
         return {"object": "list", "data": [self.model(name) for name in (self.model_name, *self.adapters)]}
 
     def model(self, name: str) -> dict[str, Any]:
-        """``GET /v1/models/{name}``: one model (404 ``model_not_found`` for a name this server does not have)."""
+        """``GET /v1/models/{name}``: one model (404 ``model_not_found`` for a name this server does not have), with
+        vLLM's ``max_model_len`` (the most tokens a request holds here), which clients size their prompts by."""
         self.adapter_for(name)
         parent = None if name == self.model_name else self.model_name
         return {"id": name, "object": "model", "created": self.created, "owned_by": "llmspeed", "root": name,
-                "parent": parent}
+                "parent": parent, "max_model_len": self.engine.generator.scheduler.max_tokens_per_seq}
 
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics`."""

@@ -39,6 +39,9 @@ def test_the_server_checks_and_reports_it(llama, live_server):
                                                        "temperature": 0, "ignore_eos": True}).json()  # fmt: skip
         assert chat["usage"]["total_tokens"] == 40  # the default max_tokens: what the context leaves
         assert post_json(url, "/tokenize", {"model": "tiny", "prompt": "hi"}).json()["max_model_len"] == 40
+        import httpx
+
+        assert httpx.get(f"{url}/v1/models/tiny").json()["max_model_len"] == 40  # the model card's, as vLLM's
 
 
 def test_the_cli_flag_reaches_the_engine_and_a_length_past_the_model_is_named(llama, monkeypatch):

@@ -138,6 +138,10 @@ def test_an_adapters_parent_is_the_base_and_an_unknown_model_names_the_field(lla
     with live_server(OpenAIServer(Engine(llama, kv_cache_tokens=1024), "tiny", adapters=("docs",))) as url:
         listed = httpx.get(f"{url}/v1/models").json()["data"]
         assert [(m["id"], m["root"], m["parent"]) for m in listed] == [("tiny", "tiny", None), ("docs", "docs", "tiny")]
+        assert [m["max_model_len"] for m in listed] == [512, 512]  # vLLM's field: the tiny model's positions
+        from llmspeed import __version__
+
+        assert httpx.get(f"{url}/version").json() == {"version": __version__}  # vLLM's route
         body = {"model": "nope", "prompt": "hi", "max_tokens": 2}
         assert "'nope' does not exist" in _error(_post(url, "/v1/completions", body), 404, "model")
 
