@@ -5,6 +5,9 @@ Names:
 * ``"smollm2"``: the embedded SmolLM2-135M-Instruct (real weights, a tokenizer: perplexity works);
 * ``"llama-1b-random"``: a 1B-class Llama config with random weights (no tokenizer; for GPU timing);
 * ``"tiny-<arch>"`` (``tiny-llama``, ``tiny-qwen2``, ...): tiny random models, for harness tests;
+* ``"smollm2-shape-<arch>"``: random weights in SmolLM2-135M's shape (576 wide, 30 layers, 9 heads, 3 KV heads,
+  1536 in the MLP, its vocabulary) for any tiny architecture: the same sizes across families (Phi-3's fused
+  projections against Llama's), for timing;
 * any other string: a folder holding a transformers checkpoint and its tokenizer.
 
 Every call builds a fresh model, so a suite can cast or quantize it without affecting the next row.
@@ -20,7 +23,9 @@ import torch
 
 from ..model import Model
 
-NAMES = ("smollm2", "llama-1b-random", "tiny-<arch>", "PATH")
+NAMES = ("smollm2", "llama-1b-random", "tiny-<arch>", "smollm2-shape-<arch>", "PATH")
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192)  # fmt: skip
 
 
 def name_error(name: str) -> str | None:
@@ -33,10 +38,11 @@ def name_error(name: str) -> str | None:
 
     if name in ("smollm2", "llama-1b-random", "llama1b", "tiny") or Path(name).is_dir():
         return None
-    if name.startswith("tiny-"):
-        if name.removeprefix("tiny-") in ARCHITECTURES:
-            return None
-        return f"tiny-<arch> takes arch in {sorted(ARCHITECTURES)}; got {name!r}"
+    for prefix in ("tiny-", "smollm2-shape-"):
+        if name.startswith(prefix):
+            if name.removeprefix(prefix) in ARCHITECTURES:
+                return None
+            return f"{prefix}<arch> takes arch in {sorted(ARCHITECTURES)}; got {name!r}"
     return f"must be one of {', '.join(NAMES)} (PATH: a folder with a transformers checkpoint); got {name!r}, not a folder"
 
 
@@ -72,6 +78,9 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
                 f"model must be tiny-<arch> with arch in {sorted(models.ARCHITECTURES)}; got {name!r}"
             )
         return Model(models.tiny(arch, seed=0, dtype=dtype).hf.to(device), None)
+    if name.startswith("smollm2-shape-") and name.removeprefix("smollm2-shape-") in models.ARCHITECTURES:
+        shaped = models.tiny(name.removeprefix("smollm2-shape-"), seed=0, dtype=dtype, **SMOLLM2_SHAPE)
+        return Model(shaped.hf.to(device), None)
     path = Path(name)
     if not path.is_dir():
         raise ValueError(

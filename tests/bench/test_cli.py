@@ -108,7 +108,8 @@ def test_jsonable_turns_tensors_and_nan_into_json_values():
 
 
 @pytest.mark.parametrize("model, says", [("no/such/folder", "got 'no/such/folder', not a folder"),
-                                         ("tiny-gpt", "tiny-<arch> takes arch in"), ("smolm2", "must be one of")])
+                                         ("tiny-gpt", "tiny-<arch> takes arch in"), ("smolm2", "must be one of"),
+                                         ("smollm2-shape-gpt", "smollm2-shape-<arch> takes arch in")])
 def test_unknown_model_is_refused_before_any_suite_runs(fake_suites, model, says, monkeypatch, capsys):
     """Regression: a misspelt --model ran every suite, each failing in turn (those that ignore --model ran in full);
     a benchmarks/<suite>.py script died with a traceback from the suite."""
@@ -131,8 +132,19 @@ def test_unknown_model_is_refused_before_any_suite_runs(fake_suites, model, says
 def test_accepted_model_names_pass_the_early_check(tmp_path):
     from llmspeed.bench.models import name_error
 
-    for name in ("smollm2", "llama-1b-random", "tiny", "tiny-qwen3", str(tmp_path)):
+    for name in ("smollm2", "llama-1b-random", "tiny", "tiny-qwen3", "smollm2-shape-phi3", str(tmp_path)):
         assert name_error(name) is None, name
+
+
+def test_smollm2_shaped_models_have_smollm2s_sizes_in_any_family():
+    from llmspeed.bench import models as bench_models
+
+    real = bench_models.load_model("smollm2", "cpu").spec
+    for arch in ("llama", "phi3"):
+        spec = bench_models.load_model(f"smollm2-shape-{arch}", "cpu").spec
+        assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.vocab_size) == (
+            real.num_layers, real.hidden_size, real.num_heads, real.num_kv_heads, real.vocab_size), arch
+        assert spec.architecture.lower().startswith(arch)
 
 
 def test_every_name_the_early_check_accepts_loads(monkeypatch):
