@@ -225,6 +225,9 @@ class OpenAIServer:
             req.refuse_store()
         else:
             self.responses_store.attach(req)
+        for name in ("temperature", "top_p"):  # left out: the model's default, which the response echoes as used
+            if name not in req.model_fields_set and name in self.sampling_defaults:
+                setattr(req, name, self.sampling_defaults[name])
         chat, origins = req.chat_payload()
         try:
             return await self.chat(request, chat, req)

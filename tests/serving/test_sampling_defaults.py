@@ -50,6 +50,8 @@ def test_the_responses_api_leaves_out_what_its_request_leaves_out(llama, live_se
         greedy = _text(url, "/v1/responses", temperature=0)
         assert _text(url, "/v1/responses") == greedy
         assert _text(url, "/v1/responses", top_p=1.0) != greedy
+        echoed = post_json(url, "/v1/responses", {"model": "tiny", "input": "abc", "max_output_tokens": 2}).json()
+        assert echoed["top_p"] == 1e-6 and echoed["temperature"] == 1.0  # the values used, as the response says
 
 
 def test_vllm_keeps_the_api_defaults_and_a_folder_stands_in_for_the_model(llama, live_server, tmp_path):
