@@ -23,6 +23,7 @@ from ..generation.admission import check_priority
 from ..generation.sampling import coerce
 from ..protocol import CausalLM
 from .handle import RequestHandle
+from .request_stats import RequestStats
 
 Prompt = str | Sequence[int] | Sequence[dict]
 Command = tuple[str, RequestHandle, Any, Any, int]  # (kind, handle, prompt, sampling, priority): the inbox's entries
@@ -69,6 +70,7 @@ class Engine:
         self._applying: list[Command] = []  # commands taken from the inbox, being applied
         self.tokens_generated = 0
         self.requests_finished = 0
+        self.stats = RequestStats()  # what /metrics reports of the requests that ended (histograms, prompt tokens)
         self.loop_errors = 0  # exceptions outside a step (a bug if ever non-zero); the loop survives them
         self._failing = 0  # turns in a row whose step raised: the requests held are ended at MAX_FAILING_TURNS
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._cv), name="llmspeed-engine",
@@ -175,8 +177,9 @@ class Engine:
             except Exception as exc:  # one command's fault: it fails its own request, never the rest of the inbox
                 self.loop_errors += 1
                 if kind == "add" and handle.request_id is None:
-                    self.requests_finished += 1  # it ended (refused): /metrics counts it, as it counts one ended by step
-                    handle._deliver(_refused(exc))
+                    refused = _refused(exc)
+                    self._count_end(refused)  # it ended (refused): /metrics counts it, as it counts one ended by step
+                    handle._deliver(refused)
 
     def _dispatch(self, events: list[StreamEvent]) -> None:
         for event in events:
@@ -186,8 +189,14 @@ class Engine:
             self.tokens_generated += event.token_id is not None
             if event.finished:
                 del self._handles[event.request_id]
-                self.requests_finished += 1
+                self._count_end(event)
             handle._deliver(event)
+
+    def _count_end(self, event: StreamEvent) -> None:
+        """Count a request's final event for ``/metrics``: one more finished, and its output's statistics."""
+        self.requests_finished += 1
+        if event.output is not None:
+            self.stats.observe(event.output)
 
     def _has_work(self) -> bool:
         return bool(self._inbox) or self._closing or self.generator.has_unfinished()
@@ -236,9 +245,10 @@ class Engine:
         """Give each of ``handles`` not yet done a final ``"error"`` event with ``message``, counted as finished."""
         for handle in handles:
             if not handle.done():
-                self.requests_finished += 1
+                ended = _ended(message, handle.request_id)
+                self._count_end(ended)
                 try:
-                    handle._deliver(_ended(message, handle.request_id))
+                    handle._deliver(ended)
                 except Exception:
                     pass
 

@@ -172,7 +172,8 @@ class OpenAIServer:
                 "parent": parent, "max_model_len": self.engine.generator.scheduler.max_tokens_per_seq}
 
     def metrics(self) -> str:
-        """``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics`."""
+        """``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics` and of the finished requests'
+        statistics (:class:`.request_stats.RequestStats`)."""
         m = self.engine.metrics()
         lines = []
         for name, kind, help_, value in [
@@ -185,6 +186,7 @@ class OpenAIServer:
             ("requests_finished_total", "counter", "Requests that ended", m["requests_finished"]),
         ]:
             lines += [f"# HELP llmspeed_{name} {help_}", f"# TYPE llmspeed_{name} {kind}", f"llmspeed_{name} {value}"]
+        lines += self.engine.stats.lines()  # prompt tokens, how requests ended, TTFT / per-token / latency histograms
         return "\n".join(lines) + "\n"
 
     async def tokenize(self, payload: Any) -> dict[str, Any]:
