@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where a request's sampling defaults come from when it leaves temperature, top_p, top_k, min_p "
                         "or repetition_penalty out (vLLM's flag): auto, the model's generation config (as vLLM); "
                         "vllm, the OpenAI API's defaults; or a folder holding a generation_config.json")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed the random draws of requests that give no seed of their own, so a server started again "
+                        "answers the same requests, in the same order, alike (vLLM's flag)")
+    p.add_argument("--log-level", "--uvicorn-log-level", default="warning", choices=LOG_LEVELS,
+                   help="uvicorn's log level (--uvicorn-log-level: vLLM's name)")
     return p
 
 
@@ -254,6 +258,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     if names:
         lora.set_adapter(model, None)  # requests for the base model run without any adapter
     tune_kernels(model, args.max_batch_tokens)
+    if args.seed is not None:  # an unseeded request draws its own seed from torch's global generator
+        import torch
+
+        torch.manual_seed(args.seed)
     try:
         engine = Engine(model, kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                         max_seqs=args.max_seqs, prefix_caching=not args.no_prefix_caching, lora_dtype=args.lora_dtype,

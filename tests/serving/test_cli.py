@@ -166,3 +166,22 @@ def test_dtype_casts_a_float_checkpoint_before_quantizing_and_is_refused_for_a_q
                          format="gguf")  # fmt: skip
     with pytest.raises(SystemExit, match=r"m.gguf is a GGUF file: --dtype float16 applies to float checkpoints"):
         cli.load_model(str(path), None, "float16")
+
+
+def test_seed_makes_unseeded_requests_repeat_across_server_starts(llama, monkeypatch):
+    """vLLM's --seed: requests without a seed of their own draw it from a generator the flag seeds."""
+    from llmspeed import SamplingParams
+
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: llama)
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, ignore_eos=True)
+
+    def answers(*flags):
+        engine, _ = cli.build(cli.build_parser().parse_args(["--kv-cache-tokens", "64", *flags]))
+        try:
+            return [engine.submit([1, 2, 3], sp).result(timeout=60).token_ids for _ in range(3)]
+        finally:
+            engine.close()
+
+    first = answers("--seed", "7")
+    assert answers("--seed", "7") == first and answers("--seed", "8") != first
+    assert len({tuple(t) for t in first}) > 1  # each request still draws its own seed
