@@ -16,12 +16,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(outputs: list[GenerationOutput], per_prompt: int | None = None) -> dict[str, int]:
+def usage(outputs: list[GenerationOutput], per_prompt: int | None = None, generated: bool = True) -> dict[str, int]:
     """Token counts of a response: each prompt counted once (``per_prompt`` consecutive outputs share one; ``None``:
-    all of them do), the completion tokens of every choice summed."""
+    all of them do), the completion tokens of every choice summed (none with ``generated=False``: ``max_tokens: 0``,
+    whose one computed token is dropped)."""
     step = per_prompt or max(len(outputs), 1)
     prompt = sum(o.metrics.prompt_tokens for o in outputs[::step])
-    completion = sum(o.metrics.output_tokens for o in outputs)
+    completion = sum(o.metrics.output_tokens for o in outputs) if generated else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -136,9 +137,7 @@ def completion_response(rid: str, model: str, tokenizer: Any, outputs: list[Gene
         if scored is not None:
             choice["prompt_logprobs"] = prompt_logprobs(tokenizer, o, scored)
         choices.append(choice)
-    counts = usage(outputs, n)
-    if not generated:
-        counts = {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
+    counts = usage(outputs, n, generated)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
             "usage": counts}
 

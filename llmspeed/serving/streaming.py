@@ -199,10 +199,7 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
                     yield frame
                 arrived = await anext(events, None)
             if failed is None and req.include_usage and None not in outputs:
-                counts = usage(outputs, req.n)
-                if not generated:
-                    counts = {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
-                for frame in out({**head, "choices": [], "usage": counts}):
+                for frame in out({**head, "choices": [], "usage": usage(outputs, req.n, generated)}):
                     yield frame
             if shaped is None:  # the Responses API's stream ends with its last event
                 yield sse("[DONE]")
