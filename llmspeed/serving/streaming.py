@@ -123,8 +123,10 @@ async def stream(request: Request, req: Any, handles: list[RequestHandle], chat:
     if req.include_usage:  # as OpenAI's: every chunk carries "usage": null, the last one the counts
         head["usage"] = None
     n = len(handles) // len(echo) if echo else 1  # completions: choice i answers prompt i // n
-    offsets = [len(echo[i // n][0]) if echo else 0 for i in range(len(handles))]  # per choice: text_offset of its
-    started = [False] * len(handles)  # next token's legacy logprobs; whether its first chunk went out
+    # per choice: the text_offset of its next token's legacy logprobs (past an echoed prompt), and whether its first
+    # chunk went out (the one an echoed prompt leads)
+    offsets = [len(echo[i // n][0]) if echo else 0 for i in range(len(handles))]
+    started = [False] * len(handles)
     calls = [ToolDeltas(req.tool_choice) for _ in handles] if chat and req.forces_tools else None
     parsers = [ToolCallStream(template, req.tool_specs(), req.max_tool_calls) for _ in handles] \
         if template is not None else None  # fmt: skip
