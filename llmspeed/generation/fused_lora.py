@@ -92,6 +92,12 @@ def stacks(module: Any, slots: list[str], dtype: torch.dtype = torch.float16) ->
     return a, b
 
 
+def block_aligned(rows: slice) -> bool:
+    """Whether a row range of a fused projection starts and ends on :data:`LORA_BLOCK` boundaries: its rows' part of
+    the projection's B stack is then whole blocks (Phi-3's q/k/v and gate/up: :mod:`.layer_matrices`)."""
+    return rows.start % LORA_BLOCK == 0 and rows.stop % LORA_BLOCK == 0
+
+
 def slot_ids(names: list[str | None], slots: list[str]) -> torch.Tensor:  # [n] int64
     """The stack slot of each row's adapter name (``-1`` for none)."""
     index = {name: i for i, name in enumerate(slots)}

@@ -177,7 +177,7 @@ def unsupported(model) -> str | None:
         matrices = layer_matrices(layer, cfg)
         for m in matrices:
             where = f"layers.{i}.{'self_attn' if m.owner is layer.self_attn else 'mlp'}.{m.attr}"
-            if m.rows is not None and fused_lora.is_lora(m.module) and not _block_aligned(m.rows):
+            if m.rows is not None and fused_lora.is_lora(m.module) and not fused_lora.block_aligned(m.rows):
                 return (f"{where} carries LoRA adapters and its {m.name} rows {m.rows.start}:{m.rows.stop} are not "
                         f"whole blocks of {fused_lora.LORA_BLOCK} outputs, which the fused step reads adapters in")
             reason = _check_linear(m.module, where, bias_ok=m.name in ("q_proj", "k_proj", "v_proj"), rotated_ok=True)
@@ -187,11 +187,6 @@ def unsupported(model) -> str | None:
         if reason:
             return reason
     return None
-
-
-def _block_aligned(rows: slice) -> bool:
-    """Whether a fused projection's row range starts and ends on LoRA output blocks (its B stack is then a slice)."""
-    return rows.start % fused_lora.LORA_BLOCK == 0 and rows.stop % fused_lora.LORA_BLOCK == 0
 
 
 def _rotation(module: nn.Module) -> int | None:
