@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env_flag("VLLM_ENABLE_RESPONSES_API_STORE"),
                    help="keep Responses API answers in memory (the last 1024) for previous_response_id and GET / "
                         "DELETE /v1/responses/{id} (vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1 turns this on too)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request (/v1/...; /health and /metrics stay open)")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every API request (/v1/...; /health and /metrics stay "
+                        "open); vLLM's VLLM_API_KEY environment variable sets it too")
     p.add_argument("--kv-cache-tokens", type=_int_in(KV_BLOCK_TOKENS), default=16384,
                    help=f"KV cache budget in tokens (at least one block: {KV_BLOCK_TOKENS})")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps one engine step may run back to back when no running request wants logprobs or "
                         "penalties and none waits (greedy only on the fused CPU step; less Python between steps, and on "
                         "a GPU no wait for each step's tokens; tokens stream in bursts; docs/batching.md)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="require tool_choice 'auto' to be served: refuse to start when no tool-call parser is given or "
+                        "known for the model (vLLM's flag; without it, 'auto' is served when one is known)")
     p.add_argument("--tool-call-parser", type=_tool_call_parser, default=None, metavar="{hermes,FILE.json}",
                    help="how tool_choice 'auto' (the default when a request has tools) reads tool calls out of an "
                         "answer: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2/2.5/3), or a JSON file holding a "
@@ -282,6 +287,11 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         if "generation_config" in str(err):
             raise SystemExit(f"--generation-config: {err}") from None
         raise
+    if args.enable_auto_tool_choice and server.response_template is None:
+        engine.close()
+        raise SystemExit("--enable-auto-tool-choice: this model has no tool-call format llmspeed knows (its tokenizer "
+                         "has no response_template and it is not a Qwen 2/3 model): give --tool-call-parser hermes or a "
+                         "FILE.json response template")  # fmt: skip
     if server.sampling_defaults:  # as vLLM says it: answers differ from a server with the OpenAI API's defaults
         print(f"llmspeed serve: requests that leave them out sample with the model's generation config: "
               f"{server.sampling_defaults} (--generation-config vllm for the OpenAI API's defaults)", flush=True)

@@ -185,3 +185,20 @@ def test_seed_makes_unseeded_requests_repeat_across_server_starts(llama, monkeyp
     first = answers("--seed", "7")
     assert answers("--seed", "7") == first and answers("--seed", "8") != first
     assert len({tuple(t) for t in first}) > 1  # each request still draws its own seed
+
+
+def test_auto_tool_choice_flag_and_vllms_api_key_variable(llama, monkeypatch):
+    """--enable-auto-tool-choice (vLLM's) refuses to start without a tool-call format and takes --tool-call-parser;
+    VLLM_API_KEY sets --api-key's default as in vLLM."""
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: llama)
+    with pytest.raises(SystemExit, match="--enable-auto-tool-choice: this model has no tool-call format"):
+        cli.build(cli.build_parser().parse_args(["--kv-cache-tokens", "64", "--enable-auto-tool-choice"]))
+    flags = ["--kv-cache-tokens", "64", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    engine, server = cli.build(cli.build_parser().parse_args(flags))
+    engine.close()
+    assert server.response_template is not None
+    monkeypatch.setenv("VLLM_API_KEY", "k")
+    assert cli.build_parser().parse_args([]).api_key == "k"
+    assert cli.build_parser().parse_args(["--api-key", "mine"]).api_key == "mine"
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert cli.build_parser().parse_args([]).api_key is None
