@@ -228,6 +228,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """The engine and the server for parsed ``args``."""
     from .. import lora
     from .engine import Engine
+    from .sampling_defaults import check_source
     from .server import OpenAIServer
 
     recipe = None
@@ -248,6 +249,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.activations != "float":
             recipe["activations"] = args.activations
     template = chat_template(args.chat_template) if args.chat_template is not None else None  # before the model loads
+    try:
+        check_source(args.generation_config)  # before the model loads too
+    except ValueError as err:
+        raise SystemExit(f"--generation-config: {err}") from None
     model = load_model(args.model, recipe, args.dtype)
     if template is not None:
         if model.tokenizer is None:
@@ -282,10 +287,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         server = OpenAIServer(engine, served, names, api_key=args.api_key, tool_call_parser=args.tool_call_parser,
                               allow_runtime_lora=args.allow_runtime_lora_updating,
                               responses_store=args.enable_responses_store, generation_config=args.generation_config)
-    except ValueError as err:
+    except ValueError:
         engine.close()
-        if "generation_config" in str(err):
-            raise SystemExit(f"--generation-config: {err}") from None
         raise
     if args.enable_auto_tool_choice and server.response_template is None:
         engine.close()

@@ -21,20 +21,25 @@ def sampling_defaults(model: Any, source: str = "auto") -> dict[str, float | int
     Raises:
         ValueError: ``source`` is none of these, or its folder has no ``generation_config.json`` (named).
     """
+    check_source(source)
     if source == "vllm":
         return {}
     if source == "auto":
         config = getattr(getattr(model, "module", None), "generation_config", None)
         given = config.to_diff_dict() if config is not None else {}
     else:
-        folder = Path(source)
-        if not (folder / "generation_config.json").is_file():
-            raise ValueError(f"generation_config must be one of {list(SOURCES)} or a folder holding "
-                             f"generation_config.json; got {source!r}")  # fmt: skip
         from transformers import GenerationConfig
 
-        given = GenerationConfig.from_pretrained(folder).to_diff_dict()
+        given = GenerationConfig.from_pretrained(Path(source)).to_diff_dict()
     return {k: given[k] for k in SAMPLING_FIELDS if given.get(k) is not None}
 
 
-__all__ = ["SAMPLING_FIELDS", "SOURCES", "sampling_defaults"]
+def check_source(source: str) -> None:
+    """``ValueError`` unless ``source`` is one of :data:`SOURCES` or a folder holding ``generation_config.json``
+    (checkable before a model loads)."""
+    if source not in SOURCES and not (Path(source) / "generation_config.json").is_file():
+        raise ValueError(f"generation_config must be one of {list(SOURCES)} or a folder holding "
+                         f"generation_config.json; got {source!r}")  # fmt: skip
+
+
+__all__ = ["SAMPLING_FIELDS", "SOURCES", "check_source", "sampling_defaults"]
