@@ -254,4 +254,5 @@ def test_float_tensors_of_another_dtype_load_in_the_model_dtype(tmp_path, dtype,
     assert all(b[n].dtype == dtype for n in retyped)
     with torch.no_grad():
         want, got = plain.hf(input_ids=IDS).logits, mixed.hf(input_ids=IDS).logits
-    assert got.dtype == dtype and torch.equal(got, want)
+    upcast = llmspeed.precision.cpu_matmul.embedding_installed(mixed.hf)  # a CPU without fast bf16 GEMM: fp32 activations
+    assert got.dtype == (torch.float32 if upcast else dtype) and torch.equal(got, want)
