@@ -5,7 +5,7 @@
 // paged-KV write, attention over each row's blocks, o_proj + residual, RMSNorm, gate/up GEMVs, SiLU(gate) * up,
 // down_proj + residual, then the final norm and the vocabulary projection of the sampled rows. The residual
 // stream stays in fp32;
-// weights are fp32, bf16, weight-only int8 with one scale per output row (llmspeed's Int8Linear) or
+// weights are fp32, bf16, weight-only int8 with one scale per output row or per group (llmspeed's Int8Linear) or
 // packed 4-bit int4/NF4 (Int4Linear/NF4Linear: q4_tile from the header shared with the quantized matmul,
 // llmspeed/quant/kernels/q4_tiles.h), widened to fp32 in registers; the KV cache is fp32, bf16 or fp16.
 //

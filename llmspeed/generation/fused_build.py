@@ -19,6 +19,7 @@ INT8_HEADER = Q4_HEADER.with_name("q4_int8.h")  # int8 activations and the int4 
 PANELS_HEADER = Q4_HEADER.with_name("q4_panels.h")  # int4 x int8 activations for prompt-sized steps (AVX2, VNNI)
 Q8_PANELS_HEADER = Q4_HEADER.with_name("q8_panels.h")  # int8 x int8 activations for prompt-sized steps (VNNI)
 DEQUANT_HEADER = Q4_HEADER.with_name("dequant_rows.h")  # packed rows widened to fp32 for prompt-sized GEMMs
+INT8_GROUPS_HEADER = Q4_HEADER.with_name("int8_groups.h")  # group-wise int8 rows (GGUF's Q8_0)
 VEC_HEADER = SOURCE.with_name("cpu_vec.h")  # widening loads to fp32 registers
 ATTENTION_HEADER = SOURCE.with_name("paged_attention.h")  # decode attention over the paged KV cache
 TEAM_HEADER = SOURCE.with_name("step_team.h")  # the threads held for one decode step
@@ -30,7 +31,8 @@ STEP_HEADERS = [SOURCE.with_name(name) for name in  # the step's own parts (deco
 def _build() -> tuple[ModuleType | None, str | None]:
     functions = ["decode_step", "hold", "release", "held_current", "gemv", "paged_decode", "amx_usable", "vnni_usable",
                  "float_prefetch", "upcast_bf16", "gemm_rows", "step_team", "greedy_steps"]
-    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER, VEC_HEADER, ATTENTION_HEADER, TEAM_HEADER,
+    headers = [Q4_HEADER, AMX_HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER, INT8_GROUPS_HEADER, VEC_HEADER,
+               ATTENTION_HEADER, TEAM_HEADER,
                *STEP_HEADERS]  # fmt: skip
     return cpp_build.build("llmspeed_decode_cpu", SOURCE, functions, includes=headers)
 

@@ -43,7 +43,8 @@ def _fusable(module: Any, rotated_ok: bool = False) -> bool:
     """Whether the C++ step reads this linear: an fp32/bf16 ``nn.Linear`` or a quantized linear (the protocol's
     ``QuantizedLinear``: int8, int4 or NF4 packed buffers described by its ``layout``).
 
-    4-bit groups must split into whole 16-code tiles, and act-order modules (whose input is gathered through
+    4-bit groups must split into whole 16-code tiles, group-wise int8 groups must split its rows evenly (in
+    groups of a multiple of 16 codes, as GGUF's ``Q8_0``), and act-order modules (whose input is gathered through
     ``perm`` first) stay on the generic path; ``hadamard`` ones (input rotated within groups) only where
     ``rotated_ok`` (the projections of a decoder layer: the step rotates their input buffer in place; not the head).
     """
@@ -55,7 +56,8 @@ def _fusable(module: Any, rotated_ok: bool = False) -> bool:
     if not module.qweight.is_contiguous() or module.config.act_order or (module.config.hadamard and not rotated_ok):
         return False
     if not layout.four_bit:
-        return module.qweight.dtype == torch.int8
+        whole_groups = not layout.grouped_int8 or (layout.in_features % layout.group == 0 and module.scales.is_contiguous())
+        return module.qweight.dtype == torch.int8 and whole_groups
     return module.qweight.dtype == torch.uint8 and layout.tiles_of(TILE)
 
 
@@ -70,7 +72,7 @@ def _parts(module: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
     """``(weight, scale, zero)`` the C++ step reads for a linear that :func:`_fusable` accepts.
 
     fp32/bf16 ``nn.Linear``: ``(weight, None, None)``; llmspeed's ``Int8Linear``: ``(qweight, scales,
-    None)``; ``Int4Linear``: ``(qweight, scales, zeros)``; ``NF4Linear``: ``(qweight, group scales, None)``
+    None)`` (fp32 ``[out]``, or fp16 ``[out, groups]`` group-wise); ``Int4Linear``: ``(qweight, scales, zeros)``; ``NF4Linear``: ``(qweight, group scales, None)``
     (double-quantized scales are expanded once, per snapshot).
     """
     if type(module) is nn.Linear:
@@ -100,7 +102,7 @@ def embedding_parts(module: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if embedding_dtype(module) != torch.float32 or type(head) is nn.Linear or head is None or not _fusable(head):
         return None
     q, scale, zero = _parts(head)
-    if scale is None or not scale.is_contiguous():  # a quantized head (fusable, not nn.Linear) has its scales
+    if scale is None or not scale.is_contiguous() or head.layout.grouped_int8:  # the C++ rows: int8 per row or 4-bit
         return None
     return q, scale, _opt(zero), head.layout.group if head.layout.four_bit else 0
 

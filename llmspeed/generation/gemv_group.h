@@ -28,7 +28,10 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
   switch (l.kind) {
     case Kind::F32: amx_matmul(x, M, K, Kp, l.N, true, true, F32Rows{static_cast<const float*>(l.w), l.N, K}, nullptr, l.y); break;
     case Kind::BF16: amx_matmul(x, M, K, Kp, l.N, true, false, BF16Rows{static_cast<const uint16_t*>(l.w), l.N, K}, nullptr, l.y); break;
-    case Kind::I8: amx_matmul(x, M, K, Kp, l.N, true, false, Int8Rows{static_cast<const int8_t*>(l.w), l.N, K}, l.scale, l.y); break;
+    case Kind::I8:
+      if (l.hscale) return false;  // group-wise int8: the row loop
+      amx_matmul(x, M, K, Kp, l.N, true, false, Int8Rows{static_cast<const int8_t*>(l.w), l.N, K}, l.scale, l.y);
+      break;
     case Kind::INT4:
     case Kind::NF4: {
       if (l.G % TK != 0) return false;
@@ -51,7 +54,7 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
 
 // Whether the row loop multiplies this layer's int4 codes by int8 activation codes (q4_int8.h).
 bool vnni_rows(const Linear& l) {
-  return l.act8 && vnni_compiled() && (l.kind == Kind::I8 || (l.kind == Kind::INT4 && l.G % 32 == 0));
+  return l.act8 && vnni_compiled() && ((l.kind == Kind::I8 && !l.hscale) || (l.kind == Kind::INT4 && l.G % 32 == 0));
 }
 constexpr int64_t VNNI_TILE_ROWS = 16;  // from this many rows, such layers too run on AMX tiles
 
@@ -154,7 +157,8 @@ bool quant_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
     const auto* codes = static_cast<const int8_t*>(l.w);
     block_gemm(x, M, K, l, K, [&](int64_t n0, int64_t r, float* out) {
       at::parallel_for(0, r, 8, [&](int64_t lo, int64_t hi) {
-        dequant_int8_rows(codes, l.scale, K, n0 + lo, n0 + hi, out + lo * K);
+        if (l.hscale) dequant_int8_group_rows(codes, l.hscale, K, l.G, n0 + lo, n0 + hi, out + lo * K);
+        else dequant_int8_rows(codes, l.scale, K, n0 + lo, n0 + hi, out + lo * K);
       });
     });
     return true;
@@ -186,7 +190,7 @@ int64_t row_bytes(const Linear& l, int64_t K) {
   switch (l.kind) {
     case Kind::F32: return 4 * K;
     case Kind::BF16: return 2 * K;
-    case Kind::I8: return K;
+    case Kind::I8: return l.hscale ? K + 2 * K / l.G : K;  // codes (and an fp16 scale per group)
     default: return K / 2 + 4 * K / std::max<int64_t>(l.G, 1);  // codes, fp16 scale and zero per group
   }
 }
@@ -227,7 +231,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
     bool tiles = true;
     for (const auto& l : group)
       tiles = tiles && (l.kind != Kind::INT4 && l.kind != Kind::NF4 || l.G % 32 == 0) &&
-              (l.kind != Kind::F32 || M >= 2 * amx_rows);
+              (l.kind != Kind::F32 || M >= 2 * amx_rows) && !(l.kind == Kind::I8 && l.hscale);
     if (tiles) {
       for (const auto& l : group) {
         TORCH_CHECK(l.Kp >= K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
@@ -282,6 +286,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
         case Kind::BF16: gemv_rows(l.x, M, K, l, static_cast<const bf16*>(l.w), lo, hi); break;
         case Kind::I8:
           if (l.chunks) gemv_rows_i8(M, K, l, lo, hi);
+          else if (l.hscale) gemv_rows_i8g(l.x, M, K, l, lo, hi);
           else gemv_rows(l.x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi);
           break;
         case Kind::INT4:

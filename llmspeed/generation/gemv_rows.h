@@ -10,6 +10,7 @@
 #include "q4_tiles.h"  // NF4, hsum, q4_tile, deinterleave, group_sums (shared with the quantized matmul kernel)
 #include "q4_int8.h"  // int8 activations (act_quant) and the int4 / int8 x int8 dot products (VNNI, AVX2)
 #include "cpu_vec.h"  // widening loads (fp32 / bf16 / fp16 / int8 to fp32 registers)
+#include "int8_groups.h"  // group-wise int8 rows (shared with the quantized matmul kernel)
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -110,11 +111,11 @@ enum class Kind { F32, BF16, I8, INT4, NF4 };
 struct Linear {
   const void* w;
   Kind kind;
-  const float* scale;  // int8: [N]; else nullptr
-  const half_t* hscale = nullptr;  // 4-bit: fp16 [N, groups]; else nullptr
+  const float* scale;  // int8 with row scales: [N]; else nullptr
+  const half_t* hscale = nullptr;  // 4-bit and group-wise int8: fp16 [N, groups]; else nullptr
   const half_t* hzero = nullptr;   // int4: fp16 [N, groups] in the code domain; else nullptr
   const float* bias;   // fp32 [N] or nullptr
-  int64_t N, Kp, G;    // Kp: input width (4-bit: padded to whole groups); G: 4-bit group size
+  int64_t N, Kp, G;    // Kp: input width (4-bit: padded to whole groups); G: 4-bit or int8 group size
   float* y;            // [M, N]
   bool act8 = false;   // int8 activations (QuantConfig.activations): the layer reads x as q * d
   // set per call by gemv_group: the input this layer reads (x, or q * d), and for 4-bit weights x
@@ -124,7 +125,8 @@ struct Linear {
   std::shared_ptr<ActChunks> chunks;
 };
 
-// w with its quantization state: float (scale, zero empty), int8 (scale [N]), int4 (uint8 [N, Kp/2],
+// w with its quantization state: float (scale, zero empty), int8 (scale fp32 [N], or fp16 [N, groups] for
+// group-wise int8 whose groups split the row evenly), int4 (uint8 [N, Kp/2],
 // scale and zero [N, groups]) or NF4 (uint8 [N, Kp/2], scale [N, groups], zero empty)
 Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& bias, float* y,
               bool act8 = false) {
@@ -137,9 +139,16 @@ Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& ze
     case at::kByte: l.kind = zero.defined() && zero.numel() > 0 ? Kind::INT4 : Kind::NF4; break;
     default: TORCH_CHECK(false, "fused decode: weights must be float32, bfloat16, int8 or packed uint8, got ", w.scalar_type());
   }
-  if (l.kind == Kind::I8) {
+  if (l.kind == Kind::I8 && scale.defined() && scale.scalar_type() == at::kHalf) {  // group-wise int8
+    TORCH_CHECK(scale.dim() == 2 && scale.is_contiguous() && scale.size(0) == w.size(0) && scale.size(1) > 0 &&
+                    w.size(1) % scale.size(1) == 0 && (w.size(1) / scale.size(1)) % 16 == 0 && !act8,
+                "fused decode: a group-wise int8 weight needs contiguous fp16 scales [N, groups] of whole groups "
+                "of a multiple of 16 and float activations");
+    l.hscale = half_data(scale);
+    l.G = w.size(1) / scale.size(1);
+  } else if (l.kind == Kind::I8) {
     TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat && scale.numel() == w.size(0),
-                "fused decode: an int8 weight needs fp32 scales [N]");
+                "fused decode: an int8 weight needs fp32 scales [N] (or fp16 scales [N, groups])");
     l.scale = scale.data_ptr<float>();
   }
   if (l.kind == Kind::INT4 || l.kind == Kind::NF4) {
@@ -160,6 +169,25 @@ Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& ze
     l.bias = bias.data_ptr<float>();
   }
   return l;
+}
+
+// Group-wise int8 rows lo..hi (l.hscale, l.G): int8_groups.h's dot products, 4 rows of x at a time.
+void gemv_rows_i8g(const float* x, int64_t M, int64_t K, const Linear& l, int64_t lo, int64_t hi) {
+  const int8_t* w = static_cast<const int8_t*>(l.w);
+  const int64_t groups = K / l.G;
+  float t[4];
+  for (int64_t n = lo; n < hi; ++n) {
+    const float bias = l.bias ? l.bias[n] : 0.f;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      i8g_dot_rows<4>(x + m * K, K, w + n * K, K, l.G, l.hscale + n * groups, t);
+      for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = t[r] + bias;
+    }
+    for (; m < M; ++m) {
+      i8g_dot_rows<1>(x + m * K, K, w + n * K, K, l.G, l.hscale + n * groups, t);
+      l.y[m * l.N + n] = t[0] + bias;
+    }
+  }
 }
 
 template <typename W>

@@ -151,6 +151,10 @@ def prepare(
     model, fmt = as_model(model), format_name(fmt)  # a transformers model is wrapped; "INT4" is "int4"
     init = format_name(init)  # "RTN" is "rtn", as the format (and quantize's method) is spelled in any case
     symmetric = _check_args(fmt, symmetric, init, learn_scales)
+    if fmt == "int8" and group_size is not _DEFAULT and group_size is not None:
+        raise ValueError(  # the fake quantizer trains int8 with a scale per row (group-wise int8 is quantize's)
+            f"group_size must be None for int8 in quantization-aware training (one scale per output row); got {group_size!r}"
+        )
     if is_prepared(model):
         raise ValueError("model is already prepared for quantization-aware training; call qat.convert(model) first")
     quantized = [name for name, m in model.linear_layers() if is_quantized(m)]

@@ -62,8 +62,9 @@ def quantize(
 
     Args:
         model: Any :class:`~llmspeed.protocol.CausalLM` (only ``linear_layers``/``replace_linear`` are used).
-        fmt: ``"int8"`` (per output channel), ``"int4"`` (group-wise, asymmetric unless ``symmetric``) or ``"nf4"``.
-        group_size: Input channels per scale; default 64 for int4/nf4, per channel (``None``) for int8.
+        fmt: ``"int8"`` (per output channel, or per group with ``group_size``), ``"int4"`` (group-wise, asymmetric unless ``symmetric``) or ``"nf4"``.
+        group_size: Input channels per scale; default 64 for int4/nf4, per channel (``None``) for int8, which
+            also takes a multiple of 16 (32: GGUF's ``Q8_0``; fp16 group scales, round to nearest).
         skip: Qualified names or ``fnmatch`` patterns left in float (default: none; the output head follows
             ``lm_head`` unless listed here). Embeddings are never linear positions.
         method: ``"rtn"``, ``"hqq"`` or a calibrated method (``"gptq"``, ``"awq"``, ``"awq+gptq"``; the
@@ -92,7 +93,8 @@ def quantize(
             embedding; ``True``: require it (``ValueError`` when the head is not quantized or not tied).
         lm_head: The output head's format: ``"int8"`` (default: per output channel, round to nearest, as
             llama.cpp keeps its output tensor at 6 to 8 bits; docs/quantization.md measures it within 0.5%
-            perplexity of the float head), the model's own format (``"int4"`` for an int4 model), or ``None``
+            perplexity of the float head; an int8 model's head takes its ``group_size`` too), the model's own
+            format (``"int4"`` for an int4 model), or ``None``
             to leave it in float (what transformers' bitsandbytes and AutoGPTQ do).
         hadamard_layers: int4 only: names or ``fnmatch`` patterns of layers quantized in a rotated basis: each
             group of input columns is multiplied by the group's Hadamard matrix before quantizing, and the
@@ -121,6 +123,11 @@ def quantize(
         raise ValueError(
             f"symmetric=True is available with method in {symmetric_methods()}; got method={method!r}, "
             f"which fits its own zero points"
+        )
+    if fmt == "int8" and config.group_size is not None and not entry.int8_groups:
+        raise ValueError(
+            f"group-wise int8 (group_size={config.group_size}) is quantized by method in "
+            f"{sorted(n for n, m in METHODS.items() if m.int8_groups)}; got method={method!r} (use group_size=None)"
         )
     check_kernel(kernel, fmt, model.spec.device)
     if int8_layers:

@@ -32,11 +32,13 @@ class QuantConfig:
     """How a linear layer's weight is quantized. Validated on construction; ``to_dict``/``from_dict`` round-trip.
 
     Attributes:
-        format: ``"int8"`` (per-output-channel symmetric), ``"int4"`` (group-wise, asymmetric unless
+        format: ``"int8"`` (symmetric, per output channel or group-wise), ``"int4"`` (group-wise, asymmetric unless
             ``symmetric``) or ``"nf4"`` (group-wise absmax over the NormalFloat-4 codebook).
         group_size: Input channels sharing one scale (and zero point). ``None`` means one group per
-            output row (the only choice for int8). Must be even; ``in_features`` is zero-padded up to a
-            multiple of it (see docs/quantization.md).
+            output row (int8's default). Must be even; for 4-bit formats ``in_features`` is zero-padded up
+            to a multiple of it (see docs/quantization.md). int8 takes ``None`` or a multiple of 16 (GGUF's
+            ``Q8_0`` is group 32): its codes are never padded, a row's last group may be shorter, and its
+            group scales are stored in fp16 as the 4-bit formats' are.
         double_quant: NF4 only: quantize the per-group scales again to 8 bits (QLoRA's double quantization).
         method: How codes are chosen: ``"rtn"`` (round to nearest) or a registered calibrated method.
         kernel: Matmul path: ``"auto"`` or a kernel name from :func:`llmspeed.kernels`.
@@ -75,9 +77,10 @@ class QuantConfig:
         if self.group_size == -1:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.format])
         g = self.group_size
-        if self.format == "int8" and g is not None:  # first: the 4-bit rules below would name the wrong remedy
-            raise ValueError(
-                f"group_size must be None for int8, which is quantized per output channel; got {g!r}"
+        if self.format == "int8" and g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 16):
+            raise ValueError(  # first: the 4-bit rules below would name the wrong remedy
+                f"group_size for int8 must be None (one scale per output channel) or a positive multiple of 16 "
+                f"(llama.cpp's Q8_0 blocks are 32, Q6_K's 16); got {g!r}"
             )
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
             raise ValueError(f"group_size must be a positive even integer or None; got {g!r}")
@@ -110,6 +113,10 @@ class QuantConfig:
             )
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {list(ACTIVATIONS)}; got {self.activations!r}")
+        if self.activations == "int8" and self.format == "int8" and g is not None:
+            raise ValueError(
+                f"activations='int8' takes int8 weights with one scale per row (group_size=None); got group_size={g}"
+            )
         for name in ("method", "kernel"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a name (str); got {getattr(self, name)!r}")
@@ -137,12 +144,15 @@ class QuantConfig:
         return cls(**data)
 
     def padded_in_features(self, in_features: int) -> int:
-        """``in_features`` rounded up to a multiple of the group size (even for per-row groups)."""
-        g = self.group_size if self.group_size is not None else (2 if self.format != "int8" else 1)
+        """``in_features`` rounded up to a multiple of the group size (4-bit formats, even for per-row groups);
+        int8 codes are never padded."""
+        if self.format == "int8":
+            return in_features
+        g = self.group_size if self.group_size is not None else 2
         return -(-in_features // g) * g
 
     def num_groups(self, in_features: int) -> int:
-        """Scale groups per output row."""
+        """Scale groups per output row (int8's last group may be shorter than ``group_size``)."""
         if self.group_size is None:
             return 1
-        return self.padded_in_features(in_features) // self.group_size
+        return -(-in_features // self.group_size)

@@ -21,10 +21,12 @@ class QuantLayout:
         in_features: Input channels of the layer.
         out_features: Output channels (rows).
         in_padded: ``in_features`` rounded up to a multiple of the group size (4-bit formats are
-            zero-padded so every group is whole; int8 is never padded).
+            zero-padded so every group is whole; int8 is never padded: its last group may be shorter).
         group: Codes sharing one scale: the group size, or the whole padded row for per-row groups.
         groups: Scale groups per output row.
         row_bytes: Bytes of one packed row of ``qweight`` (two 4-bit codes per byte).
+        group_scales: Whether ``scales`` is fp16 ``[out, groups]`` (4-bit formats, and int8 with a
+            ``group_size``) rather than int8's fp32 ``[out]``.
     """
 
     format: str
@@ -34,6 +36,7 @@ class QuantLayout:
     group: int
     groups: int
     row_bytes: int
+    group_scales: bool = True
 
     @classmethod
     def of(cls, config: QuantConfig, in_features: int, out_features: int) -> QuantLayout:
@@ -41,13 +44,19 @@ class QuantLayout:
         padded = config.padded_in_features(in_features)
         groups = config.num_groups(in_features)
         four_bit = config.format != "int8"
-        return cls(config.format, in_features, out_features, padded, padded // groups, groups,
-                   padded // 2 if four_bit else padded)  # fmt: skip
+        group = padded if config.group_size is None else config.group_size
+        return cls(config.format, in_features, out_features, padded, group, groups,
+                   padded // 2 if four_bit else padded, four_bit or config.group_size is not None)  # fmt: skip
 
     @property
     def four_bit(self) -> bool:
         """Whether codes are packed two per byte (int4, NF4)."""
         return self.format != "int8"
+
+    @property
+    def grouped_int8(self) -> bool:
+        """Whether this is int8 with fp16 scales per group of input channels (GGUF's ``Q8_0``), not fp32 per row."""
+        return self.format == "int8" and self.group_scales
 
     def tiles_of(self, codes: int) -> bool:
         """Whether a 4-bit group splits into whole tiles of ``codes`` codes (always true for int8)."""

@@ -38,7 +38,9 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 class Int8Linear(QuantizedLinearBase):
-    """Weight-only int8, per output channel, symmetric. Buffers: ``qweight`` int8 [out, in], ``scales`` fp32 [out]."""
+    """Weight-only int8, symmetric. Buffers: ``qweight`` int8 [out, in] and ``scales``: fp32 [out] (per output
+    channel, the default) or, with ``config.group_size``, fp16 [out, groups] (a scale per group of input
+    channels, as GGUF's ``Q8_0``; the last group of a row may be shorter)."""
 
     quant_format = "int8"
 
@@ -49,24 +51,28 @@ class Int8Linear(QuantizedLinearBase):
         self.register_buffer(
             "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+        groups = self.layout.groups
+        shape, dtype = ((out_features, groups), P.SCALE_DTYPE) if self.layout.group_scales else ((out_features,), torch.float32)
+        self.register_buffer("scales", torch.ones(*shape, dtype=dtype, device=device))
 
     @classmethod
     def from_codes(cls, codes, scales, zeros=None, *, config, bias=None, in_features=None):
-        """``codes`` int8 [out, in], ``scales`` [out]; ``zeros`` must be ``None`` (symmetric)."""
+        """``codes`` int8 [out, in], ``scales`` [out] (or [out, groups] with ``config.group_size``, rounded to
+        fp16); ``zeros`` must be ``None`` (symmetric)."""
         if zeros is not None:
             raise ValueError("zeros must be None for int8, which is symmetric")
         out, k = codes.shape if codes.dim() == 2 else (0, 0)
         in_features = k if in_features is None else in_features
         _check_codes(codes, torch.int8, None, (in_features,))
-        _check_shape("scales", scales, (out,))
+        grouped = config.group_size is not None
+        _check_shape("scales", scales, (out, config.num_groups(in_features)) if grouped else (out,))
         m = cls(in_features, out, config, bias, device=codes.device)
         m.qweight.copy_(codes)
-        m.scales.copy_(scales.float())
+        m.scales.copy_(scales if grouped else scales.float())
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:  # [r, in]
-        return P.dequantize_int8(self.qweight[rows], self.scales[rows]).to(dtype)
+        return P.dequantize_int8(self.qweight[rows], self.scales[rows], self.config.group_size).to(dtype)
 
 
 class _Packed4Bit(QuantizedLinearBase):

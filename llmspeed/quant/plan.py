@@ -123,6 +123,7 @@ def plan_layers(
                 f"use group_size <= {module.in_features} or None"
             )
         int8 = (int8_layers and _matches(name, int8_layers)) or (name in heads and lm_head == "int8")
+        int8 = int8 and config.format != "int8"  # an int8 model's head is its own format: its group size too
         plan[name] = int8_config(config) if int8 else config
     if again:  # a loaded GGUF or GPTQ model may keep some layers in float: those alone can be quantized
         floats = [n for n, m in model.linear_layers() if n not in already and isinstance(m, nn.Linear)]

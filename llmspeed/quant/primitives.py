@@ -8,7 +8,9 @@ Weights are ``[out, in]`` like ``nn.Linear.weight``. Group-wise formats split ea
 are never read by the kernels (activations have only ``in`` columns) and ``dequantize`` drops them.
 
 * int8 (per output channel, symmetric): ``codes`` int8 ``[out, in]`` in ``[-127, 127]``,
-  ``scales`` fp32 ``[out]``; ``w = codes * scales[:, None]``.
+  ``scales`` fp32 ``[out]``; ``w = codes * scales[:, None]``. Group-wise int8 (a ``group_size``, as GGUF's
+  ``Q8_0``): the same codes, never padded, and ``scales`` ``[out, ceil(in / group)]`` stored fp16; column ``k``
+  uses ``scales[:, k // group]`` (a row's last group may be shorter).
 * int4 (group-wise, asymmetric): ``codes`` uint8 ``[out, in_pad]`` in ``[0, 15]``, ``scales`` and
   ``zeros`` ``[out, in_pad / group]`` (stored fp16: see below); ``w = (codes - zeros) * scales`` per group. The zero point
   lives in the integer (code) domain; round-to-nearest gives whole numbers in ``[0, 15]``, calibrated
@@ -79,20 +81,33 @@ def _groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:  # [out, g
     return w.reshape(w.shape[0], w.shape[-1] // group_size, group_size)  # explicit: also for 0 rows
 
 
-# --- int8: per output channel, symmetric ------------------------------------------------------
-def choose_qparams_int8(w: torch.Tensor) -> torch.Tensor:  # [out] fp32
-    """Per-row scale ``absmax / 127`` of ``w`` [out, in]."""
-    return (w.detach().float().abs().amax(dim=1) / 127).clamp_min(_EPS)
+# --- int8: symmetric, per output channel or group-wise -------------------------------------------
+def choose_qparams_int8(w: torch.Tensor, group_size: int | None = None) -> torch.Tensor:  # [out] or [out, groups] fp32
+    """Scale ``absmax / 127`` of each row of ``w`` [out, in] (``group_size=None``), or of each group of
+    ``group_size`` columns, rounded up to fp16 values (:func:`group_scales_grid`) as the module stores them."""
+    w = w.detach().float()
+    if group_size is None:
+        return (w.abs().amax(dim=1) / 127).clamp_min(_EPS)
+    g = _groups(pad_columns(w, -(-w.shape[1] // group_size) * group_size), group_size)  # [out, groups, group]
+    return group_scales_grid(g.abs().amax(dim=2) / 127)
 
 
-def quantize_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # [out, in] int8
-    """Round ``w / scales`` to the nearest integer in [-127, 127]."""
-    return torch.round(w.float() / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+def _column_scales(scales: torch.Tensor, columns: int, group_size: int | None) -> torch.Tensor:  # [out, columns] or [out, 1]
+    if scales.dim() == 1:
+        return scales[:, None]
+    if group_size is None:
+        raise ValueError(f"group scales {tuple(scales.shape)} need the group_size they were chosen at")
+    return scales.float().repeat_interleave(group_size, dim=1)[:, :columns]
 
 
-def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # [out, in] fp32
-    """``codes * scales[:, None]`` in fp32."""
-    return codes.float() * scales[:, None]
+def quantize_int8(w: torch.Tensor, scales: torch.Tensor, group_size: int | None = None) -> torch.Tensor:  # [out, in] int8
+    """Round ``w / scales`` to the nearest integer in [-127, 127] (``scales`` [out], or [out, groups] of ``group_size``)."""
+    return torch.round(w.float() / _column_scales(scales, w.shape[1], group_size)).clamp_(-127, 127).to(torch.int8)
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, group_size: int | None = None) -> torch.Tensor:  # [out, in] fp32
+    """``codes * scales`` in fp32, each column by its row's (``scales`` [out]) or its group's (``[out, groups]``) scale."""
+    return codes.float() * _column_scales(scales, codes.shape[1], group_size)
 
 
 # --- int4: group-wise, asymmetric, zero point in the integer domain ------------------------------

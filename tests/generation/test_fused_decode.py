@@ -80,6 +80,43 @@ def test_4bit_gemv_matches_the_dequantized_weight(m, n, k, fmt, group, seed, amx
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=_atol(x, module.dequantize(), ref))
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    n=st.integers(1, 40),
+    groups=st.integers(1, 6),
+    group=st.sampled_from([16, 32, 48, 64]),
+    seed=st.integers(0, 2**16),
+    amx_rows=st.sampled_from([0, 1]),
+)
+def test_group_wise_int8_gemv_matches_the_dequantized_weight(m, n, groups, group, seed, amx_rows):
+    """Group-wise int8 (GGUF's Q8_0 at group 32): the row loop's per-group dot products, the tiles decline it."""
+    k = groups * group
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g) * torch.rand(k, generator=g) * 4)  # groups of different ranges
+    module = llmspeed.quant.modules.Int8Linear.from_linear(linear, llmspeed.quant.QuantConfig("int8", group_size=group))
+    w, scale, zero = fused_snapshot._parts(module)
+    assert zero is None and scale.dtype == torch.float16 and scale.shape == (n, groups)
+    x = torch.randn(m, k, generator=g)
+    y = fused_decode.extension().gemv(x, w, scale, torch.empty(0), amx_rows, False)
+    ref = x @ module.dequantize().T
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=_atol(x, module.dequantize(), ref))
+
+
+def test_group_wise_int8_layers_whose_groups_do_not_split_the_row_take_the_generic_path():
+    model = llmspeed.models.tiny("llama", seed=2)  # 64 inputs to every projection but down_proj's 128
+    llmspeed.quantize(model, "int8", group_size=48)  # 64 = 48 + 16: a shorter last group
+    reason = fused_decode.unsupported(model)
+    assert reason is not None and "q_proj" in reason
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    gen = Generator(model, progress=False, block_size=4, kv_cache_tokens=256)
+    assert gen.runner.fused is None
+    want = Generator(model, progress=False, block_size=4, kv_cache_tokens=256, fused_decode=False)
+    assert [o.token_ids for o in gen.generate_batched([[1, 2, 3]], sp)] == [o.token_ids for o in want.generate_batched([[1, 2, 3]], sp)]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     m=st.integers(1, 9),
@@ -158,6 +195,8 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
     [
         ("llama", "int8", {}),
         ("qwen2", "int8", {}),
+        ("llama", "int8", {"group_size": 32}),  # group-wise int8 (GGUF's Q8_0), the head too
+        ("qwen2", "int8", {"group_size": 16}),
         ("llama", "int4", {"group_size": 32}),
         ("qwen2", "int4", {"group_size": 16}),
         ("llama", "nf4", {"group_size": 32}),
@@ -172,6 +211,7 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
         # Phi-3's fused qkv_proj / gate_up_proj: q, k, v and gate, up read as row ranges of codes and scales
         ("phi3", "int4", {"group_size": 32}),
         ("phi3", "int8", {"activations": "int8"}),
+        ("phi3", "int8", {"group_size": 32}),
         ("phi3", "nf4", {"group_size": 16, "double_quant": True}),
         ("phi3", "int4", {"group_size": 16, "hadamard_layers": ["*.mlp.gate_up_proj"]}),
     ],

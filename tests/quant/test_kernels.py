@@ -20,7 +20,7 @@ from llmspeed.quant.kernels import KERNELS, amx, auto_kernel, cpp, select
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 APPROX_SNR_DB = 25.0  # kernels that also quantize activations (int8_dynamic)
 CASES = [("int8", None, 96), ("int4", 32, 100), ("int4", 64, 128), ("int4", 128, 576), ("nf4", 64, 100),
-         ("nf4", 32, 64), ("int4", None, 48)]  # fmt: skip
+         ("nf4", 32, 64), ("int4", None, 48), ("int8", 32, 96), ("int8", 48, 100), ("int8", 16, 24)]  # fmt: skip
 
 
 def _module(fmt, group, k, n=48, double_quant=False):
@@ -263,7 +263,7 @@ def test_probe_rejects_kernels_that_fail_or_disagree_with_the_reference():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    case=st.sampled_from([("int8", None, False), ("int4", 32, False), ("nf4", 32, False), ("nf4", 32, True)]),
+    case=st.sampled_from([("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("nf4", 32, False), ("nf4", 32, True)]),
     n=st.integers(1, 160),
     bounds=st.tuples(st.integers(0, 160), st.integers(0, 170)),
 )
@@ -276,7 +276,7 @@ def test_dequantize_rows_is_those_rows_of_the_whole_weight(case, n, bounds):
     assert torch.equal(module.dequantize(torch.float32, rows), module.dequantize(torch.float32)[rows])
 
 
-@pytest.mark.parametrize("fmt, group, k", [("int8", None, 96), ("int4", 32, 100), ("nf4", 64, 100)])
+@pytest.mark.parametrize("fmt, group, k", [("int8", None, 96), ("int8", 32, 100), ("int4", 32, 100), ("nf4", 64, 100)])
 def test_dequant_fp32_in_row_blocks_matches_reference(fmt, group, k, monkeypatch):
     from llmspeed.quant.kernels import reference
 

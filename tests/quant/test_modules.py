@@ -108,9 +108,12 @@ def test_wrong_config_or_shapes_raise():
     "kwargs, match",
     [({"format": "int3"}, "format must be one of"), ({"format": "int4", "group_size": 0}, "group_size must be"),
      ({"format": "int4", "group_size": -8}, "group_size must be"), ({"format": "int4", "group_size": 33}, "even"),
-     ({"format": "int8", "group_size": 64}, "None for int8"), ({"format": "int4", "double_quant": True}, "only defined for nf4"),
+     ({"format": "int8", "group_size": 24}, "int8 must be None .* or a positive multiple of 16 .*got 24"),
+     ({"format": "int4", "double_quant": True}, "only defined for nf4"),
      # these named the 4-bit rules (evenness, positivity) for int8, as if an even group size would do
-     ({"format": "int8", "group_size": 7}, "must be None for int8.*got 7"), ({"format": "int8", "group_size": 0}, "None for int8.*got 0"),
+     ({"format": "int8", "group_size": 7}, "int8 must be None.*got 7"), ({"format": "int8", "group_size": 0}, "int8 must be None.*got 0"),
+     ({"format": "int8", "group_size": True}, "int8 must be None.*got True"),
+     ({"format": "int8", "group_size": 32, "activations": "int8"}, "activations='int8' takes int8 weights with one scale per row"),
      ({"format": "int4", "method": 3}, "method must be a name")],
 )  # fmt: skip
 def test_config_rejects_bad_values(kwargs, match):

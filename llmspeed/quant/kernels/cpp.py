@@ -30,10 +30,11 @@ PANELS_HEADER = Path(__file__).with_name("q4_panels.h")  # int4 x int8 activatio
 Q8_PANELS_HEADER = Path(__file__).with_name("q8_panels.h")  # int8 x int8 activations for prompt-sized M (VNNI)
 DEQUANT_HEADER = Path(__file__).with_name("dequant_rows.h")  # packed rows widened to fp32, shared with the fused step
 GPTQ_HEADER = Path(__file__).with_name("gptq_columns.h")  # GPTQ's column loop (quant/methods/gptq.py)
+INT8_GROUPS_HEADER = Path(__file__).with_name("int8_groups.h")  # group-wise int8, shared with the fused step
 DISABLE_ENV = cpp_build.DISABLE_ENV
 _FUNCTIONS = ["int8_matmul", "int4_matmul", "nf4_matmul", "has_avx2", "quantize_activations", "dequantize_4bit",
               "dequantize_int8", "int4_matmul_i8", "panel_gemm_built", "int8_matmul_i8", "int8_panels_built",
-              "gptq_columns"]
+              "gptq_columns", "int8_group_matmul", "dequantize_int8_groups"]
 build_dir = cpp_build.build_dir
 compiler = cpp_build.compiler
 
@@ -41,7 +42,7 @@ compiler = cpp_build.compiler
 @lru_cache(maxsize=1)
 def _build() -> tuple[ModuleType | None, str | None]:
     return cpp_build.build("llmspeed_fused_cpu", SOURCE, _FUNCTIONS, includes=[HEADER, INT8_HEADER, PANELS_HEADER, Q8_PANELS_HEADER, DEQUANT_HEADER,
-                                                                      GPTQ_HEADER])
+                                                                      GPTQ_HEADER, INT8_GROUPS_HEADER])
 
 
 def extension() -> Any:
@@ -77,6 +78,8 @@ def dequantize_rows(module: QuantizedLinear, rows: slice) -> torch.Tensor | None
     ext = extension()
     if ext is None:
         return None
+    if fmt == "int8" and module.layout.grouped_int8:
+        return ext.dequantize_int8_groups(module.qweight[rows], module.scales[rows], module.layout.group)
     if fmt == "int8":
         return ext.dequantize_int8(module.qweight[rows], module.scales[rows])
     zeros = module.zeros[rows] if fmt == "int4" else torch.empty(0)
@@ -101,7 +104,9 @@ def fused_cpu(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:  # [M, 
     ext = extension()
     xf = x if x.dtype == torch.float32 else x.float()
     fmt = module.quant_format
-    if fmt == "int8":
+    if fmt == "int8" and module.layout.grouped_int8:
+        y = ext.int8_group_matmul(xf, module.qweight, module.scales, module.layout.group)
+    elif fmt == "int8":
         y = ext.int8_matmul(xf, module.qweight, module.scales)
     elif fmt == "int4":
         y = ext.int4_matmul(xf, module.qweight, module.scales, module.zeros, module.layout.group)
@@ -114,7 +119,9 @@ def bind_fused_cpu(module: QuantizedLinear):
     """``fn(x) -> y`` with the extension function and the module's tensors looked up once."""
     ext, fmt = extension(), module.quant_format
     args: tuple[Any, ...]
-    if fmt == "int8":
+    if fmt == "int8" and module.layout.grouped_int8:
+        f, args = ext.int8_group_matmul, (module.qweight, module.scales, module.layout.group)
+    elif fmt == "int8":
         f, args = ext.int8_matmul, (module.qweight, module.scales)
     elif fmt == "int4":
         f, args = (
@@ -136,7 +143,7 @@ def bind_fused_cpu(module: QuantizedLinear):
 register_kernel(
     Kernel("cpp", ("int8", "int4", "nf4"), ("cpu",), FLOAT_DTYPES, fused_cpu,
            "fused dequant-matmul C++ (AVX2/FMA, built on first use with load_inline)", unavailable, _shape,
-           binder=bind_fused_cpu, any_leading_dims=True)
+           binder=bind_fused_cpu, any_leading_dims=True, int8_groups=True)
 )  # fmt: skip
 
 

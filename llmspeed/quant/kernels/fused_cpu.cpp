@@ -7,6 +7,7 @@
 #include "q4_panels.h"  // int4 x int8 activations for prompt-sized M (AVX2, AVX-512 VNNI)
 #include "q8_panels.h"  // int8 x int8 activations for prompt-sized M (AVX-512 VNNI)
 #include "dequant_rows.h"  // packed rows widened to fp32 (shared with the fused decode step)
+#include "int8_groups.h"  // group-wise int8 (GGUF's Q8_0): dot products and rows (shared with the fused decode step)
 #include "gptq_columns.h"  // GPTQ's column loop (llmspeed/quant/methods/gptq.py), bound here to share the build
 
 
@@ -68,6 +69,49 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   return y;
 }
 
+// Group-wise int8: qweight [N, K] int8, scales fp16 [N, ceil(K / G)] (int8_groups.h); rows of y split over threads.
+torch::Tensor int8_group_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t G) {
+  x = x.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, N = qweight.size(0), groups = (K + G - 1) / G;
+  TORCH_CHECK(qweight.scalar_type() == torch::kChar && qweight.is_contiguous() && qweight.size(1) == K && G > 0,
+              "int8_group_matmul: qweight must be contiguous int8 [N, K] and G positive");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == groups,
+              "int8_group_matmul: scales must be fp16 [N, ceil(K / G)]");
+  auto y = output_like(x, N);
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const half_t* sp = half_data(scales);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float t[4];
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        i8g_dot_rows<4>(xp + m * K, K, wp + n * K, K, G, sp + n * groups, t);
+        for (int i = 0; i < 4; ++i) yp[(m + i) * N + n] = t[i];
+      }
+      for (; m < M; ++m) i8g_dot_rows<1>(xp + m * K, K, wp + n * K, K, G, sp + n * groups, yp + m * N + n);
+    }
+  });
+  return y;
+}
+
+// codes [R, K] int8 times their group scales fp16 [R, ceil(K / G)], fp32 [R, K] (primitives.dequantize_int8).
+torch::Tensor dequantize_int8_groups(torch::Tensor codes, torch::Tensor scales, int64_t G) {
+  TORCH_CHECK(codes.scalar_type() == torch::kChar && codes.dim() == 2 && codes.is_contiguous() && G > 0,
+              "dequantize_int8_groups: codes must be contiguous int8 [R, K]");
+  const int64_t R = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == R && scales.size(1) == (K + G - 1) / G,
+              "dequantize_int8_groups: scales must be fp16 [R, ceil(K / G)]");
+  auto out = torch::empty({R, K}, codes.options().dtype(torch::kFloat));
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const half_t* sc = half_data(scales);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, R, 8, [&](int64_t lo, int64_t hi) {
+    dequant_int8_group_rows(c, sc, K, G, lo, hi, o + lo * K);  // rows lo..hi: sc from row 0, out from row lo
+  });
+  return out;
+}
 
 template <bool NF>
 static torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,

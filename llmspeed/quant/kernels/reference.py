@@ -49,9 +49,9 @@ def dequant_fp32(module, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out
 
 register_kernel(
     Kernel("reference", ("int8", "int4", "nf4"), ("cpu", "cuda"), FLOAT_DTYPES, reference,
-           "dequantize to the activation dtype, then F.linear (the test oracle)")
+           "dequantize to the activation dtype, then F.linear (the test oracle)", int8_groups=True)
 )  # fmt: skip
 register_kernel(
     Kernel("dequant_fp32", ("int8", "int4", "nf4"), ("cpu", "cuda"), FLOAT_DTYPES, dequant_fp32,
-           "dequantize to fp32, F.linear in fp32, cast back")
+           "dequantize to fp32, F.linear in fp32, cast back", int8_groups=True)
 )  # fmt: skip

@@ -43,6 +43,8 @@ class Kernel:
         any_leading_dims: The bound function also takes ``x [..., in]`` and returns ``[..., out]``.
         auto: Whether ``kernel="auto"`` may pick it (False for a kernel that keeps a second copy of the
             weight, which would undo part of the memory saving: it runs only when named).
+        int8_groups: Whether it takes group-wise int8 (fp16 scales per group of input channels, GGUF's
+            ``Q8_0``) as well as int8 with one scale per row.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Kernel:
     binder: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None
     any_leading_dims: bool = False
     auto: bool = True
+    int8_groups: bool = False
 
     def bind(self, module) -> Callable[[torch.Tensor], torch.Tensor]:
         """``fn(x [M, in]) -> [M, out]`` for ``module``, valid until its buffers move or are reloaded."""
@@ -73,6 +76,8 @@ class Kernel:
             return (
                 f"kernel {self.name!r} takes {names} activations, not {str(x.dtype).removeprefix('torch.')}"
             )
+        if module.quant_format == "int8" and module.layout.grouped_int8 and not self.int8_groups:
+            return f"kernel {self.name!r} takes int8 with one scale per row, not per group of {module.layout.group}"
         return self.unavailable() or self.unsupported(module, x)
 
 

@@ -40,6 +40,7 @@ class Method:
     needs_calibration: bool = False
     symmetric: bool = False  # honours QuantConfig.symmetric for int4 (fits no zero points of its own)
     rotates: bool = False  # a model method that quantizes layers with QuantConfig.hadamard (per-weight ones all do)
+    int8_groups: bool = False  # quantizes int8 with a group_size (a scale per group of input channels)
 
     def __post_init__(self) -> None:
         if (self.weight is None) == (self.model is None):
@@ -57,6 +58,7 @@ def register_method(
     needs_calibration: bool = False,
     symmetric: bool = False,
     rotates: bool = False,
+    int8_groups: bool = False,
 ) -> Method:
     """Register (or replace) method ``name``; see the module docstring for the two function kinds.
 
@@ -64,10 +66,11 @@ def register_method(
     ``symmetric``: the method honours ``QuantConfig.symmetric`` for int4 (``quantize`` refuses
     ``symmetric=True`` with the others). ``rotates``: a model method that quantizes layers whose config has
     ``hadamard`` (``quantize`` rotates their weights and inputs while it runs, :mod:`llmspeed.quant.hadamard`).
+    ``int8_groups``: the method quantizes int8 with a ``group_size`` (``quantize`` refuses it with the others).
     """
     if not isinstance(name, str) or not all(part.isidentifier() for part in name.split("+")):
         raise ValueError(f"name must be identifier-like (parts joined by '+' allowed); got {name!r}")
-    method = Method(name, weight, model, needs_calibration, symmetric, rotates)
+    method = Method(name, weight, model, needs_calibration, symmetric, rotates, int8_groups)
     METHODS[name] = method
     return method
 

@@ -13,8 +13,8 @@ def rtn_weight(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     """Codes, scales (and zeros) of ``weight`` [out, in] by rounding each value to the nearest level."""
     w = weight.detach().float()  # [out, in]
     if config.format == "int8":
-        scales = P.choose_qparams_int8(w)  # [out]
-        return QuantizedWeight(P.quantize_int8(w, scales), scales)
+        scales = P.choose_qparams_int8(w, config.group_size)  # [out] or [out, groups]
+        return QuantizedWeight(P.quantize_int8(w, scales, config.group_size), scales)
     w = P.pad_columns(w, config.padded_in_features(w.shape[1]))  # [out, in_pad]
     g = config.group_size
     if config.format == "int4":
@@ -36,4 +36,4 @@ def nf4_effective_scales(scales: torch.Tensor, config: QuantConfig) -> torch.Ten
     return P.double_dequantize(*P.double_quantize(scales))
 
 
-register_method("rtn", weight=rtn_weight, symmetric=True)
+register_method("rtn", weight=rtn_weight, symmetric=True, int8_groups=True)
