@@ -96,6 +96,7 @@ CASES = [
     ("llama", dict(fmt="int4", group_size=64)),
     ("qwen2", dict(fmt="int4", group_size=128, symmetric=True)),
     ("qwen2", dict(fmt="int8")),
+    ("llama", dict(fmt="int8", group_size=32)),  # group-wise int8: llama.cpp's own Q8_0, the head too
     ("qwen3", dict(fmt="int4", group_size=64)),
     ("mistral", dict(fmt="int4", group_size=32, symmetric=True, lm_head=None)),
     ("phi3", dict(fmt="int4", group_size=64)),  # fused qkv_proj / gate_up_proj: llama.cpp's attn_qkv / ffn_up

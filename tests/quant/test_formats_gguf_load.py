@@ -1,6 +1,6 @@
 """GGUF files read by ``llmspeed.load``, checked against the ``gguf`` package's decoder and transformers' GGUF loader.
 
-* blocks: hypothesis over raw ``Q4_0``/``Q4_1``/``Q4_K`` bytes (zero scales and offsets fp16 cannot divide included): the packed
+* blocks: hypothesis over raw ``Q4_0``/``Q4_1``/``Q4_K``/``Q6_K``/``Q8_0`` bytes (zero scales and offsets fp16 cannot divide included): the packed
   module dequantizes as ``gguf.quants.dequantize`` does (``Q4_0`` bit for bit);
 * llmspeed -> GGUF -> llmspeed: every packed buffer back bit for bit, per architecture and format, a shared head;
 * files quantized block by block as llama.cpp does (``gguf``'s port of ggml's quantizers) and the embedded SmolLM2
@@ -102,11 +102,36 @@ def test_q8_0_is_int8_when_a_row_shares_one_scale(rows, blocks, seed):
     raw = gguf_blocks.q8_0(codes, gguf_blocks.block_values(row_scales, None, blocks * 32))
     module = gguf_load.quantized(_tensor(raw, "Q8_0", blocks * 32), torch.arange(rows), None)
     assert isinstance(module, Int8Linear) and torch.equal(module.dequantize(), _reference(raw, "Q8_0"))
-    per_block = torch.rand(rows, blocks, generator=g) + 0.01  # llama.cpp's own Q8_0: no int8 layout holds it
+    assert module.config.group_size is None and module.scales.dtype == torch.float32
+    per_block = torch.rand(rows, blocks, generator=g) + 0.01  # llama.cpp's own Q8_0: group-wise int8 at 32
     if blocks > 1:
         per_block[0, 1] += 1.0
-        assert gguf_load.quantized(_tensor(gguf_blocks.q8_0(codes, per_block), "Q8_0", blocks * 32),
-                                   torch.arange(rows), None) is None  # fmt: skip
+        raw = gguf_blocks.q8_0(codes, per_block)
+        module = gguf_load.quantized(_tensor(raw, "Q8_0", blocks * 32), torch.arange(rows), None)
+        assert isinstance(module, Int8Linear) and module.config.group_size == 32 and module.scales.dtype == torch.float16
+        assert torch.equal(module.qweight, codes) and torch.equal(module.dequantize(), _reference(raw, "Q8_0"))  # bit for bit
+        assert torch.equal(module(torch.eye(blocks * 32)).T, _reference(raw, "Q8_0"))  # its kernel, on unit inputs
+
+
+def _q6_k(rows: int, width: int, seed: int, d: float) -> np.ndarray:
+    """Random ``Q6_K`` rows (every byte string is a valid block once ``d`` is a finite fp16)."""
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, width // 256, 210), dtype=np.uint8)
+    raw[..., 208:210] = np.full(raw.shape[:2], d, np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), blocks=st.integers(1, 3), d=st.sampled_from([0.0, 1e-4, 3e-3, 0.5]), seed=st.integers(0, 999))
+def test_q6_k_loads_as_group_wise_int8_within_fp16_of_its_scales(rows, blocks, d, seed):
+    """``Q6_K`` (signed 16-channel scales ``d * sc``, ``sc`` an int8): codes minus 32 as int8 at group 16, a negative
+    scale's codes negated, each scale rounded to fp16; checked against ``gguf``'s decoder and through the kernel."""
+    raw = _q6_k(rows, blocks * 256, seed, d)
+    module = gguf_load.quantized(_tensor(raw, "Q6_K", blocks * 256), torch.arange(rows), None)
+    assert isinstance(module, Int8Linear) and module.config.group_size == 16 and bool((module.scales >= 0).all())
+    want = _reference(raw, "Q6_K")  # w = d sc (q - 32)
+    bound = 32 * d * 128 * 2**-11 + 1e-7  # |q - 32| <= 32 times the fp16 rounding of |d sc| <= 128 d
+    assert (module.dequantize() - want).abs().max() <= bound
+    assert (module(torch.eye(blocks * 256)).T - want).abs().max() <= bound + 1e-6 * float(want.abs().max())
 
 
 def _same_buffers(ours, theirs, name):
@@ -215,8 +240,8 @@ def test_llama_cpp_quantized_files_read_as_transformers_reads_them(monkeypatch, 
     _as_llama_cpp(monkeypatch, kinds)
     model = llmspeed.models.tiny("llama", seed=4, tie_word_embeddings=False, **SMALL)
     path = llmspeed.save(model, tmp_path / "m.gguf", format="gguf")
-    with pytest.warns(UserWarning, match=r": 1 Q4_0, 2 Q5_0, 2 Q8_0 tensor\(s\) load as float32"):
-        ours = llmspeed.load(path)  # the embedding (a lookup), two down projections, two per-block Q8_0 v_proj
+    with pytest.warns(UserWarning, match=r": 1 Q4_0, 2 Q5_0 tensor\(s\) load as float32"):
+        ours = llmspeed.load(path)  # the embedding (a lookup), two down projections
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     weights = hf.state_dict()
     layers = dict(ours.linear_layers())
@@ -229,7 +254,10 @@ def test_llama_cpp_quantized_files_read_as_transformers_reads_them(monkeypatch, 
             assert isinstance(module, Int4Linear) and not module.config.symmetric
             bound = weights[f"{name}.weight"].abs().max() * 2**-9
             assert (module.dequantize() - weights[f"{name}.weight"]).abs().max() <= bound, name
-        else:  # v_proj (per-block Q8_0), down_proj (Q5_0), the float head: floats equal to transformers'
+        elif "v_proj" in name:  # llama.cpp's per-block Q8_0: group-wise int8, bit for bit
+            assert isinstance(module, Int8Linear) and module.config.group_size == 32, name
+            assert torch.equal(module.dequantize(), weights[f"{name}.weight"]), name
+        else:  # down_proj (Q5_0), the float head: floats equal to transformers'
             assert isinstance(module, torch.nn.Linear), name
             assert torch.equal(module.weight, weights[f"{name}.weight"]), name
     assert torch.equal(ours.module.get_input_embeddings().weight, weights["model.embed_tokens.weight"])
@@ -315,16 +343,14 @@ def test_llama_3_rope_frequencies_are_divided_as_llama_cpp_does(monkeypatch, tmp
 @pytest.mark.slow
 def test_the_embedded_smollm2_file_loads_packed(smollm2):
     """The file llama.cpp's converter wrote (Q4_1 layers, a Q8_0 tied embedding): 210 packed int4 layers whose
-    weights are transformers' own reading of it (the embedded model is that reading), the same tokenizer."""
+    weights are transformers' own reading of it (the embedded model is that reading), a group-wise int8 head (its
+    Q8_0 blocks bit for bit) that the input embedding reads its rows from, the same tokenizer."""
     from llmspeed.models.embedded import gguf_path
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = llmspeed.load(gguf_path())
-    assert [str(w.message).split(": ", 1)[1] for w in caught if "load as float32" in str(w.message)] == [
-        "1 Q8_0 tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); Q4_0, Q4_1, Q4_K and "
-        "row-scaled Q8_0 load packed; llmspeed.quantize(model, 'int8', include=[...]) quantizes the float ones"
-    ]
+    assert [str(w.message) for w in caught if "load as float32" in str(w.message)] == []  # every tensor packed
     for key in CONFIG_KEYS:  # the embedded model's config is transformers' reading of this file
         assert getattr(model.module.config, key, None) == getattr(smollm2.module.config, key, None), key
     assert model.module.generation_config.eos_token_id == smollm2.module.generation_config.eos_token_id
@@ -334,8 +360,11 @@ def test_the_embedded_smollm2_file_loads_packed(smollm2):
     for name, module in packed:
         want = reference[name].weight
         assert (module.dequantize() - want).abs().max() <= want.abs().max() * 2**-9, name
-    assert torch.equal(model.module.lm_head.weight, smollm2.module.lm_head.weight)
-    assert model.module.lm_head.weight is model.module.get_input_embeddings().weight
+    head = model.module.lm_head
+    assert isinstance(head, Int8Linear) and head.config.group_size == 32
+    assert torch.equal(head.dequantize(), smollm2.module.lm_head.weight)  # the file's Q8_0 blocks, bit for bit
+    embedding = model.module.get_input_embeddings()
+    assert type(embedding).__name__ == "QuantizedEmbedding" and embedding.head is head
     for text in ["THE SOFTWARE IS PROVIDED \"AS IS\"", "def f(x):\n    return x  # 2024"]:
         assert model.tokenizer(text)["input_ids"] == smollm2.tokenizer(text)["input_ids"]
     ids = smollm2.tokenizer("The license grants the right to", return_tensors="pt").input_ids
@@ -343,9 +372,8 @@ def test_the_embedded_smollm2_file_loads_packed(smollm2):
         ours, theirs = model.module(ids).logits, smollm2.module(ids).logits
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
     assert torch.equal(ours[0, -1].argmax(), theirs[0, -1].argmax())
-    llmspeed.quantize(model, "int8", include=["lm_head"])  # the float head the Q8_0 embedding became
-    assert type(model.module.get_input_embeddings()).__name__ == "QuantizedEmbedding"
-    assert all(m is layer for (n, m), (_, layer) in zip(packed, model.linear_layers()) if n != "lm_head")
+    with torch.no_grad():  # the rows the input embedding hands out are the float model's
+        assert torch.equal(embedding(ids), smollm2.module.get_input_embeddings()(ids))
 
 
 def test_bad_files_are_named(monkeypatch, tmp_path):

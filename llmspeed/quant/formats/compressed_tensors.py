@@ -127,7 +127,8 @@ def _module_tensors(name: str, module: QuantizedLinearBase) -> dict[str, torch.T
     tensors = {f"{name}.weight_shape": torch.tensor([out, k], dtype=torch.int64)}
     if isinstance(module, Int8Linear):
         tensors[f"{name}.weight_packed"] = pack_int8(module.qweight.cpu())
-        tensors[f"{name}.weight_scale"] = module.scales.detach().float().cpu().reshape(out, 1).contiguous()
+        scales = module.scales.detach().float().cpu()  # [out] (per row) or [out, groups]
+        tensors[f"{name}.weight_scale"] = scales.reshape(out, -1).contiguous()
     else:
         assert isinstance(module, Int4Linear)
         codes = module.codes().cpu()[:, :k]  # [out, in] uint8

@@ -85,9 +85,12 @@ def group_config(key: str, group: dict[str, Any], source: Path) -> QuantConfig:
         return QuantConfig("int4", w.get("group_size") if strategy == "group" else None, symmetric=bool(sym))
     if bits == 8 and strategy == "channel" and sym:
         return QuantConfig("int8", None)
+    g = w.get("group_size")
+    if bits == 8 and strategy == "group" and sym and isinstance(g, int) and g > 0 and g % 16 == 0:
+        return QuantConfig("int8", g)
     raise ValueError(
-        f"{source}: config group {key!r} has num_bits={bits}, strategy={strategy!r}, symmetric={sym}; llmspeed "
-        f"reads 4-bit group or channel and symmetric 8-bit channel schemes"
+        f"{source}: config group {key!r} has num_bits={bits}, strategy={strategy!r}, symmetric={sym}, group_size={g}; "
+        f"llmspeed reads 4-bit group or channel and symmetric 8-bit channel or group (a multiple of 16) schemes"
     )
 
 
@@ -133,6 +136,10 @@ def module_buffers(
     if cfg.format == "int8":
         packed = _expect(source, f"{name}.weight_packed", get(f"{name}.weight_packed", None), (torch.int32,),
                          (out, -(-k // 4)))  # fmt: skip
+        if cfg.group_size is not None:  # group-wise: fp16 scales [out, groups], as the module holds them
+            scale = _expect(source, f"{name}.weight_scale", get(f"{name}.weight_scale", None), _FLOATS,
+                            (out, cfg.num_groups(k)))  # fmt: skip
+            return {"qweight": unpack_int8(packed, k), "scales": scale.to(P.SCALE_DTYPE)}
         scale = _expect(source, f"{name}.weight_scale", get(f"{name}.weight_scale", None), _FLOATS, (out, 1))
         return {"qweight": unpack_int8(packed, k), "scales": scale.float().reshape(out)}
     groups = cfg.num_groups(k)

@@ -22,7 +22,8 @@ import torch
 
 QK = 32  # input channels of one block
 QK_K = 256  # input channels of one K-quant super-block
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q6_K": 210}
+Q6_K_GROUP = 16  # input channels sharing one of a Q6_K super-block's 16 scales
 
 
 def _half_bytes(t: torch.Tensor) -> torch.Tensor:  # [rows, blocks, 2] uint8
@@ -123,6 +124,27 @@ def read_q8_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q8_0`` rows -> codes [rows, width] int8 and block scales ``d`` [rows, width/32]."""
     b = _blocks(raw, "Q8_0")
     return b[..., 2:].contiguous().view(torch.int8).reshape(b.shape[0], -1), _halves(b[..., :2])
+
+
+def read_q6_k(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q6_K`` rows -> signed codes [rows, width] int8 in ``[-32, 31]`` and each 16-channel group's scale
+    ``d * sc`` [rows, width/16] (fp32 products, signed as the file's), so ``w = scale * q``.
+
+    A super-block of 256 channels (210 bytes): 128 bytes ``ql`` of low nibbles, 64 bytes ``qh`` of 2-bit high parts,
+    16 signed bytes ``sc``, fp16 ``d``. Each half of 128 channels reads 64 bytes of ``ql`` and 32 of ``qh``: channel
+    ``l + 32 j`` (``l < 32``, ``j < 4``) has its low nibble in ``ql[l + 32 (j % 2)]`` (the low nibble for ``j < 2``,
+    the high one after) and its high bits at bit ``2 j`` of ``qh[l]``; the code is that 6-bit value minus 32.
+    """
+    b = _blocks(raw, "Q6_K")
+    rows, n = b.shape[:2]
+    ql = b[..., :128].reshape(rows, n, 2, 2, 32)  # [rows, n, half, j % 2, l]
+    qh = b[..., 128:192].reshape(rows, n, 2, 1, 32)  # [rows, n, half, 1, l]
+    low = torch.cat([ql & 15, ql >> 4], dim=3)  # [rows, n, half, j, l]: j = 0, 1 low nibbles, 2, 3 high
+    high = torch.cat([(qh >> (2 * j)) & 3 for j in range(4)], dim=3)  # [rows, n, half, j, l]
+    codes = ((low | (high << 4)).to(torch.int16) - 32).to(torch.int8).reshape(rows, -1)  # [rows, n * 256]
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()  # [rows, n, 16]
+    d = _halves(b[..., 208:210])  # [rows, n]
+    return codes, (d[..., None] * sc).reshape(rows, -1)
 
 
 def shared_group(per_block: list[torch.Tensor], width: int, sizes: tuple[int, ...] = (128, 64)) -> int:

@@ -2,7 +2,8 @@
 
 The quantized layers keep their codes (:mod:`.gguf_blocks`): symmetric int4 becomes ``Q4_0`` bit for bit,
 asymmetric int4 ``Q4_1`` (the offset ``-zero * scale`` rounded to fp16), int8 ``Q8_0`` (the row scale rounded
-to fp16); a group of 64 or 128 channels is two or four 32-channel blocks with the group's scale. So a model
+to fp16, or the group scales as they are); a group of 64 or 128 channels is two or four 32-channel blocks with the
+group's scale. int8 at group 16 (``Q6_K`` read from a GGUF file) is written dequantized, with a warning. So a model
 quantized with GPTQ, AWQ or QAT here runs in llama.cpp with the codes chosen here, not requantized by
 ``llama-quantize``. Float layers are written in the model's dtype (F32, F16 or BF16), norms in F32.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,12 +57,21 @@ def refusal(name: str, module: nn.Module) -> str | None:
     if cfg.act_order or cfg.hadamard:
         what = "permuted input columns (act_order)" if cfg.act_order else "Hadamard-rotated groups"
         return f"layer {name!r} has {what}, which llama.cpp's blocks cannot describe; keep format='llmspeed'"
+    if as_floats(module):
+        return None
     if module.in_features % gguf_blocks.QK or (cfg.group_size is not None and cfg.group_size % gguf_blocks.QK):
         return (
             f"layer {name!r} has in_features={module.in_features} and group_size={cfg.group_size}; GGUF blocks are "
-            f"32 input channels, so both must be multiples of 32 (None for int8)"
+            f"32 input channels, so both must be multiples of 32 (or None: one scale per row)"
         )
     return None
+
+
+def as_floats(module: QuantizedLinearBase) -> bool:
+    """Whether the export writes ``module`` as its dequantized float weight: int8 whose groups are shorter than a
+    ``Q8_0`` block (group 16: a ``Q6_K`` layer read from a GGUF file), which no block type llmspeed writes holds."""
+    g = module.config.group_size
+    return module.config.format == "int8" and g is not None and g % gguf_blocks.QK != 0
 
 
 def rotary_rows(rows: int, heads: int) -> torch.Tensor:  # [rows] int64
@@ -72,8 +83,8 @@ def rotary_rows(rows: int, heads: int) -> torch.Tensor:  # [rows] int64
 def _quantized(module: QuantizedLinearBase, rows: torch.Tensor) -> tuple[np.ndarray, str]:
     """The blocks of ``module``'s rows ``rows`` and their GGUF type name."""
     k = module.in_features
-    if isinstance(module, Int8Linear):
-        d = gguf_blocks.block_values(module.scales.detach().float()[rows], None, k)  # [out, k / 32]
+    if isinstance(module, Int8Linear):  # one scale per row, or per group of a multiple of 32
+        d = gguf_blocks.block_values(module.scales.detach().float()[rows], module.config.group_size, k)  # [out, k / 32]
         return gguf_blocks.q8_0(module.qweight[rows].cpu(), d.cpu()), "Q8_0"
     assert isinstance(module, Int4Linear)
     g = module.config.group_size
@@ -189,9 +200,18 @@ def _tensors(model: CausalLM, arch: str) -> dict[str, tuple[np.ndarray, str]]:
     quantized = {n: m for n, m in model.linear_layers() if isinstance(m, QuantizedLinearBase)}
     shared = {head: embedding for embedding, head in shared_embeddings(model).items()}
     out: dict[str, tuple[np.ndarray, str]] = {}
+    floats = [n for n, m in quantized.items() if as_floats(m)]
+    if floats:
+        warnings.warn(f"{len(floats)} int8 layer(s) at group 16 (e.g. {floats[0]!r}: Q6_K read from a GGUF file) are "
+                      f"written dequantized, in the model's float type: GGUF's Q8_0 blocks hold one scale per 32 "
+                      f"channels", stacklevel=4)  # fmt: skip
     for name, module in quantized.items():
         target, heads = gguf_name(shared.get(name, name), "weight")
-        out[target] = _quantized(module, order(module.out_features, heads))
+        rows = order(module.out_features, heads)
+        if name in floats:
+            out[target] = _floats(module.dequantize(torch.float32, rows).cpu(), model.spec.dtype)
+        else:
+            out[target] = _quantized(module, rows)
         if module.bias is not None:
             bias_name, _ = gguf_name(name, "bias")
             out[bias_name] = _floats(module.bias[order(module.out_features, heads)], model.spec.dtype)

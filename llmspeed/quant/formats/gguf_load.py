@@ -5,10 +5,12 @@ bit for bit; ``Q4_1`` asymmetric int4 with zero point ``-m / d`` rounded to fp16
 values: a few thousandths of a step; a zero point within ``m``'s own fp16 rounding of a whole number is that number,
 so llmspeed's asymmetric int4 comes back exact); ``Q4_K`` (the K-quant most files on the Hub are mostly made of)
 the same way at group 32, each sub-block's scale ``d * sc`` and offset ``-dmin * m`` read as ``Q4_1``'s ``d`` and
-``m``, the scale rounded to fp16 too; ``Q8_0`` whose blocks share one scale per row (what llmspeed writes) becomes
-``Int8Linear`` bit for bit. Blocks that share their scale (and offset) over 64 or 128 channels read back as one
+``m``, the scale rounded to fp16 too; ``Q8_0`` becomes ``Int8Linear`` bit for bit: with one scale per row where
+its blocks share one (what llmspeed writes), else group-wise at 32 (llama.cpp's own); ``Q6_K`` (the head, value and
+half the down projections of a ``Q4_K_M`` file) group-wise int8 at 16, its codes minus 32 and each 16 channels'
+scale ``d * sc`` rounded to fp16. Blocks that share their scale (and offset) over 64 or 128 channels read back as one
 group of that size, so a file llmspeed wrote returns with the group size it was quantized at. Every other type
-(llama.cpp's per-block ``Q8_0``, ``Q5_*``, ``Q6_K`` and the other K-quants, i-quants) is dequantized to float32 by the ``gguf`` package, and
+(``Q5_*`` and the other K-quants, i-quants) is dequantized to float32 by the ``gguf`` package, and
 one warning names them. The model computes in float32, as llama.cpp does; ``llmspeed.cast`` it after loading for
 16-bit activations.
 
@@ -144,9 +146,19 @@ def quantized(tensor: Any, rows: torch.Tensor, bias: torch.Tensor | None) -> nn.
         return Int4Linear.from_codes(codes, d, zeros, config=QuantConfig("int4", g), bias=bias)
     if kind == "Q8_0":
         codes, d = gguf_blocks.read_q8_0(tensor.data)
-        if gguf_blocks.shared_group([d], k, sizes=(k,)) != k:  # llama.cpp's own: one scale per 32 channels
+        if gguf_blocks.shared_group([d], k, sizes=(k,)) == k:  # one scale per row: what llmspeed writes for int8
+            return Int8Linear.from_codes(codes[rows], d[rows, 0], config=QuantConfig("int8"), bias=bias)
+        g = gguf_blocks.shared_group([d], k)  # llama.cpp's own: a scale per 32 channels (64, 128 where they repeat)
+        return Int8Linear.from_codes(codes[rows], d[rows, :: g // gguf_blocks.QK], config=QuantConfig("int8", g), bias=bias)
+    if kind == "Q6_K":
+        codes, scale = gguf_blocks.read_q6_k(tensor.data)  # [out, k] in [-32, 31], [out, k / 16]
+        scale = scale.to(SCALE_DTYPE).float()  # the scale the module holds (d * sc is an fp32 product)
+        if not bool(torch.isfinite(scale).all()):
             return None
-        return Int8Linear.from_codes(codes[rows], d[rows, 0], config=QuantConfig("int8"), bias=bias)
+        negative = (scale < 0).repeat_interleave(gguf_blocks.Q6_K_GROUP, dim=1)  # [out, k]: a scale of either sign
+        codes = torch.where(negative, -codes.to(torch.int16), codes.to(torch.int16)).to(torch.int8)  # -(-32) fits int8
+        config = QuantConfig("int8", gguf_blocks.Q6_K_GROUP)
+        return Int8Linear.from_codes(codes[rows], scale.abs()[rows], config=config, bias=bias)
     return None
 
 
@@ -252,6 +264,6 @@ def load(path: Path, device: str | torch.device = "cpu") -> Model:
     if dequantized:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(dequantized.values()).items()))
         warnings.warn(f"{path}: {kinds} tensor(s) load as float32 (llmspeed has no kernels for those GGUF types); "
-                      f"Q4_0, Q4_1, Q4_K and row-scaled Q8_0 load packed; llmspeed.quantize(model, 'int8', include=[...]) "
+                      f"Q4_0, Q4_1, Q4_K, Q6_K and Q8_0 load packed; llmspeed.quantize(model, 'int8', include=[...]) "
                       f"quantizes the float ones", stacklevel=3)  # fmt: skip
     return skeleton.finish_foreign(model, floats, torch.float32, device, path)

@@ -1,0 +1,93 @@
+"""Group-wise int8 (``QuantConfig("int8", group_size=G)``, GGUF's ``Q8_0`` at 32): rounding, layout, the kernels,
+save/load, the GGUF export of groups shorter than a ``Q8_0`` block, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import llmspeed
+from llmspeed.quant import Int8Linear, QuantConfig
+from llmspeed.quant import primitives as P
+from llmspeed.quant.kernels import KERNELS
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), k=st.integers(1, 130), group=st.sampled_from([16, 32, 48, 64]), seed=st.integers(0, 999))
+def test_each_group_rounds_to_its_own_fp16_scale(rows, k, group, seed):
+    """Every column is within half a step of its group's scale (the last group may be shorter), the scale is the
+    group's absmax / 127 rounded up to fp16, and the module's dequantize is codes times those scales."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=g) * torch.rand(k, generator=g) * 4  # groups of different ranges
+    w[0, : min(k, group)] = 0.0  # an all-zero group: the smallest positive scale, codes 0
+    scales = P.choose_qparams_int8(w, group)  # [rows, groups]
+    groups = -(-k // group)
+    assert scales.shape == (rows, groups) and torch.equal(scales, scales.half().float())
+    absmax = P.pad_columns(w.abs(), groups * group).reshape(rows, groups, group).amax(-1)  # [rows, groups]
+    assert bool((scales * 127 >= absmax).all()) and bool((scales > 0).all())
+    codes = P.quantize_int8(w, scales, group)
+    per_column = scales.repeat_interleave(group, 1)[:, :k]  # [rows, k]
+    assert bool(((codes.float() * per_column - w).abs() <= per_column / 2 + 1e-7).all())
+    module = Int8Linear.from_codes(codes, scales, config=QuantConfig("int8", group), in_features=k)
+    assert module.scales.dtype == torch.float16 and torch.equal(module.dequantize(), codes.float() * per_column)
+    assert module.layout.groups == groups and module.layout.group == group and module.layout.grouped_int8
+
+
+def test_quantize_rounds_every_layer_by_group_and_the_cpp_kernel_runs_it():
+    model = llmspeed.models.tiny("llama", seed=3)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.hf(ids).logits
+    llmspeed.quantize(model, "int8", group_size=32)
+    layers = dict(model.linear_layers())
+    assert all(isinstance(m, Int8Linear) and m.config.group_size == 32 for m in layers.values())
+    head = layers["lm_head"]
+    x = torch.randn(3, head.in_features)
+    assert KERNELS["cpp"].why_not(head, x) is None and KERNELS["aten_int8"].why_not(head, x) is not None
+    with torch.no_grad():
+        got = model.hf(ids).logits
+    assert (got - want).abs().max() < 0.02 * want.abs().max()  # 8 bits a weight, a scale per 32
+
+
+def test_group_wise_int8_saves_and_loads_bit_for_bit(tmp_path):
+    model = llmspeed.models.tiny("qwen2", seed=1)
+    llmspeed.quantize(model, "int8", group_size=48)  # 64 inputs: a group of 48 and one of 16
+    back = llmspeed.load(llmspeed.save(model, tmp_path / "m"))
+    a, b = model.hf.state_dict(), back.hf.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert all(m.config.group_size == 48 for _, m in back.linear_layers())
+
+
+def test_groups_shorter_than_a_q8_0_block_go_to_gguf_as_floats_with_a_warning(tmp_path):
+    """int8 at group 16 (what a Q6_K layer reads as) has no block type llmspeed writes: its dequantized weight is."""
+    pytest.importorskip("gguf")
+    model = llmspeed.models.tiny("llama", seed=0, hidden_size=128, intermediate_size=256)
+    llmspeed.quantize(model, "int8", group_size=16, include=["*.mlp.down_proj"])
+    downs = {n: m.dequantize() for n, m in model.linear_layers() if n.endswith("down_proj")}
+    with pytest.warns(UserWarning, match=r"2 int8 layer\(s\) at group 16 .* are written dequantized"):
+        path = llmspeed.save(model, tmp_path / "m.gguf", format="gguf")
+    back = dict(llmspeed.load(path).linear_layers())
+    for name, weight in downs.items():
+        assert isinstance(back[name], nn.Linear) and torch.equal(back[name].weight, weight), name
+
+
+def test_bad_group_wise_int8_is_refused_before_any_layer_changes():
+    model = llmspeed.models.tiny("llama", seed=0)
+    before = {k: v.clone() for k, v in model.hf.state_dict().items()}
+    for kwargs, match in [
+        (dict(group_size=24), "group_size for int8 must be None .* or a positive multiple of 16 .*got 24"),
+        (dict(group_size=32, activations="int8"), "activations='int8' takes int8 weights with one scale per row"),
+        (dict(group_size=32, method="hqq"), r"group-wise int8 \(group_size=32\) is quantized by method in \['rtn'\]"),
+        (dict(group_size=32, kernel="aten_int8"), "aten_int8"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            llmspeed.quantize(model, "int8", **kwargs)
+        after = model.hf.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), kwargs
+    with pytest.raises(ValueError, match=r"scales must have shape \(4, 2\)"):
+        Int8Linear.from_codes(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), config=QuantConfig("int8", 32))
+    with pytest.raises(ValueError, match="group_size must be None for int8 in quantization-aware training"):
+        llmspeed.qat.prepare(model, "int8", group_size=32)
