@@ -127,6 +127,10 @@ def _check_linear(module: nn.Module, name: str, bias_ok: bool, lora_ok: bool = T
         moved = [k for k in ("hadamard", "act_order") if getattr(cfg, k, False)]
         if moved:
             return f"{name} transforms its input before the matmul ({moved[0]}=True), which the fused step does not"
+        layout = getattr(module, "layout", None)
+        if layout is not None and layout.grouped_int8:
+            return (f"{name} is group-wise int8 whose groups of {layout.group} do not split its {layout.in_features} "
+                    f"inputs evenly, which the fused step does not read")  # fmt: skip
         what = getattr(module, "quant_format", None) or getattr(getattr(module, "weight", None), "dtype", "")
         return f"{name} is {type(module).__name__} ({what}): not an fp32/bf16 nn.Linear or an llmspeed int8/int4/nf4 linear"
     if module.bias is not None and not bias_ok:

@@ -73,8 +73,8 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 torch::Tensor int8_group_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t G) {
   x = x.contiguous();
   const int64_t K = x.size(-1), M = x.numel() / K, N = qweight.size(0), groups = (K + G - 1) / G;
-  TORCH_CHECK(qweight.scalar_type() == torch::kChar && qweight.is_contiguous() && qweight.size(1) == K && G > 0,
-              "int8_group_matmul: qweight must be contiguous int8 [N, K] and G positive");
+  TORCH_CHECK(qweight.scalar_type() == torch::kChar && qweight.is_contiguous() && qweight.size(1) == K && G > 0 &&
+                  G % 16 == 0, "int8_group_matmul: qweight must be contiguous int8 [N, K] and G a multiple of 16");
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == groups,
               "int8_group_matmul: scales must be fp16 [N, ceil(K / G)]");
   auto y = output_like(x, N);

@@ -1,7 +1,7 @@
 // Group-wise int8 weights (QuantConfig("int8", group_size=G), GGUF's Q8_0 at G = 32): int8 codes w [N, K] and a
 // fp16 scale per G consecutive input channels of a row, s [N, ceil(K / G)] (a row's last group may be shorter).
 // Shared by the quantized matmul kernel (fused_cpu.cpp: int8_group_matmul, dequantize_int8_groups) and the fused
-// decode step (gemv_rows.h, gemv_group.h): one dot product per group, folded into the row's sum by its scale.
+// decode step (gemv_rows.h, gemv_group.h).
 #pragma once
 
 #include "q4_tiles.h"  // half_t, h2f, hsum
@@ -13,44 +13,51 @@
 #endif
 
 // y[r] = sum_g s[g] * sum_{k in group g} x[r * ldx + k] * w[k] for R rows of x; w one weight row [K], s its
-// group scales. Each group's products gather in registers (two chains of 8 lanes, 16 codes a step) and fold
-// into the row's running sum with one FMA by the group's scale: no horizontal sum per group.
+// group scales (groups a multiple of 16 codes, so no run of 16 crosses a group's edge). Each 8 codes widen to fp32
+// and take their group's scale (code * scale: the dequantized weight, as primitives.dequantize_int8 forms it), shared
+// by the R rows; C FMA chains per row (4 for one or two rows, 2 for more, as the per-row int8 tile), one horizontal
+// sum per row at the end.
 template <int R>
 inline void i8g_dot_rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t G, const half_t* s,
                          float* y) {
   float tail[R] = {};
-#ifdef __AVX2__
-  __m256 tot[R];
-  for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
-#endif
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
-    const int64_t k1 = std::min(K, k0 + G);
-    const float sg = h2f(s[g]);
-    int64_t k = k0;
-#ifdef __AVX2__
-    __m256 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-    for (; k + 16 <= k1; k += 16) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-      for (int r = 0; r < R; ++r) {
-        a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + k), a0[r]);
-        a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ldx + k + 8), a1[r]);
-      }
+  int64_t g = 0, end = G;  // the group of the codes being read, and where it ends
+  float sg = h2f(s[0]);
+  const auto scale_at = [&](int64_t k) {  // the scale of code k (k never decreases)
+    while (k >= end) {
+      ++g;
+      end += G;
+      sg = h2f(s[g]);
     }
-    const __m256 sv = _mm256_set1_ps(sg);
-    for (int r = 0; r < R; ++r) tot[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), sv, tot[r]);
-#endif
-    for (int r = 0; r < R; ++r) {
-      float part = 0.f;
-      for (int64_t j = k; j < k1; ++j) part += x[r * ldx + j] * static_cast<float>(w[j]);
-      tail[r] += part * sg;
+    return sg;
+  };
+  int64_t k = 0;
+#ifdef __AVX2__
+  constexpr int C = R <= 2 ? 4 : 2;
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm256_setzero_ps();
+  for (; k + 8 * C <= K; k += 8 * C) {
+    __m256 wv[C];
+    for (int c = 0; c < C; c += 2) {  // 16 codes of one group
+      const __m256 sv = _mm256_set1_ps(scale_at(k + 8 * c));
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * c));
+      wv[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), sv);
+      wv[c + 1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), sv);
     }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + r * ldx + k + 8 * c), a[r][c]);
+  }
+#endif
+  for (; k < K; ++k) {
+    const float wk = static_cast<float>(w[k]) * scale_at(k);
+    for (int r = 0; r < R; ++r) tail[r] += x[r * ldx + k] * wk;
   }
   for (int r = 0; r < R; ++r) {
 #ifdef __AVX2__
-    y[r] = hsum(tot[r]) + tail[r];
+    __m256 t = a[r][0];
+    for (int c = 1; c < C; ++c) t = _mm256_add_ps(t, a[r][c]);
+    y[r] = hsum(t) + tail[r];
 #else
     y[r] = tail[r];
 #endif
