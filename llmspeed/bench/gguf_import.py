@@ -6,10 +6,12 @@ with 8 sequences running and the prompt rate (the measurements and ratios of :mo
 reuses). The files: the embedded SmolLM2 file (llama.cpp's converter: ``Q4_1`` layers, a ``Q8_0`` tied embedding)
 and llama.cpp's ``Q4_0`` and ``Q8_0`` of it (``llama_model_quantize``), and its ``Q4_K_M`` of a random-weight llama
 whose widths the K-quants take (:data:`RANDOM`: SmolLM2's are not multiples of 256, so its K-quant files are other
-types). Two more rows quantize to int8, after loading, the layers a file left in float (``quantize(model, "int8",
-include=[...])``): the ``Q4_1`` file's head, the ``Q4_K_M`` file's ``Q6_K`` layers and head; each against the same
-llama.cpp file. ``rounds`` alternate the two runtimes; each
-number is the median over rounds, each ratio the median of the rounds' ratios.
+types). Every tensor of these files loads packed: ``Q4_*`` as int4, ``Q8_0`` and ``Q6_K`` as int8 (group-wise where
+the file's blocks each have their own scale); the "loaded as float" column says so or names what did not. Two
+rows put the int8 layers of the ``Q8_0`` and ``Q4_K_M`` files back in float32 after loading, as they loaded before
+group-wise int8: the same weights in the same run.
+``rounds`` alternate the two runtimes; each number is the median over rounds, each ratio the median of the rounds'
+ratios.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from ..memory import memory_footprint
 from ..models.embedded import gguf_path
-from ..quant import load, quantize
+from ..quant import load
 from ..quant.formats import gguf_read
 from .cpu_peers import PROMPT_TOKENS, _llmspeed_rows, _medians, _ratios
 from .llama_anchor import llama_cpp_missing, llama_rows_isolated, pydoc_ids, requantized
@@ -37,14 +39,15 @@ FILES: dict[str, tuple[str, int] | None] = {"Q4_1": None, "Q4_0": ("Q4_0", 2), "
 # a random-weight llama whose widths K-quants take, with SmolLM2's vocabulary (llama.cpp needs one in the file)
 RANDOM: dict[str, Any] = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
               num_key_value_heads=4, vocab_size=49152)  # fmt: skip
-# row -> (file, what llmspeed.quantize does after loading: "head" (to int8), "floats" (every float linear to int8))
-ROWS: dict[str, tuple[str, str | None]] = {
-    "Q4_1": ("Q4_1", None),
-    "Q4_1, then the float head to int8": ("Q4_1", "head"),
-    "Q4_0 (llama_model_quantize of the Q4_1 file)": ("Q4_0", None),
-    "Q8_0 (llama_model_quantize of the Q4_1 file)": ("Q8_0", None),
-    "Q4_K_M (random-weight llama, 1024 wide)": ("Q4_K_M", None),
-    "Q4_K_M, then the float layers to int8": ("Q4_K_M", "floats"),
+# row -> (its file (a key of FILES), whether its int8 layers go back to float32 after loading: how the per-block
+# Q8_0 and Q6_K layers loaded before group-wise int8, the same weights in the same run)
+ROWS: dict[str, tuple[str, bool]] = {
+    "Q4_1": ("Q4_1", False),
+    "Q4_0 (llama_model_quantize of the Q4_1 file)": ("Q4_0", False),
+    "Q8_0 (llama_model_quantize of the Q4_1 file)": ("Q8_0", False),
+    "Q8_0, its int8 layers as float32": ("Q8_0", True),
+    "Q4_K_M (random-weight llama, 1024 wide)": ("Q4_K_M", False),
+    "Q4_K_M, its int8 layers as float32": ("Q4_K_M", True),
 }
 
 
@@ -70,12 +73,19 @@ def _path(name: str, threads: int, folder: Path) -> Path:
     return requantized(*made, threads)
 
 
-def _quantize_floats(model: Any, which: str) -> str:
-    """Quantize to int8 the head (``"head"``) or every linear layer (``"floats"``) the loaded ``model`` keeps in float."""
-    floats = [n for n, m in model.linear_layers() if isinstance(m, torch.nn.Linear)]
-    chosen = [n for n in floats if n == "lm_head"] if which == "head" else floats
-    quantize(model, "int8", include=chosen)
-    return f"none ({len(chosen)} float layer(s) quantized to int8 after loading)"
+def _int8_as_floats(model: Any) -> str:
+    """Replace every int8 layer of ``model`` by an fp32 ``nn.Linear`` of its dequantized weight; say how many."""
+    names = [n for n, m in model.linear_layers() if getattr(m, "quant_format", None) == "int8"]
+    for name in names:
+        layer = dict(model.linear_layers())[name]
+        weight = layer.dequantize(torch.float32)  # [out, in]
+        dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        model.replace_linear(name, dense)
+    return f"{len(names)} int8 layer(s) put back in float32 after loading"
 
 
 def _loaded(path: Path) -> tuple[Any, float, str]:
@@ -106,11 +116,11 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True, roun
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmspeed-gguf-import-") as tmp:
         work = Path(tmp)
-        for name, (file, then) in tqdm(ROWS.items(), disable=not progress, desc="gguf_import"):
+        for name, (file, as_floats) in tqdm(ROWS.items(), disable=not progress, desc="gguf_import"):
             path = _path(file, threads, work)
             ours_model, load_s, floats = _loaded(path)
-            if then is not None:  # the layers a file leaves in float can be quantized on their own
-                floats = _quantize_floats(ours_model, then)
+            if as_floats:
+                floats = _int8_as_floats(ours_model)
             prompt = pydoc_ids(ours_model, PROMPT_TOKENS)
             windows = torch.tensor(pydoc_ids(ours_model, 256 * n_windows)).view(n_windows, 256)
             ours, theirs, ratios = [], [], []
