@@ -168,15 +168,14 @@ QUANTIZATION = [
     ),
     new_markdown_cell(
         "GGUF files go both ways: `llmspeed.save(model, 'm.gguf', format='gguf')` writes what llama.cpp, Ollama and "
-        "LM Studio run, and `llmspeed.load` reads their files keeping the 4-bit codes they hold (`Q4_0`, `Q4_1`, "
-        "`Q4_K`). The embedded SmolLM2 is itself such a file, written by llama.cpp's converter: `Q4_1` layers and a "
-        "`Q8_0` embedding, which has no llmspeed layout and loads as float (a warning says so). "
-        "`quantize(..., include=[...])` quantizes only the layers a loaded model keeps in float: here the head."
+        "LM Studio run, and `llmspeed.load` reads their files keeping the codes they hold (`Q4_0`, `Q4_1`, `Q4_K` as "
+        "int4; `Q8_0` and `Q6_K` as int8, a scale per 32 or 16 channels). The embedded SmolLM2 is itself such a file, "
+        "written by llama.cpp's converter: `Q4_1` layers and a `Q8_0` embedding, which becomes the group-wise int8 "
+        "head the input embedding reads its rows from."
     ),
     new_code_cell(
         "from llmspeed.models.embedded import gguf_path\n"
         "gguf_model = llmspeed.load(gguf_path())\n"
-        "llmspeed.quantize(gguf_model, 'int8', include=['lm_head'])\n"
         "ppl = llmspeed.eval.perplexity(gguf_model, TEXT, window=WINDOW, n_windows=WINDOWS, batch_size=1)\n"
         "print(type(gguf_model.hf.model.layers[0].mlp.up_proj).__name__,\n"
         "      f\"{llmspeed.memory_footprint(gguf_model)['total'] / 1e6:.0f} MB, perplexity {ppl:.2f} \"\n"
