@@ -75,9 +75,8 @@ def _path(name: str, threads: int, folder: Path) -> Path:
 
 def _int8_as_floats(model: Any) -> str:
     """Replace every int8 layer of ``model`` by an fp32 ``nn.Linear`` of its dequantized weight; say how many."""
-    names = [n for n, m in model.linear_layers() if getattr(m, "quant_format", None) == "int8"]
-    for name in names:
-        layer = dict(model.linear_layers())[name]
+    layers = {n: m for n, m in model.linear_layers() if getattr(m, "quant_format", None) == "int8"}
+    for name, layer in layers.items():
         weight = layer.dequantize(torch.float32)  # [out, in]
         dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         with torch.no_grad():
@@ -85,7 +84,7 @@ def _int8_as_floats(model: Any) -> str:
             if layer.bias is not None:
                 dense.bias.copy_(layer.bias)
         model.replace_linear(name, dense)
-    return f"{len(names)} int8 layer(s) put back in float32 after loading"
+    return f"{len(layers)} int8 layer(s) put back in float32 after loading"
 
 
 def _loaded(path: Path) -> tuple[Any, float, str]:

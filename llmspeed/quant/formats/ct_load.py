@@ -136,12 +136,10 @@ def module_buffers(
     if cfg.format == "int8":
         packed = _expect(source, f"{name}.weight_packed", get(f"{name}.weight_packed", None), (torch.int32,),
                          (out, -(-k // 4)))  # fmt: skip
-        if cfg.group_size is not None:  # group-wise: fp16 scales [out, groups], as the module holds them
-            scale = _expect(source, f"{name}.weight_scale", get(f"{name}.weight_scale", None), _FLOATS,
-                            (out, cfg.num_groups(k)))  # fmt: skip
-            return {"qweight": unpack_int8(packed, k), "scales": scale.to(P.SCALE_DTYPE)}
-        scale = _expect(source, f"{name}.weight_scale", get(f"{name}.weight_scale", None), _FLOATS, (out, 1))
-        return {"qweight": unpack_int8(packed, k), "scales": scale.float().reshape(out)}
+        grouped = cfg.group_size is not None  # fp16 scales [out, groups], as the module holds them; else fp32 [out]
+        scale = _expect(source, f"{name}.weight_scale", get(f"{name}.weight_scale", None), _FLOATS,
+                        (out, cfg.num_groups(k) if grouped else 1))  # fmt: skip
+        return {"qweight": unpack_int8(packed, k), "scales": scale.to(P.SCALE_DTYPE) if grouped else scale.float().reshape(out)}
     groups = cfg.num_groups(k)
     packed = _expect(source, f"{name}.weight_packed", get(f"{name}.weight_packed", None), (torch.int32,),
                      (out, -(-k // 8)))  # fmt: skip
