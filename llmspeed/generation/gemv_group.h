@@ -56,6 +56,8 @@ bool amx_linear(const float* x, int64_t M, int64_t K, const Linear& l) {
 bool vnni_rows(const Linear& l) {
   return l.act8 && vnni_compiled() && ((l.kind == Kind::I8 && !l.hscale) || (l.kind == Kind::INT4 && l.G % 32 == 0));
 }
+// Whether the row loop multiplies this group-wise int8 layer's codes by int8 activation codes (int8_groups.h).
+bool i8g_code_rows(const Linear& l) { return l.act8 && l.kind == Kind::I8 && l.hscale; }
 constexpr int64_t VNNI_TILE_ROWS = 16;  // from this many rows, such layers too run on AMX tiles
 
 // The int8 codes of x as the VNNI row loop of l reads them.
@@ -140,7 +142,7 @@ bool quant_gemm(const float* x, int64_t M, int64_t K, const Linear& l) {
     }
 #endif
 #ifdef LLMSPEED_Q8_PANELS
-    if (l.kind == Kind::I8) {
+    if (l.kind == Kind::I8 && !l.hscale) {
       TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
       q8_panel_gemm(x, M, K, static_cast<const int8_t*>(l.w), l.N, l.scale, l.y);
       done = true;
@@ -199,7 +201,8 @@ int64_t row_bytes(const Linear& l, int64_t K) {
 // rows form one parallel range. From ``amx_rows`` rows up (0: never; fp32 weights, which take a split and
 // three tile products, from twice as many) each matrix is one AMX tile matmul instead, where the CPU has
 // tiles. In the row loop, int8 weights and int4 weights with groups of whole 32-code blocks multiply int8
-// activation codes on VNNI where the layer has int8 activations (q4_int8.h).
+// activation codes on VNNI (or AVX2) where the layer has int8 activations (q4_int8.h), and group-wise int8 weights
+// do on AVX2 (int8_groups.h).
 void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group, int64_t amx_rows,
                 const Extra* extra = nullptr) {
   if (M >= TORCH_GEMM_ROWS) {  // prompt-sized steps: torch's GEMM, or quant_gemm where AMX tiles will not run
@@ -221,7 +224,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
   const bool tiles_wanted = amx_rows > 0 && M >= amx_rows && llmspeed_amx::usable() && !(int8_codes && M < VNNI_TILE_ROWS);
   std::vector<float> xq;  // q * d [M, K], for the members with int8 activations that multiply floats
   for (auto& l : group) {
-    if (l.act8 && xq.empty() && (tiles_wanted || !vnni_rows(l))) {
+    if (l.act8 && xq.empty() && (tiles_wanted || !vnni_rows(l) && !i8g_code_rows(l))) {
       xq.resize(M * K);
       act_round(x, M, K, xq.data());
     }
@@ -248,6 +251,12 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
       TORCH_CHECK(l.Kp == K, "fused decode: a weight has ", l.Kp, " input columns for an input of ", K);
     } else {
       TORCH_CHECK(l.Kp >= K && l.Kp - K < l.G, "fused decode: a 4-bit weight is padded to ", l.Kp, " for ", K);
+    }
+    if (i8g_code_rows(l)) {  // the codes in order, shared by the group's matrices alike
+      for (const auto& o : group)
+        if (o.codes) l.codes = o.codes;
+      if (!l.codes) l.codes = std::make_shared<ActCodes>(act_quant(x, M, K));
+      continue;
     }
     if (vnni_rows(l)) {  // int8 codes chunked for this layout, shared by the group's matrices of the same one
       for (const auto& o : group)
@@ -286,6 +295,7 @@ void gemv_group(const float* x, int64_t M, int64_t K, std::vector<Linear> group,
         case Kind::BF16: gemv_rows(l.x, M, K, l, static_cast<const bf16*>(l.w), lo, hi); break;
         case Kind::I8:
           if (l.chunks) gemv_rows_i8(M, K, l, lo, hi);
+          else if (l.codes) gemv_rows_i8g_codes(M, K, l, lo, hi);
           else if (l.hscale) gemv_rows_i8g(l.x, M, K, l, lo, hi);
           else gemv_rows(l.x, M, K, l, static_cast<const int8_t*>(l.w), lo, hi);
           break;

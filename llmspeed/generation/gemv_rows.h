@@ -119,10 +119,12 @@ struct Linear {
   float* y;            // [M, N]
   bool act8 = false;   // int8 activations (QuantConfig.activations): the layer reads x as q * d
   // set per call by gemv_group: the input this layer reads (x, or q * d), and for 4-bit weights x
-  // deinterleaved [M, Kp] with its group sums [M, groups], or, for int4 on VNNI, the chunked int8 codes
+  // deinterleaved [M, Kp] with its group sums [M, groups], or, for int4 on VNNI, the chunked int8 codes, or,
+  // for group-wise int8 with int8 activations, the codes in order (act_quant)
   const float* x = nullptr;
   at::Tensor xd, xs;
   std::shared_ptr<ActChunks> chunks;
+  std::shared_ptr<ActCodes> codes;
 };
 
 // w with its quantization state: float (scale, zero empty), int8 (scale fp32 [N], or fp16 [N, groups] for
@@ -141,9 +143,9 @@ Linear linear(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& ze
   }
   if (l.kind == Kind::I8 && scale.defined() && scale.scalar_type() == at::kHalf) {  // group-wise int8
     TORCH_CHECK(scale.dim() == 2 && scale.is_contiguous() && scale.size(0) == w.size(0) && scale.size(1) > 0 &&
-                    w.size(1) % scale.size(1) == 0 && (w.size(1) / scale.size(1)) % 16 == 0 && !act8,
+                    w.size(1) % scale.size(1) == 0 && (w.size(1) / scale.size(1)) % 16 == 0,
                 "fused decode: a group-wise int8 weight needs contiguous fp16 scales [N, groups] of whole groups "
-                "of a multiple of 16 and float activations");
+                "of a multiple of 16");
     l.hscale = half_data(scale);
     l.G = w.size(1) / scale.size(1);
   } else if (l.kind == Kind::I8) {
@@ -185,6 +187,28 @@ void gemv_rows_i8g(const float* x, int64_t M, int64_t K, const Linear& l, int64_
     }
     for (; m < M; ++m) {
       i8g_dot_rows<1>(x + m * K, K, w + n * K, K, l.G, l.hscale + n * groups, t);
+      l.y[m * l.N + n] = t[0] + bias;
+    }
+  }
+}
+
+// Group-wise int8 rows lo..hi against int8 activation codes (l.codes): i8g_dot_codes, 4 rows of x at a time.
+void gemv_rows_i8g_codes(int64_t M, int64_t K, const Linear& l, int64_t lo, int64_t hi) {
+  const int8_t* w = static_cast<const int8_t*>(l.w);
+  const ActCodes& a = *l.codes;
+  const int64_t groups = K / l.G, ldq = a.Kb * ACT_BLOCK;
+  float t[4];
+  for (int64_t n = lo; n < hi; ++n) {
+    const float bias = l.bias ? l.bias[n] : 0.f;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      i8g_dot_codes<4>(a.q.data() + m * ldq, ldq, a.d.data() + m * a.Kb, a.Kb, w + n * K, K, l.G,
+                       l.hscale + n * groups, t);
+      for (int r = 0; r < 4; ++r) l.y[(m + r) * l.N + n] = t[r] + bias;
+    }
+    for (; m < M; ++m) {
+      i8g_dot_codes<1>(a.q.data() + m * ldq, ldq, a.d.data() + m * a.Kb, a.Kb, w + n * K, K, l.G,
+                       l.hscale + n * groups, t);
       l.y[m * l.N + n] = t[0] + bias;
     }
   }

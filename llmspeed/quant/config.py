@@ -113,10 +113,6 @@ class QuantConfig:
             )
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {list(ACTIVATIONS)}; got {self.activations!r}")
-        if self.activations == "int8" and self.format == "int8" and g is not None:
-            raise ValueError(
-                f"activations='int8' takes int8 weights with one scale per row (group_size=None); got group_size={g}"
-            )
         for name in ("method", "kernel"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a name (str); got {getattr(self, name)!r}")

@@ -24,6 +24,7 @@ that receives it: the result is bit-exact, and a modified file raises a ``ValueE
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from ..model import Model, as_model
 from ..names import check_device, folder_path
 from ..protocol import CausalLM, base_linear, is_fake_quantized
-from .config import QuantConfig
+from .config import ACTIVATIONS, QuantConfig
 from .embedding import share_tied_embedding, shared_embeddings
 from .formats import awq, compressed_tensors, gguf_file, gguf_load, gptq, skeleton
 from .formats.files import detect, read_config, read_metadata, save_tokenizer, start_folder
@@ -178,7 +179,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupt or truncated ({err}); save the model again") from err
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
+def load(directory: str | Path, device: str | torch.device = "cpu", activations: str | None = None) -> Model:
     """Load an llmspeed, compressed-tensors (pack-quantized), GPTQ or AWQ (GEMM) folder, or a GGUF file, as llmspeed
     packed modules.
 
@@ -186,17 +187,34 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     without a float copy of a quantized weight; llmspeed folders come back bit-exact. In compressed-tensors,
     GPTQ and AWQ folders, float tensors stored in a dtype other than ``config.json``'s are cast to the model's
     dtype, as transformers' ``from_pretrained`` does (packed integer tensors are read as stored). A GGUF file (what
-    llama.cpp runs) keeps its ``Q4_0``, ``Q4_1``, ``Q4_K`` and row-scaled ``Q8_0`` codes and computes in float32
+    llama.cpp runs) keeps its ``Q4_0``, ``Q4_1``, ``Q4_K``, ``Q6_K`` and ``Q8_0`` codes and computes in float32
     (:mod:`.formats.gguf_load`).
 
+    ``activations``: ``None`` (default) keeps what the checkpoint says (llmspeed folders store
+    ``QuantConfig.activations``; the other formats load with float activations); ``"int8"`` gives every quantized
+    linear dynamic int8 activations in blocks of 32 channels (``quantize(..., activations="int8")``), as llama.cpp
+    computes a GGUF file's quantized layers (its ``Q8_0`` / ``Q8_1`` activations): on CPUs with AVX2 the decode step
+    then multiplies integer codes; ``"float"`` the reverse.
+
     Raises:
-        ValueError: ``device`` is not usable here (``"cuda"`` without CUDA), the path is missing or a file that is not GGUF,
+        ValueError: ``activations`` is not ``None``, ``"float"`` or ``"int8"`` (before anything is read),
+            ``device`` is not usable here (``"cuda"`` without CUDA), the path is missing or a file that is not GGUF,
             the folder is none of these formats, or a tensor is corrupt, truncated, missing,
             of the wrong dtype or shape, or an alias names a parameter that does not match (the message
             names the tensor).
     """
+    if activations is not None and activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be None (as the checkpoint says) or one of {list(ACTIVATIONS)}; "
+                         f"got {activations!r}")
     directory = folder_path(directory, "directory")
     check_device(device)
+    model = _load_any(directory, device)
+    if activations is not None:
+        _set_activations(model, activations)
+    return model
+
+
+def _load_any(directory: Path, device: str | torch.device) -> Model:
     if directory.is_file():
         if _is_gguf(directory):
             return gguf_load.load(directory, device)
@@ -211,6 +229,16 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Model:
     if kind == "awq":
         return awq.load(directory, device)
     return _load_native(directory, device)
+
+
+def _set_activations(model: Model, activations: str) -> None:
+    """Give every quantized linear of a model just loaded (no Generator has read it yet) ``activations``."""
+    layers = [m for _, m in model.linear_layers() if isinstance(m, QuantizedLinearBase)]
+    configs = [dataclasses.replace(m.config, activations=activations) for m in layers]  # validated before any change
+    for module, config in zip(layers, configs):
+        module.config = config
+        module._int8_activations = activations == "int8"
+        module._kernels.clear()  # the kernel choice may depend on the activations (cpp_panels)
 
 
 def _is_gguf(path: Path) -> bool:

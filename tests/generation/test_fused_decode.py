@@ -123,14 +123,16 @@ def test_group_wise_int8_layers_whose_groups_do_not_split_the_row_take_the_gener
     n=st.integers(1, 40),
     k=st.integers(1, 300),
     fmt_group=st.sampled_from([("int4", 64), ("int4", 128), ("int4", 32), ("int4", 96), ("int4", 16), ("nf4", 64),
-                               ("int8", None)]),
+                               ("int8", None), ("int8", 16), ("int8", 32), ("int8", 48)]),
     seed=st.integers(0, 2**16),
     amx_rows=st.sampled_from([0, 1]),
 )
 def test_int8_activation_gemv_matches_the_rounded_input(m, n, k, fmt_group, seed, amx_rows):
-    """act8: every path (VNNI int4 x int8 codes for groups of whole 32-code blocks, q * d in fp32 otherwise) computes
-    quantize_activations(x) @ dequantized w."""
+    """act8: every path (VNNI int4 x int8 codes for groups of whole 32-code blocks, group-wise int8 x int8 codes on
+    AVX2, q * d in fp32 otherwise) computes quantize_activations(x) @ dequantized w."""
     fmt, group = fmt_group
+    if fmt == "int8" and group is not None:  # the step takes group-wise int8 whose groups split the row
+        k = -(-k // group) * group
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(k, n, bias=False)
     with torch.no_grad():
@@ -205,6 +207,8 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
         ("qwen2", "int4", {"group_size": 32, "activations": "int8"}),
         ("qwen2", "int4", {"group_size": 16, "activations": "int8"}),  # q * d in fp32
         ("llama", "int8", {"activations": "int8"}),
+        ("llama", "int8", {"group_size": 32, "activations": "int8"}),  # Q8_0 x Q8_0 as llama.cpp: integer codes
+        ("qwen2", "int8", {"group_size": 16, "activations": "int8"}),  # a scale per half of a 32-code block
         ("llama", "nf4", {"group_size": 64, "activations": "int8"}),
         ("llama", "int4", {"group_size": 32, "hadamard_layers": ["*.mlp.down_proj"]}),  # rotated in place
         ("qwen2", "int4", {"group_size": 16, "activations": "int8", "hadamard_layers": ["*.mlp.down_proj"]}),
@@ -212,6 +216,7 @@ def test_logits_match_the_generic_path(architecture, dtype, amx_rows):
         ("phi3", "int4", {"group_size": 32}),
         ("phi3", "int8", {"activations": "int8"}),
         ("phi3", "int8", {"group_size": 32}),
+        ("phi3", "int8", {"group_size": 32, "activations": "int8"}),
         ("phi3", "nf4", {"group_size": 16, "double_quant": True}),
         ("phi3", "int4", {"group_size": 16, "hadamard_layers": ["*.mlp.gate_up_proj"]}),
     ],

@@ -79,7 +79,6 @@ def test_bad_group_wise_int8_is_refused_before_any_layer_changes():
     before = {k: v.clone() for k, v in model.hf.state_dict().items()}
     for kwargs, match in [
         (dict(group_size=24), "group_size for int8 must be None .* or a positive multiple of 16 .*got 24"),
-        (dict(group_size=32, activations="int8"), "activations='int8' takes int8 weights with one scale per row"),
         (dict(group_size=32, method="hqq"), r"group-wise int8 \(group_size=32\) is quantized by method in \['rtn'\]"),
         (dict(group_size=32, kernel="aten_int8"), "aten_int8"),
     ]:
@@ -91,3 +90,34 @@ def test_bad_group_wise_int8_is_refused_before_any_layer_changes():
         Int8Linear.from_codes(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), config=QuantConfig("int8", 32))
     with pytest.raises(ValueError, match="group_size must be None for int8 in quantization-aware training"):
         llmspeed.qat.prepare(model, "int8", group_size=32)
+
+
+def test_a_gguf_file_loads_with_int8_activations_as_llama_cpp_computes_it(tmp_path):
+    """``load(path, activations="int8")``: every quantized layer of the file multiplies int8 activation codes (what
+    llama.cpp does with Q8_0 / Q8_1 activations), exactly as the same model quantized with ``activations="int8"``;
+    the fused decode step (integer codes for group-wise int8) gives the generic path's tokens."""
+    pytest.importorskip("gguf")
+    from llmspeed.generation import Generator, SamplingParams
+
+    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=5), "int8", group_size=32, lm_head="int8")
+    path = llmspeed.save(model, tmp_path / "m.gguf", format="gguf")
+    want = llmspeed.quantize(llmspeed.models.tiny("llama", seed=5), "int8", group_size=32, lm_head="int8",
+                             activations="int8")
+    plain, act8 = llmspeed.load(path), llmspeed.load(path, activations="int8")
+    assert {m.config.activations for _, m in plain.linear_layers()} == {"float"}
+    assert {(m.config.activations, m.config.group_size) for _, m in act8.linear_layers()} == {("int8", 32)}
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, ref, floats = act8.hf(ids).logits, want.hf(ids).logits, plain.hf(ids).logits
+    assert torch.equal(got, ref) and not torch.equal(got, floats)
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    fused = Generator(act8, progress=False, block_size=4, kv_cache_tokens=256)
+    generic = Generator(act8, progress=False, block_size=4, kv_cache_tokens=256, fused_decode=False)
+    assert fused.fused_decode_status == "on"
+    prompts = [[1, 2, 3], [7, 9, 11, 13, 15]]
+    assert [o.token_ids for o in fused.generate_batched(prompts, sp)] == [o.token_ids for o in generic.generate_batched(prompts, sp)]
+
+
+def test_load_refuses_unknown_activations_before_reading_anything(tmp_path):
+    with pytest.raises(ValueError, match=r"activations must be None \(as the checkpoint says\) or one of \['float', 'int8'\]; got 'int4'"):
+        llmspeed.load(tmp_path / "missing", activations="int4")

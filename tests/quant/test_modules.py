@@ -113,7 +113,6 @@ def test_wrong_config_or_shapes_raise():
      # these named the 4-bit rules (evenness, positivity) for int8, as if an even group size would do
      ({"format": "int8", "group_size": 7}, "int8 must be None.*got 7"), ({"format": "int8", "group_size": 0}, "int8 must be None.*got 0"),
      ({"format": "int8", "group_size": True}, "int8 must be None.*got True"),
-     ({"format": "int8", "group_size": 32, "activations": "int8"}, "activations='int8' takes int8 weights with one scale per row"),
      ({"format": "int4", "method": 3}, "method must be a name")],
 )  # fmt: skip
 def test_config_rejects_bad_values(kwargs, match):

@@ -12,7 +12,9 @@ scale ``d * sc`` rounded to fp16. Blocks that share their scale (and offset) ove
 group of that size, so a file llmspeed wrote returns with the group size it was quantized at. Every other type
 (``Q5_*`` and the other K-quants, i-quants) is dequantized to float32 by the ``gguf`` package, and
 one warning names them. The model computes in float32, as llama.cpp does; ``llmspeed.cast`` it after loading for
-16-bit activations.
+16-bit activations, or load it with ``llmspeed.load(path, activations="int8")`` to round each quantized layer's
+input to int8 codes in blocks of 32 channels, as llama.cpp's dot products do (its ``Q8_0`` / ``Q8_1``
+activations): the CPU kernels then multiply integers.
 
 The file is read by :mod:`.gguf_read` (its header and tensor table; the vocabulary is not parsed), the config from
 its fields as transformers reads them (:func:`config_of`; tests compare it with ``AutoConfig``'s reading), the

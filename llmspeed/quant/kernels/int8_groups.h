@@ -1,7 +1,8 @@
 // Group-wise int8 weights (QuantConfig("int8", group_size=G), GGUF's Q8_0 at G = 32): int8 codes w [N, K] and a
 // fp16 scale per G consecutive input channels of a row, s [N, ceil(K / G)] (a row's last group may be shorter).
 // Shared by the quantized matmul kernel (fused_cpu.cpp: int8_group_matmul, dequantize_int8_groups) and the fused
-// decode step (gemv_rows.h, gemv_group.h).
+// decode step (gemv_rows.h, gemv_group.h). With int8 activations (i8g_dot_codes) the step multiplies the weight
+// codes by the activation codes of q4_int8.h's act_quant as integers, as llama.cpp's Q8_0 x Q8_0 dot product.
 #pragma once
 
 #include "q4_tiles.h"  // half_t, h2f, hsum
@@ -72,4 +73,55 @@ inline void dequant_int8_group_rows(const int8_t* c, const half_t* s, int64_t K,
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t k = 0; k < K; ++k)
       out[(r - r0) * K + k] = static_cast<float>(c[r * K + k]) * h2f(s[r * groups + k / G]);
+}
+
+// y[r] = sum_b d[r, b] * sum_k s[k / G] * w[k] * q[r, k] for R rows of int8 activation codes q (row stride ldq,
+// zero past K) with their 32-channel block scales d (row stride ldd): what i8g_dot_rows gives for x = q * d,
+// computed as integers. On AVX2 each 32 channels take one VPMADDUBSW of |w| by q carrying w's sign (as llama.cpp's
+// Q8_0 x Q8_0; |w| <= 128 and |q| <= 127 keep the pair sums inside int16) and one VPMADDWD, giving 8 int32 lanes
+// of 4 channels: lanes 0-3 the block's first 16 channels, 4-7 its last 16, each half inside one group (G % 16 == 0),
+// so each half takes its group's scale times the row's d. Integer products are exact: the result equals the
+// float dot product of q * d with the dequantized weight up to fp32 summation order.
+template <int R>
+inline void i8g_dot_codes(const int8_t* q, int64_t ldq, const float* d, int64_t ldd, const int8_t* w, int64_t K,
+                          int64_t G, const half_t* s, float* y) {
+  float tail[R] = {};
+  int64_t k = 0, g = 0, left = G / 16;  // the group of the 16 channels at k, and its halves left before the next
+  const auto next_half = [&]() {
+    if (--left == 0) {
+      ++g;
+      left = G / 16;
+    }
+  };
+#ifdef __AVX2__
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (; k + 32 <= K; k += 32) {
+    const float s0 = h2f(s[g]);
+    next_half();
+    const float s1 = h2f(s[g]);
+    next_half();
+    const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));  // lanes 0-3: s0, 4-7: s1
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as unsigned bytes (-128 gives 128)
+    for (int r = 0; r < R; ++r) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * ldq + k));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qv, wv)), ones);  // [8] int32
+      const __m256 ds = _mm256_mul_ps(sv, _mm256_set1_ps(d[r * ldd + k / 32]));
+      a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, a[r]);
+    }
+  }
+#endif
+  for (; k < K; ++k) {  // the last channels (fewer than 32), or all of them without AVX2
+    const float wk = static_cast<float>(w[k]) * h2f(s[k / G]);
+    for (int r = 0; r < R; ++r) tail[r] += static_cast<float>(q[r * ldq + k]) * d[r * ldd + k / 32] * wk;
+  }
+  for (int r = 0; r < R; ++r) {
+#ifdef __AVX2__
+    y[r] = hsum(a[r]) + tail[r];
+#else
+    y[r] = tail[r];
+#endif
+  }
 }
