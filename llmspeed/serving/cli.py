@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every format, as llama.cpp's Q8_0 and Q4_0 files; a tied input embedding reads its rows. "
                         "--no-quantize-lm-head keeps it float (llmspeed.quantize(..., lm_head=None); docs/serving.md: the cost)")
     p.add_argument("--activations", default="float", choices=["float", "int8"],
-                   help="with --quantize: int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI or AVX2, their cost)")
+                   help="int8 activations (docs/quantization.md: integer dot products on AVX-512 VNNI or AVX2, their cost): with "
+                        "--quantize, or alone for a quantized checkpoint (a GGUF file: as llama.cpp computes it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the weights' dtype for a float checkpoint or smollm2, before --quantize (vLLM's flag; auto: "
                         "float32, the CPU's fast path here; 16-bit as llmspeed.cast makes it)")
@@ -153,11 +154,22 @@ def load_model(name: str, quantize: dict[str, Any] | None = None, dtype: str = "
     GGUF file (llama.cpp's, with its own codes: :mod:`llmspeed.quant.formats.gguf_load`).
 
     A float checkpoint with ``quantize`` is quantized while it is read (one tensor at a time); a model that
-    is already quantized is returned as it is, and ``quantize`` then is an error. ``dtype`` (``--dtype``): a float
+    is already quantized is returned as it is, and ``quantize`` then is an error, unless it holds ``activations``
+    alone (``--activations int8`` without ``--quantize``): the quantized checkpoint's layers then take those
+    (``llmspeed.load(..., activations=)``), and a float model refuses it. ``dtype`` (``--dtype``): a float
     checkpoint's weights, before ``quantize`` (``"auto"``: float32); a quantized one keeps its own.
     """
     from .. import models, precision, quant
     from ..quant.formats.files import detect
+
+    activations = None
+    if quantize is not None and "format" not in quantize:
+        activations, quantize = quantize["activations"], None
+
+    def floats() -> None:
+        if activations is not None:
+            raise SystemExit(f"--activations {activations} needs --quantize FORMAT for a float model ({name}); a "
+                             f"quantized checkpoint (a GGUF file, a quantized folder) takes it alone")
 
     def already(what: str) -> None:
         if dtype != "auto":
@@ -165,6 +177,7 @@ def load_model(name: str, quantize: dict[str, Any] | None = None, dtype: str = "
                              f"quantizing); drop it")  # fmt: skip
 
     if name == "smollm2":
+        floats()
         model = models.smollm2()
         if dtype != "auto":
             precision.cast(model, dtype)
@@ -177,7 +190,7 @@ def load_model(name: str, quantize: dict[str, Any] | None = None, dtype: str = "
         if quantize:
             raise SystemExit(f"{name} is a GGUF file, quantized already; drop --quantize")
         already("a GGUF file")
-        return quant.load(path)
+        return quant.load(path, activations=activations)
     if not path.is_dir():
         raise SystemExit(f"--model must be 'smollm2', a folder or a .gguf file; {name!r} is none of these")
     try:
@@ -185,11 +198,12 @@ def load_model(name: str, quantize: dict[str, Any] | None = None, dtype: str = "
     except ValueError as err:  # a folder without model.safetensors (or its index): no checkpoint to serve
         raise SystemExit(f"--model {name!r} is not a checkpoint folder: {err}") from err
     if kind == "float":
+        floats()
         return models.from_pretrained(path, dtype="float32" if dtype == "auto" else dtype, quantize=quantize)
     if quantize:
         raise SystemExit(f"{name} is already quantized; drop --quantize")
     already("quantized already")
-    return quant.load(path)
+    return quant.load(path, activations=activations)
 
 
 def chat_template(given: str) -> str:
@@ -235,8 +249,6 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.quantize_lm_head is not None and not args.quantize:
         flag = "--quantize-lm-head" if args.quantize_lm_head else "--no-quantize-lm-head"
         raise SystemExit(f"{flag} needs --quantize FORMAT")
-    if args.activations != "float" and not args.quantize:
-        raise SystemExit("--activations int8 needs --quantize FORMAT")
     if args.group_size is not None and not args.quantize:  # else the float model would be served, silently
         raise SystemExit(f"--group-size {args.group_size} needs --quantize FORMAT (int4 or nf4)")
     if args.group_size is not None and args.quantize == "int8":  # else quantize's ValueError, after the model loaded
@@ -248,6 +260,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             recipe["lm_head"] = None
         if args.activations != "float":
             recipe["activations"] = args.activations
+    elif args.activations != "float":  # a quantized checkpoint's layers take them (load_model refuses a float one)
+        recipe = {"activations": args.activations}
     template = chat_template(args.chat_template) if args.chat_template is not None else None  # before the model loads
     try:
         check_source(args.generation_config)  # before the model loads too

@@ -202,3 +202,20 @@ def test_auto_tool_choice_flag_and_vllms_api_key_variable(llama, monkeypatch):
     assert cli.build_parser().parse_args(["--api-key", "mine"]).api_key == "mine"
     monkeypatch.delenv("VLLM_API_KEY")
     assert cli.build_parser().parse_args([]).api_key is None
+
+
+def test_activations_alone_apply_to_a_quantized_checkpoint_and_are_refused_for_a_float_one(tmp_path, monkeypatch):
+    """``serve --model m.gguf --activations int8``: the file's layers multiply int8 activations (as llama.cpp computes
+    it); a float checkpoint without ``--quantize`` is refused before it loads."""
+    pytest.importorskip("gguf")
+    import llmspeed
+
+    model = llmspeed.quantize(llmspeed.models.tiny("llama", seed=0), "int4", group_size=32, symmetric=True, lm_head="int8")
+    path = llmspeed.save(model, tmp_path / "m.gguf", format="gguf")
+    served = cli.load_model(str(path), {"activations": "int8"})
+    assert {m.config.activations for _, m in served.linear_layers()} == {"int8"}
+    assert {m.config.activations for _, m in cli.load_model(str(path)).linear_layers()} == {"float"}
+    llmspeed.models.tiny("llama", seed=0).hf.save_pretrained(tmp_path / "float")
+    monkeypatch.setattr(llmspeed.models, "from_pretrained", lambda *a, **k: pytest.fail("the float model was loaded"))
+    with pytest.raises(SystemExit, match="--activations int8 needs --quantize FORMAT for a float model"):
+        cli.load_model(str(tmp_path / "float"), {"activations": "int8"})
