@@ -7,9 +7,9 @@ reuses). The files: the embedded SmolLM2 file (llama.cpp's converter: ``Q4_1`` l
 and llama.cpp's ``Q4_0`` and ``Q8_0`` of it (``llama_model_quantize``), and its ``Q4_K_M`` of a random-weight llama
 whose widths the K-quants take (:data:`RANDOM`: SmolLM2's are not multiples of 256, so its K-quant files are other
 types). Every tensor of these files loads packed: ``Q4_*`` as int4, ``Q8_0`` and ``Q6_K`` as int8 (group-wise where
-the file's blocks each have their own scale); the "loaded as float" column says so or names what did not. Two
-rows put the int8 layers of the ``Q8_0`` and ``Q4_K_M`` files back in float32 after loading, as they loaded before
-group-wise int8: the same weights in the same run.
+the file's blocks each have their own scale); the "loaded as float" column says so or names what did not. Each file
+runs twice: as loaded (float activations) and loaded with ``activations="int8"``, every quantized layer multiplying
+int8 activation codes in blocks of 32 as llama.cpp's own dot products do (its ``Q8_0`` / ``Q8_1`` activations).
 ``rounds`` alternate the two runtimes; each number is the median over rounds, each ratio the median of the rounds'
 ratios.
 """
@@ -39,15 +39,16 @@ FILES: dict[str, tuple[str, int] | None] = {"Q4_1": None, "Q4_0": ("Q4_0", 2), "
 # a random-weight llama whose widths K-quants take, with SmolLM2's vocabulary (llama.cpp needs one in the file)
 RANDOM: dict[str, Any] = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
               num_key_value_heads=4, vocab_size=49152)  # fmt: skip
-# row -> (its file (a key of FILES), whether its int8 layers go back to float32 after loading: how the per-block
-# Q8_0 and Q6_K layers loaded before group-wise int8, the same weights in the same run)
-ROWS: dict[str, tuple[str, bool]] = {
-    "Q4_1": ("Q4_1", False),
-    "Q4_0 (llama_model_quantize of the Q4_1 file)": ("Q4_0", False),
-    "Q8_0 (llama_model_quantize of the Q4_1 file)": ("Q8_0", False),
-    "Q8_0, its int8 layers as float32": ("Q8_0", True),
-    "Q4_K_M (random-weight llama, 1024 wide)": ("Q4_K_M", False),
-    "Q4_K_M, its int8 layers as float32": ("Q4_K_M", True),
+# row -> (its file (a key of FILES), the activations it loads with: llmspeed.load(path, activations=...))
+ROWS: dict[str, tuple[str, str | None]] = {
+    "Q4_1": ("Q4_1", None),
+    "Q4_1, int8 activations": ("Q4_1", "int8"),
+    "Q4_0 (llama_model_quantize of the Q4_1 file)": ("Q4_0", None),
+    "Q4_0, int8 activations": ("Q4_0", "int8"),
+    "Q8_0 (llama_model_quantize of the Q4_1 file)": ("Q8_0", None),
+    "Q8_0, int8 activations": ("Q8_0", "int8"),
+    "Q4_K_M (random-weight llama, 1024 wide)": ("Q4_K_M", None),
+    "Q4_K_M, int8 activations": ("Q4_K_M", "int8"),
 }
 
 
@@ -73,26 +74,13 @@ def _path(name: str, threads: int, folder: Path) -> Path:
     return requantized(*made, threads)
 
 
-def _int8_as_floats(model: Any) -> str:
-    """Replace every int8 layer of ``model`` by an fp32 ``nn.Linear`` of its dequantized weight; say how many."""
-    layers = {n: m for n, m in model.linear_layers() if getattr(m, "quant_format", None) == "int8"}
-    for name, layer in layers.items():
-        weight = layer.dequantize(torch.float32)  # [out, in]
-        dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        with torch.no_grad():
-            dense.weight.copy_(weight)
-            if layer.bias is not None:
-                dense.bias.copy_(layer.bias)
-        model.replace_linear(name, dense)
-    return f"{len(layers)} int8 layer(s) put back in float32 after loading"
-
-
-def _loaded(path: Path) -> tuple[Any, float, str]:
-    """``llmspeed.load(path)``, its wall seconds, and what it loaded as float (its warning, shortened)."""
+def _loaded(path: Path, activations: str | None = None) -> tuple[Any, float, str]:
+    """``llmspeed.load(path, activations=activations)``, its wall seconds, and what it loaded as float (its warning,
+    shortened)."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = load(path)
+        model = load(path, activations=activations)
     seconds = time.perf_counter() - start
     floats = [str(w.message).split(": ", 1)[1].split(" load as", 1)[0] for w in caught if "load as float32" in str(w.message)]
     return model, seconds, "; ".join(floats) or "none"
@@ -115,11 +103,9 @@ def run(model: str = "smollm2", quick: bool = False, progress: bool = True, roun
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmspeed-gguf-import-") as tmp:
         work = Path(tmp)
-        for name, (file, as_floats) in tqdm(ROWS.items(), disable=not progress, desc="gguf_import"):
+        for name, (file, activations) in tqdm(ROWS.items(), disable=not progress, desc="gguf_import"):
             path = _path(file, threads, work)
-            ours_model, load_s, floats = _loaded(path)
-            if as_floats:
-                floats = _int8_as_floats(ours_model)
+            ours_model, load_s, floats = _loaded(path, activations)
             prompt = pydoc_ids(ours_model, PROMPT_TOKENS)
             windows = torch.tensor(pydoc_ids(ours_model, 256 * n_windows)).view(n_windows, 256)
             ours, theirs, ratios = [], [], []
