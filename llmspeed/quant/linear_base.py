@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -164,6 +165,15 @@ class QuantizedLinearBase(nn.Module):
         if any_dims or x.dim() == 2:
             return fn(x)
         return fn(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def set_activations(self, activations: str) -> None:
+        """Switch this layer to ``activations`` (``QuantConfig.activations``) in place, validated first; the kernel
+        choices are made again. Meant for a model no Generator has read yet (``llmspeed.load(..., activations=)``):
+        a Generator's fused decode step keeps what it read when it was built."""
+        config = dataclasses.replace(self.config, activations=activations)  # ValueError before any change
+        self.config = config
+        self._int8_activations = activations == "int8"
+        self._kernels = {}  # the kernel choice may depend on the activations (cpp_panels)
 
     def kernel_state(self, name: str, build) -> object:
         """Tensors kernel ``name`` prepared from this module's buffers (built once per device, then cached)."""

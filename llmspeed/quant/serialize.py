@@ -234,11 +234,10 @@ def _load_any(directory: Path, device: str | torch.device) -> Model:
 def _set_activations(model: Model, activations: str) -> None:
     """Give every quantized linear of a model just loaded (no Generator has read it yet) ``activations``."""
     layers = [m for _, m in model.linear_layers() if isinstance(m, QuantizedLinearBase)]
-    configs = [dataclasses.replace(m.config, activations=activations) for m in layers]  # validated before any change
-    for module, config in zip(layers, configs):
-        module.config = config
-        module._int8_activations = activations == "int8"
-        module._kernels.clear()  # the kernel choice may depend on the activations (cpp_panels)
+    for module in layers:  # every layer's config validated before any layer changes
+        dataclasses.replace(module.config, activations=activations)
+    for module in layers:
+        module.set_activations(activations)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -121,3 +121,17 @@ def test_a_gguf_file_loads_with_int8_activations_as_llama_cpp_computes_it(tmp_pa
 def test_load_refuses_unknown_activations_before_reading_anything(tmp_path):
     with pytest.raises(ValueError, match=r"activations must be None \(as the checkpoint says\) or one of \['float', 'int8'\]; got 'int4'"):
         llmspeed.load(tmp_path / "missing", activations="int4")
+
+
+def test_set_activations_switches_one_layer_in_place_or_refuses_before_changing_it():
+    layer = Int8Linear.from_linear(nn.Linear(64, 8), QuantConfig("int8", 32))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    floats = layer(x)
+    layer.set_activations("int8")
+    assert layer.config.activations == "int8" and not torch.equal(layer(x), floats)
+    torch.testing.assert_close(layer(x), P.quantize_activations(x) @ layer.dequantize().T + layer.bias, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"activations must be one of \['float', 'int8'\]; got 'int4'"):
+        layer.set_activations("int4")
+    assert layer.config.activations == "int8"
+    layer.set_activations("float")
+    assert torch.equal(layer(x), floats)
