@@ -10,6 +10,9 @@ Two tables, each row's baseline the fp32 run of the same configuration in the sa
   ``max_memory_allocated``), as in the LoRA suite.
 * ``training/loss``: the training loss of the same runs (same windows, same seed) at a few steps, and
   the relative difference to fp32 of the mean loss over the last quarter of the steps.
+
+On a CPU without fast 16-bit GEMM, where ``precision="bf16"`` multiplies in fp32 over bf16 operands
+(:mod:`llmspeed.training.cpu_autocast`), a ``bf16 native`` row runs autocast's own bf16 kernels too.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..training import unsupported_reason
+from ..training import cpu_autocast, unsupported_reason
 from ..training.amp import PRECISIONS
 from .lora import _current_mb, _own_storage, _peak_mb, _release_freed_heap, _reset_peak
 from .models import load_model, sync
@@ -44,9 +47,21 @@ def settings(quick: bool, tiny: bool) -> dict[str, Any]:
 
 
 def train_one(config: str, precision: str, model: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune ``model`` one way and measure step times, peak memory and losses; run it in a fresh process."""
+    """Fine-tune ``model`` one way and measure step times, peak memory and losses; run it in a fresh process.
+
+    ``precision`` ``"bf16 native"``: bf16 with autocast's own kernels (``MixedPrecision(cpu_matmul="native")``)."""
+    import functools
+    from contextlib import nullcontext
+    from unittest import mock
+
     from .. import lora
     from ..trainer import finetune
+    from ..training import amp, loop
+
+    native = precision.endswith(" native")
+    precision = precision.removesuffix(" native")
+    kernels = functools.partial(amp.MixedPrecision, cpu_matmul="native")
+    autocast_kernels = mock.patch.object(loop, "MixedPrecision", kernels) if native else nullcontext()
 
     torch.manual_seed(0)
     m = load_model(model, device=device, progress=False)  # a child whose stderr is captured
@@ -58,10 +73,11 @@ def train_one(config: str, precision: str, model: str, device: str, s: dict[str,
     _release_freed_heap()
     before_mb = _current_mb(device)
     _reset_peak(device)
-    result = finetune(
-        m, texts, steps=s["steps"], lr=LR[config], seq_len=s["seq_len"], batch_size=s["batch_size"],
-        train="adapter" if config == "lora" else "full", precision=precision, progress=False,
-    )  # fmt: skip
+    with autocast_kernels:
+        result = finetune(
+            m, texts, steps=s["steps"], lr=LR[config], seq_len=s["seq_len"], batch_size=s["batch_size"],
+            train="adapter" if config == "lora" else "full", precision=precision, progress=False,
+        )  # fmt: skip
     sync(device)
     return {
         "step_s": statistics.median(result.step_seconds[WARMUP_STEPS:] or result.step_seconds),
@@ -93,6 +109,8 @@ def run(*, device: str = "cpu", model: str = "smollm2", quick: bool = False, pro
     """Run the training suite: ``training/step`` and ``training/loss`` rows (see the module docstring)."""
     s = settings(quick, model.startswith("tiny-"))
     precisions = [p for p in PRECISIONS if unsupported_reason(torch.device(device), PRECISIONS[p]) is None]
+    if "bf16" in precisions and cpu_autocast.wanted(device, torch.bfloat16):
+        precisions.append("bf16 native")
     step_rows: list[dict[str, Any]] = []
     loss_rows: list[dict[str, Any]] = []
     for config in CONFIGS:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..precision import cpu_matmul
 from . import primitives as P
 from .config import QuantConfig
 from .hadamard import rotate, rotation_group
@@ -31,8 +32,12 @@ class _QuantMatmul(torch.autograd.Function):
         return module._matmul(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor):  # grad [..., out]
         w = ctx.module.packed_dequantize(grad.dtype)  # [out, in], freed when backward returns
+        if grad.device.type == "cpu" and grad.dtype in cpu_matmul.HALF_DTYPES and cpu_matmul.crossover(grad.dtype) is not None:
+            # no fast 16-bit GEMM here (grad @ w, w row-major, is its slowest case): the fp32 product of the same
+            # 16-bit operands, rounded once, as the 16-bit GEMM would (llmspeed.training.cpu_autocast)
+            return (grad.float() @ w.float()).to(grad.dtype), None  # [..., in]
         return grad @ w, None
 
 

@@ -10,13 +10,14 @@ and the scale halved; after 2000 clean steps it doubles. bf16 has fp32's range a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
 from ..names import dtype_name
+from . import cpu_autocast
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,11 +65,15 @@ class MixedPrecision:
         device_type: ``"cpu"`` or ``"cuda"`` (the model's device type).
         init_scale: fp16 only: the first loss scale (GradScaler's default, 2**16).
         skipped_steps: Steps whose gradients overflowed (fp16), so the optimizer did not update.
+        cpu_matmul: ``"auto"``: on a CPU without fast 16-bit GEMM, the linear layers multiply in fp32 over
+            operands rounded as autocast rounds them (:mod:`.cpu_autocast`); ``"native"``: autocast's own
+            16-bit kernels everywhere.
     """
 
     precision: str
     device_type: str
     init_scale: float = 2.0**16
+    cpu_matmul: str = "auto"
     skipped_steps: int = 0
     scaler: torch.amp.GradScaler | None = field(default=None, init=False)
 
@@ -88,14 +93,28 @@ class MixedPrecision:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             # 0 skips every step (0 * inf = NaN when unscaled) and lets the scale fall no further; NaN the same
             raise ValueError(f"init_scale must be a finite number > 0; got {scale!r}")
+        if self.cpu_matmul not in ("auto", "native"):
+            raise ValueError(f"cpu_matmul must be 'auto' or 'native'; got {self.cpu_matmul!r}")
+        self.fast_linears = self.cpu_matmul == "auto" and cpu_autocast.wanted(self.device_type, self.dtype)
         if self.dtype == torch.float16:
             if self.device_type not in ("cpu", "cuda"):  # what unsupported_reason says GradScaler is wired for
                 raise ValueError(f"device_type must be 'cpu' or 'cuda' for fp16 loss scaling; got {self.device_type!r}")
             self.scaler = torch.amp.GradScaler(self.device_type, init_scale=self.init_scale)
 
     def autocast(self) -> AbstractContextManager:
-        """The forward-pass context: autocast to the compute dtype (a no-op for fp32)."""
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        """The forward-pass context: autocast to the compute dtype (a no-op for fp32), with the fp32-product
+        linear layers of :mod:`.cpu_autocast` where they apply."""
+        stack = ExitStack()
+        stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32))
+        if self.fast_linears:
+            stack.enter_context(cpu_autocast.FastLinears())
+        return stack
+
+    @property
+    def recompute_context(self) -> Callable[[], AbstractContextManager] | None:
+        """For activation checkpointing: the context its recomputed forward passes need to compute as the
+        first ran (``None`` when :meth:`autocast` adds nothing that checkpointing does not restore itself)."""
+        return cpu_autocast.FastLinears if self.fast_linears else None
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` (scaled first for fp16)."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,17 +174,23 @@ def check_length(data: torch.Tensor, seq_len: int) -> None:
         raise ValueError(f"texts hold {data.numel()} tokens; seq_len={seq_len} needs at least {seq_len}")
 
 
-def set_checkpointing(hf: Any, on: bool) -> bool:
-    """Turn transformers' non-reentrant activation checkpointing on or off; False if unsupported."""
+def set_checkpointing(hf: Any, on: bool, recompute: Callable[[], AbstractContextManager] | None = None) -> bool:
+    """Turn transformers' non-reentrant activation checkpointing on or off; False if unsupported.
+
+    ``recompute``: a context factory the recomputation of each checkpointed layer runs in (the backward pass does
+    not carry the forward pass's torch function modes)."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if recompute is not None:
+        kwargs["context_fn"] = lambda: (nullcontext(), recompute())
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
         if on:
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             hf.activation_checkpointing_disable()
         return True
     if hasattr(hf, "gradient_checkpointing_enable"):
         if on:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             hf.gradient_checkpointing_disable()
         return True
@@ -290,7 +297,9 @@ def train(
         # switched on here and off afterwards, unless the caller's model had it on already (then it stays on)
         flag = "is_activation_checkpointing" if hasattr(type(hf), "is_activation_checkpointing") else "is_gradient_checkpointing"
         already = bool(getattr(hf, flag, False))  # the newer name first: the older one warns it is deprecated
-        checkpointing = gradient_checkpointing and not already and set_checkpointing(hf, True)
+        if already:  # its recomputation would not run the fp32-product linears the forward pass ran (amp.py)
+            mp.fast_linears = False
+        checkpointing = gradient_checkpointing and not already and set_checkpointing(hf, True, mp.recompute_context)
         hf.train()
         start = time.perf_counter()
         # torch.manual_seed seeds every CUDA device too: fork those the process has set up, so that the caller's GPU

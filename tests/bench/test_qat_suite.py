@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from llmspeed.bench import qat as qat_suite
 from llmspeed.bench import training as training_suite
+from llmspeed.precision import cpu_matmul
+from llmspeed.training import amp, loop
 
 
 def _random_token_ppl(m, text, s, windows):
@@ -57,18 +59,43 @@ def test_qat_settings_fit_the_cpu_budget():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_suite_measures_one_run(precision):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16 native"])
+def test_training_suite_measures_one_run(precision, monkeypatch):
+    made = []
+    monkeypatch.setattr(cpu_matmul, "crossover", lambda dtype: 4)  # a CPU without fast bf16 GEMM
+    monkeypatch.setattr(amp.MixedPrecision, "__post_init__", _recording(amp.MixedPrecision.__post_init__, made))
     s = training_suite.settings(quick=True, tiny=True)
     r = training_suite.train_one("lora", precision, "tiny-llama", "cpu", s)
     assert r["step_s"] > 0 and len(r["losses"]) == s["steps"] and r["skipped"] == 0
     assert r["peak_mb"] >= r["rss_before_mb"] > 0
+    assert [mp.fast_linears for mp in made] == [precision == "bf16"]
+    assert loop.MixedPrecision is amp.MixedPrecision  # the native row's kernels end with its run
+
+
+def _recording(init, made: list):
+    def post_init(self):
+        init(self)
+        made.append(self)
+
+    return post_init
+
+
+@pytest.mark.parametrize("slow_bf16", [True, False])
+def test_training_suite_adds_autocasts_own_kernels_where_bf16_multiplies_in_fp32(monkeypatch, slow_bf16):
+    monkeypatch.setattr(training_suite.cpu_autocast, "wanted", lambda device, dtype: slow_bf16)
+    ran = []
+    monkeypatch.setattr(training_suite, "_in_subprocess", lambda config, precision, *a: ran.append(precision) or
+                        dict(step_s=1.0, peak_mb=2.0, rss_before_mb=1.0, skipped=0, losses=[2.0, 1.0, 1.0, 1.0]))  # fmt: skip
+    training_suite.run(model="tiny-llama", progress=False)
+    expected = ["fp32", "bf16", "fp16"] + (["bf16 native"] if slow_bf16 else [])
+    assert ran == expected * 2  # LoRA, then full fine-tuning
 
 
 def test_training_suite_ratios_are_against_the_same_configs_fp32_run(monkeypatch):
     fake = {"fp32": dict(step_s=2.0, peak_mb=400.0, rss_before_mb=100.0, skipped=0, losses=[4.0, 3.0, 2.0, 1.0]),
             "bf16": dict(step_s=1.0, peak_mb=300.0, rss_before_mb=100.0, skipped=1, losses=[4.0, 3.3, 2.0, 1.5])}  # fmt: skip
     monkeypatch.setattr(training_suite, "_in_subprocess", lambda config, precision, *a: fake[precision])
+    monkeypatch.setattr(training_suite.cpu_autocast, "wanted", lambda device, dtype: False)
     monkeypatch.setattr(training_suite, "PRECISIONS", {p: training_suite.PRECISIONS[p] for p in fake})
     rows = training_suite.run(model="tiny-llama", progress=False)
     step = {(r["config"], r["precision"]): r for r in rows if r["table"] == "training/step"}

@@ -126,7 +126,7 @@ def test_a_failure_while_setting_up_the_run_restores_flags_and_mode(llama, monke
     loss) left every parameter but the trained ones with requires_grad=False."""
     from llmspeed.training import loop
 
-    def refuse(hf, on):
+    def refuse(hf, on, recompute=None):
         raise ValueError("no checkpointing here")
 
     monkeypatch.setattr(loop, "set_checkpointing", refuse)
