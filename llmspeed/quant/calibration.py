@@ -181,6 +181,8 @@ class LinearGroup:
             quantized (earlier groups of the layer already hold their quantized values).
         hessian: ``2 X^T X / N`` ``[in, in]`` fp32 over every calibration token.
         abs_mean: ``mean |X|`` per input channel ``[in]`` fp32 (AWQ's activation statistic).
+        inputs: ``X`` itself, ``[N, in]`` (the tokens the Hessian sums over): where ``N < in``, output errors are
+            cheaper from it than from the Hessian (:func:`~llmspeed.quant.methods.awq.output_error`).
     """
 
     names: list[str]
@@ -188,6 +190,7 @@ class LinearGroup:
     linears: list[nn.Linear]
     hessian: torch.Tensor
     abs_mean: torch.Tensor
+    inputs: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -245,7 +248,8 @@ def quantize_layer(
                 for rel in members:
                     clone = params[f"{rel}.weight"]  # [out, in]
                     clone.copy_((clone.float() @ t).to(clone.dtype))
-            group = LinearGroup(list(members), [names[n] for n in members], linears, hessian, abs_mean)
+            group = LinearGroup(list(members), [names[n] for n in members], linears, hessian, abs_mean,
+                                x.reshape(-1, x.shape[-1]))  # fmt: skip
             for rel, (module, weight) in zip(members, quantize_group(group, plan[names[owner]])):
                 built[names[rel]] = module
                 target = params[f"{rel}.weight"]

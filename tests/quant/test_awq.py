@@ -121,6 +121,27 @@ def test_awq_scales_lower_held_out_output_error_below_rtn(fmt):
     assert awq < 0.8 * rtn
 
 
+def test_the_error_from_few_tokens_equals_the_hessians_and_the_search_picks_the_same_scales():
+    """With fewer tokens than input channels the scale search scores candidates from the tokens themselves
+    (cheaper than through the ``[in, in]`` Hessian): the same errors up to rounding, so the same choice."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 96, generator=gen)  # [out, in]
+    x = torch.randn(40, 96, generator=gen) * torch.linspace(0.1, 4.0, 96)  # [N < in, in]: skewed channels
+    h = 2 * x.T @ x / x.shape[0]  # [in, in]
+    config = QuantConfig("int4", 16)
+
+    def quant(v):
+        return A.grid_quantize(v, grid_for("int4"), config).dequantized
+
+    approx = quant(w)
+    assert A.output_error(w, approx, h, x) == pytest.approx(A.output_error(w, approx, h), rel=1e-4)
+    s_tokens, err_tokens = A.search_scales(w, h, x.abs().mean(0), quant, inputs=x)
+    s_hessian, err_hessian = A.search_scales(w, h, x.abs().mean(0), quant)
+    assert torch.equal(s_tokens, s_hessian) and err_tokens == pytest.approx(err_hessian, rel=1e-4)
+    many = torch.cat([x, x, x])  # N >= in: the Hessian form, the same value
+    assert A.output_error(w, approx, h, many) == A.output_error(w, approx, h)
+
+
 def test_duo_scaling_search_never_does_worse_than_plain_rounding():
     """With ``duo_scaling`` no grid point is ``s = 1`` (alpha = 0 gives ``1 / w_stat``), so ``s = 1`` is scored on its
     own: where every scale hurts (an activation statistic the Hessian does not bear out), it wins."""

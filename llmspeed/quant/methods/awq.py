@@ -91,9 +91,17 @@ def grid_quantize(
     return GPTQResult(scales=s.view(out_f, n), zeros=z.view(out_f, n), dequantized=deq.contiguous())
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``||X W^T - X A^T||^2 / N`` from the Hessian ``2 X^T X / N`` (halved back): the layer output error."""
+def output_error(
+    weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, inputs: torch.Tensor | None = None
+) -> float:
+    """``||X W^T - X A^T||^2 / N`` from the Hessian ``2 X^T X / N`` (halved back): the layer output error.
+
+    ``inputs``: ``X`` ``[N, in]`` itself; with fewer tokens than input channels the error is computed from
+    it (``N in out`` multiply-adds instead of ``in^2 out``), the same value up to rounding.
+    """
     d = (approx - weight).float()  # [out, in]
+    if inputs is not None and inputs.shape[0] < inputs.shape[1]:
+        return float((inputs.float() @ d.T).square().sum()) / inputs.shape[0]  # [N, out] summed
     return 0.5 * float(((d @ hessian) * d).sum())
 
 
@@ -106,6 +114,7 @@ def search_scales(
     n_grid: int = 20,
     duo_scaling: bool = False,
     fold: Fold | None = None,
+    inputs: torch.Tensor | None = None,  # [N, in]
 ) -> tuple[torch.Tensor, float]:  # s [in], its output error
     """AWQ's grid search: the input scale ``s`` minimizing :func:`output_error` of ``quantize(W s) / s``.
 
@@ -115,7 +124,8 @@ def search_scales(
     fine: every ``n_grid // 5``-th point, then every point between the best one's coarse neighbours
     (12 evaluations instead of 21 for ``n_grid=20``; the error is smooth in ``alpha``). ``fold.tie``
     ties channels that share one producer channel (grouped-query attention).
-    ``quantize(w [out, in]) -> [out, in]`` rounds to the grid.
+    ``quantize(w [out, in]) -> [out, in]`` rounds to the grid. ``inputs``: the activations ``hessian`` was
+    summed from, which :func:`output_error` scores with when there are fewer of them than input channels.
     """
     w = weight.float()
     x = abs_mean.float().clamp_min(1e-8)  # [in]
@@ -138,13 +148,13 @@ def search_scales(
     def score(i: int) -> float:
         if i not in errors:
             s = scale(i)
-            errors[i] = output_error(w, quantize(w * s) / s, hessian)
+            errors[i] = output_error(w, quantize(w * s) / s, hessian, inputs)
         return errors[i]
 
     step = max(1, n_grid // 5)
     coarse = min(range(0, n_grid, step), key=score)
     fine = min(range(max(0, coarse - step + 1), min(n_grid, coarse + step)), key=score)
-    identity = output_error(w, quantize(w), hessian)
+    identity = output_error(w, quantize(w), hessian, inputs)
     if identity <= errors[fine]:
         return torch.ones_like(x), identity
     return scale(fine), errors[fine]
@@ -258,6 +268,7 @@ def awq_model(
                 n_grid=n_grid,
                 duo_scaling=duo_scaling,
                 fold=fold,
+                inputs=group.inputs,
             )
         scaled_h = group.hessian / (s[:, None] * s[None, :])  # [in, in]: Hessian of the input x / s
         scaled_w = weight * s  # [sum out, in]
