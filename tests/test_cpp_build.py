@@ -47,6 +47,14 @@ SCRIPT = textwrap.dedent(
             calls.append(flags)
             raise RuntimeError("main.cpp:3:1: error: 'this' does not name a type")
         cpp_build._compile = fake
+    elif pristine == "real-once":  # the real compiler for the first try, then one that fails at once
+        real = cpp_build._compile
+        def fake(name, text, functions, flags, ldflags, include_dirs, folder):
+            calls.append(flags)
+            if len(calls) == 1:
+                return real(name, text, functions, flags, ldflags, include_dirs, folder)
+            raise RuntimeError("main.cpp:3:1: error: 'this' does not name a type")
+        cpp_build._compile = fake
     elif pristine:
         def fake(name, text, functions, flags, ldflags, include_dirs, folder):
             calls.append(flags)
@@ -199,8 +207,11 @@ def test_a_cache_other_users_can_write_is_refused(cache_copy):
 def test_a_failed_build_warns_once_and_leaves_the_pure_torch_path(cache_copy, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++")
-    result = _run(broken, cache_copy["cache"])  # the real compiler, twice (with and without -fopenmp)
+    # the real compiler with -fopenmp (its error parsed from ninja's output), then a quick failure without it
+    result = _run(broken, cache_copy["cache"], fake="real-once")
+    assert len(result["compiles"]) == 2 and "-fopenmp" in result["compiles"][0]
     assert result["answer"] is None and "build with OpenMP failed" in result["reason"]
+    assert "error:" in result["reason"].split("build without OpenMP failed")[0], result["reason"]
     assert sum("could not be built or loaded" in w for w in result["warnings"]) == 1
     # regression: every later process compiled the failing source again (the compile time at each start)
     again = _run(broken, cache_copy["cache"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,105 +48,136 @@ def test_committed_notebooks_are_executed_on_the_public_api(name):
     assert " cores, " in machine and "torch " in machine and "quick=False" in machine, machine
 
 
+# Cells appended to a notebook, after its own, by the tests that read what they print; each notebook then runs
+# once (quick sizes) for all of its tests. A check that changes state (03's tamper) comes last in its notebook.
+QLORA_TAMPER = "b = next(b for b in model.hf.buffers() if b.dtype == torch.uint8)\nb[0, 0] ^= 1"
+RATIOS_CHECK = (
+    "weights = lambda r: r['linear_MB'] + r['embedding_MB']\n"
+    "assert not [k for k in rows[0] if k.startswith('linear_vs')], list(rows[0])\n"
+    "for r in rows:\n"
+    "    assert abs(r['total_vs_fp32'] - weights(r) / weights(rows[0])) < 0.01, r\n"
+    "print('ratios checked:', len(rows))"
+)
+METRICS_LINE = "print(f\"finish reason 'length', {len(prompts[0])} prompt tokens, {lengths[0]} output tokens, \")"
+
+
+def _extra_cells() -> dict[str, dict[str, str]]:
+    (untouched,) = [c.source for c in _generator().QLORA if "untouched by training" in c.source]
+    return {
+        "02_quantization.ipynb": {"ratios": RATIOS_CHECK},
+        "03_qlora.ipynb": {"tamper": QLORA_TAMPER, "untouched after tampering": untouched},
+        "04_continuous_batching.ipynb": {"metrics line": METRICS_LINE, "first row": "print(rows[0]['system'])"},
+    }
+
+
+@dataclass
+class Executed:
+    """A notebook run top to bottom: what each of its own code cells printed, their errors, whether they showed
+    anything (printed, displayed or returned), and per appended cell (by key) what it printed or the error it raised."""
+
+    printed: list[str]
+    errors: list[str]
+    shown: bool
+    extra: dict[str, str]
+
+
+def _printed(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def _errors(cell) -> list[str]:
+    first = cell.source.splitlines()[0] if cell.source else ""
+    return [f"{first!r}: {o.ename}: {o.evalue}" for o in cell.get("outputs", []) if o.output_type == "error"]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """``executed(name)``: the generated notebook ``name`` (the committed one's sources, by
+    test_notebooks_match_their_generator) with its appended cells, run once in quick mode for every test."""
+    runs: dict[str, Executed] = {}
+    extras = _extra_cells()
+
+    def run(name: str) -> Executed:
+        if name not in runs:
+            folder = tmp_path_factory.mktemp(Path(name).stem)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("LLMSPEED_EXAMPLES_QUICK", "1")
+                # the kernel is a new process: make this checkout importable even when llmspeed is not installed
+                patch.setenv(
+                    "PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
+                )
+                (path,) = _generator().build(folder, [name])
+                nb = nbformat.read(path, as_version=4)
+                own = sum(c.cell_type == "code" for c in nb.cells)
+                keys = list(extras.get(name, {}))
+                nb.cells += [nbformat.v4.new_code_cell(extras[name][k]) for k in keys]
+                client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+                                                 resources={"metadata": {"path": str(folder)}})  # fmt: skip
+                client.execute()
+            code = [c for c in nb.cells if c.cell_type == "code"]
+            mine, added = code[:own], code[own:]
+            runs[name] = Executed(
+                printed=[_printed(c) for c in mine],
+                errors=[e for c in mine for e in _errors(c)],
+                shown=any(o.output_type in ("display_data", "execute_result", "stream") for c in mine for o in c.outputs),
+                extra={k: "\n".join(_errors(c)) or _printed(c) for k, c in zip(keys, added)},
+            )
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, monkeypatch, tmp_path):
-    monkeypatch.setenv("LLMSPEED_EXAMPLES_QUICK", "1")
-    # the kernel is a new process: make this checkout importable even when llmspeed is not installed
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
-    )
-    nb = nbformat.read(EXAMPLES / name, as_version=4)
-    client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()
-    errors = [
-        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
-    ]
-    assert not errors
-    assert any(
-        o.get("output_type") in ("display_data", "execute_result", "stream")
-        for c in nb.cells
-        for o in c.get("outputs", [])
-    )
-
-
-def _run_generated(name, tmp_path, monkeypatch, extra=()):
-    """Build ``name`` from the generator, run it in quick mode, then run each source of ``extra`` in the same
-    kernel; return the text each code cell printed (the extra cells last)."""
-    monkeypatch.setenv("LLMSPEED_EXAMPLES_QUICK", "1")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
-    )
-    (path,) = _generator().build(tmp_path, [name])
-    nb = nbformat.read(path, as_version=4)
-    nb.cells += [nbformat.v4.new_code_cell(source) for source in extra]
-    client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()
-    return [
-        "".join(o.get("text", "") for o in c.outputs if o.output_type == "stream")
-        for c in nb.cells
-        if c.cell_type == "code"
-    ]
+def test_notebook_executes(name, executed):
+    run = executed(name)
+    assert not run.errors, run.errors
+    assert run.shown, f"{name} showed nothing"
 
 
 @pytest.mark.slow
-def test_qlora_untouched_check_sees_a_changed_packed_weight(tmp_path, monkeypatch):
+def test_qlora_untouched_check_sees_a_changed_packed_weight(executed):
     # the check compares the packed weights before and after training: it must not be vacuously True
-    (check,) = [c.source for c in _generator().QLORA if "untouched by training" in c.source]
-    tamper = "b = next(b for b in model.hf.buffers() if b.dtype == torch.uint8)\nb[0, 0] ^= 1"
-    printed = _run_generated("03_qlora.ipynb", tmp_path, monkeypatch, [tamper, check])
-    assert any("packed int4 weights untouched by training: True" in text for text in printed[:-2])
-    assert "packed int4 weights untouched by training: False" in printed[-1]
+    run = executed("03_qlora.ipynb")
+    assert any("packed int4 weights untouched by training: True" in text for text in run.printed)
+    assert "packed int4 weights untouched by training: False" in run.extra["untouched after tampering"]
 
 
 @pytest.mark.slow
-def test_quantization_memory_ratios_compare_the_same_weights(tmp_path, monkeypatch):
+def test_quantization_memory_ratios_compare_the_same_weights(executed):
     # fp32 counts the tied head as embedding, a quantized model its int8 head as linear: a ratio of linear
     # bytes alone compares different weights; the table must show both columns, and the total ratio agree
-    check = (
-        "weights = lambda r: r['linear_MB'] + r['embedding_MB']\n"
-        "assert not [k for k in rows[0] if k.startswith('linear_vs')], list(rows[0])\n"
-        "for r in rows:\n"
-        "    assert abs(r['total_vs_fp32'] - weights(r) / weights(rows[0])) < 0.01, r\n"
-        "print('ratios checked:', len(rows))"
-    )
-    printed = _run_generated("02_quantization.ipynb", tmp_path, monkeypatch, [check])
-    assert "ratios checked: 3" in printed[-1]
+    assert "ratios checked: 3" in executed("02_quantization.ipynb").extra["ratios"]
 
 
 @pytest.mark.slow
-def test_batching_shows_every_system_gives_the_same_tokens(tmp_path, monkeypatch):
+def test_batching_shows_every_system_gives_the_same_tokens(executed):
     # the notebook's premise (EOS ignored, greedy: the same tokens from every system) is counted, not assumed
-    printed = "".join(_run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch))
+    printed = "".join(executed("04_continuous_batching.ipynb").printed)
     assert "same tokens as generate_batched: one at a time 1/1, static batches 4/4" in printed, printed
 
 
 @pytest.mark.slow
-def test_batching_metrics_are_printed_with_their_names(tmp_path, monkeypatch):
-    expected = "print(f\"finish reason 'length', {len(prompts[0])} prompt tokens, {lengths[0]} output tokens, \")"
-    printed = _run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch, [expected])
-    (metrics,) = [p for p in printed[:-1] if p.startswith("finish reason ")]  # the metrics cell's line
-    assert printed[-1].strip() and printed[-1].strip() in metrics, (printed[-1], metrics)
+def test_batching_metrics_are_printed_with_their_names(executed):
+    run = executed("04_continuous_batching.ipynb")
+    (metrics,) = [p for p in run.printed if p.startswith("finish reason ")]  # the metrics cell's line
+    expected = run.extra["metrics line"].strip()
+    assert expected and expected in metrics, (expected, metrics)
     assert "time to first token " in metrics and "mean inter-token latency " in metrics, metrics
 
 
 @pytest.mark.slow
-def test_all_together_shows_the_adapter_both_kept_and_applied(tmp_path, monkeypatch):
+def test_all_together_shows_the_adapter_both_kept_and_applied(executed):
     # 'same tokens alone as in the mixed batch' would also hold if the adapter were ignored everywhere
-    printed = "".join(_run_generated("05_all_together.ipynb", tmp_path, monkeypatch))
+    printed = "".join(executed("05_all_together.ipynb").printed)
     assert "same tokens as in the mixed batch: True" in printed, printed
     assert "different tokens on the base model: True" in printed, printed
 
 
 @pytest.mark.slow
-def test_batching_rows_name_the_requests_they_timed(tmp_path, monkeypatch):
+def test_batching_rows_name_the_requests_they_timed(executed):
     # one at a time runs on a subset of the workload: its row must say so
-    printed = _run_generated("04_continuous_batching.ipynb", tmp_path, monkeypatch, ["print(rows[0]['system'])"])
-    assert "(first 1 of 4 requests)" in printed[-1], printed[-1]
+    assert "(first 1 of 4 requests)" in executed("04_continuous_batching.ipynb").extra["first row"]
 
 
 def test_make_notebooks_refuses_a_name_it_does_not_know(capsys):
