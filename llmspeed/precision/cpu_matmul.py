@@ -121,6 +121,12 @@ def crossover(dtype: torch.dtype) -> int | None:
     return _CROSSOVER[dtype]
 
 
+def slow_16_bit(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a 16-bit dtype whose native GEMM on ``device_type`` loses to the fp32 one (a CPU
+    with a :func:`crossover`, one without AVX512-BF16 or AMX): where products are better taken in fp32."""
+    return device_type == "cpu" and dtype in HALF_DTYPES and crossover(dtype) is not None
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 

@@ -34,7 +34,7 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad [..., out]
         w = ctx.module.packed_dequantize(grad.dtype)  # [out, in], freed when backward returns
-        if grad.device.type == "cpu" and grad.dtype in cpu_matmul.HALF_DTYPES and cpu_matmul.crossover(grad.dtype) is not None:
+        if cpu_matmul.slow_16_bit(grad.device.type, grad.dtype):
             # no fast 16-bit GEMM here (grad @ w, w row-major, is its slowest case): the fp32 product of the same
             # 16-bit operands, rounded once, as the 16-bit GEMM would (llmspeed.training.cpu_autocast)
             return (grad.float() @ w.float()).to(grad.dtype), None  # [..., in]

@@ -29,12 +29,12 @@ from torch.overrides import TorchFunctionMode
 
 from ..precision import cpu_matmul
 
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+HALF_DTYPES = cpu_matmul.HALF_DTYPES
 
 
 def wanted(device_type: str, dtype: torch.dtype) -> bool:
     """Whether autocast to ``dtype`` on ``device_type`` should run its linear layers through :class:`Linear16`."""
-    return device_type == "cpu" and dtype in HALF_DTYPES and cpu_matmul.crossover(dtype) is not None
+    return cpu_matmul.slow_16_bit(device_type, dtype)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:  # [..., n] -> [M, n]
@@ -93,9 +93,10 @@ def _eligible(x: Any, weight: Any, bias: Any, dtype: torch.dtype) -> bool:
 class FastLinears(TorchFunctionMode):
     """Within this mode, ``F.linear`` calls that CPU autocast would run in 16 bits run through :class:`Linear16`.
 
-    Enter it around the forward pass (inside ``torch.autocast``) and around the backward pass, where
-    non-reentrant activation checkpointing recomputes forward passes under the autocast state it saved.
-    Calls outside a 16-bit CPU autocast, and inputs that are not plain CPU fp32/16-bit tensors, run as given.
+    Enter it around the forward pass (inside ``torch.autocast``), and have activation checkpointing enter it
+    around its recomputations (``torch.utils.checkpoint``'s ``context_fn``): the backward pass does not carry
+    torch function modes. Calls outside a 16-bit CPU autocast, and inputs that are not plain CPU fp32/16-bit
+    tensors, run as given.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
